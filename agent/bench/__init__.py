@@ -1,0 +1,1 @@
+"""The one-shot benchmark behind ``lens-agent bench``."""

@@ -1,0 +1,404 @@
+"""Turn a :class:`ModelRun` into the results document, the summary table and LLMPerf's files."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+import uuid
+from collections import Counter
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..measurement import Measurement, utc_now_iso
+from ..memory import system_memory
+from ..stats import latency_distribution
+from .runner import BenchOptions, ModelRun
+
+SCHEMA_VERSION = "1.0.0"
+
+
+def _llama_cpp_python_version() -> str:
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:  # pragma: no cover - always installed with the agent
+        return "unknown"
+
+
+def _token_stats(values: list[int]) -> dict[str, Any]:
+    if not values:
+        return {}
+    mean = statistics.fmean(values)
+    stddev = statistics.stdev(values) if len(values) > 1 else 0.0
+    result: dict[str, Any] = {"mean": round(mean), "stddev": round(stddev)}
+    if len(set(values)) == 1:
+        result["distribution"] = "fixed"
+    return result
+
+
+def overhead_ratio(measured: list[Measurement]) -> float | None:
+    """llama.cpp's own decode time per token ÷ the lens's wall-clock TPOT, pooled over requests.
+
+    1.0 means the lens adds nothing between tokens; 0.98 means 2 % of each gap is the lens's own work.
+    """
+    engine_ms = engine_tokens = lens_ms = lens_gaps = 0.0
+    for m in measured:
+        if m.ok and m.engine_decode_ms is not None and m.engine_decode_tokens and m.decode_ms is not None:
+            engine_ms += m.engine_decode_ms
+            engine_tokens += m.engine_decode_tokens
+            lens_ms += m.decode_ms
+            lens_gaps += m.output_tokens - 1
+    if not engine_tokens or not lens_gaps or not lens_ms:
+        return None
+    return (engine_ms / engine_tokens) / (lens_ms / lens_gaps)
+
+
+def _distributions(
+    ok: list[Measurement], spec: dict[str, tuple[list[float | None], str]]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    found: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for name, (values, reason) in spec.items():
+        dist = latency_distribution(v for v in values if v is not None)
+        if dist is None:
+            missing[name] = reason if ok else "no request succeeded"
+        else:
+            found[name] = dist
+    return found, missing
+
+
+def results_document(
+    run: ModelRun,
+    *,
+    run_id: str,
+    device: dict[str, Any],
+    options: BenchOptions,
+    prompt_source: str,
+) -> dict[str, Any]:
+    """The results JSON: validates against the seed's ``benchmark_results.schema.json``."""
+    engine = run.engine
+    info, load, settings = engine.info, engine.load_info, engine.settings
+    assert info is not None and settings is not None
+    measured = run.measured
+    ok = [m for m in measured if m.ok]
+    errors = [m for m in measured if not m.ok]
+
+    latency, missing = _distributions(
+        ok,
+        {
+            "time_to_first_token": ([m.ttft_ms for m in ok], "no request produced a token"),
+            "time_per_output_token": (
+                [m.tpot_ms for m in ok],
+                "every request produced at most one token (TPOT needs two)",
+            ),
+            "end_to_end_latency": ([m.e2e_ms for m in ok], "no request produced a token"),
+            "prefill_time": ([m.prefill_ms for m in ok], "no request reached its prompt evaluation"),
+            "decode_time": ([m.decode_ms for m in ok], "every request produced at most one token"),
+        },
+    )
+    engine_timings, engine_missing = _distributions(
+        ok,
+        {
+            "prefill_ms_per_token": (
+                [m.engine_prefill_ms / m.engine_prefill_tokens if m.engine_prefill_ms is not None
+                 and m.engine_prefill_tokens else None for m in ok],
+                "no request evaluated a prompt of two or more new tokens (llama.cpp counts a one-token "
+                "batch as decode)",
+            ),
+            "decode_ms_per_token": (
+                [m.engine_decode_ms / m.engine_decode_tokens if m.engine_decode_ms is not None
+                 and m.engine_decode_tokens else None for m in ok],
+                "every request produced at most one token",
+            ),
+        },
+    )
+    ratio = overhead_ratio(measured)
+    engine_timings["overhead_ratio"] = ratio
+    engine_timings["overhead_ratio_definition"] = (
+        "llama.cpp decode ms per token (t_eval_ms / n_eval) ÷ lens TPOT, pooled over successful requests"
+    )
+    missing.update({f"engine_timings.{k}": v for k, v in engine_missing.items()})
+    if ratio is None:
+        missing["engine_timings.overhead_ratio"] = "no request decoded two or more tokens"
+
+    output_tokens = sum(m.output_tokens for m in ok)
+    wall = run.measured_wall_s
+    throughput: dict[str, Any] = {
+        "tokens_per_second": output_tokens / wall if wall > 0 else 0.0,
+        "requests_per_second": len(ok) / wall if wall > 0 else 0.0,
+        "measured_wall_seconds": wall,
+        "output_tokens": output_tokens,
+    }
+    peaks = [m.rss_peak_bytes for m in ok if m.rss_peak_bytes is not None]
+    hardware: dict[str, Any] = {
+        "cpu_cores": device.get("cpu_cores_physical") or device.get("cpu_cores_logical"),
+        "memory_gb": round(device["memory_total_bytes"] / 1024**3, 2),
+        "batch_size": 1,
+        **{k: v for k, v in device.items() if k not in ("memory_total_bytes",)},
+    }
+    if settings.n_gpu_layers != 0 and device.get("gpu_type"):
+        hardware["gpu_count"] = 1
+    model: dict[str, Any] = {
+        "name": info.name,
+        "provider": "local",
+        "version": info.sha256[:12] if info.sha256 else "unknown",
+        "quantization_exact": info.quantization,
+        "path": info.path,
+        "sha256": info.sha256 or None,
+        "architecture": info.architecture,
+        "description": info.description,
+        "file_bytes": info.file_bytes,
+        "n_params": info.n_params,
+        "n_ctx_train": info.n_ctx_train,
+    }
+    if info.quantization_coarse is not None:
+        model["quantization"] = info.quantization_coarse
+    else:
+        missing["configuration.model.quantization"] = (
+            f"GGUF type {info.quantization} has no value in the schema's enum; see quantization_exact"
+        )
+    test_parameters: dict[str, Any] = {
+        "input_tokens": _token_stats([m.input_tokens for m in ok if m.input_tokens is not None]),
+        "output_tokens": _token_stats([m.output_tokens for m in ok]),
+        "concurrency_levels": [1],
+        "warmup_requests": options.warmup,
+        "total_requests": options.runs,
+        "max_tokens": options.max_tokens,
+        "ignore_eos": options.ignore_eos,
+        "chat_template": run.chat_template_used,
+        "kv_cache": "reused (common prefix kept)" if options.reuse_cache else "cleared before every request",
+        "sampling": "greedy (temperature 0)",
+        "prompts": prompt_source,
+    }
+    by_type = Counter(m.error_type or "unknown" for m in errors)
+    document: dict[str, Any] = {
+        "metadata": {
+            "benchmark_id": str(uuid.uuid4()),
+            "run_id": run_id,
+            "timestamp": utc_now_iso(),
+            "version": SCHEMA_VERSION,
+            "tool": "llm-latency-lens",
+            "tool_version": __version__,
+        },
+        "configuration": {
+            "model": model,
+            "hardware": hardware,
+            "test_parameters": test_parameters,
+            "engine": {
+                "name": "llama.cpp",
+                "binding": f"llama-cpp-python {_llama_cpp_python_version()}",
+                "settings": settings.as_dict(),
+                "system_info": engine.system_info(),
+                "timing": "low-level llama_decode loop, greedy argmax; clock: time.perf_counter_ns",
+            },
+        },
+        "results": {
+            "latency_metrics": latency,
+            "throughput_metrics": throughput,
+            "engine_timings": engine_timings,
+            "error_metrics": {
+                "total_errors": len(errors),
+                "error_rate": len(errors) / len(measured) if measured else 0.0,
+                "errors_by_type": dict(by_type),
+            },
+            "model_load": {
+                "load_ms": load.load_ms if load else None,
+                "engine_load_ms": load.engine_load_ms if load else None,
+                "cold_ttft_ms": run.cold_ttft_ms,
+                "rss_before_load_bytes": load.rss_before_bytes if load else None,
+                "rss_after_load_bytes": load.rss_after_bytes if load else None,
+            },
+            "memory": {
+                "model_file_bytes": info.file_bytes,
+                "rss_peak_bytes": max(peaks) if peaks else None,
+                "rss_peak_source": ok[0].rss_peak_source if ok else None,
+                "system": system_memory(),
+            },
+            "requests": {
+                "measured": len(measured),
+                "succeeded": len(ok),
+                "stop_reasons": dict(Counter(m.stop_reason for m in ok)),
+            },
+        },
+    }
+    if missing:
+        document["results"]["unavailable"] = missing
+    return document
+
+
+# -- human-readable output -------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_table(document: dict[str, Any]) -> str:
+    res = document["results"]
+    lat = res["latency_metrics"]
+    eng = res["engine_timings"]
+    cfg = document["configuration"]
+    lines = [
+        f"model     {cfg['model']['name']} ({cfg['model'].get('quantization_exact')}, "
+        f"{cfg['model']['file_bytes'] / 1e6:.1f} MB)",
+        f"engine    {cfg['engine']['binding']}  {_settings_line(cfg['engine']['settings'])}",
+        f"requests  {res['requests']['succeeded']}/{res['requests']['measured']} ok, "
+        f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
+        f"errors {res['error_metrics']['errors_by_type'] or 'none'}",
+        "",
+        f"{'metric (ms)':<26}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'min':>9}{'max':>9}{'n':>6}",
+    ]
+    rows = [
+        ("TTFT", lat.get("time_to_first_token")),
+        ("TPOT", lat.get("time_per_output_token")),
+        ("end-to-end", lat.get("end_to_end_latency")),
+        ("prefill (wall)", lat.get("prefill_time")),
+        ("decode (wall)", lat.get("decode_time")),
+        ("llama.cpp prefill/token", eng.get("prefill_ms_per_token")),
+        ("llama.cpp decode/token", eng.get("decode_ms_per_token")),
+    ]
+    for label, dist in rows:
+        if dist is None:
+            lines.append(f"{label:<26}{'n/a':>9}")
+            continue
+        lines.append(
+            f"{label:<26}"
+            + "".join(f"{dist[k]:>9.2f}" for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "max_ms"))
+            + f"{dist['sample_count']:>6}"
+        )
+    load = res["model_load"]
+    mem = res["memory"]
+    thr = res["throughput_metrics"]
+    lines += [
+        "",
+        f"throughput      {thr['tokens_per_second']:.1f} tok/s, {thr['requests_per_second']:.2f} req/s "
+        f"over {thr['measured_wall_seconds']:.2f} s",
+        f"lens overhead   llama.cpp decode/token ÷ lens TPOT = {_fmt(eng.get('overhead_ratio'), 4)}",
+        f"model load      {_fmt(load['load_ms'])} ms wall ({_fmt(load['engine_load_ms'])} ms by llama.cpp), "
+        f"first TTFT after load {_fmt(load['cold_ttft_ms'])} ms",
+        f"memory          RSS {_mb(load['rss_before_load_bytes'])} → {_mb(load['rss_after_load_bytes'])} "
+        f"after load, peak {_mb(mem['rss_peak_bytes'])} ({mem['rss_peak_source'] or 'n/a'})",
+    ]
+    for key, reason in res.get("unavailable", {}).items():
+        lines.append(f"unavailable     {key}: {reason}")
+    return "\n".join(lines)
+
+
+def _mb(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 1e6:.0f} MB"
+
+
+def _settings_line(settings: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def comparison_table(documents: list[dict[str, Any]]) -> str:
+    header = f"{'model':<34}{'quant':>8}{'TTFT p50':>10}{'TPOT p50':>10}{'tok/s':>8}{'load ms':>9}{'peak MB':>9}"
+    lines = ["comparison (ms unless noted)", header]
+    for doc in documents:
+        cfg, res = doc["configuration"], doc["results"]
+        ttft = res["latency_metrics"].get("time_to_first_token")
+        tpot = res["latency_metrics"].get("time_per_output_token")
+        peak = res["memory"]["rss_peak_bytes"]
+        label = Path(cfg["model"]["path"]).name[:33]
+        lines.append(
+            f"{label:<34}{cfg['model'].get('quantization_exact') or '?':>8}"
+            f"{_fmt(ttft['p50_ms'] if ttft else None, 2):>10}{_fmt(tpot['p50_ms'] if tpot else None, 2):>10}"
+            f"{res['throughput_metrics']['tokens_per_second']:>8.1f}"
+            f"{_fmt(res['model_load']['load_ms']):>9}{_fmt(peak / 1e6 if peak else None, 0):>9}"
+        )
+    return "\n".join(lines)
+
+
+# -- LLMPerf's own files -----------------------------------------------------------------------------------------
+def llmperf_files(run: ModelRun, document: dict[str, Any], directory: Path) -> tuple[Path, Path]:
+    """Write LLMPerf's ``*_summary.json`` and ``*_individual_responses.json`` (its field names, seconds)."""
+    measured = run.measured
+    individual: list[dict[str, Any]] = []
+    for m in measured:
+        n_out = m.output_tokens if m.ok else 0
+        e2e_s = (m.e2e_ms or 0.0) / 1000.0
+        individual.append(
+            {
+                "error_code": None if m.ok else 1,
+                "error_msg": "" if m.ok else f"{m.error_type}: {m.error_message}",
+                # llmperf's per-request figure: the sum of gaps ÷ output tokens
+                "inter_token_latency_s": (sum(m.itl_ms) / 1000.0 / n_out) if n_out else 0,
+                "ttft_s": (m.ttft_ms or 0.0) / 1000.0,
+                "end_to_end_latency_s": e2e_s,
+                "request_output_throughput_token_per_s": n_out / e2e_s if e2e_s > 0 else 0,
+                "number_total_tokens": (m.input_tokens or 0) + n_out,
+                "number_output_tokens": n_out,
+                "number_input_tokens": m.input_tokens or 0,
+            }
+        )
+    tp = document["configuration"]["test_parameters"]
+    mean_in = tp["input_tokens"].get("mean", 0)
+    mean_out = tp["output_tokens"].get("mean", 0)
+    ok_rows = [r for r in individual if r["error_code"] is None]
+    summary: dict[str, Any] = {
+        "version": "2023-08-31",
+        "name": "",
+        "model": document["configuration"]["model"]["name"],
+        "mean_input_tokens": mean_in,
+        "stddev_input_tokens": tp["input_tokens"].get("stddev", 0),
+        "mean_output_tokens": mean_out,
+        "stddev_output_tokens": tp["output_tokens"].get("stddev", 0),
+        "num_concurrent_requests": 1,
+        "additional_sampling_params": {"temperature": 0, "max_tokens": tp["max_tokens"]},
+    }
+    for key in (
+        "inter_token_latency_s",
+        "ttft_s",
+        "end_to_end_latency_s",
+        "request_output_throughput_token_per_s",
+        "number_input_tokens",
+        "number_output_tokens",
+    ):
+        values = [float(r[key]) for r in ok_rows]
+        summary.update(_llmperf_stats(f"results_{key}", values))
+    errors = [r for r in individual if r["error_code"] is not None]
+    wall = run.measured_wall_s
+    summary.update(
+        {
+            "results_num_requests_started": len(individual),
+            "results_error_rate": len(errors) / len(individual) if individual else 0,
+            "results_number_errors": len(errors),
+            "results_error_code_frequency": str(dict(Counter(r["error_code"] for r in errors))),
+            "results_mean_output_throughput_token_per_s": (
+                sum(r["number_output_tokens"] for r in ok_rows) / wall if wall > 0 else 0
+            ),
+            "results_num_completed_requests": len(ok_rows),
+            "results_num_completed_requests_per_min": len(ok_rows) / wall * 60 if wall > 0 else 0,
+            "timestamp": int(time.time()),
+        }
+    )
+    stem = re.sub(r"-{2,}", "-", re.sub(r"[^\w\d-]+", "-", f"{summary['model']}_{mean_in}_{mean_out}"))
+    summary["name"] = f"{stem}_summary"
+    directory.mkdir(parents=True, exist_ok=True)
+    summary_path = directory / f"{stem}_summary.json"
+    individual_path = directory / f"{stem}_individual_responses.json"
+    summary_path.write_text(json.dumps(summary, indent=4))
+    individual_path.write_text(json.dumps(individual, indent=4))
+    return summary_path, individual_path
+
+
+def _llmperf_stats(prefix: str, values: list[float]) -> dict[str, Any]:
+    import numpy as np
+
+    if not values:
+        return {}
+    data = np.asarray(values)
+    out: dict[str, Any] = {}
+    for q in (25, 50, 75, 90, 95, 99):
+        out[f"{prefix}_quantiles_p{q}"] = float(np.percentile(data, q))
+    out[f"{prefix}_mean"] = float(data.mean())
+    out[f"{prefix}_min"] = float(data.min())
+    out[f"{prefix}_max"] = float(data.max())
+    out[f"{prefix}_stddev"] = float(data.std(ddof=1)) if data.size > 1 else 0.0
+    return out

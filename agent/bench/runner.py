@@ -1,0 +1,187 @@
+"""Run a benchmark: warm-up requests, then measured requests, each turned into a :class:`Measurement`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engines.llama import Generation, LlamaEngine
+from ..errors import RequestError, UsageError
+from ..measurement import Measurement, timings_from_token_times
+from ..memory import ProcessMemory
+from ..prompts import Prompt
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    runs: int = 10
+    warmup: int = 1
+    max_tokens: int = 128
+    ignore_eos: bool = False
+    chat_template: str = "auto"  # auto | on | off
+    reuse_cache: bool = False
+    include_text: bool = True
+
+
+@dataclass
+class ModelRun:
+    """Everything measured for one model in one run."""
+
+    engine: LlamaEngine
+    measurements: list[Measurement] = field(default_factory=list)
+    measured_wall_s: float = 0.0
+    chat_template_used: bool = False
+
+    @property
+    def measured(self) -> list[Measurement]:
+        return [m for m in self.measurements if not m.warmup]
+
+    @property
+    def cold_ttft_ms(self) -> float | None:
+        first = next((m for m in self.measurements if m.first_after_load), None)
+        return first.ttft_ms if first is not None else None
+
+
+def _engine_figures(gen: Generation, prefill_tokens: int) -> dict[str, Any]:
+    """llama.cpp's own counters for the request, or None where they do not describe it.
+
+    llama.cpp counts any multi-token batch as prompt eval and a single-token batch as eval, and clamps both
+    counts to ≥ 1. So its prefill figure only describes a prompt of ≥ 2 new tokens, and its decode figure only
+    a request that decoded ≥ 1 token after the first.
+    """
+    n_decoded = len(gen.tokens) - 1
+    clean = prefill_tokens >= 2
+    return {
+        "engine_prefill_ms": gen.perf["t_p_eval_ms"] if clean else None,
+        "engine_prefill_tokens": int(gen.perf["n_p_eval"]) if clean else None,
+        "engine_decode_ms": gen.perf["t_eval_ms"] if clean and n_decoded >= 1 else None,
+        "engine_decode_tokens": int(gen.perf["n_eval"]) if clean and n_decoded >= 1 else None,
+    }
+
+
+def measure_request(
+    engine: LlamaEngine,
+    prompt: Prompt,
+    text: str,
+    *,
+    run_id: str,
+    device_id: str,
+    options: BenchOptions,
+    prompt_index: int,
+    warmup: bool,
+    memory: ProcessMemory,
+) -> Measurement:
+    """Time one request; a failure becomes a measurement with its error type, never an exception."""
+    info = engine.info
+    record = Measurement(
+        run_id=run_id,
+        device_id=device_id,
+        model_name=info.name if info else "unknown",
+        model_sha256=info.sha256 if info and info.sha256 else None,
+        prompt_index=prompt_index,
+        prompt_id=prompt.id,
+        prompt_sha256=prompt.sha256,
+        warmup=warmup,
+        first_after_load=engine.requests_since_load == 0,
+        prompt_text=prompt.text if options.include_text else None,
+    )
+    memory.reset_peak()
+    record.rss_before_bytes = memory.read().rss_bytes
+    cached_before = len(engine._cached) if options.reuse_cache else 0
+    try:
+        gen = engine.generate(
+            text, max_tokens=options.max_tokens, ignore_eos=options.ignore_eos, reuse_cache=options.reuse_cache
+        )
+    except RequestError as exc:
+        engine.requests_since_load += 1
+        record.ok = False
+        record.error_type = exc.error_type
+        record.error_message = exc.message
+        return record
+    after = memory.read()
+    if memory.peak_resettable and after.hwm_bytes is not None:
+        record.rss_peak_bytes, record.rss_peak_source = after.hwm_bytes, "VmHWM"
+    else:
+        record.rss_peak_bytes, record.rss_peak_source = after.rss_bytes, "rss_after"
+
+    timings = timings_from_token_times(gen.start_ns, gen.token_ns)
+    n_out = len(gen.tokens)
+    record.stop_reason = gen.stop_reason
+    record.input_tokens = gen.input_tokens
+    record.output_tokens = n_out
+    record.ttft_ms = timings["ttft_ms"]
+    record.tpot_ms = timings["tpot_ms"]
+    record.e2e_ms = timings["e2e_ms"]
+    record.itl_ms = timings["itl_ms"]
+    record.decode_ms = timings["decode_ms"] if n_out > 1 else None
+    record.prefill_ms = gen.prefill_ns / 1e6
+    prefill_tokens = gen.input_tokens - min(cached_before, gen.input_tokens - 1)
+    for key, value in _engine_figures(gen, prefill_tokens).items():
+        setattr(record, key, value)
+    if options.include_text:
+        record.output_text = gen.text
+    return record
+
+
+def prepare_text(engine: LlamaEngine, prompt: Prompt, mode: str) -> tuple[str, bool]:
+    """The text actually sent: wrapped in the model's chat template for ``on``, or ``auto`` when it has one."""
+    if mode == "off":
+        return prompt.text, False
+    wrapped = engine.chat_prompt(prompt.text)
+    if wrapped is None:
+        if mode == "on":
+            name = engine.info.path if engine.info else "the model"
+            raise UsageError(f"{name} has no chat template; use --chat-template auto or off")
+        return prompt.text, False
+    return wrapped, True
+
+
+def run_bench(
+    engine: LlamaEngine,
+    prompts: list[Prompt],
+    options: BenchOptions,
+    *,
+    run_id: str,
+    device_id: str,
+    memory: ProcessMemory | None = None,
+    on_result: Callable[[Measurement], None] | None = None,
+) -> ModelRun:
+    """Warm-up requests first (excluded from statistics), then ``options.runs`` measured requests.
+
+    Requests cycle through ``prompts``. ``on_result`` is called after each request, outside the timed region
+    (progress bars, durable storage).
+    """
+    memory = memory or ProcessMemory()
+    run = ModelRun(engine=engine)
+    texts: list[tuple[str, bool]] = [prepare_text(engine, p, options.chat_template) for p in prompts]
+    run.chat_template_used = any(used for _, used in texts)
+    total = options.warmup + options.runs
+    phase_start: float | None = None
+    callback_s = 0.0  # time spent in on_result during the measured phase, not counted as benchmark wall time
+    for i in range(total):
+        warmup = i < options.warmup
+        if not warmup and phase_start is None:
+            phase_start = time.perf_counter()
+        index = i % len(prompts)
+        record = measure_request(
+            engine,
+            prompts[index],
+            texts[index][0],
+            run_id=run_id,
+            device_id=device_id,
+            options=options,
+            prompt_index=index,
+            warmup=warmup,
+            memory=memory,
+        )
+        run.measurements.append(record)
+        if on_result is not None:
+            t0 = time.perf_counter()
+            on_result(record)
+            if not warmup:
+                callback_s += time.perf_counter() - t0
+    if phase_start is not None:
+        run.measured_wall_s = time.perf_counter() - phase_start - callback_s
+    return run

@@ -1,0 +1,162 @@
+"""One ``lens-agent bench`` invocation: load each model, run the benchmark, write the outputs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..config import Config
+from ..device import device_info
+from ..engines.llama import EngineSettings, LlamaEngine
+from ..engines.modelfile import resolve_model_path
+from ..errors import UsageError
+from ..measurement import Measurement
+from ..prompts import load_prompts
+from .report import comparison_table, llmperf_files, results_document, summary_table
+from .runner import BenchOptions, run_bench
+
+
+@dataclass
+class BenchRequest:
+    config: Config
+    models: list[Path] = field(default_factory=list)
+    output: Path | None = None
+    raw: Path | None = None
+    llmperf_dir: Path | None = None
+    include_text: bool = True
+    progress: bool | None = None
+
+
+@dataclass
+class BenchSession:
+    run_id: str
+    documents: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+    @property
+    def comparison(self) -> str:
+        return comparison_table(self.documents)
+
+
+def _label(path: Path, used: set[str]) -> str:
+    label = path.stem
+    n = 2
+    while label in used:
+        label = f"{path.stem}-{n}"
+        n += 1
+    used.add(label)
+    return label
+
+
+def output_paths(output: Path, labels: list[str]) -> list[Path]:
+    """One document per model: ``out.json`` for one model, ``out-<label>.json`` for several."""
+    if len(labels) == 1:
+        return [output]
+    suffix = output.suffix or ".json"
+    return [output.with_name(f"{output.stem}-{label}{suffix}") for label in labels]
+
+
+def _open_for_writing(path: Path, what: str) -> IO[str]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot be written ({exc.strerror})") from None
+
+
+def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _: None) -> BenchSession:
+    config = request.config
+    bench_cfg = config.values["bench"]
+    options = BenchOptions(
+        runs=bench_cfg["runs"],
+        warmup=bench_cfg["warmup"],
+        max_tokens=bench_cfg["max_tokens"],
+        ignore_eos=bench_cfg["ignore_eos"],
+        chat_template=bench_cfg["chat_template"],
+        reuse_cache=bench_cfg["reuse_cache"],
+        include_text=request.include_text,
+    )
+    prompts = load_prompts(bench_cfg["prompts"])
+    prompt_source = str(bench_cfg["prompts"]) if bench_cfg["prompts"] else "built-in prompt set"
+    model_paths = [resolve_model_path(p) for p in request.models] or [resolve_model_path(config.get("model", "path"))]
+    used: set[str] = set()
+    labels = [_label(p, used) for p in model_paths]
+    outputs = output_paths(request.output, labels) if request.output else [None] * len(model_paths)
+    m = config.values["model"]
+    settings = EngineSettings(
+        n_ctx=m["n_ctx"], n_threads=m["n_threads"], n_batch=m["n_batch"], n_gpu_layers=m["n_gpu_layers"],
+        flash_attn=m["flash_attn"],
+    )
+    device = device_info()
+    session = BenchSession(run_id=str(uuid.uuid4()))
+    raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
+    try:
+        for path, out_path in zip(model_paths, outputs):
+            status(f"loading {path} …")
+            with LlamaEngine.load(path, settings) as engine:
+                run = _run_with_progress(engine, prompts, options, session.run_id, config, raw_file, request)
+                document = results_document(
+                    run, run_id=session.run_id, device=device, options=options, prompt_source=prompt_source
+                )
+                if request.llmperf_dir is not None:
+                    session.written.extend(llmperf_files(run, document, request.llmperf_dir))
+            session.documents.append(document)
+            session.tables.append(summary_table(document))
+            if out_path is not None:
+                with _open_for_writing(out_path, "--output file") as handle:
+                    json.dump(document, handle, indent=2)
+                    handle.write("\n")
+                session.written.append(out_path)
+    finally:
+        if raw_file is not None:
+            raw_file.close()
+    if request.raw:
+        session.written.append(request.raw)
+    return session
+
+
+def _run_with_progress(
+    engine: LlamaEngine,
+    prompts: list[Any],
+    options: BenchOptions,
+    run_id: str,
+    config: Config,
+    raw_file: IO[str] | None,
+    request: BenchRequest,
+) -> Any:
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0  # no monitor thread waking up during the timed loop
+    label = Path(engine.info.path).name if engine.info else "model"
+    bar = tqdm.tqdm(
+        total=options.warmup + options.runs,
+        desc=label[:30],
+        unit="req",
+        disable=None if request.progress is None else not request.progress,
+        file=None,
+        leave=False,
+    )
+
+    def on_result(record: Measurement) -> None:
+        if raw_file is not None:
+            raw_file.write(json.dumps(record.to_dict(include_text=request.include_text)) + "\n")
+            raw_file.flush()
+        bar.set_postfix_str("warm-up" if record.warmup else f"ttft {record.ttft_ms or 0:.0f} ms", refresh=False)
+        bar.update(1)
+
+    try:
+        return run_bench(
+            engine,
+            prompts,
+            options,
+            run_id=run_id,
+            device_id=config.get("agent", "device_id"),
+            on_result=on_result,
+        )
+    finally:
+        bar.close()

@@ -1,0 +1,185 @@
+"""``lens-agent``: the command-line shell over the agent library. Parses, calls, and turns errors into messages.
+
+Exit status: 0 success, 1 runtime failure, 2 bad input (flag, config value, file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import load_config
+from .errors import LensError, UsageError
+
+log = logging.getLogger("agent")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("llama.cpp").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lens-agent")
+@click.option("-v", "--verbose", is_flag=True, help="Log more, including llama.cpp's own messages.")
+def cli(verbose: bool) -> None:
+    """LLM-Latency-Lens on-device agent: time local LLM inference faithfully.
+
+    Configuration comes from a TOML file (--config, else /etc/lens-agent/agent.toml), then LENS_<SECTION>_<KEY>
+    environment variables, then flags. See configs/agent.toml for every key.
+    """
+    _setup_logging(verbose)
+
+
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="GGUF model to time (repeat to compare models). Default: [model] path, else the bundled SmolLM2.",
+)
+@click.option("--prompts", type=click.Path(path_type=Path), help="Prompt file: .txt (a prompt a line) or .jsonl.")
+@click.option("--runs", type=int, help="Measured requests, cycling through the prompts.  [default: 10]")
+@click.option("--warmup", type=int, help="Warm-up requests before them, not counted.  [default: 1]")
+@click.option("--max-tokens", type=int, help="Output tokens per request at most.  [default: 128]")
+@click.option("--output", type=click.Path(path_type=Path), help="Write the results JSON (schema-valid) here.")
+@click.option("--raw", type=click.Path(path_type=Path), help="Write one JSON line per request here.")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    type=click.Choice(["lens", "llmperf"]),
+    help="llmperf: also write LLMPerf's summary and individual-responses files.",
+)
+@click.option(
+    "--llmperf-dir",
+    type=click.Path(path_type=Path),
+    help="Where LLMPerf's files go.  [default: beside --output, else the current directory]",
+)
+@click.option("--n-ctx", type=int, help="Context size in tokens.  [default: 2048]")
+@click.option("--n-threads", type=int, help="Threads.  [default: physical cores]")
+@click.option("--n-batch", type=int, help="Prompt tokens per llama_decode call.  [default: 512]")
+@click.option("--n-gpu-layers", type=int, help="Layers offloaded to a GPU, -1 for all.  [default: 0]")
+@click.option("--flash-attn/--no-flash-attn", default=None, help="Flash attention.  [default: on]")
+@click.option("--ignore-eos", is_flag=True, default=None, help="Generate --max-tokens tokens, past end-of-sequence.")
+@click.option(
+    "--chat-template",
+    type=click.Choice(["auto", "on", "off"]),
+    help="Wrap prompts in the model's chat template (auto: when it has one).  [default: auto]",
+)
+@click.option("--reuse-cache", is_flag=True, default=None, help="Keep the KV cache's common prefix between requests.")
+@click.option("--device-id", help="Device id recorded with every measurement.  [default: the host name]")
+@click.option("--no-text", is_flag=True, help="Leave prompt and output text out of --raw.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results JSON on stdout instead of the table.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.  [default: when a terminal]")
+def bench(
+    config_path: Path | None,
+    models: tuple[Path, ...],
+    prompts: Path | None,
+    runs: int | None,
+    warmup: int | None,
+    max_tokens: int | None,
+    output: Path | None,
+    raw: Path | None,
+    formats: tuple[str, ...],
+    llmperf_dir: Path | None,
+    n_ctx: int | None,
+    n_threads: int | None,
+    n_batch: int | None,
+    n_gpu_layers: int | None,
+    flash_attn: bool | None,
+    ignore_eos: bool | None,
+    chat_template: str | None,
+    reuse_cache: bool | None,
+    device_id: str | None,
+    no_text: bool,
+    as_json: bool,
+    progress: bool | None,
+) -> None:
+    """Benchmark local llama.cpp inference: TTFT, TPOT, every inter-token gap, load time and memory.
+
+    Warm-up requests run first and are left out of the statistics; every measured request starts from an empty
+    KV cache unless --reuse-cache is given. Decoding is greedy. A summary table goes to stdout, a progress bar
+    to stderr.
+
+    \b
+    Example:
+        lens-agent bench --runs 20 --max-tokens 64 --output results.json
+        lens-agent bench --model a-Q4_1.gguf --model a-Q8_0.gguf --output compare.json
+        lens-agent bench --prompts configs/prompts/short.txt --raw requests.jsonl --format llmperf
+    """
+    overrides: dict[tuple[str, str], tuple[str, object]] = {
+        ("bench", "prompts"): ("--prompts", str(prompts) if prompts else None),
+        ("bench", "runs"): ("--runs", runs),
+        ("bench", "warmup"): ("--warmup", warmup),
+        ("bench", "max_tokens"): ("--max-tokens", max_tokens),
+        ("bench", "ignore_eos"): ("--ignore-eos", ignore_eos),
+        ("bench", "chat_template"): ("--chat-template", chat_template),
+        ("bench", "reuse_cache"): ("--reuse-cache", reuse_cache),
+        ("model", "n_ctx"): ("--n-ctx", n_ctx),
+        ("model", "n_threads"): ("--n-threads", n_threads),
+        ("model", "n_batch"): ("--n-batch", n_batch),
+        ("model", "n_gpu_layers"): ("--n-gpu-layers", n_gpu_layers),
+        ("model", "flash_attn"): ("--flash-attn", flash_attn),
+        ("agent", "device_id"): ("--device-id", device_id),
+    }
+    config = load_config(config_path, overrides=overrides)
+    from .bench.session import BenchRequest, run_session
+
+    request = BenchRequest(
+        config=config,
+        models=list(models),
+        output=output,
+        raw=raw,
+        llmperf_dir=(llmperf_dir or (output.parent if output else Path("."))) if "llmperf" in formats else None,
+        include_text=not no_text,
+        progress=progress,
+    )
+    session = run_session(request, status=lambda msg: click.echo(msg, err=True))
+    if as_json:
+        payload: Any = session.documents[0] if len(session.documents) == 1 else session.documents
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        for table in session.tables:
+            click.echo(table)
+            click.echo()
+        if len(session.documents) > 1:
+            click.echo(session.comparison)
+    for path in session.written:
+        click.echo(f"wrote {path}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit 2 for bad input, 1 for failures."""
+    try:
+        result = cli.main(args=argv, prog_name="lens-agent", standalone_mode=False)
+    except click.UsageError as exc:
+        ctx = exc.ctx
+        where = f"lens-agent {ctx.info_name}" if ctx and ctx.info_name != "lens-agent" else "lens-agent"
+        click.echo(f"{where}: error: {exc.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"lens-agent: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("lens-agent: interrupted", err=True)
+        sys.exit(130)
+    except UsageError as exc:
+        click.echo(f"lens-agent: error: {exc}", err=True)
+        sys.exit(2)
+    except LensError as exc:
+        click.echo(f"lens-agent: error: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)
+
+

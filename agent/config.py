@@ -1,0 +1,282 @@
+"""Configuration: TOML file < ``LENS_<SECTION>_<KEY>`` environment < command-line flags.
+
+Every key is declared once in ``SCHEMA`` with its parser and default. A bad value raises
+:class:`~agent.errors.ConfigError` naming where it came from (file, environment variable or flag), the key
+and what is allowed. Secrets never live in the TOML: the file names a secret file (``token_file``) and the
+environment may carry the secret itself (``LENS_SYNC_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/lens-agent/agent.toml")
+ENV_PREFIX = "LENS_"
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+class _Invalid(ValueError):
+    """Raised by a parser; its text says what is allowed."""
+
+
+def parse_duration(value: object) -> float:
+    """``500ms``, ``60s``, ``5m``, ``2h`` or a plain number of seconds → seconds (float, > 0)."""
+    allowed = "a duration such as 500ms, 60s, 5m, 2h (or a plain number of seconds), greater than 0"
+    if isinstance(value, bool):
+        raise _Invalid(allowed)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        stripped = value.strip()
+        if re.fullmatch(r"\d+(?:\.\d+)?", stripped):
+            seconds = float(stripped)
+        else:
+            match = _DURATION_RE.match(value)
+            if not match:
+                raise _Invalid(allowed)
+            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise _Invalid(allowed)
+    if seconds <= 0:
+        raise _Invalid(allowed)
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """``512KiB``, ``4MiB``, ``1GiB``, ``100B`` or a plain integer of bytes → bytes (int, > 0)."""
+    allowed = "a size such as 512KiB, 4MiB, 1GiB (or a plain integer of bytes), greater than 0"
+    if isinstance(value, bool):
+        raise _Invalid(allowed)
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise _Invalid(allowed)
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    else:
+        raise _Invalid(allowed)
+    if size <= 0:
+        raise _Invalid(allowed)
+    return size
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
+    bound = f"≥ {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+    allowed = f"an integer {bound}"
+
+    def parse(value: object) -> int:
+        if isinstance(value, bool):
+            raise _Invalid(allowed)
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _Invalid(allowed) from None
+        if not isinstance(value, int) or value < minimum or (maximum is not None and value > maximum):
+            raise _Invalid(allowed)
+        return value
+
+    return parse
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    raise _Invalid("true or false")
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    allowed = "one of " + ", ".join(repr(c) for c in choices)
+
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise _Invalid(allowed)
+        return value
+
+    return parse
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("a non-empty string")
+    return value
+
+
+def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    def wrapped(value: object) -> Any:
+        if value is None or value == "":
+            return None
+        return parse(value)
+
+    return wrapped
+
+
+def _path(value: object) -> Path:
+    return Path(_str(value)).expanduser()
+
+
+def _default_threads() -> int:
+    import psutil
+
+    # llama.cpp decodes fastest with one thread per physical core.
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    parse: Callable[[object], Any]
+    default: Callable[[], Any]
+    doc: str
+
+
+def _const(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+SCHEMA: dict[str, dict[str, KeySpec]] = {
+    "agent": {
+        "device_id": KeySpec(_str, socket.gethostname, "identifies this device; default: the host name"),
+        "data_dir": KeySpec(_path, _const(Path("/var/lib/lens-agent")), "outbox and state"),
+    },
+    "model": {
+        "path": KeySpec(_optional(_path), _const(None), "GGUF model; default: the bundled SmolLM2"),
+        "n_threads": KeySpec(_int(1, 512), _default_threads, "decode threads; default: physical cores"),
+        "n_ctx": KeySpec(_int(16, 1 << 20), _const(2048), "context size in tokens"),
+        "n_batch": KeySpec(_int(1, 1 << 16), _const(512), "prompt tokens per llama_decode call"),
+        "n_gpu_layers": KeySpec(_int(-1, 100000), _const(0), "layers offloaded to a GPU (-1: all)"),
+        "flash_attn": KeySpec(_bool, _const(True), "flash attention (faster decode on CPU too)"),
+    },
+    "bench": {
+        "prompts": KeySpec(_optional(_path), _const(None), "prompt file (.txt or .jsonl)"),
+        "runs": KeySpec(_int(1), _const(10), "measured requests"),
+        "warmup": KeySpec(_int(0), _const(1), "warm-up requests, not counted"),
+        "max_tokens": KeySpec(_int(1), _const(128), "output tokens per request at most"),
+        "ignore_eos": KeySpec(_bool, _const(False), "keep generating past end-of-sequence"),
+        "chat_template": KeySpec(_choice("auto", "on", "off"), _const("auto"), "wrap prompts in it"),
+        "reuse_cache": KeySpec(_bool, _const(False), "keep the KV cache between requests"),
+    },
+    "sync": {
+        "url": KeySpec(_optional(_str), _const(None), "aggregator base URL"),
+        "ca_file": KeySpec(_optional(_path), _const(None), "CA bundle for the aggregator"),
+        "token_file": KeySpec(_optional(_path), _const(None), "device token file"),
+        "interval": KeySpec(parse_duration, _const(60.0), "seconds between syncs"),
+        "batch_size": KeySpec(_int(1, 100000), _const(500), "records per batch at most"),
+        "max_batch_bytes": KeySpec(parse_size, _const(4 * 1024**2), "compressed batch size at most"),
+        "codec": KeySpec(_choice("cbor", "msgpack"), _const("cbor"), "record encoding"),
+        "compression": KeySpec(_choice("zstd", "none"), _const("zstd"), "batch compression"),
+        "sync_on_network_available": KeySpec(_bool, _const(True), "sync when the aggregator returns"),
+        "max_outbox_bytes": KeySpec(parse_size, _const(256 * 1024**2), "outbox bound"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved configuration: ``values[section][key]`` plus where each value came from."""
+
+    values: Mapping[str, Mapping[str, Any]]
+    sources: Mapping[str, Mapping[str, str]]
+    path: Path | None
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[section][key]
+
+    def source(self, section: str, key: str) -> str:
+        return self.sources[section][key]
+
+
+def _check(source: str, section: str, key: str, value: object) -> Any:
+    spec = SCHEMA[section][key]
+    try:
+        return spec.parse(value)
+    except _Invalid as exc:
+        raise ConfigError(source, f"{section}.{key}", value, str(exc)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "(file)", str(path), "an existing TOML file") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "(file)", str(path), f"a readable file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "(syntax)", str(exc), "valid TOML") from None
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, str], tuple[str, object]] | None = None,
+    default_path: Path = DEFAULT_CONFIG_PATH,
+) -> Config:
+    """Resolve the configuration.
+
+    ``path``: the ``--config`` file (must exist); without it ``default_path`` is read when it exists.
+    ``overrides``: ``{(section, key): (flag_name, value)}`` from the command line; ``None`` values are skipped.
+    """
+    environ = os.environ if environ is None else environ
+    file_path: Path | None = Path(path) if path is not None else (default_path if default_path.exists() else None)
+    raw: dict[str, Any] = _read_toml(file_path) if file_path is not None else {}
+
+    values: dict[str, dict[str, Any]] = {s: {} for s in SCHEMA}
+    sources: dict[str, dict[str, str]] = {s: {} for s in SCHEMA}
+    for section, table in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(str(file_path), section, "[section]", "one of the sections " + ", ".join(SCHEMA))
+        if not isinstance(table, dict):
+            raise ConfigError(str(file_path), section, table, "a [section] table")
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                known = ", ".join(SCHEMA[section])
+                raise ConfigError(str(file_path), f"{section}.{key}", value, f"a known key of [{section}]: {known}")
+            values[section][key] = _check(str(file_path), section, key, value)
+            sources[section][key] = str(file_path)
+
+    for section, keys in SCHEMA.items():
+        for key in keys:
+            env_name = f"{ENV_PREFIX}{section}_{key}".upper()
+            if env_name in environ:
+                source = f"environment variable {env_name}"
+                values[section][key] = _check(source, section, key, environ[env_name])
+                sources[section][key] = source
+
+    for (section, key), (flag, value) in (overrides or {}).items():
+        if value is None:
+            continue
+        values[section][key] = _check(flag, section, key, value)
+        sources[section][key] = flag
+
+    for section, keys in SCHEMA.items():
+        for key, spec in keys.items():
+            if key not in values[section]:
+                values[section][key] = spec.default()
+                sources[section][key] = "default"
+    return Config(values=values, sources=sources, path=file_path)

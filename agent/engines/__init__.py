@@ -1,0 +1,1 @@
+"""Inference engines the lens times."""
