@@ -37,8 +37,6 @@ def cli(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-
-
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option(
@@ -181,5 +179,3 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"lens-agent: error: {exc}", err=True)
         sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
-
-

@@ -221,7 +221,7 @@ def _check(source: str, section: str, key: str, value: object) -> Any:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            return dict(tomllib.load(handle))
     except FileNotFoundError:
         raise ConfigError(str(path), "(file)", str(path), "an existing TOML file") from None
     except OSError as exc:

@@ -12,6 +12,7 @@ are ``None``, never zero.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import uuid
@@ -118,7 +119,7 @@ def timings_from_token_times(start_ns: int, token_ns: list[int]) -> dict[str, An
         return {"ttft_ms": None, "itl_ms": [], "tpot_ms": None, "e2e_ms": None, "decode_ms": None}
     ttft = (token_ns[0] - start_ns) / 1e6
     e2e = (token_ns[-1] - start_ns) / 1e6
-    gaps = [(b - a) / 1e6 for a, b in zip(token_ns, token_ns[1:])]
+    gaps = [(b - a) / 1e6 for a, b in itertools.pairwise(token_ns)]
     n = len(token_ns)
     return {
         "ttft_ms": ttft,

@@ -26,7 +26,7 @@ def latency_distribution(values_ms: Iterable[float]) -> dict[str, float | int] |
         "median_ms": float(np.median(data)),
     }
     quantiles = np.percentile(data, list(PERCENTILES.values()))
-    for name, value in zip(PERCENTILES, quantiles):
+    for name, value in zip(PERCENTILES, quantiles, strict=False):
         result[f"{name}_ms"] = float(value)
     result["min_ms"] = float(np.min(data))
     result["max_ms"] = float(np.max(data))

@@ -103,14 +103,22 @@ def results_document(
         ok,
         {
             "prefill_ms_per_token": (
-                [m.engine_prefill_ms / m.engine_prefill_tokens if m.engine_prefill_ms is not None
-                 and m.engine_prefill_tokens else None for m in ok],
+                [
+                    m.engine_prefill_ms / m.engine_prefill_tokens
+                    if m.engine_prefill_ms is not None and m.engine_prefill_tokens
+                    else None
+                    for m in ok
+                ],
                 "no request evaluated a prompt of two or more new tokens (llama.cpp counts a one-token "
                 "batch as decode)",
             ),
             "decode_ms_per_token": (
-                [m.engine_decode_ms / m.engine_decode_tokens if m.engine_decode_ms is not None
-                 and m.engine_decode_tokens else None for m in ok],
+                [
+                    m.engine_decode_ms / m.engine_decode_tokens
+                    if m.engine_decode_ms is not None and m.engine_decode_tokens
+                    else None
+                    for m in ok
+                ],
                 "every request produced at most one token",
             ),
         },

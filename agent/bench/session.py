@@ -89,14 +89,17 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     outputs = output_paths(request.output, labels) if request.output else [None] * len(model_paths)
     m = config.values["model"]
     settings = EngineSettings(
-        n_ctx=m["n_ctx"], n_threads=m["n_threads"], n_batch=m["n_batch"], n_gpu_layers=m["n_gpu_layers"],
+        n_ctx=m["n_ctx"],
+        n_threads=m["n_threads"],
+        n_batch=m["n_batch"],
+        n_gpu_layers=m["n_gpu_layers"],
         flash_attn=m["flash_attn"],
     )
     device = device_info()
     session = BenchSession(run_id=str(uuid.uuid4()))
     raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
     try:
-        for path, out_path in zip(model_paths, outputs):
+        for path, out_path in zip(model_paths, outputs, strict=False):
             status(f"loading {path} …")
             with LlamaEngine.load(path, settings) as engine:
                 run = _run_with_progress(engine, prompts, options, session.run_id, config, raw_file, request)
@@ -140,6 +143,7 @@ def _run_with_progress(
         disable=None if request.progress is None else not request.progress,
         file=None,
         leave=False,
+        mininterval=0,  # refreshed between requests only, never inside the timed loop
     )
 
     def on_result(record: Measurement) -> None:

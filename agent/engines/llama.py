@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,15 +45,14 @@ def _route_llama_logs() -> None:
         return
     last = [logging.DEBUG]
 
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         lvl = last[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
         last[0] = lvl
         if _llama_log.isEnabledFor(lvl):
             _llama_log.log(lvl, text.decode("utf-8", "replace").rstrip())
 
-    _log_callback = callback
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _log_callback = llama_cpp.llama_log_callback(forward)  # kept referenced: C holds the pointer
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 @dataclass(frozen=True)
@@ -239,9 +238,7 @@ class LlamaEngine:
     def _eog_mask(self) -> np.ndarray:
         if self._eog_ids is None:
             is_eog = self._lib.llama_vocab_is_eog
-            self._eog_ids = np.asarray(
-                [t for t in range(self.n_vocab) if is_eog(self._vocab, t)], dtype=np.int64
-            )
+            self._eog_ids = np.asarray([t for t in range(self.n_vocab) if is_eog(self._vocab, t)], dtype=np.int64)
         return self._eog_ids
 
     def _logits_row(self) -> np.ndarray:
@@ -252,7 +249,7 @@ class LlamaEngine:
         view = self._logits_views.get(addr)
         if view is None:
             buffer = (ctypes.c_float * self.n_vocab).from_address(addr)
-            view = np.frombuffer(buffer, dtype=np.float32)
+            view = np.frombuffer(cast(Any, buffer), dtype=np.float32)  # ctypes arrays are buffers
             if len(self._logits_views) > 8:
                 self._logits_views.clear()
             self._logits_views[addr] = view
@@ -292,7 +289,7 @@ class LlamaEngine:
         if max_tokens < 1:
             raise ValueError("max_tokens must be ≥ 1")
         lib, ctx, vocab = self._lib, self._ctx, self._vocab
-        n_vocab, n_ctx = self.n_vocab, self.n_ctx
+        _n_vocab, n_ctx = self.n_vocab, self.n_ctx
         eog = self._eog_mask() if ignore_eos else None
         memory = lib.llama_get_memory(ctx)
         lib.llama_perf_context_reset(ctx)
@@ -308,7 +305,7 @@ class LlamaEngine:
             )
         keep = 0
         if reuse_cache:
-            for a, b in zip(self._cached, tokens[:-1]):
+            for a, b in zip(self._cached, tokens[:-1], strict=False):
                 if a != b:
                     break
                 keep += 1

