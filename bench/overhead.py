@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.api import measured_completion  # noqa: E402
-from agent.bench.report import overhead_ratio  # noqa: E402
-from agent.bench.runner import BenchOptions, run_bench  # noqa: E402
-from agent.engines.llama import EngineSettings, LlamaEngine  # noqa: E402
-from agent.engines.modelfile import bundled_model_path  # noqa: E402
-from agent.prompts import builtin_prompts  # noqa: E402
+from agent.api import measured_completion
+from agent.bench.report import overhead_ratio
+from agent.bench.runner import BenchOptions, run_bench
+from agent.engines.llama import EngineSettings, LlamaEngine
+from agent.engines.modelfile import bundled_model_path
+from agent.prompts import builtin_prompts
 
 
 def lens_loop(engine: LlamaEngine, runs: int, max_tokens: int) -> tuple[float, float]:
