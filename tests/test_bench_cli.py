@@ -78,6 +78,7 @@ def test_bench_writes_schema_valid_results(
     cfg = doc["configuration"]
     assert cfg["model"]["quantization"] == "none" and cfg["model"]["quantization_exact"] == "F32"
     assert cfg["engine"]["settings"]["n_ctx"] == 256
+    assert cfg["hardware"]["accelerator"] == "cpu" and cfg["hardware"]["cpu_cores"] >= 1
     assert cfg["test_parameters"]["warmup_requests"] == 2 and cfg["test_parameters"]["total_requests"] == 5
     assert cfg["test_parameters"]["output_tokens"] == {"mean": 12, "stddev": 0, "distribution": "fixed"}
 

@@ -145,6 +145,7 @@ def results_document(
         "cpu_cores": device.get("cpu_cores_physical") or device.get("cpu_cores_logical"),
         "memory_gb": round(device["memory_total_bytes"] / 1024**3, 2),
         "batch_size": 1,
+        "accelerator": engine.accelerator(),
         **{k: v for k, v in device.items() if k not in ("memory_total_bytes",)},
     }
     if settings.n_gpu_layers != 0 and device.get("gpu_type"):

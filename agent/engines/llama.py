@@ -370,5 +370,14 @@ class LlamaEngine:
             text=text,
         )
 
+    def accelerator(self) -> str:
+        """What runs the model: the CPU, or a GPU through llama.cpp's layer offload."""
+        layers = self.settings.n_gpu_layers if self.settings else 0
+        if layers != 0 and bool(self._lib.llama_supports_gpu_offload()):
+            return f"gpu offload ({'all' if layers < 0 else layers} layers)"
+        if layers != 0:
+            return "cpu (this llama.cpp build has no GPU offload; n_gpu_layers ignored)"
+        return "cpu"
+
     def system_info(self) -> str:
         return bytes(self._lib.llama_print_system_info()).decode("utf-8", "replace").strip()
