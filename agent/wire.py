@@ -1,0 +1,310 @@
+"""Wire format v1: measurement records and batches, defined once and used by the agent and the aggregator.
+
+A **record** on the wire is the measurement dict (``Measurement.to_dict``) mapped for size and exactness:
+times in integer microseconds (``ttft_ms`` → ``ttft_us``; the gap list ``itl_ms`` → ``itl_us``, packed
+by :mod:`agent.itlpack`), the start as Unix
+microseconds (``started_us``), the record id as 16 bytes and sha256 digests as 32 bytes, and no prompt or output
+text unless the configuration asks for it. It is encoded on its own (CBOR or msgpack map), so the aggregator can
+store each record's bytes as received.
+
+A **batch** is an 8-byte header — ``b"LENS"``, format version, codec, compression, dictionary id (0: none) — and
+the payload: a map ``{device_id, batch_id, sent_us, counters, records: [record bytes, …]}`` in the same codec,
+compressed with zstd unless compression is ``none``. See docs/wire-format.md.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import cbor2
+import msgpack
+import zstandard
+
+from .itlpack import pack_gaps, unpack_gaps
+
+WIRE_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MAGIC = b"LENS"
+HEADER = struct.Struct("!4sBBBB")
+CODECS = {"cbor": 1, "msgpack": 2}
+CODEC_NAMES = {v: k for k, v in CODECS.items()}
+COMPRESSIONS = {"none": 0, "zstd": 1}
+COMPRESSION_NAMES = {v: k for k, v in COMPRESSIONS.items()}
+CONTENT_TYPE = "application/vnd.lens.batch"
+
+# Fields every record must carry, and their wire types.
+REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "v": int,
+    "id": bytes,
+    "device_id": str,
+    "run_id": str,
+    "kind": str,
+    "started_us": int,
+    "ok": bool,
+}
+# Optional fields the aggregator reads into columns, with their wire types (None is always allowed).
+COLUMN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model_name": str,
+    "strategy": str,
+    "engine": str,
+    "error_type": str,
+    "input_tokens": int,
+    "output_tokens": int,
+    "ttft_us": int,
+    "tpot_us": int,
+    "e2e_us": int,
+}
+_MS_FIELDS = (
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "prefill_ms",
+    "decode_ms",
+    "engine_prefill_ms",
+    "engine_decode_ms",
+)
+_HEX_FIELDS = ("model_sha256", "prompt_sha256")
+_TEXT_FIELDS = ("prompt_text", "output_text")
+
+
+class WireError(Exception):
+    """A batch or record the format refuses. ``status`` is the HTTP status the aggregator answers with."""
+
+    status = 400
+
+    def __init__(self, message: str, *, record_index: int | None = None, record_id: str | None = None) -> None:
+        self.message = message
+        self.record_index = record_index
+        self.record_id = record_id
+        super().__init__(message)
+
+
+class UnsupportedVersion(WireError):
+    status = 415
+
+
+class TooLarge(WireError):
+    status = 413
+
+
+def _us(ms: float | None) -> int | None:
+    return None if ms is None else round(ms * 1000)
+
+
+def _parse_time_us(text: str) -> int:
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    delta = when - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _format_time_us(us: int) -> str:
+    when = datetime.fromtimestamp(us // 1_000_000, tz=timezone.utc).replace(microsecond=us % 1_000_000)
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def to_wire(record: Mapping[str, Any], *, include_text: bool = False) -> dict[str, Any]:
+    """Measurement dict → wire map (lossless at microsecond resolution)."""
+    wire: dict[str, Any] = {}
+    for key, value in record.items():
+        if key in _MS_FIELDS:
+            wire[key[:-3] + "_us"] = _us(value)
+        elif key == "itl_ms":
+            wire["itl_us"] = pack_gaps([round(gap * 1000) for gap in value])
+        elif key == "id":
+            wire["id"] = uuid.UUID(value).bytes
+        elif key == "version":
+            wire["v"] = value
+        elif key == "started_at":
+            wire["started_us"] = _parse_time_us(value)
+        elif key in _HEX_FIELDS:
+            wire[key] = bytes.fromhex(value) if value else None
+        elif key in _TEXT_FIELDS:
+            if include_text and value is not None:
+                wire[key] = value
+        else:
+            wire[key] = value
+    return wire
+
+
+def from_wire(wire: Mapping[str, Any]) -> dict[str, Any]:
+    """Wire map → measurement dict (times back in milliseconds)."""
+    record: dict[str, Any] = {}
+    for key, value in wire.items():
+        if key.endswith("_us") and key[:-3] + "_ms" in _MS_FIELDS:
+            record[key[:-3] + "_ms"] = None if value is None else value / 1000.0
+        elif key == "itl_us":
+            record["itl_ms"] = [gap / 1000.0 for gap in unpack_gaps(bytes(value))]
+        elif key == "id":
+            record["id"] = str(uuid.UUID(bytes=bytes(value)))
+        elif key == "v":
+            record["version"] = value
+        elif key == "started_us":
+            record["started_at"] = _format_time_us(value)
+        elif key in _HEX_FIELDS:
+            record[key] = bytes(value).hex() if value is not None else None
+        else:
+            record[key] = value
+    return record
+
+
+def dumps(obj: Any, codec: str) -> bytes:
+    if codec == "cbor":
+        return bytes(cbor2.dumps(obj))
+    if codec == "msgpack":
+        return bytes(msgpack.packb(obj, use_bin_type=True))
+    raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+
+
+def loads(blob: bytes, codec: str) -> Any:
+    """Decode; raises WireError on malformed input (never anything else)."""
+    try:
+        if codec == "cbor":
+            return cbor2.loads(blob)
+        if codec == "msgpack":
+            return msgpack.unpackb(blob, raw=False, strict_map_key=True)
+    except Exception as exc:  # every decoder failure is the sender's fault: report it, never crash
+        raise WireError(f"malformed {codec}: {type(exc).__name__}: {exc}") from None
+    raise WireError(f"unknown codec {codec!r}")
+
+
+def encode_record(record: Mapping[str, Any], codec: str, *, include_text: bool = False) -> bytes:
+    return dumps(to_wire(record, include_text=include_text), codec)
+
+
+def validate_record(wire: Any, index: int = 0) -> dict[str, Any]:
+    """Check a decoded record: required fields present with the right types, column fields typed."""
+    if not isinstance(wire, dict):
+        raise WireError(f"record {index}: expected a map, got {type(wire).__name__}", record_index=index)
+    raw_id = wire.get("id")
+    rid = uuid.UUID(bytes=bytes(raw_id)).hex if isinstance(raw_id, bytes) and len(raw_id) == 16 else None
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in wire:
+            raise WireError(f"record {index}: missing required field {name!r}", record_index=index, record_id=rid)
+        value = wire[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise WireError(
+                f"record {index}: field {name!r} must be {_type_name(kind)}, got {type(value).__name__}",
+                record_index=index,
+                record_id=rid,
+            )
+    if rid is None:
+        raise WireError(f"record {index}: field 'id' must be 16 bytes", record_index=index)
+    for name, kind in COLUMN_FIELDS.items():
+        value = wire.get(name)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise WireError(
+                f"record {index}: field {name!r} must be {_type_name(kind)} or null, got {type(value).__name__}",
+                record_index=index,
+                record_id=rid,
+            )
+    return wire
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", str: "a string", bool: "a boolean", bytes: "bytes"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+@dataclass
+class Batch:
+    version: int
+    codec: str
+    compression: str
+    device_id: str
+    batch_id: str
+    sent_us: int
+    counters: dict[str, int]
+    records: list[bytes] = field(default_factory=list)
+
+
+def encode_batch(
+    records: Sequence[bytes],
+    *,
+    device_id: str,
+    batch_id: str,
+    sent_us: int,
+    codec: str = "cbor",
+    compression: str = "zstd",
+    level: int = 3,
+    counters: Mapping[str, int] | None = None,
+) -> bytes:
+    payload = dumps(
+        {
+            "device_id": device_id,
+            "batch_id": batch_id,
+            "sent_us": sent_us,
+            "counters": dict(counters or {}),
+            "records": list(records),
+        },
+        codec,
+    )
+    if compression == "zstd":
+        payload = zstandard.ZstdCompressor(level=level).compress(payload)
+    elif compression != "none":
+        raise ValueError(f"unknown compression {compression!r}; expected zstd or none")
+    return HEADER.pack(MAGIC, WIRE_VERSION, CODECS[codec], COMPRESSIONS[compression], 0) + payload
+
+
+def decode_batch(body: bytes, *, max_decompressed: int) -> Batch:
+    """Parse a batch; refuses a decompressed payload over ``max_decompressed`` without allocating it."""
+    if len(body) < HEADER.size or body[:4] != MAGIC:
+        raise WireError("not a lens batch (expected the 8-byte header starting with b'LENS')")
+    _, version, codec_id, compression_id, dict_id = HEADER.unpack_from(body)
+    if version not in SUPPORTED_VERSIONS:
+        supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+        raise UnsupportedVersion(f"wire format version {version} is not supported; supported: {supported}")
+    codec = CODEC_NAMES.get(codec_id)
+    compression = COMPRESSION_NAMES.get(compression_id)
+    if codec is None:
+        raise UnsupportedVersion(f"codec id {codec_id} is not supported; supported: cbor (1), msgpack (2)")
+    if compression is None or dict_id != 0:
+        raise UnsupportedVersion(f"compression id {compression_id}/dictionary {dict_id} is not supported")
+    payload = memoryview(body)[HEADER.size :]
+    if compression == "zstd":
+        data = _bounded_decompress(bytes(payload), max_decompressed)
+    else:
+        if len(payload) > max_decompressed:
+            raise TooLarge(f"payload of {len(payload)} bytes exceeds the limit of {max_decompressed}")
+        data = bytes(payload)
+    obj = loads(data, codec)
+    if not isinstance(obj, dict):
+        raise WireError("batch payload must be a map")
+    records = obj.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+        raise WireError("batch field 'records' must be a list of encoded records (bytes)")
+    device_id, batch_id, sent_us = obj.get("device_id"), obj.get("batch_id"), obj.get("sent_us")
+    if not isinstance(device_id, str) or not device_id:
+        raise WireError("batch field 'device_id' must be a non-empty string")
+    if not isinstance(batch_id, str) or not isinstance(sent_us, int):
+        raise WireError("batch fields 'batch_id' (string) and 'sent_us' (integer) are required")
+    counters = obj.get("counters") or {}
+    if not isinstance(counters, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in counters.items()
+    ):
+        raise WireError("batch field 'counters' must map names to integers")
+    return Batch(version, codec, compression, device_id, batch_id, sent_us, counters, records)
+
+
+def _bounded_decompress(data: bytes, limit: int) -> bytes:
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+        out = reader.read(limit + 1)
+        while len(out) <= limit:
+            more = reader.read(limit + 1 - len(out))
+            if not more:
+                break
+            out += more
+    except zstandard.ZstdError as exc:
+        raise WireError(f"malformed zstd: {exc}") from None
+    if len(out) > limit:
+        raise TooLarge(f"decompressed payload exceeds the limit of {limit} bytes")
+    return out
