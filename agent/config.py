@@ -191,6 +191,16 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "compression": KeySpec(_choice("zstd", "none"), _const("zstd"), "batch compression"),
         "sync_on_network_available": KeySpec(_bool, _const(True), "sync when the aggregator returns"),
         "max_outbox_bytes": KeySpec(parse_size, _const(256 * 1024**2), "outbox bound"),
+        "zstd_level": KeySpec(_int(1, 22), _const(3), "zstd compression level"),
+        "timeout": KeySpec(parse_duration, _const(30.0), "HTTP request timeout"),
+        "backoff_initial": KeySpec(parse_duration, _const(1.0), "first retry delay"),
+        "backoff_max": KeySpec(parse_duration, _const(300.0), "retry delay cap"),
+        "include_text": KeySpec(_bool, _const(False), "upload prompt and output text (privacy: off)"),
+        "allow_http": KeySpec(_bool, _const(False), "allow a plain-HTTP aggregator URL"),
+    },
+    "outbox": {
+        "synchronous": KeySpec(_choice("FULL", "NORMAL"), _const("FULL"), "SQLite durability per append"),
+        "policy": KeySpec(_choice("drop_oldest", "drop_newest"), _const("drop_oldest"), "when the outbox is full"),
     },
 }
 
@@ -210,8 +220,11 @@ class Config:
         return self.sources[section][key]
 
 
-def _check(source: str, section: str, key: str, value: object) -> Any:
-    spec = SCHEMA[section][key]
+Schema = dict[str, dict[str, KeySpec]]
+
+
+def _check(schema: Schema, source: str, section: str, key: str, value: object) -> Any:
+    spec = schema[section][key]
     try:
         return spec.parse(value)
     except _Invalid as exc:
@@ -236,6 +249,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[tuple[str, str], tuple[str, object]] | None = None,
     default_path: Path = DEFAULT_CONFIG_PATH,
+    schema: Schema | None = None,
 ) -> Config:
     """Resolve the configuration.
 
@@ -243,38 +257,39 @@ def load_config(
     ``overrides``: ``{(section, key): (flag_name, value)}`` from the command line; ``None`` values are skipped.
     """
     environ = os.environ if environ is None else environ
+    schema = SCHEMA if schema is None else schema
     file_path: Path | None = Path(path) if path is not None else (default_path if default_path.exists() else None)
     raw: dict[str, Any] = _read_toml(file_path) if file_path is not None else {}
 
-    values: dict[str, dict[str, Any]] = {s: {} for s in SCHEMA}
-    sources: dict[str, dict[str, str]] = {s: {} for s in SCHEMA}
+    values: dict[str, dict[str, Any]] = {s: {} for s in schema}
+    sources: dict[str, dict[str, str]] = {s: {} for s in schema}
     for section, table in raw.items():
-        if section not in SCHEMA:
-            raise ConfigError(str(file_path), section, "[section]", "one of the sections " + ", ".join(SCHEMA))
+        if section not in schema:
+            raise ConfigError(str(file_path), section, "[section]", "one of the sections " + ", ".join(schema))
         if not isinstance(table, dict):
             raise ConfigError(str(file_path), section, table, "a [section] table")
         for key, value in table.items():
-            if key not in SCHEMA[section]:
-                known = ", ".join(SCHEMA[section])
+            if key not in schema[section]:
+                known = ", ".join(schema[section])
                 raise ConfigError(str(file_path), f"{section}.{key}", value, f"a known key of [{section}]: {known}")
-            values[section][key] = _check(str(file_path), section, key, value)
+            values[section][key] = _check(schema, str(file_path), section, key, value)
             sources[section][key] = str(file_path)
 
-    for section, keys in SCHEMA.items():
+    for section, keys in schema.items():
         for key in keys:
             env_name = f"{ENV_PREFIX}{section}_{key}".upper()
             if env_name in environ:
                 source = f"environment variable {env_name}"
-                values[section][key] = _check(source, section, key, environ[env_name])
+                values[section][key] = _check(schema, source, section, key, environ[env_name])
                 sources[section][key] = source
 
     for (section, key), (flag, value) in (overrides or {}).items():
         if value is None:
             continue
-        values[section][key] = _check(flag, section, key, value)
+        values[section][key] = _check(schema, flag, section, key, value)
         sources[section][key] = flag
 
-    for section, keys in SCHEMA.items():
+    for section, keys in schema.items():
         for key, spec in keys.items():
             if key not in values[section]:
                 values[section][key] = spec.default()
