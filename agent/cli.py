@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import load_config
+from .config import Config, load_config
 from .errors import LensError, UsageError
 
 log = logging.getLogger("agent")
@@ -80,6 +80,8 @@ def cli(verbose: bool) -> None:
 @click.option("--no-text", is_flag=True, help="Leave prompt and output text out of --raw.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON on stdout instead of the table.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.  [default: when a terminal]")
+@click.option("--store", is_flag=True, help="Append every measurement to the outbox (durable before the next request).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 def bench(
     config_path: Path | None,
     models: tuple[Path, ...],
@@ -103,6 +105,8 @@ def bench(
     no_text: bool,
     as_json: bool,
     progress: bool | None,
+    store: bool,
+    data_dir: Path | None,
 ) -> None:
     """Benchmark local llama.cpp inference: TTFT, TPOT, every inter-token gap, load time and memory.
 
@@ -115,6 +119,7 @@ def bench(
         lens-agent bench --runs 20 --max-tokens 64 --output results.json
         lens-agent bench --model a-Q4_1.gguf --model a-Q8_0.gguf --output compare.json
         lens-agent bench --prompts configs/prompts/short.txt --raw requests.jsonl --format llmperf
+        lens-agent bench --config /etc/lens-agent/agent.toml --store
     """
     overrides: dict[tuple[str, str], tuple[str, object]] = {
         ("bench", "prompts"): ("--prompts", str(prompts) if prompts else None),
@@ -130,6 +135,7 @@ def bench(
         ("model", "n_gpu_layers"): ("--n-gpu-layers", n_gpu_layers),
         ("model", "flash_attn"): ("--flash-attn", flash_attn),
         ("agent", "device_id"): ("--device-id", device_id),
+        ("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None),
     }
     config = load_config(config_path, overrides=overrides)
     from .bench.session import BenchRequest, run_session
@@ -142,6 +148,7 @@ def bench(
         llmperf_dir=(llmperf_dir or (output.parent if output else Path("."))) if "llmperf" in formats else None,
         include_text=not no_text,
         progress=progress,
+        store=store,
     )
     session = run_session(request, status=lambda msg: click.echo(msg, err=True))
     if as_json:
@@ -155,6 +162,120 @@ def bench(
             click.echo(session.comparison)
     for path in session.written:
         click.echo(f"wrote {path}", err=True)
+    if session.stored is not None:
+        click.echo(f"stored {session.stored} measurements in {session.outbox_file}", err=True)
+
+
+def _sync_config(config_path: Path | None, data_dir: Path | None) -> Config:
+    return load_config(
+        config_path, overrides={("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None)}
+    )
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def sync(config_path: Path | None, data_dir: Path | None, as_json: bool) -> None:
+    """Upload everything pending in the outbox now; exit 1 if the aggregator could not be reached.
+
+    The device token comes from LENS_SYNC_TOKEN or the file named by sync.token_file.
+
+    \b
+    Example:
+        LENS_SYNC_URL=https://aggregator:8443 lens-agent sync --config /etc/lens-agent/agent.toml --json
+    """
+    import asyncio
+
+    from .outbox import AsyncOutbox, open_outbox
+    from .sync import Uploader, sync_settings
+
+    config = _sync_config(config_path, data_dir)
+    settings = sync_settings(config)
+
+    async def run() -> Any:
+        outbox = AsyncOutbox(open_outbox(config))
+        uploader = Uploader(outbox, settings)
+        try:
+            return await uploader.sync_now()
+        finally:
+            await uploader.close()
+            await outbox.close()
+
+    report = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(
+            f"uploaded {report.uploaded} in {report.batches} batches: {report.accepted} accepted, "
+            f"{report.duplicates} duplicates, {report.quarantined} quarantined; {report.pending} pending"
+        )
+        for line in report.details:
+            click.echo(f"  {line}")
+    if not report.ok:
+        raise LensError(f"sync failed: {report.error}")
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--probe/--no-probe", default=True, help="Check that the aggregator answers.  [default: probe]")
+def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe: bool) -> None:
+    """How the agent is doing: outbox backlog, drops, last sync, aggregator reachability.
+
+    Exit status 0 when healthy, 1 when unhealthy (the reasons are printed), 2 on a usage error.
+
+    \b
+    Example:
+        lens-agent status --json | jq .reasons
+    """
+    import asyncio
+    import time
+
+    from .errors import ConfigError
+    from .outbox import open_outbox, outbox_path
+    from .status import evaluate, render, status_document
+    from .sync import probe_aggregator, sync_settings
+
+    config = _sync_config(config_path, data_dir)
+    path = outbox_path(config.get("agent", "data_dir"))
+    stats = None
+    state: dict[str, str | None] = {}
+    salvage = None
+    if path.exists():
+        box = open_outbox(config)
+        try:
+            stats = box.stats()
+            for key in ("last_attempt_us", "last_success_us", "last_error", "last_error_kind", "last_result"):
+                state[key] = box.get_state(key)
+            salvage = box.last_salvage()
+        finally:
+            box.close()
+    reachable = None
+    url = config.get("sync", "url")
+    if probe and url:
+        try:
+            settings = sync_settings(config)
+        except ConfigError:
+            settings = None
+        if settings is not None:
+            reachable = asyncio.run(probe_aggregator(settings))
+    now_us = time.time_ns() // 1000
+    health = evaluate(stats, state, interval_s=config.get("sync", "interval"), now_us=now_us)
+    doc = status_document(
+        outbox_file=path,
+        stats=stats,
+        state=state,
+        health=health,
+        reachable=reachable,
+        aggregator_url=url,
+        last_salvage=salvage,
+        now_us=now_us,
+    )
+    click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
+    if not health.healthy:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,7 +79,7 @@ def parse_size(value: object) -> int:
     return size
 
 
-def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
+def int_range(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
     bound = f"≥ {minimum}" if maximum is None else f"between {minimum} and {maximum}"
     allowed = f"an integer {bound}"
 
@@ -98,7 +98,7 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
     return parse
 
 
-def _bool(value: object) -> bool:
+def boolean(value: object) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -110,7 +110,7 @@ def _bool(value: object) -> bool:
     raise _Invalid("true or false")
 
 
-def _choice(*choices: str) -> Callable[[object], str]:
+def choice(*choices: str) -> Callable[[object], str]:
     allowed = "one of " + ", ".join(repr(c) for c in choices)
 
     def parse(value: object) -> str:
@@ -121,13 +121,13 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
-def _str(value: object) -> str:
+def text(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid("a non-empty string")
     return value
 
 
-def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+def optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     def wrapped(value: object) -> Any:
         if value is None or value == "":
             return None
@@ -136,8 +136,8 @@ def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     return wrapped
 
 
-def _path(value: object) -> Path:
-    return Path(_str(value)).expanduser()
+def path_value(value: object) -> Path:
+    return Path(text(value)).expanduser()
 
 
 def _default_threads() -> int:
@@ -154,53 +154,53 @@ class KeySpec:
     doc: str
 
 
-def _const(value: Any) -> Callable[[], Any]:
+def const(value: Any) -> Callable[[], Any]:
     return lambda: value
 
 
 SCHEMA: dict[str, dict[str, KeySpec]] = {
     "agent": {
-        "device_id": KeySpec(_str, socket.gethostname, "identifies this device; default: the host name"),
-        "data_dir": KeySpec(_path, _const(Path("/var/lib/lens-agent")), "outbox and state"),
+        "device_id": KeySpec(text, socket.gethostname, "identifies this device; default: the host name"),
+        "data_dir": KeySpec(path_value, const(Path("/var/lib/lens-agent")), "outbox and state"),
     },
     "model": {
-        "path": KeySpec(_optional(_path), _const(None), "GGUF model; default: the bundled SmolLM2"),
-        "n_threads": KeySpec(_int(1, 512), _default_threads, "decode threads; default: physical cores"),
-        "n_ctx": KeySpec(_int(16, 1 << 20), _const(2048), "context size in tokens"),
-        "n_batch": KeySpec(_int(1, 1 << 16), _const(512), "prompt tokens per llama_decode call"),
-        "n_gpu_layers": KeySpec(_int(-1, 100000), _const(0), "layers offloaded to a GPU (-1: all)"),
-        "flash_attn": KeySpec(_bool, _const(True), "flash attention (faster decode on CPU too)"),
+        "path": KeySpec(optional(path_value), const(None), "GGUF model; default: the bundled SmolLM2"),
+        "n_threads": KeySpec(int_range(1, 512), _default_threads, "decode threads; default: physical cores"),
+        "n_ctx": KeySpec(int_range(16, 1 << 20), const(2048), "context size in tokens"),
+        "n_batch": KeySpec(int_range(1, 1 << 16), const(512), "prompt tokens per llama_decode call"),
+        "n_gpu_layers": KeySpec(int_range(-1, 100000), const(0), "layers offloaded to a GPU (-1: all)"),
+        "flash_attn": KeySpec(boolean, const(True), "flash attention (faster decode on CPU too)"),
     },
     "bench": {
-        "prompts": KeySpec(_optional(_path), _const(None), "prompt file (.txt or .jsonl)"),
-        "runs": KeySpec(_int(1), _const(10), "measured requests"),
-        "warmup": KeySpec(_int(0), _const(1), "warm-up requests, not counted"),
-        "max_tokens": KeySpec(_int(1), _const(128), "output tokens per request at most"),
-        "ignore_eos": KeySpec(_bool, _const(False), "keep generating past end-of-sequence"),
-        "chat_template": KeySpec(_choice("auto", "on", "off"), _const("auto"), "wrap prompts in it"),
-        "reuse_cache": KeySpec(_bool, _const(False), "keep the KV cache between requests"),
+        "prompts": KeySpec(optional(path_value), const(None), "prompt file (.txt or .jsonl)"),
+        "runs": KeySpec(int_range(1), const(10), "measured requests"),
+        "warmup": KeySpec(int_range(0), const(1), "warm-up requests, not counted"),
+        "max_tokens": KeySpec(int_range(1), const(128), "output tokens per request at most"),
+        "ignore_eos": KeySpec(boolean, const(False), "keep generating past end-of-sequence"),
+        "chat_template": KeySpec(choice("auto", "on", "off"), const("auto"), "wrap prompts in it"),
+        "reuse_cache": KeySpec(boolean, const(False), "keep the KV cache between requests"),
     },
     "sync": {
-        "url": KeySpec(_optional(_str), _const(None), "aggregator base URL"),
-        "ca_file": KeySpec(_optional(_path), _const(None), "CA bundle for the aggregator"),
-        "token_file": KeySpec(_optional(_path), _const(None), "device token file"),
-        "interval": KeySpec(parse_duration, _const(60.0), "seconds between syncs"),
-        "batch_size": KeySpec(_int(1, 100000), _const(500), "records per batch at most"),
-        "max_batch_bytes": KeySpec(parse_size, _const(4 * 1024**2), "compressed batch size at most"),
-        "codec": KeySpec(_choice("cbor", "msgpack"), _const("cbor"), "record encoding"),
-        "compression": KeySpec(_choice("zstd", "none"), _const("zstd"), "batch compression"),
-        "sync_on_network_available": KeySpec(_bool, _const(True), "sync when the aggregator returns"),
-        "max_outbox_bytes": KeySpec(parse_size, _const(256 * 1024**2), "outbox bound"),
-        "zstd_level": KeySpec(_int(1, 22), _const(3), "zstd compression level"),
-        "timeout": KeySpec(parse_duration, _const(30.0), "HTTP request timeout"),
-        "backoff_initial": KeySpec(parse_duration, _const(1.0), "first retry delay"),
-        "backoff_max": KeySpec(parse_duration, _const(300.0), "retry delay cap"),
-        "include_text": KeySpec(_bool, _const(False), "upload prompt and output text (privacy: off)"),
-        "allow_http": KeySpec(_bool, _const(False), "allow a plain-HTTP aggregator URL"),
+        "url": KeySpec(optional(text), const(None), "aggregator base URL"),
+        "ca_file": KeySpec(optional(path_value), const(None), "CA bundle for the aggregator"),
+        "token_file": KeySpec(optional(path_value), const(None), "device token file"),
+        "interval": KeySpec(parse_duration, const(60.0), "seconds between syncs"),
+        "batch_size": KeySpec(int_range(1, 100000), const(500), "records per batch at most"),
+        "max_batch_bytes": KeySpec(parse_size, const(4 * 1024**2), "compressed batch size at most"),
+        "codec": KeySpec(choice("cbor", "msgpack"), const("cbor"), "record encoding"),
+        "compression": KeySpec(choice("zstd", "none"), const("zstd"), "batch compression"),
+        "sync_on_network_available": KeySpec(boolean, const(True), "sync when the aggregator returns"),
+        "max_outbox_bytes": KeySpec(parse_size, const(256 * 1024**2), "outbox bound"),
+        "zstd_level": KeySpec(int_range(1, 22), const(3), "zstd compression level"),
+        "timeout": KeySpec(parse_duration, const(30.0), "HTTP request timeout"),
+        "backoff_initial": KeySpec(parse_duration, const(1.0), "first retry delay"),
+        "backoff_max": KeySpec(parse_duration, const(300.0), "retry delay cap"),
+        "include_text": KeySpec(boolean, const(False), "upload prompt and output text (privacy: off)"),
+        "allow_http": KeySpec(boolean, const(False), "allow a plain-HTTP aggregator URL"),
     },
     "outbox": {
-        "synchronous": KeySpec(_choice("FULL", "NORMAL"), _const("FULL"), "SQLite durability per append"),
-        "policy": KeySpec(_choice("drop_oldest", "drop_newest"), _const("drop_oldest"), "when the outbox is full"),
+        "synchronous": KeySpec(choice("FULL", "NORMAL"), const("FULL"), "SQLite durability per append"),
+        "policy": KeySpec(choice("drop_oldest", "drop_newest"), const("drop_oldest"), "when the outbox is full"),
     },
 }
 

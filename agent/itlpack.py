@@ -16,6 +16,7 @@ Layout: ``version:u8 | r:u8 | k:u8 | count:varint | m:varint | bits…`` where b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 PACK_VERSION = 1
 _MAX_K = 40
@@ -82,7 +83,7 @@ def pack_gaps(gaps_us: Sequence[int]) -> bytes:
     best: tuple[int, int, int, list[int]] | None = None
     for r in range(5):
         residuals = [_zigzag(gaps_us[0] - median)]
-        residuals += [_zigzag(g - (median + (r * (p - median)) // 4)) for p, g in zip(gaps_us, gaps_us[1:], strict=False)]
+        residuals += [_zigzag(g - (median + (r * (p - median)) // 4)) for p, g in pairwise(gaps_us)]
         k, total = _best_k(residuals)
         if best is None or total < best[0]:
             best = (total, r, k, residuals)

@@ -84,14 +84,14 @@ def _now_us() -> int:
 
 
 def _migrate_v1(db: sqlite_utils.Database) -> None:
-    db["records"].create(
+    db.table("records").create(
         {"seq": int, "id": bytes, "created_us": int, "codec": str, "size": int, "body": bytes},
         pk="seq",
         not_null={"id", "created_us", "codec", "size", "body"},
         if_not_exists=True,
     )
-    db["records"].create_index(["id"], unique=True, if_not_exists=True)
-    db["quarantine"].create(
+    db.table("records").create_index(["id"], unique=True, if_not_exists=True)
+    db.table("quarantine").create(
         {"seq": int, "id": bytes, "created_us": int, "quarantined_us": int, "reason": str, "body": bytes},
         pk="seq",
         if_not_exists=True,
@@ -140,7 +140,7 @@ class Outbox:
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         db = sqlite_utils.Database(conn)
-        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
@@ -158,6 +158,7 @@ class Outbox:
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('stored_bytes', ?)", (str(total),))
 
     def _open_or_salvage(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = None
         try:
             conn = self._connect(self.path)
             check = conn.execute("PRAGMA quick_check").fetchone()
@@ -167,10 +168,8 @@ class Outbox:
             return conn
         except sqlite3.DatabaseError as exc:
             log.error("outbox %s is damaged (%s): salvaging what can be read", self.path, exc)
-            try:
+            if conn is not None:
                 conn.close()
-            except Exception:  # the connection may never have opened; nothing to release then
-                pass
             return self._salvage(str(exc))
 
     def _salvage(self, reason: str) -> sqlite3.Connection:
@@ -199,8 +198,10 @@ class Outbox:
         self._add_int(conn, "salvaged_total", len(copied))
         conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_salvage', ?)",
-            (f"{stamp}: {reason}; {len(copied)} records recovered, {lost} unreadable; damaged file kept as "
-             f"{damaged.name}",),
+            (
+                f"{stamp}: {reason}; {len(copied)} records recovered, {lost} unreadable; damaged file kept as "
+                f"{damaged.name}",
+            ),
         )
         conn.execute("COMMIT")
         log.error("outbox salvage: %d records recovered, %d unreadable", len(copied), lost)
@@ -281,7 +282,10 @@ class Outbox:
     def append_many(self, records: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
         """Store several records in one transaction (one fsync)."""
         encoded = [
-            (bytes.fromhex(str(r["id"]).replace("-", "")), wire.encode_record(r, self.codec, include_text=self.include_text))
+            (
+                bytes.fromhex(str(r["id"]).replace("-", "")),
+                wire.encode_record(r, self.codec, include_text=self.include_text),
+            )
             for r in records
         ]
         results: list[AppendResult] = []
@@ -299,9 +303,7 @@ class Outbox:
                         results.append(AppendResult(stored=False, seq=None, dropped=1))
                         continue
                     while stored + size > limit:
-                        victims = conn.execute(
-                            "SELECT seq, size FROM records ORDER BY seq LIMIT 64"
-                        ).fetchall()
+                        victims = conn.execute("SELECT seq, size FROM records ORDER BY seq LIMIT 64").fetchall()
                         need = stored + size - limit
                         freed = 0
                         chosen = []
@@ -310,9 +312,7 @@ class Outbox:
                             freed += vsize
                             if freed >= need:
                                 break
-                        conn.execute(
-                            f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chosen))})", chosen
-                        )
+                        conn.execute(f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chosen))})", chosen)
                         stored -= freed
                         dropped += len(chosen)
                     cursor = conn.execute(
@@ -334,7 +334,7 @@ class Outbox:
         """The bound in counted bytes: ``max_bytes`` ÷ the measured disk bytes per counted byte."""
         if stored >= self.max_bytes // (4 * self._disk_factor) and stored >= 256 * 1024:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            used = (conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0])
+            used = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
             self._disk_factor = max(1.0, used * page_size / stored)
         return int(self.max_bytes / self._disk_factor)
 
@@ -436,9 +436,7 @@ class Outbox:
                 if value is None:
                     conn.execute("DELETE FROM meta WHERE key = ?", (f"state.{key}",))
                 else:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (f"state.{key}", str(value))
-                    )
+                    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (f"state.{key}", str(value)))
             conn.execute("COMMIT")
 
     def last_salvage(self) -> str | None:
@@ -501,3 +499,26 @@ class AsyncOutbox:
     async def close(self) -> None:
         await self._run(self.outbox.close)
         self._executor.shutdown(wait=True)
+
+
+def outbox_path(data_dir: Path | str) -> Path:
+    return Path(data_dir) / "outbox.db"
+
+
+def open_outbox(config: Any) -> Outbox:
+    """The outbox in the configured data directory, with the configured bound, policy and codec."""
+    sync, box = config.values["sync"], config.values["outbox"]
+    path = outbox_path(config.get("agent", "data_dir"))
+    try:
+        return Outbox(
+            path,
+            max_bytes=sync["max_outbox_bytes"],
+            policy=box["policy"],
+            synchronous=box["synchronous"],
+            codec=sync["codec"],
+            include_text=sync["include_text"],
+        )
+    except OSError as exc:
+        from .errors import UsageError
+
+        raise UsageError(f"outbox {path}: cannot be opened ({exc.strerror}); check agent.data_dir") from None

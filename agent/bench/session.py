@@ -15,6 +15,7 @@ from ..engines.llama import EngineSettings, LlamaEngine
 from ..engines.modelfile import resolve_model_path
 from ..errors import UsageError
 from ..measurement import Measurement
+from ..outbox import open_outbox
 from ..prompts import load_prompts
 from .report import comparison_table, llmperf_files, results_document, summary_table
 from .runner import BenchOptions, run_bench
@@ -29,6 +30,7 @@ class BenchRequest:
     llmperf_dir: Path | None = None
     include_text: bool = True
     progress: bool | None = None
+    store: bool = False
 
 
 @dataclass
@@ -37,6 +39,8 @@ class BenchSession:
     documents: list[dict[str, Any]] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    stored: int | None = None
+    outbox_file: Path | None = None
 
     @property
     def comparison(self) -> str:
@@ -98,11 +102,21 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     device = device_info()
     session = BenchSession(run_id=str(uuid.uuid4()))
     raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
+    outbox = open_outbox(config) if request.store else None
+    if outbox is not None:
+        session.stored = 0
+        session.outbox_file = outbox.path
+
+    def store(record: Measurement) -> None:
+        if outbox is not None:
+            outbox.append(record.to_dict())
+            session.stored = (session.stored or 0) + 1
+
     try:
         for path, out_path in zip(model_paths, outputs, strict=False):
             status(f"loading {path} …")
             with LlamaEngine.load(path, settings) as engine:
-                run = _run_with_progress(engine, prompts, options, session.run_id, config, raw_file, request)
+                run = _run_with_progress(engine, prompts, options, session.run_id, config, raw_file, request, store)
                 document = results_document(
                     run, run_id=session.run_id, device=device, options=options, prompt_source=prompt_source
                 )
@@ -118,6 +132,8 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     finally:
         if raw_file is not None:
             raw_file.close()
+        if outbox is not None:
+            outbox.close()
     if request.raw:
         session.written.append(request.raw)
     return session
@@ -131,6 +147,7 @@ def _run_with_progress(
     config: Config,
     raw_file: IO[str] | None,
     request: BenchRequest,
+    store: Callable[[Measurement], None],
 ) -> Any:
     import tqdm
 
@@ -147,6 +164,7 @@ def _run_with_progress(
     )
 
     def on_result(record: Measurement) -> None:
+        store(record)  # durable before the next request starts
         if raw_file is not None:
             raw_file.write(json.dumps(record.to_dict(include_text=request.include_text)) + "\n")
             raw_file.flush()

@@ -1,0 +1,146 @@
+"""The operator's view of the agent on the device: ``lens-agent status``. Health rules are pure functions."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .outbox import OutboxStats
+
+FILL_LIMIT = 0.9
+STALE_SYNC_INTERVALS = 3
+
+
+@dataclass
+class Health:
+    healthy: bool = True
+    reasons: list[str] = field(default_factory=list)
+
+    def fail(self, reason: str) -> None:
+        self.healthy = False
+        self.reasons.append(reason)
+
+
+def evaluate(
+    stats: OutboxStats | None,
+    state: dict[str, str | None],
+    *,
+    interval_s: float,
+    now_us: int,
+) -> Health:
+    """Unhealthy when records are pending and no sync succeeded for 3× the interval; when the outbox is above
+    90 % of its bound; when the aggregator refuses the device (401/403) or its format (415)."""
+    health = Health()
+    if stats is None:
+        return health
+    if stats.fill_ratio > FILL_LIMIT:
+        health.fail(
+            f"outbox is {stats.fill_ratio:.0%} full ({stats.bytes} of {stats.max_bytes} bytes): "
+            "records will be dropped soon"
+        )
+    if stats.records:
+        last_success = _int(state.get("last_success_us"))
+        reference = last_success if last_success is not None else stats.oldest_created_us
+        limit_us = int(STALE_SYNC_INTERVALS * interval_s * 1e6)
+        if reference is not None and now_us - reference > limit_us:
+            since = "the last successful sync" if last_success is not None else "the oldest pending record"
+            health.fail(
+                f"{stats.records} records pending and no successful sync for {(now_us - reference) / 1e6:.0f} s "
+                f"since {since} (limit {STALE_SYNC_INTERVALS}× the {interval_s:g} s interval)"
+            )
+    kind = state.get("last_error_kind")
+    if kind in ("auth", "unsupported"):
+        health.fail(f"the aggregator refuses this device: {state.get('last_error')}")
+    return health
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(us / 1e6))
+
+
+def status_document(
+    *,
+    outbox_file: Path,
+    stats: OutboxStats | None,
+    state: dict[str, str | None],
+    health: Health,
+    reachable: bool | None,
+    aggregator_url: str | None,
+    last_salvage: str | None,
+    now_us: int,
+) -> dict[str, Any]:
+    last_result: Any = None
+    if state.get("last_result"):
+        try:
+            last_result = json.loads(state["last_result"] or "")
+        except json.JSONDecodeError:
+            last_result = state["last_result"]
+    oldest = stats.oldest_created_us if stats else None
+    return {
+        "healthy": health.healthy,
+        "reasons": health.reasons,
+        "outbox": None
+        if stats is None
+        else {
+            "path": str(outbox_file),
+            "records": stats.records,
+            "bytes": stats.bytes,
+            "max_bytes": stats.max_bytes,
+            "fill_ratio": round(stats.fill_ratio, 4),
+            "oldest_record": _iso(oldest),
+            "oldest_age_s": None if oldest is None else round((now_us - oldest) / 1e6, 1),
+            "dropped_total": stats.dropped_total,
+            "quarantined_total": stats.quarantined_total,
+            "salvaged_total": stats.salvaged_total,
+            "last_salvage": last_salvage,
+        },
+        "sync": {
+            "aggregator": aggregator_url,
+            "reachable": reachable,
+            "last_attempt": _iso(_int(state.get("last_attempt_us"))),
+            "last_success": _iso(_int(state.get("last_success_us"))),
+            "last_error": state.get("last_error"),
+            "last_error_kind": state.get("last_error_kind"),
+            "last_result": last_result,
+        },
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    lines = [f"health      {'OK' if doc['healthy'] else 'UNHEALTHY'}"]
+    lines += [f"  - {reason}" for reason in doc["reasons"]]
+    box = doc["outbox"]
+    if box is None:
+        lines.append("outbox      none yet")
+    else:
+        lines += [
+            f"outbox      {box['path']}",
+            f"  records   {box['records']} ({box['bytes']} bytes, {box['fill_ratio']:.1%} of {box['max_bytes']})",
+            f"  oldest    {box['oldest_record'] or '-'}"
+            + (f" ({box['oldest_age_s']:.0f} s ago)" if box["oldest_age_s"] is not None else ""),
+            f"  dropped   {box['dropped_total']}   quarantined {box['quarantined_total']}"
+            f"   salvaged {box['salvaged_total']}",
+        ]
+        if box["last_salvage"]:
+            lines.append(f"  salvage   {box['last_salvage']}")
+    sync = doc["sync"]
+    reach = {True: "reachable", False: "unreachable", None: "not checked"}[sync["reachable"]]
+    lines += [
+        f"aggregator  {sync['aggregator'] or 'not configured'} ({reach})",
+        f"  last sync {sync['last_attempt'] or 'never'}; last success {sync['last_success'] or 'never'}",
+    ]
+    if sync["last_error"]:
+        lines.append(f"  error     {sync['last_error']}")
+    return "\n".join(lines)

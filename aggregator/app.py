@@ -1,0 +1,229 @@
+"""The aggregator's aiohttp application: ``create_app(settings, store)``.
+
+Routes: ``POST /api/v1/ingest`` (device token), ``GET /api/v1/health`` (open, tiny), ``GET /api/v1/devices``
+(open when listening on loopback only, otherwise a read token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from agent import wire
+
+from . import __version__
+from .store import RecordRow, Store, TokenInfo
+
+log = logging.getLogger("aggregator")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    max_body_bytes: int = 16 * 1024**2
+    max_decompressed_bytes: int = 256 * 1024**2
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class StoreRunner:
+    """Runs the blocking store on one worker thread: one writer, never on the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", StoreRunner)
+COUNTERS = web.AppKey("counters", dict)
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+async def _authenticate(request: web.Request) -> TokenInfo | None:
+    token = _bearer(request)
+    if token is None:
+        return None
+    runner = request.app[STORE]
+    return await runner.call(runner.store.authenticate, token, _now_us())
+
+
+def _count(app: web.Application, key: str, n: int = 1) -> None:
+    counters = app[COUNTERS]
+    counters[key] = counters.get(key, 0) + n
+
+
+def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
+    return RecordRow(
+        id=record["id"],
+        device_id=record["device_id"],
+        run_id=record["run_id"],
+        kind=record["kind"],
+        started_us=record["started_us"],
+        ok=record["ok"],
+        strategy=record.get("strategy"),
+        model_name=record.get("model_name"),
+        engine=record.get("engine"),
+        error_type=record.get("error_type"),
+        input_tokens=record.get("input_tokens"),
+        output_tokens=record.get("output_tokens"),
+        ttft_us=record.get("ttft_us"),
+        tpot_us=record.get("tpot_us"),
+        e2e_us=record.get("e2e_us"),
+        codec=codec,
+        body=body,
+    )
+
+
+async def ingest(request: web.Request) -> web.Response:
+    app = request.app
+    started = time.perf_counter()
+    token = await _authenticate(request)
+    if token is None:
+        _count(app, "rejected.unauthorized")
+        return _error(401, "missing, unknown, revoked or expired device token (Authorization: Bearer <token>)")
+    if token.kind != "device":
+        _count(app, "rejected.forbidden")
+        return _error(403, "a read token cannot upload; use the device's own token")
+    settings = app[SETTINGS]
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        _count(app, "rejected.too_large")
+        return _error(413, f"body of {request.content_length} bytes exceeds the limit of {settings.max_body_bytes}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        _count(app, "rejected.too_large")
+        return _error(413, f"body exceeds the limit of {settings.max_body_bytes} bytes")
+    try:
+        batch = wire.decode_batch(body, max_decompressed=settings.max_decompressed_bytes)
+        if batch.device_id != token.subject:
+            _count(app, "rejected.wrong_device")
+            return _error(403, f"this token belongs to device {token.subject!r}, the batch names {batch.device_id!r}")
+        rows = []
+        for index, blob in enumerate(batch.records):
+            record = wire.validate_record(wire.loads(blob, batch.codec), index)
+            if record["device_id"] != token.subject:
+                _count(app, "rejected.wrong_device")
+                return _error(
+                    403,
+                    f"record {index} names device {record['device_id']!r}; this token belongs to {token.subject!r}",
+                    record_index=index,
+                )
+            rows.append(_row(record, batch.codec, blob))
+    except wire.WireError as exc:
+        reason = {400: "malformed", 413: "too_large", 415: "unsupported"}.get(exc.status, "malformed")
+        _count(app, f"rejected.{reason}")
+        extra: dict[str, Any] = {}
+        if exc.record_index is not None:
+            extra["record_index"] = exc.record_index
+        if exc.record_id is not None:
+            extra["record_id"] = exc.record_id
+        if exc.status == 415:
+            extra["supported_versions"] = list(wire.SUPPORTED_VERSIONS)
+        return _error(exc.status, exc.message, **extra)
+    runner = app[STORE]
+    result = await runner.call(
+        runner.store.ingest, batch.device_id, batch.batch_id, batch.sent_us, batch.counters, rows, _now_us()
+    )
+    _count(app, "batches")
+    _count(app, "records.accepted", result.accepted)
+    _count(app, "records.duplicate", result.duplicates)
+    log.debug(
+        "batch %s from %s: %d accepted, %d duplicates in %.1f ms",
+        batch.batch_id,
+        batch.device_id,
+        result.accepted,
+        result.duplicates,
+        (time.perf_counter() - started) * 1e3,
+    )
+    return web.json_response(
+        {
+            "batch_id": batch.batch_id,
+            "received": len(rows),
+            "accepted": result.accepted,
+            "duplicates": result.duplicates,
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def _read_allowed(request: web.Request) -> web.Response | None:
+    """None when the caller may read; otherwise the refusal."""
+    if request.app[SETTINGS].loopback_only:
+        return None
+    token = await _authenticate(request)
+    if token is None:
+        return _error(401, "a read token is required (Authorization: Bearer <token>; lens-aggregator token add --read)")
+    if token.kind != "read":
+        return _error(403, "device tokens only write; use a read token")
+    return None
+
+
+async def devices(request: web.Request) -> web.Response:
+    refusal = await _read_allowed(request)
+    if refusal is not None:
+        return refusal
+    runner = request.app[STORE]
+    rows = await runner.call(runner.store.devices)
+    return web.json_response({"devices": rows}, dumps=json.dumps)
+
+
+def create_app(settings: Settings, store: Store) -> web.Application:
+    # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.
+    app = web.Application(client_max_size=settings.max_body_bytes + 1)
+    app[SETTINGS] = settings
+    app[COUNTERS] = {}
+    runner = StoreRunner(store)
+    app[STORE] = runner
+    app.router.add_post("/api/v1/ingest", ingest)
+    app.router.add_get("/api/v1/health", health)
+    app.router.add_get("/api/v1/devices", devices)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        yield
+        runner.shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, store.close)
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,49 @@
+"""Aggregator configuration: the agent's loader (file < ``LENS_<SECTION>_<KEY>`` < flags) with its own keys."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from agent.config import (
+    Config,
+    KeySpec,
+    Schema,
+    const,
+    int_range,
+    load_config,
+    optional,
+    parse_duration,
+    parse_size,
+    path_value,
+    text,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/lens-aggregator/aggregator.toml")
+
+SCHEMA: Schema = {
+    "server": {
+        "host": KeySpec(text, const("127.0.0.1"), "listen address; read endpoints need a read token off loopback"),
+        "port": KeySpec(int_range(0, 65535), const(8443), "listen port"),
+        "tls_cert": KeySpec(optional(path_value), const(None), "certificate chain (PEM) to serve HTTPS"),
+        "tls_key": KeySpec(optional(path_value), const(None), "private key (PEM) for tls_cert"),
+        "max_body_bytes": KeySpec(parse_size, const(16 * 1024**2), "compressed batch size accepted"),
+        "max_decompressed_bytes": KeySpec(parse_size, const(256 * 1024**2), "decompressed batch size accepted"),
+    },
+    "storage": {
+        "db": KeySpec(text, const("/var/lib/lens-aggregator/aggregator.db"), "SQLite path"),
+    },
+    "auth": {
+        "rotate_grace": KeySpec(parse_duration, const(24 * 3600.0), "old token validity after token rotate"),
+    },
+}
+
+
+def load_aggregator_config(
+    path: Path | str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, str], tuple[str, object]] | None = None,
+    default_path: Path = DEFAULT_CONFIG_PATH,
+) -> Config:
+    return load_config(path, environ=environ, overrides=overrides, default_path=default_path, schema=SCHEMA)

@@ -1,0 +1,368 @@
+"""Aggregator storage: an interface and its embedded SQLite implementation.
+
+Every record is stored once, keyed by its 16-byte id (``INSERT OR IGNORE``): a retried batch never
+double-counts. Each record's bytes are kept as received beside the columns queries need, and the aggregator's own
+``received_us``, so skewed device clocks are visible. A whole batch is stored in one transaction and only then
+acknowledged. Tokens are stored as sha256 hashes only.
+
+``schema_version`` lives in ``meta``; migrations run forward on open.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+TOKEN_PREFIX = "lens_"
+
+
+@dataclass(frozen=True)
+class RecordRow:
+    """The columns of one record, plus its bytes as received."""
+
+    id: bytes
+    device_id: str
+    run_id: str
+    kind: str
+    started_us: int
+    ok: bool
+    strategy: str | None
+    model_name: str | None
+    engine: str | None
+    error_type: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    ttft_us: int | None
+    tpot_us: int | None
+    e2e_us: int | None
+    codec: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: str  # the first 12 hex digits of the hash: safe to show
+    subject: str  # device id, or the name of a read token
+    kind: str  # "device" or "read"
+    created_us: int
+    revoked_us: int | None
+    expires_us: int | None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+class Store(abc.ABC):
+    """What the aggregator needs from a store. Methods are blocking: call them off the event loop."""
+
+    @abc.abstractmethod
+    def ingest(
+        self,
+        device_id: str,
+        batch_id: str,
+        sent_us: int,
+        counters: dict[str, int],
+        rows: Sequence[RecordRow],
+        received_us: int,
+    ) -> IngestResult: ...
+
+    @abc.abstractmethod
+    def devices(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def record_count(self) -> int: ...
+
+    @abc.abstractmethod
+    def record_ids(self) -> list[bytes]: ...
+
+    @abc.abstractmethod
+    def authenticate(self, token: str, now_us: int) -> TokenInfo | None: ...
+
+    @abc.abstractmethod
+    def add_token(self, subject: str, kind: str, now_us: int) -> str: ...
+
+    @abc.abstractmethod
+    def list_tokens(self) -> list[TokenInfo]: ...
+
+    @abc.abstractmethod
+    def revoke(self, selector: str, now_us: int) -> int: ...
+
+    @abc.abstractmethod
+    def rotate(self, device_id: str, now_us: int, grace_us: int) -> str: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+def _migrate_v1(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS measurements (
+            id BLOB PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            started_us INTEGER NOT NULL,
+            received_us INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            strategy TEXT, model_name TEXT, engine TEXT, error_type TEXT,
+            input_tokens INTEGER, output_tokens INTEGER,
+            ttft_us INTEGER, tpot_us INTEGER, e2e_us INTEGER,
+            batch_id TEXT NOT NULL,
+            codec TEXT NOT NULL,
+            body BLOB NOT NULL
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_device_time ON measurements(device_id, started_us)")
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_time ON measurements(started_us)")
+    db.table("devices").create(
+        {
+            "device_id": str,
+            "first_seen_us": int,
+            "last_seen_us": int,
+            "records": int,
+            "duplicates": int,
+            "dropped_total": int,
+            "quarantined_total": int,
+            "last_batch_id": str,
+            "last_sent_us": int,
+        },
+        pk="device_id",
+        if_not_exists=True,
+    )
+    db.table("tokens").create(
+        {
+            "token_hash": str,
+            "subject": str,
+            "kind": str,
+            "created_us": int,
+            "revoked_us": int,
+            "expires_us": int,
+        },
+        pk="token_hash",
+        if_not_exists=True,
+    )
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1}
+
+_INSERT = (
+    "INSERT OR IGNORE INTO measurements (id, device_id, run_id, kind, started_us, received_us, ok, strategy, "
+    "model_name, engine, error_type, input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, batch_id, codec, body) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class SQLiteStore(Store):
+    """The embedded store. One connection, serialised by a lock; WAL so readers never wait for the writer."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        db = sqlite_utils.Database(self._conn)
+        db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path}: database schema version {version} is newer than this aggregator's "
+                f"({SCHEMA_VERSION}); upgrade lens-aggregator"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._conn.execute("BEGIN IMMEDIATE")
+            MIGRATIONS[target](db)
+            self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(target),))
+            self._conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0])
+
+    # -- ingest ------------------------------------------------------------------------------------------
+    def ingest(
+        self,
+        device_id: str,
+        batch_id: str,
+        sent_us: int,
+        counters: dict[str, int],
+        rows: Sequence[RecordRow],
+        received_us: int,
+    ) -> IngestResult:
+        params = [
+            (
+                r.id,
+                r.device_id,
+                r.run_id,
+                r.kind,
+                r.started_us,
+                received_us,
+                int(r.ok),
+                r.strategy,
+                r.model_name,
+                r.engine,
+                r.error_type,
+                r.input_tokens,
+                r.output_tokens,
+                r.ttft_us,
+                r.tpot_us,
+                r.e2e_us,
+                batch_id,
+                r.codec,
+                r.body,
+            )
+            for r in rows
+        ]
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = conn.total_changes
+                conn.executemany(_INSERT, params)
+                accepted = conn.total_changes - before
+                duplicates = len(rows) - accepted
+                conn.execute(
+                    """INSERT INTO devices (device_id, first_seen_us, last_seen_us, records, duplicates,
+                           dropped_total, quarantined_total, last_batch_id, last_sent_us)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT(device_id) DO UPDATE SET
+                           last_seen_us = excluded.last_seen_us,
+                           records = devices.records + excluded.records,
+                           duplicates = devices.duplicates + excluded.duplicates,
+                           dropped_total = MAX(devices.dropped_total, excluded.dropped_total),
+                           quarantined_total = MAX(devices.quarantined_total, excluded.quarantined_total),
+                           last_batch_id = excluded.last_batch_id,
+                           last_sent_us = excluded.last_sent_us""",
+                    (
+                        device_id,
+                        received_us,
+                        received_us,
+                        accepted,
+                        duplicates,
+                        int(counters.get("dropped_total", 0)),
+                        int(counters.get("quarantined_total", 0)),
+                        batch_id,
+                        sent_us,
+                    ),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return IngestResult(accepted=accepted, duplicates=duplicates)
+
+    # -- reads -------------------------------------------------------------------------------------------
+    def devices(self) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._conn.execute(
+                "SELECT device_id, first_seen_us, last_seen_us, records, duplicates, dropped_total, "
+                "quarantined_total, last_batch_id, last_sent_us FROM devices ORDER BY device_id"
+            )
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def record_count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
+
+    def record_ids(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(r[0]) for r in self._conn.execute("SELECT id FROM measurements")]
+
+    def record_body(self, record_id: bytes) -> tuple[str, bytes, int] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT codec, body, received_us FROM measurements WHERE id = ?", (record_id,)
+            ).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]), int(row[2]))
+
+    # -- tokens ------------------------------------------------------------------------------------------
+    def authenticate(self, token: str, now_us: int) -> TokenInfo | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT token_hash, subject, kind, created_us, revoked_us, expires_us FROM tokens WHERE token_hash = ?",
+                (hash_token(token),),
+            ).fetchone()
+        if row is None:
+            return None
+        info = TokenInfo(row[0][:12], row[1], row[2], row[3], row[4], row[5])
+        if info.revoked_us is not None or (info.expires_us is not None and info.expires_us <= now_us):
+            return None
+        return info
+
+    def add_token(self, subject: str, kind: str, now_us: int) -> str:
+        if kind not in ("device", "read"):
+            raise ValueError(f"token kind must be device or read, not {kind!r}")
+        token = new_token()
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO tokens (token_hash, subject, kind, created_us) VALUES (?, ?, ?, ?)",
+                (hash_token(token), subject, kind, now_us),
+            )
+        return token
+
+    def list_tokens(self) -> list[TokenInfo]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT token_hash, subject, kind, created_us, revoked_us, expires_us FROM tokens "
+                "ORDER BY subject, created_us"
+            ).fetchall()
+        return [TokenInfo(r[0][:12], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def revoke(self, selector: str, now_us: int) -> int:
+        """Revoke every live token of a subject (device id or read-token name), or one token by its id prefix."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "UPDATE tokens SET revoked_us = ? WHERE revoked_us IS NULL AND (subject = ? OR "
+                "(length(?) >= 8 AND token_hash LIKE ? || '%'))",
+                (now_us, selector, selector, selector),
+            )
+            return int(cursor.rowcount)
+
+    def rotate(self, device_id: str, now_us: int, grace_us: int) -> str:
+        """A new token for the device; its current tokens keep working for ``grace_us``, then expire."""
+        token = new_token()
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "UPDATE tokens SET expires_us = ? WHERE subject = ? AND kind = 'device' AND revoked_us IS NULL "
+                "AND (expires_us IS NULL OR expires_us > ?)",
+                (now_us + grace_us, device_id, now_us + grace_us),
+            )
+            conn.execute(
+                "INSERT INTO tokens (token_hash, subject, kind, created_us) VALUES (?, ?, 'device', ?)",
+                (hash_token(token), device_id, now_us),
+            )
+            conn.execute("COMMIT")
+        return token
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
