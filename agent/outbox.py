@@ -22,6 +22,7 @@ worker thread so the event loop never blocks on SQLite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from . import wire
+from .sqlite_salvage import scan_leaf_rows
 
 log = logging.getLogger("agent.outbox")
 
@@ -42,6 +44,7 @@ SCHEMA_VERSION = 1
 ROW_OVERHEAD = 96  # bytes a row costs beyond its blob: id, sequence, timestamps, b-tree cells, page slack
 QUARANTINE_KEEP = 1000  # quarantined rows kept for inspection (the count is kept forever)
 T = TypeVar("T")
+_COUNTERS = ("dropped_total", "quarantined_total", "salvaged_total", "unreadable_pages_total")
 
 
 class OutboxError(Exception):
@@ -181,7 +184,7 @@ class Outbox:
                 source.rename(Path(str(damaged) + suffix))
         conn = self._connect(self.path)
         self._prepare(conn)
-        copied, lost, counters = self._copy_readable(damaged)
+        copied, unreadable_pages, counters = self._copy_readable(damaged)
         conn.execute("BEGIN IMMEDIATE")
         total = 0
         for row in copied:
@@ -192,73 +195,61 @@ class Outbox:
             )
             total += size
         self._set_int(conn, "stored_bytes", total)
-        for key in ("dropped_total", "quarantined_total", "salvaged_total"):
+        for key in _COUNTERS:
             self._set_int(conn, key, counters.get(key, 0))
-        self._add_int(conn, "quarantined_total", lost)
         self._add_int(conn, "salvaged_total", len(copied))
+        self._add_int(conn, "unreadable_pages_total", unreadable_pages)
         conn.execute(
             "INSERT OR REPLACE INTO meta(key, value) VALUES ('last_salvage', ?)",
             (
-                f"{stamp}: {reason}; {len(copied)} records recovered, {lost} unreadable; damaged file kept as "
-                f"{damaged.name}",
+                f"{stamp}: {reason}; {len(copied)} records recovered, {unreadable_pages} pages unreadable; "
+                f"damaged file kept as {damaged.name}",
             ),
         )
         conn.execute("COMMIT")
-        log.error("outbox salvage: %d records recovered, %d unreadable", len(copied), lost)
+        log.error("outbox salvage: %d records recovered, %d pages unreadable", len(copied), unreadable_pages)
         return conn
 
     @staticmethod
     def _copy_readable(damaged: Path) -> tuple[list[tuple[Any, ...]], int, dict[str, int]]:
-        """Read every row that can still be read; count the ones that cannot."""
-        rows: list[tuple[Any, ...]] = []
+        """Every record row that can still be read, the count of unreadable pages, and the counters.
+
+        SQLite is asked first, chunk by chunk; whatever it cannot reach is read page by page from the file
+        (:mod:`agent.sqlite_salvage`).
+        """
+        found: dict[int, tuple[Any, ...]] = {}
         counters: dict[str, int] = {}
-        lost = 0
-        try:
+        with contextlib.suppress(sqlite3.DatabaseError):
             old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
-        except sqlite3.DatabaseError:
-            return rows, 0, counters
-        try:
             try:
-                for key, value in old.execute("SELECT key, value FROM meta"):
-                    if key in ("dropped_total", "quarantined_total", "salvaged_total"):
-                        counters[key] = int(value)
-            except sqlite3.DatabaseError:
-                pass
-            try:
-                low, high = old.execute("SELECT MIN(seq), MAX(seq) FROM records").fetchone()
-            except sqlite3.DatabaseError:
-                low = high = None
-            if low is None or high is None:
-                # The b-tree root is unreadable; walk what a full scan still yields.
-                try:
+                with contextlib.suppress(sqlite3.DatabaseError):
+                    for key, value in old.execute("SELECT key, value FROM meta"):
+                        if key in _COUNTERS:
+                            counters[key] = int(value)
+                with contextlib.suppress(sqlite3.DatabaseError):
                     for row in old.execute("SELECT seq, id, created_us, body, codec FROM records"):
-                        rows.append(row)
-                except sqlite3.DatabaseError:
-                    lost += 1
-                return rows, lost, counters
-            seq = low
-            while seq <= high:
-                try:
-                    chunk = old.execute(
-                        "SELECT seq, id, created_us, body, codec FROM records WHERE seq BETWEEN ? AND ? ORDER BY seq",
-                        (seq, seq + 255),
-                    ).fetchall()
-                    rows.extend(chunk)
-                    seq += 256
-                except sqlite3.DatabaseError:
-                    for single in range(seq, min(seq + 256, high + 1)):
-                        try:
-                            row = old.execute(
-                                "SELECT seq, id, created_us, body, codec FROM records WHERE seq = ?", (single,)
-                            ).fetchone()
-                            if row is not None:
-                                rows.append(row)
-                        except sqlite3.DatabaseError:
-                            lost += 1
-                    seq += 256
-        finally:
-            old.close()
-        return rows, lost, counters
+                        found[row[0]] = row
+            finally:
+                old.close()
+        unreadable = 0
+        try:
+            leaf_rows, unreadable = scan_leaf_rows(damaged)
+        except (OSError, ValueError):
+            leaf_rows = []
+        for rowid, values in leaf_rows:
+            # records: (seq NULL-aliased, id blob16, created int, codec text, size int, body blob)
+            if (
+                len(values) == 6
+                and isinstance(values[1], bytes)
+                and len(values[1]) == 16
+                and isinstance(values[2], int)
+                and values[3] in wire.CODECS
+                and isinstance(values[5], bytes)
+            ):
+                found.setdefault(rowid, (rowid, values[1], values[2], values[5], values[3]))
+            elif len(values) == 2 and values[0] in _COUNTERS and isinstance(values[1], str) and values[1].isdigit():
+                counters.setdefault(values[0], int(values[1]))
+        return [found[k] for k in sorted(found)], unreadable, counters
 
     # -- counters in meta -----------------------------------------------------------------------------------
     @staticmethod

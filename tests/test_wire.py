@@ -1,0 +1,164 @@
+"""Wire format v1: records, packed gaps, batches, and refusals."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+import uuid
+
+import cbor2
+import msgpack
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent import wire
+from agent.itlpack import PackError, pack_gaps, unpack_gaps
+from agent.measurement import Measurement
+from agent.synthetic import synthetic_records
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10**9), max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_gap_packing_round_trips(gaps: list[int]) -> None:
+    assert unpack_gaps(pack_gaps(gaps)) == gaps
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_garbage_never_unpacks_into_anything_but_pack_error(data: bytes) -> None:
+    try:
+        unpack_gaps(data)
+    except PackError:
+        pass
+
+
+def test_gap_packing_is_compact_for_realistic_jitter() -> None:
+    gaps = [3200 + (i * 37) % 200 - 100 for i in range(100)]  # ±100 µs around 3.2 ms
+    assert len(pack_gaps(gaps)) < 1.25 * len(gaps)
+
+
+@pytest.mark.parametrize("codec", ["cbor", "msgpack"])
+def test_records_round_trip_through_the_wire(codec: str) -> None:
+    for record in synthetic_records(50, seed=7):
+        blob = wire.encode_record(record, codec)
+        assert wire.from_wire(wire.validate_record(wire.loads(blob, codec))) == record
+
+
+def test_measurement_round_trips_at_microsecond_resolution() -> None:
+    m = Measurement(run_id="r", device_id="d", model_name="m", model_sha256="ab" * 32, ttft_ms=41.123456,
+                    itl_ms=[3.2004, 3.1996], e2e_ms=47.5, output_tokens=3, prompt_text="secret", output_text="x")
+    back = wire.from_wire(wire.loads(wire.encode_record(m.to_dict(), "cbor"), "cbor"))
+    assert back["ttft_ms"] == 41.123 and back["itl_ms"] == [3.2, 3.2] and back["id"] == m.id
+    assert back["started_at"] == m.started_at and back["model_sha256"] == "ab" * 32
+    # privacy: text is not uploaded unless asked
+    assert "prompt_text" not in back and "output_text" not in back
+    kept = wire.from_wire(wire.loads(wire.encode_record(m.to_dict(), "cbor", include_text=True), "cbor"))
+    assert kept["prompt_text"] == "secret"
+
+
+def test_wire_record_types() -> None:
+    w = wire.to_wire(synthetic_records(1, seed=1)[0])
+    assert isinstance(w["id"], bytes) and len(w["id"]) == 16
+    assert isinstance(w["started_us"], int) and isinstance(w["ttft_us"], int)
+    assert isinstance(w["itl_us"], bytes) and len(w["model_sha256"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda w: w.pop("run_id"), "missing required field 'run_id'"),
+        (lambda w: w.update(started_us="yesterday"), "field 'started_us' must be an integer"),
+        (lambda w: w.update(ok=1), "field 'ok' must be a boolean"),
+        (lambda w: w.update(id=b"short"), "field 'id' must be 16 bytes"),
+        (lambda w: w.update(ttft_us=1.5), "field 'ttft_us' must be an integer or null"),
+    ],
+)
+def test_validation_names_the_field(mutate, message: str) -> None:
+    w = wire.to_wire(synthetic_records(1, seed=1)[0])
+    mutate(w)
+    with pytest.raises(wire.WireError, match=message) as info:
+        wire.validate_record(w, index=3)
+    assert info.value.record_index == 3
+
+
+def _batch(records: list[bytes], codec: str = "cbor", compression: str = "zstd") -> bytes:
+    return wire.encode_batch(records, device_id="dev", batch_id="b1", sent_us=1, codec=codec,
+                             compression=compression, counters={"dropped_total": 4})
+
+
+@pytest.mark.parametrize("codec", ["cbor", "msgpack"])
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_batch_round_trip(codec: str, compression: str) -> None:
+    blobs = [wire.encode_record(r, codec) for r in synthetic_records(20, seed=2)]
+    batch = wire.decode_batch(_batch(blobs, codec, compression), max_decompressed=10**7)
+    assert (batch.version, batch.codec, batch.compression) == (1, codec, compression)
+    assert batch.records == blobs and batch.device_id == "dev" and batch.counters == {"dropped_total": 4}
+
+
+def test_unsupported_version_lists_the_supported_ones() -> None:
+    body = bytearray(_batch([]))
+    body[4] = 9
+    with pytest.raises(wire.UnsupportedVersion, match="version 9 is not supported; supported: 1"):
+        wire.decode_batch(bytes(body), max_decompressed=10**6)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"hello", "not a lens batch"),
+        (wire.HEADER.pack(b"LENS", 1, 1, 1, 0) + b"\x00garbage", "malformed zstd"),
+        (wire.HEADER.pack(b"LENS", 1, 1, 0, 0) + b"\xff\xff", "malformed cbor"),
+        (wire.HEADER.pack(b"LENS", 1, 2, 0, 0) + b"\xc1", "malformed msgpack"),
+        (wire.HEADER.pack(b"LENS", 1, 1, 0, 0) + cbor2.dumps([1, 2]), "payload must be a map"),
+        (wire.HEADER.pack(b"LENS", 1, 2, 0, 0) + msgpack.packb({"records": [1]}), "list of encoded records"),
+    ],
+)
+def test_malformed_batches(body: bytes, message: str) -> None:
+    with pytest.raises(wire.WireError, match=message) as info:
+        wire.decode_batch(body, max_decompressed=10**6)
+    assert info.value.status == 400
+
+
+def zstd_bomb(size: int) -> bytes:
+    """``size`` zero bytes compressed (a few KiB), written in a stream so it is never held in memory."""
+    compressor = zstandard.ZstdCompressor(level=3)
+    chunker = compressor.chunker(size=size)
+    out = bytearray()
+    zero = bytes(1 << 20)
+    for _ in range(size // len(zero)):
+        for chunk in chunker.compress(zero):
+            out += chunk
+    for chunk in chunker.finish():
+        out += chunk
+    return bytes(out)
+
+
+def test_zstd_bomb_is_refused_without_allocating_it() -> None:
+    body = wire.HEADER.pack(b"LENS", 1, 1, 1, 0) + zstd_bomb(256 * 1024**2)
+    assert len(body) < 64 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.TooLarge) as info:
+            wire.decode_batch(body, max_decompressed=4 * 1024**2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.status == 413
+    assert peak < 32 * 1024**2  # far below the 256 MiB it would decompress to
+
+
+def test_wire_size_against_compact_json() -> None:
+    """The benchmark's figure, as a regression guard: 1000 realistic records, cbor + zstd-3 vs compact JSON."""
+    records = synthetic_records(1000, seed=1)
+    as_json = sum(len(json.dumps(r, separators=(",", ":"))) for r in records)
+    body = _batch([wire.encode_record(r, "cbor") for r in records])
+    ratio = len(body) / as_json
+    assert ratio < 0.15, f"wire bytes / compact JSON = {ratio:.3f}"
+
+
+def test_record_ids_survive_as_uuids() -> None:
+    record = synthetic_records(1, seed=3)[0]
+    w = wire.to_wire(record)
+    assert uuid.UUID(bytes=w["id"]) == uuid.UUID(record["id"])
