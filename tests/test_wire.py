@@ -47,8 +47,18 @@ def test_records_round_trip_through_the_wire(codec: str) -> None:
 
 
 def test_measurement_round_trips_at_microsecond_resolution() -> None:
-    m = Measurement(run_id="r", device_id="d", model_name="m", model_sha256="ab" * 32, ttft_ms=41.123456,
-                    itl_ms=[3.2004, 3.1996], e2e_ms=47.5, output_tokens=3, prompt_text="secret", output_text="x")
+    m = Measurement(
+        run_id="r",
+        device_id="d",
+        model_name="m",
+        model_sha256="ab" * 32,
+        ttft_ms=41.123456,
+        itl_ms=[3.2004, 3.1996],
+        e2e_ms=47.5,
+        output_tokens=3,
+        prompt_text="secret",
+        output_text="x",
+    )
     back = wire.from_wire(wire.loads(wire.encode_record(m.to_dict(), "cbor"), "cbor"))
     assert back["ttft_ms"] == 41.123 and back["itl_ms"] == [3.2, 3.2] and back["id"] == m.id
     assert back["started_at"] == m.started_at and back["model_sha256"] == "ab" * 32
@@ -84,8 +94,15 @@ def test_validation_names_the_field(mutate, message: str) -> None:
 
 
 def _batch(records: list[bytes], codec: str = "cbor", compression: str = "zstd") -> bytes:
-    return wire.encode_batch(records, device_id="dev", batch_id="b1", sent_us=1, codec=codec,
-                             compression=compression, counters={"dropped_total": 4})
+    return wire.encode_batch(
+        records,
+        device_id="dev",
+        batch_id="b1",
+        sent_us=1,
+        codec=codec,
+        compression=compression,
+        counters={"dropped_total": 4},
+    )
 
 
 @pytest.mark.parametrize("codec", ["cbor", "msgpack"])
