@@ -156,7 +156,11 @@ async def test_hostile_payloads_are_4xx_and_store_nothing(
 
 @given(
     records=st.lists(
-        st.dictionaries(st.text(max_size=8), st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=8) | st.binary(max_size=20), max_size=8),
+        st.dictionaries(
+            st.text(max_size=8),
+            st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=8) | st.binary(max_size=20),
+            max_size=8,
+        ),
         max_size=5,
     )
 )

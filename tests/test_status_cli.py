@@ -1,0 +1,114 @@
+"""lens-agent status / sync and lens-aggregator token from the command line, and the pure health rules."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.outbox import Outbox, OutboxStats
+from agent.status import evaluate
+from agent.synthetic import synthetic_records
+from aggregator.cli import main as aggregator_main
+
+from .test_bench_cli import run_cli
+
+NOW = 2_000_000_000_000_000
+
+
+def stats(records: int = 0, bytes_: int = 0, max_bytes: int = 1000, oldest: int | None = None) -> OutboxStats:
+    return OutboxStats(records, bytes_, max_bytes, oldest, 0, 0, 0)
+
+
+def test_healthy_when_empty_or_recently_synced() -> None:
+    assert evaluate(stats(), {}, interval_s=60, now_us=NOW).healthy
+    recent = {"last_success_us": str(NOW - 100 * 10**6)}
+    assert evaluate(stats(5, 100, oldest=NOW - 10**9), recent, interval_s=60, now_us=NOW).healthy
+
+
+def test_unhealthy_when_pending_and_no_sync_for_three_intervals() -> None:
+    old = {"last_success_us": str(NOW - 181 * 10**6)}
+    health = evaluate(stats(5, 100), old, interval_s=60, now_us=NOW)
+    assert not health.healthy and "no successful sync for 181 s" in health.reasons[0]
+    never = evaluate(stats(5, 100, oldest=NOW - 200 * 10**6), {}, interval_s=60, now_us=NOW)
+    assert not never.healthy and "oldest pending record" in never.reasons[0]
+    assert evaluate(stats(5, 100, oldest=NOW - 100 * 10**6), {}, interval_s=60, now_us=NOW).healthy
+
+
+def test_unhealthy_above_ninety_percent() -> None:
+    health = evaluate(stats(5, 901, 1000, oldest=NOW), {"last_success_us": str(NOW)}, interval_s=60, now_us=NOW)
+    assert not health.healthy and "90%" in health.reasons[0]
+
+
+def test_status_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], config_file: Any) -> None:
+    data = tmp_path / "data"
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--json", "--no-probe")
+    assert code == 0 and json.loads(out)["outbox"] is None
+    with Outbox(data / "outbox.db") as box:
+        box.append_many(synthetic_records(4, seed=1))
+        box._conn.execute("UPDATE records SET created_us = ?", (time.time_ns() // 1000 - 10**9,))
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--json", "--no-probe")
+    doc = json.loads(out)
+    assert code == 1 and doc["healthy"] is False and doc["outbox"]["records"] == 4
+    assert "no successful sync" in doc["reasons"][0]
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--no-probe")
+    assert code == 1 and "UNHEALTHY" in out and "records   4" in out
+    bad = config_file('[sync]\ninterval = "often"\n')
+    code, _, err = run_cli(capsys, "status", "--config", str(bad))
+    assert code == 2 and "sync.interval" in err
+
+
+def test_sync_cli_reports_unreachable_aggregator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    with Outbox(data / "outbox.db") as box:
+        box.append_many(synthetic_records(3, seed=2))
+    monkeypatch.setenv("LENS_SYNC_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("LENS_SYNC_ALLOW_HTTP", "true")
+    monkeypatch.setenv("LENS_SYNC_TOKEN", "lens_x")
+    monkeypatch.setenv("LENS_SYNC_TIMEOUT", "2s")
+    code, out, err = run_cli(capsys, "sync", "--data-dir", str(data), "--json")
+    report = json.loads(out)
+    assert code == 1 and report["pending"] == 3 and report["error_kind"] == "network"
+    assert "cannot reach" in err
+    monkeypatch.delenv("LENS_SYNC_TOKEN")
+    code, _, err = run_cli(capsys, "sync", "--data-dir", str(data))
+    assert code == 2 and "sync.token_file" in err
+
+
+def run_aggregator(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        aggregator_main(list(args))
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err
+
+
+def test_token_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "agg.db")
+    code, out, _ = run_aggregator(capsys, "token", "add", "orin-1", "--db", db)
+    first = out.strip()
+    assert code == 0 and first.startswith("lens_") and len(first) > 40
+    code, out, _ = run_aggregator(capsys, "token", "rotate", "orin-1", "--db", db, "--grace", "1h")
+    assert code == 0 and out.strip() != first
+    code, out, _ = run_aggregator(capsys, "token", "add", "--read", "grafana", "--db", db)
+    code, out, _ = run_aggregator(capsys, "token", "list", "--db", db, "--json")
+    rows = json.loads(out)
+    assert [r["subject"] for r in rows] == ["grafana", "orin-1", "orin-1"]
+    assert rows[1]["state"].startswith("active until") and rows[2]["state"] == "active"
+    assert first not in out  # tokens are shown once, never listed
+    code, _, err = run_aggregator(capsys, "token", "revoke", "orin-1", "--db", db)
+    assert code == 0 and "revoked 2" in err
+    code, _, err = run_aggregator(capsys, "token", "revoke", "nobody", "--db", db)
+    assert code == 2 and "no active token" in err
+    code, _, err = run_aggregator(capsys, "token", "rotate", "orin-1", "--db", db, "--grace", "soon")
+    assert code == 2 and "auth.rotate_grace" in err
+
+
+def test_every_aggregator_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["serve"], ["token", "add"], ["token", "list"], ["token", "revoke"], ["token", "rotate"]):
+        code, out, _ = run_aggregator(capsys, *args, "--help")
+        assert code == 0 and "Example:" in out, args
