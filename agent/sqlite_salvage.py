@@ -108,7 +108,7 @@ class _Pages:
     @property
     def count(self) -> int:
         """Pages the database says it has (header offset 28), or what the file and WAL hold."""
-        declared = struct.unpack(">I", self.data[28:32])[0]
+        declared = int(struct.unpack(">I", self.data[28:32])[0])
         return max(declared, len(self.data) // self.page_size, max(self.overrides, default=0))
 
     def page(self, number: int) -> bytes | None:
