@@ -1,0 +1,320 @@
+"""Nothing stored is lost, nothing arrives twice: real agent and aggregator processes, SIGKILL, outages, faults.
+
+The oracle (after Vector's): every id the agent reported stored is an obligation. After kills, outages and
+faults heal and the agent drains, every obligation is in the aggregator's store exactly once — or, only when
+the bounded outbox had to drop, accounted for by the drop counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.store import SQLiteStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "dev-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class AggregatorProcess:
+    def __init__(self, db: Path, port: int) -> None:
+        self.db, self.port = db, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from aggregator.cli import main; main()",
+                "serve",
+                "--db",
+                str(self.db),
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"aggregator exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            time.sleep(0.05)
+        raise RuntimeError("aggregator did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
+    agg = AggregatorProcess(tmp_path / "agg.db", free_port())
+    agg.start()
+    yield agg
+    agg.stop()
+
+
+def device_token(db: Path) -> str:
+    store = SQLiteStore(db)
+    try:
+        return store.add_token(DEVICE, "device", time.time_ns() // 1000)
+    finally:
+        store.close()
+
+
+def driver(data: Path, url: str, token: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.agent_driver",
+            "--data-dir",
+            str(data),
+            "--url",
+            url,
+            "--token",
+            token,
+            "--device",
+            DEVICE,
+            *args,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def stored_ids(output: str) -> set[bytes]:
+    return {uuid.UUID(line.split()[1]).bytes for line in output.splitlines() if line.startswith("STORED ")}
+
+
+def drain(data: Path, url: str, token: str) -> dict[str, Any]:
+    proc = driver(data, url, token, "--drain")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    line = next(line for line in out.splitlines() if line.startswith("STATS "))
+    return dict(json.loads(line[6:]))
+
+
+def delivered(db: Path) -> tuple[list[bytes], int]:
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)
+        ids = [bytes(r[0]) for r in conn.execute("SELECT id FROM measurements")]
+        counted = conn.execute("SELECT COALESCE(SUM(records), 0) FROM devices").fetchone()[0]
+        return ids, int(counted)
+    finally:
+        conn.close()
+
+
+def check_conservation(db: Path, obligations: set[bytes], dropped: int = 0) -> None:
+    ids, counted = delivered(db)
+    assert len(ids) == len(set(ids)) == counted, "a record was counted twice"
+    missing = obligations - set(ids)
+    assert len(missing) == dropped, f"{len(missing)} stored records never arrived ({dropped} dropped by policy)"
+
+
+def test_agent_killed_during_appends_and_uploads(tmp_path: Path, aggregator: AggregatorProcess) -> None:
+    url = f"http://127.0.0.1:{aggregator.port}"
+    token = device_token(aggregator.db)
+    data = tmp_path / "data"
+    rng = random.Random(7)
+    obligations: set[bytes] = set()
+    for round_ in range(5):
+        proc = driver(data, url, token, "--count", "3000", "--seed", str(round_))
+        time.sleep(rng.uniform(0.6, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+        obligations |= stored_ids(out)
+    assert len(obligations) > 200
+    stats = drain(data, url, token)
+    assert stats["records"] == 0 and stats["dropped_total"] == 0
+    check_conservation(aggregator.db, obligations)
+
+
+def test_aggregator_killed_mid_ingest(tmp_path: Path, aggregator: AggregatorProcess) -> None:
+    url = f"http://127.0.0.1:{aggregator.port}"
+    token = device_token(aggregator.db)
+    data = tmp_path / "data"
+    proc = driver(data, url, token, "--count", "1500", "--pause", "0.002", "--batch-size", "20")
+    rng = random.Random(11)
+    for _ in range(4):
+        time.sleep(rng.uniform(0.4, 1.0))
+        aggregator.kill()
+        time.sleep(rng.uniform(0.1, 0.5))
+        aggregator.start()
+    out, _ = proc.communicate(timeout=120)
+    obligations = stored_ids(out)
+    assert len(obligations) == 1500
+    stats = drain(data, url, token)
+    assert stats["records"] == 0
+    check_conservation(aggregator.db, obligations)
+
+
+def test_outage_with_a_small_bound_counts_every_drop(tmp_path: Path, aggregator: AggregatorProcess) -> None:
+    url = f"http://127.0.0.1:{aggregator.port}"
+    token = device_token(aggregator.db)
+    aggregator.kill()  # down for the whole production
+    data = tmp_path / "data"
+    bound = 256 * 1024
+    proc = driver(data, url, token, "--count", "800", "--pause", "0", "--max-outbox-bytes", str(bound))
+    out, _ = proc.communicate(timeout=120)
+    obligations = stored_ids(out)
+    size = sum(p.stat().st_size for p in data.glob("outbox.db*") if not p.name.endswith("-shm"))
+    assert size <= bound * 1.05 + 64 * 1024  # the database and its WAL (truncated to a 64 KiB floor)
+    aggregator.start()
+    stats = drain(data, url, token)
+    assert stats["dropped_total"] > 0
+    check_conservation(aggregator.db, obligations, dropped=stats["dropped_total"])
+    ids, _ = delivered(aggregator.db)
+    conn = sqlite3.connect(aggregator.db)
+    reported = conn.execute("SELECT dropped_total FROM devices").fetchone()[0]
+    conn.close()
+    assert reported == stats["dropped_total"]  # the aggregator knows what the device dropped
+    assert ids
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 that, per chunk the agent sends, passes it, delays it, resets the connection
+    (before or after forwarding: the aggregator may have stored a batch whose answer is lost) or stalls."""
+
+    def __init__(self, target_port: int, seed: int) -> None:
+        self.target_port = target_port
+        self.faulty = False
+        self.rng = random.Random(seed)
+        self.port = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.seen: dict[str, int] = {}
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def _fault(self) -> str:
+        fault = self.rng.choice(["pass", "pass", "delay", "reset", "reset-after", "stall"]) if self.faulty else "pass"
+        self.seen[fault] = self.seen.get(fault, 0) + 1
+        return fault
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+
+        def reset() -> None:
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        async def upstream() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while chunk := await reader.read(65536):
+                    fault = self._fault()
+                    if fault == "reset":
+                        return reset()
+                    if fault == "stall":
+                        await asyncio.sleep(5)  # longer than the agent's timeout
+                    if fault == "delay":
+                        await asyncio.sleep(self.rng.uniform(0.01, 0.3))
+                    up_writer.write(chunk)
+                    await up_writer.drain()
+                    if fault == "reset-after":
+                        await asyncio.sleep(0.05)  # the aggregator has the batch; its answer is lost
+                        return reset()
+            with contextlib.suppress(Exception):
+                up_writer.close()
+
+        async def downstream() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while chunk := await up_reader.read(65536):
+                    writer.write(chunk)
+                    await writer.drain()
+            with contextlib.suppress(Exception):
+                writer.close()
+
+        await asyncio.gather(upstream(), downstream())
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+
+async def test_flaky_network_resets_stalls_and_delays(tmp_path: Path, aggregator: AggregatorProcess) -> None:
+    proxy = FaultProxy(aggregator.port, seed=3)
+    await proxy.start()
+    url = f"http://127.0.0.1:{proxy.port}"
+    token = device_token(aggregator.db)
+    data = tmp_path / "data"
+    proxy.faulty = True
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.agent_driver",
+        "--data-dir",
+        str(data),
+        "--url",
+        url,
+        "--token",
+        token,
+        "--device",
+        DEVICE,
+        "--count",
+        "1200",
+        "--pause",
+        "0.004",
+        "--batch-size",
+        "40",
+        "--timeout",
+        "2",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 180)
+    obligations = stored_ids(out.decode())
+    assert len(obligations) == 1200
+    assert {"reset", "reset-after", "stall", "delay"} <= set(proxy.seen), proxy.seen
+    proxy.faulty = False  # healed
+    stats = await asyncio.get_running_loop().run_in_executor(None, drain, data, url, token)
+    await proxy.stop()
+    assert stats["records"] == 0
+    check_conservation(aggregator.db, obligations)
+    assert os.path.exists(aggregator.db)
