@@ -272,13 +272,18 @@ class Outbox:
 
     def append_many(self, records: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
         """Store several records in one transaction (one fsync)."""
-        encoded = [
-            (
-                bytes.fromhex(str(r["id"]).replace("-", "")),
-                wire.encode_record(r, self.codec, include_text=self.include_text),
-            )
-            for r in records
-        ]
+        return self.append_encoded(
+            [
+                (
+                    bytes.fromhex(str(r["id"]).replace("-", "")),
+                    wire.encode_record(r, self.codec, include_text=self.include_text),
+                )
+                for r in records
+            ]
+        )
+
+    def append_encoded(self, encoded: list[tuple[bytes, bytes]]) -> list[AppendResult]:
+        """Store records already encoded in this outbox's codec: ``[(16-byte id, wire bytes)]``, one transaction."""
         results: list[AppendResult] = []
         with self._lock:
             conn = self._conn

@@ -92,24 +92,25 @@ def _count(app: web.Application, key: str, n: int = 1) -> None:
 
 
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
+    get = record.get
     return RecordRow(
-        id=record["id"],
-        device_id=record["device_id"],
-        run_id=record["run_id"],
-        kind=record["kind"],
-        started_us=record["started_us"],
-        ok=record["ok"],
-        strategy=record.get("strategy"),
-        model_name=record.get("model_name"),
-        engine=record.get("engine"),
-        error_type=record.get("error_type"),
-        input_tokens=record.get("input_tokens"),
-        output_tokens=record.get("output_tokens"),
-        ttft_us=record.get("ttft_us"),
-        tpot_us=record.get("tpot_us"),
-        e2e_us=record.get("e2e_us"),
-        codec=codec,
-        body=body,
+        record["id"],
+        record["device_id"],
+        record["run_id"],
+        record["kind"],
+        record["started_us"],
+        record["ok"],
+        get("strategy"),
+        get("model_name"),
+        get("engine"),
+        get("error_type"),
+        get("input_tokens"),
+        get("output_tokens"),
+        get("ttft_us"),
+        get("tpot_us"),
+        get("e2e_us"),
+        codec,
+        body,
     )
 
 

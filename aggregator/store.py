@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlite_utils
 
@@ -26,9 +26,8 @@ SCHEMA_VERSION = 1
 TOKEN_PREFIX = "lens_"
 
 
-@dataclass(frozen=True)
-class RecordRow:
-    """The columns of one record, plus its bytes as received."""
+class RecordRow(NamedTuple):
+    """The columns of one record, plus its bytes as received (a tuple: ingest builds thousands per second)."""
 
     id: bytes
     device_id: str
@@ -118,7 +117,8 @@ class Store(abc.ABC):
 def _migrate_v1(db: sqlite_utils.Database) -> None:
     db.execute(
         """CREATE TABLE IF NOT EXISTS measurements (
-            id BLOB PRIMARY KEY,
+            seq INTEGER PRIMARY KEY,
+            id BLOB NOT NULL UNIQUE,
             device_id TEXT NOT NULL,
             run_id TEXT NOT NULL,
             kind TEXT NOT NULL,
@@ -131,7 +131,7 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
             batch_id TEXT NOT NULL,
             codec TEXT NOT NULL,
             body BLOB NOT NULL
-        ) WITHOUT ROWID"""
+        )"""
     )
     db.execute("CREATE INDEX IF NOT EXISTS measurements_device_time ON measurements(device_id, started_us)")
     db.execute("CREATE INDEX IF NOT EXISTS measurements_time ON measurements(started_us)")
@@ -166,9 +166,10 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
 
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1}
 
+# Column order: RecordRow's fields, then received_us and batch_id.
 _INSERT = (
-    "INSERT OR IGNORE INTO measurements (id, device_id, run_id, kind, started_us, received_us, ok, strategy, "
-    "model_name, engine, error_type, input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, batch_id, codec, body) "
+    "INSERT OR IGNORE INTO measurements (id, device_id, run_id, kind, started_us, ok, strategy, model_name, engine, "
+    "error_type, input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, codec, body, received_us, batch_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
@@ -183,6 +184,8 @@ class SQLiteStore(Store):
         self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
+        self._conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: index pages stay hot under steady ingest
+        self._conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -215,30 +218,7 @@ class SQLiteStore(Store):
         rows: Sequence[RecordRow],
         received_us: int,
     ) -> IngestResult:
-        params = [
-            (
-                r.id,
-                r.device_id,
-                r.run_id,
-                r.kind,
-                r.started_us,
-                received_us,
-                int(r.ok),
-                r.strategy,
-                r.model_name,
-                r.engine,
-                r.error_type,
-                r.input_tokens,
-                r.output_tokens,
-                r.ttft_us,
-                r.tpot_us,
-                r.e2e_us,
-                batch_id,
-                r.codec,
-                r.body,
-            )
-            for r in rows
-        ]
+        params = [(*r, received_us, batch_id) for r in rows]
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")

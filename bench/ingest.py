@@ -1,0 +1,134 @@
+"""Aggregator ingest throughput, end to end, with the aggregator on one core.
+
+    .venv/bin/python bench/ingest.py [--records 200000] [--batch 500] [--codec cbor] [--connections 4]
+
+Starts ``lens-aggregator serve`` pinned to CPU 0 on a fresh SQLite database, and sends pre-built zstd batches
+of realistic records (agent.synthetic) from this process pinned to CPU 1, over HTTP on 127.0.0.1. Prints
+accepted records per second as the aggregator stored them (every batch committed before its answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent import wire
+from agent.measurement import new_record_id
+from agent.synthetic import synthetic_records
+from aggregator.store import SQLiteStore
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def send(url: str, token: str, bodies: list[bytes], connections: int) -> tuple[int, float]:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    accepted = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal accepted
+        while not queue.empty():
+            body = queue.get_nowait()
+            async with session.post(url, data=body, headers={"Authorization": f"Bearer {token}"}) as response:
+                payload = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {payload}")
+                accepted += payload["accepted"]
+
+    async with aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(connections)))
+        return accepted, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--codec", choices=["cbor", "msgpack"], default="cbor")
+    parser.add_argument("--connections", type=int, default=4)
+    args = parser.parse_args()
+
+    template = synthetic_records(2000, seed=1, device_id="bench")
+    blobs = []
+    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    for i in range(args.records):
+        record = dict(template[i % len(template)])
+        record["id"] = new_record_id()  # unique, time-ordered, like a device's records
+        record["started_at"] = (start + timedelta(milliseconds=10 * i)).isoformat().replace("+00:00", "Z")
+        blobs.append(wire.encode_record(record, args.codec))
+    bodies = [
+        wire.encode_batch(blobs[i : i + args.batch], device_id="bench", batch_id=str(i), sent_us=0, codec=args.codec)
+        for i in range(0, len(blobs), args.batch)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "agg.db"
+        store = SQLiteStore(db)
+        token = store.add_token("bench", "device", time.time_ns() // 1000)
+        store.close()
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                "0",
+                sys.executable,
+                "-c",
+                "from aggregator.cli import main; main()",
+                "serve",
+                "--db",
+                str(db),
+                "--port",
+                str(port),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            os.sched_setaffinity(0, {1})
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            server_cpu = psutil.Process(server.pid)
+            cpu_before = sum(server_cpu.cpu_times()[:2])
+            accepted, seconds = asyncio.run(
+                send(f"http://127.0.0.1:{port}/api/v1/ingest", token, bodies, args.connections)
+            )
+            cpu_seconds = sum(server_cpu.cpu_times()[:2]) - cpu_before
+        finally:
+            server.terminate()
+            server.wait()
+    mb = sum(len(b) for b in bodies) / 1e6
+    print(
+        f"{accepted} records in {len(bodies)} batches of {args.batch} ({args.codec}, zstd-3, {mb:.1f} MB) "
+        f"over {args.connections} connections"
+    )
+    print(
+        f"aggregator on one core: {accepted / seconds:,.0f} records/s wall ({seconds:.2f} s), "
+        f"{accepted / cpu_seconds:,.0f} records per CPU-second of the aggregator ({cpu_seconds:.2f} s, "
+        f"{cpu_seconds / seconds:.0%} of its core busy)"
+    )
+
+
+if __name__ == "__main__":
+    main()
