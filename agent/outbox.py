@@ -284,47 +284,71 @@ class Outbox:
 
     def append_encoded(self, encoded: list[tuple[bytes, bytes]]) -> list[AppendResult]:
         """Store records already encoded in this outbox's codec: ``[(16-byte id, wire bytes)]``, one transaction."""
-        results: list[AppendResult] = []
         with self._lock:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
                 stored = self._get_int(conn, "stored_bytes")
                 limit = self._counted_limit(conn, stored)
-                for rid, body in encoded:
-                    size = len(body) + ROW_OVERHEAD
-                    dropped = 0
-                    if size > limit or (self.policy == "drop_newest" and stored + size > limit):
-                        self._add_int(conn, "dropped_total", 1)
-                        results.append(AppendResult(stored=False, seq=None, dropped=1))
-                        continue
-                    while stored + size > limit:
-                        victims = conn.execute("SELECT seq, size FROM records ORDER BY seq LIMIT 64").fetchall()
-                        need = stored + size - limit
-                        freed = 0
-                        chosen = []
-                        for seq, vsize in victims:
-                            chosen.append(seq)
-                            freed += vsize
-                            if freed >= need:
-                                break
-                        conn.execute(f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chosen))})", chosen)
-                        stored -= freed
-                        dropped += len(chosen)
-                    cursor = conn.execute(
-                        "INSERT OR IGNORE INTO records(id, created_us, codec, size, body) VALUES (?, ?, ?, ?, ?)",
-                        (rid, self._now_us(), self.codec, size, body),
-                    )
-                    if cursor.rowcount:
-                        stored += size
-                    self._add_int(conn, "dropped_total", dropped)
-                    results.append(AppendResult(stored=True, seq=cursor.lastrowid, dropped=dropped))
+                now = self._now_us()
+                rows = [(rid, now, self.codec, len(body) + ROW_OVERHEAD, body) for rid, body in encoded]
+                incoming = sum(row[3] for row in rows)
+                if stored + incoming <= limit:
+                    results, stored = self._insert_all(conn, rows, stored, incoming)
+                else:
+                    results, stored = self._insert_bounded(conn, rows, stored, limit)
                 self._set_int(conn, "stored_bytes", stored)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         return results
+
+    _INSERT = "INSERT OR IGNORE INTO records(id, created_us, codec, size, body) VALUES (?, ?, ?, ?, ?)"
+
+    def _insert_all(
+        self, conn: sqlite3.Connection, rows: list[tuple[bytes, int, str, int, bytes]], stored: int, incoming: int
+    ) -> tuple[list[AppendResult], int]:
+        """Everything fits: one executemany."""
+        before = conn.total_changes
+        conn.executemany(self._INSERT, rows)
+        if conn.total_changes - before == len(rows):
+            stored += incoming
+        else:  # some ids were already stored (a record appended twice): recount rather than guess
+            stored = int(conn.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0])
+        return [AppendResult(stored=True, seq=None, dropped=0) for _ in rows], stored
+
+    def _insert_bounded(
+        self, conn: sqlite3.Connection, rows: list[tuple[bytes, int, str, int, bytes]], stored: int, limit: int
+    ) -> tuple[list[AppendResult], int]:
+        """Row by row, applying the policy where the bound is reached; every drop is counted."""
+        results: list[AppendResult] = []
+        for row in rows:
+            size = row[3]
+            dropped = 0
+            if size > limit or (self.policy == "drop_newest" and stored + size > limit):
+                self._add_int(conn, "dropped_total", 1)
+                results.append(AppendResult(stored=False, seq=None, dropped=1))
+                continue
+            while stored + size > limit:
+                victims = conn.execute("SELECT seq, size FROM records ORDER BY seq LIMIT 64").fetchall()
+                need = stored + size - limit
+                freed = 0
+                chosen = []
+                for seq, vsize in victims:
+                    chosen.append(seq)
+                    freed += vsize
+                    if freed >= need:
+                        break
+                conn.execute(f"DELETE FROM records WHERE seq IN ({','.join('?' * len(chosen))})", chosen)
+                stored -= freed
+                dropped += len(chosen)
+            cursor = conn.execute(self._INSERT, row)
+            if cursor.rowcount:
+                stored += size
+            self._add_int(conn, "dropped_total", dropped)
+            results.append(AppendResult(stored=True, seq=cursor.lastrowid, dropped=dropped))
+        return results, stored
 
     def _counted_limit(self, conn: sqlite3.Connection, stored: int) -> int:
         """The bound in counted bytes: ``max_bytes`` ÷ the measured disk bytes per counted byte."""
