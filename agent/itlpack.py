@@ -1,16 +1,19 @@
 """Compact, lossless packing of inter-token gaps (integer microseconds) for the wire format.
 
 Gap lists dominate a record's size, and their low bits are noise that no general-purpose compressor can squeeze:
-zstd over plain integer lists stays ~1.5× above the noise's entropy. This packs them close to it: each gap is
-predicted (from the previous gap, or from the list's median — whichever codes shorter for this list), the
-residual is zigzag-mapped to an unsigned integer and Rice-coded with the parameter that minimises the total.
+zstd over plain integer lists stays far above the noise's entropy. This packs them close to it: each gap is
+predicted, the residual is zigzag-mapped to an unsigned integer and Rice-coded with the parameter that minimises
+the total, with an escape so that a rare stall (a gap many times the usual) costs tens of bits, not hundreds.
 
-Each gap is predicted as ``m + (r × (previous − m)) // 4`` where ``m`` is the list's median and ``r`` ∈ 0..4 is
-chosen per list (0: the median alone; 4: the previous gap; between: decode times drift and jitter is correlated
-from one token to the next). The first gap is predicted by ``m``.
+Prediction: ``m + (r × (previous − m)) // 4`` where ``m`` is the list's median and ``r`` ∈ 0..4 is chosen per list
+(0: the median alone; 4: the previous gap; between: decode times drift and jitter is correlated from one token
+to the next). The first gap is predicted by ``m``.
 
-Layout: ``version:u8 | r:u8 | k:u8 | count:varint | m:varint | bits…`` where bits are MSB-first Rice codes
-(``q`` one-bits, a zero, then the low ``k`` bits), padded with zero bits to a whole byte.
+Code for a residual ``u`` with parameter ``k``: ``q = u >> k``; if ``q < 8``: ``q`` one-bits and a zero; else
+eight one-bits and the Elias-gamma code of ``q − 7`` (``b − 1`` zeros, then ``q − 7`` in ``b`` bits); then the
+low ``k`` bits of ``u``.
+
+Layout: ``version:u8 | r:u8 | k:u8 | count:varint | m:varint | codes…`` MSB first, zero-padded to a byte.
 """
 
 from __future__ import annotations
@@ -20,20 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 
 PACK_VERSION = 1
+ESCAPE = 8  # unary quotients from here on are escaped into Elias-gamma
 _MAX_K = 42
-_MAX_UNARY = 1 << 16  # a residual needing more than this many unary bits is refused (corrupt or hostile input)
+_MAX_GAMMA_BITS = 64
 
 
 class PackError(ValueError):
     """Packed gaps that cannot be decoded."""
-
-
-def _zigzag(n: int) -> int:
-    return (n << 1) if n >= 0 else ((-n << 1) - 1)
-
-
-def _unzigzag(u: int) -> int:
-    return (u >> 1) if not (u & 1) else -((u + 1) >> 1)
 
 
 def _varint(n: int) -> bytes:
@@ -61,7 +57,15 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-_KS = np.arange(_MAX_K, dtype=np.int64)
+def _bit_length(x: np.ndarray) -> np.ndarray:
+    """Bit length of positive int64 values below 2^53 (frexp's exponent is exact there)."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64)
+
+
+def _code_lengths(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    escaped = q >= ESCAPE
+    gamma = 2 * _bit_length(np.where(escaped, q - (ESCAPE - 1), 1)) - 1
+    return np.where(escaped, ESCAPE + gamma, q + 1) + k
 
 
 def pack_gaps(gaps_us: Sequence[int]) -> bytes:
@@ -79,22 +83,41 @@ def pack_gaps(gaps_us: Sequence[int]) -> bytes:
     for r in range(5):
         residuals[r, 1:] = g[1:] - (median + (r * drift) // 4)  # floor division, as the decoder does
     zigzag = np.where(residuals >= 0, residuals << 1, ((-residuals) << 1) - 1)
-    totals = (zigzag[:, :, None] >> _KS).sum(axis=1) + n * (1 + _KS)  # bits for each (predictor, k)
-    predictor, k = (int(v) for v in np.unravel_index(int(np.argmin(totals)), totals.shape))
+    # The best k sits near log2 of the mean residual; try a few around it for every predictor.
+    centre = _bit_length(zigzag.mean(axis=1).astype(np.int64) + 1)
+    ks = np.unique(np.clip(centre[:, None] + np.arange(-3, 2), 0, _MAX_K - 1))
+    quotients = zigzag[:, :, None] >> ks  # (predictor, gap, k)
+    totals = _code_lengths(quotients, ks).sum(axis=1)
+    best_predictor, best_k = np.unravel_index(int(np.argmin(totals)), totals.shape)
+    predictor, k = int(best_predictor), int(ks[best_k])
     u = zigzag[predictor]
     q = u >> k
-    lengths = q + 1 + k
+    escaped = q >= ESCAPE
+    x = np.where(escaped, q - (ESCAPE - 1), 0)
+    xbits = np.where(escaped, _bit_length(np.maximum(x, 1)), 0)
+    ones = np.where(escaped, ESCAPE, q)  # run of one-bits
+    zeros = np.where(escaped, xbits - 1, 1)  # zero-bits after it
+    lengths = ones + zeros + xbits + k
     total = int(lengths.sum())
     starts = np.cumsum(lengths) - lengths
     bits = np.zeros(total + (-total) % 8, dtype=np.uint8)
-    ones = int(q.sum())
-    if ones:
-        group_starts = np.repeat(starts, q)
-        offsets = np.arange(ones, dtype=np.int64) - np.repeat(np.cumsum(q) - q, q)
-        bits[group_starts + offsets] = 1
+    n_ones = int(ones.sum())
+    if n_ones:
+        offsets = np.arange(n_ones, dtype=np.int64) - np.repeat(np.cumsum(ones) - ones, ones)
+        bits[np.repeat(starts, ones) + offsets] = 1
+    if escaped.any():
+        idx = np.flatnonzero(escaped)
+        width = int(xbits[idx].max())
+        j = np.arange(width, dtype=np.int64)
+        valid = j[None, :] < xbits[idx, None]
+        shift = np.where(valid, xbits[idx, None] - 1 - j[None, :], 0)
+        values = (x[idx, None] >> shift) & 1
+        positions = (starts[idx] + ones[idx] + zeros[idx])[:, None] + j[None, :]
+        bits[positions[valid]] = values[valid].astype(np.uint8)
     if k:
         shifts = np.arange(k - 1, -1, -1, dtype=np.int64)
-        bits[(starts + q + 1)[:, None] + np.arange(k, dtype=np.int64)] = ((u[:, None] >> shifts) & 1).astype(np.uint8)
+        low_start = starts + ones + zeros + xbits
+        bits[low_start[:, None] + np.arange(k, dtype=np.int64)] = ((u[:, None] >> shifts) & 1).astype(np.uint8)
     return bytes([PACK_VERSION, predictor, k]) + _varint(n) + _varint(median) + np.packbits(bits).tobytes()
 
 
@@ -105,32 +128,39 @@ def unpack_gaps(data: bytes) -> list[int]:
     if predictor > 4 or k >= _MAX_K:
         raise PackError("bad predictor or Rice parameter")
     n, pos = _read_varint(data, 3)
-    first, pos = _read_varint(data, pos)
+    median, pos = _read_varint(data, pos)
     if n == 0:
         return []
+    if n > 8 * (len(data) - pos):
+        raise PackError("more gaps announced than bits present")
     bits = int.from_bytes(data[pos:], "big")
-    total = (len(data) - pos) * 8
-    at = total  # bits remaining, read from the most significant end
+    at = (len(data) - pos) * 8  # bits remaining, read from the most significant end
+
+    def take(width: int) -> int:
+        nonlocal at
+        if at < width:
+            raise PackError("truncated packed gaps")
+        at -= width
+        return (bits >> at) & ((1 << width) - 1)
+
     out: list[int] = []
-    mask_k = (1 << k) - 1
-    prev = first
+    prev = median
     for i in range(n):
         q = 0
-        while True:
-            if at <= 0:
-                raise PackError("truncated packed gaps")
-            at -= 1
-            if not (bits >> at) & 1:
-                break
+        while q < ESCAPE and take(1):
             q += 1
-            if q > _MAX_UNARY:
-                raise PackError("residual too large")
-        if at < k:
-            raise PackError("truncated packed gaps")
-        at -= k
-        u = (q << k) | ((bits >> at) & mask_k)
-        predicted = first if i == 0 else first + (predictor * (prev - first)) // 4
-        value = predicted + _unzigzag(u)
+        if q == ESCAPE:
+            zeros = 0
+            while not take(1):
+                zeros += 1
+                if zeros >= _MAX_GAMMA_BITS:
+                    raise PackError("residual too large")
+            x = (1 << zeros) | take(zeros)
+            q = x + ESCAPE - 1
+        u = (q << k) | take(k)
+        residual = (u >> 1) if not (u & 1) else -((u + 1) >> 1)
+        predicted = median if i == 0 else median + (predictor * (prev - median)) // 4
+        value = predicted + residual
         if value < 0:
             raise PackError("negative gap")
         out.append(value)
