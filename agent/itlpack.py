@@ -59,7 +59,8 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def _bit_length(x: np.ndarray) -> np.ndarray:
     """Bit length of positive int64 values below 2^53 (frexp's exponent is exact there)."""
-    return np.frexp(x.astype(np.float64))[1].astype(np.int64)
+    exponent: np.ndarray = np.frexp(x.astype(np.float64))[1]
+    return exponent.astype(np.int64)
 
 
 def _code_lengths(q: np.ndarray, k: np.ndarray) -> np.ndarray:
