@@ -66,7 +66,8 @@ def _bit_length(x: np.ndarray) -> np.ndarray:
 def _code_lengths(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     escaped = q >= ESCAPE
     gamma = 2 * _bit_length(np.where(escaped, q - (ESCAPE - 1), 1)) - 1
-    return np.where(escaped, ESCAPE + gamma, q + 1) + k
+    lengths: np.ndarray = np.where(escaped, ESCAPE + gamma, q + 1) + k
+    return lengths
 
 
 def pack_gaps(gaps_us: Sequence[int]) -> bytes:
