@@ -37,6 +37,9 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/wire_size.py
+	$(BIN)/python bench/outbox_append.py
+	$(BIN)/python bench/ingest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-results.json

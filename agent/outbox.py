@@ -76,6 +76,7 @@ class OutboxStats:
     dropped_total: int
     quarantined_total: int
     salvaged_total: int
+    unreadable_pages_total: int = 0
 
     @property
     def fill_ratio(self) -> float:
@@ -441,6 +442,7 @@ class Outbox:
                 dropped_total=self._get_int(conn, "dropped_total"),
                 quarantined_total=self._get_int(conn, "quarantined_total"),
                 salvaged_total=self._get_int(conn, "salvaged_total"),
+                unreadable_pages_total=self._get_int(conn, "unreadable_pages_total"),
             )
 
     def get_state(self, key: str) -> str | None:

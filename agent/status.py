@@ -104,6 +104,7 @@ def status_document(
             "dropped_total": stats.dropped_total,
             "quarantined_total": stats.quarantined_total,
             "salvaged_total": stats.salvaged_total,
+            "unreadable_pages_total": stats.unreadable_pages_total,
             "last_salvage": last_salvage,
         },
         "sync": {
@@ -131,7 +132,7 @@ def render(doc: dict[str, Any]) -> str:
             f"  oldest    {box['oldest_record'] or '-'}"
             + (f" ({box['oldest_age_s']:.0f} s ago)" if box["oldest_age_s"] is not None else ""),
             f"  dropped   {box['dropped_total']}   quarantined {box['quarantined_total']}"
-            f"   salvaged {box['salvaged_total']}",
+            f"   salvaged {box['salvaged_total']}   unreadable pages {box['unreadable_pages_total']}",
         ]
         if box["last_salvage"]:
             lines.append(f"  salvage   {box['last_salvage']}")

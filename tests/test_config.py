@@ -116,3 +116,12 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parents[1] / "configs" / "agent.toml"
     config = load_config(example, environ={})
     assert config.get("sync", "codec") in ("cbor", "msgpack")
+
+
+def test_example_aggregator_config_is_valid() -> None:
+    from aggregator.config import load_aggregator_config
+
+    example = Path(__file__).parents[1] / "configs" / "aggregator.toml"
+    config = load_aggregator_config(example, environ={})
+    assert config.get("server", "max_body_bytes") == 16 * 1024**2
+    assert config.get("auth", "rotate_grace") == 86400.0
