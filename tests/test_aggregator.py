@@ -189,3 +189,17 @@ async def test_read_endpoints_need_a_read_token_off_loopback(aiohttp_client, sto
     response = await client.post("/api/v1/ingest", data=make_batch([]), headers=auth(reader))
     assert response.status == 403
     assert (await client.get("/api/v1/health")).status == 200
+
+
+def test_store_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "agg.db"
+    SQLiteStore(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+    conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer than this aggregator"):
+        SQLiteStore(path)
