@@ -79,6 +79,51 @@ def parse_size(value: object) -> int:
     return size
 
 
+def duration_or_zero(value: object) -> float:
+    """A duration, or 0 / "0s" to turn the thing off."""
+    if value in (0, "0", "0s", "0ms"):
+        return 0.0
+    try:
+        return parse_duration(value)
+    except _Invalid:
+        raise _Invalid("a duration such as 500ms, 2s (or 0 to turn it off)") from None
+
+
+def number_range(minimum: float, maximum: float) -> Callable[[object], float]:
+    allowed = f"a number between {minimum:g} and {maximum:g}"
+
+    def parse(value: object) -> float:
+        if isinstance(value, bool):
+            raise _Invalid(allowed)
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise _Invalid(allowed) from None
+        if not minimum <= number <= maximum:
+            raise _Invalid(allowed)
+        return number
+
+    return parse
+
+
+def power_sources(value: object) -> str | list[str]:
+    """``auto``, ``none``, one source, or a list (TOML list or comma-separated) of sources."""
+    from .probes.power import ALL_SOURCES
+
+    allowed = "auto, none, or one or more of " + ", ".join(ALL_SOURCES)
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise _Invalid(allowed)
+    if items in (["auto"], ["none"]):
+        return items[0]
+    if not items or any(v not in ALL_SOURCES for v in items):
+        raise _Invalid(allowed)
+    return items
+
+
 def int_range(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
     bound = f"≥ {minimum}" if maximum is None else f"between {minimum} and {maximum}"
     allowed = f"an integer {bound}"
@@ -197,6 +242,12 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "backoff_max": KeySpec(parse_duration, const(300.0), "retry delay cap"),
         "include_text": KeySpec(boolean, const(False), "upload prompt and output text (privacy: off)"),
         "allow_http": KeySpec(boolean, const(False), "allow a plain-HTTP aggregator URL"),
+    },
+    "probes": {
+        "sysfs_root": KeySpec(path_value, const(Path("/")), "the filesystem root probes read (stands for /)"),
+        "power_source": KeySpec(power_sources, const("auto"), "auto, none, or sources to use"),
+        "sample_rate_hz": KeySpec(number_range(0.1, 1000), const(10.0), "power samples per second"),
+        "idle_baseline": KeySpec(duration_or_zero, const(2.0), "idle power measured before a run (0: none)"),
     },
     "outbox": {
         "synchronous": KeySpec(choice("FULL", "NORMAL"), const("FULL"), "SQLite durability per append"),

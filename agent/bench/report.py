@@ -15,7 +15,9 @@ from typing import Any
 from .. import __version__
 from ..measurement import Measurement, utc_now_iso
 from ..memory import system_memory
-from ..stats import latency_distribution
+from ..probes.power import Unavailable
+from ..probes.sampler import PowerSampler
+from ..stats import latency_distribution, metric_distribution
 from .runner import BenchOptions, ModelRun
 
 SCHEMA_VERSION = "1.0.0"
@@ -70,6 +72,75 @@ def _distributions(
     return found, missing
 
 
+def energy_section(
+    run: ModelRun, sampler: PowerSampler | None, unavailable: list[Unavailable], baseline_w: dict[str, float]
+) -> dict[str, Any]:
+    """J/token for prefill and decode, average power, over the measured requests; or why there is none."""
+    if sampler is None or not sampler.sources:
+        reasons = {u.source: u.reason for u in unavailable}
+        return {"unavailable": "no power source on this device", "sources_tried": reasons}
+    ok = [m for m in run.measured if m.ok and isinstance(m.ext.get("energy"), dict)]
+    energies = [m.ext["energy"] for m in ok]
+    section: dict[str, Any] = {
+        "source": "+".join(s.name for s in sampler.sources),
+        "rails": {s.name: s.rails for s in sampler.sources},
+        "total_rails": sampler.total_rails,
+        "rate_hz": sampler.rate_hz,
+        "idle_baseline_w": baseline_w,
+        "samples": len(sampler.samples),
+    }
+    missing: dict[str, str] = {}
+    for key, label in (("j_per_prompt_token", "prefill"), ("j_per_output_token", "decode")):
+        dist = metric_distribution(e[key] for e in energies if e.get(key) is not None)
+        if dist is None:
+            why = sorted({_reason(e, label) for e in energies} or {"no request measured"})
+            missing[key] = "; ".join(why[:3])
+        else:
+            section[key] = dist
+    watts = [
+        e["joules_total"] / (m.e2e_ms / 1000.0)
+        for m, e in zip(ok, energies, strict=True)
+        if e.get("joules_total") is not None and m.e2e_ms
+    ]
+    dist = metric_distribution(watts)
+    if dist is None:
+        missing["avg_power_w"] = "no request spanned two power samples"
+    else:
+        section["avg_power_w"] = dist
+    if sampler.errors:
+        section["sampler_errors"] = sampler.errors
+    if missing:
+        section["unavailable"] = missing
+    return section
+
+
+def _reason(energy: dict[str, Any], label: str) -> str:
+    unavailable = energy.get("unavailable")
+    if isinstance(unavailable, dict):
+        return str(unavailable.get(label, "no data"))
+    return str(unavailable or "no data")
+
+
+def utilization_section(run: ModelRun, sampler: PowerSampler | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The seed's resource_utilization distributions over the measured phase, where the data exists."""
+    out: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    if sampler is None or run.phase_ns is None:
+        return out, {"resource_utilization": "no sampler ran"}
+    start, end = run.phase_ns
+    for key, name, reason in (
+        ("_mem_percent", "memory_utilization_percent", "no memory samples"),
+        ("_gpu_load_percent", "gpu_utilization_percent", "no GPU load counter (Jetson devfreq load or NVML)"),
+    ):
+        dist = metric_distribution(sampler.values(key, start, end))
+        if dist is None:
+            missing[f"resource_utilization.{name}"] = reason
+        else:
+            out[name] = dist
+    missing["resource_utilization.kv_cache_utilization_percent"] = "llama.cpp does not expose KV cache use per step"
+    return out, missing
+
+
 def results_document(
     run: ModelRun,
     *,
@@ -77,6 +148,9 @@ def results_document(
     device: dict[str, Any],
     options: BenchOptions,
     prompt_source: str,
+    sampler: PowerSampler | None = None,
+    power_unavailable: list[Unavailable] | None = None,
+    baseline_w: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The results JSON: validates against the seed's ``benchmark_results.schema.json``."""
     engine = run.engine
@@ -233,6 +307,11 @@ def results_document(
             },
         },
     }
+    document["results"]["energy"] = energy_section(run, sampler, power_unavailable or [], baseline_w or {})
+    utilization, utilization_missing = utilization_section(run, sampler)
+    if utilization:
+        document["results"]["resource_utilization"] = utilization
+    missing.update(utilization_missing)
     if missing:
         document["results"]["unavailable"] = missing
     return document
@@ -293,7 +372,20 @@ def summary_table(document: dict[str, Any]) -> str:
         f"memory          RSS {_mb(load['rss_before_load_bytes'])} → {_mb(load['rss_after_load_bytes'])} "
         f"after load, peak {_mb(mem['rss_peak_bytes'])} ({mem['rss_peak_source'] or 'n/a'})",
     ]
+    energy = res.get("energy", {})
+    if "j_per_output_token" in energy or "j_per_prompt_token" in energy:
+        dec = energy.get("j_per_output_token", {}).get("median")
+        pre = energy.get("j_per_prompt_token", {}).get("median")
+        power = energy.get("avg_power_w", {}).get("median")
+        lines.append(
+            f"energy          {_fmt(dec, 4)} J/output token, {_fmt(pre, 4)} J/prompt token (medians, net of "
+            f"idle), {_fmt(power)} W ({energy['source']}, {energy['rate_hz']:g} Hz)"
+        )
+    elif "unavailable" in energy and isinstance(energy["unavailable"], str):
+        lines.append(f"energy          unavailable: {energy['unavailable']} (lens-agent probe says why)")
     for key, reason in res.get("unavailable", {}).items():
+        if key.startswith("resource_utilization"):
+            continue
         lines.append(f"unavailable     {key}: {reason}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from ..engines.llama import Generation, LlamaEngine
 from ..errors import RequestError, UsageError
 from ..measurement import Measurement, timings_from_token_times
 from ..memory import ProcessMemory
+from ..probes.sampler import PowerSampler
 from ..prompts import Prompt
 
 
@@ -33,6 +34,7 @@ class ModelRun:
     measurements: list[Measurement] = field(default_factory=list)
     measured_wall_s: float = 0.0
     chat_template_used: bool = False
+    phase_ns: tuple[int, int] | None = None  # perf_counter_ns bounds of the measured phase
 
     @property
     def measured(self) -> list[Measurement]:
@@ -74,6 +76,31 @@ def measure_request(
     memory: ProcessMemory,
 ) -> Measurement:
     """Time one request; a failure becomes a measurement with its error type, never an exception."""
+    return _measure(
+        engine,
+        prompt,
+        text,
+        run_id=run_id,
+        device_id=device_id,
+        options=options,
+        prompt_index=prompt_index,
+        warmup=warmup,
+        memory=memory,
+    )[0]
+
+
+def _measure(
+    engine: LlamaEngine,
+    prompt: Prompt,
+    text: str,
+    *,
+    run_id: str,
+    device_id: str,
+    options: BenchOptions,
+    prompt_index: int,
+    warmup: bool,
+    memory: ProcessMemory,
+) -> tuple[Measurement, Generation | None]:
     info = engine.info
     record = Measurement(
         run_id=run_id,
@@ -99,7 +126,7 @@ def measure_request(
         record.ok = False
         record.error_type = exc.error_type
         record.error_message = exc.message
-        return record
+        return record, None
     after = memory.read()
     if memory.peak_resettable and after.hwm_bytes is not None:
         record.rss_peak_bytes, record.rss_peak_source = after.hwm_bytes, "VmHWM"
@@ -122,7 +149,23 @@ def measure_request(
         setattr(record, key, value)
     if options.include_text:
         record.output_text = gen.text
-    return record
+    return record, gen
+
+
+def _energy(
+    sampler: PowerSampler, gen: Generation | None, record: Measurement, baseline_w: dict[str, float]
+) -> dict[str, Any]:
+    if gen is None or not gen.token_ns:
+        return {"source": "+".join(s.name for s in sampler.sources), "unavailable": "the request failed"}
+    sampler.wait_past(gen.token_ns[-1])
+    return sampler.window_report(
+        gen.start_ns,
+        gen.token_ns[0],
+        gen.token_ns[-1],
+        baseline_w=baseline_w,
+        input_tokens=record.input_tokens,
+        output_tokens=record.output_tokens,
+    )
 
 
 def prepare_text(engine: LlamaEngine, prompt: Prompt, mode: str) -> tuple[str, bool]:
@@ -147,6 +190,8 @@ def run_bench(
     device_id: str,
     memory: ProcessMemory | None = None,
     on_result: Callable[[Measurement], None] | None = None,
+    sampler: PowerSampler | None = None,
+    baseline_w: dict[str, float] | None = None,
 ) -> ModelRun:
     """Warm-up requests first (excluded from statistics), then ``options.runs`` measured requests.
 
@@ -165,7 +210,7 @@ def run_bench(
         if not warmup and phase_start is None:
             phase_start = time.perf_counter()
         index = i % len(prompts)
-        record = measure_request(
+        record, gen = _measure(
             engine,
             prompts[index],
             texts[index][0],
@@ -177,11 +222,14 @@ def run_bench(
             memory=memory,
         )
         run.measurements.append(record)
+        t0 = time.perf_counter()
+        if sampler is not None and sampler.sources:
+            record.ext["energy"] = _energy(sampler, gen, record, baseline_w or {})
         if on_result is not None:
-            t0 = time.perf_counter()
             on_result(record)
-            if not warmup:
-                callback_s += time.perf_counter() - t0
+        if not warmup:
+            callback_s += time.perf_counter() - t0
     if phase_start is not None:
         run.measured_wall_s = time.perf_counter() - phase_start - callback_s
+        run.phase_ns = (int(phase_start * 1e9), time.perf_counter_ns())
     return run

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
+
 from ..config import Config
 from ..device import device_info
 from ..engines.llama import EngineSettings, LlamaEngine
@@ -16,6 +18,10 @@ from ..engines.modelfile import resolve_model_path
 from ..errors import UsageError
 from ..measurement import Measurement
 from ..outbox import open_outbox
+from ..probes.device import describe, gpu_load_percent
+from ..probes.power import detect_power
+from ..probes.sampler import PowerSampler
+from ..probes.sysfs import Root
 from ..prompts import load_prompts
 from .report import comparison_table, llmperf_files, results_document, summary_table
 from .runner import BenchOptions, run_bench
@@ -100,6 +106,14 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
         flash_attn=m["flash_attn"],
     )
     device = device_info()
+    probes = config.values["probes"]
+    root = Root(probes["sysfs_root"])
+    sources, unavailable = detect_power(root, probes["power_source"])
+    device.update(_device_facts(root))
+
+    def extras() -> dict[str, float | None]:
+        return {"_mem_percent": psutil.virtual_memory().percent, "_gpu_load_percent": gpu_load_percent(root)}
+
     session = BenchSession(run_id=str(uuid.uuid4()))
     raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
     outbox = open_outbox(config) if request.store else None
@@ -116,9 +130,27 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
         for path, out_path in zip(model_paths, outputs, strict=False):
             status(f"loading {path} …")
             with LlamaEngine.load(path, settings) as engine:
-                run = _run_with_progress(engine, prompts, options, session.run_id, config, raw_file, request, store)
+                sampler = PowerSampler(sources, rate_hz=probes["sample_rate_hz"], extras=extras)
+                sampler.start()
+                baseline: dict[str, float] = {}
+                try:
+                    if sources and probes["idle_baseline"] > 0:
+                        status(f"measuring idle power for {probes['idle_baseline']:g} s …")
+                        baseline = sampler.baseline(probes["idle_baseline"])
+                    run = _run_with_progress(
+                        engine, prompts, options, session.run_id, config, raw_file, request, store, sampler, baseline
+                    )
+                finally:
+                    sampler.stop()
                 document = results_document(
-                    run, run_id=session.run_id, device=device, options=options, prompt_source=prompt_source
+                    run,
+                    run_id=session.run_id,
+                    device=device,
+                    options=options,
+                    prompt_source=prompt_source,
+                    sampler=sampler,
+                    power_unavailable=unavailable,
+                    baseline_w=baseline,
                 )
                 if request.llmperf_dir is not None:
                     session.written.extend(llmperf_files(run, document, request.llmperf_dir))
@@ -130,6 +162,8 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                     handle.write("\n")
                 session.written.append(out_path)
     finally:
+        for source in sources:
+            source.close()
         if raw_file is not None:
             raw_file.close()
         if outbox is not None:
@@ -137,6 +171,23 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     if request.raw:
         session.written.append(request.raw)
     return session
+
+
+def _device_facts(root: Root) -> dict[str, Any]:
+    """The probe's view of the device, for the results' hardware section."""
+    facts = describe(root)
+    out: dict[str, Any] = {
+        "device_class": facts["device_class"],
+        "device_class_evidence": facts["device_class_evidence"],
+        "thermal_throttling": facts["thermal_throttling"],
+        "clock_synchronized": facts["clock_synchronized"],
+    }
+    for key in ("model", "jetson", "compute_capability", "temperatures_c", "nvmap_used_bytes"):
+        if facts.get(key):
+            out[key] = facts[key]
+    if facts.get("accelerator"):
+        out["gpu_type"] = facts["accelerator"]
+    return out
 
 
 def _run_with_progress(
@@ -148,6 +199,8 @@ def _run_with_progress(
     raw_file: IO[str] | None,
     request: BenchRequest,
     store: Callable[[Measurement], None],
+    sampler: PowerSampler,
+    baseline: dict[str, float],
 ) -> Any:
     import tqdm
 
@@ -179,6 +232,8 @@ def _run_with_progress(
             run_id=run_id,
             device_id=config.get("agent", "device_id"),
             on_result=on_result,
+            sampler=sampler,
+            baseline_w=baseline,
         )
     finally:
         bar.close()
