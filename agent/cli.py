@@ -80,6 +80,10 @@ def cli(verbose: bool) -> None:
 @click.option("--no-text", is_flag=True, help="Leave prompt and output text out of --raw.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results JSON on stdout instead of the table.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.  [default: when a terminal]")
+@click.option("--sysfs-root", type=click.Path(path_type=Path), help="Read sensors under DIR instead of /.")
+@click.option("--power-source", help="auto, none, or sources (jetson, rapl, battery, nvml, jtop; comma-separated).")
+@click.option("--sample-rate", type=float, help="Power samples per second.  [default: 10]")
+@click.option("--idle-baseline", help="Idle power measured before the run, e.g. 2s (0: none).  [default: 2s]")
 @click.option("--store", is_flag=True, help="Append every measurement to the outbox (durable before the next request).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 def bench(
@@ -105,14 +109,19 @@ def bench(
     no_text: bool,
     as_json: bool,
     progress: bool | None,
+    sysfs_root: Path | None,
+    power_source: str | None,
+    sample_rate: float | None,
+    idle_baseline: str | None,
     store: bool,
     data_dir: Path | None,
 ) -> None:
     """Benchmark local llama.cpp inference: TTFT, TPOT, every inter-token gap, load time and memory.
 
     Warm-up requests run first and are left out of the statistics; every measured request starts from an empty
-    KV cache unless --reuse-cache is given. Decoding is greedy. A summary table goes to stdout, a progress bar
-    to stderr.
+    KV cache unless --reuse-cache is given. Decoding is greedy. Where the device has a power sensor, energy per
+    prompt token and per output token is measured alongside (lens-agent probe shows what is there). A summary
+    table goes to stdout, a progress bar to stderr.
 
     \b
     Example:
@@ -136,6 +145,10 @@ def bench(
         ("model", "flash_attn"): ("--flash-attn", flash_attn),
         ("agent", "device_id"): ("--device-id", device_id),
         ("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None),
+        ("probes", "sysfs_root"): ("--sysfs-root", str(sysfs_root) if sysfs_root else None),
+        ("probes", "power_source"): ("--power-source", power_source),
+        ("probes", "sample_rate_hz"): ("--sample-rate", sample_rate),
+        ("probes", "idle_baseline"): ("--idle-baseline", idle_baseline),
     }
     config = load_config(config_path, overrides=overrides)
     from .bench.session import BenchRequest, run_session
@@ -276,6 +289,37 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
     if not health.healthy:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--sysfs-root", type=click.Path(path_type=Path), help="Read sensors under DIR instead of /.")
+@click.option("--power-source", help="auto, none, or sources to try (comma-separated).  [default: auto]")
+@click.option("--samples", type=click.IntRange(0, 1000), default=5, show_default=True, help="Live power samples.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def probe(
+    config_path: Path | None, sysfs_root: Path | None, power_source: str | None, samples: int, as_json: bool
+) -> None:
+    """Show what this device is and which power and memory figures the agent can read, and why not the others.
+
+    The first thing to run on a new device. --sysfs-root reads a copied tree (DIR stands for /).
+
+    \b
+    Example:
+        lens-agent probe
+        lens-agent probe --json --samples 20 | jq .power
+    """
+    from .probes.report import probe_document, render_probe
+
+    config = load_config(
+        config_path,
+        overrides={
+            ("probes", "sysfs_root"): ("--sysfs-root", str(sysfs_root) if sysfs_root else None),
+            ("probes", "power_source"): ("--power-source", power_source),
+        },
+    )
+    doc = probe_document(config, samples=samples)
+    click.echo(json.dumps(doc, indent=2) if as_json else render_probe(doc))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,6 +74,10 @@ def test_bench_writes_schema_valid_results(
     assert 0 < results["engine_timings"]["overhead_ratio"] <= 1.2
     assert results["throughput_metrics"]["tokens_per_second"] > 0
     assert results["error_metrics"] == {"total_errors": 0, "error_rate": 0.0, "errors_by_type": {}}
+    # no sensors on this machine: energy says so, latency is measured all the same
+    assert results["energy"]["unavailable"] == "no power source on this device"
+    assert set(results["energy"]["sources_tried"]) == {"jtop", "jetson", "rapl", "nvml", "battery"}
+    assert results["memory"]["model_mapped_rss_bytes"] > 0
     assert results["model_load"]["load_ms"] > 0 and results["model_load"]["cold_ttft_ms"] > 0
     cfg = doc["configuration"]
     assert cfg["model"]["quantization"] == "none" and cfg["model"]["quantization_exact"] == "F32"
@@ -334,3 +338,104 @@ def test_every_command_has_help_with_an_example(capsys: pytest.CaptureFixture[st
         assert code == 0 and "Example:" in stdout, name
     code, stdout, _ = run_cli(capsys, "--version")
     assert code == 0 and "lens-agent" in stdout
+
+
+def test_energy_per_token_on_a_jetson_tree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path, results_schema: dict[str, Any]
+) -> None:
+    from .sysfs_trees import orin_jp6
+
+    tree = tmp_path / "orin"
+    orin_jp6(tree)
+    out, raw = tmp_path / "r.json", tmp_path / "r.jsonl"
+    code, stdout, stderr = run_cli(
+        capsys,
+        "bench",
+        "--model",
+        str(tiny_model),
+        "--runs",
+        "3",
+        "--warmup",
+        "0",
+        "--max-tokens",
+        "120",
+        "--ignore-eos",
+        "--sysfs-root",
+        str(tree),
+        "--sample-rate",
+        "1000",
+        "--idle-baseline",
+        "0",
+        "--output",
+        str(out),
+        "--raw",
+        str(raw),
+        *TINY,
+    )
+    assert code == 0, stderr
+    doc = json.loads(out.read_text())
+    check_document(doc, results_schema)
+    energy = doc["results"]["energy"]
+    assert energy["source"] == "jetson" and energy["total_rails"] == {"power": ["VDD_IN"]}
+    assert energy["avg_power_w"]["median"] == pytest.approx(6.0)  # 5 V × 1.2 A, constant
+    assert "J/output token" in stdout
+    for record in (json.loads(line) for line in raw.read_text().splitlines()):
+        e = record["ext"]["energy"]
+        assert e["rails"]["VDD_IN"] == {"avg_w": pytest.approx(6.0), "peak_w": 6.0}
+        # constant 6 W over the decode window, no idle baseline: J/token = 6 W × (e2e − TTFT) / (N − 1)
+        expected = 6.0 * (record["decode_ms"] / 1000.0) / (record["output_tokens"] - 1)
+        assert e["j_per_output_token"] == pytest.approx(expected, rel=1e-3)
+    assert doc["configuration"]["hardware"]["device_class"] == "embedded device"
+    assert doc["configuration"]["hardware"]["thermal_throttling"]  # the tree's GPU is past its trip point
+    assert doc["results"]["resource_utilization"]["gpu_utilization_percent"]["median"] == 45.0
+
+
+def test_windows_too_short_for_the_sample_rate_say_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path
+) -> None:
+    from .sysfs_trees import orin_jp6
+
+    orin_jp6(tmp_path / "orin")
+    raw = tmp_path / "r.jsonl"
+    code, _, _ = run_cli(
+        capsys,
+        "bench",
+        "--model",
+        str(tiny_model),
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--max-tokens",
+        "4",
+        "--sysfs-root",
+        str(tmp_path / "orin"),
+        "--sample-rate",
+        "1",
+        "--idle-baseline",
+        "0",
+        "--raw",
+        str(raw),
+        *TINY,
+    )
+    assert code == 0
+    energy = json.loads(raw.read_text().splitlines()[0])["ext"]["energy"]
+    assert "j_per_output_token" not in energy
+    assert (
+        "power sample(s) in this" in energy["unavailable"]["decode"]
+        and "at 1 Hz; need 2" in energy["unavailable"]["decode"]
+    )
+
+
+def test_probe_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .sysfs_trees import intel_laptop
+
+    intel_laptop(tmp_path)
+    code, out, _ = run_cli(capsys, "probe", "--sysfs-root", str(tmp_path), "--samples", "2", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["device"]["device_class"] == "laptop"
+    assert doc["power"]["sources"][0]["name"] == "rapl" and len(doc["power"]["samples"]) == 2
+    code, out, _ = run_cli(capsys, "probe", "--samples", "0")
+    assert code == 0 and "unavailable battery" in out
+    code, _, err = run_cli(capsys, "probe", "--power-source", "solar")
+    assert code == 2 and "probes.power_source" in err and "jetson" in err

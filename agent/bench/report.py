@@ -15,6 +15,7 @@ from typing import Any
 from .. import __version__
 from ..measurement import Measurement, utc_now_iso
 from ..memory import system_memory
+from ..probes.device import mapped_file_rss
 from ..probes.power import Unavailable
 from ..probes.sampler import PowerSampler
 from ..stats import latency_distribution, metric_distribution
@@ -128,8 +129,9 @@ def utilization_section(run: ModelRun, sampler: PowerSampler | None) -> tuple[di
     if sampler is None or run.phase_ns is None:
         return out, {"resource_utilization": "no sampler ran"}
     start, end = run.phase_ns
+    too_short = f"no sample within the {(end - start) / 1e6:.0f} ms measured phase at {sampler.rate_hz:g} Hz"
     for key, name, reason in (
-        ("_mem_percent", "memory_utilization_percent", "no memory samples"),
+        ("_mem_percent", "memory_utilization_percent", too_short),
         ("_gpu_load_percent", "gpu_utilization_percent", "no GPU load counter (Jetson devfreq load or NVML)"),
     ):
         dist = metric_distribution(sampler.values(key, start, end))
@@ -296,6 +298,7 @@ def results_document(
             },
             "memory": {
                 "model_file_bytes": info.file_bytes,
+                "model_mapped_rss_bytes": mapped_file_rss(info.path),
                 "rss_peak_bytes": max(peaks) if peaks else None,
                 "rss_peak_source": ok[0].rss_peak_source if ok else None,
                 "system": system_memory(),
