@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -26,12 +29,24 @@ from agent.bench.report import overhead_ratio
 from agent.bench.runner import BenchOptions, run_bench
 from agent.engines.llama import EngineSettings, LlamaEngine
 from agent.engines.modelfile import bundled_model_path
+from agent.probes.power import detect_power
+from agent.probes.sampler import PowerSampler
+from agent.probes.sysfs import Root
 from agent.prompts import builtin_prompts
+from tests.sysfs_trees import orin_jp6
 
 
-def lens_loop(engine: LlamaEngine, runs: int, max_tokens: int) -> tuple[float, float]:
+def lens_loop(
+    engine: LlamaEngine, runs: int, max_tokens: int, sampler: PowerSampler | None = None
+) -> tuple[float, float]:
     options = BenchOptions(runs=runs, warmup=2, max_tokens=max_tokens, ignore_eos=True, include_text=False)
-    run = run_bench(engine, builtin_prompts(), options, run_id="overhead", device_id="bench")
+    if sampler is not None:
+        sampler.start()
+    try:
+        run = run_bench(engine, builtin_prompts(), options, run_id="overhead", device_id="bench", sampler=sampler)
+    finally:
+        if sampler is not None:
+            sampler.stop()
     ok = [m for m in run.measured if m.ok]
     ratio = overhead_ratio(ok)
     assert ratio is not None
@@ -73,8 +88,6 @@ def main() -> None:
     model = bundled_model_path()
     if model is None:
         sys.exit("the bundled SmolLM2 is not installed (make venv installs it)")
-    import psutil
-
     threads = args.threads or psutil.cpu_count(logical=False) or 1
     default = EngineSettings(n_ctx=2048, n_threads=threads, flash_attn=True)
     print(f"model {model.name}, {args.runs} measured requests × {args.max_tokens} tokens, {threads} threads")
@@ -86,6 +99,21 @@ def main() -> None:
         print(f"{'lens loop (bench), median of 3':<48}{ratio:>16.4f}{rate:>17.1f}")
         stream = streaming_api(engine, args.runs, args.max_tokens)
         print(f"{'create_completion(stream=True)':<48}{stream:>16.4f}{'':>17}")
+        with tempfile.TemporaryDirectory() as tree:
+            orin_jp6(Path(tree))  # a Jetson's INA3221 rails, read from files like the real sysfs
+            root = Root(tree)
+            for rate in (10.0, 100.0):
+                results = []
+                for _ in range(3):
+                    sources, _ = detect_power(root, "jetson")
+                    sampler = PowerSampler(
+                        sources, rate_hz=rate, extras=lambda: {"_mem_percent": psutil.virtual_memory().percent}
+                    )
+                    results.append(lens_loop(engine, args.runs, args.max_tokens, sampler))
+                ratio = statistics.median(r for r, _ in results)
+                rate_tok = statistics.median(t for _, t in results)
+                label = f"lens loop + power sampler at {rate:g} Hz, median of 3"
+                print(f"{label:<48}{ratio:>16.4f}{rate_tok:>17.1f}")
     for label, settings in (
         ("n_ctx 1024, flash_attn off", EngineSettings(n_ctx=1024, n_threads=threads, flash_attn=False)),
         ("n_ctx 256, flash_attn on", EngineSettings(n_ctx=256, n_threads=threads, flash_attn=True)),

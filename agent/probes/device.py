@@ -187,6 +187,38 @@ def mapped_file_rss(path: Path | str, smaps: Path | str = "/proc/self/smaps") ->
     return total if found else None
 
 
+def nvml_gpus(root: Root) -> tuple[list[dict[str, Any]], str | None]:
+    """NVIDIA dGPUs through NVML: name, memory used/total, compute capability; or why there are none."""
+    if not root.is_real:
+        return [], "NVML reads the real driver, not a sysfs tree"
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py is not installed (pip install 'llm-latency-lens[nvidia]')"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError: no driver, no GPU
+        return [], f"NVML did not initialise: {exc}"
+    gpus = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            gpus.append(
+                {
+                    "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "memory_used_bytes": int(memory.used),
+                    "memory_total_bytes": int(memory.total),
+                    "compute_capability": float(f"{major}.{minor}"),
+                }
+            )
+    finally:
+        pynvml.nvmlShutdown()
+    return gpus, None
+
+
 def describe(root: Root) -> dict[str, Any]:
     """Everything ``lens-agent probe`` and every result record about the device."""
     import psutil
@@ -195,8 +227,9 @@ def describe(root: Root) -> dict[str, Any]:
     jetson = jetson_info(root)
     temps, throttled = temperatures(root)
     synced, how = clock_synchronized(root)
-    accelerator = "NVIDIA integrated GPU (Jetson)" if jetson else None
-    compute = jetson.get("compute_capability") if jetson else None
+    gpus, no_gpu = nvml_gpus(root)
+    accelerator = "NVIDIA integrated GPU (Jetson)" if jetson else (gpus[0]["name"] if gpus else None)
+    compute = jetson.get("compute_capability") if jetson else (gpus[0]["compute_capability"] if gpus else None)
     return {
         "device_class": device_class,
         "device_class_evidence": evidence,
@@ -211,6 +244,8 @@ def describe(root: Root) -> dict[str, Any]:
         "clock_synchronized": synced,
         "clock_check": how,
         "nvmap_used_bytes": nvmap_used_bytes(root),
+        "gpus": gpus,
+        "gpus_unavailable": None if gpus or jetson else no_gpu,
         "kernel": platform.release() if root.is_real else None,
     }
 
