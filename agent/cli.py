@@ -84,6 +84,19 @@ def cli(verbose: bool) -> None:
 @click.option("--power-source", help="auto, none, or sources (jetson, rapl, battery, nvml, jtop; comma-separated).")
 @click.option("--sample-rate", type=float, help="Power samples per second.  [default: 10]")
 @click.option("--idle-baseline", help="Idle power measured before the run, e.g. 2s (0: none).  [default: 2s]")
+@click.option(
+    "--strategy",
+    type=click.Choice(["local", "cloud", "speculative", "offload"]),
+    help="local; cloud (OpenAI-compatible endpoint); speculative (--model drafts, the cloud verifies); offload.",
+)
+@click.option("--cloud-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1 (or cloud.url).")
+@click.option("--cloud-model", help="Model name sent to the endpoint.  [default: the first it lists]")
+@click.option(
+    "--verify", type=click.Choice(["generate", "logprobs"]), help="Speculative verification.  [default: generate]"
+)
+@click.option("--draft-tokens", type=int, help="Tokens drafted per round.  [default: 4]")
+@click.option("--adaptive-draft", is_flag=True, default=None, help="Adapt the draft length to the acceptance seen.")
+@click.option("--baselines", is_flag=True, default=None, help="Also run cloud-only and edge-only: speedup figures.")
 @click.option("--store", is_flag=True, help="Append every measurement to the outbox (durable before the next request).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 def bench(
@@ -109,6 +122,13 @@ def bench(
     no_text: bool,
     as_json: bool,
     progress: bool | None,
+    strategy: str | None,
+    cloud_url: str | None,
+    cloud_model: str | None,
+    verify: str | None,
+    draft_tokens: int | None,
+    adaptive_draft: bool | None,
+    baselines: bool | None,
     sysfs_root: Path | None,
     power_source: str | None,
     sample_rate: float | None,
@@ -129,6 +149,8 @@ def bench(
         lens-agent bench --model a-Q4_1.gguf --model a-Q8_0.gguf --output compare.json
         lens-agent bench --prompts configs/prompts/short.txt --raw requests.jsonl --format llmperf
         lens-agent bench --config /etc/lens-agent/agent.toml --store
+        lens-agent bench --strategy speculative --model draft.gguf --cloud-url http://host:8000/v1 \\
+            --verify logprobs --draft-tokens 4 --baselines
     """
     overrides: dict[tuple[str, str], tuple[str, object]] = {
         ("bench", "prompts"): ("--prompts", str(prompts) if prompts else None),
@@ -147,6 +169,13 @@ def bench(
         ("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None),
         ("probes", "sysfs_root"): ("--sysfs-root", str(sysfs_root) if sysfs_root else None),
         ("probes", "power_source"): ("--power-source", power_source),
+        ("collab", "strategy"): ("--strategy", strategy),
+        ("cloud", "url"): ("--cloud-url", cloud_url),
+        ("cloud", "model"): ("--cloud-model", cloud_model),
+        ("collab", "verify"): ("--verify", verify),
+        ("collab", "draft_tokens"): ("--draft-tokens", draft_tokens),
+        ("collab", "adaptive_draft"): ("--adaptive-draft", adaptive_draft),
+        ("collab", "baselines"): ("--baselines", baselines),
         ("probes", "sample_rate_hz"): ("--sample-rate", sample_rate),
         ("probes", "idle_baseline"): ("--idle-baseline", idle_baseline),
     }

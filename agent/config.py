@@ -124,6 +124,23 @@ def power_sources(value: object) -> str | list[str]:
     return items
 
 
+def json_object(value: object) -> dict[str, Any]:
+    """A TOML inline table, or (from the environment or a flag) a JSON object."""
+    allowed = 'a table / JSON object, e.g. {"repeat_penalty": 1.0}'
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        import json
+
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise _Invalid(allowed) from None
+        if isinstance(parsed, dict):
+            return parsed
+    raise _Invalid(allowed)
+
+
 def int_range(minimum: int, maximum: int | None = None) -> Callable[[object], int]:
     bound = f"≥ {minimum}" if maximum is None else f"between {minimum} and {maximum}"
     allowed = f"an integer {bound}"
@@ -248,6 +265,29 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "power_source": KeySpec(power_sources, const("auto"), "auto, none, or sources to use"),
         "sample_rate_hz": KeySpec(number_range(0.1, 1000), const(10.0), "power samples per second"),
         "idle_baseline": KeySpec(duration_or_zero, const(2.0), "idle power measured before a run (0: none)"),
+    },
+    "cloud": {
+        "url": KeySpec(optional(text), const(None), "OpenAI-compatible base URL, e.g. http://host:8000/v1"),
+        "model": KeySpec(optional(text), const(None), "model name sent to the endpoint (default: its first)"),
+        "api_key_file": KeySpec(optional(path_value), const(None), "file holding the API key (or LENS_CLOUD_API_KEY)"),
+        "timeout": KeySpec(parse_duration, const(60.0), "one cloud request"),
+        "chat": KeySpec(boolean, const(False), "cloud strategy: /v1/chat/completions instead of /v1/completions"),
+        # llama-cpp-python's server applies repeat_penalty 1.1 by default, which makes temperature 0 not greedy
+        "extra": KeySpec(json_object, const({"repeat_penalty": 1.0}), "extra request fields for every cloud call"),
+    },
+    "collab": {
+        "strategy": KeySpec(choice("local", "cloud", "speculative", "offload"), const("local"), "how requests run"),
+        "verify": KeySpec(choice("generate", "logprobs"), const("generate"), "speculative verification protocol"),
+        "draft_tokens": KeySpec(int_range(1, 64), const(4), "tokens the local model drafts per round"),
+        "adaptive_draft": KeySpec(boolean, const(False), "adapt the draft length to the observed acceptance"),
+        "baselines": KeySpec(boolean, const(False), "also run cloud-only and edge-only for speedup figures"),
+    },
+    "offload": {
+        "prompt_tokens_above": KeySpec(optional(int_range(1)), const(None), "offload prompts longer than this"),
+        "predict_latency": KeySpec(boolean, const(True), "offload when predicted local latency > cloud latency"),
+        "battery_below": KeySpec(optional(int_range(0, 100)), const(None), "offload when the battery is below this %"),
+        "on_battery": KeySpec(boolean, const(False), "offload whenever the device is not on AC power"),
+        "shadow_fraction": KeySpec(number_range(0, 1), const(0.0), "share of requests run both ways to check"),
     },
     "outbox": {
         "synchronous": KeySpec(choice("FULL", "NORMAL"), const("FULL"), "SQLite durability per append"),

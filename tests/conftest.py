@@ -23,7 +23,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     target = root / "tiny-target.gguf"
     draft = root / "tiny-draft.gguf"
     tensors = write_tiny_llama(target, seed=1)
-    write_tiny_llama(draft, seed=2, noise_of=tensors, name="tiny-draft")
+    write_tiny_llama(draft, seed=2, noise_of=tensors, noise_scale=0.02, name="tiny-draft")
     return {"target": target, "draft": draft}
 
 

@@ -3,8 +3,11 @@
 ``write_tiny_llama(path, seed=…)`` writes a target model; ``write_tiny_llama(path, seed=…, noise_of=…)`` writes a
 draft that shares the target's vocabulary and weights plus small noise, so a speculative pair has a real,
 tunable acceptance rate. The vocabulary is SentencePiece-style: ``<unk> <s> </s>``, the 256 byte tokens, ``▁``,
-printable ASCII and a few merges. Output rows of bytes ≥ 0x80 and of ``</s>`` are zero and every other logit is
-pushed positive, so greedy decoding neither emits invalid UTF-8 nor stops early.
+printable ASCII, and (optionally) a few merges. Output rows of ``</s>``, of bytes ≥ 0x80 and of the byte tokens that
+duplicate a printable character (0x20–0x7F) are zero, so greedy decoding neither emits invalid UTF-8 nor stops
+early, and its text re-tokenizes into the same tokens — which speculative decoding over a text API relies on. Without
+merges (the default) tokenization is canonical; with them, text generated as separate pieces can re-tokenize into
+a merge.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 MERGES = ["▁t", "he", "▁the", "in", "er", "an", "▁a", "on", "re", "▁s"]
 
 
-def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
+def tiny_vocab(merges: list[str] | None = None) -> tuple[list[str], list[float], list[int]]:
+    merges = [] if merges is None else merges
     tokens = ["<unk>", "<s>", "</s>"]
     types = [2, 3, 3]
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -26,9 +30,9 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     types.append(1)
     tokens += [chr(c) for c in range(33, 127)]
     types += [1] * (127 - 33)
-    tokens += MERGES
-    types += [1] * len(MERGES)
-    scores = [0.0] * 3 + [0.0] * 256 + [-1.0] + [-2.0] * (127 - 33) + [-0.5 + 0.01 * i for i in range(len(MERGES))]
+    tokens += merges
+    types += [1] * len(merges)
+    scores = [0.0] * 3 + [0.0] * 256 + [-1.0] + [-2.0] * (127 - 33) + [-0.5 + 0.01 * i for i in range(len(merges))]
     return tokens, scores, types
 
 
@@ -44,9 +48,10 @@ def write_tiny_llama(
     noise_of: dict[str, np.ndarray] | None = None,
     noise_scale: float = 0.1,
     name: str = "tiny-llama",
+    merges: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write the model to ``path`` and return its tensors (pass them as ``noise_of`` to make a draft)."""
-    tokens, scores, types = tiny_vocab()
+    tokens, scores, types = tiny_vocab(merges)
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
 
@@ -70,7 +75,7 @@ def write_tiny_llama(
             tensors[p + "ffn_down.weight"] = randn(n_embd, n_ff, std=0.3)
         out = tensors["output.weight"]
         out[2, :] = 0.0  # </s>
-        out[3 + 0x80 : 3 + 0x100, :] = 0.0  # bytes that would start invalid UTF-8
+        out[3 + 0x20 : 3 + 0x100, :] = 0.0  # bytes that would start invalid UTF-8 or duplicate a character token
         out[0, :] = 0.0  # <unk>
         out[1, :] = 0.0  # <s>
     else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..engines.llama import LlamaEngine
 from ..measurement import Measurement, utc_now_iso
 from ..memory import system_memory
 from ..probes.device import mapped_file_rss
@@ -115,6 +116,74 @@ def energy_section(
     return section
 
 
+def _engine_section(engine: LlamaEngine | None, strategy: str) -> dict[str, Any]:
+    if engine is None or engine.settings is None:
+        return {"name": "openai-compatible endpoint", "timing": "streamed SSE chunks; clock: time.perf_counter_ns"}
+    return {
+        "name": "llama.cpp",
+        "binding": f"llama-cpp-python {_llama_cpp_python_version()}",
+        "settings": engine.settings.as_dict(),
+        "system_info": engine.system_info(),
+        "timing": "low-level llama_decode loop, greedy argmax; clock: time.perf_counter_ns",
+        "role": "draft model" if strategy == "speculative" else "local model",
+    }
+
+
+def collab_section(run: ModelRun) -> dict[str, Any] | None:
+    """The seed's CollaborativeMeasurement and EfficiencyMetrics over the measured requests."""
+    ok = [m for m in run.measured if m.ok]
+    spec = [m.ext["collab"] for m in ok if isinstance(m.ext.get("collab"), dict)]
+    offload = [m.ext["offload"] for m in ok if isinstance(m.ext.get("offload"), dict)]
+    if not spec and not offload:
+        return None
+    section: dict[str, Any] = {}
+    if spec:
+        drafted = sum(c["drafted"] for c in spec)
+        accepted = sum(c["accepted"] for c in spec)
+        rounds = sum(c["rounds"] for c in spec)
+        committed = sum(m.output_tokens for m in ok if "collab" in m.ext)
+        total_ms = sum(c["total_duration_ms"] for c in spec)
+        k = spec[0]["draft_tokens"]
+        alpha = accepted / drafted if drafted else None
+        section["speculative"] = {
+            "protocol": spec[0]["protocol"],
+            "draft_tokens": k,
+            "requests": len(spec),
+            "rounds": rounds,
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance_rate": alpha,
+            "mean_accepted_length": 1 + accepted / rounds if rounds else None,
+            "expected_tokens_per_round_leviathan": (
+                (1 - alpha ** (k + 1)) / (1 - alpha) if alpha is not None and alpha < 1 else (k + 1 if alpha else None)
+            ),
+            "edge_time_ms": sum(c["edge_time_ms"] for c in spec),
+            "cloud_time_ms": sum(c["cloud_time_ms"] for c in spec),
+            "network_time_ms": sum(c["network_time_ms"] or 0.0 for c in spec),
+            "collaboration_overhead_ms": sum(c["collaboration_overhead_ms"] for c in spec),
+            "total_duration_ms": total_ms,
+            "tokens_per_second": committed / (total_ms / 1000) if total_ms else None,
+            "bytes_per_committed_token": sum(c["bytes_up"] + c["bytes_down"] for c in spec) / committed
+            if committed
+            else None,
+            "greedy_check": {
+                "checked": sum(1 for c in spec if c.get("matches_cloud_greedy") is not None),
+                "mismatches": sum(1 for c in spec if c.get("matches_cloud_greedy") is False),
+            },
+        }
+    if offload:
+        decisions = Counter(o["decision"] for o in offload)
+        shadows = [o["shadow"] for o in offload if "shadow" in o]
+        judged = [s for s in shadows if s.get("policy_right") is not None]
+        section["offload"] = {
+            "decisions": dict(decisions),
+            "reasons": dict(Counter(o["reason"].split(":")[0] for o in offload)),
+            "shadowed": len(shadows),
+            "policy_right_rate": sum(1 for s in judged if s["policy_right"]) / len(judged) if judged else None,
+        }
+    return section
+
+
 def _reason(energy: dict[str, Any], label: str) -> str:
     unavailable = energy.get("unavailable")
     if isinstance(unavailable, dict):
@@ -153,11 +222,16 @@ def results_document(
     sampler: PowerSampler | None = None,
     power_unavailable: list[Unavailable] | None = None,
     baseline_w: dict[str, float] | None = None,
+    cloud: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results JSON: validates against the seed's ``benchmark_results.schema.json``."""
+    """The results JSON: validates against the seed's ``benchmark_results.schema.json``.
+
+    ``cloud``: the endpoint (url, model, rtt_ms) for the cloud, speculative and offload strategies.
+    """
     engine = run.engine
-    info, load, settings = engine.info, engine.load_info, engine.settings
-    assert info is not None and settings is not None
+    info = engine.info if engine else None
+    load = engine.load_info if engine else None
+    settings = engine.settings if engine else None
     measured = run.measured
     ok = [m for m in measured if m.ok]
     errors = [m for m in measured if not m.ok]
@@ -221,30 +295,35 @@ def results_document(
         "cpu_cores": device.get("cpu_cores_physical") or device.get("cpu_cores_logical"),
         "memory_gb": round(device["memory_total_bytes"] / 1024**3, 2),
         "batch_size": 1,
-        "accelerator": engine.accelerator(),
+        "accelerator": engine.accelerator() if engine else None,
         **{k: v for k, v in device.items() if k not in ("memory_total_bytes",)},
     }
-    if settings.n_gpu_layers != 0 and device.get("gpu_type"):
+    if settings is not None and settings.n_gpu_layers != 0 and device.get("gpu_type"):
         hardware["gpu_count"] = 1
-    model: dict[str, Any] = {
-        "name": info.name,
-        "provider": "local",
-        "version": info.sha256[:12] if info.sha256 else "unknown",
-        "quantization_exact": info.quantization,
-        "path": info.path,
-        "sha256": info.sha256 or None,
-        "architecture": info.architecture,
-        "description": info.description,
-        "file_bytes": info.file_bytes,
-        "n_params": info.n_params,
-        "n_ctx_train": info.n_ctx_train,
-    }
-    if info.quantization_coarse is not None:
-        model["quantization"] = info.quantization_coarse
+    if info is not None:
+        model: dict[str, Any] = {
+            "name": info.name,
+            "provider": "local",
+            "version": info.sha256[:12] if info.sha256 else "unknown",
+            "quantization_exact": info.quantization,
+            "path": info.path,
+            "sha256": info.sha256 or None,
+            "architecture": info.architecture,
+            "description": info.description,
+            "file_bytes": info.file_bytes,
+            "n_params": info.n_params,
+            "n_ctx_train": info.n_ctx_train,
+        }
+        if info.quantization_coarse is not None:
+            model["quantization"] = info.quantization_coarse
+        else:
+            missing["configuration.model.quantization"] = (
+                f"GGUF type {info.quantization} has no value in the schema's enum; see quantization_exact"
+            )
     else:
-        missing["configuration.model.quantization"] = (
-            f"GGUF type {info.quantization} has no value in the schema's enum; see quantization_exact"
-        )
+        # the cloud strategy alone: the endpoint's model, spoken to over the OpenAI API
+        model = {"name": (cloud or {}).get("model") or "unknown", "provider": "openai", "api": "openai-compatible"}
+        missing["configuration.model.quantization"] = "the cloud model's quantization is not known to the client"
     test_parameters: dict[str, Any] = {
         "input_tokens": _token_stats([m.input_tokens for m in ok if m.input_tokens is not None]),
         "output_tokens": _token_stats([m.output_tokens for m in ok]),
@@ -272,13 +351,8 @@ def results_document(
             "model": model,
             "hardware": hardware,
             "test_parameters": test_parameters,
-            "engine": {
-                "name": "llama.cpp",
-                "binding": f"llama-cpp-python {_llama_cpp_python_version()}",
-                "settings": settings.as_dict(),
-                "system_info": engine.system_info(),
-                "timing": "low-level llama_decode loop, greedy argmax; clock: time.perf_counter_ns",
-            },
+            "engine": _engine_section(engine, run.strategy),
+            "strategy": run.strategy,
         },
         "results": {
             "latency_metrics": latency,
@@ -297,8 +371,8 @@ def results_document(
                 "rss_after_load_bytes": load.rss_after_bytes if load else None,
             },
             "memory": {
-                "model_file_bytes": info.file_bytes,
-                "model_mapped_rss_bytes": mapped_file_rss(info.path),
+                "model_file_bytes": info.file_bytes if info else None,
+                "model_mapped_rss_bytes": mapped_file_rss(info.path) if info else None,
                 "rss_peak_bytes": max(peaks) if peaks else None,
                 "rss_peak_source": ok[0].rss_peak_source if ok else None,
                 "system": system_memory(),
@@ -310,6 +384,11 @@ def results_document(
             },
         },
     }
+    if cloud:
+        document["configuration"]["cloud"] = cloud
+    collab = collab_section(run)
+    if collab:
+        document["results"]["collaboration"] = collab
     document["results"]["energy"] = energy_section(run, sampler, power_unavailable or [], baseline_w or {})
     utilization, utilization_missing = utilization_section(run, sampler)
     if utilization:
@@ -334,10 +413,13 @@ def summary_table(document: dict[str, Any]) -> str:
     lat = res["latency_metrics"]
     eng = res["engine_timings"]
     cfg = document["configuration"]
+    model = cfg["model"]
+    size = f", {model['file_bytes'] / 1e6:.1f} MB" if model.get("file_bytes") else ""
+    engine = cfg["engine"]
     lines = [
-        f"model     {cfg['model']['name']} ({cfg['model'].get('quantization_exact')}, "
-        f"{cfg['model']['file_bytes'] / 1e6:.1f} MB)",
-        f"engine    {cfg['engine']['binding']}  {_settings_line(cfg['engine']['settings'])}",
+        f"model     {model['name']} ({model.get('quantization_exact') or model.get('provider')}{size})",
+        f"engine    {engine.get('binding') or engine['name']}  {_settings_line(engine.get('settings') or {})}"
+        f"  strategy={cfg.get('strategy', 'local')}",
         f"requests  {res['requests']['succeeded']}/{res['requests']['measured']} ok, "
         f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
         f"errors {res['error_metrics']['errors_by_type'] or 'none'}",
@@ -386,6 +468,28 @@ def summary_table(document: dict[str, Any]) -> str:
         )
     elif "unavailable" in energy and isinstance(energy["unavailable"], str):
         lines.append(f"energy          unavailable: {energy['unavailable']} (lens-agent probe says why)")
+    spec = res.get("collaboration", {}).get("speculative")
+    if spec:
+        lines.append(
+            f"speculative     α {_fmt(spec['acceptance_rate'], 3)}, "
+            f"τ {_fmt(spec['mean_accepted_length'], 2)} tokens/round, "
+            f"{spec['rounds']} rounds ({spec['protocol']}, k={spec['draft_tokens']}), "
+            f"{_fmt(spec['tokens_per_second'])} committed tok/s, {_fmt(spec['bytes_per_committed_token'], 0)} B/token, "
+            f"{spec['greedy_check']['mismatches']} of {spec['greedy_check']['checked']} "
+            "differ from the cloud's greedy text"
+        )
+    offload = res.get("collaboration", {}).get("offload")
+    if offload:
+        lines.append(
+            f"offload         decisions {offload['decisions']}, policy right {_fmt(offload['policy_right_rate'], 2)}"
+        )
+    speedup = res.get("speedup")
+    if speedup:
+        rates = speedup["tokens_per_second"]
+        lines.append(
+            f"speedup         {_fmt(speedup['vs_cloud_only'], 3)}× cloud-only ({_fmt(rates['cloud_only'])} tok/s), "
+            f"{_fmt(speedup['vs_edge_only'], 3)}× edge-only ({_fmt(rates['edge_only'])} tok/s)"
+        )
     for key, reason in res.get("unavailable", {}).items():
         if key.startswith("resource_utilization"):
             continue

@@ -1,18 +1,25 @@
-"""Run a benchmark: warm-up requests, then measured requests, each turned into a :class:`Measurement`."""
+"""Run a benchmark: warm-up requests, then measured requests, each turned into a :class:`Measurement`.
+
+How a request runs is a strategy (:mod:`agent.collab.strategies`); :class:`LocalStrategy` here is the lens's own
+timed llama.cpp loop.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from ..collab.strategies import fill_timings
 from ..engines.llama import Generation, LlamaEngine
 from ..errors import RequestError, UsageError
-from ..measurement import Measurement, timings_from_token_times
+from ..measurement import Measurement
 from ..memory import ProcessMemory
 from ..probes.sampler import PowerSampler
 from ..prompts import Prompt
+
+Window = tuple[int, int, int] | None  # (start_ns, first_token_ns, last_token_ns)
 
 
 @dataclass(frozen=True)
@@ -26,15 +33,22 @@ class BenchOptions:
     include_text: bool = True
 
 
+class Strategy(Protocol):
+    name: str
+
+    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window: ...
+
+
 @dataclass
 class ModelRun:
     """Everything measured for one model in one run."""
 
-    engine: LlamaEngine
+    engine: LlamaEngine | None
     measurements: list[Measurement] = field(default_factory=list)
     measured_wall_s: float = 0.0
     chat_template_used: bool = False
     phase_ns: tuple[int, int] | None = None  # perf_counter_ns bounds of the measured phase
+    strategy: str = "local"
 
     @property
     def measured(self) -> list[Measurement]:
@@ -63,6 +77,73 @@ def _engine_figures(gen: Generation, prefill_tokens: int) -> dict[str, Any]:
     }
 
 
+@dataclass
+class LocalStrategy:
+    """The lens's low-level llama.cpp loop, with llama.cpp's own counters and peak RSS per request."""
+
+    engine: LlamaEngine
+    options: BenchOptions
+    memory: ProcessMemory = field(default_factory=ProcessMemory)
+    name: str = "local"
+
+    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
+        engine, memory, options = self.engine, self.memory, self.options
+        memory.reset_peak()
+        record.rss_before_bytes = memory.read().rss_bytes
+        cached_before = len(engine._cached) if options.reuse_cache else 0
+        try:
+            gen = engine.generate(
+                text, max_tokens=max_tokens, ignore_eos=options.ignore_eos, reuse_cache=options.reuse_cache
+            )
+        except RequestError as exc:
+            engine.requests_since_load += 1
+            record.ok = False
+            record.error_type = exc.error_type
+            record.error_message = exc.message
+            return None
+        after = memory.read()
+        if memory.peak_resettable and after.hwm_bytes is not None:
+            record.rss_peak_bytes, record.rss_peak_source = after.hwm_bytes, "VmHWM"
+        else:
+            record.rss_peak_bytes, record.rss_peak_source = after.rss_bytes, "rss_after"
+        fill_timings(record, gen.start_ns, gen.token_ns)
+        record.stop_reason = gen.stop_reason
+        record.input_tokens = gen.input_tokens
+        record.output_tokens = len(gen.tokens)
+        record.prefill_ms = gen.prefill_ns / 1e6
+        prefill_tokens = gen.input_tokens - min(cached_before, gen.input_tokens - 1)
+        for key, value in _engine_figures(gen, prefill_tokens).items():
+            setattr(record, key, value)
+        record.output_text = gen.text
+        return gen.start_ns, gen.token_ns[0], gen.token_ns[-1]
+
+
+def new_record(
+    engine: LlamaEngine | None,
+    prompt: Prompt,
+    *,
+    run_id: str,
+    device_id: str,
+    prompt_index: int,
+    warmup: bool,
+    include_text: bool,
+    model_name: str | None = None,
+) -> Measurement:
+    info = engine.info if engine is not None else None
+    return Measurement(
+        run_id=run_id,
+        device_id=device_id,
+        model_name=model_name or (info.name if info else "unknown"),
+        model_sha256=info.sha256 if info and info.sha256 else None,
+        prompt_index=prompt_index,
+        prompt_id=prompt.id,
+        prompt_sha256=prompt.sha256,
+        warmup=warmup,
+        first_after_load=engine is not None and engine.requests_since_load == 0,
+        prompt_text=prompt.text if include_text else None,
+    )
+
+
 def measure_request(
     engine: LlamaEngine,
     prompt: Prompt,
@@ -75,102 +156,39 @@ def measure_request(
     warmup: bool,
     memory: ProcessMemory,
 ) -> Measurement:
-    """Time one request; a failure becomes a measurement with its error type, never an exception."""
-    return _measure(
+    """Time one local request; a failure becomes a measurement with its error type, never an exception."""
+    record = new_record(
         engine,
         prompt,
-        text,
         run_id=run_id,
         device_id=device_id,
-        options=options,
         prompt_index=prompt_index,
         warmup=warmup,
-        memory=memory,
-    )[0]
-
-
-def _measure(
-    engine: LlamaEngine,
-    prompt: Prompt,
-    text: str,
-    *,
-    run_id: str,
-    device_id: str,
-    options: BenchOptions,
-    prompt_index: int,
-    warmup: bool,
-    memory: ProcessMemory,
-) -> tuple[Measurement, Generation | None]:
-    info = engine.info
-    record = Measurement(
-        run_id=run_id,
-        device_id=device_id,
-        model_name=info.name if info else "unknown",
-        model_sha256=info.sha256 if info and info.sha256 else None,
-        prompt_index=prompt_index,
-        prompt_id=prompt.id,
-        prompt_sha256=prompt.sha256,
-        warmup=warmup,
-        first_after_load=engine.requests_since_load == 0,
-        prompt_text=prompt.text if options.include_text else None,
+        include_text=options.include_text,
     )
-    memory.reset_peak()
-    record.rss_before_bytes = memory.read().rss_bytes
-    cached_before = len(engine._cached) if options.reuse_cache else 0
-    try:
-        gen = engine.generate(
-            text, max_tokens=options.max_tokens, ignore_eos=options.ignore_eos, reuse_cache=options.reuse_cache
-        )
-    except RequestError as exc:
-        engine.requests_since_load += 1
-        record.ok = False
-        record.error_type = exc.error_type
-        record.error_message = exc.message
-        return record, None
-    after = memory.read()
-    if memory.peak_resettable and after.hwm_bytes is not None:
-        record.rss_peak_bytes, record.rss_peak_source = after.hwm_bytes, "VmHWM"
-    else:
-        record.rss_peak_bytes, record.rss_peak_source = after.rss_bytes, "rss_after"
-
-    timings = timings_from_token_times(gen.start_ns, gen.token_ns)
-    n_out = len(gen.tokens)
-    record.stop_reason = gen.stop_reason
-    record.input_tokens = gen.input_tokens
-    record.output_tokens = n_out
-    record.ttft_ms = timings["ttft_ms"]
-    record.tpot_ms = timings["tpot_ms"]
-    record.e2e_ms = timings["e2e_ms"]
-    record.itl_ms = timings["itl_ms"]
-    record.decode_ms = timings["decode_ms"] if n_out > 1 else None
-    record.prefill_ms = gen.prefill_ns / 1e6
-    prefill_tokens = gen.input_tokens - min(cached_before, gen.input_tokens - 1)
-    for key, value in _engine_figures(gen, prefill_tokens).items():
-        setattr(record, key, value)
-    if options.include_text:
-        record.output_text = gen.text
-    return record, gen
+    LocalStrategy(engine, options, memory).measure(record, text, options.max_tokens)
+    if not options.include_text:
+        record.output_text = None
+    return record
 
 
-def _energy(
-    sampler: PowerSampler, gen: Generation | None, record: Measurement, baseline_w: dict[str, float]
-) -> dict[str, Any]:
-    if gen is None or not gen.token_ns:
+def _energy(sampler: PowerSampler, window: Window, record: Measurement, baseline_w: dict[str, float]) -> dict[str, Any]:
+    if window is None:
         return {"source": "+".join(s.name for s in sampler.sources), "unavailable": "the request failed"}
-    sampler.wait_past(gen.token_ns[-1])
+    sampler.wait_past(window[2])
     return sampler.window_report(
-        gen.start_ns,
-        gen.token_ns[0],
-        gen.token_ns[-1],
+        window[0],
+        window[1],
+        window[2],
         baseline_w=baseline_w,
         input_tokens=record.input_tokens,
         output_tokens=record.output_tokens,
     )
 
 
-def prepare_text(engine: LlamaEngine, prompt: Prompt, mode: str) -> tuple[str, bool]:
+def prepare_text(engine: LlamaEngine | None, prompt: Prompt, mode: str) -> tuple[str, bool]:
     """The text actually sent: wrapped in the model's chat template for ``on``, or ``auto`` when it has one."""
-    if mode == "off":
+    if mode == "off" or engine is None:
         return prompt.text, False
     wrapped = engine.chat_prompt(prompt.text)
     if wrapped is None:
@@ -182,7 +200,7 @@ def prepare_text(engine: LlamaEngine, prompt: Prompt, mode: str) -> tuple[str, b
 
 
 def run_bench(
-    engine: LlamaEngine,
+    engine: LlamaEngine | None,
     prompts: list[Prompt],
     options: BenchOptions,
     *,
@@ -192,14 +210,19 @@ def run_bench(
     on_result: Callable[[Measurement], None] | None = None,
     sampler: PowerSampler | None = None,
     baseline_w: dict[str, float] | None = None,
+    strategy: Strategy | None = None,
+    model_name: str | None = None,
 ) -> ModelRun:
     """Warm-up requests first (excluded from statistics), then ``options.runs`` measured requests.
 
-    Requests cycle through ``prompts``. ``on_result`` is called after each request, outside the timed region
-    (progress bars, durable storage).
+    Requests cycle through ``prompts`` and run through ``strategy`` (default: the local engine). ``on_result``
+    is called after each request, outside the timed region (progress bars, durable storage).
     """
-    memory = memory or ProcessMemory()
-    run = ModelRun(engine=engine)
+    if strategy is None:
+        if engine is None:
+            raise ValueError("the local strategy needs an engine")
+        strategy = LocalStrategy(engine, options, memory or ProcessMemory())
+    run = ModelRun(engine=engine, strategy=strategy.name)
     texts: list[tuple[str, bool]] = [prepare_text(engine, p, options.chat_template) for p in prompts]
     run.chat_template_used = any(used for _, used in texts)
     total = options.warmup + options.runs
@@ -210,21 +233,26 @@ def run_bench(
         if not warmup and phase_start is None:
             phase_start = time.perf_counter()
         index = i % len(prompts)
-        record, gen = _measure(
+        record = new_record(
             engine,
             prompts[index],
-            texts[index][0],
             run_id=run_id,
             device_id=device_id,
-            options=options,
             prompt_index=index,
             warmup=warmup,
-            memory=memory,
+            include_text=options.include_text,
+            model_name=model_name,
         )
+        window = strategy.measure(record, texts[index][0], options.max_tokens)
+        if not options.include_text:
+            record.output_text = None
         run.measurements.append(record)
         t0 = time.perf_counter()
+        after = getattr(strategy, "after", None)
+        if after is not None:
+            after(record, texts[index][0], options.max_tokens)
         if sampler is not None and sampler.sources:
-            record.ext["energy"] = _energy(sampler, gen, record, baseline_w or {})
+            record.ext["energy"] = _energy(sampler, window, record, baseline_w or {})
         if on_result is not None:
             on_result(record)
         if not warmup:

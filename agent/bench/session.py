@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import IO, Any
 
 import psutil
 
+from ..collab.context import CollabContext, build_strategy
 from ..config import Config
 from ..device import device_info
 from ..engines.llama import EngineSettings, LlamaEngine
@@ -96,7 +98,9 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     model_paths = [resolve_model_path(p) for p in request.models] or [resolve_model_path(config.get("model", "path"))]
     used: set[str] = set()
     labels = [_label(p, used) for p in model_paths]
-    outputs = output_paths(request.output, labels) if request.output else [None] * len(model_paths)
+    outputs: list[Path | None] = (
+        list(output_paths(request.output, labels)) if request.output else [None] * len(model_paths)
+    )
     m = config.values["model"]
     settings = EngineSettings(
         n_ctx=m["n_ctx"],
@@ -115,6 +119,11 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
         return {"_mem_percent": psutil.virtual_memory().percent, "_gpu_load_percent": gpu_load_percent(root)}
 
     session = BenchSession(run_id=str(uuid.uuid4()))
+    strategy_name = config.get("collab", "strategy")
+    collab = CollabContext.open(config, status) if strategy_name != "local" else None
+    targets: list[Path | None] = [None] if strategy_name == "cloud" else list(model_paths)
+    if strategy_name == "cloud":
+        outputs = [request.output]
     raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
     outbox = open_outbox(config) if request.store else None
     if outbox is not None:
@@ -127,9 +136,12 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
             session.stored = (session.stored or 0) + 1
 
     try:
-        for path, out_path in zip(model_paths, outputs, strict=False):
-            status(f"loading {path} …")
-            with LlamaEngine.load(path, settings) as engine:
+        for path, out_path in zip(targets, outputs, strict=False):
+            if path is not None:
+                status(f"loading {path} …")
+            engine_context: Any = LlamaEngine.load(path, settings) if path is not None else contextlib.nullcontext()
+            with engine_context as engine:
+                strategy = build_strategy(strategy_name, engine, options, collab, config)
                 sampler = PowerSampler(sources, rate_hz=probes["sample_rate_hz"], extras=extras)
                 sampler.start()
                 baseline: dict[str, float] = {}
@@ -138,10 +150,24 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                         status(f"measuring idle power for {probes['idle_baseline']:g} s …")
                         baseline = sampler.baseline(probes["idle_baseline"])
                     run = _run_with_progress(
-                        engine, prompts, options, session.run_id, config, raw_file, request, store, sampler, baseline
+                        engine,
+                        prompts,
+                        options,
+                        session.run_id,
+                        config,
+                        raw_file,
+                        request,
+                        store,
+                        sampler,
+                        baseline,
+                        strategy,
+                        collab.model if collab and engine is None else None,
                     )
                 finally:
                     sampler.stop()
+                extra: dict[str, Any] = {}
+                if collab is not None and config.get("collab", "baselines") and engine is not None:
+                    extra["speedup"] = collab.baselines(run, engine, prompts, options, status)
                 document = results_document(
                     run,
                     run_id=session.run_id,
@@ -151,7 +177,9 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                     sampler=sampler,
                     power_unavailable=unavailable,
                     baseline_w=baseline,
+                    cloud=collab.describe() if collab else None,
                 )
+                document["results"].update(extra)
                 if request.llmperf_dir is not None:
                     session.written.extend(llmperf_files(run, document, request.llmperf_dir))
             session.documents.append(document)
@@ -164,6 +192,8 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     finally:
         for source in sources:
             source.close()
+        if collab is not None:
+            collab.close()
         if raw_file is not None:
             raw_file.close()
         if outbox is not None:
@@ -191,7 +221,7 @@ def _device_facts(root: Root) -> dict[str, Any]:
 
 
 def _run_with_progress(
-    engine: LlamaEngine,
+    engine: LlamaEngine | None,
     prompts: list[Any],
     options: BenchOptions,
     run_id: str,
@@ -201,11 +231,13 @@ def _run_with_progress(
     store: Callable[[Measurement], None],
     sampler: PowerSampler,
     baseline: dict[str, float],
+    strategy: Any,
+    model_name: str | None,
 ) -> Any:
     import tqdm
 
     tqdm.tqdm.monitor_interval = 0  # no monitor thread waking up during the timed loop
-    label = Path(engine.info.path).name if engine.info else "model"
+    label = Path(engine.info.path).name if engine is not None and engine.info else strategy.name
     bar = tqdm.tqdm(
         total=options.warmup + options.runs,
         desc=label[:30],
@@ -234,6 +266,8 @@ def _run_with_progress(
             on_result=on_result,
             sampler=sampler,
             baseline_w=baseline,
+            strategy=strategy,
+            model_name=model_name,
         )
     finally:
         bar.close()

@@ -379,5 +379,55 @@ class LlamaEngine:
             return "cpu (this llama.cpp build has no GPU offload; n_gpu_layers ignored)"
         return "cpu"
 
+    # -- drafting for speculative decoding -------------------------------------------------------------------
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for in the middle of a text (SentencePiece's ▁ as a space)."""
+        buffer = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buffer, -n, 0, False)
+        return buffer.raw[:n]
+
+    def sync_context(self, tokens: list[int]) -> None:
+        """Make the KV cache hold exactly ``tokens`` with logits for the last one, reusing the common prefix."""
+        if not tokens:
+            raise RequestError("empty_prompt", "nothing to draft from")
+        if len(tokens) >= self.n_ctx:
+            raise RequestError("context_overflow", f"{len(tokens)} tokens; the context holds {self.n_ctx}")
+        keep = 0
+        for a, b in zip(self._cached, tokens[:-1], strict=False):
+            if a != b:
+                break
+            keep += 1
+        memory = self._lib.llama_get_memory(self._ctx)
+        if keep:
+            self._lib.llama_memory_seq_rm(memory, -1, keep, -1)
+        else:
+            self._lib.llama_memory_clear(memory, True)
+        self._decode_prompt(tokens[keep:], keep)
+        self._cached = list(tokens)
+
+    def draft(self, k: int) -> list[int]:
+        """Greedily extend the synced context by ``k`` tokens (end-of-generation tokens masked)."""
+        eog = self._eog_mask()
+        out: list[int] = []
+        one = self._one
+        for i in range(k):
+            logits = self._logits_row()
+            logits[eog] = -np.inf
+            tok = int(logits.argmax())
+            out.append(tok)
+            if i + 1 < k:
+                pos = len(self._cached)
+                if pos >= self.n_ctx:
+                    break
+                one.token[0] = tok
+                one.pos[0] = pos
+                if self._lib.llama_decode(self._ctx, one) != 0:
+                    raise RequestError("decode_failed", "llama_decode failed while drafting")
+                self._cached.append(tok)
+        return out
+
     def system_info(self) -> str:
         return bytes(self._lib.llama_print_system_info()).decode("utf-8", "replace").strip()

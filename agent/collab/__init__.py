@@ -1,0 +1,1 @@
+"""Edge–cloud collaboration: the cloud strategy, speculative decoding across the network, offloading."""

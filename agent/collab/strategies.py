@@ -1,0 +1,304 @@
+"""How one benchmark request runs: locally, in the cloud, speculatively across both, or where a policy sends it.
+
+Each strategy turns a prompt into a :class:`~agent.measurement.Measurement` plus the request's time window
+(start, first token, last token on the ``perf_counter_ns`` clock) for the power sampler. Failures become error
+measurements, never exceptions.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engines.cloud import CloudClient, CloudResult, LoopRunner
+from ..engines.llama import LlamaEngine
+from ..errors import RequestError
+from ..measurement import Measurement, timings_from_token_times
+from ..probes.power import on_battery
+from ..probes.sysfs import Root
+from .offload import OffloadPolicy, Rates, decide
+
+Window = tuple[int, int, int] | None  # (start_ns, first_token_ns, last_token_ns)
+
+
+def fill_timings(record: Measurement, start_ns: int, stamps: list[int]) -> None:
+    timings = timings_from_token_times(start_ns, stamps)
+    record.ttft_ms = timings["ttft_ms"]
+    record.tpot_ms = timings["tpot_ms"]
+    record.e2e_ms = timings["e2e_ms"]
+    record.itl_ms = timings["itl_ms"]
+    record.decode_ms = timings["decode_ms"] if len(stamps) > 1 else None
+
+
+# -- cloud --------------------------------------------------------------------------------------------------------
+@dataclass
+class CloudStrategy:
+    client: CloudClient
+    runner: LoopRunner
+    rtt_ms: float | None = None
+    name: str = "cloud"
+
+    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
+        record.strategy = "cloud"
+        record.engine = "openai-compatible"
+        prompt: Any = [{"role": "user", "content": text}] if self.client.settings.chat else text
+        result = self.runner.run(self.client.complete(prompt, max_tokens=max_tokens, stream=True))
+        return cloud_record(record, result, self.rtt_ms)
+
+
+def cloud_record(record: Measurement, result: CloudResult, rtt_ms: float | None) -> Window:
+    n_out, source = result.output_tokens
+    record.ext["network"] = {
+        "rtt_ms": rtt_ms,
+        "bytes_up": result.bytes_up,
+        "bytes_down": result.bytes_down,
+        "token_count_source": source,
+        "http_status": result.http_status,
+    }
+    if not result.ok:
+        record.ok = False
+        record.error_type = result.error_type
+        record.error_message = result.error_message
+        return None
+    if not result.chunk_ns:
+        record.ok = False
+        record.error_type = "empty_answer"
+        record.error_message = "the endpoint answered without any text"
+        return None
+    fill_timings(record, result.start_ns, result.chunk_ns)
+    record.output_tokens = n_out
+    record.input_tokens = (result.usage or {}).get("prompt_tokens")
+    record.stop_reason = {"length": "max_tokens", "stop": "eos"}.get(result.finish_reason or "", result.finish_reason)
+    record.output_text = result.text
+    return result.start_ns, result.chunk_ns[0], result.chunk_ns[-1]
+
+
+# -- speculative --------------------------------------------------------------------------------------------------
+@dataclass
+class SpeculativeStrategy:
+    """The local model drafts ``k`` tokens; the cloud verifies them; accepted tokens plus its own next are committed.
+
+    ``generate``: the cloud greedily generates k + 1 tokens from the committed text; the common prefix with the
+    draft is accepted and the cloud's token after it committed too (k + 1 cloud decode steps per round; works with
+    any OpenAI-compatible server). ``logprobs``: one request echoes the committed text plus the draft with
+    ``logprobs=1``; a draft token is accepted where the cloud's top choice at its position is that token; at the
+    first mismatch the cloud's top choice is committed, and after a fully accepted draft its generated token (one
+    forward pass per round; servers that echo prompt logprobs, for models that add BOS).
+    """
+
+    engine: LlamaEngine
+    client: CloudClient
+    runner: LoopRunner
+    k: int = 4
+    protocol: str = "generate"
+    adaptive: bool = False
+    rtt_ms: float | None = None
+    name: str = "speculative"
+    references: dict[tuple[str, int], str | None] = field(default_factory=dict)
+
+    def after(self, record: Measurement, text: str, max_tokens: int) -> None:
+        """Outside the timed region: compare the committed text with the cloud's own greedy output."""
+        collab = record.ext.get("collab")
+        if not record.ok or not isinstance(collab, dict):
+            return
+        key = (text, max_tokens)
+        if key not in self.references:
+            result = self.runner.run(self.client.complete(text, max_tokens=max_tokens, stream=False))
+            self.references[key] = result.text if result.ok else None
+        reference = self.references[key]
+        if reference is None:
+            collab["matches_cloud_greedy"] = None
+            collab["greedy_check"] = "the reference request to the cloud failed"
+            return
+        committed = record.output_text or ""
+        collab["matches_cloud_greedy"] = committed == reference
+        if committed != reference:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(committed, reference, strict=False)) if a != b),
+                min(len(committed), len(reference)),
+            )
+            collab["greedy_mismatch"] = {
+                "offset": at,
+                "committed": committed[at : at + 40],
+                "cloud": reference[at : at + 40],
+            }
+
+    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
+        record.strategy = "speculative"
+        record.engine = "llama.cpp draft + openai-compatible verify"
+        start = time.perf_counter_ns()
+        committed = ""
+        n_committed = 0
+        stamps: list[int] = []
+        drafted = accepted = rounds = 0
+        draft_ns = verify_ns = 0
+        bytes_up = bytes_down = 0
+        k = self.k
+        finished = False
+        try:
+            while n_committed < max_tokens and not finished:
+                k_round = max(1, min(k, max_tokens - n_committed - 1)) if max_tokens - n_committed > 1 else 0
+                t0 = time.perf_counter_ns()
+                drafts: list[bytes] = []
+                if k_round:
+                    self.engine.sync_context(self.engine.tokenize(text + committed))
+                    drafts = [self.engine.piece(t) for t in self.engine.draft(k_round)]
+                t1 = time.perf_counter_ns()
+                if self.protocol == "logprobs" and drafts:
+                    commit, n_ok, done, result = self._verify_logprobs(text + committed, drafts)
+                else:
+                    commit, n_ok, done, result = self._verify_generate(text + committed, drafts, k_round)
+                t2 = time.perf_counter_ns()
+                draft_ns += t1 - t0
+                verify_ns += t2 - t1
+                bytes_up += result.bytes_up
+                bytes_down += result.bytes_down
+                commit = commit[: max_tokens - n_committed]
+                committed += "".join(commit)
+                n_committed += len(commit)
+                stamps.extend([t2] * len(commit))
+                drafted += len(drafts)
+                accepted += n_ok
+                rounds += 1
+                finished = done or not commit
+                if self.adaptive and drafts:
+                    k = min(self.k * 2, k + 1) if n_ok == len(drafts) else max(1, n_ok + 1)
+        except RequestError as exc:
+            record.ok = False
+            record.error_type = exc.error_type
+            record.error_message = exc.message
+            return None
+        end = time.perf_counter_ns()
+        if not stamps:
+            record.ok = False
+            record.error_type = "empty_answer"
+            record.error_message = "no token was committed"
+            return None
+        fill_timings(record, start, stamps)
+        record.output_tokens = n_committed
+        record.output_text = committed
+        record.stop_reason = "max_tokens" if n_committed >= max_tokens else "eos"
+        network_ms = rounds * self.rtt_ms if self.rtt_ms is not None else None
+        total_ms = (end - start) / 1e6
+        record.ext["collab"] = {
+            "strategy": "speculative",
+            "protocol": self.protocol,
+            "draft_tokens": self.k,
+            "adaptive": self.adaptive,
+            "rounds": rounds,
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "mean_accepted_length": 1 + accepted / rounds if rounds else None,
+            "edge_time_ms": draft_ns / 1e6,
+            "cloud_time_ms": verify_ns / 1e6 - (network_ms or 0.0),
+            "verify_time_ms": verify_ns / 1e6,
+            "network_time_ms": network_ms,
+            "network_time_source": "rounds × TCP connect RTT" if network_ms is not None else "RTT unknown",
+            "collaboration_overhead_ms": total_ms - (draft_ns + verify_ns) / 1e6,
+            "total_duration_ms": total_ms,
+            "tokens_per_second": n_committed / (total_ms / 1000) if total_ms else None,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "bytes_per_committed_token": (bytes_up + bytes_down) / n_committed,
+        }
+        return start, stamps[0], stamps[-1]
+
+    def _cloud(self, prompt: str, **kw: Any) -> CloudResult:
+        result = self.runner.run(self.client.complete(prompt, stream=False, **kw))
+        if not result.ok:
+            raise RequestError(result.error_type or "cloud_error", result.error_message or "")
+        return result
+
+    def _verify_generate(self, context: str, drafts: list[bytes], k: int) -> tuple[list[str], int, bool, CloudResult]:
+        result = self._cloud(context, max_tokens=k + 1, extra={"logprobs": 1})
+        tokens = list((result.logprobs or {}).get("tokens") or [])
+        if not tokens and result.text:
+            raise RequestError("malformed_response", "the endpoint returned no per-token logprobs (logprobs=1)")
+        n_ok = 0
+        for piece, cloud in zip(drafts, tokens, strict=False):
+            if piece.decode("utf-8", "replace") != cloud:
+                break
+            n_ok += 1
+        commit = tokens[: n_ok + 1]
+        done = result.finish_reason == "stop" and len(commit) == len(tokens)
+        return commit, n_ok, done, result
+
+    def _verify_logprobs(self, context: str, drafts: list[bytes]) -> tuple[list[str], int, bool, CloudResult]:
+        texts = [d.decode("utf-8", "replace") for d in drafts]
+        result = self._cloud(context + "".join(texts), max_tokens=1, extra={"logprobs": 1, "echo": True})
+        lp = result.logprobs or {}
+        tokens, tops = list(lp.get("tokens") or []), list(lp.get("top_logprobs") or [])
+        if not tokens or len(tops) != len(tokens):
+            raise RequestError("malformed_response", "the endpoint did not echo prompt logprobs (echo + logprobs=1)")
+        generated = tokens[-1] if result.finish_reason != "stop" else None
+        rows = tokens[:-1] if generated is not None else tokens
+        # the draft occupies the last rows of the echoed prompt, one server token per draft token
+        first = len(rows) - len(texts)
+        n_ok = 0
+        correction = None
+        for j, piece in enumerate(texts):
+            row = first + j
+            top = tops[row] if 0 <= row < len(tops) else None
+            best = max(top.items(), key=lambda kv: kv[1])[0] if isinstance(top, dict) and top else None
+            if row < 0 or rows[row] != piece or best != piece:
+                correction = best
+                break
+            n_ok += 1
+        if correction is not None:
+            return [*texts[:n_ok], correction], n_ok, False, result
+        if generated is None:
+            return texts, n_ok, True, result
+        return [*texts, generated], n_ok, False, result
+
+
+# -- offloading ---------------------------------------------------------------------------------------------------
+@dataclass
+class OffloadStrategy:
+    """A policy sends each request to the local model or the cloud; a shadow sample runs both to check it."""
+
+    local: Any  # LocalStrategy
+    cloud: CloudStrategy
+    policy: OffloadPolicy
+    root: Root
+    rates: Rates
+    rng: random.Random
+    name: str = "offload"
+
+    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
+        prompt_tokens = len(self.local.engine.tokenize(text))
+        discharging, capacity = on_battery(self.root)
+        decision = decide(self.policy, prompt_tokens, max_tokens, self.rates, discharging, capacity)
+        chosen, other = (self.cloud, self.local) if decision.target == "cloud" else (self.local, self.cloud)
+        window = chosen.measure(record, text, max_tokens)
+        record.strategy = "offload"
+        self.rates.observe(record, decision.target)
+        info: dict[str, Any] = {
+            "decision": decision.target,
+            "reason": decision.reason,
+            "predicted_local_ms": decision.predicted_local_ms,
+            "predicted_cloud_ms": decision.predicted_cloud_ms,
+        }
+        if self.policy.shadow_fraction and self.rng.random() < self.policy.shadow_fraction:
+            shadow = Measurement(
+                run_id=record.run_id,
+                device_id=record.device_id,
+                model_name=record.model_name,
+                model_sha256=record.model_sha256,
+            )
+            other.measure(shadow, text, max_tokens)
+            self.rates.observe(shadow, "local" if decision.target == "cloud" else "cloud")
+            right = None
+            if record.ok and shadow.ok and record.e2e_ms is not None and shadow.e2e_ms is not None:
+                right = record.e2e_ms <= shadow.e2e_ms
+            info["shadow"] = {
+                "other": "local" if decision.target == "cloud" else "cloud",
+                "other_ok": shadow.ok,
+                "other_e2e_ms": shadow.e2e_ms,
+                "chosen_e2e_ms": record.e2e_ms,
+                "policy_right": right,
+            }
+        record.ext["offload"] = info
+        return window

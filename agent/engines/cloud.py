@@ -1,0 +1,281 @@
+"""Timing an OpenAI-compatible endpoint over HTTP: streaming completions, RTT, bytes, errors by type.
+
+TTFT is taken at the first SSE chunk that carries non-empty text (a role-only chunk does not count); every gap
+between text-bearing chunks is kept; e2e ends at the last text-bearing chunk (a trailing usage-only chunk does not
+extend it). Output tokens come from the server's ``usage`` when it sends one (``stream_options.include_usage``),
+else from the number of text-bearing chunks — the record says which. Nothing raises out of a request: timeouts,
+refused connections, HTTP errors, malformed and cut streams become error measurements with a type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from ..errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    url: str  # base URL ending in /v1
+    model: str | None = None
+    api_key: str | None = None
+    timeout: float = 60.0
+    chat: bool = False
+    extra: dict[str, Any] = field(default_factory=lambda: {"repeat_penalty": 1.0})
+
+
+def cloud_settings(config: Any, environ: dict[str, str] | None = None) -> CloudSettings:
+    environ = dict(os.environ) if environ is None else environ
+    c = config.values["cloud"]
+    if not c["url"]:
+        raise ConfigError(
+            config.source("cloud", "url"), "cloud.url", None, "the endpoint's base URL, e.g. http://host:8000/v1"
+        )
+    key = environ.get("LENS_CLOUD_API_KEY", "").strip() or None
+    if key is None and c["api_key_file"] is not None:
+        try:
+            key = Path(c["api_key_file"]).read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                config.source("cloud", "api_key_file"),
+                "cloud.api_key_file",
+                str(c["api_key_file"]),
+                f"a readable file holding the API key ({exc.strerror})",
+            ) from None
+    return CloudSettings(
+        url=str(c["url"]).rstrip("/"), model=c["model"], api_key=key, timeout=c["timeout"], chat=c["chat"]
+    )
+
+
+@dataclass
+class CloudResult:
+    """One streamed request. Times are ``perf_counter_ns`` stamps."""
+
+    start_ns: int
+    chunk_ns: list[int] = field(default_factory=list)  # text-bearing chunks only
+    texts: list[str] = field(default_factory=list)
+    end_ns: int | None = None
+    usage: dict[str, int] | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    finish_reason: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+    logprobs: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    @property
+    def output_tokens(self) -> tuple[int, str]:
+        if self.usage and "completion_tokens" in self.usage:
+            return int(self.usage["completion_tokens"]), "server usage"
+        return len(self.chunk_ns), "text-bearing chunks"
+
+
+class CloudClient:
+    """An aiohttp client for /v1/completions and /v1/chat/completions."""
+
+    def __init__(self, settings: CloudSettings) -> None:
+        self.settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(
+                    total=self.settings.timeout, sock_connect=min(10.0, self.settings.timeout)
+                )
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        return headers
+
+    async def model_name(self) -> str:
+        """The configured model, else the first one the endpoint lists."""
+        if self.settings.model:
+            return self.settings.model
+        session = await self.session()
+        async with session.get(self.settings.url + "/models", headers=self._headers()) as response:
+            data = await response.json(content_type=None)
+        return str(data["data"][0]["id"])
+
+    async def rtt_ms(self, samples: int = 3) -> float | None:
+        """Median TCP connect time to the endpoint: one round trip (SYN → SYN-ACK)."""
+        parts = urlsplit(self.settings.url)
+        host = parts.hostname or "127.0.0.1"
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter_ns()
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=5)
+            except (OSError, asyncio.TimeoutError):
+                return None
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+            writer.close()
+        return statistics.median(times)
+
+    async def complete(
+        self,
+        prompt: str | list[dict[str, str]],
+        *,
+        max_tokens: int,
+        stream: bool = True,
+        temperature: float = 0.0,
+        extra: dict[str, Any] | None = None,
+    ) -> CloudResult:
+        """One request; never raises for what the network or the server does."""
+        chat = isinstance(prompt, list)
+        body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "stream": stream}
+        if chat:
+            body["messages"] = prompt
+        else:
+            body["prompt"] = prompt
+        if self.settings.model:
+            body["model"] = self.settings.model
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        body.update(self.settings.extra)
+        body.update(extra or {})
+        payload = json.dumps(body).encode()
+        path = "/chat/completions" if chat else "/completions"
+        result = CloudResult(start_ns=time.perf_counter_ns(), bytes_up=len(payload))
+        try:
+            session = await self.session()
+            async with session.post(self.settings.url + path, data=payload, headers=self._headers()) as response:
+                result.http_status = response.status
+                if response.status != 200:
+                    text = await response.text()
+                    result.bytes_down += len(text)
+                    result.error_type = f"http_{response.status}"
+                    result.error_message = text[:300]
+                    return result
+                if stream:
+                    await self._read_stream(response, result)
+                else:
+                    raw = await response.read()
+                    result.bytes_down += len(raw)
+                    self._read_body(raw, result)
+        except asyncio.TimeoutError:
+            result.error_type = "timeout"
+            result.error_message = f"no complete answer within {self.settings.timeout:g} s"
+        except aiohttp.ClientConnectorError as exc:
+            result.error_type = "connection_refused" if "refused" in str(exc).lower() else "connection_error"
+            result.error_message = str(exc)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            result.error_type = "stream_cut"
+            result.error_message = f"the connection closed mid-answer: {exc}"
+        except aiohttp.ClientError as exc:
+            result.error_type = "connection_error"
+            result.error_message = str(exc)
+        return result
+
+    @staticmethod
+    def _choice_text(choice: dict[str, Any]) -> str:
+        if "text" in choice:
+            return str(choice.get("text") or "")
+        delta = choice.get("delta") or choice.get("message") or {}
+        return str(delta.get("content") or "")
+
+    def _read_body(self, raw: bytes, result: CloudResult) -> None:
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            result.error_type = "malformed_response"
+            result.error_message = raw[:200].decode("utf-8", "replace")
+            return
+        now = time.perf_counter_ns()
+        text = self._choice_text(choice)
+        if text:
+            result.texts.append(text)
+            result.chunk_ns.append(now)
+        result.end_ns = now
+        result.finish_reason = choice.get("finish_reason")
+        result.usage = data.get("usage")
+        result.logprobs = choice.get("logprobs")
+
+    async def _read_stream(self, response: aiohttp.ClientResponse, result: CloudResult) -> None:
+        done = False
+        buffer = b""
+        async for raw in response.content:
+            result.bytes_down += len(raw)
+            buffer += raw
+            if not buffer.endswith(b"\n"):
+                continue
+            line, buffer = buffer.strip(), b""
+            if not line or line.startswith(b":"):
+                continue
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            try:
+                event = json.loads(data)
+            except ValueError:
+                result.error_type = "malformed_stream"
+                result.error_message = f"not JSON in the stream: {data[:120]!r}"
+                return
+            if not isinstance(event, dict):
+                result.error_type = "malformed_stream"
+                result.error_message = "an event that is not an object"
+                return
+            if event.get("usage"):
+                result.usage = event["usage"]
+            for choice in event.get("choices") or []:
+                text = self._choice_text(choice)
+                if text:
+                    now = time.perf_counter_ns()
+                    result.texts.append(text)
+                    result.chunk_ns.append(now)
+                    result.end_ns = now
+                if choice.get("finish_reason"):
+                    result.finish_reason = choice["finish_reason"]
+        if not done:
+            result.error_type = "stream_cut"
+            result.error_message = "the stream ended without [DONE]"
+
+
+class LoopRunner:
+    """Runs coroutines on one event loop from synchronous code (the benchmark's request loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
