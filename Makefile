@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/wire_size.py
 	$(BIN)/python bench/outbox_append.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/collab.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-results.json

@@ -428,3 +428,23 @@ def test_errors_are_measurements_and_the_run_goes_on(tmp_path: Path, capsys: pyt
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_link_proxy_adds_its_round_trip(cloud_url: str) -> None:
+    from .netproxy import LinkProxy
+
+    port = int(cloud_url.rsplit(":", 1)[1].split("/")[0])
+
+    def fetch(url: str) -> float:
+        t0 = time.perf_counter()
+        urllib.request.urlopen(url, timeout=10).read()
+        return (time.perf_counter() - t0) * 1000
+
+    proxy = LinkProxy(port, rtt_ms=120).start_in_thread()
+    try:
+        direct = min(fetch(cloud_url + "/models") for _ in range(3))
+        delayed = min(fetch(f"http://127.0.0.1:{proxy.port}/v1/models") for _ in range(3))
+    finally:
+        proxy.stop_thread()
+    # a fresh connection each time: the request and its answer each cross the link once (one RTT), loosely bounded
+    assert 100 <= delayed - direct < 1000

@@ -27,6 +27,8 @@ import pytest
 
 from aggregator.store import SQLiteStore
 
+from .netproxy import LinkProxy
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "dev-1"
 
@@ -210,75 +212,8 @@ def test_outage_with_a_small_bound_counts_every_drop(tmp_path: Path, aggregator:
     assert ids
 
 
-class FaultProxy:
-    """A TCP proxy on 127.0.0.1 that, per chunk the agent sends, passes it, delays it, resets the connection
-    (before or after forwarding: the aggregator may have stored a batch whose answer is lost) or stalls."""
-
-    def __init__(self, target_port: int, seed: int) -> None:
-        self.target_port = target_port
-        self.faulty = False
-        self.rng = random.Random(seed)
-        self.port = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.seen: dict[str, int] = {}
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def _fault(self) -> str:
-        fault = self.rng.choice(["pass", "pass", "delay", "reset", "reset-after", "stall"]) if self.faulty else "pass"
-        self.seen[fault] = self.seen.get(fault, 0) + 1
-        return fault
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-
-        def reset() -> None:
-            writer.transport.abort()
-            up_writer.transport.abort()
-
-        async def upstream() -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while chunk := await reader.read(65536):
-                    fault = self._fault()
-                    if fault == "reset":
-                        return reset()
-                    if fault == "stall":
-                        await asyncio.sleep(5)  # longer than the agent's timeout
-                    if fault == "delay":
-                        await asyncio.sleep(self.rng.uniform(0.01, 0.3))
-                    up_writer.write(chunk)
-                    await up_writer.drain()
-                    if fault == "reset-after":
-                        await asyncio.sleep(0.05)  # the aggregator has the batch; its answer is lost
-                        return reset()
-            with contextlib.suppress(Exception):
-                up_writer.close()
-
-        async def downstream() -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while chunk := await up_reader.read(65536):
-                    writer.write(chunk)
-                    await writer.drain()
-            with contextlib.suppress(Exception):
-                writer.close()
-
-        await asyncio.gather(upstream(), downstream())
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
-
-
 async def test_flaky_network_resets_stalls_and_delays(tmp_path: Path, aggregator: AggregatorProcess) -> None:
-    proxy = FaultProxy(aggregator.port, seed=3)
+    proxy = LinkProxy(aggregator.port, seed=3)
     await proxy.start()
     url = f"http://127.0.0.1:{proxy.port}"
     token = device_token(aggregator.db)
