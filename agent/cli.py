@@ -21,7 +21,11 @@ log = logging.getLogger("agent")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    import os
+
+    # Under systemd (JOURNAL_STREAM set) journald stamps every line; elsewhere the log carries its own time.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=stamp + "%(name)s: %(message)s")
     logging.getLogger("llama.cpp").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
@@ -264,7 +268,7 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool) -> None
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--probe/--no-probe", default=True, help="Check that the aggregator answers.  [default: probe]")
 def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe: bool) -> None:
-    """How the agent is doing: outbox backlog, drops, last sync, aggregator reachability.
+    """How the agent is doing: the service, its last runs, outbox backlog, drops, last sync, the aggregator.
 
     Exit status 0 when healthy, 1 when unhealthy (the reasons are printed), 2 on a usage error.
 
@@ -277,7 +281,8 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
 
     from .errors import ConfigError
     from .outbox import open_outbox, outbox_path
-    from .status import evaluate, render, status_document
+    from .service import state_path
+    from .status import evaluate, render, service_view, status_document
     from .sync import probe_aggregator, sync_settings
 
     config = _sync_config(config_path, data_dir)
@@ -304,7 +309,14 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         if settings is not None:
             reachable = asyncio.run(probe_aggregator(settings))
     now_us = time.time_ns() // 1000
-    health = evaluate(stats, state, interval_s=config.get("sync", "interval"), now_us=now_us)
+    service = None
+    service_file = state_path(config.get("agent", "data_dir"))
+    if service_file.exists():
+        try:
+            service = service_view(json.loads(service_file.read_text()), time.time())
+        except (OSError, ValueError) as exc:
+            raise LensError(f"{service_file}: unreadable service state ({exc})") from None
+    health = evaluate(stats, state, interval_s=config.get("sync", "interval"), now_us=now_us, service=service)
     doc = status_document(
         outbox_file=path,
         stats=stats,
@@ -314,6 +326,7 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         aggregator_url=url,
         last_salvage=salvage,
         now_us=now_us,
+        service=service,
     )
     click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
     if not health.healthy:
@@ -349,6 +362,37 @@ def probe(
     )
     doc = probe_document(config, samples=samples)
     click.echo(json.dumps(doc, indent=2) if as_json else render_probe(doc))
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox and state.  [default: agent.data_dir]")
+@click.option("--model", type=click.Path(path_type=Path), help="GGUF model.  [default: model.path, else SmolLM2]")
+@click.option("--once", is_flag=True, help="Run every workload once now, sync, and exit.")
+def run(config_path: Path | None, data_dir: Path | None, model: Path | None, once: bool) -> None:
+    """Run as a service: scheduled workloads, the outbox, sync, housekeeping, systemd notify.
+
+    Workloads come from [[workloads]] in the config (default: 3 requests every 15 minutes). SIGTERM stops it
+    cleanly (the request in flight finishes and is stored, a last sync is tried); SIGHUP reloads the config.
+
+    \b
+    Example:
+        lens-agent run --config /etc/lens-agent/agent.toml
+        lens-agent run --config demo.toml --once
+    """
+    import asyncio
+
+    from .service import AgentService
+
+    service = AgentService(
+        config_path,
+        {
+            ("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None),
+            ("model", "path"): ("--model", str(model) if model else None),
+        },
+        once=once,
+    )
+    sys.exit(asyncio.run(service.run()))
 
 
 def main(argv: list[str] | None = None) -> None:

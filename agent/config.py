@@ -13,7 +13,7 @@ import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -289,11 +289,83 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "on_battery": KeySpec(boolean, const(False), "offload whenever the device is not on AC power"),
         "shadow_fraction": KeySpec(number_range(0, 1), const(0.0), "share of requests run both ways to check"),
     },
+    "service": {
+        "heartbeat_interval": KeySpec(parse_duration, const(10.0), "heartbeat file and watchdog ping period"),
+        "housekeeping_interval": KeySpec(parse_duration, const(3600.0), "outbox checkpoint and vacuum period"),
+        "final_sync_timeout": KeySpec(duration_or_zero, const(5.0), "last upload attempt on shutdown (0: none)"),
+    },
+    "gates": {
+        "min_battery_percent": KeySpec(optional(int_range(0, 100)), const(None), "skip runs on battery below this"),
+        "skip_when_throttled": KeySpec(boolean, const(True), "skip runs while a thermal zone is past its trip point"),
+        "max_load_per_core": KeySpec(
+            optional(number_range(0, 1000)),
+            const(None),
+            "skip runs when the 1-min load average per core is above this (the device is busy with its real work)",
+        ),
+    },
     "outbox": {
         "synchronous": KeySpec(choice("FULL", "NORMAL"), const("FULL"), "SQLite durability per append"),
         "policy": KeySpec(choice("drop_oldest", "drop_newest"), const("drop_oldest"), "when the outbox is full"),
     },
 }
+
+
+def cron_expression(value: object) -> str:
+    allowed = "a crontab expression with five fields, e.g. '*/15 * * * *'"
+    if not isinstance(value, str):
+        raise _Invalid(allowed)
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(value)
+    except ValueError as exc:
+        raise _Invalid(f"{allowed} ({exc})") from None
+    return value
+
+
+WORKLOAD_SCHEMA: dict[str, KeySpec] = {
+    "name": KeySpec(text, const(None), "shown in status and recorded with every measurement"),
+    "prompts": KeySpec(optional(path_value), const(None), "prompt file; default: the built-in set"),
+    "strategy": KeySpec(
+        optional(choice("local", "cloud", "speculative", "offload")), const(None), "default: collab.strategy"
+    ),
+    "requests": KeySpec(int_range(1, 10000), const(3), "measured requests per run"),
+    "warmup": KeySpec(int_range(0, 1000), const(0), "warm-up requests per run (the model stays loaded)"),
+    "max_tokens": KeySpec(int_range(1), const(128), "output tokens per request at most"),
+    "ignore_eos": KeySpec(boolean, const(False), "always generate max_tokens"),
+    "every": KeySpec(optional(parse_duration), const(None), "run at this interval (or cron)"),
+    "cron": KeySpec(optional(cron_expression), const(None), "run on this crontab schedule (or every)"),
+    "jitter": KeySpec(
+        duration_or_zero, const(30.0), "random delay added to each run, so a fleet does not fire at once"
+    ),
+}
+DEFAULT_WORKLOAD = {"name": "default", "every": "15m"}
+
+
+def _check_workloads(source: str, raw: object, strict: bool = True) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError(source, "workloads", raw, "an array of tables: [[workloads]]")
+    out = []
+    for n, item in enumerate(raw):
+        where = f"workloads[{n}]"
+        values: dict[str, Any] = {}
+        for key, value in item.items():
+            if key not in WORKLOAD_SCHEMA:
+                raise ConfigError(source, f"{where}.{key}", value, "a known key: " + ", ".join(WORKLOAD_SCHEMA))
+            try:
+                values[key] = WORKLOAD_SCHEMA[key].parse(value)
+            except _Invalid as exc:
+                raise ConfigError(source, f"{where}.{key}", value, str(exc)) from None
+        for key, spec in WORKLOAD_SCHEMA.items():
+            values.setdefault(key, spec.default())
+        if (values["every"] is None) == (values["cron"] is None):
+            raise ConfigError(source, where, item, 'exactly one of every (e.g. "15m") or cron')
+        values["name"] = values["name"] or f"workload-{n + 1}"
+        out.append(values)
+    names = [w["name"] for w in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(source, "workloads", names, "distinct names")
+    return out
 
 
 @dataclass(frozen=True)
@@ -303,6 +375,7 @@ class Config:
     values: Mapping[str, Mapping[str, Any]]
     sources: Mapping[str, Mapping[str, str]]
     path: Path | None
+    workloads: list[dict[str, Any]] = field(default_factory=list)
 
     def get(self, section: str, key: str) -> Any:
         return self.values[section][key]
@@ -354,6 +427,9 @@ def load_config(
 
     values: dict[str, dict[str, Any]] = {s: {} for s in schema}
     sources: dict[str, dict[str, str]] = {s: {} for s in schema}
+    workloads: list[dict[str, Any]] = []
+    if schema is SCHEMA:
+        workloads = _check_workloads(str(file_path), raw.pop("workloads", [DEFAULT_WORKLOAD]))
     for section, table in raw.items():
         if section not in schema:
             raise ConfigError(str(file_path), section, "[section]", "one of the sections " + ", ".join(schema))
@@ -385,4 +461,4 @@ def load_config(
             if key not in values[section]:
                 values[section][key] = spec.default()
                 sources[section][key] = "default"
-    return Config(values=values, sources=sources, path=file_path)
+    return Config(values=values, sources=sources, path=file_path, workloads=workloads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +25,44 @@ class Health:
         self.reasons.append(reason)
 
 
+def service_view(service: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """The service's own state file, with whether it runs and how old its heartbeat is."""
+    if service is None:
+        return None
+    pid = service.get("pid")
+    alive = False
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+    age = now - float(service.get("updated_unix") or 0)
+    return {**service, "running": alive and service.get("state") != "stopped", "heartbeat_age_s": round(age, 1)}
+
+
 def evaluate(
     stats: OutboxStats | None,
     state: dict[str, str | None],
     *,
     interval_s: float,
     now_us: int,
+    service: dict[str, Any] | None = None,
 ) -> Health:
     """Unhealthy when records are pending and no sync succeeded for 3× the interval; when the outbox is above
-    90 % of its bound; when the aggregator refuses the device (401/403) or its format (415)."""
+    90 % of its bound; when the aggregator refuses the device (401/403) or its format (415); when the service's
+    heartbeat is older than 3× its interval (crashed or hung without stopping)."""
     health = Health()
+    if service is not None and service.get("state") != "stopped":
+        limit = STALE_SYNC_INTERVALS * float(service.get("heartbeat_interval_s") or 10)
+        age = float(service.get("heartbeat_age_s") or 0)
+        if age > limit:
+            health.fail(
+                f"the service's heartbeat is {age:.0f} s old (limit {limit:g} s) while it claims to be "
+                f"{service.get('state')!r}: crashed or hung (pid {service.get('pid')})"
+            )
     if stats is None:
         return health
     if stats.fill_ratio > FILL_LIMIT:
@@ -55,6 +84,10 @@ def evaluate(
     if kind in ("auth", "unsupported"):
         health.fail(f"the aggregator refuses this device: {state.get('last_error')}")
     return health
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _int(value: str | None) -> int | None:
@@ -80,6 +113,7 @@ def status_document(
     aggregator_url: str | None,
     last_salvage: str | None,
     now_us: int,
+    service: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     last_result: Any = None
     if state.get("last_result"):
@@ -91,6 +125,7 @@ def status_document(
     return {
         "healthy": health.healthy,
         "reasons": health.reasons,
+        "service": service,
         "outbox": None
         if stats is None
         else {
@@ -122,6 +157,37 @@ def status_document(
 def render(doc: dict[str, Any]) -> str:
     lines = [f"health      {'OK' if doc['healthy'] else 'UNHEALTHY'}"]
     lines += [f"  - {reason}" for reason in doc["reasons"]]
+    svc = doc.get("service")
+    if svc is None:
+        lines.append("service     never ran here (lens-agent run)")
+    else:
+        running = "running" if svc["running"] else "not running"
+        lines.append(
+            f"service     {running}, {svc.get('state')} (pid {svc.get('pid')}, since {svc.get('started_at')}, "
+            f"heartbeat {svc['heartbeat_age_s']:.0f} s ago)"
+        )
+        model = svc.get("model") or {}
+        if model:
+            lines.append(
+                f"  model     {model.get('name')} ({model.get('quantization')}), loaded {model.get('loaded_at')} "
+                f"in {model.get('load_ms', 0):.0f} ms"
+            )
+        for name, run in (svc.get("last_runs") or {}).items():
+            if "skipped" in run:
+                lines.append(f"  last run  {name} at {run['at']}: skipped — {run['skipped']}")
+            elif "error" in run:
+                lines.append(f"  last run  {name} at {run['at']}: failed — {run['error']}")
+            else:
+                joules = run.get("j_per_output_token")
+                lines.append(
+                    f"  last run  {name} at {run['at']}: TTFT p50 {_num(run.get('ttft_p50_ms'))} ms, "
+                    f"p95 {_num(run.get('ttft_p95_ms'))} ms, {_num(run.get('tokens_per_second'))} tok/s, "
+                    f"{_num(joules, 4) + ' J/token' if joules is not None else 'J/token unknown'}, "
+                    f"{run.get('errors', 0)} errors"
+                )
+        for name, at in (svc.get("next_runs") or {}).items():
+            lines.append(f"  next run  {name} at {at}")
+        lines.append(f"  power     {svc.get('power_source') or 'no power source (lens-agent probe says why)'}")
     box = doc["outbox"]
     if box is None:
         lines.append("outbox      none yet")

@@ -212,6 +212,7 @@ def run_bench(
     baseline_w: dict[str, float] | None = None,
     strategy: Strategy | None = None,
     model_name: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ModelRun:
     """Warm-up requests first (excluded from statistics), then ``options.runs`` measured requests.
 
@@ -229,6 +230,8 @@ def run_bench(
     phase_start: float | None = None
     callback_s = 0.0  # time spent in on_result during the measured phase, not counted as benchmark wall time
     for i in range(total):
+        if should_stop is not None and should_stop():
+            break  # a shutdown: the request in flight has finished and was recorded; start no new one
         warmup = i < options.warmup
         if not warmup and phase_start is None:
             phase_start = time.perf_counter()

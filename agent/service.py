@@ -1,0 +1,449 @@
+"""``lens-agent run``: the long-running agent.
+
+It keeps the model loaded, runs the configured workloads on their schedules (interval or cron, with jitter;
+apscheduler), skips a run — and records why — when a gate says the device should be left alone, stores every
+measurement in the outbox before the next request starts, syncs on its own schedule, and does housekeeping. Under
+systemd it speaks the notify protocol (READY, STATUS, WATCHDOG, STOPPING). SIGTERM: no new work, the request in
+flight finishes and is stored, a last sync is attempted, exit 0 — nothing stored is lost. SIGHUP reloads the
+configuration.
+
+Its state goes to ``<data_dir>/service.json`` (written atomically every heartbeat), which ``lens-agent status``
+reads whether the service runs or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .bench.runner import BenchOptions, run_bench
+from .config import Config, load_config
+from .engines.llama import EngineSettings, LlamaEngine
+from .engines.modelfile import resolve_model_path
+from .errors import LensError
+from .gates import gate, read_state
+from .measurement import Measurement, utc_now_iso
+from .notify import Notifier
+from .outbox import AsyncOutbox, open_outbox
+from .probes.device import gpu_load_percent
+from .probes.power import detect_power
+from .probes.sampler import PowerSampler
+from .probes.sysfs import Root
+from .prompts import load_prompts
+
+log = logging.getLogger("agent.service")
+STATE_FILE = "service.json"
+
+
+def state_path(data_dir: Path | str) -> Path:
+    return Path(data_dir) / STATE_FILE
+
+
+def write_atomically(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _settings(config: Config) -> EngineSettings:
+    m = config.values["model"]
+    return EngineSettings(
+        n_ctx=m["n_ctx"],
+        n_threads=m["n_threads"],
+        n_batch=m["n_batch"],
+        n_gpu_layers=m["n_gpu_layers"],
+        flash_attn=m["flash_attn"],
+    )
+
+
+class AgentService:
+    def __init__(
+        self,
+        config_path: Path | None,
+        overrides: Mapping[tuple[str, str], tuple[str, object]] | None = None,
+        *,
+        once: bool = False,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.config = load_config(config_path, overrides=self.overrides)
+        self.once = once
+        self.notifier = notifier or Notifier()
+        self.data_dir = Path(self.config.get("agent", "data_dir"))
+        self.state = "starting"
+        self.started_at = utc_now_iso()
+        self.engine: LlamaEngine | None = None
+        self.model: dict[str, Any] = {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.abort = False
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._stop: asyncio.Event | None = None
+        self._current: asyncio.Future[Any] | None = None
+        self._scheduler: Any = None
+        self._sync: Any = None
+        self._uploader: Any = None
+        self.outbox: AsyncOutbox | None = None
+        self._pending_once: set[str] = set()
+        self.stored = 0  # records appended to the outbox by this process
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = AsyncOutbox(open_outbox(self.config))
+        self._start_sync()
+        await self._load_model()
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.start()
+        self._schedule_workloads()
+        service = self.config.values["service"]
+        beat = service["heartbeat_interval"]
+        if self.notifier.watchdog_s:
+            beat = min(beat, self.notifier.watchdog_s / 2)
+        self._scheduler.add_job(self.heartbeat, "interval", seconds=beat, id="heartbeat", coalesce=True)
+        self._scheduler.add_job(
+            self.housekeeping, "interval", seconds=service["housekeeping_interval"], id="housekeeping", coalesce=True
+        )
+        self.state = "idle"
+        await self.heartbeat()
+        self.notifier.ready(self._status_line())
+        log.info("ready: %s", self._status_line())
+        await self._stop.wait()
+        return await self._shutdown()
+
+    def request_stop(self) -> None:
+        if self._stop is not None and not self._stop.is_set():
+            log.info("stopping: no new work; the request in flight finishes and is stored")
+            self.abort = True
+            self.state = "stopping"
+            self.notifier.stopping()
+            self._stop.set()
+
+    async def _shutdown(self) -> int:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        if self._current is not None:
+            await asyncio.gather(self._current, return_exceptions=True)
+        timeout = self.config.values["service"]["final_sync_timeout"]
+        if self._uploader is not None and timeout > 0:
+            try:
+                report = await asyncio.wait_for(self._uploader.sync_now(), timeout)
+                log.info("final sync: %d uploaded, %d pending", report.uploaded, report.pending)
+            except asyncio.TimeoutError:
+                log.warning("final sync did not finish within %g s; the rest stays in the outbox", timeout)
+        if self._sync is not None:
+            await self._sync.stop()
+        if self._uploader is not None:
+            await self._uploader.close()
+        if self.outbox is not None:
+            await self.outbox.close()
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(self._engine_thread, self.engine.close)
+        self._engine_thread.shutdown(wait=True)
+        self.state = "stopped"
+        self._write_state()
+        log.info("stopped")
+        return 0
+
+    async def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config_path, overrides=self.overrides)
+        except LensError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            self.notifier.send("READY=1", f"STATUS=reload refused: {exc}")
+            return
+        old = self.config
+        self.config = config
+        if old.values["model"] != config.values["model"]:
+            await self._load_model()
+        if old.values["sync"] != config.values["sync"] or old.get("agent", "device_id") != config.get(
+            "agent", "device_id"
+        ):
+            if self._sync is not None:
+                await self._sync.stop()
+            if self._uploader is not None:
+                await self._uploader.close()
+            self._start_sync()
+        self._schedule_workloads()
+        log.info("configuration reloaded from %s", config.path or "defaults")
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def _start_sync(self) -> None:
+        from .sync import SyncService, Uploader, sync_settings
+
+        self._sync = self._uploader = None
+        if not self.config.get("sync", "url"):
+            log.warning("sync.url is not set: measurements stay in the outbox until it is")
+            return
+        assert self.outbox is not None
+        self._uploader = Uploader(self.outbox, sync_settings(self.config))
+        self._sync = SyncService(self._uploader)
+        self._sync.start()
+
+    async def _load_model(self) -> None:
+        path = resolve_model_path(self.config.get("model", "path"))
+        settings = _settings(self.config)
+        loop = asyncio.get_running_loop()
+        if self.engine is not None:
+            await loop.run_in_executor(self._engine_thread, self.engine.close)
+        self.state = "loading model"
+        self.notifier.status(f"loading {path.name}")
+        self.engine = await loop.run_in_executor(self._engine_thread, LlamaEngine.load, path, settings)
+        info, load = self.engine.info, self.engine.load_info
+        assert info is not None and load is not None
+        self.model = {
+            "path": str(path),
+            "name": info.name,
+            "quantization": info.quantization,
+            "sha256": info.sha256,
+            "loaded_at": utc_now_iso(),
+            "load_ms": load.load_ms,
+            "engine_load_ms": load.engine_load_ms,
+            "settings": settings.as_dict(),
+        }
+        record = Measurement(
+            run_id=str(uuid.uuid4()),
+            device_id=self.config.get("agent", "device_id"),
+            model_name=info.name,
+            model_sha256=info.sha256 or None,
+            kind="model_load",
+            output_tokens=0,
+        )
+        record.e2e_ms = load.load_ms
+        record.rss_before_bytes = load.rss_before_bytes
+        record.rss_peak_bytes = load.rss_after_bytes
+        record.ext["model_load"] = {"engine_load_ms": load.engine_load_ms, "path": str(path), **settings.as_dict()}
+        assert self.outbox is not None
+        await self.outbox.append(record.to_dict())
+        self.stored += 1
+        log.info("model %s loaded in %.0f ms", path.name, load.load_ms)
+
+    def _schedule_workloads(self) -> None:
+        from apscheduler.triggers.cron import CronTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        for job in list(self._scheduler.get_jobs()):
+            if job.id.startswith("workload:"):
+                job.remove()
+        for workload in self.config.workloads:
+            jitter = int(workload["jitter"]) or None
+            if workload["cron"]:
+                trigger: Any = CronTrigger.from_crontab(workload["cron"], jitter=jitter)
+            else:
+                trigger = IntervalTrigger(seconds=workload["every"], jitter=jitter)
+            next_run = datetime.now(timezone.utc) if self.once else None
+            self._scheduler.add_job(
+                self.run_workload,
+                trigger,
+                args=[workload],
+                id=f"workload:{workload['name']}",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+                **({"next_run_time": next_run} if next_run else {}),
+            )
+            self._pending_once.add(workload["name"])
+
+    async def run_workload(self, workload: dict[str, Any]) -> None:
+        if self.abort:
+            return
+        name = workload["name"]
+        root = Root(self.config.get("probes", "sysfs_root"))
+        reason = gate(self.config.values["gates"], read_state(root))
+        if reason is not None:
+            await self._record_skip(name, reason)
+        else:
+            self.state = f"measuring {name}"
+            self.notifier.status(self.state)
+            loop = asyncio.get_running_loop()
+            self._current = loop.run_in_executor(self._engine_thread, self._measure, workload)
+            try:
+                summary = await self._current
+            except LensError as exc:
+                log.error("workload %s failed: %s", name, exc)
+                summary = {"at": utc_now_iso(), "error": str(exc)}
+            finally:
+                self._current = None
+            self.runs[name] = summary
+            self.state = "stopping" if self.abort else "idle"
+            if self._sync is not None:
+                self._sync.trigger()
+        self._pending_once.discard(name)
+        await self.heartbeat()
+        if self.once and not self._pending_once:
+            self.request_stop()
+
+    async def _record_skip(self, name: str, reason: str) -> None:
+        log.info("workload %s skipped: %s", name, reason)
+        record = Measurement(
+            run_id=str(uuid.uuid4()),
+            device_id=self.config.get("agent", "device_id"),
+            model_name=self.model.get("name", "unknown"),
+            model_sha256=self.model.get("sha256") or None,
+            kind="skip",
+            ok=False,
+            error_type="skipped",
+            error_message=reason,
+        )
+        record.ext["workload"] = name
+        assert self.outbox is not None
+        await self.outbox.append(record.to_dict())
+        self.stored += 1
+        self.runs[name] = {"at": utc_now_iso(), "skipped": reason}
+
+    def _measure(self, workload: dict[str, Any]) -> dict[str, Any]:
+        """On the engine thread: one run of a workload, every record stored before the next request."""
+        from .collab.context import CollabContext, build_strategy
+
+        config = self.config
+        assert self.engine is not None and self.outbox is not None
+        options = BenchOptions(
+            runs=workload["requests"],
+            warmup=workload["warmup"],
+            max_tokens=workload["max_tokens"],
+            ignore_eos=workload["ignore_eos"],
+            chat_template=config.get("bench", "chat_template"),
+        )
+        strategy_name = workload["strategy"] or config.get("collab", "strategy")
+        collab = CollabContext.open(config, lambda _: None) if strategy_name != "local" else None
+        probes = config.values["probes"]
+        root = Root(probes["sysfs_root"])
+        sources, _ = detect_power(root, probes["power_source"])
+        sampler = PowerSampler(
+            sources,
+            rate_hz=probes["sample_rate_hz"],
+            extras=lambda: {"_gpu_load_percent": gpu_load_percent(root)},
+        )
+        box = self.outbox.outbox
+
+        def store(record: Measurement) -> None:
+            record.ext["workload"] = workload["name"]
+            box.append(record.to_dict())
+            self.stored += 1
+
+        try:
+            strategy = build_strategy(strategy_name, self.engine, options, collab, config)
+            sampler.start()
+            baseline = sampler.baseline(probes["idle_baseline"]) if sources and probes["idle_baseline"] > 0 else {}
+            run = run_bench(
+                self.engine,
+                load_prompts(workload["prompts"]),
+                options,
+                run_id=str(uuid.uuid4()),
+                device_id=config.get("agent", "device_id"),
+                on_result=store,
+                sampler=sampler,
+                baseline_w=baseline,
+                strategy=strategy,
+                should_stop=lambda: self.abort,
+            )
+        finally:
+            sampler.stop()
+            for source in sources:
+                source.close()
+            if collab is not None:
+                collab.close()
+        return summarize(run.measured, workload["name"], sources[0].name if sources else None)
+
+    async def heartbeat(self) -> None:
+        self.notifier.watchdog()
+        self._write_state()
+
+    async def housekeeping(self) -> None:
+        if self.outbox is not None:
+            await self.outbox._run(self.outbox.outbox.checkpoint)
+            log.debug("housekeeping: outbox checkpointed")
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def _status_line(self) -> str:
+        nxt = self._next_runs()
+        upcoming = min(nxt.values()) if nxt else None
+        return f"{self.state}; model {self.model.get('name', '-')}; next run {upcoming or '-'}"
+
+    def _next_runs(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self._scheduler is None:
+            return out
+        for job in self._scheduler.get_jobs():
+            if job.id.startswith("workload:") and job.next_run_time is not None:
+                out[job.id.split(":", 1)[1]] = job.next_run_time.astimezone(timezone.utc).isoformat(timespec="seconds")
+        return out
+
+    def _power_source(self) -> str | None:
+        probes = self.config.values["probes"]
+        sources, _ = detect_power(Root(probes["sysfs_root"]), probes["power_source"])
+        for source in sources:
+            source.close()
+        return "+".join(s.name for s in sources) or None
+
+    def _write_state(self) -> None:
+        payload = {
+            "pid": os.getpid(),
+            "state": self.state,
+            "started_at": self.started_at,
+            "updated_at": utc_now_iso(),
+            "updated_unix": time.time(),
+            "heartbeat_interval_s": self.config.values["service"]["heartbeat_interval"],
+            "config": str(self.config.path) if self.config.path else None,
+            "model": self.model,
+            "workloads": {w["name"]: {"every_s": w["every"], "cron": w["cron"]} for w in self.config.workloads},
+            "next_runs": self._next_runs(),
+            "last_runs": self.runs,
+            "stored_by_this_process": self.stored,
+            "power_source": self._power_source(),
+        }
+        try:
+            write_atomically(state_path(self.data_dir), payload)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", state_path(self.data_dir), exc)
+
+
+def summarize(measured: list[Measurement], name: str, power_source: str | None) -> dict[str, Any]:
+    """What status shows about a run: TTFT p50/p95, tok/s, J/token where known, errors."""
+    ok = [m for m in measured if m.ok and m.ttft_ms is not None]
+    ttfts = sorted(m.ttft_ms for m in ok if m.ttft_ms is not None)
+    joules = [
+        m.ext["energy"]["j_per_output_token"]
+        for m in ok
+        if isinstance(m.ext.get("energy"), dict) and m.ext["energy"].get("j_per_output_token") is not None
+    ]
+    rates = [m.tokens_per_second for m in ok if m.tokens_per_second]
+
+    def pct(values: list[float], q: float) -> float | None:
+        if not values:
+            return None
+        return (
+            float(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]) if len(values) > 1 else values[0]
+        )
+
+    return {
+        "at": utc_now_iso(),
+        "workload": name,
+        "requests": len(measured),
+        "errors": len(measured) - len(ok),
+        "ttft_p50_ms": pct(ttfts, 50),
+        "ttft_p95_ms": pct(ttfts, 95),
+        "tokens_per_second": statistics.fmean(rates) if rates else None,
+        "j_per_output_token": statistics.fmean(joules) if joules else None,
+        "power_source": power_source,
+    }
