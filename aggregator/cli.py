@@ -18,6 +18,7 @@ import click
 
 from agent.config import Config
 from agent.errors import LensError, UsageError
+from agent.notify import Notifier
 
 from . import __version__
 from .config import load_aggregator_config
@@ -116,11 +117,22 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
         scheme = "https" if ssl_context else "http"
         for address in runner.addresses:
             click.echo(f"lens-aggregator: listening on {scheme}://{address[0]}:{address[1]}", err=True)
+        notifier = Notifier()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        notifier.ready(f"listening on {server['host']}:{runner.addresses[0][1]}")
+
+        async def watchdog() -> None:
+            while notifier.watchdog_s:
+                notifier.watchdog()
+                await asyncio.sleep(notifier.watchdog_s / 2)
+
+        pinger = asyncio.create_task(watchdog())
         await stop.wait()
+        notifier.send("STOPPING=1")
+        pinger.cancel()
         await runner.cleanup()
 
     asyncio.run(run())

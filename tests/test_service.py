@@ -296,3 +296,36 @@ every = "1h"
 
         kinds = [wire.loads(r.body, r.codec)["kind"] for r in box.pending(10)]
     assert kinds == ["model_load", "skip"]
+
+
+def test_aggregator_speaks_the_notify_protocol(tmp_path: Path) -> None:
+    notify = NotifySocket()
+    port = free_port()
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from aggregator.cli import main; main()",
+            "serve",
+            "--db",
+            str(tmp_path / "a.db"),
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: any("READY=1" in m for m in notify.drain()), 30, "READY=1")
+        time.sleep(0.5)
+        assert any("WATCHDOG=1" in m for m in notify.drain())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        assert proc.returncode == 0 and any("STOPPING=1" in m for m in notify.drain())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
