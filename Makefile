@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lens-agent bench --runs 10 --warmup 2 --max-tokens 64 --output demo-results.json --progress
+	$(BIN)/python bench/demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator tests bench
@@ -43,4 +43,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/collab.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-results.json
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo build
