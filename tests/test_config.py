@@ -125,3 +125,10 @@ def test_example_aggregator_config_is_valid() -> None:
     config = load_aggregator_config(example, environ={})
     assert config.get("server", "max_body_bytes") == 16 * 1024**2
     assert config.get("auth", "rotate_grace") == 86400.0
+
+
+def test_example_prompt_sets_load() -> None:
+    from agent.prompts import load_prompts
+
+    for path in (Path(__file__).parents[1] / "configs" / "prompts").iterdir():
+        assert load_prompts(path), path
