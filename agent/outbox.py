@@ -479,6 +479,20 @@ class Outbox:
         with self._lock:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def housekeeping(self) -> bool:
+        """Checkpoint the WAL; VACUUM when over a quarter of the file (and 1 MiB) is free pages. True if vacuumed."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+            if free * 4 > pages and free * size > 1024**2:
+                conn.execute("VACUUM")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                return True
+            return False
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()

@@ -371,8 +371,8 @@ class AgentService:
 
     async def housekeeping(self) -> None:
         if self.outbox is not None:
-            await self.outbox._run(self.outbox.outbox.checkpoint)
-            log.debug("housekeeping: outbox checkpointed")
+            vacuumed = await self.outbox._run(self.outbox.outbox.housekeeping)
+            log.info("housekeeping: outbox checkpointed%s", " and vacuumed" if vacuumed else "")
 
     # -- state ------------------------------------------------------------------------------------------------
     def _status_line(self) -> str:

@@ -116,6 +116,8 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parents[1] / "configs" / "agent.toml"
     config = load_config(example, environ={})
     assert config.get("sync", "codec") in ("cbor", "msgpack")
+    assert [w["name"] for w in config.workloads] == ["chat-short", "long-context"]
+    assert config.workloads[0]["every"] == 900.0 and config.workloads[1]["cron"] == "0 */6 * * *"
 
 
 def test_example_aggregator_config_is_valid() -> None:

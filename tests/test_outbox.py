@@ -133,3 +133,15 @@ def test_state_survives_restart(tmp_path: Path) -> None:
     with Outbox(path) as box:
         assert box.get_state("last_success_us") == "123"
         assert box.get_state("last_error") is None
+
+
+def test_housekeeping_vacuums_a_mostly_empty_file(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", synchronous="NORMAL") as box:
+        box.append_many(synthetic_records(3000, seed=8))
+        box.checkpoint()
+        big = box.file_bytes()
+        assert box.housekeeping() is False  # nothing free yet
+        box.ack([r.seq for r in box.pending(2900)])
+        assert box.housekeeping() is True
+        assert box.file_bytes() < big / 4
+        assert box.stats().records == 100
