@@ -14,8 +14,9 @@ from typing import Any
 import click
 
 from . import __version__
+from .cliutil import run_click
 from .config import Config, load_config
-from .errors import LensError, UsageError
+from .errors import LensError
 
 log = logging.getLogger("agent")
 
@@ -396,24 +397,5 @@ def run(config_path: Path | None, data_dir: Path | None, model: Path | None, onc
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors, exit 2 for bad input, 1 for failures."""
-    try:
-        result = cli.main(args=argv, prog_name="lens-agent", standalone_mode=False)
-    except click.UsageError as exc:
-        ctx = exc.ctx
-        where = f"lens-agent {ctx.info_name}" if ctx and ctx.info_name != "lens-agent" else "lens-agent"
-        click.echo(f"{where}: error: {exc.format_message()} (see --help)", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
-        click.echo(f"lens-agent: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("lens-agent: interrupted", err=True)
-        sys.exit(130)
-    except UsageError as exc:
-        click.echo(f"lens-agent: error: {exc}", err=True)
-        sys.exit(2)
-    except LensError as exc:
-        click.echo(f"lens-agent: error: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(result if isinstance(result, int) else 0)
+    """Console entry point: one-line errors; exit 2 for bad input, 1 for failures."""
+    run_click(cli, "lens-agent", argv)

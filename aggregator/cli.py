@@ -10,14 +10,14 @@ import json
 import logging
 import signal
 import ssl
-import sys
 import time
 from pathlib import Path
 
 import click
 
+from agent.cliutil import run_click
 from agent.config import Config
-from agent.errors import LensError, UsageError
+from agent.errors import UsageError
 from agent.notify import Notifier
 
 from . import __version__
@@ -246,20 +246,5 @@ def token_rotate(config_path: Path | None, db: str | None, grace: str | None, de
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        result = cli.main(args=argv, prog_name="lens-aggregator", standalone_mode=False)
-    except click.UsageError as exc:
-        click.echo(f"lens-aggregator: error: {exc.format_message()} (see --help)", err=True)
-        sys.exit(2)
-    except click.ClickException as exc:
-        click.echo(f"lens-aggregator: error: {exc.format_message()}", err=True)
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        sys.exit(130)
-    except UsageError as exc:
-        click.echo(f"lens-aggregator: error: {exc}", err=True)
-        sys.exit(2)
-    except LensError as exc:
-        click.echo(f"lens-aggregator: error: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(result if isinstance(result, int) else 0)
+    """Console entry point: one-line errors; exit 2 for bad input, 1 for failures."""
+    run_click(cli, "lens-aggregator", argv)

@@ -12,7 +12,6 @@ cloud-only streaming, speculative with both verification protocols, and the draf
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +27,8 @@ from agent.collab.strategies import CloudStrategy, SpeculativeStrategy
 from agent.engines.cloud import CloudClient, CloudSettings, LoopRunner
 from agent.engines.llama import EngineSettings, LlamaEngine
 from agent.prompts import builtin_prompts
-from tests.netproxy import LinkProxy
+from tests.netproxy import LinkProxy, free_port
 from tests.tinymodel import write_tiny_llama
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve(model: Path) -> tuple[subprocess.Popen[bytes], int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,10 @@ from aiohttp import web
 from agent.collab.offload import OffloadPolicy, Rates, decide, predict
 from agent.engines.cloud import CloudClient, CloudSettings
 
+from .netproxy import LinkProxy, free_port
 from .test_bench_cli import check_document, run_cli
 
 TINY = ("--n-ctx", "256", "--n-threads", "1", "--no-progress", "--device-id", "edge-1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +425,6 @@ def test_errors_are_measurements_and_the_run_goes_on(tmp_path: Path, capsys: pyt
 
 
 def test_link_proxy_adds_its_round_trip(cloud_url: str) -> None:
-    from .netproxy import LinkProxy
 
     port = int(cloud_url.rsplit(":", 1)[1].split("/")[0])
 

@@ -27,16 +27,10 @@ import pytest
 
 from aggregator.store import SQLiteStore
 
-from .netproxy import LinkProxy
+from .netproxy import LinkProxy, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "dev-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class AggregatorProcess:
