@@ -269,7 +269,11 @@ class Uploader:
             codec=rows[0].codec,
             compression=self.settings.compression,
             level=self.settings.zstd_level,
-            counters={"dropped_total": stats.dropped_total, "quarantined_total": stats.quarantined_total},
+            counters={
+                "dropped_total": stats.dropped_total,
+                "quarantined_total": stats.quarantined_total,
+                "pending_records": stats.records,  # a gauge: the backlog when this batch left
+            },
         )
         if len(body) > self.settings.max_batch_bytes and len(rows) > 1:
             await self._split(rows, report)

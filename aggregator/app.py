@@ -1,7 +1,7 @@
 """The aggregator's aiohttp application: ``create_app(settings, store)``.
 
-Routes: ``POST /api/v1/ingest`` (device token), ``GET /api/v1/health`` (open, tiny), ``GET /api/v1/devices``
-(open when listening on loopback only, otherwise a read token).
+Routes: ``POST /api/v1/ingest`` (device token), ``GET /api/v1/health`` (open, tiny), ``GET /api/v1/devices`` and
+``GET /metrics`` (Prometheus; both open when listening on loopback only, otherwise a read token).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from aiohttp import web
 from agent import wire
 
 from . import __version__
+from .metrics import CONTENT_TYPE, FleetMetrics
 from .store import RecordRow, Store, TokenInfo
 
 log = logging.getLogger("aggregator")
@@ -32,6 +33,7 @@ class Settings:
     host: str = "127.0.0.1"
     max_body_bytes: int = 16 * 1024**2
     max_decompressed_bytes: int = 256 * 1024**2
+    max_metric_series: int = 10_000
 
     @property
     def loopback_only(self) -> bool:
@@ -59,7 +61,7 @@ class StoreRunner:
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", StoreRunner)
-COUNTERS = web.AppKey("counters", dict)
+METRICS = web.AppKey("metrics", FleetMetrics)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -86,9 +88,8 @@ async def _authenticate(request: web.Request) -> TokenInfo | None:
     return await runner.call(runner.store.authenticate, token, _now_us())
 
 
-def _count(app: web.Application, key: str, n: int = 1) -> None:
-    counters = app[COUNTERS]
-    counters[key] = counters.get(key, 0) + n
+def _reject(app: web.Application, reason: str) -> None:
+    app[METRICS].rejections.labels(reason).inc()
 
 
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
@@ -119,39 +120,41 @@ async def ingest(request: web.Request) -> web.Response:
     started = time.perf_counter()
     token = await _authenticate(request)
     if token is None:
-        _count(app, "rejected.unauthorized")
+        _reject(app, "unauthorized")
         return _error(401, "missing, unknown, revoked or expired device token (Authorization: Bearer <token>)")
     if token.kind != "device":
-        _count(app, "rejected.forbidden")
+        _reject(app, "forbidden")
         return _error(403, "a read token cannot upload; use the device's own token")
     settings = app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        _count(app, "rejected.too_large")
+        _reject(app, "too_large")
         return _error(413, f"body of {request.content_length} bytes exceeds the limit of {settings.max_body_bytes}")
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        _count(app, "rejected.too_large")
+        _reject(app, "too_large")
         return _error(413, f"body exceeds the limit of {settings.max_body_bytes} bytes")
     try:
         batch = wire.decode_batch(body, max_decompressed=settings.max_decompressed_bytes)
         if batch.device_id != token.subject:
-            _count(app, "rejected.wrong_device")
+            _reject(app, "wrong_device")
             return _error(403, f"this token belongs to device {token.subject!r}, the batch names {batch.device_id!r}")
         rows = []
+        decoded: list[dict[str, Any]] = []
         for index, blob in enumerate(batch.records):
             record = wire.validate_record(wire.loads(blob, batch.codec), index)
             if record["device_id"] != token.subject:
-                _count(app, "rejected.wrong_device")
+                _reject(app, "wrong_device")
                 return _error(
                     403,
                     f"record {index} names device {record['device_id']!r}; this token belongs to {token.subject!r}",
                     record_index=index,
                 )
             rows.append(_row(record, batch.codec, blob))
+            decoded.append(record)
     except wire.WireError as exc:
         reason = {400: "malformed", 413: "too_large", 415: "unsupported"}.get(exc.status, "malformed")
-        _count(app, f"rejected.{reason}")
+        _reject(app, reason)
         extra: dict[str, Any] = {}
         if exc.record_index is not None:
             extra["record_index"] = exc.record_index
@@ -164,9 +167,13 @@ async def ingest(request: web.Request) -> web.Response:
     result = await runner.call(
         runner.store.ingest, batch.device_id, batch.batch_id, batch.sent_us, batch.counters, rows, _now_us()
     )
-    _count(app, "batches")
-    _count(app, "records.accepted", result.accepted)
-    _count(app, "records.duplicate", result.duplicates)
+    metrics = app[METRICS]
+    metrics.batches.inc()
+    metrics.records.labels("accepted").inc(result.accepted)
+    metrics.records.labels("duplicate").inc(result.duplicates)
+    metrics.observe(batch.device_id, (decoded[i] for i in result.new))
+    metrics.device(batch.device_id, batch.counters, time.time())
+    metrics.ingest_seconds.observe(time.perf_counter() - started)
     log.debug(
         "batch %s from %s: %d accepted, %d duplicates in %.1f ms",
         batch.batch_id,
@@ -201,6 +208,14 @@ async def _read_allowed(request: web.Request) -> web.Response | None:
     return None
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    refusal = await _read_allowed(request)
+    if refusal is not None:
+        return refusal
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def devices(request: web.Request) -> web.Response:
     refusal = await _read_allowed(request)
     if refusal is not None:
@@ -214,14 +229,21 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.
     app = web.Application(client_max_size=settings.max_body_bytes + 1)
     app[SETTINGS] = settings
-    app[COUNTERS] = {}
+    fleet = FleetMetrics(settings.max_metric_series)
+    app[METRICS] = fleet
     runner = StoreRunner(store)
     app[STORE] = runner
     app.router.add_post("/api/v1/ingest", ingest)
     app.router.add_get("/api/v1/health", health)
     app.router.add_get("/api/v1/devices", devices)
+    app.router.add_get("/metrics", metrics_endpoint)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        for device in await runner.call(store.devices):  # device gauges survive a restart of the aggregator
+            counters = {k: device[k] for k in ("dropped_total", "quarantined_total") if device.get(k) is not None}
+            if device.get("backlog") is not None:
+                counters["pending_records"] = device["backlog"]
+            fleet.device(device["device_id"], counters, device["last_seen_us"] / 1e6)
         yield
         runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, store.close)

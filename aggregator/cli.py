@@ -69,7 +69,7 @@ def cli(verbose: bool) -> None:
 @click.option("--host", help="Listen address.  [default: 127.0.0.1]")
 @click.option("--port", type=int, help="Listen port (0: any free port).  [default: 8443]")
 def serve(config_path: Path | None, db: str | None, host: str | None, port: int | None) -> None:
-    """Serve POST /api/v1/ingest, GET /api/v1/health and GET /api/v1/devices.
+    """Serve POST /api/v1/ingest, GET /api/v1/health, GET /api/v1/devices and GET /metrics (Prometheus).
 
     HTTPS when server.tls_cert and server.tls_key are set. Read endpoints are open while listening on loopback
     only; on any other address they need a read token. SIGTERM or SIGINT stops it after the batches in flight.
@@ -102,6 +102,7 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
         host=server["host"],
         max_body_bytes=server["max_body_bytes"],
         max_decompressed_bytes=server["max_decompressed_bytes"],
+        max_metric_series=server["max_metric_series"],
     )
     app = create_app(settings, _open_store(config))
 

@@ -29,6 +29,12 @@ SCHEMA: Schema = {
         "tls_key": KeySpec(optional(path_value), const(None), "private key (PEM) for tls_cert"),
         "max_body_bytes": KeySpec(parse_size, const(16 * 1024**2), "compressed batch size accepted"),
         "max_decompressed_bytes": KeySpec(parse_size, const(256 * 1024**2), "decompressed batch size accepted"),
+        "max_metric_series": KeySpec(
+            int_range(1),
+            const(10_000),
+            "distinct (device, model, provider, strategy) "
+            'label sets on /metrics; beyond it records count under device="other"',
+        ),
     },
     "storage": {
         "db": KeySpec(text, const("/var/lib/lens-aggregator/aggregator.db"), "SQLite path"),

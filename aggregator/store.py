@@ -52,6 +52,7 @@ class RecordRow(NamedTuple):
 class IngestResult:
     accepted: int
     duplicates: int
+    new: tuple[int, ...] = ()  # indices (in the batch) of the records stored now, not before
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
             "quarantined_total": int,
             "last_batch_id": str,
             "last_sent_us": int,
+            "backlog": int,
         },
         pk="device_id",
         if_not_exists=True,
@@ -227,10 +229,25 @@ class SQLiteStore(Store):
                 conn.executemany(_INSERT, params)
                 accepted = conn.total_changes - before
                 duplicates = len(rows) - accepted
+                if duplicates == 0:
+                    new = list(range(len(rows)))
+                else:  # which ones are new: the rows this transaction wrote carry its batch id and receive time
+                    mine = {
+                        bytes(row[0])
+                        for row in conn.execute(
+                            "SELECT id FROM measurements WHERE batch_id = ? AND received_us = ?",
+                            (batch_id, received_us),
+                        )
+                    }
+                    new, taken = [], set()
+                    for i, r in enumerate(rows):
+                        if r.id in mine and r.id not in taken:
+                            new.append(i)
+                            taken.add(r.id)
                 conn.execute(
                     """INSERT INTO devices (device_id, first_seen_us, last_seen_us, records, duplicates,
-                           dropped_total, quarantined_total, last_batch_id, last_sent_us)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT(device_id) DO UPDATE SET
                            last_seen_us = excluded.last_seen_us,
                            records = devices.records + excluded.records,
@@ -238,7 +255,8 @@ class SQLiteStore(Store):
                            dropped_total = MAX(devices.dropped_total, excluded.dropped_total),
                            quarantined_total = MAX(devices.quarantined_total, excluded.quarantined_total),
                            last_batch_id = excluded.last_batch_id,
-                           last_sent_us = excluded.last_sent_us""",
+                           last_sent_us = excluded.last_sent_us,
+                           backlog = excluded.backlog""",
                     (
                         device_id,
                         received_us,
@@ -249,20 +267,21 @@ class SQLiteStore(Store):
                         int(counters.get("quarantined_total", 0)),
                         batch_id,
                         sent_us,
+                        counters.get("pending_records"),
                     ),
                 )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return IngestResult(accepted=accepted, duplicates=duplicates)
+        return IngestResult(accepted=accepted, duplicates=duplicates, new=tuple(new))
 
     # -- reads -------------------------------------------------------------------------------------------
     def devices(self) -> list[dict[str, Any]]:
         with self._lock:
             cursor = self._conn.execute(
                 "SELECT device_id, first_seen_us, last_seen_us, records, duplicates, dropped_total, "
-                "quarantined_total, last_batch_id, last_sent_us FROM devices ORDER BY device_id"
+                "quarantined_total, last_batch_id, last_sent_us, backlog FROM devices ORDER BY device_id"
             )
             names = [c[0] for c in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -1,0 +1,185 @@
+"""Prometheus metrics of the fleet and of the aggregator itself, served at ``GET /metrics``.
+
+Names follow the seed's example output (§3.3.2): ``llm_latency_lens_time_to_first_token_seconds`` and friends,
+labelled by device, model, provider and strategy. Label cardinality is bounded: at most ``max_series`` distinct
+(device, model, provider, strategy) sets are tracked; records beyond that are counted under ``device="other"``,
+and ``llm_latency_lens_metric_series_overflow_total`` says how many were.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "llm_latency_lens"
+LABELS = ("device", "model", "provider", "strategy")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def provider_of(record: dict[str, Any]) -> str:
+    strategy = record.get("strategy") or "local"
+    if strategy == "cloud":
+        return "openai"
+    if strategy == "speculative":
+        return "edge+cloud"
+    if strategy == "offload":
+        return "edge|cloud"
+    return "local"
+
+
+class FleetMetrics:
+    def __init__(self, max_series: int = 10_000) -> None:
+        self.registry = CollectorRegistry()
+        self.max_series = max_series
+        self._series: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+        r = self.registry
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time to first token in seconds",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds",
+            "Time per output token after the first, seconds",
+            LABELS,
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Request start to last token, seconds",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_second = Gauge(
+            f"{PREFIX}_tokens_per_second",
+            "Output tokens per second of the latest request",
+            (*LABELS, "token_type"),
+            registry=r,
+        )
+        self.requests = Counter(f"{PREFIX}_requests", "Measured requests", LABELS, registry=r)
+        self.failed = Counter(
+            f"{PREFIX}_requests_failed", "Measured requests that failed", (*LABELS, "error_type"), registry=r
+        )
+        self.joules = Gauge(
+            f"{PREFIX}_joules_per_output_token",
+            "Energy per output token of the latest request, net of idle (J)",
+            LABELS,
+            registry=r,
+        )
+        self.acceptance = Gauge(
+            f"{PREFIX}_speculative_acceptance_rate",
+            "Accepted ÷ drafted tokens of the latest speculative request",
+            LABELS,
+            registry=r,
+        )
+        self.dropped = Gauge(
+            f"{PREFIX}_device_dropped_records",
+            "Records the device's outbox dropped by policy (its cumulative total)",
+            ("device",),
+            registry=r,
+        )
+        self.quarantined = Gauge(
+            f"{PREFIX}_device_quarantined_records",
+            "Records the device quarantined (cumulative)",
+            ("device",),
+            registry=r,
+        )
+        self.backlog = Gauge(
+            f"{PREFIX}_device_outbox_backlog_records",
+            "Records pending in the device's outbox when it last sent a batch",
+            ("device",),
+            registry=r,
+        )
+        self.last_seen = Gauge(
+            f"{PREFIX}_device_last_seen_timestamp_seconds",
+            "When the aggregator last received a batch from the device (Unix time)",
+            ("device",),
+            registry=r,
+        )
+        self.batches = Counter(f"{PREFIX}_ingest_batches", "Batches stored", registry=r)
+        self.records = Counter(f"{PREFIX}_ingest_records", "Records received, by result", ("result",), registry=r)
+        self.rejections = Counter(f"{PREFIX}_ingest_rejections", "Batches refused, by reason", ("reason",), registry=r)
+        self.ingest_seconds = Histogram(
+            f"{PREFIX}_ingest_duration_seconds",
+            "Time to validate and store a batch",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.overflow = Counter(
+            f"{PREFIX}_metric_series_overflow",
+            'Records counted under device="other" because the label bound was reached',
+            registry=r,
+        )
+
+    def _labels(self, labels: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
+        """The labels to use: these, or device="other" once ``max_series`` sets are tracked."""
+        with self._lock:
+            if labels not in self._series:
+                if len(self._series) >= self.max_series:
+                    return ("other", labels[1], labels[2], labels[3])
+                self._series.add(labels)
+        return labels
+
+    def observe(self, device: str, records: Iterable[dict[str, Any]]) -> None:
+        """Update the fleet metrics from newly accepted records (wire maps), one label lookup per series."""
+        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        for record in records:
+            if record.get("kind") == "inference":
+                key = (
+                    str(record.get("model_name") or "unknown"),
+                    provider_of(record),
+                    str(record.get("strategy") or "local"),
+                )
+                groups.setdefault(key, []).append(record)
+        for (model, provider, strategy), group in groups.items():
+            labels = self._labels((device, model, provider, strategy))
+            if labels[0] == "other" and device != "other":
+                self.overflow.inc(len(group))
+            self.requests.labels(*labels).inc(len(group))
+            ttft, tpot, duration = self.ttft.labels(*labels), self.tpot.labels(*labels), self.duration.labels(*labels)
+            last_ok = None
+            for record in group:
+                if not record.get("ok"):
+                    self.failed.labels(*labels, str(record.get("error_type") or "unknown")).inc()
+                    continue
+                last_ok = record
+                if (value := record.get("ttft_us")) is not None:
+                    ttft.observe(value / 1e6)
+                if (value := record.get("tpot_us")) is not None:
+                    tpot.observe(value / 1e6)
+                if value := record.get("e2e_us"):
+                    duration.observe(value / 1e6)
+            if last_ok is None:
+                continue
+            # gauges: the latest successful request of the batch
+            if e2e := last_ok.get("e2e_us"):
+                self.tokens_per_second.labels(*labels, "output").set((last_ok.get("output_tokens") or 0) / (e2e / 1e6))
+            ext: dict[str, Any] = last_ok["ext"] if isinstance(last_ok.get("ext"), dict) else {}
+            energy, collab = ext.get("energy"), ext.get("collab")
+            if isinstance(energy, dict) and isinstance(energy.get("j_per_output_token"), (int, float)):
+                self.joules.labels(*labels).set(energy["j_per_output_token"])
+            if isinstance(collab, dict) and isinstance(collab.get("acceptance_rate"), (int, float)):
+                self.acceptance.labels(*labels).set(collab["acceptance_rate"])
+
+    def device(self, device: str, counters: dict[str, int], seen_unix: float) -> None:
+        self.last_seen.labels(device).set(seen_unix)
+        if "dropped_total" in counters:
+            self.dropped.labels(device).set(counters["dropped_total"])
+        if "quarantined_total" in counters:
+            self.quarantined.labels(device).set(counters["quarantined_total"])
+        if "pending_records" in counters:
+            self.backlog.labels(device).set(counters["pending_records"])
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
