@@ -20,9 +20,9 @@ from aiohttp import web
 
 from agent import wire
 
-from . import __version__
+from . import __version__, api
 from .metrics import CONTENT_TYPE, FleetMetrics
-from .store import RecordRow, Store, TokenInfo
+from .store import RecordRow, SQLiteStore, Store, TokenInfo
 
 log = logging.getLogger("aggregator")
 T = TypeVar("T")
@@ -216,6 +216,28 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def _read(request: web.Request, build: Any) -> web.Response:
+    refusal = await _read_allowed(request)
+    if refusal is not None:
+        return refusal
+    runner = request.app[STORE]
+    store = runner.store
+    if not isinstance(store, SQLiteStore):
+        return _error(501, "this storage backend does not serve queries yet")
+    try:
+        return await runner.call(build, store, request.rel_url.query)
+    except api.BadParameter as exc:
+        return _error(400, str(exc), parameter=exc.name)
+
+
+async def measurements(request: web.Request) -> web.Response:
+    return await _read(request, api.measurements_response)
+
+
+async def summary(request: web.Request) -> web.Response:
+    return await _read(request, api.summary_response)
+
+
 async def devices(request: web.Request) -> web.Response:
     refusal = await _read_allowed(request)
     if refusal is not None:
@@ -237,6 +259,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app.router.add_get("/api/v1/health", health)
     app.router.add_get("/api/v1/devices", devices)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/api/v1/measurements", measurements)
+    app.router.add_get("/api/v1/summary", summary)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         for device in await runner.call(store.devices):  # device gauges survive a restart of the aggregator

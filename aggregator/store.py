@@ -365,3 +365,75 @@ class SQLiteStore(Store):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+@dataclass(frozen=True)
+class Query:
+    """Filters of the read API; ``None`` means no filter."""
+
+    device: str | None = None
+    model: str | None = None
+    strategy: str | None = None
+    kind: str | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("device_id", self.device),
+            ("model_name", self.model),
+            ("strategy", self.strategy),
+            ("kind", self.kind),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.since_us is not None:
+            clauses.append("started_us >= ?")
+            params.append(self.since_us)
+        if self.until_us is not None:
+            clauses.append("started_us < ?")
+            params.append(self.until_us)
+        return (" AND ".join(clauses) or "1"), params
+
+
+QUERY_COLUMNS = (
+    "seq",
+    "id",
+    "device_id",
+    "run_id",
+    "kind",
+    "strategy",
+    "model_name",
+    "engine",
+    "started_us",
+    "received_us",
+    "ok",
+    "error_type",
+    "input_tokens",
+    "output_tokens",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "codec",
+    "body",
+)
+
+
+def query_measurements(store: SQLiteStore, query: Query, *, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
+    """Stored measurements matching ``query`` in the order they were received, after ``after_seq``."""
+    where, params = query.where()
+    with store._lock:
+        rows = store._conn.execute(
+            f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
+            [*params, after_seq, limit],
+        ).fetchall()
+    return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+
+def query_columns(store: SQLiteStore, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    where, params = query.where()
+    with store._lock:
+        return store._conn.execute(f"SELECT {', '.join(columns)} FROM measurements WHERE {where}", params).fetchall()

@@ -1,0 +1,201 @@
+"""The read API: measurements by time range, device, model and strategy (JSON, NDJSON, CSV), and summaries.
+
+``GET /api/v1/measurements?device=&model=&strategy=&kind=&since=&until=&limit=&cursor=&format=``
+``GET /api/v1/summary?device=&model=&strategy=&since=&until=&group_by=``
+
+Times are ISO 8601 (``2026-11-27T10:00:00Z``) or Unix seconds; ``since`` is inclusive, ``until`` exclusive, both
+on the device's start time. Pages follow the order of receipt: ``cursor`` is the ``next_cursor`` of the previous
+page. A bad parameter is a 400 that names it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from agent import wire
+from agent.stats import latency_distribution
+
+from .store import Query, SQLiteStore, query_columns, query_measurements
+
+MAX_LIMIT = 10_000
+CSV_COLUMNS = (
+    "id",
+    "device_id",
+    "run_id",
+    "kind",
+    "strategy",
+    "model_name",
+    "engine",
+    "started_at",
+    "received_at",
+    "ok",
+    "error_type",
+    "input_tokens",
+    "output_tokens",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_ms",
+)
+
+
+class BadParameter(Exception):
+    def __init__(self, name: str, value: str, allowed: str) -> None:
+        self.name, self.value, self.allowed = name, value, allowed
+        super().__init__(f"query parameter {name}={value!r} is not allowed: expected {allowed}")
+
+
+def _time_us(name: str, value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(float(value) * 1_000_000)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadParameter(name, value, "an ISO 8601 time (2026-11-27T10:00:00Z) or Unix seconds") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp() * 1_000_000)
+
+
+def _int(name: str, value: str | None, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadParameter(name, value, f"an integer between {low} and {high}") from None
+    if not low <= number <= high:
+        raise BadParameter(name, value, f"an integer between {low} and {high}")
+    return number
+
+
+KNOWN = {"device", "model", "strategy", "kind", "since", "until", "limit", "cursor", "format", "group_by"}
+
+
+def parse_query(params: Any) -> Query:
+    unknown = sorted(set(params) - KNOWN)
+    if unknown:
+        raise BadParameter(unknown[0], params[unknown[0]], "one of the parameters " + ", ".join(sorted(KNOWN)))
+    query = Query(
+        device=params.get("device") or None,
+        model=params.get("model") or None,
+        strategy=params.get("strategy") or None,
+        kind=params.get("kind") or None,
+        since_us=_time_us("since", params.get("since")),
+        until_us=_time_us("until", params.get("until")),
+    )
+    if query.since_us is not None and query.until_us is not None and query.until_us <= query.since_us:
+        raise BadParameter("until", params["until"], "a time after since")
+    return query
+
+
+def _iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _ms(us: int | None) -> float | None:
+    return None if us is None else us / 1000.0
+
+
+def measurement_view(row: dict[str, Any]) -> dict[str, Any]:
+    """The stored record, decoded back to the measurement's own shape, with the aggregator's receive time."""
+    record = wire.from_wire(wire.loads(bytes(row["body"]), row["codec"]))
+    record["received_at"] = _iso(row["received_us"])
+    return record
+
+
+def flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": bytes(row["id"]).hex(),
+        "device_id": row["device_id"],
+        "run_id": row["run_id"],
+        "kind": row["kind"],
+        "strategy": row["strategy"],
+        "model_name": row["model_name"],
+        "engine": row["engine"],
+        "started_at": _iso(row["started_us"]),
+        "received_at": _iso(row["received_us"]),
+        "ok": bool(row["ok"]),
+        "error_type": row["error_type"],
+        "input_tokens": row["input_tokens"],
+        "output_tokens": row["output_tokens"],
+        "ttft_ms": _ms(row["ttft_us"]),
+        "tpot_ms": _ms(row["tpot_us"]),
+        "e2e_ms": _ms(row["e2e_us"]),
+    }
+
+
+def measurements_response(store: SQLiteStore, params: Any) -> web.Response:
+    query = parse_query(params)
+    limit = _int("limit", params.get("limit"), 100, 1, MAX_LIMIT)
+    cursor = _int("cursor", params.get("cursor"), 0, 0, 2**62)
+    fmt = params.get("format") or "json"
+    if fmt not in ("json", "ndjson", "csv"):
+        raise BadParameter("format", fmt, "json, ndjson or csv (Parquet needs the [arrow] extra, not installed here)")
+    rows = query_measurements(store, query, limit=limit, after_seq=cursor)
+    next_cursor = rows[-1]["seq"] if len(rows) == limit else None
+    headers = {"X-Next-Cursor": str(next_cursor)} if next_cursor is not None else {}
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(flat_row(row))
+        return web.Response(text=out.getvalue(), content_type="text/csv", headers=headers)
+    if fmt == "ndjson":
+        text = "".join(json.dumps(measurement_view(r)) + "\n" for r in rows)
+        return web.Response(text=text, content_type="application/x-ndjson", headers=headers)
+    return web.json_response(
+        {"measurements": [measurement_view(r) for r in rows], "next_cursor": next_cursor}, headers=headers
+    )
+
+
+def summary_response(store: SQLiteStore, params: Any) -> web.Response:
+    query = parse_query(params)
+    group_by = params.get("group_by") or ""
+    columns = {"": None, "device": "device_id", "model": "model_name", "strategy": "strategy"}
+    if group_by not in columns:
+        raise BadParameter("group_by", group_by, "device, model or strategy")
+    key = columns[group_by]
+    inference = Query(**{**query.__dict__, "kind": query.kind or "inference"})
+    rows = query_columns(
+        store, inference, [key or "'all'", "ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "error_type"]
+    )
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        groups.setdefault(str(row[0]), []).append(row)
+    out = {}
+    for name, members in sorted(groups.items()):
+        ok = [m for m in members if m[1]]
+        errors: dict[str, int] = {}
+        for m in members:
+            if not m[1]:
+                errors[m[6] or "unknown"] = errors.get(m[6] or "unknown", 0) + 1
+        out[name] = {
+            "requests": len(members),
+            "errors": errors,
+            "latency_metrics": {
+                metric: dist
+                for metric, values in (
+                    ("time_to_first_token", [m[2] / 1000 for m in ok if m[2] is not None]),
+                    ("time_per_output_token", [m[3] / 1000 for m in ok if m[3] is not None]),
+                    ("end_to_end_latency", [m[4] / 1000 for m in ok if m[4] is not None]),
+                )
+                if (dist := latency_distribution(values)) is not None
+            },
+            "output_tokens": sum(m[5] or 0 for m in ok),
+        }
+    return web.json_response(
+        {"group_by": group_by or None, "since": params.get("since"), "until": params.get("until"), "groups": out}
+    )
