@@ -1,0 +1,55 @@
+"""The Grafana dashboard and the Prometheus scrape config: valid, and every query names metrics that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from agent.synthetic import synthetic_records
+from aggregator.metrics import FleetMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def exposed_names() -> set[str]:
+    metrics = FleetMetrics()
+    records = synthetic_records(5, seed=1, device_id="d")
+    from agent import wire
+
+    metrics.observe("d", [wire.to_wire(r) for r in records])
+    metrics.device("d", {"dropped_total": 1, "quarantined_total": 0, "pending_records": 2}, 1.0)
+    metrics.rejections.labels("malformed").inc()
+    metrics.records.labels("accepted").inc()
+    metrics.failed.labels("d", "m", "local", "local", "x").inc()
+    metrics.joules.labels("d", "m", "local", "local").set(1)
+    metrics.acceptance.labels("d", "m", "local", "local").set(1)
+    text = metrics.exposition().decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_dashboard_queries_use_existing_metrics() -> None:
+    dashboard = json.loads((ROOT / "packaging/grafana/llm-latency-lens-fleet.json").read_text())
+    names = exposed_names()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 12
+    for expr in exprs:
+        for metric in re.findall(r"llm_latency_lens_[a-z_]+", expr):
+            assert metric in names, (metric, expr)
+    titles = " ".join(p["title"] for p in dashboard["panels"])
+    for topic in ("first token", "per output token", "Energy", "acceptance", "backlog", "not seen"):
+        assert topic in titles, topic
+
+
+def test_scrape_config_is_valid_for_promtool(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make sysdeps` installs Debian's prometheus package"
+    (tmp_path / "lens-token").write_text("token")
+    (tmp_path / "lens-aggregator-ca.pem").write_text("")
+    text = (ROOT / "packaging/prometheus/scrape.yml").read_text().replace("/etc/prometheus/", f"{tmp_path}/")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text)
+    done = subprocess.run([promtool, "check", "config", "--syntax-only", str(config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
