@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python bench/demo.py
 
-# System packages the tests use (systemd-analyze, dpkg-deb, promtool), installed as root with apt-get when missing.
+# System packages the tests use (systemd-analyze, dpkg-deb, promtool, headless chromium), installed as root with
+# apt-get when missing.
 sysdeps:
-	@command -v systemd-analyze >/dev/null && command -v dpkg-deb >/dev/null && command -v promtool >/dev/null || \
+	@command -v systemd-analyze >/dev/null && command -v dpkg-deb >/dev/null && command -v promtool >/dev/null && \
+		command -v chromium >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			systemd dpkg-dev prometheus)
+			systemd dpkg-dev prometheus chromium)
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator tests bench

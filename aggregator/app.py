@@ -21,7 +21,9 @@ from aiohttp import web
 from agent import wire
 
 from . import __version__, api
+from .fleet import Broadcaster, batch_event, fleet_rows, query_latest
 from .metrics import CONTENT_TYPE, FleetMetrics
+from .pages import DEVICE_PAGE, FLEET_PAGE, with_data
 from .store import RecordRow, SQLiteStore, Store, TokenInfo
 
 log = logging.getLogger("aggregator")
@@ -62,6 +64,7 @@ class StoreRunner:
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", StoreRunner)
 METRICS = web.AppKey("metrics", FleetMetrics)
+EVENTS = web.AppKey("events", Broadcaster)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -174,6 +177,8 @@ async def ingest(request: web.Request) -> web.Response:
     metrics.observe(batch.device_id, (decoded[i] for i in result.new))
     metrics.device(batch.device_id, batch.counters, time.time())
     metrics.ingest_seconds.observe(time.perf_counter() - started)
+    if result.accepted and app[EVENTS].subscribers:
+        app[EVENTS].publish(batch_event(batch.device_id, [decoded[i] for i in result.new]))
     log.debug(
         "batch %s from %s: %d accepted, %d duplicates in %.1f ms",
         batch.batch_id,
@@ -238,6 +243,48 @@ async def summary(request: web.Request) -> web.Response:
     return await _read(request, api.summary_response)
 
 
+async def fleet(request: web.Request) -> web.Response:
+    refusal = await _read_allowed(request)
+    if refusal is not None:
+        return refusal
+    runner = request.app[STORE]
+    if not isinstance(runner.store, SQLiteStore):
+        return _error(501, "this storage backend does not serve the fleet view yet")
+    rows = await runner.call(fleet_rows, runner.store, time.time())
+    return web.json_response({"devices": rows})
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    refusal = await _read_allowed(request)
+    if refusal is not None:
+        return refusal
+    return await request.app[EVENTS].stream(request)
+
+
+async def page(request: web.Request) -> web.Response:
+    refusal = await _read_allowed(request)
+    if refusal is not None:
+        return refusal
+    runner = request.app[STORE]
+    data = None
+    if isinstance(runner.store, SQLiteStore):
+        data = {"devices": await runner.call(fleet_rows, runner.store, time.time())}
+    return web.Response(text=with_data(FLEET_PAGE, data), content_type="text/html")
+
+
+async def device_page(request: web.Request) -> web.Response:
+    refusal = await _read_allowed(request)
+    if refusal is not None:
+        return refusal
+    runner = request.app[STORE]
+    data = None
+    if isinstance(runner.store, SQLiteStore):
+        device = request.match_info["device_id"]
+        rows = await runner.call(query_latest, runner.store, device, 1000)
+        data = {"measurements": rows}
+    return web.Response(text=with_data(DEVICE_PAGE, data), content_type="text/html")
+
+
 async def devices(request: web.Request) -> web.Response:
     refusal = await _read_allowed(request)
     if refusal is not None:
@@ -251,8 +298,14 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.
     app = web.Application(client_max_size=settings.max_body_bytes + 1)
     app[SETTINGS] = settings
-    fleet = FleetMetrics(settings.max_metric_series)
-    app[METRICS] = fleet
+    fleet_metrics = FleetMetrics(settings.max_metric_series)
+    app[METRICS] = fleet_metrics
+    app[EVENTS] = Broadcaster()
+
+    async def end_streams(app: web.Application) -> None:
+        app[EVENTS].close()
+
+    app.on_shutdown.append(end_streams)
     runner = StoreRunner(store)
     app[STORE] = runner
     app.router.add_post("/api/v1/ingest", ingest)
@@ -261,13 +314,17 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/api/v1/measurements", measurements)
     app.router.add_get("/api/v1/summary", summary)
+    app.router.add_get("/api/v1/fleet", fleet)
+    app.router.add_get("/api/v1/stream", stream)
+    app.router.add_get("/", page)
+    app.router.add_get("/device/{device_id}", device_page)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         for device in await runner.call(store.devices):  # device gauges survive a restart of the aggregator
             counters = {k: device[k] for k in ("dropped_total", "quarantined_total") if device.get(k) is not None}
             if device.get("backlog") is not None:
                 counters["pending_records"] = device["backlog"]
-            fleet.device(device["device_id"], counters, device["last_seen_us"] / 1e6)
+            fleet_metrics.device(device["device_id"], counters, device["last_seen_us"] / 1e6)
         yield
         runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, store.close)

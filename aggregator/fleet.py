@@ -1,0 +1,132 @@
+"""The fleet view: ``GET /api/v1/fleet`` (one row per device) and ``GET /api/v1/stream`` (Server-Sent Events of
+incoming measurements, which the built-in page at ``/`` uses for live updates)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+from aiohttp import web
+
+from agent import wire
+
+from .store import Query, SQLiteStore, query_measurements
+
+LATE_S = 15 * 60
+SILENT_S = 24 * 3600
+
+
+def fleet_rows(store: SQLiteStore, now: float, recent: int = 50) -> list[dict[str, Any]]:
+    """Each device with its last-seen age, sync health and its latest figures (from its last ``recent`` requests)."""
+    rows = []
+    for device in store.devices():
+        latest = query_latest(store, device["device_id"], recent)
+        ttfts = sorted(r["ttft_ms"] for r in latest if r.get("ttft_ms") is not None)
+        rates = [
+            r["output_tokens"] / (r["e2e_ms"] / 1000) for r in latest if r.get("e2e_ms") and r.get("output_tokens")
+        ]
+        joules = [
+            r["ext"]["energy"]["j_per_output_token"]
+            for r in latest
+            if isinstance(r.get("ext", {}).get("energy"), dict)
+            and r["ext"]["energy"].get("j_per_output_token") is not None
+        ]
+        age = now - device["last_seen_us"] / 1e6
+        rows.append(
+            {
+                "device_id": device["device_id"],
+                "last_seen_us": device["last_seen_us"],
+                "last_seen_age_s": round(age, 1),
+                "sync_health": "ok" if age < LATE_S else "late" if age < SILENT_S else "silent",
+                "model": latest[-1]["model_name"] if latest else None,
+                "ttft_p95_ms": _p95(ttfts),
+                "tokens_per_second": statistics.fmean(rates) if rates else None,
+                "j_per_output_token": statistics.fmean(joules) if joules else None,
+                "backlog": device.get("backlog"),
+                "dropped_total": device["dropped_total"],
+                "records": device["records"],
+            }
+        )
+    return rows
+
+
+def _p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[94]
+
+
+def query_latest(store: SQLiteStore, device: str, limit: int) -> list[dict[str, Any]]:
+    with store._lock:
+        row = store._conn.execute(
+            "SELECT MAX(seq) FROM measurements WHERE device_id = ? AND kind = 'inference'", (device,)
+        ).fetchone()
+    last = row[0] or 0
+    rows = query_measurements(
+        store, Query(device=device, kind="inference"), limit=limit, after_seq=max(0, last - 20 * limit)
+    )
+    out = []
+    for r in rows[-limit:]:
+        record = wire.from_wire(wire.loads(bytes(r["body"]), r["codec"]))
+        out.append(record)
+    return out
+
+
+class Broadcaster:
+    """Fan-out of ingest events to every connected SSE client; a slow client loses events, never blocks ingest."""
+
+    def __init__(self, queue_size: int = 256) -> None:
+        self.queue_size = queue_size
+        self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    def publish(self, event: dict[str, Any]) -> None:
+        for queue in list(self.subscribers):
+            if queue.full():
+                continue
+            queue.put_nowait(event)
+
+    def close(self) -> None:
+        """Ends every stream (on shutdown), so open browser tabs do not hold the server."""
+        for queue in list(self.subscribers):
+            while queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+
+    async def stream(self, request: web.Request, heartbeat_s: float = 15.0) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.queue_size)
+        self.subscribers.add(queue)
+        try:
+            await response.write(b": connected\n\n")
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), heartbeat_s)
+                except asyncio.TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if event is None:
+                    break
+                await response.write(f"event: batch\ndata: {json.dumps(event)}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.subscribers.discard(queue)
+        return response
+
+
+def batch_event(device: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    inference = [r for r in records if r.get("kind") == "inference" and r.get("ok")]
+    ttfts = [r["ttft_us"] / 1000 for r in inference if r.get("ttft_us") is not None]
+    return {
+        "device_id": device,
+        "records": len(records),
+        "at": time.time(),
+        "ttft_ms_latest": ttfts[-1] if ttfts else None,
+        "model": inference[-1].get("model_name") if inference else None,
+    }

@@ -1,0 +1,132 @@
+"""The built-in fleet page and per-device page: plain HTML, CSS and JavaScript, no external CDN."""
+
+from __future__ import annotations
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1b1f24; background: #fafbfc; }
+h1 { font-size: 20px; margin: 0 0 4px; } .sub { color: #57606a; margin-bottom: 16px; }
+table { border-collapse: collapse; width: 100%; background: #fff; }
+th, td { padding: 6px 10px; border-bottom: 1px solid #d0d7de; text-align: right; }
+th:first-child, td:first-child, td.text { text-align: left; }
+th { background: #f0f3f6; font-weight: 600; }
+.ok { color: #1a7f37; } .late { color: #9a6700; } .silent { color: #cf222e; }
+.flash { animation: flash 1.5s; } @keyframes flash { from { background: #fff8c5; } to { background: #fff; } }
+svg { background: #fff; border: 1px solid #d0d7de; } .axis { stroke: #8c959f; } .line { fill: none; stroke-width: 1.5; }
+a { color: #0969da; text-decoration: none; }
+"""
+
+FLEET_PAGE = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>LLM-Latency-Lens fleet</title>
+<style>{_STYLE}</style></head>
+<body>
+<h1>LLM-Latency-Lens fleet</h1>
+<div class="sub" id="summary">loading…</div>
+<table id="devices"><thead><tr>
+<th>device</th><th>last seen</th><th style="text-align:left">model</th><th>TTFT p95 (ms)</th><th>tok/s</th>
+<th>J/token</th><th>backlog</th><th>dropped</th><th>records</th><th>sync</th></tr></thead><tbody></tbody></table>
+<script>
+"use strict";
+const fmt = (v, d) => (v === null || v === undefined) ? "–" : Number(v).toFixed(d);
+function age(s) {{
+  if (s < 90) return Math.round(s) + " s ago";
+  if (s < 5400) return Math.round(s / 60) + " min ago";
+  return Math.round(s / 3600) + " h ago";
+}}
+function cell(text, cls) {{ const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; return td; }}
+function render(devices) {{
+  const body = document.querySelector("#devices tbody");
+  body.replaceChildren();
+  for (const d of devices) {{
+    const tr = document.createElement("tr");
+    tr.id = "device-" + d.device_id;
+    const name = document.createElement("td");
+    const link = document.createElement("a");
+    link.href = "device/" + encodeURIComponent(d.device_id);
+    link.textContent = d.device_id;
+    name.appendChild(link);
+    tr.append(name, cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(fmt(d.ttft_p95_ms, 1)),
+      cell(fmt(d.tokens_per_second, 1)), cell(fmt(d.j_per_output_token, 4)), cell(d.backlog ?? "–"),
+      cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
+    body.appendChild(tr);
+  }}
+  const late = devices.filter(d => d.sync_health !== "ok").length;
+  document.getElementById("summary").textContent =
+    devices.length + " devices, " + late + " not seen in the last 15 minutes — updated " + new Date().toLocaleTimeString();
+}}
+async function refresh() {{
+  const response = await fetch("api/v1/fleet");
+  if (!response.ok) {{ document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }}
+  render((await response.json()).devices);
+}}
+const initial = /*INITIAL*/null;
+if (initial) render(initial.devices); else refresh();
+setInterval(refresh, 30000);
+const events = new EventSource("api/v1/stream");
+events.addEventListener("batch", (e) => {{
+  const event = JSON.parse(e.data);
+  refresh().then(() => {{
+    const row = document.getElementById("device-" + event.device_id);
+    if (row) row.classList.add("flash");
+  }});
+}});
+</script>
+</body></html>
+"""
+
+DEVICE_PAGE = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>LLM-Latency-Lens device</title>
+<style>{_STYLE}</style></head>
+<body>
+<a href="../">← fleet</a>
+<h1 id="title">device</h1>
+<div class="sub" id="summary">loading…</div>
+<h2>Time to first token (ms)</h2><svg id="ttft" width="900" height="220"></svg>
+<h2>Time per output token (ms)</h2><svg id="tpot" width="900" height="220"></svg>
+<script>
+"use strict";
+const device = decodeURIComponent(location.pathname.split("/").pop());
+document.getElementById("title").textContent = device;
+function chart(svg, points, color) {{
+  const ns = "http://www.w3.org/2000/svg", w = 900, h = 220, pad = 40;
+  svg.replaceChildren();
+  if (points.length < 2) {{ const t = document.createElementNS(ns, "text"); t.setAttribute("x", 20); t.setAttribute("y", 30);
+    t.textContent = "not enough data yet"; svg.appendChild(t); return; }}
+  const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs), y1 = Math.max(...ys) * 1.1 || 1;
+  const X = x => pad + (x - x0) / ((x1 - x0) || 1) * (w - 2 * pad), Y = y => h - pad - y / y1 * (h - 2 * pad);
+  for (const [a, b, c, d] of [[pad, h - pad, w - pad, h - pad], [pad, pad, pad, h - pad]]) {{
+    const l = document.createElementNS(ns, "line"); l.setAttribute("x1", a); l.setAttribute("y1", b);
+    l.setAttribute("x2", c); l.setAttribute("y2", d); l.setAttribute("class", "axis"); svg.appendChild(l); }}
+  const label = document.createElementNS(ns, "text"); label.setAttribute("x", 4); label.setAttribute("y", pad);
+  label.textContent = y1.toFixed(1); svg.appendChild(label);
+  const path = document.createElementNS(ns, "polyline"); path.setAttribute("class", "line");
+  path.setAttribute("stroke", color); path.setAttribute("points", points.map(p => X(p[0]) + "," + Y(p[1])).join(" "));
+  svg.appendChild(path);
+}}
+function draw(measurements) {{
+  const rows = measurements.filter(m => m.ok);
+  const t = m => Date.parse(m.started_at);
+  chart(document.getElementById("ttft"), rows.filter(m => m.ttft_ms !== null).map(m => [t(m), m.ttft_ms]), "#0969da");
+  chart(document.getElementById("tpot"), rows.filter(m => m.tpot_ms !== null).map(m => [t(m), m.tpot_ms]), "#8250df");
+  document.getElementById("summary").textContent = rows.length + " successful requests (latest 1000 received)";
+}}
+async function refresh() {{
+  const response = await fetch("../api/v1/measurements?kind=inference&limit=1000&device=" + encodeURIComponent(device));
+  if (!response.ok) {{ document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }}
+  draw((await response.json()).measurements);
+}}
+const initial = /*INITIAL*/null;
+if (initial) draw(initial.measurements); else refresh();
+new EventSource("../api/v1/stream").addEventListener("batch", (e) => {{
+  if (JSON.parse(e.data).device_id === device) refresh();
+}});
+</script>
+</body></html>
+"""
+
+
+def with_data(page: str, data: object) -> str:
+    """The page with its first data inlined, so it renders at once (and without a second request)."""
+    import json
+
+    return page.replace("/*INITIAL*/null", json.dumps(data).replace("</", "<\\/"))

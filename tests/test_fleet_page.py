@@ -1,0 +1,160 @@
+"""The fleet view: /api/v1/fleet, the SSE stream of incoming batches, and the built-in pages in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from agent.synthetic import synthetic_records
+from aggregator.app import Settings, create_app
+from aggregator.store import SQLiteStore
+
+from .test_aggregator import auth, make_batch
+
+NOW = time.time_ns() // 1000
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "build" / "screenshots"
+
+
+async def fill(client: Any, store: SQLiteStore) -> list[dict[str, Any]]:
+    everything = []
+    for device, seed in (("orin-017", 1), ("laptop-3", 2)):
+        token = store.add_token(device, "device", NOW)
+        records = synthetic_records(40, seed=seed, device_id=device)
+        if device == "orin-017":
+            for r in records:
+                r["ext"] = {"energy": {"j_per_output_token": 0.05}}
+        body = make_batch(records, device=device, counters={"pending_records": 12, "dropped_total": 1})
+        assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
+        everything += records
+    return everything
+
+
+async def test_fleet_api(aiohttp_client, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "agg.db")
+    client = await aiohttp_client(create_app(Settings(), store))
+    await fill(client, store)
+    devices = {d["device_id"]: d for d in (await (await client.get("/api/v1/fleet")).json())["devices"]}
+    orin = devices["orin-017"]
+    assert orin["sync_health"] == "ok" and orin["backlog"] == 12 and orin["records"] == 40
+    assert (
+        orin["ttft_p95_ms"] > 0 and orin["tokens_per_second"] > 0 and orin["j_per_output_token"] == pytest.approx(0.05)
+    )
+    assert devices["laptop-3"]["j_per_output_token"] is None
+
+
+async def test_stream_pushes_incoming_batches(aiohttp_client, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "agg.db")
+    client = await aiohttp_client(create_app(Settings(), store))
+    token = store.add_token("dev-1", "device", NOW)
+    response = await client.get("/api/v1/stream")
+    assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+    assert (await asyncio.wait_for(response.content.readline(), 5)).startswith(b": connected")
+    records = synthetic_records(5, seed=3, device_id="dev-1")
+    assert (
+        await client.post("/api/v1/ingest", data=make_batch(records, device="dev-1"), headers=auth(token))
+    ).status == 200
+    lines = []
+    while not any(line.startswith(b"data:") for line in lines):
+        lines.append(await asyncio.wait_for(response.content.readline(), 5))
+    event = json.loads(next(line for line in lines if line.startswith(b"data:"))[5:])
+    assert b"event: batch\n" in lines and event["device_id"] == "dev-1" and event["records"] == 5
+    response.close()
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert binary, "chromium is missing: `make sysdeps` installs Debian's chromium"
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--timeout=4000",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+
+def console_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Any:
+    """A real aggregator on a real port, filled with two devices, in a thread of its own."""
+    store = SQLiteStore(tmp_path / "agg.db")
+    loop = asyncio.new_event_loop()
+    app = create_app(Settings(), store)
+    runner = web.AppRunner(app)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    port = loop.run_until_complete(start())
+    import threading
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def load() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+            for device, seed in (("orin-017", 1), ("laptop-3", 2)):
+                token = store.add_token(device, "device", NOW)
+                body = make_batch(
+                    synthetic_records(40, seed=seed, device_id=device), device=device, counters={"pending_records": 12}
+                )
+                async with session.post("/api/v1/ingest", data=body, headers=auth(token)) as response:
+                    assert response.status == 200
+
+    asyncio.run_coroutine_threadsafe(load(), loop).result(30)
+    yield f"http://127.0.0.1:{port}"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_fleet_page_renders_with_data(served: str) -> None:
+    dom = chromium("--dump-dom", served + "/")
+    assert "orin-017" in dom.stdout and "laptop-3" in dom.stdout, dom.stderr[-2000:]
+    assert "2 devices, 0 not seen" in dom.stdout
+    assert 'class="ok">ok<' in dom.stdout
+    assert console_errors(dom.stderr) == []
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shot = chromium("--window-size=1280,600", f"--screenshot={SCREENSHOTS / 'fleet.png'}", served + "/")
+    assert (SCREENSHOTS / "fleet.png").stat().st_size > 5000, shot.stderr[-2000:]
+
+
+def test_device_page_draws_its_charts(served: str) -> None:
+    dom = chromium("--dump-dom", served + "/device/orin-017")
+    assert "<polyline" in dom.stdout and "successful requests" in dom.stdout, dom.stderr[-2000:]
+    assert console_errors(dom.stderr) == []
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    chromium("--window-size=1000,700", f"--screenshot={SCREENSHOTS / 'device.png'}", served + "/device/orin-017")
+    assert (SCREENSHOTS / "device.png").stat().st_size > 5000
