@@ -21,7 +21,7 @@ from aiohttp import web
 from agent import wire
 from agent.stats import latency_distribution
 
-from .store import Query, SQLiteStore, query_columns, query_measurements
+from .store import Query, Store
 
 MAX_LIMIT = 10_000
 CSV_COLUMNS = (
@@ -136,14 +136,14 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def measurements_response(store: SQLiteStore, params: Any) -> web.Response:
+def measurements_response(store: Store, params: Any) -> web.Response:
     query = parse_query(params)
     limit = _int("limit", params.get("limit"), 100, 1, MAX_LIMIT)
     cursor = _int("cursor", params.get("cursor"), 0, 0, 2**62)
     fmt = params.get("format") or "json"
     if fmt not in ("json", "ndjson", "csv"):
         raise BadParameter("format", fmt, "json, ndjson or csv (Parquet needs the [arrow] extra, not installed here)")
-    rows = query_measurements(store, query, limit=limit, after_seq=cursor)
+    rows = store.query(query, limit=limit, after_seq=cursor)
     next_cursor = rows[-1]["seq"] if len(rows) == limit else None
     headers = {"X-Next-Cursor": str(next_cursor)} if next_cursor is not None else {}
     if fmt == "csv":
@@ -161,7 +161,7 @@ def measurements_response(store: SQLiteStore, params: Any) -> web.Response:
     )
 
 
-def summary_response(store: SQLiteStore, params: Any) -> web.Response:
+def summary_response(store: Store, params: Any) -> web.Response:
     query = parse_query(params)
     group_by = params.get("group_by") or ""
     columns = {"": None, "device": "device_id", "model": "model_name", "strategy": "strategy"}
@@ -169,8 +169,8 @@ def summary_response(store: SQLiteStore, params: Any) -> web.Response:
         raise BadParameter("group_by", group_by, "device, model or strategy")
     key = columns[group_by]
     inference = Query(**{**query.__dict__, "kind": query.kind or "inference"})
-    rows = query_columns(
-        store, inference, [key or "'all'", "ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "error_type"]
+    rows = store.columns(
+        inference, [key or "'all'", "ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "error_type"]
     )
     groups: dict[str, list[tuple[Any, ...]]] = {}
     for row in rows:

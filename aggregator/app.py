@@ -24,7 +24,7 @@ from . import __version__, api
 from .fleet import Broadcaster, batch_event, fleet_rows, query_latest
 from .metrics import CONTENT_TYPE, FleetMetrics
 from .pages import DEVICE_PAGE, FLEET_PAGE, with_data
-from .store import RecordRow, SQLiteStore, Store, TokenInfo
+from .store import RecordRow, Store, TokenInfo
 
 log = logging.getLogger("aggregator")
 T = TypeVar("T")
@@ -226,11 +226,8 @@ async def _read(request: web.Request, build: Any) -> web.Response:
     if refusal is not None:
         return refusal
     runner = request.app[STORE]
-    store = runner.store
-    if not isinstance(store, SQLiteStore):
-        return _error(501, "this storage backend does not serve queries yet")
     try:
-        return await runner.call(build, store, request.rel_url.query)
+        return await runner.call(build, runner.store, request.rel_url.query)
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
 
@@ -248,8 +245,6 @@ async def fleet(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     runner = request.app[STORE]
-    if not isinstance(runner.store, SQLiteStore):
-        return _error(501, "this storage backend does not serve the fleet view yet")
     rows = await runner.call(fleet_rows, runner.store, time.time())
     return web.json_response({"devices": rows})
 
@@ -266,9 +261,7 @@ async def page(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     runner = request.app[STORE]
-    data = None
-    if isinstance(runner.store, SQLiteStore):
-        data = {"devices": await runner.call(fleet_rows, runner.store, time.time())}
+    data = {"devices": await runner.call(fleet_rows, runner.store, time.time())}
     return web.Response(text=with_data(FLEET_PAGE, data), content_type="text/html")
 
 
@@ -277,11 +270,8 @@ async def device_page(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     runner = request.app[STORE]
-    data = None
-    if isinstance(runner.store, SQLiteStore):
-        device = request.match_info["device_id"]
-        rows = await runner.call(query_latest, runner.store, device, 1000)
-        data = {"measurements": rows}
+    rows = await runner.call(query_latest, runner.store, request.match_info["device_id"], 1000)
+    data = {"measurements": rows}
     return web.Response(text=with_data(DEVICE_PAGE, data), content_type="text/html")
 
 

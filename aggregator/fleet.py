@@ -13,13 +13,13 @@ from aiohttp import web
 
 from agent import wire
 
-from .store import Query, SQLiteStore, query_measurements
+from .store import Query, Store
 
 LATE_S = 15 * 60
 SILENT_S = 24 * 3600
 
 
-def fleet_rows(store: SQLiteStore, now: float, recent: int = 50) -> list[dict[str, Any]]:
+def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any]]:
     """Each device with its last-seen age, sync health and its latest figures (from its last ``recent`` requests)."""
     rows = []
     for device in store.devices():
@@ -61,20 +61,11 @@ def _p95(values: list[float]) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[94]
 
 
-def query_latest(store: SQLiteStore, device: str, limit: int) -> list[dict[str, Any]]:
-    with store._lock:
-        row = store._conn.execute(
-            "SELECT MAX(seq) FROM measurements WHERE device_id = ? AND kind = 'inference'", (device,)
-        ).fetchone()
-    last = row[0] or 0
-    rows = query_measurements(
-        store, Query(device=device, kind="inference"), limit=limit, after_seq=max(0, last - 20 * limit)
-    )
-    out = []
-    for r in rows[-limit:]:
-        record = wire.from_wire(wire.loads(bytes(r["body"]), r["codec"]))
-        out.append(record)
-    return out
+def query_latest(store: Store, device: str, limit: int) -> list[dict[str, Any]]:
+    """The device's latest ``limit`` inference records, decoded, oldest first."""
+    last = store.max_seq(device, "inference")
+    rows = store.query(Query(device=device, kind="inference"), limit=20 * limit, after_seq=max(0, last - 20 * limit))
+    return [wire.from_wire(wire.loads(bytes(r["body"]), r["codec"])) for r in rows[-limit:]]
 
 
 class Broadcaster:

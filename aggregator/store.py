@@ -73,6 +73,61 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+@dataclass(frozen=True)
+class Query:
+    """Filters of the read API; ``None`` means no filter."""
+
+    device: str | None = None
+    model: str | None = None
+    strategy: str | None = None
+    kind: str | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("device_id", self.device),
+            ("model_name", self.model),
+            ("strategy", self.strategy),
+            ("kind", self.kind),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.since_us is not None:
+            clauses.append("started_us >= ?")
+            params.append(self.since_us)
+        if self.until_us is not None:
+            clauses.append("started_us < ?")
+            params.append(self.until_us)
+        return (" AND ".join(clauses) or "1"), params
+
+
+QUERY_COLUMNS = (
+    "seq",
+    "id",
+    "device_id",
+    "run_id",
+    "kind",
+    "strategy",
+    "model_name",
+    "engine",
+    "started_us",
+    "received_us",
+    "ok",
+    "error_type",
+    "input_tokens",
+    "output_tokens",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "codec",
+    "body",
+)
+
+
 class Store(abc.ABC):
     """What the aggregator needs from a store. Methods are blocking: call them off the event loop."""
 
@@ -110,6 +165,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def rotate(self, device_id: str, now_us: int, grace_us: int) -> str: ...
+
+    @abc.abstractmethod
+    def query(self, query: Query, *, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Stored measurements matching ``query`` in the order they were received (``QUERY_COLUMNS``)."""
+
+    @abc.abstractmethod
+    def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The given columns of every matching measurement (names from ``QUERY_COLUMNS`` or a literal)."""
+
+    @abc.abstractmethod
+    def max_seq(self, device: str, kind: str) -> int: ...
+
+    @abc.abstractmethod
+    def drop_before(self, cutoff_us: int) -> int:
+        """Retention: remove measurements that started before ``cutoff_us``; returns how many (or partitions)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -362,78 +432,31 @@ class SQLiteStore(Store):
             conn.execute("COMMIT")
         return token
 
+    def query(self, query: Query, *, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
+        where, params = query.where()
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
+                [*params, after_seq, limit],
+            ).fetchall()
+        return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        where, params = query.where()
+        with self._lock:
+            return self._conn.execute(f"SELECT {', '.join(columns)} FROM measurements WHERE {where}", params).fetchall()
+
+    def max_seq(self, device: str, kind: str) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT MAX(seq) FROM measurements WHERE device_id = ? AND kind = ?", (device, kind)
+            ).fetchone()
+        return int(row[0] or 0)
+
+    def drop_before(self, cutoff_us: int) -> int:
+        with self._lock:
+            return int(self._conn.execute("DELETE FROM measurements WHERE started_us < ?", (cutoff_us,)).rowcount)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-@dataclass(frozen=True)
-class Query:
-    """Filters of the read API; ``None`` means no filter."""
-
-    device: str | None = None
-    model: str | None = None
-    strategy: str | None = None
-    kind: str | None = None
-    since_us: int | None = None
-    until_us: int | None = None
-
-    def where(self) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (
-            ("device_id", self.device),
-            ("model_name", self.model),
-            ("strategy", self.strategy),
-            ("kind", self.kind),
-        ):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if self.since_us is not None:
-            clauses.append("started_us >= ?")
-            params.append(self.since_us)
-        if self.until_us is not None:
-            clauses.append("started_us < ?")
-            params.append(self.until_us)
-        return (" AND ".join(clauses) or "1"), params
-
-
-QUERY_COLUMNS = (
-    "seq",
-    "id",
-    "device_id",
-    "run_id",
-    "kind",
-    "strategy",
-    "model_name",
-    "engine",
-    "started_us",
-    "received_us",
-    "ok",
-    "error_type",
-    "input_tokens",
-    "output_tokens",
-    "ttft_us",
-    "tpot_us",
-    "e2e_us",
-    "codec",
-    "body",
-)
-
-
-def query_measurements(store: SQLiteStore, query: Query, *, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
-    """Stored measurements matching ``query`` in the order they were received, after ``after_seq``."""
-    where, params = query.where()
-    with store._lock:
-        rows = store._conn.execute(
-            f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
-            [*params, after_seq, limit],
-        ).fetchall()
-    return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
-
-
-def query_columns(store: SQLiteStore, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
-    where, params = query.where()
-    with store._lock:
-        return store._conn.execute(f"SELECT {', '.join(columns)} FROM measurements WHERE {where}", params).fetchall()
