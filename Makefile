@@ -23,13 +23,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python bench/demo.py
 
-# System packages the tests use (systemd-analyze, dpkg-deb, promtool, headless chromium), installed as root with
-# apt-get when missing.
+# System packages the tests use (systemd-analyze, dpkg-deb, promtool, headless chromium, PostgreSQL), installed as
+# root with apt-get when missing; PostgreSQL is started (it refuses to run as root: pg_ctlcluster runs it as postgres)
+# with a role for the tests.
 sysdeps:
 	@command -v systemd-analyze >/dev/null && command -v dpkg-deb >/dev/null && command -v promtool >/dev/null && \
-		command -v chromium >/dev/null || \
+		command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			systemd dpkg-dev prometheus chromium)
+			systemd dpkg-dev prometheus chromium postgresql)
+	@pg_lsclusters -h | grep -q . || pg_createcluster 15 main >/dev/null
+	@pg_lsclusters -h | grep -q online || pg_ctlcluster $$(pg_lsclusters -h | awk 'NR==1 {print $$1, $$2}') start
+	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='lens'\"" | grep -q 1 || \
+		su postgres -c "psql -qc \"CREATE ROLE lens LOGIN SUPERUSER PASSWORD 'lens'\""
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent aggregator tests bench

@@ -36,6 +36,7 @@ class Settings:
     max_body_bytes: int = 16 * 1024**2
     max_decompressed_bytes: int = 256 * 1024**2
     max_metric_series: int = 10_000
+    retention_s: float | None = None  # drop measurements older than this, hourly
 
     @property
     def loopback_only(self) -> bool:
@@ -315,7 +316,17 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             if device.get("backlog") is not None:
                 counters["pending_records"] = device["backlog"]
             fleet_metrics.device(device["device_id"], counters, device["last_seen_us"] / 1e6)
+
+        async def retention() -> None:
+            while settings.retention_s:
+                cutoff = _now_us() - int(settings.retention_s * 1e6)
+                dropped = await runner.call(store.drop_before, cutoff)
+                log.info("retention: dropped %d (measurements before %d µs)", dropped, cutoff)
+                await asyncio.sleep(3600)
+
+        pruner = asyncio.create_task(retention())
         yield
+        pruner.cancel()
         runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, store.close)
 

@@ -32,9 +32,22 @@ def _now_us() -> int:
 
 
 def _open_store(config: Config) -> Store:
+    """A path means SQLite; ``postgresql://…`` means PostgreSQL (the ``[postgres]`` extra)."""
     db = str(config.get("storage", "db"))
+    if db.startswith(("postgresql://", "postgres://")):
+        try:
+            from .pgstore import PostgresStore
+        except ImportError:
+            raise UsageError(
+                "storage.db is a PostgreSQL URL: install psycopg (pip install 'llm-latency-lens[postgres]')"
+            ) from None
+        try:
+            return PostgresStore(db)
+        except Exception as exc:  # psycopg.OperationalError and friends: say what the server said
+            safe = db.split("@")[-1]
+            raise UsageError(f"storage.db = …@{safe}: cannot connect ({str(exc).strip().splitlines()[0]})") from None
     if "://" in db:
-        raise UsageError(f"storage.db = {db!r}: only SQLite paths are supported by this version")
+        raise UsageError(f"storage.db = {db!r}: expected a file path (SQLite) or a postgresql:// URL")
     try:
         return SQLiteStore(db)
     except (OSError, RuntimeError) as exc:
@@ -48,7 +61,7 @@ def _config(config_path: Path | None, db: str | None) -> Config:
 config_option = click.option(
     "--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file."
 )
-db_option = click.option("--db", help="SQLite database path.  [default: storage.db]")
+db_option = click.option("--db", help="SQLite path or postgresql:// URL.  [default: storage.db]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -103,6 +116,7 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
         max_body_bytes=server["max_body_bytes"],
         max_decompressed_bytes=server["max_decompressed_bytes"],
         max_metric_series=server["max_metric_series"],
+        retention_s=config.get("storage", "retention"),
     )
     app = create_app(settings, _open_store(config))
 

@@ -37,7 +37,8 @@ SCHEMA: Schema = {
         ),
     },
     "storage": {
-        "db": KeySpec(text, const("/var/lib/lens-aggregator/aggregator.db"), "SQLite path"),
+        "db": KeySpec(text, const("/var/lib/lens-aggregator/aggregator.db"), "SQLite path or postgresql:// URL"),
+        "retention": KeySpec(optional(parse_duration), const(None), "drop measurements older than this (none: keep)"),
     },
     "auth": {
         "rotate_grace": KeySpec(parse_duration, const(24 * 3600.0), "old token validity after token rotate"),

@@ -102,7 +102,7 @@ class Query:
         if self.until_us is not None:
             clauses.append("started_us < ?")
             params.append(self.until_us)
-        return (" AND ".join(clauses) or "1"), params
+        return (" AND ".join(clauses) or "TRUE"), params
 
 
 QUERY_COLUMNS = (

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +65,24 @@ def config_file(tmp_path: Path) -> Any:
         return path
 
     return write
+
+
+PG_ADMIN_URL = os.environ.get("LENS_TEST_POSTGRES_URL", "postgresql://lens:lens@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def pg_url() -> Any:
+    """A fresh PostgreSQL database for one test (``make sysdeps`` installs and starts the server)."""
+    import psycopg
+
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise AssertionError(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: run `make sysdeps` ({exc})") from None
+    name = "lens_test_" + uuid.uuid4().hex[:12]
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()

@@ -26,9 +26,14 @@ def make_batch(records: list[dict[str, Any]], device: str = "dev-1", codec: str 
     return wire.encode_batch(blobs, device_id=device, batch_id="b", sent_us=1, codec=codec, **kw)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> SQLiteStore:
-    return SQLiteStore(tmp_path / "agg.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Every ingest test runs against both storage backends: same dedupe, same answers."""
+    if request.param == "sqlite":
+        return SQLiteStore(tmp_path / "agg.db")
+    from aggregator.pgstore import PostgresStore
+
+    return PostgresStore(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture

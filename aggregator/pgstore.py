@@ -1,0 +1,326 @@
+"""The PostgreSQL store, for fleets that outgrow one machine: several aggregator replicas share one database.
+
+Measurements are partitioned by month of their start time (``PARTITION BY RANGE (started_us)``, partitions created
+on demand, a default partition for clocks far off). PostgreSQL's unique constraints on a partitioned table must
+include the partition key, so dedupe is global through a table of its own: ``record_ids(id PRIMARY KEY)``. A batch
+inserts its ids there with ``ON CONFLICT DO NOTHING RETURNING id`` and stores only the records that came back —
+two replicas receiving the same record at once serialise on that unique index, and exactly one stores it. Retention
+drops whole partitions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from .store import (
+    QUERY_COLUMNS,
+    IngestResult,
+    Query,
+    RecordRow,
+    Store,
+    TokenInfo,
+    hash_token,
+    new_token,
+)
+
+SCHEMA_VERSION = 1
+
+_MIGRATION_V1 = """
+CREATE TABLE IF NOT EXISTS record_ids (id bytea PRIMARY KEY, started_us bigint NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS measurement_seq;
+CREATE TABLE IF NOT EXISTS measurements (
+    seq bigint NOT NULL DEFAULT nextval('measurement_seq'),
+    id bytea NOT NULL,
+    device_id text NOT NULL,
+    run_id text NOT NULL,
+    kind text NOT NULL,
+    started_us bigint NOT NULL,
+    received_us bigint NOT NULL,
+    ok boolean NOT NULL,
+    strategy text, model_name text, engine text, error_type text,
+    input_tokens integer, output_tokens integer,
+    ttft_us bigint, tpot_us bigint, e2e_us bigint,
+    batch_id text NOT NULL,
+    codec text NOT NULL,
+    body bytea NOT NULL
+) PARTITION BY RANGE (started_us);
+CREATE TABLE IF NOT EXISTS measurements_default PARTITION OF measurements DEFAULT;
+CREATE INDEX IF NOT EXISTS measurements_device_time ON measurements (device_id, started_us);
+CREATE INDEX IF NOT EXISTS measurements_time ON measurements (started_us);
+CREATE INDEX IF NOT EXISTS measurements_seq ON measurements (seq);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id text PRIMARY KEY, first_seen_us bigint, last_seen_us bigint, records bigint, duplicates bigint,
+    dropped_total bigint, quarantined_total bigint, last_batch_id text, last_sent_us bigint, backlog bigint
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_hash text PRIMARY KEY, subject text NOT NULL, kind text NOT NULL, created_us bigint NOT NULL,
+    revoked_us bigint, expires_us bigint
+);
+"""
+
+_INSERT = (
+    "INSERT INTO measurements (id, device_id, run_id, kind, started_us, ok, strategy, model_name, engine, error_type, "
+    "input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, codec, body, received_us, batch_id) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _month_bounds(us: int) -> tuple[int, int, str]:
+    when = datetime.fromtimestamp(us / 1e6, tz=timezone.utc)
+    start = datetime(when.year, when.month, 1, tzinfo=timezone.utc)
+    end = datetime(when.year + (when.month == 12), when.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return int(start.timestamp() * 1e6), int(end.timestamp() * 1e6), f"measurements_{when.year:04d}{when.month:02d}"
+
+
+class PostgresStore(Store):
+    """One connection per aggregator process, used from the store thread."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.url = url
+        self._psycopg = psycopg
+        self._lock = threading.Lock()
+        self._conn = psycopg.connect(url, autocommit=False)
+        self._partitions: set[str] = set()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock, self._conn.transaction():
+            cur = self._conn.cursor()
+            cur.execute("SELECT pg_advisory_xact_lock(7461326)")  # one replica migrates at a time
+            cur.execute("CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text)")
+            cur.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+            row = cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.url}: database schema version {version} is newer than this aggregator's "
+                    f"({SCHEMA_VERSION}); upgrade lens-aggregator"
+                )
+            if version < 1:
+                cur.execute(_MIGRATION_V1)
+                cur.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', '1') "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                )
+
+    def schema_version(self) -> int:
+        with self._lock, self._conn.transaction():
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _ensure_partitions(self, started: Sequence[int]) -> None:
+        wanted = {_month_bounds(us) for us in started if us >= 0}
+        missing = [b for b in wanted if b[2] not in self._partitions]
+        if not missing:
+            return
+        with self._conn.transaction():
+            cur = self._conn.cursor()
+            cur.execute("SELECT pg_advisory_xact_lock(7461327)")  # replicas create partitions one at a time
+            for start, end, name in missing:
+                cur.execute("SELECT 1 FROM pg_class WHERE relname = %s", (name,))
+                if cur.fetchone() is None:
+                    # rows of this month already in the default partition would block the new one: move them
+                    cur.execute("CREATE TEMP TABLE IF NOT EXISTS moving (LIKE measurements) ON COMMIT DROP")
+                    cur.execute(
+                        "WITH moved AS (DELETE FROM measurements_default WHERE started_us >= %s AND started_us < %s "
+                        "RETURNING *) INSERT INTO moving SELECT * FROM moved",
+                        (start, end),
+                    )
+                    cur.execute(f"CREATE TABLE {name} PARTITION OF measurements FOR VALUES FROM ({start}) TO ({end})")
+                    cur.execute("INSERT INTO measurements SELECT * FROM moving")
+                    cur.execute("DELETE FROM moving")
+                self._partitions.add(name)
+
+    # -- ingest ------------------------------------------------------------------------------------------
+    def ingest(
+        self,
+        device_id: str,
+        batch_id: str,
+        sent_us: int,
+        counters: dict[str, int],
+        rows: Sequence[RecordRow],
+        received_us: int,
+    ) -> IngestResult:
+        with self._lock:
+            self._ensure_partitions([r.started_us for r in rows])
+            with self._conn.transaction():
+                cur = self._conn.cursor()
+                fresh: set[bytes] = set()
+                if rows:
+                    cur.execute(
+                        "INSERT INTO record_ids (id, started_us) SELECT * FROM unnest(%s::bytea[], %s::bigint[]) "
+                        "ON CONFLICT DO NOTHING RETURNING id",
+                        ([r.id for r in rows], [r.started_us for r in rows]),
+                    )
+                    fresh = {bytes(row[0]) for row in cur.fetchall()}
+                new: list[int] = []
+                taken: set[bytes] = set()
+                for i, r in enumerate(rows):
+                    if r.id in fresh and r.id not in taken:
+                        new.append(i)
+                        taken.add(r.id)
+                if new:
+                    cur.executemany(_INSERT, [(*rows[i], received_us, batch_id) for i in new])
+                accepted = len(new)
+                duplicates = len(rows) - accepted
+                cur.execute(
+                    """INSERT INTO devices (device_id, first_seen_us, last_seen_us, records, duplicates,
+                           dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                       ON CONFLICT (device_id) DO UPDATE SET
+                           last_seen_us = GREATEST(devices.last_seen_us, excluded.last_seen_us),
+                           records = devices.records + excluded.records,
+                           duplicates = devices.duplicates + excluded.duplicates,
+                           dropped_total = GREATEST(devices.dropped_total, excluded.dropped_total),
+                           quarantined_total = GREATEST(devices.quarantined_total, excluded.quarantined_total),
+                           last_batch_id = excluded.last_batch_id,
+                           last_sent_us = excluded.last_sent_us,
+                           backlog = excluded.backlog""",
+                    (
+                        device_id,
+                        received_us,
+                        received_us,
+                        accepted,
+                        duplicates,
+                        int(counters.get("dropped_total", 0)),
+                        int(counters.get("quarantined_total", 0)),
+                        batch_id,
+                        sent_us,
+                        counters.get("pending_records"),
+                    ),
+                )
+        return IngestResult(accepted=accepted, duplicates=duplicates, new=tuple(new))
+
+    # -- reads -------------------------------------------------------------------------------------------
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock, self._conn.transaction():
+            return list(self._conn.execute(sql, params).fetchall())
+
+    def devices(self) -> list[dict[str, Any]]:
+        names = (
+            "device_id",
+            "first_seen_us",
+            "last_seen_us",
+            "records",
+            "duplicates",
+            "dropped_total",
+            "quarantined_total",
+            "last_batch_id",
+            "last_sent_us",
+            "backlog",
+        )
+        rows = self._rows(f"SELECT {', '.join(names)} FROM devices ORDER BY device_id")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def record_count(self) -> int:
+        return int(self._rows("SELECT COUNT(*) FROM measurements")[0][0])
+
+    def record_ids(self) -> list[bytes]:
+        return [bytes(r[0]) for r in self._rows("SELECT id FROM measurements")]
+
+    def record_body(self, record_id: bytes) -> tuple[str, bytes, int] | None:
+        rows = self._rows("SELECT codec, body, received_us FROM measurements WHERE id = %s", (record_id,))
+        return None if not rows else (str(rows[0][0]), bytes(rows[0][1]), int(rows[0][2]))
+
+    def query(self, query: Query, *, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
+        where, params = query.where()
+        sql = (
+            f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where.replace('?', '%s')} AND seq > %s "
+            "ORDER BY seq LIMIT %s"
+        )
+        rows = self._rows(sql, [*params, after_seq, limit])
+        return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        where, params = query.where()
+        return self._rows(f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')}", params)
+
+    def max_seq(self, device: str, kind: str) -> int:
+        rows = self._rows("SELECT MAX(seq) FROM measurements WHERE device_id = %s AND kind = %s", (device, kind))
+        return int(rows[0][0] or 0)
+
+    def drop_before(self, cutoff_us: int) -> int:
+        """Drops every monthly partition that ends at or before ``cutoff_us`` (and those records' ids)."""
+        dropped = 0
+        with self._lock, self._conn.transaction():
+            cur = self._conn.cursor()
+            cur.execute(
+                "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
+                "WHERE p.relname = 'measurements'"
+            )
+            for name, bound in cur.fetchall():
+                if not name.startswith("measurements_") or "TO (" not in bound:
+                    continue
+                end = int(bound.rsplit("TO (", 1)[1].split(")")[0].strip("'"))
+                if end <= cutoff_us:
+                    cur.execute(f"DROP TABLE {name}")
+                    self._partitions.discard(name)
+                    dropped += 1
+            cur.execute("DELETE FROM measurements_default WHERE started_us < %s", (cutoff_us,))
+            cur.execute("DELETE FROM record_ids WHERE started_us < %s", (cutoff_us,))
+        return dropped
+
+    # -- tokens ------------------------------------------------------------------------------------------
+    def authenticate(self, token: str, now_us: int) -> TokenInfo | None:
+        rows = self._rows(
+            "SELECT token_hash, subject, kind, created_us, revoked_us, expires_us FROM tokens WHERE token_hash = %s",
+            (hash_token(token),),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        info = TokenInfo(r[0][:12], r[1], r[2], r[3], r[4], r[5])
+        if info.revoked_us is not None or (info.expires_us is not None and info.expires_us <= now_us):
+            return None
+        return info
+
+    def add_token(self, subject: str, kind: str, now_us: int) -> str:
+        if kind not in ("device", "read"):
+            raise ValueError(f"token kind must be device or read, not {kind!r}")
+        token = new_token()
+        with self._lock, self._conn.transaction():
+            self._conn.execute(
+                "INSERT INTO tokens (token_hash, subject, kind, created_us) VALUES (%s, %s, %s, %s)",
+                (hash_token(token), subject, kind, now_us),
+            )
+        return token
+
+    def list_tokens(self) -> list[TokenInfo]:
+        rows = self._rows(
+            "SELECT token_hash, subject, kind, created_us, revoked_us, expires_us FROM tokens "
+            "ORDER BY subject, created_us"
+        )
+        return [TokenInfo(r[0][:12], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def revoke(self, selector: str, now_us: int) -> int:
+        with self._lock, self._conn.transaction():
+            cur = self._conn.execute(
+                "UPDATE tokens SET revoked_us = %s WHERE revoked_us IS NULL AND (subject = %s OR "
+                "(length(%s) >= 8 AND token_hash LIKE %s || '%%'))",
+                (now_us, selector, selector, selector),
+            )
+            return int(cur.rowcount)
+
+    def rotate(self, device_id: str, now_us: int, grace_us: int) -> str:
+        token = new_token()
+        with self._lock, self._conn.transaction():
+            self._conn.execute(
+                "UPDATE tokens SET expires_us = %s WHERE subject = %s AND kind = 'device' AND revoked_us IS NULL "
+                "AND (expires_us IS NULL OR expires_us > %s)",
+                (now_us + grace_us, device_id, now_us + grace_us),
+            )
+            self._conn.execute(
+                "INSERT INTO tokens (token_hash, subject, kind, created_us) VALUES (%s, %s, 'device', %s)",
+                (hash_token(token), device_id, now_us),
+            )
+        return token
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
