@@ -19,6 +19,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent import wire
 from agent.measurement import new_record_id
 from agent.synthetic import synthetic_records
+from aggregator.pgstore import PostgresStore
 from aggregator.store import SQLiteStore
 
 
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--codec", choices=["cbor", "msgpack"], default="cbor")
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--db", help="a postgresql:// URL (an empty database) instead of a fresh SQLite file")
     args = parser.parse_args()
 
     template = synthetic_records(2000, seed=1, device_id="bench")
@@ -80,8 +83,8 @@ def main() -> None:
         for i in range(0, len(blobs), args.batch)
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        db = Path(tmp) / "agg.db"
-        store = SQLiteStore(db)
+        db: Any = args.db or Path(tmp) / "agg.db"
+        store: Any = SQLiteStore(db) if not args.db else PostgresStore(args.db)
         token = store.add_token("bench", "device", time.time_ns() // 1000)
         store.close()
         port = free_port()
@@ -121,7 +124,7 @@ def main() -> None:
     mb = sum(len(b) for b in bodies) / 1e6
     print(
         f"{accepted} records in {len(bodies)} batches of {args.batch} ({args.codec}, zstd-3, {mb:.1f} MB) "
-        f"over {args.connections} connections"
+        f"over {args.connections} connections, {'PostgreSQL (same machine)' if args.db else 'SQLite'}"
     )
     print(
         f"aggregator on one core: {accepted / seconds:,.0f} records/s wall ({seconds:.2f} s), "
