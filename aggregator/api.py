@@ -141,11 +141,20 @@ def measurements_response(store: Store, params: Any) -> web.Response:
     limit = _int("limit", params.get("limit"), 100, 1, MAX_LIMIT)
     cursor = _int("cursor", params.get("cursor"), 0, 0, 2**62)
     fmt = params.get("format") or "json"
-    if fmt not in ("json", "ndjson", "csv"):
-        raise BadParameter("format", fmt, "json, ndjson or csv (Parquet needs the [arrow] extra, not installed here)")
+    if fmt not in ("json", "ndjson", "csv", "arrow", "parquet"):
+        raise BadParameter("format", fmt, "json, ndjson, csv, arrow or parquet")
     rows = store.query(query, limit=limit, after_seq=cursor)
     next_cursor = rows[-1]["seq"] if len(rows) == limit else None
     headers = {"X-Next-Cursor": str(next_cursor)} if next_cursor is not None else {}
+    if fmt in ("arrow", "parquet"):
+        from . import arrow
+
+        try:
+            body = arrow.arrow_ipc(rows) if fmt == "arrow" else arrow.parquet(rows)
+        except arrow.ArrowUnavailable as exc:
+            raise BadParameter("format", fmt, f"json, ndjson or csv ({exc})") from None
+        content_type = "application/vnd.apache.arrow.stream" if fmt == "arrow" else "application/vnd.apache.parquet"
+        return web.Response(body=body, content_type=content_type, headers=headers)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)

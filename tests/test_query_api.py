@@ -107,3 +107,22 @@ async def test_bad_parameters_are_400_naming_them(
     body = await response.json()
     assert response.status == 400 and body["parameter"] == parameter and parameter in body["error"]
     assert (await client.get("/api/v1/summary?group_by=colour")).status == 400
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "parquet"])
+async def test_arrow_and_parquet_exports(loaded: tuple[Any, list[dict[str, Any]]], fmt: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    client, records = loaded
+    response = await client.get(f"/api/v1/measurements?device=dev-a&format={fmt}&limit=1000")
+    assert response.status == 200
+    data = await response.read()
+    table = pa.ipc.open_stream(data).read_all() if fmt == "arrow" else pq.read_table(pa.BufferReader(data))
+    expected = [r for r in records if r["device_id"] == "dev-a"]
+    assert table.num_rows == len(expected)
+    assert table.schema.field("timestamp").type == pa.timestamp("ms")
+    assert table.schema.field("input_tokens").type == pa.uint32()
+    first = table.slice(0, 1).to_pylist()[0]
+    assert first["measurement_id"] == expected[0]["id"].replace("-", "")
+    assert first["ttft_ms"] == expected[0]["ttft_ms"] and first["error_occurred"] is (not expected[0]["ok"])
