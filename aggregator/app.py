@@ -23,7 +23,7 @@ from agent import wire
 from . import __version__, api
 from .fleet import Broadcaster, batch_event, fleet_rows, query_latest
 from .metrics import CONTENT_TYPE, FleetMetrics
-from .pages import DEVICE_PAGE, FLEET_PAGE, with_data
+from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, with_data
 from .store import RecordRow, Store, TokenInfo
 
 log = logging.getLogger("aggregator")
@@ -202,16 +202,52 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
+COOKIE = "lens_read"
+
+
 async def _read_allowed(request: web.Request) -> web.Response | None:
-    """None when the caller may read; otherwise the refusal."""
+    """None when the caller may read; otherwise the refusal. Scripts and Prometheus send the read token as a bearer
+    header; browsers log in once (``/login``) and send it as a cookie."""
     if request.app[SETTINGS].loopback_only:
         return None
     token = await _authenticate(request)
+    if token is None and request.cookies.get(COOKIE):
+        runner = request.app[STORE]
+        token = await runner.call(runner.store.authenticate, request.cookies[COOKIE], _now_us())
     if token is None:
+        if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
+            raise web.HTTPFound("/login")
         return _error(401, "a read token is required (Authorization: Bearer <token>; lens-aggregator token add --read)")
     if token.kind != "read":
         return _error(403, "device tokens only write; use a read token")
     return None
+
+
+async def login_page(request: web.Request) -> web.Response:
+    return web.Response(text=LOGIN_PAGE, content_type="text/html")
+
+
+async def login(request: web.Request) -> web.Response:
+    """Checks a read token from the form and keeps it in an HttpOnly cookie; the page then works as on loopback."""
+    form = await request.post()
+    token = str(form.get("token") or "").strip()
+    runner = request.app[STORE]
+    info = await runner.call(runner.store.authenticate, token, _now_us()) if token else None
+    if info is None or info.kind != "read":
+        return web.Response(
+            text=LOGIN_PAGE.replace("<!--error-->", "<p class='silent'>not a valid read token</p>"),
+            content_type="text/html",
+            status=401,
+        )
+    response = web.HTTPFound("/")
+    response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.secure, max_age=30 * 86400)
+    raise response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = web.HTTPFound("/login")
+    response.del_cookie(COOKIE)
+    raise response
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -308,6 +344,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app.router.add_get("/api/v1/fleet", fleet)
     app.router.add_get("/api/v1/stream", stream)
     app.router.add_get("/", page)
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login)
+    app.router.add_get("/logout", logout)
     app.router.add_get("/device/{device_id}", device_page)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -73,6 +73,18 @@ events.addEventListener("batch", (e) => {{
 </body></html>
 """
 
+LOGIN_PAGE = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>LLM-Latency-Lens — sign in</title>
+<style>{_STYLE} input {{ font: inherit; padding: 6px; width: 420px; }} button {{ font: inherit; padding: 6px 14px; }}</style>
+</head><body>
+<h1>LLM-Latency-Lens fleet</h1>
+<div class="sub">This aggregator is not on loopback: enter a read token (<code>lens-aggregator token add --read NAME</code>).</div>
+<!--error-->
+<form method="post" action="/login"><input type="password" name="token" autocomplete="current-password" autofocus>
+<button type="submit">Sign in</button></form>
+</body></html>
+"""
+
 DEVICE_PAGE = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>LLM-Latency-Lens device</title>
 <style>{_STYLE}</style></head>

@@ -158,3 +158,21 @@ def test_device_page_draws_its_charts(served: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     chromium("--window-size=1000,700", f"--screenshot={SCREENSHOTS / 'device.png'}", served + "/device/orin-017")
     assert (SCREENSHOTS / "device.png").stat().st_size > 5000
+
+
+async def test_browsers_log_in_with_a_read_token_off_loopback(aiohttp_client, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "agg.db")
+    client = await aiohttp_client(create_app(Settings(host="0.0.0.0"), store))
+    reader = store.add_token("browser", "read", NOW)
+    device = store.add_token("dev-1", "device", NOW)
+    page = await client.get("/", headers={"Accept": "text/html"}, allow_redirects=False)
+    assert page.status == 302 and page.headers["Location"] == "/login"
+    assert (await client.get("/api/v1/fleet")).status == 401  # scripts get a 401, not a redirect
+    refused = await client.post("/login", data={"token": device})
+    assert refused.status == 401 and "not a valid read token" in await refused.text()
+    signed = await client.post("/login", data={"token": reader}, allow_redirects=False)
+    assert signed.status == 302 and "HttpOnly" in signed.headers["Set-Cookie"]
+    assert (await client.get("/", headers={"Accept": "text/html"})).status == 200  # the cookie is sent back
+    assert (await client.get("/api/v1/fleet")).status == 200
+    await client.get("/logout", allow_redirects=False)
+    assert (await client.get("/api/v1/fleet")).status == 401
