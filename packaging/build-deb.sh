@@ -62,5 +62,6 @@ for script in postinst prerm postrm; do
     install -m 0755 "$root/packaging/debian/$script" "$stage/DEBIAN/$script"
 done
 
-dpkg-deb --build --root-owner-group "$stage" "$out/lens-agent_${version}_${arch}.deb" >&2
+# gzip: fast to build and read by every dpkg, including the older ones on JetPack 5 (Ubuntu 20.04)
+dpkg-deb -Zgzip -z6 --build --root-owner-group "$stage" "$out/lens-agent_${version}_${arch}.deb" >&2
 echo "$out/lens-agent_${version}_${arch}.deb"
