@@ -39,7 +39,17 @@ def test_dashboard_queries_use_existing_metrics() -> None:
         for metric in re.findall(r"llm_latency_lens_[a-z_]+", expr):
             assert metric in names, (metric, expr)
     titles = " ".join(p["title"] for p in dashboard["panels"])
-    for topic in ("first token", "per output token", "Energy", "acceptance", "backlog", "not seen"):
+    # the seed's §3.4 panels, then the edge panels
+    for topic in (
+        "Time to First Token (P50, P95, P99)",
+        "Tokens Per Second by Model",
+        "Request Rate",
+        "Error Rate",
+        "Energy",
+        "acceptance",
+        "backlog",
+        "not seen",
+    ):
         assert topic in titles, topic
 
 

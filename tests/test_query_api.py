@@ -21,9 +21,15 @@ from .test_aggregator import auth, make_batch
 NOW = time.time_ns() // 1000
 
 
-@pytest.fixture
-async def loaded(aiohttp_client, tmp_path: Path) -> tuple[Any, list[dict[str, Any]]]:
-    store = SQLiteStore(tmp_path / "agg.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+async def loaded(aiohttp_client, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Any, list[dict[str, Any]]]:
+    """Two devices' records, in either storage backend: the read API answers the same from both."""
+    if request.param == "sqlite":
+        store: Any = SQLiteStore(tmp_path / "agg.db")
+    else:
+        from aggregator.pgstore import PostgresStore
+
+        store = PostgresStore(request.getfixturevalue("pg_url"))
     client = await aiohttp_client(create_app(Settings(), store))
     everything = []
     for device in ("dev-a", "dev-b"):
