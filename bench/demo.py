@@ -199,8 +199,8 @@ max_tokens = 32
             )
         print(
             f"\nbenchmark JSON: {WORK / 'bench.json'}\nagent state:    {state_file}\n"
-            f"fleet (while an aggregator runs): GET /api/v1/devices on its address; "
-            f"lens-aggregator serve --db {db} to look again"
+            f"the fleet view: {BIN / 'lens-aggregator'} serve --db {db} --port 8443, then open "
+            "http://127.0.0.1:8443/ (the page), /metrics (Prometheus), /api/v1/fleet"
         )
     finally:
         say("6. stopping")
