@@ -97,6 +97,8 @@ class AgentService:
         self.outbox: AsyncOutbox | None = None
         self._pending_once: set[str] = set()
         self.stored = 0  # records appended to the outbox by this process
+        self._power_key: tuple[str, str] | None = None
+        self._power_name: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -390,11 +392,15 @@ class AgentService:
         return out
 
     def _power_source(self) -> str | None:
+        """Detected once per configuration (opening jtop or NVML at every heartbeat would cost more than it tells)."""
         probes = self.config.values["probes"]
-        sources, _ = detect_power(Root(probes["sysfs_root"]), probes["power_source"])
-        for source in sources:
-            source.close()
-        return "+".join(s.name for s in sources) or None
+        key = (str(probes["sysfs_root"]), str(probes["power_source"]))
+        if self._power_key != key:
+            sources, _ = detect_power(Root(probes["sysfs_root"]), probes["power_source"])
+            for source in sources:
+                source.close()
+            self._power_key, self._power_name = key, "+".join(s.name for s in sources) or None
+        return self._power_name
 
     def _write_state(self) -> None:
         payload = {
