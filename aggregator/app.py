@@ -11,7 +11,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -223,6 +223,21 @@ async def _read_allowed(request: web.Request) -> web.Response | None:
     return None
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def read_endpoint(handler: Handler) -> Handler:
+    """Serve ``handler`` only to callers allowed to read (see ``_read_allowed``)."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        refusal = await _read_allowed(request)
+        if refusal is not None:
+            return refusal
+        return await handler(request)
+
+    return guarded
+
+
 async def login_page(request: web.Request) -> web.Response:
     return web.Response(text=LOGIN_PAGE, content_type="text/html")
 
@@ -250,18 +265,13 @@ async def logout(request: web.Request) -> web.Response:
     raise response
 
 
+@read_endpoint
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    refusal = await _read_allowed(request)
-    if refusal is not None:
-        return refusal
     body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _read(request: web.Request, build: Any) -> web.Response:
-    refusal = await _read_allowed(request)
-    if refusal is not None:
-        return refusal
     runner = request.app[STORE]
     try:
         return await runner.call(build, runner.store, request.rel_url.query)
@@ -269,53 +279,45 @@ async def _read(request: web.Request, build: Any) -> web.Response:
         return _error(400, str(exc), parameter=exc.name)
 
 
+@read_endpoint
 async def measurements(request: web.Request) -> web.Response:
     return await _read(request, api.measurements_response)
 
 
+@read_endpoint
 async def summary(request: web.Request) -> web.Response:
     return await _read(request, api.summary_response)
 
 
+@read_endpoint
 async def fleet(request: web.Request) -> web.Response:
-    refusal = await _read_allowed(request)
-    if refusal is not None:
-        return refusal
     runner = request.app[STORE]
     rows = await runner.call(fleet_rows, runner.store, time.time())
     return web.json_response({"devices": rows})
 
 
+@read_endpoint
 async def stream(request: web.Request) -> web.StreamResponse:
-    refusal = await _read_allowed(request)
-    if refusal is not None:
-        return refusal
     return await request.app[EVENTS].stream(request)
 
 
+@read_endpoint
 async def page(request: web.Request) -> web.Response:
-    refusal = await _read_allowed(request)
-    if refusal is not None:
-        return refusal
     runner = request.app[STORE]
     data = {"devices": await runner.call(fleet_rows, runner.store, time.time())}
     return web.Response(text=with_data(FLEET_PAGE, data), content_type="text/html")
 
 
+@read_endpoint
 async def device_page(request: web.Request) -> web.Response:
-    refusal = await _read_allowed(request)
-    if refusal is not None:
-        return refusal
     runner = request.app[STORE]
     rows = await runner.call(query_latest, runner.store, request.match_info["device_id"], 1000)
     data = {"measurements": rows}
     return web.Response(text=with_data(DEVICE_PAGE, data), content_type="text/html")
 
 
+@read_endpoint
 async def devices(request: web.Request) -> web.Response:
-    refusal = await _read_allowed(request)
-    if refusal is not None:
-        return refusal
     runner = request.app[STORE]
     rows = await runner.call(runner.store.devices)
     return web.json_response({"devices": rows}, dumps=json.dumps)

@@ -22,6 +22,7 @@ from .store import (
     RecordRow,
     Store,
     TokenInfo,
+    device_row,
     hash_token,
     new_token,
 )
@@ -181,18 +182,7 @@ class PostgresStore(Store):
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
                            backlog = excluded.backlog""",
-                    (
-                        device_id,
-                        received_us,
-                        received_us,
-                        accepted,
-                        duplicates,
-                        int(counters.get("dropped_total", 0)),
-                        int(counters.get("quarantined_total", 0)),
-                        batch_id,
-                        sent_us,
-                        counters.get("pending_records"),
-                    ),
+                    device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
         return IngestResult(accepted=accepted, duplicates=duplicates, new=tuple(new))
 

@@ -65,6 +65,30 @@ class TokenInfo:
     expires_us: int | None
 
 
+def device_row(
+    device_id: str,
+    batch_id: str,
+    sent_us: int,
+    counters: dict[str, int],
+    accepted: int,
+    duplicates: int,
+    received_us: int,
+) -> tuple[Any, ...]:
+    """The values of a device's row after a batch, in the column order both stores' upserts use."""
+    return (
+        device_id,
+        received_us,
+        received_us,
+        accepted,
+        duplicates,
+        int(counters.get("dropped_total", 0)),
+        int(counters.get("quarantined_total", 0)),
+        batch_id,
+        sent_us,
+        counters.get("pending_records"),
+    )
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -327,18 +351,7 @@ class SQLiteStore(Store):
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
                            backlog = excluded.backlog""",
-                    (
-                        device_id,
-                        received_us,
-                        received_us,
-                        accepted,
-                        duplicates,
-                        int(counters.get("dropped_total", 0)),
-                        int(counters.get("quarantined_total", 0)),
-                        batch_id,
-                        sent_us,
-                        counters.get("pending_records"),
-                    ),
+                    device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
                 conn.execute("COMMIT")
             except BaseException:
