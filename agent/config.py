@@ -400,7 +400,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return dict(tomllib.load(handle))
     except FileNotFoundError:
-        raise ConfigError(str(path), "(file)", str(path), "an existing TOML file") from None
+        raise ConfigError(str(path), "(file)", str(path), "an existing TOML file; there is no such file") from None
     except OSError as exc:
         raise ConfigError(str(path), "(file)", str(path), f"a readable file ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:

@@ -32,7 +32,16 @@ class ConfigError(UsageError):
         self.key = key
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{source}: {key} = {value!r} is not allowed: expected {allowed}")
+        if key.startswith("("):  # the file itself: missing, unreadable, not TOML
+            detail = f" ({value})" if key == "(syntax)" else ""
+            message = f"{source}: expected {allowed}{detail}"
+        elif value is None:
+            where = "" if source == "default" else f" ({source})"
+            env = "LENS_" + key.replace(".", "_").upper()
+            message = f"{key} is not set{where}: expected {allowed}; set it in the config file or {env}"
+        else:
+            message = f"{source}: {key} = {value!r} is not allowed: expected {allowed}"
+        super().__init__(message)
 
 
 class ModelFileError(UsageError):
