@@ -62,10 +62,9 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 
-_INSERT = (
-    "INSERT INTO measurements (id, device_id, run_id, kind, started_us, ok, strategy, model_name, engine, error_type, "
-    "input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, codec, body, received_us, batch_id) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_COPY = (
+    "COPY measurements (id, device_id, run_id, kind, started_us, ok, strategy, model_name, engine, error_type, "
+    "input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, codec, body, received_us, batch_id) FROM STDIN"
 )
 
 
@@ -166,7 +165,9 @@ class PostgresStore(Store):
                         new.append(i)
                         taken.add(r.id)
                 if new:
-                    cur.executemany(_INSERT, [(*rows[i], received_us, batch_id) for i in new])
+                    with cur.copy(_COPY) as copy:  # COPY routes rows to their partitions, faster than INSERTs
+                        for i in new:
+                            copy.write_row((*rows[i], received_us, batch_id))
                 accepted = len(new)
                 duplicates = len(rows) - accepted
                 cur.execute(
