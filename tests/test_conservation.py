@@ -34,6 +34,8 @@ DEVICE = "dev-1"
 
 
 class AggregatorProcess:
+    """``lens-aggregator serve`` as a real process; ``db`` is a SQLite path or a postgresql:// URL."""
+
     def __init__(self, db: Path, port: int) -> None:
         self.db, self.port = db, port
         self.proc: subprocess.Popen[bytes] | None = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,53 +22,11 @@ from .test_conservation import AggregatorProcess
 NOW = time.time_ns() // 1000
 
 
-class Replica(AggregatorProcess):
-    """An aggregator process whose --db is a PostgreSQL URL."""
-
-    def __init__(self, url: str, port: int) -> None:
-        super().__init__(Path(url), port)  # type: ignore[arg-type]
-        self.url = url
-
-    def start(self) -> None:
-        import subprocess
-        import sys
-
-        from .test_conservation import ROOT
-
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from aggregator.cli import main; main()",
-                "serve",
-                "--db",
-                self.url,
-                "--port",
-                str(self.port),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        import socket
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(self.proc.stderr.read().decode() if self.proc.stderr else "exited") from None
-                time.sleep(0.05)
-        raise RuntimeError("replica did not start")
-
-
 async def test_two_replicas_ingest_concurrently_without_duplicates_or_loss(pg_url: str) -> None:
     store = PostgresStore(pg_url)
     tokens = {f"dev-{n}": store.add_token(f"dev-{n}", "device", NOW) for n in range(3)}
     store.close()
-    replicas = [Replica(pg_url, free_port()) for _ in range(2)]
+    replicas = [AggregatorProcess(pg_url, free_port()) for _ in range(2)]  # type: ignore[arg-type]
     for replica in replicas:
         replica.start()
     try:
