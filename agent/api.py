@@ -27,8 +27,9 @@ import uuid
 from typing import Any
 
 from .bench.runner import BenchOptions, measure_request
+from .collab.strategies import fill_timings
 from .engines.llama import LlamaEngine
-from .measurement import Measurement, timings_from_token_times
+from .measurement import Measurement
 from .memory import ProcessMemory
 from .prompts import Prompt
 
@@ -117,13 +118,8 @@ def measured_completion(
     if isinstance(result, dict):
         usage = result.get("usage")
     n_out = int(usage["completion_tokens"]) if usage else len(stamps)
-    timings = timings_from_token_times(start, stamps[:n_out])
+    fill_timings(record, start, stamps[:n_out])
     record.input_tokens = int(usage["prompt_tokens"]) if usage else None
     record.output_tokens = min(n_out, len(stamps))
-    record.ttft_ms = timings["ttft_ms"]
-    record.tpot_ms = timings["tpot_ms"]
-    record.e2e_ms = timings["e2e_ms"]
-    record.itl_ms = timings["itl_ms"]
-    record.decode_ms = timings["decode_ms"] if record.output_tokens > 1 else None
     record.ext["token_count_source"] = "usage" if usage else "stopping_criteria calls"
     return result, record

@@ -37,6 +37,7 @@ import sqlite_utils
 
 from . import wire
 from .sqlite_salvage import scan_leaf_rows
+from .sqlite_schema import migrate_forward
 
 log = logging.getLogger("agent.outbox")
 
@@ -143,20 +144,14 @@ class Outbox:
         return conn
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
-        db = sqlite_utils.Database(conn)
-        db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise OutboxError(
+        migrate_forward(
+            conn,
+            MIGRATIONS,
+            lambda version: OutboxError(
                 f"{self.path}: outbox schema version {version} is newer than this agent's ({SCHEMA_VERSION}); "
                 "upgrade lens-agent"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            MIGRATIONS[target](db)
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(target),))
-            conn.execute("COMMIT")
+            ),
+        )
         if conn.execute("SELECT value FROM meta WHERE key = 'stored_bytes'").fetchone() is None:
             total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]
             conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('stored_bytes', ?)", (str(total),))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.runner import BenchOptions, run_bench
-from .config import Config, load_config
+from .config import load_config
 from .engines.llama import EngineSettings, LlamaEngine
 from .engines.modelfile import resolve_model_path
 from .errors import LensError
@@ -54,17 +54,6 @@ def write_atomically(path: Path, payload: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
-
-
-def _settings(config: Config) -> EngineSettings:
-    m = config.values["model"]
-    return EngineSettings(
-        n_ctx=m["n_ctx"],
-        n_threads=m["n_threads"],
-        n_batch=m["n_batch"],
-        n_gpu_layers=m["n_gpu_layers"],
-        flash_attn=m["flash_attn"],
-    )
 
 
 class AgentService:
@@ -204,7 +193,7 @@ class AgentService:
 
     async def _load_model(self) -> None:
         path = resolve_model_path(self.config.get("model", "path"))
-        settings = _settings(self.config)
+        settings = EngineSettings.from_config(self.config)
         loop = asyncio.get_running_loop()
         if self.engine is not None:
             await loop.run_in_executor(self._engine_thread, self.engine.close)

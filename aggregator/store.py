@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import sqlite_utils
 
+from agent.sqlite_schema import migrate_forward
+
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "lens_"
 
@@ -285,20 +287,14 @@ class SQLiteStore(Store):
         self._migrate()
 
     def _migrate(self) -> None:
-        db = sqlite_utils.Database(self._conn)
-        db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
+        migrate_forward(
+            self._conn,
+            MIGRATIONS,
+            lambda version: RuntimeError(
                 f"{self.path}: database schema version {version} is newer than this aggregator's "
                 f"({SCHEMA_VERSION}); upgrade lens-aggregator"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            self._conn.execute("BEGIN IMMEDIATE")
-            MIGRATIONS[target](db)
-            self._conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(target),))
-            self._conn.execute("COMMIT")
+            ),
+        )
 
     def schema_version(self) -> int:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()

@@ -101,14 +101,7 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     outputs: list[Path | None] = (
         list(output_paths(request.output, labels)) if request.output else [None] * len(model_paths)
     )
-    m = config.values["model"]
-    settings = EngineSettings(
-        n_ctx=m["n_ctx"],
-        n_threads=m["n_threads"],
-        n_batch=m["n_batch"],
-        n_gpu_layers=m["n_gpu_layers"],
-        flash_attn=m["flash_attn"],
-    )
+    settings = EngineSettings.from_config(config)
     device = device_info()
     probes = config.values["probes"]
     root = Root(probes["sysfs_root"])

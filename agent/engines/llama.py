@@ -68,6 +68,18 @@ class EngineSettings:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_config(cls, config: Any) -> EngineSettings:
+        """The ``[model]`` section's engine settings."""
+        m = config.values["model"]
+        return cls(
+            n_ctx=m["n_ctx"],
+            n_threads=m["n_threads"],
+            n_batch=m["n_batch"],
+            n_gpu_layers=m["n_gpu_layers"],
+            flash_attn=m["flash_attn"],
+        )
+
 
 @dataclass
 class LoadInfo:
