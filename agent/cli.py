@@ -223,22 +223,39 @@ def _sync_config(config_path: Path | None, data_dir: Path | None) -> Config:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def sync(config_path: Path | None, data_dir: Path | None, as_json: bool) -> None:
-    """Upload everything pending in the outbox now; exit 1 if the aggregator could not be reached.
+@click.option("--check", is_flag=True, help="Verify the URL, TLS, the token and the device binding; upload nothing.")
+def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: bool) -> None:
+    """Upload everything pending in the outbox now.
 
-    The device token comes from LENS_SYNC_TOKEN or the file named by sync.token_file.
+    Records leave the outbox only on the aggregator's acknowledgement of their batch; a captive portal, proxy or
+    redirect answering instead keeps everything and is reported. Exit status 0 when everything pending was
+    delivered, 1 when something was not (the reason is printed), 2 on a usage error. The device token comes from
+    LENS_SYNC_TOKEN or the file named by sync.token_file.
 
     \b
     Example:
+        lens-agent sync --config /etc/lens-agent/agent.toml --check
         LENS_SYNC_URL=https://aggregator:8443 lens-agent sync --config /etc/lens-agent/agent.toml --json
     """
     import asyncio
 
     from .outbox import AsyncOutbox, open_outbox
-    from .sync import Uploader, sync_settings
+    from .sync import Uploader, check_endpoint, sync_settings
 
     config = _sync_config(config_path, data_dir)
     settings = sync_settings(config)
+
+    if check:
+        checks = asyncio.run(check_endpoint(settings))
+        passed = all(c["ok"] for c in checks) and len(checks) == 4
+        if as_json:
+            click.echo(json.dumps({"ok": passed, "url": settings.url, "checks": checks}, indent=2))
+        else:
+            for c in checks:
+                click.echo(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<10}  {c['detail']}")
+        if not passed:
+            raise LensError(f"sync check failed: {next((c['detail'] for c in checks if not c['ok']), 'incomplete')}")
+        return
 
     async def run() -> Any:
         outbox = AsyncOutbox(open_outbox(config))
@@ -253,14 +270,18 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool) -> None
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
+        pending = "unknown" if report.pending is None else report.pending
         click.echo(
-            f"uploaded {report.uploaded} in {report.batches} batches: {report.accepted} accepted, "
-            f"{report.duplicates} duplicates, {report.quarantined} quarantined; {report.pending} pending"
+            f"uploaded {report.uploaded} in {report.batches} batch{'es' if report.batches != 1 else ''}: "
+            f"{report.accepted} accepted, {report.duplicates} duplicates, {report.quarantined} quarantined; "
+            f"{pending} pending"
         )
         for line in report.details:
             click.echo(f"  {line}")
     if not report.ok:
         raise LensError(f"sync failed: {report.error}")
+    if not report.delivered_all:
+        raise LensError(f"sync incomplete: {report.pending} records still pending (new ones stored meanwhile?)")
 
 
 @cli.command()
@@ -317,7 +338,14 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
             service = service_view(json.loads(service_file.read_text()), time.time())
         except (OSError, ValueError) as exc:
             raise LensError(f"{service_file}: unreadable service state ({exc})") from None
-    health = evaluate(stats, state, interval_s=config.get("sync", "interval"), now_us=now_us, service=service)
+    health = evaluate(
+        stats,
+        state,
+        interval_s=config.get("sync", "interval"),
+        now_us=now_us,
+        service=service,
+        sync_configured=bool(url),
+    )
     doc = status_document(
         outbox_file=path,
         stats=stats,

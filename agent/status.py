@@ -50,10 +50,13 @@ def evaluate(
     interval_s: float,
     now_us: int,
     service: dict[str, Any] | None = None,
+    sync_configured: bool = True,
 ) -> Health:
-    """Unhealthy when records are pending and no sync succeeded for 3× the interval; when the outbox is above
-    90 % of its bound; when the aggregator refuses the device (401/403) or its format (415); when the service's
-    heartbeat is older than 3× its interval (crashed or hung without stopping)."""
+    """Unhealthy, each with its reason, when: records are pending and no sync succeeded for 3× the interval; records
+    are pending and sync is not configured; the outbox is above 90 % of its bound; the last sync attempt failed (the
+    aggregator refused the device or its format, something else answered in its place, the network, the server or
+    the outbox failed); the last run of a workload failed; the service's heartbeat is older than 3× its interval
+    (crashed or hung without stopping)."""
     health = Health()
     if service is not None and service.get("state") != "stopped":
         limit = STALE_SYNC_INTERVALS * float(service.get("heartbeat_interval_s") or 10)
@@ -80,9 +83,27 @@ def evaluate(
                 f"{stats.records} records pending and no successful sync for {(now_us - reference) / 1e6:.0f} s "
                 f"since {since} (limit {STALE_SYNC_INTERVALS}× the {interval_s:g} s interval)"
             )
+    if stats.records and not sync_configured:
+        health.fail(
+            f"{stats.records} records pending and sync.url is not set: nothing will be uploaded "
+            "(set sync.url and sync.token_file, then lens-agent sync --check)"
+        )
     kind = state.get("last_error_kind")
     if kind in ("auth", "unsupported"):
         health.fail(f"the aggregator refuses this device: {state.get('last_error')}")
+    elif kind == "not_aggregator":
+        health.fail(f"the last sync reached something other than the aggregator: {state.get('last_error')}")
+    elif kind:
+        health.fail(f"the last sync failed ({kind}): {state.get('last_error')}")
+    for name, run in ((service or {}).get("last_runs") or {}).items():
+        if not isinstance(run, dict):
+            continue
+        if run.get("error"):
+            health.fail(f"the last run of workload {name!r} failed at {run.get('at')}: {run['error']}")
+        elif run.get("requests") and run.get("errors") == run.get("requests"):
+            health.fail(
+                f"every request of the last run of workload {name!r} failed ({run['errors']} of {run['requests']})"
+            )
     return health
 
 

@@ -1,15 +1,23 @@
-"""Uploading the outbox to the aggregator: batches, refusals, backoff, and the periodic job.
+"""Uploading the outbox to the aggregator: batches, acknowledgements, refusals, backoff, and the periodic job.
 
-Delivery is at-least-once: a batch's rows are deleted only after the aggregator acknowledged them, and the
-aggregator dedupes by record id, so a retry after a crash, a timeout or a lost answer never double-counts.
-Refusals never block the queue:
+Delivery is at-least-once: a batch's rows are deleted only on the aggregator's own acknowledgement of *that*
+batch — JSON carrying the ingest protocol, the batch id, the record count and a digest of the record ids, with
+``accepted + duplicates`` equal to what was sent (``wire.check_ack``) — and the aggregator dedupes by record id, so a
+retry after a crash, a timeout or a lost answer never double-counts. Devices live behind captive portals, proxies,
+WAFs and load balancers, so every other answer keeps everything:
 
-* 413 — the batch is split in halves and each half retried; a single record the aggregator still refuses is
-  quarantined (kept on the device, counted, never resent);
-* 400 naming a record — that record is quarantined and the rest resent; 400 naming none — the batch is bisected
-  until the bad record is found;
-* 401, 403, 415 — nothing is dropped; the uploader backs off and ``status`` reports it as unhealthy;
-* 5xx, timeouts, refused connections — backoff (exponential, full jitter, capped), retried without limit.
+* any other ``200`` (HTML, text, JSON that is not this batch's acknowledgement), any ``3xx`` (redirects are never
+  followed), a body over 64 KiB, a bare ``4xx``/``5xx`` — a failed attempt: nothing deleted, backoff, and the reason
+  in ``status`` (``not_aggregator``, ``server``, ``network``);
+* the aggregator's structured refusals (``wire.parse_refusal``) are acted on: ``too_large`` naming its limit — the
+  batch is split in halves, and a single record still refused is quarantined (kept on the device, counted);
+  ``record_invalid`` naming a record of this batch by index and id — that record is quarantined and the rest
+  resent; ``batch_invalid`` — bisected until the bad record is found; ``unauthorized``/``forbidden``/
+  ``wrong_device``/``unsupported_version`` — nothing is dropped, backoff, and ``status`` is unhealthy;
+* rows that can never be uploaded as they are (undecodable, or stored under another ``device_id``) are quarantined
+  before sending, with a reason code; ``lens-agent outbox`` lists, exports, retries or drops them.
+
+See docs/store-and-forward.md for the table of answers and what the agent does with each.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import aiohttp
 from . import wire
 from .config import Config
 from .errors import ConfigError
-from .outbox import AsyncOutbox, PendingRow
+from .outbox import AsyncOutbox, OutboxError, PendingRow
 
 log = logging.getLogger("agent.sync")
 
@@ -124,18 +132,16 @@ def sync_settings(config: Config, environ: dict[str, str] | None = None) -> Sync
 
 
 async def probe_aggregator(settings: SyncSettings, timeout: float = 5.0) -> bool:
-    """Whether the aggregator answers ``GET /api/v1/health`` within ``timeout`` seconds."""
+    """Whether the aggregator itself answers ``GET /api/v1/health`` within ``timeout`` seconds (a captive portal's
+    ``200 OK`` page does not count)."""
     connector = aiohttp.TCPConnector(ssl=settings.ssl_context() or False)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=connector) as session:
-        try:
-            async with session.get(settings.url + HEALTH_PATH) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
+        return (await _get_json(session, settings.url + HEALTH_PATH)).is_aggregator_health
 
 
 class SyncFailure(Exception):
-    """An upload that did not go through. ``kind``: network, server, auth or unsupported."""
+    """An upload that did not go through; nothing was deleted. ``kind``: network, server, auth, unsupported,
+    not_aggregator (the answer came from something else: a captive portal, proxy, WAF) or outbox (local storage)."""
 
     def __init__(self, kind: str, message: str, status: int | None = None) -> None:
         self.kind = kind
@@ -151,7 +157,7 @@ class SyncReport:
     accepted: int = 0
     duplicates: int = 0
     quarantined: int = 0
-    pending: int = 0
+    pending: int | None = 0
     error: str | None = None
     error_kind: str | None = None
     status: int | None = None
@@ -160,6 +166,11 @@ class SyncReport:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def delivered_all(self) -> bool:
+        """Nothing failed and nothing is left waiting."""
+        return self.ok and self.pending == 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -183,7 +194,145 @@ def full_jitter_backoff(attempt: int, initial: float, cap: float, rng: random.Ra
     return rng.uniform(0.0, ceiling)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What came back for a request, read up to ``wire.MAX_ANSWER_BYTES``."""
+
+    status: int
+    content_type: str
+    payload: Any = None  # the JSON document, when the answer was JSON
+    snippet: str = ""  # the start of the body, for messages
+    location: str | None = None
+    oversized: bool = False
+
+    @property
+    def describe(self) -> str:
+        kind = self.content_type or "no content type"
+        return f"HTTP {self.status} {kind}"
+
+    @property
+    def is_aggregator_health(self) -> bool:
+        p = self.payload
+        return self.status == 200 and isinstance(p, dict) and p.get("service") == "lens-aggregator"
+
+
+async def _read_answer(response: aiohttp.ClientResponse) -> Answer:
+    """The status and at most ``MAX_ANSWER_BYTES`` of the body: a proxy's 1.5 GB error page costs 64 KiB."""
+    limit = wire.MAX_ANSWER_BYTES
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await response.content.read(limit + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    oversized = len(body) > limit
+    if oversized:
+        response.close()  # drop the connection rather than read the rest
+    content_type = response.content_type if "Content-Type" in response.headers else ""
+    payload: Any = None
+    if content_type == "application/json" and not oversized:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+    snippet = bytes(body[:200]).decode("utf-8", "replace").strip()
+    return Answer(response.status, content_type, payload, snippet, response.headers.get("Location"), oversized)
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> Answer:
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as response:
+            return await _read_answer(response)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return Answer(0, "", snippet=_network_message(url, exc))
+
+
+def _network_message(url: str, exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer from {url} in time"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS to {url} failed: {exc}"
+    return f"cannot reach {url}: {exc or type(exc).__name__}"
+
+
+def _not_aggregator(answer: Answer, what: str) -> SyncFailure:
+    hint = {
+        200: "a captive portal or proxy?",
+        301: "a redirect: a captive portal, or sync.url should be the address it points to",
+        302: "a redirect: a captive portal, or sync.url should be the address it points to",
+        303: "a redirect: a captive portal, or sync.url should be the address it points to",
+        307: "a redirect: a captive portal, or sync.url should be the address it points to",
+        308: "a redirect: a captive portal, or sync.url should be the address it points to",
+    }.get(answer.status, "a proxy, WAF or load balancer answering in the aggregator's place?")
+    where = f" to {answer.location}" if answer.location else ""
+    size = f" over {wire.MAX_ANSWER_BYTES // 1024} KiB" if answer.oversized else ""
+    body = f" ({answer.snippet[:80]!r})" if answer.snippet and not answer.oversized else ""
+    return SyncFailure(
+        "not_aggregator",
+        f"{answer.describe}{where}{size} from the upstream{body}, not the aggregator's {what}: {hint} "
+        "nothing was deleted",
+        answer.status,
+    )
+
+
+async def check_endpoint(settings: SyncSettings) -> list[dict[str, Any]]:
+    """Verify URL, TLS, token and device binding without uploading: a list of ``{check, ok, detail}``; all four
+    must pass (``reach``, ``aggregator``, ``token``, ``device``)."""
+    timeout = aiohttp.ClientTimeout(total=settings.timeout, connect=min(10.0, settings.timeout))
+    connector = aiohttp.TCPConnector(ssl=settings.ssl_context() or False)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        return await _checks(session, settings)
+
+
+async def _checks(session: aiohttp.ClientSession, settings: SyncSettings) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+
+    def add(name: str, ok: bool, detail: str) -> bool:
+        results.append({"check": name, "ok": ok, "detail": detail})
+        return ok
+
+    url = settings.url
+    health = await _get_json(session, url + HEALTH_PATH)
+    if health.status == 0:
+        add("reach", False, health.snippet)
+        return results
+    tls = "TLS verified" if url.startswith("https://") else "plain HTTP (sync.allow_http)"
+    add("reach", True, f"{url} answers ({tls})")
+    if not add(
+        "aggregator",
+        health.is_aggregator_health,
+        f"lens-aggregator {health.payload.get('version')}"
+        if health.is_aggregator_health
+        else f"{health.describe} to GET {HEALTH_PATH} ({health.snippet[:80]!r}): not a lens aggregator",
+    ):
+        return results
+    who = await _get_json(session, url + "/api/v1/whoami", {"Authorization": f"Bearer {settings.token}"})
+    payload = who.payload if isinstance(who.payload, dict) else {}
+    if who.status == 401:
+        add("token", False, "the aggregator does not know this token (revoked, expired or mistyped)")
+    elif who.status != 200 or "token_kind" not in payload:
+        add("token", False, f"{who.describe} to GET /api/v1/whoami: upgrade the aggregator?")
+    elif payload["token_kind"] != "device":
+        add("token", False, f"a {payload['token_kind']} token: uploads need the device's own token")
+    else:
+        add("token", True, f"a device token for {payload.get('subject')!r}")
+        subject = payload.get("subject")
+        add(
+            "device",
+            subject == settings.device_id,
+            f"agent.device_id {settings.device_id!r} matches the token"
+            if subject == settings.device_id
+            else f"the token belongs to {subject!r} but agent.device_id is {settings.device_id!r}: "
+            f"set agent.device_id = {subject!r}",
+        )
+    return results
+
+
 class Uploader:
+    """Uploads the outbox batch by batch. A batch's rows leave the outbox only on the aggregator's acknowledgement of
+    that batch (``wire.check_ack``); splits and quarantines happen only on the aggregator's structured refusals
+    (``wire.parse_refusal``); every other answer keeps everything and is reported."""
+
     def __init__(
         self,
         outbox: AsyncOutbox,
@@ -198,7 +347,11 @@ class Uploader:
 
     async def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=self.settings.timeout, sock_connect=min(10.0, self.settings.timeout))
+            timeout = aiohttp.ClientTimeout(
+                total=self.settings.timeout,
+                connect=min(10.0, self.settings.timeout),
+                sock_read=min(30.0, self.settings.timeout),
+            )
             connector = aiohttp.TCPConnector(ssl=self.settings.ssl_context() or False)
             self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         return self._session
@@ -209,34 +362,29 @@ class Uploader:
         self._session = None
 
     async def probe(self) -> bool:
-        """Whether the aggregator answers its health endpoint."""
-        try:
-            session = await self._client()
-            async with session.get(self.settings.url + HEALTH_PATH) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            return False
+        """Whether the aggregator itself answers its health endpoint."""
+        session = await self._client()
+        return (await _get_json(session, self.settings.url + HEALTH_PATH)).is_aggregator_health
 
     async def sync_now(self, *, max_batches: int | None = None) -> SyncReport:
         """Upload everything pending now (or ``max_batches`` batches); stops at the first failure."""
         report = SyncReport()
         started_us = time.time_ns() // 1000
         try:
+            # A write first: an outbox locked by another process fails here, before anything is uploaded.
+            await self.outbox.set_state({"last_attempt_us": started_us})
             while max_batches is None or report.batches < max_batches:
                 rows = await self.outbox.pending(self.settings.batch_size)
                 if not rows:
                     break
-                rows = await self._drop_corrupt(rows, report)
+                rows = await self._screen(rows, report)
                 if rows:
                     await self._upload(rows, report)
         except SyncFailure as exc:
             report.error, report.error_kind, report.status = exc.message, exc.kind, exc.status
-        stats = await self.outbox.stats()
-        report.pending = stats.records
-        state: dict[str, str | int | None] = {
-            "last_attempt_us": started_us,
-            "last_result": json.dumps(report.as_dict()),
-        }
+        except OutboxError as exc:
+            report.error, report.error_kind = str(exc), "outbox"
+        state: dict[str, str | int | None] = {}
         if report.ok:
             state["last_success_us"] = time.time_ns() // 1000
             state["last_error"] = None
@@ -244,27 +392,47 @@ class Uploader:
         else:
             state["last_error"] = report.error
             state["last_error_kind"] = report.error_kind
-        await self.outbox.set_state(state)
+        try:
+            report.pending = (await self.outbox.stats()).records
+            state["last_result"] = json.dumps(report.as_dict())
+            await self.outbox.set_state(state)
+        except OutboxError as exc:
+            report.pending = None
+            if report.ok:
+                report.error, report.error_kind = str(exc), "outbox"
         return report
 
-    async def _drop_corrupt(self, rows: list[PendingRow], report: SyncReport) -> list[PendingRow]:
+    async def _screen(self, rows: list[PendingRow], report: SyncReport) -> list[PendingRow]:
+        """Quarantine rows that can never be uploaded as they are: undecodable, or stored under another device id
+        (the token can only upload this device's records; ``lens-agent outbox retry --as-device`` re-homes them)."""
         good = []
         for row in rows:
             try:
-                wire.validate_record(wire.loads(row.body, row.codec))
+                record = wire.validate_record(wire.loads(row.body, row.codec))
             except wire.WireError as exc:
-                await self.outbox.quarantine(row.seq, f"undecodable on the device: {exc.message}")
-                report.quarantined += 1
+                await self._quarantine(row, f"undecodable on the device: {exc.message}", "undecodable", report)
+                continue
+            if record["device_id"] != self.settings.device_id:
+                await self._quarantine(
+                    row,
+                    f"stored under device_id {record['device_id']!r}, this device uploads as "
+                    f"{self.settings.device_id!r} (lens-agent outbox retry --code other_device --as-device "
+                    f"{self.settings.device_id})",
+                    "other_device",
+                    report,
+                )
                 continue
             good.append(row)
         return good
 
     async def _upload(self, rows: list[PendingRow], report: SyncReport) -> None:
         stats = await self.outbox.stats()
+        batch_id = str(uuid.uuid4())
+        ids = [r.id for r in rows]
         body = wire.encode_batch(
             [r.body for r in rows],
             device_id=self.settings.device_id,
-            batch_id=str(uuid.uuid4()),
+            batch_id=batch_id,
             sent_us=time.time_ns() // 1000,
             codec=rows[0].codec,
             compression=self.settings.compression,
@@ -272,79 +440,99 @@ class Uploader:
             counters={
                 "dropped_total": stats.dropped_total,
                 "quarantined_total": stats.quarantined_total,
-                "pending_records": stats.records,  # a gauge: the backlog when this batch left
+                # a gauge: the backlog once this batch is acknowledged
+                "pending_records": max(0, stats.records - len(rows)),
             },
         )
         if len(body) > self.settings.max_batch_bytes and len(rows) > 1:
             await self._split(rows, report)
             return
-        status, payload = await self._post(body)
-        if status == 200:
+        answer = await self._post(body)
+        if answer.status == 200:
+            if answer.content_type != "application/json" or answer.payload is None:
+                raise _not_aggregator(answer, "acknowledgement")
+            try:
+                accepted, duplicates = wire.check_ack(answer.payload, batch_id, ids)
+            except wire.AnswerError as exc:
+                raise SyncFailure(
+                    "not_aggregator",
+                    f"HTTP 200 from the upstream is not the aggregator's acknowledgement of this batch: {exc.message}; "
+                    "nothing was deleted",
+                    200,
+                ) from None
             await self.outbox.ack([r.seq for r in rows])
             report.batches += 1
             report.uploaded += len(rows)
-            report.accepted += int(payload.get("accepted", 0))
-            report.duplicates += int(payload.get("duplicates", 0))
+            report.accepted += accepted
+            report.duplicates += duplicates
             return
-        message = str(payload.get("error") or f"HTTP {status}")
-        if status == 413:
+        if 300 <= answer.status < 400:
+            raise _not_aggregator(answer, "acknowledgement")
+        refusal = wire.parse_refusal(answer.status, answer.payload, ids)
+        if refusal is None:
+            if answer.status >= 500:
+                raise SyncFailure(
+                    "server",
+                    f"{answer.describe} from the upstream ({answer.snippet[:80]!r}); nothing was deleted",
+                    answer.status,
+                )
+            raise _not_aggregator(answer, "refusal")
+        await self._refused(rows, refusal, answer.status, report)
+
+    async def _refused(self, rows: list[PendingRow], refusal: wire.Refusal, status: int, report: SyncReport) -> None:
+        """Act on the aggregator's own structured refusal."""
+        message = refusal.message
+        if refusal.code == "too_large":
             if len(rows) > 1:
                 await self._split(rows, report)
             else:
-                await self._quarantine(rows[0], f"refused as too large by the aggregator: {message}", report)
-            return
-        if status == 400:
-            index = payload.get("record_index")
-            if isinstance(index, int) and 0 <= index < len(rows):
-                await self._quarantine(rows[index], f"refused by the aggregator: {message}", report)
-                rest = rows[:index] + rows[index + 1 :]
-                if rest:
-                    await self._upload(rest, report)
-            elif len(rows) > 1:
+                await self._quarantine(
+                    rows[0], f"refused as too large by the aggregator: {message}", "too_large", report
+                )
+        elif refusal.code == "record_invalid" and refusal.record_index is not None:
+            index = refusal.record_index
+            await self._quarantine(rows[index], f"refused by the aggregator: {message}", "refused", report)
+            rest = rows[:index] + rows[index + 1 :]
+            if rest:
+                await self._upload(rest, report)
+        elif refusal.code in ("record_invalid", "batch_invalid"):
+            if len(rows) > 1:
                 await self._split(rows, report)
             else:
-                await self._quarantine(rows[0], f"refused by the aggregator: {message}", report)
-            return
-        if status in (401, 403):
+                await self._quarantine(rows[0], f"refused by the aggregator: {message}", "refused", report)
+        elif refusal.code in ("unauthorized", "forbidden", "wrong_device"):
             raise SyncFailure("auth", f"aggregator refused the device token (HTTP {status}): {message}", status)
-        if status == 415:
-            raise SyncFailure("unsupported", f"aggregator does not accept this format (HTTP 415): {message}", status)
-        raise SyncFailure("server", f"aggregator answered HTTP {status}: {message}", status)
+        else:
+            raise SyncFailure(
+                "unsupported", f"aggregator does not accept this format (HTTP {status}): {message}", status
+            )
 
     async def _split(self, rows: list[PendingRow], report: SyncReport) -> None:
         half = len(rows) // 2
         await self._upload(rows[:half], report)
         await self._upload(rows[half:], report)
 
-    async def _quarantine(self, row: PendingRow, reason: str, report: SyncReport) -> None:
-        await self.outbox.quarantine(row.seq, reason)
+    async def _quarantine(self, row: PendingRow, reason: str, code: str, report: SyncReport) -> None:
+        await self.outbox.quarantine(row.seq, reason, code)
         report.quarantined += 1
-        report.details.append(f"quarantined record seq {row.seq}: {reason}")
+        report.details.append(f"quarantined record seq {row.seq} ({code}): {reason}")
 
-    async def _post(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    async def _post(self, body: bytes) -> Answer:
         session = await self._client()
         headers = {
             "Authorization": f"Bearer {self.settings.token}",
             "Content-Type": wire.CONTENT_TYPE,
         }
+        url = self.settings.url + INGEST_PATH
         try:
-            async with session.post(self.settings.url + INGEST_PATH, data=body, headers=headers) as response:
-                text = await response.text()
-                try:
-                    payload = json.loads(text) if text else {}
-                except json.JSONDecodeError:
-                    payload = {"error": text[:200]}
-                if not isinstance(payload, dict):
-                    payload = {"error": str(payload)[:200]}
-                return response.status, payload
+            async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                return await _read_answer(response)
         except asyncio.TimeoutError:
             raise SyncFailure(
-                "network", f"no answer from {self.settings.url} within {self.settings.timeout:g} s"
+                "network", f"no complete answer from {self.settings.url} within {self.settings.timeout:g} s"
             ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise SyncFailure("network", f"TLS to {self.settings.url} failed: {exc}") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise SyncFailure("network", f"cannot reach {self.settings.url}: {exc}") from None
+            raise SyncFailure("network", _network_message(self.settings.url, exc)) from None
 
 
 class SyncService:

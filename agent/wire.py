@@ -14,6 +14,7 @@ compressed with zstd unless compression is ``none``. See docs/wire-format.md.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import uuid
 from collections.abc import Mapping, Sequence
@@ -301,6 +302,124 @@ def decode_batch(body: bytes, *, max_decompressed: int) -> Batch:
     ):
         raise WireError("batch field 'counters' must map names to integers")
     return Batch(version, codec, compression, device_id, batch_id, sent_us, counters, records)
+
+
+# -- the ingest answer: acknowledgements and refusals -----------------------------------------------------------
+#
+# A record leaves the device's outbox only on the aggregator's own acknowledgement of *that* batch; a captive
+# portal, proxy or load balancer answering in the aggregator's place must never make the agent delete anything.
+# Both answers are JSON objects carrying ``protocol``; an acknowledgement echoes the batch id, the number of
+# records and a digest of their ids, and ``accepted + duplicates`` equals what was sent. A refusal names its
+# ``code`` and what it refers to (the limit, the record). See docs/store-and-forward.md.
+
+INGEST_PROTOCOL = "lens-ingest/1"
+MAX_ANSWER_BYTES = 64 * 1024  # an ingest answer is a few hundred bytes; anything longer is not the aggregator's
+REFUSAL_CODES = {
+    "too_large": 413,  # carries "limit" (bytes)
+    "record_invalid": 400,  # carries "record_index" and "record_id" (hex)
+    "batch_invalid": 400,
+    "unsupported_version": 415,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "wrong_device": 403,
+}
+
+
+def records_digest(ids: Sequence[bytes]) -> str:
+    """sha256 over the records' 16-byte ids in batch order, hex: binds an acknowledgement to exactly these records."""
+    digest = hashlib.sha256()
+    for rid in ids:
+        digest.update(rid)
+    return digest.hexdigest()
+
+
+def ingest_ack(batch_id: str, ids: Sequence[bytes], accepted: int, duplicates: int) -> dict[str, Any]:
+    """The aggregator's acknowledgement of a stored batch."""
+    return {
+        "protocol": INGEST_PROTOCOL,
+        "batch_id": batch_id,
+        "received": len(ids),
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "records_sha256": records_digest(ids),
+    }
+
+
+def ingest_refusal(code: str, message: str, **fields: Any) -> dict[str, Any]:
+    """The aggregator's structured refusal (``code`` from ``REFUSAL_CODES``)."""
+    if code not in REFUSAL_CODES:
+        raise ValueError(f"unknown refusal code {code!r}")
+    return {"protocol": INGEST_PROTOCOL, "code": code, "error": message, **fields}
+
+
+class AnswerError(Exception):
+    """An answer to an upload that is not the aggregator's acknowledgement of the batch sent: keep everything."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+def _count(payload: dict[str, Any], name: str) -> int:
+    value = payload.get(name)
+    if type(value) is not int or value < 0:
+        raise AnswerError(f"acknowledgement field {name!r} is {value!r}, not a count")
+    return value
+
+
+def check_ack(payload: Any, batch_id: str, ids: Sequence[bytes]) -> tuple[int, int]:
+    """``(accepted, duplicates)`` when ``payload`` acknowledges exactly this batch; otherwise ``AnswerError``."""
+    if not isinstance(payload, dict):
+        raise AnswerError(f"JSON {type(payload).__name__} instead of an acknowledgement object")
+    protocol = payload.get("protocol")
+    if protocol != INGEST_PROTOCOL:
+        raise AnswerError(f"JSON without the acknowledgement protocol {INGEST_PROTOCOL!r} (got {protocol!r})")
+    if payload.get("batch_id") != batch_id:
+        raise AnswerError(f"acknowledgement for batch {payload.get('batch_id')!r}, not for {batch_id!r}")
+    received = _count(payload, "received")
+    accepted = _count(payload, "accepted")
+    duplicates = _count(payload, "duplicates")
+    if received != len(ids) or accepted + duplicates != len(ids):
+        raise AnswerError(
+            f"acknowledgement counts do not add up: received {received}, accepted {accepted} + duplicates "
+            f"{duplicates}, sent {len(ids)}"
+        )
+    if payload.get("records_sha256") != records_digest(ids):
+        raise AnswerError("acknowledgement digest does not match the records sent")
+    return accepted, duplicates
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str
+    message: str
+    limit: int | None = None
+    record_index: int | None = None
+
+
+def parse_refusal(status: int, payload: Any, ids: Sequence[bytes]) -> Refusal | None:
+    """The aggregator's structured refusal of this batch, or None when the answer is not one (a proxy's, a WAF's).
+
+    A refusal counts only when its code matches the HTTP status, a size refusal names the limit, and a record
+    refusal names a record of this batch by index *and* id.
+    """
+    if not isinstance(payload, dict) or payload.get("protocol") != INGEST_PROTOCOL:
+        return None
+    code = payload.get("code")
+    if not isinstance(code, str) or REFUSAL_CODES.get(code) != status:
+        return None
+    message = str(payload.get("error") or code)[:500]
+    if code == "too_large":
+        limit = payload.get("limit")
+        return Refusal(code, message, limit=limit) if type(limit) is int and limit > 0 else None
+    if code == "record_invalid":
+        index, rid = payload.get("record_index"), payload.get("record_id")
+        if type(index) is not int or not 0 <= index < len(ids):
+            return None
+        if rid is None:  # the aggregator could not read the record's id: bisect rather than trust the index alone
+            return Refusal("batch_invalid", message)
+        return Refusal(code, message, record_index=index) if rid == ids[index].hex() else None
+    return Refusal(code, message)
 
 
 def _bounded_decompress(data: bytes, limit: int) -> bytes:

@@ -119,39 +119,56 @@ def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
     )
 
 
+def _refuse(status: int, code: str, message: str, **fields: Any) -> web.Response:
+    """A structured refusal: the agent acts on a refusal (splits, quarantines) only when it carries this shape."""
+    return web.json_response(wire.ingest_refusal(code, message, **fields), status=status)
+
+
 async def ingest(request: web.Request) -> web.Response:
     app = request.app
     started = time.perf_counter()
     token = await _authenticate(request)
     if token is None:
         _reject(app, "unauthorized")
-        return _error(401, "missing, unknown, revoked or expired device token (Authorization: Bearer <token>)")
+        return _refuse(
+            401, "unauthorized", "missing, unknown, revoked or expired device token (Authorization: Bearer <token>)"
+        )
     if token.kind != "device":
         _reject(app, "forbidden")
-        return _error(403, "a read token cannot upload; use the device's own token")
+        return _refuse(403, "forbidden", "a read token cannot upload; use the device's own token")
     settings = app[SETTINGS]
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+    limit = settings.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
         _reject(app, "too_large")
-        return _error(413, f"body of {request.content_length} bytes exceeds the limit of {settings.max_body_bytes}")
+        return _refuse(
+            413, "too_large", f"body of {request.content_length} bytes exceeds the limit of {limit}", limit=limit
+        )
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         _reject(app, "too_large")
-        return _error(413, f"body exceeds the limit of {settings.max_body_bytes} bytes")
+        return _refuse(413, "too_large", f"body exceeds the limit of {limit} bytes", limit=limit)
     try:
         batch = wire.decode_batch(body, max_decompressed=settings.max_decompressed_bytes)
         if batch.device_id != token.subject:
             _reject(app, "wrong_device")
-            return _error(403, f"this token belongs to device {token.subject!r}, the batch names {batch.device_id!r}")
+            return _refuse(
+                403,
+                "wrong_device",
+                f"this token belongs to device {token.subject!r}, the batch names {batch.device_id!r}",
+                token_device_id=token.subject,
+            )
         rows = []
         decoded: list[dict[str, Any]] = []
         for index, blob in enumerate(batch.records):
             record = wire.validate_record(wire.loads(blob, batch.codec), index)
             if record["device_id"] != token.subject:
                 _reject(app, "wrong_device")
-                return _error(
+                return _refuse(
                     403,
+                    "wrong_device",
                     f"record {index} names device {record['device_id']!r}; this token belongs to {token.subject!r}",
+                    token_device_id=token.subject,
                     record_index=index,
                 )
             rows.append(_row(record, batch.codec, blob))
@@ -160,13 +177,15 @@ async def ingest(request: web.Request) -> web.Response:
         reason = {400: "malformed", 413: "too_large", 415: "unsupported"}.get(exc.status, "malformed")
         _reject(app, reason)
         extra: dict[str, Any] = {}
+        if exc.status == 413:
+            return _refuse(413, "too_large", exc.message, limit=settings.max_decompressed_bytes)
+        if exc.status == 415:
+            return _refuse(415, "unsupported_version", exc.message, supported_versions=list(wire.SUPPORTED_VERSIONS))
         if exc.record_index is not None:
             extra["record_index"] = exc.record_index
-        if exc.record_id is not None:
             extra["record_id"] = exc.record_id
-        if exc.status == 415:
-            extra["supported_versions"] = list(wire.SUPPORTED_VERSIONS)
-        return _error(exc.status, exc.message, **extra)
+            return _refuse(400, "record_invalid", exc.message, **extra)
+        return _refuse(400, "batch_invalid", exc.message)
     runner = app[STORE]
     result = await runner.call(
         runner.store.ingest, batch.device_id, batch.batch_id, batch.sent_us, batch.counters, rows, _now_us()
@@ -188,18 +207,32 @@ async def ingest(request: web.Request) -> web.Response:
         result.duplicates,
         (time.perf_counter() - started) * 1e3,
     )
+    ids = [record["id"] for record in decoded]
+    return web.json_response(wire.ingest_ack(batch.batch_id, ids, result.accepted, result.duplicates))
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """What the bearer token is to this aggregator: ``lens-agent sync --check`` verifies URL, TLS, token and device
+    binding with it, without uploading anything."""
+    token = await _authenticate(request)
+    if token is None:
+        return _refuse(
+            401, "unauthorized", "missing, unknown, revoked or expired token (Authorization: Bearer <token>)"
+        )
     return web.json_response(
         {
-            "batch_id": batch.batch_id,
-            "received": len(rows),
-            "accepted": result.accepted,
-            "duplicates": result.duplicates,
+            "protocol": wire.INGEST_PROTOCOL,
+            "service": "lens-aggregator",
+            "token_kind": token.kind,
+            "subject": token.subject,
         }
     )
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    return web.json_response(
+        {"status": "ok", "service": "lens-aggregator", "version": __version__, "protocol": wire.INGEST_PROTOCOL}
+    )
 
 
 COOKIE = "lens_read"
@@ -339,6 +372,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app[STORE] = runner
     app.router.add_post("/api/v1/ingest", ingest)
     app.router.add_get("/api/v1/health", health)
+    app.router.add_get("/api/v1/whoami", whoami)
     app.router.add_get("/api/v1/devices", devices)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/api/v1/measurements", measurements)

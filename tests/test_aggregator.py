@@ -57,7 +57,9 @@ async def test_ingest_then_retry_counts_duplicates(client: Any, store: SQLiteSto
     body = make_batch(records)
     first = await client.post("/api/v1/ingest", data=body, headers=auth(token))
     assert first.status == 200
-    assert await first.json() == {"batch_id": "b", "received": 40, "accepted": 40, "duplicates": 0}
+    ids = [bytes.fromhex(r["id"].replace("-", "")) for r in records]
+    assert await first.json() == wire.ingest_ack("b", ids, 40, 0)
+    assert wire.check_ack(await first.json(), "b", ids) == (40, 0)
     again = await client.post("/api/v1/ingest", data=body, headers=auth(token))
     assert (await again.json())["duplicates"] == 40
     assert store.record_count() == 40

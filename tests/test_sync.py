@@ -130,13 +130,14 @@ def _insert_raw(box: Outbox, rid: bytes, body: bytes, codec: str = "msgpack") ->
     )
 
 
-async def test_record_of_another_device_stops_the_batch_and_drops_nothing(
+async def test_record_of_another_device_is_quarantined_and_the_rest_delivered(
     tmp_path: Path, aggregator: Aggregator
 ) -> None:
     records = synthetic_records(10, seed=3, device_id=DEVICE)
     box = Outbox(tmp_path / "o.db", codec="msgpack")
     box.append_many(records[:5])
-    # a record the device can decode but the aggregator refuses: it names another device
+    # a record stored under another device id (e.g. the host name, before agent.device_id was set): the token can
+    # never upload it, so it must neither block the queue nor vanish
     bad = wire.to_wire({**records[5], "device_id": "someone-else"})
     _insert_raw(box, bad["id"], msgpack.packb(bad, use_bin_type=True))
     box.append_many(records[6:])
@@ -144,8 +145,11 @@ async def test_record_of_another_device_stops_the_batch_and_drops_nothing(
     uploader = Uploader(outbox, settings_for(aggregator, token_for(aggregator)))
     report = await uploader.sync_now()
     await uploader.close()
-    # a 403 for a record of another device stops the batch as an auth refusal: nothing is dropped
-    assert not report.ok and report.error_kind == "auth" and (await outbox.stats()).records == 10
+    assert report.ok and report.accepted == 9 and report.quarantined == 1
+    assert "other_device" in report.details[0] and "--as-device dev-1" in report.details[0]
+    stats = await outbox.stats()
+    assert stats.records == 0 and stats.quarantined_total == 1
+    assert set(aggregator.ids()) == ids_of(records[:5] + records[6:])
     await outbox.close()
 
 

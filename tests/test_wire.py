@@ -178,3 +178,52 @@ def test_record_ids_survive_as_uuids() -> None:
     record = synthetic_records(1, seed=3)[0]
     w = wire.to_wire(record)
     assert uuid.UUID(bytes=w["id"]) == uuid.UUID(record["id"])
+
+
+IDS = [bytes([n]) * 16 for n in range(1, 6)]
+
+
+def test_an_acknowledgement_binds_to_its_batch_and_records() -> None:
+    ack = wire.ingest_ack("batch-1", IDS, 3, 2)
+    assert wire.check_ack(json.loads(json.dumps(ack)), "batch-1", IDS) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"protocol": "lens-ingest/0"}, "protocol"),
+        ({"batch_id": "batch-2"}, "for batch 'batch-2'"),
+        ({"accepted": 2}, "do not add up"),
+        ({"received": 4, "accepted": 2}, "do not add up"),
+        ({"accepted": "lots"}, "not a count"),
+        ({"accepted": True}, "not a count"),
+        ({"duplicates": -1, "accepted": 6}, "not a count"),
+        ({"records_sha256": wire.records_digest(IDS[::-1])}, "digest"),
+    ],
+)
+def test_anything_but_this_batch_s_acknowledgement_is_refused(change: dict[str, object], message: str) -> None:
+    with pytest.raises(wire.AnswerError, match=message):
+        wire.check_ack({**wire.ingest_ack("batch-1", IDS, 3, 2), **change}, "batch-1", IDS)
+
+
+@pytest.mark.parametrize("payload", [None, [], "OK", {"status": "ok"}, {"accepted": 5}])
+def test_json_that_is_not_an_acknowledgement_is_refused(payload: object) -> None:
+    with pytest.raises(wire.AnswerError):
+        wire.check_ack(payload, "batch-1", IDS)
+
+
+def test_refusals_count_only_in_the_aggregator_s_own_shape() -> None:
+    too_large = wire.ingest_refusal("too_large", "over", limit=1024)
+    assert wire.parse_refusal(413, too_large, IDS) == wire.Refusal("too_large", "over", limit=1024)
+    assert wire.parse_refusal(400, too_large, IDS) is None  # the code must match the status
+    assert wire.parse_refusal(413, {**too_large, "limit": None}, IDS) is None  # a size refusal names its limit
+    assert wire.parse_refusal(413, {"error": "too large"}, IDS) is None  # a proxy's JSON
+    bad = wire.ingest_refusal("record_invalid", "bad", record_index=2, record_id=IDS[2].hex())
+    assert wire.parse_refusal(400, bad, IDS) == wire.Refusal("record_invalid", "bad", record_index=2)
+    assert wire.parse_refusal(400, {**bad, "record_id": IDS[1].hex()}, IDS) is None  # names another record
+    assert wire.parse_refusal(400, {**bad, "record_index": 5}, IDS) is None  # not in this batch
+    unread = {**bad, "record_id": None}  # the aggregator could not read the id: the batch is bisected instead
+    assert wire.parse_refusal(400, unread, IDS) == wire.Refusal("batch_invalid", "bad")
+    assert wire.parse_refusal(401, wire.ingest_refusal("unauthorized", "no"), IDS) == wire.Refusal("unauthorized", "no")
+    with pytest.raises(ValueError):
+        wire.ingest_refusal("teapot", "no")
