@@ -66,7 +66,8 @@ def test_sync_cli_reports_unreachable_aggregator(
 ) -> None:
     data = tmp_path / "data"
     with Outbox(data / "outbox.db") as box:
-        box.append_many(synthetic_records(3, seed=2))
+        box.append_many(synthetic_records(3, seed=2, device_id="orin-017"))
+    monkeypatch.setenv("LENS_AGENT_DEVICE_ID", "orin-017")
     monkeypatch.setenv("LENS_SYNC_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("LENS_SYNC_ALLOW_HTTP", "true")
     monkeypatch.setenv("LENS_SYNC_TOKEN", "lens_x")
