@@ -1,14 +1,15 @@
 """``lens-agent run``: the long-running agent.
 
 It keeps the model loaded, runs the configured workloads on their schedules (interval or cron, with jitter;
-apscheduler), skips a run — and records why — when a gate says the device should be left alone, stores every
-measurement in the outbox before the next request starts, syncs on its own schedule, and does housekeeping. Under
-systemd it speaks the notify protocol (READY, STATUS, WATCHDOG, STOPPING). SIGTERM: no new work, the request in
-flight finishes and is stored, a last sync is attempted, exit 0 — nothing stored is lost. SIGHUP reloads the
-configuration.
+``agent.schedule``, which waits on the monotonic clock, so a step of the wall clock neither stops nor floods them),
+skips a run — and records why — when a gate says the device should be left alone, stores every measurement in the
+outbox before the next request starts, syncs on its own schedule, and does housekeeping. Under systemd it speaks the
+notify protocol (READY, STATUS, WATCHDOG, STOPPING). SIGTERM: no new work, the request in flight finishes and is
+stored, a last sync is attempted, exit 0 — nothing stored is lost. SIGHUP reloads the configuration.
 
 Its state goes to ``<data_dir>/service.json`` (written atomically every heartbeat), which ``lens-agent status``
-reads whether the service runs or not.
+reads whether the service runs or not. Every record it stores carries the kernel's clock state (``ext["clock"]``,
+``agent.clock``).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from .bench.runner import BenchOptions, run_bench
-from .config import load_config
+from .clock import boot_id, stamp
+from .config import Config, load_config
 from .engines.llama import EngineSettings, LlamaEngine
 from .engines.modelfile import resolve_model_path
-from .errors import LensError
+from .errors import ConfigError, LensError
 from .gates import gate, read_state
 from .measurement import Measurement, utc_now_iso
 from .notify import Notifier
@@ -41,6 +43,7 @@ from .probes.power import detect_power
 from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
 from .prompts import load_prompts
+from .schedule import Scheduler, crontab_trigger
 
 log = logging.getLogger("agent.service")
 STATE_FILE = "service.json"
@@ -68,6 +71,7 @@ class AgentService:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.config = load_config(config_path, overrides=self.overrides)
+        check_cron_expressions(self.config)
         self.once = once
         self.notifier = notifier or Notifier()
         self.data_dir = Path(self.config.get("agent", "data_dir"))
@@ -80,7 +84,7 @@ class AgentService:
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._stop: asyncio.Event | None = None
         self._current: asyncio.Future[Any] | None = None
-        self._scheduler: Any = None
+        self._scheduler: Scheduler | None = None
         self._sync: Any = None
         self._uploader: Any = None
         self.outbox: AsyncOutbox | None = None
@@ -91,8 +95,6 @@ class AgentService:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def run(self) -> int:
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,17 +104,14 @@ class AgentService:
         self.outbox = AsyncOutbox(open_outbox(self.config))
         self._start_sync()
         await self._load_model()
-        self._scheduler = AsyncIOScheduler()
-        self._scheduler.start()
+        self._scheduler = Scheduler()
         self._schedule_workloads()
         service = self.config.values["service"]
         beat = service["heartbeat_interval"]
         if self.notifier.watchdog_s:
             beat = min(beat, self.notifier.watchdog_s / 2)
-        self._scheduler.add_job(self.heartbeat, "interval", seconds=beat, id="heartbeat", coalesce=True)
-        self._scheduler.add_job(
-            self.housekeeping, "interval", seconds=service["housekeeping_interval"], id="housekeeping", coalesce=True
-        )
+        self._scheduler.every("heartbeat", beat, self.heartbeat)
+        self._scheduler.every("housekeeping", service["housekeeping_interval"], self.housekeeping)
         self.state = "idle"
         await self.heartbeat()
         self.notifier.ready(self._status_line())
@@ -130,7 +129,7 @@ class AgentService:
 
     async def _shutdown(self) -> int:
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            await self._scheduler.shutdown(wait=False)
         if self._current is not None:
             await asyncio.gather(self._current, return_exceptions=True)
         timeout = self.config.values["service"]["final_sync_timeout"]
@@ -158,6 +157,7 @@ class AgentService:
         self.notifier.reloading()
         try:
             config = load_config(self.config_path, overrides=self.overrides)
+            check_cron_expressions(config)
         except LensError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.send("READY=1", f"STATUS=reload refused: {exc}")
@@ -225,34 +225,24 @@ class AgentService:
         record.rss_peak_bytes = load.rss_after_bytes
         record.ext["model_load"] = {"engine_load_ms": load.engine_load_ms, "path": str(path), **settings.as_dict()}
         assert self.outbox is not None
-        await self.outbox.append(record.to_dict())
+        await self.outbox.append(stored_form(record))
         self.stored += 1
         log.info("model %s loaded in %.0f ms", path.name, load.load_ms)
 
     def _schedule_workloads(self) -> None:
-        from apscheduler.triggers.cron import CronTrigger
-        from apscheduler.triggers.interval import IntervalTrigger
-
-        for job in list(self._scheduler.get_jobs()):
+        scheduler = self._scheduler
+        assert scheduler is not None
+        for job in scheduler.jobs():
             if job.id.startswith("workload:"):
-                job.remove()
+                scheduler.remove(job.id)
         for workload in self.config.workloads:
-            jitter = int(workload["jitter"]) or None
+            job_id = f"workload:{workload['name']}"
+            run = partial(self.run_workload, workload)
             if workload["cron"]:
-                trigger: Any = CronTrigger.from_crontab(workload["cron"], jitter=jitter)
+                scheduler.cron(job_id, workload["cron"], run, jitter=workload["jitter"], run_now=self.once)
             else:
-                trigger = IntervalTrigger(seconds=workload["every"], jitter=jitter)
-            next_run = datetime.now(timezone.utc) if self.once else None
-            self._scheduler.add_job(
-                self.run_workload,
-                trigger,
-                args=[workload],
-                id=f"workload:{workload['name']}",
-                max_instances=1,
-                coalesce=True,
-                misfire_grace_time=None,
-                **({"next_run_time": next_run} if next_run else {}),
-            )
+                first_in = 0.0 if self.once else None
+                scheduler.every(job_id, workload["every"], run, jitter=workload["jitter"], first_in=first_in)
             self._pending_once.add(workload["name"])
 
     async def run_workload(self, workload: dict[str, Any]) -> None:
@@ -298,7 +288,7 @@ class AgentService:
         )
         record.ext["workload"] = name
         assert self.outbox is not None
-        await self.outbox.append(record.to_dict())
+        await self.outbox.append(stored_form(record))
         self.stored += 1
         self.runs[name] = {"at": utc_now_iso(), "skipped": reason}
 
@@ -329,7 +319,7 @@ class AgentService:
 
         def store(record: Measurement) -> None:
             record.ext["workload"] = workload["name"]
-            box.append(record.to_dict())
+            box.append(stored_form(record))
             self.stored += 1
 
         try:
@@ -372,13 +362,12 @@ class AgentService:
         return f"{self.state}; model {self.model.get('name', '-')}; next run {upcoming or '-'}"
 
     def _next_runs(self) -> dict[str, str]:
-        out: dict[str, str] = {}
         if self._scheduler is None:
-            return out
-        for job in self._scheduler.get_jobs():
-            if job.id.startswith("workload:") and job.next_run_time is not None:
-                out[job.id.split(":", 1)[1]] = job.next_run_time.astimezone(timezone.utc).isoformat(timespec="seconds")
-        return out
+            return {}
+        return {
+            job_id.split(":", 1)[1]: at.isoformat(timespec="seconds")
+            for job_id, at in self._scheduler.next_runs("workload:").items()
+        }
 
     def _power_source(self) -> str | None:
         """Detected once per configuration (opening jtop or NVML at every heartbeat would cost more than it tells)."""
@@ -398,6 +387,9 @@ class AgentService:
             "started_at": self.started_at,
             "updated_at": utc_now_iso(),
             "updated_unix": time.time(),
+            # CLOCK_MONOTONIC is system-wide and never steps: status measures the heartbeat's age on it (same boot)
+            "updated_monotonic": time.monotonic(),
+            "boot_id": boot_id(),
             "heartbeat_interval_s": self.config.values["service"]["heartbeat_interval"],
             "config": str(self.config.path) if self.config.path else None,
             "model": self.model,
@@ -411,6 +403,23 @@ class AgentService:
             write_atomically(state_path(self.data_dir), payload)
         except OSError as exc:
             log.warning("cannot write %s: %s", state_path(self.data_dir), exc)
+
+
+def stored_form(record: Measurement) -> dict[str, Any]:
+    """The dict the outbox stores for a record: with the kernel's clock state (``ext["clock"]``)."""
+    return stamp(record.to_dict())
+
+
+def check_cron_expressions(config: Config) -> None:
+    """Every workload's cron expression as the scheduler reads it (crontab weekdays), or a ConfigError naming it."""
+    for n, workload in enumerate(config.workloads):
+        if workload["cron"]:
+            try:
+                crontab_trigger(workload["cron"])
+            except ValueError as exc:
+                raise ConfigError(
+                    str(config.path), f"workloads[{n}].cron", workload["cron"], f"a crontab expression ({exc})"
+                ) from None
 
 
 def summarize(measured: list[Measurement], name: str, power_source: str | None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from . import wire
 from .config import Config
 from .errors import ConfigError
 from .outbox import AsyncOutbox, OutboxError, PendingRow
+from .schedule import Clock, Scheduler
 
 log = logging.getLogger("agent.sync")
 
@@ -536,82 +537,60 @@ class Uploader:
 
 
 class SyncService:
-    """The periodic sync job (apscheduler), retries with backoff, and the network-availability watcher."""
+    """The periodic sync job, retries with backoff, and the network-availability watcher.
 
-    def __init__(self, uploader: Uploader, *, rng: random.Random | None = None) -> None:
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    Its jobs run on :class:`agent.schedule.Scheduler`, which waits on the monotonic clock: a step of the wall clock
+    neither stalls the syncs nor the retries.
+    """
 
+    def __init__(self, uploader: Uploader, *, rng: random.Random | None = None, clock: Clock | None = None) -> None:
         self.uploader = uploader
         self.settings = uploader.settings
         self.failures = 0
         self.last_report: SyncReport | None = None
         self._rng = rng or random.Random()
-        self._scheduler = AsyncIOScheduler()
+        self._scheduler = Scheduler(clock=clock, rng=self._rng)
         self._lock = asyncio.Lock()
+        self._again = False  # trigger() while a pass was running: one more pass after it
 
     def start(self) -> None:
-        from datetime import datetime, timedelta
-
-        self._scheduler.start()
-        self._scheduler.add_job(
-            self.tick,
-            "interval",
-            seconds=self.settings.interval,
-            id="sync",
-            max_instances=1,
-            coalesce=True,
-            next_run_time=datetime.now() + timedelta(milliseconds=10),
-        )
+        self._scheduler.every("sync", self.settings.interval, self.tick, first_in=0.01)
 
     async def stop(self) -> None:
-        self._scheduler.shutdown(wait=False)
-        async with self._lock:  # let a sync in flight finish
+        """No more syncs; a sync in flight finishes."""
+        await self._scheduler.shutdown(wait=True)
+        async with self._lock:
             pass
 
     def trigger(self) -> None:
         """Sync as soon as possible (e.g. right after new records were stored)."""
-        from datetime import datetime
-
-        self._scheduler.add_job(self.tick, "date", run_date=datetime.now(), id="sync-now", replace_existing=True)
+        self._scheduler.later("sync-now", 0.0, self.tick)
 
     async def tick(self) -> None:
         if self._lock.locked():
+            self._again = True  # records stored after the running pass looked: it runs once more
             return
         async with self._lock:
+            self._again = False
             report = await self.uploader.sync_now()
         self.last_report = report
         if report.ok:
             self.failures = 0
-            for job_id in ("sync-retry", "probe"):
-                if self._scheduler.get_job(job_id):
-                    self._scheduler.remove_job(job_id)
+            self._scheduler.remove("sync-retry")
+            self._scheduler.remove("probe")
+            if self._again:
+                self.trigger()
             return
         self.failures += 1
         delay = full_jitter_backoff(self.failures, self.settings.backoff_initial, self.settings.backoff_max, self._rng)
         log.warning("sync failed (%s): %s; retrying in %.1f s", report.error_kind, report.error, delay)
-        from datetime import datetime, timedelta
-
-        self._scheduler.add_job(
-            self.tick,
-            "date",
-            run_date=datetime.now() + timedelta(seconds=delay),
-            id="sync-retry",
-            replace_existing=True,
-        )
+        self._scheduler.later("sync-retry", delay, self.tick)
         network_down = report.error_kind == "network" and self.settings.sync_on_network_available
-        if network_down and not self._scheduler.get_job("probe"):
-            self._scheduler.add_job(
-                self._probe,
-                "interval",
-                seconds=max(0.2, min(5.0, self.settings.backoff_initial)),
-                id="probe",
-                max_instances=1,
-                coalesce=True,
-            )
+        if network_down and self._scheduler.get("probe") is None:
+            self._scheduler.every("probe", max(0.2, min(5.0, self.settings.backoff_initial)), self._probe)
 
     async def _probe(self) -> None:
         if await self.uploader.probe():
             log.info("aggregator reachable again: syncing now")
-            if self._scheduler.get_job("probe"):
-                self._scheduler.remove_job("probe")
+            self._scheduler.remove("probe")
             await self.tick()
