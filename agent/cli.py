@@ -17,6 +17,7 @@ from . import __version__
 from .cliutil import run_click
 from .config import Config, load_config
 from .errors import LensError
+from .outbox_cli import outbox_group
 
 log = logging.getLogger("agent")
 
@@ -422,6 +423,9 @@ def run(config_path: Path | None, data_dir: Path | None, model: Path | None, onc
         once=once,
     )
     sys.exit(asyncio.run(service.run()))
+
+
+cli.add_command(outbox_group)
 
 
 def main(argv: list[str] | None = None) -> None:

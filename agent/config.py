@@ -306,6 +306,11 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
     "outbox": {
         "synchronous": KeySpec(choice("FULL", "NORMAL"), const("FULL"), "SQLite durability per append"),
         "policy": KeySpec(choice("drop_oldest", "drop_newest"), const("drop_oldest"), "when the outbox is full"),
+        "busy_timeout": KeySpec(parse_duration, const(10.0), "wait this long for another process's lock"),
+        "max_quarantine_bytes": KeySpec(parse_size, const(16 * 1024**2), "quarantine bound; evictions are counted"),
+        "disk_reserve": KeySpec(
+            optional(parse_size), const(None), "space kept free for deletes on a full disk (default: bound / 64)"
+        ),
     },
 }
 

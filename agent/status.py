@@ -56,7 +56,8 @@ def evaluate(
     are pending and sync is not configured; the outbox is above 90 % of its bound; the last sync attempt failed (the
     aggregator refused the device or its format, something else answered in its place, the network, the server or
     the outbox failed); the last run of a workload failed; the service's heartbeat is older than 3× its interval
-    (crashed or hung without stopping)."""
+    (crashed or hung without stopping); the disk holding the outbox is full; a salvage of the damaged outbox is not
+    acknowledged yet (lens-agent outbox ack-damage)."""
     health = Health()
     if service is not None and service.get("state") != "stopped":
         limit = STALE_SYNC_INTERVALS * float(service.get("heartbeat_interval_s") or 10)
@@ -88,6 +89,14 @@ def evaluate(
             f"{stats.records} records pending and sync.url is not set: nothing will be uploaded "
             "(set sync.url and sync.token_file, then lens-agent sync --check)"
         )
+    if stats.disk_full_since_us is not None:
+        health.fail(
+            f"the disk holding the outbox is full (since {_iso(stats.disk_full_since_us)}; "
+            f"{stats.dropped_disk_full_total} records dropped for it so far): {stats.disk_full_message}; "
+            "free space there or lower sync.max_outbox_bytes"
+        )
+    if stats.damage:
+        health.fail(f"the outbox was damaged: {stats.damage}; after a look, run `lens-agent outbox ack-damage`")
     kind = state.get("last_error_kind")
     if kind in ("auth", "unsupported"):
         health.fail(f"the aggregator refuses this device: {state.get('last_error')}")
@@ -162,6 +171,21 @@ def status_document(
             "salvaged_total": stats.salvaged_total,
             "unreadable_pages_total": stats.unreadable_pages_total,
             "last_salvage": last_salvage,
+            "dropped_disk_full_total": stats.dropped_disk_full_total,
+            "disk_full_since": _iso(stats.disk_full_since_us),
+            "disk_full_message": stats.disk_full_message,
+            "lost_total": stats.lost_total,
+            "loss_unknown_total": stats.loss_unknown_total,
+            "damage": stats.damage,
+            "quarantine": {
+                "records": stats.quarantine_records,
+                "bytes": stats.quarantine_bytes,
+                "max_bytes": stats.max_quarantine_bytes,
+                "by_code": dict(stats.quarantined_by_code),
+                "evicted_total": stats.quarantine_evicted_total,
+                "dropped_total": stats.quarantine_dropped_total,
+                "retried_total": stats.quarantine_retried_total,
+            },
         },
         "sync": {
             "aggregator": aggregator_url,
@@ -221,6 +245,19 @@ def render(doc: dict[str, Any]) -> str:
             f"  dropped   {box['dropped_total']}   quarantined {box['quarantined_total']}"
             f"   salvaged {box['salvaged_total']}   unreadable pages {box['unreadable_pages_total']}",
         ]
+        quarantine = box["quarantine"]
+        lines.append(
+            f"  quarantine {quarantine['records']} kept ({quarantine['bytes']} bytes); left: evicted "
+            f"{quarantine['evicted_total']}, dropped {quarantine['dropped_total']}, retried "
+            f"{quarantine['retried_total']} (lens-agent outbox list)"
+        )
+        if box["lost_total"] or box["loss_unknown_total"]:
+            unknown = f" (+ unknown: {box['loss_unknown_total']} salvages)" if box["loss_unknown_total"] else ""
+            lines.append(f"  lost      {box['lost_total']} records to damage{unknown}")
+        if box["disk_full_since"]:
+            lines.append(
+                f"  disk full since {box['disk_full_since']}; {box['dropped_disk_full_total']} records dropped for it"
+            )
         if box["last_salvage"]:
             lines.append(f"  salvage   {box['last_salvage']}")
     sync = doc["sync"]

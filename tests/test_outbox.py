@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent import wire
-from agent.outbox import Outbox, OutboxError
+from agent.outbox import SCHEMA_VERSION, Outbox, OutboxError
 from agent.synthetic import synthetic_records
 
 
@@ -117,7 +117,7 @@ def test_schema_version_is_recorded_and_a_newer_one_refused(tmp_path: Path) -> N
     path = tmp_path / "o.db"
     Outbox(path).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("1",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
