@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -1045,8 +1046,7 @@ class Outbox:
             part = seqs[done : done + step]
             try:
                 removed += self._transaction(
-                    lambda conn, part=part: self._delete_acked(conn, part, full),  # type: ignore[misc]
-                    "deleting acknowledged records",
+                    functools.partial(self._delete_acked, seqs=part, full=full), "deleting acknowledged records"
                 )
             except OutboxFull:
                 if step == 1:
