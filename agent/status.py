@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .clock import boot_id
 from .outbox import OutboxStats
 
 FILL_LIMIT = 0.9
@@ -25,8 +26,27 @@ class Health:
         self.reasons.append(reason)
 
 
-def service_view(service: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
-    """The service's own state file, with whether it runs and how old its heartbeat is."""
+def heartbeat_age(
+    service: dict[str, Any], now: float, monotonic_now: float, current_boot: str | None
+) -> tuple[float, str]:
+    """How old the service's heartbeat is, in seconds, and on which clock: ``monotonic`` when the state file carries
+    a CLOCK_MONOTONIC reading from this boot (a step of the wall clock then changes nothing), else ``wall``."""
+    written = service.get("updated_monotonic")
+    boot = service.get("boot_id")
+    if isinstance(written, (int, float)) and boot and boot == current_boot and written <= monotonic_now:
+        return monotonic_now - float(written), "monotonic"
+    return now - float(service.get("updated_unix") or 0), "wall"
+
+
+def service_view(
+    service: dict[str, Any] | None,
+    now: float,
+    *,
+    monotonic_now: float | None = None,
+    current_boot: str | None = None,
+) -> dict[str, Any] | None:
+    """The service's own state file, with whether it runs and how old its heartbeat is (see ``heartbeat_age``;
+    ``monotonic_now`` and ``current_boot`` default to this machine's)."""
     if service is None:
         return None
     pid = service.get("pid")
@@ -39,8 +59,18 @@ def service_view(service: dict[str, Any] | None, now: float) -> dict[str, Any] |
             alive = False
         except PermissionError:
             alive = True
-    age = now - float(service.get("updated_unix") or 0)
-    return {**service, "running": alive and service.get("state") != "stopped", "heartbeat_age_s": round(age, 1)}
+    age, basis = heartbeat_age(
+        service,
+        now,
+        time.monotonic() if monotonic_now is None else monotonic_now,
+        boot_id() if current_boot is None else current_boot,
+    )
+    return {
+        **service,
+        "running": alive and service.get("state") != "stopped",
+        "heartbeat_age_s": round(age, 1),
+        "heartbeat_clock": basis,
+    }
 
 
 def evaluate(

@@ -12,6 +12,7 @@ from typing import IO, Any
 
 import psutil
 
+from ..clock import stamp
 from ..collab.context import CollabContext, build_strategy
 from ..config import Config
 from ..device import device_info
@@ -125,7 +126,7 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
 
     def store(record: Measurement) -> None:
         if outbox is not None:
-            outbox.append(record.to_dict())
+            outbox.append(stamp(record.to_dict()))  # with the kernel's clock state (ext.clock)
             session.stored = (session.stored or 0) + 1
 
     try:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
 import re
 from pathlib import Path
 from typing import Any
 
+from ..clock import read_clock
 from .sysfs import Root
 
 DEVICE_CLASSES = ("smartphone", "tablet", "laptop", "desktop", "embedded device", "edge server")
@@ -131,32 +130,17 @@ def temperatures(root: Root) -> tuple[dict[str, float], list[str]]:
     return temps, throttled
 
 
-class _Timex(ctypes.Structure):
-    _fields_ = [
-        ("modes", ctypes.c_uint),
-        ("_pad", ctypes.c_long * 24),
-        ("status", ctypes.c_int),
-        ("_rest", ctypes.c_long * 32),
-    ]
-
-
 def clock_synchronized(root: Root) -> tuple[bool | None, str]:
     """Whether the system clock is synchronized (Jetsons have no RTC battery and can boot years off)."""
     if root.exists("/run/systemd/timesync/synchronized"):
         return True, "systemd-timesyncd"
     if not root.is_real:
         return None, "unknown (no /run/systemd/timesync/synchronized in the tree)"
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return None, "unknown (no libc for adjtimex)"
-    try:
-        libc = ctypes.CDLL(libc_name, use_errno=True)
-        timex = ctypes.create_string_buffer(512)  # struct timex (208 bytes on 64-bit Linux), modes = 0: read only
-        state = libc.adjtimex(timex)
-    except (OSError, AttributeError):
-        return None, "unknown (adjtimex unavailable)"
-    if state == 5:  # TIME_ERROR: the kernel considers the clock unsynchronized (STA_UNSYNC)
-        return False, "adjtimex: TIME_ERROR (not synchronized by NTP/PTP)"
+    state = read_clock()
+    if state.synchronized is None:
+        return None, f"unknown ({state.reason})"
+    if not state.synchronized:
+        return False, "adjtimex: not synchronized by NTP/PTP (TIME_ERROR or STA_UNSYNC)"
     return True, "adjtimex"
 
 
