@@ -23,14 +23,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python bench/demo.py
 
-# System packages the tests use (systemd-analyze, dpkg-deb, promtool, headless chromium, PostgreSQL), installed as
-# root with apt-get when missing; PostgreSQL is started (it refuses to run as root: pg_ctlcluster runs it as postgres)
-# with a role for the tests.
+# System packages the tests use (systemd-analyze, dpkg-deb, promtool, headless chromium, PostgreSQL, libfaketime
+# to step the wall clock under a running agent), installed as root with apt-get when missing; PostgreSQL is started
+# (it refuses to run as root: pg_ctlcluster runs it as postgres) with a role for the tests.
 sysdeps:
 	@command -v systemd-analyze >/dev/null && command -v dpkg-deb >/dev/null && command -v promtool >/dev/null && \
-		command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null || \
+		command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null && command -v faketime >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			systemd dpkg-dev prometheus chromium postgresql)
+			systemd dpkg-dev prometheus chromium postgresql faketime)
 	@pg_lsclusters -h | grep -q . || pg_createcluster 15 main >/dev/null
 	@pg_lsclusters -h | grep -q online || pg_ctlcluster $$(pg_lsclusters -h | awk 'NR==1 {print $$1, $$2}') start
 	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='lens'\"" | grep -q 1 || \

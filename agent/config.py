@@ -319,10 +319,10 @@ def cron_expression(value: object) -> str:
     allowed = "a crontab expression with five fields, e.g. '*/15 * * * *'"
     if not isinstance(value, str):
         raise _Invalid(allowed)
-    from apscheduler.triggers.cron import CronTrigger
+    from .schedule import crontab_trigger  # what the service schedules with (crontab's weekday numbers)
 
     try:
-        CronTrigger.from_crontab(value)
+        crontab_trigger(value)
     except ValueError as exc:
         raise _Invalid(f"{allowed} ({exc})") from None
     return value

@@ -30,10 +30,10 @@ from typing import Any
 
 from .bench.runner import BenchOptions, run_bench
 from .clock import boot_id, stamp
-from .config import Config, load_config
+from .config import load_config
 from .engines.llama import EngineSettings, LlamaEngine
 from .engines.modelfile import resolve_model_path
-from .errors import ConfigError, LensError
+from .errors import LensError
 from .gates import gate, read_state
 from .measurement import Measurement, utc_now_iso
 from .notify import Notifier
@@ -43,7 +43,7 @@ from .probes.power import detect_power
 from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
 from .prompts import load_prompts
-from .schedule import Scheduler, crontab_trigger
+from .schedule import Scheduler
 
 log = logging.getLogger("agent.service")
 STATE_FILE = "service.json"
@@ -71,7 +71,6 @@ class AgentService:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
         self.config = load_config(config_path, overrides=self.overrides)
-        check_cron_expressions(self.config)
         self.once = once
         self.notifier = notifier or Notifier()
         self.data_dir = Path(self.config.get("agent", "data_dir"))
@@ -157,7 +156,6 @@ class AgentService:
         self.notifier.reloading()
         try:
             config = load_config(self.config_path, overrides=self.overrides)
-            check_cron_expressions(config)
         except LensError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.send("READY=1", f"STATUS=reload refused: {exc}")
@@ -408,18 +406,6 @@ class AgentService:
 def stored_form(record: Measurement) -> dict[str, Any]:
     """The dict the outbox stores for a record: with the kernel's clock state (``ext["clock"]``)."""
     return stamp(record.to_dict())
-
-
-def check_cron_expressions(config: Config) -> None:
-    """Every workload's cron expression as the scheduler reads it (crontab weekdays), or a ConfigError naming it."""
-    for n, workload in enumerate(config.workloads):
-        if workload["cron"]:
-            try:
-                crontab_trigger(workload["cron"])
-            except ValueError as exc:
-                raise ConfigError(
-                    str(config.path), f"workloads[{n}].cron", workload["cron"], f"a crontab expression ({exc})"
-                ) from None
 
 
 def summarize(measured: list[Measurement], name: str, power_source: str | None) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 
 Prints ``STORED <id>`` once an append is durable (the test's obligations), and on ``--drain`` a final
 ``STATS {json}`` line after everything pending was acknowledged. Built from the agent's own library: outbox,
-uploader and the apscheduler-driven sync service.
+uploader and the sync service (on the monotonic-clock scheduler).
 """
 
 from __future__ import annotations

@@ -13,9 +13,12 @@ import itertools
 import logging
 import random
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
+from agent.config import load_config
+from agent.errors import ConfigError
 from agent.schedule import CRON_CHUNK_S, Scheduler, crontab_trigger
 
 UTC = timezone.utc
@@ -303,3 +306,10 @@ def test_crontab_weekday_lists_ranges_and_steps() -> None:
     for bad in ("5-1", "funday", "*/0"):
         with pytest.raises(ValueError, match="day of week"):
             crontab_trigger(f"0 0 * * {bad}", UTC)
+
+
+def test_the_config_reads_cron_as_the_scheduler_does(config_file: Any) -> None:
+    config = load_config(config_file("[[workloads]]\ncron = '0 3 * * 7'\n"), environ={})  # Sunday, as under cron
+    assert config.workloads[0]["cron"] == "0 3 * * 7"
+    with pytest.raises(ConfigError, match=r"workloads\[0\]\.cron.*runs backwards"):
+        load_config(config_file("[[workloads]]\ncron = '0 3 * * 5-1'\n"), environ={})
