@@ -33,8 +33,9 @@
   :mod:`agent.sqlite_salvage`). ``records_expected`` — the queue length, kept in ``meta`` in the same transaction
   as every change — says how many should have come back, so what did not is counted in ``lost_total`` (or said to
   be unknown when the counters themselves are unreadable). A damage notice stays in ``meta`` until the operator
-  acknowledges it (``lens-agent outbox ack-damage``). A lock, a full disk or an I/O error never triggers a
-  salvage. The agent never crash-loops on its own storage.
+  acknowledges it (``lens-agent outbox ack-damage``). A lock, a full disk, an I/O error or a permission problem
+  never triggers a salvage (the file is likely fine; the error says what is wrong): damage is salvaged, so the agent
+  never crash-loops on a damaged file.
 * ``schema_version`` in the ``meta`` table; migrations run forward on open.
 
 Errors::
@@ -231,17 +232,24 @@ def default_reserve_bytes(max_bytes: int) -> int:
     return min(8 * 1024**2, max(1024**2, max_bytes // 64))
 
 
+# SQLite's primary result codes: BUSY, LOCKED; IOERR; CORRUPT, NOTADB; FULL; PERM, NOMEM, READONLY, INTERRUPT, CANTOPEN
+_KINDS = {5: "busy", 6: "busy", 10: "ioerr", 11: "corrupt", 26: "corrupt", 13: "full"}
+_KINDS.update(dict.fromkeys((3, 7, 8, 9, 14), "environment"))
+
+
 def _error_kind(exc: sqlite3.Error) -> str:
-    """busy, full, ioerr, corrupt or other — by SQLite's result code (3.11+) or its message (3.10)."""
+    """busy, full, ioerr, corrupt, environment (permissions, memory) or other — by SQLite's result code (3.11+) or
+    its message (3.10)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int):
-        return {5: "busy", 6: "busy", 10: "ioerr", 11: "corrupt", 13: "full", 26: "corrupt"}.get(code & 0xFF, "other")
+        return _KINDS.get(code & 0xFF, "other")
     text = str(exc).lower()
     for kind, needles in (
         ("busy", ("database is locked", "table is locked", "schema is locked")),
         ("full", ("database or disk is full",)),
         ("ioerr", ("disk i/o error",)),
         ("corrupt", ("malformed", "file is not a database")),
+        ("environment", ("unable to open", "readonly database", "permission denied", "out of memory", "interrupted")),
     ):
         if any(needle in text for needle in needles):
             return kind
@@ -546,11 +554,9 @@ class Outbox:
         except (sqlite3.Error, _Damaged) as exc:
             if conn is not None:
                 conn.close()
-            if isinstance(exc, sqlite3.Error):
-                kind = _error_kind(exc)
-                # a lock, a full disk, an I/O error, a permission: the file is fine, the moment is not
-                if kind in ("busy", "full", "ioerr") or (kind == "other" and isinstance(exc, sqlite3.OperationalError)):
-                    raise self._translate(exc, "opening") from None
+            # a lock, a full disk, an I/O error, a permission: the file may be fine, the moment is not
+            if isinstance(exc, sqlite3.Error) and _error_kind(exc) in ("busy", "full", "ioerr", "environment"):
+                raise self._translate(exc, "opening") from None
             log.error("outbox %s is damaged (%s): salvaging what can be read", self.path, exc)
             return self._salvage(str(exc))
         except BaseException:
@@ -569,6 +575,10 @@ class Outbox:
     def _salvage_once(self, reason: str) -> sqlite3.Connection:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         damaged = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for n in range(2, 1000):  # never rename over an earlier damaged file
+            if not damaged.exists():
+                break
+            damaged = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
         moved = []
         for suffix in ("", "-wal", "-shm"):
             source = Path(str(self.path) + suffix)

@@ -90,7 +90,7 @@ def _decode_record(payload: bytes) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def _looks_like_btree(page: bytes, header: int, usable: int) -> bool:
+def _looks_like_btree(page: bytes | memoryview, header: int, usable: int) -> bool:
     """Whether ``page`` has a self-consistent b-tree page header at ``header`` for pages of ``usable`` bytes."""
     if len(page) < header + 12 or page[header] not in BTREE_TYPES:
         return False
@@ -108,11 +108,12 @@ def _looks_like_btree(page: bytes, header: int, usable: int) -> bool:
 def detect_page_size(data: bytes) -> int:
     """The page size under which the most pages of ``data`` parse as b-tree pages (the header is not read)."""
     best, best_count = 0, 0
+    view = memoryview(data)  # slices without copies: a 256 MiB file is read 8 times over
     for size in PAGE_SIZES:
         count = 0
         for start in range(0, len(data) - size + 1, size):
             header = 100 if start == 0 else 0
-            count += _looks_like_btree(data[start : start + size], header, size)
+            count += _looks_like_btree(view[start : start + size], header, size)
         if count > best_count:
             best, best_count = size, count
     if not best_count:

@@ -27,6 +27,7 @@ from agent.outbox import (
     Outbox,
     OutboxBusy,
     OutboxFull,
+    _error_kind,
     _migrate_v1,
 )
 from agent.sqlite_salvage import detect_page_size, scan_database
@@ -379,6 +380,26 @@ def test_cli_on_a_locked_outbox_says_so_in_one_line(
     assert code == 1 and out == ""
     assert err.startswith(f"lens-agent: error: outbox {path}: moving quarantined records back to the queue: locked")
     assert "outbox.busy_timeout (0.5 s)" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (sqlite3.OperationalError("database is locked"), "busy"),
+        (sqlite3.OperationalError("database table is locked"), "busy"),
+        (sqlite3.OperationalError("database or disk is full"), "full"),
+        (sqlite3.OperationalError("disk I/O error"), "ioerr"),
+        (sqlite3.DatabaseError("file is not a database"), "corrupt"),
+        (sqlite3.DatabaseError("database disk image is malformed"), "corrupt"),
+        (sqlite3.OperationalError("unable to open database file"), "environment"),
+        (sqlite3.OperationalError("attempt to write a readonly database"), "environment"),
+        (sqlite3.OperationalError("no such table: records"), "other"),
+    ],
+)
+def test_errors_are_told_apart_by_message_where_sqlite_gives_no_code(error: sqlite3.Error, kind: str) -> None:
+    """Python 3.10 has no ``sqlite_errorcode``; an exception built here has none either."""
+    assert getattr(error, "sqlite_errorcode", None) is None
+    assert _error_kind(error) == kind
 
 
 # -- the quarantine ------------------------------------------------------------------------------------------------
