@@ -301,8 +301,8 @@ class Scheduler:
             self._fire(job)
             base += seconds
             now = self.clock.monotonic()
-            if base <= now:  # the loop itself fell behind (a stalled event loop): the missed runs are not made up
-                missed = int((now - base) // seconds) + 1
+            if base + jitter < now:  # the loop itself fell behind (a stalled event loop): missed runs are not made up
+                missed = int((now - jitter - base) // seconds) + 1
                 base += missed * seconds
                 log.warning("%s: %d run(s) missed while the event loop was held up", job.id, missed)
             job.due_monotonic = base + self._jitter(jitter)

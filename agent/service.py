@@ -128,7 +128,7 @@ class AgentService:
 
     async def _shutdown(self) -> int:
         if self._scheduler is not None:
-            await self._scheduler.shutdown(wait=False)
+            await self._scheduler.shutdown(wait=True)  # a workload run in flight finishes and stores its records
         if self._current is not None:
             await asyncio.gather(self._current, return_exceptions=True)
         timeout = self.config.values["service"]["final_sync_timeout"]

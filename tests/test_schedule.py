@@ -183,6 +183,34 @@ async def test_interval_jitter_is_bounded_and_does_not_drift() -> None:
     assert max(offsets) - min(offsets) > 2
 
 
+async def test_a_jitter_longer_than_the_interval_is_not_taken_for_a_stall(caplog: pytest.LogCaptureFixture) -> None:
+    clock = VirtualClock(START)
+    scheduler = Scheduler(clock=clock, rng=random.Random(5))
+    job = Recorder(clock)
+    scheduler.every("wide", 2, job, jitter=5)
+    caplog.set_level(logging.WARNING, logger="agent.schedule")
+    await clock.advance(200)
+    await scheduler.shutdown()
+    # due times may come out of order (a run due at once after another is coalesced with it), but none is skipped
+    # ahead for a stall that did not happen
+    assert 60 <= len(job.monos) <= 100 and "missed" not in caplog.text
+
+
+async def test_a_stalled_loop_does_not_make_up_missed_runs(caplog: pytest.LogCaptureFixture) -> None:
+    clock = VirtualClock(START)
+    scheduler = Scheduler(clock=clock)
+    job = Recorder(clock)
+    scheduler.every("beat", 10, job)
+    caplog.set_level(logging.WARNING, logger="agent.schedule")
+    await clock.advance(10)
+    clock.mono += 95  # the event loop was held up for 95 s: nobody woke in between
+    await clock.advance(1)
+    await clock.advance(20)
+    await scheduler.shutdown()
+    assert [m - 1000 for m in job.monos] == [10, 105, 110, 120]  # one late run, then back on the 10 s grid
+    assert "8 run(s) missed" in caplog.text  # those due at 30 … 100
+
+
 async def test_one_run_at_a_time_and_the_skip_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     clock = VirtualClock(START)
     scheduler = Scheduler(clock=clock)
