@@ -7,16 +7,21 @@ about the clock at the time, as ``ext["clock"]``::
     {"synchronized": true, "source": "adjtimex", "maxerror_us": 16000}
     {"synchronized": null, "source": "adjtimex", "reason": "adjtimex is Linux-only (this is darwin)"}
 
-``adjtimex`` with ``modes = 0`` only reads (no privilege needed; it works under the unit's ``ProtectClock=yes``).
-The clock counts as synchronized unless the call returns ``TIME_ERROR`` or the status has ``STA_UNSYNC`` set — what
-``timedatectl``'s "System clock synchronized" shows. ``maxerror_us`` is the kernel's bound on the clock's error,
-which NTP daemons keep updating while they are in control.
+``adjtimex`` with ``modes = 0`` only reads: no privilege is needed, but a seccomp filter can refuse it
+(systemd's ``ProtectClock=yes`` does, for reading too; the shipped unit allows it and keeps the clock unsettable by
+withholding CAP_SYS_TIME). The clock counts as synchronized unless the call returns ``TIME_ERROR`` or the status has
+``STA_UNSYNC`` set — what ``timedatectl``'s "System clock synchronized" shows. ``maxerror_us`` is the kernel's bound
+on the clock's error, which NTP daemons keep updating while they are in control. When adjtimex is refused,
+systemd-timesyncd's flag file (``/run/systemd/timesync/synchronized``, present once it synchronized) still says yes;
+otherwise ``synchronized`` is None and ``reason`` says why.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno as errnos
+import os
 import sys
 import threading
 import time
@@ -27,6 +32,7 @@ from typing import Any
 TIME_ERROR = 5
 STA_UNSYNC = 0x0040
 CACHE_SECONDS = 5.0
+TIMESYNCD_FLAG = "/run/systemd/timesync/synchronized"
 
 
 class Timex(ctypes.Structure):
@@ -95,17 +101,27 @@ def _libc_adjtimex() -> Callable[[Any], int] | str:
     return function
 
 
-def read_clock(adjtimex: Callable[[Any], int] | None = None) -> ClockState:
+def read_clock(adjtimex: Callable[[Any], int] | None = None, timesyncd_flag: str = TIMESYNCD_FLAG) -> ClockState:
     """Read the kernel's clock state now (``adjtimex`` injectable: a callable taking a ``Timex`` pointer)."""
     function = adjtimex if adjtimex is not None else _libc_adjtimex()
     if isinstance(function, str):
-        return ClockState(None, reason=function)
+        return _fallback(function, timesyncd_flag)
     timex = Timex()  # modes = 0: read only
     state = function(ctypes.byref(timex))
     if state < 0:
-        errno = ctypes.get_errno()
-        return ClockState(None, reason=f"adjtimex failed (errno {errno})")
+        code = ctypes.get_errno()
+        if code == errnos.EPERM:
+            why = "adjtimex refused (EPERM): a seccomp filter blocks it (systemd's ProtectClock=yes does)"
+        else:
+            why = f"adjtimex failed ({errnos.errorcode.get(code, code)})"
+        return _fallback(why, timesyncd_flag)
     return ClockState(synchronized(state, timex.status), maxerror_us=int(timex.maxerror))
+
+
+def _fallback(why: str, timesyncd_flag: str) -> ClockState:
+    if os.path.exists(timesyncd_flag):
+        return ClockState(True, source="systemd-timesyncd", reason=why)
+    return ClockState(None, reason=f"{why}; no {timesyncd_flag} either")
 
 
 class ClockMonitor:

@@ -9,8 +9,12 @@ offset written in a file, read again at every call (``FAKETIME_NO_CACHE``); the 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -160,10 +164,20 @@ def test_the_real_kernel_answers_unprivileged_and_read_only() -> None:
     assert read_clock().synchronized == before.synchronized  # reading changed nothing
 
 
-def test_an_unreadable_clock_is_none_with_a_reason() -> None:
-    state = read_clock(lambda _: -1)
-    assert state.synchronized is None and state.reason and "adjtimex failed" in state.reason
+def refused(_: Any) -> int:
+    """adjtimex as a seccomp filter answers it (systemd's ProtectClock=yes): EPERM."""
+    ctypes.set_errno(errno.EPERM)
+    return -1
+
+
+def test_a_refused_adjtimex_falls_back_to_timesyncd_or_says_why(tmp_path: Path) -> None:
+    flag = tmp_path / "synchronized"
+    state = read_clock(refused, str(flag))
+    assert state.synchronized is None and state.reason and "EPERM" in state.reason and str(flag) in state.reason
     assert state.as_ext() == {"synchronized": None, "source": "adjtimex", "reason": state.reason}
+    flag.touch()  # systemd-timesyncd synchronized the clock since boot
+    state = read_clock(refused, str(flag))
+    assert state.synchronized is True and state.source == "systemd-timesyncd"
 
 
 def test_the_clock_is_read_at_most_once_per_few_seconds() -> None:
@@ -207,3 +221,33 @@ def test_service_view_uses_this_machines_clocks() -> None:
     view = service_view({**beat, "boot_id": boot_id()}, time.time())
     assert view is not None and view["running"] and view["heartbeat_clock"] == "monotonic"
     assert 0.9 <= view["heartbeat_age_s"] < 30
+
+
+def test_the_unit_lets_the_agent_read_the_clock_and_not_set_it() -> None:
+    """The unit's SystemCallFilter= lines as systemd applies them (the first decides allow- or deny-list, each later
+    one adds or removes), with systemd-analyze's own expansion of the @groups."""
+    tool = shutil.which("systemd-analyze")
+    assert tool, "systemd-analyze is missing: `make sysdeps` installs systemd"
+
+    def expand(name: str) -> set[str]:
+        if not name.startswith("@"):
+            return {name}
+        out = subprocess.run([tool, "syscall-filter", name], capture_output=True, text=True, check=True).stdout
+        calls: set[str] = set()
+        for line in out.splitlines()[1:]:
+            item = line.strip()
+            if item and not item.startswith("#"):
+                calls |= expand(item)
+        return calls
+
+    text = (ROOT / "systemd" / "lens-agent.service").read_text()
+    allowed: set[str] = set()
+    for n, spec in enumerate(re.findall(r"^SystemCallFilter=(.*)$", text, re.MULTILINE)):
+        deny = spec.startswith("~")
+        names = set().union(*(expand(item) for item in spec.lstrip("~").split()))
+        assert n > 0 or not deny, "the unit's filter is an allow-list"
+        allowed = allowed - names if deny else allowed | names
+    assert "adjtimex" in allowed
+    assert not {"clock_settime", "settimeofday", "clock_adjtime"} & allowed
+    assert "ProtectClock=yes" not in text  # it would refuse adjtimex's read-only call too
+    assert re.search(r"^CapabilityBoundingSet=$", text, re.MULTILINE)  # no CAP_SYS_TIME: adjtimex can only read
