@@ -309,7 +309,7 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "busy_timeout": KeySpec(parse_duration, const(10.0), "wait this long for another process's lock"),
         "max_quarantine_bytes": KeySpec(parse_size, const(16 * 1024**2), "quarantine bound; evictions are counted"),
         "disk_reserve": KeySpec(
-            optional(parse_size), const(None), "space kept free for deletes on a full disk (default: bound / 64)"
+            optional(parse_size), const(None), "space kept free for deletes on a full disk (default: bound / 32)"
         ),
     },
 }

@@ -11,8 +11,9 @@
 * WAL journal; ``synchronous=FULL`` by default, so an append has reached the disk before it is reported stored.
 * **A full disk.** SQLite reports SQLITE_FULL (and rolls the transaction back itself). Deleting rows needs room
   too — in WAL mode every changed page is first written to the WAL — so a full outbox could never drain. The
-  outbox therefore keeps a *reserve*: a file ``outbox.db.reserve`` (``reserve_bytes``; by default 1/64 of the
-  bound, between 1 and 8 MiB, enough WAL for acknowledging a few thousand rows) allocated beside the database.
+  outbox therefore keeps a *reserve*: a file ``outbox.db.reserve`` (``reserve_bytes``; by default 1/32 of the
+  bound, between 64 KiB and 8 MiB: WAL for acknowledging thousands of rows) allocated beside the database, and
+  counted within the bound.
   When SQLITE_FULL hits an acknowledgement, a quarantine or an append, the reserve is released, the WAL is
   checkpointed (it is kept to half the reserve by ``wal_autocheckpoint``, so the checkpoint itself fits), and:
   acknowledgements are retried, in smaller transactions if need be; under ``drop_oldest`` an append deletes the
@@ -228,8 +229,9 @@ def _free_bytes(directory: Path) -> int | None:
 
 
 def default_reserve_bytes(max_bytes: int) -> int:
-    """The disk reserve for an outbox bounded at ``max_bytes``: 1/64 of it, between 1 MiB and 8 MiB."""
-    return min(8 * 1024**2, max(1024**2, max_bytes // 64))
+    """The disk reserve for an outbox bounded at ``max_bytes``: 1/32 of it, between 64 KiB and 8 MiB (at most a
+    quarter of the bound)."""
+    return min(max_bytes // 4, max(64 * 1024, min(8 * 1024**2, max_bytes // 32)))
 
 
 # SQLite's primary result codes: BUSY, LOCKED; IOERR; CORRUPT, NOTADB; FULL; PERM, NOMEM, READONLY, INTERRUPT, CANTOPEN
@@ -989,10 +991,10 @@ class Outbox:
             return [AppendResult(first.stored, first.seq, first.dropped + dropped), *results[1:]]
 
     def _counted_limit(self, conn: sqlite3.Connection, stored: int) -> int:
-        """The bound in counted bytes: ``max_bytes`` ÷ the measured disk bytes per counted byte."""
+        """The bound in counted bytes: ``max_bytes`` less the reserve, ÷ the measured disk bytes per counted byte."""
         if stored >= self.max_bytes // (4 * self._disk_factor):
             self._measure_disk_factor(conn, stored)
-        return int(self.max_bytes / self._disk_factor)
+        return int(max(0, self.max_bytes - self.reserve_bytes) / self._disk_factor)
 
     def _measure_disk_factor(self, conn: sqlite3.Connection, stored: int) -> None:
         if stored >= 256 * 1024:  # enough rows to tell
