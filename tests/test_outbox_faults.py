@@ -129,6 +129,8 @@ def test_full_disk_drop_oldest_stores_by_dropping_and_acks_still_work(small_disk
         assert stats.dropped_total == stats.dropped_disk_full_total  # the 256 MiB bound never applied
         assert stats.records + stats.dropped_total == len(records)
         assert stats.disk_full_since_us is not None and "full" in (stats.disk_full_message or "")
+        health = evaluate(stats, {"last_success_us": str(NOW)}, interval_s=60, now_us=NOW)
+        assert [r for r in health.reasons if r.startswith("the disk holding the outbox is full")]
         pending = box.pending(len(records))
         assert len(pending) == stats.records
         assert record_id(pending[-1]) == records[-1]["id"]  # drop_oldest: the newest are kept
@@ -151,6 +153,8 @@ def test_full_disk_drop_oldest_stores_by_dropping_and_acks_still_work(small_disk
         assert box.append(synthetic_records(1, seed=13)[0]).stored
         stats = box.stats()
         assert stats.disk_full_since_us is None and stats.disk_full_message is None
+        health = evaluate(stats, {"last_success_us": str(NOW)}, interval_s=60, now_us=NOW)
+        assert not [r for r in health.reasons if "disk" in r]
         assert box.reserve_path.stat().st_size == RESERVE
         assert_books_balance(box.path)
     finally:
