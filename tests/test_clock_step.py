@@ -5,6 +5,10 @@ clock by ``lens-agent status``.
 libfaketime (Debian package ``faketime``; ``make sysdeps`` installs it) shifts only the service's wall clock by the
 offset written in a file, read again at every call (``FAKETIME_NO_CACHE``); the monotonic clock is left alone
 (``DONT_FAKE_MONOTONIC``), as on a device whose clock NTP steps. The aggregator and the test keep the real time.
+libfaketime 0.9.10 with ``DONT_FAKE_MONOTONIC`` breaks ``time.sleep`` on Python ≥ 3.11 (EINVAL; wolfcw/libfaketime
+#426): the service must not call it on this path. Only the power probes sleep so (the idle baseline and the wait
+for a sample past a request's end): idle_baseline is 0 here, and a machine with a power source would need a newer
+libfaketime.
 """
 
 from __future__ import annotations
