@@ -156,10 +156,12 @@ def test_agent_killed_during_appends_and_uploads(tmp_path: Path, aggregator: Agg
     obligations: set[bytes] = set()
     for round_ in range(5):
         proc = driver(data, url, token, "--count", "3000", "--seed", str(round_))
-        time.sleep(rng.uniform(0.6, 2.0))
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # killed at a random point after it started storing, however slow its start
+        time.sleep(rng.uniform(0.3, 1.5))
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
-        obligations |= stored_ids(out)
+        obligations |= stored_ids(first + out)
     assert len(obligations) > 200
     stats = drain(data, url, token)
     assert stats["records"] == 0 and stats["dropped_total"] == 0
