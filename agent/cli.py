@@ -230,7 +230,8 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
 
     Records leave the outbox only on the aggregator's acknowledgement of their batch; a captive portal, proxy or
     redirect answering instead keeps everything and is reported. Exit status 0 when everything pending was
-    delivered, 1 when something was not (the reason is printed), 2 on a usage error. The device token comes from
+    delivered, 1 when something was not — an attempt failed, records are still pending, or records were quarantined
+    (the reason is printed) — 2 on a usage error. The device token comes from
     LENS_SYNC_TOKEN or the file named by sync.token_file.
 
     \b
@@ -283,6 +284,11 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
         raise LensError(f"sync failed: {report.error}")
     if not report.delivered_all:
         raise LensError(f"sync incomplete: {report.pending} records still pending (new ones stored meanwhile?)")
+    if report.quarantined:
+        raise LensError(
+            f"{report.quarantined} record{'s' if report.quarantined != 1 else ''} quarantined instead of delivered "
+            "(lens-agent outbox list shows why; outbox retry or drop decides)"
+        )
 
 
 @cli.command()

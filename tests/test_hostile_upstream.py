@@ -247,7 +247,8 @@ def test_sync_exits_non_zero_while_records_wait(
     for key, value in agent_env(f"http://127.0.0.1:{aggregator.port}", device_token(aggregator.db)).items():
         monkeypatch.setenv(key, value)
     code, out, err = run_cli(capsys, "sync", "--data-dir", str(data))
-    assert code == 0, (out, err)
+    assert code == 1, (out, err)
+    assert "5 records quarantined instead of delivered" in err
     assert "10 accepted" in out and "5 quarantined" in out and "other_device" in out
     assert "--as-device dev-1" in out
     assert outbox_counts(data) == (0, 5)
