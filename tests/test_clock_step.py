@@ -24,7 +24,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,7 @@ from agent.clock import STA_UNSYNC, TIME_ERROR, ClockMonitor, ClockState, boot_i
 from agent.measurement import Measurement
 from agent.status import heartbeat_age, service_view
 
-from .netproxy import free_port
-from .test_conservation import AggregatorProcess, device_token
+from .processes import AggregatorProcess, device_token
 from .test_service import service_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +52,6 @@ def libfaketime() -> Path:
         if line.endswith("/libfaketime.so.1"):
             return Path(line)
     raise AssertionError("libfaketime is missing: `make sysdeps` installs the faketime package")
-
-
-@pytest.fixture
-def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
-    agg = AggregatorProcess(tmp_path / "agg.db", free_port())
-    agg.start()
-    yield agg
-    agg.stop()
 
 
 def state(tmp_path: Path) -> dict[str, Any]:

@@ -22,18 +22,9 @@ from agent.synthetic import synthetic_records
 
 from .hostile_upstream import MODES, HostileUpstream
 from .netproxy import free_port
+from .processes import DEVICE, ROOT, AggregatorProcess, device_token
 from .test_bench_cli import run_cli
-from .test_conservation import (
-    DEVICE,
-    ROOT,
-    AggregatorProcess,
-    check_conservation,
-    delivered,
-    device_token,
-    drain,
-    driver,
-    stored_ids,
-)
+from .test_conservation import check_conservation, delivered, drain, driver, stored_ids
 
 N = 60
 
@@ -63,14 +54,6 @@ EXPECTED = {
 
 def test_every_hostile_mode_has_an_expectation() -> None:
     assert set(EXPECTED) | {"pass", "huge"} == set(MODES)
-
-
-@pytest.fixture
-def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
-    agg = AggregatorProcess(tmp_path / "agg.db", free_port())
-    agg.start()
-    yield agg
-    agg.stop()
 
 
 @pytest.fixture
@@ -166,14 +149,12 @@ def test_a_huge_answer_costs_the_agent_64_kib(
         "from agent.cli import main\n"
         "main()\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script, "sync", "--data-dir", str(data), "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def sync(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", script, "sync", "--data-dir", str(data), *args]
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    proc = sync("--json")
     report = json.loads(proc.stdout)
     assert proc.returncode == 1 and report["error_kind"] == "not_aggregator", proc.stderr
     assert "over 64 KiB" in report["error"]
@@ -182,14 +163,7 @@ def test_a_huge_answer_costs_the_agent_64_kib(
     assert upstream.huge_bytes_sent < 512 * 1024**2, "the agent kept reading the 1.5 GB body"
     assert outbox_counts(data) == (N, 0)
     upstream.mode = "pass"
-    proc = subprocess.run(
-        [sys.executable, "-c", script, "sync", "--data-dir", str(data)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = sync()
     assert proc.returncode == 0, proc.stderr
     check_conservation(aggregator.db, obligations)
 

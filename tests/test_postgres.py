@@ -16,8 +16,8 @@ from aggregator.pgstore import PostgresStore
 from aggregator.store import Query
 
 from .netproxy import free_port
+from .processes import AggregatorProcess
 from .test_aggregator import make_batch
-from .test_conservation import AggregatorProcess
 
 NOW = time.time_ns() // 1000
 

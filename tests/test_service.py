@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from agent.errors import ConfigError
 from agent.gates import DeviceState, gate
 from agent.outbox import Outbox
 
+from .netproxy import free_port
+from .processes import AggregatorProcess, device_token
 from .test_bench_cli import run_cli
-from .test_conservation import AggregatorProcess, device_token, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [sys.executable, "-c", "from agent.cli import main; main()"]
@@ -59,14 +60,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
-    agg = AggregatorProcess(tmp_path / "agg.db", free_port())
-    agg.start()
-    yield agg
-    agg.stop()
 
 
 def service_config(

@@ -18,7 +18,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ from agent import wire
 from agent.config import SCHEMA
 from agent.outbox import Outbox
 
-from .netproxy import free_port
-from .test_conservation import DEVICE, AggregatorProcess, device_token
+from .processes import DEVICE, AggregatorProcess, device_token
 from .test_service import NotifySocket, wait_for
 
 if sys.version_info >= (3, 11):
@@ -151,14 +149,6 @@ def materialize(source: Path | None, tmp_path: Path) -> tuple[Path, list[str]]:
     return config, [str(n) for n in names]
 
 
-@pytest.fixture
-def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
-    agg = AggregatorProcess(tmp_path / "agg.db", free_port())
-    agg.start()
-    yield agg
-    agg.stop()
-
-
 def service_env(tmp_path: Path, agg: AggregatorProcess) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
     env.update(unit_environment())
@@ -204,11 +194,14 @@ def test_once_runs_every_workload_and_exits_0(
     source: Path | None, tmp_path: Path, tiny_model: Path, aggregator: AggregatorProcess
 ) -> None:
     config, names = materialize(source, tmp_path)
-    env = {**service_env(tmp_path, aggregator), "LENS_MODEL_PATH": str(tiny_model)}
+    # the tiny model's tokenizer splits the long-context prompts into more tokens than SmolLM2's: give it room, or
+    # that workload fails (context_overflow) and --once exits 1, as it must for a failed workload
+    env = {**service_env(tmp_path, aggregator), "LENS_MODEL_PATH": str(tiny_model), "LENS_MODEL_N_CTX": "16384"}
     done = subprocess.run(
         [*unit_command(config), "--once"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert len(done.stdout.splitlines()) == len(names) and " FAILED" not in done.stdout, done.stdout
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     final = state(tmp_path)
     assert final["state"] == "stopped"

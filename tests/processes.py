@@ -1,0 +1,70 @@
+"""Real processes the tests start: ``lens-aggregator serve`` on 127.0.0.1, and a device token for it."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aggregator.store import SQLiteStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "dev-1"
+
+
+class AggregatorProcess:
+    """``lens-aggregator serve`` as a real process; ``db`` is a SQLite path or a postgresql:// URL."""
+
+    def __init__(self, db: Path, port: int) -> None:
+        self.db, self.port = db, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from aggregator.cli import main; main()",
+                "serve",
+                "--db",
+                str(self.db),
+                "--port",
+                str(self.port),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"aggregator exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            time.sleep(0.05)
+        raise RuntimeError("aggregator did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def device_token(db: Path) -> str:
+    store = SQLiteStore(db)
+    try:
+        return store.add_token(DEVICE, "device", time.time_ns() // 1000)
+    finally:
+        store.close()
