@@ -16,7 +16,7 @@ import click
 from . import __version__
 from .cliutil import run_click
 from .config import Config, load_config
-from .errors import LensError
+from .errors import LensError, UsageError
 from .outbox_cli import outbox_group
 
 log = logging.getLogger("agent")
@@ -27,8 +27,21 @@ def _setup_logging(verbose: bool) -> None:
 
     # Under systemd (JOURNAL_STREAM set) journald stamps every line; elsewhere the log carries its own time.
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=stamp + "%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format=stamp + "%(name)s: %(message)s", force=True
+    )
     logging.getLogger("llama.cpp").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def _verbose_here(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _setup_logging(True)
+
+
+# `lens-agent bench -v` works like `lens-agent -v bench`
+verbose_option = click.option(
+    "-v", "--verbose", is_flag=True, expose_value=False, callback=_verbose_here, help="Same as lens-agent -v."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,6 +57,7 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
+@verbose_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option(
     "--model",
@@ -103,6 +117,12 @@ def cli(verbose: bool) -> None:
 @click.option("--draft-tokens", type=int, help="Tokens drafted per round.  [default: 4]")
 @click.option("--adaptive-draft", is_flag=True, default=None, help="Adapt the draft length to the acceptance seen.")
 @click.option("--baselines", is_flag=True, default=None, help="Also run cloud-only and edge-only: speedup figures.")
+@click.option(
+    "--max-error-rate",
+    type=float,
+    help="Exit 1 when more than this share of requests failed (0 to 1; exit 1 anyway when none succeeded).  "
+    "[default: 1]",
+)
 @click.option("--store", is_flag=True, help="Append every measurement to the outbox (durable before the next request).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 def bench(
@@ -139,6 +159,7 @@ def bench(
     power_source: str | None,
     sample_rate: float | None,
     idle_baseline: str | None,
+    max_error_rate: float | None,
     store: bool,
     data_dir: Path | None,
 ) -> None:
@@ -184,8 +205,14 @@ def bench(
         ("collab", "baselines"): ("--baselines", baselines),
         ("probes", "sample_rate_hz"): ("--sample-rate", sample_rate),
         ("probes", "idle_baseline"): ("--idle-baseline", idle_baseline),
+        ("bench", "max_error_rate"): ("--max-error-rate", max_error_rate),
     }
     config = load_config(config_path, overrides=overrides)
+    if llmperf_dir is not None and "llmperf" not in formats:
+        raise UsageError("--llmperf-dir is used only with --format llmperf: add --format llmperf or drop it")
+    _check_sysfs_root(config)
+    if store:
+        _usable_data_dir(config)
     from .bench.session import BenchRequest, run_session
 
     request = BenchRequest(
@@ -211,7 +238,47 @@ def bench(
     for path in session.written:
         click.echo(f"wrote {path}", err=True)
     if session.stored is not None:
-        click.echo(f"stored {session.stored} measurements in {session.outbox_file}", err=True)
+        click.echo(f"stored {_count(session.stored, 'measurement')} in {session.outbox_file}", err=True)
+    from .bench.report import failure
+
+    failures = [f for f in (failure(doc, config.get("bench", "max_error_rate")) for doc in session.documents) if f]
+    if failures:
+        raise LensError("; ".join(failures))
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 measurement``, ``3 measurements``."""
+    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
+
+
+def _check_sysfs_root(config: Config) -> None:
+    root = Path(config.get("probes", "sysfs_root"))
+    if not root.is_dir():
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise UsageError(
+            f"probes.sysfs_root {root} ({config.source('probes', 'sysfs_root')}): {what}; give / or a copied "
+            "tree that stands for / (with sys/ and proc/ inside)"
+        )
+
+
+def _usable_data_dir(config: Config) -> Path:
+    """The data directory, created if need be and checked writable: one clear line (exit 2) when it is not."""
+    import tempfile
+
+    path = Path(config.get("agent", "data_dir"))
+    where = f"agent.data_dir {path} ({config.source('agent', 'data_dir')})"
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{where}: is a file, not a directory; choose a directory with --data-dir or agent.data_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{where}: cannot be written ({exc.strerror}); choose a writable directory with --data-dir or "
+            "agent.data_dir, or run as the user who owns it"
+        ) from None
+    return path
 
 
 def _sync_config(config_path: Path | None, data_dir: Path | None) -> Config:
@@ -221,6 +288,7 @@ def _sync_config(config_path: Path | None, data_dir: Path | None) -> Config:
 
 
 @cli.command()
+@verbose_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -292,6 +360,7 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
 
 
 @cli.command()
+@verbose_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -315,7 +384,10 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     from .sync import probe_aggregator, sync_settings
 
     config = _sync_config(config_path, data_dir)
-    path = outbox_path(config.get("agent", "data_dir"))
+    data = Path(config.get("agent", "data_dir"))
+    if data.exists() and not data.is_dir():
+        raise UsageError(f"agent.data_dir {data} ({config.source('agent', 'data_dir')}): is a file, not a directory")
+    path = outbox_path(data)
     stats = None
     state: dict[str, str | None] = {}
     salvage = None
@@ -353,6 +425,11 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         service=service,
         sync_configured=bool(url),
     )
+    if not data.is_dir():
+        health.fail(
+            f"the data directory {data} ({config.source('agent', 'data_dir')}) does not exist: no agent has run with "
+            "it (lens-agent run or bench --store creates it); check --data-dir or agent.data_dir"
+        )
     doc = status_document(
         outbox_file=path,
         stats=stats,
@@ -370,6 +447,7 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
 
 
 @cli.command()
+@verbose_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option("--sysfs-root", type=click.Path(path_type=Path), help="Read sensors under DIR instead of /.")
 @click.option("--power-source", help="auto, none, or sources to try (comma-separated).  [default: auto]")
@@ -396,11 +474,13 @@ def probe(
             ("probes", "power_source"): ("--power-source", power_source),
         },
     )
+    _check_sysfs_root(config)
     doc = probe_document(config, samples=samples)
     click.echo(json.dumps(doc, indent=2) if as_json else render_probe(doc))
 
 
 @cli.command()
+@verbose_option
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox and state.  [default: agent.data_dir]")
 @click.option("--model", type=click.Path(path_type=Path), help="GGUF model.  [default: model.path, else SmolLM2]")
@@ -428,7 +508,43 @@ def run(config_path: Path | None, data_dir: Path | None, model: Path | None, onc
         },
         once=once,
     )
-    sys.exit(asyncio.run(service.run()))
+    _usable_data_dir(service.config)
+    _check_sysfs_root(service.config)
+    code = asyncio.run(service.run())
+    if once:
+        failed = False
+        for workload in service.config.workloads:
+            line, ok = _run_line(workload["name"], service.runs.get(workload["name"]))
+            click.echo(line)
+            failed = failed or not ok
+        if failed and code == 0:
+            code = 1
+    sys.exit(code)
+
+
+def _run_line(name: str, run: dict[str, Any] | None) -> tuple[str, bool]:
+    """One line per workload after ``run --once``, and whether it counts as a success."""
+    if run is None:
+        return f"{name}: did not run (stopped first)", False
+    if run.get("error"):
+        return f"{name}: FAILED: {run['error']}", False
+    if run.get("skipped"):
+        return f"{name}: skipped: {run['skipped']}", True
+    requests, errors = int(run.get("requests") or 0), int(run.get("errors") or 0)
+    ok = requests > 0 and errors < requests
+    ttft = run.get("ttft_p50_ms")
+    rate = run.get("tokens_per_second")
+    figures = ""
+    if ttft is not None:
+        figures += f", TTFT p50 {ttft:.1f} ms"
+    if rate is not None:
+        figures += f", {rate:.1f} tok/s"
+    if errors:
+        from .bench.report import errors_line
+
+        figures += f"; errors: {errors_line(run.get('errors_by_type') or {'unknown': errors})}"
+    verdict = "ok" if ok else "FAILED"
+    return f"{name}: {verdict}: {requests - errors}/{_count(requests, 'request')} ok{figures}", ok
 
 
 cli.add_command(outbox_group)

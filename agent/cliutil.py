@@ -5,6 +5,8 @@ Exit status: 0 success, 1 runtime failure, 2 bad input (flag, config value, file
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 import sys
 
 import click
@@ -32,4 +34,30 @@ def run_click(group: click.Group, prog_name: str, argv: list[str] | None = None)
     except LensError as exc:
         click.echo(f"{prog_name}: error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # a path the command could not use: name it and say what to do, no traceback
+        click.echo(f"{prog_name}: error: {describe_os_error(exc)}", err=True)
+        sys.exit(2)
+    except sqlite3.Error as exc:  # reached only where no layer below knew the file; say so all the same
+        click.echo(f"{prog_name}: error: SQLite: {exc} (is the database file intact and writable?)", err=True)
+        sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+_WHAT_TO_DO = {
+    errno.EEXIST: "it exists and is not a directory: choose another path or remove it",
+    errno.ENOTDIR: "a part of it is a file, not a directory: choose another path",
+    errno.EISDIR: "it is a directory: give a file path",
+    errno.EACCES: "permission denied: run as a user who may write there, or choose another path",
+    errno.EPERM: "operation not permitted here: choose another path",
+    errno.EROFS: "the file system is read-only: choose a writable path",
+    errno.ENOSPC: "the disk is full: free some space or choose another path",
+    errno.ENOENT: "no such file or directory: check the path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: what went wrong; what to do`` for an OSError, in one line."""
+    path = exc.filename if exc.filename is not None else "(unknown path)"
+    reason = exc.strerror or str(exc)
+    hint = _WHAT_TO_DO.get(exc.errno or 0)
+    return f"{path}: {reason}" + (f" ({hint})" if hint else "")

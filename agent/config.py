@@ -27,6 +27,19 @@ else:  # pragma: no cover - exercised on Python 3.10 (JetPack 6)
 DEFAULT_CONFIG_PATH = Path("/etc/lens-agent/agent.toml")
 ENV_PREFIX = "LENS_"
 
+# Every LENS_* variable that is not a LENS_<SECTION>_<KEY> configuration key, in one place: anything else with the
+# prefix that names no key is a mistake (a misspelling), refused like an unknown key in the TOML file.
+NON_CONFIG_ENV: dict[str, str] = {
+    "LENS_SYNC_TOKEN": "the device token itself (instead of sync.token_file)",
+    "LENS_CLOUD_API_KEY": "the cloud endpoint's API key (instead of cloud.api_key_file)",
+    "LENS_DEB_PYTHON": "packaging/build-deb.sh: the Python the .deb is built with",
+    "LENS_DEB_CMAKE_ARGS": "packaging/build-deb.sh: extra CMake arguments for llama.cpp (e.g. CUDA)",
+    "LENS_TEST_POSTGRES_URL": "tests: the PostgreSQL server the PostgreSQL tests use",
+}
+# The agent and the aggregator read one environment (a demo, a test, a small server running both): each accepts the
+# other's sections. tests/test_config.py checks these against the aggregator's schema.
+AGGREGATOR_SECTIONS = ("server", "storage", "auth")
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -241,6 +254,9 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "ignore_eos": KeySpec(boolean, const(False), "keep generating past end-of-sequence"),
         "chat_template": KeySpec(choice("auto", "on", "off"), const("auto"), "wrap prompts in it"),
         "reuse_cache": KeySpec(boolean, const(False), "keep the KV cache between requests"),
+        "max_error_rate": KeySpec(
+            number_range(0, 1), const(1.0), "bench exits 1 above this share of failed requests (always when all fail)"
+        ),
     },
     "sync": {
         "url": KeySpec(optional(text), const(None), "aggregator base URL"),
@@ -412,6 +428,30 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "(syntax)", str(exc), "valid TOML") from None
 
 
+def _check_environment(environ: Mapping[str, str], schema: Schema) -> None:
+    """Refuse a ``LENS_*`` variable that names no key: ``LENS_MODEL_NCTX`` must not be ignored silently."""
+    own = {f"{ENV_PREFIX}{section}_{key}".upper() for section, keys in schema.items() for key in keys}
+    other_sections = AGGREGATOR_SECTIONS if schema is SCHEMA else tuple(SCHEMA)
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in own or name in NON_CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if any(rest.startswith(section + "_") for section in other_sections if section not in schema):
+            continue
+        section = next((s for s in schema if rest.startswith(s + "_")), None)
+        if section is not None:
+            known = ", ".join(f"{ENV_PREFIX}{section}_{key}".upper() for key in schema[section])
+            raise ConfigError(f"environment variable {name}", "(env)", name, f"a key of [{section}]: {known}")
+        sections = ", ".join(f"{ENV_PREFIX}{s.upper()}_…" for s in schema)
+        others = ", ".join(NON_CONFIG_ENV)
+        raise ConfigError(
+            f"environment variable {name}",
+            "(env)",
+            name,
+            f"LENS_<SECTION>_<KEY> with a section of {sections}, or {others}",
+        )
+
+
 def load_config(
     path: Path | str | None = None,
     *,
@@ -447,6 +487,7 @@ def load_config(
             values[section][key] = _check(schema, str(file_path), section, key, value)
             sources[section][key] = str(file_path)
 
+    _check_environment(environ, schema)
     for section, keys in schema.items():
         for key in keys:
             env_name = f"{ENV_PREFIX}{section}_{key}".upper()

@@ -9,7 +9,7 @@ failure); library code never calls ``sys.exit``.
     │   ├── ModelFileError    a model path that is missing or not a GGUF file
     │   └── PromptFileError   a prompt file that cannot be read or parsed
     └── EngineError           the inference engine failed at run time
-        ├── ModelLoadError    llama.cpp could not load a (valid-looking) model
+        ├── ModelLoadError    llama.cpp could not load a (valid-looking) model; also a UsageError (fix the file)
         └── RequestError      one request failed; the benchmark records it and goes on
 """
 
@@ -32,7 +32,9 @@ class ConfigError(UsageError):
         self.key = key
         self.value = value
         self.allowed = allowed
-        if key.startswith("("):  # the file itself: missing, unreadable, not TOML
+        if key == "(env)":  # an environment variable that names no key
+            message = f"{source} is not a setting: expected {allowed}; unset it or correct its name"
+        elif key.startswith("("):  # the file itself: missing, unreadable, not TOML
             detail = f" ({value})" if key == "(syntax)" else ""
             message = f"{source}: expected {allowed}{detail}"
         elif value is None:
@@ -40,8 +42,18 @@ class ConfigError(UsageError):
             env = "LENS_" + key.replace(".", "_").upper()
             message = f"{key} is not set{where}: expected {allowed}; set it in the config file or {env}"
         else:
-            message = f"{source}: {key} = {value!r} is not allowed: expected {allowed}"
+            message = f"{source}: {key} = {_shown(value)} is not allowed: expected {allowed}"
         super().__init__(message)
+
+
+def _shown(value: object) -> str:
+    """A value as the user wrote it (TOML / JSON spelling: true, "text", [1, 2]), not as Python prints it."""
+    import json
+
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 class ModelFileError(UsageError):
@@ -62,7 +74,7 @@ class EngineError(LensError):
     """The engine failed at run time."""
 
 
-class ModelLoadError(EngineError):
+class ModelLoadError(EngineError, UsageError):
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
         self.reason = reason

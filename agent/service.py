@@ -22,6 +22,7 @@ import signal
 import statistics
 import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -431,6 +432,9 @@ def summarize(measured: list[Measurement], name: str, power_source: str | None) 
         "workload": name,
         "requests": len(measured),
         "errors": len(measured) - len(ok),
+        "errors_by_type": dict(
+            Counter(m.error_type or "unknown" for m in measured if not (m.ok and m.ttft_ms is not None))
+        ),
         "ttft_p50_ms": pct(ttfts, 50),
         "ttft_p95_ms": pct(ttfts, 95),
         "tokens_per_second": statistics.fmean(rates) if rates else None,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
+import sqlite3
 import ssl
 import time
 from pathlib import Path
@@ -48,10 +50,21 @@ def _open_store(config: Config) -> Store:
             raise UsageError(f"storage.db = …@{safe}: cannot connect ({str(exc).strip().splitlines()[0]})") from None
     if "://" in db:
         raise UsageError(f"storage.db = {db!r}: expected a file path (SQLite) or a postgresql:// URL")
+    where = f"storage.db {db} ({config.source('storage', 'db')})"
+    if Path(db).is_dir():
+        raise UsageError(f"{where}: is a directory; give a database file path, e.g. --db {Path(db) / 'aggregator.db'}")
     try:
         return SQLiteStore(db)
-    except (OSError, RuntimeError) as exc:
-        raise UsageError(f"storage.db = {db!r}: cannot be opened ({exc})") from None
+    except sqlite3.OperationalError as exc:
+        raise UsageError(
+            f"{where}: cannot be opened ({exc}); check that its directory exists and is writable"
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(
+            f"{where}: not a usable SQLite database ({exc}); give the aggregator's database file or a new path"
+        ) from None
+    except (OSError, RuntimeError, sqlite3.Error) as exc:
+        raise UsageError(f"{where}: cannot be opened ({exc}); check the path and its permissions") from None
 
 
 def _config(config_path: Path | None, db: str | None) -> Config:
@@ -158,24 +171,71 @@ def token() -> None:
     """Manage device tokens (write only) and read tokens (dashboards, scripts)."""
 
 
+_SUBJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+_SUBJECT_ALLOWED = "1 to 128 letters, digits and . _ : @ - (starting with a letter or digit), as agent.device_id"
+
+
+def _check_subject(what: str, value: str) -> str:
+    if not _SUBJECT_RE.fullmatch(value):
+        raise UsageError(f"{what} {json.dumps(value)} is not allowed: expected {_SUBJECT_ALLOWED}")
+    return value
+
+
+def _agent_settings(device_id: str, db: str, url: str | None, tls: bool) -> str:
+    """What to paste into the device's agent.toml for this token (printed on stderr; the token goes to stdout)."""
+    url = url or f"{'https' if tls else 'http'}://<aggregator-host>:8443"
+    lines = [
+        f"token for device {device_id} stored in {db}; the aggregator must serve that database:",
+        f"  lens-aggregator serve --db {db}",
+        "on the device: save the token printed on stdout as /etc/lens-agent/token (mode 0600, owner lens-agent)",
+        "or pass it as LENS_SYNC_TOKEN, and set in /etc/lens-agent/agent.toml:",
+        "  [agent]",
+        f'  device_id = "{device_id}"',
+        "  [sync]",
+        f'  url = "{url}"',
+        '  token_file = "/etc/lens-agent/token"',
+    ]
+    if url.startswith("http://"):
+        lines.append("  allow_http = true          # plain HTTP: the token crosses the network unencrypted")
+    else:
+        lines.append('  # ca_file = "/etc/lens-agent/ca.pem"   # when the certificate is not signed by a system CA')
+    lines.append("then check it: lens-agent sync --check --config /etc/lens-agent/agent.toml")
+    return "\n".join(lines)
+
+
 @token.command("add")
 @config_option
 @db_option
 @click.option("--read", "read_token", is_flag=True, help="A read token named SUBJECT instead of a device token.")
+@click.option(
+    "--url",
+    help="The aggregator's URL as the device reaches it, for the agent settings printed on stderr.  "
+    "[default: a placeholder]",
+)
 @click.argument("subject")
-def token_add(config_path: Path | None, db: str | None, read_token: bool, subject: str) -> None:
-    """Create a token for device SUBJECT and print it once; only its hash is stored.
+def token_add(config_path: Path | None, db: str | None, read_token: bool, url: str | None, subject: str) -> None:
+    """Create a token for device SUBJECT and print it once on stdout; only its hash is stored.
+
+    For a device token, the agent-side settings to paste (device_id, sync.url, token_file, allow_http or
+    ca_file) go to stderr. SUBJECT is the device's agent.device_id exactly (which defaults to its host name).
 
     \b
     Example:
-        lens-aggregator token add orin-017 > /etc/lens-agent/token
-        lens-aggregator token add --read grafana
+        lens-aggregator token add orin-017 --db aggregator.db --url https://aggregator.example:8443 > orin-017.token
+        lens-aggregator token add --read grafana --db aggregator.db
     """
-    store = _open_store(_config(config_path, db))
+    _check_subject("read-token name" if read_token else "device id", subject)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise UsageError(f"--url {json.dumps(url)} is not allowed: expected http://HOST:PORT or https://HOST:PORT")
+    config = _config(config_path, db)
+    store = _open_store(config)
     try:
         click.echo(store.add_token(subject, "read" if read_token else "device", _now_us()))
     finally:
         store.close()
+    if not read_token:
+        tls = bool(config.get("server", "tls_cert"))
+        click.echo(_agent_settings(subject, str(config.get("storage", "db")), url, tls), err=True)
 
 
 @token.command("list")
@@ -234,7 +294,7 @@ def token_revoke(config_path: Path | None, db: str | None, selector: str) -> Non
         store.close()
     if count == 0:
         raise UsageError(f"no active token matches {selector!r} (see lens-aggregator token list)")
-    click.echo(f"revoked {count} token(s)", err=True)
+    click.echo(f"revoked {count} token{'' if count == 1 else 's'}", err=True)
 
 
 @token.command("rotate")
@@ -252,10 +312,25 @@ def token_rotate(config_path: Path | None, db: str | None, grace: str | None, de
     config = load_aggregator_config(
         config_path, overrides={("storage", "db"): ("--db", db), ("auth", "rotate_grace"): ("--grace", grace)}
     )
+    _check_subject("device id", device_id)
     store = _open_store(config)
     try:
+        now = _now_us()
+        live = [
+            t
+            for t in store.list_tokens()
+            if t.subject == device_id
+            and t.kind == "device"
+            and t.revoked_us is None
+            and (t.expires_us is None or t.expires_us > now)
+        ]
+        if not live:
+            raise UsageError(
+                f"device {json.dumps(device_id)} has no active token to rotate "
+                "(see lens-aggregator token list; a new device gets one with token add)"
+            )
         grace_us = int(config.get("auth", "rotate_grace") * 1_000_000)
-        click.echo(store.rotate(device_id, _now_us(), grace_us))
+        click.echo(store.rotate(device_id, now, grace_us))
     finally:
         store.close()
 

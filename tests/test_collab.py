@@ -415,7 +415,8 @@ def test_errors_are_measurements_and_the_run_goes_on(tmp_path: Path, capsys: pyt
             str(out),
             *TINY,
         )
-        assert code == 0, stderr
+        assert code == 1, stderr  # the run goes on and its results are written, but a run with no success fails
+        assert "no request succeeded (3 of 3 failed: http_500 ×3)" in stderr
         errors = json.loads(out.read_text())["results"]["error_metrics"]
         assert errors == {"total_errors": 3, "error_rate": 1.0, "errors_by_type": {"http_500": 3}}
     finally:

@@ -46,6 +46,11 @@ def test_unhealthy_above_ninety_percent() -> None:
 def test_status_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], config_file: Any) -> None:
     data = tmp_path / "data"
     code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--json", "--no-probe")
+    doc = json.loads(out)
+    assert code == 1 and doc["outbox"] is None and doc["healthy"] is False
+    assert f"the data directory {data} (--data-dir) does not exist" in doc["reasons"][0]
+    data.mkdir()
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--json", "--no-probe")
     assert code == 0 and json.loads(out)["outbox"] is None
     with Outbox(data / "outbox.db") as box:
         box.append_many(synthetic_records(4, seed=1))

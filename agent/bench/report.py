@@ -17,7 +17,7 @@ from ..engines.llama import LlamaEngine
 from ..measurement import Measurement, utc_now_iso
 from ..memory import system_memory
 from ..probes.device import mapped_file_rss
-from ..probes.power import Unavailable
+from ..probes.power import Unavailable, why_no_power
 from ..probes.sampler import PowerSampler
 from ..stats import latency_distribution, metric_distribution
 from .runner import BenchOptions, ModelRun
@@ -75,12 +75,16 @@ def _distributions(
 
 
 def energy_section(
-    run: ModelRun, sampler: PowerSampler | None, unavailable: list[Unavailable], baseline_w: dict[str, float]
+    run: ModelRun,
+    sampler: PowerSampler | None,
+    unavailable: list[Unavailable],
+    baseline_w: dict[str, float],
+    wanted: str | list[str] = "auto",
 ) -> dict[str, Any]:
     """J/token for prefill and decode, average power, over the measured requests; or why there is none."""
     if sampler is None or not sampler.sources:
         reasons = {u.source: u.reason for u in unavailable}
-        return {"unavailable": "no power source on this device", "sources_tried": reasons}
+        return {"unavailable": why_no_power(wanted, unavailable), "sources_tried": reasons}
     ok = [m for m in run.measured if m.ok and isinstance(m.ext.get("energy"), dict)]
     energies = [m.ext["energy"] for m in ok]
     section: dict[str, Any] = {
@@ -223,6 +227,7 @@ def results_document(
     power_unavailable: list[Unavailable] | None = None,
     baseline_w: dict[str, float] | None = None,
     cloud: dict[str, Any] | None = None,
+    power_source: str | list[str] = "auto",
 ) -> dict[str, Any]:
     """The results JSON: validates against the seed's ``benchmark_results.schema.json``.
 
@@ -389,7 +394,9 @@ def results_document(
     collab = collab_section(run)
     if collab:
         document["results"]["collaboration"] = collab
-    document["results"]["energy"] = energy_section(run, sampler, power_unavailable or [], baseline_w or {})
+    document["results"]["energy"] = energy_section(
+        run, sampler, power_unavailable or [], baseline_w or {}, power_source
+    )
     utilization, utilization_missing = utilization_section(run, sampler)
     if utilization:
         document["results"]["resource_utilization"] = utilization
@@ -404,8 +411,32 @@ def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        shown = f"{value:.{digits}f}"
+        return shown.lstrip("-") if float(shown) == 0 else shown  # never "-0.0000"
     return str(value)
+
+
+def errors_line(by_type: dict[str, int]) -> str:
+    """``none`` or ``request_failed ×3, timeout ×1``."""
+    return ", ".join(f"{name} ×{count}" for name, count in sorted(by_type.items())) or "none"
+
+
+def failure(document: dict[str, Any], max_error_rate: float) -> str | None:
+    """Why a run counts as failed (no request succeeded, or more errors than allowed), or None."""
+    requests = document["results"]["requests"]
+    errors = document["results"]["error_metrics"]
+    name = document["configuration"]["model"]["name"]
+    measured, succeeded = requests["measured"], requests["succeeded"]
+    if measured and not succeeded:
+        return (
+            f"{name}: no request succeeded ({measured} of {measured} failed: {errors_line(errors['errors_by_type'])})"
+        )
+    if errors["error_rate"] > max_error_rate:
+        return (
+            f"{name}: {errors['total_errors']} of {measured} requests failed ({errors['error_rate']:.0%}, above "
+            f"--max-error-rate {max_error_rate:g}: {errors_line(errors['errors_by_type'])})"
+        )
+    return None
 
 
 def summary_table(document: dict[str, Any]) -> str:
@@ -422,7 +453,7 @@ def summary_table(document: dict[str, Any]) -> str:
         f"  strategy={cfg.get('strategy', 'local')}",
         f"requests  {res['requests']['succeeded']}/{res['requests']['measured']} ok, "
         f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
-        f"errors {res['error_metrics']['errors_by_type'] or 'none'}",
+        f"errors {errors_line(res['error_metrics']['errors_by_type'])}",
         "",
         f"{'metric (ms)':<26}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'min':>9}{'max':>9}{'n':>6}",
     ]

@@ -172,6 +172,7 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                     power_unavailable=unavailable,
                     baseline_w=baseline,
                     cloud=collab.describe() if collab else None,
+                    power_source=probes["power_source"],
                 )
                 document["results"].update(extra)
                 if request.llmperf_dir is not None:

@@ -55,6 +55,16 @@ def _route_llama_logs() -> None:
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
+def _quiet_failed_load() -> None:
+    """A model llama.cpp refuses leaves a half-built ``LlamaModel`` whose ``__del__`` reads ``sampler``, which
+    llama-cpp-python sets only after a successful load: an "Exception ignored … AttributeError" after the clear error.
+    A class-level default makes that cleanup a no-op, as it is for a loaded model without custom samplers."""
+    from llama_cpp import _internals
+
+    if not hasattr(_internals.LlamaModel, "sampler"):
+        _internals.LlamaModel.sampler = None
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """llama.cpp settings that move decode speed; recorded with every result."""
@@ -154,6 +164,7 @@ class LlamaEngine:
 
         path = check_gguf(Path(path))
         _route_llama_logs()
+        _quiet_failed_load()
         memory = memory or ProcessMemory()
         before = memory.read().rss_bytes
         t0 = time.perf_counter_ns()
@@ -169,7 +180,13 @@ class LlamaEngine:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
-            raise ModelLoadError(str(path), str(exc) or type(exc).__name__) from None
+            reason = str(exc) or type(exc).__name__
+            if "Failed to load model" in reason:
+                reason = (
+                    f"llama.cpp cannot read it ({path.stat().st_size:,} bytes; truncated or corrupt?): "
+                    "download it again or check it against its published sha256"
+                )
+            raise ModelLoadError(str(path), reason) from None
         load_ms = (time.perf_counter_ns() - t0) / 1e6
         engine = cls(llm, owns_model=True)
         # t_load_ms is overwritten at the first evaluation: read it now.

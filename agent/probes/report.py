@@ -8,7 +8,7 @@ from typing import Any
 from ..config import Config
 from ..memory import system_memory
 from .device import describe
-from .power import detect_power
+from .power import detect_power, why_no_power
 from .sampler import PowerSampler
 from .sysfs import Root
 
@@ -38,7 +38,9 @@ def probe_document(config: Config, *, samples: int = 5) -> dict[str, Any]:
             "sources": [
                 {"name": s.name, "kind": s.kind, "rails": s.rails, "total_rails": s.total_rails} for s in sources
             ],
+            "asked": probes["power_source"],
             "unavailable": [{"source": u.source, "reason": u.reason} for u in unavailable],
+            "why_none": None if sources else why_no_power(probes["power_source"], unavailable),
             "samples": live,
             "units": "W for power rails; cumulative J for energy rails",
         },
@@ -88,7 +90,7 @@ def render_probe(doc: dict[str, Any]) -> str:
             f"— total: {' + '.join(source['total_rails'])}"
         )
     if not power["sources"]:
-        lines.append("power       none: energy per token cannot be measured on this device")
+        lines.append(f"power       none: {power['why_none']}; energy per token cannot be measured")
     for item in power["unavailable"]:
         lines.append(f"  unavailable {item['source']}: {item['reason']}")
     for sample in power["samples"]:
