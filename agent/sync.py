@@ -564,6 +564,9 @@ class SyncService:
 
     def trigger(self) -> None:
         """Sync as soon as possible (e.g. right after new records were stored)."""
+        if self._lock.locked():
+            self._again = True  # a pass is running: it goes once more when done
+            return
         self._scheduler.later("sync-now", 0.0, self.tick)
 
     async def tick(self) -> None:
@@ -571,15 +574,16 @@ class SyncService:
             self._again = True  # records stored after the running pass looked: it runs once more
             return
         async with self._lock:
-            self._again = False
-            report = await self.uploader.sync_now()
+            while True:
+                self._again = False
+                report = await self.uploader.sync_now()
+                if not (report.ok and self._again):
+                    break
         self.last_report = report
         if report.ok:
             self.failures = 0
             self._scheduler.remove("sync-retry")
             self._scheduler.remove("probe")
-            if self._again:
-                self.trigger()
             return
         self.failures += 1
         delay = full_jitter_backoff(self.failures, self.settings.backoff_initial, self.settings.backoff_max, self._rng)

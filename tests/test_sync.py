@@ -263,6 +263,36 @@ async def test_service_syncs_as_soon_as_the_aggregator_returns(tmp_path: Path) -
         await agg.stop()
 
 
+async def test_records_stored_during_a_sync_go_in_one_more_pass(
+    tmp_path: Path, aggregator: Aggregator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A trigger while a pass runs is not lost (nor logged as a skipped run): the pass goes once more."""
+    outbox, _ = filled_outbox(tmp_path / "o.db", 0)
+    uploader = Uploader(outbox, settings_for(aggregator, token_for(aggregator), interval=3600, batch_size=20))
+    service = SyncService(uploader, rng=random.Random(2))
+    service.start()  # the periodic pass runs at once (nothing to do), then not for an hour
+    try:
+        await asyncio.sleep(0.2)
+        first = synthetic_records(400, seed=76, device_id=DEVICE)
+        await outbox._run(outbox.outbox.append_many, first)
+        service.trigger()  # a triggered pass: 20 batches, a while
+        await asyncio.sleep(0.05)
+        later = synthetic_records(30, seed=77, device_id=DEVICE)
+        for record in later:
+            await outbox.append(record)
+            service.trigger()
+        deadline = time.monotonic() + 20
+        while (await outbox.stats()).records and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert (await outbox.stats()).records == 0  # the interval (1 h) never fired: the extra pass did it
+        assert set(aggregator.ids()) == ids_of(first + later)
+        assert "skipped" not in caplog.text
+    finally:
+        await service.stop()
+        await uploader.close()
+        await outbox.close()
+
+
 def test_full_jitter_backoff_is_bounded_and_grows() -> None:
     rng = random.Random(3)
     for attempt in range(1, 20):
