@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/wire_size.py
 	$(BIN)/python bench/outbox_append.py
+	$(BIN)/python bench/sync_ack.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/collab.py
 
