@@ -393,6 +393,9 @@ class Uploader:
         else:
             state["last_error"] = report.error
             state["last_error_kind"] = report.error_kind
+        if report.error_kind == "outbox":  # the outbox is locked or full: asking it again would only wait again
+            report.pending = None
+            return report
         try:
             report.pending = (await self.outbox.stats()).records
             state["last_result"] = json.dumps(report.as_dict())
