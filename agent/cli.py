@@ -98,7 +98,12 @@ def cli(verbose: bool) -> None:
 @click.option("--reuse-cache", is_flag=True, default=None, help="Keep the KV cache's common prefix between requests.")
 @click.option("--device-id", help="Device id recorded with every measurement.  [default: the host name]")
 @click.option("--no-text", is_flag=True, help="Leave prompt and output text out of --raw.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results JSON on stdout instead of the table.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a JSON array of results documents (one per model) on stdout instead of the table.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.  [default: when a terminal]")
 @click.option("--sysfs-root", type=click.Path(path_type=Path), help="Read sensors under DIR instead of /.")
 @click.option("--power-source", help="auto, none, or sources (jetson, rapl, battery, nvml, jtop; comma-separated).")
@@ -226,9 +231,8 @@ def bench(
         store=store,
     )
     session = run_session(request, status=lambda msg: click.echo(msg, err=True))
-    if as_json:
-        payload: Any = session.documents[0] if len(session.documents) == 1 else session.documents
-        click.echo(json.dumps(payload, indent=2))
+    if as_json:  # always an array: one results document per model (one for a single model), whatever was asked
+        click.echo(json.dumps(session.documents, indent=2))
     else:
         for table in session.tables:
             click.echo(table)

@@ -124,7 +124,9 @@ def test_json_flag_and_llmperf_files(
         *TINY,
     )
     assert code == 0
-    check_document(json.loads(stdout), results_schema)
+    documents = json.loads(stdout)
+    assert isinstance(documents, list) and len(documents) == 1  # the same shape for one model as for several
+    check_document(documents[0], results_schema)
     summary = next((tmp_path / "llmperf").glob("*_summary.json"))
     individual = next((tmp_path / "llmperf").glob("*_individual_responses.json"))
     rows = json.loads(individual.read_text())

@@ -116,7 +116,7 @@ def test_run_once_prints_a_line_per_workload_and_fails_when_one_failed(tmp_path:
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout
     assert lines[0].startswith("good: ok: 2/2 requests ok, TTFT p50 ")
-    assert lines[1] == "bad: FAILED: 0/2 requests ok"
+    assert lines[1] == "bad: FAILED: 0/2 requests ok; errors: context_overflow ×2"
     assert "Traceback" not in result.stderr
 
     prompts.write_text("hello\n")

@@ -498,7 +498,7 @@ def summary_table(document: dict[str, Any]) -> str:
             f"idle), {_fmt(power)} W ({energy['source']}, {energy['rate_hz']:g} Hz)"
         )
     elif "unavailable" in energy and isinstance(energy["unavailable"], str):
-        lines.append(f"energy          unavailable: {energy['unavailable']} (lens-agent probe says why)")
+        lines.append(f"energy          unavailable: {energy['unavailable']}")
     spec = res.get("collaboration", {}).get("speculative")
     if spec:
         lines.append(
@@ -512,7 +512,8 @@ def summary_table(document: dict[str, Any]) -> str:
     offload = res.get("collaboration", {}).get("offload")
     if offload:
         lines.append(
-            f"offload         decisions {offload['decisions']}, policy right {_fmt(offload['policy_right_rate'], 2)}"
+            f"offload         decisions {errors_line(offload['decisions'])}, "
+            f"policy right {_fmt(offload['policy_right_rate'], 2)}"
         )
     speedup = res.get("speedup")
     if speedup:

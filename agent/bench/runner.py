@@ -139,6 +139,9 @@ def new_record(
         prompt_id=prompt.id,
         prompt_sha256=prompt.sha256,
         warmup=warmup,
+        # a kind of its own: every fleet statistic (Prometheus, the summary, the fleet page) counts kind "inference"
+        # only, so a stored warm-up reaches the aggregator (nothing stored is lost) without being counted there
+        kind="warmup" if warmup else "inference",
         first_after_load=engine is not None and engine.requests_since_load == 0,
         prompt_text=prompt.text if include_text else None,
     )

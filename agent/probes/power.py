@@ -371,8 +371,9 @@ def why_no_power(wanted: str | list[str], unavailable: list[Unavailable]) -> str
     """Why no power figure: what was asked for (``probes.power_source``) and why each asked-for source is missing."""
     if wanted == "none":
         return "power sampling is off (power_source = none)"
-    reasons = "; ".join(f"{u.source}: {u.reason}" for u in unavailable) or "none was tried"
     if wanted == "auto":
-        return f"no power source found on this device (power_source = auto tried {reasons})"
+        tried = ", ".join(u.source for u in unavailable) or "nothing"
+        return f"no power source found on this device (power_source = auto tried {tried}; lens-agent probe says why)"
+    reasons = "; ".join(f"{u.source}: {u.reason}" for u in unavailable) or "none was tried"
     asked = wanted if isinstance(wanted, str) else ",".join(wanted)
     return f"power_source = {asked} was asked for and is unavailable ({reasons})"
