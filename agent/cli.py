@@ -117,6 +117,11 @@ def cli(verbose: bool) -> None:
 @click.option("--cloud-url", help="OpenAI-compatible base URL, e.g. http://host:8000/v1 (or cloud.url).")
 @click.option("--cloud-model", help="Model name sent to the endpoint.  [default: the first it lists]")
 @click.option(
+    "--cloud-api",
+    type=click.Choice(["auto", "chat", "completions"]),
+    help="Cloud strategy: /v1/chat/completions or /v1/completions; auto: chat for a chat model.  [default: auto]",
+)
+@click.option(
     "--verify", type=click.Choice(["generate", "logprobs"]), help="Speculative verification.  [default: generate]"
 )
 @click.option("--draft-tokens", type=int, help="Tokens drafted per round.  [default: 4]")
@@ -156,6 +161,7 @@ def bench(
     strategy: str | None,
     cloud_url: str | None,
     cloud_model: str | None,
+    cloud_api: str | None,
     verify: str | None,
     draft_tokens: int | None,
     adaptive_draft: bool | None,
@@ -204,6 +210,7 @@ def bench(
         ("collab", "strategy"): ("--strategy", strategy),
         ("cloud", "url"): ("--cloud-url", cloud_url),
         ("cloud", "model"): ("--cloud-model", cloud_model),
+        ("cloud", "api"): ("--cloud-api", cloud_api),
         ("collab", "verify"): ("--verify", verify),
         ("collab", "draft_tokens"): ("--draft-tokens", draft_tokens),
         ("collab", "adaptive_draft"): ("--adaptive-draft", adaptive_draft),

@@ -287,7 +287,13 @@ SCHEMA: dict[str, dict[str, KeySpec]] = {
         "model": KeySpec(optional(text), const(None), "model name sent to the endpoint (default: its first)"),
         "api_key_file": KeySpec(optional(path_value), const(None), "file holding the API key (or LENS_CLOUD_API_KEY)"),
         "timeout": KeySpec(parse_duration, const(60.0), "one cloud request"),
-        "chat": KeySpec(boolean, const(False), "cloud strategy: /v1/chat/completions instead of /v1/completions"),
+        "api": KeySpec(
+            choice("auto", "chat", "completions"),
+            const("auto"),
+            "cloud strategy: /v1/chat/completions (chat) or /v1/completions; auto: chat for a chat model "
+            "(the server's chat template, else a model name with instruct/chat/-it)",
+        ),
+        "chat": KeySpec(boolean, const(False), "older spelling of api: true is api = chat, false api = completions"),
         # llama-cpp-python's server applies repeat_penalty 1.1 by default, which makes temperature 0 not greedy
         "extra": KeySpec(json_object, const({"repeat_penalty": 1.0}), "extra request fields for every cloud call"),
     },

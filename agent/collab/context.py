@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,9 @@ class CollabContext:
             if rtt is None:
                 raise UsageError(f"cloud.url = {settings.url!r}: cannot connect (is the endpoint up?)")
             model = runner.run(client.model_name())
+            if settings.api == "auto":
+                chat, reason = runner.run(client.choose_api(model))
+                client.settings = dataclasses.replace(settings, chat=chat, api_reason=reason)
         except UsageError:
             runner.run(client.close())
             runner.close()
@@ -55,6 +59,8 @@ class CollabContext:
             "model": self.model,
             "rtt_ms": self.rtt_ms,
             "rtt_source": "median TCP connect time (3 samples)",
+            "api": "chat" if self.client.settings.chat else "completions",
+            "api_reason": self.client.settings.api_reason,
             "verify": c["verify"],
             "draft_tokens": c["draft_tokens"],
         }

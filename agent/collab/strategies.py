@@ -65,7 +65,15 @@ def cloud_record(record: Measurement, result: CloudResult, rtt_ms: float | None)
     if not result.chunk_ns:
         record.ok = False
         record.error_type = "empty_answer"
-        record.error_message = "the endpoint answered without any text"
+        hint = (
+            "; a chat model asked on /v1/completions does that: use --cloud-api chat"
+            if "chat" not in result.path
+            else ""
+        )
+        record.error_message = (
+            f"{result.path} answered HTTP {result.http_status} without any text "
+            f"(finish_reason {result.finish_reason or 'none'}){hint}"
+        )
         return None
     fill_timings(record, result.start_ns, result.chunk_ns)
     record.output_tokens = n_out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import statistics
 import time
 from collections.abc import Coroutine
@@ -35,6 +36,8 @@ class CloudSettings:
     timeout: float = 60.0
     chat: bool = False
     extra: dict[str, Any] = field(default_factory=lambda: {"repeat_penalty": 1.0})
+    api: str = "completions"  # auto | chat | completions: what was asked for (``chat`` is what is used)
+    api_reason: str = "cloud.api = completions"
 
 
 def cloud_settings(config: Any, environ: dict[str, str] | None = None) -> CloudSettings:
@@ -55,9 +58,26 @@ def cloud_settings(config: Any, environ: dict[str, str] | None = None) -> CloudS
                 str(c["api_key_file"]),
                 f"a readable file holding the API key ({exc.strerror})",
             ) from None
+    api = c["api"]
+    if api == "auto" and config.source("cloud", "chat") != "default":  # the older key, set on purpose
+        api = "chat" if c["chat"] else "completions"
     return CloudSettings(
-        url=str(c["url"]).rstrip("/"), model=c["model"], api_key=key, timeout=c["timeout"], chat=c["chat"]
+        url=str(c["url"]).rstrip("/"),
+        model=c["model"],
+        api_key=key,
+        timeout=c["timeout"],
+        chat=api == "chat",
+        api=api,
+        api_reason=f"cloud.api = {api} ({config.source('cloud', 'api')})",
     )
+
+
+_CHAT_NAME = re.compile(r"instruct|chat|(^|[-_.])it($|[-_.])", re.I)
+
+
+def chat_by_name(model: str) -> bool:
+    """A model whose name says it is tuned for chat (``…-Instruct``, ``…-chat``, ``gemma-2-9b-it``)."""
+    return bool(_CHAT_NAME.search(Path(model).name))
 
 
 @dataclass
@@ -76,6 +96,7 @@ class CloudResult:
     error_message: str | None = None
     http_status: int | None = None
     logprobs: dict[str, Any] | None = None
+    path: str = "/completions"  # the endpoint asked: /completions or /chat/completions
 
     @property
     def ok(self) -> bool:
@@ -128,6 +149,26 @@ class CloudClient:
             data = await response.json(content_type=None)
         return str(data["data"][0]["id"])
 
+    async def choose_api(self, model: str) -> tuple[bool, str]:
+        """For ``api = auto``: chat or completions, and why. llama.cpp's server says whether the model has a chat
+        template (``GET /props``); other servers say nothing, so the model's name decides."""
+        root = self.settings.url.removesuffix("/v1")
+        try:
+            session = await self.session()
+            async with session.get(root + "/props", headers=self._headers()) as response:
+                props = await response.json(content_type=None) if response.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            props = None
+        if isinstance(props, dict) and isinstance(props.get("chat_template"), str):
+            chat = bool(props["chat_template"].strip())
+            return (
+                chat,
+                f"auto: the server {'reports' if chat else 'has no'} a chat template for the model (GET /props)",
+            )
+        if chat_by_name(model):
+            return True, f"auto: {Path(model).name!s} is named as a chat model (instruct/chat/-it)"
+        return False, f"auto: {Path(model).name!s} is not named as a chat model and the server reports no chat template"
+
     async def rtt_ms(self, samples: int = 3) -> float | None:
         """Median TCP connect time to the endpoint: one round trip (SYN → SYN-ACK)."""
         parts = urlsplit(self.settings.url)
@@ -168,7 +209,7 @@ class CloudClient:
         body.update(extra or {})
         payload = json.dumps(body).encode()
         path = "/chat/completions" if chat else "/completions"
-        result = CloudResult(start_ns=time.perf_counter_ns(), bytes_up=len(payload))
+        result = CloudResult(start_ns=time.perf_counter_ns(), bytes_up=len(payload), path=path)
         try:
             session = await self.session()
             async with session.post(self.settings.url + path, data=payload, headers=self._headers()) as response:
