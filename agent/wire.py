@@ -26,6 +26,7 @@ import cbor2
 import msgpack
 import zstandard
 
+from . import record_schema
 from .itlpack import pack_gaps, unpack_gaps
 
 WIRE_VERSION = 1
@@ -166,13 +167,52 @@ def dumps(obj: Any, codec: str) -> bytes:
     raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
 
 
+def _refuse_tag(decoder: Any, tag: Any) -> Any:
+    raise cbor2.CBORDecodeError(f"CBOR tag {tag.tag} refused: the wire format uses none")
+
+
+def _refuse_semantic_tag(number: int) -> Any:
+    def refuse(decoder: Any) -> Any:
+        raise cbor2.CBORDecodeError(f"CBOR tag {number} refused: the wire format uses none")
+
+    return refuse
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} refused: the wire format uses none")
+
+
+# Every tag cbor2 would interpret itself (datetimes, bignums, shared references 28/29, sets, …) is refused, and so
+# is every other tag (tag_hook): a record is plain maps, lists, strings, bytes, numbers, booleans and null.
+_NO_SEMANTIC_TAGS: dict[int, Any] = {tag: _refuse_semantic_tag(tag) for tag in (*range(0, 1024), 55799)}
+
+
 def loads(blob: bytes, codec: str) -> Any:
-    """Decode; raises WireError on malformed input (never anything else)."""
+    """Decode one record, bounded: no CBOR tags or msgpack extension types, nesting at most
+    ``record_schema.MAX_DECODE_DEPTH``, every declared length checked against the bytes present before anything
+    is allocated. Raises WireError on malformed or refused input (never anything else)."""
     try:
         if codec == "cbor":
-            return cbor2.loads(blob)
+            return cbor2.loads(
+                blob,
+                semantic_decoders=_NO_SEMANTIC_TAGS,
+                tag_hook=_refuse_tag,
+                max_depth=record_schema.MAX_DECODE_DEPTH,
+                allow_indefinite=False,
+                strict_hashable_types=True,
+            )
         if codec == "msgpack":
-            return msgpack.unpackb(blob, raw=False, strict_map_key=True)
+            return msgpack.unpackb(
+                blob,
+                raw=False,
+                strict_map_key=True,
+                max_str_len=4 * record_schema.MAX_TEXT_CHARS,
+                max_bin_len=record_schema.MAX_RECORD_BYTES,
+                max_array_len=record_schema.MAX_EXT_NODES,
+                max_map_len=record_schema.MAX_EXT_NODES,
+                max_ext_len=0,
+                ext_hook=_refuse_ext,
+            )
     except Exception as exc:  # every decoder failure is the sender's fault: report it, never crash
         raise WireError(f"malformed {codec}: {type(exc).__name__}: {exc}") from None
     raise WireError(f"unknown codec {codec!r}")
@@ -217,6 +257,17 @@ def validate_record(wire: Any, index: int = 0) -> dict[str, Any]:
                 record_id=_record_id_hex(wire),
             )
     return wire
+
+
+def check_record(wire: Any, index: int, now_us: int) -> dict[str, Any]:
+    """The aggregator's check of a decoded record: :func:`validate_record` and the strict schema
+    (:func:`agent.record_schema.check_record`, relative to ``now_us``, the receive time). A refusal is a WireError
+    naming the record's index, its id (hex, when readable) and the field."""
+    record = validate_record(wire, index)
+    try:
+        return record_schema.check_record(record, now_us)
+    except record_schema.SchemaError as exc:
+        raise WireError(f"record {index}: {exc}", record_index=index, record_id=_record_id_hex(record)) from None
 
 
 def _type_name(kind: type) -> str:
@@ -264,8 +315,118 @@ def encode_batch(
     return HEADER.pack(MAGIC, WIRE_VERSION, CODECS[codec], COMPRESSIONS[compression], 0) + payload
 
 
-def decode_batch(body: bytes, *, max_decompressed: int) -> Batch:
-    """Parse a batch; refuses a decompressed payload over ``max_decompressed`` without allocating it."""
+MAX_BATCH_RECORDS = 10_000  # default bound on records per batch (the agent sends sync.batch_size, 500)
+_MAX_ENVELOPE_ITEMS = 4096  # values in the payload besides the records (counters and the like)
+
+
+def _cbor_head(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(major type, argument, position after the head) of the CBOR data item at ``pos``; definite lengths only."""
+    if pos >= len(data):
+        raise WireError("malformed cbor: truncated batch payload")
+    initial = data[pos]
+    major, info = initial >> 5, initial & 31
+    if info < 24:
+        return major, info, pos + 1
+    if info > 27:
+        raise WireError("malformed cbor: indefinite lengths and reserved values are not used by the wire format")
+    width = 1 << (info - 24)
+    if pos + 1 + width > len(data):
+        raise WireError("malformed cbor: truncated batch payload")
+    return major, int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+
+
+def _cbor_skip(data: bytes, pos: int, budget: list[int], depth: int = 0) -> int:
+    """The position after the data item at ``pos``, walking at most ``budget`` items (no tags)."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 8:
+        raise WireError("batch payload holds too many or too deeply nested values besides its records")
+    major, arg, pos = _cbor_head(data, pos)
+    if major in (2, 3):
+        if arg > len(data) - pos:
+            raise WireError("malformed cbor: a string longer than the payload")
+        return pos + arg
+    if major in (4, 5):
+        for _ in range(arg * (2 if major == 5 else 1)):
+            pos = _cbor_skip(data, pos, budget, depth + 1)
+        return pos
+    if major == 6:
+        raise WireError("malformed cbor: CBOR tags are refused (the wire format uses none)")
+    return pos
+
+
+def _cbor_envelope(data: bytes, max_records: int, max_record_bytes: int) -> dict[str, Any]:
+    """The batch payload map, decoded without trusting its declared lengths: the record count is checked against
+    ``max_records`` and the bytes present before the list exists; the other values are decoded one by one."""
+    major, entries, pos = _cbor_head(data, 0)
+    if major != 5:
+        raise WireError("batch payload must be a map")
+    if entries > 64:
+        raise WireError(f"batch payload has {entries} fields; at most 64 are allowed")
+    budget = [_MAX_ENVELOPE_ITEMS]
+    out: dict[str, Any] = {}
+    for _ in range(entries):
+        major, length, pos = _cbor_head(data, pos)
+        if major != 3 or length > 64 or length > len(data) - pos:
+            raise WireError("batch payload keys must be short strings")
+        try:
+            key = data[pos : pos + length].decode()
+        except UnicodeDecodeError:
+            raise WireError("batch payload keys must be UTF-8 strings") from None
+        pos += length
+        if key == "records":
+            major, count, pos = _cbor_head(data, pos)
+            if major != 4:
+                raise WireError("batch field 'records' must be a list of encoded records (bytes)")
+            if count > max_records:
+                raise TooLarge(f"batch holds {count} records; at most {max_records} are allowed per batch")
+            if count > len(data) - pos:
+                raise WireError(f"malformed cbor: {count} records announced in {len(data) - pos} bytes")
+            records = []
+            for _ in range(count):
+                major, length, pos = _cbor_head(data, pos)
+                if major != 2:
+                    raise WireError("batch field 'records' must be a list of encoded records (bytes)")
+                if length > max_record_bytes:
+                    raise WireError(f"a record of {length} bytes exceeds the limit of {max_record_bytes}")
+                if length > len(data) - pos:
+                    raise WireError("malformed cbor: a record longer than the payload")
+                records.append(data[pos : pos + length])
+                pos += length
+            out[key] = records
+        else:
+            end = _cbor_skip(data, pos, budget)
+            out[key] = loads(data[pos:end], "cbor")
+            pos = end
+    if pos != len(data):
+        raise WireError("malformed cbor: extra data after the batch payload")
+    return out
+
+
+def _load_envelope(data: bytes, codec: str, max_records: int) -> Any:
+    max_record_bytes = record_schema.MAX_RECORD_BYTES
+    if codec == "cbor":
+        return _cbor_envelope(data, max_records, max_record_bytes)
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=max_record_bytes,
+            max_bin_len=max_record_bytes,
+            max_array_len=max_records,
+            max_map_len=_MAX_ENVELOPE_ITEMS,
+            max_ext_len=0,
+            ext_hook=_refuse_ext,
+        )
+    except Exception as exc:
+        if "exceeds max_array_len" in str(exc):
+            raise TooLarge(f"batch holds more than {max_records} records per batch: {exc}") from None
+        raise WireError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def decode_batch(body: bytes, *, max_decompressed: int, max_records: int = MAX_BATCH_RECORDS) -> Batch:
+    """Parse a batch; refuses a decompressed payload over ``max_decompressed`` without allocating it, and more than
+    ``max_records`` records before building their list."""
     if len(body) < HEADER.size or body[:4] != MAGIC:
         raise WireError("not a lens batch (expected the 8-byte header starting with b'LENS')")
     _, version, codec_id, compression_id, dict_id = HEADER.unpack_from(body)
@@ -285,7 +446,7 @@ def decode_batch(body: bytes, *, max_decompressed: int) -> Batch:
         if len(payload) > max_decompressed:
             raise TooLarge(f"payload of {len(payload)} bytes exceeds the limit of {max_decompressed}")
         data = bytes(payload)
-    obj = loads(data, codec)
+    obj = _load_envelope(data, codec, max_records)
     if not isinstance(obj, dict):
         raise WireError("batch payload must be a map")
     records = obj.get("records")
@@ -294,13 +455,20 @@ def decode_batch(body: bytes, *, max_decompressed: int) -> Batch:
     device_id, batch_id, sent_us = obj.get("device_id"), obj.get("batch_id"), obj.get("sent_us")
     if not isinstance(device_id, str) or not device_id:
         raise WireError("batch field 'device_id' must be a non-empty string")
-    if not isinstance(batch_id, str) or not isinstance(sent_us, int):
+    if not isinstance(batch_id, str) or type(sent_us) is not int:
         raise WireError("batch fields 'batch_id' (string) and 'sent_us' (integer) are required")
+    names = record_schema.MAX_NAME_CHARS
+    if len(device_id) > names or len(batch_id) > names:
+        raise WireError(f"batch fields 'device_id' and 'batch_id' must be at most {names} characters")
+    if not 0 <= sent_us <= record_schema.MAX_INT64:
+        raise WireError(f"batch field 'sent_us' is {sent_us}; allowed: an integer from 0 to 2^63 - 1")
     counters = obj.get("counters") or {}
     if not isinstance(counters, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in counters.items()
+        type(k) is str and type(v) is int and 0 <= v <= record_schema.MAX_INT64 for k, v in counters.items()
     ):
-        raise WireError("batch field 'counters' must map names to integers")
+        raise WireError("batch field 'counters' must map names to integers from 0 to 2^63 - 1")
+    if len(counters) > 64 or any(len(k) > 64 for k in counters):
+        raise WireError("batch field 'counters' holds at most 64 names of at most 64 characters")
     return Batch(version, codec, compression, device_id, batch_id, sent_us, counters, records)
 
 
@@ -423,6 +591,12 @@ def parse_refusal(status: int, payload: Any, ids: Sequence[bytes]) -> Refusal | 
 
 
 def _bounded_decompress(data: bytes, limit: int) -> bytes:
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise WireError(f"malformed zstd: {exc}") from None
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:  # refused from the frame header alone
+        raise TooLarge(f"decompressed payload of {declared} bytes (frame header) exceeds the limit of {limit} bytes")
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
         out = reader.read(limit + 1)

@@ -13,17 +13,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
 
-from agent import wire
 from agent.stats import latency_distribution
 
+from . import rows as rows_mod
 from .store import Query, Store
 
 MAX_LIMIT = 10_000
+MAX_FILTER_CHARS = 256  # device, model, strategy, kind: as long as the record schema allows
 CSV_COLUMNS = (
     "id",
     "device_id",
@@ -50,25 +52,38 @@ class BadParameter(Exception):
         super().__init__(f"query parameter {name}={value!r} is not allowed: expected {allowed}")
 
 
+MAX_TIME_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+_TIME_ALLOWED = "an ISO 8601 time (2026-11-27T10:00:00Z) or Unix seconds, from 1970 to 9999"
+
+
 def _time_us(name: str, value: str | None) -> int | None:
     if value is None or value == "":
         return None
     try:
-        return int(float(value) * 1_000_000)
+        seconds = float(value)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        if not math.isfinite(seconds) or not 0 <= seconds * 1_000_000 <= MAX_TIME_US:
+            raise BadParameter(name, value, _TIME_ALLOWED)
+        return int(seconds * 1_000_000)
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadParameter(name, value, "an ISO 8601 time (2026-11-27T10:00:00Z) or Unix seconds") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return int(when.timestamp() * 1_000_000)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        us = int(when.timestamp() * 1_000_000)
+    except (ValueError, OverflowError):
+        raise BadParameter(name, value, _TIME_ALLOWED) from None
+    if not 0 <= us <= MAX_TIME_US:
+        raise BadParameter(name, value, _TIME_ALLOWED)
+    return us
 
 
 def _int(name: str, value: str | None, default: int, low: int, high: int) -> int:
     if value is None or value == "":
         return default
+    if len(value) > 24:
+        raise BadParameter(name, value[:40], f"an integer between {low} and {high}")
     try:
         number = int(value)
     except ValueError:
@@ -85,6 +100,9 @@ def parse_query(params: Any) -> Query:
     unknown = sorted(set(params) - KNOWN)
     if unknown:
         raise BadParameter(unknown[0], params[unknown[0]], "one of the parameters " + ", ".join(sorted(KNOWN)))
+    for name in ("device", "model", "strategy", "kind"):
+        if len(params.get(name) or "") > MAX_FILTER_CHARS:
+            raise BadParameter(name, params[name][:40] + "…", f"at most {MAX_FILTER_CHARS} characters")
     query = Query(
         device=params.get("device") or None,
         model=params.get("model") or None,
@@ -108,11 +126,43 @@ def _ms(us: int | None) -> float | None:
     return None if us is None else us / 1000.0
 
 
-def measurement_view(row: dict[str, Any]) -> dict[str, Any]:
-    """The stored record, decoded back to the measurement's own shape, with the aggregator's receive time."""
-    record = wire.from_wire(wire.loads(bytes(row["body"]), row["codec"]))
-    record["received_at"] = _iso(row["received_us"])
+def measurement_view(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored record, decoded back to the measurement's own shape, with the aggregator's receive time; None
+    (skipped and counted) when the stored row does not decode."""
+    record = rows_mod.decode_measurement(row)
+    if record is None:
+        return None
+    try:
+        record["received_at"] = _iso(row["received_us"])
+    except rows_mod.DECODE_ERRORS as exc:
+        rows_mod.skipped(row, exc)
+        return None
     return record
+
+
+def _views(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [view for view in map(measurement_view, rows) if view is not None]
+
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting like a formula (=, +, -, @, tab, CR, LF) gets a leading
+    apostrophe (OWASP's advice); numbers and empty cells are written as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def csv_row(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A row for the CSV export, escaped; None (skipped and counted) when its columns cannot be served."""
+    try:
+        flat = flat_row(row)
+    except rows_mod.DECODE_ERRORS as exc:
+        rows_mod.skipped(row, exc)
+        return None
+    return {key: csv_cell(value) for key, value in flat.items()}
 
 
 def flat_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -160,14 +210,25 @@ def measurements_response(store: Store, params: Any) -> web.Response:
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow(flat_row(row))
+            flat = csv_row(row)
+            if flat is not None:
+                writer.writerow(flat)
         return web.Response(text=out.getvalue(), content_type="text/csv", headers=headers)
     if fmt == "ndjson":
-        text = "".join(json.dumps(measurement_view(r)) + "\n" for r in rows)
+        text = "".join(json.dumps(view) + "\n" for view in _views(rows))
         return web.Response(text=text, content_type="application/x-ndjson", headers=headers)
-    return web.json_response(
-        {"measurements": [measurement_view(r) for r in rows], "next_cursor": next_cursor}, headers=headers
-    )
+    return web.json_response({"measurements": _views(rows), "next_cursor": next_cursor}, headers=headers)
+
+
+_NUMBER = (int, float)
+
+
+def _summary_row_ok(row: tuple[Any, ...]) -> bool:
+    """(key, ok, ttft_us, tpot_us, e2e_us, output_tokens, error_type) of the types the summary computes with."""
+    for value in row[2:6]:
+        if value is not None and (type(value) not in _NUMBER or not math.isfinite(value)):
+            return False
+    return row[6] is None or isinstance(row[6], str)
 
 
 def summary_response(store: Store, params: Any) -> web.Response:
@@ -183,6 +244,9 @@ def summary_response(store: Store, params: Any) -> web.Response:
     )
     groups: dict[str, list[tuple[Any, ...]]] = {}
     for row in rows:
+        if not _summary_row_ok(row):
+            rows_mod.skipped({"seq": None}, TypeError(f"summary columns of unexpected types: {row[1:]!r}"[:200]))
+            continue
         groups.setdefault(str(row[0]), []).append(row)
     out = {}
     for name, members in sorted(groups.items()):

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from . import __version__, api
 from .fleet import Broadcaster, batch_event, fleet_rows, query_latest
 from .metrics import CONTENT_TYPE, FleetMetrics
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, with_data
-from .store import RecordRow, Store, TokenInfo
+from .store import QueryTimeout, RecordRow, Store, TokenInfo
 
 log = logging.getLogger("aggregator")
 T = TypeVar("T")
@@ -34,9 +35,33 @@ T = TypeVar("T")
 class Settings:
     host: str = "127.0.0.1"
     max_body_bytes: int = 16 * 1024**2
-    max_decompressed_bytes: int = 256 * 1024**2
+    max_decompressed_bytes: int = 64 * 1024**2
     max_metric_series: int = 10_000
     retention_s: float | None = None  # drop measurements older than this, hourly
+    max_batch_records: int = wire.MAX_BATCH_RECORDS
+    max_form_bytes: int = 4096  # POST /login: a token is a few dozen bytes
+    max_label_chars: int = 128  # a Prometheus label value longer than this is cut (and counted)
+    read_workers: int = 2  # threads serving reads, beside the one writer
+    max_pending_reads: int = 32  # reads queued or running at once; beyond: 503
+    max_query_seconds: float = 10.0  # a read running longer is interrupted: 503
+
+    @classmethod
+    def from_config(cls, config: Any) -> Settings:
+        """Settings from the aggregator's configuration (``aggregator.config.load_aggregator_config``)."""
+        server = config.values["server"]
+        return cls(
+            host=server["host"],
+            max_body_bytes=server["max_body_bytes"],
+            max_decompressed_bytes=server["max_decompressed_bytes"],
+            max_metric_series=server["max_metric_series"],
+            retention_s=config.get("storage", "retention"),
+            max_batch_records=server["max_batch_records"],
+            max_form_bytes=server["max_form_bytes"],
+            max_label_chars=server["max_label_chars"],
+            read_workers=server["read_workers"],
+            max_pending_reads=server["max_pending_reads"],
+            max_query_seconds=server["max_query_seconds"],
+        )
 
     @property
     def loopback_only(self) -> bool:
@@ -48,17 +73,36 @@ class Settings:
             return False
 
 
-class StoreRunner:
-    """Runs the blocking store on one worker thread: one writer, never on the event loop."""
+class Busy(Exception):
+    """More reads are queued than ``max_pending_reads``."""
 
-    def __init__(self, store: Store) -> None:
+
+class StoreRunner:
+    """Runs the blocking store off the event loop: ingest and token checks on one writer thread, reads on a small
+    pool of their own (each with its own connection in the store), so that no read, summary or page refresh ever
+    queues ingest behind it. Reads in flight are bounded: beyond ``max_pending`` the answer is 503 at once."""
+
+    def __init__(self, store: Store, *, read_workers: int = 2, max_pending: int = 32) -> None:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._readers = ThreadPoolExecutor(max_workers=read_workers, thread_name_prefix="store-read")
+        self.max_pending = max_pending
+        self.pending_reads = 0
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.pending_reads >= self.max_pending:
+            raise Busy(f"{self.pending_reads} reads are in flight (server.max_pending_reads); retry shortly")
+        self.pending_reads += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+        finally:
+            self.pending_reads -= 1
+
     def shutdown(self) -> None:
+        self._readers.shutdown(wait=True)
         self._executor.shutdown(wait=True)
 
 
@@ -66,6 +110,7 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", StoreRunner)
 METRICS = web.AppKey("metrics", FleetMetrics)
 EVENTS = web.AppKey("events", Broadcaster)
+DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -124,6 +169,40 @@ def _refuse(status: int, code: str, message: str, **fields: Any) -> web.Response
     return web.json_response(wire.ingest_refusal(code, message, **fields), status=status)
 
 
+class WrongDevice(Exception):
+    def __init__(self, message: str, record_index: int | None = None) -> None:
+        self.record_index = record_index
+        super().__init__(message)
+
+
+def parse_batch(
+    body: bytes, settings: Settings, subject: str, received_us: int
+) -> tuple[wire.Batch, list[RecordRow], list[dict[str, Any]]]:
+    """The batch, its rows and its records, every record checked against the schema (``wire.check_record``)
+    relative to ``received_us``. Raises WireError (naming the record and field) or WrongDevice."""
+    batch = wire.decode_batch(
+        body, max_decompressed=settings.max_decompressed_bytes, max_records=settings.max_batch_records
+    )
+    if batch.device_id != subject:
+        raise WrongDevice(f"this token belongs to device {subject!r}, the batch names {batch.device_id!r}")
+    rows = []
+    decoded: list[dict[str, Any]] = []
+    codec, loads, check = batch.codec, wire.loads, wire.check_record
+    for index, blob in enumerate(batch.records):
+        try:
+            record = loads(blob, codec)
+        except wire.WireError as exc:  # the record, not the batch: the agent quarantines just this one
+            raise wire.WireError(f"record {index}: {exc.message}", record_index=index) from None
+        check(record, index, received_us)
+        if record["device_id"] != subject:
+            raise WrongDevice(
+                f"record {index} names device {record['device_id']!r}; this token belongs to {subject!r}", index
+            )
+        rows.append(_row(record, codec, blob))
+        decoded.append(record)
+    return batch, rows, decoded
+
+
 async def ingest(request: web.Request) -> web.Response:
     app = request.app
     started = time.perf_counter()
@@ -148,31 +227,18 @@ async def ingest(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         _reject(app, "too_large")
         return _refuse(413, "too_large", f"body exceeds the limit of {limit} bytes", limit=limit)
+    received_us = _now_us()
     try:
-        batch = wire.decode_batch(body, max_decompressed=settings.max_decompressed_bytes)
-        if batch.device_id != token.subject:
-            _reject(app, "wrong_device")
-            return _refuse(
-                403,
-                "wrong_device",
-                f"this token belongs to device {token.subject!r}, the batch names {batch.device_id!r}",
-                token_device_id=token.subject,
-            )
-        rows = []
-        decoded: list[dict[str, Any]] = []
-        for index, blob in enumerate(batch.records):
-            record = wire.validate_record(wire.loads(blob, batch.codec), index)
-            if record["device_id"] != token.subject:
-                _reject(app, "wrong_device")
-                return _refuse(
-                    403,
-                    "wrong_device",
-                    f"record {index} names device {record['device_id']!r}; this token belongs to {token.subject!r}",
-                    token_device_id=token.subject,
-                    record_index=index,
-                )
-            rows.append(_row(record, batch.codec, blob))
-            decoded.append(record)
+        # decompress, decode and check off the event loop: health and reads stay responsive during any batch
+        batch, rows, decoded = await asyncio.get_running_loop().run_in_executor(
+            app[DECODERS], parse_batch, body, settings, token.subject, received_us
+        )
+    except WrongDevice as exc:
+        _reject(app, "wrong_device")
+        fields: dict[str, Any] = {"token_device_id": token.subject}
+        if exc.record_index is not None:
+            fields["record_index"] = exc.record_index
+        return _refuse(403, "wrong_device", str(exc), **fields)
     except wire.WireError as exc:
         reason = {400: "malformed", 413: "too_large", 415: "unsupported"}.get(exc.status, "malformed")
         _reject(app, reason)
@@ -188,7 +254,7 @@ async def ingest(request: web.Request) -> web.Response:
         return _refuse(400, "batch_invalid", exc.message)
     runner = app[STORE]
     result = await runner.call(
-        runner.store.ingest, batch.device_id, batch.batch_id, batch.sent_us, batch.counters, rows, _now_us()
+        runner.store.ingest, batch.device_id, batch.batch_id, batch.sent_us, batch.counters, rows, received_us
     )
     metrics = app[METRICS]
     metrics.batches.inc()
@@ -276,9 +342,19 @@ async def login_page(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
-    """Checks a read token from the form and keeps it in an HttpOnly cookie; the page then works as on loopback."""
-    form = await request.post()
-    token = str(form.get("token") or "").strip()
+    """Checks a read token from the form and keeps it in an HttpOnly cookie; the page then works as on loopback.
+    The form is read up to ``max_form_bytes`` and no further: an unauthenticated body is never held whole."""
+    limit = request.app[SETTINGS].max_form_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"form body of {request.content_length} bytes exceeds the limit of {limit}", limit=limit)
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        return _error(413, f"form body exceeds the limit of {limit} bytes", limit=limit)
+    try:
+        form = urllib.parse.parse_qs(raw.decode("utf-8"), max_num_fields=8)
+    except (UnicodeDecodeError, ValueError):
+        return _error(400, "the form must be application/x-www-form-urlencoded UTF-8 with a field 'token'")
+    token = (form.get("token") or [""])[0].strip()
     runner = request.app[STORE]
     info = await runner.call(runner.store.authenticate, token, _now_us()) if token else None
     if info is None or info.kind != "read":
@@ -307,9 +383,22 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def _read(request: web.Request, build: Any) -> web.Response:
     runner = request.app[STORE]
     try:
-        return await runner.call(build, runner.store, request.rel_url.query)
+        return await runner.read(build, runner.store, request.rel_url.query)
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
+
+
+def _unavailable(exc: Exception) -> web.Response:
+    return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": "5"})
+
+
+@web.middleware
+async def read_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A read that would wait behind too many others, or ran past the query bound, is a 503 naming why."""
+    try:
+        return await handler(request)
+    except (Busy, QueryTimeout) as exc:
+        return _unavailable(exc)
 
 
 @read_endpoint
@@ -325,7 +414,7 @@ async def summary(request: web.Request) -> web.Response:
 @read_endpoint
 async def fleet(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    rows = await runner.call(fleet_rows, runner.store, time.time())
+    rows = await runner.read(fleet_rows, runner.store, time.time())
     return web.json_response({"devices": rows})
 
 
@@ -337,38 +426,47 @@ async def stream(request: web.Request) -> web.StreamResponse:
 @read_endpoint
 async def page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    data = {"devices": await runner.call(fleet_rows, runner.store, time.time())}
-    return web.Response(text=with_data(FLEET_PAGE, data), content_type="text/html")
+
+    def build(store: Store, now: float) -> str:
+        return with_data(FLEET_PAGE, {"devices": fleet_rows(store, now)})
+
+    return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
 
 
 @read_endpoint
 async def device_page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    rows = await runner.call(query_latest, runner.store, request.match_info["device_id"], 1000)
-    data = {"measurements": rows}
-    return web.Response(text=with_data(DEVICE_PAGE, data), content_type="text/html")
+
+    def build(store: Store, device: str) -> str:
+        return with_data(DEVICE_PAGE, {"measurements": query_latest(store, device, 1000)})
+
+    text = await runner.read(build, runner.store, request.match_info["device_id"])
+    return web.Response(text=text, content_type="text/html")
 
 
 @read_endpoint
 async def devices(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    rows = await runner.call(runner.store.devices)
+    rows = await runner.read(runner.store.devices)
     return web.json_response({"devices": rows}, dumps=json.dumps)
 
 
 def create_app(settings: Settings, store: Store) -> web.Application:
     # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.
-    app = web.Application(client_max_size=settings.max_body_bytes + 1)
+    app = web.Application(client_max_size=settings.max_body_bytes + 1, middlewares=[read_limits])
     app[SETTINGS] = settings
-    fleet_metrics = FleetMetrics(settings.max_metric_series)
+    if hasattr(store, "max_query_seconds"):
+        store.max_query_seconds = settings.max_query_seconds
+    fleet_metrics = FleetMetrics(settings.max_metric_series, max_label_chars=settings.max_label_chars)
     app[METRICS] = fleet_metrics
     app[EVENTS] = Broadcaster()
+    app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
 
     async def end_streams(app: web.Application) -> None:
         app[EVENTS].close()
 
     app.on_shutdown.append(end_streams)
-    runner = StoreRunner(store)
+    runner = StoreRunner(store, read_workers=settings.read_workers, max_pending=settings.max_pending_reads)
     app[STORE] = runner
     app.router.add_post("/api/v1/ingest", ingest)
     app.router.add_get("/api/v1/health", health)
@@ -402,6 +500,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         pruner = asyncio.create_task(retention())
         yield
         pruner.cancel()
+        app[DECODERS].shutdown(wait=True)
         runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, store.close)
 

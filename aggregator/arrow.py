@@ -10,7 +10,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from agent import wire
+from .rows import DECODE_ERRORS, decode_wire, skipped
 
 
 class ArrowUnavailable(Exception):
@@ -62,37 +62,70 @@ def table(rows: Sequence[dict[str, Any]]) -> Any:
     from .metrics import provider_of
 
     pa = _pyarrow()
-    columns: dict[str, list[Any]] = {name: [] for name in schema().names}
+    names = schema().names
+    columns: dict[str, list[Any]] = {name: [] for name in names}
     for row in rows:
-        record = wire.loads(bytes(row["body"]), row["codec"])
-        e2e = record.get("e2e_us")
-        n_out = record.get("output_tokens")
-        columns["measurement_id"].append(bytes(row["id"]).hex())
-        columns["timestamp"].append(record["started_us"] // 1000)
-        columns["model_name"].append(record.get("model_name") or "unknown")
-        columns["provider"].append(provider_of(record))
-        columns["endpoint"].append(record.get("engine") or "")
-        for name, key in (
-            ("ttft_ms", "ttft_us"),
-            ("tpot_ms", "tpot_us"),
-            ("e2e_latency_ms", "e2e_us"),
-            ("prefill_ms", "prefill_us"),
-            ("decode_ms", "decode_us"),
-        ):
-            value = record.get(key)
-            columns[name].append(None if value is None else value / 1000.0)
-        columns["input_tokens"].append(record.get("input_tokens"))
-        columns["output_tokens"].append(n_out)
-        columns["tokens_per_second"].append(n_out / (e2e / 1e6) if e2e and n_out else None)
-        columns["gpu_utilization_percent"].append(None)
-        columns["memory_utilization_percent"].append(None)
-        columns["kv_cache_utilization_percent"].append(None)
-        columns["error_occurred"].append(not record.get("ok"))
-        columns["error_type"].append(record.get("error_type"))
-        columns["device_id"].append(record["device_id"])
-        columns["strategy"].append(record.get("strategy"))
-        columns["received_at"].append(row["received_us"])
+        record = decode_wire(row)
+        if record is None:
+            continue
+        try:
+            values = _values(row, record, provider_of(record))
+        except DECODE_ERRORS as exc:
+            skipped(row, exc)
+            continue
+        for name, value in zip(names, values, strict=True):
+            columns[name].append(value)
     return pa.Table.from_pydict(columns, schema=schema())
+
+
+_DURATIONS = ("ttft_us", "tpot_us", "e2e_us", "prefill_us", "decode_us")
+
+
+def _count(value: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value < 2**32:
+        raise TypeError(f"a token count must be an integer from 0 to 2^32 - 1, not {value!r}"[:120])
+    return value
+
+
+def _text(value: Any) -> str | None:
+    if value is not None and type(value) is not str:
+        raise TypeError(f"expected a string, not {type(value).__name__}")
+    return value
+
+
+def _values(row: dict[str, Any], record: dict[str, Any], provider: str) -> list[Any]:
+    """One row of the export, in ``schema()`` order; TypeError for a stored record it cannot hold."""
+    durations = []
+    for key in _DURATIONS:
+        value = record.get(key)
+        if value is not None and type(value) is not int:
+            raise TypeError(f"{key} must be an integer, not {type(value).__name__}")
+        durations.append(None if value is None else value / 1000.0)
+    e2e, n_out = record.get("e2e_us"), _count(record.get("output_tokens"))
+    started = record["started_us"]
+    if type(started) is not int or not 0 <= started < 2**62:
+        raise TypeError(f"started_us must be a time in range, not {started!r}"[:120])
+    return [
+        bytes(row["id"]).hex(),
+        started // 1000,
+        _text(record.get("model_name")) or "unknown",
+        provider,
+        _text(record.get("engine")) or "",
+        *durations,
+        _count(record.get("input_tokens")),
+        n_out,
+        n_out / (e2e / 1e6) if e2e and n_out else None,
+        None,
+        None,
+        None,
+        not record.get("ok"),
+        _text(record.get("error_type")),
+        _text(record["device_id"]),
+        _text(record.get("strategy")),
+        row["received_us"],
+    ]
 
 
 def arrow_ipc(rows: Sequence[dict[str, Any]]) -> bytes:

@@ -28,13 +28,19 @@ SCHEMA: Schema = {
         "tls_cert": KeySpec(optional(path_value), const(None), "certificate chain (PEM) to serve HTTPS"),
         "tls_key": KeySpec(optional(path_value), const(None), "private key (PEM) for tls_cert"),
         "max_body_bytes": KeySpec(parse_size, const(16 * 1024**2), "compressed batch size accepted"),
-        "max_decompressed_bytes": KeySpec(parse_size, const(256 * 1024**2), "decompressed batch size accepted"),
+        "max_decompressed_bytes": KeySpec(parse_size, const(64 * 1024**2), "decompressed batch size accepted"),
         "max_metric_series": KeySpec(
             int_range(1),
             const(10_000),
             "distinct (device, model, provider, strategy) "
             'label sets on /metrics; beyond it records count under device="other"',
         ),
+        "max_batch_records": KeySpec(int_range(1, 1_000_000), const(10_000), "records per batch accepted"),
+        "max_label_chars": KeySpec(int_range(8, 4096), const(128), "Prometheus label values are cut (and counted)"),
+        "max_form_bytes": KeySpec(int_range(256, 1024**2), const(4096), "POST /login body accepted"),
+        "read_workers": KeySpec(int_range(1, 64), const(2), "threads serving reads, beside the one writer"),
+        "max_pending_reads": KeySpec(int_range(1, 10_000), const(32), "reads in flight; beyond: 503"),
+        "max_query_seconds": KeySpec(parse_duration, const(10.0), "a read running longer is interrupted (503)"),
     },
     "storage": {
         "db": KeySpec(text, const("/var/lib/lens-aggregator/aggregator.db"), "SQLite path or postgresql:// URL"),

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import time
 from typing import Any
 
 from aiohttp import web
 
-from agent import wire
-
+from .rows import decode_measurement
 from .store import Query, Store
 
 LATE_S = 15 * 60
@@ -24,15 +24,18 @@ def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any
     rows = []
     for device in store.devices():
         latest = query_latest(store, device["device_id"], recent)
-        ttfts = sorted(r["ttft_ms"] for r in latest if r.get("ttft_ms") is not None)
+        ttfts: list[float] = sorted(r["ttft_ms"] for r in latest if _finite(r.get("ttft_ms")))
         rates = [
-            r["output_tokens"] / (r["e2e_ms"] / 1000) for r in latest if r.get("e2e_ms") and r.get("output_tokens")
+            r["output_tokens"] / (r["e2e_ms"] / 1000)
+            for r in latest
+            if _finite(r.get("e2e_ms")) and r["e2e_ms"] > 0 and _finite(r.get("output_tokens")) and r["output_tokens"]
         ]
         joules = [
-            r["ext"]["energy"]["j_per_output_token"]
+            energy["j_per_output_token"]
             for r in latest
-            if isinstance(r.get("ext", {}).get("energy"), dict)
-            and r["ext"]["energy"].get("j_per_output_token") is not None
+            if isinstance(ext := r.get("ext"), dict)
+            and isinstance(energy := ext.get("energy"), dict)
+            and _finite(energy.get("j_per_output_token"))
         ]
         age = now - device["last_seen_us"] / 1e6
         rows.append(
@@ -41,7 +44,7 @@ def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any
                 "last_seen_us": device["last_seen_us"],
                 "last_seen_age_s": round(age, 1),
                 "sync_health": "ok" if age < LATE_S else "late" if age < SILENT_S else "silent",
-                "model": latest[-1]["model_name"] if latest else None,
+                "model": latest[-1].get("model_name") if latest else None,
                 "ttft_p95_ms": _p95(ttfts),
                 "tokens_per_second": statistics.fmean(rates) if rates else None,
                 "j_per_output_token": statistics.fmean(joules) if joules else None,
@@ -53,6 +56,11 @@ def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any
     return rows
 
 
+def _finite(value: Any) -> bool:
+    """A number the page can show (a stored row of an older version may hold anything)."""
+    return type(value) in (int, float) and math.isfinite(value)
+
+
 def _p95(values: list[float]) -> float | None:
     if not values:
         return None
@@ -62,10 +70,12 @@ def _p95(values: list[float]) -> float | None:
 
 
 def query_latest(store: Store, device: str, limit: int) -> list[dict[str, Any]]:
-    """The device's latest ``limit`` inference records, decoded, oldest first."""
+    """The device's latest ``limit`` inference records, decoded, oldest first (rows that do not decode are skipped
+    and counted, see :mod:`aggregator.rows`)."""
     last = store.max_seq(device, "inference")
     rows = store.query(Query(device=device, kind="inference"), limit=20 * limit, after_seq=max(0, last - 20 * limit))
-    return [wire.from_wire(wire.loads(bytes(r["body"]), r["codec"])) for r in rows[-limit:]]
+    decoded = (decode_measurement(r) for r in rows[-limit:])
+    return [record for record in decoded if record is not None]
 
 
 class Broadcaster:

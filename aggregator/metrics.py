@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "llm_latency_lens"
@@ -33,10 +34,24 @@ def provider_of(record: dict[str, Any]) -> str:
     return "local"
 
 
+class _ReadSkips:
+    """``llm_latency_lens_read_undecodable_rows_total``: stored rows reads skipped because they do not decode."""
+
+    def collect(self) -> Iterable[Any]:
+        from .rows import UNDECODABLE
+
+        family = CounterMetricFamily(
+            f"{PREFIX}_read_undecodable_rows", "Stored rows a read skipped because they do not decode"
+        )
+        family.add_metric([], UNDECODABLE.total)
+        yield family
+
+
 class FleetMetrics:
-    def __init__(self, max_series: int = 10_000) -> None:
+    def __init__(self, max_series: int = 10_000, *, max_label_chars: int = 128) -> None:
         self.registry = CollectorRegistry()
         self.max_series = max_series
+        self.max_label_chars = max_label_chars
         self._series: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
         r = self.registry
@@ -121,9 +136,24 @@ class FleetMetrics:
             'Records counted under device="other" because the label bound was reached',
             registry=r,
         )
+        self.truncated = Counter(
+            f"{PREFIX}_metric_labels_truncated",
+            "Label values cut to the label length bound (server.max_label_chars)",
+            registry=r,
+        )
+        r.register(_ReadSkips())
+
+    def _cut(self, value: str) -> str:
+        """A label value within ``max_label_chars`` (cut, and counted, when longer)."""
+        if len(value) <= self.max_label_chars:
+            return value
+        self.truncated.inc()
+        return value[: self.max_label_chars - 1] + "…"
 
     def _labels(self, labels: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
-        """The labels to use: these, or device="other" once ``max_series`` sets are tracked."""
+        """The labels to use: these (each cut to ``max_label_chars``), or device="other" once ``max_series`` sets
+        are tracked."""
+        labels = (self._cut(labels[0]), self._cut(labels[1]), self._cut(labels[2]), self._cut(labels[3]))
         with self._lock:
             if labels not in self._series:
                 if len(self._series) >= self.max_series:
@@ -151,7 +181,7 @@ class FleetMetrics:
             last_ok = None
             for record in group:
                 if not record.get("ok"):
-                    self.failed.labels(*labels, str(record.get("error_type") or "unknown")).inc()
+                    self.failed.labels(*labels, self._cut(str(record.get("error_type") or "unknown"))).inc()
                     continue
                 last_ok = record
                 if (value := record.get("ttft_us")) is not None:
@@ -173,6 +203,7 @@ class FleetMetrics:
                 self.acceptance.labels(*labels).set(collab["acceptance_rate"])
 
     def device(self, device: str, counters: dict[str, int], seen_unix: float) -> None:
+        device = self._cut(device)
         self.last_seen.labels(device).set(seen_unix)
         if "dropped_total" in counters:
             self.dropped.labels(device).set(counters["dropped_total"])

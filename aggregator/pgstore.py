@@ -15,15 +15,19 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from agent.record_schema import MAX_FUTURE_US, MIN_STARTED_US
+
 from .store import (
     QUERY_COLUMNS,
     IngestResult,
     Query,
+    QueryTimeout,
     RecordRow,
     Store,
     TokenInfo,
     device_row,
     hash_token,
+    is_token_id,
     new_token,
 )
 
@@ -78,13 +82,18 @@ def _month_bounds(us: int) -> tuple[int, int, str]:
 class PostgresStore(Store):
     """One connection per aggregator process, used from the store thread."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, max_query_seconds: float = 10.0) -> None:
         import psycopg
 
         self.url = url
+        self.max_query_seconds = max_query_seconds
         self._psycopg = psycopg
         self._lock = threading.Lock()
         self._conn = psycopg.connect(url, autocommit=False)
+        # reads have a connection of their own (they never queue behind ingest), bounded in time by the server
+        self._read_lock = threading.Lock()
+        self._read_timeout_ms = max(1, int(max_query_seconds * 1000))
+        self._read_conn = psycopg.connect(url, autocommit=True, options=f"-c statement_timeout={self._read_timeout_ms}")
         self._partitions: set[str] = set()
         self._migrate()
 
@@ -113,8 +122,12 @@ class PostgresStore(Store):
             row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row else 0
 
-    def _ensure_partitions(self, started: Sequence[int]) -> None:
-        wanted = {_month_bounds(us) for us in started if us >= 0}
+    def _ensure_partitions(self, started: Sequence[int], received_us: int) -> None:
+        """Monthly partitions for these start times, only inside the accepted window (2020-01-01 … one day after
+        receipt, as the record schema enforces): a start outside it goes to the default partition, never to a new
+        table."""
+        low, high = MIN_STARTED_US, received_us + MAX_FUTURE_US
+        wanted = {_month_bounds(us) for us in started if low <= us <= high}
         missing = [b for b in wanted if b[2] not in self._partitions]
         if not missing:
             return
@@ -147,7 +160,7 @@ class PostgresStore(Store):
         received_us: int,
     ) -> IngestResult:
         with self._lock:
-            self._ensure_partitions([r.started_us for r in rows])
+            self._ensure_partitions([r.started_us for r in rows], received_us)
             with self._conn.transaction():
                 cur = self._conn.cursor()
                 fresh: set[bytes] = set()
@@ -192,6 +205,19 @@ class PostgresStore(Store):
         with self._lock, self._conn.transaction():
             return list(self._conn.execute(sql, params).fetchall())
 
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read on the read connection: never behind the writer; cancelled by the server after
+        ``max_query_seconds`` (QueryTimeout)."""
+        with self._read_lock:
+            timeout_ms = max(1, int(self.max_query_seconds * 1000))
+            if timeout_ms != self._read_timeout_ms:
+                self._read_conn.execute(f"SET statement_timeout = {timeout_ms}")
+                self._read_timeout_ms = timeout_ms
+            try:
+                return list(self._read_conn.execute(sql, params).fetchall())
+            except self._psycopg.errors.QueryCanceled:
+                raise QueryTimeout(self.max_query_seconds) from None
+
     def devices(self) -> list[dict[str, Any]]:
         names = (
             "device_id",
@@ -205,17 +231,17 @@ class PostgresStore(Store):
             "last_sent_us",
             "backlog",
         )
-        rows = self._rows(f"SELECT {', '.join(names)} FROM devices ORDER BY device_id")
+        rows = self._read(f"SELECT {', '.join(names)} FROM devices ORDER BY device_id")
         return [dict(zip(names, row, strict=True)) for row in rows]
 
     def record_count(self) -> int:
-        return int(self._rows("SELECT COUNT(*) FROM measurements")[0][0])
+        return int(self._read("SELECT COUNT(*) FROM measurements")[0][0])
 
     def record_ids(self) -> list[bytes]:
-        return [bytes(r[0]) for r in self._rows("SELECT id FROM measurements")]
+        return [bytes(r[0]) for r in self._read("SELECT id FROM measurements")]
 
     def record_body(self, record_id: bytes) -> tuple[str, bytes, int] | None:
-        rows = self._rows("SELECT codec, body, received_us FROM measurements WHERE id = %s", (record_id,))
+        rows = self._read("SELECT codec, body, received_us FROM measurements WHERE id = %s", (record_id,))
         return None if not rows else (str(rows[0][0]), bytes(rows[0][1]), int(rows[0][2]))
 
     def query(self, query: Query, *, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
@@ -224,15 +250,15 @@ class PostgresStore(Store):
             f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where.replace('?', '%s')} AND seq > %s "
             "ORDER BY seq LIMIT %s"
         )
-        rows = self._rows(sql, [*params, after_seq, limit])
+        rows = self._read(sql, [*params, after_seq, limit])
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
 
     def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         where, params = query.where()
-        return self._rows(f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')}", params)
+        return self._read(f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')}", params)
 
     def max_seq(self, device: str, kind: str) -> int:
-        rows = self._rows("SELECT MAX(seq) FROM measurements WHERE device_id = %s AND kind = %s", (device, kind))
+        rows = self._read("SELECT MAX(seq) FROM measurements WHERE device_id = %s AND kind = %s", (device, kind))
         return int(rows[0][0] or 0)
 
     def drop_before(self, cutoff_us: int) -> int:
@@ -290,11 +316,13 @@ class PostgresStore(Store):
         return [TokenInfo(r[0][:12], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def revoke(self, selector: str, now_us: int) -> int:
+        """Every live token of a subject (exactly), or one token by its 12-hex-digit id (exactly)."""
+        token_id = selector if is_token_id(selector) else None
         with self._lock, self._conn.transaction():
             cur = self._conn.execute(
                 "UPDATE tokens SET revoked_us = %s WHERE revoked_us IS NULL AND (subject = %s OR "
-                "(length(%s) >= 8 AND token_hash LIKE %s || '%%'))",
-                (now_us, selector, selector, selector),
+                "(%s::text IS NOT NULL AND substr(token_hash, 1, 12) = %s))",
+                (now_us, selector, token_id, token_id),
             )
             return int(cur.rowcount)
 
@@ -313,5 +341,6 @@ class PostgresStore(Store):
         return token
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._read_conn.close()
             self._conn.close()

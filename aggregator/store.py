@@ -15,6 +15,7 @@ import hashlib
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,22 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+TOKEN_ID_CHARS = 12
+
+
+def is_token_id(selector: str) -> bool:
+    """A token id as ``token list`` shows it: exactly 12 lowercase hex digits."""
+    return len(selector) == TOKEN_ID_CHARS and all(c in "0123456789abcdef" for c in selector)
+
+
+class QueryTimeout(Exception):
+    """A read ran past the store's bound on query time (``server.max_query_seconds``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        super().__init__(f"the query ran longer than {seconds:g} s; narrow it (device, since, until, limit)")
+
+
 @dataclass(frozen=True)
 class Query:
     """Filters of the read API; ``None`` means no filter."""
@@ -131,6 +148,18 @@ class Query:
         return (" AND ".join(clauses) or "TRUE"), params
 
 
+DEVICE_COLUMNS = (
+    "device_id",
+    "first_seen_us",
+    "last_seen_us",
+    "records",
+    "duplicates",
+    "dropped_total",
+    "quarantined_total",
+    "last_batch_id",
+    "last_sent_us",
+    "backlog",
+)
 QUERY_COLUMNS = (
     "seq",
     "id",
@@ -275,9 +304,12 @@ _INSERT = (
 class SQLiteStore(Store):
     """The embedded store. One connection, serialised by a lock; WAL so readers never wait for the writer."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL", max_query_seconds: float = 10.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.max_query_seconds = max_query_seconds
+        self._local = threading.local()  # each reading thread has its own connection: a WAL reader
+        self._readers: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -299,6 +331,33 @@ class SQLiteStore(Store):
     def schema_version(self) -> int:
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return int(row[0])
+
+    # -- read connections --------------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA query_only=1")
+            conn.execute("PRAGMA cache_size=-16384")
+            with self._lock:
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Rows of a read on this thread's own connection: it never waits for the writer (WAL) and never makes the
+        writer wait; it is interrupted after ``max_query_seconds`` (QueryTimeout)."""
+        conn = self._reader()
+        deadline = time.monotonic() + self.max_query_seconds
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "interrupted" in str(exc):
+                raise QueryTimeout(self.max_query_seconds) from None
+            raise
+        finally:
+            conn.set_progress_handler(None, 0)
 
     # -- ingest ------------------------------------------------------------------------------------------
     def ingest(
@@ -357,28 +416,19 @@ class SQLiteStore(Store):
 
     # -- reads -------------------------------------------------------------------------------------------
     def devices(self) -> list[dict[str, Any]]:
-        with self._lock:
-            cursor = self._conn.execute(
-                "SELECT device_id, first_seen_us, last_seen_us, records, duplicates, dropped_total, "
-                "quarantined_total, last_batch_id, last_sent_us, backlog FROM devices ORDER BY device_id"
-            )
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        names = DEVICE_COLUMNS
+        rows = self._read(f"SELECT {', '.join(names)} FROM devices ORDER BY device_id")
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
     def record_count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM measurements")[0][0])
 
     def record_ids(self) -> list[bytes]:
-        with self._lock:
-            return [bytes(r[0]) for r in self._conn.execute("SELECT id FROM measurements")]
+        return [bytes(r[0]) for r in self._read("SELECT id FROM measurements")]
 
     def record_body(self, record_id: bytes) -> tuple[str, bytes, int] | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT codec, body, received_us FROM measurements WHERE id = ?", (record_id,)
-            ).fetchone()
-        return None if row is None else (str(row[0]), bytes(row[1]), int(row[2]))
+        rows = self._read("SELECT codec, body, received_us FROM measurements WHERE id = ?", (record_id,))
+        return None if not rows else (str(rows[0][0]), bytes(rows[0][1]), int(rows[0][2]))
 
     # -- tokens ------------------------------------------------------------------------------------------
     def authenticate(self, token: str, now_us: int) -> TokenInfo | None:
@@ -414,12 +464,14 @@ class SQLiteStore(Store):
         return [TokenInfo(r[0][:12], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def revoke(self, selector: str, now_us: int) -> int:
-        """Revoke every live token of a subject (device id or read-token name), or one token by its id prefix."""
+        """Revoke every live token of a subject (device id or read-token name, exactly), or one token by its id
+        (the 12 hex digits ``token list`` shows, exactly): no pattern matching."""
+        token_id = selector if is_token_id(selector) else None
         with self._lock:
             cursor = self._conn.execute(
                 "UPDATE tokens SET revoked_us = ? WHERE revoked_us IS NULL AND (subject = ? OR "
-                "(length(?) >= 8 AND token_hash LIKE ? || '%'))",
-                (now_us, selector, selector, selector),
+                "(? IS NOT NULL AND substr(token_hash, 1, 12) = ?))",
+                (now_us, selector, token_id, token_id),
             )
             return int(cursor.rowcount)
 
@@ -443,24 +495,19 @@ class SQLiteStore(Store):
 
     def query(self, query: Query, *, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
         where, params = query.where()
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
-                [*params, after_seq, limit],
-            ).fetchall()
+        rows = self._read(
+            f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where} AND seq > ? ORDER BY seq LIMIT ?",
+            [*params, after_seq, limit],
+        )
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
 
     def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         where, params = query.where()
-        with self._lock:
-            return self._conn.execute(f"SELECT {', '.join(columns)} FROM measurements WHERE {where}", params).fetchall()
+        return self._read(f"SELECT {', '.join(columns)} FROM measurements WHERE {where}", params)
 
     def max_seq(self, device: str, kind: str) -> int:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT MAX(seq) FROM measurements WHERE device_id = ? AND kind = ?", (device, kind)
-            ).fetchone()
-        return int(row[0] or 0)
+        rows = self._read("SELECT MAX(seq) FROM measurements WHERE device_id = ? AND kind = ?", (device, kind))
+        return int(rows[0][0] or 0)
 
     def drop_before(self, cutoff_us: int) -> int:
         with self._lock:
@@ -468,4 +515,7 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         with self._lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self._conn.close()

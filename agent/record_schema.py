@@ -1,0 +1,328 @@
+"""The strict record schema: what the aggregator stores, so that every read path can serve what it stored.
+
+:func:`agent.wire.validate_record` is the structural check both sides share (required fields, column types); the
+agent uses it to screen out rows it cannot decode. :func:`check_record` adds everything a read path, an export, a
+page or ``/metrics`` relies on, relative to the receiver's clock: exact types of every known field, finite
+numbers, the time window, bounded durations, counts, strings, byte strings and the packed gaps' header, and
+``ext`` (and any unknown top-level field) restricted to a bounded JSON-compatible subset. Decoding itself is
+bounded in :mod:`agent.wire` (no CBOR tags, no msgpack extension types, nesting and lengths capped), so a record
+that reaches this check is already a plain tree of ``dict``/``list``/``str``/``bytes``/``int``/``float``/``bool``/
+``None``.
+
+Every refusal names the record (index and id) and the field, the value's problem and what is allowed. The limits
+are documented in docs/wire-format.md ("Record schema and limits").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any
+
+from .itlpack import _MAX_K, PACK_VERSION
+
+RECORD_VERSION = 1
+MIN_STARTED_US = 1_577_836_800_000_000  # 2020-01-01T00:00:00Z
+MAX_FUTURE_US = 86_400_000_000  # started_us at most one day after the aggregator received it
+MAX_DURATION_US = 86_400_000_000  # one day: any *_us duration
+MAX_COUNT = 2**31 - 1  # token counts, indices (a PostgreSQL integer; an Arrow uint32)
+MAX_AMOUNT = 2**53  # bytes of memory and other amounts (exact in a JSON double)
+MAX_INT64 = 2**63 - 1  # any other integer: a 64-bit signed integer
+MAX_NAME_CHARS = 256  # identifiers and labels: device_id, run_id, kind, model_name, strategy, engine, …
+MAX_MESSAGE_CHARS = 4096  # error_message, and any string inside ext
+MAX_TEXT_CHARS = 262_144  # prompt_text, output_text (only sent with sync.include_text)
+MAX_GAPS = 262_144  # inter-token gaps in itl_us
+MAX_ITL_BYTES = 1_048_576  # packed gaps
+MAX_RECORD_BYTES = 2 * 1_048_576  # one encoded record
+MAX_EXT_DEPTH = 8  # nesting inside ext (ext itself is depth 1)
+MAX_EXT_NODES = 4096  # values inside ext and unknown top-level fields, together
+MAX_KEY_CHARS = 128  # a key inside ext
+MAX_FIELDS = 128  # top-level fields of a record
+MAX_DECODE_DEPTH = MAX_EXT_DEPTH + 4  # the decoders refuse deeper nesting before building it
+
+_INT, _STR, _BYTES, _BOOL, _NONE, _DICT = int, str, bytes, bool, type(None), dict
+
+
+class SchemaError(ValueError):
+    """A record outside the schema: ``field`` names the offending field (dotted inside ext)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"field {field!r} {problem}")
+
+
+# name → (kind, types allowed, low, high) for every field the agent writes. Kinds: range checks for "int"-like,
+# length checks for "str"/"bytes", "json" for ext.
+_DURATIONS = (
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "prefill_us",
+    "decode_us",
+    "engine_prefill_us",
+    "engine_decode_us",
+)
+_COUNTS = ("input_tokens", "output_tokens", "engine_prefill_tokens", "engine_decode_tokens", "prompt_index")
+_AMOUNTS = ("rss_before_bytes", "rss_peak_bytes")
+_NAMES = (
+    "device_id",
+    "run_id",
+    "kind",
+    "model_name",
+    "strategy",
+    "engine",
+    "error_type",
+    "stop_reason",
+    "rss_peak_source",
+    "prompt_id",
+)
+_REQUIRED_NAMES = ("device_id", "run_id", "kind")
+_MESSAGES = ("error_message",)
+_TEXTS = ("prompt_text", "output_text")
+_DIGESTS = ("model_sha256", "prompt_sha256")
+_FLAGS = ("warmup", "first_after_load")
+
+INT_RANGES: dict[str, tuple[int, int]] = {
+    **{name: (0, MAX_DURATION_US) for name in _DURATIONS},
+    **{name: (0, MAX_COUNT) for name in _COUNTS},
+    **{name: (0, MAX_AMOUNT) for name in _AMOUNTS},
+}
+STR_LIMITS: dict[str, int] = {
+    **{name: MAX_NAME_CHARS for name in _NAMES},
+    **{name: MAX_MESSAGE_CHARS for name in _MESSAGES},
+    **{name: MAX_TEXT_CHARS for name in _TEXTS},
+}
+KNOWN_FIELDS = frozenset({"v", "id", "started_us", "ok", "itl_us", "ext", *INT_RANGES, *STR_LIMITS, *_DIGESTS, *_FLAGS})
+
+
+def _allowed(name: str) -> str:
+    """What the schema allows for a known field, in words."""
+    if name in INT_RANGES:
+        low, high = INT_RANGES[name]
+        return f"an integer from {low} to {high} or null"
+    if name in STR_LIMITS:
+        required = name in _REQUIRED_NAMES
+        return f"a string of at most {STR_LIMITS[name]} characters" + ("" if required else " or null")
+    if name in _DIGESTS:
+        return "32 bytes (a sha256 digest) or null"
+    if name in _FLAGS:
+        return "a boolean or null"
+    return {
+        "v": f"the integer {RECORD_VERSION}",
+        "id": "16 bytes",
+        "started_us": "an integer (Unix microseconds)",
+        "ok": "a boolean",
+        "itl_us": f"packed gaps: bytes (at most {MAX_ITL_BYTES}) or null",
+        "ext": "a map with string keys",
+    }[name]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value!r}"[:40]
+    if isinstance(value, (str, bytes, list, dict)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return type(value).__name__
+
+
+def _type_ok(name: str, kind: type) -> bool:
+    if name in INT_RANGES:
+        return kind is _INT or kind is _NONE
+    if name in STR_LIMITS:
+        return kind is _STR or (kind is _NONE and name not in _REQUIRED_NAMES)
+    if name in _DIGESTS:
+        return kind is _BYTES or kind is _NONE
+    if name in _FLAGS:
+        return kind is _BOOL or kind is _NONE
+    if name == "itl_us":
+        return kind is _BYTES or kind is _NONE
+    if name == "ext":
+        return kind is _DICT
+    return {"v": _INT, "id": _BYTES, "started_us": _INT, "ok": _BOOL}[name] is kind
+
+
+def _getter(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    if len(names) == 1:
+        name = names[0]
+        return lambda record: (record[name],)
+    return itemgetter(*names)
+
+
+class _Plan:
+    """The checks for one record shape (its keys and their value types), compiled once and reused: records of
+    one agent share a handful of shapes, so the type checks cost one tuple hash per record."""
+
+    __slots__ = ("digests", "int_groups", "itl", "json_fields", "str_groups")
+
+    def __init__(self, keys: tuple[str, ...], types: tuple[type, ...]) -> None:
+        ints: dict[tuple[int, int], list[str]] = {}
+        strs: dict[int, list[str]] = {}
+        self.digests: Callable[[dict[str, Any]], tuple[Any, ...]] | None = None
+        self.itl = False
+        self.json_fields: list[str] = []
+        digests: list[str] = []
+        for name, kind in zip(keys, types, strict=True):
+            if name not in KNOWN_FIELDS:
+                self.json_fields.append(name)
+                continue
+            if not _type_ok(name, kind):
+                raise SchemaError(name, f"must be {_allowed(name)}, not {'null' if kind is _NONE else kind.__name__}")
+            if kind is _NONE:
+                continue
+            if name in INT_RANGES:
+                ints.setdefault(INT_RANGES[name], []).append(name)
+            elif name in STR_LIMITS:
+                strs.setdefault(STR_LIMITS[name], []).append(name)
+            elif name in _DIGESTS:
+                digests.append(name)
+            elif name == "itl_us":
+                self.itl = True
+            elif name == "ext":
+                self.json_fields.append(name)
+        self.int_groups = [(_getter(names), names, low, high) for (low, high), names in ints.items()]
+        self.str_groups = [(_getter(names), names, limit) for limit, names in strs.items()]
+        if digests:
+            self.digests = _getter(digests)
+
+
+_PLANS: dict[tuple[tuple[str, ...], tuple[type, ...]], _Plan] = {}
+_MAX_PLANS = 4096
+
+
+def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
+    """Refuse (:class:`SchemaError`) a record any read path could not serve; ``record`` passed
+    :func:`agent.wire.validate_record` and was decoded by :func:`agent.wire.loads`. ``now_us``: the receiver's
+    clock (Unix microseconds), the upper end of the time window."""
+    if len(record) > MAX_FIELDS:
+        raise SchemaError("(record)", f"has {len(record)} fields; at most {MAX_FIELDS} are allowed")
+    keys = tuple(record)
+    shape = (keys, tuple(map(type, record.values())))
+    plan = _PLANS.get(shape)
+    if plan is None:
+        for key in keys:
+            if type(key) is not str:
+                raise SchemaError(repr(key)[:40], "is not a string key; record field names are strings")
+        plan = _Plan(*shape)
+        if len(_PLANS) < _MAX_PLANS:
+            _PLANS[shape] = plan
+    if record["v"] != RECORD_VERSION:
+        raise SchemaError("v", f"is {record['v']!r}; this aggregator reads record version {RECORD_VERSION}")
+    started = record["started_us"]
+    if not MIN_STARTED_US <= started <= now_us + MAX_FUTURE_US:
+        raise SchemaError(
+            "started_us",
+            f"is {started} µs, outside the accepted window: from {MIN_STARTED_US} (2020-01-01) to one day after "
+            f"the aggregator received it ({now_us + MAX_FUTURE_US}); check the device's clock (ext.clock)",
+        )
+    for get, names, low, high in plan.int_groups:
+        values = get(record)
+        if min(values) < low or max(values) > high:
+            for name, value in zip(names, values, strict=True):
+                if not low <= value <= high:
+                    raise SchemaError(name, f"is {value}; allowed: an integer from {low} to {high} or null")
+    for get, names, limit in plan.str_groups:
+        values = get(record)
+        if max(map(len, values)) > limit:
+            for name, value in zip(names, values, strict=True):
+                if len(value) > limit:
+                    raise SchemaError(name, f"has {len(value)} characters; at most {limit} are allowed")
+    if plan.digests is not None:
+        for value in plan.digests(record):
+            if len(value) != 32:
+                name = next(n for n in _DIGESTS if record.get(n) is value)
+                raise SchemaError(name, f"has {len(value)} bytes; a sha256 digest has 32")
+    if plan.itl:
+        itl = record["itl_us"]
+        if (
+            len(itl) < 5
+            or itl[3] > 0x7F
+            or itl[0] != PACK_VERSION
+            or itl[1] > 4
+            or itl[2] >= _MAX_K
+            or itl[3] > 8 * (len(itl) - 5)
+        ):  # the common case (< 128 gaps) in one line; anything else takes the careful path
+            check_packed_gaps(itl)
+    if plan.json_fields:
+        budget = [MAX_EXT_NODES]
+        for name in plan.json_fields:
+            value = record[name]
+            if value or type(value) is not dict:
+                _check_json(value, name, 1, budget)
+        ext = record.get("ext")
+        if ext:
+            _check_ext_figures(ext)
+    return record
+
+
+# Figures inside ext that the fleet view and /metrics read: a map at the first key, a number or null at the second.
+EXT_NUMBERS = (("energy", "j_per_output_token"), ("collab", "acceptance_rate"))
+
+
+def _check_ext_figures(ext: dict[str, Any]) -> None:
+    for section, name in EXT_NUMBERS:
+        part = ext.get(section)
+        if part is None:
+            continue
+        if type(part) is not dict:
+            raise SchemaError(f"ext.{section}", f"is {_describe(part)}; allowed: a map or null")
+        value = part.get(name)
+        if value is not None and type(value) not in (int, float):
+            raise SchemaError(f"ext.{section}.{name}", f"is {_describe(value)}; allowed: a number or null")
+
+
+def check_packed_gaps(data: bytes) -> None:
+    """The packed gaps' header and size (the codes themselves are decoded on read; a row whose codes fail is
+    skipped and counted there, see ``lens_read_undecodable_rows``)."""
+    if len(data) > MAX_ITL_BYTES:
+        raise SchemaError("itl_us", f"has {len(data)} bytes; at most {MAX_ITL_BYTES} are allowed")
+    if len(data) < 5 or data[0] != PACK_VERSION or data[1] > 4 or data[2] >= _MAX_K:
+        raise SchemaError("itl_us", "is not packed gaps (version 1, predictor 0..4, Rice parameter below 42)")
+    count = shift = 0
+    pos = 3
+    while True:
+        if pos >= len(data) or shift > 35:
+            raise SchemaError("itl_us", "has a truncated or oversized gap count")
+        byte = data[pos]
+        pos += 1
+        count |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    if count > MAX_GAPS:
+        raise SchemaError("itl_us", f"announces {count} gaps; at most {MAX_GAPS} are allowed")
+    if count > 8 * (len(data) - pos):
+        raise SchemaError("itl_us", f"announces {count} gaps in {len(data)} bytes")
+
+
+def _check_json(value: Any, path: str, depth: int, budget: list[int]) -> None:
+    """A bounded JSON-compatible value: maps with string keys, lists, strings, finite numbers, booleans, null."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SchemaError(path, f"makes ext and the extra fields hold more than {MAX_EXT_NODES} values")
+    kind = type(value)
+    if kind is str:
+        if len(value) > MAX_MESSAGE_CHARS:
+            raise SchemaError(path, f"has {len(value)} characters; at most {MAX_MESSAGE_CHARS} are allowed")
+    elif kind is int:
+        if not -MAX_INT64 - 1 <= value <= MAX_INT64:
+            raise SchemaError(path, f"is {_describe(value)}; integers must fit in 64 bits (signed)")
+    elif kind is float:
+        if not math.isfinite(value):
+            raise SchemaError(path, f"is {value!r}; numbers must be finite")
+    elif kind is dict or kind is list:
+        if depth >= MAX_EXT_DEPTH:
+            raise SchemaError(path, f"nests deeper than {MAX_EXT_DEPTH} levels")
+        if kind is dict:
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise SchemaError(path, f"has the key {_describe(key)}; keys must be strings")
+                if len(key) > MAX_KEY_CHARS:
+                    raise SchemaError(path, f"has a key of {len(key)} characters; at most {MAX_KEY_CHARS}")
+                _check_json(item, f"{path}.{key}", depth + 1, budget)
+        else:
+            for i, item in enumerate(value):
+                _check_json(item, f"{path}[{i}]", depth + 1, budget)
+    elif kind is not bool and value is not None:
+        raise SchemaError(path, f"is {_describe(value)}; allowed: maps, lists, strings, finite numbers, booleans, null")
