@@ -224,10 +224,12 @@ def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
                     raise SchemaError(name, f"is {value}; allowed: an integer from {low} to {high} or null")
     for get, names, limit in plan.str_groups:
         values = get(record)
-        if max(map(len, values)) > limit:
+        if max(map(len, values)) > limit or (limit == MAX_NAME_CHARS and "\x00" in "".join(values)):
             for name, value in zip(names, values, strict=True):
                 if len(value) > limit:
                     raise SchemaError(name, f"has {len(value)} characters; at most {limit} are allowed")
+                if limit == MAX_NAME_CHARS and "\x00" in value:
+                    raise SchemaError(name, "contains a NUL character, which names and labels may not hold")
     if plan.digests is not None:
         for value in plan.digests(record):
             if len(value) != 32:

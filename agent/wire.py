@@ -458,8 +458,8 @@ def decode_batch(body: bytes, *, max_decompressed: int, max_records: int = MAX_B
     if not isinstance(batch_id, str) or type(sent_us) is not int:
         raise WireError("batch fields 'batch_id' (string) and 'sent_us' (integer) are required")
     names = record_schema.MAX_NAME_CHARS
-    if len(device_id) > names or len(batch_id) > names:
-        raise WireError(f"batch fields 'device_id' and 'batch_id' must be at most {names} characters")
+    if len(device_id) > names or len(batch_id) > names or "\x00" in device_id + batch_id:
+        raise WireError(f"batch fields 'device_id' and 'batch_id' must be at most {names} characters, without NUL")
     if not 0 <= sent_us <= record_schema.MAX_INT64:
         raise WireError(f"batch field 'sent_us' is {sent_us}; allowed: an integer from 0 to 2^63 - 1")
     counters = obj.get("counters") or {}

@@ -101,8 +101,9 @@ def parse_query(params: Any) -> Query:
     if unknown:
         raise BadParameter(unknown[0], params[unknown[0]], "one of the parameters " + ", ".join(sorted(KNOWN)))
     for name in ("device", "model", "strategy", "kind"):
-        if len(params.get(name) or "") > MAX_FILTER_CHARS:
-            raise BadParameter(name, params[name][:40] + "…", f"at most {MAX_FILTER_CHARS} characters")
+        value = params.get(name) or ""
+        if len(value) > MAX_FILTER_CHARS or "\x00" in value:
+            raise BadParameter(name, value[:40], f"at most {MAX_FILTER_CHARS} characters, without NUL")
     query = Query(
         device=params.get("device") or None,
         model=params.get("model") or None,

@@ -440,7 +440,12 @@ async def device_page(request: web.Request) -> web.Response:
     def build(store: Store, device: str) -> str:
         return with_data(DEVICE_PAGE, {"measurements": query_latest(store, device, 1000)})
 
-    text = await runner.read(build, runner.store, request.match_info["device_id"])
+    device = request.match_info["device_id"]
+    if len(device) > api.MAX_FILTER_CHARS or "\x00" in device:
+        return _error(
+            400, f"a device id has at most {api.MAX_FILTER_CHARS} characters, without NUL", parameter="device"
+        )
+    text = await runner.read(build, runner.store, device)
     return web.Response(text=text, content_type="text/html")
 
 
