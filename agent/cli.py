@@ -22,14 +22,31 @@ from .outbox_cli import outbox_group
 log = logging.getLogger("agent")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not the stream of the first call), so a second
+    setup — ``lens-agent bench -v`` after ``lens-agent`` — or a replaced stderr never writes to a closed stream."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     import os
 
     # Under systemd (JOURNAL_STREAM set) journald stamps every line; elsewhere the log carries its own time.
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format=stamp + "%(name)s: %(message)s", force=True
-    )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(stamp + "%(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("llama.cpp").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
@@ -354,7 +371,7 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
         pending = "unknown" if report.pending is None else report.pending
         click.echo(
             f"uploaded {report.uploaded} in {report.batches} batch{'es' if report.batches != 1 else ''}: "
-            f"{report.accepted} accepted, {report.duplicates} duplicates, {report.quarantined} quarantined; "
+            f"{report.accepted} accepted, {_count(report.duplicates, 'duplicate')}, {report.quarantined} quarantined; "
             f"{pending} pending"
         )
         for line in report.details:

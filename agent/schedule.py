@@ -271,7 +271,9 @@ class Scheduler:
     def _fire(self, job: Job) -> None:
         if self.is_running(job.id):
             job.skipped += 1
-            log.warning("%s: due while its previous run is still going; this run is skipped", job.id)
+            # counted (job.skipped); not a warning: a workload waiting for the one engine, or a sync already going,
+            # is how a short schedule behaves (lens-agent -v shows it)
+            log.info("%s: due while its previous run is still going; this run is skipped", job.id)
             return
         job.runs += 1
         self._running[job.id] = asyncio.get_running_loop().create_task(self._run(job), name=f"job:{job.id}")

@@ -101,7 +101,7 @@ def evaluate(
         return health
     if stats.fill_ratio > FILL_LIMIT:
         health.fail(
-            f"outbox is {stats.fill_ratio:.0%} full ({stats.bytes} of {stats.max_bytes} bytes): "
+            f"outbox is {stats.fill_ratio:.0%} full ({human_size(stats.bytes)} of {human_size(stats.max_bytes)}): "
             "records will be dropped soon"
         )
     if stats.records:
@@ -144,6 +144,18 @@ def evaluate(
                 f"every request of the last run of workload {name!r} failed ({run['errors']} of {run['requests']})"
             )
     return health
+
+
+def human_size(n: int | None) -> str:
+    """``0 B``, ``978 B``, ``12.5 KiB``, ``256 MiB`` — the units the configuration is written in."""
+    if n is None:
+        return "n/a"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "B" or value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -269,7 +281,8 @@ def render(doc: dict[str, Any]) -> str:
     else:
         lines += [
             f"outbox      {box['path']}",
-            f"  records   {box['records']} ({box['bytes']} bytes, {box['fill_ratio']:.1%} of {box['max_bytes']})",
+            f"  records   {box['records']} ({human_size(box['bytes'])}, {box['fill_ratio']:.1%} of "
+            f"{human_size(box['max_bytes'])})",
             f"  oldest    {box['oldest_record'] or '-'}"
             + (f" ({box['oldest_age_s']:.0f} s ago)" if box["oldest_age_s"] is not None else ""),
             f"  dropped   {box['dropped_total']}   quarantined {box['quarantined_total']}"
@@ -277,7 +290,7 @@ def render(doc: dict[str, Any]) -> str:
         ]
         quarantine = box["quarantine"]
         lines.append(
-            f"  quarantine {quarantine['records']} kept ({quarantine['bytes']} bytes); left: evicted "
+            f"  quarantine {quarantine['records']} kept ({human_size(quarantine['bytes'])}); left: evicted "
             f"{quarantine['evicted_total']}, dropped {quarantine['dropped_total']}, retried "
             f"{quarantine['retried_total']} (lens-agent outbox list)"
         )

@@ -570,6 +570,8 @@ class SyncService:
         if self._lock.locked():
             self._again = True  # a pass is running: it goes once more when done
             return
+        if self._scheduler.is_running("sync-now") or self._scheduler.get("sync-now") is not None:
+            return  # one is due or starting and has not looked yet: it sees these records too
         self._scheduler.later("sync-now", 0.0, self.tick)
 
     async def tick(self) -> None:

@@ -262,3 +262,50 @@ def test_probe_root_llmperf_dir_and_power_source_messages(tmp_path: Path, capsys
     assert code == 0 and json.loads(out)["power"]["why_none"] == "power sampling is off (power_source = none)"
     code, out, _ = run_cli(capsys, "probe", "--power-source", "rapl", "--samples", "0")
     assert code == 0 and "power_source = rapl was asked for and is unavailable (rapl: no RAPL domains" in out
+
+
+# -- item 8: rough edges -----------------------------------------------------------------------------------------
+def test_rough_edges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.bench.report import _fmt, errors_line
+    from agent.bench.session import progress_label
+    from agent.cli import _count
+    from agent.status import human_size
+
+    assert _fmt(-0.00001, 4) == "0.0000" and _fmt(-0.5, 1) == "-0.5"  # no negative zero
+    assert [_count(n, "batch", "batches") for n in (0, 1, 2)] == ["0 batches", "1 batch", "2 batches"]
+    assert _count(1, "duplicate") == "1 duplicate" and _count(1, "request") == "1 request"
+    assert errors_line({}) == "none" and errors_line({"timeout": 1, "http_500": 2}) == "http_500 ×2, timeout ×1"
+    assert [human_size(n) for n in (0, 978, 12800, 268435456, 3 * 1024**3)] == [
+        "0 B",
+        "978 B",
+        "12.5 KiB",
+        "256 MiB",
+        "3 GiB",
+    ]
+    assert progress_label("SmolLM2-135M-Instruct.Q4_1.gguf") == "SmolLM2-135M-Instruct.Q4_1"
+    long = progress_label("Meta-Llama-3.1-8B-Instruct-abliterated.Q4_K_M.gguf")
+    assert len(long) == 30 and long.startswith("Meta-Llama-3.1") and long.endswith("Q4_K_M") and "…" in long
+
+    config = tmp_path / "agent.toml"
+    config.write_text("[bench]\nruns = true\n")
+    code, _, err = run_cli(capsys, "bench", "--config", str(config))
+    assert code == 2 and "bench.runs = true is not allowed" in err and "True" not in err
+    config.write_text('[sync]\ncodec = "json"\n')
+    code, _, err = run_cli(capsys, "bench", "--config", str(config))
+    assert code == 2 and 'sync.codec = "json" is not allowed' in err
+
+    data = tmp_path / "data"
+    data.mkdir()
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--no-probe")
+    assert code == 0
+    from agent.outbox import Outbox
+
+    with Outbox(data / "outbox.db"):
+        pass
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--no-probe")
+    assert "of 256 MiB)" in out and "268435456" not in out
+
+    # -v after the command works like -v before it (and shows the info-level lines)
+    for args in (["-v", "probe"], ["probe", "-v"]):
+        result = cli(AGENT, *args, "--samples", "0", "--power-source", "none", "--sysfs-root", str(tmp_path))
+        assert result.returncode == 0, result.stderr

@@ -215,6 +215,15 @@ def _device_facts(root: Root) -> dict[str, Any]:
     return out
 
 
+def progress_label(name: str, width: int = 30) -> str:
+    """The model's file name without ``.gguf``, shortened in the middle so both ends stay readable."""
+    name = name.removesuffix(".gguf")
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[-(width - 1 - head) :]
+
+
 def _run_with_progress(
     engine: LlamaEngine | None,
     prompts: list[Any],
@@ -232,10 +241,10 @@ def _run_with_progress(
     import tqdm
 
     tqdm.tqdm.monitor_interval = 0  # no monitor thread waking up during the timed loop
-    label = Path(engine.info.path).name if engine is not None and engine.info else strategy.name
+    label = progress_label(Path(engine.info.path).name if engine is not None and engine.info else strategy.name)
     bar = tqdm.tqdm(
         total=options.warmup + options.runs,
-        desc=label[:30],
+        desc=label,
         unit="req",
         disable=None if request.progress is None else not request.progress,
         file=None,
