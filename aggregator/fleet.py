@@ -24,12 +24,12 @@ def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any
     rows = []
     for device in store.devices():
         latest = query_latest(store, device["device_id"], recent)
-        ttfts: list[float] = sorted(r["ttft_ms"] for r in latest if _finite(r.get("ttft_ms")))
-        rates = [
-            r["output_tokens"] / (r["e2e_ms"] / 1000)
-            for r in latest
-            if _finite(r.get("e2e_ms")) and r["e2e_ms"] > 0 and _finite(r.get("output_tokens")) and r["output_tokens"]
-        ]
+        # figures of one strategy at a time: a speculative request's TTFT is not a local one's
+        by_strategy: dict[str, dict[str, Any]] = {}
+        for strategy in dict.fromkeys(str(r.get("strategy") or "local") for r in latest):
+            mine = [r for r in latest if str(r.get("strategy") or "local") == strategy]
+            by_strategy[strategy] = {"requests": len(mine), **_latency_figures(mine)}
+        current = str(latest[-1].get("strategy") or "local") if latest else None
         joules = [
             energy["j_per_output_token"]
             for r in latest
@@ -45,8 +45,10 @@ def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any
                 "last_seen_age_s": round(age, 1),
                 "sync_health": "ok" if age < LATE_S else "late" if age < SILENT_S else "silent",
                 "model": latest[-1].get("model_name") if latest else None,
-                "ttft_p95_ms": _p95(ttfts),
-                "tokens_per_second": statistics.fmean(rates) if rates else None,
+                "strategy": current,  # ttft_p95_ms and tokens_per_second are this strategy's (its latest request's)
+                "ttft_p95_ms": by_strategy[current]["ttft_p95_ms"] if current else None,
+                "tokens_per_second": by_strategy[current]["tokens_per_second"] if current else None,
+                "by_strategy": by_strategy,
                 "j_per_output_token": statistics.fmean(joules) if joules else None,
                 "backlog": device.get("backlog"),
                 "dropped_total": device["dropped_total"],
@@ -54,6 +56,16 @@ def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any
             }
         )
     return rows
+
+
+def _latency_figures(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    ttfts: list[float] = sorted(r["ttft_ms"] for r in records if _finite(r.get("ttft_ms")))
+    rates = [
+        r["output_tokens"] / (r["e2e_ms"] / 1000)
+        for r in records
+        if _finite(r.get("e2e_ms")) and r["e2e_ms"] > 0 and _finite(r.get("output_tokens")) and r["output_tokens"]
+    ]
+    return {"ttft_p95_ms": _p95(ttfts), "tokens_per_second": statistics.fmean(rates) if rates else None}
 
 
 def _finite(value: Any) -> bool:

@@ -44,8 +44,14 @@ function render(devices) {{
     link.href = "device/" + encodeURIComponent(d.device_id);
     link.textContent = d.device_id;
     name.appendChild(link);
-    tr.append(name, cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(fmt(d.ttft_p95_ms, 1)),
-      cell(fmt(d.tokens_per_second, 1)), cell(fmt(d.j_per_output_token, 4)), cell(d.backlog ?? "–"),
+    // one figure per strategy: a speculative request's TTFT is not a local one's
+    const split = (key, digits) => {{
+      const parts = Object.entries(d.by_strategy || {{}});
+      if (parts.length < 2) return fmt(d[key], digits);
+      return parts.map(([s, f]) => fmt(f[key], digits) + " " + s).join(" · ");
+    }};
+    tr.append(name, cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
+      cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)), cell(d.backlog ?? "–"),
       cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
     body.appendChild(tr);
   }}
