@@ -35,7 +35,10 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, service: bool = False) -> None:
+    """Where log lines go: the service (``run``) logs warnings and errors (journald keeps them); every other command
+    says what matters in its own output and one-line error, so the library's log stays out of the terminal unless
+    ``-v`` asks for it."""
     import os
 
     # Under systemd (JOURNAL_STREAM set) journald stamps every line; elsewhere the log carries its own time.
@@ -47,6 +50,7 @@ def _setup_logging(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter(stamp + "%(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setLevel(logging.NOTSET if verbose or service else logging.CRITICAL + 1)
     logging.getLogger("llama.cpp").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
@@ -64,13 +68,14 @@ verbose_option = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lens-agent")
 @click.option("-v", "--verbose", is_flag=True, help="Log more, including llama.cpp's own messages.")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """LLM-Latency-Lens on-device agent: time local LLM inference faithfully.
 
     Configuration comes from a TOML file (--config, else /etc/lens-agent/agent.toml), then LENS_<SECTION>_<KEY>
     environment variables, then flags. See configs/agent.toml for every key.
     """
-    _setup_logging(verbose)
+    _setup_logging(verbose, service=ctx.invoked_subcommand == "run")
 
 
 @cli.command()
@@ -276,7 +281,9 @@ def bench(
 
 def _count(n: int, noun: str, plural: str | None = None) -> str:
     """``1 measurement``, ``3 measurements``."""
-    return f"{n} {noun if n == 1 else (plural or noun + 's')}"
+    from .status import plural as counted
+
+    return counted(n, noun, plural)
 
 
 def _check_sysfs_root(config: Config) -> None:
@@ -379,7 +386,9 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
     if not report.ok:
         raise LensError(f"sync failed: {report.error}")
     if not report.delivered_all:
-        raise LensError(f"sync incomplete: {report.pending} records still pending (new ones stored meanwhile?)")
+        raise LensError(
+            f"sync incomplete: {_count(report.pending or 0, 'record')} still pending (new ones stored meanwhile?)"
+        )
     if report.quarantined:
         raise LensError(
             f"{report.quarantined} record{'s' if report.quarantined != 1 else ''} quarantined instead of delivered "
@@ -580,4 +589,9 @@ cli.add_command(outbox_group)
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors; exit 2 for bad input, 1 for failures."""
-    run_click(cli, "lens-agent", argv)
+    try:
+        run_click(cli, "lens-agent", argv)
+    finally:  # the command's log handler goes with it (matters when main runs more than once in one process)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+            root.removeHandler(handler)

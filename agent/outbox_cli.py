@@ -17,6 +17,7 @@ import click
 
 from .config import Config, load_config
 from .errors import UsageError
+from .status import human_size, plural
 
 if TYPE_CHECKING:
     from .outbox import Outbox, OutboxStats
@@ -147,8 +148,9 @@ def _render_list(doc: dict[str, Any], stats: OutboxStats) -> str:
     quarantine = doc["quarantine"]
     lines = [
         f"outbox      {doc['path']}",
-        f"pending     {stats.records} records ({stats.bytes} of {stats.max_bytes} bytes)",
-        f"quarantine  {quarantine['records']} records ({quarantine['bytes']} of {quarantine['max_bytes']} bytes)",
+        f"pending     {plural(stats.records, 'record')} ({human_size(stats.bytes)} of {human_size(stats.max_bytes)})",
+        f"quarantine  {plural(quarantine['records'], 'record')} ({human_size(quarantine['bytes'])} of "
+        f"{human_size(quarantine['max_bytes'])})",
     ]
     if quarantine["rows"]:
         lines.append(
@@ -217,7 +219,7 @@ def export_command(file: Path, quarantined: bool, config_path: Path | None, data
                 raise UsageError(f"{file}: cannot be written ({exc.strerror})") from None
     finally:
         box.close()
-    click.echo(f"exported {count} {which} records to {'stdout' if str(file) == '-' else file}", err=True)
+    click.echo(f"exported {plural(count, which + ' record')} to {'stdout' if str(file) == '-' else file}", err=True)
 
 
 _code_option = click.option("--code", help=f"Only records with this reason code: {CODES_HELP}.")
@@ -257,7 +259,7 @@ def retry_command(
     finally:
         box.close()
     device = f" as device {as_device}" if as_device else ""
-    click.echo(f"moved {moved} quarantined records back to the queue{device}; lens-agent sync uploads them")
+    click.echo(f"moved {plural(moved, 'quarantined record')} back to the queue{device}; lens-agent sync uploads them")
 
 
 @outbox_group.command("drop")
@@ -288,7 +290,7 @@ def drop_command(
         dropped = box.drop_quarantined(selected, code=code)
     finally:
         box.close()
-    click.echo(f"dropped {dropped} quarantined records (counted as dropped by the operator)")
+    click.echo(f"dropped {plural(dropped, 'quarantined record')} (counted as dropped by the operator)")
 
 
 @outbox_group.command("ack-damage")

@@ -111,18 +111,19 @@ def evaluate(
         if reference is not None and now_us - reference > limit_us:
             since = "the last successful sync" if last_success is not None else "the oldest pending record"
             health.fail(
-                f"{stats.records} records pending and no successful sync for {(now_us - reference) / 1e6:.0f} s "
+                f"{plural(stats.records, 'record')} pending and no successful sync for "
+                f"{(now_us - reference) / 1e6:.0f} s "
                 f"since {since} (limit {STALE_SYNC_INTERVALS}× the {interval_s:g} s interval)"
             )
     if stats.records and not sync_configured:
         health.fail(
-            f"{stats.records} records pending and sync.url is not set: nothing will be uploaded "
+            f"{plural(stats.records, 'record')} pending and sync.url is not set: nothing will be uploaded "
             "(set sync.url and sync.token_file, then lens-agent sync --check)"
         )
     if stats.disk_full_since_us is not None:
         health.fail(
             f"the disk holding the outbox is full (since {_iso(stats.disk_full_since_us)}; "
-            f"{stats.dropped_disk_full_total} records dropped for it so far): {stats.disk_full_message}; "
+            f"{plural(stats.dropped_disk_full_total, 'record')} dropped for it so far): {stats.disk_full_message}; "
             "free space there or lower sync.max_outbox_bytes"
         )
     if stats.damage:
@@ -144,6 +145,11 @@ def evaluate(
                 f"every request of the last run of workload {name!r} failed ({run['errors']} of {run['requests']})"
             )
     return health
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """``1 record``, ``2 records`` (``many`` for irregular plurals: batch → batches)."""
+    return f"{n} {noun if n == 1 else (many or noun + 's')}"
 
 
 def human_size(n: int | None) -> str:
@@ -270,7 +276,7 @@ def render(doc: dict[str, Any]) -> str:
                     f"  last run  {name} at {run['at']}: TTFT p50 {_num(run.get('ttft_p50_ms'))} ms, "
                     f"p95 {_num(run.get('ttft_p95_ms'))} ms, {_num(run.get('tokens_per_second'))} tok/s, "
                     f"{_num(joules, 4) + ' J/token' if joules is not None else 'J/token unknown'}, "
-                    f"{run.get('errors', 0)} errors"
+                    f"{plural(int(run.get('errors') or 0), 'error')}"
                 )
         for name, at in (svc.get("next_runs") or {}).items():
             lines.append(f"  next run  {name} at {at}")
@@ -296,10 +302,11 @@ def render(doc: dict[str, Any]) -> str:
         )
         if box["lost_total"] or box["loss_unknown_total"]:
             unknown = f" (+ unknown: {box['loss_unknown_total']} salvages)" if box["loss_unknown_total"] else ""
-            lines.append(f"  lost      {box['lost_total']} records to damage{unknown}")
+            lines.append(f"  lost      {plural(box['lost_total'], 'record')} to damage{unknown}")
         if box["disk_full_since"]:
             lines.append(
-                f"  disk full since {box['disk_full_since']}; {box['dropped_disk_full_total']} records dropped for it"
+                f"  disk full since {box['disk_full_since']}; {plural(box['dropped_disk_full_total'], 'record')} "
+                "dropped for it"
             )
         if box["last_salvage"]:
             lines.append(f"  salvage   {box['last_salvage']}")

@@ -57,7 +57,7 @@ function render(devices) {{
   }}
   const late = devices.filter(d => d.sync_health !== "ok").length;
   document.getElementById("summary").textContent =
-    devices.length + " devices, " + late + " not seen in the last 15 minutes — updated " + new Date().toLocaleTimeString();
+    devices.length + (devices.length === 1 ? " device, " : " devices, ") + late + " not seen in the last 15 minutes — updated " + new Date().toLocaleTimeString();
 }}
 async function refresh() {{
   const response = await fetch("api/v1/fleet");

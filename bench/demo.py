@@ -213,7 +213,7 @@ max_tokens = {12 if args.quick else 32}
                     runs[name] = runs.get(name, 0) + 1
                     print(
                         f"  {name}: run {runs[name]} done — TTFT p50 {run.get('ttft_p50_ms') or 0:.1f} ms, "
-                        f"{run.get('tokens_per_second') or 0:.0f} tok/s, {run.get('errors', 0)} errors",
+                        f"{run.get('tokens_per_second') or 0:.0f} tok/s, {plural(run.get('errors') or 0, 'error')}",
                         flush=True,
                     )
     time.sleep(4)  # one more sync interval
