@@ -118,6 +118,9 @@ def test_run_once_prints_a_line_per_workload_and_fails_when_one_failed(tmp_path:
     assert lines[0].startswith("good: ok: 2/2 requests ok, TTFT p50 ")
     assert lines[1] == "bad: FAILED: 0/2 requests ok; errors: context_overflow ×2"
     assert "Traceback" not in result.stderr
+    status = cli(AGENT, "status", "--config", str(config), "--no-probe")
+    assert status.returncode == 1
+    assert "every request of the last run of workload 'bad' failed (2 of 2)" in status.stdout
 
     prompts.write_text("hello\n")
     result = cli(AGENT, "run", "--config", str(config), "--once")
