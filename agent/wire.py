@@ -14,10 +14,11 @@ compressed with zstd unless compression is ``none``. See docs/wire-format.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -187,35 +188,48 @@ def _refuse_ext(code: int, data: bytes) -> Any:
 _NO_SEMANTIC_TAGS: dict[int, Any] = {tag: _refuse_semantic_tag(tag) for tag in (*range(0, 1024), 55799)}
 
 
+def record_decoder(codec: str) -> Callable[[bytes], Any]:
+    """``loads(blob, codec)`` bound to one codec, for decoding a batch's records in a loop: the same bounds and
+    refusals; the caller turns any exception into a WireError (see ``loads``)."""
+    if codec not in _DECODERS:
+        raise WireError(f"unknown codec {codec!r}")
+    return _DECODERS[codec]
+
+
 def loads(blob: bytes, codec: str) -> Any:
     """Decode one record, bounded: no CBOR tags or msgpack extension types, nesting at most
     ``record_schema.MAX_DECODE_DEPTH``, every declared length checked against the bytes present before anything
     is allocated. Raises WireError on malformed or refused input (never anything else)."""
+    decode = _DECODERS.get(codec)
+    if decode is None:
+        raise WireError(f"unknown codec {codec!r}")
     try:
-        if codec == "cbor":
-            return cbor2.loads(
-                blob,
-                semantic_decoders=_NO_SEMANTIC_TAGS,
-                tag_hook=_refuse_tag,
-                max_depth=record_schema.MAX_DECODE_DEPTH,
-                allow_indefinite=False,
-                strict_hashable_types=True,
-            )
-        if codec == "msgpack":
-            return msgpack.unpackb(
-                blob,
-                raw=False,
-                strict_map_key=True,
-                max_str_len=4 * record_schema.MAX_TEXT_CHARS,
-                max_bin_len=record_schema.MAX_RECORD_BYTES,
-                max_array_len=record_schema.MAX_EXT_NODES,
-                max_map_len=record_schema.MAX_EXT_NODES,
-                max_ext_len=0,
-                ext_hook=_refuse_ext,
-            )
+        return decode(blob)
     except Exception as exc:  # every decoder failure is the sender's fault: report it, never crash
         raise WireError(f"malformed {codec}: {type(exc).__name__}: {exc}") from None
-    raise WireError(f"unknown codec {codec!r}")
+
+
+_DECODERS: dict[str, Callable[[bytes], Any]] = {
+    "cbor": functools.partial(
+        cbor2.loads,
+        semantic_decoders=_NO_SEMANTIC_TAGS,
+        tag_hook=_refuse_tag,
+        max_depth=record_schema.MAX_DECODE_DEPTH,
+        allow_indefinite=False,
+        strict_hashable_types=True,
+    ),
+    "msgpack": functools.partial(
+        msgpack.unpackb,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=4 * record_schema.MAX_TEXT_CHARS,
+        max_bin_len=record_schema.MAX_RECORD_BYTES,
+        max_array_len=record_schema.MAX_EXT_NODES,
+        max_map_len=record_schema.MAX_EXT_NODES,
+        max_ext_len=0,
+        ext_hook=_refuse_ext,
+    ),
+}
 
 
 def encode_record(record: Mapping[str, Any], codec: str, *, include_text: bool = False) -> bytes:
@@ -263,11 +277,13 @@ def check_record(wire: Any, index: int, now_us: int) -> dict[str, Any]:
     """The aggregator's check of a decoded record: :func:`validate_record` and the strict schema
     (:func:`agent.record_schema.check_record`, relative to ``now_us``, the receive time). A refusal is a WireError
     naming the record's index, its id (hex, when readable) and the field."""
-    record = validate_record(wire, index)
+    if type(wire) is not dict:
+        validate_record(wire, index)  # raises, in its words
     try:
-        return record_schema.check_record(record, now_us)
+        return record_schema.check_record(wire, now_us)  # covers validate_record's checks (fast path: cached shape)
     except record_schema.SchemaError as exc:
-        raise WireError(f"record {index}: {exc}", record_index=index, record_id=_record_id_hex(record)) from None
+        validate_record(wire, index)  # a structural problem is reported as the agent's own check words it
+        raise WireError(f"record {index}: {exc}", record_index=index, record_id=_record_id_hex(wire)) from None
 
 
 def _type_name(kind: type) -> str:
@@ -383,7 +399,11 @@ def _cbor_envelope(data: bytes, max_records: int, max_record_bytes: int) -> dict
                 raise WireError(f"malformed cbor: {count} records announced in {len(data) - pos} bytes")
             records = []
             for _ in range(count):
-                major, length, pos = _cbor_head(data, pos)
+                initial = data[pos] if pos < len(data) else -1
+                if initial == 0x59 and pos + 3 <= len(data):  # bytes of 256..65535: nearly every record
+                    major, length, pos = 2, (data[pos + 1] << 8) | data[pos + 2], pos + 3
+                else:
+                    major, length, pos = _cbor_head(data, pos)
                 if major != 2:
                     raise WireError("batch field 'records' must be a list of encoded records (bytes)")
                 if length > max_record_bytes:
@@ -588,6 +608,21 @@ def parse_refusal(status: int, payload: Any, ids: Sequence[bytes]) -> Refusal | 
             return Refusal("batch_invalid", message)
         return Refusal(code, message, record_index=index) if rid == ids[index].hex() else None
     return Refusal(code, message)
+
+
+def payload_size(body: bytes) -> int | None:
+    """The decompressed payload size a batch announces (its frame header, or its length uncompressed), or None
+    when it does not say; only a hint for scheduling work — ``decode_batch`` enforces the limits."""
+    if len(body) < HEADER.size or body[:4] != MAGIC:
+        return None
+    compression = body[6]
+    if compression == COMPRESSIONS["none"]:
+        return len(body) - HEADER.size
+    try:
+        size = zstandard.get_frame_parameters(body[HEADER.size : HEADER.size + 18]).content_size
+    except zstandard.ZstdError:
+        return None
+    return None if size == zstandard.CONTENTSIZE_UNKNOWN else int(size)
 
 
 def _bounded_decompress(data: bytes, limit: int) -> bytes:

@@ -15,6 +15,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -141,7 +142,30 @@ def _reject(app: web.Application, reason: str) -> None:
     app[METRICS].rejections.labels(reason).inc()
 
 
+_ROW_FIELDS = itemgetter(
+    "id",
+    "device_id",
+    "run_id",
+    "kind",
+    "started_us",
+    "ok",
+    "strategy",
+    "model_name",
+    "engine",
+    "error_type",
+    "input_tokens",
+    "output_tokens",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+)
+
+
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
+    try:  # every field present, as the agent writes them: one C call
+        return RecordRow._make((*_ROW_FIELDS(record), codec, body))
+    except KeyError:
+        pass
     get = record.get
     return RecordRow(
         record["id"],
@@ -169,6 +193,11 @@ def _refuse(status: int, code: str, message: str, **fields: Any) -> web.Response
     return web.json_response(wire.ingest_refusal(code, message, **fields), status=status)
 
 
+# A batch whose payload announces at most this many bytes is decoded and checked on the event loop (about 1,300
+# records: ~25 ms on a slow core); larger or unannounced ones go to a worker thread.
+INLINE_PAYLOAD_BYTES = 512 * 1024
+
+
 class WrongDevice(Exception):
     def __init__(self, message: str, record_index: int | None = None) -> None:
         self.record_index = record_index
@@ -187,12 +216,15 @@ def parse_batch(
         raise WrongDevice(f"this token belongs to device {subject!r}, the batch names {batch.device_id!r}")
     rows = []
     decoded: list[dict[str, Any]] = []
-    codec, loads, check = batch.codec, wire.loads, wire.check_record
+    codec, check = batch.codec, wire.check_record
+    decode = wire.record_decoder(codec)
     for index, blob in enumerate(batch.records):
         try:
-            record = loads(blob, codec)
-        except wire.WireError as exc:  # the record, not the batch: the agent quarantines just this one
-            raise wire.WireError(f"record {index}: {exc.message}", record_index=index) from None
+            record = decode(blob)
+        except Exception as exc:  # the record, not the batch: the agent quarantines just this one
+            raise wire.WireError(
+                f"record {index}: malformed {codec}: {type(exc).__name__}: {exc}", record_index=index
+            ) from None
         check(record, index, received_us)
         if record["device_id"] != subject:
             raise WrongDevice(
@@ -229,10 +261,13 @@ async def ingest(request: web.Request) -> web.Response:
         return _refuse(413, "too_large", f"body exceeds the limit of {limit} bytes", limit=limit)
     received_us = _now_us()
     try:
-        # decompress, decode and check off the event loop: health and reads stay responsive during any batch
-        batch, rows, decoded = await asyncio.get_running_loop().run_in_executor(
-            app[DECODERS], parse_batch, body, settings, token.subject, received_us
-        )
+        announced = wire.payload_size(body)
+        if announced is not None and announced <= INLINE_PAYLOAD_BYTES:  # an agent's batch: a few ms, on the loop
+            batch, rows, decoded = parse_batch(body, settings, token.subject, received_us)
+        else:  # anything larger or of unannounced size off the event loop: health and reads stay responsive
+            batch, rows, decoded = await asyncio.get_running_loop().run_in_executor(
+                app[DECODERS], parse_batch, body, settings, token.subject, received_us
+            )
     except WrongDevice as exc:
         _reject(app, "wrong_device")
         fields: dict[str, Any] = {"token_device_id": token.subject}

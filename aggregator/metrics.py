@@ -9,6 +9,7 @@ and ``llm_latency_lens_metric_series_overflow_total`` says how many were.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +33,28 @@ def provider_of(record: dict[str, Any]) -> str:
     if strategy == "offload":
         return "edge|cloud"
     return "local"
+
+
+def observe_many(histogram: Any, values: list[float]) -> None:
+    """``histogram.observe(v)`` for every value, in one pass: one increment per bucket touched instead of one per
+    value (ingest observes three histograms per record). Falls back to ``observe`` if prometheus_client's
+    histogram internals ever change."""
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bucket whose upper bound is >= value, as observe()
+    total.inc(sum(values))
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
 
 
 class _ReadSkips:
@@ -177,21 +200,17 @@ class FleetMetrics:
             if labels[0] == "other" and device != "other":
                 self.overflow.inc(len(group))
             self.requests.labels(*labels).inc(len(group))
-            ttft, tpot, duration = self.ttft.labels(*labels), self.tpot.labels(*labels), self.duration.labels(*labels)
-            last_ok = None
-            for record in group:
-                if not record.get("ok"):
-                    self.failed.labels(*labels, self._cut(str(record.get("error_type") or "unknown"))).inc()
-                    continue
-                last_ok = record
-                if (value := record.get("ttft_us")) is not None:
-                    ttft.observe(value / 1e6)
-                if (value := record.get("tpot_us")) is not None:
-                    tpot.observe(value / 1e6)
-                if value := record.get("e2e_us"):
-                    duration.observe(value / 1e6)
-            if last_ok is None:
+            ok = [record for record in group if record.get("ok")]
+            if len(ok) < len(group):
+                for record in group:
+                    if not record.get("ok"):
+                        self.failed.labels(*labels, self._cut(str(record.get("error_type") or "unknown"))).inc()
+            if not ok:
                 continue
+            observe_many(self.ttft.labels(*labels), [v / 1e6 for r in ok if (v := r.get("ttft_us")) is not None])
+            observe_many(self.tpot.labels(*labels), [v / 1e6 for r in ok if (v := r.get("tpot_us")) is not None])
+            observe_many(self.duration.labels(*labels), [v / 1e6 for r in ok if (v := r.get("e2e_us"))])
+            last_ok = ok[-1]
             # gauges: the latest successful request of the batch
             if e2e := last_ok.get("e2e_us"):
                 self.tokens_per_second.labels(*labels, "output").set((last_ok.get("output_tokens") or 0) / (e2e / 1e6))

@@ -198,3 +198,19 @@ def test_the_schema_agrees_with_itself_on_every_shape(codec: str, record: dict[s
         except wire.WireError as exc:
             outcomes.append(exc.message)
     assert outcomes[0] == outcomes[1]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(values=st.lists(st.floats(0, 100) | st.sampled_from([0.001, 0.0025, 0.05, 60.0]), max_size=50))
+def test_bulk_histogram_observation_equals_one_at_a_time(values: list[float]) -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from aggregator.metrics import LATENCY_BUCKETS, observe_many
+
+    one, bulk = CollectorRegistry(), CollectorRegistry()
+    single = Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=one)
+    for value in values:
+        single.observe(value)
+    observe_many(Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=bulk), values)
+    strip = [line for line in generate_latest(one).decode().splitlines() if "_created" not in line]
+    assert strip == [line for line in generate_latest(bulk).decode().splitlines() if "_created" not in line]
