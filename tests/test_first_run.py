@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,3 +313,17 @@ def test_rough_edges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     for args in (["-v", "probe"], ["probe", "-v"]):
         result = cli(AGENT, *args, "--samples", "0", "--power-source", "none", "--sysfs-root", str(tmp_path))
         assert result.returncode == 0, result.stderr
+
+
+def test_every_key_is_in_the_example_config() -> None:
+    """README: "Every key is in configs/agent.toml" (set, or commented out with its meaning)."""
+    from agent.config import SCHEMA
+
+    text = (ROOT / "configs" / "agent.toml").read_text()
+    missing = [
+        f"{section}.{key}"
+        for section, keys in SCHEMA.items()
+        for key in keys
+        if not re.search(rf"^#?\s*{key}\s*=", text, re.M)
+    ]
+    assert missing == []
