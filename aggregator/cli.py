@@ -77,6 +77,17 @@ config_option = click.option(
 db_option = click.option("--db", help="SQLite path or postgresql:// URL.  [default: storage.db]")
 
 
+def _verbose_here(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s", force=True)
+
+
+# `lens-aggregator serve -v` works like `lens-aggregator -v serve`
+verbose_option = click.option(
+    "-v", "--verbose", is_flag=True, expose_value=False, callback=_verbose_here, help="Same as lens-aggregator -v."
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lens-aggregator")
 @click.option("-v", "--verbose", is_flag=True, help="Log every batch.")
@@ -90,6 +101,7 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
+@verbose_option
 @config_option
 @db_option
 @click.option("--host", help="Listen address.  [default: 127.0.0.1]")
@@ -187,7 +199,8 @@ def _agent_settings(device_id: str, db: str, url: str | None, tls: bool) -> str:
     lines = [
         f"token for device {device_id} stored in {db}; the aggregator must serve that database:",
         f"  lens-aggregator serve --db {db}",
-        "on the device: save the token printed on stdout as /etc/lens-agent/token (mode 0600, owner lens-agent)",
+        "on the device: save the token printed on stdout as /etc/lens-agent/token, readable by lens-agent only",
+        f"(sudo install -m 0640 -g lens-agent {device_id}.token /etc/lens-agent/token)",
         "or pass it as LENS_SYNC_TOKEN, and set in /etc/lens-agent/agent.toml:",
         "  [agent]",
         f'  device_id = "{device_id}"',
@@ -204,6 +217,7 @@ def _agent_settings(device_id: str, db: str, url: str | None, tls: bool) -> str:
 
 
 @token.command("add")
+@verbose_option
 @config_option
 @db_option
 @click.option("--read", "read_token", is_flag=True, help="A read token named SUBJECT instead of a device token.")
@@ -239,6 +253,7 @@ def token_add(config_path: Path | None, db: str | None, read_token: bool, url: s
 
 
 @token.command("list")
+@verbose_option
 @config_option
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
@@ -277,6 +292,7 @@ def token_list(config_path: Path | None, db: str | None, as_json: bool) -> None:
 
 
 @token.command("revoke")
+@verbose_option
 @config_option
 @db_option
 @click.argument("selector")
@@ -298,6 +314,7 @@ def token_revoke(config_path: Path | None, db: str | None, selector: str) -> Non
 
 
 @token.command("rotate")
+@verbose_option
 @config_option
 @db_option
 @click.option("--grace", help="How long the old token keeps working, e.g. 24h.  [default: auth.rotate_grace]")
