@@ -198,7 +198,9 @@ def bench(
 ) -> None:
     """Benchmark local llama.cpp inference: TTFT, TPOT, every inter-token gap, load time and memory.
 
-    Warm-up requests run first and are left out of the statistics; every measured request starts from an empty
+    Exit status 0 when the run succeeded, 1 when no request succeeded or more failed than --max-error-rate
+    allows (the results are written all the same), 2 on bad input. Warm-up requests run first and are left out of
+    the statistics; every measured request starts from an empty
     KV cache unless --reuse-cache is given. Decoding is greedy. Where the device has a power sensor, energy per
     prompt token and per output token is measured alongside (lens-agent probe shows what is there). A summary
     table goes to stdout, a progress bar to stderr.
@@ -527,6 +529,7 @@ def run(config_path: Path | None, data_dir: Path | None, model: Path | None, onc
 
     Workloads come from [[workloads]] in the config (default: 3 requests every 15 minutes). SIGTERM stops it
     cleanly (the request in flight finishes and is stored, a last sync is tried); SIGHUP reloads the config.
+    With --once it prints one line per workload and exits 1 when one failed (an error, or no request succeeded).
 
     \b
     Example:
