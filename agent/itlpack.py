@@ -135,31 +135,37 @@ def unpack_gaps(data: bytes) -> list[int]:
         return []
     if n > 8 * (len(data) - pos):
         raise PackError("more gaps announced than bits present")
-    bits = int.from_bytes(data[pos:], "big")
-    at = (len(data) - pos) * 8  # bits remaining, read from the most significant end
-
-    def take(width: int) -> int:
-        nonlocal at
-        if at < width:
-            raise PackError("truncated packed gaps")
-        at -= width
-        return (bits >> at) & ((1 << width) - 1)
-
+    # The codes as a string of "0"/"1": reading a field is a slice, so decoding is linear in the size (shifting one
+    # big integer per field, as before, made a 1 MiB list cost minutes to read).
+    nbits = (len(data) - pos) * 8
+    bits = format(int.from_bytes(data[pos:], "big"), "b").zfill(nbits) if nbits else ""
+    at = 0
     out: list[int] = []
     prev = median
+    find = bits.find
     for i in range(n):
-        q = 0
-        while q < ESCAPE and take(1):
-            q += 1
-        if q == ESCAPE:
-            zeros = 0
-            while not take(1):
-                zeros += 1
-                if zeros >= _MAX_GAMMA_BITS:
-                    raise PackError("residual too large")
-            x = (1 << zeros) | take(zeros)
+        zero = find("0", at, at + ESCAPE)
+        if zero < 0:  # eight one-bits (or the end): escaped into Elias-gamma
+            if at + ESCAPE > nbits:
+                raise PackError("truncated packed gaps")
+            at += ESCAPE
+            one = find("1", at, at + _MAX_GAMMA_BITS)
+            if one < 0:
+                raise PackError("residual too large" if at + _MAX_GAMMA_BITS <= nbits else "truncated packed gaps")
+            zeros = one - at
+            at = one + 1
+            if at + zeros > nbits:
+                raise PackError("truncated packed gaps")
+            x = (1 << zeros) | (int(bits[at : at + zeros], 2) if zeros else 0)
+            at += zeros
             q = x + ESCAPE - 1
-        u = (q << k) | take(k)
+        else:
+            q = zero - at
+            at = zero + 1
+        if at + k > nbits:
+            raise PackError("truncated packed gaps")
+        u = (q << k) | (int(bits[at : at + k], 2) if k else 0)
+        at += k
         residual = (u >> 1) if not (u & 1) else -((u + 1) >> 1)
         predicted = median if i == 0 else median + (predictor * (prev - median)) // 4
         value = predicted + residual

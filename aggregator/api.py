@@ -25,6 +25,7 @@ from . import rows as rows_mod
 from .store import Query, Store
 
 MAX_LIMIT = 10_000
+MAX_ANSWER_BYTES = 32 * 1024**2  # a JSON page ends early (with next_cursor) rather than grow past this
 MAX_FILTER_CHARS = 256  # device, model, strategy, kind: as long as the record schema allows
 CSV_COLUMNS = (
     "id",
@@ -127,22 +128,33 @@ def _ms(us: int | None) -> float | None:
     return None if us is None else us / 1000.0
 
 
-def measurement_view(row: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored record, decoded back to the measurement's own shape, with the aggregator's receive time; None
-    (skipped and counted) when the stored row does not decode."""
-    record = rows_mod.decode_measurement(row)
+def measurement_view(row: dict[str, Any]) -> str | None:
+    """The stored record, decoded back to the measurement's own shape, with the aggregator's receive time, as
+    strict JSON; None (skipped and counted) when the stored row does not decode or serialise."""
+    record = rows_mod.decode_measurement(row, check_json=False)
     if record is None:
         return None
     try:
         record["received_at"] = _iso(row["received_us"])
+        return json.dumps(record, allow_nan=False)
     except rows_mod.DECODE_ERRORS as exc:
         rows_mod.skipped(row, exc)
         return None
-    return record
 
 
-def _views(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [view for view in map(measurement_view, rows) if view is not None]
+def _views(rows: list[dict[str, Any]]) -> tuple[list[str], int | None]:
+    """The rows' JSON texts, within MAX_ANSWER_BYTES (at least one row): a page ends early, and says where the next
+    one starts, rather than build an answer of any size. Returns (texts, seq of the last row included or None)."""
+    texts: list[str] = []
+    size = 0
+    for index, row in enumerate(rows):
+        if texts and size > MAX_ANSWER_BYTES:
+            return texts, rows[index - 1]["seq"]
+        text = measurement_view(row)
+        if text is not None:
+            texts.append(text)
+            size += len(text)
+    return texts, None
 
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
@@ -196,6 +208,11 @@ def measurements_response(store: Store, params: Any) -> web.Response:
         raise BadParameter("format", fmt, "json, ndjson, csv, arrow or parquet")
     rows = store.query(query, limit=limit, after_seq=cursor)
     next_cursor = rows[-1]["seq"] if len(rows) == limit else None
+    texts: list[str] = []
+    if fmt in ("json", "ndjson"):
+        texts, cut_at = _views(rows)
+        if cut_at is not None:
+            next_cursor = cut_at
     headers = {"X-Next-Cursor": str(next_cursor)} if next_cursor is not None else {}
     if fmt in ("arrow", "parquet"):
         from . import arrow
@@ -216,9 +233,9 @@ def measurements_response(store: Store, params: Any) -> web.Response:
                 writer.writerow(flat)
         return web.Response(text=out.getvalue(), content_type="text/csv", headers=headers)
     if fmt == "ndjson":
-        text = "".join(json.dumps(view) + "\n" for view in _views(rows))
-        return web.Response(text=text, content_type="application/x-ndjson", headers=headers)
-    return web.json_response({"measurements": _views(rows), "next_cursor": next_cursor}, headers=headers)
+        return web.Response(text="".join(t + "\n" for t in texts), content_type="application/x-ndjson", headers=headers)
+    page = '{"measurements": [' + ", ".join(texts) + '], "next_cursor": ' + json.dumps(next_cursor) + "}"
+    return web.Response(text=page, content_type="application/json", headers=headers)
 
 
 _NUMBER = (int, float)

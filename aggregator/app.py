@@ -468,12 +468,17 @@ async def page(request: web.Request) -> web.Response:
     return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
 
 
+DEVICE_PAGE_FIELDS = ("id", "ok", "started_at", "ttft_ms", "tpot_ms", "model_name")
+
+
 @read_endpoint
 async def device_page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
 
     def build(store: Store, device: str) -> str:
-        return with_data(DEVICE_PAGE, {"measurements": query_latest(store, device, 1000)})
+        latest = query_latest(store, device, 1000)
+        shown = [{key: m.get(key) for key in DEVICE_PAGE_FIELDS} for m in latest]  # what the charts draw
+        return with_data(DEVICE_PAGE, {"measurements": shown})
 
     device = request.match_info["device_id"]
     if len(device) > api.MAX_FILTER_CHARS or "\x00" in device:

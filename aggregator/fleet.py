@@ -81,12 +81,12 @@ def _p95(values: list[float]) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[94]
 
 
-def query_latest(store: Store, device: str, limit: int) -> list[dict[str, Any]]:
-    """The device's latest ``limit`` inference records, decoded, oldest first (rows that do not decode are skipped
-    and counted, see :mod:`aggregator.rows`)."""
+def query_latest(store: Store, device: str, limit: int, *, gaps: bool = False) -> list[dict[str, Any]]:
+    """The device's latest ``limit`` inference records, decoded (without their inter-token gaps unless ``gaps``),
+    oldest first; rows that do not decode are skipped and counted (see :mod:`aggregator.rows`)."""
     last = store.max_seq(device, "inference")
     rows = store.query(Query(device=device, kind="inference"), limit=20 * limit, after_seq=max(0, last - 20 * limit))
-    decoded = (decode_measurement(r) for r in rows[-limit:])
+    decoded = (decode_measurement(r, gaps=gaps) for r in rows[-limit:])
     return [record for record in decoded if record is not None]
 
 

@@ -52,14 +52,19 @@ def decode_wire(row: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def decode_measurement(row: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored record in the measurement's own shape (``wire.from_wire``), or None (counted)."""
+def decode_measurement(row: dict[str, Any], *, gaps: bool = True, check_json: bool = True) -> dict[str, Any] | None:
+    """The stored record in the measurement's own shape (``wire.from_wire``), or None (counted). ``gaps=False``
+    leaves out the inter-token gaps (``itl_ms``), which summaries and pages do not show: the costliest part to
+    decode. ``check_json``: also make sure it serialises as strict JSON (no NaN)."""
     record = decode_wire(row)
     if record is None:
         return None
+    if not gaps:
+        record.pop("itl_us", None)
     try:
         measurement = wire.from_wire(record)
-        json.dumps(measurement, allow_nan=False)  # every reader serves it as JSON: a row that cannot be is skipped
+        if check_json:
+            json.dumps(measurement, allow_nan=False)  # every reader serves it as JSON: a row that cannot be is skipped
         return measurement
     except DECODE_ERRORS as exc:
         skipped(row, exc)
