@@ -256,7 +256,10 @@ def _bounded(rss: RssWatch | None, rss_mb: float, health: HealthProbe) -> None:
     if rss is not None:
         assert rss.growth_mb < rss_mb, f"the aggregator grew by {rss.growth_mb:.0f} MB (bound {rss_mb:.0f} MB)"
     assert health.times, "no health answer during the attack"
-    print(f"health: {len(health.times)} answers, median {health.median_ms:.1f} ms, worst {health.worst_ms:.1f} ms")
+    grew = f"RSS +{rss.growth_mb:.1f} MB, " if rss is not None else ""
+    print(
+        f"{grew}health: {len(health.times)} answers, median {health.median_ms:.1f} ms, worst {health.worst_ms:.1f} ms"
+    )
     assert health.median_ms < HEALTH_MEDIAN_MS and health.worst_ms < HEALTH_WORST_MS, sorted(health.times)[-5:]
 
 
