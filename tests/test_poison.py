@@ -638,3 +638,40 @@ def test_packed_gaps_decode_in_linear_time() -> None:
     started = time.process_time()
     assert unpack_gaps(packed) == gaps
     assert time.process_time() - started < 10
+
+
+async def test_postgres_reads_are_bounded_in_time_and_apart_from_ingest(aiohttp_client: Any, pg_url: str) -> None:
+    from aggregator.pgstore import PostgresStore
+
+    store = PostgresStore(pg_url)
+    client, token = await serve(aiohttp_client, store, max_query_seconds=0.001)
+    blob = encode_raw(valid_wire(1, seed=23)[0], "cbor")
+    rows = [
+        RecordRow(
+            uuid.uuid4().bytes,
+            DEVICE,
+            "run",
+            "inference",
+            NOW - 10**9 + i,
+            True,
+            "local",
+            "m",
+            "llama.cpp",
+            None,
+            10,
+            20,
+            1000,
+            50,
+            5000,
+            "cbor",
+            blob,
+        )
+        for i in range(60_000)
+    ]
+    store.ingest(DEVICE, "fill", 1, {}, rows, NOW)
+    response = await client.get("/api/v1/summary?group_by=model")
+    assert response.status == 503 and "narrow" in (await response.json())["error"]
+    fresh = raw_batch([encode_raw(r, "cbor") for r in valid_wire(3, seed=24)], batch_id="after")
+    assert (await client.post("/api/v1/ingest", data=fresh, headers=auth(token))).status == 200
+    store.max_query_seconds = 10
+    assert store.record_count() == 60_003  # the read connection answers again after a cancelled statement
