@@ -6,7 +6,6 @@ carry; ``read_everything`` performs every read the aggregator serves and checks 
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -132,27 +131,6 @@ class RssWatch:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.process.memory_info().rss)
-
-
-@contextmanager
-def health_probe(client: Any, interval: float = 0.01) -> Iterator[list[float]]:
-    """Polls /api/v1/health while the block runs; yields the list of answer times (seconds), filled as it goes."""
-    times: list[float] = []
-
-    async def poll() -> None:
-        while True:
-            started = time.perf_counter()
-            response = await client.get("/api/v1/health")
-            assert response.status == 200
-            await response.read()
-            times.append(time.perf_counter() - started)
-            await asyncio.sleep(interval)
-
-    task = asyncio.get_event_loop().create_task(poll())
-    try:
-        yield times
-    finally:
-        task.cancel()
 
 
 SERVE = """
