@@ -152,7 +152,8 @@ def _getter(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
 
 class _Plan:
     """The checks for one record shape (its keys and their value types), compiled once and reused: records of
-    one agent share a handful of shapes, so the type checks cost one tuple hash per record."""
+    one agent share a handful of shapes, so the type checks cost one tuple hash per record. Compiling refuses a
+    shape with a missing required field or a value of the wrong type."""
 
     __slots__ = ("all_ints", "digests", "int_groups", "itl", "json_fields", "str_groups")
 
@@ -197,8 +198,9 @@ _MAX_PLANS = 4096
 
 
 def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
-    """Refuse (:class:`SchemaError`) a record any read path could not serve; ``record`` passed
-    :func:`agent.wire.validate_record` and was decoded by :func:`agent.wire.loads`. ``now_us``: the receiver's
+    """Refuse (:class:`SchemaError`) a record any read path could not serve. ``record`` is a map decoded by
+    :func:`agent.wire.loads`; this covers :func:`agent.wire.validate_record`'s checks too (required fields and
+    their types), so the aggregator's hot path runs only this (``wire.check_record``). ``now_us``: the receiver's
     clock (Unix microseconds), the upper end of the time window."""
     if len(record) > MAX_FIELDS:
         raise SchemaError("(record)", f"has {len(record)} fields; at most {MAX_FIELDS} are allowed")
