@@ -136,13 +136,7 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
             ssl_context.load_cert_chain(str(server["tls_cert"]), str(server["tls_key"]))
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"server.tls_cert/tls_key: cannot be loaded ({exc})") from None
-    settings = Settings(
-        host=server["host"],
-        max_body_bytes=server["max_body_bytes"],
-        max_decompressed_bytes=server["max_decompressed_bytes"],
-        max_metric_series=server["max_metric_series"],
-        retention_s=config.get("storage", "retention"),
-    )
+    settings = Settings.from_config(config)
     app = create_app(settings, _open_store(config))
 
     async def run() -> None:

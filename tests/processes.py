@@ -19,8 +19,8 @@ DEVICE = "dev-1"
 class AggregatorProcess:
     """``lens-aggregator serve`` as a real process; ``db`` is a SQLite path or a postgresql:// URL."""
 
-    def __init__(self, db: Path, port: int) -> None:
-        self.db, self.port = db, port
+    def __init__(self, db: Path, port: int, config: Path | None = None) -> None:
+        self.db, self.port, self.config = db, port, config
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -30,6 +30,7 @@ class AggregatorProcess:
                 "-c",
                 "from aggregator.cli import main; main()",
                 "serve",
+                *(["--config", str(self.config)] if self.config else []),
                 "--db",
                 str(self.db),
                 "--port",

@@ -118,3 +118,34 @@ def test_every_aggregator_command_has_help(capsys: pytest.CaptureFixture[str]) -
     for args in (["serve"], ["token", "add"], ["token", "list"], ["token", "revoke"], ["token", "rotate"]):
         code, out, _ = run_aggregator(capsys, *args, "--help")
         assert code == 0 and "Example:" in out, args
+
+
+def test_serve_applies_every_server_limit_of_its_config(tmp_path: Path) -> None:
+    """A limit set in aggregator.toml is the limit the running server enforces (here: records per batch)."""
+    import urllib.error
+    import urllib.request
+
+    from agent import wire
+
+    from .netproxy import free_port
+    from .processes import AggregatorProcess, device_token
+
+    config = tmp_path / "aggregator.toml"
+    config.write_text("[server]\nmax_batch_records = 5\n")
+    agg = AggregatorProcess(tmp_path / "agg.db", free_port(), config)
+    agg.start()
+    try:
+        token = device_token(tmp_path / "agg.db")
+        records = [wire.encode_record(r, "cbor") for r in synthetic_records(6, seed=3, device_id="dev-1")]
+        body = wire.encode_batch(records, device_id="dev-1", batch_id="b", sent_us=time.time_ns() // 1000)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{agg.port}/api/v1/ingest",
+            data=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": wire.CONTENT_TYPE},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        answer = json.loads(refused.value.read())
+        assert refused.value.code == 413 and answer["code"] == "too_large" and "5" in answer["error"], answer
+    finally:
+        agg.stop()
