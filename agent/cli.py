@@ -416,6 +416,7 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     import asyncio
     import time
 
+    from .clock import boot_id
     from .errors import ConfigError
     from .outbox import open_outbox, outbox_path
     from .service import state_path
@@ -434,7 +435,15 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         box = open_outbox(config)
         try:
             stats = box.stats()
-            for key in ("last_attempt_us", "last_success_us", "last_error", "last_error_kind", "last_result"):
+            for key in (
+                "last_attempt_us",
+                "last_success_us",
+                "last_success_monotonic",
+                "last_success_boot_id",
+                "last_error",
+                "last_error_kind",
+                "last_result",
+            ):
                 state[key] = box.get_state(key)
             salvage = box.last_salvage()
         finally:
@@ -463,6 +472,8 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         now_us=now_us,
         service=service,
         sync_configured=bool(url),
+        monotonic_now=time.monotonic(),
+        current_boot=boot_id(),
     )
     if not data.is_dir():
         health.fail(

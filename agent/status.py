@@ -81,6 +81,8 @@ def evaluate(
     now_us: int,
     service: dict[str, Any] | None = None,
     sync_configured: bool = True,
+    monotonic_now: float | None = None,
+    current_boot: str | None = None,
 ) -> Health:
     """Unhealthy, each with its reason, when: records are pending and no sync succeeded for 3× the interval; records
     are pending and sync is not configured; the outbox is above 90 % of its bound; the last sync attempt failed (the
@@ -107,12 +109,16 @@ def evaluate(
     if stats.records:
         last_success = _int(state.get("last_success_us"))
         reference = last_success if last_success is not None else stats.oldest_created_us
+        age_us = None if reference is None else now_us - reference
+        if last_success is not None:
+            # on the monotonic clock when the sync ran in this boot: a step of the wall clock neither hides a stale
+            # sync (a step back) nor invents one (a step forward)
+            age_us = _monotonic_age_us(state, monotonic_now, current_boot) or age_us
         limit_us = int(STALE_SYNC_INTERVALS * interval_s * 1e6)
-        if reference is not None and now_us - reference > limit_us:
+        if age_us is not None and age_us > limit_us:
             since = "the last successful sync" if last_success is not None else "the oldest pending record"
             health.fail(
-                f"{plural(stats.records, 'record')} pending and no successful sync for "
-                f"{(now_us - reference) / 1e6:.0f} s "
+                f"{plural(stats.records, 'record')} pending and no successful sync for {age_us / 1e6:.0f} s "
                 f"since {since} (limit {STALE_SYNC_INTERVALS}× the {interval_s:g} s interval)"
             )
     if stats.records and not sync_configured:
@@ -162,6 +168,20 @@ def human_size(n: int | None) -> str:
             return f"{int(value)} {unit}" if unit == "B" or value == int(value) else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def _monotonic_age_us(
+    state: dict[str, str | None], monotonic_now: float | None, current_boot: str | None
+) -> int | None:
+    """Microseconds since the last successful sync on CLOCK_MONOTONIC, when it was recorded in this boot."""
+    try:
+        written = float(state.get("last_success_monotonic") or "")
+    except ValueError:
+        return None
+    boot = state.get("last_success_boot_id")
+    if monotonic_now is None or not boot or boot != current_boot or written > monotonic_now:
+        return None
+    return int((monotonic_now - written) * 1e6)
 
 
 def _num(value: float | None, digits: int = 1) -> str:

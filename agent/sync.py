@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from . import wire
+from .clock import boot_id
 from .config import Config
 from .errors import ConfigError
 from .outbox import AsyncOutbox, OutboxError, PendingRow
@@ -388,6 +389,8 @@ class Uploader:
         state: dict[str, str | int | None] = {}
         if report.ok:
             state["last_success_us"] = time.time_ns() // 1000
+            state["last_success_monotonic"] = repr(time.monotonic())  # status ages it across wall-clock steps
+            state["last_success_boot_id"] = boot_id()
             state["last_error"] = None
             state["last_error_kind"] = None
         else:

@@ -149,3 +149,19 @@ def test_serve_applies_every_server_limit_of_its_config(tmp_path: Path) -> None:
         assert refused.value.code == 413 and answer["code"] == "too_large" and "5" in answer["error"], answer
     finally:
         agg.stop()
+
+
+def test_a_stale_sync_is_judged_on_the_monotonic_clock_across_wall_clock_steps() -> None:
+    """The last success recorded at monotonic 1000 s in boot "b": the wall clock's readings do not decide."""
+    pending = stats(5, 100, oldest=NOW - 10**6)
+    synced = {"last_success_monotonic": "1000.0", "last_success_boot_id": "b"}
+    # the wall clock stepped back a day after the sync: by the wall the success lies in the future, yet 10 min passed
+    back = {**synced, "last_success_us": str(NOW + 86_400 * 10**6)}
+    health = evaluate(pending, back, interval_s=60, now_us=NOW, monotonic_now=1600.0, current_boot="b")
+    assert not health.healthy and "no successful sync for 600 s" in health.reasons[0]
+    # stepped forward a day: by the wall a day passed, yet it was 10 s ago
+    forward = {**synced, "last_success_us": str(NOW - 86_400 * 10**6)}
+    assert evaluate(pending, forward, interval_s=60, now_us=NOW, monotonic_now=1010.0, current_boot="b").healthy
+    # after a reboot the monotonic reading means nothing: the wall clock is all there is
+    health = evaluate(pending, forward, interval_s=60, now_us=NOW, monotonic_now=1010.0, current_boot="other")
+    assert not health.healthy and "no successful sync for 86400 s" in health.reasons[0]
