@@ -113,7 +113,8 @@ def evaluate(
         if last_success is not None:
             # on the monotonic clock when the sync ran in this boot: a step of the wall clock neither hides a stale
             # sync (a step back) nor invents one (a step forward)
-            age_us = _monotonic_age_us(state, monotonic_now, current_boot) or age_us
+            monotonic_age = _monotonic_age_us(state, monotonic_now, current_boot)
+            age_us = monotonic_age if monotonic_age is not None else age_us
         limit_us = int(STALE_SYNC_INTERVALS * interval_s * 1e6)
         if age_us is not None and age_us > limit_us:
             since = "the last successful sync" if last_success is not None else "the oldest pending record"

@@ -257,15 +257,16 @@ def _network_message(url: str, exc: BaseException) -> str:
     return f"cannot reach {url}: {exc or type(exc).__name__}"
 
 
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
 def _not_aggregator(answer: Answer, what: str) -> SyncFailure:
-    hint = {
-        200: "a captive portal or proxy?",
-        301: "a redirect: a captive portal, or sync.url should be the address it points to",
-        302: "a redirect: a captive portal, or sync.url should be the address it points to",
-        303: "a redirect: a captive portal, or sync.url should be the address it points to",
-        307: "a redirect: a captive portal, or sync.url should be the address it points to",
-        308: "a redirect: a captive portal, or sync.url should be the address it points to",
-    }.get(answer.status, "a proxy, WAF or load balancer answering in the aggregator's place?")
+    if answer.status == 200:
+        hint = "a captive portal or proxy?"
+    elif answer.status in REDIRECTS:
+        hint = "a redirect: a captive portal, or sync.url should be the address it points to"
+    else:
+        hint = "a proxy, WAF or load balancer answering in the aggregator's place?"
     where = f" to {answer.location}" if answer.location else ""
     size = f" over {wire.MAX_ANSWER_BYTES // 1024} KiB" if answer.oversized else ""
     body = f" ({answer.snippet[:80]!r})" if answer.snippet and not answer.oversized else ""

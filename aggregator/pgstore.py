@@ -18,6 +18,7 @@ from typing import Any
 from agent.record_schema import MAX_FUTURE_US, MIN_STARTED_US
 
 from .store import (
+    DEVICE_COLUMNS,
     QUERY_COLUMNS,
     IngestResult,
     Query,
@@ -219,20 +220,8 @@ class PostgresStore(Store):
                 raise QueryTimeout(self.max_query_seconds) from None
 
     def devices(self) -> list[dict[str, Any]]:
-        names = (
-            "device_id",
-            "first_seen_us",
-            "last_seen_us",
-            "records",
-            "duplicates",
-            "dropped_total",
-            "quarantined_total",
-            "last_batch_id",
-            "last_sent_us",
-            "backlog",
-        )
-        rows = self._read(f"SELECT {', '.join(names)} FROM devices ORDER BY device_id")
-        return [dict(zip(names, row, strict=True)) for row in rows]
+        rows = self._read(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY device_id")
+        return [dict(zip(DEVICE_COLUMNS, row, strict=True)) for row in rows]
 
     def record_count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM measurements")[0][0])

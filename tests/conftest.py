@@ -55,6 +55,17 @@ def smollm2() -> Path:
     return path
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """An aggregator store of each backend in turn: the tests that use it hold for both."""
+    from aggregator.pgstore import PostgresStore
+    from aggregator.store import SQLiteStore
+
+    if request.param == "sqlite":
+        return SQLiteStore(tmp_path / "agg.db")
+    return PostgresStore(request.getfixturevalue("pg_url"))
+
+
 @pytest.fixture
 def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
     """``lens-aggregator serve`` as a real process on 127.0.0.1 with a SQLite store in the test's directory."""

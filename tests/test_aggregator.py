@@ -26,16 +26,6 @@ def make_batch(records: list[dict[str, Any]], device: str = "dev-1", codec: str 
     return wire.encode_batch(blobs, device_id=device, batch_id="b", sent_us=1, codec=codec, **kw)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """Every ingest test runs against both storage backends: same dedupe, same answers."""
-    if request.param == "sqlite":
-        return SQLiteStore(tmp_path / "agg.db")
-    from aggregator.pgstore import PostgresStore
-
-    return PostgresStore(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
 def token(store: SQLiteStore) -> str:
     return store.add_token("dev-1", "device", NOW)

@@ -75,6 +75,11 @@ def agent_env(url: str, token: str, **extra: str) -> dict[str, str]:
     }
 
 
+def use_agent_env(monkeypatch: pytest.MonkeyPatch, url: str, token: str) -> None:
+    for key, value in agent_env(url, token).items():
+        monkeypatch.setenv(key, value)
+
+
 def fill(data: Path, n: int = N, seed: int = 1) -> set[bytes]:
     records = synthetic_records(n, seed=seed, device_id=DEVICE)
     with Outbox(data / "outbox.db") as box:
@@ -99,8 +104,7 @@ def test_hostile_answer_keeps_everything_then_delivers_exactly_once(
 ) -> None:
     data = tmp_path / "data"
     obligations = fill(data)
-    for key, value in agent_env(upstream.url, device_token(aggregator.db)).items():
-        monkeypatch.setenv(key, value)
+    use_agent_env(monkeypatch, upstream.url, device_token(aggregator.db))
     kind, phrase = EXPECTED[mode]
 
     upstream.mode = mode
@@ -185,8 +189,7 @@ def test_sync_check_verifies_the_endpoint_without_uploading(
     data = tmp_path / "data"
     fill(data)
     token = device_token(aggregator.db)
-    for key, value in agent_env(f"http://127.0.0.1:{aggregator.port}", token).items():
-        monkeypatch.setenv(key, value)
+    use_agent_env(monkeypatch, f"http://127.0.0.1:{aggregator.port}", token)
     code, out, err = run_cli(capsys, "sync", "--data-dir", str(data), "--check", "--json")
     result = json.loads(out)
     assert code == 0 and result["ok"], (out, err)
@@ -225,8 +228,7 @@ def test_sync_exits_non_zero_while_records_wait(
     fill(data, 10)
     with Outbox(data / "outbox.db") as box:
         box.append_many(synthetic_records(5, seed=9, device_id="old-hostname"))
-    for key, value in agent_env(f"http://127.0.0.1:{aggregator.port}", device_token(aggregator.db)).items():
-        monkeypatch.setenv(key, value)
+    use_agent_env(monkeypatch, f"http://127.0.0.1:{aggregator.port}", device_token(aggregator.db))
     code, out, err = run_cli(capsys, "sync", "--data-dir", str(data))
     assert code == 1, (out, err)
     assert "5 records quarantined instead of delivered" in err

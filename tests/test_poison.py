@@ -44,13 +44,30 @@ NOW = time.time_ns() // 1000
 YEAR_20000_US = 568_024_668_800_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        return SQLiteStore(tmp_path / "agg.db")
-    from aggregator.pgstore import PostgresStore
-
-    return PostgresStore(request.getfixturevalue("pg_url"))
+def filler_rows(count: int, body: bytes, *, ttft_spread: int = 1) -> list[RecordRow]:
+    """``count`` stored rows of one device, one second apart, all carrying ``body``; TTFT 1000 µs (+ i mod spread)."""
+    return [
+        RecordRow(
+            uuid.uuid4().bytes,
+            DEVICE,
+            "run",
+            "inference",
+            NOW - 10**9 + i,
+            True,
+            "local",
+            "m",
+            "llama.cpp",
+            None,
+            10,
+            20,
+            1000 + i % ttft_spread,
+            50,
+            5000,
+            "cbor",
+            body,
+        )
+        for i in range(count)
+    ]
 
 
 @pytest.fixture
@@ -501,28 +518,7 @@ async def test_a_large_summary_never_stalls_ingest_or_health(tmp_path: Path) -> 
     db, token = _prepared_db(tmp_path)
     store = SQLiteStore(db, synchronous="OFF")
     blob = encode_raw(valid_wire(1, seed=19)[0], "cbor")
-    rows = [
-        RecordRow(
-            uuid.uuid4().bytes,
-            DEVICE,
-            "run",
-            "inference",
-            NOW - 10**9 + i,
-            True,
-            "local",
-            "m",
-            "llama.cpp",
-            None,
-            10,
-            20,
-            1000 + i % 977,
-            50,
-            5000,
-            "cbor",
-            blob,
-        )
-        for i in range(190_000)
-    ]
+    rows = filler_rows(190_000, blob, ttft_spread=977)
     for i in range(0, len(rows), 50_000):
         store.ingest(DEVICE, f"fill-{i}", 1, {}, rows[i : i + 50_000], NOW)
     store.close()
@@ -561,28 +557,7 @@ async def test_reads_beyond_the_bound_are_503_and_slow_queries_are_interrupted(
     store = SQLiteStore(tmp_path / "agg.db")
     client, _ = await serve(aiohttp_client, store, max_query_seconds=0.05)
     template = encode_raw(valid_wire(1, seed=21)[0], "cbor")
-    rows = [
-        RecordRow(
-            uuid.uuid4().bytes,
-            DEVICE,
-            "run",
-            "inference",
-            NOW - 10**9 + i,
-            True,
-            "local",
-            "m",
-            "llama.cpp",
-            None,
-            10,
-            20,
-            1000,
-            50,
-            5000,
-            "cbor",
-            template,
-        )
-        for i in range(200_000)
-    ]
+    rows = filler_rows(200_000, template)
     store.ingest(DEVICE, "fill", 1, {}, rows, NOW)
     response = await client.get("/api/v1/summary?group_by=model")
     answer = await response.json()
@@ -646,28 +621,7 @@ async def test_postgres_reads_are_bounded_in_time_and_apart_from_ingest(aiohttp_
     store = PostgresStore(pg_url)
     client, token = await serve(aiohttp_client, store, max_query_seconds=0.001)
     blob = encode_raw(valid_wire(1, seed=23)[0], "cbor")
-    rows = [
-        RecordRow(
-            uuid.uuid4().bytes,
-            DEVICE,
-            "run",
-            "inference",
-            NOW - 10**9 + i,
-            True,
-            "local",
-            "m",
-            "llama.cpp",
-            None,
-            10,
-            20,
-            1000,
-            50,
-            5000,
-            "cbor",
-            blob,
-        )
-        for i in range(60_000)
-    ]
+    rows = filler_rows(60_000, blob)
     store.ingest(DEVICE, "fill", 1, {}, rows, NOW)
     response = await client.get("/api/v1/summary?group_by=model")
     assert response.status == 503 and "narrow" in (await response.json())["error"]
