@@ -38,8 +38,8 @@ sysdeps:
 		su postgres -c "psql -qc \"CREATE ROLE lens LOGIN SUPERUSER PASSWORD 'lens'\""
 
 lint: $(STAMP)
-	$(BIN)/ruff check agent aggregator tests bench
-	$(BIN)/ruff format --check agent aggregator tests bench
+	$(BIN)/ruff check lens_core agent aggregator tests bench
+	$(BIN)/ruff format --check lens_core agent aggregator tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

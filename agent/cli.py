@@ -13,9 +13,10 @@ from typing import Any
 
 import click
 
+from lens_core.cliutil import run_click
+
 from . import __version__
-from .cliutil import run_click
-from .config import Config, load_config
+from .config import AgentConfig, load_config
 from .errors import LensError, UsageError
 from .outbox_cli import outbox_group
 
@@ -288,7 +289,7 @@ def _count(n: int, noun: str, plural: str | None = None) -> str:
     return counted(n, noun, plural)
 
 
-def _check_sysfs_root(config: Config) -> None:
+def _check_sysfs_root(config: AgentConfig) -> None:
     root = Path(config.get("probes", "sysfs_root"))
     if not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
@@ -298,7 +299,7 @@ def _check_sysfs_root(config: Config) -> None:
         )
 
 
-def _usable_data_dir(config: Config) -> Path:
+def _usable_data_dir(config: AgentConfig) -> Path:
     """The data directory, created if need be and checked writable: one clear line (exit 2) when it is not."""
     import tempfile
 
@@ -318,7 +319,7 @@ def _usable_data_dir(config: Config) -> Path:
     return path
 
 
-def _sync_config(config_path: Path | None, data_dir: Path | None) -> Config:
+def _sync_config(config_path: Path | None, data_dir: Path | None) -> AgentConfig:
     return load_config(
         config_path, overrides={("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None)}
     )

@@ -1,9 +1,9 @@
-"""Errors raised by the agent's library code.
+"""Errors raised by the agent's library code, on top of :mod:`lens_core.errors`.
 
 The CLI turns every one of these into a one-line message and exit status 2 (bad input) or 1 (runtime
 failure); library code never calls ``sys.exit``.
 
-    LensError
+    LensError                 (lens_core.errors)
     ├── UsageError            bad input from the user: a file, flag or config value
     │   ├── ConfigError       a configuration value (file, key, value, what is allowed)
     │   ├── ModelFileError    a model path that is missing or not a GGUF file
@@ -15,45 +15,18 @@ failure); library code never calls ``sys.exit``.
 
 from __future__ import annotations
 
+from lens_core.errors import ConfigError, LensError, UsageError
 
-class LensError(Exception):
-    """Base class of every error the agent raises on purpose."""
-
-
-class UsageError(LensError):
-    """The user gave something the agent cannot use; fixing the input fixes it."""
-
-
-class ConfigError(UsageError):
-    """A configuration value is wrong: names where it came from, the key and what is allowed."""
-
-    def __init__(self, source: str, key: str, value: object, allowed: str) -> None:
-        self.source = source
-        self.key = key
-        self.value = value
-        self.allowed = allowed
-        if key == "(env)":  # an environment variable that names no key
-            message = f"{source} is not a setting: expected {allowed}; unset it or correct its name"
-        elif key.startswith("("):  # the file itself: missing, unreadable, not TOML
-            detail = f" ({value})" if key == "(syntax)" else ""
-            message = f"{source}: expected {allowed}{detail}"
-        elif value is None:
-            where = "" if source == "default" else f" ({source})"
-            env = "LENS_" + key.replace(".", "_").upper()
-            message = f"{key} is not set{where}: expected {allowed}; set it in the config file or {env}"
-        else:
-            message = f"{source}: {key} = {_shown(value)} is not allowed: expected {allowed}"
-        super().__init__(message)
-
-
-def _shown(value: object) -> str:
-    """A value as the user wrote it (TOML / JSON spelling: true, "text", [1, 2]), not as Python prints it."""
-    import json
-
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return str(value)
+__all__ = [
+    "ConfigError",
+    "EngineError",
+    "LensError",
+    "ModelFileError",
+    "ModelLoadError",
+    "PromptFileError",
+    "RequestError",
+    "UsageError",
+]
 
 
 class ModelFileError(UsageError):

@@ -1,6 +1,6 @@
 """The SQLite outbox: every measurement is stored here, durably, until the aggregator acknowledges it.
 
-* One row per record: its wire bytes (CBOR or msgpack, :mod:`agent.wire`) as they will be uploaded, so a batch
+* One row per record: its wire bytes (CBOR or msgpack, :mod:`lens_core.wire`) as they will be uploaded, so a batch
   is built without re-encoding. Rows are deleted only after the aggregator acknowledged them; what is present is
   pending, oldest first — the read position survives any restart because it *is* the table.
 * Bounded in bytes (``max_bytes``) on disk: each row counts its blob plus a fixed overhead, scaled by the
@@ -69,10 +69,11 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from . import wire
+from lens_core import wire
+from lens_core.sqlite_schema import migrate_forward
+
 from .errors import LensError, UsageError
 from .sqlite_salvage import scan_database
-from .sqlite_schema import migrate_forward
 
 log = logging.getLogger("agent.outbox")
 

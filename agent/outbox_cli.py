@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .config import Config, load_config
+from .config import AgentConfig, load_config
 from .errors import UsageError
 from .status import human_size, plural
 
@@ -32,13 +32,13 @@ _data_dir_option = click.option(
 )
 
 
-def _config(config_path: Path | None, data_dir: Path | None) -> Config:
+def _config(config_path: Path | None, data_dir: Path | None) -> AgentConfig:
     return load_config(
         config_path, overrides={("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None)}
     )
 
 
-def _open(config: Config) -> Outbox:
+def _open(config: AgentConfig) -> Outbox:
     from .outbox import open_outbox, outbox_path
 
     path = outbox_path(config.get("agent", "data_dir"))

@@ -29,6 +29,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from lens_core.notify import Notifier
+
 from .bench.runner import BenchOptions, run_bench
 from .clock import boot_id, stamp
 from .config import load_config
@@ -37,7 +39,6 @@ from .engines.modelfile import resolve_model_path
 from .errors import LensError
 from .gates import gate, read_state
 from .measurement import Measurement, utc_now_iso
-from .notify import Notifier
 from .outbox import AsyncOutbox, open_outbox
 from .probes.device import gpu_load_percent
 from .probes.power import detect_power

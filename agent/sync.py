@@ -36,9 +36,10 @@ from typing import Any
 
 import aiohttp
 
-from . import wire
+from lens_core import wire
+
 from .clock import boot_id
-from .config import Config
+from .config import AgentConfig
 from .errors import ConfigError
 from .outbox import AsyncOutbox, OutboxError, PendingRow
 from .schedule import Clock, Scheduler
@@ -71,7 +72,7 @@ class SyncSettings:
         return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
 
 
-def sync_settings(config: Config, environ: dict[str, str] | None = None) -> SyncSettings:
+def sync_settings(config: AgentConfig, environ: dict[str, str] | None = None) -> SyncSettings:
     """Build the uploader's settings; a missing URL or token, or plain HTTP not allowed, is a ConfigError."""
     environ = dict(os.environ) if environ is None else environ
     s = config.values["sync"]

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.stats import latency_distribution
+from lens_core.stats import latency_distribution
 
 from . import rows as rows_mod
 from .store import Query, Store

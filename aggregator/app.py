@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from agent import wire
+from lens_core import wire
 
 from . import __version__, api
 from .fleet import Broadcaster, batch_event, fleet_rows, query_latest

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import click
 
-from agent.cliutil import run_click
-from agent.config import Config
-from agent.errors import UsageError
-from agent.notify import Notifier
+from lens_core.cliutil import run_click
+from lens_core.config import Config
+from lens_core.errors import UsageError
+from lens_core.notify import Notifier
 
 from . import __version__
 from .config import load_aggregator_config

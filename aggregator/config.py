@@ -1,11 +1,12 @@
-"""Aggregator configuration: the agent's loader (file < ``LENS_<SECTION>_<KEY>`` < flags) with its own keys."""
+"""Aggregator configuration: the shared loader (file < ``LENS_<SECTION>_<KEY>`` < flags) with its own keys."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-from agent.config import (
+from lens_core.config import (
+    AGENT_SECTIONS,
     Config,
     KeySpec,
     Schema,
@@ -59,4 +60,11 @@ def load_aggregator_config(
     overrides: Mapping[tuple[str, str], tuple[str, object]] | None = None,
     default_path: Path = DEFAULT_CONFIG_PATH,
 ) -> Config:
-    return load_config(path, environ=environ, overrides=overrides, default_path=default_path, schema=SCHEMA)
+    return load_config(
+        path,
+        environ=environ,
+        overrides=overrides,
+        default_path=default_path,
+        schema=SCHEMA,
+        other_sections=AGENT_SECTIONS,
+    )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from agent.record_schema import MAX_FUTURE_US, MIN_STARTED_US
+from lens_core.record_schema import MAX_FUTURE_US, MIN_STARTED_US
 
 from .store import (
     DEVICE_COLUMNS,

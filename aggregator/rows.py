@@ -9,8 +9,8 @@ import logging
 import threading
 from typing import Any
 
-from agent import wire
-from agent.itlpack import PackError
+from lens_core import wire
+from lens_core.itlpack import PackError
 
 log = logging.getLogger("aggregator")
 

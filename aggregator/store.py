@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import sqlite_utils
 
-from agent.sqlite_schema import migrate_forward
+from lens_core.sqlite_schema import migrate_forward
 
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "lens_"

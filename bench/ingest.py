@@ -32,11 +32,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import wire
 from agent.measurement import new_record_id
 from agent.synthetic import synthetic_records
 from aggregator.pgstore import PostgresStore
 from aggregator.store import SQLiteStore
+from lens_core import wire
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import wire
 from agent.outbox import ROW_OVERHEAD, Outbox
 from agent.synthetic import synthetic_records
+from lens_core import wire
 
 
 def raw_db(path: Path, synchronous: str) -> sqlite3.Connection:

@@ -21,12 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiohttp import web
 
-from agent import wire
 from agent.outbox import AsyncOutbox, Outbox
 from agent.sync import SyncSettings, Uploader
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
 from aggregator.store import SQLiteStore
+from lens_core import wire
 
 DEVICE = "bench-dev"
 

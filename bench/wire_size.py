@@ -21,8 +21,8 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import wire
 from agent.synthetic import synthetic_records
+from lens_core import wire
 
 
 def gap_entropy_bytes(records: list[dict]) -> float:

@@ -21,8 +21,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from agent import wire
 from agent.synthetic import synthetic_records
+from lens_core import wire
 
 DEVICE = "dev-1"
 

@@ -17,7 +17,7 @@ import threading
 import aiohttp
 from aiohttp import web
 
-from agent import wire
+from lens_core import wire
 
 PORTAL = b"<html><head><title>Welcome to Hotel WiFi</title></head><body>Please accept the terms</body></html>"
 WAF = b"<html><body><h1>Request Rejected</h1>The requested URL was rejected. Support ID: 1234</body></html>"

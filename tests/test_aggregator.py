@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import wire
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
 from aggregator.store import SQLiteStore
+from lens_core import wire
 
 from .test_wire import zstd_bomb
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import pytest
 
-from agent import wire
 from agent.clock import STA_UNSYNC, TIME_ERROR, ClockMonitor, ClockState, boot_id, read_clock, stamp, synchronized
 from agent.measurement import Measurement
 from agent.status import heartbeat_age, service_view
+from lens_core import wire
 
 from .processes import AggregatorProcess, device_token
 from .test_service import service_config, wait_for

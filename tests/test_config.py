@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config, parse_duration, parse_size
-from agent.errors import ConfigError
+from agent.config import load_config
+from lens_core.config import parse_duration, parse_size
+from lens_core.errors import ConfigError
 
 NO_DEFAULT = Path("/nonexistent/agent.toml")
 

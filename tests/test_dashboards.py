@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def exposed_names() -> set[str]:
     metrics = FleetMetrics()
     records = synthetic_records(5, seed=1, device_id="d")
-    from agent import wire
+    from lens_core import wire
 
     metrics.observe("d", [wire.to_wire(r) for r in records])
     metrics.device("d", {"dropped_total": 1, "quarantined_total": 0, "pending_records": 2}, 1.0)

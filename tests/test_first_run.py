@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AGGREGATOR_SECTIONS, NON_CONFIG_ENV, load_config
-from agent.errors import ConfigError
+from agent.config import load_config
+from lens_core.config import AGENT_SECTIONS, AGGREGATOR_SECTIONS, NON_CONFIG_ENV
+from lens_core.errors import ConfigError
 
 from .test_bench_cli import TINY, run_cli
 
@@ -211,10 +212,12 @@ def test_documented_environment_variables_stay_allowed(tmp_path: Path) -> None:
     environ.update({"LENS_SERVER_PORT": "9000", "LENS_STORAGE_DB": "a.db", "LENS_MODEL_N_CTX": "512"})
     assert load_config(None, environ=environ, default_path=NO_DEFAULT).get("model", "n_ctx") == 512
     assert {"LENS_SYNC_TOKEN", "LENS_TEST_POSTGRES_URL", "LENS_CLOUD_API_KEY"} <= set(NON_CONFIG_ENV)
+    from agent.config import SCHEMA as AGENT_SCHEMA
     from aggregator.config import SCHEMA as AGGREGATOR_SCHEMA
     from aggregator.config import load_aggregator_config
 
     assert set(AGGREGATOR_SECTIONS) == set(AGGREGATOR_SCHEMA)
+    assert set(AGENT_SECTIONS) == set(AGENT_SCHEMA)
     # one environment for both programs: the aggregator takes the agent's variables, refuses its own misspellings
     assert load_aggregator_config(None, environ={"LENS_SYNC_URL": "http://x", **environ}, default_path=NO_DEFAULT)
     with pytest.raises(ConfigError, match="LENS_STORAGE_DBB"):

@@ -22,10 +22,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import record_schema as rs
-from agent import wire
 from aggregator.app import Settings, create_app
 from aggregator.store import SQLiteStore
+from lens_core import record_schema as rs
+from lens_core import wire
 
 from .hostile_device import DEVICE, auth, encode_raw, raw_batch, read_everything, valid_wire
 

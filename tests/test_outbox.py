@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import wire
 from agent.outbox import SCHEMA_VERSION, Outbox, OutboxError
 from agent.synthetic import synthetic_records
+from lens_core import wire
 
 
 def test_append_pending_ack_and_restart(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from agent import wire
 from agent.outbox import QUARANTINE_CODES, Outbox
 from agent.outbox_cli import CODES_HELP
 from agent.synthetic import synthetic_records
+from lens_core import wire
 
 from .test_bench_cli import run_cli
 

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent import wire
 from agent.outbox import (
     QUARANTINE_CODES,
     SCHEMA_VERSION,
@@ -31,12 +30,13 @@ from agent.outbox import (
     _migrate_v1,
 )
 from agent.sqlite_salvage import detect_page_size, scan_database
-from agent.sqlite_schema import migrate_forward
 from agent.status import evaluate
 from agent.sync import SyncSettings, Uploader
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
 from aggregator.store import SQLiteStore
+from lens_core import wire
+from lens_core.sqlite_schema import migrate_forward
 
 from .test_bench_cli import run_cli
 

@@ -22,10 +22,10 @@ import msgpack
 import pytest
 import zstandard
 
-from agent import record_schema, wire
 from aggregator.app import Settings, create_app
 from aggregator.metrics import FleetMetrics
 from aggregator.store import RecordRow, SQLiteStore
+from lens_core import record_schema, wire
 
 from .hostile_device import (
     DEVICE,
@@ -579,8 +579,8 @@ async def test_json_pages_stop_at_the_answer_bound_and_say_where_to_go_on(
 ) -> None:
     """Records at the schema's bound for gaps make big answers: a page ends at MAX_ANSWER_BYTES with next_cursor,
     and following the cursors returns every record once."""
-    from agent.itlpack import pack_gaps
     from aggregator import api
+    from lens_core.itlpack import pack_gaps
 
     client, token = await serve(aiohttp_client, sqlite_store)
     records = valid_wire(6, seed=22)
@@ -605,7 +605,7 @@ async def test_json_pages_stop_at_the_answer_bound_and_say_where_to_go_on(
 
 def test_packed_gaps_decode_in_linear_time() -> None:
     """The largest gap list the schema allows decodes in about a second, not minutes (reads decode every record)."""
-    from agent.itlpack import pack_gaps, unpack_gaps
+    from lens_core.itlpack import pack_gaps, unpack_gaps
 
     gaps = [3000 + (i * 7919) % 211 for i in range(record_schema.MAX_GAPS)]
     packed = pack_gaps(gaps)

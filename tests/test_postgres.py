@@ -68,8 +68,8 @@ async def test_two_replicas_ingest_concurrently_without_duplicates_or_loss(pg_ur
 
 
 def test_partitions_are_monthly_and_retention_drops_them(pg_url: str) -> None:
-    from agent import wire
     from aggregator.app import _row
+    from lens_core import wire
 
     store = PostgresStore(pg_url)
     try:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from agent.stats import latency_distribution
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
 from aggregator.store import SQLiteStore
+from lens_core.stats import latency_distribution
 
 from .test_aggregator import auth, make_batch
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.errors import ConfigError
 from agent.schedule import CRON_CHUNK_S, Scheduler, crontab_trigger
+from lens_core.errors import ConfigError
 
 UTC = timezone.utc
 DAY = timedelta(days=1)

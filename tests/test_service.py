@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.errors import ConfigError
 from agent.gates import DeviceState, gate
 from agent.outbox import Outbox
+from lens_core.errors import ConfigError
 
 from .netproxy import free_port
 from .processes import AggregatorProcess, device_token
@@ -285,7 +285,7 @@ every = "1h"
     assert done.returncode == 0, done.stdout + done.stderr
     assert "thermally throttled" in state(tmp_path)["last_runs"]["hot"]["skipped"]
     with Outbox(tmp_path / "data" / "outbox.db") as box:
-        from agent import wire
+        from lens_core import wire
 
         kinds = [wire.loads(r.body, r.codec)["kind"] for r in box.pending(10)]
     assert kinds == ["model_load", "skip"]

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from agent import wire
 from agent.config import SCHEMA
 from agent.outbox import Outbox
+from lens_core import wire
 
 from .processes import DEVICE, AggregatorProcess, device_token
 from .test_service import NotifySocket, wait_for

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from agent.stats import latency_distribution, metric_distribution
+from lens_core.stats import latency_distribution, metric_distribution
 
 
 def test_hand_checked_values() -> None:

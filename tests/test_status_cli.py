@@ -125,7 +125,7 @@ def test_serve_applies_every_server_limit_of_its_config(tmp_path: Path) -> None:
     import urllib.error
     import urllib.request
 
-    from agent import wire
+    from lens_core import wire
 
     from .netproxy import free_port
     from .processes import AggregatorProcess, device_token

@@ -14,15 +14,15 @@ import pytest
 import trustme
 from aiohttp import web
 
-from agent import wire
 from agent.config import load_config
-from agent.errors import ConfigError
 from agent.outbox import AsyncOutbox, Outbox
 from agent.status import evaluate
 from agent.sync import SyncService, SyncSettings, Uploader, full_jitter_backoff, sync_settings
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
 from aggregator.store import SQLiteStore
+from lens_core import wire
+from lens_core.errors import ConfigError
 
 DEVICE = "dev-1"
 

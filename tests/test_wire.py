@@ -14,10 +14,10 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import wire
-from agent.itlpack import PackError, pack_gaps, unpack_gaps
 from agent.measurement import Measurement
 from agent.synthetic import synthetic_records
+from lens_core import wire
+from lens_core.itlpack import PackError, pack_gaps, unpack_gaps
 
 
 @given(st.lists(st.integers(min_value=0, max_value=10**9), max_size=300))

@@ -12,6 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from lens_core.stats import latency_distribution, metric_distribution
+
 from .. import __version__
 from ..engines.llama import LlamaEngine
 from ..measurement import Measurement, utc_now_iso
@@ -19,7 +21,6 @@ from ..memory import system_memory
 from ..probes.device import mapped_file_rss
 from ..probes.power import Unavailable, why_no_power
 from ..probes.sampler import PowerSampler
-from ..stats import latency_distribution, metric_distribution
 from .runner import BenchOptions, ModelRun
 
 SCHEMA_VERSION = "1.0.0"

@@ -14,7 +14,7 @@ import psutil
 
 from ..clock import stamp
 from ..collab.context import CollabContext, build_strategy
-from ..config import Config
+from ..config import AgentConfig
 from ..device import device_info
 from ..engines.llama import EngineSettings, LlamaEngine
 from ..engines.modelfile import resolve_model_path
@@ -32,7 +32,7 @@ from .runner import BenchOptions, run_bench
 
 @dataclass
 class BenchRequest:
-    config: Config
+    config: AgentConfig
     models: list[Path] = field(default_factory=list)
     output: Path | None = None
     raw: Path | None = None
@@ -229,7 +229,7 @@ def _run_with_progress(
     prompts: list[Any],
     options: BenchOptions,
     run_id: str,
-    config: Config,
+    config: AgentConfig,
     raw_file: IO[str] | None,
     request: BenchRequest,
     store: Callable[[Measurement], None],

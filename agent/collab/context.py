@@ -7,7 +7,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Config
+from ..config import AgentConfig
 from ..engines.cloud import CloudClient, LoopRunner, cloud_settings
 from ..engines.llama import LlamaEngine
 from ..errors import UsageError
@@ -18,7 +18,7 @@ from .strategies import CloudStrategy, OffloadStrategy, SpeculativeStrategy
 
 class CollabContext:
     def __init__(
-        self, config: Config, client: CloudClient, runner: LoopRunner, rtt_ms: float | None, model: str
+        self, config: AgentConfig, client: CloudClient, runner: LoopRunner, rtt_ms: float | None, model: str
     ) -> None:
         self.config = config
         self.client = client
@@ -27,7 +27,7 @@ class CollabContext:
         self.model = model
 
     @classmethod
-    def open(cls, config: Config, status: Callable[[str], None]) -> CollabContext:
+    def open(cls, config: AgentConfig, status: Callable[[str], None]) -> CollabContext:
         settings = cloud_settings(config)
         runner = LoopRunner()
         client = CloudClient(settings)
@@ -100,7 +100,7 @@ class CollabContext:
 
 
 def build_strategy(
-    name: str, engine: LlamaEngine | None, options: Any, collab: CollabContext | None, config: Config
+    name: str, engine: LlamaEngine | None, options: Any, collab: CollabContext | None, config: AgentConfig
 ) -> Any:
     from ..bench.runner import LocalStrategy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..config import Config
+from ..config import AgentConfig
 from ..memory import system_memory
 from .device import describe
 from .power import detect_power, why_no_power
@@ -13,7 +13,7 @@ from .sampler import PowerSampler
 from .sysfs import Root
 
 
-def probe_document(config: Config, *, samples: int = 5) -> dict[str, Any]:
+def probe_document(config: AgentConfig, *, samples: int = 5) -> dict[str, Any]:
     probes = config.values["probes"]
     root = Root(probes["sysfs_root"])
     sources, unavailable = detect_power(root, probes["power_source"])

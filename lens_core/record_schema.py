@@ -1,11 +1,11 @@
 """The strict record schema: what the aggregator stores, so that every read path can serve what it stored.
 
-:func:`agent.wire.validate_record` is the structural check both sides share (required fields, column types); the
+:func:`lens_core.wire.validate_record` is the structural check both sides share (required fields, column types); the
 agent uses it to screen out rows it cannot decode. :func:`check_record` adds everything a read path, an export, a
 page or ``/metrics`` relies on, relative to the receiver's clock: exact types of every known field, finite
 numbers, the time window, bounded durations, counts, strings, byte strings and the packed gaps' header, and
 ``ext`` (and any unknown top-level field) restricted to a bounded JSON-compatible subset. Decoding itself is
-bounded in :mod:`agent.wire` (no CBOR tags, no msgpack extension types, nesting and lengths capped), so a record
+bounded in :mod:`lens_core.wire` (no CBOR tags, no msgpack extension types, nesting and lengths capped), so a record
 that reaches this check is already a plain tree of ``dict``/``list``/``str``/``bytes``/``int``/``float``/``bool``/
 ``None``.
 
@@ -199,7 +199,7 @@ _MAX_PLANS = 4096
 
 def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
     """Refuse (:class:`SchemaError`) a record any read path could not serve. ``record`` is a map decoded by
-    :func:`agent.wire.loads`; this covers :func:`agent.wire.validate_record`'s checks too (required fields and
+    :func:`lens_core.wire.loads`; this covers :func:`lens_core.wire.validate_record`'s checks too (required fields and
     their types), so the aggregator's hot path runs only this (``wire.check_record``). ``now_us``: the receiver's
     clock (Unix microseconds), the upper end of the time window."""
     if len(record) > MAX_FIELDS:

@@ -2,7 +2,7 @@
 
 A **record** on the wire is the measurement dict (``Measurement.to_dict``) mapped for size and exactness:
 times in integer microseconds (``ttft_ms`` → ``ttft_us``; the gap list ``itl_ms`` → ``itl_us``, packed
-by :mod:`agent.itlpack`), the start as Unix
+by :mod:`lens_core.itlpack`), the start as Unix
 microseconds (``started_us``), the record id as 16 bytes and sha256 digests as 32 bytes, and no prompt or output
 text unless the configuration asks for it. It is encoded on its own (CBOR or msgpack map), so the aggregator can
 store each record's bytes as received.
@@ -275,7 +275,7 @@ def validate_record(wire: Any, index: int = 0) -> dict[str, Any]:
 
 def check_record(wire: Any, index: int, now_us: int) -> dict[str, Any]:
     """The aggregator's check of a decoded record: :func:`validate_record` and the strict schema
-    (:func:`agent.record_schema.check_record`, relative to ``now_us``, the receive time). A refusal is a WireError
+    (:func:`lens_core.record_schema.check_record`, relative to ``now_us``, the receive time). A refusal is a WireError
     naming the record's index, its id (hex, when readable) and the field."""
     if type(wire) is not dict:
         validate_record(wire, index)  # raises, in its words
