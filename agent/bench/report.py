@@ -217,32 +217,106 @@ def utilization_section(run: ModelRun, sampler: PowerSampler | None) -> tuple[di
     return out, missing
 
 
-def results_document(
+def _metadata(run_id: str) -> dict[str, Any]:
+    return {
+        "benchmark_id": str(uuid.uuid4()),
+        "run_id": run_id,
+        "timestamp": utc_now_iso(),
+        "version": SCHEMA_VERSION,
+        "tool": "llm-latency-lens",
+        "tool_version": __version__,
+    }
+
+
+def _model_section(run: ModelRun, cloud: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """``configuration.model``: the GGUF file's identity, or the cloud endpoint's model name."""
+    info = run.engine.info if run.engine else None
+    if info is None:
+        # the cloud strategy alone: the endpoint's model, spoken to over the OpenAI API
+        name = (cloud or {}).get("model") or "unknown"
+        return {"name": name, "provider": "openai", "api": "openai-compatible"}, {
+            "configuration.model.quantization": "the cloud model's quantization is not known to the client"
+        }
+    model: dict[str, Any] = {
+        "name": info.name,
+        "provider": "local",
+        "version": info.sha256[:12] if info.sha256 else "unknown",
+        "quantization_exact": info.quantization,
+        "path": info.path,
+        "sha256": info.sha256 or None,
+        "architecture": info.architecture,
+        "description": info.description,
+        "file_bytes": info.file_bytes,
+        "n_params": info.n_params,
+        "n_ctx_train": info.n_ctx_train,
+    }
+    if info.quantization_coarse is None:
+        return model, {
+            "configuration.model.quantization": (
+                f"GGUF type {info.quantization} has no value in the schema's enum; see quantization_exact"
+            )
+        }
+    model["quantization"] = info.quantization_coarse
+    return model, {}
+
+
+def _hardware_section(run: ModelRun, device: dict[str, Any]) -> dict[str, Any]:
+    engine = run.engine
+    hardware: dict[str, Any] = {
+        "cpu_cores": device.get("cpu_cores_physical") or device.get("cpu_cores_logical"),
+        "memory_gb": round(device["memory_total_bytes"] / 1024**3, 2),
+        "batch_size": 1,
+        "accelerator": engine.accelerator() if engine else None,
+        **{k: v for k, v in device.items() if k not in ("memory_total_bytes",)},
+    }
+    settings = engine.settings if engine else None
+    if settings is not None and settings.n_gpu_layers != 0 and device.get("gpu_type"):
+        hardware["gpu_count"] = 1
+    return hardware
+
+
+def _test_parameters(run: ModelRun, options: BenchOptions, prompt_source: str) -> dict[str, Any]:
+    ok = [m for m in run.measured if m.ok]
+    return {
+        "input_tokens": _token_stats([m.input_tokens for m in ok if m.input_tokens is not None]),
+        "output_tokens": _token_stats([m.output_tokens for m in ok]),
+        "concurrency_levels": [1],
+        "warmup_requests": options.warmup,
+        "total_requests": options.runs,
+        "max_tokens": options.max_tokens,
+        "ignore_eos": options.ignore_eos,
+        "chat_template": run.chat_template_used,
+        "kv_cache": "reused (common prefix kept)" if options.reuse_cache else "cleared before every request",
+        "sampling": "greedy (temperature 0)",
+        "prompts": prompt_source,
+    }
+
+
+def configuration_section(
     run: ModelRun,
-    *,
-    run_id: str,
     device: dict[str, Any],
     options: BenchOptions,
     prompt_source: str,
-    sampler: PowerSampler | None = None,
-    power_unavailable: list[Unavailable] | None = None,
-    baseline_w: dict[str, float] | None = None,
-    cloud: dict[str, Any] | None = None,
-    power_source: str | list[str] = "auto",
-) -> dict[str, Any]:
-    """The results JSON: validates against the seed's ``benchmark_results.schema.json``.
+    cloud: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The document's ``configuration``, and what in it the schema wants but this run cannot say."""
+    hardware = _hardware_section(run, device)
+    model, missing = _model_section(run, cloud)
+    configuration: dict[str, Any] = {
+        "model": model,
+        "hardware": hardware,
+        "test_parameters": _test_parameters(run, options, prompt_source),
+        "engine": _engine_section(run.engine, run.strategy),
+        "strategy": run.strategy,
+    }
+    if cloud:
+        configuration["cloud"] = cloud
+    return configuration, missing
 
-    ``cloud``: the endpoint (url, model, rtt_ms) for the cloud, speculative and offload strategies.
-    """
-    engine = run.engine
-    info = engine.info if engine else None
-    load = engine.load_info if engine else None
-    settings = engine.settings if engine else None
-    measured = run.measured
-    ok = [m for m in measured if m.ok]
-    errors = [m for m in measured if not m.ok]
 
-    latency, missing = _distributions(
+def latency_section(ok: list[Measurement]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``results.latency_metrics``: the lens's wall-clock distributions over the successful requests."""
+    return _distributions(
         ok,
         {
             "time_to_first_token": ([m.ttft_ms for m in ok], "no request produced a token"),
@@ -255,7 +329,12 @@ def results_document(
             "decode_time": ([m.decode_ms for m in ok], "every request produced at most one token"),
         },
     )
-    engine_timings, engine_missing = _distributions(
+
+
+def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``results.engine_timings``: llama.cpp's own per-token figures and the lens's overhead ratio."""
+    ok = [m for m in measured if m.ok]
+    timings, missing = _distributions(
         ok,
         {
             "prefill_ms_per_token": (
@@ -280,131 +359,110 @@ def results_document(
         },
     )
     ratio = overhead_ratio(measured)
-    engine_timings["overhead_ratio"] = ratio
-    engine_timings["overhead_ratio_definition"] = (
+    timings["overhead_ratio"] = ratio
+    timings["overhead_ratio_definition"] = (
         "llama.cpp decode ms per token (t_eval_ms / n_eval) ÷ lens TPOT, pooled over successful requests"
     )
-    missing.update({f"engine_timings.{k}": v for k, v in engine_missing.items()})
+    unavailable = {f"engine_timings.{k}": v for k, v in missing.items()}
     if ratio is None:
-        missing["engine_timings.overhead_ratio"] = "no request decoded two or more tokens"
+        unavailable["engine_timings.overhead_ratio"] = "no request decoded two or more tokens"
+    return timings, unavailable
 
+
+def _throughput_section(run: ModelRun) -> dict[str, Any]:
+    ok = [m for m in run.measured if m.ok]
     output_tokens = sum(m.output_tokens for m in ok)
     wall = run.measured_wall_s
-    throughput: dict[str, Any] = {
+    return {
         "tokens_per_second": output_tokens / wall if wall > 0 else 0.0,
         "requests_per_second": len(ok) / wall if wall > 0 else 0.0,
         "measured_wall_seconds": wall,
         "output_tokens": output_tokens,
     }
+
+
+def _error_section(measured: list[Measurement]) -> dict[str, Any]:
+    errors = [m for m in measured if not m.ok]
+    return {
+        "total_errors": len(errors),
+        "error_rate": len(errors) / len(measured) if measured else 0.0,
+        "errors_by_type": dict(Counter(m.error_type or "unknown" for m in errors)),
+    }
+
+
+def _model_load_section(run: ModelRun) -> dict[str, Any]:
+    load = run.engine.load_info if run.engine else None
+    return {
+        "load_ms": load.load_ms if load else None,
+        "engine_load_ms": load.engine_load_ms if load else None,
+        "cold_ttft_ms": run.cold_ttft_ms,
+        "rss_before_load_bytes": load.rss_before_bytes if load else None,
+        "rss_after_load_bytes": load.rss_after_bytes if load else None,
+    }
+
+
+def _memory_section(run: ModelRun) -> dict[str, Any]:
+    info = run.engine.info if run.engine else None
+    ok = [m for m in run.measured if m.ok]
     peaks = [m.rss_peak_bytes for m in ok if m.rss_peak_bytes is not None]
-    hardware: dict[str, Any] = {
-        "cpu_cores": device.get("cpu_cores_physical") or device.get("cpu_cores_logical"),
-        "memory_gb": round(device["memory_total_bytes"] / 1024**3, 2),
-        "batch_size": 1,
-        "accelerator": engine.accelerator() if engine else None,
-        **{k: v for k, v in device.items() if k not in ("memory_total_bytes",)},
+    return {
+        "model_file_bytes": info.file_bytes if info else None,
+        "model_mapped_rss_bytes": mapped_file_rss(info.path) if info else None,
+        "rss_peak_bytes": max(peaks) if peaks else None,
+        "rss_peak_source": ok[0].rss_peak_source if ok else None,
+        "system": system_memory(),
     }
-    if settings is not None and settings.n_gpu_layers != 0 and device.get("gpu_type"):
-        hardware["gpu_count"] = 1
-    if info is not None:
-        model: dict[str, Any] = {
-            "name": info.name,
-            "provider": "local",
-            "version": info.sha256[:12] if info.sha256 else "unknown",
-            "quantization_exact": info.quantization,
-            "path": info.path,
-            "sha256": info.sha256 or None,
-            "architecture": info.architecture,
-            "description": info.description,
-            "file_bytes": info.file_bytes,
-            "n_params": info.n_params,
-            "n_ctx_train": info.n_ctx_train,
-        }
-        if info.quantization_coarse is not None:
-            model["quantization"] = info.quantization_coarse
-        else:
-            missing["configuration.model.quantization"] = (
-                f"GGUF type {info.quantization} has no value in the schema's enum; see quantization_exact"
-            )
-    else:
-        # the cloud strategy alone: the endpoint's model, spoken to over the OpenAI API
-        model = {"name": (cloud or {}).get("model") or "unknown", "provider": "openai", "api": "openai-compatible"}
-        missing["configuration.model.quantization"] = "the cloud model's quantization is not known to the client"
-    test_parameters: dict[str, Any] = {
-        "input_tokens": _token_stats([m.input_tokens for m in ok if m.input_tokens is not None]),
-        "output_tokens": _token_stats([m.output_tokens for m in ok]),
-        "concurrency_levels": [1],
-        "warmup_requests": options.warmup,
-        "total_requests": options.runs,
-        "max_tokens": options.max_tokens,
-        "ignore_eos": options.ignore_eos,
-        "chat_template": run.chat_template_used,
-        "kv_cache": "reused (common prefix kept)" if options.reuse_cache else "cleared before every request",
-        "sampling": "greedy (temperature 0)",
-        "prompts": prompt_source,
+
+
+def _requests_section(measured: list[Measurement]) -> dict[str, Any]:
+    ok = [m for m in measured if m.ok]
+    return {
+        "measured": len(measured),
+        "succeeded": len(ok),
+        "stop_reasons": dict(Counter(m.stop_reason for m in ok)),
     }
-    by_type = Counter(m.error_type or "unknown" for m in errors)
-    document: dict[str, Any] = {
-        "metadata": {
-            "benchmark_id": str(uuid.uuid4()),
-            "run_id": run_id,
-            "timestamp": utc_now_iso(),
-            "version": SCHEMA_VERSION,
-            "tool": "llm-latency-lens",
-            "tool_version": __version__,
-        },
-        "configuration": {
-            "model": model,
-            "hardware": hardware,
-            "test_parameters": test_parameters,
-            "engine": _engine_section(engine, run.strategy),
-            "strategy": run.strategy,
-        },
-        "results": {
-            "latency_metrics": latency,
-            "throughput_metrics": throughput,
-            "engine_timings": engine_timings,
-            "error_metrics": {
-                "total_errors": len(errors),
-                "error_rate": len(errors) / len(measured) if measured else 0.0,
-                "errors_by_type": dict(by_type),
-            },
-            "model_load": {
-                "load_ms": load.load_ms if load else None,
-                "engine_load_ms": load.engine_load_ms if load else None,
-                "cold_ttft_ms": run.cold_ttft_ms,
-                "rss_before_load_bytes": load.rss_before_bytes if load else None,
-                "rss_after_load_bytes": load.rss_after_bytes if load else None,
-            },
-            "memory": {
-                "model_file_bytes": info.file_bytes if info else None,
-                "model_mapped_rss_bytes": mapped_file_rss(info.path) if info else None,
-                "rss_peak_bytes": max(peaks) if peaks else None,
-                "rss_peak_source": ok[0].rss_peak_source if ok else None,
-                "system": system_memory(),
-            },
-            "requests": {
-                "measured": len(measured),
-                "succeeded": len(ok),
-                "stop_reasons": dict(Counter(m.stop_reason for m in ok)),
-            },
-        },
+
+
+def results_document(
+    run: ModelRun,
+    *,
+    run_id: str,
+    device: dict[str, Any],
+    options: BenchOptions,
+    prompt_source: str,
+    sampler: PowerSampler | None = None,
+    power_unavailable: list[Unavailable] | None = None,
+    baseline_w: dict[str, float] | None = None,
+    cloud: dict[str, Any] | None = None,
+    power_source: str | list[str] = "auto",
+) -> dict[str, Any]:
+    """The results JSON: validates against the seed's ``benchmark_results.schema.json``.
+
+    ``cloud``: the endpoint (url, model, rtt_ms) for the cloud, speculative and offload strategies.
+    """
+    latency, latency_missing = latency_section([m for m in run.measured if m.ok])
+    engine_timings, engine_missing = engine_timings_section(run.measured)
+    configuration, configuration_missing = configuration_section(run, device, options, prompt_source, cloud)
+    results: dict[str, Any] = {
+        "latency_metrics": latency,
+        "throughput_metrics": _throughput_section(run),
+        "engine_timings": engine_timings,
+        "error_metrics": _error_section(run.measured),
+        "model_load": _model_load_section(run),
+        "memory": _memory_section(run),
+        "requests": _requests_section(run.measured),
     }
-    if cloud:
-        document["configuration"]["cloud"] = cloud
     collab = collab_section(run)
     if collab:
-        document["results"]["collaboration"] = collab
-    document["results"]["energy"] = energy_section(
-        run, sampler, power_unavailable or [], baseline_w or {}, power_source
-    )
+        results["collaboration"] = collab
+    results["energy"] = energy_section(run, sampler, power_unavailable or [], baseline_w or {}, power_source)
     utilization, utilization_missing = utilization_section(run, sampler)
     if utilization:
-        document["results"]["resource_utilization"] = utilization
-    missing.update(utilization_missing)
+        results["resource_utilization"] = utilization
+    missing = {**latency_missing, **engine_missing, **configuration_missing, **utilization_missing}
     if missing:
-        document["results"]["unavailable"] = missing
-    return document
+        results["unavailable"] = missing
+    return {"metadata": _metadata(run_id), "configuration": configuration, "results": results}
 
 
 # -- human-readable output -------------------------------------------------------------------------------------
