@@ -27,11 +27,11 @@ import uuid
 from typing import Any
 
 from .bench.runner import BenchOptions, measure_request
-from .collab.strategies import fill_timings
 from .engines.llama import LlamaEngine
 from .measurement import Measurement
 from .memory import ProcessMemory
 from .prompts import Prompt
+from .strategies import fill_timings
 
 _ENGINE_ATTR = "_lens_engine"
 

@@ -33,6 +33,7 @@ from lens_core.notify import Notifier
 
 from .bench.runner import BenchOptions, run_bench
 from .clock import boot_id, stamp
+from .collab.context import CollabContext
 from .config import load_config
 from .engines.llama import EngineSettings, LlamaEngine
 from .engines.modelfile import resolve_model_path
@@ -46,6 +47,7 @@ from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
 from .prompts import load_prompts
 from .schedule import Scheduler
+from .strategies import build_strategy
 
 log = logging.getLogger("agent.service")
 STATE_FILE = "service.json"
@@ -294,8 +296,6 @@ class AgentService:
 
     def _measure(self, workload: dict[str, Any]) -> dict[str, Any]:
         """On the engine thread: one run of a workload, every record stored before the next request."""
-        from .collab.context import CollabContext, build_strategy
-
         config = self.config
         assert self.engine is not None and self.outbox is not None
         options = BenchOptions(

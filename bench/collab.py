@@ -22,11 +22,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.bench.runner import BenchOptions, LocalStrategy, run_bench
-from agent.collab.strategies import CloudStrategy, SpeculativeStrategy
+from agent.bench.runner import BenchOptions, run_bench
 from agent.engines.cloud import CloudClient, CloudSettings, LoopRunner
 from agent.engines.llama import EngineSettings, LlamaEngine
 from agent.prompts import builtin_prompts
+from agent.strategies import CloudStrategy, LocalStrategy, SpeculativeStrategy
 from tests.netproxy import LinkProxy, free_port
 from tests.tinymodel import write_tiny_llama
 

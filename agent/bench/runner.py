@@ -1,7 +1,7 @@
 """Run a benchmark: warm-up requests, then measured requests, each turned into a :class:`Measurement`.
 
-How a request runs is a strategy (:mod:`agent.collab.strategies`); :class:`LocalStrategy` here is the lens's own
-timed llama.cpp loop.
+How a request runs is a strategy (:mod:`agent.strategies`); without one given, it is
+:class:`~agent.strategies.LocalStrategy`, the lens's own timed llama.cpp loop.
 """
 
 from __future__ import annotations
@@ -9,17 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from ..collab.strategies import fill_timings
-from ..engines.llama import Generation, LlamaEngine
-from ..errors import RequestError, UsageError
+from ..engines.llama import LlamaEngine
+from ..errors import UsageError
 from ..measurement import Measurement
 from ..memory import ProcessMemory
 from ..probes.sampler import PowerSampler
 from ..prompts import Prompt
-
-Window = tuple[int, int, int] | None  # (start_ns, first_token_ns, last_token_ns)
+from ..strategies import LocalStrategy, Strategy, Window
 
 
 @dataclass(frozen=True)
@@ -31,12 +29,6 @@ class BenchOptions:
     chat_template: str = "auto"  # auto | on | off
     reuse_cache: bool = False
     include_text: bool = True
-
-
-class Strategy(Protocol):
-    name: str
-
-    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window: ...
 
 
 @dataclass
@@ -58,64 +50,6 @@ class ModelRun:
     def cold_ttft_ms(self) -> float | None:
         first = next((m for m in self.measurements if m.first_after_load), None)
         return first.ttft_ms if first is not None else None
-
-
-def _engine_figures(gen: Generation, prefill_tokens: int) -> dict[str, Any]:
-    """llama.cpp's own counters for the request, or None where they do not describe it.
-
-    llama.cpp counts any multi-token batch as prompt eval and a single-token batch as eval, and clamps both
-    counts to ≥ 1. So its prefill figure only describes a prompt of ≥ 2 new tokens, and its decode figure only
-    a request that decoded ≥ 1 token after the first.
-    """
-    n_decoded = len(gen.tokens) - 1
-    clean = prefill_tokens >= 2
-    return {
-        "engine_prefill_ms": gen.perf["t_p_eval_ms"] if clean else None,
-        "engine_prefill_tokens": int(gen.perf["n_p_eval"]) if clean else None,
-        "engine_decode_ms": gen.perf["t_eval_ms"] if clean and n_decoded >= 1 else None,
-        "engine_decode_tokens": int(gen.perf["n_eval"]) if clean and n_decoded >= 1 else None,
-    }
-
-
-@dataclass
-class LocalStrategy:
-    """The lens's low-level llama.cpp loop, with llama.cpp's own counters and peak RSS per request."""
-
-    engine: LlamaEngine
-    options: BenchOptions
-    memory: ProcessMemory = field(default_factory=ProcessMemory)
-    name: str = "local"
-
-    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
-        engine, memory, options = self.engine, self.memory, self.options
-        memory.reset_peak()
-        record.rss_before_bytes = memory.read().rss_bytes
-        cached_before = len(engine._cached) if options.reuse_cache else 0
-        try:
-            gen = engine.generate(
-                text, max_tokens=max_tokens, ignore_eos=options.ignore_eos, reuse_cache=options.reuse_cache
-            )
-        except RequestError as exc:
-            engine.requests_since_load += 1
-            record.ok = False
-            record.error_type = exc.error_type
-            record.error_message = exc.message
-            return None
-        after = memory.read()
-        if memory.peak_resettable and after.hwm_bytes is not None:
-            record.rss_peak_bytes, record.rss_peak_source = after.hwm_bytes, "VmHWM"
-        else:
-            record.rss_peak_bytes, record.rss_peak_source = after.rss_bytes, "rss_after"
-        fill_timings(record, gen.start_ns, gen.token_ns)
-        record.stop_reason = gen.stop_reason
-        record.input_tokens = gen.input_tokens
-        record.output_tokens = len(gen.tokens)
-        record.prefill_ms = gen.prefill_ns / 1e6
-        prefill_tokens = gen.input_tokens - min(cached_before, gen.input_tokens - 1)
-        for key, value in _engine_figures(gen, prefill_tokens).items():
-            setattr(record, key, value)
-        record.output_text = gen.text
-        return gen.start_ns, gen.token_ns[0], gen.token_ns[-1]
 
 
 def new_record(

@@ -13,7 +13,7 @@ from typing import IO, Any
 import psutil
 
 from ..clock import stamp
-from ..collab.context import CollabContext, build_strategy
+from ..collab.context import CollabContext
 from ..config import AgentConfig
 from ..device import device_info
 from ..engines.llama import EngineSettings, LlamaEngine
@@ -26,8 +26,9 @@ from ..probes.power import detect_power
 from ..probes.sampler import PowerSampler
 from ..probes.sysfs import Root
 from ..prompts import load_prompts
+from ..strategies import build_strategy
 from .report import comparison_table, llmperf_files, results_document, summary_table
-from .runner import BenchOptions, run_bench
+from .runner import BenchOptions, ModelRun, run_bench
 
 
 @dataclass
@@ -161,7 +162,7 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                     sampler.stop()
                 extra: dict[str, Any] = {}
                 if collab is not None and config.get("collab", "baselines") and engine is not None:
-                    extra["speedup"] = collab.baselines(run, engine, prompts, options, status)
+                    extra["speedup"] = _baselines(collab, config, run, engine, prompts, options, status)
                 document = results_document(
                     run,
                     run_id=session.run_id,
@@ -196,6 +197,48 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     if request.raw:
         session.written.append(request.raw)
     return session
+
+
+def _baselines(
+    collab: CollabContext,
+    config: AgentConfig,
+    run: ModelRun,
+    engine: LlamaEngine,
+    prompts: list[Any],
+    options: BenchOptions,
+    status: Callable[[str], None],
+) -> dict[str, Any]:
+    """Cloud-only and edge-only runs of the same prompts, now: speedups of the collaborative run over each."""
+
+    def tps(r: Any) -> float | None:
+        ok = [m for m in r.measured if m.ok]
+        return sum(m.output_tokens for m in ok) / r.measured_wall_s if ok and r.measured_wall_s else None
+
+    status("baseline: the same prompts cloud-only …")
+    cloud = run_bench(
+        engine,
+        prompts,
+        options,
+        run_id="baseline",
+        device_id="baseline",
+        strategy=build_strategy("cloud", engine, options, collab, config),
+    )
+    status("baseline: the same prompts on the edge model alone …")
+    local = run_bench(
+        engine,
+        prompts,
+        options,
+        run_id="baseline",
+        device_id="baseline",
+        strategy=build_strategy("local", engine, options, collab, config),
+    )
+    ours, cloud_tps, local_tps = tps(run), tps(cloud), tps(local)
+    return {
+        "vs_cloud_only": ours / cloud_tps if ours and cloud_tps else None,
+        "vs_edge_only": ours / local_tps if ours and local_tps else None,
+        "tokens_per_second": {"this_run": ours, "cloud_only": cloud_tps, "edge_only": local_tps},
+        "method": "output tokens ÷ measured wall time of each run, the same prompts, measured in the same session",
+    }
 
 
 def _device_facts(root: Root) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Edge–cloud collaboration: the cloud strategy, speculative decoding across the network, offloading."""
+"""Edge–cloud collaboration: the cloud connection and the offloading policy (strategies: :mod:`agent.strategies`)."""

@@ -1,13 +1,7 @@
-"""How one benchmark request runs: locally, in the cloud, speculatively across both, or where a policy sends it.
-
-Each strategy turns a prompt into a :class:`~agent.measurement.Measurement` plus the request's time window
-(start, first token, last token on the ``perf_counter_ns`` clock) for the power sampler. Failures become error
-measurements, never exceptions.
-"""
+"""Speculative decoding across the network: the local model drafts, the cloud verifies."""
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,75 +9,10 @@ from typing import Any
 from ..engines.cloud import CloudClient, CloudResult, LoopRunner
 from ..engines.llama import LlamaEngine
 from ..errors import RequestError
-from ..measurement import Measurement, timings_from_token_times
-from ..probes.power import on_battery
-from ..probes.sysfs import Root
-from .offload import OffloadPolicy, Rates, decide
-
-Window = tuple[int, int, int] | None  # (start_ns, first_token_ns, last_token_ns)
+from ..measurement import Measurement
+from .base import Window, fill_timings
 
 
-def fill_timings(record: Measurement, start_ns: int, stamps: list[int]) -> None:
-    timings = timings_from_token_times(start_ns, stamps)
-    record.ttft_ms = timings["ttft_ms"]
-    record.tpot_ms = timings["tpot_ms"]
-    record.e2e_ms = timings["e2e_ms"]
-    record.itl_ms = timings["itl_ms"]
-    record.decode_ms = timings["decode_ms"] if len(stamps) > 1 else None
-
-
-# -- cloud --------------------------------------------------------------------------------------------------------
-@dataclass
-class CloudStrategy:
-    client: CloudClient
-    runner: LoopRunner
-    rtt_ms: float | None = None
-    name: str = "cloud"
-
-    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
-        record.strategy = "cloud"
-        record.engine = "openai-compatible"
-        prompt: Any = [{"role": "user", "content": text}] if self.client.settings.chat else text
-        result = self.runner.run(self.client.complete(prompt, max_tokens=max_tokens, stream=True))
-        return cloud_record(record, result, self.rtt_ms)
-
-
-def cloud_record(record: Measurement, result: CloudResult, rtt_ms: float | None) -> Window:
-    n_out, source = result.output_tokens
-    record.ext["network"] = {
-        "rtt_ms": rtt_ms,
-        "bytes_up": result.bytes_up,
-        "bytes_down": result.bytes_down,
-        "token_count_source": source,
-        "http_status": result.http_status,
-    }
-    if not result.ok:
-        record.ok = False
-        record.error_type = result.error_type
-        record.error_message = result.error_message
-        return None
-    if not result.chunk_ns:
-        record.ok = False
-        record.error_type = "empty_answer"
-        hint = (
-            "; a chat model asked on /v1/completions does that: use --cloud-api chat"
-            if "chat" not in result.path
-            else ""
-        )
-        record.error_message = (
-            f"{result.path} answered HTTP {result.http_status} without any text "
-            f"(finish_reason {result.finish_reason or 'none'}){hint}"
-        )
-        return None
-    fill_timings(record, result.start_ns, result.chunk_ns)
-    record.output_tokens = n_out
-    record.input_tokens = (result.usage or {}).get("prompt_tokens")
-    record.stop_reason = {"length": "max_tokens", "stop": "eos"}.get(result.finish_reason or "", result.finish_reason)
-    record.output_text = result.text
-    return result.start_ns, result.chunk_ns[0], result.chunk_ns[-1]
-
-
-# -- speculative --------------------------------------------------------------------------------------------------
 @dataclass
 class SpeculativeStrategy:
     """The local model drafts ``k`` tokens; the cloud verifies them; accepted tokens plus its own next are committed.
@@ -260,53 +189,3 @@ class SpeculativeStrategy:
         if generated is None:
             return texts, n_ok, True, result
         return [*texts, generated], n_ok, False, result
-
-
-# -- offloading ---------------------------------------------------------------------------------------------------
-@dataclass
-class OffloadStrategy:
-    """A policy sends each request to the local model or the cloud; a shadow sample runs both to check it."""
-
-    local: Any  # LocalStrategy
-    cloud: CloudStrategy
-    policy: OffloadPolicy
-    root: Root
-    rates: Rates
-    rng: random.Random
-    name: str = "offload"
-
-    def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
-        prompt_tokens = len(self.local.engine.tokenize(text))
-        discharging, capacity = on_battery(self.root)
-        decision = decide(self.policy, prompt_tokens, max_tokens, self.rates, discharging, capacity)
-        chosen, other = (self.cloud, self.local) if decision.target == "cloud" else (self.local, self.cloud)
-        window = chosen.measure(record, text, max_tokens)
-        record.strategy = "offload"
-        self.rates.observe(record, decision.target)
-        info: dict[str, Any] = {
-            "decision": decision.target,
-            "reason": decision.reason,
-            "predicted_local_ms": decision.predicted_local_ms,
-            "predicted_cloud_ms": decision.predicted_cloud_ms,
-        }
-        if self.policy.shadow_fraction and self.rng.random() < self.policy.shadow_fraction:
-            shadow = Measurement(
-                run_id=record.run_id,
-                device_id=record.device_id,
-                model_name=record.model_name,
-                model_sha256=record.model_sha256,
-            )
-            other.measure(shadow, text, max_tokens)
-            self.rates.observe(shadow, "local" if decision.target == "cloud" else "cloud")
-            right = None
-            if record.ok and shadow.ok and record.e2e_ms is not None and shadow.e2e_ms is not None:
-                right = record.e2e_ms <= shadow.e2e_ms
-            info["shadow"] = {
-                "other": "local" if decision.target == "cloud" else "cloud",
-                "other_ok": shadow.ok,
-                "other_e2e_ms": shadow.e2e_ms,
-                "chosen_e2e_ms": record.e2e_ms,
-                "policy_right": right,
-            }
-        record.ext["offload"] = info
-        return window

@@ -1,0 +1,65 @@
+"""How one request runs: locally, in the cloud, speculatively across both, or where a policy sends it.
+
+Every strategy has the same interface (:class:`Strategy`): ``measure(record, text, max_tokens)`` fills in the
+measurement and returns the request's time window. :func:`build_strategy` chooses one by name.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..collab.context import CollabContext
+from ..collab.offload import OffloadPolicy, Rates
+from ..config import AgentConfig
+from ..engines.llama import LlamaEngine
+from ..probes.sysfs import Root
+from .base import Strategy, Window, fill_timings
+from .cloud import CloudStrategy, cloud_record
+from .local import LocalOptions, LocalStrategy
+from .offload import OffloadStrategy
+from .speculative import SpeculativeStrategy
+
+__all__ = [
+    "CloudStrategy",
+    "LocalOptions",
+    "LocalStrategy",
+    "OffloadStrategy",
+    "SpeculativeStrategy",
+    "Strategy",
+    "Window",
+    "build_strategy",
+    "cloud_record",
+    "fill_timings",
+]
+
+
+def build_strategy(
+    name: str, engine: LlamaEngine | None, options: LocalOptions, collab: CollabContext | None, config: AgentConfig
+) -> Strategy:
+    """The strategy called ``name`` (``collab.strategy``): local, cloud, speculative or offload."""
+    if name == "local":
+        assert engine is not None
+        return LocalStrategy(engine, options)
+    assert collab is not None
+    if name == "cloud":
+        return CloudStrategy(collab.client, collab.runner, collab.rtt_ms)
+    assert engine is not None
+    c = config.values["collab"]
+    if name == "speculative":
+        return SpeculativeStrategy(
+            engine,
+            collab.client,
+            collab.runner,
+            k=c["draft_tokens"],
+            protocol=c["verify"],
+            adaptive=c["adaptive_draft"],
+            rtt_ms=collab.rtt_ms,
+        )
+    return OffloadStrategy(
+        local=LocalStrategy(engine, options),
+        cloud=CloudStrategy(collab.client, collab.runner, collab.rtt_ms),
+        policy=OffloadPolicy.from_config(config),
+        root=Root(config.get("probes", "sysfs_root")),
+        rates=Rates(rtt_ms=collab.rtt_ms),
+        rng=random.Random(0),
+    )
