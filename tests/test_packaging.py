@@ -1,38 +1,95 @@
-"""The .deb: built by packaging/build-deb.sh, inspected with dpkg-deb, unpacked with dpkg -x and run from there.
+"""The two .deb packages: built by packaging/build-deb.sh, inspected with dpkg-deb, unpacked with dpkg -x and run
+from there.
 
-Building compiles llama.cpp for any CPU of this architecture (no wheel cache): a few minutes, once per session.
+lens-agent's build compiles llama.cpp for any CPU of this architecture (no wheel cache): a few minutes, once per
+session. lens-aggregator's compiles nothing and has a fixture of its own, so its tests do not wait for the agent's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from .netproxy import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.deb
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build(role: str, out: Path) -> Path:
     assert shutil.which("dpkg-deb"), "dpkg-deb is missing: `make sysdeps` installs it"
-    out = tmp_path_factory.mktemp("deb")
     done = subprocess.run(
-        ["bash", str(ROOT / "packaging" / "build-deb.sh"), str(out)], capture_output=True, text=True, timeout=1800
+        ["bash", str(ROOT / "packaging" / "build-deb.sh"), "--role", role, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return Path(done.stdout.strip().splitlines()[-1])
+    deb = Path(done.stdout.strip().splitlines()[-1])
+    assert deb.name.startswith(f"lens-{role}_") and deb.suffix == ".deb", deb
+    return deb
+
+
+def unpack(deb: Path, root: Path) -> Path:
+    subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    return root
+
+
+def contents(deb: Path) -> str:
+    return subprocess.run(["dpkg-deb", "--contents", str(deb)], check=True, capture_output=True, text=True).stdout
+
+
+def control_file(deb: Path, name: str) -> str:
+    """One file of the package's control archive (control, conffiles, postinst …) as dpkg-deb prints it."""
+    return subprocess.run(["dpkg-deb", "--info", str(deb), name], check=True, capture_output=True, text=True).stdout
+
+
+def files(deb: Path) -> set[str]:
+    """Every path in the package that is not a directory (files and links): what dpkg would refuse to share."""
+    found = set()
+    for line in contents(deb).splitlines():
+        if line and not line.startswith("d"):
+            found.add(re.split(r"\s+", line, maxsplit=5)[5].split(" -> ")[0])
+    return found
+
+
+def venv_env() -> dict[str, str]:
+    """This process's environment without the test venv's, so the unpacked venv's python runs on its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("agent", tmp_path_factory.mktemp("deb"))
 
 
 @pytest.fixture(scope="module")
 def unpacked(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("root")
-    subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
-    return root
+    return unpack(deb, tmp_path_factory.mktemp("root"))
+
+
+@pytest.fixture(scope="module")
+def aggregator_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("aggregator", tmp_path_factory.mktemp("deb-aggregator"))
+
+
+@pytest.fixture(scope="module")
+def aggregator_unpacked(aggregator_deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return unpack(aggregator_deb, tmp_path_factory.mktemp("root-aggregator"))
+
+
+# lens-agent
 
 
 def test_package_metadata(deb: Path) -> None:
@@ -40,27 +97,35 @@ def test_package_metadata(deb: Path) -> None:
     assert "Package: lens-agent" in info and "Depends: python3 (>= 3." in info and "adduser" in info
     for script in ("postinst", "prerm", "postrm", "conffiles"):
         assert script in info
-    postinst = subprocess.run(["dpkg-deb", "--ctrl-tarfile", str(deb)], check=True, capture_output=True).stdout
-    assert b"deb-systemd-helper enable lens-agent.service" in postinst
-    assert b"systemctl start" not in postinst  # enabled, not started
+    postinst = control_file(deb, "postinst")
+    assert "deb-systemd-helper enable lens-agent.service" in postinst
+    assert "systemctl start" not in postinst  # enabled, not started
+    # the aggregator is its own package: not its user, its config or its service here
+    assert control_file(deb, "conffiles").split() == ["/etc/lens-agent/agent.toml"]
+    assert re.search(r"adduser --system .* lens-agent$", postinst, re.MULTILINE)
+    assert not re.search(r"adduser.*lens-aggregator|for user in", postinst)
+    for script in ("postinst", "prerm", "postrm"):
+        assert "lens-aggregator.service" not in control_file(deb, script), script
 
 
 def test_package_contents(deb: Path) -> None:
-    contents = subprocess.run(["dpkg-deb", "--contents", str(deb)], check=True, capture_output=True, text=True).stdout
+    listing = contents(deb)
     for path in (
         "./opt/lens-agent/bin/lens-agent",
-        "./opt/lens-agent/bin/lens-aggregator",
         "./usr/bin/lens-agent -> /opt/lens-agent/bin/lens-agent",
         "./lib/systemd/system/lens-agent.service",
-        "./lib/systemd/system/lens-aggregator.service",
         "./etc/lens-agent/agent.toml",
-        "./etc/lens-aggregator/aggregator.toml",
         "./usr/lib/tmpfiles.d/lens-agent-rapl.conf",
         "./usr/share/lens-agent/lens-agent-jetson.conf",
+        "./usr/share/lens-agent/prompts/short-chat.jsonl",
+        "./usr/share/doc/lens-agent/README.md",
+        "/site-packages/llama_cpp/",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
     ):
-        assert path in contents, path
-    assert "root/root" in contents and "__pycache__" not in contents
+        assert path in listing, path
+    for path in ("lens-aggregator.service", "./etc/lens-aggregator/", "./usr/bin/lens-aggregator"):
+        assert path not in listing, path
+    assert "root/root" in listing and "__pycache__" not in listing
 
 
 def test_unpacked_cli_runs(unpacked: Path, tiny_model: Path, tmp_path: Path) -> None:
@@ -68,7 +133,7 @@ def test_unpacked_cli_runs(unpacked: Path, tiny_model: Path, tmp_path: Path) -> 
     script = (venv / "bin" / "lens-agent").read_text().splitlines()[0]
     assert script == "#!/opt/lens-agent/bin/python3"  # relocated to where it will live
     python = venv / "bin" / "python3"
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env = venv_env()
     run = [str(python), "-c", "from agent.cli import main; main()"]
     version = subprocess.run([*run, "--version"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert version.returncode == 0 and "lens-agent" in version.stdout
@@ -108,13 +173,154 @@ def test_unpacked_cli_runs(unpacked: Path, tiny_model: Path, tmp_path: Path) -> 
 
 
 def test_units_verify_against_the_unpacked_tree(unpacked: Path, tmp_path: Path) -> None:
-    for unit in ("lens-agent.service", "lens-aggregator.service"):
-        text = (unpacked / "lib/systemd/system" / unit).read_text()
-        (tmp_path / unit).write_text(text.replace("/opt/lens-agent", str(unpacked / "opt" / "lens-agent")))
+    text = (unpacked / "lib/systemd/system/lens-agent.service").read_text()
+    (tmp_path / "lens-agent.service").write_text(text.replace("/opt/lens-agent", str(unpacked / "opt" / "lens-agent")))
     done = subprocess.run(
-        ["systemd-analyze", "verify", "lens-agent.service", "lens-aggregator.service"],
+        ["systemd-analyze", "verify", "lens-agent.service"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+
+
+# lens-aggregator
+
+
+def test_aggregator_package_metadata(aggregator_deb: Path) -> None:
+    control = control_file(aggregator_deb, "control")
+    assert re.search(r"^Package: lens-aggregator$", control, re.MULTILINE)
+    assert re.search(r"^Depends: python3 \(>= 3\.\d+\), python3 \(<< 3\.\d+\), adduser$", control, re.MULTILINE)
+    assert re.search(r"^Description: \S", control, re.MULTILINE)
+    info = subprocess.run(["dpkg-deb", "--info", str(aggregator_deb)], check=True, capture_output=True, text=True)
+    for script in ("postinst", "prerm", "postrm", "conffiles"):
+        assert script in info.stdout
+    assert control_file(aggregator_deb, "conffiles").split() == ["/etc/lens-aggregator/aggregator.toml"]
+    postinst = control_file(aggregator_deb, "postinst")
+    assert "adduser --system" in postinst and "lens-aggregator" in postinst
+    assert "deb-systemd-helper enable lens-aggregator.service" in postinst
+    assert "systemctl start" not in postinst  # enabled, not started
+    assert "lens-agent" not in postinst  # not the agent's user or service
+    assert "systemctl stop lens-aggregator.service" in control_file(aggregator_deb, "prerm")
+    postrm = control_file(aggregator_deb, "postrm")
+    assert "deb-systemd-helper purge lens-aggregator.service" in postrm
+    assert "rm -rf /var/lib" not in postrm  # the database outlives the package
+
+
+def test_aggregator_package_contents(aggregator_deb: Path) -> None:
+    listing = contents(aggregator_deb)
+    for path in (
+        "./opt/lens-aggregator/bin/lens-aggregator",
+        "./opt/lens-aggregator/bin/python3",
+        "./usr/bin/lens-aggregator -> /opt/lens-aggregator/bin/lens-aggregator",
+        "./lib/systemd/system/lens-aggregator.service",
+        "./etc/lens-aggregator/aggregator.toml",
+        "./usr/share/doc/lens-aggregator/README.md",
+        "./usr/share/doc/lens-aggregator/fleet.md",
+        "/site-packages/aggregator/app.py",
+        "/site-packages/lens_core/",
+        "/site-packages/aiohttp/",
+    ):
+        assert path in listing, path
+    # the base install: no inference engine, no model files, no device probes
+    for absent in (
+        "/site-packages/llama_cpp",
+        "llama_cpp_python",
+        "/site-packages/gguf",
+        "/site-packages/psutil",
+        ".gguf",
+        "./opt/lens-aggregator/bin/lens-agent",
+        "./usr/bin/lens-agent",
+        "./lib/systemd/system/lens-agent.service",
+        "./etc/lens-agent/",
+    ):
+        assert absent not in listing, absent
+    assert "root/root" in listing and "__pycache__" not in listing
+
+
+def test_aggregator_venv_has_no_agent_dependencies(aggregator_unpacked: Path, tmp_path: Path) -> None:
+    python = aggregator_unpacked / "opt" / "lens-aggregator" / "bin" / "python3"
+    probe = (
+        "import importlib.util as u, importlib.metadata as m, json; "
+        "names = ('llama_cpp', 'gguf', 'psutil', 'apscheduler', 'tqdm', 'aggregator', 'lens_core'); "
+        "dists = sorted(d.metadata['Name'].lower() for d in m.distributions()); "
+        "print(json.dumps({'found': {n: u.find_spec(n) is not None for n in names}, 'dists': dists}))"
+    )
+    done = subprocess.run(
+        [str(python), "-c", probe], capture_output=True, text=True, env=venv_env(), cwd=tmp_path, check=True
+    )
+    answer = json.loads(done.stdout)
+    assert answer["found"] == {
+        "llama_cpp": False,
+        "gguf": False,
+        "psutil": False,
+        "apscheduler": False,
+        "tqdm": False,
+        "aggregator": True,
+        "lens_core": True,
+    }
+    assert not {"llama-cpp-python", "llama_cpp_python", "gguf", "psutil"} & set(answer["dists"]), answer["dists"]
+
+
+def test_the_packages_share_no_file(deb: Path, aggregator_deb: Path) -> None:
+    """Both can be installed on one machine (a small server measuring itself): dpkg refuses a file in two packages."""
+    agent, aggregator = files(deb), files(aggregator_deb)
+    assert "./usr/bin/lens-agent" in agent and "./usr/bin/lens-aggregator" in aggregator
+    assert not agent & aggregator, sorted(agent & aggregator)[:20]
+
+
+def test_unpacked_aggregator_runs(aggregator_unpacked: Path, tmp_path: Path) -> None:
+    venv = aggregator_unpacked / "opt" / "lens-aggregator"
+    script = venv / "bin" / "lens-aggregator"
+    assert script.read_text().splitlines()[0] == "#!/opt/lens-aggregator/bin/python3"  # relocated
+    run = [str(venv / "bin" / "python3"), str(script)]  # the shipped entry point, by the unpacked interpreter
+    env = venv_env()
+    usage = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert usage.returncode == 0, usage.stderr
+    assert "lens-aggregator" in usage.stdout and "serve" in usage.stdout and "token" in usage.stdout
+
+    # the shipped conffile with the database and the port moved to this test's directory
+    shipped = (aggregator_unpacked / "etc/lens-aggregator/aggregator.toml").read_text()
+    port = free_port()
+    config = tmp_path / "aggregator.toml"
+    config.write_text(
+        shipped.replace('"/var/lib/lens-aggregator/aggregator.db"', json.dumps(str(tmp_path / "agg.db"))).replace(
+            "port = 8443", f"port = {port}"
+        )
+    )
+    assert str(tmp_path / "agg.db") in config.read_text() and f"port = {port}" in config.read_text()
+    server = subprocess.Popen(
+        [*run, "serve", "--config", str(config), "--host", "127.0.0.1"],
+        env=env,
         cwd=tmp_path,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
+    )
+    try:
+        health = None
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(OSError):
+                with direct.open(f"http://127.0.0.1:{port}/api/v1/health", timeout=2) as answer:
+                    health = json.loads(answer.read())
+                break
+            time.sleep(0.1)
+        assert health is not None, server.stderr.read() if server.poll() is not None else "no answer"
+        assert health["status"] == "ok" and health["service"] == "lens-aggregator"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+    assert (tmp_path / "agg.db").exists()
+
+
+def test_aggregator_unit_verifies_against_the_unpacked_tree(aggregator_unpacked: Path, tmp_path: Path) -> None:
+    text = (aggregator_unpacked / "lib/systemd/system/lens-aggregator.service").read_text()
+    assert "ExecStart=/opt/lens-aggregator/bin/lens-aggregator serve" in text
+    prefix = str(aggregator_unpacked / "opt" / "lens-aggregator")
+    (tmp_path / "lens-aggregator.service").write_text(text.replace("/opt/lens-aggregator", prefix))
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "lens-aggregator.service"], cwd=tmp_path, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr

@@ -26,7 +26,11 @@ def unit_copies(tmp_path: Path) -> Path:
     verify wants the binary to exist)."""
     bindir = Path(sys.executable).parent
     for unit in UNITS.glob("*.service"):
-        text = unit.read_text().replace("/opt/lens-agent/bin", str(bindir))
+        text = (
+            unit.read_text()
+            .replace("/opt/lens-agent/bin", str(bindir))
+            .replace("/opt/lens-aggregator/bin", str(bindir))
+        )
         (tmp_path / unit.name).write_text(text)
     return tmp_path
 
