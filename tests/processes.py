@@ -19,16 +19,18 @@ DEVICE = "dev-1"
 class AggregatorProcess:
     """``lens-aggregator serve`` as a real process; ``db`` is a SQLite path or a postgresql:// URL."""
 
-    def __init__(self, db: Path, port: int, config: Path | None = None) -> None:
-        self.db, self.port, self.config = db, port, config
+    def __init__(
+        self, db: Path, port: int, config: Path | None = None, command: list[str] | None = None, cwd: Path = ROOT
+    ) -> None:
+        """``command``: how to run ``lens-aggregator`` (default: this tree's, with the tests' Python)."""
+        self.db, self.port, self.config, self.cwd = db, port, config, cwd
+        self.command = command or [sys.executable, "-c", "from aggregator.cli import main; main()"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-c",
-                "from aggregator.cli import main; main()",
+                *self.command,
                 "serve",
                 *(["--config", str(self.config)] if self.config else []),
                 "--db",
@@ -36,7 +38,7 @@ class AggregatorProcess:
                 "--port",
                 str(self.port),
             ],
-            cwd=ROOT,
+            cwd=self.cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

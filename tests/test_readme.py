@@ -36,7 +36,7 @@ NOT_RUN = {
         "the service runs until stopped: tests/test_shipped_configs.py starts it from the shipped config as systemd "
         "does; packaging/build-deb.sh takes minutes: tests/test_packaging.py builds the .deb"
     ),
-    "agent/": "the layout, not a command",
+    "lens_core/": "the layout, not a command",
 }
 RUN = {
     ".venv/bin/lens-agent bench  ",  # the bare bench, then its variations
