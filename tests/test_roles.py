@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -62,6 +63,14 @@ def test_agent_extra_is_what_the_launcher_checks() -> None:
     assert not base & AGENT_ONLY
     pins = [req for req in str(project).split("'") if req.startswith("llama-cpp-python==")]
     assert len(pins) == 1, f"the llama-cpp-python pin must live in one place: {pins}"
+    # the docs that name a version name this one
+    named = {
+        f"{path.relative_to(ROOT)}: {match}"
+        for path in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("packaging/*.md"), ROOT / "Makefile"]
+        for match in re.findall(r"llama-cpp-python==[0-9][0-9.]*[0-9]", path.read_text())
+        if match != pins[0]
+    }
+    assert not named, named
 
 
 @pytest.fixture(scope="module")
