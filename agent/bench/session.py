@@ -214,24 +214,14 @@ def _baselines(
         ok = [m for m in r.measured if m.ok]
         return sum(m.output_tokens for m in ok) / r.measured_wall_s if ok and r.measured_wall_s else None
 
-    status("baseline: the same prompts cloud-only …")
-    cloud = run_bench(
-        engine,
-        prompts,
-        options,
-        run_id="baseline",
-        device_id="baseline",
-        strategy=build_strategy("cloud", engine, options, collab, config),
-    )
-    status("baseline: the same prompts on the edge model alone …")
-    local = run_bench(
-        engine,
-        prompts,
-        options,
-        run_id="baseline",
-        device_id="baseline",
-        strategy=build_strategy("local", engine, options, collab, config),
-    )
+    baselines = {}
+    for name, what in (("cloud", "cloud-only"), ("local", "on the edge model alone")):
+        status(f"baseline: the same prompts {what} …")
+        strategy = build_strategy(name, engine, options, collab, config)
+        baselines[name] = run_bench(
+            engine, prompts, options, run_id="baseline", device_id="baseline", strategy=strategy
+        )
+    cloud, local = baselines["cloud"], baselines["local"]
     ours, cloud_tps, local_tps = tps(run), tps(cloud), tps(local)
     return {
         "vs_cloud_only": ours / cloud_tps if ours and cloud_tps else None,
