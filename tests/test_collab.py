@@ -25,8 +25,8 @@ from .test_bench_cli import check_document, run_cli
 TINY = ("--n-ctx", "256", "--n-threads", "1", "--no-progress", "--device-id", "edge-1")
 
 
-@pytest.fixture(scope="module")
-def cloud_url(tiny_models: dict[str, Path]) -> Iterator[str]:
+def start_cloud(model: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """llama-cpp-python's server on 127.0.0.1 serving ``model``: the process and its base URL."""
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -34,7 +34,7 @@ def cloud_url(tiny_models: dict[str, Path]) -> Iterator[str]:
             "-m",
             "llama_cpp.server",
             "--model",
-            str(tiny_models["target"]),
+            str(model),
             "--host",
             "127.0.0.1",
             "--port",
@@ -52,15 +52,24 @@ def cloud_url(tiny_models: dict[str, Path]) -> Iterator[str]:
     while True:
         try:
             urllib.request.urlopen(url + "/models", timeout=1).read()
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError("the llama-cpp-python server did not start") from None
             time.sleep(0.2)
-    yield url
+
+
+def stop_cloud(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cloud_url(tiny_models: dict[str, Path]) -> Iterator[str]:
+    proc, url = start_cloud(tiny_models["target"])
+    yield url
+    stop_cloud(proc)
 
 
 def test_cloud_strategy(
@@ -147,10 +156,16 @@ def test_speculative_decoding(
     assert 1.0 <= spec["mean_accepted_length"] <= 5.0
     # greedy verification: the committed text is the cloud model's own greedy output
     assert spec["greedy_check"] == {"checked": 4, "mismatches": 0}
+    # a vocabulary without merges re-tokenizes to the produced tokens: checked each round, lossless
+    check = spec["lossless_check"]
+    assert check["lossless"] == 4 and check["lossy"] == 0 and check["retokenization_divergences"] == 0
+    assert check["requests_with_divergences"] == 0 and check["unchecked"] == 0
     records = [json.loads(line) for line in raw.read_text().splitlines()]
     for r in records:
         c = r["ext"]["collab"]
         assert r["output_tokens"] == 24 and c["matches_cloud_greedy"] is True
+        assert c["lossless"] is True and c["retokenization_divergences"] == 0 and c["unchecked_rounds"] == 0
+        assert c["retokenization_checks"] >= c["rounds"] - 1 and "re-tokenized" in c["lossless_basis"]
         assert c["accepted"] <= c["drafted"] and c["rounds"] >= 24 / 5
         assert c["edge_time_ms"] > 0 and c["verify_time_ms"] > 0 and c["bytes_per_committed_token"] > 0
         assert c["network_time_ms"] == pytest.approx(c["rounds"] * doc["configuration"]["cloud"]["rtt_ms"])
@@ -158,6 +173,7 @@ def test_speculative_decoding(
         parts = c["edge_time_ms"] + c["verify_time_ms"] + c["collaboration_overhead_ms"]
         assert parts == pytest.approx(c["total_duration_ms"])
     assert "speculative     α" in stdout
+    assert "speculative: 4 of 4 requests lossless" in stdout
 
 
 def test_both_protocols_commit_the_same_text(

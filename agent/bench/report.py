@@ -175,6 +175,7 @@ def collab_section(run: ModelRun) -> dict[str, Any] | None:
                 "checked": sum(1 for c in spec if c.get("matches_cloud_greedy") is not None),
                 "mismatches": sum(1 for c in spec if c.get("matches_cloud_greedy") is False),
             },
+            "lossless_check": _lossless_check(spec),
         }
     if offload:
         decisions = Counter(o["decision"] for o in offload)
@@ -187,6 +188,43 @@ def collab_section(run: ModelRun) -> dict[str, Any] | None:
             "policy_right_rate": sum(1 for s in judged if s["policy_right"]) / len(judged) if judged else None,
         }
     return section
+
+
+def _lossless_check(spec: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many speculative requests are lossless: checked each round with no re-tokenization divergence. A record
+    without the check (``lossless`` absent) counts as lossy, never as lossless."""
+    divergences = [c.get("retokenization_divergences") or 0 for c in spec]
+    lossless = sum(1 for c in spec if c.get("lossless") is True)
+    bases = sorted({str(c["lossless_basis"]).split(";")[0] for c in spec if c.get("lossless_basis")})
+    return {
+        "requests": len(spec),
+        "lossless": lossless,
+        "lossy": len(spec) - lossless,
+        "requests_with_divergences": sum(1 for d in divergences if d),
+        "retokenization_divergences": sum(divergences),
+        "unchecked": sum(1 for c in spec if "lossless" not in c or c.get("unchecked_rounds")),
+        "basis": ", ".join(bases) or "not checked",
+    }
+
+
+def lossless_line(spec: dict[str, Any]) -> str:
+    """The plain summary line: how many speculative requests are lossy, and why."""
+    check = spec.get("lossless_check")
+    if not check:
+        return "speculative: losslessness not checked (records without the re-tokenization check)"
+    basis = check["basis"]
+    if check["lossy"] == 0:
+        return (
+            f"speculative: {check['requests']} of {check['requests']} requests lossless "
+            f"(re-tokenization checked each round, no divergence); {basis}"
+        )
+    unchecked = f", {check['unchecked']} unchecked" if check["unchecked"] else ""
+    times, requests = check["retokenization_divergences"], check["requests_with_divergences"]
+    return (
+        f"speculative: {check['lossy']} of {check['requests']} requests lossy (re-tokenization diverged "
+        f"{times} time{'s' * (times != 1)} in {requests} request{'s' * (requests != 1)}{unchecked}); "
+        f"{basis} — see docs/collaboration.md"
+    )
 
 
 def _reason(energy: dict[str, Any], label: str) -> str:
@@ -568,6 +606,7 @@ def summary_table(document: dict[str, Any]) -> str:
             f"{spec['greedy_check']['mismatches']} of {spec['greedy_check']['checked']} "
             "differ from the cloud's greedy text"
         )
+        lines.append(f"{'':16}{lossless_line(spec)}")
     offload = res.get("collaboration", {}).get("offload")
     if offload:
         lines.append(

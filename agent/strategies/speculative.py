@@ -23,6 +23,13 @@ class SpeculativeStrategy:
     ``logprobs=1``; a draft token is accepted where the cloud's top choice at its position is that token; at the
     first mismatch the cloud's top choice is committed, and after a fully accepted draft its generated token (one
     forward pass per round; servers that echo prompt logprobs, for models that add BOS).
+
+    Both protocols send text, so both sides re-tokenize ``prompt + committed`` every round. With a vocabulary that
+    has merges, that text can re-tokenize into other tokens than the ones produced, and the cloud then conditions on
+    a context nobody generated. Each round the re-tokenized context is compared with the tokens actually produced
+    (prompt ids + the ids of the committed pieces; in ``logprobs`` also the echoed context + draft): every
+    difference is a re-tokenization divergence, and a request is reported ``lossless`` only when every round was
+    checked and none diverged (see :func:`count_divergence`).
     """
 
     engine: LlamaEngine
@@ -34,6 +41,29 @@ class SpeculativeStrategy:
     rtt_ms: float | None = None
     name: str = "speculative"
     references: dict[tuple[str, int], str | None] = field(default_factory=dict)
+    _piece_ids: dict[str, int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.piece_ids()  # before any request: not inside a measured phase
+
+    def piece_ids(self) -> dict[str, int]:
+        """Text piece → token id over the draft vocabulary (the target's, by the premise of speculative decoding).
+
+        Where several tokens share a text (a byte token and the character it encodes), the later id wins: the
+        ordinary token, which is the one a tokenizer produces. Built once, when the strategy is made.
+        """
+        if self._piece_ids is None:
+            index: dict[str, int] = {}
+            for token in range(self.engine.n_vocab):
+                raw = self.engine.piece(token)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                if text:
+                    index[text] = token
+            self._piece_ids = index
+        return self._piece_ids
 
     def after(self, record: Measurement, text: str, max_tokens: int) -> None:
         """Outside the timed region: compare the committed text with the cloud's own greedy output."""
@@ -52,6 +82,13 @@ class SpeculativeStrategy:
         committed = record.output_text or ""
         collab["matches_cloud_greedy"] = committed == reference
         if committed != reference:
+            if collab.get("lossless"):
+                # no divergence was seen, yet the text differs (another vocabulary, a nondeterministic cloud): lossy
+                collab["lossless"] = False
+                collab["lossless_basis"] = (
+                    f"{collab.get('lossless_basis', 'text protocol')}; but the committed text differs from the "
+                    "cloud's own greedy text"
+                )
             at = next(
                 (i for i, (a, b) in enumerate(zip(committed, reference, strict=False)) if a != b),
                 min(len(committed), len(reference)),
@@ -65,9 +102,12 @@ class SpeculativeStrategy:
     def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
         record.strategy = "speculative"
         record.engine = "llama.cpp draft + openai-compatible verify"
+        piece_ids = self.piece_ids()
         start = time.perf_counter_ns()
         committed = ""
         n_committed = 0
+        produced: list[int] | None = None  # prompt ids + the ids of the committed pieces, as produced
+        divergences = checks = unchecked = 0
         stamps: list[int] = []
         drafted = accepted = rounds = 0
         draft_ns = verify_ns = 0
@@ -79,9 +119,22 @@ class SpeculativeStrategy:
                 k_round = max(1, min(k, max_tokens - n_committed - 1)) if max_tokens - n_committed > 1 else 0
                 t0 = time.perf_counter_ns()
                 drafts: list[bytes] = []
+                draft_ids: list[int] = []
+                context = self.engine.tokenize(text + committed)
+                if produced is not None:
+                    checks += 1
+                    divergences += count_divergence(context, produced)
+                elif rounds:
+                    unchecked += 1  # a committed piece of the last round maps to no token id
                 if k_round:
-                    self.engine.sync_context(self.engine.tokenize(text + committed))
-                    drafts = [self.engine.piece(t) for t in self.engine.draft(k_round)]
+                    self.engine.sync_context(context)
+                    draft_ids = self.engine.draft(k_round)
+                    drafts = [self.engine.piece(t) for t in draft_ids]
+                    if self.protocol == "logprobs":
+                        # the cloud re-tokenizes the committed text plus the draft: its rows must be these tokens
+                        echoed = text + committed + "".join(d.decode("utf-8", "replace") for d in drafts)
+                        checks += 1
+                        divergences += count_divergence(self.engine.tokenize(echoed), context + draft_ids)
                 t1 = time.perf_counter_ns()
                 if self.protocol == "logprobs" and drafts:
                     commit, n_ok, done, result = self._verify_logprobs(text + committed, drafts)
@@ -93,6 +146,7 @@ class SpeculativeStrategy:
                 bytes_up += result.bytes_up
                 bytes_down += result.bytes_down
                 commit = commit[: max_tokens - n_committed]
+                produced = _commit_ids(context, draft_ids, n_ok, commit, piece_ids)
                 committed += "".join(commit)
                 n_committed += len(commit)
                 stamps.extend([t2] * len(commit))
@@ -140,6 +194,11 @@ class SpeculativeStrategy:
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "bytes_per_committed_token": (bytes_up + bytes_down) / n_committed,
+            "retokenization_checks": checks,
+            "retokenization_divergences": divergences,
+            "unchecked_rounds": unchecked,
+            "lossless": divergences == 0 and unchecked == 0,
+            "lossless_basis": _basis(self.protocol, divergences, unchecked),
         }
         return start, stamps[0], stamps[-1]
 
@@ -189,3 +248,38 @@ class SpeculativeStrategy:
         if generated is None:
             return texts, n_ok, True, result
         return [*texts, generated], n_ok, False, result
+
+
+def count_divergence(retokenized: list[int], produced: list[int]) -> int:
+    """1 when the ids a text re-tokenizes into are not the ids produced for it, else 0 (a list comparison)."""
+    return 0 if retokenized == produced else 1
+
+
+def _commit_ids(
+    context: list[int], draft_ids: list[int], n_ok: int, commit: list[str], piece_ids: dict[str, int]
+) -> list[int] | None:
+    """The token ids the next round's context was produced as: this round's context, the accepted draft ids, and
+    the cloud's own pieces (correction, bonus token) mapped to their ids; None when a cloud piece maps to no id.
+
+    After a divergence the baseline is the re-tokenized context, the one both sides conditioned on: each divergence
+    is counted once, in the round it appears."""
+    ids = context + draft_ids[: min(n_ok, len(commit))]
+    for piece in commit[n_ok:]:
+        if not piece:
+            continue  # an end-of-generation token: no text, nothing in the next context
+        token = piece_ids.get(piece)
+        if token is None:
+            return None
+        ids.append(token)
+    return ids
+
+
+def _basis(protocol: str, divergences: int, unchecked: int) -> str:
+    checked = "context re-tokenized and compared with the produced tokens each round"
+    if protocol == "logprobs":
+        checked += ", and the echoed context + draft"
+    if unchecked:
+        return f"text protocol; {unchecked} round(s) unchecked: a cloud piece maps to no token id"
+    if divergences:
+        return f"text protocol; {checked}: {divergences} divergence(s)"
+    return f"text protocol; {checked}: none diverged"
