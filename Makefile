@@ -46,7 +46,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: sysdeps lint typecheck unit
+# llama.cpp's own llama-server, built once from the llama.cpp vendored by the pinned llama-cpp-python and cached in
+# ~/.cache/llm-latency-lens/llama-server-<version>/ (minutes the first time; instant after).
+llama-server: $(STAMP)
+	$(BIN)/python tests/llama_server.py
+
+test: sysdeps lint typecheck llama-server unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

@@ -109,3 +109,11 @@ def pg_url() -> Any:
     finally:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    """llama.cpp's own ``llama-server`` for the pinned llama-cpp-python (built and cached on first use: minutes)."""
+    from .llama_server import ensure_llama_server
+
+    return ensure_llama_server()
