@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
@@ -139,9 +140,12 @@ def collab_section(run: ModelRun) -> dict[str, Any] | None:
     ok = [m for m in run.measured if m.ok]
     spec = [m.ext["collab"] for m in ok if isinstance(m.ext.get("collab"), dict)]
     offload = [m.ext["offload"] for m in ok if isinstance(m.ext.get("offload"), dict)]
-    if not spec and not offload:
+    server = server_timings_summary(ok)
+    if not spec and not offload and server is None:
         return None
     section: dict[str, Any] = {}
+    if server is not None:
+        section["server_timings"] = server
     if spec:
         drafted = sum(c["drafted"] for c in spec)
         accepted = sum(c["accepted"] for c in spec)
@@ -188,6 +192,37 @@ def collab_section(run: ModelRun) -> dict[str, Any] | None:
             "policy_right_rate": sum(1 for s in judged if s["policy_right"]) / len(judged) if judged else None,
         }
     return section
+
+
+_SERVER_FIGURES = (
+    ("server_prompt_ms", "server_ttft_ms"),
+    ("server_tpot_ms", "server_tpot_ms"),
+    ("network_and_queue_ms", "network_and_queue_ms"),
+    ("ttft_minus_server_prompt_ms", "ttft_minus_server_prompt_ms"),
+)
+
+
+def server_timings_summary(ok: list[Measurement]) -> dict[str, Any] | None:
+    """The server's own timings (``ext.server_timings``, llama-server) over the successful requests that carry
+    them: a distribution per figure, beside the lens's; None when no request has them."""
+    reported = [m.ext["server_timings"] for m in ok if isinstance(m.ext.get("server_timings"), dict)]
+    if not reported:
+        return None
+    summary: dict[str, Any] = {
+        "source": str(reported[0].get("source") or "server timings"),
+        "requests": len(ok),
+        "requests_with_server_timings": len(reported),
+    }
+    for name, key in _SERVER_FIGURES:
+        values = [
+            float(t[key])
+            for t in reported
+            if isinstance(t.get(key), (int, float)) and not isinstance(t.get(key), bool) and math.isfinite(t[key])
+        ]
+        dist = latency_distribution(values)
+        if dist is not None:
+            summary[name] = dist
+    return summary
 
 
 def _lossless_check(spec: list[dict[str, Any]]) -> dict[str, Any]:
@@ -607,6 +642,9 @@ def summary_table(document: dict[str, Any]) -> str:
             "differ from the cloud's greedy text"
         )
         lines.append(f"{'':16}{lossless_line(spec)}")
+    server = res.get("collaboration", {}).get("server_timings")
+    if server:
+        lines.append(f"server timings  {_server_timings_line(server)}")
     offload = res.get("collaboration", {}).get("offload")
     if offload:
         lines.append(
@@ -625,6 +663,19 @@ def summary_table(document: dict[str, Any]) -> str:
             continue
         lines.append(f"unavailable     {key}: {reason}")
     return "\n".join(lines)
+
+
+def _server_timings_line(server: dict[str, Any]) -> str:
+    """The server's own figures (p50 ms) for the summary table."""
+
+    def p50(name: str) -> str:
+        return _fmt((server.get(name) or {}).get("p50_ms"), 2)
+
+    return (
+        f"prompt {p50('server_prompt_ms')} ms, TPOT {p50('server_tpot_ms')} ms, network+queue "
+        f"{p50('network_and_queue_ms')} ms (p50s; {server['requests_with_server_timings']} of "
+        f"{server['requests']} requests, {server['source']})"
+    )
 
 
 def _mb(value: int | None) -> str:

@@ -5,12 +5,17 @@ between text-bearing chunks is kept; e2e ends at the last text-bearing chunk (a 
 extend it). Output tokens come from the server's ``usage`` when it sends one (``stream_options.include_usage``),
 else from the number of text-bearing chunks — the record says which. Nothing raises out of a request: timeouts,
 refused connections, HTTP errors, malformed and cut streams become error measurements with a type.
+
+A server that reports its own per-request ``timings`` (llama.cpp's ``llama-server``: in the body, or in the last
+chunk of a stream) has them kept in ``server_timings`` — known keys only, finite non-negative numbers only; a value
+of any other kind is dropped as not reported, and nothing reported at all is ``None``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import statistics
@@ -97,6 +102,7 @@ class CloudResult:
     http_status: int | None = None
     logprobs: dict[str, Any] | None = None
     path: str = "/completions"  # the endpoint asked: /completions or /chat/completions
+    server_timings: dict[str, float] | None = None  # the server's own ``timings`` (llama-server), when it sends them
 
     @property
     def ok(self) -> bool:
@@ -111,6 +117,41 @@ class CloudResult:
         if self.usage and "completion_tokens" in self.usage:
             return int(self.usage["completion_tokens"]), "server usage"
         return len(self.chunk_ns), "text-bearing chunks"
+
+
+# llama-server's ``timings`` keys: counts (whole numbers) and times/rates. Anything else the server sends is ignored.
+SERVER_TIMING_COUNTS = ("cache_n", "prompt_n", "predicted_n", "draft_n", "draft_n_accepted")
+SERVER_TIMING_FIGURES = (
+    "prompt_ms",
+    "prompt_per_token_ms",
+    "prompt_per_second",
+    "predicted_ms",
+    "predicted_per_token_ms",
+    "predicted_per_second",
+)
+_MAX_SERVER_FIGURE = 2.0**53  # larger is not a timing of one request (and would not stay exact in JSON)
+
+
+def parse_server_timings(value: Any) -> dict[str, float] | None:
+    """A server's ``timings`` object → its known figures that are finite non-negative numbers (counts: whole
+    numbers, as ``int``); ``None`` when ``value`` is not an object or holds none of them. Never raises."""
+    if not isinstance(value, dict):
+        return None
+    found: dict[str, float] = {}
+    for key in (*SERVER_TIMING_COUNTS, *SERVER_TIMING_FIGURES):
+        item = value.get(key)
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        number = float(item)
+        if not (math.isfinite(number) and 0.0 <= number <= _MAX_SERVER_FIGURE):
+            continue
+        if key in SERVER_TIMING_COUNTS:
+            if not number.is_integer():
+                continue
+            found[key] = int(number)
+        else:
+            found[key] = number
+    return found or None
 
 
 class CloudClient:
@@ -264,6 +305,8 @@ class CloudClient:
         result.finish_reason = choice.get("finish_reason")
         result.usage = data.get("usage")
         result.logprobs = choice.get("logprobs")
+        if isinstance(data, dict):
+            result.server_timings = parse_server_timings(data.get("timings"))
 
     async def _read_stream(self, response: aiohttp.ClientResponse, result: CloudResult) -> None:
         done = False
@@ -294,6 +337,8 @@ class CloudClient:
                 return
             if event.get("usage"):
                 result.usage = event["usage"]
+            if "timings" in event:  # llama-server: the last chunk(s); a later report replaces an earlier one
+                result.server_timings = parse_server_timings(event["timings"]) or result.server_timings
             for choice in event.get("choices") or []:
                 text = self._choice_text(choice)
                 if text:

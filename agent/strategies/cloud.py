@@ -1,4 +1,9 @@
-"""The cloud strategy: the request streams from an OpenAI-compatible endpoint, timed chunk by chunk."""
+"""The cloud strategy: the request streams from an OpenAI-compatible endpoint, timed chunk by chunk.
+
+When the server reports its own per-request timings (llama.cpp's ``llama-server`` does, on ``/v1/completions`` and
+``/v1/chat/completions``), they are recorded beside the lens's figures in ``ext.server_timings``, with what the
+difference says: the time outside the server's prompt and generation (network, HTTP, tokenization, queueing).
+"""
 
 from __future__ import annotations
 
@@ -57,4 +62,47 @@ def cloud_record(record: Measurement, result: CloudResult, rtt_ms: float | None)
     record.input_tokens = (result.usage or {}).get("prompt_tokens")
     record.stop_reason = {"length": "max_tokens", "stop": "eos"}.get(result.finish_reason or "", result.finish_reason)
     record.output_text = result.text
+    if result.server_timings:
+        record.ext["server_timings"] = server_timings_ext(result.server_timings, record.ttft_ms, record.e2e_ms)
     return result.start_ns, result.chunk_ns[0], result.chunk_ns[-1]
+
+
+SERVER_TIMINGS_SOURCE = "llama-server timings"
+
+
+def server_timings_ext(
+    timings: dict[str, float], ttft_ms: float | None, e2e_ms: float | None
+) -> dict[str, float | int | str | None]:
+    """``ext.server_timings``: the server's own figures for the request and how the lens's compare.
+
+    ``server_ttft_ms`` is the server's prompt time (its ``prompt_ms``: from the task's start to the end of the
+    prompt; the first token comes out of that pass). ``server_tpot_ms`` is ``predicted_ms / (predicted_n − 1)``:
+    the first generated token costs no decode step, so n tokens are n − 1 steps (as llama.cpp's own
+    ``predicted_per_token_ms`` counts them); ``None`` for one token. ``network_and_queue_ms`` = lens e2e −
+    (prompt_ms + predicted_ms): everything the server's clock does not cover — both directions on the network,
+    HTTP, tokenization and chat templating, waiting for a slot, the lens's own client work.
+    ``ttft_minus_server_prompt_ms`` = lens TTFT − prompt_ms: the same for the first token. A figure whose inputs the
+    server did not report is ``None``.
+    """
+    prompt_ms = timings.get("prompt_ms")
+    predicted_ms = timings.get("predicted_ms")
+    predicted_n = timings.get("predicted_n")
+    out: dict[str, float | int | str | None] = {
+        "source": SERVER_TIMINGS_SOURCE,
+        "prompt_ms": prompt_ms,
+        "prompt_n": timings.get("prompt_n"),
+        "cache_n": timings.get("cache_n"),
+        "predicted_ms": predicted_ms,
+        "predicted_n": predicted_n,
+        "server_ttft_ms": prompt_ms,
+        "server_tpot_ms": (
+            predicted_ms / (predicted_n - 1) if predicted_ms is not None and predicted_n and predicted_n > 1 else None
+        ),
+        "network_and_queue_ms": (
+            e2e_ms - (prompt_ms + predicted_ms)
+            if e2e_ms is not None and prompt_ms is not None and predicted_ms is not None
+            else None
+        ),
+        "ttft_minus_server_prompt_ms": ttft_ms - prompt_ms if ttft_ms is not None and prompt_ms is not None else None,
+    }
+    return out
