@@ -145,7 +145,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     help="Cloud strategy: /v1/chat/completions or /v1/completions; auto: chat for a chat model.  [default: auto]",
 )
 @click.option(
-    "--verify", type=click.Choice(["generate", "logprobs"]), help="Speculative verification.  [default: generate]"
+    "--verify",
+    type=click.Choice(["auto", "tokens", "generate", "logprobs"]),
+    help="Speculative verification: tokens (llama-server's token ids), generate or logprobs (text); auto: tokens "
+    "when the endpoint has the token-id API, else generate.  [default: auto]",
 )
 @click.option("--draft-tokens", type=int, help="Tokens drafted per round.  [default: 4]")
 @click.option("--adaptive-draft", is_flag=True, default=None, help="Adapt the draft length to the acceptance seen.")

@@ -131,7 +131,12 @@ SCHEMA: Schema = {
     },
     "collab": {
         "strategy": KeySpec(choice("local", "cloud", "speculative", "offload"), const("local"), "how requests run"),
-        "verify": KeySpec(choice("generate", "logprobs"), const("generate"), "speculative verification protocol"),
+        "verify": KeySpec(
+            choice("auto", "tokens", "generate", "logprobs"),
+            const("auto"),
+            "speculative verification: tokens (llama-server's token-id API, lossless), generate or logprobs (text); "
+            "auto: tokens when the endpoint answers the token-id API, else generate",
+        ),
         "draft_tokens": KeySpec(int_range(1, 64), const(4), "tokens the local model drafts per round"),
         "adaptive_draft": KeySpec(boolean, const(False), "adapt the draft length to the observed acceptance"),
         "baselines": KeySpec(boolean, const(False), "also run cloud-only and edge-only for speedup figures"),

@@ -20,6 +20,28 @@ class CollabContext:
         self.runner = runner
         self.rtt_ms = rtt_ms
         self.model = model
+        self._protocol: tuple[str, str] | None = None
+        self.vocabulary_check: str | None = None  # token protocol: what the last draft model's check compared
+
+    def verify_protocol(self) -> tuple[str, str]:
+        """The speculative verification protocol to use and why: ``collab.verify`` resolved against the endpoint.
+
+        ``auto`` probes llama-server's token-id API once (outside any timed request): ``tokens`` when it answers,
+        else ``generate`` (text, with re-tokenization checked and lossy requests marked). ``tokens`` against an
+        endpoint without that API is a :class:`UsageError` naming the endpoint and what is missing."""
+        if self._protocol is None:
+            verify = self.config.values["collab"]["verify"]
+            if verify in ("auto", "tokens"):
+                supported, why = self.runner.run(self.client.probe_token_api())
+                if verify == "tokens" and not supported:
+                    raise UsageError(f"collab.verify = tokens needs llama-server's token-id API: {why}")
+                if supported:
+                    self._protocol = ("tokens", f"{verify}: {why}")
+                else:
+                    self._protocol = ("generate", f"auto: no token-id API, text protocol generate: {why}")
+            else:
+                self._protocol = (verify, f"collab.verify = {verify} ({self.config.source('collab', 'verify')})")
+        return self._protocol
 
     @classmethod
     def open(cls, config: AgentConfig, status: Callable[[str], None]) -> CollabContext:
@@ -57,6 +79,12 @@ class CollabContext:
             "api": "chat" if self.client.settings.chat else "completions",
             "api_reason": self.client.settings.api_reason,
             "verify": c["verify"],
+            **(
+                {"protocol": self._protocol[0], "protocol_reason": self._protocol[1]}
+                if self._protocol is not None
+                else {}
+            ),
+            **({"vocabulary_check": self.vocabulary_check} if self.vocabulary_check else {}),
             "draft_tokens": c["draft_tokens"],
         }
 

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RequestError
 
 T = TypeVar("T")
 
@@ -352,6 +352,125 @@ class CloudClient:
             result.error_type = "stream_cut"
             result.error_message = "the stream ended without [DONE]"
 
+    # -- llama.cpp's llama-server: its native token-id API at the server root ----------------------------------
+    @property
+    def root_url(self) -> str:
+        """The server root: the configured URL without a trailing ``/v1`` (llama-server's native endpoints)."""
+        return self.settings.url.rstrip("/").removesuffix("/v1")
+
+    async def _native(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[Any, int, int]:
+        """One request to ``root_url + path``: the decoded JSON answer, bytes up, bytes down. Raises
+        :class:`RequestError` (timeout, connection_*, http_NNN, response_too_large, malformed_response)."""
+        payload = json.dumps(body).encode() if body is not None else b""
+        url = self.root_url + path
+        try:
+            session = await self.session()
+            async with session.request(
+                method, url, data=payload if body is not None else None, headers=self._headers()
+            ) as response:
+                raw = bytearray()
+                async for chunk in response.content.iter_chunked(65536):
+                    raw += chunk
+                    if len(raw) > _MAX_NATIVE_ANSWER:
+                        raise RequestError(
+                            "response_too_large", f"{method} {path}: more than {_MAX_NATIVE_ANSWER} bytes"
+                        )
+                if response.status != 200:
+                    text = bytes(raw[:300]).decode("utf-8", "replace")
+                    raise RequestError(f"http_{response.status}", f"{method} {path}: {text}")
+        except asyncio.TimeoutError:
+            raise RequestError(
+                "timeout", f"{method} {path}: no complete answer within {self.settings.timeout:g} s"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            kind = "connection_refused" if "refused" in str(exc).lower() else "connection_error"
+            raise RequestError(kind, f"{method} {path}: {exc}") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            raise RequestError("stream_cut", f"{method} {path}: the connection closed mid-answer: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise RequestError("connection_error", f"{method} {path}: {exc}") from None
+        try:
+            data = json.loads(bytes(raw))
+        except ValueError:
+            raise RequestError("malformed_response", f"{method} {path}: not JSON: {bytes(raw[:120])!r}") from None
+        return data, len(payload), len(raw)
+
+    async def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """llama-server's ``POST /tokenize``: the ids of ``text`` (``add_special``: with the BOS the model asks for)."""
+        data, _, _ = await self._native("POST", "/tokenize", {"content": text, "add_special": add_special})
+        return _ids(data, "tokens", "POST /tokenize")
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """llama-server's ``POST /detokenize``: the text of ``ids``."""
+        data, _, _ = await self._native("POST", "/detokenize", {"tokens": ids})
+        content = data.get("content") if isinstance(data, dict) else None
+        if not isinstance(content, str):
+            raise RequestError("malformed_response", "POST /detokenize: no string 'content' in the answer")
+        return content
+
+    async def n_vocab(self) -> int | None:
+        """The served model's vocabulary size (llama-server's ``GET /v1/models``: ``data[0].meta.n_vocab``), or
+        None when the server does not say."""
+        try:
+            data, _, _ = await self._native("GET", "/v1/models")
+            value = data["data"][0]["meta"]["n_vocab"]
+        except (RequestError, KeyError, IndexError, TypeError):
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    async def complete_tokens(
+        self, prompt_ids: list[int], n_predict: int, *, extra: dict[str, Any] | None = None
+    ) -> TokenCompletion:
+        """llama-server's ``POST /completion`` with a prompt of token ids, greedy: the ids it generates.
+
+        ``temperature`` 0 with ``top_k`` 1, ``cache_prompt`` (the slot keeps the longest common prefix), and
+        ``return_tokens``; of ``cloud.extra`` only the sampling penalties that change greedy choices are passed on.
+        Raises :class:`RequestError` on what the network or the server does."""
+        body: dict[str, Any] = {
+            "prompt": prompt_ids,
+            "n_predict": n_predict,
+            "temperature": 0,
+            "top_k": 1,
+            "cache_prompt": True,
+            "return_tokens": True,
+            "stream": False,
+        }
+        body.update({k: v for k, v in self.settings.extra.items() if k in _TOKEN_EXTRA})
+        body.update(extra or {})
+        start = time.perf_counter_ns()
+        data, up, down = await self._native("POST", "/completion", body)
+        ids = _ids(data, "tokens", "POST /completion")
+        stop_type = data.get("stop_type")
+        timings = data.get("timings")
+        return TokenCompletion(
+            ids=ids,
+            stop_type=stop_type if isinstance(stop_type, str) else None,
+            timings=timings if isinstance(timings, dict) else None,
+            bytes_up=up,
+            bytes_down=down,
+            start_ns=start,
+            end_ns=time.perf_counter_ns(),
+        )
+
+    async def probe_token_api(self) -> tuple[bool, str]:
+        """Whether the endpoint speaks llama-server's token-id protocol, and why (or why not). Never raises."""
+        root = self.root_url
+        try:
+            ids = await self.tokenize("Hello", add_special=False)
+        except RequestError as exc:
+            return False, f"POST {root}/tokenize did not answer token ids ({exc.error_type}: {exc.message[:120]})"
+        if not ids:
+            return False, f"POST {root}/tokenize answered no ids for a non-empty text"
+        try:
+            answer = await self.complete_tokens(ids, 1)
+        except RequestError as exc:
+            return False, (
+                f"POST {root}/completion with a token-id prompt failed ({exc.error_type}: {exc.message[:120]})"
+            )
+        if len(answer.ids) != 1 and answer.stop_type != "eos":
+            return False, f"POST {root}/completion with return_tokens answered {len(answer.ids)} ids for n_predict 1"
+        return True, f"{root} answers /tokenize and /completion with token-id prompts and return_tokens"
+
 
 class LoopRunner:
     """Runs coroutines on one event loop from synchronous code (the benchmark's request loop)."""
@@ -365,3 +484,31 @@ class LoopRunner:
     def close(self) -> None:
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
+
+
+_MAX_NATIVE_ANSWER = 8 * 1024 * 1024  # bytes: far more than any answer of the token protocol
+# ``cloud.extra`` keys that make sense for greedy verification in token space: penalties change the greedy choice
+_TOKEN_EXTRA = frozenset(
+    {"repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty", "penalize_nl", "logit_bias", "seed"}
+)
+
+
+@dataclass
+class TokenCompletion:
+    """One greedy ``/completion`` in token space (llama-server). Times are ``perf_counter_ns`` stamps."""
+
+    ids: list[int]
+    stop_type: str | None  # "limit" (n_predict ran out), "eos", "word", …
+    timings: dict[str, Any] | None  # the server's own ``timings``
+    bytes_up: int
+    bytes_down: int
+    start_ns: int
+    end_ns: int
+
+
+def _ids(data: Any, key: str, what: str) -> list[int]:
+    """``data[key]`` as a list of ints, else :class:`RequestError` ``malformed_response``."""
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise RequestError("malformed_response", f"{what}: no list of integer token ids in {key!r}")
+    return value

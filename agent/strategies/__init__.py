@@ -17,7 +17,7 @@ from .base import Strategy, Window, fill_timings
 from .cloud import CloudStrategy, cloud_record
 from .local import LocalOptions, LocalStrategy
 from .offload import OffloadStrategy
-from .speculative import SpeculativeStrategy
+from .speculative import SpeculativeStrategy, check_vocabulary
 
 __all__ = [
     "CloudStrategy",
@@ -46,14 +46,19 @@ def build_strategy(
     assert engine is not None
     c = config.values["collab"]
     if name == "speculative":
+        protocol, reason = collab.verify_protocol()  # collab.verify = auto: probed here, before any request
+        if protocol == "tokens":
+            collab.vocabulary_check = check_vocabulary(engine, collab.client, collab.runner)
+            reason += "; " + collab.vocabulary_check
         return SpeculativeStrategy(
             engine,
             collab.client,
             collab.runner,
             k=c["draft_tokens"],
-            protocol=c["verify"],
+            protocol=protocol,
             adaptive=c["adaptive_draft"],
             rtt_ms=collab.rtt_ms,
+            protocol_reason=reason,
         )
     return OffloadStrategy(
         local=LocalStrategy(engine, options),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines.cloud import CloudClient, CloudResult, LoopRunner
 from ..engines.llama import LlamaEngine
-from ..errors import RequestError
+from ..errors import RequestError, UsageError
 from ..measurement import Measurement
 from .base import Window, fill_timings
 
@@ -30,18 +32,29 @@ class SpeculativeStrategy:
     (prompt ids + the ids of the committed pieces; in ``logprobs`` also the echoed context + draft): every
     difference is a re-tokenization divergence, and a request is reported ``lossless`` only when every round was
     checked and none diverged (see :func:`count_divergence`).
+
+    ``tokens`` (llama.cpp's ``llama-server``): no text crosses the network. The prompt is tokenized once, locally,
+    with the BOS the server adds to a text prompt; the committed sequence is kept as ids. Each round the draft
+    continues from the committed ids (the KV cache keeps the shared prefix), the server greedily generates k + 1 ids
+    from the same ids (``POST /completion`` with an id prompt and ``return_tokens``), the common prefix is accepted
+    and the server's next id committed. The committed ids are the server's own greedy ids: lossless by construction.
+    The output text is the local detokenization of the committed ids.
     """
 
     engine: LlamaEngine
     client: CloudClient
     runner: LoopRunner
     k: int = 4
-    protocol: str = "generate"
+    protocol: str = "generate"  # generate | logprobs | tokens (``auto`` is resolved before: see build_strategy)
     adaptive: bool = False
     rtt_ms: float | None = None
     name: str = "speculative"
+    protocol_reason: str | None = None  # why this protocol (``collab.verify = auto``: what the probe found)
     references: dict[tuple[str, int], str | None] = field(default_factory=dict)
+    token_references: dict[tuple[str, int], list[int] | None] = field(default_factory=dict)
+    last_ids: list[int] = field(default_factory=list)  # the last request's committed ids (token protocol)
     _piece_ids: dict[str, int] | None = field(default=None, init=False, repr=False)
+    _eog: frozenset[int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.piece_ids()  # before any request: not inside a measured phase
@@ -69,6 +82,9 @@ class SpeculativeStrategy:
         """Outside the timed region: compare the committed text with the cloud's own greedy output."""
         collab = record.ext.get("collab")
         if not record.ok or not isinstance(collab, dict):
+            return
+        if self.protocol == "tokens":
+            self._after_tokens(collab, text, max_tokens)
             return
         key = (text, max_tokens)
         if key not in self.references:
@@ -99,7 +115,52 @@ class SpeculativeStrategy:
                 "cloud": reference[at : at + 40],
             }
 
+    def _after_tokens(self, collab: dict[str, Any], text: str, max_tokens: int) -> None:
+        """The committed ids against the server's own greedy ids for the same prompt ids (one request)."""
+        key = (text, max_tokens)
+        if key not in self.token_references:
+            try:
+                answer = self.runner.run(self.client.complete_tokens(self.engine.tokenize(text), max_tokens))
+                self.token_references[key] = self._strip_eog(answer.ids)
+            except RequestError:
+                self.token_references[key] = None
+        reference = self.token_references[key]
+        if reference is None:
+            collab["matches_cloud_greedy"] = None
+            collab["greedy_check"] = "the reference request to the cloud failed"
+            return
+        committed = self.last_ids
+        collab["matches_cloud_greedy"] = committed == reference
+        if committed != reference:
+            collab["lossless"] = False  # a nondeterministic server: say so, never claim lossless
+            collab["lossless_basis"] = (
+                "token protocol: but the committed ids differ from the server's own greedy ids for the prompt"
+            )
+            at = next(
+                (i for i, (a, b) in enumerate(zip(committed, reference, strict=False)) if a != b),
+                min(len(committed), len(reference)),
+            )
+            collab["greedy_mismatch"] = {
+                "offset": at,
+                "committed": committed[at : at + 8],
+                "cloud": reference[at : at + 8],
+            }
+
+    def _strip_eog(self, ids: list[int]) -> list[int]:
+        """The server's ids without a trailing end-of-generation id (it ends the answer, it is not text)."""
+        eog = self._eog_ids()
+        while ids and ids[-1] in eog:
+            ids = ids[:-1]
+        return ids
+
+    def _eog_ids(self) -> frozenset[int]:
+        if self._eog is None:
+            self._eog = frozenset(int(t) for t in self.engine._eog_mask())
+        return self._eog
+
     def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
+        if self.protocol == "tokens":
+            return self._measure_tokens(record, text, max_tokens)
         record.strategy = "speculative"
         record.engine = "llama.cpp draft + openai-compatible verify"
         piece_ids = self.piece_ids()
@@ -176,6 +237,7 @@ class SpeculativeStrategy:
         record.ext["collab"] = {
             "strategy": "speculative",
             "protocol": self.protocol,
+            "protocol_reason": self.protocol_reason,
             "draft_tokens": self.k,
             "adaptive": self.adaptive,
             "rounds": rounds,
@@ -199,6 +261,117 @@ class SpeculativeStrategy:
             "unchecked_rounds": unchecked,
             "lossless": divergences == 0 and unchecked == 0,
             "lossless_basis": _basis(self.protocol, divergences, unchecked),
+        }
+        return start, stamps[0], stamps[-1]
+
+    def _measure_tokens(self, record: Measurement, text: str, max_tokens: int) -> Window:
+        """The token protocol (llama-server): ids both ways, nothing re-tokenized after the prompt."""
+        record.strategy = "speculative"
+        record.engine = "llama.cpp draft + llama-server token-id verify"
+        eog = self._eog_ids()
+        start = time.perf_counter_ns()
+        self.last_ids = []
+        ids: list[int] = []
+        stamps: list[int] = []
+        drafted = accepted = rounds = 0
+        draft_ns = verify_ns = 0
+        bytes_up = bytes_down = 0
+        server_ms = 0.0
+        server_timed = True
+        k = self.k
+        finished = False
+        try:
+            prompt = self.engine.tokenize(text)  # with the BOS the server adds to a text prompt
+            while len(ids) < max_tokens and not finished:
+                left = max_tokens - len(ids)
+                k_round = max(1, min(k, left - 1)) if left > 1 else 0
+                t0 = time.perf_counter_ns()
+                draft_ids: list[int] = []
+                if k_round:
+                    self.engine.sync_context(prompt + ids)
+                    draft_ids = self.engine.draft(k_round)
+                t1 = time.perf_counter_ns()
+                answer = self.runner.run(self.client.complete_tokens(prompt + ids, k_round + 1))
+                t2 = time.perf_counter_ns()
+                draft_ns += t1 - t0
+                verify_ns += t2 - t1
+                bytes_up += answer.bytes_up
+                bytes_down += answer.bytes_down
+                timings = answer.timings or {}
+                figures = [timings.get("prompt_ms"), timings.get("predicted_ms")]
+                if all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in figures):
+                    server_ms += sum(float(f) for f in figures if f is not None)
+                else:
+                    server_timed = False
+                cloud = answer.ids
+                eos = answer.stop_type == "eos"
+                cut = next((i for i, t in enumerate(cloud) if t in eog), None)
+                if cut is not None:
+                    cloud, eos = cloud[:cut], True
+                if not cloud and not eos:
+                    raise RequestError("malformed_response", "POST /completion answered no token ids")
+                n_ok = 0
+                for mine, theirs in zip(draft_ids, cloud, strict=False):
+                    if mine != theirs:
+                        break
+                    n_ok += 1
+                commit = cloud[: min(n_ok + 1, left)]
+                ids.extend(commit)
+                stamps.extend([t2] * len(commit))
+                drafted += len(draft_ids)
+                accepted += min(n_ok, len(commit))
+                rounds += 1
+                finished = not commit or (eos and len(commit) == len(cloud))
+                if self.adaptive and draft_ids:
+                    k = min(self.k * 2, k + 1) if n_ok == len(draft_ids) else max(1, n_ok + 1)
+        except RequestError as exc:
+            record.ok = False
+            record.error_type = exc.error_type
+            record.error_message = exc.message
+            return None
+        end = time.perf_counter_ns()
+        if not stamps:
+            record.ok = False
+            record.error_type = "empty_answer"
+            record.error_message = "no token was committed"
+            return None
+        self.last_ids = ids
+        n_committed = len(ids)
+        fill_timings(record, start, stamps)
+        record.output_tokens = n_committed
+        record.output_text = b"".join(self.engine.piece(t) for t in ids).decode("utf-8", "replace")
+        record.stop_reason = "max_tokens" if n_committed >= max_tokens else "eos"
+        network_ms = rounds * self.rtt_ms if self.rtt_ms is not None else None
+        total_ms = (end - start) / 1e6
+        record.ext["collab"] = {
+            "strategy": "speculative",
+            "protocol": "tokens",
+            "protocol_reason": self.protocol_reason,
+            "draft_tokens": self.k,
+            "adaptive": self.adaptive,
+            "rounds": rounds,
+            "drafted": drafted,
+            "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "mean_accepted_length": 1 + accepted / rounds if rounds else None,
+            "edge_time_ms": draft_ns / 1e6,
+            "cloud_time_ms": verify_ns / 1e6 - (network_ms or 0.0),
+            "verify_time_ms": verify_ns / 1e6,
+            "server_time_ms": server_ms if server_timed else None,
+            "server_time_source": "sum of the server's timings (prompt_ms + predicted_ms)" if server_timed else None,
+            "network_time_ms": network_ms,
+            "network_time_source": "rounds × TCP connect RTT" if network_ms is not None else "RTT unknown",
+            "collaboration_overhead_ms": total_ms - (draft_ns + verify_ns) / 1e6,
+            "total_duration_ms": total_ms,
+            "tokens_per_second": n_committed / (total_ms / 1000) if total_ms else None,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "bytes_per_committed_token": (bytes_up + bytes_down) / n_committed,
+            "retokenization_checks": 0,
+            "retokenization_divergences": 0,
+            "unchecked_rounds": 0,
+            "lossless": True,
+            "lossless_basis": TOKENS_BASIS,
         }
         return start, stamps[0], stamps[-1]
 
@@ -248,6 +421,77 @@ class SpeculativeStrategy:
         if generated is None:
             return texts, n_ok, True, result
         return [*texts, generated], n_ok, False, result
+
+
+# A text that covers many pieces (merges, bytes, digits, punctuation, case) for the vocabulary check.
+VOCAB_PROBE_TEXT = (
+    "The quick brown fox jumps over the lazy dog; then she sat on the mat, and the cat ran in. "
+    "0123456789 +-*/=<>()[]{} \"quoted\" 'single' #tag @user ~ ^ | & % $ ! ? … ÄÖÜ ß é ñ 中文 🙂\n\tEnd."
+)
+
+
+def check_vocabulary(engine: LlamaEngine, client: CloudClient, runner: LoopRunner) -> str:
+    """Before a run with the token protocol: the draft's vocabulary must be the server's. Compares the token count
+    (``GET /v1/models`` ``data[0].meta.n_vocab``, when the server says), the ids of a probe text tokenized on both
+    sides (with BOS), and a sample of ids detokenized on both sides. Returns what was compared; a mismatch raises
+    :class:`UsageError` naming both sides."""
+    where = client.root_url
+    try:
+        n_server = runner.run(client.n_vocab())
+        server_ids = runner.run(client.tokenize(VOCAB_PROBE_TEXT, add_special=True))
+        sample = _detokenize_sample(engine)
+        server_text = runner.run(client.detokenize(sample))
+    except RequestError as exc:
+        raise UsageError(f"{where}: the vocabulary check failed ({exc.error_type}: {exc.message[:160]})") from None
+    if n_server is not None and n_server != engine.n_vocab:
+        raise UsageError(
+            f"{where}: the server's vocabulary has {n_server} tokens, the draft model's {engine.n_vocab}: "
+            "the token protocol needs the same vocabulary on both sides"
+        )
+    local_ids = engine.tokenize(VOCAB_PROBE_TEXT)
+    if local_ids != server_ids:
+        at = next((i for i, (a, b) in enumerate(zip(local_ids, server_ids, strict=False)) if a != b), None)
+        at = min(len(local_ids), len(server_ids)) if at is None else at
+        raise UsageError(
+            f"{where}: the draft and the server tokenize a probe text differently (ids digest draft "
+            f"{_digest(local_ids)} vs server {_digest(server_ids)}, {len(local_ids)} vs {len(server_ids)} ids, first "
+            f"difference at id {at}): the token protocol needs the same vocabulary on both sides"
+        )
+    local_text = b"".join(engine.piece(t) for t in sample).decode("utf-8", "replace")
+    if local_text != server_text:
+        raise UsageError(
+            f"{where}: the draft and the server detokenize {len(sample)} sample ids differently (text digest draft "
+            f"{_digest(local_text)} vs server {_digest(server_text)}): the token protocol needs the same vocabulary "
+            "on both sides"
+        )
+    count = f"{engine.n_vocab} tokens on both sides" if n_server is not None else f"{engine.n_vocab} tokens (draft)"
+    return (
+        f"vocabulary checked: {count}; a probe text's {len(local_ids)} ids (digest {_digest(local_ids)}) and "
+        f"{len(sample)} sample ids detokenized agree"
+    )
+
+
+def _detokenize_sample(engine: LlamaEngine, n: int = 64) -> list[int]:
+    """Up to ``n`` ids spread over the vocabulary whose pieces are non-empty UTF-8 on their own (control tokens,
+    which the server renders and the draft does not, and lone bytes of a multi-byte character are left out)."""
+    usable = []
+    for token in range(engine.n_vocab):
+        raw = engine.piece(token)
+        try:
+            if raw and raw.decode("utf-8"):
+                usable.append(token)
+        except UnicodeDecodeError:
+            continue
+    step = max(1, len(usable) // n)
+    return usable[::step][:n]
+
+
+def _digest(value: list[int] | str) -> str:
+    data = value.encode() if isinstance(value, str) else json.dumps(value).encode()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+TOKENS_BASIS = "token protocol: committed ids are the server's own greedy ids"
 
 
 def count_divergence(retokenized: list[int], produced: list[int]) -> int:
