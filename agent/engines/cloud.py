@@ -424,7 +424,8 @@ class CloudClient:
         """llama-server's ``POST /completion`` with a prompt of token ids, greedy: the ids it generates.
 
         ``temperature`` 0 with ``top_k`` 1, ``cache_prompt`` (the slot keeps the longest common prefix), and
-        ``return_tokens``; of ``cloud.extra`` only the sampling penalties that change greedy choices are passed on.
+        ``return_tokens``, and ``response_fields`` (the answer holds only the ids, ``stop_type`` and ``timings``);
+        of ``cloud.extra`` only the sampling penalties that change greedy choices are passed on.
         Raises :class:`RequestError` on what the network or the server does."""
         body: dict[str, Any] = {
             "prompt": prompt_ids,
@@ -434,6 +435,8 @@ class CloudClient:
             "cache_prompt": True,
             "return_tokens": True,
             "stream": False,
+            # only what is read: the full answer (generation settings, prompt text, …) is ~6× larger
+            "response_fields": ["tokens", "stop_type", "timings"],
         }
         body.update({k: v for k, v in self.settings.extra.items() if k in _TOKEN_EXTRA})
         body.update(extra or {})
