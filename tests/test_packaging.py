@@ -2,7 +2,8 @@
 from there.
 
 lens-agent's build compiles llama.cpp for any CPU of this architecture (bypassing pip's wheel cache): a few minutes
-the first time, then seconds (the script keeps that wheel under ~/.cache/llm-latency-lens/deb-wheels/). lens-aggregator's compiles nothing and has a fixture of its own, so its tests do not wait for the agent's.
+the first time, then seconds (the script keeps that wheel under ~/.cache/llm-latency-lens/deb-wheels/).
+lens-aggregator's compiles nothing and has a fixture of its own, so its tests do not wait for the agent's.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def test_auto_picks_tokens_against_llama_server(
         c = json.loads(line)["ext"]["collab"]
         assert c["protocol"] == "tokens" and c["lossless"] is True and c["protocol_reason"].startswith("auto: ")
         assert "vocabulary checked" in c["protocol_reason"]
-    assert "3 of 3 requests lossless" in stdout
+    assert "3 of 3 requests lossless (token protocol, no divergence)" in stdout
 
 
 def test_auto_picks_generate_against_llama_cpp_python(

@@ -249,9 +249,10 @@ def lossless_line(spec: dict[str, Any]) -> str:
         return "speculative: losslessness not checked (records without the re-tokenization check)"
     basis = check["basis"]
     if check["lossy"] == 0:
+        how = "token protocol" if basis.startswith("token protocol") else "re-tokenization checked each round"
         return (
-            f"speculative: {check['requests']} of {check['requests']} requests lossless "
-            f"(re-tokenization checked each round, no divergence); {basis}"
+            f"speculative: {check['requests']} of {check['requests']} requests lossless ({how}, no divergence); "
+            f"{basis}"
         )
     unchecked = f", {check['unchecked']} unchecked" if check["unchecked"] else ""
     times, requests = check["retokenization_divergences"], check["requests_with_divergences"]
