@@ -18,7 +18,7 @@ from agent.engines.cloud import CloudClient, CloudSettings, LoopRunner
 from agent.engines.llama import EngineSettings, LlamaEngine
 from agent.errors import RequestError, UsageError
 from agent.measurement import Measurement
-from agent.strategies.speculative import TOKENS_BASIS, SpeculativeStrategy, check_vocabulary
+from agent.strategies.speculative import TOKENS_BASIS, SpeculativeStrategy, check_vocabulary, logprob_tokens
 
 from .llama_server import LlamaServerProcess
 from .netproxy import free_port
@@ -213,6 +213,28 @@ def test_auto_picks_tokens_against_llama_server(
         assert c["protocol"] == "tokens" and c["lossless"] is True and c["protocol_reason"].startswith("auto: ")
         assert "vocabulary checked" in c["protocol_reason"]
     assert "3 of 3 requests lossless (token protocol, no divergence)" in stdout
+
+
+def test_generate_against_llama_server_reads_its_logprobs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], server: LlamaServerProcess, pair: dict[str, Path]
+) -> None:
+    """The text protocol still works against llama-server's /v1 (its logprobs come in the chat shape), marked as
+    checked by re-tokenization rather than by token ids."""
+    code, _, stderr = bench(capsys, tmp_path, pair["draft"], server.url + "/v1", "--verify", "generate")
+    assert code == 0, stderr
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert records and all(r["ok"] for r in records), [r.get("error_type") for r in records]
+    for r in records:
+        c = r["ext"]["collab"]
+        assert c["protocol"] == "generate" and c["drafted"] > 0 and r["output_tokens"] == MAX_TOKENS
+        assert isinstance(c["lossless"], bool) and "re-tokenized" in c["lossless_basis"]
+
+
+def test_logprob_tokens_takes_both_shapes_and_nothing_else() -> None:
+    assert logprob_tokens({"tokens": ["a", " b"]}) == ["a", " b"]
+    assert logprob_tokens({"content": [{"token": "a", "logprob": -0.1}, {"token": " b"}]}) == ["a", " b"]
+    for hostile in (None, [], {"tokens": [1, 2]}, {"content": [{"token": 3}]}, {"content": "x"}, {"tokens": "ab"}):
+        assert logprob_tokens(hostile) == []
 
 
 def test_auto_picks_generate_against_llama_cpp_python(

@@ -251,8 +251,7 @@ def lossless_line(spec: dict[str, Any]) -> str:
     if check["lossy"] == 0:
         how = "token protocol" if basis.startswith("token protocol") else "re-tokenization checked each round"
         return (
-            f"speculative: {check['requests']} of {check['requests']} requests lossless ({how}, no divergence); "
-            f"{basis}"
+            f"speculative: {check['requests']} of {check['requests']} requests lossless ({how}, no divergence); {basis}"
         )
     unchecked = f", {check['unchecked']} unchecked" if check["unchecked"] else ""
     times, requests = check["retokenization_divergences"], check["requests_with_divergences"]

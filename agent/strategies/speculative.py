@@ -383,7 +383,7 @@ class SpeculativeStrategy:
 
     def _verify_generate(self, context: str, drafts: list[bytes], k: int) -> tuple[list[str], int, bool, CloudResult]:
         result = self._cloud(context, max_tokens=k + 1, extra={"logprobs": 1})
-        tokens = list((result.logprobs or {}).get("tokens") or [])
+        tokens = logprob_tokens(result.logprobs)
         if not tokens and result.text:
             raise RequestError("malformed_response", "the endpoint returned no per-token logprobs (logprobs=1)")
         n_ok = 0
@@ -492,6 +492,20 @@ def _digest(value: list[int] | str) -> str:
 
 
 TOKENS_BASIS = "token protocol: committed ids are the server's own greedy ids"
+
+
+def logprob_tokens(logprobs: Any) -> list[str]:
+    """The generated pieces of an answer's ``logprobs``: the completions shape (``{"tokens": [str, …]}``: vLLM,
+    llama-cpp-python's server, OpenAI) or the chat shape (``{"content": [{"token": str, …}, …]}``: llama.cpp's
+    ``llama-server`` answers /v1/completions with it). Anything else → ``[]``: the caller says the answer lacks them."""
+    if not isinstance(logprobs, dict):
+        return []
+    tokens = logprobs.get("tokens")
+    if tokens is None and isinstance(logprobs.get("content"), list):
+        tokens = [entry.get("token") if isinstance(entry, dict) else None for entry in logprobs["content"]]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        return []
+    return list(tokens)
 
 
 def count_divergence(retokenized: list[int], produced: list[int]) -> int:
