@@ -169,15 +169,11 @@ class SpeculativeStrategy:
         n_committed = 0
         produced: list[int] | None = None  # prompt ids + the ids of the committed pieces, as produced
         divergences = checks = unchecked = 0
-        stamps: list[int] = []
-        drafted = accepted = rounds = 0
-        draft_ns = verify_ns = 0
-        bytes_up = bytes_down = 0
-        k = self.k
+        tally = _Tally(self.k)
         finished = False
         try:
             while n_committed < max_tokens and not finished:
-                k_round = max(1, min(k, max_tokens - n_committed - 1)) if max_tokens - n_committed > 1 else 0
+                k_round = tally.draft_length(max_tokens - n_committed)
                 t0 = time.perf_counter_ns()
                 drafts: list[bytes] = []
                 draft_ids: list[int] = []
@@ -185,7 +181,7 @@ class SpeculativeStrategy:
                 if produced is not None:
                     checks += 1
                     divergences += count_divergence(context, produced)
-                elif rounds:
+                elif tally.rounds:
                     unchecked += 1  # a committed piece of the last round maps to no token id
                 if k_round:
                     self.engine.sync_context(context)
@@ -202,37 +198,53 @@ class SpeculativeStrategy:
                 else:
                     commit, n_ok, done, result = self._verify_generate(text + committed, drafts, k_round)
                 t2 = time.perf_counter_ns()
-                draft_ns += t1 - t0
-                verify_ns += t2 - t1
-                bytes_up += result.bytes_up
-                bytes_down += result.bytes_down
                 commit = commit[: max_tokens - n_committed]
                 produced = _commit_ids(context, draft_ids, n_ok, commit, piece_ids)
                 committed += "".join(commit)
                 n_committed += len(commit)
-                stamps.extend([t2] * len(commit))
-                drafted += len(drafts)
-                accepted += n_ok
-                rounds += 1
+                tally.add((t0, t1, t2), result.bytes_up, result.bytes_down, len(drafts), n_ok, len(commit))
                 finished = done or not commit
                 if self.adaptive and drafts:
-                    k = min(self.k * 2, k + 1) if n_ok == len(drafts) else max(1, n_ok + 1)
+                    tally.adapt(self.k, len(drafts), n_ok)
         except RequestError as exc:
-            record.ok = False
-            record.error_type = exc.error_type
-            record.error_message = exc.message
-            return None
-        end = time.perf_counter_ns()
-        if not stamps:
-            record.ok = False
-            record.error_type = "empty_answer"
-            record.error_message = "no token was committed"
-            return None
-        fill_timings(record, start, stamps)
+            return _failed(record, exc.error_type, exc.message)
+        return self._finish(
+            record,
+            (start, time.perf_counter_ns()),
+            tally,
+            n_committed,
+            max_tokens,
+            committed,
+            {
+                "protocol": self.protocol,
+                "retokenization_checks": checks,
+                "retokenization_divergences": divergences,
+                "unchecked_rounds": unchecked,
+                "lossless": divergences == 0 and unchecked == 0,
+                "lossless_basis": _basis(self.protocol, divergences, unchecked),
+            },
+        )
+
+    def _finish(
+        self,
+        record: Measurement,
+        span: tuple[int, int],
+        tally: _Tally,
+        n_committed: int,
+        max_tokens: int,
+        output_text: str,
+        protocol_fields: dict[str, Any],
+    ) -> Window:
+        """The record of a request whose rounds ended: timings, output and ``ext.collab``, the same for every protocol
+        apart from ``protocol_fields``. ``span``: the request's start and end on ``perf_counter_ns``."""
+        start, end = span
+        if not tally.stamps:
+            return _failed(record, "empty_answer", "no token was committed")
+        fill_timings(record, start, tally.stamps)
         record.output_tokens = n_committed
-        record.output_text = committed
+        record.output_text = output_text
         record.stop_reason = "max_tokens" if n_committed >= max_tokens else "eos"
-        network_ms = rounds * self.rtt_ms if self.rtt_ms is not None else None
+        network_ms = tally.rounds * self.rtt_ms if self.rtt_ms is not None else None
         total_ms = (end - start) / 1e6
         record.ext["collab"] = {
             "strategy": "speculative",
@@ -240,29 +252,25 @@ class SpeculativeStrategy:
             "protocol_reason": self.protocol_reason,
             "draft_tokens": self.k,
             "adaptive": self.adaptive,
-            "rounds": rounds,
-            "drafted": drafted,
-            "accepted": accepted,
-            "acceptance_rate": accepted / drafted if drafted else None,
-            "mean_accepted_length": 1 + accepted / rounds if rounds else None,
-            "edge_time_ms": draft_ns / 1e6,
-            "cloud_time_ms": verify_ns / 1e6 - (network_ms or 0.0),
-            "verify_time_ms": verify_ns / 1e6,
+            "rounds": tally.rounds,
+            "drafted": tally.drafted,
+            "accepted": tally.accepted,
+            "acceptance_rate": tally.accepted / tally.drafted if tally.drafted else None,
+            "mean_accepted_length": 1 + tally.accepted / tally.rounds if tally.rounds else None,
+            "edge_time_ms": tally.draft_ns / 1e6,
+            "cloud_time_ms": tally.verify_ns / 1e6 - (network_ms or 0.0),
+            "verify_time_ms": tally.verify_ns / 1e6,
             "network_time_ms": network_ms,
             "network_time_source": "rounds × TCP connect RTT" if network_ms is not None else "RTT unknown",
-            "collaboration_overhead_ms": total_ms - (draft_ns + verify_ns) / 1e6,
+            "collaboration_overhead_ms": total_ms - (tally.draft_ns + tally.verify_ns) / 1e6,
             "total_duration_ms": total_ms,
             "tokens_per_second": n_committed / (total_ms / 1000) if total_ms else None,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "bytes_per_committed_token": (bytes_up + bytes_down) / n_committed,
-            "retokenization_checks": checks,
-            "retokenization_divergences": divergences,
-            "unchecked_rounds": unchecked,
-            "lossless": divergences == 0 and unchecked == 0,
-            "lossless_basis": _basis(self.protocol, divergences, unchecked),
+            "bytes_up": tally.bytes_up,
+            "bytes_down": tally.bytes_down,
+            "bytes_per_committed_token": (tally.bytes_up + tally.bytes_down) / n_committed,
+            **protocol_fields,
         }
-        return start, stamps[0], stamps[-1]
+        return start, tally.stamps[0], tally.stamps[-1]
 
     def _measure_tokens(self, record: Measurement, text: str, max_tokens: int) -> Window:
         """The token protocol (llama-server): ids both ways, nothing re-tokenized after the prompt."""
@@ -272,19 +280,15 @@ class SpeculativeStrategy:
         start = time.perf_counter_ns()
         self.last_ids = []
         ids: list[int] = []
-        stamps: list[int] = []
-        drafted = accepted = rounds = 0
-        draft_ns = verify_ns = 0
-        bytes_up = bytes_down = 0
+        tally = _Tally(self.k)
         server_ms = 0.0
         server_timed = True
-        k = self.k
         finished = False
         try:
             prompt = self.engine.tokenize(text)  # with the BOS the server adds to a text prompt
             while len(ids) < max_tokens and not finished:
                 left = max_tokens - len(ids)
-                k_round = max(1, min(k, left - 1)) if left > 1 else 0
+                k_round = tally.draft_length(left)
                 t0 = time.perf_counter_ns()
                 draft_ids: list[int] = []
                 if k_round:
@@ -293,10 +297,6 @@ class SpeculativeStrategy:
                 t1 = time.perf_counter_ns()
                 answer = self.runner.run(self.client.complete_tokens(prompt + ids, k_round + 1))
                 t2 = time.perf_counter_ns()
-                draft_ns += t1 - t0
-                verify_ns += t2 - t1
-                bytes_up += answer.bytes_up
-                bytes_down += answer.bytes_down
                 timings = answer.timings or {}
                 figures = [timings.get("prompt_ms"), timings.get("predicted_ms")]
                 if all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in figures):
@@ -317,63 +317,43 @@ class SpeculativeStrategy:
                     n_ok += 1
                 commit = cloud[: min(n_ok + 1, left)]
                 ids.extend(commit)
-                stamps.extend([t2] * len(commit))
-                drafted += len(draft_ids)
-                accepted += min(n_ok, len(commit))
-                rounds += 1
+                tally.add(
+                    (t0, t1, t2),
+                    answer.bytes_up,
+                    answer.bytes_down,
+                    len(draft_ids),
+                    min(n_ok, len(commit)),
+                    len(commit),
+                )
                 finished = not commit or (eos and len(commit) == len(cloud))
                 if self.adaptive and draft_ids:
-                    k = min(self.k * 2, k + 1) if n_ok == len(draft_ids) else max(1, n_ok + 1)
+                    tally.adapt(self.k, len(draft_ids), n_ok)
         except RequestError as exc:
-            record.ok = False
-            record.error_type = exc.error_type
-            record.error_message = exc.message
-            return None
+            return _failed(record, exc.error_type, exc.message)
         end = time.perf_counter_ns()
-        if not stamps:
-            record.ok = False
-            record.error_type = "empty_answer"
-            record.error_message = "no token was committed"
-            return None
-        self.last_ids = ids
-        n_committed = len(ids)
-        fill_timings(record, start, stamps)
-        record.output_tokens = n_committed
-        record.output_text = b"".join(self.engine.piece(t) for t in ids).decode("utf-8", "replace")
-        record.stop_reason = "max_tokens" if n_committed >= max_tokens else "eos"
-        network_ms = rounds * self.rtt_ms if self.rtt_ms is not None else None
-        total_ms = (end - start) / 1e6
-        record.ext["collab"] = {
-            "strategy": "speculative",
-            "protocol": "tokens",
-            "protocol_reason": self.protocol_reason,
-            "draft_tokens": self.k,
-            "adaptive": self.adaptive,
-            "rounds": rounds,
-            "drafted": drafted,
-            "accepted": accepted,
-            "acceptance_rate": accepted / drafted if drafted else None,
-            "mean_accepted_length": 1 + accepted / rounds if rounds else None,
-            "edge_time_ms": draft_ns / 1e6,
-            "cloud_time_ms": verify_ns / 1e6 - (network_ms or 0.0),
-            "verify_time_ms": verify_ns / 1e6,
-            "server_time_ms": server_ms if server_timed else None,
-            "server_time_source": "sum of the server's timings (prompt_ms + predicted_ms)" if server_timed else None,
-            "network_time_ms": network_ms,
-            "network_time_source": "rounds × TCP connect RTT" if network_ms is not None else "RTT unknown",
-            "collaboration_overhead_ms": total_ms - (draft_ns + verify_ns) / 1e6,
-            "total_duration_ms": total_ms,
-            "tokens_per_second": n_committed / (total_ms / 1000) if total_ms else None,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "bytes_per_committed_token": (bytes_up + bytes_down) / n_committed,
-            "retokenization_checks": 0,
-            "retokenization_divergences": 0,
-            "unchecked_rounds": 0,
-            "lossless": True,
-            "lossless_basis": TOKENS_BASIS,
-        }
-        return start, stamps[0], stamps[-1]
+        if tally.stamps:
+            self.last_ids = ids
+        output_text = b"".join(self.engine.piece(t) for t in ids).decode("utf-8", "replace")
+        return self._finish(
+            record,
+            (start, end),
+            tally,
+            len(ids),
+            max_tokens,
+            output_text,
+            {
+                "protocol": "tokens",
+                "server_time_ms": server_ms if server_timed else None,
+                "server_time_source": "sum of the server's timings (prompt_ms + predicted_ms)"
+                if server_timed
+                else None,
+                "retokenization_checks": 0,
+                "retokenization_divergences": 0,
+                "unchecked_rounds": 0,
+                "lossless": True,
+                "lossless_basis": TOKENS_BASIS,
+            },
+        )
 
     def _cloud(self, prompt: str, **kw: Any) -> CloudResult:
         result = self.runner.run(self.client.complete(prompt, stream=False, **kw))
@@ -424,6 +404,49 @@ class SpeculativeStrategy:
 
 
 # A text that covers many pieces (merges, bytes, digits, punctuation, case) for the vocabulary check.
+@dataclass
+class _Tally:
+    """What a request's rounds add up to, whatever the protocol: draft length, stamps, counts, times, bytes."""
+
+    k: int
+    stamps: list[int] = field(default_factory=list)
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    draft_ns: int = 0
+    verify_ns: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    def draft_length(self, left: int) -> int:
+        """Tokens to draft this round with ``left`` still to commit: the verifier adds one, so at most left − 1."""
+        return max(1, min(self.k, left - 1)) if left > 1 else 0
+
+    def add(self, times: tuple[int, int, int], up: int, down: int, drafted: int, accepted: int, committed: int) -> None:
+        """One round: ``times`` = (start, drafted, verified) on ``perf_counter_ns``; its tokens commit when verified."""
+        t0, t1, t2 = times
+        self.draft_ns += t1 - t0
+        self.verify_ns += t2 - t1
+        self.bytes_up += up
+        self.bytes_down += down
+        self.stamps.extend([t2] * committed)
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rounds += 1
+
+    def adapt(self, base_k: int, drafted: int, accepted: int) -> None:
+        """Adaptive draft length: one longer after a fully accepted draft (up to 2 × ``base_k``), else what was
+        accepted plus one."""
+        self.k = min(base_k * 2, self.k + 1) if accepted == drafted else max(1, accepted + 1)
+
+
+def _failed(record: Measurement, error_type: str, message: str) -> Window:
+    record.ok = False
+    record.error_type = error_type
+    record.error_message = message
+    return None
+
+
 VOCAB_PROBE_TEXT = (
     "The quick brown fox jumps over the lazy dog; then she sat on the mat, and the cat ran in. "
     "0123456789 +-*/=<>()[]{} \"quoted\" 'single' #tag @user ~ ^ | & % $ ! ? … ÄÖÜ ß é ñ 中文 🙂\n\tEnd."
