@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,15 +106,7 @@ class SpeculativeStrategy:
                     f"{collab.get('lossless_basis', 'text protocol')}; but the committed text differs from the "
                     "cloud's own greedy text"
                 )
-            at = next(
-                (i for i, (a, b) in enumerate(zip(committed, reference, strict=False)) if a != b),
-                min(len(committed), len(reference)),
-            )
-            collab["greedy_mismatch"] = {
-                "offset": at,
-                "committed": committed[at : at + 40],
-                "cloud": reference[at : at + 40],
-            }
+            collab["greedy_mismatch"] = first_difference(committed, reference, 40)
 
     def _after_tokens(self, collab: dict[str, Any], text: str, max_tokens: int) -> None:
         """The committed ids against the server's own greedy ids for the same prompt ids (one request)."""
@@ -136,15 +129,7 @@ class SpeculativeStrategy:
             collab["lossless_basis"] = (
                 "token protocol: but the committed ids differ from the server's own greedy ids for the prompt"
             )
-            at = next(
-                (i for i, (a, b) in enumerate(zip(committed, reference, strict=False)) if a != b),
-                min(len(committed), len(reference)),
-            )
-            collab["greedy_mismatch"] = {
-                "offset": at,
-                "committed": committed[at : at + 8],
-                "cloud": reference[at : at + 8],
-            }
+            collab["greedy_mismatch"] = first_difference(committed, reference, 8)
 
     def _strip_eog(self, ids: list[int]) -> list[int]:
         """The server's ids without a trailing end-of-generation id (it ends the answer, it is not text)."""
@@ -529,6 +514,15 @@ def logprob_tokens(logprobs: Any) -> list[str]:
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         return []
     return list(tokens)
+
+
+def first_difference(committed: Sequence[Any], reference: Sequence[Any], width: int) -> dict[str, Any]:
+    """Where two outputs (text or ids) part: the offset and ``width`` items of each from there."""
+    at = next(
+        (i for i, (a, b) in enumerate(zip(committed, reference, strict=False)) if a != b),
+        min(len(committed), len(reference)),
+    )
+    return {"offset": at, "committed": committed[at : at + width], "cloud": reference[at : at + width]}
 
 
 def count_divergence(retokenized: list[int], produced: list[int]) -> int:
