@@ -270,6 +270,10 @@ class LlamaEngine:
             self._eog_ids = np.asarray([t for t in range(self.n_vocab) if is_eog(self._vocab, t)], dtype=np.int64)
         return self._eog_ids
 
+    def eog_ids(self) -> frozenset[int]:
+        """The vocabulary's end-of-generation token ids (EOS, EOT, …)."""
+        return frozenset(int(t) for t in self._eog_mask())
+
     def _logits_row(self) -> np.ndarray:
         """The last output row of logits as a numpy view (no copy)."""
         addr = self._get_logits_addr(self._ctx, -1)

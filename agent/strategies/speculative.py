@@ -140,7 +140,7 @@ class SpeculativeStrategy:
 
     def _eog_ids(self) -> frozenset[int]:
         if self._eog is None:
-            self._eog = frozenset(int(t) for t in self.engine._eog_mask())
+            self._eog = self.engine.eog_ids()
         return self._eog
 
     def measure(self, record: Measurement, text: str, max_tokens: int) -> Window:
