@@ -176,6 +176,44 @@ def test_speculative_decoding(
     assert "speculative: 4 of 4 requests lossless" in stdout
 
 
+def test_no_text_leaves_the_greedy_check_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cloud_url: str, tiny_models: dict[str, Path]
+) -> None:
+    """--no-text keeps the text out of the records, not out of the check against the cloud's greedy output."""
+    out, raw = tmp_path / "r.json", tmp_path / "r.jsonl"
+    code, _, stderr = run_cli(
+        capsys,
+        "bench",
+        "--strategy",
+        "speculative",
+        "--model",
+        str(tiny_models["draft"]),
+        "--cloud-url",
+        cloud_url,
+        "--verify",
+        "generate",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+        "--max-tokens",
+        "16",
+        "--no-text",
+        "--output",
+        str(out),
+        "--raw",
+        str(raw),
+        *TINY,
+    )
+    assert code == 0, stderr
+    for line in raw.read_text().splitlines():
+        record = json.loads(line)
+        assert record.get("output_text") is None
+        assert record["ext"]["collab"]["matches_cloud_greedy"] is True and record["ext"]["collab"]["lossless"] is True
+    check = json.loads(out.read_text())["results"]["collaboration"]["speculative"]["lossless_check"]
+    assert check["lossless"] == 2 and check["lossy"] == 0
+
+
 def test_both_protocols_commit_the_same_text(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], cloud_url: str, tiny_models: dict[str, Path]
 ) -> None:

@@ -184,13 +184,13 @@ def run_bench(
             model_name=model_name,
         )
         window = strategy.measure(record, texts[index][0], options.max_tokens)
-        if not options.include_text:
-            record.output_text = None
         run.measurements.append(record)
         t0 = time.perf_counter()
         after = getattr(strategy, "after", None)
-        if after is not None:
+        if after is not None:  # checks that compare the output (speculative: the cloud's greedy text) come first
             after(record, texts[index][0], options.max_tokens)
+        if not options.include_text:
+            record.output_text = None
         if sampler is not None and sampler.sources:
             record.ext["energy"] = _energy(sampler, window, record, baseline_w or {})
         if on_result is not None:
