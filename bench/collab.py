@@ -159,9 +159,7 @@ def main() -> None:
         free_port(),
         ["--threads", "1", "--threads-batch", "1", "--ctx-size", "1024"],
     )
-    # include_text: the runner clears the output text before the strategy's ``after`` check, which compares it with
-    # the cloud's own greedy text (the text protocols' lossless check); keeping it adds nothing to the timed region
-    options = BenchOptions(runs=args.runs, warmup=1, max_tokens=args.max_tokens, include_text=True, chat_template="off")
+    options = BenchOptions(runs=args.runs, warmup=1, max_tokens=args.max_tokens, chat_template="off")
     prompts = builtin_prompts()
     print(
         f"target {target.name} served by llama-cpp-python (lcp) and llama-server (ls) on 127.0.0.1, draft "
