@@ -7,8 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from aggregator.store import SQLiteStore
 
@@ -26,8 +28,18 @@ class AggregatorProcess:
         self.db, self.port, self.config, self.cwd = db, port, config, cwd
         self.command = command or [sys.executable, "-c", "from aggregator.cli import main; main()"]
         self.proc: subprocess.Popen[bytes] | None = None
+        # its log goes to a file: an unread pipe fills (64 KiB) and then blocks the server on its next log line
+        self.log: IO[bytes] | None = None
+
+    def stderr_text(self) -> str:
+        """Everything the server has logged so far."""
+        if self.log is None:
+            return ""
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
 
     def start(self) -> None:
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open while the server runs, read on failure
         self.proc = subprocess.Popen(
             [
                 *self.command,
@@ -40,14 +52,14 @@ class AggregatorProcess:
             ],
             cwd=self.cwd,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.log,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                 return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"aggregator exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                raise RuntimeError(f"aggregator exited: {self.stderr_text()}")
             time.sleep(0.05)
         raise RuntimeError("aggregator did not start")
 

@@ -53,7 +53,7 @@ def stored_ids(output: str) -> set[bytes]:
 
 def drain(data: Path, url: str, token: str) -> dict[str, Any]:
     proc = driver(data, url, token, "--drain")
-    out, _ = proc.communicate(timeout=300)  # a loose bound: a starved 2-core machine drains slowly, not wrongly
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     line = next(line for line in out.splitlines() if line.startswith("STATS "))
     return dict(json.loads(line[6:]))
