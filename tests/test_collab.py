@@ -112,6 +112,35 @@ def test_cloud_strategy(
     assert "strategy=cloud" in stdout
 
 
+def speculate(
+    capsys: pytest.CaptureFixture[str],
+    tiny_models: dict[str, Path],
+    cloud_url: str,
+    out: Path,
+    raw: Path,
+    *flags: str,
+) -> tuple[int, str, str]:
+    """``lens-agent bench --strategy speculative`` with the tiny draft against the cloud, no warm-up."""
+    return run_cli(
+        capsys,
+        "bench",
+        "--strategy",
+        "speculative",
+        "--model",
+        str(tiny_models["draft"]),
+        "--cloud-url",
+        cloud_url,
+        "--warmup",
+        "0",
+        *flags,
+        "--output",
+        str(out),
+        "--raw",
+        str(raw),
+        *TINY,
+    )
+
+
 @pytest.mark.parametrize("protocol", ["generate", "logprobs"])
 def test_speculative_decoding(
     tmp_path: Path,
@@ -122,30 +151,20 @@ def test_speculative_decoding(
     protocol: str,
 ) -> None:
     out, raw = tmp_path / "r.json", tmp_path / "r.jsonl"
-    code, stdout, stderr = run_cli(
+    code, stdout, stderr = speculate(
         capsys,
-        "bench",
-        "--strategy",
-        "speculative",
-        "--model",
-        str(tiny_models["draft"]),
-        "--cloud-url",
+        tiny_models,
         cloud_url,
+        out,
+        raw,
         "--verify",
         protocol,
         "--draft-tokens",
         "4",
         "--runs",
         "4",
-        "--warmup",
-        "0",
         "--max-tokens",
         "24",
-        "--output",
-        str(out),
-        "--raw",
-        str(raw),
-        *TINY,
     )
     assert code == 0, stderr
     doc = json.loads(out.read_text())
@@ -181,29 +200,19 @@ def test_no_text_leaves_the_greedy_check_intact(
 ) -> None:
     """--no-text keeps the text out of the records, not out of the check against the cloud's greedy output."""
     out, raw = tmp_path / "r.json", tmp_path / "r.jsonl"
-    code, _, stderr = run_cli(
+    code, _, stderr = speculate(
         capsys,
-        "bench",
-        "--strategy",
-        "speculative",
-        "--model",
-        str(tiny_models["draft"]),
-        "--cloud-url",
+        tiny_models,
         cloud_url,
+        out,
+        raw,
         "--verify",
         "generate",
         "--runs",
         "2",
-        "--warmup",
-        "0",
         "--max-tokens",
         "16",
         "--no-text",
-        "--output",
-        str(out),
-        "--raw",
-        str(raw),
-        *TINY,
     )
     assert code == 0, stderr
     for line in raw.read_text().splitlines():
