@@ -114,24 +114,32 @@ def test_cloud_strategy(
 
 def speculate(
     capsys: pytest.CaptureFixture[str],
-    tiny_models: dict[str, Path],
+    draft: Path,
     cloud_url: str,
     out: Path,
     raw: Path,
     *flags: str,
+    prompts: list[str] | None = None,
 ) -> tuple[int, str, str]:
-    """``lens-agent bench --strategy speculative`` with the tiny draft against the cloud, no warm-up."""
+    """``lens-agent bench --strategy speculative`` with ``draft`` against the cloud, no warm-up; with ``prompts``,
+    one request per prompt, as plain text (no chat template)."""
+    chosen: list[str] = []
+    if prompts:
+        file = out.with_name(f"{out.stem}-prompts.jsonl")
+        file.write_text("".join(json.dumps({"id": p, "prompt": p}) + "\n" for p in prompts))
+        chosen = ["--prompts", str(file), "--runs", str(len(prompts)), "--chat-template", "off"]
     return run_cli(
         capsys,
         "bench",
         "--strategy",
         "speculative",
         "--model",
-        str(tiny_models["draft"]),
+        str(draft),
         "--cloud-url",
         cloud_url,
         "--warmup",
         "0",
+        *chosen,
         *flags,
         "--output",
         str(out),
@@ -153,7 +161,7 @@ def test_speculative_decoding(
     out, raw = tmp_path / "r.json", tmp_path / "r.jsonl"
     code, stdout, stderr = speculate(
         capsys,
-        tiny_models,
+        tiny_models["draft"],
         cloud_url,
         out,
         raw,
@@ -202,7 +210,7 @@ def test_no_text_leaves_the_greedy_check_intact(
     out, raw = tmp_path / "r.json", tmp_path / "r.jsonl"
     code, _, stderr = speculate(
         capsys,
-        tiny_models,
+        tiny_models["draft"],
         cloud_url,
         out,
         raw,

@@ -18,8 +18,9 @@ from agent.engines.llama import EngineSettings, LlamaEngine
 from agent.measurement import Measurement
 from agent.strategies.speculative import SpeculativeStrategy, _commit_ids, count_divergence
 
-from .test_bench_cli import check_document, run_cli
-from .test_collab import TINY, start_cloud, stop_cloud
+from .test_bench_cli import check_document
+from .test_collab import speculate as bench_speculative
+from .test_collab import start_cloud, stop_cloud
 from .tinymodel import MERGES, write_tiny_llama
 
 PROMPTS = ["Hello", "a", "the answer is", "in the h"]
@@ -92,38 +93,11 @@ def test_the_bench_summary_says_which_requests_are_lossy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], results_schema: dict[str, Any]
 ) -> None:
     pair = write_pair(tmp_path, 9, MERGES)
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": p, "prompt": p}) + "\n" for p in PROMPTS))
     proc, url = start_cloud(pair["target"])
     out, raw = tmp_path / "r.json", tmp_path / "r.jsonl"
     try:
-        code, stdout, stderr = run_cli(
-            capsys,
-            "bench",
-            "--strategy",
-            "speculative",
-            "--model",
-            str(pair["draft"]),
-            "--cloud-url",
-            url,
-            "--draft-tokens",
-            "2",
-            "--prompts",
-            str(prompts),
-            "--runs",
-            str(len(PROMPTS)),
-            "--warmup",
-            "0",
-            "--max-tokens",
-            "32",
-            "--chat-template",
-            "off",
-            "--output",
-            str(out),
-            "--raw",
-            str(raw),
-            *TINY,
-        )
+        flags = ("--draft-tokens", "2", "--max-tokens", "32")
+        code, stdout, stderr = bench_speculative(capsys, pair["draft"], url, out, raw, *flags, prompts=PROMPTS)
     finally:
         stop_cloud(proc)
     assert code == 0, stderr

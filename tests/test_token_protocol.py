@@ -22,8 +22,8 @@ from agent.strategies.speculative import TOKENS_BASIS, SpeculativeStrategy, chec
 
 from .llama_server import LlamaServerProcess
 from .netproxy import free_port
-from .test_bench_cli import check_document, run_cli
-from .test_collab import TINY, start_cloud, stop_cloud
+from .test_bench_cli import check_document
+from .test_collab import speculate, start_cloud, stop_cloud
 from .tinymodel import MERGES, write_tiny_llama
 
 PROMPTS = ["Hello", "the answer is", "in the h"]
@@ -159,36 +159,9 @@ def test_client_methods_and_their_errors(server: LlamaServerProcess) -> None:
 
 
 def bench(capsys: pytest.CaptureFixture[str], tmp: Path, draft: Path, url: str, *extra: str) -> tuple[int, str, str]:
-    prompts = tmp / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"id": p, "prompt": p}) + "\n" for p in PROMPTS))
-    return run_cli(
-        capsys,
-        "bench",
-        "--strategy",
-        "speculative",
-        "--model",
-        str(draft),
-        "--cloud-url",
-        url,
-        "--draft-tokens",
-        "3",
-        "--prompts",
-        str(prompts),
-        "--runs",
-        str(len(PROMPTS)),
-        "--warmup",
-        "0",
-        "--max-tokens",
-        str(MAX_TOKENS),
-        "--chat-template",
-        "off",
-        "--output",
-        str(tmp / "r.json"),
-        "--raw",
-        str(tmp / "r.jsonl"),
-        *extra,
-        *TINY,
-    )
+    out, raw = tmp / "r.json", tmp / "r.jsonl"
+    flags = ("--draft-tokens", "3", "--max-tokens", str(MAX_TOKENS), *extra)
+    return speculate(capsys, draft, url, out, raw, *flags, prompts=PROMPTS)
 
 
 def test_auto_picks_tokens_against_llama_server(
@@ -220,7 +193,7 @@ def test_generate_against_llama_server_reads_its_logprobs(
 ) -> None:
     """The text protocol still works against llama-server's /v1 (its logprobs come in the chat shape), marked as
     checked by re-tokenization rather than by token ids."""
-    code, _, stderr = bench(capsys, tmp_path, pair["draft"], server.url + "/v1", "--verify", "generate")
+    code, stdout, stderr = bench(capsys, tmp_path, pair["draft"], server.url + "/v1", "--verify", "generate")
     assert code == 0, stderr
     records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert records and all(r["ok"] for r in records), [r.get("error_type") for r in records]
@@ -228,6 +201,15 @@ def test_generate_against_llama_server_reads_its_logprobs(
         c = r["ext"]["collab"]
         assert c["protocol"] == "generate" and c["drafted"] > 0 and r["output_tokens"] == MAX_TOKENS
         assert isinstance(c["lossless"], bool) and "re-tokenized" in c["lossless_basis"]
+        # llama-server's /v1/completions answers carry its timings: the verification time is split round by round
+        assert 0 < c["server_time_ms"] < c["verify_time_ms"]
+        assert c["verify_minus_server_ms"] == pytest.approx(c["verify_time_ms"] - c["server_time_ms"])
+        assert c["server_time_source"].startswith("sum over the rounds")
+    split = json.loads((tmp_path / "r.json").read_text())["results"]["collaboration"]["speculative"]["server_time"]
+    assert split["requests"] == split["requests_with_server_time"] == len(PROMPTS)
+    assert split["server_time_ms"] == pytest.approx(sum(r["ext"]["collab"]["server_time_ms"] for r in records))
+    assert 0 < split["server_share_of_verify"] < 1
+    assert f"({len(PROMPTS)} of {len(PROMPTS)} requests, the server's timings)" in stdout
 
 
 def test_logprob_tokens_takes_both_shapes_and_nothing_else() -> None:
@@ -255,6 +237,9 @@ def test_auto_picks_generate_against_llama_cpp_python(
         # the text protocol keeps its re-tokenization check and lossy marking
         assert c["lossless"] is (c["retokenization_divergences"] == 0 and c["unchecked_rounds"] == 0)
         assert c["lossless_basis"].startswith("text protocol")
+        # llama-cpp-python's server sends no timings: nothing is invented
+        assert c["server_time_ms"] is None and c["verify_minus_server_ms"] is None
+        assert c["server_time_source"] == f"server timings in 0 of {c['rounds']} rounds"
     # --verify tokens against a server without the token-id API: one line naming the endpoint and what is missing
     assert refused == 2 and "Traceback" not in error
     errors = [line for line in error.splitlines() if "error:" in line]
@@ -291,3 +276,61 @@ def test_a_draft_with_another_vocabulary_is_refused(
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0] == stderr.strip().splitlines()[-1]
     assert f"the server's vocabulary has {n_server} tokens, the draft model's {engine.n_vocab}" in errors[0]
+
+
+# a bias on </s> (id 2) that makes this target (seed 2) end early under greedy decoding: 2, 16 and 2 tokens
+EOS_BIAS = {"logit_bias": [[2, 17.0]]}
+
+
+def test_ignore_eos_generates_past_the_servers_end(server: LlamaServerProcess, pair: dict[str, Path]) -> None:
+    runner = LoopRunner()
+    client = CloudClient(CloudSettings(url=server.url + "/v1", extra=EOS_BIAS))
+    rows: dict[bool, list[tuple[Measurement, list[int], list[int]]]] = {False: [], True: []}
+    try:
+        with LlamaEngine.load(pair["draft"], EngineSettings(n_ctx=256, n_threads=1)) as engine:
+            for ignore in (False, True):
+                strategy = SpeculativeStrategy(engine, client, runner, k=3, protocol="tokens", ignore_eos=ignore)
+                for prompt in PROMPTS:
+                    record = Measurement(run_id="r", device_id="d", model_name="m", model_sha256=None)
+                    strategy.measure(record, prompt, MAX_TOKENS)
+                    committed = list(strategy.last_ids)
+                    strategy.after(record, prompt, MAX_TOKENS)
+                    assert record.ok, record.error_message
+                    body = {"prompt": engine.tokenize(prompt), "n_predict": MAX_TOKENS, **GREEDY, **EOS_BIAS}
+                    greedy = server.post("/completion", body | ({"ignore_eos": True} if ignore else {}))["tokens"]
+                    rows[ignore].append((record, committed, [t for t in greedy if t != 2]))
+    finally:
+        runner.run(client.close())
+        runner.close()
+    ended = [r for r, _, _ in rows[False] if r.output_tokens < MAX_TOKENS]
+    assert ended and all(r.stop_reason == "eos" for r in ended)  # the server's end, honoured without ignore_eos
+    for record, committed, greedy in rows[True]:
+        assert record.output_tokens == MAX_TOKENS and record.stop_reason == "max_tokens"
+        assert committed == greedy and 2 not in committed  # the server's own greedy ids with </s> masked
+        assert record.ext["collab"]["matches_cloud_greedy"] is True and record.ext["collab"]["lossless"] is True
+    for record, committed, greedy in rows[False]:
+        assert committed == greedy and record.ext["collab"]["matches_cloud_greedy"] is True
+
+
+def test_text_protocols_against_llama_server_say_what_they_cannot_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], server: LlamaServerProcess, pair: dict[str, Path]
+) -> None:
+    """--verify logprobs needs echoed prompt logprobs (llama-server ignores echo); --ignore-eos needs the token
+    protocol. Each is refused before any request is timed, in one line naming the endpoint and the reason."""
+    url = server.url + "/v1"
+    for flags, expected in (
+        (("--verify", "logprobs"), f"collab.verify = logprobs: POST {url}/completions answered logprobs for the "),
+        (("--verify", "generate", "--ignore-eos"), "ignore_eos with the speculative strategy needs the token protocol"),
+    ):
+        code, _, stderr = bench(capsys, tmp_path, pair["draft"], url, *flags)
+        assert code == 2 and "Traceback" not in stderr, stderr
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        assert len(errors) == 1 and expected in errors[0], errors
+        if "logprobs" in flags:
+            assert "it ignores echo" in errors[0] and "use collab.verify = tokens or auto" in errors[0]
+        assert not (tmp_path / "r.jsonl").exists() or not (tmp_path / "r.jsonl").read_text()
+    # the token protocol takes --ignore-eos: every request runs to max_tokens
+    code, _, stderr = bench(capsys, tmp_path, pair["draft"], url, "--ignore-eos")
+    assert code == 0, stderr
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(records) == len(PROMPTS) and all(r["output_tokens"] == MAX_TOKENS for r in records)

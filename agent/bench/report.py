@@ -180,6 +180,7 @@ def collab_section(run: ModelRun) -> dict[str, Any] | None:
                 "mismatches": sum(1 for c in spec if c.get("matches_cloud_greedy") is False),
             },
             "lossless_check": _lossless_check(spec),
+            "server_time": _speculative_server_time(spec),
         }
     if offload:
         decisions = Counter(o["decision"] for o in offload)
@@ -223,6 +224,26 @@ def server_timings_summary(ok: list[Measurement]) -> dict[str, Any] | None:
         if dist is not None:
             summary[name] = dist
     return summary
+
+
+def _speculative_server_time(spec: list[dict[str, Any]]) -> dict[str, Any]:
+    """The verification time split into the server's own compute (its ``timings``, summed over the rounds) and the
+    rest (network, queueing, HTTP, JSON), over the requests whose every round reported them."""
+    timed = [c for c in spec if _number(c.get("server_time_ms")) and _number(c.get("verify_time_ms"))]
+    verify = sum(float(c["verify_time_ms"]) for c in timed)
+    server = sum(float(c["server_time_ms"]) for c in timed)
+    return {
+        "requests": len(spec),
+        "requests_with_server_time": len(timed),
+        "verify_time_ms": verify if timed else None,
+        "server_time_ms": server if timed else None,
+        "verify_minus_server_ms": verify - server if timed else None,
+        "server_share_of_verify": server / verify if timed and verify > 0 else None,
+    }
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _lossless_check(spec: list[dict[str, Any]]) -> dict[str, Any]:
@@ -642,6 +663,13 @@ def summary_table(document: dict[str, Any]) -> str:
             "differ from the cloud's greedy text"
         )
         lines.append(f"{'':16}{lossless_line(spec)}")
+        split = spec.get("server_time") or {}
+        if split.get("server_time_ms") is not None:
+            lines.append(
+                f"{'':16}verify {_fmt(split['verify_time_ms'], 1)} ms = server {_fmt(split['server_time_ms'], 1)} ms "
+                f"+ network, queue and HTTP {_fmt(split['verify_minus_server_ms'], 1)} ms "
+                f"({split['requests_with_server_time']} of {split['requests']} requests, the server's timings)"
+            )
     server = res.get("collaboration", {}).get("server_timings")
     if server:
         lines.append(f"server timings  {_server_timings_line(server)}")

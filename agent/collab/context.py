@@ -38,8 +38,18 @@ class CollabContext:
                 if supported:
                     self._protocol = ("tokens", f"{verify}: {why}")
                 else:
+                    works, text_why = self.runner.run(self.client.probe_text_protocol("generate"))
+                    if not works:
+                        raise UsageError(
+                            f"collab.verify = auto: {self.client.settings.url} answers no verification protocol: "
+                            f"tokens: {why}; generate: {text_why}"
+                        )
                     self._protocol = ("generate", f"auto: no token-id API, text protocol generate: {why}")
             else:
+                works, why = self.runner.run(self.client.probe_text_protocol(verify))
+                if not works:
+                    hint = " (use collab.verify = tokens or auto for llama-server)" if "echo" in why else ""
+                    raise UsageError(f"collab.verify = {verify}: {why}{hint}")
                 self._protocol = (verify, f"collab.verify = {verify} ({self.config.source('collab', 'verify')})")
         return self._protocol
 

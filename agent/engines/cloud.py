@@ -154,6 +154,23 @@ def parse_server_timings(value: Any) -> dict[str, float] | None:
     return found or None
 
 
+TEXT_PROBE = "Hello world, the"  # the text protocols' probe request
+
+
+def logprob_tokens(logprobs: Any) -> list[str]:
+    """The generated pieces of an answer's ``logprobs``: the completions shape (``{"tokens": [str, …]}``: vLLM,
+    llama-cpp-python's server, OpenAI) or the chat shape (``{"content": [{"token": str, …}, …]}``: llama.cpp's
+    ``llama-server`` answers /v1/completions with it). Anything else → ``[]``: the caller says the answer lacks them."""
+    if not isinstance(logprobs, dict):
+        return []
+    tokens = logprobs.get("tokens")
+    if tokens is None and isinstance(logprobs.get("content"), list):
+        tokens = [entry.get("token") if isinstance(entry, dict) else None for entry in logprobs["content"]]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        return []
+    return list(tokens)
+
+
 class CloudClient:
     """An aiohttp client for /v1/completions and /v1/chat/completions."""
 
@@ -473,6 +490,35 @@ class CloudClient:
         if len(answer.ids) != 1 and answer.stop_type != "eos":
             return False, f"POST {root}/completion with return_tokens answered {len(answer.ids)} ids for n_predict 1"
         return True, f"{root} answers /tokenize and /completion with token-id prompts and return_tokens"
+
+    async def probe_text_protocol(self, protocol: str) -> tuple[bool, str]:
+        """Whether the endpoint answers what the text protocol ``protocol`` reads, and why (or why not); one small
+        request before any timed one. Never raises.
+
+        ``generate`` reads the generated tokens' pieces (``logprobs=1``); ``logprobs`` reads the prompt's rows as well
+        (``echo`` + ``logprobs=1``), which llama.cpp's ``llama-server`` does not send (it ignores ``echo``)."""
+        url = self.settings.url.rstrip("/") + "/completions"
+        echo = protocol == "logprobs"
+        asked = "echo + logprobs=1" if echo else "logprobs=1"
+        extra: dict[str, Any] = {"logprobs": 1, "echo": True} if echo else {"logprobs": 1}
+        result = await self.complete(TEXT_PROBE, max_tokens=1 if echo else 2, stream=False, extra=extra)
+        if not result.ok:
+            return False, f"POST {url} with {asked} failed ({result.error_type}: {(result.error_message or '')[:120]})"
+        generated = logprob_tokens(result.logprobs)
+        if not echo:
+            if generated or not result.text:
+                return True, f"POST {url} answers the generated tokens' pieces ({asked})"
+            return False, f"POST {url} answered text but no per-token logprobs ({asked})"
+        lp = result.logprobs if isinstance(result.logprobs, dict) else {}
+        tokens, tops = lp.get("tokens"), lp.get("top_logprobs")
+        if isinstance(tokens, list) and isinstance(tops, list) and len(tokens) == len(tops) and len(tokens) > 1:
+            return True, f"POST {url} echoes the prompt's logprobs ({asked}: {len(tokens)} rows)"
+        if generated:
+            return False, (
+                f"POST {url} answered logprobs for the generated token only: it ignores echo, so the prompt's "
+                "logprobs that this protocol reads never come (llama.cpp's llama-server does this)"
+            )
+        return False, f"POST {url} answered no logprobs ({asked})"
 
 
 class LoopRunner:

@@ -12,6 +12,7 @@ from ..collab.context import CollabContext
 from ..collab.offload import OffloadPolicy, Rates
 from ..config import AgentConfig
 from ..engines.llama import LlamaEngine
+from ..errors import UsageError
 from ..probes.sysfs import Root
 from .base import Strategy, Window, fill_timings
 from .cloud import CloudStrategy, cloud_record
@@ -50,6 +51,12 @@ def build_strategy(
         if protocol == "tokens":
             collab.vocabulary_check = check_vocabulary(engine, collab.client, collab.runner)
             reason += "; " + collab.vocabulary_check
+        elif options.ignore_eos:
+            raise UsageError(
+                f"ignore_eos with the speculative strategy needs the token protocol (llama-server), not {protocol}: "
+                "an OpenAI-compatible text API has no portable way to make the server generate past its "
+                "end-of-sequence token"
+            )
         return SpeculativeStrategy(
             engine,
             collab.client,
@@ -59,6 +66,7 @@ def build_strategy(
             adaptive=c["adaptive_draft"],
             rtt_ms=collab.rtt_ms,
             protocol_reason=reason,
+            ignore_eos=options.ignore_eos,
         )
     return OffloadStrategy(
         local=LocalStrategy(engine, options),

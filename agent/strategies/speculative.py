@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engines.cloud import CloudClient, CloudResult, LoopRunner
+from ..engines.cloud import CloudClient, CloudResult, LoopRunner, logprob_tokens, parse_server_timings
 from ..engines.llama import LlamaEngine
 from ..errors import RequestError, UsageError
 from ..measurement import Measurement
@@ -51,6 +51,7 @@ class SpeculativeStrategy:
     rtt_ms: float | None = None
     name: str = "speculative"
     protocol_reason: str | None = None  # why this protocol (``collab.verify = auto``: what the probe found)
+    ignore_eos: bool = False  # token protocol only: the server is asked to ignore end-of-generation (build_strategy)
     references: dict[tuple[str, int], str | None] = field(default_factory=dict)
     token_references: dict[tuple[str, int], list[int] | None] = field(default_factory=dict)
     last_ids: list[int] = field(default_factory=list)  # the last request's committed ids (token protocol)
@@ -113,7 +114,9 @@ class SpeculativeStrategy:
         key = (text, max_tokens)
         if key not in self.token_references:
             try:
-                answer = self.runner.run(self.client.complete_tokens(self.engine.tokenize(text), max_tokens))
+                answer = self.runner.run(
+                    self.client.complete_tokens(self.engine.tokenize(text), max_tokens, extra=self._token_extra())
+                )
                 self.token_references[key] = self._strip_eog(answer.ids)
             except RequestError:
                 self.token_references[key] = None
@@ -130,6 +133,9 @@ class SpeculativeStrategy:
                 "token protocol: but the committed ids differ from the server's own greedy ids for the prompt"
             )
             collab["greedy_mismatch"] = first_difference(committed, reference, 8)
+
+    def _token_extra(self) -> dict[str, Any] | None:
+        return {"ignore_eos": True} if self.ignore_eos else None
 
     def _strip_eog(self, ids: list[int]) -> list[int]:
         """The server's ids without a trailing end-of-generation id (it ends the answer, it is not text)."""
@@ -188,6 +194,7 @@ class SpeculativeStrategy:
                 committed += "".join(commit)
                 n_committed += len(commit)
                 tally.add((t0, t1, t2), result.bytes_up, result.bytes_down, len(drafts), n_ok, len(commit))
+                tally.server(result.server_timings)
                 finished = done or not commit
                 if self.adaptive and drafts:
                     tally.adapt(self.k, len(drafts), n_ok)
@@ -253,6 +260,7 @@ class SpeculativeStrategy:
             "bytes_up": tally.bytes_up,
             "bytes_down": tally.bytes_down,
             "bytes_per_committed_token": (tally.bytes_up + tally.bytes_down) / n_committed,
+            **tally.server_fields(),
             **protocol_fields,
         }
         return start, tally.stamps[0], tally.stamps[-1]
@@ -266,8 +274,6 @@ class SpeculativeStrategy:
         self.last_ids = []
         ids: list[int] = []
         tally = _Tally(self.k)
-        server_ms = 0.0
-        server_timed = True
         finished = False
         try:
             prompt = self.engine.tokenize(text)  # with the BOS the server adds to a text prompt
@@ -280,14 +286,10 @@ class SpeculativeStrategy:
                     self.engine.sync_context(prompt + ids)
                     draft_ids = self.engine.draft(k_round)
                 t1 = time.perf_counter_ns()
-                answer = self.runner.run(self.client.complete_tokens(prompt + ids, k_round + 1))
+                answer = self.runner.run(
+                    self.client.complete_tokens(prompt + ids, k_round + 1, extra=self._token_extra())
+                )
                 t2 = time.perf_counter_ns()
-                timings = answer.timings or {}
-                figures = [timings.get("prompt_ms"), timings.get("predicted_ms")]
-                if all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in figures):
-                    server_ms += sum(float(f) for f in figures if f is not None)
-                else:
-                    server_timed = False
                 cloud = answer.ids
                 eos = answer.stop_type == "eos"
                 cut = next((i for i, t in enumerate(cloud) if t in eog), None)
@@ -310,6 +312,7 @@ class SpeculativeStrategy:
                     min(n_ok, len(commit)),
                     len(commit),
                 )
+                tally.server(parse_server_timings(answer.timings))
                 finished = not commit or (eos and len(commit) == len(cloud))
                 if self.adaptive and draft_ids:
                     tally.adapt(self.k, len(draft_ids), n_ok)
@@ -328,10 +331,6 @@ class SpeculativeStrategy:
             output_text,
             {
                 "protocol": "tokens",
-                "server_time_ms": server_ms if server_timed else None,
-                "server_time_source": "sum of the server's timings (prompt_ms + predicted_ms)"
-                if server_timed
-                else None,
                 "retokenization_checks": 0,
                 "retokenization_divergences": 0,
                 "unchecked_rounds": 0,
@@ -402,6 +401,29 @@ class _Tally:
     verify_ns: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    server_ms: float = 0.0  # the server's own prompt + predicted ms, summed over the rounds that reported them
+    server_rounds: int = 0  # rounds whose answer carried the server's timings (llama-server does; most others not)
+
+    def server(self, timings: dict[str, float] | None) -> None:
+        """A round's server-side timings (parsed: see ``parse_server_timings``), when the server sent both times."""
+        if timings and "prompt_ms" in timings and "predicted_ms" in timings:
+            self.server_ms += timings["prompt_ms"] + timings["predicted_ms"]
+            self.server_rounds += 1
+
+    def server_fields(self) -> dict[str, Any]:
+        """``server_time_ms`` beside the lens's ``verify_time_ms``, and what is left of it: network, queueing,
+        HTTP and JSON. Only when every round reported its timings: a partial sum would understate the server."""
+        if not self.rounds or self.server_rounds != self.rounds:
+            return {
+                "server_time_ms": None,
+                "server_time_source": f"server timings in {self.server_rounds} of {self.rounds} rounds",
+                "verify_minus_server_ms": None,
+            }
+        return {
+            "server_time_ms": self.server_ms,
+            "server_time_source": "sum over the rounds of the server's timings (prompt_ms + predicted_ms)",
+            "verify_minus_server_ms": self.verify_ns / 1e6 - self.server_ms,
+        }
 
     def draft_length(self, left: int) -> int:
         """Tokens to draft this round with ``left`` still to commit: the verifier adds one, so at most left − 1."""
@@ -500,20 +522,6 @@ def _digest(value: list[int] | str) -> str:
 
 
 TOKENS_BASIS = "token protocol: committed ids are the server's own greedy ids"
-
-
-def logprob_tokens(logprobs: Any) -> list[str]:
-    """The generated pieces of an answer's ``logprobs``: the completions shape (``{"tokens": [str, …]}``: vLLM,
-    llama-cpp-python's server, OpenAI) or the chat shape (``{"content": [{"token": str, …}, …]}``: llama.cpp's
-    ``llama-server`` answers /v1/completions with it). Anything else → ``[]``: the caller says the answer lacks them."""
-    if not isinstance(logprobs, dict):
-        return []
-    tokens = logprobs.get("tokens")
-    if tokens is None and isinstance(logprobs.get("content"), list):
-        tokens = [entry.get("token") if isinstance(entry, dict) else None for entry in logprobs["content"]]
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        return []
-    return list(tokens)
 
 
 def first_difference(committed: Sequence[Any], reference: Sequence[Any], width: int) -> dict[str, Any]:
