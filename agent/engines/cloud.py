@@ -175,6 +175,9 @@ class CloudClient:
     """An aiohttp client for /v1/completions and /v1/chat/completions."""
 
     def __init__(self, settings: CloudSettings) -> None:
+        # which token-id API the endpoint speaks: "llama-server" (/tokenize, /completion) or "vllm" (/tokenize,
+        # /v1/completions with id prompts and prompt_logprobs); set by probe_token_api
+        self.token_api = "llama-server"
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
 
@@ -413,16 +416,27 @@ class CloudClient:
         return data, len(payload), len(raw)
 
     async def tokenize(self, text: str, add_special: bool) -> list[int]:
-        """llama-server's ``POST /tokenize``: the ids of ``text`` (``add_special``: with the BOS the model asks for)."""
-        data, _, _ = await self._native("POST", "/tokenize", {"content": text, "add_special": add_special})
+        """The server's tokenization of ``text`` (``POST /tokenize``): llama-server takes ``content`` and
+        ``add_special``, vLLM ``prompt`` and ``add_special_tokens``; both answer ``tokens``."""
+        if self.token_api == "vllm":
+            body: dict[str, Any] = {"prompt": text, "add_special_tokens": add_special}
+            if self.settings.model:
+                body["model"] = self.settings.model
+        else:
+            body = {"content": text, "add_special": add_special}
+        data, _, _ = await self._native("POST", "/tokenize", body)
         return _ids(data, "tokens", "POST /tokenize")
 
     async def detokenize(self, ids: list[int]) -> str:
-        """llama-server's ``POST /detokenize``: the text of ``ids``."""
-        data, _, _ = await self._native("POST", "/detokenize", {"tokens": ids})
-        content = data.get("content") if isinstance(data, dict) else None
+        """The server's text of ``ids`` (``POST /detokenize``: llama-server answers ``content``, vLLM ``prompt``)."""
+        key = "prompt" if self.token_api == "vllm" else "content"
+        body: dict[str, Any] = {"tokens": ids}
+        if self.token_api == "vllm" and self.settings.model:
+            body["model"] = self.settings.model
+        data, _, _ = await self._native("POST", "/detokenize", body)
+        content = data.get(key) if isinstance(data, dict) else None
         if not isinstance(content, str):
-            raise RequestError("malformed_response", "POST /detokenize: no string 'content' in the answer")
+            raise RequestError("malformed_response", f"POST /detokenize: no string {key!r} in the answer")
         return content
 
     async def n_vocab(self) -> int | None:
@@ -443,7 +457,14 @@ class CloudClient:
         ``temperature`` 0 with ``top_k`` 1, ``cache_prompt`` (the slot keeps the longest common prefix), and
         ``return_tokens``, and ``response_fields`` (the answer holds only the ids, ``stop_type`` and ``timings``);
         of ``cloud.extra`` only the sampling penalties that change greedy choices are passed on.
-        Raises :class:`RequestError` on what the network or the server does."""
+        Raises :class:`RequestError` on what the network or the server does.
+
+        vLLM: ``POST /v1/completions`` with the ids as ``prompt``, greedy, ``return_token_ids``; its
+        ``finish_reason`` "stop" is reported as ``stop_type`` "eos"."""
+        if self.token_api == "vllm":
+            ignore = bool((extra or {}).get("ignore_eos"))
+            completion, _ = await self._vllm_completion(prompt_ids, n_predict, prompt_logprobs=None, ignore_eos=ignore)
+            return completion
         body: dict[str, Any] = {
             "prompt": prompt_ids,
             "n_predict": n_predict,
@@ -472,8 +493,99 @@ class CloudClient:
             end_ns=time.perf_counter_ns(),
         )
 
+    async def _vllm_completion(
+        self, prompt_ids: list[int], max_tokens: int, *, prompt_logprobs: int | None, ignore_eos: bool
+    ) -> tuple[TokenCompletion, list[Any] | None]:
+        """vLLM's ``POST /v1/completions`` with an id prompt, greedy: the generated ids (``return_token_ids``) and,
+        with ``prompt_logprobs`` = n, one entry per prompt position (None for the first, else ``{id: {"logprob",
+        "rank", …}}`` holding the prompt's own id and the n most likely ids)."""
+        body: dict[str, Any] = {
+            "prompt": prompt_ids,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        if self.settings.model:
+            body["model"] = self.settings.model
+        if prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs
+        if ignore_eos:
+            body["ignore_eos"] = True
+        body.update({k: v for k, v in self.settings.extra.items() if k in _TOKEN_EXTRA})
+        start = time.perf_counter_ns()
+        data, up, down = await self._native("POST", "/v1/completions", body)
+        try:
+            choice = data["choices"][0]
+        except (KeyError, IndexError, TypeError):
+            raise RequestError("malformed_response", "POST /v1/completions: no choices[0] in the answer") from None
+        ids = _ids(choice, "token_ids", "POST /v1/completions")
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        rows = choice.get("prompt_logprobs") if isinstance(choice, dict) else None
+        if prompt_logprobs is not None and (not isinstance(rows, list) or len(rows) != len(prompt_ids)):
+            raise RequestError(
+                "malformed_response",
+                f"POST /v1/completions: prompt_logprobs is not a list of {len(prompt_ids)} rows (one per prompt id)",
+            )
+        completion = TokenCompletion(
+            ids=ids,
+            stop_type="eos" if finish == "stop" else ("limit" if finish == "length" else None),
+            timings=None,
+            bytes_up=up,
+            bytes_down=down,
+            start_ns=start,
+            end_ns=time.perf_counter_ns(),
+        )
+        return completion, rows
+
+    async def verify_draft(
+        self, context_ids: list[int], draft_ids: list[int], exclude: frozenset[int]
+    ) -> TokenCompletion:
+        """vLLM, one forward pass: the target's greedy id at each draft position (from ``prompt_logprobs`` of
+        ``context + draft``), then its next id after the whole draft (generated, greedy). Ids in ``exclude``
+        (end-of-generation ids under ``ignore_eos``) are never chosen. The answer's ``ids`` has ``len(draft) + 1``
+        entries; only the first ``accepted + 1`` mean anything — each assumes the draft before it."""
+        top = 1 + len(exclude)
+        answer, rows = await self._vllm_completion(
+            context_ids + draft_ids, 1, prompt_logprobs=top, ignore_eos=bool(exclude)
+        )
+        assert rows is not None
+        greedy = [_top_id(rows[len(context_ids) + j], exclude) for j in range(len(draft_ids))]
+        answer.ids = greedy + answer.ids[:1]
+        return answer
+
+    async def _probe_vllm(self) -> tuple[bool, str]:
+        root = self.root_url
+        saved, self.token_api = self.token_api, "vllm"
+        try:
+            ids = await self.tokenize("Hello world", add_special=False)
+            if not ids:
+                raise RequestError("malformed_response", "no ids for a non-empty text")
+            answer, rows = await self._vllm_completion(ids, 1, prompt_logprobs=1, ignore_eos=False)
+            _top_id(rows[-1] if rows else None, frozenset())
+        except RequestError as exc:
+            self.token_api = saved
+            return False, f"vLLM: {exc.error_type}: {exc.message[:120]}"
+        if len(answer.ids) != 1 and answer.stop_type != "eos":
+            self.token_api = saved
+            return False, f"vLLM: POST {root}/v1/completions answered {len(answer.ids)} ids for max_tokens 1"
+        return True, (
+            f"{root} answers vLLM's /tokenize and /v1/completions with token-id prompts, prompt_logprobs and "
+            "return_token_ids"
+        )
+
     async def probe_token_api(self) -> tuple[bool, str]:
-        """Whether the endpoint speaks llama-server's token-id protocol, and why (or why not). Never raises."""
+        """Whether the endpoint speaks a token-id protocol — llama-server's, else vLLM's (``token_api`` is set to
+        the one found) — and why (or why not). Never raises."""
+        supported, why = await self._probe_llama_server()
+        if supported:
+            self.token_api = "llama-server"
+            return supported, why
+        vllm, vllm_why = await self._probe_vllm()
+        if vllm:
+            return vllm, vllm_why
+        return False, f"{why}; {vllm_why}"
+
+    async def _probe_llama_server(self) -> tuple[bool, str]:
         root = self.root_url
         try:
             ids = await self.tokenize("Hello", add_special=False)
@@ -553,6 +665,25 @@ class TokenCompletion:
     bytes_down: int
     start_ns: int
     end_ns: int
+
+
+def _top_id(row: Any, exclude: frozenset[int]) -> int:
+    """The most likely id of one vLLM ``prompt_logprobs`` row (``{"id": {"rank": int, …}, …}``), skipping
+    ``exclude``; lowest rank first, then lowest id (argmax order). :class:`RequestError` when the row has none."""
+    best: tuple[int, int] | None = None
+    if isinstance(row, dict):
+        for key, entry in row.items():
+            rank = entry.get("rank") if isinstance(entry, dict) else None
+            if not isinstance(key, str) or not key.isdigit() or isinstance(rank, bool) or not isinstance(rank, int):
+                raise RequestError(
+                    "malformed_response", "POST /v1/completions: a prompt_logprobs row is not {id: rank}"
+                )
+            token = int(key)
+            if token not in exclude and (best is None or (rank, token) < best):
+                best = (rank, token)
+    if best is None:
+        raise RequestError("malformed_response", "POST /v1/completions: a prompt_logprobs row without a usable id")
+    return best[1]
 
 
 def _ids(data: Any, key: str, what: str) -> list[int]:

@@ -260,8 +260,9 @@ class LlamaEngine:
         )
         return str(formatter(messages=[{"role": "user", "content": user_text}]).prompt)
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """``text``'s ids; with ``add_bos``, a leading BOS where the model asks for one."""
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     # -- the timed loop --------------------------------------------------------------------------------------
     def _eog_mask(self) -> np.ndarray:

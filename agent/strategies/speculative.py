@@ -268,7 +268,8 @@ class SpeculativeStrategy:
     def _measure_tokens(self, record: Measurement, text: str, max_tokens: int) -> Window:
         """The token protocol (llama-server): ids both ways, nothing re-tokenized after the prompt."""
         record.strategy = "speculative"
-        record.engine = "llama.cpp draft + llama-server token-id verify"
+        vllm = self.client.token_api == "vllm"
+        record.engine = f"llama.cpp draft + {self.client.token_api} token-id verify"
         eog = self._eog_ids()
         start = time.perf_counter_ns()
         self.last_ids = []
@@ -286,9 +287,13 @@ class SpeculativeStrategy:
                     self.engine.sync_context(prompt + ids)
                     draft_ids = self.engine.draft(k_round)
                 t1 = time.perf_counter_ns()
-                answer = self.runner.run(
-                    self.client.complete_tokens(prompt + ids, k_round + 1, extra=self._token_extra())
-                )
+                if vllm and draft_ids:  # one forward pass over the draft: the target's greedy id at each position
+                    exclude = eog if self.ignore_eos else frozenset()
+                    answer = self.runner.run(self.client.verify_draft(prompt + ids, draft_ids, exclude))
+                else:  # the server greedily generates k + 1 ids from the same ids
+                    answer = self.runner.run(
+                        self.client.complete_tokens(prompt + ids, k_round + 1, extra=self._token_extra())
+                    )
                 t2 = time.perf_counter_ns()
                 cloud = answer.ids
                 eos = answer.stop_type == "eos"
@@ -331,6 +336,10 @@ class SpeculativeStrategy:
             output_text,
             {
                 "protocol": "tokens",
+                "token_api": self.client.token_api,
+                "verifier": "prompt_logprobs: one forward pass over the draft"
+                if vllm
+                else "greedy generation of k + 1 ids",
                 "retokenization_checks": 0,
                 "retokenization_divergences": 0,
                 "unchecked_rounds": 0,
@@ -463,12 +472,12 @@ VOCAB_PROBE_TEXT = (
 def check_vocabulary(engine: LlamaEngine, client: CloudClient, runner: LoopRunner) -> str:
     """Before a run with the token protocol: the draft's vocabulary must be the server's. Compares the token count
     (``GET /v1/models`` ``data[0].meta.n_vocab``, when the server says), the ids of a probe text tokenized on both
-    sides (with BOS), and a sample of ids detokenized on both sides. Returns what was compared; a mismatch raises
-    :class:`UsageError` naming both sides."""
+    sides (without BOS: servers differ in adding it), and a sample of ids detokenized on both sides. Returns what
+    was compared; a mismatch raises :class:`UsageError` naming both sides."""
     where = client.root_url
     try:
         n_server = runner.run(client.n_vocab())
-        server_ids = runner.run(client.tokenize(VOCAB_PROBE_TEXT, add_special=True))
+        server_ids = runner.run(client.tokenize(VOCAB_PROBE_TEXT, add_special=False))
         sample = _detokenize_sample(engine)
         server_text = runner.run(client.detokenize(sample))
     except RequestError as exc:
@@ -478,7 +487,7 @@ def check_vocabulary(engine: LlamaEngine, client: CloudClient, runner: LoopRunne
             f"{where}: the server's vocabulary has {n_server} tokens, the draft model's {engine.n_vocab}: "
             "the token protocol needs the same vocabulary on both sides"
         )
-    local_ids = engine.tokenize(VOCAB_PROBE_TEXT)
+    local_ids = engine.tokenize(VOCAB_PROBE_TEXT, add_bos=False)
     if local_ids != server_ids:
         at = next((i for i, (a, b) in enumerate(zip(local_ids, server_ids, strict=False)) if a != b), None)
         at = min(len(local_ids), len(server_ids)) if at is None else at
