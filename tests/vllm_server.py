@@ -77,12 +77,13 @@ def _convert(gguf_path: Path, out: Path) -> None:  # runs inside .venv-vllm
 
 
 class VllmServerProcess:
-    """vLLM's OpenAI-compatible server for ``model_dir`` on 127.0.0.1:``port`` (eager mode, float32, 512-token
-    context, a 1 GiB KV cache). ``start()`` returns once ``GET /health`` answers 200; ``stop()`` ends its process
-    group (the API server and its engine process). Also a context manager."""
+    """vLLM's OpenAI-compatible server for ``model_dir`` on 127.0.0.1:``port`` (eager mode, float32, a 512-token
+    context by default, a 1 GiB KV cache). ``start()`` returns once ``GET /health`` answers 200; ``stop()`` ends
+    its process group (the API server and its engine process). Also a context manager."""
 
-    def __init__(self, model_dir: Path, port: int, *, start_timeout: float = 300.0) -> None:
+    def __init__(self, model_dir: Path, port: int, *, start_timeout: float = 300.0, max_model_len: int = 512) -> None:
         self.model_dir, self.port, self.start_timeout = Path(model_dir), port, start_timeout
+        self.max_model_len = max_model_len
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -104,7 +105,7 @@ class VllmServerProcess:
             "--dtype",
             "float32",
             "--max-model-len",
-            "512",
+            str(self.max_model_len),
             "--max-num-seqs",
             "4",
             "--enforce-eager",
