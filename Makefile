@@ -68,13 +68,14 @@ $(VLLM_STAMP): tests/vllm/requirements.txt
 
 test: sysdeps lint typecheck llama-server vllm unit
 
-bench: $(STAMP)
+bench: $(STAMP) vllm
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/wire_size.py
 	$(BIN)/python bench/outbox_append.py
 	$(BIN)/python bench/sync_ack.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/collab.py
+	$(BIN)/python bench/token_verify.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache .demo build

@@ -67,6 +67,17 @@ class Client:
         self.runner.close()
 
 
+def token_request(strategy: SpeculativeStrategy, prompt: str, max_tokens: int) -> tuple[Measurement, list[int]]:
+    """One speculative request with the token protocol, checked against the server's greedy ids afterwards: the
+    record and the committed ids."""
+    record = Measurement(run_id="r", device_id="d", model_name="m", model_sha256=None)
+    strategy.measure(record, prompt, max_tokens)
+    committed = list(strategy.last_ids)
+    strategy.after(record, prompt, max_tokens)
+    assert record.ok, record.error_message
+    return record, committed
+
+
 def speculate_tokens(server: LlamaServerProcess, draft: Path, ks: tuple[int, ...] = (2, 4)) -> list[dict[str, Any]]:
     """Every prompt with the token protocol for each k: one row per request, with the server's own greedy ids."""
     c = Client(server.url + "/v1")
@@ -77,11 +88,7 @@ def speculate_tokens(server: LlamaServerProcess, draft: Path, ks: tuple[int, ...
             for k in ks:
                 strategy = SpeculativeStrategy(engine, c.client, c.runner, k=k, protocol="tokens")
                 for prompt in PROMPTS:
-                    record = Measurement(run_id="r", device_id="d", model_name="m", model_sha256=None)
-                    strategy.measure(record, prompt, MAX_TOKENS)
-                    committed = list(strategy.last_ids)
-                    strategy.after(record, prompt, MAX_TOKENS)
-                    assert record.ok, record.error_message
+                    record, committed = token_request(strategy, prompt, MAX_TOKENS)
                     prompt_ids = engine.tokenize(prompt)
                     greedy = server.post("/completion", {"prompt": prompt_ids, "n_predict": MAX_TOKENS, **GREEDY})
                     rows.append(
@@ -291,11 +298,7 @@ def test_ignore_eos_generates_past_the_servers_end(server: LlamaServerProcess, p
             for ignore in (False, True):
                 strategy = SpeculativeStrategy(engine, client, runner, k=3, protocol="tokens", ignore_eos=ignore)
                 for prompt in PROMPTS:
-                    record = Measurement(run_id="r", device_id="d", model_name="m", model_sha256=None)
-                    strategy.measure(record, prompt, MAX_TOKENS)
-                    committed = list(strategy.last_ids)
-                    strategy.after(record, prompt, MAX_TOKENS)
-                    assert record.ok, record.error_message
+                    record, committed = token_request(strategy, prompt, MAX_TOKENS)
                     body = {"prompt": engine.tokenize(prompt), "n_predict": MAX_TOKENS, **GREEDY, **EOS_BIAS}
                     greedy = server.post("/completion", body | ({"ignore_eos": True} if ignore else {}))["tokens"]
                     rows[ignore].append((record, committed, [t for t in greedy if t != 2]))

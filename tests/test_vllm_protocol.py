@@ -15,12 +15,12 @@ import pytest
 from agent.engines.cloud import CloudClient, CloudSettings, LoopRunner, _top_id
 from agent.engines.llama import EngineSettings, LlamaEngine
 from agent.errors import RequestError
-from agent.measurement import Measurement
 from agent.strategies.speculative import TOKENS_BASIS, SpeculativeStrategy, check_vocabulary
 
 from .netproxy import free_port
 from .test_bench_cli import check_document
 from .test_collab import speculate
+from .test_token_protocol import token_request
 from .tinymodel import MERGES, write_tiny_llama
 from .vllm_server import HEAD_DIM_OK, VllmServerProcess, hf_checkpoint
 
@@ -75,11 +75,7 @@ def test_committed_ids_are_vllms_greedy_ids(vllm: VllmServerProcess, pair: dict[
                         engine, client, runner, k=k, protocol="tokens", ignore_eos=ignore_eos
                     )
                     for prompt in PROMPTS:
-                        record = Measurement(run_id="r", device_id="d", model_name="m", model_sha256=None)
-                        strategy.measure(record, prompt, MAX_TOKENS)
-                        committed = list(strategy.last_ids)
-                        strategy.after(record, prompt, MAX_TOKENS)
-                        assert record.ok, record.error_message
+                        record, committed = token_request(strategy, prompt, MAX_TOKENS)
                         greedy = [t for t in greedy_ids(vllm, engine.tokenize(prompt), ignore_eos) if t not in eog]
                         rows.append({"k": k, "committed": committed, "greedy": greedy, **record.ext["collab"]})
     finally:
