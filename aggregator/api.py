@@ -1,11 +1,12 @@
 """The read API: measurements by time range, device, model and strategy (JSON, NDJSON, CSV), and summaries.
 
-``GET /api/v1/measurements?device=&model=&strategy=&kind=&since=&until=&limit=&cursor=&format=``
+``GET /api/v1/measurements?device=&model=&strategy=&kind=&since=&until=&limit=&cursor=&order=&format=``
 ``GET /api/v1/summary?device=&model=&strategy=&since=&until=&group_by=``
 
 Times are ISO 8601 (``2026-11-27T10:00:00Z``) or Unix seconds; ``since`` is inclusive, ``until`` exclusive, both
-on the device's start time. Pages follow the order of receipt: ``cursor`` is the ``next_cursor`` of the previous
-page. A bad parameter is a 400 that names it.
+on the device's start time. Pages follow the order of receipt (``order=oldest``, the default) or its reverse
+(``order=newest``: the latest first); ``cursor`` is the ``next_cursor`` of the previous page. A bad parameter is
+a 400 that names it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import csv
 import io
 import json
 import math
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -94,7 +96,7 @@ def _int(name: str, value: str | None, default: int, low: int, high: int) -> int
     return number
 
 
-KNOWN = {"device", "model", "strategy", "kind", "since", "until", "limit", "cursor", "format", "group_by"}
+KNOWN = {"device", "model", "strategy", "kind", "since", "until", "limit", "cursor", "format", "group_by", "order"}
 
 
 def parse_query(params: Any) -> Query:
@@ -180,7 +182,7 @@ def csv_row(row: dict[str, Any]) -> dict[str, Any] | None:
 
 def flat_row(row: dict[str, Any]) -> dict[str, Any]:
     return {
-        "id": bytes(row["id"]).hex(),
+        "id": str(uuid.UUID(bytes=bytes(row["id"]))),  # as in the JSON answer
         "device_id": row["device_id"],
         "run_id": row["run_id"],
         "kind": row["kind"],
@@ -189,7 +191,7 @@ def flat_row(row: dict[str, Any]) -> dict[str, Any]:
         "engine": row["engine"],
         "started_at": _iso(row["started_us"]),
         "received_at": _iso(row["received_us"]),
-        "ok": bool(row["ok"]),
+        "ok": "true" if row["ok"] else "false",  # as JSON writes it (not Python's True/False)
         "error_type": row["error_type"],
         "input_tokens": row["input_tokens"],
         "output_tokens": row["output_tokens"],
@@ -206,7 +208,13 @@ def measurements_response(store: Store, params: Any) -> web.Response:
     fmt = params.get("format") or "json"
     if fmt not in ("json", "ndjson", "csv", "arrow", "parquet"):
         raise BadParameter("format", fmt, "json, ndjson, csv, arrow or parquet")
-    rows = store.query(query, limit=limit, after_seq=cursor)
+    order = params.get("order") or "oldest"
+    if order not in ("oldest", "newest"):
+        raise BadParameter("order", order, "oldest (the default: in the order received) or newest (newest first)")
+    if order == "newest":  # the cursor is where the previous page ended: older rows come next
+        rows = store.query_newest(query, limit=limit, before_seq=cursor or None)
+    else:
+        rows = store.query(query, limit=limit, after_seq=cursor)
     next_cursor = rows[-1]["seq"] if len(rows) == limit else None
     texts: list[str] = []
     if fmt in ("json", "ndjson"):

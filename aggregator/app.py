@@ -25,7 +25,7 @@ from lens_core import wire
 from . import __version__, api
 from .fleet import Broadcaster, batch_event, fleet_rows, query_latest
 from .metrics import CONTENT_TYPE, FleetMetrics
-from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, with_data
+from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
 from .store import QueryTimeout, RecordRow, Store, TokenInfo
 
 log = logging.getLogger("aggregator")
@@ -475,8 +475,10 @@ DEVICE_PAGE_FIELDS = ("id", "ok", "started_at", "ttft_ms", "tpot_ms", "model_nam
 async def device_page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
 
-    def build(store: Store, device: str) -> str:
-        latest = query_latest(store, device, 1000)
+    def build(store: Store, device: str) -> str | None:
+        if not any(d["device_id"] == device for d in store.devices()):
+            return None
+        latest = query_latest(store, device, 1000)  # the newest 1000, oldest first
         shown = [{key: m.get(key) for key in DEVICE_PAGE_FIELDS} for m in latest]  # what the charts draw
         return with_data(DEVICE_PAGE, {"measurements": shown})
 
@@ -486,6 +488,8 @@ async def device_page(request: web.Request) -> web.Response:
             400, f"a device id has at most {api.MAX_FILTER_CHARS} characters, without NUL", parameter="device"
         )
     text = await runner.read(build, runner.store, device)
+    if text is None:
+        return web.Response(text=not_found(device), status=404, content_type="text/html")
     return web.Response(text=text, content_type="text/html")
 
 

@@ -1,12 +1,15 @@
 """Arrow IPC and Parquet exports, in the seed's Arrow schema (§6.3), through the optional ``pyarrow`` extra.
 
 Differences from the seed: the latency fields are nullable (a failed request has no TTFT), and ``device_id``,
-``strategy`` and ``received_at`` are added, since a fleet export without them cannot be grouped.
+``strategy`` and ``received_at`` are added, since a fleet export without them cannot be grouped, and ``kind``
+(``inference``, ``warmup``, …: a skipped or warm-up record is not an error). Ids are UUID text with dashes and times
+are UTC (``timestamp[…, tz=UTC]``), as in the JSON and CSV exports.
 """
 
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +36,7 @@ def schema() -> Any:
     return pa.schema(
         [
             pa.field("measurement_id", pa.utf8(), nullable=False),
-            pa.field("timestamp", pa.timestamp("ms"), nullable=False),
+            pa.field("timestamp", pa.timestamp("ms", tz="UTC"), nullable=False),
             pa.field("model_name", pa.utf8(), nullable=False),
             pa.field("provider", pa.utf8(), nullable=False),
             pa.field("endpoint", pa.utf8(), nullable=False),
@@ -52,7 +55,8 @@ def schema() -> Any:
             pa.field("error_type", pa.utf8()),
             pa.field("device_id", pa.utf8(), nullable=False),
             pa.field("strategy", pa.utf8()),
-            pa.field("received_at", pa.timestamp("us"), nullable=False),
+            pa.field("received_at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("kind", pa.utf8(), nullable=False),
         ]
     )
 
@@ -108,7 +112,7 @@ def _values(row: dict[str, Any], record: dict[str, Any], provider: str) -> list[
     if type(started) is not int or not 0 <= started < 2**62:
         raise TypeError(f"started_us must be a time in range, not {started!r}"[:120])
     return [
-        bytes(row["id"]).hex(),
+        str(uuid.UUID(bytes=bytes(row["id"]))),
         started // 1000,
         _text(record.get("model_name")) or "unknown",
         provider,
@@ -125,6 +129,7 @@ def _values(row: dict[str, Any], record: dict[str, Any], provider: str) -> list[
         _text(record["device_id"]),
         _text(record.get("strategy")),
         row["received_us"],
+        _text(row["kind"]),
     ]
 
 

@@ -13,59 +13,99 @@ from typing import Any
 from aiohttp import web
 
 from .rows import decode_measurement
-from .store import Query, Store
+from .store import NULL_NAME, Query, Store
 
 LATE_S = 15 * 60
 SILENT_S = 24 * 3600
 
 
 def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any]]:
-    """Each device with its last-seen age, sync health and its latest figures (from its last ``recent`` requests)."""
+    """Each device with its last-seen age, sync health, error rate and its figures per series (model × strategy),
+    each series' from *its own* latest ``recent`` requests — whatever other devices or series sent in between.
+
+    The top-level ``model``, ``strategy``, ``ttft_p95_ms`` and ``tokens_per_second`` are those of the series of the
+    device's latest request; ``by_strategy`` holds that model's series by strategy (a speculative request's TTFT is
+    not a local one's). Percentiles are exact (over the requests themselves, not histogram buckets)."""
+    series: dict[str, list[dict[str, Any]]] = {}
+    for entry in store.series():
+        if entry["kind"] == "inference":
+            series.setdefault(entry["device_id"], []).append(entry)
     rows = []
     for device in store.devices():
-        latest = query_latest(store, device["device_id"], recent)
-        # figures of one strategy at a time: a speculative request's TTFT is not a local one's
-        by_strategy: dict[str, dict[str, Any]] = {}
-        for strategy in dict.fromkeys(str(r.get("strategy") or "local") for r in latest):
-            mine = [r for r in latest if str(r.get("strategy") or "local") == strategy]
-            by_strategy[strategy] = {"requests": len(mine), **_latency_figures(mine)}
-        current = str(latest[-1].get("strategy") or "local") if latest else None
-        joules = [
-            energy["j_per_output_token"]
-            for r in latest
-            if isinstance(ext := r.get("ext"), dict)
-            and isinstance(energy := ext.get("energy"), dict)
-            and _finite(energy.get("j_per_output_token"))
-        ]
+        device_id = device["device_id"]
+        window = store.latest(Query(device=device_id, kind="inference"), recent)
+        figures = [_series_figures(store, entry, recent) for entry in series.get(device_id, [])]
+        current_model = _name(window[-1]["model_name"]) if window else None
+        current_strategy = _name(window[-1]["strategy"]) if window else None
+        mine = next((f for f in figures if (f["model_name"], f["strategy"]) == (current_model, current_strategy)), None)
+        errors = sum(1 for r in window if not r["ok"])
         age = now - device["last_seen_us"] / 1e6
         rows.append(
             {
-                "device_id": device["device_id"],
+                "device_id": device_id,
                 "last_seen_us": device["last_seen_us"],
                 "last_seen_age_s": round(age, 1),
                 "sync_health": "ok" if age < LATE_S else "late" if age < SILENT_S else "silent",
-                "model": latest[-1].get("model_name") if latest else None,
-                "strategy": current,  # ttft_p95_ms and tokens_per_second are this strategy's (its latest request's)
-                "ttft_p95_ms": by_strategy[current]["ttft_p95_ms"] if current else None,
-                "tokens_per_second": by_strategy[current]["tokens_per_second"] if current else None,
-                "by_strategy": by_strategy,
-                "j_per_output_token": statistics.fmean(joules) if joules else None,
+                "model": current_model,
+                "strategy": (current_strategy or "local") if window else None,
+                "ttft_p95_ms": mine["ttft_p95_ms"] if mine else None,
+                "tokens_per_second": mine["tokens_per_second"] if mine else None,
+                "by_strategy": {
+                    (f["strategy"] or "local"): f for f in figures if f["model_name"] == current_model and f["requests"]
+                },
+                "series": figures,
+                "requests": len(window),
+                "errors": errors,
+                "error_rate": errors / len(window) if window else None,
+                "j_per_output_token": mine["j_per_output_token"] if mine else None,
                 "backlog": device.get("backlog"),
                 "dropped_total": device["dropped_total"],
+                "quarantined_total": device.get("quarantined_total"),
                 "records": device["records"],
             }
         )
     return rows
 
 
-def _latency_figures(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    ttfts: list[float] = sorted(r["ttft_ms"] for r in records if _finite(r.get("ttft_ms")))
+def _name(value: str | None) -> str | None:
+    return None if value in (None, NULL_NAME) else value
+
+
+def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[str, Any]:
+    """One series' figures over its latest ``recent`` requests: exact TTFT/TPOT percentiles and tok/s of the
+    successful ones, the error rate of all, J/token where the records carry energy."""
+    query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
+    latest = store.latest(query, recent)
+    ok = [r for r in latest if r["ok"]]
+    ttfts = sorted(r["ttft_us"] / 1000 for r in ok if _finite(r.get("ttft_us")))
+    tpots = sorted(r["tpot_us"] / 1000 for r in ok if _finite(r.get("tpot_us")))
     rates = [
-        r["output_tokens"] / (r["e2e_ms"] / 1000)
-        for r in records
-        if _finite(r.get("e2e_ms")) and r["e2e_ms"] > 0 and _finite(r.get("output_tokens")) and r["output_tokens"]
+        r["output_tokens"] / (r["e2e_us"] / 1e6)
+        for r in ok
+        if _finite(r.get("e2e_us")) and r["e2e_us"] > 0 and _finite(r.get("output_tokens")) and r["output_tokens"]
     ]
-    return {"ttft_p95_ms": _p95(ttfts), "tokens_per_second": statistics.fmean(rates) if rates else None}
+    joules = []
+    for row in ok:
+        record = decode_measurement(row, gaps=False, check_json=False)
+        energy = record.get("ext", {}).get("energy") if isinstance(record, dict) else None
+        if isinstance(energy, dict) and _finite(energy.get("j_per_output_token")):
+            joules.append(float(energy["j_per_output_token"]))
+    errors = len(latest) - len(ok)
+    return {
+        "model_name": _name(entry["model_name"]),
+        "strategy": _name(entry["strategy"]),
+        "records": entry["records"],
+        "last_seen_us": entry["last_seen_us"],
+        "requests": len(latest),
+        "errors": errors,
+        "error_rate": errors / len(latest) if latest else None,
+        "ttft_p50_ms": _quantile(ttfts, 50),
+        "ttft_p95_ms": _quantile(ttfts, 95),
+        "tpot_p50_ms": _quantile(tpots, 50),
+        "tpot_p95_ms": _quantile(tpots, 95),
+        "tokens_per_second": statistics.fmean(rates) if rates else None,
+        "j_per_output_token": statistics.fmean(joules) if joules else None,
+    }
 
 
 def _finite(value: Any) -> bool:
@@ -73,20 +113,20 @@ def _finite(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-def _p95(values: list[float]) -> float | None:
+def _quantile(values: list[float], q: int) -> float | None:
+    """The exact ``q``-th percentile of sorted ``values`` (inclusive method: linear between order statistics)."""
     if not values:
         return None
     if len(values) == 1:
         return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[94]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def query_latest(store: Store, device: str, limit: int, *, gaps: bool = False) -> list[dict[str, Any]]:
     """The device's latest ``limit`` inference records, decoded (without their inter-token gaps unless ``gaps``),
     oldest first; rows that do not decode are skipped and counted (see :mod:`aggregator.rows`)."""
-    last = store.max_seq(device, "inference")
-    rows = store.query(Query(device=device, kind="inference"), limit=20 * limit, after_seq=max(0, last - 20 * limit))
-    decoded = (decode_measurement(r, gaps=gaps) for r in rows[-limit:])
+    rows = store.latest(Query(device=device, kind="inference"), limit)
+    decoded = (decode_measurement(r, gaps=gaps) for r in rows)
     return [record for record in decoded if record is not None]
 
 

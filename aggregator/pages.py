@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1b1f24; background: #fafbfc; }
 h1 { font-size: 20px; margin: 0 0 4px; } .sub { color: #57606a; margin-bottom: 16px; }
@@ -13,17 +15,24 @@ th { background: #f0f3f6; font-weight: 600; }
 .flash { animation: flash 1.5s; } @keyframes flash { from { background: #fff8c5; } to { background: #fff; } }
 svg { background: #fff; border: 1px solid #d0d7de; } .axis { stroke: #8c959f; } .line { fill: none; stroke-width: 1.5; }
 a { color: #0969da; text-decoration: none; }
+.scroll { overflow-x: auto; } .hint { background: #fff; border: 1px solid #d0d7de; padding: 12px 16px; }
+code { background: #f0f3f6; padding: 1px 4px; }
+@media (max-width: 700px) { body { margin: 12px; } th, td { padding: 4px 6px; } svg { width: 100%; height: auto; } }
 """
 
 FLEET_PAGE = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>LLM-Latency-Lens fleet</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>LLM-Latency-Lens fleet</title>
 <style>{_STYLE}</style></head>
 <body>
 <h1>LLM-Latency-Lens fleet</h1>
 <div class="sub" id="summary">loading…</div>
-<table id="devices"><thead><tr>
+<div class="hint" id="empty" hidden>No device has sent measurements yet. Give each device a token:
+<code>lens-aggregator token add DEVICE_ID --url URL-OF-THIS-AGGREGATOR</code> prints it with the settings to put in
+the device's <code>agent.toml</code>; its records appear here after its next sync (<code>lens-agent sync</code>).</div>
+<div class="scroll"><table id="devices"><thead><tr>
 <th>device</th><th>last seen</th><th style="text-align:left">model</th><th>TTFT p95 (ms)</th><th>tok/s</th>
-<th>J/token</th><th>backlog</th><th>dropped</th><th>records</th><th>sync</th></tr></thead><tbody></tbody></table>
+<th>J/token</th><th>errors</th><th>backlog</th><th>dropped</th><th>records</th><th>sync</th></tr></thead><tbody></tbody></table></div>
 <script>
 "use strict";
 const fmt = (v, d) => (v === null || v === undefined) ? "–" : Number(v).toFixed(d);
@@ -51,10 +60,12 @@ function render(devices) {{
       return parts.map(([s, f]) => fmt(f[key], digits) + " " + s).join(" · ");
     }};
     tr.append(name, cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
-      cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)), cell(d.backlog ?? "–"),
+      cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)),
+      cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), cell(d.backlog ?? "–"),
       cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
     body.appendChild(tr);
   }}
+  document.getElementById("empty").hidden = devices.length > 0;
   const late = devices.filter(d => d.sync_health !== "ok").length;
   document.getElementById("summary").textContent =
     devices.length + (devices.length === 1 ? " device, " : " devices, ") + late + " not seen in the last 15 minutes — updated " + new Date().toLocaleTimeString();
@@ -79,8 +90,21 @@ events.addEventListener("batch", (e) => {{
 </body></html>
 """
 
+NOT_FOUND_PAGE = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>LLM-Latency-Lens — no such device</title>
+<style>{_STYLE}</style></head>
+<body>
+<a href="../">← fleet</a>
+<h1>No such device</h1>
+<div class="sub">This aggregator has no measurements from a device called <code id="name"></code>.</div>
+<script>document.getElementById("name").textContent = /*NAME*/"";</script>
+</body></html>
+"""
+
 LOGIN_PAGE = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>LLM-Latency-Lens — sign in</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>LLM-Latency-Lens — sign in</title>
 <style>{_STYLE} input {{ font: inherit; padding: 6px; width: 420px; }} button {{ font: inherit; padding: 6px 14px; }}</style>
 </head><body>
 <h1>LLM-Latency-Lens fleet</h1>
@@ -92,7 +116,8 @@ LOGIN_PAGE = f"""<!doctype html>
 """
 
 DEVICE_PAGE = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>LLM-Latency-Lens device</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>LLM-Latency-Lens device</title>
 <style>{_STYLE}</style></head>
 <body>
 <a href="../">← fleet</a>
@@ -129,9 +154,9 @@ function draw(measurements) {{
   document.getElementById("summary").textContent = rows.length + " successful requests (latest 1000 received)";
 }}
 async function refresh() {{
-  const response = await fetch("../api/v1/measurements?kind=inference&limit=1000&device=" + encodeURIComponent(device));
+  const response = await fetch("../api/v1/measurements?kind=inference&order=newest&limit=1000&device=" + encodeURIComponent(device));
   if (!response.ok) {{ document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }}
-  draw((await response.json()).measurements);
+  draw((await response.json()).measurements.reverse());  // the newest 1000, drawn oldest to newest
 }}
 const initial = /*INITIAL*/null;
 if (initial) draw(initial.measurements); else refresh();
@@ -145,6 +170,14 @@ new EventSource("../api/v1/stream").addEventListener("batch", (e) => {{
 
 def with_data(page: str, data: object) -> str:
     """The page with its first data inlined, so it renders at once (and without a second request)."""
-    import json
+    return page.replace("/*INITIAL*/null", _script_json(data))
 
-    return page.replace("/*INITIAL*/null", json.dumps(data).replace("</", "<\\/"))
+
+def not_found(device: str) -> str:
+    """The 404 page for an unknown device (its name inlined as a JSON string, shown as text)."""
+    return NOT_FOUND_PAGE.replace('/*NAME*/""', _script_json(device))
+
+
+def _script_json(value: object) -> str:
+    """JSON that cannot end the <script> element it is inlined in."""
+    return json.dumps(value).replace("</", "<\\/").replace("<!--", "<\\!--")

@@ -19,7 +19,9 @@ from lens_core.record_schema import MAX_FUTURE_US, MIN_STARTED_US
 
 from .store import (
     DEVICE_COLUMNS,
+    NULL_NAME,
     QUERY_COLUMNS,
+    SERIES_COLUMNS,
     IngestResult,
     Query,
     QueryTimeout,
@@ -30,9 +32,24 @@ from .store import (
     hash_token,
     is_token_id,
     new_token,
+    series_counts,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Series (device × kind × model × strategy) kept at ingest, and indexes that read a device's or a series' latest
+# records without scanning the others' (see store._migrate_v2). %s: NULL_NAME, for a missing model or strategy.
+_MIGRATION_V2 = """
+CREATE TABLE IF NOT EXISTS series (
+    device_id text NOT NULL, kind text NOT NULL, model_name text NOT NULL, strategy text NOT NULL,
+    first_seen_us bigint NOT NULL, last_seen_us bigint NOT NULL, records bigint NOT NULL,
+    PRIMARY KEY (device_id, kind, model_name, strategy)
+);
+INSERT INTO series SELECT device_id, kind, COALESCE(model_name, %(null)s), COALESCE(strategy, %(null)s),
+    MIN(received_us), MAX(received_us), COUNT(*) FROM measurements GROUP BY 1, 2, 3, 4 ON CONFLICT DO NOTHING;
+CREATE INDEX IF NOT EXISTS measurements_device_kind_seq ON measurements (device_id, kind, seq);
+CREATE INDEX IF NOT EXISTS measurements_series_seq ON measurements (device_id, kind, model_name, strategy, seq);
+"""
 
 _MIGRATION_V1 = """
 CREATE TABLE IF NOT EXISTS record_ids (id bytea PRIMARY KEY, started_us bigint NOT NULL);
@@ -113,9 +130,15 @@ class PostgresStore(Store):
                 )
             if version < 1:
                 cur.execute(_MIGRATION_V1)
+            if version < 2:
+                for statement in _MIGRATION_V2.split(";"):
+                    if statement.strip():
+                        cur.execute(statement, {"null": NULL_NAME} if "%(null)s" in statement else None)
+            if version < SCHEMA_VERSION:
                 cur.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', '1') "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(SCHEMA_VERSION),),
                 )
 
     def schema_version(self) -> int:
@@ -184,6 +207,16 @@ class PostgresStore(Store):
                             copy.write_row((*rows[i], received_us, batch_id))
                 accepted = len(new)
                 duplicates = len(rows) - accepted
+                counts = series_counts(rows, new)
+                if counts:
+                    cur.executemany(
+                        "INSERT INTO series (device_id, kind, model_name, strategy, first_seen_us, last_seen_us, "
+                        "records) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (device_id, kind, model_name, strategy) DO UPDATE SET "
+                        "last_seen_us = GREATEST(series.last_seen_us, excluded.last_seen_us), "
+                        "records = series.records + excluded.records",
+                        [(*key, received_us, received_us, n) for key, n in counts.items()],
+                    )
                 cur.execute(
                     """INSERT INTO devices (device_id, first_seen_us, last_seen_us, records, duplicates,
                            dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog)
@@ -241,6 +274,20 @@ class PostgresStore(Store):
         )
         rows = self._read(sql, [*params, after_seq, limit])
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def query_newest(self, query: Query, *, limit: int, before_seq: int | None = None) -> list[dict[str, Any]]:
+        where, params = query.where()
+        where = where.replace("?", "%s")
+        if before_seq is not None:
+            where, params = f"{where} AND seq < %s", [*params, before_seq]
+        sql = f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where} ORDER BY seq DESC LIMIT %s"
+        rows = self._read(sql, [*params, limit])
+        return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def series(self, device: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE device_id = %s", [device]) if device is not None else ("", [])
+        rows = self._read(f"SELECT {', '.join(SERIES_COLUMNS)} FROM series {where} ORDER BY 1, 2, 3, 4", params)
+        return [dict(zip(SERIES_COLUMNS, row, strict=True)) for row in rows]
 
     def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         where, params = query.where()

@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 
 import sqlite_utils
 
+from lens_core.record_schema import MAX_NAME_CHARS
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOKEN_PREFIX = "lens_"
 
 
@@ -116,9 +117,14 @@ class QueryTimeout(Exception):
         super().__init__(f"the query ran longer than {seconds:g} s; narrow it (device, since, until, limit)")
 
 
+# A filter value that matches a NULL column (model_name, strategy): a series whose records carry no model name.
+# One character longer than any name a record or a read request may carry, so it is never a real name.
+NULL_NAME = "\u2205" * (MAX_NAME_CHARS + 1)
+
+
 @dataclass(frozen=True)
 class Query:
-    """Filters of the read API; ``None`` means no filter."""
+    """Filters of the read API; ``None`` means no filter, :data:`NULL_NAME` matches a NULL column."""
 
     device: str | None = None
     model: str | None = None
@@ -136,7 +142,9 @@ class Query:
             ("strategy", self.strategy),
             ("kind", self.kind),
         ):
-            if value is not None:
+            if value == NULL_NAME:
+                clauses.append(f"{column} IS NULL")
+            elif value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         if self.since_us is not None:
@@ -226,6 +234,20 @@ class Store(abc.ABC):
         """Stored measurements matching ``query`` in the order they were received (``QUERY_COLUMNS``)."""
 
     @abc.abstractmethod
+    def query_newest(self, query: Query, *, limit: int, before_seq: int | None = None) -> list[dict[str, Any]]:
+        """The ``limit`` most recently received measurements matching ``query`` (before ``before_seq``, a cursor),
+        newest first."""
+
+    def latest(self, query: Query, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently received measurements matching ``query``, oldest first."""
+        return self.query_newest(query, limit=limit)[::-1]
+
+    @abc.abstractmethod
+    def series(self, device: str | None = None) -> list[dict[str, Any]]:
+        """Each device × kind × model × strategy that has records (``SERIES_COLUMNS``; a missing model name or
+        strategy is :data:`NULL_NAME`), by device, kind, model, strategy."""
+
+    @abc.abstractmethod
     def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         """The given columns of every matching measurement (names from ``QUERY_COLUMNS`` or a literal)."""
 
@@ -291,7 +313,44 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1}
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """Series (device × kind × model × strategy) kept at ingest, and indexes that read any device's or series'
+    latest records without scanning others' (an index ends with the rowid, ``seq``: newest first is a backward
+    walk)."""
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS series (
+            device_id TEXT NOT NULL, kind TEXT NOT NULL, model_name TEXT NOT NULL, strategy TEXT NOT NULL,
+            first_seen_us INTEGER NOT NULL, last_seen_us INTEGER NOT NULL, records INTEGER NOT NULL,
+            PRIMARY KEY (device_id, kind, model_name, strategy)
+        )"""
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO series SELECT device_id, kind, COALESCE(model_name, ?), COALESCE(strategy, ?), "
+        "MIN(received_us), MAX(received_us), COUNT(*) FROM measurements GROUP BY 1, 2, 3, 4",
+        (NULL_NAME, NULL_NAME),
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_device_kind ON measurements(device_id, kind)")
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_series ON measurements(device_id, kind, model_name, strategy)")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
+SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
+_UPSERT_SERIES = (
+    "INSERT INTO series (device_id, kind, model_name, strategy, first_seen_us, last_seen_us, records) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device_id, kind, model_name, strategy) DO UPDATE SET "
+    "last_seen_us = excluded.last_seen_us, records = series.records + excluded.records"
+)
+
+
+def series_counts(rows: Sequence[RecordRow], new: Sequence[int]) -> dict[tuple[str, str, str, str], int]:
+    """The new records of a batch per series key (device, kind, model or NULL_NAME, strategy or NULL_NAME)."""
+    counts: dict[tuple[str, str, str, str], int] = {}
+    for i in new:
+        r = rows[i]
+        key = (r.device_id, r.kind, r.model_name or NULL_NAME, r.strategy or NULL_NAME)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
 
 # Column order: RecordRow's fields, then received_us and batch_id.
 _INSERT = (
@@ -393,6 +452,10 @@ class SQLiteStore(Store):
                         if r.id in mine and r.id not in taken:
                             new.append(i)
                             taken.add(r.id)
+                conn.executemany(
+                    _UPSERT_SERIES,
+                    [(*key, received_us, received_us, n) for key, n in series_counts(rows, new).items()],
+                )
                 conn.execute(
                     """INSERT INTO devices (device_id, first_seen_us, last_seen_us, records, duplicates,
                            dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog)
@@ -500,6 +563,21 @@ class SQLiteStore(Store):
             [*params, after_seq, limit],
         )
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def query_newest(self, query: Query, *, limit: int, before_seq: int | None = None) -> list[dict[str, Any]]:
+        where, params = query.where()
+        if before_seq is not None:
+            where, params = f"{where} AND seq < ?", [*params, before_seq]
+        rows = self._read(
+            f"SELECT {', '.join(QUERY_COLUMNS)} FROM measurements WHERE {where} ORDER BY seq DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def series(self, device: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE device_id = ?", [device]) if device is not None else ("", [])
+        rows = self._read(f"SELECT {', '.join(SERIES_COLUMNS)} FROM series {where} ORDER BY 1, 2, 3, 4", params)
+        return [dict(zip(SERIES_COLUMNS, row, strict=True)) for row in rows]
 
     def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         where, params = query.where()

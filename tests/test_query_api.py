@@ -76,6 +76,11 @@ async def test_csv_and_ndjson(loaded: tuple[Any, list[dict[str, Any]]]) -> None:
     assert response.content_type == "text/csv"
     rows = list(csv.DictReader(io.StringIO(await response.text())))
     assert len(rows) == 30 and rows[0]["device_id"] == "dev-b" and "ttft_ms" in rows[0]
+    # the same ids, booleans and times as the JSON answer
+    page = await (await client.get("/api/v1/measurements?device=dev-b&limit=1000")).json()
+    for row, measurement in zip(rows, page["measurements"], strict=True):
+        assert row["id"] == measurement["id"] and row["ok"] == json.dumps(measurement["ok"])
+        assert row["started_at"] == measurement["started_at"] and row["kind"] == measurement["kind"]
     text = await (await client.get("/api/v1/measurements?device=dev-b&format=ndjson&limit=5")).text()
     lines = [json.loads(line) for line in text.splitlines()]
     assert len(lines) == 5 and all(m["device_id"] == "dev-b" for m in lines)
@@ -127,8 +132,30 @@ async def test_arrow_and_parquet_exports(loaded: tuple[Any, list[dict[str, Any]]
     table = pa.ipc.open_stream(data).read_all() if fmt == "arrow" else pq.read_table(pa.BufferReader(data))
     expected = [r for r in records if r["device_id"] == "dev-a"]
     assert table.num_rows == len(expected)
-    assert table.schema.field("timestamp").type == pa.timestamp("ms")
+    # UTC times, the record's kind, and the id as the JSON answer writes it
+    assert table.schema.field("timestamp").type == pa.timestamp("ms", tz="UTC")
+    assert table.schema.field("received_at").type == pa.timestamp("us", tz="UTC")
     assert table.schema.field("input_tokens").type == pa.uint32()
     first = table.slice(0, 1).to_pylist()[0]
-    assert first["measurement_id"] == expected[0]["id"].replace("-", "")
+    assert first["measurement_id"] == expected[0]["id"] and first["kind"] == expected[0]["kind"]
+    assert first["timestamp"].utcoffset() is not None and first["timestamp"].utcoffset().total_seconds() == 0
     assert first["ttft_ms"] == expected[0]["ttft_ms"] and first["error_occurred"] is (not expected[0]["ok"])
+
+
+async def test_newest_first_pages_back_through_everything(loaded: tuple[Any, list[dict[str, Any]]]) -> None:
+    """order=newest: the latest first, and its cursor pages back to the oldest — the device page's newest 1000."""
+    client, records = loaded
+    oldest = await (await client.get("/api/v1/measurements?limit=1000")).json()
+    received = [m["id"] for m in oldest["measurements"]]
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        page = await (await client.get(f"/api/v1/measurements?order=newest&limit=7{cursor}")).json()
+        seen += [m["id"] for m in page["measurements"]]
+        if page["next_cursor"] is None:
+            break
+        cursor = f"&cursor={page['next_cursor']}"
+    assert seen == received[::-1] and len(seen) == len(records)
+    response = await client.get("/api/v1/measurements?order=sideways")
+    body = await response.json()
+    assert response.status == 400 and body["parameter"] == "order" and "newest" in body["error"]
