@@ -7,6 +7,7 @@ Routes: ``POST /api/v1/ingest`` (device token), ``GET /api/v1/health`` (open, ti
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -23,7 +24,7 @@ from aiohttp import web
 from lens_core import wire
 
 from . import __version__, api
-from .fleet import Broadcaster, batch_event, fleet_rows, query_latest
+from .fleet import Broadcaster, Health, batch_event, fleet_rows, query_latest
 from .metrics import CONTENT_TYPE, FleetMetrics
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
 from .store import QueryTimeout, RecordRow, Store, TokenInfo
@@ -45,6 +46,9 @@ class Settings:
     read_workers: int = 2  # threads serving reads, beside the one writer
     max_pending_reads: int = 32  # reads queued or running at once; beyond: 503
     max_query_seconds: float = 10.0  # a read running longer is interrupted: 503
+    late_after_s: float = 3600.0  # the fleet page: a device not heard from for this long is late
+    silent_after_s: float = 24 * 3600.0  # … and silent
+    stale_after_s: float = 24 * 3600.0  # /metrics: latest-request gauges not updated for this long are dropped
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -62,6 +66,9 @@ class Settings:
             read_workers=server["read_workers"],
             max_pending_reads=server["max_pending_reads"],
             max_query_seconds=server["max_query_seconds"],
+            late_after_s=config.get("fleet", "late_after"),
+            silent_after_s=config.get("fleet", "silent_after"),
+            stale_after_s=config.get("fleet", "stale_after"),
         )
 
     @property
@@ -446,11 +453,20 @@ async def summary(request: web.Request) -> web.Response:
     return await _read(request, api.summary_response)
 
 
+def _health(settings: Settings) -> Health:
+    return Health(late_after_s=settings.late_after_s, silent_after_s=settings.silent_after_s)
+
+
+def _thresholds(health: Health) -> dict[str, float]:
+    return {"late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
+
+
 @read_endpoint
 async def fleet(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    rows = await runner.read(fleet_rows, runner.store, time.time())
-    return web.json_response({"devices": rows})
+    health = _health(request.app[SETTINGS])
+    rows = await runner.read(functools.partial(fleet_rows, health=health), runner.store, time.time())
+    return web.json_response({"devices": rows, **_thresholds(health)})
 
 
 @read_endpoint
@@ -462,8 +478,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
 
+    health = _health(request.app[SETTINGS])
+
     def build(store: Store, now: float) -> str:
-        return with_data(FLEET_PAGE, {"devices": fleet_rows(store, now)})
+        return with_data(FLEET_PAGE, {"devices": fleet_rows(store, now, health=health), **_thresholds(health)})
 
     return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
 
@@ -506,7 +524,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app[SETTINGS] = settings
     if hasattr(store, "max_query_seconds"):
         store.max_query_seconds = settings.max_query_seconds
-    fleet_metrics = FleetMetrics(settings.max_metric_series, max_label_chars=settings.max_label_chars)
+    fleet_metrics = FleetMetrics(
+        settings.max_metric_series, max_label_chars=settings.max_label_chars, stale_after_s=settings.stale_after_s
+    )
     app[METRICS] = fleet_metrics
     app[EVENTS] = Broadcaster()
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")

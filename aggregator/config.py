@@ -50,6 +50,19 @@ SCHEMA: Schema = {
     "auth": {
         "rotate_grace": KeySpec(parse_duration, const(24 * 3600.0), "old token validity after token rotate"),
     },
+    "fleet": {
+        "late_after": KeySpec(
+            parse_duration,
+            const(3600.0),
+            "a device not heard from for this long is late (4 syncs of the default 15 min)",
+        ),
+        "silent_after": KeySpec(parse_duration, const(24 * 3600.0), "… and silent after this long"),
+        "stale_after": KeySpec(
+            parse_duration,
+            const(24 * 3600.0),
+            "/metrics drops a series' latest-request gauges (tok/s, J/token, α) not updated for this long",
+        ),
+    },
 }
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -15,17 +16,26 @@ from aiohttp import web
 from .rows import decode_measurement
 from .store import NULL_NAME, Query, Store
 
-LATE_S = 15 * 60
-SILENT_S = 24 * 3600
+
+@dataclass(frozen=True)
+class Health:
+    """When a device counts as late and as silent (``[fleet] late_after``, ``silent_after``)."""
+
+    late_after_s: float = 3600.0
+    silent_after_s: float = 24 * 3600.0
+
+    def sync(self, age_s: float) -> str:
+        return "ok" if age_s < self.late_after_s else "late" if age_s < self.silent_after_s else "silent"
 
 
-def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any]]:
+def fleet_rows(store: Store, now: float, recent: int = 50, *, health: Health | None = None) -> list[dict[str, Any]]:
     """Each device with its last-seen age, sync health, error rate and its figures per series (model × strategy),
     each series' from *its own* latest ``recent`` requests — whatever other devices or series sent in between.
 
     The top-level ``model``, ``strategy``, ``ttft_p95_ms`` and ``tokens_per_second`` are those of the series of the
     device's latest request; ``by_strategy`` holds that model's series by strategy (a speculative request's TTFT is
     not a local one's). Percentiles are exact (over the requests themselves, not histogram buckets)."""
+    health = health or Health()
     series: dict[str, list[dict[str, Any]]] = {}
     for entry in store.series():
         if entry["kind"] == "inference":
@@ -45,7 +55,7 @@ def fleet_rows(store: Store, now: float, recent: int = 50) -> list[dict[str, Any
                 "device_id": device_id,
                 "last_seen_us": device["last_seen_us"],
                 "last_seen_age_s": round(age, 1),
-                "sync_health": "ok" if age < LATE_S else "late" if age < SILENT_S else "silent",
+                "sync_health": health.sync(age),
                 "model": current_model,
                 "strategy": (current_strategy or "local") if window else None,
                 "ttft_p95_ms": mine["ttft_p95_ms"] if mine else None,

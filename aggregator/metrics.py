@@ -4,13 +4,26 @@ Names follow the seed's example output (§3.3.2): ``llm_latency_lens_time_to_fir
 labelled by device, model, provider and strategy. Label cardinality is bounded: at most ``max_series`` distinct
 (device, model, provider, strategy) sets are tracked; records beyond that are counted under ``device="other"``,
 and ``llm_latency_lens_metric_series_overflow_total`` says how many were.
+
+Histogram buckets follow the OpenTelemetry GenAI semantic conventions' advice for
+``gen_ai.server.time_to_first_token`` and ``gen_ai.server.time_per_output_token``, with extra bounds where edge
+devices' values fall (neighbours at most ~1.33× apart for TTFT 15 ms–5 s and TPOT 1.5 ms–0.5 s); the request duration
+uses the conventions' ``gen_ai.client.operation.duration`` advice. A quantile read from buckets
+(``histogram_quantile``) is interpolated inside one bucket: its error is bounded by that bucket's width and measured
+by ``bench/histogram_error.py`` (docs/PERFORMANCE.md). The fleet page and the API compute exact percentiles from
+the records themselves.
+
+The "latest request" gauges (tokens per second, J per token, acceptance rate) of a series not updated for
+``stale_after_s`` are removed at the next scrape, so a device that stopped does not show its last value for ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,8 +32,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "llm_latency_lens"
 LABELS = ("device", "model", "provider", "strategy")
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TPOT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# OpenTelemetry's advice (gen_ai.server.time_to_first_token), with bounds added so that no two neighbours are more
+# than ~1.33× apart from 15 ms to 5 s, where edge devices' TTFTs fall
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3,
+    0.4, 0.5, 0.6, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 60.0,
+)  # fmt: skip
+# OpenTelemetry's advice (gen_ai.server.time_per_output_token), with bounds added so that no two neighbours are more
+# than ~1.33× apart from 1.5 ms to 0.5 s, where edge devices' TPOTs fall
+TPOT_BUCKETS = (
+    0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005, 0.006, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025,
+    0.03, 0.04, 0.05, 0.06, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+# OpenTelemetry's advice for gen_ai.client.operation.duration
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -71,8 +96,18 @@ class _ReadSkips:
 
 
 class FleetMetrics:
-    def __init__(self, max_series: int = 10_000, *, max_label_chars: int = 128) -> None:
+    def __init__(
+        self,
+        max_series: int = 10_000,
+        *,
+        max_label_chars: int = 128,
+        stale_after_s: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self._gauge_updates: dict[tuple[Any, tuple[str, ...]], float] = {}  # (gauge, labels) → when last set
         self.max_series = max_series
         self.max_label_chars = max_label_chars
         self._series: set[tuple[str, ...]] = set()
@@ -82,7 +117,7 @@ class FleetMetrics:
             f"{PREFIX}_time_to_first_token_seconds",
             "Time to first token in seconds",
             LABELS,
-            buckets=LATENCY_BUCKETS,
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
@@ -96,7 +131,7 @@ class FleetMetrics:
             f"{PREFIX}_request_duration_seconds",
             "Request start to last token, seconds",
             LABELS,
-            buckets=LATENCY_BUCKETS,
+            buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.tokens_per_second = Gauge(
@@ -213,13 +248,33 @@ class FleetMetrics:
             last_ok = ok[-1]
             # gauges: the latest successful request of the batch
             if e2e := last_ok.get("e2e_us"):
-                self.tokens_per_second.labels(*labels, "output").set((last_ok.get("output_tokens") or 0) / (e2e / 1e6))
+                self._set(
+                    self.tokens_per_second, (*labels, "output"), (last_ok.get("output_tokens") or 0) / (e2e / 1e6)
+                )
             ext: dict[str, Any] = last_ok["ext"] if isinstance(last_ok.get("ext"), dict) else {}
             energy, collab = ext.get("energy"), ext.get("collab")
             if isinstance(energy, dict) and isinstance(energy.get("j_per_output_token"), (int, float)):
-                self.joules.labels(*labels).set(energy["j_per_output_token"])
+                self._set(self.joules, labels, energy["j_per_output_token"])
             if isinstance(collab, dict) and isinstance(collab.get("acceptance_rate"), (int, float)):
-                self.acceptance.labels(*labels).set(collab["acceptance_rate"])
+                self._set(self.acceptance, labels, collab["acceptance_rate"])
+
+    def _set(self, gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
+        """A latest-request gauge, with when it was set (see :meth:`drop_stale`)."""
+        gauge.labels(*labels).set(value)
+        with self._lock:
+            self._gauge_updates[(gauge, labels)] = self.clock()
+
+    def drop_stale(self) -> int:
+        """Removes the latest-request gauges not set for ``stale_after_s``; returns how many series went."""
+        cutoff = self.clock() - self.stale_after_s
+        with self._lock:
+            stale = [key for key, when in self._gauge_updates.items() if when < cutoff]
+            for key in stale:
+                del self._gauge_updates[key]
+        for gauge, labels in stale:
+            with contextlib.suppress(KeyError):  # removed already
+                gauge.remove(*labels)
+        return len(stale)
 
     def device(self, device: str, counters: dict[str, int], seen_unix: float) -> None:
         device = self._cut(device)
@@ -232,4 +287,32 @@ class FleetMetrics:
             self.backlog.labels(device).set(counters["pending_records"])
 
     def exposition(self) -> bytes:
+        self.drop_stale()
         return bytes(generate_latest(self.registry))
+
+
+def bucket_quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:
+    """What Prometheus's ``histogram_quantile(q, …)`` reads from these buckets: ``counts[i]`` observations in
+    (``bounds[i-1]``, ``bounds[i]``] (the first from 0, one more count for +Inf), linear inside the bucket that holds
+    the rank q × total; the highest finite bound when that rank falls in +Inf. None without observations."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, count in enumerate(counts):
+        if seen + count >= rank and count:
+            if i >= len(bounds):
+                return bounds[-1]
+            lower = bounds[i - 1] if i else 0.0
+            return lower + (bounds[i] - lower) * (rank - seen) / count
+        seen += count
+    return bounds[-1]
+
+
+def bucket_counts(values: Iterable[float], bounds: Sequence[float]) -> list[int]:
+    """Observations per bucket (``le`` upper bounds, then +Inf), as a histogram with these bounds counts them."""
+    counts = [0] * (len(bounds) + 1)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    return counts

@@ -41,6 +41,8 @@ function age(s) {{
   if (s < 5400) return Math.round(s / 60) + " min ago";
   return Math.round(s / 3600) + " h ago";
 }}
+let lateAfter = 3600;
+const span = (s) => s % 3600 === 0 ? (s / 3600) + (s === 3600 ? " hour" : " hours") : Math.round(s / 60) + " minutes";
 function cell(text, cls) {{ const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; return td; }}
 function render(devices) {{
   const body = document.querySelector("#devices tbody");
@@ -68,15 +70,17 @@ function render(devices) {{
   document.getElementById("empty").hidden = devices.length > 0;
   const late = devices.filter(d => d.sync_health !== "ok").length;
   document.getElementById("summary").textContent =
-    devices.length + (devices.length === 1 ? " device, " : " devices, ") + late + " not seen in the last 15 minutes — updated " + new Date().toLocaleTimeString();
+    devices.length + (devices.length === 1 ? " device, " : " devices, ") + late + " not seen in the last " + span(lateAfter) + " — updated " + new Date().toLocaleTimeString();
 }}
 async function refresh() {{
   const response = await fetch("api/v1/fleet");
   if (!response.ok) {{ document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }}
-  render((await response.json()).devices);
+  const body = await response.json();
+  lateAfter = body.late_after_s ?? lateAfter;
+  render(body.devices);
 }}
 const initial = /*INITIAL*/null;
-if (initial) render(initial.devices); else refresh();
+if (initial) {{ lateAfter = initial.late_after_s ?? lateAfter; render(initial.devices); }} else refresh();
 setInterval(refresh, 30000);
 const events = new EventSource("api/v1/stream");
 events.addEventListener("batch", (e) => {{

@@ -63,3 +63,13 @@ def test_scrape_config_is_valid_for_promtool(tmp_path: Path) -> None:
     config.write_text(text)
     done = subprocess.run([promtool, "check", "config", "--syntax-only", str(config)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_dashboard_variables_cover_devices_that_went_quiet() -> None:
+    """$device lists every device the aggregator knows (its device gauges are restored from the store at start),
+    and "All" is a regex over every value, so devices silent since a restart stay in the backlog and drop panels."""
+    dashboard = json.loads((ROOT / "packaging/grafana/llm-latency-lens-fleet.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "llm_latency_lens_device_last_seen_timestamp_seconds" in variables["device"]["query"]["query"]
+    for name in ("device", "model", "strategy"):
+        assert variables[name]["includeAll"] is True and variables[name]["allValue"] == ".*"

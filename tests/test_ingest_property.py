@@ -205,12 +205,12 @@ def test_the_schema_agrees_with_itself_on_every_shape(codec: str, record: dict[s
 def test_bulk_histogram_observation_equals_one_at_a_time(values: list[float]) -> None:
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from aggregator.metrics import LATENCY_BUCKETS, observe_many
+    from aggregator.metrics import TTFT_BUCKETS, observe_many
 
     one, bulk = CollectorRegistry(), CollectorRegistry()
-    single = Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=one)
+    single = Histogram("h", "h", buckets=TTFT_BUCKETS, registry=one)
     for value in values:
         single.observe(value)
-    observe_many(Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=bulk), values)
+    observe_many(Histogram("h", "h", buckets=TTFT_BUCKETS, registry=bulk), values)
     strip = [line for line in generate_latest(one).decode().splitlines() if "_created" not in line]
     assert strip == [line for line in generate_latest(bulk).decode().splitlines() if "_created" not in line]
