@@ -23,7 +23,7 @@ from aiohttp import web
 
 from lens_core import wire
 
-from . import __version__, api
+from . import __version__, api, regressions
 from .fleet import Broadcaster, Health, batch_event, fleet_rows, query_latest
 from .metrics import CONTENT_TYPE, FleetMetrics
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
@@ -49,6 +49,8 @@ class Settings:
     late_after_s: float = 3600.0  # the fleet page: a device not heard from for this long is late
     silent_after_s: float = 24 * 3600.0  # … and silent
     stale_after_s: float = 24 * 3600.0  # /metrics: latest-request gauges not updated for this long are dropped
+    regression_interval_s: float = 300.0  # change points are looked for at most this often
+    regression_min_change: float = 0.15  # … and a smaller relative change of the median is not reported
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -69,6 +71,8 @@ class Settings:
             late_after_s=config.get("fleet", "late_after"),
             silent_after_s=config.get("fleet", "silent_after"),
             stale_after_s=config.get("fleet", "stale_after"),
+            regression_interval_s=config.get("fleet", "regression_interval"),
+            regression_min_change=config.get("fleet", "regression_min_change"),
         )
 
     @property
@@ -119,6 +123,7 @@ STORE = web.AppKey("store", StoreRunner)
 METRICS = web.AppKey("metrics", FleetMetrics)
 EVENTS = web.AppKey("events", Broadcaster)
 DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
+WATCH = web.AppKey("regression_watch", regressions.Watch)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -461,12 +466,37 @@ def _thresholds(health: Health) -> dict[str, float]:
     return {"late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
 
 
+async def refresh_regressions(app: web.Application, *, force: bool = False) -> regressions.Watch:
+    """The fleet's change points, recomputed on a read thread when older than ``fleet.regression_interval``; the
+    regression gauges on /metrics follow."""
+    watch = app[WATCH]
+    if force or watch.stale(time.monotonic()):
+        runner = app[STORE]
+        found = await runner.read(regressions.find_regressions, runner.store, watch.settings)
+        watch.update(found, time.monotonic(), _now_us())
+        app[METRICS].regressions(found)
+    return watch
+
+
+def _with_regressions(rows: list[dict[str, Any]], watch: regressions.Watch) -> list[dict[str, Any]]:
+    flagged = watch.by_device()
+    for row in rows:
+        row["regressions"] = flagged.get(row["device_id"], [])
+    return rows
+
+
+@read_endpoint
+async def regressions_endpoint(request: web.Request) -> web.Response:
+    watch = await refresh_regressions(request.app)
+    return web.json_response(watch.answer())
+
+
 @read_endpoint
 async def fleet(request: web.Request) -> web.Response:
     runner = request.app[STORE]
     health = _health(request.app[SETTINGS])
     rows = await runner.read(functools.partial(fleet_rows, health=health), runner.store, time.time())
-    return web.json_response({"devices": rows, **_thresholds(health)})
+    return web.json_response({"devices": _with_regressions(rows, request.app[WATCH]), **_thresholds(health)})
 
 
 @read_endpoint
@@ -480,8 +510,11 @@ async def page(request: web.Request) -> web.Response:
 
     health = _health(request.app[SETTINGS])
 
+    watch = request.app[WATCH]
+
     def build(store: Store, now: float) -> str:
-        return with_data(FLEET_PAGE, {"devices": fleet_rows(store, now, health=health), **_thresholds(health)})
+        rows = _with_regressions(fleet_rows(store, now, health=health), watch)
+        return with_data(FLEET_PAGE, {"devices": rows, **_thresholds(health)})
 
     return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
 
@@ -530,6 +563,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app[METRICS] = fleet_metrics
     app[EVENTS] = Broadcaster()
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
+    app[WATCH] = regressions.Watch(
+        settings.regression_interval_s, regressions.Settings(min_change=settings.regression_min_change)
+    )
 
     async def end_streams(app: web.Application) -> None:
         app[EVENTS].close()
@@ -545,6 +581,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app.router.add_get("/api/v1/measurements", measurements)
     app.router.add_get("/api/v1/summary", summary)
     app.router.add_get("/api/v1/fleet", fleet)
+    app.router.add_get("/api/v1/regressions", regressions_endpoint)
     app.router.add_get("/api/v1/stream", stream)
     app.router.add_get("/", page)
     app.router.add_get("/login", login_page)
@@ -566,9 +603,19 @@ def create_app(settings: Settings, store: Store) -> web.Application:
                 log.info("retention: dropped %d (measurements before %d µs)", dropped, cutoff)
                 await asyncio.sleep(3600)
 
+        async def watch_regressions() -> None:
+            while True:
+                try:
+                    await refresh_regressions(app)
+                except (Busy, QueryTimeout) as exc:
+                    log.warning("regressions: not computed this time (%s)", exc)
+                await asyncio.sleep(max(1.0, settings.regression_interval_s))
+
         pruner = asyncio.create_task(retention())
+        watcher = asyncio.create_task(watch_regressions())
         yield
         pruner.cancel()
+        watcher.cancel()
         app[DECODERS].shutdown(wait=True)
         runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, store.close)

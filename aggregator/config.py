@@ -13,6 +13,7 @@ from lens_core.config import (
     const,
     int_range,
     load_config,
+    number_range,
     optional,
     parse_duration,
     parse_size,
@@ -61,6 +62,12 @@ SCHEMA: Schema = {
             parse_duration,
             const(24 * 3600.0),
             "/metrics drops a series' latest-request gauges (tok/s, J/token, α) not updated for this long",
+        ),
+        "regression_interval": KeySpec(
+            parse_duration, const(300.0), "how often change points are looked for in every series"
+        ),
+        "regression_min_change": KeySpec(
+            number_range(0.0, 10.0), const(0.15), "a change of the median smaller than this (relative) is not reported"
         ),
     },
 }

@@ -180,6 +180,14 @@ class FleetMetrics:
             ("device",),
             registry=r,
         )
+        self.regression = Gauge(
+            f"{PREFIX}_regression_change_ratio",
+            "A detected regression's relative change of the median, (after - before) / before; present only while "
+            "the series is flagged",
+            ("device", "model", "strategy", "metric"),
+            registry=r,
+        )
+        self._regressions: set[tuple[str, str, str, str]] = set()
         self.batches = Counter(f"{PREFIX}_ingest_batches", "Batches stored", registry=r)
         self.records = Counter(f"{PREFIX}_ingest_records", "Records received, by result", ("result",), registry=r)
         self.rejections = Counter(f"{PREFIX}_ingest_rejections", "Batches refused, by reason", ("reason",), registry=r)
@@ -285,6 +293,27 @@ class FleetMetrics:
             self.quarantined.labels(device).set(counters["quarantined_total"])
         if "pending_records" in counters:
             self.backlog.labels(device).set(counters["pending_records"])
+
+    def regressions(self, found: Iterable[dict[str, Any]]) -> None:
+        """The current regressions as ``llm_latency_lens_regression_change_ratio``; series no longer flagged go."""
+        current: dict[tuple[str, str, str, str], float] = {}
+        for f in found:
+            if f["kind"] == "regression":
+                key = (
+                    self._cut(f["device_id"]),
+                    self._cut(str(f["model_name"] or "unknown")),
+                    self._cut(str(f["strategy"] or "local")),
+                    f["metric"],
+                )
+                current[key] = f["change"]
+        with self._lock:
+            gone = self._regressions - set(current)
+            self._regressions = set(current)
+        for key in gone:
+            with contextlib.suppress(KeyError):
+                self.regression.remove(*key)
+        for key, change in current.items():
+            self.regression.labels(*key).set(change)
 
     def exposition(self) -> bytes:
         self.drop_stale()

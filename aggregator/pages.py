@@ -15,6 +15,8 @@ th { background: #f0f3f6; font-weight: 600; }
 .flash { animation: flash 1.5s; } @keyframes flash { from { background: #fff8c5; } to { background: #fff; } }
 svg { background: #fff; border: 1px solid #d0d7de; } .axis { stroke: #8c959f; } .line { fill: none; stroke-width: 1.5; }
 a { color: #0969da; text-decoration: none; }
+.regressions { background: #ffebe9; border: 1px solid #ff8182; padding: 8px 16px; margin-bottom: 12px; }
+.regressions li { margin: 2px 0; }
 .scroll { overflow-x: auto; } .hint { background: #fff; border: 1px solid #d0d7de; padding: 12px 16px; }
 code { background: #f0f3f6; padding: 1px 4px; }
 @media (max-width: 700px) { body { margin: 12px; } th, td { padding: 4px 6px; } svg { width: 100%; height: auto; } }
@@ -27,6 +29,8 @@ FLEET_PAGE = f"""<!doctype html>
 <body>
 <h1>LLM-Latency-Lens fleet</h1>
 <div class="sub" id="summary">loading…</div>
+<div class="regressions" id="regressions" hidden><strong>Regressions</strong> (change points in each device ×
+model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-list"></ul></div>
 <div class="hint" id="empty" hidden>No device has sent measurements yet. Give each device a token:
 <code>lens-aggregator token add DEVICE_ID --url URL-OF-THIS-AGGREGATOR</code> prints it with the settings to put in
 the device's <code>agent.toml</code>; its records appear here after its next sync (<code>lens-agent sync</code>).</div>
@@ -68,6 +72,10 @@ function render(devices) {{
     body.appendChild(tr);
   }}
   document.getElementById("empty").hidden = devices.length > 0;
+  const flagged = devices.flatMap(d => d.regressions || []);
+  const list = document.getElementById("regression-list");
+  list.replaceChildren(...flagged.map(line => {{ const li = document.createElement("li"); li.textContent = line; return li; }}));
+  document.getElementById("regressions").hidden = flagged.length === 0;
   const late = devices.filter(d => d.sync_health !== "ok").length;
   document.getElementById("summary").textContent =
     devices.length + (devices.length === 1 ? " device, " : " devices, ") + late + " not seen in the last " + span(lateAfter) + " — updated " + new Date().toLocaleTimeString();

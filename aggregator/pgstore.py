@@ -284,6 +284,13 @@ class PostgresStore(Store):
         rows = self._read(sql, [*params, limit])
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
 
+    def latest_columns(self, query: Query, columns: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+        where, params = query.where()
+        sql = (
+            f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')} ORDER BY seq DESC LIMIT %s"
+        )
+        return self._read(sql, [*params, limit])[::-1]
+
     def series(self, device: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE device_id = %s", [device]) if device is not None else ("", [])
         rows = self._read(f"SELECT {', '.join(SERIES_COLUMNS)} FROM series {where} ORDER BY 1, 2, 3, 4", params)

@@ -238,6 +238,11 @@ class Store(abc.ABC):
         """The ``limit`` most recently received measurements matching ``query`` (before ``before_seq``, a cursor),
         newest first."""
 
+    @abc.abstractmethod
+    def latest_columns(self, query: Query, columns: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+        """The given columns of the ``limit`` most recently received measurements matching ``query``, oldest first
+        (no record bodies: what the change-point search reads)."""
+
     def latest(self, query: Query, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recently received measurements matching ``query``, oldest first."""
         return self.query_newest(query, limit=limit)[::-1]
@@ -573,6 +578,11 @@ class SQLiteStore(Store):
             [*params, limit],
         )
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
+
+    def latest_columns(self, query: Query, columns: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+        where, params = query.where()
+        sql = f"SELECT {', '.join(columns)} FROM measurements WHERE {where} ORDER BY seq DESC LIMIT ?"
+        return self._read(sql, [*params, limit])[::-1]
 
     def series(self, device: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE device_id = ?", [device]) if device is not None else ("", [])
