@@ -26,6 +26,18 @@ def exposed_names() -> set[str]:
     metrics.failed.labels("d", "m", "local", "local", "x").inc()
     metrics.joules.labels("d", "m", "local", "local").set(1)
     metrics.acceptance.labels("d", "m", "local", "local").set(1)
+    metrics.regressions(
+        [
+            {
+                "kind": "regression",
+                "device_id": "d",
+                "model_name": "m",
+                "strategy": "local",
+                "metric": "tpot_ms",
+                "change": 0.5,
+            }
+        ]
+    )
     text = metrics.exposition().decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
