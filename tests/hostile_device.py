@@ -82,9 +82,12 @@ async def read_everything(client: Any, device: str = DEVICE) -> dict[str, Any]:
     out["devices"] = json.loads(body, parse_constant=_no_constants)["devices"]
     _, body = await get("/")
     _page_data(body.decode())
-    for dev in {device, *(d["device_id"] for d in out["devices"])}:
+    for dev in {d["device_id"] for d in out["devices"]}:
         _, body = await get(f"/device/{dev}")
         _page_data(body.decode())
+    if device not in {d["device_id"] for d in out["devices"]}:  # nothing of it stored: an unknown device, a 404
+        response = await client.get(f"/device/{device}")
+        assert response.status == 404 and "No such device" in await response.text()
     _, body = await get("/metrics")
     out["metrics"] = body.decode()
     from prometheus_client.parser import text_string_to_metric_families
