@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .rows import decode_measurement
+from .rows import decode_measurement, decode_wire
 from .store import NULL_NAME, Query, Store
 
 
@@ -96,8 +96,9 @@ def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[st
     ]
     joules = []
     for row in ok:
-        record = decode_measurement(row, gaps=False, check_json=False)
-        energy = record.get("ext", {}).get("energy") if isinstance(record, dict) else None
+        record = decode_wire(row)  # the wire map: ext as sent, without converting every other field
+        ext = record.get("ext") if record is not None else None
+        energy = ext.get("energy") if isinstance(ext, dict) else None
         if isinstance(energy, dict) and _finite(energy.get("j_per_output_token")):
             joules.append(float(energy["j_per_output_token"]))
     errors = len(latest) - len(ok)
