@@ -43,12 +43,15 @@ def fleet_rows(store: Store, now: float, recent: int = 50, *, health: Health | N
     rows = []
     for device in store.devices():
         device_id = device["device_id"]
-        window = store.latest(Query(device=device_id, kind="inference"), recent)
+        # (model_name, strategy, ok) of the device's latest requests, of any series: no record bodies
+        window = store.latest_columns(
+            Query(device=device_id, kind="inference"), ("model_name", "strategy", "ok"), recent
+        )
         figures = [_series_figures(store, entry, recent) for entry in series.get(device_id, [])]
-        current_model = _name(window[-1]["model_name"]) if window else None
-        current_strategy = _name(window[-1]["strategy"]) if window else None
+        current_model = _name(window[-1][0]) if window else None
+        current_strategy = _name(window[-1][1]) if window else None
         mine = next((f for f in figures if (f["model_name"], f["strategy"]) == (current_model, current_strategy)), None)
-        errors = sum(1 for r in window if not r["ok"])
+        errors = sum(1 for r in window if not r[2])
         age = now - device["last_seen_us"] / 1e6
         rows.append(
             {
