@@ -17,7 +17,7 @@ svg { background: #fff; border: 1px solid #d0d7de; } .axis { stroke: #8c959f; } 
 a { color: #0969da; text-decoration: none; }
 .regressions { background: #ffebe9; border: 1px solid #ff8182; padding: 8px 16px; margin-bottom: 12px; }
 .regressions li { margin: 2px 0; }
-.scroll { overflow-x: auto; } .hint { background: #fff; border: 1px solid #d0d7de; padding: 12px 16px; }
+.scroll { overflow-x: auto; } .tools { margin-bottom: 8px; } th[data-key] { cursor: pointer; } .hint { background: #fff; border: 1px solid #d0d7de; padding: 12px 16px; }
 code { background: #f0f3f6; padding: 1px 4px; }
 @media (max-width: 700px) { body { margin: 12px; } th, td { padding: 4px 6px; } svg { width: 100%; height: auto; } }
 """
@@ -34,9 +34,13 @@ model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-l
 <div class="hint" id="empty" hidden>No device has sent measurements yet. Give each device a token:
 <code>lens-aggregator token add DEVICE_ID --url URL-OF-THIS-AGGREGATOR</code> prints it with the settings to put in
 the device's <code>agent.toml</code>; its records appear here after its next sync (<code>lens-agent sync</code>).</div>
+<div class="tools"><label>filter <input id="filter" type="search" placeholder="device, model or strategy"></label>
+<span class="sub">click a column to sort; the address keeps the view (<code>?sort=error_rate&amp;desc=1&amp;filter=orin</code>)</span></div>
 <div class="scroll"><table id="devices"><thead><tr>
-<th>device</th><th>last seen</th><th style="text-align:left">model</th><th>TTFT p95 (ms)</th><th>tok/s</th>
-<th>J/token</th><th>errors</th><th>backlog</th><th>dropped</th><th>records</th><th>sync</th></tr></thead><tbody></tbody></table></div>
+<th data-key="device_id">device</th><th data-key="last_seen_age_s">last seen</th><th data-key="model" style="text-align:left">model</th>
+<th data-key="ttft_p95_ms">TTFT p95 (ms)</th><th data-key="tokens_per_second">tok/s</th><th data-key="j_per_output_token">J/token</th>
+<th data-key="error_rate">errors</th><th data-key="backlog">backlog</th><th data-key="dropped_total">dropped</th>
+<th data-key="records">records</th><th data-key="sync_health">sync</th></tr></thead><tbody></tbody></table></div>
 <script>
 "use strict";
 const fmt = (v, d) => (v === null || v === undefined) ? "–" : Number(v).toFixed(d);
@@ -48,10 +52,44 @@ function age(s) {{
 let lateAfter = 3600;
 const span = (s) => s % 3600 === 0 ? (s / 3600) + (s === 3600 ? " hour" : " hours") : Math.round(s / 60) + " minutes";
 function cell(text, cls) {{ const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; return td; }}
+// the view (sort column, direction, filter) lives in the address, so it can be bookmarked and shared
+const view = new URLSearchParams(location.search);
+let lastDevices = [];
+function shown(devices) {{
+  const filter = (view.get("filter") || "").toLowerCase();
+  const key = view.get("sort"), desc = view.get("desc") === "1";
+  const text = d => [d.device_id, d.model, d.strategy, ...(d.series || []).map(s => s.model_name + " " + s.strategy)].join(" ").toLowerCase();
+  const rows = filter ? devices.filter(d => text(d).includes(filter)) : devices.slice();
+  if (key) {{
+    const value = d => d[key];
+    rows.sort((a, b) => {{
+      const x = value(a), y = value(b);
+      if (x === y) return 0;
+      if (x === null || x === undefined) return 1;  // missing figures last, whichever the direction
+      if (y === null || y === undefined) return -1;
+      return (x < y ? -1 : 1) * (desc ? -1 : 1);
+    }});
+  }}
+  return rows;
+}}
+function setView(name, value) {{
+  if (value) view.set(name, value); else view.delete(name);
+  history.replaceState(null, "", "?" + view.toString());
+  render(lastDevices);
+}}
+document.querySelectorAll("#devices th").forEach(th => th.addEventListener("click", () => {{
+  const key = th.dataset.key;
+  setView("desc", view.get("sort") === key && view.get("desc") !== "1" ? "1" : "");
+  setView("sort", key);
+}}));
+const filterBox = document.getElementById("filter");
+filterBox.value = view.get("filter") || "";
+filterBox.addEventListener("input", () => setView("filter", filterBox.value));
 function render(devices) {{
+  lastDevices = devices;
   const body = document.querySelector("#devices tbody");
   body.replaceChildren();
-  for (const d of devices) {{
+  for (const d of shown(devices)) {{
     const tr = document.createElement("tr");
     tr.id = "device-" + d.device_id;
     const name = document.createElement("td");

@@ -151,6 +151,26 @@ def test_fleet_page_renders_with_data(served: str) -> None:
     assert (SCREENSHOTS / "fleet.png").stat().st_size > 5000, shot.stderr[-2000:]
 
 
+def test_the_fleet_table_sorts_and_filters_from_the_address(served: str) -> None:
+    """The view lives in the address (bookmarkable): ?sort=COLUMN[&desc=1] and ?filter=TEXT, applied on load."""
+
+    def order(query: str) -> list[str]:
+        dom = chromium("--dump-dom", served + "/" + query)
+        assert console_errors(dom.stderr) == [], dom.stderr[-2000:]
+        rows = [line for line in dom.stdout.split("<tr ") if line.startswith('id="device-')]
+        return [row.split('"', 2)[1].removeprefix("device-") for row in rows]
+
+    assert order("?sort=device_id") == ["laptop-3", "orin-017"]
+    assert order("?sort=device_id&desc=1") == ["orin-017", "laptop-3"]
+    assert order("?filter=ORIN") == ["orin-017"]
+    assert order("?filter=no-such-thing") == []
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for width in (1400, 400):  # a desk and a phone: the table scrolls inside its box at 400 px
+        shot = SCREENSHOTS / f"fleet-{width}.png"
+        chromium(f"--window-size={width},700", f"--screenshot={shot}", served + "/?sort=error_rate&desc=1")
+        assert shot.stat().st_size > 5000
+
+
 def test_device_page_draws_its_charts(served: str) -> None:
     dom = chromium("--dump-dom", served + "/device/orin-017")
     assert "<polyline" in dom.stdout and "successful requests" in dom.stdout, dom.stderr[-2000:]
