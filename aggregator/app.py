@@ -124,6 +124,7 @@ METRICS = web.AppKey("metrics", FleetMetrics)
 EVENTS = web.AppKey("events", Broadcaster)
 DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
 WATCH = web.AppKey("regression_watch", regressions.Watch)
+PUBLISHING: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publishing")
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -311,7 +312,10 @@ async def ingest(request: web.Request) -> web.Response:
     metrics.device(batch.device_id, batch.counters, time.time())
     metrics.ingest_seconds.observe(time.perf_counter() - started)
     if result.accepted and app[EVENTS].subscribers:
-        app[EVENTS].publish(batch_event(batch.device_id, [decoded[i] for i in result.new]))
+        event = batch_event(batch.device_id, [decoded[i] for i in result.new])
+        task = asyncio.create_task(_publish_with_row(app, event))  # after the acknowledgement, never delaying it
+        app[PUBLISHING].add(task)
+        task.add_done_callback(app[PUBLISHING].discard)
     log.debug(
         "batch %s from %s: %d accepted, %d duplicates in %.1f ms",
         batch.batch_id,
@@ -478,6 +482,23 @@ async def refresh_regressions(app: web.Application, *, force: bool = False) -> r
     return watch
 
 
+async def _publish_with_row(app: web.Application, event: dict[str, Any]) -> None:
+    """A live update that carries the device's new fleet row, computed once on a read thread: an open page
+    replaces that row instead of every page fetching the whole fleet on every batch. When reads are saturated
+    the event goes out without the row (the page then fetches the fleet itself)."""
+    runner = app[STORE]
+    health = _health(app[SETTINGS])
+    try:
+        rows = await runner.read(
+            functools.partial(fleet_rows, health=health, only=event["device_id"]), runner.store, time.time()
+        )
+        if rows:
+            event["device"] = _with_regressions(rows, app[WATCH])[0]
+    except (Busy, QueryTimeout) as exc:
+        log.debug("live update without the device's row (%s)", exc)
+    app[EVENTS].publish(event)
+
+
 def _with_regressions(rows: list[dict[str, Any]], watch: regressions.Watch) -> list[dict[str, Any]]:
     flagged = watch.by_device()
     for row in rows:
@@ -563,6 +584,7 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app[METRICS] = fleet_metrics
     app[EVENTS] = Broadcaster()
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
+    app[PUBLISHING] = set()
     app[WATCH] = regressions.Watch(
         settings.regression_interval_s, regressions.Settings(min_change=settings.regression_min_change)
     )
@@ -616,6 +638,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         yield
         pruner.cancel()
         watcher.cancel()
+        for task in list(app[PUBLISHING]):
+            task.cancel()
         app[DECODERS].shutdown(wait=True)
         runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, store.close)

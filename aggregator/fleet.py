@@ -28,20 +28,30 @@ class Health:
         return "ok" if age_s < self.late_after_s else "late" if age_s < self.silent_after_s else "silent"
 
 
-def fleet_rows(store: Store, now: float, recent: int = 50, *, health: Health | None = None) -> list[dict[str, Any]]:
+def fleet_rows(
+    store: Store,
+    now: float,
+    recent: int = 50,
+    *,
+    health: Health | None = None,
+    only: str | None = None,
+) -> list[dict[str, Any]]:
     """Each device with its last-seen age, sync health, error rate and its figures per series (model × strategy),
     each series' from *its own* latest ``recent`` requests — whatever other devices or series sent in between.
 
     The top-level ``model``, ``strategy``, ``ttft_p95_ms`` and ``tokens_per_second`` are those of the series of the
     device's latest request; ``by_strategy`` holds that model's series by strategy (a speculative request's TTFT is
-    not a local one's). Percentiles are exact (over the requests themselves, not histogram buckets)."""
+    not a local one's). Percentiles are exact (over the requests themselves, not histogram buckets). ``only``: the
+    row of that one device (what a live update carries)."""
     health = health or Health()
     series: dict[str, list[dict[str, Any]]] = {}
-    for entry in store.series():
+    for entry in store.series(only):
         if entry["kind"] == "inference":
             series.setdefault(entry["device_id"], []).append(entry)
     rows = []
     for device in store.devices():
+        if only is not None and device["device_id"] != only:
+            continue
         device_id = device["device_id"]
         # (model_name, strategy, ok) of the device's latest requests, of any series: no record bodies
         window = store.latest_columns(

@@ -131,10 +131,15 @@ setInterval(refresh, 30000);
 const events = new EventSource("api/v1/stream");
 events.addEventListener("batch", (e) => {{
   const event = JSON.parse(e.data);
-  refresh().then(() => {{
+  const flash = () => {{
     const row = document.getElementById("device-" + event.device_id);
     if (row) row.classList.add("flash");
-  }});
+  }};
+  if (event.device) {{  // the event carries the device's new row: no fetch of the whole fleet
+    const others = lastDevices.filter(d => d.device_id !== event.device_id);
+    render([...others, event.device].sort((a, b) => a.device_id < b.device_id ? -1 : 1));
+    flash();
+  }} else refresh().then(flash);
 }});
 </script>
 </body></html>

@@ -67,6 +67,12 @@ async def test_stream_pushes_incoming_batches(aiohttp_client, tmp_path: Path) ->
         lines.append(await asyncio.wait_for(response.content.readline(), 5))
     event = json.loads(next(line for line in lines if line.startswith(b"data:"))[5:])
     assert b"event: batch\n" in lines and event["device_id"] == "dev-1" and event["records"] == 5
+    # the device's new fleet row comes with the event: an open page replaces that row, it fetches nothing
+    fleet = (await (await client.get("/api/v1/fleet")).json())["devices"][0]
+    row = event["device"]
+    assert row["device_id"] == "dev-1" and row["records"] == 5 and row["requests"] == fleet["requests"]
+    assert row["series"] == fleet["series"] and row["ttft_p95_ms"] == fleet["ttft_p95_ms"] is not None
+    assert row["regressions"] == []
     response.close()
 
 

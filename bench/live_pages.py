@@ -1,0 +1,134 @@
+"""Ingest latency while fleet pages stay open: live updates that carry the device's row against whole-fleet refetches.
+
+    .venv/bin/python bench/live_pages.py [--devices 200] [--preload 100] [--pages 5] [--batches 200]
+
+A real ``lens-aggregator serve`` on 127.0.0.1 with ``devices`` devices of ``preload`` records each. Then ``pages``
+open fleet pages follow ``/api/v1/stream`` while ``batches`` batches of 20 records arrive, one after another, from
+the devices in turn; each batch's ingest round trip is timed. Two ways a page can follow, in the same run against the
+same server: ``incremental`` (the page today: each event carries the device's new fleet row, the page replaces
+that row) and ``refetch`` (what it did before: every event made every page GET /api/v1/fleet). Also the fleet
+page's own load time (GET /, which inlines every device's row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.synthetic import synthetic_records
+from aggregator.store import SQLiteStore
+from lens_core import wire
+from tests.netproxy import free_port
+from tests.processes import AggregatorProcess
+
+
+def batch(device: str, n: int, seed: int) -> bytes:
+    blobs = [wire.encode_record(r, "cbor") for r in synthetic_records(n, seed=seed, device_id=device)]
+    return wire.encode_batch(blobs, device_id=device, batch_id=f"b{seed}", sent_us=1, codec="cbor")
+
+
+async def page(url: str, mode: str, fetches: list[float], stop: asyncio.Event) -> None:
+    """One open fleet page: follows the stream; in ``refetch`` mode every event costs a GET /api/v1/fleet."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/api/v1/stream") as stream:
+        while not stop.is_set():
+            try:
+                line = await asyncio.wait_for(stream.content.readline(), 0.5)
+            except asyncio.TimeoutError:
+                continue
+            if line.startswith(b"data:") and mode == "refetch":
+                start = time.perf_counter()
+                async with session.get(url + "/api/v1/fleet") as response:
+                    await response.read()
+                fetches.append(time.perf_counter() - start)
+
+
+async def phase(url: str, tokens: dict[str, str], mode: str, pages: int, batches: int, seed: int) -> list[float]:
+    stop = asyncio.Event()
+    fetches: list[float] = []
+    followers = [asyncio.create_task(page(url, mode, fetches, stop)) for _ in range(pages)]
+    await asyncio.sleep(0.5)  # the pages are connected
+    devices = sorted(tokens)
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for n in range(batches):
+            device = devices[n % len(devices)]
+            body = batch(device, 20, seed + n)
+            start = time.perf_counter()
+            async with session.post(
+                url + "/api/v1/ingest", data=body, headers={"Authorization": f"Bearer {tokens[device]}"}
+            ) as response:
+                await response.read()
+                assert response.status == 200, response.status
+            times.append(time.perf_counter() - start)
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*followers)
+    print(
+        f"{mode:<12} ingest p50 {statistics.median(times) * 1e3:7.1f} ms  p99 "
+        f"{statistics.quantiles(times, n=100)[98] * 1e3:7.1f} ms  fleet fetches by the pages: {len(fetches)}"
+    )
+    return times
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "agg.db"
+        store = SQLiteStore(db)
+        tokens = {
+            f"orin-{n:03d}": store.add_token(f"orin-{n:03d}", "device", time.time_ns() // 1000)
+            for n in range(args.devices)
+        }
+        store.close()
+        server = AggregatorProcess(db, free_port())
+        server.start()
+        url = f"http://127.0.0.1:{server.port}"
+        try:
+            async with aiohttp.ClientSession() as session:
+                for n, (device, token) in enumerate(sorted(tokens.items())):
+                    body = batch(device, args.preload, 10_000 + n)
+                    async with session.post(
+                        url + "/api/v1/ingest", data=body, headers={"Authorization": f"Bearer {token}"}
+                    ) as response:
+                        assert response.status == 200
+                loads = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    async with session.get(url + "/") as response:
+                        size = len(await response.read())
+                    loads.append(time.perf_counter() - start)
+            print(
+                f"{args.devices} devices × {args.preload} records; fleet page load "
+                f"{statistics.median(loads) * 1e3:.0f} ms (median of 5, {size / 1024:.0f} KiB); "
+                f"{args.pages} pages open, {args.batches} batches of 20"
+            )
+            results = {}
+            for mode in ("incremental", "refetch"):
+                results[mode] = await phase(
+                    url, tokens, mode, args.pages, args.batches, 20_000 if mode == "refetch" else 30_000
+                )
+            p99 = {mode: statistics.quantiles(t, n=100)[98] for mode, t in results.items()}
+            print(f"ingest p99, refetch ÷ incremental: {p99['refetch'] / p99['incremental']:.2f}")
+        finally:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--preload", type=int, default=100)
+    parser.add_argument("--pages", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=200)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
