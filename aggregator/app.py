@@ -528,9 +528,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
 @read_endpoint
 async def page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-
     health = _health(request.app[SETTINGS])
-
     watch = request.app[WATCH]
 
     def build(store: Store, now: float) -> str:
@@ -631,6 +629,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
                     await refresh_regressions(app)
                 except (Busy, QueryTimeout) as exc:
                     log.warning("regressions: not computed this time (%s)", exc)
+                except Exception:  # the search must outlive whatever one run meets; the next run tries again
+                    log.exception("regressions: the search failed")
                 await asyncio.sleep(max(1.0, settings.regression_interval_s))
 
         pruner = asyncio.create_task(retention())
@@ -638,7 +638,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
         yield
         pruner.cancel()
         watcher.cancel()
-        for task in list(app[PUBLISHING]):
+        publishing: set[asyncio.Task[None]] = app[PUBLISHING]
+        for task in list(publishing):
             task.cancel()
         app[DECODERS].shutdown(wait=True)
         runner.shutdown()
