@@ -76,6 +76,9 @@ bench: $(STAMP) vllm
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/collab.py
 	$(BIN)/python bench/token_verify.py
+	$(BIN)/python bench/histogram_error.py
+	$(BIN)/python bench/fleet_cost.py
+	$(BIN)/python bench/live_pages.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache .demo build
