@@ -27,6 +27,7 @@ The clock is injectable (:class:`Clock`: wall time, monotonic time, sleep) so te
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -92,6 +93,27 @@ def crontab_trigger(expr: str, tz: tzinfo | str | None = None) -> Any:
     if len(fields) == 5:
         fields[4] = _crontab_weekdays(fields[4])
     return CronTrigger.from_crontab(" ".join(fields), timezone=tz)
+
+
+def workload_period(workload: dict[str, Any], now: datetime | None = None) -> float:
+    """How long a workload's runs are apart at most, in seconds: its ``every`` plus its ``jitter``, or for a
+    ``cron`` schedule the longest gap between its firings over the next fifteen days (plus its jitter)."""
+    jitter = float(workload.get("jitter") or 0.0)
+    if not workload.get("cron"):
+        return float(workload["every"]) + jitter
+    trigger = crontab_trigger(str(workload["cron"]), timezone.utc)
+    moment = now or datetime.now(timezone.utc)
+    times: list[datetime] = []
+    previous: datetime | None = None
+    horizon = moment + timedelta(days=15)  # two weeks and a day: a weekly schedule shows a whole gap
+    for _ in range(2000):
+        fire = trigger.get_next_fire_time(previous, moment)
+        if fire is None or fire > horizon:
+            break
+        times.append(fire)
+        previous, moment = fire, fire + _ONE_US
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    return (max(gaps) if gaps else 24 * 3600.0) + jitter
 
 
 def _crontab_weekdays(spec: str) -> str:

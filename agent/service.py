@@ -15,6 +15,7 @@ reads whether the service runs or not. Every record it stores carries the kernel
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ from .probes.power import detect_power
 from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
 from .prompts import load_prompts
-from .schedule import Scheduler
+from .schedule import Scheduler, workload_period
 from .strategies import build_strategy
 
 log = logging.getLogger("agent.service")
@@ -176,6 +177,8 @@ class AgentService:
             if self._uploader is not None:
                 await self._uploader.close()
             self._start_sync()
+        elif self._uploader is not None:  # the workloads may have changed: so has the silence to expect
+            self._uploader.settings = dataclasses.replace(self._uploader.settings, expected_gap_s=self.expected_gap())
         self._schedule_workloads()
         log.info("configuration reloaded from %s", config.path or "defaults")
         self.notifier.send("READY=1", f"STATUS={self._status_line()}")
@@ -190,6 +193,7 @@ class AgentService:
             return
         assert self.outbox is not None
         self._uploader = Uploader(self.outbox, sync_settings(self.config))
+        self._uploader.settings = dataclasses.replace(self._uploader.settings, expected_gap_s=self.expected_gap())
         self._sync = SyncService(self._uploader)
         self._sync.start()
 
@@ -230,6 +234,14 @@ class AgentService:
         await self.outbox.append(stored_form(record))
         self.stored += 1
         log.info("model %s loaded in %.0f ms", path.name, load.load_ms)
+
+    def expected_gap(self) -> float | None:
+        """The longest this device should stay silent to its aggregator: its most frequent workload's period (the
+        records that make a batch) or the sync interval, whichever is longer; None without workloads."""
+        periods = [workload_period(w) for w in self.config.workloads]
+        if not periods:
+            return None
+        return max(min(periods), float(self.config.get("sync", "interval")))
 
     def _schedule_workloads(self) -> None:
         scheduler = self._scheduler

@@ -65,6 +65,9 @@ class SyncSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 300.0
     sync_on_network_available: bool = True
+    # the longest the aggregator should wait between this device's batches (the service sets it from its workloads'
+    # schedules and the sync interval); sent with every batch so the fleet view judges silence against it
+    expected_gap_s: float | None = None
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if not self.url.startswith("https://"):
@@ -451,6 +454,11 @@ class Uploader:
                 "quarantined_total": stats.quarantined_total,
                 # a gauge: the backlog once this batch is acknowledged
                 "pending_records": max(0, stats.records - len(rows)),
+                **(
+                    {"expected_gap_s": max(1, round(self.settings.expected_gap_s))}
+                    if self.settings.expected_gap_s is not None
+                    else {}
+                ),
             },
         )
         if len(body) > self.settings.max_batch_bytes and len(rows) > 1:

@@ -24,8 +24,14 @@ class Health:
     late_after_s: float = 3600.0
     silent_after_s: float = 24 * 3600.0
 
-    def sync(self, age_s: float) -> str:
-        return "ok" if age_s < self.late_after_s else "late" if age_s < self.silent_after_s else "silent"
+    def late_after(self, expected_gap_s: float | None) -> float:
+        """When a device is late: two of the gaps it said to expect between its batches, plus a minute (a batch
+        missed, and slack for retries), when it said; otherwise ``late_after``."""
+        return 2 * expected_gap_s + 60.0 if expected_gap_s else self.late_after_s
+
+    def sync(self, age_s: float, expected_gap_s: float | None = None) -> str:
+        late = self.late_after(expected_gap_s)
+        return "ok" if age_s < late else "late" if age_s < max(late, self.silent_after_s) else "silent"
 
 
 def fleet_rows(
@@ -68,7 +74,9 @@ def fleet_rows(
                 "device_id": device_id,
                 "last_seen_us": device["last_seen_us"],
                 "last_seen_age_s": round(age, 1),
-                "sync_health": health.sync(age),
+                "sync_health": health.sync(age, device.get("expected_gap_s")),
+                "expected_gap_s": device.get("expected_gap_s"),
+                "late_after_s": health.late_after(device.get("expected_gap_s")),
                 "model": current_model,
                 "strategy": (current_strategy or "local") if window else None,
                 "ttft_p95_ms": mine["ttft_p95_ms"] if mine else None,

@@ -35,7 +35,7 @@ from .store import (
     series_counts,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Series (device × kind × model × strategy) kept at ingest, and indexes that read a device's or a series' latest
 # records without scanning the others' (see store._migrate_v2). %s: NULL_NAME, for a missing model or strategy.
@@ -134,6 +134,8 @@ class PostgresStore(Store):
                 for statement in _MIGRATION_V2.split(";"):
                     if statement.strip():
                         cur.execute(statement, {"null": NULL_NAME} if "%(null)s" in statement else None)
+            if version < 3:
+                cur.execute("ALTER TABLE devices ADD COLUMN IF NOT EXISTS expected_gap_s bigint")
             if version < SCHEMA_VERSION:
                 cur.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
@@ -219,8 +221,8 @@ class PostgresStore(Store):
                     )
                 cur.execute(
                     """INSERT INTO devices (device_id, first_seen_us, last_seen_us, records, duplicates,
-                           dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                           dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog, expected_gap_s)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                        ON CONFLICT (device_id) DO UPDATE SET
                            last_seen_us = GREATEST(devices.last_seen_us, excluded.last_seen_us),
                            records = devices.records + excluded.records,
@@ -229,7 +231,8 @@ class PostgresStore(Store):
                            quarantined_total = GREATEST(devices.quarantined_total, excluded.quarantined_total),
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
-                           backlog = excluded.backlog""",
+                           backlog = excluded.backlog,
+                           expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
         return IngestResult(accepted=accepted, duplicates=duplicates, new=tuple(new))

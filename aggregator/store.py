@@ -26,7 +26,7 @@ import sqlite_utils
 from lens_core.record_schema import MAX_NAME_CHARS
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TOKEN_PREFIX = "lens_"
 
 
@@ -90,6 +90,7 @@ def device_row(
         batch_id,
         sent_us,
         counters.get("pending_records"),
+        counters.get("expected_gap_s"),  # how long the device means to stay silent at most (its schedule)
     )
 
 
@@ -167,6 +168,7 @@ DEVICE_COLUMNS = (
     "last_batch_id",
     "last_sent_us",
     "backlog",
+    "expected_gap_s",
 )
 QUERY_COLUMNS = (
     "seq",
@@ -338,7 +340,12 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS measurements_series ON measurements(device_id, kind, model_name, strategy)")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    """The longest gap a device says to expect between its batches (``expected_gap_s`` in its batches' counters)."""
+    db.execute("ALTER TABLE devices ADD COLUMN expected_gap_s INTEGER")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (
     "INSERT INTO series (device_id, kind, model_name, strategy, first_seen_us, last_seen_us, records) "
@@ -463,8 +470,8 @@ class SQLiteStore(Store):
                 )
                 conn.execute(
                     """INSERT INTO devices (device_id, first_seen_us, last_seen_us, records, duplicates,
-                           dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           dropped_total, quarantined_total, last_batch_id, last_sent_us, backlog, expected_gap_s)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT(device_id) DO UPDATE SET
                            last_seen_us = excluded.last_seen_us,
                            records = devices.records + excluded.records,
@@ -473,7 +480,8 @@ class SQLiteStore(Store):
                            quarantined_total = MAX(devices.quarantined_total, excluded.quarantined_total),
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
-                           backlog = excluded.backlog""",
+                           backlog = excluded.backlog,
+                           expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
                 conn.execute("COMMIT")

@@ -130,7 +130,7 @@ def test_a_version_1_database_gets_its_series_on_upgrade(tmp_path: Any) -> None:
     conn.close()
     store = SQLiteStore(path)
     try:
-        assert store.schema_version() == 2
+        assert store.schema_version() == 3
         got = {(s["strategy"], s["records"], s["first_seen_us"], s["last_seen_us"]) for s in store.series("dev-1")}
         assert got == {("local", 4, 101, 107), (NULL_NAME, 3, 102, 106)}
         assert len(store.latest(Query(device="dev-1", kind="inference", strategy=NULL_NAME), 10)) == 3
@@ -198,3 +198,30 @@ async def test_late_and_silent_follow_the_configuration(aiohttp_client: Any, sto
     assert body["devices"][0]["sync_health"] == "late"
     page = await (await client.get("/")).text()
     assert '"late_after_s": 0.0' in page
+
+
+async def test_silence_is_judged_against_each_devices_own_schedule(aiohttp_client: Any, store: Any) -> None:
+    """A device that says it sends every minute is late after a few silent minutes; one that sends hourly is not;
+    one that never said is judged by fleet.late_after. A batch without the counter keeps what was said before."""
+    client = await aiohttp_client(create_app(Settings(late_after_s=3600.0), store))
+    for device, gap in (("minutely", 60), ("hourly", 3600), ("quiet", None)):
+        token = store.add_token(device, "device", NOW)
+        counters = {"expected_gap_s": gap} if gap else {}
+        body = make_batch(records_with(device, 2, 1, 10.0), device=device, counters=counters)
+        assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
+    token = store.add_token("minutely", "device", NOW)  # a manual `lens-agent sync`: no schedule in the counters
+    body = make_batch(records_with("minutely", 1, 2, 10.0), device="minutely")
+    assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
+    from aggregator.fleet import Health, fleet_rows
+
+    rows = {r["device_id"]: r for r in fleet_rows(store, time.time() + 600, health=Health(late_after_s=3600.0))}
+    assert rows["minutely"]["expected_gap_s"] == 60 and rows["minutely"]["late_after_s"] == 180.0
+    assert rows["minutely"]["sync_health"] == "late"  # 10 minutes without a batch, where 1 was expected
+    assert rows["hourly"]["sync_health"] == "ok" and rows["hourly"]["late_after_s"] == 7260.0
+    assert rows["quiet"]["sync_health"] == "ok" and rows["quiet"]["expected_gap_s"] is None
+    body = await (await client.get("/api/v1/fleet")).json()
+    assert {d["device_id"]: d["expected_gap_s"] for d in body["devices"]} == {
+        "hourly": 3600,
+        "minutely": 60,
+        "quiet": None,
+    }

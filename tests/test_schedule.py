@@ -341,3 +341,18 @@ def test_the_config_reads_cron_as_the_scheduler_does(config_file: Any) -> None:
     assert config.workloads[0]["cron"] == "0 3 * * 7"
     with pytest.raises(ConfigError, match=r"workloads\[0\]\.cron.*runs backwards"):
         load_config(config_file("[[workloads]]\ncron = '0 3 * * 5-1'\n"), environ={})
+
+
+def test_a_workloads_period_is_its_longest_gap() -> None:
+    """What the service reports as the silence to expect: ``every`` + jitter, or a cron schedule's longest gap over
+    the next fifteen days — its nights, weekends and weeks included."""
+    from datetime import datetime, timezone
+
+    from agent.schedule import workload_period
+
+    friday = datetime(2026, 11, 27, 10, 0, tzinfo=timezone.utc)
+    assert workload_period({"every": 900.0, "jitter": 30.0}) == 930.0
+    assert workload_period({"cron": "*/15 * * * *", "jitter": 0}, friday) == 900.0
+    assert workload_period({"cron": "0 3 * * *", "jitter": 60.0}, friday) == 86460.0
+    assert workload_period({"cron": "0 9-17 * * 1-5", "jitter": 0}, friday) == 64 * 3600.0  # Friday 17:00 → Monday 9:00
+    assert workload_period({"cron": "0 3 * * 0", "jitter": 0}, friday) == 7 * 86400.0  # weekly, on Sundays

@@ -159,6 +159,9 @@ def test_service_measures_syncs_reports_and_stops_cleanly(
         assert aggregator_count(aggregator) + pending == final["stored_by_this_process"]
         kinds = {row[0] for row in sqlite3.connect(aggregator.db).execute("SELECT DISTINCT kind FROM measurements")}
         assert {"model_load", "inference"} <= kinds
+        # the service told the aggregator how long a silence to expect: max(its workload's 1 s, sync every 1 s)
+        gaps = sqlite3.connect(aggregator.db).execute("SELECT expected_gap_s FROM devices").fetchall()
+        assert gaps == [(1,)]
     finally:
         if proc.poll() is None:
             proc.kill()
