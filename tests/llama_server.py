@@ -243,13 +243,93 @@ def _extract_llama_cpp(sdist: Path, dest: Path) -> Path:
     return dest / top / "vendor" / "llama.cpp"
 
 
-class LlamaServerProcess:
+class ServedProcess:
+    """A test server on 127.0.0.1:``port`` run as a child process (``command()``): its log goes to a temporary file
+    (a pipe nobody reads could fill and block it), ``start()`` returns once ``GET /health`` answers 200 (or raises
+    with the end of the log), ``stop()`` ends it. Also a context manager."""
+
+    name = "server"  # in error messages
+    poll_s = 0.05  # how often start() asks /health
+
+    def __init__(self, port: int, *, start_timeout: float, stop_timeout: float = 10.0) -> None:
+        self.port, self.start_timeout, self.stop_timeout = port, start_timeout, stop_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def popen_options(self) -> dict[str, Any]:
+        """More ``subprocess.Popen`` arguments (environment, session)."""
+        return {}
+
+    def log_text(self) -> str:
+        """Everything the server has logged so far."""
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0)
+        data: bytes = self._log.read()
+        return data.decode(errors="replace")
+
+    def start(self) -> Any:
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 — closed by close()
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, **self.popen_options()
+        )
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise RuntimeError(f"{self.name} exited with {code} before it was ready:\n{self.log_text()[-4000:]}")
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(self.url + "/health", timeout=1) as response,
+            ):
+                if response.status == 200:
+                    return self
+            time.sleep(self.poll_s)
+        self.stop()
+        raise RuntimeError(f"{self.name} not healthy after {self.start_timeout:.0f} s:\n{self.log_text()[-4000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after ``stop_timeout``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def close(self) -> None:
+        self.stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Any:
+        return self.start() if self.proc is None else self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class LlamaServerProcess(ServedProcess):
     """``llama-server`` serving ``model`` on 127.0.0.1:``port``, set up for small deterministic tests.
 
     One slot (``-np 1``), a 512-token context, 2 threads, no web UI, a fixed seed; ``extra_args`` are appended
     (later options win). ``start()`` returns once ``GET /health`` answers 200; ``stop()`` terminates it (SIGKILL
     after ``stop_timeout``). Also a context manager.
     """
+
+    name = "llama-server"
 
     def __init__(
         self,
@@ -261,15 +341,9 @@ class LlamaServerProcess:
         start_timeout: float = 60.0,
         stop_timeout: float = 10.0,
     ) -> None:
-        self.binary, self.model, self.port = Path(binary), Path(model), port
+        super().__init__(port, start_timeout=start_timeout, stop_timeout=stop_timeout)
+        self.binary, self.model = Path(binary), Path(model)
         self.extra_args = list(extra_args)
-        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stderr: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -294,58 +368,6 @@ class LlamaServerProcess:
             "--no-warmup",
             *self.extra_args,
         ]
-
-    def stderr_text(self) -> str:
-        if self._stderr is None:
-            return ""
-        self._stderr.flush()
-        self._stderr.seek(0)
-        data: bytes = self._stderr.read()
-        return data.decode(errors="replace")
-
-    def start(self) -> LlamaServerProcess:
-        # The server's log goes to a temporary file (a pipe nobody reads could fill and block it).
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 — closed by close()
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr)
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                raise RuntimeError(
-                    f"llama-server exited with {code} before it was ready:\n{self.stderr_text()[-4000:]}"
-                )
-            with (
-                contextlib.suppress(OSError, urllib.error.URLError),
-                urllib.request.urlopen(self.url + "/health", timeout=1) as response,
-            ):
-                if response.status == 200:
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"llama-server not healthy after {self.start_timeout:.0f} s:\n{self.stderr_text()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def close(self) -> None:
-        self.stop()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
-
-    def __enter__(self) -> LlamaServerProcess:
-        return self.start() if self.proc is None else self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def post(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> Any:
         """POST ``body`` as JSON to ``path``; the decoded JSON answer (an HTTP error raises with its body)."""

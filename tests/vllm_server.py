@@ -31,17 +31,15 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from .llama_server import ServedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-vllm"
 PYTHON = VENV / "bin" / "python"
+CONVERT = Path(__file__).resolve().parent / "vllm" / "convert.py"  # run by the vLLM environment's Python
 HEAD_DIM_OK = {"n_embd": 128, "n_head": 2, "n_ff": 256}  # a tiny model vLLM's CPU attention has kernels for
 
 
@@ -55,7 +53,7 @@ def require_vllm() -> Path:
 def hf_checkpoint(gguf_path: Path, out: Path) -> Path:
     """Write the Hugging Face checkpoint of a tiny GGUF model to ``out`` (with the vLLM environment's Python)."""
     subprocess.run(
-        [str(require_vllm()), __file__, "convert", str(gguf_path), str(out)],
+        [str(require_vllm()), str(CONVERT), str(gguf_path), str(out)],
         check=True,
         capture_output=True,
         timeout=300,
@@ -63,33 +61,17 @@ def hf_checkpoint(gguf_path: Path, out: Path) -> Path:
     return out
 
 
-def _convert(gguf_path: Path, out: Path) -> None:  # runs inside .venv-vllm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    # weights read from GGUF are marked as "GGUF-quantized" and refused by save_pretrained; they are plain f32 here
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tokenizer.save_pretrained(str(out))
-    model.save_pretrained(str(out))
-
-
-class VllmServerProcess:
+class VllmServerProcess(ServedProcess):
     """vLLM's OpenAI-compatible server for ``model_dir`` on 127.0.0.1:``port`` (eager mode, float32, a 512-token
     context by default, a 1 GiB KV cache). ``start()`` returns once ``GET /health`` answers 200; ``stop()`` ends
     its process group (the API server and its engine process). Also a context manager."""
 
-    def __init__(self, model_dir: Path, port: int, *, start_timeout: float = 300.0, max_model_len: int = 512) -> None:
-        self.model_dir, self.port, self.start_timeout = Path(model_dir), port, start_timeout
-        self.max_model_len = max_model_len
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
+    name = "vLLM"
+    poll_s = 0.5
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, model_dir: Path, port: int, *, start_timeout: float = 300.0, max_model_len: int = 512) -> None:
+        super().__init__(port, start_timeout=start_timeout)
+        self.model_dir, self.max_model_len = Path(model_dir), max_model_len
 
     def command(self) -> list[str]:
         return [
@@ -115,40 +97,9 @@ class VllmServerProcess:
             "0",
         ]
 
-    def log_text(self) -> str:
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        data: bytes = self._log.read()
-        return data.decode(errors="replace")
-
-    def start(self) -> VllmServerProcess:
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 — closed by close()
+    def popen_options(self) -> dict[str, Any]:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM exited with {self.proc.returncode} before it was ready:\n{self.log_text()[-4000:]}"
-                )
-            with (
-                contextlib.suppress(OSError, urllib.error.URLError),
-                urllib.request.urlopen(self.url + "/health", timeout=1) as response,
-            ):
-                if response.status == 200:
-                    return self
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"vLLM not healthy after {self.start_timeout:.0f} s:\n{self.log_text()[-4000:]}")
+        return {"env": env, "start_new_session": True}  # its own process group: stop() ends the engine process too
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -160,22 +111,3 @@ class VllmServerProcess:
         with contextlib.suppress(ProcessLookupError):  # the engine process may outlive the API server
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
-
-    def close(self) -> None:
-        self.stop()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> VllmServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "convert":
-        _convert(Path(sys.argv[2]), Path(sys.argv[3]))
-    else:
-        sys.exit("usage: python tests/vllm_server.py convert MODEL.gguf OUTDIR   (with .venv-vllm/bin/python)")
