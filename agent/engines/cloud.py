@@ -262,8 +262,7 @@ class CloudClient:
             body["messages"] = prompt
         else:
             body["prompt"] = prompt
-        if self.settings.model:
-            body["model"] = self.settings.model
+        body.update(self._model_field())
         if stream:
             body["stream_options"] = {"include_usage": True}
         body.update(self.settings.extra)
@@ -415,13 +414,16 @@ class CloudClient:
             raise RequestError("malformed_response", f"{method} {path}: not JSON: {bytes(raw[:120])!r}") from None
         return data, len(payload), len(raw)
 
-    async def tokenize(self, text: str, add_special: bool) -> list[int]:
+    def _model_field(self) -> dict[str, str]:
+        """``{"model": …}`` when one is configured (the OpenAI-style bodies and vLLM's native ones carry it)."""
+        return {"model": self.settings.model} if self.settings.model else {}
+
+    async def tokenize(self, text: str, add_special: bool, *, api: str | None = None) -> list[int]:
         """The server's tokenization of ``text`` (``POST /tokenize``): llama-server takes ``content`` and
-        ``add_special``, vLLM ``prompt`` and ``add_special_tokens``; both answer ``tokens``."""
-        if self.token_api == "vllm":
-            body: dict[str, Any] = {"prompt": text, "add_special_tokens": add_special}
-            if self.settings.model:
-                body["model"] = self.settings.model
+        ``add_special``, vLLM ``prompt`` and ``add_special_tokens``; both answer ``tokens``. ``api``: which of the
+        two to speak (default: ``token_api``)."""
+        if (api or self.token_api) == "vllm":
+            body: dict[str, Any] = {"prompt": text, "add_special_tokens": add_special, **self._model_field()}
         else:
             body = {"content": text, "add_special": add_special}
         data, _, _ = await self._native("POST", "/tokenize", body)
@@ -429,10 +431,9 @@ class CloudClient:
 
     async def detokenize(self, ids: list[int]) -> str:
         """The server's text of ``ids`` (``POST /detokenize``: llama-server answers ``content``, vLLM ``prompt``)."""
-        key = "prompt" if self.token_api == "vllm" else "content"
-        body: dict[str, Any] = {"tokens": ids}
-        if self.token_api == "vllm" and self.settings.model:
-            body["model"] = self.settings.model
+        vllm = self.token_api == "vllm"
+        key = "prompt" if vllm else "content"
+        body: dict[str, Any] = {"tokens": ids, **(self._model_field() if vllm else {})}
         data, _, _ = await self._native("POST", "/detokenize", body)
         content = data.get(key) if isinstance(data, dict) else None
         if not isinstance(content, str):
@@ -504,9 +505,8 @@ class CloudClient:
             "max_tokens": max_tokens,
             "temperature": 0,
             "return_token_ids": True,
+            **self._model_field(),
         }
-        if self.settings.model:
-            body["model"] = self.settings.model
         if prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs
         if ignore_eos:
@@ -555,18 +555,15 @@ class CloudClient:
 
     async def _probe_vllm(self) -> tuple[bool, str]:
         root = self.root_url
-        saved, self.token_api = self.token_api, "vllm"
         try:
-            ids = await self.tokenize("Hello world", add_special=False)
+            ids = await self.tokenize("Hello world", add_special=False, api="vllm")
             if not ids:
                 raise RequestError("malformed_response", "no ids for a non-empty text")
             answer, rows = await self._vllm_completion(ids, 1, prompt_logprobs=1, ignore_eos=False)
             _top_id(rows[-1] if rows else None, frozenset())
         except RequestError as exc:
-            self.token_api = saved
             return False, f"vLLM: {exc.error_type}: {exc.message[:120]}"
         if len(answer.ids) != 1 and answer.stop_type != "eos":
-            self.token_api = saved
             return False, f"vLLM: POST {root}/v1/completions answered {len(answer.ids)} ids for max_tokens 1"
         return True, (
             f"{root} answers vLLM's /tokenize and /v1/completions with token-id prompts, prompt_logprobs and "
@@ -582,6 +579,7 @@ class CloudClient:
             return supported, why
         vllm, vllm_why = await self._probe_vllm()
         if vllm:
+            self.token_api = "vllm"
             return vllm, vllm_why
         return False, f"{why}; {vllm_why}"
 
