@@ -7,7 +7,6 @@ Routes: ``POST /api/v1/ingest`` (device token), ``GET /api/v1/health`` (open, ti
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 import json
 import logging
@@ -462,12 +461,17 @@ async def summary(request: web.Request) -> web.Response:
     return await _read(request, api.summary_response)
 
 
-def _health(settings: Settings) -> Health:
-    return Health(late_after_s=settings.late_after_s, silent_after_s=settings.silent_after_s)
-
-
-def _thresholds(health: Health) -> dict[str, float]:
-    return {"late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
+def fleet_answer(
+    settings: Settings, watch: regressions.Watch, store: Store, now: float, only: str | None = None
+) -> dict[str, Any]:
+    """What ``/api/v1/fleet``, the fleet page and a live update show (on a read thread): each device's row (or only
+    that one's) with its current regressions, and the late and silent thresholds."""
+    health = Health(late_after_s=settings.late_after_s, silent_after_s=settings.silent_after_s)
+    rows = fleet_rows(store, now, health=health, only=only)
+    flagged = watch.by_device()
+    for row in rows:
+        row["regressions"] = flagged.get(row["device_id"], [])
+    return {"devices": rows, "late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
 
 
 async def refresh_regressions(app: web.Application, *, force: bool = False) -> regressions.Watch:
@@ -487,23 +491,15 @@ async def _publish_with_row(app: web.Application, event: dict[str, Any]) -> None
     replaces that row instead of every page fetching the whole fleet on every batch. When reads are saturated
     the event goes out without the row (the page then fetches the fleet itself)."""
     runner = app[STORE]
-    health = _health(app[SETTINGS])
     try:
-        rows = await runner.read(
-            functools.partial(fleet_rows, health=health, only=event["device_id"]), runner.store, time.time()
+        answer = await runner.read(
+            fleet_answer, app[SETTINGS], app[WATCH], runner.store, time.time(), event["device_id"]
         )
-        if rows:
-            event["device"] = _with_regressions(rows, app[WATCH])[0]
+        if answer["devices"]:
+            event["device"] = answer["devices"][0]
     except (Busy, QueryTimeout) as exc:
         log.debug("live update without the device's row (%s)", exc)
     app[EVENTS].publish(event)
-
-
-def _with_regressions(rows: list[dict[str, Any]], watch: regressions.Watch) -> list[dict[str, Any]]:
-    flagged = watch.by_device()
-    for row in rows:
-        row["regressions"] = flagged.get(row["device_id"], [])
-    return rows
 
 
 @read_endpoint
@@ -515,9 +511,8 @@ async def regressions_endpoint(request: web.Request) -> web.Response:
 @read_endpoint
 async def fleet(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    health = _health(request.app[SETTINGS])
-    rows = await runner.read(functools.partial(fleet_rows, health=health), runner.store, time.time())
-    return web.json_response({"devices": _with_regressions(rows, request.app[WATCH]), **_thresholds(health)})
+    answer = await runner.read(fleet_answer, request.app[SETTINGS], request.app[WATCH], runner.store, time.time())
+    return web.json_response(answer)
 
 
 @read_endpoint
@@ -528,12 +523,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
 @read_endpoint
 async def page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    health = _health(request.app[SETTINGS])
-    watch = request.app[WATCH]
+    settings, watch = request.app[SETTINGS], request.app[WATCH]
 
     def build(store: Store, now: float) -> str:
-        rows = _with_regressions(fleet_rows(store, now, health=health), watch)
-        return with_data(FLEET_PAGE, {"devices": rows, **_thresholds(health)})
+        return with_data(FLEET_PAGE, fleet_answer(settings, watch, store, now))
 
     return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
 
