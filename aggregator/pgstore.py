@@ -303,10 +303,6 @@ class PostgresStore(Store):
         where, params = query.where()
         return self._read(f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')}", params)
 
-    def max_seq(self, device: str, kind: str) -> int:
-        rows = self._read("SELECT MAX(seq) FROM measurements WHERE device_id = %s AND kind = %s", (device, kind))
-        return int(rows[0][0] or 0)
-
     def drop_before(self, cutoff_us: int) -> int:
         """Drops every monthly partition that ends at or before ``cutoff_us`` (and those records' ids)."""
         dropped = 0

@@ -259,9 +259,6 @@ class Store(abc.ABC):
         """The given columns of every matching measurement (names from ``QUERY_COLUMNS`` or a literal)."""
 
     @abc.abstractmethod
-    def max_seq(self, device: str, kind: str) -> int: ...
-
-    @abc.abstractmethod
     def drop_before(self, cutoff_us: int) -> int:
         """Retention: remove measurements that started before ``cutoff_us``; returns how many (or partitions)."""
 
@@ -600,10 +597,6 @@ class SQLiteStore(Store):
     def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         where, params = query.where()
         return self._read(f"SELECT {', '.join(columns)} FROM measurements WHERE {where}", params)
-
-    def max_seq(self, device: str, kind: str) -> int:
-        rows = self._read("SELECT MAX(seq) FROM measurements WHERE device_id = ? AND kind = ?", (device, kind))
-        return int(rows[0][0] or 0)
 
     def drop_before(self, cutoff_us: int) -> int:
         with self._lock:
