@@ -34,12 +34,14 @@ class SpeculativeStrategy:
     difference is a re-tokenization divergence, and a request is reported ``lossless`` only when every round was
     checked and none diverged (see :func:`count_divergence`).
 
-    ``tokens`` (llama.cpp's ``llama-server``): no text crosses the network. The prompt is tokenized once, locally,
+    ``tokens`` (llama.cpp's ``llama-server``, vLLM): no text crosses the network. The prompt is tokenized once, locally,
     with the BOS the server adds to a text prompt; the committed sequence is kept as ids. Each round the draft
     continues from the committed ids (the KV cache keeps the shared prefix), the server greedily generates k + 1 ids
     from the same ids (``POST /completion`` with an id prompt and ``return_tokens``), the common prefix is accepted
-    and the server's next id committed. The committed ids are the server's own greedy ids: lossless by construction.
-    The output text is the local detokenization of the committed ids.
+    and the server's next id committed. With vLLM (``client.token_api``) one request scores the committed ids plus
+    the draft (``prompt_logprobs``): the target's greedy id at each draft position, and its next id after a fully
+    accepted draft. The committed ids are the server's own greedy ids: lossless by construction. The output text is
+    the local detokenization of the committed ids.
     """
 
     engine: LlamaEngine
