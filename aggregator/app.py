@@ -16,17 +16,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from lens_core import wire
 
-from . import __version__, api, regressions
-from .fleet import Broadcaster, Health, batch_event, fleet_rows, query_latest
+from . import __version__, api, regressions, timeline
+from .device_page import RANGES
+from .fleet import Broadcaster, batch_event, fleet_rows
+from .health import Health
 from .metrics import CONTENT_TYPE, FleetMetrics
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
-from .store import QueryTimeout, RecordRow, Store, TokenInfo
+from .store import QueryTimeout, RecordRow, Store, TokenInfo, energy_per_token
 
 log = logging.getLogger("aggregator")
 T = TypeVar("T")
@@ -47,6 +50,9 @@ class Settings:
     max_query_seconds: float = 10.0  # a read running longer is interrupted: 503
     late_after_s: float = 3600.0  # the fleet page: a device not heard from for this long is late
     silent_after_s: float = 24 * 3600.0  # … and silent
+    error_rate_warning: float = 0.1  # health: a share of failed requests that makes a device's state warning
+    error_rate_critical: float = 0.25  # … and critical
+    health_window_s: float = 24 * 3600.0  # health: backlog growth, drops and quarantine over this long
     stale_after_s: float = 24 * 3600.0  # /metrics: latest-request gauges not updated for this long are dropped
     regression_interval_s: float = 300.0  # change points are looked for at most this often
     regression_min_change: float = 0.15  # … and a smaller relative change of the median is not reported
@@ -69,9 +75,21 @@ class Settings:
             max_query_seconds=server["max_query_seconds"],
             late_after_s=config.get("fleet", "late_after"),
             silent_after_s=config.get("fleet", "silent_after"),
+            error_rate_warning=config.get("fleet", "error_rate_warning"),
+            error_rate_critical=config.get("fleet", "error_rate_critical"),
+            health_window_s=config.get("fleet", "health_window"),
             stale_after_s=config.get("fleet", "stale_after"),
             regression_interval_s=config.get("fleet", "regression_interval"),
             regression_min_change=config.get("fleet", "regression_min_change"),
+        )
+
+    def health(self) -> Health:
+        return Health(
+            late_after_s=self.late_after_s,
+            silent_after_s=self.silent_after_s,
+            error_rate_warning=self.error_rate_warning,
+            error_rate_critical=self.error_rate_critical,
+            window_s=self.health_window_s,
         )
 
     @property
@@ -174,8 +192,9 @@ _ROW_FIELDS = itemgetter(
 
 
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
+    energy = energy_per_token(record)
     try:  # every field present, as the agent writes them: one C call
-        return RecordRow._make((*_ROW_FIELDS(record), codec, body))
+        return RecordRow._make((*_ROW_FIELDS(record), energy, codec, body))
     except KeyError:
         pass
     get = record.get
@@ -195,6 +214,7 @@ def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
         get("ttft_us"),
         get("tpot_us"),
         get("e2e_us"),
+        energy,
         codec,
         body,
     )
@@ -466,11 +486,8 @@ def fleet_answer(
 ) -> dict[str, Any]:
     """What ``/api/v1/fleet``, the fleet page and a live update show (on a read thread): each device's row (or only
     that one's) with its current regressions, and the late and silent thresholds."""
-    health = Health(late_after_s=settings.late_after_s, silent_after_s=settings.silent_after_s)
-    rows = fleet_rows(store, now, health=health, only=only)
-    flagged = watch.by_device()
-    for row in rows:
-        row["regressions"] = flagged.get(row["device_id"], [])
+    health = settings.health()
+    rows = fleet_rows(store, now, health=health, only=only, regressions=watch.by_device())
     return {"devices": rows, "late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
 
 
@@ -531,29 +548,106 @@ async def page(request: web.Request) -> web.Response:
     return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
 
 
-DEVICE_PAGE_FIELDS = ("id", "ok", "started_at", "ttft_ms", "tpot_ms", "model_name")
+def device_answer(
+    settings: Settings,
+    watch: regressions.Watch,
+    store: Store,
+    now: float,
+    device: str,
+    params: dict[str, Any],
+    other: str | None = None,
+) -> dict[str, Any] | None:
+    """What the device page shows first (on a read thread): the device's fleet row (health, facts, series), its
+    downsampled timeline (``params``: of :func:`aggregator.timeline.timeline`), the ``other`` device's over the
+    same buckets when one is compared, and its latest batches; None for a device that never sent a batch."""
+    rows = fleet_rows(store, now, health=settings.health(), only=device, regressions=watch.by_device())
+    if not rows:
+        return None
+    recent = store.syncs(device, limit=10)
+    mine = timeline.timeline(store, device, **params)
+    compare = None
+    if other and store.device(other) is not None:  # the other device over the same buckets
+        compare = timeline.timeline(
+            store, other, since_us=mine["since_us"], until_us=mine["until_us"], width_s=mine["width_s"]
+        )
+    return {
+        "device": rows[0],
+        "timeline": mine,
+        "compare": compare,
+        "recent_syncs": [sync._asdict() for sync in reversed(recent)],
+    }
+
+
+def _device_id(request: web.Request) -> str:
+    device = request.match_info["device_id"]
+    if len(device) > api.MAX_FILTER_CHARS or "\x00" in device:
+        raise api.BadParameter("device", device[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+    return device
 
 
 @read_endpoint
 async def device_page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
+    settings, watch = request.app[SETTINGS], request.app[WATCH]
 
-    def build(store: Store, device: str) -> str | None:
-        if not any(d["device_id"] == device for d in store.devices()):
-            return None
-        latest = query_latest(store, device, 1000)  # the newest 1000, oldest first
-        shown = [{key: m.get(key) for key in DEVICE_PAGE_FIELDS} for m in latest]  # what the charts draw
-        return with_data(DEVICE_PAGE, {"measurements": shown})
+    def build(store: Store, device: str, params: dict[str, Any], other: str | None) -> str | None:
+        answer = device_answer(settings, watch, store, time.time(), device, params, other)
+        return None if answer is None else with_data(DEVICE_PAGE, answer)
 
-    device = request.match_info["device_id"]
-    if len(device) > api.MAX_FILTER_CHARS or "\x00" in device:
-        return _error(
-            400, f"a device id has at most {api.MAX_FILTER_CHARS} characters, without NUL", parameter="device"
-        )
-    text = await runner.read(build, runner.store, device)
+    query = request.rel_url.query
+    try:
+        device = _device_id(request)
+        range_name = query.get("range", "7d")
+        if range_name not in RANGES:
+            raise api.BadParameter("range", range_name[:40], "one of " + ", ".join(RANGES))
+        other = query.get("compare") or None
+        if other is not None and (len(other) > api.MAX_FILTER_CHARS or "\x00" in other):
+            raise api.BadParameter("compare", other[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+    except api.BadParameter as exc:
+        return _error(400, str(exc), parameter=exc.name)
+    text = await runner.read(build, runner.store, device, {"range_s": RANGES[range_name]}, other)
     if text is None:
         return web.Response(text=not_found(device), status=404, content_type="text/html")
     return web.Response(text=text, content_type="text/html")
+
+
+@read_endpoint
+async def device_timeline(request: web.Request) -> web.Response:
+    """``GET /api/v1/devices/{device}/timeline``: the device's history in at most ``points`` buckets
+    (:mod:`aggregator.timeline`); 404 for a device that never sent a batch."""
+    runner = request.app[STORE]
+
+    def build(store: Store, device: str, params: dict[str, Any]) -> dict[str, Any] | None:
+        if store.device(device) is None:
+            return None
+        return timeline.timeline(store, device, **params)
+
+    try:
+        device = _device_id(request)
+        params = timeline.parse_params(request.rel_url.query)
+        answer = await runner.read(build, runner.store, device, params)
+    except api.BadParameter as exc:
+        return _error(400, str(exc), parameter=exc.name)
+    if answer is None:
+        return _error(404, f"no device {device!r} has sent measurements to this aggregator")
+    return web.json_response(answer)
+
+
+STATIC = Path(__file__).with_name("static")
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
+
+
+async def static_file(request: web.Request) -> web.Response:
+    """The page's vendored assets (uPlot): served from the package, never a CDN; cached for a day."""
+    name = request.match_info["name"]
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or path.suffix not in STATIC_TYPES or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.Response(
+        body=path.read_bytes(),
+        content_type=STATIC_TYPES[path.suffix],
+        headers={"Cache-Control": "public, max-age=86400"},
+    )
 
 
 @read_endpoint
@@ -601,6 +695,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app.router.add_post("/login", login)
     app.router.add_get("/logout", logout)
     app.router.add_get("/device/{device_id}", device_page)
+    app.router.add_get("/api/v1/devices/{device_id}/timeline", device_timeline)
+    app.router.add_get("/static/{name}", static_file)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         for device in await runner.call(store.devices):  # device gauges survive a restart of the aggregator

@@ -58,6 +58,13 @@ SCHEMA: Schema = {
             "a device not heard from for this long is late (4 syncs of the default 15 min)",
         ),
         "silent_after": KeySpec(parse_duration, const(24 * 3600.0), "… and silent after this long"),
+        "error_rate_warning": KeySpec(
+            number_range(0.0, 1.0), const(0.1), "a device whose latest requests fail this often is in warning"
+        ),
+        "error_rate_critical": KeySpec(number_range(0.0, 1.0), const(0.25), "… and critical"),
+        "health_window": KeySpec(
+            parse_duration, const(24 * 3600.0), "backlog growth, drops and quarantine are judged over this long"
+        ),
         "stale_after": KeySpec(
             parse_duration,
             const(24 * 3600.0),

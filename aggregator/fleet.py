@@ -8,30 +8,13 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from .rows import decode_measurement, decode_wire
+from .health import FACTS_KIND, Health, facts_from_record
+from .rows import decode_wire
 from .store import NULL_NAME, Query, Store
-
-
-@dataclass(frozen=True)
-class Health:
-    """When a device counts as late and as silent (``[fleet] late_after``, ``silent_after``)."""
-
-    late_after_s: float = 3600.0
-    silent_after_s: float = 24 * 3600.0
-
-    def late_after(self, expected_gap_s: float | None) -> float:
-        """When a device is late: two of the gaps it said to expect between its batches, plus a minute (a batch
-        missed, and slack for retries), when it said; otherwise ``late_after``."""
-        return 2 * expected_gap_s + 60.0 if expected_gap_s else self.late_after_s
-
-    def sync(self, age_s: float, expected_gap_s: float | None = None) -> str:
-        late = self.late_after(expected_gap_s)
-        return "ok" if age_s < late else "late" if age_s < max(late, self.silent_after_s) else "silent"
 
 
 def fleet_rows(
@@ -41,6 +24,7 @@ def fleet_rows(
     *,
     health: Health | None = None,
     only: str | None = None,
+    regressions: dict[str, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Each device with its last-seen age, sync health, error rate and its figures per series (model × strategy),
     each series' from *its own* latest ``recent`` requests — whatever other devices or series sent in between.
@@ -48,16 +32,23 @@ def fleet_rows(
     The top-level ``model``, ``strategy``, ``ttft_p95_ms`` and ``tokens_per_second`` are those of the series of the
     device's latest request; ``by_strategy`` holds that model's series by strategy (a speculative request's TTFT is
     not a local one's). Percentiles are exact (over the requests themselves, not histogram buckets). ``only``: the
-    row of that one device (what a live update carries)."""
+    row of that one device (what a live update carries).
+
+    ``health`` is one state (ok, warning, critical) with its reasons (:mod:`aggregator.health`), from recency,
+    errors, the device's batches over the health window (backlog, drops, quarantine), its latest facts
+    (throttling) and its ``regressions`` (the fleet page's lines, by device)."""
     health = health or Health()
     series: dict[str, list[dict[str, Any]]] = {}
     for entry in store.series(only):
         if entry["kind"] == "inference":
             series.setdefault(entry["device_id"], []).append(entry)
     rows = []
-    for device in store.devices():
-        if only is not None and device["device_id"] != only:
-            continue
+    if only is None:
+        devices = store.devices()
+    else:
+        one = store.device(only)
+        devices = [one] if one is not None else []
+    for device in devices:
         device_id = device["device_id"]
         # (model_name, strategy, ok) of the device's latest requests, of any series: no record bodies
         window = store.latest_columns(
@@ -69,32 +60,42 @@ def fleet_rows(
         mine = next((f for f in figures if (f["model_name"], f["strategy"]) == (current_model, current_strategy)), None)
         errors = sum(1 for r in window if not r[2])
         age = now - device["last_seen_us"] / 1e6
-        rows.append(
-            {
-                "device_id": device_id,
-                "last_seen_us": device["last_seen_us"],
-                "last_seen_age_s": round(age, 1),
-                "sync_health": health.sync(age, device.get("expected_gap_s")),
-                "expected_gap_s": device.get("expected_gap_s"),
-                "late_after_s": health.late_after(device.get("expected_gap_s")),
-                "model": current_model,
-                "strategy": (current_strategy or "local") if window else None,
-                "ttft_p95_ms": mine["ttft_p95_ms"] if mine else None,
-                "tokens_per_second": mine["tokens_per_second"] if mine else None,
-                "by_strategy": {
-                    (f["strategy"] or "local"): f for f in figures if f["model_name"] == current_model and f["requests"]
-                },
-                "series": figures,
-                "requests": len(window),
-                "errors": errors,
-                "error_rate": errors / len(window) if window else None,
-                "j_per_output_token": mine["j_per_output_token"] if mine else None,
-                "backlog": device.get("backlog"),
-                "dropped_total": device["dropped_total"],
-                "quarantined_total": device.get("quarantined_total"),
-                "records": device["records"],
-            }
-        )
+        latest_facts = store.latest(Query(device=device_id, kind=FACTS_KIND), 1)
+        facts = facts_from_record(decode_wire(latest_facts[0])) if latest_facts else None
+        syncs = store.syncs(device_id, since_us=int((now - health.window_s) * 1e6), limit=500)
+        row = {
+            "device_id": device_id,
+            "last_seen_us": device["last_seen_us"],
+            "last_seen_age_s": round(age, 1),
+            "sync_health": health.sync(age, device.get("expected_gap_s")),
+            "expected_gap_s": device.get("expected_gap_s"),
+            "late_after_s": health.late_after(device.get("expected_gap_s")),
+            "model": current_model,
+            "strategy": (current_strategy or "local") if window else None,
+            "ttft_p95_ms": mine["ttft_p95_ms"] if mine else None,
+            "tokens_per_second": mine["tokens_per_second"] if mine else None,
+            "by_strategy": {
+                (f["strategy"] or "local"): f for f in figures if f["model_name"] == current_model and f["requests"]
+            },
+            "series": figures,
+            "requests": len(window),
+            "errors": errors,
+            "error_rate": errors / len(window) if window else None,
+            "j_per_output_token": mine["j_per_output_token"] if mine else None,
+            "backlog": device.get("backlog"),
+            "dropped_total": device["dropped_total"],
+            "quarantined_total": device.get("quarantined_total"),
+            "records": device["records"],
+            "device_class": facts["device_class"] if facts else None,
+            "power_mode": facts["power_mode"] if facts else None,
+            "temperature_max_c": facts["temperature_max_c"] if facts else None,
+            "thermal_throttling": facts["thermal_throttling"] if facts else [],
+            "facts": facts,
+        }
+        flagged = (regressions or {}).get(device_id, [])
+        row["regressions"] = flagged
+        row["health"], row["health_reasons"] = health.assess(row, syncs, facts, flagged)
+        rows.append(row)
     return rows
 
 
@@ -102,11 +103,14 @@ def _name(value: str | None) -> str | None:
     return None if value in (None, NULL_NAME) else value
 
 
+_FIGURE_COLUMNS = ("ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "j_per_token")
+
+
 def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[str, Any]:
     """One series' figures over its latest ``recent`` requests: exact TTFT/TPOT percentiles and tok/s of the
     successful ones, the error rate of all, J/token where the records carry energy."""
     query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
-    latest = store.latest(query, recent)
+    latest = [dict(zip(_FIGURE_COLUMNS, r, strict=True)) for r in store.latest_columns(query, _FIGURE_COLUMNS, recent)]
     ok = [r for r in latest if r["ok"]]
     ttfts = sorted(r["ttft_us"] / 1000 for r in ok if _finite(r.get("ttft_us")))
     tpots = sorted(r["tpot_us"] / 1000 for r in ok if _finite(r.get("tpot_us")))
@@ -115,13 +119,7 @@ def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[st
         for r in ok
         if _finite(r.get("e2e_us")) and r["e2e_us"] > 0 and _finite(r.get("output_tokens")) and r["output_tokens"]
     ]
-    joules = []
-    for row in ok:
-        record = decode_wire(row)  # the wire map: ext as sent, without converting every other field
-        ext = record.get("ext") if record is not None else None
-        energy = ext.get("energy") if isinstance(ext, dict) else None
-        if isinstance(energy, dict) and _finite(energy.get("j_per_output_token")):
-            joules.append(float(energy["j_per_output_token"]))
+    joules = [r["j_per_token"] for r in ok if _finite(r.get("j_per_token"))]  # a column: no body decoded
     errors = len(latest) - len(ok)
     return {
         "model_name": _name(entry["model_name"]),
@@ -152,14 +150,6 @@ def _quantile(values: list[float], q: int) -> float | None:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
-def query_latest(store: Store, device: str, limit: int, *, gaps: bool = False) -> list[dict[str, Any]]:
-    """The device's latest ``limit`` inference records, decoded (without their inter-token gaps unless ``gaps``),
-    oldest first; rows that do not decode are skipped and counted (see :mod:`aggregator.rows`)."""
-    rows = store.latest(Query(device=device, kind="inference"), limit)
-    decoded = (decode_measurement(r, gaps=gaps) for r in rows)
-    return [record for record in decoded if record is not None]
 
 
 class Broadcaster:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+from . import device_page
+
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1b1f24; background: #fafbfc; }
 h1 { font-size: 20px; margin: 0 0 4px; } .sub { color: #57606a; margin-bottom: 16px; }
 table { border-collapse: collapse; width: 100%; background: #fff; }
 th, td { padding: 6px 10px; border-bottom: 1px solid #d0d7de; text-align: right; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th:first-child, td:first-child, td.text { text-align: left; } td:first-child { white-space: nowrap; }
 th { background: #f0f3f6; font-weight: 600; }
-.ok { color: #1a7f37; } .late { color: #9a6700; } .silent { color: #cf222e; }
+.ok { color: #1a7f37; } .late, .warning { color: #9a6700; } .silent, .critical { color: #cf222e; }
+td.health { text-align: left; } td.health small { display: block; color: #57606a; font-weight: normal; max-width: 340px; }
 .flash { animation: flash 1.5s; } @keyframes flash { from { background: #fff8c5; } to { background: #fff; } }
 svg { background: #fff; border: 1px solid #d0d7de; } .axis { stroke: #8c959f; } .line { fill: none; stroke-width: 1.5; }
 a { color: #0969da; text-decoration: none; }
@@ -34,10 +37,12 @@ model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-l
 <div class="hint" id="empty" hidden>No device has sent measurements yet. Give each device a token:
 <code>lens-aggregator token add DEVICE_ID --url URL-OF-THIS-AGGREGATOR</code> prints it with the settings to put in
 the device's <code>agent.toml</code>; its records appear here after its next sync (<code>lens-agent sync</code>).</div>
-<div class="tools"><label>filter <input id="filter" type="search" placeholder="device, model or strategy"></label>
+<div class="tools"><label>filter <input id="filter" type="search" placeholder="device, model, strategy, class"></label>
+<label>class <select id="class"><option value="">all</option></select></label>
+<label>health <select id="health"><option value="">all</option><option>critical</option><option>warning</option><option>ok</option></select></label>
 <span class="sub">click a column to sort; the address keeps the view (<code>?sort=error_rate&amp;desc=1&amp;filter=orin</code>)</span></div>
 <div class="scroll"><table id="devices"><thead><tr>
-<th data-key="device_id">device</th><th data-key="last_seen_age_s">last seen</th><th data-key="model" style="text-align:left">model</th>
+<th data-key="device_id">device</th><th data-key="health_rank" style="text-align:left">health</th><th data-key="device_class" style="text-align:left">class</th><th data-key="last_seen_age_s">last seen</th><th data-key="model" style="text-align:left">model</th>
 <th data-key="ttft_p95_ms">TTFT p95 (ms)</th><th data-key="tokens_per_second">tok/s</th><th data-key="j_per_output_token">J/token</th>
 <th data-key="error_rate">errors</th><th data-key="backlog">backlog</th><th data-key="dropped_total">dropped</th>
 <th data-key="records">records</th><th data-key="sync_health">sync</th></tr></thead><tbody></tbody></table></div>
@@ -58,10 +63,11 @@ let lastDevices = [];
 function shown(devices) {{
   const filter = (view.get("filter") || "").toLowerCase();
   const key = view.get("sort"), desc = view.get("desc") === "1";
-  const text = d => [d.device_id, d.model, d.strategy, ...(d.series || []).map(s => s.model_name + " " + s.strategy)].join(" ").toLowerCase();
-  const rows = filter ? devices.filter(d => text(d).includes(filter)) : devices.slice();
+  const cls = view.get("class") || "", state = view.get("health") || "";
+  const text = d => [d.device_id, d.model, d.strategy, d.device_class, d.power_mode, ...(d.series || []).map(s => s.model_name + " " + s.strategy)].join(" ").toLowerCase();
+  const rows = devices.filter(d => (!filter || text(d).includes(filter)) && (!cls || d.device_class === cls) && (!state || d.health === state));
   if (key) {{
-    const value = d => d[key];
+    const value = d => key === "health_rank" ? ["ok", "warning", "critical"].indexOf(d.health) : d[key];
     rows.sort((a, b) => {{
       const x = value(a), y = value(b);
       if (x === y) return 0;
@@ -85,8 +91,20 @@ document.querySelectorAll("#devices th").forEach(th => th.addEventListener("clic
 const filterBox = document.getElementById("filter");
 filterBox.value = view.get("filter") || "";
 filterBox.addEventListener("input", () => setView("filter", filterBox.value));
+for (const name of ["class", "health"]) {{
+  const box = document.getElementById(name);
+  box.addEventListener("change", () => setView(name, box.value));
+}}
+function classes(devices) {{  // the class filter offers the classes the fleet has
+  const box = document.getElementById("class"), have = new Set([...box.options].map(o => o.value));
+  for (const c of [...new Set(devices.map(d => d.device_class).filter(Boolean))].sort())
+    if (!have.has(c)) {{ const o = document.createElement("option"); o.value = o.textContent = c; box.appendChild(o); }}
+  box.value = view.get("class") || "";
+  document.getElementById("health").value = view.get("health") || "";
+}}
 function render(devices) {{
   lastDevices = devices;
+  classes(devices);
   const body = document.querySelector("#devices tbody");
   body.replaceChildren();
   for (const d of shown(devices)) {{
@@ -103,7 +121,10 @@ function render(devices) {{
       if (parts.length < 2) return fmt(d[key], digits);
       return parts.map(([s, f]) => fmt(f[key], digits) + " " + s).join(" · ");
     }};
-    tr.append(name, cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
+    const health = cell(d.health, "health " + d.health);
+    for (const reason of d.health_reasons || []) {{ const small = document.createElement("small"); small.textContent = reason; health.appendChild(small); }}
+    const facts = [d.device_class, d.power_mode, d.temperature_max_c === null || d.temperature_max_c === undefined ? null : d.temperature_max_c.toFixed(0) + " °C"];
+    tr.append(name, health, cell(facts.filter(Boolean).join(" · ") || "–", "text"), cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
       cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)),
       cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), cell(d.backlog ?? "–"),
       cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
@@ -115,8 +136,10 @@ function render(devices) {{
   list.replaceChildren(...flagged.map(line => {{ const li = document.createElement("li"); li.textContent = line; return li; }}));
   document.getElementById("regressions").hidden = flagged.length === 0;
   const late = devices.filter(d => d.sync_health !== "ok").length;
+  const count = s => devices.filter(d => d.health === s).length;
   document.getElementById("summary").textContent =
-    devices.length + (devices.length === 1 ? " device, " : " devices, ") + late + " not seen in the last " + span(lateAfter) + " — updated " + new Date().toLocaleTimeString();
+    devices.length + (devices.length === 1 ? " device, " : " devices, ") + count("critical") + " critical, " + count("warning") + " warning; " +
+    late + " not seen in the last " + span(lateAfter) + " — updated " + new Date().toLocaleTimeString();
 }}
 async function refresh() {{
   const response = await fetch("api/v1/fleet");
@@ -170,57 +193,7 @@ LOGIN_PAGE = f"""<!doctype html>
 </body></html>
 """
 
-DEVICE_PAGE = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1"><title>LLM-Latency-Lens device</title>
-<style>{_STYLE}</style></head>
-<body>
-<a href="../">← fleet</a>
-<h1 id="title">device</h1>
-<div class="sub" id="summary">loading…</div>
-<h2>Time to first token (ms)</h2><svg id="ttft" width="900" height="220"></svg>
-<h2>Time per output token (ms)</h2><svg id="tpot" width="900" height="220"></svg>
-<script>
-"use strict";
-const device = decodeURIComponent(location.pathname.split("/").pop());
-document.getElementById("title").textContent = device;
-function chart(svg, points, color) {{
-  const ns = "http://www.w3.org/2000/svg", w = 900, h = 220, pad = 40;
-  svg.replaceChildren();
-  if (points.length < 2) {{ const t = document.createElementNS(ns, "text"); t.setAttribute("x", 20); t.setAttribute("y", 30);
-    t.textContent = "not enough data yet"; svg.appendChild(t); return; }}
-  const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs), y1 = Math.max(...ys) * 1.1 || 1;
-  const X = x => pad + (x - x0) / ((x1 - x0) || 1) * (w - 2 * pad), Y = y => h - pad - y / y1 * (h - 2 * pad);
-  for (const [a, b, c, d] of [[pad, h - pad, w - pad, h - pad], [pad, pad, pad, h - pad]]) {{
-    const l = document.createElementNS(ns, "line"); l.setAttribute("x1", a); l.setAttribute("y1", b);
-    l.setAttribute("x2", c); l.setAttribute("y2", d); l.setAttribute("class", "axis"); svg.appendChild(l); }}
-  const label = document.createElementNS(ns, "text"); label.setAttribute("x", 4); label.setAttribute("y", pad);
-  label.textContent = y1.toFixed(1); svg.appendChild(label);
-  const path = document.createElementNS(ns, "polyline"); path.setAttribute("class", "line");
-  path.setAttribute("stroke", color); path.setAttribute("points", points.map(p => X(p[0]) + "," + Y(p[1])).join(" "));
-  svg.appendChild(path);
-}}
-function draw(measurements) {{
-  const rows = measurements.filter(m => m.ok);
-  const t = m => Date.parse(m.started_at);
-  chart(document.getElementById("ttft"), rows.filter(m => m.ttft_ms !== null).map(m => [t(m), m.ttft_ms]), "#0969da");
-  chart(document.getElementById("tpot"), rows.filter(m => m.tpot_ms !== null).map(m => [t(m), m.tpot_ms]), "#8250df");
-  document.getElementById("summary").textContent = rows.length + " successful requests (latest 1000 received)";
-}}
-async function refresh() {{
-  const response = await fetch("../api/v1/measurements?kind=inference&order=newest&limit=1000&device=" + encodeURIComponent(device));
-  if (!response.ok) {{ document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }}
-  draw((await response.json()).measurements.reverse());  // the newest 1000, drawn oldest to newest
-}}
-const initial = /*INITIAL*/null;
-if (initial) draw(initial.measurements); else refresh();
-new EventSource("../api/v1/stream").addEventListener("batch", (e) => {{
-  if (JSON.parse(e.data).device_id === device) refresh();
-}});
-</script>
-</body></html>
-"""
+DEVICE_PAGE = device_page.DEVICE_PAGE.replace("/*STYLE*/", _STYLE).replace("/*SCRIPT*/", device_page._SCRIPT)
 
 
 def with_data(page: str, data: object) -> str:

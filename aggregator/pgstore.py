@@ -19,23 +19,28 @@ from lens_core.record_schema import MAX_FUTURE_US, MIN_STARTED_US
 
 from .store import (
     DEVICE_COLUMNS,
+    INSERT_COLUMNS,
     NULL_NAME,
     QUERY_COLUMNS,
     SERIES_COLUMNS,
+    SYNC_COLUMNS,
     IngestResult,
     Query,
     QueryTimeout,
     RecordRow,
     Store,
+    SyncRow,
     TokenInfo,
+    backfill_energy,
     device_row,
     hash_token,
     is_token_id,
     new_token,
     series_counts,
+    sync_row,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Series (device × kind × model × strategy) kept at ingest, and indexes that read a device's or a series' latest
 # records without scanning the others' (see store._migrate_v2). %s: NULL_NAME, for a missing model or strategy.
@@ -84,10 +89,20 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 
-_COPY = (
-    "COPY measurements (id, device_id, run_id, kind, started_us, ok, strategy, model_name, engine, error_type, "
-    "input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, codec, body, received_us, batch_id) FROM STDIN"
-)
+# Energy per output token as a column (backfilled from the bodies in Python: see store.backfill_energy) and one
+# row per batch in ``syncs`` (see store._migrate_v4).
+_MIGRATION_V4 = """
+ALTER TABLE measurements ADD COLUMN IF NOT EXISTS j_per_token double precision;
+CREATE TABLE IF NOT EXISTS syncs (
+    device_id text NOT NULL, received_us bigint NOT NULL, batch_id text NOT NULL,
+    records integer NOT NULL, accepted integer NOT NULL,
+    backlog bigint, dropped_total bigint, quarantined_total bigint
+);
+CREATE INDEX IF NOT EXISTS syncs_device_time ON syncs (device_id, received_us);
+"""
+
+_COPY = f"COPY measurements ({', '.join(INSERT_COLUMNS)}) FROM STDIN"
+_INSERT_SYNC = f"INSERT INTO syncs ({', '.join(SYNC_COLUMNS)}) VALUES ({', '.join('%s' for _ in SYNC_COLUMNS)})"
 
 
 def _month_bounds(us: int) -> tuple[int, int, str]:
@@ -136,6 +151,14 @@ class PostgresStore(Store):
                         cur.execute(statement, {"null": NULL_NAME} if "%(null)s" in statement else None)
             if version < 3:
                 cur.execute("ALTER TABLE devices ADD COLUMN IF NOT EXISTS expected_gap_s bigint")
+            if version < 4:
+                for statement in _MIGRATION_V4.split(";"):
+                    if statement.strip():
+                        cur.execute(statement)
+                cur.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference' AND ok")
+                cur.executemany(
+                    "UPDATE measurements SET j_per_token = %s WHERE seq = %s", backfill_energy(cur.fetchall())
+                )
             if version < SCHEMA_VERSION:
                 cur.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
@@ -235,6 +258,7 @@ class PostgresStore(Store):
                            expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
+                cur.execute(_INSERT_SYNC, sync_row(device_id, batch_id, counters, len(rows), accepted, received_us))
         return IngestResult(accepted=accepted, duplicates=duplicates, new=tuple(new))
 
     # -- reads -------------------------------------------------------------------------------------------
@@ -258,6 +282,10 @@ class PostgresStore(Store):
     def devices(self) -> list[dict[str, Any]]:
         rows = self._read(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices ORDER BY device_id")
         return [dict(zip(DEVICE_COLUMNS, row, strict=True)) for row in rows]
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        rows = self._read(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices WHERE device_id = %s", (device_id,))
+        return dict(zip(DEVICE_COLUMNS, rows[0], strict=True)) if rows else None
 
     def record_count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM measurements")[0][0])
@@ -303,6 +331,17 @@ class PostgresStore(Store):
         where, params = query.where()
         return self._read(f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')}", params)
 
+    def syncs(self, device: str, *, since_us: int | None = None, limit: int = 1000) -> list[SyncRow]:
+        params: list[Any] = [device]
+        where = "device_id = %s"
+        if since_us is not None:
+            where, params = f"{where} AND received_us >= %s", [device, since_us]
+        rows = self._read(
+            f"SELECT {', '.join(SYNC_COLUMNS)} FROM syncs WHERE {where} ORDER BY received_us DESC LIMIT %s",
+            [*params, limit],
+        )
+        return [SyncRow(*row) for row in reversed(rows)]
+
     def drop_before(self, cutoff_us: int) -> int:
         """Drops every monthly partition that ends at or before ``cutoff_us`` (and those records' ids)."""
         dropped = 0
@@ -323,6 +362,7 @@ class PostgresStore(Store):
                     dropped += 1
             cur.execute("DELETE FROM measurements_default WHERE started_us < %s", (cutoff_us,))
             cur.execute("DELETE FROM record_ids WHERE started_us < %s", (cutoff_us,))
+            cur.execute("DELETE FROM syncs WHERE received_us < %s", (cutoff_us,))
         return dropped
 
     # -- tokens ------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Regressions found for the user: one change point per device × model × strategy series and metric.
 
 For each series the aggregator takes its latest ``window`` successful requests in the order they were received and
-asks, for TTFT, TPOT and tokens per second: is there a point before which the values are drawn from one distribution
-and after which from another, and is the change large enough to matter?
+asks, for TTFT, TPOT, tokens per second and energy per output token (where the device measures power): is there
+a point before which the values are drawn from one distribution and after which from another, and is the change
+large enough to matter?
 
 The test is Pettitt's (1979) non-parametric change-point test: for every split ``k`` the Mann–Whitney statistic of
 "before" against "after", ``U_k = 2·W_k − k(n + 1)`` with ``W_k`` the rank sum of the first ``k`` values (ties get
@@ -19,7 +20,7 @@ absolute deviations; see :func:`_locate`). It is reported when
 This is the single-change case of the E-divisive family that Apache Otava and MongoDB's signal processing use,
 with a rank statistic instead of energy distances: simpler, exact enough for "did this series get slower, and since
 when", and cheap enough to run over a whole fleet every few minutes. A regression is a change in the bad direction
-(TTFT or TPOT up, tokens per second down); a change in the good direction is reported as an improvement.
+(TTFT, TPOT or J/token up, tokens per second down); a change in the good direction is reported as an improvement.
 """
 
 from __future__ import annotations
@@ -35,16 +36,16 @@ import numpy as np
 from .store import NULL_NAME, Query, Store
 
 # metric → (how to read it from a stored row, True when higher is worse)
-METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second")
-HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False}
+METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
+HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False, "j_per_token": True}
 
 
 @dataclass(frozen=True)
 class Settings:
     window: int = 400  # latest successful requests of a series examined
     min_segment: int = 20  # requests on each side of a change, at least
-    # false-alarm bound per series and metric: a fleet of 200 devices × 3 series × 3 metrics is ~1,800 tests per
-    # search, so about 0.02 false alarms per search across the whole fleet at most
+    # false-alarm bound per series and metric: a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per
+    # search, so about 0.024 false alarms per search across the whole fleet at most
     alpha: float = 1e-5
     min_change: float = 0.15  # relative change of the median that counts
 
@@ -112,6 +113,8 @@ def _locate(x: np.ndarray, m: int) -> int:
 
 
 def _metric(row: dict[str, Any], metric: str) -> float | None:
+    if metric == "j_per_token":  # energy per output token, where the device measures power
+        return _number(row["j_per_token"])
     if metric in ("ttft_ms", "tpot_ms"):
         value = _number(row["ttft_us" if metric == "ttft_ms" else "tpot_us"])
         return value / 1000 if value is not None else None
@@ -218,8 +221,18 @@ class Watch:
         return out
 
 
-_LABELS = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "tokens_per_second": "tok/s"}
-_COLUMNS = ("started_us", "ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "engine", "received_us")
+_LABELS = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "tokens_per_second": "tok/s", "j_per_token": "J/token"}
+_COLUMNS = (
+    "started_us",
+    "ok",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "output_tokens",
+    "engine",
+    "received_us",
+    "j_per_token",
+)
 
 
 def describe(found: dict[str, Any]) -> str:

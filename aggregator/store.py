@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import math
 import secrets
 import sqlite3
 import threading
@@ -26,7 +27,7 @@ import sqlite_utils
 from lens_core.record_schema import MAX_NAME_CHARS
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TOKEN_PREFIX = "lens_"
 
 
@@ -48,8 +49,53 @@ class RecordRow(NamedTuple):
     ttft_us: int | None
     tpot_us: int | None
     e2e_us: int | None
+    j_per_token: float | None  # joules per output token, from the record's ext.energy (see energy_per_token)
     codec: str
     body: bytes
+
+
+MAX_J_PER_TOKEN = 1e6  # beyond any device: a larger figure is a broken sensor, kept in the body but not as a column
+
+
+def energy_per_token(record: dict[str, Any]) -> float | None:
+    """``ext.energy.j_per_output_token`` of a decoded record when it is a finite number from 0 to
+    :data:`MAX_J_PER_TOKEN`, else None: the value the fleet's J/token figures and the change-point search read from
+    a column instead of decoding every record's body."""
+    ext = record.get("ext")
+    energy = ext.get("energy") if type(ext) is dict else None
+    value: Any = energy.get("j_per_output_token") if type(energy) is dict else None
+    if type(value) in (int, float) and math.isfinite(value) and 0 <= value <= MAX_J_PER_TOKEN:
+        return float(value)
+    return None
+
+
+class SyncRow(NamedTuple):
+    """One batch as the device reported it: what the device page's sync history and backlog chart draw."""
+
+    device_id: str
+    received_us: int
+    batch_id: str
+    records: int
+    accepted: int
+    backlog: int | None
+    dropped_total: int | None
+    quarantined_total: int | None
+
+
+def sync_row(
+    device_id: str, batch_id: str, counters: dict[str, int], records: int, accepted: int, received_us: int
+) -> tuple[Any, ...]:
+    """The values of a batch's row in ``syncs`` (column order of ``SYNC_COLUMNS``)."""
+    return (
+        device_id,
+        received_us,
+        batch_id,
+        records,
+        accepted,
+        counters.get("pending_records"),
+        counters.get("dropped_total"),
+        counters.get("quarantined_total"),
+    )
 
 
 @dataclass(frozen=True)
@@ -188,8 +234,19 @@ QUERY_COLUMNS = (
     "ttft_us",
     "tpot_us",
     "e2e_us",
+    "j_per_token",
     "codec",
     "body",
+)
+SYNC_COLUMNS = (
+    "device_id",
+    "received_us",
+    "batch_id",
+    "records",
+    "accepted",
+    "backlog",
+    "dropped_total",
+    "quarantined_total",
 )
 
 
@@ -209,6 +266,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def devices(self) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        """One device's row (``DEVICE_COLUMNS``), or None when it never sent a batch."""
 
     @abc.abstractmethod
     def record_count(self) -> int: ...
@@ -257,6 +318,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def columns(self, query: Query, columns: Sequence[str]) -> list[tuple[Any, ...]]:
         """The given columns of every matching measurement (names from ``QUERY_COLUMNS`` or a literal)."""
+
+    @abc.abstractmethod
+    def syncs(self, device: str, *, since_us: int | None = None, limit: int = 1000) -> list[SyncRow]:
+        """The device's latest ``limit`` batches (received at or after ``since_us``), oldest first."""
 
     @abc.abstractmethod
     def drop_before(self, cutoff_us: int) -> int:
@@ -342,7 +407,46 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE devices ADD COLUMN expected_gap_s INTEGER")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}
+def backfill_energy(rows: Sequence[tuple[Any, ...]]) -> list[tuple[float, Any]]:
+    """(J/token, seq) for each stored (seq, codec, body) whose record carries energy: the schema-4 backfill of the
+    ``j_per_token`` column, shared by both stores. A body that does not decode is left as it is (NULL)."""
+    from lens_core import wire
+
+    out = []
+    for seq, codec, body in rows:
+        try:
+            record = wire.loads(bytes(body), codec)
+        except Exception:  # a damaged row stays NULL here; the reads skip and count it as before
+            continue
+        value = energy_per_token(record) if type(record) is dict else None
+        if value is not None:
+            out.append((value, seq))
+    return out
+
+
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    """Energy per output token as a column (the fleet's J/token and its change points read no bodies), backfilled
+    from the stored records; and ``syncs``, one row per batch (its records, the device's backlog, drops and
+    quarantine as it reported them): the sync history, backlog growth and the device page's backlog chart."""
+    db.execute("ALTER TABLE measurements ADD COLUMN j_per_token REAL")
+    rows = db.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference' AND ok").fetchall()
+    db.conn.executemany("UPDATE measurements SET j_per_token = ? WHERE seq = ?", backfill_energy(rows))
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS syncs (
+            device_id TEXT NOT NULL, received_us INTEGER NOT NULL, batch_id TEXT NOT NULL,
+            records INTEGER NOT NULL, accepted INTEGER NOT NULL,
+            backlog INTEGER, dropped_total INTEGER, quarantined_total INTEGER
+        )"""
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS syncs_device_time ON syncs(device_id, received_us)")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_v1,
+    2: _migrate_v2,
+    3: _migrate_v3,
+    4: _migrate_v4,
+}
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (
     "INSERT INTO series (device_id, kind, model_name, strategy, first_seen_us, last_seen_us, records) "
@@ -362,11 +466,12 @@ def series_counts(rows: Sequence[RecordRow], new: Sequence[int]) -> dict[tuple[s
 
 
 # Column order: RecordRow's fields, then received_us and batch_id.
+INSERT_COLUMNS = (*RecordRow._fields, "received_us", "batch_id")
 _INSERT = (
-    "INSERT OR IGNORE INTO measurements (id, device_id, run_id, kind, started_us, ok, strategy, model_name, engine, "
-    "error_type, input_tokens, output_tokens, ttft_us, tpot_us, e2e_us, codec, body, received_us, batch_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT OR IGNORE INTO measurements ({', '.join(INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
 )
+_INSERT_SYNC = f"INSERT INTO syncs ({', '.join(SYNC_COLUMNS)}) VALUES ({', '.join('?' for _ in SYNC_COLUMNS)})"
 
 
 class SQLiteStore(Store):
@@ -481,6 +586,7 @@ class SQLiteStore(Store):
                            expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
+                conn.execute(_INSERT_SYNC, sync_row(device_id, batch_id, counters, len(rows), accepted, received_us))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -492,6 +598,10 @@ class SQLiteStore(Store):
         names = DEVICE_COLUMNS
         rows = self._read(f"SELECT {', '.join(names)} FROM devices ORDER BY device_id")
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def device(self, device_id: str) -> dict[str, Any] | None:
+        rows = self._read(f"SELECT {', '.join(DEVICE_COLUMNS)} FROM devices WHERE device_id = ?", (device_id,))
+        return dict(zip(DEVICE_COLUMNS, rows[0], strict=True)) if rows else None
 
     def record_count(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM measurements")[0][0])
@@ -598,8 +708,20 @@ class SQLiteStore(Store):
         where, params = query.where()
         return self._read(f"SELECT {', '.join(columns)} FROM measurements WHERE {where}", params)
 
+    def syncs(self, device: str, *, since_us: int | None = None, limit: int = 1000) -> list[SyncRow]:
+        params: list[Any] = [device]
+        where = "device_id = ?"
+        if since_us is not None:
+            where, params = f"{where} AND received_us >= ?", [device, since_us]
+        rows = self._read(
+            f"SELECT {', '.join(SYNC_COLUMNS)} FROM syncs WHERE {where} ORDER BY received_us DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [SyncRow(*row) for row in reversed(rows)]
+
     def drop_before(self, cutoff_us: int) -> int:
         with self._lock:
+            self._conn.execute("DELETE FROM syncs WHERE received_us < ?", (cutoff_us,))
             return int(self._conn.execute("DELETE FROM measurements WHERE started_us < ?", (cutoff_us,)).rowcount)
 
     def close(self) -> None:

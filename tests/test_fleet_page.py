@@ -149,8 +149,8 @@ def served(tmp_path: Path) -> Any:
 def test_fleet_page_renders_with_data(served: str) -> None:
     dom = chromium("--dump-dom", served + "/")
     assert "orin-017" in dom.stdout and "laptop-3" in dom.stdout, dom.stderr[-2000:]
-    assert "2 devices, 0 not seen" in dom.stdout
-    assert 'class="ok">ok<' in dom.stdout
+    assert "2 devices, 0 critical, 0 warning; 0 not seen" in dom.stdout
+    assert 'class="ok">ok<' in dom.stdout and 'class="health ok">ok<' in dom.stdout
     assert console_errors(dom.stderr) == []
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = chromium("--window-size=1280,600", f"--screenshot={SCREENSHOTS / 'fleet.png'}", served + "/")
@@ -179,7 +179,7 @@ def test_the_fleet_table_sorts_and_filters_from_the_address(served: str) -> None
 
 def test_device_page_draws_its_charts(served: str) -> None:
     dom = chromium("--dump-dom", served + "/device/orin-017")
-    assert "<polyline" in dom.stdout and "successful requests" in dom.stdout, dom.stderr[-2000:]
+    assert "<canvas" in dom.stdout and "40 records received" in dom.stdout, dom.stderr[-2000:]
     assert console_errors(dom.stderr) == []
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     chromium("--window-size=1000,700", f"--screenshot={SCREENSHOTS / 'device.png'}", served + "/device/orin-017")
