@@ -11,7 +11,8 @@ from __future__ import annotations
 
 _SCRIPT = r"""
 "use strict";
-const data = /*INITIAL*/null;
+const initial = /*INITIAL*/null;
+const data = initial;
 const view = new URLSearchParams(location.search);
 const device = data.device.device_id, other = view.get("compare") || "";
 const COLORS = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#1b7c83", "#bf3989", "#57606a"];

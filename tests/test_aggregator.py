@@ -194,7 +194,7 @@ def test_store_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None
     path = tmp_path / "agg.db"
     SQLiteStore(path).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
     conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()

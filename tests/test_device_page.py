@@ -247,7 +247,7 @@ async def test_facts_and_health_reach_the_fleet_row(aiohttp_client: Any, tmp_pat
     assert "backlog growing: 500 → 3200 records over 4 batches" in full_row["health_reasons"]
     # the device page shows them, with the latest batches and the temperature over time
     page = await (await client.get("/device/orin-hot")).text()
-    data = json.loads(page.split("const data = ", 1)[1].split(";\n", 1)[0])
+    data = json.loads(page.split("const initial = ", 1)[1].split(";\n", 1)[0])
     assert data["device"]["facts"]["model"] == facts["model"] and data["recent_syncs"][0]["records"] == 61
     assert max(t for t in data["timeline"]["facts"]["temperature_max_c"] if t is not None) == 97.2
     assert any(data["timeline"]["facts"]["throttled"])

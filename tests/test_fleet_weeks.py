@@ -164,7 +164,7 @@ def test_the_device_page_draws_weeks_of_history_within_a_bounded_page(fleet: Any
     with urllib.request.urlopen(url + f"/device/{REGRESSED}?range=30d", timeout=60) as response:
         page = response.read()
     assert len(page) < 400_000, len(page)  # 25 days, 600 requests, 30 buckets a day at most: bounded by buckets
-    data = json.loads(page.decode().split("const data = ", 1)[1].split(";\n", 1)[0])
+    data = json.loads(page.decode().split("const initial = ", 1)[1].split(";\n", 1)[0])
     tpot = data["timeline"]["series"][0]["tpot_p50"]
     early = [v for v in tpot[: len(tpot) // 3] if v is not None]
     late = [v for v in tpot[-len(tpot) // 6 :] if v is not None]

@@ -63,6 +63,7 @@ def filler_rows(count: int, body: bytes, *, ttft_spread: int = 1) -> list[Record
             1000 + i % ttft_spread,
             50,
             5000,
+            None,  # no energy figure
             "cbor",
             body,
         )
