@@ -306,3 +306,12 @@ def test_the_vendored_charting_library_is_the_named_release() -> None:
     assert script.startswith(f"/*! https://github.com/leeoniya/uPlot (v{version}) */")
     assert "MIT License" in (STATIC / "uPlot.LICENSE.txt").read_text()
     assert hashlib.sha256((STATIC / "uPlot.min.css").read_bytes()).hexdigest()  # present and readable
+
+
+async def test_static_serves_only_the_vendored_assets(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(create_app(Settings(), SQLiteStore(tmp_path / "agg.db")))
+    script = await client.get("/static/uPlot.iife.min.js")
+    assert script.status == 200 and script.headers["Content-Type"].startswith("text/javascript")
+    assert script.headers["Cache-Control"] == "public, max-age=86400"
+    for name in ("app.py", "..%2Fstore.py", "%2E%2E%2Fapp.py", ".hidden.js", "missing.js", "uPlot.LICENSE"):
+        assert (await client.get(f"/static/{name}")).status == 404, name

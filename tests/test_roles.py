@@ -176,6 +176,17 @@ def test_aggregator_role_serves_ingests_and_renders(aggregator_venv: Path, tmp_p
         assert status == 200 and len(json.loads(stored)["measurements"]) == 25
         status, _, fleet = _get(base + "/api/v1/fleet")
         assert any(row.get("device_id") == "edge-07" for row in json.loads(fleet)["devices"])
+        # the device page and the charting library it loads come from the wheel (package data, no CDN)
+        status, _, device_page = _get(base + "/device/edge-07")
+        assert status == 200 and 'src="../static/uPlot.iife.min.js"' in device_page
+        status, kind, script = _get(base + "/static/uPlot.iife.min.js")
+        assert (
+            status == 200
+            and kind.startswith("text/javascript")
+            and script.startswith("/*! https://github.com/leeoniya/uPlot")
+        )
+        status, kind, _ = _get(base + "/static/uPlot.min.css")
+        assert status == 200 and kind.startswith("text/css")
         status, _, metrics = _get(base + "/metrics")
         assert 'device="edge-07"' in metrics
     finally:
