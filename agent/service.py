@@ -3,9 +3,11 @@
 It keeps the model loaded, runs the configured workloads on their schedules (interval or cron, with jitter;
 ``agent.schedule``, which waits on the monotonic clock, so a step of the wall clock neither stops nor floods them),
 skips a run — and records why — when a gate says the device should be left alone, stores every measurement in the
-outbox before the next request starts, syncs on its own schedule, and does housekeeping. Under systemd it speaks the
-notify protocol (READY, STATUS, WATCHDOG, STOPPING). SIGTERM: no new work, the request in flight finishes and is
-stored, a last sync is attempted, exit 0 — nothing stored is lost. SIGHUP reloads the configuration.
+outbox before the next request starts, syncs on its own schedule, and does housekeeping. At start and before every
+run it reads the device's facts (power mode, clocks, temperatures, throttling: ``agent.facts``) and stores a
+``device_facts`` record when they changed. Under systemd it speaks the notify protocol (READY, STATUS, WATCHDOG,
+STOPPING). SIGTERM: no new work, the request in flight finishes and is stored, a last sync is attempted, exit 0 —
+nothing stored is lost. SIGHUP reloads the configuration.
 
 Its state goes to ``<data_dir>/service.json`` (written atomically every heartbeat), which ``lens-agent status``
 reads whether the service runs or not. Every record it stores carries the kernel's clock state (``ext["clock"]``,
@@ -39,6 +41,7 @@ from .config import load_config
 from .engines.llama import EngineSettings, LlamaEngine
 from .engines.modelfile import resolve_model_path
 from .errors import LensError
+from .facts import device_facts, facts_changed, facts_record
 from .gates import gate, read_state
 from .measurement import Measurement, utc_now_iso
 from .outbox import AsyncOutbox, open_outbox
@@ -96,6 +99,8 @@ class AgentService:
         self.stored = 0  # records appended to the outbox by this process
         self._power_key: tuple[str, str] | None = None
         self._power_name: str | None = None
+        self.facts_sent: dict[str, Any] | None = None  # the last facts written to the outbox
+        self._facts_sent_at: float | None = None  # when (time.monotonic())
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -108,6 +113,7 @@ class AgentService:
         self.outbox = AsyncOutbox(open_outbox(self.config))
         self._start_sync()
         await self._load_model()
+        await self._report_device_facts()
         self._scheduler = Scheduler()
         self._schedule_workloads()
         service = self.config.values["service"]
@@ -263,6 +269,7 @@ class AgentService:
         if self.abort:
             return
         name = workload["name"]
+        await self._report_device_facts()  # before the gate: a run skipped for throttling reports the throttling
         root = Root(self.config.get("probes", "sysfs_root"))
         reason = gate(self.config.values["gates"], read_state(root))
         if reason is not None:
@@ -287,6 +294,32 @@ class AgentService:
         await self.heartbeat()
         if self.once and not self._pending_once:
             self.request_stop()
+
+    async def _report_device_facts(self) -> None:
+        """Store a ``device_facts`` record when the facts changed since the last one (``agent.facts``). A few small
+        sysfs reads, on the event loop; a sensor that cannot be read skips the record, never the run."""
+        try:
+            current = device_facts(Root(self.config.get("probes", "sysfs_root")))
+        except OSError as exc:
+            log.warning("device facts not read, no device_facts record this time: %s", exc)
+            return
+        now = time.monotonic()
+        age = now - self._facts_sent_at if self._facts_sent_at is not None else float("inf")
+        reason = facts_changed(self.facts_sent, current, age_s=age)
+        if reason is None:
+            return
+        record = facts_record(
+            current,
+            reason,
+            device_id=self.config.get("agent", "device_id"),
+            model_name=self.model.get("name", "unknown"),
+            model_sha256=self.model.get("sha256") or None,
+        )
+        assert self.outbox is not None
+        await self.outbox.append(stored_form(record))
+        self.stored += 1
+        self.facts_sent, self._facts_sent_at = current, now
+        log.info("device facts stored: %s", reason)
 
     async def _record_skip(self, name: str, reason: str) -> None:
         log.info("workload %s skipped: %s", name, reason)

@@ -65,6 +65,11 @@ def set_orin_power(root: Path, vdd_in_ma: int) -> None:
     write(root, "/sys/bus/i2c/devices/1-0040/hwmon/hwmon3/curr1_input", f"{vdd_in_ma}\n")
 
 
+def set_zone_temp(root: Path, zone: int, celsius: float) -> None:
+    """Set ``thermal_zone{zone}``'s temperature (sysfs holds millidegrees Celsius)."""
+    write(root, f"/sys/class/thermal/thermal_zone{zone}/temp", f"{round(celsius * 1000)}\n")
+
+
 def nano_jp4(root: Path) -> None:
     """Jetson Nano, JetPack 4 (L4T 32.7): INA3221 at i2c 6-0040 through iio, powers in mW."""
     write(root, "/proc/device-tree/model", "NVIDIA Jetson Nano Developer Kit\x00")

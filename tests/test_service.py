@@ -290,8 +290,10 @@ every = "1h"
     with Outbox(tmp_path / "data" / "outbox.db") as box:
         from lens_core import wire
 
-        kinds = [wire.loads(r.body, r.codec)["kind"] for r in box.pending(10)]
-    assert kinds == ["model_load", "skip"]
+        records = [wire.loads(r.body, r.codec) for r in box.pending(10)]
+    assert [r["kind"] for r in records] == ["model_load", "device_facts", "skip"]
+    # the facts, read before the gate, show the throttling the run was skipped for
+    assert records[1]["ext"]["device"]["thermal_throttling"] == ["gpu-thermal at 97.0 °C ≥ passive trip 95.5 °C"]
 
 
 def test_aggregator_speaks_the_notify_protocol(tmp_path: Path) -> None:

@@ -203,24 +203,40 @@ def nvml_gpus(root: Root) -> tuple[list[dict[str, Any]], str | None]:
     return gpus, None
 
 
+def product_model(root: Root) -> str | None:
+    """The board's device-tree model, else the DMI product name."""
+    return device_tree_model(root) or root.try_read("/sys/class/dmi/id/product_name")
+
+
+def accelerator_name(jetson: dict[str, Any] | None, gpus: list[dict[str, Any]]) -> str | None:
+    """The accelerator to name: a Jetson's integrated GPU, else the first NVML GPU."""
+    return "NVIDIA integrated GPU (Jetson)" if jetson else (gpus[0]["name"] if gpus else None)
+
+
+def ram_gb(root: Root) -> float | None:
+    """Total RAM in GiB (psutil on the real system, ``/proc/meminfo`` in a tree)."""
+    if root.is_real:
+        import psutil
+
+        return round(psutil.virtual_memory().total / 1024**3, 2)
+    return _meminfo_total_gb(root)
+
+
 def describe(root: Root) -> dict[str, Any]:
     """Everything ``lens-agent probe`` and every result record about the device."""
-    import psutil
-
     device_class, evidence = classify(root)
     jetson = jetson_info(root)
     temps, throttled = temperatures(root)
     synced, how = clock_synchronized(root)
     gpus, no_gpu = nvml_gpus(root)
-    accelerator = "NVIDIA integrated GPU (Jetson)" if jetson else (gpus[0]["name"] if gpus else None)
     compute = jetson.get("compute_capability") if jetson else (gpus[0]["compute_capability"] if gpus else None)
     return {
         "device_class": device_class,
         "device_class_evidence": evidence,
-        "model": device_tree_model(root) or root.try_read("/sys/class/dmi/id/product_name"),
-        "accelerator": accelerator,
+        "model": product_model(root),
+        "accelerator": accelerator_name(jetson, gpus),
         "compute_capability": compute,
-        "ram_gb": round(psutil.virtual_memory().total / 1024**3, 2) if root.is_real else _meminfo_total_gb(root),
+        "ram_gb": ram_gb(root),
         "jetson": jetson,
         "cpu_freq_mhz": cpu_freqs_mhz(root),
         "temperatures_c": temps,
