@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
+from agent.facts import device_facts
 from agent.gates import DeviceState, gate
 from agent.outbox import Outbox
+from agent.probes.sysfs import Root
 from lens_core.errors import ConfigError
 
 from .netproxy import free_port
@@ -158,7 +161,13 @@ def test_service_measures_syncs_reports_and_stops_cleanly(
             pending = box.stats().records
         assert aggregator_count(aggregator) + pending == final["stored_by_this_process"]
         kinds = {row[0] for row in sqlite3.connect(aggregator.db).execute("SELECT DISTINCT kind FROM measurements")}
-        assert {"model_load", "inference"} <= kinds
+        assert {"model_load", "device_facts", "inference"} <= kinds
+        # the device's facts, as this machine's sensors give them, on its fleet row
+        with urllib.request.urlopen(f"http://127.0.0.1:{aggregator.port}/api/v1/fleet", timeout=30) as answer:
+            (row,) = json.loads(answer.read())["devices"]
+        here = device_facts(Root("/"))
+        assert row["device_class"] == here["device_class"] and row["facts"]["reported_us"] > 0
+        assert row["facts"]["model"] == here["model"] and row["facts"]["ram_gb"] == here["ram_gb"]
         # the service told the aggregator how long a silence to expect: max(its workload's 1 s, sync every 1 s)
         gaps = sqlite3.connect(aggregator.db).execute("SELECT expected_gap_s FROM devices").fetchall()
         assert gaps == [(1,)]
