@@ -29,7 +29,7 @@ from .fleet import Broadcaster, batch_event, fleet_rows
 from .health import Health
 from .metrics import CONTENT_TYPE, FleetMetrics
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
-from .store import QueryTimeout, RecordRow, Store, TokenInfo, energy_per_token
+from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token
 
 log = logging.getLogger("aggregator")
 T = TypeVar("T")
@@ -192,9 +192,9 @@ _ROW_FIELDS = itemgetter(
 
 
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
-    energy = energy_per_token(record)
+    energy, power = energy_per_token(record), average_power(record)
     try:  # every field present, as the agent writes them: one C call
-        return RecordRow._make((*_ROW_FIELDS(record), energy, codec, body))
+        return RecordRow._make((*_ROW_FIELDS(record), energy, power, codec, body))
     except KeyError:
         pass
     get = record.get
@@ -215,6 +215,7 @@ def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
         get("tpot_us"),
         get("e2e_us"),
         energy,
+        power,
         codec,
         body,
     )

@@ -82,7 +82,7 @@ function merge(old, tail) {
   out.series = [...series.values()].map(s => {
     const fresh = tail.series.find(n => key(n) === key(s)) || {};
     const merged = {model_name: s.model_name, strategy: s.strategy};
-    for (const c of ["n", "errors", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "tokens_per_second", "j_per_token"])
+    for (const c of ["n", "errors", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "tokens_per_second", "j_per_token", "power_w"])
       merged[c] = cols(s[c], fresh[c], tail.t.length);
     return merged;
   });
@@ -140,6 +140,8 @@ function draw() {
   plot("tps", "Tokens per second", "tok/s", perSeries("tokens_per_second", null).map(l => ({...l, label: l.label.replace(/ p50$/, "")})), xs, {digits: 1});
   plot("energy", "Energy per output token", "J", perSeries("j_per_token", null).map(l => ({...l, label: l.label.replace(/ p50$/, "")})), xs,
     {digits: 4, empty: "no energy figures in this range: the device measures no power (lens-agent probe says why)"});
+  plot("power", "Average power during requests", "W", perSeries("power_w", null).map(l => ({...l, label: l.label.replace(/ p50$/, "")})), xs,
+    {digits: 2, empty: "no power figures in this range: the device measures no power (lens-agent probe says why)"});
   plot("errors", "Failed requests per bucket", "", all.map(([name, tl, dash], i) => ({label: (other ? name + " " : "") + "errors", color: COLORS[1 + i], dash, bars: true, fill: COLORS[1 + i] + "55", values: align(tl, tl.errors)})), xs,
     {digits: 0, empty: "no requests in this range"});
   plot("backlog", "Outbox backlog and records received", "records", all.flatMap(([name, tl, dash]) => [
@@ -232,6 +234,7 @@ DEVICE_PAGE = """<!doctype html>
 <div class="chart" id="tps"></div>
 <div class="chart" id="errors"></div>
 <div class="chart" id="energy"></div>
+<div class="chart" id="power"></div>
 <div class="chart" id="backlog"></div>
 <div class="chart" id="temperature"></div>
 <h2>Latest batches</h2>

@@ -89,10 +89,11 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 """
 
-# Energy per output token as a column (backfilled from the bodies in Python: see store.backfill_energy) and one
-# row per batch in ``syncs`` (see store._migrate_v4).
+# Energy per output token and average power as columns (backfilled from the bodies in Python: see
+# store.backfill_energy) and one row per batch in ``syncs`` (see store._migrate_v4).
 _MIGRATION_V4 = """
 ALTER TABLE measurements ADD COLUMN IF NOT EXISTS j_per_token double precision;
+ALTER TABLE measurements ADD COLUMN IF NOT EXISTS power_w double precision;
 CREATE TABLE IF NOT EXISTS syncs (
     device_id text NOT NULL, received_us bigint NOT NULL, batch_id text NOT NULL,
     records integer NOT NULL, accepted integer NOT NULL,
@@ -157,7 +158,8 @@ class PostgresStore(Store):
                         cur.execute(statement)
                 cur.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference' AND ok")
                 cur.executemany(
-                    "UPDATE measurements SET j_per_token = %s WHERE seq = %s", backfill_energy(cur.fetchall())
+                    "UPDATE measurements SET j_per_token = %s, power_w = %s WHERE seq = %s",
+                    backfill_energy(cur.fetchall()),
                 )
             if version < SCHEMA_VERSION:
                 cur.execute(

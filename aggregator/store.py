@@ -50,6 +50,7 @@ class RecordRow(NamedTuple):
     tpot_us: int | None
     e2e_us: int | None
     j_per_token: float | None  # joules per output token, from the record's ext.energy (see energy_per_token)
+    power_w: float | None  # the request's average power: ext.energy.joules_total ÷ e2e (see average_power)
     codec: str
     body: bytes
 
@@ -96,6 +97,22 @@ def sync_row(
         counters.get("dropped_total"),
         counters.get("quarantined_total"),
     )
+
+
+MAX_POWER_W = 1e5
+
+
+def average_power(record: dict[str, Any]) -> float | None:
+    """The request's average power in watts — ``ext.energy.joules_total`` over its ``e2e_us`` — when both are
+    finite, positive and the result at most :data:`MAX_POWER_W`; else None."""
+    ext = record.get("ext")
+    energy = ext.get("energy") if type(ext) is dict else None
+    joules: Any = energy.get("joules_total") if type(energy) is dict else None
+    e2e: Any = record.get("e2e_us")
+    if type(joules) not in (int, float) or type(e2e) is not int or e2e <= 0 or not math.isfinite(joules):
+        return None
+    watts = joules / (e2e / 1e6)
+    return float(watts) if 0 <= watts <= MAX_POWER_W else None
 
 
 @dataclass(frozen=True)
@@ -235,6 +252,7 @@ QUERY_COLUMNS = (
     "tpot_us",
     "e2e_us",
     "j_per_token",
+    "power_w",
     "codec",
     "body",
 )
@@ -407,9 +425,10 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE devices ADD COLUMN expected_gap_s INTEGER")
 
 
-def backfill_energy(rows: Sequence[tuple[Any, ...]]) -> list[tuple[float, Any]]:
-    """(J/token, seq) for each stored (seq, codec, body) whose record carries energy: the schema-4 backfill of the
-    ``j_per_token`` column, shared by both stores. A body that does not decode is left as it is (NULL)."""
+def backfill_energy(rows: Sequence[tuple[Any, ...]]) -> list[tuple[float | None, float | None, Any]]:
+    """(J/token, W, seq) for each stored (seq, codec, body) whose record carries energy: the schema-4 backfill of
+    the ``j_per_token`` and ``power_w`` columns, shared by both stores. A body that does not decode is left as it is
+    (NULL)."""
     from lens_core import wire
 
     out = []
@@ -418,19 +437,23 @@ def backfill_energy(rows: Sequence[tuple[Any, ...]]) -> list[tuple[float, Any]]:
             record = wire.loads(bytes(body), codec)
         except Exception:  # a damaged row stays NULL here; the reads skip and count it as before
             continue
-        value = energy_per_token(record) if type(record) is dict else None
-        if value is not None:
-            out.append((value, seq))
+        if type(record) is not dict:
+            continue
+        joules, watts = energy_per_token(record), average_power(record)
+        if joules is not None or watts is not None:
+            out.append((joules, watts, seq))
     return out
 
 
 def _migrate_v4(db: sqlite_utils.Database) -> None:
-    """Energy per output token as a column (the fleet's J/token and its change points read no bodies), backfilled
-    from the stored records; and ``syncs``, one row per batch (its records, the device's backlog, drops and
-    quarantine as it reported them): the sync history, backlog growth and the device page's backlog chart."""
+    """Energy per output token and average power as columns (the fleet's J/token, its change points and the device
+    page's power chart read no bodies), backfilled from the stored records; and ``syncs``, one row per batch (its
+    records, the device's backlog, drops and quarantine as it reported them): the sync history, backlog growth and
+    the device page's backlog chart."""
     db.execute("ALTER TABLE measurements ADD COLUMN j_per_token REAL")
+    db.execute("ALTER TABLE measurements ADD COLUMN power_w REAL")
     rows = db.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference' AND ok").fetchall()
-    db.conn.executemany("UPDATE measurements SET j_per_token = ? WHERE seq = ?", backfill_energy(rows))
+    db.conn.executemany("UPDATE measurements SET j_per_token = ?, power_w = ? WHERE seq = ?", backfill_energy(rows))
     db.execute(
         """CREATE TABLE IF NOT EXISTS syncs (
             device_id TEXT NOT NULL, received_us INTEGER NOT NULL, batch_id TEXT NOT NULL,

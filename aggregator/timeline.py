@@ -3,10 +3,10 @@
 ``GET /api/v1/devices/{device}/timeline?since=&until=&points=&width=`` answers a grid of equal time buckets over
 the range (the bucket width is the smallest of :data:`WIDTHS` that keeps the grid within ``points``, or ``width``
 when given) and, per model × strategy series and bucket, the requests, the errors, exact TTFT and TPOT p50/p95 of
-the bucket's successful requests, mean tokens per second and J/token; beside them the batches the device sent
-(records, backlog, drops, quarantine: the last reported value per bucket), and its facts (hottest zone, power
-mode, throttling) per bucket. Columns are arrays over the grid, ``null`` where a bucket has nothing — the shape
-uPlot draws directly.
+the bucket's successful requests, mean tokens per second, J/token and average power (W); beside them the batches
+the device sent (records, backlog, drops, quarantine: the last reported value per bucket), and its facts (hottest
+zone, power mode, throttling) per bucket. Columns are arrays over the grid, ``null`` where a bucket has nothing —
+the shape uPlot draws directly.
 
 Buckets start at multiples of their width since the Unix epoch, so a later request for ``since=<the last
 bucket's start>`` with the same ``width`` returns the same buckets again, updated: the page's live update fetches
@@ -45,6 +45,7 @@ _COLUMNS = (
     "e2e_us",
     "output_tokens",
     "j_per_token",
+    "power_w",
 )
 
 
@@ -153,7 +154,17 @@ def timeline(
 def _series_columns(model: str | None, strategy: str | None, cells: list[list[tuple[Any, ...]]]) -> dict[str, Any]:
     out: dict[str, list[Any]] = {
         key: []
-        for key in ("n", "errors", "ttft_p50", "ttft_p95", "tpot_p50", "tpot_p95", "tokens_per_second", "j_per_token")
+        for key in (
+            "n",
+            "errors",
+            "ttft_p50",
+            "ttft_p95",
+            "tpot_p50",
+            "tpot_p95",
+            "tokens_per_second",
+            "j_per_token",
+            "power_w",
+        )
     }
     for cell in cells:
         if not cell:
@@ -165,6 +176,7 @@ def _series_columns(model: str | None, strategy: str | None, cells: list[list[tu
         tpots = [r[5] / 1000 for r in ok if _finite(r[5])]
         rates = [r[7] / (r[6] / 1e6) for r in ok if _finite(r[6]) and r[6] > 0 and _finite(r[7]) and r[7]]
         joules = [r[8] for r in ok if _finite(r[8])]
+        watts = [r[9] for r in ok if _finite(r[9])]
         out["n"].append(len(cell))
         out["errors"].append(len(cell) - len(ok))
         out["ttft_p50"].append(_round(_quantile(ttfts, 50)))
@@ -173,6 +185,7 @@ def _series_columns(model: str | None, strategy: str | None, cells: list[list[tu
         out["tpot_p95"].append(_round(_quantile(tpots, 95)))
         out["tokens_per_second"].append(_round(statistics.fmean(rates)) if rates else None)
         out["j_per_token"].append(_round(statistics.fmean(joules), 6) if joules else None)
+        out["power_w"].append(_round(statistics.fmean(watts)) if watts else None)
     return {"model_name": model, "strategy": strategy or "local", **out}
 
 

@@ -75,7 +75,8 @@ async def test_the_timeline_is_bounded_and_exact_per_bucket(aiohttp_client: Any,
     token = store.add_token("orin-017", "device", NOW)
     records = retime(synthetic_records(1500, seed=5, device_id="orin-017"), END, 20 * 60)  # 3 weeks, every 20 min
     for r in records[::3]:
-        r["ext"] = {"energy": {"j_per_output_token": 0.04}}
+        if r["ok"]:  # 0.04 J/token; 12 W on average over the request
+            r["ext"] = {"energy": {"j_per_output_token": 0.04, "joules_total": 12.0 * r["e2e_ms"] / 1000}}
     for start in range(0, len(records), 500):
         await send(client, token, "orin-017", records[start : start + 500], pending_records=7)
 
@@ -101,6 +102,7 @@ async def test_the_timeline_is_bounded_and_exact_per_bucket(aiohttp_client: Any,
     assert series["ttft_p95"][i] == pytest.approx(statistics.quantiles(ttfts, n=100, method="inclusive")[94], abs=1e-3)
     assert series["ttft_p50"][i] == pytest.approx(statistics.median(ttfts), abs=1e-3)
     assert series["j_per_token"][i] == pytest.approx(0.04) and answer["syncs"]["backlog"][-1] == 7
+    assert series["power_w"][i] == pytest.approx(12.0, abs=0.01)
 
     # the whole history in at most 240 buckets: the page weighs the same whatever the history
     since = us(records[0]["started_at"]) / 1e6
@@ -274,7 +276,7 @@ def test_schema_4_backfills_energy_and_starts_the_sync_history(tmp_path: Path) -
     store = SQLiteStore(path)
     records = synthetic_records(30, seed=4, device_id="dev-1")
     for r in records[:10]:
-        r["ext"] = {"energy": {"j_per_output_token": 0.07}}
+        r["ext"] = {"energy": {"j_per_output_token": 0.07, "joules_total": 2.5}}
     from aggregator.app import _row
     from lens_core import wire
 
@@ -285,15 +287,17 @@ def test_schema_4_backfills_energy_and_starts_the_sync_history(tmp_path: Path) -
 
     conn = sqlite3.connect(path)  # back to schema 3: no column values, no sync history
     conn.executescript(
-        "UPDATE measurements SET j_per_token = NULL; DROP TABLE syncs; "
-        "ALTER TABLE measurements DROP COLUMN j_per_token; UPDATE meta SET value = '3' WHERE key = 'schema_version';"
+        "DROP TABLE syncs; ALTER TABLE measurements DROP COLUMN j_per_token; "
+        "ALTER TABLE measurements DROP COLUMN power_w; UPDATE meta SET value = '3' WHERE key = 'schema_version';"
     )
     conn.close()
     upgraded = SQLiteStore(path)
     assert upgraded.schema_version() == SCHEMA_VERSION == 4
-    values = upgraded._read("SELECT j_per_token FROM measurements ORDER BY seq")
+    values = upgraded._read("SELECT j_per_token, power_w FROM measurements ORDER BY seq")
     expected = [0.07 if i < 10 and r["ok"] else None for i, r in enumerate(records)]
     assert [v[0] for v in values] == expected
+    watts = [2.5 / (r["e2e_ms"] / 1000) if i < 10 and r["ok"] else None for i, r in enumerate(records)]
+    assert [v[1] for v in values] == pytest.approx(watts, abs=1e-3)
     assert upgraded.syncs("dev-1") == []
     upgraded.close()
 

@@ -58,7 +58,8 @@ def fleet_records(n: int) -> list[dict[str, Any]]:
             r.update({"engine_prefill_ms": None, "engine_decode_ms": None, "stop_reason": None})
     for r in records:
         if r["ok"]:
-            r["ext"] = {"energy": {"j_per_output_token": round(0.03 + 0.0001 * n + 0.002 * (r["prompt_index"] % 3), 5)}}
+            joules = round(0.03 + 0.0001 * n + 0.002 * (r["prompt_index"] % 3), 5)
+            r["ext"] = {"energy": {"j_per_output_token": joules, "joules_total": joules * r["output_tokens"] * 1.2}}
     temperature = 97.5 if device == HOT else 48.0 + n % 10
     facts = {
         "device_class": device_class(n),

@@ -63,7 +63,8 @@ def filler_rows(count: int, body: bytes, *, ttft_spread: int = 1) -> list[Record
             1000 + i % ttft_spread,
             50,
             5000,
-            None,  # no energy figure
+            None,  # no energy figures
+            None,
             "cbor",
             body,
         )
