@@ -75,9 +75,10 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 
 def newest_started_us(store: Store, device: str) -> int | None:
-    """When the device's newest request started (its own clock), or None before it sent any."""
-    rows = store.latest_columns(Query(device=device, kind="inference"), ("started_us",), 1)
-    return int(rows[0][0]) if rows else None
+    """When the device's latest-starting request started (its own clock), or None before it sent any: by start
+    time, not by arrival, so a late-arriving old record does not move the page's range back."""
+    rows = store.columns(Query(device=device, kind="inference"), ("MAX(started_us)",))
+    return int(rows[0][0]) if rows and type(rows[0][0]) is int else None
 
 
 def timeline(

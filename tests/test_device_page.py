@@ -69,8 +69,7 @@ async def send(client: Any, token: str, device: str, records: list[dict[str, Any
 END = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=5)
 
 
-async def test_the_timeline_is_bounded_and_exact_per_bucket(aiohttp_client: Any, tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "agg.db")
+async def test_the_timeline_is_bounded_and_exact_per_bucket(aiohttp_client: Any, store: Any) -> None:
     client = await aiohttp_client(create_app(Settings(), store))
     token = store.add_token("orin-017", "device", NOW)
     records = retime(synthetic_records(1500, seed=5, device_id="orin-017"), END, 20 * 60)  # 3 weeks, every 20 min
@@ -212,8 +211,7 @@ def test_facts_from_hostile_records_keep_only_what_checks_out() -> None:
     json.dumps(facts, allow_nan=False)
 
 
-async def test_facts_and_health_reach_the_fleet_row(aiohttp_client: Any, tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "agg.db")
+async def test_facts_and_health_reach_the_fleet_row(aiohttp_client: Any, store: Any) -> None:
     client = await aiohttp_client(create_app(Settings(), store))
     hot, full = store.add_token("orin-hot", "device", NOW), store.add_token("orin-full", "device", NOW)
     records = retime(synthetic_records(60, seed=2, device_id="orin-hot"), END, 60)
@@ -300,6 +298,39 @@ def test_schema_4_backfills_energy_and_starts_the_sync_history(tmp_path: Path) -
     assert [v[1] for v in values] == pytest.approx(watts, abs=1e-3)
     assert upgraded.syncs("dev-1") == []
     upgraded.close()
+
+
+def test_postgres_schema_4_backfills_energy_and_power(pg_url: str) -> None:
+    """The same upgrade in place on PostgreSQL, with records in it."""
+    import psycopg
+
+    from aggregator.app import _row
+    from aggregator.pgstore import PostgresStore
+    from lens_core import wire
+
+    store = PostgresStore(pg_url)
+    records = synthetic_records(12, seed=6, device_id="dev-1")
+    for r in records[:6]:
+        r["ext"] = {"energy": {"j_per_output_token": 0.05, "joules_total": 1.5}}
+    rows = [_row(wire.to_wire(r), "cbor", wire.encode_record(r, "cbor")) for r in records]
+    store.ingest("dev-1", "b", 0, {"pending_records": 4, "dropped_total": 2}, rows, NOW)
+    assert store.syncs("dev-1") == [SyncRow("dev-1", NOW, "b", 12, 12, 4, 2, None)]  # quarantine not reported
+    store.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "DROP TABLE syncs; ALTER TABLE measurements DROP COLUMN j_per_token; "
+            "ALTER TABLE measurements DROP COLUMN power_w; UPDATE meta SET value = '3' WHERE key = 'schema_version'"
+        )
+    upgraded = PostgresStore(pg_url)
+    try:
+        assert upgraded.schema_version() == SCHEMA_VERSION
+        values = upgraded._read("SELECT j_per_token, power_w FROM measurements ORDER BY seq")
+        assert [v[0] for v in values] == [0.05 if i < 6 and r["ok"] else None for i, r in enumerate(records)]
+        watts = [1.5 / (r["e2e_ms"] / 1000) if i < 6 and r["ok"] else None for i, r in enumerate(records)]
+        assert [v[1] for v in values] == pytest.approx(watts, abs=1e-3)
+        assert upgraded.syncs("dev-1") == [] and upgraded.device("dev-1") is not None
+    finally:
+        upgraded.close()
 
 
 def test_the_vendored_charting_library_is_the_named_release() -> None:
