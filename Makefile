@@ -44,7 +44,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 # llama.cpp's own llama-server, built once from the llama.cpp vendored by the pinned llama-cpp-python and cached in
 # ~/.cache/llm-latency-lens/llama-server-<version>/ (minutes the first time; instant after).
