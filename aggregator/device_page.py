@@ -94,6 +94,7 @@ function merge(old, tail) {
 }
 
 const charts = [];
+const chartWidth = box => Math.max(260, box.clientWidth - 20);  // inside the box's padding, phone widths included
 function plot(id, title, unit, lines, xs, opts = {}) {
   const box = document.getElementById(id);
   box.replaceChildren(el("h2", title));
@@ -109,16 +110,19 @@ function plot(id, title, unit, lines, xs, opts = {}) {
     values.push(l.values);
     if (l.band !== undefined) bands.push({series: [values.length - 1, l.band + 1], fill: l.color.slice(0, 7) + "22"});
   });
-  const width = Math.max(320, box.clientWidth - 4);
+  const width = chartWidth(box);
   const chart = new uPlot({width, height: opts.height || 220, series, bands, scales: {x: {time: true}},
     axes: [{}, {label: unit, size: 60}], cursor: {points: {size: 6}}, legend: {live: true}}, values, box);
-  charts.push([box, chart]);
+  // follows its box's width (a phone's viewport, a rotated screen, a resized window) without waiting for a resize event
+  const watch = new ResizeObserver(() => { if (chart.width !== chartWidth(box)) chart.setSize({width: chartWidth(box), height: chart.height}); });
+  watch.observe(box);
+  charts.push([box, chart, watch]);
 }
 
 function label(name, s) { return (other ? name + " · " : "") + (s.model_name || "unnamed") + " · " + s.strategy; }
 
 function draw() {
-  for (const [, chart] of charts.splice(0)) chart.destroy();
+  for (const [, chart, watch] of charts.splice(0)) { watch.disconnect(); chart.destroy(); }
   const mine = timelines[device], theirs = other ? timelines[other] : null;
   const xs = mine.t;
   const all = [[device, mine, undefined], ...(theirs ? [[other, theirs, [6, 4]]] : [])];
@@ -184,10 +188,6 @@ if (other && !data.compare) text("compare-note", "no device called " + other + "
 showDevice(data.device);
 showSyncs(data.recent_syncs);
 draw();
-let resizing = null;
-window.addEventListener("resize", () => { clearTimeout(resizing); resizing = setTimeout(() => {
-  for (const [box, chart] of charts) chart.setSize({width: Math.max(320, box.clientWidth - 4), height: chart.height});
-}, 150); });
 new EventSource("../api/v1/stream").addEventListener("batch", (e) => {
   const event = JSON.parse(e.data);
   if (event.device_id === device) {
@@ -211,7 +211,7 @@ DEVICE_PAGE = """<!doctype html>
 .chart h2 { font-size: 15px; margin: 4px 0; }
 #ranges button { font: inherit; padding: 2px 10px; border: 1px solid #d0d7de; background: #fff; cursor: pointer; }
 #ranges button.on { background: #0969da; color: #fff; }
-.u-legend { font-size: 12px; }
+.u-legend { font-size: 12px; } .chart { overflow: hidden; }
 </style></head>
 <body>
 <a href="../">← fleet</a>
