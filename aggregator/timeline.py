@@ -145,7 +145,7 @@ def timeline(
         "t": [g / 1e6 for g in grid],
         "series": series,
         "errors": errors,
-        "syncs": _sync_columns(store, device, first, until_us, step, count),
+        "syncs": _sync_columns(store, device, first, step, count),
         "facts": _fact_columns(store, device, first, until_us, step, count),
         "rows_read": len(rows),
         "truncated": len(rows) >= max_rows,
@@ -190,14 +190,14 @@ def _series_columns(model: str | None, strategy: str | None, cells: list[list[tu
     return {"model_name": model, "strategy": strategy or "local", **out}
 
 
-def _sync_columns(store: Store, device: str, first: int, until_us: int, step: int, count: int) -> dict[str, Any]:
+def _sync_columns(store: Store, device: str, first: int, step: int, count: int) -> dict[str, Any]:
     """Per bucket: batches and records received, and the last backlog, drop and quarantine totals reported."""
     out: dict[str, list[Any]] = {
         key: [None] * count for key in ("batches", "records", "backlog", "dropped_total", "quarantined_total")
     }
     for sync in store.syncs(device, since_us=first, limit=MAX_POINTS * 50):
         index = (sync.received_us - first) // step
-        if not 0 <= index < count or sync.received_us >= until_us + step:
+        if not 0 <= index < count:
             continue
         out["batches"][index] = (out["batches"][index] or 0) + 1
         out["records"][index] = (out["records"][index] or 0) + sync.records
