@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -97,7 +98,8 @@ def timeline(
     oldest request when that is later."""
     if until_us is None:
         newest = newest_started_us(store, device)
-        until_us = (newest + 1) if newest is not None else 0
+        # a device without requests yet (every run skipped, say) still has batches and facts: up to now
+        until_us = (newest + 1) if newest is not None else time.time_ns() // 1000
     if since_us is None:  # the range, or the device's whole history when that is shorter
         since_us = until_us - int(range_s * 1e6)
         oldest = store.columns(Query(device=device, kind="inference", since_us=since_us), ("MIN(started_us)",))

@@ -133,6 +133,13 @@ async def test_timeline_parameters_are_checked(aiohttp_client: Any, tmp_path: Pa
         response = await client.get(f"/api/v1/devices/dev-1/timeline?{query}")
         body = await response.json()
         assert response.status == 400 and body["parameter"] == name, (query, body)
+    # a device whose every run was skipped sent facts and batches, no requests: its range ends now, not in 1970
+    hot = store.add_token("hot-1", "device", NOW)
+    await send(client, hot, "hot-1", [facts_record("hot-1", END, temperatures_c={"cpu": 99.0})], pending_records=0)
+    quiet = await (await client.get("/api/v1/devices/hot-1/timeline")).json()
+    assert abs(quiet["until_us"] - time.time_ns() // 1000) < 60 * 10**6 and quiet["series"] == []
+    assert 99.0 in quiet["facts"]["temperature_max_c"] and quiet["syncs"]["batches"][-1] == 1
+    assert (await client.get("/device/hot-1")).status == 200
     missing = await client.get("/api/v1/devices/nobody/timeline")
     assert missing.status == 404 and "nobody" in (await missing.json())["error"]
 
