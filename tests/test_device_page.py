@@ -7,6 +7,8 @@ import hashlib
 import json
 import statistics
 import time
+import uuid
+import zlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ def retime(records: list[dict[str, Any]], end: datetime, every_s: float) -> list
 
 def facts_record(device: str, when: datetime, **device_facts: Any) -> dict[str, Any]:
     """A ``device_facts`` record as the agent's service stores it (a Measurement of that kind, ext.device)."""
-    record = synthetic_records(1, seed=hash(device) % 1000, device_id=device)[0]
+    record = synthetic_records(1, seed=zlib.crc32(device.encode()), device_id=device)[0]  # a stable seed
     record.update(
         {
             "kind": "device_facts",
@@ -49,7 +51,7 @@ def facts_record(device: str, when: datetime, **device_facts: Any) -> dict[str, 
             "itl_ms": [],
             "decode_ms": None,
             "prefill_ms": None,
-            "id": str(__import__("uuid").uuid4()),
+            "id": str(uuid.uuid4()),
             "ext": {"device": device_facts, "facts_reason": "first report"},
         }
     )
