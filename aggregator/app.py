@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,7 +28,8 @@ from . import __version__, api, regressions, timeline
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, fleet_rows
 from .health import Health
-from .metrics import CONTENT_TYPE, FleetMetrics
+from .metrics import CONTENT_TYPE, FleetMetrics, OtlpCollector
+from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
 from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token
 
@@ -56,6 +58,7 @@ class Settings:
     stale_after_s: float = 24 * 3600.0  # /metrics: latest-request gauges not updated for this long are dropped
     regression_interval_s: float = 300.0  # change points are looked for at most this often
     regression_min_change: float = 0.15  # … and a smaller relative change of the median is not reported
+    otlp: OtlpSettings | None = None  # forward every stored record to an OTLP backend (docs/opentelemetry.md)
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -81,6 +84,7 @@ class Settings:
             stale_after_s=config.get("fleet", "stale_after"),
             regression_interval_s=config.get("fleet", "regression_interval"),
             regression_min_change=config.get("fleet", "regression_min_change"),
+            otlp=otlp_settings(config, os.environ),
         )
 
     def health(self) -> Health:
@@ -141,6 +145,7 @@ METRICS = web.AppKey("metrics", FleetMetrics)
 EVENTS = web.AppKey("events", Broadcaster)
 DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
 WATCH = web.AppKey("regression_watch", regressions.Watch)
+FORWARDER = web.AppKey("otlp_forwarder", Forwarder)
 PUBLISHING: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publishing")
 
 
@@ -331,6 +336,8 @@ async def ingest(request: web.Request) -> web.Response:
     metrics.observe(batch.device_id, (decoded[i] for i in result.new))
     metrics.device(batch.device_id, batch.counters, time.time())
     metrics.ingest_seconds.observe(time.perf_counter() - started)
+    if result.accepted and FORWARDER in app:
+        app[FORWARDER].wake()
     if result.accepted and app[EVENTS].subscribers:
         event = batch_event(batch.device_id, [decoded[i] for i in result.new])
         task = asyncio.create_task(_publish_with_row(app, event))  # after the acknowledgement, never delaying it
@@ -725,7 +732,16 @@ def create_app(settings: Settings, store: Store) -> web.Application:
 
         pruner = asyncio.create_task(retention())
         watcher = asyncio.create_task(watch_regressions())
+        forwarder = None
+        if settings.otlp is not None:
+            forwarder = Forwarder(store, settings.otlp)
+            await forwarder.start()
+            app[FORWARDER] = forwarder
+            fleet_metrics.registry.register(OtlpCollector(forwarder.snapshot))
+            log.info("forwarding stored records to %s (%s)", settings.otlp.endpoint, ", ".join(settings.otlp.signals))
         yield
+        if forwarder is not None:
+            await forwarder.stop()
         pruner.cancel()
         watcher.cancel()
         publishing: set[asyncio.Task[None]] = app[PUBLISHING]

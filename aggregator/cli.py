@@ -346,6 +346,52 @@ def token_rotate(config_path: Path | None, db: str | None, grace: str | None, de
         store.close()
 
 
+@cli.group()
+def otlp() -> None:
+    """OpenTelemetry export: how far the forwarding to the OTLP backend got (docs/opentelemetry.md)."""
+
+
+@otlp.command("status")
+@verbose_option
+@config_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None:
+    """Each signal's cursor as the store keeps it: records forwarded, spans or points accepted and rejected,
+    records waiting and the oldest one's age. Works whether the server runs or not.
+
+    \b
+    Example:
+        lens-aggregator otlp status --json
+    """
+    from .otlp_forward import stored_status
+
+    config = _config(config_path, db)
+    store = _open_store(config)
+    try:
+        status = stored_status(store)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        store.close()
+    endpoint = config.get("otlp", "endpoint")
+    if as_json:
+        click.echo(json.dumps({"endpoint": endpoint, **status}, indent=2))
+        return
+    click.echo(f"endpoint: {endpoint or 'none (otlp.endpoint is not set: nothing is exported)'}")
+    for name, s in status.items():
+        when = (
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s["last_success_us"] / 1e6))
+            if s["last_success_us"]
+            else "never"
+        )
+        click.echo(
+            f"{name:<8} forwarded {s['forwarded_records']} records ({s['accepted_items']} accepted, "
+            f"{s['rejected_items']} rejected); waiting {s['pending_records']} (oldest {s['lag_seconds']:.0f} s); "
+            f"last accepted {when}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors; exit 2 for bad input, 1 for failures."""
     run_click(cli, "lens-aggregator", argv)

@@ -20,6 +20,7 @@ from lens_core.config import (
     path_value,
     text,
 )
+from lens_core.otlp import OTLP_SECTION
 
 DEFAULT_CONFIG_PATH = Path("/etc/lens-aggregator/aggregator.toml")
 
@@ -77,6 +78,8 @@ SCHEMA: Schema = {
             number_range(0.0, 10.0), const(0.15), "a change of the median smaller than this (relative) is not reported"
         ),
     },
+    # OpenTelemetry export of every stored record (docs/opentelemetry.md)
+    "otlp": OTLP_SECTION,
 }
 
 

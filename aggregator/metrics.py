@@ -95,6 +95,60 @@ class _ReadSkips:
         yield family
 
 
+class OtlpCollector:
+    """The OTLP forwarder's progress per signal (docs/opentelemetry.md): what lags, what failed, what was refused."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        signals = self.snapshot()["signals"]
+        families: dict[str, Any] = {
+            "forwarded": CounterMetricFamily(
+                f"{PREFIX}_otlp_forwarded_records", "Stored records the OTLP cursor moved past", labels=["signal"]
+            ),
+            "accepted": CounterMetricFamily(
+                f"{PREFIX}_otlp_accepted_items", "Spans or data points the OTLP backend accepted", labels=["signal"]
+            ),
+            "rejected": CounterMetricFamily(
+                f"{PREFIX}_otlp_rejected_items",
+                "Spans or data points the OTLP backend refused (partial success, or a record refused alone)",
+                labels=["signal"],
+            ),
+            "failures": CounterMetricFamily(
+                f"{PREFIX}_otlp_export_failures",
+                "OTLP export requests that delivered nothing (retried), by reason",
+                labels=["signal", "reason"],
+            ),
+            "pending": GaugeMetricFamily(
+                f"{PREFIX}_otlp_pending_records", "Stored records not yet exported", labels=["signal"]
+            ),
+            "lag": GaugeMetricFamily(
+                f"{PREFIX}_otlp_lag_seconds",
+                "Age of the oldest stored record not yet exported (0: none waiting)",
+                labels=["signal"],
+            ),
+            "success": GaugeMetricFamily(
+                f"{PREFIX}_otlp_last_success_timestamp_seconds",
+                "When the backend last accepted an export (Unix seconds)",
+                labels=["signal"],
+            ),
+        }
+        for signal, status in signals.items():
+            families["forwarded"].add_metric([signal], status["forwarded_records"])
+            families["accepted"].add_metric([signal], status["accepted_items"])
+            families["rejected"].add_metric([signal], status["rejected_items"])
+            for reason, n in sorted(status["failures"].items()):
+                families["failures"].add_metric([signal, reason], n)
+            families["pending"].add_metric([signal], status["pending_records"])
+            families["lag"].add_metric([signal], status["lag_seconds"])
+            if status["last_success_us"] is not None:
+                families["success"].add_metric([signal], status["last_success_us"] / 1e6)
+        yield from families.values()
+
+
 class FleetMetrics:
     def __init__(
         self,

@@ -344,6 +344,29 @@ class PostgresStore(Store):
         )
         return [SyncRow(*row) for row in reversed(rows)]
 
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = %s", (key,))
+        return None if not rows else str(rows[0][0])
+
+    def swap_meta(self, key: str, old: str | None, new: str) -> bool:
+        with self._lock, self._conn.transaction():
+            if old is None:
+                cur = self._conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING", (key, new)
+                )
+            else:
+                cur = self._conn.execute("UPDATE meta SET value = %s WHERE key = %s AND value = %s", (new, key, old))
+            return int(cur.rowcount) == 1
+
+    def backlog_after(self, seq: int, before_us: int | None = None) -> tuple[int, int | None, int]:
+        where, params = "seq > %s", [seq]
+        if before_us is not None:
+            where, params = f"{where} AND received_us < %s", [seq, before_us]
+        n, oldest, top = self._read(
+            f"SELECT COUNT(*), MIN(received_us), MAX(seq) FROM measurements WHERE {where}", params
+        )[0]
+        return int(n), oldest, int(top) if top is not None else seq
+
     def drop_before(self, cutoff_us: int) -> int:
         """Drops every monthly partition that ends at or before ``cutoff_us`` (and those records' ids)."""
         dropped = 0

@@ -342,6 +342,19 @@ class Store(abc.ABC):
         """The device's latest ``limit`` batches (received at or after ``since_us``), oldest first."""
 
     @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        """A value kept in ``meta`` (the OTLP cursor, …), or None."""
+
+    @abc.abstractmethod
+    def swap_meta(self, key: str, old: str | None, new: str) -> bool:
+        """Set ``meta[key]`` to ``new`` only if it still is ``old`` (None: absent); whether it was set."""
+
+    @abc.abstractmethod
+    def backlog_after(self, seq: int, before_us: int | None = None) -> tuple[int, int | None, int]:
+        """(how many, the oldest received_us, the highest seq) of the measurements after ``seq`` (received before
+        ``before_us``)."""
+
+    @abc.abstractmethod
     def drop_before(self, cutoff_us: int) -> int:
         """Retention: remove measurements that started before ``cutoff_us``; returns how many (or partitions)."""
 
@@ -741,6 +754,27 @@ class SQLiteStore(Store):
             [*params, limit],
         )
         return [SyncRow(*row) for row in reversed(rows)]
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if not rows else rows[0][0]
+
+    def swap_meta(self, key: str, old: str | None, new: str) -> bool:
+        with self._lock:
+            if old is None:
+                cursor = self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, new))
+            else:
+                cursor = self._conn.execute("UPDATE meta SET value = ? WHERE key = ? AND value = ?", (new, key, old))
+            return int(cursor.rowcount) == 1
+
+    def backlog_after(self, seq: int, before_us: int | None = None) -> tuple[int, int | None, int]:
+        where, params = "seq > ?", [seq]
+        if before_us is not None:
+            where, params = f"{where} AND received_us < ?", [seq, before_us]
+        n, oldest, top = self._read(
+            f"SELECT COUNT(*), MIN(received_us), MAX(seq) FROM measurements WHERE {where}", params
+        )[0]
+        return int(n), oldest, int(top) if top is not None else seq
 
     def drop_before(self, cutoff_us: int) -> int:
         with self._lock:

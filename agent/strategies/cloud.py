@@ -7,6 +7,7 @@ difference says: the time outside the server's prompt and generation (network, H
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,14 @@ class CloudStrategy:
         record.engine = "openai-compatible"
         prompt: Any = [{"role": "user", "content": text}] if self.client.settings.chat else text
         result = self.runner.run(self.client.complete(prompt, max_tokens=max_tokens, stream=True))
-        return cloud_record(record, result, self.rtt_ms)
+        window = cloud_record(record, result, self.rtt_ms)
+        parts = urllib.parse.urlsplit(self.client.settings.url)
+        if parts.hostname:
+            record.ext["network"]["server_address"] = parts.hostname
+            record.ext["network"]["server_port"] = parts.port or (443 if parts.scheme == "https" else 80)
+        if self.client.settings.model:
+            record.ext["network"]["model"] = self.client.settings.model
+        return window
 
 
 def cloud_record(record: Measurement, result: CloudResult, rtt_ms: float | None) -> Window:
@@ -38,6 +46,7 @@ def cloud_record(record: Measurement, result: CloudResult, rtt_ms: float | None)
         "bytes_down": result.bytes_down,
         "token_count_source": source,
         "http_status": result.http_status,
+        "path": result.path,
     }
     if not result.ok:
         record.ok = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,6 +263,9 @@ class SpeculativeStrategy:
             "bytes_up": tally.bytes_up,
             "bytes_down": tally.bytes_down,
             "bytes_per_committed_token": (tally.bytes_up + tally.bytes_down) / n_committed,
+            "round_us": tally.round_us(start),
+            "rounds_kept": len(tally.round_times),
+            **_server_of(self.client.settings.url),
             **tally.server_fields(),
             **protocol_fields,
         }
@@ -398,7 +402,16 @@ class SpeculativeStrategy:
         return [*texts, generated], n_ok, False, result
 
 
-# A text that covers many pieces (merges, bytes, digits, punctuation, case) for the vocabulary check.
+MAX_ROUNDS_KEPT = 256  # per request, in ext.collab.round_us (6 values each: well inside the record's ext bounds)
+
+
+def _server_of(url: str) -> dict[str, Any]:
+    """``server_address`` and ``server_port`` of the cloud endpoint (no path, no credentials)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return {"server_address": parts.hostname, "server_port": port} if parts.hostname else {}
+
+
 @dataclass
 class _Tally:
     """What a request's rounds add up to, whatever the protocol: draft length, stamps, counts, times, bytes."""
@@ -412,6 +425,9 @@ class _Tally:
     verify_ns: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    # the first MAX_ROUNDS_KEPT rounds as [start, draft, verify] in ns (perf_counter) with drafted and accepted: the
+    # record's ext.collab.round_us (each round a span in an OTLP trace)
+    round_times: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     server_ms: float = 0.0  # the server's own prompt + predicted ms, summed over the rounds that reported them
     server_rounds: int = 0  # rounds whose answer carried the server's timings (llama-server does; most others not)
 
@@ -451,6 +467,15 @@ class _Tally:
         self.drafted += drafted
         self.accepted += accepted
         self.rounds += 1
+        if len(self.round_times) < MAX_ROUNDS_KEPT:
+            self.round_times.append((t0, t1 - t0, t2 - t1, drafted, accepted))
+
+    def round_us(self, start_ns: int) -> list[list[int]]:
+        """``ext.collab.round_us``: [start offset from the request's start, draft, verify] in µs, drafted, accepted."""
+        return [
+            [(t0 - start_ns) // 1000, draft // 1000, verify // 1000, drafted, accepted]
+            for t0, draft, verify, drafted, accepted in self.round_times
+        ]
 
     def adapt(self, base_k: int, drafted: int, accepted: int) -> None:
         """Adaptive draft length: one longer after a fully accepted draft (up to 2 × ``base_k``), else what was

@@ -1,0 +1,834 @@
+"""Measurements as OpenTelemetry: GenAI spans and metrics, encoded as OTLP/HTTP protobuf, and the exporter's answers.
+
+Both roles export the same way: the aggregator forwards every stored record (``aggregator/otlp_forward.py``), a
+standalone agent its outbox (``agent/otlp_sync.py``). Both read records as their wire maps — what the outbox keeps
+and the aggregator stores — and build the OTLP messages with ``opentelemetry-proto`` directly, not through the
+OpenTelemetry SDK: a record is exported long after it was measured (a device's backlog, a backend's outage), with
+the device's own timestamps, identifiers derived from the record id (a resend carries the same trace and span ids)
+and an acknowledgement per request that decides when the cursor moves. The SDK stamps metrics with the time of
+export, makes its own ids and drops what its queue cannot hold; the encoding cost of both is measured by
+``bench/otlp_forward.py`` (docs/PERFORMANCE.md).
+
+The mapping follows the GenAI semantic conventions of semantic-conventions v1.41.0 (status: Development); the names
+live in one table, :data:`METRICS`, and docs/opentelemetry.md lists every span, attribute and metric.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import KeySpec, boolean, choice, const, int_range, optional, parse_duration, path_value, text
+from .itlpack import PackError, unpack_gaps
+
+SEMCONV_VERSION = "1.41.0"
+SCOPE_NAME = "llm-latency-lens"
+
+# The conventions' advised bucket boundaries.
+DURATION_BOUNDS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TOKEN_BOUNDS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, … 67108864
+SERVER_TTFT_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+SERVER_TPOT_BOUNDS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    unit: str
+    description: str
+    bounds: tuple[float, ...]
+    server: bool = False  # emitted only with otlp.server_metrics
+
+
+# Every metric the lens emits: name → what it measures, its unit and its buckets.
+METRICS: dict[str, MetricSpec] = {
+    spec.name: spec
+    for spec in (
+        MetricSpec(
+            "gen_ai.client.operation.duration", "s", "GenAI operation duration (the lens's e2e)", DURATION_BOUNDS
+        ),
+        MetricSpec(
+            "gen_ai.client.operation.time_to_first_chunk",
+            "s",
+            "Time to the first output token (the lens's TTFT)",
+            DURATION_BOUNDS,
+        ),
+        MetricSpec(
+            "gen_ai.client.operation.time_per_output_chunk",
+            "s",
+            "Each gap between consecutive output tokens (the lens's inter-token latencies)",
+            DURATION_BOUNDS,
+        ),
+        MetricSpec("gen_ai.client.token.usage", "{token}", "Input and output tokens per request", TOKEN_BOUNDS),
+        MetricSpec(
+            "gen_ai.server.time_to_first_token", "s", "Time to the first token (TTFT)", SERVER_TTFT_BOUNDS, server=True
+        ),
+        MetricSpec(
+            "gen_ai.server.time_per_output_token",
+            "s",
+            "Time per output token after the first (TPOT), per request",
+            SERVER_TPOT_BOUNDS,
+            server=True,
+        ),
+        MetricSpec(
+            "gen_ai.server.request.duration", "s", "Request duration (the lens's e2e)", DURATION_BOUNDS, server=True
+        ),
+    )
+}
+
+# The ``[otlp]`` section, the same for both roles.
+OTLP_SECTION: dict[str, KeySpec] = {
+    "endpoint": KeySpec(
+        optional(text), const(None), "OTLP/HTTP base URL (/v1/traces and /v1/metrics are added); unset: no export"
+    ),
+    "protocol": KeySpec(choice("http/protobuf"), const("http/protobuf"), "the OTLP transport (http/protobuf)"),
+    "headers": KeySpec(text, const(""), "request headers, name=value pairs separated by commas (e.g. auth)"),
+    "headers_file": KeySpec(optional(path_value), const(None), "a file of name=value lines, one header each"),
+    "ca_file": KeySpec(optional(path_value), const(None), "CA bundle (PEM) to verify an https:// endpoint"),
+    "timeout": KeySpec(parse_duration, const(10.0), "one export request's time limit"),
+    "traces": KeySpec(boolean, const(True), "export one trace per request"),
+    "metrics": KeySpec(boolean, const(True), "export the GenAI histograms"),
+    "temporality": KeySpec(choice("cumulative", "delta"), const("cumulative"), "the histograms' temporality"),
+    "server_metrics": KeySpec(
+        boolean, const(False), "also export gen_ai.server.time_to_first_token, …time_per_output_token, …duration"
+    ),
+    "resource_attributes": KeySpec(text, const(""), "extra resource attributes, name=value pairs separated by commas"),
+    "batch_records": KeySpec(int_range(1, 10_000), const(500), "records per export request"),
+    "interval": KeySpec(parse_duration, const(5.0), "how often new records are looked for when all are exported"),
+    "backoff_max": KeySpec(parse_duration, const(300.0), "the longest wait between retries while the backend fails"),
+    "settle": KeySpec(
+        optional(parse_duration),
+        const(None),
+        "forward a record only this long after it was stored (default: 0 on SQLite, 30s on PostgreSQL)",
+    ),
+}
+
+
+class HeaderError(ValueError):
+    """A header setting that is not ``name=value`` pairs: names the source and the entry."""
+
+
+def parse_headers(value: str, source: str) -> dict[str, str]:
+    """``name=value`` pairs separated by commas (``OTEL_EXPORTER_OTLP_HEADERS``' format) or by newlines."""
+    headers: dict[str, str] = {}
+    for raw in value.replace("\n", ",").split(","):
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, sep, val = entry.partition("=")
+        name, val = name.strip(), val.strip()
+        if not sep or not name or any(c in name for c in " :\t\r") or "\r" in val:
+            shown = entry if "=" not in entry else name + "=…"
+            raise HeaderError(f"{source}: {shown!r} is not a header as name=value")
+        headers[name] = val
+    return headers
+
+
+def parse_attributes(value: str, source: str) -> dict[str, str]:
+    """``resource_attributes``: ``name=value`` pairs separated by commas (``OTEL_RESOURCE_ATTRIBUTES``' format)."""
+    return parse_headers(value, source)
+
+
+# -- reading a record defensively --------------------------------------------------------------------------------
+def _num(value: Any) -> float | None:
+    if type(value) in (int, float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _int(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _str(value: Any) -> str | None:
+    return value if type(value) is str else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if type(value) is dict else {}
+
+
+def operation_name(record: Mapping[str, Any]) -> str:
+    """``chat`` when the cloud was asked on its chat route, else ``text_completion`` (a prompt completed)."""
+    path = _str(_dict(_dict(record.get("ext")).get("network")).get("path")) or ""
+    return "chat" if path.endswith("chat/completions") else "text_completion"
+
+
+def provider_name(record: Mapping[str, Any]) -> str:
+    """``gen_ai.provider.name``: ``llama.cpp`` on the device; the cloud's own name when the record carries one."""
+    strategy = record.get("strategy") or "local"
+    network = _dict(_dict(record.get("ext")).get("network"))
+    if strategy == "cloud" or (strategy == "offload" and _offload_target(record) == "cloud"):
+        return _str(network.get("provider")) or "openai_compatible"
+    return "llama.cpp"
+
+
+def _offload_target(record: Mapping[str, Any]) -> str | None:
+    return _str(_dict(_dict(record.get("ext")).get("offload")).get("decision"))
+
+
+def _server(record: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    ext = _dict(record.get("ext"))
+    for section in ("network", "collab"):
+        part = _dict(ext.get(section))
+        if _str(part.get("server_address")):
+            return part["server_address"], _int(part.get("server_port"))
+    return None, None
+
+
+def metric_attributes(record: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The attribute set of a record's data points (sorted: one stream per distinct set)."""
+    model = _str(record.get("model_name")) or "unknown"
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": operation_name(record),
+        "gen_ai.provider.name": provider_name(record),
+        "gen_ai.request.model": model,
+        "gen_ai.response.model": _str(_dict(_dict(record.get("ext")).get("network")).get("model")) or model,
+        "lens.strategy": _str(record.get("strategy")) or "local",
+    }
+    address, port = _server(record)
+    if address is not None:
+        attrs["server.address"] = address
+        if port is not None:
+            attrs["server.port"] = port
+    if record.get("ok") is not True:
+        attrs["error.type"] = _str(record.get("error_type")) or "_OTHER"
+    return tuple(sorted(attrs.items()))
+
+
+def _seconds(us: Any) -> float | None:
+    v = _int(us)
+    return None if v is None else v / 1e6
+
+
+def observations(
+    record: Mapping[str, Any], *, server_metrics: bool
+) -> list[tuple[str, tuple[tuple[str, Any], ...], list[float]]]:
+    """(metric, attributes, values) of one inference record."""
+    attrs = metric_attributes(record)
+    out: list[tuple[str, tuple[tuple[str, Any], ...], list[float]]] = []
+    e2e = _seconds(record.get("e2e_us"))
+    if e2e is not None:
+        out.append(("gen_ai.client.operation.duration", attrs, [e2e]))
+    ok = record.get("ok") is True
+    ttft = _seconds(record.get("ttft_us"))
+    if ok and ttft is not None:
+        out.append(("gen_ai.client.operation.time_to_first_chunk", attrs, [ttft]))
+        gaps = gaps_s(record)
+        if gaps:
+            out.append(("gen_ai.client.operation.time_per_output_chunk", attrs, gaps))
+    for token_type, field in (("input", "input_tokens"), ("output", "output_tokens")):
+        n = _int(record.get(field))
+        if n is not None and (n > 0 or ok):
+            out.append(("gen_ai.client.token.usage", (*attrs, ("gen_ai.token.type", token_type)), [float(n)]))
+    if server_metrics and ok:
+        tpot = _seconds(record.get("tpot_us"))
+        if ttft is not None:
+            out.append(("gen_ai.server.time_to_first_token", attrs, [ttft]))
+        if tpot is not None:
+            out.append(("gen_ai.server.time_per_output_token", attrs, [tpot]))
+        if e2e is not None:
+            out.append(("gen_ai.server.request.duration", attrs, [e2e]))
+    return out
+
+
+def gaps_s(record: Mapping[str, Any]) -> list[float]:
+    """The record's inter-token gaps in seconds (empty when it carries none or they do not unpack)."""
+    packed = record.get("itl_us")
+    if type(packed) is not bytes or not packed:
+        return []
+    try:
+        return [gap / 1e6 for gap in unpack_gaps(packed)]
+    except PackError:
+        return []
+
+
+# -- traces ------------------------------------------------------------------------------------------------------
+def trace_id(record_id: bytes) -> bytes:
+    """The record's trace id: its own 16-byte id (a resend carries the same one)."""
+    return record_id if len(record_id) == 16 and any(record_id) else hashlib.sha256(record_id).digest()[:16]
+
+
+def span_id(record_id: bytes, n: int) -> bytes:
+    """The ``n``-th span of a record: 8 bytes of sha256(record id ‖ n), never all zero."""
+    digest = hashlib.sha256(record_id + n.to_bytes(4, "big")).digest()
+    return digest[:8] if any(digest[:8]) else digest[8:16]
+
+
+@dataclass
+class SpanData:
+    """One span before encoding (kept plain so the tests read what the mapping decided)."""
+
+    name: str
+    kind: str  # internal | client
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    parent: int | None = None  # index of the parent in the record's span list
+    error: str | None = None  # status message when the span failed
+    events: tuple[tuple[str, int, dict[str, Any]], ...] = ()
+
+
+MAX_ROUND_SPANS = 256  # speculative rounds drawn as spans per request (ext.collab.round_us carries at most this)
+
+
+def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
+    """The spans of one inference (or model load) record: the request, then its children.
+
+    Times are the device's: ``started_us`` plus the record's own durations. A child whose duration is unknown is
+    left out rather than guessed."""
+    kind = record.get("kind")
+    start_us = _int(record.get("started_us")) or 0
+    start = start_us * 1000
+    ext = _dict(record.get("ext"))
+    if kind == "model_load":
+        load = _dict(ext.get("model_load"))
+        ms = _num(load.get("engine_load_ms")) or 0.0
+        attrs = {"gen_ai.request.model": _str(record.get("model_name")) or "unknown", "lens.record.kind": kind}
+        for key, value in load.items():
+            if key != "path" and type(value) in (int, float, str, bool):
+                attrs[f"lens.model_load.{key}"] = value
+        return [
+            SpanData(f"model_load {attrs['gen_ai.request.model']}", "internal", start, start + int(ms * 1e6), attrs)
+        ]
+    strategy = _str(record.get("strategy")) or "local"
+    model = _str(record.get("model_name")) or "unknown"
+    op = operation_name(record)
+    cloud = strategy == "cloud" or (strategy == "offload" and _offload_target(record) == "cloud")
+    e2e_us = _int(record.get("e2e_us"))
+    end = start + (e2e_us or 0) * 1000
+    attrs = span_attributes(record)
+    ok = record.get("ok") is True
+    error = None if ok else (_str(record.get("error_message")) or _str(record.get("error_type")) or "failed")
+    root = SpanData(f"{op} {model}", "client" if cloud else "internal", start, end, attrs, error=error)
+    spans = [root]
+    ttft_us = _int(record.get("ttft_us"))
+    offload = _dict(ext.get("offload"))
+    if offload:
+        decision = {
+            f"lens.offload.{k}": v
+            for k in ("decision", "reason", "predicted_local_ms", "predicted_cloud_ms")
+            if type(v := offload.get(k)) in (int, float, str)
+        }
+        spans.append(SpanData("offload_decision", "internal", start, start, decision, parent=0))
+    collab = _dict(ext.get("collab"))
+    rounds = collab.get("round_us")
+    if strategy == "speculative" and type(rounds) is list:
+        rtt = _num(_dict(ext.get("network")).get("rtt_ms")) or _num(collab.get("rtt_ms"))
+        for n, entry in enumerate(rounds[:MAX_ROUND_SPANS]):
+            if type(entry) is not list or len(entry) != 5 or any(type(x) is not int for x in entry):
+                continue
+            offset, draft_us, verify_us, drafted, accepted = entry
+            r0 = start + offset * 1000
+            r1 = r0 + draft_us * 1000
+            r2 = r1 + verify_us * 1000
+            round_index = len(spans)
+            spans.append(
+                SpanData(
+                    "speculative_round",
+                    "internal",
+                    r0,
+                    r2,
+                    {
+                        "lens.speculative.round": n,
+                        "lens.speculative.drafted": drafted,
+                        "lens.speculative.accepted": accepted,
+                    },
+                    parent=0,
+                )
+            )
+            spans.append(
+                SpanData("draft", "internal", r0, r1, {"lens.speculative.drafted": drafted}, parent=round_index)
+            )
+            verify_index = len(spans)
+            spans.append(
+                SpanData("verify", "client", r1, r2, {"lens.speculative.accepted": accepted}, parent=round_index)
+            )
+            if rtt is not None:
+                net = min(int(rtt * 1e6), verify_us * 1000)
+                spans.append(
+                    SpanData(
+                        "network",
+                        "internal",
+                        r1,
+                        r1 + net,
+                        {"lens.network.source": "TCP connect RTT (an estimate, placed at the start of verify)"},
+                        parent=verify_index,
+                    )
+                )
+    elif ok and ttft_us is not None and e2e_us is not None:
+        first = start + ttft_us * 1000
+        prefill_attrs: dict[str, Any] = {}
+        if (n_in := _int(record.get("input_tokens"))) is not None:
+            prefill_attrs["gen_ai.usage.input_tokens"] = n_in
+        if (us := _int(record.get("engine_prefill_us"))) is not None:
+            prefill_attrs["lens.engine.prefill_s"] = us / 1e6
+        spans.append(SpanData("prefill", "internal", start, first, prefill_attrs, parent=0))
+        decode_attrs: dict[str, Any] = {}
+        if (n_out := _int(record.get("output_tokens"))) is not None:
+            decode_attrs["gen_ai.usage.output_tokens"] = n_out
+        if (us := _int(record.get("engine_decode_us"))) is not None:
+            decode_attrs["lens.engine.decode_s"] = us / 1e6
+        spans.append(SpanData("decode", "internal", first, end, decode_attrs, parent=0))
+    return spans
+
+
+def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The request span's attributes: the GenAI ones, then the lens's own figures."""
+    attrs: dict[str, Any] = dict(metric_attributes(record))
+    ext = _dict(record.get("ext"))
+    for key, field in (("gen_ai.usage.input_tokens", "input_tokens"), ("gen_ai.usage.output_tokens", "output_tokens")):
+        if (n := _int(record.get(field))) is not None:
+            attrs[key] = n
+    stop = _str(record.get("stop_reason"))
+    if stop:
+        attrs["gen_ai.response.finish_reasons"] = [{"eos": "stop", "max_tokens": "length"}.get(stop, stop)]
+    record_id = record.get("id")
+    if type(record_id) is bytes:
+        attrs["gen_ai.response.id"] = record_id.hex()
+    for key, field in (
+        ("lens.run.id", "run_id"),
+        ("lens.engine", "engine"),
+        ("lens.prompt.id", "prompt_id"),
+        ("lens.stop_reason", "stop_reason"),
+    ):
+        if (s := _str(record.get(field))) is not None:
+            attrs[key] = s
+    for key, field in (("lens.ttft_s", "ttft_us"), ("lens.tpot_s", "tpot_us"), ("lens.e2e_s", "e2e_us")):
+        if (v := _seconds(record.get(field))) is not None:
+            attrs[key] = v
+    for key, field in (
+        ("lens.memory.rss_peak_bytes", "rss_peak_bytes"),
+        ("lens.memory.rss_before_bytes", "rss_before_bytes"),
+    ):
+        if (n := _int(record.get(field))) is not None:
+            attrs[key] = n
+    if record.get("first_after_load") is True:
+        attrs["lens.first_after_load"] = True
+    energy = _dict(ext.get("energy"))
+    for key, field in (
+        ("lens.energy.j_per_output_token", "j_per_output_token"),
+        ("lens.energy.joules", "joules_total"),
+        ("lens.energy.average_power_w", "average_power_w"),
+    ):
+        if (v := _num(energy.get(field))) is not None:
+            attrs[key] = v
+    if _str(energy.get("source")):
+        attrs["lens.energy.source"] = energy["source"]
+    collab = _dict(ext.get("collab"))
+    for key, field in (
+        ("lens.speculative.acceptance_rate", "acceptance_rate"),
+        ("lens.speculative.draft_tokens", "draft_tokens"),
+        ("lens.speculative.rounds", "rounds"),
+        ("lens.speculative.mean_accepted_length", "mean_accepted_length"),
+        ("lens.speculative.network_time_s", "network_time_ms"),
+    ):
+        value = collab.get(field)
+        if (v := _num(value)) is not None:
+            attrs[key] = v / 1000 if field.endswith("_ms") else (value if type(value) is int else v)
+    offload = _dict(ext.get("offload"))
+    if _str(offload.get("decision")):
+        attrs["lens.offload.decision"] = offload["decision"]
+    clock = _dict(ext.get("clock"))
+    synced = clock.get("synchronized")
+    attrs["lens.clock.synchronized"] = synced if type(synced) is bool else "unknown"
+    if (v := _int(clock.get("maxerror_us"))) is not None:
+        attrs["lens.clock.maxerror_us"] = v
+    if record.get("ok") is not True and _str(record.get("error_type")):
+        attrs["error.type"] = record["error_type"]
+    return attrs
+
+
+def resource_attributes(
+    device_id: str, facts: Mapping[str, Any] | None, *, version: str, extra: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """A device's resource: the service (the lens on that device), the device id and its latest facts."""
+    attrs: dict[str, Any] = {
+        "service.name": "lens-agent",
+        "service.version": version,
+        "service.instance.id": device_id,
+        "host.name": device_id,
+        "lens.device.id": device_id,
+        "telemetry.sdk.name": SCOPE_NAME,
+        "telemetry.sdk.language": "python",
+    }
+    for key, field in (
+        ("lens.device.class", "device_class"),
+        ("host.type", "model"),
+        ("lens.device.accelerator", "accelerator"),
+        ("lens.device.power_mode", "power_mode"),
+    ):
+        if facts and _str(facts.get(field)):
+            attrs[key] = facts[field]
+    if facts and (v := _num(facts.get("ram_gb"))) is not None:
+        attrs["lens.device.ram_gb"] = v
+    for key, value in (extra or {}).items():
+        attrs[key] = value
+    return attrs
+
+
+# -- encoding ----------------------------------------------------------------------------------------------------
+def _any_value(value: Any) -> Any:
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    if type(value) is bool:
+        return common_pb2.AnyValue(bool_value=value)
+    if type(value) is int:
+        return common_pb2.AnyValue(int_value=value)
+    if type(value) is float:
+        return common_pb2.AnyValue(double_value=value)
+    if type(value) is list:
+        return common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=[_any_value(v) for v in value]))
+    return common_pb2.AnyValue(string_value=str(value))
+
+
+def key_values(attrs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[Any]:
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    items = attrs.items() if isinstance(attrs, Mapping) else attrs
+    return [common_pb2.KeyValue(key=k, value=_any_value(v)) for k, v in items]
+
+
+def encode_traces(
+    groups: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], *, version: str
+) -> tuple[bytes, int]:
+    """An ``ExportTraceServiceRequest``: per (resource attributes, records) group, every record's spans.
+    Returns the encoded request and its span count."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    kinds = {"internal": trace_pb2.Span.SPAN_KIND_INTERNAL, "client": trace_pb2.Span.SPAN_KIND_CLIENT}
+    scope = common_pb2.InstrumentationScope(name=SCOPE_NAME, version=version)
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    count = 0
+    for resource, records in groups:
+        spans = []
+        for record in records:
+            record_id = record.get("id")
+            if type(record_id) is not bytes:
+                continue
+            tid = trace_id(record_id)
+            datas = record_spans(record)
+            ids = [span_id(record_id, n) for n in range(len(datas))]
+            for n, data in enumerate(datas):
+                span = trace_pb2.Span(
+                    trace_id=tid,
+                    span_id=ids[n],
+                    parent_span_id=ids[data.parent] if data.parent is not None else b"",
+                    name=data.name,
+                    kind=kinds[data.kind],
+                    start_time_unix_nano=data.start_ns,
+                    end_time_unix_nano=max(data.start_ns, data.end_ns),
+                    attributes=key_values(data.attributes),
+                )
+                if data.error is not None:
+                    span.status.code = trace_pb2.Status.STATUS_CODE_ERROR
+                    span.status.message = data.error[:1024]
+                spans.append(span)
+        if spans:
+            count += len(spans)
+            request.resource_spans.append(
+                trace_pb2.ResourceSpans(
+                    resource=resource_pb2.Resource(attributes=key_values(resource)),
+                    scope_spans=[trace_pb2.ScopeSpans(scope=scope, spans=spans)],
+                    schema_url=f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}",
+                )
+            )
+    return request.SerializeToString(), count
+
+
+@dataclass
+class HistogramState:
+    """One stream's histogram: counts per bucket (len(bounds) + 1), sum, count, min, max, and when it started."""
+
+    start_ns: int
+    counts: list[int]
+    total: float = 0.0
+    count: int = 0
+    low: float = math.inf
+    high: float = -math.inf
+
+    def add(self, values: Sequence[float], bounds: Sequence[float]) -> None:
+        import bisect
+
+        for v in values:
+            self.counts[bisect.bisect_left(bounds, v)] += 1
+            self.total += v
+            self.low = min(self.low, v)
+            self.high = max(self.high, v)
+        self.count += len(values)
+
+    def to_json(self) -> list[Any]:
+        return [self.start_ns, self.counts, self.total, self.count, self.low, self.high]
+
+    @classmethod
+    def from_json(cls, data: Sequence[Any]) -> HistogramState:
+        return cls(
+            int(data[0]), [int(c) for c in data[1]], float(data[2]), int(data[3]), float(data[4]), float(data[5])
+        )
+
+
+StreamKey = tuple[str, str, tuple[tuple[str, Any], ...]]  # (device, metric, attributes)
+
+
+class MetricsAccumulator:
+    """The GenAI histograms of the records exported, per device × metric × attribute set.
+
+    ``delta``: each export carries what the records since the previous export added, over [previous export, now].
+    ``cumulative``: each export carries every touched stream's totals since the stream's first record was exported;
+    the totals are kept (``state()``/``load()``) with the cursor, so a restart continues them rather than resetting.
+    Points are stamped with the export's time, not the records' (backends refuse samples out of order; a device's
+    day-old backlog would be refused) — the device's timestamps are on the spans."""
+
+    def __init__(self, temporality: str, *, server_metrics: bool) -> None:
+        self.temporality = temporality
+        self.server_metrics = server_metrics
+        self.totals: dict[StreamKey, HistogramState] = {}
+        self.last_export_ns: int | None = None
+
+    def load(self, state: Mapping[str, Any] | None) -> None:
+        if not state:
+            return
+        self.last_export_ns = state.get("last_export_ns")
+        for entry in state.get("streams", []):
+            device, metric, attrs, hist = entry
+            key = (device, metric, tuple((k, v) for k, v in attrs))
+            self.totals[key] = HistogramState.from_json(hist)
+
+    def state(self) -> dict[str, Any]:
+        streams = (
+            [[d, m, [list(a) for a in attrs], h.to_json()] for (d, m, attrs), h in self.totals.items()]
+            if self.temporality == "cumulative"
+            else []
+        )
+        return {"last_export_ns": self.last_export_ns, "streams": streams}
+
+    def encode(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        resources: Mapping[str, Mapping[str, Any]],
+        *,
+        now_ns: int,
+        version: str,
+    ) -> tuple[bytes, int, dict[str, Any]]:
+        """The ``ExportMetricsServiceRequest`` for ``records`` (inference records only), its data point count, and
+        the state to keep once the backend accepted it (this object is unchanged until :meth:`commit`)."""
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+        from opentelemetry.proto.common.v1 import common_pb2
+        from opentelemetry.proto.metrics.v1 import metrics_pb2
+        from opentelemetry.proto.resource.v1 import resource_pb2
+
+        start_default = self.last_export_ns if self.last_export_ns is not None else now_ns
+        batch: dict[StreamKey, HistogramState] = {}
+        for record in records:
+            if record.get("kind") != "inference":
+                continue
+            device = _str(record.get("device_id")) or "unknown"
+            for metric, attrs, values in observations(record, server_metrics=self.server_metrics):
+                key = (device, metric, attrs)
+                if key not in batch:
+                    base = self.totals.get(key) if self.temporality == "cumulative" else None
+                    batch[key] = (
+                        HistogramState.from_json(base.to_json())
+                        if base
+                        else HistogramState(
+                            start_default if self.temporality == "delta" else now_ns,
+                            [0] * (len(METRICS[metric].bounds) + 1),
+                        )
+                    )
+                batch[key].add(values, METRICS[metric].bounds)
+        temporality = (
+            metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
+            if self.temporality == "cumulative"
+            else metrics_pb2.AGGREGATION_TEMPORALITY_DELTA
+        )
+        by_device: dict[str, dict[str, list[tuple[tuple[tuple[str, Any], ...], HistogramState]]]] = {}
+        for (device, metric, attrs), hist in batch.items():
+            by_device.setdefault(device, {}).setdefault(metric, []).append((attrs, hist))
+        scope = common_pb2.InstrumentationScope(name=SCOPE_NAME, version=version)
+        request = metrics_service_pb2.ExportMetricsServiceRequest()
+        points = 0
+        for device in sorted(by_device):
+            metrics = []
+            for metric, streams in sorted(by_device[device].items()):
+                spec = METRICS[metric]
+                data_points = []
+                for attrs, hist in streams:
+                    point = metrics_pb2.HistogramDataPoint(
+                        attributes=key_values(attrs),
+                        start_time_unix_nano=hist.start_ns,
+                        time_unix_nano=now_ns,
+                        count=hist.count,
+                        sum=hist.total,
+                        bucket_counts=hist.counts,
+                        explicit_bounds=spec.bounds,
+                    )
+                    if hist.count:
+                        point.min, point.max = hist.low, hist.high
+                    data_points.append(point)
+                points += len(data_points)
+                metrics.append(
+                    metrics_pb2.Metric(
+                        name=spec.name,
+                        unit=spec.unit,
+                        description=spec.description,
+                        histogram=metrics_pb2.Histogram(data_points=data_points, aggregation_temporality=temporality),
+                    )
+                )
+            resource = resources.get(device) or {"service.name": "lens-agent", "lens.device.id": device}
+            request.resource_metrics.append(
+                metrics_pb2.ResourceMetrics(
+                    resource=resource_pb2.Resource(attributes=key_values(resource)),
+                    scope_metrics=[metrics_pb2.ScopeMetrics(scope=scope, metrics=metrics)],
+                    schema_url=f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}",
+                )
+            )
+        pending = {"batch": batch, "now_ns": now_ns}
+        return request.SerializeToString(), points, pending
+
+    def commit(self, pending: Mapping[str, Any]) -> None:
+        """The backend accepted the request :meth:`encode` returned ``pending`` for: keep its totals."""
+        if self.temporality == "cumulative":
+            self.totals.update(pending["batch"])
+        self.last_export_ns = pending["now_ns"]
+
+
+# -- the backend's answer ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportAnswer:
+    """What an export request's answer means. ``outcome``: ``accepted`` (``rejected`` items the backend refused,
+    ``message`` its reason), ``retry`` (nothing delivered: try again later, after ``retry_after`` when the backend
+    said), ``refused`` (the backend will not take this request as it is: split it, or skip a single record)."""
+
+    outcome: str
+    status: int | None
+    message: str
+    rejected: int = 0
+    retry_after: float | None = None
+
+
+PROTOBUF = "application/x-protobuf"
+
+
+def read_answer(signal: str, status: int, content_type: str, body: bytes, retry_after: str | None) -> ExportAnswer:
+    """Judge an OTLP/HTTP answer. A ``200`` counts only when it is an OTLP response: ``application/x-protobuf`` that
+    decodes as the signal's ``Export…ServiceResponse`` (a captive portal's or proxy's ``200`` page is not)."""
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    delay = _retry_after(retry_after)
+    if 200 <= status < 300:
+        if content_type != PROTOBUF:
+            return ExportAnswer(
+                "retry",
+                status,
+                f"HTTP {status} with Content-Type {content_type or 'none'!r} is not an OTLP answer "
+                f"(expected {PROTOBUF}): nothing counted as delivered",
+            )
+        response: Any = (
+            trace_service_pb2.ExportTraceServiceResponse()
+            if signal == "traces"
+            else metrics_service_pb2.ExportMetricsServiceResponse()
+        )
+        try:
+            response.ParseFromString(body)
+        except DecodeError:
+            return ExportAnswer("retry", status, f"HTTP {status}: the body is not an OTLP {signal} response")
+        partial = response.partial_success
+        rejected = int(partial.rejected_spans if signal == "traces" else partial.rejected_data_points)
+        return ExportAnswer("accepted", status, partial.error_message[:300], rejected=rejected)
+    snippet = _status_message(body, content_type)
+    if status in (429, 502, 503, 504) or status >= 500:
+        return ExportAnswer("retry", status, f"HTTP {status} from the backend{snippet}", retry_after=delay)
+    if status in (400, 413):
+        return ExportAnswer("refused", status, f"HTTP {status}: the backend refused the request{snippet}")
+    # 401, 403, 404, 415, …: a setting to fix (token, path, protocol); nothing is skipped meanwhile
+    return ExportAnswer("retry", status, f"HTTP {status} from the backend (check otlp.endpoint and headers){snippet}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and 0 <= seconds <= 3600 else None
+
+
+def _status_message(body: bytes, content_type: str) -> str:
+    """The backend's reason: a ``google.rpc.Status`` message (field 2) when it sent one, else a text body's start."""
+    if content_type == PROTOBUF:
+        message = _protobuf_string_field(body[:4096], 2)
+        return f": {message[:200]!r}" if message else ""
+    text = body[:200].decode("utf-8", "replace").strip()
+    return f": {text!r}" if text else ""
+
+
+def _protobuf_string_field(data: bytes, number: int) -> str | None:
+    """A top-level length-delimited field of a protobuf message, decoded as UTF-8 (None when absent or malformed)."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        shift = result = 0
+        while pos < len(data) and shift < 64:
+            byte = data[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result
+            shift += 7
+        raise ValueError("truncated varint")
+
+    try:
+        while pos < len(data):
+            tag = varint()
+            wire_type = tag & 7
+            if wire_type == 0:
+                varint()
+            elif wire_type == 2:
+                length = varint()
+                chunk = data[pos : pos + length]
+                pos += length
+                if tag >> 3 == number:
+                    return chunk.decode("utf-8", "replace")
+            elif wire_type in (1, 5):
+                pos += 8 if wire_type == 1 else 4
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
+
+
+async def post_export(
+    session: Any, url: str, signal: str, body: bytes, headers: Mapping[str, str], timeout: float
+) -> ExportAnswer:
+    """POST one export request; a network failure or a timeout is ``retry`` (nothing was delivered)."""
+    import asyncio
+
+    import aiohttp
+
+    try:
+        async with session.post(
+            url,
+            data=body,
+            headers={**headers, "Content-Type": PROTOBUF},
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            content = await response.content.read(65536)
+            return read_answer(
+                signal, response.status, response.content_type, content, response.headers.get("Retry-After")
+            )
+    except asyncio.TimeoutError:
+        return ExportAnswer("retry", None, f"no answer from {url} within {timeout:g} s")
+    except (aiohttp.ClientError, OSError) as exc:
+        return ExportAnswer("retry", None, f"{url}: {type(exc).__name__}: {exc}"[:300])
