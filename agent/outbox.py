@@ -1469,6 +1469,9 @@ class AsyncOutbox:
     async def stats(self) -> OutboxStats:
         return await self._run(self.outbox.stats)
 
+    async def get_state(self, key: str) -> str | None:
+        return await self._run(self.outbox.get_state, key)
+
     async def set_state(self, values: Mapping[str, str | int | float | None]) -> None:
         await self._run(self.outbox.set_state, values)
 

@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from lens_core import otlp
 from lens_core.notify import Notifier
 
 from .bench.runner import BenchOptions, run_bench
@@ -194,11 +195,22 @@ class AgentService:
         from .sync import SyncService, Uploader, sync_settings
 
         self._sync = self._uploader = None
-        if not self.config.get("sync", "url"):
+        assert self.outbox is not None
+        standalone = otlp.otlp_settings(self.config) if not self.config.get("sync", "url") else None
+        if standalone is not None:
+            from .otlp_sync import OtlpUploader, standalone_sync_settings
+
+            log.info("no sync.url: exporting the outbox to the OTLP backend %s", standalone.endpoint)
+            self._uploader = OtlpUploader(self.outbox, standalone_sync_settings(self.config, standalone), standalone)
+        elif not self.config.get("sync", "url"):
             log.warning("sync.url is not set: measurements stay in the outbox until it is")
             return
-        assert self.outbox is not None
-        self._uploader = Uploader(self.outbox, sync_settings(self.config))
+        else:
+            if self.config.get("otlp", "endpoint"):
+                log.warning(
+                    "sync.url and otlp.endpoint are both set: uploading to the aggregator, which forwards to OTLP"
+                )
+            self._uploader = Uploader(self.outbox, sync_settings(self.config))
         self._uploader.settings = dataclasses.replace(self._uploader.settings, expected_gap_s=self.expected_gap())
         self._sync = SyncService(self._uploader)
         self._sync.start()

@@ -49,6 +49,7 @@ AGENT_SECTIONS = (
     "service",
     "gates",
     "outbox",
+    "otlp",
 )
 AGGREGATOR_SECTIONS = ("server", "storage", "auth", "fleet", "otlp")
 
