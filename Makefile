@@ -92,6 +92,7 @@ bench: $(STAMP) vllm
 	$(BIN)/python bench/histogram_error.py
 	$(BIN)/python bench/fleet_cost.py
 	$(BIN)/python bench/live_pages.py
+	$(BIN)/python bench/otlp_forward.py
 
 # uPlot, the device page's charts, is vendored into aggregator/static (served by the aggregator; no CDN). This
 # refreshes it from the npm registry at the version named here; tests/test_device_page.py checks the files.
