@@ -15,7 +15,9 @@ live in one table, :data:`METRICS`, and docs/opentelemetry.md lists every span, 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -563,9 +565,16 @@ def resource_attributes(
 
 
 # -- encoding ----------------------------------------------------------------------------------------------------
-def _any_value(value: Any) -> Any:
+@functools.cache
+def _common() -> Any:
+    """opentelemetry-proto's common messages (imported once, on first use: the extra is optional)."""
     from opentelemetry.proto.common.v1 import common_pb2
 
+    return common_pb2
+
+
+def _any_value(value: Any) -> Any:
+    common_pb2 = _common()
     if type(value) is bool:
         return common_pb2.AnyValue(bool_value=value)
     if type(value) is int:
@@ -578,10 +587,9 @@ def _any_value(value: Any) -> Any:
 
 
 def key_values(attrs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[Any]:
-    from opentelemetry.proto.common.v1 import common_pb2
-
+    key_value = _common().KeyValue
     items = attrs.items() if isinstance(attrs, Mapping) else attrs
-    return [common_pb2.KeyValue(key=k, value=_any_value(v)) for k, v in items]
+    return [key_value(key=k, value=_any_value(v)) for k, v in items]
 
 
 def encode_traces(
@@ -646,14 +654,25 @@ class HistogramState:
     high: float = -math.inf
 
     def add(self, values: Sequence[float], bounds: Sequence[float]) -> None:
-        import bisect
+        if len(values) < 16:  # one value (a duration, a count): numpy's call overhead would dominate
+            for v in values:
+                self.counts[bisect.bisect_left(bounds, v)] += 1
+                self.total += v
+                self.low = min(self.low, v)
+                self.high = max(self.high, v)
+            self.count += len(values)
+            return
+        import numpy as np
 
-        for v in values:
-            self.counts[bisect.bisect_left(bounds, v)] += 1
-            self.total += v
-            self.low = min(self.low, v)
-            self.high = max(self.high, v)
-        self.count += len(values)
+        array = np.asarray(values, dtype=np.float64)
+        # bucket i holds (bounds[i-1], bounds[i]]: the first bound not below the value (searchsorted "left")
+        counts = np.bincount(np.searchsorted(bounds, array, side="left"), minlength=len(bounds) + 1)
+        for i in np.flatnonzero(counts):
+            self.counts[int(i)] += int(counts[i])
+        self.total += float(array.sum())
+        self.low = min(self.low, float(array.min()))
+        self.high = max(self.high, float(array.max()))
+        self.count += len(array)
 
     def to_json(self) -> list[Any]:
         return [self.start_ns, self.counts, self.total, self.count, self.low, self.high]
