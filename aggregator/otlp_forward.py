@@ -282,7 +282,7 @@ class Forwarder:
                 record.get("device_id"),
                 answer.message,
             )
-            await self._advance(signal, top, count, 0, items, pending)
+            await self._advance(signal, top, count, 0, items, None)  # its points are not in the totals either
             return
         self._failed(signal, answer)
 

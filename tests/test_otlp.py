@@ -483,3 +483,31 @@ def test_bad_otlp_settings_name_the_key(tmp_path: Path, text: str, problem: str)
     assert out.returncode != 0
     assert "otlp." in out.stderr and problem in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "ext",
+    [
+        {"collab": {"round_us": "not a list", "acceptance_rate": "high", "server_address": 7}},
+        {"collab": {"round_us": [[1, 2], [1, 2, 3, 4, "x"], None, [0, -5, 10, 4, 4]], "rounds": 1e308}},
+        {"network": {"path": 5, "rtt_ms": float("nan"), "server_port": "443", "model": ["a"]}},
+        {"offload": {"decision": {"nested": True}, "predicted_local_ms": [1]}},
+        {"energy": {"j_per_output_token": float("inf"), "source": 3}, "clock": {"synchronized": "yes"}},
+        {"model_load": {"engine_load_ms": "fast", "deep": {"x": 1}}},
+    ],
+)
+def test_hostile_ext_maps_without_failing(ext: dict[str, Any]) -> None:
+    """Stored records carry any JSON in ext: the mapping takes what has the expected type and leaves the rest."""
+    record = wire.to_wire(mixed_records(5)[3]) | {"strategy": "speculative", "ext": ext}
+    spans = otlp.record_spans(record)
+    assert spans[0].name.startswith("text_completion ")
+    for span in spans:
+        for value in span.attributes.values():
+            assert type(value) in (str, int, float, bool, list)
+    body, n = otlp.encode_traces([({"service.name": "lens-agent"}, [record])], version="0")
+    assert n == len(spans) and body
+    load = record | {"kind": "model_load"}
+    assert otlp.record_spans(load)[0].name.startswith("model_load")
+    acc = otlp.MetricsAccumulator("delta", server_metrics=True)
+    body, points, _ = acc.encode([record], {}, now_ns=time.time_ns(), version="0")
+    assert points > 0

@@ -256,6 +256,7 @@ class SpeculativeStrategy:
             "cloud_time_ms": tally.verify_ns / 1e6 - (network_ms or 0.0),
             "verify_time_ms": tally.verify_ns / 1e6,
             "network_time_ms": network_ms,
+            "rtt_ms": self.rtt_ms,
             "network_time_source": "rounds × TCP connect RTT" if network_ms is not None else "RTT unknown",
             "collaboration_overhead_ms": total_ms - (tally.draft_ns + tally.verify_ns) / 1e6,
             "total_duration_ms": total_ms,
