@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,79 @@ async def test_a_record_the_backend_refuses_is_quarantined_on_the_device(tmp_pat
     got = {s.trace_id for _, s in receiver.spans()}
     assert got == {w["id"] for w in exported(records)} - {poisoned["id"]}
     await outbox.close()
+
+
+def test_the_service_without_an_aggregator_exports_real_measurements(tmp_path: Path, tiny_model: Path) -> None:
+    """``lens-agent run`` with ``[otlp]`` and no ``sync.url``: real llama.cpp requests on a tiny model reach the
+    backend as spans whose times and token counts are the stored records', and ``status`` is healthy."""
+    import json
+    import signal
+
+    from tests.test_service import start_service, wait_for
+
+    receiver = Receiver()
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "{DEVICE}"
+data_dir = "{tmp_path / "data"}"
+[model]
+path = "{tiny_model}"
+n_ctx = 256
+n_threads = 1
+[sync]
+interval = "1s"
+[otlp]
+endpoint = "http://127.0.0.1:{port}"
+[service]
+heartbeat_interval = "500ms"
+[[workloads]]
+name = "quick"
+every = "1s"
+jitter = "0"
+requests = 2
+max_tokens = 6
+""")
+
+    async def run() -> None:
+        runner = await serve(receiver, port)
+        proc = start_service(config)
+        try:
+            await asyncio.to_thread(
+                wait_for,
+                lambda: sum(1 for _, s in receiver.spans() if s.name.startswith("text_completion")) >= 2,
+                90,
+                "two requests exported",
+            )
+            status = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-c", "from agent.launcher import main; main()", "status", "--json", "--config",
+                 str(config)],
+                capture_output=True, text=True, cwd=ROOT, timeout=60,
+            )  # fmt: skip
+            doc = json.loads(status.stdout)
+            assert doc["healthy"], doc["reasons"]
+            proc.send_signal(signal.SIGTERM)
+            output, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+            assert proc.returncode == 0, output
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            await runner.cleanup()
+
+    asyncio.run(run())
+    roots = [(res, s) for res, s in receiver.spans() if s.name.startswith("text_completion")]
+    for resource, span in roots:
+        assert resource["service.instance.id"] == DEVICE and resource.get("lens.device.class")
+        a = {kv.key: kv.value for kv in span.attributes}
+        assert a["gen_ai.request.model"].string_value == span.name.split(" ", 1)[1]
+        assert a["gen_ai.provider.name"].string_value == "llama.cpp"
+        assert 0 < a["gen_ai.usage.output_tokens"].int_value <= 6
+        assert span.end_time_unix_nano > span.start_time_unix_nano
+        # started on the device's wall clock within this test's minute
+        assert abs(span.start_time_unix_nano / 1e9 - time.time()) < 300
+        assert a["lens.clock.synchronized"].WhichOneof("value") in ("bool_value", "string_value")
+    loads = [s for _, s in receiver.spans() if s.name.startswith("model_load")]
+    assert len(loads) == 1
+    assert receiver.points(), "metrics too"
