@@ -333,7 +333,12 @@ def _sync_config(config_path: Path | None, data_dir: Path | None) -> AgentConfig
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--check", is_flag=True, help="Verify the URL, TLS, the token and the device binding; upload nothing.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Verify the URL, TLS, the token and the device binding (an OTLP endpoint: that it answers as OTLP); "
+    "upload nothing.",
+)
 def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: bool) -> None:
     """Upload everything pending in the outbox now.
 
@@ -342,6 +347,9 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
     delivered, 1 when something was not — an attempt failed, records are still pending, or records were quarantined
     (the reason is printed) — 2 on a usage error. The device token comes from
     LENS_SYNC_TOKEN or the file named by sync.token_file.
+
+    Without sync.url and with otlp.endpoint set (a device without an aggregator), the outbox is exported to that
+    OpenTelemetry backend instead, rows leaving only on its OTLP answers (docs/opentelemetry.md).
 
     \b
     Example:
@@ -357,7 +365,17 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
     from lens_core import otlp
 
     standalone = otlp.otlp_settings(config) if not config.get("sync", "url") else None
-    if standalone is not None and not check:
+    if standalone is not None and check:
+        checks = asyncio.run(_check_otlp(standalone))
+        if as_json:
+            click.echo(json.dumps({"ok": all(c["ok"] for c in checks), "url": standalone.endpoint, "checks": checks}))
+        else:
+            for c in checks:
+                click.echo(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<10}  {c['detail']}")
+        if not all(c["ok"] for c in checks):
+            raise LensError(f"OTLP check failed: {next(c['detail'] for c in checks if not c['ok'])}")
+        return
+    if standalone is not None:
         from .otlp_sync import OtlpUploader, standalone_sync_settings
 
         async def export() -> Any:
@@ -395,6 +413,29 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
             await outbox.close()
 
     _print_report(asyncio.run(run()), as_json, settings.url)
+
+
+async def _check_otlp(settings: Any) -> list[dict[str, Any]]:
+    """An empty export request per signal: the backend must answer it as OTLP (a portal or proxy does not)."""
+    import aiohttp
+
+    from lens_core import otlp
+
+    checks = []
+    ssl_context: Any = False
+    if settings.endpoint.startswith("https://"):
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context)) as session:
+        for signal in settings.signals:
+            answer = await otlp.post_export(
+                session, settings.url(signal), signal, b"", settings.headers, settings.timeout
+            )
+            ok = answer.outcome == "accepted"
+            detail = f"{settings.url(signal)}: " + ("an OTLP answer" if ok else answer.message)
+            checks.append({"check": signal, "ok": ok, "detail": detail})
+    return checks
 
 
 def _print_report(report: Any, as_json: bool, target: str) -> None:

@@ -30,9 +30,9 @@ def agent_config(tmp_path: Path, port: int) -> Path:
     return config
 
 
-def sync(config: Path) -> subprocess.CompletedProcess[str]:
+def sync(config: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from agent.launcher import main; main()", "sync", "--config", str(config)],
+        [sys.executable, "-c", "from agent.launcher import main; main()", "sync", "--config", str(config), *flags],
         capture_output=True,
         text=True,
         timeout=60,
@@ -60,9 +60,15 @@ async def _down_then_up(tmp_path: Path) -> None:
     box = Outbox(outbox_path(tmp_path / "data"))
     box.append_many(records)
     box.close()
-    receiver = Receiver(mode="down")
+    receiver = Receiver(mode="portal")
     runner = await serve(receiver, port)
     try:
+        done = await asyncio.to_thread(sync, config, "--check")  # a portal's 200 is not a backend
+        assert done.returncode == 1 and "FAIL  traces" in done.stdout and "not an OTLP answer" in done.stdout
+        receiver.mode = "ok"
+        done = await asyncio.to_thread(sync, config, "--check")
+        assert done.returncode == 0 and "ok    traces" in done.stdout and "ok    metrics" in done.stdout, done.stdout
+        receiver.mode = "down"
         done = await asyncio.to_thread(sync, config)
         assert done.returncode != 0 and "sync failed" in done.stderr and "503" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
