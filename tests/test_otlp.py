@@ -365,12 +365,10 @@ async def _restart(tmp_path: Path) -> None:
     headers = tmp_path / "otlp-headers"
     headers.write_text("# the backend's token\nAuthorization=Bearer otlp-secret\n")
     config = tmp_path / "aggregator.toml"
-    config.write_text(
-        shipped.replace('# endpoint = "http://127.0.0.1:4318"', f'endpoint = "http://127.0.0.1:{otlp_port}"').replace(
-            '# headers_file = "/etc/lens-aggregator/otlp-headers"', f'headers_file = "{headers}"'
-        )
-        + '\ninterval = "100ms"\n'
-    )
+    shipped = shipped.replace('# endpoint = "http://127.0.0.1:4318"', f'endpoint = "http://127.0.0.1:{otlp_port}"')
+    shipped = shipped.replace('# headers_file = "/etc/lens-aggregator/otlp-headers"', f'headers_file = "{headers}"')
+    assert '\ninterval = "5s"' in shipped
+    config.write_text(shipped.replace('\ninterval = "5s"', '\ninterval = "100ms"'))
     assert load_aggregator_config(config, environ={}).get("otlp", "endpoint") == f"http://127.0.0.1:{otlp_port}"
     db = tmp_path / "agg.db"
     port = free_port()
