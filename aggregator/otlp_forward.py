@@ -244,11 +244,14 @@ class Forwarder:
         devices = sorted({r["device_id"] for r in records if type(r.get("device_id")) is str})
         resources = await asyncio.to_thread(lambda: {d: self.resource(d) for d in devices})
         pending = None
+        # encoding takes ~0.3 ms a record: on a thread, so that ingest is not held up behind a batch's encoding
         if signal == "traces":
             groups = [(resources[d], [r for r in records if r.get("device_id") == d]) for d in devices]
-            body, items = otlp.encode_traces(groups, version=__version__)
+            body, items = await asyncio.to_thread(otlp.encode_traces, groups, version=__version__)
         else:
-            body, items, pending = self.metrics.encode(records, resources, now_ns=time.time_ns(), version=__version__)
+            body, items, pending = await asyncio.to_thread(
+                self.metrics.encode, records, resources, now_ns=time.time_ns(), version=__version__
+            )
         if items == 0:
             await self._advance(signal, top, count, 0, 0, pending)
             return
