@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 
-from aggregator.health import facts_from_record
 from lens_core import otlp, wire
 
 from . import __version__
@@ -95,8 +94,9 @@ class OtlpUploader(Uploader):
         records = []
         for row in rows:
             record = wire.validate_record(wire.loads(row.body, row.codec))
-            if record.get("kind") == "device_facts":  # checked as the aggregator checks them
-                self.facts = facts_from_record(record) or self.facts
+            ext = record.get("ext")
+            if record.get("kind") == "device_facts" and type(ext) is dict and type(ext.get("device")) is dict:
+                self.facts = ext["device"]  # resource_attributes takes only the fields of the expected types
             records.append(record)
         exported = [r for r in records if r.get("kind") in ("inference", "model_load")]
         resource = self._resource()
