@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -365,54 +366,47 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
     from lens_core import otlp
 
     standalone = otlp.otlp_settings(config) if not config.get("sync", "url") else None
-    if standalone is not None and check:
-        checks = asyncio.run(_check_otlp(standalone))
-        if as_json:
-            click.echo(json.dumps({"ok": all(c["ok"] for c in checks), "url": standalone.endpoint, "checks": checks}))
-        else:
-            for c in checks:
-                click.echo(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<10}  {c['detail']}")
-        if not all(c["ok"] for c in checks):
-            raise LensError(f"OTLP check failed: {next(c['detail'] for c in checks if not c['ok'])}")
-        return
+    make: Callable[[AsyncOutbox], Uploader]
     if standalone is not None:
         from .otlp_sync import OtlpUploader, standalone_sync_settings
 
-        async def export() -> Any:
-            outbox = AsyncOutbox(open_outbox(config))
-            uploader = OtlpUploader(outbox, standalone_sync_settings(config, standalone), standalone)
-            try:
-                return await uploader.sync_now()
-            finally:
-                await uploader.close()
-                await outbox.close()
-
-        _print_report(asyncio.run(export()), as_json, standalone.endpoint)
-        return
-    settings = sync_settings(config)
-
-    if check:
-        checks = asyncio.run(check_endpoint(settings))
-        passed = all(c["ok"] for c in checks) and len(checks) == 4
-        if as_json:
-            click.echo(json.dumps({"ok": passed, "url": settings.url, "checks": checks}, indent=2))
-        else:
-            for c in checks:
-                click.echo(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<10}  {c['detail']}")
-        if not passed:
-            raise LensError(f"sync check failed: {next((c['detail'] for c in checks if not c['ok']), 'incomplete')}")
-        return
+        if check:
+            checks = asyncio.run(_check_otlp(standalone))
+            _print_checks(checks, all(c["ok"] for c in checks), standalone.endpoint, as_json, "OTLP check")
+            return
+        sync = standalone_sync_settings(config, standalone)
+        target, make = standalone.endpoint, lambda outbox: OtlpUploader(outbox, sync, standalone)
+    else:
+        settings = sync_settings(config)
+        if check:
+            checks = asyncio.run(check_endpoint(settings))
+            _print_checks(
+                checks, all(c["ok"] for c in checks) and len(checks) == 4, settings.url, as_json, "sync check"
+            )
+            return
+        target, make = settings.url, lambda outbox: Uploader(outbox, settings)
 
     async def run() -> Any:
         outbox = AsyncOutbox(open_outbox(config))
-        uploader = Uploader(outbox, settings)
+        uploader = make(outbox)
         try:
             return await uploader.sync_now()
         finally:
             await uploader.close()
             await outbox.close()
 
-    _print_report(asyncio.run(run()), as_json, settings.url)
+    _print_report(asyncio.run(run()), as_json, target)
+
+
+def _print_checks(checks: list[dict[str, Any]], passed: bool, url: str, as_json: bool, what: str) -> None:
+    """The endpoint checks of ``sync --check``, and exit status 1 when one failed."""
+    if as_json:
+        click.echo(json.dumps({"ok": passed, "url": url, "checks": checks}, indent=2))
+    else:
+        for c in checks:
+            click.echo(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:<10}  {c['detail']}")
+    if not passed:
+        raise LensError(f"{what} failed: {next((c['detail'] for c in checks if not c['ok']), 'incomplete')}")
 
 
 async def _check_otlp(settings: Any) -> list[dict[str, Any]]:

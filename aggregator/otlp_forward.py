@@ -199,10 +199,12 @@ class Forwarder:
                 break
             settled.append(row)
         full = len(settled) == limit
+        decoded = await asyncio.to_thread(self._decode, settled) if settled else []  # once for both signals
         for signal in due:
             mine = [r for r in settled if r["seq"] > self.status[signal].seq]
             if mine:
-                await self._export(signal, mine)
+                first = mine[0]["seq"]
+                await self._export(signal, mine, [r for seq, r in decoded if seq >= first])
                 if self.status[signal].retry_at is not None:
                     full = False
         await asyncio.to_thread(self._refresh_backlog)
@@ -231,9 +233,9 @@ class Forwarder:
             device_id, self.facts[device_id], version=__version__, extra=self.settings.resource_attributes
         )
 
-    async def _export(self, signal: str, rows: list[dict[str, Any]]) -> None:
-        decoded = await asyncio.to_thread(self._decode, rows)
-        records = [r for _, r in decoded if r.get("kind") in EXPORTED_KINDS]
+    async def _export(self, signal: str, rows: list[dict[str, Any]], decoded: list[dict[str, Any]]) -> None:
+        """``rows`` (stored, in seq order) past this signal's cursor, and their decoded records."""
+        records = [r for r in decoded if r.get("kind") in EXPORTED_KINDS]
         top = int(rows[-1]["seq"])
         if not records:  # facts, skips, warmups: nothing to export, the cursor moves over them
             await self._advance(signal, top, len(rows), 0, 0, None)
