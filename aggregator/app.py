@@ -31,7 +31,7 @@ from .health import Health
 from .metrics import CONTENT_TYPE, FleetMetrics, OtlpCollector
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
-from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token
+from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
 
 log = logging.getLogger("aggregator")
 T = TypeVar("T")
@@ -197,9 +197,9 @@ _ROW_FIELDS = itemgetter(
 
 
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
-    energy, power = energy_per_token(record), average_power(record)
+    energy, power, settings = energy_per_token(record), average_power(record), record_settings(record)
     try:  # every field present, as the agent writes them: one C call
-        return RecordRow._make((*_ROW_FIELDS(record), energy, power, codec, body))
+        return RecordRow._make((*_ROW_FIELDS(record), energy, power, settings, codec, body))
     except KeyError:
         pass
     get = record.get
@@ -221,6 +221,7 @@ def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
         get("e2e_us"),
         energy,
         power,
+        settings,
         codec,
         body,
     )

@@ -32,6 +32,7 @@ from .store import (
     SyncRow,
     TokenInfo,
     backfill_energy,
+    backfill_settings,
     device_row,
     hash_token,
     is_token_id,
@@ -40,7 +41,7 @@ from .store import (
     sync_row,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Series (device × kind × model × strategy) kept at ingest, and indexes that read a device's or a series' latest
 # records without scanning the others' (see store._migrate_v2). %s: NULL_NAME, for a missing model or strategy.
@@ -161,6 +162,11 @@ class PostgresStore(Store):
                     "UPDATE measurements SET j_per_token = %s, power_w = %s WHERE seq = %s",
                     backfill_energy(cur.fetchall()),
                 )
+            if version < 5:
+                cur.execute("ALTER TABLE measurements ADD COLUMN IF NOT EXISTS settings text")
+                cur.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference'")
+                rows = backfill_settings(cur.fetchall())
+                cur.executemany("UPDATE measurements SET settings = %s WHERE seq = %s", rows)
             if version < SCHEMA_VERSION:
                 cur.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "

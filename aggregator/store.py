@@ -25,9 +25,10 @@ from typing import Any, NamedTuple
 import sqlite_utils
 
 from lens_core.record_schema import MAX_NAME_CHARS
+from lens_core.settings import settings_key
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TOKEN_PREFIX = "lens_"
 
 
@@ -51,6 +52,7 @@ class RecordRow(NamedTuple):
     e2e_us: int | None
     j_per_token: float | None  # joules per output token, from the record's ext.energy (see energy_per_token)
     power_w: float | None  # the request's average power: ext.energy.joules_total ÷ e2e (see average_power)
+    settings: str | None  # the engine settings it ran under: lens_core.settings.settings_key of ext.settings
     codec: str
     body: bytes
 
@@ -477,11 +479,43 @@ def _migrate_v4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS syncs_device_time ON syncs(device_id, received_us)")
 
 
+def record_settings(record: dict[str, Any]) -> str | None:
+    """The ``settings`` column of a decoded record: the canonical key of its ``ext.settings``, or None."""
+    ext = record.get("ext")
+    return settings_key(ext.get("settings")) if type(ext) is dict else None
+
+
+def backfill_settings(rows: Sequence[tuple[Any, ...]]) -> list[tuple[str, Any]]:
+    """(settings key, seq) for each stored (seq, codec, body) whose record names its engine settings: the
+    schema-5 backfill, shared by both stores. A body that does not decode stays NULL."""
+    from lens_core import wire
+
+    out = []
+    for seq, codec, body in rows:
+        try:
+            record = wire.loads(bytes(body), codec)
+        except Exception:  # a damaged row stays NULL here; the reads skip and count it as before
+            continue
+        key = record_settings(record) if type(record) is dict else None
+        if key is not None:
+            out.append((key, seq))
+    return out
+
+
+def _migrate_v5(db: sqlite_utils.Database) -> None:
+    """The engine settings each measurement ran under (threads, batch, flash attention, quantization, …) as a
+    column: triggers and feedback compare a device × model's series per settings without decoding bodies."""
+    db.execute("ALTER TABLE measurements ADD COLUMN settings TEXT")
+    rows = db.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference'").fetchall()
+    db.conn.executemany("UPDATE measurements SET settings = ? WHERE seq = ?", backfill_settings(rows))
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
     3: _migrate_v3,
     4: _migrate_v4,
+    5: _migrate_v5,
 }
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (

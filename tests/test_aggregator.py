@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
-from aggregator.store import SQLiteStore
+from aggregator.store import SCHEMA_VERSION, SQLiteStore
 from lens_core import wire
 
 from .test_wire import zstd_bomb
@@ -194,7 +194,7 @@ def test_store_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None
     path = tmp_path / "agg.db"
     SQLiteStore(path).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()

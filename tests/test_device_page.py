@@ -295,11 +295,12 @@ def test_schema_4_backfills_energy_and_starts_the_sync_history(tmp_path: Path) -
     conn = sqlite3.connect(path)  # back to schema 3: no column values, no sync history
     conn.executescript(
         "DROP TABLE syncs; ALTER TABLE measurements DROP COLUMN j_per_token; "
-        "ALTER TABLE measurements DROP COLUMN power_w; UPDATE meta SET value = '3' WHERE key = 'schema_version';"
+        "ALTER TABLE measurements DROP COLUMN power_w; ALTER TABLE measurements DROP COLUMN settings; "
+        "UPDATE meta SET value = '3' WHERE key = 'schema_version';"
     )
     conn.close()
     upgraded = SQLiteStore(path)
-    assert upgraded.schema_version() == SCHEMA_VERSION == 4
+    assert upgraded.schema_version() == SCHEMA_VERSION == 5
     values = upgraded._read("SELECT j_per_token, power_w FROM measurements ORDER BY seq")
     expected = [0.07 if i < 10 and r["ok"] else None for i, r in enumerate(records)]
     assert [v[0] for v in values] == expected

@@ -65,6 +65,7 @@ def filler_rows(count: int, body: bytes, *, ttft_spread: int = 1) -> list[Record
             5000,
             None,  # no energy figures
             None,
+            None,  # no settings
             "cbor",
             body,
         )

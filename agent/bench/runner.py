@@ -78,7 +78,18 @@ def new_record(
         kind="warmup" if warmup else "inference",
         first_after_load=engine is not None and engine.requests_since_load == 0,
         prompt_text=prompt.text if include_text else None,
+        ext={"settings": engine_settings(engine)} if engine is not None and engine.settings is not None else {},
     )
+
+
+def engine_settings(engine: LlamaEngine) -> dict[str, Any]:
+    """``ext.settings`` of a record measured on ``engine`` (lens_core.settings): the llama.cpp settings it was
+    loaded with and the model file's quantization."""
+    assert engine.settings is not None
+    settings: dict[str, Any] = engine.settings.as_dict()
+    if engine.info is not None and engine.info.quantization:
+        settings["quantization"] = engine.info.quantization
+    return settings
 
 
 def measure_request(

@@ -241,6 +241,8 @@ class SpeculativeStrategy:
         record.stop_reason = "max_tokens" if n_committed >= max_tokens else "eos"
         network_ms = tally.rounds * self.rtt_ms if self.rtt_ms is not None else None
         total_ms = (end - start) / 1e6
+        if not self.adaptive and isinstance(record.ext.get("settings"), dict):
+            record.ext["settings"]["draft_tokens"] = self.k  # a setting of this series (lens_core.settings)
         record.ext["collab"] = {
             "strategy": "speculative",
             "protocol": self.protocol,
