@@ -20,6 +20,7 @@ from . import __version__
 from .config import AgentConfig, load_config
 from .errors import LensError, UsageError
 from .outbox_cli import outbox_group
+from .tune_cli import tune_group
 
 log = logging.getLogger("agent")
 
@@ -659,6 +660,7 @@ def _run_line(name: str, run: dict[str, Any] | None) -> tuple[str, bool]:
 
 
 cli.add_command(outbox_group)
+cli.add_command(tune_group)
 
 
 def main(argv: list[str] | None = None) -> None:

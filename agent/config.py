@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,47 @@ def power_sources(value: object) -> str | list[str]:
     if not items or any(v not in ALL_SOURCES for v in items):
         raise Invalid(allowed)
     return items
+
+
+def int_list(minimum: int, maximum: int) -> Callable[[object], list[int]]:
+    """A list of integers (TOML array, or comma-separated from the environment), each in the range."""
+    allowed = f"a list of integers between {minimum} and {maximum}, e.g. [1, 2, 4]"
+    item = int_range(minimum, maximum)
+
+    def parse(value: object) -> list[int]:
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items:
+            raise Invalid(allowed)
+        try:
+            return sorted({item(v) for v in items})
+        except Invalid:
+            raise Invalid(allowed) from None
+
+    return parse
+
+
+def bool_list(value: object) -> list[bool]:
+    """A list of booleans (TOML array, or comma-separated from the environment)."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise Invalid("a list of true/false, e.g. [true, false]")
+    try:
+        return sorted({boolean(v) for v in items}, reverse=True)
+    except Invalid:
+        raise Invalid("a list of true/false, e.g. [true, false]") from None
+
+
+def cron_expression(value: object) -> str:
+    allowed = "a crontab expression with five fields, e.g. '*/15 * * * *'"
+    if not isinstance(value, str):
+        raise Invalid(allowed)
+    from .schedule import crontab_trigger  # what the service schedules with (crontab's weekday numbers)
+
+    try:
+        crontab_trigger(value)
+    except ValueError as exc:
+        raise Invalid(f"{allowed} ({exc})") from None
+    return value
 
 
 def _default_threads() -> int:
@@ -174,20 +215,56 @@ SCHEMA: Schema = {
     },
     # A standalone device (no sync.url) exports its outbox to an OTLP backend instead (docs/opentelemetry.md).
     "otlp": OTLP_SECTION,
+    # lens-agent tune: a bounded search over engine settings, applied through a drop-in and verified
+    # (docs/tuning.md)
+    "tune": {
+        "n_threads": KeySpec(
+            optional(int_list(1, 512)), const(None), "thread counts to try; default: 1, half and all physical cores"
+        ),
+        "flash_attn": KeySpec(optional(bool_list), const([True, False]), "flash attention values to try"),
+        "n_batch": KeySpec(optional(int_list(1, 1 << 16)), const(None), "batch sizes to try; default: the current"),
+        "n_gpu_layers": KeySpec(
+            optional(int_list(-1, 100000)), const(None), "GPU layer counts to try; default: the current"
+        ),
+        "search": KeySpec(
+            choice("coordinate", "grid"),
+            const("coordinate"),
+            "coordinate: one setting at a time, keeping each winner; grid: every combination (max_candidates)",
+        ),
+        "max_candidates": KeySpec(int_range(2, 64), const(12), "settings measured in one grid search at most"),
+        "objective": KeySpec(
+            choice("e2e", "tpot", "ttft"), const("e2e"), "what is made faster: request latency, decode or prefill"
+        ),
+        "prompts": KeySpec(optional(path_value), const(None), "prompt file; default: the first workload's"),
+        "requests": KeySpec(int_range(1, 1000), const(4), "measured requests per candidate per round"),
+        "rounds": KeySpec(int_range(1, 100), const(3), "rounds, each candidate once per round in a shuffled order"),
+        "warmup": KeySpec(int_range(0, 100), const(1), "warm-up requests after each load, not counted"),
+        "max_tokens": KeySpec(int_range(1, 100000), const(32), "output tokens per request (always generated)"),
+        "alpha": KeySpec(
+            number_range(1e-9, 0.5), const(0.01), "significance level of the Mann-Whitney test (Bonferroni-split)"
+        ),
+        "min_improvement": KeySpec(number_range(0, 1), const(0.03), "a winner is at least this much better"),
+        "verify_runs": KeySpec(int_range(1, 100), const(3), "scheduled runs that verify an applied change"),
+        "rollback_threshold": KeySpec(
+            number_range(0, 1), const(0.05), "roll back when the verified median is more than this much worse"
+        ),
+        "every": KeySpec(optional(parse_duration), const(None), "tune on this interval in lens-agent run (or cron)"),
+        "cron": KeySpec(optional(cron_expression), const(None), "tune on this crontab schedule in lens-agent run"),
+        "auto_apply": KeySpec(
+            boolean,
+            const(False),
+            "lens-agent run applies a scheduled tune's winner, and tunes a recommendation that arrives with a "
+            "sync answer; false: it only records what it found",
+        ),
+    },
 }
 
+DROP_IN_KEYS: dict[str, tuple[str, ...]] = {"model": ("n_threads", "n_batch", "n_gpu_layers", "flash_attn")}
 
-def cron_expression(value: object) -> str:
-    allowed = "a crontab expression with five fields, e.g. '*/15 * * * *'"
-    if not isinstance(value, str):
-        raise Invalid(allowed)
-    from .schedule import crontab_trigger  # what the service schedules with (crontab's weekday numbers)
 
-    try:
-        crontab_trigger(value)
-    except ValueError as exc:
-        raise Invalid(f"{allowed} ({exc})") from None
-    return value
+def drop_in_path(data_dir: Path) -> Path:
+    """The drop-in ``lens-agent tune`` writes: read after the config file, before the environment."""
+    return Path(data_dir) / "tune" / "settings.toml"
 
 
 WORKLOAD_SCHEMA: dict[str, KeySpec] = {
@@ -255,13 +332,30 @@ def load_config(
     default_path: Path = DEFAULT_CONFIG_PATH,
 ) -> AgentConfig:
     """The agent's configuration; ``path``: the ``--config`` file (must exist). See ``lens_core.config``."""
-    resolved = core.load_config(
-        path,
-        environ=environ,
-        overrides=overrides,
-        default_path=default_path,
-        schema=SCHEMA,
-        other_sections=AGGREGATOR_SECTIONS,
-        tables={"workloads": _check_workloads},
-    )
+
+    def resolve(layers: list[tuple[Path, Mapping[str, tuple[str, ...]]]]) -> Config:
+        return core.load_config(
+            path,
+            environ=environ,
+            overrides=overrides,
+            default_path=default_path,
+            schema=SCHEMA,
+            other_sections=AGGREGATOR_SECTIONS,
+            tables={"workloads": _check_workloads},
+            layers=layers,
+        )
+
+    resolved = resolve([])
+    drop_in = drop_in_path(resolved.get("agent", "data_dir"))
+    if (
+        drop_in.exists()
+    ):  # the settings lens-agent tune applied (docs/tuning.md): after the file, before the environment
+        resolved = resolve([(drop_in, DROP_IN_KEYS)])
+    if (resolved.get("tune", "every") is not None) and (resolved.get("tune", "cron") is not None):
+        raise ConfigError(
+            resolved.source("tune", "cron"),
+            "tune.cron",
+            resolved.get("tune", "cron"),
+            "either tune.every or tune.cron, not both",
+        )
     return AgentConfig(values=resolved.values, sources=resolved.sources, path=resolved.path, tables=resolved.tables)

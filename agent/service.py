@@ -17,6 +17,7 @@ reads whether the service runs or not. Every record it stores carries the kernel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,6 +36,7 @@ from typing import Any
 from lens_core import otlp
 from lens_core.notify import Notifier
 
+from .adjuster import DropInAdjuster
 from .bench.runner import BenchOptions, run_bench
 from .clock import boot_id, stamp
 from .collab.context import CollabContext
@@ -53,6 +55,8 @@ from .probes.sysfs import Root
 from .prompts import load_prompts
 from .schedule import Scheduler, workload_period
 from .strategies import build_strategy
+from .tune_flow import Busy, engine_key, measure_lock, run_tune, verification_record
+from .tuning import values_of
 
 log = logging.getLogger("agent.service")
 STATE_FILE = "service.json"
@@ -102,6 +106,11 @@ class AgentService:
         self._power_name: str | None = None
         self.facts_sent: dict[str, Any] | None = None  # the last facts written to the outbox
         self._facts_sent_at: float | None = None  # when (time.monotonic())
+        # lens-agent tune's drop-in as this configuration read it: a change (a tune, a rollback) reloads
+        self._adjuster = DropInAdjuster(self.data_dir)
+        self._drop_in_text = self._adjuster.drop_in_text()
+        self._last_measured: list[Measurement] = []
+        self._measuring = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -174,6 +183,7 @@ class AgentService:
             return
         old = self.config
         self.config = config
+        self._drop_in_text = self._adjuster.drop_in_text()
         if old.values["model"] != config.values["model"]:
             await self._load_model()
         if old.values["sync"] != config.values["sync"] or old.get("agent", "device_id") != config.get(
@@ -276,29 +286,34 @@ class AgentService:
                 first_in = 0.0 if self.once else None
                 scheduler.every(job_id, workload["every"], run, jitter=workload["jitter"], first_in=first_in)
             self._pending_once.add(workload["name"])
+        scheduler.remove("tune")
+        tune = self.config.values["tune"]
+        if tune["cron"]:
+            scheduler.cron("tune", tune["cron"], self.run_tune_job, jitter=0.0, run_now=False)
+        elif tune["every"]:
+            scheduler.every("tune", tune["every"], self.run_tune_job, jitter=0.0)
 
     async def run_workload(self, workload: dict[str, Any]) -> None:
         if self.abort:
             return
         name = workload["name"]
+        await self._follow_drop_in()
         await self._report_device_facts()  # before the gate: a run skipped for throttling reports the throttling
         root = Root(self.config.get("probes", "sysfs_root"))
         reason = gate(self.config.values["gates"], read_state(root))
         if reason is not None:
             await self._record_skip(name, reason)
         else:
-            self.state = f"measuring {name}"
-            self.notifier.status(self.state)
-            loop = asyncio.get_running_loop()
-            self._current = loop.run_in_executor(self._engine_thread, self._measure, workload)
             try:
-                summary = await self._current
-            except LensError as exc:
-                log.error("workload %s failed: %s", name, exc)
-                summary = {"at": utc_now_iso(), "error": str(exc)}
-            finally:
-                self._current = None
-            self.runs[name] = summary
+                async with self._measuring:  # the service's own runs take turns (one engine thread)
+                    with measure_lock(self.data_dir):  # … and never measure beside a lens-agent tune
+                        summary = await self._run_measurement(workload)
+            except Busy as exc:
+                await self._record_skip(name, f"another process is measuring (lens-agent tune?): {exc}")
+                summary = None
+            if summary is not None:
+                self.runs[name] = summary
+                await self._verify(name, summary)
             self.state = "stopping" if self.abort else "idle"
             if self._sync is not None:
                 self._sync.trigger()
@@ -306,6 +321,132 @@ class AgentService:
         await self.heartbeat()
         if self.once and not self._pending_once:
             self.request_stop()
+
+    async def _run_measurement(self, workload: dict[str, Any]) -> dict[str, Any]:
+        name = workload["name"]
+        self.state = f"measuring {name}"
+        self.notifier.status(self.state)
+        loop = asyncio.get_running_loop()
+        self._last_measured = []
+        self._current = loop.run_in_executor(self._engine_thread, self._measure, workload)
+        try:
+            summary: dict[str, Any] = await self._current
+        except LensError as exc:
+            log.error("workload %s failed: %s", name, exc)
+            summary = {"at": utc_now_iso(), "error": str(exc)}
+        finally:
+            self._current = None
+        return summary
+
+    # -- tuning: follow the drop-in, verify a change over the next runs, tune on a schedule ---------------------
+    async def _follow_drop_in(self) -> None:
+        """Reload when lens-agent tune changed its drop-in since the configuration was read."""
+        try:
+            text = self._adjuster.drop_in_text()
+        except OSError as exc:
+            log.warning("tuning drop-in not readable, keeping the running settings: %s", exc)
+            return
+        if text != self._drop_in_text:
+            log.info("the tuning drop-in %s changed: reloading the engine settings", self._adjuster.drop_in)
+            await self._reload_engine_settings()
+
+    async def _reload_engine_settings(self) -> None:
+        """Take the [model] section afresh (file, drop-in, environment, flags) and reload the model when it
+        changed; the rest of the running configuration stays as it is (SIGHUP reloads all of it)."""
+        try:
+            config = load_config(self.config_path, overrides=self.overrides)
+        except LensError as exc:
+            log.error("the tuning drop-in is refused, keeping the running settings: %s", exc)
+            self._drop_in_text = self._adjuster.drop_in_text()
+            return
+        self._drop_in_text = self._adjuster.drop_in_text()
+        if config.values["model"] == self.config.values["model"]:
+            return
+        self.config = dataclasses.replace(
+            self.config,
+            values={**self.config.values, "model": config.values["model"]},
+            sources={**self.config.sources, "model": config.sources["model"]},
+        )
+        await self._load_model()
+
+    async def _verify(self, name: str, summary: dict[str, Any]) -> None:
+        """Count this run toward the verification of an applied change; roll it back when it made things worse."""
+        if "error" in summary or self.engine is None or self.engine.settings is None:
+            return
+        objective = self.config.get("tune", "objective")
+        values = values_of(self._last_measured, objective)
+        key = engine_key(self.engine.settings)
+        try:
+            verification = self._adjuster.observe(name, key, values)
+        except LensError as exc:
+            log.warning("tuning: this run is not counted toward verification: %s", exc)
+            return
+        if verification is None:
+            return
+        record = verification_record(
+            verification, device_id=self.config.get("agent", "device_id"), model_name=self.model.get("name", "unknown")
+        )
+        assert self.outbox is not None
+        await self.outbox.append(stored_form(record))
+        self.stored += 1
+        a = verification.adjustment
+        if verification.rolled_back:
+            log.warning("tuning: %s rolled back: %s", a.changes, (a.result or {}).get("reason"))
+            await self._reload_engine_settings()
+        else:
+            log.info("tuning: %s verified over %d runs: %s", a.changes, a.runs_after, a.status)
+
+    async def run_tune_job(self, trigger: str = "schedule", only: dict[str, list[Any]] | None = None) -> None:
+        """A tune inside the service: the service's model is closed while the candidates are measured (one model
+        in memory), its winner applied only when ``tune.auto_apply`` allows it."""
+        if self.abort:
+            return
+        config = self.config
+        box = self.outbox.outbox if self.outbox is not None else None
+
+        def store(record: Measurement) -> None:
+            if box is not None:
+                box.append(stored_form(record))
+                self.stored += 1
+
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._measuring, contextlib.AsyncExitStack() as stack:
+                stack.enter_context(measure_lock(self.data_dir))
+                self.state = "tuning"
+                self.notifier.status(self.state)
+                if self.engine is not None:
+                    await loop.run_in_executor(self._engine_thread, self.engine.close)
+                    self.engine = None
+                try:
+                    outcome = await loop.run_in_executor(
+                        self._engine_thread,
+                        partial(
+                            run_tune,
+                            config,
+                            trigger=trigger,
+                            apply=config.get("tune", "auto_apply"),
+                            store=store,
+                            only=only,
+                            progress=lambda line: log.info("tune %s", line),
+                        ),
+                    )
+                    log.info(
+                        "tune: %s",
+                        f"applied {outcome.adjustment.changes}"
+                        if outcome.adjustment
+                        else outcome.not_applied or "nothing significantly faster",
+                    )
+                except LensError as exc:
+                    log.warning("tune did not finish: %s", exc)
+                finally:
+                    await self._load_model()
+        except Busy as exc:
+            log.info("tune not run now: %s", exc)
+        self.state = "stopping" if self.abort else "idle"
+        await self._follow_drop_in()
+        if self._sync is not None:
+            self._sync.trigger()
 
     async def _report_device_facts(self) -> None:
         """Store a ``device_facts`` record when the facts changed since the last one (``agent.facts``). A few small
@@ -395,6 +536,7 @@ class AgentService:
                 strategy=strategy,
                 should_stop=lambda: self.abort,
             )
+            self._last_measured = run.measured
         finally:
             sampler.stop()
             for source in sources:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ AGENT_SECTIONS = (
     "gates",
     "outbox",
     "otlp",
+    "tune",
 )
 AGGREGATOR_SECTIONS = ("server", "storage", "auth", "fleet", "otlp")
 
@@ -291,6 +292,7 @@ def load_config(
     schema: Schema,
     other_sections: tuple[str, ...] = (),
     tables: Mapping[str, Callable[[str, object], Any]] | None = None,
+    layers: Sequence[tuple[Path, Mapping[str, Sequence[str]]]] = (),
 ) -> Config:
     """Resolve the configuration.
 
@@ -299,6 +301,8 @@ def load_config(
     ``other_sections``: the other role's sections, whose ``LENS_*`` variables this role leaves alone.
     ``tables``: top-level arrays of tables (``[[name]]``) and their checkers, called with the file's name and the
     array (``None`` when the file has none) even when there is no file.
+    ``layers``: drop-in files read after the file and before the environment, each with the only keys it may set
+    (section → keys): the agent's tuning drop-in (``agent.tuning``). A missing layer file is skipped.
     """
     environ = os.environ if environ is None else environ
     file_path: Path | None = Path(path) if path is not None else (default_path if default_path.exists() else None)
@@ -318,6 +322,24 @@ def load_config(
                 raise ConfigError(str(file_path), f"{section}.{key}", value, f"a known key of [{section}]: {known}")
             values[section][key] = _check(schema, str(file_path), section, key, value)
             sources[section][key] = str(file_path)
+
+    for layer_path, allowed in layers:
+        try:
+            layer = _read_toml(layer_path)
+        except ConfigError as exc:
+            if exc.key == "(file)" and not layer_path.exists():
+                continue
+            raise
+        source = f"drop-in {layer_path}"
+        for section, table in layer.items():
+            if section not in allowed or not isinstance(table, dict):
+                raise ConfigError(source, section, "[section]", "one of the sections " + ", ".join(allowed))
+            for key, value in table.items():
+                if key not in allowed[section]:
+                    known = ", ".join(allowed[section])
+                    raise ConfigError(source, f"{section}.{key}", value, f"a key this drop-in may set: {known}")
+                values[section][key] = _check(schema, source, section, key, value)
+                sources[section][key] = source
 
     _check_environment(environ, schema, other_sections)
     for section, keys in schema.items():

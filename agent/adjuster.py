@@ -1,0 +1,302 @@
+"""The configuration adjuster: apply a change of engine settings, verify it over the next scheduled runs, roll it
+back when it made things worse.
+
+The seed's adjuster protocol (§4.5) has three operations; :class:`Adjuster` is that interface, and
+:class:`DropInAdjuster` its edge implementation: a change is a **drop-in** file,
+``<data_dir>/tune/settings.toml``, that the agent's configuration loader reads after the config file and before
+the environment (``agent.config.drop_in_path``) — the operator's own file is never rewritten, and deleting the
+drop-in returns to it. A Kubernetes adjuster would implement the same three operations on a Deployment
+(docs/tuning.md, "The adjuster interface").
+
+- **apply**: write the drop-in (the previous drop-in's text is kept in the adjustment, so a rollback restores
+  exactly what was there), and snapshot the **baseline**: each workload's per-request values of the objective from
+  its latest scheduled runs under the settings before the change (``history.json``, kept by the service).
+- **verify**: the service reports each scheduled run (:meth:`DropInAdjuster.observe`); after ``tune.verify_runs``
+  runs under the new settings, each workload's median is compared with its baseline. More than
+  ``tune.rollback_threshold`` (5 %, the seed's rule) worse on any workload → **rollback**. A workload without
+  baseline runs cannot be judged; when none can, the change is kept as *unverified* and says so.
+- **rollback**: restore the previous drop-in (or remove it), mark the adjustment rolled back.
+
+State lives in ``<data_dir>/tune/adjustments.json`` (versioned, written atomically under a lock file), so a
+restart of the service in the middle of a verification goes on counting where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lens_core.stats import compare
+
+from .errors import LensError
+
+STATE_VERSION = 1
+HISTORY_RUNS = 10  # scheduled runs kept per workload
+MAX_ADJUSTMENTS = 50  # adjustments kept in the state file (the records keep them all)
+
+
+class AdjusterError(LensError):
+    """The adjuster's files cannot be read or written."""
+
+
+@dataclass
+class Adjustment:
+    adjustment_id: str
+    applied_at: float  # Unix seconds
+    source: str  # "tune", "recommendation", "manual"
+    changes: dict[str, list[Any]]  # "model.n_threads" → [before, after]
+    objective: str
+    before_key: str  # settings key before (lens_core.settings)
+    after_key: str  # … and after
+    previous_drop_in: str | None  # the drop-in's text before, None when there was none
+    baseline: dict[str, list[float]]  # workload → per-request values before
+    verify_runs: int
+    threshold: float
+    after: dict[str, list[float]] = field(default_factory=dict)
+    runs_after: int = 0
+    status: str = "verifying"  # verifying | kept | unverified | rolled_back
+    result: dict[str, Any] | None = None
+    tune_id: str | None = None
+    recommendation_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verification:
+    adjustment: Adjustment
+    rolled_back: bool
+    per_workload: dict[str, dict[str, Any]]  # workload → comparison (before vs after)
+    worst: float | None  # the worst workload's improvement (negative: worse)
+
+
+class Adjuster(Protocol):
+    """apply / verify / rollback: what an adjuster of engine settings does, wherever the settings live."""
+
+    def apply(self, changes: Mapping[str, tuple[Any, Any]], **context: Any) -> Adjustment: ...
+
+    def observe(self, workload: str, settings_key: str, values: list[float]) -> Verification | None: ...
+
+    def rollback(self, adjustment_id: str, reason: str) -> Adjustment: ...
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    raise AdjusterError(f"the drop-in holds integers and booleans only, not {value!r}")
+
+
+class DropInAdjuster:
+    """The edge adjuster: a drop-in file under the data directory, its state beside it."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = Path(data_dir) / "tune"
+        self.drop_in = self.dir / "settings.toml"
+        self.state_path = self.dir / "adjustments.json"
+        self.history_path = self.dir / "history.json"
+
+    # -- files -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            handle = (self.dir / ".lock").open("a")
+        except OSError as exc:
+            raise AdjusterError(f"{self.dir}: cannot write the tuning state ({exc.strerror})") from None
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def _read(self, path: Path, default: dict[str, Any]) -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            return default
+        except (OSError, ValueError) as exc:
+            raise AdjusterError(f"{path}: not readable tuning state ({exc}); move it aside to start afresh") from None
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise AdjusterError(f"{path}: not tuning state of version {STATE_VERSION}; move it aside to start afresh")
+        return data
+
+    def _write(self, path: Path, data: dict[str, Any] | str | None) -> None:
+        if data is None:
+            path.unlink(missing_ok=True)
+            return
+        text = data if isinstance(data, str) else json.dumps(data, indent=1)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        try:
+            with tmp.open("w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise AdjusterError(f"{path}: cannot be written ({exc.strerror})") from None
+
+    def _state(self) -> dict[str, Any]:
+        return self._read(self.state_path, {"version": STATE_VERSION, "adjustments": []})
+
+    def adjustments(self) -> list[Adjustment]:
+        return [Adjustment(**a) for a in self._state()["adjustments"]]
+
+    def current(self) -> Adjustment | None:
+        """The latest adjustment, whatever its status."""
+        found = self.adjustments()
+        return found[-1] if found else None
+
+    def drop_in_text(self) -> str | None:
+        try:
+            return self.drop_in.read_text()
+        except (FileNotFoundError, NotADirectoryError):  # no drop-in (or no data directory yet: its check says so)
+            return None
+
+    # -- history of scheduled runs -----------------------------------------------------------------------------
+    def history(self) -> dict[str, list[dict[str, Any]]]:
+        runs: dict[str, list[dict[str, Any]]] = self._read(self.history_path, {"version": STATE_VERSION})
+        return {k: v for k, v in runs.items() if k != "version" and isinstance(v, list)}
+
+    def baseline(self, settings_key: str, runs: int) -> dict[str, list[float]]:
+        """Each workload's values from its latest ``runs`` scheduled runs under ``settings_key``."""
+        out = {}
+        for workload, entries in self.history().items():
+            mine = [e for e in entries if e.get("settings") == settings_key][-runs:]
+            values = [float(v) for e in mine for v in e.get("values", [])]
+            if values:
+                out[workload] = values
+        return out
+
+    # -- the three operations ----------------------------------------------------------------------------------
+    def apply(self, changes: Mapping[str, tuple[Any, Any]], **context: Any) -> Adjustment:
+        """Write the drop-in with ``changes`` (config key "model.n_threads" → (before, after)) on top of the
+        current drop-in. ``context``: source, objective, before_key, after_key, verify_runs, threshold, tune_id,
+        recommendation_id."""
+        for key in changes:
+            if not key.startswith("model."):
+                raise AdjusterError(f"{key}: the drop-in sets [model] engine settings only")
+        with self.locked():
+            previous = self.drop_in_text()
+            values = parse_drop_in(previous or "")
+            values.update({key.split(".", 1)[1]: after for key, (_, after) in changes.items()})
+            text = "# Written by lens-agent tune: engine settings applied on top of the agent's config file.\n"
+            text += (
+                "# lens-agent tune rollback restores the previous settings; deleting this file returns to the file's.\n"
+            )
+            text += "[model]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in sorted(values.items()))
+            verify_runs = int(context.get("verify_runs", 3))
+            adjustment = Adjustment(
+                adjustment_id=str(uuid.uuid4()),
+                applied_at=time.time(),
+                source=str(context.get("source", "manual")),
+                changes={k: [a, b] for k, (a, b) in changes.items()},
+                objective=str(context.get("objective", "e2e")),
+                before_key=str(context.get("before_key", "")),
+                after_key=str(context.get("after_key", "")),
+                previous_drop_in=previous,
+                baseline=self.baseline(str(context.get("before_key", "")), verify_runs),
+                verify_runs=verify_runs,
+                threshold=float(context.get("threshold", 0.05)),
+                tune_id=context.get("tune_id"),
+                recommendation_id=context.get("recommendation_id"),
+            )
+            state = self._state()
+            for old in state["adjustments"]:  # a new change ends the verification of the one before
+                if old["status"] == "verifying":
+                    old["status"] = "superseded"
+            state["adjustments"] = [*state["adjustments"], adjustment.as_dict()][-MAX_ADJUSTMENTS:]
+            self._write(self.drop_in, text)
+            self._write(self.state_path, state)
+        return adjustment
+
+    def observe(self, workload: str, settings_key: str, values: list[float]) -> Verification | None:
+        """A scheduled run finished under ``settings_key`` with these per-request values: kept in the history;
+        counted toward the current adjustment's verification when it ran under its settings. Returns the
+        verification when this run completed it (the caller records it and, on a rollback, reloads)."""
+        with self.locked():
+            history = self.history()
+            entries = history.setdefault(workload, [])
+            entries.append({"at": time.time(), "settings": settings_key, "values": values[:256]})
+            history[workload] = entries[-HISTORY_RUNS:]
+            self._write(self.history_path, {"version": STATE_VERSION, **history})
+            state = self._state()
+            if not state["adjustments"]:
+                return None
+            current = Adjustment(**state["adjustments"][-1])
+            if current.status != "verifying" or settings_key != current.after_key or not values:
+                return None
+            current.after.setdefault(workload, []).extend(values)
+            current.runs_after += 1
+            verification = None
+            if current.runs_after >= current.verify_runs:
+                verification = self._judge(current)
+            state["adjustments"][-1] = current.as_dict()
+            self._write(self.state_path, state)
+        return verification
+
+    def _judge(self, adjustment: Adjustment) -> Verification:
+        per_workload: dict[str, dict[str, Any]] = {}
+        worst: float | None = None
+        for workload, after in adjustment.after.items():
+            before = adjustment.baseline.get(workload)
+            if not before or not after:
+                continue
+            comparison = compare(before, after)
+            per_workload[workload] = comparison.as_dict()
+            worst = comparison.improvement if worst is None else min(worst, comparison.improvement)
+        rolled_back = worst is not None and worst < -adjustment.threshold
+        adjustment.result = {"per_workload": per_workload, "worst_improvement": worst, "at": time.time()}
+        if rolled_back:
+            self._write(self.drop_in, adjustment.previous_drop_in)
+            adjustment.status = "rolled_back"
+            adjustment.result["reason"] = (
+                f"{-worst * 100:.1f} % worse than before (more than {adjustment.threshold * 100:g} %)"
+                if worst is not None
+                else ""
+            )
+        else:
+            adjustment.status = "kept" if worst is not None else "unverified"
+            if worst is None:
+                adjustment.result["reason"] = "no workload ran under the old settings before the change to compare with"
+        return Verification(adjustment, rolled_back, per_workload, worst)
+
+    def rollback(self, adjustment_id: str, reason: str) -> Adjustment:
+        """Restore the drop-in as it was before ``adjustment_id`` (the latest adjustment only)."""
+        with self.locked():
+            state = self._state()
+            if not state["adjustments"] or state["adjustments"][-1]["adjustment_id"] != adjustment_id:
+                raise AdjusterError(f"{adjustment_id}: not the latest adjustment; only the latest can be rolled back")
+            current = Adjustment(**state["adjustments"][-1])
+            if current.status == "rolled_back":
+                raise AdjusterError(f"{adjustment_id} was already rolled back")
+            self._write(self.drop_in, current.previous_drop_in)
+            current.status = "rolled_back"
+            current.result = {**(current.result or {}), "reason": reason, "at": time.time()}
+            state["adjustments"][-1] = current.as_dict()
+            self._write(self.state_path, state)
+        return current
+
+
+def parse_drop_in(text: str) -> dict[str, Any]:
+    """The [model] values of a drop-in's text (the agent's loader checks every value when it reads the file)."""
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AdjusterError(f"the tuning drop-in is not valid TOML ({exc}); remove it to start afresh") from None
+    model = data.get("model", {})
+    return dict(model) if isinstance(model, dict) else {}

@@ -1,0 +1,451 @@
+"""``lens-agent tune``: a bounded search over llama.cpp's engine settings for the configured model on this device.
+
+Each candidate (a set of engine settings) is measured with the same prompts, the same number of output tokens
+(generated past end-of-sequence, so every request does the same work) and greedy decoding. Candidates are
+measured in **rounds**: in each round every candidate runs once, a block of ``tune.requests`` requests after
+``tune.warmup`` warm-up requests, in a shuffled order — so a drift of the machine (another process, heat, a
+frequency change) falls on every candidate alike instead of on whichever ran last.
+
+A candidate wins over the baseline only when the Mann–Whitney U test (:func:`lens_core.stats.compare`) finds its
+per-request values of the objective different with ``p < alpha ÷ (candidates − 1)`` (Bonferroni: several
+candidates are compared with one baseline) *and* its median is at least ``tune.min_improvement`` better. Not a
+single run, not a mean that one stall can move.
+
+The search (``tune.search``):
+
+- ``coordinate`` (default): one setting at a time — threads, then flash attention, then batch size, then GPU
+  layers — each stage measuring that setting's values with the others at the best found so far, then a final
+  **confirmation** stage measuring the original settings against the winner in fresh rounds: the before/after
+  figure and the significance test of the whole change. Candidates grow with the sum of the values, not their
+  product.
+- ``grid``: every combination (at most ``tune.max_candidates``), each against the current settings.
+
+Every step is a record of kind ``tune`` in the outbox (``ext.tune``), so what was tried and why it was kept reaches
+the aggregator. Applying the winner is the adjuster's part (:mod:`agent.adjuster`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lens_core.settings import settings_key
+from lens_core.stats import Comparison, compare
+
+from .bench.runner import BenchOptions, run_bench
+from .engines.llama import EngineSettings, LlamaEngine
+from .engines.modelfile import resolve_model_path
+from .errors import LensError, UsageError
+from .measurement import Measurement
+from .prompts import Prompt, load_prompts
+
+log = logging.getLogger("agent.tune")
+
+# The order of the coordinate search: the settings that move decode speed most first.
+DIMENSIONS = ("n_threads", "flash_attn", "n_batch", "n_gpu_layers")
+OBJECTIVES = {"e2e": "e2e_ms", "tpot": "tpot_ms", "ttft": "ttft_ms"}
+MAX_VALUES_KEPT = 256  # per-request values carried in a record
+
+
+class TuneSkipped(LensError):
+    """A gate closed during the search (battery, heat, load): nothing is applied."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"tune stopped: {reason}")
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """``[tune]`` resolved: what is searched and how each candidate is measured."""
+
+    grid: dict[str, list[Any]]
+    search: str = "coordinate"
+    max_candidates: int = 12
+    objective: str = "e2e"
+    requests: int = 4
+    rounds: int = 3
+    warmup: int = 1
+    max_tokens: int = 32
+    alpha: float = 0.01
+    min_improvement: float = 0.03
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, only: dict[str, list[Any]] | None = None) -> TuneOptions:
+        """The ``[tune]`` section's options; ``only``: search just these settings' values (a recommendation)."""
+        t = config.values["tune"]
+        model = config.values["model"]
+        grid = dict(only) if only is not None else default_grid(t, model)
+        return cls(
+            grid=grid,
+            search=t["search"],
+            max_candidates=t["max_candidates"],
+            objective=t["objective"],
+            requests=t["requests"],
+            rounds=t["rounds"],
+            warmup=t["warmup"],
+            max_tokens=t["max_tokens"],
+            alpha=t["alpha"],
+            min_improvement=t["min_improvement"],
+        )
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+
+
+def default_grid(tune: dict[str, Any], model: dict[str, Any]) -> dict[str, list[Any]]:
+    """The values to try for each setting: ``[tune]``'s lists, else 1, half and all physical cores for threads,
+    both flash-attention values, and the current batch size and GPU layers (not searched unless listed)."""
+    cores = physical_cores()
+    threads = tune["n_threads"] or sorted({1, max(1, cores // 2), cores})
+    grid: dict[str, list[Any]] = {
+        "n_threads": sorted({*threads, model["n_threads"]}),
+        "flash_attn": list(tune["flash_attn"] or [model["flash_attn"]]),
+        "n_batch": sorted({*(tune["n_batch"] or []), model["n_batch"]}),
+        "n_gpu_layers": sorted({*(tune["n_gpu_layers"] or []), model["n_gpu_layers"]}),
+    }
+    if model["flash_attn"] not in grid["flash_attn"]:
+        grid["flash_attn"].append(model["flash_attn"])
+    return grid
+
+
+@dataclass
+class Candidate:
+    settings: EngineSettings
+    values: list[float] = field(default_factory=list)  # the objective, per successful request (ms)
+    failures: int = 0
+    error: str | None = None
+
+    @property
+    def key(self) -> str:
+        return settings_key(self.settings.as_dict()) or "-"
+
+
+@dataclass
+class Stage:
+    """One comparison: candidates against a baseline, measured in interleaved rounds."""
+
+    name: str  # the setting searched, "grid" or "confirm"
+    baseline: Candidate
+    others: list[Candidate]
+    comparisons: dict[str, Comparison] = field(default_factory=dict)  # candidate key → against the baseline
+    winner: Candidate | None = None
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [self.baseline, *self.others]
+
+
+@dataclass
+class TuneResult:
+    tune_id: str
+    objective: str
+    original: EngineSettings
+    best: EngineSettings
+    stages: list[Stage]
+    confirm: Comparison | None  # the original against the best, measured afresh (None: nothing to confirm)
+    significant: bool  # the whole change passed the test (alpha, min_improvement)
+
+    @property
+    def changes(self) -> dict[str, tuple[Any, Any]]:
+        """setting → (original, best), for the settings that changed."""
+        before, after = self.original.as_dict(), self.best.as_dict()
+        return {k: (before[k], after[k]) for k in DIMENSIONS if before[k] != after[k]}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tune_id": self.tune_id,
+            "objective": self.objective,
+            "original": self.original.as_dict(),
+            "best": self.best.as_dict(),
+            "changes": {k: {"from": a, "to": b} for k, (a, b) in self.changes.items()},
+            "significant": self.significant,
+            "confirm": self.confirm.as_dict() if self.confirm else None,
+            "stages": [stage_summary(s) for s in self.stages],
+        }
+
+
+def stage_summary(stage: Stage) -> dict[str, Any]:
+    return {
+        "stage": stage.name,
+        "baseline": stage.baseline.key,
+        "winner": stage.winner.key if stage.winner else None,
+        "candidates": [candidate_summary(c, stage.comparisons.get(c.key)) for c in stage.candidates],
+    }
+
+
+def candidate_summary(candidate: Candidate, comparison: Comparison | None) -> dict[str, Any]:
+    import numpy as np
+
+    values = candidate.values
+    return {
+        "settings": candidate.settings.as_dict(),
+        "key": candidate.key,
+        "requests": len(values),
+        "failures": candidate.failures,
+        "error": candidate.error,
+        "median_ms": float(np.median(values)) if values else None,
+        "values_ms": [round(v, 3) for v in values[:MAX_VALUES_KEPT]],
+        "vs_baseline": comparison.as_dict() if comparison else None,
+    }
+
+
+# A record of one step: kind "tune", ext.tune holds the step. Given to on_record (the outbox) as it happens.
+RecordSink = Callable[[Measurement], None]
+
+
+@dataclass
+class Tuner:
+    """Runs a search. ``gate`` is asked before every block (a reason stops the search); ``progress`` hears each
+    block as it starts; ``on_record`` stores each step's record."""
+
+    model_path: Path
+    base: EngineSettings
+    prompts: list[Prompt]
+    options: TuneOptions
+    device_id: str
+    trigger: str = "manual"
+    gate: Callable[[], str | None] = lambda: None
+    progress: Callable[[str], None] = lambda _: None
+    on_record: RecordSink | None = None
+    chat_template: str = "auto"
+    load: Callable[[Path, EngineSettings], LlamaEngine] = lambda path, settings: LlamaEngine.load(
+        path, settings, compute_sha256=False
+    )
+    tune_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    model_name: str = "unknown"
+    quantization: str | None = None
+    _blocks_done: int = 0
+    _blocks_total: int = 0
+
+    def run(self) -> TuneResult:
+        rng = random.Random(self.options.seed)
+        stages: list[Stage] = []
+        best = self.base
+        if self.options.search == "grid":
+            self._blocks_total = len(self._grid_candidates()) * self.options.rounds
+        else:  # each searched setting's values once per round (the confirmation stage is added when it runs)
+            self._blocks_total = sum(len(v) for v in self._plan()) * self.options.rounds
+        self._record("start", {"grid": self.options.grid, "search": self.options.search, "base": self.base.as_dict()})
+        if self.options.search == "grid":
+            stage = Stage("grid", Candidate(best), [Candidate(s) for s in self._grid_candidates() if s != best])
+            self._measure(stage, rng)
+            stages.append(stage)
+            if stage.winner is not None:
+                best = stage.winner.settings
+            confirm = stage.comparisons.get(stage.winner.key) if stage.winner else None
+        else:
+            for dimension in DIMENSIONS:
+                values = self.options.grid.get(dimension) or []
+                others = [dataclasses.replace(best, **{dimension: v}) for v in values if getattr(best, dimension) != v]
+                if not others:
+                    continue
+                stage = Stage(dimension, Candidate(best), [Candidate(s) for s in others])
+                self._measure(stage, rng)
+                stages.append(stage)
+                if stage.winner is not None:
+                    best = stage.winner.settings
+            confirm = None
+            if best != self.base:
+                stage = Stage("confirm", Candidate(self.base), [Candidate(best)])
+                self._blocks_total += 2 * self.options.rounds
+                self._measure(stage, rng, alpha=self.options.alpha)
+                stages.append(stage)
+                confirm = stage.comparisons.get(stage.others[0].key)
+                if stage.winner is None:
+                    best = self.base  # the combination did not hold up against the original: keep it
+        significant = best != self.base and confirm is not None
+        result = TuneResult(self.tune_id, self.options.objective, self.base, best, stages, confirm, significant)
+        self._record("result", result.as_dict())
+        return result
+
+    # -- planning ----------------------------------------------------------------------------------------------
+    def _plan(self) -> list[list[Any]]:
+        return [v for d in DIMENSIONS if len(v := self.options.grid.get(d) or []) > 1]
+
+    def _grid_candidates(self) -> list[EngineSettings]:
+        names = [d for d in DIMENSIONS if self.options.grid.get(d)]
+        combos: Iterator[tuple[Any, ...]] = itertools.product(*(self.options.grid[d] for d in names))
+        out = [self.base]
+        for combo in combos:
+            settings = dataclasses.replace(self.base, **dict(zip(names, combo, strict=True)))
+            if settings not in out:
+                out.append(settings)
+        if len(out) > self.options.max_candidates:
+            raise UsageError(
+                f"tune.search = grid makes {len(out)} candidates, more than tune.max_candidates = "
+                f"{self.options.max_candidates}: list fewer values, raise the bound, or use search = coordinate"
+            )
+        return out
+
+    # -- measuring ---------------------------------------------------------------------------------------------
+    def _measure(self, stage: Stage, rng: random.Random, alpha: float | None = None) -> None:
+        for round_no in range(self.options.rounds):
+            order = list(stage.candidates)
+            rng.shuffle(order)
+            for candidate in order:
+                if candidate.error is not None:
+                    continue
+                reason = self.gate()
+                if reason is not None:
+                    self._record("skipped", {"reason": reason, "stage": stage.name})
+                    raise TuneSkipped(reason)
+                self._blocks_done += 1
+                self.progress(
+                    f"[{self._blocks_done}/{max(self._blocks_total, self._blocks_done)}] {stage.name}: "
+                    f"{candidate.key} (round {round_no + 1}/{self.options.rounds})"
+                )
+                self._block(candidate)
+        self._decide(stage, alpha)
+        for candidate in stage.candidates:
+            self._record(
+                "candidate",
+                {"stage": stage.name, **candidate_summary(candidate, stage.comparisons.get(candidate.key))},
+                settings=candidate.settings,
+            )
+
+    def _block(self, candidate: Candidate) -> None:
+        """Load the candidate's engine, run warm-up and measured requests, close it (one model in memory)."""
+        try:
+            engine = self.load(self.model_path, candidate.settings)
+        except LensError as exc:
+            candidate.error = str(exc)
+            log.warning("tune: %s does not load: %s", candidate.key, exc)
+            return
+        try:
+            options = BenchOptions(
+                runs=self.options.requests,
+                warmup=self.options.warmup,
+                max_tokens=self.options.max_tokens,
+                ignore_eos=True,
+                chat_template=self.chat_template,
+                include_text=False,
+            )
+            run = run_bench(engine, self.prompts, options, run_id=self.tune_id, device_id=self.device_id)
+            if engine.info is not None:
+                self.model_name = engine.info.name
+                self.quantization = engine.info.quantization
+        finally:
+            engine.close()
+        attribute = OBJECTIVES[self.options.objective]
+        for m in run.measured:
+            value = getattr(m, attribute)
+            if m.ok and value is not None and value > 0:
+                candidate.values.append(float(value))
+            else:
+                candidate.failures += 1
+
+    def _decide(self, stage: Stage, alpha: float | None) -> None:
+        base = stage.baseline
+        if not base.values:
+            raise LensError(
+                f"tune: the baseline {base.key} produced no successful request "
+                f"({base.failures} failed{', ' + base.error if base.error else ''}); nothing to compare with"
+            )
+        level = alpha if alpha is not None else self.options.alpha / max(1, len(stage.others))
+        best: tuple[float, Candidate] | None = None
+        for candidate in stage.others:
+            if not candidate.values or candidate.failures:
+                continue  # a candidate that fails requests is never a winner
+            comparison = compare(base.values, candidate.values)
+            stage.comparisons[candidate.key] = comparison
+            if comparison.significant(level, self.options.min_improvement) and (
+                best is None or comparison.improvement > best[0]
+            ):
+                best = (comparison.improvement, candidate)
+        stage.winner = best[1] if best else None
+
+    def _record(self, step: str, detail: dict[str, Any], settings: EngineSettings | None = None) -> None:
+        if self.on_record is None:
+            return
+        self.on_record(
+            tune_record(
+                step,
+                {"tune_id": self.tune_id, "trigger": self.trigger, "objective": self.options.objective, **detail},
+                device_id=self.device_id,
+                model_name=self.model_name,
+                settings=(settings or self.base).as_dict()
+                | ({"quantization": self.quantization} if self.quantization else {}),
+            )
+        )
+
+
+def tune_record(
+    step: str, detail: dict[str, Any], *, device_id: str, model_name: str, settings: dict[str, Any] | None = None
+) -> Measurement:
+    """A record of one tuning step: kind ``tune``, ``ext.tune`` = ``{"step": …, …}``."""
+    record = Measurement(
+        run_id=str(detail.get("tune_id") or detail.get("adjustment_id") or uuid.uuid4()),
+        device_id=device_id,
+        model_name=model_name,
+        model_sha256=None,
+        kind="tune",
+        output_tokens=0,
+    )
+    record.ext["tune"] = {"step": step, **detail}
+    if settings:
+        record.ext["settings"] = settings
+    return record
+
+
+def tune_prompts(config: Any, path: Path | None = None) -> list[Prompt]:
+    """The prompts a tune measures with: ``path``, else ``tune.prompts``, else the first workload's, else the
+    built-in set."""
+    chosen = path or config.get("tune", "prompts")
+    if chosen is None and config.workloads:
+        chosen = config.workloads[0]["prompts"]
+    prompts = load_prompts(chosen)
+    if not prompts:
+        raise UsageError(f"{chosen}: no prompts to tune with")
+    return prompts
+
+
+def model_path(config: Any) -> Path:
+    return resolve_model_path(config.get("model", "path"))
+
+
+def describe(result: TuneResult) -> list[str]:
+    """The lines ``lens-agent tune`` prints."""
+    lines = []
+    for stage in result.stages:
+        lines.append(f"{stage.name}:")
+        for cand in stage.candidates:
+            s = candidate_summary(cand, stage.comparisons.get(cand.key))
+            vs = s["vs_baseline"]
+            if cand is stage.baseline:
+                tail = "baseline"
+            elif vs is None:
+                tail = (cand.error or f"{cand.failures} failed requests") if (cand.error or cand.failures) else "-"
+            else:
+                tail = f"{vs['improvement'] * 100:+.1f} % (p = {vs['p_value']:.2g})"
+            median = f"{s['median_ms']:.2f} ms" if s["median_ms"] is not None else "-"
+            mark = " *" if stage.winner is cand else ""
+            lines.append(f"  {cand.key:<70} median {median:>10} over {s['requests']:>3}  {tail}{mark}")
+    if result.significant and result.confirm is not None:
+        changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in result.changes.items())
+        c = result.confirm
+        lines.append(
+            f"winner: {changes}: {result.objective} median {c.baseline_median:.2f} → {c.candidate_median:.2f} ms "
+            f"({c.improvement * 100:+.1f} %, Mann–Whitney p = {c.p_value:.2g}, "
+            f"{c.baseline_n} + {c.candidate_n} requests)"
+        )
+    else:
+        lines.append("no setting was significantly better than the current ones: nothing to change")
+    return lines
+
+
+def values_of(records: Sequence[Measurement], objective: str) -> list[float]:
+    """The objective's per-request values of successful records (what verification compares)."""
+    attribute = OBJECTIVES[objective]
+    return [float(v) for m in records if m.ok and not m.warmup and (v := getattr(m, attribute)) is not None and v > 0]
