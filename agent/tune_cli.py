@@ -279,6 +279,11 @@ def rollback_command(config_path: Path | None, data_dir: Path | None, as_json: b
     current = adjuster.current()
     if current is None:
         raise UsageError(f"nothing to roll back: no change was applied in {adjuster.dir}")
+    if current.status == "rolled_back":
+        raise UsageError(
+            f"the latest change ({_changes_line(current.changes)}) was already rolled back; "
+            "lens-agent tune status shows the settings in effect"
+        )
     adjustment = adjuster.rollback(current.adjustment_id, "rolled back by hand (lens-agent tune rollback)")
     store, close, _ = outbox_store(config)
     try:

@@ -126,6 +126,7 @@ class Candidate:
     values: list[float] = field(default_factory=list)  # the objective, per successful request (ms)
     failures: int = 0
     error: str | None = None
+    failure_types: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -194,6 +195,7 @@ def candidate_summary(candidate: Candidate, comparison: Comparison | None) -> di
         "key": candidate.key,
         "requests": len(values),
         "failures": candidate.failures,
+        "failure_types": candidate.failure_types,
         "error": candidate.error,
         "median_ms": float(np.median(values)) if values else None,
         "values_ms": [round(v, 3) for v in values[:MAX_VALUES_KEPT]],
@@ -345,13 +347,15 @@ class Tuner:
                 candidate.values.append(float(value))
             else:
                 candidate.failures += 1
+                kind = m.error_type or "no_value"
+                candidate.failure_types[kind] = candidate.failure_types.get(kind, 0) + 1
 
     def _decide(self, stage: Stage, alpha: float | None) -> None:
         base = stage.baseline
         if not base.values:
             raise LensError(
                 f"tune: the baseline {base.key} produced no successful request "
-                f"({base.failures} failed{', ' + base.error if base.error else ''}); nothing to compare with"
+                f"({base.failures} failed: {_failures(base)}); nothing to compare with"
             )
         level = alpha if alpha is not None else self.options.alpha / max(1, len(stage.others))
         best: tuple[float, Candidate] | None = None
@@ -379,6 +383,12 @@ class Tuner:
                 | ({"quantization": self.quantization} if self.quantization else {}),
             )
         )
+
+
+def _failures(candidate: Candidate) -> str:
+    if candidate.error:
+        return candidate.error
+    return ", ".join(f"{kind} ×{n}" for kind, n in sorted(candidate.failure_types.items())) or "no requests ran"
 
 
 def tune_record(
