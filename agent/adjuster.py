@@ -161,6 +161,16 @@ class DropInAdjuster:
         except (FileNotFoundError, NotADirectoryError):  # no drop-in (or no data directory yet: its check says so)
             return None
 
+    # -- recommendations that arrived with sync answers --------------------------------------------------------
+    def recommendations(self) -> dict[str, Any]:
+        """The latest recommendations received (``items``) and the ids already tuned (``tried``)."""
+        return self._read(self.dir / "recommendations.json", {"version": STATE_VERSION, "items": [], "tried": []})
+
+    def keep_recommendations(self, items: list[dict[str, Any]], tried: list[str]) -> None:
+        with self.locked():
+            data = {"version": STATE_VERSION, "received_at": time.time(), "items": items, "tried": tried[-500:]}
+            self._write(self.dir / "recommendations.json", data)
+
     # -- history of scheduled runs -----------------------------------------------------------------------------
     def history(self) -> dict[str, list[dict[str, Any]]]:
         runs: dict[str, list[dict[str, Any]]] = self._read(self.history_path, {"version": STATE_VERSION})
@@ -300,3 +310,37 @@ def parse_drop_in(text: str) -> dict[str, Any]:
         raise AdjusterError(f"the tuning drop-in is not valid TOML ({exc}); remove it to start afresh") from None
     model = data.get("model", {})
     return dict(model) if isinstance(model, dict) else {}
+
+
+def tune_summary(data_dir: Path) -> dict[str, Any] | None:
+    """What ``lens-agent status`` says about tuning: the drop-in and the latest change, or None when nothing was
+    ever applied here."""
+    adjuster = DropInAdjuster(data_dir)
+    try:
+        latest = adjuster.current()
+    except AdjusterError as exc:
+        return {"drop_in": str(adjuster.drop_in), "latest": None, "line": str(exc)}
+    if latest is None and not adjuster.drop_in.exists():
+        return None
+    drop_in = str(adjuster.drop_in) if adjuster.drop_in.exists() else None
+    if latest is None:
+        return {"drop_in": drop_in, "latest": None, "line": f"drop-in {drop_in} (no change recorded)"}
+    changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in latest.changes.items())
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(latest.applied_at))
+    state = latest.status
+    if state == "verifying":
+        state += f" ({latest.runs_after}/{latest.verify_runs} scheduled runs)"
+    reason = (latest.result or {}).get("reason")
+    line = f"{changes} ({latest.source}, {when}): {state}" + (f" — {reason}" if reason else "")
+    return {
+        "drop_in": drop_in,
+        "latest": {
+            "adjustment_id": latest.adjustment_id,
+            "changes": latest.changes,
+            "status": latest.status,
+            "runs_after": latest.runs_after,
+            "verify_runs": latest.verify_runs,
+            "reason": reason,
+        },
+        "line": line,
+    }

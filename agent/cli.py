@@ -552,6 +552,9 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         now_us=now_us,
         service=service,
     )
+    from .adjuster import tune_summary
+
+    doc["tune"] = tune_summary(Path(config.get("agent", "data_dir")))
     click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
     if not health.healthy:
         sys.exit(1)

@@ -222,6 +222,7 @@ class AgentService:
                 )
             self._uploader = Uploader(self.outbox, sync_settings(self.config))
         self._uploader.settings = dataclasses.replace(self._uploader.settings, expected_gap_s=self.expected_gap())
+        self._uploader.on_ack = self._on_ack
         self._sync = SyncService(self._uploader)
         self._sync.start()
 
@@ -396,7 +397,57 @@ class AgentService:
         else:
             log.info("tuning: %s verified over %d runs: %s", a.changes, a.runs_after, a.status)
 
-    async def run_tune_job(self, trigger: str = "schedule", only: dict[str, list[Any]] | None = None) -> None:
+    def _on_ack(self, payload: dict[str, Any]) -> None:
+        """An acknowledgement arrived: keep the recommendations it carries for this device (hostile input:
+        ``lens_core.recommendations.parse_wire`` keeps only well-formed ones) and, when ``tune.auto_apply`` allows
+        it, tune each new one here — the current value against the recommended one, measured on this device."""
+        if "recommendations" not in payload:
+            return
+        from lens_core.recommendations import parse_wire
+
+        found, problems = parse_wire(payload["recommendations"])
+        for problem in problems:
+            log.warning("sync: a recommendation from the aggregator is ignored: %s", problem)
+        known = self._adjuster.recommendations()
+        tried = set(known.get("tried", []))
+        current = EngineSettings.from_config(self.config).as_dict()
+        due = []
+        for rec in found:
+            section, _, key = rec.target.partition(".")
+            if section != "model" or key not in current or rec.recommendation_id in tried:
+                continue
+            if self.model.get("name") not in (None, rec.model_name):
+                continue
+            if current[key] == rec.recommended_value:
+                continue
+            due.append((rec, key))
+        auto = self.config.get("tune", "auto_apply")
+        if auto:
+            tried.update(rec.recommendation_id for rec, _ in due)
+        self._adjuster.keep_recommendations([dataclasses.asdict(r) for r in found], sorted(tried))
+        if not auto or not due or self._scheduler is None:
+            if due:
+                log.info("sync: %d recommendation(s) received; tune.auto_apply is false: lens-agent tune run", len(due))
+            return
+        rec, key = due[0]  # one at a time: the next arrives with a later answer, measured against the new settings
+        values = sorted({current[key], rec.recommended_value}, key=str)
+        self._scheduler.later(
+            "tune:recommendation",
+            0.0,
+            partial(
+                self.run_tune_job,
+                trigger=f"recommendation:{rec.recommendation_id}",
+                only={key: values},
+                recommendation_id=rec.recommendation_id,
+            ),
+        )
+
+    async def run_tune_job(
+        self,
+        trigger: str = "schedule",
+        only: dict[str, list[Any]] | None = None,
+        recommendation_id: str | None = None,
+    ) -> None:
         """A tune inside the service: the service's model is closed while the candidates are measured (one model
         in memory), its winner applied only when ``tune.auto_apply`` allows it."""
         if self.abort:
@@ -428,6 +479,7 @@ class AgentService:
                             apply=config.get("tune", "auto_apply"),
                             store=store,
                             only=only,
+                            recommendation_id=recommendation_id,
                             progress=lambda line: log.info("tune %s", line),
                         ),
                     )
@@ -440,11 +492,12 @@ class AgentService:
                 except LensError as exc:
                     log.warning("tune did not finish: %s", exc)
                 finally:
-                    await self._load_model()
+                    await self._reload_engine_settings()  # the winner's settings, when one was applied
+                    if self.engine is None:
+                        await self._load_model()
         except Busy as exc:
             log.info("tune not run now: %s", exc)
         self.state = "stopping" if self.abort else "idle"
-        await self._follow_drop_in()
         if self._sync is not None:
             self._sync.trigger()
 

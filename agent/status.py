@@ -339,4 +339,7 @@ def render(doc: dict[str, Any]) -> str:
     ]
     if sync["last_error"]:
         lines.append(f"  error     {sync['last_error']}")
+    tune = doc.get("tune")
+    if tune is not None:
+        lines.append(f"tuning      {tune['line']}")
     return "\n".join(lines)

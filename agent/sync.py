@@ -30,6 +30,7 @@ import random
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +352,9 @@ class Uploader:
         self.settings = settings
         self._session = session
         self._owns_session = session is None
+        # called with each acknowledgement's payload after its rows left the outbox (the service reads the
+        # recommendations an aggregator sends with it); whatever it does, the batch stays acknowledged
+        self.on_ack: Callable[[dict[str, Any]], None] | None = None
 
     async def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -482,6 +486,11 @@ class Uploader:
             report.uploaded += len(rows)
             report.accepted += accepted
             report.duplicates += duplicates
+            if self.on_ack is not None and isinstance(answer.payload, dict):
+                try:
+                    self.on_ack(answer.payload)
+                except Exception:  # the ack is done and nothing is lost: a listener's bug is logged, not raised
+                    log.exception("sync: the acknowledgement's listener failed")
             return
         if 300 <= answer.status < 400:
             raise _not_aggregator(answer, "acknowledgement")

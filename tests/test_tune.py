@@ -241,6 +241,8 @@ def test_a_worse_change_is_rolled_back_after_verification_and_every_step_reaches
         latest = status["latest"]
         assert latest["status"] == "rolled_back" and latest["result"]["worst_improvement"] < -0.05
         assert status["drop_in"] is None and status["effective"]["model.n_batch"]["value"] == 64
+        overview = agent("status", "--config", str(config), "--no-probe").stdout
+        assert "tuning      model.n_batch 64 → 1 (manual, " in overview and "rolled_back — " in overview
         # the run after the rollback runs under the old settings again, and the records say so
         assert agent("run", "--config", str(config), "--once").returncode == 0
 
@@ -343,3 +345,41 @@ def test_a_closed_gate_stops_the_search_and_says_why(tmp_path: Path, tiny_model:
     steps = [r["ext"]["tune"]["step"] for r in outbox_records(tmp_path / "data", "tune")]
     assert steps == ["start", "skipped"]
     assert not (tmp_path / "data" / "tune" / "settings.toml").exists()
+
+
+def test_the_service_tunes_on_its_schedule_and_applies_with_auto_apply(tmp_path: Path, tiny_model: Path) -> None:
+    import signal
+    import time
+
+    config = write_config(tmp_path, tiny_model, n_batch=1, extra='n_batch = [1, 64]\nevery = "2s"\nauto_apply = true')
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
+    log = (tmp_path / "service.log").open("w+")
+    proc = subprocess.Popen([*AGENT, "run", "--config", str(config)], cwd=ROOT, env=clean, stdout=log, stderr=log)
+    drop_in = tmp_path / "data" / "tune" / "settings.toml"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "n_batch = 64" not in (drop_in.read_text() if drop_in.exists() else ""):
+            assert proc.poll() is None, (tmp_path / "service.log").read_text()
+            time.sleep(0.2)
+        assert drop_in.exists(), (tmp_path / "service.log").read_text()
+        deadline = time.monotonic() + 60  # the service reloads its model with the winner after the tune
+        while time.monotonic() < deadline:
+            loads = outbox_records(tmp_path / "data", "model_load")
+            if loads and loads[-1]["ext"]["model_load"]["n_batch"] == 64:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+    output = (tmp_path / "service.log").read_text()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output
+    loads = outbox_records(tmp_path / "data", "model_load")
+    assert loads[0]["ext"]["model_load"]["n_batch"] == 1 and loads[-1]["ext"]["model_load"]["n_batch"] == 64
+    tune = outbox_records(tmp_path / "data", "tune")
+    first = [r["ext"]["tune"] for r in tune if r["ext"]["tune"].get("tune_id") == tune[0]["ext"]["tune"]["tune_id"]]
+    assert first[0]["step"] == "start" and first[0]["trigger"] == "schedule"
+    assert [t["step"] for t in first][-2:] == ["result", "apply"]
+    applied = next(r["ext"]["tune"] for r in tune if r["ext"]["tune"]["step"] == "apply")
+    assert applied["source"] == "tune" and applied["changes"] == {"model.n_batch": {"from": 1, "to": 64}}
