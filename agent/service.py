@@ -568,8 +568,12 @@ class AgentService:
         )
         box = self.outbox.outbox
 
+        power_mode = (self.facts_sent or {}).get("power_mode")
+
         def store(record: Measurement) -> None:
             record.ext["workload"] = workload["name"]
+            if power_mode and isinstance(record.ext.get("settings"), dict):
+                record.ext["settings"]["power_mode"] = power_mode  # a Jetson's nvpmodel mode moves every figure
             box.append(stored_form(record))
             self.stored += 1
 

@@ -63,4 +63,6 @@ class OffloadStrategy:
                 "policy_right": right,
             }
         record.ext["offload"] = info
+        if self.policy.prompt_tokens_above is not None and isinstance(record.ext.get("settings"), dict):
+            record.ext["settings"]["offload_prompt_tokens_above"] = self.policy.prompt_tokens_above
         return window
