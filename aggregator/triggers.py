@@ -1,0 +1,880 @@
+"""Triggers: conditions on each device × model × engine settings series, with an evaluation window and a cooldown.
+
+An operator declares them in the aggregator's TOML as ``[[triggers]]`` (none declared: none evaluated)::
+
+    [[triggers]]
+    name = "slow-first-token"
+    condition = "p95_latency_above"
+    metric = "ttft"
+    threshold = 800          # ms
+    window = "15m"
+    cooldown = "1h"
+    min_samples = 10
+
+Every ``fleet.trigger_interval`` the aggregator reads the ``kind = 'inference'`` records that started within the
+longest window (its own clock; at most :data:`MAX_WINDOW_ROWS`, the most recently received), groups them by device,
+model and the ``settings`` column, and judges each trigger over each series' requests within that trigger's window
+(:func:`judge`, a pure function). A series with fewer than ``min_samples`` requests that count for the condition is
+"insufficient data", not judged. A trigger *fires* on a series when its condition holds and it did not fire on that
+series within ``cooldown``; while the condition holds inside the cooldown the series is "cooling down until …".
+
+The last fire of each trigger × series and the latest :data:`HISTORY` fires are kept in the store's ``meta`` table
+(:data:`META_KEY`, compact JSON, written by compare-and-swap): a restart, or a second replica on the same
+PostgreSQL database, does not fire again inside a cooldown. docs/triggers.md says what each condition means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, NamedTuple
+
+from lens_core.config import Invalid, duration_or_zero, int_range, parse_duration
+from lens_core.errors import ConfigError
+from lens_core.settings import MAX_KEY_CHARS, parse_key, settings_key
+
+from .rows import decode_wire
+from .store import Query, Store
+
+log = logging.getLogger("aggregator")
+
+META_KEY = "triggers.fired"
+HISTORY = 500  # fires kept (newest first), in the store and on GET /api/v1/triggers
+MAX_TRIGGERS = 100
+MAX_WINDOW_ROWS = 200_000  # records one evaluation reads (columns only): the most recently received of the window
+MAX_BODY_ROWS = 20_000  # records whose bodies memory_above decodes (rss_peak_bytes is not a column)
+MAX_WINDOW_S = 7 * 86_400.0
+MAX_COOLDOWN_S = 30 * 86_400.0
+SETTLE_ATTEMPTS = 5  # compare-and-swap retries when another replica wrote the fires in between
+
+LATENCY_METRICS = ("ttft", "tpot", "e2e")
+# aggregator.regressions.METRICS (not imported: the configuration check stays free of numpy)
+REGRESSION_METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
+_LATENCY_COLUMN = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}
+_METRIC_LABEL = {
+    "ttft": "TTFT",
+    "tpot": "TPOT",
+    "e2e": "e2e",
+    "ttft_ms": "TTFT",
+    "tpot_ms": "TPOT",
+    "tokens_per_second": "tok/s",
+    "j_per_token": "J/token",
+}
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a condition reads and how its threshold is bounded."""
+
+    summary: str  # how the value is computed, in words
+    unit: str
+    metrics: tuple[str, ...] = ()  # allowed values of ``metric`` (none: the key is not taken)
+    threshold: tuple[float, float, bool] | None = (0.0, math.inf, False)  # (low, high, low included); None: optional
+    integer: bool = False
+
+
+CONDITIONS: dict[str, Condition] = {
+    "p95_latency_above": Condition("95th percentile of the successful requests' metric", "ms", LATENCY_METRICS),
+    "p99_latency_above": Condition("99th percentile of the successful requests' metric", "ms", LATENCY_METRICS),
+    "mean_latency_above": Condition("mean of the successful requests' metric", "ms", LATENCY_METRICS),
+    "tokens_per_second_below": Condition("median of the successful requests' output_tokens ÷ e2e", "tok/s"),
+    "error_rate_above": Condition("failed ÷ all requests", "", threshold=(0.0, 1.0, True)),
+    "consecutive_failures": Condition("failed requests in a row, latest first", "failures", integer=True),
+    "memory_above": Condition("highest peak RSS (rss_peak_bytes) of the requests", "MiB"),
+    "energy_per_token_above": Condition("mean energy per output token of the successful requests", "J/token"),
+    "sla_violations": Condition("successful requests whose metric is above threshold", "requests", LATENCY_METRICS),
+    "regression": Condition(
+        "the device × model has a current regression of this metric (change of the median)",
+        "",
+        REGRESSION_METRICS,
+        threshold=None,
+    ),
+}
+_THRESHOLD_MEANING = {
+    "p95_latency_above": "milliseconds",
+    "p99_latency_above": "milliseconds",
+    "mean_latency_above": "milliseconds",
+    "tokens_per_second_below": "output tokens per second",
+    "error_rate_above": "a fraction of the requests, e.g. 0.2 for 20 %",
+    "consecutive_failures": "how many failed requests in a row",
+    "memory_above": "MiB of peak RSS",
+    "energy_per_token_above": "joules per output token",
+    "sla_violations": "milliseconds (the SLA on the metric)",
+    "regression": "the smallest relative change that counts, e.g. 0.25 (default 0: any reported regression)",
+}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    name: str
+    condition: str
+    threshold: float
+    window_s: float
+    cooldown_s: float
+    min_samples: int
+    metric: str | None = None
+    max_violations: int | None = None
+
+    def describe(self) -> str:
+        """One line: "p95 TTFT above 800 ms over 15 min (at least 10 requests), cooldown 1 h"."""
+        return f"{self.rule()} over {span(self.window_s)} (at least {self.min_samples} requests), cooldown " + (
+            span(self.cooldown_s) if self.cooldown_s else "none"
+        )
+
+    def rule(self) -> str:
+        metric = _METRIC_LABEL.get(self.metric or "", self.metric or "")
+        c = self.condition
+        if c in ("p95_latency_above", "p99_latency_above", "mean_latency_above"):
+            return f"{c.split('_')[0]} {metric} above {self.threshold:g} ms"
+        if c == "tokens_per_second_below":
+            return f"median tok/s below {self.threshold:g}"
+        if c == "error_rate_above":
+            return f"error rate above {self.threshold * 100:g} %"
+        if c == "consecutive_failures":
+            return f"{int(self.threshold)} failed requests in a row"
+        if c == "memory_above":
+            return f"peak RSS above {self.threshold:g} MiB"
+        if c == "energy_per_token_above":
+            return f"mean energy above {self.threshold:g} J/token"
+        if c == "sla_violations":
+            return f"more than {self.max_violations} requests with {metric} above {self.threshold:g} ms"
+        return f"a {metric} regression" + (f" of at least {self.threshold * 100:g} %" if self.threshold else "")
+
+
+def span(seconds: float) -> str:
+    """``15 min``, ``2 h``, ``1 d``, ``30 s``."""
+    for unit, size in (("d", 86_400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
+# -- configuration ---------------------------------------------------------------------------------------------------
+_KEYS = ("name", "condition", "metric", "threshold", "window", "cooldown", "min_samples", "max_violations")
+DEFAULT_WINDOW_S = 900.0
+DEFAULT_COOLDOWN_S = 3600.0
+DEFAULT_MIN_SAMPLES = 10
+
+
+def _threshold(condition: str, value: object) -> float:
+    spec = CONDITIONS[condition]
+    meaning = _THRESHOLD_MEANING[condition]
+    if spec.integer:
+        return float(int_range(1, 100_000)(value))
+    low, high, low_included = spec.threshold or (0.0, 10.0, True)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise Invalid(f"a number: {meaning}")
+    if not (value >= low if low_included else value > low) or not value <= high:
+        shown = f"from {low:g}" if low_included else f"greater than {low:g}"
+        bound = "" if math.isinf(high) else f" up to {high:g}"
+        raise Invalid(f"a number {shown}{bound}: {meaning}")
+    if condition == "error_rate_above" and value >= 1:
+        raise Invalid(f"a number from 0 to below 1: {meaning}; an error rate cannot be above 1")
+    return float(value)
+
+
+def _bounded_duration(maximum: float, zero_allowed: bool) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        seconds = duration_or_zero(value) if zero_allowed else parse_duration(value)
+        if seconds > maximum:
+            raise Invalid(f"a duration such as 15m or 2h, at most {span(maximum)}")
+        return seconds
+
+    return parse
+
+
+def check_triggers(source: str, raw: object) -> list[Trigger]:
+    """The ``[[triggers]]`` tables of the aggregator's file, checked; a bad one is a ConfigError naming
+    ``triggers[N].key``, its value and what is allowed. No ``[[triggers]]``: none."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError(source, "triggers", raw, "an array of tables: [[triggers]] (docs/triggers.md)")
+    if len(raw) > MAX_TRIGGERS:
+        raise ConfigError(source, "triggers", f"{len(raw)} tables", f"at most {MAX_TRIGGERS} [[triggers]] tables")
+    out: list[Trigger] = []
+    names: dict[str, int] = {}
+    for n, item in enumerate(raw):
+        trigger = _check_one(source, n, item)
+        if trigger.name in names:
+            raise ConfigError(
+                source,
+                f"triggers[{n}].name",
+                trigger.name,
+                f"a name no other trigger has (triggers[{names[trigger.name]}] is called so too)",
+            )
+        names[trigger.name] = n
+        out.append(trigger)
+    return out
+
+
+def _check_one(source: str, n: int, item: dict[str, Any]) -> Trigger:
+    where = f"triggers[{n}]"
+
+    def fail(key: str, value: object, allowed: str) -> ConfigError:
+        return ConfigError(source, f"{where}.{key}", value, allowed)
+
+    def missing(key: str, allowed: str) -> ConfigError:
+        return ConfigError(source, where, item, f"{where}.{key} to be set: {allowed}")
+
+    for key, value in item.items():
+        if key not in _KEYS:
+            raise fail(key, value, "a key of [[triggers]]: " + ", ".join(_KEYS))
+    if "name" not in item:
+        raise missing("name", 'a unique name, e.g. "slow-first-token"')
+    name = item["name"]
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise fail("name", name, "1 to 64 letters, digits and . _ : - (starting with a letter or digit)")
+    if "condition" not in item:
+        raise missing("condition", "one of " + ", ".join(CONDITIONS))
+    condition = item["condition"]
+    if not isinstance(condition, str) or condition not in CONDITIONS:
+        raise fail("condition", condition, "one of " + ", ".join(CONDITIONS))
+    spec = CONDITIONS[condition]
+
+    metric = item.get("metric")
+    if spec.metrics:
+        if metric is None:
+            raise missing("metric", f"for {condition}, one of " + ", ".join(spec.metrics))
+        if metric not in spec.metrics:
+            raise fail("metric", metric, f"for {condition}, one of " + ", ".join(spec.metrics))
+    elif "metric" in item:
+        raise fail("metric", metric, f"no metric for {condition} (it reads {spec.summary}); remove the key")
+
+    if "threshold" in item:
+        try:
+            threshold = _threshold(condition, item["threshold"])
+        except Invalid as exc:
+            raise fail("threshold", item["threshold"], str(exc)) from None
+    elif spec.threshold is None:
+        threshold = 0.0
+    else:
+        raise missing("threshold", _THRESHOLD_MEANING[condition])
+
+    def duration(key: str, default: float, maximum: float, zero_allowed: bool) -> float:
+        if key not in item:
+            return default
+        try:
+            return _bounded_duration(maximum, zero_allowed)(item[key])
+        except Invalid as exc:
+            allowed = f"{exc}" + (" (or 0: fire at every evaluation while the condition holds)" if zero_allowed else "")
+            raise fail(key, item[key], allowed) from None
+
+    window = duration("window", DEFAULT_WINDOW_S, MAX_WINDOW_S, False)
+    cooldown = duration("cooldown", DEFAULT_COOLDOWN_S, MAX_COOLDOWN_S, True)
+
+    default_min = int(threshold) if condition == "consecutive_failures" else DEFAULT_MIN_SAMPLES
+    try:
+        min_samples = int_range(1, MAX_WINDOW_ROWS)(item.get("min_samples", default_min))
+    except Invalid as exc:
+        raise fail("min_samples", item["min_samples"], f"{exc}: requests in the window needed to judge") from None
+
+    max_violations: int | None = None
+    if condition == "sla_violations":
+        if "max_violations" not in item:
+            raise missing("max_violations", "how many requests above threshold the window allows, e.g. 5")
+        try:
+            max_violations = int_range(0, MAX_WINDOW_ROWS)(item["max_violations"])
+        except Invalid as exc:
+            raise fail("max_violations", item["max_violations"], f"{exc}: requests above threshold allowed") from None
+    elif "max_violations" in item:
+        raise fail("max_violations", item["max_violations"], "max_violations only with condition sla_violations")
+    if condition == "consecutive_failures" and min_samples < threshold:
+        raise fail("min_samples", min_samples, f"at least threshold ({int(threshold)}): N failures need N requests")
+    return Trigger(
+        name=name,
+        condition=condition,
+        threshold=threshold,
+        window_s=window,
+        cooldown_s=cooldown,
+        min_samples=min_samples,
+        metric=metric,
+        max_violations=max_violations,
+    )
+
+
+# -- the window's requests -------------------------------------------------------------------------------------------
+class Sample(NamedTuple):
+    """One request of a window, as the conditions read it (None: not measured or not readable)."""
+
+    device_id: str
+    model_name: str | None
+    settings: str | None
+    started_us: int
+    ok: bool
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+    tokens_per_second: float | None = None
+    j_per_token: float | None = None
+    rss_peak_mib: float | None = None
+
+
+Series = tuple[str, str | None, str | None]  # device, model, settings
+COLUMNS = (
+    "device_id",
+    "model_name",
+    "settings",
+    "started_us",
+    "ok",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "output_tokens",
+    "j_per_token",
+)
+BODY_COLUMNS = ("device_id", "model_name", "settings", "started_us", "ok", "seq", "codec", "body")
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a stored column, else None (a row of an older version may hold anything)."""
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else None
+
+
+def canonical_settings(value: Any) -> tuple[str | None, bool]:
+    """(the settings key, readable): a stored ``settings`` value that is not a canonical key (written by anything
+    but this version's ingest) is read as unknown settings."""
+    if value is None:
+        return None, True
+    if type(value) is not str or len(value) > MAX_KEY_CHARS or settings_key(parse_key(value)) != value:
+        return None, False
+    return value, True
+
+
+@dataclass
+class RowCount:
+    read: int = 0
+    skipped: int = 0  # rows without a readable device, start time or result
+    unreadable_settings: int = 0  # settings values that are not a key: counted under unknown settings
+    undecodable: int = 0  # bodies memory_above could not decode
+
+
+def _head(row: Sequence[Any], counts: RowCount) -> tuple[str, str | None, str | None, int, bool] | None:
+    device, model, raw_settings, started, ok = row[:5]
+    if type(device) is not str or not device or type(started) is not int:
+        counts.skipped += 1
+        return None
+    if ok in (True, 1):
+        success = True
+    elif ok in (False, 0):
+        success = False
+    else:
+        counts.skipped += 1
+        return None
+    settings, readable = canonical_settings(raw_settings)
+    if not readable:
+        counts.unreadable_settings += 1
+    return device, model if type(model) is str else None, settings, started, success
+
+
+def samples_from_columns(rows: Iterable[Sequence[Any]], counts: RowCount) -> list[Sample]:
+    """Samples from stored rows of :data:`COLUMNS` (hostile values skipped or read as unknown, and counted)."""
+    out = []
+    for row in rows:
+        counts.read += 1
+        head = _head(row, counts)
+        if head is None:
+            continue
+        ttft, tpot, e2e, tokens, joules = (_number(v) for v in row[5:10])
+        rate = tokens / (e2e / 1e6) if head[4] and e2e and e2e > 0 and tokens and tokens > 0 else None
+        out.append(
+            Sample(
+                *head,
+                ttft_ms=ttft / 1000 if ttft is not None else None,
+                tpot_ms=tpot / 1000 if tpot is not None else None,
+                e2e_ms=e2e / 1000 if e2e is not None else None,
+                tokens_per_second=rate,
+                j_per_token=joules,
+            )
+        )
+    return out
+
+
+def samples_from_bodies(rows: Iterable[Sequence[Any]], counts: RowCount) -> list[Sample]:
+    """Samples with the peak RSS from stored rows of :data:`BODY_COLUMNS`: a body that does not decode is skipped
+    (and counted here and in ``llm_latency_lens_read_undecodable_rows_total``)."""
+    out = []
+    for row in rows:
+        head = _head(row, counts)
+        if head is None:
+            continue
+        record = decode_wire({"seq": row[5], "codec": row[6], "body": row[7]})
+        if record is None:
+            counts.undecodable += 1
+            continue
+        peak = record.get("rss_peak_bytes")
+        mib = peak / MIB if type(peak) is int and peak >= 0 else None
+        out.append(Sample(*head, rss_peak_mib=mib))
+    return out
+
+
+# -- judging one series ----------------------------------------------------------------------------------------------
+class Outcome(NamedTuple):
+    holds: bool | None  # None: fewer than min_samples requests that count
+    value: float | None
+    samples: int
+
+
+def quantile(values: Sequence[float], q: int) -> float:
+    """The exact ``q``-th percentile (inclusive method, linear between order statistics), as the fleet page's."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1]
+
+
+def judge(trigger: Trigger, samples: Sequence[Sample], regression: float | None = None) -> Outcome:
+    """Whether ``trigger``'s condition holds over one series' requests within its window (``samples``, in start
+    order), the value it compared with the threshold and how many requests counted. ``regression``: the series'
+    current regression change of ``trigger.metric`` (condition ``regression`` only)."""
+    c, t = trigger.condition, trigger.threshold
+    if c in ("p95_latency_above", "p99_latency_above", "mean_latency_above", "sla_violations"):
+        column = _LATENCY_COLUMN[trigger.metric or "ttft"]
+        values = [v for s in samples if s.ok and (v := getattr(s, column)) is not None]
+        if len(values) < trigger.min_samples:
+            return Outcome(None, None, len(values))
+        if c == "sla_violations":
+            over = sum(1 for v in values if v > t)
+            return Outcome(over > (trigger.max_violations or 0), float(over), len(values))
+        if c == "mean_latency_above":
+            value = statistics.fmean(values)
+        else:
+            value = quantile(values, 95 if c == "p95_latency_above" else 99)
+        return Outcome(value > t, value, len(values))
+    if c == "tokens_per_second_below":
+        rates = [s.tokens_per_second for s in samples if s.ok and s.tokens_per_second is not None]
+        if len(rates) < trigger.min_samples:
+            return Outcome(None, None, len(rates))
+        value = statistics.median(rates)
+        return Outcome(value < t, value, len(rates))
+    if c == "energy_per_token_above":
+        joules = [s.j_per_token for s in samples if s.ok and s.j_per_token is not None]
+        if len(joules) < trigger.min_samples:
+            return Outcome(None, None, len(joules))
+        value = statistics.fmean(joules)
+        return Outcome(value > t, value, len(joules))
+    if c == "memory_above":
+        peaks = [s.rss_peak_mib for s in samples if s.rss_peak_mib is not None]
+        if len(peaks) < trigger.min_samples:
+            return Outcome(None, None, len(peaks))
+        value = max(peaks)
+        return Outcome(value > t, value, len(peaks))
+    n = len(samples)
+    if n < trigger.min_samples:
+        return Outcome(None, None, n)
+    if c == "error_rate_above":
+        value = sum(1 for s in samples if not s.ok) / n
+        return Outcome(value > t, value, n)
+    if c == "consecutive_failures":
+        run = 0
+        for s in reversed(samples):
+            if s.ok:
+                break
+            run += 1
+        return Outcome(run >= t, float(run), n)
+    if c == "regression":
+        if regression is None:
+            return Outcome(False, None, n)
+        return Outcome(abs(regression) >= t, regression, n)
+    raise ValueError(f"unknown condition {c!r}")  # pragma: no cover - check_triggers admits none
+
+
+class Evaluation(NamedTuple):
+    trigger: str
+    series: Series
+    outcome: Outcome
+
+
+def current_regressions(found: Iterable[dict[str, Any]]) -> dict[tuple[str, str | None, str], float]:
+    """(device, model, metric) → the worst current regression's change, from the regression Watch's ``found``
+    (which keys by device × model × strategy: every strategy of a device × model counts)."""
+    out: dict[tuple[str, str | None, str], float] = {}
+    for f in found:
+        if f.get("kind") != "regression":
+            continue
+        key = (f["device_id"], f["model_name"], f["metric"])
+        if key not in out or abs(f["change"]) > abs(out[key]):
+            out[key] = f["change"]
+    return out
+
+
+def evaluate(
+    triggers: Sequence[Trigger],
+    samples: Sequence[Sample],
+    now_us: int,
+    *,
+    body_samples: Sequence[Sample] = (),
+    regressions: Iterable[dict[str, Any]] = (),
+) -> list[Evaluation]:
+    """Every trigger over every series with a request in its window (``[now − window, now]``). ``body_samples``:
+    the samples memory_above reads (with the peak RSS); ``regressions``: the regression Watch's ``found``. A
+    regression counts for the settings the device × model ran its latest request of the window under."""
+    found = current_regressions(regressions)
+    out = []
+    for trigger in triggers:
+        since = now_us - int(trigger.window_s * 1e6)
+        source = body_samples if trigger.condition == "memory_above" else samples
+        groups: dict[Series, list[Sample]] = {}
+        latest: dict[tuple[str, str | None], Sample] = {}
+        for s in source:
+            if since <= s.started_us <= now_us:
+                groups.setdefault((s.device_id, s.model_name, s.settings), []).append(s)
+                pair = (s.device_id, s.model_name)
+                if pair not in latest or s.started_us >= latest[pair].started_us:
+                    latest[pair] = s
+        for series in sorted(groups, key=_series_order):
+            group = sorted(groups[series], key=lambda s: s.started_us)
+            change = None
+            if trigger.condition == "regression" and latest[(series[0], series[1])].settings == series[2]:
+                change = found.get((series[0], series[1], trigger.metric or ""))
+            out.append(Evaluation(trigger.name, series, judge(trigger, group, change)))
+    return out
+
+
+def _series_order(series: Series) -> tuple[str, str, str]:
+    return (series[0], series[1] or "", series[2] or "")
+
+
+# -- states, fires and what is kept ----------------------------------------------------------------------------------
+FireKey = tuple[str, str, str | None, str | None]  # trigger, device, model, settings
+
+
+def fire_key(trigger: str, series: Series) -> FireKey:
+    return (trigger, series[0], series[1], series[2])
+
+
+@dataclass(frozen=True)
+class SeriesState:
+    trigger: Trigger
+    series: Series
+    outcome: Outcome
+    state: str  # firing | cooling_down | ok | insufficient_data
+    last_fired_us: int | None
+    cooldown_until_us: int | None
+    evaluated_us: int
+
+    def answer(self) -> dict[str, Any]:
+        return {
+            "trigger": self.trigger.name,
+            "device_id": self.series[0],
+            "model_name": self.series[1],
+            "settings": self.series[2],
+            "state": self.state,
+            "holds": self.outcome.holds,
+            "value": self.outcome.value,
+            "threshold": self.trigger.max_violations
+            if self.trigger.condition == "sla_violations"
+            else self.trigger.threshold,
+            "samples": self.outcome.samples,
+            "min_samples": self.trigger.min_samples,
+            "window_s": self.trigger.window_s,
+            "last_fired_at": iso(self.last_fired_us),
+            "last_fired_us": self.last_fired_us,
+            "cooldown_until": iso(self.cooldown_until_us),
+            "cooldown_until_us": self.cooldown_until_us,
+            "summary": summary(self.trigger, self.series, self.outcome, self.state, self.cooldown_until_us),
+        }
+
+
+def iso(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _clock_time(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def shown_value(trigger: Trigger, value: float | None) -> str:
+    """The value as the threshold is written: "950 ms", "18.2 tok/s", "31 %", "1,536 MiB"."""
+    if value is None:
+        return "–"
+    c = trigger.condition
+    if c == "error_rate_above":
+        return f"{value * 100:.0f} %"
+    if c == "regression":
+        return f"{value * 100:+.0f} %"
+    if c in ("consecutive_failures", "sla_violations"):
+        return f"{int(value)}"
+    number = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return f"{number} {CONDITIONS[c].unit}"
+
+
+def summary(trigger: Trigger, series: Series, outcome: Outcome, state: str, cooldown_until_us: int | None) -> str:
+    """The line an operator reads: "slow-first-token: 950 ms (condition: p95 TTFT above 800 ms) on orin-017, model …,
+    settings …; 42 requests in 15 min — cooling down until 2026-12-02 19:03 UTC". ``state``: a series' state, or
+    ``fired`` (a fire in the history)."""
+    device, model, settings = series
+    where = f"on {device}, model {model or 'unnamed'}, settings {settings or 'unknown'}"
+    if outcome.holds is None:
+        what = f"insufficient data ({outcome.samples} of {trigger.min_samples} requests)"
+    else:
+        what = f"{shown_value(trigger, outcome.value)} (condition: {trigger.rule()})"
+    line = f"{trigger.name}: {what} {where}; {outcome.samples} requests in {span(trigger.window_s)}"
+    if state == "cooling_down" and cooldown_until_us is not None:
+        return f"{line} — cooling down until {_clock_time(cooldown_until_us)}"
+    tail = {"firing": "firing", "fired": "fired", "ok": "ok"}.get(state)
+    return f"{line} — {tail}" if tail else line
+
+
+def decide(
+    triggers: Mapping[str, Trigger], evaluations: Sequence[Evaluation], last_fired: Mapping[FireKey, int], now_us: int
+) -> tuple[list[SeriesState], list[SeriesState]]:
+    """(every series' state, the ones that fire now): a series whose condition holds fires unless its trigger
+    fired on it less than ``cooldown`` ago; then it is cooling down until that fire + cooldown."""
+    states, fires = [], []
+    for ev in evaluations:
+        trigger = triggers[ev.trigger]
+        last = last_fired.get(fire_key(ev.trigger, ev.series))
+        cooldown_us = int(trigger.cooldown_s * 1e6)
+        if ev.outcome.holds is None:
+            state = "insufficient_data"
+        elif not ev.outcome.holds:
+            state = "ok"
+        elif last is None or now_us - last >= cooldown_us:
+            state, last = "firing", now_us
+        else:
+            state = "cooling_down"
+        until = last + cooldown_us if last is not None and now_us < last + cooldown_us else None
+        item = SeriesState(trigger, ev.series, ev.outcome, state, last, until, now_us)
+        states.append(item)
+        if state == "firing":
+            fires.append(item)
+    return states, fires
+
+
+def fire_record(item: SeriesState) -> dict[str, Any]:
+    """A fire as kept in the store and shown in the history."""
+    return {
+        "trigger": item.trigger.name,
+        "condition": item.trigger.condition,
+        "metric": item.trigger.metric,
+        "device_id": item.series[0],
+        "model_name": item.series[1],
+        "settings": item.series[2],
+        "value": item.outcome.value,
+        "threshold": item.trigger.threshold,
+        "max_violations": item.trigger.max_violations,
+        "samples": item.outcome.samples,
+        "window_s": item.trigger.window_s,
+        "fired_us": item.evaluated_us,
+        "fired_at": iso(item.evaluated_us),
+        "summary": summary(item.trigger, item.series, item.outcome, "fired", None),
+    }
+
+
+@dataclass
+class Kept:
+    """What the store keeps under :data:`META_KEY`: each trigger × series' last fire and the latest fires."""
+
+    last: dict[FireKey, int] = field(default_factory=dict)
+    recent: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, raw: str | None) -> tuple[Kept, bool]:
+        """(what was kept, readable). A value this version cannot read is kept as nothing (logged): the next fire
+        replaces it."""
+        if raw is None:
+            return cls(), True
+        try:
+            doc = json.loads(raw)
+            if type(doc) is not dict or doc.get("v") != 1:
+                raise ValueError("not a version-1 map")
+            last: dict[FireKey, int] = {}
+            for entry in doc["last"]:
+                trigger, device, model, settings, fired = entry
+                if not all(type(x) is str for x in (trigger, device)) or type(fired) is not int:
+                    raise ValueError(f"an entry of 'last' is {entry!r:.80}")
+                if not (model is None or type(model) is str) or not (settings is None or type(settings) is str):
+                    raise ValueError(f"an entry of 'last' is {entry!r:.80}")
+                last[(trigger, device, model, settings)] = fired
+            recent = [r for r in doc["recent"] if type(r) is dict and type(r.get("fired_us")) is int]
+            return cls(last, recent[:HISTORY]), True
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("triggers: the kept fires (%s) cannot be read (%s); starting from none", META_KEY, exc)
+            return cls(), False
+
+    def dump(self) -> str:
+        last = [[*key, fired] for key, fired in sorted(self.last.items(), key=lambda kv: (kv[0][0], kv[1]))]
+        return json.dumps({"v": 1, "last": last, "recent": self.recent[:HISTORY]}, separators=(",", ":"))
+
+    def merged(self, other: Mapping[FireKey, int]) -> dict[FireKey, int]:
+        out = dict(self.last)
+        for key, fired in other.items():
+            if fired > out.get(key, -1):
+                out[key] = fired
+        return out
+
+
+class Observation(NamedTuple):
+    now_us: int
+    evaluations: list[Evaluation]
+    rows: RowCount
+    truncated: bool
+
+
+class Settled(NamedTuple):
+    observation: Observation
+    states: list[SeriesState]
+    fires: list[SeriesState]
+    last: dict[FireKey, int]
+    recent: list[dict[str, Any]]
+
+
+class TriggerWatch:
+    """The triggers' state: each trigger × series' current state, its last fire and the latest fires.
+
+    One evaluation is three steps, so that the store's reads run on a read thread, the fires are recorded by the
+    writer and the state changes on the event loop: :meth:`observe` (reads the window, judges every series),
+    :meth:`settle` (merges the fires the store keeps, decides, records the new fires by compare-and-swap) and
+    :meth:`apply`. :meth:`evaluate` runs all three (the CLI, tests). ``clock``: Unix seconds (tests move it)."""
+
+    def __init__(
+        self, triggers: Sequence[Trigger], *, interval_s: float = 60.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.triggers = list(triggers)
+        self.by_name = {t.name: t for t in self.triggers}
+        self.interval_s = interval_s
+        self.clock = clock
+        self.states: list[SeriesState] = []
+        self.last_fired: dict[FireKey, int] = {}
+        self.recent: list[dict[str, Any]] = []
+        self.evaluated_us: int | None = None
+        self.rows = RowCount()
+        self.truncated = False
+        self.failures = 0
+        self.unreadable_kept = 0
+        self._holding: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def needs_regressions(self) -> bool:
+        return any(t.condition == "regression" for t in self.triggers)
+
+    def load(self, store: Store) -> None:
+        """The kept fires (at start: the history and cooldowns show before the first evaluation)."""
+        kept, readable = Kept.parse(store.get_meta(META_KEY))
+        self.unreadable_kept += not readable
+        self.last_fired, self.recent = kept.merged(self.last_fired), kept.recent
+
+    def observe(self, store: Store, regressions: Iterable[dict[str, Any]] = ()) -> Observation:
+        """Reads the longest window's records (blocking: on a read thread) and judges every trigger × series."""
+        now_us = int(self.clock() * 1e6)
+        if not self.triggers:
+            return Observation(now_us, [], RowCount(), False)
+        longest = max(t.window_s for t in self.triggers)
+        query = Query(kind="inference", since_us=now_us - int(longest * 1e6), until_us=now_us + 1)
+        counts = RowCount()
+        rows = store.latest_columns(query, COLUMNS, MAX_WINDOW_ROWS)
+        truncated = len(rows) >= MAX_WINDOW_ROWS
+        samples = samples_from_columns(rows, counts)
+        bodies: list[Sample] = []
+        memory = [t for t in self.triggers if t.condition == "memory_above"]
+        if memory:
+            longest_memory = max(t.window_s for t in memory)
+            body_query = Query(kind="inference", since_us=now_us - int(longest_memory * 1e6), until_us=now_us + 1)
+            body_rows = store.latest_columns(body_query, BODY_COLUMNS, MAX_BODY_ROWS)
+            truncated = truncated or len(body_rows) >= MAX_BODY_ROWS
+            bodies = samples_from_bodies(body_rows, counts)
+        evaluations = evaluate(self.triggers, samples, now_us, body_samples=bodies, regressions=regressions)
+        return Observation(now_us, evaluations, counts, truncated)
+
+    def settle(self, store: Store, observation: Observation, *, record: bool = True) -> Settled:
+        """Decides which series fire, against the fires the store keeps (another replica's too), and records the
+        new ones by compare-and-swap (blocking: on the writer). ``record=False``: decides without recording
+        (``lens-aggregator triggers``). Raises RuntimeError when the kept fires kept changing under it."""
+        now_us = observation.now_us
+        for _ in range(SETTLE_ATTEMPTS):
+            raw = store.get_meta(META_KEY)
+            kept, readable = Kept.parse(raw)
+            self.unreadable_kept += not readable
+            last = kept.merged(self.last_fired)
+            states, fires = decide(self.by_name, observation.evaluations, last, now_us)
+            recent = kept.recent if readable and raw is not None else self.recent
+            if not fires or not record:
+                return Settled(observation, states, fires, last, recent)
+            for item in fires:
+                last[fire_key(item.trigger.name, item.series)] = now_us
+            recent = ([fire_record(item) for item in fires] + recent)[:HISTORY]
+            # what no longer suppresses a fire goes: fires of triggers no longer configured, cooldowns that ended
+            pruned = {
+                key: fired
+                for key, fired in last.items()
+                if key[0] in self.by_name and fired + int(self.by_name[key[0]].cooldown_s * 1e6) > now_us
+            }
+            if store.swap_meta(META_KEY, raw, Kept(pruned, recent).dump()):
+                return Settled(observation, states, fires, last, recent)
+        raise RuntimeError(f"the kept fires ({META_KEY}) changed {SETTLE_ATTEMPTS} times during one evaluation")
+
+    def apply(self, settled: Settled) -> None:
+        """The new state (on the event loop; readers on other threads see the old or the new, never a mix)."""
+        holding: dict[str, list[dict[str, Any]]] = {}
+        for item in settled.states:
+            if item.outcome.holds:
+                holding.setdefault(item.series[0], []).append(item.answer())
+        self.states = settled.states
+        self.last_fired = settled.last
+        self.recent = settled.recent
+        self.rows = settled.observation.rows
+        self.truncated = settled.observation.truncated
+        self.evaluated_us = settled.observation.now_us
+        self._holding = holding
+
+    def evaluate(self, store: Store, regressions: Iterable[dict[str, Any]] = (), *, record: bool = True) -> Settled:
+        settled = self.settle(store, self.observe(store, regressions), record=record)
+        self.apply(settled)
+        return settled
+
+    def holding(self) -> list[SeriesState]:
+        """The series whose condition holds now (firing or cooling down)."""
+        return [s for s in self.states if s.outcome.holds]
+
+    def by_device(self) -> dict[str, list[dict[str, Any]]]:
+        """Each device's series whose condition holds, as ``GET /api/v1/triggers`` shows them: the fleet rows."""
+        return self._holding
+
+    def answer(self) -> dict[str, Any]:
+        """``GET /api/v1/triggers``."""
+        by_trigger: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.triggers}
+        rank = {"firing": 0, "cooling_down": 1, "ok": 2, "insufficient_data": 3}
+        for item in sorted(self.states, key=lambda s: rank[s.state]):
+            by_trigger[item.trigger.name].append(item.answer())
+        return {
+            "evaluated_at": iso(self.evaluated_us),
+            "interval_s": self.interval_s,
+            "triggers": [
+                {
+                    "name": t.name,
+                    "condition": t.condition,
+                    "metric": t.metric,
+                    "threshold": t.threshold,
+                    "max_violations": t.max_violations,
+                    "window_s": t.window_s,
+                    "cooldown_s": t.cooldown_s,
+                    "min_samples": t.min_samples,
+                    "description": t.describe(),
+                    "series": by_trigger[t.name],
+                }
+                for t in self.triggers
+            ],
+            "holding": [s.answer() for s in self.holding()],
+            "fires": self.recent,
+            "rows": {
+                "read": self.rows.read,
+                "limit": MAX_WINDOW_ROWS,
+                "truncated": self.truncated,
+                "skipped": self.rows.skipped,
+                "unreadable_settings": self.rows.unreadable_settings,
+                "undecodable_bodies": self.rows.undecodable,
+            },
+            "failures": self.failures,
+        }
