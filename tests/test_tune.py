@@ -383,3 +383,65 @@ def test_the_service_tunes_on_its_schedule_and_applies_with_auto_apply(tmp_path:
     assert [t["step"] for t in first][-2:] == ["result", "apply"]
     applied = next(r["ext"]["tune"] for r in tune if r["ext"]["tune"]["step"] == "apply")
     assert applied["source"] == "tune" and applied["changes"] == {"model.n_batch": {"from": 1, "to": 64}}
+
+
+def test_a_recommendation_from_the_aggregator_is_measured_here_then_applied(tmp_path: Path, tiny_model: Path) -> None:
+    """The whole loop with real components: the device's own history at the aggregator shows its earlier batch size
+    processed prompts faster; the aggregator's feedback recommends it in the ingest acknowledgement; the service
+    (tune.auto_apply) measures current against recommended here, applies it, and records that it did."""
+    import signal
+    import time
+
+    agg_config = tmp_path / "aggregator.toml"
+    agg_config.write_text('[fleet]\nfeedback_interval = "1s"\n')
+    agg = AggregatorProcess(tmp_path / "agg.db", free_port(), config=agg_config)
+    agg.start()
+    proc = None
+    try:
+        token = tmp_path / "token"
+        token.write_text(device_token(tmp_path / "agg.db"))
+        token.chmod(0o600)
+        sync = (
+            f'[sync]\nurl = "http://127.0.0.1:{agg.port}"\nallow_http = true\ntoken_file = "{token}"\ninterval = "1s"'
+        )
+        history = write_config(tmp_path, tiny_model, n_batch=64, sync=sync, device="dev-1")
+        history.write_text(history.read_text().replace("requests = 3", "requests = 24"))
+        assert agent("run", "--config", str(history), "--once").returncode == 0  # 24 requests at n_batch 64
+        config = write_config(
+            tmp_path, tiny_model, n_batch=1, sync=sync, device="dev-1", extra="auto_apply = true"
+        )  # the same device, now at n_batch 1: slower prompt processing
+        config.write_text(
+            config.read_text().replace("requests = 3", "requests = 24").replace('every = "1h"', 'every = "3s"')
+        )
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
+        log = (tmp_path / "service.log").open("w+")
+        proc = subprocess.Popen([*AGENT, "run", "--config", str(config)], cwd=ROOT, env=clean, stdout=log, stderr=log)
+        drop_in = tmp_path / "data" / "tune" / "settings.toml"
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and "n_batch = 64" not in (drop_in.read_text() if drop_in.exists() else ""):
+            assert proc.poll() is None, (tmp_path / "service.log").read_text()
+            time.sleep(0.3)
+        assert drop_in.exists(), (tmp_path / "service.log").read_text() + agg.stderr_text()
+        received = json.loads((tmp_path / "data" / "tune" / "recommendations.json").read_text())
+        rec = next(item for item in received["items"] if item["target"] == "model.n_batch")
+        assert rec["recommended_value"] == 64 and rec["current_value"] == 1
+        assert rec["recommendation_id"] in received["tried"]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        agg.stop()
+    output = (tmp_path / "service.log").read_text()
+    assert proc.returncode == 0 and "Traceback" not in output, output
+    conn = sqlite3.connect(tmp_path / "agg.db")  # what reached the aggregator, and what was still to send
+    try:
+        rows = conn.execute("SELECT codec, body FROM measurements WHERE kind = 'tune' ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    records = [wire.loads(bytes(body), codec) for codec, body in rows] + outbox_records(tmp_path / "data", "tune")
+    tune = [r["ext"]["tune"] for r in records]
+    start = next(t for t in tune if t["step"] == "start")
+    assert start["trigger"] == f"recommendation:{rec['recommendation_id']}"
+    assert start["grid"] == {"n_batch": [1, 64]}  # only the recommended setting: current against recommended
+    applied = next(t for t in tune if t["step"] == "apply")
+    assert applied["recommendation_id"] == rec["recommendation_id"] and applied["source"] == "recommendation"
