@@ -25,6 +25,7 @@ PostgreSQL database, does not fire again inside a cooldown. docs/triggers.md say
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -345,9 +346,15 @@ def canonical_settings(value: Any) -> tuple[str | None, bool]:
     but this version's ingest) is read as unknown settings."""
     if value is None:
         return None, True
-    if type(value) is not str or len(value) > MAX_KEY_CHARS or settings_key(parse_key(value)) != value:
+    if type(value) is not str or len(value) > MAX_KEY_CHARS or not _is_key(value):
         return None, False
     return value, True
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_key(value: str) -> bool:
+    """A fleet runs a handful of settings: each distinct value is parsed once."""
+    return settings_key(parse_key(value)) == value
 
 
 @dataclass
@@ -519,25 +526,40 @@ def evaluate(
     the samples memory_above reads (with the peak RSS); ``regressions``: the regression Watch's ``found``. A
     regression counts for the settings the device × model ran its latest request of the window under."""
     found = current_regressions(regressions)
+    windows: dict[tuple[bool, float], _Window] = {}  # triggers with the same source and window share its grouping
     out = []
     for trigger in triggers:
-        since = now_us - int(trigger.window_s * 1e6)
-        source = body_samples if trigger.condition == "memory_above" else samples
-        groups: dict[Series, list[Sample]] = {}
-        latest: dict[tuple[str, str | None], Sample] = {}
-        for s in source:
-            if since <= s.started_us <= now_us:
-                groups.setdefault((s.device_id, s.model_name, s.settings), []).append(s)
-                pair = (s.device_id, s.model_name)
-                if pair not in latest or s.started_us >= latest[pair].started_us:
-                    latest[pair] = s
-        for series in sorted(groups, key=_series_order):
-            group = sorted(groups[series], key=lambda s: s.started_us)
+        memory = trigger.condition == "memory_above"
+        key = (memory, trigger.window_s)
+        if key not in windows:
+            windows[key] = _group(body_samples if memory else samples, now_us - int(trigger.window_s * 1e6), now_us)
+        groups, latest = windows[key]
+        for series, group in groups.items():
             change = None
-            if trigger.condition == "regression" and latest[(series[0], series[1])].settings == series[2]:
+            if trigger.condition == "regression" and latest[(series[0], series[1])] == series[2]:
                 change = found.get((series[0], series[1], trigger.metric or ""))
             out.append(Evaluation(trigger.name, series, judge(trigger, group, change)))
     return out
+
+
+# each series' requests in start order (series in order), and each device × model's latest settings
+_Window = tuple[dict[Series, list[Sample]], dict[tuple[str, str | None], str | None]]
+
+
+def _group(source: Sequence[Sample], since_us: int, until_us: int) -> _Window:
+    groups: dict[Series, list[Sample]] = {}
+    for s in source:
+        if since_us <= s.started_us <= until_us:
+            groups.setdefault((s.device_id, s.model_name, s.settings), []).append(s)
+    ordered: dict[Series, list[Sample]] = {}
+    latest: dict[tuple[str, str | None], tuple[int, str | None]] = {}
+    for series in sorted(groups, key=_series_order):
+        group = sorted(groups[series], key=lambda s: s.started_us)
+        ordered[series] = group
+        pair = (series[0], series[1])
+        if pair not in latest or group[-1].started_us >= latest[pair][0]:
+            latest[pair] = (group[-1].started_us, series[2])
+    return ordered, {pair: settings for pair, (_, settings) in latest.items()}
 
 
 def _series_order(series: Series) -> tuple[str, str, str]:
