@@ -13,9 +13,9 @@ import logging
 import os
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +24,7 @@ from aiohttp import web
 
 from lens_core import wire
 
-from . import __version__, api, regressions, timeline
+from . import __version__, api, feedback, regressions, timeline
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, fleet_rows
 from .health import Health
@@ -32,6 +32,7 @@ from .metrics import CONTENT_TYPE, FleetMetrics, OtlpCollector
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
 from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
+from .triggers import Trigger, TriggerWatch
 
 log = logging.getLogger("aggregator")
 T = TypeVar("T")
@@ -58,6 +59,9 @@ class Settings:
     stale_after_s: float = 24 * 3600.0  # /metrics: latest-request gauges not updated for this long are dropped
     regression_interval_s: float = 300.0  # change points are looked for at most this often
     regression_min_change: float = 0.15  # … and a smaller relative change of the median is not reported
+    trigger_interval_s: float = 60.0  # the [[triggers]] are evaluated this often (docs/triggers.md)
+    feedback_interval_s: float = 300.0  # the feedback documents are recomputed at most this often (docs/feedback.md)
+    feedback_settings: feedback.Settings = field(default_factory=feedback.Settings)  # window, evidence, alpha
     otlp: OtlpSettings | None = None  # forward every stored record to an OTLP backend (docs/opentelemetry.md)
 
     @classmethod
@@ -84,6 +88,15 @@ class Settings:
             stale_after_s=config.get("fleet", "stale_after"),
             regression_interval_s=config.get("fleet", "regression_interval"),
             regression_min_change=config.get("fleet", "regression_min_change"),
+            trigger_interval_s=config.get("fleet", "trigger_interval"),
+            feedback_interval_s=config.get("fleet", "feedback_interval"),
+            feedback_settings=feedback.Settings(
+                window=config.get("fleet", "feedback_window"),
+                history=config.get("fleet", "feedback_history"),
+                alpha=config.get("fleet", "feedback_alpha"),
+                min_samples=config.get("fleet", "feedback_min_samples"),
+                min_improvement=config.get("fleet", "feedback_min_improvement"),
+            ),
             otlp=otlp_settings(config, os.environ),
         )
 
@@ -145,6 +158,8 @@ METRICS = web.AppKey("metrics", FleetMetrics)
 EVENTS = web.AppKey("events", Broadcaster)
 DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
 WATCH = web.AppKey("regression_watch", regressions.Watch)
+TRIGGERS = web.AppKey("triggers", TriggerWatch)
+FEEDBACK = web.AppKey("feedback", feedback.FeedbackCache)
 FORWARDER = web.AppKey("otlp_forwarder", Forwarder)
 PUBLISHING: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publishing")
 
@@ -353,7 +368,11 @@ async def ingest(request: web.Request) -> web.Response:
         (time.perf_counter() - started) * 1e3,
     )
     ids = [record["id"] for record in decoded]
-    return web.json_response(wire.ingest_ack(batch.batch_id, ids, result.accepted, result.duplicates))
+    ack = wire.ingest_ack(batch.batch_id, ids, result.accepted, result.duplicates)
+    advice = app[FEEDBACK].for_device(batch.device_id)  # from the cache: nothing is computed on the ingest path
+    if advice:
+        ack["recommendations"] = advice
+    return web.json_response(ack)
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -491,12 +510,19 @@ async def summary(request: web.Request) -> web.Response:
 
 
 def fleet_answer(
-    settings: Settings, watch: regressions.Watch, store: Store, now: float, only: str | None = None
+    settings: Settings,
+    watch: regressions.Watch,
+    store: Store,
+    now: float,
+    only: str | None = None,
+    triggers: TriggerWatch | None = None,
 ) -> dict[str, Any]:
     """What ``/api/v1/fleet``, the fleet page and a live update show (on a read thread): each device's row (or only
-    that one's) with its current regressions, and the late and silent thresholds."""
+    that one's) with its current regressions and the triggers whose condition holds, and the late and silent
+    thresholds."""
     health = settings.health()
-    rows = fleet_rows(store, now, health=health, only=only, regressions=watch.by_device())
+    held = triggers.by_device() if triggers is not None else None
+    rows = fleet_rows(store, now, health=health, only=only, regressions=watch.by_device(), triggers=held)
     return {"devices": rows, "late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
 
 
@@ -519,7 +545,7 @@ async def _publish_with_row(app: web.Application, event: dict[str, Any]) -> None
     runner = app[STORE]
     try:
         answer = await runner.read(
-            fleet_answer, app[SETTINGS], app[WATCH], runner.store, time.time(), event["device_id"]
+            fleet_answer, app[SETTINGS], app[WATCH], runner.store, time.time(), event["device_id"], app[TRIGGERS]
         )
         if answer["devices"]:
             event["device"] = answer["devices"][0]
@@ -534,10 +560,60 @@ async def regressions_endpoint(request: web.Request) -> web.Response:
     return web.json_response(watch.answer())
 
 
+async def evaluate_triggers(app: web.Application) -> TriggerWatch:
+    """One evaluation of the [[triggers]]: the window read and judged on a read thread, the new fires recorded in the
+    store's meta by the writer, the state and /metrics updated here (docs/triggers.md)."""
+    watch = app[TRIGGERS]
+    if not watch.triggers:
+        return watch
+    found: list[dict[str, Any]] = []
+    if watch.needs_regressions:
+        found = (await refresh_regressions(app)).found
+    runner = app[STORE]
+    observation = await runner.read(watch.observe, runner.store, found)
+    settled = await runner.call(watch.settle, runner.store, observation)
+    watch.apply(settled)
+    app[METRICS].triggers(watch.holding(), settled.fires)
+    return watch
+
+
+async def refresh_feedback(app: web.Application, *, force: bool = False) -> feedback.FeedbackCache:
+    """The feedback documents, recomputed on a read thread when older than ``fleet.feedback_interval`` (with the
+    current regressions as their anomalies)."""
+    cache = app[FEEDBACK]
+    if force or cache.stale(time.monotonic()):
+        found = (await refresh_regressions(app)).found
+        runner = app[STORE]
+        documents, advice = await runner.read(feedback.compute, runner.store, cache.settings, found, _now_us())
+        cache.update(documents, advice, time.monotonic(), _now_us())
+    return cache
+
+
+@read_endpoint
+async def feedback_endpoint(request: web.Request) -> web.Response:
+    """``GET /api/v1/feedback[?device=ID][&model=NAME]``: the performance-feedback documents (docs/feedback.md)."""
+    query = request.rel_url.query
+    try:
+        for name in ("device", "model"):
+            value = query.get(name)
+            if value is not None and (len(value) > api.MAX_FILTER_CHARS or "\x00" in value):
+                raise api.BadParameter(name, value[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+    except api.BadParameter as exc:
+        return _error(400, str(exc), parameter=exc.name)
+    cache = await refresh_feedback(request.app)
+    return web.json_response(cache.answer(query.get("device") or None, query.get("model") or None))
+
+
+@read_endpoint
+async def triggers_endpoint(request: web.Request) -> web.Response:
+    return web.json_response(request.app[TRIGGERS].answer())
+
+
 @read_endpoint
 async def fleet(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    answer = await runner.read(fleet_answer, request.app[SETTINGS], request.app[WATCH], runner.store, time.time())
+    app = request.app
+    answer = await runner.read(fleet_answer, app[SETTINGS], app[WATCH], runner.store, time.time(), None, app[TRIGGERS])
     return web.json_response(answer)
 
 
@@ -549,10 +625,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
 @read_endpoint
 async def page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    settings, watch = request.app[SETTINGS], request.app[WATCH]
+    settings, watch, triggers = request.app[SETTINGS], request.app[WATCH], request.app[TRIGGERS]
 
     def build(store: Store, now: float) -> str:
-        return with_data(FLEET_PAGE, fleet_answer(settings, watch, store, now))
+        return with_data(FLEET_PAGE, fleet_answer(settings, watch, store, now, triggers=triggers))
 
     return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
 
@@ -666,7 +742,15 @@ async def devices(request: web.Request) -> web.Response:
     return web.json_response({"devices": rows}, dumps=json.dumps)
 
 
-def create_app(settings: Settings, store: Store) -> web.Application:
+def create_app(
+    settings: Settings,
+    store: Store,
+    *,
+    triggers: Sequence[Trigger] = (),
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The app over ``store``. ``triggers``: the configuration's [[triggers]] (``config.tables["triggers"]``);
+    ``clock``: the wall clock (Unix seconds) they are evaluated against (tests move it)."""
     # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.
     app = web.Application(client_max_size=settings.max_body_bytes + 1, middlewares=[read_limits])
     app[SETTINGS] = settings
@@ -682,6 +766,9 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app[WATCH] = regressions.Watch(
         settings.regression_interval_s, regressions.Settings(min_change=settings.regression_min_change)
     )
+    app[TRIGGERS] = TriggerWatch(triggers, interval_s=settings.trigger_interval_s, clock=clock)
+    app[FEEDBACK] = feedback.FeedbackCache(settings.feedback_interval_s, settings.feedback_settings)
+    fleet_metrics.configure_triggers([t.name for t in triggers])
 
     async def end_streams(app: web.Application) -> None:
         app[EVENTS].close()
@@ -698,6 +785,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
     app.router.add_get("/api/v1/summary", summary)
     app.router.add_get("/api/v1/fleet", fleet)
     app.router.add_get("/api/v1/regressions", regressions_endpoint)
+    app.router.add_get("/api/v1/triggers", triggers_endpoint)
+    app.router.add_get("/api/v1/feedback", feedback_endpoint)
     app.router.add_get("/api/v1/stream", stream)
     app.router.add_get("/", page)
     app.router.add_get("/login", login_page)
@@ -731,8 +820,47 @@ def create_app(settings: Settings, store: Store) -> web.Application:
                     log.exception("regressions: the search failed")
                 await asyncio.sleep(max(1.0, settings.regression_interval_s))
 
+        async def watch_triggers() -> None:
+            """Every fleet.trigger_interval (the first after one interval): a failed evaluation is logged and
+            counted, and the next one tries again."""
+            trigger_watch = app[TRIGGERS]
+
+            def failed(reason: str) -> None:
+                trigger_watch.failures += 1
+                fleet_metrics.trigger_failure(reason)
+
+            if not trigger_watch.triggers:
+                return
+            try:
+                await runner.call(trigger_watch.load, store)  # the kept fires: history and cooldowns from the start
+            except Exception:  # a store that cannot answer now: the first evaluation reads them again
+                log.exception("triggers: the kept fires could not be read")
+                failed("error")
+            while True:
+                await asyncio.sleep(max(0.01, settings.trigger_interval_s))
+                try:
+                    await evaluate_triggers(app)
+                except (Busy, QueryTimeout) as exc:
+                    log.warning("triggers: not evaluated this time (%s)", exc)
+                    failed("busy" if isinstance(exc, Busy) else "timeout")
+                except Exception:  # the evaluation must outlive whatever one run meets
+                    log.exception("triggers: the evaluation failed")
+                    failed("error")
+
+        async def watch_feedback() -> None:
+            while True:
+                try:
+                    await refresh_feedback(app)
+                except (Busy, QueryTimeout) as exc:
+                    log.warning("feedback: not computed this time (%s)", exc)
+                except Exception:  # the computation must outlive whatever one run meets; the next run tries again
+                    log.exception("feedback: the computation failed")
+                await asyncio.sleep(max(1.0, settings.feedback_interval_s))
+
         pruner = asyncio.create_task(retention())
         watcher = asyncio.create_task(watch_regressions())
+        feedback_task = asyncio.create_task(watch_feedback())
+        trigger_task = asyncio.create_task(watch_triggers())
         forwarder = None
         if settings.otlp is not None:
             forwarder = Forwarder(store, settings.otlp)
@@ -745,6 +873,8 @@ def create_app(settings: Settings, store: Store) -> web.Application:
             await forwarder.stop()
         pruner.cancel()
         watcher.cancel()
+        feedback_task.cancel()
+        trigger_task.cancel()
         publishing: set[asyncio.Task[None]] = app[PUBLISHING]
         for task in list(publishing):
             task.cancel()

@@ -19,12 +19,12 @@ import click
 
 from lens_core.cliutil import run_click
 from lens_core.config import Config
-from lens_core.errors import UsageError
+from lens_core.errors import LensError, UsageError
 from lens_core.notify import Notifier
 
 from . import __version__
 from .config import load_aggregator_config
-from .store import SQLiteStore, Store
+from .store import QueryTimeout, SQLiteStore, Store
 
 log = logging.getLogger("aggregator")
 
@@ -137,7 +137,7 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"server.tls_cert/tls_key: cannot be loaded ({exc})") from None
     settings = Settings.from_config(config)
-    app = create_app(settings, _open_store(config))
+    app = create_app(settings, _open_store(config), triggers=config.tables.get("triggers") or ())
 
     async def run() -> None:
         runner = web.AppRunner(app, handle_signals=False)
@@ -390,6 +390,64 @@ def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None
             f"{s['rejected_items']} rejected); waiting {s['pending_records']} (oldest {s['lag_seconds']:.0f} s); "
             f"last accepted {when}"
         )
+
+
+@cli.command("triggers")
+@verbose_option
+@config_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts (what GET /api/v1/triggers answers).")
+def triggers_command(config_path: Path | None, db: str | None, as_json: bool) -> int:
+    """Evaluate the [[triggers]] of the configuration once against the store now and print each series' state.
+
+    Nothing is recorded: the fires and cooldowns are the server's (kept in the store); a series whose condition
+    holds and that is not cooling down shows as firing (the server fires it at its next evaluation, if it has not
+    yet). Exit status: 0 when no condition holds, 1 when at least one holds (firing or cooling down) or the
+    evaluation failed (said on stderr), 2 for a bad configuration or database. See docs/triggers.md.
+
+    \b
+    Example:
+        lens-aggregator triggers --config /etc/lens-aggregator/aggregator.toml || echo "a trigger holds"
+    """
+    from .triggers import TriggerWatch
+
+    config = _config(config_path, db)
+    triggers = config.tables.get("triggers") or []
+    if not triggers:
+        where = config.path or "the configuration (no file)"
+        click.echo(f"no [[triggers]] in {where}: none are evaluated (docs/triggers.md)", err=True)
+        if as_json:
+            click.echo(json.dumps(TriggerWatch([]).answer(), indent=2))
+        return 0
+    store = _open_store(config)
+    try:
+        watch = TriggerWatch(triggers, interval_s=config.get("fleet", "trigger_interval"))
+        watch.load(store)
+        found: list[dict[str, object]] = []
+        if watch.needs_regressions:
+            from .regressions import Settings as Detection
+            from .regressions import find_regressions
+
+            found = find_regressions(store, Detection(min_change=config.get("fleet", "regression_min_change")))
+        watch.evaluate(store, found, record=False)
+    except QueryTimeout as exc:
+        raise LensError(f"the triggers could not be evaluated: {exc}") from None
+    finally:
+        store.close()
+    answer = watch.answer()
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        for trigger in answer["triggers"]:
+            click.echo(f"{trigger['name']}: {trigger['description']}")
+            if not trigger["series"]:
+                click.echo("  no requests in the window")
+            for series in trigger["series"]:
+                click.echo(f"  {series['state']:<17} {series['summary'].split(': ', 1)[1]}")
+        rows = answer["rows"]
+        if rows["truncated"]:
+            click.echo(f"(only the latest {rows['limit']} requests of the window were read)", err=True)
+    return 1 if watch.holding() else 0
 
 
 def main(argv: list[str] | None = None) -> None:

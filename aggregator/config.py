@@ -20,7 +20,10 @@ from lens_core.config import (
     path_value,
     text,
 )
+from lens_core.errors import ConfigError
 from lens_core.otlp import OTLP_SECTION
+
+from .triggers import check_triggers
 
 DEFAULT_CONFIG_PATH = Path("/etc/lens-aggregator/aggregator.toml")
 
@@ -77,6 +80,29 @@ SCHEMA: Schema = {
         "regression_min_change": KeySpec(
             number_range(0.0, 10.0), const(0.15), "a change of the median smaller than this (relative) is not reported"
         ),
+        "trigger_interval": KeySpec(
+            parse_duration, const(60.0), "how often the [[triggers]] are evaluated (docs/triggers.md)"
+        ),
+        # performance feedback and recommendations (docs/feedback.md)
+        "feedback_interval": KeySpec(
+            parse_duration, const(300.0), "how often the feedback documents are recomputed (GET /api/v1/feedback)"
+        ),
+        "feedback_window": KeySpec(
+            int_range(1, 100_000),
+            const(200),
+            "latest successful requests of a device × model under its current settings that a document describes; "
+            "each evidence device contributes at most this many",
+        ),
+        "feedback_history": KeySpec(
+            int_range(1, 1_000_000),
+            const(2000),
+            "latest requests of each device × model × strategy read for evidence (any settings)",
+        ),
+        "feedback_alpha": KeySpec(number_range(1e-12, 0.5), const(0.01), "significance level of each comparison"),
+        "feedback_min_samples": KeySpec(int_range(2, 100_000), const(20), "requests on each side, at least"),
+        "feedback_min_improvement": KeySpec(
+            number_range(0.0, 10.0), const(0.05), "relative improvement of the median a recommendation needs"
+        ),
     },
     # OpenTelemetry export of every stored record (docs/opentelemetry.md)
     "otlp": OTLP_SECTION,
@@ -90,11 +116,27 @@ def load_aggregator_config(
     overrides: Mapping[tuple[str, str], tuple[str, object]] | None = None,
     default_path: Path = DEFAULT_CONFIG_PATH,
 ) -> Config:
-    return load_config(
+    config = load_config(
         path,
         environ=environ,
         overrides=overrides,
         default_path=default_path,
         schema=SCHEMA,
         other_sections=AGENT_SECTIONS,
+        tables={"triggers": check_triggers},  # [[triggers]]: docs/triggers.md
     )
+    _check_feedback(config)
+    return config
+
+
+def _check_feedback(config: Config) -> None:
+    """The feedback keys that bound each other: a window smaller than the minimum sample count would never make
+    a recommendation, a history shorter than the window would cut it."""
+    for key, other in (("feedback_window", "feedback_min_samples"), ("feedback_history", "feedback_window")):
+        value, bound = config.get("fleet", key), config.get("fleet", other)
+        if value < bound:
+            if config.source("fleet", key) == "default":  # name the value the user set
+                source = config.source("fleet", other)
+                raise ConfigError(source, f"fleet.{other}", bound, f"an integer ≤ fleet.{key} ({value})")
+            source = config.source("fleet", key)
+            raise ConfigError(source, f"fleet.{key}", value, f"an integer ≥ fleet.{other} ({bound})")

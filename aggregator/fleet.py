@@ -25,6 +25,7 @@ def fleet_rows(
     health: Health | None = None,
     only: str | None = None,
     regressions: dict[str, list[str]] | None = None,
+    triggers: dict[str, list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Each device with its last-seen age, sync health, error rate and its figures per series (model × strategy),
     each series' from *its own* latest ``recent`` requests — whatever other devices or series sent in between.
@@ -36,7 +37,8 @@ def fleet_rows(
 
     ``health`` is one state (ok, warning, critical) with its reasons (:mod:`aggregator.health`), from recency,
     errors, the device's batches over the health window (backlog, drops, quarantine), its latest facts
-    (throttling) and its ``regressions`` (the fleet page's lines, by device)."""
+    (throttling) and its ``regressions`` (the fleet page's lines, by device). ``triggers``: each device's series
+    whose trigger condition holds (``aggregator.triggers.TriggerWatch.by_device``), shown as they are."""
     health = health or Health()
     series: dict[str, list[dict[str, Any]]] = {}
     for entry in store.series(only):
@@ -94,6 +96,8 @@ def fleet_rows(
         }
         flagged = (regressions or {}).get(device_id, [])
         row["regressions"] = flagged
+        row["triggers"] = (triggers or {}).get(device_id, [])
+        row["trigger_count"] = len(row["triggers"])
         row["health"], row["health_reasons"] = health.assess(row, syncs, facts, flagged)
         rows.append(row)
     return rows

@@ -242,6 +242,24 @@ class FleetMetrics:
             registry=r,
         )
         self._regressions: set[tuple[str, str, str, str]] = set()
+        # [[triggers]] (docs/triggers.md): present only while a trigger's condition holds on a series
+        self.trigger_firing = Gauge(
+            f"{PREFIX}_trigger_firing",
+            "1 while the trigger's condition holds on the device × model × engine settings series (firing or "
+            "cooling down); absent otherwise",
+            ("trigger", "device", "model", "settings"),
+            registry=r,
+        )
+        self._trigger_series: set[tuple[str, str, str, str]] = set()
+        self.trigger_fires = Counter(
+            f"{PREFIX}_trigger_fires", "Times a trigger fired (this aggregator's evaluations)", ("trigger",), registry=r
+        )
+        self.trigger_failures = Counter(
+            f"{PREFIX}_trigger_evaluation_failures",
+            "Trigger evaluations that did not complete, by reason (busy, timeout, error)",
+            ("reason",),
+            registry=r,
+        )
         self.batches = Counter(f"{PREFIX}_ingest_batches", "Batches stored", registry=r)
         self.records = Counter(f"{PREFIX}_ingest_records", "Records received, by result", ("result",), registry=r)
         self.rejections = Counter(f"{PREFIX}_ingest_rejections", "Batches refused, by reason", ("reason",), registry=r)
@@ -368,6 +386,39 @@ class FleetMetrics:
                 self.regression.remove(*key)
         for key, change in current.items():
             self.regression.labels(*key).set(change)
+
+    def configure_triggers(self, names: Iterable[str]) -> None:
+        """Every configured trigger's fire counter, from 0 (so that rate() and increase() see the first fire)."""
+        for name in names:
+            self.trigger_fires.labels(self._cut(name))
+        for reason in ("busy", "timeout", "error"):
+            self.trigger_failures.labels(reason)
+
+    def triggers(self, holding: Iterable[Any], fires: Iterable[Any]) -> None:
+        """After an evaluation: ``llm_latency_lens_trigger_firing`` for the series whose condition holds
+        (``aggregator.triggers.SeriesState``), series that no longer hold go; each new fire counted."""
+        current = {
+            (
+                self._cut(s.trigger.name),
+                self._cut(s.series[0]),
+                self._cut(s.series[1] or "unknown"),
+                self._cut(s.series[2] or "unknown"),
+            )
+            for s in holding
+        }
+        with self._lock:
+            gone = self._trigger_series - current
+            self._trigger_series = current
+        for key in gone:
+            with contextlib.suppress(KeyError):
+                self.trigger_firing.remove(*key)
+        for key in current:
+            self.trigger_firing.labels(*key).set(1)
+        for fire in fires:
+            self.trigger_fires.labels(self._cut(fire.trigger.name)).inc()
+
+    def trigger_failure(self, reason: str) -> None:
+        self.trigger_failures.labels(reason).inc()
 
     def exposition(self) -> bytes:
         self.drop_stale()

@@ -20,6 +20,8 @@ svg { background: #fff; border: 1px solid #d0d7de; } .axis { stroke: #8c959f; } 
 a { color: #0969da; text-decoration: none; }
 .regressions { background: #ffebe9; border: 1px solid #ff8182; padding: 8px 16px; margin-bottom: 12px; }
 .regressions li { margin: 2px 0; }
+.triggers { background: #fff8c5; border: 1px solid #d4a72c; padding: 8px 16px; margin-bottom: 12px; }
+.triggers li { margin: 2px 0; } td.triggers-cell { text-align: left; max-width: 260px; }
 .scroll { overflow-x: auto; } .tools { margin-bottom: 8px; } th[data-key] { cursor: pointer; } .hint { background: #fff; border: 1px solid #d0d7de; padding: 12px 16px; }
 code { background: #f0f3f6; padding: 1px 4px; }
 @media (max-width: 700px) { body { margin: 12px; } th, td { padding: 4px 6px; } svg { width: 100%; height: auto; } }
@@ -34,6 +36,8 @@ FLEET_PAGE = f"""<!doctype html>
 <div class="sub" id="summary">loading…</div>
 <div class="regressions" id="regressions" hidden><strong>Regressions</strong> (change points in each device ×
 model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-list"></ul></div>
+<div class="triggers" id="triggers" hidden><strong>Triggers</strong> (conditions that hold on a device × model ×
+engine settings; <a href="api/v1/triggers">states and recent fires</a>)<ul id="trigger-list"></ul></div>
 <div class="hint" id="empty" hidden>No device has sent measurements yet. Give each device a token:
 <code>lens-aggregator token add DEVICE_ID --url URL-OF-THIS-AGGREGATOR</code> prints it with the settings to put in
 the device's <code>agent.toml</code>; its records appear here after its next sync (<code>lens-agent sync</code>).</div>
@@ -42,7 +46,7 @@ the device's <code>agent.toml</code>; its records appear here after its next syn
 <label>health <select id="health"><option value="">all</option><option>critical</option><option>warning</option><option>ok</option></select></label>
 <span class="sub">click a column to sort; the address keeps the view (<code>?sort=error_rate&amp;desc=1&amp;filter=orin</code>)</span></div>
 <div class="scroll"><table id="devices"><thead><tr>
-<th data-key="device_id">device</th><th data-key="health_rank" style="text-align:left">health</th><th data-key="device_class" style="text-align:left">class</th><th data-key="last_seen_age_s">last seen</th><th data-key="model" style="text-align:left">model</th>
+<th data-key="device_id">device</th><th data-key="health_rank" style="text-align:left">health</th><th data-key="trigger_count" style="text-align:left">triggers</th><th data-key="device_class" style="text-align:left">class</th><th data-key="last_seen_age_s">last seen</th><th data-key="model" style="text-align:left">model</th>
 <th data-key="ttft_p95_ms">TTFT p95 (ms)</th><th data-key="tokens_per_second">tok/s</th><th data-key="j_per_output_token">J/token</th>
 <th data-key="error_rate">errors</th><th data-key="backlog">backlog</th><th data-key="dropped_total">dropped</th>
 <th data-key="records">records</th><th data-key="sync_health">sync</th></tr></thead><tbody></tbody></table></div>
@@ -123,8 +127,11 @@ function render(devices) {{
     }};
     const health = cell(d.health, "health " + d.health);
     for (const reason of d.health_reasons || []) {{ const small = document.createElement("small"); small.textContent = reason; health.appendChild(small); }}
+    const held = d.triggers || [];
+    const triggers = cell(held.map(t => t.trigger + (t.state === "cooling_down" ? " (cooling down)" : "")).join(", ") || "–", "text triggers-cell");
+    triggers.title = held.map(t => t.summary).join("\\n");
     const facts = [d.device_class, d.power_mode, d.temperature_max_c === null || d.temperature_max_c === undefined ? null : d.temperature_max_c.toFixed(0) + " °C"];
-    tr.append(name, health, cell(facts.filter(Boolean).join(" · ") || "–", "text"), cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
+    tr.append(name, health, triggers, cell(facts.filter(Boolean).join(" · ") || "–", "text"), cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
       cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)),
       cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), cell(d.backlog ?? "–"),
       cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
@@ -135,6 +142,11 @@ function render(devices) {{
   const list = document.getElementById("regression-list");
   list.replaceChildren(...flagged.map(line => {{ const li = document.createElement("li"); li.textContent = line; return li; }}));
   document.getElementById("regressions").hidden = flagged.length === 0;
+  const holding = devices.flatMap(d => d.triggers || []);
+  document.getElementById("trigger-list").replaceChildren(...holding.map(t => {{
+    const li = document.createElement("li"); li.textContent = t.summary; li.className = t.state === "firing" ? "critical" : "warning"; return li;
+  }}));
+  document.getElementById("triggers").hidden = holding.length === 0;
   const late = devices.filter(d => d.sync_health !== "ok").length;
   const count = s => devices.filter(d => d.health === s).length;
   document.getElementById("summary").textContent =

@@ -97,6 +97,7 @@ else
     install -D -m 0644 "$root/configs/aggregator.toml" "$stage/etc/lens-aggregator/aggregator.toml"
     # examples for watching the aggregator's /metrics (docs/fleet.md)
     install -D -m 0644 "$root/packaging/prometheus/scrape.yml" "$stage/usr/share/lens-aggregator/prometheus/scrape.yml"
+    install -D -m 0644 "$root/packaging/prometheus/lens-alerts.yml" "$stage/usr/share/lens-aggregator/prometheus/lens-alerts.yml"
     install -D -m 0644 "$root/packaging/grafana/llm-latency-lens-fleet.json" \
         "$stage/usr/share/lens-aggregator/grafana/llm-latency-lens-fleet.json"
 fi
