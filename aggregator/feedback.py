@@ -59,6 +59,17 @@ class Settings:
     min_samples: int = 20  # requests on each side of a comparison, at least
     min_improvement: float = 0.05  # relative improvement of the median, at least
 
+    @classmethod
+    def from_config(cls, config: Any) -> Settings:
+        """The ``[fleet] feedback_*`` keys of the aggregator's configuration."""
+        return cls(
+            window=config.get("fleet", "feedback_window"),
+            history=config.get("fleet", "feedback_history"),
+            alpha=config.get("fleet", "feedback_alpha"),
+            min_samples=config.get("fleet", "feedback_min_samples"),
+            min_improvement=config.get("fleet", "feedback_min_improvement"),
+        )
+
 
 # The metric each setting is judged on (lower is better for all three): decode speed for what changes the work per
 # token, prefill for the batch size, whole-request latency for the offload threshold (it moves requests to the cloud).
@@ -84,6 +95,7 @@ CATEGORY_OF: dict[str, str] = {
 }
 BOOTSTRAP_RESAMPLES = 1000
 POOL_WINDOWS = 5  # the fleet evidence for one value is at most this many windows of requests (device_share)
+CHANGE_SHARE = 0.9  # an anomaly names a settings change when this share of each side ran one set of settings
 MEMORY_BOTTLENECK = 0.9  # mean peak RSS ÷ RAM at or above this: bottleneck_indicator "memory"
 MAX_CONSIDERED = 64  # comparisons listed per document (evidence_considered)
 MAX_NAMED_DEVICES = 5  # devices named in a rationale
@@ -663,6 +675,25 @@ def _row_value(row: tuple[Any, ...], metric: str) -> float | None:
     return value / 1000 if value is not None else None
 
 
+def _settings_change(before: Sequence[tuple[Any, ...]], after: Sequence[tuple[Any, ...]]) -> str | None:
+    """ "n_threads 2 → 1" when nearly every request before a change (:data:`CHANGE_SHARE`) ran one set of settings and
+    nearly every one after it another: the change point may sit a request or two off the switch."""
+
+    def dominant(rows: Sequence[tuple[Any, ...]]) -> str | None:
+        counts = Counter(_canonical(row[3]) for row in rows)
+        key, count = counts.most_common(1)[0] if counts else (None, 0)
+        return key if key is not None and count >= CHANGE_SHARE * len(rows) else None
+
+    a_key, b_key = dominant(before), dominant(after)
+    if a_key is None or b_key is None or a_key == b_key:
+        return None
+    a, b = parse_key(a_key), parse_key(b_key)
+    names = [n for n in FIELDS if (n in a or n in b) and a.get(n) != b.get(n)]
+    return ", ".join(
+        f"{n} {format_value(a[n]) if n in a else 'unset'} → {format_value(b[n]) if n in b else 'unset'}" for n in names
+    )
+
+
 def anomalies(found: Sequence[dict[str, Any]], series: Sequence[Series]) -> list[dict[str, Any]]:
     """The device × model's current regressions (aggregator.regressions) as the schema's anomalies. The deviation
     is the change of the median in sample standard deviations of the requests before the change: the
@@ -689,11 +720,15 @@ def anomalies(found: Sequence[dict[str, Any]], series: Sequence[Series]) -> list
         if s is not None:
             points = [(row, v) for row in s.rows if (v := _row_value(row, f["metric"])) is not None]
             at = max((i for i, (row, _) in enumerate(points) if row[1] == f["since_us"]), default=None)
-            segment = [v for _, v in points[:at][-f["requests_before"] :]] if at is not None else []
+            segment = points[:at][-f["requests_before"] :] if at is not None else []
             if len(segment) == f["requests_before"] and len(segment) >= 2:
-                sd = float(np.std(segment, ddof=1))
+                sd = float(np.std([v for _, v in segment], ddof=1))
                 if sd > 0:
                     item["deviation_magnitude"] = (after - before) / sd
+                changed = _settings_change([row for row, _ in segment], [row for row, _ in points[at:]])
+                if changed:
+                    item["settings_change"] = changed
+                    item["description"] += f"; the engine settings changed with it: {changed}"
         out.append(item)
     return out
 
@@ -851,3 +886,40 @@ class FeedbackCache:
                 if (device is None or d["device_id"] == device) and (model is None or d["model_name"] == model)
             ],
         }
+
+
+def describe(doc: dict[str, Any]) -> list[str]:
+    """A document in lines an operator reads (``lens-aggregator feedback``)."""
+    state = doc["current_state"]["model_config"]
+    window = doc["observation_window"]
+    lines = [
+        f"{doc['device_id']} · {doc['model_name']} ({state['strategy']}) · "
+        f"{state.get('settings_key') or 'no engine settings'}"
+    ]
+    latency = doc["performance_metrics"]["latency_analysis"]
+    figures = [
+        f"{label} {latency[key]:.4g} ms"
+        for key, label in (("ttft_p95_ms", "TTFT p95"), ("tpot_p50_ms", "TPOT p50"), ("tpot_p95_ms", "p95"))
+        if key in latency
+    ]
+    rate = doc["performance_metrics"]["throughput_analysis"].get("tokens_per_second")
+    if rate is not None:
+        figures.append(f"{rate:.4g} tok/s")
+    lines.append(
+        f"  window: {window['sample_count']} requests, {window['start_time']} → {window['end_time']}"
+        + (f"; {', '.join(figures)}" if figures else "")
+    )
+    for anomaly in doc["anomalies"]:
+        lines.append(f"  anomaly ({anomaly['severity']}): {anomaly['description']}")
+    for rec in doc["recommendations"]:
+        action, evidence = rec["action"], rec["evidence"]
+        lines.append(
+            f"  recommend (priority {rec['priority']}): {action['target']} {format_value(action['current_value'])} → "
+            f"{format_value(action['recommended_value'])}: {_LABEL[evidence['metric']]} "
+            f"{-rec['expected_impact']['latency_improvement_percent']:+.1f} % ({evidence['source']}, "
+            f"{evidence['candidate']['requests']} requests against {evidence['baseline']['requests']}, "
+            f"p = {evidence['p_value']:.2g}, confidence {rec['expected_impact']['confidence_score']:.2f})"
+        )
+    if not doc["recommendations"]:
+        lines.append(f"  no recommendation: {doc['note']}")
+    return lines

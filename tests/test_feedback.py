@@ -324,6 +324,14 @@ async def test_recommendations_where_the_fleet_supports_them(aiohttp_client: Any
     assert "node_selector" not in docs["orin-hist"]["current_state"]["deployment_config"]
     assert "resource_analysis" not in docs["orin-hist"]["performance_metrics"]  # no RAM figure: no utilisation
     assert all("orin-hist" not in c["devices"] for c in docs["orin-slow-1"]["evidence_considered"])
+    # its switch to one thread is a regression, and the anomaly says what changed with it
+    changed = {a["affected_metric"]: a for a in docs["orin-hist"]["anomalies"]}
+    assert set(changed) == {"tpot_ms", "tokens_per_second"}
+    assert all(a["settings_change"] == "n_threads 2 → 1" for a in changed.values())
+    assert changed["tpot_ms"]["description"].endswith("; the engine settings changed with it: n_threads 2 → 1")
+    assert all(
+        "anomalies" in d and "settings_change" not in str(d["anomalies"]) for k, d in docs.items() if k != "orin-hist"
+    )
 
     # filters
     one = await (await client.get("/api/v1/feedback", params={"device": "orin-slow-1"})).json()
@@ -508,6 +516,47 @@ async def test_own_history_outweighs_the_fleet(aiohttp_client: Any, tmp_path: Pa
     assert outcomes["history"]["outcome"].startswith("worse by ")
     assert outcomes["fleet"]["outcome"].startswith("contradicted: this device's own history")
     assert outcomes["fleet"]["improvement"] > 0.25 and outcomes["fleet"]["p_value"] < 1e-10
+
+
+def test_the_feedback_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``lens-aggregator feedback`` computes the documents from the store and prints them (or the API's JSON)."""
+    db = tmp_path / "agg.db"
+    store = SQLiteStore(db)
+    from aggregator.app import parse_batch
+
+    two = {**BASE, "n_threads": 2}
+    sent = {}
+    for device, settings, tpot, seed in (("orin-a", BASE, 18.0, 81), ("orin-b", two, 12.0, 82)):
+        sent[device] = plant(device, 60, seed, settings, tpot)
+        records = [facts_record(device, WHEN, **ORIN), *sent[device]]
+        _, rows, _ = parse_batch(make_batch(records, device=device), Settings(), device, NOW)
+        store.ingest(device, "b", 1, {}, rows, NOW)
+    store.close()
+    from aggregator.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        out = capsys.readouterr()
+        return int(exited.value.code or 0), out.out, out.err
+
+    code, out, _ = run("feedback", "--db", str(db), "--device", "orin-a")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("orin-a · SmolLM2-135M-Instruct Q4_1 (local) · flash_attn=off,")
+    window = latest_ok(sent["orin-a"])
+    assert lines[1].startswith(f"  window: {len(window)} requests, {window[0]['started_at']} → ")
+    assert f"TPOT p50 {np.percentile(tpots(window), 50):.4g} ms" in lines[1]
+    assert lines[2].startswith("  recommend (priority ") and "model.n_threads 1 → 2: TPOT -3" in lines[2]
+    code, out, _ = run("feedback", "--db", str(db), "--json")
+    answer = json.loads(out)
+    assert code == 0 and [d["device_id"] for d in answer["documents"]] == ["orin-a", "orin-b"]
+    assert all(not list(VALIDATOR.iter_errors(d)) for d in answer["documents"])
+    code, out, _ = run("feedback", "--db", str(db), "--model", "nothing")
+    assert code == 0 and out == "no device × model with a successful request matches\n"
+    code, out, _ = run("feedback", "--help")
+    assert code == 0 and "Example:" in out
+    code, _, err = run("feedback", "--db", str(tmp_path))
+    assert code == 2 and "is a directory" in err
 
 
 def test_config_keys_are_checked(tmp_path: Path) -> None:
