@@ -63,7 +63,15 @@ def to_wire(items: Sequence[Recommendation]) -> list[dict[str, Any]]:
 
 
 def _quote(value: object) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__} of {len(value)} items"
+    """A refused value as a problem line shows it: bounded, whatever it is."""
+    if isinstance(value, (dict, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, str):
+        value = value[:MAX_PROBLEMS_VALUE_CHARS]  # never the repr of a megabyte
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's conversion limit
+        return f"an {type(value).__name__} too large to show"
     return text if len(text) <= MAX_PROBLEMS_VALUE_CHARS else text[: MAX_PROBLEMS_VALUE_CHARS - 1] + "…"
 
 
@@ -97,7 +105,9 @@ def _setting_value(name: str, field: str, value: object) -> Value:
     if kind is int:
         assert isinstance(value, int)
         if not _INT_BOUNDS[0] <= value <= _INT_BOUNDS[1]:
-            raise ValueError(f"{field} = {value} is out of range for {name} ({_INT_BOUNDS[0]} … {_INT_BOUNDS[1]})")
+            raise ValueError(
+                f"{field} = {_quote(value)} is out of range for {name} ({_INT_BOUNDS[0]} … {_INT_BOUNDS[1]})"
+            )
     if kind is str:
         assert isinstance(value, str)
         if not _TEXT_VALUE_RE.match(value):

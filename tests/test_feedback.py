@@ -695,12 +695,13 @@ def test_parse_wire_refuses_hostile_lists() -> None:
     huge = "z" * 10**6
     found, problems = parse_wire([good(recommendation_id=str(uuid.uuid4())) for _ in range(1000)])
     assert len(found) == MAX_ITEMS and len(problems) == 1 and f"{MAX_ITEMS}…999 refused" in problems[0]
-    for value in ({"a": 1}, "recommendations", 5, True, huge):
+    for value in ({"a": 1}, "recommendations", 5, True, huge, 10**5000):
         found, problems = parse_wire(value)
         assert found == [] and len(problems) == 1 and len(problems[0]) < 200 and "not a list" in problems[0]
-    mixed: list[Any] = [None, 3, "x", [good()], {"evidence": huge}, good(), good()]
+    mixed: list[Any] = [None, 3, "x", [good()], {"evidence": huge}, good(current_value=10**5000), good(), good()]
     found, problems = parse_wire(mixed)
-    assert len(found) == 1 and len(problems) == 6 and all(len(p) < 300 for p in problems)
+    assert len(found) == 1 and len(problems) == 7 and all(len(p) < 300 for p in problems)
+    assert "current_value = an int too large to show is out of range" in problems[5]
     assert "repeats" in problems[-1]
     nested: Any = []
     for _ in range(10_000):
