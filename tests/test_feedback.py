@@ -559,6 +559,17 @@ def test_the_feedback_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert code == 2 and "is a directory" in err
 
 
+async def test_off_loopback_the_documents_need_a_read_token(aiohttp_client: Any, tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "agg.db")
+    client = await aiohttp_client(create_app(Settings(host="0.0.0.0", feedback_interval_s=0.0), store))
+    assert (await client.get("/api/v1/feedback")).status == 401
+    device = store.add_token("orin-a", "device", NOW)
+    assert (await client.get("/api/v1/feedback", headers=auth(device))).status == 403  # device tokens only write
+    reader = store.add_token("grafana", "read", NOW)
+    answer = await client.get("/api/v1/feedback", headers=auth(reader))
+    assert answer.status == 200 and (await answer.json())["documents"] == []
+
+
 def test_config_keys_are_checked(tmp_path: Path) -> None:
     config = load_aggregator_config(None, environ={}, default_path=tmp_path / "none.toml")
     assert config.get("fleet", "feedback_interval") == 300.0 and config.get("fleet", "feedback_window") == 200
