@@ -90,13 +90,7 @@ class Settings:
             regression_min_change=config.get("fleet", "regression_min_change"),
             trigger_interval_s=config.get("fleet", "trigger_interval"),
             feedback_interval_s=config.get("fleet", "feedback_interval"),
-            feedback_settings=feedback.Settings(
-                window=config.get("fleet", "feedback_window"),
-                history=config.get("fleet", "feedback_history"),
-                alpha=config.get("fleet", "feedback_alpha"),
-                min_samples=config.get("fleet", "feedback_min_samples"),
-                min_improvement=config.get("fleet", "feedback_min_improvement"),
-            ),
+            feedback_settings=feedback.Settings.from_config(config),
             otlp=otlp_settings(config, os.environ),
         )
 

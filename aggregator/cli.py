@@ -450,6 +450,52 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool) ->
     return 1 if watch.holding() else 0
 
 
+@cli.command("feedback")
+@verbose_option
+@config_option
+@db_option
+@click.option("--device", help="Only this device's documents.")
+@click.option("--model", help="Only this model's documents.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts (what GET /api/v1/feedback answers).")
+def feedback_command(
+    config_path: Path | None, db: str | None, device: str | None, model: str | None, as_json: bool
+) -> None:
+    """Compute the performance-feedback documents from the store now and print them: each device × model's window,
+    its figures, its anomalies and the recommendations measured evidence supports (docs/feedback.md).
+
+    Nothing is changed or sent: a device receives its own recommendations with its next ingest acknowledgement from
+    the server. Exit status 0; 2 for a bad configuration or database.
+
+    \b
+    Example:
+        lens-aggregator feedback --device orin-017
+        lens-aggregator feedback --json | jq '.documents[].recommendations'
+    """
+    from . import feedback
+    from .regressions import Settings as Detection
+    from .regressions import Watch, find_regressions
+
+    config = _config(config_path, db)
+    store = _open_store(config)
+    try:
+        watch = Watch(0.0, Detection(min_change=config.get("fleet", "regression_min_change")))
+        watch.update(find_regressions(store, watch.settings), time.monotonic(), _now_us())
+        cache = feedback.FeedbackCache(config.get("fleet", "feedback_interval"), feedback.Settings.from_config(config))
+        documents, advice = feedback.compute(store, cache.settings, watch.found, _now_us())
+        cache.update(documents, advice, time.monotonic(), _now_us())
+    finally:
+        store.close()
+    answer = cache.answer(device, model)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+        return
+    if not answer["documents"]:
+        click.echo("no device × model with a successful request" + (" matches" if device or model else ""))
+    for doc in answer["documents"]:
+        for line in feedback.describe(doc):
+            click.echo(line)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors; exit 2 for bad input, 1 for failures."""
     run_click(cli, "lens-aggregator", argv)
