@@ -93,6 +93,11 @@ def tune_group() -> None:
     lens-agent tune status     what is applied, and how its verification stands
     lens-agent tune apply      apply given settings without a search (verified the same way)
     lens-agent tune rollback   restore the settings before the latest change
+
+    \b
+    Example:
+        lens-agent tune run --config /etc/lens-agent/agent.toml --dry-run
+        lens-agent tune status --json
     """
 
 
@@ -269,7 +274,12 @@ def apply_command(config_path: Path | None, data_dir: Path | None, sets: tuple[s
 @_data_dir_option
 @_json_option
 def rollback_command(config_path: Path | None, data_dir: Path | None, as_json: bool) -> None:
-    """Restore the settings as they were before the latest change."""
+    """Restore the settings as they were before the latest change (the previous drop-in, or none).
+
+    \b
+    Example:
+        lens-agent tune rollback --config /etc/lens-agent/agent.toml
+    """
     from .adjuster import DropInAdjuster
     from .tune_flow import outbox_store
     from .tuning import tune_record
@@ -308,7 +318,12 @@ def rollback_command(config_path: Path | None, data_dir: Path | None, as_json: b
 @_data_dir_option
 @_json_option
 def status_command(config_path: Path | None, data_dir: Path | None, as_json: bool) -> None:
-    """The applied drop-in, the latest change and its verification."""
+    """The applied drop-in, each tunable setting's value and source, the latest change and its verification.
+
+    \b
+    Example:
+        lens-agent tune status --config /etc/lens-agent/agent.toml --json
+    """
     from .adjuster import DropInAdjuster
 
     config = _config(config_path, data_dir)

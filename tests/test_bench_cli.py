@@ -337,9 +337,12 @@ def test_bad_files_are_one_line_and_exit_2(
 def test_every_command_has_help_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
     from agent.cli import cli
 
-    for name in cli.commands:
+    for name, command in cli.commands.items():
         code, stdout, _ = run_cli(capsys, name, "--help")
         assert code == 0 and "Example:" in stdout, name
+        for sub in getattr(command, "commands", {}):  # a group's commands too (outbox, tune)
+            code, stdout, _ = run_cli(capsys, name, sub, "--help")
+            assert code == 0 and "Example:" in stdout, f"{name} {sub}"
     code, stdout, _ = run_cli(capsys, "--version")
     assert code == 0 and "lens-agent" in stdout
 
