@@ -28,6 +28,9 @@ def test_demo_keeps_the_fleet_page_up_until_ctrl_c(tmp_path: Path, smollm2: Path
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C must reach it even when this suite runs with SIGINT ignored (a background job of a non-interactive
+        # shell inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(proc.stderr or []), daemon=True)
