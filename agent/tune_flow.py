@@ -127,7 +127,7 @@ def run_tune(
     result = tuner.run()
     if not result.significant:
         return TuneOutcome(result, None, None)
-    changes = {name: change for name, change in result.changes.items()}
+    changes = result.changes
     refused = overridden(config, changes)
     if refused:
         reason = "; ".join(refused)

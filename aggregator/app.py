@@ -804,15 +804,16 @@ def create_app(
                 log.info("retention: dropped %d (measurements before %d µs)", dropped, cutoff)
                 await asyncio.sleep(3600)
 
-        async def watch_regressions() -> None:
+        async def every(interval_s: float, refresh: Callable[[web.Application], Awaitable[Any]], what: str) -> None:
+            """``refresh`` now and then every ``interval_s``: a failed run is logged and the next one tries again."""
             while True:
                 try:
-                    await refresh_regressions(app)
+                    await refresh(app)
                 except (Busy, QueryTimeout) as exc:
-                    log.warning("regressions: not computed this time (%s)", exc)
-                except Exception:  # the search must outlive whatever one run meets; the next run tries again
-                    log.exception("regressions: the search failed")
-                await asyncio.sleep(max(1.0, settings.regression_interval_s))
+                    log.warning("%s: not computed this time (%s)", what, exc)
+                except Exception:  # a periodic computation outlives whatever one run meets; the next run tries again
+                    log.exception("%s: the computation failed", what)
+                await asyncio.sleep(max(1.0, interval_s))
 
         async def watch_triggers() -> None:
             """Every fleet.trigger_interval (the first after one interval): a failed evaluation is logged and
@@ -841,19 +842,9 @@ def create_app(
                     log.exception("triggers: the evaluation failed")
                     failed("error")
 
-        async def watch_feedback() -> None:
-            while True:
-                try:
-                    await refresh_feedback(app)
-                except (Busy, QueryTimeout) as exc:
-                    log.warning("feedback: not computed this time (%s)", exc)
-                except Exception:  # the computation must outlive whatever one run meets; the next run tries again
-                    log.exception("feedback: the computation failed")
-                await asyncio.sleep(max(1.0, settings.feedback_interval_s))
-
         pruner = asyncio.create_task(retention())
-        watcher = asyncio.create_task(watch_regressions())
-        feedback_task = asyncio.create_task(watch_feedback())
+        watcher = asyncio.create_task(every(settings.regression_interval_s, refresh_regressions, "regressions"))
+        feedback_task = asyncio.create_task(every(settings.feedback_interval_s, refresh_feedback, "feedback"))
         trigger_task = asyncio.create_task(watch_triggers())
         forwarder = None
         if settings.otlp is not None:
