@@ -553,6 +553,8 @@ class SQLiteStore(Store):
         self.max_query_seconds = max_query_seconds
         self._local = threading.local()  # each reading thread has its own connection: a WAL reader
         self._readers: list[sqlite3.Connection] = []
+        self._reading = 0  # reads in progress: close waits for them (closing a connection mid-query crashes SQLite)
+        self._reads_done = threading.Condition()
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -593,6 +595,8 @@ class SQLiteStore(Store):
         conn = self._reader()
         deadline = time.monotonic() + self.max_query_seconds
         conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        with self._reads_done:
+            self._reading += 1
         try:
             return conn.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
@@ -601,6 +605,9 @@ class SQLiteStore(Store):
             raise
         finally:
             conn.set_progress_handler(None, 0)
+            with self._reads_done:
+                self._reading -= 1
+                self._reads_done.notify_all()
 
     # -- ingest ------------------------------------------------------------------------------------------
     def ingest(
@@ -816,6 +823,11 @@ class SQLiteStore(Store):
             return int(self._conn.execute("DELETE FROM measurements WHERE started_us < ?", (cutoff_us,)).rowcount)
 
     def close(self) -> None:
+        with self._reads_done:  # a read still running on another thread (a background task's) ends first
+            if not self._reads_done.wait_for(lambda: self._reading == 0, timeout=self.max_query_seconds + 1):
+                for reader in self._readers:
+                    reader.interrupt()
+                self._reads_done.wait_for(lambda: self._reading == 0, timeout=5)
         with self._lock:
             for reader in self._readers:
                 reader.close()
