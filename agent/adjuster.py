@@ -166,9 +166,28 @@ class DropInAdjuster:
         """The latest recommendations received (``items``) and the ids already tuned (``tried``)."""
         return self._read(self.dir / "recommendations.json", {"version": STATE_VERSION, "items": [], "tried": []})
 
-    def keep_recommendations(self, items: list[dict[str, Any]], tried: list[str]) -> None:
+    def keep_recommendations(
+        self,
+        items: list[dict[str, Any]],
+        tried: list[str],
+        *,
+        tried_values: list[str] | None = None,
+        refused: list[dict[str, Any]] | None = None,
+        last_tune_at: float | None = None,
+    ) -> None:
+        """``tried``: recommendation ids already tuned or refused; ``tried_values``: the same advice by model, target
+        and value (a new id for old advice is not new); ``refused``: the latest refused items with the device's
+        reason; ``last_tune_at``: when a tune from a recommendation last started (the rate limit)."""
         with self.locked():
-            data = {"version": STATE_VERSION, "received_at": time.time(), "items": items, "tried": tried[-500:]}
+            data = {
+                "version": STATE_VERSION,
+                "received_at": time.time(),
+                "items": items,
+                "tried": tried[-500:],
+                "tried_values": (tried_values or [])[-500:],
+                "refused": (refused or [])[-20:],
+                "last_tune_at": last_tune_at,
+            }
             self._write(self.dir / "recommendations.json", data)
 
     # -- history of scheduled runs -----------------------------------------------------------------------------
@@ -312,7 +331,43 @@ def parse_drop_in(text: str) -> dict[str, Any]:
     return dict(model) if isinstance(model, dict) else {}
 
 
-def tune_summary(data_dir: Path) -> dict[str, Any] | None:
+def latest_set_aside(data_dir: Path) -> tuple[Path, str, float] | None:
+    """The newest drop-in set aside (agent.config.set_aside_drop_in): its path, the reason and when."""
+    folder = Path(data_dir) / "tune"
+    try:
+        found = sorted(folder.glob("settings.toml.refused-*[!n]"))
+    except OSError:
+        return None
+    if not found:
+        return None
+    path = found[-1]
+    try:
+        reason = path.with_name(path.name + ".reason").read_text().strip()[:500]
+        when = path.stat().st_mtime
+    except OSError:
+        reason, when = "", 0.0
+    return path, reason, when
+
+
+def tune_summary(data_dir: Path, refused: str | None = None) -> dict[str, Any] | None:
+    """What ``lens-agent status`` says about tuning: the drop-in and the latest change, or None when nothing was
+    ever applied here. ``refused``: why the configuration left the drop-in out (it is set aside by the service)."""
+    summary = _tune_summary(data_dir)
+    aside = latest_set_aside(data_dir)
+    latest_at = (summary or {}).get("applied_at") or 0.0
+    note = None
+    if refused is not None:
+        note = f"drop-in refused and left out: {refused}; the configuration file's settings apply"
+    elif aside is not None and aside[2] >= latest_at:
+        note = f"a drop-in was refused and set aside as {aside[0]}: {aside[1]}"
+    if note is None:
+        return summary
+    if summary is None:
+        return {"drop_in": None, "latest": None, "line": note, "refused": note}
+    return {**summary, "line": f"{summary['line']}; {note}", "refused": note}
+
+
+def _tune_summary(data_dir: Path) -> dict[str, Any] | None:
     """What ``lens-agent status`` says about tuning: the drop-in and the latest change, or None when nothing was
     ever applied here."""
     adjuster = DropInAdjuster(data_dir)
@@ -334,6 +389,7 @@ def tune_summary(data_dir: Path) -> dict[str, Any] | None:
     line = f"{changes} ({latest.source}, {when}): {state}" + (f" — {reason}" if reason else "")
     return {
         "drop_in": drop_in,
+        "applied_at": latest.applied_at,
         "latest": {
             "adjustment_id": latest.adjustment_id,
             "changes": latest.changes,

@@ -37,6 +37,7 @@ from lens_core.config import (
 )
 from lens_core.errors import ConfigError
 from lens_core.otlp import OTLP_SECTION
+from lens_core.settings import BOUNDS
 
 DEFAULT_CONFIG_PATH = Path("/etc/lens-agent/agent.toml")
 
@@ -114,10 +115,12 @@ SCHEMA: Schema = {
     },
     "model": {
         "path": KeySpec(optional(path_value), const(None), "GGUF model; default: the bundled SmolLM2"),
-        "n_threads": KeySpec(int_range(1, 512), _default_threads, "decode threads; default: physical cores"),
-        "n_ctx": KeySpec(int_range(16, 1 << 20), const(2048), "context size in tokens"),
-        "n_batch": KeySpec(int_range(1, 1 << 16), const(512), "prompt tokens per llama_decode call"),
-        "n_gpu_layers": KeySpec(int_range(-1, 100000), const(0), "layers offloaded to a GPU (-1: all)"),
+        "n_threads": KeySpec(
+            int_range(*BOUNDS["n_threads"]), _default_threads, "decode threads; default: physical cores"
+        ),
+        "n_ctx": KeySpec(int_range(*BOUNDS["n_ctx"]), const(2048), "context size in tokens"),
+        "n_batch": KeySpec(int_range(*BOUNDS["n_batch"]), const(512), "prompt tokens per llama_decode call"),
+        "n_gpu_layers": KeySpec(int_range(*BOUNDS["n_gpu_layers"]), const(0), "layers offloaded to a GPU (-1: all)"),
         "flash_attn": KeySpec(boolean, const(True), "flash attention (faster decode on CPU too)"),
     },
     "bench": {
@@ -179,12 +182,16 @@ SCHEMA: Schema = {
             "speculative verification: tokens (llama-server's token-id API, lossless), generate or logprobs (text); "
             "auto: tokens when the endpoint answers the token-id API, else generate",
         ),
-        "draft_tokens": KeySpec(int_range(1, 64), const(4), "tokens the local model drafts per round"),
+        "draft_tokens": KeySpec(
+            int_range(*BOUNDS["draft_tokens"]), const(4), "tokens the local model drafts per round"
+        ),
         "adaptive_draft": KeySpec(boolean, const(False), "adapt the draft length to the observed acceptance"),
         "baselines": KeySpec(boolean, const(False), "also run cloud-only and edge-only for speedup figures"),
     },
     "offload": {
-        "prompt_tokens_above": KeySpec(optional(int_range(1)), const(None), "offload prompts longer than this"),
+        "prompt_tokens_above": KeySpec(
+            optional(int_range(*BOUNDS["offload_prompt_tokens_above"])), const(None), "offload prompts longer than this"
+        ),
         "predict_latency": KeySpec(boolean, const(True), "offload when predicted local latency > cloud latency"),
         "battery_below": KeySpec(optional(int_range(0, 100)), const(None), "offload when the battery is below this %"),
         "on_battery": KeySpec(boolean, const(False), "offload whenever the device is not on AC power"),
@@ -219,12 +226,16 @@ SCHEMA: Schema = {
     # (docs/tuning.md)
     "tune": {
         "n_threads": KeySpec(
-            optional(int_list(1, 512)), const(None), "thread counts to try; default: 1, half and all physical cores"
+            optional(int_list(*BOUNDS["n_threads"])),
+            const(None),
+            "thread counts to try; default: 1, half and all physical cores",
         ),
         "flash_attn": KeySpec(optional(bool_list), const([True, False]), "flash attention values to try"),
-        "n_batch": KeySpec(optional(int_list(1, 1 << 16)), const(None), "batch sizes to try; default: the current"),
+        "n_batch": KeySpec(
+            optional(int_list(*BOUNDS["n_batch"])), const(None), "batch sizes to try; default: the current"
+        ),
         "n_gpu_layers": KeySpec(
-            optional(int_list(-1, 100000)), const(None), "GPU layer counts to try; default: the current"
+            optional(int_list(*BOUNDS["n_gpu_layers"])), const(None), "GPU layer counts to try; default: the current"
         ),
         "search": KeySpec(
             choice("coordinate", "grid"),
@@ -247,6 +258,14 @@ SCHEMA: Schema = {
         "verify_runs": KeySpec(int_range(1, 100), const(3), "scheduled runs that verify an applied change"),
         "rollback_threshold": KeySpec(
             number_range(0, 1), const(0.05), "roll back when the verified median is more than this much worse"
+        ),
+        "candidate_timeout": KeySpec(
+            parse_duration, const(600.0), "one candidate's block in its measuring process, at most (then it is killed)"
+        ),
+        "recommendation_interval": KeySpec(
+            parse_duration,
+            const(6 * 3600.0),
+            "lens-agent run tunes on a recommendation at most once per this interval, whatever its id",
         ),
         "every": KeySpec(optional(parse_duration), const(None), "tune on this interval in lens-agent run (or cron)"),
         "cron": KeySpec(optional(cron_expression), const(None), "tune on this crontab schedule in lens-agent run"),
@@ -316,7 +335,10 @@ def _check_workloads(source: str, raw: object) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class AgentConfig(Config):
-    """The agent's resolved configuration, with its ``[[workloads]]``."""
+    """The agent's resolved configuration, with its ``[[workloads]]``. ``drop_in_refused``: why the tuning drop-in
+    was left out (it failed the same checks as the file), or None."""
+
+    drop_in_refused: str | None = None
 
     @property
     def workloads(self) -> list[dict[str, Any]]:
@@ -347,10 +369,17 @@ def load_config(
 
     resolved = resolve([])
     drop_in = drop_in_path(resolved.get("agent", "data_dir"))
+    refused = None
     if (
         drop_in.exists()
     ):  # the settings lens-agent tune applied (docs/tuning.md): after the file, before the environment
-        resolved = resolve([(drop_in, DROP_IN_KEYS)])
+        try:
+            resolved = resolve([(drop_in, DROP_IN_KEYS)])
+        except ConfigError as exc:
+            # The file and the environment passed without it: the drop-in is what is wrong. A drop-in is the
+            # device's own state, not the operator's file — it never stops the agent: it is left out (the service
+            # sets it aside, agent.config.set_aside_drop_in) and every command says so.
+            refused = str(exc)
     if (resolved.get("tune", "every") is not None) and (resolved.get("tune", "cron") is not None):
         raise ConfigError(
             resolved.source("tune", "cron"),
@@ -358,4 +387,35 @@ def load_config(
             resolved.get("tune", "cron"),
             "either tune.every or tune.cron, not both",
         )
-    return AgentConfig(values=resolved.values, sources=resolved.sources, path=resolved.path, tables=resolved.tables)
+    return AgentConfig(
+        values=resolved.values,
+        sources=resolved.sources,
+        path=resolved.path,
+        tables=resolved.tables,
+        drop_in_refused=refused,
+    )
+
+
+REFUSED_KEPT = 5  # set-aside drop-ins kept for an operator to look at
+
+
+def set_aside_drop_in(data_dir: Path, reason: str) -> Path | None:
+    """Move a refused drop-in out of the way (``settings.toml.refused-<UTC time>``, the reason beside it in
+    ``….reason``) so that nothing reads or builds on it again; the latest :data:`REFUSED_KEPT` are kept. Returns the
+    new path (None when there was nothing to move, or it cannot be moved: then it is still left out at every load)."""
+    import time
+
+    drop_in = drop_in_path(data_dir)
+    target = drop_in.with_name(f"{drop_in.name}.refused-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    try:
+        os.replace(drop_in, target)
+        target.with_name(target.name + ".reason").write_text(reason + "\n")
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None
+    old = sorted(drop_in.parent.glob(f"{drop_in.name}.refused-*[!n]"))  # not the .reason files
+    for path in old[:-REFUSED_KEPT]:
+        for stale in (path, path.with_name(path.name + ".reason")):
+            stale.unlink(missing_ok=True)
+    return target

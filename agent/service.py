@@ -36,11 +36,12 @@ from typing import Any
 from lens_core import otlp
 from lens_core.notify import Notifier
 
-from .adjuster import DropInAdjuster
+from .adjuster import AdjusterError, DropInAdjuster
+from .advice import DeviceLimits, refusal
 from .bench.runner import BenchOptions, run_bench
 from .clock import boot_id, stamp
 from .collab.context import CollabContext
-from .config import load_config
+from .config import AgentConfig, load_config, set_aside_drop_in
 from .engines.llama import EngineSettings, LlamaEngine
 from .engines.modelfile import resolve_model_path
 from .errors import LensError
@@ -56,7 +57,7 @@ from .prompts import load_prompts
 from .schedule import Scheduler, workload_period
 from .strategies import build_strategy
 from .tune_flow import Busy, engine_key, measure_lock, run_tune, verification_record
-from .tuning import values_of
+from .tuning import tune_record, values_of
 
 log = logging.getLogger("agent.service")
 STATE_FILE = "service.json"
@@ -108,7 +109,10 @@ class AgentService:
         self._facts_sent_at: float | None = None  # when (time.monotonic())
         # lens-agent tune's drop-in as this configuration read it: a change (a tune, a rollback) reloads
         self._adjuster = DropInAdjuster(self.data_dir)
+        self._refused_drop_ins: list[str] = []  # lines about drop-ins set aside, stored once the outbox is open
+        self._set_aside(self.config)
         self._drop_in_text = self._adjuster.drop_in_text()
+        self._limits: tuple[str, DeviceLimits] | None = None  # the device's limits for the model at that path
         self._last_measured: list[Measurement] = []
         self._measuring = asyncio.Lock()
 
@@ -121,6 +125,7 @@ class AgentService:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = AsyncOutbox(open_outbox(self.config))
+        await self._store_set_aside()
         self._start_sync()
         await self._load_model()
         await self._report_device_facts()
@@ -183,6 +188,8 @@ class AgentService:
             return
         old = self.config
         self.config = config
+        self._set_aside(config)
+        await self._store_set_aside()
         self._drop_in_text = self._adjuster.drop_in_text()
         if old.values["model"] != config.values["model"]:
             await self._load_model()
@@ -357,9 +364,11 @@ class AgentService:
         try:
             config = load_config(self.config_path, overrides=self.overrides)
         except LensError as exc:
-            log.error("the tuning drop-in is refused, keeping the running settings: %s", exc)
+            log.error("the configuration is refused, keeping the running settings: %s", exc)
             self._drop_in_text = self._adjuster.drop_in_text()
             return
+        self._set_aside(config)
+        await self._store_set_aside()
         self._drop_in_text = self._adjuster.drop_in_text()
         if config.values["model"] == self.config.values["model"]:
             return
@@ -369,6 +378,33 @@ class AgentService:
             sources={**self.config.sources, "model": config.sources["model"]},
         )
         await self._load_model()
+
+    def _set_aside(self, config: AgentConfig) -> None:
+        """A drop-in the configuration left out (it fails the file's own checks) is moved aside: the service goes on
+        with the file's settings, measuring and uploading, and says so (log, status, a record)."""
+        if config.drop_in_refused is None:
+            return
+        moved = set_aside_drop_in(self.data_dir, config.drop_in_refused)
+        where = f"set aside as {moved}" if moved else "left out (it could not be moved)"
+        line = (
+            f"tuning drop-in refused: {config.drop_in_refused}; {where}; running with the configuration file's settings"
+        )
+        log.error("%s", line)
+        self._refused_drop_ins.append(line)
+
+    async def _store_set_aside(self) -> None:
+        if self.outbox is None:
+            return
+        while self._refused_drop_ins:
+            line = self._refused_drop_ins.pop(0)
+            record = tune_record(
+                "drop_in_refused",
+                {"reason": line},
+                device_id=self.config.get("agent", "device_id"),
+                model_name=self.model.get("name", "unknown"),
+            )
+            await self.outbox.append(stored_form(record))
+            self.stored += 1
 
     async def _verify(self, name: str, summary: dict[str, Any]) -> None:
         """Count this run toward the verification of an applied change; roll it back when it made things worse."""
@@ -397,10 +433,24 @@ class AgentService:
         else:
             log.info("tuning: %s verified over %d runs: %s", a.changes, a.runs_after, a.status)
 
+    def _device_limits(self) -> DeviceLimits:
+        """This device's limits for the configured model (agent.advice), read once per model path."""
+        path = str(self.model.get("path") or "")
+        if self._limits is None or self._limits[0] != path:
+            self._limits = (path, DeviceLimits.probe(Path(path) if path else None))
+        return self._limits[1]
+
     def _on_ack(self, payload: dict[str, Any]) -> None:
-        """An acknowledgement arrived: keep the recommendations it carries for this device (hostile input:
-        ``lens_core.recommendations.parse_wire`` keeps only well-formed ones) and, when ``tune.auto_apply`` allows
-        it, tune each new one here — the current value against the recommended one, measured on this device."""
+        """An acknowledgement arrived: keep the recommendations it carries for this device and, when
+        ``tune.auto_apply`` allows it, tune one here — the current value against the recommended one, measured on
+        this device in a child process.
+
+        A recommendation is advice from a party that may be hostile (a compromised aggregator, anything in the
+        middle of the link): ``lens_core.recommendations.parse_wire`` keeps only well-formed items within the
+        configuration's bounds; this device's own checks (agent.advice: its CPUs, its context, its model's layers)
+        refuse the rest; the same advice (model, setting, value) is tuned once whatever its id; and tunes from
+        recommendations start at most once per ``tune.recommendation_interval``, so a stream of fresh ids never
+        keeps the scheduled runs from running."""
         if "recommendations" not in payload:
             return
         from lens_core.recommendations import parse_wire
@@ -408,28 +458,73 @@ class AgentService:
         found, problems = parse_wire(payload["recommendations"])
         for problem in problems:
             log.warning("sync: a recommendation from the aggregator is ignored: %s", problem)
-        known = self._adjuster.recommendations()
-        tried = set(known.get("tried", []))
+        try:
+            known = self._adjuster.recommendations()
+        except AdjusterError as exc:
+            log.warning("sync: the kept recommendations are not readable, starting afresh: %s", exc)
+            known = {}
+        tried = set(known.get("tried", [])) if isinstance(known.get("tried"), list) else set()
+        tried_values = set(known.get("tried_values", [])) if isinstance(known.get("tried_values"), list) else set()
+        refused: list[dict[str, Any]] = []
         current = EngineSettings.from_config(self.config).as_dict()
         due = []
         for rec in found:
             section, _, key = rec.target.partition(".")
-            if section != "model" or key not in current or rec.recommendation_id in tried:
+            advice = f"{rec.model_name}\x00{rec.target}\x00{rec.recommended_value!r}"
+            if section != "model" or key not in current or rec.recommendation_id in tried or advice in tried_values:
                 continue
             if self.model.get("name") not in (None, rec.model_name):
                 continue
             if current[key] == rec.recommended_value:
                 continue
-            due.append((rec, key))
+            reason = refusal({**current, key: rec.recommended_value}, self._device_limits(), [key])
+            if reason is not None:
+                refused.append({"recommendation_id": rec.recommendation_id, "target": rec.target, "reason": reason})
+                tried.add(rec.recommendation_id)  # refused once, logged once
+                tried_values.add(advice)
+                log.warning("sync: recommendation %s refused by this device: %s", rec.recommendation_id, reason)
+                continue
+            due.append((rec, key, advice))
         auto = self.config.get("tune", "auto_apply")
-        if auto:
-            tried.update(rec.recommendation_id for rec, _ in due)
-        self._adjuster.keep_recommendations([dataclasses.asdict(r) for r in found], sorted(tried))
-        if not auto or not due or self._scheduler is None:
-            if due:
+        now = time.time()
+        raw_last = known.get("last_tune_at")
+        last = float(raw_last) if isinstance(raw_last, (int, float)) and not isinstance(raw_last, bool) else None
+        interval = self.config.get("tune", "recommendation_interval")
+        # a clock stepped back makes "last" lie in the future: that counts as just now, never as long ago
+        waiting = last is not None and now - last < interval
+        busy = (
+            self._scheduler is None
+            or self.state == "tuning"
+            or self._scheduler.is_running("tune:recommendation")
+            or any(job.id == "tune:recommendation" for job in self._scheduler.jobs())
+        )
+        chosen = due[0] if auto and due and not waiting and not busy else None
+        if chosen is not None:
+            tried.add(chosen[0].recommendation_id)
+            tried_values.add(chosen[2])
+        try:
+            self._adjuster.keep_recommendations(
+                [dataclasses.asdict(r) for r in found],
+                sorted(tried),
+                tried_values=sorted(tried_values),
+                refused=refused or known.get("refused") or [],
+                last_tune_at=now if chosen is not None else last,
+            )
+        except AdjusterError as exc:
+            log.warning("sync: the recommendations received are not kept: %s", exc)
+        if chosen is None:
+            if due and not auto:
                 log.info("sync: %d recommendation(s) received; tune.auto_apply is false: lens-agent tune run", len(due))
+            elif due and waiting:
+                log.info(
+                    "sync: %d recommendation(s) wait: the last tune from a recommendation was under %s ago "
+                    "(tune.recommendation_interval)",
+                    len(due),
+                    f"{interval:g} s",
+                )
             return
-        rec, key = due[0]  # one at a time: the next arrives with a later answer, measured against the new settings
+        rec, key, _ = chosen  # one at a time: the next arrives with a later answer, measured against the new settings
+        assert self._scheduler is not None
         values = sorted({current[key], rec.recommended_value}, key=str)
         self._scheduler.later(
             "tune:recommendation",

@@ -238,10 +238,7 @@ async def _read_answer(response: aiohttp.ClientResponse) -> Answer:
     content_type = response.content_type if "Content-Type" in response.headers else ""
     payload: Any = None
     if content_type == "application/json" and not oversized:
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
+        payload = wire.parse_answer_json(body)  # None when not JSON or nested past wire.MAX_ANSWER_DEPTH
     snippet = bytes(body[:200]).decode("utf-8", "replace").strip()
     return Answer(response.status, content_type, payload, snippet, response.headers.get("Location"), oversized)
 

@@ -280,14 +280,33 @@ def rollback_command(config_path: Path | None, data_dir: Path | None, as_json: b
     Example:
         lens-agent tune rollback --config /etc/lens-agent/agent.toml
     """
-    from .adjuster import DropInAdjuster
+    from .adjuster import AdjusterError, DropInAdjuster
+    from .config import set_aside_drop_in
     from .tune_flow import outbox_store
     from .tuning import tune_record
 
     config = _config(config_path, data_dir)
     adjuster = DropInAdjuster(config.get("agent", "data_dir"))
-    current = adjuster.current()
+    try:
+        current = adjuster.current()
+    except AdjusterError as exc:  # a rollback always works: without readable state, the drop-in goes aside
+        moved = set_aside_drop_in(config.get("agent", "data_dir"), f"rolled back by hand; {exc}")
+        if moved is None:
+            raise UsageError(f"{exc}; there is no drop-in to set aside either") from None
+        message = (
+            f"the tuning state is not readable ({exc}); the drop-in is set aside as {moved}: "
+            "the configuration file's settings apply"
+        )
+        click.echo(json.dumps({"set_aside": str(moved), "reason": str(exc)}) if as_json else message)
+        return
     if current is None:
+        if config.drop_in_refused is not None or adjuster.drop_in.exists():
+            moved = set_aside_drop_in(config.get("agent", "data_dir"), "rolled back by hand")
+            message = (
+                f"no change was recorded; the drop-in is set aside as {moved}: the configuration file's settings apply"
+            )
+            click.echo(json.dumps({"set_aside": str(moved)}) if as_json else message)
+            return
         raise UsageError(f"nothing to roll back: no change was applied in {adjuster.dir}")
     if current.status == "rolled_back":
         raise UsageError(
@@ -333,8 +352,12 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
         ".".join(CONFIG_KEYS[k]): {"value": config.get(*CONFIG_KEYS[k]), "source": config.source(*CONFIG_KEYS[k])}
         for k in TUNABLE
     }
+    from .adjuster import tune_summary
+
+    summary = tune_summary(config.get("agent", "data_dir"), config.drop_in_refused) or {}
     answer = {
-        "drop_in": str(adjuster.drop_in) if adjuster.drop_in.exists() else None,
+        "drop_in": str(adjuster.drop_in) if adjuster.drop_in.exists() and not config.drop_in_refused else None,
+        "drop_in_refused": summary.get("refused"),
         "effective": effective,
         "latest": current.as_dict() if current else None,
     }
@@ -342,6 +365,8 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
         click.echo(json.dumps(answer, indent=2))
         return
     click.echo(f"drop-in   {answer['drop_in'] or 'none'}")
+    if answer["drop_in_refused"]:
+        click.echo(f"  {answer['drop_in_refused']}")
     for key, item in effective.items():
         click.echo(f"  {key:<20} {item['value']!s:<8} ({item['source']})")
     if current is None:

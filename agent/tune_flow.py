@@ -20,7 +20,9 @@ from typing import Any
 from lens_core.settings import CONFIG_KEYS, settings_key
 
 from .adjuster import Adjustment, DropInAdjuster, Verification
+from .advice import DeviceLimits, refusal
 from .clock import stamp
+from .config import set_aside_drop_in
 from .engines.llama import EngineSettings
 from .errors import LensError, UsageError
 from .gates import gate, read_state
@@ -112,8 +114,10 @@ def run_tune(
     def closed() -> str | None:
         return gate(gates, read_state(root))
 
+    path = model_path(config)
     tuner = Tuner(
-        model_path=model_path(config),
+        model_path=path,
+        limits=DeviceLimits.probe(path),
         base=EngineSettings.from_config(config),
         prompts=tune_prompts(config, prompts_path),
         options=options,
@@ -176,12 +180,23 @@ def apply_changes(
     recommendation_id: str | None = None,
     expected: dict[str, Any] | None = None,
 ) -> Adjustment:
-    """Apply setting changes (name → (before, after)) through the drop-in adjuster and record it."""
+    """Apply setting changes (name → (before, after)) through the drop-in adjuster and record it. Nothing this
+    device refuses (agent.advice: its configuration's bounds, its CPUs, its context, its model's layers) is ever
+    written; a drop-in the configuration left out is set aside first, so nothing builds on it."""
     refused = overridden(config, changes)
     if refused:
         raise UsageError("; ".join(refused) + ": remove that override first")
     before = EngineSettings.from_config(config)
     after = EngineSettings(**{**before.as_dict(), **{k: b for k, (_, b) in changes.items()}})
+    try:
+        path: Path | None = model_path(config)
+    except LensError:  # no model file here: its layers and context are unknown, the other checks still hold
+        path = None
+    reason = refusal(after.as_dict(), DeviceLimits.probe(path), list(changes))
+    if reason is not None:
+        raise UsageError(f"not applied: {reason}")
+    if getattr(config, "drop_in_refused", None):
+        set_aside_drop_in(config.get("agent", "data_dir"), config.drop_in_refused)
     adjuster = DropInAdjuster(config.get("agent", "data_dir"))
     t = config.values["tune"]
     adjustment = adjuster.apply(

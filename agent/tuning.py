@@ -39,12 +39,13 @@ from typing import Any
 from lens_core.settings import settings_key
 from lens_core.stats import Comparison, compare
 
-from .bench.runner import BenchOptions, run_bench
-from .engines.llama import EngineSettings, LlamaEngine
+from .advice import DeviceLimits, refusal
+from .engines.llama import EngineSettings
 from .engines.modelfile import resolve_model_path
 from .errors import LensError, UsageError
 from .measurement import Measurement
 from .prompts import Prompt, load_prompts
+from .tune_worker import BlockResult, CandidateCrashed, WorkerPool, block_request
 
 log = logging.getLogger("agent.tune")
 
@@ -77,6 +78,7 @@ class TuneOptions:
     alpha: float = 0.01
     min_improvement: float = 0.03
     seed: int | None = None
+    candidate_timeout: float = 600.0  # one block in the measuring process, at most (then it is killed)
 
     @classmethod
     def from_config(cls, config: Any, only: dict[str, list[Any]] | None = None) -> TuneOptions:
@@ -95,6 +97,7 @@ class TuneOptions:
             max_tokens=t["max_tokens"],
             alpha=t["alpha"],
             min_improvement=t["min_improvement"],
+            candidate_timeout=t["candidate_timeout"],
         )
 
 
@@ -125,8 +128,10 @@ class Candidate:
     settings: EngineSettings
     values: list[float] = field(default_factory=list)  # the objective, per successful request (ms)
     failures: int = 0
-    error: str | None = None
+    error: str | None = None  # why it was not (or no longer) measured: refused, did not load, crashed
     failure_types: dict[str, int] = field(default_factory=dict)
+    crash_signal: str | None = None  # the signal that ended its measuring process (SIGABRT, SIGSEGV, …)
+    refused: bool = False  # the device's own checks refused its settings (agent.advice): never measured
 
     @property
     def key(self) -> str:
@@ -197,6 +202,8 @@ def candidate_summary(candidate: Candidate, comparison: Comparison | None) -> di
         "failures": candidate.failures,
         "failure_types": candidate.failure_types,
         "error": candidate.error,
+        "crash_signal": candidate.crash_signal,
+        "refused": candidate.refused,
         "median_ms": float(np.median(values)) if values else None,
         "values_ms": [round(v, 3) for v in values[:MAX_VALUES_KEPT]],
         "vs_baseline": comparison.as_dict() if comparison else None,
@@ -210,7 +217,9 @@ RecordSink = Callable[[Measurement], None]
 @dataclass
 class Tuner:
     """Runs a search. ``gate`` is asked before every block (a reason stops the search); ``progress`` hears each
-    block as it starts; ``on_record`` stores each step's record."""
+    block as it starts; ``on_record`` stores each step's record. ``limits``: the device's own bounds
+    (agent.advice); a candidate outside them is refused, never measured. ``measure`` runs one block; by default in
+    a child process (agent.tune_worker), so an engine that crashes ends that candidate only."""
 
     model_path: Path
     base: EngineSettings
@@ -222,9 +231,8 @@ class Tuner:
     progress: Callable[[str], None] = lambda _: None
     on_record: RecordSink | None = None
     chat_template: str = "auto"
-    load: Callable[[Path, EngineSettings], LlamaEngine] = lambda path, settings: LlamaEngine.load(
-        path, settings, compute_sha256=False
-    )
+    limits: DeviceLimits | None = None
+    measure: Callable[[dict[str, Any]], BlockResult] | None = None
     tune_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     model_name: str = "unknown"
     quantization: str | None = None
@@ -232,6 +240,18 @@ class Tuner:
     _blocks_total: int = 0
 
     def run(self) -> TuneResult:
+        pool = None
+        if self.measure is None:
+            pool = WorkerPool(self.options.candidate_timeout)
+            self.measure = pool.measure
+        try:
+            return self._run()
+        finally:
+            if pool is not None:
+                pool.close()
+                self.measure = None
+
+    def _run(self) -> TuneResult:
         rng = random.Random(self.options.seed)
         stages: list[Stage] = []
         best = self.base
@@ -292,7 +312,22 @@ class Tuner:
         return out
 
     # -- measuring ---------------------------------------------------------------------------------------------
+    def _refuse(self, stage: Stage) -> None:
+        """The device's own checks (agent.advice) on every candidate that changes a setting: a refused one is
+        recorded and never measured."""
+        if self.limits is None:
+            return
+        base = self.base.as_dict()
+        for candidate in stage.others:
+            settings = candidate.settings.as_dict()
+            changed = [name for name in settings if settings[name] != base[name]]
+            reason = refusal(settings, self.limits, changed)
+            if reason is not None:
+                candidate.error, candidate.refused = f"refused by this device: {reason}", True
+                log.warning("tune: %s is not measured: %s", candidate.key, reason)
+
     def _measure(self, stage: Stage, rng: random.Random, alpha: float | None = None) -> None:
+        self._refuse(stage)
         for round_no in range(self.options.rounds):
             order = list(stage.candidates)
             rng.shuffle(order)
@@ -318,40 +353,48 @@ class Tuner:
             )
 
     def _block(self, candidate: Candidate) -> None:
-        """Load the candidate's engine, run warm-up and measured requests, close it (one model in memory)."""
+        """One block of the candidate in the measuring process: load its engine, run warm-up and measured requests,
+        close it (one model in memory). A crash of that process ends this candidate, never the tune."""
+        assert self.measure is not None
+        options = {
+            "runs": self.options.requests,
+            "warmup": self.options.warmup,
+            "max_tokens": self.options.max_tokens,
+            "ignore_eos": True,
+            "chat_template": self.chat_template,
+            "include_text": False,
+        }
+        request = block_request(
+            self.model_path, candidate.settings, self.prompts, options, run_id=self.tune_id, device_id=self.device_id
+        )
         try:
-            engine = self.load(self.model_path, candidate.settings)
-        except LensError as exc:
-            candidate.error = str(exc)
-            log.warning("tune: %s does not load: %s", candidate.key, exc)
+            result = self.measure(request)
+        except CandidateCrashed as exc:
+            candidate.error, candidate.crash_signal = f"{exc} ({candidate.key})", exc.signal_name
+            log.warning("tune: %s failed: %s", candidate.key, exc)
             return
-        try:
-            options = BenchOptions(
-                runs=self.options.requests,
-                warmup=self.options.warmup,
-                max_tokens=self.options.max_tokens,
-                ignore_eos=True,
-                chat_template=self.chat_template,
-                include_text=False,
-            )
-            run = run_bench(engine, self.prompts, options, run_id=self.tune_id, device_id=self.device_id)
-            if engine.info is not None:
-                self.model_name = engine.info.name
-                self.quantization = engine.info.quantization
-        finally:
-            engine.close()
+        if result.load_error is not None:
+            candidate.error = result.load_error
+            log.warning("tune: %s does not load: %s", candidate.key, result.load_error)
+            return
+        if result.model_name:
+            self.model_name = result.model_name
+            self.quantization = result.quantization
         attribute = OBJECTIVES[self.options.objective]
-        for m in run.measured:
-            value = getattr(m, attribute)
-            if m.ok and value is not None and value > 0:
+        for m in result.requests:
+            value = m.get(attribute)
+            if m.get("ok") and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                 candidate.values.append(float(value))
             else:
                 candidate.failures += 1
-                kind = m.error_type or "no_value"
+                error_type = m.get("error_type")
+                kind = error_type if isinstance(error_type, str) else "no_value"
                 candidate.failure_types[kind] = candidate.failure_types.get(kind, 0) + 1
 
     def _decide(self, stage: Stage, alpha: float | None) -> None:
         base = stage.baseline
+        if base.error is not None:
+            raise LensError(f"tune: the baseline {base.key} could not be measured: {base.error}")
         if not base.values:
             raise LensError(
                 f"tune: the baseline {base.key} produced no successful request "
@@ -360,8 +403,8 @@ class Tuner:
         level = alpha if alpha is not None else self.options.alpha / max(1, len(stage.others))
         best: tuple[float, Candidate] | None = None
         for candidate in stage.others:
-            if not candidate.values or candidate.failures:
-                continue  # a candidate that fails requests is never a winner
+            if candidate.error is not None or not candidate.values or candidate.failures:
+                continue  # a candidate that was refused, crashed or failed requests is never a winner
             comparison = compare(base.values, candidate.values)
             stage.comparisons[candidate.key] = comparison
             if comparison.significant(level, self.options.min_improvement) and (

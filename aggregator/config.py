@@ -100,6 +100,12 @@ SCHEMA: Schema = {
         ),
         "feedback_alpha": KeySpec(number_range(1e-12, 0.5), const(0.01), "significance level of each comparison"),
         "feedback_min_samples": KeySpec(int_range(2, 100_000), const(20), "requests on each side, at least"),
+        "feedback_min_devices": KeySpec(
+            int_range(2, 10_000),
+            const(3),
+            "independent devices (each its own token) whose requests a fleet recommendation needs, at least; never one "
+            "device's evidence for another",
+        ),
         "feedback_min_improvement": KeySpec(
             number_range(0.0, 10.0), const(0.05), "relative improvement of the median a recommendation needs"
         ),

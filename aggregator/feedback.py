@@ -58,6 +58,7 @@ class Settings:
     alpha: float = 0.01  # significance level of each comparison
     min_samples: int = 20  # requests on each side of a comparison, at least
     min_improvement: float = 0.05  # relative improvement of the median, at least
+    min_devices: int = 3  # independent devices behind a fleet recommendation, at least (never one for another)
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -68,6 +69,7 @@ class Settings:
             alpha=config.get("fleet", "feedback_alpha"),
             min_samples=config.get("fleet", "feedback_min_samples"),
             min_improvement=config.get("fleet", "feedback_min_improvement"),
+            min_devices=config.get("fleet", "feedback_min_devices"),
         )
 
 
@@ -339,6 +341,7 @@ class Outcome:
     baseline: list[float]
     reason: str | None  # why no recommendation comes of it; None: it is one
     confidence: float | None = None
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # device → the stored rows it was drawn from
 
     @property
     def score(self) -> float:
@@ -381,9 +384,42 @@ def judge(window: Group, evidence: Evidence, settings: Settings, seed: int) -> O
     """Compare the window with the evidence for one setting's value (:func:`lens_core.stats.compare`)."""
     metric = METRIC_OF[evidence.setting]
     share = device_share(len(evidence.groups), settings)
-    baseline, strata_values = _prompt_matched(window.rows, [g.rows[-share:] for g in evidence.groups], metric)
+    drawn = [g.rows[-share:] for g in evidence.groups]
+    baseline, strata_values = _prompt_matched(window.rows, drawn, metric)
     strata = [(g.device_id, v) for g, v in zip(evidence.groups, strata_values, strict=True) if v]
     pooled = [x for _, v in strata for x in v]
+    records = {
+        g.device_id: trace(rows) for g, rows, v in zip(evidence.groups, drawn, strata_values, strict=True) if v and rows
+    }
+    outcome = _judge(window, evidence, settings, seed, metric, baseline, strata, pooled)
+    outcome.records = records
+    return outcome
+
+
+def trace(rows: Sequence[Row]) -> dict[str, Any]:
+    """Where a device's evidence is stored: its rows' sequence numbers and the time they ran (read them back with
+    ``GET /api/v1/measurements?device=…&since=…&until=…``)."""
+    seqs = [r.seq for r in rows]
+    starts = [r.started_us for r in rows]
+    return {
+        "requests": len(rows),
+        "first_seq": min(seqs),
+        "last_seq": max(seqs),
+        "from": _iso(min(starts)),
+        "until": _iso(max(starts)),
+    }
+
+
+def _judge(
+    window: Group,
+    evidence: Evidence,
+    settings: Settings,
+    seed: int,
+    metric: str,
+    baseline: list[float],
+    strata: list[tuple[str, list[float]]],
+    pooled: list[float],
+) -> Outcome:
     if len(baseline) < settings.min_samples or len(pooled) < settings.min_samples:
         shared = " matched on prompt length" if metric in PROMPT_MATCHED else ""
         reason = (
@@ -402,6 +438,21 @@ def judge(window: Group, evidence: Evidence, settings: Settings, seed: int) -> O
     if comparison.improvement < settings.min_improvement:
         reason = f"better by {comparison.improvement:.1%}, below the minimum of {settings.min_improvement:.0%}"
         return Outcome(evidence, metric, comparison, strata, baseline, reason)
+    if evidence.source == "fleet":
+        # one device is never evidence for another: a compromised token must not be able to advise a fleet
+        devices = sorted({d for d, _ in strata} - {window.device_id})
+        if len(devices) < settings.min_devices:
+            reason = (
+                f"evidence from {len(devices)} device{'s' if len(devices) != 1 else ''}; a fleet recommendation needs "
+                f"at least {settings.min_devices} independent devices (fleet.feedback_min_devices)"
+            )
+            return Outcome(evidence, metric, comparison, strata, baseline, reason)
+        # the pooled test could be carried by one device's extreme values: most devices must be better on their own
+        here = comparison.baseline_median
+        better = sum(1 for _, v in strata if float(np.median(v)) < here)
+        if 2 * better <= len(strata):
+            reason = f"only {better} of {len(strata)} devices are better than this device on their own"
+            return Outcome(evidence, metric, comparison, strata, baseline, reason)
     confidence = bootstrap_confidence(baseline, [v for _, v in strata], settings.min_improvement, seed)
     return Outcome(evidence, metric, comparison, strata, baseline, None, confidence)
 
@@ -553,12 +604,23 @@ def recommendations_for(
                     "test": "Mann-Whitney U, two-sided, normal approximation with tie and continuity correction",
                     "p_value": c.p_value,
                     "improvement": c.improvement,
-                    "baseline": {"device_id": window.device_id, "requests": c.baseline_n, "median": c.baseline_median},
+                    "baseline": {
+                        "device_id": window.device_id,
+                        "requests": c.baseline_n,
+                        "median": c.baseline_median,
+                        "records": trace(window.rows),
+                    },
                     "candidate": {
                         "requests": c.candidate_n,
                         "median": c.candidate_median,
                         "devices": [
-                            {"device_id": d, "requests": len(v), "median": float(np.median(v))} for d, v in o.strata
+                            {
+                                "device_id": d,
+                                "requests": len(v),
+                                "median": float(np.median(v)),
+                                "records": o.records.get(d),
+                            }
+                            for d, v in o.strata
                         ],
                     },
                 },

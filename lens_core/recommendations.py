@@ -5,8 +5,10 @@ The aggregator derives each one from stored measurements (``aggregator.feedback`
 only for settings the agent can change itself (a key of :data:`lens_core.settings.CONFIG_KEYS`). The device takes
 the field as hostile input — an answer may come from a proxy, a buggy or a compromised aggregator — and
 :func:`parse_wire` keeps only well-formed items: at most :data:`MAX_ITEMS`, exact types, bounded strings, a target
-the agent knows and a value of the type that setting takes. A recommendation is a reason to measure on the device
-(``lens-agent tune``), never a change applied blind.
+the agent knows and a value of the type that setting takes, within the range the agent's own configuration allows
+for it (:data:`lens_core.settings.BOUNDS`). A recommendation is advice, never a command: a reason to measure on the
+device, in a child process, after the device's own checks of its capabilities (``agent.advice``); never a change
+applied blind.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .settings import CONFIG_KEYS, FIELDS
+from .settings import BOUNDS, CONFIG_KEYS, FIELDS
 
 MAX_ITEMS = 8  # recommendations per answer: one per setting the agent can change, and then some
 MAX_MODEL_CHARS = 256  # lens_core.record_schema.MAX_NAME_CHARS
@@ -31,7 +33,6 @@ MAX_PROBLEMS_VALUE_CHARS = 60  # how much of a refused value a problem line quot
 TARGETS: dict[str, str] = {f"{section}.{key}": name for name, (section, key) in CONFIG_KEYS.items()}
 _METRIC_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _TEXT_VALUE_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,40}$")  # lens_core.settings: a text setting's value
-_INT_BOUNDS = (-1, 1 << 20)  # lens_core.settings: an integer setting's range
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 Value = int | bool | str
@@ -104,10 +105,9 @@ def _setting_value(name: str, field: str, value: object) -> Value:
         raise ValueError(f"{field} is {_quote(value)}: {name} takes {kind.__name__} values")
     if kind is int:
         assert isinstance(value, int)
-        if not _INT_BOUNDS[0] <= value <= _INT_BOUNDS[1]:
-            raise ValueError(
-                f"{field} = {_quote(value)} is out of range for {name} ({_INT_BOUNDS[0]} … {_INT_BOUNDS[1]})"
-            )
+        low, high = BOUNDS[name]  # the agent's own configuration bounds: nothing it would refuse passes here
+        if not low <= value <= high:
+            raise ValueError(f"{field} = {_quote(value)} is out of range for {name} ({low} … {high})")
     if kind is str:
         assert isinstance(value, str)
         if not _TEXT_VALUE_RE.match(value):

@@ -6,10 +6,11 @@ A record's ``ext.settings`` is a map of the settings that move speed, memory or 
     {"n_threads": 2, "n_batch": 512, "n_ctx": 2048, "n_gpu_layers": 0, "flash_attn": true,
      "quantization": "Q4_1", "draft_tokens": 4, "power_mode": "15W"}
 
-Only :data:`FIELDS` count, each of its own type; anything else in the map is ignored, and a value of the wrong type
-leaves that setting out (the record is still stored: its settings are "unknown" for that field). The canonical key
-(:func:`settings_key`) is the known fields in a fixed order, ``name=value`` joined by ``,`` — short enough for a
-name column, the same on every replica and in every language, and readable on a page: ``flash_attn=on,n_batch=512,
+Only :data:`FIELDS` count, each of its own type and within its range (:data:`BOUNDS`); anything else in the map is
+ignored, and a value of the wrong type or out of range leaves that setting out (the record is still stored: its
+settings are "unknown" for that field). The canonical key (:func:`settings_key`) is the known fields in a fixed
+order, ``name=value`` joined by ``,`` — short enough for a name column, the same on every replica and in every
+language, and readable on a page: ``flash_attn=on,n_batch=512,
 n_ctx=2048,n_gpu_layers=0,n_threads=2,quantization=Q4_1``.
 """
 
@@ -41,9 +42,33 @@ CONFIG_KEYS: dict[str, tuple[str, str]] = {
     "draft_tokens": ("collab", "draft_tokens"),
     "offload_prompt_tokens_above": ("offload", "prompt_tokens_above"),
 }
+# The range of each integer setting: the one place that says what a value may be. The agent's configuration parses
+# these keys with exactly these ranges (agent/config.py), a recommendation outside them is refused on the device
+# (lens_core.recommendations) and a record's value outside them is no setting at all (clean_settings): the aggregator
+# never groups, compares or recommends a value the agent would refuse in its own file.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "n_threads": (1, 512),
+    "n_batch": (1, 1 << 16),
+    "n_ctx": (16, 1 << 20),
+    "n_gpu_layers": (-1, 100_000),  # -1: every layer
+    "draft_tokens": (1, 64),
+    "offload_prompt_tokens_above": (1, 1 << 20),
+}
 MAX_KEY_CHARS = 256  # a name column's bound (lens_core.record_schema.MAX_NAME_CHARS)
 _TEXT_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,40}$")
-_INT_BOUND = 1 << 20
+
+
+def in_bounds(name: str, value: object) -> bool:
+    """Whether ``value`` is of the type the setting ``name`` takes and within its range (:data:`BOUNDS`)."""
+    kind = FIELDS.get(name)
+    if kind is None or type(value) is not kind:
+        return False
+    if isinstance(value, int) and not isinstance(value, bool):
+        low, high = BOUNDS[name]
+        return low <= value <= high
+    if isinstance(value, str):
+        return bool(_TEXT_RE.match(value))
+    return True
 
 
 def clean_settings(value: object) -> dict[str, Any]:
@@ -51,15 +76,10 @@ def clean_settings(value: object) -> dict[str, Any]:
     if type(value) is not dict:
         return {}
     out: dict[str, Any] = {}
-    for name, kind in FIELDS.items():
+    for name in FIELDS:
         item = value.get(name)
-        if item is None or type(item) is not kind:
-            continue
-        if isinstance(item, int) and not isinstance(item, bool) and not -1 <= item <= _INT_BOUND:
-            continue
-        if isinstance(item, str) and not _TEXT_RE.match(item):
-            continue
-        out[name] = item
+        if item is not None and in_bounds(name, item):
+            out[name] = item
     return out
 
 
@@ -92,10 +112,10 @@ def parse_key(key: str | None) -> dict[str, Any]:
             if text in ("on", "off"):
                 out[name] = text == "on"
         elif kind is int:
-            try:
-                out[name] = int(text)
-            except ValueError:
+            if len(text) > 8 or not re.fullmatch(r"-?[0-9]+", text):
                 continue
+            if in_bounds(name, int(text)):
+                out[name] = int(text)
         elif _TEXT_RE.match(text):
             out[name] = text
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import struct
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -502,6 +503,45 @@ def decode_batch(body: bytes, *, max_decompressed: int, max_records: int = MAX_B
 
 INGEST_PROTOCOL = "lens-ingest/1"
 MAX_ANSWER_BYTES = 64 * 1024  # an ingest answer is a few hundred bytes; anything longer is not the aggregator's
+MAX_ANSWER_DEPTH = 16  # an acknowledgement nests 3 levels deep; 30,000 would overflow the parser's recursion
+
+
+def json_depth_exceeds(body: bytes | bytearray, limit: int) -> bool:
+    """Whether JSON text nests arrays/objects deeper than ``limit`` (brackets inside strings do not count). A
+    linear scan before parsing: Python's parser recurses once per level and raises RecursionError, not ValueError,
+    on an answer built to be deep."""
+    depth = 0
+    in_string = escaped = False
+    for byte in bytes(body):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def parse_answer_json(body: bytes | bytearray) -> Any:
+    """An answer's JSON body, or None when it is not JSON or nests deeper than :data:`MAX_ANSWER_DEPTH` (never
+    raises: the body is whatever the upstream sent)."""
+    if len(body) > MAX_ANSWER_BYTES or json_depth_exceeds(body, MAX_ANSWER_DEPTH):
+        return None
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, RecursionError):
+        return None
+
+
 REFUSAL_CODES = {
     "too_large": 413,  # carries "limit" (bytes)
     "record_invalid": 400,  # carries "record_index" and "record_id" (hex)

@@ -56,7 +56,10 @@ ORIN = {
 }
 LAPTOP = {"device_class": "laptop", "model": "LENOVO 21HM", "ram_gb": 31.0}
 PROMPT_TOKENS = [23, 41, 57, 88, 102, 130, 151, 176]  # a workload's prompt set: the same lengths on every device
-FEEDBACK = FeedbackSettings()  # the defaults: window 200, alpha 0.01, 20 requests each side, 5 %
+FEEDBACK = FeedbackSettings()  # the defaults: window 200, alpha 0.01, 20 requests each side, 5 %, 3 devices
+# The statistics of each rule, on a fleet where one or two devices carry a value: the rule that fleet evidence needs
+# several independent devices (fleet.feedback_min_devices) has its own test below, on this same fleet.
+STATS = FeedbackSettings(min_devices=1)
 
 
 def plant(
@@ -189,7 +192,9 @@ def check_documents(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 async def test_recommendations_where_the_fleet_supports_them(aiohttp_client: Any, store: Any) -> None:
-    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0, regression_interval_s=0.0), store))
+    client = await aiohttp_client(
+        create_app(Settings(feedback_interval_s=0.0, regression_interval_s=0.0, feedback_settings=STATS), store)
+    )
     fleet = await build_fleet(client, store)
     response = await client.get("/api/v1/feedback")
     assert response.status == 200
@@ -356,11 +361,74 @@ async def test_recommendations_where_the_fleet_supports_them(aiohttp_client: Any
     assert "recommendations" not in quiet
 
 
+async def test_fleet_evidence_needs_several_independent_devices_most_of_them_better(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """With the default fleet.feedback_min_devices (3): the fixture's two-thread evidence (two devices) and its Q4_0
+    evidence (one device) recommend nothing; a third device makes the two-thread evidence a recommendation that names
+    the stored records behind it; and a value that most of its devices measured worse is not recommended, however
+    fast a few others say it is."""
+    store = SQLiteStore(tmp_path / "agg.db")
+    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0, regression_interval_s=0.0), store))
+    fleet = await build_fleet(client, store)
+    docs = check_documents(await (await client.get("/api/v1/feedback")).json())
+    slow = docs["orin-slow-1"]
+    assert slow["recommendations"] == []
+    outcomes = {(c["setting"], c["value"]): c for c in slow["evidence_considered"]}
+    threads, quant = outcomes[("n_threads", 2)], outcomes[("quantization", "Q4_0")]
+    assert threads["outcome"] == (
+        "evidence from 2 devices; a fleet recommendation needs at least 3 independent devices "
+        "(fleet.feedback_min_devices)"
+    )
+    assert threads["p_value"] < 1e-30  # however significant the two devices' evidence is
+    assert quant["outcome"].startswith("evidence from 1 device;")
+    assert docs["orin-hist"]["recommendations"] != []  # a device's own history is its own evidence
+
+    await fleet.send(client, store, "orin-fast-3", [facts_record("orin-fast-3", WHEN, **ORIN)])
+    await fleet.send(client, store, "orin-fast-3", plant("orin-fast-3", 120, 31, {**BASE, "n_threads": 2}, 12.3))
+    docs = check_documents(await (await client.get("/api/v1/feedback")).json())
+    [rec] = docs["orin-slow-1"]["recommendations"]
+    assert rec["action"]["recommended_value"] == 2 and "3 other devices of this class" in rec["rationale"]
+    devices = rec["evidence"]["candidate"]["devices"]
+    assert [d["device_id"] for d in devices] == ["orin-fast-1", "orin-fast-2", "orin-fast-3"]
+    conn = sqlite3.connect(tmp_path / "agg.db")
+    try:
+        for d in devices:  # every figure traceable to stored rows of that device
+            trace = d["records"]
+            rows = conn.execute(
+                "SELECT device_id, count(*) FROM measurements WHERE seq BETWEEN ? AND ? AND device_id = ?",
+                (trace["first_seq"], trace["last_seq"], d["device_id"]),
+            ).fetchone()
+            assert rows[1] >= trace["requests"] >= d["requests"] > 0
+            assert trace["from"] <= trace["until"]
+        base = rec["evidence"]["baseline"]["records"]
+        mine = conn.execute(
+            "SELECT count(*) FROM measurements WHERE device_id = 'orin-slow-1' AND seq BETWEEN ? AND ?",
+            (base["first_seq"], base["last_seq"]),
+        ).fetchone()[0]
+        assert mine >= base["requests"] == 200
+    finally:
+        conn.close()
+
+    # flash attention: two devices very fast with many requests, four a little slower with a few each — the pooled
+    # median is carried by the two; most devices say otherwise
+    flash = {**BASE, "flash_attn": True}
+    for n, (count, tpot) in enumerate([(200, 9.0), (200, 9.2), (8, 19.0), (8, 19.2), (8, 19.4), (8, 19.1)]):
+        device = f"orin-flash-{n}"
+        await fleet.send(client, store, device, [facts_record(device, WHEN, **ORIN)])
+        await fleet.send(client, store, device, plant(device, count, 40 + n, flash, tpot, sigma=0.02))
+    docs = check_documents(await (await client.get("/api/v1/feedback")).json())
+    outcome = {(c["setting"], c["value"]): c for c in docs["orin-slow-1"]["evidence_considered"]}[("flash_attn", True)]
+    assert outcome["improvement"] > 0.05 and outcome["p_value"] < 0.01  # the pooled test alone would recommend it
+    assert outcome["outcome"] == "only 2 of 6 devices are better than this device on their own"
+    assert [r["action"]["target"] for r in docs["orin-slow-1"]["recommendations"]] == ["model.n_threads"]
+
+
 async def test_an_agent_receives_its_recommendations_with_the_sync_answer(aiohttp_client: Any, tmp_path: Path) -> None:
     """The real uploader of lens-agent against the real app: the acknowledgement it accepts carries the device's
     recommendations, its listener gets them, and parse_wire keeps them."""
     store = SQLiteStore(tmp_path / "agg.db")
-    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0), store))
+    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0, feedback_settings=STATS), store))
     fleet = Fleet()
     two = {**BASE, "n_threads": 2}
     for device, settings, tpot, seed in (("orin-a", BASE, 18.0, 21), ("orin-b", two, 12.0, 22)):
@@ -389,7 +457,7 @@ async def test_hostile_stored_rows_do_not_break_the_answer(aiohttp_client: Any, 
     bodies that do not decode, facts of the wrong types. The answer stays a valid document per device × model, and
     the real evidence still makes its recommendation."""
     store = SQLiteStore(tmp_path / "agg.db")
-    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0), store))
+    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0, feedback_settings=STATS), store))
     fleet = Fleet()
 
     def row(device: str, settings: Any, **columns: Any) -> RecordRow:
@@ -449,7 +517,7 @@ async def test_batch_size_is_judged_on_ttft_over_the_same_prompts(aiohttp_client
     """n_batch moves prefill: its evidence is TTFT, compared over the prompt lengths both sides ran. A device whose
     earlier requests ran other prompts has no evidence, however much faster their first tokens came."""
     store = SQLiteStore(tmp_path / "agg.db")
-    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0), store))
+    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0, feedback_settings=STATS), store))
     fleet = Fleet()
     small = {**BASE, "n_batch": 256}
     earlier = plant("orin-batch", 350, 61, small, 18.0, ttft_factor=0.7)[:150]
@@ -502,7 +570,7 @@ async def test_own_history_outweighs_the_fleet(aiohttp_client: Any, tmp_path: Pa
     """The fleet says two threads are faster; this device measured two threads slower itself (its earlier
     requests): no recommendation, and the document says why."""
     store = SQLiteStore(tmp_path / "agg.db")
-    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0), store))
+    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0, feedback_settings=STATS), store))
     fleet = Fleet()
     two = {**BASE, "n_threads": 2}
     for device in ("orin-x", "orin-y"):
@@ -526,7 +594,13 @@ def test_the_feedback_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     two = {**BASE, "n_threads": 2}
     sent = {}
-    for device, settings, tpot, seed in (("orin-a", BASE, 18.0, 81), ("orin-b", two, 12.0, 82)):
+    fleet = (
+        ("orin-a", BASE, 18.0, 81),
+        ("orin-b", two, 12.0, 82),
+        ("orin-c", two, 12.3, 83),
+        ("orin-d", two, 12.1, 84),
+    )
+    for device, settings, tpot, seed in fleet:  # three independent devices: fleet.feedback_min_devices
         sent[device] = plant(device, 60, seed, settings, tpot)
         records = [facts_record(device, WHEN, **ORIN), *sent[device]]
         _, rows, _ = parse_batch(make_batch(records, device=device), Settings(), device, NOW)
@@ -549,7 +623,7 @@ def test_the_feedback_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert lines[2].startswith("  recommend (priority ") and "model.n_threads 1 → 2: TPOT -3" in lines[2]
     code, out, _ = run("feedback", "--db", str(db), "--json")
     answer = json.loads(out)
-    assert code == 0 and [d["device_id"] for d in answer["documents"]] == ["orin-a", "orin-b"]
+    assert code == 0 and [d["device_id"] for d in answer["documents"]] == ["orin-a", "orin-b", "orin-c", "orin-d"]
     assert all(not list(VALIDATOR.iter_errors(d)) for d in answer["documents"])
     code, out, _ = run("feedback", "--db", str(db), "--model", "nothing")
     assert code == 0 and out == "no device × model with a successful request matches\n"
@@ -611,7 +685,9 @@ async def test_a_regression_is_an_anomaly_with_its_deviation(aiohttp_client: Any
     """A planted TPOT step (1.6×) on one device: the document's anomaly is the regression search's, with the
     severity of its factor and the deviation in standard deviations of the requests before it."""
     store = SQLiteStore(tmp_path / "agg.db")
-    client = await aiohttp_client(create_app(Settings(feedback_interval_s=0.0, regression_interval_s=0.0), store))
+    client = await aiohttp_client(
+        create_app(Settings(feedback_interval_s=0.0, regression_interval_s=0.0, feedback_settings=STATS), store)
+    )
     fleet = Fleet()
     first = plant("orin-r", 300, 41, BASE, 18.0)
     later = plant("orin-r", 300, 42, BASE, 18.0 * 1.6)
