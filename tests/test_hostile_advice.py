@@ -301,3 +301,50 @@ def test_a_poisoned_fleet_recommends_nothing_to_a_genuine_device(tmp_path: Path,
         if proc is not None:
             stop_service(proc, log_path)
         agg.stop()
+
+
+def test_an_engine_that_aborts_during_a_tune_ends_that_candidate_and_the_service_lives(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The service tunes on its schedule; its measuring process dies of SIGABRT (what std::bad_alloc does) in the
+    middle of a block. The tune records the candidate as crashed with the signal (or, when the block was the
+    baseline's, says it did not finish), the service goes on with its scheduled runs, and stops cleanly."""
+    import psutil
+
+    config = write_config(tmp_path, tiny_model, n_batch=16, extra='n_batch = [16, 64]\nevery = "2s"')
+    text = config.read_text().replace('every = "1h"', 'every = "2s"')
+    config.write_text(text.replace("rounds = 3\n", "rounds = 30\n"))  # a long tune: the signal lands inside it
+    log_path = tmp_path / "service.log"
+    proc = start_service(config, log_path)
+    data = tmp_path / "data"
+    try:
+        deadline = time.monotonic() + 90
+        worker = None
+        while time.monotonic() < deadline and worker is None:
+            assert proc.poll() is None, log_path.read_text()
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "agent.tune_worker" in " ".join(child.cmdline()):
+                        worker = child
+                except psutil.NoSuchProcess:
+                    continue
+            time.sleep(0.05)
+        assert worker is not None, log_path.read_text()
+        time.sleep(0.5)
+        worker.send_signal(signal.SIGABRT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "killed by SIGABRT" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        assert "killed by SIGABRT" in log_path.read_text(), log_path.read_text()
+        runs = len(outbox_records(data, "inference"))
+        deadline = time.monotonic() + 120  # the scheduled runs go on (the tune ends, or they wait their turn)
+        while time.monotonic() < deadline and len(outbox_records(data, "inference")) <= runs:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.3)
+        assert len(outbox_records(data, "inference")) > runs
+    finally:
+        output = stop_service(proc, log_path)
+    assert "tune did not finish" in output or any(
+        t.get("crash_signal") == "SIGABRT" for t in (r["ext"]["tune"] for r in outbox_records(data, "tune"))
+    ), output
