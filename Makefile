@@ -88,6 +88,7 @@ bench: $(STAMP) vllm
 	$(BIN)/python bench/sync_ack.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/tune.py
+	$(BIN)/python bench/tune_isolation.py
 	$(BIN)/python bench/collab.py
 	$(BIN)/python bench/token_verify.py
 	$(BIN)/python bench/histogram_error.py

@@ -362,7 +362,7 @@ def tune_summary(data_dir: Path, refused: str | None = None) -> dict[str, Any] |
         note = f"a drop-in was refused and set aside as {aside[0]}: {aside[1]}"
     if note is None:
         return summary
-    if summary is None:
+    if summary is None or summary.get("latest") is None:  # the refused drop-in is not "a drop-in in effect"
         return {"drop_in": None, "latest": None, "line": note, "refused": note}
     return {**summary, "line": f"{summary['line']}; {note}", "refused": note}
 
