@@ -180,7 +180,11 @@ class PostgresStore(Store):
                 cur.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference'")
                 rows = backfill_settings(cur.fetchall())
                 cur.executemany("UPDATE measurements SET settings = %s WHERE seq = %s", rows)
-            if version < 6:
+            cur.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'record_ids' AND column_name = 'device_id'"
+            )
+            if version < 6 and cur.fetchone() is None:  # (a store whose version was set back may have it already)
                 for statement in _MIGRATION_V6.split(";"):
                     if statement.strip():
                         cur.execute(statement)
