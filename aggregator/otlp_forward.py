@@ -15,10 +15,13 @@ One record never holds up the others (docs/opentelemetry.md, "When a record or t
   (``lens_core.record_schema``), so this is a last line of defence, not a path stored records should take.
 - A request the backend refuses as malformed or too large (``400``/``413``) is halved, in order, until the records it
   refuses are alone. A record refused alone is a *suspect*; it is skipped (counted as rejected, logged with its id)
-  only when the backend accepts another request of the same batch — later in the batch, or earlier when the batch
-  ends. When more than ``2·⌈log2 n⌉ + 4`` requests in a row are refused without an acceptance (n: the batch's
-  records), or the batch ends with suspects and nothing accepted, the backend is refusing everything: the signal is
-  held and retried with backoff like a backend that is down, nothing is skipped, ``backend_failing`` shows it.
+  only when the backend accepts another request: suspects refused before that acceptance are first sent again as
+  one request (halved on a refusal) and skipped only if refused alone then; suspects refused after an acceptance of
+  the same batch are skipped when the batch ends. When more than ``2·⌈log2 n⌉ + 4`` requests in a row are refused
+  without an acceptance (n: the batch's records), or a batch ends with suspects and nothing accepted, the backend
+  is refusing everything: the signal is held and retried with backoff like a backend that is down, nothing is
+  skipped, ``backend_failing`` shows it. The suspects found so far are carried to the next pass, which probes the
+  records after them (a long run of records the backend refuses is passed in a few passes, never a stall).
 - ``partial_success`` counts are clamped to the spans or points sent (never negative, never more than sent).
 
 Several aggregator replicas on one PostgreSQL store share the cursors: a cursor moves by compare-and-swap, so a
@@ -111,6 +114,9 @@ class Forwarder:
         self._raw: dict[str, str | None] = {}
         self._cursor: dict[str, dict[str, Any]] = {}
         self._unencodable: dict[str, set[int]] = {signal: set() for signal in settings.signals}  # seqs not yet passed
+        # records the backend refused alone while nothing showed it works (seqs, in order, right after the cursor):
+        # re-checked once it accepts something, never skipped before
+        self._carried: dict[str, list[int]] = {signal: [] for signal in settings.signals}
         self._logged: dict[str, tuple[float, int]] = {}  # rate-limited log lines: key → (last logged, suppressed)
         self._backlog_at = -math.inf  # when the backlog gauges were last read from the store (monotonic)
         self._session: aiohttp.ClientSession | None = None
@@ -225,7 +231,8 @@ class Forwarder:
         if not due:
             return False
         after = min(self.status[s].seq for s in due)
-        limit = self.settings.batch_records
+        # suspects carried from an earlier pass are read again, beside a full batch of records after them
+        limit = self.settings.batch_records + max(len(self._carried[s]) for s in due)
         rows = await asyncio.to_thread(self.store.query, Query(), limit=limit, after_seq=after)
         cutoff = time.time_ns() // 1000 - self.settle_us
         settled = []
@@ -272,16 +279,38 @@ class Forwarder:
         """``rows`` (stored, in seq order) past this signal's cursor, and their decoded records."""
         records = [r for r in decoded if r.get("kind") in EXPORTED_KINDS]
         top = int(rows[-1]["seq"])
-        batch = _Batch([int(r["seq"]) for r in rows], budget=2 * math.ceil(math.log2(max(len(records), 1))) + 4)
-        if records:
-            await self._send(signal, records, top, batch)
+        carried = set(self._carried[signal])
+        fresh = [r for r in records if r["_seq"] not in carried]
+        batch = _Batch(
+            [int(r["seq"]) for r in rows],
+            budget=2 * math.ceil(math.log2(max(len(fresh), 1))) + 4,
+            carried=[r for r in records if r["_seq"] in carried],
+        )
+        if fresh:
+            await self._send(signal, fresh, top, batch)
+        if not batch.stopped and (batch.carried or batch.suspects) and not batch.accepted:
+            # refused alone and nothing else accepted: the backend's fault until it shows otherwise
+            alone = len(batch.carried) + len(batch.suspects)
+            self._hold(signal, batch, f"the backend refused {alone} record(s) alone and accepted none")
         if batch.stopped:
-            return
-        if batch.suspects and not batch.accepted:  # refused alone and nothing else accepted: the backend's fault
-            self._hold(signal, batch, f"the backend refused {len(batch.suspects)} record(s) alone and accepted none")
+            self._carry(signal, batch)
             return
         # everything in the batch is resolved: accepted, skipped, unencodable or not exported (facts, warm-ups)
+        self._carried[signal] = []
         await self._advance(signal, top, batch, 0, self._skip(signal, batch), None)
+
+    def _carry(self, signal: str, batch: _Batch) -> None:
+        """Keep the suspects of a pass that stopped for the next one (at most a batch of them: beyond, the same
+        records are probed again), and the metrics totals as the cursor has them."""
+        seqs = [int(r["_seq"]) for r in batch.carried] + [int(r["_seq"]) for r, _, _ in batch.suspects]
+        self._carried[signal] = seqs[: self.settings.batch_records]
+        batch.carried, batch.suspects = [], []
+        if signal == "metrics" and batch.committed:  # totals kept for a request whose records the cursor did not pass
+            self._reload_metrics()
+
+    def _reload_metrics(self) -> None:
+        self.metrics = otlp.MetricsAccumulator(self.settings.temporality, server_metrics=self.settings.server_metrics)
+        self.metrics.load(self._cursor["metrics"].get("metrics"))
 
     async def _encode(
         self, signal: str, records: list[dict[str, Any]]
@@ -332,8 +361,23 @@ class Forwarder:
                 log.warning("OTLP %s: the backend rejected %d of %d: %s", signal, rejected, items, answer.message)
             batch.accepted = True
             batch.refused_in_a_row = 0
-            skipped = self._skip(signal, batch)  # suspects before this request: the backend accepts others
-            await self._advance(signal, top, batch, items - rejected, rejected + skipped, pending)
+            if not (batch.carried or batch.suspects):
+                await self._advance(signal, top, batch, items - rejected, rejected, pending)
+                return
+            # the backend works: the records it refused alone before this request are sent again, as one request
+            # (halved on a refusal); those it refuses alone now are skipped
+            if pending is not None:
+                self.metrics.commit(pending)  # their totals build on this request's
+                batch.committed = True
+            suspects = [r for r, _, _ in batch.suspects]
+            batch.suspects = []
+            delivered, refused_now = await self._recheck(signal, [*batch.carried, *suspects], batch)
+            batch.carried = []
+            if batch.stopped:
+                self._carry(signal, batch)
+                return
+            self._carried[signal] = []
+            await self._advance(signal, top, batch, items - rejected + delivered, rejected + refused_now, None)
             return
         if answer.outcome != "refused":
             self._failed(signal, answer)
@@ -351,6 +395,39 @@ class Forwarder:
                 await self._send(signal, second, top, batch)
             return
         batch.suspects.append((records[0], items, answer.message))
+
+    async def _recheck(self, signal: str, records: list[dict[str, Any]], batch: _Batch) -> tuple[int, int]:
+        """Send records the backend refused alone before it accepted another request: (items accepted, items
+        refused alone now, skipped). A refused group is halved; a failure stops the batch (``batch.stopped``)."""
+        body, items, pending, refused = await self._encode(signal, records)
+        if refused:
+            self._unencodable_found(signal, refused)
+            out = {id(u.record) for u in refused}
+            records = [r for r in records if id(r) not in out]
+        if items == 0:
+            return 0, 0
+        answer = await otlp.post_export(
+            await self._client(), self.settings.url(signal), signal, body, self.settings.headers, self.settings.timeout
+        )
+        if answer.outcome == "accepted":
+            if pending is not None:
+                self.metrics.commit(pending)
+                batch.committed = True
+            rejected = min(answer.rejected, items)
+            return items - rejected, rejected
+        if answer.outcome != "refused":
+            self._failed(signal, answer)
+            batch.stopped = True
+            return 0, 0
+        if len(records) > 1:
+            half = len(records) // 2
+            a1, r1 = await self._recheck(signal, records[:half], batch)
+            if batch.stopped:
+                return 0, 0
+            a2, r2 = await self._recheck(signal, records[half:], batch)
+            return a1 + a2, r1 + r2
+        batch.suspects = [(records[0], items, answer.message)]
+        return 0, self._skip(signal, batch)
 
     def _skip(self, signal: str, batch: _Batch) -> int:
         """Skip the batch's suspects (the backend accepted another request of the batch): log each; their items."""
@@ -372,7 +449,6 @@ class Forwarder:
     def _hold(self, signal: str, batch: _Batch, message: str) -> None:
         """The backend refuses everything: hold the signal (nothing skipped) and retry with backoff."""
         batch.stopped = True
-        batch.suspects.clear()
         self.status[signal].refusing_all = True
         self._failed(
             signal,
@@ -435,15 +511,13 @@ class Forwarder:
             log.warning("OTLP %s cursor moved by another aggregator; continuing from its position", signal)
             raw_now, cursor = await asyncio.to_thread(load_cursor, self.store, signal)
             raw = raw_now or raw
-            if signal == "metrics":
-                self.metrics = otlp.MetricsAccumulator(
-                    self.settings.temporality, server_metrics=self.settings.server_metrics
-                )
-                self.metrics.load(cursor.get("metrics"))
         self._raw[signal], self._cursor[signal] = raw, cursor
+        if not swapped and signal == "metrics":
+            self._reload_metrics()
         status.seq = cursor["seq"]
         _totals(status, cursor)
         self._unencodable[signal] = {s for s in self._unencodable[signal] if s > status.seq}
+        self._carried[signal] = [s for s in self._carried[signal] if s > status.seq]
         status.last_success_us = now_us
         status.last_error = None
         status.retry_at = None
@@ -474,7 +548,9 @@ class _Batch:
     accepted: bool = False
     refused_in_a_row: int = 0
     suspects: list[tuple[dict[str, Any], int, str]] = field(default_factory=list)  # (record, items, reason)
+    carried: list[dict[str, Any]] = field(default_factory=list)  # suspects of an earlier pass, first in the batch
     stopped: bool = False  # the backend failed or was held: the rest of the batch waits
+    committed: bool = False  # metrics totals kept in memory ahead of the cursor (rolled back if the pass stops)
 
     def rows_between(self, low: int, high: int) -> int:
         """Rows of the batch with ``low < seq <= high``."""

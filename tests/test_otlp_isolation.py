@@ -272,6 +272,36 @@ async def _suspects(tmp_path: Path) -> None:
         assert await metric(client, "otlp_rejected_items_total") == float(spans)
 
 
+def test_many_records_refused_in_a_row_do_not_stall_forwarding(tmp_path: Path) -> None:
+    """30 records in a row the backend refuses alone look like a backend refusing everything for a while: each pass
+    probes further (the suspects carried, nothing skipped), until the backend accepts a later request; then they are
+    sent again as one request, refused, halved and skipped — and everything else arrives."""
+    asyncio.run(_many(tmp_path))
+
+
+async def _many(tmp_path: Path) -> None:
+    db = tmp_path / "agg.db"
+    store = SQLiteStore(db)
+    token = store.add_token(GOOD, "device", NOW)
+    store.close()
+    receiver = Receiver()
+    records = good_records(100)
+    refused = {r["id"] for r in records[:30]}
+    receiver.refuse_trace_ids = set(refused)
+    async with serving(tmp_path, receiver, interval="200ms", backoff_max="500ms") as (_proc, client):
+        await post(client, token, records, GOOD)
+
+        async def done() -> bool:
+            return await metric(client, "otlp_forwarded_records_total") == 100.0
+
+        await until(done, timeout=60)
+        assert {s.trace_id for _, s in receiver.spans()} == {r["id"] for r in records} - refused
+        spans = sum(len(otlp.record_spans(r)) for r in records[:30])
+        assert await metric(client, "otlp_rejected_items_total") == float(spans)
+        assert await metric(client, "otlp_pending_records") == 0.0
+        assert await metric(client, "otlp_backend_failing") == 0.0
+
+
 @pytest.mark.parametrize("rejected", [2**62, -(2**62)])
 async def test_partial_success_counts_are_clamped_to_what_was_sent(
     aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path, rejected: int
