@@ -28,7 +28,7 @@ from typing import Any
 from .config import Config, KeySpec, boolean, choice, const, int_range, optional, parse_duration, path_value, text
 from .errors import ConfigError
 from .itlpack import PackError, unpack_gaps
-from .record_schema import EXT_NUMBERS, ext_number, round_entry
+from .record_schema import EXT_NUMBERS, INT_RANGES, ext_number, round_entry
 
 SEMCONV_VERSION = "1.41.0"
 SCOPE_NAME = "llm-latency-lens"
@@ -294,6 +294,16 @@ def metric_attributes(record: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(attrs.items()))
 
 
+def _field(record: Mapping[str, Any], name: str) -> int | None:
+    """A top-level integer field within the range ingest enforces (``record_schema.INT_RANGES``), else None: a row
+    stored before a bound existed is read as ingest would read it today."""
+    value = record.get(name)
+    if type(value) is not int:
+        return None
+    low, high = INT_RANGES[name]
+    return value if low <= value <= high else None
+
+
 def _seconds(us: Any) -> float | None:
     v = _int(us)
     return None if v is None else v / 1e6
@@ -305,22 +315,22 @@ def observations(
     """(metric, attributes, values) of one inference record."""
     attrs = metric_attributes(record)
     out: list[tuple[str, tuple[tuple[str, Any], ...], list[float]]] = []
-    e2e = _seconds(record.get("e2e_us"))
+    e2e = _seconds(_field(record, "e2e_us"))
     if e2e is not None:
         out.append(("gen_ai.client.operation.duration", attrs, [e2e]))
     ok = record.get("ok") is True
-    ttft = _seconds(record.get("ttft_us"))
+    ttft = _seconds(_field(record, "ttft_us"))
     if ok and ttft is not None:
         out.append(("gen_ai.client.operation.time_to_first_chunk", attrs, [ttft]))
         gaps = gaps_s(record)
         if gaps:
             out.append(("gen_ai.client.operation.time_per_output_chunk", attrs, gaps))
     for token_type, field in (("input", "input_tokens"), ("output", "output_tokens")):
-        n = _int(record.get(field))
+        n = _field(record, field)
         if n is not None and (n > 0 or ok):
             out.append(("gen_ai.client.token.usage", (*attrs, ("gen_ai.token.type", token_type)), [float(n)]))
     if server_metrics and ok:
-        tpot = _seconds(record.get("tpot_us"))
+        tpot = _seconds(_field(record, "tpot_us"))
         if ttft is not None:
             out.append(("gen_ai.server.time_to_first_token", attrs, [ttft]))
         if tpot is not None:
@@ -394,14 +404,14 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     model = _str(record.get("model_name")) or "unknown"
     op = operation_name(record)
     cloud = strategy == "cloud" or (strategy == "offload" and _offload_target(record) == "cloud")
-    e2e_us = _int(record.get("e2e_us"))
+    e2e_us = _field(record, "e2e_us")
     end = start + (e2e_us or 0) * 1000
     attrs = span_attributes(record)
     ok = record.get("ok") is True
     error = None if ok else (_str(record.get("error_message")) or _str(record.get("error_type")) or "failed")
     root = SpanData(f"{op} {model}", "client" if cloud else "internal", start, end, attrs, error=error)
     spans = [root]
-    ttft_us = _int(record.get("ttft_us"))
+    ttft_us = _field(record, "ttft_us")
     offload = _dict(ext.get("offload"))
     if offload:
         decision = {
@@ -459,15 +469,15 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     elif ok and ttft_us is not None and e2e_us is not None:
         first = start + ttft_us * 1000
         prefill_attrs: dict[str, Any] = {}
-        if (n_in := _int(record.get("input_tokens"))) is not None:
+        if (n_in := _field(record, "input_tokens")) is not None:
             prefill_attrs["gen_ai.usage.input_tokens"] = n_in
-        if (us := _int(record.get("engine_prefill_us"))) is not None:
+        if (us := _field(record, "engine_prefill_us")) is not None:
             prefill_attrs["lens.engine.prefill_s"] = us / 1e6
         spans.append(SpanData("prefill", "internal", start, first, prefill_attrs, parent=0))
         decode_attrs: dict[str, Any] = {}
-        if (n_out := _int(record.get("output_tokens"))) is not None:
+        if (n_out := _field(record, "output_tokens")) is not None:
             decode_attrs["gen_ai.usage.output_tokens"] = n_out
-        if (us := _int(record.get("engine_decode_us"))) is not None:
+        if (us := _field(record, "engine_decode_us")) is not None:
             decode_attrs["lens.engine.decode_s"] = us / 1e6
         spans.append(SpanData("decode", "internal", first, end, decode_attrs, parent=0))
     return spans
@@ -478,7 +488,7 @@ def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
     attrs: dict[str, Any] = dict(metric_attributes(record))
     ext = _dict(record.get("ext"))
     for key, field in (("gen_ai.usage.input_tokens", "input_tokens"), ("gen_ai.usage.output_tokens", "output_tokens")):
-        if (n := _int(record.get(field))) is not None:
+        if (n := _field(record, field)) is not None:
             attrs[key] = n
     stop = _str(record.get("stop_reason"))
     if stop:
@@ -495,13 +505,13 @@ def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
         if (s := _str(record.get(field))) is not None:
             attrs[key] = s
     for key, field in (("lens.ttft_s", "ttft_us"), ("lens.tpot_s", "tpot_us"), ("lens.e2e_s", "e2e_us")):
-        if (v := _seconds(record.get(field))) is not None:
+        if (v := _seconds(_field(record, field))) is not None:
             attrs[key] = v
     for key, field in (
         ("lens.memory.rss_peak_bytes", "rss_peak_bytes"),
         ("lens.memory.rss_before_bytes", "rss_before_bytes"),
     ):
-        if (n := _int(record.get(field))) is not None:
+        if (n := _field(record, field)) is not None:
             attrs[key] = n
     if record.get("first_after_load") is True:
         attrs["lens.first_after_load"] = True
