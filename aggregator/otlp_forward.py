@@ -349,7 +349,7 @@ class Forwarder:
             out = {id(u.record) for u in refused}
             records = [r for r in records if id(r) not in out]
         if items == 0:  # nothing to deliver (unencodable, or no spans): resolved, but no evidence of a backend
-            if not batch.suspects:
+            if not (batch.suspects or batch.carried):  # never past a suspect still undecided
                 await self._advance(signal, top, batch, 0, 0, pending)
             return
         answer = await otlp.post_export(
