@@ -31,6 +31,7 @@ class Receiver:
     mode: str = "ok"  # ok | down | portal (a captive portal or proxy answering 200) | refuse (400 to everything)
     refuse_trace_ids: set[bytes] = field(default_factory=set)
     partial_rejected: int | None = None  # partial_success.rejected_spans / rejected_data_points in every answer
+    refuse_devices: set[str] = field(default_factory=set)  # 400 to any request carrying one of these devices
     traces: list[Any] = field(default_factory=list)  # ExportTraceServiceRequest, in arrival order
     metrics: list[Any] = field(default_factory=list)  # ExportMetricsServiceRequest
     answers: list[tuple[str, int]] = field(default_factory=list)
@@ -61,7 +62,8 @@ class Receiver:
             message = trace_service_pb2.ExportTraceServiceRequest()
             message.ParseFromString(body)
             ids = {s.trace_id for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans}
-            if ids & self.refuse_trace_ids:
+            devices = {attrs(rs.resource.attributes).get("lens.device.id") for rs in message.resource_spans}
+            if ids & self.refuse_trace_ids or devices & self.refuse_devices:
                 self.answers.append((signal, 400))
                 return web.Response(status=400, text="invalid span")
             self.traces.append(message)
@@ -71,6 +73,11 @@ class Receiver:
         else:
             message = metrics_service_pb2.ExportMetricsServiceRequest()
             message.ParseFromString(body)
+            if {attrs(rm.resource.attributes).get("lens.device.id") for rm in message.resource_metrics} & (
+                self.refuse_devices
+            ):
+                self.answers.append((signal, 400))
+                return web.Response(status=400, text="invalid data point")
             self.metrics.append(message)
             answer = metrics_service_pb2.ExportMetricsServiceResponse()
             if self.partial_rejected is not None:

@@ -302,6 +302,39 @@ async def _many(tmp_path: Path) -> None:
         assert await metric(client, "otlp_backend_failing") == 0.0
 
 
+@pytest.mark.parametrize("temporality", ["cumulative", "delta"])
+async def test_metrics_stay_exact_while_a_device_s_records_are_refused_and_skipped(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path, temporality: str
+) -> None:
+    """A backend refusing every request that carries one device: that device's 20 records (in a row, ahead of the
+    others) are carried, sent again and skipped; the other device's histograms count each of its records once."""
+    receiver = Receiver(refuse_devices={OLD})
+    server = await aiohttp_server(receiver.app(), host="127.0.0.1")
+    store = SQLiteStore(tmp_path / "agg.db")
+    tokens = {d: store.add_token(d, "device", NOW) for d in (OLD, GOOD)}
+    app = create_app(Settings(otlp=otlp_settings(server.port, temporality=temporality, batch_records=32)), store)
+    client = await aiohttp_client(app)
+    bad, good = good_records(20, device=OLD, seed=14), good_records(40, seed=15)
+    for device, records in ((OLD, bad), (GOOD, good[:20]), (GOOD, good[20:])):
+        body = raw_batch([encode_raw(r, "cbor") for r in records], device=device, batch_id=str(uuid.uuid4()))
+        assert (await client.post("/api/v1/ingest", data=body, headers=auth(tokens[device]))).status == 200
+    deadline = time.monotonic() + 30
+    while any(stored_status(store)[s]["pending_records"] for s in ("traces", "metrics")):
+        assert time.monotonic() < deadline, stored_status(store)
+        await asyncio.sleep(0.05)
+    assert {s.trace_id for _, s in receiver.spans()} == {r["id"] for r in good}
+    counts: dict[Any, int] = {}
+    for resource, metric, point in receiver.points():
+        assert resource["lens.device.id"] == GOOD
+        if metric.name == "gen_ai.client.operation.duration":
+            key = tuple(sorted((kv.key, str(kv.value)) for kv in point.attributes))
+            counts[key] = point.count if temporality == "cumulative" else counts.get(key, 0) + point.count
+    assert sum(counts.values()) == sum(1 for r in good if r["e2e_us"] is not None)
+    status = stored_status(store)
+    assert status["traces"]["rejected_items"] == sum(len(otlp.record_spans(r)) for r in bad)
+    assert status["metrics"]["rejected_items"] > 0 and status["metrics"]["forwarded_records"] == 60
+
+
 @pytest.mark.parametrize("rejected", [2**62, -(2**62)])
 async def test_partial_success_counts_are_clamped_to_what_was_sent(
     aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path, rejected: int
