@@ -425,9 +425,15 @@ encoder_ext = st.fixed_dictionaries(
 )
 
 
+clean_names = st.text(st.characters(blacklist_categories=("Cc", "Cs")), max_size=rs.MAX_NAME_CHARS)
+
+
 @st.composite
 def exported_record(draw: st.DrawFn) -> dict[str, Any]:
     record = draw(valid_record())
+    for name in ("run_id", "model_name", "engine", "error_type"):  # mostly names ingest accepts: the encoders' cases
+        if draw(st.integers(0, 4)):
+            record[name] = draw(clean_names)
     record["kind"] = draw(kinds)
     record["strategy"] = draw(st.sampled_from(["local", "speculative", "cloud", "offload", record["strategy"]]))
     record["ext"] = draw(encoder_ext | st.just(record["ext"]))
