@@ -387,7 +387,8 @@ def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None
         )
         click.echo(
             f"{name:<8} forwarded {s['forwarded_records']} records ({s['accepted_items']} accepted, "
-            f"{s['rejected_items']} rejected); waiting {s['pending_records']} (oldest {s['lag_seconds']:.0f} s); "
+            f"{s['rejected_items']} rejected, {s['unencodable_records']} unencodable); "
+            f"waiting {s['pending_records']} (oldest {s['lag_seconds']:.0f} s); "
             f"last accepted {when}"
         )
 

@@ -122,6 +122,16 @@ class OtlpCollector:
                 "OTLP export requests that delivered nothing (retried), by reason",
                 labels=["signal", "reason"],
             ),
+            "unencodable": CounterMetricFamily(
+                f"{PREFIX}_otlp_unencodable_records",
+                "Stored records the OTLP encoder could not encode, left out of the export (logged with their ids)",
+                labels=["signal"],
+            ),
+            "failing": GaugeMetricFamily(
+                f"{PREFIX}_otlp_backend_failing",
+                "1 while the OTLP backend fails (down, not OTLP, or refusing every request): held, nothing skipped",
+                labels=["signal"],
+            ),
             "pending": GaugeMetricFamily(
                 f"{PREFIX}_otlp_pending_records", "Stored records not yet exported", labels=["signal"]
             ),
@@ -142,6 +152,8 @@ class OtlpCollector:
             families["rejected"].add_metric([signal], status["rejected_items"])
             for reason, n in sorted(status["failures"].items()):
                 families["failures"].add_metric([signal, reason], n)
+            families["unencodable"].add_metric([signal], status["unencodable_records"])
+            families["failing"].add_metric([signal], 1 if status["backend_failing"] else 0)
             families["pending"].add_metric([signal], status["pending_records"])
             families["lag"].add_metric([signal], status["lag_seconds"])
             if status["last_success_us"] is not None:

@@ -5,10 +5,24 @@ acknowledged — in the store's ``meta`` table (``otlp.traces``, ``otlp.metrics`
 totals. A pass reads the records after the cursor, builds one export request per signal (``lens_core.otlp``), and
 moves that signal's cursor only when the backend's answer is an OTLP response (a ``200`` page from a proxy is not);
 a backend that is down, slow, refusing the token or throttling (``429``/``503`` with ``Retry-After``) is retried
-with a growing delay, and nothing is skipped meanwhile. A request the backend refuses as malformed or too large
-(``400``/``413``) is halved until the one record it refuses is found; that record alone is counted as rejected and
-logged with its id. Spans carry ids derived from the record id, so the one batch a crash between the backend's
-answer and the cursor's update can resend arrives with the same ids.
+with a growing delay, and nothing is skipped meanwhile. Spans carry ids derived from the record id, so the one batch
+a crash between the backend's answer and the cursor's update can resend arrives with the same ids.
+
+One record never holds up the others (docs/opentelemetry.md, "When a record or the backend fails"):
+
+- A record the encoder cannot encode is left out of the request, counted (``unencodable``, persisted with the
+  cursor) and logged with its id and device; the rest of its batch goes on. Ingest's bounds are the encoders'
+  (``lens_core.record_schema``), so this is a last line of defence, not a path stored records should take.
+- A request the backend refuses as malformed or too large (``400``/``413``) is halved, in order, until the records it
+  refuses are alone. A record refused alone is a *suspect*; it is skipped (counted as rejected, logged with its id)
+  only when the backend accepts another request: suspects refused before that acceptance are first sent again as
+  one request (halved on a refusal) and skipped only if refused alone then; suspects refused after an acceptance of
+  the same batch are skipped when the batch ends. When more than ``2·⌈log2 n⌉ + 4`` requests in a row are refused
+  without an acceptance (n: the batch's records), or a batch ends with suspects and nothing accepted, the backend
+  is refusing everything: the signal is held and retried with backoff like a backend that is down, nothing is
+  skipped, ``backend_failing`` shows it. The suspects found so far are carried to the next pass, which probes the
+  records after them (a long run of records the backend refuses is passed in a few passes, never a stall).
+- ``partial_success`` counts are clamped to the spans or points sent (never negative, never more than sent).
 
 Several aggregator replicas on one PostgreSQL store share the cursors: a cursor moves by compare-and-swap, so a
 replica that lost the race discards its pass (the backend saw the same ids twice, never a gap). PostgreSQL assigns
@@ -19,9 +33,11 @@ still open with a lower ``seq`` is not skipped.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -59,9 +75,12 @@ class SignalStatus:
     failures: dict[str, int] = field(default_factory=dict)  # by reason, this process
     last_error: str | None = None
     last_success_us: int | None = None
+    unencodable: int = 0  # records the encoder could not encode, left out (persisted)
     pending: int = 0
     oldest_pending_us: int | None = None
     retry_at: float | None = None  # monotonic
+    consecutive_failures: int = 0  # export attempts in a row that delivered nothing (this process)
+    refusing_all: bool = False  # held because the backend refused every request (400/413), single records too
 
 
 def load_cursor(store: Store, signal: str) -> tuple[str | None, dict[str, Any]]:
@@ -94,7 +113,12 @@ class Forwarder:
         self.facts: dict[str, dict[str, Any]] = {}
         self._raw: dict[str, str | None] = {}
         self._cursor: dict[str, dict[str, Any]] = {}
-        self._failures = {signal: 0 for signal in settings.signals}
+        self._unencodable: dict[str, set[int]] = {signal: set() for signal in settings.signals}  # seqs not yet passed
+        # records the backend refused alone while nothing showed it works (seqs, in order, right after the cursor):
+        # re-checked once it accepts something, never skipped before
+        self._carried: dict[str, list[int]] = {signal: [] for signal in settings.signals}
+        self._logged: dict[str, tuple[float, int]] = {}  # rate-limited log lines: key → (last logged, suppressed)
+        self._backlog_at = -math.inf  # when the backlog gauges were last read from the store (monotonic)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -126,15 +150,15 @@ class Forwarder:
             self._raw[signal], self._cursor[signal] = raw, cursor
             status = self.status[signal]
             status.seq = cursor["seq"]
-            status.forwarded = int(cursor.get("forwarded", 0))
-            status.items = int(cursor.get("items", 0))
-            status.rejected = int(cursor.get("rejected", 0))
+            _totals(status, cursor)
             status.last_success_us = cursor.get("updated_us")
             if signal == "metrics":
                 self.metrics.load(cursor.get("metrics"))
         self._refresh_backlog()
 
     def _refresh_backlog(self) -> None:
+        """Records stored and not yet past each cursor, and the oldest one's receive time: the real backlog."""
+        self._backlog_at = time.monotonic()
         for status in self.status.values():
             status.pending, status.oldest_pending_us, _ = self.store.backlog_after(status.seq)
 
@@ -157,23 +181,29 @@ class Forwarder:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a store error: keep the loop, report it
-                log.exception("OTLP forwarding pass failed")
+                self._log_limited("pass", logging.ERROR, "OTLP forwarding pass failed: %s: %s", type(exc).__name__, exc)
                 for status in self.status.values():
                     status.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 busy = False
             delay = self._next_delay() if not busy else 0.0
             if delay > 0:
+                # a wake-up while a signal backs off does not cut its backoff short (forward_once skips a signal
+                # that is not due); it refreshes the backlog gauges, at most once a second
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                # a wake-up while a signal backs off does not cut its backoff short
-                while (wait := self._backoff_left()) > 0:
-                    await asyncio.sleep(wait)
 
-    def _backoff_left(self) -> float:
+    def _log_limited(self, key: str, level: int, message: str, *args: Any) -> None:
+        """A log line at most once a minute per ``key``; the lines left out meanwhile are counted in the next."""
         now = time.monotonic()
-        waits = [s.retry_at - now for s in self.status.values() if s.retry_at is not None]
-        return max(0.0, min(waits)) if waits and len(waits) == len(self.status) else 0.0
+        last, suppressed = self._logged.get(key, (-math.inf, 0))
+        if now - last < LOG_EVERY_S:
+            self._logged[key] = (last, suppressed + 1)
+            return
+        if suppressed:
+            message += f" ({suppressed} similar lines left out in the last {LOG_EVERY_S:.0f} s)"
+        self._logged[key] = (now, 0)
+        log.log(level, message, *args)
 
     def _next_delay(self) -> float:
         now = time.monotonic()
@@ -185,12 +215,24 @@ class Forwarder:
         """Export the next batch of each signal that is not backing off. True when a full batch went out (more may
         be waiting)."""
         self.passes += 1
+        # the gauges follow the store — before a pass (records just stored), after it (the cursors moved), also when
+        # the pass fails or nothing is due — at most once a second
+        if time.monotonic() - self._backlog_at >= 1.0:
+            await asyncio.to_thread(self._refresh_backlog)
+        try:
+            return await self._pass()
+        finally:
+            if time.monotonic() - self._backlog_at >= 1.0:
+                await asyncio.to_thread(self._refresh_backlog)
+
+    async def _pass(self) -> bool:
         now = time.monotonic()
         due = [s for s in self.settings.signals if (self.status[s].retry_at or 0) <= now]
         if not due:
             return False
         after = min(self.status[s].seq for s in due)
-        limit = self.settings.batch_records
+        # suspects carried from an earlier pass are read again, beside a full batch of records after them
+        limit = self.settings.batch_records + max(len(self._carried[s]) for s in due)
         rows = await asyncio.to_thread(self.store.query, Query(), limit=limit, after_seq=after)
         cutoff = time.time_ns() // 1000 - self.settle_us
         settled = []
@@ -207,7 +249,7 @@ class Forwarder:
                 await self._export(signal, mine, [r for seq, r in decoded if seq >= first])
                 if self.status[signal].retry_at is not None:
                     full = False
-        await asyncio.to_thread(self._refresh_backlog)
+        self._backlog_at = -math.inf  # the cursors moved: refresh now
         return full
 
     def _decode(self, rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
@@ -237,77 +279,211 @@ class Forwarder:
         """``rows`` (stored, in seq order) past this signal's cursor, and their decoded records."""
         records = [r for r in decoded if r.get("kind") in EXPORTED_KINDS]
         top = int(rows[-1]["seq"])
-        if not records:  # facts, skips, warmups: nothing to export, the cursor moves over them
-            await self._advance(signal, top, len(rows), 0, 0, None)
+        carried = set(self._carried[signal])
+        fresh = [r for r in records if r["_seq"] not in carried]
+        batch = _Batch(
+            [int(r["seq"]) for r in rows],
+            budget=2 * math.ceil(math.log2(max(len(fresh), 1))) + 4,
+            carried=[r for r in records if r["_seq"] in carried],
+        )
+        if fresh:
+            await self._send(signal, fresh, top, batch)
+        if not batch.stopped and (batch.carried or batch.suspects) and not batch.accepted:
+            # refused alone and nothing else accepted: the backend's fault until it shows otherwise
+            alone = len(batch.carried) + len(batch.suspects)
+            self._hold(signal, batch, f"the backend refused {alone} record(s) alone and accepted none")
+        if batch.stopped:
+            self._carry(signal, batch)
             return
-        await self._send(signal, records, top, len(rows))
+        # everything in the batch is resolved: accepted, skipped, unencodable or not exported (facts, warm-ups)
+        self._carried[signal] = []
+        await self._advance(signal, top, batch, 0, self._skip(signal, batch), None)
 
-    async def _send(self, signal: str, records: list[dict[str, Any]], top: int, count: int) -> None:
+    def _carry(self, signal: str, batch: _Batch) -> None:
+        """Keep the suspects of a pass that stopped for the next one (at most a batch of them: beyond, the same
+        records are probed again), and the metrics totals as the cursor has them."""
+        seqs = [int(r["_seq"]) for r in batch.carried] + [int(r["_seq"]) for r, _, _ in batch.suspects]
+        self._carried[signal] = seqs[: self.settings.batch_records]
+        batch.carried, batch.suspects = [], []
+        if signal == "metrics" and batch.committed:  # totals kept for a request whose records the cursor did not pass
+            self._reload_metrics()
+
+    def _reload_metrics(self) -> None:
+        self.metrics = otlp.MetricsAccumulator(self.settings.temporality, server_metrics=self.settings.server_metrics)
+        self.metrics.load(self._cursor["metrics"].get("metrics"))
+
+    async def _encode(
+        self, signal: str, records: list[dict[str, Any]]
+    ) -> tuple[bytes, int, dict[str, Any] | None, list[otlp.Unencodable]]:
         devices = sorted({r["device_id"] for r in records if type(r.get("device_id")) is str})
         resources = await asyncio.to_thread(lambda: {d: self.resource(d) for d in devices})
-        pending = None
         # encoding takes ~0.3 ms a record: on a thread, so that ingest is not held up behind a batch's encoding
         if signal == "traces":
             groups = [(resources[d], [r for r in records if r.get("device_id") == d]) for d in devices]
-            body, items = await asyncio.to_thread(otlp.encode_traces, groups, version=__version__)
-        else:
-            body, items, pending = await asyncio.to_thread(
-                self.metrics.encode, records, resources, now_ns=time.time_ns(), version=__version__
-            )
-        if items == 0:
-            await self._advance(signal, top, count, 0, 0, pending)
+            body, items, refused = await asyncio.to_thread(otlp.encode_traces_isolated, groups, version=__version__)
+            return body, items, None, refused
+        body, items, pending = await asyncio.to_thread(
+            self.metrics.encode, records, resources, now_ns=time.time_ns(), version=__version__
+        )
+        return body, items, pending, pending.pop("refused", [])
+
+    def _unencodable_found(self, signal: str, refused: list[otlp.Unencodable]) -> None:
+        seen = self._unencodable[signal]
+        for item in refused:
+            seq = item.record.get("_seq")
+            if type(seq) is int and seq not in seen:
+                seen.add(seq)
+                self._log_limited(
+                    f"unencodable.{signal}",
+                    logging.ERROR,
+                    "OTLP %s: %s; it is left out of the export and counted (lens_otlp_unencodable_records)",
+                    signal,
+                    item.describe(),
+                )
+
+    async def _send(self, signal: str, records: list[dict[str, Any]], top: int, batch: _Batch) -> None:
+        """Export ``records`` (the last one's seq, or the batch's top, is ``top``); halve on a refusal."""
+        body, items, pending, refused = await self._encode(signal, records)
+        if refused:  # left out of this request and of every half of it
+            self._unencodable_found(signal, refused)
+            out = {id(u.record) for u in refused}
+            records = [r for r in records if id(r) not in out]
+        if items == 0:  # nothing to deliver (unencodable, or no spans): resolved, but no evidence of a backend
+            if not (batch.suspects or batch.carried):  # never past a suspect still undecided
+                await self._advance(signal, top, batch, 0, 0, pending)
             return
         answer = await otlp.post_export(
             await self._client(), self.settings.url(signal), signal, body, self.settings.headers, self.settings.timeout
         )
         if answer.outcome == "accepted":
-            if answer.rejected:
-                log.warning(
-                    "OTLP %s: the backend rejected %d of %d: %s", signal, answer.rejected, items, answer.message
-                )
-            await self._advance(signal, top, count, items - answer.rejected, answer.rejected, pending)
+            rejected = min(answer.rejected, items)  # partial_success: never more than was sent
+            if rejected:
+                log.warning("OTLP %s: the backend rejected %d of %d: %s", signal, rejected, items, answer.message)
+            batch.accepted = True
+            batch.refused_in_a_row = 0
+            if not (batch.carried or batch.suspects):
+                await self._advance(signal, top, batch, items - rejected, rejected, pending)
+                return
+            # the backend works: the records it refused alone before this request are sent again, as one request
+            # (halved on a refusal); those it refuses alone now are skipped
+            if pending is not None:
+                self.metrics.commit(pending)  # their totals build on this request's
+                batch.committed = True
+            suspects = [r for r, _, _ in batch.suspects]
+            batch.suspects = []
+            delivered, refused_now = await self._recheck(signal, [*batch.carried, *suspects], batch)
+            batch.carried = []
+            if batch.stopped:
+                self._carry(signal, batch)
+                return
+            self._carried[signal] = []
+            await self._advance(signal, top, batch, items - rejected + delivered, rejected + refused_now, None)
             return
-        if answer.outcome == "refused" and len(records) > 1:
-            # halve until the record the backend refuses is alone; the rest goes through
+        if answer.outcome != "refused":
+            self._failed(signal, answer)
+            batch.stopped = True
+            return
+        batch.refused_in_a_row += 1
+        if batch.refused_in_a_row > batch.budget:
+            self._hold(signal, batch, f"{batch.refused_in_a_row} requests in a row refused: {answer.message}")
+            return
+        if len(records) > 1:  # halve until the records the backend refuses are alone; the rest goes through
             half = len(records) // 2
             first, second = records[:half], records[half:]
-            first_top = _seq_of(first[-1], top)
-            await self._send(signal, first, first_top, 0)
-            if self.status[signal].retry_at is None and self.status[signal].seq >= first_top:
-                await self._send(signal, second, top, count)
+            await self._send(signal, first, _seq_of(first[-1], top), batch)
+            if not batch.stopped:
+                await self._send(signal, second, top, batch)
             return
-        if answer.outcome == "refused":
-            record = records[0]
+        batch.suspects.append((records[0], items, answer.message))
+
+    async def _recheck(self, signal: str, records: list[dict[str, Any]], batch: _Batch) -> tuple[int, int]:
+        """Send records the backend refused alone before it accepted another request: (items accepted, items
+        refused alone now, skipped). A refused group is halved; a failure stops the batch (``batch.stopped``)."""
+        body, items, pending, refused = await self._encode(signal, records)
+        if refused:
+            self._unencodable_found(signal, refused)
+            out = {id(u.record) for u in refused}
+            records = [r for r in records if id(r) not in out]
+        if items == 0:
+            return 0, 0
+        answer = await otlp.post_export(
+            await self._client(), self.settings.url(signal), signal, body, self.settings.headers, self.settings.timeout
+        )
+        if answer.outcome == "accepted":
+            if pending is not None:
+                self.metrics.commit(pending)
+                batch.committed = True
+            rejected = min(answer.rejected, items)
+            return items - rejected, rejected
+        if answer.outcome != "refused":
+            self._failed(signal, answer)
+            batch.stopped = True
+            return 0, 0
+        if len(records) > 1:
+            half = len(records) // 2
+            a1, r1 = await self._recheck(signal, records[:half], batch)
+            if batch.stopped:
+                return 0, 0
+            a2, r2 = await self._recheck(signal, records[half:], batch)
+            return a1 + a2, r1 + r2
+        batch.suspects = [(records[0], items, answer.message)]
+        return 0, self._skip(signal, batch)
+
+    def _skip(self, signal: str, batch: _Batch) -> int:
+        """Skip the batch's suspects (the backend accepted another request of the batch): log each; their items."""
+        total = 0
+        for record, items, message in batch.suspects:
             rid = record.get("id")
             log.error(
-                "OTLP %s: the backend refused record %s (device %s) on its own: %s; it is counted as rejected and "
-                "skipped",
+                "OTLP %s: the backend refused record %s (device %s) on its own while accepting others: %s; it is "
+                "counted as rejected and skipped",
                 signal,
                 rid.hex() if type(rid) is bytes else rid,
                 record.get("device_id"),
-                answer.message,
+                message,
             )
-            await self._advance(signal, top, count, 0, items, None)  # its points are not in the totals either
-            return
-        self._failed(signal, answer)
+            total += items
+        batch.suspects.clear()
+        return total
 
-    def _failed(self, signal: str, answer: otlp.ExportAnswer) -> None:
+    def _hold(self, signal: str, batch: _Batch, message: str) -> None:
+        """The backend refuses everything: hold the signal (nothing skipped) and retry with backoff."""
+        batch.stopped = True
+        self.status[signal].refusing_all = True
+        self._failed(
+            signal,
+            otlp.ExportAnswer("retry", None, f"the backend refuses every request, single records too ({message})"),
+            reason="refused_all",
+        )
+
+    def _failed(self, signal: str, answer: otlp.ExportAnswer, *, reason: str | None = None) -> None:
         status = self.status[signal]
-        reason = "network" if answer.status is None else f"http_{answer.status}"
-        if answer.status is not None and 200 <= answer.status < 300:
-            reason = "not_otlp"
+        if reason is None:
+            reason = "network" if answer.status is None else f"http_{answer.status}"
+            if answer.status is not None and 200 <= answer.status < 300:
+                reason = "not_otlp"
+            status.refusing_all = False
         status.failures[reason] = status.failures.get(reason, 0) + 1
-        status.last_error = answer.message
-        self._failures[signal] += 1
-        n = self._failures[signal]
+        status.last_error = answer.message[:300]
+        status.consecutive_failures += 1
+        n = status.consecutive_failures
         delay = self._rng.uniform(0, min(self.settings.backoff_max, 1.0 * 2 ** min(n, 20)))
         if answer.retry_after is not None:
             delay = max(delay, min(answer.retry_after, self.settings.backoff_max))
         status.retry_at = time.monotonic() + max(0.2, delay)
-        log.warning("OTLP %s export failed (%s): %s; retrying in %.1f s", signal, reason, answer.message, delay)
+        self._log_limited(
+            f"failed.{signal}",
+            logging.WARNING,
+            "OTLP %s export failed (%s, %d in a row): %s; nothing skipped, retrying in %.1f s",
+            signal,
+            reason,
+            n,
+            answer.message,
+            delay,
+        )
 
     async def _advance(
-        self, signal: str, seq: int, count: int, items: int, rejected: int, pending: dict[str, Any] | None
+        self, signal: str, seq: int, batch: _Batch, items: int, rejected: int, pending: dict[str, Any] | None
     ) -> None:
         status = self.status[signal]
         cursor = dict(self._cursor[signal])
@@ -316,11 +492,15 @@ class Forwarder:
         if pending is not None:
             self.metrics.commit(pending)
         now_us = time.time_ns() // 1000
+        seen = self._unencodable[signal]
+        passed = {s for s in seen if s <= seq}
+        seen -= passed
         cursor.update(
             seq=seq,
-            forwarded=int(cursor.get("forwarded", 0)) + count,
-            items=int(cursor.get("items", 0)) + items,
-            rejected=int(cursor.get("rejected", 0)) + rejected,
+            forwarded=max(0, int(cursor.get("forwarded", 0))) + batch.rows_between(cursor["seq"], seq),
+            items=max(0, int(cursor.get("items", 0))) + max(0, items),
+            rejected=max(0, int(cursor.get("rejected", 0))) + max(0, rejected),
+            unencodable=max(0, int(cursor.get("unencodable", 0))) + len(passed),
             updated_us=now_us,
         )
         if signal == "metrics":
@@ -331,20 +511,18 @@ class Forwarder:
             log.warning("OTLP %s cursor moved by another aggregator; continuing from its position", signal)
             raw_now, cursor = await asyncio.to_thread(load_cursor, self.store, signal)
             raw = raw_now or raw
-            if signal == "metrics":
-                self.metrics = otlp.MetricsAccumulator(
-                    self.settings.temporality, server_metrics=self.settings.server_metrics
-                )
-                self.metrics.load(cursor.get("metrics"))
         self._raw[signal], self._cursor[signal] = raw, cursor
+        if not swapped and signal == "metrics":
+            self._reload_metrics()
         status.seq = cursor["seq"]
-        status.forwarded = int(cursor.get("forwarded", 0))
-        status.items = int(cursor.get("items", 0))
-        status.rejected = int(cursor.get("rejected", 0))
+        _totals(status, cursor)
+        self._unencodable[signal] = {s for s in self._unencodable[signal] if s > status.seq}
+        self._carried[signal] = [s for s in self._carried[signal] if s > status.seq]
         status.last_success_us = now_us
         status.last_error = None
         status.retry_at = None
-        self._failures[signal] = 0
+        status.consecutive_failures = 0
+        status.refusing_all = False
 
     def snapshot(self) -> dict[str, Any]:
         """What /metrics and ``otlp status`` show."""
@@ -358,6 +536,35 @@ class Forwarder:
         }
 
 
+LOG_EVERY_S = 60.0
+
+
+@dataclass
+class _Batch:
+    """One signal's export of one batch: what the backend said so far (see the module's docstring)."""
+
+    row_seqs: list[int]  # every stored row of the batch, in seq order (what ``forwarded`` counts)
+    budget: int  # refused requests in a row, without an acceptance, before the backend counts as refusing all
+    accepted: bool = False
+    refused_in_a_row: int = 0
+    suspects: list[tuple[dict[str, Any], int, str]] = field(default_factory=list)  # (record, items, reason)
+    carried: list[dict[str, Any]] = field(default_factory=list)  # suspects of an earlier pass, first in the batch
+    stopped: bool = False  # the backend failed or was held: the rest of the batch waits
+    committed: bool = False  # metrics totals kept in memory ahead of the cursor (rolled back if the pass stops)
+
+    def rows_between(self, low: int, high: int) -> int:
+        """Rows of the batch with ``low < seq <= high``."""
+        return bisect.bisect_right(self.row_seqs, high) - bisect.bisect_right(self.row_seqs, low)
+
+
+def _totals(status: SignalStatus, cursor: dict[str, Any]) -> None:
+    """The persisted totals (a total a bug once drove negative reads as 0)."""
+    status.forwarded = max(0, int(cursor.get("forwarded", 0)))
+    status.items = max(0, int(cursor.get("items", 0)))
+    status.rejected = max(0, int(cursor.get("rejected", 0)))
+    status.unencodable = max(0, int(cursor.get("unencodable", 0)))
+
+
 def _seq_of(record: dict[str, Any], default: int) -> int:
     seq = record.get("_seq")
     return seq if type(seq) is int else default
@@ -369,12 +576,16 @@ def status_dict(status: SignalStatus, now_us: int, *, retrying: bool) -> dict[st
         "forwarded_records": status.forwarded,
         "accepted_items": status.items,
         "rejected_items": status.rejected,
+        "unencodable_records": status.unencodable,
         "pending_records": status.pending,
         "lag_seconds": (now_us - status.oldest_pending_us) / 1e6 if status.oldest_pending_us is not None else 0.0,
         "last_success_us": status.last_success_us,
         "failures": dict(status.failures),
         "last_error": status.last_error,
         "retrying": retrying,
+        "backend_failing": status.consecutive_failures > 0,
+        "backend_refusing_all": status.refusing_all,
+        "consecutive_failures": status.consecutive_failures,
     }
 
 
@@ -390,16 +601,11 @@ def stored_status(store: Store, signals: tuple[str, ...] = SIGNALS) -> dict[str,
     out: dict[str, Any] = {}
     for signal in signals:
         _, cursor = load_cursor(store, signal)
-        status = SignalStatus(
-            seq=cursor["seq"],
-            forwarded=int(cursor.get("forwarded", 0)),
-            items=int(cursor.get("items", 0)),
-            rejected=int(cursor.get("rejected", 0)),
-            last_success_us=cursor.get("updated_us"),
-        )
+        status = SignalStatus(seq=cursor["seq"], last_success_us=cursor.get("updated_us"))
+        _totals(status, cursor)
         status.pending, status.oldest_pending_us, _ = store.backlog_after(status.seq)
         out[signal] = status_dict(status, now_us, retrying=False)
-        out[signal].pop("failures")
-        out[signal].pop("last_error")
-        out[signal].pop("retrying")
+        for live in ("failures", "last_error", "retrying", "backend_failing", "backend_refusing_all"):
+            out[signal].pop(live)
+        out[signal].pop("consecutive_failures")
     return out

@@ -2,9 +2,11 @@
 
 Measurements are partitioned by month of their start time (``PARTITION BY RANGE (started_us)``, partitions created
 on demand, a default partition for clocks far off). PostgreSQL's unique constraints on a partitioned table must
-include the partition key, so dedupe is global through a table of its own: ``record_ids(id PRIMARY KEY)``. A batch
-inserts its ids there with ``ON CONFLICT DO NOTHING RETURNING id`` and stores only the records that came back —
-two replicas receiving the same record at once serialise on that unique index, and exactly one stores it. Retention
+include the partition key, so dedupe goes through a table of its own: ``record_ids(device_id, id)``, the key per
+device (schema 6; before, ``id`` alone: a device that knew another's record id had its own record taken for a
+duplicate). A batch inserts its ids there with ``ON CONFLICT DO NOTHING RETURNING id`` and stores only the records
+that came back — two replicas receiving the same record at once serialise on that unique index, and exactly one
+stores it. Retention
 drops whole partitions.
 """
 
@@ -41,7 +43,18 @@ from .store import (
     sync_row,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+
+# Dedupe per device (see store._migrate_v6): record_ids keyed by (device_id, id), rebuilt from the stored records.
+_MIGRATION_V6 = """
+CREATE TABLE record_ids_v6 (
+    device_id text NOT NULL, id bytea NOT NULL, started_us bigint NOT NULL,
+    CONSTRAINT record_ids_device_id_key PRIMARY KEY (device_id, id)
+);
+INSERT INTO record_ids_v6 SELECT device_id, id, MIN(started_us) FROM measurements GROUP BY device_id, id;
+DROP TABLE record_ids;
+ALTER TABLE record_ids_v6 RENAME TO record_ids
+"""
 
 # Series (device × kind × model × strategy) kept at ingest, and indexes that read a device's or a series' latest
 # records without scanning the others' (see store._migrate_v2). %s: NULL_NAME, for a missing model or strategy.
@@ -167,6 +180,14 @@ class PostgresStore(Store):
                 cur.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference'")
                 rows = backfill_settings(cur.fetchall())
                 cur.executemany("UPDATE measurements SET settings = %s WHERE seq = %s", rows)
+            cur.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'record_ids' AND column_name = 'device_id'"
+            )
+            if version < 6 and cur.fetchone() is None:  # (a store whose version was set back may have it already)
+                for statement in _MIGRATION_V6.split(";"):
+                    if statement.strip():
+                        cur.execute(statement)
             if version < SCHEMA_VERSION:
                 cur.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
@@ -223,9 +244,9 @@ class PostgresStore(Store):
                 fresh: set[bytes] = set()
                 if rows:
                     cur.execute(
-                        "INSERT INTO record_ids (id, started_us) SELECT * FROM unnest(%s::bytea[], %s::bigint[]) "
-                        "ON CONFLICT DO NOTHING RETURNING id",
-                        ([r.id for r in rows], [r.started_us for r in rows]),
+                        "INSERT INTO record_ids (device_id, id, started_us) "
+                        "SELECT %s::text, * FROM unnest(%s::bytea[], %s::bigint[]) ON CONFLICT DO NOTHING RETURNING id",
+                        (device_id, [r.id for r in rows], [r.started_us for r in rows]),
                     )
                     fresh = {bytes(row[0]) for row in cur.fetchall()}
                 new: list[int] = []

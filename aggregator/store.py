@@ -1,9 +1,10 @@
 """Aggregator storage: an interface and its embedded SQLite implementation.
 
-Every record is stored once, keyed by its 16-byte id (``INSERT OR IGNORE``): a retried batch never
-double-counts. Each record's bytes are kept as received beside the columns queries need, and the aggregator's own
-``received_us``, so skewed device clocks are visible. A whole batch is stored in one transaction and only then
-acknowledged. Tokens are stored as sha256 hashes only.
+Every record is stored once per device, keyed by (device id, 16-byte record id) (``INSERT OR IGNORE``): a retried
+batch never double-counts, and a device that learnt another device's record id cannot have its own record taken for
+a duplicate of it (schema 6; before, the key was the record id alone). Each record's bytes are kept as received
+beside the columns queries need, and the aggregator's own ``received_us``, so skewed device clocks are visible. A
+whole batch is stored in one transaction and only then acknowledged. Tokens are stored as sha256 hashes only.
 
 ``schema_version`` lives in ``meta``; migrations run forward on open.
 """
@@ -28,7 +29,7 @@ from lens_core.record_schema import MAX_NAME_CHARS
 from lens_core.settings import settings_key
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 TOKEN_PREFIX = "lens_"
 
 
@@ -510,12 +511,56 @@ def _migrate_v5(db: sqlite_utils.Database) -> None:
     db.conn.executemany("UPDATE measurements SET settings = ? WHERE seq = ?", backfill_settings(rows))
 
 
+MEASUREMENT_COLUMNS = (
+    "seq INTEGER PRIMARY KEY",
+    "id BLOB NOT NULL",
+    "device_id TEXT NOT NULL",
+    "run_id TEXT NOT NULL",
+    "kind TEXT NOT NULL",
+    "started_us INTEGER NOT NULL",
+    "received_us INTEGER NOT NULL",
+    "ok INTEGER NOT NULL",
+    "strategy TEXT",
+    "model_name TEXT",
+    "engine TEXT",
+    "error_type TEXT",
+    "input_tokens INTEGER",
+    "output_tokens INTEGER",
+    "ttft_us INTEGER",
+    "tpot_us INTEGER",
+    "e2e_us INTEGER",
+    "batch_id TEXT NOT NULL",
+    "codec TEXT NOT NULL",
+    "body BLOB NOT NULL",
+    "j_per_token REAL",
+    "power_w REAL",
+    "settings TEXT",
+)
+
+
+def _migrate_v6(db: sqlite_utils.Database) -> None:
+    """Dedupe per device: the unique key becomes (device_id, id) instead of id alone, so a device that knows
+    another device's record id cannot get its own record acknowledged as a duplicate. SQLite cannot drop a column's
+    UNIQUE constraint: the table is rebuilt (same columns, same ``seq``: the OTLP cursors stay valid) and its
+    indexes recreated."""
+    names = [c.split()[0] for c in MEASUREMENT_COLUMNS]
+    db.execute(f"CREATE TABLE measurements_v6 ({', '.join(MEASUREMENT_COLUMNS)}, UNIQUE (device_id, id))")
+    db.execute(f"INSERT INTO measurements_v6 ({', '.join(names)}) SELECT {', '.join(names)} FROM measurements")
+    db.execute("DROP TABLE measurements")
+    db.execute("ALTER TABLE measurements_v6 RENAME TO measurements")
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_device_time ON measurements(device_id, started_us)")
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_time ON measurements(started_us)")
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_device_kind ON measurements(device_id, kind)")
+    db.execute("CREATE INDEX IF NOT EXISTS measurements_series ON measurements(device_id, kind, model_name, strategy)")
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
     3: _migrate_v3,
     4: _migrate_v4,
     5: _migrate_v5,
+    6: _migrate_v6,
 }
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (

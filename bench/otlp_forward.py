@@ -1,6 +1,6 @@
 """OTLP forwarding: records per CPU-second of the aggregator, against its own ingest, and the encoder's cost.
 
-    .venv/bin/python bench/otlp_forward.py [--records 20000] [--batch 500]
+    .venv/bin/python bench/otlp_forward.py [--records 20000] [--batch 500] [--poison 0]
 
 1. **End to end.** A real ``lens-aggregator serve`` (pinned to CPU 0) ingests ``--records`` realistic records
    (agent.synthetic, over HTTP from this process on CPU 1) with no OTLP endpoint; then it is restarted with one,
@@ -8,6 +8,10 @@
    ``Export…ServiceResponse`` (no decoding: the receiver's cost is not the aggregator's). The aggregator's CPU time
    (user + system, from /proc) is read while it ingests and while it forwards the whole store; both are printed as
    records per CPU-second, with their ratio (forwarding ÷ ingest), measured in one run.
+   With ``--poison N``, the same is measured a second time with N records the encoder cannot encode (an integer
+   past 64 bits in ``ext.model_load``, as a store written by an older release can hold) spread evenly through the
+   store, written beside the ingested batches through the store's API; the two forwarding runs are compared
+   (records per CPU-second and wall time, with ÷ without), and the poison records counted as unencodable.
 2. **Encoder.** The same records' spans encoded by ``lens_core.otlp`` (opentelemetry-proto messages built directly)
    and by the OpenTelemetry SDK's own OTLP encoder (``ReadableSpan`` objects through
    ``opentelemetry.exporter.otlp.proto.common.trace_encoder.encode_spans``, what ``OTLPSpanExporter`` sends), both
@@ -81,20 +85,38 @@ class Server:
         self.proc.wait(30)
 
 
-async def ingest(port: int, token: str, records: list[dict[str, Any]], batch: int) -> None:
+async def ingest(
+    port: int, token: str, records: list[dict[str, Any]], batch: int, poison: int = 0, store: Any = None
+) -> None:
     bodies = []
     for start in range(0, len(records), batch):
         blobs = [wire.encode_record(r, "cbor") for r in records[start : start + batch]]
         bodies.append(wire.encode_batch(blobs, device_id=DEVICE, batch_id=str(uuid.uuid4()), sent_us=1, codec="cbor"))
+    every = max(1, len(records) // poison) if poison else 0
+    done = 0
     async with aiohttp.ClientSession() as session:
-        for body in bodies:
+        for index, body in enumerate(bodies):
             async with session.post(
                 f"http://127.0.0.1:{port}/api/v1/ingest", data=body, headers={"Authorization": f"Bearer {token}"}
             ) as answer:
                 assert answer.status == 200, await answer.text()
+            while every and done < poison and (done + 1) * every <= (index + 1) * batch:
+                await asyncio.to_thread(store_poison, store, done)
+                done += 1
 
 
-async def end_to_end(records: list[dict[str, Any]], batch: int) -> dict[str, float]:
+def store_poison(store: SQLiteStore, n: int) -> None:
+    """A model-load record OTLP cannot carry (an int attribute past 64 bits), through the store's API: what a store
+    written by an older release can hold (today's ingest refuses it)."""
+    from aggregator.app import _row
+
+    record = wire.to_wire(synthetic_records(1, seed=1000 + n, device_id=DEVICE)[0])
+    record.update(id=uuid.uuid4().bytes, kind="model_load", ext={"model_load": {"tensor_bytes": 2**64 - 1}})
+    blob = wire.dumps(record, "cbor")
+    store.ingest(DEVICE, str(uuid.uuid4()), 0, {}, [_row(record, "cbor", blob)], time.time_ns() // 1000)
+
+
+async def end_to_end(records: list[dict[str, Any]], batch: int, poison: int = 0) -> dict[str, float]:
     received = {"requests": 0}
     gate = {"open": False}  # closed: 503, so the restarted aggregator's start-up is measured apart from forwarding
 
@@ -127,7 +149,7 @@ async def end_to_end(records: list[dict[str, Any]], batch: int) -> dict[str, flo
         proc = server.start()
         before = cpu_seconds(proc)
         t0 = time.perf_counter()
-        await ingest(server.port, token, records, batch)
+        await ingest(server.port, token, records, batch, poison, store)
         ingest_wall = time.perf_counter() - t0
         ingest_cpu = cpu_seconds(proc) - before
         server.stop()
@@ -144,6 +166,7 @@ async def end_to_end(records: list[dict[str, Any]], batch: int) -> dict[str, flo
             await asyncio.sleep(0.05)
         forward_cpu = cpu_seconds(proc) - before
         forward_wall = time.perf_counter() - t0
+        unencodable = status["traces"]["unencodable_records"]
         server.stop()
         store.close()
     await runner.cleanup()
@@ -156,6 +179,7 @@ async def end_to_end(records: list[dict[str, Any]], batch: int) -> dict[str, flo
         "forward_wall_s": forward_wall,
         "forward_over_ingest": (n / forward_cpu) / (n / ingest_cpu),
         "otlp_requests": received["requests"],
+        "unencodable": unencodable,
     }
 
 
@@ -224,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--poison", type=int, default=0, help="also forward with N unencodable records in the store")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})
     records = synthetic_records(args.records, seed=1, device_id=DEVICE)
@@ -236,6 +261,15 @@ def main() -> None:
         f"({e2e['forward_wall_s']:.1f} s wall, {e2e['otlp_requests']} OTLP requests, traces and metrics)\n"
         f"forwarding ÷ ingest (records per CPU-second): {e2e['forward_over_ingest']:.2f}"
     )
+    if args.poison:
+        bad = asyncio.run(end_to_end(records, args.batch, args.poison))
+        print(
+            f"with {args.poison} unencodable records spread through the store: "
+            f"{bad['forward_records_per_cpu_s']:,.0f} records per CPU-second ({bad['forward_wall_s']:.1f} s wall, "
+            f"{bad['otlp_requests']} OTLP requests, {bad['unencodable']} counted unencodable)\n"
+            f"with ÷ without poison: {bad['forward_records_per_cpu_s'] / e2e['forward_records_per_cpu_s']:.2f} "
+            f"(records per CPU-second), {bad['forward_wall_s'] / e2e['forward_wall_s']:.2f} (wall)"
+        )
     enc = encoder(records[: min(5000, len(records))])
     print(
         f"span encoding: lens_core.otlp {enc['lens_cpu_ms_per_1000']:.0f} ms, OpenTelemetry SDK "

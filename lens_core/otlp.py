@@ -28,6 +28,7 @@ from typing import Any
 from .config import Config, KeySpec, boolean, choice, const, int_range, optional, parse_duration, path_value, text
 from .errors import ConfigError
 from .itlpack import PackError, unpack_gaps
+from .record_schema import EXT_NUMBERS, INT_RANGES, ext_number, round_entry
 
 SEMCONV_VERSION = "1.41.0"
 SCOPE_NAME = "llm-latency-lens"
@@ -293,6 +294,16 @@ def metric_attributes(record: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(attrs.items()))
 
 
+def _field(record: Mapping[str, Any], name: str) -> int | None:
+    """A top-level integer field within the range ingest enforces (``record_schema.INT_RANGES``), else None: a row
+    stored before a bound existed is read as ingest would read it today."""
+    value = record.get(name)
+    if type(value) is not int:
+        return None
+    low, high = INT_RANGES[name]
+    return value if low <= value <= high else None
+
+
 def _seconds(us: Any) -> float | None:
     v = _int(us)
     return None if v is None else v / 1e6
@@ -304,22 +315,22 @@ def observations(
     """(metric, attributes, values) of one inference record."""
     attrs = metric_attributes(record)
     out: list[tuple[str, tuple[tuple[str, Any], ...], list[float]]] = []
-    e2e = _seconds(record.get("e2e_us"))
+    e2e = _seconds(_field(record, "e2e_us"))
     if e2e is not None:
         out.append(("gen_ai.client.operation.duration", attrs, [e2e]))
     ok = record.get("ok") is True
-    ttft = _seconds(record.get("ttft_us"))
+    ttft = _seconds(_field(record, "ttft_us"))
     if ok and ttft is not None:
         out.append(("gen_ai.client.operation.time_to_first_chunk", attrs, [ttft]))
         gaps = gaps_s(record)
         if gaps:
             out.append(("gen_ai.client.operation.time_per_output_chunk", attrs, gaps))
     for token_type, field in (("input", "input_tokens"), ("output", "output_tokens")):
-        n = _int(record.get(field))
+        n = _field(record, field)
         if n is not None and (n > 0 or ok):
             out.append(("gen_ai.client.token.usage", (*attrs, ("gen_ai.token.type", token_type)), [float(n)]))
     if server_metrics and ok:
-        tpot = _seconds(record.get("tpot_us"))
+        tpot = _seconds(_field(record, "tpot_us"))
         if ttft is not None:
             out.append(("gen_ai.server.time_to_first_token", attrs, [ttft]))
         if tpot is not None:
@@ -380,7 +391,8 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     ext = _dict(record.get("ext"))
     if kind == "model_load":
         load = _dict(ext.get("model_load"))
-        ms = _num(load.get("engine_load_ms")) or 0.0
+        # read within the bounds ingest applies (at most one day): a value outside is left out, as a wrong type is
+        ms = ext_number(ext, "model_load", "engine_load_ms") or 0.0
         attrs = {"gen_ai.request.model": _str(record.get("model_name")) or "unknown", "lens.record.kind": kind}
         for key, value in load.items():
             if key != "path" and type(value) in (int, float, str, bool):
@@ -392,14 +404,14 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     model = _str(record.get("model_name")) or "unknown"
     op = operation_name(record)
     cloud = strategy == "cloud" or (strategy == "offload" and _offload_target(record) == "cloud")
-    e2e_us = _int(record.get("e2e_us"))
+    e2e_us = _field(record, "e2e_us")
     end = start + (e2e_us or 0) * 1000
     attrs = span_attributes(record)
     ok = record.get("ok") is True
     error = None if ok else (_str(record.get("error_message")) or _str(record.get("error_type")) or "failed")
     root = SpanData(f"{op} {model}", "client" if cloud else "internal", start, end, attrs, error=error)
     spans = [root]
-    ttft_us = _int(record.get("ttft_us"))
+    ttft_us = _field(record, "ttft_us")
     offload = _dict(ext.get("offload"))
     if offload:
         decision = {
@@ -411,11 +423,12 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     collab = _dict(ext.get("collab"))
     rounds = collab.get("round_us")
     if strategy == "speculative" and type(rounds) is list:
-        rtt = _num(_dict(ext.get("network")).get("rtt_ms")) or _num(collab.get("rtt_ms"))
+        rtt = ext_number(ext, "network", "rtt_ms") or ext_number(ext, "collab", "rtt_ms")
         for n, entry in enumerate(rounds[:MAX_ROUND_SPANS]):
-            if type(entry) is not list or len(entry) != 5 or any(type(x) is not int for x in entry):
+            checked = round_entry(entry)  # the bounds ingest applies (lens_core.record_schema.ROUND_BOUNDS)
+            if checked is None:
                 continue
-            offset, draft_us, verify_us, drafted, accepted = entry
+            offset, draft_us, verify_us, drafted, accepted = checked
             r0 = start + offset * 1000
             r1 = r0 + draft_us * 1000
             r2 = r1 + verify_us * 1000
@@ -456,15 +469,15 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     elif ok and ttft_us is not None and e2e_us is not None:
         first = start + ttft_us * 1000
         prefill_attrs: dict[str, Any] = {}
-        if (n_in := _int(record.get("input_tokens"))) is not None:
+        if (n_in := _field(record, "input_tokens")) is not None:
             prefill_attrs["gen_ai.usage.input_tokens"] = n_in
-        if (us := _int(record.get("engine_prefill_us"))) is not None:
+        if (us := _field(record, "engine_prefill_us")) is not None:
             prefill_attrs["lens.engine.prefill_s"] = us / 1e6
         spans.append(SpanData("prefill", "internal", start, first, prefill_attrs, parent=0))
         decode_attrs: dict[str, Any] = {}
-        if (n_out := _int(record.get("output_tokens"))) is not None:
+        if (n_out := _field(record, "output_tokens")) is not None:
             decode_attrs["gen_ai.usage.output_tokens"] = n_out
-        if (us := _int(record.get("engine_decode_us"))) is not None:
+        if (us := _field(record, "engine_decode_us")) is not None:
             decode_attrs["lens.engine.decode_s"] = us / 1e6
         spans.append(SpanData("decode", "internal", first, end, decode_attrs, parent=0))
     return spans
@@ -475,7 +488,7 @@ def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
     attrs: dict[str, Any] = dict(metric_attributes(record))
     ext = _dict(record.get("ext"))
     for key, field in (("gen_ai.usage.input_tokens", "input_tokens"), ("gen_ai.usage.output_tokens", "output_tokens")):
-        if (n := _int(record.get(field))) is not None:
+        if (n := _field(record, field)) is not None:
             attrs[key] = n
     stop = _str(record.get("stop_reason"))
     if stop:
@@ -492,13 +505,13 @@ def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
         if (s := _str(record.get(field))) is not None:
             attrs[key] = s
     for key, field in (("lens.ttft_s", "ttft_us"), ("lens.tpot_s", "tpot_us"), ("lens.e2e_s", "e2e_us")):
-        if (v := _seconds(record.get(field))) is not None:
+        if (v := _seconds(_field(record, field))) is not None:
             attrs[key] = v
     for key, field in (
         ("lens.memory.rss_peak_bytes", "rss_peak_bytes"),
         ("lens.memory.rss_before_bytes", "rss_before_bytes"),
     ):
-        if (n := _int(record.get(field))) is not None:
+        if (n := _field(record, field)) is not None:
             attrs[key] = n
     if record.get("first_after_load") is True:
         attrs["lens.first_after_load"] = True
@@ -521,7 +534,8 @@ def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
         ("lens.speculative.network_time_s", "network_time_ms"),
     ):
         value = collab.get(field)
-        if (v := _num(value)) is not None:
+        v = ext_number(ext, "collab", field) if ("collab", field) in EXT_NUMBERS else _num(value)
+        if v is not None:
             attrs[key] = v / 1000 if field.endswith("_ms") else (value if type(value) is int else v)
     offload = _dict(ext.get("offload"))
     if _str(offload.get("decision")):
@@ -592,11 +606,43 @@ def key_values(attrs: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> list[Any
     return [key_value(key=k, value=_any_value(v)) for k, v in items]
 
 
+# What encoding one record may raise: protobuf's ValueError/TypeError/OverflowError for a value its field cannot
+# hold, or anything else the mapping raises on a map it did not expect. The record is left out, and the caller counts
+# and shows it (aggregator: lens_otlp_unencodable_records): one record never holds up the others.
+ENCODE_ERRORS = (Exception,)
+
+
+@dataclass(frozen=True)
+class Unencodable:
+    """A record the encoder could not turn into OTLP (left out of the request; the caller counts and logs it)."""
+
+    record: Mapping[str, Any]
+    reason: str
+
+    def describe(self) -> str:
+        rid = self.record.get("id")
+        shown = rid.hex() if type(rid) is bytes else repr(rid)
+        return f"record {shown} of device {self.record.get('device_id')!r}: {self.reason}"
+
+
 def encode_traces(
     groups: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], *, version: str
 ) -> tuple[bytes, int]:
     """An ``ExportTraceServiceRequest``: per (resource attributes, records) group, every record's spans.
-    Returns the encoded request and its span count."""
+    Returns the encoded request and its span count; a record that does not encode raises ValueError naming it
+    (:func:`encode_traces_isolated` leaves such a record out instead)."""
+    body, count, refused = encode_traces_isolated(groups, version=version)
+    if refused:
+        raise ValueError(f"{len(refused)} record(s) do not encode as OTLP spans; first: {refused[0].describe()}")
+    return body, count
+
+
+def encode_traces_isolated(
+    groups: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], *, version: str
+) -> tuple[bytes, int, list[Unencodable]]:
+    """:func:`encode_traces`, each record on its own: a record whose spans protobuf refuses (a value its field
+    cannot hold) is left out and returned with the reason, and the others are encoded. Returns the encoded
+    request, its span count and the records left out."""
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
     from opentelemetry.proto.common.v1 import common_pb2
     from opentelemetry.proto.resource.v1 import resource_pb2
@@ -606,30 +652,37 @@ def encode_traces(
     scope = common_pb2.InstrumentationScope(name=SCOPE_NAME, version=version)
     request = trace_service_pb2.ExportTraceServiceRequest()
     count = 0
+    refused: list[Unencodable] = []
     for resource, records in groups:
         spans = []
         for record in records:
             record_id = record.get("id")
             if type(record_id) is not bytes:
                 continue
-            tid = trace_id(record_id)
-            datas = record_spans(record)
-            ids = [span_id(record_id, n) for n in range(len(datas))]
-            for n, data in enumerate(datas):
-                span = trace_pb2.Span(
-                    trace_id=tid,
-                    span_id=ids[n],
-                    parent_span_id=ids[data.parent] if data.parent is not None else b"",
-                    name=data.name,
-                    kind=kinds[data.kind],
-                    start_time_unix_nano=data.start_ns,
-                    end_time_unix_nano=max(data.start_ns, data.end_ns),
-                    attributes=key_values(data.attributes),
-                )
-                if data.error is not None:
-                    span.status.code = trace_pb2.Status.STATUS_CODE_ERROR
-                    span.status.message = data.error[:1024]
-                spans.append(span)
+            try:
+                mine = []
+                tid = trace_id(record_id)
+                datas = record_spans(record)
+                ids = [span_id(record_id, n) for n in range(len(datas))]
+                for n, data in enumerate(datas):
+                    span = trace_pb2.Span(
+                        trace_id=tid,
+                        span_id=ids[n],
+                        parent_span_id=ids[data.parent] if data.parent is not None else b"",
+                        name=data.name,
+                        kind=kinds[data.kind],
+                        start_time_unix_nano=data.start_ns,
+                        end_time_unix_nano=max(data.start_ns, data.end_ns),
+                        attributes=key_values(data.attributes),
+                    )
+                    if data.error is not None:
+                        span.status.code = trace_pb2.Status.STATUS_CODE_ERROR
+                        span.status.message = data.error[:1024]
+                    mine.append(span)
+            except ENCODE_ERRORS as exc:
+                refused.append(Unencodable(record, f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            spans.extend(mine)
         if spans:
             count += len(spans)
             request.resource_spans.append(
@@ -639,7 +692,7 @@ def encode_traces(
                     schema_url=f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}",
                 )
             )
-    return request.SerializeToString(), count
+    return request.SerializeToString(), count, refused
 
 
 @dataclass
@@ -728,7 +781,9 @@ class MetricsAccumulator:
         version: str,
     ) -> tuple[bytes, int, dict[str, Any]]:
         """The ``ExportMetricsServiceRequest`` for ``records`` (inference records only), its data point count, and
-        the state to keep once the backend accepted it (this object is unchanged until :meth:`commit`)."""
+        the state to keep once the backend accepted it (this object is unchanged until :meth:`commit`). A record
+        whose observations are not finite numbers, or whose attributes protobuf refuses, is left out and listed in
+        the state's ``"refused"`` (:class:`Unencodable`)."""
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
         from opentelemetry.proto.common.v1 import common_pb2
         from opentelemetry.proto.metrics.v1 import metrics_pb2
@@ -736,11 +791,24 @@ class MetricsAccumulator:
 
         start_default = self.last_export_ns if self.last_export_ns is not None else now_ns
         batch: dict[StreamKey, HistogramState] = {}
+        refused: list[Unencodable] = []
+        checked: set[tuple[tuple[str, Any], ...]] = set()
         for record in records:
             if record.get("kind") != "inference":
                 continue
             device = _str(record.get("device_id")) or "unknown"
-            for metric, attrs, values in observations(record, server_metrics=self.server_metrics):
+            try:
+                found = observations(record, server_metrics=self.server_metrics)
+                for _, attrs, values in found:
+                    if not all(math.isfinite(v) for v in values):
+                        raise ValueError("an observation is not a finite number")
+                    if attrs not in checked:  # what protobuf would refuse in the request, refused for this record
+                        key_values(attrs)
+                        checked.add(attrs)
+            except ENCODE_ERRORS as exc:
+                refused.append(Unencodable(record, f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            for metric, attrs, values in found:
                 key = (device, metric, attrs)
                 if key not in batch:
                     base = self.totals.get(key) if self.temporality == "cumulative" else None
@@ -799,7 +867,7 @@ class MetricsAccumulator:
                     schema_url=f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}",
                 )
             )
-        pending = {"batch": batch, "now_ns": now_ns}
+        pending = {"batch": batch, "now_ns": now_ns, "refused": refused}
         return request.SerializeToString(), points, pending
 
     def commit(self, pending: Mapping[str, Any]) -> None:
@@ -853,7 +921,8 @@ def read_answer(signal: str, status: int, content_type: str, body: bytes, retry_
             return ExportAnswer("retry", status, f"HTTP {status}: the body is not an OTLP {signal} response")
         partial = response.partial_success
         rejected = int(partial.rejected_spans if signal == "traces" else partial.rejected_data_points)
-        return ExportAnswer("accepted", status, partial.error_message[:300], rejected=rejected)
+        # never negative (an int64 on the wire); the caller clamps it to what it sent
+        return ExportAnswer("accepted", status, partial.error_message[:300], rejected=max(0, rejected))
     snippet = _status_message(body, content_type)
     if status in (429, 502, 503, 504) or status >= 500:
         return ExportAnswer("retry", status, f"HTTP {status} from the backend{snippet}", retry_after=delay)

@@ -16,6 +16,7 @@ are documented in docs/wire-format.md ("Record schema and limits").
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
@@ -26,6 +27,7 @@ RECORD_VERSION = 1
 MIN_STARTED_US = 1_577_836_800_000_000  # 2020-01-01T00:00:00Z
 MAX_FUTURE_US = 86_400_000_000  # started_us at most one day after the aggregator received it
 MAX_DURATION_US = 86_400_000_000  # one day: any *_us duration
+MAX_DURATION_MS = MAX_DURATION_US // 1000  # one day: any *_ms duration inside ext
 MAX_COUNT = 2**31 - 1  # token counts, indices (a PostgreSQL integer; an Arrow uint32)
 MAX_AMOUNT = 2**53  # bytes of memory and other amounts (exact in a JSON double)
 MAX_INT64 = 2**63 - 1  # any other integer: a 64-bit signed integer
@@ -232,12 +234,12 @@ def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
             _check_int_groups(plan, record)
     for get, names, limit in plan.str_groups:
         values = get(record)
-        if max(map(len, values)) > limit or (limit == MAX_NAME_CHARS and "\x00" in "".join(values)):
+        if max(map(len, values)) > limit or (limit == MAX_NAME_CHARS and _CONTROL.search("".join(values))):
             for name, value in zip(names, values, strict=True):
                 if len(value) > limit:
                     raise SchemaError(name, f"has {len(value)} characters; at most {limit} are allowed")
-                if limit == MAX_NAME_CHARS and "\x00" in value:
-                    raise SchemaError(name, "contains a NUL character, which names and labels may not hold")
+                if limit == MAX_NAME_CHARS:
+                    check_name(name, value)
     if plan.digests is not None:
         for value in plan.digests(record):
             if len(value) != 32:
@@ -263,23 +265,176 @@ def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
         ext = record.get("ext")
         if ext:
             _check_ext_figures(ext)
+            if record["kind"] == FACTS_KIND:
+                _check_facts(ext.get("device"))
     return record
 
 
-# Figures inside ext that the fleet view and /metrics read: a map at the first key, a number or null at the second.
-EXT_NUMBERS = (("energy", "j_per_output_token"), ("collab", "acceptance_rate"))
+# -- what a number or a name inside ext may be: one table, read by ingest and by every export ---------------------
+# Ingest refuses a value outside these bounds; the OTLP encoders (lens_core/otlp.py) read these figures only through
+# ext_number / round_entry, so any record ingest accepts encodes (tests/test_otlp_isolation.py checks it).
+ANY = (-math.inf, math.inf)  # any finite number
+EXT_NUMBERS: dict[tuple[str, str], tuple[float, float]] = {
+    ("energy", "j_per_output_token"): ANY,
+    ("collab", "acceptance_rate"): ANY,
+    ("model_load", "engine_load_ms"): (0, MAX_DURATION_MS),
+    ("network", "rtt_ms"): (0, MAX_DURATION_MS),
+    ("collab", "rtt_ms"): (0, MAX_DURATION_MS),
+    ("collab", "network_time_ms"): (0, MAX_DURATION_MS),
+}
+# ext.collab.round_us: a list of [offset_us, draft_us, verify_us, drafted, accepted] per speculative round
+ROUND_BOUNDS = ((0, MAX_DURATION_US), (0, MAX_DURATION_US), (0, MAX_DURATION_US), (0, MAX_COUNT), (0, MAX_COUNT))
+# Strings inside ext that become names (span and metric attributes, resource attributes, labels)
+EXT_NAMES = (
+    ("network", "provider"),
+    ("network", "model"),
+    ("network", "server_address"),
+    ("collab", "server_address"),
+    ("offload", "decision"),
+    ("energy", "source"),
+)
+# Names and labels hold no control characters: C0 (NUL, BEL, ESC, CR, LF, TAB, …), DEL and C1.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def check_name(field: str, value: str) -> None:
+    """Refuse a name or label holding a control character (it would reach a terminal, a log line or a label)."""
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise SchemaError(
+            field,
+            f"contains the control character U+{ord(found.group()):04X} at position {found.start()}; names and "
+            "labels may not hold control characters (U+0000–U+001F, U+007F–U+009F)",
+        )
+
+
+def in_bounds(value: Any, bounds: tuple[float, float]) -> bool:
+    """A finite int or float (not a bool) within ``bounds`` (inclusive)."""
+    kind = type(value)
+    return (kind is int or (kind is float and math.isfinite(value))) and bounds[0] <= value <= bounds[1]
+
+
+def ext_number(ext: Any, section: str, name: str) -> float | None:
+    """``ext[section][name]`` as a float when it is a number within :data:`EXT_NUMBERS`' bounds, else None (absent,
+    null, or a row stored before the bounds existed): how the exports read the figures ingest bounds, so that
+    whatever ingest accepts encodes."""
+    part = ext.get(section) if type(ext) is dict else None
+    value = part.get(name) if type(part) is dict else None
+    return float(value) if value is not None and in_bounds(value, EXT_NUMBERS[(section, name)]) else None
+
+
+def round_entry(entry: Any) -> tuple[int, int, int, int, int] | None:
+    """One speculative round of ``ext.collab.round_us`` when it is five integers within :data:`ROUND_BOUNDS`."""
+    if type(entry) is not list or len(entry) != 5:
+        return None
+    for value, (low, high) in zip(entry, ROUND_BOUNDS, strict=True):
+        if type(value) is not int or not low <= value <= high:
+            return None
+    a, b, c, d, e = entry
+    return a, b, c, d, e
 
 
 def _check_ext_figures(ext: dict[str, Any]) -> None:
-    for section, name in EXT_NUMBERS:
+    for (section, name), bounds in EXT_NUMBERS.items():
         part = ext.get(section)
         if part is None:
             continue
         if type(part) is not dict:
             raise SchemaError(f"ext.{section}", f"is {_describe(part)}; allowed: a map or null")
         value = part.get(name)
-        if value is not None and type(value) not in (int, float):
+        if value is None:
+            continue
+        if type(value) not in (int, float):
             raise SchemaError(f"ext.{section}.{name}", f"is {_describe(value)}; allowed: a number or null")
+        if not in_bounds(value, bounds):
+            raise SchemaError(
+                f"ext.{section}.{name}", f"is {_describe(value)}; allowed: a number from {bounds[0]} to {bounds[1]}"
+            )
+    for section, name in EXT_NAMES:
+        part = ext.get(section)
+        value = part.get(name) if type(part) is dict else None
+        if type(value) is str:
+            check_name(f"ext.{section}.{name}", value)
+    collab = ext.get("collab")
+    rounds = collab.get("round_us") if type(collab) is dict else None
+    if type(rounds) is list:
+        for i, entry in enumerate(rounds):
+            shaped = type(entry) is list and len(entry) == 5 and all(type(v) is int for v in entry)
+            if shaped and round_entry(entry) is None:
+                raise SchemaError(
+                    f"ext.collab.round_us[{i}]",
+                    f"is {entry!r}"[:120] + f"; allowed: [offset_us, draft_us, verify_us] from 0 to "
+                    f"{MAX_DURATION_US}, [drafted, accepted] from 0 to {MAX_COUNT}",
+                )
+
+
+# -- device facts (ext.device of a device_facts record): physical ranges ------------------------------------------
+FACTS_KIND = "device_facts"
+MAX_RAM_GB = 65_536.0  # 64 TiB: beyond any device this lens runs on
+MAX_CLOCK_MHZ = 100_000.0  # 100 GHz
+MIN_TEMPERATURE_C = -273.15  # absolute zero
+MAX_TEMPERATURE_C = 1_000.0
+# name → (low, high, low excluded): a number or null
+FACT_NUMBERS: dict[str, tuple[float, float, bool]] = {
+    "ram_gb": (0.0, MAX_RAM_GB, True),
+    "gpu_freq_mhz": (0.0, MAX_CLOCK_MHZ, False),
+    "cpu_freq_mhz_max": (0.0, MAX_CLOCK_MHZ, False),
+    "temperature_max_c": (MIN_TEMPERATURE_C, MAX_TEMPERATURE_C, False),
+}
+# name → bounds of every value of a map (name → number)
+FACT_MAPS: dict[str, tuple[float, float]] = {
+    "cpu_freq_mhz": (0.0, MAX_CLOCK_MHZ),
+    "temperatures_c": (MIN_TEMPERATURE_C, MAX_TEMPERATURE_C),
+}
+FACT_NAMES = ("device_class", "model", "accelerator", "power_mode")
+
+
+def _fact_range(low: float, high: float, low_excluded: bool = False) -> str:
+    return f"a number {'above' if low_excluded else 'from'} {low:g} {'and at most' if low_excluded else 'to'} {high:g}"
+
+
+def _check_facts(device: Any) -> None:
+    """``ext.device`` of a ``device_facts`` record: numbers within physical ranges, names without control
+    characters (docs/wire-format.md, "Device facts")."""
+    if device is None:
+        return
+    if type(device) is not dict:
+        raise SchemaError("ext.device", f"is {_describe(device)}; allowed: a map or null")
+    for name, (low, high, low_excluded) in FACT_NUMBERS.items():
+        value = device.get(name)
+        if value is None:
+            continue
+        if not in_bounds(value, (low, high)) or (low_excluded and value == low):
+            raise SchemaError(
+                f"ext.device.{name}", f"is {_describe(value)}; allowed: {_fact_range(low, high, low_excluded)} or null"
+            )
+    for name, (low, high) in FACT_MAPS.items():
+        values = device.get(name)
+        if values is None:
+            continue
+        if type(values) is not dict:
+            raise SchemaError(f"ext.device.{name}", f"is {_describe(values)}; allowed: a map of name → number")
+        for key, value in values.items():
+            check_name(f"ext.device.{name}", key)
+            if value is not None and not in_bounds(value, (low, high)):
+                raise SchemaError(
+                    f"ext.device.{name}.{key}"[:200],
+                    f"is {_describe(value)}; allowed: {_fact_range(low, high)} or null",
+                )
+    power_mode_id = device.get("power_mode_id")
+    if power_mode_id is not None and not (type(power_mode_id) is int and 0 <= power_mode_id <= MAX_COUNT):
+        raise SchemaError(
+            "ext.device.power_mode_id", f"is {_describe(power_mode_id)}; allowed: an integer from 0 to {MAX_COUNT}"
+        )
+    for name in FACT_NAMES:
+        value = device.get(name)
+        if type(value) is str:
+            check_name(f"ext.device.{name}", value)
+    throttling = device.get("thermal_throttling")
+    if type(throttling) is list:
+        for i, line in enumerate(throttling):
+            if type(line) is str:
+                check_name(f"ext.device.thermal_throttling[{i}]", line)
 
 
 def _check_int_groups(plan: _Plan, record: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """A loopback OTLP/HTTP receiver for the tests: decodes every request with opentelemetry-proto and keeps it.
 
 It can play a backend that is down (503 with Retry-After), a captive portal or proxy answering ``200`` with a page,
-and a backend refusing (400) any request that carries a given trace id.
+a backend refusing (400) any request that carries a given trace id, a backend refusing (400) every request
+(``refuse``), and one answering with an absurd ``partial_success`` count (``partial_rejected``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def attrs(key_values: Any) -> dict[str, Any]:
 
 @dataclass
 class Receiver:
-    mode: str = "ok"  # ok | down | portal (a captive portal or proxy answering 200)
+    mode: str = "ok"  # ok | down | portal (a captive portal or proxy answering 200) | refuse (400 to everything)
     refuse_trace_ids: set[bytes] = field(default_factory=set)
+    partial_rejected: int | None = None  # partial_success.rejected_spans / rejected_data_points in every answer
+    refuse_devices: set[str] = field(default_factory=set)  # 400 to any request carrying one of these devices
     traces: list[Any] = field(default_factory=list)  # ExportTraceServiceRequest, in arrival order
     metrics: list[Any] = field(default_factory=list)  # ExportMetricsServiceRequest
     answers: list[tuple[str, int]] = field(default_factory=list)
@@ -45,6 +48,9 @@ class Receiver:
         if self.mode == "down":
             self.answers.append((signal, 503))
             return web.Response(status=503, text="unavailable", headers={"Retry-After": "0"})
+        if self.mode == "refuse":  # a backend that is wrong, not the records: 400 whatever arrives
+            self.answers.append((signal, 400))
+            return web.Response(status=400, text="invalid request")
         if self.mode == "portal":  # a sign-in page, then an empty 200 (a proxy's): neither is an OTLP answer
             self.answers.append((signal, 200))
             if sum(1 for name, _ in self.answers if name == signal) % 2:
@@ -56,16 +62,26 @@ class Receiver:
             message = trace_service_pb2.ExportTraceServiceRequest()
             message.ParseFromString(body)
             ids = {s.trace_id for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans}
-            if ids & self.refuse_trace_ids:
+            devices = {attrs(rs.resource.attributes).get("lens.device.id") for rs in message.resource_spans}
+            if ids & self.refuse_trace_ids or devices & self.refuse_devices:
                 self.answers.append((signal, 400))
                 return web.Response(status=400, text="invalid span")
             self.traces.append(message)
             answer: Any = trace_service_pb2.ExportTraceServiceResponse()
+            if self.partial_rejected is not None:
+                answer.partial_success.rejected_spans = self.partial_rejected
         else:
             message = metrics_service_pb2.ExportMetricsServiceRequest()
             message.ParseFromString(body)
+            if {attrs(rm.resource.attributes).get("lens.device.id") for rm in message.resource_metrics} & (
+                self.refuse_devices
+            ):
+                self.answers.append((signal, 400))
+                return web.Response(status=400, text="invalid data point")
             self.metrics.append(message)
             answer = metrics_service_pb2.ExportMetricsServiceResponse()
+            if self.partial_rejected is not None:
+                answer.partial_success.rejected_data_points = self.partial_rejected
         self.answers.append((signal, 200))
         return web.Response(body=answer.SerializeToString(), content_type="application/x-protobuf")
 
