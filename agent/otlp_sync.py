@@ -98,8 +98,23 @@ class OtlpUploader(Uploader):
             if record.get("kind") == "device_facts" and type(ext) is dict and type(ext.get("device")) is dict:
                 self.facts = ext["device"]  # resource_attributes takes only the fields of the expected types
             records.append(record)
-        exported = [r for r in records if r.get("kind") in ("inference", "model_load")]
         resource = self._resource()
+        exported = [r for r in records if r.get("kind") in ("inference", "model_load")]
+        # a record the encoders cannot turn into OTLP is quarantined on its own (lens-agent outbox lists it): it
+        # never holds up the records behind it, and it is never dropped
+        _, _, unencodable = otlp.encode_traces_isolated([(resource, exported)], version=__version__)
+        if unencodable:
+            bad = {id(u.record): u.reason for u in unencodable}
+            kept = []
+            for row, record in zip(rows, records, strict=True):
+                if id(record) in bad:
+                    await self._quarantine(row, f"does not encode as OTLP: {bad[id(record)]}", "unencodable", report)
+                else:
+                    kept.append((row, record))
+            rows, records = [row for row, _ in kept], [record for _, record in kept]
+            exported = [r for r in records if r.get("kind") in ("inference", "model_load")]
+            if not rows:
+                return
         pending = None
         for signal in self.otlp.signals:
             if signal == "traces":

@@ -87,6 +87,7 @@ QUARANTINE_CODES: dict[str, str] = {
     "too_large": "the aggregator refused the record as too large (HTTP 413)",
     "other_device": "the record names another device_id than this device's token (lens-agent outbox retry --as-device)",
     "salvaged": "read back from a damaged outbox file but does not decode",
+    "unencodable": "the OTLP encoders cannot turn the record into spans (a standalone device's export)",
     "other": "quarantined for another reason, or before reason codes existed",
 }
 QUARANTINE_EXITS = ("evicted", "dropped", "retried")  # how a row leaves the quarantine

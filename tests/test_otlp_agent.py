@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.config import load_config
 from agent.otlp_sync import OtlpUploader, standalone_sync_settings
 from agent.outbox import AsyncOutbox, Outbox, outbox_path
@@ -192,3 +194,35 @@ max_tokens = 6
     loads = [s for _, s in receiver.spans() if s.name.startswith("model_load")]
     assert len(loads) == 1
     assert receiver.points(), "metrics too"
+
+
+async def test_a_record_the_encoders_cannot_encode_is_quarantined_and_the_rest_exported(tmp_path: Path) -> None:
+    """A standalone device's outbox holds a record OTLP cannot carry (an integer past 64 bits in its ext): it is
+    quarantined on its own, with the reason, and every other record of its batch reaches the backend."""
+    port = free_port()
+    receiver = Receiver()
+    records = mixed_records(30, seed=29)
+    poisoned = next(r for r in records if r["kind"] == "model_load")
+    poisoned["ext"] = {"model_load": {"engine_load_ms": 12.5, "tensor_bytes": 2**64 - 1}}
+    with pytest.raises(ValueError, match="do not encode"):
+        otlp.encode_traces([({}, [wire.validate_record(wire.to_wire(poisoned))])], version="0")
+    runner = await serve(receiver, port)
+    config = load_config(agent_config(tmp_path, port), environ={})
+    settings = otlp.otlp_settings(config)
+    assert settings is not None
+    box = Outbox(tmp_path / "o.db")
+    box.append_many(records)
+    outbox = AsyncOutbox(box)
+    uploader = OtlpUploader(outbox, standalone_sync_settings(config, settings), settings)
+    try:
+        report = await uploader.sync_now()
+    finally:
+        await uploader.close()
+        await runner.cleanup()
+    assert report.ok and report.quarantined == 1, report
+    assert any("does not encode as OTLP" in line for line in report.details), report.details
+    stats = await outbox.stats()
+    assert stats.records == 0 and stats.quarantined_by_code == {"unencodable": 1}
+    got = {s.trace_id for _, s in receiver.spans()}
+    assert got == {w["id"] for w in exported(records)} - {wire.to_wire(poisoned)["id"]}
+    await outbox.close()

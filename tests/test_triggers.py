@@ -560,8 +560,45 @@ def test_the_alerting_rule_is_valid_and_shipped(tmp_path: Path) -> None:
     assert promtool, "promtool is missing: `make sysdeps` installs Debian's prometheus package"
     rules = ROOT / "packaging" / "prometheus" / "lens-alerts.yml"
     done = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "SUCCESS: 2 rules found" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and "SUCCESS: 3 rules found" in done.stdout, done.stdout + done.stderr
     assert deb_installs()["/usr/share/lens-aggregator/prometheus/lens-alerts.yml"] == rules
+    # a failing OTLP backend alerts after 15 minutes of delivering nothing, and not before
+    series = 'llm_latency_lens_otlp_backend_failing{signal="traces"}'
+    test = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": series, "values": "1x30"}],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "LensOtlpBackendFailing", "exp_alerts": []},
+                    {
+                        "eval_time": "16m",
+                        "alertname": "LensOtlpBackendFailing",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "signal": "traces"},
+                                "exp_annotations": {
+                                    "summary": "lens-aggregator's OTLP backend accepts no traces",
+                                    "description": (
+                                        "No traces export request has been accepted for 15 minutes; the records "
+                                        "wait in the aggregator's store (llm_latency_lens_otlp_pending_records, "
+                                        "llm_latency_lens_otlp_lag_seconds) and are sent once the backend accepts "
+                                        "them again. `lens-aggregator otlp status` shows the last error."
+                                    ),
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "forwarding.yml"
+    path.write_text(json.dumps(test))  # JSON is YAML
+    done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 async def test_the_alert_fires_on_the_aggregators_own_exposition(aiohttp_client: Any, tmp_path: Path) -> None:
