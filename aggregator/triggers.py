@@ -41,6 +41,7 @@ from lens_core.config import Invalid, duration_or_zero, int_range, parse_duratio
 from lens_core.errors import ConfigError
 from lens_core.settings import MAX_KEY_CHARS, parse_key, settings_key
 
+from .reads import truncation
 from .rows import decode_wire
 from .store import Query, Store
 
@@ -762,12 +763,18 @@ class TriggerWatch:
     :meth:`apply`. :meth:`evaluate` runs all three (the CLI, tests). ``clock``: Unix seconds (tests move it)."""
 
     def __init__(
-        self, triggers: Sequence[Trigger], *, interval_s: float = 60.0, clock: Callable[[], float] = time.time
+        self,
+        triggers: Sequence[Trigger],
+        *,
+        interval_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        max_listed: int = 100,
     ) -> None:
         self.triggers = list(triggers)
         self.by_name = {t.name: t for t in self.triggers}
         self.interval_s = interval_s
         self.clock = clock
+        self.max_listed = max_listed  # holding series kept per device for the fleet rows (server.max_read_series)
         self.states: list[SeriesState] = []
         self.last_fired: dict[FireKey, int] = {}
         self.recent: list[dict[str, Any]] = []
@@ -842,7 +849,9 @@ class TriggerWatch:
         holding: dict[str, list[dict[str, Any]]] = {}
         for item in settled.states:
             if item.outcome.holds:
-                holding.setdefault(item.series[0], []).append(item.answer())
+                listed = holding.setdefault(item.series[0], [])
+                if len(listed) < self.max_listed:  # a fleet row stays bounded (GET /api/v1/triggers has them all)
+                    listed.append(item.answer())
         self.states = settled.states
         self.last_fired = settled.last
         self.recent = settled.recent
@@ -864,13 +873,56 @@ class TriggerWatch:
         """Each device's series whose condition holds, as ``GET /api/v1/triggers`` shows them: the fleet rows."""
         return self._holding
 
-    def answer(self) -> dict[str, Any]:
-        """``GET /api/v1/triggers``."""
-        by_trigger: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.triggers}
+    def answer(
+        self,
+        *,
+        max_series: int | None = None,
+        device: str | None = None,
+        trigger: str | None = None,
+        deadline: Any = None,
+    ) -> dict[str, Any]:
+        """``GET /api/v1/triggers``: every trigger with its series' states (worst first), the series whose condition
+        holds and the latest fires. ``max_series``: at most that many series per trigger and in ``holding``
+        (``truncated`` counts the rest); ``device``, ``trigger``: only those series; ``deadline``: a
+        ``reads.Deadline`` checked as the answer is built (it may run on a read thread: ``states`` is replaced
+        whole by :meth:`apply`, never changed in place)."""
+        states = self.states
         rank = {"firing": 0, "cooling_down": 1, "ok": 2, "insufficient_data": 3}
-        for item in sorted(self.states, key=lambda s: rank[s.state]):
-            by_trigger[item.trigger.name].append(item.answer())
-        return {
+        check = deadline.every(5_000) if deadline is not None else (lambda: None)
+        chosen = []
+        for item in states:
+            check()
+            if (device is None or item.series[0] == device) and (trigger is None or item.trigger.name == trigger):
+                chosen.append(item)
+        chosen.sort(key=lambda s: rank[s.state])
+        limit = max_series if max_series is not None else len(chosen) + 1
+        by_trigger: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.triggers}
+        left_out: dict[str, int] = {}
+        holding: list[dict[str, Any]] = []
+        holding_left = 0
+        for item in chosen:
+            check()
+            listed = by_trigger[item.trigger.name]
+            if len(listed) < limit:
+                listed.append(item.answer())
+            else:
+                left_out[item.trigger.name] = left_out.get(item.trigger.name, 0) + 1
+            if item.outcome.holds:
+                if len(holding) < limit:
+                    holding.append(item.answer())
+                else:
+                    holding_left += 1
+        truncated: dict[str, Any] = {}
+        narrow = "?trigger=NAME and/or ?device=ID"
+        for name, more in left_out.items():
+            truncated.setdefault("series", {})[name] = truncation(
+                more, f"series of {name} beyond {limit} (server.max_read_series), worst states first", narrow
+            )
+        if holding_left:
+            truncated["holding"] = truncation(
+                holding_left, f"series whose condition holds beyond {limit} (server.max_read_series)", narrow
+            )
+        answer = {
             "evaluated_at": iso(self.evaluated_us),
             "interval_s": self.interval_s,
             "triggers": [
@@ -887,8 +939,9 @@ class TriggerWatch:
                     "series": by_trigger[t.name],
                 }
                 for t in self.triggers
+                if trigger is None or t.name == trigger
             ],
-            "holding": [s.answer() for s in self.holding()],
+            "holding": holding,
             "fires": self.recent,
             "rows": {
                 "read": self.rows.read,
@@ -900,3 +953,6 @@ class TriggerWatch:
             },
             "failures": self.failures,
         }
+        if truncated:
+            answer["truncated"] = truncated
+        return answer
