@@ -45,9 +45,7 @@ class Settings:
     max_decompressed_bytes: int = 64 * 1024**2
     max_metric_series: int = 10_000
     max_metric_series_per_device: int = 200  # /metrics: label sets of one device; past it folded to "other"
-    # /metrics is built off the loop at most this often, scrapes within share the build; the configuration's
-    # default is 5 s (server.metrics_max_age), 0 here: each scrape builds (still shared while one is building)
-    metrics_max_age_s: float = 0.0
+    metrics_max_age_s: float = 5.0  # /metrics is built off the loop; a build is reused at most this long
     max_read_series: int = 100  # series, groups or trigger states one read answers; the rest: a truncated marker
     retention_s: float | None = None  # drop measurements older than this, hourly
     max_batch_records: int = wire.MAX_BATCH_RECORDS
@@ -483,7 +481,7 @@ async def logout(request: web.Request) -> web.Response:
 
 @read_endpoint
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Built on a thread of its own, at most once per ``server.metrics_max_age`` (scrapes share a build)."""
+    """Built on a thread of its own and shared (``metrics.ExpositionCache``, ``server.metrics_max_age``)."""
     body = await request.app[EXPOSITION].get()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

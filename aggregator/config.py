@@ -51,7 +51,8 @@ SCHEMA: Schema = {
         "metrics_max_age": KeySpec(
             duration_or_zero,
             const(5.0),
-            "/metrics is built off the event loop at most this often; scrapes within share the build (0: each)",
+            "/metrics is built off the event loop; a build is reused for at most this long (and at most 10× its "
+            "build time), concurrent scrapes share one (0: each scrape builds)",
         ),
         "max_read_series": KeySpec(
             int_range(1, 100_000),

@@ -608,16 +608,23 @@ class FleetMetrics:
 
 
 class ExpositionCache:
-    """``/metrics`` built off the event loop, at most once per ``max_age_s``: a scrape within that age gets the
-    last build, scrapes that arrive during a build share it. ``max_age_s`` 0: every scrape builds (still shared
-    while one is running)."""
+    """``/metrics`` built off the event loop and shared: scrapes that arrive during a build wait for it, and a build
+    is reused by later scrapes for at most ``max_age_s`` and at most ``reuse_factor`` times as long as it took to
+    build. A cheap exposition is therefore (nearly) always fresh, and an expensive one is built at most once per
+    ``max_age_s``: however often it is scraped, building takes at most about 1 / (1 + ``reuse_factor``) of one core.
+    ``max_age_s`` 0: every scrape builds (still shared while one is running)."""
 
     def __init__(
-        self, build: Callable[[], bytes], max_age_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        build: Callable[[], bytes],
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        reuse_factor: float = 10.0,
     ) -> None:
         self.build = build
         self.max_age_s = max_age_s
         self.clock = clock
+        self.reuse_factor = reuse_factor
         self.builds = 0
         self.last_build_s: float | None = None
         self._body: bytes | None = None
@@ -632,8 +639,10 @@ class ExpositionCache:
         return body
 
     async def get(self) -> bytes:
-        if self._body is not None and self.clock() - self._built_at < self.max_age_s:
-            return self._body
+        if self._body is not None:
+            reuse = min(self.max_age_s, self.reuse_factor * (self.last_build_s or 0.0))
+            if self.clock() - self._built_at < reuse:
+                return self._body
         if self._building is None:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-exposition")

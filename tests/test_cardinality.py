@@ -172,7 +172,8 @@ def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     ]
 
 
-async def test_concurrent_scrapes_share_one_build_and_a_fresh_one_is_reused() -> None:
+async def test_concurrent_scrapes_share_one_build_and_a_recent_one_is_reused() -> None:
+    """A build of 0.2 s is reused for 10 × 0.2 s, within max_age; a build is never reused past max_age."""
     builds = 0
 
     def build() -> bytes:
@@ -183,15 +184,24 @@ async def test_concurrent_scrapes_share_one_build_and_a_fresh_one_is_reused() ->
 
     now = [0.0]
     cache = ExpositionCache(build, max_age_s=5.0, clock=lambda: now[0])
+    capped = ExpositionCache(build, max_age_s=1.0, clock=lambda: now[0])
     try:
         bodies = await asyncio.gather(*(cache.get() for _ in range(8)))
         assert builds == 1 and set(bodies) == {b"x 1\n"}
-        now[0] = 4.9
+        assert cache.last_build_s is not None and 0.2 <= cache.last_build_s < 1.0
+        now[0] = 1.9
         assert await cache.get() == b"x 1\n" and builds == 1
-        now[0] = 5.1
+        now[0] = 10 * cache.last_build_s + 0.01
         assert await cache.get() == b"x 2\n" and builds == 2
+        now[0] = 0.0
+        assert await capped.get() == b"x 3\n"
+        now[0] = 0.9
+        assert await capped.get() == b"x 3\n"
+        now[0] = 1.01  # within 10 × its build time, but past max_age
+        assert await capped.get() == b"x 4\n" and builds == 4
     finally:
         cache.close()
+        capped.close()
 
 
 def test_bound_series_keeps_the_newest_per_device_and_counts_the_rest() -> None:

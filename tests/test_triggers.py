@@ -235,7 +235,8 @@ def test_the_shipped_triggers() -> None:
 
 # -- a fleet with planted conditions ----------------------------------------------------------------------------------
 async def fleet_app(aiohttp_client: Any, store: Any, triggers: list[Trigger], clock: Clock) -> Any:
-    settings = Settings(regression_interval_s=0.0, trigger_interval_s=3600.0)
+    # metrics_max_age_s=0: each scrape builds /metrics afresh (the tests scrape right after each evaluation)
+    settings = Settings(regression_interval_s=0.0, trigger_interval_s=3600.0, metrics_max_age_s=0.0)
     return await aiohttp_client(create_app(settings, store, triggers=triggers, clock=clock))
 
 
