@@ -401,8 +401,12 @@ def test_a_flood_from_one_device_stays_bounded_everywhere(serve: Any) -> None:
         assert len(body) < 1_000_000
 
         # every read after the flood: bounded in size, and within max_query_seconds or a clean 503
+        answered: list[str] = []
+
         def read(path: str, bound: int) -> bytes:
             status, body, seconds = client.request("GET", path)
+            if status == 200:
+                answered.append(path)
             assert status in (200, 503), (path, status, body[:300])
             if status == 503:
                 assert "longer than 3 s" in json.loads(body)["error"], body[:300]
@@ -437,6 +441,7 @@ def test_a_flood_from_one_device_stays_bounded_everywhere(serve: Any) -> None:
         narrowed = read("/api/v1/triggers?device=dev-b", 300_000)
         if narrowed:
             assert all(s["device_id"] == "dev-b" for s in json.loads(narrowed)["holding"])
+        assert len(answered) >= 4, answered  # 3,000 rows are read well within 3 s: most reads answer in full
         assert client.request("GET", "/api/v1/health")[0] == 200
     finally:
         client.close()
