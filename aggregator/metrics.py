@@ -610,8 +610,9 @@ class FleetMetrics:
 class ExpositionCache:
     """``/metrics`` built off the event loop and shared: scrapes that arrive during a build wait for it, and a build
     is reused by later scrapes for at most ``max_age_s`` and at most ``reuse_factor`` times as long as it took to
-    build. A cheap exposition is therefore (nearly) always fresh, and an expensive one is built at most once per
-    ``max_age_s``: however often it is scraped, building takes at most about 1 / (1 + ``reuse_factor``) of one core.
+    build, counted from when the build ended. A cheap exposition is therefore (nearly) always fresh, and however often
+    it is scraped, building takes at most 1 / (1 + ``reuse_factor``) of one core while a build is shorter than
+    ``max_age_s / reuse_factor``; a longer one starts at most once per ``max_age_s`` after the last one ended.
     ``max_age_s`` 0: every scrape builds (still shared while one is running)."""
 
     def __init__(
@@ -646,14 +647,13 @@ class ExpositionCache:
         if self._building is None:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-exposition")
-            started = self.clock()
             future = asyncio.get_running_loop().run_in_executor(self._executor, self._run)
             self._building = future
 
             def done(f: asyncio.Future[bytes]) -> None:
                 self._building = None
                 if not f.cancelled() and f.exception() is None:
-                    self._body, self._built_at = f.result(), started
+                    self._body, self._built_at = f.result(), self.clock()  # reused from when it ended
                     self.builds += 1
 
             future.add_done_callback(done)
