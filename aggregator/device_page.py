@@ -186,9 +186,8 @@ fetch("../api/v1/devices").then(r => r.ok ? r.json() : {devices: []}).then(body 
 });
 if (other && !data.compare) text("compare-note", "no device called " + other + " has sent measurements");
 
-// what a bounded answer left out (server.max_read_series), and what /metrics folded of this device's label sets
+// what a bounded answer left out (server.max_read_series); what /metrics folded is one of the health reasons
 const notes = Object.values(data.truncated || {}).map(t => t.message);
-if (data.metric_series) notes.push(data.metric_series.summary);
 document.getElementById("truncated").replaceChildren(...notes.map(m => el("li", m)));
 document.getElementById("truncated").hidden = notes.length === 0;
 showDevice(data.device);
