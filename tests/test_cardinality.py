@@ -528,3 +528,47 @@ def test_default_bounds_hold_and_health_stays_fast_during_scrapes(serve: Any) ->
         assert max(scraper.sizes) < 4_000_000, max(scraper.sizes)  # docs/metrics.md: 200 label sets ≈ 3 MB
     finally:
         health.close()
+
+
+def test_the_fold_alert_fires_on_the_aggregators_own_overflow_counter(tmp_path: Path) -> None:
+    """promtool's rule test, fed with the overflow counter of a real flood (growing by what one flood folds every
+    minute): LensMetricSeriesFolded fires for the per-device bound and not for the global one."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make sysdeps` installs Debian's prometheus package"
+    metrics = FleetMetrics(max_series=1000, max_series_per_device=5)
+    metrics.observe("dev-a", [_inference(f"m{i}") for i in range(50)])
+    series = [
+        {
+            "series": 'llm_latency_lens_metric_series_overflow_total{reason="' + labels["reason"] + '"}',
+            "values": f"0+{value:g}x20",
+        }
+        for labels, value in _samples(metrics.exposition().decode(), "llm_latency_lens_metric_series_overflow_total")
+    ]
+    assert {s["values"] for s in series} == {"0+45x20", "0+0x20"}
+    rules = Path(__file__).resolve().parents[1] / "packaging" / "prometheus" / "lens-alerts.yml"
+    alert = {
+        "exp_labels": {"severity": "warning", "reason": "per_device"},
+        "exp_annotations": {
+            "summary": 'lens-aggregator folds label sets into "other" (the per_device bound is reached)',
+            "description": (
+                'Observations are counted under the "other" series on /metrics because the per_device bound on '
+                "label sets is reached (server.max_metric_series_per_device, server.max_metric_series). "
+                "GET /api/v1/devices names the device (metric_series) and its health says so."
+            ),
+        },
+    }
+    test = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "alert_rule_test": [{"eval_time": "10m", "alertname": "LensMetricSeriesFolded", "exp_alerts": [alert]}],
+            }
+        ],
+    }
+    path = tmp_path / "test.yml"
+    path.write_text(json.dumps(test))  # JSON is YAML
+    done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
