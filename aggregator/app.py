@@ -590,7 +590,8 @@ async def evaluate_triggers(app: web.Application) -> TriggerWatch:
     observation = await runner.read(watch.observe, runner.store, found)
     settled = await runner.call(watch.settle, runner.store, observation)
     watch.apply(settled)
-    app[METRICS].triggers(watch.holding(), settled.fires)
+    # the gauges of every holding series through the label-set budget: off the loop (a flood holds thousands)
+    await asyncio.get_running_loop().run_in_executor(None, app[METRICS].triggers, watch.holding(), settled.fires)
     return watch
 
 
