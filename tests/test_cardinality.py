@@ -437,7 +437,8 @@ def test_a_flood_from_one_device_stays_bounded_everywhere(serve: Any) -> None:
         if triggers:
             answer = json.loads(triggers)
             assert len(answer["holding"]) <= 20 and len(answer["triggers"][0]["series"]) <= 20
-            assert answer["truncated"]["holding"]["more"] > 900
+            # 500 series of dev-1 judged (triggers.MAX_SERIES_PER_DEVICE), a third of them failing
+            assert answer["truncated"]["holding"]["more"] > 100 and answer["rows"]["series_skipped"] == 2500
         narrowed = read("/api/v1/triggers?device=dev-b", 300_000)
         if narrowed:
             assert all(s["device_id"] == "dev-b" for s in json.loads(narrowed)["holding"])
@@ -572,3 +573,25 @@ def test_the_fold_alert_fires_on_the_aggregators_own_overflow_counter(tmp_path: 
     path.write_text(json.dumps(test))  # JSON is YAML
     done = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_trigger_evaluation_judges_at_most_its_bound_of_series_per_device() -> None:
+    """A device with more series than MAX_SERIES_PER_DEVICE in a window: the ones with the latest requests are
+    judged, the rest counted; another device is judged whole."""
+    from aggregator import triggers as trig
+
+    now_us = 10_000_000_000
+    rule = trig.Trigger(name="fails", condition="error_rate_above", threshold=0.0, window_s=3600.0, cooldown_s=60.0,
+                        min_samples=1)  # fmt: skip
+    limit = trig.MAX_SERIES_PER_DEVICE
+    flood = [
+        trig.Sample("dev-a", f"m{i}", None, now_us - 1_000_000 * (limit + 50) + 1_000_000 * i, ok=False)
+        for i in range(limit + 50)
+    ]
+    steady = [trig.Sample("dev-b", "m", None, now_us - 5_000_000, ok=False)]
+    counts = trig.RowCount()
+    judged = trig.evaluate([rule], flood + steady, now_us, counts=counts)
+    mine = {ev.series[1] for ev in judged if ev.series[0] == "dev-a"}
+    assert len(mine) == limit and "m49" not in mine and f"m{limit + 49}" in mine  # the newest kept
+    assert counts.series_skipped == 50
+    assert any(ev.series[0] == "dev-b" and ev.outcome.holds for ev in judged)
