@@ -3,6 +3,11 @@
 ``GET /api/v1/measurements?device=&model=&strategy=&kind=&since=&until=&limit=&cursor=&order=&format=``
 ``GET /api/v1/summary?device=&model=&strategy=&since=&until=&group_by=``
 
+A summary reads at most :data:`MAX_SUMMARY_ROWS` requests (the most recently received that match) and answers at most
+``server.max_read_series`` groups (those with the most requests); ``truncated`` says what was left out and how to
+narrow the query. Through a ``reads.BoundedStore`` the Python-side work honours ``server.max_query_seconds`` as the
+SQL does (503 past it).
+
 Times are ISO 8601 (``2026-11-27T10:00:00Z``) or Unix seconds; ``since`` is inclusive, ``until`` exclusive, both
 on the device's start time. Pages follow the order of receipt (``order=oldest``, the default) or its reverse
 (``order=newest``: the latest first); ``cursor`` is the ``next_cursor`` of the previous page. A bad parameter is
@@ -24,11 +29,14 @@ from aiohttp import web
 from lens_core.stats import latency_distribution
 
 from . import rows as rows_mod
+from .reads import deadline_of, truncation
 from .store import Query, Store
 
 MAX_LIMIT = 10_000
 MAX_ANSWER_BYTES = 32 * 1024**2  # a JSON page ends early (with next_cursor) rather than grow past this
 MAX_FILTER_CHARS = 256  # device, model, strategy, kind: as long as the record schema allows
+MAX_SUMMARY_ROWS = 250_000  # requests one summary reads (the most recently received that match)
+DEFAULT_MAX_GROUPS = 100  # server.max_read_series
 CSV_COLUMNS = (
     "id",
     "device_id",
@@ -257,25 +265,35 @@ def _summary_row_ok(row: tuple[Any, ...]) -> bool:
     return row[6] is None or isinstance(row[6], str)
 
 
-def summary_response(store: Store, params: Any) -> web.Response:
+def summary_response(store: Store, params: Any, max_groups: int | None = None) -> web.Response:
     query = parse_query(params)
     group_by = params.get("group_by") or ""
     columns = {"": None, "device": "device_id", "model": "model_name", "strategy": "strategy"}
     if group_by not in columns:
         raise BadParameter("group_by", group_by, "device, model or strategy")
+    if max_groups is None:
+        max_groups = getattr(store, "max_series", DEFAULT_MAX_GROUPS)
+    deadline = deadline_of(store)
     key = columns[group_by]
     inference = Query(**{**query.__dict__, "kind": query.kind or "inference"})
-    rows = store.columns(
-        inference, [key or "'all'", "ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "error_type"]
+    rows = store.latest_columns(
+        inference,
+        [key or "'all'", "ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "error_type"],
+        MAX_SUMMARY_ROWS,
     )
+    check = deadline.every(20_000)
     groups: dict[str, list[tuple[Any, ...]]] = {}
     for row in rows:
+        check()
         if not _summary_row_ok(row):
             rows_mod.skipped({"seq": None}, TypeError(f"summary columns of unexpected types: {row[1:]!r}"[:200]))
             continue
         groups.setdefault(str(row[0]), []).append(row)
+    shown = sorted(sorted(groups, key=lambda name: (-len(groups[name]), name))[:max_groups])
     out = {}
-    for name, members in sorted(groups.items()):
+    for name in shown:
+        deadline.check()
+        members = groups[name]
         ok = [m for m in members if m[1]]
         errors: dict[str, int] = {}
         for m in members:
@@ -283,7 +301,7 @@ def summary_response(store: Store, params: Any) -> web.Response:
                 errors[m[6] or "unknown"] = errors.get(m[6] or "unknown", 0) + 1
         out[name] = {
             "requests": len(members),
-            "errors": errors,
+            "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:max_groups]),
             "latency_metrics": {
                 metric: dist
                 for metric, values in (
@@ -295,6 +313,31 @@ def summary_response(store: Store, params: Any) -> web.Response:
             },
             "output_tokens": sum(m[5] or 0 for m in ok),
         }
-    return web.json_response(
-        {"group_by": group_by or None, "since": params.get("since"), "until": params.get("until"), "groups": out}
-    )
+        if len(errors) > max_groups:
+            out[name]["errors_truncated"] = truncation(
+                len(errors) - max_groups, "error types (server.max_read_series)", "/api/v1/measurements?…"
+            )
+    answer: dict[str, Any] = {
+        "group_by": group_by or None,
+        "since": params.get("since"),
+        "until": params.get("until"),
+        "groups": out,
+    }
+    truncated: dict[str, Any] = {}
+    if len(groups) > len(shown):
+        left = [name for name in groups if name not in out]
+        truncated["groups"] = truncation(
+            len(left),
+            f"groups beyond the {max_groups} with the most requests (server.max_read_series), "
+            f"{sum(len(groups[name]) for name in left):,} requests",
+            "device=, model=, strategy=, since= or until=",
+        )
+    if len(rows) >= MAX_SUMMARY_ROWS:
+        truncated["rows"] = {
+            "limit": MAX_SUMMARY_ROWS,
+            "message": f"truncated: only the {MAX_SUMMARY_ROWS:,} most recently received matching requests were "
+            "read; narrow the query with since=, until=, device= or model=",
+        }
+    if truncated:
+        answer["truncated"] = truncated
+    return web.json_response(answer)

@@ -24,11 +24,11 @@ from aiohttp import web
 
 from lens_core import wire
 
-from . import __version__, api, feedback, regressions, timeline
+from . import __version__, api, feedback, reads, regressions, timeline
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, fleet_rows
 from .health import Health
-from .metrics import CONTENT_TYPE, FleetMetrics, OtlpCollector
+from .metrics import CONTENT_TYPE, ExpositionCache, FleetMetrics, OtlpCollector
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
 from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
@@ -44,6 +44,9 @@ class Settings:
     max_body_bytes: int = 16 * 1024**2
     max_decompressed_bytes: int = 64 * 1024**2
     max_metric_series: int = 10_000
+    max_metric_series_per_device: int = 200  # /metrics: label sets of one device; past it folded to "other"
+    metrics_max_age_s: float = 5.0  # /metrics is built off the loop; a build is reused at most this long
+    max_read_series: int = 100  # series, groups or trigger states one read answers; the rest: a truncated marker
     retention_s: float | None = None  # drop measurements older than this, hourly
     max_batch_records: int = wire.MAX_BATCH_RECORDS
     max_form_bytes: int = 4096  # POST /login: a token is a few dozen bytes
@@ -73,6 +76,9 @@ class Settings:
             max_body_bytes=server["max_body_bytes"],
             max_decompressed_bytes=server["max_decompressed_bytes"],
             max_metric_series=server["max_metric_series"],
+            max_metric_series_per_device=server["max_metric_series_per_device"],
+            metrics_max_age_s=server["metrics_max_age"],
+            max_read_series=server["max_read_series"],
             retention_s=config.get("storage", "retention"),
             max_batch_records=server["max_batch_records"],
             max_form_bytes=server["max_form_bytes"],
@@ -94,14 +100,20 @@ class Settings:
             otlp=otlp_settings(config, os.environ),
         )
 
-    def health(self) -> Health:
+    def health(self, metric_folds: Callable[[str], dict[str, Any] | None] | None = None) -> Health:
+        """The health thresholds; ``metric_folds``: what /metrics folded of a device (``device_status``)."""
         return Health(
             late_after_s=self.late_after_s,
             silent_after_s=self.silent_after_s,
             error_rate_warning=self.error_rate_warning,
             error_rate_critical=self.error_rate_critical,
             window_s=self.health_window_s,
+            metric_folds=metric_folds,
         )
+
+    def bounded(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn(store, …)`` on a read thread under this read's bounds (``reads.bounded``)."""
+        return reads.bounded(fn, self.max_query_seconds, self.max_read_series)
 
     @property
     def loopback_only(self) -> bool:
@@ -149,6 +161,7 @@ class StoreRunner:
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", StoreRunner)
 METRICS = web.AppKey("metrics", FleetMetrics)
+EXPOSITION = web.AppKey("exposition", ExpositionCache)
 EVENTS = web.AppKey("events", Broadcaster)
 DECODERS = web.AppKey("decoders", ThreadPoolExecutor)
 WATCH = web.AppKey("regression_watch", regressions.Watch)
@@ -468,14 +481,15 @@ async def logout(request: web.Request) -> web.Response:
 
 @read_endpoint
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = request.app[METRICS].exposition()
+    """Built on a thread of its own and shared (``metrics.ExpositionCache``, ``server.metrics_max_age``)."""
+    body = await request.app[EXPOSITION].get()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def _read(request: web.Request, build: Any) -> web.Response:
     runner = request.app[STORE]
     try:
-        return await runner.read(build, runner.store, request.rel_url.query)
+        return await runner.read(request.app[SETTINGS].bounded(build), runner.store, request.rel_url.query)
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
 
@@ -510,14 +524,20 @@ def fleet_answer(
     now: float,
     only: str | None = None,
     triggers: TriggerWatch | None = None,
+    metric_folds: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """What ``/api/v1/fleet``, the fleet page and a live update show (on a read thread): each device's row (or only
     that one's) with its current regressions and the triggers whose condition holds, and the late and silent
-    thresholds."""
-    health = settings.health()
+    thresholds. Through a ``reads.BoundedStore``, each row holds at most ``server.max_read_series`` series and
+    ``truncated`` says how many more there were."""
+    health = settings.health(metric_folds)
     held = triggers.by_device() if triggers is not None else None
     rows = fleet_rows(store, now, health=health, only=only, regressions=watch.by_device(), triggers=held)
-    return {"devices": rows, "late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
+    answer = {"devices": rows, "late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
+    truncated = reads.series_truncation(store)
+    if truncated is not None:
+        answer["truncated"] = truncated
+    return answer
 
 
 async def refresh_regressions(app: web.Application, *, force: bool = False) -> regressions.Watch:
@@ -537,10 +557,13 @@ async def _publish_with_row(app: web.Application, event: dict[str, Any]) -> None
     replaces that row instead of every page fetching the whole fleet on every batch. When reads are saturated
     the event goes out without the row (the page then fetches the fleet itself)."""
     runner = app[STORE]
+    settings, watch, triggers, folds = app[SETTINGS], app[WATCH], app[TRIGGERS], app[METRICS].budget.device_status
+
+    def build(store: Store, now: float, device: str) -> dict[str, Any]:  # a bounded row: see fleet_answer
+        return fleet_answer(settings, watch, store, now, device, triggers, folds)
+
     try:
-        answer = await runner.read(
-            fleet_answer, app[SETTINGS], app[WATCH], runner.store, time.time(), event["device_id"], app[TRIGGERS]
-        )
+        answer = await runner.read(settings.bounded(build), runner.store, time.time(), event["device_id"])
         if answer["devices"]:
             event["device"] = answer["devices"][0]
     except (Busy, QueryTimeout) as exc:
@@ -567,7 +590,8 @@ async def evaluate_triggers(app: web.Application) -> TriggerWatch:
     observation = await runner.read(watch.observe, runner.store, found)
     settled = await runner.call(watch.settle, runner.store, observation)
     watch.apply(settled)
-    app[METRICS].triggers(watch.holding(), settled.fires)
+    # the gauges of every holding series through the label-set budget: off the loop (a flood holds thousands)
+    await asyncio.get_running_loop().run_in_executor(None, app[METRICS].triggers, watch.holding(), settled.fires)
     return watch
 
 
@@ -600,15 +624,43 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
 
 @read_endpoint
 async def triggers_endpoint(request: web.Request) -> web.Response:
-    return web.json_response(request.app[TRIGGERS].answer())
+    """``GET /api/v1/triggers[?trigger=NAME][&device=ID]``: built on a read thread, at most ``server.max_read_series``
+    series per trigger and in ``holding`` (worst states first; ``truncated`` counts the rest)."""
+    app = request.app
+    settings, watch, runner = app[SETTINGS], app[TRIGGERS], app[STORE]
+    query = request.rel_url.query
+    try:
+        unknown = sorted(set(query) - {"trigger", "device"})
+        if unknown:
+            raise api.BadParameter(unknown[0], query[unknown[0]][:40], "one of the parameters device, trigger")
+        for name in ("trigger", "device"):
+            value = query.get(name)
+            if value is not None and (len(value) > api.MAX_FILTER_CHARS or "\x00" in value):
+                raise api.BadParameter(name, value[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+    except api.BadParameter as exc:
+        return _error(400, str(exc), parameter=exc.name)
+
+    def build(store: Store) -> dict[str, Any]:
+        return watch.answer(
+            max_series=settings.max_read_series,
+            device=query.get("device") or None,
+            trigger=query.get("trigger") or None,
+            deadline=reads.deadline_of(store),
+        )
+
+    return web.json_response(await runner.read(settings.bounded(build), runner.store))
 
 
 @read_endpoint
 async def fleet(request: web.Request) -> web.Response:
     runner = request.app[STORE]
     app = request.app
-    answer = await runner.read(fleet_answer, app[SETTINGS], app[WATCH], runner.store, time.time(), None, app[TRIGGERS])
-    return web.json_response(answer)
+    settings, watch, triggers, folds = app[SETTINGS], app[WATCH], app[TRIGGERS], app[METRICS].budget.device_status
+
+    def build(store: Store, now: float) -> dict[str, Any]:
+        return fleet_answer(settings, watch, store, now, None, triggers, folds)
+
+    return web.json_response(await runner.read(settings.bounded(build), runner.store, time.time()))
 
 
 @read_endpoint
@@ -620,11 +672,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
     settings, watch, triggers = request.app[SETTINGS], request.app[WATCH], request.app[TRIGGERS]
+    folds = request.app[METRICS].budget.device_status
 
     def build(store: Store, now: float) -> str:
-        return with_data(FLEET_PAGE, fleet_answer(settings, watch, store, now, triggers=triggers))
+        return with_data(FLEET_PAGE, fleet_answer(settings, watch, store, now, triggers=triggers, metric_folds=folds))
 
-    return web.Response(text=await runner.read(build, runner.store, time.time()), content_type="text/html")
+    text = await runner.read(settings.bounded(build), runner.store, time.time())
+    return web.Response(text=text, content_type="text/html")
 
 
 def device_answer(
@@ -635,25 +689,42 @@ def device_answer(
     device: str,
     params: dict[str, Any],
     other: str | None = None,
+    metric_folds: Callable[[str], dict[str, Any] | None] | None = None,
 ) -> dict[str, Any] | None:
     """What the device page shows first (on a read thread): the device's fleet row (health, facts, series), its
     downsampled timeline (``params``: of :func:`aggregator.timeline.timeline`), the ``other`` device's over the
-    same buckets when one is compared, and its latest batches; None for a device that never sent a batch."""
-    rows = fleet_rows(store, now, health=settings.health(), only=device, regressions=watch.by_device())
+    same buckets when one is compared, and its latest batches; None for a device that never sent a batch. Through a
+    ``reads.BoundedStore`` (``Settings.bounded``) every part is bounded to ``server.max_read_series`` series, and
+    ``truncated`` lists what was left out."""
+    health = settings.health(metric_folds)
+    rows = fleet_rows(store, now, health=health, only=device, regressions=watch.by_device())
     if not rows:
         return None
     recent = store.syncs(device, limit=10)
-    mine = timeline.timeline(store, device, **params)
+    mine = timeline.timeline(store, device, max_series=settings.max_read_series, **params)
     compare = None
     if other and store.device(other) is not None:  # the other device over the same buckets
         compare = timeline.timeline(
-            store, other, since_us=mine["since_us"], until_us=mine["until_us"], width_s=mine["width_s"]
+            store,
+            other,
+            since_us=mine["since_us"],
+            until_us=mine["until_us"],
+            width_s=mine["width_s"],
+            max_series=settings.max_read_series,
         )
+    truncated = {}
+    if (series := reads.series_truncation(store, device)) is not None:
+        truncated["series"] = series
+    for name, part in (("timeline", mine), ("compare", compare)):
+        if part is not None and part.get("series_truncated"):
+            truncated[name] = part["series_truncated"]
     return {
         "device": rows[0],
+        "metric_series": health.folds(device),
         "timeline": mine,
         "compare": compare,
         "recent_syncs": [sync._asdict() for sync in reversed(recent)],
+        "truncated": truncated,
     }
 
 
@@ -667,10 +738,10 @@ def _device_id(request: web.Request) -> str:
 @read_endpoint
 async def device_page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
-    settings, watch = request.app[SETTINGS], request.app[WATCH]
+    settings, watch, folds = request.app[SETTINGS], request.app[WATCH], request.app[METRICS].budget.device_status
 
     def build(store: Store, device: str, params: dict[str, Any], other: str | None) -> str | None:
-        answer = device_answer(settings, watch, store, time.time(), device, params, other)
+        answer = device_answer(settings, watch, store, time.time(), device, params, other, folds)
         return None if answer is None else with_data(DEVICE_PAGE, answer)
 
     query = request.rel_url.query
@@ -684,7 +755,7 @@ async def device_page(request: web.Request) -> web.Response:
             raise api.BadParameter("compare", other[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
-    text = await runner.read(build, runner.store, device, {"range_s": RANGES[range_name]}, other)
+    text = await runner.read(settings.bounded(build), runner.store, device, {"range_s": RANGES[range_name]}, other)
     if text is None:
         return web.Response(text=not_found(device), status=404, content_type="text/html")
     return web.Response(text=text, content_type="text/html")
@@ -694,17 +765,17 @@ async def device_page(request: web.Request) -> web.Response:
 async def device_timeline(request: web.Request) -> web.Response:
     """``GET /api/v1/devices/{device}/timeline``: the device's history in at most ``points`` buckets
     (:mod:`aggregator.timeline`); 404 for a device that never sent a batch."""
-    runner = request.app[STORE]
+    runner, settings = request.app[STORE], request.app[SETTINGS]
 
     def build(store: Store, device: str, params: dict[str, Any]) -> dict[str, Any] | None:
         if store.device(device) is None:
             return None
-        return timeline.timeline(store, device, **params)
+        return timeline.timeline(store, device, max_series=settings.max_read_series, **params)
 
     try:
         device = _device_id(request)
         params = timeline.parse_params(request.rel_url.query)
-        answer = await runner.read(build, runner.store, device, params)
+        answer = await runner.read(settings.bounded(build), runner.store, device, params)
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
     if answer is None:
@@ -733,6 +804,9 @@ async def static_file(request: web.Request) -> web.Response:
 async def devices(request: web.Request) -> web.Response:
     runner = request.app[STORE]
     rows = await runner.read(runner.store.devices)
+    health = request.app[SETTINGS].health(request.app[METRICS].budget.device_status)
+    for row in rows:  # what /metrics folded of the device's label sets (None: nothing within the health window)
+        row["metric_series"] = health.folds(row["device_id"])
     return web.json_response({"devices": rows}, dumps=json.dumps)
 
 
@@ -751,16 +825,22 @@ def create_app(
     if hasattr(store, "max_query_seconds"):
         store.max_query_seconds = settings.max_query_seconds
     fleet_metrics = FleetMetrics(
-        settings.max_metric_series, max_label_chars=settings.max_label_chars, stale_after_s=settings.stale_after_s
+        settings.max_metric_series,
+        max_series_per_device=settings.max_metric_series_per_device,
+        max_label_chars=settings.max_label_chars,
+        stale_after_s=settings.stale_after_s,
     )
     app[METRICS] = fleet_metrics
+    app[EXPOSITION] = ExpositionCache(fleet_metrics.exposition, settings.metrics_max_age_s)
     app[EVENTS] = Broadcaster()
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
     app[PUBLISHING] = set()
     app[WATCH] = regressions.Watch(
         settings.regression_interval_s, regressions.Settings(min_change=settings.regression_min_change)
     )
-    app[TRIGGERS] = TriggerWatch(triggers, interval_s=settings.trigger_interval_s, clock=clock)
+    app[TRIGGERS] = TriggerWatch(
+        triggers, interval_s=settings.trigger_interval_s, clock=clock, max_listed=settings.max_read_series
+    )
     app[FEEDBACK] = feedback.FeedbackCache(settings.feedback_interval_s, settings.feedback_settings)
     fleet_metrics.configure_triggers([t.name for t in triggers])
 
@@ -864,6 +944,7 @@ def create_app(
         for task in list(publishing):
             task.cancel()
         app[DECODERS].shutdown(wait=True)
+        app[EXPOSITION].close()
         runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, store.close)
 

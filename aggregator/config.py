@@ -11,6 +11,7 @@ from lens_core.config import (
     KeySpec,
     Schema,
     const,
+    duration_or_zero,
     int_range,
     load_config,
     number_range,
@@ -38,8 +39,26 @@ SCHEMA: Schema = {
         "max_metric_series": KeySpec(
             int_range(1),
             const(10_000),
-            "distinct (device, model, provider, strategy) "
-            'label sets on /metrics; beyond it records count under device="other"',
+            "label sets carrying device-sent values (model, strategy, error type, settings) on /metrics, all "
+            'devices together; past it a new set is folded (every device-sent label "other") and counted',
+        ),
+        "max_metric_series_per_device": KeySpec(
+            int_range(1),
+            const(200),
+            "… and per device: past it the device's new label sets are folded the same way, counted, and its "
+            "health says so",
+        ),
+        "metrics_max_age": KeySpec(
+            duration_or_zero,
+            const(5.0),
+            "/metrics is built off the event loop; a build is reused for at most this long (and at most 10× its "
+            "build time), concurrent scrapes share one (0: each scrape builds)",
+        ),
+        "max_read_series": KeySpec(
+            int_range(1, 100_000),
+            const(100),
+            "series, groups or trigger states one read answers (per device on the fleet and device pages and the "
+            "timeline, per summary, per trigger); the rest are counted in a 'truncated' marker",
         ),
         "max_batch_records": KeySpec(int_range(1, 1_000_000), const(10_000), "records per batch accepted"),
         "max_label_chars": KeySpec(int_range(8, 4096), const(128), "Prometheus label values are cut (and counted)"),

@@ -2,7 +2,8 @@
 ``aggregator/static``, served at ``/static/``; no CDN).
 
 Its first data is inlined (the device's fleet row, its timeline for the chosen range and, with ``?compare=OTHER``,
-the other device's timeline over the same buckets). A live update (an SSE ``batch`` event of this device or the
+the other device's timeline over the same buckets). Every part is bounded (``server.max_read_series`` series; the
+page lists what was left out, from the answer's ``truncated``). A live update (an SSE ``batch`` event of this device or the
 compared one) carries the device's new fleet row; the page then fetches only the timeline's last bucket onwards
 (``?since=<its start>&width=<the same width>``) and replaces that tail: bounded work per event, whatever the history.
 """
@@ -185,6 +186,10 @@ fetch("../api/v1/devices").then(r => r.ok ? r.json() : {devices: []}).then(body 
 });
 if (other && !data.compare) text("compare-note", "no device called " + other + " has sent measurements");
 
+// what a bounded answer left out (server.max_read_series); what /metrics folded is one of the health reasons
+const notes = Object.values(data.truncated || {}).map(t => t.message);
+document.getElementById("truncated").replaceChildren(...notes.map(m => el("li", m)));
+document.getElementById("truncated").hidden = notes.length === 0;
 showDevice(data.device);
 showSyncs(data.recent_syncs);
 draw();
@@ -218,6 +223,7 @@ DEVICE_PAGE = """<!doctype html>
 <h1><span id="title">device</span> <span id="health" class="badge"></span></h1>
 <div class="sub" id="summary">loading…</div>
 <ul id="reasons"></ul>
+<ul class="sub" id="truncated" hidden></ul>
 <div id="facts"></div>
 <div class="regressions" id="regressions" hidden><strong>Regressions on this device</strong><ul id="regression-list"></ul></div>
 <div class="tools"><span id="ranges">range <button data-range="6h">6 h</button><button data-range="24h">24 h</button>

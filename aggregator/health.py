@@ -8,7 +8,8 @@ critical    silent (no batch for ``fleet.silent_after``); ``fleet.error_rate_cri
 warning     late (no batch for two of its own expected gaps plus a minute, or ``fleet.late_after``); an error
             rate of ``fleet.error_rate_warning`` or more; its backlog grew over the window's batches; records
             were quarantined within the window; a thermal zone is past its passive trip point (throttling); a
-            regression is flagged on one of its series
+            regression is flagged on one of its series; new label sets of its measurements were folded into
+            the ``"other"`` series on /metrics within the window (a per-device or the global bound reached)
 ok          none of these
 ==========  ==================================================================================================
 
@@ -20,8 +21,9 @@ known keys of the expected types and bounded sizes are shown, anything else is l
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .store import SyncRow
@@ -44,6 +46,8 @@ class Health:
     error_rate_warning: float = 0.1
     error_rate_critical: float = 0.25
     window_s: float = 24 * 3600.0  # backlog growth, drops and quarantine are judged over this long
+    # the device's label sets folded on /metrics (``aggregator.metrics.SeriesBudget.device_status``), if known
+    metric_folds: Callable[[str], dict[str, Any] | None] | None = field(default=None, compare=False)
 
     def late_after(self, expected_gap_s: float | None) -> float:
         """When a device is late: two of the gaps it said to expect between its batches, plus a minute (a batch
@@ -96,9 +100,22 @@ class Health:
             found.append(("warning", "thermally throttled: " + "; ".join(facts["thermal_throttling"])))
         for line in regressions:
             found.append(("warning", "regression: " + line.split(" (", 1)[0]))
+        folds = self.folds(row.get("device_id"))
+        if folds is not None:
+            found.append(("warning", folds["summary"]))
         found.sort(key=lambda item: -STATES.index(item[0]))
         state = found[0][0] if found else "ok"
         return state, [reason for _, reason in found]
+
+    def folds(self, device: Any, now_unix: float | None = None) -> dict[str, Any] | None:
+        """What /metrics folded of the device's label sets, when it last did so within the window (else None)."""
+        if self.metric_folds is None or type(device) is not str:
+            return None
+        status = self.metric_folds(device)
+        now = time.time() if now_unix is None else now_unix
+        if status is None or now - status["last_folded_unix"] > self.window_s:
+            return None
+        return status
 
 
 def _grown(before: int | None, after: int | None) -> int:

@@ -1,9 +1,15 @@
 """Prometheus metrics of the fleet and of the aggregator itself, served at ``GET /metrics``.
 
 Names follow the seed's example output (§3.3.2): ``llm_latency_lens_time_to_first_token_seconds`` and friends,
-labelled by device, model, provider and strategy. Label cardinality is bounded: at most ``max_series`` distinct
-(device, model, provider, strategy) sets are tracked; records beyond that are counted under ``device="other"``,
-and ``llm_latency_lens_metric_series_overflow_total`` says how many were.
+labelled by device, model, provider and strategy. Label cardinality is bounded by construction (:class:`SeriesBudget`):
+every label set that carries a value a device sent (model, strategy, error type, engine settings, …) takes a place
+in one budget, at most ``max_series_per_device`` per device and ``max_series`` in all. A label set past either bound
+is *folded*: every device-sent label becomes ``"other"`` (:func:`fold`), so the overflow of the whole fleet lands in
+one series per metric; ``llm_latency_lens_metric_series_overflow_total{reason}`` counts the folded observations and
+the device's health says it (:meth:`SeriesBudget.device_status`). Label values lose their control characters (C0,
+DEL, C1) and are cut to ``max_label_chars``.
+
+The exposition is built off the event loop and shared by the scrapes of one ``max_age_s`` (:class:`ExpositionCache`).
 
 Histogram buckets follow the OpenTelemetry GenAI semantic conventions' advice for
 ``gen_ai.server.time_to_first_token`` and ``gen_ai.server.time_per_output_token``, with extra bounds where edge
@@ -19,11 +25,15 @@ The "latest request" gauges (tokens per second, J per token, acceptance rate) of
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -47,6 +57,128 @@ TPOT_BUCKETS = (
 # OpenTelemetry's advice for gen_ai.client.operation.duration
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+OTHER = "other"
+FOLD_REASONS = ("per_device", "global")
+# C0 controls, DEL and C1 controls: a terminal or a log viewer acts on them; a label never needs one
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def clean_label(value: str, max_chars: int) -> tuple[str, bool, bool]:
+    """(the value without control characters and cut to ``max_chars``, whether characters were removed, whether it
+    was cut). A value left empty reads ``unknown``."""
+    cleaned = _CONTROL.sub("", value)
+    removed = len(cleaned) != len(value)
+    if not cleaned:
+        cleaned = "unknown"
+    if len(cleaned) <= max_chars:
+        return cleaned, removed, False
+    return cleaned[: max_chars - 1] + "…", removed, True
+
+
+def fold(labels: Sequence[str], sent: Sequence[bool]) -> tuple[str, ...]:
+    """The overflow rule: every label a device sent (``sent``) becomes ``"other"``; the aggregator's own labels
+    (a trigger's name, a metric's name, a token type) stay."""
+    return tuple(OTHER if by_device else value for value, by_device in zip(labels, sent, strict=True))
+
+
+@dataclass
+class DeviceFolds:
+    """What the budget refused one device: observations folded, by reason, and when last."""
+
+    observations: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    last_reason: str = ""
+    last_unix: float = 0.0
+
+
+class SeriesBudget:
+    """Label sets keyed by what devices send, bounded per device (``max_per_device``) and overall (``max_total``).
+
+    :meth:`admit` answers None for a set already tracked or newly admitted, else the bound it would pass
+    (``per_device`` first, then ``global``); a refused set is not remembered (the caller folds it), so the budget's
+    memory is bounded by its own bounds. :meth:`release` frees a set whose series went (a gauge removed). What was
+    refused is kept per device (at most ``max_total`` devices; beyond that under ``"other"``) for the health page.
+    Thread-safe."""
+
+    def __init__(self, max_total: int, max_per_device: int, clock: Callable[[], float] = time.time) -> None:
+        self.max_total = max_total
+        self.max_per_device = max_per_device
+        self.clock = clock
+        self._sets: set[tuple[str, ...]] = set()
+        self._per_device: dict[str, int] = {}
+        self._folds: dict[str, DeviceFolds] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def admit(self, device: str, key: tuple[str, ...]) -> str | None:
+        with self._lock:
+            if key in self._sets:
+                return None
+            if self._per_device.get(device, 0) >= self.max_per_device:
+                return "per_device"
+            if len(self._sets) >= self.max_total:
+                return "global"
+            self._sets.add(key)
+            self._per_device[device] = self._per_device.get(device, 0) + 1
+            return None
+
+    def release(self, device: str, key: tuple[str, ...]) -> None:
+        with self._lock:
+            if key in self._sets:
+                self._sets.discard(key)
+                left = self._per_device.get(device, 1) - 1
+                if left > 0:
+                    self._per_device[device] = left
+                else:
+                    self._per_device.pop(device, None)
+
+    def folded(self, device: str, reason: str, observations: int) -> None:
+        """Counts ``observations`` of ``device`` folded because of ``reason``."""
+        with self._lock:
+            entry = self._folds.get(device)
+            if entry is None:
+                if len(self._folds) >= self.max_total:
+                    device = OTHER
+                entry = self._folds.setdefault(device, DeviceFolds())
+            entry.observations += observations
+            entry.by_reason[reason] = entry.by_reason.get(reason, 0) + observations
+            entry.last_reason, entry.last_unix = reason, self.clock()
+
+    def tracked(self, device: str) -> int:
+        with self._lock:
+            return self._per_device.get(device, 0)
+
+    def device_status(self, device: str) -> dict[str, Any] | None:
+        """The device's label sets and what was folded (None when nothing of it was): what its health shows."""
+        with self._lock:
+            entry = self._folds.get(device)
+            if entry is None:
+                return None
+            return {
+                "series": self._per_device.get(device, 0),
+                "max_series_per_device": self.max_per_device,
+                "max_series": self.max_total,
+                "folded_observations": entry.observations,
+                "folded_by_reason": dict(entry.by_reason),
+                "last_reason": entry.last_reason,
+                "last_folded_unix": entry.last_unix,
+                "summary": fold_summary(entry.observations, entry.last_reason, self.max_per_device, self.max_total),
+            }
+
+
+def fold_summary(observations: int, reason: str, max_per_device: int, max_total: int) -> str:
+    """The health line: "1,234 observations folded into the "other" series on /metrics: per-device bound (200 label
+    sets) reached"."""
+    bound = (
+        f"per-device bound ({max_per_device} label sets, server.max_metric_series_per_device) reached"
+        if reason == "per_device"
+        else f"global bound ({max_total} label sets, server.max_metric_series) reached"
+    )
+    return f'{observations:,} observations folded into the "other" series on /metrics: {bound}'
 
 
 def provider_of(record: dict[str, Any]) -> str:
@@ -166,6 +298,7 @@ class FleetMetrics:
         self,
         max_series: int = 10_000,
         *,
+        max_series_per_device: int = 200,
         max_label_chars: int = 128,
         stale_after_s: float = 24 * 3600.0,
         clock: Callable[[], float] = time.monotonic,
@@ -176,7 +309,7 @@ class FleetMetrics:
         self._gauge_updates: dict[tuple[Any, tuple[str, ...]], float] = {}  # (gauge, labels) → when last set
         self.max_series = max_series
         self.max_label_chars = max_label_chars
-        self._series: set[tuple[str, ...]] = set()
+        self.budget = SeriesBudget(max_series, max_series_per_device)
         self._lock = threading.Lock()
         r = self.registry
         self.ttft = Histogram(
@@ -253,7 +386,7 @@ class FleetMetrics:
             ("device", "model", "strategy", "metric"),
             registry=r,
         )
-        self._regressions: set[tuple[str, str, str, str]] = set()
+        self._regressions: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}  # labels → budget place
         # [[triggers]] (docs/triggers.md): present only while a trigger's condition holds on a series
         self.trigger_firing = Gauge(
             f"{PREFIX}_trigger_firing",
@@ -262,7 +395,7 @@ class FleetMetrics:
             ("trigger", "device", "model", "settings"),
             registry=r,
         )
-        self._trigger_series: set[tuple[str, str, str, str]] = set()
+        self._trigger_series: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}
         self.trigger_fires = Counter(
             f"{PREFIX}_trigger_fires", "Times a trigger fired (this aggregator's evaluations)", ("trigger",), registry=r
         )
@@ -283,33 +416,52 @@ class FleetMetrics:
         )
         self.overflow = Counter(
             f"{PREFIX}_metric_series_overflow",
-            'Records counted under device="other" because the label bound was reached',
+            'Observations folded into the overflow series (every device-sent label "other") because a label-set '
+            "bound was reached: per_device (server.max_metric_series_per_device) or global (server.max_metric_series)",
+            ("reason",),
             registry=r,
         )
+        for reason in FOLD_REASONS:
+            self.overflow.labels(reason)
         self.truncated = Counter(
             f"{PREFIX}_metric_labels_truncated",
             "Label values cut to the label length bound (server.max_label_chars)",
             registry=r,
         )
+        self.cleaned = Counter(
+            f"{PREFIX}_metric_labels_cleaned",
+            "Label values whose control characters (C0, DEL, C1) were removed",
+            registry=r,
+        )
+        self.label_sets = Gauge(
+            f"{PREFIX}_metric_label_sets",
+            "Label sets with device-sent values tracked on /metrics (bounded by server.max_metric_series)",
+            registry=r,
+        )
+        self.label_sets.set_function(lambda: len(self.budget))
         r.register(_ReadSkips())
 
     def _cut(self, value: str) -> str:
-        """A label value within ``max_label_chars`` (cut, and counted, when longer)."""
-        if len(value) <= self.max_label_chars:
-            return value
-        self.truncated.inc()
-        return value[: self.max_label_chars - 1] + "…"
+        """A label value without control characters and within ``max_label_chars`` (each change counted)."""
+        cleaned, removed, cut = clean_label(value, self.max_label_chars)
+        if removed:
+            self.cleaned.inc()
+        if cut:
+            self.truncated.inc()
+        return cleaned
 
-    def _labels(self, labels: tuple[str, str, str, str]) -> tuple[str, str, str, str]:
-        """The labels to use: these (each cut to ``max_label_chars``), or device="other" once ``max_series`` sets
-        are tracked."""
-        labels = (self._cut(labels[0]), self._cut(labels[1]), self._cut(labels[2]), self._cut(labels[3]))
-        with self._lock:
-            if labels not in self._series:
-                if len(self._series) >= self.max_series:
-                    return ("other", labels[1], labels[2], labels[3])
-                self._series.add(labels)
-        return labels
+    def _admit(
+        self, device: str, shape: str, labels: tuple[str, ...], sent: tuple[bool, ...], observations: int
+    ) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+        """(the labels to use, the budget key they hold or None): ``labels`` (already cut) when their set is tracked
+        or fits both bounds, else folded (:func:`fold`) and the ``observations`` counted against ``device``."""
+        key = (shape, *labels)
+        reason = self.budget.admit(device, key)
+        if reason is None:
+            return labels, key
+        self.overflow.labels(reason).inc(observations)
+        self.budget.folded(device, reason, observations)
+        return fold(labels, sent), None
 
     def observe(self, device: str, records: Iterable[dict[str, Any]]) -> None:
         """Update the fleet metrics from newly accepted records (wire maps), one label lookup per series."""
@@ -322,16 +474,24 @@ class FleetMetrics:
                     str(record.get("strategy") or "local"),
                 )
                 groups.setdefault(key, []).append(record)
+        shown = self._cut(device)
         for (model, provider, strategy), group in groups.items():
-            labels = self._labels((device, model, provider, strategy))
-            if labels[0] == "other" and device != "other":
-                self.overflow.inc(len(group))
+            cut = (shown, self._cut(model), provider, self._cut(strategy))
+            labels, held = self._admit(device, "requests", cut, (True, True, True, True), len(group))
             self.requests.labels(*labels).inc(len(group))
             ok = [record for record in group if record.get("ok")]
             if len(ok) < len(group):
+                by_error: dict[str, int] = {}
                 for record in group:
                     if not record.get("ok"):
-                        self.failed.labels(*labels, self._cut(str(record.get("error_type") or "unknown"))).inc()
+                        error = str(record.get("error_type") or "unknown")
+                        by_error[error] = by_error.get(error, 0) + 1
+                for error, n in by_error.items():
+                    if held is None:  # the request's set is folded already: so is its error type
+                        failed = (*labels, OTHER)
+                    else:
+                        failed, _ = self._admit(device, "failed", (*cut, self._cut(error)), (True,) * 5, n)
+                    self.failed.labels(*failed).inc(n)
             if not ok:
                 continue
             observe_many(self.ttft.labels(*labels), [v / 1e6 for r in ok if (v := r.get("ttft_us")) is not None])
@@ -378,26 +538,49 @@ class FleetMetrics:
         if "pending_records" in counters:
             self.backlog.labels(device).set(counters["pending_records"])
 
+    def _replace_gauges(
+        self,
+        gauge: Gauge,
+        shape: str,
+        sent: tuple[bool, ...],
+        wanted: dict[tuple[str, ...], tuple[str, float]],
+        held: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None],
+    ) -> dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None]:
+        """Sets ``gauge`` to ``wanted`` (labels, already cut → (device, value)), each set through the budget (folded
+        past a bound); series no longer wanted go and give their place back. Returns what is held now."""
+        current: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}
+        values: dict[tuple[str, ...], float] = {}
+        for labels, (device, number) in wanted.items():
+            shown, key = self._admit(device, shape, labels, sent, 1)
+            current[shown] = (device, key) if key is not None else current.get(shown)
+            values[shown] = number
+        for labels, place in held.items():
+            if labels not in current:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+                if place is not None:
+                    self.budget.release(*place)
+        for labels, number in values.items():
+            gauge.labels(*labels).set(number)
+        return current
+
     def regressions(self, found: Iterable[dict[str, Any]]) -> None:
         """The current regressions as ``llm_latency_lens_regression_change_ratio``; series no longer flagged go."""
-        current: dict[tuple[str, str, str, str], float] = {}
+        wanted: dict[tuple[str, ...], tuple[str, float]] = {}
         for f in found:
             if f["kind"] == "regression":
-                key = (
+                labels = (
                     self._cut(f["device_id"]),
                     self._cut(str(f["model_name"] or "unknown")),
                     self._cut(str(f["strategy"] or "local")),
                     f["metric"],
                 )
-                current[key] = f["change"]
+                wanted[labels] = (f["device_id"], f["change"])
         with self._lock:
-            gone = self._regressions - set(current)
-            self._regressions = set(current)
-        for key in gone:
-            with contextlib.suppress(KeyError):
-                self.regression.remove(*key)
-        for key, change in current.items():
-            self.regression.labels(*key).set(change)
+            held = dict(self._regressions)
+        held = self._replace_gauges(self.regression, "regression", (True, True, True, False), wanted, held)
+        with self._lock:
+            self._regressions = held
 
     def configure_triggers(self, names: Iterable[str]) -> None:
         """Every configured trigger's fire counter, from 0 (so that rate() and increase() see the first fire)."""
@@ -409,23 +592,20 @@ class FleetMetrics:
     def triggers(self, holding: Iterable[Any], fires: Iterable[Any]) -> None:
         """After an evaluation: ``llm_latency_lens_trigger_firing`` for the series whose condition holds
         (``aggregator.triggers.SeriesState``), series that no longer hold go; each new fire counted."""
-        current = {
-            (
+        wanted: dict[tuple[str, ...], tuple[str, float]] = {}
+        for s in holding:
+            labels = (
                 self._cut(s.trigger.name),
                 self._cut(s.series[0]),
                 self._cut(s.series[1] or "unknown"),
                 self._cut(s.series[2] or "unknown"),
             )
-            for s in holding
-        }
+            wanted[labels] = (s.series[0], 1.0)
         with self._lock:
-            gone = self._trigger_series - current
-            self._trigger_series = current
-        for key in gone:
-            with contextlib.suppress(KeyError):
-                self.trigger_firing.remove(*key)
-        for key in current:
-            self.trigger_firing.labels(*key).set(1)
+            held = dict(self._trigger_series)
+        held = self._replace_gauges(self.trigger_firing, "trigger", (False, True, True, True), wanted, held)
+        with self._lock:
+            self._trigger_series = held
         for fire in fires:
             self.trigger_fires.labels(self._cut(fire.trigger.name)).inc()
 
@@ -433,8 +613,68 @@ class FleetMetrics:
         self.trigger_failures.labels(reason).inc()
 
     def exposition(self) -> bytes:
+        """The text exposition (blocking: tens of milliseconds for a few thousand label sets; serve it through
+        :class:`ExpositionCache`, which builds it on a thread of its own)."""
         self.drop_stale()
         return bytes(generate_latest(self.registry))
+
+
+class ExpositionCache:
+    """``/metrics`` built off the event loop and shared: scrapes that arrive during a build wait for it, and a build
+    is reused by later scrapes for at most ``max_age_s`` and at most ``reuse_factor`` times as long as it took to
+    build, counted from when the build ended. A cheap exposition is therefore (nearly) always fresh, and however often
+    it is scraped, building takes at most 1 / (1 + ``reuse_factor``) of one core while a build is shorter than
+    ``max_age_s / reuse_factor``; a longer one starts at most once per ``max_age_s`` after the last one ended.
+    ``max_age_s`` 0: every scrape builds (still shared while one is running)."""
+
+    def __init__(
+        self,
+        build: Callable[[], bytes],
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        reuse_factor: float = 10.0,
+    ) -> None:
+        self.build = build
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.reuse_factor = reuse_factor
+        self.builds = 0
+        self.last_build_s: float | None = None
+        self._body: bytes | None = None
+        self._built_at = 0.0
+        self._building: asyncio.Future[bytes] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _run(self) -> bytes:
+        started = time.perf_counter()
+        body = self.build()
+        self.last_build_s = time.perf_counter() - started
+        return body
+
+    async def get(self) -> bytes:
+        if self._body is not None:
+            reuse = min(self.max_age_s, self.reuse_factor * (self.last_build_s or 0.0))
+            if self.clock() - self._built_at < reuse:
+                return self._body
+        if self._building is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-exposition")
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self._run)
+            self._building = future
+
+            def done(f: asyncio.Future[bytes]) -> None:
+                self._building = None
+                if not f.cancelled() and f.exception() is None:
+                    self._body, self._built_at = f.result(), self.clock()  # reused from when it ended
+                    self.builds += 1
+
+            future.add_done_callback(done)
+        return await asyncio.shield(self._building)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
 
 def bucket_quantile(q: float, bounds: Sequence[float], counts: Sequence[int]) -> float | None:

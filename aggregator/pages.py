@@ -34,6 +34,7 @@ FLEET_PAGE = f"""<!doctype html>
 <body>
 <h1>LLM-Latency-Lens fleet</h1>
 <div class="sub" id="summary">loading…</div>
+<div class="sub" id="truncated" hidden></div>
 <div class="regressions" id="regressions" hidden><strong>Regressions</strong> (change points in each device ×
 model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-list"></ul></div>
 <div class="triggers" id="triggers" hidden><strong>Triggers</strong> (conditions that hold on a device × model ×
@@ -158,10 +159,16 @@ async function refresh() {{
   if (!response.ok) {{ document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }}
   const body = await response.json();
   lateAfter = body.late_after_s ?? lateAfter;
+  truncated(body);
   render(body.devices);
 }}
+function truncated(body) {{  // series a bounded answer left out (server.max_read_series)
+  const note = document.getElementById("truncated");
+  note.textContent = body.truncated ? body.truncated.message : "";
+  note.hidden = !body.truncated;
+}}
 const initial = /*INITIAL*/null;
-if (initial) {{ lateAfter = initial.late_after_s ?? lateAfter; render(initial.devices); }} else refresh();
+if (initial) {{ lateAfter = initial.late_after_s ?? lateAfter; truncated(initial); render(initial.devices); }} else refresh();
 setInterval(refresh, 30000);
 const events = new EventSource("api/v1/stream");
 events.addEventListener("batch", (e) => {{

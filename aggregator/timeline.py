@@ -12,7 +12,9 @@ Buckets start at multiples of their width since the Unix epoch, so a later reque
 bucket's start>`` with the same ``width`` returns the same buckets again, updated: the page's live update fetches
 only that tail. Times are the device's own clock (``started_us``) for requests and facts, the aggregator's
 (``received_us``) for batches. At most ``max_rows`` requests are read (the newest in the range); an answer that hit
-it says so (``truncated``).
+it says so (``truncated``). At most ``max_series`` series are answered (those with the most requests in the range;
+``series_truncated`` counts the rest and says how to narrow: ``model=``, a shorter range). Through a
+``reads.BoundedStore`` the whole computation honours the read's deadline (``server.max_query_seconds``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .api import BadParameter, _int, _time_us
+from .api import MAX_FILTER_CHARS, BadParameter, _int, _time_us
 from .health import FACTS_KIND, facts_from_record
+from .reads import deadline_of, truncation
 from .rows import decode_wire
 from .store import NULL_NAME, Query, Store
 
@@ -35,6 +38,7 @@ MAX_POINTS = 1000
 DEFAULT_RANGE_S = 7 * 86400
 MAX_ROWS = 200_000
 MAX_FACT_RECORDS = 2000
+DEFAULT_MAX_SERIES = 100  # server.max_read_series
 
 _COLUMNS = (
     "started_us",
@@ -92,10 +96,13 @@ def timeline(
     width_s: int | None = None,
     range_s: float = DEFAULT_RANGE_S,
     max_rows: int = MAX_ROWS,
+    max_series: int = DEFAULT_MAX_SERIES,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """The device's downsampled history (see the module's description). Without ``until_us`` the range ends
     after the device's newest request; without ``since_us`` it starts ``range_s`` before that, or at the device's
-    oldest request when that is later."""
+    oldest request when that is later. ``model``: that model's series only."""
+    deadline = deadline_of(store)
     if until_us is None:
         newest = newest_started_us(store, device)
         # a device without requests yet (every run skipped, say) still has batches and facts: up to now
@@ -118,11 +125,20 @@ def timeline(
     grid = [first + i * step for i in range(count)]
 
     rows = store.latest_columns(
-        Query(device=device, kind="inference", since_us=first, until_us=until_us), _COLUMNS, max_rows
+        Query(device=device, kind="inference", model=model, since_us=first, until_us=until_us), _COLUMNS, max_rows
     )
+    # the series with the most requests in the range, at most max_series of them
+    check = deadline.every(20_000)
+    sizes: dict[tuple[str | None, str | None], int] = {}
+    for row in rows:
+        check()
+        key = (None if row[1] in (None, NULL_NAME) else row[1], None if row[2] in (None, NULL_NAME) else row[2])
+        sizes[key] = sizes.get(key, 0) + 1
+    kept = set(sorted(sizes, key=lambda k: (-sizes[k], str(k[0]), str(k[1])))[:max_series])
     # per series, per bucket: the rows' values
     buckets: dict[tuple[str | None, str | None], list[list[tuple[Any, ...]]]] = {}
     for row in rows:
+        check()
         started = row[0]
         if type(started) is not int:
             continue
@@ -130,11 +146,13 @@ def timeline(
         if not 0 <= index < count:
             continue
         key = (None if row[1] in (None, NULL_NAME) else row[1], None if row[2] in (None, NULL_NAME) else row[2])
-        buckets.setdefault(key, [[] for _ in range(count)])[index].append(row)
-    series = [
-        _series_columns(model, strategy, cells)
-        for (model, strategy), cells in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))
-    ]
+        if key in kept:
+            buckets.setdefault(key, [[] for _ in range(count)])[index].append(row)
+    series = []
+    for (name, strategy), cells in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
+        deadline.check()
+        series.append(_series_columns(name, strategy, cells))
+    left_out = len(sizes) - len(kept)
     errors = [
         sum(s["errors"][i] for s in series if s["n"][i]) if any(s["n"][i] for s in series) else None
         for i in range(count)
@@ -151,6 +169,14 @@ def timeline(
         "facts": _fact_columns(store, device, first, until_us, step, count),
         "rows_read": len(rows),
         "truncated": len(rows) >= max_rows,
+        "series_truncated": truncation(
+            left_out,
+            f"series beyond the {max_series} with the most requests in the range (server.max_read_series), "
+            f"{sum(sizes[k] for k in sizes if k not in kept):,} requests",
+            "model=NAME (GET /api/v1/devices/{device}/timeline?model=…) or a shorter range",
+        )
+        if left_out
+        else None,
     }
 
 
@@ -235,11 +261,14 @@ def _fact_columns(store: Store, device: str, first: int, until_us: int, step: in
 
 def parse_params(params: Mapping[str, str]) -> dict[str, Any]:
     """The timeline's query parameters, checked: ``since``/``until`` (RFC 3339 or Unix seconds), ``points``
-    (2–1000), ``width`` (seconds, one of :data:`WIDTHS`)."""
-    known = {"since", "until", "points", "width"}
+    (2–1000), ``width`` (seconds, one of :data:`WIDTHS`), ``model`` (that model's series only)."""
+    known = {"since", "until", "points", "width", "model"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise BadParameter(unknown[0], params[unknown[0]], "one of " + ", ".join(sorted(known)))
+    model = params.get("model") or None
+    if model is not None and (len(model) > MAX_FILTER_CHARS or "\x00" in model):
+        raise BadParameter("model", model[:40], f"at most {MAX_FILTER_CHARS} characters, without NUL")
     width = params.get("width")
     if width is not None and (not width.isdigit() or int(width) not in WIDTHS):
         raise BadParameter("width", width, "a bucket width in seconds, one of " + ", ".join(map(str, WIDTHS)))
@@ -248,4 +277,5 @@ def parse_params(params: Mapping[str, str]) -> dict[str, Any]:
         "until_us": _time_us("until", params.get("until")),
         "points": _int("points", params.get("points"), DEFAULT_POINTS, 2, MAX_POINTS),
         "width_s": int(width) if width is not None else None,
+        "model": model,
     }

@@ -41,6 +41,7 @@ from lens_core.config import Invalid, duration_or_zero, int_range, parse_duratio
 from lens_core.errors import ConfigError
 from lens_core.settings import MAX_KEY_CHARS, parse_key, settings_key
 
+from .reads import truncation
 from .rows import decode_wire
 from .store import Query, Store
 
@@ -51,6 +52,8 @@ HISTORY = 500  # fires kept (newest first), in the store and on GET /api/v1/trig
 MAX_TRIGGERS = 100
 MAX_WINDOW_ROWS = 200_000  # records one evaluation reads (columns only): the most recently received of the window
 MAX_BODY_ROWS = 20_000  # records whose bodies memory_above decodes (rss_peak_bytes is not a column)
+MAX_SERIES_PER_DEVICE = 500  # series of one device judged per evaluation: those with the latest requests
+MAX_KEPT_FIRES = 50_000  # trigger × series last fires kept for their cooldowns (the newest)
 MAX_WINDOW_S = 7 * 86_400.0
 MAX_COOLDOWN_S = 30 * 86_400.0
 SETTLE_ATTEMPTS = 5  # compare-and-swap retries when another replica wrote the fires in between
@@ -363,6 +366,7 @@ class RowCount:
     skipped: int = 0  # rows without a readable device, start time or result
     unreadable_settings: int = 0  # settings values that are not a key: counted under unknown settings
     undecodable: int = 0  # bodies memory_above could not decode
+    series_skipped: int = 0  # series past MAX_SERIES_PER_DEVICE of their device, not judged
 
 
 def _head(row: Sequence[Any], counts: RowCount) -> tuple[str, str | None, str | None, int, bool] | None:
@@ -521,10 +525,13 @@ def evaluate(
     *,
     body_samples: Sequence[Sample] = (),
     regressions: Iterable[dict[str, Any]] = (),
+    counts: RowCount | None = None,
 ) -> list[Evaluation]:
     """Every trigger over every series with a request in its window (``[now − window, now]``). ``body_samples``:
     the samples memory_above reads (with the peak RSS); ``regressions``: the regression Watch's ``found``. A
-    regression counts for the settings the device × model ran its latest request of the window under."""
+    regression counts for the settings the device × model ran its latest request of the window under. At most
+    :data:`MAX_SERIES_PER_DEVICE` series of a device are judged (those with the latest requests); the others are
+    counted in ``counts.series_skipped`` (once per window)."""
     found = current_regressions(regressions)
     windows: dict[tuple[bool, float], _Window] = {}  # triggers with the same source and window share its grouping
     out = []
@@ -533,7 +540,9 @@ def evaluate(
         key = (memory, trigger.window_s)
         if key not in windows:
             windows[key] = _group(body_samples if memory else samples, now_us - int(trigger.window_s * 1e6), now_us)
-        groups, latest = windows[key]
+            if counts is not None:
+                counts.series_skipped += windows[key][2]
+        groups, latest, _ = windows[key]
         for series, group in groups.items():
             change = None
             if trigger.condition == "regression" and latest[(series[0], series[1])] == series[2]:
@@ -542,8 +551,8 @@ def evaluate(
     return out
 
 
-# each series' requests in start order (series in order), and each device × model's latest settings
-_Window = tuple[dict[Series, list[Sample]], dict[tuple[str, str | None], str | None]]
+# each series' requests in start order (series in order), each device × model's latest settings, series skipped
+_Window = tuple[dict[Series, list[Sample]], dict[tuple[str, str | None], str | None], int]
 
 
 def _group(source: Sequence[Sample], since_us: int, until_us: int) -> _Window:
@@ -551,6 +560,7 @@ def _group(source: Sequence[Sample], since_us: int, until_us: int) -> _Window:
     for s in source:
         if since_us <= s.started_us <= until_us:
             groups.setdefault((s.device_id, s.model_name, s.settings), []).append(s)
+    groups, skipped = bound_per_device(groups, MAX_SERIES_PER_DEVICE)
     ordered: dict[Series, list[Sample]] = {}
     latest: dict[tuple[str, str | None], tuple[int, str | None]] = {}
     for series in sorted(groups, key=_series_order):
@@ -559,7 +569,22 @@ def _group(source: Sequence[Sample], since_us: int, until_us: int) -> _Window:
         pair = (series[0], series[1])
         if pair not in latest or group[-1].started_us >= latest[pair][0]:
             latest[pair] = (group[-1].started_us, series[2])
-    return ordered, {pair: settings for pair, (_, settings) in latest.items()}
+    return ordered, {pair: settings for pair, (_, settings) in latest.items()}, skipped
+
+
+def bound_per_device(groups: dict[Series, list[Sample]], limit: int) -> tuple[dict[Series, list[Sample]], int]:
+    """(at most ``limit`` series per device — those whose latest request started last —, how many were left out)."""
+    by_device: dict[str, list[Series]] = {}
+    for series in groups:
+        by_device.setdefault(series[0], []).append(series)
+    skipped = 0
+    for members in by_device.values():
+        if len(members) > limit:
+            members.sort(key=lambda s: max(x.started_us for x in groups[s]), reverse=True)
+            for series in members[limit:]:
+                del groups[series]
+            skipped += len(members) - limit
+    return groups, skipped
 
 
 def _series_order(series: Series) -> tuple[str, str, str]:
@@ -762,12 +787,18 @@ class TriggerWatch:
     :meth:`apply`. :meth:`evaluate` runs all three (the CLI, tests). ``clock``: Unix seconds (tests move it)."""
 
     def __init__(
-        self, triggers: Sequence[Trigger], *, interval_s: float = 60.0, clock: Callable[[], float] = time.time
+        self,
+        triggers: Sequence[Trigger],
+        *,
+        interval_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        max_listed: int = 100,
     ) -> None:
         self.triggers = list(triggers)
         self.by_name = {t.name: t for t in self.triggers}
         self.interval_s = interval_s
         self.clock = clock
+        self.max_listed = max_listed  # holding series kept per device for the fleet rows (server.max_read_series)
         self.states: list[SeriesState] = []
         self.last_fired: dict[FireKey, int] = {}
         self.recent: list[dict[str, Any]] = []
@@ -807,7 +838,9 @@ class TriggerWatch:
             body_rows = store.latest_columns(body_query, BODY_COLUMNS, MAX_BODY_ROWS)
             truncated = truncated or len(body_rows) >= MAX_BODY_ROWS
             bodies = samples_from_bodies(body_rows, counts)
-        evaluations = evaluate(self.triggers, samples, now_us, body_samples=bodies, regressions=regressions)
+        evaluations = evaluate(
+            self.triggers, samples, now_us, body_samples=bodies, regressions=regressions, counts=counts
+        )
         return Observation(now_us, evaluations, counts, truncated)
 
     def settle(self, store: Store, observation: Observation, *, record: bool = True) -> Settled:
@@ -833,6 +866,8 @@ class TriggerWatch:
                 for key, fired in last.items()
                 if key[0] in self.by_name and fired + int(self.by_name[key[0]].cooldown_s * 1e6) > now_us
             }
+            if len(pruned) > MAX_KEPT_FIRES:  # the newest fires: a flood of series must not grow the kept map
+                pruned = dict(sorted(pruned.items(), key=lambda kv: kv[1], reverse=True)[:MAX_KEPT_FIRES])
             if store.swap_meta(META_KEY, raw, Kept(pruned, recent).dump()):
                 return Settled(observation, states, fires, last, recent)
         raise RuntimeError(f"the kept fires ({META_KEY}) changed {SETTLE_ATTEMPTS} times during one evaluation")
@@ -842,7 +877,9 @@ class TriggerWatch:
         holding: dict[str, list[dict[str, Any]]] = {}
         for item in settled.states:
             if item.outcome.holds:
-                holding.setdefault(item.series[0], []).append(item.answer())
+                listed = holding.setdefault(item.series[0], [])
+                if len(listed) < self.max_listed:  # a fleet row stays bounded (GET /api/v1/triggers has them all)
+                    listed.append(item.answer())
         self.states = settled.states
         self.last_fired = settled.last
         self.recent = settled.recent
@@ -864,13 +901,56 @@ class TriggerWatch:
         """Each device's series whose condition holds, as ``GET /api/v1/triggers`` shows them: the fleet rows."""
         return self._holding
 
-    def answer(self) -> dict[str, Any]:
-        """``GET /api/v1/triggers``."""
-        by_trigger: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.triggers}
+    def answer(
+        self,
+        *,
+        max_series: int | None = None,
+        device: str | None = None,
+        trigger: str | None = None,
+        deadline: Any = None,
+    ) -> dict[str, Any]:
+        """``GET /api/v1/triggers``: every trigger with its series' states (worst first), the series whose condition
+        holds and the latest fires. ``max_series``: at most that many series per trigger and in ``holding``
+        (``truncated`` counts the rest); ``device``, ``trigger``: only those series; ``deadline``: a
+        ``reads.Deadline`` checked as the answer is built (it may run on a read thread: ``states`` is replaced
+        whole by :meth:`apply`, never changed in place)."""
+        states = self.states
         rank = {"firing": 0, "cooling_down": 1, "ok": 2, "insufficient_data": 3}
-        for item in sorted(self.states, key=lambda s: rank[s.state]):
-            by_trigger[item.trigger.name].append(item.answer())
-        return {
+        check = deadline.every(5_000) if deadline is not None else (lambda: None)
+        chosen = []
+        for item in states:
+            check()
+            if (device is None or item.series[0] == device) and (trigger is None or item.trigger.name == trigger):
+                chosen.append(item)
+        chosen.sort(key=lambda s: rank[s.state])
+        limit = max_series if max_series is not None else len(chosen) + 1
+        by_trigger: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.triggers}
+        left_out: dict[str, int] = {}
+        holding: list[dict[str, Any]] = []
+        holding_left = 0
+        for item in chosen:
+            check()
+            listed = by_trigger[item.trigger.name]
+            if len(listed) < limit:
+                listed.append(item.answer())
+            else:
+                left_out[item.trigger.name] = left_out.get(item.trigger.name, 0) + 1
+            if item.outcome.holds:
+                if len(holding) < limit:
+                    holding.append(item.answer())
+                else:
+                    holding_left += 1
+        truncated: dict[str, Any] = {}
+        narrow = "?trigger=NAME and/or ?device=ID"
+        for name, more in left_out.items():
+            truncated.setdefault("series", {})[name] = truncation(
+                more, f"series of {name} beyond {limit} (server.max_read_series), worst states first", narrow
+            )
+        if holding_left:
+            truncated["holding"] = truncation(
+                holding_left, f"series whose condition holds beyond {limit} (server.max_read_series)", narrow
+            )
+        answer = {
             "evaluated_at": iso(self.evaluated_us),
             "interval_s": self.interval_s,
             "triggers": [
@@ -887,8 +967,9 @@ class TriggerWatch:
                     "series": by_trigger[t.name],
                 }
                 for t in self.triggers
+                if trigger is None or t.name == trigger
             ],
-            "holding": [s.answer() for s in self.holding()],
+            "holding": holding,
             "fires": self.recent,
             "rows": {
                 "read": self.rows.read,
@@ -897,6 +978,11 @@ class TriggerWatch:
                 "skipped": self.rows.skipped,
                 "unreadable_settings": self.rows.unreadable_settings,
                 "undecodable_bodies": self.rows.undecodable,
+                "series_skipped": self.rows.series_skipped,
+                "series_per_device_limit": MAX_SERIES_PER_DEVICE,
             },
             "failures": self.failures,
         }
+        if truncated:
+            answer["truncated"] = truncated
+        return answer

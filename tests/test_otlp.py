@@ -307,7 +307,8 @@ async def test_backend_down_then_a_portal_then_up_loses_nothing(
     r, port = receiver
     r.mode = "down"
     token = store.add_token(DEVICE, "device", time.time_ns() // 1000)
-    client = await aiohttp_client(create_app(Settings(otlp=settings(port)), store))
+    # metrics_max_age_s=0: each scrape builds /metrics afresh (the forwarder's state moves between two scrapes)
+    client = await aiohttp_client(create_app(Settings(otlp=settings(port), metrics_max_age_s=0.0), store))
     records = mixed_records(60, seed=5)
     await ingest(client, token, records)
     await wait_for(lambda: sum(1 for s, code in r.answers if code == 503) >= 4)
