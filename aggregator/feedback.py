@@ -45,6 +45,7 @@ from lens_core.stats import Comparison, compare
 
 from .api import MAX_TIME_US
 from .health import FACTS_KIND, facts_from_record
+from .reads import bound_series
 from .rows import decode_wire
 from .store import NULL_NAME, Query, Store
 
@@ -101,6 +102,7 @@ CHANGE_SHARE = 0.9  # an anomaly names a settings change when this share of each
 MEMORY_BOTTLENECK = 0.9  # mean peak RSS ÷ RAM at or above this: bottleneck_indicator "memory"
 MAX_CONSIDERED = 64  # comparisons listed per document (evidence_considered)
 MAX_NAMED_DEVICES = 5  # devices named in a rationale
+MAX_SERIES_PER_DEVICE = 32  # model × strategy series of one device read per computation (the most recently seen)
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/llm-latency-lens/feedback")
 ROLLBACK = (
     "lens-agent measures the recommended value against the current one on this device (lens-agent tune), applies it "
@@ -877,7 +879,9 @@ def compute(
     """Every device × model's document (by device, model) and each device's recommendations for its agent.
     Blocking: run it on a read thread."""
     series_of: dict[tuple[str, str], list[Series]] = {}
-    for entry in store.series():
+    # bounded by construction: a device that sent thousands of model names costs MAX_SERIES_PER_DEVICE reads
+    entries, _ = bound_series(store.series(), MAX_SERIES_PER_DEVICE)
+    for entry in entries:
         if entry["kind"] != "inference" or entry["model_name"] == NULL_NAME:
             continue
         s = read_series(store, entry, settings)

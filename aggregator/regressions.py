@@ -33,10 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from .reads import bound_series
 from .store import NULL_NAME, Query, Store
 
 # metric → (how to read it from a stored row, True when higher is worse)
 METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
+MAX_SERIES_PER_DEVICE = 32  # model × strategy series of one device searched per pass (the most recently seen)
 HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False, "j_per_token": True}
 
 
@@ -132,7 +134,9 @@ def _number(value: Any) -> float | None:
 def find_regressions(store: Store, settings: Settings = Settings()) -> list[dict[str, Any]]:
     """Every series' change points (regressions and improvements), worst regressions first."""
     found = []
-    for entry in store.series():
+    # bounded by construction: a device that sent thousands of model names costs MAX_SERIES_PER_DEVICE searches
+    entries, _ = bound_series(store.series(), MAX_SERIES_PER_DEVICE)
+    for entry in entries:
         if entry["kind"] != "inference":
             continue
         query = Query(

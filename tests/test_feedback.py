@@ -501,7 +501,14 @@ async def test_hostile_stored_rows_do_not_break_the_answer(aiohttp_client: Any, 
         await fleet.send(client, store, device, [facts_record(device, WHEN, **ORIN)])
         await fleet.send(client, store, device, plant(device, 80, seed, settings, tpot))
     bad_facts = facts_record("orin-c", WHEN, device_class=["embedded device"], model=7, ram_gb="lots")
-    await fleet.send(client, store, "orin-c", [bad_facts, *plant("orin-c", 40, 33, two, 11.0)])
+    token = store.add_token("orin-c", "device", NOW)
+    refused = await client.post("/api/v1/ingest", data=make_batch([bad_facts], device="orin-c"), headers=auth(token))
+    assert refused.status == 400 and "ext.device" in (await refused.json())["error"]  # ingest refuses them today …
+    from aggregator.app import _row
+
+    blob = wire.encode_record(bad_facts, "cbor")  # … an older release stored them: the reads must still hold
+    store.ingest("orin-c", "old", 1, {}, [_row(wire.loads(blob, "cbor"), "cbor", blob)], NOW)
+    await fleet.send(client, store, "orin-c", plant("orin-c", 40, 33, two, 11.0))
     response = await client.get("/api/v1/feedback")
     assert response.status == 200
     docs = check_documents(await response.json())
@@ -816,3 +823,32 @@ def test_store_rows_of_an_older_schema_are_not_in_the_way(tmp_path: Path) -> Non
     assert "no engine settings" in doc["note"]
     with sqlite3.connect(tmp_path / "agg.db") as conn:
         assert conn.execute("SELECT count(*) FROM measurements WHERE settings IS NULL").fetchone()[0] == 40
+
+
+def test_a_device_with_thousands_of_model_names_costs_a_bounded_computation(tmp_path: Path) -> None:
+    """The feedback computation and the regression search read at most MAX_SERIES_PER_DEVICE series of one device
+    (its most recently seen): a flood of model names from one token costs no more than 32 series."""
+    from aggregator import regressions
+    from aggregator.app import parse_batch
+    from aggregator.feedback import MAX_SERIES_PER_DEVICE, compute
+
+    store = SQLiteStore(tmp_path / "agg.db")
+    reads: list[str] = []
+    latest_columns = store.latest_columns
+
+    def counting(query: Any, columns: Any, limit: int) -> Any:
+        reads.append(query.model)
+        return latest_columns(query, columns, limit)
+
+    records = plant("flood", 300, 51, BASE, 18.0)
+    for n, record in enumerate(records):
+        record["model_name"] = f"model-{n}"
+    _, rows, _ = parse_batch(make_batch(records, device="flood"), Settings(), "flood", NOW)
+    store.ingest("flood", "b", 1, {}, rows, NOW)
+    store.latest_columns = counting  # type: ignore[method-assign]
+    docs, _ = compute(store, FEEDBACK, [], NOW)
+    assert len(reads) == MAX_SERIES_PER_DEVICE >= len(docs) > 0  # a series of failed requests has no document
+    reads.clear()
+    regressions.find_regressions(store)
+    assert len(reads) == regressions.MAX_SERIES_PER_DEVICE
+    store.close()
