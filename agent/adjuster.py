@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -41,6 +42,7 @@ from .errors import LensError
 STATE_VERSION = 1
 HISTORY_RUNS = 10  # scheduled runs kept per workload
 MAX_ADJUSTMENTS = 50  # adjustments kept in the state file (the records keep them all)
+MAX_DROP_IN_BYTES = 64 * 1024  # lens_core.config.MAX_LAYER_BYTES
 
 
 class AdjusterError(LensError):
@@ -77,6 +79,27 @@ class Verification:
     rolled_back: bool
     per_workload: dict[str, dict[str, Any]]  # workload → comparison (before vs after)
     worst: float | None  # the worst workload's improvement (negative: worse)
+
+
+def _adjustment(item: dict[str, Any], path: Path) -> Adjustment:
+    """An Adjustment from a state file's entry, or AdjusterError naming the file (it may hold anything)."""
+    try:
+        adjustment = Adjustment(**item)
+    except TypeError:
+        raise AdjusterError(f"{path}: an adjustment of the wrong shape; move it aside to start afresh") from None
+    if not (
+        isinstance(adjustment.adjustment_id, str)
+        and isinstance(adjustment.changes, dict)
+        and isinstance(adjustment.status, str)
+        and isinstance(adjustment.applied_at, (int, float))
+        and isinstance(adjustment.baseline, dict)
+        and isinstance(adjustment.after, dict)
+        and isinstance(adjustment.runs_after, int)
+        and isinstance(adjustment.verify_runs, int)
+        and all(isinstance(v, list) and len(v) == 2 for v in adjustment.changes.values())
+    ):
+        raise AdjusterError(f"{path}: an adjustment with fields of the wrong types; move it aside to start afresh")
+    return adjustment
 
 
 class Adjuster(Protocol):
@@ -145,10 +168,18 @@ class DropInAdjuster:
             raise AdjusterError(f"{path}: cannot be written ({exc.strerror})") from None
 
     def _state(self) -> dict[str, Any]:
-        return self._read(self.state_path, {"version": STATE_VERSION, "adjustments": []})
+        state = self._read(self.state_path, {"version": STATE_VERSION, "adjustments": []})
+        items = state.get("adjustments")
+        if not isinstance(items, list) or not all(isinstance(a, dict) for a in items):
+            raise AdjusterError(
+                f"{self.state_path}: its adjustments are not a list of objects; move it aside to start afresh"
+            )
+        for item in items:
+            _adjustment(item, self.state_path)  # every entry must make an Adjustment: checked before anything uses it
+        return state
 
     def adjustments(self) -> list[Adjustment]:
-        return [Adjustment(**a) for a in self._state()["adjustments"]]
+        return [_adjustment(a, self.state_path) for a in self._state()["adjustments"]]
 
     def current(self) -> Adjustment | None:
         """The latest adjustment, whatever its status."""
@@ -156,9 +187,17 @@ class DropInAdjuster:
         return found[-1] if found else None
 
     def drop_in_text(self) -> str | None:
+        """The drop-in's text (None: there is none). Something that is not a small regular file — a FIFO, a device,
+        a directory — is never read: its description stands for its text (the configuration refuses it)."""
         try:
-            return self.drop_in.read_text()
+            info = self.drop_in.stat()
         except (FileNotFoundError, NotADirectoryError):  # no drop-in (or no data directory yet: its check says so)
+            return None
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_DROP_IN_BYTES:
+            return f"(not a small regular file: mode {info.st_mode:o}, {info.st_size} bytes)"
+        try:
+            return self.drop_in.read_text(errors="replace")
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     # -- recommendations that arrived with sync answers --------------------------------------------------------
@@ -183,7 +222,7 @@ class DropInAdjuster:
                 "version": STATE_VERSION,
                 "received_at": time.time(),
                 "items": items,
-                "tried": tried[-500:],
+                "tried": tried[-500:],  # oldest first: the latest 500 are kept
                 "tried_values": (tried_values or [])[-500:],
                 "refused": (refused or [])[-20:],
                 "last_tune_at": last_tune_at,
@@ -260,7 +299,7 @@ class DropInAdjuster:
             state = self._state()
             if not state["adjustments"]:
                 return None
-            current = Adjustment(**state["adjustments"][-1])
+            current = _adjustment(state["adjustments"][-1], self.state_path)
             if current.status != "verifying" or settings_key != current.after_key or not values:
                 return None
             current.after.setdefault(workload, []).extend(values)
@@ -304,7 +343,7 @@ class DropInAdjuster:
             state = self._state()
             if not state["adjustments"] or state["adjustments"][-1]["adjustment_id"] != adjustment_id:
                 raise AdjusterError(f"{adjustment_id}: not the latest adjustment; only the latest can be rolled back")
-            current = Adjustment(**state["adjustments"][-1])
+            current = _adjustment(state["adjustments"][-1], self.state_path)
             if current.status == "rolled_back":
                 raise AdjusterError(f"{adjustment_id} was already rolled back")
             self._write(self.drop_in, current.previous_drop_in)

@@ -8,6 +8,7 @@ variable or flag), the key and what is allowed. Secrets never live in the TOML: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -409,13 +410,15 @@ def set_aside_drop_in(data_dir: Path, reason: str) -> Path | None:
     target = drop_in.with_name(f"{drop_in.name}.refused-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     try:
         os.replace(drop_in, target)
+    except OSError:  # gone already, or the folder is not writable: it is still left out at every load
+        return None
+    with contextlib.suppress(OSError):
         target.with_name(target.name + ".reason").write_text(reason + "\n")
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return None
     old = sorted(drop_in.parent.glob(f"{drop_in.name}.refused-*[!n]"))  # not the .reason files
     for path in old[:-REFUSED_KEPT]:
         for stale in (path, path.with_name(path.name + ".reason")):
-            stale.unlink(missing_ok=True)
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:  # a directory (a drop-in that was one) or unwritable: kept, never a reason to stop
+                continue
     return target

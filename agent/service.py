@@ -57,9 +57,10 @@ from .prompts import load_prompts
 from .schedule import Scheduler, workload_period
 from .strategies import build_strategy
 from .tune_flow import Busy, engine_key, measure_lock, run_tune, verification_record
-from .tuning import tune_record, values_of
+from .tuning import DIMENSIONS, tune_record, values_of
 
 log = logging.getLogger("agent.service")
+ADVICE_REMEMBERED = 500  # recommendation ids and advice (model, setting, value) remembered as seen
 STATE_FILE = "service.json"
 
 
@@ -110,9 +111,12 @@ class AgentService:
         # lens-agent tune's drop-in as this configuration read it: a change (a tune, a rollback) reloads
         self._adjuster = DropInAdjuster(self.data_dir)
         self._refused_drop_ins: list[str] = []  # lines about drop-ins set aside, stored once the outbox is open
-        self._set_aside(self.config)
+        self.config = self._set_aside(self.config)
         self._drop_in_text = self._adjuster.drop_in_text()
         self._limits: tuple[str, DeviceLimits] | None = None  # the device's limits for the model at that path
+        # advice seen and the last tune from one (monotonic), kept here as well as in recommendations.json: a file
+        # that cannot be read or written never lifts the rate limit
+        self._advice: dict[str, Any] = {"tried": [], "tried_values": [], "last_mono": None}
         self._last_measured: list[Measurement] = []
         self._measuring = asyncio.Lock()
 
@@ -187,8 +191,8 @@ class AgentService:
             self.notifier.send("READY=1", f"STATUS=reload refused: {exc}")
             return
         old = self.config
+        config = self._set_aside(config)
         self.config = config
-        self._set_aside(config)
         await self._store_set_aside()
         self._drop_in_text = self._adjuster.drop_in_text()
         if old.values["model"] != config.values["model"]:
@@ -319,6 +323,9 @@ class AgentService:
             except Busy as exc:
                 await self._record_skip(name, f"another process is measuring (lens-agent tune?): {exc}")
                 summary = None
+            except LensError as exc:  # the measuring lock cannot be taken: say why, and try again next time
+                await self._record_skip(name, str(exc))
+                summary = None
             if summary is not None:
                 self.runs[name] = summary
                 await self._verify(name, summary)
@@ -367,7 +374,7 @@ class AgentService:
             log.error("the configuration is refused, keeping the running settings: %s", exc)
             self._drop_in_text = self._adjuster.drop_in_text()
             return
-        self._set_aside(config)
+        config = self._set_aside(config)
         await self._store_set_aside()
         self._drop_in_text = self._adjuster.drop_in_text()
         if config.values["model"] == self.config.values["model"]:
@@ -379,18 +386,35 @@ class AgentService:
         )
         await self._load_model()
 
-    def _set_aside(self, config: AgentConfig) -> None:
-        """A drop-in the configuration left out (it fails the file's own checks) is moved aside: the service goes on
-        with the file's settings, measuring and uploading, and says so (log, status, a record)."""
-        if config.drop_in_refused is None:
-            return
-        moved = set_aside_drop_in(self.data_dir, config.drop_in_refused)
+    def _set_aside(self, config: AgentConfig) -> AgentConfig:
+        """A drop-in the configuration left out (it fails the file's own checks), or one whose values this device
+        refuses (agent.advice: more threads than CPUs, more GPU layers than the model has, …: a drop-in is advice
+        too, whoever wrote it), is moved aside: the service goes on with the file's settings, measuring and
+        uploading, and says so (log, status, a record). Returns the configuration to run with."""
+        reason = config.drop_in_refused
+        if reason is None:
+            changed = [k for k in DIMENSIONS if config.source("model", k).startswith("drop-in ")]
+            if changed:
+                try:
+                    path: Path | None = resolve_model_path(config.get("model", "path"))
+                except LensError:
+                    path = None
+                refused = refusal(EngineSettings.from_config(config).as_dict(), DeviceLimits.probe(path), changed)
+                if refused is not None:
+                    reason = f"drop-in {self._adjuster.drop_in}: {refused}"
+        if reason is None:
+            return config
+        moved = set_aside_drop_in(self.data_dir, reason)
         where = f"set aside as {moved}" if moved else "left out (it could not be moved)"
-        line = (
-            f"tuning drop-in refused: {config.drop_in_refused}; {where}; running with the configuration file's settings"
-        )
+        line = f"tuning drop-in refused: {reason}; {where}; running with the configuration file's settings"
         log.error("%s", line)
         self._refused_drop_ins.append(line)
+        if config.drop_in_refused is None and moved is not None:
+            try:
+                return load_config(self.config_path, overrides=self.overrides)
+            except LensError as exc:  # the file passed a moment ago: keep what was loaded, say why
+                log.error("the configuration without the drop-in is refused: %s", exc)
+        return config
 
     async def _store_set_aside(self) -> None:
         if self.outbox is None:
@@ -440,6 +464,15 @@ class AgentService:
             self._limits = (path, DeviceLimits.probe(Path(path) if path else None))
         return self._limits[1]
 
+    def _remember(self, recommendation_id: str, advice: str) -> None:
+        """Advice seen (tuned or refused), oldest first, the latest :data:`ADVICE_REMEMBERED` of each kind."""
+        for name, item in (("tried", recommendation_id), ("tried_values", advice)):
+            kept = self._advice[name]
+            if item in kept:
+                kept.remove(item)
+            kept.append(item)
+            del kept[:-ADVICE_REMEMBERED]
+
     def _on_ack(self, payload: dict[str, Any]) -> None:
         """An acknowledgement arrived: keep the recommendations it carries for this device and, when
         ``tune.auto_apply`` allows it, tune one here — the current value against the recommended one, measured on
@@ -456,23 +489,29 @@ class AgentService:
         from lens_core.recommendations import parse_wire
 
         found, problems = parse_wire(payload["recommendations"])
-        for problem in problems:
-            log.warning("sync: a recommendation from the aggregator is ignored: %s", problem)
+        if problems:  # one line per answer, however many items it held
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            log.warning("sync: a recommendation from the aggregator is ignored: %s%s", problems[0], more)
+        memory = self._advice
         try:
             known = self._adjuster.recommendations()
         except AdjusterError as exc:
-            log.warning("sync: the kept recommendations are not readable, starting afresh: %s", exc)
+            log.warning("sync: the kept recommendations are not readable; what this process remembers holds: %s", exc)
             known = {}
-        tried = set(known.get("tried", [])) if isinstance(known.get("tried"), list) else set()
-        tried_values = set(known.get("tried_values", [])) if isinstance(known.get("tried_values"), list) else set()
+        for name in ("tried", "tried_values"):  # the file and this process's memory: whichever knows more
+            kept = known.get(name)
+            for item in kept if isinstance(kept, list) else []:
+                if isinstance(item, str) and item not in memory[name]:
+                    memory[name].append(item)
+        tried, tried_values = set(memory["tried"]), set(memory["tried_values"])
         refused: list[dict[str, Any]] = []
         current = EngineSettings.from_config(self.config).as_dict()
         due = []
         for rec in found:
             section, _, key = rec.target.partition(".")
             advice = f"{rec.model_name}\x00{rec.target}\x00{rec.recommended_value!r}"
-            if section != "model" or key not in current or rec.recommendation_id in tried or advice in tried_values:
-                continue
+            if section != "model" or key not in DIMENSIONS or rec.recommendation_id in tried or advice in tried_values:
+                continue  # only what a tune searches (DIMENSIONS) is measured here; the same advice once
             if self.model.get("name") not in (None, rec.model_name):
                 continue
             if current[key] == rec.recommended_value:
@@ -480,18 +519,22 @@ class AgentService:
             reason = refusal({**current, key: rec.recommended_value}, self._device_limits(), [key])
             if reason is not None:
                 refused.append({"recommendation_id": rec.recommendation_id, "target": rec.target, "reason": reason})
-                tried.add(rec.recommendation_id)  # refused once, logged once
-                tried_values.add(advice)
-                log.warning("sync: recommendation %s refused by this device: %s", rec.recommendation_id, reason)
+                self._remember(rec.recommendation_id, advice)  # refused once, logged once
                 continue
             due.append((rec, key, advice))
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            log.warning("sync: recommendation refused by this device: %s%s", refused[0]["reason"], more)
         auto = self.config.get("tune", "auto_apply")
-        now = time.time()
+        now_wall, now_mono = time.time(), time.monotonic()
         raw_last = known.get("last_tune_at")
         last = float(raw_last) if isinstance(raw_last, (int, float)) and not isinstance(raw_last, bool) else None
+        if last is not None and last > now_wall:  # a clock stepped back: "in the future" counts as just now
+            last = now_wall
         interval = self.config.get("tune", "recommendation_interval")
-        # a clock stepped back makes "last" lie in the future: that counts as just now, never as long ago
-        waiting = last is not None and now - last < interval
+        waiting = (last is not None and now_wall - last < interval) or (
+            memory["last_mono"] is not None and now_mono - memory["last_mono"] < interval
+        )
         busy = (
             self._scheduler is None
             or self.state == "tuning"
@@ -500,15 +543,15 @@ class AgentService:
         )
         chosen = due[0] if auto and due and not waiting and not busy else None
         if chosen is not None:
-            tried.add(chosen[0].recommendation_id)
-            tried_values.add(chosen[2])
+            self._remember(chosen[0].recommendation_id, chosen[2])
+            memory["last_mono"] = now_mono  # the rate limit holds in this process whatever the file says
         try:
             self._adjuster.keep_recommendations(
                 [dataclasses.asdict(r) for r in found],
-                sorted(tried),
-                tried_values=sorted(tried_values),
+                list(memory["tried"]),
+                tried_values=list(memory["tried_values"]),
                 refused=refused or known.get("refused") or [],
-                last_tune_at=now if chosen is not None else last,
+                last_tune_at=now_wall if chosen is not None else last,
             )
         except AdjusterError as exc:
             log.warning("sync: the recommendations received are not kept: %s", exc)
@@ -576,6 +619,7 @@ class AgentService:
                             only=only,
                             recommendation_id=recommendation_id,
                             progress=lambda line: log.info("tune %s", line),
+                            should_stop=lambda: self.abort,  # SIGTERM ends a tune within a second
                         ),
                     )
                     log.info(

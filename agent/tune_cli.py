@@ -343,11 +343,15 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
     Example:
         lens-agent tune status --config /etc/lens-agent/agent.toml --json
     """
-    from .adjuster import DropInAdjuster
+    from .adjuster import AdjusterError, DropInAdjuster
 
     config = _config(config_path, data_dir)
     adjuster = DropInAdjuster(config.get("agent", "data_dir"))
-    current = adjuster.current()
+    state_problem = None
+    try:
+        current = adjuster.current()
+    except AdjusterError as exc:  # the state is the device's own: shown, never a reason to stop
+        current, state_problem = None, str(exc)
     effective = {
         ".".join(CONFIG_KEYS[k]): {"value": config.get(*CONFIG_KEYS[k]), "source": config.source(*CONFIG_KEYS[k])}
         for k in TUNABLE
@@ -360,6 +364,7 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
         "drop_in_refused": summary.get("refused"),
         "effective": effective,
         "latest": current.as_dict() if current else None,
+        "state_problem": state_problem,
     }
     if as_json:
         click.echo(json.dumps(answer, indent=2))
@@ -369,6 +374,9 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
         click.echo(f"  {answer['drop_in_refused']}")
     for key, item in effective.items():
         click.echo(f"  {key:<20} {item['value']!s:<8} ({item['source']})")
+    if state_problem is not None:
+        click.echo(f"tuning state not readable: {state_problem}")
+        return
     if current is None:
         click.echo("no change applied yet")
         return

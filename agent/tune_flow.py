@@ -41,7 +41,12 @@ class Busy(LensError):
 def measure_lock(data_dir: Path, *, wait_s: float = 0.0, waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Hold ``<data_dir>/measure.lock`` while measuring; wait up to ``wait_s`` for another holder to finish."""
     path = Path(data_dir) / "measure.lock"
-    handle = path.open("a+")
+    try:  # never through a symbolic link: a planted one would have the pid written wherever it points
+        handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as exc:
+        raise LensError(
+            f"{path}: cannot open the measuring lock ({exc.strerror}); remove it if it is not a file"
+        ) from None
     try:
         deadline = time.monotonic() + wait_s
         told = False
@@ -104,6 +109,7 @@ def run_tune(
     options: TuneOptions | None = None,
     prompts_path: Path | None = None,
     recommendation_id: str | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> TuneOutcome:
     """Search, and apply the winner when ``apply`` (and nothing overrides it). ``store`` receives every record."""
     options = options or TuneOptions.from_config(config, only)
@@ -127,6 +133,7 @@ def run_tune(
         progress=progress,
         on_record=store,
         chat_template=config.get("bench", "chat_template"),
+        should_stop=should_stop,
     )
     result = tuner.run()
     if not result.significant:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ from .errors import LensError
 from .prompts import Prompt
 
 MAX_ANSWER_BYTES = 4 << 20  # a block's answer: a few hundred requests' figures
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)  # the directory that holds this `agent` package
+
+
+class MeasureStopped(LensError):
+    """The tune was asked to stop (the service is shutting down): the child was ended in the middle of a block."""
 
 
 class CandidateCrashed(LensError):
@@ -62,8 +68,9 @@ def _signal_name(returncode: int) -> str | None:
 class WorkerPool:
     """One child process at a time, restarted after a crash. Not thread-safe: one tune uses one pool."""
 
-    def __init__(self, timeout_s: float = 600.0) -> None:
+    def __init__(self, timeout_s: float = 600.0, should_stop: Callable[[], bool] = lambda: False) -> None:
         self.timeout_s = timeout_s
+        self.should_stop = should_stop  # asked every second while a block runs: True ends the child at once
         self._proc: subprocess.Popen[bytes] | None = None
         self._answers: int | None = None  # the read end of the child's answer pipe
         self.started = 0  # children started (a crash costs one more)
@@ -75,6 +82,9 @@ class WorkerPool:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "agent.tune_worker", str(write_fd)],
+                # `-m` puts the working directory first on sys.path: run it where this very package lives, so an
+                # `agent/` in whatever directory the tune was started from is never imported
+                cwd=PACKAGE_ROOT,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(write_fd,),
@@ -109,6 +119,9 @@ class WorkerPool:
         buffer = bytearray()
         while not buffer.endswith(b"\n"):
             left = deadline - time.monotonic()
+            if self.should_stop():
+                self._kill()
+                raise MeasureStopped("the measuring process was stopped: the tune is asked to stop")
             if left <= 0:
                 self._kill()
                 raise CandidateCrashed(f"the measuring process gave no answer within {self.timeout_s:g} s: killed")

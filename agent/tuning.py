@@ -45,7 +45,7 @@ from .engines.modelfile import resolve_model_path
 from .errors import LensError, UsageError
 from .measurement import Measurement
 from .prompts import Prompt, load_prompts
-from .tune_worker import BlockResult, CandidateCrashed, WorkerPool, block_request
+from .tune_worker import BlockResult, CandidateCrashed, MeasureStopped, WorkerPool, block_request
 
 log = logging.getLogger("agent.tune")
 
@@ -233,6 +233,7 @@ class Tuner:
     chat_template: str = "auto"
     limits: DeviceLimits | None = None
     measure: Callable[[dict[str, Any]], BlockResult] | None = None
+    should_stop: Callable[[], bool] = lambda: False  # the service is stopping: end the search now, apply nothing
     tune_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     model_name: str = "unknown"
     quantization: str | None = None
@@ -242,7 +243,7 @@ class Tuner:
     def run(self) -> TuneResult:
         pool = None
         if self.measure is None:
-            pool = WorkerPool(self.options.candidate_timeout)
+            pool = WorkerPool(self.options.candidate_timeout, self.should_stop)
             self.measure = pool.measure
         try:
             return self._run()
@@ -334,7 +335,7 @@ class Tuner:
             for candidate in order:
                 if candidate.error is not None:
                     continue
-                reason = self.gate()
+                reason = "the tune was asked to stop" if self.should_stop() else self.gate()
                 if reason is not None:
                     self._record("skipped", {"reason": reason, "stage": stage.name})
                     raise TuneSkipped(reason)
@@ -369,6 +370,9 @@ class Tuner:
         )
         try:
             result = self.measure(request)
+        except MeasureStopped:
+            self._record("skipped", {"reason": "the tune was asked to stop"})
+            raise TuneSkipped("the tune was asked to stop") from None
         except CandidateCrashed as exc:
             candidate.error, candidate.crash_signal = f"{exc} ({candidate.key})", exc.signal_name
             log.warning("tune: %s failed: %s", candidate.key, exc)

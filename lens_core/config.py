@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ else:  # pragma: no cover - exercised on Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 ENV_PREFIX = "LENS_"
+MAX_LAYER_BYTES = 64 * 1024  # a drop-in holds a few settings
 
 # Every LENS_* variable that is not a LENS_<SECTION>_<KEY> configuration key, in one place: anything else with the
 # prefix that names no key is a mistake (a misspelling), refused like an unknown key in the TOML file.
@@ -324,13 +326,23 @@ def load_config(
             sources[section][key] = str(file_path)
 
     for layer_path, allowed in layers:
+        source = f"drop-in {layer_path}"
+        try:
+            layer_stat = layer_path.stat()  # a drop-in is a small regular file: never a FIFO to block on, nor a device
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(source, "(file)", str(layer_path), f"a readable file ({exc.strerror})") from None
+        if not stat.S_ISREG(layer_stat.st_mode):
+            raise ConfigError(source, "(file)", str(layer_path), "a regular file (not a directory, FIFO or device)")
+        if layer_stat.st_size > MAX_LAYER_BYTES:
+            raise ConfigError(source, "(file)", str(layer_path), f"a file of at most {MAX_LAYER_BYTES} bytes")
         try:
             layer = _read_toml(layer_path)
         except ConfigError as exc:
             if exc.key == "(file)" and not layer_path.exists():
                 continue
             raise
-        source = f"drop-in {layer_path}"
         for section, table in layer.items():
             if section not in allowed or not isinstance(table, dict):
                 raise ConfigError(source, section, "[section]", "one of the sections " + ", ".join(allowed))

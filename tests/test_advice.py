@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -298,3 +299,109 @@ def test_a_deeply_nested_answer_is_not_json_and_never_raises() -> None:
     assert wire.parse_answer_json(b"not json") is None
     nested = {"recommendations": [{"x": [[[[1]]]]}]}
     assert wire.parse_answer_json(json.dumps(nested).encode()) == nested
+
+
+# -- local state a party with access to the data directory could plant -----------------------------------------------
+def test_the_measuring_process_never_imports_code_from_the_working_directory(tmp_path: Path, tiny_model: Path) -> None:
+    """`python -m` puts the working directory first on sys.path: the measuring process is started where the agent
+    package lives, so an `agent/` planted where an operator happens to run `lens-agent tune run` is never run."""
+    import sys
+
+    config = write_config(tmp_path, tiny_model, n_batch=16)
+    planted = tmp_path / "here"
+    (planted / "agent").mkdir(parents=True)
+    (planted / "agent" / "__init__.py").write_text("")
+    marker = tmp_path / "HIJACKED"
+    (planted / "agent" / "tune_worker.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    lens_agent = Path(sys.executable).parent / "lens-agent"  # the console script, as an operator runs it
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
+    result = subprocess.run(
+        [str(lens_agent), "tune", "run", "--config", str(config), "--try", "n_batch=16,32", "--json", "--dry-run"],
+        cwd=planted,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    candidates = json.loads(result.stdout)["stages"][0]["candidates"]
+    assert all(c["requests"] == 12 and c["error"] is None for c in candidates)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        '{"version": 1, "adjustments": "abc"}',
+        '{"version": 1, "adjustments": [1]}',
+        '{"version": 1, "adjustments": [{"x": 1}]}',
+        '{"version": 1, "adjustments": null}',
+        '{"version": 1}',
+    ],
+)
+def test_tuning_state_of_the_wrong_shape_is_one_clear_line_everywhere(
+    tmp_path: Path, tiny_model: Path, state: str
+) -> None:
+    config = write_config(tmp_path, tiny_model, n_batch=16)
+    folder = tmp_path / "data" / "tune"
+    folder.mkdir(parents=True)
+    (folder / "adjustments.json").write_text(state)
+    (folder / "settings.toml").write_text("[model]\nn_batch = 32\n")
+    status = agent("status", "--config", str(config), "--no-probe")
+    assert status.returncode in (0, 1) and "Traceback" not in status.stderr, status.stderr
+    assert "move it aside to start afresh" in status.stdout
+    tune_status = agent("tune", "status", "--config", str(config))
+    assert tune_status.returncode == 0 and "tuning state not readable" in tune_status.stdout, tune_status.stderr
+    back = agent("tune", "rollback", "--config", str(config))
+    assert back.returncode == 0 and "set aside as" in back.stdout and "Traceback" not in back.stderr, back.stderr
+    assert not (folder / "settings.toml").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge"])
+def test_a_drop_in_that_is_no_small_file_is_never_read(tmp_path: Path, tiny_model: Path, kind: str) -> None:
+    config = write_config(tmp_path, tiny_model, n_batch=16)
+    drop_in = tmp_path / "data" / "tune" / "settings.toml"
+    drop_in.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(drop_in)  # reading it would block every command
+    elif kind == "device":
+        drop_in.symlink_to("/dev/zero")  # reading it would never end
+    elif kind == "directory":
+        drop_in.mkdir()
+    else:
+        drop_in.write_text("[model]\n" + "# padding\n" * 20_000)
+    for command in (["status", "--no-probe"], ["tune", "status"]):
+        result = agent(*command, "--config", str(config))
+        assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr
+        assert "drop-in refused and left out" in result.stdout, result.stdout
+    run = agent("run", "--config", str(config), "--once")  # the service sets it aside and measures
+    assert run.returncode == 0 and "tuning drop-in refused" in run.stderr, run.stderr
+    assert not os.path.lexists(drop_in)
+
+
+def test_a_drop_in_this_device_cannot_run_is_set_aside_by_the_service(tmp_path: Path, tiny_model: Path) -> None:
+    """A drop-in is advice too, whoever wrote it: one with more threads than this device's CPUs passes the
+    configuration's bounds but not the device's, and the service runs with the file's settings."""
+    config = write_config(tmp_path, tiny_model, n_batch=16)
+    drop_in = tmp_path / "data" / "tune" / "settings.toml"
+    drop_in.parent.mkdir(parents=True)
+    too_many = len(os.sched_getaffinity(0)) + 1
+    drop_in.write_text(f"[model]\nn_threads = {too_many}\n")
+    run = agent("run", "--config", str(config), "--once")
+    assert run.returncode == 0, run.stderr
+    assert f"model.n_threads = {too_many}: this device has" in run.stderr and not drop_in.exists()
+    from .test_tune import outbox_records
+
+    loads = outbox_records(tmp_path / "data", "model_load")
+    assert [r["ext"]["model_load"]["n_threads"] for r in loads] == [1]  # the file's value, never the drop-in's
+
+
+def test_a_planted_measuring_lock_link_is_not_followed(tmp_path: Path, tiny_model: Path) -> None:
+    config = write_config(tmp_path, tiny_model, n_batch=16)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "measure.lock").symlink_to(victim)
+    run = agent("run", "--config", str(config), "--once")
+    assert victim.read_text() == "precious\n"
+    assert "cannot open the measuring lock" in run.stdout + run.stderr and "Traceback" not in run.stderr, run.stdout

@@ -8,6 +8,7 @@ the plain-HTTP link that rewrites the aggregator's acknowledgements.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from aggregator.store import SQLiteStore
@@ -103,12 +105,16 @@ def stop_service(proc: subprocess.Popen[bytes], log_path: Path) -> str:
     return output
 
 
-def test_hostile_acknowledgements_change_nothing_and_stop_no_scheduled_run(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize("state", ["writable", "unwritable"])
+def test_hostile_acknowledgements_change_nothing_and_stop_no_scheduled_run(
+    tmp_path: Path, tiny_model: Path, state: str
+) -> None:
     """A man in the middle answers every upload with the aggregator's real acknowledgement plus hostile advice: the
     values that crashed devices, values past this device's CPUs, a thousand items, answers nested 30,000 deep, and a
     fresh recommendation id on every answer. The genuine service refuses each out-of-range value, treats the deep
     answer as not the aggregator's (one line, nothing deleted), tunes the churning advice at most once per
-    tune.recommendation_interval, and its scheduled runs go on throughout."""
+    tune.recommendation_interval, and its scheduled runs go on throughout — also when the file that remembers the
+    advice cannot be written (the limit is kept in the service's memory as well: it never fails open)."""
     agg = AggregatorProcess(tmp_path / "agg.db", free_port())
     agg.start()
     model = "tiny-llama"  # the tiny model's general.name: the advice names this device's model
@@ -127,6 +133,7 @@ def test_hostile_acknowledgements_change_nothing_and_stop_no_scheduled_run(tmp_p
                 rec("model.n_batch", 1 << 20, 16, model),
                 rec("model.n_threads", cpus + 1, 1, model),  # within the configuration, beyond this device
                 rec("model.n_gpu_layers", 8, 0, model),  # a CPU-only build offloads nothing
+                rec("model.n_ctx", 128, 256, model),  # valid, but not what a tune searches: never measured
             ]
         elif n % 4 == 2:  # a thousand items, some of them a megabyte of text
             ack["recommendations"] = [rec("model.n_batch", 32, 16, "x" * 60_000)] + [{"a": i} for i in range(999)]
@@ -152,6 +159,8 @@ def test_hostile_acknowledgements_change_nothing_and_stop_no_scheduled_run(tmp_p
         )
         text = config.read_text().replace('every = "1h"', 'every = "1s"')
         config.write_text(text.replace("requests = 4\n", "requests = 2\n").replace("rounds = 3\n", "rounds = 2\n"))
+        if state == "unwritable":  # the state file's atomic write fails: a directory where its temp file goes
+            (tmp_path / "data" / "tune" / "recommendations.json.tmp").mkdir(parents=True)
         log_path = tmp_path / "service.log"
         proc = start_service(config, log_path)
         deadline = time.monotonic() + 40
@@ -177,11 +186,17 @@ def test_hostile_acknowledgements_change_nothing_and_stop_no_scheduled_run(tmp_p
     drop_in = data / "tune" / "settings.toml"
     if drop_in.exists():  # only ever what this device measured faster itself
         assert drop_in.read_text().splitlines()[-1] in ("n_batch = 32", "n_batch = 48")
-    kept = json.loads((data / "tune" / "recommendations.json").read_text())
-    refused = {r["target"] + "=" + r["reason"].split(" = ")[1].split(":")[0] for r in kept["refused"]}
-    assert f"model.n_threads={cpus + 1}" in refused and "model.n_gpu_layers=8" in refused, kept["refused"]
-    for value in ("1048576", "4096", "70000"):
-        assert f"= {value} is out of range" in output, value
+    if state == "writable":
+        kept = json.loads((data / "tune" / "recommendations.json").read_text())
+        refused = {r["target"] + "=" + r["reason"].split(" = ")[1].split(":")[0] for r in kept["refused"]}
+        assert f"model.n_threads={cpus + 1}" in refused and "model.n_gpu_layers=8" in refused, kept["refused"]
+    else:
+        assert "the recommendations received are not kept" in output
+        assert not (data / "tune" / "recommendations.json").exists()
+    assert "recommendation refused by this device: model.n_threads" in output
+    assert output.count("recommendation refused by this device") == 1  # refused once, logged once
+    # one line per answer however many items it refused: the first, and how many more
+    assert "recommended_value = 1048576 is out of range for n_threads (1 … 512) (and 4 more)" in output
     assert "not the aggregator's acknowledgement" in output or "not_aggregator" in output
     assert output.count("RecursionError") == 0
     inference = stored(tmp_path / "agg.db", "SELECT count(*) FROM measurements WHERE kind = 'inference'")[0][0]
@@ -348,3 +363,35 @@ def test_an_engine_that_aborts_during_a_tune_ends_that_candidate_and_the_service
     assert "tune did not finish" in output or any(
         t.get("crash_signal") == "SIGABRT" for t in (r["ext"]["tune"] for r in outbox_records(data, "tune"))
     ), output
+
+
+def test_sigterm_during_a_tune_stops_the_service_within_seconds(tmp_path: Path, tiny_model: Path) -> None:
+    """A long tune in progress does not hold the service past its stop timeout: the measuring process is ended,
+    the search stops (nothing applied, a skipped record says why) and the service exits 0."""
+    import psutil
+
+    config = write_config(tmp_path, tiny_model, n_batch=16, extra='n_batch = [16, 64]\nevery = "1s"')
+    config.write_text(config.read_text().replace("rounds = 3\n", "rounds = 100\n"))  # minutes of measuring
+    log_path = tmp_path / "service.log"
+    proc = start_service(config, log_path)
+    deadline = time.monotonic() + 90
+    worker = None
+    while time.monotonic() < deadline and worker is None:
+        assert proc.poll() is None, log_path.read_text()
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "agent.tune_worker" in " ".join(child.cmdline()):
+                    worker = child
+        time.sleep(0.05)
+    assert worker is not None, log_path.read_text()
+    time.sleep(1.0)
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    took = time.monotonic() - asked
+    output = stop_service(proc, log_path)
+    assert took < 20, f"{took:.1f} s to stop"  # loose: a busy machine; the unit allows 90 s
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    steps = [r["ext"]["tune"] for r in outbox_records(tmp_path / "data", "tune")]
+    assert any(t["step"] == "skipped" and "asked to stop" in t["reason"] for t in steps), (steps, output)
+    assert not any(t["step"] == "apply" for t in steps)
