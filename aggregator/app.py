@@ -25,8 +25,8 @@ from aiohttp import web
 from lens_core import wire
 
 from . import __version__, api, feedback, regressions, timeline
-from .device_page import RANGES
 from .connections import ConnectionGuard, accept_batch, connection_cap, open_files_limit
+from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
 from .health import Health
 from .metrics import CONTENT_TYPE, FleetMetrics, OtlpCollector

@@ -140,7 +140,9 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
     install_repeat_filter(server["log_repeat_interval"])  # a flood of one error line: once per interval, counted
     files = raise_open_files()  # before anything is opened; the connection cap is sized from it
     if files.error:
-        log.warning("open files: the soft limit stays %d (raising it to %d failed: %s)", files.soft, files.hard, files.error)
+        log.warning(
+            "open files: the soft limit stays %d (raising it to %d failed: %s)", files.soft, files.hard, files.error
+        )
     elif files.soft != files.before:
         log.info("open files: soft limit raised from %d to %d (the hard limit)", files.before, files.soft)
     settings = Settings.from_config(config)
@@ -156,7 +158,7 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
     )
     if settings.max_subscribers >= guard.max_connections:
         log.warning(
-            "server.max_subscribers (%d) is not below the connection cap (%d): live streams could take every connection",
+            "server.max_subscribers (%d) is not below the connection cap (%d): streams could take every connection",
             settings.max_subscribers,
             guard.max_connections,
         )

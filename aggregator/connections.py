@@ -78,7 +78,7 @@ def open_files_limit() -> int:
         import resource
     except ImportError:  # pragma: no cover - not on Linux
         return 1024
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 1 << 20 if soft == resource.RLIM_INFINITY else int(soft)
 
 
@@ -115,7 +115,7 @@ AFTER = "after"  # the handler returned: its response is being written, then the
 class _Connection:
     """One accepted connection: its state and its single deadline."""
 
-    __slots__ = ("transport", "state", "since", "timer", "request", "peer")
+    __slots__ = ("peer", "request", "since", "state", "timer", "transport")
 
     def __init__(self, transport: asyncio.BaseTransport, now: float) -> None:
         self.transport = transport
@@ -257,7 +257,9 @@ class ConnectionGuard:
         if not conn.body_pending():
             return
         self.closed["body_timeout"] += 1
-        log.warning("connection closed: request body not received within server.body_timeout (%g s)", self.body_timeout_s)
+        log.warning(
+            "connection closed: request body not received within server.body_timeout (%g s)", self.body_timeout_s
+        )
         self._cut(conn, None)
 
     def _idle(self, conn: _Connection) -> None:

@@ -180,7 +180,9 @@ def event_frame(event: dict[str, Any], name: str = "batch") -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
 
-def refetch_frame(event: dict[str, Any], max_bytes: int, *, row_bytes: int | None = None, series: int | None = None) -> bytes:
+def refetch_frame(
+    event: dict[str, Any], max_bytes: int, *, row_bytes: int | None = None, series: int | None = None
+) -> bytes:
     """The refetch notice: the batch's event with ``"type": "refetch"``, the bound, and what exceeded it — the row's
     size (``row_bytes``) or, when the row was not computed, its number of ``series``."""
     notice = {**event, "type": "refetch", "max_event_bytes": max_bytes}
@@ -220,7 +222,7 @@ class Subscriber:
     task per subscriber wakes up for it): whatever the client has not taken stays in the transport's buffer, bounded
     by ``limit`` bytes."""
 
-    __slots__ = ("transport", "chunked", "limit", "done")
+    __slots__ = ("chunked", "done", "limit", "transport")
 
     def __init__(self, transport: asyncio.Transport, chunked: bool, limit: int) -> None:
         self.transport, self.chunked, self.limit = transport, chunked, limit
@@ -297,6 +299,9 @@ class Broadcaster:
         if subscriber not in self.subscribers:
             return
         self.subscribers.discard(subscriber)
+        if subscriber.transport.is_closing():  # gone by itself: nothing to count
+            subscriber.done.set()
+            return
         behind = subscriber.transport.get_write_buffer_size()
         self.dropped += 1
         log.warning("stream: dropped a subscriber %d bytes behind (it reconnects and refetches)", behind)
@@ -339,10 +344,10 @@ class Broadcaster:
         if transport is None:
             return response
         try:  # the headers and the first bytes through aiohttp; everything after directly to the transport
-            await response.write(f"retry: {RETRY_MS}\n: connected\n\n".encode())
+            await response.write(f": connected\nretry: {RETRY_MS}\n\n".encode())
         except ConnectionError:
             return response
-        subscriber = Subscriber(transport, chunked, self.buffer_limit)  # type: ignore[arg-type]
+        subscriber = Subscriber(transport, chunked, self.buffer_limit)
         self.subscribers.add(subscriber)
         try:
             while not subscriber.done.is_set():

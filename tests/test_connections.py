@@ -9,7 +9,6 @@ that times the ingests. docs/service.md (Connections) describes the limits; docs
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import http.client
 import io
@@ -133,7 +132,7 @@ def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
     while time.monotonic() < deadline:
         try:
             chunk = sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except ConnectionError:
             return True, got
@@ -188,7 +187,11 @@ def test_the_keys_have_defaults_and_refuse_bad_values(tmp_path: Path) -> None:
     server = load_aggregator_config(None, environ={}, default_path=none).values["server"]
     assert (server["header_timeout"], server["body_timeout"], server["max_connections"]) == (10.0, 60.0, None)
     assert (server["max_subscribers"], server["max_event_bytes"], server["log_repeat_interval"]) == (100, 65536, 10.0)
-    env = {"LENS_SERVER_MAX_CONNECTIONS": "300", "LENS_SERVER_MAX_EVENT_BYTES": "16KiB", "LENS_SERVER_HEADER_TIMEOUT": "2s"}
+    env = {
+        "LENS_SERVER_MAX_CONNECTIONS": "300",
+        "LENS_SERVER_MAX_EVENT_BYTES": "16KiB",
+        "LENS_SERVER_HEADER_TIMEOUT": "2s",
+    }
     server = load_aggregator_config(None, environ=env, default_path=none).values["server"]
     assert (server["max_connections"], server["max_event_bytes"], server["header_timeout"]) == (300, 16384, 2.0)
     auto = load_aggregator_config(None, environ={"LENS_SERVER_MAX_CONNECTIONS": "auto"}, default_path=none)

@@ -100,7 +100,10 @@ def test_units_set_their_open_file_limit(unit_copies: Path) -> None:
         assert text[:line].rstrip().splitlines()[-1].startswith("#"), f"{name}: LimitNOFILE is explained"
     assert limits["lens-agent.service"] >= 4096
     cap, _ = connection_cap(None, limits["lens-aggregator.service"])
-    assert cap == AUTO_MAX_CONNECTIONS and limits["lens-aggregator.service"] - cap >= limits["lens-aggregator.service"] // 8
+    assert (
+        cap == AUTO_MAX_CONNECTIONS
+        and limits["lens-aggregator.service"] - cap >= limits["lens-aggregator.service"] // 8
+    )
     # the aggregator's seccomp filter refuses setrlimit (~@resources): the unit's limit is the one it runs with
     text = (UNITS / "lens-aggregator.service").read_text()
     assert "~@privileged @resources" in text
