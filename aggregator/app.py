@@ -64,7 +64,7 @@ class Settings:
     feedback_interval_s: float = 300.0  # the feedback documents are recomputed at most this often (docs/feedback.md)
     feedback_settings: feedback.Settings = field(default_factory=feedback.Settings)  # window, evidence, alpha
     otlp: OtlpSettings | None = None  # forward every stored record to an OTLP backend (docs/opentelemetry.md)
-    # connections and the live stream (docs/service.md, Connections)
+    # connections and the live stream (docs/connections.md)
     header_timeout_s: float = 10.0  # a request's headers must arrive within this long: otherwise 408, closed
     body_timeout_s: float = 60.0  # … and its body within this long of its headers: otherwise closed
     max_connections: int | None = None  # open connections at once; None: sized from the open-file limit

@@ -66,7 +66,7 @@ SCHEMA: Schema = {
         "read_workers": KeySpec(int_range(1, 64), const(2), "threads serving reads, beside the one writer"),
         "max_pending_reads": KeySpec(int_range(1, 10_000), const(32), "reads in flight; beyond: 503"),
         "max_query_seconds": KeySpec(parse_duration, const(10.0), "a read running longer is interrupted (503)"),
-        # connections and the live stream (docs/service.md, Connections)
+        # connections and the live stream (docs/connections.md)
         "header_timeout": KeySpec(
             parse_duration, const(10.0), "a request's headers must arrive within this long; otherwise 408, closed"
         ),

@@ -16,7 +16,7 @@ file descriptors. Here, around each connection (:class:`ConnectionGuard`, its pr
 
 :func:`raise_open_files` lifts the soft RLIMIT_NOFILE to the hard limit at start; :class:`RepeatFilter` lets a
 repeated warning or error through once per interval, with the count of those it held back (a flood of identical
-lines — "Too many open files" — must not fill the disk). docs/service.md (Connections) describes them.
+lines — "Too many open files" — must not fill the disk). docs/connections.md describes them.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ hundreds of live-stream clients, the subscriber cap, slow subscribers, and fleet
 
 Every attack here runs against a real server process on 127.0.0.1 (``tests/processes.py``); the live-stream clients
 run in a process of their own (``tests/stream_readers.py``), so that their work does not share the CPU of the process
-that times the ingests. docs/service.md (Connections) describes the limits; docs/PERFORMANCE.md has the figures
+that times the ingests. docs/connections.md describes the limits; docs/PERFORMANCE.md has the figures
 (``bench/connections.py``).
 """
 
