@@ -63,7 +63,7 @@ def server(
     command = AGGREGATOR if nofile is None else ["prlimit", f"--nofile={nofile}:{nofile}", *AGGREGATOR]
     env_before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = str(tree)
-    process = AggregatorProcess(db, free_port(), config=config, command=command, cwd=ROOT)
+    process = AggregatorProcess(db, free_port(), config=config, command=command, cwd=tree)  # -c: cwd first on the path
     try:
         process.start()
         yield process.port, tokens, process
