@@ -344,7 +344,9 @@ def test_a_flood_under_a_low_open_file_limit_leaves_ingest_working(tmp_path: Pat
         duration = time.monotonic() - started
         assert flooded >= 2000, flooded
         assert results and all(status == 200 for status, _ in results), Counter(status for status, _ in results)
-        assert max(seconds for _, seconds in results) < 3.0, sorted(seconds for _, seconds in results)[-5:]
+        times = sorted(seconds for _, seconds in results)
+        # promptly (before: the one ingest tried waited past its 40 s timeout); a kernel SYN retry (1 s, 3 s) at most
+        assert times[len(times) // 2] < 0.5 and times[-1] < 8.0, times[-5:]
         assert max(fds) < 256, max(fds)
         log = server.log()
         assert "connection closed for a new one" in log and "Too many open files" not in log
