@@ -25,7 +25,7 @@ from aiohttp import web
 from lens_core import wire
 
 from . import __version__, api, feedback, regressions, timeline
-from .connections import ConnectionGuard, accept_batch, connection_cap, open_files_limit
+from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, connection_cap, open_files_limit
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
 from .health import Health
@@ -813,6 +813,7 @@ def create_app(
     )
     app[METRICS] = fleet_metrics
     app[EVENTS] = Broadcaster(settings.max_subscribers, settings.max_event_bytes)
+    fleet_metrics.registry.register(ConnectionsCollector(guard.snapshot, app[EVENTS].snapshot))
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
     app[PUBLISHING] = set()
     app[WATCH] = regressions.Watch(

@@ -28,11 +28,14 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .metrics import PREFIX
 
 log = logging.getLogger("aggregator.connections")
 
@@ -444,3 +447,44 @@ def install_repeat_filter(interval_s: float, logger: logging.Logger | None = Non
     for handler in target.handlers:
         handler.addFilter(repeat)
     return repeat
+
+
+class ConnectionsCollector:
+    """The guard's and the live stream's counts on ``/metrics``: open connections by state and the cap, connections
+    the guard closed by reason, and the stream's subscribers, refusals, drops, events and refetch notices."""
+
+    def __init__(self, guard: Callable[[], dict[str, Any]], stream: Callable[[], dict[str, int]]) -> None:
+        self.guard, self.stream = guard, stream
+
+    def collect(self) -> Iterable[Any]:
+        guard, stream = self.guard(), self.stream()
+        open_ = GaugeMetricFamily(
+            f"{PREFIX}_connections_open",
+            "Open connections by state (headers: awaiting a request; request: being served; after: after a response)",
+            labels=["state"],
+        )
+        for state in (HEADERS, REQUEST, AFTER):
+            open_.add_metric([state], guard["by_state"].get(state, 0))
+        yield open_
+        yield GaugeMetricFamily(
+            f"{PREFIX}_connections_max", "The connection cap (server.max_connections)", value=guard["max_connections"]
+        )
+        closed = CounterMetricFamily(
+            f"{PREFIX}_connections_closed",
+            "Connections the server closed or refused by reason (header_timeout, body_timeout, idle, evicted, refused)",
+            labels=["reason"],
+        )
+        for reason in ("header_timeout", "body_timeout", "idle", "evicted", "refused"):
+            closed.add_metric([reason], guard["closed"].get(reason, 0))
+        yield closed
+        yield GaugeMetricFamily(f"{PREFIX}_stream_subscribers", "Open live streams", value=stream["subscribers"])
+        yield GaugeMetricFamily(
+            f"{PREFIX}_stream_max_subscribers", "server.max_subscribers", value=stream["max_subscribers"]
+        )
+        for name, key, text in (
+            ("stream_refused", "refused", "Live streams refused at server.max_subscribers (503)"),
+            ("stream_dropped", "dropped", "Live streams closed because their client fell too far behind"),
+            ("stream_events", "events", "Live updates sent (each serialized once for every subscriber)"),
+            ("stream_refetch_notices", "refetch_notices", "Live updates sent as refetch notices (row too large)"),
+        ):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", text, value=stream[key])

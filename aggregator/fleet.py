@@ -349,13 +349,18 @@ class Broadcaster:
             return response
         subscriber = Subscriber(transport, chunked, self.buffer_limit)
         self.subscribers.add(subscriber)
+        quiet_since = time.monotonic()
         try:
             while not subscriber.done.is_set():
-                try:
-                    await asyncio.wait_for(subscriber.done.wait(), heartbeat_s)
+                try:  # a client that went away is noticed within a second (aiohttp does not cancel this handler)
+                    await asyncio.wait_for(subscriber.done.wait(), 1.0)
                 except asyncio.TimeoutError:
-                    if not subscriber.send(_KEEP_ALIVE, _chunk(_KEEP_ALIVE)):
-                        self.drop(subscriber)
+                    if transport.is_closing():
+                        break
+                    if time.monotonic() - quiet_since >= heartbeat_s:
+                        quiet_since = time.monotonic()
+                        if not subscriber.send(_KEEP_ALIVE, _chunk(_KEEP_ALIVE)):
+                            self.drop(subscriber)
         except asyncio.CancelledError:
             pass
         finally:

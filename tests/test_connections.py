@@ -83,6 +83,19 @@ def get_json(port: int, path: str) -> tuple[int, dict[str, str], Any]:
         conn.close()
 
 
+def metric(port: int, name: str) -> float:
+    """One sample of the server's /metrics (``name`` with its labels, as exposed)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    found = re.search(r"^llm_latency_lens_" + re.escape(name) + r" (\S+)$", text, re.MULTILINE)
+    assert found, (name, text[-3000:])
+    return float(found.group(1))
+
+
 def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[98]
 
@@ -294,6 +307,7 @@ def test_slowloris_is_cut_after_the_header_timeout_while_ingest_goes_on(tmp_path
         assert elapsed < 12, elapsed
         log = server.log()
         assert "within server.header_timeout (2 s)" in log
+        assert metric(server.port, 'connections_closed_total{reason="header_timeout"}') == 300
         assert repeats(log).most_common(1)[0][1] <= 3, repeats(log).most_common(3)  # one line per 10 s, not 300
 
 
@@ -382,6 +396,11 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(tmp_path: Path) -> Non
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert "every one is busy" in server.log()
+        assert metric(server.port, 'connections_closed_total{reason="refused"}') >= 1
+        assert metric(server.port, "connections_max") == 16
+        while metric(server.port, "stream_subscribers") != 0:  # the ended streams are noticed within a second
+            assert time.monotonic() < deadline + 5
+            time.sleep(0.2)
 
 
 def test_a_slow_request_body_is_cut_after_the_body_timeout(tmp_path: Path) -> None:
@@ -411,6 +430,7 @@ def test_beyond_max_subscribers_the_stream_answers_503(tmp_path: Path) -> None:
             status, headers, body = get_json(server.port, "/api/v1/stream")
             assert status == 503 and headers["Retry-After"] == "30", (status, headers)
             assert "server.max_subscribers" in body["error"] and body["max_subscribers"] == 3
+            assert metric(server.port, "stream_refused_total") == 1 and metric(server.port, "stream_subscribers") == 3
         finally:
             readers.finish()
         assert readers.statuses == {"200": 3}
@@ -472,6 +492,7 @@ def test_a_subscriber_that_does_not_read_is_dropped(tmp_path: Path) -> None:
         assert closed
         assert done["readers"][0]["events"] >= 1 and not done["readers"][0]["closed"]
         assert rss < 1024**3
+        assert metric(server.port, "stream_dropped_total") >= 1
 
 
 def test_300_stream_clients_leave_ingest_latency_near_idle(tmp_path: Path) -> None:
