@@ -532,3 +532,37 @@ def test_300_stream_clients_leave_ingest_latency_near_idle(tmp_path: Path) -> No
         events = [r["events"] for r in done["readers"]]
         assert min(events) >= 100, Counter(events)  # every reading client got the updates
         assert min(r["refetch"] for r in done["readers"]) >= 1
+
+
+def test_over_https_the_handshake_and_the_headers_are_bounded_too(tmp_path: Path) -> None:
+    """With TLS, a connection that never starts its handshake is closed after header_timeout (asyncio's own bound is
+    60 s), and one that completes it but sends its headers slowly gets the 408 like over plain HTTP."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    keys = {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem"), "header_timeout": "2s"}
+    with serve(tmp_path, **keys) as server:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        started = time.monotonic()
+        bare = socket.create_connection(("127.0.0.1", server.port))
+        with context.wrap_socket(
+            socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1"
+        ) as slow:
+            slow.sendall(b"GET /api/v1/hea")
+            slow.settimeout(10)
+            assert slow.recv(100).startswith(b"HTTP/1.1 408 ")
+        closed, answer = closed_within(bare, 10)
+        bare.close()
+        assert closed and answer == b"" and time.monotonic() - started < 6
+        with context.wrap_socket(
+            socket.create_connection(("127.0.0.1", server.port)), server_hostname="127.0.0.1"
+        ) as good:
+            good.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            good.settimeout(10)
+            assert good.recv(100).startswith(b"HTTP/1.1 200 ")
