@@ -118,7 +118,7 @@ AFTER = "after"  # the handler returned: its response is being written, then the
 class _Connection:
     """One accepted connection: its state and its single deadline."""
 
-    __slots__ = ("peer", "request", "since", "state", "timer", "transport")
+    __slots__ = ("peer", "request", "since", "state", "timer", "transport", "unsent")
 
     def __init__(self, transport: asyncio.BaseTransport, now: float) -> None:
         self.transport = transport
@@ -126,6 +126,7 @@ class _Connection:
         self.since = now
         self.timer: asyncio.TimerHandle | None = None
         self.request: web.BaseRequest | None = None  # while its body is still arriving
+        self.unsent = -1  # after a response: its bytes still unsent at the last check (-1: not checked yet)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
@@ -266,8 +267,15 @@ class ConnectionGuard:
         self._cut(conn, None)
 
     def _idle(self, conn: _Connection) -> None:
+        """An idle keep-alive (aiohttp closes it now too), or a response still being written: one the client keeps
+        taking (fewer bytes unsent than at the last check) gets another period, one it stopped taking is cut."""
+        unsent = conn.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        if unsent and (conn.unsent < 0 or unsent < conn.unsent):
+            conn.unsent = unsent
+            conn.timer = asyncio.get_running_loop().call_later(self.keepalive_s, self._idle, conn)
+            return
         self.closed["idle"] += 1
-        self._cut(conn, None)  # idle keep-alive (aiohttp closes it now too), or a client not taking its response
+        self._cut(conn, None)
 
     # -- the request side (middleware) ------------------------------------------------------------------------
 
@@ -286,6 +294,7 @@ class ConnectionGuard:
     def finished(self, conn: _Connection) -> None:
         if self.open.get(conn.transport) is conn:
             self._enter(conn, AFTER, self.keepalive_s, self._idle)
+            conn.unsent = -1
 
     @web.middleware
     async def middleware(
