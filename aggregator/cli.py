@@ -111,6 +111,8 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
 
     HTTPS when server.tls_cert and server.tls_key are set. Read endpoints are open while listening on loopback
     only; on any other address they need a read token. SIGTERM or SIGINT stops it after the batches in flight.
+    Connections are bounded: server.header_timeout, body_timeout, max_connections (from the open-file limit, whose
+    soft value is raised to the hard one at start), max_subscribers (docs/connections.md).
 
     \b
     Example:
