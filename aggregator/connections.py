@@ -27,6 +27,7 @@ import contextlib
 import logging
 import re
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ AFTER = "after"  # the handler returned: its response is being written, then the
 class _Connection:
     """One accepted connection: its state and its single deadline."""
 
-    __slots__ = ("peer", "request", "since", "state", "timer", "transport", "unsent")
+    __slots__ = ("peer", "request", "resumed", "seen", "since", "state", "timer", "transport")
 
     def __init__(self, transport: asyncio.BaseTransport, now: float) -> None:
         self.transport = transport
@@ -126,12 +127,27 @@ class _Connection:
         self.since = now
         self.timer: asyncio.TimerHandle | None = None
         self.request: web.BaseRequest | None = None  # while its body is still arriving
-        self.unsent = -1  # after a response: its bytes still unsent at the last check (-1: not checked yet)
+        self.resumed = 0  # times the client took enough of what was written for writing to resume
+        self.seen: tuple[int, int] | None = None  # (resumed, bytes unsent) at the last check after a response
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
     def body_pending(self) -> bool:
         return self.request is not None and not self.request.content.is_eof()
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to ``transport`` that its client has not taken: the transport's buffer and, on Linux, the
+    kernel's send queue (which can hold megabytes: a slow reader drains it long before the buffer moves)."""
+    unsent = int(transport.get_write_buffer_size())  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(ImportError, OSError, ValueError, AttributeError):
+            import fcntl
+            import termios
+
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return unsent
 
 
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
@@ -268,13 +284,20 @@ class ConnectionGuard:
 
     def _idle(self, conn: _Connection) -> None:
         """An idle keep-alive (aiohttp closes it now too), or a response still being written: one the client keeps
-        taking (fewer bytes unsent than at the last check) gets another period, one it stopped taking is cut."""
-        unsent = conn.transport.get_write_buffer_size()  # type: ignore[attr-defined]
-        if unsent and (conn.unsent < 0 or unsent < conn.unsent):
-            conn.unsent = unsent
+        taking (fewer bytes unsent than at the last check, or writing resumed meanwhile) gets another period, one it
+        stopped taking is cut."""
+        if not conn.transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            self.closed["idle"] += 1  # closed gracefully: what the kernel still holds reaches the client, then EOF
+            self._leave(conn)
+            self.open.pop(conn.transport, None)
+            conn.transport.close()
+            return
+        unsent = _unsent(conn.transport)
+        seen, conn.seen = conn.seen, (conn.resumed, unsent)
+        if seen is None or conn.resumed != seen[0] or unsent < seen[1]:  # it took some since the last check
             conn.timer = asyncio.get_running_loop().call_later(self.keepalive_s, self._idle, conn)
             return
-        self.closed["idle"] += 1
+        self.closed["stalled"] += 1
         self._cut(conn, None)
 
     # -- the request side (middleware) ------------------------------------------------------------------------
@@ -294,7 +317,12 @@ class ConnectionGuard:
     def finished(self, conn: _Connection) -> None:
         if self.open.get(conn.transport) is conn:
             self._enter(conn, AFTER, self.keepalive_s, self._idle)
-            conn.unsent = -1
+            conn.seen = None
+
+    def _resumed(self, transport: asyncio.BaseTransport) -> None:
+        conn = self.open.get(transport)
+        if conn is not None:
+            conn.resumed += 1
 
     @web.middleware
     async def middleware(
@@ -355,6 +383,8 @@ class _GuardedProtocol(asyncio.Protocol):
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.guard._resumed(self.transport)
         if self.inner is not None:
             self.inner.resume_writing()
 
@@ -480,10 +510,10 @@ class ConnectionsCollector:
         )
         closed = CounterMetricFamily(
             f"{PREFIX}_connections_closed",
-            "Connections the server closed or refused by reason (header_timeout, body_timeout, idle, evicted, refused)",
+            "Connections the server closed or refused, by reason (docs/connections.md)",
             labels=["reason"],
         )
-        for reason in ("header_timeout", "body_timeout", "idle", "evicted", "refused"):
+        for reason in ("header_timeout", "body_timeout", "idle", "stalled", "evicted", "refused"):
             closed.add_metric([reason], guard["closed"].get(reason, 0))
         yield closed
         yield GaugeMetricFamily(f"{PREFIX}_stream_subscribers", "Open live streams", value=stream["subscribers"])

@@ -9,6 +9,7 @@ that times the ingests. docs/connections.md describes the limits; docs/PERFORMAN
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import io
@@ -566,3 +567,60 @@ def test_over_https_the_handshake_and_the_headers_are_bounded_too(tmp_path: Path
             good.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             good.settimeout(10)
             assert good.recv(100).startswith(b"HTTP/1.1 200 ")
+
+
+def test_after_a_response_a_slow_reader_keeps_its_connection_and_a_stalled_one_is_cut() -> None:
+    """The guard's rule after a response (here with a keep-alive period of 1 s, on a real aiohttp server through
+    GuardedSite): a client taking a 4 MB answer slowly, over several periods, gets all of it; one that stopped
+    taking it is cut within a few periods."""
+    from aiohttp import web
+
+    from aggregator.connections import ConnectionGuard, GuardedSite
+
+    body = b"x" * (4 * 1024**2)
+
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    guard = ConnectionGuard(max_connections=64, keepalive_s=1.0)
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_get("/large", large)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+
+    async def start() -> int:
+        await runner.setup()
+        site = GuardedSite(runner, "127.0.0.1", 0, guard=guard)
+        await site.start()
+        return site.port
+
+    port = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+
+        def client() -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock
+
+        stalled, slow = client(), client()
+        received, started = 0, time.monotonic()
+        slow.settimeout(10)
+        while received < len(body):  # a few hundred kB/s, with a 16 KiB receive buffer
+            chunk = slow.recv(131072)
+            assert chunk, f"cut after {received} bytes, {time.monotonic() - started:.1f} s: {guard.closed}"
+            received += len(chunk)
+            time.sleep(0.05)
+        assert time.monotonic() - started > 3  # several keep-alive periods
+        closed, _ = closed_within(stalled, 10)
+        assert closed
+        assert guard.closed["stalled"] == 1 and guard.closed["idle"] <= 1  # the slow one: closed at its end at most
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        stalled.close()
+        slow.close()
