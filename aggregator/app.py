@@ -25,8 +25,9 @@ from aiohttp import web
 from lens_core import wire
 
 from . import __version__, api, feedback, reads, regressions, timeline
+from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, connection_cap, open_files_limit
 from .device_page import RANGES
-from .fleet import Broadcaster, batch_event, fleet_rows
+from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
 from .health import Health
 from .metrics import CONTENT_TYPE, ExpositionCache, FleetMetrics, OtlpCollector
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
@@ -66,6 +67,12 @@ class Settings:
     feedback_interval_s: float = 300.0  # the feedback documents are recomputed at most this often (docs/feedback.md)
     feedback_settings: feedback.Settings = field(default_factory=feedback.Settings)  # window, evidence, alpha
     otlp: OtlpSettings | None = None  # forward every stored record to an OTLP backend (docs/opentelemetry.md)
+    # connections and the live stream (docs/connections.md)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this long: otherwise 408, closed
+    body_timeout_s: float = 60.0  # … and its body within this long of its headers: otherwise closed
+    max_connections: int | None = None  # open connections at once; None: sized from the open-file limit
+    max_subscribers: int = 100  # open /api/v1/stream clients; beyond: 503 with Retry-After
+    max_event_bytes: int = 64 * 1024  # a live update with a larger fleet row becomes a refetch notice
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -98,6 +105,11 @@ class Settings:
             feedback_interval_s=config.get("fleet", "feedback_interval"),
             feedback_settings=feedback.Settings.from_config(config),
             otlp=otlp_settings(config, os.environ),
+            header_timeout_s=server["header_timeout"],
+            body_timeout_s=server["body_timeout"],
+            max_connections=server["max_connections"],
+            max_subscribers=server["max_subscribers"],
+            max_event_bytes=server["max_event_bytes"],
         )
 
     def health(self, metric_folds: Callable[[str], dict[str, Any] | None] | None = None) -> Health:
@@ -169,6 +181,7 @@ TRIGGERS = web.AppKey("triggers", TriggerWatch)
 FEEDBACK = web.AppKey("feedback", feedback.FeedbackCache)
 FORWARDER = web.AppKey("otlp_forwarder", Forwarder)
 PUBLISHING: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publishing")
+GUARD = web.AppKey("connection_guard", ConnectionGuard)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -553,22 +566,49 @@ async def refresh_regressions(app: web.Application, *, force: bool = False) -> r
 
 
 async def _publish_with_row(app: web.Application, event: dict[str, Any]) -> None:
-    """A live update that carries the device's new fleet row, computed once on a read thread: an open page
-    replaces that row instead of every page fetching the whole fleet on every batch. When reads are saturated
-    the event goes out without the row (the page then fetches the fleet itself)."""
-    runner = app[STORE]
-    settings, watch, triggers, folds = app[SETTINGS], app[WATCH], app[TRIGGERS], app[METRICS].budget.device_status
+    """A live update that carries the device's new fleet row, computed and serialized once on a read thread (one
+    frame for every subscriber): an open page replaces that row instead of fetching the whole fleet on every batch.
+    A row larger than ``server.max_event_bytes`` goes out as a refetch notice instead; when reads are saturated
+    the event goes out without the row (the page then fetches that row itself). One row per device is computed at
+    a time: batches that arrive meanwhile make one more update, with the newest event."""
+    events, runner, settings = app[EVENTS], app[STORE], app[SETTINGS]
+    folds = app[METRICS].budget.device_status
+    device = event["device_id"]
+    if device in events.rows_in_flight:
+        waiting = events.rows_in_flight[device]
+        if waiting is not None:
+            event["records"] += waiting["records"]
+        events.rows_in_flight[device] = event
+        return
+    events.rows_in_flight[device] = None
 
-    def build(store: Store, now: float, device: str) -> dict[str, Any]:  # a bounded row: see fleet_answer
-        return fleet_answer(settings, watch, store, now, device, triggers, folds)
+    def build(store: Store, now: float, event: dict[str, Any]) -> tuple[bytes, bool, int | None]:
+        def row() -> dict[str, Any] | None:
+            answer = fleet_answer(settings, app[WATCH], store, now, device, app[TRIGGERS], folds)
+            return answer["devices"][0] if answer["devices"] else None
+
+        return live_frame(store, event, events.max_event_bytes, row)
 
     try:
-        answer = await runner.read(settings.bounded(build), runner.store, time.time(), event["device_id"])
-        if answer["devices"]:
-            event["device"] = answer["devices"][0]
-    except (Busy, QueryTimeout) as exc:
-        log.debug("live update without the device's row (%s)", exc)
-    app[EVENTS].publish(event)
+        while True:
+            known = events.oversized(device, time.monotonic())
+            refetch = True
+            if known is not None:  # its row was too large a moment ago: the notice, without computing the row
+                frame = refetch_frame(event, events.max_event_bytes, row_bytes=known)
+            else:
+                try:
+                    frame, refetch, size = await runner.read(settings.bounded(build), runner.store, time.time(), event)
+                    events.measured(device, size, time.monotonic())
+                except (Busy, QueryTimeout) as exc:
+                    log.debug("live update without the device's row (%s)", exc)
+                    frame, refetch = event_frame({**event, "type": "batch"}), False
+            events.publish_frame(frame, refetch=refetch)
+            following = events.rows_in_flight.get(device)
+            if following is None:
+                break
+            events.rows_in_flight[device], event = None, following
+    finally:
+        events.rows_in_flight.pop(device, None)
 
 
 @read_endpoint
@@ -653,12 +693,17 @@ async def triggers_endpoint(request: web.Request) -> web.Response:
 
 @read_endpoint
 async def fleet(request: web.Request) -> web.Response:
+    """``GET /api/v1/fleet[?device=ID]``: every device's row, or that one's (what a page fetches on a refetch
+    notice of the live stream)."""
     runner = request.app[STORE]
     app = request.app
+    only = request.rel_url.query.get("device") or None
+    if only is not None and (len(only) > api.MAX_FILTER_CHARS or "\x00" in only):
+        return _error(400, f"device: at most {api.MAX_FILTER_CHARS} characters, without NUL", parameter="device")
     settings, watch, triggers, folds = app[SETTINGS], app[WATCH], app[TRIGGERS], app[METRICS].budget.device_status
 
     def build(store: Store, now: float) -> dict[str, Any]:
-        return fleet_answer(settings, watch, store, now, None, triggers, folds)
+        return fleet_answer(settings, watch, store, now, only, triggers, folds)
 
     return web.json_response(await runner.read(settings.bounded(build), runner.store, time.time()))
 
@@ -819,9 +864,20 @@ def create_app(
 ) -> web.Application:
     """The app over ``store``. ``triggers``: the configuration's [[triggers]] (``config.tables["triggers"]``);
     ``clock``: the wall clock (Unix seconds) they are evaluated against (tests move it)."""
+    # each request tells the connection guard its headers came (when served through connections.GuardedSite)
+    open_files = open_files_limit()
+    cap, how = connection_cap(settings.max_connections, open_files)
+    guard = ConnectionGuard(
+        max_connections=cap,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        accept_batch=accept_batch(open_files),
+    )
+    guard.how = how
     # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.
-    app = web.Application(client_max_size=settings.max_body_bytes + 1, middlewares=[read_limits])
+    app = web.Application(client_max_size=settings.max_body_bytes + 1, middlewares=[guard.middleware, read_limits])
     app[SETTINGS] = settings
+    app[GUARD] = guard
     if hasattr(store, "max_query_seconds"):
         store.max_query_seconds = settings.max_query_seconds
     fleet_metrics = FleetMetrics(
@@ -832,7 +888,8 @@ def create_app(
     )
     app[METRICS] = fleet_metrics
     app[EXPOSITION] = ExpositionCache(fleet_metrics.exposition, settings.metrics_max_age_s)
-    app[EVENTS] = Broadcaster()
+    app[EVENTS] = Broadcaster(settings.max_subscribers, settings.max_event_bytes)
+    fleet_metrics.registry.register(ConnectionsCollector(guard.snapshot, app[EVENTS].snapshot))
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
     app[PUBLISHING] = set()
     app[WATCH] = regressions.Watch(

@@ -111,6 +111,8 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
 
     HTTPS when server.tls_cert and server.tls_key are set. Read endpoints are open while listening on loopback
     only; on any other address they need a read token. SIGTERM or SIGINT stops it after the batches in flight.
+    Connections are bounded: server.header_timeout, body_timeout, max_connections (from the open-file limit, whose
+    soft value is raised to the hard one at start), max_subscribers (docs/connections.md).
 
     \b
     Example:
@@ -118,7 +120,8 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
     """
     from aiohttp import web
 
-    from .app import Settings, create_app
+    from .app import GUARD, Settings, create_app
+    from .connections import KEEPALIVE_S, GuardedSite, install_repeat_filter, raise_open_files
 
     overrides: dict[tuple[str, str], tuple[str, object]] = {
         ("storage", "db"): ("--db", db),
@@ -136,13 +139,36 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
             ssl_context.load_cert_chain(str(server["tls_cert"]), str(server["tls_key"]))
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"server.tls_cert/tls_key: cannot be loaded ({exc})") from None
+    install_repeat_filter(server["log_repeat_interval"])  # a flood of one error line: once per interval, counted
+    files = raise_open_files()  # before anything is opened; the connection cap is sized from it
+    if files.error:
+        log.warning(
+            "open files: the soft limit stays %d (raising it to %d failed: %s)", files.soft, files.hard, files.error
+        )
+    elif files.soft != files.before:
+        log.info("open files: soft limit raised from %d to %d (the hard limit)", files.before, files.soft)
     settings = Settings.from_config(config)
     app = create_app(settings, _open_store(config), triggers=config.tables.get("triggers") or ())
+    guard = app[GUARD]
+    log.info(
+        "connections: at most %d at once (%s; open files %d); headers within %g s, bodies within %g s",
+        guard.max_connections,
+        guard.how,
+        files.soft,
+        guard.header_timeout_s,
+        guard.body_timeout_s,
+    )
+    if settings.max_subscribers >= guard.max_connections:
+        log.warning(
+            "server.max_subscribers (%d) is not below the connection cap (%d): streams could take every connection",
+            settings.max_subscribers,
+            guard.max_connections,
+        )
 
     async def run() -> None:
-        runner = web.AppRunner(app, handle_signals=False)
+        runner = web.AppRunner(app, handle_signals=False, keepalive_timeout=KEEPALIVE_S)
         await runner.setup()
-        site = web.TCPSite(runner, server["host"], server["port"], ssl_context=ssl_context)
+        site = GuardedSite(runner, server["host"], server["port"], guard=guard, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:

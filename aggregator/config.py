@@ -8,6 +8,7 @@ from pathlib import Path
 from lens_core.config import (
     AGENT_SECTIONS,
     Config,
+    Invalid,
     KeySpec,
     Schema,
     const,
@@ -27,6 +28,24 @@ from lens_core.otlp import OTLP_SECTION
 from .triggers import check_triggers
 
 DEFAULT_CONFIG_PATH = Path("/etc/lens-aggregator/aggregator.toml")
+
+
+def _auto_or_connections(value: object) -> int | None:
+    """``"auto"`` (None: sized from the open-file limit) or an integer of connections."""
+    if value == "auto":
+        return None
+    try:
+        return int_range(16, 1_000_000)(value)
+    except Invalid:
+        raise Invalid('"auto" or an integer between 16 and 1000000') from None
+
+
+def _event_bytes(value: object) -> int:
+    size = parse_size(value)
+    if not 1024 <= size <= 64 * 1024**2:
+        raise Invalid("a size between 1KiB and 64MiB, such as 64KiB")
+    return size
+
 
 SCHEMA: Schema = {
     "server": {
@@ -66,6 +85,30 @@ SCHEMA: Schema = {
         "read_workers": KeySpec(int_range(1, 64), const(2), "threads serving reads, beside the one writer"),
         "max_pending_reads": KeySpec(int_range(1, 10_000), const(32), "reads in flight; beyond: 503"),
         "max_query_seconds": KeySpec(parse_duration, const(10.0), "a read running longer is interrupted (503)"),
+        # connections and the live stream (docs/connections.md)
+        "header_timeout": KeySpec(
+            parse_duration, const(10.0), "a request's headers must arrive within this long; otherwise 408, closed"
+        ),
+        "body_timeout": KeySpec(
+            parse_duration, const(60.0), "a request's body must arrive within this long of its headers; else closed"
+        ),
+        "max_connections": KeySpec(
+            _auto_or_connections,
+            const(None),
+            'open connections at once ("auto": the open-file limit less a reserve, at most 4096); beyond it the '
+            "connection waiting longest for its request is closed, or the new one refused (503)",
+        ),
+        "max_subscribers": KeySpec(
+            int_range(0, 100_000), const(100), "open live streams (GET /api/v1/stream); beyond: 503 with Retry-After"
+        ),
+        "max_event_bytes": KeySpec(
+            _event_bytes,
+            const(64 * 1024),
+            "a live update whose fleet row is larger goes out as a refetch notice (the page fetches the row)",
+        ),
+        "log_repeat_interval": KeySpec(
+            parse_duration, const(10.0), "a repeated warning or error line is logged once per this long, with a count"
+        ),
     },
     "storage": {
         "db": KeySpec(text, const("/var/lib/lens-aggregator/aggregator.db"), "SQLite path or postgresql:// URL"),

@@ -4,17 +4,22 @@ incoming measurements, which the built-in page at ``/`` uses for live updates)."
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
+import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .health import FACTS_KIND, Health, facts_from_record
 from .rows import decode_wire
 from .store import NULL_NAME, Query, Store
+
+log = logging.getLogger("aggregator.stream")
 
 
 def fleet_rows(
@@ -156,46 +161,210 @@ def _quantile(values: list[float], q: int) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-class Broadcaster:
-    """Fan-out of ingest events to every connected SSE client; a slow client loses events, never blocks ingest."""
+# A subscriber with more than this many bytes of events not yet taken (beyond what the kernel holds for it) is
+# dropped: its connection is closed, and the page's EventSource reconnects and refetches the fleet. (At least four
+# events of server.max_event_bytes fit.)
+SUBSCRIBER_BUFFER_BYTES = 1024**2
+RETRY_MS = 5000  # how long a dropped browser waits before it reconnects (the stream's ``retry:`` field)
+# A device whose row was over max_event_bytes gets refetch notices without its row being computed again (a row that
+# large costs seconds of a read thread) for this long; then it is measured again. At most this many are remembered.
+OVERSIZED_RECHECK_S = 300.0
+MAX_OVERSIZED = 10_000
+# A series' figures take at least this many bytes in a row (their keys alone take more): a device with more series
+# than max_event_bytes / this gets the refetch notice without its row being computed.
+MIN_SERIES_BYTES = 200
 
-    def __init__(self, queue_size: int = 256) -> None:
-        self.queue_size = queue_size
-        self.subscribers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+def event_frame(event: dict[str, Any], name: str = "batch") -> bytes:
+    """One Server-Sent Event, serialized once for every subscriber."""
+    return b"event: " + name.encode() + b"\ndata: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+def refetch_frame(
+    event: dict[str, Any], max_bytes: int, *, row_bytes: int | None = None, series: int | None = None
+) -> bytes:
+    """The refetch notice: the batch's event with ``"type": "refetch"``, the bound, and what exceeded it — the row's
+    size (``row_bytes``) or, when the row was not computed, its number of ``series``."""
+    notice = {**event, "type": "refetch", "max_event_bytes": max_bytes}
+    if row_bytes is not None:
+        notice["row_bytes"] = row_bytes
+    if series is not None:
+        notice["series"] = series
+    return event_frame(notice)
+
+
+def live_frame(
+    store: Store, event: dict[str, Any], max_bytes: int, row: Callable[[], dict[str, Any] | None]
+) -> tuple[bytes, bool, int | None]:
+    """The live update of a batch (on a read thread: a large row is serialized off the event loop): the event with
+    the device's new fleet row (``"type": "row"``, the row under ``device``), or — when that frame would exceed
+    ``max_bytes`` — a small notice (``"type": "refetch"``) on which a page fetches the row itself
+    (``/api/v1/fleet?device=ID``). A device with too many series for the bound gets the notice without its row being
+    computed. Without a row (a device unknown by now): ``"type": "batch"``. Returns the frame, whether it is a
+    notice, and the size of the row's frame when it was computed and found too large."""
+    series = sum(1 for entry in store.series(event["device_id"]) if entry["kind"] == "inference")
+    if series * MIN_SERIES_BYTES > max_bytes:
+        return refetch_frame(event, max_bytes, series=series), True, None
+    computed = row()
+    if computed is None:
+        return event_frame({**event, "type": "batch"}), False, None
+    frame = event_frame({**event, "type": "row", "device": computed})
+    if len(frame) <= max_bytes:
+        return frame, False, None
+    return refetch_frame(event, max_bytes, row_bytes=len(frame)), True, len(frame)
+
+
+_KEEP_ALIVE = b": keep-alive\n\n"
+
+
+class Subscriber:
+    """One open stream, written to directly on its transport (an event is serialized and framed once for all; no
+    task per subscriber wakes up for it): whatever the client has not taken stays in the transport's buffer, bounded
+    by ``limit`` bytes."""
+
+    __slots__ = ("chunked", "done", "limit", "transport")
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool, limit: int) -> None:
+        self.transport, self.chunked, self.limit = transport, chunked, limit
+        self.done = asyncio.Event()
+
+    def send(self, frame: bytes, chunk: bytes) -> bool:
+        """Writes one event (``chunk``: the same in HTTP/1.1 chunked framing); False when the client is too far
+        behind or gone."""
+        transport = self.transport
+        if transport.is_closing() or transport.get_write_buffer_size() + len(frame) > self.limit:
+            return False
+        transport.write(chunk if self.chunked else frame)
+        return True
+
+
+def _chunk(frame: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(frame), frame)
+
+
+class Broadcaster:
+    """Fan-out of ingest events to every connected SSE client. Each event is serialized and framed once, whatever
+    the number of clients, and written to each without a task switch; at most ``max_subscribers`` streams are open
+    (beyond: 503 with Retry-After); a subscriber with more than ``max(SUBSCRIBER_BUFFER_BYTES, 4 × max_event_bytes)``
+    not taken is dropped (its connection closed), never buffered without bound, and never blocks ingest. Counted:
+    ``refused``, ``dropped``, ``events``, ``refetch_notices``."""
+
+    def __init__(self, max_subscribers: int = 100, max_event_bytes: int = 64 * 1024) -> None:
+        self.max_subscribers = max_subscribers
+        self.max_event_bytes = max_event_bytes
+        self.buffer_limit = max(SUBSCRIBER_BUFFER_BYTES, 4 * max_event_bytes)
+        self.subscribers: set[Subscriber] = set()
+        self.refused = 0
+        self.dropped = 0
+        self.events = 0
+        self.refetch_notices = 0
+        # devices whose live row is being computed, each with the newest event that arrived meanwhile (or None)
+        self.rows_in_flight: dict[str, dict[str, Any] | None] = {}
+        self._oversized: collections.OrderedDict[str, tuple[int, float]] = collections.OrderedDict()
+
+    def oversized(self, device: str, now: float) -> int | None:
+        """The frame size of ``device``'s row when it was over ``max_event_bytes`` less than
+        ``OVERSIZED_RECHECK_S`` ago (no need to compute it again), else None."""
+        seen = self._oversized.get(device)
+        if seen is None or now - seen[1] >= OVERSIZED_RECHECK_S:
+            return None
+        return seen[0]
+
+    def measured(self, device: str, row_bytes: int | None, now: float) -> None:
+        """Remembers (or forgets) that ``device``'s row was too large for the stream."""
+        if row_bytes is None:
+            self._oversized.pop(device, None)
+            return
+        self._oversized[device] = (row_bytes, now)
+        self._oversized.move_to_end(device)
+        while len(self._oversized) > MAX_OVERSIZED:
+            self._oversized.popitem(last=False)
 
     def publish(self, event: dict[str, Any]) -> None:
-        for queue in list(self.subscribers):
-            if queue.full():
-                continue
-            queue.put_nowait(event)
+        """Sends ``event`` (as it is) to every subscriber."""
+        self.publish_frame(event_frame(event))
+
+    def publish_frame(self, frame: bytes, *, refetch: bool = False) -> None:
+        """Writes one serialized event to every subscriber; drops those too far behind."""
+        self.events += 1
+        self.refetch_notices += refetch
+        chunk = _chunk(frame)
+        for subscriber in list(self.subscribers):
+            if not subscriber.send(frame, chunk):
+                self.drop(subscriber)
+
+    def drop(self, subscriber: Subscriber) -> None:
+        """Ends a subscriber that fell behind: its connection is closed at once (a client that does not read would
+        otherwise hold its unsent events)."""
+        if subscriber not in self.subscribers:
+            return
+        self.subscribers.discard(subscriber)
+        if subscriber.transport.is_closing():  # gone by itself: nothing to count
+            subscriber.done.set()
+            return
+        behind = subscriber.transport.get_write_buffer_size()
+        self.dropped += 1
+        log.warning("stream: dropped a subscriber %d bytes behind (it reconnects and refetches)", behind)
+        subscriber.transport.abort()
+        subscriber.done.set()
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "subscribers": len(self.subscribers),
+            "max_subscribers": self.max_subscribers,
+            "refused": self.refused,
+            "dropped": self.dropped,
+            "events": self.events,
+            "refetch_notices": self.refetch_notices,
+        }
 
     def close(self) -> None:
         """Ends every stream (on shutdown), so open browser tabs do not hold the server."""
-        for queue in list(self.subscribers):
-            while queue.full():
-                queue.get_nowait()
-            queue.put_nowait(None)
+        for subscriber in list(self.subscribers):
+            subscriber.done.set()
 
     async def stream(self, request: web.Request, heartbeat_s: float = 15.0) -> web.StreamResponse:
+        if len(self.subscribers) >= self.max_subscribers:
+            self.refused += 1
+            return web.json_response(
+                {
+                    "error": f"{len(self.subscribers)} live streams are open, the most this aggregator serves "
+                    "(server.max_subscribers); retry later, or reload the page without live updates",
+                    "max_subscribers": self.max_subscribers,
+                },
+                status=503,
+                headers={"Retry-After": "30"},
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        chunked = request.version >= HttpVersion11
+        if chunked:  # said explicitly: events are then framed once, here, for every subscriber
+            response.enable_chunked_encoding()
         await response.prepare(request)
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.queue_size)
-        self.subscribers.add(queue)
+        transport = request.transport
+        if transport is None:
+            return response
+        try:  # the headers and the first bytes through aiohttp; everything after directly to the transport
+            await response.write(f": connected\nretry: {RETRY_MS}\n\n".encode())
+        except ConnectionError:
+            return response
+        subscriber = Subscriber(transport, chunked, self.buffer_limit)
+        self.subscribers.add(subscriber)
+        quiet_since = time.monotonic()
         try:
-            await response.write(b": connected\n\n")
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), heartbeat_s)
+            while not subscriber.done.is_set():
+                try:  # a client that went away is noticed within a second (aiohttp does not cancel this handler)
+                    await asyncio.wait_for(subscriber.done.wait(), 1.0)
                 except asyncio.TimeoutError:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                if event is None:
-                    break
-                await response.write(f"event: batch\ndata: {json.dumps(event)}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
+                    if transport.is_closing():
+                        break
+                    if time.monotonic() - quiet_since >= heartbeat_s:
+                        quiet_since = time.monotonic()
+                        if not subscriber.send(_KEEP_ALIVE, _chunk(_KEEP_ALIVE)):
+                            self.drop(subscriber)
+        except asyncio.CancelledError:
             pass
         finally:
-            self.subscribers.discard(queue)
+            self.subscribers.discard(subscriber)
         return response
 
 

@@ -170,18 +170,44 @@ function truncated(body) {{  // series a bounded answer left out (server.max_rea
 const initial = /*INITIAL*/null;
 if (initial) {{ lateAfter = initial.late_after_s ?? lateAfter; truncated(initial); render(initial.devices); }} else refresh();
 setInterval(refresh, 30000);
+const flash = (id) => {{ const row = document.getElementById("device-" + id); if (row) row.classList.add("flash"); }};
+function replaceRow(row) {{
+  const others = lastDevices.filter(d => d.device_id !== row.device_id);
+  render([...others, row].sort((a, b) => a.device_id < b.device_id ? -1 : 1));
+}}
+// a device's row fetched over the API: one fetch per device at a time; events meanwhile make one more, 2 s later
+const fetching = new Map();
+let rowFetches = 0;
+async function fetchRow(id) {{
+  if (fetching.has(id)) {{ fetching.set(id, true); return; }}
+  fetching.set(id, false);
+  try {{
+    for (;;) {{
+      const response = await fetch("api/v1/fleet?device=" + encodeURIComponent(id));
+      if (response.ok) {{
+        for (const row of (await response.json()).devices) replaceRow(row);
+        rowFetches += 1;
+        document.body.dataset.rowFetches = rowFetches;
+        flash(id);
+      }}
+      if (!fetching.get(id)) break;
+      fetching.set(id, false);
+      await new Promise(done => setTimeout(done, 2000));
+    }}
+  }} finally {{ fetching.delete(id); }}
+}}
 const events = new EventSource("api/v1/stream");
+let streamOpened = false;
+events.addEventListener("open", () => {{  // a reconnect (the server dropped a stream that fell behind): events were missed
+  if (streamOpened) refresh();
+  streamOpened = true;
+}});
 events.addEventListener("batch", (e) => {{
   const event = JSON.parse(e.data);
-  const flash = () => {{
-    const row = document.getElementById("device-" + event.device_id);
-    if (row) row.classList.add("flash");
-  }};
-  if (event.device) {{  // the event carries the device's new row: no fetch of the whole fleet
-    const others = lastDevices.filter(d => d.device_id !== event.device_id);
-    render([...others, event.device].sort((a, b) => a.device_id < b.device_id ? -1 : 1));
-    flash();
-  }} else refresh().then(flash);
+  if (event.type !== "refetch" && event.device && typeof event.device === "object") {{
+    replaceRow(event.device);  // the event carries the device's new row: nothing to fetch
+    flash(event.device_id);
+  }} else fetchRow(event.device_id);  // a refetch notice (the row is over server.max_event_bytes), or no row
 }});
 </script>
 </body></html>

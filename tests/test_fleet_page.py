@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +111,16 @@ def console_errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if "CONSOLE" in line and ("Uncaught" in line or "Error" in line)]
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Any:
-    """A real aggregator on a real port, filled with two devices, in a thread of its own."""
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, settings: Settings, routes: tuple[web.RouteDef, ...] = ()
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real aggregator on a real port, filled with two devices, in a thread of its own: (URL, device tokens).
+    ``routes``: more of them (a test's own pages)."""
     store = SQLiteStore(tmp_path / "agg.db")
     loop = asyncio.new_event_loop()
-    app = create_app(Settings(), store)
+    app = create_app(settings, store)
+    app.router.add_routes(routes)
     runner = web.AppRunner(app)
 
     async def start() -> int:
@@ -122,17 +130,16 @@ def served(tmp_path: Path) -> Any:
         return int(runner.addresses[0][1])
 
     port = loop.run_until_complete(start())
-    import threading
-
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    tokens: dict[str, str] = {}
 
     async def load() -> None:
         import aiohttp
 
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
             for device, seed in (("orin-017", 1), ("laptop-3", 2)):
-                token = store.add_token(device, "device", NOW)
+                tokens[device] = token = store.add_token(device, "device", NOW)
                 body = make_batch(
                     synthetic_records(40, seed=seed, device_id=device), device=device, counters={"pending_records": 12}
                 )
@@ -140,10 +147,18 @@ def served(tmp_path: Path) -> Any:
                     assert response.status == 200
 
     asyncio.run_coroutine_threadsafe(load(), loop).result(30)
-    yield f"http://127.0.0.1:{port}"
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}", tokens
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[str]:
+    with serving(tmp_path, Settings()) as (url, _):
+        yield url
 
 
 def test_fleet_page_renders_with_data(served: str) -> None:
@@ -202,3 +217,60 @@ async def test_browsers_log_in_with_a_read_token_off_loopback(aiohttp_client, tm
     assert (await client.get("/api/v1/fleet")).status == 200
     await client.get("/logout", allow_redirects=False)
     assert (await client.get("/api/v1/fleet")).status == 401
+
+
+# The fleet page in a frame of a test page that holds its load event for a few seconds (a slow image), copying what
+# the page shows meanwhile: chromium --dump-dom writes the test page after its load event, the live updates included.
+WATCHER = """<!doctype html><html><body><iframe id="fleet" src="/?sort=device_id"></iframe><pre id="seen"></pre>
+<script>
+setInterval(() => {
+  const page = document.getElementById("fleet").contentDocument, row = page && page.getElementById("device-orin-017");
+  if (row) document.getElementById("seen").textContent =
+    "fetches=" + (page.body.dataset.rowFetches || 0) + " row=" + [...row.cells].map(c => c.textContent).join("|");
+}, 100);
+</script><img src="/slow-image"></body></html>"""
+
+
+async def _watcher(request: web.Request) -> web.Response:
+    return web.Response(text=WATCHER, content_type="text/html")
+
+
+async def _slow_image(request: web.Request) -> web.Response:
+    await asyncio.sleep(6)
+    return web.Response(body=b"", content_type="image/gif")
+
+
+def test_the_page_fetches_a_row_too_large_for_the_stream(tmp_path: Path) -> None:
+    """With server.max_event_bytes below a row's size, each live update of orin-017 is a refetch notice: the open page
+    fetches that device's row over the API (/api/v1/fleet?device=orin-017) and shows its new record count."""
+    import urllib.request
+
+    routes = (web.get("/watch", _watcher), web.get("/slow-image", _slow_image))
+    with serving(tmp_path, Settings(max_event_bytes=1024), routes) as (url, tokens):
+        stop = threading.Event()
+
+        def send() -> None:  # batches of orin-017 while the page is open
+            seed = 10
+            while not stop.wait(0.5):
+                records = synthetic_records(5, seed=seed, device_id="orin-017")
+                request = urllib.request.Request(
+                    url + "/api/v1/ingest",
+                    data=make_batch(records, device="orin-017"),
+                    headers=auth(tokens["orin-017"]),
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    assert response.status == 200
+                seed += 1
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            dom = chromium("--dump-dom", url + "/watch")
+        finally:
+            stop.set()
+            sender.join()
+    assert console_errors(dom.stderr) == [], dom.stderr[-2000:]
+    seen = re.search(r"fetches=(\d+) row=(.*)", dom.stdout)
+    assert seen and int(seen.group(1)) >= 1, dom.stdout[-2000:]
+    cells = seen.group(2).split("|")
+    assert int(cells[12]) > 40, cells  # records: 40 when the page loaded, more after the refetches

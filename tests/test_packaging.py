@@ -175,6 +175,7 @@ def test_unpacked_cli_runs(unpacked: Path, tiny_model: Path, tmp_path: Path) -> 
 
 def test_units_verify_against_the_unpacked_tree(unpacked: Path, tmp_path: Path) -> None:
     text = (unpacked / "lib/systemd/system/lens-agent.service").read_text()
+    assert re.search(r"^LimitNOFILE=\d+$", text, re.MULTILINE)  # the packaged unit is the repository's
     (tmp_path / "lens-agent.service").write_text(text.replace("/opt/lens-agent", str(unpacked / "opt" / "lens-agent")))
     done = subprocess.run(
         ["systemd-analyze", "verify", "lens-agent.service"], cwd=tmp_path, capture_output=True, text=True
@@ -319,6 +320,7 @@ def test_unpacked_aggregator_runs(aggregator_unpacked: Path, tmp_path: Path) -> 
 def test_aggregator_unit_verifies_against_the_unpacked_tree(aggregator_unpacked: Path, tmp_path: Path) -> None:
     text = (aggregator_unpacked / "lib/systemd/system/lens-aggregator.service").read_text()
     assert "ExecStart=/opt/lens-aggregator/bin/lens-aggregator serve" in text
+    assert "\nLimitNOFILE=65536\n" in text  # the connection cap is sized from it (docs/service.md)
     prefix = str(aggregator_unpacked / "opt" / "lens-aggregator")
     (tmp_path / "lens-aggregator.service").write_text(text.replace("/opt/lens-aggregator", prefix))
     done = subprocess.run(

@@ -83,3 +83,27 @@ def test_jetson_dropin_and_rapl_rule() -> None:
     assert "SupplementaryGroups=jtop video" in dropin and "PrivateDevices=no" in dropin
     rule = (UNITS / "lens-agent-rapl.conf").read_text()
     assert re.search(r"^z /sys/class/powercap/intel-rapl:\*/energy_uj 0440 root lens-agent -$", rule, re.MULTILINE)
+
+
+def test_units_set_their_open_file_limit(unit_copies: Path) -> None:
+    """Both units set LimitNOFILE (soft = hard); the aggregator's leaves its auto connection cap at 4096 with the
+    reserve kept, and systemd reads the value as a limit (``systemd-analyze verify`` above refuses a bad one)."""
+    from aggregator.connections import AUTO_MAX_CONNECTIONS, connection_cap
+
+    limits = {}
+    for name in ("lens-agent.service", "lens-aggregator.service"):
+        text = (UNITS / name).read_text()
+        found = re.findall(r"^LimitNOFILE=(\d+)$", text, re.MULTILINE)
+        assert len(found) == 1, (name, found)
+        limits[name] = int(found[0])
+        line = text.index("LimitNOFILE=")
+        assert text[:line].rstrip().splitlines()[-1].startswith("#"), f"{name}: LimitNOFILE is explained"
+    assert limits["lens-agent.service"] >= 4096
+    cap, _ = connection_cap(None, limits["lens-aggregator.service"])
+    assert (
+        cap == AUTO_MAX_CONNECTIONS
+        and limits["lens-aggregator.service"] - cap >= limits["lens-aggregator.service"] // 8
+    )
+    # the aggregator's seccomp filter refuses setrlimit (~@resources): the unit's limit is the one it runs with
+    text = (UNITS / "lens-aggregator.service").read_text()
+    assert "~@privileged @resources" in text
