@@ -22,7 +22,7 @@ from .status import human_size, plural
 if TYPE_CHECKING:
     from .outbox import Outbox, OutboxStats
 
-CODES_HELP = "undecodable, refused, too_large, other_device, salvaged or other"
+CODES_HELP = "undecodable, refused, too_large, other_device, salvaged, unencodable or other"
 
 _config_option = click.option(
     "--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file."

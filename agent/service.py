@@ -503,6 +503,7 @@ class AgentService:
             for item in kept if isinstance(kept, list) else []:
                 if isinstance(item, str) and item not in memory[name]:
                     memory[name].append(item)
+            del memory[name][:-ADVICE_REMEMBERED]
         tried, tried_values = set(memory["tried"]), set(memory["tried_values"])
         refused: list[dict[str, Any]] = []
         current = EngineSettings.from_config(self.config).as_dict()
