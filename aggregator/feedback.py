@@ -449,11 +449,16 @@ def _judge(
                 f"at least {settings.min_devices} independent devices (fleet.feedback_min_devices)"
             )
             return Outcome(evidence, metric, comparison, strata, baseline, reason)
-        # the pooled test could be carried by one device's extreme values: most devices must be better on their own
+        # the pooled test could be carried by a few devices' extreme values: at least min_devices of them, and most
+        # of them, must be better on their own by the minimum improvement — a device that measured the value worse
+        # counts against it, never toward the quorum
         here = comparison.baseline_median
-        better = sum(1 for _, v in strata if float(np.median(v)) < here)
-        if 2 * better <= len(strata):
-            reason = f"only {better} of {len(strata)} devices are better than this device on their own"
+        better = sum(1 for _, v in strata if float(np.median(v)) <= here * (1.0 - settings.min_improvement))
+        if better < settings.min_devices or 2 * better <= len(strata):
+            reason = (
+                f"only {better} of {len(strata)} devices are better than this device on their own (at least "
+                f"{settings.min_devices} and more than half must be)"
+            )
             return Outcome(evidence, metric, comparison, strata, baseline, reason)
     confidence = bootstrap_confidence(baseline, [v for _, v in strata], settings.min_improvement, seed)
     return Outcome(evidence, metric, comparison, strata, baseline, None, confidence)

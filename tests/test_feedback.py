@@ -420,8 +420,22 @@ async def test_fleet_evidence_needs_several_independent_devices_most_of_them_bet
     docs = check_documents(await (await client.get("/api/v1/feedback")).json())
     outcome = {(c["setting"], c["value"]): c for c in docs["orin-slow-1"]["evidence_considered"]}[("flash_attn", True)]
     assert outcome["improvement"] > 0.05 and outcome["p_value"] < 0.01  # the pooled test alone would recommend it
-    assert outcome["outcome"] == "only 2 of 6 devices are better than this device on their own"
+    assert outcome["outcome"] == (
+        "only 2 of 6 devices are better than this device on their own (at least 3 and more than half must be)"
+    )
     assert [r["action"]["target"] for r in docs["orin-slow-1"]["recommendations"]] == ["model.n_threads"]
+
+    # two compromised tokens claim four threads are twice as fast; the one honest device that ran them measured them
+    # twice as slow, with a couple of requests: it counts against the value, never toward the quorum of three
+    four = {**BASE, "n_threads": 4}
+    for device, count, tpot in (("evil-1", 200, 9.0), ("evil-2", 200, 9.1), ("honest-4", 2, 36.0)):
+        await fleet.send(client, store, device, [facts_record(device, WHEN, **ORIN)])
+        await fleet.send(client, store, device, plant(device, count, 60 + count, four, tpot, sigma=0.02))
+    docs = check_documents(await (await client.get("/api/v1/feedback")).json())
+    outcome = {(c["setting"], c["value"]): c for c in docs["orin-slow-1"]["evidence_considered"]}[("n_threads", 4)]
+    assert outcome["p_value"] < 0.01 and outcome["improvement"] > 0.3  # the pooled figures alone would recommend it
+    assert outcome["outcome"].startswith("only 2 of 3 devices are better than this device on their own")
+    assert [r["action"]["recommended_value"] for r in docs["orin-slow-1"]["recommendations"]] == [2]
 
 
 async def test_an_agent_receives_its_recommendations_with_the_sync_answer(aiohttp_client: Any, tmp_path: Path) -> None:
