@@ -988,6 +988,9 @@ def _protobuf_string_field(data: bytes, number: int) -> str | None:
     return None
 
 
+MAX_EXPORT_ANSWER_BYTES = 1 << 20  # an Export…ServiceResponse is a few bytes; its error message at most a page
+
+
 async def post_export(
     session: Any, url: str, signal: str, body: bytes, headers: Mapping[str, str], timeout: float
 ) -> ExportAnswer:
@@ -1004,9 +1007,21 @@ async def post_export(
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as response:
-            content = await response.content.read(65536)
+            # the whole answer up to MAX_EXPORT_ANSWER_BYTES, however many reads it takes (an answer in several TCP
+            # segments or chunks is still the backend's answer); a larger one is read no further
+            content = bytearray()
+            while len(content) <= MAX_EXPORT_ANSWER_BYTES:
+                chunk = await response.content.read(MAX_EXPORT_ANSWER_BYTES + 1 - len(content))
+                if not chunk:
+                    break
+                content += chunk
+            if len(content) > MAX_EXPORT_ANSWER_BYTES:
+                response.close()
+                return ExportAnswer(
+                    "retry", response.status, f"the answer is larger than {MAX_EXPORT_ANSWER_BYTES} bytes: not OTLP's"
+                )
             return read_answer(
-                signal, response.status, response.content_type, content, response.headers.get("Retry-After")
+                signal, response.status, response.content_type, bytes(content), response.headers.get("Retry-After")
             )
     except asyncio.TimeoutError:
         return ExportAnswer("retry", None, f"no answer from {url} within {timeout:g} s")

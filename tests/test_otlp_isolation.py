@@ -465,3 +465,54 @@ def test_the_issue_record_is_refused_at_ingest_and_encodes_if_stored_anyway() ->
         rs.check_record(dict(record), NOW)
     _, spans, refused = otlp.encode_traces_isolated([({}, [record])], version="0")  # stored by an old release
     assert spans == 1 and not refused
+
+
+def test_an_answer_in_several_pieces_is_read_whole() -> None:
+    """A backend's partial_success answer that arrives in two chunks (a real network: more than one segment) is the
+    backend's answer, not "not OTLP"; one past a megabyte is not an OTLP answer and is retried."""
+    asyncio.run(_pieces())
+
+
+async def _pieces() -> None:
+    import aiohttp
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    answer = trace_service_pb2.ExportTraceServiceResponse()
+    answer.partial_success.rejected_spans = 2
+    answer.partial_success.error_message = "x" * 3000  # a long reason: more than one chunk
+    body = answer.SerializeToString()
+
+    async def split(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-protobuf"})
+        await response.prepare(request)
+        await response.write(body[:10])
+        await asyncio.sleep(0.05)
+        await response.write(body[10:])
+        await response.write_eof()
+        return response
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/x-protobuf"})
+        await response.prepare(request)
+        for _ in range(20):
+            await response.write(b"\x00" * 65536)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/split/v1/traces", split)
+    app.router.add_post("/huge/v1/traces", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            got = await otlp.post_export(session, f"http://127.0.0.1:{port}/split/v1/traces", "traces", b"", {}, 10)
+            assert got.outcome == "accepted" and got.rejected == 2, got
+            got = await otlp.post_export(session, f"http://127.0.0.1:{port}/huge/v1/traces", "traces", b"", {}, 10)
+            assert got.outcome == "retry" and "larger than" in got.message, got
+    finally:
+        await runner.cleanup()
