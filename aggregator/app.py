@@ -73,6 +73,7 @@ class Settings:
     max_connections: int | None = None  # open connections at once; None: sized from the open-file limit
     max_subscribers: int = 100  # open /api/v1/stream clients; beyond: 503 with Retry-After
     max_event_bytes: int = 64 * 1024  # a live update with a larger fleet row becomes a refetch notice
+    max_unsent_bytes: int = 256 * 1024**2  # answers written, not yet taken: beyond, the largest holders are closed
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -110,6 +111,7 @@ class Settings:
             max_connections=server["max_connections"],
             max_subscribers=server["max_subscribers"],
             max_event_bytes=server["max_event_bytes"],
+            max_unsent_bytes=server["max_unsent_bytes"],
         )
 
     def health(self, metric_folds: Callable[[str], dict[str, Any] | None] | None = None) -> Health:
@@ -872,6 +874,7 @@ def create_app(
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         accept_batch=accept_batch(open_files),
+        max_unsent_bytes=settings.max_unsent_bytes,
     )
     guard.how = how
     # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.

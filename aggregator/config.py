@@ -109,6 +109,12 @@ SCHEMA: Schema = {
         "log_repeat_interval": KeySpec(
             parse_duration, const(10.0), "a repeated warning or error line is logged once per this long, with a count"
         ),
+        "max_unsent_bytes": KeySpec(
+            parse_size,
+            const(256 * 1024**2),
+            "answers written and not yet taken by their clients, all connections together; beyond, the connections "
+            "holding the most are closed",
+        ),
     },
     "storage": {
         "db": KeySpec(text, const("/var/lib/lens-aggregator/aggregator.db"), "SQLite path or postgresql:// URL"),

@@ -41,6 +41,8 @@ from .metrics import PREFIX
 log = logging.getLogger("aggregator.connections")
 
 KEEPALIVE_S = 75.0  # aiohttp's own keep-alive time, passed to it explicitly so both agree
+BUDGET_CHECK_S = 0.5  # after a response, how soon the bytes not yet taken are checked against max_unsent_bytes
+BUDGET_MIN_ANSWER = 64 * 1024  # smaller answers are not counted (they fit in the socket's own buffers)
 FD_RESERVE_MIN = 96  # descriptors kept for the database, the log, outgoing connections, connections being accepted
 AUTO_MAX_CONNECTIONS = 4096  # the cap when sized from a large open-file limit
 
@@ -119,7 +121,7 @@ AFTER = "after"  # the handler returned: its response is being written, then the
 class _Connection:
     """One accepted connection: its state and its single deadline."""
 
-    __slots__ = ("peer", "request", "resumed", "seen", "since", "state", "timer", "transport")
+    __slots__ = ("answer_bytes", "peer", "request", "resumed", "seen", "since", "state", "timer", "transport")
 
     def __init__(self, transport: asyncio.BaseTransport, now: float) -> None:
         self.transport = transport
@@ -129,6 +131,7 @@ class _Connection:
         self.request: web.BaseRequest | None = None  # while its body is still arriving
         self.resumed = 0  # times the client took enough of what was written for writing to resume
         self.seen: tuple[int, int] | None = None  # (resumed, bytes unsent) at the last check after a response
+        self.answer_bytes = 0  # the size of the last answer's body (held in memory until the client takes it)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
 
@@ -170,8 +173,11 @@ class ConnectionGuard:
         body_timeout_s: float = 60.0,
         keepalive_s: float = KEEPALIVE_S,
         accept_batch: int = 16,
+        max_unsent_bytes: int = 256 * 1024**2,
     ) -> None:
         self.max_connections = max_connections
+        self.max_unsent_bytes = max_unsent_bytes
+        self._budget_check: asyncio.TimerHandle | None = None
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
         self.keepalive_s = keepalive_s
@@ -318,6 +324,35 @@ class ConnectionGuard:
         if self.open.get(conn.transport) is conn:
             self._enter(conn, AFTER, self.keepalive_s, self._idle)
             conn.seen = None
+            if self._budget_check is None:  # once the answer is written (right after the handler returns)
+                self._budget_check = asyncio.get_running_loop().call_later(BUDGET_CHECK_S, self._check_budget)
+
+    def _check_budget(self) -> None:
+        """Answers written and not yet taken stay in this process's memory until their clients take them: all
+        together they are bounded by ``max_unsent_bytes``. Past it, the connections holding the most are closed
+        (a client reading a large answer a byte a minute would otherwise hold it for hours, and many of them would
+        hold gigabytes)."""
+        self._budget_check = None
+        # an answer is held whole (the response keeps its body) while any of it is still to be taken
+        after = [c for c in self.open.values() if c.state == AFTER and c.answer_bytes >= BUDGET_MIN_ANSWER]
+        held = {c: c.answer_bytes if _unsent(c.transport) else 0 for c in after}
+        total = sum(held.values())
+        if total <= self.max_unsent_bytes:
+            return
+        for conn in sorted(after, key=lambda c: held[c], reverse=True):
+            if total <= self.max_unsent_bytes or not held[conn]:
+                break
+            total -= held[conn]
+            self.closed["unsent_budget"] += 1
+            log.warning(
+                "connection closed: answers not yet taken by their clients exceed server.max_unsent_bytes (%d bytes); "
+                "this one held %d",
+                self.max_unsent_bytes,
+                held[conn],
+            )
+            self._cut(conn, None)
+        if total > self.max_unsent_bytes // 2:  # still close to it: look again soon
+            self._budget_check = asyncio.get_running_loop().call_later(BUDGET_CHECK_S, self._check_budget)
 
     def _resumed(self, transport: asyncio.BaseTransport) -> None:
         conn = self.open.get(transport)
@@ -330,7 +365,11 @@ class ConnectionGuard:
     ) -> web.StreamResponse:
         conn = self.started(request)
         try:
-            return await handler(request)
+            response = await handler(request)
+            if conn is not None:
+                body = getattr(response, "body", None)
+                conn.answer_bytes = len(body) if isinstance(body, (bytes, bytearray)) else 0
+            return response
         finally:
             if conn is not None:
                 self.finished(conn)

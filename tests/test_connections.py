@@ -201,6 +201,7 @@ def test_the_keys_have_defaults_and_refuse_bad_values(tmp_path: Path) -> None:
     server = load_aggregator_config(None, environ={}, default_path=none).values["server"]
     assert (server["header_timeout"], server["body_timeout"], server["max_connections"]) == (10.0, 60.0, None)
     assert (server["max_subscribers"], server["max_event_bytes"], server["log_repeat_interval"]) == (100, 65536, 10.0)
+    assert server["max_unsent_bytes"] == 256 * 1024**2
     env = {
         "LENS_SERVER_MAX_CONNECTIONS": "300",
         "LENS_SERVER_MAX_EVENT_BYTES": "16KiB",
@@ -625,3 +626,63 @@ def test_after_a_response_a_slow_reader_keeps_its_connection_and_a_stalled_one_i
         thread.join(10)
         stalled.close()
         slow.close()
+
+
+def test_answers_not_taken_by_their_clients_are_bounded_all_together() -> None:
+    """Slow readers each holding a large answer in the server's memory: past server.max_unsent_bytes (here 10 MB,
+    five clients holding 4 MB answers they do not read) the connections holding the most are closed until the rest
+    fits, and a client that takes its answer still gets all of it."""
+    from aiohttp import web
+
+    from aggregator.connections import ConnectionGuard, GuardedSite
+
+    body = b"x" * (4 * 1024**2)
+
+    async def large(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    guard = ConnectionGuard(max_connections=64, keepalive_s=30.0, max_unsent_bytes=10 * 1024**2)
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_get("/large", large)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, shutdown_timeout=2)
+
+    async def start() -> int:
+        await runner.setup()
+        site = GuardedSite(runner, "127.0.0.1", 0, guard=guard)
+        await site.start()
+        return site.port
+
+    port = loop.run_until_complete(start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    holders: list[socket.socket] = []
+    try:
+
+        def client() -> socket.socket:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+            return sock
+
+        for _ in range(5):
+            holders.append(client())
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert guard.closed["unsent_budget"] >= 2, guard.closed  # 5 × ~4 MB held: at most 10 MB may stay
+        assert sum(c.answer_bytes for c in list(guard.open.values())) <= 10 * 1024**2
+        reader = client()  # one that takes its answer gets all of it
+        reader.settimeout(10)
+        received = 0
+        while received < len(body):
+            chunk = reader.recv(1 << 20)
+            assert chunk, f"cut after {received} bytes: {guard.closed}"
+            received += len(chunk)
+        holders.append(reader)
+    finally:
+        for sock in holders:  # first: answers still held would keep the server's cleanup waiting for them
+            sock.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
