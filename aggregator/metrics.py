@@ -62,7 +62,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 OTHER = "other"
 FOLD_REASONS = ("per_device", "global")
 # C0 controls, DEL and C1 controls: a terminal or a log viewer acts on them; a label never needs one
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# control characters, and the invisible ones that make two labels look alike or reorder text on a dashboard: zero-width
+# spaces and joiners, bidirectional marks, embeddings, overrides and isolates, line and paragraph separators, the BOM
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 def clean_label(value: str, max_chars: int) -> tuple[str, bool, bool]:

@@ -52,6 +52,9 @@ def test_clean_label_removes_c0_del_and_c1_and_cuts() -> None:
     assert clean_label("red\x1b[31m\x07bell\r\n\x7f\x85\x9fok", 128) == ("red[31mbellok", True, False)
     assert clean_label("plain", 128) == ("plain", False, False)
     assert clean_label("\x1b\x07", 128) == ("unknown", True, False)
+    # invisible characters that make two labels look alike or reorder a dashboard's text
+    assert clean_label("Smol\u200bLM2\ufeff\u202e\u2028\u2066x", 128) == ("SmolLM2x", True, False)
+    assert clean_label("SmolLM2 — ünïcode 模型", 128) == ("SmolLM2 — ünïcode 模型", False, False)
     assert clean_label("é" * 20, 8) == ("é" * 7 + "…", False, True)  # printable non-ASCII stays
 
 
