@@ -63,6 +63,14 @@ class BadParameter(Exception):
         super().__init__(f"query parameter {name}={value!r} is not allowed: expected {allowed}")
 
 
+def name_filter(name: str, value: str | None) -> str | None:
+    """A name parameter (device, model, strategy, kind, compare, …) checked: at most :data:`MAX_FILTER_CHARS`
+    characters, no NUL; empty or absent is None."""
+    if value is not None and (len(value) > MAX_FILTER_CHARS or "\x00" in value):
+        raise BadParameter(name, value[:40], f"at most {MAX_FILTER_CHARS} characters, without NUL")
+    return value or None
+
+
 MAX_TIME_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 _TIME_ALLOWED = "an ISO 8601 time (2026-11-27T10:00:00Z) or Unix seconds, from 1970 to 9999"
 
@@ -112,9 +120,7 @@ def parse_query(params: Any) -> Query:
     if unknown:
         raise BadParameter(unknown[0], params[unknown[0]], "one of the parameters " + ", ".join(sorted(KNOWN)))
     for name in ("device", "model", "strategy", "kind"):
-        value = params.get(name) or ""
-        if len(value) > MAX_FILTER_CHARS or "\x00" in value:
-            raise BadParameter(name, value[:40], f"at most {MAX_FILTER_CHARS} characters, without NUL")
+        name_filter(name, params.get(name))
     query = Query(
         device=params.get("device") or None,
         model=params.get("model") or None,

@@ -655,9 +655,7 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     query = request.rel_url.query
     try:
         for name in ("device", "model"):
-            value = query.get(name)
-            if value is not None and (len(value) > api.MAX_FILTER_CHARS or "\x00" in value):
-                raise api.BadParameter(name, value[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+            api.name_filter(name, query.get(name))
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
     cache = await refresh_feedback(request.app)
@@ -676,9 +674,7 @@ async def triggers_endpoint(request: web.Request) -> web.Response:
         if unknown:
             raise api.BadParameter(unknown[0], query[unknown[0]][:40], "one of the parameters device, trigger")
         for name in ("trigger", "device"):
-            value = query.get(name)
-            if value is not None and (len(value) > api.MAX_FILTER_CHARS or "\x00" in value):
-                raise api.BadParameter(name, value[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+            api.name_filter(name, query.get(name))
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
 
@@ -699,9 +695,10 @@ async def fleet(request: web.Request) -> web.Response:
     notice of the live stream)."""
     runner = request.app[STORE]
     app = request.app
-    only = request.rel_url.query.get("device") or None
-    if only is not None and (len(only) > api.MAX_FILTER_CHARS or "\x00" in only):
-        return _error(400, f"device: at most {api.MAX_FILTER_CHARS} characters, without NUL", parameter="device")
+    try:
+        only = api.name_filter("device", request.rel_url.query.get("device"))
+    except api.BadParameter as exc:
+        return _error(400, str(exc), parameter=exc.name)
     settings, watch, triggers, folds = app[SETTINGS], app[WATCH], app[TRIGGERS], app[METRICS].budget.device_status
 
     def build(store: Store, now: float) -> dict[str, Any]:
@@ -777,8 +774,7 @@ def device_answer(
 
 def _device_id(request: web.Request) -> str:
     device = request.match_info["device_id"]
-    if len(device) > api.MAX_FILTER_CHARS or "\x00" in device:
-        raise api.BadParameter("device", device[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+    api.name_filter("device", device)
     return device
 
 
@@ -797,9 +793,7 @@ async def device_page(request: web.Request) -> web.Response:
         range_name = query.get("range", "7d")
         if range_name not in RANGES:
             raise api.BadParameter("range", range_name[:40], "one of " + ", ".join(RANGES))
-        other = query.get("compare") or None
-        if other is not None and (len(other) > api.MAX_FILTER_CHARS or "\x00" in other):
-            raise api.BadParameter("compare", other[:40], f"at most {api.MAX_FILTER_CHARS} characters, without NUL")
+        other = api.name_filter("compare", query.get("compare"))
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
     text = await runner.read(settings.bounded(build), runner.store, device, {"range_s": RANGES[range_name]}, other)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .api import MAX_FILTER_CHARS, BadParameter, _int, _time_us
+from .api import BadParameter, _int, _time_us, name_filter
 from .health import FACTS_KIND, facts_from_record
 from .reads import deadline_of, truncation
 from .rows import decode_wire
@@ -266,9 +266,7 @@ def parse_params(params: Mapping[str, str]) -> dict[str, Any]:
     unknown = sorted(set(params) - known)
     if unknown:
         raise BadParameter(unknown[0], params[unknown[0]], "one of " + ", ".join(sorted(known)))
-    model = params.get("model") or None
-    if model is not None and (len(model) > MAX_FILTER_CHARS or "\x00" in model):
-        raise BadParameter("model", model[:40], f"at most {MAX_FILTER_CHARS} characters, without NUL")
+    model = name_filter("model", params.get("model"))
     width = params.get("width")
     if width is not None and (not width.isdigit() or int(width) not in WIDTHS):
         raise BadParameter("width", width, "a bucket width in seconds, one of " + ", ".join(map(str, WIDTHS)))
