@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from lens_core.config import MAX_LAYER_BYTES
 from lens_core.stats import compare
 
 from .errors import LensError
@@ -42,7 +43,6 @@ from .errors import LensError
 STATE_VERSION = 1
 HISTORY_RUNS = 10  # scheduled runs kept per workload
 MAX_ADJUSTMENTS = 50  # adjustments kept in the state file (the records keep them all)
-MAX_DROP_IN_BYTES = 64 * 1024  # lens_core.config.MAX_LAYER_BYTES
 
 
 class AdjusterError(LensError):
@@ -193,7 +193,7 @@ class DropInAdjuster:
             info = self.drop_in.stat()
         except (FileNotFoundError, NotADirectoryError):  # no drop-in (or no data directory yet: its check says so)
             return None
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_DROP_IN_BYTES:
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_LAYER_BYTES:
             return f"(not a small regular file: mode {info.st_mode:o}, {info.st_size} bytes)"
         try:
             return self.drop_in.read_text(errors="replace")

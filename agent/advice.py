@@ -44,6 +44,19 @@ class DeviceLimits:
         layers, trained = model_shape(model_path) if model_path is not None else (None, None)
         return cls(cpus=usable_cpus(), n_layers=layers, n_ctx_train=trained, gpu_offload=gpu_offload_supported())
 
+    @classmethod
+    def for_config(cls, config: Any) -> DeviceLimits:
+        """The limits for the configured model (``model.path``, else the bundled one); without a model file here its
+        layers and context are unknown, and the other checks still hold."""
+        from .engines.modelfile import resolve_model_path
+        from .errors import LensError
+
+        try:
+            path: Path | None = resolve_model_path(config.get("model", "path"))
+        except LensError:
+            path = None
+        return cls.probe(path)
+
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 

@@ -395,11 +395,8 @@ class AgentService:
         if reason is None:
             changed = [k for k in DIMENSIONS if config.source("model", k).startswith("drop-in ")]
             if changed:
-                try:
-                    path: Path | None = resolve_model_path(config.get("model", "path"))
-                except LensError:
-                    path = None
-                refused = refusal(EngineSettings.from_config(config).as_dict(), DeviceLimits.probe(path), changed)
+                limits = DeviceLimits.for_config(config)
+                refused = refusal(EngineSettings.from_config(config).as_dict(), limits, changed)
                 if refused is not None:
                     reason = f"drop-in {self._adjuster.drop_in}: {refused}"
         if reason is None:

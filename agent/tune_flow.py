@@ -195,11 +195,7 @@ def apply_changes(
         raise UsageError("; ".join(refused) + ": remove that override first")
     before = EngineSettings.from_config(config)
     after = EngineSettings(**{**before.as_dict(), **{k: b for k, (_, b) in changes.items()}})
-    try:
-        path: Path | None = model_path(config)
-    except LensError:  # no model file here: its layers and context are unknown, the other checks still hold
-        path = None
-    reason = refusal(after.as_dict(), DeviceLimits.probe(path), list(changes))
+    reason = refusal(after.as_dict(), DeviceLimits.for_config(config), list(changes))
     if reason is not None:
         raise UsageError(f"not applied: {reason}")
     if getattr(config, "drop_in_refused", None):
