@@ -571,77 +571,21 @@ def test_over_https_the_handshake_and_the_headers_are_bounded_too(tmp_path: Path
             assert good.recv(100).startswith(b"HTTP/1.1 200 ")
 
 
-def test_after_a_response_a_slow_reader_keeps_its_connection_and_a_stalled_one_is_cut() -> None:
-    """The guard's rule after a response (here with a keep-alive period of 1 s, on a real aiohttp server through
-    GuardedSite): a client taking a 4 MB answer slowly, over several periods, gets all of it; one that stopped
-    taking it is cut within a few periods."""
+LARGE = b"x" * (4 * 1024**2)
+
+
+@contextlib.contextmanager
+def large_answers(guard: Any) -> Iterator[tuple[int, list[socket.socket]]]:
+    """A real aiohttp server behind ``guard`` (through GuardedSite) on its own loop, answering GET /large with a 4 MB
+    body; yields its port and a list for the test's client sockets, closed before the server's cleanup (answers
+    still held would keep it waiting)."""
     from aiohttp import web
 
-    from aggregator.connections import ConnectionGuard, GuardedSite
-
-    body = b"x" * (4 * 1024**2)
+    from aggregator.connections import GuardedSite
 
     async def large(request: web.Request) -> web.Response:
-        return web.Response(body=body)
+        return web.Response(body=LARGE)
 
-    guard = ConnectionGuard(max_connections=64, keepalive_s=1.0)
-    app = web.Application(middlewares=[guard.middleware])
-    app.router.add_get("/large", large)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-
-    async def start() -> int:
-        await runner.setup()
-        site = GuardedSite(runner, "127.0.0.1", 0, guard=guard)
-        await site.start()
-        return site.port
-
-    port = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-
-        def client() -> socket.socket:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
-            return sock
-
-        stalled, slow = client(), client()
-        received, started = 0, time.monotonic()
-        slow.settimeout(10)
-        while received < len(body):  # a few hundred kB/s, with a 16 KiB receive buffer
-            chunk = slow.recv(131072)
-            assert chunk, f"cut after {received} bytes, {time.monotonic() - started:.1f} s: {guard.closed}"
-            received += len(chunk)
-            time.sleep(0.05)
-        assert time.monotonic() - started > 3  # several keep-alive periods
-        closed, _ = closed_within(stalled, 10)
-        assert closed
-        assert guard.closed["stalled"] == 1 and guard.closed["idle"] <= 1  # the slow one: closed at its end at most
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        stalled.close()
-        slow.close()
-
-
-def test_answers_not_taken_by_their_clients_are_bounded_all_together() -> None:
-    """Slow readers each holding a large answer in the server's memory: past server.max_unsent_bytes (here 10 MB,
-    five clients holding 4 MB answers they do not read) the connections holding the most are closed until the rest
-    fits, and a client that takes its answer still gets all of it."""
-    from aiohttp import web
-
-    from aggregator.connections import ConnectionGuard, GuardedSite
-
-    body = b"x" * (4 * 1024**2)
-
-    async def large(request: web.Request) -> web.Response:
-        return web.Response(body=body)
-
-    guard = ConnectionGuard(max_connections=64, keepalive_s=30.0, max_unsent_bytes=10 * 1024**2)
     app = web.Application(middlewares=[guard.middleware])
     app.router.add_get("/large", large)
     loop = asyncio.new_event_loop()
@@ -656,33 +600,67 @@ def test_answers_not_taken_by_their_clients_are_bounded_all_together() -> None:
     port = loop.run_until_complete(start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    holders: list[socket.socket] = []
+    sockets: list[socket.socket] = []
     try:
-
-        def client() -> socket.socket:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
-            return sock
-
-        for _ in range(5):
-            holders.append(client())
-            time.sleep(0.2)
-        time.sleep(2.0)
-        assert guard.closed["unsent_budget"] >= 2, guard.closed  # 5 × ~4 MB held: at most 10 MB may stay
-        assert sum(c.answer_bytes for c in list(guard.open.values())) <= 10 * 1024**2
-        reader = client()  # one that takes its answer gets all of it
-        reader.settimeout(10)
-        received = 0
-        while received < len(body):
-            chunk = reader.recv(1 << 20)
-            assert chunk, f"cut after {received} bytes: {guard.closed}"
-            received += len(chunk)
-        holders.append(reader)
+        yield port, sockets
     finally:
-        for sock in holders:  # first: answers still held would keep the server's cleanup waiting for them
+        for sock in sockets:
             sock.close()
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def large_client(port: int, sockets: list[socket.socket]) -> socket.socket:
+    """A client with a small receive buffer that asks for the large answer (and reads it only if the test does)."""
+    sock = socket.socket()
+    sockets.append(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /large HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+def test_after_a_response_a_slow_reader_keeps_its_connection_and_a_stalled_one_is_cut() -> None:
+    """The guard's rule after a response (here with a keep-alive period of 1 s, on a real aiohttp server through
+    GuardedSite): a client taking a 4 MB answer slowly, over several periods, gets all of it; one that stopped
+    taking it is cut within a few periods."""
+    from aggregator.connections import ConnectionGuard
+
+    guard = ConnectionGuard(max_connections=64, keepalive_s=1.0)
+    with large_answers(guard) as (port, sockets):
+        stalled, slow = large_client(port, sockets), large_client(port, sockets)
+        received, started = 0, time.monotonic()
+        slow.settimeout(10)
+        while received < len(LARGE):  # a few hundred kB/s, with a 16 KiB receive buffer
+            chunk = slow.recv(131072)
+            assert chunk, f"cut after {received} bytes, {time.monotonic() - started:.1f} s: {guard.closed}"
+            received += len(chunk)
+            time.sleep(0.05)
+        assert time.monotonic() - started > 3  # several keep-alive periods
+        closed, _ = closed_within(stalled, 10)
+        assert closed
+        assert guard.closed["stalled"] == 1 and guard.closed["idle"] <= 1  # the slow one: closed at its end at most
+
+
+def test_answers_not_taken_by_their_clients_are_bounded_all_together() -> None:
+    """Slow readers each holding a large answer in the server's memory: past server.max_unsent_bytes (here 10 MB,
+    five clients holding 4 MB answers they do not read) the connections holding the most are closed until the rest
+    fits, and a client that takes its answer still gets all of it."""
+    from aggregator.connections import ConnectionGuard
+
+    guard = ConnectionGuard(max_connections=64, keepalive_s=30.0, max_unsent_bytes=10 * 1024**2)
+    with large_answers(guard) as (port, sockets):
+        for _ in range(5):
+            large_client(port, sockets)
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert guard.closed["unsent_budget"] >= 2, guard.closed  # 5 × ~4 MB held: at most 10 MB may stay
+        assert sum(c.answer_bytes for c in list(guard.open.values())) <= 10 * 1024**2
+        reader = large_client(port, sockets)  # one that takes its answer gets all of it
+        reader.settimeout(10)
+        received = 0
+        while received < len(LARGE):
+            chunk = reader.recv(1 << 20)
+            assert chunk, f"cut after {received} bytes: {guard.closed}"
+            received += len(chunk)

@@ -93,12 +93,9 @@ async def _down_then_up(tmp_path: Path) -> None:
     check_metrics(receiver, records, "cumulative")
 
 
-async def test_a_record_the_backend_refuses_is_quarantined_on_the_device(tmp_path: Path) -> None:
-    port = free_port()
-    receiver = Receiver()
-    records = mixed_records(30, seed=23)
-    poisoned = wire.to_wire(records[12])
-    receiver.refuse_trace_ids = {poisoned["id"]}
+async def export_once(tmp_path: Path, port: int, receiver: Receiver, records: list[dict[str, Any]]) -> Any:
+    """A standalone device's outbox holding ``records`` exported once to ``receiver`` (served on ``port``): the
+    sync report and the (still open) outbox."""
     runner = await serve(receiver, port)
     config = load_config(agent_config(tmp_path, port), environ={})
     settings = otlp.otlp_settings(config)
@@ -112,6 +109,16 @@ async def test_a_record_the_backend_refuses_is_quarantined_on_the_device(tmp_pat
     finally:
         await uploader.close()
         await runner.cleanup()
+    return report, outbox
+
+
+async def test_a_record_the_backend_refuses_is_quarantined_on_the_device(tmp_path: Path) -> None:
+    port = free_port()
+    receiver = Receiver()
+    records = mixed_records(30, seed=23)
+    poisoned = wire.to_wire(records[12])
+    receiver.refuse_trace_ids = {poisoned["id"]}
+    report, outbox = await export_once(tmp_path, port, receiver, records)
     assert report.ok and report.quarantined == 1
     stats = await outbox.stats()
     assert stats.records == 0 and stats.quarantined_total == 1
@@ -206,19 +213,7 @@ async def test_a_record_the_encoders_cannot_encode_is_quarantined_and_the_rest_e
     poisoned["ext"] = {"model_load": {"engine_load_ms": 12.5, "tensor_bytes": 2**64 - 1}}
     with pytest.raises(ValueError, match="do not encode"):
         otlp.encode_traces([({}, [wire.validate_record(wire.to_wire(poisoned))])], version="0")
-    runner = await serve(receiver, port)
-    config = load_config(agent_config(tmp_path, port), environ={})
-    settings = otlp.otlp_settings(config)
-    assert settings is not None
-    box = Outbox(tmp_path / "o.db")
-    box.append_many(records)
-    outbox = AsyncOutbox(box)
-    uploader = OtlpUploader(outbox, standalone_sync_settings(config, settings), settings)
-    try:
-        report = await uploader.sync_now()
-    finally:
-        await uploader.close()
-        await runner.cleanup()
+    report, outbox = await export_once(tmp_path, port, receiver, records)
     assert report.ok and report.quarantined == 1, report
     assert any("does not encode as OTLP" in line for line in report.details), report.details
     stats = await outbox.stats()
