@@ -100,13 +100,18 @@ def timeline(
     model: str | None = None,
 ) -> dict[str, Any]:
     """The device's downsampled history (see the module's description). Without ``until_us`` the range ends
-    after the device's newest request; without ``since_us`` it starts ``range_s`` before that, or at the device's
-    oldest request when that is later. ``model``: that model's series only."""
+    after the device's newest request or newest batch, whichever is later; without ``since_us`` it starts
+    ``range_s`` before that, or at the device's oldest request when that is later.
+    ``model``: that model's series only."""
     deadline = deadline_of(store)
     if until_us is None:
+        # after the newest request or the newest batch, whichever is later: the batches are timed by the
+        # aggregator's clock, and the latest one (its backlog) is what an operator opens the page for
         newest = newest_started_us(store, device)
-        # a device without requests yet (every run skipped, say) still has batches and facts: up to now
-        until_us = (newest + 1) if newest is not None else time.time_ns() // 1000
+        latest_sync = store.syncs(device, limit=1)
+        ends = [t for t in (newest, latest_sync[-1].received_us if latest_sync else None) if t is not None]
+        # a device without requests or batches yet: up to now
+        until_us = (max(ends) + 1) if ends else time.time_ns() // 1000
     if since_us is None:  # the range, or the device's whole history when that is shorter
         since_us = until_us - int(range_s * 1e6)
         oldest = store.columns(Query(device=device, kind="inference", since_us=since_us), ("MIN(started_us)",))

@@ -118,6 +118,24 @@ async def test_the_timeline_is_bounded_and_exact_per_bucket(aiohttp_client: Any,
     assert tail["series"][0]["ttft_p95"] == series["ttft_p95"][-1:]
 
 
+async def test_the_default_range_reaches_the_newest_batch_when_requests_stopped_earlier(
+    aiohttp_client: Any, store: Any
+) -> None:
+    """Requests timed by the device's clock end a day ago; the batches since, timed by the aggregator's, still
+    arrive (every run skipped, say): the default range ends after the newest batch, so its backlog is drawn."""
+    client = await aiohttp_client(create_app(Settings(), store))
+    token = store.add_token("orin-018", "device", NOW)
+    day_ago = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=1)
+    await send(client, token, "orin-018", retime(synthetic_records(30, seed=3, device_id="orin-018"), day_ago, 60))
+    await send(client, token, "orin-018", [], pending_records=41)
+    (latest,) = store.syncs("orin-018", limit=1)
+
+    answer = await (await client.get("/api/v1/devices/orin-018/timeline")).json()
+    assert answer["until_us"] > latest.received_us >= answer["since_us"]
+    assert [b for b in answer["syncs"]["backlog"] if b is not None][-1] == 41
+    assert sum(n or 0 for n in answer["series"][0]["n"]) == 30  # the requests of a day ago are still in the range
+
+
 async def test_timeline_parameters_are_checked(aiohttp_client: Any, tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "agg.db")
     client = await aiohttp_client(create_app(Settings(), store))
