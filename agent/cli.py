@@ -163,6 +163,13 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 )
 @click.option("--store", is_flag=True, help="Append every measurement to the outbox (durable before the next request).")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Outbox directory.  [default: agent.data_dir]")
+@click.option(
+    "--suite",
+    "suite_path",
+    type=click.Path(path_type=Path),
+    help="Run a benchmark suite (.json or .yaml, the specification's configuration document): every model × "
+    "workload × load level; --output is then a directory (docs/suites.md).",
+)
 def bench(
     config_path: Path | None,
     models: tuple[Path, ...],
@@ -201,6 +208,7 @@ def bench(
     max_error_rate: float | None,
     store: bool,
     data_dir: Path | None,
+    suite_path: Path | None,
 ) -> None:
     """Benchmark local llama.cpp inference: TTFT, TPOT, every inter-token gap, load time and memory.
 
@@ -219,7 +227,54 @@ def bench(
         lens-agent bench --config /etc/lens-agent/agent.toml --store
         lens-agent bench --strategy speculative --model draft.gguf --cloud-url http://host:8000/v1 \\
             --verify logprobs --draft-tokens 4 --baselines
+        lens-agent bench --suite suite.yaml --output results/
     """
+    if suite_path is not None:
+        given = {
+            "--model": bool(models),
+            "--prompts": prompts is not None,
+            "--runs": runs is not None,
+            "--warmup": warmup is not None,
+            "--max-tokens": max_tokens is not None,
+            "--ignore-eos": ignore_eos is not None,
+            "--strategy": strategy is not None,
+            "--cloud-url": cloud_url is not None,
+            "--cloud-model": cloud_model is not None,
+            "--format": bool(formats),
+            "--baselines": baselines is not None,
+        }
+        clash = [flag for flag, set_ in given.items() if set_]
+        if clash:
+            raise UsageError(
+                f"--suite takes its models, prompts, requests and load from the suite: drop {', '.join(clash)} "
+                '(engine settings go in a model\'s "settings", docs/suites.md)'
+            )
+        _bench_suite(
+            suite_path,
+            config_path=config_path,
+            output=output,
+            raw=raw,
+            as_json=as_json,
+            no_text=no_text,
+            progress=progress,
+            store=store,
+            overrides={
+                ("model", "n_ctx"): ("--n-ctx", n_ctx),
+                ("model", "n_threads"): ("--n-threads", n_threads),
+                ("model", "n_batch"): ("--n-batch", n_batch),
+                ("model", "n_gpu_layers"): ("--n-gpu-layers", n_gpu_layers),
+                ("model", "flash_attn"): ("--flash-attn", flash_attn),
+                ("agent", "device_id"): ("--device-id", device_id),
+                ("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None),
+                ("probes", "sysfs_root"): ("--sysfs-root", str(sysfs_root) if sysfs_root else None),
+                ("probes", "power_source"): ("--power-source", power_source),
+                ("probes", "sample_rate_hz"): ("--sample-rate", sample_rate),
+                ("probes", "idle_baseline"): ("--idle-baseline", idle_baseline),
+                ("bench", "chat_template"): ("--chat-template", chat_template),
+                ("bench", "max_error_rate"): ("--max-error-rate", max_error_rate),
+            },
+        )
+        return
     overrides: dict[tuple[str, str], tuple[str, object]] = {
         ("bench", "prompts"): ("--prompts", str(prompts) if prompts else None),
         ("bench", "runs"): ("--runs", runs),
@@ -283,6 +338,77 @@ def bench(
     from .bench.report import failure
 
     failures = [f for f in (failure(doc, config.get("bench", "max_error_rate")) for doc in session.documents) if f]
+    if failures:
+        raise LensError("; ".join(failures))
+
+
+def _bench_suite(
+    suite_path: Path,
+    *,
+    config_path: Path | None,
+    output: Path | None,
+    raw: Path | None,
+    as_json: bool,
+    no_text: bool,
+    progress: bool | None,
+    store: bool,
+    overrides: dict[tuple[str, str], tuple[str, object]],
+) -> None:
+    """``lens-agent bench --suite``: the suite's every model × workload × level, a table per workload."""
+    from .bench.report import failure
+    from .bench.suite_run import SuiteRequest, run_suite, suite_policy
+    from .outbox import open_outbox
+    from .suite import load_suite
+
+    config = load_config(config_path, overrides=overrides)
+    _check_sysfs_root(config)
+    if output is not None and output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output}: with --suite, a directory (one results document per level), not a file")
+    suite = load_suite(suite_path, suite_policy(config, suite_path.resolve().parent))
+    outbox = None
+    stored = [0]
+    if store:
+        _usable_data_dir(config)
+        outbox = open_outbox(config)
+
+    def keep(record: Any) -> None:
+        if outbox is not None:
+            from .clock import stamp
+
+            outbox.append(stamp(record.to_dict()))
+            stored[0] += 1
+
+    try:
+        session = run_suite(
+            SuiteRequest(
+                suite=suite,
+                config=config,
+                policy=suite_policy(config, suite_path.resolve().parent),
+                output_dir=output,
+                raw=raw,
+                include_text=not no_text,
+                progress=progress,
+                store=keep if outbox is not None else None,
+            ),
+            status=lambda msg: click.echo(msg, err=True),
+        )
+    finally:
+        if outbox is not None:
+            outbox.close()
+    if as_json:
+        click.echo(json.dumps(session.documents, indent=2))
+    else:
+        for table in session.tables:
+            click.echo(table)
+            click.echo()
+    for note in dict.fromkeys(session.notes):
+        click.echo(f"note: {note}", err=True)
+    for path in session.written:
+        click.echo(f"wrote {path}", err=True)
+    if outbox is not None:
+        click.echo(f"stored {_count(stored[0], 'measurement')} in {outbox.path}", err=True)
+    limit = config.get("bench", "max_error_rate")
+    failures = [f for f in (failure(doc, limit) for doc in session.documents) if f]
     if failures:
         raise LensError("; ".join(failures))
 

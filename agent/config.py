@@ -78,6 +78,14 @@ def int_list(minimum: int, maximum: int) -> Callable[[object], list[int]]:
     return parse
 
 
+def path_list(value: object) -> list[Path]:
+    """A TOML list of paths (or one path)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise Invalid('a list of directory paths, e.g. ["/etc/lens-agent/datasets"]')
+    return [path_value(v) for v in items]
+
+
 def bool_list(value: object) -> list[bool]:
     """A list of booleans (TOML array, or comma-separated from the environment)."""
     items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
@@ -223,6 +231,32 @@ SCHEMA: Schema = {
     },
     # A standalone device (no sync.url) exports its outbox to an OTLP backend instead (docs/opentelemetry.md).
     "otlp": OTLP_SECTION,
+    # benchmark suites (seed §2.3): what a suite document may ask of this device (docs/suites.md)
+    "suite": {
+        "dataset_dirs": KeySpec(
+            path_list,
+            lambda: [Path("/etc/lens-agent/datasets"), Path("/usr/share/lens-agent/prompts")],
+            "a suite's input_dataset must be a file inside one of these directories (the data directory's "
+            "datasets/ is always allowed)",
+        ),
+        "credentials_dirs": KeySpec(
+            path_list,
+            lambda: [Path("/etc/lens-agent/credentials")],
+            "a suite's auth.credentials_path must be a file inside one of these directories (the data "
+            "directory's credentials/ is always allowed)",
+        ),
+        "model_dirs": KeySpec(
+            path_list,
+            lambda: [Path("/var/lib/lens-agent/models"), Path("/usr/share/lens-agent/models")],
+            "a suite's file:// and gguf:NAME models must be inside one of these directories (the configured "
+            "model.path and the bundled SmolLM2 are always allowed)",
+        ),
+        "max_concurrency": KeySpec(int_range(1, 1024), const(64), "a workload's concurrency at most"),
+        "max_rate": KeySpec(number_range(0.001, 10000.0), const(500.0), "a workload's request rate at most (req/s)"),
+        "max_duration": KeySpec(parse_duration, const(6 * 3600.0), "a workload level's duration at most"),
+        "max_requests": KeySpec(int_range(1, 1_000_000), const(100_000), "a workload level's requests at most"),
+        "max_output_tokens": KeySpec(int_range(1, 1 << 20), const(4096), "a workload's output_token_target at most"),
+    },
     # lens-agent tune: a bounded search over engine settings, applied through a drop-in and verified
     # (docs/tuning.md)
     "tune": {
@@ -290,6 +324,11 @@ def drop_in_path(data_dir: Path) -> Path:
 WORKLOAD_SCHEMA: dict[str, KeySpec] = {
     "name": KeySpec(text, const(None), "shown in status and recorded with every measurement"),
     "prompts": KeySpec(optional(path_value), const(None), "prompt file; default: the built-in set"),
+    "suite": KeySpec(
+        optional(path_value),
+        const(None),
+        "a benchmark suite (.json or .yaml, docs/suites.md) run instead of prompts/requests/strategy",
+    ),
     "strategy": KeySpec(
         optional(choice("local", "cloud", "speculative", "offload")), const(None), "default: collab.strategy"
     ),
@@ -326,6 +365,16 @@ def _check_workloads(source: str, raw: object) -> list[dict[str, Any]]:
             values.setdefault(key, spec.default())
         if (values["every"] is None) == (values["cron"] is None):
             raise ConfigError(source, where, item, 'exactly one of every (e.g. "15m") or cron')
+        if values["suite"] is not None:
+            clash = [k for k in ("prompts", "strategy", "requests", "warmup", "max_tokens", "ignore_eos") if k in item]
+            if clash:
+                raise ConfigError(
+                    source,
+                    f"{where}.{clash[0]}",
+                    item[clash[0]],
+                    "nothing beside suite: a suite workload takes its models, prompts, requests and load from the "
+                    "suite (remove " + ", ".join(clash) + ")",
+                )
         values["name"] = values["name"] or f"workload-{n + 1}"
         out.append(values)
     names = [w["name"] for w in out]

@@ -119,6 +119,7 @@ class AgentService:
         self._advice: dict[str, Any] = {"tried": [], "tried_values": [], "last_mono": None}
         self._last_measured: list[Measurement] = []
         self._measuring = asyncio.Lock()
+        self.suites = load_suites(self.config)  # a suite workload's document, checked before anything runs
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -186,13 +187,14 @@ class AgentService:
         self.notifier.reloading()
         try:
             config = load_config(self.config_path, overrides=self.overrides)
+            suites = load_suites(config)
         except LensError as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             self.notifier.send("READY=1", f"STATUS=reload refused: {exc}")
             return
         old = self.config
         config = self._set_aside(config)
-        self.config = config
+        self.config, self.suites = config, suites
         await self._store_set_aside()
         self._drop_in_text = self._adjuster.drop_in_text()
         if old.values["model"] != config.values["model"]:
@@ -686,6 +688,8 @@ class AgentService:
         """On the engine thread: one run of a workload, every record stored before the next request."""
         config = self.config
         assert self.engine is not None and self.outbox is not None
+        if workload["suite"] is not None:
+            return self._measure_suite(workload)
         options = BenchOptions(
             runs=workload["requests"],
             warmup=workload["warmup"],
@@ -738,6 +742,35 @@ class AgentService:
             if collab is not None:
                 collab.close()
         return summarize(run.measured, workload["name"], sources[0].name if sources else None)
+
+    def _measure_suite(self, workload: dict[str, Any]) -> dict[str, Any]:
+        """On the engine thread: a suite workload, its every model × workload × level (docs/suites.md)."""
+        from .bench.suite_run import SuiteRequest, run_suite, suite_policy
+
+        assert self.outbox is not None
+        box = self.outbox.outbox
+        suite = self.suites.get(workload["name"]) or load_suites(self.config)[workload["name"]]
+
+        def store(record: Measurement) -> None:
+            box.append(stored_form(record))
+            self.stored += 1
+
+        session = run_suite(
+            SuiteRequest(
+                suite=suite,
+                config=self.config,
+                policy=suite_policy(self.config, Path(workload["suite"]).resolve().parent),
+                include_text=False,
+                store=store,
+                should_stop=lambda: self.abort,
+                engine=self.engine,
+                extra_ext={"workload": workload["name"]},
+            )
+        )
+        for note in dict.fromkeys(session.notes):
+            log.info("workload %s: %s", workload["name"], note)
+        self._last_measured = [m for m in session.measured if m.strategy == "local"]
+        return summarize(session.measured, workload["name"], None)
 
     async def heartbeat(self) -> None:
         self.notifier.watchdog()
@@ -796,6 +829,20 @@ class AgentService:
             write_atomically(state_path(self.data_dir), payload)
         except OSError as exc:
             log.warning("cannot write %s: %s", state_path(self.data_dir), exc)
+
+
+def load_suites(config: AgentConfig) -> dict[str, Any]:
+    """Each suite workload's suite, checked against this device's ``[suite]`` policy (a bad suite stops the start,
+    naming its file and JSON path, as a bad configuration does)."""
+    from .bench.suite_run import suite_policy
+    from .suite import load_suite
+
+    out = {}
+    for workload in config.workloads:
+        if workload["suite"] is not None:
+            path = Path(workload["suite"])
+            out[workload["name"]] = load_suite(path, suite_policy(config, path.resolve().parent))
+    return out
 
 
 def stored_form(record: Measurement) -> dict[str, Any]:

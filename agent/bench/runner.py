@@ -161,11 +161,14 @@ def run_bench(
     strategy: Strategy | None = None,
     model_name: str | None = None,
     should_stop: Callable[[], bool] | None = None,
+    make_record: Callable[[Prompt, int, bool], Measurement] | None = None,
 ) -> ModelRun:
     """Warm-up requests first (excluded from statistics), then ``options.runs`` measured requests.
 
     Requests cycle through ``prompts`` and run through ``strategy`` (default: the local engine). ``on_result``
-    is called after each request, outside the timed region (progress bars, durable storage).
+    is called after each request, outside the timed region (progress bars, durable storage). ``make_record``
+    (prompt, prompt index, warm-up) makes each request's record instead of :func:`new_record` (suites add their
+    identity to it).
     """
     if strategy is None:
         if engine is None:
@@ -184,15 +187,19 @@ def run_bench(
         if not warmup and phase_start is None:
             phase_start = time.perf_counter()
         index = i % len(prompts)
-        record = new_record(
-            engine,
-            prompts[index],
-            run_id=run_id,
-            device_id=device_id,
-            prompt_index=index,
-            warmup=warmup,
-            include_text=options.include_text,
-            model_name=model_name,
+        record = (
+            make_record(prompts[index], index, warmup)
+            if make_record is not None
+            else new_record(
+                engine,
+                prompts[index],
+                run_id=run_id,
+                device_id=device_id,
+                prompt_index=index,
+                warmup=warmup,
+                include_text=options.include_text,
+                model_name=model_name,
+            )
         )
         window = strategy.measure(record, texts[index][0], options.max_tokens)
         run.measurements.append(record)

@@ -38,6 +38,7 @@ class CloudSettings:
     url: str  # base URL ending in /v1
     model: str | None = None
     api_key: str | None = None
+    api_key_header: str | None = None  # the key in this header as it is; None: ``Authorization: Bearer <key>``
     timeout: float = 60.0
     chat: bool = False
     extra: dict[str, Any] = field(default_factory=lambda: {"repeat_penalty": 1.0})
@@ -197,7 +198,9 @@ class CloudClient:
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        if self.settings.api_key:
+        if self.settings.api_key and self.settings.api_key_header:
+            headers[self.settings.api_key_header] = self.settings.api_key
+        elif self.settings.api_key:
             headers["Authorization"] = f"Bearer {self.settings.api_key}"
         return headers
 

@@ -1,0 +1,590 @@
+"""Run a benchmark suite (the seed's §2.3 document, :mod:`agent.suite`): every model × workload × load level.
+
+Each level gives one results document (the seed's results schema, ``concurrency_levels`` as run) and one row of
+the workload's comparison table. An endpoint is loaded by :mod:`agent.loadgen` — closed loop at each concurrency
+level, open loop at each request rate — and a local GGUF runs through the lens's own timed llama.cpp loop, one
+request at a time: llama.cpp on the device serves one request at a time, so a level that asks for more runs at
+concurrency 1 and the run says so (``notes``, the document's ``configuration.suite.note``, the table).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..config import AgentConfig
+from ..device import device_info
+from ..engines.cloud import CloudClient, CloudSettings
+from ..engines.llama import EngineSettings, LlamaEngine
+from ..errors import UsageError
+from ..loadgen import Level, LevelRun, run_level, saturation
+from ..measurement import Measurement
+from ..memory import ProcessMemory
+from ..probes.power import detect_power
+from ..probes.sampler import PowerSampler
+from ..probes.sysfs import Root
+from ..prompts import Prompt
+from ..suite import Suite, SuiteModel, SuitePolicy, SuiteWorkload, read_credentials, workload_prompts
+from .report import _fmt, results_document
+from .runner import BenchOptions, ModelRun, new_record, run_bench
+from .session import _device_facts, _open_for_writing
+
+DEFAULT_REQUESTS = 32  # measured requests per level when the workload gives neither requests nor a duration
+PROMPTS_PER_WORKLOAD = 64  # distinct prompts made per model × workload (requests cycle through them)
+
+
+def suite_policy(config: AgentConfig, suite_dir: Path | None = None) -> SuitePolicy:
+    """What a suite may ask of this device: the ``[suite]`` table, the data directory's ``datasets/`` and
+    ``credentials/``, and — for a suite file the operator gave (``suite_dir``) — the suite's own directory."""
+    s = config.values["suite"]
+    data_dir = Path(config.get("agent", "data_dir"))
+    own = (suite_dir,) if suite_dir is not None else ()
+    model_path = config.get("model", "path")
+    models = [*s["model_dirs"], *own]
+    if model_path is not None:
+        models.append(Path(model_path).parent)
+    return SuitePolicy(
+        dataset_dirs=(*s["dataset_dirs"], data_dir / "datasets", *own),
+        credentials_dirs=(*s["credentials_dirs"], data_dir / "credentials", *own),
+        model_dirs=tuple(models),
+        max_concurrency=s["max_concurrency"],
+        max_rate=s["max_rate"],
+        max_duration_s=int(s["max_duration"]),
+        max_requests=s["max_requests"],
+        max_output_tokens=s["max_output_tokens"],
+    )
+
+
+@dataclass
+class SuiteRequest:
+    suite: Suite
+    config: AgentConfig
+    policy: SuitePolicy
+    output_dir: Path | None = None  # one results document per model × workload × level
+    raw: Path | None = None  # one JSON line per request
+    include_text: bool = True
+    progress: bool | None = None
+    store: Callable[[Measurement], None] | None = None  # durable storage, called as each request finishes
+    should_stop: Callable[[], bool] | None = None
+    engine: LlamaEngine | None = None  # a loaded engine reused for a local model of the same file and settings
+    extra_ext: dict[str, Any] = field(default_factory=dict)  # added to every record's ext (workload, campaign)
+
+
+@dataclass
+class SuiteSession:
+    run_id: str
+    documents: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    measured: list[Measurement] = field(default_factory=list)
+    stopped: bool = False
+
+
+def levels_of(workload: SuiteWorkload) -> list[Level]:
+    """The workload's load levels: closed loop at each concurrency, then open loop at each rate."""
+    requests = workload.requests if workload.requests is not None or workload.duration_s else DEFAULT_REQUESTS
+    common = {"duration_s": workload.duration_s, "requests": requests, "seed": workload.seed}
+    out = [Level(mode="closed", concurrency=c, **common) for c in workload.concurrency]  # type: ignore[arg-type]
+    out += [
+        Level(mode="open", rate=r, arrival=workload.arrival, max_concurrency=workload.max_concurrency, **common)  # type: ignore[arg-type]
+        for r in workload.rates
+    ]
+    return out or [Level(mode="closed", concurrency=1, **common)]  # type: ignore[arg-type]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
+
+
+def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: None) -> SuiteSession:
+    suite, config = request.suite, request.config
+    session = SuiteSession(run_id=str(uuid.uuid4()))
+    device = device_info()
+    root = Root(config.get("probes", "sysfs_root"))
+    device.update(_device_facts(root))
+    raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
+    by_workload: dict[str, list[tuple[SuiteModel, Level, LevelRun | None, dict[str, Any]]]] = {
+        w.name: [] for w in suite.workloads
+    }
+
+    def finished(record: Measurement) -> None:
+        record.ext.update(request.extra_ext)
+        if request.store is not None:
+            request.store(record)
+        if raw_file is not None:
+            raw_file.write(json.dumps(record.to_dict(include_text=request.include_text)) + "\n")
+            raw_file.flush()
+
+    def stopping() -> bool:
+        return request.should_stop is not None and request.should_stop()
+
+    try:
+        for model in suite.models:
+            if stopping():
+                session.stopped = True
+                break
+            runner = _LocalModel if model.kind == "local" else _EndpointModel
+            with runner.open(model, request, status) as target:
+                target.status = status
+                for workload in suite.workloads:
+                    if stopping():
+                        session.stopped = True
+                        break
+                    for level, run, document in target.run_workload(workload, session, finished, device, stopping):
+                        by_workload[workload.name].append((model, level, run, document))
+                        session.documents.append(document)
+                        if request.output_dir is not None:
+                            name = "-".join(
+                                _slug(x) for x in (suite.name, model.name, workload.name, _level_slug(level))
+                            )
+                            path = request.output_dir / f"{name}.json"
+                            with _open_for_writing(path, "--output file") as handle:
+                                json.dump(document, handle, indent=2)
+                                handle.write("\n")
+                            session.written.append(path)
+    finally:
+        if raw_file is not None:
+            raw_file.close()
+    if request.raw:
+        session.written.append(request.raw)
+    for workload in suite.workloads:
+        if by_workload[workload.name]:
+            session.tables.append(workload_table(workload, by_workload[workload.name]))
+    return session
+
+
+def _level_slug(level: Level) -> str:
+    if level.mode == "closed":
+        return f"c{level.concurrency}"
+    return f"r{level.rate:g}-{level.arrival}"
+
+
+class _Target:
+    """One model of the suite, open for the length of its workloads."""
+
+    model: SuiteModel
+    request: SuiteRequest
+    warmed: bool = False
+    status: Callable[[str], None] = staticmethod(lambda _: None)  # type: ignore[assignment]
+
+    def run_workload(
+        self,
+        workload: SuiteWorkload,
+        session: SuiteSession,
+        finished: Callable[[Measurement], None],
+        device: dict[str, Any],
+        stopping: Callable[[], bool],
+    ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
+        raise NotImplementedError
+
+    def _record(self, prompt: Prompt, index: int, warmup: bool, workload: SuiteWorkload, level: Level) -> Measurement:
+        record = new_record(
+            self._engine(),
+            prompt,
+            run_id=self._run_id,
+            device_id=self.request.config.get("agent", "device_id"),
+            prompt_index=index,
+            warmup=warmup,
+            include_text=self.request.include_text,
+            model_name=self.model.name,
+        )
+        suite = self.request.suite
+        record.ext["suite"] = {
+            "name": suite.name,
+            "version": suite.version,
+            "sha256": suite.sha256,
+            "model": self.model.name,
+            "workload": workload.name,
+            "level": level.label,
+        }
+        record.ext["workload"] = workload.name
+        return record
+
+    def _engine(self) -> LlamaEngine | None:
+        return None
+
+    _run_id: str = ""
+
+
+def _document_extras(
+    document: dict[str, Any],
+    suite: Suite,
+    model: SuiteModel,
+    workload: SuiteWorkload,
+    level: Level,
+    run: LevelRun | None,
+    concurrency_run: int,
+    note: str | None,
+    prompt_note: str,
+) -> None:
+    """The suite's own facts on a results document: which suite, workload and level, the load as run."""
+    params = document["configuration"]["test_parameters"]
+    params["concurrency_levels"] = [concurrency_run]
+    load: dict[str, Any] = {"mode": level.mode, "label": level.label}
+    if level.mode == "open":
+        load.update(offered_rate_rps=level.rate, arrival=level.arrival, max_concurrency=level.max_concurrency)
+    else:
+        load["concurrency"] = level.concurrency
+    load.update(duration_s=level.duration_s, requests=level.requests)
+    params["load"] = load
+    params["input_token_range"] = list(workload.input_tokens) if workload.input_tokens else None
+    params["output_token_target"] = workload.output_tokens
+    document["configuration"]["suite"] = {
+        "name": suite.name,
+        "description": suite.description,
+        "version": suite.version,
+        "source": suite.source,
+        "sha256": suite.sha256,
+        "model": model.name,
+        "endpoint": model.endpoint if model.kind == "local" else model.url,
+        "api_type": model.api_type,
+        "workload": workload.name,
+        "dataset": workload.dataset_ref,
+        "prompts": prompt_note,
+        "level": level.label,
+        "note": note,
+    }
+    if run is not None:
+        document["results"]["load"] = {
+            "offered_rate_rps": run.offered_rate,
+            "sent_rate_rps": run.sent_rate,
+            "achieved_rate_rps": run.achieved_rate,
+            "throughput_tokens_per_second": run.throughput_tps,
+            "peak_in_flight": run.peak_in_flight,
+            "wall_seconds": run.wall_s,
+            "latency_slope_ms_per_s": run.latency_slope,
+            "saturated": run.saturated,
+            "saturation_reason": run.saturation_reason,
+            "errors_by_type": run.errors_by_type,
+        }
+
+
+class _LocalModel(_Target):
+    """A GGUF file on the device, through the lens's timed llama.cpp loop (one request at a time)."""
+
+    def __init__(self, model: SuiteModel, request: SuiteRequest, engine: LlamaEngine, owned: bool) -> None:
+        self.model, self.request, self.engine, self.owned = model, request, engine, owned
+        self._run_id = str(uuid.uuid4())
+        probes = request.config.values["probes"]
+        self.root = Root(probes["sysfs_root"])
+        self.sources, self.unavailable = detect_power(self.root, probes["power_source"])
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, model: SuiteModel, request: SuiteRequest, status: Callable[[str], None]) -> Iterator[_LocalModel]:
+        assert model.path is not None
+        settings = replace(EngineSettings.from_config(request.config), **model.settings)  # type: ignore[arg-type]
+        reuse = request.engine
+        if (
+            reuse is not None
+            and reuse.info is not None
+            and Path(reuse.info.path).resolve() == model.path.resolve()
+            and reuse.settings == settings
+        ):
+            engine, owned = reuse, False
+        else:
+            status(f"loading {model.path} …")
+            engine, owned = LlamaEngine.load(model.path, settings), True
+        target = cls(model, request, engine, owned)
+        try:
+            yield target
+        finally:
+            for source in target.sources:
+                source.close()
+            if owned:
+                engine.close()
+
+    def _engine(self) -> LlamaEngine | None:
+        return self.engine
+
+    def _tokenizer(self) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+        engine = self.engine
+
+        def detokenize(ids: list[int]) -> str:
+            return b"".join(engine.piece(i) for i in ids).decode("utf-8", errors="ignore")
+
+        return (lambda text: engine.tokenize(text, add_bos=False)), detokenize
+
+    def run_workload(
+        self,
+        workload: SuiteWorkload,
+        session: SuiteSession,
+        finished: Callable[[Measurement], None],
+        device: dict[str, Any],
+        stopping: Callable[[], bool],
+    ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
+        tokenize, detokenize = self._tokenizer()
+        prompts, prompt_note = workload_prompts(workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize)
+        probes = self.request.config.values["probes"]
+        for level in levels_of(workload):
+            if stopping():
+                session.stopped = True
+                return
+            self.status(f"{self.model.name} · {workload.name} · {level.label} …")
+            note = None
+            if level.mode == "open" or (level.concurrency or 1) > 1:
+                note = (
+                    f"{self.model.name} is a local llama.cpp model: it serves one request at a time, so "
+                    f"'{level.label}' ran as concurrency 1 (closed loop)"
+                )
+                session.notes.append(f"{workload.name}: {note}")
+            warmup = 0 if self.warmed else workload.warmup
+            self.warmed = True
+            runs = level.requests if level.requests is not None else self.request.policy.max_requests
+            options = BenchOptions(
+                runs=runs,
+                warmup=warmup,
+                max_tokens=workload.output_tokens,
+                ignore_eos=True,
+                chat_template=self.request.config.get("bench", "chat_template"),
+                include_text=self.request.include_text,
+            )
+            sampler = PowerSampler(self.sources, rate_hz=probes["sample_rate_hz"])
+            sampler.start()
+            # the level's duration counts from its first measured request (after the warm-up)
+            clock: dict[str, float] = {}
+
+            def make(
+                prompt: Prompt, index: int, warm: bool, _level: Level = level, _clock: dict[str, float] = clock
+            ) -> Measurement:
+                if not warm and "deadline" not in _clock and _level.duration_s:
+                    _clock["deadline"] = time.monotonic() + _level.duration_s
+                record = self._record(prompt, index, warm, workload, _level)
+                record.ext["load"] = {"mode": "closed", "concurrency": 1, "level": _level.label}
+                return record
+
+            def should_stop(_clock: dict[str, float] = clock) -> bool:
+                return stopping() or time.monotonic() >= _clock.get("deadline", math.inf)
+
+            try:
+                run = run_bench(
+                    self.engine,
+                    prompts,
+                    options,
+                    run_id=self._run_id,
+                    device_id=self.request.config.get("agent", "device_id"),
+                    memory=ProcessMemory(),
+                    on_result=finished,
+                    sampler=sampler,
+                    should_stop=should_stop,
+                    model_name=self.model.name,
+                    make_record=make,
+                )
+            finally:
+                sampler.stop()
+            session.measured.extend(run.measured)
+            document = results_document(
+                run,
+                run_id=session.run_id,
+                device=device,
+                options=options,
+                prompt_source=prompt_note,
+                sampler=sampler,
+                power_unavailable=self.unavailable,
+                power_source=probes["power_source"],
+            )
+            _document_extras(document, self.request.suite, self.model, workload, level, None, 1, note, prompt_note)
+            yield level, None, document
+
+
+class _EndpointModel(_Target):
+    """An OpenAI-compatible endpoint, loaded by :mod:`agent.loadgen` at each level."""
+
+    def __init__(self, model: SuiteModel, request: SuiteRequest, client: CloudClient, loop: asyncio.AbstractEventLoop):
+        self.model, self.request, self.client, self.loop = model, request, client, loop
+        self._run_id = str(uuid.uuid4())
+        self.chat = False
+        self.served = model.served_model or ""
+        self.rtt_ms: float | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, model: SuiteModel, request: SuiteRequest, status: Callable[[str], None]) -> Iterator[_EndpointModel]:
+        assert model.url is not None
+        key = read_credentials(model, request.policy, request.suite.source)
+        timeout = float(request.config.get("cloud", "timeout"))
+        settings = CloudSettings(
+            url=model.url.rstrip("/"),
+            model=model.served_model,
+            api_key=key,
+            api_key_header="X-API-Key" if model.auth_type == "api_key" else None,
+            timeout=timeout,
+            api=model.api,
+            api_reason=f"suite {request.suite.source}: api {model.api}",
+        )
+        loop = asyncio.new_event_loop()
+        client = CloudClient(settings)
+        target = cls(model, request, client, loop)
+        try:
+            status(f"connecting to {model.url} …")
+            target._prepare()
+            yield target
+        finally:
+            loop.run_until_complete(client.close())
+            loop.close()
+
+    def _prepare(self) -> None:
+        run = self.loop.run_until_complete
+        try:
+            self.served = run(self.client.model_name())
+        except Exception as exc:
+            raise UsageError(
+                f"{self.request.suite.source}: model {self.model.name!r}: {self.model.url} does not list its models "
+                f'(GET /models: {type(exc).__name__}: {str(exc)[:200]}); name it with the model\'s "model" field'
+            ) from None
+        if self.model.api == "auto":
+            self.chat, _ = run(self.client.choose_api(self.served))
+        else:
+            self.chat = self.model.api == "chat"
+        self.rtt_ms = run(self.client.rtt_ms())
+
+    def _tokenizer(self) -> tuple[Callable[[str], list[int]] | None, Callable[[list[int]], str] | None]:
+        run = self.loop.run_until_complete
+        try:
+            run(self.client.tokenize("hello", False))
+        except Exception:
+            return None, None
+        return (lambda text: run(self.client.tokenize(text, False))), (lambda ids: run(self.client.detokenize(ids)))
+
+    def run_workload(
+        self,
+        workload: SuiteWorkload,
+        session: SuiteSession,
+        finished: Callable[[Measurement], None],
+        device: dict[str, Any],
+        stopping: Callable[[], bool],
+    ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
+        tokenize, detokenize = self._tokenizer() if workload.input_tokens else (None, None)
+        prompts, prompt_note = workload_prompts(workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize)
+        sent = [(p, [{"role": "user", "content": p.text}] if self.chat else p.text) for p in prompts]
+        ignore_eos = self.model.api_type in ("vllm", "custom")
+        extra = {"ignore_eos": True} if ignore_eos else None
+        runs: list[LevelRun] = []
+        results: list[tuple[Level, LevelRun, list[Measurement]]] = []
+        for level in levels_of(workload):
+            if stopping():
+                session.stopped = True
+                break
+            self.status(f"{self.model.name} · {workload.name} · {level.label} …")
+            warmups: list[Measurement] = []
+            if not self.warmed and workload.warmup:
+                warm_level = Level(mode="closed", concurrency=1, requests=workload.warmup, seed=workload.seed)
+                warm = self.loop.run_until_complete(
+                    run_level(
+                        self.client,
+                        warm_level,
+                        sent,
+                        max_tokens=workload.output_tokens,
+                        new_record=lambda i, _l=level: self._record(prompts[i], i, True, workload, _l),
+                        on_result=finished,
+                        should_stop=stopping,
+                        extra=extra,
+                        rtt_ms=self.rtt_ms,
+                    )
+                )
+                warmups = warm.measurements
+            self.warmed = True
+            run = self.loop.run_until_complete(
+                run_level(
+                    self.client,
+                    level,
+                    sent,
+                    max_tokens=workload.output_tokens,
+                    new_record=lambda i, _l=level: self._record(prompts[i], i, False, workload, _l),
+                    on_result=finished,
+                    should_stop=stopping,
+                    extra=extra,
+                    rtt_ms=self.rtt_ms,
+                )
+            )
+            runs.append(run)
+            results.append((level, run, warmups))
+            session.measured.extend(run.measurements)
+        index, reason = saturation(runs) if runs else (None, "")
+        for n, (level, run, warmups) in enumerate(results):
+            model_run = ModelRun(
+                engine=None,
+                measurements=[*warmups, *run.measurements],
+                measured_wall_s=run.wall_s,
+                strategy="cloud",
+            )
+            options = BenchOptions(
+                runs=len(run.measurements),
+                warmup=len(warmups),
+                max_tokens=workload.output_tokens,
+                ignore_eos=ignore_eos,
+                include_text=self.request.include_text,
+            )
+            document = results_document(
+                model_run,
+                run_id=session.run_id,
+                device=device,
+                options=options,
+                prompt_source=prompt_note,
+                cloud={
+                    "url": self.model.url,
+                    "model": self.served,
+                    "api": "chat" if self.chat else "completions",
+                    "api_type": self.model.api_type,
+                    "auth": self.model.auth_type,
+                    "rtt_ms": self.rtt_ms,
+                },
+            )
+            document["configuration"]["model"]["name"] = self.model.name
+            document["configuration"]["model"]["served_model"] = self.served
+            concurrency = level.concurrency if level.mode == "closed" else run.peak_in_flight
+            _document_extras(
+                document, self.request.suite, self.model, workload, level, run, concurrency or 1, None, prompt_note
+            )
+            document["results"]["load"]["saturation_level"] = results[index][0].label if index is not None else None
+            document["results"]["load"]["saturation"] = reason
+            document["results"]["load"]["this_level_saturates"] = index == n
+            yield level, run, document
+
+
+def workload_table(
+    workload: SuiteWorkload, rows: list[tuple[SuiteModel, Level, LevelRun | None, dict[str, Any]]]
+) -> str:
+    """The workload's comparison: one row per model × level (ms unless noted)."""
+    header = (
+        f"{'model':<18}{'level':<22}{'n':>5}{'err':>5}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}"
+        f"{'e2e p95':>10}{'offered':>9}{'achieved':>9}{'tok/s':>8}"
+    )
+    lines = [f"workload {workload.name} (ms unless noted; rates in req/s)", header]
+    saturations: dict[str, str] = {}
+    for model, level, run, doc in rows:
+        res = doc["results"]
+        lat = res["latency_metrics"]
+
+        def p(metric: str, q: str, _lat: dict[str, Any] = lat) -> str:
+            dist = _lat.get(metric)
+            return _fmt(dist[q] if dist else None, 1)
+
+        load = res.get("load") or {}
+        offered = load.get("offered_rate_rps")
+        achieved = load.get("achieved_rate_rps", res["throughput_metrics"]["requests_per_second"])
+        label = level.label if level.mode == "open" or run is not None else f"{level.label} (ran 1)"
+        if run is None and level.mode == "closed" and level.concurrency == 1:
+            label = level.label
+        lines.append(
+            f"{model.name[:17]:<18}{label[:21]:<22}{res['requests']['measured']:>5}"
+            f"{res['error_metrics']['total_errors']:>5}{p('time_to_first_token', 'p50_ms'):>10}"
+            f"{p('time_to_first_token', 'p95_ms'):>10}{p('time_per_output_token', 'p50_ms'):>10}"
+            f"{p('end_to_end_latency', 'p95_ms'):>10}{_fmt(offered, 1):>9}{_fmt(achieved, 2):>9}"
+            f"{res['throughput_metrics']['tokens_per_second']:>8.1f}"
+        )
+        if load.get("saturation"):
+            saturations[model.name] = load["saturation"]
+    for name, reason in saturations.items():
+        lines.append(f"{name}: {reason}")
+    return "\n".join(lines)

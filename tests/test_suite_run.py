@@ -1,0 +1,283 @@
+"""``lens-agent bench --suite`` end to end: a suite document of each shape against real llama.cpp — a local GGUF
+through the lens's own loop, llama.cpp's ``llama-server`` behind bearer auth read from a credentials file — and a
+suite as a scheduled workload of ``lens-agent run``. The document's own checks are in test_suite_parse.py, the load
+generator's in test_loadgen.py."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lens_core import wire
+
+from .processes import free_port
+from .test_bench_cli import check_document, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+AGENT = [sys.executable, "-c", "from agent.cli import main; main()"]
+SECRET = "sk-suite-test-0123456789"
+
+
+def write_prompts(path: Path) -> Path:
+    path.write_text(
+        "\n".join(
+            json.dumps({"id": f"p{i}", "prompt": text})
+            for i, text in enumerate(
+                [
+                    "the cat sat on the mat and looked at the dog",
+                    "a short one",
+                    "tell me about the quick brown fox that jumps over the lazy dog again and again",
+                    "what is the time",
+                    "one two three four five six seven eight nine ten eleven twelve",
+                ]
+            )
+        )
+        + "\n"
+    )
+    return path
+
+
+def agent_config(tmp_path: Path, model: Path, extra: str = "") -> Path:
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+data_dir = "{tmp_path / "data"}"
+device_id = "suite-device"
+[model]
+path = "{model}"
+n_ctx = 256
+n_threads = 1
+[probes]
+idle_baseline = "0"
+power_source = "none"
+{extra}
+""")
+    return config
+
+
+def raw_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_local_gguf_suite_runs_each_level_and_says_what_it_ran_instead(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path, results_schema: dict[str, Any]
+) -> None:
+    write_prompts(tmp_path / "prompts.jsonl")
+    suite = tmp_path / "suite.json"
+    suite.write_text(
+        json.dumps(
+            {
+                "test_suite": {"name": "edge-nightly", "version": "3", "description": "tiny"},
+                "models": [{"name": "tiny", "endpoint": f"file://{tiny_model}"}],
+                "workloads": [
+                    {
+                        "name": "short",
+                        "input_dataset": "prompts.jsonl",
+                        "input_token_range": {"min": 6, "max": 12},
+                        "output_token_target": 6,
+                        "concurrency_levels": [1, 4],
+                        "requests": 3,
+                    }
+                ],
+            }
+        )
+    )
+    out, raw = tmp_path / "out", tmp_path / "requests.jsonl"
+    code, stdout, stderr = run_cli(
+        capsys,
+        "bench",
+        "--config",
+        str(agent_config(tmp_path, tiny_model)),
+        "--suite",
+        str(suite),
+        "--output",
+        str(out),
+        "--raw",
+        str(raw),
+        "--no-progress",
+    )
+    assert code == 0, stderr
+    documents = sorted(out.glob("*.json"))
+    assert [d.name for d in documents] == ["edge-nightly-tiny-short-c1.json", "edge-nightly-tiny-short-c4.json"]
+    for path in documents:
+        doc = json.loads(path.read_text())
+        check_document(doc, results_schema)
+        assert doc["configuration"]["test_parameters"]["concurrency_levels"] == [1]  # what ran, not what was asked
+        assert doc["configuration"]["suite"]["name"] == "edge-nightly"
+        assert doc["configuration"]["test_parameters"]["output_token_target"] == 6
+        assert doc["results"]["requests"]["measured"] == 3
+    asked_four = json.loads(documents[1].read_text())
+    assert "one request at a time" in asked_four["configuration"]["suite"]["note"]
+    assert "ran as concurrency 1" in stderr and "(ran 1)" in stdout
+    assert "workload short" in stdout and stdout.count("tiny ") >= 2
+    records = raw_records(raw)
+    measured = [r for r in records if not r["warmup"]]
+    assert len(measured) == 6
+    for record in measured:
+        assert 6 <= record["input_tokens"] - 1 <= 12 or 6 <= record["input_tokens"] <= 12  # BOS counted by llama.cpp
+        assert record["output_tokens"] == 6  # the target, past end-of-sequence
+        assert record["ext"]["suite"]["workload"] == "short" and record["ext"]["suite"]["sha256"]
+        assert record["ext"]["load"]["concurrency"] == 1
+
+
+def test_an_endpoint_suite_with_bearer_auth_from_a_credentials_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    tiny_model: Path,
+    llama_server_bin: Path,
+    results_schema: dict[str, Any],
+) -> None:
+    from .llama_server import LlamaServerProcess
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "cloud.key").write_text(SECRET + "\n")
+    (creds / "wrong.key").write_text("sk-not-the-key\n")
+    write_prompts(tmp_path / "prompts.jsonl")
+    port = free_port()
+    with LlamaServerProcess(llama_server_bin, tiny_model, port, ["--api-key", SECRET, "--parallel", "2"]):
+        suite = tmp_path / "suite.yaml"
+        suite.write_text(f"""
+test_suite: {{name: cloud-load}}
+models:
+  - name: served
+    endpoint: http://127.0.0.1:{port}/v1
+    api_type: custom
+    auth: {{type: bearer, credentials_path: credentials/cloud.key}}
+workloads:
+  - name: sweep
+    input_dataset: prompts.jsonl
+    input_token_range: {{min: 4, max: 16}}
+    output_token_target: 8
+    concurrency_levels: [1, 2]
+    request_rates: [4]
+    arrival: constant
+    requests: 4
+""")
+        out, raw = tmp_path / "out", tmp_path / "requests.jsonl"
+        code, stdout, stderr = run_cli(
+            capsys,
+            "bench",
+            "--config",
+            str(agent_config(tmp_path, tiny_model)),
+            "--suite",
+            str(suite),
+            "--output",
+            str(out),
+            "--raw",
+            str(raw),
+            "--no-progress",
+        )
+        assert code == 0, stderr
+        docs = {p.stem.rsplit("-", 1)[-1]: json.loads(p.read_text()) for p in out.glob("*.json")}
+        assert len(docs) == 3, list(out.iterdir())
+        for doc in docs.values():
+            check_document(doc, results_schema)
+            assert doc["results"]["error_metrics"]["total_errors"] == 0
+            assert doc["configuration"]["model"]["name"] == "served"
+        by_level = {d["configuration"]["suite"]["level"]: d for d in docs.values()}
+        closed2 = next(d for label, d in by_level.items() if "concurrency 2" in label)
+        assert closed2["configuration"]["test_parameters"]["concurrency_levels"] == [2]
+        open4 = next(d for d in docs.values() if d["configuration"]["test_parameters"]["load"]["mode"] == "open")
+        assert open4["results"]["load"]["offered_rate_rps"] == 4
+        assert open4["configuration"]["test_parameters"]["concurrency_levels"][0] >= 1
+        measured = [r for r in raw_records(raw) if not r["warmup"]]
+        assert len(measured) == 12 and all(r["ok"] and r["output_tokens"] == 8 for r in measured)
+        opened = [r for r in measured if r["ext"]["load"]["mode"] == "open"]
+        assert len(opened) == 4 and all(r["ext"]["load"]["offered_rate_rps"] == 4 for r in opened)
+        assert all(r["ext"]["load"]["scheduled_at"].endswith("Z") for r in opened)
+        assert "workload sweep" in stdout and "saturat" in stdout
+        assert SECRET not in stdout + stderr + raw.read_text()
+
+        # the wrong key: every request is refused by the server, counted by type, and the run exits 1
+        suite.write_text(suite.read_text().replace("cloud.key", "wrong.key").replace("[1, 2]", "[1]"))
+        code, stdout, stderr = run_cli(
+            capsys,
+            "bench",
+            "--config",
+            str(agent_config(tmp_path, tiny_model)),
+            "--suite",
+            str(suite),
+            "--no-progress",
+            "--json",
+        )
+        assert code == 1, stderr
+        documents = json.loads(stdout)
+        assert all(d["results"]["error_metrics"]["errors_by_type"] == {"http_401": 4} for d in documents)
+        assert "no request succeeded" in stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"concurrency": 10**6}, "$.workloads[0].concurrency"),
+        ({"concurrency": "4"}, "$.workloads[0].concurrency"),
+        ({"input_dataset": "/etc/passwd"}, "$.workloads[0].input_dataset"),
+    ],
+)
+def test_a_hostile_suite_is_refused_with_its_json_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path, change: dict[str, Any], where: str
+) -> None:
+    suite = tmp_path / "suite.json"
+    workload = {"name": "w", "output_token_target": 4, **change}
+    suite.write_text(
+        json.dumps(
+            {"test_suite": {}, "models": [{"name": "m", "endpoint": f"file://{tiny_model}"}], "workloads": [workload]}
+        )
+    )
+    code, _, stderr = run_cli(
+        capsys, "bench", "--config", str(agent_config(tmp_path, tiny_model)), "--suite", str(suite)
+    )
+    assert code == 2 and "Traceback" not in stderr
+    assert str(suite) in stderr and where in stderr
+
+
+def test_suite_flags_that_clash_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run_cli(capsys, "bench", "--suite", str(tmp_path / "s.json"), "--runs", "3", "--model", "x")
+    assert code == 2 and "--model, --runs" in stderr
+
+
+def test_a_suite_runs_as_a_scheduled_workload_of_the_service(tmp_path: Path, tiny_model: Path) -> None:
+    write_prompts(tmp_path / "prompts.jsonl")
+    suite = tmp_path / "nightly.json"
+    suite.write_text(
+        json.dumps(
+            {
+                "test_suite": {"name": "nightly"},
+                "models": [{"name": "tiny", "endpoint": f"file://{tiny_model}"}],
+                "workloads": [
+                    {"name": "a", "input_dataset": "prompts.jsonl", "output_token_target": 4, "requests": 2},
+                    {"name": "b", "output_token_target": 3, "requests": 1, "warmup_requests": 0},
+                ],
+            }
+        )
+    )
+    extra = f'[[workloads]]\nname = "suite-run"\nsuite = "{suite}"\nevery = "1h"\njitter = "0"\n'
+    config = agent_config(tmp_path, tiny_model, extra)
+    done = subprocess.run(
+        [*AGENT, "run", "--config", str(config), "--once"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    conn = sqlite3.connect(tmp_path / "data" / "outbox.db")
+    try:
+        rows = conn.execute("SELECT codec, body FROM records ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    records = [wire.loads(bytes(body), codec) for codec, body in rows]
+    inference = [r for r in records if r["kind"] == "inference"]
+    assert [r["ext"]["suite"]["workload"] for r in inference] == ["a", "a", "b"]
+    assert all(r["ext"]["workload"] == "suite-run" and r["ext"]["suite"]["name"] == "nightly" for r in inference)
+
+    # a bad suite stops the start, naming the file and the JSON path
+    suite.write_text(suite.read_text().replace('"requests": 1', '"requests": -1'))
+    done = subprocess.run(
+        [*AGENT, "run", "--config", str(config), "--once"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "$.workloads[1].requests" in done.stderr and str(suite) in done.stderr
+    assert "Traceback" not in done.stderr
