@@ -92,6 +92,9 @@ if [ "$role" = agent ]; then
     for prompts in "$root"/configs/prompts/*; do
         install -D -m 0644 "$prompts" "$stage/usr/share/lens-agent/prompts/$(basename "$prompts")"
     done
+    for suite in "$root"/configs/suites/*; do
+        install -D -m 0644 "$suite" "$stage/usr/share/lens-agent/suites/$(basename "$suite")"
+    done
 else
     install -D -m 0644 "$root/systemd/lens-aggregator.service" "$stage/lib/systemd/system/lens-aggregator.service"
     install -D -m 0644 "$root/configs/aggregator.toml" "$stage/etc/lens-aggregator/aggregator.toml"

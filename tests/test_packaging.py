@@ -119,6 +119,7 @@ def test_package_contents(deb: Path) -> None:
         "./usr/lib/tmpfiles.d/lens-agent-rapl.conf",
         "./usr/share/lens-agent/lens-agent-jetson.conf",
         "./usr/share/lens-agent/prompts/short-chat.jsonl",
+        "./usr/share/lens-agent/suites/edge-smoke.yaml",
         "./usr/share/doc/lens-agent/README.md",
         "/site-packages/llama_cpp/",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -163,6 +164,22 @@ def test_unpacked_cli_runs(unpacked: Path, tiny_model: Path, tmp_path: Path) -> 
     )
     assert bench.returncode == 0, bench.stderr
     assert '"time_to_first_token"' in bench.stdout
+    # the packaged example suite, as its user runs it (the tiny model as the device's model, for speed)
+    suite = subprocess.run(
+        [*run, "bench", "--suite", str(unpacked / "usr/share/lens-agent/suites/edge-smoke.yaml"), "--json"],
+        capture_output=True,
+        text=True,
+        env={
+            **env,
+            "LENS_MODEL_PATH": str(tiny_model),
+            "LENS_MODEL_N_CTX": "512",
+            "LENS_AGENT_DATA_DIR": str(tmp_path),
+        },
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert suite.returncode == 0, suite.stderr
+    assert len(json.loads(suite.stdout)) == 2  # one results document per workload (one level each)
     bundled = subprocess.run(
         [str(python), "-c", "from agent.engines.modelfile import bundled_model_path as b; print(b())"],
         capture_output=True,
