@@ -325,6 +325,7 @@ def load_suite(path: Path, policy: SuitePolicy) -> Suite:
     """The suite at ``path`` (.json / .yaml / .yml), size-capped and checked; SuiteError naming what is wrong."""
     path = Path(path)
     document, data = read_document(path, policy)
+    _check_depth(document, str(path))
     return _parse(
         document,
         source=str(path),
@@ -533,9 +534,11 @@ def _model(c: _Checker, value: object, i: int) -> SuiteModel:
     endpoint = item["endpoint"]
     kind, url, gguf = _endpoint(c, endpoint, f"{path}.endpoint")
     api_type = c.choice(item["api_type"], f"{path}.api_type", API_TYPES) if "api_type" in item else "openai"
+    if kind == "local" and "auth" in item:
+        auth = c.obj(item["auth"], f"{path}.auth", AUTH_KEYS)
+        if auth.get("type", "none") != "none" or "credentials_path" in auth:
+            raise c.fail(f"{path}.auth", auth, "no auth for a local GGUF model (auth applies to endpoints)")
     auth_type, credentials = _auth(c, item.get("auth", MISSING), f"{path}.auth")
-    if kind == "local" and auth_type != "none":
-        raise c.fail(f"{path}.auth.type", auth_type, "'none' for a local GGUF model (auth applies to endpoints)")
     served = c.name(item["model"], f"{path}.model") if "model" in item else None
     api = c.choice(item["api"], f"{path}.api", APIS) if "api" in item else "auto"
     settings: dict[str, int | bool] = {}
@@ -950,9 +953,9 @@ def _cut(
         if take < 1 or start + take > len(ids) or take in tried:
             return None
         tried.add(take)
-        text = detokenize(ids[start : start + take])
-        n = len(tokenize(text)) if text.strip() else 0
-        if low <= n <= high and text.strip():
+        text = detokenize(ids[start : start + take]).strip()  # no stray leading newline; counted as sent
+        n = len(tokenize(text)) if text else 0
+        if low <= n <= high and text:
             return text
         take += (target - n) if n != target else 1
     return None
