@@ -14,6 +14,7 @@ is refused, so a typo (``concurency``) never silently runs a default.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -109,7 +110,10 @@ class SuiteError(UsageError):
     def __init__(self, source: str, path: str, value: object, allowed: str) -> None:
         if _is_secret_path(path):
             value = _HIDDEN
-        shown = _repr.repr(value) if isinstance(value, (dict, list, tuple)) else repr(value)
+        try:
+            shown = _repr.repr(value) if isinstance(value, (dict, list, tuple)) else repr(value)
+        except ValueError:  # an integer past Python's digit limit for str()
+            shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
         if len(shown) > 80:
             shown = shown[:79] + "…"
         self.source = source
@@ -297,6 +301,8 @@ def _parse_text(text: str, source: str, *, yaml_syntax: bool) -> object:
             raise SuiteError(source, "$", "deeper nesting", f"at most {MAX_DEPTH} nested levels") from None
         except _DuplicateKey as exc:
             raise SuiteError(source, "$", f"key {exc.key!r} twice", "each key once per object") from None
+        except ValueError as exc:  # an integer literal past Python's digit limit
+            raise SuiteError(source, "$", str(exc)[:60], "valid JSON with numbers of at most 4300 digits") from None
     import yaml
 
     try:
@@ -314,6 +320,8 @@ def _parse_text(text: str, source: str, *, yaml_syntax: bool) -> object:
         raise SuiteError(source, "$", f"key {exc.key!r} twice (line {exc.line})", "each key once per mapping") from None
     except RecursionError:
         raise SuiteError(source, "$", "deeper nesting", f"at most {MAX_DEPTH} nested levels") from None
+    except ValueError as exc:  # an integer literal past Python's digit limit
+        raise SuiteError(source, "$", str(exc)[:60], "valid YAML with numbers of at most 4300 digits") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -339,18 +347,10 @@ def load_suite(path: Path, policy: SuitePolicy) -> Suite:
 def parse_suite(document: object, *, source: str, base_dir: Path | None, policy: SuitePolicy) -> Suite:
     """Check a parsed suite document (relative paths resolve against ``base_dir``; None: refused)."""
     _check_depth(document, source)
-    try:
-        canonical = json.dumps(document, sort_keys=True, ensure_ascii=False, default=repr).encode("utf-8")
-    except (TypeError, ValueError):
-        canonical = repr(document).encode("utf-8", "replace")
-    return _parse(
-        document,
-        source=source,
-        base_dir=base_dir,
-        policy=policy,
-        sha256=hashlib.sha256(canonical).hexdigest(),
-        default_name="suite",
-    )
+    suite = _parse(document, source=source, base_dir=base_dir, policy=policy, sha256="", default_name="suite")
+    # hashed once checked: an accepted document is plain JSON data (strings, bounded numbers, lists, objects)
+    canonical = json.dumps(document, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return dataclasses.replace(suite, sha256=hashlib.sha256(canonical).hexdigest())
 
 
 def _check_depth(document: object, source: str) -> None:

@@ -471,6 +471,8 @@ def test_file_level_refusals(policy: SuitePolicy, tmp_path: Path) -> None:
         ("deep.json", "[" * 100 + "]" * 100),
         ("deeper.json", "[" * 200_000 + "]" * 200_000),
         ("deep.yaml", "[" * 100 + "]" * 100),
+        ("deeper.yaml", "[" * 200_000 + "]" * 200_000),
+        ("indented.yaml", "a:\n" + "".join(" " * (i + 1) + "-\n" for i in range(100))),
     ):
         path = tmp_path / name
         path.write_text(text)
@@ -487,6 +489,8 @@ def test_file_level_refusals(policy: SuitePolicy, tmp_path: Path) -> None:
         ("two.yaml", "a: 1\n---\nb: 2\n", "valid YAML"),
         ("tagged.yaml", "!!python/object:os.system {}\n", "valid YAML"),
         ("suite.toml", "x = 1\n", ".json, .yaml or .yml"),
+        ("huge.json", '{"test_suite": {"n": ' + "9" * 5000 + "}}", "at most 4300 digits"),
+        ("huge.yaml", "test_suite: {n: " + "9" * 5000 + "}\n", "at most 4300 digits"),
     ):
         path = tmp_path / name
         path.write_text(text)
@@ -525,6 +529,20 @@ def test_long_values_are_shortened(policy: SuitePolicy) -> None:
     text = str(refused(document, policy))
     shown = text.split(": ", 2)[2].split(" is not allowed")[0]
     assert len(shown) == 80 and shown.startswith("'999") and shown.endswith("…")
+
+
+def test_refusals_name_what_is_allowed(policy: SuitePolicy) -> None:
+    document = base_document()
+    document["workloads"][0]["concurency"] = 4
+    text = str(refused(document, policy))
+    assert "did you mean 'concurrency'?" in text and "concurrency_levels" in text and "output_token_target" in text
+    document = base_document()
+    document["workloads"][0]["concurrency"] = 10**5000  # past Python's int-to-text limit: still one clear line
+    exc = refused(document, policy)
+    assert exc.path == "$.workloads[0].concurrency" and "an integer of 16610 bits" in str(exc)
+    document = base_document()
+    document["workloads"][0]["request_rates"] = [1, 1.0]
+    assert "each request rate once" in str(refused(document, policy))
 
 
 # -- credentials ---------------------------------------------------------------------------------------------------
