@@ -108,7 +108,7 @@ class SuiteError(UsageError):
     """A suite document asks for something it may not: the file, the JSON path, the value, what is allowed."""
 
     def __init__(self, source: str, path: str, value: object, allowed: str) -> None:
-        if _is_secret_path(path):
+        if _is_secret_path(path) or _holds_secret(value):
             value = _HIDDEN
         try:
             shown = _repr.repr(value) if isinstance(value, (dict, list, tuple)) else repr(value)
@@ -125,6 +125,19 @@ class SuiteError(UsageError):
 
 def _is_secret_path(path: str) -> bool:
     return re.search(r"\.auth(\.|\[|$)", path) is not None
+
+
+def _holds_secret(value: object, depth: int = 0) -> bool:
+    """Whether a value about to be shown is, or holds, an ``auth`` object or a URL carrying credentials."""
+    if isinstance(value, str):
+        return ("@" in value or "?" in value or "#" in value) and url_has_credentials(value)
+    if depth > 3:
+        return False
+    if isinstance(value, dict):
+        return "auth" in value or any(_holds_secret(v, depth + 1) for v in list(value.values())[:64])
+    if isinstance(value, (list, tuple)):
+        return any(_holds_secret(v, depth + 1) for v in value[:64])
+    return False
 
 
 @dataclass(frozen=True)
@@ -337,7 +350,7 @@ def load_suite(path: Path, policy: SuitePolicy) -> Suite:
     return _parse(
         document,
         source=str(path),
-        base_dir=path.resolve().parent,
+        base_dir=Path(os.path.abspath(path)).parent,
         policy=policy,
         sha256=hashlib.sha256(data).hexdigest(),
         default_name=path.stem,
@@ -580,7 +593,12 @@ def url_has_credentials(text: str) -> bool:
         return "@" in text
     if "@" in parts.netloc:
         return True
-    return any(_SECRET_PARAM.search(name) for name, _ in parse_qsl(parts.query, keep_blank_values=True))
+    for part in (parts.query, parts.fragment):  # a fragment can carry a token too (#access_token=…)
+        if any(_SECRET_PARAM.search(name) for name, _ in parse_qsl(part, keep_blank_values=True)):
+            return True
+        if _SECRET_PARAM.search(unquote(part)):  # names parse_qsl does not split out (a=1;token=…)
+            return True
+    return False
 
 
 def _endpoint(c: _Checker, value: object, path: str) -> tuple[str, str | None, Path | None]:
@@ -606,12 +624,12 @@ def _endpoint(c: _Checker, value: object, path: str) -> tuple[str, str | None, P
         raise c.fail(path, text, f"a valid URL ({exc})") from None
     scheme = parts.scheme.lower()
     if parts.fragment or text.endswith("#"):
-        raise c.fail(path, text, "a URL without a #fragment")
+        raise c.fail(path, text.split("#", 1)[0] + "#…", "a URL without a #fragment")
     if scheme in ("http", "https"):
         if not parts.hostname:
             raise c.fail(path, text, "an http(s) URL with a host: http://host:port/v1")
         if parts.query or text.endswith("?"):
-            raise c.fail(path, text, "a base URL without a query (…/v1)")
+            raise c.fail(path, text.split("?", 1)[0] + "?…", "a base URL without a query (…/v1)")
         if port == 0:
             raise c.fail(path, text, "a port from 1 to 65535")
         base = parts.path.rstrip("/")

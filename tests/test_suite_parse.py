@@ -380,6 +380,8 @@ def test_document_not_an_object(document: object, policy: SuitePolicy) -> None:
         f"https://api.example.org/v1?X-Amz-Signature={SECRET}",
         f"https://api.example.org/v1?PASSWORD={SECRET}",
         f"ftp://user:{SECRET}@h/",
+        f"https://api.example.org/v1?x=1;token={SECRET}",
+        f"https://api.example.org/v1#access_token={SECRET}",
     ],
 )
 def test_credentials_in_the_url_refused_and_never_echoed(url: str, policy: SuitePolicy) -> None:
@@ -390,6 +392,21 @@ def test_credentials_in_the_url_refused_and_never_echoed(url: str, policy: Suite
     assert exc.path == "$.models[0].endpoint"
     assert SECRET not in str(exc) and SECRET not in repr(exc.value) and "'(hidden)'" in str(exc)
     assert "credentials_path" in str(exc)
+
+
+def test_secrets_are_not_echoed_from_misplaced_values(policy: SuitePolicy) -> None:
+    """A credential-carrying URL or an auth object where another type belongs is still not shown."""
+    for mutate, path in (
+        (lambda d: d["models"].__setitem__(1, f"http://u:{SECRET}@h/v1"), "$.models[1]"),
+        (lambda d: d["models"][0].__setitem__("name", [f"https://h/v1?api_key={SECRET}"]), "$.models[0].name"),
+        (lambda d: d.__setitem__("models", {"auth": {"token": SECRET}}), "$.models"),
+        (lambda d: d["models"][0].__setitem__("endpoint", f"http://h/v1?x={SECRET}"), "$.models[0].endpoint"),
+        (lambda d: d["models"][0].__setitem__("endpoint", f"http://h/v1#{SECRET}"), "$.models[0].endpoint"),
+    ):
+        document = base_document()
+        mutate(document)
+        exc = refused(document, policy)
+        assert exc.path == path and SECRET not in str(exc), str(exc)
 
 
 def test_symlinks_are_followed_before_the_directory_check(
@@ -662,6 +679,7 @@ def test_every_accepted_document_is_valid_against_the_seed_schema(document: dict
     except SuiteError as exc:
         assert exc.path.startswith("$")
         assert str(exc).startswith(f"gen.json: {exc.path}: ")
+        assert ":pw@" not in str(exc) and "token=x" not in str(exc)  # the credentials in _ENDPOINTS
         return
     VALIDATOR.validate(document)
     assert suite.models and suite.workloads
