@@ -588,7 +588,15 @@ def test_read_credentials(policy: SuitePolicy, dirs: dict[str, Path]) -> None:
     model = model_with("../creds/key")
     with pytest.raises(SuiteError, match="credentials_dirs"):
         read_credentials(model, SuitePolicy(credentials_dirs=(dirs["data"],)), "s.yaml")
-    # a directory and a missing file
+    # swapped for a symlink pointing out after the suite was parsed
+    swapped = model_with("../creds/swap")
+    (dirs["creds"] / "swap").symlink_to(dirs["outside"] / "secret.txt")
+    with pytest.raises(SuiteError, match="credentials_dirs"):
+        read_credentials(swapped, policy, "s.yaml")
+    # a FIFO (a read would block), a directory and a missing file
+    os.mkfifo(dirs["creds"] / "fifo")
+    with pytest.raises(SuiteError, match="a regular credentials file"):
+        read_credentials(model_with("../creds/fifo"), policy, "s.yaml")
     (dirs["creds"] / "dir").mkdir()
     for name in ("dir", "absent"):
         with pytest.raises(SuiteError) as info:
@@ -767,7 +775,9 @@ def test_prompts_cut_to_a_token_range_by_smollm2(policy: SuitePolicy, dirs: dict
     """SmolLM2's BPE merges across the cut: every prompt is counted again by the same tokenizer."""
     with LlamaEngine.load(smollm2, EngineSettings(n_ctx=512, n_threads=1), compute_sha256=False) as engine:
         tokenize, detokenize = _tokenizers(engine)
-        for low, high in ((1, 3), (17, 19), (60, 64), (300, 300)):
+        lines = (dirs["data"] / "prompts.txt").read_text().splitlines()
+        for low, high in ((1, 3), (4, 8), (17, 19), (60, 64), (300, 300)):
+            in_range = sum(low <= len(tokenize(line)) <= high for line in lines)
             w = _workload(
                 policy,
                 input_dataset=str(dirs["data"] / "prompts.txt"),
@@ -777,6 +787,8 @@ def test_prompts_cut_to_a_token_range_by_smollm2(policy: SuitePolicy, dirs: dict
             prompts, note = workload_prompts(w, 6, tokenize, detokenize)
             counts = [len(tokenize(p.text)) for p in prompts]
             assert all(low <= n <= high for n in counts), (low, high, counts)
-            assert "selected from dataset" in note and "built" in note
+            assert f"{in_range} selected from dataset" in note and f"{6 - in_range} built" in note
             assert all(p.text == p.text.strip() and p.text for p in prompts)
             assert workload_prompts(w, 6, tokenize, detokenize) == (prompts, note)
+            if (low, high) == (4, 8):
+                assert in_range == 2 and [p.text for p in prompts[:2]] == lines
