@@ -697,6 +697,33 @@ def test_every_accepted_document_is_valid_against_the_seed_schema(document: dict
         assert all(math.isfinite(r) and 0 < r <= 500 for r in workload.rates)
 
 
+_VALID_YAML = (
+    "test_suite: {name: s}\nmodels:\n  - {name: a, endpoint: 'http://h:1/v1'}\nworkloads:\n"
+    "  - {name: w, concurrency_levels: [1, 2], requests: 4}\n"
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=200).map(str.encode),
+        st.tuples(st.integers(0, len(_VALID_YAML)), st.text(max_size=8)).map(
+            lambda cut: (_VALID_YAML[: cut[0]] + cut[1] + _VALID_YAML[cut[0] :]).encode()
+        ),
+    ),
+    st.sampled_from([".json", ".yaml"]),
+)
+def test_any_bytes_load_or_are_refused_in_one_line(tmp_path: Path, data: bytes, suffix: str) -> None:
+    """Whatever the file holds, load_suite returns a suite or raises SuiteError: never another exception."""
+    path = tmp_path / f"fuzz{suffix}"
+    path.write_bytes(data)
+    try:
+        load_suite(path, SuitePolicy())
+    except SuiteError as exc:
+        assert str(exc).startswith(f"{path}: $") and "\n" not in str(exc)
+
+
 def test_accepted_documents_are_found_by_the_generator() -> None:
     """The property above is not vacuous: the schema's format check is on, and valid documents are generated."""
     assert not VALIDATOR.is_valid(
