@@ -170,7 +170,7 @@ class SuiteModel:
     credentials_path: Path | None
     served_model: str | None  # extension "model": the name sent in the request body (None: the server's first)
     api: str  # extension "api": auto | chat | completions
-    settings: dict[str, int | bool]  # extension "settings": engine settings (local models only)
+    settings: dict[str, int | bool] = field(hash=False)  # extension "settings" (local models only)
     index: int = field(default=0, compare=False)  # position in $.models (for error paths)
 
     @property

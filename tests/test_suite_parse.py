@@ -156,6 +156,7 @@ def test_extensions_and_normalised_urls(policy: SuitePolicy, dirs: dict[str, Pat
     real = (dirs["models"] / "tiny.gguf").resolve()
     assert [m.path for m in suite.models[3:6]] == [real, real, real]
     assert suite.models[3].settings == {"n_ctx": 512, "flash_attn": False, "n_threads": 2}
+    assert len({*suite.models, *suite.workloads}) == 9  # hashable: usable as keys
     assert (
         suite.models[6].auth_type == "bearer" and suite.models[6].credentials_path == (dirs["creds"] / "key").resolve()
     )
