@@ -682,6 +682,8 @@ def _gguf(c: _Checker, candidate: Path, path: str, text: str) -> Path:
     from .engines.modelfile import check_gguf
 
     try:
+        if candidate.exists() and not candidate.is_dir() and not candidate.is_file():
+            raise c.fail(path, text, "a GGUF model file (a regular file, not a device or FIFO)")
         return check_gguf(candidate)
     except ModelFileError as exc:
         raise c.fail(path, text, f"a GGUF model file ({exc.reason})") from None

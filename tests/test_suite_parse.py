@@ -452,6 +452,9 @@ def test_empty_policy_directories(dirs: dict[str, Path], tmp_path: Path, tiny_mo
     assert refused(document, bare).path == "$.models[1].endpoint"  # relative, and no suite directory
     document["models"][1]["endpoint"] = "gguf:tiny"
     assert "model_dirs" in str(refused(document, bare))
+    os.mkfifo(tmp_path / "fifo.gguf")  # opening it to read the magic would block
+    document["models"][1]["endpoint"] = f"file://{tmp_path / 'fifo.gguf'}"
+    assert "not a device or FIFO" in str(refused(document, bare))
     not_gguf = tmp_path / "fake.gguf"
     not_gguf.write_bytes(b"PK\x03\x04 not a model")
     document["models"][1]["endpoint"] = f"file://{not_gguf}"
