@@ -17,6 +17,7 @@ AGENT_DEPENDENCIES = {
     "psutil": "psutil",
     "tqdm": "tqdm",
     "apscheduler": "apscheduler",
+    "yaml": "pyyaml",
 }
 
 

@@ -27,7 +27,7 @@ from lens_core import wire
 from .netproxy import free_port
 from .processes import ROOT, AggregatorProcess
 
-AGENT_ONLY = {"llama-cpp-python", "gguf", "psutil", "tqdm", "apscheduler"}
+AGENT_ONLY = {"llama-cpp-python", "gguf", "psutil", "tqdm", "apscheduler", "pyyaml"}
 
 
 def _imports(path: Path) -> set[str]:
