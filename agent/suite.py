@@ -142,7 +142,7 @@ def _holds_secret(value: object, depth: int = 0) -> bool:
 
 @dataclass(frozen=True)
 class SuitePolicy:
-    """What a suite may ask of this device. From the agent config's [suite] table (integrator adds the keys)."""
+    """What a suite may ask of this device: the agent's ``[suite]`` table (agent.bench.suite_run.suite_policy)."""
 
     dataset_dirs: tuple[Path, ...] = ()  # a dataset file must resolve (realpath, symlinks followed) inside one
     credentials_dirs: tuple[Path, ...] = ()  # a credentials_path likewise
@@ -156,6 +156,7 @@ class SuitePolicy:
     max_models: int = 16
     max_workloads: int = 32
     max_document_bytes: int = 1 << 20
+    default_model: Path | None = None  # gguf:default: the device's configured model (None: the bundled one)
 
 
 @dataclass(frozen=True)
@@ -654,7 +655,9 @@ def _endpoint(c: _Checker, value: object, path: str) -> tuple[str, str | None, P
         return "local", None, _gguf(c, candidate, path, text)
     if scheme == "gguf":
         ref = text[len("gguf:") :]
-        if ref == "bundled":
+        if ref == "default" and c.policy.default_model is not None:  # the device's own model.path
+            return "local", None, _gguf(c, c.policy.default_model, path, text)
+        if ref in ("bundled", "default"):
             from .engines.modelfile import bundled_model_path
 
             bundled = bundled_model_path()
@@ -664,9 +667,15 @@ def _endpoint(c: _Checker, value: object, path: str) -> tuple[str, str | None, P
                 )
             return "local", None, _gguf(c, bundled, path, text)
         if not _GGUF_NAME.match(ref) or ".." in ref:
-            raise c.fail(path, text, "gguf:bundled or gguf:NAME with NAME a file name (letters, digits, . _ + -)")
+            raise c.fail(
+                path, text, "gguf:default, gguf:bundled or gguf:NAME with NAME a file name (letters, digits, . _ + -)"
+            )
         if not c.policy.model_dirs:
-            raise c.fail(path, text, "gguf:bundled, or gguf:NAME with [suite] model_dirs configured to look NAME up in")
+            raise c.fail(
+                path,
+                text,
+                "gguf:default, gguf:bundled, or gguf:NAME with [suite] model_dirs configured to look it up in",
+            )
         for root in c.policy.model_dirs:
             for candidate_name in (ref, ref + ".gguf"):
                 candidate = Path(root) / candidate_name

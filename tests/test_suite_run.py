@@ -16,7 +16,7 @@ import pytest
 
 from lens_core import wire
 
-from .processes import free_port
+from .netproxy import free_port
 from .test_bench_cli import check_document, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

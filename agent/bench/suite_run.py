@@ -61,6 +61,7 @@ def suite_policy(config: AgentConfig, suite_dir: Path | None = None) -> SuitePol
         max_duration_s=int(s["max_duration"]),
         max_requests=s["max_requests"],
         max_output_tokens=s["max_output_tokens"],
+        default_model=Path(model_path) if model_path is not None else None,
     )
 
 
@@ -311,7 +312,7 @@ class _LocalModel(_Target):
         engine = self.engine
 
         def detokenize(ids: list[int]) -> str:
-            return b"".join(engine.piece(i) for i in ids).decode("utf-8", errors="ignore")
+            return bytes(engine.llm.detokenize(ids)).decode("utf-8", errors="ignore")
 
         return (lambda text: engine.tokenize(text, add_bos=False)), detokenize
 
