@@ -104,6 +104,7 @@ class CloudResult:
     logprobs: dict[str, Any] | None = None
     path: str = "/completions"  # the endpoint asked: /completions or /chat/completions
     server_timings: dict[str, float] | None = None  # the server's own ``timings`` (llama-server), when it sends them
+    stale_retries: int = 0  # sent again after a pooled connection was found closed (CloudClient.retry_stale)
 
     @property
     def ok(self) -> bool:
@@ -172,10 +173,26 @@ def logprob_tokens(logprobs: Any) -> list[str]:
     return list(tokens)
 
 
+async def _mark_reused(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+    """aiohttp trace hook: the request whose ``trace_request_ctx`` is a dict went out on a pooled connection."""
+    if isinstance(context.trace_request_ctx, dict):
+        context.trace_request_ctx["reused"] = True
+
+
 class CloudClient:
     """An aiohttp client for /v1/completions and /v1/chat/completions."""
 
-    def __init__(self, settings: CloudSettings) -> None:
+    def __init__(self, settings: CloudSettings, *, connection_limit: int = 100, retry_stale: bool = False) -> None:
+        # llama.cpp's llama-server closes a connection after a streamed answer although it says keep-alive: a
+        # request sent at once on that pooled connection fails ("Can not write request body", or "Server
+        # disconnected" before any answer). With retry_stale such a request (never seen by the server) is sent
+        # again, its time counted from the first try. The load generator turns it on: its closed-loop workers send
+        # the moment an answer ends, before the server's close has reached the client.
+        self.retry_stale = retry_stale
+        # how many connections the session may hold open at once (aiohttp's pool: requests beyond it wait for a
+        # free connection); 0 means no limit. The default is aiohttp's own; the load generator raises it to its
+        # level (reserve_connections) so that the pool never caps the concurrency it is asked for.
+        self.connection_limit = connection_limit
         # which token-id API the endpoint speaks: "llama-server" (/tokenize, /completion) or "vllm" (/tokenize,
         # /v1/completions with id prompts and prompt_logprobs); set by probe_token_api
         self.token_api = "llama-server"
@@ -184,12 +201,24 @@ class CloudClient:
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None:
+            reuse = aiohttp.TraceConfig()  # tells _post which request went out on a pooled connection
+            reuse.on_connection_reuseconn.append(_mark_reused)
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.connection_limit),
+                trace_configs=[reuse],
                 timeout=aiohttp.ClientTimeout(
                     total=self.settings.timeout, sock_connect=min(10.0, self.settings.timeout)
-                )
+                ),
             )
         return self._session
+
+    async def reserve_connections(self, count: int) -> None:
+        """Make the connection pool hold at least ``count`` connections at once (0: no limit). A session opened with
+        a smaller limit is closed (a new one opens on the next request): call this between requests, not during."""
+        if self.connection_limit == 0 or (count != 0 and count <= self.connection_limit):
+            return
+        self.connection_limit = count
+        await self.close()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -275,7 +304,7 @@ class CloudClient:
         result = CloudResult(start_ns=time.perf_counter_ns(), bytes_up=len(payload), path=path)
         try:
             session = await self.session()
-            async with session.post(self.settings.url + path, data=payload, headers=self._headers()) as response:
+            async with await self._post(session, path, payload, result) as response:
                 result.http_status = response.status
                 if response.status != 200:
                     text = await response.text()
@@ -302,6 +331,23 @@ class CloudClient:
             result.error_type = "connection_error"
             result.error_message = str(exc)
         return result
+
+    async def _post(
+        self, session: aiohttp.ClientSession, path: str, payload: bytes, result: CloudResult
+    ) -> aiohttp.ClientResponse:
+        """POST ``payload``. With ``retry_stale``, a request that went out on a pooled connection and failed before
+        any answer (the server had closed that connection: the write fails, or the connection closes unanswered)
+        is sent again — each time counted in ``result.stale_retries``. A failed connection leaves the pool and a
+        request on a new connection is never sent again, so this ends (at most once per pooled connection)."""
+        url = self.settings.url + path
+        while True:
+            attempt: dict[str, bool] = {}
+            try:
+                return await session.post(url, data=payload, headers=self._headers(), trace_request_ctx=attempt)
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                if not (self.retry_stale and attempt.get("reused")) or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise
+                result.stale_retries += 1
 
     @staticmethod
     def _choice_text(choice: dict[str, Any]) -> str:
