@@ -195,18 +195,19 @@ workloads:
         assert "workload sweep" in stdout and "saturat" in stdout
         assert SECRET not in stdout + stderr + raw.read_text()
 
-        # the wrong key: every request is refused by the server, counted by type, and the run exits 1
+        # the wrong key: refused before any level runs when the endpoint is asked for its models …
         suite.write_text(suite.read_text().replace("cloud.key", "wrong.key").replace("[1, 2]", "[1]"))
-        code, stdout, stderr = run_cli(
-            capsys,
-            "bench",
-            "--config",
-            str(agent_config(tmp_path, tiny_model)),
-            "--suite",
-            str(suite),
-            "--no-progress",
-            "--json",
-        )
+        args = ("bench", "--config", str(agent_config(tmp_path, tiny_model)), "--suite", str(suite), "--no-progress")
+        code, stdout, stderr = run_cli(capsys, *args)
+        assert code == 2 and "GET /models answered HTTP 401" in stderr and "wrong.key" in stderr, stderr
+        assert "sk-not-the-key" not in stderr
+        # … or for its tokenizer when the served model is named …
+        suite.write_text(suite.read_text().replace("api_type: custom", "api_type: custom\n    model: tiny"))
+        code, stdout, stderr = run_cli(capsys, *args)
+        assert code == 2 and "/tokenize answered HTTP 401" in stderr and "wrong.key" in stderr, stderr
+        # … and without a token range, every request is refused by the server, counted by type: exit 1
+        suite.write_text(suite.read_text().replace("input_token_range: {min: 4, max: 16}", ""))
+        code, stdout, stderr = run_cli(capsys, *args, "--json")
         assert code == 1, stderr
         documents = json.loads(stdout)
         assert all(d["results"]["error_metrics"]["errors_by_type"] == {"http_401": 4} for d in documents)

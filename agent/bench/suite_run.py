@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import re
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from ..config import AgentConfig
 from ..device import device_info
 from ..engines.cloud import CloudClient, CloudSettings
 from ..engines.llama import EngineSettings, LlamaEngine
-from ..errors import UsageError
+from ..errors import RequestError, UsageError
 from ..loadgen import Level, LevelRun, run_level, saturation
 from ..measurement import Measurement
 from ..memory import ProcessMemory
@@ -176,7 +179,7 @@ class _Target:
     model: SuiteModel
     request: SuiteRequest
     warmed: bool = False
-    status: Callable[[str], None] = staticmethod(lambda _: None)  # type: ignore[assignment]
+    status: Callable[[str], None] = staticmethod(lambda _: None)
 
     def run_workload(
         self,
@@ -210,6 +213,11 @@ class _Target:
         }
         record.ext["workload"] = workload.name
         return record
+
+    def _record_at(
+        self, prompts: list[Prompt], warmup: bool, workload: SuiteWorkload, level: Level, index: int
+    ) -> Measurement:
+        return self._record(prompts[index], index, warmup, workload, level)
 
     def _engine(self) -> LlamaEngine | None:
         return None
@@ -436,25 +444,50 @@ class _EndpointModel(_Target):
 
     def _prepare(self) -> None:
         run = self.loop.run_until_complete
-        try:
-            self.served = run(self.client.model_name())
-        except Exception as exc:
-            raise UsageError(
-                f"{self.request.suite.source}: model {self.model.name!r}: {self.model.url} does not list its models "
-                f'(GET /models: {type(exc).__name__}: {str(exc)[:200]}); name it with the model\'s "model" field'
-            ) from None
+        if not self.model.served_model:
+            self.served = run(self._listed_model())
         if self.model.api == "auto":
             self.chat, _ = run(self.client.choose_api(self.served))
         else:
             self.chat = self.model.api == "chat"
         self.rtt_ms = run(self.client.rtt_ms())
 
+    async def _listed_model(self) -> str:
+        """The first model the endpoint lists (GET /models), or a UsageError saying what it answered instead."""
+        assert self.model.url is not None
+        where = f"{self.request.suite.source}: model {self.model.name!r}: {self.model.url}"
+        try:
+            session = await self.client.session()
+            async with session.get(self.model.url.rstrip("/") + "/models", headers=self.client._headers()) as answer:
+                status = answer.status
+                data = await answer.json(content_type=None) if status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise UsageError(f"{where}: GET /models failed ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if status in (401, 403):
+            path = self.model.credentials_path
+            whose = f"the credentials in {path}" if path else "a request without credentials"
+            raise UsageError(f"{where}: GET /models answered HTTP {status}: the endpoint refuses {whose}")
+        try:
+            return str(data["data"][0]["id"])  # type: ignore[index]
+        except (TypeError, KeyError, IndexError):
+            raise UsageError(
+                f"{where}: GET /models answered HTTP {status} without a model list; name the model with the "
+                'model\'s "model" field'
+            ) from None
+
     def _tokenizer(self) -> tuple[Callable[[str], list[int]] | None, Callable[[list[int]], str] | None]:
         run = self.loop.run_until_complete
         try:
             run(self.client.tokenize("hello", False))
-        except Exception:
-            return None, None
+        except RequestError as exc:
+            if exc.error_type in ("http_401", "http_403"):
+                path = self.model.credentials_path
+                whose = f"the credentials in {path}" if path else "a request without credentials"
+                raise UsageError(
+                    f"{self.request.suite.source}: model {self.model.name!r}: {self.model.url}: /tokenize answered "
+                    f"HTTP {exc.error_type[5:]}: the endpoint refuses {whose}"
+                ) from None
+            return None, None  # no /tokenize (404, not JSON, …): prompts cannot be fitted to token counts
         return (lambda text: run(self.client.tokenize(text, False))), (lambda ids: run(self.client.detokenize(ids)))
 
     def run_workload(
@@ -486,7 +519,7 @@ class _EndpointModel(_Target):
                         warm_level,
                         sent,
                         max_tokens=workload.output_tokens,
-                        new_record=lambda i, _l=level: self._record(prompts[i], i, True, workload, _l),
+                        new_record=functools.partial(self._record_at, prompts, True, workload, level),
                         on_result=finished,
                         should_stop=stopping,
                         extra=extra,
@@ -501,7 +534,7 @@ class _EndpointModel(_Target):
                     level,
                     sent,
                     max_tokens=workload.output_tokens,
-                    new_record=lambda i, _l=level: self._record(prompts[i], i, False, workload, _l),
+                    new_record=functools.partial(self._record_at, prompts, False, workload, level),
                     on_result=finished,
                     should_stop=stopping,
                     extra=extra,
@@ -585,7 +618,8 @@ def workload_table(
             f"{res['throughput_metrics']['tokens_per_second']:>8.1f}"
         )
         if load.get("saturation"):
-            saturations[model.name] = load["saturation"]
+            at = load.get("saturation_level")
+            saturations[model.name] = f"saturates at {at}: {load['saturation']}" if at else load["saturation"]
     for name, reason in saturations.items():
         lines.append(f"{name}: {reason}")
     return "\n".join(lines)
