@@ -328,6 +328,10 @@ class AgentService:
             except LensError as exc:  # the measuring lock cannot be taken: say why, and try again next time
                 await self._record_skip(name, str(exc))
                 summary = None
+            if summary is not None and summary.get("requests") == 0 and "error" not in summary and self.abort:
+                # stopping while this run waited for its turn (a schedule fired as --once finished, a SIGTERM):
+                # it measured nothing, and the run before it stays what status and --once report
+                summary = None
             if summary is not None:
                 self.runs[name] = summary
                 await self._verify(name, summary)

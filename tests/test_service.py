@@ -336,3 +336,54 @@ def test_aggregator_speaks_the_notify_protocol(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         notify.close()
+
+
+async def test_a_run_that_waited_for_its_turn_while_stopping_keeps_the_last_summary(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A schedule that fires while another run measures waits for its turn; when the service starts stopping
+    meanwhile (--once done, SIGTERM), that run measures nothing — and must not replace the run before it in status
+    and in what --once reports (it did: "cron: FAILED: 0/0 requests ok")."""
+    import asyncio
+
+    from agent.outbox import AsyncOutbox, open_outbox
+    from agent.service import AgentService
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+data_dir = "{tmp_path / "data"}"
+[model]
+path = "{tiny_model}"
+n_ctx = 256
+n_threads = 1
+[probes]
+idle_baseline = "0"
+power_source = "none"
+[gates]
+skip_when_throttled = false
+[[workloads]]
+name = "w"
+every = "1h"
+requests = 1
+max_tokens = 2
+""")
+    service = AgentService(config)
+    service.data_dir.mkdir(parents=True)
+    service.outbox = AsyncOutbox(open_outbox(service.config))
+    workload = service.config.workloads[0]
+    try:
+        await service._load_model()
+        await service.run_workload(workload)
+        first = service.runs["w"]
+        assert first["requests"] == 1 and first["errors"] == 0
+        async with service._measuring:  # another run is measuring
+            waiting = asyncio.create_task(service.run_workload(workload))
+            await asyncio.sleep(0.3)
+            service.abort = True  # … and the service starts stopping
+        await waiting
+        assert service.runs["w"] is first
+    finally:
+        await service.outbox.close()
+        if service.engine is not None:
+            service.engine.close()
