@@ -113,10 +113,21 @@ def test_bench_and_probe_blocks(checkout: Path, env: dict[str, str]) -> None:
         assert (checkout / name).is_file(), name
     assert len(list((checkout / "llmperf").glob("*_summary.json"))) == 1
     last = [m.start() for m in re.finditer(r"^\{$", done.stdout, re.M)][-1]  # the jq line prints the last document
-    ttft = json.loads(done.stdout[last:])
+    ttft, end = json.JSONDecoder().raw_decode(done.stdout[last:])
     assert ttft["sample_count"] == 10  # the jq line: the bare bench's 10 runs, warm-up excluded
     doc = json.loads((checkout / "results.json").read_text())
     assert doc["results"]["requests"]["measured"] == 50
+    # the suite line: the example suite, a table per workload after the jq output, a results document per level
+    suite_out = done.stdout[last + end :]
+    assert "workload short-prompts" in suite_out and "workload long-prompts" in suite_out
+    documents = sorted(p.name for p in (checkout / "suite-results").glob("*.json"))
+    assert documents == [
+        "edge-smoke-device-model-long-prompts-c1.json",
+        "edge-smoke-device-model-short-prompts-c1.json",
+    ]
+    long_run = json.loads((checkout / "suite-results" / documents[0]).read_text())
+    assert long_run["results"]["requests"]["measured"] == 3
+    assert long_run["configuration"]["test_parameters"]["input_tokens"]["mean"] >= 200  # built to the range
 
     done = sh(find(".venv/bin/lens-agent probe "), checkout, env)
     assert "device " in done.stdout and "power " in done.stdout
