@@ -358,6 +358,52 @@ async def test_connection_pool_does_not_cap_concurrency(loopback: Loopback, clie
     assert CloudClient(CloudSettings(url=loopback.url)).connection_limit == 100
 
 
+async def test_a_pooled_connection_the_server_closed_is_retried(loopback: Loopback) -> None:
+    """llama-server closes a connection after a streamed answer although it says keep-alive; a request sent at once
+    on it fails. This server closes every connection it is sent a second request on (the same race, every time):
+    CloudClient alone reports the failure; the load generator sends such a request again on a new connection and
+    counts it. A request that fails on a new connection is never sent again."""
+    seen: dict[int, int] = {}
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        seen[id(transport)] = seen.get(id(transport), 0) + 1
+        if seen[id(transport)] > 1 or (await request.json())["prompt"] == "drop":
+            transport.close()  # closed without an answer
+            return web.Response()
+        return await loopback.completions(request)
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = CloudClient(CloudSettings(url=f"http://127.0.0.1:{port}/v1", timeout=10))
+    try:
+        plain = [await client.complete("x", max_tokens=2) for _ in range(4)]
+        assert [r.ok for r in plain] == [True, False, True, False]  # every reuse fails
+        run = await run_level(
+            client, Level("closed", concurrency=1, requests=6), prompts_of("x"), max_tokens=2, new_record=new_record
+        )
+        assert run.errors_by_type == {}
+        retries = [m.ext["load"]["stale_retries"] for m in run.measurements]
+        assert retries[1:] == [1] * 5  # after the first: each went out on the pooled connection, then again
+        assert client.retry_stale is False  # run_level restores the client's setting
+        dropped = await run_level(
+            client, Level("closed", concurrency=1, requests=3), prompts_of("drop"), max_tokens=2,
+            new_record=new_record,
+        )  # fmt: skip
+        assert dropped.errors_by_type == {"stream_cut": 3}
+        # the first went out on the connection the previous level left in the pool (closed: sent again, on a new
+        # one, which is dropped too); the others on new connections only, never sent twice
+        assert [m.ext["load"]["stale_retries"] for m in dropped.measurements] == [1, 0, 0]
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
 def synthetic_run(level: Level, tps: float, ttft_ms: float, achieved: float, e2e: list[float]) -> LevelRun:
     records = []
     for i, ms in enumerate(e2e):
