@@ -276,7 +276,7 @@ class _Level:
         done_ns = time.perf_counter_ns()
         if self.level.mode == "closed":
             scheduled_ns = result.start_ns  # closed loop: a request is due when it is sent
-        self.last_answer_ns = max(self.last_answer_ns, result.end_ns or done_ns, done_ns)
+        self.last_answer_ns = max(self.last_answer_ns, done_ns)
         self.sent_ns.append(result.start_ns)
         record = self.new_record(prompt_index)
         self.fill(record, result, index, scheduled_ns, concurrency)
