@@ -55,6 +55,8 @@ ACHIEVED_SHARE = 0.9
 SLOPE_SIGMAS = 3.0
 SLOPE_GROWTH_SHARE = 0.5
 SLOPE_MIN_POINTS = 8
+# open loop: the last stretch before a send is waited by yielding to the loop, not by a timer (see _until)
+SPIN_S = 0.002
 # open loop without max_concurrency: connections kept free of the pool for everything else the process opens
 _FD_MARGIN = 64
 
@@ -208,6 +210,17 @@ def least_squares(points: list[tuple[float, float]]) -> tuple[float, float] | No
     return slope, se
 
 
+async def _until(when_ns: int) -> None:
+    """Return at ``when_ns`` (perf_counter). The event loop's timers wake up to ~1 ms late (epoll counts whole
+    milliseconds), which would be send lag of every request at low rates: sleep to ``SPIN_S`` before, then yield
+    to the loop's other work until the time has come."""
+    delay = (when_ns - time.perf_counter_ns()) / 1e9
+    if delay > SPIN_S:
+        await asyncio.sleep(delay - SPIN_S)
+    while time.perf_counter_ns() < when_ns:
+        await asyncio.sleep(0)
+
+
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel what is still running (run_level itself was cancelled, or on_result raised) and let it finish."""
     for task in tasks:
@@ -263,7 +276,7 @@ class _Level:
         done_ns = time.perf_counter_ns()
         if self.level.mode == "closed":
             scheduled_ns = result.start_ns  # closed loop: a request is due when it is sent
-        self.last_answer_ns = max(self.last_answer_ns, result.end_ns or done_ns, done_ns)
+        self.last_answer_ns = max(self.last_answer_ns, done_ns)
         self.sent_ns.append(result.start_ns)
         record = self.new_record(prompt_index)
         self.fill(record, result, index, scheduled_ns, concurrency)
@@ -328,9 +341,7 @@ class _Level:
                 if level.duration_s is not None and offset >= level.duration_s:
                     break
                 scheduled_ns = self.start_ns + round(offset * 1e9)
-                delay = (scheduled_ns - time.perf_counter_ns()) / 1e9
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await _until(scheduled_ns)
                 if should_stop is not None and should_stop():
                     stopped = True
                     break
