@@ -868,7 +868,8 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The app over ``store``. ``triggers``: the configuration's [[triggers]] (``config.tables["triggers"]``);
-    ``clock``: the wall clock (Unix seconds) they are evaluated against (tests move it)."""
+    ``clock``: the wall clock (Unix seconds) they and the campaigns' deadlines are evaluated against (tests move
+    it)."""
     # each request tells the connection guard its headers came (when served through connections.GuardedSite)
     open_files = open_files_limit()
     cap, how = connection_cap(settings.max_connections, open_files)
@@ -938,7 +939,7 @@ def create_app(
         store=store,
         authenticate=_authenticate,
         settings=settings.campaigns,
-        now_us=_now_us,
+        now_us=lambda: int(clock() * 1e6),
     )
     campaigns.add_routes(app)
 
