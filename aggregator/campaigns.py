@@ -688,28 +688,7 @@ EXPORT_FORMATS = ("json", "csv", "parquet", "arrow")
 async def campaign_export(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
     campaign = campaign_id(request.match_info["benchmark_id"])
     fmt = request.rel_url.query.get("format", "json")
-    if fmt not in EXPORT_FORMATS:
-        raise BadRequest(400, "bad_request", f"format={fmt[:40]!r}: one of " + ", ".join(EXPORT_FORMATS), "format")
-
-    def build(store: Store) -> tuple[bytes, str] | None:
-        if store.campaign(campaign) is None:
-            return None
-        levels, _ = campaign_levels_with_class(store, campaign)
-        try:
-            body, content_type = export(levels, fmt)
-            return bytes(body), str(content_type)
-        except LookupError:
-            raise BadRequest(
-                501,
-                "format_unavailable",
-                f"format={fmt} needs pyarrow: pip install 'llm-latency-lens[arrow]'",
-                "format",
-            ) from None
-
-    answer = await context.read(build, context.store)
-    if answer is None:
-        raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
-    body, content_type = answer
+    body, content_type = await context.read(export_rows, context.store, campaign, fmt)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -811,6 +790,83 @@ async def post_job(request: web.Request, context: Context, token: TokenInfo) -> 
     if update.campaign_finished is not None:
         on_campaign_finished(request.app, campaign)
     return web.json_response({"state": update.after})
+
+
+# -- the same operations for the command line (blocking, on the caller's thread) -------------------------------
+def start(store: Store, body: Any, settings: CampaignSettings, subject: str, now: int) -> dict[str, Any]:
+    """What ``POST /api/v1/benchmark/start`` does, for ``lens-aggregator campaign start``: BadRequest on refusal."""
+    request = parse_start(body, settings)
+    if request.callback_url is not None:
+        check_callback_addresses(request.callback_url, settings)
+    active = store.active_campaigns()
+    if active >= settings.max_active:
+        raise BadRequest(
+            429,
+            "too_many_campaigns",
+            f"{active} campaigns are not finished; at most {settings.max_active} (campaigns.max_active)",
+        )
+    devices, skipped = select_devices(store, request.target, settings.max_devices)
+    if not devices:
+        raise BadRequest(400, "no_devices", "no known device matches the target", "$.target", skipped=skipped)
+    row = new_campaign(
+        request, TokenInfo("", subject, "operator", now, None, None), estimate_duration(request.configuration), now
+    )
+    store.add_campaign(row, devices, skipped)
+    return {
+        "benchmark_id": row.id,
+        "status": "pending",
+        "estimated_duration_seconds": row.estimated_duration_s,
+        "devices": devices,
+        "skipped": skipped,
+    }
+
+
+def status(store: Store, text: str) -> dict[str, Any]:
+    campaign = campaign_id(text)
+    row = store.campaign(campaign)
+    if row is None:
+        raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
+    return status_view(row, store.campaign_jobs(campaign))
+
+
+def listing(store: Store, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
+    rows = store.campaigns(limit)
+    counts = store.job_counts([r.id for r in rows])
+    return [summary(r, counts.get(r.id, {})) for r in rows]
+
+
+def cancel(store: Store, text: str, now: int) -> dict[str, Any]:
+    campaign = campaign_id(text)
+    before = store.set_campaign_state(campaign, "cancelled", now)
+    if before is None:
+        raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
+    if before in CAMPAIGN_TERMINAL:
+        raise BadRequest(409, "campaign_finished", f"benchmark {campaign} is {before} already", state=before)
+    return {"benchmark_id": campaign, "status": "cancelled"}
+
+
+def results(store: Store, text: str) -> dict[str, Any]:
+    campaign = campaign_id(text)
+    answer = results_view(store, campaign)
+    if answer is None:
+        raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
+    return answer
+
+
+def export_rows(store: Store, text: str, fmt: str) -> tuple[bytes, str]:
+    campaign = campaign_id(text)
+    if fmt not in EXPORT_FORMATS:
+        raise BadRequest(400, "bad_request", f"format={fmt[:40]!r}: one of " + ", ".join(EXPORT_FORMATS), "format")
+    if store.campaign(campaign) is None:
+        raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
+    levels, _ = campaign_levels_with_class(store, campaign)
+    try:
+        body, content_type = export(levels, fmt)
+    except LookupError:
+        raise BadRequest(
+            501, "format_unavailable", f"format={fmt} needs pyarrow: pip install 'llm-latency-lens[arrow]'", "format"
+        ) from None
+    return bytes(body), str(content_type)
 
 
 async def check_deadlines(app: web.Application) -> list[tuple[str, str]]:

@@ -481,3 +481,51 @@ async def test_store_migrates_from_schema_6(store: Store) -> None:
         assert reopened.campaigns() == [] and reopened.device_jobs("dev-a") == []
     finally:
         reopened.close()
+
+
+async def test_campaign_cli_against_the_servers_database(aiohttp_client: Any, tmp_path: Any, clock: Clock) -> None:
+    """``lens-aggregator campaign …`` on the database a running aggregator serves: what one starts, the other shows."""
+    from click.testing import CliRunner
+
+    from aggregator.cli import cli
+    from lens_core.errors import UsageError
+    from aggregator.store import SQLiteStore
+
+    db = tmp_path / "agg.db"
+    fleet = await make_fleet(aiohttp_client, SQLiteStore(db), clock)
+    suite = tmp_path / "nightly.json"
+    suite.write_text(json.dumps(SUITE))
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        result = runner.invoke(cli, [*args, "--db", str(db)])
+        assert result.exit_code == 0, result.output
+        return result
+
+    def refused(*args: str) -> str:
+        """The one-line error main() prints (exit status 2): a UsageError out of the command."""
+        result = runner.invoke(cli, [*args, "--db", str(db)])
+        assert isinstance(result.exception, UsageError), result.output
+        return str(result.exception)
+
+    started = json.loads(
+        run("campaign", "start", "--suite", str(suite), "--class", "orin-agx", "--device", "ghost", "--json").stdout
+    )
+    campaign = started["benchmark_id"]
+    assert started["devices"] == ["dev-a", "dev-c"] and started["skipped"] == {"ghost": "unknown device"}
+    assert (await fleet.get(f"/api/v1/benchmark/{campaign}/status"))["counts"] == {"queued": 2, "skipped": 1}
+    assert json.loads(run("campaign", "status", campaign, "--json").stdout)["status"] == "pending"
+    assert "dev-c" in run("campaign", "status", campaign).stdout
+    assert [c["benchmark_id"] for c in json.loads(run("campaign", "list", "--json").stdout)] == [campaign]
+    assert json.loads(run("campaign", "results", campaign, "--json").stdout)["format_version"] == "1"
+    assert run("campaign", "export", campaign, "--format", "csv").stdout.startswith("device_id,")
+    assert json.loads(run("campaign", "cancel", campaign, "--json").stdout)["status"] == "cancelled"
+    assert "cancelled already" in refused("campaign", "cancel", campaign)
+    assert "UUID" in refused("campaign", "status", "nope")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**SUITE, "workloads": [{"name": "w", "concurrency": 10**6}]}))
+    assert "$.workloads[0].concurrency" in refused("campaign", "start", "--suite", str(bad), "--all")
+    assert "--device" in refused("campaign", "start", "--suite", str(suite))
+    token = run("token", "add", "--kind", "operator", "ci").stdout.strip()
+    status = await fleet.client.get("/api/v1/benchmark", headers=auth(token))
+    assert status.status == 200 and len(await status.json()) == 1
