@@ -488,8 +488,8 @@ async def test_campaign_cli_against_the_servers_database(aiohttp_client: Any, tm
     from click.testing import CliRunner
 
     from aggregator.cli import cli
-    from lens_core.errors import UsageError
     from aggregator.store import SQLiteStore
+    from lens_core.errors import UsageError
 
     db = tmp_path / "agg.db"
     fleet = await make_fleet(aiohttp_client, SQLiteStore(db), clock)
