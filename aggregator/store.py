@@ -273,7 +273,7 @@ class CampaignSQL:
                 device_id,
             ],
         )
-        if after == "running" and campaign_state == "pending":
+        if campaign_state == "pending":  # its first report: the campaign runs (and may finish just below)
             run(
                 "UPDATE campaigns SET state = 'running', started_us = COALESCE(started_us, ?) WHERE id = ?",
                 [now_us, campaign_id],
@@ -694,17 +694,22 @@ class Store(abc.ABC):
 
     def campaign_levels(self, campaign_id: str, limit: int = 10_000) -> list[dict[str, Any]]:
         """The decoded ``campaign_level`` records of the campaign (wire maps): the newest per device × model ×
-        workload × level, at most ``limit`` in all (each device's newest first)."""
+        workload × level, at most ``limit`` in all (each device's newest first). Only the suite's own models and
+        workloads count, at most 16 levels each: whatever else a device sends under the campaign's id is left out."""
         from .rows import decode_wire
 
         row = self.campaign(campaign_id)
         if row is None:
             return []
+        suite = json.loads(row.configuration)
+        models = {m.get("name") for m in suite.get("models", []) if type(m) is dict}
+        workloads = {w.get("name") for w in suite.get("workloads", []) if type(w) is dict}
         out: list[dict[str, Any]] = []
         for job in self.campaign_jobs(campaign_id):
             if job.state == "skipped" or len(out) >= limit:
                 continue
             seen: set[tuple[Any, ...]] = set()
+            per_pair: dict[tuple[Any, Any], int] = {}
             for stored in self.query_newest(
                 Query(device=job.device_id, kind=CAMPAIGN_LEVEL_KIND, since_us=row.created_us - 86_400_000_000),
                 limit=min(limit - len(out), MAX_LEVELS_PER_DEVICE),
@@ -714,9 +719,16 @@ class Store(abc.ABC):
                 mark = ext.get("campaign") if type(ext) is dict else None
                 if record is None or type(mark) is not dict or mark.get("id") != campaign_id:
                     continue
-                key = (mark.get("model"), mark.get("workload"), json.dumps(mark.get("level"), sort_keys=True))
+                pair = (mark.get("model"), mark.get("workload"))
+                if pair[0] not in models or pair[1] not in workloads:  # not of this suite: a device's say only
+                    continue
+                key = (*pair, json.dumps(mark.get("level"), sort_keys=True))
                 if key in seen:
                     continue
+                levels_of_pair = per_pair.get(pair, 0)
+                if levels_of_pair >= MAX_LEVELS_PER_WORKLOAD:  # more levels than a suite may hold: the newest
+                    continue
+                per_pair[pair] = levels_of_pair + 1
                 seen.add(key)
                 out.append(record)
         return out
@@ -726,7 +738,8 @@ class Store(abc.ABC):
 
 
 CAMPAIGN_LEVEL_KIND = "campaign_level"
-MAX_LEVELS_PER_DEVICE = 16 * 32 * 16  # models × workloads × levels a suite may hold (agent.suite.SuitePolicy)
+MAX_LEVELS_PER_WORKLOAD = 16  # concurrency levels and rates of one workload (agent.suite.SuitePolicy.max_levels)
+MAX_LEVELS_PER_DEVICE = 16 * 32 * MAX_LEVELS_PER_WORKLOAD  # models × workloads × levels a suite may hold
 
 
 def _migrate_v7(db: sqlite_utils.Database) -> None:

@@ -343,7 +343,8 @@ async def test_job_transitions(fleet: Fleet) -> None:
 async def test_campaign_fails_when_no_job_succeeds(fleet: Fleet) -> None:
     campaign = (await fleet.start(target={"devices": ["dev-a"]}))["benchmark_id"]
     assert await fleet.report("dev-a", campaign, state="failed") == {"state": "failed"}
-    assert (await fleet.get(f"/api/v1/benchmark/{campaign}/status"))["status"] == "failed"
+    status = await fleet.get(f"/api/v1/benchmark/{campaign}/status")
+    assert status["status"] == "failed" and status["started_at"] is not None and status["finished_at"] is not None
 
 
 async def test_a_cancelled_running_job_reads_cancelled_in_the_next_ack(fleet: Fleet) -> None:
@@ -429,6 +430,8 @@ async def test_results_and_exports(fleet: Fleet) -> None:
     await fleet.ingest("dev-a", [level_record("dev-a", campaign, "chat", 1, 12.0)])
     await fleet.ingest("dev-a", [level_record("dev-a", campaign, "chat", 2, 20.0)])
     await fleet.ingest("dev-c", [level_record("dev-c", campaign, "chat", 1, 30.0)])
+    # what a device sends under the campaign's id for a workload the suite does not hold is left out
+    await fleet.ingest("dev-c", [level_record("dev-c", campaign, "intruder", n, 1.0) for n in range(1, 40)])
     answer = await fleet.get(f"/api/v1/benchmark/{campaign}/results")
     assert answer["benchmark_id"] == campaign and answer["format_version"] == "1" and answer["status"] == "pending"
     devices = answer["results"]["devices"]
@@ -438,6 +441,8 @@ async def test_results_and_exports(fleet: Fleet) -> None:
         d["results"]["latency_metrics"]["time_to_first_token"]["p50_ms"] for d in devices["dev-a"]["documents"]
     )
     assert ttfts == [12.0, 20.0] and devices["dev-b"]["documents"] == []
+    assert devices["dev-c"]["documents"][0]["results"]["latency_metrics"]["time_to_first_token"]["p50_ms"] == 30.0
+    assert len(devices["dev-c"]["documents"]) == 1 and "pi5" not in answer["results"]["classes"]
     rows = answer["results"]["classes"]["orin-agx"]
     level1 = next(r for r in rows if r["level"] == 1)
     assert level1["devices"] == 2 and level1["ttft_p50_ms"] == 21.0
@@ -454,6 +459,11 @@ async def test_results_and_exports(fleet: Fleet) -> None:
     assert len(table) == 3 and {r["device_class"] for r in table} == {"orin-agx"}
     bad = await fleet.client.get(f"/api/v1/benchmark/{campaign}/export?format=xls", headers=auth(fleet.operator))
     assert bad.status == 400
+    # more levels of one workload than a suite may hold: the newest 16 count
+    await fleet.ingest("dev-b", [level_record("dev-b", campaign, "chat", n, float(n)) for n in range(1, 21)])
+    answer = await fleet.get(f"/api/v1/benchmark/{campaign}/results")
+    assert len(answer["results"]["devices"]["dev-b"]["documents"]) == 16
+    assert len(answer["results"]["classes"]["pi5"]) == 16
 
 
 async def test_store_migrates_from_schema_6(store: Store) -> None:
