@@ -10,6 +10,7 @@ import io
 import json
 import math
 import statistics
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,21 +36,18 @@ def _figure(document: Any, path: tuple[str, ...]) -> float | None:
     return None
 
 
-def _level_key(level: dict[str, Any]) -> tuple[str, str, str]:
-    mark = level.get("ext", {}).get("campaign", {})
-    return str(mark.get("model")), str(mark.get("workload")), json.dumps(mark.get("level"), sort_keys=True)
-
-
-def device_rows(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per device × model × workload × level."""
+def device_rows(levels: Iterable[Any], classes: Mapping[str, str]) -> list[dict[str, Any]]:
+    """One row per device × model × workload × level (records whose ext is not a map are left out)."""
     rows = []
     for level in levels:
+        if type(level) is not dict or type(level.get("ext")) is not dict:
+            continue
         ext = level.get("ext", {})
         mark, document = ext.get("campaign", {}), ext.get("results")
         total = _figure(document, ("error_metrics", "total_errors"))
         row: dict[str, Any] = {
             "device_id": level.get("device_id"),
-            "device_class": level.get("device_class"),
+            "device_class": classes.get(str(level.get("device_id"))) or "unknown",
             "model": mark.get("model"),
             "workload": mark.get("workload"),
             "level": mark.get("level"),
@@ -62,13 +60,14 @@ def device_rows(levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def class_rows(levels: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def class_rows(levels: Iterable[Any], classes: Mapping[str, str]) -> dict[str, list[dict[str, Any]]]:
     """Per device class, a row per model × workload × level: each figure the median over the class's devices,
     ``spread`` its min/median/max."""
     groups: dict[str, dict[tuple[str, str, str], list[dict[str, Any]]]] = {}
-    for level, row in zip(levels, device_rows(levels), strict=True):
-        group = groups.setdefault(str(level.get("device_class") or "unknown"), {})
-        group.setdefault(_level_key(level), []).append(row)
+    for row in device_rows(levels, classes):
+        group = groups.setdefault(str(row["device_class"]), {})
+        key = (str(row["model"]), str(row["workload"]), json.dumps(row["level"], sort_keys=True))
+        group.setdefault(key, []).append(row)
     out: dict[str, list[dict[str, Any]]] = {}
     for device_class, by_level in sorted(groups.items()):
         rows = []
@@ -95,22 +94,26 @@ def class_rows(levels: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def export(levels: list[dict[str, Any]], format: str) -> tuple[bytes, str]:
-    """JSON or CSV only (arrow and parquet need aggregator.campaign_results): (body, content type)."""
-    rows = device_rows(levels)
-    if format == "json":
-        return json.dumps(rows).encode(), "application/json"
-    if format == "csv":
+KEY_COLUMNS = ("device_id", "device_class", "model", "workload", "level", "requests", "errors")
+COLUMNS = (*KEY_COLUMNS, *(name for name, _ in METRICS))
+
+
+def export(
+    levels: Iterable[Any], classes: Mapping[str, str], fmt: str, *, benchmark_id: str | None = None
+) -> tuple[bytes, str]:
+    """JSON or CSV only (arrow and parquet need aggregator.campaign_results: LookupError): (body, content type)."""
+    rows = device_rows(levels, classes)
+    if fmt == "json":
+        body = {"format_version": "1", "benchmark_id": benchmark_id, "columns": list(COLUMNS), "rows": rows}
+        return json.dumps(body, allow_nan=False).encode(), "application/json"
+    if fmt == "csv":
         out = io.StringIO()
-        names = ["device_id", "device_class", "model", "workload", "level", "requests", "errors"] + [
-            name for name, _ in METRICS
-        ]
-        writer = csv.DictWriter(out, names)
+        writer = csv.DictWriter(out, COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "level": json.dumps(row["level"])})
+            writer.writerow(row)
         return out.getvalue().encode(), "text/csv"
-    raise LookupError(format)
+    raise LookupError(fmt)
 
 
 class DocumentError(Exception):

@@ -34,6 +34,7 @@ from aiohttp import web
 
 from lens_core import wire
 
+from .arrow import ArrowUnavailable
 from .health import FACTS_KIND, facts_from_record
 from .metrics import clean_label
 from .rows import decode_wire
@@ -465,16 +466,16 @@ def status_view(row: CampaignRow, jobs: list[JobRow]) -> dict[str, Any]:
 
 def campaign_levels_with_class(
     store: Store, campaign: str, limit: int = 10_000
-) -> tuple[list[dict[str, Any]], dict[str, str | None]]:
-    """The campaign's level records, each with the ``device_class`` of its device's latest facts (what
-    ``class_rows`` and ``export`` group by), and the class of every device with a job."""
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The campaign's level records and the class of each device with a job (from its latest facts; devices
+    without one are left out): what ``class_rows`` and ``export`` group by."""
     levels = store.campaign_levels(campaign, limit)
-    classes: dict[str, str | None] = {}
+    classes: dict[str, str] = {}
     for job in store.campaign_jobs(campaign):
         if job.state != "skipped":
-            classes[job.device_id] = latest_facts(store, job.device_id)[0]
-    for level in levels:
-        level["device_class"] = classes.get(str(level.get("device_id")))
+            device_class = latest_facts(store, job.device_id)[0]
+            if device_class is not None:
+                classes[job.device_id] = device_class
     return levels, classes
 
 
@@ -500,7 +501,7 @@ def results_view(store: Store, campaign: str) -> dict[str, Any] | None:
         "benchmark_id": row.id,
         "format_version": "1",
         "status": row.state,
-        "results": {"devices": devices, "classes": class_rows(levels)},
+        "results": {"devices": devices, "classes": class_rows(levels, classes)},
     }
 
 
@@ -859,10 +860,10 @@ def export_rows(store: Store, text: str, fmt: str) -> tuple[bytes, str]:
         raise BadRequest(400, "bad_request", f"format={fmt[:40]!r}: one of " + ", ".join(EXPORT_FORMATS), "format")
     if store.campaign(campaign) is None:
         raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
-    levels, _ = campaign_levels_with_class(store, campaign)
+    levels, classes = campaign_levels_with_class(store, campaign)
     try:
-        body, content_type = export(levels, fmt)
-    except LookupError:
+        body, content_type = export(levels, classes, fmt, benchmark_id=campaign)
+    except (ArrowUnavailable, LookupError):
         raise BadRequest(
             501, "format_unavailable", f"format={fmt} needs pyarrow: pip install 'llm-latency-lens[arrow]'", "format"
         ) from None

@@ -58,13 +58,13 @@ def facts(device: str) -> dict[str, Any]:
     return record(device, "device_facts", {"device": {"device_class": device_class, "tags": tags}})
 
 
-def level_record(device: str, campaign: str, workload: str, level: int, ttft: float) -> dict[str, Any]:
+def level_record(device: str, campaign: str, workload: str, concurrency: int, ttft: float) -> dict[str, Any]:
     results = {
         "latency_metrics": {
             "time_to_first_token": {"p50_ms": ttft, "p95_ms": ttft * 2},
             "end_to_end_latency": {"p50_ms": 100.0, "p95_ms": 150.0, "sample_count": 4},
         },
-        "throughput_metrics": {"tokens_per_second": 20.0 + level},
+        "throughput_metrics": {"tokens_per_second": 20.0 + concurrency},
         "error_metrics": {"total_errors": 0, "error_rate": 0.0},
     }
     document = {"metadata": {"benchmark_id": str(uuid.uuid4())}, "configuration": {}, "results": results}
@@ -73,7 +73,7 @@ def level_record(device: str, campaign: str, workload: str, level: int, ttft: fl
         "level_run": str(uuid.uuid4()),
         "model": "small",
         "workload": workload,
-        "level": level,
+        "level": f"concurrency {concurrency}",
         "levels_done": 1,
         "levels_total": 2,
     }
@@ -444,14 +444,14 @@ async def test_results_and_exports(fleet: Fleet) -> None:
     assert devices["dev-c"]["documents"][0]["results"]["latency_metrics"]["time_to_first_token"]["p50_ms"] == 30.0
     assert len(devices["dev-c"]["documents"]) == 1 and "pi5" not in answer["results"]["classes"]
     rows = answer["results"]["classes"]["orin-agx"]
-    level1 = next(r for r in rows if r["level"] == 1)
+    level1 = next(r for r in rows if r["level"] == "concurrency 1")
     assert level1["devices"] == 2 and level1["ttft_p50_ms"] == 21.0
     assert level1["spread"]["ttft_p50_ms"] == {"min": 12.0, "median": 21.0, "max": 30.0}
     exported = await fleet.get(f"/api/v1/benchmark/{campaign}/export?format=json")
-    assert sorted((r["device_id"], r["level"], r["ttft_p50_ms"]) for r in exported) == [
-        ("dev-a", 1, 12.0),
-        ("dev-a", 2, 20.0),
-        ("dev-c", 1, 30.0),
+    assert sorted((r["device_id"], r["level"], r["ttft_p50_ms"]) for r in exported["rows"]) == [
+        ("dev-a", "concurrency 1", 12.0),
+        ("dev-a", "concurrency 2", 20.0),
+        ("dev-c", "concurrency 1", 30.0),
     ]
     response = await fleet.client.get(f"/api/v1/benchmark/{campaign}/export?format=csv", headers=auth(fleet.operator))
     assert response.status == 200 and response.headers["Content-Type"].startswith("text/csv")
