@@ -47,6 +47,7 @@ from .store import (
     Query,
     Store,
     TokenInfo,
+    TooManyCampaigns,
 )
 
 log = logging.getLogger("aggregator.campaigns")
@@ -87,6 +88,10 @@ class BadRequest(Exception):
         body["message"] = str(self)
         body.update(self.extra)
         return web.json_response(body, status=self.status)
+
+
+def too_many(exc: TooManyCampaigns) -> BadRequest:
+    return BadRequest(429, "too_many_campaigns", str(exc))
 
 
 def bad(path: str, message: str) -> BadRequest:
@@ -607,17 +612,18 @@ async def start_campaign(request: web.Request, context: Context, token: TokenInf
             None, check_callback_addresses, start.callback_url, context.settings
         )
     active = await context.read(context.store.active_campaigns)
-    if active >= context.settings.max_active:
-        raise BadRequest(
-            429,
-            "too_many_campaigns",
-            f"{active} campaigns are not finished; at most {context.settings.max_active} (campaigns.max_active)",
-        )
+    if active >= context.settings.max_active:  # early: no targeting work for a start that cannot be stored
+        raise too_many(TooManyCampaigns(active, context.settings.max_active))
     devices, skipped = await context.read(select_devices, context.store, start.target, context.settings.max_devices)
     if not devices:
         raise BadRequest(400, "no_devices", "no known device matches the target", "$.target", skipped=skipped)
     row = new_campaign(start, token, estimate_duration(start.configuration), context.now_us())
-    await context.call(context.store.add_campaign, row, devices, skipped)
+    try:
+        await context.call(
+            lambda: context.store.add_campaign(row, devices, skipped, max_active=context.settings.max_active)
+        )
+    except TooManyCampaigns as exc:
+        raise too_many(exc) from None
     log.info("campaign %s (%s) started by %s on %d devices", row.id, row.name, token.subject, len(devices))
     return web.json_response(
         {
@@ -799,20 +805,16 @@ def start(store: Store, body: Any, settings: CampaignSettings, subject: str, now
     request = parse_start(body, settings)
     if request.callback_url is not None:
         check_callback_addresses(request.callback_url, settings)
-    active = store.active_campaigns()
-    if active >= settings.max_active:
-        raise BadRequest(
-            429,
-            "too_many_campaigns",
-            f"{active} campaigns are not finished; at most {settings.max_active} (campaigns.max_active)",
-        )
     devices, skipped = select_devices(store, request.target, settings.max_devices)
     if not devices:
         raise BadRequest(400, "no_devices", "no known device matches the target", "$.target", skipped=skipped)
     row = new_campaign(
         request, TokenInfo("", subject, "operator", now, None, None), estimate_duration(request.configuration), now
     )
-    store.add_campaign(row, devices, skipped)
+    try:
+        store.add_campaign(row, devices, skipped, max_active=settings.max_active)
+    except TooManyCampaigns as exc:
+        raise too_many(exc) from None
     return {
         "benchmark_id": row.id,
         "status": "pending",

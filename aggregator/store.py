@@ -213,12 +213,26 @@ def _job(row: Sequence[Any], *, effective: bool = False) -> JobRow:
 Run = Callable[[str, Sequence[Any]], list[Any]]
 
 
+class TooManyCampaigns(Exception):
+    """``campaigns.max_active`` campaigns are not finished yet."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        self.active, self.limit = active, limit
+        super().__init__(f"{active} campaigns are not finished; at most {limit} (campaigns.max_active)")
+
+
 class CampaignSQL:
     """The campaign statements of both stores, written once: ``run(sql, params)`` executes one statement (``?``
     placeholders) inside the caller's transaction and returns its rows (empty for writes)."""
 
     @staticmethod
-    def add(run: Run, row: CampaignRow, device_ids: Sequence[str], skipped: dict[str, str]) -> None:
+    def add(
+        run: Run, row: CampaignRow, device_ids: Sequence[str], skipped: dict[str, str], max_active: int | None
+    ) -> None:
+        if max_active is not None:  # counted in the inserting transaction: concurrent starts cannot overshoot
+            active = int(run("SELECT COUNT(*) FROM campaigns WHERE state IN ('pending', 'running')", [])[0][0])
+            if active >= max_active:
+                raise TooManyCampaigns(active, max_active)
         marks = ", ".join("?" for _ in CAMPAIGN_COLUMNS)
         run(f"INSERT INTO campaigns ({', '.join(CAMPAIGN_COLUMNS)}) VALUES ({marks})", list(row))
         insert = (
@@ -595,10 +609,12 @@ class Store(abc.ABC):
     def _campaign_read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         """A read with ``?`` placeholders."""
 
-    def add_campaign(self, row: CampaignRow, device_ids: list[str], skipped: dict[str, str]) -> None:
+    def add_campaign(
+        self, row: CampaignRow, device_ids: list[str], skipped: dict[str, str], *, max_active: int | None = None
+    ) -> None:
         """The campaign with a ``queued`` job per targeted device and a ``skipped`` one (with its reason) per
-        device that was named but cannot run it."""
-        self._campaign_write(lambda run: CampaignSQL.add(run, row, device_ids, skipped))
+        device that was named but cannot run it; TooManyCampaigns when ``max_active`` campaigns are unfinished."""
+        self._campaign_write(lambda run: CampaignSQL.add(run, row, device_ids, skipped, max_active))
 
     def campaign(self, campaign_id: str) -> CampaignRow | None:
         rows = self._campaign_read(f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE id = ?", [campaign_id])

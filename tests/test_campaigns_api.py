@@ -414,6 +414,22 @@ async def test_max_active_campaigns(aiohttp_client: Any, store: Store, clock: Cl
     await fleet.start(target={"devices": ["dev-a"]})  # a finished campaign frees its place
 
 
+async def test_concurrent_starts_never_overshoot_max_active(aiohttp_client: Any, store: Store, clock: Clock) -> None:
+    fleet = await make_fleet(aiohttp_client, store, clock, max_active=3)
+
+    async def start() -> int:
+        response = await fleet.client.post(
+            "/api/v1/benchmark/start",
+            json={"configuration": SUITE, "target": {"all": True}},
+            headers=auth(fleet.operator),
+        )
+        return int(response.status)
+
+    statuses = await asyncio.gather(*(start() for _ in range(8)))
+    assert sorted(statuses) == [201] * 3 + [429] * 5
+    assert store.active_campaigns() == 3
+
+
 async def test_max_devices(aiohttp_client: Any, store: Store, clock: Clock) -> None:
     fleet = await make_fleet(aiohttp_client, store, clock, max_devices=2)
     answer = await fleet.start(400, target={"all": True})
