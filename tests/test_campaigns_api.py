@@ -555,3 +555,22 @@ async def test_campaign_cli_against_the_servers_database(aiohttp_client: Any, tm
     token = run("token", "add", "--kind", "operator", "ci").stdout.strip()
     status = await fleet.client.get("/api/v1/benchmark", headers=auth(token))
     assert status.status == 200 and len(await status.json()) == 1
+
+
+def test_every_campaign_command_has_help_and_exit_status_2_on_refusal(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from .test_status_cli import run_aggregator
+
+    for command in ("start", "status", "list", "cancel", "results", "export"):
+        code, out, _ = run_aggregator(capsys, "campaign", command, "--help")
+        assert code == 0 and "Example:" in out, command
+    code, out, _ = run_aggregator(capsys, "token", "add", "--help")
+    assert code == 0 and "--kind operator" in out
+    db = str(tmp_path / "agg.db")
+    code, _, err = run_aggregator(capsys, "campaign", "status", str(uuid.uuid4()), "--db", db)
+    assert code == 2 and "no benchmark" in err
+    suite = tmp_path / "s.yaml"
+    suite.write_text("test_suite: {name: x}\nmodels: 3\nworkloads: []\n")
+    code, _, err = run_aggregator(capsys, "campaign", "start", "--suite", str(suite), "--all", "--db", db)
+    assert code == 2 and "$.models" in err  # PyYAML is installed here: read, then refused naming the field
