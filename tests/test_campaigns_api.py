@@ -574,3 +574,34 @@ def test_every_campaign_command_has_help_and_exit_status_2_on_refusal(
     suite.write_text("test_suite: {name: x}\nmodels: 3\nworkloads: []\n")
     code, _, err = run_aggregator(capsys, "campaign", "start", "--suite", str(suite), "--all", "--db", db)
     assert code == 2 and "$.models" in err  # PyYAML is installed here: read, then refused naming the field
+
+
+async def test_callback_urls_are_checked_at_start(
+    aiohttp_client: Any, store: Store, clock: Clock, tmp_path: Any
+) -> None:
+    secret = tmp_path / "callback.secret"
+    secret.write_text("s3cret")
+    fleet = await make_fleet(aiohttp_client, store, clock, callback_secret_file=secret)
+    for url in ("http://127.0.0.1:9/hook", "http://localhost/hook", "http://[::1]/x", "http://10.1.2.3/x"):
+        answer = await fleet.start(400, target={"all": True}, callback_url=url)
+        assert answer["path"] == "$.callback_url" and "allow_private_callbacks" in answer["message"], url
+    answer = await fleet.start(400, target={"all": True}, callback_url="https://user:pw@ci.example/hook")
+    assert answer["path"] == "$.callback_url" and "pw" not in answer["message"]
+    assert store.campaigns() == []
+
+
+async def test_a_finished_campaign_with_a_callback_is_left_pending_for_the_sender(
+    aiohttp_client: Any, store: Store, clock: Clock, tmp_path: Any
+) -> None:
+    secret = tmp_path / "callback.secret"
+    secret.write_text("s3cret")
+    fleet = await make_fleet(aiohttp_client, store, clock, callback_secret_file=secret, allow_private_callbacks=True)
+    campaign = (await fleet.start(target={"devices": ["dev-a"]}, callback_url="http://127.0.0.1:9/hook"))[
+        "benchmark_id"
+    ]
+    row = store.campaign(campaign)
+    assert row is not None and row.callback_url == "http://127.0.0.1:9/hook" and row.callback_state is None
+    assert await fleet.report("dev-a", campaign, state="succeeded") == {"state": "succeeded"}
+    row = store.campaign(campaign)
+    assert row is not None and row.state == "completed" and row.callback_state == "pending"
+    assert row.callback_attempts == 0 and row.finished_us is not None
