@@ -940,6 +940,7 @@ def create_app(
         authenticate=_authenticate,
         settings=settings.campaigns,
         now_us=lambda: int(clock() * 1e6),
+        bounded=settings.bounded,  # every operator read within server.max_query_seconds (503 past it)
     )
     campaigns.add_routes(app)
 

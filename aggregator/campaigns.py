@@ -543,6 +543,7 @@ class Context:
     authenticate: Callable[[web.Request], Awaitable[TokenInfo | None]]
     settings: CampaignSettings
     now_us: Callable[[], int]
+    bounded: Callable[[Callable[..., Any]], Callable[..., Any]] = lambda fn: fn  # a read's deadline (reads.bounded)
 
 
 CONTEXT = web.AppKey("campaigns", Context)
@@ -614,7 +615,9 @@ async def start_campaign(request: web.Request, context: Context, token: TokenInf
     active = await context.read(context.store.active_campaigns)
     if active >= context.settings.max_active:  # early: no targeting work for a start that cannot be stored
         raise too_many(TooManyCampaigns(active, context.settings.max_active))
-    devices, skipped = await context.read(select_devices, context.store, start.target, context.settings.max_devices)
+    devices, skipped = await context.read(
+        context.bounded(select_devices), context.store, start.target, context.settings.max_devices
+    )
     if not devices:
         raise BadRequest(400, "no_devices", "no known device matches the target", "$.target", skipped=skipped)
     row = new_campaign(start, token, estimate_duration(start.configuration), context.now_us())
@@ -644,7 +647,7 @@ async def _campaign(context: Context, request: web.Request) -> tuple[CampaignRow
         row = store.campaign(campaign)
         return row, store.campaign_jobs(campaign) if row is not None else []
 
-    row, jobs = await context.read(both, context.store)
+    row, jobs = await context.read(context.bounded(both), context.store)
     if row is None:
         raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
     return row, jobs
@@ -663,7 +666,7 @@ async def list_campaigns(request: web.Request, context: Context, token: TokenInf
         counts = store.job_counts([r.id for r in rows])
         return [summary(r, counts.get(r.id, {})) for r in rows]
 
-    return web.json_response(await context.read(build, context.store))
+    return web.json_response(await context.read(context.bounded(build), context.store))
 
 
 @operator
@@ -682,7 +685,7 @@ async def cancel_campaign(request: web.Request, context: Context, token: TokenIn
 @operator
 async def campaign_results(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
     campaign = campaign_id(request.match_info["benchmark_id"])
-    answer = await context.read(results_view, context.store, campaign)
+    answer = await context.read(context.bounded(results_view), context.store, campaign)
     if answer is None:
         raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
     return web.json_response(answer)
@@ -695,7 +698,7 @@ EXPORT_FORMATS = ("json", "csv", "parquet", "arrow")
 async def campaign_export(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
     campaign = campaign_id(request.match_info["benchmark_id"])
     fmt = request.rel_url.query.get("format", "json")
-    body, content_type = await context.read(export_rows, context.store, campaign, fmt)
+    body, content_type = await context.read(context.bounded(export_rows), context.store, campaign, fmt)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -728,7 +731,7 @@ async def get_job(request: web.Request, context: Context, token: TokenInfo) -> w
             "state": job.state,
         }
 
-    answer = await context.read(build, context.store)
+    answer = await context.read(context.bounded(build), context.store)
     if answer is None:
         raise BadRequest(404, "no_such_job", f"device {device_id} has no job in benchmark {campaign}")
     return web.json_response(answer)

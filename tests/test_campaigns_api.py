@@ -605,3 +605,15 @@ async def test_a_finished_campaign_with_a_callback_is_left_pending_for_the_sende
     row = store.campaign(campaign)
     assert row is not None and row.state == "completed" and row.callback_state == "pending"
     assert row.callback_attempts == 0 and row.finished_us is not None
+
+
+async def test_targeting_is_bounded_by_the_reads_deadline(fleet: Fleet) -> None:
+    """Targeting by class reads each known device's latest facts: all of it within server.max_query_seconds."""
+    from aggregator import reads
+    from aggregator.store import QueryTimeout
+
+    late = reads.bounded(campaigns.select_devices, 0.0, 100)
+    with pytest.raises(QueryTimeout):
+        late(fleet.store, {"classes": ["orin-agx"]}, 10)
+    in_time = reads.bounded(campaigns.select_devices, 30.0, 100)
+    assert in_time(fleet.store, {"classes": ["orin-agx"]}, 10) == (["dev-a", "dev-c"], {})
