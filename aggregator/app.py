@@ -24,7 +24,7 @@ from aiohttp import web
 
 from lens_core import wire
 
-from . import __version__, api, feedback, reads, regressions, timeline
+from . import __version__, api, campaigns, feedback, reads, regressions, timeline
 from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, connection_cap, open_files_limit
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
@@ -74,6 +74,7 @@ class Settings:
     max_subscribers: int = 100  # open /api/v1/stream clients; beyond: 503 with Retry-After
     max_event_bytes: int = 64 * 1024  # a live update with a larger fleet row becomes a refetch notice
     max_unsent_bytes: int = 256 * 1024**2  # answers written, not yet taken: beyond, the largest holders are closed
+    campaigns: campaigns.CampaignSettings = field(default_factory=campaigns.CampaignSettings)  # docs/campaigns.md
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -112,6 +113,7 @@ class Settings:
             max_subscribers=server["max_subscribers"],
             max_event_bytes=server["max_event_bytes"],
             max_unsent_bytes=server["max_unsent_bytes"],
+            campaigns=campaigns.CampaignSettings.from_config(config),
         )
 
     def health(self, metric_folds: Callable[[str], dict[str, Any] | None] | None = None) -> Health:
@@ -394,6 +396,13 @@ async def ingest(request: web.Request) -> web.Response:
     advice = app[FEEDBACK].for_device(batch.device_id)  # from the cache: nothing is computed on the ingest path
     if advice:
         ack["recommendations"] = advice
+    try:  # the device's active benchmark jobs (docs/campaigns.md): one indexed query, nothing heavy in the ack
+        jobs = await runner.call(campaigns.ack_jobs, runner.store, batch.device_id)
+    except QueryTimeout as exc:  # the batch is stored: acknowledge it; the jobs ride on the next ack
+        log.warning("ack for %s without its jobs (%s)", batch.device_id, exc)
+        jobs = []
+    if jobs:
+        ack["jobs"] = jobs
     return web.json_response(ack)
 
 
@@ -859,7 +868,8 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The app over ``store``. ``triggers``: the configuration's [[triggers]] (``config.tables["triggers"]``);
-    ``clock``: the wall clock (Unix seconds) they are evaluated against (tests move it)."""
+    ``clock``: the wall clock (Unix seconds) they and the campaigns' deadlines are evaluated against (tests move
+    it)."""
     # each request tells the connection guard its headers came (when served through connections.GuardedSite)
     open_files = open_files_limit()
     cap, how = connection_cap(settings.max_connections, open_files)
@@ -923,6 +933,16 @@ def create_app(
     app.router.add_get("/device/{device_id}", device_page)
     app.router.add_get("/api/v1/devices/{device_id}/timeline", device_timeline)
     app.router.add_get("/static/{name}", static_file)
+    app[campaigns.CONTEXT] = campaigns.Context(
+        call=runner.call,
+        read=runner.read,
+        store=store,
+        authenticate=_authenticate,
+        settings=settings.campaigns,
+        now_us=lambda: int(clock() * 1e6),
+        bounded=settings.bounded,  # every operator read within server.max_query_seconds (503 past it)
+    )
+    campaigns.add_routes(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         for device in await runner.call(store.devices):  # device gauges survive a restart of the aggregator
@@ -980,6 +1000,9 @@ def create_app(
         watcher = asyncio.create_task(every(settings.regression_interval_s, refresh_regressions, "regressions"))
         feedback_task = asyncio.create_task(every(settings.feedback_interval_s, refresh_feedback, "feedback"))
         trigger_task = asyncio.create_task(watch_triggers())
+        deadline_task = asyncio.create_task(
+            every(settings.campaigns.check_interval_s, campaigns.check_deadlines, "campaign deadlines")
+        )
         forwarder = None
         if settings.otlp is not None:
             forwarder = Forwarder(store, settings.otlp)
@@ -994,6 +1017,7 @@ def create_app(
         watcher.cancel()
         feedback_task.cancel()
         trigger_task.cancel()
+        deadline_task.cancel()
         publishing: set[asyncio.Task[None]] = app[PUBLISHING]
         for task in list(publishing):
             task.cancel()

@@ -14,6 +14,7 @@ import sqlite3
 import ssl
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -242,12 +243,20 @@ def _agent_settings(device_id: str, db: str, url: str | None, tls: bool) -> str:
 @db_option
 @click.option("--read", "read_token", is_flag=True, help="A read token named SUBJECT instead of a device token.")
 @click.option(
+    "--kind",
+    type=click.Choice(["device", "read", "operator"]),
+    help="The token's kind: device (uploads; the default), read (dashboards, scripts) or operator (benchmark "
+    "campaigns: start, read, cancel). --read is --kind read.",
+)
+@click.option(
     "--url",
     help="The aggregator's URL as the device reaches it, for the agent settings printed on stderr.  "
     "[default: a placeholder]",
 )
 @click.argument("subject")
-def token_add(config_path: Path | None, db: str | None, read_token: bool, url: str | None, subject: str) -> None:
+def token_add(
+    config_path: Path | None, db: str | None, read_token: bool, kind: str | None, url: str | None, subject: str
+) -> None:
     """Create a token for device SUBJECT and print it once on stdout; only its hash is stored.
 
     For a device token, the agent-side settings to paste (device_id, sync.url, token_file, allow_http or
@@ -257,17 +266,21 @@ def token_add(config_path: Path | None, db: str | None, read_token: bool, url: s
     Example:
         lens-aggregator token add orin-017 --db aggregator.db --url https://aggregator.example:8443 > orin-017.token
         lens-aggregator token add --read grafana --db aggregator.db
+        lens-aggregator token add --kind operator ci-bench --db aggregator.db > ci-bench.token
     """
-    _check_subject("read-token name" if read_token else "device id", subject)
+    if read_token and kind not in (None, "read"):
+        raise UsageError(f"--read and --kind {kind} ask for different kinds: give one")
+    kind = "read" if read_token else (kind or "device")
+    _check_subject("device id" if kind == "device" else f"{kind}-token name", subject)
     if url is not None and not url.startswith(("http://", "https://")):
         raise UsageError(f"--url {json.dumps(url)} is not allowed: expected http://HOST:PORT or https://HOST:PORT")
     config = _config(config_path, db)
     store = _open_store(config)
     try:
-        click.echo(store.add_token(subject, "read" if read_token else "device", _now_us()))
+        click.echo(store.add_token(subject, kind, _now_us()))
     finally:
         store.close()
-    if not read_token:
+    if kind == "device":
         tls = bool(config.get("server", "tls_cert"))
         click.echo(_agent_settings(subject, str(config.get("storage", "db")), url, tls), err=True)
 
@@ -308,7 +321,7 @@ def token_list(config_path: Path | None, db: str | None, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        click.echo(f"{r['token_id']}  {r['kind']:<6}  {r['subject']:<24}  {r['created']}  {r['state']}")
+        click.echo(f"{r['token_id']}  {r['kind']:<8}  {r['subject']:<24}  {r['created']}  {r['state']}")
 
 
 @token.command("revoke")
@@ -521,6 +534,275 @@ def feedback_command(
     for doc in answer["documents"]:
         for line in feedback.describe(doc):
             click.echo(line)
+
+
+@cli.group()
+def campaign() -> None:
+    """Benchmark campaigns: a suite pushed to devices, run by each when it syncs (docs/campaigns.md)."""
+
+
+def _campaign_call(config_path: Path | None, db: str | None, fn: Any, *args: Any) -> Any:
+    """``fn(store, config, *args)`` on the configured store, a refusal as a one-line error."""
+    from .campaigns import BadRequest
+
+    config = _config(config_path, db)
+    store = _open_store(config)
+    try:
+        return fn(store, config, *args)
+    except BadRequest as exc:
+        raise UsageError(
+            str(exc) if exc.path is None or str(exc).startswith(exc.path) else f"{exc.path}: {exc}"
+        ) from None
+    except QueryTimeout as exc:
+        raise LensError(str(exc)) from None
+    finally:
+        store.close()
+
+
+def _read_suite(path: Path) -> Any:
+    """A suite file as a document: JSON, or YAML when PyYAML is installed."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--suite {path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > 1024**2:
+        raise UsageError(f"--suite {path}: {len(data)} bytes; a campaign's suite is at most 1 MiB")
+    text = data.decode("utf-8", errors="replace")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UsageError(
+                f"--suite {path}: a YAML file needs PyYAML (pip install pyyaml); or give it as JSON"
+            ) from None
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--suite {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--suite {path}: not valid JSON ({exc}); a .yaml/.yml file is read as YAML") from None
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+@campaign.command("start")
+@verbose_option
+@config_option
+@db_option
+@click.option(
+    "--suite", "suite_path", required=True, type=click.Path(path_type=Path), help="Suite file (.json, .yaml)."
+)
+@click.option("--device", "devices", multiple=True, help="A device id (repeat for more).")
+@click.option("--class", "classes", multiple=True, help="Every device of this device class (repeat for more).")
+@click.option("--tag", "tags", multiple=True, help="Every device carrying this tag (repeat for more).")
+@click.option("--all", "everyone", is_flag=True, help="Every device the store knows.")
+@click.option("--deadline", default="24h", show_default=True, help="Jobs not finished by then time out (1m … 7d).")
+@click.option("--callback", "callback_url", help="POSTed (signed) when the campaign finishes.")
+@click.option("--name", help="The campaign's name.  [default: the suite's test_suite.name]")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts (what POST /api/v1/benchmark/start answers).")
+def campaign_start(
+    config_path: Path | None,
+    db: str | None,
+    suite_path: Path,
+    devices: tuple[str, ...],
+    classes: tuple[str, ...],
+    tags: tuple[str, ...],
+    everyone: bool,
+    deadline: str,
+    callback_url: str | None,
+    name: str | None,
+    as_json: bool,
+) -> None:
+    """Start a campaign: the suite goes to the targeted devices with their next acknowledgement.
+
+    The targets are a snapshot of the devices the store knows now (class and tags from their latest facts); a
+    named device the store does not know is skipped.
+
+    \b
+    Example:
+        lens-aggregator campaign start --suite nightly.json --class orin-agx --deadline 12h
+        lens-aggregator campaign start --suite nightly.yaml --device orin-017 --device orin-018 --json
+    """
+    from lens_core.config import Invalid, parse_duration
+
+    from .campaigns import CampaignSettings
+    from .campaigns import start as start_campaign
+
+    try:
+        seconds = int(parse_duration(deadline))
+    except Invalid as exc:
+        raise UsageError(f"--deadline {deadline!r}: {exc} (such as 24h, 90m)") from None
+    target: dict[str, Any] = {}
+    if devices:
+        target["devices"] = list(devices)
+    if classes:
+        target["classes"] = list(classes)
+    if tags:
+        target["tags"] = list(tags)
+    if everyone:
+        target["all"] = True
+    if not target:
+        raise UsageError("name the devices: --device ID, --class CLASS, --tag TAG or --all")
+    body: dict[str, Any] = {"configuration": _read_suite(suite_path), "target": target, "deadline_seconds": seconds}
+    if callback_url is not None:
+        body["callback_url"] = callback_url
+    if name is not None:
+        body["name"] = name
+
+    def run(store: Store, config: Config) -> dict[str, Any]:
+        return start_campaign(store, body, CampaignSettings.from_config(config), "cli", _now_us())
+
+    answer = _campaign_call(config_path, db, run)
+    if as_json:
+        _echo_json(answer)
+        return
+    click.echo(answer["benchmark_id"])
+    click.echo(f"{len(answer['devices'])} devices: {', '.join(answer['devices'])}", err=True)
+    for device, reason in answer["skipped"].items():
+        click.echo(f"skipped {device}: {reason}", err=True)
+
+
+@campaign.command("status")
+@verbose_option
+@config_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="JSON (what GET /api/v1/benchmark/ID/status answers).")
+@click.argument("benchmark_id")
+def campaign_status(config_path: Path | None, db: str | None, as_json: bool, benchmark_id: str) -> None:
+    """A campaign's state, progress and each device's job.
+
+    \b
+    Example:
+        lens-aggregator campaign status 0b6c…-…
+    """
+    from .campaigns import status
+
+    answer = _campaign_call(config_path, db, lambda store, config: status(store, benchmark_id))
+    if as_json:
+        _echo_json(answer)
+        return
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(answer["counts"].items()))
+    click.echo(f"{answer['name']}  {answer['status']}  {answer['progress_percent']:g}%  ({counts})")
+    click.echo(f"created {answer['created_at']}  deadline {answer['deadline']}")
+    for device, job in answer["devices"].items():
+        reason = f"  {job['reason']}" if job["reason"] else ""
+        click.echo(f"  {device:<24} {job['state']:<10} {job['progress_percent']:>5.1f}%{reason}")
+
+
+@campaign.command("list")
+@verbose_option
+@config_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="JSON (what GET /api/v1/benchmark answers).")
+def campaign_list(config_path: Path | None, db: str | None, as_json: bool) -> None:
+    """The newest 100 campaigns, newest first.
+
+    \b
+    Example:
+        lens-aggregator campaign list
+    """
+    from .campaigns import listing
+
+    answer = _campaign_call(config_path, db, lambda store, config: listing(store))
+    if as_json:
+        _echo_json(answer)
+        return
+    if not answer:
+        click.echo("no campaigns (lens-aggregator campaign start --suite FILE --all)")
+    for row in answer:
+        click.echo(
+            f"{row['benchmark_id']}  {row['status']:<9}  {row['progress_percent']:>5.1f}%  {row['created_at']}  "
+            f"{row['name']}"
+        )
+
+
+@campaign.command("cancel")
+@verbose_option
+@config_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+@click.argument("benchmark_id")
+def campaign_cancel(config_path: Path | None, db: str | None, as_json: bool, benchmark_id: str) -> None:
+    """Cancel a campaign: queued jobs at once, running ones when their device next syncs.
+
+    \b
+    Example:
+        lens-aggregator campaign cancel 0b6c…-…
+    """
+    from .campaigns import cancel
+
+    answer = _campaign_call(config_path, db, lambda store, config: cancel(store, benchmark_id, _now_us()))
+    if as_json:
+        _echo_json(answer)
+    else:
+        click.echo(f"{answer['benchmark_id']} cancelled")
+
+
+@campaign.command("results")
+@verbose_option
+@config_option
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="JSON (what GET /api/v1/benchmark/ID/results answers).")
+@click.argument("benchmark_id")
+def campaign_results(config_path: Path | None, db: str | None, as_json: bool, benchmark_id: str) -> None:
+    """A campaign's results: per device its results documents, per device class the comparison table.
+
+    \b
+    Example:
+        lens-aggregator campaign results 0b6c…-… --json > results.json
+    """
+    from .campaigns import results
+
+    answer = _campaign_call(config_path, db, lambda store, config: results(store, benchmark_id))
+    if as_json:
+        _echo_json(answer)
+        return
+    click.echo(f"{answer['benchmark_id']}  {answer['status']}")
+    for device, entry in answer["results"]["devices"].items():
+        click.echo(
+            f"  {device:<24} {entry['device_class'] or '-':<16} {entry['state']:<10} {len(entry['documents'])} levels"
+        )
+    for device_class, rows in answer["results"]["classes"].items():
+        click.echo(f"class {device_class}:")
+        for row in rows:
+            click.echo(
+                f"  {row['model']} / {row['workload']} / {row['level']}: {row['devices']} devices, "
+                f"TTFT p50 {row['ttft_p50_ms']} ms, {row['tokens_per_second']} tok/s"
+            )
+
+
+@campaign.command("export")
+@verbose_option
+@config_option
+@db_option
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "csv", "parquet", "arrow"]), default="csv", show_default=True
+)
+@click.option("--output", type=click.Path(path_type=Path), help="Write to this file.  [default: stdout]")
+@click.argument("benchmark_id")
+def campaign_export(config_path: Path | None, db: str | None, fmt: str, output: Path | None, benchmark_id: str) -> None:
+    """One row per device × model × workload × level.
+
+    \b
+    Example:
+        lens-aggregator campaign export 0b6c…-… --format parquet --output nightly.parquet
+    """
+    from .campaigns import export_rows
+
+    body, _ = _campaign_call(config_path, db, lambda store, config: export_rows(store, benchmark_id, fmt))
+    if output is not None:
+        try:
+            output.write_bytes(body)
+        except OSError as exc:
+            raise UsageError(f"--output {output}: cannot be written ({exc.strerror or exc})") from None
+        return
+    if fmt in ("parquet", "arrow"):
+        raise UsageError(f"--format {fmt} is binary: give --output FILE")
+    click.echo(body.decode("utf-8"), nl=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from lens_core.config import (
     Invalid,
     KeySpec,
     Schema,
+    boolean,
     const,
     duration_or_zero,
     int_range,
@@ -176,6 +177,36 @@ SCHEMA: Schema = {
         ),
         "feedback_min_improvement": KeySpec(
             number_range(0.0, 10.0), const(0.05), "relative improvement of the median a recommendation needs"
+        ),
+    },
+    # benchmark campaigns pushed to devices (docs/campaigns.md)
+    "campaigns": {
+        "max_active": KeySpec(
+            int_range(1, 10_000),
+            const(100),
+            "campaigns not yet finished at once (pending or running); a start beyond it is refused (429)",
+        ),
+        "max_devices": KeySpec(
+            int_range(1, 1_000_000), const(10_000), "devices one campaign may target; a start beyond it is refused"
+        ),
+        "check_interval": KeySpec(
+            parse_duration,
+            const(10.0),
+            "how often jobs past their campaign's deadline are marked timed_out and finished campaigns closed",
+        ),
+        "callback_secret_file": KeySpec(
+            optional(path_value),
+            const(None),
+            "file holding the HMAC-SHA256 secret that signs completion callbacks; a start asking for a callback "
+            "needs it",
+        ),
+        "callback_attempts": KeySpec(
+            int_range(1, 100), const(8), "deliveries of a completion callback tried (1 s doubling to 5 min)"
+        ),
+        "allow_private_callbacks": KeySpec(
+            boolean,
+            const(False),
+            "callback URLs may resolve to loopback, private, link-local or reserved addresses (a lab network)",
         ),
     },
     # OpenTelemetry export of every stored record (docs/opentelemetry.md)

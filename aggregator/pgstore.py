@@ -13,23 +13,28 @@ drops whole partitions.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from lens_core.record_schema import MAX_FUTURE_US, MIN_STARTED_US
 
 from .store import (
+    CAMPAIGN_INDEXES,
+    CAMPAIGN_JOBS_TABLE,
+    CAMPAIGNS_TABLE,
     DEVICE_COLUMNS,
     INSERT_COLUMNS,
     NULL_NAME,
     QUERY_COLUMNS,
     SERIES_COLUMNS,
     SYNC_COLUMNS,
+    TOKEN_KINDS,
     IngestResult,
     Query,
     QueryTimeout,
     RecordRow,
+    Run,
     Store,
     SyncRow,
     TokenInfo,
@@ -43,7 +48,8 @@ from .store import (
     sync_row,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
+T = TypeVar("T")
 
 # Dedupe per device (see store._migrate_v6): record_ids keyed by (device_id, id), rebuilt from the stored records.
 _MIGRATION_V6 = """
@@ -188,6 +194,9 @@ class PostgresStore(Store):
                 for statement in _MIGRATION_V6.split(";"):
                     if statement.strip():
                         cur.execute(statement)
+            if version < 7:  # benchmark campaigns (see store._migrate_v7)
+                for statement in (CAMPAIGNS_TABLE, CAMPAIGN_JOBS_TABLE, *CAMPAIGN_INDEXES):
+                    cur.execute(statement)
             if version < SCHEMA_VERSION:
                 cur.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
@@ -432,8 +441,8 @@ class PostgresStore(Store):
         return info
 
     def add_token(self, subject: str, kind: str, now_us: int) -> str:
-        if kind not in ("device", "read"):
-            raise ValueError(f"token kind must be device or read, not {kind!r}")
+        if kind not in TOKEN_KINDS:
+            raise ValueError(f"token kind must be device, read or operator, not {kind!r}")
         token = new_token()
         with self._lock, self._conn.transaction():
             self._conn.execute(
@@ -473,6 +482,21 @@ class PostgresStore(Store):
                 (hash_token(token), device_id, now_us),
             )
         return token
+
+    # -- campaigns ---------------------------------------------------------------------------------------
+    def _campaign_write(self, fn: Callable[[Run], T]) -> T:
+        with self._lock, self._conn.transaction():
+            cur = self._conn.cursor()
+            cur.execute("SELECT pg_advisory_xact_lock(7461328)")  # replicas change campaigns one at a time
+
+            def run(sql: str, params: Sequence[Any]) -> list[Any]:
+                cur.execute(sql.replace("?", "%s"), params)
+                return list(cur.fetchall()) if cur.description is not None else []
+
+            return fn(run)
+
+    def _campaign_read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._read(sql.replace("?", "%s"), params)
 
     def close(self) -> None:
         with self._lock, self._read_lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import math
 import secrets
 import sqlite3
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import sqlite_utils
 
@@ -29,8 +30,10 @@ from lens_core.record_schema import MAX_NAME_CHARS
 from lens_core.settings import settings_key
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 TOKEN_PREFIX = "lens_"
+T = TypeVar("T")
+TOKEN_KINDS = ("device", "read", "operator")  # operator: starts, reads and cancels benchmark campaigns
 
 
 class RecordRow(NamedTuple):
@@ -129,10 +132,246 @@ class IngestResult:
 class TokenInfo:
     token_id: str  # the first 12 hex digits of the hash: safe to show
     subject: str  # device id, or the name of a read token
-    kind: str  # "device" or "read"
+    kind: str  # "device", "read" or "operator"
     created_us: int
     revoked_us: int | None
     expires_us: int | None
+
+
+CAMPAIGN_STATES = ("pending", "running", "completed", "failed", "cancelled")
+CAMPAIGN_TERMINAL = ("completed", "failed", "cancelled")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped")
+JOB_ACTIVE = ("queued", "running")
+
+
+class CampaignRow(NamedTuple):
+    """One benchmark campaign (docs/campaigns.md): its suite document as canonical JSON and its targeting snapshot."""
+
+    id: str  # uuid4
+    name: str
+    created_us: int
+    created_by: str  # the operator token's subject
+    configuration: str  # the suite document: canonical JSON (sort_keys, compact)
+    configuration_sha256: str
+    target: str  # the targeting request as JSON
+    deadline_us: int
+    callback_url: str | None
+    state: str  # CAMPAIGN_STATES
+    started_us: int | None
+    finished_us: int | None
+    estimated_duration_s: float
+    callback_state: str | None = None  # pending | delivered | failed
+    callback_attempts: int = 0
+    callback_next_us: int | None = None
+    callback_error: str | None = None
+
+
+class JobRow(NamedTuple):
+    """One device's part in a campaign. ``deadline_us`` and ``configuration_sha256`` are the campaign's (joined)."""
+
+    campaign_id: str
+    device_id: str
+    state: str  # JOB_STATES
+    reason: str | None
+    progress_percent: float
+    levels_done: int
+    levels_total: int | None
+    updated_us: int
+    started_us: int | None
+    finished_us: int | None
+    deadline_us: int | None = None
+    configuration_sha256: str | None = None
+
+
+class JobUpdate(NamedTuple):
+    """What ``update_job`` did: the job's state before (None: no such job) and after, and the campaign's state
+    when this update finished it (else None)."""
+
+    before: str | None
+    after: str
+    campaign_finished: str | None = None
+
+
+CAMPAIGN_COLUMNS = CampaignRow._fields
+JOB_COLUMNS = JobRow._fields[:10]
+_JOB_SELECT = (
+    "SELECT j.campaign_id, j.device_id, j.state, j.reason, j.progress_percent, j.levels_done, j.levels_total, "
+    "j.updated_us, j.started_us, j.finished_us, c.deadline_us, c.configuration_sha256, c.state "
+    "FROM campaign_jobs j JOIN campaigns c ON c.id = j.campaign_id"
+)
+
+
+def _job(row: Sequence[Any], *, effective: bool = False) -> JobRow:
+    """A JobRow from a ``_JOB_SELECT`` row; ``effective``: a running job of a cancelled campaign reads
+    ``cancelled`` (what the device is told)."""
+    job = JobRow(*row[:12])
+    if effective and job.state == "running" and row[12] == "cancelled":
+        job = job._replace(state="cancelled")
+    return job
+
+
+Run = Callable[[str, Sequence[Any]], list[Any]]
+
+
+class TooManyCampaigns(Exception):
+    """``campaigns.max_active`` campaigns are not finished yet."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        self.active, self.limit = active, limit
+        super().__init__(f"{active} campaigns are not finished; at most {limit} (campaigns.max_active)")
+
+
+class CampaignSQL:
+    """The campaign statements of both stores, written once: ``run(sql, params)`` executes one statement (``?``
+    placeholders) inside the caller's transaction and returns its rows (empty for writes)."""
+
+    @staticmethod
+    def add(
+        run: Run, row: CampaignRow, device_ids: Sequence[str], skipped: dict[str, str], max_active: int | None
+    ) -> None:
+        if max_active is not None:  # counted in the inserting transaction: concurrent starts cannot overshoot
+            active = int(run("SELECT COUNT(*) FROM campaigns WHERE state IN ('pending', 'running')", [])[0][0])
+            if active >= max_active:
+                raise TooManyCampaigns(active, max_active)
+        marks = ", ".join("?" for _ in CAMPAIGN_COLUMNS)
+        run(f"INSERT INTO campaigns ({', '.join(CAMPAIGN_COLUMNS)}) VALUES ({marks})", list(row))
+        insert = (
+            "INSERT INTO campaign_jobs (campaign_id, device_id, state, reason, progress_percent, levels_done, "
+            "levels_total, updated_us, started_us, finished_us) VALUES (?, ?, ?, ?, 0, 0, NULL, ?, NULL, ?)"
+        )
+        for device in device_ids:
+            run(insert, [row.id, device, "queued", None, row.created_us, None])
+        for device, reason in skipped.items():
+            run(insert, [row.id, device, "skipped", reason, row.created_us, row.created_us])
+
+    @staticmethod
+    def update_job(
+        run: Run,
+        campaign_id: str,
+        device_id: str,
+        state: str,
+        *,
+        reason: str | None,
+        progress_percent: float | None,
+        levels_done: int | None,
+        levels_total: int | None,
+        now_us: int,
+    ) -> JobUpdate:
+        found = run(
+            "SELECT j.state, c.state FROM campaign_jobs j JOIN campaigns c ON c.id = j.campaign_id "
+            "WHERE j.campaign_id = ? AND j.device_id = ?",
+            [campaign_id, device_id],
+        )
+        if not found:
+            return JobUpdate(None, "")
+        before, campaign_state = found[0]
+        if before not in JOB_ACTIVE:
+            return JobUpdate(before, before)
+        after = "cancelled" if campaign_state == "cancelled" else state
+        terminal = after not in JOB_ACTIVE
+        run(
+            "UPDATE campaign_jobs SET state = ?, reason = COALESCE(?, reason), "
+            "progress_percent = COALESCE(?, progress_percent), levels_done = COALESCE(?, levels_done), "
+            "levels_total = COALESCE(?, levels_total), updated_us = ?, "
+            "started_us = COALESCE(started_us, ?), finished_us = ? WHERE campaign_id = ? AND device_id = ?",
+            [
+                after,
+                reason,
+                100.0 if after == "succeeded" else progress_percent,
+                levels_done,
+                levels_total,
+                now_us,
+                now_us if after == "running" else None,
+                now_us if terminal else None,
+                campaign_id,
+                device_id,
+            ],
+        )
+        if campaign_state == "pending":  # its first report: the campaign runs (and may finish just below)
+            run(
+                "UPDATE campaigns SET state = 'running', started_us = COALESCE(started_us, ?) WHERE id = ?",
+                [now_us, campaign_id],
+            )
+        finished = CampaignSQL.finish_if_done(run, campaign_id, now_us) if terminal else None
+        return JobUpdate(before, after, finished)
+
+    @staticmethod
+    def finish_if_done(run: Run, campaign_id: str, now_us: int) -> str | None:
+        """Completed (a job succeeded) or failed (none did) once every job is terminal; the state set, or None."""
+        rows = run(
+            "SELECT c.state, SUM(CASE WHEN j.state IN ('queued', 'running') THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN j.state = 'succeeded' THEN 1 ELSE 0 END) FROM campaigns c "
+            "LEFT JOIN campaign_jobs j ON j.campaign_id = c.id WHERE c.id = ? GROUP BY c.state",
+            [campaign_id],
+        )
+        if not rows or rows[0][0] in CAMPAIGN_TERMINAL or (rows[0][1] or 0) > 0:
+            return None
+        state = "completed" if (rows[0][2] or 0) > 0 else "failed"
+        run(
+            "UPDATE campaigns SET state = ?, finished_us = ?, callback_state = CASE WHEN callback_url IS NULL "
+            "THEN NULL ELSE 'pending' END WHERE id = ?",
+            [state, now_us, campaign_id],
+        )
+        return state
+
+    @staticmethod
+    def cancel(run: Run, campaign_id: str, now_us: int) -> str | None:
+        """Cancel a non-terminal campaign: queued jobs at once, running ones when their device next reports. The
+        campaign's state before (None: no such campaign); a terminal one is left as it is."""
+        rows = run("SELECT state FROM campaigns WHERE id = ?", [campaign_id])
+        if not rows:
+            return None
+        if rows[0][0] in CAMPAIGN_TERMINAL:
+            return str(rows[0][0])
+        run(
+            "UPDATE campaigns SET state = 'cancelled', finished_us = ?, callback_state = CASE WHEN callback_url "
+            "IS NULL THEN NULL ELSE 'pending' END WHERE id = ?",
+            [now_us, campaign_id],
+        )
+        run(
+            "UPDATE campaign_jobs SET state = 'cancelled', reason = 'cancelled by the operator', updated_us = ?, "
+            "finished_us = ? WHERE campaign_id = ? AND state = 'queued'",
+            [now_us, now_us, campaign_id],
+        )
+        return str(rows[0][0])
+
+    @staticmethod
+    def expire(run: Run, now_us: int, limit: int) -> list[tuple[str, str]]:
+        """Jobs past their campaign's deadline (at most ``limit``): timed_out, or cancelled when the campaign was;
+        then those campaigns finished when every job is terminal. Returns (campaign id, state) of each finished."""
+        from datetime import datetime, timezone
+
+        late = run(
+            "SELECT j.campaign_id, j.device_id, c.state, c.deadline_us FROM campaign_jobs j "
+            "JOIN campaigns c ON c.id = j.campaign_id WHERE j.state IN ('queued', 'running') AND c.deadline_us <= ? "
+            "LIMIT ?",
+            [now_us, limit],
+        )
+        touched: set[str] = set()
+        for campaign_id, device_id, campaign_state, deadline_us in late:
+            when = datetime.fromtimestamp(deadline_us / 1e6, tz=timezone.utc).isoformat(timespec="seconds")
+            if campaign_state == "cancelled":
+                state, reason = "cancelled", f"cancelled; the device did not confirm before the deadline {when}"
+            else:
+                state, reason = "timed_out", f"no report before the deadline {when}"
+            run(
+                "UPDATE campaign_jobs SET state = ?, reason = ?, updated_us = ?, finished_us = ? "
+                "WHERE campaign_id = ? AND device_id = ?",
+                [state, reason, now_us, now_us, campaign_id, device_id],
+            )
+            touched.add(campaign_id)
+        # campaigns past the deadline whose jobs all ended already (e.g. all skipped) finish too
+        for (campaign_id,) in run(
+            "SELECT id FROM campaigns WHERE state IN ('pending', 'running') AND deadline_us <= ? LIMIT ?",
+            [now_us, limit],
+        ):
+            touched.add(campaign_id)
+        finished = []
+        for campaign_id in sorted(touched):
+            ended = CampaignSQL.finish_if_done(run, campaign_id, now_us)
+            if ended is not None:
+                finished.append((campaign_id, ended))
+        return finished
 
 
 def device_row(
@@ -361,8 +600,190 @@ class Store(abc.ABC):
     def drop_before(self, cutoff_us: int) -> int:
         """Retention: remove measurements that started before ``cutoff_us``; returns how many (or partitions)."""
 
+    # -- benchmark campaigns (docs/campaigns.md) -----------------------------------------------------------
+    @abc.abstractmethod
+    def _campaign_write(self, fn: Callable[[Run], T]) -> T:
+        """``fn(run)`` inside one write transaction (``run`` takes ``?`` placeholders)."""
+
+    @abc.abstractmethod
+    def _campaign_read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """A read with ``?`` placeholders."""
+
+    def add_campaign(
+        self, row: CampaignRow, device_ids: list[str], skipped: dict[str, str], *, max_active: int | None = None
+    ) -> None:
+        """The campaign with a ``queued`` job per targeted device and a ``skipped`` one (with its reason) per
+        device that was named but cannot run it; TooManyCampaigns when ``max_active`` campaigns are unfinished."""
+        self._campaign_write(lambda run: CampaignSQL.add(run, row, device_ids, skipped, max_active))
+
+    def campaign(self, campaign_id: str) -> CampaignRow | None:
+        rows = self._campaign_read(f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE id = ?", [campaign_id])
+        return CampaignRow(*rows[0]) if rows else None
+
+    def campaigns(self, limit: int = 100) -> list[CampaignRow]:
+        """The newest ``limit`` campaigns, newest first."""
+        rows = self._campaign_read(
+            f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns ORDER BY created_us DESC, id LIMIT ?", [limit]
+        )
+        return [CampaignRow(*row) for row in rows]
+
+    def active_campaigns(self) -> int:
+        """How many campaigns are not in a terminal state (bounded by ``campaigns.max_active``)."""
+        return int(self._campaign_read("SELECT COUNT(*) FROM campaigns WHERE state IN ('pending', 'running')")[0][0])
+
+    def campaign_jobs(self, campaign_id: str) -> list[JobRow]:
+        """Every job of the campaign (at most ``campaigns.max_devices`` plus the skipped ones), by device."""
+        rows = self._campaign_read(f"{_JOB_SELECT} WHERE j.campaign_id = ? ORDER BY j.device_id", [campaign_id])
+        return [_job(row) for row in rows]
+
+    def job_counts(self, campaign_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per campaign, how many of its jobs are in each state."""
+        if not campaign_ids:
+            return {}
+        marks = ", ".join("?" for _ in campaign_ids)
+        rows = self._campaign_read(
+            f"SELECT campaign_id, state, COUNT(*) FROM campaign_jobs WHERE campaign_id IN ({marks}) GROUP BY 1, 2",
+            list(campaign_ids),
+        )
+        counts: dict[str, dict[str, int]] = {c: {} for c in campaign_ids}
+        for campaign_id, state, n in rows:
+            counts[campaign_id][state] = int(n)
+        return counts
+
+    def device_jobs(self, device_id: str, limit: int = 8) -> list[JobRow]:
+        """What the device's ingest acknowledgement lists: its queued and running jobs, oldest campaign first; a
+        running job of a cancelled campaign reads ``cancelled`` until the device reports on it. One indexed query
+        (``campaign_jobs_device``)."""
+        rows = self._campaign_read(
+            f"{_JOB_SELECT} WHERE j.device_id = ? AND j.state IN ('queued', 'running') "
+            "ORDER BY c.created_us, j.campaign_id LIMIT ?",
+            [device_id, limit],
+        )
+        return [_job(row, effective=True) for row in rows]
+
+    def device_job(self, device_id: str, campaign_id: str) -> JobRow | None:
+        """The device's job in that campaign (its effective state, as ``device_jobs``), or None."""
+        rows = self._campaign_read(
+            f"{_JOB_SELECT} WHERE j.campaign_id = ? AND j.device_id = ?", [campaign_id, device_id]
+        )
+        return _job(rows[0], effective=True) if rows else None
+
+    def update_job(
+        self,
+        campaign_id: str,
+        device_id: str,
+        state: str,
+        *,
+        reason: str | None = None,
+        progress_percent: float | None = None,
+        levels_done: int | None = None,
+        levels_total: int | None = None,
+        now_us: int,
+    ) -> JobUpdate:
+        """A device's report on its job, in one transaction: a terminal job stays as it is; a job of a cancelled
+        campaign becomes ``cancelled`` whatever the device said; the campaign runs at its first running job and
+        finishes when its last job ends."""
+        return self._campaign_write(
+            lambda run: CampaignSQL.update_job(
+                run,
+                campaign_id,
+                device_id,
+                state,
+                reason=reason,
+                progress_percent=progress_percent,
+                levels_done=levels_done,
+                levels_total=levels_total,
+                now_us=now_us,
+            )
+        )
+
+    def set_campaign_state(self, campaign_id: str, state: str, now_us: int) -> str | None:
+        """Only ``cancelled`` (the operator's): the campaign's state before, None when there is no such campaign;
+        a campaign already terminal is left as it is."""
+        if state != "cancelled":
+            raise ValueError(f"only an operator's cancel sets a campaign's state, not {state!r}")
+        return self._campaign_write(lambda run: CampaignSQL.cancel(run, campaign_id, now_us))
+
+    def expire_jobs(self, now_us: int, limit: int = 1000) -> list[tuple[str, str]]:
+        """The deadline task's work: at most ``limit`` late jobs ended; the campaigns that finished."""
+        return self._campaign_write(lambda run: CampaignSQL.expire(run, now_us, limit))
+
+    def campaign_levels(self, campaign_id: str, limit: int = 10_000) -> list[dict[str, Any]]:
+        """The decoded ``campaign_level`` records of the campaign (wire maps): the newest per device × model ×
+        workload × level, at most ``limit`` in all (each device's newest first). Only the suite's own models and
+        workloads count, at most 16 levels each: whatever else a device sends under the campaign's id is left out."""
+        from .rows import decode_wire
+
+        row = self.campaign(campaign_id)
+        if row is None:
+            return []
+        suite = json.loads(row.configuration)
+        models = {m.get("name") for m in suite.get("models", []) if type(m) is dict}
+        workloads = {w.get("name") for w in suite.get("workloads", []) if type(w) is dict}
+        out: list[dict[str, Any]] = []
+        for job in self.campaign_jobs(campaign_id):
+            if job.state == "skipped" or len(out) >= limit:
+                continue
+            seen: set[tuple[Any, ...]] = set()
+            per_pair: dict[tuple[Any, Any], int] = {}
+            for stored in self.query_newest(
+                Query(device=job.device_id, kind=CAMPAIGN_LEVEL_KIND, since_us=row.created_us - 86_400_000_000),
+                limit=min(limit - len(out), MAX_LEVELS_PER_DEVICE),
+            ):
+                record = decode_wire(stored)
+                ext = record.get("ext") if record else None
+                mark = ext.get("campaign") if type(ext) is dict else None
+                if record is None or type(mark) is not dict or mark.get("id") != campaign_id:
+                    continue
+                pair = (mark.get("model"), mark.get("workload"))
+                if pair[0] not in models or pair[1] not in workloads:  # not of this suite: a device's say only
+                    continue
+                key = (*pair, json.dumps(mark.get("level"), sort_keys=True))
+                if key in seen:
+                    continue
+                levels_of_pair = per_pair.get(pair, 0)
+                if levels_of_pair >= MAX_LEVELS_PER_WORKLOAD:  # more levels than a suite may hold: the newest
+                    continue
+                per_pair[pair] = levels_of_pair + 1
+                seen.add(key)
+                out.append(record)
+        return out
+
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+CAMPAIGN_LEVEL_KIND = "campaign_level"
+MAX_LEVELS_PER_WORKLOAD = 16  # concurrency levels and rates of one workload (agent.suite.SuitePolicy.max_levels)
+MAX_LEVELS_PER_DEVICE = 16 * 32 * MAX_LEVELS_PER_WORKLOAD  # models × workloads × levels a suite may hold
+
+
+def _migrate_v7(db: sqlite_utils.Database) -> None:
+    """Benchmark campaigns (docs/campaigns.md): ``campaigns`` and one row per targeted device in ``campaign_jobs``;
+    the ingest acknowledgement reads a device's active jobs through ``campaign_jobs_device``."""
+    db.execute(CAMPAIGNS_TABLE)
+    db.execute(CAMPAIGN_JOBS_TABLE)
+    for statement in CAMPAIGN_INDEXES:
+        db.execute(statement)
+
+
+CAMPAIGNS_TABLE = """CREATE TABLE IF NOT EXISTS campaigns (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, created_us BIGINT NOT NULL, created_by TEXT NOT NULL,
+    configuration TEXT NOT NULL, configuration_sha256 TEXT NOT NULL, target TEXT NOT NULL, deadline_us BIGINT NOT NULL,
+    callback_url TEXT, state TEXT NOT NULL, started_us BIGINT, finished_us BIGINT,
+    estimated_duration_s DOUBLE PRECISION NOT NULL, callback_state TEXT, callback_attempts INTEGER NOT NULL DEFAULT 0,
+    callback_next_us BIGINT, callback_error TEXT
+)"""
+CAMPAIGN_JOBS_TABLE = """CREATE TABLE IF NOT EXISTS campaign_jobs (
+    campaign_id TEXT NOT NULL REFERENCES campaigns(id), device_id TEXT NOT NULL, state TEXT NOT NULL, reason TEXT,
+    progress_percent DOUBLE PRECISION NOT NULL, levels_done INTEGER NOT NULL, levels_total INTEGER,
+    updated_us BIGINT NOT NULL, started_us BIGINT, finished_us BIGINT, PRIMARY KEY (campaign_id, device_id)
+)"""
+CAMPAIGN_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS campaign_jobs_device ON campaign_jobs (device_id, state)",
+    "CREATE INDEX IF NOT EXISTS campaigns_state ON campaigns (state, deadline_us)",
+    "CREATE INDEX IF NOT EXISTS campaigns_created ON campaigns (created_us)",
+)
 
 
 def _migrate_v1(db: sqlite_utils.Database) -> None:
@@ -561,6 +982,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     4: _migrate_v4,
     5: _migrate_v5,
     6: _migrate_v6,
+    7: _migrate_v7,
 }
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (
@@ -750,8 +1172,8 @@ class SQLiteStore(Store):
         return info
 
     def add_token(self, subject: str, kind: str, now_us: int) -> str:
-        if kind not in ("device", "read"):
-            raise ValueError(f"token kind must be device or read, not {kind!r}")
+        if kind not in TOKEN_KINDS:
+            raise ValueError(f"token kind must be device, read or operator, not {kind!r}")
         token = new_token()
         with self._lock:
             self._conn.execute(
@@ -866,6 +1288,22 @@ class SQLiteStore(Store):
         with self._lock:
             self._conn.execute("DELETE FROM syncs WHERE received_us < ?", (cutoff_us,))
             return int(self._conn.execute("DELETE FROM measurements WHERE started_us < ?", (cutoff_us,)).rowcount)
+
+    # -- campaigns ---------------------------------------------------------------------------------------
+    def _campaign_write(self, fn: Callable[[Run], T]) -> T:
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(lambda sql, params: conn.execute(sql, params).fetchall())
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return result
+
+    def _campaign_read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._read(sql, params)
 
     def close(self) -> None:
         with self._reads_done:  # a read still running on another thread (a background task's) ends first

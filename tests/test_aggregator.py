@@ -195,7 +195,7 @@ def test_store_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None
     SQLiteStore(path).close()
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
-    conn.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
     conn.commit()
     conn.close()
     with pytest.raises(RuntimeError, match="newer than this aggregator"):

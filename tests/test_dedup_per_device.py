@@ -83,7 +83,7 @@ def test_another_device_sending_a_known_id_gets_its_record_stored(db: Any) -> No
         proc.stop()
     store = open_store(db)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 6
+        assert store.schema_version() == SCHEMA_VERSION == 7
         assert store.record_count() == 9
         assert len(store.query(Query(device="other"), limit=100)) == 4
         assert len(store.query(Query(device="victim"), limit=100)) == 5
@@ -117,7 +117,7 @@ def test_a_schema_5_sqlite_store_migrates_to_dedupe_per_device(tmp_path: Path) -
 
     store = SQLiteStore(path)
     try:
-        assert store.schema_version() == 6
+        assert store.schema_version() == SCHEMA_VERSION == 7  # on through the campaigns tables (schema 7)
         after = store._read("SELECT seq, id, device_id, body FROM measurements ORDER BY seq")
         assert [tuple(r) for r in after] == before  # same rows, same seq: the OTLP cursor stays valid
         assert store.get_meta("otlp.traces") == '{"seq":7}'
@@ -159,7 +159,7 @@ def test_a_schema_5_postgres_store_migrates_to_dedupe_per_device(pg_url: str) ->
         assert clash == []  # the old key took them for duplicates
     store = PostgresStore(pg_url)
     try:
-        assert store.schema_version() == 6
+        assert store.schema_version() == SCHEMA_VERSION
         assert store.record_count() == 20
         key = store._read(
             "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
