@@ -21,7 +21,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 
 from agent.campaigns import JobNotice, canonical_json, parse_jobs
@@ -31,6 +30,7 @@ from lens_core import wire
 from .test_tune import AGENT, ROOT, write_config
 
 DEVICE = "camp-dev"
+C2 = "concurrency 2"
 
 
 def deadline_iso(seconds: float = 3600) -> str:
@@ -207,16 +207,16 @@ def fake_aggregator() -> Iterator[FakeAggregator]:
         fake.stop()
 
 
-def agent_config(tmp_path: Path, model: Path, fake: FakeAggregator, suite_extra: str = "") -> Path:
+def agent_config(tmp_path: Path, model: Path, fake: FakeAggregator, every: str = "1h") -> Path:
     token = tmp_path / "token"
     token.write_text("device-token\n")
     (tmp_path / "data").mkdir(exist_ok=True)
     sync = f'[sync]\nurl = "{fake.url}"\nallow_http = true\ntoken_file = "{token}"\ninterval = "1s"'
-    extra = f"[suite]\nmax_concurrency = 8\n{suite_extra}\n[gates]\nskip_when_throttled = false\n"
+    extra = "[suite]\nmax_concurrency = 8\n[gates]\nskip_when_throttled = false\n"
     config = write_config(tmp_path, model, n_batch=16, sync=sync, device=DEVICE, extra="")
     text = config.read_text().replace("[[workloads]]", extra + "[[workloads]]")
     text = text.replace(f'device_id = "{DEVICE}"', f'device_id = "{DEVICE}"\ntags = ["lab-a", "orin.64"]')
-    config.write_text(text)
+    config.write_text(text.replace('every = "1h"', f'every = "{every}"'))
     return config
 
 
@@ -290,7 +290,9 @@ def test_a_job_is_fetched_run_and_reported(tmp_path: Path, tiny_model: Path) -> 
             assert c["id"] == job_id and c["model"] == "tiny" and c["workload"] == "short" and c["levels_total"] == 2
             assert record["ok"] is True and record["output_tokens"] == 0
             results = record["ext"]["results"]
-            assert results["configuration"]["suite"]["level"] == label and results["results"]["requests"]["measured"] == 3
+            assert (
+                results["configuration"]["suite"]["level"] == label and results["results"]["requests"]["measured"] == 3
+            )
             runs = {r["ext"]["campaign"]["level_run"] for r in measured if r["ext"]["suite"]["level"] == label}
             assert runs == {c["level_run"]}  # the level's measurements carry its level_run
             rs.check_record(record, time.time_ns() // 1000)  # within the wire's bounds (ext depth, nodes, strings)
@@ -389,7 +391,7 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
         [7, None, [], "x"],
     ]
     with fake_aggregator() as fake:
-        config = agent_config(tmp_path, tiny_model, fake)
+        config = agent_config(tmp_path, tiny_model, fake, every="2s")  # records to upload: acks keep coming
         sequence = iter(hostile_acks)
         served: list[Any] = []
 
@@ -441,15 +443,17 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
 def test_an_agent_killed_mid_job_resumes_with_a_new_level_run(tmp_path: Path, tiny_model: Path) -> None:
     with fake_aggregator() as fake:
         config = agent_config(tmp_path, tiny_model, fake)
-        job_id = fake.add_job(suite_doc([1, 2, 4], requests=40, output_tokens=8))
+        job_id = fake.add_job(suite_doc([1, 2, 4], requests=200, output_tokens=8))
         log_path = tmp_path / "agent.log"
         proc = start_agent(config, log_path)
 
         def second_level_started() -> bool:
-            done = job_file(tmp_path, job_id)["levels_done"] if (tmp_path / "data" / "campaigns").exists() else []
-            return len(done) == 1 and any(
-                r["ext"]["suite"]["level"] == "concurrency 2" for r in fake.campaign_records(job_id) if "suite" in r["ext"]
-            )
+            try:
+                done = job_file(tmp_path, job_id)["levels_done"]
+            except (OSError, ValueError):  # not written yet
+                return False
+            level_2 = [r for r in fake.campaign_records(job_id) if r["ext"].get("suite", {}).get("level") == C2]
+            return len(done) == 1 and bool(level_2)
 
         try:
             wait_for("the second level under way", second_level_started, 300, log_path)
