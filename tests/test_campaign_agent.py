@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from agent.campaigns import JobNotice, canonical_json, parse_jobs
@@ -438,6 +439,8 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
         assert huge not in output  # a huge field is named, not echoed
         files = sorted(p.stem for p in (tmp_path / "data" / "campaigns").glob("*.json"))
         assert len(files) <= 8
+        scheduled = [r for r in fake.records if r["kind"] == "inference" and r["ext"].get("workload") == "long"]
+        assert len(scheduled) >= 6  # the scheduled workload ran on throughout (3 requests a run)
 
 
 def test_an_agent_killed_mid_job_resumes_with_a_new_level_run(tmp_path: Path, tiny_model: Path) -> None:
@@ -505,3 +508,34 @@ def test_parse_jobs_refuses_what_the_contract_does_not_allow() -> None:
         assert not notices and says in problems[0], (bad, problems)
     assert parse_jobs({"jobs": [good, good]})[1] == [f"jobs[1].benchmark_id {good['benchmark_id']}: given twice"]
     assert parse_jobs({}) == ([], [])
+
+
+def test_tags_are_bounded_in_the_config_at_ingest_and_in_the_facts_view(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from aggregator.health import facts_from_record
+    from lens_core.errors import ConfigError
+
+    from .test_names_and_facts import NOW, facts_wire
+
+    config = tmp_path / "agent.toml"
+    for good, expected in (('["lab-a", "orin.64", "lab-a"]', ["lab-a", "orin.64"]), ("[]", [])):
+        config.write_text(f"[agent]\ntags = {good}\n")
+        assert load_config(config).get("agent", "tags") == expected
+    for bad in ('["lab a"]', '["' + "x" * 65 + '"]', str([f"t{i}" for i in range(17)]), "[1]"):
+        config.write_text(f"[agent]\ntags = {bad}\n".replace("'", '"'))
+        with pytest.raises(ConfigError, match=r"agent\.tags"):
+            load_config(config)
+    rs.check_record(facts_wire(tags=["lab-a", "x" * 64]), NOW)
+    for tags, field in (
+        ("lab-a", "ext.device.tags"),
+        ([f"t{i}" for i in range(17)], "ext.device.tags"),
+        (["ok", "bad\x1b[31m"], "ext.device.tags[1]"),
+        (["x" * 65], "ext.device.tags[0]"),
+        ([7], "ext.device.tags[0]"),
+    ):
+        with pytest.raises(rs.SchemaError) as refused:
+            rs.check_record(facts_wire(tags=tags), NOW)
+        assert refused.value.field == field, tags
+    view = facts_from_record({"ext": {"device": {"tags": ["a", 7, "b" * 300, *(["c"] * 40)]}}})
+    assert view is not None and view["tags"][:2] == ["a", "b" * 64] and len(view["tags"]) <= 16
+    assert facts_from_record({"ext": {"device": {"tags": "a"}}})["tags"] == []  # type: ignore[index]
