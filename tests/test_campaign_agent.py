@@ -539,3 +539,31 @@ def test_tags_are_bounded_in_the_config_at_ingest_and_in_the_facts_view(tmp_path
     view = facts_from_record({"ext": {"device": {"tags": ["a", 7, "b" * 300, *(["c"] * 40)]}}})
     assert view is not None and view["tags"][:2] == ["a", "b" * 64] and len(view["tags"]) <= 16
     assert facts_from_record({"ext": {"device": {"tags": "a"}}})["tags"] == []  # type: ignore[index]
+
+
+def test_three_interrupted_attempts_and_a_passed_deadline_end_a_job_failed(tmp_path: Path, tiny_model: Path) -> None:
+    from agent.campaigns import JobFiles, JobNotice, new_job
+
+    with fake_aggregator() as fake:
+        config = agent_config(tmp_path, tiny_model, fake)
+        document = suite_doc([1, 2], requests=3)
+        worn = fake.add_job(document)
+        fake.jobs[worn]["state"] = "running"
+        job = new_job(JobNotice(worn, "running", 0, fake.jobs[worn]["deadline"], sha(document)), document, 2)
+        job.update(state="running", attempts=3, deadline_us=int((time.time() + 3600) * 1e6), reported=True)
+        JobFiles(tmp_path / "data").save(job)  # as three processes that died mid-job left it
+        late = fake.add_job(suite_doc([1], requests=100_000, output_tokens=16), deadline=deadline_iso(6))
+        log_path = tmp_path / "agent.log"
+        proc = start_agent(config, log_path)
+        try:
+            wait_for("the worn job to fail", lambda: fake.state(worn) == "failed", 120, log_path)
+            wait_for("the late job to fail", lambda: fake.state(late) == "failed", 120, log_path)
+        finally:
+            stop_agent(proc, log_path)
+        assert fake.progress[worn][-1]["reason"] == "interrupted, 3 attempts"
+        assert not fake.campaign_records(worn)  # nothing ran a fourth time
+        report = fake.progress[late][-1]
+        assert report["reason"].startswith("deadline ") and "passed before the run finished" in report["reason"]
+        measured = fake.campaign_records(late)
+        assert 0 < len(measured) < 100_000 and not fake.campaign_records(late, "campaign_level")
+        assert job_file(tmp_path, late)["state"] == "failed"
