@@ -982,7 +982,7 @@ class AgentService:
                         self._current = None
         except Busy as exc:
             return await self._job_waits(client, job, f"another process is measuring (lens-agent tune?): {exc}")
-        except LensError as exc:
+        except (LensError, OSError, ValueError) as exc:  # the level cannot run here: the job ends, reported
             self._finish_job(job, "failed", f"{' · '.join(key)}: {exc}")
             await self._report_job(client, job)
             return False
@@ -1000,6 +1000,8 @@ class AgentService:
                 self._job_started_here.discard(benchmark_id)
                 self._save_job(job)
                 return False
+            else:  # never a loop that starts the same level again and again
+                self._finish_job(job, "failed", f"{' · '.join(key)}: the level did not complete")
         elif len(job["levels_done"]) >= (job.get("levels_total") or 0):
             self._finish_job(job, "succeeded", None)
         else:
