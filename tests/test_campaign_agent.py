@@ -390,6 +390,7 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
             }
         ],
         [7, None, [], "x"],
+        [0] * 10_000,  # 20 kB: within the acknowledgement's 64 KiB, far past the contract's 8 jobs
     ]
     with fake_aggregator() as fake:
         config = agent_config(tmp_path, tiny_model, fake, every="2s")  # records to upload: acks keep coming
@@ -434,6 +435,7 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
         assert len(fake.campaign_records(good, "campaign_level")) == 1
         assert "jobs is str; allowed: a list" in output
         assert "jobs holds 9 items; allowed: at most 8" in output
+        assert "jobs holds 10000 items; allowed: at most 8" in output
         assert "benchmark_id 'not-a-uuid'" in output
         assert "allowed: queued, running, cancelled" in output
         assert huge not in output  # a huge field is named, not echoed
@@ -508,6 +510,8 @@ def test_parse_jobs_refuses_what_the_contract_does_not_allow() -> None:
         assert not notices and says in problems[0], (bad, problems)
     assert parse_jobs({"jobs": [good, good]})[1] == [f"jobs[1].benchmark_id {good['benchmark_id']}: given twice"]
     assert parse_jobs({}) == ([], [])
+    # the hash the aggregator announces: keys sorted, compact, UTF-8 with non-ASCII kept
+    assert canonical_json({"b": [1, 2.5], "a": "é"}) == '{"a":"é","b":[1,2.5]}'.encode()
 
 
 def test_tags_are_bounded_in_the_config_at_ingest_and_in_the_facts_view(tmp_path: Path) -> None:
