@@ -571,3 +571,31 @@ def test_three_interrupted_attempts_and_a_passed_deadline_end_a_job_failed(tmp_p
         measured = fake.campaign_records(late)
         assert 0 < len(measured) < 100_000 and not fake.campaign_records(late, "campaign_level")
         assert job_file(tmp_path, late)["state"] == "failed"
+
+
+def test_a_gated_job_waits_says_why_and_runs_once_the_gate_opens(tmp_path: Path, tiny_model: Path) -> None:
+    from .sysfs_trees import orin_jp6
+
+    orin_jp6(tmp_path / "orin")  # its GPU zone is past its passive trip point: throttled
+    with fake_aggregator() as fake:
+        config = agent_config(tmp_path, tiny_model, fake)
+        text = config.read_text().replace("skip_when_throttled = false", "skip_when_throttled = true")
+        config.write_text(text.replace("[probes]", f'[probes]\nsysfs_root = "{tmp_path / "orin"}"'))
+        job_id = fake.add_job(suite_doc([1], requests=2))
+        log_path = tmp_path / "agent.log"
+        proc = start_agent(config, log_path)
+        try:
+            wait_for("the wait reported", lambda: fake.progress.get(job_id), 120, log_path)
+            time.sleep(3)  # several passes while the gate holds
+            assert not fake.campaign_records(job_id)
+            zone = tmp_path / "orin" / "sys" / "class" / "thermal" / "thermal_zone1" / "temp"
+            zone.write_text("60000\n")
+            wait_for("the job to succeed", lambda: fake.state(job_id) == "succeeded", 120, log_path)
+        finally:
+            stop_agent(proc, log_path)
+        reports = fake.progress[job_id]
+        waits = [r for r in reports if (r.get("reason") or "").startswith("waiting: ")]
+        assert waits and "thermally throttled" in waits[0]["reason"] and waits[0]["state"] == "running"
+        assert len(waits) == 1  # the same wait is reported once, not at every pass
+        assert reports[-1]["state"] == "succeeded" and "reason" not in reports[-1]
+        assert len(fake.campaign_records(job_id, "campaign_level")) == 1
