@@ -599,3 +599,47 @@ def test_a_gated_job_waits_says_why_and_runs_once_the_gate_opens(tmp_path: Path,
         assert len(waits) == 1  # the same wait is reported once, not at every pass
         assert reports[-1]["state"] == "succeeded" and "reason" not in reports[-1]
         assert len(fake.campaign_records(job_id, "campaign_level")) == 1
+
+
+def test_an_endpoint_job_reads_its_key_from_the_data_directory(
+    tmp_path: Path, tiny_model: Path, llama_server_bin: Path
+) -> None:
+    """A pushed suite loading an endpoint with a key kept in ``<data_dir>/credentials/`` (the campaign policy's own
+    directory): run, every record tagged, the key nowhere in what is uploaded or logged."""
+    from .llama_server import LlamaServerProcess
+    from .netproxy import free_port
+
+    secret = "sk-campaign-endpoint-key"
+    port = free_port()
+    with fake_aggregator() as fake, LlamaServerProcess(llama_server_bin, tiny_model, port, ["--api-key", secret]):
+        config = agent_config(tmp_path, tiny_model, fake)
+        key = tmp_path / "data" / "credentials" / "served.key"
+        key.parent.mkdir(parents=True)
+        key.write_text(secret + "\n")
+        document = {
+            "test_suite": {"name": "served"},
+            "models": [
+                {
+                    "name": "served",
+                    "endpoint": f"http://127.0.0.1:{port}/v1",
+                    "api_type": "custom",
+                    "auth": {"type": "bearer", "credentials_path": str(key)},
+                }
+            ],
+            "workloads": [{"name": "sweep", "concurrency_levels": [1, 2], "requests": 3, "output_token_target": 4}],
+        }
+        job_id = fake.add_job(document)
+        log_path = tmp_path / "agent.log"
+        proc = start_agent(config, log_path)
+        try:
+            wait_for("the job to succeed", lambda: fake.state(job_id) == "succeeded", 240, log_path)
+            wait_for("two level records", lambda: len(fake.campaign_records(job_id, "campaign_level")) == 2, 60)
+        finally:
+            output = stop_agent(proc, log_path)
+        measured = [r for r in fake.campaign_records(job_id) if r["kind"] != "campaign_level"]
+        assert len([r for r in measured if not r.get("warmup")]) == 6 and all(r["ok"] for r in measured)
+        for level in fake.campaign_records(job_id, "campaign_level"):
+            results = level["ext"]["results"]["results"]
+            assert results["error_metrics"]["total_errors"] == 0 and results["requests"]["measured"] == 3
+        uploaded = json.dumps([{k: v for k, v in r.items() if k != "id"} for r in fake.records], default=str)
+        assert secret not in uploaded and secret not in output
