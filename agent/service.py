@@ -855,6 +855,7 @@ class AgentService:
     def _finish_job(self, job: dict[str, Any], state: str, reason: str | None) -> None:
         job["state"], job["reason"], job["reported"] = state, clean_reason(reason) if reason else None, False
         self._job_cancel.discard(job["benchmark_id"])
+        self._job_started_here.discard(job["benchmark_id"])
         self._save_job(job)
         log.info("campaign %s: %s%s", job["benchmark_id"], state, f" ({job['reason']})" if reason else "")
 
