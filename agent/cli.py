@@ -681,6 +681,9 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     from .adjuster import tune_summary
 
     doc["tune"] = tune_summary(Path(config.get("agent", "data_dir")), config.drop_in_refused)
+    from .campaigns import status_summary
+
+    doc["campaigns"] = status_summary(Path(config.get("agent", "data_dir")))
     click.echo(json.dumps(doc, indent=2) if as_json else render(doc))
     if not health.healthy:
         sys.exit(1)

@@ -86,6 +86,28 @@ def path_list(value: object) -> list[Path]:
     return [path_value(v) for v in items]
 
 
+MAX_TAGS = 16
+MAX_TAG_CHARS = 64
+
+
+def tag_list(value: object) -> list[str]:
+    """Device tags: a TOML list (or comma-separated from the environment) of at most 16 distinct tags, each 1–64
+    characters of letters, digits, ``.``, ``_`` and ``-``."""
+    import re
+
+    allowed = f'a list of at most {MAX_TAGS} tags of 1-{MAX_TAG_CHARS} characters [A-Za-z0-9._-], e.g. ["lab-a"]'
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > MAX_TAGS:
+        raise Invalid(allowed)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or re.fullmatch(rf"[A-Za-z0-9._-]{{1,{MAX_TAG_CHARS}}}", item) is None:
+            raise Invalid(allowed)
+        if item not in out:
+            out.append(item)
+    return out
+
+
 def bool_list(value: object) -> list[bool]:
     """A list of booleans (TOML array, or comma-separated from the environment)."""
     items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
@@ -121,6 +143,11 @@ SCHEMA: Schema = {
     "agent": {
         "device_id": KeySpec(text, socket.gethostname, "identifies this device; default: the host name"),
         "data_dir": KeySpec(path_value, const(Path("/var/lib/lens-agent")), "outbox and state"),
+        "tags": KeySpec(
+            tag_list,
+            list,
+            "labels sent in the device facts (ext.device.tags); campaigns can target devices by tag",
+        ),
     },
     "model": {
         "path": KeySpec(optional(path_value), const(None), "GGUF model; default: the bundled SmolLM2"),

@@ -30,7 +30,15 @@ from .probes.device import (
 from .probes.sysfs import Root
 
 # A change of any of these is a new record at once.
-IDENTITY_KEYS = ("device_class", "model", "accelerator", "power_mode", "power_mode_id", "clock_synchronized")
+IDENTITY_KEYS = (
+    "device_class",
+    "model",
+    "accelerator",
+    "power_mode",
+    "power_mode_id",
+    "clock_synchronized",
+    "tags",
+)
 TEMPERATURE_STEP_C = 2.0  # a zone's temperature moved by at least this much
 CLOCK_STEP_RATIO = 0.10  # the fastest CPU's or the GPU's clock moved by at least this fraction
 REFRESH_AFTER_S = 3600.0  # a record at least this often, so the aggregator's view never goes stale
@@ -44,9 +52,10 @@ def _nvml_gpus_once() -> tuple[dict[str, Any], ...]:
     return tuple(gpus)
 
 
-def device_facts(root: Root) -> dict[str, Any]:
-    """The device's facts now: the sensors of :mod:`agent.probes.device` read under ``root``. A few small sysfs
-    files; NVML only on the real system, once per process. Raises OSError only where a sensor does."""
+def device_facts(root: Root, tags: list[str] | None = None) -> dict[str, Any]:
+    """The device's facts now: the sensors of :mod:`agent.probes.device` read under ``root``, and the operator's
+    ``[agent] tags`` when there are any. A few small sysfs files; NVML only on the real system, once per process.
+    Raises OSError only where a sensor does."""
     jetson = jetson_info(root)
     gpus = list(_nvml_gpus_once()) if root.is_real and jetson is None else []
     power_mode = (jetson or {}).get("nvpmodel") or {}
@@ -54,7 +63,7 @@ def device_facts(root: Root) -> dict[str, Any]:
     cpu_mhz = cpu_freqs_mhz(root)
     temps, throttled = temperatures(root)
     temps_c = {zone: round(celsius, 1) for zone, celsius in temps.items()}
-    return {
+    facts = {
         "device_class": classify(root)[0],
         "model": product_model(root),
         "accelerator": accelerator_name(jetson, gpus),
@@ -69,6 +78,9 @@ def device_facts(root: Root) -> dict[str, Any]:
         "thermal_throttling": throttled,
         "clock_synchronized": clock_synchronized(root)[0],
     }
+    if tags:
+        facts["tags"] = list(tags)
+    return facts
 
 
 def throttled_zones(facts: dict[str, Any]) -> list[str]:

@@ -39,6 +39,25 @@ from lens_core.notify import Notifier
 from .adjuster import AdjusterError, DropInAdjuster
 from .advice import DeviceLimits, refusal
 from .bench.runner import BenchOptions, run_bench
+from .campaigns import (
+    MAX_ATTEMPTS,
+    MAX_JOBS_IN_ACK,
+    TERMINAL,
+    CampaignError,
+    JobClient,
+    JobFiles,
+    JobNotice,
+    campaign_policy,
+    check_job_document,
+    clean_reason,
+    deadline_passed,
+    level_keys,
+    level_record,
+    new_job,
+    parse_job_suite,
+    parse_jobs,
+    refused_job,
+)
 from .clock import boot_id, stamp
 from .collab.context import CollabContext
 from .config import AgentConfig, load_config, set_aside_drop_in
@@ -56,6 +75,7 @@ from .probes.sysfs import Root
 from .prompts import load_prompts
 from .schedule import Scheduler, workload_period
 from .strategies import build_strategy
+from .suite import SuiteError
 from .tune_flow import Busy, engine_key, measure_lock, run_tune, verification_record
 from .tuning import DIMENSIONS, tune_record, values_of
 
@@ -119,6 +139,13 @@ class AgentService:
         self._advice: dict[str, Any] = {"tried": [], "tried_values": [], "last_mono": None}
         self._last_measured: list[Measurement] = []
         self._measuring = asyncio.Lock()
+        # benchmark campaigns (agent.campaigns): jobs announced by acks and not fetched yet (≤ 8), jobs the
+        # aggregator cancelled, jobs this process has started (an attempt each), the campaign pass in flight
+        self._jobs = JobFiles(self.data_dir)
+        self._job_notices: dict[str, JobNotice] = {}
+        self._job_cancel: set[str] = set()
+        self._job_started_here: set[str] = set()
+        self._campaign_busy = False
         self.suites = load_suites(self.config)  # a suite workload's document, checked before anything runs
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -142,6 +169,8 @@ class AgentService:
             beat = min(beat, self.notifier.watchdog_s / 2)
         self._scheduler.every("heartbeat", beat, self.heartbeat)
         self._scheduler.every("housekeeping", service["housekeeping_interval"], self.housekeeping)
+        if not self.once:  # campaign jobs: resumed from their files, fetched as acks announce them
+            self._scheduler.every("campaigns", self._campaign_interval(), self.campaign_tick, first_in=1.0)
         self.state = "idle"
         await self.heartbeat()
         self.notifier.ready(self._status_line())
@@ -486,7 +515,13 @@ class AgentService:
         configuration's bounds; this device's own checks (agent.advice: its CPUs, its context, its model's layers)
         refuse the rest; the same advice (model, setting, value) is tuned once whatever its id; and tunes from
         recommendations start at most once per ``tune.recommendation_interval``, so a stream of fresh ids never
-        keeps the scheduled runs from running."""
+        keeps the scheduled runs from running.
+
+        The same answer may carry benchmark campaign jobs (``jobs``): :meth:`_campaign_ack`."""
+        try:
+            self._campaign_ack(payload)
+        except Exception:  # a bug here never stops the recommendations (nor the ack: it is done)
+            log.exception("sync: the acknowledgement's campaign jobs could not be handled")
         if "recommendations" not in payload:
             return
         from lens_core.recommendations import parse_wire
@@ -648,7 +683,7 @@ class AgentService:
         """Store a ``device_facts`` record when the facts changed since the last one (``agent.facts``). A few small
         sysfs reads, on the event loop; a sensor that cannot be read skips the record, never the run."""
         try:
-            current = device_facts(Root(self.config.get("probes", "sysfs_root")))
+            current = device_facts(Root(self.config.get("probes", "sysfs_root")), self.config.get("agent", "tags"))
         except OSError as exc:
             log.warning("device facts not read, no device_facts record this time: %s", exc)
             return
@@ -775,6 +810,263 @@ class AgentService:
             log.info("workload %s: %s", workload["name"], note)
         self._last_measured = [m for m in session.measured if m.strategy == "local"]
         return summarize(session.measured, workload["name"], None)
+
+    # -- benchmark campaigns (agent.campaigns, docs/campaigns.md "On the device") ----------------------------------
+    def _campaign_interval(self) -> float:
+        """How often pending campaign work is looked at: the sync interval, within 1 s … 60 s."""
+        return min(60.0, max(1.0, float(self.config.get("sync", "interval"))))
+
+    def _campaign_ack(self, payload: dict[str, Any]) -> None:
+        """An ack's ``jobs``, checked (``parse_jobs``): new ones are fetched by the next campaign pass, cancelled ones
+        stop at their next check. Only ids with a job file here are remembered as cancelled, and at most
+        :data:`MAX_JOBS_IN_ACK` announcements wait to be fetched: nothing an answer says grows without bound."""
+        notices, problems = parse_jobs(payload)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            log.warning("sync: a campaign job from the aggregator is ignored: %s%s", problems[0], more)
+        wake = False
+        for notice in notices:
+            job = self._jobs.load(notice.benchmark_id)
+            if notice.state == "cancelled":
+                self._job_notices.pop(notice.benchmark_id, None)
+                if job is not None and job["state"] not in TERMINAL:
+                    self._job_cancel.add(notice.benchmark_id)
+                    wake = True
+            elif job is None:
+                if notice.benchmark_id in self._job_notices or len(self._job_notices) < MAX_JOBS_IN_ACK:
+                    self._job_notices[notice.benchmark_id] = notice
+                    wake = True
+            elif job["state"] in TERMINAL and job.get("reported"):
+                job["reported"] = False  # the aggregator missed the final report: send it again
+                self._save_job(job)
+                wake = True
+        scheduler = self._scheduler
+        if not wake or scheduler is None or self.abort:
+            return
+        if scheduler.get("campaigns-now") is None and not scheduler.is_running("campaigns-now"):
+            scheduler.later("campaigns-now", 0.0, self.campaign_tick)
+
+    def _save_job(self, job: dict[str, Any]) -> None:
+        try:
+            self._jobs.save(job)
+        except OSError as exc:
+            log.error("campaign %s: the job file cannot be written: %s", job["benchmark_id"], exc)
+
+    def _finish_job(self, job: dict[str, Any], state: str, reason: str | None) -> None:
+        job["state"], job["reason"], job["reported"] = state, clean_reason(reason) if reason else None, False
+        self._job_cancel.discard(job["benchmark_id"])
+        self._job_started_here.discard(job["benchmark_id"])
+        self._save_job(job)
+        log.info("campaign %s: %s%s", job["benchmark_id"], state, f" ({job['reason']})" if reason else "")
+
+    async def _report_job(self, client: JobClient, job: dict[str, Any]) -> None:
+        """POST the job's state and progress (best effort: a failure is retried at the next pass); the server's
+        answer ``cancelled`` (or another terminal state) ends the job here too."""
+        try:
+            answer = await client.report(job)
+        except CampaignError as exc:
+            log.warning("campaign %s: progress not reported (again at the next pass): %s", job["benchmark_id"], exc)
+            return
+        job["reported"] = True
+        if answer in TERMINAL and job["state"] not in TERMINAL:
+            job["state"] = answer
+            job["reason"] = job.get("reason") or f"{answer} by the aggregator"
+            self._job_cancel.discard(job["benchmark_id"])
+            log.info("campaign %s: the aggregator says %s: stopped", job["benchmark_id"], answer)
+        self._save_job(job)
+
+    async def campaign_tick(self) -> None:
+        """One campaign pass: fetch the jobs announced, report what the aggregator has not heard, run one level of
+        the oldest runnable job (through the gates and the measuring lock, so scheduled workloads take their turns
+        between levels)."""
+        from .sync import Uploader
+
+        if self.abort or self._campaign_busy or not isinstance(self._uploader, Uploader):
+            return
+        self._campaign_busy = True
+        again = False
+        try:
+            client = JobClient(self._uploader)
+            for benchmark_id in list(self._job_notices):
+                notice = self._job_notices.pop(benchmark_id)
+                await self._fetch_job(client, notice)
+            jobs = self._jobs.all()
+            for job in jobs:
+                if job["benchmark_id"] in self._job_cancel and job["state"] not in TERMINAL:
+                    self._finish_job(job, "cancelled", "cancelled by the aggregator")
+                if not job.get("reported") and (job["state"] in TERMINAL or job["state"] == "running"):
+                    await self._report_job(client, job)
+            runnable = [j for j in jobs if j["state"] in ("queued", "running")]
+            if runnable and not self.abort:
+                again = await self._run_job_level(client, runnable[0])
+        finally:
+            self._campaign_busy = False
+        if again and not self.abort and self._scheduler is not None and self._scheduler.get("campaigns-now") is None:
+            self._scheduler.later("campaigns-now", 0.0, self.campaign_tick)
+
+    async def _fetch_job(self, client: JobClient, notice: JobNotice) -> None:
+        """GET a job announced by an ack, check it and keep it; a refused one is kept and reported ``failed``."""
+        if not self._jobs.room_for_one():
+            log.warning("campaign %s: not taken: 8 campaign jobs are in progress here", notice.benchmark_id)
+            return
+        try:
+            payload = await client.fetch(notice.benchmark_id)
+        except CampaignError as exc:  # announced again by the next ack
+            log.warning("campaign %s: not fetched: %s", notice.benchmark_id, exc)
+            return
+        try:
+            document, suite = check_job_document(payload, notice, self.config)
+        except (CampaignError, SuiteError) as exc:
+            log.error("campaign %s refused: %s", notice.benchmark_id, exc)
+            job = refused_job(notice, str(exc))
+        else:
+            job = new_job(notice, document, len(level_keys(suite)))
+            log.info("campaign %s: accepted, %d levels", notice.benchmark_id, job["levels_total"])
+        self._save_job(job)
+        if job["state"] == "failed":
+            await self._report_job(client, job)
+
+    async def _run_job_level(self, client: JobClient, job: dict[str, Any]) -> bool:
+        """The next level of ``job``; True when more are due soon."""
+        benchmark_id = job["benchmark_id"]
+        if deadline_passed(job):
+            self._finish_job(job, "failed", f"deadline {job.get('deadline')} passed before the run finished")
+            await self._report_job(client, job)
+            return False
+        if benchmark_id not in self._job_started_here:  # a new process takes the job up: one attempt more
+            if job.get("attempts", 0) >= MAX_ATTEMPTS:
+                self._finish_job(job, "failed", f"interrupted, {job['attempts']} attempts")
+                await self._report_job(client, job)
+                return False
+            job["attempts"] = int(job.get("attempts", 0)) + 1
+            self._job_started_here.add(benchmark_id)
+            self._save_job(job)
+        try:  # checked again: the file sat on disk, and the [suite] limits may have changed since (SIGHUP)
+            suite = parse_job_suite(job["configuration"], benchmark_id, self.config)
+        except SuiteError as exc:
+            self._finish_job(job, "failed", str(exc))
+            await self._report_job(client, job)
+            return False
+        done = {(d["model"], d["workload"], d["level"]) for d in job["levels_done"]}
+        remaining = [key for key in level_keys(suite) if key not in done]
+        if not remaining:
+            self._finish_job(job, "succeeded", None)
+            await self._report_job(client, job)
+            return False
+        root = Root(self.config.get("probes", "sysfs_root"))
+        reason = gate(self.config.values["gates"], read_state(root))
+        if reason is not None:
+            return await self._job_waits(client, job, reason)
+        key = remaining[0]
+        level_run = str(uuid.uuid4())
+        try:
+            async with self._measuring:
+                if self.abort or benchmark_id in self._job_cancel:
+                    return True
+                with measure_lock(self.data_dir):
+                    self.state = f"campaign {benchmark_id[:8]}: {' · '.join(key)}"
+                    self.notifier.status(self.state)
+                    first = job["state"] == "queued"
+                    job["state"], job["reason"] = "running", None
+                    self._save_job(job)
+                    if first:
+                        await self._report_job(client, job)
+                        if job["state"] != "running":
+                            return False
+                    loop = asyncio.get_running_loop()
+                    self._current = loop.run_in_executor(
+                        self._engine_thread, self._measure_campaign_level, job, suite, key, level_run
+                    )
+                    try:
+                        completed = await self._current
+                    finally:
+                        self._current = None
+        except Busy as exc:
+            return await self._job_waits(client, job, f"another process is measuring (lens-agent tune?): {exc}")
+        except (LensError, OSError, ValueError) as exc:  # the level cannot run here: the job ends, reported
+            self._finish_job(job, "failed", f"{' · '.join(key)}: {exc}")
+            await self._report_job(client, job)
+            return False
+        finally:
+            self.state = "stopping" if self.abort else "idle"
+            if self._sync is not None:
+                self._sync.trigger()
+        if not completed:
+            if benchmark_id in self._job_cancel:
+                self._finish_job(job, "cancelled", "cancelled by the aggregator")
+            elif deadline_passed(job):
+                self._finish_job(job, "failed", f"deadline {job.get('deadline')} passed before the run finished")
+            elif self.abort:  # the service stops: not an attempt that failed; resumed at the next start
+                job["attempts"] = max(0, int(job.get("attempts", 1)) - 1)
+                self._job_started_here.discard(benchmark_id)
+                self._save_job(job)
+                return False
+            else:  # never a loop that starts the same level again and again
+                self._finish_job(job, "failed", f"{' · '.join(key)}: the level did not complete")
+        elif len(job["levels_done"]) >= (job.get("levels_total") or 0):
+            self._finish_job(job, "succeeded", None)
+        else:
+            job["reported"] = False
+        await self._report_job(client, job)
+        return job["state"] not in TERMINAL
+
+    async def _job_waits(self, client: JobClient, job: dict[str, Any], reason: str) -> bool:
+        """A gate (or a tune) holds the job back: say so, and look again at the next pass."""
+        reason = f"waiting: {reason}"
+        if job.get("reason") != reason:
+            log.info("campaign %s %s", job["benchmark_id"], reason)
+            job["state"], job["reason"], job["reported"] = "running", reason, False
+            self._save_job(job)
+            await self._report_job(client, job)
+        return False
+
+    def _measure_campaign_level(
+        self, job: dict[str, Any], suite: Any, key: tuple[str, str, str], level_run: str
+    ) -> bool:
+        """On the engine thread: one level of a campaign job. Every record carries ``ext.campaign`` (the job and
+        this attempt's ``level_run``); a completed level stores its ``campaign_level`` record, then the job file.
+        True when the level completed."""
+        from .bench.suite_run import SuiteRequest, run_suite
+
+        assert self.outbox is not None
+        box = self.outbox.outbox
+        benchmark_id = job["benchmark_id"]
+        device_id = self.config.get("agent", "device_id")
+        model_sha256 = None  # the level's records carry their model's; this one is a summary
+        completed: list[bool] = []
+
+        def store(record: Measurement) -> None:
+            box.append(stored_form(record))
+            self.stored += 1
+
+        def level_done(model: str, workload: str, level: str, document: dict[str, Any]) -> None:
+            if (model, workload, level) != key:
+                return
+            job["levels_done"].append({"model": model, "workload": workload, "level": level, "level_run": level_run})
+            store(level_record(job, key, level_run, document, device_id=device_id, model_sha256=model_sha256))
+            self._save_job(job)
+            completed.append(True)
+
+        def should_stop() -> bool:
+            return self.abort or benchmark_id in self._job_cancel or deadline_passed(job)
+
+        session = run_suite(
+            SuiteRequest(
+                suite=suite,
+                config=self.config,
+                policy=campaign_policy(self.config),
+                include_text=False,
+                store=store,
+                should_stop=should_stop,
+                engine=self.engine,
+                extra_ext={"campaign": {"id": benchmark_id, "level_run": level_run}},
+                skip=lambda model, workload, level: (model, workload, level) != key,
+                on_level_done=level_done,
+            )
+        )
+        for note in dict.fromkeys(session.notes):
+            log.info("campaign %s: %s", benchmark_id, note)
+        return bool(completed)
 
     async def heartbeat(self) -> None:
         self.notifier.watchdog()

@@ -342,4 +342,11 @@ def render(doc: dict[str, Any]) -> str:
     tune = doc.get("tune")
     if tune is not None:
         lines.append(f"tuning      {tune['line']}")
+    for i, job in enumerate(doc.get("campaigns") or []):
+        progress = job.get("progress_percent")
+        done = f"{progress:.0f} %, " if progress is not None else ""
+        levels = f"{job.get('levels_done')}/{job.get('levels_total')} levels" if job.get("levels_total") else "-"
+        reason = f" — {job['reason']}" if job.get("reason") else ""
+        head = "campaigns  " if i == 0 else "           "
+        lines.append(f"{head} {job.get('benchmark_id')} {job.get('state')} ({done}{levels}){reason}")
     return "\n".join(lines)

@@ -34,6 +34,8 @@ FACTS_KIND = "device_facts"
 _MAX_FACT_CHARS = 256
 _MAX_ZONES = 64
 _MAX_THROTTLING = 16
+_MAX_TAGS = 16  # ext.device.tags
+_MAX_TAG_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ def facts_from_record(record: dict[str, Any] | None) -> dict[str, Any] | None:
     temperatures = _numbers(device.get("temperatures_c"))
     clocks = _numbers(device.get("cpu_freq_mhz"))
     throttling = device.get("thermal_throttling")
+    tags = device.get("tags")
     power_mode_id = device.get("power_mode_id")
     started = record.get("started_us")
     return {
@@ -201,4 +204,6 @@ def facts_from_record(record: dict[str, Any] | None) -> dict[str, Any] | None:
         "clock_synchronized": device.get("clock_synchronized")
         if type(device.get("clock_synchronized")) is bool
         else None,
+        # the agent's [agent] tags (ingest checked them: at most 16 of [A-Za-z0-9._-]{1,64}); bounded here again
+        "tags": [t[:_MAX_TAG_CHARS] for t in tags[:_MAX_TAGS] if type(t) is str] if type(tags) is list else [],
     }

@@ -387,6 +387,9 @@ FACT_MAPS: dict[str, tuple[float, float]] = {
     "temperatures_c": (MIN_TEMPERATURE_C, MAX_TEMPERATURE_C),
 }
 FACT_NAMES = ("device_class", "model", "accelerator", "power_mode")
+MAX_TAGS = 16  # ext.device.tags: the agent's [agent] tags
+MAX_TAG_CHARS = 64
+_TAG = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_TAG_CHARS}}}")
 
 
 def _fact_range(low: float, high: float, low_excluded: bool = False) -> str:
@@ -435,6 +438,14 @@ def _check_facts(device: Any) -> None:
         for i, line in enumerate(throttling):
             if type(line) is str:
                 check_name(f"ext.device.thermal_throttling[{i}]", line)
+    tags = device.get("tags")
+    if tags is not None:
+        allowed = f"allowed: a list of at most {MAX_TAGS} tags of 1-{MAX_TAG_CHARS} characters [A-Za-z0-9._-]"
+        if type(tags) is not list or len(tags) > MAX_TAGS:
+            raise SchemaError("ext.device.tags", f"is {_describe(tags)}; {allowed}")
+        for i, tag in enumerate(tags):
+            if type(tag) is not str or _TAG.fullmatch(tag) is None:
+                raise SchemaError(f"ext.device.tags[{i}]", f"is {_describe(tag)}; {allowed}")
 
 
 def _check_int_groups(plan: _Plan, record: dict[str, Any]) -> None:

@@ -81,6 +81,11 @@ class SuiteRequest:
     should_stop: Callable[[], bool] | None = None
     engine: LlamaEngine | None = None  # a loaded engine reused for a local model of the same file and settings
     extra_ext: dict[str, Any] = field(default_factory=dict)  # added to every record's ext (workload, campaign)
+    # (model, workload, level label) → True: that level is not run (a campaign's levels already done)
+    skip: Callable[[str, str, str], bool] | None = None
+    # called with (model, workload, level label, results document) as each level completes — not for a level the
+    # run was stopped in (should_stop)
+    on_level_done: Callable[[str, str, str, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -132,11 +137,16 @@ def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: N
     def stopping() -> bool:
         return request.should_stop is not None and request.should_stop()
 
+    def skipped(model: SuiteModel, workload: SuiteWorkload, level: Level) -> bool:
+        return request.skip is not None and request.skip(model.name, workload.name, level.label)
+
     try:
         for model in suite.models:
             if stopping():
                 session.stopped = True
                 break
+            if all(skipped(model, w, level) for w in suite.workloads for level in levels_of(w)):
+                continue
             runner = _LocalModel if model.kind == "local" else _EndpointModel
             with runner.open(model, request, status) as target:
                 target.status = status
@@ -144,9 +154,16 @@ def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: N
                     if stopping():
                         session.stopped = True
                         break
-                    for level, run, document in target.run_workload(workload, session, finished, device, stopping):
+                    levels = [lv for lv in levels_of(workload) if not skipped(model, workload, lv)]
+                    if not levels:
+                        continue
+                    for level, run, document in target.run_workload(
+                        workload, session, finished, device, stopping, levels
+                    ):
                         by_workload[workload.name].append((model, level, run, document))
                         session.documents.append(document)
+                        if request.on_level_done is not None and not stopping():
+                            request.on_level_done(model.name, workload.name, level.label, document)
                         if request.output_dir is not None:
                             name = "-".join(
                                 _slug(x) for x in (suite.name, model.name, workload.name, _level_slug(level))
@@ -188,6 +205,7 @@ class _Target:
         finished: Callable[[Measurement], None],
         device: dict[str, Any],
         stopping: Callable[[], bool],
+        levels: list[Level] | None = None,
     ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
         raise NotImplementedError
 
@@ -331,11 +349,12 @@ class _LocalModel(_Target):
         finished: Callable[[Measurement], None],
         device: dict[str, Any],
         stopping: Callable[[], bool],
+        levels: list[Level] | None = None,
     ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
         tokenize, detokenize = self._tokenizer()
         prompts, prompt_note = workload_prompts(workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize)
         probes = self.request.config.values["probes"]
-        for level in levels_of(workload):
+        for level in levels if levels is not None else levels_of(workload):
             if stopping():
                 session.stopped = True
                 return
@@ -497,6 +516,7 @@ class _EndpointModel(_Target):
         finished: Callable[[Measurement], None],
         device: dict[str, Any],
         stopping: Callable[[], bool],
+        levels: list[Level] | None = None,
     ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
         tokenize, detokenize = self._tokenizer() if workload.input_tokens else (None, None)
         prompts, prompt_note = workload_prompts(workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize)
@@ -505,7 +525,7 @@ class _EndpointModel(_Target):
         extra = {"ignore_eos": True} if ignore_eos else None
         runs: list[LevelRun] = []
         results: list[tuple[Level, LevelRun, list[Measurement]]] = []
-        for level in levels_of(workload):
+        for level in levels if levels is not None else levels_of(workload):
             if stopping():
                 session.stopped = True
                 break
