@@ -33,6 +33,7 @@ from urllib.parse import quote
 import aiohttp
 
 from lens_core import wire
+from lens_core.suite import canonical_json
 
 from .config import AgentConfig
 from .suite import Suite, SuiteError, parse_suite
@@ -53,15 +54,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_DEADLINE_CHARS = 64
 
-try:  # the shared suite checks (lens_core/suite.py) define it; the same function otherwise
-    from lens_core.suite import canonical_json  # type: ignore[import-not-found,attr-defined,unused-ignore]
-except ImportError:
-
-    def canonical_json(document: Any) -> bytes:
-        """The suite document as the aggregator hashes it: keys sorted, compact, UTF-8."""
-        return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-            "utf-8"
-        )
 
 
 class CampaignError(Exception):

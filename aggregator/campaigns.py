@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from lens_core import wire
+from lens_core.suite import SuiteError, SuiteLimits, canonical_json, check_document
 
 from .arrow import ArrowUnavailable
 from .health import FACTS_KIND, facts_from_record
@@ -140,7 +141,8 @@ def campaign_id(text: str) -> str:
 
 
 def canonical(document: Any) -> str:
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The document as both sides hash it (``lens_core.suite.canonical_json``)."""
+    return canonical_json(document).decode("utf-8")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -171,21 +173,9 @@ def check_configuration(document: Any) -> None:
     """The suite document's checks that need no device: the same code and JSON paths as the device's
     (``lens_core.suite.check_document``); a refusal is 400 ``bad_configuration``."""
     try:
-        from lens_core.suite import SuiteError, SuiteLimits, check_document  # type: ignore[import-not-found,import-untyped,unused-ignore]
-    except ImportError:  # the shared checks are not installed yet: the structural minimum
-        from .campaign_fallback import DocumentError
-        from .campaign_fallback import check_document as fallback
-
-        try:
-            fallback(document)
-        except DocumentError as exc:
-            raise BadRequest(400, "bad_configuration", f"{exc.path}: {exc}", exc.path) from None
-        return
-    try:
         check_document(document, source="configuration", limits=SuiteLimits())
     except SuiteError as exc:
-        path = str(getattr(exc, "path", "$"))
-        raise BadRequest(400, "bad_configuration", str(exc), path) from None
+        raise BadRequest(400, "bad_configuration", str(exc), exc.path) from None
 
 
 def estimate_duration(document: dict[str, Any]) -> float:
