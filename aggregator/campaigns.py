@@ -357,12 +357,27 @@ def device_tags(record: dict[str, Any] | None) -> list[str]:
     return [t for t in tags[:MAX_TAGS] if type(t) is str and _TAG.fullmatch(t)]
 
 
-def latest_facts(store: Store, device_id: str) -> tuple[str | None, list[str]]:
-    """(device class, tags) of the device's latest facts record."""
+def class_label(facts: dict[str, Any] | None) -> str | None:
+    """The class a campaign compares a device in: its ``device_class`` and hardware ``model`` from its facts
+    ("embedded device · NVIDIA Jetson AGX Orin Developer Kit") — the same pair the fleet's feedback groups by —
+    or the class alone when the device reports no model."""
+    if not facts or not facts.get("device_class"):
+        return None
+    model = facts.get("model")
+    return f"{facts['device_class']} · {model}" if model else str(facts["device_class"])
+
+
+def latest_facts(store: Store, device_id: str) -> tuple[str | None, list[str], set[str]]:
+    """(class label, tags, every name a target's ``classes`` may use for it: the label, the device class, the
+    model) from the device's latest facts record."""
     rows = store.latest(Query(device=device_id, kind=FACTS_KIND), 1)
     record = decode_wire(rows[0]) if rows else None
     facts = facts_from_record(record)
-    return (facts["device_class"] if facts else None), device_tags(record)
+    names = {str(facts[k]) for k in ("device_class", "model") if facts and facts.get(k)}
+    label = class_label(facts)
+    if label is not None:
+        names.add(label)
+    return label, device_tags(record), names
 
 
 def select_devices(store: Store, target: dict[str, Any], max_devices: int) -> tuple[list[str], dict[str, str]]:
@@ -384,8 +399,8 @@ def select_devices(store: Store, target: dict[str, Any], max_devices: int) -> tu
         for device in known:
             if device in chosen:
                 continue
-            device_class, device_tag_list = latest_facts(store, device)
-            if (device_class is not None and device_class in classes) or tags.intersection(device_tag_list):
+            _, device_tag_list, names = latest_facts(store, device)
+            if classes.intersection(names) or tags.intersection(device_tag_list):
                 chosen.add(device)
     if len(chosen) > max_devices:
         raise bad(
