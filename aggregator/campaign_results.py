@@ -228,8 +228,10 @@ def read_record(record: Any, classes: Mapping[str, str]) -> Row:
     except Malformed as exc:
         raise Malformed(f"device {device!r:.60}, {model} / {workload} / {level}: {exc}") from None
     shown_class = classes.get(record["device_id"])
-    device_class = _name(shown_class, "device_class") if type(shown_class) is str else UNKNOWN_CLASS
-    return Row(device, device_class or UNKNOWN_CLASS, model, workload, level, requests, errors, figures, document)
+    device_class = UNKNOWN_CLASS
+    if type(shown_class) is str and shown_class:  # the caller's view of the device: cut, never a reason to skip
+        device_class, _, _ = clean_label(shown_class[: MAX_NAME_CHARS * 4], MAX_NAME_CHARS)
+    return Row(device, device_class, model, workload, level, requests, errors, figures, document)
 
 
 def _newer(record: Any, than: Any) -> bool:

@@ -210,6 +210,8 @@ def test_names_are_cleaned_and_classes_come_from_the_caller() -> None:
     record = level_record("a", _doc(10, 2, 50, 100), campaign_id=CAMPAIGN, model="evil\u202emodel\x1b[31m")
     (row,) = cr.collect([record], {"a": "orin\u200b\x00"}).rows
     assert row.model == "evilmodel[31m" and row.device_class == "orin"
+    (row,) = cr.collect([record], {"a": "c" * 10_000}).rows  # a long class is cut, the record kept
+    assert row.device_class == "c" * (cr.MAX_NAME_CHARS - 1) + "…"
 
 
 def test_rows_are_bounded_per_device_and_in_all() -> None:
