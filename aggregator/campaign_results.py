@@ -30,6 +30,7 @@ the API answers 501 naming the extra).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -247,6 +248,7 @@ def _newer(record: Any, than: Any) -> bool:
 _DIGITS = re.compile(r"(\d+)")
 
 
+@functools.lru_cache(maxsize=4096)
 def natural_key(text: str) -> tuple[Any, ...]:
     """``concurrency 2`` before ``concurrency 16``: digit runs compare as numbers."""
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in _DIGITS.split(text) if part)

@@ -1,0 +1,68 @@
+"""What a campaign's results cost the aggregator: the class comparison and each export for a fleet's levels.
+
+    .venv/bin/python bench/campaign_results.py [--devices 1000] [--levels 12] [--repeat 5]
+
+Builds ``devices`` × ``levels`` decoded ``campaign_level`` records over three device classes, each carrying a results
+document in the seed's shape with 20-sample latency distributions (tests/campaign_docs.py), then times, best of
+``repeat``: reading and checking every record (``collect``), the class rows and the per-device results (from the
+records, as the API computes them), and each export (json, csv, parquet, arrow) from the records. Prints the time,
+the time per record and the size of each answer, and each as a ratio to ``class_rows``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aggregator import campaign_results as cr
+from tests.campaign_docs import fleet
+
+
+def best(repeat: int, work: Callable[[], Any]) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = work()
+        times.append(time.perf_counter() - started)
+    return min(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--levels", type=int, default=12)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    records, classes = fleet(args.devices, args.levels)
+    n = len(records)
+    doc_bytes = sum(len(json.dumps(r["ext"]["results"])) for r in records) / n
+    print(f"{args.devices} devices × {args.levels} levels = {n:,} records, {doc_bytes:,.0f} B per results document")
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("collect (read + check every record)", lambda: cr.collect(records, classes)),
+        ("class_rows", lambda: cr.class_rows(records, classes)),
+        ("device_results", lambda: cr.device_results(records, classes)),
+        ("results (both, one pass)", lambda: cr.results(records, classes)),
+    ]
+    for fmt in cr.FORMATS:
+        cases.append((f"export {fmt}", lambda fmt=fmt: cr.export(records, classes, fmt)[0]))
+    rows: list[tuple[str, float, int | None]] = []
+    for name, work in cases:
+        seconds, result = best(args.repeat, work)
+        size = len(result) if isinstance(result, bytes) else None
+        rows.append((name, seconds, size))
+    base = next(s for name, s, _ in rows if name == "class_rows")
+    print(f"{'step':<38}{'ms':>10}{'µs/record':>11}{'bytes':>14}{'÷ class_rows':>14}")
+    for name, seconds, size in rows:
+        shown = f"{size:,}" if size is not None else "–"
+        print(f"{name:<38}{seconds * 1e3:>10.1f}{seconds * 1e6 / n:>11.1f}{shown:>14}{seconds / base:>14.2f}")
+
+
+if __name__ == "__main__":
+    main()
