@@ -203,6 +203,13 @@ async def test_delivery_is_signed_and_verifies_at_the_receiver(receiver: Receive
     assert not ok and why is not None and why.startswith("HTTP 401: bad signature") and "\x1b" not in why
 
 
+async def test_a_legacy_ipv4_notation_goes_to_the_address_it_spells(receiver: Receiver) -> None:
+    """``0x7f.1`` is 127.0.0.1: allowed with allow_private, delivered there through the pinned resolver."""
+    url = f"http://0x7f.1:{receiver.port}/hook"
+    ok, why = await callback.deliver(url, PAYLOAD, SECRET, allow_private=True, timeout=10)
+    assert (ok, why) == (True, None) and len(receiver.seen) == 1 and receiver.seen[0]["verified"]
+
+
 async def test_refused_at_delivery_without_allow_private(receiver: Receiver) -> None:
     for url in (f"http://127.0.0.1:{receiver.port}/hook", f"http://2130706433:{receiver.port}/hook"):
         ok, why = await callback.deliver(url, PAYLOAD, SECRET, allow_private=False, timeout=5)
