@@ -257,6 +257,8 @@ async def deliver(
 ) -> tuple[bool, str | None]:
     """POST ``payload`` to ``url``, signed: (True, None) on a 2xx answer, else (False, why). Never raises for
     anything the receiver or the network does."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     try:
         parsed = parse(url)
         host, port = parsed.host or "", parsed.port or 0
@@ -287,7 +289,10 @@ async def deliver(
     try:
         async with (
             aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), trust_env=False
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=max(0.05, deadline - loop.time())),  # one bound for it all
+                trust_env=False,  # no proxy from the environment
+                auto_decompress=False,  # a compressed error answer is not inflated to read 1 KiB of it
             ) as session,
             session.post(parsed, data=body, headers=headers, allow_redirects=False) as response,
         ):
