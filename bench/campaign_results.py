@@ -3,7 +3,8 @@
     .venv/bin/python bench/campaign_results.py [--devices 1000] [--levels 12] [--repeat 5]
 
 Builds ``devices`` × ``levels`` decoded ``campaign_level`` records over three device classes, each carrying a results
-document in the seed's shape with 20-sample latency distributions (tests/campaign_docs.py), then times, best of
+document with 20-sample latency distributions in the shape of a real level's document (``--template``: by default
+one written by ``lens-agent bench --suite`` on a tiny model, ~6 KB; tests/campaign_docs.py), then times, best of
 ``repeat``: reading and checking every record (``collect``), the class rows and the per-device results (from the
 records, as the API computes them), and each export (json, csv, parquet, arrow) from the records. Prints the time,
 the time per record and the size of each answer, and each as a ratio to ``class_rows``.
@@ -22,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator import campaign_results as cr
-from tests.campaign_docs import fleet
+from tests.campaign_docs import REAL_DOCUMENT, fleet
 
 
 def best(repeat: int, work: Callable[[], Any]) -> tuple[float, Any]:
@@ -39,8 +40,16 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--levels", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--template",
+        type=Path,
+        default=REAL_DOCUMENT,
+        help="a real results document whose shape every record's document takes (default: %(default)s)",
+    )
+    parser.add_argument("--synthetic", action="store_true", help="the bare synthetic documents (~1.9 KB) instead")
     args = parser.parse_args()
-    records, classes = fleet(args.devices, args.levels)
+    template = None if args.synthetic else json.loads(args.template.read_text())
+    records, classes = fleet(args.devices, args.levels, template=template)
     n = len(records)
     doc_bytes = sum(len(json.dumps(r["ext"]["results"])) for r in records) / n
     print(f"{args.devices} devices × {args.levels} levels = {n:,} records, {doc_bytes:,.0f} B per results document")

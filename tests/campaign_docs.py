@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import uuid
+from pathlib import Path
 from typing import Any
 
 from lens_core.stats import latency_distribution, metric_distribution
@@ -94,10 +96,31 @@ def level_record(
     }
 
 
+REAL_DOCUMENT = Path(__file__).parent / "data" / "campaign_level_results.json"
+
+
+def realistic(document: dict[str, Any], template: dict[str, Any]) -> dict[str, Any]:
+    """``document``'s figures in ``template``'s shape: a real level's results document (``lens-agent bench
+    --suite`` on a tiny model, tests/data/campaign_level_results.json) with its configuration, engine timings,
+    model load and memory sections, about 6 KB as JSON."""
+    out = copy.deepcopy(template)
+    out["metadata"] = document["metadata"]
+    for key in ("latency_metrics", "throughput_metrics", "error_metrics", "requests", "energy"):
+        out["results"][key] = document["results"][key]
+    return out
+
+
 def fleet(
-    devices: int, levels: int, *, seed: int = 7, campaign_id: str | None = None, samples: int = 20
+    devices: int,
+    levels: int,
+    *,
+    seed: int = 7,
+    campaign_id: str | None = None,
+    samples: int = 20,
+    template: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """``devices`` × ``levels`` records over three classes (orin, nano, laptop) and the classes map."""
+    """``devices`` × ``levels`` records over three classes (orin, nano, laptop) and the classes map; each document
+    in ``template``'s shape when given (:func:`realistic`)."""
     rng = random.Random(seed)
     campaign_id = campaign_id or str(uuid.uuid4())
     classes: dict[str, str] = {}
@@ -121,5 +144,7 @@ def fleet(
                 j_per_token=[rng.uniform(0.05, 0.2) for _ in range(samples)] if kind != "laptop" else None,
                 level=f"concurrency {2**lv}",
             )
+            if template is not None:
+                doc = realistic(doc, template)
             records.append(level_record(device, doc, campaign_id=campaign_id, level=f"concurrency {2**lv}"))
     return records, classes

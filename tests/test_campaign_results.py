@@ -19,7 +19,7 @@ import pytest
 
 from aggregator import campaign_results as cr
 
-from .campaign_docs import fleet, level_record, results_document
+from .campaign_docs import REAL_DOCUMENT, fleet, level_record, results_document
 
 CAMPAIGN = str(uuid.uuid4())
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +38,12 @@ def _doc(ttft: float, tpot: float, e2e: float, tps: float, errors: int = 0, j: f
 
 
 def test_documents_are_in_the_seed_results_schema(results_schema: dict[str, Any]) -> None:
-    records, _ = fleet(3, 2)
-    for record in records:
-        jsonschema.validate(record["ext"]["results"], results_schema)
+    template = json.loads(REAL_DOCUMENT.read_text())
+    for shape in (None, template):
+        records, classes = fleet(3, 2, template=shape)
+        for record in records:
+            jsonschema.validate(record["ext"]["results"], results_schema)
+        assert cr.collect(records, classes).skipped_documents == 0
 
 
 def test_class_figures_are_medians_over_devices_computed_independently() -> None:
@@ -344,3 +347,51 @@ def test_without_pyarrow_arrow_and_parquet_say_which_extra() -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 2 and all("llm-latency-lens[arrow]" in line for line in lines)
+
+
+def test_real_suite_documents_give_the_figures_of_their_own_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path
+) -> None:
+    """Results documents written by a real ``lens-agent bench --suite`` run (llama.cpp, a tiny model, two levels):
+    each row's figures equal the percentiles of that level's own request records, computed here with numpy."""
+    from .test_bench_cli import run_cli
+    from .test_suite_run import agent_config, raw_records, write_prompts
+
+    write_prompts(tmp_path / "prompts.jsonl")
+    suite = {
+        "test_suite": {"name": "campaign", "version": "1"},
+        "models": [{"name": "tiny", "endpoint": f"file://{tiny_model}"}],
+        "workloads": [
+            {"name": "short", "input_dataset": "prompts.jsonl", "output_token_target": 6, "requests": 4,
+             "concurrency_levels": [1, 2]}
+        ],
+    }  # fmt: skip
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    out, raw = tmp_path / "out", tmp_path / "requests.jsonl"
+    code, _, stderr = run_cli(
+        capsys, "bench", "--config", str(agent_config(tmp_path, tiny_model)), "--suite", str(tmp_path / "suite.json"),
+        "--output", str(out), "--raw", str(raw), "--no-progress",
+    )  # fmt: skip
+    assert code == 0, stderr
+    documents = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(documents) == 2
+    records = [
+        level_record("edge-1", doc, campaign_id=CAMPAIGN, model="tiny", workload="short",
+                     level=doc["configuration"]["suite"]["level"])
+        for doc in documents
+    ]  # fmt: skip
+    got = {row["level"]: row for row in json.loads(cr.export(records, {"edge-1": "laptop"}, "json")[0])["rows"]}
+    assert len(got) == 2
+    requests = [r for r in raw_records(raw) if not r["warmup"]]
+    for level, row in got.items():
+        mine = [r for r in requests if r["ext"]["suite"]["level"] == level]
+        ok = [r for r in mine if r["ok"]]
+        assert row["requests"] == len(mine) == 4 and row["errors"] == len(mine) - len(ok)
+        for column, field_name, q in (("ttft_p50_ms", "ttft_ms", 50), ("e2e_p95_ms", "e2e_ms", 95),
+                                      ("tpot_p95_ms", "tpot_ms", 95)):  # fmt: skip
+            assert row[column] == pytest.approx(float(np.percentile([r[field_name] for r in ok], q)), rel=1e-9)
+        assert row["error_rate"] == pytest.approx((len(mine) - len(ok)) / len(mine))
+        assert row["tokens_per_second"] is not None and row["tokens_per_second"] > 0
+        assert row["j_per_output_token"] is None  # power_source = "none"
+    classes = cr.class_rows(records, {"edge-1": "laptop"})
+    assert [r["devices"] for r in classes["laptop"]] == [1, 1]
