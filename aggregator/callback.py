@@ -271,7 +271,7 @@ async def deliver(
             try:
                 answer = await asyncio.wait_for(resolve(host, port), timeout)
             except (OSError, UnicodeError, asyncio.TimeoutError) as exc:
-                return False, f"the callback URL's host {host!r:.80} does not resolve: {exc or 'timed out'}"[:300]
+                return False, f"the callback URL's host {host!r:.80} does not resolve: {str(exc) or 'timed out'}"[:300]
             addresses = check_addresses(host, answer, allow_private)
     except CallbackRefused as exc:
         return False, str(exc)
