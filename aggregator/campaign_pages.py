@@ -34,7 +34,8 @@ _CAMPAIGN_STYLE = """
 .bar span { display: block; height: 8px; background: #0969da; } .state { text-align: left; }
 .pending, .queued { color: #57606a; } .running { color: #0969da; } .completed, .succeeded { color: #1a7f37; }
 .failed, .timed_out { color: #cf222e; } .cancelled, .skipped { color: #9a6700; }
-td.reason { text-align: left; max-width: 420px; overflow-wrap: anywhere; } .spread { color: #57606a; font-size: 12px; }
+td.reason { text-align: left; max-width: 420px; overflow-wrap: anywhere; } .spread { color: #57606a; font-size: 12px; white-space: nowrap; }
+td.progress, td.when, td.level { white-space: nowrap; }
 """
 _METRICS = (
     ("ttft_p50_ms", "TTFT p50", 1),
@@ -118,14 +119,15 @@ def campaigns_box_html(campaigns: Sequence[Mapping[str, Any]], *, link_prefix: s
         state = _state(c.get("status"))
         rows.append(
             f'<tr><td class="text">{label}</td><td class="state {state}">{state}</td>'
-            f'<td>{_progress(c.get("progress_percent"))}</td><td class="text">{_counts(c.get("counts"))}</td>'
-            f'<td class="text">{text(c.get("created_at"), 40)}</td><td class="text">{text(c.get("deadline"), 40)}</td></tr>'
+            f'<td class="progress">{_progress(c.get("progress_percent"))}</td><td class="text">{_counts(c.get("counts"))}</td>'
+            f'<td class="text when">{text(c.get("created_at"), 40)}</td><td class="text when">{text(c.get("deadline"), 40)}</td></tr>'
         )
     more = len(usable) - len(shown)
     note = (
         f'<div class="sub">{more:,} more not shown (<a href="api/v1/benchmark">all campaigns</a>)</div>' if more else ""
     )
     return (
+        f"<style>{_CAMPAIGN_STYLE}</style>"  # the fleet page's own style has none of these classes
         f'<div class="campaigns" id="campaigns"><strong>Campaigns</strong> ({len(active):,} active)'
         '<div class="scroll"><table><thead><tr><th>campaign</th><th class="state">state</th><th>progress</th>'
         '<th style="text-align:left">devices</th><th style="text-align:left">created</th>'
@@ -138,7 +140,7 @@ def campaigns_box_html(campaigns: Sequence[Mapping[str, Any]], *, link_prefix: s
 def _spread(row: Mapping[str, Any], key: str, digits: int) -> str:
     spread = row.get("spread")
     s = spread.get(key) if isinstance(spread, Mapping) else None
-    if not isinstance(s, Mapping):
+    if not isinstance(s, Mapping) or s.get("min") == s.get("max"):  # one device, or all alike: nothing to show
         return ""
     return f'<div class="spread">{number(s.get("min"), digits)} – {number(s.get("max"), digits)}</div>'
 
@@ -172,7 +174,7 @@ def _class_tables(classes: Mapping[str, Any]) -> str:
             errors = f"{percent(100 * rate):.0f} %" if number(rate, 3) != "–" and rate is not None else "–"
             body.append(
                 f'<tr><td class="text">{text(row.get("model"))}</td><td class="text">{text(row.get("workload"))}</td>'
-                f'<td class="text">{text(row.get("level"))}</td><td>{number(row.get("devices"), 0)}</td>{cells}'
+                f'<td class="text level">{text(row.get("level"))}</td><td>{number(row.get("devices"), 0)}</td>{cells}'
                 f"<td>{errors}</td></tr>"
             )
         parts.append(
@@ -193,9 +195,9 @@ def _devices_table(devices: Any) -> str:
         state = _state(job.get("state"))
         rows.append(
             f'<tr><td class="text">{text(device_id)}</td><td class="state {state}">{state.replace("_", " ")}</td>'
-            f"<td>{_progress(job.get('progress_percent'))}</td>"
+            f'<td class="progress">{_progress(job.get("progress_percent"))}</td>'
             f'<td class="reason">{text(job.get("reason"), MAX_REASON_CHARS)}</td>'
-            f'<td class="text">{text(job.get("updated_at"), 40)}</td></tr>'
+            f'<td class="text when">{text(job.get("updated_at"), 40)}</td></tr>'
         )
     more = len(devices) - len(rows)
     note = f'<div class="sub">{more:,} more devices not shown: see the status API</div>' if more > 0 else ""
