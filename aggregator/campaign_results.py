@@ -228,11 +228,16 @@ def read_record(record: Any, classes: Mapping[str, str]) -> Row:
         requests, errors, figures = _figures(document["results"])
     except Malformed as exc:
         raise Malformed(f"device {device!r:.60}, {model} / {workload} / {level}: {exc}") from None
-    shown_class = classes.get(record["device_id"])
-    device_class = UNKNOWN_CLASS
-    if type(shown_class) is str and shown_class:  # the caller's view of the device: cut, never a reason to skip
-        device_class, _, _ = clean_label(shown_class[: MAX_NAME_CHARS * 4], MAX_NAME_CHARS)
+    device_class = _caller_class(classes.get(record["device_id"]))
     return Row(device, device_class, model, workload, level, requests, errors, figures, document)
+
+
+def _caller_class(value: Any) -> str:
+    """The caller's view of a device's class, cleaned and cut (never a reason to skip its record)."""
+    if type(value) is not str or not value:
+        return UNKNOWN_CLASS
+    cleaned, _, _ = clean_label(value[: MAX_NAME_CHARS * 4], MAX_NAME_CHARS)
+    return cleaned
 
 
 def _newer(record: Any, than: Any) -> bool:
@@ -341,11 +346,25 @@ def class_rows(levels: Iterable[Any], classes: Mapping[str, str]) -> dict[str, l
     return classes_of(collect(levels, classes))
 
 
-def results(levels: Iterable[Any], classes: Mapping[str, str]) -> dict[str, Any]:
+def results(
+    levels: Iterable[Any], classes: Mapping[str, str], states: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The ``results`` member of ``GET /api/v1/benchmark/{id}/results``: ``devices``, ``classes`` and what was
-    left out (``skipped_documents``, ``skip_reasons``, ``rows_dropped``); the caller adds each device's job state."""
+    left out (``skipped_documents``, ``skip_reasons``, ``rows_dropped``). ``states``: each targeted device's job
+    state (``{device_id: state}``, from the campaign's jobs): every one of them is listed, with its state, also
+    before it has sent a document; without it, only devices with documents are, without a state."""
     collected = collect(levels, classes)
-    return {"devices": devices_of(collected), "classes": classes_of(collected), **collected.notes()}
+    devices = devices_of(collected)
+    if states is not None:
+        for device_id, state in states.items():
+            entry = devices.setdefault(
+                device_id, {"device_class": _caller_class(classes.get(device_id)), "documents": []}
+            )
+            entry["state"] = state
+        for entry in devices.values():
+            entry.setdefault("state", None)
+        devices = {device_id: devices[device_id] for device_id in sorted(devices)}
+    return {"devices": devices, "classes": classes_of(collected), **collected.notes()}
 
 
 # -- exports ---------------------------------------------------------------------------------------------------------

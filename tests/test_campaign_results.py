@@ -395,3 +395,13 @@ def test_real_suite_documents_give_the_figures_of_their_own_requests(
         assert row["j_per_output_token"] is None  # power_source = "none"
     classes = cr.class_rows(records, {"edge-1": "laptop"})
     assert [r["devices"] for r in classes["laptop"]] == [1, 1]
+
+
+def test_results_list_every_targeted_device_with_its_state() -> None:
+    records = [level_record("a", _doc(10, 2, 50, 100), campaign_id=CAMPAIGN)]
+    body = cr.results(records, {"a": "orin", "b": "nano"}, {"a": "succeeded", "b": "timed_out", "c": "queued"})
+    assert list(body["devices"]) == ["a", "b", "c"]
+    assert body["devices"]["a"]["state"] == "succeeded" and len(body["devices"]["a"]["documents"]) == 1
+    assert body["devices"]["b"] == {"device_class": "nano", "documents": [], "state": "timed_out"}
+    assert body["devices"]["c"] == {"device_class": "unknown", "documents": [], "state": "queued"}
+    assert "state" not in cr.results(records, {})["devices"]["a"]
