@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import threading
 import time
+import uuid
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,6 +297,27 @@ class OtlpCollector:
         yield from families.values()
 
 
+CAMPAIGN_STATES = ("pending", "running", "completed", "failed", "cancelled")
+CAMPAIGN_TERMINAL = frozenset({"completed", "failed", "cancelled"})
+JOB_STATES = ("queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped")
+
+
+def _campaign_label(value: Any) -> str | None:
+    """A campaign id as a label: the canonical UUID text, or None (the aggregator makes the ids: never a device)."""
+    if type(value) is not str or len(value) > 64:
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return None
+
+
+def _finite(value: Any, default: float) -> float:
+    if type(value) in (int, float) and math.isfinite(value) and abs(value) < 1e15:
+        return float(value)
+    return default
+
+
 class FleetMetrics:
     def __init__(
         self,
@@ -442,6 +465,28 @@ class FleetMetrics:
         )
         self.label_sets.set_function(lambda: len(self.budget))
         r.register(_ReadSkips())
+        # benchmark campaigns (docs/campaigns.md): set by :meth:`campaigns` from the store's campaign statuses
+        self.campaign_states = Gauge(
+            f"{PREFIX}_campaigns",
+            "Benchmark campaigns by state (pending, running, completed, failed, cancelled)",
+            ("state",),
+            registry=r,
+        )
+        for state in CAMPAIGN_STATES:
+            self.campaign_states.labels(state)
+        self.campaign_progress = Gauge(
+            f"{PREFIX}_campaign_progress_percent",
+            "A pending or running campaign's progress (0-100); absent once it ends",
+            ("campaign",),
+            registry=r,
+        )
+        self.campaign_jobs = Gauge(
+            f"{PREFIX}_campaign_jobs",
+            "A pending or running campaign's device jobs by state; absent once it ends",
+            ("campaign", "state"),
+            registry=r,
+        )
+        self._campaign_series: set[str] = set()  # campaign ids with progress and job series now
 
     def _cut(self, value: str) -> str:
         """A label value without control characters and within ``max_label_chars`` (each change counted)."""
@@ -613,6 +658,53 @@ class FleetMetrics:
 
     def trigger_failure(self, reason: str) -> None:
         self.trigger_failures.labels(reason).inc()
+
+    def campaigns(
+        self,
+        statuses: Iterable[Mapping[str, Any]],
+        totals: Mapping[str, int] | None = None,
+        *,
+        max_active: int = 100,
+    ) -> None:
+        """``llm_latency_lens_campaigns{state}``, and for each pending or running campaign (at most ``max_active``,
+        the ``campaigns.max_active`` bound; the first ones given) ``…_campaign_progress_percent{campaign}`` and
+        ``…_campaign_jobs{campaign,state}`` for every job state. ``statuses``: campaign status dicts
+        (``benchmark_id``, ``status``, ``progress_percent``, ``counts``), as ``GET /api/v1/benchmark`` lists them;
+        ``totals``: the number of campaigns in each state, when ``statuses`` is not all of them (else counted from
+        ``statuses``). A campaign no longer pending or running loses its series; so does one no longer listed."""
+        counted = {state: 0 for state in CAMPAIGN_STATES}
+        active: dict[str, tuple[float, dict[str, float]]] = {}
+        for status in statuses:
+            state = status.get("status")
+            if state not in counted:
+                continue
+            counted[state] += 1
+            if state in CAMPAIGN_TERMINAL or len(active) >= max_active:
+                continue
+            campaign = _campaign_label(status.get("benchmark_id"))
+            if campaign is None:
+                continue
+            counts = status.get("counts")
+            if not isinstance(counts, Mapping):
+                counts = {}
+            jobs = {job: _finite(counts.get(job), 0.0) for job in JOB_STATES}
+            active[campaign] = (min(100.0, max(0.0, _finite(status.get("progress_percent"), 0.0))), jobs)
+        for state in CAMPAIGN_STATES:
+            shown = counted[state] if totals is None else _finite(totals.get(state), 0.0)
+            self.campaign_states.labels(state).set(shown)
+        with self._lock:
+            gone = self._campaign_series - set(active)
+            self._campaign_series = set(active)
+        for campaign in gone:
+            with contextlib.suppress(KeyError):
+                self.campaign_progress.remove(campaign)
+            for job in JOB_STATES:
+                with contextlib.suppress(KeyError):
+                    self.campaign_jobs.remove(campaign, job)
+        for campaign, (progress, jobs) in active.items():
+            self.campaign_progress.labels(campaign).set(progress)
+            for job, n in jobs.items():
+                self.campaign_jobs.labels(campaign, job).set(n)
 
     def exposition(self) -> bytes:
         """The text exposition (blocking: tens of milliseconds for a few thousand label sets; serve it through
