@@ -24,7 +24,7 @@ from aiohttp import web
 
 from lens_core import wire
 
-from . import __version__, api, campaigns, feedback, reads, regressions, timeline
+from . import __version__, api, campaign_pages, campaign_results, campaigns, feedback, reads, regressions, timeline
 from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, connection_cap, open_files_limit
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
@@ -446,9 +446,19 @@ async def _read_allowed(request: web.Request) -> web.Response | None:
         if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
             raise web.HTTPFound("/login")
         return _error(401, "a read token is required (Authorization: Bearer <token>; lens-aggregator token add --read)")
-    if token.kind != "read":
+    if token.kind not in ("read", "operator"):
         return _error(403, "device tokens only write; use a read token")
     return None
+
+
+async def _viewer_is_operator(request: web.Request) -> bool:
+    """Whether the caller holds an operator token (bearer header or the login cookie): campaigns are shown to
+    operators only (docs/campaigns.md), on loopback too."""
+    token = await _authenticate(request)
+    if token is None and request.cookies.get(COOKIE):
+        runner = request.app[STORE]
+        token = await runner.call(runner.store.authenticate, request.cookies[COOKIE], _now_us())
+    return token is not None and token.kind == "operator"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -486,9 +496,9 @@ async def login(request: web.Request) -> web.Response:
     token = (form.get("token") or [""])[0].strip()
     runner = request.app[STORE]
     info = await runner.call(runner.store.authenticate, token, _now_us()) if token else None
-    if info is None or info.kind != "read":
+    if info is None or info.kind not in ("read", "operator"):
         return web.Response(
-            text=LOGIN_PAGE.replace("<!--error-->", "<p class='silent'>not a valid read token</p>"),
+            text=LOGIN_PAGE.replace("<!--error-->", "<p class='silent'>not a valid read or operator token</p>"),
             content_type="text/html",
             status=401,
         )
@@ -731,6 +741,30 @@ async def page(request: web.Request) -> web.Response:
         return with_data(FLEET_PAGE, fleet_answer(settings, watch, store, now, triggers=triggers, metric_folds=folds))
 
     text = await runner.read(settings.bounded(build), runner.store, time.time())
+    if await _viewer_is_operator(request):  # the campaigns box, server-rendered, for operators only
+        listed = await runner.read(settings.bounded(campaigns.listing), runner.store, campaign_pages.BOX_CAMPAIGNS)
+        text = text.replace("</h1>", "</h1>\n" + campaign_pages.campaigns_box_html(listed), 1)
+    return web.Response(text=text, content_type="text/html")
+
+
+async def campaign_page(request: web.Request) -> web.Response:
+    """``/campaigns/{id}``: a campaign's per-device states and class comparison, for operators (a browser without
+    an operator login is sent to /login)."""
+    if not await _viewer_is_operator(request):
+        if "text/html" in request.headers.get("Accept", ""):
+            raise web.HTTPFound("/login")
+        return _error(403, "campaigns are shown to operator tokens only (lens-aggregator token add --kind operator)")
+    runner, settings = request.app[STORE], request.app[SETTINGS]
+
+    def build(store: Store, text: str) -> str:
+        state = campaigns.status(store, text)
+        levels, classes = campaigns.campaign_levels_with_class(store, state["benchmark_id"])
+        return campaign_pages.campaign_page_html(state, campaign_results.class_rows(levels, classes))
+
+    try:
+        text = await runner.read(settings.bounded(build), runner.store, request.match_info["benchmark_id"])
+    except campaigns.BadRequest as exc:
+        return exc.response()
     return web.Response(text=text, content_type="text/html")
 
 
@@ -931,6 +965,7 @@ def create_app(
     app.router.add_post("/login", login)
     app.router.add_get("/logout", logout)
     app.router.add_get("/device/{device_id}", device_page)
+    app.router.add_get("/campaigns/{benchmark_id}", campaign_page)
     app.router.add_get("/api/v1/devices/{device_id}/timeline", device_timeline)
     app.router.add_get("/static/{name}", static_file)
     app[campaigns.CONTEXT] = campaigns.Context(
@@ -943,6 +978,7 @@ def create_app(
         bounded=settings.bounded,  # every operator read within server.max_query_seconds (503 past it)
     )
     campaigns.add_routes(app)
+    app[campaigns.GAUGES] = app[METRICS].campaigns
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         for device in await runner.call(store.devices):  # device gauges survive a restart of the aggregator

@@ -35,7 +35,10 @@ from aiohttp import web
 from lens_core import wire
 from lens_core.suite import SuiteError, SuiteLimits, canonical_json, check_document
 
+from . import callback
 from .arrow import ArrowUnavailable
+from .campaign_results import export
+from .campaign_results import results as results_of
 from .health import FACTS_KIND, facts_from_record
 from .metrics import clean_label
 from .rows import decode_wire
@@ -53,11 +56,7 @@ from .store import (
 
 log = logging.getLogger("aggregator.campaigns")
 
-try:  # the class comparison and exports (arrow, parquet) of the results workstream
-    from .campaign_results import class_rows, export  # type: ignore[import-not-found,import-untyped,unused-ignore]
-except ImportError:  # not merged yet: JSON and CSV exports, the same class rows
-    from .campaign_fallback import class_rows, export
-
+CALLBACK_TIMEOUT_S = 10.0
 MAX_BODY_BYTES = 1024**2
 MAX_JSON_DEPTH = 64
 MAX_JOB_BODY_BYTES = 4096
@@ -494,24 +493,13 @@ def results_view(store: Store, campaign: str) -> dict[str, Any] | None:
     row = store.campaign(campaign)
     if row is None:
         return None
-    jobs = store.campaign_jobs(campaign)
+    states = {job.device_id: job.state for job in store.campaign_jobs(campaign) if job.state != "skipped"}
     levels, classes = campaign_levels_with_class(store, campaign)
-    devices: dict[str, Any] = {
-        job.device_id: {"device_class": classes.get(job.device_id), "state": job.state, "documents": []}
-        for job in jobs
-        if job.state != "skipped"
-    }
-    for level in levels:
-        ext = level.get("ext")
-        document = ext.get("results") if type(ext) is dict else None
-        entry = devices.get(str(level.get("device_id")))
-        if entry is not None and type(document) is dict:
-            entry["documents"].append(document)
     return {
         "benchmark_id": row.id,
         "format_version": "1",
         "status": row.state,
-        "results": {"devices": devices, "classes": class_rows(levels, classes)},
+        "results": results_of(levels, classes, states),
     }
 
 
@@ -529,11 +517,60 @@ def ack_jobs(store: Store, device_id: str) -> list[dict[str, Any]]:
     return [job_for_ack(job) for job in store.device_jobs(device_id, MAX_ACK_JOBS)]
 
 
-# -- the hook the callback workstream fills in ----------------------------------------------------------------------
+# -- completion callbacks (aggregator/callback.py) -------------------------------------------------------------
 def on_campaign_finished(app: web.Application, campaign: str) -> None:
-    """A campaign reached a terminal state (completed, failed, cancelled). Its callback (if any) is delivered by
-    the callback sender; for now this only logs."""
+    """A campaign reached a terminal state (completed, failed, cancelled): its callback, if it has one, was set
+    ``pending`` in the same transaction and goes out with the next tick of the campaign task (deliver_callbacks)."""
     log.info("campaign %s finished", campaign)
+
+
+def callback_payload(row: CampaignRow, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "benchmark_id": row.id,
+        "name": row.name,
+        "status": row.state,
+        "counts": counts,
+        "finished_at": iso(row.finished_us),
+    }
+
+
+async def deliver_callbacks(app: web.Application, limit: int = 20) -> int:
+    """Send the due completion callbacks (at most ``limit`` per tick), signed with ``campaigns.callback_secret_file``;
+    a failure is retried with backoff (1 s doubling to 5 min) up to ``campaigns.callback_attempts`` times, across
+    restarts (the state is in the campaign's row). How many were attempted."""
+    context = app[CONTEXT]
+    settings = context.settings
+    due: list[CampaignRow] = await context.read(context.store.due_callbacks, context.now_us(), limit)
+    for row in due:
+        counts = (await context.read(context.store.job_counts, [row.id])).get(row.id, {})
+        attempt = row.callback_attempts + 1
+        secret: bytes | None = None
+        error: str | None
+        try:
+            if settings.callback_secret_file is None:
+                raise OSError("campaigns.callback_secret_file is not set")
+            secret = await asyncio.get_running_loop().run_in_executor(None, settings.callback_secret_file.read_bytes)
+        except OSError as exc:
+            ok, error = False, f"the callback secret cannot be read: {exc}"
+        if secret is not None:
+            ok, error = await callback.deliver(
+                row.callback_url or "",
+                callback_payload(row, counts),
+                secret.strip(),
+                allow_private=settings.allow_private_callbacks,
+                timeout=CALLBACK_TIMEOUT_S,
+            )
+        if ok:
+            state, next_us = "delivered", None
+            log.info("campaign %s: callback delivered (attempt %d)", row.id, attempt)
+        elif attempt >= settings.callback_attempts:
+            state, next_us = "failed", None
+            log.warning("campaign %s: callback failed after %d attempts: %s", row.id, attempt, error)
+        else:
+            state, next_us = "pending", context.now_us() + int(callback.next_attempt_delay(attempt) * 1e6)
+            log.info("campaign %s: callback attempt %d failed (%s); retrying", row.id, attempt, error)
+        await context.call(context.store.set_callback, row.id, state, attempt, next_us, None if ok else error)
+    return len(due)
 
 
 # -- the HTTP layer ------------------------------------------------------------------------------------------------
@@ -881,13 +918,30 @@ def export_rows(store: Store, text: str, fmt: str) -> tuple[bytes, str]:
 
 
 async def check_deadlines(app: web.Application) -> list[tuple[str, str]]:
-    """One tick of the deadline task: at most 1,000 late jobs ended (the next tick takes the rest)."""
+    """One tick of the campaign task: at most 1,000 late jobs ended (the next tick takes the rest), then the due
+    completion callbacks sent."""
     context = app[CONTEXT]
     finished: list[tuple[str, str]] = await context.call(context.store.expire_jobs, context.now_us(), 1000)
     for campaign, state in finished:
         log.info("campaign %s %s at its deadline", campaign, state)
         on_campaign_finished(app, campaign)
+    await deliver_callbacks(app)
+    if GAUGES in app:
+        totals, active = await context.read(gauge_inputs, context.store, context.settings.max_active)
+        app[GAUGES](active, totals, max_active=context.settings.max_active)
     return finished
+
+
+def gauge_inputs(store: Store, max_active: int) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """What the campaign gauges show (on a read thread): campaigns per state, and the unfinished ones."""
+    rows = store.unfinished_campaigns(max_active)
+    counts = store.job_counts([r.id for r in rows])
+    return store.campaign_state_counts(), [summary(r, counts.get(r.id, {})) for r in rows]
+
+
+# the campaign gauges' setter (FleetMetrics.campaigns), when the app exports metrics
+GaugeSetter = Callable[..., None]
+GAUGES: web.AppKey[GaugeSetter] = web.AppKey("campaign_gauges")
 
 
 def add_routes(app: web.Application) -> None:

@@ -704,6 +704,43 @@ class Store(abc.ABC):
             raise ValueError(f"only an operator's cancel sets a campaign's state, not {state!r}")
         return self._campaign_write(lambda run: CampaignSQL.cancel(run, campaign_id, now_us))
 
+    def campaign_state_counts(self) -> dict[str, int]:
+        """How many campaigns are in each state (the campaign gauges)."""
+        return {
+            str(state): int(n) for state, n in self._campaign_read("SELECT state, COUNT(*) FROM campaigns GROUP BY 1")
+        }
+
+    def unfinished_campaigns(self, limit: int = 100) -> list[CampaignRow]:
+        """Pending and running campaigns, oldest first, at most ``limit`` (``campaigns.max_active`` bounds them)."""
+        rows = self._campaign_read(
+            f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE state IN ('pending', 'running') "
+            "ORDER BY created_us, id LIMIT ?",
+            [limit],
+        )
+        return [CampaignRow(*row) for row in rows]
+
+    def due_callbacks(self, now_us: int, limit: int = 20) -> list[CampaignRow]:
+        """Finished campaigns whose completion callback is due (``callback_state`` pending, its next attempt's time
+        reached), the longest finished first, at most ``limit``."""
+        rows = self._campaign_read(
+            f"SELECT {', '.join(CAMPAIGN_COLUMNS)} FROM campaigns WHERE callback_state = 'pending' "
+            "AND (callback_next_us IS NULL OR callback_next_us <= ?) ORDER BY finished_us, id LIMIT ?",
+            [now_us, limit],
+        )
+        return [CampaignRow(*row) for row in rows]
+
+    def set_callback(self, campaign_id: str, state: str, attempts: int, next_us: int | None, error: str | None) -> None:
+        """The outcome of a callback attempt: ``pending`` (retry at ``next_us``), ``delivered`` or ``failed``."""
+        if state not in ("pending", "delivered", "failed"):
+            raise ValueError(f"callback state {state!r}")
+        self._campaign_write(
+            lambda run: run(
+                "UPDATE campaigns SET callback_state = ?, callback_attempts = ?, callback_next_us = ?, "
+                "callback_error = ? WHERE id = ?",
+                [state, attempts, next_us, error, campaign_id],
+            )
+        )
+
     def expire_jobs(self, now_us: int, limit: int = 1000) -> list[tuple[str, str]]:
         """The deadline task's work: at most ``limit`` late jobs ended; the campaigns that finished."""
         return self._campaign_write(lambda run: CampaignSQL.expire(run, now_us, limit))
