@@ -336,7 +336,8 @@ class JobClient:
 
     def _url(self, benchmark_id: str) -> str:
         s = self.uploader.settings
-        return f"{s.url}/api/v1/devices/{quote(s.device_id, safe='')}/jobs/{benchmark_id}"
+        jobs = f"{s.url}/api/v1/devices/{quote(s.device_id, safe='')}/jobs"
+        return f"{jobs}/{benchmark_id}" if benchmark_id else jobs
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.uploader.settings.token}"}
@@ -360,6 +361,14 @@ class JobClient:
             return status, json.loads(data)
         except ValueError:
             raise CampaignError(f"{method} job {benchmark_id}: HTTP {status}, not JSON") from None
+
+    async def poll(self) -> Any:
+        """GET the device's job list (what an acknowledgement carries): for a device with nothing to upload."""
+        status, payload = await self._call("GET", "", None)
+        if status != 200:
+            error = payload.get("error") if type(payload) is dict else None
+            raise CampaignError(f"GET jobs: HTTP {status} ({_short(error)})")
+        return payload
 
     async def fetch(self, benchmark_id: str) -> Any:
         status, payload = await self._call("GET", benchmark_id, None)

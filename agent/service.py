@@ -147,6 +147,7 @@ class AgentService:
         self._job_started_here: set[str] = set()
         self._campaign_busy = False
         self.suites = load_suites(self.config)  # a suite workload's document, checked before anything runs
+        self._last_jobs_heard = float("-inf")  # when an ack or a poll last told this device its campaign jobs
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -820,6 +821,7 @@ class AgentService:
         """An ack's ``jobs``, checked (``parse_jobs``): new ones are fetched by the next campaign pass, cancelled ones
         stop at their next check. Only ids with a job file here are remembered as cancelled, and at most
         :data:`MAX_JOBS_IN_ACK` announcements wait to be fetched: nothing an answer says grows without bound."""
+        self._last_jobs_heard = time.monotonic()
         notices, problems = parse_jobs(payload)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -887,6 +889,13 @@ class AgentService:
         again = False
         try:
             client = JobClient(self._uploader)
+            if time.monotonic() - self._last_jobs_heard >= self._campaign_interval():
+                # no acknowledgement for a sync interval (nothing to upload): ask for the job list instead
+                try:
+                    self._campaign_ack(await client.poll())
+                except CampaignError as exc:
+                    log.debug("campaign jobs not polled: %s", exc)
+                self._last_jobs_heard = time.monotonic()
             for benchmark_id in list(self._job_notices):
                 notice = self._job_notices.pop(benchmark_id)
                 await self._fetch_job(client, notice)

@@ -757,6 +757,19 @@ def _own_job(request: web.Request, token: TokenInfo) -> tuple[str, str]:
 
 
 @device
+async def list_jobs(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
+    """``GET /api/v1/devices/{device}/jobs``: what an acknowledgement would list, for a device with nothing to
+    upload (an idle device polls this every sync interval instead of waiting for its next batch)."""
+    device_id = request.match_info["device_id"]
+    if device_id != token.subject:
+        raise BadRequest(
+            403, "wrong_device", f"this token belongs to device {token.subject!r}, not {device_id[:128]!r}"
+        )
+    jobs = await context.read(context.bounded(ack_jobs), context.store, device_id)
+    return web.json_response({"jobs": jobs})
+
+
+@device
 async def get_job(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
     device_id, campaign = _own_job(request, token)
 
@@ -951,6 +964,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/benchmark/{benchmark_id}/results", campaign_results)
     app.router.add_get("/api/v1/benchmark/{benchmark_id}/export", campaign_export)
     app.router.add_post("/api/v1/benchmark/{benchmark_id}/cancel", cancel_campaign)
+    app.router.add_get("/api/v1/devices/{device_id}/jobs", list_jobs)
     app.router.add_get("/api/v1/devices/{device_id}/jobs/{benchmark_id}", get_job)
     app.router.add_post("/api/v1/devices/{device_id}/jobs/{benchmark_id}", post_job)
 

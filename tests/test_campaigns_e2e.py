@@ -142,7 +142,7 @@ max_tokens = 2
         clean = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
         log = (home / "agent.log").open("ab")
         self.agents[device] = subprocess.Popen(
-            [*AGENT, "run", "--config", str(config)], cwd=ROOT, env=clean, stdout=log, stderr=log
+            [*AGENT, "run", "-v", "--config", str(config)], cwd=ROOT, env=clean, stdout=log, stderr=log
         )
 
     def stop_agent(self, device: str) -> None:

@@ -210,7 +210,7 @@ async def test_browsers_log_in_with_a_read_token_off_loopback(aiohttp_client, tm
     assert page.status == 302 and page.headers["Location"] == "/login"
     assert (await client.get("/api/v1/fleet")).status == 401  # scripts get a 401, not a redirect
     refused = await client.post("/login", data={"token": device})
-    assert refused.status == 401 and "not a valid read token" in await refused.text()
+    assert refused.status == 401 and "not a valid read or operator token" in await refused.text()
     signed = await client.post("/login", data={"token": reader}, allow_redirects=False)
     assert signed.status == 302 and "HttpOnly" in signed.headers["Set-Cookie"]
     assert (await client.get("/", headers={"Accept": "text/html"})).status == 200  # the cookie is sent back
