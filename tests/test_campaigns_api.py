@@ -234,6 +234,12 @@ async def test_a_device_reads_and_reports_only_its_own_job(fleet: Fleet) -> None
     assert (await fleet.get("/api/v1/devices/dev-a/jobs/not-a-uuid", 404, fleet.tokens["dev-a"]))["error"] == (
         "no_such_job"
     )
+    # an idle device (nothing to upload, no acknowledgement) asks for its job list: what an ack would carry
+    listed = await fleet.get("/api/v1/devices/dev-a/jobs", token=fleet.tokens["dev-a"])
+    assert [(j["benchmark_id"], j["state"]) for j in listed["jobs"]] == [(campaign, "queued")]
+    assert (await fleet.get("/api/v1/devices/dev-c/jobs", token=fleet.tokens["dev-c"])) == {"jobs": []}
+    other_list = await fleet.client.get("/api/v1/devices/dev-a/jobs", headers=auth(fleet.tokens["dev-b"]))
+    assert other_list.status == 403 and (await other_list.json())["error"] == "wrong_device"
     status = await fleet.get(f"/api/v1/benchmark/{campaign}/status")
     assert status["counts"] == {"queued": 2}  # nothing changed
 
@@ -605,6 +611,23 @@ async def test_a_finished_campaign_with_a_callback_is_left_pending_for_the_sende
     row = store.campaign(campaign)
     assert row is not None and row.state == "completed" and row.callback_state == "pending"
     assert row.callback_attempts == 0 and row.finished_us is not None
+
+    # the campaign task's sender: nothing listens on port 9, so the attempt fails and is retried later …
+    from aggregator import campaigns
+
+    app = fleet.client.server.app
+    assert await campaigns.deliver_callbacks(app) == 1
+    row = store.campaign(campaign)
+    assert row is not None and row.callback_state == "pending" and row.callback_attempts == 1
+    assert row.callback_next_us is not None and row.callback_next_us > int(clock() * 1e6)
+    assert row.callback_error
+    assert await campaigns.deliver_callbacks(app) == 0  # … not before its time
+    # … and given up after campaigns.callback_attempts (8) attempts
+    for attempt in range(2, 9):
+        store.set_callback(campaign, "pending", attempt - 1, None, row.callback_error)
+        assert await campaigns.deliver_callbacks(app) == 1
+    row = store.campaign(campaign)
+    assert row is not None and row.callback_state == "failed" and row.callback_attempts == 8
 
 
 async def test_targeting_is_bounded_by_the_reads_deadline(fleet: Fleet) -> None:
