@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -53,7 +54,6 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_DEADLINE_CHARS = 64
-
 
 
 class CampaignError(Exception):
@@ -136,11 +136,13 @@ def parse_jobs(payload: dict[str, Any]) -> tuple[list[JobNotice], list[str]]:
 
 
 def campaign_policy(config: AgentConfig) -> Any:
-    """The policy a pushed suite is checked against: the ``[suite]`` table and the data directory's ``datasets/``
-    and ``credentials/`` — no directory of the document's own (a pushed suite has none)."""
+    """The policy a pushed suite is checked and run against: the ``[suite]`` table and the data directory's
+    ``datasets/`` and ``credentials/`` — no directory of the document's own (a pushed suite has none) — and the
+    endpoints it may contact: only the origins in ``[suite] endpoints`` (none: local models only)."""
     from .bench.suite_run import suite_policy
 
-    return suite_policy(config)
+    allowed = tuple(config.values["suite"]["endpoints"])
+    return dataclasses.replace(suite_policy(config), endpoints=allowed)
 
 
 def check_job_document(payload: Any, notice: JobNotice, config: AgentConfig) -> tuple[dict[str, Any], Suite]:

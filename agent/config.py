@@ -86,6 +86,31 @@ def path_list(value: object) -> list[Path]:
     return [path_value(v) for v in items]
 
 
+def origin_list(value: object) -> list[str]:
+    """A TOML list (or comma-separated from the environment) of origins ``scheme://host[:port]``, normalised
+    (lower case, no default port)."""
+    from lens_core.suite import url_origin
+
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise Invalid('a list of origins, e.g. ["http://10.0.0.5:8000", "https://api.example.com"]')
+    out: list[str] = []
+    for item in items:
+        parts = item.strip()
+        try:
+            origin = url_origin(parts)
+        except ValueError:
+            raise Invalid(
+                f"an origin scheme://host[:port] (http or https, no user:password@), not {item[:80]!r}"
+            ) from None
+        rest = parts.split("://", 1)[1]
+        if "/" in rest.rstrip("/") or "?" in rest or "#" in rest:
+            raise Invalid(f"an origin scheme://host[:port] without a path, query or fragment, not {item[:80]!r}")
+        if origin not in out:
+            out.append(origin)
+    return out
+
+
 MAX_TAGS = 16
 MAX_TAG_CHARS = 64
 
@@ -277,6 +302,13 @@ SCHEMA: Schema = {
             lambda: [Path("/var/lib/lens-agent/models"), Path("/usr/share/lens-agent/models")],
             "a suite's file:// and gguf:NAME models must be inside one of these directories (the configured "
             "model.path and the bundled SmolLM2 are always allowed)",
+        ),
+        "endpoints": KeySpec(
+            origin_list,
+            list,
+            "the origins (scheme://host[:port]) an endpoint model of a suite that arrived from a server (a "
+            "campaign) may contact; empty (the default): such a suite may use local models only. A suite the "
+            "operator gave (--suite, [bench] suite) is not restricted by it",
         ),
         "max_concurrency": KeySpec(int_range(1, 1024), const(64), "a workload's concurrency at most"),
         "max_rate": KeySpec(number_range(0.001, 10000.0), const(500.0), "a workload's request rate at most (req/s)"),

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import re
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from lens_core.suite import (
     ARRIVALS,
     AUTH_KEYS,
     AUTH_TYPES,
+    DATASET_EXTENSIONS,
     DEFAULT_OUTPUT_TOKENS,
     DEFAULT_REQUESTS,
     DEFAULT_WARMUP,
@@ -67,8 +69,10 @@ from lens_core.suite import (
     check_suite,
     document_sha256,
     document_text,
+    key_path,
     parse_json_document,
     url_has_credentials,
+    url_origin,
 )
 
 from .errors import ModelFileError
@@ -109,6 +113,7 @@ __all__ = [
     "SuiteModel",
     "SuitePolicy",
     "SuiteWorkload",
+    "check_endpoint_allowed",
     "load_suite",
     "parse_suite",
     "policy_from_mapping",
@@ -132,6 +137,9 @@ class SuitePolicy(SuiteLimits):
     credentials_dirs: tuple[Path, ...] = ()  # a credentials_path likewise
     model_dirs: tuple[Path, ...] = ()  # a file:// GGUF likewise (empty tuple: any path — CLI use)
     default_model: Path | None = None  # gguf:default: the device's configured model (None: the bundled one)
+    # the origins (scheme://host[:port]) an endpoint model may have: None — any (a suite the operator gave);
+    # a tuple — a suite that arrived from a server (campaign_policy: [suite] endpoints; empty: local models only)
+    endpoints: tuple[str, ...] | None = None
 
 
 # -- reading a document -----------------------------------------------------------------------------------------
@@ -145,7 +153,8 @@ class _TooDeep(Exception):
 
 
 class _DuplicateKey(Exception):
-    def __init__(self, key: object, line: int) -> None:
+    def __init__(self, path: str, key: object, line: int) -> None:
+        self.path = path
         self.key = key
         self.line = line
 
@@ -170,19 +179,56 @@ def _plain_loader() -> type:
                 self._depth -= 1
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: set[Any] = set()
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     raise _AliasRefused(key_node.start_mark.line + 1)
+            return super().construct_mapping(node, deep=deep)
+
+        def construct_yaml_int(self, node: Any) -> Any:
+            # YAML 1.1 reads 0x10, 0o7, 010, 1_0 and 1:30 as integers; JSON and YAML 1.2 (core) do not: only a
+            # plain decimal integer is one here, the rest stay strings (refused as the wrong type, with their path)
+            value = self.construct_scalar(node)
+            return int(value) if _DECIMAL_INT.match(value) else value
+
+        def construct_yaml_float(self, node: Any) -> Any:
+            value = self.construct_scalar(node)
+            if _DECIMAL_FLOAT.match(value):
+                return float(value)
+            if value.lower().lstrip("+-") in (".inf", ".nan"):
+                return super().construct_yaml_float(node)  # refused by the bounds check, with its path
+            return value  # 1_000.5, 1:30.5 (YAML 1.1 only)
+
+    PlainLoader.add_constructor("tag:yaml.org,2002:int", PlainLoader.construct_yaml_int)
+    PlainLoader.add_constructor("tag:yaml.org,2002:float", PlainLoader.construct_yaml_float)
+    return PlainLoader
+
+
+_DECIMAL_INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
+_DECIMAL_FLOAT = re.compile(r"^-?(0|[1-9][0-9]*)(\.[0-9]*)?([eE][-+]?[0-9]+)?$|^-?\.[0-9]+([eE][-+]?[0-9]+)?$")
+
+
+def _duplicate_key(node: Any) -> tuple[str, object, int] | None:
+    """The JSON path, key and line of the first key given twice in a composed YAML document, or None."""
+    import yaml
+
+    stack: list[tuple[Any, str]] = [(node, "$")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, yaml.MappingNode):
+            seen: set[Any] = set()
+            children = []
+            for key_node, value_node in item.value:
                 if not isinstance(key_node, yaml.ScalarNode):
                     continue  # SafeLoader refuses an unhashable key itself
                 key = key_node.value
                 if key in seen:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                    return key_path(path, key), key, key_node.start_mark.line + 1
                 seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return PlainLoader
+                children.append((value_node, key_path(path, key)))
+            stack.extend(reversed(children))
+        elif isinstance(item, yaml.SequenceNode):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(item.value))))
+    return None
 
 
 def read_document(path: Path, policy: SuitePolicy) -> tuple[object, bytes]:
@@ -216,7 +262,17 @@ def _parse_yaml(text: str, source: str) -> object:
     import yaml
 
     try:
-        return yaml.load(text, Loader=_plain_loader())  # a SafeLoader subclass
+        loader = _plain_loader()(text)  # a SafeLoader subclass
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            duplicate = _duplicate_key(node)
+            if duplicate is not None:
+                raise _DuplicateKey(*duplicate)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except _AliasRefused as exc:
         raise SuiteError(
             source,
@@ -227,7 +283,9 @@ def _parse_yaml(text: str, source: str) -> object:
     except _TooDeep:
         raise SuiteError(source, "$", "deeper nesting", f"at most {MAX_DEPTH} nested levels") from None
     except _DuplicateKey as exc:
-        raise SuiteError(source, "$", f"key {exc.key!r} twice (line {exc.line})", "each key once per mapping") from None
+        raise SuiteError(
+            source, exc.path, f"key {exc.key!r} twice (line {exc.line})", "each key once per mapping"
+        ) from None
     except RecursionError:
         raise SuiteError(source, "$", "deeper nesting", f"at most {MAX_DEPTH} nested levels") from None
     except ValueError as exc:  # an integer literal past Python's digit limit
@@ -300,6 +358,11 @@ class _Checker(SuiteChecker):
         listing = ", ".join(str(d) for d in policy.model_dirs)
         raise self.fail(path, text, f"a model file {ref} or {ref}.gguf in [suite] model_dirs ({listing})")
 
+    def endpoint(self, path: str, url: str) -> None:
+        allowed = self.policy.endpoints
+        if allowed is not None:
+            check_endpoint_allowed(url, allowed, self.source, path)
+
     def credentials(self, path: str, raw: str) -> Path:
         candidate = self.local_path(raw, path, "credentials")
         return self.inside(candidate, self.policy.credentials_dirs, path, raw, "credentials_dirs", "a credentials file")
@@ -307,6 +370,10 @@ class _Checker(SuiteChecker):
     def dataset(self, path: str, ref: str) -> Path:
         candidate = self.local_path(ref, path, "dataset")
         real = self.inside(candidate, self.policy.dataset_dirs, path, ref, "dataset_dirs", "a dataset file")
+        if not real.name.lower().endswith(DATASET_EXTENSIONS):  # a prompt-file name linking to another file
+            raise self.fail(
+                path, ref, "a prompt file whose real name (symlinks followed) ends in " + ", ".join(DATASET_EXTENSIONS)
+            )
         try:
             info = real.stat()
         except OSError as exc:
@@ -356,7 +423,24 @@ class _Checker(SuiteChecker):
         raise self.fail(path, value, f"{what} inside [suite] {key} ({listing}), symlinks followed")
 
 
-# -- credentials ------------------------------------------------------------------------------------------------
+# -- endpoints and credentials --------------------------------------------------------------------------------
+def check_endpoint_allowed(url: str, allowed: tuple[str, ...], source: str, path: str) -> None:
+    """SuiteError unless the origin of ``url`` is one of ``allowed`` (a suite from a server: [suite] endpoints)."""
+    try:
+        origin = url_origin(url)
+    except ValueError:
+        raise SuiteError(source, path, HIDDEN, "an http(s) endpoint URL") from None
+    if origin not in allowed:
+        listing = ", ".join(allowed) if allowed else "none configured: local models only"
+        raise SuiteError(
+            source,
+            path,
+            origin,
+            f"an endpoint whose origin is listed in the agent's [suite] endpoints ({listing}); a suite from the "
+            "server may contact no other host",
+        )
+
+
 def read_credentials(model: SuiteModel, policy: SuitePolicy, source: str) -> str | None:
     """The model's key (stripped file content) or None for auth none; SuiteError naming the JSON path else.
 
@@ -368,34 +452,39 @@ def read_credentials(model: SuiteModel, policy: SuitePolicy, source: str) -> str
     where = f"{model.json_path}.auth.credentials_path"
     if model.credentials_path is None:
         raise SuiteError(source, where, MISSING, f"a credentials_path for auth type {model.auth_type!r}")
+    if model.kind != "endpoint" or model.url is None:
+        raise SuiteError(source, f"{model.json_path}.auth", HIDDEN, "no auth for a local GGUF model")
+    if policy.endpoints is not None:  # the key goes only to an endpoint this device allows (checked again here)
+        check_endpoint_allowed(model.url, policy.endpoints, source, f"{model.json_path}.endpoint")
+    shown = str(model.credentials_path)  # a path, not a secret: the file's content is never shown
     checker = _Checker(source, None, policy)
     real = checker.inside(
-        model.credentials_path, policy.credentials_dirs, where, HIDDEN, "credentials_dirs", "a credentials file"
+        model.credentials_path, policy.credentials_dirs, where, shown, "credentials_dirs", "a credentials file"
     )
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(real, flags)
     except OSError as exc:
-        raise SuiteError(source, where, HIDDEN, f"a readable credentials file ({exc.strerror})") from None
+        raise SuiteError(source, where, shown, f"a readable credentials file ({exc.strerror})") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise SuiteError(source, where, HIDDEN, "a regular credentials file")
+            raise SuiteError(source, where, shown, "a regular credentials file")
         if info.st_size > MAX_CREDENTIALS_BYTES:
-            raise SuiteError(source, where, HIDDEN, f"a credentials file of at most {MAX_CREDENTIALS_BYTES} bytes")
+            raise SuiteError(source, where, shown, f"a credentials file of at most {MAX_CREDENTIALS_BYTES} bytes")
         with os.fdopen(fd, "rb", closefd=False) as handle:
             data = handle.read(MAX_CREDENTIALS_BYTES + 1)
     except OSError as exc:
-        raise SuiteError(source, where, HIDDEN, f"a readable credentials file ({exc.strerror})") from None
+        raise SuiteError(source, where, shown, f"a readable credentials file ({exc.strerror})") from None
     finally:
         os.close(fd)
     if len(data) > MAX_CREDENTIALS_BYTES:
-        raise SuiteError(source, where, HIDDEN, f"a credentials file of at most {MAX_CREDENTIALS_BYTES} bytes")
+        raise SuiteError(source, where, shown, f"a credentials file of at most {MAX_CREDENTIALS_BYTES} bytes")
     text = data.decode("ascii", "replace").strip()
     if not text:
-        raise SuiteError(source, where, HIDDEN, "a credentials file holding the key (it is empty)")
+        raise SuiteError(source, where, shown, "a credentials file holding the key (it is empty)")
     if not all(0x21 <= ord(ch) <= 0x7E or ch == " " for ch in text):
-        raise SuiteError(source, where, HIDDEN, "one line of printable ASCII (the key and nothing else)")
+        raise SuiteError(source, where, shown, "one line of printable ASCII (the key and nothing else)")
     return text
 
 
@@ -512,6 +601,8 @@ def policy_from_mapping(values: Mapping[str, Any]) -> SuitePolicy:
     for key, value in values.items():
         if key in ("dataset_dirs", "credentials_dirs", "model_dirs"):
             kwargs[key] = tuple(Path(v) for v in value)
+        elif key == "endpoints":
+            kwargs[key] = None if value is None else tuple(url_origin(v) for v in value)
         elif key in SuitePolicy.__dataclass_fields__:
             kwargs[key] = value
     return SuitePolicy(**kwargs)

@@ -66,6 +66,7 @@ WORKLOAD_EXTENSIONS = (
     "seed",
 )
 RANGE_KEYS = ("min", "max")
+DATASET_EXTENSIONS = (".txt", ".jsonl", ".ndjson")  # a dataset is a prompt file, nothing else
 API_TYPES = ("openai", "vllm", "tgi", "custom")
 AUTH_TYPES = ("bearer", "api_key", "none")
 APIS = ("auto", "chat", "completions")
@@ -114,13 +115,14 @@ class SuiteError(UsageError):
 
 
 def _is_secret_path(path: str) -> bool:
-    return re.search(r"\.auth(\.|\[|$)", path) is not None
+    # a credentials_path is a path, not a secret: shown (the file's content never is)
+    return re.search(r"\.auth(\.|\[|$)", path) is not None and not path.endswith(".auth.credentials_path")
 
 
 def _holds_secret(value: object, depth: int = 0) -> bool:
     """Whether a value about to be shown is, or holds, an ``auth`` object or a URL carrying credentials."""
     if isinstance(value, str):
-        return ("@" in value or "?" in value or "#" in value) and url_has_credentials(value)
+        return any(ch in value for ch in "@?#=") and url_has_credentials(value)
     if depth > 3:
         return False
     if isinstance(value, dict):
@@ -139,12 +141,37 @@ def url_has_credentials(text: str) -> bool:
         return "@" in text
     if "@" in parts.netloc:
         return True
+    for segment in re.split(r"[/;]", unquote(parts.path)):  # a path segment or ;parameter like key=… or token=…
+        name, eq, _ = segment.partition("=")
+        if eq and _SECRET_PARAM.search(name):
+            return True
     for part in (parts.query, parts.fragment):  # a fragment can carry a token too (#access_token=…)
         if any(_SECRET_PARAM.search(name) for name, _ in parse_qsl(part, keep_blank_values=True)):
             return True
         if _SECRET_PARAM.search(unquote(part)):  # names parse_qsl does not split out (a=1;token=…)
             return True
     return False
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host[:port]`` of an http(s) URL, lower-cased, the default port (80, 443) left out; ValueError
+    when the URL has no http(s) scheme or host, or a bad port."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not host or "@" in parts.netloc:
+        raise ValueError("not an http(s)://host[:port] origin")
+    port = parts.port
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    if port is None or port == {"http": 80, "https": 443}[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def redact_at(text: str) -> str:
+    """A string as it may be shown: everything up to its last ``@`` (a user or password, maybe) cut off."""
+    return "…@" + text.rsplit("@", 1)[1] if "@" in text else text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,7 +277,8 @@ def parse_json_document(data: bytes, *, source: str, limits: SuiteLimits) -> obj
     except RecursionError:
         raise SuiteError(source, "$", "deeper nesting", f"at most {MAX_DEPTH} nested levels") from None
     except _KeyTwice as exc:
-        raise SuiteError(source, "$", f"key {exc.key!r} twice", "each key once per object") from None
+        where = _duplicate_key_path(text) or "$"
+        raise SuiteError(source, where, f"key {exc.key!r} twice", "each key once per object") from None
     except ValueError as exc:  # an integer literal past Python's digit limit
         raise SuiteError(source, "$", str(exc)[:60], "valid JSON with numbers of at most 4300 digits") from None
     check_depth(document, source)
@@ -276,6 +304,31 @@ class _KeyTwice(Exception):
         self.key = key
 
 
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object's (key, value) pairs as read, duplicates kept."""
+
+
+def _duplicate_key_path(text: str) -> str | None:
+    """The JSON path of the first key given twice in ``text`` (a document already read once: parses)."""
+    try:
+        document = json.loads(text, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[object, str]] = [(document, "$")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, _Pairs):
+            seen: set[str] = set()
+            for key, _ in item:
+                if key in seen:
+                    return _key_path(path, key)
+                seen.add(key)
+            stack.extend((value, _key_path(path, key)) for key, value in reversed(item))
+        elif isinstance(item, list):
+            stack.extend((value, f"{path}[{i}]") for i, value in reversed(list(enumerate(item))))
+    return None
+
+
 def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -298,6 +351,11 @@ def check_depth(document: object, source: str) -> None:
 
 
 # -- checking ---------------------------------------------------------------------------------------------------
+def key_path(parent: str, key: object) -> str:
+    """The JSON path of ``key`` in the object at ``parent``: ``$.a.b`` or ``$.a["odd key"]``."""
+    return _key_path(parent, key)
+
+
 def _key_path(parent: str, key: object) -> str:
     if isinstance(key, str) and _PLAIN_KEY.match(key) and len(key) <= 64:
         return f"{parent}.{key}"
@@ -323,6 +381,10 @@ class SuiteChecker:
 
     def named_model(self, path: str, text: str, ref: str) -> Path | None:
         """A ``gguf:`` endpoint: ``default``, ``bundled`` or a plain file name."""
+        return None
+
+    def endpoint(self, path: str, url: str) -> None:
+        """An http(s) endpoint, its shape checked (``url``: the base URL ending in /v1, no credentials)."""
         return None
 
     def credentials(self, path: str, raw: str) -> Path | None:
@@ -506,7 +568,32 @@ def _endpoint(c: SuiteChecker, value: object, path: str) -> tuple[str, str | Non
             "a URL without credentials (no user:password@, no ?api_key=/token=…): "
             "name a file holding the key in auth.credentials_path",
         )
-    text = c.string(value, path, limit=MAX_URL_CHARS, what="a URL")
+    try:
+        text = c.string(value, path, limit=MAX_URL_CHARS, what="a URL")
+    except SuiteError as exc:  # a malformed URL holding an @ (user:password@, maybe) is never echoed in full
+        if "@" not in value:
+            raise
+        raise c.fail(path, redact_at(value)[:80], exc.allowed) from None
+    if "@" in text:
+        return _endpoint_checked(_AtHidingChecker(c), text, path)
+    return _endpoint_checked(c, text, path)
+
+
+class _AtHidingChecker:
+    """A checker's ``fail`` showing a URL holding an ``@`` only from its last ``@`` on."""
+
+    def __init__(self, checker: SuiteChecker) -> None:
+        self.checker = checker
+
+    def fail(self, path: str, value: object, allowed: str) -> SuiteError:
+        shown = redact_at(value) if isinstance(value, str) else value
+        return self.checker.fail(path, shown, allowed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.checker, name)
+
+
+def _endpoint_checked(c: Any, text: str, path: str) -> tuple[str, str | None, Path | None]:
     bad = _URL_CHARS.search(text)
     if bad is not None:
         raise c.fail(
@@ -533,8 +620,9 @@ def _endpoint(c: SuiteChecker, value: object, path: str) -> tuple[str, str | Non
                 base = base[: -len(tail)]
         if not base.endswith("/v1"):
             base += "/v1"
-        netloc = parts.netloc
-        return "endpoint", f"{scheme}://{netloc}{base}", None
+        url = f"{scheme}://{parts.netloc}{base}"
+        c.endpoint(path, url)
+        return "endpoint", url, None
     if scheme == "file":
         if parts.query:
             raise c.fail(path, text, "a file: URL without a query")
@@ -561,7 +649,11 @@ def _auth(c: SuiteChecker, value: object, path: str) -> tuple[str, Path | None]:
     kind = c.choice(auth["type"], f"{path}.type", AUTH_TYPES) if "type" in auth else "none"
     if kind == "none":
         if "credentials_path" in auth:
-            raise c.fail(f"{path}.credentials_path", HIDDEN, "no credentials_path with auth type none (or absent)")
+            raise c.fail(
+                f"{path}.credentials_path",
+                auth["credentials_path"],
+                "no credentials_path with auth type none (or absent)",
+            )
         return kind, None
     if "credentials_path" not in auth:
         raise c.fail(f"{path}.credentials_path", MISSING, f"a credentials_path for auth type {kind!r}")
@@ -586,6 +678,10 @@ def _workload(c: SuiteChecker, value: object, i: int) -> SuiteWorkload:
         if ref != "builtin":
             if "\x00" in ref or "://" in ref:
                 raise c.fail(where, ref, "'builtin' or a prompt file path (.txt / .jsonl) inside [suite] dataset_dirs")
+            if not ref.lower().endswith(DATASET_EXTENSIONS):
+                raise c.fail(
+                    where, ref, "'builtin' or a prompt file: a path ending in " + ", ".join(DATASET_EXTENSIONS)
+                )
             dataset = c.dataset(where, ref)
 
     tokens: tuple[int, int] | None = None

@@ -213,7 +213,7 @@ def agent_config(tmp_path: Path, model: Path, fake: FakeAggregator, every: str =
     token.write_text("device-token\n")
     (tmp_path / "data").mkdir(exist_ok=True)
     sync = f'[sync]\nurl = "{fake.url}"\nallow_http = true\ntoken_file = "{token}"\ninterval = "1s"'
-    extra = "[suite]\nmax_concurrency = 8\n[gates]\nskip_when_throttled = false\n"
+    extra = '[suite]\nmax_concurrency = 8\nendpoints = ["http://127.0.0.1:9"]\n[gates]\nskip_when_throttled = false\n'
     config = write_config(tmp_path, model, n_batch=16, sync=sync, device=DEVICE, extra="")
     text = config.read_text().replace("[[workloads]]", extra + "[[workloads]]")
     text = text.replace(f'device_id = "{DEVICE}"', f'device_id = "{DEVICE}"\ntags = ["lab-a", "orin.64"]')
@@ -361,6 +361,9 @@ def hostile_configurations(tmp_path: Path) -> list[tuple[dict[str, Any], str]]:
             "$.models[0].auth.credentials_path",
         ),
         (with_model(endpoint="http://user:pw@127.0.0.1:9/v1"), "$.models[0].endpoint"),
+        # an endpoint whose origin [suite] endpoints does not list: a pushed suite may not contact it
+        (with_model(endpoint="http://127.0.0.2:9/v1"), "$.models[0].endpoint"),
+        (with_model(endpoint="http://127.0.0.1:10/v1"), "[suite] endpoints"),
         (with_workload(input_dataset="prompts.jsonl"), "$.workloads[0].input_dataset"),  # relative: no directory
     ]
 
@@ -613,6 +616,11 @@ def test_an_endpoint_job_reads_its_key_from_the_data_directory(
     port = free_port()
     with fake_aggregator() as fake, LlamaServerProcess(llama_server_bin, tiny_model, port, ["--api-key", secret]):
         config = agent_config(tmp_path, tiny_model, fake)
+        # the server's origin is one a pushed suite may contact ([suite] endpoints)
+        listed = 'endpoints = ["http://127.0.0.1:9"]'
+        config.write_text(
+            config.read_text().replace(listed, f'endpoints = ["http://127.0.0.1:9", "http://127.0.0.1:{port}"]')
+        )
         key = tmp_path / "data" / "credentials" / "served.key"
         key.parent.mkdir(parents=True)
         key.write_text(secret + "\n")

@@ -48,6 +48,8 @@ def dirs(tmp_path: Path) -> dict[str, Path]:
         path.mkdir()
     (out["data"] / "prompts.txt").write_text("Tell me about rivers.\nName three colours.\n")
     (out["outside"] / "secret.txt").write_text("not yours\n")
+    (out["data"] / "folder.txt").mkdir()  # a directory named like a prompt file
+    (out["data"] / "link.txt").symlink_to(out["creds"] / "key")  # a prompt-file name linking to a key
     key = out["creds"] / "key"
     key.write_text(SECRET + "\n")
     key.chmod(0o600)
@@ -337,14 +339,18 @@ HOSTILE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         _set("models.0.auth", {"type": "none", "credentials_path": "x"}),
         "$.models[0].auth.credentials_path",
     ),
-    ("dataset /etc/passwd", _set("workloads.0.input_dataset", "/etc/passwd"), "$.workloads[0].input_dataset"),
+    ("dataset /etc/passwd", _set("workloads.0.input_dataset", "/etc/passwd.txt"), "$.workloads[0].input_dataset"),
+    ("dataset not a prompt file", _set("workloads.0.input_dataset", "/etc/passwd"), "$.workloads[0].input_dataset"),
+    ("dataset no extension", _set("workloads.0.input_dataset", "../data"), "$.workloads[0].input_dataset"),
+    ("dataset .conf", _set("workloads.0.input_dataset", "notakey.conf"), "$.workloads[0].input_dataset"),
     (
         "dataset traversal",
         _set("workloads.0.input_dataset", "../data/../outside/secret.txt"),
         "$.workloads[0].input_dataset",
     ),
     ("dataset missing", _set("workloads.0.input_dataset", "../data/none.txt"), "$.workloads[0].input_dataset"),
-    ("dataset directory", _set("workloads.0.input_dataset", "../data"), "$.workloads[0].input_dataset"),
+    ("dataset directory", _set("workloads.0.input_dataset", "../data/folder.txt"), "$.workloads[0].input_dataset"),
+    ("dataset link to a key", _set("workloads.0.input_dataset", "../data/link.txt"), "$.workloads[0].input_dataset"),
     ("dataset URL", _set("workloads.0.input_dataset", "https://example.org/x.jsonl"), "$.workloads[0].input_dataset"),
     ("dataset number", _set("workloads.0.input_dataset", 3), "$.workloads[0].input_dataset"),
     ("empty object", lambda d: d.clear(), "$.test_suite"),
@@ -362,7 +368,7 @@ def test_hostile_document_refused_with_its_path(
     assert str(exc).startswith(f"suite.json: {path}: ")
     assert "is not allowed; expected" in str(exc)
     assert SECRET not in str(exc) and "\x00" not in str(exc)
-    if ".auth" in path:
+    if ".auth" in path and not path.endswith(".auth.credentials_path"):  # a credentials_path is shown: a path
         assert "'(hidden)'" in str(exc)
 
 
@@ -517,7 +523,8 @@ def test_file_level_refusals(policy: SuitePolicy, tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(SuiteError) as info:
             load_suite(path, policy)
-        assert info.value.path == "$" and expected in str(info.value), (name, str(info.value))
+        where = "$.test_suite" if name.startswith("dup.") else "$"  # a key given twice: its path
+        assert info.value.path == where and expected in str(info.value), (name, str(info.value))
     latin = tmp_path / "latin.json"
     latin.write_bytes(b'{"test_suite": {"name": "caf\xe9"}}')
     with pytest.raises(SuiteError, match="UTF-8"):
@@ -587,7 +594,8 @@ def test_read_credentials(policy: SuitePolicy, dirs: dict[str, Path]) -> None:
         with pytest.raises(SuiteError) as info:
             read_credentials(model_with(str(dirs["creds"] / name), "api_key"), policy, "s.yaml")
         assert info.value.path == "$.models[0].auth.credentials_path", name
-        assert SECRET not in str(info.value) and "'(hidden)'" in str(info.value)
+        # the path is shown (it is no secret), the content never
+        assert SECRET not in str(info.value) and repr(str(dirs["creds"] / name)) in str(info.value)
     # a policy narrowed after parsing is checked again
     model = model_with("../creds/key")
     with pytest.raises(SuiteError, match="credentials_dirs"):

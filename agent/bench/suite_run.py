@@ -26,7 +26,16 @@ import aiohttp
 
 from ..config import AgentConfig
 from ..device import device_info
-from ..engines.cloud import CloudClient, CloudSettings
+from ..engines.cloud import (
+    MAX_ANSWER_MIN_BYTES,
+    AnswerTooLarge,
+    CloudClient,
+    CloudSettings,
+    check_served_model,
+    clean_text,
+    read_bounded,
+    redirect_message,
+)
 from ..engines.llama import EngineSettings, LlamaEngine
 from ..errors import RequestError, UsageError
 from ..loadgen import Level, LevelRun, run_level, saturation
@@ -472,27 +481,40 @@ class _EndpointModel(_Target):
         self.rtt_ms = run(self.client.rtt_ms())
 
     async def _listed_model(self) -> str:
-        """The first model the endpoint lists (GET /models), or a UsageError saying what it answered instead."""
+        """The first model the endpoint lists (GET /models, checked: 1–256 printable characters), or a UsageError
+        saying what it answered instead. A redirect is not followed."""
         assert self.model.url is not None
-        where = f"{self.request.suite.source}: model {self.model.name!r}: {self.model.url}"
+        where = f"{self.request.suite.source}: {self.model.json_path}.endpoint ({self.model.name!r}): {self.model.url}"
         try:
             session = await self.client.session()
-            async with session.get(self.model.url.rstrip("/") + "/models", headers=self.client._headers()) as answer:
+            async with session.get(
+                self.model.url.rstrip("/") + "/models", headers=self.client._headers(), allow_redirects=False
+            ) as answer:
                 status = answer.status
-                data = await answer.json(content_type=None) if status == 200 else None
+                if 300 <= status < 400:
+                    raise UsageError(f"{where}: redirect: {redirect_message(answer, 'GET /models')}")
+                raw = await read_bounded(answer, MAX_ANSWER_MIN_BYTES) if status == 200 else b""
+            data = json.loads(raw) if raw else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise UsageError(f"{where}: GET /models failed ({type(exc).__name__}: {str(exc)[:200]})") from None
+            message = clean_text(str(exc), 200)
+            raise UsageError(f"{where}: GET /models failed ({type(exc).__name__}: {message})") from None
+        except AnswerTooLarge:
+            raise UsageError(f"{where}: GET /models answered more than {MAX_ANSWER_MIN_BYTES} bytes") from None
         if status in (401, 403):
             path = self.model.credentials_path
             whose = f"the credentials in {path}" if path else "a request without credentials"
             raise UsageError(f"{where}: GET /models answered HTTP {status}: the endpoint refuses {whose}")
         try:
-            return str(data["data"][0]["id"])  # type: ignore[index]
+            listed = data["data"][0]["id"]  # type: ignore[index]
         except (TypeError, KeyError, IndexError):
             raise UsageError(
                 f"{where}: GET /models answered HTTP {status} without a model list; name the model with the "
                 'model\'s "model" field'
             ) from None
+        try:
+            return check_served_model(listed)
+        except RequestError as exc:
+            raise UsageError(f"{where}: {exc.message}") from None
 
     def _tokenizer(self) -> tuple[Callable[[str], list[int]] | None, Callable[[list[int]], str] | None]:
         run = self.loop.run_until_complete

@@ -9,6 +9,14 @@ refused connections, HTTP errors, malformed and cut streams become error measure
 A server that reports its own per-request ``timings`` (llama.cpp's ``llama-server``: in the body, or in the last
 chunk of a stream) has them kept in ``server_timings`` — known keys only, finite non-negative numbers only; a value
 of any other kind is dropped as not reported, and nothing reported at all is ``None``.
+
+The endpoint is hostile until checked. A redirect is never followed (every request is sent with
+``allow_redirects=False``): a 3xx answer is an error ``redirect`` naming the origin it points to — neither the key
+nor the measurement ever goes to a host the configuration does not name. What one answer may make the client read
+is bounded: a streamed or non-streamed answer at most :func:`answer_byte_limit` bytes (max(1 MiB, max_tokens ×
+16 KiB): error ``response_too_large``), an SSE line at most 256 KiB (``malformed_stream``), an error answer's first
+64 KiB; text the server chooses (an error body, a served model's name) is kept without control characters and
+at most 300 (a name: 256) characters.
 """
 
 from __future__ import annotations
@@ -20,17 +28,111 @@ import os
 import re
 import statistics
 import time
+import unicodedata
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
 from ..errors import ConfigError, RequestError
 
 T = TypeVar("T")
+
+MAX_ANSWER_MIN_BYTES = 1 << 20  # an answer may always be this long …
+MAX_ANSWER_BYTES_PER_TOKEN = 16 << 10  # … or this much per max_tokens (far more than any real token's event)
+MAX_SSE_LINE_BYTES = 256 << 10  # one line of a stream (below the smallest answer bound: a line too long is malformed)
+MAX_ERROR_BODY_BYTES = 64 << 10  # read of an error answer (its first 300 characters are kept)
+MAX_ERROR_CHARS = 300
+MAX_SERVED_MODEL_CHARS = 256
+
+
+def answer_byte_limit(max_tokens: int) -> int:
+    """The most bytes one completion answer (streamed or not) may make the client read."""
+    return max(MAX_ANSWER_MIN_BYTES, max(1, max_tokens) * MAX_ANSWER_BYTES_PER_TOKEN)
+
+
+def clean_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """Server-supplied text as it may be kept: control and invisible characters removed (a newline or tab becomes
+    a space), at most ``limit`` characters."""
+    out = []
+    for ch in text[: limit * 4]:
+        if ch in "\n\r\t":
+            out.append(" ")
+        elif unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            out.append(ch)
+    return "".join(out)[:limit]
+
+
+def check_served_model(value: object) -> str:
+    """A served model's name as the server lists it (GET /models), checked: a string of 1–256 characters without
+    control or invisible characters; :class:`RequestError` ``malformed_response`` saying why else (refused, not
+    cleaned: the name goes into every request and every record)."""
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("malformed_response", "GET /models: the first model's id is not a non-empty string")
+    if len(value) > MAX_SERVED_MODEL_CHARS:
+        raise RequestError(
+            "malformed_response",
+            f"GET /models: the first model's id has {len(value)} characters; allowed: at most "
+            f'{MAX_SERVED_MODEL_CHARS} (name the model with the suite\'s "model" field or cloud.model)',
+        )
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            raise RequestError(
+                "malformed_response",
+                f"GET /models: the first model's id {clean_text(value, 80)!r} holds the control or invisible "
+                f"character U+{ord(ch):04X}; allowed: printable characters only",
+            )
+    return value
+
+
+def redirect_message(response: aiohttp.ClientResponse, what: str) -> str:
+    """The error of a 3xx answer (never followed): where it pointed, as an origin only."""
+    location = response.headers.get("Location", "")
+    try:
+        origin = _origin(urljoin(str(response.url), location)) if location else "nowhere (no Location)"
+    except ValueError:
+        origin = "an unusable Location"
+    return (
+        f"{what} answered HTTP {response.status} redirecting to {origin}; redirects are not followed "
+        "(name the endpoint's final URL)"
+    )
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(url)
+    port = parts.port
+    return clean_text(f"{scheme}://{host}" + (f":{port}" if port is not None else ""), 200)
+
+
+class AnswerTooLarge(Exception):
+    pass
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's body, at most ``limit`` bytes; :class:`AnswerTooLarge` (reading stops) past it."""
+    raw = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        raw += chunk
+        if len(raw) > limit:
+            raise AnswerTooLarge()
+    return bytes(raw)
+
+
+async def read_head(response: aiohttp.ClientResponse, limit: int = MAX_ERROR_BODY_BYTES) -> bytes:
+    """The first ``limit`` bytes of an answer's body (the rest is not read)."""
+    raw = bytearray()
+    async for chunk in response.content.iter_chunked(65536):
+        raw += chunk
+        if len(raw) >= limit:
+            break
+    return bytes(raw[:limit])
 
 
 @dataclass(frozen=True)
@@ -238,9 +340,19 @@ class CloudClient:
         if self.settings.model:
             return self.settings.model
         session = await self.session()
-        async with session.get(self.settings.url + "/models", headers=self._headers()) as response:
-            data = await response.json(content_type=None)
-        return str(data["data"][0]["id"])
+        async with session.get(
+            self.settings.url + "/models", headers=self._headers(), allow_redirects=False
+        ) as response:
+            if 300 <= response.status < 400:
+                raise RequestError("redirect", redirect_message(response, "GET /models"))
+            try:
+                raw = await read_bounded(response, MAX_ANSWER_MIN_BYTES)
+            except AnswerTooLarge:
+                raise RequestError(
+                    "response_too_large", f"GET /models: more than {MAX_ANSWER_MIN_BYTES} bytes"
+                ) from None
+        data = json.loads(raw)
+        return check_served_model(data["data"][0]["id"])
 
     async def choose_api(self, model: str) -> tuple[bool, str]:
         """For ``api = auto``: chat or completions, and why. llama.cpp's server says whether the model has a chat
@@ -248,9 +360,10 @@ class CloudClient:
         root = self.settings.url.removesuffix("/v1")
         try:
             session = await self.session()
-            async with session.get(root + "/props", headers=self._headers()) as response:
-                props = await response.json(content_type=None) if response.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            async with session.get(root + "/props", headers=self._headers(), allow_redirects=False) as response:
+                raw = await read_bounded(response, MAX_ANSWER_MIN_BYTES) if response.status == 200 else b""
+            props = json.loads(raw) if raw else None  # a redirect is not followed: no props
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AnswerTooLarge):
             props = None
         if isinstance(props, dict) and isinstance(props.get("chat_template"), str):
             chat = bool(props["chat_template"].strip())
@@ -306,16 +419,27 @@ class CloudClient:
             session = await self.session()
             async with await self._post(session, path, payload, result) as response:
                 result.http_status = response.status
-                if response.status != 200:
-                    text = await response.text()
-                    result.bytes_down += len(text)
-                    result.error_type = f"http_{response.status}"
-                    result.error_message = text[:300]
+                if 300 <= response.status < 400:
+                    result.error_type = "redirect"
+                    result.error_message = redirect_message(response, f"POST {path}")
                     return result
+                if response.status != 200:
+                    head = await read_head(response)
+                    result.bytes_down += len(head)
+                    result.error_type = f"http_{response.status}"
+                    result.error_message = clean_text(head.decode("utf-8", "replace"))
+                    return result
+                limit = answer_byte_limit(max_tokens)
                 if stream:
-                    await self._read_stream(response, result)
+                    await self._read_stream(response, result, limit)
                 else:
-                    raw = await response.read()
+                    try:
+                        raw = await read_bounded(response, limit)
+                    except AnswerTooLarge:
+                        result.bytes_down += limit
+                        result.error_type = "response_too_large"
+                        result.error_message = f"an answer of more than {limit} bytes (max_tokens {max_tokens})"
+                        return result
                     result.bytes_down += len(raw)
                     self._read_body(raw, result)
         except asyncio.TimeoutError:
@@ -329,7 +453,7 @@ class CloudClient:
             result.error_message = f"the connection closed mid-answer: {exc}"
         except aiohttp.ClientError as exc:
             result.error_type = "connection_error"
-            result.error_message = str(exc)
+            result.error_message = clean_text(str(exc))
         return result
 
     async def _post(
@@ -343,7 +467,9 @@ class CloudClient:
         while True:
             attempt: dict[str, bool] = {}
             try:
-                return await session.post(url, data=payload, headers=self._headers(), trace_request_ctx=attempt)
+                return await session.post(
+                    url, data=payload, headers=self._headers(), trace_request_ctx=attempt, allow_redirects=False
+                )
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
                 if not (self.retry_stale and attempt.get("reused")) or isinstance(exc, aiohttp.ClientConnectorError):
                     raise
@@ -362,7 +488,7 @@ class CloudClient:
             choice = data["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             result.error_type = "malformed_response"
-            result.error_message = raw[:200].decode("utf-8", "replace")
+            result.error_message = clean_text(raw[:1200].decode("utf-8", "replace"), 200)
             return
         now = time.perf_counter_ns()
         text = self._choice_text(choice)
@@ -376,49 +502,80 @@ class CloudClient:
         if isinstance(data, dict):
             result.server_timings = parse_server_timings(data.get("timings"))
 
-    async def _read_stream(self, response: aiohttp.ClientResponse, result: CloudResult) -> None:
+    async def _read_stream(self, response: aiohttp.ClientResponse, result: CloudResult, limit: int) -> None:
+        """Read an SSE stream into ``result``: at most ``limit`` bytes (``response_too_large``: reading stops),
+        lines of at most MAX_SSE_LINE_BYTES (``malformed_stream``)."""
         done = False
-        buffer = b""
-        async for raw in response.content:
+        buffer = bytearray()
+        async for raw in response.content.iter_any():
             result.bytes_down += len(raw)
+            if result.bytes_down > limit:
+                result.error_type = "response_too_large"
+                result.error_message = f"a stream of more than {limit} bytes; reading stopped"
+                return
             buffer += raw
-            if not buffer.endswith(b"\n"):
-                continue
-            line, buffer = buffer.strip(), b""
-            if not line or line.startswith(b":"):
-                continue
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                done = True
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end]).strip()
+                del buffer[: end + 1]
+                outcome = self._stream_line(line, result)
+                if outcome is False:
+                    return
+                if outcome:
+                    done = True
+                    break
+            if done:
                 break
-            try:
-                event = json.loads(data)
-            except ValueError:
+            if len(buffer) > MAX_SSE_LINE_BYTES:
                 result.error_type = "malformed_stream"
-                result.error_message = f"not JSON in the stream: {data[:120]!r}"
+                result.error_message = f"a stream line of more than {MAX_SSE_LINE_BYTES} bytes"
                 return
-            if not isinstance(event, dict):
-                result.error_type = "malformed_stream"
-                result.error_message = "an event that is not an object"
+        if not done and buffer.strip():  # a last line without its newline
+            outcome = self._stream_line(bytes(buffer).strip(), result)
+            if outcome is False:
                 return
-            if event.get("usage"):
-                result.usage = event["usage"]
-            if "timings" in event:  # llama-server: the last chunk(s); a later report replaces an earlier one
-                result.server_timings = parse_server_timings(event["timings"]) or result.server_timings
-            for choice in event.get("choices") or []:
-                text = self._choice_text(choice)
-                if text:
-                    now = time.perf_counter_ns()
-                    result.texts.append(text)
-                    result.chunk_ns.append(now)
-                    result.end_ns = now
-                if choice.get("finish_reason"):
-                    result.finish_reason = choice["finish_reason"]
+            done = bool(outcome)
         if not done:
             result.error_type = "stream_cut"
             result.error_message = "the stream ended without [DONE]"
+
+    def _stream_line(self, line: bytes, result: CloudResult) -> bool | None:
+        """One SSE line: None to read on, True at [DONE], False when the stream is malformed (``result`` says)."""
+        if not line or line.startswith(b":") or not line.startswith(b"data:"):
+            return None
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return True
+        try:
+            event = json.loads(data)
+        except ValueError:
+            result.error_type = "malformed_stream"
+            result.error_message = clean_text(f"not JSON in the stream: {data[:120]!r}")
+            return False
+        if not isinstance(event, dict):
+            result.error_type = "malformed_stream"
+            result.error_message = "an event that is not an object"
+            return False
+        if event.get("usage"):
+            result.usage = event["usage"]
+        if "timings" in event:  # llama-server: the last chunk(s); a later report replaces an earlier one
+            result.server_timings = parse_server_timings(event["timings"]) or result.server_timings
+        choices = event.get("choices") or []
+        if not isinstance(choices, list):
+            result.error_type = "malformed_stream"
+            result.error_message = "an event whose choices is not a list"
+            return False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            text = self._choice_text(choice)
+            if text:
+                now = time.perf_counter_ns()
+                result.texts.append(text)
+                result.chunk_ns.append(now)
+                result.end_ns = now
+            if choice.get("finish_reason"):
+                result.finish_reason = choice["finish_reason"]
+        return None
 
     # -- llama.cpp's llama-server: its native token-id API at the server root ----------------------------------
     @property
@@ -434,8 +591,14 @@ class CloudClient:
         try:
             session = await self.session()
             async with session.request(
-                method, url, data=payload if body is not None else None, headers=self._headers()
+                method,
+                url,
+                data=payload if body is not None else None,
+                headers=self._headers(),
+                allow_redirects=False,
             ) as response:
+                if 300 <= response.status < 400:
+                    raise RequestError("redirect", redirect_message(response, f"{method} {path}"))
                 raw = bytearray()
                 async for chunk in response.content.iter_chunked(65536):
                     raw += chunk
@@ -444,7 +607,7 @@ class CloudClient:
                             "response_too_large", f"{method} {path}: more than {_MAX_NATIVE_ANSWER} bytes"
                         )
                 if response.status != 200:
-                    text = bytes(raw[:300]).decode("utf-8", "replace")
+                    text = clean_text(bytes(raw[:1200]).decode("utf-8", "replace"))
                     raise RequestError(f"http_{response.status}", f"{method} {path}: {text}")
         except asyncio.TimeoutError:
             raise RequestError(
