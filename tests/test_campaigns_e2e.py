@@ -350,3 +350,34 @@ def test_an_offline_device_times_out_and_a_cancel_stops_the_running_ones(fleet: 
     final = status(fleet, short)["devices"]
     assert final["laptop-001"]["state"] == "timed_out" and "deadline" in final["laptop-001"]["reason"]
     assert final["orin-001"]["state"] == final["nano-001"]["state"] == "succeeded"
+
+
+def test_an_agent_killed_mid_job_resumes_and_no_level_counts_twice(fleet: Fleet) -> None:
+    wait_for(fleet, "every device's facts at the aggregator", lambda: known_with_facts(fleet), 120)
+    for device in ("nano-001", "laptop-001"):
+        fleet.stop_agent(device)
+    code, started = fleet.api(
+        "POST",
+        "/api/v1/benchmark/start",
+        {"configuration": suite(30, [1, 2, 3]), "target": {"devices": ["orin-001"]}},
+    )
+    assert code == 201, started
+    campaign = started["benchmark_id"]
+    wait_for(
+        fleet,
+        "the first level to be done",
+        lambda: status(fleet, campaign)["devices"]["orin-001"]["levels_done"] >= 1,
+        180,
+    )
+    proc = fleet.agents.pop("orin-001")
+    proc.send_signal(signal.SIGKILL)  # mid-job: no goodbye, no final sync
+    proc.wait(10)
+    fleet.start_agent("orin-001")
+    wait_for(
+        fleet, "the job to finish after the restart", lambda: status(fleet, campaign)["status"] == "completed", 300
+    )
+    assert status(fleet, campaign)["devices"]["orin-001"]["state"] == "succeeded"
+    documents = fleet.api("GET", f"/api/v1/benchmark/{campaign}/results")[1]["results"]["devices"]["orin-001"]
+    levels = [doc["configuration"]["suite"]["level"] for doc in documents["documents"]]
+    assert sorted(levels) == ["concurrency 1", "concurrency 2", "concurrency 3"]  # each level once
+    assert all(doc["results"]["requests"]["measured"] == 30 for doc in documents["documents"])
