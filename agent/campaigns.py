@@ -55,7 +55,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MAX_DEADLINE_CHARS = 64
 
 
-
 class CampaignError(Exception):
     """A job or an answer refused; the message names the field and what is allowed."""
 

@@ -48,7 +48,7 @@ ARRIVALS = ("constant", "poisson")
 THROUGHPUT_GAIN = 0.10
 # … while its TTFT p50 grows by more than this (either relative to the previous closed level)
 TTFT_GROWTH = 0.10
-# open loop: achieved below this share of the offered rate
+# open loop: achieved below this share of the rate the schedule offered the requests it sent (the sent rate)
 ACHIEVED_SHARE = 0.9
 # open loop: e2e grows "clearly" — its least-squares slope is more than this many standard errors above 0, over the
 # level it adds at least this share of the median e2e, and at least this many requests succeeded
@@ -57,8 +57,14 @@ SLOPE_GROWTH_SHARE = 0.5
 SLOPE_MIN_POINTS = 8
 # open loop: the last stretch before a send is waited by yielding to the loop, not by a timer (see _until)
 SPIN_S = 0.002
+# a level none of whose requests succeeded says nothing about saturation
+FAILED_REASON = "every request failed"
 # open loop without max_concurrency: connections kept free of the pool for everything else the process opens
 _FD_MARGIN = 64
+# open loop: a send scheduled later than this from the level's start is never made (the level ends sending there).
+# A suite cannot ask for it ([suite] max_duration bounds every level); this keeps the library from overflowing a
+# timer or an integer on an absurd rate (1e-300 req/s puts the second request at 1e300 s).
+MAX_SCHEDULE_S = 366 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,16 @@ class Level:
     def label(self) -> str:
         if self.mode == "closed":
             return f"concurrency {self.concurrency}"
-        return f"{self.rate:g} req/s {self.arrival}"
+        return f"{rate_text(self.rate)} req/s {self.arrival}"
+
+
+def rate_text(rate: float | None) -> str:
+    """A rate as the shortest text that reads back as the same float (``2``, ``0.5``, ``100.00001``): two levels'
+    labels differ whenever their rates do."""
+    if rate is None:
+        return "n/a"
+    text = repr(float(rate))
+    return text[:-2] if text.endswith(".0") else text
 
 
 @dataclass
@@ -119,8 +134,12 @@ class LevelRun:
     measurements: list[Measurement]  # every request, in scheduled order
     wall_s: float  # first scheduled send → last answer
     offered_rate: float | None  # open: level.rate; closed: None
-    sent_rate: float  # requests sent ÷ send window
-    achieved_rate: float  # successful requests ÷ wall_s
+    # the rate the schedule offered the requests it sent: (n − 1) ÷ (last − first scheduled send); closed loop: the
+    # sends themselves. Fewer than 2 sent: n ÷ max(wall_s, n ÷ offered).
+    sent_rate: float
+    # the rate answers came back at, times the share that succeeded: (answered − 1) ÷ (last − first answer) × ok ÷
+    # answered; fewer than 2 answers (or all at once): ok ÷ max(wall_s, n ÷ offered). Closed loop: ok ÷ wall_s.
+    achieved_rate: float
     throughput_tps: float  # output tokens of successful requests ÷ wall_s
     peak_in_flight: int
     errors_by_type: dict[str, int]
@@ -158,6 +177,8 @@ def schedule(level: Level, limit: int | None = None) -> list[float]:
     out: list[float] = []
     for offset in arrival_offsets(level):
         if (count is not None and len(out) >= count) or (level.duration_s is not None and offset >= level.duration_s):
+            break
+        if not offset <= MAX_SCHEDULE_S:  # also NaN and infinity
             break
         out.append(offset)
     return out
@@ -249,6 +270,8 @@ class _Level:
         self.in_flight = 0
         self.peak = 0
         self.sent_ns: list[int] = []
+        self.scheduled_ns: list[int] = []
+        self.done_ns: list[int] = []
         self.lags_ms: list[float] = []
         self.last_answer_ns = 0
         self.not_sent = 0
@@ -278,6 +301,8 @@ class _Level:
             scheduled_ns = result.start_ns  # closed loop: a request is due when it is sent
         self.last_answer_ns = max(self.last_answer_ns, done_ns)
         self.sent_ns.append(result.start_ns)
+        self.scheduled_ns.append(scheduled_ns)
+        self.done_ns.append(done_ns)
         record = self.new_record(prompt_index)
         self.fill(record, result, index, scheduled_ns, concurrency)
         self.records[index] = record
@@ -340,6 +365,8 @@ class _Level:
                     break
                 if level.duration_s is not None and offset >= level.duration_s:
                     break
+                if not offset <= MAX_SCHEDULE_S:  # also NaN and infinity: never a timer or integer overflow
+                    break
                 scheduled_ns = self.start_ns + round(offset * 1e9)
                 await _until(scheduled_ns)
                 if should_stop is not None and should_stop():
@@ -387,11 +414,15 @@ class _Level:
         for m in measurements:
             if not m.ok:
                 errors[m.error_type or "unknown"] = errors.get(m.error_type or "unknown", 0) + 1
-        sent = sorted(self.sent_ns)
-        if len(sent) >= 2 and sent[-1] > sent[0]:
-            sent_rate = (len(sent) - 1) / ((sent[-1] - sent[0]) / 1e9)
-        else:
-            sent_rate = len(sent) / wall_s if wall_s > 0 else 0.0
+        open_loop = level.mode == "open" and level.rate is not None
+        # open loop: a level shorter than its schedule is not credited with more than the schedule offered
+        floor_s = len(measurements) / float(level.rate) if open_loop and level.rate else 0.0
+        window = max(wall_s, floor_s)
+        sent_rate = _span_rate(self.scheduled_ns, len(self.scheduled_ns), window)
+        achieved = len(ok) / window if window > 0 else 0.0
+        done = sorted(self.done_ns)
+        if open_loop and len(done) >= 2 and done[-1] > done[0]:
+            achieved = (len(done) - 1) / ((done[-1] - done[0]) / 1e9) * len(ok) / len(done)
         fit = least_squares(_e2e_over_schedule(measurements))
         lags = self.lags_ms
         run = LevelRun(
@@ -400,7 +431,7 @@ class _Level:
             wall_s=wall_s,
             offered_rate=float(level.rate) if level.mode == "open" and level.rate is not None else None,
             sent_rate=sent_rate,
-            achieved_rate=len(ok) / wall_s if wall_s > 0 else 0.0,
+            achieved_rate=achieved,
             throughput_tps=sum(m.output_tokens for m in ok) / wall_s if wall_s > 0 else 0.0,
             peak_in_flight=self.peak,
             errors_by_type=errors,
@@ -449,6 +480,16 @@ async def run_level(
     return state.result()
 
 
+def _span_rate(stamps_ns: list[int], count: int, window_s: float) -> float:
+    """(n − 1) ÷ (last − first) of ``stamps_ns`` (perf_counter ns): the rate of events spread over their own span.
+    With fewer than two stamps or no span: ``count`` ÷ ``window_s`` (0 when that is 0). A stamp list's ``n − 1``
+    gaps, not ``n`` events over first-to-last, so a short level's rate is not inflated."""
+    stamps = sorted(stamps_ns)
+    if len(stamps) >= 2 and stamps[-1] > stamps[0]:
+        return (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1e9)
+    return count / window_s if window_s > 0 else 0.0
+
+
 def _e2e_over_schedule(measurements: list[Measurement]) -> list[tuple[float, float]]:
     """(scheduled offset in s, e2e in ms) of every successful request."""
     return [
@@ -475,11 +516,18 @@ def _slope_is_clear(run: LevelRun) -> tuple[bool, str]:
     )
 
 
+def _all_failed(run: LevelRun) -> bool:
+    return bool(run.measurements) and not any(m.ok for m in run.measurements)
+
+
 def _open_saturation(run: LevelRun) -> tuple[bool, str | None]:
     assert run.offered_rate is not None
-    if run.achieved_rate < ACHIEVED_SHARE * run.offered_rate:
+    if _all_failed(run):
+        return False, FAILED_REASON
+    if run.achieved_rate < ACHIEVED_SHARE * run.sent_rate:
         return True, (
-            f"achieved {run.achieved_rate:.3g} req/s < {ACHIEVED_SHARE:g} × offered {run.offered_rate:g} req/s"
+            f"achieved {run.achieved_rate:.3g} req/s < {ACHIEVED_SHARE:g} × sent {run.sent_rate:.3g} req/s "
+            f"(offered {rate_text(run.offered_rate)})"
         )
     clear, why = _slope_is_clear(run)
     if clear:
@@ -493,6 +541,8 @@ def _p50_ttft(run: LevelRun) -> float | None:
 
 
 def _closed_saturation(run: LevelRun, previous: LevelRun) -> tuple[bool, str | None]:
+    if _all_failed(run):
+        return False, FAILED_REASON
     before, after = _p50_ttft(previous), _p50_ttft(run)
     if before is None or after is None or previous.throughput_tps <= 0:
         return False, None
@@ -508,23 +558,36 @@ def _closed_saturation(run: LevelRun, previous: LevelRun) -> tuple[bool, str | N
 def saturation(runs: list[LevelRun]) -> tuple[int | None, str]:
     """The index of the first level at which the endpoint saturates, and why; ``(None, "not saturated up to
     <last level>")`` otherwise. Closed loop: the throughput grows less than 10 % from the previous closed level
-    while TTFT p50 grows by more than 10 %. Open loop: achieved < 0.9 × offered, or e2e grows clearly with time
-    (the least-squares slope over the schedule is > 3 standard errors above zero and adds ≥ half the median e2e
-    over the level). Each run's ``saturated`` and ``saturation_reason`` are set on the way."""
+    while TTFT p50 grows by more than 10 %. Open loop: achieved < 0.9 × the sent rate (what the schedule offered the
+    requests it sent), or e2e grows clearly with time (the least-squares slope over the schedule is > 3 standard
+    errors above zero and adds ≥ half the median e2e over the level). A level none of whose requests succeeded
+    neither saturates nor counts as keeping up: the answer says so (``not determined: every request failed at …``).
+    Each run's ``saturated`` and ``saturation_reason`` are set on the way."""
     first: tuple[int, str] | None = None
+    failed: list[str] = []
     previous_closed: LevelRun | None = None
     for index, run in enumerate(runs):
         if run.level.mode == "open":
             run.saturated, run.saturation_reason = _open_saturation(run)
         else:
-            if previous_closed is not None:
+            if _all_failed(run):
+                run.saturated, run.saturation_reason = False, FAILED_REASON
+            elif previous_closed is not None:
                 run.saturated, run.saturation_reason = _closed_saturation(run, previous_closed)
             else:
                 run.saturated, run.saturation_reason = False, None
-            previous_closed = run
+            if not _all_failed(run):
+                previous_closed = run
+        if _all_failed(run):
+            failed.append(run.level.label)
         if run.saturated and first is None:
             first = (index, f"{run.level.label}: {run.saturation_reason}")
     if first is not None:
         return first
+    if failed:
+        if len(failed) == len(runs):
+            return None, f"not determined: every request failed at every level ({', '.join(failed)})"
+        kept = [run.level.label for run in runs if not _all_failed(run)]
+        return None, f"not saturated up to {kept[-1]}; not determined at {', '.join(failed)}: every request failed"
     last = runs[-1].level.label if runs else "(no level)"
     return None, f"not saturated up to {last}"

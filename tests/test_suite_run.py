@@ -82,6 +82,7 @@ def test_a_local_gguf_suite_runs_each_level_and_says_what_it_ran_instead(
                         "input_token_range": {"min": 6, "max": 12},
                         "output_token_target": 6,
                         "concurrency_levels": [1, 4],
+                        "request_rates": [2],
                         "requests": 3,
                     }
                 ],
@@ -104,7 +105,12 @@ def test_a_local_gguf_suite_runs_each_level_and_says_what_it_ran_instead(
     )
     assert code == 0, stderr
     documents = sorted(out.glob("*.json"))
-    assert [d.name for d in documents] == ["edge-nightly-tiny-short-c1.json", "edge-nightly-tiny-short-c4.json"]
+    assert [d.name for d in documents] == [
+        "edge-nightly-tiny-short-c1.json",
+        "edge-nightly-tiny-short-c4.json",
+        "edge-nightly-tiny-short-r2-poisson.json",
+    ]
+    template: dict[str, Any] = {}
     for path in documents:
         doc = json.loads(path.read_text())
         check_document(doc, results_schema)
@@ -112,18 +118,31 @@ def test_a_local_gguf_suite_runs_each_level_and_says_what_it_ran_instead(
         assert doc["configuration"]["suite"]["name"] == "edge-nightly"
         assert doc["configuration"]["test_parameters"]["output_token_target"] == 6
         assert doc["results"]["requests"]["measured"] == 3
+        # what the chat template and BOS add to each prompt: input_token_range counts the prompt text alone
+        template = doc["configuration"]["suite"]["template_tokens"]
+        assert 1 <= template["min"] <= template["max"]
     asked_four = json.loads(documents[1].read_text())
     assert "one request at a time" in asked_four["configuration"]["suite"]["note"]
-    assert "ran as concurrency 1" in stderr and "(ran 1)" in stdout
+    assert asked_four["configuration"]["test_parameters"]["load"]["ran"] == "concurrency 1"
+    asked_rate = json.loads(documents[2].read_text())
+    assert asked_rate["configuration"]["test_parameters"]["load"]["offered_rate_rps"] == 2
+    assert "'2 req/s poisson' ran as concurrency 1" in asked_rate["configuration"]["suite"]["note"]
+    assert "ran as concurrency 1" in stderr
+    rows = {line[18:48].strip(): line for line in stdout.splitlines() if line.startswith("tiny ")}
+    assert set(rows) == {"concurrency 1", "concurrency 4 (ran 1)", "2 req/s poisson (ran 1)"}, stdout
+    assert "2.0*" in rows["2 req/s poisson (ran 1)"] and "* the rate the level asked for" in stdout
     assert "workload short" in stdout and stdout.count("tiny ") >= 2
     records = raw_records(raw)
     measured = [r for r in records if not r["warmup"]]
-    assert len(measured) == 6
+    assert len(measured) == 9
     for record in measured:
-        assert 6 <= record["input_tokens"] - 1 <= 12 or 6 <= record["input_tokens"] <= 12  # BOS counted by llama.cpp
+        # the prompt text is within the range; the model received it in its template
+        assert 6 + template["min"] <= record["input_tokens"] <= 12 + template["max"]
         assert record["output_tokens"] == 6  # the target, past end-of-sequence
         assert record["ext"]["suite"]["workload"] == "short" and record["ext"]["suite"]["sha256"]
-        assert record["ext"]["load"]["concurrency"] == 1
+        load, asked = record["ext"]["load"], record["ext"]["suite"]["level"]
+        assert load["concurrency"] == 1 and load["level"] == "concurrency 1"  # what ran …
+        assert load.get("asked") == (None if asked == "concurrency 1" else asked)  # … and what was asked
 
 
 def test_an_endpoint_suite_with_bearer_auth_from_a_credentials_file(
