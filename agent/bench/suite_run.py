@@ -656,18 +656,29 @@ class _EndpointModel(_Target):
             yield level, run, document
 
 
+def _row_label(level: Level, run: LevelRun | None) -> str:
+    """A table row's level: its label, with ``(ran 1)`` when a local model (no LevelRun) ran a level that asked for
+    more than one request at a time or for a rate."""
+    if run is None and (level.mode == "open" or (level.concurrency or 1) > 1):
+        return f"{level.label} (ran 1)"
+    return level.label
+
+
 def workload_table(
     workload: SuiteWorkload, rows: list[tuple[SuiteModel, Level, LevelRun | None, dict[str, Any]]]
 ) -> str:
-    """The workload's comparison: one row per model × level (ms unless noted)."""
+    """The workload's comparison: one row per model × level (ms unless noted). The level column is as wide as its
+    longest label, never cut: two levels' rows always tell them apart."""
+    labels = [_row_label(level, run) for _, level, run, _ in rows]
+    width = max([22, *(len(label) + 2 for label in labels)])
     header = (
-        f"{'model':<18}{'level':<30}{'n':>5}{'err':>5}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}"
+        f"{'model':<18}{'level':<{width}}{'n':>5}{'err':>5}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}"
         f"{'e2e p95':>10}{'offered':>9}{'achieved':>9}{'tok/s':>8}"
     )
     lines = [f"workload {workload.name} (ms unless noted; rates in req/s)", header]
     saturations: dict[str, str] = {}
     asked_only = False
-    for model, level, run, doc in rows:
+    for (model, level, run, doc), label in zip(rows, labels, strict=True):
         res = doc["results"]
         lat = res["latency_metrics"]
 
@@ -678,14 +689,11 @@ def workload_table(
         load = res.get("load") or {}
         offered = load.get("offered_rate_rps")
         achieved = load.get("achieved_rate_rps", res["throughput_metrics"]["requests_per_second"])
-        label = level.label
         offered_text = _fmt(offered, 1)
-        if run is None and (level.mode == "open" or (level.concurrency or 1) > 1):
-            label = f"{level.label} (ran 1)"  # a local model: one request at a time, closed loop
-            if level.rate is not None:
-                offered_text, asked_only = f"{_fmt(level.rate, 1)}*", True
+        if run is None and level.rate is not None:  # a local model: the asked rate, marked
+            offered_text, asked_only = f"{_fmt(level.rate, 1)}*", True
         lines.append(
-            f"{model.name[:17]:<18}{label[:29]:<30}{res['requests']['measured']:>5}"
+            f"{model.name[:17]:<18}{label:<{width}}{res['requests']['measured']:>5}"
             f"{res['error_metrics']['total_errors']:>5}{p('time_to_first_token', 'p50_ms'):>10}"
             f"{p('time_to_first_token', 'p95_ms'):>10}{p('time_per_output_token', 'p50_ms'):>10}"
             f"{p('end_to_end_latency', 'p95_ms'):>10}{offered_text:>9}{_fmt(achieved, 2):>9}"
