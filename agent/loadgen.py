@@ -383,7 +383,9 @@ class _Level:
         level = self.level
         assert level.concurrency is not None
         counter = itertools.count()
-        deadline = self.start_ns + round(level.duration_s * 1e9) if level.duration_s is not None else None
+        deadline = (
+            self.start_ns + round(min(level.duration_s, MAX_SCHEDULE_S) * 1e9) if level.duration_s is not None else None
+        )  # 1e300 s would overflow round() as nanoseconds
 
         async def worker() -> None:
             while True:
@@ -420,9 +422,10 @@ class _Level:
         window = max(wall_s, floor_s)
         sent_rate = _span_rate(self.scheduled_ns, len(self.scheduled_ns), window)
         achieved = len(ok) / window if window > 0 else 0.0
-        done = sorted(self.done_ns)
-        if open_loop and len(done) >= 2 and done[-1] > done[0]:
-            achieved = (len(done) - 1) / ((done[-1] - done[0]) / 1e9) * len(ok) / len(done)
+        if open_loop and len(self.done_ns) >= 2:
+            answered = _span_rate(self.done_ns, 0, 0.0)
+            if answered > 0:
+                achieved = answered * len(ok) / len(self.done_ns)
         fit = least_squares(_e2e_over_schedule(measurements))
         lags = self.lags_ms
         run = LevelRun(
@@ -481,12 +484,19 @@ async def run_level(
 
 
 def _span_rate(stamps_ns: list[int], count: int, window_s: float) -> float:
-    """(n − 1) ÷ (last − first) of ``stamps_ns`` (perf_counter ns): the rate of events spread over their own span.
-    With fewer than two stamps or no span: ``count`` ÷ ``window_s`` (0 when that is 0). A stamp list's ``n − 1``
-    gaps, not ``n`` events over first-to-last, so a short level's rate is not inflated."""
+    """The rate of events at ``stamps_ns`` (perf_counter ns) over their own span: 1 ÷ the least-squares slope of
+    the k-th event's time over k (three or more events), (n − 1) ÷ (last − first) for two. Gaps between events, not
+    n events over a window that starts before the first and ends after the last, so a short level's rate is not
+    inflated; and the fit over every event, not the first and the last alone, so one late straggler (a busy
+    machine) moves it little. Fewer than two events, no span or no positive slope: ``count`` ÷ ``window_s`` (0
+    when that is 0)."""
     stamps = sorted(stamps_ns)
-    if len(stamps) >= 2 and stamps[-1] > stamps[0]:
-        return (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1e9)
+    if len(stamps) >= 3:
+        fit = least_squares([(float(k), (t - stamps[0]) / 1e9) for k, t in enumerate(stamps)])
+        if fit is not None and fit[0] > 0:
+            return 1.0 / fit[0]
+    elif len(stamps) == 2 and stamps[1] > stamps[0]:
+        return 1.0 / ((stamps[1] - stamps[0]) / 1e9)
     return count / window_s if window_s > 0 else 0.0
 
 
