@@ -55,6 +55,9 @@ ACHIEVED_SHARE = 0.9
 SLOPE_SIGMAS = 3.0
 SLOPE_GROWTH_SHARE = 0.5
 SLOPE_MIN_POINTS = 8
+# … and the wait grows by at least this many ms per second of schedule: 5 % of the time that passes, a server at
+# least 5 % short of the rate (a slope of 1 ms/s — 16 ms over a level — is a busy machine, not a queue)
+SLOPE_MIN_MS_PER_S = 50.0
 # open loop: the last stretch before a send is waited by yielding to the loop, not by a timer (see _until)
 SPIN_S = 0.002
 # a level none of whose requests succeeded says nothing about saturation
@@ -519,7 +522,7 @@ def _slope_is_clear(run: LevelRun) -> tuple[bool, str]:
     span = max(offsets) - min(offsets) if offsets else 0.0
     growth = slope * span
     median = statistics.median(ok)
-    clear = slope > SLOPE_SIGMAS * se and growth >= SLOPE_GROWTH_SHARE * median
+    clear = slope > SLOPE_SIGMAS * se and growth >= SLOPE_GROWTH_SHARE * median and slope >= SLOPE_MIN_MS_PER_S
     return clear, (
         f"e2e grows {slope:.1f} ms per second of schedule (± {se:.1f}): {growth:.0f} ms over the level, "
         f"against a median e2e of {median:.0f} ms — a queue builds up"
@@ -570,8 +573,9 @@ def saturation(runs: list[LevelRun]) -> tuple[int | None, str]:
     <last level>")`` otherwise. Closed loop: the throughput grows less than 10 % from the previous closed level
     while TTFT p50 grows by more than 10 %. Open loop: achieved < 0.9 × the sent rate (what the schedule offered the
     requests it sent), or e2e grows clearly with time (the least-squares slope over the schedule is > 3 standard
-    errors above zero and adds ≥ half the median e2e over the level). A level none of whose requests succeeded
-    neither saturates nor counts as keeping up: the answer says so (``not determined: every request failed at …``).
+    errors above zero and ≥ 50 ms/s, and adds ≥ half the median e2e over the level). A level none of whose requests
+    succeeded neither saturates nor counts as keeping up: the answer says so (``not determined: every request failed
+    at …``).
     Each run's ``saturated`` and ``saturation_reason`` are set on the way."""
     first: tuple[int, str] | None = None
     failed: list[str] = []

@@ -460,6 +460,12 @@ def test_saturation_rules() -> None:
     index, why = saturation([open_ok, growing])
     assert index == 1 and "a queue builds up" in why
     assert saturation([]) == (None, "not saturated up to (no level)")
+    # a drift of 1.2 ms per second of schedule over 13 s (16 ms on a median of ~28 ms: a busy machine, as a
+    # Poisson level at 5 req/s against an idle llama-server showed) is not a queue
+    drift = synthetic_run(
+        Level("open", rate=10.0, requests=130), 0.0, 5.0, 10.0, [20 + 0.12 * i + i % 3 for i in range(130)]
+    )
+    assert saturation([drift]) == (None, "not saturated up to 10 req/s poisson")
     # a level whose every request failed neither saturates nor keeps up: the answer says so
     failing = synthetic_run(Level("closed", concurrency=8, requests=10), 0.0, 5.0, 0.0, flat)
     for m in failing.measurements:
