@@ -673,7 +673,7 @@ def workload_table(
     width = max([22, *(len(label) + 2 for label in labels)])
     header = (
         f"{'model':<18}{'level':<{width}}{'n':>5}{'err':>5}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}"
-        f"{'e2e p95':>10}{'offered':>9}{'achieved':>9}{'tok/s':>8}"
+        f"{'e2e p95':>10}{'offered':>9}{'sent':>9}{'achieved':>9}{'tok/s':>8}"
     )
     lines = [f"workload {workload.name} (ms unless noted; rates in req/s)", header]
     saturations: dict[str, str] = {}
@@ -696,7 +696,8 @@ def workload_table(
             f"{model.name[:17]:<18}{label:<{width}}{res['requests']['measured']:>5}"
             f"{res['error_metrics']['total_errors']:>5}{p('time_to_first_token', 'p50_ms'):>10}"
             f"{p('time_to_first_token', 'p95_ms'):>10}{p('time_per_output_token', 'p50_ms'):>10}"
-            f"{p('end_to_end_latency', 'p95_ms'):>10}{offered_text:>9}{_fmt(achieved, 2):>9}"
+            f"{p('end_to_end_latency', 'p95_ms'):>10}{offered_text:>9}{_fmt(load.get('sent_rate_rps'), 2):>9}"
+            f"{_fmt(achieved, 2):>9}"
             f"{res['throughput_metrics']['tokens_per_second']:>8.1f}"
         )
         if load.get("saturation"):
