@@ -408,9 +408,17 @@ def _bench_suite(
     if outbox is not None:
         click.echo(f"stored {_count(stored[0], 'measurement')} in {outbox.path}", err=True)
     limit = config.get("bench", "max_error_rate")
-    failures = [f for f in (failure(doc, limit) for doc in session.documents) if f]
+    failures = [f"{_suite_where(suite, doc)}{f}" for doc in session.documents if (f := failure(doc, limit))]
     if failures:
         raise LensError("; ".join(failures))
+
+
+def _suite_where(suite: Any, document: dict[str, Any]) -> str:
+    """``suite.yaml: $.models[0] × $.workloads[1] (concurrency 4): `` — where a suite level's failure comes from."""
+    facts = document["configuration"].get("suite") or {}
+    model = next((m.json_path for m in suite.models if m.name == facts.get("model")), "$.models[?]")
+    workload = next((w.json_path for w in suite.workloads if w.name == facts.get("workload")), "$.workloads[?]")
+    return f"{suite.source}: {model} × {workload} ({facts.get('level')}): "
 
 
 def _count(n: int, noun: str, plural: str | None = None) -> str:
@@ -760,6 +768,8 @@ def run(config_path: Path | None, data_dir: Path | None, model: Path | None, onc
         for workload in service.config.workloads:
             line, ok = _run_line(workload["name"], service.runs.get(workload["name"]))
             click.echo(line)
+            for note in (service.runs.get(workload["name"]) or {}).get("notes") or ():
+                click.echo(f"  note: {note}")
             failed = failed or not ok
         if failed and code == 0:
             code = 1

@@ -301,7 +301,8 @@ SCHEMA: Schema = {
             path_list,
             lambda: [Path("/var/lib/lens-agent/models"), Path("/usr/share/lens-agent/models")],
             "a suite's file:// and gguf:NAME models must be inside one of these directories (the configured "
-            "model.path and the bundled SmolLM2 are always allowed)",
+            "model.path's directory, the suite file's own directory and the bundled SmolLM2 are always allowed); "
+            "add yours here to run a model kept elsewhere",
         ),
         "endpoints": KeySpec(
             origin_list,
@@ -312,7 +313,11 @@ SCHEMA: Schema = {
         ),
         "max_concurrency": KeySpec(int_range(1, 1024), const(64), "a workload's concurrency at most"),
         "max_rate": KeySpec(number_range(0.001, 10000.0), const(500.0), "a workload's request rate at most (req/s)"),
-        "max_duration": KeySpec(parse_duration, const(6 * 3600.0), "a workload level's duration at most"),
+        "max_duration": KeySpec(
+            parse_duration,
+            const(6 * 3600.0),
+            "a workload level's duration at most: every level stops sending there, with or without duration_seconds",
+        ),
         "max_requests": KeySpec(int_range(1, 1_000_000), const(100_000), "a workload level's requests at most"),
         "max_output_tokens": KeySpec(int_range(1, 1 << 20), const(4096), "a workload's output_token_target at most"),
     },

@@ -48,17 +48,26 @@ ARRIVALS = ("constant", "poisson")
 THROUGHPUT_GAIN = 0.10
 # … while its TTFT p50 grows by more than this (either relative to the previous closed level)
 TTFT_GROWTH = 0.10
-# open loop: achieved below this share of the offered rate
+# open loop: achieved below this share of the rate the schedule offered the requests it sent (the sent rate)
 ACHIEVED_SHARE = 0.9
 # open loop: e2e grows "clearly" — its least-squares slope is more than this many standard errors above 0, over the
 # level it adds at least this share of the median e2e, and at least this many requests succeeded
 SLOPE_SIGMAS = 3.0
 SLOPE_GROWTH_SHARE = 0.5
 SLOPE_MIN_POINTS = 8
+# … and the wait grows by at least this many ms per second of schedule: 5 % of the time that passes, a server at
+# least 5 % short of the rate (a slope of 1 ms/s — 16 ms over a level — is a busy machine, not a queue)
+SLOPE_MIN_MS_PER_S = 50.0
 # open loop: the last stretch before a send is waited by yielding to the loop, not by a timer (see _until)
 SPIN_S = 0.002
+# a level none of whose requests succeeded says nothing about saturation
+FAILED_REASON = "every request failed"
 # open loop without max_concurrency: connections kept free of the pool for everything else the process opens
 _FD_MARGIN = 64
+# open loop: a send scheduled later than this from the level's start is never made (the level ends sending there).
+# A suite cannot ask for it ([suite] max_duration bounds every level); this keeps the library from overflowing a
+# timer or an integer on an absurd rate (1e-300 req/s puts the second request at 1e300 s).
+MAX_SCHEDULE_S = 366 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,16 @@ class Level:
     def label(self) -> str:
         if self.mode == "closed":
             return f"concurrency {self.concurrency}"
-        return f"{self.rate:g} req/s {self.arrival}"
+        return f"{rate_text(self.rate)} req/s {self.arrival}"
+
+
+def rate_text(rate: float | None) -> str:
+    """A rate as the shortest text that reads back as the same float (``2``, ``0.5``, ``100.00001``): two levels'
+    labels differ whenever their rates do."""
+    if rate is None:
+        return "n/a"
+    text = repr(float(rate))
+    return text[:-2] if text.endswith(".0") else text
 
 
 @dataclass
@@ -119,8 +137,12 @@ class LevelRun:
     measurements: list[Measurement]  # every request, in scheduled order
     wall_s: float  # first scheduled send → last answer
     offered_rate: float | None  # open: level.rate; closed: None
-    sent_rate: float  # requests sent ÷ send window
-    achieved_rate: float  # successful requests ÷ wall_s
+    # the rate the schedule offered the requests it sent: (n − 1) ÷ (last − first scheduled send); closed loop: the
+    # sends themselves. Fewer than 2 sent: n ÷ max(wall_s, n ÷ offered).
+    sent_rate: float
+    # the rate answers came back at, times the share that succeeded: (answered − 1) ÷ (last − first answer) × ok ÷
+    # answered; fewer than 2 answers (or all at once): ok ÷ max(wall_s, n ÷ offered). Closed loop: ok ÷ wall_s.
+    achieved_rate: float
     throughput_tps: float  # output tokens of successful requests ÷ wall_s
     peak_in_flight: int
     errors_by_type: dict[str, int]
@@ -158,6 +180,8 @@ def schedule(level: Level, limit: int | None = None) -> list[float]:
     out: list[float] = []
     for offset in arrival_offsets(level):
         if (count is not None and len(out) >= count) or (level.duration_s is not None and offset >= level.duration_s):
+            break
+        if not offset <= MAX_SCHEDULE_S:  # also NaN and infinity
             break
         out.append(offset)
     return out
@@ -249,6 +273,8 @@ class _Level:
         self.in_flight = 0
         self.peak = 0
         self.sent_ns: list[int] = []
+        self.scheduled_ns: list[int] = []
+        self.done_ns: list[int] = []
         self.lags_ms: list[float] = []
         self.last_answer_ns = 0
         self.not_sent = 0
@@ -278,6 +304,8 @@ class _Level:
             scheduled_ns = result.start_ns  # closed loop: a request is due when it is sent
         self.last_answer_ns = max(self.last_answer_ns, done_ns)
         self.sent_ns.append(result.start_ns)
+        self.scheduled_ns.append(scheduled_ns)
+        self.done_ns.append(done_ns)
         record = self.new_record(prompt_index)
         self.fill(record, result, index, scheduled_ns, concurrency)
         self.records[index] = record
@@ -340,6 +368,8 @@ class _Level:
                     break
                 if level.duration_s is not None and offset >= level.duration_s:
                     break
+                if not offset <= MAX_SCHEDULE_S:  # also NaN and infinity: never a timer or integer overflow
+                    break
                 scheduled_ns = self.start_ns + round(offset * 1e9)
                 await _until(scheduled_ns)
                 if should_stop is not None and should_stop():
@@ -356,7 +386,9 @@ class _Level:
         level = self.level
         assert level.concurrency is not None
         counter = itertools.count()
-        deadline = self.start_ns + round(level.duration_s * 1e9) if level.duration_s is not None else None
+        deadline = (
+            self.start_ns + round(min(level.duration_s, MAX_SCHEDULE_S) * 1e9) if level.duration_s is not None else None
+        )  # 1e300 s would overflow round() as nanoseconds
 
         async def worker() -> None:
             while True:
@@ -387,11 +419,16 @@ class _Level:
         for m in measurements:
             if not m.ok:
                 errors[m.error_type or "unknown"] = errors.get(m.error_type or "unknown", 0) + 1
-        sent = sorted(self.sent_ns)
-        if len(sent) >= 2 and sent[-1] > sent[0]:
-            sent_rate = (len(sent) - 1) / ((sent[-1] - sent[0]) / 1e9)
-        else:
-            sent_rate = len(sent) / wall_s if wall_s > 0 else 0.0
+        open_loop = level.mode == "open" and level.rate is not None
+        # open loop: a level shorter than its schedule is not credited with more than the schedule offered
+        floor_s = len(measurements) / float(level.rate) if open_loop and level.rate else 0.0
+        window = max(wall_s, floor_s)
+        sent_rate = _span_rate(self.scheduled_ns, len(self.scheduled_ns), window)
+        achieved = len(ok) / window if window > 0 else 0.0
+        if open_loop and len(self.done_ns) >= 2:
+            answered = _span_rate(self.done_ns, 0, 0.0)
+            if answered > 0:
+                achieved = answered * len(ok) / len(self.done_ns)
         fit = least_squares(_e2e_over_schedule(measurements))
         lags = self.lags_ms
         run = LevelRun(
@@ -400,7 +437,7 @@ class _Level:
             wall_s=wall_s,
             offered_rate=float(level.rate) if level.mode == "open" and level.rate is not None else None,
             sent_rate=sent_rate,
-            achieved_rate=len(ok) / wall_s if wall_s > 0 else 0.0,
+            achieved_rate=achieved,
             throughput_tps=sum(m.output_tokens for m in ok) / wall_s if wall_s > 0 else 0.0,
             peak_in_flight=self.peak,
             errors_by_type=errors,
@@ -449,6 +486,23 @@ async def run_level(
     return state.result()
 
 
+def _span_rate(stamps_ns: list[int], count: int, window_s: float) -> float:
+    """The rate of events at ``stamps_ns`` (perf_counter ns) over their own span: 1 ÷ the least-squares slope of
+    the k-th event's time over k (three or more events), (n − 1) ÷ (last − first) for two. Gaps between events, not
+    n events over a window that starts before the first and ends after the last, so a short level's rate is not
+    inflated; and the fit over every event, not the first and the last alone, so one late straggler (a busy
+    machine) moves it little. Fewer than two events, no span or no positive slope: ``count`` ÷ ``window_s`` (0
+    when that is 0)."""
+    stamps = sorted(stamps_ns)
+    if len(stamps) >= 3:
+        fit = least_squares([(float(k), (t - stamps[0]) / 1e9) for k, t in enumerate(stamps)])
+        if fit is not None and fit[0] > 0:
+            return 1.0 / fit[0]
+    elif len(stamps) == 2 and stamps[1] > stamps[0]:
+        return 1.0 / ((stamps[1] - stamps[0]) / 1e9)
+    return count / window_s if window_s > 0 else 0.0
+
+
 def _e2e_over_schedule(measurements: list[Measurement]) -> list[tuple[float, float]]:
     """(scheduled offset in s, e2e in ms) of every successful request."""
     return [
@@ -468,18 +522,25 @@ def _slope_is_clear(run: LevelRun) -> tuple[bool, str]:
     span = max(offsets) - min(offsets) if offsets else 0.0
     growth = slope * span
     median = statistics.median(ok)
-    clear = slope > SLOPE_SIGMAS * se and growth >= SLOPE_GROWTH_SHARE * median
+    clear = slope > SLOPE_SIGMAS * se and growth >= SLOPE_GROWTH_SHARE * median and slope >= SLOPE_MIN_MS_PER_S
     return clear, (
         f"e2e grows {slope:.1f} ms per second of schedule (± {se:.1f}): {growth:.0f} ms over the level, "
         f"against a median e2e of {median:.0f} ms — a queue builds up"
     )
 
 
+def _all_failed(run: LevelRun) -> bool:
+    return bool(run.measurements) and not any(m.ok for m in run.measurements)
+
+
 def _open_saturation(run: LevelRun) -> tuple[bool, str | None]:
     assert run.offered_rate is not None
-    if run.achieved_rate < ACHIEVED_SHARE * run.offered_rate:
+    if _all_failed(run):
+        return False, FAILED_REASON
+    if run.achieved_rate < ACHIEVED_SHARE * run.sent_rate:
         return True, (
-            f"achieved {run.achieved_rate:.3g} req/s < {ACHIEVED_SHARE:g} × offered {run.offered_rate:g} req/s"
+            f"achieved {run.achieved_rate:.3g} req/s < {ACHIEVED_SHARE:g} × sent {run.sent_rate:.3g} req/s "
+            f"(offered {rate_text(run.offered_rate)})"
         )
     clear, why = _slope_is_clear(run)
     if clear:
@@ -493,6 +554,8 @@ def _p50_ttft(run: LevelRun) -> float | None:
 
 
 def _closed_saturation(run: LevelRun, previous: LevelRun) -> tuple[bool, str | None]:
+    if _all_failed(run):
+        return False, FAILED_REASON
     before, after = _p50_ttft(previous), _p50_ttft(run)
     if before is None or after is None or previous.throughput_tps <= 0:
         return False, None
@@ -508,23 +571,37 @@ def _closed_saturation(run: LevelRun, previous: LevelRun) -> tuple[bool, str | N
 def saturation(runs: list[LevelRun]) -> tuple[int | None, str]:
     """The index of the first level at which the endpoint saturates, and why; ``(None, "not saturated up to
     <last level>")`` otherwise. Closed loop: the throughput grows less than 10 % from the previous closed level
-    while TTFT p50 grows by more than 10 %. Open loop: achieved < 0.9 × offered, or e2e grows clearly with time
-    (the least-squares slope over the schedule is > 3 standard errors above zero and adds ≥ half the median e2e
-    over the level). Each run's ``saturated`` and ``saturation_reason`` are set on the way."""
+    while TTFT p50 grows by more than 10 %. Open loop: achieved < 0.9 × the sent rate (what the schedule offered the
+    requests it sent), or e2e grows clearly with time (the least-squares slope over the schedule is > 3 standard
+    errors above zero and ≥ 50 ms/s, and adds ≥ half the median e2e over the level). A level none of whose requests
+    succeeded neither saturates nor counts as keeping up: the answer says so (``not determined: every request failed
+    at …``).
+    Each run's ``saturated`` and ``saturation_reason`` are set on the way."""
     first: tuple[int, str] | None = None
+    failed: list[str] = []
     previous_closed: LevelRun | None = None
     for index, run in enumerate(runs):
         if run.level.mode == "open":
             run.saturated, run.saturation_reason = _open_saturation(run)
         else:
-            if previous_closed is not None:
+            if _all_failed(run):
+                run.saturated, run.saturation_reason = False, FAILED_REASON
+            elif previous_closed is not None:
                 run.saturated, run.saturation_reason = _closed_saturation(run, previous_closed)
             else:
                 run.saturated, run.saturation_reason = False, None
-            previous_closed = run
+            if not _all_failed(run):
+                previous_closed = run
+        if _all_failed(run):
+            failed.append(run.level.label)
         if run.saturated and first is None:
             first = (index, f"{run.level.label}: {run.saturation_reason}")
     if first is not None:
         return first
+    if failed:
+        if len(failed) == len(runs):
+            return None, f"not determined: every request failed at every level ({', '.join(failed)})"
+        kept = [run.level.label for run in runs if not _all_failed(run)]
+        return None, f"not saturated up to {kept[-1]}; not determined at {', '.join(failed)}: every request failed"
     last = runs[-1].level.label if runs else "(no level)"
     return None, f"not saturated up to {last}"

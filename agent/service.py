@@ -82,6 +82,7 @@ from .tuning import DIMENSIONS, tune_record, values_of
 log = logging.getLogger("agent.service")
 ADVICE_REMEMBERED = 500  # recommendation ids and advice (model, setting, value) remembered as seen
 STATE_FILE = "service.json"
+MAX_RUN_NOTES = 8  # notes a suite workload's run keeps for status and run --once
 
 
 def state_path(data_dir: Path | str) -> Path:
@@ -807,10 +808,14 @@ class AgentService:
                 extra_ext={"workload": workload["name"]},
             )
         )
-        for note in dict.fromkeys(session.notes):
+        notes = list(dict.fromkeys(session.notes))
+        for note in notes:
             log.info("workload %s: %s", workload["name"], note)
         self._last_measured = [m for m in session.measured if m.strategy == "local"]
-        return summarize(session.measured, workload["name"], None)
+        summary = summarize(session.measured, workload["name"], None)
+        if notes:  # shown by run --once (a local model ran a level at concurrency 1): at most MAX_RUN_NOTES
+            summary["notes"] = notes[:MAX_RUN_NOTES]
+        return summary
 
     # -- benchmark campaigns (agent.campaigns, docs/campaigns.md "On the device") ----------------------------------
     def _campaign_interval(self) -> float:

@@ -494,8 +494,11 @@ def workload_prompts(
     count: int,
     tokenize: Callable[[str], list[int]] | None,
     detokenize: Callable[[list[int]], str] | None,
+    *,
+    source: str = "suite",
 ) -> tuple[list[Prompt], str]:
     """``count`` prompts for the workload (cycled over at most 256 distinct ones) and a one-line note of how.
+    A UsageError names ``source`` (the suite file) and the workload's JSON path.
 
     Without ``input_tokens``: the dataset's prompts (or the built-in ones), cycled. With it: the dataset's prompts
     whose length by ``tokenize`` (the model's own tokenizer) is within [min, max] are selected; when fewer than
@@ -510,9 +513,10 @@ def workload_prompts(
         distinct = base[:MAX_DISTINCT_PROMPTS]
         return _cycle(distinct, count), f"{count} prompts from {origin} ({len(distinct)} distinct, cycled)"
     low, high = workload.input_tokens
+    where = f"{source}: {workload.json_path} (workload {workload.name!r})"
     if tokenize is None:
         raise UsageError(
-            f"workload {workload.name}: input_token_range [{low}, {high}] needs the model's tokenizer and this "
+            f"{where}: input_token_range [{low}, {high}] needs the model's tokenizer and this "
             "endpoint offers none (no /tokenize): drop input_token_range or use a server with /tokenize"
         )
     wanted = min(count, MAX_DISTINCT_PROMPTS)
@@ -521,10 +525,10 @@ def workload_prompts(
     if len(selected) < wanted:
         if detokenize is None:
             raise UsageError(
-                f"workload {workload.name}: {len(selected)} of {origin} fall within [{low}, {high}] tokens and "
+                f"{where}: {len(selected)} of {origin} fall within [{low}, {high}] tokens and "
                 "building more needs the model's detokenizer, which this model offers none of"
             )
-        built = _build_prompts(workload, wanted - len(selected), base, tokenize, detokenize)
+        built = _build_prompts(workload, wanted - len(selected), base, tokenize, detokenize, where)
     distinct = selected + built
     note = (
         f"{count} prompts of {low}–{high} tokens: {len(selected)} selected from {origin}, {len(built)} built from "
@@ -544,13 +548,14 @@ def _build_prompts(
     base: list[Prompt],
     tokenize: Callable[[str], list[int]],
     detokenize: Callable[[list[int]], str],
+    where: str,
 ) -> list[Prompt]:
     low, high = workload.input_tokens or (1, 1)
     rng = random.Random(workload.seed)
     text = "\n\n".join(p.text for p in base[: MAX_DISTINCT_PROMPTS * 16])
     ids = tokenize(text)
     if not ids:
-        raise UsageError(f"workload {workload.name}: the prompts' text has no tokens to build prompts from")
+        raise UsageError(f"{where}: the prompts' text has no tokens to build prompts from")
     repeats = 1
     while len(ids) < high + 16:  # long enough to cut any length in [low, high] from some start
         repeats = max(repeats * 2, -(-(high + 16) // max(1, len(ids) // repeats)) + 1)
@@ -564,7 +569,7 @@ def _build_prompts(
             prompt = _cut(ids, 0, target, low, high, tokenize, detokenize)
         if prompt is None:
             raise UsageError(
-                f"workload {workload.name}: cannot cut a prompt of {low}–{high} tokens from {workload.dataset_ref} "
+                f"{where}: cannot cut a prompt of {low}–{high} tokens from {workload.dataset_ref} "
                 "(the tokenizer does not round-trip its text): widen input_token_range"
             )
         out.append(Prompt(id=f"{workload.name}:built{j + 1}", text=prompt))

@@ -751,6 +751,19 @@ def _workload(c: SuiteChecker, value: object, i: int) -> SuiteWorkload:
     requests = c.integer(item["requests"], f"{path}.requests", 1, limits.max_requests) if "requests" in item else None
     if requests is None and duration is None:
         requests = DEFAULT_REQUESTS
+    if duration is None and requests is not None and "request_rates" in item:
+        # every level is held to [suite] max_duration: an open-loop schedule that cannot fit is refused here, not
+        # cut short at run time
+        for j, rate in enumerate(item["request_rates"]):
+            span = requests / float(rate)
+            if span > limits.max_duration_s:
+                raise c.fail(
+                    f"{path}.request_rates[{j}]",
+                    rate,
+                    f"a rate whose schedule fits in [suite] max_duration ({limits.max_duration_s} s): {requests} "
+                    f"requests at {rate:g} req/s take {span:.3g} s (raise the rate, lower requests or give "
+                    "duration_seconds)",
+                )
     warmup = (
         c.integer(item["warmup_requests"], f"{path}.warmup_requests", 0, min(MAX_WARMUP, limits.max_requests))
         if "warmup_requests" in item

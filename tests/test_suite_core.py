@@ -252,3 +252,22 @@ def test_canonical_json_form_and_the_device_digest(policy: SuitePolicy) -> None:
     assert len(digest) == 64 and digest == document_sha256(_reordered(document))
     # the digest a campaign is stored under is the one the device's parse gives the same document
     assert parse_suite(_reordered(document), source="campaign", base_dir=None, policy=policy).sha256 == digest
+
+
+def test_an_open_loop_schedule_longer_than_max_duration_is_refused_alike(dirs: dict[str, Path]) -> None:
+    """Every level is held to [suite] max_duration: 100 requests at 1 req/s do not fit in 60 s. Both sides refuse
+    at the rate's JSON path with the same message; with duration_seconds the level is bounded and accepted."""
+    limits = SuiteLimits(max_duration_s=60)
+    document = base_document()
+    document["workloads"][1] = {"name": "sweep", "request_rates": [2, 1], "requests": 100}
+    aggregator = _refusal(lambda: check_document(document, source="s.json", limits=limits))
+    device_policy = SuitePolicy(
+        dataset_dirs=(dirs["data"],), credentials_dirs=(dirs["creds"],), model_dirs=(dirs["models"],), max_duration_s=60
+    )
+    device = _refusal(lambda: parse_suite(document, source="s.json", base_dir=dirs["suites"], policy=device_policy))
+    assert aggregator is not None and device is not None
+    assert str(aggregator) == str(device)
+    assert aggregator.path == "$.workloads[1].request_rates[1]"
+    assert "100 requests at 1 req/s take 100 s" in str(aggregator) and "max_duration (60 s)" in str(aggregator)
+    document["workloads"][1]["duration_seconds"] = 30
+    check_document(document, source="s.json", limits=limits)

@@ -270,6 +270,14 @@ HOSTILE: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("rate too high", _set("workloads.0.request_rates", [501]), "$.workloads[0].request_rates[0]"),
     ("rate string", _set("workloads.0.request_rates", ["5"]), "$.workloads[0].request_rates[0]"),
     ("rate bool", _set("workloads.0.request_rates", [True]), "$.workloads[0].request_rates[0]"),
+    # every level is held to [suite] max_duration (6 h): 8 requests at 1e-300 req/s never fit; nor do the default
+    # 32 requests at 1e-7 req/s (a schedule of 10 years); nothing overflows on the way
+    ("rate schedule too long", _set("workloads.1.request_rates", [1, 1e-300]), "$.workloads[1].request_rates[1]"),
+    (
+        "rate schedule too long by default",
+        lambda d: d["workloads"].append({"name": "slow", "request_rates": [1e-7]}),
+        "$.workloads[2].request_rates[0]",
+    ),
     (
         "arrival unknown",
         lambda d: d["workloads"][0].update({"request_rates": [1], "arrival": "bursty"}),
@@ -772,8 +780,9 @@ def test_prompts_without_a_token_range(policy: SuitePolicy, dirs: dict[str, Path
     prompts, note = workload_prompts(w, 3, None, None)
     assert [p.text for p in prompts] == ["Tell me about rivers.", "Name three colours.", "Tell me about rivers."]
     assert "2 distinct" in note
-    with pytest.raises(UsageError, match="tokenizer"):
-        workload_prompts(_workload(policy, input_token_range={"min": 4, "max": 8}), 3, None, None)
+    with pytest.raises(UsageError, match="tokenizer") as refused:
+        workload_prompts(_workload(policy, input_token_range={"min": 4, "max": 8}), 3, None, None, source="s.yaml")
+    assert str(refused.value).startswith("s.yaml: $.workloads[0] (workload ")  # the file and the JSON path
 
 
 def _tokenizers(engine: LlamaEngine) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:

@@ -82,6 +82,7 @@ def test_a_local_gguf_suite_runs_each_level_and_says_what_it_ran_instead(
                         "input_token_range": {"min": 6, "max": 12},
                         "output_token_target": 6,
                         "concurrency_levels": [1, 4],
+                        "request_rates": [2],
                         "requests": 3,
                     }
                 ],
@@ -104,7 +105,12 @@ def test_a_local_gguf_suite_runs_each_level_and_says_what_it_ran_instead(
     )
     assert code == 0, stderr
     documents = sorted(out.glob("*.json"))
-    assert [d.name for d in documents] == ["edge-nightly-tiny-short-c1.json", "edge-nightly-tiny-short-c4.json"]
+    assert [d.name for d in documents] == [
+        "edge-nightly-tiny-short-c1.json",
+        "edge-nightly-tiny-short-c4.json",
+        "edge-nightly-tiny-short-r2-poisson.json",
+    ]
+    template: dict[str, Any] = {}
     for path in documents:
         doc = json.loads(path.read_text())
         check_document(doc, results_schema)
@@ -112,18 +118,31 @@ def test_a_local_gguf_suite_runs_each_level_and_says_what_it_ran_instead(
         assert doc["configuration"]["suite"]["name"] == "edge-nightly"
         assert doc["configuration"]["test_parameters"]["output_token_target"] == 6
         assert doc["results"]["requests"]["measured"] == 3
+        # what the chat template and BOS add to each prompt: input_token_range counts the prompt text alone
+        template = doc["configuration"]["suite"]["template_tokens"]
+        assert 1 <= template["min"] <= template["max"]
     asked_four = json.loads(documents[1].read_text())
     assert "one request at a time" in asked_four["configuration"]["suite"]["note"]
-    assert "ran as concurrency 1" in stderr and "(ran 1)" in stdout
+    assert asked_four["configuration"]["test_parameters"]["load"]["ran"] == "concurrency 1"
+    asked_rate = json.loads(documents[2].read_text())
+    assert asked_rate["configuration"]["test_parameters"]["load"]["offered_rate_rps"] == 2
+    assert "'2 req/s poisson' ran as concurrency 1" in asked_rate["configuration"]["suite"]["note"]
+    assert "ran as concurrency 1" in stderr
+    rows = {line[18:].split("   ")[0].strip(): line for line in stdout.splitlines() if line.startswith("tiny ")}
+    assert set(rows) == {"concurrency 1", "concurrency 4 (ran 1)", "2 req/s poisson (ran 1)"}, stdout
+    assert "2.0*" in rows["2 req/s poisson (ran 1)"] and "* the rate the level asked for" in stdout
     assert "workload short" in stdout and stdout.count("tiny ") >= 2
     records = raw_records(raw)
     measured = [r for r in records if not r["warmup"]]
-    assert len(measured) == 6
+    assert len(measured) == 9
     for record in measured:
-        assert 6 <= record["input_tokens"] - 1 <= 12 or 6 <= record["input_tokens"] <= 12  # BOS counted by llama.cpp
+        # the prompt text is within the range; the model received it in its template
+        assert 6 + template["min"] <= record["input_tokens"] <= 12 + template["max"]
         assert record["output_tokens"] == 6  # the target, past end-of-sequence
         assert record["ext"]["suite"]["workload"] == "short" and record["ext"]["suite"]["sha256"]
-        assert record["ext"]["load"]["concurrency"] == 1
+        load, asked = record["ext"]["load"], record["ext"]["suite"]["level"]
+        assert load["concurrency"] == 1 and load["level"] == "concurrency 1"  # what ran …
+        assert load.get("asked") == (None if asked == "concurrency 1" else asked)  # … and what was asked
 
 
 def test_an_endpoint_suite_with_bearer_auth_from_a_credentials_file(
@@ -211,7 +230,12 @@ workloads:
         assert code == 1, stderr
         documents = json.loads(stdout)
         assert all(d["results"]["error_metrics"]["errors_by_type"] == {"http_401": 4} for d in documents)
-        assert "no request succeeded" in stderr
+        # the failure names the suite file and the JSON paths of the model and workload
+        assert f"{suite}: $.models[0] × $.workloads[0] (concurrency 1): served: no request succeeded" in stderr
+        # and no level is said to keep up when every request failed
+        assert all(
+            d["results"]["load"]["saturation"].startswith("not determined: every request failed") for d in documents
+        )
 
 
 @pytest.mark.parametrize(
@@ -239,6 +263,62 @@ def test_a_hostile_suite_is_refused_with_its_json_path(
     assert str(suite) in stderr and where in stderr
 
 
+def test_output_names_never_collide(tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path) -> None:
+    """Models a/b and a:b, workloads w and w/, rates 100.00001 and 100.00002 and a suite named only dots: every
+    level gets its own file and its own table row."""
+    models = [{"name": name, "endpoint": f"file://{tiny_model}"} for name in ("a/b", "a:b")]
+    workload = {"output_token_target": 2, "requests": 1, "warmup_requests": 0, "request_rates": [100.00001, 100.00002]}
+    suite = tmp_path / "suite.json"
+    suite.write_text(
+        json.dumps(
+            {
+                "test_suite": {"name": "..."},
+                "models": models,
+                "workloads": [{"name": "w", **workload}, {"name": "w/", **workload}],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    config = str(agent_config(tmp_path, tiny_model))
+    code, stdout, stderr = run_cli(capsys, "bench", "--config", config, "--suite", str(suite), "--output", str(out))
+    assert code == 0, stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 8 and not any(n.startswith(".") for n in names), names
+    assert "x-a-b-w-r100.00001-poisson.json" in names and "x-a-b-w-r100.00001-poisson-4.json" in names
+    combos = set()
+    for path in out.iterdir():
+        facts = json.loads(path.read_text())["configuration"]["suite"]
+        combos.add((facts["model"], facts["workload"], facts["level"]))
+    assert len(combos) == 8
+    assert "100.00001 req/s poisson (ran 1)" in stdout and "100.00002 req/s poisson (ran 1)" in stdout, stdout
+
+
+def test_every_level_is_held_to_max_duration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path
+) -> None:
+    """No duration_seconds: a level of 100000 requests still stops sending at [suite] max_duration; a rate whose
+    schedule cannot fit in it is refused before anything runs, at its JSON path."""
+    suite = tmp_path / "suite.json"
+    document = {
+        "test_suite": {"name": "long"},
+        "models": [{"name": "m", "endpoint": f"file://{tiny_model}"}],
+        "workloads": [{"name": "w", "output_token_target": 2, "requests": 100000, "warmup_requests": 0}],
+    }
+    suite.write_text(json.dumps(document))
+    config = str(agent_config(tmp_path, tiny_model, '[suite]\nmax_duration = "2s"\n'))
+    code, stdout, stderr = run_cli(capsys, "bench", "--config", config, "--suite", str(suite), "--json")
+    assert code == 0, stderr
+    [doc] = json.loads(stdout)
+    assert 1 <= doc["results"]["requests"]["measured"] < 100000
+    assert doc["configuration"]["test_parameters"]["load"]["duration_s"] == 2
+    for rate, where in ((1e-300, "[0]"), (1e-7, "[0]")):
+        document["workloads"][0] = {"name": "w", "request_rates": [rate], "requests": 3}
+        suite.write_text(json.dumps(document))
+        code, _, stderr = run_cli(capsys, "bench", "--config", config, "--suite", str(suite))
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert f"$.workloads[0].request_rates{where}" in stderr and "[suite] max_duration (2 s)" in stderr
+
+
 def test_suite_flags_that_clash_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, stderr = run_cli(capsys, "bench", "--suite", str(tmp_path / "s.json"), "--runs", "3", "--model", "x")
     assert code == 2 and "--model, --runs" in stderr
@@ -254,7 +334,13 @@ def test_a_suite_runs_as_a_scheduled_workload_of_the_service(tmp_path: Path, tin
                 "models": [{"name": "tiny", "endpoint": f"file://{tiny_model}"}],
                 "workloads": [
                     {"name": "a", "input_dataset": "prompts.jsonl", "output_token_target": 4, "requests": 2},
-                    {"name": "b", "output_token_target": 3, "requests": 1, "warmup_requests": 0},
+                    {
+                        "name": "b",
+                        "output_token_target": 3,
+                        "requests": 1,
+                        "warmup_requests": 0,
+                        "concurrency": 2,
+                    },
                 ],
             }
         )
@@ -265,6 +351,8 @@ def test_a_suite_runs_as_a_scheduled_workload_of_the_service(tmp_path: Path, tin
         [*AGENT, "run", "--config", str(config), "--once"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    # run --once says that a local model ran the level one request at a time
+    assert "note: b: tiny is a local llama.cpp model" in done.stdout and "ran as concurrency 1" in done.stdout
     conn = sqlite3.connect(tmp_path / "data" / "outbox.db")
     try:
         rows = conn.execute("SELECT codec, body FROM records ORDER BY seq").fetchall()

@@ -38,7 +38,7 @@ from ..engines.cloud import (
 )
 from ..engines.llama import EngineSettings, LlamaEngine
 from ..errors import RequestError, UsageError
-from ..loadgen import Level, LevelRun, run_level, saturation
+from ..loadgen import Level, LevelRun, rate_text, run_level, saturation
 from ..measurement import Measurement
 from ..memory import ProcessMemory
 from ..probes.power import detect_power
@@ -47,9 +47,10 @@ from ..probes.sysfs import Root
 from ..prompts import Prompt
 from ..suite import Suite, SuiteModel, SuitePolicy, SuiteWorkload, read_credentials, workload_prompts
 from .report import _fmt, results_document
-from .runner import BenchOptions, ModelRun, new_record, run_bench
+from .runner import BenchOptions, ModelRun, new_record, prepare_text, run_bench
 from .session import _device_facts, _open_for_writing
 
+RAN_LOCAL = "concurrency 1"  # how a local model runs every level: one request at a time, closed loop
 DEFAULT_REQUESTS = 32  # measured requests per level when the workload gives neither requests nor a duration
 PROMPTS_PER_WORKLOAD = 64  # distinct prompts made per model × workload (requests cycle through them)
 
@@ -108,10 +109,14 @@ class SuiteSession:
     stopped: bool = False
 
 
-def levels_of(workload: SuiteWorkload) -> list[Level]:
-    """The workload's load levels: closed loop at each concurrency, then open loop at each rate."""
+def levels_of(workload: SuiteWorkload, max_duration_s: float | None = None) -> list[Level]:
+    """The workload's load levels: closed loop at each concurrency, then open loop at each rate. Each level's
+    duration is the workload's ``duration_seconds`` held to ``max_duration_s`` (the ``[suite] max_duration``):
+    sending stops there whether or not the suite gives a duration (the level's label does not change)."""
     requests = workload.requests if workload.requests is not None or workload.duration_s else DEFAULT_REQUESTS
-    common = {"duration_s": workload.duration_s, "requests": requests, "seed": workload.seed}
+    durations = [d for d in (workload.duration_s, max_duration_s) if d is not None]
+    duration = min(durations) if durations else None
+    common = {"duration_s": duration, "requests": requests, "seed": workload.seed}
     out = [Level(mode="closed", concurrency=c, **common) for c in workload.concurrency]  # type: ignore[arg-type]
     out += [
         Level(mode="open", rate=r, arrival=workload.arrival, max_concurrency=workload.max_concurrency, **common)  # type: ignore[arg-type]
@@ -121,7 +126,22 @@ def levels_of(workload: SuiteWorkload) -> list[Level]:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
+    """A file-name part: runs of other characters as ``-``, no leading or trailing dots or dashes (a name of only
+    dots is not ``..``), at most 60 characters; ``x`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:60].strip("-.") or "x"
+
+
+def output_name(suite: Suite, model: SuiteModel, workload: SuiteWorkload, level: Level, taken: set[str]) -> str:
+    """The file name of a level's results document in ``--output``: ``<suite>-<model>-<workload>-<level>.json``
+    slugged, with ``-2``, ``-3`` … when two levels of the run slug to the same name (models ``a/b`` and ``a:b``):
+    a run never overwrites its own documents. ``taken`` (lower-cased names) is updated."""
+    stem = "-".join(_slug(x) for x in (suite.name, model.name, workload.name, _level_slug(level)))
+    name, n = f"{stem}.json", 1
+    while name.lower() in taken:
+        n += 1
+        name = f"{stem}-{n}.json"
+    taken.add(name.lower())
+    return name
 
 
 def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: None) -> SuiteSession:
@@ -146,6 +166,9 @@ def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: N
     def stopping() -> bool:
         return request.should_stop is not None and request.should_stop()
 
+    max_duration = request.policy.max_duration_s
+    taken: set[str] = set()
+
     def skipped(model: SuiteModel, workload: SuiteWorkload, level: Level) -> bool:
         return request.skip is not None and request.skip(model.name, workload.name, level.label)
 
@@ -154,7 +177,7 @@ def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: N
             if stopping():
                 session.stopped = True
                 break
-            if all(skipped(model, w, level) for w in suite.workloads for level in levels_of(w)):
+            if all(skipped(model, w, level) for w in suite.workloads for level in levels_of(w, max_duration)):
                 continue
             runner = _LocalModel if model.kind == "local" else _EndpointModel
             with runner.open(model, request, status) as target:
@@ -163,7 +186,7 @@ def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: N
                     if stopping():
                         session.stopped = True
                         break
-                    levels = [lv for lv in levels_of(workload) if not skipped(model, workload, lv)]
+                    levels = [lv for lv in levels_of(workload, max_duration) if not skipped(model, workload, lv)]
                     if not levels:
                         continue
                     for level, run, document in target.run_workload(
@@ -174,10 +197,7 @@ def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: N
                         if request.on_level_done is not None and not stopping():
                             request.on_level_done(model.name, workload.name, level.label, document)
                         if request.output_dir is not None:
-                            name = "-".join(
-                                _slug(x) for x in (suite.name, model.name, workload.name, _level_slug(level))
-                            )
-                            path = request.output_dir / f"{name}.json"
+                            path = request.output_dir / output_name(suite, model, workload, level, taken)
                             with _open_for_writing(path, "--output file") as handle:
                                 json.dump(document, handle, indent=2)
                                 handle.write("\n")
@@ -196,7 +216,7 @@ def run_suite(request: SuiteRequest, status: Callable[[str], None] = lambda _: N
 def _level_slug(level: Level) -> str:
     if level.mode == "closed":
         return f"c{level.concurrency}"
-    return f"r{level.rate:g}-{level.arrival}"
+    return f"r{rate_text(level.rate)}-{level.arrival}"
 
 
 class _Target:
@@ -361,7 +381,10 @@ class _LocalModel(_Target):
         levels: list[Level] | None = None,
     ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
         tokenize, detokenize = self._tokenizer()
-        prompts, prompt_note = workload_prompts(workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize)
+        prompts, prompt_note = workload_prompts(
+            workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize, source=self.request.suite.source
+        )
+        template = self._template_tokens(prompts)
         probes = self.request.config.values["probes"]
         for level in levels if levels is not None else levels_of(workload):
             if stopping():
@@ -369,7 +392,9 @@ class _LocalModel(_Target):
                 return
             self.status(f"{self.model.name} · {workload.name} · {level.label} …")
             note = None
+            asked = None
             if level.mode == "open" or (level.concurrency or 1) > 1:
+                asked = level.label
                 note = (
                     f"{self.model.name} is a local llama.cpp model: it serves one request at a time, so "
                     f"'{level.label}' ran as concurrency 1 (closed loop)"
@@ -392,12 +417,20 @@ class _LocalModel(_Target):
             clock: dict[str, float] = {}
 
             def make(
-                prompt: Prompt, index: int, warm: bool, _level: Level = level, _clock: dict[str, float] = clock
+                prompt: Prompt,
+                index: int,
+                warm: bool,
+                _level: Level = level,
+                _clock: dict[str, float] = clock,
+                _asked: str | None = asked,
             ) -> Measurement:
                 if not warm and "deadline" not in _clock and _level.duration_s:
                     _clock["deadline"] = time.monotonic() + _level.duration_s
                 record = self._record(prompt, index, warm, workload, _level)
-                record.ext["load"] = {"mode": "closed", "concurrency": 1, "level": _level.label}
+                # what ran (one request at a time), and what the level asked for when that differs
+                record.ext["load"] = {"mode": "closed", "concurrency": 1, "level": RAN_LOCAL}
+                if _asked is not None:
+                    record.ext["load"]["asked"] = _asked
                 return record
 
             def should_stop(_clock: dict[str, float] = clock) -> bool:
@@ -431,7 +464,22 @@ class _LocalModel(_Target):
                 power_source=probes["power_source"],
             )
             _document_extras(document, self.request.suite, self.model, workload, level, None, 1, note, prompt_note)
+            document["configuration"]["suite"]["template_tokens"] = template
+            if asked is not None:
+                document["configuration"]["test_parameters"]["load"]["ran"] = RAN_LOCAL
             yield level, None, document
+
+    def _template_tokens(self, prompts: list[Prompt]) -> dict[str, Any]:
+        """What the model receives beyond each prompt's text: the tokens the chat template (and BOS) add, min and
+        max over the workload's distinct prompts. ``input_token_range`` counts the prompt text alone; a record's
+        ``input_tokens`` is the text the model received, template included."""
+        mode = self.request.config.get("bench", "chat_template")
+        added: list[int] = []
+        for prompt in {p.text: p for p in prompts}.values():
+            sent, _ = prepare_text(self.engine, prompt, mode)
+            added.append(len(self.engine.tokenize(sent)) - len(self.engine.tokenize(prompt.text, add_bos=False)))
+        used = any(prepare_text(self.engine, p, mode)[1] for p in prompts[:1])
+        return {"chat_template": used, "min": min(added), "max": max(added)} if added else {"chat_template": used}
 
 
 class _EndpointModel(_Target):
@@ -541,7 +589,9 @@ class _EndpointModel(_Target):
         levels: list[Level] | None = None,
     ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
         tokenize, detokenize = self._tokenizer() if workload.input_tokens else (None, None)
-        prompts, prompt_note = workload_prompts(workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize)
+        prompts, prompt_note = workload_prompts(
+            workload, PROMPTS_PER_WORKLOAD, tokenize, detokenize, source=self.request.suite.source
+        )
         sent = [(p, [{"role": "user", "content": p.text}] if self.chat else p.text) for p in prompts]
         ignore_eos = self.model.api_type in ("vllm", "custom")
         extra = {"ignore_eos": True} if ignore_eos else None
@@ -628,17 +678,29 @@ class _EndpointModel(_Target):
             yield level, run, document
 
 
+def _row_label(level: Level, run: LevelRun | None) -> str:
+    """A table row's level: its label, with ``(ran 1)`` when a local model (no LevelRun) ran a level that asked for
+    more than one request at a time or for a rate."""
+    if run is None and (level.mode == "open" or (level.concurrency or 1) > 1):
+        return f"{level.label} (ran 1)"
+    return level.label
+
+
 def workload_table(
     workload: SuiteWorkload, rows: list[tuple[SuiteModel, Level, LevelRun | None, dict[str, Any]]]
 ) -> str:
-    """The workload's comparison: one row per model × level (ms unless noted)."""
+    """The workload's comparison: one row per model × level (ms unless noted). The level column is as wide as its
+    longest label, never cut: two levels' rows always tell them apart."""
+    labels = [_row_label(level, run) for _, level, run, _ in rows]
+    width = max([22, *(len(label) + 2 for label in labels)])
     header = (
-        f"{'model':<18}{'level':<22}{'n':>5}{'err':>5}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}"
-        f"{'e2e p95':>10}{'offered':>9}{'achieved':>9}{'tok/s':>8}"
+        f"{'model':<18}{'level':<{width}}{'n':>5}{'err':>5}{'TTFT p50':>10}{'TTFT p95':>10}{'TPOT p50':>10}"
+        f"{'e2e p95':>10}{'offered':>9}{'sent':>9}{'achieved':>9}{'tok/s':>8}"
     )
     lines = [f"workload {workload.name} (ms unless noted; rates in req/s)", header]
     saturations: dict[str, str] = {}
-    for model, level, run, doc in rows:
+    asked_only = False
+    for (model, level, run, doc), label in zip(rows, labels, strict=True):
         res = doc["results"]
         lat = res["latency_metrics"]
 
@@ -649,14 +711,15 @@ def workload_table(
         load = res.get("load") or {}
         offered = load.get("offered_rate_rps")
         achieved = load.get("achieved_rate_rps", res["throughput_metrics"]["requests_per_second"])
-        label = level.label if level.mode == "open" or run is not None else f"{level.label} (ran 1)"
-        if run is None and level.mode == "closed" and level.concurrency == 1:
-            label = level.label
+        offered_text = _fmt(offered, 1)
+        if run is None and level.rate is not None:  # a local model: the asked rate, marked
+            offered_text, asked_only = f"{_fmt(level.rate, 1)}*", True
         lines.append(
-            f"{model.name[:17]:<18}{label[:21]:<22}{res['requests']['measured']:>5}"
+            f"{model.name[:17]:<18}{label:<{width}}{res['requests']['measured']:>5}"
             f"{res['error_metrics']['total_errors']:>5}{p('time_to_first_token', 'p50_ms'):>10}"
             f"{p('time_to_first_token', 'p95_ms'):>10}{p('time_per_output_token', 'p50_ms'):>10}"
-            f"{p('end_to_end_latency', 'p95_ms'):>10}{_fmt(offered, 1):>9}{_fmt(achieved, 2):>9}"
+            f"{p('end_to_end_latency', 'p95_ms'):>10}{offered_text:>9}{_fmt(load.get('sent_rate_rps'), 2):>9}"
+            f"{_fmt(achieved, 2):>9}"
             f"{res['throughput_metrics']['tokens_per_second']:>8.1f}"
         )
         if load.get("saturation"):
@@ -664,4 +727,6 @@ def workload_table(
             saturations[model.name] = f"saturates at {at}: {load['saturation']}" if at else load["saturation"]
     for name, reason in saturations.items():
         lines.append(f"{name}: {reason}")
+    if asked_only:
+        lines.append("* the rate the level asked for; (ran 1): a local model ran it one request at a time")
     return "\n".join(lines)
