@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from lens_core.suite import closed_label, open_label, rate_text
+
 from .engines.cloud import CloudClient, CloudResult
 from .measurement import Measurement
 from .prompts import Prompt
@@ -118,17 +120,8 @@ class Level:
     @property
     def label(self) -> str:
         if self.mode == "closed":
-            return f"concurrency {self.concurrency}"
-        return f"{rate_text(self.rate)} req/s {self.arrival}"
-
-
-def rate_text(rate: float | None) -> str:
-    """A rate as the shortest text that reads back as the same float (``2``, ``0.5``, ``100.00001``): two levels'
-    labels differ whenever their rates do."""
-    if rate is None:
-        return "n/a"
-    text = repr(float(rate))
-    return text[:-2] if text.endswith(".0") else text
+            return closed_label(int(self.concurrency or 1))
+        return open_label(float(self.rate or 0.0), self.arrival)
 
 
 @dataclass

@@ -148,6 +148,7 @@ class AgentService:
         self._job_started_here: set[str] = set()
         self._campaign_busy = False
         self.suites = load_suites(self.config)  # a suite workload's document, checked before anything runs
+        self._not_taken: set[str] = set()  # jobs announced while 8 were in progress here, already logged
         self._last_jobs_heard = float("-inf")  # when an ack or a poll last told this device its campaign jobs
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -921,7 +922,9 @@ class AgentService:
     async def _fetch_job(self, client: JobClient, notice: JobNotice) -> None:
         """GET a job announced by an ack, check it and keep it; a refused one is kept and reported ``failed``."""
         if not self._jobs.room_for_one():
-            log.warning("campaign %s: not taken: 8 campaign jobs are in progress here", notice.benchmark_id)
+            if notice.benchmark_id not in self._not_taken and len(self._not_taken) < 64:  # said once per job
+                self._not_taken.add(notice.benchmark_id)
+                log.warning("campaign %s: not taken: 8 campaign jobs are in progress here", notice.benchmark_id)
             return
         try:
             payload = await client.fetch(notice.benchmark_id)

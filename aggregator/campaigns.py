@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import logging
 import math
 import re
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,7 +31,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from lens_core import wire
-from lens_core.suite import SuiteError, SuiteLimits, canonical_json, check_document
+from lens_core.suite import SuiteError, SuiteLimits, canonical_json, check_document, level_keys
 
 from . import callback
 from .arrow import ArrowUnavailable
@@ -328,21 +326,13 @@ def check_callback_url(value: Any, settings: CampaignSettings) -> str:
 
 
 def check_callback_addresses(url: str, settings: CampaignSettings) -> None:
-    """Every address the callback host resolves to is public, unless ``campaigns.allow_private_callbacks``."""
-    if settings.allow_private_callbacks:
-        return
-    host = urlsplit(url).hostname or ""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise bad("$.callback_url", f"the host {host!r} does not resolve ({exc})") from None
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not address.is_global or address.is_multicast:
-            raise bad(
-                "$.callback_url",
-                f"{host!r} resolves to {address}, not a public address (campaigns.allow_private_callbacks)",
-            )
+    """The callback URL passes the same check a delivery makes (``callback.check_callback_url``: every address the
+    host resolves to is public — NAT64, 6to4, IPv4-mapped and the other embeddings included — unless
+    ``campaigns.allow_private_callbacks``): a URL no delivery could reach is refused at start. Blocking (DNS): on a
+    thread."""
+    problem = callback.check_callback_url(url, settings.allow_private_callbacks)
+    if problem is not None:
+        raise bad("$.callback_url", f"{problem} (campaigns.allow_private_callbacks)")
 
 
 # -- targeting ---------------------------------------------------------------------------------------------------
@@ -416,24 +406,24 @@ def counts_of(jobs: list[JobRow]) -> dict[str, int]:
     return counts
 
 
-def progress_of(counts: dict[str, int], jobs: list[JobRow] | None = None) -> float:
-    """The campaign's progress: the mean over its non-skipped jobs, a finished job counting 100 %."""
-    if jobs is not None:
-        parts = [
-            100.0 if j.state not in JOB_ACTIVE else float(j.progress_percent) for j in jobs if j.state != "skipped"
-        ]
-        return round(sum(parts) / len(parts), 1) if parts else 100.0
-    active = sum(n for state, n in counts.items() if state != "skipped")
-    done = sum(n for state, n in counts.items() if state not in (*JOB_ACTIVE, "skipped"))
-    return round(100.0 * done / active, 1) if active else 100.0
+# job states whose own progress counts (a job that ended otherwise — succeeded, failed, timed out — is done: 100 %)
+PROGRESS_OWN = ("queued", "running", "cancelled")
 
 
-def summary(row: CampaignRow, counts: dict[str, int]) -> dict[str, Any]:
+def progress_of(jobs: list[JobRow]) -> float:
+    """The campaign's progress: the mean over its non-skipped jobs of each job's progress — the device's report
+    while it is queued or running (and what it had reached when cancelled), 100 % once it ended otherwise. The same
+    figure everywhere: status, the list, the fleet page's box and the gauge (``Store.job_progress``)."""
+    parts = [float(j.progress_percent) if j.state in PROGRESS_OWN else 100.0 for j in jobs if j.state != "skipped"]
+    return round(sum(parts) / len(parts), 1) if parts else 100.0
+
+
+def summary(row: CampaignRow, counts: dict[str, int], progress: float) -> dict[str, Any]:
     return {
         "benchmark_id": row.id,
         "name": row.name,
         "status": row.state,
-        "progress_percent": progress_of(counts),
+        "progress_percent": progress,
         "created_at": iso(row.created_us),
         "deadline": iso(row.deadline_us),
         "counts": counts,
@@ -449,7 +439,7 @@ def status_view(row: CampaignRow, jobs: list[JobRow]) -> dict[str, Any]:
         "benchmark_id": row.id,
         "name": row.name,
         "status": row.state,
-        "progress_percent": progress_of({}, jobs),
+        "progress_percent": progress_of(jobs),
         "started_at": iso(started),
         "finished_at": iso(row.finished_us),
         "estimated_completion": estimate,
@@ -459,6 +449,15 @@ def status_view(row: CampaignRow, jobs: list[JobRow]) -> dict[str, Any]:
         "created_by": row.created_by,
         "configuration_sha256": row.configuration_sha256,
         "counts": counts_of(jobs),
+        "callback": None
+        if row.callback_url is None
+        else {
+            "url": row.callback_url,
+            "state": row.callback_state,
+            "attempts": row.callback_attempts,
+            "next_attempt_at": iso(row.callback_next_us),
+            "error": row.callback_error,
+        },
         "devices": {
             job.device_id: {
                 "state": job.state,
@@ -534,43 +533,68 @@ def callback_payload(row: CampaignRow, counts: dict[str, int]) -> dict[str, Any]
     }
 
 
+CALLBACKS_AT_ONCE = 8  # deliveries in flight together: a slow receiver holds one slot, never the campaign task
+DELIVERING: web.AppKey[set[asyncio.Task[int]]] = web.AppKey("campaign_callbacks")
+
+
+def start_deliveries(app: web.Application) -> None:
+    """The due callbacks, sent in a task of their own (at most one such task at a time): the deadline check and the
+    gauges never wait behind a slow receiver."""
+    tasks = app.setdefault(DELIVERING, set())
+    if any(not t.done() for t in tasks):
+        return
+    task = asyncio.create_task(deliver_callbacks(app))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
 async def deliver_callbacks(app: web.Application, limit: int = 20) -> int:
     """Send the due completion callbacks (at most ``limit`` per tick), signed with ``campaigns.callback_secret_file``;
     a failure is retried with backoff (1 s doubling to 5 min) up to ``campaigns.callback_attempts`` times, across
     restarts (the state is in the campaign's row). How many were attempted."""
     context = app[CONTEXT]
-    settings = context.settings
     due: list[CampaignRow] = await context.read(context.store.due_callbacks, context.now_us(), limit)
-    for row in due:
-        counts = (await context.read(context.store.job_counts, [row.id])).get(row.id, {})
-        attempt = row.callback_attempts + 1
-        secret: bytes | None = None
-        error: str | None
-        try:
-            if settings.callback_secret_file is None:
-                raise OSError("campaigns.callback_secret_file is not set")
-            secret = await asyncio.get_running_loop().run_in_executor(None, settings.callback_secret_file.read_bytes)
-        except OSError as exc:
-            ok, error = False, f"the callback secret cannot be read: {exc}"
-        if secret is not None:
-            ok, error = await callback.deliver(
-                row.callback_url or "",
-                callback_payload(row, counts),
-                secret.strip(),
-                allow_private=settings.allow_private_callbacks,
-                timeout=CALLBACK_TIMEOUT_S,
-            )
-        if ok:
-            state, next_us = "delivered", None
-            log.info("campaign %s: callback delivered (attempt %d)", row.id, attempt)
-        elif attempt >= settings.callback_attempts:
-            state, next_us = "failed", None
-            log.warning("campaign %s: callback failed after %d attempts: %s", row.id, attempt, error)
-        else:
-            state, next_us = "pending", context.now_us() + int(callback.next_attempt_delay(attempt) * 1e6)
-            log.info("campaign %s: callback attempt %d failed (%s); retrying", row.id, attempt, error)
-        await context.call(context.store.set_callback, row.id, state, attempt, next_us, None if ok else error)
+    slots = asyncio.Semaphore(CALLBACKS_AT_ONCE)
+
+    async def one(row: CampaignRow) -> None:
+        async with slots:
+            await _deliver_one(context, row)
+
+    await asyncio.gather(*(one(row) for row in due))
     return len(due)
+
+
+async def _deliver_one(context: Context, row: CampaignRow) -> None:
+    """One callback attempt and its outcome in the campaign's row."""
+    settings = context.settings
+    counts = (await context.read(context.store.job_counts, [row.id])).get(row.id, {})
+    attempt = row.callback_attempts + 1
+    secret: bytes | None = None
+    error: str | None
+    try:
+        if settings.callback_secret_file is None:
+            raise OSError("campaigns.callback_secret_file is not set")
+        secret = await asyncio.get_running_loop().run_in_executor(None, settings.callback_secret_file.read_bytes)
+    except OSError as exc:
+        ok, error = False, f"the callback secret cannot be read: {exc}"
+    if secret is not None:
+        ok, error = await callback.deliver(
+            row.callback_url or "",
+            callback_payload(row, counts),
+            secret.strip(),
+            allow_private=settings.allow_private_callbacks,
+            timeout=CALLBACK_TIMEOUT_S,
+        )
+    if ok:
+        state, next_us = "delivered", None
+        log.info("campaign %s: callback delivered (attempt %d)", row.id, attempt)
+    elif attempt >= settings.callback_attempts:
+        state, next_us = "failed", None
+        log.warning("campaign %s: callback failed after %d attempts: %s", row.id, attempt, error)
+    else:
+        state, next_us = "pending", context.now_us() + int(callback.next_attempt_delay(attempt) * 1e6)
+        log.info("campaign %s: callback attempt %d failed (%s); retrying", row.id, attempt, error)
+    await context.call(context.store.set_callback, row.id, state, attempt, next_us, None if ok else error)
 
 
 # -- the HTTP layer ------------------------------------------------------------------------------------------------
@@ -706,7 +730,8 @@ async def list_campaigns(request: web.Request, context: Context, token: TokenInf
     def build(store: Store) -> list[dict[str, Any]]:
         rows = store.campaigns(MAX_LISTED)
         counts = store.job_counts([r.id for r in rows])
-        return [summary(r, counts.get(r.id, {})) for r in rows]
+        progress = store.job_progress([r.id for r in rows])
+        return [summary(r, counts.get(r.id, {}), progress.get(r.id, 100.0)) for r in rows]
 
     return web.json_response(await context.read(context.bounded(build), context.store))
 
@@ -832,10 +857,40 @@ def parse_report(body: Any) -> Report:
     return Report(state, None if progress is None else float(progress), reason, done, total)
 
 
+def suite_levels(store: Store, campaign: str) -> int | None:
+    """How many levels the campaign's suite runs on one device (models × workloads × levels), or None when there is
+    no such campaign."""
+    row = store.campaign(campaign)
+    if row is None:
+        return None
+    try:
+        return len(level_keys(json.loads(row.configuration)))
+    except (SuiteError, ValueError):
+        return None
+
+
 @device
 async def post_job(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
     device_id, campaign = _own_job(request, token)
     report = parse_report(await read_body(request, MAX_JOB_BODY_BYTES))
+    levels = await context.read(context.bounded(suite_levels), context.store, campaign)
+    if levels is not None:
+        if report.levels_total is not None and report.levels_total != levels:
+            raise BadRequest(
+                400,
+                "bad_request",
+                f"levels_total {report.levels_total}: the suite runs {levels} levels",
+                "$.levels_total",
+            )
+        if report.levels_done is not None and report.levels_done > levels:
+            raise BadRequest(400, "bad_request", f"levels_done {report.levels_done} > {levels} levels", "$.levels_done")
+        if report.state == "succeeded" and report.levels_done != levels:
+            raise BadRequest(
+                400,
+                "bad_request",
+                f"succeeded needs every level done: levels_done {report.levels_done} of {levels}",
+                "$.levels_done",
+            )
     update = await context.call(
         lambda: context.store.update_job(
             campaign,
@@ -893,7 +948,8 @@ def status(store: Store, text: str) -> dict[str, Any]:
 def listing(store: Store, limit: int = MAX_LISTED) -> list[dict[str, Any]]:
     rows = store.campaigns(limit)
     counts = store.job_counts([r.id for r in rows])
-    return [summary(r, counts.get(r.id, {})) for r in rows]
+    progress = store.job_progress([r.id for r in rows])
+    return [summary(r, counts.get(r.id, {}), progress.get(r.id, 100.0)) for r in rows]
 
 
 def cancel(store: Store, text: str, now: int) -> dict[str, Any]:
@@ -938,7 +994,7 @@ async def check_deadlines(app: web.Application) -> list[tuple[str, str]]:
     for campaign, state in finished:
         log.info("campaign %s %s at its deadline", campaign, state)
         on_campaign_finished(app, campaign)
-    await deliver_callbacks(app)
+    start_deliveries(app)
     if GAUGES in app:
         totals, active = await context.read(gauge_inputs, context.store, context.settings.max_active)
         app[GAUGES](active, totals, max_active=context.settings.max_active)
@@ -949,7 +1005,8 @@ def gauge_inputs(store: Store, max_active: int) -> tuple[dict[str, int], list[di
     """What the campaign gauges show (on a read thread): campaigns per state, and the unfinished ones."""
     rows = store.unfinished_campaigns(max_active)
     counts = store.job_counts([r.id for r in rows])
-    return store.campaign_state_counts(), [summary(r, counts.get(r.id, {})) for r in rows]
+    progress = store.job_progress([r.id for r in rows])
+    return store.campaign_state_counts(), [summary(r, counts.get(r.id, {}), progress.get(r.id, 100.0)) for r in rows]
 
 
 # the campaign gauges' setter (FleetMetrics.campaigns), when the app exports metrics

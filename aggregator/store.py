@@ -704,6 +704,18 @@ class Store(abc.ABC):
             raise ValueError(f"only an operator's cancel sets a campaign's state, not {state!r}")
         return self._campaign_write(lambda run: CampaignSQL.cancel(run, campaign_id, now_us))
 
+    def job_progress(self, campaign_ids: Sequence[str]) -> dict[str, float]:
+        """Per campaign, its progress as ``campaigns.progress_of`` computes it from the jobs, in one query."""
+        if not campaign_ids:
+            return {}
+        marks = ", ".join("?" for _ in campaign_ids)
+        rows = self._campaign_read(
+            "SELECT campaign_id, AVG(CASE WHEN state IN ('queued', 'running', 'cancelled') THEN progress_percent "
+            f"ELSE 100.0 END) FROM campaign_jobs WHERE campaign_id IN ({marks}) AND state <> 'skipped' GROUP BY 1",
+            list(campaign_ids),
+        )
+        return {str(c): round(float(p), 1) for c, p in rows if p is not None}
+
     def campaign_state_counts(self) -> dict[str, int]:
         """How many campaigns are in each state (the campaign gauges)."""
         return {
@@ -747,20 +759,28 @@ class Store(abc.ABC):
 
     def campaign_levels(self, campaign_id: str, limit: int = 10_000) -> list[dict[str, Any]]:
         """The decoded ``campaign_level`` records of the campaign (wire maps): the newest per device × model ×
-        workload × level, at most ``limit`` in all (each device's newest first). Only the suite's own models and
-        workloads count, at most 16 levels each: whatever else a device sends under the campaign's id is left out."""
+        workload × level, at most ``limit`` in all (each device's newest first). Only the suite's own models, workloads
+        and levels count, and only records received before the job ended (plus LEVEL_GRACE_US): whatever else a
+        device sends under the campaign's id is left out."""
         from .rows import decode_wire
 
         row = self.campaign(campaign_id)
         if row is None:
             return []
-        suite = json.loads(row.configuration)
-        models = {m.get("name") for m in suite.get("models", []) if type(m) is dict}
-        workloads = {w.get("name") for w in suite.get("workloads", []) if type(w) is dict}
+        from lens_core.suite import SuiteError, level_keys
+
+        try:  # the (model, workload, level label) triples the suite runs: nothing else counts
+            expected = level_keys(json.loads(row.configuration))
+        except (SuiteError, ValueError):
+            expected = set()
+        models = {m for m, _, _ in expected}
+        workloads = {w for _, w, _ in expected}
         out: list[dict[str, Any]] = []
         for job in self.campaign_jobs(campaign_id):
             if job.state == "skipped" or len(out) >= limit:
                 continue
+            # a record received after the job ended (plus a grace for the last upload) is not of its run
+            received_by = None if job.finished_us is None else job.finished_us + LEVEL_GRACE_US
             seen: set[tuple[Any, ...]] = set()
             per_pair: dict[tuple[Any, Any], int] = {}
             for stored in self.query_newest(
@@ -774,6 +794,11 @@ class Store(abc.ABC):
                     continue
                 pair = (mark.get("model"), mark.get("workload"))
                 if pair[0] not in models or pair[1] not in workloads:  # not of this suite: a device's say only
+                    continue
+                if (*pair, mark.get("level")) not in expected:  # a level the suite does not run
+                    continue
+                received = stored.get("received_us")
+                if received_by is not None and (type(received) is not int or received > received_by):
                     continue
                 key = (*pair, json.dumps(mark.get("level"), sort_keys=True))
                 if key in seen:
@@ -791,6 +816,8 @@ class Store(abc.ABC):
 
 
 CAMPAIGN_LEVEL_KIND = "campaign_level"
+# a device's last campaign_level record may reach the aggregator after its final progress report: by this much
+LEVEL_GRACE_US = 10 * 60 * 1_000_000
 MAX_LEVELS_PER_WORKLOAD = 16  # concurrency levels and rates of one workload (agent.suite.SuitePolicy.max_levels)
 MAX_LEVELS_PER_DEVICE = 16 * 32 * MAX_LEVELS_PER_WORKLOAD  # models × workloads × levels a suite may hold
 

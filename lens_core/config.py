@@ -53,8 +53,9 @@ AGENT_SECTIONS = (
     "outbox",
     "otlp",
     "tune",
+    "suite",
 )
-AGGREGATOR_SECTIONS = ("server", "storage", "auth", "fleet", "otlp")
+AGGREGATOR_SECTIONS = ("server", "storage", "auth", "fleet", "otlp", "campaigns")
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}

@@ -252,6 +252,40 @@ def check_document(document: object, *, source: str, limits: SuiteLimits) -> Non
     check_suite(document, SuiteChecker(source, limits), sha256="", default_name="suite")
 
 
+def rate_text(rate: float | None) -> str:
+    """A rate as the shortest text that reads back as the same float (``2``, ``0.5``, ``100.00001``): two levels'
+    labels differ whenever their rates do."""
+    if rate is None:
+        return "n/a"
+    text = repr(float(rate))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def closed_label(concurrency: int) -> str:
+    return f"concurrency {concurrency}"
+
+
+def open_label(rate: float, arrival: str) -> str:
+    return f"{rate_text(rate)} req/s {arrival}"
+
+
+def workload_labels(workload: SuiteWorkload) -> list[str]:
+    """The labels of a workload's levels, in run order: closed loop at each concurrency, then open loop at each rate
+    (concurrency 1 when it names neither) — what a device's records and results documents carry as the level."""
+    labels = [closed_label(c) for c in workload.concurrency]
+    labels += [open_label(r, workload.arrival) for r in workload.rates]
+    return labels or [closed_label(1)]
+
+
+def level_keys(document: object, *, limits: SuiteLimits | None = None) -> set[tuple[str, str, str]]:
+    """Every (model, workload, level label) a checked suite document runs: what an aggregator counts in a campaign's
+    results (a device's record for anything else is its say only). SuiteError for a document that fails the checks."""
+    suite = check_suite(
+        document, SuiteChecker("configuration", limits or SuiteLimits()), sha256="", default_name="suite"
+    )
+    return {(m.name, w.name, label) for m in suite.models for w in suite.workloads for label in workload_labels(w)}
+
+
 def document_text(data: bytes, *, source: str, limits: SuiteLimits) -> str:
     """A document's bytes as text: at most ``limits.max_document_bytes`` bytes of UTF-8 (a BOM is allowed)."""
     if len(data) > limits.max_document_bytes:

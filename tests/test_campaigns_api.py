@@ -111,6 +111,9 @@ class Fleet:
         return answer
 
     async def report(self, device: str, campaign: str, status: int = 200, **body: Any) -> dict[str, Any]:
+        if body.get("state") == "succeeded":  # SUITE runs 2 levels: a success reports both done
+            body.setdefault("levels_done", 2)
+            body.setdefault("levels_total", 2)
         response = await self.client.post(
             f"/api/v1/devices/{device}/jobs/{campaign}", json=body, headers=auth(self.tokens[device])
         )
@@ -481,11 +484,14 @@ async def test_results_and_exports(fleet: Fleet) -> None:
     assert len(table) == 3 and {r["device_class"] for r in table} == {"orin-agx"}
     bad = await fleet.client.get(f"/api/v1/benchmark/{campaign}/export?format=xls", headers=auth(fleet.operator))
     assert bad.status == 400
-    # more levels of one workload than a suite may hold: the newest 16 count
-    await fleet.ingest("dev-b", [level_record("dev-b", campaign, "chat", n, float(n)) for n in range(1, 21)])
+    # levels the suite does not run (a device's say only: forged rows, a <script> label) are left out: its 2 count
+    forged = [level_record("dev-b", campaign, "chat", n, float(n)) for n in range(1, 21)]
+    forged[5]["ext"]["campaign"]["level"] = "concurrency 1\u202e<script>"
+    await fleet.ingest("dev-b", forged)
     answer = await fleet.get(f"/api/v1/benchmark/{campaign}/results")
-    assert len(answer["results"]["devices"]["dev-b"]["documents"]) == 16
-    assert len(answer["results"]["classes"]["pi5"]) == 16
+    documents = answer["results"]["devices"]["dev-b"]["documents"]
+    assert len(documents) == 2 and len(answer["results"]["classes"]["pi5"]) == 2
+    assert {r["level"] for r in answer["results"]["classes"]["pi5"]} == {"concurrency 1", "concurrency 2"}
 
 
 async def test_store_migrates_from_schema_6(store: Store) -> None:
@@ -640,3 +646,24 @@ async def test_targeting_is_bounded_by_the_reads_deadline(fleet: Fleet) -> None:
         late(fleet.store, {"classes": ["orin-agx"]}, 10)
     in_time = reads.bounded(campaigns.select_devices, 30.0, 100)
     assert in_time(fleet.store, {"classes": ["orin-agx"]}, 10) == (["dev-a", "dev-c"], {})
+
+
+async def test_a_success_must_account_for_every_level_of_the_suite(fleet: Fleet) -> None:
+    """A device's report is checked against the suite the aggregator holds: a stolen token cannot mark a job
+    succeeded without every level done, nor claim a level count the suite does not have."""
+    campaign = (await fleet.start(target={"devices": ["dev-a"]}))["benchmark_id"]
+    for body, path in (
+        ({"state": "succeeded", "levels_done": 0, "levels_total": 2}, "$.levels_done"),
+        ({"state": "succeeded", "levels_done": 99, "levels_total": 99}, "$.levels_total"),
+        ({"state": "running", "levels_done": 5, "levels_total": 2}, "$.levels_done"),
+    ):
+        answer = await fleet.report("dev-a", campaign, 400, **body)
+        assert answer["path"] == path, (body, answer)
+    bare = await fleet.client.post(
+        f"/api/v1/devices/dev-a/jobs/{campaign}", json={"state": "succeeded"}, headers=auth(fleet.tokens["dev-a"])
+    )
+    assert bare.status == 400 and (await bare.json())["path"] == "$.levels_done"
+    assert (await fleet.get(f"/api/v1/benchmark/{campaign}/status"))["counts"] == {"queued": 1}
+    assert await fleet.report("dev-a", campaign, state="succeeded", levels_done=2, levels_total=2) == {
+        "state": "succeeded"
+    }

@@ -318,7 +318,7 @@ def test_schema_4_backfills_energy_and_starts_the_sync_history(tmp_path: Path) -
     )
     conn.close()
     upgraded = SQLiteStore(path)
-    assert upgraded.schema_version() == SCHEMA_VERSION == 6
+    assert upgraded.schema_version() == SCHEMA_VERSION
     values = upgraded._read("SELECT j_per_token, power_w FROM measurements ORDER BY seq")
     expected = [0.07 if i < 10 and r["ok"] else None for i, r in enumerate(records)]
     assert [v[0] for v in values] == expected

@@ -12,7 +12,7 @@ import pytest
 
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
-from aggregator.store import NULL_NAME, Query
+from aggregator.store import NULL_NAME, SCHEMA_VERSION, Query
 
 from .test_aggregator import auth, make_batch
 
@@ -130,7 +130,7 @@ def test_a_version_1_database_gets_its_series_on_upgrade(tmp_path: Any) -> None:
     conn.close()
     store = SQLiteStore(path)
     try:
-        assert store.schema_version() == 6  # upgraded through every migration, empty bodies and all
+        assert store.schema_version() == SCHEMA_VERSION  # upgraded through every migration, empty bodies and all
         got = {(s["strategy"], s["records"], s["first_seen_us"], s["last_seen_us"]) for s in store.series("dev-1")}
         assert got == {("local", 4, 101, 107), (NULL_NAME, 3, 102, 106)}
         assert len(store.latest(Query(device="dev-1", kind="inference", strategy=NULL_NAME), 10)) == 3

@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 
+from lens_core.suite import rate_text
+
 from ..config import AgentConfig
 from ..device import device_info
 from ..engines.cloud import (
@@ -38,7 +40,7 @@ from ..engines.cloud import (
 )
 from ..engines.llama import EngineSettings, LlamaEngine
 from ..errors import RequestError, UsageError
-from ..loadgen import Level, LevelRun, rate_text, run_level, saturation
+from ..loadgen import Level, LevelRun, run_level, saturation
 from ..measurement import Measurement
 from ..memory import ProcessMemory
 from ..probes.power import detect_power
