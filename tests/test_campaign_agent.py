@@ -451,7 +451,7 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
 def test_an_agent_killed_mid_job_resumes_with_a_new_level_run(tmp_path: Path, tiny_model: Path) -> None:
     with fake_aggregator() as fake:
         config = agent_config(tmp_path, tiny_model, fake)
-        job_id = fake.add_job(suite_doc([1, 2, 4], requests=200, output_tokens=8))
+        job_id = fake.add_job(suite_doc([1, 2, 4], requests=1500, output_tokens=8))  # levels of seconds each
         log_path = tmp_path / "agent.log"
         proc = start_agent(config, log_path)
 
