@@ -41,7 +41,7 @@ from .suite import Suite, SuiteError, parse_suite
 
 log = logging.getLogger("agent.campaigns")
 
-MAX_JOBS_IN_ACK = 8  # the contract's bound: a longer list is refused whole
+MAX_JOBS_IN_ACK = 8  # the protocol's bound: a longer list is refused whole
 MAX_JOB_FILES = 8  # job files kept; the oldest terminal ones are pruned
 MAX_ATTEMPTS = 3  # a job interrupted (crash, reboot) this many times is reported failed
 MAX_JOB_ANSWER_BYTES = 2 * 1024 * 1024  # a job document: the configuration (≤ 1 MiB) and a few fields
@@ -94,7 +94,7 @@ def parse_deadline(value: object) -> int:
 
 
 def parse_jobs(payload: dict[str, Any]) -> tuple[list[JobNotice], list[str]]:
-    """The ack's ``jobs``, each checked: (notices, problems). A list longer than the contract's 8 is refused whole
+    """The ack's ``jobs``, each checked: (notices, problems). A list longer than the protocol's 8 is refused whole
     (one problem); a bad item is left out with a problem naming it."""
     if "jobs" not in payload:
         return [], []

@@ -80,7 +80,7 @@ def campaign_id(value: Any) -> str | None:
 
 
 def _state(value: Any) -> str:
-    """A state as text and as a CSS class: only the states the contract names make a class."""
+    """A state as text and as a CSS class: only the states the protocol names make a class."""
     known = {"pending", "running", "completed", "failed", "cancelled", *JOB_STATES}
     return value if type(value) is str and value in known else "unknown"
 

@@ -128,7 +128,7 @@ def test_retry_delays_double_from_one_second_to_five_minutes_with_jitter() -> No
 # -- real servers ----------------------------------------------------------------------------------------------------
 @dataclass
 class Receiver:
-    """An HTTP receiver on one address: records what arrives and verifies the signature as an integrator would."""
+    """An HTTP receiver on one address: records what arrives and verifies the signature as a receiving service would."""
 
     host: str
     port: int = 0
