@@ -229,52 +229,6 @@ def bench(
             --verify logprobs --draft-tokens 4 --baselines
         lens-agent bench --suite suite.yaml --output results/
     """
-    if suite_path is not None:
-        given = {
-            "--model": bool(models),
-            "--prompts": prompts is not None,
-            "--runs": runs is not None,
-            "--warmup": warmup is not None,
-            "--max-tokens": max_tokens is not None,
-            "--ignore-eos": ignore_eos is not None,
-            "--strategy": strategy is not None,
-            "--cloud-url": cloud_url is not None,
-            "--cloud-model": cloud_model is not None,
-            "--format": bool(formats),
-            "--baselines": baselines is not None,
-        }
-        clash = [flag for flag, set_ in given.items() if set_]
-        if clash:
-            raise UsageError(
-                f"--suite takes its models, prompts, requests and load from the suite: drop {', '.join(clash)} "
-                '(engine settings go in a model\'s "settings", docs/suites.md)'
-            )
-        _bench_suite(
-            suite_path,
-            config_path=config_path,
-            output=output,
-            raw=raw,
-            as_json=as_json,
-            no_text=no_text,
-            progress=progress,
-            store=store,
-            overrides={
-                ("model", "n_ctx"): ("--n-ctx", n_ctx),
-                ("model", "n_threads"): ("--n-threads", n_threads),
-                ("model", "n_batch"): ("--n-batch", n_batch),
-                ("model", "n_gpu_layers"): ("--n-gpu-layers", n_gpu_layers),
-                ("model", "flash_attn"): ("--flash-attn", flash_attn),
-                ("agent", "device_id"): ("--device-id", device_id),
-                ("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None),
-                ("probes", "sysfs_root"): ("--sysfs-root", str(sysfs_root) if sysfs_root else None),
-                ("probes", "power_source"): ("--power-source", power_source),
-                ("probes", "sample_rate_hz"): ("--sample-rate", sample_rate),
-                ("probes", "idle_baseline"): ("--idle-baseline", idle_baseline),
-                ("bench", "chat_template"): ("--chat-template", chat_template),
-                ("bench", "max_error_rate"): ("--max-error-rate", max_error_rate),
-            },
-        )
-        return
     overrides: dict[tuple[str, str], tuple[str, object]] = {
         ("bench", "prompts"): ("--prompts", str(prompts) if prompts else None),
         ("bench", "runs"): ("--runs", runs),
@@ -304,6 +258,38 @@ def bench(
         ("probes", "idle_baseline"): ("--idle-baseline", idle_baseline),
         ("bench", "max_error_rate"): ("--max-error-rate", max_error_rate),
     }
+    if suite_path is not None:
+        given = {
+            "--model": bool(models),
+            "--prompts": prompts is not None,
+            "--runs": runs is not None,
+            "--warmup": warmup is not None,
+            "--max-tokens": max_tokens is not None,
+            "--ignore-eos": ignore_eos is not None,
+            "--strategy": strategy is not None,
+            "--cloud-url": cloud_url is not None,
+            "--cloud-model": cloud_model is not None,
+            "--format": bool(formats),
+            "--baselines": baselines is not None,
+        }
+        clash = [flag for flag, set_ in given.items() if set_]
+        if clash:
+            raise UsageError(
+                f"--suite takes its models, prompts, requests and load from the suite: drop {', '.join(clash)} "
+                '(engine settings go in a model\'s "settings", docs/suites.md)'
+            )
+        _bench_suite(
+            suite_path,
+            config_path=config_path,
+            output=output,
+            raw=raw,
+            as_json=as_json,
+            no_text=no_text,
+            progress=progress,
+            store=store,
+            overrides={key: overrides[key] for key in SUITE_OVERRIDES},
+        )
+        return
     config = load_config(config_path, overrides=overrides)
     if llmperf_dir is not None and "llmperf" not in formats:
         raise UsageError("--llmperf-dir is used only with --format llmperf: add --format llmperf or drop it")
@@ -340,6 +326,24 @@ def bench(
     failures = [f for f in (failure(doc, config.get("bench", "max_error_rate")) for doc in session.documents) if f]
     if failures:
         raise LensError("; ".join(failures))
+
+
+# the flags `bench --suite` takes (engine settings, identity, probes, output): the rest come from the suite
+SUITE_OVERRIDES = (
+    ("model", "n_ctx"),
+    ("model", "n_threads"),
+    ("model", "n_batch"),
+    ("model", "n_gpu_layers"),
+    ("model", "flash_attn"),
+    ("agent", "device_id"),
+    ("agent", "data_dir"),
+    ("probes", "sysfs_root"),
+    ("probes", "power_source"),
+    ("probes", "sample_rate_hz"),
+    ("probes", "idle_baseline"),
+    ("bench", "chat_template"),
+    ("bench", "max_error_rate"),
+)
 
 
 def _bench_suite(

@@ -769,12 +769,18 @@ async def campaign_export(request: web.Request, context: Context, token: TokenIn
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def _own_job(request: web.Request, token: TokenInfo) -> tuple[str, str]:
+def _own_device(request: web.Request, token: TokenInfo) -> str:
+    """The path's device, which must be the token's own (403 ``wrong_device`` otherwise)."""
     device_id = request.match_info["device_id"]
     if device_id != token.subject:
         raise BadRequest(
             403, "wrong_device", f"this token belongs to device {token.subject!r}, not {device_id[:128]!r}"
         )
+    return device_id
+
+
+def _own_job(request: web.Request, token: TokenInfo) -> tuple[str, str]:
+    device_id = _own_device(request, token)
     try:
         return device_id, campaign_id(request.match_info["benchmark_id"])
     except BadRequest:
@@ -785,11 +791,7 @@ def _own_job(request: web.Request, token: TokenInfo) -> tuple[str, str]:
 async def list_jobs(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
     """``GET /api/v1/devices/{device}/jobs``: what an acknowledgement would list, for a device with nothing to
     upload (an idle device polls this every sync interval instead of waiting for its next batch)."""
-    device_id = request.match_info["device_id"]
-    if device_id != token.subject:
-        raise BadRequest(
-            403, "wrong_device", f"this token belongs to device {token.subject!r}, not {device_id[:128]!r}"
-        )
+    device_id = _own_device(request, token)
     jobs = await context.read(context.bounded(ack_jobs), context.store, device_id)
     return web.json_response({"jobs": jobs})
 

@@ -534,7 +534,7 @@ class _EndpointModel(_Target):
         """The first model the endpoint lists (GET /models, checked: 1–256 printable characters), or a UsageError
         saying what it answered instead. A redirect is not followed."""
         assert self.model.url is not None
-        where = f"{self.request.suite.source}: {self.model.json_path}.endpoint ({self.model.name!r}): {self.model.url}"
+        where = self._where()
         try:
             session = await self.client.session()
             async with session.get(
@@ -551,9 +551,7 @@ class _EndpointModel(_Target):
         except AnswerTooLarge:
             raise UsageError(f"{where}: GET /models answered more than {MAX_ANSWER_MIN_BYTES} bytes") from None
         if status in (401, 403):
-            path = self.model.credentials_path
-            whose = f"the credentials in {path}" if path else "a request without credentials"
-            raise UsageError(f"{where}: GET /models answered HTTP {status}: the endpoint refuses {whose}")
+            raise self._refused("GET /models", status)
         try:
             listed = data["data"][0]["id"]  # type: ignore[index]
         except (TypeError, KeyError, IndexError):
@@ -566,18 +564,22 @@ class _EndpointModel(_Target):
         except RequestError as exc:
             raise UsageError(f"{where}: {exc.message}") from None
 
+    def _refused(self, what: str, status: int) -> UsageError:
+        """The endpoint refused the suite's credentials (HTTP 401/403): which file, or that none was sent."""
+        path = self.model.credentials_path
+        whose = f"the credentials in {path}" if path else "a request without credentials"
+        return UsageError(f"{self._where()}: {what} answered HTTP {status}: the endpoint refuses {whose}")
+
+    def _where(self) -> str:
+        return f"{self.request.suite.source}: {self.model.json_path}.endpoint ({self.model.name!r}): {self.model.url}"
+
     def _tokenizer(self) -> tuple[Callable[[str], list[int]] | None, Callable[[list[int]], str] | None]:
         run = self.loop.run_until_complete
         try:
             run(self.client.tokenize("hello", False))
         except RequestError as exc:
             if exc.error_type in ("http_401", "http_403"):
-                path = self.model.credentials_path
-                whose = f"the credentials in {path}" if path else "a request without credentials"
-                raise UsageError(
-                    f"{self.request.suite.source}: model {self.model.name!r}: {self.model.url}: /tokenize answered "
-                    f"HTTP {exc.error_type[5:]}: the endpoint refuses {whose}"
-                ) from None
+                raise self._refused("/tokenize", int(exc.error_type[5:])) from None
             return None, None  # no /tokenize (404, not JSON, …): prompts cannot be fitted to token counts
         return (lambda text: run(self.client.tokenize(text, False))), (lambda ids: run(self.client.detokenize(ids)))
 
@@ -604,37 +606,28 @@ class _EndpointModel(_Target):
                 session.stopped = True
                 break
             self.status(f"{self.model.name} · {workload.name} · {level.label} …")
-            warmups: list[Measurement] = []
-            if not self.warmed and workload.warmup:
-                warm_level = Level(mode="closed", concurrency=1, requests=workload.warmup, seed=workload.seed)
-                warm = self.loop.run_until_complete(
+
+            def load(shape: Level, warmup: bool, _level: Level = level) -> LevelRun:
+                return self.loop.run_until_complete(
                     run_level(
                         self.client,
-                        warm_level,
+                        shape,
                         sent,
                         max_tokens=workload.output_tokens,
-                        new_record=functools.partial(self._record_at, prompts, True, workload, level),
+                        new_record=functools.partial(self._record_at, prompts, warmup, workload, _level),
                         on_result=finished,
                         should_stop=stopping,
                         extra=extra,
                         rtt_ms=self.rtt_ms,
                     )
                 )
-                warmups = warm.measurements
+
+            warmups: list[Measurement] = []
+            if not self.warmed and workload.warmup:
+                warm_level = Level(mode="closed", concurrency=1, requests=workload.warmup, seed=workload.seed)
+                warmups = load(warm_level, True).measurements
             self.warmed = True
-            run = self.loop.run_until_complete(
-                run_level(
-                    self.client,
-                    level,
-                    sent,
-                    max_tokens=workload.output_tokens,
-                    new_record=functools.partial(self._record_at, prompts, False, workload, level),
-                    on_result=finished,
-                    should_stop=stopping,
-                    extra=extra,
-                    rtt_ms=self.rtt_ms,
-                )
-            )
+            run = load(level, False)
             runs.append(run)
             results.append((level, run, warmups))
             session.measured.extend(run.measurements)
