@@ -33,6 +33,8 @@ COMMAND_LINE = re.compile(r"^\s*(?:sudo (?:-u \S+ )?)?(?:\.venv/bin/)?lens-(?:ag
 # the aggregator a "run with: aggregator" block finds: the README's store-and-forward recipe's
 AGGREGATOR_DB = "aggregator.db"
 AGGREGATOR_PORT = 8443
+# where an installed agent and aggregator keep their state: a page run from a checkout never writes there
+STATE_DIRS = (Path("/var/lib/lens-agent"), Path("/var/lib/lens-aggregator"))
 
 
 @dataclass(frozen=True)
@@ -221,12 +223,14 @@ def shell_env(checkout: Path) -> dict[str, str]:
 class Sandbox:
     """A network namespace with only a loopback device and a tmpfs over /var/lib (where the agent and the
     aggregator keep their state by default), entered by every command run through ``prefix``. Without the
-    privilege to make one, ``prefix`` is empty and ``port`` a free port of this host's loopback."""
+    privilege to make one, ``prefix`` is empty, ``port`` a free port of this host's loopback, and only the state
+    directories that did not exist before are watched."""
 
     def __init__(self) -> None:
         self.holder: subprocess.Popen[bytes] | None = None
         self.prefix: list[str] = []
         self.port = AGGREGATOR_PORT
+        self.absent = [p for p in STATE_DIRS if not p.exists()]
         if shutil.which("unshare") and shutil.which("nsenter"):
             holder = subprocess.Popen(
                 ["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c",
@@ -253,9 +257,10 @@ class Sandbox:
         return [*self.prefix, f"--wd={cwd}", "--", *argv] if self.prefix else argv
 
     def written_under_var_lib(self) -> list[str]:
-        """What the commands wrote under /var/lib (the sandbox's tmpfs); empty without a sandbox."""
+        """What the commands wrote under /var/lib (the sandbox's tmpfs; without one, the state directories that
+        appeared)."""
         if self.holder is None:
-            return []
+            return [str(p) for p in self.absent if p.exists()]
         done = subprocess.run(
             self.wrap(["find", "/var/lib", "-mindepth", "1"], Path("/")), capture_output=True, text=True
         )
