@@ -73,6 +73,8 @@ def test_commands_are_in_sh_blocks_with_known_markers(path: Path) -> None:
             assert block.not_run is None and block.needs is None, f"{block.where()}: a marker on a non-sh block"
         assert block.needs is None or block.needs in KNOWN_NEEDS, f"{block.where()}: unknown 'run with: {block.needs}'"
         assert block.not_run is None or block.not_run.strip(), f"{block.where()}: 'not run:' without a reason"
+        for named in re.findall(r"(?:tests|packaging|bench)/[\w./-]+\.(?:py|sh)", block.not_run or ""):
+            assert (ROOT / named).is_file(), f"{block.where()}: the reason names {named}, which does not exist"
         if block.lang == "sh":
             syntax = subprocess.run(["bash", "-n"], input=block.text, capture_output=True, text=True)
             assert syntax.returncode == 0, f"{block.where()}: not valid shell: {syntax.stderr}"
@@ -89,6 +91,13 @@ def test_every_command_parses(path: Path, trees: dict[str, click.Group]) -> None
             if why:
                 problems.append(f"{page_id(path)}:{text.count(chr(10), 0, m.start()) + 1}: {why}\n    {m.group(1)}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", [*PAGES, ROOT / "README.md"], ids=page_id)
+def test_the_configs_named_are_shipped(path: Path) -> None:
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split())
+    for named in re.findall(r"configs/[\w./-]*\w", path.read_text()):
+        assert named in tracked or any(f.startswith(named + "/") for f in tracked), f"{page_id(path)}: {named}"
 
 
 def test_the_static_check_finds_what_does_not_parse(trees: dict[str, click.Group]) -> None:
