@@ -1,11 +1,12 @@
-"""The README's quickstart, run as a user pastes it: every fenced block is either run here or listed in ``NOT_RUN``
-with the reason and the test that covers it instead. A block that is in neither fails the test.
+"""The README's quickstart, run as a user pastes it: every fenced block is either run here or listed in ``NOT_RUN`` with
+the reason and the test that covers it instead. A block that is in neither fails the test.
 
-The blocks run verbatim with bash in a scratch directory that looks like the checkout (``.venv`` and ``configs``
-linked in). The placeholders the README explains are filled in: ``a-Q4_1.gguf``, ``a-Q8_0.gguf``, ``draft.gguf`` and
-``model.gguf`` are the tiny generated models under those names, ``http://host:8000/v1`` is a real llama-cpp-python
-server on 127.0.0.1 (the tiny target model), and port 8443 becomes a free port. The bundled SmolLM2 the bare commands
-would load is replaced by the tiny model through ``LENS_MODEL_PATH`` (the README's own override), for speed.
+The blocks run verbatim with bash in a scratch copy of the checkout (tests/doc_blocks.py: the files git tracks,
+``.venv`` linked, this tree's code imported). The placeholders the README explains are filled in: ``a-Q4_1.gguf``,
+``a-Q8_0.gguf``, ``draft.gguf`` and ``model.gguf`` are the tiny generated models under those names,
+``http://host:8000/v1`` is a real llama-cpp-python server on 127.0.0.1 (the tiny target model), and port 8443 becomes a
+free port. The bundled SmolLM2 the bare commands would load is replaced by the tiny model through ``LENS_MODEL_PATH``
+(the README's own override), for speed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from .doc_blocks import blocks as page_blocks
+from .doc_blocks import scratch_checkout, shell_env
 from .netproxy import free_port
 from .test_collab import cloud_url  # noqa: F401 - the llama-cpp-python server fixture these blocks time
 
@@ -51,7 +54,7 @@ RUN = {
 
 def blocks() -> list[tuple[str, str]]:
     """(language, text) of every fenced block in README.md."""
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", README.read_text(), re.S | re.M)]
+    return [(b.lang, b.text) for b in page_blocks(README)]
 
 
 def find(prefix: str) -> str:
@@ -70,9 +73,8 @@ def test_every_block_is_run_or_listed_with_a_reason() -> None:
 
 @pytest.fixture
 def checkout(tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
-    """A scratch directory that looks like the checkout, with the README's placeholder models in it."""
-    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    """A scratch copy of the checkout, with the README's placeholder models in it."""
+    scratch_checkout(tmp_path)
     for name, model in (
         ("a-Q4_1.gguf", "target"),
         ("a-Q8_0.gguf", "draft"),
@@ -84,8 +86,8 @@ def checkout(tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
 
 
 @pytest.fixture
-def env(tiny_models: dict[str, Path]) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
+def env(checkout: Path, tiny_models: dict[str, Path]) -> dict[str, str]:
+    out = shell_env(checkout)
     out.update(
         {
             "LENS_MODEL_PATH": str(tiny_models["target"]),

@@ -110,7 +110,7 @@ CASES.append(pytest.param(None, id="trigger-kinds"))
 
 def test_the_shipped_configs_are_found() -> None:
     found = {name for names in shipped_agent_configs().values() for name in names}
-    assert {"configs/agent.toml", "deb:/etc/lens-agent/agent.toml"} <= found
+    assert {"configs/agent.toml", "configs/demo.toml", "deb:/etc/lens-agent/agent.toml"} <= found
     assert not any("aggregator" in name for name in found)
     installs = deb_installs()
     assert "/usr/share/lens-agent/prompts/short-chat.jsonl" in installs  # the prompt loop is understood too
