@@ -523,9 +523,10 @@ class FleetMetrics:
         self.budget.folded(device, reason, observations)
         return fold(labels, sent), None
 
-    def contended_requests(self, device: str, flags: Iterable[bool]) -> None:
+    def contended_requests(self, device: str, flags: Iterable[bool], shown: str | None = None) -> None:
         """Adds the device's requests' contended flags (oldest first) to its latest :data:`RECENT_REQUESTS` and sets
-        ``llm_latency_lens_device_contended_share`` from them (the device label set of the other device gauges)."""
+        ``llm_latency_lens_device_contended_share`` from them (the device label set of the other device gauges).
+        ``shown``: the device's label already cut (else cut here)."""
         with self._lock:
             recent = self._contended.get(device)
             if recent is None:
@@ -533,7 +534,7 @@ class FleetMetrics:
             recent.extend(flags)
             share = sum(recent) / len(recent) if recent else None
         if share is not None:
-            self.contended_share.labels(self._cut(device)).set(share)
+            self.contended_share.labels(shown if shown is not None else self._cut(device)).set(share)
 
     def observe(self, device: str, records: Iterable[dict[str, Any]]) -> None:
         """Update the fleet metrics from newly accepted records (wire maps), one label lookup per series."""
@@ -548,9 +549,9 @@ class FleetMetrics:
                     str(record.get("strategy") or "local"),
                 )
                 groups.setdefault(key, []).append(record)
-        if flags:
-            self.contended_requests(device, flags)
         shown = self._cut(device)
+        if flags:
+            self.contended_requests(device, flags, shown)
         for (model, provider, strategy), group in groups.items():
             cut = (shown, self._cut(model), provider, self._cut(strategy))
             labels, held = self._admit(device, "requests", cut, (True, True, True, True), len(group))
