@@ -328,6 +328,42 @@ def test_the_feedback_command_says_what_it_left_out(tmp_path: Path, capsys: pyte
     assert code == 0 and "--include-contended" in out
 
 
+def test_the_triggers_command_includes_contended_requests_when_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A regression trigger over a slowdown whose requests were all contended: it holds only with
+    ``--include-contended`` (exit 1), not by default (exit 0)."""
+    from datetime import datetime, timezone
+
+    from aggregator.app import parse_batch
+    from aggregator.cli import main
+
+    db, config = tmp_path / "agg.db", tmp_path / "aggregator.toml"
+    config.write_text(
+        '[[triggers]]\nname = "slower-decoding"\ncondition = "regression"\nmetric = "tpot_ms"\nwindow = "1h"\n'
+    )
+    store = SQLiteStore(db)
+    busy = synthetic_records(400, seed=69, device_id="orin-busy")
+    slower_from(busy, 250, 1.78)
+    contend(busy[250:])
+    for i, r in enumerate(busy):  # the last 400 seconds: inside the trigger's window
+        when = datetime.fromtimestamp(NOW / 1e6 - 400 + i, tz=timezone.utc)
+        r["started_at"] = when.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    _, rows, _ = parse_batch(make_batch(busy, device="orin-busy"), Settings(), "orin-busy", NOW)
+    store.ingest("orin-busy", "b", 1, {}, rows, NOW)
+    store.close()
+
+    def run(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        return int(exited.value.code or 0), capsys.readouterr().out
+
+    code, out = run("triggers", "--config", str(config), "--db", str(db))
+    assert code == 0 and "slower-decoding" in out and "firing" not in out, out
+    code, out = run("triggers", "--config", str(config), "--db", str(db), "--include-contended")
+    assert code == 1 and "firing" in out, out
+
+
 def test_the_config_keys_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "aggregator.toml"
     path.write_text("[fleet]\nfeedback_include_contended = true\nregression_include_contended = true\n")
