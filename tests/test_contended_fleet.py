@@ -478,3 +478,17 @@ def test_record_schema_contended_reads_only_a_well_formed_mark() -> None:
     assert record_schema.contended({**record, "ext": {"interference": QUIET}}) is False
     for bad in ({"contended": True}, {"contended": True, "reasons": ["gpu"]}, {"contended": 1, "reasons": []}, [1]):
         assert record_schema.contended({**record, "ext": {"interference": bad}}) is False
+
+
+def test_spans_carry_the_contended_mark_as_ingest_reads_it() -> None:
+    from lens_core import otlp
+
+    record = wire.to_wire(synthetic_records(1, seed=80)[0])
+    assert "lens.interference.contended" not in otlp.span_attributes(record)  # not measured: not said
+    busy = otlp.span_attributes({**record, "ext": {"interference": dict(BUSY)}})
+    assert busy["lens.interference.contended"] is True and busy["lens.interference.reasons"] == ["cpu", "frequency"]
+    quiet = otlp.span_attributes({**record, "ext": {"interference": QUIET}})
+    assert quiet["lens.interference.contended"] is False and "lens.interference.reasons" not in quiet
+    stored_before_the_check = {"contended": True, "reasons": ["overheating"]}
+    odd = otlp.span_attributes({**record, "ext": {"interference": stored_before_the_check}})
+    assert odd["lens.interference.contended"] is False and "lens.interference.reasons" not in odd
