@@ -1066,7 +1066,8 @@ def _migrate_v8(db: sqlite_utils.Database) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(measurements)").fetchall()}
     if "contended" not in columns:
         db.execute("ALTER TABLE measurements ADD COLUMN contended INTEGER NOT NULL DEFAULT 0")
-    db.execute("UPDATE measurements SET contended = 0")
+    else:
+        db.execute("UPDATE measurements SET contended = 0 WHERE contended <> 0")
     rows = db.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference'").fetchall()
     db.conn.executemany("UPDATE measurements SET contended = 1 WHERE seq = ?", backfill_contended(rows))
 

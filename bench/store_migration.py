@@ -5,7 +5,8 @@ how long an aggregator upgraded in place takes to open a store of ``--rows`` rec
 
 A schema-5 SQLite store is built with the schema's own migrations 1–5 and filled with realistic records (100
 agent.synthetic records repeated under fresh ids, bodies included); then ``SQLiteStore`` opens it, which migrates it
-forward. Prints the rows, the file's size, and the migration's wall time and rate.
+forward (through schema 8's backfill of ``contended``, which decodes every inference record's body once). Prints the
+rows, the file's size, and the migration's wall time and rate.
 """
 
 from __future__ import annotations

@@ -471,6 +471,35 @@ def test_a_schema_7_store_backfills_contended_from_the_stored_records(db: Any) -
         store.close()
 
 
+def test_a_store_set_back_to_schema_7_with_the_column_recomputes_it(db: Any) -> None:
+    """A store whose version was set back while it kept the column (a downgrade and upgrade again): the column is
+    recomputed from the records, whatever it held."""
+    store = open_store(db)
+    records = valid_wire(6, seed=81, device="orin-1")
+    for r in records[:2]:
+        r["ext"] = {"interference": dict(BUSY)}
+    rows = [_row(r, "cbor", encode_raw(r, "cbor")) for r in records]
+    rows = [row._replace(contended=1 - row.contended) for row in rows]  # every value wrong
+    store.ingest("orin-1", "b1", 1, {}, rows, NOW)
+    store.close()
+    statement = "UPDATE meta SET value = '7' WHERE key = 'schema_version'"
+    if isinstance(db, Path):
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute(statement)
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute(statement)
+    store = open_store(db)
+    try:
+        assert store.schema_version() == 8
+        assert [r[0] for r in store.latest_columns(Query(device="orin-1"), ("contended",), 10)] == [1, 1, 0, 0, 0, 0]
+    finally:
+        store.close()
+
+
 def test_record_schema_contended_reads_only_a_well_formed_mark() -> None:
     record = wire.to_wire(synthetic_records(1, seed=79)[0])
     assert record_schema.contended(record) is False
