@@ -15,7 +15,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,16 +23,17 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from lens_core import wire
+from lens_core.record_schema import contended
 
 from . import __version__, api, campaign_pages, campaign_results, campaigns, feedback, reads, regressions, timeline
 from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, connection_cap, open_files_limit
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
 from .health import Health
-from .metrics import CONTENT_TYPE, ExpositionCache, FleetMetrics, OtlpCollector
+from .metrics import CONTENT_TYPE, RECENT_REQUESTS, ExpositionCache, FleetMetrics, OtlpCollector
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
-from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
+from .store import Query, QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
 from .triggers import Trigger, TriggerWatch
 
 log = logging.getLogger("aggregator")
@@ -63,6 +64,7 @@ class Settings:
     stale_after_s: float = 24 * 3600.0  # /metrics: latest-request gauges not updated for this long are dropped
     regression_interval_s: float = 300.0  # change points are looked for at most this often
     regression_min_change: float = 0.15  # … and a smaller relative change of the median is not reported
+    regression_include_contended: bool = False  # … and contended requests are left out of the search unless set
     trigger_interval_s: float = 60.0  # the [[triggers]] are evaluated this often (docs/triggers.md)
     feedback_interval_s: float = 300.0  # the feedback documents are recomputed at most this often (docs/feedback.md)
     feedback_settings: feedback.Settings = field(default_factory=feedback.Settings)  # window, evidence, alpha
@@ -103,6 +105,7 @@ class Settings:
             stale_after_s=config.get("fleet", "stale_after"),
             regression_interval_s=config.get("fleet", "regression_interval"),
             regression_min_change=config.get("fleet", "regression_min_change"),
+            regression_include_contended=config.get("fleet", "regression_include_contended"),
             trigger_interval_s=config.get("fleet", "trigger_interval"),
             feedback_interval_s=config.get("fleet", "feedback_interval"),
             feedback_settings=feedback.Settings.from_config(config),
@@ -188,6 +191,18 @@ PUBLISHING: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publishing")
 GUARD = web.AppKey("connection_guard", ConnectionGuard)
 
 
+def recent_contended(store: Store) -> dict[str, list[bool]]:
+    """Each device's latest inference requests' contended flags (oldest first): the contended share on /metrics
+    after a restart."""
+    out = {}
+    for device in store.devices():
+        query = Query(device=device["device_id"], kind="inference")
+        rows = store.latest_columns(query, ("contended",), RECENT_REQUESTS)
+        if rows:
+            out[device["device_id"]] = [bool(r[0]) for r in rows]
+    return out
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
@@ -237,8 +252,9 @@ _ROW_FIELDS = itemgetter(
 
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
     energy, power, settings = energy_per_token(record), average_power(record), record_settings(record)
+    busy = 1 if contended(record) else 0
     try:  # every field present, as the agent writes them: one C call
-        return RecordRow._make((*_ROW_FIELDS(record), energy, power, settings, codec, body))
+        return RecordRow._make((*_ROW_FIELDS(record), energy, power, settings, busy, codec, body))
     except KeyError:
         pass
     get = record.get
@@ -261,6 +277,7 @@ def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
         energy,
         power,
         settings,
+        busy,
         codec,
         body,
     )
@@ -580,8 +597,9 @@ async def refresh_regressions(app: web.Application, *, force: bool = False) -> r
     watch = app[WATCH]
     if force or watch.stale(time.monotonic()):
         runner = app[STORE]
-        found = await runner.read(regressions.find_regressions, runner.store, watch.settings)
-        watch.update(found, time.monotonic(), _now_us())
+        excluded: dict[str, int] = {}
+        found = await runner.read(regressions.find_regressions, runner.store, watch.settings, excluded)
+        watch.update(found, time.monotonic(), _now_us(), contended_excluded=excluded.get("contended", 0))
         app[METRICS].regressions(found)
     return watch
 
@@ -632,9 +650,36 @@ async def _publish_with_row(app: web.Application, event: dict[str, Any]) -> None
         events.rows_in_flight.pop(device, None)
 
 
+def include_contended(request: web.Request) -> bool | None:
+    """``?include_contended=1|0|true|false`` (None when absent); anything else: BadParameter."""
+    value = request.rel_url.query.get("include_contended")
+    if value is None:
+        return None
+    if value.lower() not in ("1", "0", "true", "false"):
+        raise api.BadParameter("include_contended", value[:40], "1, 0, true or false")
+    return value.lower() in ("1", "true")
+
+
+async def regressions_for(app: web.Application, include: bool | None) -> regressions.Watch:
+    """The cached search when ``include`` is None or the configured one; else a search of its own now (on a read
+    thread), kept nowhere: what the API answers for ``?include_contended=…``."""
+    watch = app[WATCH]
+    if include is None or include == watch.settings.include_contended:
+        return await refresh_regressions(app)
+    other = regressions.Watch(watch.interval_s, replace(watch.settings, include_contended=include))
+    runner = app[STORE]
+    await runner.read(other.search, runner.store, time.monotonic(), _now_us())
+    return other
+
+
 @read_endpoint
 async def regressions_endpoint(request: web.Request) -> web.Response:
-    watch = await refresh_regressions(request.app)
+    """``GET /api/v1/regressions[?include_contended=1]``: the fleet's change points (docs/triggers.md)."""
+    try:
+        include = include_contended(request)
+    except api.BadParameter as exc:
+        return _error(400, str(exc), parameter=exc.name)
+    watch = await regressions_for(request.app, include)
     return web.json_response(watch.answer())
 
 
@@ -670,14 +715,26 @@ async def refresh_feedback(app: web.Application, *, force: bool = False) -> feed
 
 @read_endpoint
 async def feedback_endpoint(request: web.Request) -> web.Response:
-    """``GET /api/v1/feedback[?device=ID][&model=NAME]``: the performance-feedback documents (docs/feedback.md)."""
+    """``GET /api/v1/feedback[?device=ID][&model=NAME][&include_contended=1]``: the performance-feedback documents
+    (docs/feedback.md). ``include_contended`` other than the configured one computes the documents now, on a read
+    thread, without touching the cache the devices' recommendations come from."""
     query = request.rel_url.query
     try:
         for name in ("device", "model"):
             api.name_filter(name, query.get(name))
+        include = include_contended(request)
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
-    cache = await refresh_feedback(request.app)
+    app = request.app
+    cache = app[FEEDBACK]
+    if include is None or include == cache.settings.include_contended:
+        cache = await refresh_feedback(app)
+    else:
+        found = (await regressions_for(app, include)).found
+        cache = feedback.FeedbackCache(cache.interval_s, replace(cache.settings, include_contended=include))
+        runner = app[STORE]
+        documents, advice = await runner.read(feedback.compute, runner.store, cache.settings, found, _now_us())
+        cache.update(documents, advice, time.monotonic(), _now_us())
     return web.json_response(cache.answer(query.get("device") or None, query.get("model") or None))
 
 
@@ -934,7 +991,10 @@ def create_app(
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
     app[PUBLISHING] = set()
     app[WATCH] = regressions.Watch(
-        settings.regression_interval_s, regressions.Settings(min_change=settings.regression_min_change)
+        settings.regression_interval_s,
+        regressions.Settings(
+            min_change=settings.regression_min_change, include_contended=settings.regression_include_contended
+        ),
     )
     app[TRIGGERS] = TriggerWatch(
         triggers, interval_s=settings.trigger_interval_s, clock=clock, max_listed=settings.max_read_series
@@ -986,6 +1046,8 @@ def create_app(
             if device.get("backlog") is not None:
                 counters["pending_records"] = device["backlog"]
             fleet_metrics.device(device["device_id"], counters, device["last_seen_us"] / 1e6)
+        for device_id, flags in (await runner.call(recent_contended, store)).items():  # … and the contended share
+            fleet_metrics.contended_requests(device_id, flags)
 
         async def retention() -> None:
             while settings.retention_s:

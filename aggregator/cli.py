@@ -432,12 +432,27 @@ def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None
         )
 
 
+def _detection(config: Config, include_contended: bool | None) -> Any:
+    """The change-point search's settings: ``[fleet] regression_*``; ``include_contended`` (not None) over the
+    file's ``regression_include_contended``."""
+    from .regressions import Settings as Detection
+
+    include = config.get("fleet", "regression_include_contended") if include_contended is None else include_contended
+    return Detection(min_change=config.get("fleet", "regression_min_change"), include_contended=include)
+
+
 @cli.command("triggers")
 @verbose_option
 @config_option
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts (what GET /api/v1/triggers answers).")
-def triggers_command(config_path: Path | None, db: str | None, as_json: bool) -> int:
+@click.option(
+    "--include-contended",
+    is_flag=True,
+    help="Regression conditions also search requests other work on the device contended with (ext.interference). "
+    " [default: fleet.regression_include_contended, false]",
+)
+def triggers_command(config_path: Path | None, db: str | None, as_json: bool, include_contended: bool) -> int:
     """Evaluate the [[triggers]] of the configuration once against the store now and print each series' state.
 
     Nothing is recorded: the fires and cooldowns are the server's (kept in the store); a series whose condition
@@ -465,10 +480,9 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool) ->
         watch.load(store)
         found: list[dict[str, object]] = []
         if watch.needs_regressions:
-            from .regressions import Settings as Detection
             from .regressions import find_regressions
 
-            found = find_regressions(store, Detection(min_change=config.get("fleet", "regression_min_change")))
+            found = find_regressions(store, _detection(config, include_contended or None))
         watch.evaluate(store, found, record=False)
     except QueryTimeout as exc:
         raise LensError(f"the triggers could not be evaluated: {exc}") from None
@@ -497,8 +511,20 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool) ->
 @click.option("--device", help="Only this device's documents.")
 @click.option("--model", help="Only this model's documents.")
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts (what GET /api/v1/feedback answers).")
+@click.option(
+    "--include-contended",
+    is_flag=True,
+    help="Use requests other work on the device contended with (ext.interference) as evidence and in the change "
+    "points; by default they are left out and counted. Devices' recommendations never use them.  "
+    "[default: fleet.feedback_include_contended, false]",
+)
 def feedback_command(
-    config_path: Path | None, db: str | None, device: str | None, model: str | None, as_json: bool
+    config_path: Path | None,
+    db: str | None,
+    device: str | None,
+    model: str | None,
+    as_json: bool,
+    include_contended: bool,
 ) -> None:
     """Compute the performance-feedback documents from the store now and print them: each device × model's window,
     its figures, its anomalies and the recommendations measured evidence supports (docs/feedback.md).
@@ -511,16 +537,20 @@ def feedback_command(
         lens-aggregator feedback --device orin-017
         lens-aggregator feedback --json | jq '.documents[].recommendations'
     """
+    import dataclasses
+
     from . import feedback
-    from .regressions import Settings as Detection
-    from .regressions import Watch, find_regressions
+    from .regressions import Watch
 
     config = _config(config_path, db)
+    settings = feedback.Settings.from_config(config)
+    if include_contended:  # the flag over fleet.feedback_include_contended
+        settings = dataclasses.replace(settings, include_contended=True)
     store = _open_store(config)
     try:
-        watch = Watch(0.0, Detection(min_change=config.get("fleet", "regression_min_change")))
-        watch.update(find_regressions(store, watch.settings), time.monotonic(), _now_us())
-        cache = feedback.FeedbackCache(config.get("fleet", "feedback_interval"), feedback.Settings.from_config(config))
+        watch = Watch(0.0, _detection(config, settings.include_contended))
+        watch.search(store, time.monotonic(), _now_us())
+        cache = feedback.FeedbackCache(config.get("fleet", "feedback_interval"), settings)
         documents, advice = feedback.compute(store, cache.settings, watch.found, _now_us())
         cache.update(documents, advice, time.monotonic(), _now_us())
     finally:

@@ -149,6 +149,12 @@ SCHEMA: Schema = {
         "regression_min_change": KeySpec(
             number_range(0.0, 10.0), const(0.15), "a change of the median smaller than this (relative) is not reported"
         ),
+        "regression_include_contended": KeySpec(
+            boolean,
+            const(False),
+            "the change-point search uses requests whose device said other work contended with them "
+            "(ext.interference); by default they are left out and counted",
+        ),
         "trigger_interval": KeySpec(
             parse_duration, const(60.0), "how often the [[triggers]] are evaluated (docs/triggers.md)"
         ),
@@ -177,6 +183,12 @@ SCHEMA: Schema = {
         ),
         "feedback_min_improvement": KeySpec(
             number_range(0.0, 10.0), const(0.05), "relative improvement of the median a recommendation needs"
+        ),
+        "feedback_include_contended": KeySpec(
+            boolean,
+            const(False),
+            "the feedback documents use contended requests as evidence (the recommendations sent to devices never "
+            "do); by default they are left out and counted",
         ),
     },
     # benchmark campaigns pushed to devices (docs/campaigns.md)

@@ -33,7 +33,7 @@ import math
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,6 +60,10 @@ class Settings:
     min_samples: int = 20  # requests on each side of a comparison, at least
     min_improvement: float = 0.05  # relative improvement of the median, at least
     min_devices: int = 3  # independent devices behind a fleet recommendation, at least (never one for another)
+    # requests whose device said other work contended with them (ext.interference) are no evidence unless this is
+    # set (fleet.feedback_include_contended, --include-contended, ?include_contended=1); the recommendations sent to
+    # devices never use them, whatever this says (see compute)
+    include_contended: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -71,6 +75,7 @@ class Settings:
             min_samples=config.get("fleet", "feedback_min_samples"),
             min_improvement=config.get("fleet", "feedback_min_improvement"),
             min_devices=config.get("fleet", "feedback_min_devices"),
+            include_contended=config.get("fleet", "feedback_include_contended"),
         )
 
 
@@ -110,7 +115,18 @@ ROLLBACK = (
     "when it is more than 5 % worse (tune.rollback_threshold); docs/tuning.md"
 )
 _LABEL = {"tpot_ms": "TPOT", "ttft_ms": "TTFT", "e2e_ms": "e2e", "tokens_per_second": "tok/s"}
-_COLUMNS = ("seq", "started_us", "ok", "settings", "input_tokens", "output_tokens", "ttft_us", "tpot_us", "e2e_us")
+_COLUMNS = (
+    "seq",
+    "started_us",
+    "ok",
+    "settings",
+    "input_tokens",
+    "output_tokens",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "contended",
+)
 _MAX_MEMORY_BYTES = 2**53
 
 
@@ -158,6 +174,7 @@ class Group:
     key: str | None
     settings: dict[str, Any]
     rows: list[Row] = field(default_factory=list)  # oldest first
+    contended_excluded: int = 0  # successful requests under these settings left out as contended (of those read)
 
     def values(self, metric: str) -> list[float]:
         return [v for r in self.rows if (v := r.metric(metric)) is not None]
@@ -175,7 +192,8 @@ class Series:
     current: str | None  # the settings key of the latest successful request
     latest_seq: int
     window_span: int  # rows from the oldest of the current window to the newest: what store.latest reads for bodies
-    rows: list[tuple[Any, ...]]  # the columns read, oldest first (the anomalies' before-segments)
+    rows: list[tuple[Any, ...]]  # the columns read, oldest first, without those left out as contended (anomalies)
+    contended_excluded: int = 0  # successful requests read and left out as contended (any settings)
 
 
 def _canonical(raw: Any) -> str | None:
@@ -190,7 +208,8 @@ def _int(value: Any) -> int | None:
 
 
 def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> Series | None:
-    """The series' latest ``history`` requests grouped by settings (None when it has no successful request)."""
+    """The series' latest ``history`` requests grouped by settings (None when it has no successful request).
+    Successful requests marked contended are left out (counted per settings) unless ``settings.include_contended``."""
     strategy = None if entry["strategy"] == NULL_NAME else entry["strategy"]
     query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
     rows = store.latest_columns(query, _COLUMNS, settings.history)
@@ -199,11 +218,15 @@ def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> Seri
     latest_seq: int | None = None
     oldest_index = len(rows)
     keys: dict[Any, str | None] = {}  # a series holds a few distinct settings keys: each parsed once
+    left_out: Counter[str | None] = Counter()
     for index in range(len(rows) - 1, -1, -1):  # newest first
-        seq, started, ok, raw, n_in, n_out, ttft, tpot, e2e = rows[index]
+        seq, started, ok, raw, n_in, n_out, ttft, tpot, e2e, busy = rows[index]
         if not ok or type(seq) is not int or type(started) is not int or not 0 <= started <= MAX_TIME_US:
             continue
         key = keys[raw] if raw in keys else keys.setdefault(raw, _canonical(raw))
+        if busy and not settings.include_contended:
+            left_out[key] += 1
+            continue
         if latest_seq is None:
             current, latest_seq = key, seq
         group = groups.get(key)
@@ -227,8 +250,10 @@ def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> Seri
             oldest_index = index
     if latest_seq is None:
         return None
-    for group in groups.values():
+    for key, group in groups.items():
         group.rows.reverse()
+        group.contended_excluded = left_out[key]
+    kept = rows if settings.include_contended else [row for row in rows if not row[9]]
     return Series(
         entry["device_id"],
         entry["model_name"],
@@ -237,7 +262,8 @@ def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> Seri
         current,
         latest_seq,
         len(rows) - oldest_index,
-        rows,
+        kept,
+        sum(left_out.values()),
     )
 
 
@@ -616,6 +642,7 @@ def recommendations_for(
                         "requests": c.baseline_n,
                         "median": c.baseline_median,
                         "records": trace(window.rows),
+                        "contended_excluded": window.contended_excluded,
                     },
                     "candidate": {
                         "requests": c.candidate_n,
@@ -626,9 +653,11 @@ def recommendations_for(
                                 "requests": len(v),
                                 "median": float(np.median(v)),
                                 "records": o.records.get(d),
+                                "contended_excluded": sum(g.contended_excluded for g in e.groups if g.device_id == d),
                             }
                             for d, v in o.strata
                         ],
+                        "contended_excluded": sum(g.contended_excluded for g in e.groups),
                     },
                 },
             }
@@ -874,6 +903,9 @@ def document(
         "recommendations": recommendations,
         "evidence_considered": considered,
         "note": note,
+        "include_contended": settings.include_contended,
+        # this device × model's successful requests read and left out as contended (its window and its history)
+        "contended_excluded": sum(s.contended_excluded for s in series),
     }
     return doc, wire
 
@@ -882,7 +914,20 @@ def compute(
     store: Store, settings: Settings, found: Sequence[dict[str, Any]], now_us: int
 ) -> tuple[list[dict[str, Any]], dict[str, list[Recommendation]]]:
     """Every device × model's document (by device, model) and each device's recommendations for its agent.
-    Blocking: run it on a read thread."""
+    Blocking: run it on a read thread.
+
+    The recommendations for the agents never learn from contended requests: with ``settings.include_contended``
+    the documents use them, and the devices' recommendations come from a second computation without them (a
+    device that marks or unmarks its requests changes only what its own requests count for)."""
+    documents, wire = _compute(store, settings, found, now_us)
+    if settings.include_contended:
+        _, wire = _compute(store, replace(settings, include_contended=False), found, now_us)
+    return documents, wire
+
+
+def _compute(
+    store: Store, settings: Settings, found: Sequence[dict[str, Any]], now_us: int
+) -> tuple[list[dict[str, Any]], dict[str, list[Recommendation]]]:
     series_of: dict[tuple[str, str], list[Series]] = {}
     # bounded by construction: a device that sent thousands of model names costs MAX_SERIES_PER_DEVICE reads
     entries, _ = bound_series(store.series(), MAX_SERIES_PER_DEVICE)
@@ -949,8 +994,11 @@ class FeedbackCache:
                 f"per device × model: its latest {s.window} successful requests under its current settings; a "
                 f"setting is recommended when devices of the same class (or the device's own history) with only "
                 f"that setting changed are better by ≥ {s.min_improvement:.0%} of the median, Mann–Whitney "
-                f"p < {s.alpha:g}, ≥ {s.min_samples} requests each side (docs/feedback.md)"
+                f"p < {s.alpha:g}, ≥ {s.min_samples} requests each side"
+                + ("" if s.include_contended else "; contended requests left out")
+                + " (docs/feedback.md)"
             ),
+            "include_contended": s.include_contended,
             "documents": [
                 d
                 for d in self.documents
@@ -993,4 +1041,10 @@ def describe(doc: dict[str, Any]) -> list[str]:
         )
     if not doc["recommendations"]:
         lines.append(f"  no recommendation: {doc['note']}")
+    left_out = doc.get("contended_excluded") or 0
+    if left_out:
+        lines.append(
+            f"  contended: {left_out} request{'s' if left_out != 1 else ''} left out (other work on the device "
+            "during them; --include-contended uses them)"
+        )
     return lines

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import HttpVersion11, web
 
 from .health import FACTS_KIND, Health, facts_from_record
+from .metrics import RECENT_REQUESTS
 from .rows import decode_wire
 from .store import NULL_NAME, Query, Store
 
@@ -25,7 +26,7 @@ log = logging.getLogger("aggregator.stream")
 def fleet_rows(
     store: Store,
     now: float,
-    recent: int = 50,
+    recent: int = RECENT_REQUESTS,
     *,
     health: Health | None = None,
     only: str | None = None,
@@ -34,6 +35,9 @@ def fleet_rows(
 ) -> list[dict[str, Any]]:
     """Each device with its last-seen age, sync health, error rate and its figures per series (model × strategy),
     each series' from *its own* latest ``recent`` requests — whatever other devices or series sent in between.
+
+    ``contended_share``: the share of those latest ``recent`` requests whose device said other work contended with
+    them (``ext.interference``; ``contended`` counts them), None without requests.
 
     The top-level ``model``, ``strategy``, ``ttft_p95_ms`` and ``tokens_per_second`` are those of the series of the
     device's latest request; ``by_strategy`` holds that model's series by strategy (a speculative request's TTFT is
@@ -57,15 +61,16 @@ def fleet_rows(
         devices = [one] if one is not None else []
     for device in devices:
         device_id = device["device_id"]
-        # (model_name, strategy, ok) of the device's latest requests, of any series: no record bodies
+        # (model_name, strategy, ok, contended) of the device's latest requests, of any series: no record bodies
         window = store.latest_columns(
-            Query(device=device_id, kind="inference"), ("model_name", "strategy", "ok"), recent
+            Query(device=device_id, kind="inference"), ("model_name", "strategy", "ok", "contended"), recent
         )
         figures = [_series_figures(store, entry, recent) for entry in series.get(device_id, [])]
         current_model = _name(window[-1][0]) if window else None
         current_strategy = _name(window[-1][1]) if window else None
         mine = next((f for f in figures if (f["model_name"], f["strategy"]) == (current_model, current_strategy)), None)
         errors = sum(1 for r in window if not r[2])
+        contended = sum(1 for r in window if r[3])
         age = now - device["last_seen_us"] / 1e6
         latest_facts = store.latest(Query(device=device_id, kind=FACTS_KIND), 1)
         facts = facts_from_record(decode_wire(latest_facts[0])) if latest_facts else None
@@ -88,6 +93,8 @@ def fleet_rows(
             "requests": len(window),
             "errors": errors,
             "error_rate": errors / len(window) if window else None,
+            "contended": contended,
+            "contended_share": contended / len(window) if window else None,
             "j_per_output_token": mine["j_per_output_token"] if mine else None,
             "backlog": device.get("backlog"),
             "dropped_total": device["dropped_total"],

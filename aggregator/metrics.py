@@ -26,6 +26,7 @@ The "latest request" gauges (tokens per second, J per token, acceptance rate) of
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import re
@@ -41,6 +42,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from lens_core.record_schema import contended
 
 PREFIX = "llm_latency_lens"
 LABELS = ("device", "model", "provider", "strategy")
@@ -59,6 +62,8 @@ TPOT_BUCKETS = (
 # OpenTelemetry's advice for gen_ai.client.operation.duration
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# a device's latest inference requests that its contended share (and the fleet page's figures) are taken over
+RECENT_REQUESTS = 50
 
 
 OTHER = "other"
@@ -398,6 +403,14 @@ class FleetMetrics:
             ("device",),
             registry=r,
         )
+        self.contended_share = Gauge(
+            f"{PREFIX}_device_contended_share",
+            f"Share of the device's latest {RECENT_REQUESTS} inference requests that other work on the device "
+            "contended with (ext.interference.contended; 0 to 1)",
+            ("device",),
+            registry=r,
+        )
+        self._contended: dict[str, collections.deque[bool]] = {}  # device → its latest requests' flags
         self.last_seen = Gauge(
             f"{PREFIX}_device_last_seen_timestamp_seconds",
             "When the aggregator last received a batch from the device (Unix time)",
@@ -510,11 +523,26 @@ class FleetMetrics:
         self.budget.folded(device, reason, observations)
         return fold(labels, sent), None
 
+    def contended_requests(self, device: str, flags: Iterable[bool], shown: str | None = None) -> None:
+        """Adds the device's requests' contended flags (oldest first) to its latest :data:`RECENT_REQUESTS` and sets
+        ``llm_latency_lens_device_contended_share`` from them (the device label set of the other device gauges).
+        ``shown``: the device's label already cut (else cut here)."""
+        with self._lock:
+            recent = self._contended.get(device)
+            if recent is None:
+                recent = self._contended[device] = collections.deque(maxlen=RECENT_REQUESTS)
+            recent.extend(flags)
+            share = sum(recent) / len(recent) if recent else None
+        if share is not None:
+            self.contended_share.labels(shown if shown is not None else self._cut(device)).set(share)
+
     def observe(self, device: str, records: Iterable[dict[str, Any]]) -> None:
         """Update the fleet metrics from newly accepted records (wire maps), one label lookup per series."""
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        flags: list[bool] = []
         for record in records:
             if record.get("kind") == "inference":
+                flags.append(contended(record))
                 key = (
                     str(record.get("model_name") or "unknown"),
                     provider_of(record),
@@ -522,6 +550,8 @@ class FleetMetrics:
                 )
                 groups.setdefault(key, []).append(record)
         shown = self._cut(device)
+        if flags:
+            self.contended_requests(device, flags, shown)
         for (model, provider, strategy), group in groups.items():
             cut = (shown, self._cut(model), provider, self._cut(strategy))
             labels, held = self._admit(device, "requests", cut, (True, True, True, True), len(group))

@@ -49,7 +49,7 @@ the device's <code>agent.toml</code>; its records appear here after its next syn
 <div class="scroll"><table id="devices"><thead><tr>
 <th data-key="device_id">device</th><th data-key="health_rank" style="text-align:left">health</th><th data-key="trigger_count" style="text-align:left">triggers</th><th data-key="device_class" style="text-align:left">class</th><th data-key="last_seen_age_s">last seen</th><th data-key="model" style="text-align:left">model</th>
 <th data-key="ttft_p95_ms">TTFT p95 (ms)</th><th data-key="tokens_per_second">tok/s</th><th data-key="j_per_output_token">J/token</th>
-<th data-key="error_rate">errors</th><th data-key="backlog">backlog</th><th data-key="dropped_total">dropped</th>
+<th data-key="error_rate">errors</th><th data-key="contended_share" title="share of the device's latest requests that other work on the device contended with (docs/fleet.md)">contended</th><th data-key="backlog">backlog</th><th data-key="dropped_total">dropped</th>
 <th data-key="records">records</th><th data-key="sync_health">sync</th></tr></thead><tbody></tbody></table></div>
 <script>
 "use strict";
@@ -107,6 +107,12 @@ function classes(devices) {{  // the class filter offers the classes the fleet h
   box.value = view.get("class") || "";
   document.getElementById("health").value = view.get("health") || "";
 }}
+function contended(d) {{  // the share of its latest requests that other work contended with, and how many
+  if (d.contended_share === null || d.contended_share === undefined) return cell("–", "contended");
+  const td = cell((100 * d.contended_share).toFixed(0) + " %", d.contended_share > 0 ? "contended warning" : "contended");
+  td.title = d.contended + " of the latest " + d.requests + " requests were contended (other processes, pressure, throttling)";
+  return td;
+}}
 function render(devices) {{
   lastDevices = devices;
   classes(devices);
@@ -134,7 +140,7 @@ function render(devices) {{
     const facts = [d.device_class, d.power_mode, d.temperature_max_c === null || d.temperature_max_c === undefined ? null : d.temperature_max_c.toFixed(0) + " °C"];
     tr.append(name, health, triggers, cell(facts.filter(Boolean).join(" · ") || "–", "text"), cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
       cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)),
-      cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), cell(d.backlog ?? "–"),
+      cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), contended(d), cell(d.backlog ?? "–"),
       cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
     body.appendChild(tr);
   }}

@@ -38,6 +38,7 @@ from .store import (
     Store,
     SyncRow,
     TokenInfo,
+    backfill_contended,
     backfill_energy,
     backfill_settings,
     device_row,
@@ -48,7 +49,7 @@ from .store import (
     sync_row,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 T = TypeVar("T")
 
 # Dedupe per device (see store._migrate_v6): record_ids keyed by (device_id, id), rebuilt from the stored records.
@@ -197,6 +198,12 @@ class PostgresStore(Store):
             if version < 7:  # benchmark campaigns (see store._migrate_v7)
                 for statement in (CAMPAIGNS_TABLE, CAMPAIGN_JOBS_TABLE, *CAMPAIGN_INDEXES):
                     cur.execute(statement)
+            if version < 8:  # contended requests (see store._migrate_v8), backfilled from the stored records
+                cur.execute("ALTER TABLE measurements ADD COLUMN IF NOT EXISTS contended smallint NOT NULL DEFAULT 0")
+                cur.execute("UPDATE measurements SET contended = 0 WHERE contended <> 0")
+                cur.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference'")
+                marked = backfill_contended(cur.fetchall())
+                cur.executemany("UPDATE measurements SET contended = 1 WHERE seq = %s", marked)
             if version < SCHEMA_VERSION:
                 cur.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s) "

@@ -50,6 +50,10 @@ class Settings:
     # search, so about 0.024 false alarms per search across the whole fleet at most
     alpha: float = 1e-5
     min_change: float = 0.15  # relative change of the median that counts
+    # requests whose device said other work contended with them (ext.interference) are left out unless this is set
+    # ([fleet] regression_include_contended, --include-contended, ?include_contended=1): a busy device's slowdown is
+    # not the series' regression
+    include_contended: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,13 @@ def _number(value: Any) -> float | None:
     return float(value) if type(value) in (int, float) and math.isfinite(value) else None
 
 
-def find_regressions(store: Store, settings: Settings = Settings()) -> list[dict[str, Any]]:
-    """Every series' change points (regressions and improvements), worst regressions first."""
+def find_regressions(
+    store: Store, settings: Settings = Settings(), excluded: dict[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """Every series' change points (regressions and improvements), worst regressions first. Contended requests
+    are left out unless ``settings.include_contended``; each finding says how many of its series' latest
+    ``window`` successful requests were (``contended_excluded``), and ``excluded["contended"]`` (when given) adds up
+    those of every series searched."""
     found = []
     # bounded by construction: a device that sent thousands of model names costs MAX_SERIES_PER_DEVICE searches
     entries, _ = bound_series(store.series(), MAX_SERIES_PER_DEVICE)
@@ -147,6 +156,13 @@ def find_regressions(store: Store, settings: Settings = Settings()) -> list[dict
             for values in store.latest_columns(query, _COLUMNS, settings.window)
             if values[1]
         ]
+        left_out = 0
+        if not settings.include_contended:
+            kept = [r for r in rows if not r["contended"]]
+            left_out = len(rows) - len(kept)
+            rows = kept
+        if excluded is not None:
+            excluded["contended"] = excluded.get("contended", 0) + left_out
         for metric in METRICS:
             points = [(r, v) for r in rows if (v := _metric(r, metric)) is not None]
             cp = change_point([v for _, v in points], settings)
@@ -175,6 +191,7 @@ def find_regressions(store: Store, settings: Settings = Settings()) -> list[dict
                     "p_value": cp.p_value,
                     "engine_before": engines[0],
                     "engine_after": engines[1],
+                    "contended_excluded": left_out,
                 }
             )
     found.sort(key=lambda f: (f["kind"] != "regression", -abs(f["change"])))
@@ -189,16 +206,25 @@ class Watch:
         self.interval_s = interval_s
         self.settings = settings
         self.found: list[dict[str, Any]] = []
+        self.contended_excluded = 0  # contended requests left out of the last search (all series)
         self.computed_us: int | None = None
         self._computed_mono: float | None = None
+
+    def search(self, store: Store, now_mono: float, now_us: int) -> list[dict[str, Any]]:
+        """Searches every series now (blocking: on a read thread) and keeps what it found."""
+        excluded: dict[str, int] = {}
+        found = find_regressions(store, self.settings, excluded)
+        self.update(found, now_mono, now_us, contended_excluded=excluded.get("contended", 0))
+        return found
 
     def stale(self, now_mono: float) -> bool:
         return self._computed_mono is None or now_mono - self._computed_mono >= self.interval_s
 
-    def update(self, found: list[dict[str, Any]], now_mono: float, now_us: int) -> None:
+    def update(self, found: list[dict[str, Any]], now_mono: float, now_us: int, *, contended_excluded: int = 0) -> None:
         for item in found:
             item["summary"] = describe(item)
         self.found, self._computed_mono, self.computed_us = found, now_mono, now_us
+        self.contended_excluded = contended_excluded
 
     def answer(self) -> dict[str, Any]:
         computed = (
@@ -211,7 +237,10 @@ class Watch:
             "interval_s": self.interval_s,
             "method": "Pettitt's rank test for one change point in each series' latest requests, "
             f"p < {self.settings.alpha:g}, median change ≥ {self.settings.min_change:.0%}, "
-            f"≥ {self.settings.min_segment} requests each side, latest {self.settings.window} per series",
+            f"≥ {self.settings.min_segment} requests each side, latest {self.settings.window} per series"
+            + ("" if self.settings.include_contended else ", contended requests left out"),
+            "include_contended": self.settings.include_contended,
+            "contended_excluded": self.contended_excluded,
             "regressions": [f for f in self.found if f["kind"] == "regression"],
             "improvements": [f for f in self.found if f["kind"] == "improvement"],
         }
@@ -236,6 +265,7 @@ _COLUMNS = (
     "engine",
     "received_us",
     "j_per_token",
+    "contended",
 )
 
 
@@ -247,9 +277,11 @@ def describe(found: dict[str, Any]) -> str:
     before, after = found["engine_before"], found["engine_after"]
     engine = "engine unchanged" if before == after else f"engine {', '.join(before)} → {', '.join(after)}"
     change = f"{found['change'] * 100:+.0f} %"
+    left_out = found.get("contended_excluded") or 0
+    contended = f", {left_out} contended left out" if left_out else ""
     return (
         f"{_LABELS[found['metric']]} {change} on {found['device_id']} since {when} "
         f"(model {found['model_name'] or 'unnamed'} unchanged, strategy {found['strategy'] or 'local'} unchanged, "
         f"{engine}; median {found['before_median']:.4g} → {found['after_median']:.4g}, "
-        f"{found['requests_before']} requests before, {found['requests_after']} after)"
+        f"{found['requests_before']} requests before, {found['requests_after']} after{contended})"
     )

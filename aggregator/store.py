@@ -26,11 +26,11 @@ from typing import Any, NamedTuple, TypeVar
 
 import sqlite_utils
 
-from lens_core.record_schema import MAX_NAME_CHARS
+from lens_core.record_schema import MAX_NAME_CHARS, contended
 from lens_core.settings import settings_key
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 TOKEN_PREFIX = "lens_"
 T = TypeVar("T")
 TOKEN_KINDS = ("device", "read", "operator")  # operator: starts, reads and cancels benchmark campaigns
@@ -57,6 +57,7 @@ class RecordRow(NamedTuple):
     j_per_token: float | None  # joules per output token, from the record's ext.energy (see energy_per_token)
     power_w: float | None  # the request's average power: ext.energy.joules_total ÷ e2e (see average_power)
     settings: str | None  # the engine settings it ran under: lens_core.settings.settings_key of ext.settings
+    contended: int  # 1 when ext.interference says the request was contended (lens_core.record_schema.contended)
     codec: str
     body: bytes
 
@@ -495,6 +496,7 @@ QUERY_COLUMNS = (
     "e2e_us",
     "j_per_token",
     "power_w",
+    "contended",
     "codec",
     "body",
 )
@@ -1039,6 +1041,37 @@ def _migrate_v6(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS measurements_series ON measurements(device_id, kind, model_name, strategy)")
 
 
+def backfill_contended(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any]]:
+    """(seq,) of each stored (seq, codec, body) whose record says its request was contended
+    (:func:`lens_core.record_schema.contended`): the schema-8 backfill, shared by both stores. A body that does not
+    decode stays 0."""
+    from lens_core import wire
+
+    out = []
+    for seq, codec, body in rows:
+        try:
+            record = wire.loads(bytes(body), codec)
+        except Exception:  # a damaged row stays 0 here; the reads skip and count it as before
+            continue
+        if type(record) is dict and contended(record):
+            out.append((seq,))
+    return out
+
+
+def _migrate_v8(db: sqlite_utils.Database) -> None:
+    """Whether each measurement's request was contended (``ext.interference``, docs/interference.md) as a column, 0
+    or 1: the fleet's contended share, and the change-point search and feedback leave contended requests out
+    without decoding bodies. Backfilled from the stored records (a store whose version was set back may hold the
+    column already: it is recomputed)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(measurements)").fetchall()}
+    if "contended" not in columns:
+        db.execute("ALTER TABLE measurements ADD COLUMN contended INTEGER NOT NULL DEFAULT 0")
+    else:
+        db.execute("UPDATE measurements SET contended = 0 WHERE contended <> 0")
+    rows = db.execute("SELECT seq, codec, body FROM measurements WHERE kind = 'inference'").fetchall()
+    db.conn.executemany("UPDATE measurements SET contended = 1 WHERE seq = ?", backfill_contended(rows))
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
@@ -1047,6 +1080,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     5: _migrate_v5,
     6: _migrate_v6,
     7: _migrate_v7,
+    8: _migrate_v8,
 }
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (

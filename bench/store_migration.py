@@ -5,7 +5,8 @@ how long an aggregator upgraded in place takes to open a store of ``--rows`` rec
 
 A schema-5 SQLite store is built with the schema's own migrations 1–5 and filled with realistic records (100
 agent.synthetic records repeated under fresh ids, bodies included); then ``SQLiteStore`` opens it, which migrates it
-forward. Prints the rows, the file's size, and the migration's wall time and rate.
+forward (through schema 8's backfill of ``contended``, which decodes every inference record's body once). Prints the
+rows, the file's size, and the migration's wall time and rate.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ def main() -> None:
     args = parser.parse_args()
     records = [wire.to_wire(r) for r in synthetic_records(100, seed=1, device_id="bench-1")]
     rows = [_row(r, "cbor", wire.dumps(r, "cbor")) for r in records]
-    insert = f"INSERT INTO measurements ({', '.join(INSERT_COLUMNS)}) VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
+    columns = [c for c in INSERT_COLUMNS if c != "contended"]  # schema 5's (schema 8 added contended)
+    old = [tuple(v for c, v in zip(INSERT_COLUMNS, (*row, 0, "b"), strict=True) if c != "contended") for row in rows]
+    insert = f"INSERT INTO measurements ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "agg.db"
         conn = sqlite3.connect(path, isolation_level=None)
         migrate_forward(conn, {v: MIGRATIONS[v] for v in range(1, 6)}, RuntimeError)
         conn.execute("BEGIN")
-        conn.executemany(insert, ((uuid.uuid4().bytes, *rows[i % 100][1:], i, "b") for i in range(args.rows)))
+        conn.executemany(insert, ((uuid.uuid4().bytes, *old[i % 100][1:-2], i, "b") for i in range(args.rows)))
         conn.execute("COMMIT")
         conn.close()
         size = os.path.getsize(path)

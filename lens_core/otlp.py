@@ -28,7 +28,7 @@ from typing import Any
 from .config import Config, KeySpec, boolean, choice, const, int_range, optional, parse_duration, path_value, text
 from .errors import ConfigError
 from .itlpack import PackError, unpack_gaps
-from .record_schema import EXT_NUMBERS, INT_RANGES, ext_number, round_entry
+from .record_schema import EXT_NUMBERS, INT_RANGES, contended, ext_number, round_entry
 
 SEMCONV_VERSION = "1.41.0"
 SCOPE_NAME = "llm-latency-lens"
@@ -537,6 +537,12 @@ def span_attributes(record: Mapping[str, Any]) -> dict[str, Any]:
         v = ext_number(ext, "collab", field) if ("collab", field) in EXT_NUMBERS else _num(value)
         if v is not None:
             attrs[key] = v / 1000 if field.endswith("_ms") else (value if type(value) is int else v)
+    interference = ext.get("interference")
+    if type(interference) is dict:  # the device measured what else ran beside the request (docs/wire-format.md)
+        busy = contended({"ext": ext})  # as ingest and the store read it: a malformed mark is not one
+        attrs["lens.interference.contended"] = busy
+        if busy:
+            attrs["lens.interference.reasons"] = list(interference["reasons"])
     offload = _dict(ext.get("offload"))
     if _str(offload.get("decision")):
         attrs["lens.offload.decision"] = offload["decision"]

@@ -281,7 +281,22 @@ EXT_NUMBERS: dict[tuple[str, str], tuple[float, float]] = {
     ("network", "rtt_ms"): (0, MAX_DURATION_MS),
     ("collab", "rtt_ms"): (0, MAX_DURATION_MS),
     ("collab", "network_time_ms"): (0, MAX_DURATION_MS),
+    # ext.interference (docs/wire-format.md, "Interference"): what else used the device during the request
+    ("interference", "other_cpu_cores"): (0, 1024),
+    ("interference", "load1"): (0, 100_000),
+    ("interference", "psi_cpu_some_pct"): (0, 100),
+    ("interference", "psi_memory_some_pct"): (0, 100),
+    ("interference", "psi_io_some_pct"): (0, 100),
+    ("interference", "mem_available_pct"): (0, 100),
+    ("interference", "swap_pages_per_s"): (0, 1e9),
+    ("interference", "cpu_freq_ratio"): (0, 2),
+    ("interference", "gpu_freq_ratio"): (0, 2),
+    ("interference", "temp_max_c"): (-100, 250),
 }
+# ext.interference.reasons: the codes an agent may name (at most MAX_INTERFERENCE_REASONS, each once)
+INTERFERENCE_REASONS = frozenset({"cpu", "cpu_pressure", "memory", "swap", "io", "thermal", "frequency"})
+MAX_INTERFERENCE_REASONS = 8
+MAX_INTERFERENCE_SUMMARY_CHARS = 200
 # ext.collab.round_us: a list of [offset_us, draft_us, verify_us, drafted, accepted] per speculative round
 ROUND_BOUNDS = ((0, MAX_DURATION_US), (0, MAX_DURATION_US), (0, MAX_DURATION_US), (0, MAX_COUNT), (0, MAX_COUNT))
 # Strings inside ext that become names (span and metric attributes, resource attributes, labels)
@@ -334,6 +349,58 @@ def round_entry(entry: Any) -> tuple[int, int, int, int, int] | None:
     return a, b, c, d, e
 
 
+def contended(record: dict[str, Any]) -> bool:
+    """Whether the record says its request was contended: ``ext.interference.contended`` is True and its ``reasons``
+    a list of known codes. What ingest stores in ``measurements.contended`` (after :func:`check_record` refused any
+    malformed ``ext.interference``) and what the schema-8 backfill reads from records stored before the check."""
+    ext = record.get("ext")
+    part = ext.get("interference") if type(ext) is dict else None
+    return type(part) is dict and part.get("contended") is True and _reasons_problem(part.get("reasons")) is None
+
+
+def _reasons_problem(reasons: Any) -> str | None:
+    """What is wrong with ``ext.interference.reasons`` (None: a list of at most 8 distinct known codes)."""
+    if type(reasons) is not list:
+        return f"is {_describe(reasons) if reasons is not None else 'missing'}"
+    if len(reasons) > MAX_INTERFERENCE_REASONS:
+        return f"has {len(reasons)} codes"
+    for code in reasons:
+        if type(code) is not str or code not in INTERFERENCE_REASONS:
+            return f"holds {code!r}"[:80]
+    if len(set(reasons)) != len(reasons):
+        return "names a code twice"
+    return None
+
+
+def _check_interference(part: Any) -> None:
+    """``ext.interference`` (already a map or null, its numbers checked through :data:`EXT_NUMBERS`): ``contended``
+    a boolean and ``reasons`` a list of known codes, both required; ``summary`` a short line."""
+    if part is None:
+        return
+    if type(part.get("contended")) is not bool:
+        value = part.get("contended")
+        raise SchemaError(
+            "ext.interference.contended",
+            f"is {_describe(value) if 'contended' in part else 'missing'}; allowed: true or false (required)",
+        )
+    problem = _reasons_problem(part.get("reasons"))
+    if problem is not None:
+        codes = ", ".join(sorted(INTERFERENCE_REASONS))
+        raise SchemaError(
+            "ext.interference.reasons",
+            f"{problem}; allowed: a list (required) of at most {MAX_INTERFERENCE_REASONS} distinct codes from: {codes}",
+        )
+    summary = part.get("summary")
+    if summary is not None:
+        if type(summary) is not str or len(summary) > MAX_INTERFERENCE_SUMMARY_CHARS:
+            raise SchemaError(
+                "ext.interference.summary",
+                f"is {_describe(summary)}; allowed: a string of at most {MAX_INTERFERENCE_SUMMARY_CHARS} characters "
+                "or null",
+            )
+        check_name("ext.interference.summary", summary)
+
+
 def _check_ext_figures(ext: dict[str, Any]) -> None:
     for (section, name), bounds in EXT_NUMBERS.items():
         part = ext.get(section)
@@ -355,6 +422,8 @@ def _check_ext_figures(ext: dict[str, Any]) -> None:
         value = part.get(name) if type(part) is dict else None
         if type(value) is str:
             check_name(f"ext.{section}.{name}", value)
+    if "interference" in ext:
+        _check_interference(ext["interference"])
     collab = ext.get("collab")
     rounds = collab.get("round_us") if type(collab) is dict else None
     if type(rounds) is list:

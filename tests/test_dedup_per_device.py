@@ -83,7 +83,7 @@ def test_another_device_sending_a_known_id_gets_its_record_stored(db: Any) -> No
         proc.stop()
     store = open_store(db)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 7
+        assert store.schema_version() == SCHEMA_VERSION == 8
         assert store.record_count() == 9
         assert len(store.query(Query(device="other"), limit=100)) == 4
         assert len(store.query(Query(device="victim"), limit=100)) == 5
@@ -93,11 +93,19 @@ def test_another_device_sending_a_known_id_gets_its_record_stored(db: Any) -> No
         store.close()
 
 
+# the measurements columns a schema 5 store has (schema 8 added ``contended``)
+OLD_COLUMNS = tuple(c for c in INSERT_COLUMNS if c != "contended")
+
+
 def _stored_rows(device: str, ids: list[bytes]) -> list[tuple[Any, ...]]:
     rows = []
     for record in records_of(device, ids):
-        row = _row(record, "cbor", encode_raw(record, "cbor"))
-        rows.append((*row, NOW, "old-batch"))
+        row = {
+            **_row(record, "cbor", encode_raw(record, "cbor"))._asdict(),
+            "received_us": NOW,
+            "batch_id": "old-batch",
+        }
+        rows.append(tuple(row[c] for c in OLD_COLUMNS))
     return rows
 
 
@@ -106,7 +114,7 @@ def test_a_schema_5_sqlite_store_migrates_to_dedupe_per_device(tmp_path: Path) -
     conn = sqlite3.connect(path, isolation_level=None)
     migrate_forward(conn, {v: MIGRATIONS[v] for v in range(1, 6)}, RuntimeError)  # the schema 5 store, as it was
     ids = [uuid.uuid4().bytes for _ in range(20)]
-    insert = f"INSERT INTO measurements ({', '.join(INSERT_COLUMNS)}) VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
+    insert = f"INSERT INTO measurements ({', '.join(OLD_COLUMNS)}) VALUES ({', '.join('?' for _ in OLD_COLUMNS)})"
     conn.executemany(insert, _stored_rows("victim", ids))
     conn.execute("INSERT INTO meta (key, value) VALUES ('otlp.traces', '{\"seq\":7}')")
     # the old key: the same id from another device is ignored
@@ -117,7 +125,7 @@ def test_a_schema_5_sqlite_store_migrates_to_dedupe_per_device(tmp_path: Path) -
 
     store = SQLiteStore(path)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 7  # on through the campaigns tables (schema 7)
+        assert store.schema_version() == SCHEMA_VERSION == 8  # on through campaigns (7) and contended (8)
         after = store._read("SELECT seq, id, device_id, body FROM measurements ORDER BY seq")
         assert [tuple(r) for r in after] == before  # same rows, same seq: the OTLP cursor stays valid
         assert store.get_meta("otlp.traces") == '{"seq":7}'

@@ -494,6 +494,7 @@ async def test_hostile_stored_rows_do_not_break_the_answer(aiohttp_client: Any, 
             "j_per_token": None,
             "power_w": None,
             "settings": settings,
+            "contended": 0,
             "codec": "cbor",
             "body": b"\xff\x00not cbor",
         }

@@ -421,6 +421,20 @@ encoder_ext = st.fixed_dictionaries(
         "energy": st.fixed_dictionaries({}, optional={"j_per_output_token": numbers, "joules_total": numbers}),
         "offload": st.fixed_dictionaries({}, optional={"decision": st.text(max_size=8), "predicted_local_ms": numbers}),
         "clock": st.fixed_dictionaries({}, optional={"maxerror_us": numbers}),
+        "interference": st.fixed_dictionaries(
+            {
+                "contended": st.one_of(st.booleans(), st.none(), st.just(1)),
+                "reasons": st.one_of(
+                    st.lists(st.sampled_from([*sorted(rs.INTERFERENCE_REASONS), "gpu"]), max_size=9), st.none()
+                ),
+            },
+            optional={
+                "other_cpu_cores": numbers,
+                "cpu_freq_ratio": numbers,
+                "temp_max_c": numbers,
+                "summary": st.text(max_size=210),
+            },
+        ),
     },
 )
 

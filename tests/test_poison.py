@@ -66,6 +66,7 @@ def filler_rows(count: int, body: bytes, *, ttft_spread: int = 1) -> list[Record
             None,  # no energy figures
             None,
             None,  # no settings
+            0,  # not contended
             "cbor",
             body,
         )
