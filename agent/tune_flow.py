@@ -28,7 +28,7 @@ from .errors import LensError, UsageError
 from .gates import gate, read_state
 from .measurement import Measurement
 from .probes.sysfs import Root
-from .tuning import TuneOptions, Tuner, TuneResult, model_path, tune_prompts, tune_record
+from .tuning import TuneOptions, Tuner, TuneResult, comparison_dict, model_path, tune_prompts, tune_record
 
 log = logging.getLogger("agent.tune")
 
@@ -166,7 +166,7 @@ def run_tune(
         quantization=tuner.quantization,
         store=store,
         model_name=tuner.model_name,
-        expected=result.confirm.as_dict() if result.confirm else None,
+        expected=comparison_dict(result.confirm) if result.confirm else None,
     )
     return TuneOutcome(result, adjustment, None)
 
