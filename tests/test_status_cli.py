@@ -19,7 +19,7 @@ from lens_core import wire
 
 from .test_bench_cli import run_cli
 from .test_sync import DEVICE, Aggregator, _insert_raw, settings_for, token_for
-from .test_sync import aggregator as aggregator  # noqa: F401 - a real aggregator on 127.0.0.1
+from .test_sync import aggregator as aggregator  # a real aggregator on 127.0.0.1 (a fixture)
 
 NOW = 2_000_000_000_000_000
 
