@@ -432,24 +432,42 @@ def settings_sources(config: Any) -> dict[str, str]:
 
 def latency_section(ok: list[Measurement]) -> tuple[dict[str, Any], dict[str, str]]:
     """``results.latency_metrics``: the lens's wall-clock distributions over the successful requests."""
+    one_token = "every request produced at most one token"
+    if any(m.output_tokens > 1 for m in ok):  # tokens enough, but their times arrived together
+        one_token = (
+            "the endpoint streamed every answer in a single chunk: there is no time between its tokens to measure"
+        )
+    prefill = "no request reached its prompt evaluation"
+    if _remote(ok):
+        prefill = (
+            f"the {ok[0].engine} endpoint does not say when its prompt evaluation ended (the lens sees streamed "
+            "chunks only; the server's own timings, where it reports them: results.collaboration.server_timings)"
+        )
     return _distributions(
         ok,
         {
             "time_to_first_token": ([m.ttft_ms for m in ok], "no request produced a token"),
-            "time_per_output_token": (
-                [m.tpot_ms for m in ok],
-                "every request produced at most one token (TPOT needs two)",
-            ),
+            "time_per_output_token": ([m.tpot_ms for m in ok], f"{one_token} (TPOT needs two)"),
             "end_to_end_latency": ([m.e2e_ms for m in ok], "no request produced a token"),
-            "prefill_time": ([m.prefill_ms for m in ok], "no request reached its prompt evaluation"),
-            "decode_time": ([m.decode_ms for m in ok], "every request produced at most one token"),
+            "prefill_time": ([m.prefill_ms for m in ok], prefill),
+            "decode_time": ([m.decode_ms for m in ok], one_token),
         },
     )
+
+
+def _remote(ok: list[Measurement]) -> bool:
+    """Every request ran on an endpoint (cloud), none on llama.cpp here: there are no llama.cpp counters."""
+    return bool(ok) and not any(m.engine.startswith("llama.cpp") for m in ok)
 
 
 def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any], dict[str, str]]:
     """``results.engine_timings``: llama.cpp's own per-token figures and the lens's overhead ratio."""
     ok = [m for m in measured if m.ok]
+    no_counters = (
+        f"no llama.cpp counters: the requests ran on an {ok[0].engine} endpoint, not on llama.cpp here"
+        if _remote(ok)
+        else None
+    )
     timings, missing = _distributions(
         ok,
         {
@@ -460,7 +478,8 @@ def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any],
                     else None
                     for m in ok
                 ],
-                "no request evaluated a prompt of two or more new tokens (llama.cpp counts a one-token "
+                no_counters
+                or "no request evaluated a prompt of two or more new tokens (llama.cpp counts a one-token "
                 "batch as decode)",
             ),
             "decode_ms_per_token": (
@@ -470,7 +489,7 @@ def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any],
                     else None
                     for m in ok
                 ],
-                "every request produced at most one token",
+                no_counters or "every request produced at most one token",
             ),
         },
     )
@@ -481,7 +500,7 @@ def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any],
     )
     unavailable = {f"engine_timings.{k}": v for k, v in missing.items()}
     if ratio is None:
-        unavailable["engine_timings.overhead_ratio"] = "no request decoded two or more tokens"
+        unavailable["engine_timings.overhead_ratio"] = no_counters or "no request decoded two or more tokens"
     return timings, unavailable
 
 
