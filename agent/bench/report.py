@@ -748,7 +748,7 @@ def _server_timings_line(server: dict[str, Any]) -> str:
 
 
 def model_heading(model: dict[str, Any]) -> str:
-    """``Smollm2 135M 8k Lc100K Mix1 Ep2 (SmolLM2-135M-Instruct-Q4_1.gguf, Q4_1, 100.9 MB)``: the name the records
+    """``Smollm2 135M 8k Lc100K Mix1 Ep2 (SmolLM2-135M-Instruct.Q4_1.gguf, Q4_1, 100.9 MB)``: the name the records
     carry (the GGUF's ``general.name``, what the aggregator's filters take), then the file, its quantization and
     size; ``as LABEL`` when the run's label is not the file's (the same file benchmarked twice)."""
     file = Path(model["path"]).name if model.get("path") else None
