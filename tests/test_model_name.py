@@ -29,9 +29,12 @@ def test_the_docs_filter_by_the_name_the_records_carry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], smollm2: Path
 ) -> None:
     raw = tmp_path / "raw.jsonl"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n")  # one request, as short as a request gets: the name is what is checked
     code, stdout, stderr = run_cli(
-        capsys, "bench", "--model", str(smollm2), "--runs", "1", "--warmup", "0", "--max-tokens", "2",
-        "--n-ctx", "256", "--n-threads", "1", "--no-progress", "--raw", str(raw),
+        capsys, "bench", "--model", str(smollm2), "--prompts", str(prompts), "--chat-template", "off",
+        "--runs", "1", "--warmup", "0", "--max-tokens", "2", "--n-ctx", "256", "--n-threads", "1",
+        "--no-progress", "--raw", str(raw),
     )  # fmt: skip
     assert code == 0, stderr
     [record] = [json.loads(line) for line in raw.read_text().splitlines()]
