@@ -14,26 +14,37 @@ Example::
     from llama_cpp import Llama
     from agent.api import measured_completion
 
-    llm = Llama("model.gguf")
+    llm = Llama("model.gguf", verbose=False)
     completion, m = measured_completion(llm, "Hello", max_tokens=32)
     print(m.ttft_ms, m.tpot_ms, m.output_tokens)
+
+Quiet by default: importing this module sends llama.cpp's own log (the model loader's metadata dump, context setup,
+performance prints: some 2,000 lines for a model load) to the Python logger ``llama.cpp`` instead of the terminal,
+and that logger has a ``NullHandler``, so an application that configures no logging sees none of it. One that does
+sees those lines at llama.cpp's own levels (its info at INFO); ``logging.getLogger("llama.cpp").setLevel(...)``
+chooses. ``verbose=False`` keeps llama-cpp-python's own prints (``Model metadata: …``) quiet as well.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import uuid
 from typing import Any
 
 from .bench.runner import BenchOptions, measure_request
-from .engines.llama import LlamaEngine
+from .engines.llama import LlamaEngine, _route_llama_logs
 from .measurement import Measurement
 from .memory import ProcessMemory
 from .prompts import Prompt
 from .strategies import fill_timings
 
 _ENGINE_ATTR = "_lens_engine"
+
+# llama.cpp's log through Python logging, silent unless the application configures logging (a library's manners)
+logging.getLogger("llama.cpp").addHandler(logging.NullHandler())
+_route_llama_logs()
 
 
 def _engine_for(llm: Any) -> LlamaEngine:

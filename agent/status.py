@@ -20,10 +20,30 @@ STALE_SYNC_INTERVALS = 3
 class Health:
     healthy: bool = True
     reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # healthy, but something waits for the operator
 
     def fail(self, reason: str) -> None:
         self.healthy = False
         self.reasons.append(reason)
+
+    def warn(self, warning: str) -> None:
+        self.warnings.append(warning)
+
+
+def quarantine_warning(stats: OutboxStats) -> str | None:
+    """The records kept in quarantine (refused by the aggregator or undecodable): never uploaded unless the operator
+    looks and retries them. Not a failure of the agent, which goes on measuring and uploading the rest."""
+    if not stats.quarantine_records:
+        return None
+    codes = ", ".join(f"{code} {n}" for code, n in sorted(stats.quarantined_by_code.items()) if n)
+    return (
+        f"{plural(stats.quarantine_records, 'record')} in quarantine, not uploaded"
+        + (f" (quarantined so far: {codes})" if codes else "")
+        + ": see why with `lens-agent outbox list`; after fixing the cause, resend them with "
+        "`lens-agent outbox retry --all`"
+        + (" (another device's records: retry --code other_device --as-device ID)" if "other_device" in codes else "")
+        + " or delete them: `lens-agent outbox drop --all --yes`"
+    )
 
 
 def heartbeat_age(
@@ -89,7 +109,7 @@ def evaluate(
     aggregator refused the device or its format, something else answered in its place, the network, the server or
     the outbox failed); the last run of a workload failed; the service's heartbeat is older than 3× its interval
     (crashed or hung without stopping); the disk holding the outbox is full; a salvage of the damaged outbox is not
-    acknowledged yet (lens-agent outbox ack-damage)."""
+    acknowledged yet (lens-agent outbox ack-damage). Healthy with a warning when records sit in the quarantine."""
     health = Health()
     if service is not None and service.get("state") != "stopped":
         limit = STALE_SYNC_INTERVALS * float(service.get("heartbeat_interval_s") or 10)
@@ -133,6 +153,9 @@ def evaluate(
             f"{plural(stats.dropped_disk_full_total, 'record')} dropped for it so far): {stats.disk_full_message}; "
             "free space there or lower sync.max_outbox_bytes"
         )
+    warning = quarantine_warning(stats)
+    if warning is not None:
+        health.warn(warning)
     if stats.damage:
         health.fail(f"the outbox was damaged: {stats.damage}; after a look, run `lens-agent outbox ack-damage`")
     kind = state.get("last_error_kind")
@@ -224,6 +247,7 @@ def status_document(
     return {
         "healthy": health.healthy,
         "reasons": health.reasons,
+        "warnings": health.warnings,
         "service": service,
         "outbox": None
         if stats is None
@@ -269,8 +293,13 @@ def status_document(
 
 
 def render(doc: dict[str, Any]) -> str:
-    lines = [f"health      {'OK' if doc['healthy'] else 'UNHEALTHY'}"]
+    warnings = doc.get("warnings") or []
+    lines = [
+        f"health      {'OK' if doc['healthy'] else 'UNHEALTHY'}"
+        + (f" with {plural(len(warnings), 'warning')}" if warnings else "")
+    ]
     lines += [f"  - {reason}" for reason in doc["reasons"]]
+    lines += [f"  WARNING: {warning}" for warning in warnings]
     svc = doc.get("service")
     if svc is None:
         lines.append("service     never ran here (lens-agent run)")

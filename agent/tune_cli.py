@@ -7,6 +7,7 @@ A thin shell over :mod:`agent.tune_flow`, :mod:`agent.tuning` and :mod:`agent.ad
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -190,6 +191,7 @@ def run_command(
     finally:
         close()
     result = outcome.result
+    undo = _undo_command(config_path, data_dir) if outcome.adjustment is not None else None
     if as_json:
         click.echo(
             json.dumps(
@@ -197,6 +199,7 @@ def run_command(
                     **result.as_dict(),
                     "applied": outcome.adjustment.as_dict() if outcome.adjustment else None,
                     "not_applied": outcome.not_applied,
+                    "undo": undo,
                     "records_stored": count[0],
                 },
                 indent=2,
@@ -215,8 +218,9 @@ def run_command(
             f"next run and verifies it over {a.verify_runs} scheduled runs"
             + ("" if a.baseline else " (no scheduled runs under the old settings yet: it cannot be judged)")
         )
+        click.echo(f"undo: {undo}")
     elif outcome.not_applied:
-        click.echo(outcome.not_applied)
+        click.echo(f"{outcome.not_applied}: nothing was changed")
     if count[0]:
         click.echo(f"stored {count[0]} tuning records in the outbox", err=True)
 
@@ -227,6 +231,42 @@ def _nothing() -> None:
 
 def _changes_line(changes: dict[str, list[Any]]) -> str:
     return ", ".join(f"{k} {a} → {b}" for k, (a, b) in changes.items())
+
+
+def _tune_command(verb: str, config_path: Path | None, data_dir: Path | None, *args: str) -> str:
+    """The ``lens-agent tune VERB`` command line for the same configuration and data directory as this one."""
+    parts = ["lens-agent", "tune", verb, *args]
+    if config_path is not None:
+        parts += ["--config", str(config_path)]
+    if data_dir is not None:
+        parts += ["--data-dir", str(data_dir)]
+    return shlex.join(parts)
+
+
+def _undo_command(config_path: Path | None, data_dir: Path | None) -> str:
+    """The command that undoes the change just applied: a rollback of the latest change."""
+    return _tune_command("rollback", config_path, data_dir)
+
+
+def _redo_command(changes: dict[str, list[Any]], config_path: Path | None, data_dir: Path | None) -> str:
+    """The command that applies a rolled-back change again."""
+    sets: list[str] = []
+    for key, (_, after) in changes.items():
+        value = ("on" if after else "off") if isinstance(after, bool) else str(after)
+        sets += ["--set", f"{key.split('.')[-1]}={value}"]
+    return _tune_command("apply", config_path, data_dir, *sets)
+
+
+def _config_file_words(config: AgentConfig) -> str:
+    """Where the settings come from without the drop-in."""
+    if config.path is not None:
+        return f"the configuration file's settings ({config.path})"
+    return "the configuration's settings (no configuration file: defaults, environment, flags)"
+
+
+def _back_to_config(drop_in: Path, config: AgentConfig) -> str:
+    """How to return to the configuration file from a drop-in."""
+    return f"delete the drop-in to return to {_config_file_words(config)}: rm {shlex.quote(str(drop_in))}"
 
 
 @tune_group.command("apply")
@@ -263,10 +303,12 @@ def apply_command(config_path: Path | None, data_dir: Path | None, sets: tuple[s
         adjustment = apply_changes(config, changes, source="manual", store=store)
     finally:
         close()
+    undo = _undo_command(config_path, data_dir)
     if as_json:
-        click.echo(json.dumps(adjustment.as_dict(), indent=2))
+        click.echo(json.dumps({**adjustment.as_dict(), "undo": undo}, indent=2))
     else:
         click.echo(f"applied ({adjustment.adjustment_id}): {_changes_line(adjustment.changes)}")
+        click.echo(f"undo: {undo}")
 
 
 @tune_group.command("rollback")
@@ -307,11 +349,20 @@ def rollback_command(config_path: Path | None, data_dir: Path | None, as_json: b
             )
             click.echo(json.dumps({"set_aside": str(moved)}) if as_json else message)
             return
-        raise UsageError(f"nothing to roll back: no change was applied in {adjuster.dir}")
-    if current.status == "rolled_back":
         raise UsageError(
-            f"the latest change ({_changes_line(current.changes)}) was already rolled back; "
-            "lens-agent tune status shows the settings in effect"
+            f"nothing to roll back: no change was applied in {adjuster.dir} and there is no drop-in; "
+            f"{_config_file_words(config)} apply"
+        )
+    if current.status == "rolled_back":
+        if adjuster.drop_in.exists():
+            then = f"the drop-in {adjuster.drop_in} still holds the settings from before it; " + _back_to_config(
+                adjuster.drop_in, config
+            )
+        else:
+            then = f"there is no drop-in: {_config_file_words(config)} apply"
+        raise UsageError(
+            f"the latest change ({_changes_line(current.changes)}) was already rolled back, and only the latest "
+            f"change can be rolled back; {then}"
         )
     adjustment = adjuster.rollback(current.adjustment_id, "rolled back by hand (lens-agent tune rollback)")
     store, close, _ = outbox_store(config)
@@ -326,10 +377,31 @@ def rollback_command(config_path: Path | None, data_dir: Path | None, as_json: b
         )
     finally:
         close()
+    redo = _redo_command(adjustment.changes, config_path, data_dir)
+    now = (
+        f"the drop-in {adjuster.drop_in} holds the settings from before it"
+        if adjuster.drop_in.exists()
+        else f"no drop-in is left: {_config_file_words(config)} apply"
+    )
     if as_json:
-        click.echo(json.dumps(adjustment.as_dict(), indent=2))
+        click.echo(json.dumps({**adjustment.as_dict(), "undo": redo}, indent=2))
     else:
-        click.echo(f"rolled back {adjustment.adjustment_id}: {_changes_line(adjustment.changes)} undone")
+        click.echo(f"rolled back {adjustment.adjustment_id}: {_changes_line(adjustment.changes)} undone; {now}")
+        click.echo(f"undo: {redo}")
+
+
+def _with_directions(adjustment: dict[str, Any]) -> dict[str, Any]:
+    """An adjustment for JSON, each verification figure with its ``direction`` (faster, slower, same)."""
+    from .tuning import direction
+
+    result = adjustment.get("result")
+    if not isinstance(result, dict) or not isinstance(result.get("per_workload"), dict):
+        return adjustment
+    per_workload = {
+        name: {**figures, "direction": direction(figures["improvement"])}
+        for name, figures in result["per_workload"].items()
+    }
+    return {**adjustment, "result": {**result, "per_workload": per_workload}}
 
 
 @tune_group.command("status")
@@ -359,12 +431,21 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
     from .adjuster import tune_summary
 
     summary = tune_summary(config.get("agent", "data_dir"), config.drop_in_refused) or {}
+    in_effect = adjuster.drop_in.exists() and not config.drop_in_refused
+    rollback = (
+        _undo_command(config_path, data_dir)
+        if current is not None and current.status != "rolled_back" and in_effect
+        else None
+    )
     answer = {
-        "drop_in": str(adjuster.drop_in) if adjuster.drop_in.exists() and not config.drop_in_refused else None,
+        "drop_in": str(adjuster.drop_in) if in_effect else None,
         "drop_in_refused": summary.get("refused"),
         "effective": effective,
-        "latest": current.as_dict() if current else None,
+        "latest": _with_directions(current.as_dict()) if current else None,
         "state_problem": state_problem,
+        "undo": rollback,
+        "back_to_config": f"rm {shlex.quote(str(adjuster.drop_in))}" if in_effect else None,
+        "config_file": str(config.path) if config.path is not None else None,
     }
     if as_json:
         click.echo(json.dumps(answer, indent=2))
@@ -374,6 +455,10 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
         click.echo(f"  {answer['drop_in_refused']}")
     for key, item in effective.items():
         click.echo(f"  {key:<20} {item['value']!s:<8} ({item['source']})")
+    if in_effect:
+        click.echo(f"back      {_back_to_config(adjuster.drop_in, config)}")
+    else:
+        click.echo(f"back      nothing to return from: {_config_file_words(config)} apply")
     if state_problem is not None:
         click.echo(f"tuning state not readable: {state_problem}")
         return
@@ -384,6 +469,15 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
     click.echo(f"latest    {_changes_line(current.changes)} ({current.source}, {when}): {current.status}")
     if current.status == "verifying":
         click.echo(f"  verified over {current.runs_after}/{current.verify_runs} scheduled runs so far")
+    from .tuning import change_words
+
+    for workload, figures in ((current.result or {}).get("per_workload") or {}).items():
+        click.echo(
+            f"  {workload}: median {figures['baseline_median']:.2f} → {figures['candidate_median']:.2f} ms "
+            f"({change_words(figures['improvement'])}, p = {figures['p_value']:.2g})"
+        )
     reason = (current.result or {}).get("reason")
     if reason:
         click.echo(f"  {reason}")
+    if rollback is not None:
+        click.echo(f"undo      {rollback}")

@@ -28,7 +28,16 @@ from .errors import LensError, UsageError
 from .gates import gate, read_state
 from .measurement import Measurement
 from .probes.sysfs import Root
-from .tuning import TuneOptions, Tuner, TuneResult, model_path, tune_prompts, tune_record
+from .tuning import (
+    TuneOptions,
+    Tuner,
+    TuneResult,
+    comparison_dict,
+    direction,
+    model_path,
+    tune_prompts,
+    tune_record,
+)
 
 log = logging.getLogger("agent.tune")
 
@@ -166,7 +175,7 @@ def run_tune(
         quantization=tuner.quantization,
         store=store,
         model_name=tuner.model_name,
-        expected=result.confirm.as_dict() if result.confirm else None,
+        expected=comparison_dict(result.confirm) if result.confirm else None,
     )
     return TuneOutcome(result, adjustment, None)
 
@@ -246,7 +255,10 @@ def verification_record(verification: Verification, *, device_id: str, model_nam
             "status": a.status,
             "changes": a.changes,
             "worst_improvement": verification.worst,
-            "per_workload": verification.per_workload,
+            "per_workload": {
+                name: {**figures, "direction": direction(figures["improvement"])}
+                for name, figures in verification.per_workload.items()
+            },
             "runs_after": a.runs_after,
             "reason": (a.result or {}).get("reason"),
         },

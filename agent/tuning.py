@@ -177,7 +177,7 @@ class TuneResult:
             "best": self.best.as_dict(),
             "changes": {k: {"from": a, "to": b} for k, (a, b) in self.changes.items()},
             "significant": self.significant,
-            "confirm": self.confirm.as_dict() if self.confirm else None,
+            "confirm": comparison_dict(self.confirm) if self.confirm else None,
             "stages": [stage_summary(s) for s in self.stages],
         }
 
@@ -206,8 +206,30 @@ def candidate_summary(candidate: Candidate, comparison: Comparison | None) -> di
         "refused": candidate.refused,
         "median_ms": float(np.median(values)) if values else None,
         "values_ms": [round(v, 3) for v in values[:MAX_VALUES_KEPT]],
-        "vs_baseline": comparison.as_dict() if comparison else None,
+        "vs_baseline": comparison_dict(comparison) if comparison else None,
     }
+
+
+def direction(improvement: float) -> str:
+    """``faster``, ``slower`` or ``same``: which way a relative change of a latency went (``improvement`` is
+    positive when the candidate is better, lens_core.stats.Comparison)."""
+    if improvement > 0:
+        return "faster"
+    return "slower" if improvement < 0 else "same"
+
+
+def change_words(improvement: float) -> str:
+    """``80.3 % faster``, ``2.0 % slower``, ``no change``: a figure a reader never has to decode a sign of."""
+    shown = f"{abs(improvement) * 100:.1f}"
+    if float(shown) == 0:
+        return "no change"
+    return f"{shown} % {direction(improvement)}"
+
+
+def comparison_dict(comparison: Comparison) -> dict[str, Any]:
+    """A comparison for JSON: its figures and ``direction`` (faster, slower, same) beside the signed
+    ``improvement``."""
+    return {**comparison.as_dict(), "direction": direction(comparison.improvement)}
 
 
 # A record of one step: kind "tune", ext.tune holds the step. Given to on_record (the outbox) as it happens.
@@ -485,7 +507,7 @@ def describe(result: TuneResult) -> list[str]:
             elif vs is None:
                 tail = (cand.error or f"{cand.failures} failed requests") if (cand.error or cand.failures) else "-"
             else:
-                tail = f"{vs['improvement'] * 100:+.1f} % (p = {vs['p_value']:.2g})"
+                tail = f"{change_words(vs['improvement'])} (p = {vs['p_value']:.2g})"
             median = f"{s['median_ms']:.2f} ms" if s["median_ms"] is not None else "-"
             mark = " *" if stage.winner is cand else ""
             lines.append(f"  {cand.key:<70} median {median:>10} over {s['requests']:>3}  {tail}{mark}")
@@ -494,7 +516,7 @@ def describe(result: TuneResult) -> list[str]:
         c = result.confirm
         lines.append(
             f"winner: {changes}: {result.objective} median {c.baseline_median:.2f} → {c.candidate_median:.2f} ms "
-            f"({c.improvement * 100:+.1f} %, Mann–Whitney p = {c.p_value:.2g}, "
+            f"({change_words(c.improvement)}, Mann–Whitney p = {c.p_value:.2g}, "
             f"{c.baseline_n} + {c.candidate_n} requests)"
         )
     else:

@@ -46,7 +46,7 @@ from .test_device_page import facts_record
 NOW = time.time_ns() // 1000
 SCHEMA = json.loads((Path(__file__).parent / "data" / "performance_feedback.schema.json").read_text())
 VALIDATOR = jsonschema.Draft7Validator(SCHEMA, format_checker=jsonschema.FormatChecker())
-MODEL = "SmolLM2-135M-Instruct Q4_1"
+MODEL = "Smollm2 135M 8k Lc100K Mix1 Ep2"  # what the bundled SmolLM2's records carry: its GGUF general.name
 BASE = {"n_threads": 1, "n_batch": 512, "n_ctx": 2048, "n_gpu_layers": 0, "flash_attn": False, "quantization": "Q4_1"}
 ORIN = {
     "device_class": "embedded device",
@@ -638,7 +638,7 @@ def test_the_feedback_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     code, out, _ = run("feedback", "--db", str(db), "--device", "orin-a")
     lines = out.splitlines()
-    assert code == 0 and lines[0].startswith("orin-a · SmolLM2-135M-Instruct Q4_1 (local) · flash_attn=off,")
+    assert code == 0 and lines[0].startswith("orin-a · Smollm2 135M 8k Lc100K Mix1 Ep2 (local) · flash_attn=off,")
     window = latest_ok(sent["orin-a"])
     assert lines[1].startswith(f"  window: {len(window)} requests, {window[0]['started_at']} → ")
     assert f"TPOT p50 {np.percentile(tpots(window), 50):.4g} ms" in lines[1]

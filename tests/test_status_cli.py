@@ -7,14 +7,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
-from agent.outbox import Outbox, OutboxStats
+from agent.outbox import AsyncOutbox, Outbox, OutboxStats
 from agent.status import evaluate
+from agent.sync import Uploader
 from agent.synthetic import synthetic_records
 from aggregator.cli import main as aggregator_main
+from lens_core import wire
 
 from .test_bench_cli import run_cli
+from .test_sync import DEVICE, Aggregator, _insert_raw, settings_for, token_for
+from .test_sync import aggregator as aggregator  # a real aggregator on 127.0.0.1 (a fixture)
 
 NOW = 2_000_000_000_000_000
 
@@ -165,3 +170,37 @@ def test_a_stale_sync_is_judged_on_the_monotonic_clock_across_wall_clock_steps()
     # after a reboot the monotonic reading means nothing: the wall clock is all there is
     health = evaluate(pending, forward, interval_s=60, now_us=NOW, monotonic_now=1010.0, current_boot="other")
     assert not health.healthy and "no successful sync for 86400 s" in health.reasons[0]
+
+
+async def test_records_quarantined_by_a_sync_are_a_warning_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], aggregator: Aggregator
+) -> None:
+    """A sync that the aggregator answers by refusing one record leaves it in the quarantine: the agent is healthy
+    (it measures and uploads the rest), but status says so with the count and the commands that look and resend."""
+    data = tmp_path / "data"
+    data.mkdir()
+    records = synthetic_records(5, seed=7, device_id=DEVICE)
+    box = Outbox(data / "outbox.db", codec="msgpack")
+    box.append_many(records[:4])
+    # stored under another device id (the host name, before agent.device_id was set): the token never uploads it
+    bad = wire.to_wire({**records[4], "device_id": "old-host"})
+    _insert_raw(box, bad["id"], msgpack.packb(bad, use_bin_type=True))
+    outbox = AsyncOutbox(box)
+    uploader = Uploader(outbox, settings_for(aggregator, token_for(aggregator)))
+    report = await uploader.sync_now()
+    await uploader.close()
+    await outbox.close()
+    assert report.ok and report.accepted == 4 and report.quarantined == 1
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--json", "--no-probe")
+    doc = json.loads(out)
+    assert code == 0 and doc["healthy"] is True and doc["reasons"] == []
+    [warning] = doc["warnings"]
+    assert warning.startswith("1 record in quarantine, not uploaded (quarantined so far: other_device 1)")
+    assert "`lens-agent outbox list`" in warning and "`lens-agent outbox retry --all`" in warning
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--no-probe")
+    assert code == 0 and out.startswith("health      OK with 1 warning\n  WARNING: 1 record in quarantine")
+    # once the operator has dealt with it, the warning is gone
+    code, _, err = run_cli(capsys, "outbox", "drop", "--all", "--yes", "--data-dir", str(data))
+    assert code == 0, err
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--json", "--no-probe")
+    assert code == 0 and json.loads(out)["warnings"] == []

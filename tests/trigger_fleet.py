@@ -18,7 +18,7 @@ from agent.synthetic import synthetic_records
 
 from .test_aggregator import auth, make_batch
 
-MODEL_A = "SmolLM2-135M-Instruct Q4_1"
+MODEL_A = "Smollm2 135M 8k Lc100K Mix1 Ep2"  # the bundled SmolLM2's GGUF general.name, as its records carry it
 MODEL_B = "Qwen2.5-0.5B-Instruct Q4_K_M"
 S4 = {"n_threads": 4, "n_batch": 512, "n_ctx": 2048, "n_gpu_layers": 0, "flash_attn": True, "quantization": "Q4_1"}
 S1 = {**S4, "n_threads": 1}

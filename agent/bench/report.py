@@ -408,26 +408,66 @@ def configuration_section(
     return configuration, missing
 
 
+_SOURCED_SETTINGS = ("n_threads", "n_ctx", "n_batch", "n_gpu_layers", "flash_attn")
+
+
+def setting_source(source: str) -> str:
+    """Where one configuration value came from, in the words the bench prints: ``flag --n-threads``,
+    ``config FILE``, ``drop-in FILE`` (lens-agent tune's), ``environment LENS_…`` or ``default``."""
+    if source == "default" or source.startswith("drop-in "):
+        return source
+    if source.startswith("environment variable "):
+        return "environment " + source.removeprefix("environment variable ")
+    if source.startswith("-"):
+        return f"flag {source}"
+    return f"config {source}"
+
+
+def settings_sources(config: Any) -> dict[str, str]:
+    """``configuration.settings_source``: each engine setting → where its value came from (see setting_source)."""
+    from lens_core.settings import CONFIG_KEYS
+
+    return {name: setting_source(config.source(*CONFIG_KEYS[name])) for name in _SOURCED_SETTINGS}
+
+
 def latency_section(ok: list[Measurement]) -> tuple[dict[str, Any], dict[str, str]]:
     """``results.latency_metrics``: the lens's wall-clock distributions over the successful requests."""
+    one_token = "every request produced at most one token"
+    if any(m.output_tokens > 1 for m in ok):  # tokens enough, but their times arrived together
+        one_token = (
+            "the endpoint streamed every answer in a single chunk: there is no time between its tokens to measure"
+        )
+    prefill = "no request reached its prompt evaluation"
+    if _remote(ok):
+        prefill = (
+            f"the {ok[0].engine} endpoint does not say when its prompt evaluation ended (the lens sees streamed "
+            "chunks only; the server's own timings, where it reports them: results.collaboration.server_timings)"
+        )
     return _distributions(
         ok,
         {
             "time_to_first_token": ([m.ttft_ms for m in ok], "no request produced a token"),
-            "time_per_output_token": (
-                [m.tpot_ms for m in ok],
-                "every request produced at most one token (TPOT needs two)",
-            ),
+            "time_per_output_token": ([m.tpot_ms for m in ok], f"{one_token} (TPOT needs two)"),
             "end_to_end_latency": ([m.e2e_ms for m in ok], "no request produced a token"),
-            "prefill_time": ([m.prefill_ms for m in ok], "no request reached its prompt evaluation"),
-            "decode_time": ([m.decode_ms for m in ok], "every request produced at most one token"),
+            "prefill_time": ([m.prefill_ms for m in ok], prefill),
+            "decode_time": ([m.decode_ms for m in ok], one_token),
         },
     )
+
+
+def _remote(ok: list[Measurement]) -> bool:
+    """Every request ran on an endpoint (cloud), none on llama.cpp here: there are no llama.cpp counters."""
+    return bool(ok) and not any(m.engine.startswith("llama.cpp") for m in ok)
 
 
 def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any], dict[str, str]]:
     """``results.engine_timings``: llama.cpp's own per-token figures and the lens's overhead ratio."""
     ok = [m for m in measured if m.ok]
+    no_counters = (
+        f"no llama.cpp counters: the requests ran on an {ok[0].engine} endpoint, not on llama.cpp here"
+        if _remote(ok)
+        else None
+    )
     timings, missing = _distributions(
         ok,
         {
@@ -438,7 +478,8 @@ def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any],
                     else None
                     for m in ok
                 ],
-                "no request evaluated a prompt of two or more new tokens (llama.cpp counts a one-token "
+                no_counters
+                or "no request evaluated a prompt of two or more new tokens (llama.cpp counts a one-token "
                 "batch as decode)",
             ),
             "decode_ms_per_token": (
@@ -448,7 +489,7 @@ def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any],
                     else None
                     for m in ok
                 ],
-                "every request produced at most one token",
+                no_counters or "every request produced at most one token",
             ),
         },
     )
@@ -459,7 +500,7 @@ def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any],
     )
     unavailable = {f"engine_timings.{k}": v for k, v in missing.items()}
     if ratio is None:
-        unavailable["engine_timings.overhead_ratio"] = "no request decoded two or more tokens"
+        unavailable["engine_timings.overhead_ratio"] = no_counters or "no request decoded two or more tokens"
     return timings, unavailable
 
 
@@ -598,12 +639,12 @@ def summary_table(document: dict[str, Any]) -> str:
     eng = res["engine_timings"]
     cfg = document["configuration"]
     model = cfg["model"]
-    size = f", {model['file_bytes'] / 1e6:.1f} MB" if model.get("file_bytes") else ""
     engine = cfg["engine"]
     lines = [
-        f"model     {model['name']} ({model.get('quantization_exact') or model.get('provider')}{size})",
+        f"model     {model_heading(model)}",
         f"engine    {engine.get('binding') or engine['name']}  {_settings_line(engine.get('settings') or {})}"
         f"  strategy={cfg.get('strategy', 'local')}",
+        *([f"sources   {sources_line(cfg['settings_source'])}"] if cfg.get("settings_source") else []),
         f"requests  {res['requests']['succeeded']}/{res['requests']['measured']} ok, "
         f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
         f"errors {errors_line(res['error_metrics']['errors_by_type'])}",
@@ -706,8 +747,30 @@ def _server_timings_line(server: dict[str, Any]) -> str:
     )
 
 
+def model_heading(model: dict[str, Any]) -> str:
+    """``Smollm2 135M 8k Lc100K Mix1 Ep2 (SmolLM2-135M-Instruct.Q4_1.gguf, Q4_1, 100.9 MB)``: the name the records
+    carry (the GGUF's ``general.name``, what the aggregator's filters take), then the file, its quantization and
+    size; ``as LABEL`` when the run's label is not the file's (the same file benchmarked twice)."""
+    file = Path(model["path"]).name if model.get("path") else None
+    size = f"{model['file_bytes'] / 1e6:.1f} MB" if model.get("file_bytes") else None
+    details = ", ".join(x for x in (file, model.get("quantization_exact") or model.get("provider"), size) if x)
+    label = model.get("label")
+    alias = f" as {label}" if label and file and label != Path(file).stem else ""
+    return f"{model['name']} ({details}){alias}"
+
+
 def _mb(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 1e6:.0f} MB"
+
+
+def sources_line(sources: dict[str, str]) -> str:
+    """``n_threads from drop-in /var/lib/lens-agent/tune/settings.toml; n_ctx from flag --n-ctx; n_batch,
+    flash_attn from default``: the settings grouped by where they came from."""
+    grouped: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        grouped.setdefault(source, []).append(name)
+    ordered = sorted(grouped.items(), key=lambda item: item[0] == "default")  # what was set first, defaults last
+    return "; ".join(f"{', '.join(names)} from {source}" for source, names in ordered)
 
 
 def _settings_line(settings: dict[str, Any]) -> str:
@@ -717,19 +780,29 @@ def _settings_line(settings: dict[str, Any]) -> str:
 def comparison_table(documents: list[dict[str, Any]]) -> str:
     header = f"{'model':<34}{'quant':>8}{'TTFT p50':>10}{'TPOT p50':>10}{'tok/s':>8}{'load ms':>9}{'peak MB':>9}"
     lines = ["comparison (ms unless noted)", header]
+    notes: list[str] = []
+    seen: dict[str, str] = {}  # sha256 → the label of the first run of that file
     for doc in documents:
         cfg, res = doc["configuration"], doc["results"]
         ttft = res["latency_metrics"].get("time_to_first_token")
         tpot = res["latency_metrics"].get("time_per_output_token")
         peak = res["memory"]["rss_peak_bytes"]
-        label = Path(cfg["model"]["path"]).name[:33]
+        label = (cfg["model"].get("label") or Path(cfg["model"]["path"]).name)[:33]
+        sha = cfg["model"].get("sha256")
+        if sha and sha in seen:
+            notes.append(
+                f"{label} is the same file as {seen[sha]} (sha256 {sha[:12]}), with the same settings: "
+                "their figures differ by run-to-run variation only"
+            )
+        elif sha:
+            seen[sha] = label
         lines.append(
             f"{label:<34}{cfg['model'].get('quantization_exact') or '?':>8}"
             f"{_fmt(ttft['p50_ms'] if ttft else None, 2):>10}{_fmt(tpot['p50_ms'] if tpot else None, 2):>10}"
             f"{res['throughput_metrics']['tokens_per_second']:>8.1f}"
             f"{_fmt(res['model_load']['load_ms']):>9}{_fmt(peak / 1e6 if peak else None, 0):>9}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
 # -- LLMPerf's own files -----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ..probes.sampler import PowerSampler
 from ..probes.sysfs import Root
 from ..prompts import load_prompts
 from ..strategies import build_strategy
-from .report import comparison_table, llmperf_files, results_document, summary_table
+from .report import comparison_table, llmperf_files, results_document, settings_sources, summary_table
 from .runner import BenchOptions, ModelRun, run_bench
 
 
@@ -131,7 +131,7 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
             session.stored = (session.stored or 0) + 1
 
     try:
-        for path, out_path in zip(targets, outputs, strict=False):
+        for index, (path, out_path) in enumerate(zip(targets, outputs, strict=False)):
             if path is not None:
                 status(f"loading {path} …")
             engine_context: Any = LlamaEngine.load(path, settings) if path is not None else contextlib.nullcontext()
@@ -176,6 +176,9 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                     power_source=probes["power_source"],
                 )
                 document["results"].update(extra)
+                if engine is not None:  # which flag, file or drop-in set each engine setting; the run's label
+                    document["configuration"]["settings_source"] = settings_sources(config)
+                    document["configuration"]["model"]["label"] = labels[index]
                 if request.llmperf_dir is not None:
                     session.written.extend(llmperf_files(run, document, request.llmperf_dir))
             session.documents.append(document)
