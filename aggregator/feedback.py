@@ -1007,6 +1007,13 @@ class FeedbackCache:
         }
 
 
+def _faster_slower(improvement_percent: float) -> str:
+    """A latency change as an operator reads it: "31.3 % faster" (latency down) or "4.0 % slower", never a sign."""
+    if round(improvement_percent, 1) == 0:
+        return "no change"
+    return f"{abs(improvement_percent):.1f} % {'faster' if improvement_percent > 0 else 'slower'}"
+
+
 def describe(doc: dict[str, Any]) -> list[str]:
     """A document in lines an operator reads (``lens-aggregator feedback``)."""
     state = doc["current_state"]["model_config"]
@@ -1035,7 +1042,7 @@ def describe(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"  recommend (priority {rec['priority']}): {action['target']} {format_value(action['current_value'])} → "
             f"{format_value(action['recommended_value'])}: {_LABEL[evidence['metric']]} "
-            f"{-rec['expected_impact']['latency_improvement_percent']:+.1f} % ({evidence['source']}, "
+            f"{_faster_slower(rec['expected_impact']['latency_improvement_percent'])} ({evidence['source']}, "
             f"{evidence['candidate']['requests']} requests against {evidence['baseline']['requests']}, "
             f"p = {evidence['p_value']:.2g}, confidence {rec['expected_impact']['confidence_score']:.2f})"
         )

@@ -642,7 +642,11 @@ def test_the_feedback_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     window = latest_ok(sent["orin-a"])
     assert lines[1].startswith(f"  window: {len(window)} requests, {window[0]['started_at']} → ")
     assert f"TPOT p50 {np.percentile(tpots(window), 50):.4g} ms" in lines[1]
-    assert lines[2].startswith("  recommend (priority ") and "model.n_threads 1 → 2: TPOT -3" in lines[2]
+    assert (
+        lines[2].startswith("  recommend (priority ")
+        and "model.n_threads 1 → 2: TPOT 3" in lines[2]
+        and "% faster (" in lines[2]
+    )
     code, out, _ = run("feedback", "--db", str(db), "--json")
     answer = json.loads(out)
     assert code == 0 and [d["device_id"] for d in answer["documents"]] == ["orin-a", "orin-b", "orin-c", "orin-d"]
