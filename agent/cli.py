@@ -462,6 +462,21 @@ def _usable_data_dir(config: AgentConfig) -> Path:
     return path
 
 
+def _existing_data_dir(config: AgentConfig) -> Path:
+    """The data directory of a command that only reads (or changes only what is there): it must exist already —
+    nothing is created — else one clear line (exit 2)."""
+    path = Path(config.get("agent", "data_dir"))
+    where = f"agent.data_dir {path} ({config.source('agent', 'data_dir')})"
+    if not path.exists():
+        raise UsageError(
+            f"{where}: does not exist: no agent has run with it (lens-agent run or bench --store creates it); "
+            "check --data-dir or agent.data_dir"
+        )
+    if not path.is_dir():
+        raise UsageError(f"{where}: is a file, not a directory; choose a directory with --data-dir or agent.data_dir")
+    return path
+
+
 def _sync_config(config_path: Path | None, data_dir: Path | None) -> AgentConfig:
     return load_config(
         config_path, overrides={("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None)}
@@ -617,7 +632,9 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
 
     from .clock import boot_id
     from .errors import ConfigError
-    from .outbox import open_outbox, outbox_path
+    from lens_core.sqlite_readonly import NotUsable
+
+    from .outbox import check_outbox_readable, open_outbox, outbox_path
     from .service import state_path
     from .status import evaluate, render, service_view, status_document
     from .sync import probe_aggregator, sync_settings
@@ -630,7 +647,13 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     stats = None
     state: dict[str, str | None] = {}
     salvage = None
+    unreadable = None
     if path.exists():
+        try:
+            check_outbox_readable(path)
+        except NotUsable as exc:
+            unreadable = f"outbox {exc}"
+    if path.exists() and unreadable is None:
         box = open_outbox(config)
         try:
             stats = box.stats()
@@ -679,6 +702,14 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
             f"the data directory {data} ({config.source('agent', 'data_dir')}) does not exist: no agent has run with "
             "it (lens-agent run or bench --store creates it); check --data-dir or agent.data_dir"
         )
+    elif not path.exists() and not service_file.exists():
+        health.fail(
+            f"the data directory {data} ({config.source('agent', 'data_dir')}) holds neither an outbox nor service "
+            "state: no agent has run with it (lens-agent run or bench --store fills it); check --data-dir or "
+            "agent.data_dir"
+        )
+    if unreadable is not None:
+        health.fail(unreadable)
     doc = status_document(
         outbox_file=path,
         stats=stats,

@@ -1485,6 +1485,27 @@ def outbox_path(data_dir: Path | str) -> Path:
     return Path(data_dir) / "outbox.db"
 
 
+def check_outbox_readable(path: Path) -> None:
+    """A read of the outbox at ``path`` would find this agent's outbox at its schema version: checked read-only
+    (nothing is created, migrated or salvaged), :class:`NotUsable` with the reason otherwise."""
+    from lens_core.sqlite_readonly import check_layout, connect_readonly, layout
+
+    conn = connect_readonly(path)
+    try:
+        check_layout(
+            layout(conn, path),
+            path,
+            program="lens-agent outbox",
+            marker="records",
+            latest=SCHEMA_VERSION,
+            older_hint="lens-agent run or lens-agent sync migrates it (the service does when it starts)",
+            newer_hint="upgrade lens-agent",
+            empty_hint="lens-agent run, sync or bench --store creates one; move this file aside",
+        )
+    finally:
+        conn.close()
+
+
 def open_outbox(config: Any) -> Outbox:
     """The outbox in the configured data directory, with the configured bound, policy, codec and limits."""
     sync, box = config.values["sync"], config.values["outbox"]
