@@ -5,6 +5,7 @@ Exit status: 0 success, 1 runtime failure, 2 bad input (flag, config value, file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -538,6 +539,10 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
                 checks, all(c["ok"] for c in checks) and len(checks) == 4, settings.url, as_json, "sync check"
             )
             return
+        from .schedule import expected_gap
+
+        # the gap the service's schedule declares, or none: a gap declared before (a shorter schedule) is replaced
+        settings = dataclasses.replace(settings, expected_gap_s=expected_gap(config))
         target, make = settings.url, lambda outbox: Uploader(outbox, settings)
 
     async def run() -> Any:
@@ -630,10 +635,10 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     import asyncio
     import time
 
-    from .clock import boot_id
-    from .errors import ConfigError
     from lens_core.sqlite_readonly import NotUsable
 
+    from .clock import boot_id
+    from .errors import ConfigError
     from .outbox import check_outbox_readable, open_outbox, outbox_path
     from .service import state_path
     from .status import evaluate, render, service_view, status_document

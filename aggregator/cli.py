@@ -915,9 +915,7 @@ def campaign_cancel(config_path: Path | None, db: str | None, as_json: bool, ben
     """
     from .campaigns import cancel
 
-    answer = _campaign_call(
-        config_path, db, lambda store, config: cancel(store, benchmark_id, _now_us()), mode="write"
-    )
+    answer = _campaign_call(config_path, db, lambda store, config: cancel(store, benchmark_id, _now_us()), mode="write")
     if as_json:
         _echo_json(answer)
     else:

@@ -334,7 +334,7 @@ class PostgresStore(Store):
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
                            backlog = excluded.backlog,
-                           expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
+                           expected_gap_s = excluded.expected_gap_s""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
                 cur.execute(_INSERT_SYNC, sync_row(device_id, batch_id, counters, len(rows), accepted, received_us))

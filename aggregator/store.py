@@ -396,7 +396,7 @@ def device_row(
         batch_id,
         sent_us,
         counters.get("pending_records"),
-        counters.get("expected_gap_s"),  # how long the device means to stay silent at most (its schedule)
+        counters.get("expected_gap_s"),  # how long the device means to stay silent at most: each batch replaces it
     )
 
 
@@ -1258,7 +1258,7 @@ class SQLiteStore(Store):
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
                            backlog = excluded.backlog,
-                           expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
+                           expected_gap_s = excluded.expected_gap_s""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
                 conn.execute(_INSERT_SYNC, sync_row(device_id, batch_id, counters, len(rows), accepted, received_us))
