@@ -1487,13 +1487,19 @@ def outbox_path(data_dir: Path | str) -> Path:
 
 def check_outbox_readable(path: Path) -> None:
     """A read of the outbox at ``path`` would find this agent's outbox at its schema version: checked read-only
-    (nothing is created, migrated or salvaged), :class:`NotUsable` with the reason otherwise."""
-    from lens_core.sqlite_readonly import check_layout, connect_readonly, layout
+    (nothing is created or migrated), :class:`NotUsable` with the reason otherwise — empty, another program's
+    database, or another schema version. A file SQLite does not read as a database at all is taken for this
+    outbox damaged: opening it salvages it, as every outbox command does (the salvage is reported)."""
+    from lens_core.sqlite_readonly import NotUsable, check_layout, connect_readonly, layout
 
     conn = connect_readonly(path)
     try:
+        try:
+            found = layout(conn, path)
+        except NotUsable:
+            return  # damaged: Outbox's own salvage keeps what can be read and says so
         check_layout(
-            layout(conn, path),
+            found,
             path,
             program="lens-agent outbox",
             marker="records",
