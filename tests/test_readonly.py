@@ -503,3 +503,36 @@ def test_helpers_see_a_change(tmp_path: Path) -> None:
     conn.close()
     (tmp_path / "d").mkdir()
     assert "d" in snapshot(tmp_path)
+
+
+def test_postgresql_reads_create_no_table_and_say_what_is_missing(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import psycopg
+
+    from aggregator.pgstore import PostgresStore
+
+    def tables() -> list[str]:
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall()
+        return sorted(r[0] for r in rows)
+
+    shown = "…@" + pg_url.split("@")[-1]
+    for command in AGGREGATOR_READS:
+        code, out, err = run_aggregator(capsys, *command, "--db", pg_url)
+        assert code == 2 and out == "", (command, err)
+        assert_one_line(err)
+        assert f"storage.db {shown} (--db): has no lens-aggregator tables" in err
+        assert "lens:lens" not in err  # no credentials in the line
+    assert tables() == []  # nothing was created
+    PostgresStore(pg_url).close()  # what serve does on start
+    code, out, err = run_aggregator(capsys, "token", "list", "--db", pg_url, "--json")
+    assert code == 0 and json.loads(out) == [] and f"reading {shown} (from --db)" in err
+    created = tables()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION - 1),))
+    code, _, err = run_aggregator(capsys, "feedback", "--db", pg_url)
+    assert code == 2 and "older than this release's" in err and "lens-aggregator migrate --db URL" in err
+    code, _, err = run_aggregator(capsys, "migrate", "--db", pg_url)
+    assert code == 0 and f"migrated from schema version {SCHEMA_VERSION - 1} to {SCHEMA_VERSION}" in err
+    assert tables() == created
