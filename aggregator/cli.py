@@ -439,6 +439,9 @@ def token_add(
 def token_list(config_path: Path | None, db: str | None, as_json: bool) -> None:
     """List tokens (by id: the first digits of their hash), with their state.
 
+    Reads the database read-only and says on stderr which one; a missing, empty, foreign or older one is an error
+    (exit 2), never created.
+
     \b
     Example:
         lens-aggregator token list --json
@@ -575,7 +578,7 @@ def otlp() -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
 def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None:
     """Each signal's cursor as the store keeps it: records forwarded, spans or points accepted and rejected,
-    records waiting and the oldest one's age. Works whether the server runs or not.
+    records waiting and the oldest one's age. Works whether the server runs or not; reads the database read-only.
 
     \b
     Example:
@@ -621,7 +624,8 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool) ->
     Nothing is recorded: the fires and cooldowns are the server's (kept in the store); a series whose condition
     holds and that is not cooling down shows as firing (the server fires it at its next evaluation, if it has not
     yet). Exit status: 0 when no condition holds, 1 when at least one holds (firing or cooling down) or the
-    evaluation failed (said on stderr), 2 for a bad configuration or database. See docs/triggers.md.
+    evaluation failed (said on stderr), 2 for a bad configuration or a database that is missing, empty, another
+    program's or of another schema version (opened read-only: never created). See docs/triggers.md.
 
     \b
     Example:
@@ -683,7 +687,8 @@ def feedback_command(
     its figures, its anomalies and the recommendations measured evidence supports (docs/feedback.md).
 
     Nothing is changed or sent: a device receives its own recommendations with its next ingest acknowledgement from
-    the server. Exit status 0; 2 for a bad configuration or database.
+    the server; the database is opened read-only. Exit status 0; 2 for a bad configuration or a database that is
+    missing, empty, another program's or of another schema version.
 
     \b
     Example:

@@ -34,6 +34,7 @@ from .test_first_run import AGENT, AGGREGATOR, assert_one_line, cli
 from .test_hostile_upstream import use_agent_env
 
 CAMPAIGN = str(uuid.uuid4())
+SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "aggregator.toml"
 AGGREGATOR_READS = [
     ["triggers"],
     ["feedback"],
@@ -180,6 +181,9 @@ def test_reads_of_a_good_database_leave_no_trace_and_say_which_one(
         assert snapshot(root) == before, command
     code, out, _ = run_aggregator(capsys, "token", "list", "--db", str(db), "--json")
     assert [t["subject"] for t in json.loads(out)] == ["orin-017"]
+    code, out, err = run_aggregator(capsys, "triggers", "--config", str(SHIPPED), "--db", str(db))
+    assert code == 0 and "requests-failing" in out, err  # the shipped triggers evaluated on a read-only store
+    assert snapshot(root) == before
 
     # the same database as serve without --db: from the configuration file, or the environment
     config = tmp_path / "aggregator.toml"
@@ -528,6 +532,9 @@ def test_postgresql_reads_create_no_table_and_say_what_is_missing(
     PostgresStore(pg_url).close()  # what serve does on start
     code, out, err = run_aggregator(capsys, "token", "list", "--db", pg_url, "--json")
     assert code == 0 and json.loads(out) == [] and f"reading {shown} (from --db)" in err
+    for command in [*AGGREGATOR_READS[:5], ["triggers", "--config", str(SHIPPED)]]:
+        code, out, err = run_aggregator(capsys, *command, "--db", pg_url)
+        assert code == 0, (command, err)  # every read runs in read-only transactions
     created = tables()
     with psycopg.connect(pg_url) as conn:
         conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION - 1),))
