@@ -726,6 +726,8 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         now_us=now_us,
         service=service,
     )
+    if unreadable is not None:
+        doc["outbox_unreadable"] = f"not read: {unreadable}"
     from .adjuster import tune_summary
 
     doc["tune"] = tune_summary(Path(config.get("agent", "data_dir")), config.drop_in_refused)

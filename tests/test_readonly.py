@@ -366,6 +366,9 @@ def test_agent_reads_refuse_an_unusable_outbox_and_change_nothing(
     doc = json.loads(out)
     assert code == 1 and doc["healthy"] is False
     assert any(f"outbox {data / 'outbox.db'}: " in r and problem in r for r in doc["reasons"]), doc["reasons"]
+    assert doc["outbox"] is None and problem in doc["outbox_unreadable"]
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--no-probe")
+    assert code == 1 and f"outbox      not read: outbox {data / 'outbox.db'}: " in out
     assert snapshot(tmp_path) == before
     for command in (["outbox", "list"], ["outbox", "export", "-"], ["outbox", "export", str(tmp_path / "q.ndjson")]):
         code, out, err = run_cli(capsys, *command, "--data-dir", str(data))
