@@ -15,7 +15,7 @@ import sqlite3
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -90,7 +90,9 @@ def _open_store_at(db: str, where: str, mode: str) -> Store:
         raise UsageError(f"storage.db = {db!r}: expected a file path (SQLite) or a postgresql:// URL")
     if Path(db).is_dir():
         raise UsageError(f"{where}: is a directory; give a database file path, e.g. --db {Path(db) / 'aggregator.db'}")
-    create = {"serve": "parents", "create": "file"}.get(mode, "never")
+    create: Literal["parents", "file", "never"] = (
+        "parents" if mode == "serve" else "file" if mode == "create" else "never"
+    )
     try:
         return SQLiteStore(db, readonly=readonly, create=create)
     except NotUsable as exc:

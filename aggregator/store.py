@@ -6,7 +6,8 @@ a duplicate of it (schema 6; before, the key was the record id alone). Each reco
 beside the columns queries need, and the aggregator's own ``received_us``, so skewed device clocks are visible. A
 whole batch is stored in one transaction and only then acknowledged. Tokens are stored as sha256 hashes only.
 
-``schema_version`` lives in ``meta``; migrations run forward on open.
+``schema_version`` lives in ``meta``; migrations run forward on open — except a read-only open, which refuses a
+database of another version (``lens-aggregator migrate`` brings it forward).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import sqlite_utils
 
@@ -1103,12 +1104,13 @@ class SQLiteStore(Store):
         synchronous: str = "FULL",
         max_query_seconds: float = 10.0,
         readonly: bool = False,
-        create: str = "parents",
+        create: Literal["parents", "file", "never"] = "parents",
     ) -> None:
-        """``readonly``: the database must exist at this schema version and is only read (:func:`open_readonly`);
-        else it is migrated forward on open, and ``create`` says what may be created: ``"parents"`` the file and
-        its directories (the server), ``"file"`` the file in an existing directory, ``"never"`` nothing. A file
-        that is another program's database is refused either way (:class:`NotUsable`)."""
+        """``readonly``: the database must exist at this schema version and is only read (opened ``mode=ro``, see
+        :mod:`lens_core.sqlite_readonly`); else it is migrated forward on open, and ``create`` says what may be
+        created: ``"parents"`` the file and its directories (the server), ``"file"`` the file in an existing
+        directory, ``"never"`` nothing. A file that is another program's database is refused either way
+        (:class:`NotUsable`)."""
         self.path = Path(path)
         self.readonly = readonly
         self.max_query_seconds = max_query_seconds
@@ -1143,7 +1145,7 @@ class SQLiteStore(Store):
         self._conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate()
 
-    def _check_writable(self, create: str) -> None:
+    def _check_writable(self, create: Literal["parents", "file", "never"]) -> None:
         if self.path.is_dir():
             raise NotUsable(self.path, "is a directory, not a database file")
         if self.path.exists() or create == "parents":
