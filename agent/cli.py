@@ -5,6 +5,7 @@ Exit status: 0 success, 1 runtime failure, 2 bad input (flag, config value, file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -462,6 +463,21 @@ def _usable_data_dir(config: AgentConfig) -> Path:
     return path
 
 
+def _existing_data_dir(config: AgentConfig) -> Path:
+    """The data directory of a command that only reads (or changes only what is there): it must exist already —
+    nothing is created — else one clear line (exit 2)."""
+    path = Path(config.get("agent", "data_dir"))
+    where = f"agent.data_dir {path} ({config.source('agent', 'data_dir')})"
+    if not path.exists():
+        raise UsageError(
+            f"{where}: does not exist: no agent has run with it (lens-agent run or bench --store creates it); "
+            "check --data-dir or agent.data_dir"
+        )
+    if not path.is_dir():
+        raise UsageError(f"{where}: is a file, not a directory; choose a directory with --data-dir or agent.data_dir")
+    return path
+
+
 def _sync_config(config_path: Path | None, data_dir: Path | None) -> AgentConfig:
     return load_config(
         config_path, overrides={("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None)}
@@ -523,6 +539,10 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
                 checks, all(c["ok"] for c in checks) and len(checks) == 4, settings.url, as_json, "sync check"
             )
             return
+        from .schedule import expected_gap
+
+        # the gap the service's schedule declares, or none: a gap declared before (a shorter schedule) is replaced
+        settings = dataclasses.replace(settings, expected_gap_s=expected_gap(config))
         target, make = settings.url, lambda outbox: Uploader(outbox, settings)
 
     async def run() -> Any:
@@ -615,9 +635,11 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     import asyncio
     import time
 
+    from lens_core.sqlite_readonly import NotUsable
+
     from .clock import boot_id
     from .errors import ConfigError
-    from .outbox import open_outbox, outbox_path
+    from .outbox import check_outbox_readable, open_outbox, outbox_path
     from .service import state_path
     from .status import evaluate, render, service_view, status_document
     from .sync import probe_aggregator, sync_settings
@@ -630,7 +652,13 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     stats = None
     state: dict[str, str | None] = {}
     salvage = None
+    unreadable = None
     if path.exists():
+        try:
+            check_outbox_readable(path)
+        except NotUsable as exc:
+            unreadable = f"outbox {exc}"
+    if path.exists() and unreadable is None:
         box = open_outbox(config)
         try:
             stats = box.stats()
@@ -679,6 +707,14 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
             f"the data directory {data} ({config.source('agent', 'data_dir')}) does not exist: no agent has run with "
             "it (lens-agent run or bench --store creates it); check --data-dir or agent.data_dir"
         )
+    elif not path.exists() and not service_file.exists():
+        health.fail(
+            f"the data directory {data} ({config.source('agent', 'data_dir')}) holds neither an outbox nor service "
+            "state: no agent has run with it (lens-agent run or bench --store fills it); check --data-dir or "
+            "agent.data_dir"
+        )
+    if unreadable is not None:
+        health.fail(unreadable)
     doc = status_document(
         outbox_file=path,
         stats=stats,
@@ -690,6 +726,8 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
         now_us=now_us,
         service=service,
     )
+    if unreadable is not None:
+        doc["outbox_unreadable"] = f"not read: {unreadable}"
     from .adjuster import tune_summary
 
     doc["tune"] = tune_summary(Path(config.get("agent", "data_dir")), config.drop_in_refused)

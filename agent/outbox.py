@@ -1485,6 +1485,33 @@ def outbox_path(data_dir: Path | str) -> Path:
     return Path(data_dir) / "outbox.db"
 
 
+def check_outbox_readable(path: Path) -> None:
+    """A read of the outbox at ``path`` would find this agent's outbox at its schema version: checked read-only
+    (nothing is created or migrated), :class:`NotUsable` with the reason otherwise — empty, another program's
+    database, or another schema version. A file SQLite does not read as a database at all is taken for this
+    outbox damaged: opening it salvages it, as every outbox command does (the salvage is reported)."""
+    from lens_core.sqlite_readonly import NotUsable, check_layout, connect_readonly, layout
+
+    conn = connect_readonly(path)
+    try:
+        try:
+            found = layout(conn, path)
+        except NotUsable:
+            return  # damaged: Outbox's own salvage keeps what can be read and says so
+        check_layout(
+            found,
+            path,
+            program="lens-agent outbox",
+            marker="records",
+            latest=SCHEMA_VERSION,
+            older_hint="lens-agent run or lens-agent sync migrates it (the service does when it starts)",
+            newer_hint="upgrade lens-agent",
+            empty_hint="lens-agent run, sync or bench --store creates one; move this file aside",
+        )
+    finally:
+        conn.close()
+
+
 def open_outbox(config: Any) -> Outbox:
     """The outbox in the configured data directory, with the configured bound, policy, codec and limits."""
     sync, box = config.values["sync"], config.values["outbox"]

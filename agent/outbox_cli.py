@@ -38,12 +38,21 @@ def _config(config_path: Path | None, data_dir: Path | None) -> AgentConfig:
     )
 
 
-def _open(config: AgentConfig) -> Outbox:
-    from .outbox import open_outbox, outbox_path
+def _open(config: AgentConfig, *, reading: bool = False) -> Outbox:
+    """The outbox, which must exist; ``reading`` (list, export): it must also be this agent's outbox at its schema
+    version, checked read-only first, so that a read never migrates, salvages or creates anything."""
+    from lens_core.sqlite_readonly import NotUsable
+
+    from .outbox import check_outbox_readable, open_outbox, outbox_path
 
     path = outbox_path(config.get("agent", "data_dir"))
     if not path.exists():
         raise UsageError(f"no outbox at {path}: check agent.data_dir (or --data-dir)")
+    if reading:
+        try:
+            check_outbox_readable(path)
+        except NotUsable as exc:
+            raise UsageError(f"outbox {exc}") from None
     return open_outbox(config)
 
 
@@ -102,7 +111,7 @@ def list_command(config_path: Path | None, data_dir: Path | None, as_json: bool)
     """
     from .outbox import decoded_device_id
 
-    box = _open(_config(config_path, data_dir))
+    box = _open(_config(config_path, data_dir), reading=True)
     try:
         stats = box.stats()
         rows = box.quarantined()
@@ -197,7 +206,7 @@ def export_command(file: Path, quarantined: bool, config_path: Path | None, data
         lens-agent outbox export --pending - | jq -c .record.model_name
     """
     which = "quarantined" if quarantined else "pending"
-    box = _open(_config(config_path, data_dir))
+    box = _open(_config(config_path, data_dir), reading=True)
     count = 0
     try:
         if str(file) == "-":

@@ -394,3 +394,14 @@ class _CronState:
         self.last_match = self.match
         self.offset = self._draw()
         return self.due(now)
+
+
+def expected_gap(config: Any) -> float | None:
+    """The longest a device running this configuration's service should stay silent to its aggregator: its most
+    frequent workload's period (the records that make a batch) or the sync interval, whichever is longer; None
+    without workloads. Every batch declares it (``expected_gap_s``), a manual ``lens-agent sync`` too, so the
+    aggregator's "late" follows the schedule the device has now."""
+    periods = [workload_period(w) for w in config.workloads]
+    if not periods:
+        return None
+    return max(min(periods), float(config.get("sync", "interval")))

@@ -73,7 +73,7 @@ from .probes.power import detect_power
 from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
 from .prompts import load_prompts
-from .schedule import Scheduler, workload_period
+from .schedule import Scheduler
 from .strategies import build_strategy
 from .suite import SuiteError
 from .tune_flow import Busy, engine_key, measure_lock, run_tune, verification_record
@@ -312,10 +312,9 @@ class AgentService:
     def expected_gap(self) -> float | None:
         """The longest this device should stay silent to its aggregator: its most frequent workload's period (the
         records that make a batch) or the sync interval, whichever is longer; None without workloads."""
-        periods = [workload_period(w) for w in self.config.workloads]
-        if not periods:
-            return None
-        return max(min(periods), float(self.config.get("sync", "interval")))
+        from .schedule import expected_gap
+
+        return expected_gap(self.config)
 
     def _schedule_workloads(self) -> None:
         scheduler = self._scheduler

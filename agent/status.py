@@ -333,7 +333,7 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"  power     {svc.get('power_source') or 'no power source (lens-agent probe says why)'}")
     box = doc["outbox"]
     if box is None:
-        lines.append("outbox      none yet")
+        lines.append(f"outbox      {doc.get('outbox_unreadable') or 'none yet'}")
     else:
         lines += [
             f"outbox      {box['path']}",

@@ -314,7 +314,13 @@ async def _checks(session: aiohttp.ClientSession, settings: SyncSettings) -> lis
     who = await _get_json(session, url + "/api/v1/whoami", {"Authorization": f"Bearer {settings.token}"})
     payload = who.payload if isinstance(who.payload, dict) else {}
     if who.status == 401:
-        add("token", False, "the aggregator does not know this token (revoked, expired or mistyped)")
+        add(
+            "token",
+            False,
+            "the aggregator does not know this token: most often it serves another database than the one the token "
+            "was added to (on the aggregator, lens-aggregator token list --db DB with the --db serve uses must list "
+            f"{settings.device_id}); else it was revoked, expired or mistyped",
+        )
     elif who.status != 200 or "token_kind" not in payload:
         add("token", False, f"{who.describe} to GET /api/v1/whoami: upgrade the aggregator?")
     elif payload["token_kind"] != "device":

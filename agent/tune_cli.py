@@ -33,7 +33,11 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON 
 TUNABLE = ("n_threads", "flash_attn", "n_batch", "n_gpu_layers")
 
 
-def _config(config_path: Path | None, data_dir: Path | None, **extra: tuple[str, object]) -> AgentConfig:
+def _config(
+    config_path: Path | None, data_dir: Path | None, *, create: bool = True, **extra: tuple[str, object]
+) -> AgentConfig:
+    """The configuration, and its data directory checked: created if need be (``create``, the commands that tune),
+    else it must exist already (status and rollback create nothing)."""
     overrides: dict[tuple[str, str], tuple[str, object]] = {
         ("agent", "data_dir"): ("--data-dir", str(data_dir) if data_dir else None)
     }
@@ -41,9 +45,12 @@ def _config(config_path: Path | None, data_dir: Path | None, **extra: tuple[str,
         section, key = name.split("__")
         overrides[(section, key)] = flag_value
     config = load_config(config_path, overrides=overrides)
-    from .cli import _usable_data_dir
+    from .cli import _existing_data_dir, _usable_data_dir
 
-    _usable_data_dir(config)
+    if create:
+        _usable_data_dir(config)
+    else:
+        _existing_data_dir(config)
     return config
 
 
@@ -327,7 +334,7 @@ def rollback_command(config_path: Path | None, data_dir: Path | None, as_json: b
     from .tune_flow import outbox_store
     from .tuning import tune_record
 
-    config = _config(config_path, data_dir)
+    config = _config(config_path, data_dir, create=False)
     adjuster = DropInAdjuster(config.get("agent", "data_dir"))
     try:
         current = adjuster.current()
@@ -417,7 +424,7 @@ def status_command(config_path: Path | None, data_dir: Path | None, as_json: boo
     """
     from .adjuster import AdjusterError, DropInAdjuster
 
-    config = _config(config_path, data_dir)
+    config = _config(config_path, data_dir, create=False)
     adjuster = DropInAdjuster(config.get("agent", "data_dir"))
     state_problem = None
     try:

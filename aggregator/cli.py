@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import signal
 import sqlite3
 import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -34,9 +35,44 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _open_store(config: Config) -> Store:
-    """A path means SQLite; ``postgresql://…`` means PostgreSQL (the ``[postgres]`` extra)."""
+def _db_source(config: Config) -> str:
+    """Where storage.db came from, as the "reading …" line says it: from --db, from config FILE, … or default."""
+    source = config.source("storage", "db")
+    if source == "default":
+        return "default"
+    if source.startswith(("--", "environment variable", "drop-in")):
+        return f"from {source}"
+    return f"from config {source}"
+
+
+def _safe_db(db: str) -> str:
+    """The database as it may be shown: a PostgreSQL URL without its credentials."""
+    if db.startswith(("postgresql://", "postgres://")) and "@" in db:
+        return "…@" + db.split("@")[-1]
+    return db
+
+
+def _open_store(config: Config, mode: str = "write") -> Store:
+    """A path means SQLite; ``postgresql://…`` means PostgreSQL (the ``[postgres]`` extra).
+
+    ``mode``: ``"read"`` opens it read-only — it must exist and hold this release's schema, nothing is created or
+    migrated, and stderr says which database is read; ``"serve"`` creates it (and its directory) if need be;
+    ``"create"`` creates the file only in an existing directory; ``"write"`` needs an existing database. Every
+    mode but ``"read"`` migrates an older schema forward; none touches another program's database.
+    """
     db = str(config.get("storage", "db"))
+    readonly = mode == "read"
+    where = f"storage.db {_safe_db(db)} ({config.source('storage', 'db')})"
+    store = _open_store_at(db, where, mode)
+    if readonly:  # once it opened: a database that cannot be read is the one error line, which names it
+        click.echo(f"reading {_safe_db(db)} ({_db_source(config)})", err=True)
+    return store
+
+
+def _open_store_at(db: str, where: str, mode: str) -> Store:
+    from lens_core.sqlite_readonly import NotUsable
+
+    readonly = mode == "read"
     if db.startswith(("postgresql://", "postgres://")):
         try:
             from .pgstore import PostgresStore
@@ -45,17 +81,22 @@ def _open_store(config: Config) -> Store:
                 "storage.db is a PostgreSQL URL: install psycopg (pip install 'llm-latency-lens[postgres]')"
             ) from None
         try:
-            return PostgresStore(db)
+            return PostgresStore(db, readonly=readonly)
+        except NotUsable as exc:
+            raise UsageError(f"{where}: {exc.problem}") from None
         except Exception as exc:  # psycopg.OperationalError and friends: say what the server said
-            safe = db.split("@")[-1]
-            raise UsageError(f"storage.db = …@{safe}: cannot connect ({str(exc).strip().splitlines()[0]})") from None
+            raise UsageError(f"{where}: cannot connect ({str(exc).strip().splitlines()[0]})") from None
     if "://" in db:
         raise UsageError(f"storage.db = {db!r}: expected a file path (SQLite) or a postgresql:// URL")
-    where = f"storage.db {db} ({config.source('storage', 'db')})"
     if Path(db).is_dir():
         raise UsageError(f"{where}: is a directory; give a database file path, e.g. --db {Path(db) / 'aggregator.db'}")
+    create: Literal["parents", "file", "never"] = (
+        "parents" if mode == "serve" else "file" if mode == "create" else "never"
+    )
     try:
-        return SQLiteStore(db)
+        return SQLiteStore(db, readonly=readonly, create=create)
+    except NotUsable as exc:
+        raise UsageError(f"{where}: {exc.problem}") from None
     except sqlite3.OperationalError as exc:
         raise UsageError(
             f"{where}: cannot be opened ({exc}); check that its directory exists and is writable"
@@ -149,7 +190,7 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
     elif files.soft != files.before:
         log.info("open files: soft limit raised from %d to %d (the hard limit)", files.before, files.soft)
     settings = Settings.from_config(config)
-    app = create_app(settings, _open_store(config), triggers=config.tables.get("triggers") or ())
+    app = create_app(settings, _open_store(config, "serve"), triggers=config.tables.get("triggers") or ())
     guard = app[GUARD]
     log.info(
         "connections: at most %d at once (%s; open files %d); headers within %g s, bodies within %g s",
@@ -214,14 +255,17 @@ def _check_subject(what: str, value: str) -> str:
     return value
 
 
-def _agent_settings(device_id: str, db: str, url: str | None, tls: bool) -> str:
-    """What to paste into the device's agent.toml for this token (printed on stderr; the token goes to stdout)."""
+def _agent_settings(device_id: str, db: str, url: str | None, tls: bool, out: Path | None = None) -> str:
+    """What to paste into the device's agent.toml for this token (printed on stderr; the token goes to stdout or
+    the --out file)."""
     url = url or f"{'https' if tls else 'http'}://<aggregator-host>:8443"
+    db = _safe_db(db)
+    saved = f"copy {out} to the device as" if out is not None else "save the token printed on stdout as"
     lines = [
         f"token for device {device_id} stored in {db}; the aggregator must serve that database:",
         f"  lens-aggregator serve --db {db}",
-        "on the device: save the token printed on stdout as /etc/lens-agent/token, readable by lens-agent only",
-        f"(sudo install -m 0640 -g lens-agent {device_id}.token /etc/lens-agent/token)",
+        f"on the device: {saved} /etc/lens-agent/token, readable by lens-agent only",
+        f"(sudo install -m 0640 -g lens-agent {out.name if out else device_id + '.token'} /etc/lens-agent/token)",
         "or pass it as LENS_SYNC_TOKEN, and set in /etc/lens-agent/agent.toml:",
         "  [agent]",
         f'  device_id = "{device_id}"',
@@ -235,6 +279,77 @@ def _agent_settings(device_id: str, db: str, url: str | None, tls: bool) -> str:
         lines.append('  # ca_file = "/etc/lens-agent/ca.pem"   # when the certificate is not signed by a system CA')
     lines.append("then check it: lens-agent sync --check --config /etc/lens-agent/agent.toml")
     return "\n".join(lines)
+
+
+class _TokenFile:
+    """``--out FILE``: the token written mode 0600 through a temp file beside it, renamed into place only once
+    complete — a failure never leaves an empty or partial token file, and FILE is replaced only with ``--force``."""
+
+    def __init__(self, path: Path, force: bool) -> None:
+        self.path = path
+        if path.is_dir():
+            raise UsageError(f"--out {path}: is a directory; give a file path, e.g. --out {path / 'device.token'}")
+        if path.exists() and not force:
+            raise UsageError(f"--out {path}: exists; give --force to replace it, or another path")
+        if not path.parent.is_dir():
+            raise UsageError(f"--out {path}: its directory {path.parent} does not exist")
+        self.temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise UsageError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
+
+    def write(self, token: str) -> None:
+        try:
+            os.write(self.fd, (token + "\n").encode())
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.temp, self.path)
+        except OSError as exc:
+            self.discard()
+            raise LensError(f"--out {self.path}: cannot be written ({exc.strerror or exc})") from None
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.temp.unlink(missing_ok=True)
+
+
+def _deliver_token(store: Store, token: str, out: _TokenFile | None) -> None:
+    """The token on stdout, or into ``--out``; a token whose file cannot be written is revoked at once."""
+    if out is None:
+        click.echo(token)
+        return
+    try:
+        out.write(token)
+    except LensError:
+        from .store import hash_token
+
+        store.revoke(hash_token(token)[:12], _now_us())
+        raise
+    click.echo(f"token written to {out.path} (mode 0600)", err=True)
+
+
+out_option = click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path),
+    help="Write the token to this file (mode 0600, atomically) instead of stdout.",
+)
+force_option = click.option("--force", is_flag=True, help="With --out: replace an existing file.")
+
+
+def _live_device_tokens(store: Store, device_id: str, now: int) -> list[Any]:
+    return [
+        t
+        for t in store.list_tokens()
+        if t.subject == device_id
+        and t.kind == "device"
+        and t.revoked_us is None
+        and (t.expires_us is None or t.expires_us > now)
+    ]
 
 
 @token.command("add")
@@ -253,20 +368,38 @@ def _agent_settings(device_id: str, db: str, url: str | None, tls: bool) -> str:
     help="The aggregator's URL as the device reaches it, for the agent settings printed on stderr.  "
     "[default: a placeholder]",
 )
+@click.option(
+    "--also",
+    is_flag=True,
+    help="A device that already has a live token gets a second one (both work); without it, add refuses.",
+)
+@out_option
+@force_option
 @click.argument("subject")
 def token_add(
-    config_path: Path | None, db: str | None, read_token: bool, kind: str | None, url: str | None, subject: str
+    config_path: Path | None,
+    db: str | None,
+    read_token: bool,
+    kind: str | None,
+    url: str | None,
+    also: bool,
+    out_path: Path | None,
+    force: bool,
+    subject: str,
 ) -> None:
-    """Create a token for device SUBJECT and print it once on stdout; only its hash is stored.
+    """Create a token for device SUBJECT and print it once on stdout (or write it to --out FILE, mode 0600); only
+    its hash is stored.
 
     For a device token, the agent-side settings to paste (device_id, sync.url, token_file, allow_http or
-    ca_file) go to stderr. SUBJECT is the device's agent.device_id exactly (which defaults to its host name).
+    ca_file) go to stderr. SUBJECT is the device's agent.device_id exactly (which defaults to its host name). A
+    device that already has a live token is refused: token rotate DEVICE replaces it, --also adds a second one.
+    The database is created when it does not exist yet, in an existing directory only.
 
     \b
     Example:
-        lens-aggregator token add orin-017 --db aggregator.db --url https://aggregator.example:8443 > orin-017.token
+        lens-aggregator token add orin-017 --db aggregator.db --url https://aggregator.example:8443 --out orin-017.token
         lens-aggregator token add --read grafana --db aggregator.db
-        lens-aggregator token add --kind operator ci-bench --db aggregator.db > ci-bench.token
+        lens-aggregator token add --kind operator ci-bench --db aggregator.db --out ci-bench.token
     """
     if read_token and kind not in (None, "read"):
         raise UsageError(f"--read and --kind {kind} ask for different kinds: give one")
@@ -274,15 +407,30 @@ def token_add(
     _check_subject("device id" if kind == "device" else f"{kind}-token name", subject)
     if url is not None and not url.startswith(("http://", "https://")):
         raise UsageError(f"--url {json.dumps(url)} is not allowed: expected http://HOST:PORT or https://HOST:PORT")
+    if force and out_path is None:
+        raise UsageError("--force replaces the --out file: give --out FILE")
     config = _config(config_path, db)
-    store = _open_store(config)
+    store = _open_store(config, "create")
+    out = None
     try:
-        click.echo(store.add_token(subject, kind, _now_us()))
+        if kind == "device" and not also:
+            live = _live_device_tokens(store, subject, _now_us())
+            if live:
+                ids = ", ".join(t.token_id for t in live)
+                raise UsageError(
+                    f"device {json.dumps(subject)} already has a live token ({ids}) in "
+                    f"{_safe_db(str(config.get('storage', 'db')))}: use lens-aggregator token rotate {subject} to "
+                    "replace it, or --also to add a second one"
+                )
+        out = _TokenFile(out_path, force) if out_path is not None else None
+        _deliver_token(store, store.add_token(subject, kind, _now_us()), out)
     finally:
+        if out is not None:
+            out.discard()
         store.close()
     if kind == "device":
         tls = bool(config.get("server", "tls_cert"))
-        click.echo(_agent_settings(subject, str(config.get("storage", "db")), url, tls), err=True)
+        click.echo(_agent_settings(subject, str(config.get("storage", "db")), url, tls, out_path), err=True)
 
 
 @token.command("list")
@@ -293,11 +441,14 @@ def token_add(
 def token_list(config_path: Path | None, db: str | None, as_json: bool) -> None:
     """List tokens (by id: the first digits of their hash), with their state.
 
+    Reads the database read-only and says on stderr which one; a missing, empty, foreign or older one is an error
+    (exit 2), never created.
+
     \b
     Example:
         lens-aggregator token list --json
     """
-    store = _open_store(_config(config_path, db))
+    store = _open_store(_config(config_path, db), "read")
     try:
         tokens = store.list_tokens()
     finally:
@@ -351,38 +502,70 @@ def token_revoke(config_path: Path | None, db: str | None, selector: str) -> Non
 @config_option
 @db_option
 @click.option("--grace", help="How long the old token keeps working, e.g. 24h.  [default: auth.rotate_grace]")
+@out_option
+@force_option
 @click.argument("device_id")
-def token_rotate(config_path: Path | None, db: str | None, grace: str | None, device_id: str) -> None:
-    """Print a new token for DEVICE_ID; its old tokens keep working for the grace period.
+def token_rotate(
+    config_path: Path | None, db: str | None, grace: str | None, out_path: Path | None, force: bool, device_id: str
+) -> None:
+    """Print a new token for DEVICE_ID (or write it to --out FILE, mode 0600); its old tokens keep working for the
+    grace period.
 
     \b
     Example:
-        lens-aggregator token rotate orin-017 --grace 48h
+        lens-aggregator token rotate orin-017 --grace 48h --out orin-017.token --force
     """
     config = load_aggregator_config(
         config_path, overrides={("storage", "db"): ("--db", db), ("auth", "rotate_grace"): ("--grace", grace)}
     )
     _check_subject("device id", device_id)
+    if force and out_path is None:
+        raise UsageError("--force replaces the --out file: give --out FILE")
     store = _open_store(config)
+    out = None
     try:
         now = _now_us()
-        live = [
-            t
-            for t in store.list_tokens()
-            if t.subject == device_id
-            and t.kind == "device"
-            and t.revoked_us is None
-            and (t.expires_us is None or t.expires_us > now)
-        ]
-        if not live:
+        if not _live_device_tokens(store, device_id, now):
             raise UsageError(
                 f"device {json.dumps(device_id)} has no active token to rotate "
                 "(see lens-aggregator token list; a new device gets one with token add)"
             )
+        out = _TokenFile(out_path, force) if out_path is not None else None
         grace_us = int(config.get("auth", "rotate_grace") * 1_000_000)
-        click.echo(store.rotate(device_id, now, grace_us))
+        _deliver_token(store, store.rotate(device_id, now, grace_us), out)
+    finally:
+        if out is not None:
+            out.discard()
+        store.close()
+
+
+@cli.command("migrate")
+@verbose_option
+@config_option
+@db_option
+def migrate_command(config_path: Path | None, db: str | None) -> None:
+    """Bring an existing database to this release's schema (what a starting serve does), and say from which version.
+
+    The read-only commands (triggers, feedback, token list, otlp status, campaign status/list/results/export)
+    never migrate: an older database makes them point here. Stop every lens-aggregator that serves the database
+    first when the release notes say the migration is long.
+
+    \b
+    Example:
+        lens-aggregator migrate --db /var/lib/lens-aggregator/aggregator.db
+    """
+    config = _config(config_path, db)
+    store = _open_store(config, "write")
+    try:
+        before = store.opened_version
+        after = store.schema_version()
     finally:
         store.close()
+    shown = _safe_db(str(config.get("storage", "db")))
+    if before is None or before == after:
+        click.echo(f"{shown}: schema version {after}, this release's: nothing to migrate", err=True)
+    else:
+        click.echo(f"{shown}: migrated from schema version {before} to {after}", err=True)
 
 
 @cli.group()
@@ -397,7 +580,7 @@ def otlp() -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
 def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None:
     """Each signal's cursor as the store keeps it: records forwarded, spans or points accepted and rejected,
-    records waiting and the oldest one's age. Works whether the server runs or not.
+    records waiting and the oldest one's age. Works whether the server runs or not; reads the database read-only.
 
     \b
     Example:
@@ -406,7 +589,7 @@ def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None
     from .otlp_forward import stored_status
 
     config = _config(config_path, db)
-    store = _open_store(config)
+    store = _open_store(config, "read")
     try:
         status = stored_status(store)
     except RuntimeError as exc:
@@ -458,7 +641,8 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
     Nothing is recorded: the fires and cooldowns are the server's (kept in the store); a series whose condition
     holds and that is not cooling down shows as firing (the server fires it at its next evaluation, if it has not
     yet). Exit status: 0 when no condition holds, 1 when at least one holds (firing or cooling down) or the
-    evaluation failed (said on stderr), 2 for a bad configuration or database. See docs/triggers.md.
+    evaluation failed (said on stderr), 2 for a bad configuration or a database that is missing, empty, another
+    program's or of another schema version (opened read-only: never created). See docs/triggers.md.
 
     \b
     Example:
@@ -468,13 +652,14 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
 
     config = _config(config_path, db)
     triggers = config.tables.get("triggers") or []
+    store = _open_store(config, "read")  # checked even without triggers: a wrong database is never "fine"
     if not triggers:
+        store.close()
         where = config.path or "the configuration (no file)"
         click.echo(f"no [[triggers]] in {where}: none are evaluated (docs/triggers.md)", err=True)
         if as_json:
             click.echo(json.dumps(TriggerWatch([]).answer(), indent=2))
         return 0
-    store = _open_store(config)
     try:
         watch = TriggerWatch(triggers, interval_s=config.get("fleet", "trigger_interval"))
         watch.load(store)
@@ -530,7 +715,8 @@ def feedback_command(
     its figures, its anomalies and the recommendations measured evidence supports (docs/feedback.md).
 
     Nothing is changed or sent: a device receives its own recommendations with its next ingest acknowledgement from
-    the server. Exit status 0; 2 for a bad configuration or database.
+    the server; the database is opened read-only. Exit status 0; 2 for a bad configuration or a database that is
+    missing, empty, another program's or of another schema version.
 
     \b
     Example:
@@ -546,7 +732,7 @@ def feedback_command(
     settings = feedback.Settings.from_config(config)
     if include_contended:  # the flag over fleet.feedback_include_contended
         settings = dataclasses.replace(settings, include_contended=True)
-    store = _open_store(config)
+    store = _open_store(config, "read")
     try:
         watch = Watch(0.0, _detection(config, settings.include_contended))
         watch.search(store, time.monotonic(), _now_us())
@@ -571,12 +757,13 @@ def campaign() -> None:
     """Benchmark campaigns: a suite pushed to devices, run by each when it syncs (docs/campaigns.md)."""
 
 
-def _campaign_call(config_path: Path | None, db: str | None, fn: Any, *args: Any) -> Any:
-    """``fn(store, config, *args)`` on the configured store, a refusal as a one-line error."""
+def _campaign_call(config_path: Path | None, db: str | None, fn: Any, *args: Any, mode: str = "read") -> Any:
+    """``fn(store, config, *args)`` on the configured store (opened in ``mode``, see ``_open_store``), a refusal as
+    a one-line error."""
     from .campaigns import BadRequest
 
     config = _config(config_path, db)
-    store = _open_store(config)
+    store = _open_store(config, mode)
     try:
         return fn(store, config, *args)
     except BadRequest as exc:
@@ -686,7 +873,7 @@ def campaign_start(
     def run(store: Store, config: Config) -> dict[str, Any]:
         return start_campaign(store, body, CampaignSettings.from_config(config), "cli", _now_us())
 
-    answer = _campaign_call(config_path, db, run)
+    answer = _campaign_call(config_path, db, run, mode="write")
     if as_json:
         _echo_json(answer)
         return
@@ -765,7 +952,7 @@ def campaign_cancel(config_path: Path | None, db: str | None, as_json: bool, ben
     """
     from .campaigns import cancel
 
-    answer = _campaign_call(config_path, db, lambda store, config: cancel(store, benchmark_id, _now_us()))
+    answer = _campaign_call(config_path, db, lambda store, config: cancel(store, benchmark_id, _now_us()), mode="write")
     if as_json:
         _echo_json(answer)
     else:

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from lens_core.record_schema import MAX_FUTURE_US, MIN_STARTED_US
+from lens_core.sqlite_readonly import NotUsable
 
 from .store import (
     CAMPAIGN_INDEXES,
@@ -137,20 +138,59 @@ def _month_bounds(us: int) -> tuple[int, int, str]:
 class PostgresStore(Store):
     """One connection per aggregator process, used from the store thread."""
 
-    def __init__(self, url: str, *, max_query_seconds: float = 10.0) -> None:
+    def __init__(self, url: str, *, max_query_seconds: float = 10.0, readonly: bool = False) -> None:
+        """``readonly``: every transaction is read-only and nothing is migrated; the store must hold this
+        release's schema (:class:`NotUsable` otherwise)."""
         import psycopg
 
         self.url = url
+        self.readonly = readonly
         self.max_query_seconds = max_query_seconds
         self._psycopg = psycopg
         self._lock = threading.Lock()
-        self._conn = psycopg.connect(url, autocommit=False)
+        only = " -c default_transaction_read_only=on" if readonly else ""
+        self._conn = psycopg.connect(url, autocommit=False, options=only.strip() or None)
         # reads have a connection of their own (they never queue behind ingest), bounded in time by the server
         self._read_lock = threading.Lock()
         self._read_timeout_ms = max(1, int(max_query_seconds * 1000))
-        self._read_conn = psycopg.connect(url, autocommit=True, options=f"-c statement_timeout={self._read_timeout_ms}")
+        self._read_conn = psycopg.connect(
+            url, autocommit=True, options=f"-c statement_timeout={self._read_timeout_ms}{only}"
+        )
         self._partitions: set[str] = set()
-        self._migrate()
+        if readonly:
+            self._check_readonly()
+        else:
+            self._migrate()
+
+    def _check_readonly(self) -> None:
+        """The schema a read needs, without creating or migrating anything: one line (NotUsable) when absent."""
+        safe = "…@" + self.url.split("@")[-1]
+        with self._lock, self._conn.transaction():
+            cur = self._conn.cursor()
+            cur.execute("SELECT to_regclass('meta') IS NOT NULL, to_regclass('tokens') IS NOT NULL")
+            has_meta, has_tokens = cur.fetchone() or (False, False)
+            version = None
+            if has_meta:
+                cur.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+                row = cur.fetchone()
+                version = int(row[0]) if row and str(row[0]).isdigit() else None
+        where = safe
+        if not has_meta and not has_tokens:
+            raise NotUsable(where, f"has no lens-aggregator tables (lens-aggregator serve --db {safe} creates them)")
+        if version is None or not has_tokens:
+            raise NotUsable(where, "has a meta or tokens table that is not lens-aggregator's (no schema_version)")
+        if version < SCHEMA_VERSION:
+            raise NotUsable(
+                where,
+                f"holds lens-aggregator schema version {version}, older than this release's ({SCHEMA_VERSION}); "
+                "run lens-aggregator migrate --db URL (a starting lens-aggregator serve migrates it too)",
+            )
+        if version > SCHEMA_VERSION:
+            raise NotUsable(
+                where,
+                f"holds lens-aggregator schema version {version}, newer than this release's ({SCHEMA_VERSION}); "
+                "upgrade lens-aggregator",
+            )
 
     def _migrate(self) -> None:
         with self._lock, self._conn.transaction():
@@ -160,6 +200,7 @@ class PostgresStore(Store):
             cur.execute("SELECT value FROM meta WHERE key = 'schema_version'")
             row = cur.fetchone()
             version = int(row[0]) if row else 0
+            self.opened_version = version
             if version > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.url}: database schema version {version} is newer than this aggregator's "
@@ -300,7 +341,7 @@ class PostgresStore(Store):
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
                            backlog = excluded.backlog,
-                           expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
+                           expected_gap_s = excluded.expected_gap_s""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
                 cur.execute(_INSERT_SYNC, sync_row(device_id, batch_id, counters, len(rows), accepted, received_us))

@@ -6,7 +6,8 @@ a duplicate of it (schema 6; before, the key was the record id alone). Each reco
 beside the columns queries need, and the aggregator's own ``received_us``, so skewed device clocks are visible. A
 whole batch is stored in one transaction and only then acknowledged. Tokens are stored as sha256 hashes only.
 
-``schema_version`` lives in ``meta``; migrations run forward on open.
+``schema_version`` lives in ``meta``; migrations run forward on open — except a read-only open, which refuses a
+database of another version (``lens-aggregator migrate`` brings it forward).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import sqlite_utils
 
 from lens_core.record_schema import MAX_NAME_CHARS, contended
 from lens_core.settings import settings_key
+from lens_core.sqlite_readonly import NotUsable, check_layout, connect_readonly, layout
 from lens_core.sqlite_schema import migrate_forward
 
 SCHEMA_VERSION = 8
@@ -396,7 +398,7 @@ def device_row(
         batch_id,
         sent_us,
         counters.get("pending_records"),
-        counters.get("expected_gap_s"),  # how long the device means to stay silent at most (its schedule)
+        counters.get("expected_gap_s"),  # how long the device means to stay silent at most: each batch replaces it
     )
 
 
@@ -813,6 +815,12 @@ class Store(abc.ABC):
                 out.append(record)
         return out
 
+    # the schema version the store held when it was opened (None: none yet, or not known), before any migration
+    opened_version: int | None = None
+
+    @abc.abstractmethod
+    def schema_version(self) -> int: ...
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -1109,24 +1117,82 @@ _INSERT = (
 _INSERT_SYNC = f"INSERT INTO syncs ({', '.join(SYNC_COLUMNS)}) VALUES ({', '.join('?' for _ in SYNC_COLUMNS)})"
 
 
+def _layout_hints(path: Path) -> dict[str, Any]:
+    return {
+        "program": "lens-aggregator",
+        "marker": "tokens",
+        "latest": SCHEMA_VERSION,
+        "older_hint": f"run lens-aggregator migrate --db {path} (a starting lens-aggregator serve migrates it too)",
+        "newer_hint": "upgrade lens-aggregator",
+        "empty_hint": f"lens-aggregator serve --db {path} creates one",
+    }
+
+
 class SQLiteStore(Store):
     """The embedded store. One connection, serialised by a lock; WAL so readers never wait for the writer."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL", max_query_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "FULL",
+        max_query_seconds: float = 10.0,
+        readonly: bool = False,
+        create: Literal["parents", "file", "never"] = "parents",
+    ) -> None:
+        """``readonly``: the database must exist at this schema version and is only read (opened ``mode=ro``, see
+        :mod:`lens_core.sqlite_readonly`); else it is migrated forward on open, and ``create`` says what may be
+        created: ``"parents"`` the file and its directories (the server), ``"file"`` the file in an existing
+        directory, ``"never"`` nothing. A file that is another program's database is refused either way
+        (:class:`NotUsable`)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         self.max_query_seconds = max_query_seconds
         self._local = threading.local()  # each reading thread has its own connection: a WAL reader
         self._readers: list[sqlite3.Connection] = []
         self._reading = 0  # reads in progress: close waits for them (closing a connection mid-query crashes SQLite)
         self._reads_done = threading.Condition()
         self._lock = threading.Lock()
+        if readonly:
+            self._conn = connect_readonly(self.path)
+            try:
+                found = layout(self._conn, self.path)
+                self.opened_version = found.version
+                check_layout(found, self.path, **_layout_hints(self.path))
+            except BaseException:
+                self._conn.close()
+                raise
+            return
+        self._check_writable(create)
         self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            found = layout(self._conn, self.path)
+            if found.tables and (found.version is None or "tokens" not in found.tables):
+                check_layout(found, self.path, **_layout_hints(self.path))  # says whose it is not
+        except BaseException:
+            self._conn.close()
+            raise
+        self.opened_version = found.version or 0
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: index pages stay hot under steady ingest
         self._conn.execute("PRAGMA temp_store=MEMORY")
         self._migrate()
+
+    def _check_writable(self, create: Literal["parents", "file", "never"]) -> None:
+        if self.path.is_dir():
+            raise NotUsable(self.path, "is a directory, not a database file")
+        if self.path.exists() or create == "parents":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return
+        if create == "never":
+            raise NotUsable(self.path, "does not exist (lens-aggregator serve creates the database)")
+        if not self.path.parent.is_dir():
+            raise NotUsable(
+                self.path,
+                f"its directory {self.path.parent} does not exist: give the database the server uses "
+                "(storage.db, --db), or create the directory first",
+            )
 
     def _migrate(self) -> None:
         migrate_forward(
@@ -1146,8 +1212,11 @@ class SQLiteStore(Store):
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
-            conn.execute("PRAGMA query_only=1")
+            if self.readonly:
+                conn = connect_readonly(self.path)
+            else:
+                conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+                conn.execute("PRAGMA query_only=1")
             conn.execute("PRAGMA cache_size=-16384")
             with self._lock:
                 self._readers.append(conn)
@@ -1225,7 +1294,7 @@ class SQLiteStore(Store):
                            last_batch_id = excluded.last_batch_id,
                            last_sent_us = excluded.last_sent_us,
                            backlog = excluded.backlog,
-                           expected_gap_s = COALESCE(excluded.expected_gap_s, devices.expected_gap_s)""",
+                           expected_gap_s = excluded.expected_gap_s""",
                     device_row(device_id, batch_id, sent_us, counters, accepted, duplicates, received_us),
                 )
                 conn.execute(_INSERT_SYNC, sync_row(device_id, batch_id, counters, len(rows), accepted, received_us))

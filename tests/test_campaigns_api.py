@@ -572,6 +572,8 @@ async def test_campaign_cli_against_the_servers_database(aiohttp_client: Any, tm
 def test_every_campaign_command_has_help_and_exit_status_2_on_refusal(
     tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from aggregator.store import SQLiteStore
+
     from .test_status_cli import run_aggregator
 
     for command in ("start", "status", "list", "cancel", "results", "export"):
@@ -580,6 +582,9 @@ def test_every_campaign_command_has_help_and_exit_status_2_on_refusal(
     code, out, _ = run_aggregator(capsys, "token", "add", "--help")
     assert code == 0 and "--kind operator" in out
     db = str(tmp_path / "agg.db")
+    code, _, err = run_aggregator(capsys, "campaign", "status", str(uuid.uuid4()), "--db", db)
+    assert code == 2 and f"storage.db {db} (--db): does not exist" in err  # a read creates no database
+    SQLiteStore(db).close()
     code, _, err = run_aggregator(capsys, "campaign", "status", str(uuid.uuid4()), "--db", db)
     assert code == 2 and "no benchmark" in err
     suite = tmp_path / "s.yaml"

@@ -167,11 +167,12 @@ def test_aggregator_databases_that_cannot_be_used(tmp_path: Path) -> None:
     adir = tmp_path / "adir"
     adir.mkdir()
     cases = [
-        (["serve", "--port", "0", "--db", str(notadb)], f"storage.db {notadb} (--db): not a usable SQLite database"),
-        (["token", "list", "--db", str(notadb)], f"storage.db {notadb} (--db): not a usable SQLite database"),
-        (["token", "add", "orin-1", "--db", str(notadb)], "not a usable SQLite database"),
+        (["serve", "--port", "0", "--db", str(notadb)], f"storage.db {notadb} (--db): is not an SQLite database"),
+        (["token", "list", "--db", str(notadb)], f"storage.db {notadb} (--db): is not an SQLite database"),
+        (["token", "add", "orin-1", "--db", str(notadb)], "is not an SQLite database"),
         (["serve", "--port", "0", "--db", str(adir)], f"storage.db {adir} (--db): is a directory"),
-        (["token", "list", "--db", "/sys/lens-test/a.db"], "storage.db /sys/lens-test/a.db (--db): cannot be opened"),
+        (["serve", "--port", "0", "--db", "/sys/lens-test/a.db"], "storage.db /sys/lens-test/a.db (--db): cannot"),
+        (["token", "list", "--db", "/sys/lens-test/a.db"], "storage.db /sys/lens-test/a.db (--db): does not exist"),
     ]
     for args, message in cases:
         result = cli(AGGREGATOR, *args)
@@ -230,7 +231,7 @@ def test_token_commands_validate_their_arguments(tmp_path: Path) -> None:
         (["token", "add", ""], 'device id "" is not allowed'),
         (["token", "add", "has space"], 'device id "has space" is not allowed'),
         (["token", "add", "--read", "x/y"], 'read-token name "x/y" is not allowed'),
-        (["token", "rotate", "nosuch"], 'device "nosuch" has no active token to rotate'),
+        (["token", "rotate", "nosuch"], "does not exist (lens-aggregator serve creates the database)"),
         (["token", "add", "orin-1", "--url", "aggregator:8443"], "expected http://HOST:PORT or https://HOST:PORT"),
     ):
         result = cli(AGGREGATOR, *args, "--db", str(db))
@@ -238,8 +239,7 @@ def test_token_commands_validate_their_arguments(tmp_path: Path) -> None:
         assert_one_line(result.stderr)
         assert message in result.stderr
         assert result.stdout == ""  # no token printed
-    listed = cli(AGGREGATOR, "token", "list", "--json", "--db", str(db))
-    assert listed.returncode == 0 and json.loads(listed.stdout) == []  # and none stored
+    assert list(tmp_path.iterdir()) == []  # none stored: not even a database was created
 
     added = cli(AGGREGATOR, "token", "add", "orin-1", "--db", str(db), "--url", "http://127.0.0.1:8443")
     assert added.returncode == 0 and added.stdout.startswith("lens_") and len(added.stdout.split()) == 1
@@ -251,6 +251,8 @@ def test_token_commands_validate_their_arguments(tmp_path: Path) -> None:
         "allow_http = true",
     ):
         assert line in added.stderr
+    nosuch = cli(AGGREGATOR, "token", "rotate", "nosuch", "--db", str(db))
+    assert nosuch.returncode == 2 and 'device "nosuch" has no active token to rotate' in nosuch.stderr
     rotated = cli(AGGREGATOR, "token", "rotate", "orin-1", "--db", str(db))
     assert rotated.returncode == 0 and rotated.stdout.startswith("lens_")
     revoked = cli(AGGREGATOR, "token", "revoke", "orin-1", "--db", str(db))
@@ -304,7 +306,7 @@ def test_rough_edges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     data = tmp_path / "data"
     data.mkdir()
     code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--no-probe")
-    assert code == 0
+    assert code == 1 and "holds neither an outbox nor service state" in out  # an empty directory is not "fine"
     from agent.outbox import Outbox
 
     with Outbox(data / "outbox.db"):

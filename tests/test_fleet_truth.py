@@ -202,18 +202,16 @@ async def test_late_and_silent_follow_the_configuration(aiohttp_client: Any, sto
 
 async def test_silence_is_judged_against_each_devices_own_schedule(aiohttp_client: Any, store: Any) -> None:
     """A device that says it sends every minute is late after a few silent minutes; one that sends hourly is not;
-    one that never said is judged by fleet.late_after. A batch without the counter keeps what was said before."""
+    one that never said is judged by fleet.late_after. Each batch replaces what was said before: a batch without
+    the counter (a manual `lens-agent sync` without a schedule) clears it, so the device is not late forever."""
+    from aggregator.fleet import Health, fleet_rows
+
     client = await aiohttp_client(create_app(Settings(late_after_s=3600.0), store))
     for device, gap in (("minutely", 60), ("hourly", 3600), ("quiet", None)):
         token = store.add_token(device, "device", NOW)
         counters = {"expected_gap_s": gap} if gap else {}
         body = make_batch(records_with(device, 2, 1, 10.0), device=device, counters=counters)
         assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
-    token = store.add_token("minutely", "device", NOW)  # a manual `lens-agent sync`: no schedule in the counters
-    body = make_batch(records_with("minutely", 1, 2, 10.0), device="minutely")
-    assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
-    from aggregator.fleet import Health, fleet_rows
-
     rows = {r["device_id"]: r for r in fleet_rows(store, time.time() + 600, health=Health(late_after_s=3600.0))}
     assert rows["minutely"]["expected_gap_s"] == 60 and rows["minutely"]["late_after_s"] == 180.0
     assert rows["minutely"]["sync_health"] == "late"  # 10 minutes without a batch, where 1 was expected
@@ -225,3 +223,12 @@ async def test_silence_is_judged_against_each_devices_own_schedule(aiohttp_clien
         "minutely": 60,
         "quiet": None,
     }
+    token = store.add_token("minutely", "device", NOW)  # a manual `lens-agent sync`: no schedule in the counters
+    body = make_batch(records_with("minutely", 1, 2, 10.0), device="minutely")
+    assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
+    rows = {r["device_id"]: r for r in fleet_rows(store, time.time() + 600, health=Health(late_after_s=3600.0))}
+    assert rows["minutely"]["expected_gap_s"] is None and rows["minutely"]["late_after_s"] == 3600.0
+    assert rows["minutely"]["sync_health"] == "ok"  # judged by fleet.late_after again, not "late" for ever
+    body = make_batch(records_with("minutely", 1, 3, 10.0), device="minutely", counters={"expected_gap_s": 120})
+    assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
+    assert store.device("minutely")["expected_gap_s"] == 120  # the next declaration replaces it

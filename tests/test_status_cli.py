@@ -56,7 +56,9 @@ def test_status_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], config_f
     assert f"the data directory {data} (--data-dir) does not exist" in doc["reasons"][0]
     data.mkdir()
     code, out, _ = run_cli(capsys, "status", "--data-dir", str(data), "--json", "--no-probe")
-    assert code == 0 and json.loads(out)["outbox"] is None
+    doc = json.loads(out)
+    assert code == 1 and doc["outbox"] is None and doc["healthy"] is False
+    assert f"the data directory {data} (--data-dir) holds neither an outbox nor service state" in doc["reasons"][0]
     with Outbox(data / "outbox.db") as box:
         box.append_many(synthetic_records(4, seed=1))
         box._conn.execute("UPDATE records SET created_us = ?", (time.time_ns() // 1000 - 10**9,))
