@@ -69,6 +69,7 @@ from .gates import gate, read_state
 from .measurement import Measurement, utc_now_iso
 from .outbox import AsyncOutbox, open_outbox
 from .probes.device import gpu_load_percent
+from .probes.interference import monitor_from_config
 from .probes.power import detect_power
 from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
@@ -760,9 +761,17 @@ class AgentService:
             box.append(stored_form(record))
             self.stored += 1
 
+        settings = self.engine.settings
+        monitor = monitor_from_config(
+            config.values,
+            needed_cores=settings.n_threads if settings is not None and strategy_name != "cloud" else 1,
+            uses_gpu=settings is not None and settings.n_gpu_layers != 0 and strategy_name != "cloud",
+        )
         try:
             strategy = build_strategy(strategy_name, self.engine, options, collab, config)
             sampler.start()
+            if monitor is not None:
+                monitor.start()
             baseline = sampler.baseline(probes["idle_baseline"]) if sources and probes["idle_baseline"] > 0 else {}
             run = run_bench(
                 self.engine,
@@ -775,10 +784,13 @@ class AgentService:
                 baseline_w=baseline,
                 strategy=strategy,
                 should_stop=lambda: self.abort,
+                interference=monitor,
             )
             self._last_measured = run.measured
         finally:
             sampler.stop()
+            if monitor is not None:
+                monitor.stop()
             for source in sources:
                 source.close()
             if collab is not None:

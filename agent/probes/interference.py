@@ -35,6 +35,7 @@ PSI_KINDS = ("cpu", "memory", "io")
 MIN_CPU_SPAN_S = 0.25
 MAX_SNAPSHOTS = 4096  # the background stream is bounded: oldest dropped (about 30 min at 2 Hz plus two per request)
 SUMMARY_CHARS = 200
+FRESH_NS = 50_000_000  # window(): a snapshot newer than this before a request's end serves as its end
 
 
 @dataclass(frozen=True)
@@ -368,8 +369,10 @@ class InterferenceMonitor:
 
     def window(self, start_ns: int, end_ns: int) -> dict[str, Any]:
         """``ext.interference`` of a request that ran from ``start_ns`` to ``end_ns`` (now or earlier), from the
-        stream: for requests that overlap (a load generator), where begin/end cannot bracket each one."""
-        if not self.snapshots or self.snapshots[-1].t_ns < end_ns:
+        stream: for requests that overlap (a load generator), where begin/end cannot bracket each one. A fresh
+        snapshot is taken when the newest is more than :data:`FRESH_NS` older than ``end_ns`` (at most 20 reads a
+        second however many requests finish)."""
+        if not self.snapshots or self.snapshots[-1].t_ns < end_ns - FRESH_NS:
             self.snapshot()
         return self._figures(start_ns, end_ns)
 
