@@ -10,7 +10,7 @@ Runs ``lens-agent bench`` (a separate process, as a user would) on one model, on
 * io: two writers that each write 256 KiB and fsync, again and again, in a temporary directory;
 * bench: a second copy of the same bench running beside it.
 
-For each it prints TPOT (p50), how many requests were contended and why, and the median and worst of every figure
+For each it prints TPOT (p50), how many requests were contended and why, and the min, median and max of every figure
 (``ext.interference``, docs/interference.md). Without ``--model`` a tiny llama with random weights is generated
 (big enough that decode is compute-bound: a few ms per token).
 """
@@ -38,7 +38,6 @@ from tests.tinymodel import write_tiny_llama  # noqa: E402
 
 AGENT = [sys.executable, "-c", "from agent.cli import main; main()"]
 FIGURES = ("other_cpu_cores", "load1", "psi_cpu_some_pct", "psi_memory_some_pct", "psi_io_some_pct")
-FIGURES_LOW = ("mem_available_pct",)
 MEMORY_LIMIT = 1 << 30
 
 
@@ -91,11 +90,11 @@ def report(name: str, document: dict[str, Any], raw: list[dict[str, Any]]) -> No
         f"{name:<7} TPOT p50 {tpot if tpot is None else round(tpot, 2)} ms, "
         f"{inter['contended_requests']}/{inter['requests']} contended {inter['reasons']}"
     )
-    for key in (*FIGURES, *FIGURES_LOW, "swap_pages_per_s"):
+    for key in (*FIGURES, "mem_available_pct", "swap_pages_per_s"):
         values = [f[key] for f in figures if isinstance(f.get(key), int | float)]
         if values:
-            worst = min(values) if key in FIGURES_LOW else max(values)
-            print(f"        {key:<22} median {statistics.median(values):8.2f}  worst {worst:8.2f}")
+            low, high = min(values), max(values)
+            print(f"        {key:<22} min {low:8.2f}  median {statistics.median(values):8.2f}  max {high:8.2f}")
     print(f"        {inter['summary']}")
 
 

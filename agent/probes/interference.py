@@ -9,9 +9,10 @@ thermal state (zones against their trip points, throttle counters). Paths are fo
 
 An :class:`InterferenceMonitor` takes snapshots in a background thread at a modest rate (the clocks and heat can
 change inside a request) and one just before and one just after each request (``begin``/``end``), so counters
-are differenced over the request itself. The kernel counts CPU time in ticks (10 ms), so the CPU figure of a
-request shorter than :data:`MIN_CPU_SPAN_S` is averaged over that much time before its end instead. Nothing runs
-per token. :func:`verdict` turns a request's figures into ``ext.interference`` (``docs/interference.md``).
+are differenced over the request itself. The kernel counts CPU time in ticks (10 ms) and one fsync can stall a
+few ms, so the counter figures (CPU, pressure, swap) of a request shorter than :data:`MIN_SPAN_S` are averaged over
+that much time before its end instead. Nothing runs per token. :func:`verdict` turns a request's figures into
+``ext.interference`` (``docs/interference.md``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .sysfs import Root
 
 REASONS = ("cpu", "cpu_pressure", "memory", "swap", "io", "thermal", "frequency")
 PSI_KINDS = ("cpu", "memory", "io")
-MIN_CPU_SPAN_S = 0.25
+MIN_SPAN_S = 0.5
 MAX_SNAPSHOTS = 4096  # the background stream is bounded: oldest dropped (about 30 min at 2 Hz plus two per request)
 SUMMARY_CHARS = 200
 FRESH_NS = 50_000_000  # window(): a snapshot newer than this before a request's end serves as its end
@@ -384,9 +385,8 @@ class InterferenceMonitor:
         lo = max(0, bisect.bisect_right(times, start_ns) - 1)
         hi = min(len(snaps) - 1, bisect.bisect_left(times, end_ns))
         inside = snaps[lo : hi + 1]
-        a, b = snaps[lo], snaps[hi]
-        cpu_from = bisect.bisect_right(times, min(start_ns, end_ns - int(MIN_CPU_SPAN_S * 1e9))) - 1
-        return figures(inside, a, b, snaps[max(0, min(cpu_from, lo))], self.cpus)
+        counters_from = bisect.bisect_right(times, min(start_ns, end_ns - int(MIN_SPAN_S * 1e9))) - 1
+        return figures(inside, snaps[max(0, min(counters_from, lo))], snaps[hi], self.cpus)
 
     def verdict(self, figures_: dict[str, Any]) -> dict[str, Any]:
         return verdict(
@@ -398,11 +398,11 @@ class InterferenceMonitor:
         return self.verdict(self.end(begun))
 
 
-def figures(inside: list[Snapshot], a: Snapshot, b: Snapshot, cpu_a: Snapshot, cpus: int) -> dict[str, Any]:
-    """The §1 numbers of a window: counters differenced between ``a`` and ``b`` (CPU from ``cpu_a``), levels the
-    worst seen over ``inside``."""
+def figures(inside: list[Snapshot], a: Snapshot, b: Snapshot, cpus: int) -> dict[str, Any]:
+    """The numbers of ``ext.interference`` for a window: counters differenced between ``a`` and ``b``, levels the
+    worst seen over ``inside`` (the snapshots from the window's start to its end)."""
     out: dict[str, Any] = {}
-    other = _other_cores(cpu_a, b)
+    other = _other_cores(a, b)
     if other is not None:
         out["other_cpu_cores"] = round(min(other, 1024.0), 3)
     loads = [s.load1 for s in inside if s.load1 is not None]
