@@ -1185,6 +1185,11 @@ def summarize(measured: list[Measurement], name: str, power_source: str | None) 
         if isinstance(m.ext.get("energy"), dict) and m.ext["energy"].get("j_per_output_token") is not None
     ]
     rates = [m.tokens_per_second for m in ok if m.tokens_per_second]
+    contended = [
+        m.ext["interference"]
+        for m in measured
+        if isinstance(m.ext.get("interference"), dict) and m.ext["interference"].get("contended") is True
+    ]
 
     def pct(values: list[float], q: float) -> float | None:
         if not values:
@@ -1206,4 +1211,7 @@ def summarize(measured: list[Measurement], name: str, power_source: str | None) 
         "tokens_per_second": statistics.fmean(rates) if rates else None,
         "j_per_output_token": statistics.fmean(joules) if joules else None,
         "power_source": power_source,
+        # docs/interference.md: how many of the run's requests other work contended, and why
+        "contended": len(contended),
+        "contended_reasons": dict(Counter(r for figures in contended for r in figures.get("reasons", []))),
     }

@@ -36,6 +36,8 @@ from agent.probes.interference import (
 )
 from agent.probes.sysfs import Root
 from agent.prompts import builtin_prompts
+from agent.service import summarize
+from agent.status import _contended as contended_text
 from lens_core import wire
 from lens_core.errors import ConfigError
 from lens_core.record_schema import check_record
@@ -213,6 +215,9 @@ def test_throttling_and_frequency_steps_during_a_run(tiny_engine: Any, tmp_path:
     assert section["summary"].endswith("(4 of 6 requests)")
     assert section["peaks"]["cpu_freq_ratio"] == pytest.approx(0.55) and section["peaks"]["temp_max_c"] == 97.5
     assert section["thresholds"] == Thresholds().as_dict()
+    summary = summarize(run.measured, "w", None)  # what lens-agent status shows of a service's last run
+    assert (summary["contended"], summary["contended_reasons"]) == (4, {"thermal": 4, "frequency": 4})
+    assert contended_text(summary) == ", 4 of 6 contended (frequency ×4, thermal ×4)"
     for record in run.measurements:  # every record the agent would upload passes the aggregator's record checks
         check_record(wire.to_wire(record.to_dict()), now_us=time.time_ns() // 1000)
 
