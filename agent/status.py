@@ -160,7 +160,9 @@ def _contended(run: dict[str, Any]) -> str:
     count = run.get("contended")
     if not isinstance(count, int) or count <= 0:
         return ""
-    reasons = run.get("contended_reasons") if isinstance(run.get("contended_reasons"), dict) else {}
+    reasons = run.get("contended_reasons")
+    if not isinstance(reasons, dict):
+        reasons = {}
     why = ", ".join(f"{name} ×{n}" for name, n in sorted(reasons.items()))
     return f", {count} of {run.get('requests')} contended" + (f" ({why})" if why else "")
 
