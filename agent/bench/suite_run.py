@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import re
 import time
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from lens_core.suite import rate_text
 
@@ -43,7 +45,13 @@ from ..errors import RequestError, UsageError
 from ..loadgen import Level, LevelRun, run_level, saturation
 from ..measurement import Measurement
 from ..memory import ProcessMemory
-from ..probes.interference import InterferenceMonitor, monitor_from_config
+from ..probes.interference import (
+    InterferenceMonitor,
+    ThreadChoice,
+    choose_threads,
+    monitor_from_config,
+    thread_source,
+)
 from ..probes.power import detect_power
 from ..probes.sampler import PowerSampler
 from ..probes.sysfs import Root
@@ -337,6 +345,7 @@ class _LocalModel(_Target):
         probes = request.config.values["probes"]
         self.root = Root(probes["sysfs_root"])
         self.sources, self.unavailable = detect_power(self.root, probes["power_source"])
+        self.threads: ThreadChoice | None = None
 
     @classmethod
     @contextlib.contextmanager
@@ -344,6 +353,19 @@ class _LocalModel(_Target):
         assert model.path is not None
         settings = replace(EngineSettings.from_config(request.config), **model.settings)  # type: ignore[arg-type]
         reuse = request.engine
+        # the suite's own settings are configuration; a default count is chosen like bench's (docs/interference.md)
+        # unless the service hands in the engine it loaded at start
+        origin = request.config.source("model", "n_threads")
+        threads = ThreadChoice(settings.n_threads, "config" if "n_threads" in model.settings else thread_source(origin))
+        if threads.source == "default" and reuse is None:
+            threads = choose_threads(
+                settings.n_threads,
+                "default",
+                Root(request.config.get("probes", "sysfs_root")),
+                physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+            )
+            status(threads.line)
+            settings = replace(settings, n_threads=threads.n_threads)
         if (
             reuse is not None
             and reuse.info is not None
@@ -355,6 +377,7 @@ class _LocalModel(_Target):
             status(f"loading {model.path} …")
             engine, owned = LlamaEngine.load(model.path, settings), True
         target = cls(model, request, engine, owned)
+        target.threads = threads
         try:
             yield target
         finally:
@@ -477,6 +500,7 @@ class _LocalModel(_Target):
                 power_unavailable=self.unavailable,
                 power_source=probes["power_source"],
                 interference=monitor,
+                threads=self.threads,
             )
             _document_extras(document, self.request.suite, self.model, workload, level, None, 1, note, prompt_note)
             document["configuration"]["suite"]["template_tokens"] = template
