@@ -40,7 +40,10 @@ from lens_core.errors import ConfigError
 from lens_core.otlp import OTLP_SECTION
 from lens_core.settings import BOUNDS
 
+from .probes.interference import Thresholds
+
 DEFAULT_CONFIG_PATH = Path("/etc/lens-agent/agent.toml")
+_THRESHOLDS = Thresholds()  # the [interference] defaults, calibrated in docs/interference.md
 
 
 def power_sources(value: object) -> str | list[str]:
@@ -270,6 +273,48 @@ SCHEMA: Schema = {
             optional(number_range(0, 1000)),
             const(None),
             "skip runs when the 1-min load average per core is above this (the device is busy with its real work)",
+        ),
+    },
+    # what else uses the device during a run, and when a request counts as contended (docs/interference.md)
+    "interference": {
+        "enabled": KeySpec(boolean, const(True), "sample other processes' CPU, pressure, memory, clocks and heat"),
+        "sample_rate_hz": KeySpec(
+            number_range(0.1, 50), const(2.0), "background samples per second (plus one before and after each request)"
+        ),
+        "other_cpu_cores": KeySpec(
+            number_range(0, 1024),
+            const(_THRESHOLDS.other_cpu_cores),
+            "cpu: other processes used at least this many cores beyond the ones the run leaves free",
+        ),
+        "cpu_pressure_pct": KeySpec(
+            number_range(0, 100),
+            const(_THRESHOLDS.cpu_pressure_pct),
+            "cpu_pressure: PSI cpu some at least this % of the request's time",
+        ),
+        "memory_pressure_pct": KeySpec(
+            number_range(0, 100),
+            const(_THRESHOLDS.memory_pressure_pct),
+            "memory: PSI memory some at least this % of the request's time",
+        ),
+        "mem_available_pct": KeySpec(
+            number_range(0, 100),
+            const(_THRESHOLDS.mem_available_pct),
+            "memory: available memory below this % of the limit that applies (cgroup limit, else MemTotal)",
+        ),
+        "swap_pages_per_s": KeySpec(
+            number_range(0, 1e9),
+            const(_THRESHOLDS.swap_pages_per_s),
+            "swap: at least this many pages swapped in + out per second",
+        ),
+        "io_pressure_pct": KeySpec(
+            number_range(0, 100),
+            const(_THRESHOLDS.io_pressure_pct),
+            "io: PSI io some at least this % of the request's time",
+        ),
+        "freq_ratio": KeySpec(
+            number_range(0, 2),
+            const(_THRESHOLDS.freq_ratio),
+            "frequency: CPU clock (or GPU clock, with GPU layers) below this share of its maximum",
         ),
     },
     "outbox": {

@@ -69,6 +69,7 @@ from .gates import gate, read_state
 from .measurement import Measurement, utc_now_iso
 from .outbox import AsyncOutbox, open_outbox
 from .probes.device import gpu_load_percent
+from .probes.interference import monitor_from_config
 from .probes.power import detect_power
 from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
@@ -759,9 +760,17 @@ class AgentService:
             box.append(stored_form(record))
             self.stored += 1
 
+        settings = self.engine.settings
+        monitor = monitor_from_config(
+            config.values,
+            needed_cores=settings.n_threads if settings is not None and strategy_name != "cloud" else 1,
+            uses_gpu=settings is not None and settings.n_gpu_layers != 0 and strategy_name != "cloud",
+        )
         try:
             strategy = build_strategy(strategy_name, self.engine, options, collab, config)
             sampler.start()
+            if monitor is not None:
+                monitor.start()
             baseline = sampler.baseline(probes["idle_baseline"]) if sources and probes["idle_baseline"] > 0 else {}
             run = run_bench(
                 self.engine,
@@ -774,10 +783,13 @@ class AgentService:
                 baseline_w=baseline,
                 strategy=strategy,
                 should_stop=lambda: self.abort,
+                interference=monitor,
             )
             self._last_measured = run.measured
         finally:
             sampler.stop()
+            if monitor is not None:
+                monitor.stop()
             for source in sources:
                 source.close()
             if collab is not None:
@@ -1172,6 +1184,11 @@ def summarize(measured: list[Measurement], name: str, power_source: str | None) 
         if isinstance(m.ext.get("energy"), dict) and m.ext["energy"].get("j_per_output_token") is not None
     ]
     rates = [m.tokens_per_second for m in ok if m.tokens_per_second]
+    contended = [
+        m.ext["interference"]
+        for m in measured
+        if isinstance(m.ext.get("interference"), dict) and m.ext["interference"].get("contended") is True
+    ]
 
     def pct(values: list[float], q: float) -> float | None:
         if not values:
@@ -1193,4 +1210,7 @@ def summarize(measured: list[Measurement], name: str, power_source: str | None) 
         "tokens_per_second": statistics.fmean(rates) if rates else None,
         "j_per_output_token": statistics.fmean(joules) if joules else None,
         "power_source": power_source,
+        # docs/interference.md: how many of the run's requests other work contended, and why
+        "contended": len(contended),
+        "contended_reasons": dict(Counter(r for figures in contended for r in figures.get("reasons", []))),
     }

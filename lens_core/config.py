@@ -54,6 +54,7 @@ AGENT_SECTIONS = (
     "otlp",
     "tune",
     "suite",
+    "interference",
 )
 AGGREGATOR_SECTIONS = ("server", "storage", "auth", "fleet", "otlp", "campaigns")
 

@@ -20,6 +20,7 @@ from ..engines.llama import LlamaEngine
 from ..measurement import Measurement, utc_now_iso
 from ..memory import system_memory
 from ..probes.device import mapped_file_rss
+from ..probes.interference import InterferenceMonitor, ThreadChoice, results_section
 from ..probes.power import Unavailable, why_no_power
 from ..probes.sampler import PowerSampler
 from .runner import BenchOptions, ModelRun
@@ -311,6 +312,16 @@ def utilization_section(run: ModelRun, sampler: PowerSampler | None) -> tuple[di
     return out, missing
 
 
+def interference_section(measured: list[Measurement], monitor: InterferenceMonitor) -> dict[str, Any]:
+    """``results.interference``: contended requests and why, over the measured requests' ``ext.interference``."""
+    return results_section(
+        [m.ext["interference"] for m in measured if isinstance(m.ext.get("interference"), dict)],
+        monitor.thresholds,
+        cpus=monitor.cpus,
+        uses_gpu=monitor.uses_gpu,
+    )
+
+
 def _metadata(run_id: str) -> dict[str, Any]:
     return {
         "benchmark_id": str(uuid.uuid4()),
@@ -570,10 +581,14 @@ def results_document(
     baseline_w: dict[str, float] | None = None,
     cloud: dict[str, Any] | None = None,
     power_source: str | list[str] = "auto",
+    interference: InterferenceMonitor | None = None,
+    threads: ThreadChoice | None = None,
 ) -> dict[str, Any]:
     """The results JSON: validates against the seed's ``benchmark_results.schema.json``.
 
     ``cloud``: the endpoint (url, model, rtt_ms) for the cloud, speculative and offload strategies.
+    ``interference``: the monitor that ran beside the requests (``results.interference``); ``threads``: how the
+    decode thread count was chosen (``configuration.n_threads_source``, ``busy_cores``).
     """
     latency, latency_missing = latency_section([m for m in run.measured if m.ok])
     engine_timings, engine_missing = engine_timings_section(run.measured)
@@ -594,6 +609,12 @@ def results_document(
     utilization, utilization_missing = utilization_section(run, sampler)
     if utilization:
         results["resource_utilization"] = utilization
+    if interference is not None:
+        results["interference"] = interference_section(run.measured, interference)
+    if threads is not None:
+        configuration["n_threads_source"] = threads.source
+        if threads.source == "default":
+            configuration["busy_cores"] = threads.busy_cores
     missing = {**latency_missing, **engine_missing, **configuration_missing, **utilization_missing}
     if missing:
         results["unavailable"] = missing
@@ -648,6 +669,7 @@ def summary_table(document: dict[str, Any]) -> str:
         f"requests  {res['requests']['succeeded']}/{res['requests']['measured']} ok, "
         f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
         f"errors {errors_line(res['error_metrics']['errors_by_type'])}",
+        *([res["interference"]["summary"]] if "interference" in res else []),
         "",
         f"{'metric (ms)':<26}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'min':>9}{'max':>9}{'n':>6}",
     ]

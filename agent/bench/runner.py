@@ -15,6 +15,7 @@ from ..engines.llama import LlamaEngine
 from ..errors import UsageError
 from ..measurement import Measurement
 from ..memory import ProcessMemory
+from ..probes.interference import InterferenceMonitor
 from ..probes.sampler import PowerSampler
 from ..prompts import Prompt
 from ..strategies import LocalStrategy, Strategy, Window
@@ -162,13 +163,15 @@ def run_bench(
     model_name: str | None = None,
     should_stop: Callable[[], bool] | None = None,
     make_record: Callable[[Prompt, int, bool], Measurement] | None = None,
+    interference: InterferenceMonitor | None = None,
 ) -> ModelRun:
     """Warm-up requests first (excluded from statistics), then ``options.runs`` measured requests.
 
     Requests cycle through ``prompts`` and run through ``strategy`` (default: the local engine). ``on_result``
     is called after each request, outside the timed region (progress bars, durable storage). ``make_record``
     (prompt, prompt index, warm-up) makes each request's record instead of :func:`new_record` (suites add their
-    identity to it).
+    identity to it). ``interference``: what else used the device during each request goes into its
+    ``ext.interference`` (snapshots just before and after it, outside the timed region).
     """
     if strategy is None:
         if engine is None:
@@ -201,7 +204,10 @@ def run_bench(
                 model_name=model_name,
             )
         )
+        begun = interference.begin() if interference is not None else None
         window = strategy.measure(record, texts[index][0], options.max_tokens)
+        if interference is not None and begun is not None:
+            record.ext["interference"] = interference.measure(begun)
         run.measurements.append(record)
         t0 = time.perf_counter()
         after = getattr(strategy, "after", None)

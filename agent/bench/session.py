@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from ..errors import UsageError
 from ..measurement import Measurement
 from ..outbox import open_outbox
 from ..probes.device import describe, gpu_load_percent
+from ..probes.interference import InterferenceMonitor, ThreadChoice, choose_threads, monitor_from_config
 from ..probes.power import detect_power
 from ..probes.sampler import PowerSampler
 from ..probes.sysfs import Root
@@ -107,6 +109,17 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     device = device_info()
     probes = config.values["probes"]
     root = Root(probes["sysfs_root"])
+    strategy_name = config.get("collab", "strategy")
+    threads: ThreadChoice | None = None
+    if strategy_name != "cloud":  # before loading: the cores other work keeps busy now (docs/interference.md)
+        threads = choose_threads(
+            settings.n_threads,
+            config.source("model", "n_threads"),
+            root,
+            physical_cores=device.get("cpu_cores_physical") or device.get("cpu_cores_logical") or 1,
+        )
+        status(threads.line)
+        settings = dataclasses.replace(settings, n_threads=threads.n_threads)
     sources, unavailable = detect_power(root, probes["power_source"])
     device.update(_device_facts(root))
 
@@ -114,7 +127,6 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
         return {"_mem_percent": psutil.virtual_memory().percent, "_gpu_load_percent": gpu_load_percent(root)}
 
     session = BenchSession(run_id=str(uuid.uuid4()))
-    strategy_name = config.get("collab", "strategy")
     collab = CollabContext.open(config, status) if strategy_name != "local" else None
     targets: list[Path | None] = [None] if strategy_name == "cloud" else list(model_paths)
     if strategy_name == "cloud":
@@ -138,7 +150,14 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
             with engine_context as engine:
                 strategy = build_strategy(strategy_name, engine, options, collab, config)
                 sampler = PowerSampler(sources, rate_hz=probes["sample_rate_hz"], extras=extras)
+                monitor = monitor_from_config(
+                    config.values,
+                    needed_cores=settings.n_threads if engine is not None else 1,
+                    uses_gpu=engine is not None and settings.n_gpu_layers != 0,
+                )
                 sampler.start()
+                if monitor is not None:
+                    monitor.start()
                 baseline: dict[str, float] = {}
                 try:
                     if sources and probes["idle_baseline"] > 0:
@@ -157,9 +176,12 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                         baseline,
                         strategy,
                         collab.model if collab and engine is None else None,
+                        monitor,
                     )
                 finally:
                     sampler.stop()
+                    if monitor is not None:
+                        monitor.stop()
                 extra: dict[str, Any] = {}
                 if collab is not None and config.get("collab", "baselines") and engine is not None:
                     extra["speedup"] = _baselines(collab, config, run, engine, prompts, options, status)
@@ -174,6 +196,8 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                     baseline_w=baseline,
                     cloud=collab.describe() if collab else None,
                     power_source=probes["power_source"],
+                    interference=monitor,
+                    threads=threads if engine is not None else None,
                 )
                 document["results"].update(extra)
                 if engine is not None:  # which flag, file or drop-in set each engine setting; the run's label
@@ -273,6 +297,7 @@ def _run_with_progress(
     baseline: dict[str, float],
     strategy: Any,
     model_name: str | None,
+    monitor: InterferenceMonitor | None = None,
 ) -> Any:
     import tqdm
 
@@ -308,6 +333,7 @@ def _run_with_progress(
             baseline_w=baseline,
             strategy=strategy,
             model_name=model_name,
+            interference=monitor,
         )
     finally:
         bar.close()

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import re
 import time
 import uuid
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 
 from lens_core.suite import rate_text
 
@@ -43,6 +45,13 @@ from ..errors import RequestError, UsageError
 from ..loadgen import Level, LevelRun, run_level, saturation
 from ..measurement import Measurement
 from ..memory import ProcessMemory
+from ..probes.interference import (
+    InterferenceMonitor,
+    ThreadChoice,
+    choose_threads,
+    monitor_from_config,
+    thread_source,
+)
 from ..probes.power import detect_power
 from ..probes.sampler import PowerSampler
 from ..probes.sysfs import Root
@@ -336,6 +345,7 @@ class _LocalModel(_Target):
         probes = request.config.values["probes"]
         self.root = Root(probes["sysfs_root"])
         self.sources, self.unavailable = detect_power(self.root, probes["power_source"])
+        self.threads: ThreadChoice | None = None
 
     @classmethod
     @contextlib.contextmanager
@@ -343,6 +353,19 @@ class _LocalModel(_Target):
         assert model.path is not None
         settings = replace(EngineSettings.from_config(request.config), **model.settings)  # type: ignore[arg-type]
         reuse = request.engine
+        # the suite's own settings are configuration; a default count is chosen like bench's (docs/interference.md)
+        # unless the service hands in the engine it loaded at start
+        origin = request.config.source("model", "n_threads")
+        threads = ThreadChoice(settings.n_threads, "config" if "n_threads" in model.settings else thread_source(origin))
+        if threads.source == "default" and reuse is None:
+            threads = choose_threads(
+                settings.n_threads,
+                "default",
+                Root(request.config.get("probes", "sysfs_root")),
+                physical_cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+            )
+            status(threads.line)
+            settings = replace(settings, n_threads=threads.n_threads)
         if (
             reuse is not None
             and reuse.info is not None
@@ -354,6 +377,7 @@ class _LocalModel(_Target):
             status(f"loading {model.path} …")
             engine, owned = LlamaEngine.load(model.path, settings), True
         target = cls(model, request, engine, owned)
+        target.threads = threads
         try:
             yield target
         finally:
@@ -414,7 +438,15 @@ class _LocalModel(_Target):
                 include_text=self.request.include_text,
             )
             sampler = PowerSampler(self.sources, rate_hz=probes["sample_rate_hz"])
+            settings = self.engine.settings
+            monitor = monitor_from_config(
+                self.request.config.values,
+                needed_cores=settings.n_threads if settings is not None else 1,
+                uses_gpu=settings is not None and settings.n_gpu_layers != 0,
+            )
             sampler.start()
+            if monitor is not None:
+                monitor.start()
             # the level's duration counts from its first measured request (after the warm-up)
             clock: dict[str, float] = {}
 
@@ -451,9 +483,12 @@ class _LocalModel(_Target):
                     should_stop=should_stop,
                     model_name=self.model.name,
                     make_record=make,
+                    interference=monitor,
                 )
             finally:
                 sampler.stop()
+                if monitor is not None:
+                    monitor.stop()
             session.measured.extend(run.measured)
             document = results_document(
                 run,
@@ -464,6 +499,8 @@ class _LocalModel(_Target):
                 sampler=sampler,
                 power_unavailable=self.unavailable,
                 power_source=probes["power_source"],
+                interference=monitor,
+                threads=self.threads,
             )
             _document_extras(document, self.request.suite, self.model, workload, level, None, 1, note, prompt_note)
             document["configuration"]["suite"]["template_tokens"] = template
@@ -601,6 +638,39 @@ class _EndpointModel(_Target):
         extra = {"ignore_eos": True} if ignore_eos else None
         runs: list[LevelRun] = []
         results: list[tuple[Level, LevelRun, list[Measurement]]] = []
+        # a client's requests overlap: each record's figures come from the monitor's stream over its own window
+        monitor = monitor_from_config(self.request.config.values, needed_cores=1, uses_gpu=False)
+
+        def noted(record: Measurement) -> None:
+            if monitor is not None:
+                end = time.perf_counter_ns()
+                record.ext["interference"] = monitor.verdict(
+                    monitor.window(end - int((record.e2e_ms or 0.0) * 1e6), end)
+                )
+            finished(record)
+
+        if monitor is not None:
+            monitor.start()
+        try:
+            self._levels(workload, session, noted, stopping, levels, sent, prompts, extra, runs, results)
+        finally:
+            if monitor is not None:
+                monitor.stop()
+        yield from self._documents(workload, session, device, runs, results, prompt_note, ignore_eos, monitor)
+
+    def _levels(
+        self,
+        workload: SuiteWorkload,
+        session: SuiteSession,
+        finished: Callable[[Measurement], None],
+        stopping: Callable[[], bool],
+        levels: list[Level] | None,
+        sent: list[Any],
+        prompts: list[Prompt],
+        extra: dict[str, Any] | None,
+        runs: list[LevelRun],
+        results: list[tuple[Level, LevelRun, list[Measurement]]],
+    ) -> None:
         for level in levels if levels is not None else levels_of(workload):
             if stopping():
                 session.stopped = True
@@ -631,6 +701,18 @@ class _EndpointModel(_Target):
             runs.append(run)
             results.append((level, run, warmups))
             session.measured.extend(run.measurements)
+
+    def _documents(
+        self,
+        workload: SuiteWorkload,
+        session: SuiteSession,
+        device: dict[str, Any],
+        runs: list[LevelRun],
+        results: list[tuple[Level, LevelRun, list[Measurement]]],
+        prompt_note: str,
+        ignore_eos: bool,
+        monitor: InterferenceMonitor | None,
+    ) -> Iterator[tuple[Level, LevelRun | None, dict[str, Any]]]:
         index, reason = saturation(runs) if runs else (None, "")
         for n, (level, run, warmups) in enumerate(results):
             model_run = ModelRun(
@@ -660,6 +742,7 @@ class _EndpointModel(_Target):
                     "auth": self.model.auth_type,
                     "rtt_ms": self.rtt_ms,
                 },
+                interference=monitor,
             )
             document["configuration"]["model"]["name"] = self.model.name
             document["configuration"]["model"]["served_model"] = self.served
