@@ -708,8 +708,10 @@ async def refresh_feedback(app: web.Application, *, force: bool = False) -> feed
     if force or cache.stale(time.monotonic()):
         found = (await refresh_regressions(app)).found
         runner = app[STORE]
-        documents, advice = await runner.read(feedback.compute, runner.store, cache.settings, found, _now_us())
-        cache.update(documents, advice, time.monotonic(), _now_us())
+        documents, advice, all_contended = await runner.read(
+            feedback.compute, runner.store, cache.settings, found, _now_us()
+        )
+        cache.update(documents, advice, time.monotonic(), _now_us(), all_contended)
     return cache
 
 
@@ -733,8 +735,10 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
         found = (await regressions_for(app, include)).found
         cache = feedback.FeedbackCache(cache.interval_s, replace(cache.settings, include_contended=include))
         runner = app[STORE]
-        documents, advice = await runner.read(feedback.compute, runner.store, cache.settings, found, _now_us())
-        cache.update(documents, advice, time.monotonic(), _now_us())
+        documents, advice, all_contended = await runner.read(
+            feedback.compute, runner.store, cache.settings, found, _now_us()
+        )
+        cache.update(documents, advice, time.monotonic(), _now_us(), all_contended)
     return web.json_response(cache.answer(query.get("device") or None, query.get("model") or None))
 
 

@@ -737,19 +737,26 @@ def feedback_command(
         watch = Watch(0.0, _detection(config, settings.include_contended))
         watch.search(store, time.monotonic(), _now_us())
         cache = feedback.FeedbackCache(config.get("fleet", "feedback_interval"), settings)
-        documents, advice = feedback.compute(store, cache.settings, watch.found, _now_us())
-        cache.update(documents, advice, time.monotonic(), _now_us())
+        documents, advice, all_contended = feedback.compute(store, cache.settings, watch.found, _now_us())
+        cache.update(documents, advice, time.monotonic(), _now_us(), all_contended)
     finally:
         store.close()
     answer = cache.answer(device, model)
     if as_json:
         click.echo(json.dumps(answer, indent=2, ensure_ascii=False))
         return
-    if not answer["documents"]:
+    if not answer["documents"] and not answer["all_contended"]:
         click.echo("no device × model with a successful request" + (" matches" if device or model else ""))
     for doc in answer["documents"]:
         for line in feedback.describe(doc):
             click.echo(line)
+    for left in answer["all_contended"]:
+        n = left["contended_excluded"]
+        click.echo(
+            f"{left['device_id']} · {left['model_name']} ({left['strategy'] or 'local'}): no document: its "
+            f"{n} successful request{'s' if n != 1 else ''} {'were' if n != 1 else 'was'} all contended and left out "
+            "(--include-contended uses them)"
+        )
 
 
 @cli.group()

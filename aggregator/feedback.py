@@ -207,9 +207,12 @@ def _int(value: Any) -> int | None:
     return value if type(value) is int and 0 <= value < 2**63 else None
 
 
-def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> Series | None:
+def read_series(
+    store: Store, entry: dict[str, Any], settings: Settings, all_contended: list[dict[str, Any]] | None = None
+) -> Series | None:
     """The series' latest ``history`` requests grouped by settings (None when it has no successful request).
-    Successful requests marked contended are left out (counted per settings) unless ``settings.include_contended``."""
+    Successful requests marked contended are left out (counted per settings) unless ``settings.include_contended``;
+    a series whose every successful request was left out is None, and is named in ``all_contended``."""
     strategy = None if entry["strategy"] == NULL_NAME else entry["strategy"]
     query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
     rows = store.latest_columns(query, _COLUMNS, settings.history)
@@ -249,6 +252,15 @@ def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> Seri
         if key == current:
             oldest_index = index
     if latest_seq is None:
+        if left_out and all_contended is not None:
+            all_contended.append(
+                {
+                    "device_id": entry["device_id"],
+                    "model_name": entry["model_name"],
+                    "strategy": strategy,
+                    "contended_excluded": sum(left_out.values()),
+                }
+            )
         return None
     for key, group in groups.items():
         group.rows.reverse()
@@ -912,29 +924,31 @@ def document(
 
 def compute(
     store: Store, settings: Settings, found: Sequence[dict[str, Any]], now_us: int
-) -> tuple[list[dict[str, Any]], dict[str, list[Recommendation]]]:
-    """Every device × model's document (by device, model) and each device's recommendations for its agent.
-    Blocking: run it on a read thread.
+) -> tuple[list[dict[str, Any]], dict[str, list[Recommendation]], list[dict[str, Any]]]:
+    """Every device × model's document (by device, model), each device's recommendations for its agent, and the
+    series left without a document because every successful request was contended. Blocking: run it on a read
+    thread.
 
     The recommendations for the agents never learn from contended requests: with ``settings.include_contended``
     the documents use them, and the devices' recommendations come from a second computation without them (a
     device that marks or unmarks its requests changes only what its own requests count for)."""
-    documents, wire = _compute(store, settings, found, now_us)
+    documents, wire, all_contended = _compute(store, settings, found, now_us)
     if settings.include_contended:
-        _, wire = _compute(store, replace(settings, include_contended=False), found, now_us)
-    return documents, wire
+        _, wire, _ = _compute(store, replace(settings, include_contended=False), found, now_us)
+    return documents, wire, all_contended
 
 
 def _compute(
     store: Store, settings: Settings, found: Sequence[dict[str, Any]], now_us: int
-) -> tuple[list[dict[str, Any]], dict[str, list[Recommendation]]]:
+) -> tuple[list[dict[str, Any]], dict[str, list[Recommendation]], list[dict[str, Any]]]:
+    all_contended: list[dict[str, Any]] = []
     series_of: dict[tuple[str, str], list[Series]] = {}
     # bounded by construction: a device that sent thousands of model names costs MAX_SERIES_PER_DEVICE reads
     entries, _ = bound_series(store.series(), MAX_SERIES_PER_DEVICE)
     for entry in entries:
         if entry["kind"] != "inference" or entry["model_name"] == NULL_NAME:
             continue
-        s = read_series(store, entry, settings)
+        s = read_series(store, entry, settings, all_contended)
         if s is not None:
             series_of.setdefault((s.device_id, s.model_name), []).append(s)
     facts = {device: latest_facts(store, device) for device in sorted({d for d, _ in series_of})}
@@ -956,7 +970,7 @@ def _compute(
     for recs in wire.values():
         recs.sort(key=lambda r: -r.improvement * r.confidence)
         del recs[MAX_ITEMS:]
-    return documents, wire
+    return documents, wire, all_contended
 
 
 class FeedbackCache:
@@ -967,6 +981,7 @@ class FeedbackCache:
         self.interval_s = interval_s
         self.settings = settings
         self.documents: list[dict[str, Any]] = []
+        self.all_contended: list[dict[str, Any]] = []
         self.computed_us: int | None = None
         self._wire: dict[str, list[dict[str, Any]]] = {}
         self._computed_mono: float | None = None
@@ -975,9 +990,15 @@ class FeedbackCache:
         return self._computed_mono is None or now_mono - self._computed_mono >= self.interval_s
 
     def update(
-        self, documents: list[dict[str, Any]], wire: dict[str, list[Recommendation]], now_mono: float, now_us: int
+        self,
+        documents: list[dict[str, Any]],
+        wire: dict[str, list[Recommendation]],
+        now_mono: float,
+        now_us: int,
+        all_contended: list[dict[str, Any]] | None = None,
     ) -> None:
         self.documents = documents
+        self.all_contended = all_contended or []
         self._wire = {device: to_wire(recs) for device, recs in wire.items() if recs}
         self._computed_mono, self.computed_us = now_mono, now_us
 
@@ -1002,6 +1023,12 @@ class FeedbackCache:
             "documents": [
                 d
                 for d in self.documents
+                if (device is None or d["device_id"] == device) and (model is None or d["model_name"] == model)
+            ],
+            # device × model series with no document: every successful request was contended and left out
+            "all_contended": [
+                d
+                for d in self.all_contended
                 if (device is None or d["device_id"] == device) and (model is None or d["model_name"] == model)
             ],
         }

@@ -835,7 +835,7 @@ def test_store_rows_of_an_older_schema_are_not_in_the_way(tmp_path: Path) -> Non
     store.ingest("orin-old", "b", 1, {}, rows, NOW)
     from aggregator.feedback import compute
 
-    documents, advice = compute(store, FEEDBACK, [], NOW)
+    documents, advice, _ = compute(store, FEEDBACK, [], NOW)
     [doc] = documents
     assert not list(VALIDATOR.iter_errors(doc)) and advice == {}
     assert doc["recommendations"] == [] and doc["current_state"]["model_config"]["engine_settings"] == {}
@@ -865,7 +865,7 @@ def test_a_device_with_thousands_of_model_names_costs_a_bounded_computation(tmp_
     _, rows, _ = parse_batch(make_batch(records, device="flood"), Settings(), "flood", NOW)
     store.ingest("flood", "b", 1, {}, rows, NOW)
     store.latest_columns = counting  # type: ignore[method-assign]
-    docs, _ = compute(store, FEEDBACK, [], NOW)
+    docs, _, _ = compute(store, FEEDBACK, [], NOW)
     assert len(reads) == MAX_SERIES_PER_DEVICE >= len(docs) > 0  # a series of failed requests has no document
     reads.clear()
     regressions.find_regressions(store)
