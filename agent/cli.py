@@ -788,7 +788,7 @@ def run(config_path: Path | None, data_dir: Path | None, model: Path | None, onc
     \b
     Example:
         lens-agent run --config /etc/lens-agent/agent.toml
-        lens-agent run --config demo.toml --once
+        lens-agent run --config configs/demo.toml --once
     """
     import asyncio
 

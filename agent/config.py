@@ -312,7 +312,7 @@ SCHEMA: Schema = {
             "io: PSI io some at least this % of the request's time",
         ),
         "freq_ratio": KeySpec(
-            number_range(0, 2),
+            number_range(0, 1),  # a clock at its maximum is 1: a higher bar would flag every request
             const(_THRESHOLDS.freq_ratio),
             "frequency: CPU clock (or GPU clock, with GPU layers) below this share of its maximum",
         ),

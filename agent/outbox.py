@@ -1488,16 +1488,18 @@ def outbox_path(data_dir: Path | str) -> Path:
 def check_outbox_readable(path: Path) -> None:
     """A read of the outbox at ``path`` would find this agent's outbox at its schema version: checked read-only
     (nothing is created or migrated), :class:`NotUsable` with the reason otherwise — empty, another program's
-    database, or another schema version. A file SQLite does not read as a database at all is taken for this
-    outbox damaged: opening it salvages it, as every outbox command does (the salvage is reported)."""
+    database, another schema version, or a file SQLite does not read as a database at all (damaged: a command that
+    writes — lens-agent run, sync, outbox retry — salvages it; a read changes nothing)."""
     from lens_core.sqlite_readonly import NotUsable, check_layout, connect_readonly, layout
 
     conn = connect_readonly(path)
     try:
         try:
             found = layout(conn, path)
-        except NotUsable:
-            return  # damaged: Outbox's own salvage keeps what can be read and says so
+        except NotUsable as exc:  # damaged: only a command that writes salvages it (keeps what can be read)
+            raise NotUsable(
+                path, f"{exc.problem}: damaged? lens-agent run or sync salvages it, keeping what can be read"
+            ) from None
         check_layout(
             found,
             path,

@@ -289,6 +289,11 @@ class _TokenFile:
         self.path = path
         if path.is_dir():
             raise UsageError(f"--out {path}: is a directory; give a file path, e.g. --out {path / 'device.token'}")
+        if (path.exists() or path.is_symlink()) and not path.is_symlink() and not path.is_file():
+            # a device node, a FIFO, a socket: renaming over it would replace it with a regular file
+            raise UsageError(f"--out {path}: is not a regular file; give a file path")
+        if path.is_symlink():
+            raise UsageError(f"--out {path}: is a symbolic link; give the file it points to, or another path")
         if path.exists() and not force:
             raise UsageError(f"--out {path}: exists; give --force to replace it, or another path")
         if not path.parent.is_dir():
@@ -332,10 +337,17 @@ def _deliver_token(store: Store, token: str, out: _TokenFile | None) -> None:
     click.echo(f"token written to {out.path} (mode 0600)", err=True)
 
 
+def _out_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    if value is not None and value.endswith("/"):  # Path() would drop the slash: the user named a directory
+        raise click.BadParameter(f"{value}: names a directory; give a file path, e.g. {value}device.token")
+    return None if value is None else Path(value)
+
+
 out_option = click.option(
     "--out",
     "out_path",
-    type=click.Path(path_type=Path),
+    type=str,
+    callback=_out_path,
     help="Write the token to this file (mode 0600, atomically) instead of stdout.",
 )
 force_option = click.option("--force", is_flag=True, help="With --out: replace an existing file.")

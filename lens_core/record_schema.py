@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
@@ -355,7 +356,12 @@ def contended(record: dict[str, Any]) -> bool:
     malformed ``ext.interference``) and what the schema-8 backfill reads from records stored before the check."""
     ext = record.get("ext")
     part = ext.get("interference") if type(ext) is dict else None
-    return type(part) is dict and part.get("contended") is True and _reasons_problem(part.get("reasons")) is None
+    return (
+        type(part) is dict
+        and part.get("contended") is True
+        and _reasons_problem(part.get("reasons")) is None
+        and bool(part.get("reasons"))
+    )
 
 
 def _reasons_problem(reasons: Any) -> str | None:
@@ -390,6 +396,13 @@ def _check_interference(part: Any) -> None:
             "ext.interference.reasons",
             f"{problem}; allowed: a list (required) of at most {MAX_INTERFERENCE_REASONS} distinct codes from: {codes}",
         )
+    if part["contended"] is not bool(part["reasons"]):
+        # contended is "some reason fired": a mark without a reason (or reasons without the mark) is not the agent's
+        raise SchemaError(
+            "ext.interference.contended",
+            f"is {str(part['contended']).lower()} with {len(part['reasons'])} reasons; allowed: true exactly when "
+            "reasons names at least one code",
+        )
     summary = part.get("summary")
     if summary is not None:
         if type(summary) is not str or len(summary) > MAX_INTERFERENCE_SUMMARY_CHARS:
@@ -399,6 +412,12 @@ def _check_interference(part: Any) -> None:
                 "or null",
             )
         check_name("ext.interference.summary", summary)
+        if any(unicodedata.category(c) in ("Cf", "Zl", "Zp") for c in summary):
+            raise SchemaError(
+                "ext.interference.summary",
+                "holds a format or line-separator character (bidirectional overrides, zero-width, U+2028); allowed: "
+                "printable text",
+            )
 
 
 def _check_ext_figures(ext: dict[str, Any]) -> None:

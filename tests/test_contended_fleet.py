@@ -108,6 +108,10 @@ MALFORMED: list[tuple[Any, str]] = [
     ({**BUSY, "temp_max_c": 300.0}, "ext.interference.temp_max_c"),
     ({**BUSY, "summary": "x" * 201}, "ext.interference.summary"),
     ({**BUSY, "summary": "busy\x1b[31m"}, "ext.interference.summary"),
+    ({**BUSY, "summary": "busy \u202egnp.exe"}, "ext.interference.summary"),  # a bidirectional override
+    ({**BUSY, "summary": "busy\u2028line"}, "ext.interference.summary"),
+    ({"contended": True, "reasons": []}, "ext.interference.contended"),  # a mark without a reason
+    ({"contended": False, "reasons": ["cpu", "io"]}, "ext.interference.contended"),  # reasons without the mark
 ]
 
 

@@ -11,6 +11,7 @@ from other work on the machine is real contention and is not asserted away.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -304,3 +305,25 @@ def test_thresholds_in_the_config_are_checked(config_file: Any) -> None:
     assert Thresholds.from_config(config.values["interference"]).other_cpu_cores == 0.5
     with pytest.raises(ConfigError, match=r"interference\.io_pressure_pct.*between 0 and 100"):
         load_config(config_file("[interference]\nio_pressure_pct = 150\n"))
+    with pytest.raises(ConfigError, match=r"interference\.freq_ratio = 1\.5.*between 0 and 1"):
+        load_config(config_file("[interference]\nfreq_ratio = 1.5\n"))
+
+
+def test_a_figure_that_is_not_a_finite_number_is_left_out(tmp_path: Path) -> None:
+    """An odd /proc ("nan" load, say) leaves the figure out: the record stays one the aggregator accepts."""
+    _device_tree(tmp_path)
+    write(tmp_path, "/proc/loadavg", "nan 1.00 1.00 1/100 1\n")
+    clock = StepClock()
+    monitor = InterferenceMonitor(Root(tmp_path), clock=clock)
+    begun = monitor.begin()
+    clock.ns += 10**9
+    figures = monitor.measure(begun)
+    assert "load1" not in figures and "psi_cpu_some_pct" in figures  # the other figures are still there
+    assert all(math.isfinite(v) for v in figures.values() if isinstance(v, float))
+    write(tmp_path, "/proc/loadavg", "inf 1.00 1.00 1/100 1\n")
+    assert DeviceReader(Root(tmp_path)).read().load1 is None
+
+
+def test_a_device_with_nothing_to_read_says_not_measured_rather_than_none_seen() -> None:
+    section = results_section([{"contended": False, "reasons": []}], Thresholds(), cpus=2, uses_gpu=False)
+    assert section["summary"].startswith("interference: not measured") and section["contended"] is False

@@ -139,6 +139,16 @@ def test_damage_is_shown_by_status_until_acknowledged(
     with path.open("r+b") as handle:
         handle.write(bytes(4096))  # the header page is gone
     monkeypatch.setenv("LENS_SYNC_URL", "http://127.0.0.1:9")
+    damaged = path.read_bytes()
+    before = sorted(p.name for p in directory.iterdir())
+    # a read changes nothing: status and outbox list name the damage and what salvages it
+    code, out, _ = run_cli(capsys, "status", "--data-dir", str(directory), "--json", "--no-probe")
+    doc = json.loads(out)
+    assert code == 1 and any("is not an SQLite database" in r and "salvages it" in r for r in doc["reasons"]), doc
+    code, out, err = run_cli(capsys, "outbox", "list", "--data-dir", str(directory))
+    assert code == 2 and "is not an SQLite database" in err and err.count("\n") == 1, err
+    assert path.read_bytes() == damaged and sorted(p.name for p in directory.iterdir()) == before
+    Outbox(path).close()  # what lens-agent run or sync does when it opens the outbox: the salvage
     code, out, _ = run_cli(capsys, "status", "--data-dir", str(directory), "--json", "--no-probe")
     doc = json.loads(out)
     assert code == 1 and doc["outbox"]["records"] == 200 and doc["outbox"]["lost_total"] == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import stat
 import uuid
@@ -301,12 +302,20 @@ def test_token_add_out_writes_a_private_file_or_nothing(tmp_path: Path, capsys: 
         ["token", "add", "orin-017", "--db", db, "--out", str(tmp_path / "again.token")],
         ["token", "add", "orin-018", "--db", db, "--out", str(tmp_path / "nodir" / "orin-018.token")],
         ["token", "add", "orin-019", "--db", str(tmp_path / "nodir" / "a.db"), "--out", str(tmp_path / "x.token")],
+        # what --force must not replace: a FIFO (a device node alike), a symbolic link, a directory named with "/"
+        ["token", "add", "orin-020", "--db", db, "--out", str(tmp_path / "fifo"), "--force"],
+        ["token", "add", "orin-021", "--db", db, "--out", str(tmp_path / "link.token"), "--force"],
+        ["token", "add", "orin-022", "--db", db, "--out", str(tmp_path / "newdir") + "/"],
     ]
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link.token").symlink_to(tmp_path / "elsewhere.token")
+    before = snapshot(tmp_path)
     for args in failing:
         code, stdout, err = run_aggregator(capsys, *args)
         assert code == 2 and stdout == "", err
         assert_one_line(err)
     assert snapshot(tmp_path) == before
+    assert stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode) and (tmp_path / "link.token").is_symlink()
     _, listing, _ = run_aggregator(capsys, "token", "list", "--db", db, "--json")
     assert {t["subject"] for t in json.loads(listing)} == {"orin-017"}  # no token stored for a failed add
 

@@ -201,7 +201,12 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                 )
                 document["results"].update(extra)
                 if engine is not None:  # which flag, file or drop-in set each engine setting; the run's label
-                    document["configuration"]["settings_source"] = settings_sources(config)
+                    setting_sources = settings_sources(config)
+                    busy = document["configuration"].get("busy_cores")
+                    if document["configuration"].get("n_threads_source") == "default" and busy and round(busy) >= 1:
+                        # the default thread count left cores other work kept busy: say so where the source is named
+                        setting_sources["n_threads"] = f"default (physical cores less {busy:.1f} busy with other work)"
+                    document["configuration"]["settings_source"] = setting_sources
                     document["configuration"]["model"]["label"] = labels[index]
                 if request.llmperf_dir is not None:
                     session.written.extend(llmperf_files(run, document, request.llmperf_dir))

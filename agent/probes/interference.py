@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import os
 import re
 import threading
@@ -225,7 +226,9 @@ class DeviceReader:
         load = (root.try_read("/proc/loadavg") or "").split()
         if load:
             with contextlib.suppress(ValueError):
-                snap.load1 = float(load[0])
+                value = float(load[0])
+                if math.isfinite(value) and value >= 0:  # "nan", "inf" or "-1" in a damaged or odd /proc: unknown
+                    snap.load1 = value
         for kind in self.psi:
             match = re.search(r"^some .*total=(\d+)", root.try_read(f"/proc/pressure/{kind}") or "", re.MULTILINE)
             if match:
@@ -432,7 +435,8 @@ def figures(inside: list[Snapshot], a: Snapshot, b: Snapshot, cpus: int) -> dict
     if hot or events > 0:
         out["throttled"] = (hot + ([f"{events} throttle events"] if events > 0 else []))[:4]
     out["cpus"] = cpus
-    return out
+    # a figure that is not a finite number is unknown, never written: the aggregator refuses NaN and infinities
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def verdict(
@@ -516,6 +520,9 @@ NUMBER_KEYS = (
 _LOW_IS_WORSE = ("mem_available_pct", "cpu_freq_ratio", "gpu_freq_ratio")
 
 
+_CPU_FIGURES = ("other_cpu_cores", "psi_cpu_some_pct")  # without either, CPU contention is unknown
+
+
 def results_section(
     records: list[dict[str, Any]], thresholds: Thresholds, *, cpus: int, uses_gpu: bool
 ) -> dict[str, Any]:
@@ -543,6 +550,9 @@ def results_section(
             typical["throttled"] = list(dict.fromkeys(throttled))[:3]
         text = summary_text(ordered, typical, cpus=cpus, uses_gpu=uses_gpu, thresholds=thresholds)
         summary = f"contended: {text} ({len(contended)} of {len(measured)} requests)"
+    elif not any(key in peaks for key in _CPU_FIGURES):
+        # neither other processes' CPU nor CPU pressure could be read: "none seen" would claim a quiet device
+        summary = "interference: not measured (no /proc/stat or /proc/pressure/cpu to read)"
     else:
         summary = "interference: none seen"
     return {
