@@ -514,7 +514,7 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
     """
     import asyncio
 
-    from .outbox import AsyncOutbox, open_outbox
+    from .outbox import AsyncOutbox, open_outbox, outbox_path
     from .sync import Uploader, check_endpoint, sync_settings
 
     config = _sync_config(config_path, data_dir)
@@ -544,6 +544,13 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
         # the gap the service's schedule declares, or none: a gap declared before (a shorter schedule) is replaced
         settings = dataclasses.replace(settings, expected_gap_s=expected_gap(config))
         target, make = settings.url, lambda outbox: Uploader(outbox, settings)
+
+    box_path = outbox_path(config.get("agent", "data_dir"))
+    if not box_path.is_file():  # nothing to upload; a mistyped --data-dir is never created by a sync
+        raise UsageError(
+            f"no outbox at {box_path} (agent.data_dir from {config.source('agent', 'data_dir')}): nothing to upload; "
+            "lens-agent bench --store, lens-agent run and the service create it"
+        )
 
     async def run() -> Any:
         outbox = AsyncOutbox(open_outbox(config))

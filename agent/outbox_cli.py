@@ -198,7 +198,8 @@ def export_command(file: Path, quarantined: bool, config_path: Path | None, data
     """Write records as NDJSON, one a line: seq, code, reason and the decoded measurement ("record").
 
     A record that does not decode is written with its "error" and its raw bytes ("body_hex"), so nothing has to be
-    dropped unseen. FILE "-" writes to stdout. The file is written whole or not at all.
+    dropped unseen. FILE "-" writes to stdout. A file is written whole or not at all (through a temporary file renamed
+    over it); a device or FIFO (/dev/stdout, a named pipe) is written into.
 
     \b
     Example:
@@ -213,7 +214,17 @@ def export_command(file: Path, quarantined: bool, config_path: Path | None, data
             for row in box.export_rows(which):
                 click.echo(json.dumps(row, default=_json_default))
                 count += 1
+        elif file.exists() and not file.is_file():
+            # a device, a FIFO or /dev/stdout (through its link): written into, never renamed over
+            try:
+                with file.open("w", encoding="utf-8") as handle:
+                    for row in box.export_rows(which):
+                        handle.write(json.dumps(row, default=_json_default) + "\n")
+                        count += 1
+            except OSError as exc:
+                raise UsageError(f"{file}: cannot be written ({exc.strerror})") from None
         else:
+            file = file.resolve() if file.is_symlink() else file  # a link to a file: the file is replaced, not the link
             temporary = file.with_name(f".{file.name}.{os.getpid()}.tmp")
             try:
                 with temporary.open("w", encoding="utf-8") as handle:

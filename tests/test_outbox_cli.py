@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,27 @@ def test_export_writes_every_record_decoded_or_raw(
     assert code == 0 and [p["record"]["id"] for p in pending] == [r["id"] for r in data["records"][3:5]]
     code, _, err = cli(capsys, data, "export", str(tmp_path / "no" / "such" / "dir.ndjson"))
     assert code == 2 and "cannot be written" in err and err.count("\n") == 1
+
+
+def test_export_into_a_fifo_or_through_a_link_keeps_them(
+    capsys: pytest.CaptureFixture[str], data: Any, tmp_path: Path
+) -> None:
+    """A named pipe (as /dev/stdout or a device would be) is written into, never replaced by a regular file; a link
+    to a file replaces the file it names and stays a link."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    code, _, err = cli(capsys, data, "export", str(fifo))
+    reader.join(timeout=30)
+    assert code == 0 and "exported 4 quarantined records" in err
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and len(received[0].splitlines()) == 4
+    target, link = tmp_path / "real.ndjson", tmp_path / "link.ndjson"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    code, _, err = cli(capsys, data, "export", str(link))
+    assert code == 0 and link.is_symlink() and len(target.read_text().splitlines()) == 4
 
 
 def test_retry_moves_rows_back_and_as_device_rewrites_them(capsys: pytest.CaptureFixture[str], data: Any) -> None:
