@@ -396,7 +396,7 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
         [0] * 10_000,  # 20 kB: within the acknowledgement's 64 KiB, far past the protocol's 8 jobs
     ]
     with fake_aggregator() as fake:
-        config = agent_config(tmp_path, tiny_model, fake, every="2s")  # records to upload: acks keep coming
+        config = agent_config(tmp_path, tiny_model, fake, every="1s")  # records to upload: an ack a second
         sequence = iter(hostile_acks)
         served: list[Any] = []
 
