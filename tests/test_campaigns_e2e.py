@@ -155,7 +155,9 @@ max_tokens = 2
         """Moves the aggregator's wall clock ``seconds`` ahead of the real one (its monotonic clock, and so its
         periodic tasks, go on as before); the agents and the test keep the real time."""
         assert self.server.env is not None, "a Fleet(stepped_clock=True) only"
-        self.clock_offset.write_text(f"+{seconds}\n")
+        written = self.clock_offset.with_suffix(".new")
+        written.write_text(f"+{seconds}\n")
+        written.replace(self.clock_offset)  # at once: libfaketime reads the file at every call, never half of it
 
     def stop_agent(self, device: str) -> None:
         proc = self.agents.pop(device)
@@ -346,11 +348,12 @@ def test_an_offline_device_times_out_and_a_cancel_stops_the_running_ones(stepped
         lambda: all(status(fleet, short)["devices"][d]["state"] == "succeeded" for d in ("orin-001", "nano-001")),
         120,
     )
-    # a long campaign on the two online devices, cancelled once both run it
+    # a long campaign on the two online devices (a level of ~10 s: 400 requests of 4 tokens took ~1 s, less than
+    # the cancel takes to reach a device), cancelled once both run it
     code, started = fleet.api(
         "POST",
         "/api/v1/benchmark/start",
-        {"configuration": suite(400, [1]), "target": {"devices": ["orin-001", "nano-001"]}},
+        {"configuration": suite(4000, [1]), "target": {"devices": ["orin-001", "nano-001"]}},
     )
     assert code == 201, started
     long_run = started["benchmark_id"]
