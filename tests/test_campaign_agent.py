@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -396,7 +397,7 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
         [0] * 10_000,  # 20 kB: within the acknowledgement's 64 KiB, far past the protocol's 8 jobs
     ]
     with fake_aggregator() as fake:
-        config = agent_config(tmp_path, tiny_model, fake, every="2s")  # records to upload: acks keep coming
+        config = agent_config(tmp_path, tiny_model, fake, every="1s")  # records to upload: an ack a second
         sequence = iter(hostile_acks)
         served: list[Any] = []
 
@@ -448,10 +449,28 @@ def test_hostile_acks_and_configurations_change_nothing(tmp_path: Path, tiny_mod
         assert len(scheduled) >= 6  # the scheduled workload ran on throughout (3 requests a run)
 
 
+def stored_in_outbox(data_dir: Path, job_id: str) -> list[dict[str, Any]]:
+    """The job's records the agent has stored and not yet uploaded (read-only, beside the running agent)."""
+    try:
+        conn = sqlite3.connect(f"file:{data_dir / 'outbox.db'}?mode=ro", uri=True, timeout=5)
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    try:
+        rows = conn.execute("SELECT codec, body FROM records ORDER BY seq").fetchall()
+    except sqlite3.OperationalError:  # no table yet
+        return []
+    finally:
+        conn.close()
+    records = [wire.loads(bytes(body), codec) for codec, body in rows]
+    return [r for r in records if (r.get("ext") or {}).get("campaign", {}).get("id") == job_id]
+
+
 def test_an_agent_killed_mid_job_resumes_with_a_new_level_run(tmp_path: Path, tiny_model: Path) -> None:
     with fake_aggregator() as fake:
         config = agent_config(tmp_path, tiny_model, fake)
-        job_id = fake.add_job(suite_doc([1, 2, 4], requests=1500, output_tokens=8))  # levels of seconds each
+        # levels of a second or more each: the second one is seen from its first stored record (in the outbox, or
+        # already uploaded), a poll of 0.2 s
+        job_id = fake.add_job(suite_doc([1, 2, 4], requests=600, output_tokens=8))
         log_path = tmp_path / "agent.log"
         proc = start_agent(config, log_path)
 
@@ -460,8 +479,10 @@ def test_an_agent_killed_mid_job_resumes_with_a_new_level_run(tmp_path: Path, ti
                 done = job_file(tmp_path, job_id)["levels_done"]
             except (OSError, ValueError):  # not written yet
                 return False
-            level_2 = [r for r in fake.campaign_records(job_id) if r["ext"].get("suite", {}).get("level") == C2]
-            return len(done) == 1 and bool(level_2)
+            if len(done) != 1:
+                return False
+            records = [*fake.campaign_records(job_id), *stored_in_outbox(tmp_path / "data", job_id)]
+            return any(r["ext"].get("suite", {}).get("level") == C2 for r in records)
 
         try:
             wait_for("the second level under way", second_level_started, 300, log_path)

@@ -2,10 +2,12 @@
 ``lens-agent run`` services on the tiny model, each on its own sysfs fixture tree (a Jetson AGX Orin, a Jetson Nano,
 an Intel laptop), on 127.0.0.1. A campaign reaches every targeted device, completes, and is compared per class; the
 exports open in pyarrow and agree with the JSON; the completion callback arrives signed; a device that is offline
-past the deadline ends ``timed_out`` while the others complete; a cancel stops running devices at their next check."""
+past the deadline ends ``timed_out`` while the others complete (the aggregator's wall clock is stepped past the
+deadline with libfaketime, as in tests/test_clock_step.py); a cancel stops running devices at their next check."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
@@ -28,13 +30,14 @@ from aiohttp import web
 from aggregator.store import SQLiteStore
 
 from .netproxy import free_port
-from .processes import AggregatorProcess
+from .processes import AggregatorProcess, stepped_clock_env
 from .sysfs_trees import intel_laptop, nano_jp4, orin_jp6, set_zone_temp
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [sys.executable, "-c", "from agent.cli import main; main()"]
 SECRET = b"campaign-callback-secret-0123456789"
 DEVICES = {"orin-001": orin_jp6, "nano-001": nano_jp4, "laptop-001": intel_laptop}
+DEADLINE_S = 60  # the shortest deadline a campaign accepts
 
 
 class Receiver:
@@ -83,8 +86,10 @@ class Receiver:
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path, tiny_model: Path) -> None:
+    def __init__(self, tmp_path: Path, tiny_model: Path, *, stepped_clock: bool = False) -> None:
+        """``stepped_clock``: the aggregator runs on a wall clock the test steps (``step_aggregator_clock``)."""
         self.tmp, self.model = tmp_path, tiny_model
+        self.clock_offset = tmp_path / "aggregator-clock"
         (tmp_path / "secret").write_bytes(SECRET)
         config = tmp_path / "aggregator.toml"
         config.write_text(
@@ -94,7 +99,8 @@ class Fleet:
             "allow_private_callbacks = true\n"
         )
         self.db = tmp_path / "agg.db"
-        self.server = AggregatorProcess(self.db, free_port(), config)
+        env = stepped_clock_env(self.clock_offset) if stepped_clock else None
+        self.server = AggregatorProcess(self.db, free_port(), config, env=env)
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         store = SQLiteStore(self.db)
         try:
@@ -145,6 +151,14 @@ max_tokens = 2
             [*AGENT, "run", "-v", "--config", str(config)], cwd=ROOT, env=clean, stdout=log, stderr=log
         )
 
+    def step_aggregator_clock(self, seconds: int) -> None:
+        """Moves the aggregator's wall clock ``seconds`` ahead of the real one (its monotonic clock, and so its
+        periodic tasks, go on as before); the agents and the test keep the real time."""
+        assert self.server.env is not None, "a Fleet(stepped_clock=True) only"
+        written = self.clock_offset.with_suffix(".new")
+        written.write_text(f"+{seconds}\n")
+        written.replace(self.clock_offset)  # at once: libfaketime reads the file at every call, never half of it
+
     def stop_agent(self, device: str) -> None:
         proc = self.agents.pop(device)
         if proc.poll() is None:
@@ -177,9 +191,8 @@ max_tokens = 2
         return "\n".join(tails) + "\n--- aggregator\n" + self.server.stderr_text()[-3000:]
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, tiny_model: Path) -> Iterator[Fleet]:
-    fleet = Fleet(tmp_path, tiny_model)
+@contextlib.contextmanager
+def running(fleet: Fleet) -> Iterator[Fleet]:
     fleet.server.start()
     try:
         for device in DEVICES:
@@ -189,6 +202,19 @@ def fleet(tmp_path: Path, tiny_model: Path) -> Iterator[Fleet]:
         for device in list(fleet.agents):
             fleet.stop_agent(device)
         fleet.server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, tiny_model: Path) -> Iterator[Fleet]:
+    with running(Fleet(tmp_path, tiny_model)) as started:
+        yield started
+
+
+@pytest.fixture
+def stepped_fleet(tmp_path: Path, tiny_model: Path) -> Iterator[Fleet]:
+    """The fleet with its aggregator on a wall clock the test steps: a deadline passes without waiting for it."""
+    with running(Fleet(tmp_path, tiny_model, stepped_clock=True)) as started:
+        yield started
 
 
 def wait_for(fleet: Fleet, what: str, check: Callable[[], Any], timeout: float) -> Any:
@@ -305,27 +331,29 @@ def test_a_campaign_reaches_the_fleet_and_is_compared_per_class(fleet: Fleet) ->
     assert code == 200 and len(csv_bytes.decode().strip().splitlines()) == 13
 
 
-def test_an_offline_device_times_out_and_a_cancel_stops_the_running_ones(fleet: Fleet) -> None:
+def test_an_offline_device_times_out_and_a_cancel_stops_the_running_ones(stepped_fleet: Fleet) -> None:
+    fleet = stepped_fleet
     wait_for(fleet, "every device's facts at the aggregator", lambda: known_with_facts(fleet), 120)
     fleet.stop_agent("laptop-001")  # offline from now on
     code, started = fleet.api(
         "POST",
         "/api/v1/benchmark/start",
-        {"configuration": suite(1, [1]), "target": {"all": True}, "deadline_seconds": 60},
+        {"configuration": suite(1, [1]), "target": {"all": True}, "deadline_seconds": DEADLINE_S},
     )
     assert code == 201, started
-    short = started["benchmark_id"]
+    short, short_started = started["benchmark_id"], time.monotonic()
     wait_for(
         fleet,
         "the two online devices to finish",
         lambda: all(status(fleet, short)["devices"][d]["state"] == "succeeded" for d in ("orin-001", "nano-001")),
         120,
     )
-    # a long campaign on the two online devices, cancelled once both run it
+    # a long campaign on the two online devices (a level of ~10 s: 400 requests of 4 tokens took ~1 s, less than
+    # the cancel takes to reach a device), cancelled once both run it
     code, started = fleet.api(
         "POST",
         "/api/v1/benchmark/start",
-        {"configuration": suite(400, [1]), "target": {"devices": ["orin-001", "nano-001"]}},
+        {"configuration": suite(4000, [1]), "target": {"devices": ["orin-001", "nano-001"]}},
     )
     assert code == 201, started
     long_run = started["benchmark_id"]
@@ -345,7 +373,13 @@ def test_an_offline_device_times_out_and_a_cancel_stops_the_running_ones(fleet: 
     )
     levels = fleet.api("GET", f"/api/v1/benchmark/{long_run}/results")[1]["results"]["devices"]
     assert all(not d["documents"] for d in levels.values())  # an interrupted level is never a result
-    # the offline device's job ends timed_out at the deadline; the campaign completes with the others
+    # before its deadline the offline device's job is still open (deadline checks, one a second, have run)
+    time.sleep(max(0.0, short_started + 3 - time.monotonic()))
+    before = status(fleet, short)
+    assert before["status"] != "completed" and before["devices"]["laptop-001"]["state"] == "queued", before
+    # the aggregator's wall clock passes the deadline (no waiting a minute for it): the offline device's job ends
+    # timed_out at its next deadline check; the campaign completes with the others
+    fleet.step_aggregator_clock(DEADLINE_S + 30)
     wait_for(fleet, "the deadline", lambda: status(fleet, short)["status"] == "completed", 120)
     final = status(fleet, short)["devices"]
     assert final["laptop-001"]["state"] == "timed_out" and "deadline" in final["laptop-001"]["reason"]

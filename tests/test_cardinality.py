@@ -191,7 +191,8 @@ async def test_concurrent_scrapes_share_one_build_and_a_recent_one_is_reused() -
     try:
         bodies = await asyncio.gather(*(cache.get() for _ in range(8)))
         assert builds == 1 and set(bodies) == {b"x 1\n"}
-        assert cache.last_build_s is not None and 0.2 <= cache.last_build_s < 1.0
+        # the build's 0.2 s as measured, with room for a busy machine
+        assert cache.last_build_s is not None and 0.2 <= cache.last_build_s < 5.0
         now[0] = 1.9
         assert await cache.get() == b"x 1\n" and builds == 1
         now[0] = 10 * cache.last_build_s + 0.01

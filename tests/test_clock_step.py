@@ -35,23 +35,12 @@ from agent.measurement import Measurement
 from agent.status import heartbeat_age, service_view
 from lens_core import wire
 
-from .processes import AggregatorProcess, device_token
+from .processes import AggregatorProcess, device_token, stepped_clock_env
 from .test_service import service_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = [sys.executable, "-c", "from agent.cli import main; main()"]
 DAY = 86400.0
-
-
-def libfaketime() -> Path:
-    try:
-        listing = subprocess.run(["dpkg", "-L", "libfaketime"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        listing = ""
-    for line in listing.splitlines():
-        if line.endswith("/libfaketime.so.1"):
-            return Path(line)
-    raise AssertionError("libfaketime is missing: `make sysdeps` installs the faketime package")
 
 
 def state(tmp_path: Path) -> dict[str, Any]:
@@ -84,16 +73,7 @@ def test_a_day_back_and_forward_stops_nothing(tmp_path: Path, tiny_model: Path, 
     config = service_config(tmp_path, tiny_model, aggregator, device_token(aggregator.db), every="2s")
     config.write_text(config.read_text() + '[probes]\nidle_baseline = "0"\n')
     offset = tmp_path / "faketime"
-    offset.write_text("+0\n")
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "LD_PRELOAD": str(libfaketime()),
-        "FAKETIME_TIMESTAMP_FILE": str(offset),
-        "FAKETIME_NO_CACHE": "1",
-        "DONT_FAKE_MONOTONIC": "1",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-    }
+    env = stepped_clock_env(offset)
     log = (tmp_path / "service.log").open("w+")
     proc = subprocess.Popen(
         [*AGENT, "run", "--config", str(config)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True

@@ -3,7 +3,9 @@ from there.
 
 lens-agent's build compiles llama.cpp for any CPU of this architecture (bypassing pip's wheel cache): a few minutes
 the first time, then seconds (the script keeps that wheel under ~/.cache/llm-latency-lens/deb-wheels/).
-lens-aggregator's compiles nothing and has a fixture of its own, so its tests do not wait for the agent's.
+lens-aggregator's compiles nothing and has a fixture of its own, so its tests do not wait for the agent's. When the
+tests selected need both packages, the two builds run side by side (each is mostly pip and gzip, on one core): the
+second package is ready when the first one is, not after it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,18 +31,82 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.deb
 
 
-def build(role: str, out: Path) -> Path:
-    assert shutil.which("dpkg-deb"), "dpkg-deb is missing: `make sysdeps` installs it"
-    done = subprocess.run(
-        ["bash", str(ROOT / "packaging" / "build-deb.sh"), "--role", role, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    deb = Path(done.stdout.strip().splitlines()[-1])
-    assert deb.name.startswith(f"lens-{role}_") and deb.suffix == ".deb", deb
-    return deb
+class Build:
+    """``packaging/build-deb.sh --role ROLE`` started in the background; ``deb()`` waits for the package."""
+
+    def __init__(self, role: str, out: Path) -> None:
+        assert shutil.which("dpkg-deb"), "dpkg-deb is missing: `make sysdeps` installs it"
+        self.role = role
+        # files, not pipes: nobody reads a pipe while the build runs, and a full one (64 KiB of pip's warnings)
+        # would stop it
+        self.stdout, self.stderr = out / "build.stdout", out / "build.stderr"
+        with self.stdout.open("wb") as stdout, self.stderr.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                ["bash", str(ROOT / "packaging" / "build-deb.sh"), "--role", role, str(out / "debs")],
+                stdout=stdout,
+                stderr=stderr,
+            )
+        self._deb: Path | None = None
+
+    def deb(self) -> Path:
+        if self._deb is None:
+            try:
+                self.proc.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise
+            assert self.proc.returncode == 0, self.stderr.read_text(errors="replace")[-3000:]
+            deb = Path(self.stdout.read_text().strip().splitlines()[-1])
+            assert deb.name.startswith(f"lens-{self.role}_") and deb.suffix == ".deb", deb
+            self._deb = deb
+        return self._deb
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+NEEDS = {"agent": "deb", "aggregator": "aggregator_deb"}  # each package and its fixture
+
+
+class Builds:
+    """The packages' builds of this module: the first package asked for starts every one a selected test here needs
+    (through its fixture in ``NEEDS``), so they run side by side."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.request, self.tmp_path_factory = request, tmp_path_factory
+        self.started: dict[str, Build] = {}
+
+    def needed(self) -> list[str]:
+        module = self.request.module.__name__
+        items = [i for i in self.request.session.items if getattr(i, "module", None) is not None]
+        return [
+            role
+            for role, fixture in NEEDS.items()
+            if any(i.module.__name__ == module and fixture in getattr(i, "fixturenames", ()) for i in items)
+        ]
+
+    def deb(self, role: str) -> Path:
+        if not self.started:
+            for other in self.needed():
+                self.started[other] = Build(other, self.tmp_path_factory.mktemp(f"deb-{other}"))
+        if role not in self.started:
+            self.started[role] = Build(role, self.tmp_path_factory.mktemp(f"deb-{role}"))
+        return self.started[role].deb()
+
+    def stop(self) -> None:
+        for build in self.started.values():
+            build.stop()
+
+
+@pytest.fixture(scope="module")
+def builds(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Builds]:
+    started = Builds(request, tmp_path_factory)
+    try:
+        yield started
+    finally:
+        started.stop()
 
 
 def unpack(deb: Path, root: Path) -> Path:
@@ -71,8 +138,8 @@ def venv_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build("agent", tmp_path_factory.mktemp("deb"))
+def deb(builds: Builds) -> Path:
+    return builds.deb("agent")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +148,8 @@ def unpacked(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def aggregator_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build("aggregator", tmp_path_factory.mktemp("deb-aggregator"))
+def aggregator_deb(builds: Builds) -> Path:
+    return builds.deb("aggregator")
 
 
 @pytest.fixture(scope="module")

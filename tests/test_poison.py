@@ -273,10 +273,11 @@ async def _read_all(session: aiohttp.ClientSession, url: str) -> None:
             assert response.status == expected, path
 
 
-# Health during an attack: the issue asks for under 50 ms. The median is held to that; the worst answer, on a
-# shared 2-core test machine, to 200 ms (the figures measured are in docs/PERFORMANCE.md).
+# Health during an attack: the issue asks for under 50 ms. The median is held to that; the worst answer to 1 s, loose
+# for a shared 2-core machine under other load (the worst measured: 58 ms on a quiet one; the stalls this catches
+# lasted 11-27 s; the figures are in docs/PERFORMANCE.md).
 HEALTH_MEDIAN_MS = 50
-HEALTH_WORST_MS = 200
+HEALTH_WORST_MS = 1000
 
 
 def _bounded(rss: RssWatch | None, rss_mb: float, health: HealthProbe) -> None:

@@ -73,6 +73,18 @@ def test_agent_extra_is_what_the_launcher_checks() -> None:
     assert not named, named
 
 
+def role_env() -> dict[str, str]:
+    """The tests' environment without what would put this tree or the tests' venv before the installed role."""
+    drop = ("PYTHONPATH", "VIRTUAL_ENV")
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("LENS_")}
+
+
+def venv_pip(venv: Path, *args: str) -> list[str]:
+    """pip acting on ``venv`` (the tests' own pip, ``--python``: the venv is made without one of its own, which
+    saves ensurepip's seconds; what it installs is the same)."""
+    return [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), *args, "--disable-pip-version-check"]
+
+
 @pytest.fixture(scope="module")
 def aggregator_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with this tree's wheel installed as the base install (the aggregator role)."""
@@ -94,17 +106,15 @@ def aggregator_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
         timeout=600,
+        env=role_env(),
     )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = wheels.glob("llm_latency_lens-*.whl")
     venv = work / "venv"
     base_python = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base_python, "-m", "venv", str(venv)], check=True, timeout=120)
+    subprocess.run([base_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     installed = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=900,
+        venv_pip(venv, "install", "--quiet", str(wheel)), capture_output=True, text=True, timeout=900, env=role_env()
     )
     assert installed.returncode == 0, installed.stderr[-3000:]
     return venv
@@ -112,23 +122,27 @@ def aggregator_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_aggregator_role_pulls_no_agent_dependency(aggregator_venv: Path) -> None:
     listed = subprocess.run(
-        [str(aggregator_venv / "bin" / "pip"), "list", "--format=json", "--disable-pip-version-check"],
-        capture_output=True,
-        text=True,
-        check=True,
+        venv_pip(aggregator_venv, "list", "--format=json"), capture_output=True, text=True, check=True, env=role_env()
     )
     names = {row["name"].lower() for row in json.loads(listed.stdout)}
     assert "llm-latency-lens" in names
     assert not names & AGENT_ONLY, names & AGENT_ONLY
     probe = subprocess.run(
-        [str(aggregator_venv / "bin" / "python"), "-c", "import llama_cpp"], capture_output=True, text=True
+        [str(aggregator_venv / "bin" / "python"), "-c", "import llama_cpp"],
+        capture_output=True,
+        text=True,
+        env=role_env(),
     )
     assert probe.returncode != 0 and "No module named 'llama_cpp'" in probe.stderr
 
 
 def test_lens_agent_without_its_role_says_what_to_install(aggregator_venv: Path, tmp_path: Path) -> None:
     done = subprocess.run(
-        [str(aggregator_venv / "bin" / "lens-agent"), "status"], capture_output=True, text=True, cwd=tmp_path
+        [str(aggregator_venv / "bin" / "lens-agent"), "status"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=role_env(),
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
@@ -144,14 +158,14 @@ def _get(url: str) -> tuple[int, str, str]:
 def test_aggregator_role_serves_ingests_and_renders(aggregator_venv: Path, tmp_path: Path) -> None:
     exe = aggregator_venv / "bin" / "lens-aggregator"
     db = tmp_path / "fleet.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
+    env = role_env()
     added = subprocess.run(
         [str(exe), "token", "add", "--db", str(db), "edge-07"], capture_output=True, text=True, cwd=tmp_path, env=env
     )
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip()
     port = free_port()
-    server = AggregatorProcess(db, port, command=[str(exe)], cwd=tmp_path)
+    server = AggregatorProcess(db, port, command=[str(exe)], cwd=tmp_path, env=env)
     server.start()
     try:
         base = f"http://127.0.0.1:{port}"

@@ -21,8 +21,9 @@ What the API of this vLLM (0.32.0) answers — checked against the real server b
   (rank 1 = the greedy choice). ``finish_reason`` is "length" or "stop"; ``"ignore_eos": true`` is honoured.
 - No server-side timings in the answer (``"metrics": null``).
 - ``GET /health`` → 200 once the engine is up (~45 s on 2 cores, most of it importing torch and starting the
-  engine process). ``VLLM_CPU_KVCACHE_SPACE`` (GiB) bounds the KV cache; ``--gpu-memory-utilization`` is, on the
-  CPU backend, the share of the NUMA node's memory it may reserve.
+  engine process; about half that with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which runs the engine core in the API
+  server's process: torch is imported once). ``VLLM_CPU_KVCACHE_SPACE`` (GiB) bounds the KV cache;
+  ``--gpu-memory-utilization`` is, on the CPU backend, the share of the NUMA node's memory it may reserve.
 """
 
 from __future__ import annotations
@@ -64,14 +65,26 @@ def hf_checkpoint(gguf_path: Path, out: Path) -> Path:
 class VllmServerProcess(ServedProcess):
     """vLLM's OpenAI-compatible server for ``model_dir`` on 127.0.0.1:``port`` (eager mode, float32, a 512-token
     context by default, a 1 GiB KV cache). ``start()`` returns once ``GET /health`` answers 200; ``stop()`` ends
-    its process group (the API server and its engine process). Also a context manager."""
+    its process group (the API server and its engine process). Also a context manager.
+
+    ``engine_in_process``: the engine core runs in the API server's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+    the same API and answers, started in about half the time; for tests of the protocol, not for timing vLLM
+    (bench/token_verify.py keeps vLLM's own default, an engine process of its own)."""
 
     name = "vLLM"
     poll_s = 0.5
 
-    def __init__(self, model_dir: Path, port: int, *, start_timeout: float = 300.0, max_model_len: int = 512) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        port: int,
+        *,
+        start_timeout: float = 300.0,
+        max_model_len: int = 512,
+        engine_in_process: bool = False,
+    ) -> None:
         super().__init__(port, start_timeout=start_timeout)
-        self.model_dir, self.max_model_len = Path(model_dir), max_model_len
+        self.model_dir, self.max_model_len, self.engine_in_process = Path(model_dir), max_model_len, engine_in_process
 
     def command(self) -> list[str]:
         return [
@@ -99,6 +112,8 @@ class VllmServerProcess(ServedProcess):
 
     def popen_options(self) -> dict[str, Any]:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1", HF_HUB_OFFLINE="1")
+        if self.engine_in_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         return {"env": env, "start_new_session": True}  # its own process group: stop() ends the engine process too
 
     def stop(self) -> None:
