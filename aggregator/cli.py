@@ -181,7 +181,6 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
             ssl_context.load_cert_chain(str(server["tls_cert"]), str(server["tls_key"]))
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"server.tls_cert/tls_key: cannot be loaded ({exc})") from None
-    install_repeat_filter(server["log_repeat_interval"])  # a flood of one error line: once per interval, counted
     files = raise_open_files()  # before anything is opened; the connection cap is sized from it
     if files.error:
         log.warning(
@@ -191,6 +190,9 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
         log.info("open files: soft limit raised from %d to %d (the hard limit)", files.before, files.soft)
     settings = Settings.from_config(config)
     app = create_app(settings, _open_store(config, "serve"), triggers=config.tables.get("triggers") or ())
+    # a flood of one error line: once per interval, counted (installed once the server will run, and taken off the
+    # handlers when it stops: a refused serve leaves the process's logging as it found it)
+    repeat = install_repeat_filter(server["log_repeat_interval"])
     guard = app[GUARD]
     log.info(
         "connections: at most %d at once (%s; open files %d); headers within %g s, bodies within %g s",
@@ -237,7 +239,11 @@ def serve(config_path: Path | None, db: str | None, host: str | None, port: int 
         pinger.cancel()
         await runner.cleanup()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(repeat)
 
 
 @cli.group()

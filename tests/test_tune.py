@@ -45,7 +45,11 @@ def write_config(
     device: str = "tune-dev",
     objective: str = "ttft",
     max_tokens: int = 4,
+    interference: bool = False,
 ) -> Path:
+    """An agent configuration for the tune and advice tests. ``interference`` off by default: on a machine busy
+    with the test suite every request can be contended, which feedback and the acknowledgements' advice then leave
+    out — these tests are about tuning and advice; tests/test_interference*.py cover the marking."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "long", "prompt": PROMPT}) + "\n")
     config = tmp_path / "agent.toml"
@@ -65,6 +69,8 @@ chat_template = "off"
 [probes]
 idle_baseline = "0"
 power_source = "none"
+[interference]
+enabled = {"true" if interference else "false"}
 [service]
 final_sync_timeout = "0"
 [tune]
