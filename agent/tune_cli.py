@@ -126,7 +126,8 @@ def tune_group() -> None:
 @click.option(
     "--allow-contended",
     is_flag=True,
-    help="Decide (and apply) even when other work contended more than a quarter of a stage's requests.",
+    help="Decide (and apply) even when other work contended more than a quarter of a stage's requests.  "
+    "[default: tune.allow_contended]",
 )
 @click.option("--no-store", is_flag=True, help="Do not store the tuning records in the outbox.")
 @_json_option

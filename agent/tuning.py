@@ -110,6 +110,7 @@ class TuneOptions:
             min_improvement=t["min_improvement"],
             candidate_timeout=t["candidate_timeout"],
             interference=interference_options(config.values),
+            allow_contended=t["allow_contended"],
         )
 
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.engines.llama import EngineSettings
 from agent.tuning import CONTENDED_SHARE, Candidate, Stage, TuneResult, contended_reason
 from lens_core.record_schema import check_record
@@ -29,7 +31,7 @@ def _config(tmp_path: Path, model: Path, *, sysfs_root: Path | None = None) -> P
     """test_tune's configuration (n_batch 1 against 64, time to first token), decoding on 2 threads."""
     config = write_config(tmp_path, model, n_batch=1, extra="n_batch = [1, 64]")
     text = config.read_text().replace("n_threads = 1\n", "n_threads = 2\n")
-    text = text.replace("n_threads = [1]", "n_threads = [2]")
+    text = text.replace("n_threads = [1]", "n_threads = [2]").replace("allow_contended = true", "")
     if sysfs_root is not None:
         text = text.replace("[probes]\n", f'[probes]\nsysfs_root = "{sysfs_root}"\n')
     config.write_text(text)
@@ -80,10 +82,13 @@ def test_busy_loops_beside_a_tune_make_it_decide_nothing(tmp_path: Path, tiny_mo
     assert candidates and all(r["ext"]["interference"]["requests"] == 8 for r in candidates)
 
 
-def test_allow_contended_decides_anyway(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_allow_contended_decides_anyway(tmp_path: Path, tiny_model: Path, how: str) -> None:
     config = _config(tmp_path, tiny_model)
+    if how == "config":
+        config.write_text(config.read_text().replace("[tune]\n", "[tune]\nallow_contended = true\n"))
     with cpu_hog(CPUS):
-        answer = _tune(config, "--allow-contended")
+        answer = _tune(config, *(["--allow-contended"] if how == "flag" else []))
     section = answer["interference"]
     assert section["contended"] is True and section["contended_stages"], section
     assert section["summary"].startswith("contended: other processes used ")
