@@ -177,7 +177,7 @@ def evaluate(
     return health
 
 
-def contended_words(run: dict[str, Any]) -> str:
+def _contended(run: dict[str, Any]) -> str:
     """``, 3 of 5 contended (cpu ×3, io ×1)`` when other work contended some of a run's requests
     (docs/interference.md), else nothing."""
     count = run.get("contended")
@@ -339,7 +339,7 @@ def render(doc: dict[str, Any]) -> str:
                     f"  last run  {name} at {run['at']}: TTFT p50 {_num(run.get('ttft_p50_ms'))} ms, "
                     f"p95 {_num(run.get('ttft_p95_ms'))} ms, {_num(run.get('tokens_per_second'))} tok/s, "
                     f"{_num(joules, 4) + ' J/token' if joules is not None else 'J/token unknown'}, "
-                    f"{plural(int(run.get('errors') or 0), 'error')}" + contended_words(run)
+                    f"{plural(int(run.get('errors') or 0), 'error')}" + _contended(run)
                 )
         for name, at in (svc.get("next_runs") or {}).items():
             lines.append(f"  next run  {name} at {at}")
