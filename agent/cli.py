@@ -842,6 +842,9 @@ def _run_line(name: str, run: dict[str, Any] | None) -> tuple[str, bool]:
         figures += f", TTFT p50 {ttft:.1f} ms"
     if rate is not None:
         figures += f", {rate:.1f} tok/s"
+    from .status import _contended
+
+    figures += _contended(run)  # docs/interference.md: ", 2 of 2 contended (cpu ×2)"
     if errors:
         from .bench.report import errors_line
 

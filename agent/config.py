@@ -419,6 +419,12 @@ SCHEMA: Schema = {
             "lens-agent run applies a scheduled tune's winner, and tunes a recommendation that arrives with a "
             "sync answer; false: it only records what it found",
         ),
+        "allow_contended": KeySpec(
+            boolean,
+            const(False),
+            "decide (and apply) even when other work contended more than a quarter of a stage's requests "
+            "(docs/tuning.md); false: such a tune decides nothing",
+        ),
     },
 }
 

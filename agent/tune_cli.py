@@ -123,6 +123,12 @@ def tune_group() -> None:
 @click.option("--rounds", type=int, help="Rounds.  [default: 3]")
 @click.option("--max-tokens", type=int, help="Output tokens per request.  [default: 32]")
 @click.option("--dry-run", is_flag=True, help="Measure and report; apply nothing.")
+@click.option(
+    "--allow-contended",
+    is_flag=True,
+    help="Decide (and apply) even when other work contended more than a quarter of a stage's requests.  "
+    "[default: tune.allow_contended]",
+)
 @click.option("--no-store", is_flag=True, help="Do not store the tuning records in the outbox.")
 @_json_option
 def run_command(
@@ -137,6 +143,7 @@ def run_command(
     rounds: int | None,
     max_tokens: int | None,
     dry_run: bool,
+    allow_contended: bool,
     no_store: bool,
     as_json: bool,
 ) -> None:
@@ -147,6 +154,8 @@ def run_command(
     goes into a drop-in (<data_dir>/tune/settings.toml) that lens-agent run picks up at its next run and verifies
     over tune.verify_runs scheduled runs, rolling it back when it is more than 5 % worse. Exit 0 whether or not
     something was found; 2 on bad input; 1 when the search could not run (a gate closed, the model failed).
+    What else used the device is sampled during every request ([interference]): when other work contended more
+    than a quarter of any stage's requests, nothing is decided or applied unless --allow-contended.
 
     \b
     Example:
@@ -170,6 +179,8 @@ def run_command(
     tried = _parse_try(tries)
     if tried:
         options = TuneOptions(**{**options.__dict__, "grid": {**options.grid, **tried}})
+    if allow_contended:
+        options = TuneOptions(**{**options.__dict__, "allow_contended": True})
     store: Callable[[Measurement], None] | None = None
     close: Callable[[], None] = _nothing
     count = [0]
@@ -226,7 +237,7 @@ def run_command(
             + ("" if a.baseline else " (no scheduled runs under the old settings yet: it cannot be judged)")
         )
         click.echo(f"undo: {undo}")
-    elif outcome.not_applied:
+    elif outcome.not_applied and result.no_decision is None:  # a contended search said so already
         click.echo(f"{outcome.not_applied}: nothing was changed")
     if count[0]:
         click.echo(f"stored {count[0]} tuning records in the outbox", err=True)

@@ -145,10 +145,24 @@ def run_tune(
         should_stop=should_stop,
     )
     result = tuner.run()
+    if result.no_decision is not None:  # contended measurements decide nothing (docs/tuning.md)
+        held = f"no decision: {result.no_decision}"
+        if store is not None:
+            store(
+                tune_record(
+                    "not_applied",
+                    {"tune_id": result.tune_id, "reason": held, "changes": _changes(result.changes)},
+                    device_id=device_id,
+                    model_name=tuner.model_name,
+                    interference=result.interference(),
+                )
+            )
+        return TuneOutcome(result, None, held)
     if not result.significant:
         return TuneOutcome(result, None, None)
     changes = result.changes
     refused = overridden(config, changes)
+    reason: str | None
     if refused:
         reason = "; ".join(refused)
     elif not apply:

@@ -28,6 +28,8 @@ from typing import Any
 
 from .engines.llama import EngineSettings
 from .errors import LensError
+from .probes.interference import InterferenceMonitor, Thresholds
+from .probes.sysfs import Root
 from .prompts import Prompt
 
 MAX_ANSWER_BYTES = 4 << 20  # a block's answer: a few hundred requests' figures
@@ -220,16 +222,22 @@ def run_block(request: dict[str, Any]) -> dict[str, Any]:
         engine = LlamaEngine.load(Path(request["model_path"]), settings, compute_sha256=False)
     except LensError as exc:
         return {"error": str(exc)}
+    monitor = _monitor(request.get("interference"), settings)
     try:
+        if monitor is not None:
+            monitor.start()
         run = run_bench(
             engine,
             [Prompt(id=p["id"], text=p["text"]) for p in request["prompts"]],
             BenchOptions(**request["options"]),
             run_id=request["run_id"],
             device_id=request["device_id"],
+            interference=monitor,
         )
         info = engine.info
     finally:
+        if monitor is not None:
+            monitor.stop()
         engine.close()
     return {
         "model_name": info.name if info else None,
@@ -241,10 +249,25 @@ def run_block(request: dict[str, Any]) -> dict[str, Any]:
                 "ttft_ms": m.ttft_ms,
                 "tpot_ms": m.tpot_ms,
                 "error_type": m.error_type,
+                **({"interference": m.ext["interference"]} if isinstance(m.ext.get("interference"), dict) else {}),
             }
             for m in run.measured
         ],
     }
+
+
+def _monitor(spec: Any, settings: EngineSettings) -> InterferenceMonitor | None:
+    """What else uses the device beside this block's requests (``TuneOptions.interference``; None: not sampled).
+    This process is the one measuring: its own CPU time is the run's, everything else's is "other"."""
+    if not isinstance(spec, dict):
+        return None
+    return InterferenceMonitor(
+        Root(spec["sysfs_root"]),
+        Thresholds(**spec["thresholds"]),
+        rate_hz=float(spec["rate_hz"]),
+        needed_cores=float(settings.n_threads),
+        uses_gpu=settings.n_gpu_layers != 0,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,11 @@ The search (``tune.search``):
 
 Every step is a record of kind ``tune`` in the outbox (``ext.tune``), so what was tried and why it was kept reaches
 the aggregator. Applying the winner is the adjuster's part (:mod:`agent.adjuster`).
+
+What else used the device is sampled during every measured request (:mod:`agent.probes.interference`, the
+``[interference]`` thresholds). A search where any stage had more than :data:`CONTENDED_SHARE` of its measured requests
+contended decides nothing — no winner is declared or applied — unless ``allow_contended`` (docs/tuning.md): the
+neighbours' noise is not a setting's speed.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from .engines.llama import EngineSettings
 from .engines.modelfile import resolve_model_path
 from .errors import LensError, UsageError
 from .measurement import Measurement
+from .probes.interference import Thresholds, results_section
 from .prompts import Prompt, load_prompts
 from .tune_worker import BlockResult, CandidateCrashed, MeasureStopped, WorkerPool, block_request
 
@@ -53,6 +59,7 @@ log = logging.getLogger("agent.tune")
 DIMENSIONS = ("n_threads", "flash_attn", "n_batch", "n_gpu_layers")
 OBJECTIVES = {"e2e": "e2e_ms", "tpot": "tpot_ms", "ttft": "ttft_ms"}
 MAX_VALUES_KEPT = 256  # per-request values carried in a record
+CONTENDED_SHARE = 0.25  # a stage with more than this share of its measured requests contended decides nothing
 
 
 class TuneSkipped(LensError):
@@ -79,6 +86,10 @@ class TuneOptions:
     min_improvement: float = 0.03
     seed: int | None = None
     candidate_timeout: float = 600.0  # one block in the measuring process, at most (then it is killed)
+    # what the measuring process samples beside each request (JSON: it is sent there): ``sysfs_root``,
+    # ``thresholds`` (the ``[interference]`` keys) and ``rate_hz``; None when ``interference.enabled`` is false
+    interference: dict[str, Any] | None = None
+    allow_contended: bool = False  # decide (and apply) even when the measurements were contended
 
     @classmethod
     def from_config(cls, config: Any, only: dict[str, list[Any]] | None = None) -> TuneOptions:
@@ -98,7 +109,21 @@ class TuneOptions:
             alpha=t["alpha"],
             min_improvement=t["min_improvement"],
             candidate_timeout=t["candidate_timeout"],
+            interference=interference_options(config.values),
+            allow_contended=t["allow_contended"],
         )
+
+
+def interference_options(values: Any) -> dict[str, Any] | None:
+    """``TuneOptions.interference`` from the configuration's ``[interference]`` and ``probes.sysfs_root``."""
+    section = values["interference"]
+    if not section["enabled"]:
+        return None
+    return {
+        "sysfs_root": str(values["probes"]["sysfs_root"]),
+        "thresholds": Thresholds.from_config(section).as_dict(),
+        "rate_hz": float(section["sample_rate_hz"]),
+    }
 
 
 def physical_cores() -> int:
@@ -132,6 +157,7 @@ class Candidate:
     failure_types: dict[str, int] = field(default_factory=dict)
     crash_signal: str | None = None  # the signal that ended its measuring process (SIGABRT, SIGSEGV, …)
     refused: bool = False  # the device's own checks refused its settings (agent.advice): never measured
+    interference: list[dict[str, Any]] = field(default_factory=list)  # ext.interference of each measured request
 
     @property
     def key(self) -> str:
@@ -152,6 +178,17 @@ class Stage:
     def candidates(self) -> list[Candidate]:
         return [self.baseline, *self.others]
 
+    @property
+    def interference(self) -> list[dict[str, Any]]:
+        """``ext.interference`` of every measured request of the stage, all candidates."""
+        return [figures for c in self.candidates for figures in c.interference]
+
+    @property
+    def contended(self) -> bool:
+        """More than :data:`CONTENDED_SHARE` of the stage's measured requests were contended."""
+        sampled = self.interference
+        return bool(sampled) and sum(1 for f in sampled if f.get("contended")) > CONTENDED_SHARE * len(sampled)
+
 
 @dataclass
 class TuneResult:
@@ -162,6 +199,14 @@ class TuneResult:
     stages: list[Stage]
     confirm: Comparison | None  # the original against the best, measured afresh (None: nothing to confirm)
     significant: bool  # the whole change passed the test (alpha, min_improvement)
+    # "contended (…)": the measurements were contended, nothing is decided (None: decided, or allowed anyway)
+    no_decision: str | None = None
+    thresholds: dict[str, float] | None = None  # the interference thresholds in force (None: not sampled)
+
+    @property
+    def decided(self) -> bool:
+        """A winner is declared (and may be applied): significant and not contended."""
+        return self.significant and self.no_decision is None
 
     @property
     def changes(self) -> dict[str, tuple[Any, Any]]:
@@ -177,21 +222,60 @@ class TuneResult:
             "best": self.best.as_dict(),
             "changes": {k: {"from": a, "to": b} for k, (a, b) in self.changes.items()},
             "significant": self.significant,
+            "decided": self.decided,
+            "no_decision": self.no_decision,
             "confirm": comparison_dict(self.confirm) if self.confirm else None,
-            "stages": [stage_summary(s) for s in self.stages],
+            "interference": self.interference(),
+            "stages": [stage_summary(s, self.thresholds) for s in self.stages],
+        }
+
+    def interference(self) -> dict[str, Any] | None:
+        """Over every measured request of the search: ``results.interference``'s shape, plus ``contended_stages``
+        (the stages with more than :data:`CONTENDED_SHARE` of their requests contended) and ``max_contended_share``.
+        None when nothing was sampled."""
+        section = interference_summary([f for s in self.stages for f in s.interference], self.thresholds)
+        if section is None:
+            return None
+        return {
+            **section,
+            "contended_stages": [s.name for s in self.stages if s.contended],
+            "max_contended_share": CONTENDED_SHARE,
         }
 
 
-def stage_summary(stage: Stage) -> dict[str, Any]:
+def interference_summary(sampled: list[dict[str, Any]], thresholds: dict[str, float] | None) -> dict[str, Any] | None:
+    """``results.interference`` (agent.probes.interference.results_section) over requests' ``ext.interference``;
+    None when none was sampled."""
+    if not sampled or thresholds is None:
+        return None
+    cpus = next((f["cpus"] for f in sampled if isinstance(f.get("cpus"), int)), 1)
+    return results_section(
+        sampled, Thresholds(**thresholds), cpus=cpus, uses_gpu=any(f.get("uses_gpu") is True for f in sampled)
+    )
+
+
+def interference_brief(section: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage's or a candidate's contention in a few keys: ``contended_requests``, ``requests``, ``reasons``
+    (code → requests) and ``summary`` (the ``contended: …`` line); empty when nothing was sampled."""
+    if section is None:
+        return {}
+    return {k: section[k] for k in ("contended", "contended_requests", "requests", "reasons", "summary")}
+
+
+def stage_summary(stage: Stage, thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    brief = interference_brief(interference_summary(stage.interference, thresholds))
     return {
         "stage": stage.name,
         "baseline": stage.baseline.key,
         "winner": stage.winner.key if stage.winner else None,
-        "candidates": [candidate_summary(c, stage.comparisons.get(c.key)) for c in stage.candidates],
+        "interference": {**brief, "over_limit": stage.contended} if brief else None,
+        "candidates": [candidate_summary(c, stage.comparisons.get(c.key), thresholds) for c in stage.candidates],
     }
 
 
-def candidate_summary(candidate: Candidate, comparison: Comparison | None) -> dict[str, Any]:
+def candidate_summary(
+    candidate: Candidate, comparison: Comparison | None, thresholds: dict[str, float] | None = None
+) -> dict[str, Any]:
     import numpy as np
 
     values = candidate.values
@@ -207,6 +291,13 @@ def candidate_summary(candidate: Candidate, comparison: Comparison | None) -> di
         "median_ms": float(np.median(values)) if values else None,
         "values_ms": [round(v, 3) for v in values[:MAX_VALUES_KEPT]],
         "vs_baseline": comparison_dict(comparison) if comparison else None,
+        # flat: a tune record nests candidates inside stages, within record_schema's depth for ext
+        "interference": {
+            k: v
+            for k, v in interference_brief(interference_summary(candidate.interference, thresholds)).items()
+            if k != "reasons"
+        }
+        or None,
     }
 
 
@@ -311,8 +402,14 @@ class Tuner:
                 if stage.winner is None:
                     best = self.base  # the combination did not hold up against the original: keep it
         significant = best != self.base and confirm is not None
-        result = TuneResult(self.tune_id, self.options.objective, self.base, best, stages, confirm, significant)
-        self._record("result", result.as_dict())
+        thresholds = (self.options.interference or {}).get("thresholds")
+        result = TuneResult(
+            self.tune_id, self.options.objective, self.base, best, stages, confirm, significant, thresholds=thresholds
+        )
+        held = contended_reason(stages, thresholds)
+        if held is not None and not self.options.allow_contended:
+            result.no_decision = held
+        self._record("result", result.as_dict(), interference=result.interference())
         return result
 
     # -- planning ----------------------------------------------------------------------------------------------
@@ -368,11 +465,13 @@ class Tuner:
                 )
                 self._block(candidate)
         self._decide(stage, alpha)
+        thresholds = (self.options.interference or {}).get("thresholds")
         for candidate in stage.candidates:
             self._record(
                 "candidate",
-                {"stage": stage.name, **candidate_summary(candidate, stage.comparisons.get(candidate.key))},
+                {"stage": stage.name, **candidate_summary(candidate, stage.comparisons.get(candidate.key), thresholds)},
                 settings=candidate.settings,
+                interference=interference_summary(candidate.interference, thresholds),
             )
 
     def _block(self, candidate: Candidate) -> None:
@@ -390,6 +489,8 @@ class Tuner:
         request = block_request(
             self.model_path, candidate.settings, self.prompts, options, run_id=self.tune_id, device_id=self.device_id
         )
+        if self.options.interference is not None:
+            request["interference"] = self.options.interference
         try:
             result = self.measure(request)
         except MeasureStopped:
@@ -407,7 +508,11 @@ class Tuner:
             self.model_name = result.model_name
             self.quantization = result.quantization
         attribute = OBJECTIVES[self.options.objective]
+        uses_gpu = candidate.settings.n_gpu_layers != 0
         for m in result.requests:
+            figures = m.get("interference")
+            if isinstance(figures, dict) and isinstance(figures.get("contended"), bool):
+                candidate.interference.append({**figures, "uses_gpu": uses_gpu})
             value = m.get(attribute)
             if m.get("ok") and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
                 candidate.values.append(float(value))
@@ -439,7 +544,13 @@ class Tuner:
                 best = (comparison.improvement, candidate)
         stage.winner = best[1] if best else None
 
-    def _record(self, step: str, detail: dict[str, Any], settings: EngineSettings | None = None) -> None:
+    def _record(
+        self,
+        step: str,
+        detail: dict[str, Any],
+        settings: EngineSettings | None = None,
+        interference: dict[str, Any] | None = None,
+    ) -> None:
         if self.on_record is None:
             return
         self.on_record(
@@ -450,8 +561,39 @@ class Tuner:
                 model_name=self.model_name,
                 settings=(settings or self.base).as_dict()
                 | ({"quantization": self.quantization} if self.quantization else {}),
+                interference=interference,
             )
         )
+
+
+def contended_reason(stages: list[Stage], thresholds: dict[str, float] | None) -> str | None:
+    """``contended (threads: 9 of 24 requests, …; other processes used 1.6 of 2 cores)`` when any stage had more
+    than :data:`CONTENDED_SHARE` of its measured requests contended, else None."""
+    over = [s for s in stages if s.contended]
+    if not over:
+        return None
+    counts = ", ".join(
+        f"{s.name}: {sum(1 for f in s.interference if f.get('contended'))} of {len(s.interference)} requests"
+        for s in over
+    )
+    section = interference_summary([f for s in over for f in s.interference], thresholds)
+    why = section["summary"].removeprefix("contended: ").rsplit(" (", 1)[0] if section else ""
+    return f"contended ({counts}" + (f"; {why}" if why else "") + ")"
+
+
+def record_interference(section: dict[str, Any]) -> dict[str, Any]:
+    """A tune record's ``ext.interference`` (docs/wire-format.md's shape): ``contended``, ``reasons`` (the codes),
+    the worst figure of each kind over its requests, a ``summary`` of at most 200 characters, and
+    ``contended_requests`` / ``requests``."""
+    summary = section["summary"]
+    return {
+        "contended": section["contended"],
+        "reasons": list(section["reasons"]),
+        **section["peaks"],
+        "summary": summary if len(summary) <= 200 else summary[:199] + "…",
+        "contended_requests": section["contended_requests"],
+        "requests": section["requests"],
+    }
 
 
 def _failures(candidate: Candidate) -> str:
@@ -461,9 +603,16 @@ def _failures(candidate: Candidate) -> str:
 
 
 def tune_record(
-    step: str, detail: dict[str, Any], *, device_id: str, model_name: str, settings: dict[str, Any] | None = None
+    step: str,
+    detail: dict[str, Any],
+    *,
+    device_id: str,
+    model_name: str,
+    settings: dict[str, Any] | None = None,
+    interference: dict[str, Any] | None = None,
 ) -> Measurement:
-    """A record of one tuning step: kind ``tune``, ``ext.tune`` = ``{"step": …, …}``."""
+    """A record of one tuning step: kind ``tune``, ``ext.tune`` = ``{"step": …, …}``; ``interference``: the
+    contention over the step's measured requests (``results.interference``'s shape), as ``ext.interference``."""
     record = Measurement(
         run_id=str(detail.get("tune_id") or detail.get("adjustment_id") or uuid.uuid4()),
         device_id=device_id,
@@ -473,6 +622,8 @@ def tune_record(
         output_tokens=0,
     )
     record.ext["tune"] = {"step": step, **detail}
+    if interference is not None:
+        record.ext["interference"] = record_interference(interference)
     if settings:
         record.ext["settings"] = settings
     return record
@@ -497,6 +648,9 @@ def model_path(config: Any) -> Path:
 def describe(result: TuneResult) -> list[str]:
     """The lines ``lens-agent tune`` prints."""
     lines = []
+    section = result.interference()
+    if section is not None:
+        lines.append(section["summary"])
     for stage in result.stages:
         lines.append(f"{stage.name}:")
         for cand in stage.candidates:
@@ -509,9 +663,14 @@ def describe(result: TuneResult) -> list[str]:
             else:
                 tail = f"{change_words(vs['improvement'])} (p = {vs['p_value']:.2g})"
             median = f"{s['median_ms']:.2f} ms" if s["median_ms"] is not None else "-"
-            mark = " *" if stage.winner is cand else ""
+            mark = " *" if stage.winner is cand and result.no_decision is None else ""
             lines.append(f"  {cand.key:<70} median {median:>10} over {s['requests']:>3}  {tail}{mark}")
-    if result.significant and result.confirm is not None:
+    if result.no_decision is not None:
+        lines.append(
+            f"no decision: {result.no_decision}: the figures above are the neighbours' as much as the settings'; "
+            "nothing is applied (run again on a quieter device, or --allow-contended to decide anyway)"
+        )
+    elif result.significant and result.confirm is not None:
         changes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in result.changes.items())
         c = result.confirm
         lines.append(

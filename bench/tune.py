@@ -90,6 +90,10 @@ max_tokens = {args.max_tokens}
         wall = time.perf_counter() - t0
     answer = json.loads(done.stdout)
     print(f"tune: {wall:.1f} s wall, {sum(len(s['candidates']) for s in answer['stages'])} candidate measurements")
+    if answer.get("interference"):  # what else used the machine while the candidates were measured
+        print(f"  {answer['interference']['summary']}")
+    if answer.get("no_decision"):
+        print(f"  no decision: {answer['no_decision']} (tune.allow_contended = true to decide anyway)")
     for stage in answer["stages"]:
         print(f"  {stage['stage']}: winner {stage['winner'] or '(none: the baseline stays)'}")
     confirm = answer["confirm"]

@@ -81,6 +81,9 @@ rounds = 3
 max_tokens = {max_tokens}
 objective = "{objective}"
 verify_runs = 2
+# these tests are about the search and applying its winner, on a machine shared with other work: a contended
+# search decides nothing by default (tests/test_tune_interference.py)
+allow_contended = true
 {extra}
 [[workloads]]
 name = "long"
