@@ -111,7 +111,11 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     help="Where LLMPerf's files go.  [default: beside --output, else the current directory]",
 )
 @click.option("--n-ctx", type=int, help="Context size in tokens.  [default: 2048]")
-@click.option("--n-threads", type=int, help="Threads.  [default: physical cores less those busy with other work, docs/interference.md]")
+@click.option(
+    "--n-threads",
+    type=int,
+    help="Threads.  [default: physical cores less those busy with other work (docs/interference.md)]",
+)
 @click.option("--n-batch", type=int, help="Prompt tokens per llama_decode call.  [default: 512]")
 @click.option("--n-gpu-layers", type=int, help="Layers offloaded to a GPU, -1 for all.  [default: 0]")
 @click.option("--flash-attn/--no-flash-attn", default=None, help="Flash attention.  [default: on]")
