@@ -29,7 +29,7 @@ CPUS = os.cpu_count() or 2
 
 def _config(tmp_path: Path, model: Path, *, sysfs_root: Path | None = None) -> Path:
     """test_tune's configuration (n_batch 1 against 64, time to first token), decoding on 2 threads."""
-    config = write_config(tmp_path, model, n_batch=1, extra="n_batch = [1, 64]")
+    config = write_config(tmp_path, model, n_batch=1, extra="n_batch = [1, 64]", interference=True)
     text = config.read_text().replace("n_threads = 1\n", "n_threads = 2\n")
     text = text.replace("n_threads = [1]", "n_threads = [2]").replace("allow_contended = true", "")
     if sysfs_root is not None:
