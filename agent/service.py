@@ -890,6 +890,9 @@ class AgentService:
         if answer in TERMINAL and job["state"] not in TERMINAL:
             job["state"] = answer
             job["reason"] = job.get("reason") or f"{answer} by the aggregator"
+            # the report that carried the answer said "running": the stop itself is reported at the next pass, as
+            # when the cancel comes with an acknowledgement
+            job["reported"] = False
             self._job_cancel.discard(job["benchmark_id"])
             log.info("campaign %s: the aggregator says %s: stopped", job["benchmark_id"], answer)
         self._save_job(job)

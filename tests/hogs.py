@@ -22,7 +22,7 @@ CPU_HOG = "while True:\n    pass\n"
 IO_HOG = """
 import os, sys
 path = sys.argv[1]
-block = os.urandom(256 << 10)
+block = os.urandom(1 << 20)
 with open(path, "wb", buffering=0) as f:
     while True:
         f.write(block)

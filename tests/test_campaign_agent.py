@@ -319,7 +319,9 @@ def test_a_job_is_fetched_run_and_reported(tmp_path: Path, tiny_model: Path) -> 
 def test_a_cancelled_job_stops_at_its_next_check(tmp_path: Path, tiny_model: Path) -> None:
     with fake_aggregator() as fake:
         config = agent_config(tmp_path, tiny_model, fake)
-        job_id = fake.add_job(suite_doc([1, 2, 4], requests=400, output_tokens=16))
+        # a level of 4,000 requests (the tiny model answers one in a few ms: 400 could end before the first upload
+        # shows the test any record, and the cancel would find the level done); the cancel cuts it short
+        job_id = fake.add_job(suite_doc([1, 2, 4], requests=4000, output_tokens=16))
         log_path = tmp_path / "agent.log"
         proc = start_agent(config, log_path)
         try:
@@ -331,7 +333,7 @@ def test_a_cancelled_job_stops_at_its_next_check(tmp_path: Path, tiny_model: Pat
         finally:
             stop_agent(proc, log_path)
         after = fake.campaign_records(job_id)
-        assert len(after) < 400  # stopped well before the first level's end
+        assert len(after) < 4000  # stopped before the first level's end
         assert len(after) - counted <= 2  # nothing measured after the report but what was in flight
         assert not fake.campaign_records(job_id, "campaign_level")
         assert job_file(tmp_path, job_id)["state"] == "cancelled"
