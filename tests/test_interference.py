@@ -287,17 +287,24 @@ def test_results_section_counts_reasons_and_names_the_typical_figure() -> None:
 
 
 def test_default_thread_count_and_its_source(tmp_path: Path) -> None:
-    named = choose_threads(3, "--n-threads", Root("/"), physical_cores=2)
+    named = choose_threads(3, "--n-threads", Root("/"), physical_cores=2, usable=4)
     assert (named.n_threads, named.source, named.busy_cores) == (3, "flag", None)
     assert named.line == "threads 3 (model.n_threads from --n-threads)"
+    # taskset -c 0: more threads than the process may use is said (the run's threads wait for each other), and the
+    # default never asks for more than it may use
+    pinned = choose_threads(2, "--n-threads", Root("/"), physical_cores=2, usable=1)
+    assert pinned.n_threads == 2 and "more than the 1 CPU this process may use" in pinned.line
+    write(tmp_path, "/proc/stat", "cpu  100 0 100 1000 0 0 0 0 0 0\ncpu0 50 0 50 500 0 0 0 0 0 0\n")
+    one = choose_threads(2, "default", Root(tmp_path), physical_cores=2, seconds=0.05, usable=1)
+    assert one.n_threads == 1 and one.line.startswith("threads 1 of 2 physical cores, 1 usable here")
     assert choose_threads(2, "drop-in /x/tune/settings.toml", Root("/"), physical_cores=2).source == "drop-in"
     assert choose_threads(2, "/etc/lens-agent/agent.toml", Root("/"), physical_cores=2).source == "config"
     # a tree whose /proc/stat does not move: nothing busy, all physical cores
     write(tmp_path, "/proc/stat", "cpu  100 0 100 1000 0 0 0 0 0 0\ncpu0 50 0 50 500 0 0 0 0 0 0\n")
-    default = choose_threads(2, "default", Root(tmp_path), physical_cores=2, seconds=0.05)
+    default = choose_threads(2, "default", Root(tmp_path), physical_cores=2, seconds=0.05, usable=2)
     assert (default.n_threads, default.source, default.busy_cores) == (2, "default", 0.0)
     with cpu_hog(2):
-        busy = choose_threads(2, "default", Root("/"), physical_cores=2, seconds=0.5)
+        busy = choose_threads(2, "default", Root("/"), physical_cores=2, seconds=0.5, usable=2)
     assert busy.n_threads == 1 and busy.busy_cores is not None and busy.busy_cores >= 0.5
     assert busy.line.startswith("threads 1 of 2 physical cores: ") and "--n-threads N to choose" in busy.line
 

@@ -604,37 +604,58 @@ def thread_source(source: str) -> str:
     return "config"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: taskset, a cpuset cgroup), else every online CPU."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def choose_threads(
-    n_threads: int, source: str, root: Root, *, physical_cores: int, seconds: float = 0.5
+    n_threads: int,
+    source: str,
+    root: Root,
+    *,
+    physical_cores: int,
+    seconds: float = 0.5,
+    usable: int | None = None,
 ) -> ThreadChoice:
     """The decode threads to load with. A thread count someone chose (flag, file, environment, drop-in) is kept and
-    its source named; the default (one per physical core) leaves out the cores other work keeps busy, measured
-    over ``seconds`` now: ``max(1, physical - round(busy))``."""
+    its source named; the default (one per physical core, at most the CPUs this process may use) leaves out the
+    cores other work keeps busy, measured over ``seconds`` now: ``max(1, cores - round(busy))``. More threads than
+    the process may use is said: such a run contends with itself."""
+    usable = usable_cpus() if usable is None else usable
     kind = thread_source(source)
     if kind != "default":
-        return ThreadChoice(n_threads, kind, None, f"threads {n_threads} (model.n_threads from {source})")
+        line = f"threads {n_threads} (model.n_threads from {source})"
+        if n_threads > usable:
+            line += (
+                f"; more than the {usable} CPU{'s' if usable != 1 else ''} this process may use (affinity or "
+                "cpuset): the run's own threads wait for each other"
+            )
+        return ThreadChoice(n_threads, kind, None, line)
+    cores = min(physical_cores, usable)
+    of = f"{physical_cores} physical cores" + (f", {usable} usable here" if usable < physical_cores else "")
     busy = busy_cores(root, seconds)
     if busy is None:
+        chosen = min(n_threads, cores)
         return ThreadChoice(
-            n_threads,
+            chosen,
             kind,
             None,
-            f"threads {n_threads} of {physical_cores} physical cores: other work unknown (no /proc/stat); "
-            "--n-threads N to choose",
+            f"threads {chosen} of {of}: other work unknown (no /proc/stat); --n-threads N to choose",
         )
     taken = round(busy)
     if taken < 1:
+        chosen = min(n_threads, cores)
         return ThreadChoice(
-            n_threads,
-            kind,
-            round(busy, 2),
-            f"threads {n_threads} of {physical_cores} physical cores ({busy:.1f} cores busy with other work)",
+            chosen, kind, round(busy, 2), f"threads {chosen} of {of} ({busy:.1f} cores busy with other work)"
         )
-    chosen = max(1, physical_cores - taken)
+    chosen = max(1, cores - taken)
     return ThreadChoice(
         chosen,
         kind,
         round(busy, 2),
-        f"threads {chosen} of {physical_cores} physical cores: {busy:.1f} cores busy with other work; "
-        "--n-threads N to choose",
+        f"threads {chosen} of {of}: {busy:.1f} cores busy with other work; --n-threads N to choose",
     )
