@@ -26,7 +26,7 @@ from .sysfs_trees import MEMINFO, write
 from .test_tune import agent, outbox_records, write_config
 
 CPUS = os.cpu_count() or 2
-HOGS = CPUS + 1  # one more busy loop than CPUs: other processes use more than the one the decode leaves free
+HOGS = CPUS + 2  # more busy loops than CPUs: other processes use well over the one CPU the decode leaves free
 
 
 def _config(tmp_path: Path, model: Path, *, sysfs_root: Path | None = None) -> Path:
@@ -151,4 +151,6 @@ def test_run_once_says_how_many_requests_were_contended(tmp_path: Path, tiny_mod
     assert done.returncode == 0, done.stdout + done.stderr
     line = next(line for line in done.stdout.splitlines() if line.startswith("long: "))
     assert line.startswith("long: ok: 3/3 requests ok, TTFT p50 "), line
-    assert ", 3 of 3 contended (" in line and "cpu ×3" in line, line
+    # every request was contended; which reasons fired for each depends on how the loops and the decode shared the
+    # CPUs at that moment (other processes' cores, CPU pressure or both)
+    assert ", 3 of 3 contended (" in line and "cpu" in line.split(" contended (", 1)[1], line
