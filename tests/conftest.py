@@ -66,6 +66,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     return PostgresStore(request.getfixturevalue("pg_url"))
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Where an aggregator store of each backend lives (a SQLite path, a PostgreSQL URL): :func:`open_store` opens
+    it, as often as a test needs (a migration, a restart)."""
+    if request.param == "sqlite":
+        return tmp_path / "agg.db"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
 def aggregator(tmp_path: Path) -> Iterator[AggregatorProcess]:
     """``lens-aggregator serve`` as a real process on 127.0.0.1 with a SQLite store in the test's directory."""

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from aggregator.store import SQLiteStore
 
@@ -85,6 +85,15 @@ class AggregatorProcess:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def open_store(db: Any) -> Any:
+    """The aggregator store at ``db``: a SQLite path, or a PostgreSQL URL (the ``db`` fixture gives either)."""
+    if isinstance(db, Path):
+        return SQLiteStore(db)
+    from aggregator.pgstore import PostgresStore
+
+    return PostgresStore(db)
 
 
 def device_token(db: Path) -> str:

@@ -30,7 +30,7 @@ from lens_core.recommendations import parse_wire
 
 from .hostile_device import encode_raw, raw_batch, valid_wire
 from .netproxy import free_port
-from .processes import AggregatorProcess
+from .processes import AggregatorProcess, open_store
 from .test_aggregator import auth, make_batch
 from .test_device_page import facts_record
 from .test_feedback import BASE, NOW, WHEN, Fleet, check_documents, plant
@@ -384,21 +384,6 @@ def test_the_config_keys_are_checked(tmp_path: Path) -> None:
 
 
 # -- the upgrade from schema 7 ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        return tmp_path / "agg.db"
-    return request.getfixturevalue("pg_url")
-
-
-def open_store(db: Any) -> Any:
-    if isinstance(db, Path):
-        return SQLiteStore(db)
-    from aggregator.pgstore import PostgresStore
-
-    return PostgresStore(db)
 
 
 def back_to_schema_7(db: Any) -> None:

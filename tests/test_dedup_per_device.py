@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from aggregator.app import _row
 from aggregator.store import INSERT_COLUMNS, MIGRATIONS, SCHEMA_VERSION, Query, SQLiteStore
@@ -23,7 +22,7 @@ from lens_core.sqlite_schema import migrate_forward
 
 from .hostile_device import auth, encode_raw, raw_batch, valid_wire
 from .netproxy import free_port
-from .processes import AggregatorProcess
+from .processes import AggregatorProcess, open_store
 
 NOW = time.time_ns() // 1000
 
@@ -43,21 +42,6 @@ async def send(port: int, token: str, device: str, records: list[dict[str, Any]]
     ):
         assert response.status == 200, await response.text()
         return dict(await response.json())
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        return tmp_path / "agg.db"
-    return request.getfixturevalue("pg_url")
-
-
-def open_store(db: Any) -> Any:
-    if isinstance(db, Path):
-        return SQLiteStore(db)
-    from aggregator.pgstore import PostgresStore
-
-    return PostgresStore(db)
 
 
 def test_another_device_sending_a_known_id_gets_its_record_stored(db: Any) -> None:
