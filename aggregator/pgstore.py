@@ -401,10 +401,13 @@ class PostgresStore(Store):
         rows = self._read(sql, [*params, limit])
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
 
-    def latest_columns(self, query: Query, columns: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+    def latest_columns(
+        self, query: Query, columns: Sequence[str], limit: int, *, by_event: bool = False
+    ) -> list[tuple[Any, ...]]:
         where, params = query.where()
+        order = "started_us DESC, seq DESC" if by_event else "seq DESC"
         sql = (
-            f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')} ORDER BY seq DESC LIMIT %s"
+            f"SELECT {', '.join(columns)} FROM measurements WHERE {where.replace('?', '%s')} ORDER BY {order} LIMIT %s"
         )
         return self._read(sql, [*params, limit])[::-1]
 

@@ -566,9 +566,13 @@ class Store(abc.ABC):
         newest first."""
 
     @abc.abstractmethod
-    def latest_columns(self, query: Query, columns: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+    def latest_columns(
+        self, query: Query, columns: Sequence[str], limit: int, *, by_event: bool = False
+    ) -> list[tuple[Any, ...]]:
         """The given columns of the ``limit`` most recently received measurements matching ``query``, oldest first
-        (no record bodies: what the change-point search reads)."""
+        (no record bodies: what the change-point search reads). ``by_event``: the ``limit`` whose requests ran
+        last (``started_us``, the device's clock; ties in the order received), in the order they ran — a late or
+        resent batch of old requests lands where it belongs instead of becoming "the latest"."""
 
     def latest(self, query: Query, limit: int) -> list[dict[str, Any]]:
         """The ``limit`` most recently received measurements matching ``query``, oldest first."""
@@ -1405,9 +1409,12 @@ class SQLiteStore(Store):
         )
         return [dict(zip(QUERY_COLUMNS, row, strict=True)) for row in rows]
 
-    def latest_columns(self, query: Query, columns: Sequence[str], limit: int) -> list[tuple[Any, ...]]:
+    def latest_columns(
+        self, query: Query, columns: Sequence[str], limit: int, *, by_event: bool = False
+    ) -> list[tuple[Any, ...]]:
         where, params = query.where()
-        sql = f"SELECT {', '.join(columns)} FROM measurements WHERE {where} ORDER BY seq DESC LIMIT ?"
+        order = "started_us DESC, seq DESC" if by_event else "seq DESC"
+        sql = f"SELECT {', '.join(columns)} FROM measurements WHERE {where} ORDER BY {order} LIMIT ?"
         return self._read(sql, [*params, limit])[::-1]
 
     def series(self, device: str | None = None) -> list[dict[str, Any]]:
