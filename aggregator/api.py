@@ -286,6 +286,7 @@ def summary_response(store: Store, params: Any, max_groups: int | None = None) -
         inference,
         [key or "'all'", "ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "error_type"],
         MAX_SUMMARY_ROWS,
+        by_event=True,
     )
     check = deadline.every(20_000)
     groups: dict[str, list[tuple[Any, ...]]] = {}
@@ -341,7 +342,7 @@ def summary_response(store: Store, params: Any, max_groups: int | None = None) -
     if len(rows) >= MAX_SUMMARY_ROWS:
         truncated["rows"] = {
             "limit": MAX_SUMMARY_ROWS,
-            "message": f"truncated: only the {MAX_SUMMARY_ROWS:,} most recently received matching requests were "
+            "message": f"truncated: only the {MAX_SUMMARY_ROWS:,} matching requests that ran last were "
             "read; narrow the query with since=, until=, device= or model=",
         }
     if truncated:

@@ -191,9 +191,11 @@ class Series:
     groups: dict[str | None, Group]
     current: str | None  # the settings key of the latest successful request
     latest_seq: int
-    window_span: int  # rows from the oldest of the current window to the newest: what store.latest reads for bodies
+    window_span: int  # rows, in the order they ran, from the oldest request of the current window to the newest
     rows: list[tuple[Any, ...]]  # the columns read, oldest first, without those left out as contended (anomalies)
     contended_excluded: int = 0  # successful requests read and left out as contended (any settings)
+    latest_started_us: int = 0  # when the latest successful request ran (the device's clock)
+    read_rows: int = 0  # how many of the series' latest requests were read (of any outcome)
 
 
 def _canonical(raw: Any) -> str | None:
@@ -215,10 +217,11 @@ def read_series(
     a series whose every successful request was left out is None, and is named in ``all_contended``."""
     strategy = None if entry["strategy"] == NULL_NAME else entry["strategy"]
     query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
-    rows = store.latest_columns(query, _COLUMNS, settings.history)
+    rows = store.latest_columns(query, _COLUMNS, settings.history, by_event=True)
     groups: dict[str | None, Group] = {}
     current: str | None = None
     latest_seq: int | None = None
+    latest_started = 0
     oldest_index = len(rows)
     keys: dict[Any, str | None] = {}  # a series holds a few distinct settings keys: each parsed once
     left_out: Counter[str | None] = Counter()
@@ -231,7 +234,7 @@ def read_series(
             left_out[key] += 1
             continue
         if latest_seq is None:
-            current, latest_seq = key, seq
+            current, latest_seq, latest_started = key, seq, started
         group = groups.get(key)
         if group is None:
             group = groups[key] = Group(entry["device_id"], entry["model_name"], strategy, key, parse_key(key))
@@ -276,6 +279,8 @@ def read_series(
         len(rows) - oldest_index,
         kept,
         sum(left_out.values()),
+        latest_started,
+        len(rows),
     )
 
 
@@ -753,8 +758,12 @@ def window_memory(store: Store, series: Series, window: Group) -> list[int]:
         strategy=series.strategy if series.strategy is not None else NULL_NAME,
     )
     wanted = {r.seq for r in window.rows}
+    if not wanted:
+        return []
     out = []
-    for row in store.latest(query, max(1, series.window_span)):
+    # the window is the requests that ran last; read the bodies stored from its first-received one on (a batch of
+    # old requests received since is read past, within the series' latest requests)
+    for row in store.query(query, limit=max(1, series.read_rows, series.window_span), after_seq=min(wanted) - 1):
         if row.get("seq") not in wanted:
             continue
         record = decode_wire(row)
@@ -962,7 +971,7 @@ def _compute(
     documents: list[dict[str, Any]] = []
     wire: dict[str, list[Recommendation]] = {}
     for (device, _model), all_series in sorted(series_of.items()):
-        chosen = max(all_series, key=lambda s: s.latest_seq)
+        chosen = max(all_series, key=lambda s: (s.latest_started_us, s.latest_seq))
         doc, recs = document(store, all_series, chosen, facts[device], index, found, settings, now_us)
         documents.append(doc)
         if recs:

@@ -63,7 +63,10 @@ def fleet_rows(
         device_id = device["device_id"]
         # (model_name, strategy, ok, contended) of the device's latest requests, of any series: no record bodies
         window = store.latest_columns(
-            Query(device=device_id, kind="inference"), ("model_name", "strategy", "ok", "contended"), recent
+            Query(device=device_id, kind="inference"),
+            ("model_name", "strategy", "ok", "contended"),
+            recent,
+            by_event=True,
         )
         figures = [_series_figures(store, entry, recent) for entry in series.get(device_id, [])]
         current_model = _name(window[-1][0]) if window else None
@@ -123,10 +126,12 @@ _FIGURE_COLUMNS = ("ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "j_per
 
 
 def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[str, Any]:
-    """One series' figures over its latest ``recent`` requests: exact TTFT/TPOT percentiles and tok/s of the
-    successful ones, the error rate of all, J/token where the records carry energy."""
+    """One series' figures over its latest ``recent`` requests (those that ran last, by the device's clock):
+    exact TTFT/TPOT percentiles and the median tok/s (output tokens ÷ e2e seconds, per request) of the successful
+    ones, the error rate of all, the mean J/token where the records carry energy (docs/fleet.md, "Which
+    statistic")."""
     query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
-    latest = [dict(zip(_FIGURE_COLUMNS, r, strict=True)) for r in store.latest_columns(query, _FIGURE_COLUMNS, recent)]
+    latest = [dict(zip(_FIGURE_COLUMNS, r, strict=True)) for r in store.latest_columns(query, _FIGURE_COLUMNS, recent, by_event=True)]
     ok = [r for r in latest if r["ok"]]
     ttfts = sorted(r["ttft_us"] / 1000 for r in ok if _finite(r.get("ttft_us")))
     tpots = sorted(r["tpot_us"] / 1000 for r in ok if _finite(r.get("tpot_us")))
@@ -149,7 +154,7 @@ def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[st
         "ttft_p95_ms": _quantile(ttfts, 95),
         "tpot_p50_ms": _quantile(tpots, 50),
         "tpot_p95_ms": _quantile(tpots, 95),
-        "tokens_per_second": statistics.fmean(rates) if rates else None,
+        "tokens_per_second": statistics.median(rates) if rates else None,
         "j_per_output_token": statistics.fmean(joules) if joules else None,
     }
 

@@ -3,9 +3,9 @@
 ``GET /api/v1/devices/{device}/timeline?since=&until=&points=&width=`` answers a grid of equal time buckets over
 the range (the bucket width is the smallest of :data:`WIDTHS` that keeps the grid within ``points``, or ``width``
 when given) and, per model × strategy series and bucket, the requests, the errors, exact TTFT and TPOT p50/p95 of
-the bucket's successful requests, mean tokens per second, J/token and average power (W); beside them the batches
-the device sent (records, backlog, drops, quarantine: the last reported value per bucket), and its facts (hottest
-zone, power mode, throttling) per bucket. Columns are arrays over the grid, ``null`` where a bucket has nothing —
+the bucket's successful requests, the median of their tokens per second (output tokens ÷ e2e), mean J/token and
+average power (W); beside them the batches the device sent (records, backlog, drops, quarantine: the last reported
+value per bucket), and its facts (hottest zone, power mode, throttling) per bucket. Columns are arrays over the grid, ``null`` where a bucket has nothing —
 the shape uPlot draws directly.
 
 Buckets start at multiples of their width since the Unix epoch, so a later request for ``since=<the last
@@ -130,7 +130,10 @@ def timeline(
     grid = [first + i * step for i in range(count)]
 
     rows = store.latest_columns(
-        Query(device=device, kind="inference", model=model, since_us=first, until_us=until_us), _COLUMNS, max_rows
+        Query(device=device, kind="inference", model=model, since_us=first, until_us=until_us),
+        _COLUMNS,
+        max_rows,
+        by_event=True,
     )
     # the series with the most requests in the range, at most max_series of them
     check = deadline.every(20_000)
@@ -217,7 +220,7 @@ def _series_columns(model: str | None, strategy: str | None, cells: list[list[tu
         out["ttft_p95"].append(_round(_quantile(ttfts, 95)))
         out["tpot_p50"].append(_round(_quantile(tpots, 50)))
         out["tpot_p95"].append(_round(_quantile(tpots, 95)))
-        out["tokens_per_second"].append(_round(statistics.fmean(rates)) if rates else None)
+        out["tokens_per_second"].append(_round(statistics.median(rates)) if rates else None)
         out["j_per_token"].append(_round(statistics.fmean(joules), 6) if joules else None)
         out["power_w"].append(_round(statistics.fmean(watts)) if watts else None)
     return {"model_name": model, "strategy": strategy or "local", **out}
