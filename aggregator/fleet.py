@@ -131,7 +131,8 @@ def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[st
     ones, the error rate of all, the mean J/token where the records carry energy (docs/fleet.md, "Which
     statistic")."""
     query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
-    latest = [dict(zip(_FIGURE_COLUMNS, r, strict=True)) for r in store.latest_columns(query, _FIGURE_COLUMNS, recent, by_event=True)]
+    read = store.latest_columns(query, _FIGURE_COLUMNS, recent, by_event=True)
+    latest = [dict(zip(_FIGURE_COLUMNS, r, strict=True)) for r in read]
     ok = [r for r in latest if r["ok"]]
     ttfts = sorted(r["ttft_us"] / 1000 for r in ok if _finite(r.get("ttft_us")))
     tpots = sorted(r["tpot_us"] / 1000 for r in ok if _finite(r.get("tpot_us")))

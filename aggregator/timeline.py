@@ -5,8 +5,8 @@ the range (the bucket width is the smallest of :data:`WIDTHS` that keeps the gri
 when given) and, per model × strategy series and bucket, the requests, the errors, exact TTFT and TPOT p50/p95 of
 the bucket's successful requests, the median of their tokens per second (output tokens ÷ e2e), mean J/token and
 average power (W); beside them the batches the device sent (records, backlog, drops, quarantine: the last reported
-value per bucket), and its facts (hottest zone, power mode, throttling) per bucket. Columns are arrays over the grid, ``null`` where a bucket has nothing —
-the shape uPlot draws directly.
+value per bucket), and its facts (hottest zone, power mode, throttling) per bucket. Columns are arrays over the
+grid, ``null`` where a bucket has nothing — the shape uPlot draws directly.
 
 Buckets start at multiples of their width since the Unix epoch, so a later request for ``since=<the last
 bucket's start>`` with the same ``width`` returns the same buckets again, updated: the page's live update fetches

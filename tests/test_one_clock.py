@@ -16,7 +16,6 @@ import pytest
 
 from agent.synthetic import synthetic_records
 from aggregator.app import Settings, create_app
-
 from lens_core import wire
 
 from .test_aggregator import auth
@@ -153,4 +152,3 @@ async def test_old_requests_arriving_late_change_no_current_figure(aiohttp_clien
     assert after["row"]["last_seen_us"] >= before["row"]["last_seen_us"]  # receive time: last-seen still moves
     assert after["api"] == before["api"] and after["page"] == before["page"] and after["one"] == before["one"]
     assert after["feedback"] == before["feedback"]
-
