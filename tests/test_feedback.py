@@ -480,7 +480,8 @@ async def test_hostile_stored_rows_do_not_break_the_answer(aiohttp_client: Any, 
             "device_id": device,
             "run_id": "run",
             "kind": "inference",
-            "started_us": NOW - 10**9,
+            "started_us": int(WHEN.timestamp() * 1e6)
+            - 10**9,  # ran before the real evidence (the latest by event time)
             "ok": True,
             "strategy": "local",
             "model_name": MODEL,
@@ -855,9 +856,9 @@ def test_a_device_with_thousands_of_model_names_costs_a_bounded_computation(tmp_
     reads: list[str] = []
     latest_columns = store.latest_columns
 
-    def counting(query: Any, columns: Any, limit: int) -> Any:
+    def counting(query: Any, columns: Any, limit: int, **order: Any) -> Any:
         reads.append(query.model)
-        return latest_columns(query, columns, limit)
+        return latest_columns(query, columns, limit, **order)
 
     records = plant("flood", 300, 51, BASE, 18.0)
     for n, record in enumerate(records):

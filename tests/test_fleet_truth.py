@@ -45,7 +45,8 @@ async def test_latest_figures_are_each_devices_own(aiohttp_client: Any, store: A
     await send(client, a, "dev-a", first)
     for chunk in range(4):
         await send(client, b, "dev-b", records_with("dev-b", 250, 10 + chunk, 900.0, model_name="m", strategy="local"))
-    last = records_with("dev-a", 1, 2, 5000.0, model_name="m", strategy="local")
+    # the latest request ran last too (the window is by the device's clock: the requests that ran last)
+    last = records_with("dev-a", 1, 2, 5000.0, model_name="m", strategy="local", started_at="2026-11-02T00:00:00Z")
     await send(client, a, "dev-a", last)
     row = (await fleet(client))["dev-a"]
     window = sorted(r["ttft_ms"] for r in (first + last)[-50:])
@@ -64,19 +65,34 @@ async def test_latest_figures_are_each_devices_own(aiohttp_client: Any, store: A
     assert len(latest) == 50 and all(r["device_id"] == "dev-a" for r in latest)
 
 
+def ran_at(hour: int, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` run one after another from ``hour`` on 2026-11-01 (each batch after the one before: the window
+    is by the time requests ran)."""
+    for i, r in enumerate(records):
+        r["started_at"] = f"2026-11-01T{hour:02d}:{i // 60:02d}:{i % 60:02d}Z"
+    return records
+
+
 async def test_models_and_strategies_are_separate_series(aiohttp_client: Any, store: Any) -> None:
     client = await aiohttp_client(create_app(Settings(), store))
     token = store.add_token("orin", "device", NOW)
-    await send(client, token, "orin", records_with("orin", 20, 1, 100.0, model_name="qwen", strategy="local"))
-    await send(client, token, "orin", records_with("orin", 20, 2, 1000.0, model_name="qwen", strategy="speculative"))
-    await send(client, token, "orin", records_with("orin", 20, 3, 50.0, model_name="smollm2", strategy="local"))
+    await send(
+        client, token, "orin", ran_at(1, records_with("orin", 20, 1, 100.0, model_name="qwen", strategy="local"))
+    )
+    speculative = records_with("orin", 20, 2, 1000.0, model_name="qwen", strategy="speculative")
+    await send(client, token, "orin", ran_at(2, speculative))
+    await send(
+        client, token, "orin", ran_at(3, records_with("orin", 20, 3, 50.0, model_name="smollm2", strategy="local"))
+    )
     failing = records_with("orin", 10, 4, 0.0, model_name="smollm2", strategy="local")
     for r in failing[:4]:
         r.update({"ok": False, "error_type": "timeout", "ttft_ms": None})
-    await send(client, token, "orin", failing)
+    await send(client, token, "orin", ran_at(4, failing))
     nameless = records_with("orin", 3, 5, 70.0, model_name=None, strategy=None)
-    await send(client, token, "orin", nameless)
-    await send(client, token, "orin", records_with("orin", 5, 6, 40.0, model_name="smollm2", strategy="local"))
+    await send(client, token, "orin", ran_at(5, nameless))
+    await send(
+        client, token, "orin", ran_at(6, records_with("orin", 5, 6, 40.0, model_name="smollm2", strategy="local"))
+    )
     row = (await fleet(client))["orin"]
     series = {(s["model_name"], s["strategy"]): s for s in row["series"]}
     assert set(series) == {("qwen", "local"), ("qwen", "speculative"), ("smollm2", "local"), (None, None)}
