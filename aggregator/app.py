@@ -26,6 +26,7 @@ from lens_core import wire
 from lens_core.record_schema import contended
 
 from . import __version__, api, campaign_pages, campaign_results, campaigns, feedback, reads, regressions, timeline
+from .compression import gzip_responses
 from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, connection_cap, open_files_limit
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
@@ -977,7 +978,9 @@ def create_app(
     )
     guard.how = how
     # aiohttp refuses bodies over client_max_size itself; leave headroom so our own check answers first.
-    app = web.Application(client_max_size=settings.max_body_bytes + 1, middlewares=[guard.middleware, read_limits])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes + 1, middlewares=[guard.middleware, gzip_responses, read_limits]
+    )
     app[SETTINGS] = settings
     app[GUARD] = guard
     if hasattr(store, "max_query_seconds"):
