@@ -31,10 +31,10 @@ from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, co
 from .device_page import RANGES
 from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
 from .health import Health
-from .metrics import CONTENT_TYPE, RECENT_REQUESTS, ExpositionCache, FleetMetrics, OtlpCollector
+from .metrics import CONTENT_TYPE, ExpositionCache, FleetMetrics, OtlpCollector, recent_requests
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
-from .store import Query, QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
+from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
 from .triggers import Trigger, TriggerWatch
 
 log = logging.getLogger("aggregator")
@@ -190,18 +190,6 @@ FEEDBACK = web.AppKey("feedback", feedback.FeedbackCache)
 FORWARDER = web.AppKey("otlp_forwarder", Forwarder)
 PUBLISHING: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("publishing")
 GUARD = web.AppKey("connection_guard", ConnectionGuard)
-
-
-def recent_contended(store: Store) -> dict[str, list[bool]]:
-    """Each device's latest inference requests' contended flags (oldest first): the contended share on /metrics
-    after a restart."""
-    out = {}
-    for device in store.devices():
-        query = Query(device=device["device_id"], kind="inference")
-        rows = store.latest_columns(query, ("contended",), RECENT_REQUESTS)
-        if rows:
-            out[device["device_id"]] = [bool(r[0]) for r in rows]
-    return out
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -1053,8 +1041,9 @@ def create_app(
             if device.get("backlog") is not None:
                 counters["pending_records"] = device["backlog"]
             fleet_metrics.device(device["device_id"], counters, device["last_seen_us"] / 1e6)
-        for device_id, flags in (await runner.call(recent_contended, store)).items():  # … and the contended share
-            fleet_metrics.contended_requests(device_id, flags)
+        # … and the latency series, request counters, tok/s and contended share, from each device's latest requests
+        for device_id, requests in (await runner.call(recent_requests, store)).items():
+            fleet_metrics.restore(device_id, requests)
 
         async def retention() -> None:
             while settings.retention_s:

@@ -26,14 +26,14 @@ The "latest request" gauges (tokens per second, J per token, acceptance rate) of
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import math
 import re
+import statistics
 import threading
 import time
 import uuid
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +44,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from lens_core.record_schema import contended
+
+from .store import NULL_NAME, Query, Store
 
 PREFIX = "llm_latency_lens"
 LABELS = ("device", "model", "provider", "strategy")
@@ -64,6 +66,41 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # a device's latest inference requests that its contended share (and the fleet page's figures) are taken over
 RECENT_REQUESTS = 50
+# what a restart reads back of each device's latest RECENT_REQUESTS requests (by the time they ran): enough to observe
+# them again (FleetMetrics.restore), no record bodies
+RESTORE_COLUMNS = (
+    "started_us",
+    "model_name",
+    "strategy",
+    "ok",
+    "error_type",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "output_tokens",
+    "j_per_token",
+    "contended",
+)
+
+
+def stored_request(row: Sequence[Any], null_name: str) -> dict[str, Any]:
+    """A stored row of :data:`RESTORE_COLUMNS` as the record keys :meth:`FleetMetrics.observe` reads (``null_name``:
+    the store's marker of a missing model or strategy; a value of the wrong type is left out)."""
+    values = dict(zip(RESTORE_COLUMNS, row, strict=True))
+    out: dict[str, Any] = {"kind": "inference", "ok": bool(values["ok"]), "contended": bool(values["contended"])}
+    for name in ("model_name", "strategy", "error_type"):
+        value = values[name]
+        out[name] = value if type(value) is str and value != null_name else None
+    for name in ("started_us", "output_tokens"):
+        out[name] = values[name] if type(values[name]) is int else None
+    for name in ("ttft_us", "tpot_us", "e2e_us"):
+        out[name] = _finite(values[name], math.nan) if values[name] is not None else None
+        if out[name] is not None and math.isnan(out[name]):
+            out[name] = None
+    joules = values["j_per_token"]
+    if type(joules) in (int, float) and math.isfinite(joules):
+        out["ext"] = {"energy": {"j_per_output_token": joules}}
+    return out
 
 
 OTHER = "other"
@@ -188,6 +225,50 @@ def fold_summary(observations: int, reason: str, max_per_device: int, max_total:
         else f"global bound ({max_total} label sets, server.max_metric_series) reached"
     )
     return f'{observations:,} observations folded into the "other" series on /metrics: {bound}'
+
+
+class LatestByTime:
+    """The ``size`` values whose requests ran last (by ``started_us``, the device's clock; ties in the order added),
+    whatever order they arrive in: a late or resent batch of old requests does not push out the current ones. At
+    most ``size`` values are held."""
+
+    __slots__ = ("_added", "_items", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: list[tuple[int, int, float]] = []  # (started_us, arrival, value), oldest first
+        self._added = 0
+
+    def add(self, started_us: Any, value: float) -> None:
+        """``started_us`` not an int (a record of a test or an old release): taken as running with the newest."""
+        self._added += 1
+        if type(started_us) is not int:
+            started_us = self._items[-1][0] if self._items else 0
+        item = (started_us, self._added, value)
+        if len(self._items) >= self.size and item < self._items[0]:
+            return
+        insort(self._items, item)
+        if len(self._items) > self.size:
+            del self._items[0]
+
+    def values(self) -> list[float]:
+        return [value for _, _, value in self._items]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def recent_requests(store: Store) -> dict[str, list[dict[str, Any]]]:
+    """Each device's latest :data:`RECENT_REQUESTS` inference requests by the time they ran (oldest first, as
+    ``metrics.stored_request`` maps): what ``/metrics`` observes again after a restart (``FleetMetrics.restore``), so
+    a device that has not sent since still has its latency series. One bounded read per device, no bodies."""
+    out = {}
+    for device in store.devices():
+        query = Query(device=device["device_id"], kind="inference")
+        rows = store.latest_columns(query, RESTORE_COLUMNS, RECENT_REQUESTS, by_event=True)
+        if rows:
+            out[device["device_id"]] = [stored_request(row, NULL_NAME) for row in rows]
+    return out
 
 
 def provider_of(record: dict[str, Any]) -> str:
@@ -365,7 +446,8 @@ class FleetMetrics:
         )
         self.tokens_per_second = Gauge(
             f"{PREFIX}_tokens_per_second",
-            "Output tokens per second of the latest request",
+            f"Median output tokens per second (output tokens / request duration) of the series' latest "
+            f"{RECENT_REQUESTS} successful requests, by the time they ran",
             (*LABELS, "token_type"),
             registry=r,
         )
@@ -410,7 +492,8 @@ class FleetMetrics:
             ("device",),
             registry=r,
         )
-        self._contended: dict[str, collections.deque[bool]] = {}  # device → its latest requests' flags
+        self._contended: dict[str, LatestByTime] = {}  # device → its latest requests' flags (1.0: contended)
+        self._rates: dict[tuple[str, ...], LatestByTime] = {}  # tokens_per_second's labels → its latest rates
         self.last_seen = Gauge(
             f"{PREFIX}_device_last_seen_timestamp_seconds",
             "When the aggregator last received a batch from the device (Unix time)",
@@ -523,26 +606,34 @@ class FleetMetrics:
         self.budget.folded(device, reason, observations)
         return fold(labels, sent), None
 
-    def contended_requests(self, device: str, flags: Iterable[bool], shown: str | None = None) -> None:
-        """Adds the device's requests' contended flags (oldest first) to its latest :data:`RECENT_REQUESTS` and sets
-        ``llm_latency_lens_device_contended_share`` from them (the device label set of the other device gauges).
-        ``shown``: the device's label already cut (else cut here)."""
+    def contended_requests(self, device: str, flags: Iterable[tuple[Any, bool]], shown: str | None = None) -> None:
+        """Adds the device's requests' contended flags (``(started_us, flag)``) to its latest
+        :data:`RECENT_REQUESTS` by the time they ran and sets ``llm_latency_lens_device_contended_share`` from them
+        (the device label set of the other device gauges). ``shown``: the device's label already cut (else cut
+        here)."""
         with self._lock:
             recent = self._contended.get(device)
             if recent is None:
-                recent = self._contended[device] = collections.deque(maxlen=RECENT_REQUESTS)
-            recent.extend(flags)
-            share = sum(recent) / len(recent) if recent else None
+                recent = self._contended[device] = LatestByTime(RECENT_REQUESTS)
+            for started, flag in flags:
+                recent.add(started, 1.0 if flag else 0.0)
+            share = sum(recent.values()) / len(recent) if len(recent) else None
         if share is not None:
             self.contended_share.labels(shown if shown is not None else self._cut(device)).set(share)
 
-    def observe(self, device: str, records: Iterable[dict[str, Any]]) -> None:
-        """Update the fleet metrics from newly accepted records (wire maps), one label lookup per series."""
+    def observe(
+        self,
+        device: str,
+        records: Iterable[dict[str, Any]],
+        contended_of: Callable[[dict[str, Any]], bool] = contended,
+    ) -> None:
+        """Update the fleet metrics from newly accepted records (wire maps), one label lookup per series.
+        ``contended_of``: whether a record's request was contended (from its ``ext``, or a stored column)."""
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-        flags: list[bool] = []
+        flags: list[tuple[Any, bool]] = []
         for record in records:
             if record.get("kind") == "inference":
-                flags.append(contended(record))
+                flags.append((record.get("started_us"), contended_of(record)))
                 key = (
                     str(record.get("model_name") or "unknown"),
                     provider_of(record),
@@ -574,18 +665,38 @@ class FleetMetrics:
             observe_many(self.ttft.labels(*labels), [v / 1e6 for r in ok if (v := r.get("ttft_us")) is not None])
             observe_many(self.tpot.labels(*labels), [v / 1e6 for r in ok if (v := r.get("tpot_us")) is not None])
             observe_many(self.duration.labels(*labels), [v / 1e6 for r in ok if (v := r.get("e2e_us"))])
+            self._rate(labels, ok)
             last_ok = ok[-1]
             # gauges: the latest successful request of the batch
-            if e2e := last_ok.get("e2e_us"):
-                self._set(
-                    self.tokens_per_second, (*labels, "output"), (last_ok.get("output_tokens") or 0) / (e2e / 1e6)
-                )
             ext: dict[str, Any] = last_ok["ext"] if isinstance(last_ok.get("ext"), dict) else {}
             energy, collab = ext.get("energy"), ext.get("collab")
             if isinstance(energy, dict) and isinstance(energy.get("j_per_output_token"), (int, float)):
                 self._set(self.joules, labels, energy["j_per_output_token"])
             if isinstance(collab, dict) and isinstance(collab.get("acceptance_rate"), (int, float)):
                 self._set(self.acceptance, labels, collab["acceptance_rate"])
+
+    def _rate(self, labels: tuple[str, ...], ok: list[dict[str, Any]]) -> None:
+        """``tokens_per_second``: the median of the series' latest :data:`RECENT_REQUESTS` successful requests'
+        output tokens ÷ e2e seconds (the fleet page's figure; docs/fleet.md, "Which statistic")."""
+        key = (*labels, "output")
+        with self._lock:
+            latest = self._rates.get(key)
+            if latest is None:
+                latest = self._rates[key] = LatestByTime(RECENT_REQUESTS)
+            for record in ok:
+                e2e, tokens = record.get("e2e_us"), record.get("output_tokens")
+                seconds = _finite(e2e, 0.0) / 1e6
+                if seconds > 0 and type(tokens) is int and tokens > 0:
+                    latest.add(record.get("started_us"), tokens / seconds)
+            rates = latest.values()
+        if rates:
+            self._set(self.tokens_per_second, key, statistics.median(rates))
+
+    def restore(self, device: str, requests: Sequence[dict[str, Any]]) -> None:
+        """After a restart: the device's latest stored requests (oldest first; the columns of
+        :data:`RESTORE_COLUMNS` as a record's keys, ``contended`` among them) observed again, so that its latency
+        histograms, request counters, tokens-per-second median and contended share are back before it sends."""
+        self.observe(device, requests, lambda request: bool(request.get("contended")))
 
     def _set(self, gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
         """A latest-request gauge, with when it was set (see :meth:`drop_stale`)."""
@@ -603,6 +714,9 @@ class FleetMetrics:
         for gauge, labels in stale:
             with contextlib.suppress(KeyError):  # removed already
                 gauge.remove(*labels)
+            if gauge is self.tokens_per_second:
+                with self._lock:
+                    self._rates.pop(labels, None)
         return len(stale)
 
     def device(self, device: str, counters: dict[str, int], seen_unix: float) -> None:
