@@ -29,7 +29,7 @@ from . import __version__, api, campaign_pages, campaign_results, campaigns, fee
 from .compression import gzip_responses
 from .connections import ConnectionGuard, ConnectionsCollector, accept_batch, connection_cap, open_files_limit
 from .device_page import RANGES
-from .fleet import Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
+from .fleet import FIGURE_STATISTICS, Broadcaster, batch_event, event_frame, fleet_rows, live_frame, refetch_frame
 from .health import Health
 from .metrics import CONTENT_TYPE, ExpositionCache, FleetMetrics, OtlpCollector, recent_requests
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
@@ -574,6 +574,7 @@ def fleet_answer(
     held = triggers.by_device() if triggers is not None else None
     rows = fleet_rows(store, now, health=health, only=only, regressions=watch.by_device(), triggers=held)
     answer = {"devices": rows, "late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
+    answer["statistics"] = FIGURE_STATISTICS  # which statistic each figure is
     truncated = reads.series_truncation(store)
     if truncated is not None:
         answer["truncated"] = truncated

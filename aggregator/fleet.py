@@ -23,6 +23,22 @@ from .store import NULL_NAME, Query, Store
 log = logging.getLogger("aggregator.stream")
 
 
+# which statistic each figure of a fleet row is (``statistics`` in /api/v1/fleet; docs/fleet.md, "Which statistic")
+FIGURE_STATISTICS = {
+    "window": f"each series' latest {RECENT_REQUESTS} requests by the time they ran (started_us, the device's "
+    "clock), whatever order they were received in; requests, errors, error_rate and contended_share are over the "
+    f"device's latest {RECENT_REQUESTS}",
+    "ttft_p50_ms": "median of the successful requests' time to first token",
+    "ttft_p95_ms": "95th percentile of the successful requests' time to first token (exact, inclusive method)",
+    "tpot_p50_ms": "median of the successful requests' time per output token",
+    "tpot_p95_ms": "95th percentile of the successful requests' time per output token (exact, inclusive method)",
+    "tokens_per_second": "median of the successful requests' output tokens ÷ end-to-end seconds, each request's own",
+    "j_per_output_token": "mean of the successful requests' energy per output token, net of idle (J)",
+    "error_rate": "failed requests ÷ requests",
+    "contended_share": "requests that other work on the device contended with ÷ requests",
+}
+
+
 def fleet_rows(
     store: Store,
     now: float,

@@ -133,6 +133,9 @@ async def test_old_requests_arriving_late_change_no_current_figure(aiohttp_clien
     rates = [r["output_tokens"] / (r["e2e_ms"] / 1000) for r in latest]
     assert before["api"]["tokens_per_second"] == pytest.approx(statistics.median(rates), rel=1e-3)
     assert before["api"] == before["one"] == before["page"]
+    answer = await (await client.get("/api/v1/fleet")).json()  # the answer says which statistic each figure is
+    assert answer["statistics"]["tokens_per_second"].startswith("median")
+    assert answer["statistics"]["ttft_p95_ms"].startswith("95th percentile")
     assert before["feedback"]["performance"]["latency_analysis"]["tpot_p50_ms"] > 50  # the current 54 ms, not 40
 
     # a retried batch: every record stored already (deduplicated), received now
