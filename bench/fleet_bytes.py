@@ -90,7 +90,8 @@ def main() -> None:
                     if n % 4 == 0 and i % 2:
                         record["model_name"] = "Qwen2.5 0.5B Q8_0"
                 blobs = [wire.encode_record(r, "cbor") for r in records]
-                post(port, tokens[name], wire.encode_batch(blobs, device_id=name, batch_id="b", sent_us=1, codec="cbor"))
+                batch = wire.encode_batch(blobs, device_id=name, batch_id="b", sent_us=1, codec="cbor")
+                post(port, tokens[name], batch)
             figures = {path: sizes(port, path) for path in ("/", "/api/v1/fleet", "/metrics")}
             text = fetch(port, "/metrics", "identity")[1].decode()
         finally:
