@@ -291,9 +291,14 @@ def _class_of(facts: dict[str, Any] | None) -> tuple[str, str] | None:
     return facts["device_class"], facts["model"]
 
 
+_FACT_COLUMNS = ("seq", "codec", "body")
+
+
 def latest_facts(store: Store, device_id: str) -> dict[str, Any] | None:
-    latest = store.latest(Query(device=device_id, kind=FACTS_KIND), 1)
-    return facts_from_record(decode_wire(latest[0])) if latest else None
+    """The device's facts taken last (by the device's clock: an old facts record delivered late is not "the
+    latest"), or None."""
+    latest = store.latest_columns(Query(device=device_id, kind=FACTS_KIND), _FACT_COLUMNS, 1, by_event=True)
+    return facts_from_record(decode_wire(dict(zip(_FACT_COLUMNS, latest[0], strict=True)))) if latest else None
 
 
 # -- the evidence ---------------------------------------------------------------------------------------------------

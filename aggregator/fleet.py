@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from .health import FACTS_KIND, Health, facts_from_record
+from .feedback import latest_facts
+from .health import Health
 from .metrics import RECENT_REQUESTS
-from .rows import decode_wire
 from .store import NULL_NAME, Query, Store
 
 log = logging.getLogger("aggregator.stream")
@@ -91,8 +91,7 @@ def fleet_rows(
         errors = sum(1 for r in window if not r[2])
         contended = sum(1 for r in window if r[3])
         age = now - device["last_seen_us"] / 1e6
-        latest_facts = store.latest(Query(device=device_id, kind=FACTS_KIND), 1)
-        facts = facts_from_record(decode_wire(latest_facts[0])) if latest_facts else None
+        facts = latest_facts(store, device_id)
         syncs = store.syncs(device_id, since_us=int((now - health.window_s) * 1e6), limit=500)
         row = {
             "device_id": device_id,

@@ -19,6 +19,8 @@ from aggregator.app import Settings, create_app
 from lens_core import wire
 
 from .test_aggregator import auth
+from .test_device_page import facts_record
+from .test_feedback import ORIN
 
 NOW = datetime.now(timezone.utc)
 DEVICE = "dev-clock"
@@ -121,9 +123,12 @@ async def test_old_requests_arriving_late_change_no_current_figure(aiohttp_clien
     five_days_ago = NOW - timedelta(days=5)
     old = requests_at(five_days_ago, 120, 1, 40.0)
     current = requests_at(NOW - timedelta(hours=3), 240, 2, 54.0)  # more than the feedback window (200)
+    await send(client, token, [facts_record(DEVICE, five_days_ago, **ORIN, power_mode="15W")], "old-facts")
     await send(client, token, old, "old")
+    await send(client, token, [facts_record(DEVICE, NOW - timedelta(hours=3), **ORIN, power_mode="MAXN")], "facts")
     await send(client, token, current, "current")
     before = await snapshot(client)
+    assert before["row"]["power_mode"] == "MAXN"
 
     # the figures are those of the current requests' latest 50 (the fleet window), whatever arrived when
     latest = current[-50:]
@@ -148,10 +153,12 @@ async def test_old_requests_arriving_late_change_no_current_figure(aiohttp_clien
     # other five-day-old requests, delivered for the first time after the current ones (a device back from a week
     # offline empties its outbox oldest first, or a second outbox): stored, counted, never "the latest"
     late = requests_at(five_days_ago + timedelta(hours=2), 120, 3, 30.0)
-    answer = await send(client, token, late, "late")
-    assert answer["accepted"] == 120
+    late_facts = facts_record(DEVICE, five_days_ago + timedelta(hours=2), **ORIN, power_mode="7W")
+    answer = await send(client, token, [late_facts, *late], "late")
+    assert answer["accepted"] == 121
     after = await snapshot(client)
-    assert after["row"]["records"] == before["row"]["records"] + 120
+    assert after["row"]["records"] == before["row"]["records"] + 121
+    assert after["row"]["power_mode"] == "MAXN"  # the facts taken last, not those received last
     assert after["row"]["last_seen_us"] >= before["row"]["last_seen_us"]  # receive time: last-seen still moves
     assert after["api"] == before["api"] and after["page"] == before["page"] and after["one"] == before["one"]
     assert after["feedback"] == before["feedback"]
