@@ -1112,6 +1112,8 @@ def series_counts(rows: Sequence[RecordRow], new: Sequence[int]) -> dict[tuple[s
     return counts
 
 
+# latest_columns(by_event=True) on SQLite: up to this many matching rows are sorted, more are walked by time
+SORT_EVENT_ROWS = 4096
 # Column order: RecordRow's fields, then received_us and batch_id.
 INSERT_COLUMNS = (*RecordRow._fields, "received_us", "batch_id")
 _INSERT = (
@@ -1413,7 +1415,14 @@ class SQLiteStore(Store):
         self, query: Query, columns: Sequence[str], limit: int, *, by_event: bool = False
     ) -> list[tuple[Any, ...]]:
         where, params = query.where()
-        order = "started_us DESC, seq DESC" if by_event else "seq DESC"
+        order = "seq DESC"
+        if by_event:
+            # SQLite answers this order by walking the device's rows by time (measurements_device_time): cheap when
+            # the matching rows are among its latest, a scan of its whole history when they are few (facts, an old
+            # series, none). Few matches (counted through the series index, at most SORT_EVENT_ROWS + 1): sorted.
+            sql = f"SELECT COUNT(*) FROM (SELECT 1 FROM measurements WHERE {where} LIMIT ?)"
+            many = self._read(sql, [*params, SORT_EVENT_ROWS + 1])[0][0] > SORT_EVENT_ROWS
+            order = "started_us DESC, seq DESC" if many else "+started_us DESC, seq DESC"
         sql = f"SELECT {', '.join(columns)} FROM measurements WHERE {where} ORDER BY {order} LIMIT ?"
         return self._read(sql, [*params, limit])[::-1]
 
