@@ -162,3 +162,30 @@ async def test_old_requests_arriving_late_change_no_current_figure(aiohttp_clien
     assert after["row"]["last_seen_us"] >= before["row"]["last_seen_us"]  # receive time: last-seen still moves
     assert after["api"] == before["api"] and after["page"] == before["page"] and after["one"] == before["one"]
     assert after["feedback"] == before["feedback"]
+
+
+async def test_the_latest_by_event_time_whichever_way_the_store_reads_them(
+    aiohttp_client: Any, store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite sorts a few matching rows and walks many by time: both give the requests that ran last."""
+    from aggregator import store as store_module
+    from aggregator.store import Query
+
+    client = await aiohttp_client(create_app(Settings(), store))
+    token = store.add_token(DEVICE, "device", time.time_ns() // 1000)
+    current = requests_at(NOW - timedelta(hours=3), 80, 2, 54.0)
+    late = requests_at(NOW - timedelta(days=5), 80, 1, 40.0)
+    await send(client, token, current[:40], "a")
+    await send(client, token, late, "late")
+    await send(client, token, current[40:], "b")
+    expected = sorted(r["tpot_ms"] * 1000 for r in current[-50:])
+    query = Query(device=DEVICE, kind="inference", model="qwen Q4", strategy="local")
+    answers = []
+    for sort_rows in (4096, 10):  # sorted; walked by time
+        monkeypatch.setattr(store_module, "SORT_EVENT_ROWS", sort_rows)
+        rows = store.latest_columns(query, ("started_us", "tpot_us"), 50, by_event=True)
+        assert [r[0] for r in rows] == sorted(r[0] for r in rows)  # oldest first
+        assert sorted(r[1] for r in rows) == pytest.approx(expected)
+        answers.append(rows)
+    assert answers[0] == answers[1]
+    assert store.latest_columns(Query(device=DEVICE, kind="device_facts"), ("seq",), 1, by_event=True) == []
