@@ -65,8 +65,9 @@ def device_records(n: int, now: float) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def fleet_server(tmp_path: Path, routes: tuple[web.RouteDef, ...] = ()) -> Iterator[str]:
-    """A real aggregator on a real port with the 120-device fleet stored and the triggers evaluated once."""
+def fleet_server(tmp_path: Path, routes: tuple[web.RouteDef, ...] = ()) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real aggregator on a real port with the 120-device fleet stored and the triggers evaluated once: (URL,
+    device tokens)."""
     store = SQLiteStore(tmp_path / "agg.db")
     now = time.time()
     triggers = triggers_from(tmp_path, TRIGGERS_TOML)
@@ -84,6 +85,7 @@ def fleet_server(tmp_path: Path, routes: tuple[web.RouteDef, ...] = ()) -> Itera
     port = loop.run_until_complete(start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    tokens: dict[str, str] = {}
 
     async def fill() -> None:
         import aiohttp
@@ -91,7 +93,7 @@ def fleet_server(tmp_path: Path, routes: tuple[web.RouteDef, ...] = ()) -> Itera
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
             for n in range(DEVICES):
                 device, records = f"edge-{n:03d}", device_records(n, now)
-                token = store.add_token(device, "device", int(now * 1e6))
+                tokens[device] = token = store.add_token(device, "device", int(now * 1e6))
                 if device == SILENT:  # its batch arrived two days ago (the store's own ingest, with that time)
                     rows = [_row(wire.to_wire(r), "cbor", wire.encode_record(r, "cbor")) for r in records]
                     store.ingest(device, "old", 0, {"pending_records": 0}, rows, int((now - 2 * 86400) * 1e6))
@@ -103,7 +105,7 @@ def fleet_server(tmp_path: Path, routes: tuple[web.RouteDef, ...] = ()) -> Itera
 
     try:
         asyncio.run_coroutine_threadsafe(fill(), loop).result(180)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", tokens
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
@@ -131,7 +133,9 @@ function look(doc) {
     height: Math.round(doc.querySelector(".scroll").getBoundingClientRect().bottom),  // where the table ends
     tableWidth: doc.querySelector(".scroll").scrollWidth, boxWidth: doc.querySelector(".scroll").clientWidth,
     summary: doc.getElementById("summary").textContent, fold: doc.getElementById("fold-button").textContent,
-    folded: Number(doc.body.dataset.folded), wide: [...doc.querySelectorAll("body *")].filter(e => e.getBoundingClientRect().right > el.clientWidth + 1).map(e => e.tagName + "#" + e.id + "." + e.className).slice(0, 5),
+    folded: Number(doc.body.dataset.folded),
+    wide: [...doc.querySelectorAll("body *")].filter(e => e.getBoundingClientRect().right > el.clientWidth + 1)
+      .map(e => e.tagName + "#" + e.id + "." + e.className).slice(0, 5),
     headers: [...doc.querySelectorAll("#devices th")].map(th => [th.dataset.key, th.textContent, th.title]) };
 }
 for (const id of ["desk", "phone", "all", "click"]) document.getElementById(id).addEventListener("load", (e) => {
@@ -150,8 +154,8 @@ async def _measure(request: web.Request) -> web.Response:
     return web.Response(text=MEASURE, content_type="text/html")
 
 
-async def _slow_image(request: web.Request) -> web.Response:
-    await asyncio.sleep(1.5)
+async def _slow_image(request: web.Request) -> web.Response:  # holds a test page's load event for ?s= seconds
+    await asyncio.sleep(float(request.query.get("s", "1.5")))
     return web.Response(body=b"", content_type="image/gif")
 
 
@@ -181,7 +185,7 @@ def get(url: str) -> Any:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     routes = (web.get("/measure", _measure), web.get("/slow-image", _slow_image))
-    with fleet_server(tmp_path_factory.mktemp("triage"), routes) as url:
+    with fleet_server(tmp_path_factory.mktemp("triage"), routes) as (url, _):
         yield url
 
 
@@ -259,3 +263,60 @@ def test_screenshots_at_a_desk_and_on_a_phone(fleet: str) -> None:
             assert png_size(shot) == (width, 900) and shot.stat().st_size > 20_000, (png_size(shot), shot.stat())
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             (SCREENSHOTS / f"triage-{width}.png").write_bytes(shot.read_bytes())
+
+
+# The triage view open while batches arrive: what the page shows, copied every 100 ms (as tests/test_fleet_page.py's
+# watcher does): the folded count, the visible rows and the records of the device the batches come from.
+WATCHER = """<!doctype html><html><body>
+<iframe id="fleet" width="1400" height="900" src="/"></iframe><pre id="seen"></pre>
+<script>
+setInterval(() => {
+  const page = document.getElementById("fleet").contentDocument, row = page && page.getElementById("device-LIVE");
+  if (row) document.getElementById("seen").textContent = JSON.stringify({ folded: Number(page.body.dataset.folded),
+    visible: [...page.querySelectorAll("#devices tbody tr[id]")].filter(tr => tr.getBoundingClientRect().height > 0)
+      .map(tr => tr.id.slice(7)), records: Number(row.cells[13].textContent), group: row.parentElement.id });
+}, 100);
+</script><img src="/slow-image?s=6"></body></html>"""
+LIVE = "edge-100"
+
+
+async def _watcher(request: web.Request) -> web.Response:
+    return web.Response(text=WATCHER.replace("LIVE", LIVE), content_type="text/html")
+
+
+def test_live_updates_keep_the_fold_and_bring_a_new_problem_up(tmp_path: Path) -> None:
+    """A healthy device starts failing while the page is open: its new rows come over the stream, it leaves the fold
+    for the problems (visible, above the fold) and the other healthy devices stay folded."""
+    routes = (web.get("/watch", _watcher), web.get("/slow-image", _slow_image))
+    with fleet_server(tmp_path, routes) as (url, tokens):
+        stop = threading.Event()
+
+        def send() -> None:  # failing batches of one healthy device, from 1.5 s after the page opened
+            seed, now = 900, time.time()
+            if stop.wait(1.5):
+                return
+            while not stop.wait(0.5):
+                records = synthetic_records(10, seed=seed, device_id=LIVE)
+                for i, r in enumerate(records):
+                    r["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now - 60 + i)) + ".000000Z"
+                    fail(r)
+                request = urllib.request.Request(
+                    url + "/api/v1/ingest", data=make_batch(records, device=LIVE), headers=auth(tokens[LIVE])
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    assert response.status == 200
+                seed += 1
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            dom = chromium("--dump-dom", url + "/watch")
+        finally:
+            stop.set()
+            sender.join()
+    assert console_errors(dom.stderr) == [], dom.stderr[-2000:]
+    found = re.search(r'<pre id="seen">(.*?)</pre>', dom.stdout, re.S)
+    assert found, dom.stdout[-2000:]
+    seen = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert seen["records"] > RECORDS and seen["group"] == "problems", seen  # live, and out of the fold
+    assert set(seen["visible"]) == PROBLEMS | {LIVE} and seen["folded"] == DEVICES - len(PROBLEMS) - 1, seen
