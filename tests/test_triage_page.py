@@ -120,6 +120,7 @@ MEASURE = """<!doctype html><html><body>
 <iframe id="phone" width="400" height="900" style="border:0" src="/"></iframe>
 <iframe id="all" width="1400" height="900" style="border:0" src="/?layout=table"></iframe>
 <iframe id="click" width="1400" height="900" style="border:0" src="/?layout=table&sort=device_id"></iframe>
+<iframe id="unfold" width="400" height="900" style="border:0" src="/"></iframe>
 <pre id="out"></pre>
 <script>
 const seen = {};
@@ -138,12 +139,16 @@ function look(doc) {
       .map(e => e.tagName + "#" + e.id + "." + e.className).slice(0, 5),
     headers: [...doc.querySelectorAll("#devices th")].map(th => [th.dataset.key, th.textContent, th.title]) };
 }
-for (const id of ["desk", "phone", "all", "click"]) document.getElementById(id).addEventListener("load", (e) => {
+for (const id of ["desk", "phone", "all", "click", "unfold"])
+ document.getElementById(id).addEventListener("load", (e) => {
   const frame = e.target, doc = frame.contentDocument;
   if (id === "click") {  // one click on the health column of a table sorted by device id
     doc.querySelector('th[data-key="health_rank"]').click();
     seen.click = { order: [...doc.querySelectorAll("#devices tbody tr[id]")].map(tr => tr.id.slice(7)),
       address: frame.contentWindow.location.search };
+  } else if (id === "unfold") {  // the fold's line clicked on a phone: every healthy device, one line each
+    doc.getElementById("fold-button").click();
+    seen.unfold = { ...look(doc), address: frame.contentWindow.location.search };
   } else seen[id] = look(doc);
   document.getElementById("out").textContent = JSON.stringify(seen);
 });
@@ -166,7 +171,7 @@ def measured(url: str) -> dict[str, Any]:
     assert found, dom.stdout[-2000:]
     text = found.group(1).replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
     seen: dict[str, Any] = json.loads(text)
-    assert set(seen) == {"desk", "phone", "all", "click"}, seen.keys()
+    assert set(seen) == {"desk", "phone", "all", "click", "unfold"}, seen.keys()
     return seen
 
 
@@ -221,6 +226,13 @@ def test_one_screen_shows_every_problem_and_folds_the_healthy(fleet: str) -> Non
     ]  # a scrollbar at most
     assert phone["tableWidth"] <= phone["boxWidth"], (phone["tableWidth"], phone["boxWidth"])
     assert {r[0] for r in phone["rows"] if r[3]} == PROBLEMS
+    # unfolded on a phone (the choice kept in the address): every device shown, problems first, still no sideways scroll
+    unfold = seen["unfold"]
+    assert unfold["address"] == "?healthy=show" and unfold["fold"] == "116 devices healthy — fold"
+    assert all(r[3] for r in unfold["rows"]) and {r[0] for r in unfold["rows"][:4]} == PROBLEMS
+    assert unfold["scrollWidth"] <= unfold["clientWidth"], unfold["wide"]
+    dense = (unfold["rows"][-1][2] - unfold["rows"][4][1]) / (DEVICES - 5)  # a healthy device's line, in px
+    assert dense < 40, dense
     # the column headers say their statistic
     headers = {key: (label, title) for key, label, title in desk["headers"]}
     assert headers["ttft_p95_ms"][0] == "TTFT p95 (ms)" and "exact" in headers["ttft_p95_ms"][1]
