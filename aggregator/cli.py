@@ -564,9 +564,9 @@ def token_rotate(
 def migrate_command(config_path: Path | None, db: str | None) -> None:
     """Bring an existing database to this release's schema (what a starting serve does), and say from which version.
 
-    The read-only commands (triggers, feedback, token list, otlp status, campaign status/list/results/export)
-    never migrate: an older database makes them point here. Stop every lens-aggregator that serves the database
-    first when the release notes say the migration is long.
+    The read-only commands (triggers, regressions, feedback, token list, otlp status, campaign
+    status/list/results/export) never migrate: an older database makes them point here. Stop every lens-aggregator
+    that serves the database first when the release notes say the migration is long.
 
     \b
     Example:

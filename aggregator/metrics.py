@@ -630,6 +630,8 @@ class FleetMetrics:
         sent: tuple[bool, ...],
         wanted: dict[tuple[str, ...], tuple[str, float]],
         held: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None],
+        *,
+        add_folded: bool = False,
     ) -> dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None]:
         """Sets ``gauge`` to ``wanted`` (labels, already cut → (device, value)), each set through the budget (folded
         past a bound); series no longer wanted go and give their place back. Returns what is held now."""
@@ -638,7 +640,8 @@ class FleetMetrics:
         for labels, (device, number) in wanted.items():
             shown, key = self._admit(device, shape, labels, sent, 1)
             current[shown] = (device, key) if key is not None else current.get(shown)
-            values[shown] = number
+            # a folded label set stands for several: counts add up (add_folded), other values are one of them
+            values[shown] = values.get(shown, 0.0) + number if add_folded and key is None else number
         for labels, place in held.items():
             if labels not in current:
                 with contextlib.suppress(KeyError):
@@ -675,7 +678,9 @@ class FleetMetrics:
         }
         with self._lock:
             held = dict(self._regressions_open)
-        held = self._replace_gauges(self.regressions_open_gauge, "regressions_open", (True, False), wanted, held)
+        held = self._replace_gauges(
+            self.regressions_open_gauge, "regressions_open", (True, False), wanted, held, add_folded=True
+        )
         with self._lock:
             self._regressions_open = held
 

@@ -274,6 +274,15 @@ def recovered(obj: dict[str, Any], level: float | None, settings: Settings) -> b
     return level is not None and before > 0 and abs(level - before) / before < settings.min_change
 
 
+def _is_recovery(finding: dict[str, Any], old: dict[str, Any], settings: Settings) -> bool:
+    """Whether ``finding`` is the series going back after the resolved object ``old``: same series and metric,
+    the other kind, after it, and its level after within ``min_change`` of ``old``'s level before."""
+    if _key(finding)[:4] != _key(old)[:4] or finding["kind"] == old["kind"] or old["before_median"] <= 0:
+        return False
+    back = abs(finding["after_median"] - old["before_median"]) / old["before_median"]
+    return int(finding["since_us"]) > int(old["since_us"]) and back < settings.min_change
+
+
 class Watch:
     """The fleet's change points, searched at most every ``interval_s`` (on a read thread), and the regression
     objects they open, confirm and resolve (kept in the store: they survive a restart). ``found`` is the latest
@@ -329,6 +338,9 @@ class Watch:
                 resolved_by_device[device] = store.regressions("resolved", device=device, limit=MAX_RESOLVED_PER_DEVICE)
             if any(_key(old) == key and near(finding, old) for old in resolved_by_device[device]):
                 continue  # a change that resolved before, still in the window: not opened again
+            ended = [o for o in held.values() if o["id"] in gone] + resolved_by_device[device]
+            if any(_is_recovery(finding, old, self.settings) for old in ended):
+                continue  # the way back of a resolved change (an improvement after a regression): not a new one
             insert.append(finding)
         changes = RegressionChanges(
             confirm, insert, resolve, max_open=MAX_OPEN_PER_DEVICE, max_resolved=MAX_RESOLVED_PER_DEVICE
