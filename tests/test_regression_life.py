@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from agent.synthetic import synthetic_records
-from aggregator.app import Settings, create_app
+from aggregator.app import Settings, create_app, parse_batch
 from aggregator.metrics import FleetMetrics
 from aggregator.regressions import MAX_OPEN_PER_DEVICE
 from aggregator.store import SCHEMA_VERSION, RegressionChanges
@@ -72,9 +72,8 @@ def _db(store: Any) -> str:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-c", "from aggregator.cli import main; main()", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    command = [sys.executable, "-c", "from aggregator.cli import main; main()", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
 
 async def test_open_confirmed_acknowledged_resolved_and_kept_across_a_restart(aiohttp_client: Any, store: Any) -> None:
@@ -202,7 +201,8 @@ async def test_open_confirmed_acknowledged_resolved_and_kept_across_a_restart(ai
     assert len(first["regressions"]) == 1 and first["next_before"] == first["regressions"][0]["id"]
     rest = await (await client.get(f"/api/v1/regressions?state=all&limit=1&before={first['next_before']}")).json()
     assert len(rest["regressions"]) == 1 and rest["regressions"][0]["id"] < first["next_before"]
-    for query, name in (("state=closed", "state"), ("limit=0", "limit"), ("limit=100000", "limit"), ("before=x", "before")):
+    wrong_queries = (("state=closed", "state"), ("limit=0", "limit"), ("limit=100000", "limit"), ("before=x", "before"))
+    for query, name in wrong_queries:
         refused = await client.get(f"/api/v1/regressions?{query}")
         assert refused.status == 400 and (await refused.json())["parameter"] == name
 
@@ -302,10 +302,7 @@ def test_the_open_gauge_holds_to_the_per_device_series_budget() -> None:
 def test_schema_8_migrates_to_9_with_its_data(store: Any) -> None:
     assert SCHEMA_VERSION == 9 and store.schema_version() == 9
     records = synthetic_records(30, seed=3, device_id=DEVICE)
-    from aggregator.app import parse_batch
-    from aggregator.app import Settings as AppSettings
-
-    batch, rows, _ = parse_batch(make_batch(records, device=DEVICE), AppSettings(), DEVICE, NOW)
+    batch, rows, _ = parse_batch(make_batch(records, device=DEVICE), Settings(), DEVICE, NOW)
     store.ingest(DEVICE, batch.batch_id, batch.sent_us, batch.counters, rows, NOW)
     store.add_token(DEVICE, "device", NOW)
     # back to schema 8: no regressions table
