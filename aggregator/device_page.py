@@ -261,7 +261,7 @@ DEVICE_PAGE = """<!doctype html>
 <div id="regression-history" hidden><h2>Regressions and improvements (open, acknowledged, resolved)</h2>
 <div class="scroll"><table id="regression-objects"><thead><tr><th>id</th><th>state</th><th>kind</th><th>metric</th>
 <th>model / strategy</th><th>since</th><th>change</th><th>median before → after</th><th>evidence</th>
-<th>last confirmed</th><th></th></tr></thead><tbody></tbody></table></div></div>
+<th>last confirmed</th><th></th></tr></thead><tbody></tbody></table></div></div><p></p>
 <div class="tools"><span id="ranges">range <button data-range="6h">6 h</button><button data-range="24h">24 h</button>
 <button data-range="7d">7 days</button><button data-range="30d">30 days</button></span>
 &nbsp; <label>compare with <input id="compare" list="device-ids" placeholder="another device"></label>
