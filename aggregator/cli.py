@@ -740,7 +740,7 @@ def regressions_command(
     run lens-aggregator migrate); the server's searches open, confirm and resolve them.
 
     \b
-    Examples:
+    Example:
         lens-aggregator regressions --state all --db /var/lib/lens-aggregator/aggregator.db
         lens-aggregator regressions ack 12 --note "driver update, rollback planned" --db …
     """

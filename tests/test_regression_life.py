@@ -148,6 +148,9 @@ async def test_open_confirmed_acknowledged_resolved_and_kept_across_a_restart(ai
     assert listed.returncode == 0, listed.stderr
     cli_items = json.loads(listed.stdout)["regressions"]
     assert {(i["id"], i["acknowledged_by"]) for i in cli_items} == {(tpot["id"], "alice"), (tps_id, "bob")}
+    for args in (["regressions"], ["regressions", "ack"]):
+        shown = _cli(*args, "--help")
+        assert shown.returncode == 0 and "Example:" in shown.stdout, args
     text = _cli("regressions", "--state", "all", "--db", _db(store))
     assert text.returncode == 0 and "acknowledged by alice" in text.stdout and "new quantization" in text.stdout
 
