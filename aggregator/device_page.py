@@ -67,6 +67,37 @@ function showSyncs(syncs) {
   }));
 }
 
+// the device's regression objects (docs/fleet.md "Regressions"): every state, newest first
+function evidenceText(r) {
+  const parts = [r.requests_before + " requests before, " + r.requests_after + " after"];
+  if (r.p_value !== null) parts.push("p " + Number(r.p_value).toExponential(1));
+  if (r.confidence !== null) parts.push("confidence " + fmt(r.confidence, 3));
+  const e = r.evidence;
+  if (e && typeof e === "object") {
+    if (typeof e.method === "string") parts.push(e.method);
+    if (e.seasonal) parts.push("seasonal: " + (typeof e.seasonal === "string" ? e.seasonal : JSON.stringify(e.seasonal)));
+    if (Number.isInteger(e.bursts_removed) && e.bursts_removed) parts.push(e.bursts_removed + " bursts removed");
+  }
+  if (r.contended_excluded) parts.push(r.contended_excluded + " contended left out");
+  return parts.join("; ");
+}
+
+function showRegressionObjects(items) {
+  const body = document.querySelector("#regression-objects tbody");
+  body.replaceChildren(...items.map(r => {
+    const tr = el("tr", undefined, "state-" + r.state);
+    const after = r.state === "resolved" ? "resolved " + iso(r.resolved_us)
+      : r.state === "acknowledged" ? "acknowledged by " + r.acknowledged_by + (r.note ? ": " + r.note : "") : "";
+    tr.append(el("td", r.id), el("td", r.state, "text"), el("td", r.kind, "text"), el("td", r.metric, "text"),
+      el("td", (r.model_name || "–") + " / " + (r.strategy || "local"), "text"), el("td", iso(r.since_us), "text"),
+      el("td", (r.change >= 0 ? "+" : "") + (100 * r.change).toFixed(0) + " %"),
+      el("td", Number(r.before_median).toPrecision(4) + " → " + Number(r.after_median).toPrecision(4)),
+      el("td", evidenceText(r), "text"), el("td", iso(r.last_confirmed_us), "text"), el("td", after, "text"));
+    return tr;
+  }));
+  document.getElementById("regression-history").hidden = items.length === 0;
+}
+
 // timelines: the device's (and the compared one's), merged tail by tail on live updates
 const timelines = {[device]: data.timeline};
 if (data.compare) timelines[other] = data.compare;
@@ -192,6 +223,7 @@ document.getElementById("truncated").replaceChildren(...notes.map(m => el("li", 
 document.getElementById("truncated").hidden = notes.length === 0;
 showDevice(data.device);
 showSyncs(data.recent_syncs);
+showRegressionObjects(data.regression_objects || []);
 draw();
 new EventSource("../api/v1/stream").addEventListener("batch", (e) => {
   const event = JSON.parse(e.data);
@@ -226,6 +258,10 @@ DEVICE_PAGE = """<!doctype html>
 <ul class="sub" id="truncated" hidden></ul>
 <div id="facts"></div>
 <div class="regressions" id="regressions" hidden><strong>Regressions on this device</strong><ul id="regression-list"></ul></div>
+<div id="regression-history" hidden><h2>Regressions and improvements (open, acknowledged, resolved)</h2>
+<div class="scroll"><table id="regression-objects"><thead><tr><th>id</th><th>state</th><th>kind</th><th>metric</th>
+<th>model / strategy</th><th>since</th><th>change</th><th>median before → after</th><th>evidence</th>
+<th>last confirmed</th><th></th></tr></thead><tbody></tbody></table></div></div><p></p>
 <div class="tools"><span id="ranges">range <button data-range="6h">6 h</button><button data-range="24h">24 h</button>
 <button data-range="7d">7 days</button><button data-range="30d">30 days</button></span>
 &nbsp; <label>compare with <input id="compare" list="device-ids" placeholder="another device"></label>
