@@ -12,10 +12,18 @@ An operator declares them in the aggregator's TOML as ``[[triggers]]`` (none dec
     min_samples = 10
 
 Every ``fleet.trigger_interval`` the aggregator reads the ``kind = 'inference'`` records that started within the
-longest window (its own clock; at most :data:`MAX_WINDOW_ROWS`, the most recently received), groups them by device,
-model and the ``settings`` column, and judges each trigger over each series' requests within that trigger's window
-(:func:`judge`, a pure function). A series with fewer than ``min_samples`` requests that count for the condition is
-"insufficient data", not judged. A trigger *fires* on a series when its condition holds and it did not fire on that
+widest window (its own clock; at most :data:`MAX_WINDOW_ROWS`, the most recently received), keeps each trigger's
+scope (``device_class`` from each device's latest facts, ``model``, ``strategy``), groups them by device, model and
+the ``settings`` column, and judges each trigger over each series' requests (:func:`judge`, a pure function).
+
+Sound at low request rates (an edge device runs ~10 requests an hour): a window holding fewer than ``min_samples``
+requests that count is widened, doubling, up to ``max_window`` (the outcome says so); only then is the series
+"insufficient data", not judged. The percentile conditions hold when the lower 95 % confidence bound of the
+percentile (an order statistic, :func:`lower_bound_rank`) is above the threshold, so one outlier among ten requests
+does not fire them. ``error_budget_burn`` and ``sla_budget_burn`` are multiwindow burn rates (SRE workbook): a
+long and a short window both burning the budget (1 − objective) faster than a factor.
+
+A trigger *fires* on a series when its condition holds and it did not fire on that
 series within ``cooldown``; while the condition holds inside the cooldown the series is "cooling down until …".
 
 The last fire of each trigger × series and the latest :data:`HISTORY` fires are kept in the store's ``meta`` table
@@ -617,6 +625,7 @@ def quantile(values: Sequence[float], q: int) -> float:
     return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1]
 
 
+@functools.lru_cache(maxsize=8192)
 def lower_bound_rank(n: int, q: float, confidence: float = CONFIDENCE) -> int:
     """The 1-based rank k of the order statistic x(k) of ``n`` values that is a lower ``confidence`` bound of the
     ``q``-quantile: the largest k with P(Binomial(n, q) ≥ k) ≥ confidence (x(k) ≤ the quantile unless fewer than
@@ -788,7 +797,7 @@ def _burn(trigger: Trigger, samples: Sequence[Sample], now_us: int | None) -> Ou
     counted = [(s.started_us, bad) for s in samples if (bad := _bad(trigger, s)) is not None]
     now = now_us if now_us is not None else (counted[-1][0] if counted else 0)
     holds: bool | None = None
-    best: tuple[float, float, int] | None = None  # (burn ÷ factor, burn, requests of the long window)
+    best: tuple[float, float, int, float] | None = None  # (burn ÷ factor, burn, requests, long window)
     parts = []
     for long_s, short_s, factor in trigger.windows:
         long = [bad for started, bad in counted if started >= now - int(long_s * 1e6)]
@@ -804,7 +813,7 @@ def _burn(trigger: Trigger, samples: Sequence[Sample], now_us: int | None) -> Ou
         holds = bool(holds) or pair
         burn = min(long_rate, short_rate)
         if best is None or burn / factor > best[0]:
-            best = (burn / factor, burn, len(long))
+            best = (burn / factor, burn, len(long), long_s)
         parts.append(
             f"{span(long_s)}: {sum(long)} of {len(long)} bad ({long_rate:.3g}×), {short_said}: "
             f"{sum(short)} of {len(short)} ({short_rate:.3g}×), above {factor:g}×: {'yes' if pair else 'no'}"
@@ -812,7 +821,7 @@ def _burn(trigger: Trigger, samples: Sequence[Sample], now_us: int | None) -> Ou
     note = "; ".join(parts)
     if best is None:
         return Outcome(None, None, len(counted), window_s=trigger.widest_s, note=note)
-    return Outcome(holds, best[1], best[2], window_s=trigger.widest_s, note=note)
+    return Outcome(holds, best[1], best[2], window_s=best[3], note=note)
 
 
 class Evaluation(NamedTuple):

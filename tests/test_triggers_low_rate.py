@@ -311,6 +311,7 @@ def test_burn_rate_fast_and_slow_windows_at_10_requests_an_hour() -> None:
     assert fast.holds is True and "1 h: 2 of 10 bad (20×), latest 5: 1 of 5 (20×), above 14.4×: yes" in (
         fast.note or ""
     )
+    assert (fast.value, fast.samples, fast.window_s) == (pytest.approx(20.0), 10, 3600.0)  # the fast pair's figures
     # two failures in the last hour, but none among the latest 5: the burn stopped: not holding
     stopped = judge(rule, burn_samples(now, [40, 50]), now_us=now)
     assert stopped.holds is False
@@ -318,6 +319,7 @@ def test_burn_rate_fast_and_slow_windows_at_10_requests_an_hour() -> None:
     slow = judge(rule, burn_samples(now, [10, 100, 170, 250, 330]), now_us=now)
     assert slow.holds is True and "6 h: 5 of 60 bad (8.33×), 30 min: 1 of 5 (20×), above 6×: yes" in (slow.note or "")
     assert "1 h: 1 of 10 bad (10×)" in (slow.note or "") and "above 14.4×: no" in (slow.note or "")
+    assert (slow.value, slow.samples, slow.window_s) == (pytest.approx(25 / 3), 60, 6 * 3600.0)
     # too few requests for any long window: insufficient data, naming why
     few = judge(rule, burn_samples(now, [], hours=0.4), now_us=now)
     assert few.holds is None and few.note == "1 h: 4 requests, 5 needed; 6 h: 4 requests, 5 needed"
