@@ -943,14 +943,18 @@ def device_answer(
     params: dict[str, Any],
     other: str | None = None,
     metric_folds: Callable[[str], dict[str, Any] | None] | None = None,
+    triggers: TriggerWatch | None = None,
 ) -> dict[str, Any] | None:
-    """What the device page shows first (on a read thread): the device's fleet row (health, facts, series), its
+    """What the device page shows first (on a read thread): the device's fleet row (health, facts, series, the
+    triggers whose condition holds), every trigger's state on its series (``triggers``: ``GET /api/v1/triggers
+    ?device=ID``), its
     downsampled timeline (``params``: of :func:`aggregator.timeline.timeline`), the ``other`` device's over the
     same buckets when one is compared, and its latest batches; None for a device that never sent a batch. Through a
     ``reads.BoundedStore`` (``Settings.bounded``) every part is bounded to ``server.max_read_series`` series, and
     ``truncated`` lists what was left out."""
     health = settings.health(metric_folds)
-    rows = fleet_rows(store, now, health=health, only=device, regressions=watch.by_device())
+    held = triggers.by_device() if triggers is not None else None
+    rows = fleet_rows(store, now, health=health, only=device, regressions=watch.by_device(), triggers=held)
     if not rows:
         return None
     with_regressions(rows, watch)
@@ -981,6 +985,7 @@ def device_answer(
         # the device's regression objects, every state, newest first (docs/fleet.md "Regressions")
         "regression_objects": store.regressions("all", device=device, limit=DEVICE_PAGE_REGRESSIONS),
         "truncated": truncated,
+        "triggers": triggers.answer(device=device, max_series=settings.max_read_series) if triggers else None,
     }
 
 
@@ -997,9 +1002,10 @@ def _device_id(request: web.Request) -> str:
 async def device_page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
     settings, watch, folds = request.app[SETTINGS], request.app[WATCH], request.app[METRICS].budget.device_status
+    trigger_watch = request.app[TRIGGERS]
 
     def build(store: Store, device: str, params: dict[str, Any], other: str | None) -> str | None:
-        answer = device_answer(settings, watch, store, time.time(), device, params, other, folds)
+        answer = device_answer(settings, watch, store, time.time(), device, params, other, folds, trigger_watch)
         return None if answer is None else with_data(DEVICE_PAGE, answer)
 
     query = request.rel_url.query

@@ -658,13 +658,15 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
 
     Nothing is recorded: the fires and cooldowns are the server's (kept in the store); a series whose condition
     holds and that is not cooling down shows as firing (the server fires it at its next evaluation, if it has not
-    yet). Exit status: 0 when no condition holds, 1 when at least one holds (firing or cooling down) or the
-    evaluation failed (said on stderr), 2 for a bad configuration or a database that is missing, empty, another
-    program's or of another schema version (opened read-only: never created). See docs/triggers.md.
+    yet). Exit status: 0 when every trigger was judged and no condition holds; 1 when at least one holds (firing
+    or cooling down) or the evaluation failed (said on stderr); 2 for a bad configuration or a database that is
+    missing, empty, another program's or of another schema version (opened read-only: never created); 3 when no
+    condition holds but some series had too few requests to judge, or a trigger had no request in its window
+    (insufficient data: not "all clear"). See docs/triggers.md.
 
     \b
     Example:
-        lens-aggregator triggers --config /etc/lens-aggregator/aggregator.toml || echo "a trigger holds"
+        lens-aggregator triggers --config /etc/lens-aggregator/aggregator.toml || echo "a trigger holds or cannot see"
     """
     from .triggers import TriggerWatch
 
@@ -704,7 +706,15 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
         rows = answer["rows"]
         if rows["truncated"]:
             click.echo(f"(only the latest {rows['limit']} requests of the window were read)", err=True)
-    return 1 if watch.holding() else 0
+    status = watch.status()
+    if status == "insufficient_data":
+        unjudged = sum(1 for s in watch.states if s.state == "insufficient_data")
+        empty = [t["name"] for t in answer["triggers"] if not t["series"]]
+        said = f"{unjudged} series with too few requests to judge" + (
+            f"; no request in the window of {', '.join(empty)}" if empty else ""
+        )
+        click.echo(f"insufficient data: {said} (exit 3; docs/triggers.md)", err=True)
+    return {"firing": 1, "insufficient_data": 3}.get(status, 0)
 
 
 def _when(us: int | None) -> str:
