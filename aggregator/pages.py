@@ -99,7 +99,7 @@ _FLEET_STYLE = """
 #devices td { white-space: nowrap; }
 #devices td.text { max-width: 180px; overflow: hidden; text-overflow: ellipsis; }
 #devices td.health { white-space: normal; min-width: 210px; }
-#devices td.health small { max-width: 300px; }
+#devices td.health small { max-width: 300px; overflow-wrap: anywhere; }
 #devices tr.dense td { padding-top: 2px; padding-bottom: 2px; }
 #devices tr.fold td { text-align: left; background: #f6f8fa; }
 #devices tr.fold button { font: inherit; border: 0; background: none; color: #0969da; cursor: pointer; padding: 0; }
