@@ -34,7 +34,16 @@ from .health import Health
 from .metrics import CONTENT_TYPE, ExpositionCache, FleetMetrics, OtlpCollector, recent_requests
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
-from .store import QueryTimeout, RecordRow, Store, TokenInfo, average_power, energy_per_token, record_settings
+from .store import (
+    MAX_REGRESSION_NOTE_CHARS,
+    QueryTimeout,
+    RecordRow,
+    Store,
+    TokenInfo,
+    average_power,
+    energy_per_token,
+    record_settings,
+)
 from .triggers import Trigger, TriggerWatch
 
 log = logging.getLogger("aggregator")
@@ -573,6 +582,7 @@ def fleet_answer(
     health = settings.health(metric_folds)
     held = triggers.by_device() if triggers is not None else None
     rows = fleet_rows(store, now, health=health, only=only, regressions=watch.by_device(), triggers=held)
+    with_regressions(rows, watch)
     answer = {"devices": rows, "late_after_s": health.late_after_s, "silent_after_s": health.silent_after_s}
     answer["statistics"] = FIGURE_STATISTICS  # which statistic each figure is
     truncated = reads.series_truncation(store)
@@ -581,16 +591,42 @@ def fleet_answer(
     return answer
 
 
+def with_regressions(rows: list[dict[str, Any]], watch: regressions.Watch) -> None:
+    """Each fleet row's ``regressions_open`` (how many open regressions) and ``regressions_acknowledged`` (their
+    lines): an acknowledged regression is said among the health reasons but does not raise the state."""
+    acknowledged = watch.acknowledged_by_device()
+    for row in rows:
+        row["regressions_open"] = len(row.get("regressions") or [])
+        lines = acknowledged.get(row["device_id"], [])
+        row["regressions_acknowledged"] = lines
+        if lines and "health_reasons" in row:
+            row["health_reasons"] = [
+                *row["health_reasons"],
+                *("regression acknowledged: " + line.split(" (", 1)[0] for line in lines),
+            ]
+
+
+REGRESSION_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("regression_lock")
+
+
 async def refresh_regressions(app: web.Application, *, force: bool = False) -> regressions.Watch:
-    """The fleet's change points, recomputed on a read thread when older than ``fleet.regression_interval``; the
-    regression gauges on /metrics follow."""
+    """The fleet's change points, searched on a read thread when older than ``fleet.regression_interval``; the
+    regression objects they open, confirm and resolve written by the store's writer (docs/fleet.md
+    "Regressions"); the regression gauges on /metrics follow."""
     watch = app[WATCH]
-    if force or watch.stale(time.monotonic()):
-        runner = app[STORE]
-        excluded: dict[str, int] = {}
-        found = await runner.read(regressions.find_regressions, runner.store, watch.settings, excluded)
-        watch.update(found, time.monotonic(), _now_us(), contended_excluded=excluded.get("contended", 0))
-        app[METRICS].regressions(found)
+    async with app[REGRESSION_LOCK]:  # one search at a time: a second caller waits and takes its result
+        if force or watch.stale(time.monotonic()):
+            runner = app[STORE]
+            now = _now_us()
+            observation = await runner.read(watch.observe, runner.store, now)
+            done = await runner.call(watch.settle, runner.store, observation, now)
+            active = await runner.read(watch.load, runner.store)
+            watch.apply(observation, active, done, time.monotonic(), now)
+            for what in ("opened", "resolved", "left_out"):
+                if done.get(what):
+                    log.info("regressions: %d %s (%s)", len(done[what]), what, done[what][:20])
+            app[METRICS].regressions(observation.found)
+            app[METRICS].regressions_open(watch.open_counts())
     return watch
 
 
@@ -662,15 +698,83 @@ async def regressions_for(app: web.Application, include: bool | None) -> regress
     return other
 
 
+def _positive_int(query: Any, name: str, default: int | None, most: int | None = None) -> int | None:
+    value = query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) < 1 or (most is not None and int(value) > most):
+        allowed = f"an integer from 1 to {most}" if most is not None else "a positive integer"
+        raise api.BadParameter(name, value[:40], allowed)
+    return int(value)
+
+
 @read_endpoint
 async def regressions_endpoint(request: web.Request) -> web.Response:
-    """``GET /api/v1/regressions[?include_contended=1]``: the fleet's change points (docs/triggers.md)."""
+    """``GET /api/v1/regressions[?state=open|acknowledged|resolved|all][&device=ID][&limit=N][&before=ID]
+    [&include_contended=1]``: the regression objects (docs/fleet.md "Regressions"), newest first by id, at most
+    ``limit`` (default and most ``server.max_read_series``); ``next_before`` names the next page. With
+    ``include_contended`` other than the configured one, a search of its own now, stored nowhere."""
+    app, query = request.app, request.rel_url.query
+    most = app[SETTINGS].max_read_series
     try:
         include = include_contended(request)
+        state = query.get("state", "open")
+        if state not in ("open", "acknowledged", "resolved", "all"):
+            raise api.BadParameter("state", state[:40], "open, acknowledged, resolved or all")
+        device = api.name_filter("device", query.get("device"))
+        limit = _positive_int(query, "limit", most, most) or most
+        before = _positive_int(query, "before", None)
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
-    watch = await regressions_for(request.app, include)
-    return web.json_response(watch.answer())
+    watch = await regressions_for(app, include)
+    if watch is not app[WATCH]:
+        return web.json_response(watch.answer())
+    runner = app[STORE]
+    items = await runner.read(
+        app[SETTINGS].bounded(lambda store: store.regressions(state, device=device, limit=limit + 1, before_id=before)),
+        runner.store,
+    )
+    answer = watch.answer(items[:limit], state)
+    answer["limit"] = limit
+    answer["next_before"] = items[limit - 1]["id"] if len(items) > limit else None
+    return web.json_response(answer)
+
+
+@campaigns.operator
+async def acknowledge_regression(
+    request: web.Request, context: campaigns.Context, token: TokenInfo
+) -> web.StreamResponse:
+    """``POST /api/v1/regressions/{id}/acknowledge`` (operator token), body ``{"note": "…"}`` or empty: an open
+    regression becomes acknowledged; it stays so until its series recovers (docs/fleet.md "Regressions")."""
+    raw_id = request.match_info["id"]
+    if not raw_id.isdigit() or len(raw_id) > 18:
+        raise campaigns.BadRequest(400, "bad_request", f"id: {raw_id[:40]!r} is not a regression id (an integer)", "id")
+    note = None
+    if request.content_length or request.can_read_body:
+        body = await campaigns.read_body(request, 16 * 1024)
+        if type(body) is not dict:
+            raise campaigns.bad("$", "an object with an optional string 'note'")
+        unknown = sorted(set(body) - {"note"})
+        if unknown:
+            raise campaigns.bad(f"$.{unknown[0]}", "not a field here; the only field is 'note'")
+        note = body.get("note")
+        if note is not None and (type(note) is not str or len(note) > MAX_REGRESSION_NOTE_CHARS):
+            raise campaigns.bad("$.note", f"a string of at most {MAX_REGRESSION_NOTE_CHARS} characters")
+    regression_id = int(raw_id)
+    before = await context.call(
+        context.store.acknowledge_regression, regression_id, token.subject, note, context.now_us()
+    )
+    if before is None:
+        raise campaigns.BadRequest(404, "no_such_regression", f"no regression {regression_id}")
+    if before == "resolved":
+        raise campaigns.BadRequest(
+            409, "regression_resolved", f"regression {regression_id} is resolved already", state=before
+        )
+    app = request.app
+    watch = app[WATCH]
+    watch.active = await context.read(watch.load, context.store)  # the page and health see it at once
+    app[METRICS].regressions_open(watch.open_counts())
+    return web.json_response(await context.read(context.store.regression, regression_id))
 
 
 async def evaluate_triggers(app: web.Application) -> TriggerWatch:
@@ -828,16 +932,21 @@ def device_answer(
     params: dict[str, Any],
     other: str | None = None,
     metric_folds: Callable[[str], dict[str, Any] | None] | None = None,
+    triggers: TriggerWatch | None = None,
 ) -> dict[str, Any] | None:
-    """What the device page shows first (on a read thread): the device's fleet row (health, facts, series), its
+    """What the device page shows first (on a read thread): the device's fleet row (health, facts, series, the
+    triggers whose condition holds), every trigger's state on its series (``triggers``: ``GET /api/v1/triggers
+    ?device=ID``), its
     downsampled timeline (``params``: of :func:`aggregator.timeline.timeline`), the ``other`` device's over the
     same buckets when one is compared, and its latest batches; None for a device that never sent a batch. Through a
     ``reads.BoundedStore`` (``Settings.bounded``) every part is bounded to ``server.max_read_series`` series, and
     ``truncated`` lists what was left out."""
     health = settings.health(metric_folds)
-    rows = fleet_rows(store, now, health=health, only=device, regressions=watch.by_device())
+    held = triggers.by_device() if triggers is not None else None
+    rows = fleet_rows(store, now, health=health, only=device, regressions=watch.by_device(), triggers=held)
     if not rows:
         return None
+    with_regressions(rows, watch)
     recent = store.syncs(device, limit=10)
     mine = timeline.timeline(store, device, max_series=settings.max_read_series, **params)
     compare = None
@@ -862,8 +971,14 @@ def device_answer(
         "timeline": mine,
         "compare": compare,
         "recent_syncs": [sync._asdict() for sync in reversed(recent)],
+        # the device's regression objects, every state, newest first (docs/fleet.md "Regressions")
+        "regression_objects": store.regressions("all", device=device, limit=DEVICE_PAGE_REGRESSIONS),
         "truncated": truncated,
+        "triggers": triggers.answer(device=device, max_series=settings.max_read_series) if triggers else None,
     }
+
+
+DEVICE_PAGE_REGRESSIONS = 20  # the device page lists the newest this many regression objects
 
 
 def _device_id(request: web.Request) -> str:
@@ -876,9 +991,10 @@ def _device_id(request: web.Request) -> str:
 async def device_page(request: web.Request) -> web.Response:
     runner = request.app[STORE]
     settings, watch, folds = request.app[SETTINGS], request.app[WATCH], request.app[METRICS].budget.device_status
+    trigger_watch = request.app[TRIGGERS]
 
     def build(store: Store, device: str, params: dict[str, Any], other: str | None) -> str | None:
-        answer = device_answer(settings, watch, store, time.time(), device, params, other, folds)
+        answer = device_answer(settings, watch, store, time.time(), device, params, other, folds, trigger_watch)
         return None if answer is None else with_data(DEVICE_PAGE, answer)
 
     query = request.rel_url.query
@@ -986,6 +1102,7 @@ def create_app(
     fleet_metrics.registry.register(ConnectionsCollector(guard.snapshot, app[EVENTS].snapshot))
     app[DECODERS] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest-decode")
     app[PUBLISHING] = set()
+    app[REGRESSION_LOCK] = asyncio.Lock()
     app[WATCH] = regressions.Watch(
         settings.regression_interval_s,
         regressions.Settings(
@@ -1013,6 +1130,7 @@ def create_app(
     app.router.add_get("/api/v1/summary", summary)
     app.router.add_get("/api/v1/fleet", fleet)
     app.router.add_get("/api/v1/regressions", regressions_endpoint)
+    app.router.add_post("/api/v1/regressions/{id}/acknowledge", acknowledge_regression)
     app.router.add_get("/api/v1/triggers", triggers_endpoint)
     app.router.add_get("/api/v1/feedback", feedback_endpoint)
     app.router.add_get("/api/v1/stream", stream)
@@ -1045,6 +1163,9 @@ def create_app(
         # … and the latency series, request counters, tok/s and contended share, from each device's latest requests
         for device_id, requests in (await runner.call(recent_requests, store)).items():
             fleet_metrics.restore(device_id, requests)
+        watch = app[WATCH]  # … and the regression objects: health, the pages and /metrics before the first search
+        watch.active = await runner.call(watch.load, store)
+        fleet_metrics.regressions_open(watch.open_counts())
 
         async def retention() -> None:
             while settings.retention_s:

@@ -564,9 +564,9 @@ def token_rotate(
 def migrate_command(config_path: Path | None, db: str | None) -> None:
     """Bring an existing database to this release's schema (what a starting serve does), and say from which version.
 
-    The read-only commands (triggers, feedback, token list, otlp status, campaign status/list/results/export)
-    never migrate: an older database makes them point here. Stop every lens-aggregator that serves the database
-    first when the release notes say the migration is long.
+    The read-only commands (triggers, regressions, feedback, token list, otlp status, campaign
+    status/list/results/export) never migrate: an older database makes them point here. Stop every lens-aggregator
+    that serves the database first when the release notes say the migration is long.
 
     \b
     Example:
@@ -658,13 +658,15 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
 
     Nothing is recorded: the fires and cooldowns are the server's (kept in the store); a series whose condition
     holds and that is not cooling down shows as firing (the server fires it at its next evaluation, if it has not
-    yet). Exit status: 0 when no condition holds, 1 when at least one holds (firing or cooling down) or the
-    evaluation failed (said on stderr), 2 for a bad configuration or a database that is missing, empty, another
-    program's or of another schema version (opened read-only: never created). See docs/triggers.md.
+    yet). Exit status: 0 when every trigger was judged and no condition holds; 1 when at least one holds (firing
+    or cooling down) or the evaluation failed (said on stderr); 2 for a bad configuration or a database that is
+    missing, empty, another program's or of another schema version (opened read-only: never created); 3 when no
+    condition holds but some series had too few requests to judge, or a trigger had no request in its window
+    (insufficient data: not "all clear"). See docs/triggers.md.
 
     \b
     Example:
-        lens-aggregator triggers --config /etc/lens-aggregator/aggregator.toml || echo "a trigger holds"
+        lens-aggregator triggers --config /etc/lens-aggregator/aggregator.toml || echo "a trigger holds or cannot see"
     """
     from .triggers import TriggerWatch
 
@@ -704,7 +706,116 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
         rows = answer["rows"]
         if rows["truncated"]:
             click.echo(f"(only the latest {rows['limit']} requests of the window were read)", err=True)
-    return 1 if watch.holding() else 0
+    status = watch.status()
+    if status == "insufficient_data":
+        unjudged = sum(1 for s in watch.states if s.state == "insufficient_data")
+        empty = [t["name"] for t in answer["triggers"] if not t["series"]]
+        said = f"{unjudged} series with too few requests to judge" + (
+            f"; no request in the window of {', '.join(empty)}" if empty else ""
+        )
+        click.echo(f"insufficient data: {said} (exit 3; docs/triggers.md)", err=True)
+    return {"firing": 1, "insufficient_data": 3}.get(status, 0)
+
+
+def _when(us: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(us / 1e6)) if us else "–"
+
+
+@cli.group("regressions", invoke_without_command=True)
+@verbose_option
+@config_option
+@db_option
+@click.option(
+    "--state",
+    type=click.Choice(["open", "acknowledged", "resolved", "all"]),
+    default="open",
+    show_default=True,
+    help="Which regression objects to list.",
+)
+@click.option("--device", help="Only this device's.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True, help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts (the objects GET /api/v1/regressions lists).")
+@click.pass_context
+def regressions_command(
+    ctx: click.Context,
+    config_path: Path | None,
+    db: str | None,
+    state: str,
+    device: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """The regression objects the server keeps (docs/fleet.md "Regressions"), newest first: each with its id,
+    state, series, since when, size and when it was last confirmed. Reads the database read-only (an older one:
+    run lens-aggregator migrate); the server's searches open, confirm and resolve them.
+
+    \b
+    Example:
+        lens-aggregator regressions --state all --db /var/lib/lens-aggregator/aggregator.db
+        lens-aggregator regressions ack 12 --note "driver update, rollback planned" --db …
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    config = _config(config_path, db)
+    store = _open_store(config, "read")
+    try:
+        items = store.regressions(state, device=device, limit=limit)
+    except QueryTimeout as exc:
+        raise LensError(f"the regressions could not be read: {exc}") from None
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"state": state, "regressions": items}, indent=2))
+        return
+    if not items:
+        click.echo(f"no {state if state != 'all' else ''} regressions".replace("  ", " "), err=True)
+    for item in items:
+        extra = f", resolved {_when(item['resolved_us'])}" if item["resolved_us"] else ""
+        if item["acknowledged_us"]:
+            note = f": {item['note']}" if item["note"] else ""
+            extra += f", acknowledged by {item['acknowledged_by']} {_when(item['acknowledged_us'])}{note}"
+        click.echo(
+            f"{item['id']:>6} {item['state']:<12} {item['kind']:<11} {item['summary'].split(' (', 1)[0]} "
+            f"(last confirmed {_when(item['last_confirmed_us'])}{extra})"
+        )
+
+
+@regressions_command.command("ack")
+@verbose_option
+@config_option
+@db_option
+@click.argument("regression_id", metavar="ID", type=click.IntRange(1))
+@click.option("--note", help="Why (at most 1000 characters): shown beside the regression.")
+@click.option("--by", "by", help="Who acknowledges.  [default: cli:$USER]")
+def regressions_ack(
+    config_path: Path | None, db: str | None, regression_id: int, note: str | None, by: str | None
+) -> None:
+    """Acknowledge an open regression: it stays acknowledged (said, no longer a health warning) until its series
+    recovers. What POST /api/v1/regressions/ID/acknowledge does with an operator token.
+
+    \b
+    Example:
+        lens-aggregator regressions ack 12 --note "known: new quantization" --db /var/lib/lens-aggregator/aggregator.db
+    """
+    import getpass
+
+    from .store import MAX_REGRESSION_NOTE_CHARS
+
+    if note is not None and len(note) > MAX_REGRESSION_NOTE_CHARS:
+        raise UsageError(f"--note: {len(note)} characters; at most {MAX_REGRESSION_NOTE_CHARS}")
+    config = _config(config_path, db)
+    store = _open_store(config, "write")
+    try:
+        before = store.acknowledge_regression(
+            regression_id, by or f"cli:{getpass.getuser()}", note, time.time_ns() // 1000
+        )
+    finally:
+        store.close()
+    if before is None:
+        raise UsageError(f"ID {regression_id}: no such regression (lens-aggregator regressions --state all lists them)")
+    if before == "resolved":
+        raise LensError(f"regression {regression_id} is resolved already: nothing to acknowledge")
+    click.echo(f"regression {regression_id}: acknowledged" + (" (note updated)" if before == "acknowledged" else ""))
 
 
 @cli.command("feedback")

@@ -57,6 +57,27 @@ function showDevice(row) {
     "figures over each series' latest " + Math.max(0, ...row.series.map(s => s.requests)) + " requests");
 }
 
+// every [[triggers]] state on this device's series (GET /api/v1/triggers?device=ID), worst first
+function showTriggers(answer) {
+  const box = document.getElementById("triggers");
+  box.hidden = !answer || answer.triggers.length === 0;
+  if (box.hidden) return;
+  const rank = {firing: 0, cooling_down: 1, insufficient_data: 2, ok: 3};
+  const items = [];
+  for (const t of answer.triggers) {
+    if (t.series.length === 0) items.push([4, el("li", t.name + ": no request of this device in its window or scope (" + t.description + ")", "trigger none")]);
+    for (const s of t.series) {
+      const li = el("li", undefined, "trigger " + s.state + (s.holds ? " " + s.severity : ""));
+      li.append(el("span", s.state.replace("_", " "), "state"), " " + s.summary);
+      items.push([rank[s.state] ?? 5, li]);
+    }
+  }
+  items.sort((a, b) => a[0] - b[0]);
+  document.getElementById("trigger-list").replaceChildren(...items.map(([, li]) => li));
+  text("trigger-status", answer.status === "firing" ? "a condition holds" : answer.status === "insufficient_data" ?
+    "some not judged: too few requests" : "all judged, none holds");
+}
+
 function showSyncs(syncs) {
   const body = document.querySelector("#syncs tbody");
   body.replaceChildren(...syncs.map(s => {
@@ -65,6 +86,37 @@ function showSyncs(syncs) {
       el("td", s.backlog ?? "–"), el("td", s.dropped_total ?? "–"), el("td", s.quarantined_total ?? "–"));
     return tr;
   }));
+}
+
+// the device's regression objects (docs/fleet.md "Regressions"): every state, newest first
+function evidenceText(r) {
+  const parts = [r.requests_before + " requests before, " + r.requests_after + " after"];
+  if (r.p_value !== null) parts.push("p " + Number(r.p_value).toExponential(1));
+  if (r.confidence !== null) parts.push("confidence " + fmt(r.confidence, 3));
+  const e = r.evidence;
+  if (e && typeof e === "object") {
+    if (typeof e.method === "string") parts.push(e.method);
+    if (e.seasonal) parts.push("seasonal: " + (typeof e.seasonal === "string" ? e.seasonal : JSON.stringify(e.seasonal)));
+    if (Number.isInteger(e.bursts_removed) && e.bursts_removed) parts.push(e.bursts_removed + " bursts removed");
+  }
+  if (r.contended_excluded) parts.push(r.contended_excluded + " contended left out");
+  return parts.join("; ");
+}
+
+function showRegressionObjects(items) {
+  const body = document.querySelector("#regression-objects tbody");
+  body.replaceChildren(...items.map(r => {
+    const tr = el("tr", undefined, "state-" + r.state);
+    const after = r.state === "resolved" ? "resolved " + iso(r.resolved_us)
+      : r.state === "acknowledged" ? "acknowledged by " + r.acknowledged_by + (r.note ? ": " + r.note : "") : "";
+    tr.append(el("td", r.id), el("td", r.state, "text"), el("td", r.kind, "text"), el("td", r.metric, "text"),
+      el("td", (r.model_name || "–") + " / " + (r.strategy || "local"), "text"), el("td", iso(r.since_us), "text"),
+      el("td", (r.change >= 0 ? "+" : "") + (100 * r.change).toFixed(0) + " %"),
+      el("td", Number(r.before_median).toPrecision(4) + " → " + Number(r.after_median).toPrecision(4)),
+      el("td", evidenceText(r), "text"), el("td", iso(r.last_confirmed_us), "text"), el("td", after, "text"));
+    return tr;
+  }));
+  document.getElementById("regression-history").hidden = items.length === 0;
 }
 
 // timelines: the device's (and the compared one's), merged tail by tail on live updates
@@ -192,6 +244,8 @@ document.getElementById("truncated").replaceChildren(...notes.map(m => el("li", 
 document.getElementById("truncated").hidden = notes.length === 0;
 showDevice(data.device);
 showSyncs(data.recent_syncs);
+showRegressionObjects(data.regression_objects || []);
+showTriggers(data.triggers);
 draw();
 new EventSource("../api/v1/stream").addEventListener("batch", (e) => {
   const event = JSON.parse(e.data);
@@ -217,6 +271,12 @@ DEVICE_PAGE = """<!doctype html>
 #ranges button { font: inherit; padding: 2px 10px; border: 1px solid #d0d7de; background: #fff; cursor: pointer; }
 #ranges button.on { background: #0969da; color: #fff; }
 .u-legend { font-size: 12px; } .chart { overflow: hidden; }
+#triggers { background: #fff; border: 1px solid #d0d7de; padding: 6px 12px; margin: 8px 0 12px; }
+#trigger-list { margin: 4px 0; padding-left: 18px; } #trigger-list li { margin: 2px 0; overflow-wrap: anywhere; }
+#trigger-list .state { font-weight: 600; margin-right: 4px; }
+#trigger-list .firing .state, #trigger-list .cooling_down .state { color: #9a6700; }
+#trigger-list .critical .state { color: #cf222e; } #trigger-list .ok .state { color: #1a7f37; }
+#trigger-list .insufficient_data .state, #trigger-list .none { color: #57606a; }
 </style></head>
 <body>
 <a href="../">← fleet</a>
@@ -225,7 +285,13 @@ DEVICE_PAGE = """<!doctype html>
 <ul id="reasons"></ul>
 <ul class="sub" id="truncated" hidden></ul>
 <div id="facts"></div>
+<div id="triggers" hidden><strong>Triggers on this device</strong> <span class="sub" id="trigger-status"></span>
+<ul id="trigger-list"></ul></div>
 <div class="regressions" id="regressions" hidden><strong>Regressions on this device</strong><ul id="regression-list"></ul></div>
+<div id="regression-history" hidden><h2>Regressions and improvements (open, acknowledged, resolved)</h2>
+<div class="scroll"><table id="regression-objects"><thead><tr><th>id</th><th>state</th><th>kind</th><th>metric</th>
+<th>model / strategy</th><th>since</th><th>change</th><th>median before → after</th><th>evidence</th>
+<th>last confirmed</th><th></th></tr></thead><tbody></tbody></table></div></div><p></p>
 <div class="tools"><span id="ranges">range <button data-range="6h">6 h</button><button data-range="24h">24 h</button>
 <button data-range="7d">7 days</button><button data-range="30d">30 days</button></span>
 &nbsp; <label>compare with <input id="compare" list="device-ids" placeholder="another device"></label>

@@ -128,7 +128,7 @@ def fleet_rows(
         row["regressions"] = flagged
         row["triggers"] = (triggers or {}).get(device_id, [])
         row["trigger_count"] = len(row["triggers"])
-        row["health"], row["health_reasons"] = health.assess(row, syncs, facts, flagged)
+        row["health"], row["health_reasons"] = health.assess(row, syncs, facts, flagged, row["triggers"])
         rows.append(row)
     return rows
 

@@ -8,8 +8,10 @@ critical    silent (no batch for ``fleet.silent_after``); ``fleet.error_rate_cri
 warning     late (no batch for two of its own expected gaps plus a minute, or ``fleet.late_after``); an error
             rate of ``fleet.error_rate_warning`` or more; its backlog grew over the window's batches; records
             were quarantined within the window; a thermal zone is past its passive trip point (throttling); a
-            regression is flagged on one of its series; new label sets of its measurements were folded into
-            the ``"other"`` series on /metrics within the window (a per-device or the global bound reached)
+            regression is flagged on one of its series; a ``[[triggers]]`` condition holds on one of its series
+            (``critical`` when the trigger says ``severity = "critical"``); new label sets of its measurements
+            were folded into the ``"other"`` series on /metrics within the window (a per-device or the global
+            bound reached)
 ok          none of these
 ==========  ==================================================================================================
 
@@ -66,10 +68,12 @@ class Health:
         syncs: Sequence[SyncRow],
         facts: dict[str, Any] | None,
         regressions: Sequence[str] = (),
+        triggers: Sequence[dict[str, Any]] = (),
     ) -> tuple[str, list[str]]:
         """(state, reasons) for a fleet row (``sync_health``, ``error_rate``, ``requests``, ``errors``,
-        ``last_seen_age_s``, ``expected_gap_s``), its batches within the window (oldest first), its facts and its
-        flagged regressions. Reasons come worst first."""
+        ``last_seen_age_s``, ``expected_gap_s``), its batches within the window (oldest first), its facts, its
+        flagged regressions and its series whose trigger condition holds (``TriggerWatch.by_device`` entries:
+        ``trigger``, ``summary``, ``severity``). Reasons come worst first."""
         found: list[tuple[str, str]] = []
         sync, age = row["sync_health"], row["last_seen_age_s"]
         if sync == "silent":
@@ -102,6 +106,9 @@ class Health:
             found.append(("warning", "thermally throttled: " + "; ".join(facts["thermal_throttling"])))
         for line in regressions:
             found.append(("warning", "regression: " + line.split(" (", 1)[0]))
+        for held in triggers:
+            level = "critical" if held.get("severity") == "critical" else "warning"
+            found.append((level, f"trigger {held.get('summary') or held.get('trigger')}"))
         folds = self.folds(row.get("device_id"))
         if folds is not None:
             found.append(("warning", folds["summary"]))

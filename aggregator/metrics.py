@@ -508,6 +508,14 @@ class FleetMetrics:
             registry=r,
         )
         self._regressions: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}  # labels → budget place
+        self.regressions_open_gauge = Gauge(
+            f"{PREFIX}_regressions_open",
+            "Open (not acknowledged, not resolved) regressions of the device's series in this metric (docs/fleet.md "
+            "Regressions); absent when none",
+            ("device", "metric"),
+            registry=r,
+        )
+        self._regressions_open: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None] = {}
         # [[triggers]] (docs/triggers.md): present only while a trigger's condition holds on a series
         self.trigger_firing = Gauge(
             f"{PREFIX}_trigger_firing",
@@ -736,6 +744,8 @@ class FleetMetrics:
         sent: tuple[bool, ...],
         wanted: dict[tuple[str, ...], tuple[str, float]],
         held: dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None],
+        *,
+        add_folded: bool = False,
     ) -> dict[tuple[str, ...], tuple[str, tuple[str, ...]] | None]:
         """Sets ``gauge`` to ``wanted`` (labels, already cut → (device, value)), each set through the budget (folded
         past a bound); series no longer wanted go and give their place back. Returns what is held now."""
@@ -744,7 +754,8 @@ class FleetMetrics:
         for labels, (device, number) in wanted.items():
             shown, key = self._admit(device, shape, labels, sent, 1)
             current[shown] = (device, key) if key is not None else current.get(shown)
-            values[shown] = number
+            # a folded label set stands for several: counts add up (add_folded), other values are one of them
+            values[shown] = values.get(shown, 0.0) + number if add_folded and key is None else number
         for labels, place in held.items():
             if labels not in current:
                 with contextlib.suppress(KeyError):
@@ -772,6 +783,20 @@ class FleetMetrics:
         held = self._replace_gauges(self.regression, "regression", (True, True, True, False), wanted, held)
         with self._lock:
             self._regressions = held
+
+    def regressions_open(self, counts: dict[tuple[str, str], int]) -> None:
+        """``llm_latency_lens_regressions_open``: (device, metric) → open regressions; at most one label set per
+        device and metric (4 per device), each through the per-device budget; pairs no longer open go."""
+        wanted: dict[tuple[str, ...], tuple[str, float]] = {
+            (self._cut(device), metric): (device, float(n)) for (device, metric), n in counts.items() if n
+        }
+        with self._lock:
+            held = dict(self._regressions_open)
+        held = self._replace_gauges(
+            self.regressions_open_gauge, "regressions_open", (True, False), wanted, held, add_folded=True
+        )
+        with self._lock:
+            self._regressions_open = held
 
     def configure_triggers(self, names: Iterable[str]) -> None:
         """Every configured trigger's fire counter, from 0 (so that rate() and increase() see the first fire)."""

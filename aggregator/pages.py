@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 from . import device_page
@@ -27,197 +28,378 @@ code { background: #f0f3f6; padding: 1px 4px; }
 @media (max-width: 700px) { body { margin: 12px; } th, td { padding: 4px 6px; } svg { width: 100%; height: auto; } }
 """
 
-FLEET_PAGE = f"""<!doctype html>
+# The fleet table's columns: (sort key, header, what the figure is: its tooltip, and the phone card's label). The
+# header says the statistic where the figure is one (p95, median, mean), the tooltip over which requests.
+_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("device_id", "device", "the device's id (its page)"),
+    (
+        "health_rank",
+        "health",
+        "ok, warning or critical, with its reasons; sorts worst first (critical, warning, ok; then by the number of "
+        "reasons, then device id)",
+    ),
+    ("trigger_count", "triggers", "the [[triggers]] whose condition holds on the device: firing or cooling down"),
+    ("device_class", "class", "device class · power mode · hottest thermal zone, from its latest facts"),
+    ("last_seen_age_s", "last seen", "time since its latest batch arrived (the aggregator's clock)"),
+    ("model", "model", "the model of its latest request"),
+    (
+        "ttft_p95_ms",
+        "TTFT p95 (ms)",
+        "95th percentile of time to first token, exact (inclusive method), over the latest 50 successful requests of "
+        "the series of its latest request; one figure per strategy when that model runs several",
+    ),
+    (
+        "tokens_per_second",
+        "median tok/s",
+        "median of per-request output tokens ÷ end-to-end seconds, over the same latest 50 successful requests",
+    ),
+    (
+        "j_per_output_token",
+        "mean J/token",
+        "mean energy per output token (ext.energy.j_per_output_token) over the same latest 50 successful requests; "
+        "– without a power source",
+    ),
+    ("error_rate", "errors", "share of failed requests among its latest 50 requests, of any series"),
+    (
+        "contended_share",
+        "contended",
+        "share of the device's latest requests that other work on the device contended with (docs/fleet.md)",
+    ),
+    ("backlog", "backlog", "records waiting in its outbox, as its latest batch said"),
+    ("dropped_total", "dropped", "records its outbox dropped, in total"),
+    ("records", "records", "records stored from it"),
+    ("sync_health", "sync", "ok, late or silent, against the device's own sync schedule"),
+)
+_LEFT = {"health_rank", "trigger_count", "device_class", "model"}
+
+
+def _header() -> str:
+    cells = []
+    for key, label, tip in _COLUMNS:
+        left = ' style="text-align:left"' if key in _LEFT else ""
+        cells.append(f'<th data-key="{key}" title="{html.escape(tip)}"{left}>{html.escape(label)}</th>')
+    return "".join(cells)
+
+
+def _card_labels() -> str:
+    """The phone layout's labels: each cell of a device card says which column it is."""
+    return " ".join(
+        f'#devices td:nth-child({n})::before {{ content: "{label}"; }}'
+        for n, (_, label, _) in enumerate(_COLUMNS, 1)
+        if n > 2
+    )
+
+
+# The fleet page's own style (the device and campaign pages share _STYLE, not this). At most 700 px wide (a phone),
+# each device is a card of label/value cells and nothing is wider than the screen; on a desk each device is one line,
+# long texts cut with the full text in the cell's title.
+_FLEET_STYLE = """
+[hidden] { display: none !important; }
+#devices { font-size: 13px; } #devices th, #devices td { padding: 4px 6px; }
+#devices td { white-space: nowrap; }
+#devices td.text { max-width: 180px; overflow: hidden; text-overflow: ellipsis; }
+#devices td.health { white-space: normal; min-width: 210px; }
+#devices td.health small { max-width: 300px; overflow-wrap: anywhere; }
+#devices tr.dense td { padding-top: 2px; padding-bottom: 2px; }
+#devices tr.fold td { text-align: left; background: #f6f8fa; }
+#devices tr.fold button { font: inherit; border: 0; background: none; color: #0969da; cursor: pointer; padding: 0; }
+#devices th { vertical-align: bottom; }
+#devices th[data-sorted="asc"]::after { content: " ▲"; } #devices th[data-sorted="desc"]::after { content: " ▼"; }
+.more summary { cursor: pointer; color: #0969da; }
+.tools label { margin-right: 10px; white-space: nowrap; } .phone { display: none; }
+@media (max-width: 1100px) { #devices td.health { min-width: 150px; } #devices td.text { max-width: 140px; } }
+@media (max-width: 700px) {
+  body { overflow-wrap: anywhere; } .phone { display: inline; } .desk { display: none; }
+  .tools label { display: inline-block; margin: 0 8px 6px 0; } #filter { width: 11em; }
+  .scroll { overflow-x: visible; } table:not(#devices) { display: block; overflow-x: auto; }
+  #devices, #devices tbody, #devices tr { display: block; background: none; } #devices thead { display: none; }
+  #devices tr { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); background: #fff;
+    border: 1px solid #d0d7de; margin-bottom: 8px; padding: 4px 0; }
+  #devices td { display: block; border: 0; padding: 2px 6px; text-align: left; white-space: normal; min-width: 0;
+    max-width: none; overflow-wrap: anywhere; }
+  #devices td.text, #devices td.health { max-width: none; min-width: 0; white-space: normal; }
+  #devices td::before { display: block; color: #57606a; font-size: 11px; }
+  #devices td:nth-child(1) { grid-column: 1 / 3; font-weight: 600; } #devices td:nth-child(2) { grid-column: 3 / -1; }
+  #devices td:nth-child(3), #devices td:nth-child(4) { grid-column: 1 / -1; } #devices td:nth-child(6) { grid-column: 2 / -1; }
+  #devices td.none { display: none; }
+  #devices tr.dense { padding: 0; margin-bottom: 4px; }
+  #devices tr.dense td:nth-child(n+3) { display: none; }
+  #devices tr.dense td:nth-child(7), #devices tr.dense td:nth-child(8) { display: block; }
+  #devices tr.dense td:nth-child(1) { grid-column: auto; } #devices tr.dense td:nth-child(2) { grid-column: auto; }
+  #devices tr.dense td::before { display: none; }
+  #devices tr.fold { display: block; } #devices tr.fold td { display: block; }
+  #devices tr.fold td::before { display: none; }
+  /*LABELS*/
+}
+"""
+
+FLEET_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>LLM-Latency-Lens fleet</title>
-<style>{_STYLE}</style></head>
+<style>/*STYLE*/</style></head>
 <body>
 <h1>LLM-Latency-Lens fleet</h1>
 <div class="sub" id="summary">loading…</div>
 <div class="sub" id="truncated" hidden></div>
 <div class="regressions" id="regressions" hidden><strong>Regressions</strong> (change points in each device ×
-model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-list"></ul></div>
+model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-list"></ul>
+<details class="more" id="regression-more" hidden><summary></summary><ul></ul></details></div>
 <div class="triggers" id="triggers" hidden><strong>Triggers</strong> (conditions that hold on a device × model ×
-engine settings; <a href="api/v1/triggers">states and recent fires</a>)<ul id="trigger-list"></ul></div>
+engine settings; <a href="api/v1/triggers">states and recent fires</a>)<ul id="trigger-list"></ul>
+<details class="more" id="trigger-more" hidden><summary></summary><ul></ul></details></div>
 <div class="hint" id="empty" hidden>No device has sent measurements yet. Give each device a token:
 <code>lens-aggregator token add DEVICE_ID --url URL-OF-THIS-AGGREGATOR</code> prints it with the settings to put in
 the device's <code>agent.toml</code>; its records appear here after its next sync (<code>lens-agent sync</code>).</div>
 <div class="tools"><label>filter <input id="filter" type="search" placeholder="device, model, strategy, class"></label>
 <label>class <select id="class"><option value="">all</option></select></label>
 <label>health <select id="health"><option value="">all</option><option>critical</option><option>warning</option><option>ok</option></select></label>
-<span class="sub">click a column to sort; the address keeps the view (<code>?sort=error_rate&amp;desc=1&amp;filter=orin</code>)</span></div>
+<label>layout <select id="layout"><option value="">triage: problems first</option><option value="table">one table</option></select></label>
+<label class="phone">sort <select id="sort"></select></label>
+<span class="sub desk">click a column to sort; the address keeps the view (<code>?sort=error_rate&amp;desc=1&amp;filter=orin</code>)</span></div>
 <div class="scroll"><table id="devices"><thead><tr>
-<th data-key="device_id">device</th><th data-key="health_rank" style="text-align:left">health</th><th data-key="trigger_count" style="text-align:left">triggers</th><th data-key="device_class" style="text-align:left">class</th><th data-key="last_seen_age_s">last seen</th><th data-key="model" style="text-align:left">model</th>
-<th data-key="ttft_p95_ms">TTFT p95 (ms)</th><th data-key="tokens_per_second">tok/s</th><th data-key="j_per_output_token">J/token</th>
-<th data-key="error_rate">errors</th><th data-key="contended_share" title="share of the device's latest requests that other work on the device contended with (docs/fleet.md)">contended</th><th data-key="backlog">backlog</th><th data-key="dropped_total">dropped</th>
-<th data-key="records">records</th><th data-key="sync_health">sync</th></tr></thead><tbody></tbody></table></div>
+/*HEADER*/</tr></thead><tbody id="problems"></tbody><tbody id="fold" hidden><tr class="fold"><td colspan="/*SPAN*/"><button id="fold-button" type="button"></button></td></tr></tbody><tbody id="healthy"></tbody></table></div>
 <script>
 "use strict";
 const fmt = (v, d) => (v === null || v === undefined) ? "–" : Number(v).toFixed(d);
-function age(s) {{
+function age(s) {
   if (s < 90) return Math.round(s) + " s ago";
   if (s < 5400) return Math.round(s / 60) + " min ago";
   return Math.round(s / 3600) + " h ago";
-}}
+}
 let lateAfter = 3600;
 const span = (s) => s % 3600 === 0 ? (s / 3600) + (s === 3600 ? " hour" : " hours") : Math.round(s / 60) + " minutes";
-function cell(text, cls) {{ const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; return td; }}
-// the view (sort column, direction, filter) lives in the address, so it can be bookmarked and shared
+const plural = (n, one, many) => n + " " + (n === 1 ? one : many);
+function cell(text, cls) { const td = document.createElement("td"); td.textContent = text; if (cls) td.className = cls; return td; }
+function textCell(text) {  // cut on a desk: the title has it all
+  const td = cell(text, text === "–" ? "text none" : "text");
+  if (text !== "–") td.title = text;
+  return td;
+}
+// the view (sort column, direction, filters, layout, the healthy devices shown or folded) lives in the address, so it
+// can be bookmarked and shared; the fold is also remembered in this browser
 const view = new URLSearchParams(location.search);
 let lastDevices = [];
-function shown(devices) {{
+const severity = { critical: 2, warning: 1, ok: 0 };
+const openRegressions = d => d.regressions_open ?? (d.regressions || []).length;
+// a problem: not ok, a trigger holding, or an open regression (each makes its device's health too, once judged)
+const problem = d => d.health !== "ok" || (d.trigger_count || 0) > 0 || openRegressions(d) > 0;
+const byId = (a, b) => a.device_id < b.device_id ? -1 : a.device_id > b.device_id ? 1 : 0;
+// worst first: critical, warning, ok; then more reasons first; then the device id
+const worse = (a, b) => ((severity[b.health] ?? -1) - (severity[a.health] ?? -1)) ||
+  ((b.health_reasons || []).length - (a.health_reasons || []).length);
+function sortKey() {  // [column, descending]: with none in the address, health worst first
+  const key = view.get("sort");
+  return key ? [key, view.get("desc") === "1"] : ["health_rank", true];
+}
+function filtered() { return Boolean(view.get("filter") || view.get("class") || view.get("health")); }
+function shown(devices) {
   const filter = (view.get("filter") || "").toLowerCase();
-  const key = view.get("sort"), desc = view.get("desc") === "1";
+  const [key, desc] = sortKey();
   const cls = view.get("class") || "", state = view.get("health") || "";
   const text = d => [d.device_id, d.model, d.strategy, d.device_class, d.power_mode, ...(d.series || []).map(s => s.model_name + " " + s.strategy)].join(" ").toLowerCase();
   const rows = devices.filter(d => (!filter || text(d).includes(filter)) && (!cls || d.device_class === cls) && (!state || d.health === state));
-  if (key) {{
-    const value = d => key === "health_rank" ? ["ok", "warning", "critical"].indexOf(d.health) : d[key];
-    rows.sort((a, b) => {{
-      const x = value(a), y = value(b);
-      if (x === y) return 0;
-      if (x === null || x === undefined) return 1;  // missing figures last, whichever the direction
-      if (y === null || y === undefined) return -1;
-      return (x < y ? -1 : 1) * (desc ? -1 : 1);
-    }});
-  }}
+  if (key === "health_rank") rows.sort((a, b) => (desc ? worse(a, b) : -worse(a, b)) || byId(a, b));
+  else rows.sort((a, b) => {
+    const x = a[key], y = b[key];
+    if (x === y) return byId(a, b);
+    if (x === null || x === undefined) return 1;  // missing figures last, whichever the direction
+    if (y === null || y === undefined) return -1;
+    return (x < y ? -1 : 1) * (desc ? -1 : 1);
+  });
   return rows;
-}}
-function setView(name, value) {{
-  if (value) view.set(name, value); else view.delete(name);
+}
+function setView(changes) {
+  for (const [name, value] of Object.entries(changes)) if (value) view.set(name, value); else view.delete(name);
   history.replaceState(null, "", "?" + view.toString());
   render(lastDevices);
-}}
-document.querySelectorAll("#devices th").forEach(th => th.addEventListener("click", () => {{
-  const key = th.dataset.key;
-  setView("desc", view.get("sort") === key && view.get("desc") !== "1" ? "1" : "");
-  setView("sort", key);
-}}));
+}
+function sortBy(key) {  // a column's first click: ascending, the health column's worst first; again: the other way
+  const [current, desc] = sortKey();
+  const down = key === current ? !desc : key === "health_rank";
+  setView({ sort: key, desc: down ? "1" : "" });
+}
+document.querySelectorAll("#devices th").forEach(th => th.addEventListener("click", () => sortBy(th.dataset.key)));
+const sortBox = document.getElementById("sort");  // the phone's columns: no header row to click
+for (const th of document.querySelectorAll("#devices th"))
+  for (const desc of [true, false]) {
+    const o = document.createElement("option");
+    o.value = th.dataset.key + (desc ? ":1" : ":");
+    o.textContent = th.textContent + (th.dataset.key === "health_rank" ? (desc ? " (worst first)" : " (best first)") : desc ? " ↓" : " ↑");
+    sortBox.appendChild(o);
+  }
+sortBox.addEventListener("change", () => { const [key, desc] = sortBox.value.split(":"); setView({ sort: key, desc }); });
 const filterBox = document.getElementById("filter");
 filterBox.value = view.get("filter") || "";
-filterBox.addEventListener("input", () => setView("filter", filterBox.value));
-for (const name of ["class", "health"]) {{
+filterBox.addEventListener("input", () => setView({ filter: filterBox.value }));
+for (const name of ["class", "health", "layout"]) {
   const box = document.getElementById(name);
-  box.addEventListener("change", () => setView(name, box.value));
-}}
-function classes(devices) {{  // the class filter offers the classes the fleet has
+  box.addEventListener("change", () => setView({ [name]: box.value }));
+}
+const FOLD_FROM = 12;  // more healthy devices than this fold by default (fewer fit beside the problems anyway)
+function chosen() {  // "show", "fold" or "": the address, else what this browser chose last
+  const said = view.get("healthy");
+  if (said === "show" || said === "fold") return said;
+  try { const kept = localStorage.getItem("lens.fleet.healthy"); return kept === "show" || kept === "fold" ? kept : ""; }
+  catch (e) { return ""; }
+}
+let folded = false;
+document.getElementById("fold-button").addEventListener("click", () => {
+  const choice = folded ? "show" : "fold";
+  try { localStorage.setItem("lens.fleet.healthy", choice); } catch (e) { /* storage off: the address keeps it */ }
+  setView({ healthy: choice });
+});
+function classes(devices) {  // the class filter offers the classes the fleet has
   const box = document.getElementById("class"), have = new Set([...box.options].map(o => o.value));
   for (const c of [...new Set(devices.map(d => d.device_class).filter(Boolean))].sort())
-    if (!have.has(c)) {{ const o = document.createElement("option"); o.value = o.textContent = c; box.appendChild(o); }}
+    if (!have.has(c)) { const o = document.createElement("option"); o.value = o.textContent = c; box.appendChild(o); }
   box.value = view.get("class") || "";
   document.getElementById("health").value = view.get("health") || "";
-}}
-function contended(d) {{  // the share of its latest requests that other work contended with, and how many
+  document.getElementById("layout").value = view.get("layout") === "table" ? "table" : "";
+  const [key, desc] = sortKey();
+  sortBox.value = key + (desc ? ":1" : ":");
+  document.querySelectorAll("#devices th").forEach(th => {
+    if (th.dataset.key === key) th.dataset.sorted = desc ? "desc" : "asc"; else delete th.dataset.sorted;
+  });
+}
+function contended(d) {  // the share of its latest requests that other work contended with, and how many
   if (d.contended_share === null || d.contended_share === undefined) return cell("–", "contended");
   const td = cell((100 * d.contended_share).toFixed(0) + " %", d.contended_share > 0 ? "contended warning" : "contended");
   td.title = d.contended + " of the latest " + d.requests + " requests were contended (other processes, pressure, throttling)";
   return td;
-}}
-function render(devices) {{
+}
+function row(d, dense) {
+  const tr = document.createElement("tr");
+  tr.id = "device-" + d.device_id;
+  if (dense) tr.className = "dense";
+  const name = document.createElement("td");
+  const link = document.createElement("a");
+  link.href = "device/" + encodeURIComponent(d.device_id);
+  link.textContent = d.device_id;
+  name.appendChild(link);
+  // one figure per strategy: a speculative request's TTFT is not a local one's
+  const split = (key, digits) => {
+    const parts = Object.entries(d.by_strategy || {});
+    if (parts.length < 2) return fmt(d[key], digits);
+    return parts.map(([s, f]) => fmt(f[key], digits) + " " + s).join(" · ");
+  };
+  const health = cell(d.health, "health " + d.health);
+  for (const reason of d.health_reasons || []) { const small = document.createElement("small"); small.textContent = reason; health.appendChild(small); }
+  const held = d.triggers || [];
+  const triggers = cell(held.map(t => t.trigger + (t.state === "cooling_down" ? " (cooling down)" : "")).join(", ") || "–", "text triggers-cell");
+  triggers.title = held.map(t => t.summary).join("\\n");
+  if (!held.length) triggers.classList.add("none");  // on a phone's card: no line for nothing
+  const facts = [d.device_class, d.power_mode, d.temperature_max_c === null || d.temperature_max_c === undefined ? null : d.temperature_max_c.toFixed(0) + " °C"];
+  tr.append(name, health, triggers, textCell(facts.filter(Boolean).join(" · ") || "–"), cell(age(d.last_seen_age_s)), textCell(d.model || "–"), cell(split("ttft_p95_ms", 1)),
+    cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)),
+    cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), contended(d), cell(d.backlog ?? "–"),
+    cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
+  return tr;
+}
+const SHORT_LIST = 5;  // a box lists this many lines; the rest fold under "N more"
+function listBox(name, lines) {  // lines: [text, class]
+  const item = ([text, cls]) => { const li = document.createElement("li"); li.textContent = text; if (cls) li.className = cls; return li; };
+  document.getElementById(name + "-list").replaceChildren(...lines.slice(0, SHORT_LIST).map(item));
+  const more = document.getElementById(name + "-more"), rest = lines.slice(SHORT_LIST);
+  more.querySelector("summary").textContent = rest.length + " more";
+  more.querySelector("ul").replaceChildren(...rest.map(item));
+  more.hidden = rest.length === 0;
+  document.getElementById(name + "s").hidden = lines.length === 0;
+}
+function render(devices) {
   lastDevices = devices;
   classes(devices);
-  const body = document.querySelector("#devices tbody");
-  body.replaceChildren();
-  for (const d of shown(devices)) {{
-    const tr = document.createElement("tr");
-    tr.id = "device-" + d.device_id;
-    const name = document.createElement("td");
-    const link = document.createElement("a");
-    link.href = "device/" + encodeURIComponent(d.device_id);
-    link.textContent = d.device_id;
-    name.appendChild(link);
-    // one figure per strategy: a speculative request's TTFT is not a local one's
-    const split = (key, digits) => {{
-      const parts = Object.entries(d.by_strategy || {{}});
-      if (parts.length < 2) return fmt(d[key], digits);
-      return parts.map(([s, f]) => fmt(f[key], digits) + " " + s).join(" · ");
-    }};
-    const health = cell(d.health, "health " + d.health);
-    for (const reason of d.health_reasons || []) {{ const small = document.createElement("small"); small.textContent = reason; health.appendChild(small); }}
-    const held = d.triggers || [];
-    const triggers = cell(held.map(t => t.trigger + (t.state === "cooling_down" ? " (cooling down)" : "")).join(", ") || "–", "text triggers-cell");
-    triggers.title = held.map(t => t.summary).join("\\n");
-    const facts = [d.device_class, d.power_mode, d.temperature_max_c === null || d.temperature_max_c === undefined ? null : d.temperature_max_c.toFixed(0) + " °C"];
-    tr.append(name, health, triggers, cell(facts.filter(Boolean).join(" · ") || "–", "text"), cell(age(d.last_seen_age_s)), cell(d.model || "–", "text"), cell(split("ttft_p95_ms", 1)),
-      cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)),
-      cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), contended(d), cell(d.backlog ?? "–"),
-      cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
-    body.appendChild(tr);
-  }}
+  const rows = shown(devices);
+  const triage = view.get("layout") !== "table";
+  const problems = triage ? rows.filter(problem) : rows, healthy = triage ? rows.filter(d => !problem(d)) : [];
+  // triage: the problems in full, the healthy devices folded into one line (one dense line each when shown); a
+  // filter shows every device it keeps
+  const choice = chosen();
+  folded = triage && !filtered() && (choice ? choice === "fold" : healthy.length > FOLD_FROM);
+  document.getElementById("problems").replaceChildren(...problems.map(d => row(d, false)));
+  document.getElementById("healthy").replaceChildren(...healthy.map(d => row(d, true)));
+  document.getElementById("healthy").hidden = folded;
+  document.getElementById("fold").hidden = !triage || filtered() || healthy.length === 0;
+  document.getElementById("fold-button").textContent =
+    plural(healthy.length, "device", "devices") + " healthy — " + (folded ? "show" : "fold");
+  document.body.dataset.folded = folded ? healthy.length : 0;
   document.getElementById("empty").hidden = devices.length > 0;
-  const flagged = devices.flatMap(d => d.regressions || []);
-  const list = document.getElementById("regression-list");
-  list.replaceChildren(...flagged.map(line => {{ const li = document.createElement("li"); li.textContent = line; return li; }}));
-  document.getElementById("regressions").hidden = flagged.length === 0;
+  listBox("regression", devices.flatMap(d => d.regressions || []).map(line => [line, ""]));
   const holding = devices.flatMap(d => d.triggers || []);
-  document.getElementById("trigger-list").replaceChildren(...holding.map(t => {{
-    const li = document.createElement("li"); li.textContent = t.summary; li.className = t.state === "firing" ? "critical" : "warning"; return li;
-  }}));
-  document.getElementById("triggers").hidden = holding.length === 0;
+  listBox("trigger", holding.map(t => [t.summary, t.state === "firing" ? "critical" : "warning"]));
   const late = devices.filter(d => d.sync_health !== "ok").length;
   const count = s => devices.filter(d => d.health === s).length;
+  const firing = holding.filter(t => t.state === "firing").length, cooling = holding.length - firing;
+  const open = devices.reduce((n, d) => n + openRegressions(d), 0);
   document.getElementById("summary").textContent =
     devices.length + (devices.length === 1 ? " device, " : " devices, ") + count("critical") + " critical, " + count("warning") + " warning; " +
-    late + " not seen in the last " + span(lateAfter) + " — updated " + new Date().toLocaleTimeString();
-}}
-async function refresh() {{
+    late + " not seen in the last " + span(lateAfter) + "; " + plural(firing, "trigger", "triggers") + " firing" +
+    (cooling ? " (" + cooling + " cooling down)" : "") + "; " + plural(open, "open regression", "open regressions") +
+    " — updated " + new Date().toLocaleTimeString();
+}
+async function refresh() {
   const response = await fetch("api/v1/fleet");
-  if (!response.ok) {{ document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }}
+  if (!response.ok) { document.getElementById("summary").textContent = "the aggregator answered " + response.status; return; }
   const body = await response.json();
   lateAfter = body.late_after_s ?? lateAfter;
   truncated(body);
   render(body.devices);
-}}
-function truncated(body) {{  // series a bounded answer left out (server.max_read_series)
+}
+function truncated(body) {  // series a bounded answer left out (server.max_read_series)
   const note = document.getElementById("truncated");
   note.textContent = body.truncated ? body.truncated.message : "";
   note.hidden = !body.truncated;
-}}
+}
 const initial = /*INITIAL*/null;
-if (initial) {{ lateAfter = initial.late_after_s ?? lateAfter; truncated(initial); render(initial.devices); }} else refresh();
+if (initial) { lateAfter = initial.late_after_s ?? lateAfter; truncated(initial); render(initial.devices); } else refresh();
 setInterval(refresh, 30000);
-const flash = (id) => {{ const row = document.getElementById("device-" + id); if (row) row.classList.add("flash"); }};
-function replaceRow(row) {{
+const flash = (id) => { const row = document.getElementById("device-" + id); if (row) row.classList.add("flash"); };
+function replaceRow(row) {
   const others = lastDevices.filter(d => d.device_id !== row.device_id);
-  render([...others, row].sort((a, b) => a.device_id < b.device_id ? -1 : 1));
-}}
+  render([...others, row].sort(byId));
+}
 // a device's row fetched over the API: one fetch per device at a time; events meanwhile make one more, 2 s later
 const fetching = new Map();
 let rowFetches = 0;
-async function fetchRow(id) {{
-  if (fetching.has(id)) {{ fetching.set(id, true); return; }}
+async function fetchRow(id) {
+  if (fetching.has(id)) { fetching.set(id, true); return; }
   fetching.set(id, false);
-  try {{
-    for (;;) {{
+  try {
+    for (;;) {
       const response = await fetch("api/v1/fleet?device=" + encodeURIComponent(id));
-      if (response.ok) {{
+      if (response.ok) {
         for (const row of (await response.json()).devices) replaceRow(row);
         rowFetches += 1;
         document.body.dataset.rowFetches = rowFetches;
         flash(id);
-      }}
+      }
       if (!fetching.get(id)) break;
       fetching.set(id, false);
       await new Promise(done => setTimeout(done, 2000));
-    }}
-  }} finally {{ fetching.delete(id); }}
-}}
+    }
+  } finally { fetching.delete(id); }
+}
 const events = new EventSource("api/v1/stream");
 let streamOpened = false;
-events.addEventListener("open", () => {{  // a reconnect (the server dropped a stream that fell behind): events were missed
+events.addEventListener("open", () => {  // a reconnect (the server dropped a stream that fell behind): events were missed
   if (streamOpened) refresh();
   streamOpened = true;
-}});
-events.addEventListener("batch", (e) => {{
+});
+events.addEventListener("batch", (e) => {
   const event = JSON.parse(e.data);
-  if (event.type !== "refetch" && event.device && typeof event.device === "object") {{
+  if (event.type !== "refetch" && event.device && typeof event.device === "object") {
     replaceRow(event.device);  // the event carries the device's new row: nothing to fetch
     flash(event.device_id);
-  }} else fetchRow(event.device_id);  // a refetch notice (the row is over server.max_event_bytes), or no row
-}});
+  } else fetchRow(event.device_id);  // a refetch notice (the row is over server.max_event_bytes), or no row
+});
 </script>
 </body></html>
 """
+FLEET_PAGE = (
+    FLEET_PAGE.replace("/*STYLE*/", _STYLE + _FLEET_STYLE.replace("/*LABELS*/", _card_labels()))
+    .replace("/*HEADER*/", _header())
+    .replace("/*SPAN*/", str(len(_COLUMNS)))
+)
+
 
 NOT_FOUND_PAGE = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .reads import bound_series
-from .store import NULL_NAME, Query, Store
+from .store import NULL_NAME, Query, RegressionChanges, Store
 
 # metric → (how to read it from a stored row, True when higher is worse)
 METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
@@ -198,20 +198,185 @@ def find_regressions(
     return found
 
 
+# Regressions as lasting objects (docs/fleet.md "Regressions"). Each search's findings are matched against the
+# stored objects: a finding of a series key (device × model × strategy × metric × kind) that has an open or
+# acknowledged object confirms it; one without opens an object. An object resolves when its series has recovered —
+# the median of the metric over the latest ``min_segment`` successful requests (by event time, contended ones left
+# out as the search leaves them out) is back within ``min_change`` of the object's ``before_median`` — not because a
+# search stopped seeing it. Improvements are objects too (kind "improvement"): they resolve the same way (the series
+# went back), and neither raise a device's health nor count on /metrics.
+MAX_OPEN_PER_DEVICE = 64  # open or acknowledged objects of one device: past it, new findings are not kept
+MAX_RESOLVED_PER_DEVICE = 100  # resolved objects kept per device (the newest)
+MAX_ACTIVE_READ = 20_000  # open or acknowledged objects read per search (the whole fleet's)
+SINCE_SLACK_US = 3600 * 1_000_000  # without evidence windows, findings this close to an object's since are the same
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One search's outcome, read on a read thread, before the writer applies it."""
+
+    found: list[dict[str, Any]]
+    changes: RegressionChanges
+    contended_excluded: int
+
+
+def _key(item: dict[str, Any]) -> tuple[Any, ...]:
+    return (item["device_id"], item["model_name"], item["strategy"], item["metric"], item["kind"])
+
+
+def _window(item: dict[str, Any]) -> tuple[int, int]:
+    """The event-time span an object's or a finding's evidence covers (its since ± slack when it says none)."""
+    evidence = item.get("evidence")
+    since = int(item["since_us"])
+    if type(evidence) is dict:
+        start, until = evidence.get("before_from_us"), evidence.get("after_until_us")
+        if type(start) is int and type(until) is int and start <= since <= until:
+            return start, until
+    return since - SINCE_SLACK_US, since + SINCE_SLACK_US
+
+
+def near(finding: dict[str, Any], obj: dict[str, Any]) -> bool:
+    """Whether a finding is the same change as an object of its series key: either's since lies within the
+    other's evidence window."""
+    lo, hi = _window(obj)
+    if lo <= int(finding["since_us"]) <= hi:
+        return True
+    lo, hi = _window(finding)
+    return lo <= int(obj["since_us"]) <= hi
+
+
+def recent_level(store: Store, key: tuple[Any, ...], settings: Settings) -> float | None:
+    """The series' recent level of the key's metric: the median over its latest ``min_segment`` successful requests
+    by event time (contended ones left out unless ``include_contended``); None with fewer such requests."""
+    device, model, strategy, metric, _ = key
+    query = Query(
+        device=device,
+        kind="inference",
+        model=NULL_NAME if model is None else model,
+        strategy=NULL_NAME if strategy is None else strategy,
+    )
+    want = settings.min_segment
+    values: list[float] = []
+    for values_row in reversed(store.latest_columns(query, _COLUMNS, 4 * want, by_event=True)):
+        row = dict(zip(_COLUMNS, values_row, strict=True))
+        if not row["ok"] or (row["contended"] and not settings.include_contended):
+            continue
+        value = _metric(row, metric)
+        if value is not None:
+            values.append(value)
+            if len(values) == want:
+                return float(np.median(values))
+    return None
+
+
+def recovered(obj: dict[str, Any], level: float | None, settings: Settings) -> bool:
+    before = obj["before_median"]
+    return level is not None and before > 0 and abs(level - before) / before < settings.min_change
+
+
+def _is_recovery(finding: dict[str, Any], old: dict[str, Any], settings: Settings) -> bool:
+    """Whether ``finding`` is the series going back after the resolved object ``old``: same series and metric,
+    the other kind, after it, and its level after within ``min_change`` of ``old``'s level before."""
+    if _key(finding)[:4] != _key(old)[:4] or finding["kind"] == old["kind"] or old["before_median"] <= 0:
+        return False
+    back = abs(finding["after_median"] - old["before_median"]) / old["before_median"]
+    return int(finding["since_us"]) > int(old["since_us"]) and back < settings.min_change
+
+
 class Watch:
-    """The fleet's current change points, recomputed at most every ``interval_s`` (on a read thread) and kept for
-    the API, the fleet page and ``/metrics``."""
+    """The fleet's change points, searched at most every ``interval_s`` (on a read thread), and the regression
+    objects they open, confirm and resolve (kept in the store: they survive a restart). ``found`` is the latest
+    search's findings as they are (the triggers and the feedback read them); ``active`` the open and acknowledged
+    objects after the latest search (the fleet page, health, /metrics)."""
 
     def __init__(self, interval_s: float, settings: Settings = Settings()) -> None:
         self.interval_s = interval_s
         self.settings = settings
         self.found: list[dict[str, Any]] = []
+        self.active: list[dict[str, Any]] = []
         self.contended_excluded = 0  # contended requests left out of the last search (all series)
         self.computed_us: int | None = None
+        self.last_changes: dict[str, list[int]] = {}
         self._computed_mono: float | None = None
 
+    # -- the lasting objects --------------------------------------------------------------------------------
+    def observe(self, store: Store, now_us: int) -> Observation:
+        """Search every series and decide what changes (read only: on a read thread)."""
+        excluded: dict[str, int] = {}
+        found = find_regressions(store, self.settings, excluded)
+        for item in found:
+            item["summary"] = describe(item)
+        active = store.regressions("active", limit=MAX_ACTIVE_READ)
+        held = {_key(obj): obj for obj in active}
+        levels: dict[tuple[Any, ...], float | None] = {}
+
+        def level(key: tuple[Any, ...]) -> float | None:
+            if key not in levels:
+                levels[key] = recent_level(store, key, self.settings)
+            return levels[key]
+
+        resolve = [obj["id"] for key, obj in held.items() if recovered(obj, level(key), self.settings)]
+        gone = set(resolve)
+        confirm: list[tuple[int, dict[str, Any]]] = []
+        insert: list[dict[str, Any]] = []
+        resolved_by_device: dict[str, list[dict[str, Any]]] = {}
+        for finding in found:
+            key = _key(finding)
+            obj = held.get(key)
+            if obj is not None and obj["id"] not in gone:
+                # the same change confirms it; another change of a series whose object stands is not a second
+                # object (at most one open per series key): the object stands until its series recovers
+                if near(finding, obj):
+                    confirm.append((obj["id"], finding))
+                continue
+            if obj is not None and near(finding, obj):  # the change just resolved, still seen in the window
+                continue
+            if recovered(finding, level(key), self.settings):  # already back where it was: nothing lasting
+                continue
+            device = finding["device_id"]
+            if device not in resolved_by_device:
+                resolved_by_device[device] = store.regressions("resolved", device=device, limit=MAX_RESOLVED_PER_DEVICE)
+            if any(_key(old) == key and near(finding, old) for old in resolved_by_device[device]):
+                continue  # a change that resolved before, still in the window: not opened again
+            ended = [o for o in held.values() if o["id"] in gone] + resolved_by_device[device]
+            if any(_is_recovery(finding, old, self.settings) for old in ended):
+                continue  # the way back of a resolved change (an improvement after a regression): not a new one
+            insert.append(finding)
+        changes = RegressionChanges(
+            confirm, insert, resolve, max_open=MAX_OPEN_PER_DEVICE, max_resolved=MAX_RESOLVED_PER_DEVICE
+        )
+        return Observation(found, changes, excluded.get("contended", 0))
+
+    def settle(self, store: Store, observation: Observation, now_us: int) -> dict[str, list[int]]:
+        """Apply an observation (on the store's writer)."""
+        return store.apply_regressions(observation.changes, now_us)
+
+    def load(self, store: Store) -> list[dict[str, Any]]:
+        """The open and acknowledged objects now (read only)."""
+        return store.regressions("active", limit=MAX_ACTIVE_READ)
+
+    def apply(
+        self,
+        observation: Observation,
+        active: list[dict[str, Any]],
+        done: dict[str, list[int]],
+        now_mono: float,
+        now_us: int,
+    ) -> None:
+        self.update(observation.found, now_mono, now_us, contended_excluded=observation.contended_excluded)
+        self.active, self.last_changes = active, done
+
+    def run_once(self, store: Store, now_mono: float, now_us: int) -> dict[str, list[int]]:
+        """observe, settle, load and apply in one go (blocking: the CLI and tests on one thread)."""
+        observation = self.observe(store, now_us)
+        done = self.settle(store, observation, now_us)
+        self.apply(observation, self.load(store), done, now_mono, now_us)
+        return done
+
+    # -- the latest search, as it is ------------------------------------------------------------------------
     def search(self, store: Store, now_mono: float, now_us: int) -> list[dict[str, Any]]:
-        """Searches every series now (blocking: on a read thread) and keeps what it found."""
+        """Searches every series now (blocking: on a read thread) and keeps what it found, storing nothing (a
+        search with other settings than the configured ones: ``?include_contended=``)."""
         excluded: dict[str, int] = {}
         found = find_regressions(store, self.settings, excluded)
         self.update(found, now_mono, now_us, contended_excluded=excluded.get("contended", 0))
@@ -226,31 +391,54 @@ class Watch:
         self.found, self._computed_mono, self.computed_us = found, now_mono, now_us
         self.contended_excluded = contended_excluded
 
-    def answer(self) -> dict[str, Any]:
+    def answer(self, items: list[dict[str, Any]] | None = None, state: str = "open") -> dict[str, Any]:
+        """What ``GET /api/v1/regressions`` answers: ``items`` (stored objects of ``state``; None: the latest
+        search's findings, unstored, each with ``state`` "found" and ``id`` null) split into ``regressions`` and
+        ``improvements``, the worst change first."""
         computed = (
             datetime.fromtimestamp(self.computed_us / 1e6, tz=timezone.utc).isoformat().replace("+00:00", "Z")
             if self.computed_us is not None
             else None
         )
+        if items is None:
+            items = [{**f, "id": None, "state": "found"} for f in self.found]
+        ordered = sorted(items, key=lambda f: -abs(f["change"]))
         return {
             "computed_at": computed,
             "interval_s": self.interval_s,
+            "state": state,
             "method": "Pettitt's rank test for one change point in each series' latest requests, "
             f"p < {self.settings.alpha:g}, median change ≥ {self.settings.min_change:.0%}, "
             f"≥ {self.settings.min_segment} requests each side, latest {self.settings.window} per series"
             + ("" if self.settings.include_contended else ", contended requests left out"),
             "include_contended": self.settings.include_contended,
             "contended_excluded": self.contended_excluded,
-            "regressions": [f for f in self.found if f["kind"] == "regression"],
-            "improvements": [f for f in self.found if f["kind"] == "improvement"],
+            "regressions": [f for f in ordered if f["kind"] == "regression"],
+            "improvements": [f for f in ordered if f["kind"] == "improvement"],
         }
 
     def by_device(self) -> dict[str, list[str]]:
-        """Each device's regressions, as the lines the fleet page shows."""
+        """Each device's open regressions, as the lines the fleet page shows (and health warns of)."""
+        return self._lines("open")
+
+    def acknowledged_by_device(self) -> dict[str, list[str]]:
+        """Each device's acknowledged regressions' lines (health says them without raising the state)."""
+        return self._lines("acknowledged")
+
+    def _lines(self, state: str) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for f in self.found:
-            if f["kind"] == "regression":
-                out.setdefault(f["device_id"], []).append(f["summary"])
+        for obj in sorted(self.active, key=lambda o: -abs(o["change"])):
+            if obj["kind"] == "regression" and obj["state"] == state:
+                out.setdefault(obj["device_id"], []).append(obj["summary"])
+        return out
+
+    def open_counts(self) -> dict[tuple[str, str], int]:
+        """(device, metric) → how many open regressions (the /metrics gauge)."""
+        out: dict[tuple[str, str], int] = {}
+        for obj in self.active:
+            if obj["kind"] == "regression" and obj["state"] == "open":
+                key = (obj["device_id"], obj["metric"])
+                out[key] = out.get(key, 0) + 1
         return out
 
 

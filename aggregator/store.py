@@ -6,6 +6,10 @@ a duplicate of it (schema 6; before, the key was the record id alone). Each reco
 beside the columns queries need, and the aggregator's own ``received_us``, so skewed device clocks are visible. A
 whole batch is stored in one transaction and only then acknowledged. Tokens are stored as sha256 hashes only.
 
+Regressions found by the change-point search are kept as lasting objects in ``regressions`` (schema 9): one row per
+regression or improvement, with its state (open, acknowledged, resolved) and its evidence; see
+``aggregator.regressions.Watch`` and docs/fleet.md "Regressions".
+
 ``schema_version`` lives in ``meta``; migrations run forward on open — except a read-only open, which refuses a
 database of another version (``lens-aggregator migrate`` brings it forward).
 """
@@ -32,7 +36,7 @@ from lens_core.settings import settings_key
 from lens_core.sqlite_readonly import NotUsable, check_layout, connect_readonly, layout
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 TOKEN_PREFIX = "lens_"
 T = TypeVar("T")
 TOKEN_KINDS = ("device", "read", "operator")  # operator: starts, reads and cancels benchmark campaigns
@@ -819,6 +823,50 @@ class Store(abc.ABC):
                 out.append(record)
         return out
 
+    # -- regressions as lasting objects (schema 9; aggregator.regressions.Watch, docs/fleet.md) ------------------
+    def regressions(
+        self,
+        state: str = "open",
+        *,
+        device: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """The regression objects in ``state`` (``open``, ``acknowledged``, ``resolved``, ``active``: open or
+        acknowledged, ``all``), of ``device`` only when given, newest first (highest id), at most ``limit``, with an
+        id below ``before_id`` when given (the next page)."""
+        clauses, params = regression_filter(state, device, before_id)
+        rows = self._campaign_read(
+            f"SELECT {', '.join(REGRESSION_COLUMNS)} FROM regressions WHERE {clauses} ORDER BY id DESC LIMIT ?",
+            [*params, max(0, int(limit))],
+        )
+        return [regression_object(row) for row in rows]
+
+    def regression(self, regression_id: int) -> dict[str, Any] | None:
+        rows = self._campaign_read(
+            f"SELECT {', '.join(REGRESSION_COLUMNS)} FROM regressions WHERE id = ?", [regression_id]
+        )
+        return regression_object(rows[0]) if rows else None
+
+    def regression_counts(self) -> dict[str, int]:
+        """How many regression objects are in each state."""
+        rows = self._campaign_read("SELECT state, COUNT(*) FROM regressions GROUP BY 1")
+        return {str(state): int(n) for state, n in rows}
+
+    def apply_regressions(self, changes: RegressionChanges, now_us: int) -> dict[str, list[int]]:
+        """One search's outcome in one transaction: ``confirm`` (id, finding) refreshes an open or acknowledged
+        object's figures and ``last_confirmed_us``; ``resolve`` ids become resolved; each finding of ``insert``
+        opens an object — unless its series key already has an open or acknowledged one (another replica's, or one
+        opened meanwhile: that one is confirmed instead) or its device already holds ``max_open`` of them (left
+        out). Each device keeps its newest ``max_resolved`` resolved objects. Returns the ids by what happened."""
+        return self._campaign_write(lambda run: RegressionSQL.apply(run, changes, now_us))
+
+    def acknowledge_regression(self, regression_id: int, by: str, note: str | None, now_us: int) -> str | None:
+        """An operator's acknowledgement: an open object becomes acknowledged (``by``, ``note``, when); an
+        acknowledged one keeps its state and takes the new note. Returns the state before (None: no such object); a
+        resolved object is left as it is."""
+        return self._campaign_write(lambda run: RegressionSQL.acknowledge(run, regression_id, by, note, now_us))
+
     # the schema version the store held when it was opened (None: none yet, or not known), before any migration
     opened_version: int | None = None
 
@@ -1084,6 +1132,243 @@ def _migrate_v8(db: sqlite_utils.Database) -> None:
     db.conn.executemany("UPDATE measurements SET contended = 1 WHERE seq = ?", backfill_contended(rows))
 
 
+# -- regressions (schema 9) ---------------------------------------------------------------------------------------
+REGRESSION_STATES = ("open", "acknowledged", "resolved")
+REGRESSION_LISTS = (*REGRESSION_STATES, "active", "all")  # active: open or acknowledged
+REGRESSION_COLUMNS = (
+    "id",
+    "device_id",
+    "model_name",
+    "strategy",
+    "metric",
+    "kind",
+    "state",
+    "since_us",
+    "change",
+    "before_median",
+    "after_median",
+    "p_value",
+    "confidence",
+    "requests_before",
+    "requests_after",
+    "evidence",
+    "summary",
+    "first_found_us",
+    "last_confirmed_us",
+    "resolved_us",
+    "acknowledged_us",
+    "acknowledged_by",
+    "note",
+)
+# model_name and strategy are NOT NULL (NULL_NAME for none) so that the unique index below holds for them too
+REGRESSIONS_TABLE = """CREATE TABLE IF NOT EXISTS regressions (
+    id {id}, device_id TEXT NOT NULL, model_name TEXT NOT NULL, strategy TEXT NOT NULL, metric TEXT NOT NULL,
+    kind TEXT NOT NULL, state TEXT NOT NULL, since_us BIGINT NOT NULL, change DOUBLE PRECISION NOT NULL,
+    before_median DOUBLE PRECISION NOT NULL, after_median DOUBLE PRECISION NOT NULL, p_value DOUBLE PRECISION,
+    confidence DOUBLE PRECISION, requests_before INTEGER, requests_after INTEGER, evidence TEXT, summary TEXT NOT NULL,
+    first_found_us BIGINT NOT NULL, last_confirmed_us BIGINT NOT NULL, resolved_us BIGINT, acknowledged_us BIGINT,
+    acknowledged_by TEXT, note TEXT
+)"""
+REGRESSION_INDEXES = (
+    # at most one open or acknowledged object per series key: the bound, held by the database across replicas
+    "CREATE UNIQUE INDEX IF NOT EXISTS regressions_one_active ON regressions "
+    "(device_id, model_name, strategy, metric, kind) WHERE state <> 'resolved'",
+    "CREATE INDEX IF NOT EXISTS regressions_state ON regressions (state, id)",
+    "CREATE INDEX IF NOT EXISTS regressions_device ON regressions (device_id, state, id)",
+)
+MAX_REGRESSION_NOTE_CHARS = 1000
+MAX_EVIDENCE_CHARS = 8192  # a finding's evidence and extras as stored JSON; larger: the extras only
+_REGRESSION_EXTRAS = ("since_received_us", "engine_before", "engine_after", "contended_excluded")
+_MAX_ENGINES, _MAX_ENGINE_CHARS = 8, 128
+
+
+class RegressionChanges(NamedTuple):
+    """What one search changes (``aggregator.regressions.Watch.observe``)."""
+
+    confirm: list[tuple[int, dict[str, Any]]]  # (object id, the finding that confirms it)
+    insert: list[dict[str, Any]]  # findings that open an object
+    resolve: list[int]  # object ids whose series recovered
+    max_open: int = 64  # open or acknowledged objects per device, at most
+    max_resolved: int = 100  # resolved objects kept per device (the newest)
+
+
+def regression_filter(state: str, device: str | None, before_id: int | None) -> tuple[str, list[Any]]:
+    if state not in REGRESSION_LISTS:
+        raise ValueError(f"regression state {state!r}: one of {', '.join(REGRESSION_LISTS)}")
+    clauses: list[str] = ["TRUE"]
+    params: list[Any] = []
+    if state == "active":
+        clauses.append("state <> 'resolved'")
+    elif state != "all":
+        clauses.append("state = ?")
+        params.append(state)
+    if device is not None:
+        clauses.append("device_id = ?")
+        params.append(device)
+    if before_id is not None:
+        clauses.append("id < ?")
+        params.append(before_id)
+    return " AND ".join(clauses), params
+
+
+def evidence_text(finding: dict[str, Any]) -> str:
+    """The ``evidence`` column: the finding's ``evidence`` (when the search gives one) and the finding's keys the
+    table has no column for (since_received_us, engines, contended_excluded), as JSON, bounded."""
+    extras: dict[str, Any] = {}
+    for key in _REGRESSION_EXTRAS:
+        value = finding.get(key)
+        if key.startswith("engine_") and type(value) is list:
+            value = [str(v)[:_MAX_ENGINE_CHARS] for v in value[:_MAX_ENGINES]]
+        extras[key] = value
+    try:
+        text = json.dumps({"evidence": finding.get("evidence"), **extras}, default=str, allow_nan=False)
+    except ValueError:  # a NaN or infinity somewhere in the evidence: not JSON
+        text = ""
+    if not text or len(text) > MAX_EVIDENCE_CHARS:
+        left_out = {"left_out": f"not JSON or larger than {MAX_EVIDENCE_CHARS} characters"}
+        text = json.dumps({"evidence": left_out, **extras}, default=str)
+    return text
+
+
+def regression_object(row: Sequence[Any]) -> dict[str, Any]:
+    """A stored row as the API shows it: the finding's keys, the object's, and ``evidence`` parsed."""
+    out = dict(zip(REGRESSION_COLUMNS, row, strict=True))
+    for name in ("model_name", "strategy"):
+        if out[name] == NULL_NAME:
+            out[name] = None
+    try:
+        stored = json.loads(out["evidence"]) if out["evidence"] else {}
+    except ValueError:
+        stored = {}
+    if type(stored) is not dict:
+        stored = {}
+    out["evidence"] = stored.get("evidence")
+    for key in _REGRESSION_EXTRAS:
+        out[key] = stored.get(key)
+    for key in ("engine_before", "engine_after"):
+        if type(out[key]) is not list:
+            out[key] = []
+    out["contended_excluded"] = out["contended_excluded"] or 0
+    return out
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else None
+
+
+def _figures(finding: dict[str, Any]) -> list[Any]:
+    """change, before_median, after_median, p_value, confidence, requests_before, requests_after, evidence, summary."""
+    p = _finite(finding.get("p_value"))
+    confidence = _finite(finding.get("confidence"))
+    if confidence is None and p is not None:
+        confidence = 1.0 - p
+    return [
+        float(finding["change"]),
+        float(finding["before_median"]),
+        float(finding["after_median"]),
+        p,
+        confidence,
+        finding.get("requests_before"),
+        finding.get("requests_after"),
+        evidence_text(finding),
+        str(finding.get("summary") or "")[:2000],
+    ]
+
+
+class RegressionSQL:
+    """The regression objects' writes, the same SQL on both stores (``?`` placeholders, one transaction)."""
+
+    @staticmethod
+    def apply(run: Run, changes: RegressionChanges, now_us: int) -> dict[str, list[int]]:
+        done: dict[str, list[int]] = {"confirmed": [], "opened": [], "resolved": [], "left_out": []}
+        for regression_id in changes.resolve:
+            rows = run(
+                "UPDATE regressions SET state = 'resolved', resolved_us = ? WHERE id = ? AND state <> 'resolved' "
+                "RETURNING id",
+                [now_us, regression_id],
+            )
+            done["resolved"] += [int(r[0]) for r in rows]
+        confirm_sql = (
+            "UPDATE regressions SET change = ?, before_median = ?, after_median = ?, p_value = ?, confidence = ?, "
+            "requests_before = ?, requests_after = ?, evidence = ?, summary = ?, last_confirmed_us = ? "
+            "WHERE id = ? AND state <> 'resolved' RETURNING id"
+        )
+        for regression_id, finding in changes.confirm:
+            rows = run(confirm_sql, [*_figures(finding), now_us, regression_id])
+            done["confirmed"] += [int(r[0]) for r in rows]
+        devices: set[str] = set()
+        for finding in changes.insert:
+            key = [
+                finding["device_id"],
+                finding["model_name"] if finding["model_name"] is not None else NULL_NAME,
+                finding["strategy"] if finding["strategy"] is not None else NULL_NAME,
+                finding["metric"],
+                finding["kind"],
+            ]
+            held = run(
+                "SELECT id FROM regressions WHERE device_id = ? AND model_name = ? AND strategy = ? AND metric = ? "
+                "AND kind = ? AND state <> 'resolved'",
+                key,
+            )
+            if held:  # opened meanwhile (another replica): the same object
+                run(confirm_sql, [*_figures(finding), now_us, held[0][0]])
+                done["confirmed"].append(int(held[0][0]))
+                continue
+            active = run(
+                "SELECT COUNT(*) FROM regressions WHERE device_id = ? AND state <> 'resolved'", [finding["device_id"]]
+            )[0][0]
+            if int(active) >= changes.max_open:
+                done["left_out"].append(0)
+                continue
+            rows = run(
+                f"INSERT INTO regressions ({', '.join(REGRESSION_COLUMNS[1:])}) VALUES "
+                f"({', '.join('?' for _ in REGRESSION_COLUMNS[1:])}) RETURNING id",
+                [*key, "open", int(finding["since_us"]), *_figures(finding), now_us, now_us, None, None, None, None],
+            )
+            done["opened"].append(int(rows[0][0]))
+            devices.add(finding["device_id"])
+        for device in devices | {str(r[0]) for r in _resolved_devices(run, done["resolved"])}:
+            run(
+                "DELETE FROM regressions WHERE device_id = ? AND state = 'resolved' AND id NOT IN (SELECT id FROM "
+                "regressions WHERE device_id = ? AND state = 'resolved' ORDER BY id DESC LIMIT ?)",
+                [device, device, changes.max_resolved],
+            )
+        return done
+
+    @staticmethod
+    def acknowledge(run: Run, regression_id: int, by: str, note: str | None, now_us: int) -> str | None:
+        rows = run("SELECT state FROM regressions WHERE id = ?", [regression_id])
+        if not rows:
+            return None
+        before = str(rows[0][0])
+        if before == "open":
+            run(
+                "UPDATE regressions SET state = 'acknowledged', acknowledged_us = ?, acknowledged_by = ?, note = ? "
+                "WHERE id = ?",
+                [now_us, by[:MAX_NAME_CHARS], note, regression_id],
+            )
+        elif before == "acknowledged":
+            run(
+                "UPDATE regressions SET acknowledged_us = ?, acknowledged_by = ?, note = ? WHERE id = ?",
+                [now_us, by[:MAX_NAME_CHARS], note, regression_id],
+            )
+        return before
+
+
+def _resolved_devices(run: Run, ids: list[int]) -> list[Any]:
+    if not ids:
+        return []
+    return run(f"SELECT DISTINCT device_id FROM regressions WHERE id IN ({', '.join('?' for _ in ids)})", ids)
+
+
+def _migrate_v9(db: sqlite_utils.Database) -> None:
+    """Regressions as lasting objects (docs/fleet.md "Regressions"): ``regressions``, at most one open or
+    acknowledged object per device × model × strategy × metric × kind (a unique partial index)."""
+    db.execute(REGRESSIONS_TABLE.format(id="INTEGER PRIMARY KEY"))
+    for statement in REGRESSION_INDEXES:
+        db.execute(statement)
+
+
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
@@ -1093,6 +1378,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     6: _migrate_v6,
     7: _migrate_v7,
     8: _migrate_v8,
+    9: _migrate_v9,
 }
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (

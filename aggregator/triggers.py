@@ -12,10 +12,18 @@ An operator declares them in the aggregator's TOML as ``[[triggers]]`` (none dec
     min_samples = 10
 
 Every ``fleet.trigger_interval`` the aggregator reads the ``kind = 'inference'`` records that started within the
-longest window (its own clock; at most :data:`MAX_WINDOW_ROWS`, the most recently received), groups them by device,
-model and the ``settings`` column, and judges each trigger over each series' requests within that trigger's window
-(:func:`judge`, a pure function). A series with fewer than ``min_samples`` requests that count for the condition is
-"insufficient data", not judged. A trigger *fires* on a series when its condition holds and it did not fire on that
+widest window (its own clock; at most :data:`MAX_WINDOW_ROWS`, the most recently received), keeps each trigger's
+scope (``device_class`` from each device's latest facts, ``model``, ``strategy``), groups them by device, model and
+the ``settings`` column, and judges each trigger over each series' requests (:func:`judge`, a pure function).
+
+Sound at low request rates (an edge device runs ~10 requests an hour): a window holding fewer than ``min_samples``
+requests that count is widened, doubling, up to ``max_window`` (the outcome says so); only then is the series
+"insufficient data", not judged. The percentile conditions hold when the lower 95 % confidence bound of the
+percentile (an order statistic, :func:`lower_bound_rank`) is above the threshold, so one outlier among ten requests
+does not fire them. ``error_budget_burn`` and ``sla_budget_burn`` are multiwindow burn rates (SRE workbook): a
+long and a short window both burning the budget (1 − objective) faster than a factor.
+
+A trigger *fires* on a series when its condition holds and it did not fire on that
 series within ``cooldown``; while the condition holds inside the cooldown the series is "cooling down until …".
 
 The last fire of each trigger × series and the latest :data:`HISTORY` fires are kept in the store's ``meta`` table
@@ -41,6 +49,7 @@ from lens_core.config import Invalid, duration_or_zero, int_range, parse_duratio
 from lens_core.errors import ConfigError
 from lens_core.settings import MAX_KEY_CHARS, parse_key, settings_key
 
+from .health import FACTS_KIND, facts_from_record
 from .reads import truncation
 from .rows import decode_wire
 from .store import Query, Store
@@ -101,7 +110,27 @@ CONDITIONS: dict[str, Condition] = {
         REGRESSION_METRICS,
         threshold=None,
     ),
+    "error_budget_burn": Condition(
+        "failed ÷ all requests over each long and short window, ÷ the error budget (1 − objective)",
+        "×",
+        threshold=None,
+    ),
+    "sla_budget_burn": Condition(
+        "requests that failed or whose metric is above threshold ÷ all requests, per window, ÷ the budget",
+        "×",
+        LATENCY_METRICS,
+    ),
 }
+BURN_CONDITIONS = ("error_budget_burn", "sla_budget_burn")
+PERCENTILES = {"p95_latency_above": 95, "p99_latency_above": 99}
+CONFIDENCE = 0.95  # the percentile conditions fire when the lower 95 % confidence bound is above the threshold
+# SRE workbook (chapter "Alerting on SLOs", multiwindow multi-burn-rate): (long, short, burn-rate factor)
+DEFAULT_BURN_WINDOWS = ((3600.0, 300.0, 14.4), (6 * 3600.0, 1800.0, 6.0))
+MAX_BURN_WINDOWS = 6
+WIDEN_FACTOR = 4  # max_window's default: window × 4 (at most MAX_WINDOW_S)
+SEVERITIES = ("warning", "critical")
+SCOPE_KEYS = ("device_class", "model", "strategy")
+MAX_SCOPE_VALUES = 32
 _THRESHOLD_MEANING = {
     "p95_latency_above": "milliseconds",
     "p99_latency_above": "milliseconds",
@@ -113,6 +142,8 @@ _THRESHOLD_MEANING = {
     "energy_per_token_above": "joules per output token",
     "sla_violations": "milliseconds (the SLA on the metric)",
     "regression": "the smallest relative change that counts, e.g. 0.25 (default 0: any reported regression)",
+    "error_budget_burn": "no threshold: the objective and windows say when it holds",
+    "sla_budget_burn": "milliseconds (the SLA on the metric: a request above it, or failed, spends the budget)",
 }
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
@@ -127,18 +158,60 @@ class Trigger:
     min_samples: int
     metric: str | None = None
     max_violations: int | None = None
+    max_window_s: float = 0.0  # widened up to this when the window holds fewer than min_samples (0: window_s)
+    severity: str = "warning"
+    device_classes: tuple[str, ...] | None = None  # scope (None: every device class, model, strategy)
+    models: tuple[str, ...] | None = None
+    strategies: tuple[str, ...] | None = None
+    objective: float | None = None  # burn conditions: the share of good requests the objective promises
+    windows: tuple[tuple[float, float, float], ...] = ()  # burn conditions: (long, short, burn-rate factor)
+
+    @property
+    def widest_s(self) -> float:
+        """The longest time this trigger reads back: its widest window."""
+        if self.windows:
+            return max(long for long, _, _ in self.windows)
+        return max(self.window_s, self.max_window_s)
+
+    def scope(self) -> dict[str, list[str]]:
+        out = {}
+        for key, values in (
+            ("device_class", self.device_classes),
+            ("model", self.models),
+            ("strategy", self.strategies),
+        ):
+            if values is not None:
+                out[key] = list(values)
+        return out
 
     def describe(self) -> str:
         """One line: "p95 TTFT above 800 ms over 15 min (at least 10 requests), cooldown 1 h"."""
-        return f"{self.rule()} over {span(self.window_s)} (at least {self.min_samples} requests), cooldown " + (
-            span(self.cooldown_s) if self.cooldown_s else "none"
+        cooldown = span(self.cooldown_s) if self.cooldown_s else "none"
+        scope = "".join(f", {key} {' | '.join(values)}" for key, values in self.scope().items())
+        if self.windows:
+            pairs = "; ".join(
+                f"{span(long)} and {span(short)} above {factor:g}×" for long, short, factor in self.windows
+            )
+            return f"{self.rule()}: {pairs} (at least {self.min_samples} requests a window){scope}, cooldown {cooldown}"
+        widen = f", widened up to {span(self.max_window_s)}" if self.max_window_s > self.window_s else ""
+        bound = " (its lower 95 % confidence bound)" if self.condition in PERCENTILES else ""
+        return (
+            f"{self.rule()}{bound} over {span(self.window_s)} (at least {self.min_samples} requests{widen}){scope}, "
+            + (f"cooldown {cooldown}")
         )
 
     def rule(self) -> str:
         metric = _METRIC_LABEL.get(self.metric or "", self.metric or "")
         c = self.condition
-        if c in ("p95_latency_above", "p99_latency_above", "mean_latency_above"):
+        if c in PERCENTILES:
             return f"{c.split('_')[0]} {metric} above {self.threshold:g} ms"
+        if c == "error_budget_burn":
+            return f"error budget of a {(self.objective or 0) * 100:g} % objective burning"
+        if c == "sla_budget_burn":
+            share = f"{(self.objective or 0) * 100:g} %"
+            return f"budget of {share} of requests with {metric} within {self.threshold:g} ms burning"
+        if c == "mean_latency_above":
+            return f"mean {metric} above {self.threshold:g} ms"
         if c == "tokens_per_second_below":
             return f"median tok/s below {self.threshold:g}"
         if c == "error_rate_above":
@@ -150,7 +223,7 @@ class Trigger:
         if c == "energy_per_token_above":
             return f"mean energy above {self.threshold:g} J/token"
         if c == "sla_violations":
-            return f"more than {self.max_violations} requests with {metric} above {self.threshold:g} ms"
+            return f"more than {self.max_violations} requests failed or with {metric} above {self.threshold:g} ms"
         return f"a {metric} regression" + (f" of at least {self.threshold * 100:g} %" if self.threshold else "")
 
 
@@ -163,10 +236,27 @@ def span(seconds: float) -> str:
 
 
 # -- configuration ---------------------------------------------------------------------------------------------------
-_KEYS = ("name", "condition", "metric", "threshold", "window", "cooldown", "min_samples", "max_violations")
+_KEYS = (
+    "name",
+    "condition",
+    "metric",
+    "threshold",
+    "window",
+    "max_window",
+    "cooldown",
+    "min_samples",
+    "max_violations",
+    "severity",
+    "device_class",
+    "model",
+    "strategy",
+    "objective",
+    "windows",
+)
 DEFAULT_WINDOW_S = 900.0
 DEFAULT_COOLDOWN_S = 3600.0
 DEFAULT_MIN_SAMPLES = 10
+DEFAULT_BURN_MIN_SAMPLES = 5  # requests each burn-rate window needs (a short one shorter: the latest this many)
 
 
 def _threshold(condition: str, value: object) -> float:
@@ -254,6 +344,8 @@ def _check_one(source: str, n: int, item: dict[str, Any]) -> Trigger:
     elif "metric" in item:
         raise fail("metric", metric, f"no metric for {condition} (it reads {spec.summary}); remove the key")
 
+    if condition == "error_budget_burn" and "threshold" in item:
+        raise fail("threshold", item["threshold"], f"no threshold for {condition}: {_THRESHOLD_MEANING[condition]}")
     if "threshold" in item:
         try:
             threshold = _threshold(condition, item["threshold"])
@@ -273,10 +365,39 @@ def _check_one(source: str, n: int, item: dict[str, Any]) -> Trigger:
             allowed = f"{exc}" + (" (or 0: fire at every evaluation while the condition holds)" if zero_allowed else "")
             raise fail(key, item[key], allowed) from None
 
-    window = duration("window", DEFAULT_WINDOW_S, MAX_WINDOW_S, False)
+    burn = condition in BURN_CONDITIONS
+    for key in ("window", "max_window") if burn else ("objective", "windows"):
+        if key in item:
+            allowed = (
+                "windows = [[long, short, factor], …] instead"
+                if burn
+                else f"{key} only with " + " or ".join(BURN_CONDITIONS)
+            )
+            raise fail(key, item[key], f"no {key} for {condition}: {allowed}")
     cooldown = duration("cooldown", DEFAULT_COOLDOWN_S, MAX_COOLDOWN_S, True)
+    objective: float | None = None
+    windows: tuple[tuple[float, float, float], ...] = ()
+    if burn:
+        if "objective" not in item:
+            raise missing("objective", "the share of requests the objective promises good, e.g. 0.99")
+        objective = item["objective"]
+        if type(objective) not in (int, float) or not 0 < objective < 1:
+            raise fail("objective", objective, "a number between 0 and 1 (exclusive), e.g. 0.99 for 99 %")
+        objective = float(objective)
+        windows = _burn_windows(item["windows"], fail) if "windows" in item else DEFAULT_BURN_WINDOWS
+        window = max(long for long, _, _ in windows)
+        max_window = window
+    else:
+        window = duration("window", DEFAULT_WINDOW_S, MAX_WINDOW_S, False)
+        widest = window if condition == "regression" else min(window * WIDEN_FACTOR, MAX_WINDOW_S)
+        max_window = duration("max_window", widest, MAX_WINDOW_S, False)
+        if max_window < window:
+            raise fail("max_window", item["max_window"], f"a duration at least window ({span(window)})")
 
-    default_min = int(threshold) if condition == "consecutive_failures" else DEFAULT_MIN_SAMPLES
+    if condition == "consecutive_failures":
+        default_min = int(threshold)
+    else:
+        default_min = DEFAULT_BURN_MIN_SAMPLES if burn else DEFAULT_MIN_SAMPLES
     try:
         min_samples = int_range(1, MAX_WINDOW_ROWS)(item.get("min_samples", default_min))
     except Invalid as exc:
@@ -294,6 +415,10 @@ def _check_one(source: str, n: int, item: dict[str, Any]) -> Trigger:
         raise fail("max_violations", item["max_violations"], "max_violations only with condition sla_violations")
     if condition == "consecutive_failures" and min_samples < threshold:
         raise fail("min_samples", min_samples, f"at least threshold ({int(threshold)}): N failures need N requests")
+    severity = item.get("severity", "warning")
+    if severity not in SEVERITIES:
+        raise fail("severity", severity, "warning or critical (the device's health while the condition holds)")
+    scopes = {key: _scope(item[key], fail, key) if key in item else None for key in SCOPE_KEYS}
     return Trigger(
         name=name,
         condition=condition,
@@ -303,7 +428,54 @@ def _check_one(source: str, n: int, item: dict[str, Any]) -> Trigger:
         min_samples=min_samples,
         metric=metric,
         max_violations=max_violations,
+        max_window_s=max_window,
+        severity=severity,
+        device_classes=scopes["device_class"],
+        models=scopes["model"],
+        strategies=scopes["strategy"],
+        objective=objective,
+        windows=windows,
     )
+
+
+Fail = Callable[[str, object, str], ConfigError]
+
+
+def _burn_windows(raw: object, fail: Fail) -> tuple[tuple[float, float, float], ...]:
+    allowed = (
+        f'1 to {MAX_BURN_WINDOWS} [long, short, factor] triples, e.g. [["1h", "5m", 14.4], ["6h", "30m", 6]]: '
+        f"durations up to {span(MAX_WINDOW_S)}, short below long, a burn-rate factor > 0"
+    )
+    if type(raw) is not list or not 1 <= len(raw) <= MAX_BURN_WINDOWS:
+        raise fail("windows", raw, allowed)
+    out = []
+    for triple in raw:
+        if type(triple) is not list or len(triple) != 3:
+            raise fail("windows", raw, allowed)
+        try:
+            long, short = (_bounded_duration(MAX_WINDOW_S, False)(v) for v in triple[:2])
+        except Invalid:
+            raise fail("windows", raw, allowed) from None
+        factor = triple[2]
+        if type(factor) not in (int, float) or not math.isfinite(factor) or factor <= 0 or short >= long:
+            raise fail("windows", raw, allowed)
+        out.append((long, short, float(factor)))
+    return tuple(out)
+
+
+def _scope(raw: object, fail: Fail, key: str) -> tuple[str, ...]:
+    values = [raw] if type(raw) is str else raw
+    what = {"device_class": "device class (the device facts' device_class)", "model": "model name", "strategy": ""}
+    example = {"device_class": '"jetson-orin"', "model": '"Smollm2 135M 8k Lc100K Mix1 Ep2"', "strategy": '"local"'}
+    allowed = (
+        f"a {what[key] or 'strategy (local, cloud, speculative, offload)'} or a list of 1 to {MAX_SCOPE_VALUES}, "
+        f"each 1 to {MAX_KEY_CHARS} characters, e.g. {example[key]}"
+    )
+    if type(values) is not list or not 1 <= len(values) <= MAX_SCOPE_VALUES:
+        raise fail(key, raw, allowed)
+    if not all(type(v) is str and 1 <= len(v) <= MAX_KEY_CHARS for v in values):
+        raise fail(key, raw, allowed)
+    return tuple(values)
 
 
 # -- the window's requests -------------------------------------------------------------------------------------------
@@ -321,6 +493,7 @@ class Sample(NamedTuple):
     tokens_per_second: float | None = None
     j_per_token: float | None = None
     rss_peak_mib: float | None = None
+    strategy: str | None = None  # the record's strategy column (None: local)
 
 
 Series = tuple[str, str | None, str | None]  # device, model, settings
@@ -335,8 +508,9 @@ COLUMNS = (
     "e2e_us",
     "output_tokens",
     "j_per_token",
+    "strategy",
 )
-BODY_COLUMNS = ("device_id", "model_name", "settings", "started_us", "ok", "seq", "codec", "body")
+BODY_COLUMNS = ("device_id", "model_name", "settings", "started_us", "ok", "seq", "codec", "body", "strategy")
 
 
 def _number(value: Any) -> float | None:
@@ -405,6 +579,7 @@ def samples_from_columns(rows: Iterable[Sequence[Any]], counts: RowCount) -> lis
                 e2e_ms=e2e / 1000 if e2e is not None else None,
                 tokens_per_second=rate,
                 j_per_token=joules,
+                strategy=_strategy(row[10] if len(row) > 10 else None),
             )
         )
     return out
@@ -424,8 +599,12 @@ def samples_from_bodies(rows: Iterable[Sequence[Any]], counts: RowCount) -> list
             continue
         peak = record.get("rss_peak_bytes")
         mib = peak / MIB if type(peak) is int and peak >= 0 else None
-        out.append(Sample(*head, rss_peak_mib=mib))
+        out.append(Sample(*head, rss_peak_mib=mib, strategy=_strategy(row[8] if len(row) > 8 else None)))
     return out
+
+
+def _strategy(value: Any) -> str | None:
+    return value[:MAX_KEY_CHARS] if type(value) is str and value else None
 
 
 # -- judging one series ----------------------------------------------------------------------------------------------
@@ -433,6 +612,9 @@ class Outcome(NamedTuple):
     holds: bool | None  # None: fewer than min_samples requests that count
     value: float | None
     samples: int
+    bound: float | None = None  # percentile conditions: the lower confidence bound compared with the threshold
+    window_s: float | None = None  # the window judged (wider than the trigger's when it was widened)
+    note: str | None = None  # how it was judged: a widened window, the burn-rate windows, why not judged
 
 
 def quantile(values: Sequence[float], q: int) -> float:
@@ -443,24 +625,120 @@ def quantile(values: Sequence[float], q: int) -> float:
     return statistics.quantiles(ordered, n=100, method="inclusive")[q - 1]
 
 
-def judge(trigger: Trigger, samples: Sequence[Sample], regression: float | None = None) -> Outcome:
-    """Whether ``trigger``'s condition holds over one series' requests within its window (``samples``, in start
-    order), the value it compared with the threshold and how many requests counted. ``regression``: the series'
-    current regression change of ``trigger.metric`` (condition ``regression`` only)."""
+@functools.lru_cache(maxsize=8192)
+def lower_bound_rank(n: int, q: float, confidence: float = CONFIDENCE) -> int:
+    """The 1-based rank k of the order statistic x(k) of ``n`` values that is a lower ``confidence`` bound of the
+    ``q``-quantile: the largest k with P(Binomial(n, q) ≥ k) ≥ confidence (x(k) ≤ the quantile unless fewer than
+    k of the n values fall below it). 0 when even x(1) is not (n too small). Exact up to 1,000 values, the
+    normal approximation (with continuity correction) beyond."""
+    if n > 1000:
+        z = statistics.NormalDist().inv_cdf(confidence)
+        return max(0, min(n, math.floor(n * q - z * math.sqrt(n * q * (1 - q)) + 0.5)))
+    log_q, log_p = math.log(q), math.log1p(-q)
+    below = 0.0  # P(X ≤ k − 1)
+    best = 0
+    for k in range(1, n + 1):
+        j = k - 1
+        below += math.exp(
+            math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_q + (n - j) * log_p
+        )
+        if 1.0 - below >= confidence - 1e-12:
+            best = k
+        else:
+            break
+    return best
+
+
+def percentile_bound(values: Sequence[float], q: int) -> float | None:
+    """The lower :data:`CONFIDENCE` bound of the ``q``-th percentile of the distribution ``values`` were drawn
+    from (an order statistic, distribution-free); None when too few values give one."""
+    k = lower_bound_rank(len(values), q / 100)
+    return sorted(values)[k - 1] if k else None
+
+
+def _widths(trigger: Trigger) -> list[float]:
+    """The windows tried in turn: the trigger's, doubled until ``max_window`` (the last one exactly that)."""
+    out = [trigger.window_s]
+    while out[-1] < trigger.max_window_s:
+        out.append(min(out[-1] * 2, trigger.max_window_s))
+    return out
+
+
+def _counted(trigger: Trigger) -> str:
+    """What counts for ``min_samples``, in words."""
+    c = trigger.condition
+    metric = _METRIC_LABEL.get(trigger.metric or "", "")
+    if c in ("p95_latency_above", "p99_latency_above", "mean_latency_above"):
+        return f"successful requests with {metric}"
+    if c == "tokens_per_second_below":
+        return "successful requests with output tokens"
+    if c == "energy_per_token_above":
+        return "successful requests with energy"
+    if c == "memory_above":
+        return "requests with a peak RSS"
+    return "requests"
+
+
+def judge(
+    trigger: Trigger, samples: Sequence[Sample], regression: float | None = None, now_us: int | None = None
+) -> Outcome:
+    """Whether ``trigger``'s condition holds over one series' requests (``samples``, in start order), the value it
+    compared with the threshold and how many requests counted. ``regression``: the series' current regression
+    change of ``trigger.metric`` (condition ``regression`` only).
+
+    ``now_us``: the evaluation's time; ``samples`` then reach back over the trigger's widest window and the
+    condition is judged over ``[now − window, now]``, widened (doubling, up to ``max_window``) while fewer than
+    ``min_samples`` requests count. Without it, over all of ``samples``."""
+    if trigger.condition in BURN_CONDITIONS:
+        return _burn(trigger, samples, now_us)
+    if now_us is None:
+        return _judge_window(trigger, samples, regression)
+    first: Outcome | None = None
+    out = Outcome(None, None, 0)
+    widths = _widths(trigger)
+    for width in widths:
+        since = now_us - int(width * 1e6)
+        out = _judge_window(trigger, [s for s in samples if s.started_us >= since], regression)._replace(window_s=width)
+        if first is None:
+            first = out
+        if out.holds is not None:
+            break
+    assert first is not None
+    base = span(trigger.window_s)
+    if out.holds is not None and out.window_s != trigger.window_s:
+        return out._replace(note=f"judged over the last {span(out.window_s or 0)}: {base} held {first.samples}")
+    if out.holds is None:
+        counted = _counted(trigger)
+        if len(widths) > 1:
+            last = span(widths[-1])
+            why = f"{out.samples} {counted} in the last {last}, widened from {base}; {trigger.min_samples} needed"
+        else:
+            why = f"{out.samples} {counted} in the last {base}; {trigger.min_samples} needed"
+        return out._replace(note=why)
+    return out
+
+
+def _judge_window(trigger: Trigger, samples: Sequence[Sample], regression: float | None) -> Outcome:
     c, t = trigger.condition, trigger.threshold
     if c in ("p95_latency_above", "p99_latency_above", "mean_latency_above", "sla_violations"):
         column = _LATENCY_COLUMN[trigger.metric or "ttft"]
         values = [v for s in samples if s.ok and (v := getattr(s, column)) is not None]
+        if c == "sla_violations":  # a failed request counts, as one that missed the SLA
+            failed = sum(1 for s in samples if not s.ok)
+            counted = len(values) + failed
+            if counted < trigger.min_samples:
+                return Outcome(None, None, counted)
+            over = sum(1 for v in values if v > t) + failed
+            return Outcome(over > (trigger.max_violations or 0), float(over), counted)
         if len(values) < trigger.min_samples:
             return Outcome(None, None, len(values))
-        if c == "sla_violations":
-            over = sum(1 for v in values if v > t)
-            return Outcome(over > (trigger.max_violations or 0), float(over), len(values))
         if c == "mean_latency_above":
             value = statistics.fmean(values)
-        else:
-            value = quantile(values, 95 if c == "p95_latency_above" else 99)
-        return Outcome(value > t, value, len(values))
+            return Outcome(value > t, value, len(values))
+        q = PERCENTILES[c]
+        value = quantile(values, q)
+        bound = percentile_bound(values, q)
+        return Outcome(bound is not None and bound > t, value, len(values), bound)
     if c == "tokens_per_second_below":
         rates = [s.tokens_per_second for s in samples if s.ok and s.tokens_per_second is not None]
         if len(rates) < trigger.min_samples:
@@ -499,6 +777,53 @@ def judge(trigger: Trigger, samples: Sequence[Sample], regression: float | None 
     raise ValueError(f"unknown condition {c!r}")  # pragma: no cover - check_triggers admits none
 
 
+def _bad(trigger: Trigger, sample: Sample) -> bool | None:
+    """Whether a request spends the budget (None: it does not count: a successful one without the metric)."""
+    if not sample.ok:
+        return True
+    if trigger.condition == "error_budget_burn":
+        return False
+    value = getattr(sample, _LATENCY_COLUMN[trigger.metric or "e2e"])
+    return None if value is None else value > trigger.threshold
+
+
+def _burn(trigger: Trigger, samples: Sequence[Sample], now_us: int | None) -> Outcome:
+    """Multiwindow burn rates (SRE workbook): for each (long, short, factor), the share of bad requests over the
+    long window and over the short one, each ÷ the budget (1 − objective); the pair holds when both are above
+    factor. A long window with fewer than ``min_samples`` requests is not judged; a short one with fewer is the
+    latest ``min_samples`` requests of its long window (at low request rates minutes hold none). Holds when any pair
+    does; the value is the burn rate of the pair closest to (or furthest past) its factor."""
+    budget = 1.0 - (trigger.objective or 0.0)
+    counted = [(s.started_us, bad) for s in samples if (bad := _bad(trigger, s)) is not None]
+    now = now_us if now_us is not None else (counted[-1][0] if counted else 0)
+    holds: bool | None = None
+    best: tuple[float, float, int, float] | None = None  # (burn ÷ factor, burn, requests, long window)
+    parts = []
+    for long_s, short_s, factor in trigger.windows:
+        long = [bad for started, bad in counted if started >= now - int(long_s * 1e6)]
+        if len(long) < trigger.min_samples:
+            parts.append(f"{span(long_s)}: {len(long)} requests, {trigger.min_samples} needed")
+            continue
+        short = [bad for started, bad in counted if started >= now - int(short_s * 1e6)]
+        short_said = span(short_s)
+        if len(short) < trigger.min_samples:
+            short, short_said = long[-trigger.min_samples :], f"latest {trigger.min_samples}"
+        long_rate, short_rate = sum(long) / len(long) / budget, sum(short) / len(short) / budget
+        pair = long_rate > factor and short_rate > factor
+        holds = bool(holds) or pair
+        burn = min(long_rate, short_rate)
+        if best is None or burn / factor > best[0]:
+            best = (burn / factor, burn, len(long), long_s)
+        parts.append(
+            f"{span(long_s)}: {sum(long)} of {len(long)} bad ({long_rate:.3g}×), {short_said}: "
+            f"{sum(short)} of {len(short)} ({short_rate:.3g}×), above {factor:g}×: {'yes' if pair else 'no'}"
+        )
+    note = "; ".join(parts)
+    if best is None:
+        return Outcome(None, None, len(counted), window_s=trigger.widest_s, note=note)
+    return Outcome(holds, best[1], best[2], window_s=best[3], note=note)
+
+
 class Evaluation(NamedTuple):
     trigger: str
     series: Series
@@ -518,6 +843,16 @@ def current_regressions(found: Iterable[dict[str, Any]]) -> dict[tuple[str, str 
     return out
 
 
+def in_scope(trigger: Trigger, sample: Sample, device_classes: Mapping[str, str | None]) -> bool:
+    """Whether a request is one ``trigger`` judges: its model, strategy (none: ``local``) and its device's class
+    (from the device's latest facts; a device without facts has no class and is outside a class scope)."""
+    if trigger.models is not None and sample.model_name not in trigger.models:
+        return False
+    if trigger.strategies is not None and (sample.strategy or "local") not in trigger.strategies:
+        return False
+    return trigger.device_classes is None or device_classes.get(sample.device_id) in trigger.device_classes
+
+
 def evaluate(
     triggers: Sequence[Trigger],
     samples: Sequence[Sample],
@@ -526,20 +861,27 @@ def evaluate(
     body_samples: Sequence[Sample] = (),
     regressions: Iterable[dict[str, Any]] = (),
     counts: RowCount | None = None,
+    device_classes: Mapping[str, str | None] | None = None,
 ) -> list[Evaluation]:
-    """Every trigger over every series with a request in its window (``[now − window, now]``). ``body_samples``:
-    the samples memory_above reads (with the peak RSS); ``regressions``: the regression Watch's ``found``. A
-    regression counts for the settings the device × model ran its latest request of the window under. At most
-    :data:`MAX_SERIES_PER_DEVICE` series of a device are judged (those with the latest requests); the others are
-    counted in ``counts.series_skipped`` (once per window)."""
+    """Every trigger over every series of its scope with a request in its widest window (``[now − widest, now]``:
+    ``max_window``, or the longest burn-rate window). ``body_samples``: the samples memory_above reads (with the
+    peak RSS); ``regressions``: the regression Watch's ``found``; ``device_classes``: each device's class (from its
+    latest facts), for triggers scoped by ``device_class``. A regression counts for the settings the device × model
+    ran its latest request of the window under. At most :data:`MAX_SERIES_PER_DEVICE` series of a device are judged
+    (those with the latest requests); the others are counted in ``counts.series_skipped`` (once per window)."""
     found = current_regressions(regressions)
-    windows: dict[tuple[bool, float], _Window] = {}  # triggers with the same source and window share its grouping
+    classes = device_classes or {}
+    windows: dict[tuple[Any, ...], _Window] = {}  # triggers with the same source, window and scope share a grouping
     out = []
     for trigger in triggers:
         memory = trigger.condition == "memory_above"
-        key = (memory, trigger.window_s)
+        scope = (trigger.device_classes, trigger.models, trigger.strategies)
+        key = (memory, trigger.widest_s, scope)
         if key not in windows:
-            windows[key] = _group(body_samples if memory else samples, now_us - int(trigger.window_s * 1e6), now_us)
+            source = body_samples if memory else samples
+            if scope != (None, None, None):
+                source = [s for s in source if in_scope(trigger, s, classes)]
+            windows[key] = _group(source, now_us - int(trigger.widest_s * 1e6), now_us)
             if counts is not None:
                 counts.series_skipped += windows[key][2]
         groups, latest, _ = windows[key]
@@ -547,7 +889,7 @@ def evaluate(
             change = None
             if trigger.condition == "regression" and latest[(series[0], series[1])] == series[2]:
                 change = found.get((series[0], series[1], trigger.metric or ""))
-            out.append(Evaluation(trigger.name, series, judge(trigger, group, change)))
+            out.append(Evaluation(trigger.name, series, judge(trigger, group, change, now_us)))
     return out
 
 
@@ -621,9 +963,13 @@ class SeriesState:
             "threshold": self.trigger.max_violations
             if self.trigger.condition == "sla_violations"
             else self.trigger.threshold,
+            "bound": self.outcome.bound,
             "samples": self.outcome.samples,
             "min_samples": self.trigger.min_samples,
             "window_s": self.trigger.window_s,
+            "judged_window_s": self.outcome.window_s,
+            "note": self.outcome.note,
+            "severity": self.trigger.severity,
             "last_fired_at": iso(self.last_fired_us),
             "last_fired_us": self.last_fired_us,
             "cooldown_until": iso(self.cooldown_until_us),
@@ -651,6 +997,8 @@ def shown_value(trigger: Trigger, value: float | None) -> str:
         return f"{value * 100:.0f} %"
     if c == "regression":
         return f"{value * 100:+.0f} %"
+    if c in BURN_CONDITIONS:
+        return f"burn rate {value:.3g}×"
     if c in ("consecutive_failures", "sla_violations"):
         return f"{int(value)}"
     number = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
@@ -664,10 +1012,17 @@ def summary(trigger: Trigger, series: Series, outcome: Outcome, state: str, cool
     device, model, settings = series
     where = f"on {device}, model {model or 'unnamed'}, settings {settings or 'unknown'}"
     if outcome.holds is None:
-        what = f"insufficient data ({outcome.samples} of {trigger.min_samples} requests)"
+        what = f"insufficient data ({outcome.note or f'{outcome.samples} of {trigger.min_samples} requests'})"
+        line = f"{trigger.name}: {what} {where}"
     else:
-        what = f"{shown_value(trigger, outcome.value)} (condition: {trigger.rule()})"
-    line = f"{trigger.name}: {what} {where}; {outcome.samples} requests in {span(trigger.window_s)}"
+        value = shown_value(trigger, outcome.value)
+        if outcome.bound is not None:
+            value += f", lower 95 % bound {shown_value(trigger, outcome.bound)}"
+        what = f"{value} (condition: {trigger.rule()})"
+        judged = span(outcome.window_s or trigger.window_s)
+        line = f"{trigger.name}: {what} {where}; {outcome.samples} requests in {judged}"
+        if outcome.note:
+            line += f" ({outcome.note})"
     if state == "cooling_down" and cooldown_until_us is not None:
         return f"{line} — cooling down until {_clock_time(cooldown_until_us)}"
     tail = {"firing": "firing", "fired": "fired", "ok": "ok"}.get(state)
@@ -714,6 +1069,8 @@ def fire_record(item: SeriesState) -> dict[str, Any]:
         "max_violations": item.trigger.max_violations,
         "samples": item.outcome.samples,
         "window_s": item.trigger.window_s,
+        "judged_window_s": item.outcome.window_s,
+        "severity": item.trigger.severity,
         "fired_us": item.evaluated_us,
         "fired_at": iso(item.evaluated_us),
         "summary": summary(item.trigger, item.series, item.outcome, "fired", None),
@@ -761,6 +1118,13 @@ class Kept:
             if fired > out.get(key, -1):
                 out[key] = fired
         return out
+
+
+def device_class(store: Store, device: str) -> str | None:
+    """The device class of the device's latest facts record (None: it sent none, or one without a class)."""
+    latest = store.latest(Query(device=device, kind=FACTS_KIND), 1)
+    facts = facts_from_record(decode_wire(latest[0])) if latest else None
+    return facts["device_class"] if facts else None
 
 
 class Observation(NamedTuple):
@@ -824,7 +1188,7 @@ class TriggerWatch:
         now_us = int(self.clock() * 1e6)
         if not self.triggers:
             return Observation(now_us, [], RowCount(), False)
-        longest = max(t.window_s for t in self.triggers)
+        longest = max(t.widest_s for t in self.triggers)
         query = Query(kind="inference", since_us=now_us - int(longest * 1e6), until_us=now_us + 1)
         counts = RowCount()
         rows = store.latest_columns(query, COLUMNS, MAX_WINDOW_ROWS)
@@ -833,13 +1197,23 @@ class TriggerWatch:
         bodies: list[Sample] = []
         memory = [t for t in self.triggers if t.condition == "memory_above"]
         if memory:
-            longest_memory = max(t.window_s for t in memory)
+            longest_memory = max(t.widest_s for t in memory)
             body_query = Query(kind="inference", since_us=now_us - int(longest_memory * 1e6), until_us=now_us + 1)
             body_rows = store.latest_columns(body_query, BODY_COLUMNS, MAX_BODY_ROWS)
             truncated = truncated or len(body_rows) >= MAX_BODY_ROWS
             bodies = samples_from_bodies(body_rows, counts)
+        classes: dict[str, str | None] = {}
+        if any(t.device_classes is not None for t in self.triggers):
+            for device in sorted({s.device_id for s in samples} | {s.device_id for s in bodies}):
+                classes[device] = device_class(store, device)
         evaluations = evaluate(
-            self.triggers, samples, now_us, body_samples=bodies, regressions=regressions, counts=counts
+            self.triggers,
+            samples,
+            now_us,
+            body_samples=bodies,
+            regressions=regressions,
+            counts=counts,
+            device_classes=classes,
         )
         return Observation(now_us, evaluations, counts, truncated)
 
@@ -901,6 +1275,27 @@ class TriggerWatch:
         """Each device's series whose condition holds, as ``GET /api/v1/triggers`` shows them: the fleet rows."""
         return self._holding
 
+    def status(self, *, trigger: str | None = None, device: str | None = None) -> str:
+        """``firing`` when a condition holds (firing or cooling down); else ``insufficient_data`` when a series could
+        not be judged, or a trigger has no series at all in its window (nothing seen: not "all clear"); else
+        ``ok`` (nothing evaluated yet: ``insufficient_data``). ``trigger``, ``device``: only those series."""
+        if self.evaluated_us is None and self.triggers:
+            return "insufficient_data"
+        states = [
+            s
+            for s in self.states
+            if (trigger is None or s.trigger.name == trigger) and (device is None or s.series[0] == device)
+        ]
+        if any(s.outcome.holds for s in states):
+            return "firing"
+        if any(s.state == "insufficient_data" for s in states):
+            return "insufficient_data"
+        if device is None:
+            seen = {s.trigger.name for s in states}
+            if any(t.name not in seen for t in self.triggers if trigger is None or t.name == trigger):
+                return "insufficient_data"
+        return "ok"
+
     def answer(
         self,
         *,
@@ -923,6 +1318,11 @@ class TriggerWatch:
             if (device is None or item.series[0] == device) and (trigger is None or item.trigger.name == trigger):
                 chosen.append(item)
         chosen.sort(key=lambda s: rank[s.state])
+        counts: dict[str, dict[str, int]] = {}
+        for item in chosen:
+            per = counts.setdefault(item.trigger.name, {})
+            per[item.state] = per.get(item.state, 0) + 1
+        status = self.status(trigger=trigger, device=device)
         limit = max_series if max_series is not None else len(chosen) + 1
         by_trigger: dict[str, list[dict[str, Any]]] = {t.name: [] for t in self.triggers}
         left_out: dict[str, int] = {}
@@ -953,6 +1353,7 @@ class TriggerWatch:
         answer = {
             "evaluated_at": iso(self.evaluated_us),
             "interval_s": self.interval_s,
+            "status": status,
             "triggers": [
                 {
                     "name": t.name,
@@ -963,8 +1364,14 @@ class TriggerWatch:
                     "window_s": t.window_s,
                     "cooldown_s": t.cooldown_s,
                     "min_samples": t.min_samples,
+                    "max_window_s": t.max_window_s,
+                    "severity": t.severity,
+                    "scope": t.scope(),
+                    "objective": t.objective,
+                    "windows": [list(w) for w in t.windows],
                     "description": t.describe(),
                     "series": by_trigger[t.name],
+                    "counts": counts.get(t.name, {}),
                 }
                 for t in self.triggers
                 if trigger is None or t.name == trigger

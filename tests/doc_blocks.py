@@ -162,10 +162,13 @@ def check_invocation(program: str, args: list[str], trees: dict[str, click.Group
         ctx = click.Context(command, info_name=" ".join(path))
         options = _options(command, ctx)
         if isinstance(command, click.Group):
+            takes_value = {
+                o for p in command.get_params(ctx) if isinstance(p, click.Option) and not p.is_flag for o in p.opts
+            }
             while i < len(words) and words[i].startswith("-"):
                 if words[i].split("=", 1)[0] not in options:
                     return f"{' '.join(path)}: no option {words[i]!r}"
-                i += 1
+                i += 2 if words[i] in takes_value else 1  # a group's own option with its value (regressions --state X)
             if i == len(words):
                 return None
             sub = command.get_command(ctx, words[i])

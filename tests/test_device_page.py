@@ -68,7 +68,7 @@ async def send(client: Any, token: str, device: str, records: list[dict[str, Any
     assert response.status == 200, await response.text()
 
 
-END = datetime.fromtimestamp((time.time() // 10800) * 10800 - 300, timezone.utc)
+END = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=5)
 
 
 async def test_the_timeline_is_bounded_and_exact_per_bucket(aiohttp_client: Any, store: Any) -> None:

@@ -186,7 +186,7 @@ def test_the_fleet_table_sorts_and_filters_from_the_address(served: str) -> None
     assert order("?filter=ORIN") == ["orin-017"]
     assert order("?filter=no-such-thing") == []
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for width in (1400, 400):  # a desk and a phone: the table scrolls inside its box at 400 px
+    for width in (1400, 400):  # a desk and a phone: at 400 px each device is a card (tests/test_triage_page.py)
         shot = SCREENSHOTS / f"fleet-{width}.png"
         chromium(f"--window-size={width},700", f"--screenshot={shot}", served + "/?sort=error_rate&desc=1")
         assert shot.stat().st_size > 5000

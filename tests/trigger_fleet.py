@@ -98,7 +98,7 @@ name = "sla-ttft"
 condition = "sla_violations"
 metric = "ttft"
 threshold = 300
-max_violations = 5
+max_violations = 25
 window = "2h"
 cooldown = "30m"
 
@@ -184,12 +184,15 @@ class Series:
 
 
 def _p95(i: int, r: dict[str, Any]) -> None:
-    if i % 10 == 9:  # 10 % of the requests wait 1.5 s for their first token
+    # 20 % of the requests wait 1.5 s for their first token: the p95 is 1.5 s, and with 40 requests its lower 95 %
+    # confidence bound (the 36th of 40) is too (10 % would put the bound among the fast ones: not shown to hold)
+    if i % 5 == 4:
         set_ttft(r, 1500.0)
 
 
 def _p99(i: int, r: dict[str, Any]) -> None:
-    if i in (20, 45):  # two requests of 60 decode 6× slower than the rest (42 ms per token)
+    # four requests of 60 decode 6× slower than the rest (42 ms per token): the p99's lower bound is the 58th of 60
+    if i in (10, 20, 45, 50):
         scale_decode(r, 6.0)
 
 
@@ -213,7 +216,7 @@ def _memory(i: int, r: dict[str, Any]) -> None:
 
 
 def _sla(i: int, r: dict[str, Any]) -> None:
-    if i % 7 == 3:  # 8 of 60 requests at 500 ms
+    if i % 2 == 1:  # 30 of 60 requests at 500 ms (orin-006's 20 failed requests miss the SLA too: 20 ≤ 25)
         set_ttft(r, 500.0)
 
 
