@@ -19,8 +19,11 @@ uses the conventions' ``gen_ai.client.operation.duration`` advice. A quantile re
 by ``bench/histogram_error.py`` (docs/PERFORMANCE.md). The fleet page and the API compute exact percentiles from
 the records themselves.
 
-The "latest request" gauges (tokens per second, J per token, acceptance rate) of a series not updated for
-``stale_after_s`` are removed at the next scrape, so a device that stopped does not show its last value for ever.
+Tokens per second is the median over the series' latest :data:`RECENT_REQUESTS` successful requests by the time they
+ran (:class:`LatestByTime`: a late or resent batch of old requests does not move it), the fleet page's figure; J per
+token and the acceptance rate are the latest request's. These gauges of a series not updated for ``stale_after_s``
+are removed at the next scrape, so a device that stopped does not show its last value for ever. After a restart,
+each device's latest stored requests are observed again (:func:`recent_requests`, :meth:`FleetMetrics.restore`).
 """
 
 from __future__ import annotations
@@ -94,9 +97,8 @@ def stored_request(row: Sequence[Any], null_name: str) -> dict[str, Any]:
     for name in ("started_us", "output_tokens"):
         out[name] = values[name] if type(values[name]) is int else None
     for name in ("ttft_us", "tpot_us", "e2e_us"):
-        out[name] = _finite(values[name], math.nan) if values[name] is not None else None
-        if out[name] is not None and math.isnan(out[name]):
-            out[name] = None
+        value = _finite(values[name], math.nan)
+        out[name] = None if math.isnan(value) else value
     joules = values["j_per_token"]
     if type(joules) in (int, float) and math.isfinite(joules):
         out["ext"] = {"energy": {"j_per_output_token": joules}}
