@@ -116,6 +116,15 @@ async def test_refused_small_or_streamed_answers_stay_plain(served: Any) -> None
         assert first.startswith(b": connected")
 
 
+async def test_parquet_goes_as_it_is_and_arrow_is_gzipped(served: Any) -> None:
+    pytest.importorskip("pyarrow")
+    status, headers, body = await raw(served, "/api/v1/measurements?format=parquet&limit=200", "gzip")
+    assert status == 200 and len(body) > 1024 and body[:4] == b"PAR1"  # compressed inside already: sent as it is
+    assert "Content-Encoding" not in headers
+    status, headers, body = await raw(served, "/api/v1/measurements?format=arrow&limit=200", "gzip")
+    assert status == 200 and headers["Content-Encoding"] == "gzip"  # Arrow IPC is not compressed: gzip pays
+
+
 async def test_the_ingest_answer_is_never_gzipped(aiohttp_client: Any, tmp_path: Any) -> None:
     store = SQLiteStore(tmp_path / "agg.db")
     client = await aiohttp_client(create_app(Settings(), store))
