@@ -1398,8 +1398,9 @@ def series_counts(rows: Sequence[RecordRow], new: Sequence[int]) -> dict[tuple[s
     return counts
 
 
-# latest_columns(by_event=True) on SQLite: up to this many matching rows are sorted, more are walked by time
-SORT_EVENT_ROWS = 4096
+# latest_columns(by_event=True) on SQLite: how many of the device's latest rows by time are looked through for the
+# ``limit`` asked for before the matching rows are sorted instead
+EVENT_WALK_FACTOR = 8
 # Column order: RecordRow's fields, then received_us and batch_id.
 INSERT_COLUMNS = (*RecordRow._fields, "received_us", "batch_id")
 _INSERT = (
@@ -1701,15 +1702,24 @@ class SQLiteStore(Store):
         self, query: Query, columns: Sequence[str], limit: int, *, by_event: bool = False
     ) -> list[tuple[Any, ...]]:
         where, params = query.where()
-        order = "seq DESC"
-        if by_event:
-            # SQLite answers this order by walking the device's rows by time (measurements_device_time): cheap when
-            # the matching rows are among its latest, a scan of its whole history when they are few (facts, an old
-            # series, none). Few matches (counted through the series index, at most SORT_EVENT_ROWS + 1): sorted.
-            sql = f"SELECT COUNT(*) FROM (SELECT 1 FROM measurements WHERE {where} LIMIT ?)"
-            many = self._read(sql, [*params, SORT_EVENT_ROWS + 1])[0][0] > SORT_EVENT_ROWS
-            order = "started_us DESC, seq DESC" if many else "+started_us DESC, seq DESC"
-        sql = f"SELECT {', '.join(columns)} FROM measurements WHERE {where} ORDER BY {order} LIMIT ?"
+        if not by_event:
+            sql = f"SELECT {', '.join(columns)} FROM measurements WHERE {where} ORDER BY seq DESC LIMIT ?"
+            return self._read(sql, [*params, limit])[::-1]
+        order = "started_us DESC, seq DESC"
+        if query.device is not None:
+            # the device's latest EVENT_WALK_FACTOR × limit rows by time (measurements_device_time, index only):
+            # when ``limit`` of them match, they are the answer — the usual case, a series the device runs now
+            sql = (
+                "WITH walked(at) AS (SELECT seq FROM measurements INDEXED BY measurements_device_time "
+                f"WHERE device_id = ? ORDER BY {order} LIMIT ?) SELECT {', '.join(columns)} FROM walked "
+                f"CROSS JOIN measurements ON measurements.seq = walked.at WHERE {where} ORDER BY {order} LIMIT ?"
+            )
+            rows = self._read(sql, [query.device, EVENT_WALK_FACTOR * limit, *params, limit])
+            if len(rows) >= limit:
+                return rows[::-1]
+        # rows that are few among the device's latest (facts, an old series): sorted through the series index
+        # ("+": not walked by time, which would scan the device's whole history for them)
+        sql = f"SELECT {', '.join(columns)} FROM measurements WHERE {where} ORDER BY +{order} LIMIT ?"
         return self._read(sql, [*params, limit])[::-1]
 
     def series(self, device: str | None = None) -> list[dict[str, Any]]:

@@ -167,7 +167,8 @@ async def test_old_requests_arriving_late_change_no_current_figure(aiohttp_clien
 async def test_the_latest_by_event_time_whichever_way_the_store_reads_them(
     aiohttp_client: Any, store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SQLite sorts a few matching rows and walks many by time: both give the requests that ran last."""
+    """SQLite walks the device's latest rows by time and sorts the matching rows when few are among them: both
+    give the requests that ran last."""
     from aggregator import store as store_module
     from aggregator.store import Query
 
@@ -181,8 +182,8 @@ async def test_the_latest_by_event_time_whichever_way_the_store_reads_them(
     expected = sorted(r["tpot_ms"] * 1000 for r in current[-50:])
     query = Query(device=DEVICE, kind="inference", model="qwen Q4", strategy="local")
     answers = []
-    for sort_rows in (4096, 10):  # sorted; walked by time
-        monkeypatch.setattr(store_module, "SORT_EVENT_ROWS", sort_rows)
+    for factor in (8, 0):  # walked by time; sorted
+        monkeypatch.setattr(store_module, "EVENT_WALK_FACTOR", factor)
         rows = store.latest_columns(query, ("started_us", "tpot_us"), 50, by_event=True)
         assert [r[0] for r in rows] == sorted(r[0] for r in rows)  # oldest first
         assert sorted(r[1] for r in rows) == pytest.approx(expected)
