@@ -1400,7 +1400,7 @@ def series_counts(rows: Sequence[RecordRow], new: Sequence[int]) -> dict[tuple[s
 
 # latest_columns(by_event=True) on SQLite: how many of the device's latest rows by time are looked through for the
 # ``limit`` asked for before the matching rows are sorted instead
-EVENT_WALK_FACTOR = 8
+EVENT_WALK_FACTOR = 4
 # Column order: RecordRow's fields, then received_us and batch_id.
 INSERT_COLUMNS = (*RecordRow._fields, "received_us", "batch_id")
 _INSERT = (
