@@ -1,33 +1,56 @@
 """Regressions found for the user: one change point per device × model × strategy series and metric.
 
-For each series the aggregator takes its latest ``window`` successful requests in the order they were received and
-asks, for TTFT, TPOT, tokens per second and energy per output token (where the device measures power): is there
-a point before which the values are drawn from one distribution and after which from another, and is the change
-large enough to matter?
+What is read. Each series is read by event time — when its requests ran (``started_us``), not when they arrived —
+over the last ``window_s`` (14 days) before its newest request, at most ``window`` (4,000) successful requests. A
+late backlog lands where it ran, a resent old batch among its neighbours, and a step stays findable for as long as
+it is inside the window (weeks at 10 requests an hour), not for the last 400 requests received.
 
-The test is Pettitt's (1979) non-parametric change-point test: for every split ``k`` the Mann–Whitney statistic of
-"before" against "after", ``U_k = 2·W_k − k(n + 1)`` with ``W_k`` the rank sum of the first ``k`` values (ties get
-their mean rank), all computed in one pass — the values are ranked once and ``W_k`` is a cumulative sum. With
-``K = max |U_k|`` over the splits, Pettitt's ``p ≈ 2·exp(−6K² / (n³ + n²))`` already accounts for having looked at
-every split. Where there is a change, it is placed at the split that best fits two constant-median segments (least
-absolute deviations; see :func:`_locate`). It is reported when
+What is modelled. For TTFT, TPOT, tokens per second and energy per output token (where the device measures power)
+the log of each value is ``level(t) + season(hour of day, weekday or weekend) + noise`` with at most one step in
+``level``. In order:
 
-- ``p`` is below ``alpha`` — the test uses ranks only, so a few outliers (a thermal spike, a cold start) neither make
-  nor hide a change, and it assumes nothing about the shape of latency distributions, which are skewed; and
-- the medians on either side, each at least ``min_segment`` requests long, differ by at least ``min_change``
-  (relative): a real but tiny shift is not a regression an operator should be paged for.
+1. Buckets: consecutive requests in the same clock hour (UTC) form a bucket, split into equal chunks of at most
+   ``bucket_requests`` when the hour is busier (fewer for a series of fewer than 120 × ``bucket_requests``
+   requests, so it still has about 120 buckets); a bucket's value is the median of its log values. The median makes
+   single outliers (a stall, a cold start) harmless, and testing buckets instead of requests keeps the correlation
+   of neighbouring requests (the same load, the same temperature) from inflating the evidence.
+2. Seasons: with at least 3 days of history the daily and weekly pattern is removed. It is estimated on the
+   buckets' differences from a slow level (the median of the 7 days around each bucket's day), so a step stays in the
+   level and is not absorbed: the median difference per hour of day (each hour needs 3 buckets), then per
+   weekday/weekend (12 buckets), then per hour of a weekday or of a weekend day (3 buckets). With less history
+   nothing is removed, and the finding's ``evidence["seasonal"]`` says which of these were.
+3. Bursts: a run of buckets more than 4 robust deviations (MAD) away from the median of the 12 hours around it,
+   lasting at most ``max_burst_s`` (3 h: a thermal burst, a stall) with ordinary buckets on both sides, is left out
+   of the test and counted (``bursts_removed``). A run at either end of the window is kept: it may be a step.
+4. The test: the standardized Mann–Whitney statistic of the buckets before each split against those after,
+   ``Z_k = (2·W_k − k(n + 1)) / √(k(n − k)(n + 1)/3)`` with ``W_k`` the rank sum of the first ``k`` buckets (ranked
+   once, cumulated), maximised over the splits that leave ``min_duration_s`` of event time on each side. Its
+   p-value for having looked at every split is Miller and Siegmund's (1982) approximation for a maximally selected
+   rank statistic, ``p ≈ φ(b)(b − 1/b)·log(t₁(1 − t₀)/(t₀(1 − t₁))) + 4φ(b)/b`` with ``b = max |Z_k|`` and
+   ``[t₀, t₁]`` the share of buckets the splits span. Unlike Pettitt's ``K``, which weighs a split near the end of
+   the window by how few values follow it, each split is judged by its own standard error, so a recent step is
+   found as soon as it is long enough, and an old one keeps being found.
+5. Where and how large: the split is placed by least absolute deviations from two constant medians (buckets near
+   the best ``Z_k``, then the requests of the two buckets at the boundary); the change is the ratio of the medians
+   of the deseasonalised log values of the requests after and before, so a ×1.15 step is reported as about +15 %.
 
-This is the single-change case of the E-divisive family that Apache Otava and MongoDB's signal processing use,
-with a rank statistic instead of energy distances: simpler, exact enough for "did this series get slower, and since
-when", and cheap enough to run over a whole fleet every few minutes. A regression is a change in the bad direction
-(TTFT, TPOT or J/token up, tokens per second down); a change in the good direction is reported as an improvement.
+It is reported when ``p`` is below ``alpha`` (1e-5 per series and metric), the deseasonalised medians differ by at
+least ``min_change`` (relative), each side holds ``min_segment`` requests and, after the change, at least
+``min_duration_s`` of event time (4 h; for a series shorter than 16 h, a quarter of its span — a benchmark run),
+and the change persists: both halves of the after side differ from the before side by at least half of
+``min_change``, in the same direction. A burst that has not ended yet is therefore no step until it has lasted
+``min_duration_s``, and one that ended is none. bench/regressions.py measures the false-alarm rate on a seeded
+seasonal fleet and the recall by step size and age (docs/PERFORMANCE.md).
+
+A regression is a change in the bad direction (TTFT, TPOT or J/token up, tokens per second down); a change in the
+good direction is reported as an improvement.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,20 +63,37 @@ from .store import NULL_NAME, Query, Store
 METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
 MAX_SERIES_PER_DEVICE = 32  # model × strategy series of one device searched per pass (the most recently seen)
 HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False, "j_per_token": True}
+HOUR_US = 3600 * 10**6
+DAY_US = 24 * HOUR_US
 
 
 @dataclass(frozen=True)
 class Settings:
-    window: int = 400  # latest successful requests of a series examined
+    window: int = 4000  # successful requests of a series examined at most (those that ran last)
+    window_s: float = 14 * 86400.0  # … within this long of event time before the series' newest request
     min_segment: int = 20  # requests on each side of a change, at least
+    min_duration_s: float = 4 * 3600.0  # event time after a change, at least (a quarter of a shorter series' span)
+    max_burst_s: float = 3 * 3600.0  # an excursion that returned within this long is a burst, not a step
+    bucket_requests: int = 5  # a clock hour with more requests is split into chunks of at most this many
     # false-alarm bound per series and metric: a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per
     # search, so about 0.024 false alarms per search across the whole fleet at most
     alpha: float = 1e-5
-    min_change: float = 0.15  # relative change of the median that counts
+    min_change: float = 0.15  # relative change of the deseasonalised median that counts
     # requests whose device said other work contended with them (ext.interference) are left out unless this is set
     # ([fleet] regression_include_contended, --include-contended, ?include_contended=1): a busy device's slowdown is
     # not the series' regression
     include_contended: bool = False
+
+
+def method_text(settings: Settings) -> str:
+    """How the search works, in one line (for the API's ``method``)."""
+    return (
+        "maximally selected Mann–Whitney statistic over hourly medians of deseasonalised log values, read by event "
+        f"time (last {settings.window_s / 86400:g} days, at most {settings.window} requests per series), "
+        f"p < {settings.alpha:g} (Miller–Siegmund), median change ≥ {settings.min_change:.0%}, lasting "
+        f"≥ {settings.min_duration_s / 3600:g} h, bursts ≤ {settings.max_burst_s / 3600:g} h left out"
+        + ("" if settings.include_contended else ", contended requests left out")
+    )
 
 
 @dataclass(frozen=True)
@@ -61,7 +101,12 @@ class ChangePoint:
     index: int  # the first value after the change
     before_median: float
     after_median: float
-    p_value: float  # Pettitt's approximation
+    p_value: float  # Miller and Siegmund's approximation for the maximally selected statistic
+    buckets: int = 0  # values the test compared (hourly buckets; or the values themselves without times)
+    seasonal: str = "none"  # what was removed before testing
+    bursts_removed: int = 0  # buckets left out as short bursts
+    statistic: float = 0.0  # max |Z_k|
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def change(self) -> float:
@@ -77,45 +122,233 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     # boundaries of runs of equal values
     starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
     ends = np.r_[starts[1:], len(values)]
+    if len(starts) == len(values):  # no ties: the common case
+        ranks[order] = np.arange(1, len(values) + 1, dtype=np.float64)
+        return ranks
     for start, end in zip(starts, ends, strict=True):
         ranks[order[start:end]] = (start + end + 1) / 2.0  # mean of ranks start+1 … end
     return ranks
 
 
-def change_point(values: Sequence[float], settings: Settings = Settings()) -> ChangePoint | None:
-    """The most likely single change in ``values`` (time order), or None when there is none worth reporting."""
-    x = np.asarray(values, dtype=np.float64)
-    n = len(x)
-    m = settings.min_segment
-    if n < 2 * m:
-        return None
-    ranks = _ranks(x)
-    k = np.arange(1, n)  # values before the split
-    u = 2.0 * np.cumsum(ranks)[:-1] - k * (n + 1.0)
-    best = int(np.argmax(np.abs(u)))
-    peak = float(abs(u[best]))
-    p = min(1.0, 2.0 * math.exp(-6.0 * peak * peak / (float(n) ** 3 + float(n) ** 2)))
-    if p >= settings.alpha:
-        return None
-    i = _locate(x, m)
-    before, after = float(np.median(x[:i])), float(np.median(x[i:]))
-    if before <= 0 or abs(after - before) / before < settings.min_change:
-        return None
-    return ChangePoint(index=i, before_median=before, after_median=after, p_value=min(1.0, p))
+def _scan_p(b: float, t0: float, t1: float) -> float:
+    """Miller and Siegmund's (1982) approximation of P(max |Z_k| ≥ b) over splits spanning [t0, t1] of the values
+    (a standardized Brownian bridge), the same as the R package maxstat's for maximally selected rank statistics."""
+    if b <= 1.0:
+        return 1.0
+    phi = math.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+    span = math.log(t1 * (1 - t0) / (t0 * (1 - t1))) if 0 < t0 < t1 < 1 else 0.0
+    return min(1.0, phi * (b - 1 / b) * span + 4 * phi / b)
 
 
-def _locate(x: np.ndarray, m: int) -> int:
-    """Where the change is, once it is known there is one: the split (each side at least ``m`` long) that makes
-    two constant-median segments fit best, by the sum of absolute deviations from each side's median. Pettitt's own
-    argmax is biased when the change is far from the middle (values of the longer side near the other side's
-    level pull it a few places away); this least-absolute-deviation fit is not, and is as robust to outliers."""
-    best, best_cost = m, math.inf
-    for i in range(m, len(x) - m + 1):
+def _bucket(times: np.ndarray, per_bucket: int) -> np.ndarray:
+    """Each value's bucket number: consecutive values of one clock hour, busier hours cut into equal chunks of at
+    most ``per_bucket`` values (``times`` sorted)."""
+    hours = times // HOUR_US
+    starts = np.flatnonzero(np.r_[True, hours[1:] != hours[:-1]])
+    ends = np.r_[starts[1:], len(times)]
+    ids = np.empty(len(times), dtype=np.int64)
+    next_id = 0
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        count = end - start
+        chunks = -(-count // per_bucket)
+        ids[start:end] = next_id + (np.arange(count) * chunks) // count
+        next_id += chunks
+    return ids
+
+
+def _seasons(times: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, str]:
+    """The seasonal part of each bucket value (bucket start ``times``) and what it models (see the module text)."""
+    n = len(values)
+    span = float(times[-1] - times[0]) if n else 0.0
+    if span < 3 * DAY_US:
+        return np.zeros(n), "none (less than 3 days of history)"
+    days = times // DAY_US
+    level = np.empty(n)
+    for day in np.unique(days).tolist():  # the slow level: the median of the 7 days around each day
+        near = (days >= day - 3) & (days <= day + 3)
+        level[days == day] = np.median(values[near])
+    rest = values - level
+    hours = (times // HOUR_US) % 24
+    weekend = ((days + 3) % 7) >= 5  # 1970-01-01 was a Thursday; Saturday and Sunday (UTC)
+    season = np.zeros(n)
+    parts = []
+    by_hour = np.zeros(24)
+    for hour in range(24):
+        sel = rest[hours == hour]
+        if len(sel) >= 3:
+            by_hour[hour] = np.median(sel)
+    if np.any(by_hour):
+        parts.append("hour of day")
+    season += by_hour[hours]
+    rest = rest - by_hour[hours]
+    by_day = np.zeros(2)
+    for kind in (0, 1):
+        sel = rest[weekend == bool(kind)]
+        if len(sel) >= 12:
+            by_day[kind] = np.median(sel)
+    if len(np.unique(weekend)) == 2 and np.any(by_day):
+        parts.append("weekday/weekend")
+    season += by_day[weekend.astype(np.int64)]
+    rest = rest - by_day[weekend.astype(np.int64)]
+    cells = hours + 24 * weekend
+    both = np.zeros(48)
+    counts = np.bincount(cells, minlength=48)
+    for cell in np.flatnonzero(counts >= 3).tolist():
+        both[cell] = np.median(rest[cells == cell])
+    if np.any(both):
+        parts.append("hour of weekday and of weekend day")
+    season += both[cells]
+    return season, ", ".join(parts) or "none (no pattern)"
+
+
+def _bursts(times: np.ndarray, values: np.ndarray, max_burst_us: float) -> np.ndarray:
+    """Which buckets belong to a short burst (see the module text): True to leave out."""
+    n = len(values)
+    out = np.zeros(n, dtype=bool)
+    if n < 8:
+        return out
+    lo = np.searchsorted(times, times - 6 * HOUR_US, side="left")
+    hi = np.searchsorted(times, times + 6 * HOUR_US, side="right")
+    level = np.array([np.median(values[a:b]) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)])
+    deviation = values - level
+    scale = 1.4826 * float(np.median(np.abs(deviation)))
+    if scale <= 0:
+        return out
+    flagged = np.abs(deviation) > 4 * scale
+    i = 0
+    while i < n:
+        if not flagged[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < n and flagged[j + 1] and np.sign(deviation[j + 1]) == np.sign(deviation[i]):
+            j += 1
+        inside = i > 0 and j < n - 1  # ordinary buckets on both sides
+        if inside and times[j] - times[i] <= max_burst_us:
+            out[i : j + 1] = True
+        i = j + 1
+    return out
+
+
+def _lad_split(x: np.ndarray, lo: int, hi: int) -> int:
+    """The split in [lo, hi] that fits two constant medians best (sum of absolute deviations)."""
+    best, best_cost = lo, math.inf
+    for i in range(lo, hi + 1):
         before, after = x[:i], x[i:]
         cost = float(np.abs(before - np.median(before)).sum() + np.abs(after - np.median(after)).sum())
         if cost < best_cost:
             best, best_cost = i, cost
     return best
+
+
+def change_point(
+    values: Sequence[float], settings: Settings = Settings(), times_us: Sequence[int] | None = None
+) -> ChangePoint | None:
+    """The most likely single change in ``values`` (positive, in time order), or None when there is none worth
+    reporting. With ``times_us`` (when each ran, sorted) the values are bucketed by hour, deseasonalised, cleared of
+    bursts and held to ``min_duration_s``; without, each value is tested on its own (no seasons, no durations)."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    m = settings.min_segment
+    if n < 2 * m or not np.all(x > 0):
+        return None
+    logs = np.log(x)
+    if times_us is None:
+        ids = np.arange(n)
+        times = np.arange(n, dtype=np.int64)
+        seasonal, min_after_us, max_burst_us = "none (no times)", 0.0, 0.0
+    else:
+        times = np.asarray(times_us, dtype=np.int64)
+        # a short series keeps about 120 buckets: chunks of fewer requests (down to one) when it has fewer than
+        # 120 × bucket_requests
+        ids = _bucket(times, min(settings.bucket_requests, max(1, n // 120)))
+        span = float(times[-1] - times[0])
+        min_after_us = min(settings.min_duration_s * 1e6, span / 4)
+        max_burst_us = settings.max_burst_s * 1e6
+    nb = int(ids[-1]) + 1
+    first = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # each bucket's first value
+    ends = np.r_[first[1:], n]
+    btimes = times[first]
+    if times_us is None:
+        bvals = logs.copy()
+        season_of_value = np.zeros(n)
+    else:
+        bvals = np.array([np.median(logs[a:b]) for a, b in zip(first.tolist(), ends.tolist(), strict=True)])
+        season, seasonal = _seasons(btimes, bvals)
+        bvals = bvals - season
+        season_of_value = season[ids]
+    resid = logs - season_of_value  # deseasonalised log values, one per request
+    burst = _bursts(btimes, bvals, max_burst_us) if times_us is not None else np.zeros(nb, dtype=bool)
+    keep = np.flatnonzero(~burst)
+    kv, kt = bvals[keep], btimes[keep]
+    kn = len(kv)
+    if kn < 4:
+        return None
+    # counts of requests before each kept bucket, for the min_segment rule
+    requests_before = first[keep]
+    end_time = int(times[-1])
+    start_time = int(times[0])
+    splits = np.arange(1, kn)
+    ok = (requests_before[splits] >= m) & (n - requests_before[splits] >= m)
+    if times_us is not None:
+        ok &= (end_time - kt[splits] >= min_after_us) & (kt[splits] - start_time >= min_after_us)
+    candidates = splits[ok]
+    if len(candidates) == 0:
+        return None
+    ranks = _ranks(kv)
+    k = candidates.astype(np.float64)
+    u = 2.0 * np.cumsum(ranks)[candidates - 1] - k * (kn + 1.0)
+    z = np.abs(u) / np.sqrt(k * (kn - k) * (kn + 1.0) / 3.0)
+    best = int(np.argmax(z))
+    b = float(z[best])
+    t0, t1 = float(candidates[0]) / kn, float(candidates[-1]) / kn
+    if t0 == t1:
+        t0, t1 = max(t0 - 0.5 / kn, 0.5 / kn), min(t1 + 0.5 / kn, 1 - 0.5 / kn)
+    p = _scan_p(b, t0, t1)
+    if p >= settings.alpha:
+        return None
+    # where: least absolute deviations over the kept buckets near the best split, then over the requests of the
+    # two buckets at the boundary
+    reach = max(3, kn // 20)
+    lo = int(candidates[max(0, best - reach)])
+    hi = int(candidates[min(len(candidates) - 1, best + reach)])
+    split = _lad_split(kv, lo, hi)
+    mb, ma = float(np.median(kv[:split])), float(np.median(kv[split:]))
+    a = int(first[keep[split - 1]])
+    z_end = int(ends[keep[split]])
+    near = resid[a:z_end]
+    cost_before = np.r_[0.0, np.cumsum(np.abs(near - mb))]
+    cost_after = np.r_[np.cumsum(np.abs(near - ma)[::-1])[::-1], 0.0]
+    index = a + int(np.argmin(cost_before + cost_after))
+    index = min(max(index, m), n - m)
+    # how large: the deseasonalised requests on either side (bursts left out)
+    kept_value = ~burst[ids]
+    before_side, after_side = resid[:index][kept_value[:index]], resid[index:][kept_value[index:]]
+    if len(before_side) < m or len(after_side) < m:
+        return None
+    if times_us is not None and end_time - int(times[index]) < min_after_us:
+        return None
+    lb, la = float(np.median(before_side)), float(np.median(after_side))
+    before, after = math.exp(lb), math.exp(la)
+    if abs(after - before) / before < settings.min_change:
+        return None
+    half = len(after_side) // 2  # it persists: both halves of the after side moved, the same way
+    if half:
+        floor = math.log1p(settings.min_change / 2) if la > lb else -math.log1p(settings.min_change / 2)
+        for part in (after_side[:half], after_side[half:]):
+            moved = float(np.median(part)) - lb
+            if (moved < floor) if la > lb else (moved > floor):
+                return None
+    return ChangePoint(
+        index=index,
+        before_median=before,
+        after_median=after,
+        p_value=p,
+        buckets=kn,
+        seasonal=seasonal,
+        bursts_removed=int(burst.sum()),
+        statistic=b,
+    )
 
 
 def _metric(row: dict[str, Any], metric: str) -> float | None:
@@ -135,27 +368,36 @@ def _number(value: Any) -> float | None:
     return float(value) if type(value) in (int, float) and math.isfinite(value) else None
 
 
+def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """A series' successful requests the search examines: those that ran within ``window_s`` before its newest
+    request (event time), at most ``window`` of them, in the order they ran (contended ones included)."""
+    query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
+    rows = [
+        dict(zip(_COLUMNS, values, strict=True))
+        for values in store.latest_columns(query, _COLUMNS, settings.window, by_event=True)
+        if values[1]
+    ]
+    rows = [r for r in rows if type(r["started_us"]) is int]
+    if rows:
+        cutoff = rows[-1]["started_us"] - int(settings.window_s * 1e6)
+        rows = [r for r in rows if r["started_us"] >= cutoff]
+    return rows
+
+
 def find_regressions(
     store: Store, settings: Settings = Settings(), excluded: dict[str, int] | None = None
 ) -> list[dict[str, Any]]:
     """Every series' change points (regressions and improvements), worst regressions first. Contended requests
-    are left out unless ``settings.include_contended``; each finding says how many of its series' latest
-    ``window`` successful requests were (``contended_excluded``), and ``excluded["contended"]`` (when given) adds up
-    those of every series searched."""
+    are left out unless ``settings.include_contended``; each finding says how many of its series' examined
+    successful requests were (``contended_excluded``), and ``excluded["contended"]`` (when given) adds up those of
+    every series searched."""
     found = []
     # bounded by construction: a device that sent thousands of model names costs MAX_SERIES_PER_DEVICE searches
     entries, _ = bound_series(store.series(), MAX_SERIES_PER_DEVICE)
     for entry in entries:
         if entry["kind"] != "inference":
             continue
-        query = Query(
-            device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"]
-        )
-        rows = [
-            dict(zip(_COLUMNS, values, strict=True))
-            for values in store.latest_columns(query, _COLUMNS, settings.window)
-            if values[1]
-        ]
+        rows = read_series(store, entry, settings)
         left_out = 0
         if not settings.include_contended:
             kept = [r for r in rows if not r["contended"]]
@@ -164,8 +406,10 @@ def find_regressions(
         if excluded is not None:
             excluded["contended"] = excluded.get("contended", 0) + left_out
         for metric in METRICS:
-            points = [(r, v) for r in rows if (v := _metric(r, metric)) is not None]
-            cp = change_point([v for _, v in points], settings)
+            points = [(r, v) for r in rows if (v := _metric(r, metric)) is not None and v > 0]
+            if len(points) < 2 * settings.min_segment:
+                continue
+            cp = change_point([v for _, v in points], settings, [r["started_us"] for r, _ in points])
             if cp is None:
                 continue
             worse = (cp.change > 0) == HIGHER_IS_WORSE[metric]
@@ -192,6 +436,17 @@ def find_regressions(
                     "engine_before": engines[0],
                     "engine_after": engines[1],
                     "contended_excluded": left_out,
+                    "evidence": {
+                        "before_from_us": points[0][0]["started_us"],
+                        "after_until_us": points[-1][0]["started_us"],
+                        "n": len(points),
+                        "buckets": cp.buckets,
+                        "method": method_text(settings),
+                        "seasonal": cp.seasonal,
+                        "bursts_removed": cp.bursts_removed,
+                        "statistic": round(cp.statistic, 3),
+                    },
+                    "confidence": 1.0 - cp.p_value,
                 }
             )
     found.sort(key=lambda f: (f["kind"] != "regression", -abs(f["change"])))
