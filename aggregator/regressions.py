@@ -34,8 +34,10 @@ the log of each value is ``level(t) + season(hour of day, weekday or weekend) + 
    the best ``Z_k``, then the requests of the two buckets at the boundary); the change is the ratio of the medians
    of the deseasonalised log values of the requests after and before, so a ×1.15 step is reported as about +15 %.
 
-It is reported when ``p`` is below ``alpha`` (1e-5 per series and metric), the deseasonalised medians differ by at
-least ``min_change`` (relative), each side holds ``min_segment`` requests and, after the change, at least
+It is reported when ``p`` is below ``alpha`` (1e-5 per series and metric), the deseasonalised medians differ by
+``min_change`` (relative) or more — within the 95 % interval of the difference (1.96 standard errors of a
+difference of medians, from the buckets' spread), so a step of exactly ``min_change`` is not missed half of the
+time for being estimated a little below it — each side holds ``min_segment`` requests and, after the change, at least
 ``min_duration_s`` of event time (4 h; for a series shorter than 16 h, a quarter of its span — a benchmark run),
 and the change persists: both halves of the after side differ from the before side by at least half of
 ``min_change``, in the same direction. A burst that has not ended yet is therefore no step until it has lasted
@@ -116,18 +118,27 @@ class ChangePoint:
 
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1…n, ties sharing their mean rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    # boundaries of runs of equal values
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    if len(starts) == len(values):  # no ties: the common case
-        ranks[order] = np.arange(1, len(values) + 1, dtype=np.float64)
-        return ranks
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = (start + end + 1) / 2.0  # mean of ranks start+1 … end
-    return ranks
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts  # values below each distinct value
+    return (starts + (counts + 1) / 2.0)[inverse.ravel()]
+
+
+def _group_medians(values: np.ndarray, groups: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(median, count) of the values of each group 0…size−1 (median 0 where a group is empty), in one sort."""
+    counts = np.bincount(groups, minlength=size)
+    ordered = values[np.lexsort((values, groups))]
+    first = np.cumsum(counts) - counts
+    last = np.maximum(counts - 1, 0)
+    medians = np.where(
+        counts > 0,
+        (
+            ordered[np.minimum(first + last // 2, len(values) - 1)]
+            + ordered[np.minimum(first + counts // 2, len(values) - 1)]
+        )
+        / 2.0,
+        0.0,
+    )
+    return medians, counts
 
 
 def _scan_p(b: float, t0: float, t1: float) -> float:
@@ -170,34 +181,26 @@ def _seasons(times: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, str]:
     rest = values - level
     hours = (times // HOUR_US) % 24
     weekend = ((days + 3) % 7) >= 5  # 1970-01-01 was a Thursday; Saturday and Sunday (UTC)
-    season = np.zeros(n)
+    day_kind = weekend.astype(np.int64)
     parts = []
-    by_hour = np.zeros(24)
-    for hour in range(24):
-        sel = rest[hours == hour]
-        if len(sel) >= 3:
-            by_hour[hour] = np.median(sel)
+    medians, counts = _group_medians(rest, hours, 24)
+    by_hour = np.where(counts >= 3, medians, 0.0)  # each hour of day needs 3 buckets
     if np.any(by_hour):
         parts.append("hour of day")
-    season += by_hour[hours]
-    rest = rest - by_hour[hours]
-    by_day = np.zeros(2)
-    for kind in (0, 1):
-        sel = rest[weekend == bool(kind)]
-        if len(sel) >= 12:
-            by_day[kind] = np.median(sel)
-    if len(np.unique(weekend)) == 2 and np.any(by_day):
+    season = by_hour[hours]
+    rest = rest - season
+    medians, counts = _group_medians(rest, day_kind, 2)
+    by_day = np.where(counts >= 12, medians, 0.0)  # weekdays, weekend days: 12 buckets each
+    if counts.min() > 0 and np.any(by_day):
         parts.append("weekday/weekend")
-    season += by_day[weekend.astype(np.int64)]
-    rest = rest - by_day[weekend.astype(np.int64)]
-    cells = hours + 24 * weekend
-    both = np.zeros(48)
-    counts = np.bincount(cells, minlength=48)
-    for cell in np.flatnonzero(counts >= 3).tolist():
-        both[cell] = np.median(rest[cells == cell])
+    season = season + by_day[day_kind]
+    rest = rest - by_day[day_kind]
+    cells = hours + 24 * day_kind
+    medians, counts = _group_medians(rest, cells, 48)
+    both = np.where(counts >= 3, medians, 0.0)  # each hour of a weekday or of a weekend day: 3 buckets
     if np.any(both):
         parts.append("hour of weekday and of weekend day")
-    season += both[cells]
+    season = season + both[cells]
     return season, ", ".join(parts) or "none (no pattern)"
 
 
@@ -207,27 +210,35 @@ def _bursts(times: np.ndarray, values: np.ndarray, max_burst_us: float) -> np.nd
     out = np.zeros(n, dtype=bool)
     if n < 8:
         return out
-    lo = np.searchsorted(times, times - 6 * HOUR_US, side="left")
-    hi = np.searchsorted(times, times + 6 * HOUR_US, side="right")
-    level = np.array([np.median(values[a:b]) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)])
+    # the level around each bucket: the median of the buckets within ±6 h (as many on each side as the series'
+    # typical spacing puts there)
+    spacing = float(np.median(np.diff(times))) or 1.0
+    reach = int(min(max(3, round(6 * HOUR_US / spacing)), n // 2))
+    padded = np.r_[np.full(reach, np.nan), values, np.full(reach, np.nan)]
+    level = np.nanmedian(np.lib.stride_tricks.sliding_window_view(padded, 2 * reach + 1), axis=1)
     deviation = values - level
     scale = 1.4826 * float(np.median(np.abs(deviation)))
     if scale <= 0:
         return out
     flagged = np.abs(deviation) > 4 * scale
     i = 0
-    while i < n:
-        if not flagged[i]:
-            i += 1
-            continue
+    for i in np.flatnonzero(flagged).tolist():
+        if out[i] or (i > 0 and flagged[i - 1]):
+            continue  # inside a run already judged
         j = i
         while j + 1 < n and flagged[j + 1] and np.sign(deviation[j + 1]) == np.sign(deviation[i]):
             j += 1
         inside = i > 0 and j < n - 1  # ordinary buckets on both sides
         if inside and times[j] - times[i] <= max_burst_us:
             out[i : j + 1] = True
-        i = j + 1
     return out
+
+
+def _medians(values: np.ndarray, ids: np.ndarray, first: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The median of each bucket's values (``ids`` sorted, bucket b at ``first[b]:ends[b]``), in one sort."""
+    ordered = values[np.lexsort((values, ids))]
+    counts = ends - first
+    return (ordered[first + (counts - 1) // 2] + ordered[first + counts // 2]) / 2.0
 
 
 def _lad_split(x: np.ndarray, lo: int, hi: int) -> int:
@@ -241,57 +252,47 @@ def _lad_split(x: np.ndarray, lo: int, hi: int) -> int:
     return best
 
 
-def change_point(
-    values: Sequence[float], settings: Settings = Settings(), times_us: Sequence[int] | None = None
-) -> ChangePoint | None:
-    """The most likely single change in ``values`` (positive, in time order), or None when there is none worth
-    reporting. With ``times_us`` (when each ran, sorted) the values are bucketed by hour, deseasonalised, cleared of
-    bursts and held to ``min_duration_s``; without, each value is tested on its own (no seasons, no durations)."""
-    x = np.asarray(values, dtype=np.float64)
-    n = len(x)
-    m = settings.min_segment
-    if n < 2 * m or not np.all(x > 0):
-        return None
-    logs = np.log(x)
-    if times_us is None:
-        ids = np.arange(n)
-        times = np.arange(n, dtype=np.int64)
-        seasonal, min_after_us, max_burst_us = "none (no times)", 0.0, 0.0
-    else:
-        times = np.asarray(times_us, dtype=np.int64)
-        # a short series keeps about 120 buckets: chunks of fewer requests (down to one) when it has fewer than
-        # 120 × bucket_requests
-        ids = _bucket(times, min(settings.bucket_requests, max(1, n // 120)))
-        span = float(times[-1] - times[0])
-        min_after_us = min(settings.min_duration_s * 1e6, span / 4)
-        max_burst_us = settings.max_burst_s * 1e6
-    nb = int(ids[-1]) + 1
-    first = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # each bucket's first value
-    ends = np.r_[first[1:], n]
-    btimes = times[first]
-    if times_us is None:
-        bvals = logs.copy()
-        season_of_value = np.zeros(n)
-    else:
-        bvals = np.array([np.median(logs[a:b]) for a, b in zip(first.tolist(), ends.tolist(), strict=True)])
-        season, seasonal = _seasons(btimes, bvals)
-        bvals = bvals - season
-        season_of_value = season[ids]
-    resid = logs - season_of_value  # deseasonalised log values, one per request
-    burst = _bursts(btimes, bvals, max_burst_us) if times_us is not None else np.zeros(nb, dtype=bool)
+@dataclass
+class _Pass:
+    """One test over the buckets deseasonalised one way (see :func:`change_point`)."""
+
+    p: float
+    statistic: float
+    resid: np.ndarray  # deseasonalised log value of each request
+    kept: np.ndarray  # values of the buckets tested (bursts left out)
+    keep: np.ndarray  # their bucket numbers
+    burst: np.ndarray  # per bucket: left out as a burst
+    split: int  # first kept bucket after the change
+    index: int  # first request after the change
+
+
+def _test(
+    logs: np.ndarray,
+    ids: np.ndarray,
+    first: np.ndarray,
+    ends: np.ndarray,
+    btimes: np.ndarray,
+    bvals: np.ndarray,
+    season: np.ndarray,
+    settings: Settings,
+    timed: bool,
+) -> _Pass | None:
+    n, m = len(logs), settings.min_segment
+    values = bvals - season
+    resid = logs - season[ids]
+    span = float(btimes[-1] - btimes[0])
+    min_after_us = min(settings.min_duration_s * 1e6, span / 4) if timed else 0.0
+    burst = _bursts(btimes, values, settings.max_burst_s * 1e6) if timed else np.zeros(len(values), dtype=bool)
     keep = np.flatnonzero(~burst)
-    kv, kt = bvals[keep], btimes[keep]
+    kv, kt = values[keep], btimes[keep]
     kn = len(kv)
     if kn < 4:
         return None
-    # counts of requests before each kept bucket, for the min_segment rule
-    requests_before = first[keep]
-    end_time = int(times[-1])
-    start_time = int(times[0])
+    requests_before = first[keep]  # requests before each kept bucket, for the min_segment rule
     splits = np.arange(1, kn)
     ok = (requests_before[splits] >= m) & (n - requests_before[splits] >= m)
-    if times_us is not None:
-        ok &= (end_time - kt[splits] >= min_after_us) & (kt[splits] - start_time >= min_after_us)
+    if timed:
+        ok &= (btimes[-1] - kt[splits] >= min_after_us) & (kt[splits] - btimes[0] >= min_after_us)
     candidates = splits[ok]
     if len(candidates) == 0:
         return None
@@ -305,32 +306,81 @@ def change_point(
     if t0 == t1:
         t0, t1 = max(t0 - 0.5 / kn, 0.5 / kn), min(t1 + 0.5 / kn, 1 - 0.5 / kn)
     p = _scan_p(b, t0, t1)
-    if p >= settings.alpha:
-        return None
     # where: least absolute deviations over the kept buckets near the best split, then over the requests of the
     # two buckets at the boundary
-    reach = max(3, kn // 20)
+    reach = min(12, max(3, kn // 20))
     lo = int(candidates[max(0, best - reach)])
     hi = int(candidates[min(len(candidates) - 1, best + reach)])
     split = _lad_split(kv, lo, hi)
     mb, ma = float(np.median(kv[:split])), float(np.median(kv[split:]))
-    a = int(first[keep[split - 1]])
-    z_end = int(ends[keep[split]])
-    near = resid[a:z_end]
+    start, end = int(first[keep[split - 1]]), int(ends[keep[split]])
+    near = resid[start:end]
     cost_before = np.r_[0.0, np.cumsum(np.abs(near - mb))]
     cost_after = np.r_[np.cumsum(np.abs(near - ma)[::-1])[::-1], 0.0]
-    index = a + int(np.argmin(cost_before + cost_after))
-    index = min(max(index, m), n - m)
+    index = min(max(start + int(np.argmin(cost_before + cost_after)), m), n - m)
+    return _Pass(p, b, resid, kv, keep, burst, split, index)
+
+
+def change_point(
+    values: Sequence[float] | np.ndarray,
+    settings: Settings = Settings(),
+    times_us: Sequence[int] | np.ndarray | None = None,
+) -> ChangePoint | None:
+    """The most likely single change in ``values`` (positive, in time order), or None when there is none worth
+    reporting. With ``times_us`` (when each ran, sorted) the values are bucketed by hour, deseasonalised, cleared of
+    bursts and held to ``min_duration_s``; without, each value is tested on its own (no seasons, no durations)."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    m = settings.min_segment
+    if n < 2 * m or not np.all(x > 0):
+        return None
+    logs = np.log(x)
+    timed = times_us is not None
+    if times_us is None:
+        ids = np.arange(n)
+        times = np.arange(n, dtype=np.int64)
+    else:
+        times = np.asarray(times_us, dtype=np.int64)
+        # a short series keeps about 120 buckets: chunks of fewer requests (down to one) when it has fewer than
+        # 120 × bucket_requests
+        ids = _bucket(times, min(settings.bucket_requests, max(1, n // 120)))
+    first = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # each bucket's first value
+    ends = np.r_[first[1:], n]
+    btimes = times[first]
+    bvals = _medians(logs, ids, first, ends) if timed else logs
+    season, seasonal = (np.zeros(len(bvals)), "none (no times)")
+    if timed:
+        season, seasonal = _seasons(btimes, bvals)
+    found = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
+    if found is not None and timed and found.p < 0.01 and np.any(season):
+        # a step inside the window is partly absorbed by the profile (its hours and day kind have more values
+        # after it): estimate the profile again with the step taken out of the buckets after it, then test again
+        shift = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
+        after = np.arange(len(bvals)) >= found.keep[found.split]
+        season, seasonal = _seasons(btimes, bvals - shift * after)
+        seasonal += " (estimated again with the step taken out)"
+        found = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
+    if found is None or found.p >= settings.alpha:
+        return None
+    index, resid, burst, kv, split = found.index, found.resid, found.burst, found.kept, found.split
     # how large: the deseasonalised requests on either side (bursts left out)
     kept_value = ~burst[ids]
     before_side, after_side = resid[:index][kept_value[:index]], resid[index:][kept_value[index:]]
     if len(before_side) < m or len(after_side) < m:
         return None
-    if times_us is not None and end_time - int(times[index]) < min_after_us:
+    if timed and times[-1] - times[index] < min(settings.min_duration_s * 1e6, float(times[-1] - times[0]) / 4):
         return None
     lb, la = float(np.median(before_side)), float(np.median(after_side))
     before, after = math.exp(lb), math.exp(la)
-    if abs(after - before) / before < settings.min_change:
+    # large enough: the change's 95 % interval reaches min_change (a step of exactly min_change is estimated
+    # below it half of the time); the standard error of the difference of the two sides' medians, from the
+    # buckets' spread around their side's median
+    bb, ba = kv[:split], kv[split:]
+    spread = 1.4826 * float(np.median(np.abs(np.r_[bb - np.median(bb), ba - np.median(ba)])))
+    error = 1.2533 * spread * math.sqrt(1 / len(bb) + 1 / len(ba))
+    up = math.log1p(settings.min_change)
+    down = math.log1p(-settings.min_change) if settings.min_change < 1 else -math.inf
+    if down + 1.96 * error < la - lb < up - 1.96 * error:
         return None
     half = len(after_side) // 2  # it persists: both halves of the after side moved, the same way
     if half:
@@ -343,11 +393,11 @@ def change_point(
         index=index,
         before_median=before,
         after_median=after,
-        p_value=p,
-        buckets=kn,
+        p_value=found.p,
+        buckets=len(kv),
         seasonal=seasonal,
         bursts_removed=int(burst.sum()),
-        statistic=b,
+        statistic=found.statistic,
     )
 
 
