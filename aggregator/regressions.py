@@ -20,8 +20,10 @@ the log of each value is ``level(t) + season(hour of day, weekday or weekend) + 
    weekday/weekend (12 buckets), then per hour of a weekday or of a weekend day (3 buckets). With less history
    nothing is removed, and the finding's ``evidence["seasonal"]`` says which of these were.
 3. Bursts: a run of buckets more than 4 robust deviations (MAD) away from the median of the 12 hours around it,
-   lasting at most ``max_burst_s`` (3 h: a thermal burst, a stall) with ordinary buckets on both sides, is left out
-   of the test and counted (``bursts_removed``). A run at either end of the window is kept: it may be a step.
+   lasting at most ``max_burst_s`` (3 h: a thermal burst, a stall), with ordinary buckets on both sides at about the
+   same level (the 6 hours before and after it differ by less than half the run's excursion), is left out of the
+   test and counted (``bursts_removed``). A run at either end of the window, or between two levels, is kept: it may
+   be a step.
 4. The test: the standardized Mann–Whitney statistic of the buckets before each split against those after,
    ``Z_k = (2·W_k − k(n + 1)) / √(k(n − k)(n + 1)/3)`` with ``W_k`` the rank sum of the first ``k`` buckets (ranked
    once, cumulated), maximised over the splits that leave ``min_duration_s`` of event time on each side. Its
@@ -167,8 +169,10 @@ def _bucket(times: np.ndarray, per_bucket: int) -> np.ndarray:
     return ids
 
 
-def _seasons(times: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, str]:
-    """The seasonal part of each bucket value (bucket start ``times``) and what it models (see the module text)."""
+def _seasons(times: np.ndarray, values: np.ndarray, detail: bool = True) -> tuple[np.ndarray, str]:
+    """The seasonal part of each bucket value (bucket start ``times``) and what it models (see the module text);
+    ``detail=False`` leaves out the hour of a weekday or weekend day (48 cells of a few values each, which a step
+    inside the window moves most)."""
     n = len(values)
     span = float(times[-1] - times[0]) if n else 0.0
     if span < 3 * DAY_US:
@@ -195,6 +199,8 @@ def _seasons(times: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, str]:
         parts.append("weekday/weekend")
     season = season + by_day[day_kind]
     rest = rest - by_day[day_kind]
+    if not detail:
+        return season, ", ".join(parts) or "none (no pattern)"
     cells = hours + 24 * day_kind
     medians, counts = _group_medians(rest, cells, 48)
     both = np.where(counts >= 3, medians, 0.0)  # each hour of a weekday or of a weekend day: 3 buckets
@@ -230,7 +236,11 @@ def _bursts(times: np.ndarray, values: np.ndarray, max_burst_us: float) -> np.nd
             j += 1
         inside = i > 0 and j < n - 1  # ordinary buckets on both sides
         if inside and times[j] - times[i] <= max_burst_us:
-            out[i : j + 1] = True
+            # … at the same level on both sides: a series that came back, not the edge of a step
+            before = float(np.median(values[max(0, i - reach) : i]))
+            after = float(np.median(values[j + 1 : j + 1 + reach]))
+            if abs(after - before) < 0.5 * abs(float(np.median(values[i : j + 1])) - before):
+                out[i : j + 1] = True
     return out
 
 
@@ -349,17 +359,26 @@ def change_point(
     btimes = times[first]
     bvals = _medians(logs, ids, first, ends) if timed else logs
     season, seasonal = (np.zeros(len(bvals)), "none (no times)")
-    if timed:
-        season, seasonal = _seasons(btimes, bvals)
+    if timed:  # first the coarse profile, which a step absorbs least, to find where a step is
+        season, seasonal = _seasons(btimes, bvals, detail=False)
     found = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
     if found is not None and timed and found.p < 0.01 and np.any(season):
         # a step inside the window is partly absorbed by the profile (its hours and day kind have more values
-        # after it): estimate the profile again with the step taken out of the buckets after it, then test again
-        shift = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
-        after = np.arange(len(bvals)) >= found.keep[found.split]
-        season, seasonal = _seasons(btimes, bvals - shift * after)
-        seasonal += " (estimated again with the step taken out)"
-        found = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
+        # after it): estimate the full profile with the step measured so far taken out of the buckets after it,
+        # and test again, until the step measured is the step taken out
+        estimated = _seasons(btimes, bvals)[1]
+        for _ in range(4):
+            split = found.keep[found.split]
+            shift = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
+            season, seasonal = _seasons(btimes, bvals - shift * (np.arange(len(bvals)) >= split))
+            again = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
+            if again is None:
+                break
+            found = again
+            moved = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
+            if abs(moved - shift) < 0.005:
+                break
+        seasonal = estimated + " (estimated again with the step taken out)"
     if found is None or found.p >= settings.alpha:
         return None
     index, resid, burst, kv, split = found.index, found.resid, found.burst, found.kept, found.split

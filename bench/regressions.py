@@ -34,11 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.app import _row
 from aggregator.regressions import Settings, change_point, find_regressions
 from aggregator.store import SQLiteStore
-from lens_core import wire
-from tests.seasonal_fleet import DAY_US, HOUR_US, START, SeasonalFleet, Step, seasonal_fleet
+from tests.seasonal_fleet import DAY_US, HOUR_US, START, SeasonalFleet, Step, fill, seasonal_fleet
 
 START_US = int(START.timestamp() * 1e6)
 METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second")
@@ -181,12 +179,7 @@ def store_cost(devices: int) -> None:
     fleet = seasonal_fleet(devices, 28.0, seed=7)
     with tempfile.TemporaryDirectory() as tmp:
         store = SQLiteStore(Path(tmp) / "agg.db", synchronous="OFF")
-        for device in fleet.series:
-            rows = []
-            for record in fleet.records(device):
-                body = wire.encode_record(record, "cbor")
-                rows.append(_row(wire.loads(body, "cbor"), "cbor", body))
-            store.ingest(device, "b", 1, {}, rows, time.time_ns() // 1000)
+        fill(store, fleet)
         records = store.record_count()
         clock = time.perf_counter()
         found = find_regressions(store)
