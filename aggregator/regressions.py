@@ -1,50 +1,54 @@
 """Regressions found for the user: one change point per device × model × strategy series and metric.
 
 What is read. Each series is read by event time — when its requests ran (``started_us``), not when they arrived —
-over the last ``window_s`` (14 days) before its newest request, at most ``window`` (4,000) successful requests. A
-late backlog lands where it ran, a resent old batch among its neighbours, and a step stays findable for as long as
-it is inside the window (weeks at 10 requests an hour), not for the last 400 requests received.
+over the ``window_s`` (14 days) before its newest request, at most ``window`` (4,000) successful requests. A late
+backlog lands where it ran, a resent old batch among its neighbours, and a step stays findable for as long as it is
+inside the window (two weeks), not only while it is among the last 400 requests received (40 h at 10 an hour).
 
 What is modelled. For TTFT, TPOT, tokens per second and energy per output token (where the device measures power)
-the log of each value is ``level(t) + season(hour of day, weekday or weekend) + noise`` with at most one step in
-``level``. In order:
+the log of each value is ``level(t) + season(hour of day, weekday or weekend day) + noise``, with bursts and at most
+one step in ``level``. In order:
 
-1. Buckets: consecutive requests in the same clock hour (UTC) form a bucket, split into equal chunks of at most
-   ``bucket_requests`` when the hour is busier (fewer for a series of fewer than 120 × ``bucket_requests``
-   requests, so it still has about 120 buckets); a bucket's value is the median of its log values. The median makes
-   single outliers (a stall, a cold start) harmless, and testing buckets instead of requests keeps the correlation
-   of neighbouring requests (the same load, the same temperature) from inflating the evidence.
-2. Seasons: with at least 3 days of history the daily and weekly pattern is removed. It is estimated on the
-   buckets' differences from a slow level (the median of the 7 days around each bucket's day), so a step stays in the
-   level and is not absorbed: the median difference per hour of day (each hour needs 3 buckets), then per
-   weekday/weekend (12 buckets), then per hour of a weekday or of a weekend day (3 buckets). With less history
-   nothing is removed, and the finding's ``evidence["seasonal"]`` says which of these were.
-3. Bursts: a run of buckets more than 4 robust deviations (MAD) away from the median of the 12 hours around it,
-   lasting at most ``max_burst_s`` (3 h: a thermal burst, a stall), with ordinary buckets on both sides at about the
-   same level (the 6 hours before and after it differ by less than half the run's excursion), is left out of the
-   test and counted (``bursts_removed``). A run at either end of the window, or between two levels, is kept: it may
-   be a step.
+1. Buckets: consecutive requests of one clock hour form a bucket, cut into equal chunks of at most
+   ``bucket_requests`` (5) when the hour is busier — fewer for a series of fewer than 120 × ``bucket_requests``
+   requests, so that it still has about 120 buckets. A bucket's value is the median of its log values: a single
+   outlier (a stall, a cold start) moves nothing, and testing buckets rather than requests keeps the correlation of
+   neighbouring requests (the same load, the same temperature) from passing for evidence.
+2. Seasons, with 3 days of history or more (else nothing is removed, and ``evidence["seasonal"]`` says so): the
+   profile is estimated on the buckets' differences from a slow level (the median of the 7 days around each
+   bucket's day) — the median per hour of day (3 buckets each), then per weekday and weekend day (12 buckets each;
+   the device's day boundary, UTC−12 h … UTC+12 h, is the one that separates them best), then per hour of a weekday
+   and of a weekend day (3 buckets each). Where a step is significant (p < 0.01), the profile is estimated again
+   with the step taken out of the buckets after it, until the step measured is the step taken out: a step is not
+   absorbed by the hours and days it happens to cover. The step is first located with the coarse profile (without
+   the 48 hour × day-kind cells, which a step moves most).
+3. Bursts: a run of buckets more than 4 robust deviations (MAD) from the median of the 12 hours around it, lasting
+   at most ``max_burst_s`` (3 h: a thermal burst, a stall), with about the same level on both sides (the 6 hours
+   before and after it differ by less than half the run's excursion) and away from the series' usual level, is left
+   out of the test and counted (``bursts_removed``). A run at either end of the window, or between two levels, is
+   kept: it may be a step.
 4. The test: the standardized Mann–Whitney statistic of the buckets before each split against those after,
-   ``Z_k = (2·W_k − k(n + 1)) / √(k(n − k)(n + 1)/3)`` with ``W_k`` the rank sum of the first ``k`` buckets (ranked
-   once, cumulated), maximised over the splits that leave ``min_duration_s`` of event time on each side. Its
-   p-value for having looked at every split is Miller and Siegmund's (1982) approximation for a maximally selected
-   rank statistic, ``p ≈ φ(b)(b − 1/b)·log(t₁(1 − t₀)/(t₀(1 − t₁))) + 4φ(b)/b`` with ``b = max |Z_k|`` and
-   ``[t₀, t₁]`` the share of buckets the splits span. Unlike Pettitt's ``K``, which weighs a split near the end of
-   the window by how few values follow it, each split is judged by its own standard error, so a recent step is
-   found as soon as it is long enough, and an old one keeps being found.
-5. Where and how large: the split is placed by least absolute deviations from two constant medians (buckets near
-   the best ``Z_k``, then the requests of the two buckets at the boundary); the change is the ratio of the medians
-   of the deseasonalised log values of the requests after and before, so a ×1.15 step is reported as about +15 %.
+   ``Z_k = (2·W_k − k(n + 1)) / √(k(n − k)(n + 1)/3)`` (``W_k`` the rank sum of the first ``k`` buckets, ranked once
+   and cumulated), maximised over the splits that leave ``min_duration_s`` after and a day before (a quarter of a
+   shorter series each). The p-value for having looked at every split is Miller and Siegmund's (1982)
+   approximation for a maximally selected rank statistic, ``p ≈ φ(b)(b − 1/b)·log(t₁(1 − t₀)/(t₀(1 − t₁))) +
+   4φ(b)/b`` with ``b = max |Z_k|`` and ``[t₀, t₁]`` the share of buckets the splits span. Unlike Pettitt's ``K``,
+   which judges a split near the end of the window by how few values follow it, each split is judged by its own
+   standard error: a recent step is found once it is long enough, and an old one keeps being found.
+5. Where and how large: the split is placed by least absolute deviations from two constant medians (over the
+   buckets near the best ``Z_k``, then over the requests of the two buckets at the boundary); the change is the
+   ratio of the medians of the deseasonalised requests after and before (bursts left out), so a ×1.15 step is
+   reported as about +15 %.
 
-It is reported when ``p`` is below ``alpha`` (1e-5 per series and metric), the deseasonalised medians differ by
-``min_change`` (relative) or more — within the 95 % interval of the difference (1.96 standard errors of a
-difference of medians, from the buckets' spread), so a step of exactly ``min_change`` is not missed half of the
-time for being estimated a little below it — each side holds ``min_segment`` requests and, after the change, at least
-``min_duration_s`` of event time (4 h; for a series shorter than 16 h, a quarter of its span — a benchmark run),
-and the change persists: both halves of the after side differ from the before side by at least half of
-``min_change``, in the same direction. A burst that has not ended yet is therefore no step until it has lasted
+It is reported when ``p`` is below ``alpha`` (1e-5 per series and metric); the deseasonalised medians differ by
+``min_change`` (relative) or more, within the 95 % interval of the difference (1.96 standard errors of a difference
+of medians, from the buckets' spread: a step of exactly ``min_change`` is not missed half of the time for being
+estimated a little below it); each side holds ``min_segment`` requests; ``min_duration_s`` (6 h) of event time
+follow the change (a quarter of the span of a series shorter than a day, such as a benchmark run); and it
+persists: each third of the after side moved from the before side by half of ``min_change`` and a third of the
+change at least, the same way. A burst that has not ended is therefore no step until it has lasted
 ``min_duration_s``, and one that ended is none. bench/regressions.py measures the false-alarm rate on a seeded
-seasonal fleet and the recall by step size and age (docs/PERFORMANCE.md).
+seasonal fleet (tests/seasonal_fleet.py) and the recall by step size and age; docs/PERFORMANCE.md has the figures.
 
 A regression is a change in the bad direction (TTFT, TPOT or J/token up, tokens per second down); a change in the
 good direction is reported as an improvement.
@@ -76,7 +80,7 @@ class Settings:
     window: int = 4000  # successful requests of a series examined at most (those that ran last)
     window_s: float = 14 * 86400.0  # … within this long of event time before the series' newest request
     min_segment: int = 20  # requests on each side of a change, at least
-    min_duration_s: float = 4 * 3600.0  # event time after a change, at least (a quarter of a shorter series' span)
+    min_duration_s: float = 6 * 3600.0  # event time after a change, at least (a quarter of a shorter series' span)
     max_burst_s: float = 3 * 3600.0  # an excursion that returned within this long is a burst, not a step
     bucket_requests: int = 5  # a clock hour with more requests is split into chunks of at most this many
     # false-alarm bound per series and metric: a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per
@@ -184,8 +188,6 @@ def _seasons(times: np.ndarray, values: np.ndarray, detail: bool = True) -> tupl
         level[days == day] = np.median(values[near])
     rest = values - level
     hours = (times // HOUR_US) % 24
-    weekend = ((days + 3) % 7) >= 5  # 1970-01-01 was a Thursday; Saturday and Sunday (UTC)
-    day_kind = weekend.astype(np.int64)
     parts = []
     medians, counts = _group_medians(rest, hours, 24)
     by_hour = np.where(counts >= 3, medians, 0.0)  # each hour of day needs 3 buckets
@@ -193,10 +195,20 @@ def _seasons(times: np.ndarray, values: np.ndarray, detail: bool = True) -> tupl
         parts.append("hour of day")
     season = by_hour[hours]
     rest = rest - season
-    medians, counts = _group_medians(rest, day_kind, 2)
-    by_day = np.where(counts >= 12, medians, 0.0)  # weekdays, weekend days: 12 buckets each
-    if counts.min() > 0 and np.any(by_day):
-        parts.append("weekday/weekend")
+    # weekdays and weekend days (1970-01-01 was a Thursday), in the device's own day: the day boundary (UTC−12 h …
+    # UTC+12 h, every 2 h) that separates the two best, by the absolute deviations left
+    best: tuple[float, int, np.ndarray, np.ndarray] | None = None
+    for offset in range(-12, 13, 2):
+        kind = ((((times + offset * HOUR_US) // DAY_US) + 3) % 7 >= 5).astype(np.int64)
+        medians, counts = _group_medians(rest, kind, 2)
+        by_day = np.where(counts >= 12, medians, 0.0)  # weekdays, weekend days: 12 buckets each
+        cost = float(np.abs(rest - by_day[kind]).sum())
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, offset, kind, by_day)
+    assert best is not None
+    _, offset, day_kind, by_day = best
+    if np.all(by_day):
+        parts.append(f"weekday/weekend (days from UTC{offset:+d} h)")
     season = season + by_day[day_kind]
     rest = rest - by_day[day_kind]
     if not detail:
@@ -227,6 +239,7 @@ def _bursts(times: np.ndarray, values: np.ndarray, max_burst_us: float) -> np.nd
     if scale <= 0:
         return out
     flagged = np.abs(deviation) > 4 * scale
+    usual = float(np.median(values))
     i = 0
     for i in np.flatnonzero(flagged).tolist():
         if out[i] or (i > 0 and flagged[i - 1]):
@@ -239,7 +252,9 @@ def _bursts(times: np.ndarray, values: np.ndarray, max_burst_us: float) -> np.nd
             # … at the same level on both sides: a series that came back, not the edge of a step
             before = float(np.median(values[max(0, i - reach) : i]))
             after = float(np.median(values[j + 1 : j + 1 + reach]))
-            if abs(after - before) < 0.5 * abs(float(np.median(values[i : j + 1])) - before):
+            run = float(np.median(values[i : j + 1]))
+            # … and away from the series' usual level, not back to it (a gap between two bursts is no burst)
+            if abs(after - before) < 0.5 * abs(run - before) and abs(run - usual) > abs(before - usual):
                 out[i : j + 1] = True
     return out
 
@@ -301,8 +316,9 @@ def _test(
     requests_before = first[keep]  # requests before each kept bucket, for the min_segment rule
     splits = np.arange(1, kn)
     ok = (requests_before[splits] >= m) & (n - requests_before[splits] >= m)
-    if timed:
-        ok &= (btimes[-1] - kt[splits] >= min_after_us) & (kt[splits] - btimes[0] >= min_after_us)
+    if timed:  # the level before a change is known over a day at least (a quarter of a shorter series)
+        min_before_us = min(max(settings.min_duration_s * 1e6, DAY_US), span / 4)
+        ok &= (btimes[-1] - kt[splits] >= min_after_us) & (kt[splits] - btimes[0] >= min_before_us)
     candidates = splits[ok]
     if len(candidates) == 0:
         return None
@@ -401,13 +417,14 @@ def change_point(
     down = math.log1p(-settings.min_change) if settings.min_change < 1 else -math.inf
     if down + 1.96 * error < la - lb < up - 1.96 * error:
         return None
-    half = len(after_side) // 2  # it persists: both halves of the after side moved, the same way
-    if half:
-        floor = math.log1p(settings.min_change / 2) if la > lb else -math.log1p(settings.min_change / 2)
-        for part in (after_side[:half], after_side[half:]):
-            moved = float(np.median(part)) - lb
-            if (moved < floor) if la > lb else (moved > floor):
-                return None
+    # it persists: each third of the after side moved by half of min_change and a third of the change at least,
+    # the same way (two bursts
+    # with a gap between them at the end of the window move the median of the whole after side, not every third)
+    floor = max(math.log1p(settings.min_change / 2), abs(la - lb) / 3) * (1 if la > lb else -1)
+    for part in np.array_split(after_side, 3):
+        moved = float(np.median(part)) - lb
+        if (moved < floor) if la > lb else (moved > floor):
+            return None
     return ChangePoint(
         index=index,
         before_median=before,

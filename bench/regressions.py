@@ -148,7 +148,9 @@ def recall(devices: int, seeds: int) -> None:
                     total += 1
                     t, v = fleet.series[step.device_id].values(step.metric)
 
-                    def hit(end_us: int, t: Any = t, v: Any = v, step: Step = step) -> float | None:
+                    def hit(
+                        end_us: int, t: Any = t, v: Any = v, step: Step = step, search: Search = search
+                    ) -> float | None:
                         out = search.run(t, v, end_us)
                         if out is None or abs(out[0] - step.at_us) > 6 * HOUR_US or out[1] <= 0:
                             return None
