@@ -383,9 +383,10 @@ def change_point(
         # after it): estimate the full profile with the step measured so far taken out of the buckets after it,
         # and test again, until the step measured is the step taken out
         estimated = _seasons(btimes, bvals)[1]
+        shift = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
+        tried: list[tuple[float, float]] = []  # (step taken out, step measured)
         for _ in range(4):
             split = found.keep[found.split]
-            shift = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
             season, seasonal = _seasons(btimes, bvals - shift * (np.arange(len(bvals)) >= split))
             again = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
             if again is None:
@@ -394,6 +395,13 @@ def change_point(
             moved = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
             if abs(moved - shift) < 0.005:
                 break
+            tried.append((shift, moved))
+            shift = moved
+            if len(tried) >= 2:  # the measured step is about linear in the one taken out: where they agree
+                (s0, m0), (s1, m1) = tried[-2], tried[-1]
+                slope = (m1 - m0) / (s1 - s0) if s1 != s0 else 0.0
+                if 0.0 <= slope < 0.9:
+                    shift = (m1 - slope * s1) / (1 - slope)
         seasonal = estimated + " (estimated again with the step taken out)"
     if found is None or found.p >= settings.alpha:
         return None
