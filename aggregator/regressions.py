@@ -263,7 +263,8 @@ def _medians(values: np.ndarray, ids: np.ndarray, first: np.ndarray, ends: np.nd
     """The median of each bucket's values (``ids`` sorted, bucket b at ``first[b]:ends[b]``), in one sort."""
     ordered = values[np.lexsort((values, ids))]
     counts = ends - first
-    return (ordered[first + (counts - 1) // 2] + ordered[first + counts // 2]) / 2.0
+    medians: np.ndarray = (ordered[first + (counts - 1) // 2] + ordered[first + counts // 2]) / 2.0
+    return medians
 
 
 def _lad_split(x: np.ndarray, lo: int, hi: int) -> int:

@@ -43,6 +43,16 @@ METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second")
 HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False}
 
 
+def poisson_upper(k: int, level: float = 0.95) -> float:
+    """The one-sided upper confidence bound of a Poisson mean after observing ``k`` events (3.0 for none)."""
+    lo, hi = 0.0, k + 10.0 * math.sqrt(k + 1) + 10.0
+    for _ in range(100):
+        mu = (lo + hi) / 2
+        cdf = sum(math.exp(-mu + i * math.log(mu) - math.lgamma(i + 1)) for i in range(k + 1))
+        lo, hi = (mu, hi) if cdf > 1 - level else (lo, mu)
+    return hi
+
+
 def old_change_point(values: np.ndarray) -> tuple[int, float, float] | None:
     """main's search before issue 32 (aggregator/regressions.py at 836f3f3): Pettitt's statistic over the raw
     values, p < 1e-5, the split placed by least absolute deviations, a median change ≥ 15 % with 20 values each side.
@@ -113,7 +123,7 @@ def false_alarms(devices: int, seeds: int) -> None:
         weeks = devices * seeds  # one week searched per device and seed
         print(
             f"  {search.name:<6} {alarms} alarms in {search.tests} tests = {alarms / search.tests:.2g} per test "
-            f"(95 % upper bound {max(alarms, 3) / search.tests:.2g}); {len(episodes)} distinct changes in "
+            f"(95 % upper bound {poisson_upper(alarms) / search.tests:.2g}); {len(episodes)} distinct changes in "
             f"{weeks} device-weeks = {len(episodes) / weeks:.3g} per device-week; "
             f"{1e3 * search.seconds / search.tests:.2f} ms per test"
         )
