@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -114,7 +114,6 @@ class ChangePoint:
     seasonal: str = "none"  # what was removed before testing
     bursts_removed: int = 0  # buckets left out as short bursts
     statistic: float = 0.0  # max |Z_k|
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def change(self) -> float:

@@ -72,7 +72,7 @@ async def test_a_seasonal_fleet_without_steps_raises_nothing(aiohttp_client: Any
     assert {s.device_class for s in fleet.series.values()} == {"orin", "nano", "laptop"}
     body = await regressions(client)
     assert body["regressions"] == [] and body["improvements"] == [], body
-    # the search read the Monday: each series reaches the last day, and covers 14 days of event time
+    # the fleet ends on a Monday afternoon (UTC), after 14.6 days
     last = max(int(s.started_us[-1]) for s in fleet.series.values())
     assert (last - START_US) / DAY_US > 14.5 and ((last // DAY_US) + 3) % 7 == 0  # a Monday (UTC)
 
@@ -80,7 +80,9 @@ async def test_a_seasonal_fleet_without_steps_raises_nothing(aiohttp_client: Any
     old = copy.deepcopy(fleet.records(device, until_us=START_US + 3 * DAY_US)[-480:])
     for record in old:
         record["id"] = str(uuid.UUID(int=uuid.uuid4().int & ~(0xF << 76) | (0x7 << 76)))
+    stored = store.record_count()
     await send(client, store, device, [old[i : i + 300] for i in range(0, len(old), 300)])
+    assert store.record_count() == stored + len(old)  # stored again, not duplicates
     body = await regressions(client)
     assert body["regressions"] == [] and body["improvements"] == [], body
 
