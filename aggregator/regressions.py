@@ -83,8 +83,10 @@ class Settings:
     min_duration_s: float = 6 * 3600.0  # event time after a change, at least (a quarter of a shorter series' span)
     max_burst_s: float = 3 * 3600.0  # an excursion that returned within this long is a burst, not a step
     bucket_requests: int = 5  # a clock hour with more requests is split into chunks of at most this many
-    # false-alarm bound per series and metric: a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per
-    # search, so about 0.024 false alarms per search across the whole fleet at most
+    # significance per series and metric (a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per search).
+    # On independent values the p-value is conservative (0.46 % of null series below 0.01, 0.0125 % below 0.001);
+    # on the seeded seasonal fleet bench/regressions.py measures 2e-4 false findings per test (one episode of two
+    # close thermal bursts in 10,080 tests), docs/PERFORMANCE.md
     alpha: float = 1e-5
     min_change: float = 0.15  # relative change of the deseasonalised median that counts
     # requests whose device said other work contended with them (ext.interference) are left out unless this is set
