@@ -855,9 +855,9 @@ def test_a_device_with_thousands_of_model_names_costs_a_bounded_computation(tmp_
     reads: list[str] = []
     latest_columns = store.latest_columns
 
-    def counting(query: Any, columns: Any, limit: int) -> Any:
+    def counting(query: Any, columns: Any, limit: int, **options: Any) -> Any:
         reads.append(query.model)
-        return latest_columns(query, columns, limit)
+        return latest_columns(query, columns, limit, **options)
 
     records = plant("flood", 300, 51, BASE, 18.0)
     for n, record in enumerate(records):
