@@ -621,8 +621,13 @@ def recent_level(store: Store, key: tuple[Any, ...], settings: Settings) -> floa
 
 
 def recovered(obj: dict[str, Any], level: float | None, settings: Settings) -> bool:
-    before = obj["before_median"]
-    return level is not None and before > 0 and abs(level - before) / before < settings.min_change
+    """Whether the series' recent ``level`` is back: nearer the level before the change than the level after it
+    (in ratio: past the geometric midpoint). A ×1.15 step is a 15 % change; "within ``min_change`` of before" would
+    call it recovered at its own after level, and the plain recent median swings with the time of day."""
+    before, after = obj["before_median"], obj["after_median"]
+    if level is None or level <= 0 or before <= 0 or after <= 0 or before == after:
+        return False
+    return abs(math.log(level / before)) < abs(math.log(level / after))
 
 
 def _is_recovery(finding: dict[str, Any], old: dict[str, Any], settings: Settings) -> bool:
@@ -666,7 +671,15 @@ class Watch:
                 levels[key] = recent_level(store, key, self.settings)
             return levels[key]
 
-        resolve = [obj["id"] for key, obj in held.items() if recovered(obj, level(key), self.settings)]
+        # an object the search still sees is not recovered, whatever the latest requests' median says (a ×1.15
+        # step's recent median crosses the midpoint at night); one it no longer sees resolves once the recent level
+        # is back nearer the level before
+        seen = {obj["id"] for finding in found if (obj := held.get(_key(finding))) is not None and near(finding, obj)}
+        resolve = [
+            obj["id"]
+            for key, obj in held.items()
+            if obj["id"] not in seen and recovered(obj, level(key), self.settings)
+        ]
         gone = set(resolve)
         confirm: list[tuple[int, dict[str, Any]]] = []
         insert: list[dict[str, Any]] = []
@@ -758,10 +771,7 @@ class Watch:
             "computed_at": computed,
             "interval_s": self.interval_s,
             "state": state,
-            "method": "Pettitt's rank test for one change point in each series' latest requests, "
-            f"p < {self.settings.alpha:g}, median change ≥ {self.settings.min_change:.0%}, "
-            f"≥ {self.settings.min_segment} requests each side, latest {self.settings.window} per series"
-            + ("" if self.settings.include_contended else ", contended requests left out"),
+            "method": method_text(self.settings),
             "include_contended": self.settings.include_contended,
             "contended_excluded": self.contended_excluded,
             "regressions": [f for f in ordered if f["kind"] == "regression"],

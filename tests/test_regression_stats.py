@@ -139,6 +139,11 @@ async def test_planted_steps_are_found_with_their_size_and_time(aiohttp_client: 
     assert {key[1] for key in flagged} <= {"tokens_per_second"}, list(flagged)
     assert {key[0] for key in flagged} <= {s.device_id for s in steps if s.metric == "tpot_ms"}
     assert not any(r["device_id"] == "laptop-004" for r in body["regressions"] + body["improvements"])
+    # and each is an open regression the server keeps, the ×1.15 ones too (their latest requests' plain median,
+    # by the time of day, may sit within 15 % of the level before: not a recovery)
+    served = await regressions(client)
+    opened = {(r["device_id"], r["metric"]) for r in served["regressions"] if r["state"] == "open"}
+    assert {(s.device_id, s.metric) for s in steps} <= opened, sorted(opened)
 
 
 async def test_a_late_backlog_with_a_step_is_placed_where_it_ran(aiohttp_client: Any, store: Any) -> None:
