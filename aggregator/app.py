@@ -75,6 +75,9 @@ class Settings:
     regression_interval_s: float = 300.0  # change points are looked for at most this often
     regression_min_change: float = 0.15  # … and a smaller relative change of the median is not reported
     regression_include_contended: bool = False  # … and contended requests are left out of the search unless set
+    regression_window_s: float = 14 * 24 * 3600.0  # … each series over this long of event time
+    regression_max_requests: int = 4000  # … at most this many requests of it
+    regression_min_duration_s: float = 6 * 3600.0  # … and a change must have lasted this long
     trigger_interval_s: float = 60.0  # the [[triggers]] are evaluated this often (docs/triggers.md)
     feedback_interval_s: float = 300.0  # the feedback documents are recomputed at most this often (docs/feedback.md)
     feedback_settings: feedback.Settings = field(default_factory=feedback.Settings)  # window, evidence, alpha
@@ -116,6 +119,9 @@ class Settings:
             regression_interval_s=config.get("fleet", "regression_interval"),
             regression_min_change=config.get("fleet", "regression_min_change"),
             regression_include_contended=config.get("fleet", "regression_include_contended"),
+            regression_window_s=config.get("fleet", "regression_window"),
+            regression_max_requests=config.get("fleet", "regression_max_requests"),
+            regression_min_duration_s=config.get("fleet", "regression_min_duration"),
             trigger_interval_s=config.get("fleet", "trigger_interval"),
             feedback_interval_s=config.get("fleet", "feedback_interval"),
             feedback_settings=feedback.Settings.from_config(config),
@@ -1106,7 +1112,11 @@ def create_app(
     app[WATCH] = regressions.Watch(
         settings.regression_interval_s,
         regressions.Settings(
-            min_change=settings.regression_min_change, include_contended=settings.regression_include_contended
+            min_change=settings.regression_min_change,
+            include_contended=settings.regression_include_contended,
+            window=settings.regression_max_requests,
+            window_s=settings.regression_window_s,
+            min_duration_s=settings.regression_min_duration_s,
         ),
     )
     app[TRIGGERS] = TriggerWatch(

@@ -639,7 +639,13 @@ def _detection(config: Config, include_contended: bool | None) -> Any:
     from .regressions import Settings as Detection
 
     include = config.get("fleet", "regression_include_contended") if include_contended is None else include_contended
-    return Detection(min_change=config.get("fleet", "regression_min_change"), include_contended=include)
+    return Detection(
+        min_change=config.get("fleet", "regression_min_change"),
+        include_contended=include,
+        window=config.get("fleet", "regression_max_requests"),
+        window_s=config.get("fleet", "regression_window"),
+        min_duration_s=config.get("fleet", "regression_min_duration"),
+    )
 
 
 @cli.command("triggers")

@@ -48,6 +48,20 @@ def _event_bytes(value: object) -> int:
     return size
 
 
+def _regression_window(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 3600.0 <= seconds <= 90 * 24 * 3600.0:
+        raise Invalid("a duration between 1h and 2160h (90 days), such as 336h")
+    return seconds
+
+
+def _regression_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 60.0 <= seconds <= 7 * 24 * 3600.0:
+        raise Invalid("a duration between 1m and 168h, such as 4h")
+    return seconds
+
+
 SCHEMA: Schema = {
     "server": {
         "host": KeySpec(text, const("127.0.0.1"), "listen address; read endpoints need a read token off loopback"),
@@ -149,6 +163,22 @@ SCHEMA: Schema = {
         "regression_min_change": KeySpec(
             number_range(0.0, 10.0), const(0.15), "a change of the median smaller than this (relative) is not reported"
         ),
+        "regression_window": KeySpec(
+            _regression_window,
+            const(14 * 24 * 3600.0),
+            "each series is searched over the requests that ran within this long before its newest one (event "
+            "time), so a step stays findable for as long",
+        ),
+        "regression_max_requests": KeySpec(
+            int_range(100, 100_000),
+            const(4000),
+            "… at most this many of them (those that ran last): 14 days at 10 requests an hour is 3,360",
+        ),
+        "regression_min_duration": KeySpec(
+            _regression_duration,
+            const(6 * 3600.0),
+            "a change is reported once it has lasted this long (event time), so a shorter burst is none",
+        ),
         "regression_include_contended": KeySpec(
             boolean,
             const(False),
@@ -243,6 +273,7 @@ def load_aggregator_config(
         tables={"triggers": check_triggers},  # [[triggers]]: docs/triggers.md
     )
     _check_feedback(config)
+    _check_regressions(config)
     return config
 
 
@@ -257,3 +288,24 @@ def _check_feedback(config: Config) -> None:
                 raise ConfigError(source, f"fleet.{other}", bound, f"an integer ≤ fleet.{key} ({value})")
             source = config.source("fleet", key)
             raise ConfigError(source, f"fleet.{key}", value, f"an integer ≥ fleet.{other} ({bound})")
+
+
+def _check_regressions(config: Config) -> None:
+    """A change must be able to last ``regression_min_duration`` inside ``regression_window``: at most half of it."""
+    window, duration = config.get("fleet", "regression_window"), config.get("fleet", "regression_min_duration")
+    if duration > window / 2:
+        if config.source("fleet", "regression_min_duration") == "default":
+            source = config.source("fleet", "regression_window")
+            raise ConfigError(
+                source,
+                "fleet.regression_window",
+                window,
+                f"a duration ≥ 2 × fleet.regression_min_duration ({duration:g} s)",
+            )
+        source = config.source("fleet", "regression_min_duration")
+        raise ConfigError(
+            source,
+            "fleet.regression_min_duration",
+            duration,
+            f"a duration ≤ half of fleet.regression_window ({window:g} s)",
+        )

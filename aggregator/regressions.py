@@ -1,26 +1,57 @@
 """Regressions found for the user: one change point per device × model × strategy series and metric.
 
-For each series the aggregator takes its latest ``window`` successful requests in the order they were received and
-asks, for TTFT, TPOT, tokens per second and energy per output token (where the device measures power): is there
-a point before which the values are drawn from one distribution and after which from another, and is the change
-large enough to matter?
+What is read. Each series is read by event time — when its requests ran (``started_us``), not when they arrived —
+over the ``window_s`` (14 days) before its newest request, at most ``window`` (4,000) successful requests. A late
+backlog lands where it ran, a resent old batch among its neighbours, and a step stays findable for as long as it is
+inside the window (two weeks), not only while it is among the last 400 requests received (40 h at 10 an hour).
 
-The test is Pettitt's (1979) non-parametric change-point test: for every split ``k`` the Mann–Whitney statistic of
-"before" against "after", ``U_k = 2·W_k − k(n + 1)`` with ``W_k`` the rank sum of the first ``k`` values (ties get
-their mean rank), all computed in one pass — the values are ranked once and ``W_k`` is a cumulative sum. With
-``K = max |U_k|`` over the splits, Pettitt's ``p ≈ 2·exp(−6K² / (n³ + n²))`` already accounts for having looked at
-every split. Where there is a change, it is placed at the split that best fits two constant-median segments (least
-absolute deviations; see :func:`_locate`). It is reported when
+What is modelled. For TTFT, TPOT, tokens per second and energy per output token (where the device measures power)
+the log of each value is ``level(t) + season(hour of day, weekday or weekend day) + noise``, with bursts and at most
+one step in ``level``. In order:
 
-- ``p`` is below ``alpha`` — the test uses ranks only, so a few outliers (a thermal spike, a cold start) neither make
-  nor hide a change, and it assumes nothing about the shape of latency distributions, which are skewed; and
-- the medians on either side, each at least ``min_segment`` requests long, differ by at least ``min_change``
-  (relative): a real but tiny shift is not a regression an operator should be paged for.
+1. Buckets: consecutive requests of one clock hour form a bucket, cut into equal chunks of at most
+   ``bucket_requests`` (5) when the hour is busier — fewer for a series of fewer than 120 × ``bucket_requests``
+   requests, so that it still has about 120 buckets. A bucket's value is the median of its log values: a single
+   outlier (a stall, a cold start) moves nothing, and testing buckets rather than requests keeps the correlation of
+   neighbouring requests (the same load, the same temperature) from passing for evidence.
+2. Seasons, with 3 days of history or more (else nothing is removed, and ``evidence["seasonal"]`` says so): the
+   profile is estimated on the buckets' differences from a slow level (the median of the 7 days around each
+   bucket's day) — the median per hour of day (3 buckets each), then per weekday and weekend day (12 buckets each;
+   the device's day boundary, UTC−12 h … UTC+12 h, is the one that separates them best), then per hour of a weekday
+   and of a weekend day (3 buckets each). Where a step is significant (p < 0.01), the profile is estimated again
+   with the step taken out of the buckets after it, until the step measured is the step taken out: a step is not
+   absorbed by the hours and days it happens to cover. The step is first located with the coarse profile (without
+   the 48 hour × day-kind cells, which a step moves most).
+3. Bursts: a run of buckets more than 4 robust deviations (MAD) from the median of the 12 hours around it, lasting
+   at most ``max_burst_s`` (3 h: a thermal burst, a stall), with about the same level on both sides (the 6 hours
+   before and after it differ by less than half the run's excursion) and away from the series' usual level, is left
+   out of the test and counted (``bursts_removed``). A run at either end of the window, or between two levels, is
+   kept: it may be a step.
+4. The test: the standardized Mann–Whitney statistic of the buckets before each split against those after,
+   ``Z_k = (2·W_k − k(n + 1)) / √(k(n − k)(n + 1)/3)`` (``W_k`` the rank sum of the first ``k`` buckets, ranked once
+   and cumulated), maximised over the splits that leave ``min_duration_s`` after and a day before (a quarter of a
+   shorter series each). The p-value for having looked at every split is Miller and Siegmund's (1982)
+   approximation for a maximally selected rank statistic, ``p ≈ φ(b)(b − 1/b)·log(t₁(1 − t₀)/(t₀(1 − t₁))) +
+   4φ(b)/b`` with ``b = max |Z_k|`` and ``[t₀, t₁]`` the share of buckets the splits span. Unlike Pettitt's ``K``,
+   which judges a split near the end of the window by how few values follow it, each split is judged by its own
+   standard error: a recent step is found once it is long enough, and an old one keeps being found.
+5. Where and how large: the split is placed by least absolute deviations from two constant medians (over the
+   buckets near the best ``Z_k``, then over the requests of the two buckets at the boundary); the change is the
+   ratio of the medians of the deseasonalised requests after and before (bursts left out), so a ×1.15 step is
+   reported as about +15 %.
 
-This is the single-change case of the E-divisive family that Apache Otava and MongoDB's signal processing use,
-with a rank statistic instead of energy distances: simpler, exact enough for "did this series get slower, and since
-when", and cheap enough to run over a whole fleet every few minutes. A regression is a change in the bad direction
-(TTFT, TPOT or J/token up, tokens per second down); a change in the good direction is reported as an improvement.
+It is reported when ``p`` is below ``alpha`` (1e-5 per series and metric); the deseasonalised medians differ by
+``min_change`` (relative) or more, within the 95 % interval of the difference (1.96 standard errors of a difference
+of medians, from the buckets' spread: a step of exactly ``min_change`` is not missed half of the time for being
+estimated a little below it); each side holds ``min_segment`` requests; ``min_duration_s`` (6 h) of event time
+follow the change (a quarter of the span of a series shorter than a day, such as a benchmark run); and it
+persists: each third of the after side moved from the before side by half of ``min_change`` and a third of the
+change at least, the same way. A burst that has not ended is therefore no step until it has lasted
+``min_duration_s``, and one that ended is none. bench/regressions.py measures the false-alarm rate on a seeded
+seasonal fleet (tests/seasonal_fleet.py) and the recall by step size and age; docs/PERFORMANCE.md has the figures.
+
+A regression is a change in the bad direction (TTFT, TPOT or J/token up, tokens per second down); a change in the
+good direction is reported as an improvement.
 """
 
 from __future__ import annotations
@@ -40,20 +71,39 @@ from .store import NULL_NAME, Query, RegressionChanges, Store
 METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
 MAX_SERIES_PER_DEVICE = 32  # model × strategy series of one device searched per pass (the most recently seen)
 HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False, "j_per_token": True}
+HOUR_US = 3600 * 10**6
+DAY_US = 24 * HOUR_US
 
 
 @dataclass(frozen=True)
 class Settings:
-    window: int = 400  # latest successful requests of a series examined
+    window: int = 4000  # successful requests of a series examined at most (those that ran last)
+    window_s: float = 14 * 86400.0  # … within this long of event time before the series' newest request
     min_segment: int = 20  # requests on each side of a change, at least
-    # false-alarm bound per series and metric: a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per
-    # search, so about 0.024 false alarms per search across the whole fleet at most
+    min_duration_s: float = 6 * 3600.0  # event time after a change, at least (a quarter of a shorter series' span)
+    max_burst_s: float = 3 * 3600.0  # an excursion that returned within this long is a burst, not a step
+    bucket_requests: int = 5  # a clock hour with more requests is split into chunks of at most this many
+    # significance per series and metric (a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per search).
+    # On independent values the p-value is conservative (0.46 % of null series below 0.01, 0.0125 % below 0.001);
+    # on the seeded seasonal fleet bench/regressions.py measures 2e-4 false findings per test (one episode of two
+    # close thermal bursts in 10,080 tests), docs/PERFORMANCE.md
     alpha: float = 1e-5
-    min_change: float = 0.15  # relative change of the median that counts
+    min_change: float = 0.15  # relative change of the deseasonalised median that counts
     # requests whose device said other work contended with them (ext.interference) are left out unless this is set
     # ([fleet] regression_include_contended, --include-contended, ?include_contended=1): a busy device's slowdown is
     # not the series' regression
     include_contended: bool = False
+
+
+def method_text(settings: Settings) -> str:
+    """How the search works, in one line (for the API's ``method``)."""
+    return (
+        "maximally selected Mann–Whitney statistic over hourly medians of deseasonalised log values, read by event "
+        f"time (last {settings.window_s / 86400:g} days, at most {settings.window} requests per series), "
+        f"p < {settings.alpha:g} (Miller–Siegmund), median change ≥ {settings.min_change:.0%}, lasting "
+        f"≥ {settings.min_duration_s / 3600:g} h, bursts ≤ {settings.max_burst_s / 3600:g} h left out"
+        + ("" if settings.include_contended else ", contended requests left out")
+    )
 
 
 @dataclass(frozen=True)
@@ -61,7 +111,11 @@ class ChangePoint:
     index: int  # the first value after the change
     before_median: float
     after_median: float
-    p_value: float  # Pettitt's approximation
+    p_value: float  # Miller and Siegmund's approximation for the maximally selected statistic
+    buckets: int = 0  # values the test compared (hourly buckets; or the values themselves without times)
+    seasonal: str = "none"  # what was removed before testing
+    bursts_removed: int = 0  # buckets left out as short bursts
+    statistic: float = 0.0  # max |Z_k|
 
     @property
     def change(self) -> float:
@@ -71,51 +125,326 @@ class ChangePoint:
 
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1…n, ties sharing their mean rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    # boundaries of runs of equal values
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    for start, end in zip(starts, ends, strict=True):
-        ranks[order[start:end]] = (start + end + 1) / 2.0  # mean of ranks start+1 … end
-    return ranks
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts  # values below each distinct value
+    return (starts + (counts + 1) / 2.0)[inverse.ravel()]
 
 
-def change_point(values: Sequence[float], settings: Settings = Settings()) -> ChangePoint | None:
-    """The most likely single change in ``values`` (time order), or None when there is none worth reporting."""
-    x = np.asarray(values, dtype=np.float64)
-    n = len(x)
-    m = settings.min_segment
-    if n < 2 * m:
-        return None
-    ranks = _ranks(x)
-    k = np.arange(1, n)  # values before the split
-    u = 2.0 * np.cumsum(ranks)[:-1] - k * (n + 1.0)
-    best = int(np.argmax(np.abs(u)))
-    peak = float(abs(u[best]))
-    p = min(1.0, 2.0 * math.exp(-6.0 * peak * peak / (float(n) ** 3 + float(n) ** 2)))
-    if p >= settings.alpha:
-        return None
-    i = _locate(x, m)
-    before, after = float(np.median(x[:i])), float(np.median(x[i:]))
-    if before <= 0 or abs(after - before) / before < settings.min_change:
-        return None
-    return ChangePoint(index=i, before_median=before, after_median=after, p_value=min(1.0, p))
+def _group_medians(values: np.ndarray, groups: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(median, count) of the values of each group 0…size−1 (median 0 where a group is empty), in one sort."""
+    counts = np.bincount(groups, minlength=size)
+    ordered = values[np.lexsort((values, groups))]
+    first = np.cumsum(counts) - counts
+    last = np.maximum(counts - 1, 0)
+    medians = np.where(
+        counts > 0,
+        (
+            ordered[np.minimum(first + last // 2, len(values) - 1)]
+            + ordered[np.minimum(first + counts // 2, len(values) - 1)]
+        )
+        / 2.0,
+        0.0,
+    )
+    return medians, counts
 
 
-def _locate(x: np.ndarray, m: int) -> int:
-    """Where the change is, once it is known there is one: the split (each side at least ``m`` long) that makes
-    two constant-median segments fit best, by the sum of absolute deviations from each side's median. Pettitt's own
-    argmax is biased when the change is far from the middle (values of the longer side near the other side's
-    level pull it a few places away); this least-absolute-deviation fit is not, and is as robust to outliers."""
-    best, best_cost = m, math.inf
-    for i in range(m, len(x) - m + 1):
+def _scan_p(b: float, t0: float, t1: float) -> float:
+    """Miller and Siegmund's (1982) approximation of P(max |Z_k| ≥ b) over splits spanning [t0, t1] of the values
+    (a standardized Brownian bridge), the same as the R package maxstat's for maximally selected rank statistics."""
+    if b <= 1.0:
+        return 1.0
+    phi = math.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+    span = math.log(t1 * (1 - t0) / (t0 * (1 - t1))) if 0 < t0 < t1 < 1 else 0.0
+    return min(1.0, phi * (b - 1 / b) * span + 4 * phi / b)
+
+
+def _bucket(times: np.ndarray, per_bucket: int) -> np.ndarray:
+    """Each value's bucket number: consecutive values of one clock hour, busier hours cut into equal chunks of at
+    most ``per_bucket`` values (``times`` sorted)."""
+    hours = times // HOUR_US
+    starts = np.flatnonzero(np.r_[True, hours[1:] != hours[:-1]])
+    ends = np.r_[starts[1:], len(times)]
+    ids = np.empty(len(times), dtype=np.int64)
+    next_id = 0
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        count = end - start
+        chunks = -(-count // per_bucket)
+        ids[start:end] = next_id + (np.arange(count) * chunks) // count
+        next_id += chunks
+    return ids
+
+
+def _seasons(times: np.ndarray, values: np.ndarray, detail: bool = True) -> tuple[np.ndarray, str]:
+    """The seasonal part of each bucket value (bucket start ``times``) and what it models (see the module text);
+    ``detail=False`` leaves out the hour of a weekday or weekend day (48 cells of a few values each, which a step
+    inside the window moves most)."""
+    n = len(values)
+    span = float(times[-1] - times[0]) if n else 0.0
+    if span < 3 * DAY_US:
+        return np.zeros(n), "none (less than 3 days of history)"
+    days = times // DAY_US
+    level = np.empty(n)
+    for day in np.unique(days).tolist():  # the slow level: the median of the 7 days around each day
+        near = (days >= day - 3) & (days <= day + 3)
+        level[days == day] = np.median(values[near])
+    rest = values - level
+    hours = (times // HOUR_US) % 24
+    parts = []
+    medians, counts = _group_medians(rest, hours, 24)
+    by_hour = np.where(counts >= 3, medians, 0.0)  # each hour of day needs 3 buckets
+    if np.any(by_hour):
+        parts.append("hour of day")
+    season = by_hour[hours]
+    rest = rest - season
+    # weekdays and weekend days (1970-01-01 was a Thursday), in the device's own day: the day boundary (UTC−12 h …
+    # UTC+12 h, every 2 h) that separates the two best, by the absolute deviations left
+    best: tuple[float, int, np.ndarray, np.ndarray] | None = None
+    for offset in range(-12, 13, 2):
+        kind = ((((times + offset * HOUR_US) // DAY_US) + 3) % 7 >= 5).astype(np.int64)
+        medians, counts = _group_medians(rest, kind, 2)
+        by_day = np.where(counts >= 12, medians, 0.0)  # weekdays, weekend days: 12 buckets each
+        cost = float(np.abs(rest - by_day[kind]).sum())
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, offset, kind, by_day)
+    assert best is not None
+    _, offset, day_kind, by_day = best
+    if np.all(by_day):
+        parts.append(f"weekday/weekend (days from UTC{offset:+d} h)")
+    season = season + by_day[day_kind]
+    rest = rest - by_day[day_kind]
+    if not detail:
+        return season, ", ".join(parts) or "none (no pattern)"
+    cells = hours + 24 * day_kind
+    medians, counts = _group_medians(rest, cells, 48)
+    both = np.where(counts >= 3, medians, 0.0)  # each hour of a weekday or of a weekend day: 3 buckets
+    if np.any(both):
+        parts.append("hour of weekday and of weekend day")
+    season = season + both[cells]
+    return season, ", ".join(parts) or "none (no pattern)"
+
+
+def _bursts(times: np.ndarray, values: np.ndarray, max_burst_us: float) -> np.ndarray:
+    """Which buckets belong to a short burst (see the module text): True to leave out."""
+    n = len(values)
+    out = np.zeros(n, dtype=bool)
+    if n < 8:
+        return out
+    # the level around each bucket: the median of the buckets within ±6 h (as many on each side as the series'
+    # typical spacing puts there)
+    spacing = float(np.median(np.diff(times))) or 1.0
+    reach = int(min(max(3, round(6 * HOUR_US / spacing)), n // 2))
+    padded = np.r_[np.full(reach, np.nan), values, np.full(reach, np.nan)]
+    level = np.nanmedian(np.lib.stride_tricks.sliding_window_view(padded, 2 * reach + 1), axis=1)
+    deviation = values - level
+    scale = 1.4826 * float(np.median(np.abs(deviation)))
+    if scale <= 0:
+        return out
+    flagged = np.abs(deviation) > 4 * scale
+    usual = float(np.median(values))
+    i = 0
+    for i in np.flatnonzero(flagged).tolist():
+        if out[i] or (i > 0 and flagged[i - 1]):
+            continue  # inside a run already judged
+        j = i
+        while j + 1 < n and flagged[j + 1] and np.sign(deviation[j + 1]) == np.sign(deviation[i]):
+            j += 1
+        inside = i > 0 and j < n - 1  # ordinary buckets on both sides
+        if inside and times[j] - times[i] <= max_burst_us:
+            # … at the same level on both sides: a series that came back, not the edge of a step
+            before = float(np.median(values[max(0, i - reach) : i]))
+            after = float(np.median(values[j + 1 : j + 1 + reach]))
+            run = float(np.median(values[i : j + 1]))
+            # … and away from the series' usual level, not back to it (a gap between two bursts is no burst)
+            if abs(after - before) < 0.5 * abs(run - before) and abs(run - usual) > abs(before - usual):
+                out[i : j + 1] = True
+    return out
+
+
+def _medians(values: np.ndarray, ids: np.ndarray, first: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The median of each bucket's values (``ids`` sorted, bucket b at ``first[b]:ends[b]``), in one sort."""
+    ordered = values[np.lexsort((values, ids))]
+    counts = ends - first
+    medians: np.ndarray = (ordered[first + (counts - 1) // 2] + ordered[first + counts // 2]) / 2.0
+    return medians
+
+
+def _lad_split(x: np.ndarray, lo: int, hi: int) -> int:
+    """The split in [lo, hi] that fits two constant medians best (sum of absolute deviations)."""
+    best, best_cost = lo, math.inf
+    for i in range(lo, hi + 1):
         before, after = x[:i], x[i:]
         cost = float(np.abs(before - np.median(before)).sum() + np.abs(after - np.median(after)).sum())
         if cost < best_cost:
             best, best_cost = i, cost
     return best
+
+
+@dataclass
+class _Pass:
+    """One test over the buckets deseasonalised one way (see :func:`change_point`)."""
+
+    p: float
+    statistic: float
+    resid: np.ndarray  # deseasonalised log value of each request
+    kept: np.ndarray  # values of the buckets tested (bursts left out)
+    keep: np.ndarray  # their bucket numbers
+    burst: np.ndarray  # per bucket: left out as a burst
+    split: int  # first kept bucket after the change
+    index: int  # first request after the change
+
+
+def _test(
+    logs: np.ndarray,
+    ids: np.ndarray,
+    first: np.ndarray,
+    ends: np.ndarray,
+    btimes: np.ndarray,
+    bvals: np.ndarray,
+    season: np.ndarray,
+    settings: Settings,
+    timed: bool,
+) -> _Pass | None:
+    n, m = len(logs), settings.min_segment
+    values = bvals - season
+    resid = logs - season[ids]
+    span = float(btimes[-1] - btimes[0])
+    min_after_us = min(settings.min_duration_s * 1e6, span / 4) if timed else 0.0
+    burst = _bursts(btimes, values, settings.max_burst_s * 1e6) if timed else np.zeros(len(values), dtype=bool)
+    keep = np.flatnonzero(~burst)
+    kv, kt = values[keep], btimes[keep]
+    kn = len(kv)
+    if kn < 4:
+        return None
+    requests_before = first[keep]  # requests before each kept bucket, for the min_segment rule
+    splits = np.arange(1, kn)
+    ok = (requests_before[splits] >= m) & (n - requests_before[splits] >= m)
+    if timed:  # the level before a change is known over a day at least (a quarter of a shorter series)
+        min_before_us = min(max(settings.min_duration_s * 1e6, DAY_US), span / 4)
+        ok &= (btimes[-1] - kt[splits] >= min_after_us) & (kt[splits] - btimes[0] >= min_before_us)
+    candidates = splits[ok]
+    if len(candidates) == 0:
+        return None
+    ranks = _ranks(kv)
+    k = candidates.astype(np.float64)
+    u = 2.0 * np.cumsum(ranks)[candidates - 1] - k * (kn + 1.0)
+    z = np.abs(u) / np.sqrt(k * (kn - k) * (kn + 1.0) / 3.0)
+    best = int(np.argmax(z))
+    b = float(z[best])
+    t0, t1 = float(candidates[0]) / kn, float(candidates[-1]) / kn
+    if t0 == t1:
+        t0, t1 = max(t0 - 0.5 / kn, 0.5 / kn), min(t1 + 0.5 / kn, 1 - 0.5 / kn)
+    p = _scan_p(b, t0, t1)
+    # where: least absolute deviations over the kept buckets near the best split, then over the requests of the
+    # two buckets at the boundary
+    reach = min(12, max(3, kn // 20))
+    lo = int(candidates[max(0, best - reach)])
+    hi = int(candidates[min(len(candidates) - 1, best + reach)])
+    split = _lad_split(kv, lo, hi)
+    mb, ma = float(np.median(kv[:split])), float(np.median(kv[split:]))
+    start, end = int(first[keep[split - 1]]), int(ends[keep[split]])
+    near = resid[start:end]
+    cost_before = np.r_[0.0, np.cumsum(np.abs(near - mb))]
+    cost_after = np.r_[np.cumsum(np.abs(near - ma)[::-1])[::-1], 0.0]
+    index = min(max(start + int(np.argmin(cost_before + cost_after)), m), n - m)
+    return _Pass(p, b, resid, kv, keep, burst, split, index)
+
+
+def change_point(
+    values: Sequence[float] | np.ndarray,
+    settings: Settings = Settings(),
+    times_us: Sequence[int] | np.ndarray | None = None,
+) -> ChangePoint | None:
+    """The most likely single change in ``values`` (positive, in time order), or None when there is none worth
+    reporting. With ``times_us`` (when each ran, sorted) the values are bucketed by hour, deseasonalised, cleared of
+    bursts and held to ``min_duration_s``; without, each value is tested on its own (no seasons, no durations)."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    m = settings.min_segment
+    if n < 2 * m or not np.all(x > 0):
+        return None
+    logs = np.log(x)
+    timed = times_us is not None
+    if times_us is None:
+        ids = np.arange(n)
+        times = np.arange(n, dtype=np.int64)
+    else:
+        times = np.asarray(times_us, dtype=np.int64)
+        # a short series keeps about 120 buckets: chunks of fewer requests (down to one) when it has fewer than
+        # 120 × bucket_requests
+        ids = _bucket(times, min(settings.bucket_requests, max(1, n // 120)))
+    first = np.r_[0, np.flatnonzero(ids[1:] != ids[:-1]) + 1]  # each bucket's first value
+    ends = np.r_[first[1:], n]
+    btimes = times[first]
+    bvals = _medians(logs, ids, first, ends) if timed else logs
+    season, seasonal = (np.zeros(len(bvals)), "none (no times)")
+    if timed:  # first the coarse profile, which a step absorbs least, to find where a step is
+        season, seasonal = _seasons(btimes, bvals, detail=False)
+    found = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
+    if found is not None and timed and found.p < 0.01 and np.any(season):
+        # a step inside the window is partly absorbed by the profile (its hours and day kind have more values
+        # after it): estimate the full profile with the step measured so far taken out of the buckets after it,
+        # and test again, until the step measured is the step taken out
+        estimated = _seasons(btimes, bvals)[1]
+        shift = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
+        tried: list[tuple[float, float]] = []  # (step taken out, step measured)
+        for _ in range(4):
+            split = found.keep[found.split]
+            season, seasonal = _seasons(btimes, bvals - shift * (np.arange(len(bvals)) >= split))
+            again = _test(logs, ids, first, ends, btimes, bvals, season, settings, timed)
+            if again is None:
+                break
+            found = again
+            moved = float(np.median(found.kept[found.split :]) - np.median(found.kept[: found.split]))
+            if abs(moved - shift) < 0.005:
+                break
+            tried.append((shift, moved))
+            shift = moved
+            if len(tried) >= 2:  # the measured step is about linear in the one taken out: where they agree
+                (s0, m0), (s1, m1) = tried[-2], tried[-1]
+                slope = (m1 - m0) / (s1 - s0) if s1 != s0 else 0.0
+                if 0.0 <= slope < 0.9:
+                    shift = (m1 - slope * s1) / (1 - slope)
+        seasonal = estimated + " (estimated again with the step taken out)"
+    if found is None or found.p >= settings.alpha:
+        return None
+    index, resid, burst, kv, split = found.index, found.resid, found.burst, found.kept, found.split
+    # how large: the deseasonalised requests on either side (bursts left out)
+    kept_value = ~burst[ids]
+    before_side, after_side = resid[:index][kept_value[:index]], resid[index:][kept_value[index:]]
+    if len(before_side) < m or len(after_side) < m:
+        return None
+    if timed and times[-1] - times[index] < min(settings.min_duration_s * 1e6, float(times[-1] - times[0]) / 4):
+        return None
+    lb, la = float(np.median(before_side)), float(np.median(after_side))
+    before, after = math.exp(lb), math.exp(la)
+    # large enough: the change's 95 % interval reaches min_change (a step of exactly min_change is estimated
+    # below it half of the time); the standard error of the difference of the two sides' medians, from the
+    # buckets' spread around their side's median
+    bb, ba = kv[:split], kv[split:]
+    spread = 1.4826 * float(np.median(np.abs(np.r_[bb - np.median(bb), ba - np.median(ba)])))
+    error = 1.2533 * spread * math.sqrt(1 / len(bb) + 1 / len(ba))
+    up = math.log1p(settings.min_change)
+    down = math.log1p(-settings.min_change) if settings.min_change < 1 else -math.inf
+    if down + 1.96 * error < la - lb < up - 1.96 * error:
+        return None
+    # it persists: each third of the after side moved by half of min_change and a third of the change at least,
+    # the same way (two bursts
+    # with a gap between them at the end of the window move the median of the whole after side, not every third)
+    floor = max(math.log1p(settings.min_change / 2), abs(la - lb) / 3) * (1 if la > lb else -1)
+    for part in np.array_split(after_side, 3):
+        moved = float(np.median(part)) - lb
+        if (moved < floor) if la > lb else (moved > floor):
+            return None
+    return ChangePoint(
+        index=index,
+        before_median=before,
+        after_median=after,
+        p_value=found.p,
+        buckets=len(kv),
+        seasonal=seasonal,
+        bursts_removed=int(burst.sum()),
+        statistic=found.statistic,
+    )
 
 
 def _metric(row: dict[str, Any], metric: str) -> float | None:
@@ -135,27 +464,36 @@ def _number(value: Any) -> float | None:
     return float(value) if type(value) in (int, float) and math.isfinite(value) else None
 
 
+def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """A series' successful requests the search examines: those that ran within ``window_s`` before its newest
+    request (event time), at most ``window`` of them, in the order they ran (contended ones included)."""
+    query = Query(device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"])
+    rows = [
+        dict(zip(_COLUMNS, values, strict=True))
+        for values in store.latest_columns(query, _COLUMNS, settings.window, by_event=True)
+        if values[1]
+    ]
+    rows = [r for r in rows if type(r["started_us"]) is int]
+    if rows:
+        cutoff = rows[-1]["started_us"] - int(settings.window_s * 1e6)
+        rows = [r for r in rows if r["started_us"] >= cutoff]
+    return rows
+
+
 def find_regressions(
     store: Store, settings: Settings = Settings(), excluded: dict[str, int] | None = None
 ) -> list[dict[str, Any]]:
     """Every series' change points (regressions and improvements), worst regressions first. Contended requests
-    are left out unless ``settings.include_contended``; each finding says how many of its series' latest
-    ``window`` successful requests were (``contended_excluded``), and ``excluded["contended"]`` (when given) adds up
-    those of every series searched."""
+    are left out unless ``settings.include_contended``; each finding says how many of its series' examined
+    successful requests were (``contended_excluded``), and ``excluded["contended"]`` (when given) adds up those of
+    every series searched."""
     found = []
     # bounded by construction: a device that sent thousands of model names costs MAX_SERIES_PER_DEVICE searches
     entries, _ = bound_series(store.series(), MAX_SERIES_PER_DEVICE)
     for entry in entries:
         if entry["kind"] != "inference":
             continue
-        query = Query(
-            device=entry["device_id"], kind="inference", model=entry["model_name"], strategy=entry["strategy"]
-        )
-        rows = [
-            dict(zip(_COLUMNS, values, strict=True))
-            for values in store.latest_columns(query, _COLUMNS, settings.window)
-            if values[1]
-        ]
+        rows = read_series(store, entry, settings)
         left_out = 0
         if not settings.include_contended:
             kept = [r for r in rows if not r["contended"]]
@@ -164,8 +502,10 @@ def find_regressions(
         if excluded is not None:
             excluded["contended"] = excluded.get("contended", 0) + left_out
         for metric in METRICS:
-            points = [(r, v) for r in rows if (v := _metric(r, metric)) is not None]
-            cp = change_point([v for _, v in points], settings)
+            points = [(r, v) for r in rows if (v := _metric(r, metric)) is not None and v > 0]
+            if len(points) < 2 * settings.min_segment:
+                continue
+            cp = change_point([v for _, v in points], settings, [r["started_us"] for r, _ in points])
             if cp is None:
                 continue
             worse = (cp.change > 0) == HIGHER_IS_WORSE[metric]
@@ -192,6 +532,17 @@ def find_regressions(
                     "engine_before": engines[0],
                     "engine_after": engines[1],
                     "contended_excluded": left_out,
+                    "evidence": {
+                        "before_from_us": points[0][0]["started_us"],
+                        "after_until_us": points[-1][0]["started_us"],
+                        "n": len(points),
+                        "buckets": cp.buckets,
+                        "method": method_text(settings),
+                        "seasonal": cp.seasonal,
+                        "bursts_removed": cp.bursts_removed,
+                        "statistic": round(cp.statistic, 3),
+                    },
+                    "confidence": 1.0 - cp.p_value,
                 }
             )
     found.sort(key=lambda f: (f["kind"] != "regression", -abs(f["change"])))
@@ -270,8 +621,13 @@ def recent_level(store: Store, key: tuple[Any, ...], settings: Settings) -> floa
 
 
 def recovered(obj: dict[str, Any], level: float | None, settings: Settings) -> bool:
-    before = obj["before_median"]
-    return level is not None and before > 0 and abs(level - before) / before < settings.min_change
+    """Whether the series' recent ``level`` is back: nearer the level before the change than the level after it
+    (in ratio: past the geometric midpoint). A ×1.15 step is a 15 % change; "within ``min_change`` of before" would
+    call it recovered at its own after level, and the plain recent median swings with the time of day."""
+    before, after = obj["before_median"], obj["after_median"]
+    if level is None or level <= 0 or before <= 0 or after <= 0 or before == after:
+        return False
+    return abs(math.log(level / before)) < abs(math.log(level / after))
 
 
 def _is_recovery(finding: dict[str, Any], old: dict[str, Any], settings: Settings) -> bool:
@@ -315,7 +671,15 @@ class Watch:
                 levels[key] = recent_level(store, key, self.settings)
             return levels[key]
 
-        resolve = [obj["id"] for key, obj in held.items() if recovered(obj, level(key), self.settings)]
+        # an object the search still sees is not recovered, whatever the latest requests' median says (a ×1.15
+        # step's recent median crosses the midpoint at night); one it no longer sees resolves once the recent level
+        # is back nearer the level before
+        seen = {obj["id"] for finding in found if (obj := held.get(_key(finding))) is not None and near(finding, obj)}
+        resolve = [
+            obj["id"]
+            for key, obj in held.items()
+            if obj["id"] not in seen and recovered(obj, level(key), self.settings)
+        ]
         gone = set(resolve)
         confirm: list[tuple[int, dict[str, Any]]] = []
         insert: list[dict[str, Any]] = []
@@ -407,10 +771,7 @@ class Watch:
             "computed_at": computed,
             "interval_s": self.interval_s,
             "state": state,
-            "method": "Pettitt's rank test for one change point in each series' latest requests, "
-            f"p < {self.settings.alpha:g}, median change ≥ {self.settings.min_change:.0%}, "
-            f"≥ {self.settings.min_segment} requests each side, latest {self.settings.window} per series"
-            + ("" if self.settings.include_contended else ", contended requests left out"),
+            "method": method_text(self.settings),
             "include_contended": self.settings.include_contended,
             "contended_excluded": self.contended_excluded,
             "regressions": [f for f in ordered if f["kind"] == "regression"],

@@ -4,8 +4,9 @@
 
 A SQLite store filled with ``devices`` × ``records`` synthetic records (stored as ingest stores them), then
 ``fleet_rows`` (what every fleet page load and /api/v1/fleet read: each series' latest 50 requests, exact
-percentiles, J/token from the records' energy) and ``find_regressions`` (each series' latest 400 requests, three
-metrics, Pettitt's test; every ``fleet.regression_interval``) timed ``repeat`` times.
+percentiles, J/token from the records' energy) and ``find_regressions`` (each series' last 14 days of requests by
+event time, at most 4,000, four metrics; every ``fleet.regression_interval``; bench/regressions.py measures it on a
+seasonal fleet) timed ``repeat`` times.
 """
 
 from __future__ import annotations

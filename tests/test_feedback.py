@@ -856,10 +856,10 @@ def test_a_device_with_thousands_of_model_names_costs_a_bounded_computation(tmp_
     reads: list[str] = []
     latest_columns = store.latest_columns
 
-    def counting(query: Any, columns: Any, limit: int, **order: Any) -> Any:
+    def counting(query: Any, columns: Any, limit: int, **options: Any) -> Any:
         if query.kind == "inference":  # the series' requests (not the device's facts)
             reads.append(query.model)
-        return latest_columns(query, columns, limit, **order)
+        return latest_columns(query, columns, limit, **options)
 
     records = plant("flood", 300, 51, BASE, 18.0)
     for n, record in enumerate(records):

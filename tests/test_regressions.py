@@ -98,7 +98,7 @@ async def test_a_fleet_with_one_planted_regression(aiohttp_client: Any, store: A
     assert re.match(r"TPOT \+(7\d|8\d) % on orin-017 since 2026-11-01 00:31 UTC \(model ", tpot["summary"])
     assert "model " in tpot["summary"] and "unchanged, strategy local unchanged, engine unchanged" in tpot["summary"]
     assert flagged[("orin-017", "tokens_per_second")]["change"] < -0.2
-    assert body["computed_at"].endswith("Z") and "Pettitt" in body["method"]
+    assert body["computed_at"].endswith("Z") and "Mann–Whitney" in body["method"] and "event time" in body["method"]
     # on /metrics for alerting, on the fleet API and on the page
     metrics = (await (await client.get("/metrics")).read()).decode()
     lines = [line for line in metrics.splitlines() if line.startswith("llm_latency_lens_regression_change_ratio{")]
