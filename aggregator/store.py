@@ -1707,15 +1707,24 @@ class SQLiteStore(Store):
             return self._read(sql, [*params, limit])[::-1]
         order = "started_us DESC, seq DESC"
         if query.device is not None:
-            # the device's latest EVENT_WALK_FACTOR × limit rows by time (measurements_device_time, index only):
-            # when ``limit`` of them match, they are the answer — the usual case, a series the device runs now
+            # the device's latest EVENT_WALK_FACTOR × limit rows by time in the query's range
+            # (measurements_device_time, index only); the answer when ``limit`` of them match — the usual case, a
+            # series the device runs now — or when they are all of the device's rows in the range
+            span = "device_id = ?"
+            span_params: list[Any] = [query.device]
+            if query.since_us is not None:
+                span, span_params = f"{span} AND started_us >= ?", [*span_params, query.since_us]
+            if query.until_us is not None:
+                span, span_params = f"{span} AND started_us < ?", [*span_params, query.until_us]
+            index = "measurements INDEXED BY measurements_device_time"
+            walk = f"SELECT seq FROM {index} WHERE {span} ORDER BY {order} LIMIT ?"
+            cap = EVENT_WALK_FACTOR * limit
             sql = (
-                "WITH walked(at) AS (SELECT seq FROM measurements INDEXED BY measurements_device_time "
-                f"WHERE device_id = ? ORDER BY {order} LIMIT ?) SELECT {', '.join(columns)} FROM walked "
-                f"CROSS JOIN measurements ON measurements.seq = walked.at WHERE {where} ORDER BY {order} LIMIT ?"
+                f"WITH walked(at) AS ({walk}) SELECT {', '.join(columns)} FROM walked CROSS JOIN measurements "
+                f"ON measurements.seq = walked.at WHERE {where} ORDER BY {order} LIMIT ?"
             )
-            rows = self._read(sql, [query.device, EVENT_WALK_FACTOR * limit, *params, limit])
-            if len(rows) >= limit:
+            rows = self._read(sql, [*span_params, cap, *params, limit])
+            if len(rows) >= limit or self._read(f"SELECT COUNT(*) FROM ({walk})", [*span_params, cap])[0][0] < cap:
                 return rows[::-1]
         # rows that are few among the device's latest (facts, an old series): sorted through the series index
         # ("+": not walked by time, which would scan the device's whole history for them)

@@ -188,5 +188,7 @@ async def test_the_latest_by_event_time_whichever_way_the_store_reads_them(
         assert [r[0] for r in rows] == sorted(r[0] for r in rows)  # oldest first
         assert sorted(r[1] for r in rows) == pytest.approx(expected)
         answers.append(rows)
+        every = store.latest_columns(query, ("started_us",), 500, by_event=True)  # fewer than asked: all of them
+        assert len(every) == 160 and [r[0] for r in every] == sorted(r[0] for r in every)
     assert answers[0] == answers[1]
     assert store.latest_columns(Query(device=DEVICE, kind="device_facts"), ("seq",), 1, by_event=True) == []
