@@ -120,7 +120,10 @@ def test_busy_loops_beside_the_run_are_cpu_contention(tiny_model: Path, tmp_path
     assert _with(measured, "cpu") == len(measured), measured
     assert min(m["other_cpu_cores"] for m in measured) >= 0.5
     assert all("other processes used" in m["summary"] for m in measured)
-    assert _with(measured, "memory") == 0 and _with(measured, "io") == 0
+    # busy loops hold no memory: never memory pressure. I/O stalls are not asserted either way here: other work's
+    # I/O on a shared machine stalls a request now and then (the quiet run above allows it), and more often while
+    # the CPUs are taken; the fsync test below is where io is held to its cause
+    assert _with(measured, "memory") == 0
 
 
 @pytest.mark.skipif(memory_cgroup_root() is None, reason="no writable memory cgroup (v1 or v2) on this machine")
