@@ -711,7 +711,14 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
                 click.echo(f"  {series['state']:<17} {series['summary'].split(': ', 1)[1]}")
         rows = answer["rows"]
         if rows["truncated"]:
-            click.echo(f"(only the latest {rows['limit']} requests of the window were read)", err=True)
+            named = ", ".join(rows["truncated_devices"]) + (
+                f" and {rows['truncated_devices_more']} more" if rows["truncated_devices_more"] else ""
+            )
+            click.echo(
+                f"(of {named}: only the latest {rows['limit']} requests of the window were read; every other device "
+                "was read whole)",
+                err=True,
+            )
     status = watch.status()
     if status == "insufficient_data":
         unjudged = sum(1 for s in watch.states if s.state == "insufficient_data")

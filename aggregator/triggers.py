@@ -12,7 +12,7 @@ An operator declares them in the aggregator's TOML as ``[[triggers]]`` (none dec
     min_samples = 10
 
 Every ``fleet.trigger_interval`` the aggregator reads the ``kind = 'inference'`` records that started within the
-widest window (its own clock; at most :data:`MAX_WINDOW_ROWS`, the most recently received), keeps each trigger's
+widest window (its own clock; per device at most :data:`MAX_WINDOW_ROWS`, those that ran last), keeps each trigger's
 scope (``device_class`` from each device's latest facts, ``model``, ``strategy``), groups them by device, model and
 the ``settings`` column, and judges each trigger over each series' requests (:func:`judge`, a pure function).
 
@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 from lens_core.config import Invalid, duration_or_zero, int_range, parse_duration
 from lens_core.errors import ConfigError
+from lens_core.record_schema import MAX_FUTURE_US
 from lens_core.settings import MAX_KEY_CHARS, parse_key, settings_key
 
 from .health import FACTS_KIND, facts_from_record
@@ -59,8 +60,11 @@ log = logging.getLogger("aggregator")
 META_KEY = "triggers.fired"
 HISTORY = 500  # fires kept (newest first), in the store and on GET /api/v1/triggers
 MAX_TRIGGERS = 100
-MAX_WINDOW_ROWS = 200_000  # records one evaluation reads (columns only): the most recently received of the window
-MAX_BODY_ROWS = 20_000  # records whose bodies memory_above decodes (rss_peak_bytes is not a column)
+# Read per device, so that one device sending floods of requests cannot push the others' out of the evaluation:
+MAX_WINDOW_ROWS = 20_000  # records of ONE device one evaluation reads (columns only): those of the window that ran last
+MAX_BODY_ROWS = 2_000  # records of one device whose bodies memory_above decodes (rss_peak_bytes is not a column)
+MAX_NAMED_DEVICES = 20  # devices whose read was cut named in the answer (the rest counted)
+FUTURE_SLACK_US = MAX_FUTURE_US  # a request starts at most this long after its batch is received (ingest's bound)
 MAX_SERIES_PER_DEVICE = 500  # series of one device judged per evaluation: those with the latest requests
 MAX_KEPT_FIRES = 50_000  # trigger × series last fires kept for their cooldowns (the newest)
 MAX_WINDOW_S = 7 * 86_400.0
@@ -1132,6 +1136,7 @@ class Observation(NamedTuple):
     evaluations: list[Evaluation]
     rows: RowCount
     truncated: bool
+    truncated_devices: tuple[str, ...] = ()  # devices whose window held more than the per-device bounds
 
 
 class Settled(NamedTuple):
@@ -1169,6 +1174,7 @@ class TriggerWatch:
         self.evaluated_us: int | None = None
         self.rows = RowCount()
         self.truncated = False
+        self.truncated_devices: tuple[str, ...] = ()
         self.failures = 0
         self.unreadable_kept = 0
         self._holding: dict[str, list[dict[str, Any]]] = {}
@@ -1189,19 +1195,32 @@ class TriggerWatch:
         if not self.triggers:
             return Observation(now_us, [], RowCount(), False)
         longest = max(t.widest_s for t in self.triggers)
-        query = Query(kind="inference", since_us=now_us - int(longest * 1e6), until_us=now_us + 1)
+        since_us = now_us - int(longest * 1e6)
         counts = RowCount()
-        rows = store.latest_columns(query, COLUMNS, MAX_WINDOW_ROWS)
-        truncated = len(rows) >= MAX_WINDOW_ROWS
-        samples = samples_from_columns(rows, counts)
-        bodies: list[Sample] = []
         memory = [t for t in self.triggers if t.condition == "memory_above"]
-        if memory:
-            longest_memory = max(t.widest_s for t in memory)
-            body_query = Query(kind="inference", since_us=now_us - int(longest_memory * 1e6), until_us=now_us + 1)
-            body_rows = store.latest_columns(body_query, BODY_COLUMNS, MAX_BODY_ROWS)
-            truncated = truncated or len(body_rows) >= MAX_BODY_ROWS
-            bodies = samples_from_bodies(body_rows, counts)
+        memory_since_us = now_us - int(max(t.widest_s for t in memory) * 1e6) if memory else None
+        samples: list[Sample] = []
+        bodies: list[Sample] = []
+        cut: list[str] = []
+        # one bounded read per device: a device that floods the window with requests has its own read cut to its
+        # latest ones, and every other device is still read whole (one read of the whole window, bounded in total,
+        # let a flood push every other device out: all clear while they failed)
+        for known in store.devices():
+            device_id = known["device_id"]
+            # a device's requests started before it sent them (a clock a day ahead at most: ingest's bound)
+            if (known.get("last_seen_us") or 0) < since_us - FUTURE_SLACK_US:
+                continue
+            query = Query(device=device_id, kind="inference", since_us=since_us, until_us=now_us + 1)
+            rows = store.latest_columns(query, COLUMNS, MAX_WINDOW_ROWS, by_event=True)
+            truncated = len(rows) >= MAX_WINDOW_ROWS
+            samples.extend(samples_from_columns(rows, counts))
+            if memory_since_us is not None:
+                body_query = Query(device=device_id, kind="inference", since_us=memory_since_us, until_us=now_us + 1)
+                body_rows = store.latest_columns(body_query, BODY_COLUMNS, MAX_BODY_ROWS, by_event=True)
+                truncated = truncated or len(body_rows) >= MAX_BODY_ROWS
+                bodies.extend(samples_from_bodies(body_rows, counts))
+            if truncated:
+                cut.append(device_id)
         classes: dict[str, str | None] = {}
         if any(t.device_classes is not None for t in self.triggers):
             for device in sorted({s.device_id for s in samples} | {s.device_id for s in bodies}):
@@ -1215,7 +1234,7 @@ class TriggerWatch:
             counts=counts,
             device_classes=classes,
         )
-        return Observation(now_us, evaluations, counts, truncated)
+        return Observation(now_us, evaluations, counts, bool(cut), tuple(cut))
 
     def settle(self, store: Store, observation: Observation, *, record: bool = True) -> Settled:
         """Decides which series fire, against the fires the store keeps (another replica's too), and records the
@@ -1259,6 +1278,7 @@ class TriggerWatch:
         self.recent = settled.recent
         self.rows = settled.observation.rows
         self.truncated = settled.observation.truncated
+        self.truncated_devices = settled.observation.truncated_devices
         self.evaluated_us = settled.observation.now_us
         self._holding = holding
 
@@ -1381,7 +1401,11 @@ class TriggerWatch:
             "rows": {
                 "read": self.rows.read,
                 "limit": MAX_WINDOW_ROWS,
+                "body_limit": MAX_BODY_ROWS,
+                "per": "device",
                 "truncated": self.truncated,
+                "truncated_devices": list(self.truncated_devices[:MAX_NAMED_DEVICES]),
+                "truncated_devices_more": max(0, len(self.truncated_devices) - MAX_NAMED_DEVICES),
                 "skipped": self.rows.skipped,
                 "unreadable_settings": self.rows.unreadable_settings,
                 "undecodable_bodies": self.rows.undecodable,

@@ -27,6 +27,7 @@ from aggregator.app import Settings, create_app, evaluate_triggers
 from aggregator.config import load_aggregator_config
 from aggregator.triggers import (
     DEFAULT_BURN_WINDOWS,
+    MAX_WINDOW_ROWS,
     Sample,
     Trigger,
     TriggerWatch,
@@ -378,6 +379,43 @@ async def test_exit_statuses_of_the_triggers_command(
     notes = {s["device_id"]: s["note"] for s in answer["triggers"][0]["series"]}
     assert notes[SLOW] == "9 successful requests with TTFT in the last 1 h; 20 needed"
     assert notes[QUIET] == "10 successful requests with TTFT in the last 1 h; 20 needed"
+    store.close()
+
+
+async def test_a_device_flooding_the_window_does_not_hide_the_others(
+    aiohttp_client: Any, db: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One device (its token stolen) sends more requests into the last hour than one device's read holds, claiming a
+    device class: every other device is still read whole, so the ×3-slow device still holds its trigger (exit 1,
+    not an all clear), and the answer names the flooding device as the one whose read was cut."""
+    store = open_store(db)
+    client = await aiohttp_client(create_app(Settings(), store))
+    now = time.time()
+    await ingest(client, store, now, fleet(now))
+    flooder = "edge-flood"
+    token = store.add_token(flooder, "device", int(now * 1e6))
+    facts = facts_record(flooder, datetime.fromtimestamp(now - 1800, tz=timezone.utc), device_class="rpi-5")
+    n = MAX_WINDOW_ROWS + 500
+    flood = synthetic_records(n, seed=99, device_id=flooder)
+    for i, r in enumerate(flood):
+        r["started_at"] = _iso(now - 1800 + i * (1500 / n))  # all within the last half hour
+        r["model_name"], r["strategy"] = MODEL_A, "local"
+    for start in range(0, n, 9_000):
+        batch = flood[start : start + 9_000] + ([facts] if start == 0 else [])
+        response = await client.post("/api/v1/ingest", data=make_batch(batch, device=flooder), headers=auth(token))
+        assert response.status == 200, await response.text()
+    path = tmp_path / "low.toml"
+    path.write_text(LOW_RATE_TOML)
+    code, out, err = run_cli("triggers", "--config", str(path), "--db", str(db), "--json", capsys=capsys)
+    answer = json.loads(out)
+    assert code == 1 and answer["status"] != "ok", (code, answer["status"])
+    held = {(s["device_id"], t["name"]) for t in answer["triggers"] for s in t["series"] if s["state"] == "firing"}
+    assert {(SLOW, "slow-ttft"), (SLOW, "slow-ttft-critical")} <= held, held
+    rows = answer["rows"]
+    assert rows["truncated"] and rows["truncated_devices"] == [flooder] and rows["per"] == "device"
+    assert rows["read"] >= MAX_WINDOW_ROWS + 8 * 30  # the flood's cut read, and the 8 others' 4 hours (widest)
+    code, _, err = run_cli("triggers", "--config", str(path), "--db", str(db), capsys=capsys)
+    assert code == 1 and f"of {flooder}: only the latest {MAX_WINDOW_ROWS} requests" in err, err
     store.close()
 
 
