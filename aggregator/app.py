@@ -791,7 +791,8 @@ async def evaluate_triggers(app: web.Application) -> TriggerWatch:
         return watch
     found: list[dict[str, Any]] = []
     if watch.needs_regressions:
-        found = (await refresh_regressions(app)).found
+        searched = await refresh_regressions(app)
+        found = regressions.for_triggers(searched.found, searched.active)
     runner = app[STORE]
     observation = await runner.read(watch.observe, runner.store, found)
     settled = await runner.call(watch.settle, runner.store, observation)

@@ -691,9 +691,12 @@ def triggers_command(config_path: Path | None, db: str | None, as_json: bool, in
         watch.load(store)
         found: list[dict[str, object]] = []
         if watch.needs_regressions:
-            from .regressions import find_regressions
+            from .regressions import MAX_ACTIVE_READ, find_regressions, for_triggers
 
-            found = find_regressions(store, _detection(config, include_contended or None))
+            found = for_triggers(
+                find_regressions(store, _detection(config, include_contended or None)),
+                store.regressions("active", limit=MAX_ACTIVE_READ),
+            )
         watch.evaluate(store, found, record=False)
     except QueryTimeout as exc:
         raise LensError(f"the triggers could not be evaluated: {exc}") from None

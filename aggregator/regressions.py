@@ -596,6 +596,15 @@ def near(finding: dict[str, Any], obj: dict[str, Any]) -> bool:
     return lo <= int(obj["since_us"]) <= hi
 
 
+def for_triggers(found: list[dict[str, Any]], active: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a trigger's ``regression`` condition judges: the open regression objects (kept until their series
+    recovers, whether or not the latest search still sees them) and the latest search's findings not yet kept —
+    never a change an operator acknowledged (acknowledging is how a known regression stops alerting)."""
+    acknowledged = [o for o in active if o["state"] == "acknowledged"]
+    fresh = [f for f in found if not any(_key(o) == _key(f) and near(f, o) for o in acknowledged)]
+    return [o for o in active if o["state"] == "open"] + fresh
+
+
 def recent_level(store: Store, key: tuple[Any, ...], settings: Settings) -> float | None:
     """The series' recent level of the key's metric: the median over its latest ``min_segment`` successful requests
     by event time (contended ones left out unless ``include_contended``); None with fewer such requests."""

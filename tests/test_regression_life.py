@@ -12,19 +12,21 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.synthetic import synthetic_records
-from aggregator.app import Settings, create_app, parse_batch
+from aggregator.app import Settings, create_app, evaluate_triggers, parse_batch
+from aggregator.config import load_aggregator_config
 from aggregator.metrics import FleetMetrics
 from aggregator.regressions import MAX_OPEN_PER_DEVICE
 from aggregator.store import SCHEMA_VERSION, RegressionChanges
 
 from .test_aggregator import auth, make_batch
+from .test_device_page import retime
 from .test_regressions import slower_from
 
 NOW = time.time_ns() // 1000
@@ -360,3 +362,34 @@ def test_the_device_page_shows_the_regression_objects_in_a_browser(tmp_path: Pat
     assert "tpot_ms" in table and "tokens_per_second" in table and "requests before" in table
     assert "confidence 1.000" in table or "confidence 0.99" in table
     assert "regression acknowledged: TPOT +" in html  # among the health reasons, the state not raised by it
+
+
+async def test_an_acknowledged_regression_stops_alerting_through_the_shipped_trigger(
+    aiohttp_client: Any, store: Any
+) -> None:
+    """The shipped ``slower-decoding`` trigger (a TPOT regression) holds while the regression is open; once an
+    operator acknowledges it, the trigger no longer holds — in the server and in ``lens-aggregator triggers`` —
+    and health no longer warns of it: acknowledging is how a known regression stops alerting."""
+    shipped = load_aggregator_config(REPO / "configs" / "aggregator.toml", environ={}).tables["triggers"]
+    triggers = [t for t in shipped if t.name == "slower-decoding"]
+    token = store.add_token(DEVICE, "device", NOW)
+    operator = store.add_token("alice", "operator", NOW)
+    app = create_app(Settings(regression_interval_s=0.0), store, triggers=triggers)
+    client = await aiohttp_client(app)
+    # the requests of the last 7 hours: within the trigger's 24 h window
+    await _upload(client, token, retime(_records()[:400], datetime.now(timezone.utc) - timedelta(minutes=10), 60))
+
+    def holds(answer: dict[str, Any]) -> set[str]:
+        return {s["device_id"] for s in answer["holding"] if s["trigger"] == "slower-decoding"}
+
+    assert holds((await evaluate_triggers(app)).answer()) == {DEVICE}
+    tpot = next(r for r in (await _listed(client))["regressions"] if r["metric"] == "tpot_ms")
+    acked = await client.post(f"/api/v1/regressions/{tpot['id']}/acknowledge", headers=auth(operator), json={})
+    assert acked.status == 200, await acked.text()
+    assert holds((await evaluate_triggers(app)).answer()) == set()
+    row = (await (await client.get("/api/v1/fleet")).json())["devices"][0]
+    assert row["regressions_open"] == 1 and len(row["regressions_acknowledged"]) == 1  # tok/s: still open
+    config = REPO / "configs" / "aggregator.toml"
+    done = _cli("triggers", "--config", str(config), "--db", _db(store), "--json")
+    answer = json.loads(done.stdout)
+    assert DEVICE not in holds(answer), answer["holding"]
