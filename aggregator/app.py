@@ -859,15 +859,23 @@ async def triggers_endpoint(request: web.Request) -> web.Response:
     except api.BadParameter as exc:
         return _error(400, str(exc), parameter=exc.name)
 
-    def build(store: Store) -> dict[str, Any]:
+    wanted = query.get("trigger") or None
+    if wanted is not None and wanted not in watch.by_name:
+        configured = ", ".join(sorted(watch.by_name)) or "none"
+        return _error(404, f"no trigger named {wanted!r} is configured (configured: {configured})", parameter="trigger")
+    device = query.get("device") or None
+
+    def build(store: Store) -> dict[str, Any] | None:
+        if device is not None and store.device(device) is None:
+            return None
         return watch.answer(
-            max_series=settings.max_read_series,
-            device=query.get("device") or None,
-            trigger=query.get("trigger") or None,
-            deadline=reads.deadline_of(store),
+            max_series=settings.max_read_series, device=device, trigger=wanted, deadline=reads.deadline_of(store)
         )
 
-    return web.json_response(await runner.read(settings.bounded(build), runner.store))
+    answer = await runner.read(settings.bounded(build), runner.store)
+    if answer is None:
+        return _error(404, f"no device {device!r} has sent a batch to this aggregator", parameter="device")
+    return web.json_response(answer)
 
 
 @read_endpoint

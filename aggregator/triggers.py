@@ -1310,10 +1310,16 @@ class TriggerWatch:
             return "firing"
         if any(s.state == "insufficient_data" for s in states):
             return "insufficient_data"
-        if device is None:
-            seen = {s.trigger.name for s in states}
-            if any(t.name not in seen for t in self.triggers if trigger is None or t.name == trigger):
-                return "insufficient_data"
+        # a trigger with no series at all (of this device, when one is asked for) saw nothing: not "all clear" — a
+        # device that stopped sending, or a typo in ?device=, is not a healthy one
+        # (of one device, a trigger scoped by class, model or strategy may simply not apply to it: only an unscoped
+        # one is held to having seen the device)
+        seen = {s.trigger.name for s in states}
+        wanted = [
+            t for t in self.triggers if (trigger is None or t.name == trigger) and (device is None or not t.scope())
+        ]
+        if any(t.name not in seen for t in wanted):
+            return "insufficient_data"
         return "ok"
 
     def answer(
@@ -1397,7 +1403,11 @@ class TriggerWatch:
                 if trigger is None or t.name == trigger
             ],
             "holding": holding,
-            "fires": self.recent,
+            "fires": [
+                f
+                for f in self.recent
+                if (device is None or f.get("device_id") == device) and (trigger is None or f.get("trigger") == trigger)
+            ],
             "rows": {
                 "read": self.rows.read,
                 "limit": MAX_WINDOW_ROWS,

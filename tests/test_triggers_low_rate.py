@@ -200,6 +200,40 @@ async def test_health_and_the_device_page_show_what_holds(aiohttp_client: Any, s
     assert data["device"]["health"] == "critical" and 'id="trigger-list"' in page
 
 
+async def test_the_api_filters_name_what_they_do_not_know_and_never_say_all_clear_about_nothing(
+    aiohttp_client: Any, store: Any
+) -> None:
+    """?trigger= of no configured trigger and ?device= of no known device are 404s naming the parameter (a typo is
+    not "ok"); a device an unscoped trigger saw nothing of is insufficient_data; the fires listed are those of the
+    filter."""
+    clock = Clock(time.time())
+    toml = LOW_RATE_TOML + table(name="any-failure", condition="consecutive_failures", threshold=1, window="15m")
+    client = await aiohttp_client(
+        create_app(Settings(trigger_interval_s=3600.0), store, triggers=triggers_from_toml(toml), clock=clock)
+    )
+    await ingest(client, store, clock.now, fleet(clock.now))
+    gone = "edge-gone"  # stopped sending 9 hours ago: nothing in any trigger's widest window
+    token = store.add_token(gone, "device", int(clock.now * 1e6))
+    old = device_records(gone, clock.now - 9 * 3600, 777)
+    response = await client.post("/api/v1/ingest", data=make_batch(old, device=gone), headers=auth(token))
+    assert response.status == 200, await response.text()
+    await evaluate_triggers(client.app)
+    for query, parameter in (("trigger=slow-tfft", "trigger"), ("device=edge-sloww", "device")):
+        response = await client.get(f"/api/v1/triggers?{query}")
+        body = await response.json()
+        assert response.status == 404 and body["parameter"] == parameter, body
+    everything = await (await client.get("/api/v1/triggers")).json()
+    assert everything["status"] == "firing" and {f["device_id"] for f in everything["fires"]} == {SLOW}
+    silent = await (await client.get(f"/api/v1/triggers?device={gone}")).json()
+    # the unscoped triggers saw none of its requests: not judged, so not "ok"
+    assert silent["status"] == "insufficient_data" and silent["fires"] == [], silent["status"]
+    quiet = await (await client.get(f"/api/v1/triggers?device={QUIET}")).json()
+    # out of slow-ttft-critical's scope (strategy local), judged by the others: ok
+    assert quiet["status"] == "ok" and quiet["fires"] == [], quiet["status"]
+    one = await (await client.get(f"/api/v1/triggers?device={SLOW}&trigger=slow-ttft")).json()
+    assert one["status"] == "firing" and {(f["device_id"], f["trigger"]) for f in one["fires"]} == {(SLOW, "slow-ttft")}
+
+
 def test_the_device_page_renders_the_trigger_states_in_a_browser(tmp_path: Path) -> None:
     """Headless Chromium draws the device page's trigger section: each trigger's state on the device's series."""
     from aiohttp import ClientSession, web
