@@ -35,13 +35,13 @@ from .metrics import CONTENT_TYPE, ExpositionCache, FleetMetrics, OtlpCollector,
 from .otlp_forward import Forwarder, OtlpSettings, otlp_settings
 from .pages import DEVICE_PAGE, FLEET_PAGE, LOGIN_PAGE, not_found, with_data
 from .store import (
-    MAX_REGRESSION_NOTE_CHARS,
     QueryTimeout,
     RecordRow,
     Store,
     TokenInfo,
     average_power,
     energy_per_token,
+    note_problem,
     record_settings,
 )
 from .triggers import Trigger, TriggerWatch
@@ -764,8 +764,9 @@ async def acknowledge_regression(
         if unknown:
             raise campaigns.bad(f"$.{unknown[0]}", "not a field here; the only field is 'note'")
         note = body.get("note")
-        if note is not None and (type(note) is not str or len(note) > MAX_REGRESSION_NOTE_CHARS):
-            raise campaigns.bad("$.note", f"a string of at most {MAX_REGRESSION_NOTE_CHARS} characters")
+        problem = note_problem(note) if note is not None else None
+        if problem is not None:
+            raise campaigns.bad("$.note", problem)
     regression_id = int(raw_id)
     before = await context.call(
         context.store.acknowledge_regression, regression_id, token.subject, note, context.now_us()

@@ -815,10 +815,11 @@ def regressions_ack(
     """
     import getpass
 
-    from .store import MAX_REGRESSION_NOTE_CHARS
+    from .store import note_problem
 
-    if note is not None and len(note) > MAX_REGRESSION_NOTE_CHARS:
-        raise UsageError(f"--note: {len(note)} characters; at most {MAX_REGRESSION_NOTE_CHARS}")
+    problem = note_problem(note) if note is not None else None
+    if problem is not None:
+        raise UsageError(f"--note: {problem}")
     config = _config(config_path, db)
     store = _open_store(config, "write")
     try:

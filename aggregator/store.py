@@ -24,6 +24,7 @@ import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1177,6 +1178,27 @@ REGRESSION_INDEXES = (
     "CREATE INDEX IF NOT EXISTS regressions_device ON regressions (device_id, state, id)",
 )
 MAX_REGRESSION_NOTE_CHARS = 1000
+
+
+def note_problem(note: object) -> str | None:
+    """Why ``note`` cannot be a regression's acknowledgement note (it is shown on pages, in the CLI's output and
+    stored as UTF-8), or None: a string of at most :data:`MAX_REGRESSION_NOTE_CHARS` characters, valid Unicode (no
+    lone surrogate), with no control characters (one line) and no format characters (bidi overrides, zero-width
+    characters: text that reads differently from what it holds)."""
+    if type(note) is not str:
+        return f"a string of at most {MAX_REGRESSION_NOTE_CHARS} characters"
+    if len(note) > MAX_REGRESSION_NOTE_CHARS:
+        return f"{len(note)} characters; at most {MAX_REGRESSION_NOTE_CHARS}"
+    for position, char in enumerate(note):
+        category = unicodedata.category(char)
+        if category == "Cs":
+            return f"holds a lone surrogate (U+{ord(char):04X}) at position {position}: not valid Unicode text"
+        if category in ("Cc", "Cf"):
+            kind = "control" if category == "Cc" else "format (bidi or zero-width)"
+            return f"holds the {kind} character U+{ord(char):04X} at position {position}; a note is one line of text"
+    return None
+
+
 MAX_EVIDENCE_CHARS = 8192  # a finding's evidence and extras as stored JSON; larger: the extras only
 _REGRESSION_EXTRAS = ("since_received_us", "engine_before", "engine_after", "contended_excluded")
 _MAX_ENGINES, _MAX_ENGINE_CHARS = 8, 128

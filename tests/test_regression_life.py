@@ -131,6 +131,10 @@ async def test_open_confirmed_acknowledged_resolved_and_kept_across_a_restart(ai
     assert bad.status == 400 and (await bad.json())["path"] == "$.notes"
     bad = await client.post(url, json={"note": "n" * 1001}, headers=auth(operator))
     assert bad.status == 400 and (await bad.json())["path"] == "$.note"
+    # text that is not valid Unicode, or reads otherwise than it holds, or spans lines: named, never a 500
+    for note, said in (("a\ud800b", "lone surrogate"), ("ok\u202egnp.exe", "U+202E"), ("a\rb\x07", "U+000D")):
+        bad = await client.post(url, json={"note": note}, headers=auth(operator))
+        assert bad.status == 400 and (await bad.json())["path"] == "$.note" and said in (await bad.json())["message"]
     missing = await client.post("/api/v1/regressions/999999/acknowledge", headers=auth(operator))
     assert missing.status == 404 and (await missing.json())["error"] == "no_such_regression"
     wrong = await client.post("/api/v1/regressions/abc/acknowledge", headers=auth(operator))
@@ -146,6 +150,8 @@ async def test_open_confirmed_acknowledged_resolved_and_kept_across_a_restart(ai
     done = _cli("regressions", "ack", str(tps_id), "--by", "bob", "--db", _db(store))
     assert done.returncode == 0 and f"regression {tps_id}: acknowledged" in done.stdout, done.stderr
     assert _cli("regressions", "ack", "999999", "--db", _db(store)).returncode == 2
+    surrogate = _cli("regressions", "ack", str(tps_id), "--note", "a\udced\udca0\udc80b", "--db", _db(store))
+    assert surrogate.returncode == 2 and "--note:" in surrogate.stderr and "Traceback" not in surrogate.stderr
     listed = _cli("regressions", "--state", "acknowledged", "--json", "--db", _db(store))
     assert listed.returncode == 0, listed.stderr
     cli_items = json.loads(listed.stdout)["regressions"]
