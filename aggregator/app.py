@@ -7,6 +7,7 @@ Routes: ``POST /api/v1/ingest`` (device token), ``GET /api/v1/health`` (open, ti
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import json
 import logging
@@ -628,9 +629,20 @@ async def refresh_regressions(app: web.Application, *, force: bool = False) -> r
             done = await runner.call(watch.settle, runner.store, observation, now)
             active = await runner.read(watch.load, runner.store)
             watch.apply(observation, active, done, time.monotonic(), now)
-            for what in ("opened", "resolved", "left_out"):
+            for what in ("opened", "resolved"):
                 if done.get(what):
-                    log.info("regressions: %d %s (%s)", len(done[what]), what, done[what][:20])
+                    log.info("regressions: %d %s (ids %s)", len(done[what]), what, done[what][:20])
+            if done.get("left_out"):
+                inserts = observation.changes.insert
+                by_device = collections.Counter(
+                    inserts[i]["device_id"] for i in done["left_out"] if 0 <= i < len(inserts)
+                )
+                log.warning(
+                    "regressions: %d found but not kept: their devices hold %d open or acknowledged already (%s)",
+                    len(done["left_out"]),
+                    regressions.MAX_OPEN_PER_DEVICE,
+                    ", ".join(f"{device} {n}" for device, n in by_device.most_common(10)),
+                )
             app[METRICS].regressions(observation.found)
             app[METRICS].regressions_open(watch.open_counts())
     return watch

@@ -1319,7 +1319,7 @@ class RegressionSQL:
             rows = run(confirm_sql, [*_figures(finding), now_us, regression_id])
             done["confirmed"] += [int(r[0]) for r in rows]
         devices: set[str] = set()
-        for finding in changes.insert:
+        for position, finding in enumerate(changes.insert):
             key = [
                 finding["device_id"],
                 finding["model_name"] if finding["model_name"] is not None else NULL_NAME,
@@ -1340,7 +1340,7 @@ class RegressionSQL:
                 "SELECT COUNT(*) FROM regressions WHERE device_id = ? AND state <> 'resolved'", [finding["device_id"]]
             )[0][0]
             if int(active) >= changes.max_open:
-                done["left_out"].append(0)
+                done["left_out"].append(position)  # which finding (its device: the log names it)
                 continue
             rows = run(
                 f"INSERT INTO regressions ({', '.join(REGRESSION_COLUMNS[1:])}) VALUES "
