@@ -495,7 +495,8 @@ class FleetMetrics:
             registry=r,
         )
         self._contended: dict[str, LatestByTime] = {}  # device → its latest requests' flags (1.0: contended)
-        self._rates: dict[tuple[str, ...], LatestByTime] = {}  # tokens_per_second's labels → its latest rates
+        # tokens_per_second's labels → its latest rates; joules_per_output_token's → its latest J/token
+        self._rates: dict[tuple[str, ...], LatestByTime] = {}
         self.last_seen = Gauge(
             f"{PREFIX}_device_last_seen_timestamp_seconds",
             "When the aggregator last received a batch from the device (Unix time)",
@@ -676,12 +677,11 @@ class FleetMetrics:
             observe_many(self.tpot.labels(*labels), [v / 1e6 for r in ok if (v := r.get("tpot_us")) is not None])
             observe_many(self.duration.labels(*labels), [v / 1e6 for r in ok if (v := r.get("e2e_us"))])
             self._rate(labels, ok)
+            self._joules(labels, ok)
             last_ok = ok[-1]
-            # gauges: the latest successful request of the batch
+            # the acceptance rate: the latest successful request of the batch
             ext: dict[str, Any] = last_ok["ext"] if isinstance(last_ok.get("ext"), dict) else {}
-            energy, collab = ext.get("energy"), ext.get("collab")
-            if isinstance(energy, dict) and isinstance(energy.get("j_per_output_token"), (int, float)):
-                self._set(self.joules, labels, energy["j_per_output_token"])
+            collab = ext.get("collab")
             if isinstance(collab, dict) and isinstance(collab.get("acceptance_rate"), (int, float)):
                 self._set(self.acceptance, labels, collab["acceptance_rate"])
 
@@ -701,6 +701,23 @@ class FleetMetrics:
             rates = latest.values()
         if rates:
             self._set(self.tokens_per_second, key, statistics.median(rates))
+
+    def _joules(self, labels: tuple[str, ...], ok: list[dict[str, Any]]) -> None:
+        """``joules_per_output_token``: the mean of the series' latest :data:`RECENT_REQUESTS` successful requests'
+        net J per output token, where they carry one (the fleet page's figure; docs/fleet.md, "Which statistic")."""
+        with self._lock:
+            latest = self._rates.get(labels)
+            for record in ok:
+                ext = record.get("ext")
+                energy = ext.get("energy") if isinstance(ext, dict) else None
+                joules: Any = energy.get("j_per_output_token") if isinstance(energy, dict) else None
+                if type(joules) in (int, float) and math.isfinite(joules):
+                    if latest is None:
+                        latest = self._rates[labels] = LatestByTime(RECENT_REQUESTS)
+                    latest.add(record.get("started_us"), float(joules))
+            values = latest.values() if latest is not None else []
+        if values:
+            self._set(self.joules, labels, statistics.fmean(values))
 
     def restore(self, device: str, requests: Sequence[dict[str, Any]]) -> None:
         """After a restart: the device's latest stored requests (oldest first; the columns of
@@ -724,7 +741,7 @@ class FleetMetrics:
         for gauge, labels in stale:
             with contextlib.suppress(KeyError):  # removed already
                 gauge.remove(*labels)
-            if gauge is self.tokens_per_second:
+            if gauge is self.tokens_per_second or gauge is self.joules:
                 with self._lock:
                     self._rates.pop(labels, None)
         return len(stale)

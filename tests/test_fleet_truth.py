@@ -248,3 +248,30 @@ async def test_silence_is_judged_against_each_devices_own_schedule(aiohttp_clien
     body = make_batch(records_with("minutely", 1, 3, 10.0), device="minutely", counters={"expected_gap_s": 120})
     assert (await client.post("/api/v1/ingest", data=body, headers=auth(token))).status == 200
     assert store.device("minutely")["expected_gap_s"] == 120  # the next declaration replaces it
+
+
+def test_the_joules_gauge_is_the_mean_of_the_latest_50_by_the_time_they_ran() -> None:
+    """``llm_latency_lens_joules_per_output_token`` is the fleet page's J/token: the mean over the series' latest 50
+    successful requests that carry energy, by when they ran — a late batch of old requests changes nothing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from aggregator.metrics import FleetMetrics
+    from lens_core import wire
+
+    def gauge(metrics: FleetMetrics) -> float:
+        text = metrics.exposition().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "llm_latency_lens_joules_per_output_token" and sample.labels["device"] == "dev-a":
+                    return float(sample.value)
+        raise AssertionError("no joules gauge")
+
+    metrics = FleetMetrics()
+    records = [wire.to_wire(r) for r in records_with("dev-a", 80, 1, 50.0, model_name="m", strategy="local")]
+    for i, r in enumerate(records):
+        r["ext"] = {"energy": {"j_per_output_token": 0.1 + 0.01 * i}}
+    metrics.observe("dev-a", records[30:])  # the latest 50, in one batch
+    expected = sum(0.1 + 0.01 * i for i in range(30, 80)) / 50
+    assert gauge(metrics) == pytest.approx(expected)
+    metrics.observe("dev-a", records[:30])  # older requests delivered late: not among the latest 50
+    assert gauge(metrics) == pytest.approx(expected)
