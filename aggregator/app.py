@@ -75,6 +75,7 @@ class Settings:
     stale_after_s: float = 24 * 3600.0  # /metrics: latest-request gauges not updated for this long are dropped
     regression_interval_s: float = 300.0  # change points are looked for at most this often
     regression_min_change: float = 0.15  # … and a smaller relative change of the median is not reported
+    regression_alpha: float = 1e-5  # … nor one whose p-value is not below this
     regression_include_contended: bool = False  # … and contended requests are left out of the search unless set
     regression_window_s: float = 14 * 24 * 3600.0  # … each series over this long of event time
     regression_max_requests: int = 4000  # … at most this many requests of it
@@ -119,6 +120,7 @@ class Settings:
             stale_after_s=config.get("fleet", "stale_after"),
             regression_interval_s=config.get("fleet", "regression_interval"),
             regression_min_change=config.get("fleet", "regression_min_change"),
+            regression_alpha=config.get("fleet", "regression_alpha"),
             regression_include_contended=config.get("fleet", "regression_include_contended"),
             regression_window_s=config.get("fleet", "regression_window"),
             regression_max_requests=config.get("fleet", "regression_max_requests"),
@@ -1135,6 +1137,7 @@ def create_app(
         settings.regression_interval_s,
         regressions.Settings(
             min_change=settings.regression_min_change,
+            alpha=settings.regression_alpha,
             include_contended=settings.regression_include_contended,
             window=settings.regression_max_requests,
             window_s=settings.regression_window_s,

@@ -641,6 +641,7 @@ def _detection(config: Config, include_contended: bool | None) -> Any:
     include = config.get("fleet", "regression_include_contended") if include_contended is None else include_contended
     return Detection(
         min_change=config.get("fleet", "regression_min_change"),
+        alpha=config.get("fleet", "regression_alpha"),
         include_contended=include,
         window=config.get("fleet", "regression_max_requests"),
         window_s=config.get("fleet", "regression_window"),

@@ -163,6 +163,11 @@ SCHEMA: Schema = {
         "regression_min_change": KeySpec(
             number_range(0.0, 10.0), const(0.15), "a change of the median smaller than this (relative) is not reported"
         ),
+        "regression_alpha": KeySpec(
+            number_range(1e-12, 0.01),
+            const(1e-5),
+            "a change is reported when its p-value is below this: the false-alarm rate per series and metric searched",
+        ),
         "regression_window": KeySpec(
             _regression_window,
             const(14 * 24 * 3600.0),

@@ -184,13 +184,16 @@ def test_the_search_on_series_of_its_own() -> None:
 
 def test_the_window_keys_are_checked(tmp_path: Any) -> None:
     path = tmp_path / "aggregator.toml"
-    path.write_text('[fleet]\nregression_window = "72h"\nregression_min_duration = "2h"\n')
+    path.write_text('[fleet]\nregression_window = "72h"\nregression_min_duration = "2h"\nregression_alpha = 1e-4\n')
     config = load_aggregator_config(path)
     settings = Settings.from_config(config)
     assert settings.regression_window_s == 72 * 3600 and settings.regression_min_duration_s == 7200
+    assert settings.regression_alpha == 1e-4
     for text, key in (
         ('regression_window = "10m"', "fleet.regression_window"),
         ("regression_max_requests = 10", "fleet.regression_max_requests"),
+        ("regression_alpha = 0.5", "fleet.regression_alpha"),
+        ("regression_alpha = 0", "fleet.regression_alpha"),
         ('regression_min_duration = "soon"', "fleet.regression_min_duration"),
         ('regression_window = "6h"\nregression_min_duration = "4h"', "fleet.regression_min_duration"),
     ):
