@@ -110,7 +110,6 @@ _FLEET_STYLE = """
 #devices tr.fold button { font: inherit; border: 0; background: none; color: #0969da; cursor: pointer; padding: 0; }
 #devices th { vertical-align: bottom; }
 #devices th[data-sorted="asc"]::after { content: " ▲"; } #devices th[data-sorted="desc"]::after { content: " ▼"; }
-.more summary { cursor: pointer; color: #0969da; }
 .tools label { margin-right: 10px; white-space: nowrap; } .phone { display: none; }
 @media (max-width: 1100px) { #devices td.health { min-width: 150px; } #devices td.text { max-width: 140px; } }
 @media (max-width: 700px) {
@@ -296,7 +295,7 @@ function row(d, dense) {
   };
   for (const text of reasons.slice(0, REASONS)) reason(text, text);
   if (reasons.length > REASONS) reason("+" + (reasons.length - REASONS) + " more", reasons.slice(REASONS).join("\\n"));
-  const held = d.triggers || [];
+  const held = [...(d.triggers || [])].sort((a, b) => (SEVERITY[a.severity] ?? 1) - (SEVERITY[b.severity] ?? 1));  // critical first
   const names = new Map();  // each trigger once, with how many of the device's series it holds on
   for (const t of held) { const name = t.trigger + (t.state === "cooling_down" ? " (cooling down)" : ""); names.set(name, (names.get(name) || 0) + 1); }
   const triggers = cell([...names].map(([name, n]) => n > 1 ? name + " ×" + n : name).join(", ") || "–", "text triggers-cell");
@@ -329,10 +328,11 @@ function listBox(name, items, head) {
     el.appendChild(link);
     return el;
   };
-  const shown = lines.slice(0, BOX_LINES).map(li), cut = lines.length - Math.min(lines.length, BOX_LINES);
-  if (cut) shown.push(li({ text: "+" + cut + " more on other devices", cls: "more-on" }));
-  for (const [device, n] of over) shown.push(moreOn(device, n));
-  document.getElementById(name + "-list").replaceChildren(...shown);
+  const out = lines.slice(0, BOX_LINES).map(li), overs = [...over];
+  for (const [device, n] of overs.slice(0, BOX_LINES)) out.push(moreOn(device, n));
+  const cut = lines.slice(BOX_LINES).length + overs.slice(BOX_LINES).reduce((sum, [, n]) => sum + n, 0);
+  if (cut) out.push(li({ text: "+" + cut + " more (the link above lists them all)", cls: "more-on" }));
+  document.getElementById(name + "-list").replaceChildren(...out);
   const summary = document.getElementById(name + "-head"), strong = document.createElement("strong");
   strong.textContent = head[0];
   summary.replaceChildren(strong, " " + head[1] + (items.length ? " — worst: " + items[0].text : ""));

@@ -30,8 +30,8 @@ from aggregator.store import SQLiteStore
 from lens_core import wire
 
 from .test_aggregator import auth, make_batch
-from .test_regressions import slower_from
 from .test_fleet_page import SCREENSHOTS, chromium, console_errors
+from .test_regressions import slower_from
 from .test_triggers import triggers_from
 from .trigger_fleet import S4, fail, set_ttft
 
@@ -243,7 +243,8 @@ def test_the_api_has_the_planted_problems(fleet: str) -> None:
     assert rows[TRIGGERED]["triggers"][0]["state"] == "firing" and rows[TRIGGERED]["trigger_count"] == 1
     stalled = {t["trigger"]: t for t in rows[STALLED]["triggers"]}
     assert set(stalled) == {"slow-first-token", "first-token-stalls"} and rows[STALLED]["health"] == "critical"
-    assert stalled["first-token-stalls"]["severity"] == "critical" and stalled["first-token-stalls"]["state"] == "firing"
+    stalls = stalled["first-token-stalls"]
+    assert stalls["severity"] == "critical" and stalls["state"] == "firing", stalls
     hostile = rows[HOSTILE]
     assert hostile["trigger_count"] == HOSTILE_SERIES and hostile["health"] == "warning", hostile["triggers"]
     assert len(hostile["health_reasons"]) >= HOSTILE_SERIES and min(map(len, hostile["health_reasons"])) > 150
