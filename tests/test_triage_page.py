@@ -166,7 +166,12 @@ function look(doc) {
       head: box.querySelector("summary").textContent,
       lines: [...box.querySelectorAll("li")].map(li => [li.textContent, li.className]) };
   }
-  return { boxes, scrollWidth: el.scrollWidth, clientWidth: el.clientWidth, scrollHeight: el.scrollHeight, rows,
+  const table = doc.getElementById("devices");  // the least width its columns need (cut texts cut, headers wrapped)
+  table.style.width = "min-content";
+  const natural = Math.round(table.getBoundingClientRect().width);
+  table.style.width = "";
+  return { boxes, natural, rows, scrollWidth: el.scrollWidth, clientWidth: el.clientWidth,
+    scrollHeight: el.scrollHeight,
     height: Math.round(doc.querySelector(".scroll").getBoundingClientRect().bottom),  // where the table ends
     tableWidth: doc.querySelector(".scroll").scrollWidth, boxWidth: doc.querySelector(".scroll").clientWidth,
     summary: doc.getElementById("summary").textContent, fold: doc.getElementById("fold-button").textContent,
@@ -288,6 +293,8 @@ def test_one_screen_shows_every_problem_and_folds_the_healthy(fleet: str) -> Non
     assert len(changes) == 2 and sizes == sorted(sizes, reverse=True), changes
     # the page has a scrollbar now (the boxes opened): the table still fits its box
     assert opened["tableWidth"] <= opened["boxWidth"] < 1352, (opened["tableWidth"], opened["boxWidth"])
+    assert desk["natural"] <= opened["boxWidth"], (desk["natural"], opened["boxWidth"])  # what its columns need
+    print(f"the table needs {desk['natural']} px of its box's {opened['boxWidth']}–{desk['boxWidth']} px")
     every = seen["all"]["height"]  # the same devices as one table, each in full
     assert desk["height"] < 900 < 3 * desk["height"] < every, (desk["height"], every)
     print(f"\nfleet page, {DEVICES} devices at 1400 × 900: {desk['height']} px tall (triage), {every} px (one table)")
