@@ -95,17 +95,21 @@ def _card_labels() -> str:
 # long texts cut with the full text in the cell's title.
 _FLEET_STYLE = """
 [hidden] { display: none !important; }
-#devices { font-size: 13px; } #devices th, #devices td { padding: 4px 6px; }
+#devices { font-size: 13px; } #devices th, #devices td { padding: 4px 5px; }
 #devices td { white-space: nowrap; }
-#devices td.text { max-width: 180px; overflow: hidden; text-overflow: ellipsis; }
-#devices td.health { white-space: normal; min-width: 210px; }
-#devices td.health small { max-width: 300px; overflow-wrap: anywhere; }
+#devices td.text { max-width: 150px; overflow: hidden; text-overflow: ellipsis; }
+#devices td.health { white-space: normal; min-width: 200px; max-width: 230px; }
+#devices td.health small { max-width: 230px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.boxes { display: flex; gap: 12px; align-items: flex-start; margin-bottom: 10px; }
+.boxes > details { flex: 1 1 0; min-width: 0; margin: 0; padding: 6px 12px; }
+.boxes summary { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; cursor: pointer; }
+.boxes summary::before { content: "▸ "; } .boxes details[open] summary::before { content: "▾ "; }
+.boxes ul { margin: 6px 0 2px; padding-left: 20px; } .boxes li { overflow-wrap: anywhere; } .boxes p { margin: 4px 0 0; }
 #devices tr.dense td { padding-top: 2px; padding-bottom: 2px; }
 #devices tr.fold td { text-align: left; background: #f6f8fa; }
 #devices tr.fold button { font: inherit; border: 0; background: none; color: #0969da; cursor: pointer; padding: 0; }
 #devices th { vertical-align: bottom; }
 #devices th[data-sorted="asc"]::after { content: " ▲"; } #devices th[data-sorted="desc"]::after { content: " ▼"; }
-.more summary { cursor: pointer; color: #0969da; }
 .tools label { margin-right: 10px; white-space: nowrap; } .phone { display: none; }
 @media (max-width: 1100px) { #devices td.health { min-width: 150px; } #devices td.text { max-width: 140px; } }
 @media (max-width: 700px) {
@@ -118,6 +122,9 @@ _FLEET_STYLE = """
   #devices td { display: block; border: 0; padding: 2px 6px; text-align: left; white-space: normal; min-width: 0;
     max-width: none; overflow-wrap: anywhere; }
   #devices td.text, #devices td.health { max-width: none; min-width: 0; white-space: normal; }
+  #devices td.health small { max-width: none; white-space: normal; overflow-wrap: anywhere; display: -webkit-box;
+    -webkit-line-clamp: 2; -webkit-box-orient: vertical; }
+  .boxes { flex-direction: column; gap: 6px; } .boxes > details { align-self: stretch; }
   #devices td::before { display: block; color: #57606a; font-size: 11px; }
   #devices td:nth-child(1) { grid-column: 1 / 3; font-weight: 600; } #devices td:nth-child(2) { grid-column: 3 / -1; }
   #devices td:nth-child(3), #devices td:nth-child(4) { grid-column: 1 / -1; } #devices td:nth-child(6) { grid-column: 2 / -1; }
@@ -141,12 +148,12 @@ FLEET_PAGE = """<!doctype html>
 <h1>LLM-Latency-Lens fleet</h1>
 <div class="sub" id="summary">loading…</div>
 <div class="sub" id="truncated" hidden></div>
-<div class="regressions" id="regressions" hidden><strong>Regressions</strong> (change points in each device ×
-model × strategy; <a href="api/v1/regressions">details</a>)<ul id="regression-list"></ul>
-<details class="more" id="regression-more" hidden><summary></summary><ul></ul></details></div>
-<div class="triggers" id="triggers" hidden><strong>Triggers</strong> (conditions that hold on a device × model ×
-engine settings; <a href="api/v1/triggers">states and recent fires</a>)<ul id="trigger-list"></ul>
-<details class="more" id="trigger-more" hidden><summary></summary><ul></ul></details></div>
+<div class="boxes"><details class="regressions" id="regressions" hidden><summary id="regression-head"></summary>
+<p>Change points in each device × model × strategy, the largest change first, at most two a device
+(<a href="api/v1/regressions">details</a>)</p><ul id="regression-list"></ul></details>
+<details class="triggers" id="triggers" hidden><summary id="trigger-head"></summary>
+<p>Conditions that hold on a device × model × engine settings: critical first, firing before cooling down, at most
+two a device (<a href="api/v1/triggers">states and recent fires</a>)</p><ul id="trigger-list"></ul></details></div>
 <div class="hint" id="empty" hidden>No device has sent measurements yet. Give each device a token:
 <code>lens-aggregator token add DEVICE_ID --url URL-OF-THIS-AGGREGATOR</code> prints it with the settings to put in
 the device's <code>agent.toml</code>; its records appear here after its next sync (<code>lens-agent sync</code>).</div>
@@ -283,9 +290,15 @@ function row(d, dense) {
     return parts.map(([s, f]) => fmt(f[key], digits) + " " + s).join(" · ");
   };
   const health = cell(d.health, "health " + d.health);
-  for (const reason of d.health_reasons || []) { const small = document.createElement("small"); small.textContent = reason; health.appendChild(small); }
-  const held = d.triggers || [];
-  const triggers = cell(held.map(t => t.trigger + (t.state === "cooling_down" ? " (cooling down)" : "")).join(", ") || "–", "text triggers-cell");
+  const reasons = d.health_reasons || [], reason = (text, title) => {  // one line each; the title has it all
+    const small = document.createElement("small"); small.textContent = text; small.title = title; health.appendChild(small);
+  };
+  for (const text of reasons.slice(0, REASONS)) reason(text, text);
+  if (reasons.length > REASONS) reason("+" + (reasons.length - REASONS) + " more", reasons.slice(REASONS).join("\\n"));
+  const held = [...(d.triggers || [])].sort((a, b) => (SEVERITY[a.severity] ?? 1) - (SEVERITY[b.severity] ?? 1));  // critical first
+  const names = new Map();  // each trigger once, with how many of the device's series it holds on
+  for (const t of held) { const name = t.trigger + (t.state === "cooling_down" ? " (cooling down)" : ""); names.set(name, (names.get(name) || 0) + 1); }
+  const triggers = cell([...names].map(([name, n]) => n > 1 ? name + " ×" + n : name).join(", ") || "–", "text triggers-cell");
   triggers.title = held.map(t => t.summary).join("\\n");
   if (!held.length) triggers.classList.add("none");  // on a phone's card: no line for nothing
   const facts = [d.device_class, d.power_mode, d.temperature_max_c === null || d.temperature_max_c === undefined ? null : d.temperature_max_c.toFixed(0) + " °C"];
@@ -295,16 +308,40 @@ function row(d, dense) {
     cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
   return tr;
 }
-const SHORT_LIST = 5;  // a box lists this many lines; the rest fold under "N more"
-function listBox(name, lines) {  // lines: [text, class]
-  const item = ([text, cls]) => { const li = document.createElement("li"); li.textContent = text; if (cls) li.className = cls; return li; };
-  document.getElementById(name + "-list").replaceChildren(...lines.slice(0, SHORT_LIST).map(item));
-  const more = document.getElementById(name + "-more"), rest = lines.slice(SHORT_LIST);
-  more.querySelector("summary").textContent = rest.length + " more";
-  more.querySelector("ul").replaceChildren(...rest.map(item));
-  more.hidden = rest.length === 0;
-  document.getElementById(name + "s").hidden = lines.length === 0;
+const REASONS = 2;  // a device's row shows its first health reasons, one line each, and "+N more"
+const PER_DEVICE = 2, BOX_LINES = 20;  // a box's lines: at most two a device (one cannot fill it), twenty in all
+// a box (regressions, triggers): folded to one line (its counts and its worst line) above the devices; opened, its
+// lines worst first. items: {device, text, cls}, worst first
+function listBox(name, items, head) {
+  const lines = [], over = new Map(), per = new Map();
+  for (const item of items) {
+    const n = (per.get(item.device) || 0) + 1;
+    per.set(item.device, n);
+    if (n > PER_DEVICE) over.set(item.device, (over.get(item.device) || 0) + 1); else lines.push(item);
+  }
+  const li = (item) => { const el = document.createElement("li"); el.textContent = item.text; if (item.cls) el.className = item.cls; return el; };
+  const moreOn = (device, n) => {  // the rest of one device's lines: on its page
+    const el = document.createElement("li"), link = document.createElement("a");
+    link.href = "device/" + encodeURIComponent(device);
+    link.textContent = "+" + n + " more on " + device;
+    el.className = "more-on";
+    el.appendChild(link);
+    return el;
+  };
+  const out = lines.slice(0, BOX_LINES).map(li), overs = [...over];
+  for (const [device, n] of overs.slice(0, BOX_LINES)) out.push(moreOn(device, n));
+  const cut = lines.slice(BOX_LINES).length + overs.slice(BOX_LINES).reduce((sum, [, n]) => sum + n, 0);
+  if (cut) out.push(li({ text: "+" + cut + " more (the link above lists them all)", cls: "more-on" }));
+  document.getElementById(name + "-list").replaceChildren(...out);
+  const summary = document.getElementById(name + "-head"), strong = document.createElement("strong");
+  strong.textContent = head[0];
+  summary.replaceChildren(strong, " " + head[1] + (items.length ? " — worst: " + items[0].text : ""));
+  summary.title = items.length ? items[0].text : "";
+  document.getElementById(name + "s").hidden = items.length === 0;
 }
+const changeOf = line => { const m = /([+-]\\d+(?:\\.\\d+)?) %/.exec(line); return m ? Math.abs(Number(m[1])) : 0; };
+const SEVERITY = { critical: 0, warning: 1 }, STATE = { firing: 0, cooling_down: 1 };
+const order = (a, b) => (a.device < b.device ? -1 : a.device > b.device ? 1 : a.text < b.text ? -1 : a.text > b.text ? 1 : 0);
 function render(devices) {
   lastDevices = devices;
   classes(devices);
@@ -323,9 +360,18 @@ function render(devices) {
     plural(healthy.length, "device", "devices") + " healthy — " + (folded ? "show" : "fold");
   document.body.dataset.folded = folded ? healthy.length : 0;
   document.getElementById("empty").hidden = devices.length > 0;
-  listBox("regression", devices.flatMap(d => d.regressions || []).map(line => [line, ""]));
+  // worst first: regressions by the size of their change; triggers critical first, then firing before cooling down
+  const changes = devices.flatMap(d => (d.regressions || []).map(line => ({ device: d.device_id, text: line, change: changeOf(line) })))
+    .sort((a, b) => (b.change - a.change) || order(a, b));
+  const withChanges = devices.filter(d => (d.regressions || []).length).length;
+  listBox("regression", changes, ["Regressions", changes.length + " open on " + plural(withChanges, "device", "devices")]);
   const holding = devices.flatMap(d => d.triggers || []);
-  listBox("trigger", holding.map(t => [t.summary, t.state === "firing" ? "critical" : "warning"]));
+  const trig = devices.flatMap(d => (d.triggers || []).map(t => ({ device: d.device_id, text: t.summary, severity: SEVERITY[t.severity] ?? 1, state: STATE[t.state] ?? 2,
+    cls: t.severity === "critical" ? "critical" : "warning" }))).sort((a, b) => (a.severity - b.severity) || (a.state - b.state) || order(a, b));
+  const critical = holding.filter(t => t.severity === "critical").length;
+  const fired = holding.filter(t => t.state === "firing").length, onDevices = devices.filter(d => (d.triggers || []).length).length;
+  listBox("trigger", trig, ["Triggers", fired + " firing" + (holding.length > fired ? ", " + (holding.length - fired) + " cooling down" : "") +
+    " on " + plural(onDevices, "device", "devices") + (critical ? " (" + critical + " critical)" : "")]);
   const late = devices.filter(d => d.sync_health !== "ok").length;
   const count = s => devices.filter(d => d.health === s).length;
   const firing = holding.filter(t => t.state === "firing").length, cooling = holding.length - firing;
