@@ -235,7 +235,7 @@ def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
             _check_int_groups(plan, record)
     for get, names, limit in plan.str_groups:
         values = get(record)
-        if max(map(len, values)) > limit or (limit == MAX_NAME_CHARS and _CONTROL.search("".join(values))):
+        if max(map(len, values)) > limit or (limit == MAX_NAME_CHARS and _NOT_IN_NAMES.search("".join(values))):
             for name, value in zip(names, values, strict=True):
                 if len(value) > limit:
                     raise SchemaError(name, f"has {len(value)} characters; at most {limit} are allowed")
@@ -309,18 +309,31 @@ EXT_NAMES = (
     ("offload", "decision"),
     ("energy", "source"),
 )
-# Names and labels hold no control characters: C0 (NUL, BEL, ESC, CR, LF, TAB, …), DEL and C1.
+# Names and labels hold no control characters: C0 (NUL, BEL, ESC, CR, LF, TAB, …), DEL and C1; and no invisible
+# format characters that make a name read otherwise than it is: zero-width characters and joiners, bidirectional
+# marks, embeddings, overrides and isolates, line and paragraph separators, word joiners, the byte-order mark.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_FORMAT = re.compile("[\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+_NOT_IN_NAMES = re.compile(f"{_CONTROL.pattern}|{_FORMAT.pattern}")  # either: one pass over a record's names
 
 
 def check_name(field: str, value: str) -> None:
-    """Refuse a name or label holding a control character (it would reach a terminal, a log line or a label)."""
+    """Refuse a name or label holding a control character (it would reach a terminal, a log line or a label) or an
+    invisible format character (a page or an operator's terminal would show a name other than the one stored)."""
     found = _CONTROL.search(value)
     if found is not None:
         raise SchemaError(
             field,
             f"contains the control character U+{ord(found.group()):04X} at position {found.start()}; names and "
             "labels may not hold control characters (U+0000–U+001F, U+007F–U+009F)",
+        )
+    found = _FORMAT.search(value)
+    if found is not None:
+        raise SchemaError(
+            field,
+            f"contains the invisible format character U+{ord(found.group()):04X} at position {found.start()}; names "
+            "and labels may not hold zero-width, bidirectional or separator characters (U+200B–U+200F, "
+            "U+2028–U+202E, U+2060–U+2064, U+2066–U+2069, U+FEFF)",
         )
 
 

@@ -66,6 +66,10 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("ESC in the device model", facts_wire(model="Orin\x1b[31m"), "ext.device.model"),
     ("BEL in a zone name", facts_wire(temperatures_c={"cpu\x07": 50.0}), "ext.device.temperatures_c"),
     ("CR in a throttling line", facts_wire(thermal_throttling=["gpu\rok"]), "ext.device.thermal_throttling[0]"),
+    ("a bidi override in model_name", named(model_name="Qwen\u202eevil\u202c"), "model_name"),
+    ("a zero-width space in strategy", named(strategy="lo\u200bcal"), "strategy"),
+    ("a bidi isolate in the device class", facts_wire(device_class="jetson-\u2066orin"), "ext.device.device_class"),
+    ("a byte-order mark in the cloud's model", named(ext={"network": {"model": "\ufeffgpt"}}), "ext.network.model"),
 ]
 
 
@@ -74,7 +78,7 @@ def test_the_schema_refuses(what: str, record: dict[str, Any], field: str) -> No
     with pytest.raises(rs.SchemaError) as refused:
         rs.check_record(wire.loads(encode_raw(record, "cbor"), "cbor"), NOW)
     assert refused.value.field == field, what
-    assert "allowed" in refused.value.problem or "control character" in refused.value.problem
+    assert any(said in refused.value.problem for said in ("allowed", "control character", "format character"))
 
 
 def test_facts_at_the_edges_are_accepted() -> None:
