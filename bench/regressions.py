@@ -79,12 +79,15 @@ def old_change_point(values: np.ndarray) -> tuple[int, float, float] | None:
     return best, (after - before) / before, p
 
 
+SETTINGS = Settings()  # the "after" search's settings (--alpha, --min-duration-h)
+
+
 class Search:
     """One of the two searches over a series' requests up to ``end_us`` (event time = receive order here)."""
 
     def __init__(self, name: str) -> None:
         self.name, self.tests, self.seconds = name, 0, 0.0
-        self.settings = Settings()
+        self.settings = SETTINGS
 
     def run(self, times: np.ndarray, values: np.ndarray, end_us: int) -> tuple[int, float] | None:
         """(since_us, change) of the change found in the requests before ``end_us``, or None."""
@@ -225,7 +228,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--store-devices", type=int, default=25)
     parser.add_argument("--calibration", type=int, default=0, help="also this many null series (8000: ~20 s)")
+    parser.add_argument("--alpha", type=float, default=Settings.alpha, help="the search's [fleet] regression_alpha")
+    parser.add_argument(
+        "--min-duration-h", type=float, default=Settings.min_duration_s / 3600, help="[fleet] regression_min_duration"
+    )
     args = parser.parse_args()
+    global SETTINGS
+    SETTINGS = Settings(alpha=args.alpha, min_duration_s=args.min_duration_h * 3600)
+    print(f"after: alpha {SETTINGS.alpha:g}, min duration {SETTINGS.min_duration_s / 3600:g} h")
     if args.calibration:
         calibration(args.calibration)
     false_alarms(args.devices, args.seeds)
