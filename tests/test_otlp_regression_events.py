@@ -92,6 +92,7 @@ async def test_opened_acknowledged_resolved_arrive_once_in_order_across_an_outag
     text = await (await client.get("/metrics")).text()
     assert f'llm_latency_lens_otlp_export_failures_total{{reason="http_503",signal="{EVENTS}"}}' in text
     assert f'llm_latency_lens_otlp_pending_records{{signal="{EVENTS}"}} 1.0' in text
+    assert "llm_latency_lens_otlp_dropped_regression_events_total 0.0" in text
 
     # a restart while it is down, then it comes back: the event arrives once
     await client.close()
