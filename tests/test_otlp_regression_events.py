@@ -190,3 +190,29 @@ def test_an_event_is_written_with_its_change_or_not_at_all(store: Any) -> None:
     assert [(e["event"], e["at_us"]) for e in events] == [("opened", NOW), ("resolved", NOW + 1)]
     assert events[1]["attributes"]["state"] == "resolved" and events[0]["attributes"]["state"] == "open"
     assert events[0]["seq"] < events[1]["seq"]
+
+
+async def test_a_backend_refusing_every_event_holds_them_and_skips_nothing(
+    aiohttp_client: Any, store: Any, receiver: tuple[Receiver, int]
+) -> None:
+    r, port = receiver
+    r.refuse_devices = {DEVICE}  # 400 to any request carrying the device: the backend's fault, not one event's
+    done = store.apply_regressions(
+        RegressionChanges(confirm=[], insert=[_finding(), _finding("ttft_ms")], resolve=[]), NOW
+    )
+    assert len(done["opened"]) == 2
+    client = await aiohttp_client(_app(store, port))
+    await wait_for(lambda: sum(1 for s, code in r.answers if s == "logs" and code == 400) >= 6)
+    status = stored_status(store)[EVENTS]
+    assert status["pending_records"] >= 2 and status["forwarded_records"] == 0 and r.log_records() == []
+    text = await (await client.get("/metrics")).text()
+    assert f'llm_latency_lens_otlp_export_failures_total{{reason="refused_all",signal="{EVENTS}"}}' in text
+    assert f'llm_latency_lens_otlp_backend_failing{{signal="{EVENTS}"}} 1.0' in text
+    r.refuse_devices = set()
+    await wait_for(lambda: stored_status(store)[EVENTS]["pending_records"] == 0)
+    got = [(a["lens.regression.id"], rec.event_name) for _, rec, a in _events(r)]
+    assert [g for g in got if g[1].endswith(".opened")] == [
+        (i, "llm_latency_lens.regression.opened") for i in done["opened"]
+    ]
+    assert len(got) == len(set(got)) == stored_status(store)[EVENTS]["accepted_items"]
+    assert stored_status(store)[EVENTS]["rejected_items"] == 0
