@@ -598,7 +598,8 @@ def otlp() -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
 def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None:
     """Each signal's cursor as the store keeps it: records forwarded, spans or points accepted and rejected,
-    records waiting and the oldest one's age. Works whether the server runs or not; reads the database read-only.
+    records waiting and the oldest one's age; and the regression events' cursor (log records). Works whether the
+    server runs or not; reads the database read-only.
 
     \b
     Example:
@@ -625,6 +626,13 @@ def otlp_status(config_path: Path | None, db: str | None, as_json: bool) -> None
             if s["last_success_us"]
             else "never"
         )
+        if "dropped_events" in s:  # the regression events' cursor (docs/opentelemetry.md "Regression events")
+            click.echo(
+                f"{name} forwarded {s['forwarded_records']} events ({s['accepted_items']} accepted, "
+                f"{s['rejected_items']} rejected, {s['dropped_events']} dropped); "
+                f"waiting {s['pending_records']} (oldest {s['lag_seconds']:.0f} s); last accepted {when}"
+            )
+            continue
         click.echo(
             f"{name:<8} forwarded {s['forwarded_records']} records ({s['accepted_items']} accepted, "
             f"{s['rejected_items']} rejected, {s['unencodable_records']} unencodable); "

@@ -328,7 +328,8 @@ class OtlpCollector:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        signals = self.snapshot()["signals"]
+        snapshot = self.snapshot()
+        signals = snapshot["signals"]
         families: dict[str, Any] = {
             "forwarded": CounterMetricFamily(
                 f"{PREFIX}_otlp_forwarded_records", "Stored records the OTLP cursor moved past", labels=["signal"]
@@ -383,6 +384,13 @@ class OtlpCollector:
             if status["last_success_us"] is not None:
                 families["success"].add_metric([signal], status["last_success_us"] / 1e6)
         yield from families.values()
+        if "dropped_events" in snapshot:  # docs/opentelemetry.md "Regression events"
+            dropped = CounterMetricFamily(
+                f"{PREFIX}_otlp_dropped_regression_events",
+                "Regression events deleted unsent: more than the store keeps waited for the OTLP backend",
+            )
+            dropped.add_metric([], snapshot["dropped_events"])
+            yield dropped
 
 
 CAMPAIGN_STATES = ("pending", "running", "completed", "failed", "cancelled")

@@ -50,6 +50,8 @@ from lens_core.otlp import OtlpSettings, otlp_settings
 
 from . import __version__
 from .health import FACTS_KIND, facts_from_record
+from .otlp_events import SIGNAL as EVENTS
+from .otlp_events import RegressionEvents, cursor_text
 from .rows import decode_wire
 from .store import Query, Store
 
@@ -109,6 +111,9 @@ class Forwarder:
         settle = settings.settle_s if settings.settle_s is not None else store_settle_s(store)
         self.settle_us = int(settle * 1e6)
         self.status = {signal: SignalStatus() for signal in settings.signals}
+        # regression events, sent as log records (aggregator.otlp_events): their own cursor, always on
+        self.event_status = SignalStatus()
+        self.events = RegressionEvents(store, settings, self.event_status)
         self.metrics = otlp.MetricsAccumulator(settings.temporality, server_metrics=settings.server_metrics)
         self.facts: dict[str, dict[str, Any]] = {}
         self._raw: dict[str, str | None] = {}
@@ -154,6 +159,11 @@ class Forwarder:
             status.last_success_us = cursor.get("updated_us")
             if signal == "metrics":
                 self.metrics.load(cursor.get("metrics"))
+        raw, cursor = load_cursor(self.store, EVENTS)
+        self.event_status.seq = cursor["seq"]
+        _totals(self.event_status, cursor)
+        self.event_status.last_success_us = cursor.get("updated_us")
+        self.events.load(raw, cursor)
         self._refresh_backlog()
 
     def _refresh_backlog(self) -> None:
@@ -161,6 +171,10 @@ class Forwarder:
         self._backlog_at = time.monotonic()
         for status in self.status.values():
             status.pending, status.oldest_pending_us, _ = self.store.backlog_after(status.seq)
+        self.events.refresh()
+
+    async def client(self) -> aiohttp.ClientSession:
+        return await self._client()
 
     async def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -182,7 +196,7 @@ class Forwarder:
                 raise
             except Exception as exc:  # a store error: keep the loop, report it
                 self._log_limited("pass", logging.ERROR, "OTLP forwarding pass failed: %s: %s", type(exc).__name__, exc)
-                for status in self.status.values():
+                for status in [*self.status.values(), self.event_status]:
                     status.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 busy = False
             delay = self._next_delay() if not busy else 0.0
@@ -207,7 +221,8 @@ class Forwarder:
 
     def _next_delay(self) -> float:
         now = time.monotonic()
-        waits = [max(0.0, s.retry_at - now) for s in self.status.values() if s.retry_at is not None]
+        statuses = [*self.status.values(), self.event_status]
+        waits = [max(0.0, s.retry_at - now) for s in statuses if s.retry_at is not None]
         return min([self.settings.interval, *waits])
 
     # -- one pass ----------------------------------------------------------------------------------------
@@ -220,7 +235,10 @@ class Forwarder:
         if time.monotonic() - self._backlog_at >= 1.0:
             await asyncio.to_thread(self._refresh_backlog)
         try:
-            return await self._pass()
+            busy = await self._pass()
+            if (self.event_status.retry_at or 0) <= time.monotonic():
+                busy = await self.events.forward(self) or busy
+            return busy
         finally:
             if time.monotonic() - self._backlog_at >= 1.0:
                 await asyncio.to_thread(self._refresh_backlog)
@@ -456,8 +474,45 @@ class Forwarder:
             reason="refused_all",
         )
 
+    def failed_events(self, answer: otlp.ExportAnswer, *, reason: str | None = None) -> None:
+        """The regression events' export failed: retried with backoff, nothing skipped."""
+        if reason == "refused_all":
+            self.event_status.refusing_all = True
+        self._failed(EVENTS, answer, reason=reason)
+
+    async def advance_events(self, seq: int, rows: int, items: int, rejected: int) -> None:
+        """The backend answered for the regression events up to ``seq``: move their cursor (compare-and-swap) and
+        delete the events it passed."""
+        status = self.event_status
+        cursor = dict(self.events.cursor)
+        if seq > cursor["seq"]:
+            now_us = time.time_ns() // 1000
+            cursor.update(
+                seq=seq,
+                forwarded=max(0, int(cursor.get("forwarded", 0))) + rows,
+                items=max(0, int(cursor.get("items", 0))) + max(0, items),
+                rejected=max(0, int(cursor.get("rejected", 0))) + max(0, rejected),
+                updated_us=now_us,
+            )
+            raw = cursor_text(cursor)
+            swapped = await asyncio.to_thread(self.store.swap_meta, cursor_key(EVENTS), self.events.raw, raw)
+            if not swapped:
+                log.warning("OTLP %s cursor moved by another aggregator; continuing from its position", EVENTS)
+                raw_now, cursor = await asyncio.to_thread(load_cursor, self.store, EVENTS)
+                raw = raw_now or raw
+            self.events.raw, self.events.cursor = raw, cursor
+            status.seq = cursor["seq"]
+            _totals(status, cursor)
+            status.last_success_us = now_us
+            await asyncio.to_thread(self.store.forget_regression_events, status.seq)
+        status.last_error = None
+        status.retry_at = None
+        status.consecutive_failures = 0
+        status.refusing_all = False
+        self._backlog_at = -math.inf
+
     def _failed(self, signal: str, answer: otlp.ExportAnswer, *, reason: str | None = None) -> None:
-        status = self.status[signal]
+        status = self.status.get(signal, self.event_status)
         if reason is None:
             reason = "network" if answer.status is None else f"http_{answer.status}"
             if answer.status is not None and 200 <= answer.status < 300:
@@ -531,8 +586,9 @@ class Forwarder:
             "endpoint": self.settings.endpoint,
             "signals": {
                 signal: status_dict(status, now_us, retrying=status.retry_at is not None)
-                for signal, status in self.status.items()
+                for signal, status in [*self.status.items(), (EVENTS, self.event_status)]
             },
+            "dropped_events": self.events.dropped,
         }
 
 
@@ -608,4 +664,15 @@ def stored_status(store: Store, signals: tuple[str, ...] = SIGNALS) -> dict[str,
         for live in ("failures", "last_error", "retrying", "backend_failing", "backend_refusing_all"):
             out[signal].pop(live)
         out[signal].pop("consecutive_failures")
+    # the regression events' cursor (aggregator.otlp_events): events, not records, behind it
+    _, cursor = load_cursor(store, EVENTS)
+    status = SignalStatus(seq=cursor["seq"], last_success_us=cursor.get("updated_us"))
+    _totals(status, cursor)
+    status.pending, status.oldest_pending_us, dropped = store.regression_events_backlog(status.seq)
+    events = status_dict(status, now_us, retrying=False)
+    for live in ("failures", "last_error", "retrying", "backend_failing", "backend_refusing_all"):
+        events.pop(live)
+    events.pop("consecutive_failures")
+    events["dropped_events"] = dropped
+    out[EVENTS] = events
     return out

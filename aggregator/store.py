@@ -868,6 +868,33 @@ class Store(abc.ABC):
         resolved object is left as it is."""
         return self._campaign_write(lambda run: RegressionSQL.acknowledge(run, regression_id, by, note, now_us))
 
+    def regression_events_after(self, seq: int, limit: int) -> list[dict[str, Any]]:
+        """The regression events after ``seq``, oldest first, at most ``limit`` (``attributes`` parsed)."""
+        rows = self._campaign_read(
+            f"SELECT {', '.join(REGRESSION_EVENT_COLUMNS)} FROM regression_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            [seq, max(0, int(limit))],
+        )
+        out = []
+        for row in rows:
+            event = dict(zip(REGRESSION_EVENT_COLUMNS, row, strict=True))
+            try:
+                attributes = json.loads(event["attributes"])
+            except ValueError:
+                attributes = {}
+            event["attributes"] = attributes if type(attributes) is dict else {}
+            out.append(event)
+        return out
+
+    def regression_events_backlog(self, seq: int) -> tuple[int, int | None, int]:
+        """(how many events after ``seq``, the oldest one's at_us, how many were dropped past the bound)."""
+        n, oldest = self._campaign_read("SELECT COUNT(*), MIN(at_us) FROM regression_events WHERE seq > ?", [seq])[0]
+        dropped = self.get_meta(REGRESSION_EVENTS_DROPPED)
+        return int(n), oldest, int(dropped) if dropped and dropped.isdigit() else 0
+
+    def forget_regression_events(self, through_seq: int) -> None:
+        """Delete the events up to ``through_seq`` (the OTLP cursor passed them)."""
+        self._campaign_write(lambda run: run("DELETE FROM regression_events WHERE seq <= ?", [through_seq]))
+
     # the schema version the store held when it was opened (None: none yet, or not known), before any migration
     opened_version: int | None = None
 
@@ -1179,6 +1206,20 @@ REGRESSION_INDEXES = (
 )
 MAX_REGRESSION_NOTE_CHARS = 1000
 
+# Each time an object opens, is acknowledged or resolves, an event is written in the same transaction: what the OTLP
+# forwarder sends as a log record (aggregator.otlp_events, docs/opentelemetry.md "Regression events"). ``attributes``
+# is the object as it was then (JSON), so the same event is always the same log record, whatever happens to the
+# object later. Bounded: at most MAX_REGRESSION_EVENTS are kept; past that the oldest are deleted and counted in
+# meta[REGRESSION_EVENTS_DROPPED]. The forwarder deletes the events its cursor passed.
+REGRESSION_EVENTS_TABLE = """CREATE TABLE IF NOT EXISTS regression_events (
+    seq {id}, regression_id BIGINT NOT NULL, event TEXT NOT NULL, at_us BIGINT NOT NULL, device_id TEXT NOT NULL,
+    attributes TEXT NOT NULL
+)"""
+REGRESSION_EVENTS = ("opened", "acknowledged", "resolved")
+REGRESSION_EVENT_COLUMNS = ("seq", "regression_id", "event", "at_us", "device_id", "attributes")
+MAX_REGRESSION_EVENTS = 10_000
+REGRESSION_EVENTS_DROPPED = "otlp.regression_events.dropped"
+
 
 def note_problem(note: object) -> str | None:
     """Why ``note`` cannot be a regression's acknowledgement note (it is shown on pages, in the CLI's output and
@@ -1310,6 +1351,8 @@ class RegressionSQL:
                 [now_us, regression_id],
             )
             done["resolved"] += [int(r[0]) for r in rows]
+            for row in rows:
+                _record_event(run, int(row[0]), "resolved", now_us)
         confirm_sql = (
             "UPDATE regressions SET change = ?, before_median = ?, after_median = ?, p_value = ?, confidence = ?, "
             "requests_before = ?, requests_after = ?, evidence = ?, summary = ?, last_confirmed_us = ? "
@@ -1348,6 +1391,7 @@ class RegressionSQL:
                 [*key, "open", int(finding["since_us"]), *_figures(finding), now_us, now_us, None, None, None, None],
             )
             done["opened"].append(int(rows[0][0]))
+            _record_event(run, int(rows[0][0]), "opened", now_us)
             devices.add(finding["device_id"])
         for device in devices | {str(r[0]) for r in _resolved_devices(run, done["resolved"])}:
             run(
@@ -1355,6 +1399,8 @@ class RegressionSQL:
                 "regressions WHERE device_id = ? AND state = 'resolved' ORDER BY id DESC LIMIT ?)",
                 [device, device, changes.max_resolved],
             )
+        if done["opened"] or done["resolved"]:
+            _bound_events(run)
         return done
 
     @staticmethod
@@ -1374,7 +1420,41 @@ class RegressionSQL:
                 "UPDATE regressions SET acknowledged_us = ?, acknowledged_by = ?, note = ? WHERE id = ?",
                 [now_us, by[:MAX_NAME_CHARS], note, regression_id],
             )
+        if before in ("open", "acknowledged"):  # a later acknowledgement (a new note) is an event too
+            _record_event(run, regression_id, "acknowledged", now_us)
+            _bound_events(run)
         return before
+
+
+def _record_event(run: Run, regression_id: int, event: str, at_us: int) -> None:
+    """The event, with the object as it is now (in the transaction that changed it)."""
+    rows = run(f"SELECT {', '.join(REGRESSION_COLUMNS)} FROM regressions WHERE id = ?", [regression_id])
+    if not rows:
+        return
+    snapshot = regression_object(rows[0])
+    attributes = json.dumps(snapshot, default=str, allow_nan=False, separators=(",", ":"))
+    run(
+        "INSERT INTO regression_events (regression_id, event, at_us, device_id, attributes) VALUES (?, ?, ?, ?, ?)",
+        [regression_id, event, at_us, snapshot["device_id"], attributes],
+    )
+
+
+def _bound_events(run: Run) -> None:
+    """At most MAX_REGRESSION_EVENTS events kept: the oldest beyond are deleted and counted."""
+    total = int(run("SELECT COUNT(*) FROM regression_events", [])[0][0])
+    if total <= MAX_REGRESSION_EVENTS:
+        return
+    excess = total - MAX_REGRESSION_EVENTS
+    run(
+        "DELETE FROM regression_events WHERE seq IN (SELECT seq FROM regression_events ORDER BY seq LIMIT ?)",
+        [excess],
+    )
+    held = run("SELECT value FROM meta WHERE key = ?", [REGRESSION_EVENTS_DROPPED])
+    before = int(held[0][0]) if held and str(held[0][0]).isdigit() else 0
+    run(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [REGRESSION_EVENTS_DROPPED, str(before + excess)],
+    )
 
 
 def _resolved_devices(run: Run, ids: list[int]) -> list[Any]:
@@ -1389,6 +1469,8 @@ def _migrate_v9(db: sqlite_utils.Database) -> None:
     db.execute(REGRESSIONS_TABLE.format(id="INTEGER PRIMARY KEY"))
     for statement in REGRESSION_INDEXES:
         db.execute(statement)
+    # AUTOINCREMENT: a seq is never reused once the forwarder deleted the events it sent (the cursor stays valid)
+    db.execute(REGRESSION_EVENTS_TABLE.format(id="INTEGER PRIMARY KEY AUTOINCREMENT"))
 
 
 MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {

@@ -139,7 +139,7 @@ def parse_attributes(value: str, source: str) -> dict[str, str]:
 
 
 SIGNALS = ("traces", "metrics")
-PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics"}
+PATHS = {"traces": "/v1/traces", "metrics": "/v1/metrics", "logs": "/v1/logs"}  # logs: regression events only
 
 
 @dataclass(frozen=True)
@@ -701,6 +701,48 @@ def encode_traces_isolated(
     return request.SerializeToString(), count, refused
 
 
+SEVERITY = {"WARN": 13, "INFO": 9}  # SeverityNumber: SEVERITY_NUMBER_WARN, SEVERITY_NUMBER_INFO
+
+
+def encode_logs(
+    groups: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], *, version: str
+) -> tuple[bytes, int]:
+    """An ``ExportLogsServiceRequest``: per (resource attributes, log records) group, each log record given as a map
+    of ``time_ns``, ``severity`` (``WARN``/``INFO``), ``event_name``, ``body`` (text) and ``attributes``. Returns the
+    encoded request and its log record count."""
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.logs.v1 import logs_pb2
+    from opentelemetry.proto.resource.v1 import resource_pb2
+
+    scope = common_pb2.InstrumentationScope(name=SCOPE_NAME, version=version)
+    request = logs_service_pb2.ExportLogsServiceRequest()
+    count = 0
+    for resource, items in groups:
+        logs = [
+            logs_pb2.LogRecord(
+                time_unix_nano=item["time_ns"],
+                observed_time_unix_nano=item["time_ns"],  # the same event is the same log record when resent
+                severity_number=SEVERITY[item["severity"]],  # type: ignore[arg-type]
+                severity_text=item["severity"],
+                event_name=item["event_name"],
+                body=common_pb2.AnyValue(string_value=item["body"]),
+                attributes=key_values(item["attributes"]),
+            )
+            for item in items
+        ]
+        if logs:
+            count += len(logs)
+            request.resource_logs.append(
+                logs_pb2.ResourceLogs(
+                    resource=resource_pb2.Resource(attributes=key_values(resource)),
+                    scope_logs=[logs_pb2.ScopeLogs(scope=scope, log_records=logs)],
+                    schema_url=f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}",
+                )
+            )
+    return request.SerializeToString(), count
+
+
 @dataclass
 class HistogramState:
     """One stream's histogram: counts per bucket (len(bounds) + 1), sum, count, min, max, and when it started."""
@@ -904,6 +946,7 @@ def read_answer(signal: str, status: int, content_type: str, body: bytes, retry_
     """Judge an OTLP/HTTP answer. A ``200`` counts only when it is an OTLP response: ``application/x-protobuf`` that
     decodes as the signal's ``Export…ServiceResponse`` (a captive portal's or proxy's ``200`` page is not)."""
     from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
+    from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
     from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
@@ -916,17 +959,22 @@ def read_answer(signal: str, status: int, content_type: str, body: bytes, retry_
                 f"HTTP {status} with Content-Type {content_type or 'none'!r} is not an OTLP answer "
                 f"(expected {PROTOBUF}): nothing counted as delivered",
             )
-        response: Any = (
-            trace_service_pb2.ExportTraceServiceResponse()
-            if signal == "traces"
-            else metrics_service_pb2.ExportMetricsServiceResponse()
-        )
+        response: Any = {
+            "traces": trace_service_pb2.ExportTraceServiceResponse,
+            "logs": logs_service_pb2.ExportLogsServiceResponse,
+        }.get(signal, metrics_service_pb2.ExportMetricsServiceResponse)()
         try:
             response.ParseFromString(body)
         except DecodeError:
             return ExportAnswer("retry", status, f"HTTP {status}: the body is not an OTLP {signal} response")
         partial = response.partial_success
-        rejected = int(partial.rejected_spans if signal == "traces" else partial.rejected_data_points)
+        rejected = int(
+            partial.rejected_spans
+            if signal == "traces"
+            else partial.rejected_log_records
+            if signal == "logs"
+            else partial.rejected_data_points
+        )
         # never negative (an int64 on the wire); the caller clamps it to what it sent
         return ExportAnswer("accepted", status, partial.error_message[:300], rejected=max(0, rejected))
     snippet = _status_message(body, content_type)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
@@ -34,12 +35,14 @@ class Receiver:
     refuse_devices: set[str] = field(default_factory=set)  # 400 to any request carrying one of these devices
     traces: list[Any] = field(default_factory=list)  # ExportTraceServiceRequest, in arrival order
     metrics: list[Any] = field(default_factory=list)  # ExportMetricsServiceRequest
+    logs: list[Any] = field(default_factory=list)  # ExportLogsServiceRequest
     answers: list[tuple[str, int]] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_post("/v1/traces", self.handle)
         app.router.add_post("/v1/metrics", self.handle)
+        app.router.add_post("/v1/logs", self.handle)
         return app
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -70,6 +73,18 @@ class Receiver:
             answer: Any = trace_service_pb2.ExportTraceServiceResponse()
             if self.partial_rejected is not None:
                 answer.partial_success.rejected_spans = self.partial_rejected
+        elif signal == "logs":
+            message = logs_service_pb2.ExportLogsServiceRequest()
+            message.ParseFromString(body)
+            if {attrs(rl.resource.attributes).get("lens.device.id") for rl in message.resource_logs} & (
+                self.refuse_devices
+            ):
+                self.answers.append((signal, 400))
+                return web.Response(status=400, text="invalid log record")
+            self.logs.append(message)
+            answer = logs_service_pb2.ExportLogsServiceResponse()
+            if self.partial_rejected is not None:
+                answer.partial_success.rejected_log_records = self.partial_rejected
         else:
             message = metrics_service_pb2.ExportMetricsServiceRequest()
             message.ParseFromString(body)
@@ -104,4 +119,14 @@ class Receiver:
             for sm in rm.scope_metrics
             for metric in sm.metrics
             for point in metric.histogram.data_points
+        ]
+
+    def log_records(self) -> list[tuple[dict[str, Any], Any]]:
+        """Every log record received, with its resource's attributes, in arrival order."""
+        return [
+            (attrs(rl.resource.attributes), record)
+            for message in self.logs
+            for rl in message.resource_logs
+            for sl in rl.scope_logs
+            for record in sl.log_records
         ]
