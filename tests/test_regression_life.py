@@ -94,7 +94,8 @@ async def test_open_confirmed_acknowledged_resolved_and_kept_across_a_restart(ai
     tpot = opened["tpot_ms"]
     assert tpot["state"] == "open" and type(tpot["id"]) is int and tpot["resolved_us"] is None
     assert abs(tpot["since_us"] - _us(records[250]["started_at"])) <= 3 * 7.5e6 + 1e6
-    assert tpot["first_found_us"] == tpot["last_confirmed_us"] and tpot["change"] == pytest.approx(0.78, abs=0.12)
+    # (a search of the background loop may have confirmed it already: found first, confirmed since or then)
+    assert tpot["first_found_us"] <= tpot["last_confirmed_us"] and tpot["change"] == pytest.approx(0.78, abs=0.12)
     assert tpot["confidence"] == pytest.approx(1 - tpot["p_value"]) and tpot["engine_after"] == ["llama.cpp"]
     assert tpot["summary"].startswith("TPOT +") and f"on {DEVICE} since" in tpot["summary"]
 
