@@ -181,7 +181,7 @@ SCHEMA: Schema = {
         ),
         "regression_min_duration": KeySpec(
             _regression_duration,
-            const(6 * 3600.0),
+            const(8 * 3600.0),
             "a change is reported once it has lasted this long (event time), so a shorter burst is none",
         ),
         "regression_include_contended": KeySpec(

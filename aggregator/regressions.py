@@ -43,7 +43,7 @@ one step in ``level``. In order:
 It is reported when ``p`` is below ``alpha`` (1e-5 per series and metric); the deseasonalised medians differ by
 ``min_change`` (relative) or more, within the 95 % interval of the difference (1.96 standard errors of a difference
 of medians, from the buckets' spread: a step of exactly ``min_change`` is not missed half of the time for being
-estimated a little below it); each side holds ``min_segment`` requests; ``min_duration_s`` (6 h) of event time
+estimated a little below it); each side holds ``min_segment`` requests; ``min_duration_s`` (8 h) of event time
 follow the change (a quarter of the span of a series shorter than a day, such as a benchmark run); and it
 persists: each third of the after side moved from the before side by half of ``min_change`` and a third of the
 change at least, the same way. A burst that has not ended is therefore no step until it has lasted
@@ -80,7 +80,7 @@ class Settings:
     window: int = 4000  # successful requests of a series examined at most (those that ran last)
     window_s: float = 14 * 86400.0  # … within this long of event time before the series' newest request
     min_segment: int = 20  # requests on each side of a change, at least
-    min_duration_s: float = 6 * 3600.0  # event time after a change, at least (a quarter of a shorter series' span)
+    min_duration_s: float = 8 * 3600.0  # event time after a change, at least (a quarter of a shorter series' span)
     max_burst_s: float = 3 * 3600.0  # an excursion that returned within this long is a burst, not a step
     bucket_requests: int = 5  # a clock hour with more requests is split into chunks of at most this many
     # significance per series and metric (a fleet of 200 devices × 3 series × 4 metrics is ~2,400 tests per search).

@@ -169,14 +169,14 @@ async def test_a_late_backlog_with_a_step_is_placed_where_it_ran(aiohttp_client:
 
 def test_the_search_on_series_of_its_own() -> None:
     """What the search decides from one series' requests and times: a burst of three hours at the end of the window
-    is not yet a step (it has not lasted 6 h), a step that has is; an hourly-aggregated series of a single device
+    is not yet a step (it has not lasted 8 h), a step that has is; an hourly-aggregated series of a single device
     without seasons (less than 3 days) says so in its evidence."""
     rng = np.random.default_rng(4)
     times = np.sort(rng.integers(0, 2 * DAY_US, 500)) + START_US
     values = rng.lognormal(math.log(30.0), 0.08, 500)
     burst = times >= times[-1] - 3 * HOUR_US
     assert change_point(np.where(burst, values * 1.6, values), Detection(), times) is None
-    lasting = times >= times[-1] - 8 * HOUR_US
+    lasting = times >= times[-1] - 10 * HOUR_US
     cp = change_point(np.where(lasting, values * 1.6, values), Detection(), times)
     assert cp is not None and abs(cp.change - 0.6) < 0.06 and cp.seasonal.startswith("none (less than 3 days")
     assert abs(int(times[cp.index]) - int(times[lasting][0])) <= HOUR_US
