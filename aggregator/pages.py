@@ -112,6 +112,18 @@ _FLEET_STYLE = """
 #devices th[data-sorted="asc"]::after { content: " ▲"; } #devices th[data-sorted="desc"]::after { content: " ▼"; }
 .tools label { margin-right: 10px; white-space: nowrap; } .phone { display: none; }
 @media (max-width: 1100px) { #devices td.health { min-width: 150px; } #devices td.text { max-width: 140px; } }
+/* on a desk the table takes the box's width and no more, whatever the names in it: fixed column shares, every cell
+   cut with an ellipsis (the full text in its title) */
+@media (min-width: 701px) {
+  #devices { table-layout: fixed; width: 100%; }
+  #devices td { overflow: hidden; text-overflow: ellipsis; }
+  #devices td.health, #devices td.text { min-width: 0; max-width: none; } #devices td.health small { max-width: 100%; }
+  #devices th { font-size: 12px; overflow: hidden; text-overflow: ellipsis; }
+  #devices th { padding-left: 3px; padding-right: 3px; }
+  #devices th:nth-child(1) { width: 7%; } #devices th:nth-child(2) { width: 15%; }
+  #devices th:nth-child(3) { width: 9%; } #devices th:nth-child(4) { width: 6%; }
+  #devices th:nth-child(5) { width: 6%; } #devices th:nth-child(6) { width: 9%; }
+}
 @media (max-width: 700px) {
   body { overflow-wrap: anywhere; } .phone { display: inline; } .desk { display: none; }
   .tools label { display: inline-block; margin: 0 8px 6px 0; } #filter { width: 11em; }
