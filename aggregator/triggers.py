@@ -1343,7 +1343,16 @@ class TriggerWatch:
             check()
             if (device is None or item.series[0] == device) and (trigger is None or item.trigger.name == trigger):
                 chosen.append(item)
-        chosen.sort(key=lambda s: rank[s.state])
+        # worst states first, critical before warning; then each device's first series before any device's second
+        # (one device holding hundreds of series cannot fill the bounded lists and push another device's out)
+        chosen.sort(key=lambda s: (rank[s.state], s.trigger.severity != "critical", s.series[0]))
+        seen: dict[tuple[int, bool, str], int] = {}
+        turns: dict[int, int] = {}
+        for item in chosen:
+            group = (rank[item.state], item.trigger.severity != "critical", item.series[0])
+            seen[group] = seen.get(group, 0) + 1
+            turns[id(item)] = seen[group]
+        chosen.sort(key=lambda s: (rank[s.state], s.trigger.severity != "critical", turns[id(s)], s.series[0]))
         counts: dict[str, dict[str, int]] = {}
         for item in chosen:
             per = counts.setdefault(item.trigger.name, {})

@@ -546,8 +546,9 @@ def test_the_fleet_page_shows_what_holds_in_a_browser(tmp_path: Path) -> None:
         thread.join(10)
     assert console_errors(dom.stderr) == [], dom.stderr[-2000:]
     box = dom.stdout.split('id="trigger-list">', 1)[1].split("</ul>", 1)[0]
-    assert box.count("<li") == 3 and 'class="critical">failing: 5 (condition: 5 failed requests' in box
-    assert '<div class="triggers" id="triggers">' in dom.stdout  # shown: no longer hidden
+    # coloured by the trigger's severity (these are warnings: no severity key)
+    assert box.count("<li") == 3 and 'class="warning">failing: 5 (condition: 5 failed requests' in box
+    assert '<details class="triggers" id="triggers">' in dom.stdout  # shown (folded to one line): no longer hidden
     rows = [line for line in dom.stdout.split("<tr ") if line.startswith('id="device-')]
     assert [row.split('"', 2)[1].removeprefix("device-") for row in rows][:3] == ["orin-002", "orin-006", "orin-007"]
     cell = rows[0].split('class="text triggers-cell"', 1)[1].split("</td>", 1)[0]

@@ -234,6 +234,32 @@ async def test_the_api_filters_name_what_they_do_not_know_and_never_say_all_clea
     assert one["status"] == "firing" and {(f["device_id"], f["trigger"]) for f in one["fires"]} == {(SLOW, "slow-ttft")}
 
 
+async def test_one_device_holding_many_series_cannot_fill_the_listed_ones(aiohttp_client: Any, store: Any) -> None:
+    """A device (its token stolen) makes 30 series of its own hold a critical trigger, under a device id that sorts
+    first; the API's bounded lists (server.max_read_series) still show the genuine device's holding series: each
+    device's first series comes before any device's second."""
+    clock = Clock(time.time())
+    toml = table(name="failing", condition="consecutive_failures", threshold=2, window="1h", severity="critical")
+    settings = Settings(trigger_interval_s=3600.0, max_read_series=10)
+    client = await aiohttp_client(create_app(settings, store, triggers=triggers_from_toml(toml), clock=clock))
+    devices = {"aaa-evil": 30, "orin-003": 1}
+    for device, series in devices.items():
+        token = store.add_token(device, "device", int(clock.now * 1e6))
+        records = synthetic_records(3 * series, seed=41, device_id=device)
+        for i, r in enumerate(records):
+            fail(r)
+            r["model_name"] = f"model-{i // 3}"
+            r["started_at"] = _iso(clock.now - 600 + i)
+        response = await client.post("/api/v1/ingest", data=make_batch(records, device=device), headers=auth(token))
+        assert response.status == 200, await response.text()
+    await evaluate_triggers(client.app)
+    answer = await (await client.get("/api/v1/triggers")).json()
+    assert answer["status"] == "firing" and answer["truncated"]["holding"]["more"] == 31 - 10
+    assert {s["device_id"] for s in answer["holding"]} == set(devices), answer["holding"]
+    listed = answer["triggers"][0]["series"]
+    assert len(listed) == 10 and "orin-003" in {s["device_id"] for s in listed}
+
+
 def test_the_device_page_renders_the_trigger_states_in_a_browser(tmp_path: Path) -> None:
     """Headless Chromium draws the device page's trigger section: each trigger's state on the device's series."""
     from aiohttp import ClientSession, web
