@@ -73,6 +73,7 @@ MAX_SERIES_PER_DEVICE = 32  # model × strategy series of one device searched pe
 HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False, "j_per_token": True}
 HOUR_US = 3600 * 10**6
 DAY_US = 24 * HOUR_US
+SEASONS_FROM_US = 3 * DAY_US  # history needed before the daily and weekly pattern is estimated and removed
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def _seasons(times: np.ndarray, values: np.ndarray, detail: bool = True) -> tupl
     inside the window moves most)."""
     n = len(values)
     span = float(times[-1] - times[0]) if n else 0.0
-    if span < 3 * DAY_US:
+    if span < SEASONS_FROM_US:
         return np.zeros(n), "none (less than 3 days of history)"
     days = times // DAY_US
     level = np.empty(n)
@@ -309,6 +310,10 @@ def _test(
     resid = logs - season[ids]
     span = float(btimes[-1] - btimes[0])
     min_after_us = min(settings.min_duration_s * 1e6, span / 4) if timed else 0.0
+    if timed and DAY_US <= span < SEASONS_FROM_US:
+        # a day or more, too short for the daily pattern to be estimated and removed: a change must last a whole
+        # day, so that night following day is not a step (with a day before it: two days of history at least)
+        min_after_us = max(min_after_us, float(DAY_US))
     burst = _bursts(btimes, values, settings.max_burst_s * 1e6) if timed else np.zeros(len(values), dtype=bool)
     keep = np.flatnonzero(~burst)
     kv, kt = values[keep], btimes[keep]
