@@ -313,7 +313,11 @@ EXT_NAMES = (
 # format characters that make a name read otherwise than it is: zero-width characters and joiners, bidirectional
 # marks, embeddings, overrides and isolates, line and paragraph separators, word joiners, the byte-order mark.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_FORMAT = re.compile("[\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+_FORMAT = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)  # every format character (Unicode category Cf: soft hyphen, Arabic letter mark, tags, …) and the separators
 _NOT_IN_NAMES = re.compile(f"{_CONTROL.pattern}|{_FORMAT.pattern}")  # either: one pass over a record's names
 
 
@@ -332,8 +336,8 @@ def check_name(field: str, value: str) -> None:
         raise SchemaError(
             field,
             f"contains the invisible format character U+{ord(found.group()):04X} at position {found.start()}; names "
-            "and labels may not hold zero-width, bidirectional or separator characters (U+200B–U+200F, "
-            "U+2028–U+202E, U+2060–U+2064, U+2066–U+2069, U+FEFF)",
+            "and labels may not hold format characters (Unicode category Cf: zero-width, bidirectional, soft "
+            "hyphen, tags, U+FEFF, …) or the line and paragraph separators U+2028, U+2029",
         )
 
 

@@ -113,3 +113,18 @@ def test_each_refused_record_is_refused_on_its_own_by_a_real_aggregator(tmp_path
     finally:
         proc.stop()
     assert DEVICE == "dev-1"
+
+
+def test_every_format_character_is_refused_in_a_name() -> None:
+    """Every character of Unicode category Cf (this Python's Unicode), and the line and paragraph separators, is
+    refused in a name, naming the field and the character; letters, marks and emoji are not."""
+    import sys
+    import unicodedata
+
+    refused = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"] + [0x2028, 0x2029]
+    for code in refused:
+        with pytest.raises(rs.SchemaError) as caught:
+            rs.check_name("model_name", f"Qwen{chr(code)}2.5")
+        assert f"U+{code:04X}" in caught.value.problem and caught.value.field == "model_name"
+    for fine in ("Qwen2.5 ünïcode", "模型-7B", "mödel \u0301 mark", "emoji \u2764\ufe0f ok", "Ω≈ç√"):
+        rs.check_name("model_name", fine)
