@@ -679,13 +679,15 @@ class FleetMetrics:
                     else:
                         failed, _ = self._admit(device, "failed", (*cut, self._cut(error)), (True,) * 5, n)
                     self.failed.labels(*failed).inc(n)
+            # the series' latest requests of any outcome, as the fleet rows read them: a failure pushes an old
+            # success out of the window and has no value itself
+            self._rate(labels, group)
+            self._joules(labels, group)
             if not ok:
                 continue
             observe_many(self.ttft.labels(*labels), [v / 1e6 for r in ok if (v := r.get("ttft_us")) is not None])
             observe_many(self.tpot.labels(*labels), [v / 1e6 for r in ok if (v := r.get("tpot_us")) is not None])
             observe_many(self.duration.labels(*labels), [v / 1e6 for r in ok if (v := r.get("e2e_us"))])
-            self._rate(labels, ok)
-            self._joules(labels, ok)
             last_ok = ok[-1]
             # the acceptance rate: the latest successful request of the batch
             ext: dict[str, Any] = last_ok["ext"] if isinstance(last_ok.get("ext"), dict) else {}
@@ -693,37 +695,41 @@ class FleetMetrics:
             if isinstance(collab, dict) and isinstance(collab.get("acceptance_rate"), (int, float)):
                 self._set(self.acceptance, labels, collab["acceptance_rate"])
 
-    def _rate(self, labels: tuple[str, ...], ok: list[dict[str, Any]]) -> None:
-        """``tokens_per_second``: the median of the series' latest :data:`RECENT_REQUESTS` successful requests'
-        output tokens ÷ e2e seconds (the fleet page's figure; docs/fleet.md, "Which statistic")."""
+    def _rate(self, labels: tuple[str, ...], group: list[dict[str, Any]]) -> None:
+        """``tokens_per_second``: the median output tokens ÷ e2e seconds of the successful ones among the series'
+        latest :data:`RECENT_REQUESTS` requests by the time they ran (the fleet page's figure; docs/fleet.md, "Which
+        statistic")."""
         key = (*labels, "output")
         with self._lock:
             latest = self._rates.get(key)
             if latest is None:
                 latest = self._rates[key] = LatestByTime(RECENT_REQUESTS)
-            for record in ok:
+            for record in group:
                 e2e, tokens = record.get("e2e_us"), record.get("output_tokens")
                 seconds = _finite(e2e, 0.0) / 1e6
-                if seconds > 0 and type(tokens) is int and tokens > 0:
-                    latest.add(record.get("started_us"), tokens / seconds)
-            rates = latest.values()
+                counted = record.get("ok") and seconds > 0 and type(tokens) is int and tokens > 0
+                latest.add(record.get("started_us"), int(tokens or 0) / seconds if counted else math.nan)
+            rates = [v for v in latest.values() if math.isfinite(v)]
         if rates:
             self._set(self.tokens_per_second, key, statistics.median(rates))
 
-    def _joules(self, labels: tuple[str, ...], ok: list[dict[str, Any]]) -> None:
-        """``joules_per_output_token``: the mean of the series' latest :data:`RECENT_REQUESTS` successful requests'
-        net J per output token, where they carry one (the fleet page's figure; docs/fleet.md, "Which statistic")."""
+    def _joules(self, labels: tuple[str, ...], group: list[dict[str, Any]]) -> None:
+        """``joules_per_output_token``: the mean net J per output token of the successful ones that carry one among
+        the series' latest :data:`RECENT_REQUESTS` requests by the time they ran (the fleet page's figure;
+        docs/fleet.md, "Which statistic")."""
         with self._lock:
             latest = self._rates.get(labels)
-            for record in ok:
+            for record in group:
                 ext = record.get("ext")
                 energy = ext.get("energy") if isinstance(ext, dict) else None
                 joules: Any = energy.get("j_per_output_token") if isinstance(energy, dict) else None
-                if type(joules) in (int, float) and math.isfinite(joules):
-                    if latest is None:
-                        latest = self._rates[labels] = LatestByTime(RECENT_REQUESTS)
-                    latest.add(record.get("started_us"), float(joules))
-            values = latest.values() if latest is not None else []
+                measured = record.get("ok") and type(joules) in (int, float) and math.isfinite(joules)
+                if latest is None and not measured:
+                    continue  # a series without any energy figure holds no window
+                if latest is None:
+                    latest = self._rates[labels] = LatestByTime(RECENT_REQUESTS)
+                latest.add(record.get("started_us"), float(joules) if measured else math.nan)
+            values = [v for v in latest.values() if math.isfinite(v)] if latest is not None else []
         if values:
             self._set(self.joules, labels, statistics.fmean(values))
 

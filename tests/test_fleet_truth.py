@@ -275,3 +275,12 @@ def test_the_joules_gauge_is_the_mean_of_the_latest_50_by_the_time_they_ran() ->
     assert gauge(metrics) == pytest.approx(expected)
     metrics.observe("dev-a", records[:30])  # older requests delivered late: not among the latest 50
     assert gauge(metrics) == pytest.approx(expected)
+    # two newer requests, one failed and one without energy: the latest 50 requests hold 48 with energy (what the
+    # fleet rows and a restart's rebuild read: the latest requests of any outcome)
+    newer = [wire.to_wire(r) for r in records_with("dev-a", 2, 2, 50.0, model_name="m", strategy="local")]
+    for n, r in enumerate(newer):
+        r["started_us"] = records[-1]["started_us"] + 1_000_000 * (n + 1)
+    newer[0].update(ok=False, error_type="timeout", ext={"energy": {"j_per_output_token": 50.0}})
+    newer[1]["ext"] = {}
+    metrics.observe("dev-a", newer)
+    assert gauge(metrics) == pytest.approx(sum(0.1 + 0.01 * i for i in range(32, 80)) / 48)
