@@ -79,7 +79,7 @@ class Settings:
     regression_include_contended: bool = False  # … and contended requests are left out of the search unless set
     regression_window_s: float = 14 * 24 * 3600.0  # … each series over this long of event time
     regression_max_requests: int = 4000  # … at most this many requests of it
-    regression_min_duration_s: float = 6 * 3600.0  # … and a change must have lasted this long
+    regression_min_duration_s: float = 8 * 3600.0  # … and a change must have lasted this long
     trigger_interval_s: float = 60.0  # the [[triggers]] are evaluated this often (docs/triggers.md)
     feedback_interval_s: float = 300.0  # the feedback documents are recomputed at most this often (docs/feedback.md)
     feedback_settings: feedback.Settings = field(default_factory=feedback.Settings)  # window, evidence, alpha

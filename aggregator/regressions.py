@@ -310,10 +310,9 @@ def _test(
     resid = logs - season[ids]
     span = float(btimes[-1] - btimes[0])
     min_after_us = min(settings.min_duration_s * 1e6, span / 4) if timed else 0.0
-    if timed and DAY_US <= span < SEASONS_FROM_US:
-        # a day or more, too short for the daily pattern to be estimated and removed: a change must last a whole
-        # day, so that night following day is not a step (with a day before it: two days of history at least)
-        min_after_us = max(min_after_us, float(DAY_US))
+    # a day or more, too short for the daily pattern to be estimated and removed: a change must last a whole day,
+    # so that night following day is not a step (with a day before it: two days of history at least)
+    whole_day = timed and DAY_US <= span < SEASONS_FROM_US
     burst = _bursts(btimes, values, settings.max_burst_s * 1e6) if timed else np.zeros(len(values), dtype=bool)
     keep = np.flatnonzero(~burst)
     kv, kt = values[keep], btimes[keep]
@@ -326,10 +325,22 @@ def _test(
     if timed:  # the level before a change is known over a day at least (a quarter of a shorter series)
         min_before_us = min(max(settings.min_duration_s * 1e6, DAY_US), span / 4)
         ok &= (btimes[-1] - kt[splits] >= min_after_us) & (kt[splits] - btimes[0] >= min_before_us)
+    ranks = _ranks(kv)
+    if whole_day:
+        # where the change most likely is, among the splits the usual rules allow: one younger than a day is not
+        # reported yet (rather than placed a day back, where the day rule would allow it)
+        wider = splits[ok]
+        if len(wider) == 0:
+            return None
+        kw = wider.astype(np.float64)
+        uw = 2.0 * np.cumsum(ranks)[wider - 1] - kw * (kn + 1.0)
+        likeliest = int(wider[int(np.argmax(np.abs(uw) / np.sqrt(kw * (kn - kw) * (kn + 1.0) / 3.0)))])
+        if btimes[-1] - kt[likeliest] < DAY_US:
+            return None
+        ok &= btimes[-1] - kt[splits] >= DAY_US
     candidates = splits[ok]
     if len(candidates) == 0:
         return None
-    ranks = _ranks(kv)
     k = candidates.astype(np.float64)
     u = 2.0 * np.cumsum(ranks)[candidates - 1] - k * (kn + 1.0)
     z = np.abs(u) / np.sqrt(k * (kn - k) * (kn + 1.0) / 3.0)

@@ -287,14 +287,16 @@ async def test_energy_is_searched_for_change_points(aiohttp_client: Any, tmp_pat
     client = await aiohttp_client(create_app(Settings(regression_interval_s=0.0), store))
     token = store.add_token("orin-005", "device", NOW)
     records = retime(synthetic_records(300, seed=9, device_id="orin-005"), END, 600)
-    for i, r in enumerate(records):  # J/token 1.6× from request 180 on (a power mode change), latency unchanged
-        r["ext"] = {"energy": {"j_per_output_token": (0.05 if i < 180 else 0.08) * (1 + 0.02 * ((i * 7) % 5 - 2))}}
+    # J/token 1.6× from request 130 on (a power mode change, 28 h before the newest request: a series of two days
+    # reports a change once it has lasted a day), latency unchanged
+    for i, r in enumerate(records):
+        r["ext"] = {"energy": {"j_per_output_token": (0.05 if i < 130 else 0.08) * (1 + 0.02 * ((i * 7) % 5 - 2))}}
     await send(client, token, "orin-005", records)
     body = await (await client.get("/api/v1/regressions")).json()
     (found,) = [r for r in body["regressions"] if r["metric"] == "j_per_token"]
-    assert found["change"] == pytest.approx(0.6, abs=0.1) and abs(found["requests_before"] - 180) <= 3
+    assert found["change"] == pytest.approx(0.6, abs=0.1) and abs(found["requests_before"] - 130) <= 3
     assert found["summary"].startswith("J/token +6")
-    assert abs(found["since_us"] - us(records[180]["started_at"])) <= 3 * 600 * 10**6  # within three requests
+    assert abs(found["since_us"] - us(records[130]["started_at"])) <= 3 * 600 * 10**6  # within three requests
 
 
 def test_schema_4_backfills_energy_and_starts_the_sync_history(tmp_path: Path) -> None:

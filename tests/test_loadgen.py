@@ -586,14 +586,21 @@ async def test_open_loop_above_capacity_queues_closed_loop_does_not(one_slot: st
     index, why = saturation([closed, opened])
     assert index == 1 and why.startswith(f"{opened.level.label}: ")
     # below one slot's capacity (a quarter of it, Poisson): the answers keep up with what the schedule sent. The
-    # machine is shared, and a stall of a second in a level of a few seconds looks like a queue: the best of three
+    # machine is shared: what one slot serves is measured again before each try (other work can make it several
+    # times slower than above), and a stall of a second in a level of a few seconds looks like a queue: the best of
+    # five
     client = CloudClient(CloudSettings(url=one_slot, timeout=120))
     verdicts = []
     try:
-        for seed in (3, 4, 5):
+        for seed in (3, 4, 5, 6, 7):
+            now = await run_level(
+                client, Level("closed", concurrency=1, requests=4), prompts, max_tokens=200, new_record=new_record,
+                extra=extra,
+            )  # fmt: skip
+            service_now = statistics.median(m.e2e_ms for m in now.measurements if m.e2e_ms is not None)
             below = await run_level(
-                client, Level("open", rate=rate / 20, arrival="poisson", requests=20, seed=seed), prompts,
-                max_tokens=200, new_record=new_record, extra=extra,
+                client, Level("open", rate=0.25 / (service_now / 1000), arrival="poisson", requests=20, seed=seed),
+                prompts, max_tokens=200, new_record=new_record, extra=extra,
             )  # fmt: skip
             assert below.errors_by_type == {}
             verdicts.append((saturation([below]), below.achieved_rate, below.sent_rate))
