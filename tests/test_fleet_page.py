@@ -112,16 +112,11 @@ def console_errors(stderr: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(
-    tmp_path: Path, settings: Settings, routes: tuple[web.RouteDef, ...] = ()
-) -> Iterator[tuple[str, dict[str, str]]]:
-    """A real aggregator on a real port, filled with two devices, in a thread of its own: (URL, device tokens).
-    ``routes``: more of them (a test's own pages)."""
-    store = SQLiteStore(tmp_path / "agg.db")
-    loop = asyncio.new_event_loop()
-    app = create_app(settings, store)
-    app.router.add_routes(routes)
+def running(app: web.Application) -> Iterator[tuple[int, asyncio.AbstractEventLoop]]:
+    """``app`` on a free port of 127.0.0.1, its event loop in a thread of its own: (port, loop), for a browser or a
+    client in another thread; the app is cleaned up and the loop stopped afterwards, whatever happened."""
     runner = web.AppRunner(app)
+    loop = asyncio.new_event_loop()
 
     async def start() -> int:
         await runner.setup()
@@ -132,27 +127,39 @@ def serving(
     port = loop.run_until_complete(start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    tokens: dict[str, str] = {}
-
-    async def load() -> None:
-        import aiohttp
-
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
-            for device, seed in (("orin-017", 1), ("laptop-3", 2)):
-                tokens[device] = token = store.add_token(device, "device", NOW)
-                body = make_batch(
-                    synthetic_records(40, seed=seed, device_id=device), device=device, counters={"pending_records": 12}
-                )
-                async with session.post("/api/v1/ingest", data=body, headers=auth(token)) as response:
-                    assert response.status == 200
-
-    asyncio.run_coroutine_threadsafe(load(), loop).result(30)
     try:
-        yield f"http://127.0.0.1:{port}", tokens
+        yield port, loop
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, settings: Settings, routes: tuple[web.RouteDef, ...] = ()
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real aggregator on a real port, filled with two devices, in a thread of its own: (URL, device tokens).
+    ``routes``: more of them (a test's own pages)."""
+    store = SQLiteStore(tmp_path / "agg.db")
+    app = create_app(settings, store)
+    app.router.add_routes(routes)
+    tokens: dict[str, str] = {}
+    with running(app) as (port, loop):
+
+        async def load() -> None:
+            import aiohttp
+
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+                for device, seed in (("orin-017", 1), ("laptop-3", 2)):
+                    tokens[device] = token = store.add_token(device, "device", NOW)
+                    records = synthetic_records(40, seed=seed, device_id=device)
+                    body = make_batch(records, device=device, counters={"pending_records": 12})
+                    async with session.post("/api/v1/ingest", data=body, headers=auth(token)) as response:
+                        assert response.status == 200
+
+        asyncio.run_coroutine_threadsafe(load(), loop).result(30)
+        yield f"http://127.0.0.1:{port}", tokens
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from aggregator.store import SQLiteStore
 from lens_core import wire
 
 from .test_aggregator import auth, make_batch
-from .test_fleet_page import SCREENSHOTS, chromium, console_errors
+from .test_fleet_page import SCREENSHOTS, chromium, console_errors, running
 from .test_regressions import slower_from
 from .test_triggers import triggers_from
 from .trigger_fleet import S4, fail, set_ttft
@@ -100,44 +100,28 @@ def fleet_server(tmp_path: Path, routes: tuple[web.RouteDef, ...] = ()) -> Itera
     triggers = triggers_from(tmp_path, TRIGGERS_TOML)
     app = create_app(Settings(trigger_interval_s=3600.0, regression_interval_s=3600.0), store, triggers=triggers)
     app.router.add_routes(routes)
-    runner = web.AppRunner(app)
-    loop = asyncio.new_event_loop()
-
-    async def start() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(runner.addresses[0][1])
-
-    port = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     tokens: dict[str, str] = {}
+    with running(app) as (port, loop):
 
-    async def fill() -> None:
-        import aiohttp
+        async def fill() -> None:
+            import aiohttp
 
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
-            for n in range(DEVICES):
-                device, records = f"edge-{n:03d}", device_records(n, now)
-                tokens[device] = token = store.add_token(device, "device", int(now * 1e6))
-                if device == SILENT:  # its batch arrived two days ago (the store's own ingest, with that time)
-                    rows = [_row(wire.to_wire(r), "cbor", wire.encode_record(r, "cbor")) for r in records]
-                    store.ingest(device, "old", 0, {"pending_records": 0}, rows, int((now - 2 * 86400) * 1e6))
-                    continue
-                body = make_batch(records, device=device, counters={"pending_records": 0})
-                async with session.post("/api/v1/ingest", data=body, headers=auth(token)) as response:
-                    assert response.status == 200, await response.text()
-        await evaluate_triggers(app)
-        await refresh_regressions(app, force=True)
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+                for n in range(DEVICES):
+                    device, records = f"edge-{n:03d}", device_records(n, now)
+                    tokens[device] = token = store.add_token(device, "device", int(now * 1e6))
+                    if device == SILENT:  # its batch arrived two days ago (the store's own ingest, with that time)
+                        rows = [_row(wire.to_wire(r), "cbor", wire.encode_record(r, "cbor")) for r in records]
+                        store.ingest(device, "old", 0, {"pending_records": 0}, rows, int((now - 2 * 86400) * 1e6))
+                        continue
+                    body = make_batch(records, device=device, counters={"pending_records": 0})
+                    async with session.post("/api/v1/ingest", data=body, headers=auth(token)) as response:
+                        assert response.status == 200, await response.text()
+            await evaluate_triggers(app)
+            await refresh_regressions(app, force=True)
 
-    try:
         asyncio.run_coroutine_threadsafe(fill(), loop).result(180)
         yield f"http://127.0.0.1:{port}", tokens
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 # A test page holding the fleet page in frames of a phone's and a desk's size; once each has loaded, it writes what

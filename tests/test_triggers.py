@@ -504,46 +504,28 @@ async def test_read_endpoints_rules_apply(aiohttp_client: Any, tmp_path: Path) -
 def test_the_fleet_page_shows_what_holds_in_a_browser(tmp_path: Path) -> None:
     """Headless Chromium renders the Triggers box (one line per holding series) and each device row's triggers,
     sorted by their count from the address, without a script error."""
-    import threading
 
     import aiohttp
-    from aiohttp import web
 
-    from .test_fleet_page import chromium, console_errors
+    from .test_fleet_page import chromium, console_errors, running
 
     clock = Clock(time.time())
     triggers = [t for t in triggers_from(tmp_path, TRIGGERS_TOML) if t.name in ("failing", "p95-ttft", "errors")]
     store = SQLiteStore(tmp_path / "agg.db")
     app = create_app(Settings(trigger_interval_s=3600.0), store, triggers=triggers, clock=clock)
-    runner = web.AppRunner(app)
-    loop = asyncio.new_event_loop()
+    with running(app) as (port, loop):
 
-    async def start() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(runner.addresses[0][1])
+        async def fill() -> None:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
 
-    port = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+                class Client:  # what ingest_fleet needs of a test client
+                    post = session.post
 
-    async def fill() -> None:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+                await ingest_fleet(Client(), store, clock.now)
+                await evaluate_triggers(app)
 
-            class Client:  # what ingest_fleet needs of a test client
-                post = session.post
-
-            await ingest_fleet(Client(), store, clock.now)
-            await evaluate_triggers(app)
-
-    try:
         asyncio.run_coroutine_threadsafe(fill(), loop).result(60)
         dom = chromium("--dump-dom", f"http://127.0.0.1:{port}/?sort=trigger_count&desc=1")
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
     assert console_errors(dom.stderr) == [], dom.stderr[-2000:]
     box = dom.stdout.split('id="trigger-list">', 1)[1].split("</ul>", 1)[0]
     # coloured by the trigger's severity (these are warnings: no severity key)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -262,47 +261,31 @@ async def test_one_device_holding_many_series_cannot_fill_the_listed_ones(aiohtt
 
 def test_the_device_page_renders_the_trigger_states_in_a_browser(tmp_path: Path) -> None:
     """Headless Chromium draws the device page's trigger section: each trigger's state on the device's series."""
-    from aiohttp import ClientSession, web
+    from aiohttp import ClientSession
 
     from aggregator.store import SQLiteStore
 
-    from .test_fleet_page import chromium, console_errors
+    from .test_fleet_page import chromium, console_errors, running
 
     clock = Clock(time.time())
     store = SQLiteStore(tmp_path / "agg.db")
     app = create_app(
         Settings(trigger_interval_s=3600.0), store, triggers=triggers_from(tmp_path, LOW_RATE_TOML), clock=clock
     )
-    runner = web.AppRunner(app)
-    loop = asyncio.new_event_loop()
+    with running(app) as (port, loop):
 
-    async def start() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(runner.addresses[0][1])
+        async def fill() -> None:
+            async with ClientSession(f"http://127.0.0.1:{port}") as session:
 
-    port = loop.run_until_complete(start())
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+                class Client:
+                    post = session.post
 
-    async def fill() -> None:
-        async with ClientSession(f"http://127.0.0.1:{port}") as session:
+                await ingest(Client(), store, clock.now, fleet(clock.now))
+                await evaluate_triggers(app)
 
-            class Client:
-                post = session.post
-
-            await ingest(Client(), store, clock.now, fleet(clock.now))
-            await evaluate_triggers(app)
-
-    try:
         asyncio.run_coroutine_threadsafe(fill(), loop).result(60)
         slow = chromium("--dump-dom", f"http://127.0.0.1:{port}/device/{SLOW}")
         quiet = chromium("--dump-dom", f"http://127.0.0.1:{port}/device/{QUIET}")
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
     assert console_errors(slow.stderr) == [] and console_errors(quiet.stderr) == [], slow.stderr[-2000:]
     box = slow.stdout.split('id="trigger-list">', 1)[1].split("</ul>", 1)[0]
     assert box.count("<li") == 2 and box.count('class="state">firing</span>') == 2, box
