@@ -699,39 +699,54 @@ class FleetMetrics:
         """``tokens_per_second``: the median output tokens ÷ e2e seconds of the successful ones among the series'
         latest :data:`RECENT_REQUESTS` requests by the time they ran (the fleet page's figure; docs/fleet.md, "Which
         statistic")."""
-        key = (*labels, "output")
-        with self._lock:
-            latest = self._rates.get(key)
-            if latest is None:
-                latest = self._rates[key] = LatestByTime(RECENT_REQUESTS)
-            for record in group:
-                e2e, tokens = record.get("e2e_us"), record.get("output_tokens")
-                seconds = _finite(e2e, 0.0) / 1e6
-                counted = record.get("ok") and seconds > 0 and type(tokens) is int and tokens > 0
-                latest.add(record.get("started_us"), int(tokens or 0) / seconds if counted else math.nan)
-            rates = [v for v in latest.values() if math.isfinite(v)]
-        if rates:
-            self._set(self.tokens_per_second, key, statistics.median(rates))
+
+        def rate(record: dict[str, Any]) -> float | None:
+            tokens, seconds = record.get("output_tokens"), _finite(record.get("e2e_us"), 0.0) / 1e6
+            return tokens / seconds if seconds > 0 and type(tokens) is int and tokens > 0 else None
+
+        self._latest(self.tokens_per_second, (*labels, "output"), group, rate, statistics.median, always=True)
 
     def _joules(self, labels: tuple[str, ...], group: list[dict[str, Any]]) -> None:
         """``joules_per_output_token``: the mean net J per output token of the successful ones that carry one among
         the series' latest :data:`RECENT_REQUESTS` requests by the time they ran (the fleet page's figure;
         docs/fleet.md, "Which statistic")."""
+
+        def joules(record: dict[str, Any]) -> float | None:
+            ext = record.get("ext")
+            energy = ext.get("energy") if isinstance(ext, dict) else None
+            value: Any = energy.get("j_per_output_token") if isinstance(energy, dict) else None
+            return float(value) if type(value) in (int, float) and math.isfinite(value) else None
+
+        self._latest(self.joules, labels, group, joules, statistics.fmean)
+
+    def _latest(
+        self,
+        gauge: Gauge,
+        key: tuple[str, ...],
+        group: list[dict[str, Any]],
+        value_of: Callable[[dict[str, Any]], float | None],
+        summary: Callable[[list[float]], float],
+        *,
+        always: bool = False,
+    ) -> None:
+        """``gauge`` at ``key``: ``summary`` of the values of the successful requests among the series' latest
+        :data:`RECENT_REQUESTS` requests by the time they ran (a failure, or a request without a value, takes its
+        place in the window and has none). Unless ``always``, a series that never had a value holds no window (a
+        device without a power source: no J/token window)."""
         with self._lock:
-            latest = self._rates.get(labels)
+            latest = self._rates.get(key)
+            if latest is None and always:
+                latest = self._rates[key] = LatestByTime(RECENT_REQUESTS)
             for record in group:
-                ext = record.get("ext")
-                energy = ext.get("energy") if isinstance(ext, dict) else None
-                joules: Any = energy.get("j_per_output_token") if isinstance(energy, dict) else None
-                measured = record.get("ok") and type(joules) in (int, float) and math.isfinite(joules)
-                if latest is None and not measured:
-                    continue  # a series without any energy figure holds no window
+                value = value_of(record) if record.get("ok") else None
+                if latest is None and value is None:
+                    continue
                 if latest is None:
-                    latest = self._rates[labels] = LatestByTime(RECENT_REQUESTS)
-                latest.add(record.get("started_us"), float(joules) if measured else math.nan)
+                    latest = self._rates[key] = LatestByTime(RECENT_REQUESTS)
+                latest.add(record.get("started_us"), math.nan if value is None else value)
             values = [v for v in latest.values() if math.isfinite(v)] if latest is not None else []
         if values:
-            self._set(self.joules, labels, statistics.fmean(values))
+            self._set(gauge, key, summary(values))
 
     def restore(self, device: str, requests: Sequence[dict[str, Any]]) -> None:
         """After a restart: the device's latest stored requests (oldest first; the columns of
