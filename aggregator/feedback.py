@@ -44,7 +44,7 @@ from lens_core.settings import CONFIG_KEYS, FIELDS, MAX_KEY_CHARS, format_value,
 from lens_core.stats import Comparison, compare
 
 from .api import MAX_TIME_US
-from .health import FACTS_KIND, facts_from_record
+from .health import latest_facts
 from .reads import bound_series
 from .rows import decode_wire
 from .store import NULL_NAME, Query, Store
@@ -289,16 +289,6 @@ def _class_of(facts: dict[str, Any] | None) -> tuple[str, str] | None:
     if not facts or not facts.get("device_class") or not facts.get("model"):
         return None
     return facts["device_class"], facts["model"]
-
-
-_FACT_COLUMNS = ("seq", "codec", "body")
-
-
-def latest_facts(store: Store, device_id: str) -> dict[str, Any] | None:
-    """The device's facts taken last (by the device's clock: an old facts record delivered late is not "the
-    latest"), or None."""
-    latest = store.latest_columns(Query(device=device_id, kind=FACTS_KIND), _FACT_COLUMNS, 1, by_event=True)
-    return facts_from_record(decode_wire(dict(zip(_FACT_COLUMNS, latest[0], strict=True)))) if latest else None
 
 
 # -- the evidence ---------------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from .feedback import latest_facts
-from .health import Health
+from .health import Health, latest_facts
 from .metrics import RECENT_REQUESTS
 from .store import NULL_NAME, Query, Store
 

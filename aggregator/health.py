@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import SyncRow
+from .rows import decode_wire
+from .store import Query, Store, SyncRow
 
 STATES = ("ok", "warning", "critical")
 FACTS_KIND = "device_facts"
@@ -214,3 +215,13 @@ def facts_from_record(record: dict[str, Any] | None) -> dict[str, Any] | None:
         # the agent's [agent] tags (ingest checked them: at most 16 of [A-Za-z0-9._-]{1,64}); bounded here again
         "tags": [t[:_MAX_TAG_CHARS] for t in tags[:_MAX_TAGS] if type(t) is str] if type(tags) is list else [],
     }
+
+
+_FACT_COLUMNS = ("seq", "codec", "body")
+
+
+def latest_facts(store: Store, device_id: str) -> dict[str, Any] | None:
+    """The device's facts taken last (by the device's clock: an old facts record delivered late is not "the
+    latest"), or None."""
+    latest = store.latest_columns(Query(device=device_id, kind=FACTS_KIND), _FACT_COLUMNS, 1, by_event=True)
+    return facts_from_record(decode_wire(dict(zip(_FACT_COLUMNS, latest[0], strict=True)))) if latest else None

@@ -50,7 +50,7 @@ from lens_core.errors import ConfigError
 from lens_core.record_schema import MAX_FUTURE_US
 from lens_core.settings import MAX_KEY_CHARS, parse_key, settings_key
 
-from .health import FACTS_KIND, facts_from_record
+from .health import latest_facts
 from .reads import truncation
 from .rows import decode_wire
 from .store import Query, Store
@@ -1125,9 +1125,8 @@ class Kept:
 
 
 def device_class(store: Store, device: str) -> str | None:
-    """The device class of the device's latest facts record (None: it sent none, or one without a class)."""
-    latest = store.latest(Query(device=device, kind=FACTS_KIND), 1)
-    facts = facts_from_record(decode_wire(latest[0])) if latest else None
+    """The device class of the device's facts taken last (None: it sent none, or one without a class)."""
+    facts = latest_facts(store, device)
     return facts["device_class"] if facts else None
 
 
