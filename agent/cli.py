@@ -175,6 +175,13 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     help="Run a benchmark suite (.json or .yaml, the specification's configuration document): every model × "
     "workload × load level; --output is then a directory (docs/suites.md).",
 )
+@click.option(
+    "--guardrails",
+    "guardrail_set",
+    metavar="NAME",
+    help="Time a guardrail set around every request: a [[guardrails]] set of the config, or the built-in rules "
+    "or empty (docs/guardrails.md).",
+)
 def bench(
     config_path: Path | None,
     models: tuple[Path, ...],
@@ -214,6 +221,7 @@ def bench(
     store: bool,
     data_dir: Path | None,
     suite_path: Path | None,
+    guardrail_set: str | None,
 ) -> None:
     """Benchmark local llama.cpp inference: TTFT, TPOT, every inter-token gap, load time and memory.
 
@@ -233,6 +241,7 @@ def bench(
         lens-agent bench --strategy speculative --model draft.gguf --cloud-url http://host:8000/v1 \\
             --verify logprobs --draft-tokens 4 --baselines
         lens-agent bench --suite suite.yaml --output results/
+        lens-agent bench --guardrails rules --runs 20 --output guarded.json
     """
     overrides: dict[tuple[str, str], tuple[str, object]] = {
         ("bench", "prompts"): ("--prompts", str(prompts) if prompts else None),
@@ -276,6 +285,7 @@ def bench(
             "--cloud-model": cloud_model is not None,
             "--format": bool(formats),
             "--baselines": baselines is not None,
+            "--guardrails": guardrail_set is not None,
         }
         clash = [flag for flag, set_ in given.items() if set_]
         if clash:
@@ -312,6 +322,7 @@ def bench(
         include_text=not no_text,
         progress=progress,
         store=store,
+        guardrails=guardrail_set,
     )
     session = run_session(request, status=lambda msg: click.echo(msg, err=True))
     if as_json:  # always an array: one results document per model (one for a single model), whatever was asked

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lens_core import config as core
 from lens_core.config import (
@@ -41,6 +41,9 @@ from lens_core.otlp import OTLP_SECTION
 from lens_core.settings import BOUNDS
 
 from .probes.interference import Thresholds
+
+if TYPE_CHECKING:
+    from .guardrails.pipeline import SetConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/lens-agent/agent.toml")
 _THRESHOLDS = Thresholds()  # the [interference] defaults, calibrated in docs/interference.md
@@ -456,6 +459,12 @@ WORKLOAD_SCHEMA: dict[str, KeySpec] = {
     "jitter": KeySpec(
         duration_or_zero, const(30.0), "random delay added to each run, so a fleet does not fire at once"
     ),
+    "guardrails": KeySpec(
+        optional(text),
+        const(None),
+        "a guardrail set ([[guardrails]] name, or the built-in rules / empty) timed around every request "
+        "(docs/guardrails.md)",
+    ),
 }
 DEFAULT_WORKLOAD = {"name": "default", "every": "15m"}
 
@@ -481,7 +490,11 @@ def _check_workloads(source: str, raw: object) -> list[dict[str, Any]]:
         if (values["every"] is None) == (values["cron"] is None):
             raise ConfigError(source, where, item, 'exactly one of every (e.g. "15m") or cron')
         if values["suite"] is not None:
-            clash = [k for k in ("prompts", "strategy", "requests", "warmup", "max_tokens", "ignore_eos") if k in item]
+            clash = [
+                k
+                for k in ("prompts", "strategy", "requests", "warmup", "max_tokens", "ignore_eos", "guardrails")
+                if k in item
+            ]
             if clash:
                 raise ConfigError(
                     source,
@@ -510,6 +523,34 @@ class AgentConfig(Config):
         workloads: list[dict[str, Any]] = self.tables["workloads"]
         return workloads
 
+    @property
+    def guardrails(self) -> tuple[SetConfig, ...]:
+        """The ``[[guardrails]]`` sets (docs/guardrails.md), checked."""
+        sets: tuple[SetConfig, ...] = self.tables.get("guardrails", ())
+        return sets
+
+
+def _check_guardrails(source: str, raw: object) -> tuple[SetConfig, ...]:
+    from .guardrails.pipeline import parse_sets  # the kinds' modules are imported only when a file has sets
+
+    return parse_sets(source, raw)
+
+
+def _check_workload_sets(source: str, workloads: list[dict[str, Any]], sets: tuple[SetConfig, ...]) -> None:
+    """A workload's ``guardrails`` names a [[guardrails]] set or a built-in one."""
+    from .guardrails.pipeline import BUILTIN_SETS
+
+    names = [s.name for s in sets] + [b for b in BUILTIN_SETS if b not in {s.name for s in sets}]
+    for n, workload in enumerate(workloads):
+        name = workload.get("guardrails")
+        if name is not None and name not in names:
+            raise ConfigError(
+                source,
+                f"workloads[{n}].guardrails",
+                name,
+                "the name of a [[guardrails]] set or a built-in one: " + ", ".join(names),
+            )
+
 
 def load_config(
     path: Path | str | None = None,
@@ -528,7 +569,7 @@ def load_config(
             default_path=default_path,
             schema=SCHEMA,
             other_sections=AGGREGATOR_SECTIONS,
-            tables={"workloads": _check_workloads},
+            tables={"guardrails": _check_guardrails, "workloads": _check_workloads},
             layers=layers,
         )
 
@@ -552,6 +593,7 @@ def load_config(
             resolved.get("tune", "cron"),
             "either tune.every or tune.cron, not both",
         )
+    _check_workload_sets(str(resolved.path), resolved.tables["workloads"], resolved.tables["guardrails"])
     return AgentConfig(
         values=resolved.values,
         sources=resolved.sources,

@@ -766,8 +766,17 @@ class AgentService:
             needed_cores=settings.n_threads if settings is not None and strategy_name != "cloud" else 1,
             uses_gpu=settings is not None and settings.n_gpu_layers != 0 and strategy_name != "cloud",
         )
+        guardrails = None
         try:
             strategy = build_strategy(strategy_name, self.engine, options, collab, config)
+            if workload.get("guardrails"):  # built for this run and closed after it (a judge's model is freed)
+                from .guardrails.base import BuildContext
+                from .guardrails.pipeline import GuardrailSet, set_from_config
+
+                threads = settings.n_threads if settings is not None else config.get("model", "n_threads")
+                guardrails = GuardrailSet.build(
+                    set_from_config(config, workload["guardrails"]), BuildContext(n_threads=threads)
+                )
             sampler.start()
             if monitor is not None:
                 monitor.start()
@@ -784,9 +793,12 @@ class AgentService:
                 strategy=strategy,
                 should_stop=lambda: self.abort,
                 interference=monitor,
+                guardrails=guardrails,
             )
             self._last_measured = run.measured
         finally:
+            if guardrails is not None:
+                guardrails.close()
             sampler.stop()
             if monitor is not None:
                 monitor.stop()
@@ -1179,7 +1191,8 @@ def stored_form(record: Measurement) -> dict[str, Any]:
 
 def summarize(measured: list[Measurement], name: str, power_source: str | None) -> dict[str, Any]:
     """What status shows about a run: TTFT p50/p95, tok/s, J/token where known, errors."""
-    ok = [m for m in measured if m.ok and m.ttft_ms is not None]
+    blocked = [m for m in measured if m.kind == "blocked"]  # by a guardrail: neither served nor an error
+    ok = [m for m in measured if m.ok and m.ttft_ms is not None and m.kind != "blocked"]
     ttfts = sorted(m.ttft_ms for m in ok if m.ttft_ms is not None)
     joules = [
         m.ext["energy"]["j_per_output_token"]
@@ -1204,10 +1217,15 @@ def summarize(measured: list[Measurement], name: str, power_source: str | None) 
         "at": utc_now_iso(),
         "workload": name,
         "requests": len(measured),
-        "errors": len(measured) - len(ok),
+        "errors": len(measured) - len(ok) - len(blocked),
         "errors_by_type": dict(
-            Counter(m.error_type or "unknown" for m in measured if not (m.ok and m.ttft_ms is not None))
+            Counter(
+                m.error_type or "unknown"
+                for m in measured
+                if not (m.ok and m.ttft_ms is not None) and m.kind != "blocked"
+            )
         ),
+        "blocked": len(blocked),
         "ttft_p50_ms": pct(ttfts, 50),
         "ttft_p95_ms": pct(ttfts, 95),
         "tokens_per_second": statistics.fmean(rates) if rates else None,

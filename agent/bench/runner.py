@@ -13,6 +13,7 @@ from typing import Any
 
 from ..engines.llama import LlamaEngine
 from ..errors import UsageError
+from ..guardrails.pipeline import GuardedStrategy, GuardrailSet, SetConfig
 from ..measurement import Measurement
 from ..memory import ProcessMemory
 from ..probes.interference import InterferenceMonitor
@@ -42,6 +43,7 @@ class ModelRun:
     chat_template_used: bool = False
     phase_ns: tuple[int, int] | None = None  # perf_counter_ns bounds of the measured phase
     strategy: str = "local"
+    guardrails: SetConfig | None = None  # the guardrail set timed around every request, when there was one
 
     @property
     def measured(self) -> list[Measurement]:
@@ -164,6 +166,7 @@ def run_bench(
     should_stop: Callable[[], bool] | None = None,
     make_record: Callable[[Prompt, int, bool], Measurement] | None = None,
     interference: InterferenceMonitor | None = None,
+    guardrails: GuardrailSet | None = None,
 ) -> ModelRun:
     """Warm-up requests first (excluded from statistics), then ``options.runs`` measured requests.
 
@@ -171,13 +174,20 @@ def run_bench(
     is called after each request, outside the timed region (progress bars, durable storage). ``make_record``
     (prompt, prompt index, warm-up) makes each request's record instead of :func:`new_record` (suites add their
     identity to it). ``interference``: what else used the device during each request goes into its
-    ``ext.interference`` (snapshots just before and after it, outside the timed region).
+    ``ext.interference`` (snapshots just before and after it, outside the timed region). ``guardrails``: a built
+    set timed around every request (:class:`~agent.guardrails.pipeline.GuardedStrategy`; ``strategy`` may also be
+    one already); the caller closes it.
     """
     if strategy is None:
         if engine is None:
             raise ValueError("the local strategy needs an engine")
         strategy = LocalStrategy(engine, options, memory or ProcessMemory())
+    if guardrails is not None:
+        strategy = GuardedStrategy(strategy, guardrails)
+    guarded = strategy if isinstance(strategy, GuardedStrategy) else None
     run = ModelRun(engine=engine, strategy=strategy.name)
+    if guarded is not None:
+        run.guardrails = guarded.guardrails.config
     texts: list[tuple[str, bool]] = [prepare_text(engine, p, options.chat_template) for p in prompts]
     run.chat_template_used = any(used for _, used in texts)
     total = options.warmup + options.runs
@@ -205,7 +215,10 @@ def run_bench(
             )
         )
         begun = interference.begin() if interference is not None else None
-        window = strategy.measure(record, texts[index][0], options.max_tokens)
+        if guarded is not None:  # the guardrails read the prompt as the user wrote it, before any chat template
+            window = guarded.measure(record, texts[index][0], options.max_tokens, user_text=prompts[index].text)
+        else:
+            window = strategy.measure(record, texts[index][0], options.max_tokens)
         if interference is not None and begun is not None:
             record.ext["interference"] = interference.measure(begun)
         run.measurements.append(record)

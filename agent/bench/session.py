@@ -20,6 +20,8 @@ from ..device import device_info
 from ..engines.llama import EngineSettings, LlamaEngine
 from ..engines.modelfile import resolve_model_path
 from ..errors import UsageError
+from ..guardrails.base import BuildContext
+from ..guardrails.pipeline import GuardrailSet, set_from_config
 from ..measurement import Measurement
 from ..outbox import open_outbox
 from ..probes.device import describe, gpu_load_percent
@@ -43,6 +45,7 @@ class BenchRequest:
     include_text: bool = True
     progress: bool | None = None
     store: bool = False
+    guardrails: str | None = None  # a guardrail set's name (--guardrails): a [[guardrails]] set or a built-in one
 
 
 @dataclass
@@ -126,11 +129,13 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     def extras() -> dict[str, float | None]:
         return {"_mem_percent": psutil.virtual_memory().percent, "_gpu_load_percent": gpu_load_percent(root)}
 
+    guardrail_set = set_from_config(config, request.guardrails) if request.guardrails is not None else None
     session = BenchSession(run_id=str(uuid.uuid4()))
     collab = CollabContext.open(config, status) if strategy_name != "local" else None
     targets: list[Path | None] = [None] if strategy_name == "cloud" else list(model_paths)
     if strategy_name == "cloud":
         outputs = [request.output]
+    guardrails: GuardrailSet | None = None
     raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
     outbox = open_outbox(config) if request.store else None
     if outbox is not None:
@@ -143,6 +148,9 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
             session.stored = (session.stored or 0) + 1
 
     try:
+        if guardrail_set is not None:  # once for every model: a judge loads its own model here
+            status(f"building the guardrail set {guardrail_set.name} …")
+            guardrails = GuardrailSet.build(guardrail_set, BuildContext(n_threads=settings.n_threads))
         for index, (path, out_path) in enumerate(zip(targets, outputs, strict=False)):
             if path is not None:
                 status(f"loading {path} …")
@@ -177,6 +185,7 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                         strategy,
                         collab.model if collab and engine is None else None,
                         monitor,
+                        guardrails,
                     )
                 finally:
                     sampler.stop()
@@ -220,6 +229,8 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     finally:
         for source in sources:
             source.close()
+        if guardrails is not None:
+            guardrails.close()
         if collab is not None:
             collab.close()
         if raw_file is not None:
@@ -303,6 +314,7 @@ def _run_with_progress(
     strategy: Any,
     model_name: str | None,
     monitor: InterferenceMonitor | None = None,
+    guardrails: GuardrailSet | None = None,
 ) -> Any:
     import tqdm
 
@@ -339,6 +351,7 @@ def _run_with_progress(
             strategy=strategy,
             model_name=model_name,
             interference=monitor,
+            guardrails=guardrails,
         )
     finally:
         bar.close()
