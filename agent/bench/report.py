@@ -17,6 +17,7 @@ from lens_core.stats import latency_distribution, metric_distribution
 
 from .. import __version__
 from ..engines.llama import LlamaEngine
+from ..guardrails.base import risk_level
 from ..measurement import Measurement, utc_now_iso
 from ..memory import system_memory
 from ..probes.device import mapped_file_rss
@@ -26,6 +27,12 @@ from ..probes.sampler import PowerSampler
 from .runner import BenchOptions, ModelRun
 
 SCHEMA_VERSION = "1.0.0"
+
+
+def served(m: Measurement) -> bool:
+    """A request that was served: it succeeded and no guardrail blocked it. Every latency, throughput, token and
+    energy statistic counts these only (a blocked request is its own outcome: results.security_metrics)."""
+    return m.ok and m.kind != "blocked"
 
 
 def _llama_cpp_python_version() -> str:
@@ -53,7 +60,7 @@ def overhead_ratio(measured: list[Measurement]) -> float | None:
     """
     engine_ms = engine_tokens = lens_ms = lens_gaps = 0.0
     for m in measured:
-        if m.ok and m.engine_decode_ms is not None and m.engine_decode_tokens and m.decode_ms is not None:
+        if served(m) and m.engine_decode_ms is not None and m.engine_decode_tokens and m.decode_ms is not None:
             engine_ms += m.engine_decode_ms
             engine_tokens += m.engine_decode_tokens
             lens_ms += m.decode_ms
@@ -88,7 +95,7 @@ def energy_section(
     if sampler is None or not sampler.sources:
         reasons = {u.source: u.reason for u in unavailable}
         return {"unavailable": why_no_power(wanted, unavailable), "sources_tried": reasons}
-    ok = [m for m in run.measured if m.ok and isinstance(m.ext.get("energy"), dict)]
+    ok = [m for m in run.measured if served(m) and isinstance(m.ext.get("energy"), dict)]
     energies = [m.ext["energy"] for m in ok]
     section: dict[str, Any] = {
         "source": "+".join(s.name for s in sampler.sources),
@@ -138,7 +145,7 @@ def _engine_section(engine: LlamaEngine | None, strategy: str) -> dict[str, Any]
 
 def collab_section(run: ModelRun) -> dict[str, Any] | None:
     """The seed's CollaborativeMeasurement and EfficiencyMetrics over the measured requests."""
-    ok = [m for m in run.measured if m.ok]
+    ok = [m for m in run.measured if served(m)]
     spec = [m.ext["collab"] for m in ok if isinstance(m.ext.get("collab"), dict)]
     offload = [m.ext["offload"] for m in ok if isinstance(m.ext.get("offload"), dict)]
     server = server_timings_summary(ok)
@@ -381,7 +388,7 @@ def _hardware_section(run: ModelRun, device: dict[str, Any]) -> dict[str, Any]:
 
 
 def _test_parameters(run: ModelRun, options: BenchOptions, prompt_source: str) -> dict[str, Any]:
-    ok = [m for m in run.measured if m.ok]
+    ok = [m for m in run.measured if served(m)]
     return {
         "input_tokens": _token_stats([m.input_tokens for m in ok if m.input_tokens is not None]),
         "output_tokens": _token_stats([m.output_tokens for m in ok]),
@@ -473,7 +480,7 @@ def _remote(ok: list[Measurement]) -> bool:
 
 def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any], dict[str, str]]:
     """``results.engine_timings``: llama.cpp's own per-token figures and the lens's overhead ratio."""
-    ok = [m for m in measured if m.ok]
+    ok = [m for m in measured if served(m)]
     no_counters = (
         f"no llama.cpp counters: the requests ran on an {ok[0].engine} endpoint, not on llama.cpp here"
         if _remote(ok)
@@ -516,7 +523,7 @@ def engine_timings_section(measured: list[Measurement]) -> tuple[dict[str, Any],
 
 
 def _throughput_section(run: ModelRun) -> dict[str, Any]:
-    ok = [m for m in run.measured if m.ok]
+    ok = [m for m in run.measured if served(m)]
     output_tokens = sum(m.output_tokens for m in ok)
     wall = run.measured_wall_s
     return {
@@ -549,7 +556,7 @@ def _model_load_section(run: ModelRun) -> dict[str, Any]:
 
 def _memory_section(run: ModelRun) -> dict[str, Any]:
     info = run.engine.info if run.engine else None
-    ok = [m for m in run.measured if m.ok]
+    ok = [m for m in run.measured if served(m)]
     peaks = [m.rss_peak_bytes for m in ok if m.rss_peak_bytes is not None]
     return {
         "model_file_bytes": info.file_bytes if info else None,
@@ -561,10 +568,11 @@ def _memory_section(run: ModelRun) -> dict[str, Any]:
 
 
 def _requests_section(measured: list[Measurement]) -> dict[str, Any]:
-    ok = [m for m in measured if m.ok]
+    ok = [m for m in measured if served(m)]
     return {
         "measured": len(measured),
         "succeeded": len(ok),
+        "blocked": sum(m.kind == "blocked" for m in measured),
         "stop_reasons": dict(Counter(m.stop_reason for m in ok)),
     }
 
@@ -590,7 +598,7 @@ def results_document(
     ``interference``: the monitor that ran beside the requests (``results.interference``); ``threads``: how the
     decode thread count was chosen (``configuration.n_threads_source``, ``busy_cores``).
     """
-    latency, latency_missing = latency_section([m for m in run.measured if m.ok])
+    latency, latency_missing = latency_section([m for m in run.measured if served(m)])
     engine_timings, engine_missing = engine_timings_section(run.measured)
     configuration, configuration_missing = configuration_section(run, device, options, prompt_source, cloud)
     results: dict[str, Any] = {
@@ -611,6 +619,9 @@ def results_document(
         results["resource_utilization"] = utilization
     if interference is not None:
         results["interference"] = interference_section(run.measured, interference)
+    security = security_section(run)
+    if security is not None:
+        results["security_metrics"] = security
     if threads is not None:
         configuration["n_threads_source"] = threads.source
         if threads.source == "default":
@@ -642,7 +653,7 @@ def failure(document: dict[str, Any], max_error_rate: float) -> str | None:
     errors = document["results"]["error_metrics"]
     name = document["configuration"]["model"]["name"]
     measured, succeeded = requests["measured"], requests["succeeded"]
-    if measured and not succeeded:
+    if measured and not succeeded and not requests.get("blocked"):
         return (
             f"{name}: no request succeeded ({measured} of {measured} failed: {errors_line(errors['errors_by_type'])})"
         )
@@ -670,6 +681,7 @@ def summary_table(document: dict[str, Any]) -> str:
         f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
         f"errors {errors_line(res['error_metrics']['errors_by_type'])}",
         *([res["interference"]["summary"]] if "interference" in res else []),
+        *([guardrail_line(res["security_metrics"])] if "security_metrics" in res else []),
         "",
         f"{'metric (ms)':<26}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'min':>9}{'max':>9}{'n':>6}",
     ]
@@ -914,3 +926,136 @@ def _llmperf_stats(prefix: str, values: list[float]) -> dict[str, Any]:
     out[f"{prefix}_max"] = float(data.max())
     out[f"{prefix}_stddev"] = float(data.std(ddof=1)) if data.size > 1 else 0.0
     return out
+
+
+# -- guardrails ----------------------------------------------------------------------------------------------------
+_SCHEMA_STAGE = {"input": "input_validation", "threat": "threat_detection", "output": "output_filtering"}
+
+
+def _spread(values: list[float]) -> dict[str, Any] | None:
+    """``{n, mean, p50, p95, max}`` (numpy's linear percentiles), or None without a value."""
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return None
+    p50, p95 = np.percentile(data, [50.0, 95.0])
+    return {
+        "n": int(data.size),
+        "mean": float(np.mean(data)),
+        "p50": float(p50),
+        "p95": float(p95),
+        "max": float(np.max(data)),
+    }
+
+
+def security_section(run: ModelRun) -> dict[str, Any] | None:
+    """``results.security_metrics`` (the seed's security_metrics schema, with distributions) over the measured
+    requests' ``ext.guardrails``; None when no guardrail set ran. Blocked and failed requests count here (and
+    nowhere in the latency statistics)."""
+    records = [(m, m.ext["guardrails"]) for m in run.measured if isinstance(m.ext.get("guardrails"), dict)]
+    if not records:
+        return None
+    stage_ms: dict[str, list[float]] = {s: [] for s in _SCHEMA_STAGE}
+    chunk_p50: list[float] = []
+    chunk_max: list[float] = []
+    check_ms: dict[str, list[float]] = {}
+    check_errors: Counter[str] = Counter()
+    check_kind: dict[str, str] = {}
+    check_stages: dict[str, set[str]] = {}
+    violations: Counter[tuple[str, str, bool, str]] = Counter()
+    outcomes: Counter[str] = Counter()
+    blocked_by: Counter[str] = Counter()
+    for _, g in records:
+        outcomes[g["outcome"]] += 1
+        if g["blocked_at"] is not None:
+            blocked_by[g["blocked_at"]] += 1
+        for stage, entry in g["stages"].items():
+            stage_ms[stage].append(entry["ms"])
+            if entry.get("mode") == "stream" and entry.get("chunk_ms_p50") is not None:
+                chunk_p50.append(entry["chunk_ms_p50"])
+                chunk_max.append(entry["chunk_ms_max"])
+            for check in entry["checks"]:
+                check_ms.setdefault(check["name"], []).append(check["ms"])
+                check_kind[check["name"]] = check["kind"]
+                check_stages.setdefault(check["name"], set()).add(stage)
+                if check["error"] is not None:
+                    check_errors[check["name"]] += 1
+        for v in g["violations"]:
+            violations[(v["type"], v["severity"], v["blocked"], v["stage"])] += 1
+    overhead = [g["overhead_ms"] for _, g in records]
+    impact = [g["impact_percent"] for _, g in records if g["impact_percent"] is not None]
+    distributions: dict[str, Any] = {_SCHEMA_STAGE[s]: _spread(stage_ms[s]) for s in _SCHEMA_STAGE}
+    distributions["total_overhead"] = _spread(overhead)
+    distributions["remainder"] = _spread([g["remainder_ms"] for _, g in records])
+    chunks = _spread(chunk_p50)
+    if chunks is not None:  # each request's median chunk; max: the slowest chunk of all
+        chunks["max"] = max(chunk_max)
+    distributions["output_chunk"] = chunks
+    latency = {
+        f"{_SCHEMA_STAGE[s]}_ms": distributions[_SCHEMA_STAGE[s]]["p50"]
+        for s in _SCHEMA_STAGE
+        if distributions[_SCHEMA_STAGE[s]] is not None
+    }
+    latency["total_overhead_ms"] = distributions["total_overhead"]["p50"]
+    risk = max(g["risk_score"] for _, g in records)
+    configured = run.guardrails.checks if run.guardrails is not None else ()
+    names = [c.name for c in configured] + [n for n in check_ms if n not in {c.name for c in configured}]
+    checks = []
+    for name in names:
+        spec = next((c for c in configured if c.name == name), None)
+        stages = spec.stages if spec is not None else check_stages.get(name, set())
+        spread = _spread(check_ms.get(name, []))
+        checks.append(
+            {
+                "name": name,
+                "kind": spec.kind if spec is not None else check_kind.get(name, "unknown"),
+                "stages": [s for s in _SCHEMA_STAGE if s in stages],
+                "ms_p50": spread["p50"] if spread else None,
+                "ms_p95": spread["p95"] if spread else None,
+                "errors": check_errors[name],
+            }
+        )
+    section: dict[str, Any] = {
+        "guardrail_set": records[0][1]["set"],
+        "guardrail_latency_ms": latency,
+        "guardrail_latency_distribution_ms": distributions,
+    }
+    impact_spread = _spread(impact)
+    if impact_spread is not None:
+        section["security_impact_percent"] = impact_spread["p50"]
+    section.update(
+        {
+            "security_impact_percent_distribution": impact_spread,
+            "violations_detected": [
+                {"type": t, "severity": sev, "blocked": b, "stage": st, "count": n}
+                for (t, sev, b, st), n in sorted(violations.items())
+            ],
+            "risk_assessment": {"risk_score": risk, "risk_level": risk_level(risk)},
+            "outcomes": {o: outcomes[o] for o in ("passed", "blocked", "error", "passed_with_errors")},
+            "blocked_by_stage": {s: blocked_by[s] for s in _SCHEMA_STAGE},
+            "checks": checks,
+        }
+    )
+    return section
+
+
+def guardrail_line(security: dict[str, Any]) -> str:
+    """``guardrails pii: input 0.4 / threat — / output 0.2 ms p50, 1.1 % of the request (p95 2.0 %); blocked 3 of
+    12 (input 2, output 1)``."""
+    dist = security["guardrail_latency_distribution_ms"]
+
+    def p50(stage: str) -> str:
+        d = dist.get(_SCHEMA_STAGE[stage])
+        return f"{d['p50']:.2f}" if d else "—"
+
+    stages = " / ".join(f"{s} {p50(s)}" for s in _SCHEMA_STAGE)
+    impact = security.get("security_impact_percent_distribution")
+    share = f"{impact['p50']:.1f} % of the request (p95 {impact['p95']:.1f} %)" if impact else "n/a % of the request"
+    outcomes = security["outcomes"]
+    total = sum(outcomes.values())
+    by_stage = ", ".join(f"{s} {n}" for s, n in security["blocked_by_stage"].items() if n)
+    blocked = f"blocked {outcomes['blocked']} of {total}" + (f" ({by_stage})" if by_stage else "")
+    errors = outcomes["error"] + outcomes["passed_with_errors"]
+    failed = f"; guardrail errors {errors}" if errors else ""
+    return f"guardrails {security['guardrail_set']}: {stages} ms p50, {share}; {blocked}{failed}"

@@ -90,6 +90,8 @@ def _open_for_writing(path: Path, what: str) -> IO[str]:
 
 def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _: None) -> BenchSession:
     config = request.config
+    # a set name that is not there fails before anything is loaded
+    guardrail_set = set_from_config(config, request.guardrails) if request.guardrails is not None else None
     bench_cfg = config.values["bench"]
     options = BenchOptions(
         runs=bench_cfg["runs"],
@@ -129,7 +131,6 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
     def extras() -> dict[str, float | None]:
         return {"_mem_percent": psutil.virtual_memory().percent, "_gpu_load_percent": gpu_load_percent(root)}
 
-    guardrail_set = set_from_config(config, request.guardrails) if request.guardrails is not None else None
     session = BenchSession(run_id=str(uuid.uuid4()))
     collab = CollabContext.open(config, status) if strategy_name != "local" else None
     targets: list[Path | None] = [None] if strategy_name == "cloud" else list(model_paths)
