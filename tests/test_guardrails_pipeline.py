@@ -558,3 +558,21 @@ def test_bench_with_an_unknown_set_is_one_clear_line(tmp_path: Path, tiny_model:
     done = lens_agent("bench", "--config", str(bad), "--guardrails", "x", *TINY)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "guardrails[0].checks[0].kind" in lines[0], done.stderr
+
+
+def test_the_commented_example_in_configs_agent_toml_loads(tmp_path: Path) -> None:
+    import importlib.util
+
+    text = (Path(__file__).resolve().parents[1] / "configs" / "agent.toml").read_text()
+    start = text.index("# [[guardrails]]")
+    block = text[start : text.index("\n\n", start)]
+    toml = "\n".join(line.removeprefix("# ").removeprefix("#") for line in block.splitlines())
+    path = tmp_path / "agent.toml"
+    path.write_text(toml)
+    if importlib.util.find_spec("agent.guardrails.rules") is None:  # the rules kind is not in this checkout yet
+        with pytest.raises(ConfigError, match=r"guardrails\[0\]\.checks\[0\]\.kind = \"rules\""):
+            load_config(path, environ={})
+        return
+    config = load_config(path, environ={})
+    assert [c.kind for c in config.guardrails[0].checks] == ["rules", "plugin"]
+    assert config.workloads[0]["guardrails"] == "pii"
