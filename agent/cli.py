@@ -860,12 +860,15 @@ def _run_line(name: str, run: dict[str, Any] | None) -> tuple[str, bool]:
     from .status import _contended
 
     figures += _contended(run)  # docs/interference.md: ", 2 of 2 contended (cpu ×2)"
+    blocked = int(run.get("blocked") or 0)
+    if blocked:  # by the workload's guardrails (docs/guardrails.md): served neither as a success nor an error
+        figures += f", {blocked} blocked by guardrails"
     if errors:
         from .bench.report import errors_line
 
         figures += f"; errors: {errors_line(run.get('errors_by_type') or {'unknown': errors})}"
     verdict = "ok" if ok else "FAILED"
-    return f"{name}: {verdict}: {requests - errors}/{_count(requests, 'request')} ok{figures}", ok
+    return f"{name}: {verdict}: {requests - errors - blocked}/{_count(requests, 'request')} ok{figures}", ok
 
 
 cli.add_command(outbox_group)

@@ -241,7 +241,7 @@ class _Answer:
     ms: float = 0.0
     server_ms: float | None = None
     network_ms: float | None = None
-    risk_score: float | None = None
+    risk_score: float = 0.0  # the highest it answered (0 when it failed: its error says so)
     error: str | None = None
     violations: list[Violation] = field(default_factory=list)
 
@@ -379,7 +379,7 @@ class GuardrailSet:
         if result is None:
             answer.error = clean_text(f"{label} {why}", MAX_ERROR)
             return None
-        answer.risk_score = max(answer.risk_score or 0.0, result.risk_score)
+        answer.risk_score = max(answer.risk_score, result.risk_score)
         if result.server_ms is not None:
             answer.server_ms = (answer.server_ms or 0.0) + result.server_ms
         if result.network_ms is not None:
@@ -407,7 +407,7 @@ class _StageRun:
 
     @property
     def risk_score(self) -> float:
-        return max((a.risk_score for a in self.answers if a.risk_score is not None), default=0.0)
+        return max((a.risk_score for a in self.answers), default=0.0)
 
     def entry(self, mode: str | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -421,7 +421,7 @@ class _StageRun:
             chunks = self.chunks or []
             out["mode"] = mode
             if mode == "stream":
-                out["chunks"] = len(chunks)
+                out["chunks"] = min(len(chunks), 1_000_000)
                 out["chunk_ms_p50"] = _ms(_median(chunks)) if chunks else None
                 out["chunk_ms_max"] = _ms(max(chunks)) if chunks else None
         return out
