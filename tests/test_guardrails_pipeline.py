@@ -441,6 +441,9 @@ def test_guarded_strategy_wraps_any_strategy_and_reads_the_user_text(
         ),
         ('[[guardrails]]\nname = "a"\ntime_limit = "soon"\n[[guardrails.checks]]\nkind = "empty"\n', "time_limit"),
         ('[[guardrails]]\nname = "a"\n[[guardrails.checks]]\nkind = "plugin"\n', "entry_point"),
+        ('[[guardrails]]\nblock_at = "high"\n[[guardrails.checks]]\nkind = "empty"\n', "guardrails[0] = "),
+        ('[[guardrails]]\nname = "a b"\n[[guardrails.checks]]\nkind = "empty"\n', "guardrails[0].name"),
+        ('[[guardrails]]\nname = "a"\n[guardrails.checks]\nkind = "empty"\n', "guardrails[0].checks"),
         (
             '[[workloads]]\nname = "w"\nevery = "1h"\nsuite = "s.yaml"\nguardrails = "empty"\n',
             "workloads[0].guardrails",
@@ -453,7 +456,7 @@ def test_config_errors_name_the_key(tmp_path: Path, toml: str, said: str) -> Non
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     message = str(info.value)
-    assert said in message and str(path) in message and "\n" not in message
+    assert said in message and str(path) in message and "\n" not in message and "LENS_" not in message
 
 
 def test_unknown_workload_set_lists_the_allowed_names(tmp_path: Path) -> None:

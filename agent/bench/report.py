@@ -841,8 +841,9 @@ def comparison_table(documents: list[dict[str, Any]]) -> str:
 
 # -- LLMPerf's own files -----------------------------------------------------------------------------------------
 def llmperf_files(run: ModelRun, document: dict[str, Any], directory: Path) -> tuple[Path, Path]:
-    """Write LLMPerf's ``*_summary.json`` and ``*_individual_responses.json`` (its field names, seconds)."""
-    measured = run.measured
+    """Write LLMPerf's ``*_summary.json`` and ``*_individual_responses.json`` (its field names, seconds). A request
+    a guardrail blocked is left out: LLMPerf's format knows completed and failed requests only."""
+    measured = [m for m in run.measured if m.kind != "blocked"]
     individual: list[dict[str, Any]] = []
     for m in measured:
         n_out = m.output_tokens if m.ok else 0

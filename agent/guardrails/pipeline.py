@@ -98,6 +98,8 @@ def parse_sets(source: str, raw: object) -> tuple[SetConfig, ...]:
             if key not in SET_KEYS:
                 raise ConfigError(source, f"{where}.{key}", value, "a key of a guardrail set: " + ", ".join(SET_KEYS))
         name = item.get("name")
+        if name is None:
+            raise ConfigError(source, where, item, 'a name = "…" (1-64 characters of letters, digits, ".", "_", "-")')
         if not isinstance(name, str) or re.fullmatch(NAME_PATTERN, name) is None:
             raise ConfigError(
                 source, f"{where}.name", name, "a name of 1-64 characters of letters, digits, '.', '_' and '-'"
