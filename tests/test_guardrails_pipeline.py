@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from agent.bench.report import guardrail_line, results_document, security_section
+from agent.bench.report import failure, guardrail_line, results_document, security_section
 from agent.bench.runner import BenchOptions, ModelRun, run_bench
 from agent.config import load_config
 from agent.device import device_info
@@ -306,7 +306,21 @@ options = { word = "zebra" }
     g = record.ext["guardrails"]
     assert list(g["stages"]) == ["input"] and record.kind == "blocked"  # only the stage the plugin has
     assert g["violations"][0]["type"] == "other" and g["violations"][0]["description"] == "our-own-rule: own rule"
-    assert g["stages"]["input"]["checks"][0]["kind"] == "plugin"
+    check = g["stages"]["input"]["checks"][0]
+    assert (check["kind"], check["server_ms"], check["network_ms"], check["risk_score"]) == ("plugin", 1.5, 0.5, 0.7)
+    assert (g["risk_score"], g["risk_level"]) == (0.7, "high")
+
+
+def test_a_run_where_every_request_was_blocked_is_not_a_failed_run(
+    tmp_path: Path, plugin: Path, tiny_engine: LlamaEngine
+) -> None:
+    result = run(tiny_engine, [INPUT_WORD], guard_set(tmp_path, planted_toml(NEVER)), runs=3)
+    document = results_document(result, run_id="r", device=device_info(), options=OPTIONS, prompt_source="test")
+    requests = document["results"]["requests"]
+    assert (requests["measured"], requests["succeeded"], requests["blocked"]) == (3, 0, 3)
+    assert document["results"]["error_metrics"]["total_errors"] == 0
+    assert "end_to_end_latency" not in document["results"]["latency_metrics"]
+    assert failure(document, 0.0) is None
 
 
 def test_stage_times_add_up(tmp_path: Path, plugin: Path, tiny_engine: LlamaEngine) -> None:
