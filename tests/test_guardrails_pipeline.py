@@ -660,3 +660,28 @@ guardrails = "planted"
     last = state["last_runs"]["guarded"]
     assert (last["requests"], last["errors"], last["blocked"]) == (2, 0, 1)
     assert "guarded: ok: 1/2 requests ok" in done.stdout and "1 blocked by guardrails" in done.stdout
+
+
+def test_the_pure_parts() -> None:
+    from agent.guardrails.base import CheckResult, Violation, clean_text, risk_level
+    from agent.guardrails.pipeline import stream_windows, validate_result
+
+    assert [risk_level(r) for r in (0.0, 0.29, 0.3, 0.59, 0.6, 0.84, 0.85, 1.0)] == [
+        "low", "low", "medium", "medium", "high", "high", "critical", "critical",
+    ]  # fmt: skip
+    assert stream_windows("abcdefghij", 4) == ["abcd", "abcdefgh", "efghij"]
+    assert stream_windows("", 4) == [""]
+    assert clean_text("card\u200b ending\x00 4242\n!" + "x" * 300, 30) == "card ending 4242 !" + "x" * 11 + "…"
+    answer, why = validate_result(CheckResult([Violation("made-up", "low", "bidi\u202e text")], risk_score=1))
+    assert why is None and answer is not None
+    assert answer.violations == [Violation("other", "low", "made-up: bidi text")] and answer.risk_score == 1.0
+    for bad in (
+        CheckResult(risk_score=True),
+        CheckResult(risk_score=-0.1),
+        CheckResult(server_ms=-1.0),
+        CheckResult(violations="none"),  # type: ignore[arg-type]
+        CheckResult([Violation("other", "urgent", "x")]),
+        CheckResult([Violation("other", "low", None)]),  # type: ignore[arg-type]
+        None,
+    ):
+        assert validate_result(bad)[0] is None, bad
