@@ -1,0 +1,1 @@
+"""Guardrails: checks timed as stages around a strategy's inference."""
