@@ -126,15 +126,16 @@ EMAIL_AFTER = 8 * 64 + 26  # characters after it an address can end (8 labels an
 
 # Phones: international (+CC …) with separators between groups, or compact; national: North American
 # (1-)(NXX) NXX-XXXX, European trunk-prefix forms (0… with a separator), French pairs. The digit count is checked
-# after the match.
+# after the match. A number that goes on (a digit right before or after, or one space, dot, slash or dash away) is
+# a longer number, not a phone.
 PHONE = (
-    r"(?<![A-Za-z0-9+.-])(?:"
+    r"(?<![A-Za-z0-9+.-])(?<![0-9][ /.-])(?:"
     r"\+[1-9][0-9]{7,14}"
     r"|\+[1-9][0-9]{0,2}[ .-]?(?:\([0-9]{1,4}\)[ .-]?)?[0-9]{1,5}(?:[ .-][0-9]{1,5}){1,5}"
     r"|(?:1[ .-])?(?:\([2-9][0-9]{2}\)[ .-]?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4}"
     r"|0[1-9][0-9]{0,4}[ /-][0-9]{3,4}[ -]?[0-9]{3,4}"
     r"|0[1-9](?:[ .][0-9]{2}){4}"
-    r")(?![A-Za-z0-9]|[.-][0-9])"
+    r")(?![A-Za-z0-9]|[ /.-][0-9])"
 )
 _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -145,6 +146,7 @@ _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 # JCB 3, Visa 4, Mastercard 5, Discover/UnionPay 6)
 CARD = r"[2-6](?:[ -]?[0-9]){12,18}(?![0-9]|[ -][0-9])"
 CARD_BEFORE = frozenset("0123456789-")
+DIGITS = frozenset("0123456789")
 
 IBAN = r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
 IBAN_BEFORE = frozenset(_ALNUM)
@@ -291,7 +293,11 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
 
     def cards(text: str) -> Iterator[str]:
         for match in patterns.card.finditer(text):
-            if _run_start(text, match.start(), CARD_BEFORE):
+            start = match.start()
+            # not the tail of a longer number ("1234 4111 1111 1111 1111")
+            if _run_start(text, start, CARD_BEFORE) and not (
+                start > 1 and text[start - 1] == " " and text[start - 2] in DIGITS
+            ):
                 digits = _digits(match.group())
                 if luhn_ok(digits):
                     yield f"card number ending {digits[-4:]}"
