@@ -1,10 +1,10 @@
 """The built-in rules: PII, secrets, prompt-injection phrases and a deny list, with the standard library alone.
 
-Every pattern is compiled once, by the first :func:`build`. Every repeat in them is bounded and none can match the
-same text in many ways, so a scan stays linear on hostile text (a megabyte of digits, spaces or ``@``); whether a
-match starts a run (the character before it) is checked after the match. Numbers that look like a card
-or an IBAN are kept only when their check digits hold (Luhn, ISO 13616 mod 97). A violation's description names what
-was found, never the value itself ("card number ending 4242" at most). docs/guardrail-rules.md has the tables.
+Every pattern is compiled once per process, by the first :func:`build`. Every repeat in them is bounded and none can
+match the same text in many ways, so a scan stays linear on hostile text (a megabyte of digits, spaces or ``@``).
+Numbers that look like a card or an IBAN are kept only when their check digits hold (Luhn, ISO 13616 mod 97). A
+violation's description names what was found, never the value itself ("card number ending 4242" at most).
+docs/guardrail-rules.md has the tables.
 """
 
 from __future__ import annotations
@@ -240,7 +240,6 @@ class _Compiled:
         self.injection = [
             (name, re.compile(pattern.replace(" ", r"\s+") + r"(?!\w)")) for name, pattern in INJECTION_PHRASES
         ]
-        self.word = re.compile(r"\w+")
 
 
 @functools.lru_cache(maxsize=1)
@@ -397,8 +396,9 @@ class DenyList:
         if self.phrases is not None:
             for match in self.phrases.finditer(folded):
                 start = match.start()
-                if start == 0 or not (folded[start - 1].isalnum() or folded[start - 1] == "_"):
-                    yield self.phrase_numbers[" ".join(match.group().split())]
+                number = self.phrase_numbers.get(" ".join(match.group().split()))
+                if number is not None and (start == 0 or not (folded[start - 1].isalnum() or folded[start - 1] == "_")):
+                    yield number
 
 
 class RulesGuardrail:
