@@ -1,0 +1,500 @@
+"""The built-in rules: PII, secrets, prompt-injection phrases and a deny list, with the standard library alone.
+
+Every pattern is compiled once per process, by the first :func:`build`. Every repeat in them is bounded and none can
+match the same text in many ways, so a scan stays linear on hostile text (a megabyte of digits, spaces or ``@``).
+Numbers that look like a card or an IBAN are kept only when their check digits hold (Luhn, ISO 13616 mod 97). A
+violation's description names what was found, never the value itself ("card number ending 4242" at most).
+docs/guardrail-rules.md has the tables.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lens_core.config import Invalid, KeySpec, choice, const, optional, path_value
+
+from .base import SEVERITIES, VIOLATION_TYPES, BuildContext, CheckConfig, CheckResult, GuardrailError, Violation
+
+RULES = ("email", "phone", "card", "iban", "api_key", "private_key", "injection")
+
+# rule -> (violation type, severity); the deny list's come from deny_type / deny_severity
+RULE_VIOLATIONS = {
+    "email": ("pii_leakage", "medium"),
+    "phone": ("pii_leakage", "medium"),
+    "card": ("pii_leakage", "high"),
+    "iban": ("pii_leakage", "high"),
+    "api_key": ("secret_leakage", "critical"),
+    "private_key": ("secret_leakage", "critical"),
+    "injection": ("prompt_injection", "high"),
+}
+
+# the risk score of a result: the worst severity found (0.0 with no violation)
+SEVERITY_RISK = {"low": 0.2, "medium": 0.5, "high": 0.8, "critical": 0.95}
+
+MAX_VIOLATIONS = 32  # per call; every match is still counted in details["matches"]
+
+DEFAULT_STAGES = frozenset({"input", "output"})
+
+
+def _rule_names(value: object) -> list[str]:
+    allowed = ", ".join(RULES)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise Invalid(f"a list of rule names from: {allowed}")
+    unknown = [item for item in value if item not in RULES]
+    if unknown:
+        raise Invalid(f"rule names from: {allowed} ({unknown[0]!r} is not one)")
+    return list(dict.fromkeys(value))
+
+
+def _deny_terms(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item.strip() for item in value):
+        raise Invalid("a list of non-empty words or phrases")
+    return [item.strip() for item in value]
+
+
+OPTIONS: dict[str, KeySpec] = {
+    "rules": KeySpec(_rule_names, const(list(RULES)), "the rules to run; default: all of " + ", ".join(RULES)),
+    "deny": KeySpec(_deny_terms, const([]), "words or phrases refused (whole words, any case)"),
+    "deny_file": KeySpec(optional(path_value), const(None), "a file of denied words or phrases, one per line"),
+    "deny_type": KeySpec(choice(*VIOLATION_TYPES), const("disallowed_topic"), "the violation type of a deny match"),
+    "deny_severity": KeySpec(choice(*SEVERITIES), const("high"), "the severity of a deny match"),
+}
+
+
+# --- check digits -------------------------------------------------------------------------------------------------
+
+
+def luhn_ok(digits: str) -> bool:
+    """Whether a string of ASCII digits passes the Luhn check (payment card numbers)."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = ord(char) - 48
+        if position % 2 == 1:
+            value *= 2
+            if value > 9:
+                value -= 9
+        total += value
+    return total % 10 == 0
+
+
+# ISO 13616 registry: country code -> IBAN length
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27,
+    "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27, "DK": 18, "DO": 28,
+    "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23,
+    "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27,
+    "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25,
+    "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18,
+    "NO": 15, "OM": 23, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33,
+    "SA": 24, "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28,
+    "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
+}  # fmt: skip
+
+
+def iban_ok(iban: str) -> bool:
+    """Whether an IBAN (upper case, no spaces) has its country's length and passes the mod-97 check."""
+    if IBAN_LENGTHS.get(iban[:2]) != len(iban):
+        return False
+    rearranged = iban[4:] + iban[:4]
+    number = "".join(str(int(char, 36)) for char in rearranged)
+    return int(number) % 97 == 1
+
+
+def shannon_entropy(value: str) -> float:
+    """Bits per character of a string's own character distribution."""
+    counts = Counter(value)
+    size = len(value)
+    return -sum(n / size * math.log2(n / size) for n in counts.values())
+
+
+# --- patterns (sources; compiled once, by the first build) ---------------------------------------------------------
+
+# the local part's lookbehind keeps a long run of letters to one attempt; the scan runs only when the text has an @
+EMAIL = (
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}"
+    r"(?![A-Za-z0-9-])"
+)
+EMAIL_AROUND = 16  # @ signs looked at one by one
+EMAIL_BEFORE = 65  # characters before an @ an address can start (the local part: at most 64)
+EMAIL_AFTER = 8 * 64 + 26  # characters after it an address can end (8 labels and a top-level domain)
+
+# Phones: international (+CC …) with separators between groups, or compact; national: North American
+# (1-)(NXX) NXX-XXXX, European trunk-prefix forms (0… with a separator), French pairs. The digit count is checked
+# after the match. A number that goes on (a digit right before or after, or one space, dot, slash or dash away) is
+# a longer number, not a phone.
+PHONE = (
+    r"(?<![A-Za-z0-9+.-])(?<![0-9][ /.-])(?:"
+    r"\+[1-9][0-9]{7,14}"
+    r"|\+[1-9][0-9]{0,2}[ .-]?(?:\([0-9]{1,4}\)[ .-]?)?[0-9]{1,5}(?:[ .-][0-9]{1,5}){1,5}"
+    r"|(?:1[ .-])?(?:\([2-9][0-9]{2}\)[ .-]?|[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4}"
+    r"|0[1-9][0-9]{0,4}[ /-][0-9]{3,4}[ -]?[0-9]{3,4}"
+    r"|0[1-9](?:[ .][0-9]{2}){4}"
+    r")(?![A-Za-z0-9]|[ /.-][0-9])"
+)
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+# The patterns below have no leading lookbehind (the engine can then skip to the characters that start one, which
+# measured faster): the character before a match is checked after it (_run_start), and so are the check digits.
+
+# 13-19 digits, a single space or dash allowed between any two; issuer digit 2-6 (Mastercard 2-series, Amex/Diners/
+# JCB 3, Visa 4, Mastercard 5, Discover/UnionPay 6)
+CARD = r"[2-6](?:[ -]?[0-9]){12,18}(?![0-9]|[ -][0-9])"
+CARD_BEFORE = frozenset("0123456789-")
+DIGITS = frozenset("0123456789")
+
+IBAN = r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
+IBAN_BEFORE = frozenset(_ALNUM)
+
+# (pattern, description): each starts with a literal, so the engine jumps from one occurrence of it to the next
+API_KEYS: tuple[tuple[str, str], ...] = (
+    (r"AKIA[A-Z0-9]{16}(?![A-Za-z0-9])", "AWS access key id"),
+    (r"ASIA[A-Z0-9]{16}(?![A-Za-z0-9])", "AWS access key id"),
+    (r"gh[pousr]_[A-Za-z0-9]{36,255}(?![A-Za-z0-9_])", "GitHub token"),
+    (r"github_pat_[A-Za-z0-9_]{22,255}", "GitHub fine-grained token"),
+    (r"xox[abposr]-[A-Za-z0-9-]{10,250}", "Slack token"),
+    (r"sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,250}", "OpenAI/Anthropic-style API key"),
+    (r"AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])", "Google API key"),
+    # a lookbehind here: a failed attempt reads up to 4 KB, so it must not be retried inside a run ("eyJeyJ…")
+    (
+        r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,4096}\.eyJ[A-Za-z0-9_-]{5,8192}\.[A-Za-z0-9_-]{10,4096}",
+        "JSON Web Token",
+    ),
+)
+TOKEN_BEFORE = frozenset(_ALNUM + "_-")
+
+# a secret-looking name, ':' or '=', and a value kept only when it looks random: 16-256 characters, two of lower
+# case / upper case / digits, and at least SECRET_MIN_ENTROPY bits per character. Run only when the text (in lower
+# case) has one of SECRET_WORDS; the name is matched in the lower-cased text, the value read from the text.
+SECRET_ASSIGNMENT = (
+    r"(api[_-]?key|apikey|secret(?:[_-]?key)?|client[_-]?secret|access[_-]?token|auth[_-]?token|password|passwd)"
+    r"[\"']?[ \t]{0,3}[:=][ \t]{0,3}[\"']?([A-Za-z0-9/+_.=-]{16,256})"
+)
+SECRET_WORDS = ("key", "secret", "token", "passw")
+SECRET_BEFORE = frozenset(_ALNUM + "_")
+SECRET_MIN_ENTROPY = 3.0  # bits per character
+
+PRIVATE_KEY = r"-----BEGIN (?:[A-Z0-9]{1,16} ){0,3}PRIVATE KEY(?: BLOCK)?-----"
+
+# (name, pattern): matched in the lower-cased text, words apart by any run of whitespace, whole words
+INJECTION_PHRASES: tuple[tuple[str, str], ...] = (
+    (
+        "ignore previous instructions",
+        r"ignore (?:all |any )?(?:of )?(?:the |your |my )?(?:previous|prior|above|earlier|preceding) "
+        r"(?:instructions|prompts?|directions|rules|messages)",
+    ),
+    (
+        "disregard the system prompt",
+        r"disregard (?:all |any )?(?:of )?(?:the |your )?(?:previous |prior |above |system )"
+        r"(?:instructions|prompts?|rules|guidelines)",
+    ),
+    (
+        "forget your instructions",
+        r"forget (?:all |everything )?(?:about )?(?:your|the|previous|prior) (?:instructions|rules|guidelines)",
+    ),
+    ("you are now DAN", r"you are now (?:dan|in developer mode|jailbroken|an? unrestricted)"),
+    ("do anything now", r"do anything now"),
+    ("developer mode", r"(?:enable|activate|enter) developer mode"),
+    (
+        "reveal your system prompt",
+        r"(?:reveal|show|print|repeat|output|tell) (?:me )?(?:your|the) (?:system prompt|initial instructions"
+        r"|hidden instructions|original instructions)",
+    ),
+    ("no restrictions", r"pretend (?:that )?you (?:have|had) no (?:restrictions|rules|filters|guidelines)"),
+    (
+        "override the safety rules",
+        r"override (?:your|the|all) (?:safety|system|content) (?:instructions|settings|guidelines|rules|filters)",
+    ),
+)
+INJECTION_TRIGGERS = ("ignore", "disregard", "forget", "you are", "anything", "developer", "reveal", "show", "print",
+                      "repeat", "output", "tell", "pretend", "override")  # fmt: skip
+
+
+def _literal(pattern: str) -> str:
+    """The literal text a key pattern starts with (after its lookbehind, if any): a quick test before the scan."""
+    if pattern.startswith("(?<!"):
+        pattern = pattern[pattern.index(")") + 1 :]
+    return pattern[: len(pattern) - len(pattern.lstrip(_ALNUM + "_-"))][:4]
+
+
+class _Compiled:
+    """Every pattern compiled (once per process: :func:`_compiled`)."""
+
+    def __init__(self) -> None:
+        ascii_ = re.ASCII
+        self.email = re.compile(EMAIL, ascii_)
+        self.phone = re.compile(PHONE, ascii_)
+        self.card = re.compile(CARD, ascii_)
+        self.iban = re.compile(IBAN, ascii_)
+        self.api_keys = [
+            (_literal(pattern), re.compile(pattern, ascii_), description) for pattern, description in API_KEYS
+        ]
+        self.secret_assignment = re.compile(SECRET_ASSIGNMENT, ascii_)
+        self.secret_assignment_any_case = re.compile(SECRET_ASSIGNMENT, ascii_ | re.IGNORECASE)
+        self.private_key = re.compile(PRIVATE_KEY, ascii_)
+        self.injection = [
+            (name, re.compile(pattern.replace(" ", r"\s+") + r"(?!\w)")) for name, pattern in INJECTION_PHRASES
+        ]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled() -> _Compiled:
+    return _Compiled()
+
+
+# --- the scans ----------------------------------------------------------------------------------------------------
+
+
+def _run_start(text: str, start: int, before: frozenset[str]) -> bool:
+    """Whether a match starts a run: the character before it (if any) cannot be part of what was matched."""
+    return start == 0 or text[start - 1] not in before
+
+
+def _digits(text: str) -> str:
+    return "".join(char for char in text if "0" <= char <= "9")
+
+
+Scan = Callable[[str], Iterator[str]]  # a text -> the description of each match
+
+
+def _scans(patterns: _Compiled) -> dict[str, Scan]:
+    def emails(text: str) -> Iterator[str]:
+        # only the text around each @ (up to EMAIL_AROUND of them), merged where the windows overlap; more: all of it
+        ats: list[int] = []
+        at = text.find("@")
+        while at >= 0 and len(ats) <= EMAIL_AROUND:
+            ats.append(at)
+            at = text.find("@", at + 1)
+        if len(ats) > EMAIL_AROUND:
+            windows = [(0, len(text))]
+        else:
+            windows = []
+            for at in ats:
+                low, high = max(0, at - EMAIL_BEFORE), min(len(text), at + EMAIL_AFTER)
+                if windows and low <= windows[-1][1]:
+                    windows[-1] = (windows[-1][0], high)
+                else:
+                    windows.append((low, high))
+        for low, high in windows:
+            for _ in patterns.email.finditer(text, low, high):
+                yield "e-mail address"
+
+    def phones(text: str) -> Iterator[str]:
+        for match in patterns.phone.finditer(text):
+            count = len(_digits(match.group()))
+            if (8 if match.group().startswith("+") else 9) <= count <= 15:
+                yield "phone number"
+
+    def cards(text: str) -> Iterator[str]:
+        for match in patterns.card.finditer(text):
+            start = match.start()
+            # not the tail of a longer number ("1234 4111 1111 1111 1111")
+            if _run_start(text, start, CARD_BEFORE) and not (
+                start > 1 and text[start - 1] == " " and text[start - 2] in DIGITS
+            ):
+                digits = _digits(match.group())
+                if luhn_ok(digits):
+                    yield f"card number ending {digits[-4:]}"
+
+    def ibans(text: str) -> Iterator[str]:
+        for match in patterns.iban.finditer(text):
+            if _run_start(text, match.start(), IBAN_BEFORE):
+                iban = match.group().replace(" ", "")
+                if iban_ok(iban):
+                    yield f"IBAN ({iban[:2]})"
+
+    def api_keys(text: str) -> Iterator[str]:
+        for literal, pattern, description in patterns.api_keys:
+            if literal not in text:
+                continue
+            for match in pattern.finditer(text):
+                if _run_start(text, match.start(), TOKEN_BEFORE):
+                    yield description
+        lowered = text.lower()
+        if any(word in lowered for word in SECRET_WORDS):
+            # lower() keeps the positions unless the text has one of the few characters it expands
+            same = len(lowered) == len(text)
+            pattern = patterns.secret_assignment if same else patterns.secret_assignment_any_case
+            for match in pattern.finditer(lowered if same else text):
+                value = text[match.start(2) : match.end(2)]
+                if _run_start(text, match.start(), SECRET_BEFORE) and _looks_random(value):
+                    yield f"secret assigned to {match.group(1).lower()}"
+
+    def private_keys(text: str) -> Iterator[str]:
+        if "-----BEGIN" in text:
+            for _ in patterns.private_key.finditer(text):
+                yield "private key block"
+
+    def injections(text: str) -> Iterator[str]:
+        lowered = text.lower()
+        if any(trigger in lowered for trigger in INJECTION_TRIGGERS):
+            for name, pattern in patterns.injection:
+                for match in pattern.finditer(lowered):
+                    start = match.start()
+                    if start == 0 or not (lowered[start - 1].isalnum() or lowered[start - 1] == "_"):
+                        yield f"prompt-injection phrase ({name})"
+
+    return {
+        "email": emails,
+        "phone": phones,
+        "card": cards,
+        "iban": ibans,
+        "api_key": api_keys,
+        "private_key": private_keys,
+        "injection": injections,
+    }
+
+
+def _looks_random(value: str) -> bool:
+    classes = any(c.islower() for c in value) + any(c.isupper() for c in value) + any(c.isdigit() for c in value)
+    return classes >= 2 and shannon_entropy(value) >= SECRET_MIN_ENTROPY
+
+
+class DenyList:
+    """Words and phrases matched as whole words in any case (Unicode case folding).
+
+    Single words: a few are looked for as substrings of the folded text first (the text is split into words only
+    when one is there); many, by splitting the text into words and looking each up. Phrases (words apart by any
+    whitespace): one pattern, longest first.
+    """
+
+    FEW_WORDS = 64
+
+    def __init__(self, terms: list[str]) -> None:
+        self.word = re.compile(r"\w+")
+        self.words: dict[str, int] = {}  # folded word -> its number (1-based, in the order configured)
+        self.phrase_numbers: dict[str, int] = {}  # folded phrase, single-spaced -> its number
+        for number, term in enumerate(terms, start=1):
+            folded = " ".join(term.casefold().split())
+            if self.word.fullmatch(folded):
+                self.words.setdefault(folded, number)
+            else:
+                self.phrase_numbers.setdefault(folded, number)
+        alternatives = sorted(
+            (r"\s+".join(re.escape(part) for part in phrase.split(" ")) for phrase in self.phrase_numbers),
+            key=len,
+            reverse=True,
+        )
+        self.phrases = re.compile("(?:" + "|".join(alternatives) + r")(?!\w)") if alternatives else None
+
+    def __len__(self) -> int:
+        return len(self.words) + len(self.phrase_numbers)
+
+    def scan(self, text: str) -> Iterator[int]:
+        """The number of each term found (once per occurrence)."""
+        folded = text.casefold()
+        if self.words and (len(self.words) > self.FEW_WORDS or any(word in folded for word in self.words)):
+            for token in self.word.findall(folded):
+                number = self.words.get(token)
+                if number is not None:
+                    yield number
+        if self.phrases is not None:
+            for match in self.phrases.finditer(folded):
+                start = match.start()
+                number = self.phrase_numbers.get(" ".join(match.group().split()))
+                if number is not None and (start == 0 or not (folded[start - 1].isalnum() or folded[start - 1] == "_")):
+                    yield number
+
+
+class RulesGuardrail:
+    """Runs the configured rules over a text; the same scan at every stage."""
+
+    kind = "rules"
+
+    def __init__(
+        self,
+        name: str,
+        stages: frozenset[str],
+        rules: list[str],
+        deny: DenyList,
+        deny_type: str,
+        deny_severity: str,
+    ) -> None:
+        self.name = name
+        self.stages = stages
+        self.rules = tuple(rules)
+        scans = _scans(_compiled())
+        self._scans = [(rule, scans[rule], *RULE_VIOLATIONS[rule]) for rule in self.rules]
+        self._deny = deny
+        self._deny_type = deny_type
+        self._deny_severity = deny_severity
+
+    def check(self, text: str) -> CheckResult:
+        violations: list[Violation] = []
+        matches: Counter[str] = Counter()
+        worst = -1
+        seen: set[tuple[str, str]] = set()
+        for rule, scan, vtype, severity in self._scans:
+            for description in scan(text):
+                matches[rule] += 1
+                worst = max(worst, SEVERITIES.index(severity))
+                if len(violations) < MAX_VIOLATIONS and (rule, description) not in seen:
+                    seen.add((rule, description))
+                    violations.append(Violation(vtype, severity, description))
+        if len(self._deny):
+            for number in self._deny.scan(text):
+                matches["deny"] += 1
+                worst = max(worst, SEVERITIES.index(self._deny_severity))
+                description = f"deny-list term #{number}"
+                if len(violations) < MAX_VIOLATIONS and ("deny", description) not in seen:
+                    seen.add(("deny", description))
+                    violations.append(Violation(self._deny_type, self._deny_severity, description))
+        risk = SEVERITY_RISK[SEVERITIES[worst]] if worst >= 0 else 0.0
+        details: dict[str, Any] | None = {"matches": dict(matches)} if matches else None
+        return CheckResult(violations=violations, risk_score=risk, details=details)
+
+    def validate_input(self, text: str) -> CheckResult:
+        return self.check(text)
+
+    def detect_threats(self, text: str) -> CheckResult:
+        return self.check(text)
+
+    def filter_output(self, text: str) -> CheckResult:
+        return self.check(text)
+
+    def close(self) -> None:
+        pass
+
+
+def _read_deny_file(check: CheckConfig, path: Path) -> list[str]:
+    try:
+        content = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problem = "there is no such file"
+    except IsADirectoryError:
+        problem = "it is a directory"
+    except UnicodeDecodeError:
+        problem = "it is not UTF-8 text"
+    except OSError as exc:
+        problem = f"it cannot be read ({exc.strerror})"
+    else:
+        return [line.strip() for line in content.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    raise GuardrailError(
+        f"{check.source}: {check.where}.deny_file = {str(path)!r}: {problem}; "
+        "expected a readable UTF-8 file with one word or phrase per line"
+    )
+
+
+def build(check: CheckConfig, context: BuildContext) -> RulesGuardrail:
+    """The rules check of a [[guardrails.checks]] entry; reads deny_file now (an unreadable one: GuardrailError)."""
+    options = {key: check.options[key] if key in check.options else spec.default() for key, spec in OPTIONS.items()}
+    try:
+        rules = _rule_names(options["rules"])
+    except Invalid as exc:
+        raise GuardrailError(f"{check.source}: {check.where}.rules: expected {exc}") from None
+    terms = list(options["deny"])
+    if options["deny_file"] is not None:
+        terms += _read_deny_file(check, Path(options["deny_file"]))
+    return RulesGuardrail(
+        check.name,
+        check.stages,
+        rules,
+        DenyList(terms),
+        options["deny_type"],
+        options["deny_severity"],
+    )
