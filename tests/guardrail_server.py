@@ -8,6 +8,10 @@ fire on planted words:
   input rails run on the last user message when the last message is the user's, output rails on the assistant's when
   it is the assistant's. Answers ``{"status": "success"|"blocked", "rails_status": {rail: {"status": …}},
   "messages": […], "guardrails_data": {"config_ids": […]}}``; a body that does not fit → 422 as FastAPI answers.
+- ``POST /v1/checks`` (the open-source ``nemoguardrails server``, 0.24): ``{"model", "messages", "guardrails":
+  {"config_id" | "config_ids", "rail_types"?}}``; the rails of ``rail_types`` (else input rails when there is a user
+  message, output rails when there is an assistant message) run in order, the first that blocks stops them; a masking
+  rail rewrites the text. Answers ``{"status": "passed"|"modified"|"blocked", "content", "rail"?}``.
 - ``POST /analyze/prompt`` ``{"prompt"}`` → ``{"sanitized_prompt", "is_valid", "scanners": {name: risk}}`` and
   ``POST /analyze/output`` ``{"prompt", "output"}`` → ``{"sanitized_output", "is_valid", "scanners"}``: a scanner
   scores ``hit_risk`` when one of its words is in the text, else ``miss_risk`` (LLM Guard's scores are in [-1, 1];
@@ -36,6 +40,9 @@ NEMO_RAILS: dict[str, tuple[str, tuple[str, ...]]] = {  # rail → (where it run
     "activefence moderation on input": ("input", ("you idiot",)),
     "detect sensitive data on output": ("output", ("alice@example.com",)),
     "content safety check output $model=llama-3.1-nemoguard-8b-content-safety": ("output", ("you idiot",)),
+}
+MASK_RAILS: dict[str, tuple[str, tuple[str, ...]]] = {  # the open-source server's masking rails (status modified)
+    "mask sensitive data on output": ("output", ("bob@example.com",)),
 }
 LLM_GUARD_INPUT: dict[str, tuple[str, ...]] = {
     "PromptInjection": ("ignore all previous instructions",),
@@ -89,7 +96,7 @@ class GuardrailServer:
         self.miss_risk = miss_risk
         self.mode = "ok"
         self.port = 0
-        self.requests: list[dict[str, Any]] = []  # the last 100: path, Authorization header, body
+        self.requests: list[dict[str, Any]] = []  # the last 100: path, Authorization header, body, client address
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -119,6 +126,7 @@ class GuardrailServer:
     async def _start(self) -> None:
         app = web.Application(client_max_size=4 * 1024**2)
         app.router.add_post("/v1/guardrail/checks", self._nemo)
+        app.router.add_post("/v1/checks", self._nemo_server)
         app.router.add_post("/analyze/prompt", self._analyze_prompt)
         app.router.add_post("/analyze/output", self._analyze_output)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
@@ -140,7 +148,12 @@ class GuardrailServer:
     async def _read(self, request: web.Request) -> tuple[Any, web.Response | None]:
         raw = await request.read()
         self.requests.append(
-            {"path": request.path, "authorization": request.headers.get("Authorization"), "body": raw.decode()}
+            {
+                "path": request.path,
+                "authorization": request.headers.get("Authorization"),
+                "body": raw.decode(),
+                "peer": request.transport.get_extra_info("peername") if request.transport else None,
+            }
         )
         del self.requests[:-100]
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
@@ -195,6 +208,53 @@ class GuardrailServer:
         elif self.mode == "unknown-status":
             answer = {"status": "blocked", "rails_status": {rail: {"status": "unknown"} for rail in rails}}
         return await self._answer(request, answer, start)
+
+    async def _nemo_server(self, request: web.Request) -> web.StreamResponse:
+        start = time.perf_counter()
+        body, refused = await self._read(request)
+        if refused is not None:
+            return refused
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return self._unprocessable("model")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return web.json_response({"detail": "messages must be non-empty"}, status=422)
+        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+            return self._unprocessable("messages")
+        guardrails = body.get("guardrails", {})
+        if not isinstance(guardrails, dict) or ("config_id" in guardrails and "config_ids" in guardrails):
+            return self._unprocessable("guardrails")
+        rail_types = guardrails.get("rail_types")
+        if rail_types is None:
+            roles = {m.get("role") for m in messages}
+            rail_types = [t for t, role in (("input", "user"), ("output", "assistant")) if role in roles]
+        if not isinstance(rail_types, list) or not all(t in ("input", "output") for t in rail_types):
+            return self._unprocessable("guardrails.rail_types")
+        answer: dict[str, Any] = {"status": "passed", "content": ""}
+        for where in rail_types:
+            answer = self._run_rails(where, messages)
+            if answer["status"] != "passed":
+                break
+        if self.mode == "wrong-types":
+            answer = {"status": 1, "content": 5}
+        elif self.mode == "unknown-status":
+            answer = {"status": "maybe", "content": ""}
+        return await self._answer(request, answer, start)
+
+    @staticmethod
+    def _run_rails(where: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        role = "user" if where == "input" else "assistant"
+        said = [m["content"] for m in messages if m.get("role") == role]
+        content = said[-1] if said else ""
+        for rail, (stage, words) in NEMO_RAILS.items():
+            if stage == where and any(w in content.lower() for w in words):
+                return {"status": "blocked", "content": content, "rail": rail}
+        for rail, (stage, words) in MASK_RAILS.items():
+            if stage == where and any(w in content.lower() for w in words):
+                for word in words:
+                    content = content.replace(word, "<EMAIL_ADDRESS>")
+                return {"status": "modified", "content": content, "rail": rail}
+        return {"status": "passed", "content": content}
 
     async def _analyze_prompt(self, request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()

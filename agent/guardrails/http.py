@@ -2,10 +2,14 @@
 
 Two documented request/response shapes (``api``):
 
-- ``nemo``: NeMo Guardrails' checks endpoint, ``POST {url}/v1/guardrail/checks`` with an OpenAI-style body
-  ``{"model"?, "messages": [{"role": "user", "content": …}] (+ {"role": "assistant", …} for output),
-  "guardrails": {"config_id": …}?}``, answering ``{"status": "success"|"blocked", "rails_status": {"<rail>":
-  {"status": "success"|"blocked"}}, …}``. A blocked answer is one violation per blocked rail (severity high, risk 1).
+- ``nemo``: NeMo Guardrails' checks endpoint with an OpenAI-style body ``{"model"?, "messages": [{"role": "user",
+  "content": …}] (+ {"role": "assistant", …} for output), "guardrails": {"config_id": …}?}``. Two flavours
+  (``nemo_api``): ``microservice`` (the NeMo Guardrails microservice, ``POST {url}/v1/guardrail/checks``) answers
+  ``{"status": "success"|"blocked", "rails_status": {"<rail>": {"status": "success"|"blocked"}}, …}``: a blocked
+  answer is one violation per blocked rail (severity high, risk 1). ``server`` (the open-source ``nemoguardrails
+  server``, ``POST {url}/v1/checks``, body also ``guardrails.rail_types`` and a required ``model``) answers
+  ``{"status": "passed"|"modified"|"blocked", "content", "rail"?}``: blocked is one violation (high, risk 1),
+  modified one of severity medium (risk 0.5: a rail rewrote the text, e.g. masked what it found).
 - ``llm-guard``: LLM Guard's API, ``POST {url}/analyze/prompt`` ``{"prompt"}`` → ``{"sanitized_prompt", "is_valid",
   "scanners": {"<Scanner>": risk in [-1, 1]}}`` and ``POST {url}/analyze/output`` ``{"prompt", "output"}`` →
   ``{"sanitized_output", "is_valid", "scanners"}``. Risk per scanner ``max(0, score)``; when ``is_valid`` is false, a
@@ -48,8 +52,11 @@ if TYPE_CHECKING:  # aiohttp is imported where a check is built: reading the con
 
 T = TypeVar("T")
 
-API_PATHS = {"nemo": {"input": "/v1/guardrail/checks", "output": "/v1/guardrail/checks"}}
-API_PATHS["llm-guard"] = {"input": "/analyze/prompt", "output": "/analyze/output"}
+API_PATHS = {
+    "nemo": {"input": "/v1/guardrail/checks", "output": "/v1/guardrail/checks"},
+    "nemo-server": {"input": "/v1/checks", "output": "/v1/checks"},
+    "llm-guard": {"input": "/analyze/prompt", "output": "/analyze/output"},
+}
 MAX_BODY_BYTES = 1024 * 1024  # an answer is a verdict and a few scores: more is an error
 MAX_ENTRIES = 256  # rails / scanners in one answer
 DEFAULT_TIMEOUT_S = 10.0  # the pipeline's default time_limit; set `timeout` below the set's time_limit
@@ -90,7 +97,14 @@ OPTIONS: dict[str, KeySpec] = {
     "api": KeySpec(choice("nemo", "llm-guard"), const("nemo"), "nemo (NeMo Guardrails checks) or llm-guard"),
     "token_env": KeySpec(optional(_env_name), const(None), "environment variable holding a bearer token"),
     "config_id": KeySpec(optional(text), const(None), "nemo: the guardrails configuration (guardrails.config_id)"),
-    "model": KeySpec(optional(text), const(None), "nemo: the body's model (omitted when unset)"),
+    "model": KeySpec(
+        optional(text), const(None), "nemo: the body's model (omitted when unset; nemo_api server needs it)"
+    ),
+    "nemo_api": KeySpec(
+        choice("microservice", "server"),
+        const("microservice"),
+        "nemo: microservice (POST /v1/guardrail/checks) or server (nemoguardrails server: POST /v1/checks)",
+    ),
     "timeout": KeySpec(optional(parse_duration), const(None), f"one call (default {DEFAULT_TIMEOUT_S:g}s)"),
     "server_timing": KeySpec(
         optional(_metric_name),
@@ -113,10 +127,15 @@ def build(check: CheckConfig, context: BuildContext) -> HttpGuardrail:
     api = options.get("api") or "nemo"
     if api not in API_PATHS:
         raise GuardrailError(f"{where}.api: {api!r} is not one of 'nemo', 'llm-guard'")
+    nemo_api = options.get("nemo_api") or "microservice"
     if api != "nemo":
         for key in ("config_id", "model"):
             if options.get(key) is not None:
                 raise GuardrailError(f"{where}.{key}: only for api = 'nemo' (this check's api is {api!r})")
+        if nemo_api != "microservice":
+            raise GuardrailError(f"{where}.nemo_api: only for api = 'nemo' (this check's api is {api!r})")
+    elif nemo_api == "server" and options.get("model") is None:
+        raise GuardrailError(f"{where}.model: required with nemo_api = 'server' (its /v1/checks wants a model name)")
     token: str | None = None
     token_env = options.get("token_env")
     if token_env:
@@ -129,7 +148,7 @@ def build(check: CheckConfig, context: BuildContext) -> HttpGuardrail:
         name=check.name,
         stages=check.stages,
         url=url,
-        api=api,
+        api="nemo-server" if api == "nemo" and nemo_api == "server" else api,
         token=token,
         config_id=options.get("config_id"),
         model=options.get("model"),
@@ -264,8 +283,13 @@ class HttpGuardrail:
         body: dict[str, Any] = {"messages": messages}
         if self.model is not None:
             body["model"] = self.model
+        guardrails: dict[str, Any] = {}
         if self.config_id is not None:
-            body["guardrails"] = {"config_id": self.config_id}
+            guardrails["config_id"] = self.config_id
+        if self.api == "nemo-server":  # only this stage's rails (by roles, user + assistant would run both)
+            guardrails["rail_types"] = [direction]
+        if guardrails:
+            body["guardrails"] = guardrails
         return body
 
     def _check(self, direction: str, content: str) -> CheckResult:
@@ -280,7 +304,12 @@ class HttpGuardrail:
             raise self._fail(f"POST {_shown_url(endpoint)}: no answer within {self.timeout_s:g}s") from None
         data = self._parse(endpoint, status, raw)
         server_ms = self._server_ms(headers, round_trip_ms)
-        result = self._nemo(data) if self.api == "nemo" else self._llm_guard(data, direction)
+        if self.api == "nemo":
+            result = self._nemo(data)
+        elif self.api == "nemo-server":
+            result = self._nemo_server(data)
+        else:
+            result = self._llm_guard(data, direction)
         result.server_ms = server_ms
         result.network_ms = None if server_ms is None else max(0.0, round_trip_ms - server_ms)
         result.details = {**(result.details or {}), "api": self.api, "round_trip_ms": round(round_trip_ms, 3)}
@@ -421,6 +450,27 @@ class HttpGuardrail:
         return CheckResult(
             violations=violations, risk_score=1.0, details={"rails": len(rails), "blocked": len(blocked)}
         )
+
+    def _nemo_server(self, data: dict[str, Any]) -> CheckResult:
+        status = data.get("status")
+        if status not in ("passed", "modified", "blocked"):
+            raise self._fail(
+                f"the answer's status is {_clean(repr(status), 40)}, not 'passed', 'modified' or 'blocked'"
+            )
+        if not isinstance(data.get("content"), str):
+            raise self._fail(f"the answer's content is {type(data.get('content')).__name__}, not a string")
+        rail = data.get("rail")
+        if rail is not None and not isinstance(rail, str):
+            raise self._fail(f"the answer's rail is {type(rail).__name__}, not a string")
+        if status == "passed":
+            return CheckResult(risk_score=0.0, details={"status": status})
+        shown = f"rail {_clean(rail)!r}" if rail else "a rail"
+        if status == "blocked":
+            violation = Violation(_rail_type(rail or ""), "high", f"NeMo Guardrails {shown} blocked")
+            return CheckResult(violations=[violation], risk_score=1.0, details={"status": status})
+        kind = _rail_type(rail) if rail else "other"
+        violation = Violation(kind, "medium", f"NeMo Guardrails {shown} modified the text")
+        return CheckResult(violations=[violation], risk_score=0.5, details={"status": status})
 
     def _llm_guard(self, data: dict[str, Any], direction: str) -> CheckResult:
         sanitized = "sanitized_prompt" if direction == "input" else "sanitized_output"
