@@ -160,6 +160,11 @@ def test_llm_guard_blocks_with_types_and_severities_from_risk(
     assert output.risk_score == pytest.approx(0.5)
 
 
+def test_any_text_is_sent(llm_guard: http.HttpGuardrail) -> None:
+    result = llm_guard.validate_input("café 東京 \ud800 \x00 end")  # a lone surrogate and a NUL from a model's output
+    assert result.violations == []
+
+
 def test_llm_guard_negative_scores_are_zero_risk(server: GuardrailServer, llm_guard: http.HttpGuardrail) -> None:
     server.miss_risk = -0.4
     result = llm_guard.validate_input("hello")

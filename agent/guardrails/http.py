@@ -326,7 +326,7 @@ class HttpGuardrail:
         import aiohttp
 
         assert self._session is not None
-        payload = json.dumps(body, ensure_ascii=False).encode()
+        payload = json.dumps(body).encode()  # ASCII: a lone surrogate in the text cannot fail the encoding
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
