@@ -309,6 +309,31 @@ def test_status_success_with_a_blocked_rail_is_an_error(server: GuardrailServer)
         check.close()
 
 
+def test_close_ends_a_call_still_waiting(server: GuardrailServer) -> None:
+    import threading
+
+    server.mode = "hang"
+    check = build(url=server.url, api="nemo", timeout="30s")
+    errors: list[str] = []
+
+    def call() -> None:
+        try:
+            check.validate_input("hello")
+        except GuardrailError as exc:
+            errors.append(str(exc))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.3)
+    began = time.monotonic()
+    check.close()
+    caller.join(10)
+    assert not caller.is_alive() and time.monotonic() - began < 10.0
+    assert len(errors) == 1 and "check 'guard'" in errors[0]
+    with pytest.raises(GuardrailError, match="the check is closed"):
+        check.validate_input("hello")
+
+
 def test_unreachable_service_is_an_error() -> None:
     from .netproxy import free_port
 

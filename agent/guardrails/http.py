@@ -260,6 +260,10 @@ class HttpGuardrail:
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
 
     async def _close_session(self) -> None:
+        calls = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in calls:  # a call still waiting on the service (its caller gave up): it ends here
+            task.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -302,6 +306,8 @@ class HttpGuardrail:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise self._fail(f"POST {_shown_url(endpoint)}: no answer within {self.timeout_s:g}s") from None
+        except concurrent.futures.CancelledError:
+            raise self._fail(f"POST {_shown_url(endpoint)}: the check was closed during the call") from None
         data = self._parse(endpoint, status, raw)
         server_ms = self._server_ms(headers, round_trip_ms)
         if self.api == "nemo":
