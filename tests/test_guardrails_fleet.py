@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from agent.synthetic import synthetic_records
@@ -193,3 +194,116 @@ def test_the_fleet_and_device_pages_show_guardrail_overhead(tmp_path: Path) -> N
         assert '<div id="guardrails">' in page.stdout
         plain = chromium("--dump-dom", url + "/device/orin-017")
         assert '<div id="guardrails" hidden="">' in plain.stdout  # no guardrails: no table
+
+
+# -- triggers on guardrail overhead ----------------------------------------------------------------------------------
+GUARD_TRIGGERS = """
+[[triggers]]
+name = "slow-guardrails"
+condition = "guardrail_overhead_ms"
+threshold = 30
+window = "2h"
+min_samples = 10
+
+[[triggers]]
+name = "judge-share"
+condition = "guardrail_impact_percent"
+threshold = 5
+window = "2h"
+min_samples = 10
+guardrail_set = "judge"
+severity = "critical"
+"""
+
+
+def recent_guarded(device: str, seed: int, now: float, set_name: str, overhead_ms: float) -> list[dict[str, Any]]:
+    """30 served requests over the last 90 minutes guarded by ``set_name``, the input stage costing ``overhead_ms``."""
+    records = synthetic_records(30, seed=seed, device_id=device)
+    for i, r in enumerate(records):
+        r["started_at"] = _iso(now - 5400 + i * 180)
+        r.update(ok=True, error_type=None, error_message=None)
+        if r["ttft_ms"] is None:  # the rare synthetic failure: served here
+            r.update(ttft_ms=400.0, tpot_ms=20.0, e2e_ms=2400.0, output_tokens=100, itl_ms=[20.0] * 99)
+        guard(r, set_name, input_ms=overhead_ms * (0.9 + 0.2 * (i % 5) / 4), threat_ms=None, output_ms=None,
+              inference_ms=2500.0)  # fmt: skip
+    return records
+
+
+def _iso(unix: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(unix, tz=timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+async def test_guardrail_triggers_fire_on_the_slow_and_costly_series_only(
+    aiohttp_client: Any, store: Any, tmp_path: Path
+) -> None:
+    from aggregator.app import evaluate_triggers
+
+    from .test_triggers import triggers_from
+    from .trigger_fleet import Clock
+
+    clock = Clock(time.time())
+    settings = Settings(regression_interval_s=0.0, trigger_interval_s=3600.0, metrics_max_age_s=0.0)
+    triggers = triggers_from(tmp_path, GUARD_TRIGGERS)
+    client = await aiohttp_client(create_app(settings, store, triggers=triggers, clock=clock))
+    fleet = Fleet()
+    now = clock.now
+    # fast rules (4 ms of ~2.5 s: 0.2 %), a slow judge (60 ms: above 30 ms, and ~2.4 % — under 5 %), a judge whose
+    # requests are short (60 ms of ~0.5 s: above 5 %), and a device whose blocked requests cost 500 ms (never read)
+    await fleet.send(client, store, "orin-rules", recent_guarded("orin-rules", 401, now, "rules", 4.0))
+    await fleet.send(client, store, "orin-judge", recent_guarded("orin-judge", 402, now, "judge", 60.0))
+    short = recent_guarded("orin-short", 403, now, "judge", 60.0)
+    for r in short:
+        r["ext"]["guardrails"]["impact_percent"] = 100 * 60.0 / 560.0
+    await fleet.send(client, store, "orin-short", short)
+    quiet = recent_guarded("orin-blocks", 404, now, "rules", 3.0)
+    blocked = []
+    for n, r in enumerate(synthetic_records(20, seed=405, device_id="orin-blocks")):
+        r["started_at"] = _iso(now - 3000 + n * 60)
+        block(r, "rules", "input")
+        r["ext"]["guardrails"].update(overhead_ms=500.0, impact_percent=99.0)
+        r["ext"]["guardrails"]["stages"]["input"]["ms"] = 500.0
+        blocked.append(r)
+    await fleet.send(client, store, "orin-blocks", quiet + blocked)
+
+    await evaluate_triggers(client.app)
+    answer = await (await client.get("/api/v1/triggers")).json()
+    holding = {(s["trigger"], s["device_id"]) for s in answer["holding"]}
+    assert holding == {
+        ("slow-guardrails", "orin-judge"),
+        ("slow-guardrails", "orin-short"),
+        ("judge-share", "orin-short"),
+    }
+    by_name = {t["name"]: t for t in answer["triggers"]}
+    slow = {s["device_id"]: s for s in by_name["slow-guardrails"]["series"]}
+    assert (
+        slow["orin-rules"]["state"] == "ok" and slow["orin-rules"]["value"] < 5 and slow["orin-rules"]["samples"] == 30
+    )
+    assert slow["orin-blocks"]["state"] == "ok" and slow["orin-blocks"]["samples"] == 30  # the blocked 20: not read
+    assert slow["orin-judge"]["bound"] > 30 and slow["orin-judge"]["value"] == pytest.approx(66.0, abs=0.5)
+    assert "p95 guardrail overhead above 30 ms" in slow["orin-judge"]["summary"]
+    share = {s["device_id"]: s for s in by_name["judge-share"]["series"]}
+    assert set(share) == {"orin-judge", "orin-short"}  # scoped to the judge set: rules devices not listed
+    assert share["orin-judge"]["state"] == "ok" and share["orin-short"]["value"] == pytest.approx(100 * 60 / 560)
+    row = {d["device_id"]: d for d in (await (await client.get("/api/v1/fleet")).json())["devices"]}["orin-short"]
+    assert row["health"] == "critical" and any("judge-share" in reason for reason in row["health_reasons"])
+
+
+def test_guardrail_trigger_tables_are_checked(tmp_path: Path) -> None:
+    from lens_core.errors import ConfigError
+
+    from .test_triggers import triggers_from
+
+    [overhead, share] = triggers_from(tmp_path, GUARD_TRIGGERS)
+    assert overhead.describe().startswith("p95 guardrail overhead above 30 ms (its lower 95 % confidence bound)")
+    assert share.scope() == {"guardrail_set": ["judge"]}
+    for bad, key in (
+        ('condition = "guardrail_impact_percent"\nthreshold = 120', "threshold"),
+        ('condition = "guardrail_impact_percent"\nthreshold = 0', "threshold"),
+        ('condition = "guardrail_overhead_ms"\nthreshold = 30\nmetric = "ttft"', "metric"),
+        ('condition = "guardrail_overhead_ms"\nthreshold = 30\nguardrail_set = []', "guardrail_set"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            triggers_from(tmp_path, f'[[triggers]]\nname = "x"\n{bad}\n')
+        assert f"triggers[0].{key}" in str(refused.value), str(refused.value)
