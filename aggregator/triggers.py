@@ -73,7 +73,7 @@ SETTLE_ATTEMPTS = 5  # compare-and-swap retries when another replica wrote the f
 
 LATENCY_METRICS = ("ttft", "tpot", "e2e")
 # aggregator.regressions.METRICS (not imported: the configuration check stays free of numpy)
-REGRESSION_METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
+REGRESSION_METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token", "guardrail_ms")
 _LATENCY_COLUMN = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}
 _METRIC_LABEL = {
     "ttft": "TTFT",
@@ -83,6 +83,7 @@ _METRIC_LABEL = {
     "tpot_ms": "TPOT",
     "tokens_per_second": "tok/s",
     "j_per_token": "J/token",
+    "guardrail_ms": "guardrail overhead",
 }
 MIB = 1024**2
 

@@ -307,3 +307,43 @@ def test_guardrail_trigger_tables_are_checked(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as refused:
             triggers_from(tmp_path, f'[[triggers]]\nname = "x"\n{bad}\n')
         assert f"triggers[0].{key}" in str(refused.value), str(refused.value)
+
+
+# -- the change-point search on guardrail overhead -------------------------------------------------------------------
+def overhead_series(device: str, seed: int, plan: list[tuple[int, str, float]]) -> list[dict[str, Any]]:
+    """400 requests (a benchmark run, 7.5 s apart) guarded as ``plan`` says: from request N on, set S at M ms of
+    input validation (with a little noise), output filtering 1 ms."""
+    import random
+
+    rng = random.Random(seed)
+    records = synthetic_records(400, seed=seed, device_id=device)
+    for i, r in enumerate(records):
+        _, set_name, ms = [p for p in plan if p[0] <= i][-1]
+        guard(r, set_name, input_ms=round(ms * rng.lognormvariate(0, 0.08), 3), threat_ms=None, output_ms=1.0)
+    return records
+
+
+async def test_a_guardrail_that_doubles_its_cost_is_a_regression(aiohttp_client: Any, store: Any) -> None:
+    client = await aiohttp_client(create_app(Settings(regression_interval_s=0.0), store))
+    fleet = Fleet()
+    doubled = overhead_series("orin-judge", 501, [(0, "judge", 40.0), (250, "judge", 80.0)])
+    await fleet.send(client, store, "orin-judge", doubled)
+    await fleet.send(client, store, "orin-flat", overhead_series("orin-flat", 502, [(0, "judge", 40.0)]))
+    # another set from request 250 on (a workload guarded otherwise): not a step of the set's cost
+    switched = overhead_series("orin-switch", 503, [(0, "rules", 2.0), (250, "judge", 60.0)])
+    await fleet.send(client, store, "orin-switch", switched)
+
+    body = await (await client.get("/api/v1/regressions")).json()
+    guardrail = {r["device_id"]: r for r in body["regressions"] if r["metric"] == "guardrail_ms"}
+    assert set(guardrail) == {"orin-judge"}, [r["summary"] for r in body["regressions"]]
+    found = guardrail["orin-judge"]
+    assert found["change"] == pytest.approx(1.0, abs=0.15)  # 41 → 81 ms: +~98 %
+    assert found["evidence"]["guardrail_set"] == "judge" and found["requests_before"] == pytest.approx(250, abs=5)
+    assert found["summary"].startswith("guardrail overhead +")
+    assert "guardrail set judge unchanged" in found["summary"]
+    # the guardrail's cost moved no other metric of the series, and nothing is found where nothing changed
+    assert {r["metric"] for r in body["regressions"] if r["device_id"] == "orin-judge"} == {"guardrail_ms"}
+    assert not [r for r in body["regressions"] + body["improvements"] if r["device_id"] in ("orin-flat", "orin-switch")]
+    # an open regression of the device: its health says so, and the trigger's regression condition takes the metric
+    row = {d["device_id"]: d for d in (await (await client.get("/api/v1/fleet")).json())["devices"]}["orin-judge"]
+    assert any("guardrail overhead +" in line for line in row["regressions"])
