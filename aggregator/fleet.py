@@ -146,7 +146,7 @@ def fleet_rows(
             "contended_share": contended / len(window) if window else None,
             "guardrail_sets": sets[:MAX_GUARDRAIL_SETS],
             "guardrail_sets_more": max(0, len(sets) - MAX_GUARDRAIL_SETS),
-            "guardrail_requests": len(served),
+            "guardrail_requests": len(overheads),
             "guardrail_overhead_p50_ms": _quantile(overheads, 50),
             "guardrail_impact_p50_percent": _quantile(impacts, 50),
             "blocked": blocked_count,

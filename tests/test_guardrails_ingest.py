@@ -26,7 +26,7 @@ from aggregator.store import GUARDRAIL_COLUMNS, SCHEMA_VERSION, Query, SQLiteSto
 from lens_core import record_schema as rs
 
 from .guardrail_records import block, fail, guard, guardrails
-from .hostile_device import encode_raw, raw_batch, valid_wire
+from .hostile_device import encode_raw, raw_batch, read_everything, valid_wire
 from .processes import open_store
 from .test_aggregator import auth
 
@@ -240,11 +240,17 @@ def test_accepted_guardrails_survive_the_real_ingest(tmp_path: Path) -> None:
             sent.append(part)
 
         send()
+        # every read path serves what was accepted: the fleet rows and pages read the guardrail columns at their edges
+        answers = loop.run_until_complete(read_everything(client, "dev-1"))
     finally:
         loop.run_until_complete(client.close())
         loop.close()
     stored = store.columns(Query(device="dev-1"), ("guardrail_set", "guardrail_outcome", "guardrail_ms"))
     assert sorted((s, o) for s, o, _ in stored) == sorted((p["set"], p["outcome"]) for p in sent)
+    [row] = answers["fleet"]
+    served = [p for p in sent if p["overhead_ms"] is not None]
+    assert row["guardrail_requests"] == len(served) and 0 < len(served) < len(sent)  # the median's requests
+    assert row["guardrail_sets"] == sorted({p["set"] for p in sent})[:8]
     store.close()
 
 
