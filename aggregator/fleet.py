@@ -39,7 +39,8 @@ FIGURE_STATISTICS = {
     "device's latest guarded requests that were served (blocked requests are kind blocked, never among them)",
     "guardrail_impact_p50_percent": "median of each served guarded request's guardrail overhead ÷ its total time × "
     "100 (ext.guardrails.impact_percent), over the same requests",
-    "blocked": "requests a guardrail blocked (kind blocked) that ran within the time the device's window covers",
+    "blocked": "requests a guardrail blocked (kind blocked), per series: of its latest blocked ones, those that ran "
+    "within the span of its latest inference requests; added up over the device's series",
     "guardrails": "per model × guardrail set × strategy over each series' latest requests: requests, blocked, "
     "guardrail errors, each stage's p50/p95 (ms) and the impact's p50/p95 (%) over the served ones",
 }
