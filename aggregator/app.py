@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from lens_core import wire
-from lens_core.record_schema import contended
+from lens_core.record_schema import contended, guardrail_columns
 
 from . import __version__, api, campaign_pages, campaign_results, campaigns, feedback, reads, regressions, timeline
 from .compression import gzip_responses
@@ -260,8 +260,9 @@ _ROW_FIELDS = itemgetter(
 def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
     energy, power, settings = energy_per_token(record), average_power(record), record_settings(record)
     busy = 1 if contended(record) else 0
+    guarded = guardrail_columns(record)
     try:  # every field present, as the agent writes them: one C call
-        return RecordRow._make((*_ROW_FIELDS(record), energy, power, settings, busy, codec, body))
+        return RecordRow._make((*_ROW_FIELDS(record), energy, power, settings, busy, codec, body, *guarded))
     except KeyError:
         pass
     get = record.get
@@ -287,6 +288,7 @@ def _row(record: dict[str, Any], codec: str, body: bytes) -> RecordRow:
         busy,
         codec,
         body,
+        *guarded,
     )
 
 

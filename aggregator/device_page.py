@@ -53,6 +53,17 @@ function showDevice(row) {
       el("td", fmt(s.tokens_per_second, 1)), el("td", fmt(s.j_per_output_token, 4)));
     return tr;
   }));
+  // guardrail overhead per model × guardrail set × strategy (blocked requests counted apart, never in a figure)
+  const guarded = row.series.flatMap(s => (s.guardrails || []).map(g => [s, g]));
+  document.getElementById("guardrails").hidden = guarded.length === 0;
+  document.querySelector("#guardrail-table tbody").replaceChildren(...guarded.map(([s, g]) => {
+    const tr = el("tr"), pair = (a, b, d) => fmt(a, d) + " / " + fmt(b, d);
+    tr.append(el("td", s.model_name || "–", "text"), el("td", g.guardrail_set, "text"), el("td", s.strategy || "local", "text"),
+      el("td", g.requests), el("td", g.blocked), el("td", g.errors), el("td", pair(g.input_p50_ms, g.input_p95_ms, 2)),
+      el("td", pair(g.threat_p50_ms, g.threat_p95_ms, 2)), el("td", pair(g.output_p50_ms, g.output_p95_ms, 2)),
+      el("td", pair(g.overhead_p50_ms, g.overhead_p95_ms, 2)), el("td", pair(g.impact_p50_percent, g.impact_p95_percent, 2)));
+    return tr;
+  }));
   text("summary", row.records + " records received, last batch " + Math.round(row.last_seen_age_s) + " s ago; " +
     "figures over each series' latest " + Math.max(0, ...row.series.map(s => s.requests)) + " requests");
 }
@@ -301,6 +312,15 @@ DEVICE_PAGE = """<!doctype html>
 <div class="scroll"><table id="series"><thead><tr><th>model</th><th style="text-align:left">strategy</th><th>requests</th>
 <th>errors</th><th>TTFT p50 (ms)</th><th>TTFT p95</th><th>TPOT p50 (ms)</th><th>TPOT p95</th><th>tok/s</th><th>J/token</th>
 </tr></thead><tbody></tbody></table></div>
+<div id="guardrails" hidden><h2>Guardrails (model × guardrail set × strategy), over each series' latest requests</h2>
+<div class="scroll"><table id="guardrail-table"><thead><tr><th>model</th><th style="text-align:left">guardrail set</th>
+<th style="text-align:left">strategy</th><th title="guarded requests among the series' latest (served or failed; blocked ones are apart)">requests</th>
+<th title="requests a guardrail blocked (kind blocked) within the same span">blocked</th>
+<th title="requests whose guardrail stage failed (guardrail_error)">guardrail errors</th>
+<th title="exact p50 / p95 of the input validation stage over the served requests">input p50 / p95 (ms)</th>
+<th>threat p50 / p95 (ms)</th><th>output p50 / p95 (ms)</th><th>overhead p50 / p95 (ms)</th>
+<th title="guardrail overhead ÷ the guarded request's total × 100">impact p50 / p95 (%)</th>
+</tr></thead><tbody></tbody></table></div></div>
 <div class="chart" id="ttft"></div>
 <div class="chart" id="tpot"></div>
 <div class="chart" id="tps"></div>

@@ -35,7 +35,16 @@ FIGURE_STATISTICS = {
     "j_per_output_token": "mean of the successful requests' energy per output token, net of idle (J)",
     "error_rate": "failed requests ÷ requests",
     "contended_share": "requests that other work on the device contended with ÷ requests",
+    "guardrail_overhead_p50_ms": "median of the guardrail stages' time together (ext.guardrails.overhead_ms) over the "
+    "device's latest guarded requests that were served (blocked requests are kind blocked, never among them)",
+    "guardrail_impact_p50_percent": "median of each served guarded request's guardrail overhead ÷ its total time × "
+    "100 (ext.guardrails.impact_percent), over the same requests",
+    "blocked": "requests a guardrail blocked (kind blocked), per series: of its latest blocked ones, those that ran "
+    "within the span of its latest inference requests; added up over the device's series",
+    "guardrails": "per model × guardrail set × strategy over each series' latest requests: requests, blocked, "
+    "guardrail errors, each stage's p50/p95 (ms) and the impact's p50/p95 (%) over the served ones",
 }
+MAX_GUARDRAIL_SETS = 8  # sets named on a device's row (a device sends them: bounded; the rest counted)
 
 
 def fleet_rows(
@@ -65,9 +74,12 @@ def fleet_rows(
     whose trigger condition holds (``aggregator.triggers.TriggerWatch.by_device``), shown as they are."""
     health = health or Health()
     series: dict[str, list[dict[str, Any]]] = {}
+    blocked: dict[str, list[dict[str, Any]]] = {}
     for entry in store.series(only):
         if entry["kind"] == "inference":
             series.setdefault(entry["device_id"], []).append(entry)
+        elif entry["kind"] == BLOCKED_KIND:
+            blocked.setdefault(entry["device_id"], []).append(entry)
     rows = []
     if only is None:
         devices = store.devices()
@@ -79,16 +91,37 @@ def fleet_rows(
         # (model_name, strategy, ok, contended) of the device's latest requests, of any series: no record bodies
         window = store.latest_columns(
             Query(device=device_id, kind="inference"),
-            ("model_name", "strategy", "ok", "contended"),
+            (
+                "model_name",
+                "strategy",
+                "ok",
+                "contended",
+                "started_us",
+                "guardrail_set",
+                "guardrail_ms",
+                "guardrail_impact",
+            ),
             recent,
             by_event=True,
         )
-        figures = [_series_figures(store, entry, recent) for entry in series.get(device_id, [])]
+        blocked_series = blocked.get(device_id, [])
+        figures = [_series_figures(store, entry, recent, blocked_series) for entry in series.get(device_id, [])]
+        # a series whose every request was blocked has no inference series: its guardrail lines stand alone
+        seen = {(f["model_name"], f["strategy"]) for f in figures}
+        for entry in blocked_series:
+            if (_name(entry["model_name"]), _name(entry["strategy"])) not in seen:
+                figures.append(_blocked_only_figures(store, entry, recent))
         current_model = _name(window[-1][0]) if window else None
         current_strategy = _name(window[-1][1]) if window else None
         mine = next((f for f in figures if (f["model_name"], f["strategy"]) == (current_model, current_strategy)), None)
         errors = sum(1 for r in window if not r[2])
         contended = sum(1 for r in window if r[3])
+        guarded = [r for r in window if r[5] is not None]
+        served = [r for r in guarded if r[2]]
+        overheads = sorted(r[6] for r in served if _finite(r[6]))
+        impacts = sorted(r[7] for r in served if _finite(r[7]))
+        sets = sorted({r[5] for r in guarded})
+        blocked_count = sum(g["blocked"] for f in figures for g in f["guardrails"])
         age = now - device["last_seen_us"] / 1e6
         facts = latest_facts(store, device_id)
         syncs = store.syncs(device_id, since_us=int((now - health.window_s) * 1e6), limit=500)
@@ -112,6 +145,12 @@ def fleet_rows(
             "error_rate": errors / len(window) if window else None,
             "contended": contended,
             "contended_share": contended / len(window) if window else None,
+            "guardrail_sets": sets[:MAX_GUARDRAIL_SETS],
+            "guardrail_sets_more": max(0, len(sets) - MAX_GUARDRAIL_SETS),
+            "guardrail_requests": len(overheads),
+            "guardrail_overhead_p50_ms": _quantile(overheads, 50),
+            "guardrail_impact_p50_percent": _quantile(impacts, 50),
+            "blocked": blocked_count,
             "j_per_output_token": mine["j_per_output_token"] if mine else None,
             "backlog": device.get("backlog"),
             "dropped_total": device["dropped_total"],
@@ -136,10 +175,97 @@ def _name(value: str | None) -> str | None:
     return None if value in (None, NULL_NAME) else value
 
 
-_FIGURE_COLUMNS = ("ok", "ttft_us", "tpot_us", "e2e_us", "output_tokens", "j_per_token")
+_FIGURE_COLUMNS = (
+    "ok",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "output_tokens",
+    "j_per_token",
+    "started_us",
+    "error_type",
+    "guardrail_set",
+    "guardrail_input_ms",
+    "guardrail_threat_ms",
+    "guardrail_output_ms",
+    "guardrail_ms",
+    "guardrail_impact",
+)
+BLOCKED_KIND = "blocked"  # a request a guardrail blocked: not an error, not a success (docs/wire-format.md)
+GUARDRAIL_ERROR = "guardrail_error"  # the error_type of a request whose guardrail stage failed
+MAX_GUARDRAIL_LINES = 16  # guardrail sets of one series on a row (a device sends them: bounded)
 
 
-def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[str, Any]:
+def _blocked_by_set(store: Store, entry: dict[str, Any], recent: int, since_us: int | None) -> dict[str, int]:
+    """The series' blocked requests (kind ``blocked``) per guardrail set: of its latest ``recent`` by event time,
+    those that ran at or after ``since_us`` (the start of the series' inference window; None: all of them)."""
+    query = Query(device=entry["device_id"], kind=BLOCKED_KIND, model=entry["model_name"], strategy=entry["strategy"])
+    counts: dict[str, int] = {}
+    for started, name in store.latest_columns(query, ("started_us", "guardrail_set"), recent, by_event=True):
+        if since_us is None or started >= since_us:
+            key = name if type(name) is str else "–"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _guardrail_lines(latest: list[dict[str, Any]], blocked: dict[str, int]) -> list[dict[str, Any]]:
+    """One line per guardrail set among a series' latest requests (and its blocked ones): requests, blocked,
+    guardrail errors, each stage's exact p50/p95 and the impact's over the requests served (ok). Blocked requests are
+    counted apart and never enter a figure."""
+    by_set: dict[str, list[dict[str, Any]]] = {}
+    for r in latest:
+        if type(r["guardrail_set"]) is str:
+            by_set.setdefault(r["guardrail_set"], []).append(r)
+    lines = []
+    for name in sorted(set(by_set) | set(blocked))[:MAX_GUARDRAIL_LINES]:
+        rows = by_set.get(name, [])
+        served = [r for r in rows if r["ok"]]
+        line: dict[str, Any] = {
+            "guardrail_set": name,
+            "requests": len(rows),
+            "blocked": blocked.get(name, 0),
+            "errors": sum(1 for r in rows if r["error_type"] == GUARDRAIL_ERROR),
+        }
+        for key, column in (
+            ("input", "guardrail_input_ms"),
+            ("threat", "guardrail_threat_ms"),
+            ("output", "guardrail_output_ms"),
+            ("overhead", "guardrail_ms"),
+        ):
+            values = sorted(r[column] for r in served if _finite(r[column]))
+            line[f"{key}_p50_ms"] = _quantile(values, 50)
+            line[f"{key}_p95_ms"] = _quantile(values, 95)
+        impacts = sorted(r["guardrail_impact"] for r in served if _finite(r["guardrail_impact"]))
+        line["impact_p50_percent"] = _quantile(impacts, 50)
+        line["impact_p95_percent"] = _quantile(impacts, 95)
+        lines.append(line)
+    return lines
+
+
+def _blocked_only_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[str, Any]:
+    """A model × strategy whose every request was blocked: no figures, its guardrail lines only."""
+    blocked = _blocked_by_set(store, entry, recent, None)
+    return {
+        "model_name": _name(entry["model_name"]),
+        "strategy": _name(entry["strategy"]),
+        "records": 0,
+        "last_seen_us": entry["last_seen_us"],
+        "requests": 0,
+        "errors": 0,
+        "error_rate": None,
+        "ttft_p50_ms": None,
+        "ttft_p95_ms": None,
+        "tpot_p50_ms": None,
+        "tpot_p95_ms": None,
+        "tokens_per_second": None,
+        "j_per_output_token": None,
+        "guardrails": _guardrail_lines([], blocked),
+    }
+
+
+def _series_figures(
+    store: Store, entry: dict[str, Any], recent: int, blocked_series: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """One series' figures over its latest ``recent`` requests (those that ran last, by the device's clock):
     exact TTFT/TPOT percentiles and the median tok/s (output tokens ÷ e2e seconds, per request) of the successful
     ones, the error rate of all, the mean J/token where the records carry energy (docs/fleet.md, "Which
@@ -157,6 +283,10 @@ def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[st
     ]
     joules = [r["j_per_token"] for r in ok if _finite(r.get("j_per_token"))]  # a column: no body decoded
     errors = len(latest) - len(ok)
+    blocked: dict[str, int] = {}
+    key = (entry["model_name"], entry["strategy"])
+    if any((b["model_name"], b["strategy"]) == key for b in blocked_series or ()):
+        blocked = _blocked_by_set(store, entry, recent, latest[0]["started_us"] if latest else None)
     return {
         "model_name": _name(entry["model_name"]),
         "strategy": _name(entry["strategy"]),
@@ -171,6 +301,7 @@ def _series_figures(store: Store, entry: dict[str, Any], recent: int) -> dict[st
         "tpot_p95_ms": _quantile(tpots, 95),
         "tokens_per_second": statistics.median(rates) if rates else None,
         "j_per_output_token": statistics.fmean(joules) if joules else None,
+        "guardrails": _guardrail_lines(latest, blocked),
     }
 
 

@@ -65,6 +65,12 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
         "contended",
         "share of the device's latest requests that other work on the device contended with (docs/fleet.md)",
     ),
+    (
+        "guardrail_overhead_p50_ms",
+        "guardrails p50 (ms)",
+        "median guardrail overhead (the guardrail stages together) and its median share of the request, over the "
+        "latest guarded requests served; blocked requests are counted apart (docs/fleet.md)",
+    ),
     ("backlog", "backlog", "records waiting in its outbox, as its latest batch said"),
     ("dropped_total", "dropped", "records its outbox dropped, in total"),
     ("records", "records", "records stored from it"),
@@ -286,6 +292,19 @@ function contended(d) {  // the share of its latest requests that other work con
   td.title = d.contended + " of the latest " + d.requests + " requests were contended (other processes, pressure, throttling)";
   return td;
 }
+function guardrails(d) {  // median guardrail overhead and share of the request; the sets and blocked in its title
+  if (d.guardrail_overhead_p50_ms === null || d.guardrail_overhead_p50_ms === undefined) {
+    const td = cell(d.blocked ? d.blocked + " blocked" : "–", "guardrails" + (d.blocked ? "" : " none"));
+    if (d.blocked) td.title = d.blocked + " requests blocked by " + (d.guardrail_sets || []).join(", ");
+    return td;
+  }
+  const impact = d.guardrail_impact_p50_percent;
+  const td = cell(fmt(d.guardrail_overhead_p50_ms, 1) + (impact === null || impact === undefined ? "" : " · " + impact.toFixed(1) + " %"), "guardrails");
+  td.title = "guardrail set " + (d.guardrail_sets || []).join(", ") + (d.guardrail_sets_more ? " (+" + d.guardrail_sets_more + " more)" : "") +
+    ": median overhead " + fmt(d.guardrail_overhead_p50_ms, 2) + " ms" + (impact === null || impact === undefined ? "" : ", " + impact.toFixed(2) + " % of the request") +
+    " over the latest " + d.guardrail_requests + " guarded requests served; " + (d.blocked || 0) + " blocked";
+  return td;
+}
 function row(d, dense) {
   const tr = document.createElement("tr");
   tr.id = "device-" + d.device_id;
@@ -316,7 +335,7 @@ function row(d, dense) {
   const facts = [d.device_class, d.power_mode, d.temperature_max_c === null || d.temperature_max_c === undefined ? null : d.temperature_max_c.toFixed(0) + " °C"];
   tr.append(name, health, triggers, textCell(facts.filter(Boolean).join(" · ") || "–"), cell(age(d.last_seen_age_s)), textCell(d.model || "–"), cell(split("ttft_p95_ms", 1)),
     cell(split("tokens_per_second", 1)), cell(fmt(d.j_per_output_token, 4)),
-    cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), contended(d), cell(d.backlog ?? "–"),
+    cell(d.error_rate === null || d.error_rate === undefined ? "–" : (100 * d.error_rate).toFixed(0) + " %"), contended(d), guardrails(d), cell(d.backlog ?? "–"),
     cell(d.dropped_total), cell(d.records), cell(d.sync_health, d.sync_health));
   return tr;
 }

@@ -68,9 +68,15 @@ from .reads import bound_series
 from .store import NULL_NAME, Query, RegressionChanges, Store
 
 # metric → (how to read it from a stored row, True when higher is worse)
-METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
+METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token", "guardrail_ms")
 MAX_SERIES_PER_DEVICE = 32  # model × strategy series of one device searched per pass (the most recently seen)
-HIGHER_IS_WORSE = {"ttft_ms": True, "tpot_ms": True, "tokens_per_second": False, "j_per_token": True}
+HIGHER_IS_WORSE = {
+    "ttft_ms": True,
+    "tpot_ms": True,
+    "tokens_per_second": False,
+    "j_per_token": True,
+    "guardrail_ms": True,  # the guardrail overhead (ext.guardrails.overhead_ms) of the series' current guardrail set
+}
 HOUR_US = 3600 * 10**6
 DAY_US = 24 * HOUR_US
 SEASONS_FROM_US = 3 * DAY_US  # history needed before the daily and weekly pattern is estimated and removed
@@ -464,6 +470,8 @@ def change_point(
 
 
 def _metric(row: dict[str, Any], metric: str) -> float | None:
+    if metric == "guardrail_ms":
+        return _number(row["guardrail_ms"])
     if metric == "j_per_token":  # energy per output token, where the device measures power
         return _number(row["j_per_token"])
     if metric in ("ttft_ms", "tpot_ms"):
@@ -478,6 +486,16 @@ def _metric(row: dict[str, Any], metric: str) -> float | None:
 def _number(value: Any) -> float | None:
     """A finite number from a stored column, else None (a row of an older version may hold anything)."""
     return float(value) if type(value) in (int, float) and math.isfinite(value) else None
+
+
+def guardrail_rows(rows: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """(the series' current guardrail set, its rows of that set): the guardrail overhead is searched over the
+    requests of the set the series' newest guarded request ran with, so that changing sets (another workload, a set
+    renamed) is not a step, while an update of the set's checks (a judge model twice as slow) is."""
+    current = next((r["guardrail_set"] for r in reversed(rows) if type(r["guardrail_set"]) is str), None)
+    if current is None:
+        return None, []
+    return current, [r for r in rows if r["guardrail_set"] == current]
 
 
 def read_series(store: Store, entry: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
@@ -517,8 +535,10 @@ def find_regressions(
             rows = kept
         if excluded is not None:
             excluded["contended"] = excluded.get("contended", 0) + left_out
+        guardrail_set, guarded = guardrail_rows(rows)
         for metric in METRICS:
-            points = [(r, v) for r in rows if (v := _metric(r, metric)) is not None and v > 0]
+            of = guarded if metric == "guardrail_ms" else rows
+            points = [(r, v) for r in of if (v := _metric(r, metric)) is not None and v > 0]
             if len(points) < 2 * settings.min_segment:
                 continue
             cp = change_point([v for _, v in points], settings, [r["started_us"] for r, _ in points])
@@ -557,6 +577,7 @@ def find_regressions(
                         "seasonal": cp.seasonal,
                         "bursts_removed": cp.bursts_removed,
                         "statistic": round(cp.statistic, 3),
+                        **({"guardrail_set": guardrail_set} if metric == "guardrail_ms" else {}),
                     },
                     "confidence": 1.0 - cp.p_value,
                 }
@@ -633,10 +654,15 @@ def recent_level(store: Store, key: tuple[Any, ...], settings: Settings) -> floa
     )
     want = settings.min_segment
     values: list[float] = []
+    current: str | None = None  # guardrail_ms: the set of the newest guarded request (as the search reads it)
     for values_row in reversed(store.latest_columns(query, _COLUMNS, 4 * want, by_event=True)):
         row = dict(zip(_COLUMNS, values_row, strict=True))
         if not row["ok"] or (row["contended"] and not settings.include_contended):
             continue
+        if metric == "guardrail_ms" and type(row["guardrail_set"]) is str:
+            current = current or row["guardrail_set"]
+            if row["guardrail_set"] != current:
+                continue
         value = _metric(row, metric)
         if value is not None:
             values.append(value)
@@ -828,7 +854,13 @@ class Watch:
         return out
 
 
-_LABELS = {"ttft_ms": "TTFT", "tpot_ms": "TPOT", "tokens_per_second": "tok/s", "j_per_token": "J/token"}
+_LABELS = {
+    "ttft_ms": "TTFT",
+    "tpot_ms": "TPOT",
+    "tokens_per_second": "tok/s",
+    "j_per_token": "J/token",
+    "guardrail_ms": "guardrail overhead",
+}
 _COLUMNS = (
     "started_us",
     "ok",
@@ -840,6 +872,8 @@ _COLUMNS = (
     "received_us",
     "j_per_token",
     "contended",
+    "guardrail_set",
+    "guardrail_ms",
 )
 
 
@@ -853,6 +887,10 @@ def describe(found: dict[str, Any]) -> str:
     change = f"{found['change'] * 100:+.0f} %"
     left_out = found.get("contended_excluded") or 0
     contended = f", {left_out} contended left out" if left_out else ""
+    evidence = found.get("evidence")
+    guarded = evidence.get("guardrail_set") if type(evidence) is dict else None
+    if type(guarded) is str:
+        engine = f"guardrail set {guarded[:64]} unchanged, {engine}"
     return (
         f"{_LABELS[found['metric']]} {change} on {found['device_id']} since {when} "
         f"(model {found['model_name'] or 'unnamed'} unchanged, strategy {found['strategy'] or 'local'} unchanged, "

@@ -32,12 +32,12 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import sqlite_utils
 
-from lens_core.record_schema import MAX_NAME_CHARS, contended
+from lens_core.record_schema import MAX_NAME_CHARS, contended, guardrail_columns
 from lens_core.settings import settings_key
 from lens_core.sqlite_readonly import NotUsable, check_layout, connect_readonly, layout
 from lens_core.sqlite_schema import migrate_forward
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 TOKEN_PREFIX = "lens_"
 T = TypeVar("T")
 TOKEN_KINDS = ("device", "read", "operator")  # operator: starts, reads and cancels benchmark campaigns
@@ -67,6 +67,14 @@ class RecordRow(NamedTuple):
     contended: int  # 1 when ext.interference says the request was contended (lens_core.record_schema.contended)
     codec: str
     body: bytes
+    # the record's ext.guardrails (lens_core.record_schema.guardrail_columns; schema 10): None without guardrails
+    guardrail_set: str | None = None
+    guardrail_outcome: str | None = None
+    guardrail_ms: float | None = None  # the stages' overhead (overhead_ms)
+    guardrail_input_ms: float | None = None
+    guardrail_threat_ms: float | None = None
+    guardrail_output_ms: float | None = None
+    guardrail_impact: float | None = None  # impact_percent: overhead ÷ the guarded request's total × 100
 
 
 MAX_J_PER_TOKEN = 1e6  # beyond any device: a larger figure is a broken sensor, kept in the body but not as a column
@@ -483,6 +491,15 @@ DEVICE_COLUMNS = (
     "backlog",
     "expected_gap_s",
 )
+GUARDRAIL_COLUMNS = (
+    "guardrail_set",
+    "guardrail_outcome",
+    "guardrail_ms",
+    "guardrail_input_ms",
+    "guardrail_threat_ms",
+    "guardrail_output_ms",
+    "guardrail_impact",
+)
 QUERY_COLUMNS = (
     "seq",
     "id",
@@ -506,6 +523,7 @@ QUERY_COLUMNS = (
     "contended",
     "codec",
     "body",
+    *GUARDRAIL_COLUMNS,
 )
 SYNC_COLUMNS = (
     "device_id",
@@ -1160,6 +1178,50 @@ def _migrate_v8(db: sqlite_utils.Database) -> None:
     db.conn.executemany("UPDATE measurements SET contended = 1 WHERE seq = ?", backfill_contended(rows))
 
 
+def backfill_guardrails(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """(the guardrail columns…, seq) of each stored (seq, codec, body) whose record carries a well-formed
+    ``ext.guardrails`` (:func:`lens_core.record_schema.guardrail_columns`): the schema-10 backfill, shared by both
+    stores. A body that does not decode, or whose guardrails are malformed, stays NULL."""
+    from lens_core import wire
+
+    out: list[tuple[Any, ...]] = []
+    for seq, codec, body in rows:
+        try:
+            record = wire.loads(bytes(body), codec)
+        except Exception:  # a damaged row stays NULL here; the reads skip and count it as before
+            continue
+        if type(record) is dict:
+            columns = guardrail_columns(record)
+            if columns.guardrail_set is not None:
+                out.append((*columns, seq))
+    return out
+
+
+GUARDRAIL_COLUMN_TYPES = (
+    ("guardrail_set", "TEXT"),
+    ("guardrail_outcome", "TEXT"),
+    *((name, "REAL") for name in GUARDRAIL_COLUMNS[2:]),
+)
+GUARDRAIL_BACKFILL = f"UPDATE measurements SET {', '.join(f'{name} = ?' for name in GUARDRAIL_COLUMNS)} WHERE seq = ?"
+
+
+def _migrate_v10(db: sqlite_utils.Database) -> None:
+    """The guardrail measurements of each request (``ext.guardrails``, docs/wire-format.md "Guardrails") as columns:
+    the fleet's guardrail overhead, its trigger conditions and the change-point search read them without decoding
+    bodies. Backfilled from the stored records of every kind (a blocked request has kind ``blocked``); a store whose
+    version was set back may hold the columns already: they are recomputed."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(measurements)").fetchall()}
+    for name, kind in GUARDRAIL_COLUMN_TYPES:
+        if name not in columns:
+            db.execute(f"ALTER TABLE measurements ADD COLUMN {name} {kind}")
+    db.execute(
+        f"UPDATE measurements SET {', '.join(f'{name} = NULL' for name in GUARDRAIL_COLUMNS)} "
+        "WHERE guardrail_set IS NOT NULL OR guardrail_ms IS NOT NULL"
+    )
+    rows = db.execute("SELECT seq, codec, body FROM measurements").fetchall()
+    db.conn.executemany(GUARDRAIL_BACKFILL, backfill_guardrails(rows))
+
+
 # -- regressions (schema 9) ---------------------------------------------------------------------------------------
 REGRESSION_STATES = ("open", "acknowledged", "resolved")
 REGRESSION_LISTS = (*REGRESSION_STATES, "active", "all")  # active: open or acknowledged
@@ -1483,6 +1545,7 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
     7: _migrate_v7,
     8: _migrate_v8,
     9: _migrate_v9,
+    10: _migrate_v10,
 }
 SERIES_COLUMNS = ("device_id", "kind", "model_name", "strategy", "first_seen_us", "last_seen_us", "records")
 _UPSERT_SERIES = (

@@ -73,7 +73,7 @@ SETTLE_ATTEMPTS = 5  # compare-and-swap retries when another replica wrote the f
 
 LATENCY_METRICS = ("ttft", "tpot", "e2e")
 # aggregator.regressions.METRICS (not imported: the configuration check stays free of numpy)
-REGRESSION_METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token")
+REGRESSION_METRICS = ("ttft_ms", "tpot_ms", "tokens_per_second", "j_per_token", "guardrail_ms")
 _LATENCY_COLUMN = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}
 _METRIC_LABEL = {
     "ttft": "TTFT",
@@ -83,6 +83,7 @@ _METRIC_LABEL = {
     "tpot_ms": "TPOT",
     "tokens_per_second": "tok/s",
     "j_per_token": "J/token",
+    "guardrail_ms": "guardrail overhead",
 }
 MIB = 1024**2
 
@@ -124,16 +125,31 @@ CONDITIONS: dict[str, Condition] = {
         "×",
         LATENCY_METRICS,
     ),
+    "guardrail_overhead_ms": Condition(
+        "95th percentile of the served guarded requests' guardrail overhead (ext.guardrails.overhead_ms)", "ms"
+    ),
+    "guardrail_impact_percent": Condition(
+        "95th percentile of the served guarded requests' guardrail overhead ÷ their total time × 100",
+        "%",
+        threshold=(0.0, 100.0, False),
+    ),
 }
+GUARDRAIL_CONDITIONS = ("guardrail_overhead_ms", "guardrail_impact_percent")
+_GUARDRAIL_FIELD = {"guardrail_overhead_ms": "guardrail_ms", "guardrail_impact_percent": "guardrail_impact"}
 BURN_CONDITIONS = ("error_budget_burn", "sla_budget_burn")
-PERCENTILES = {"p95_latency_above": 95, "p99_latency_above": 99}
+PERCENTILES = {
+    "p95_latency_above": 95,
+    "p99_latency_above": 99,
+    "guardrail_overhead_ms": 95,
+    "guardrail_impact_percent": 95,
+}
 CONFIDENCE = 0.95  # the percentile conditions fire when the lower 95 % confidence bound is above the threshold
 # SRE workbook (chapter "Alerting on SLOs", multiwindow multi-burn-rate): (long, short, burn-rate factor)
 DEFAULT_BURN_WINDOWS = ((3600.0, 300.0, 14.4), (6 * 3600.0, 1800.0, 6.0))
 MAX_BURN_WINDOWS = 6
 WIDEN_FACTOR = 4  # max_window's default: window × 4 (at most MAX_WINDOW_S)
 SEVERITIES = ("warning", "critical")
-SCOPE_KEYS = ("device_class", "model", "strategy")
+SCOPE_KEYS = ("device_class", "model", "strategy", "guardrail_set")
 MAX_SCOPE_VALUES = 32
 _THRESHOLD_MEANING = {
     "p95_latency_above": "milliseconds",
@@ -148,6 +164,8 @@ _THRESHOLD_MEANING = {
     "regression": "the smallest relative change that counts, e.g. 0.25 (default 0: any reported regression)",
     "error_budget_burn": "no threshold: the objective and windows say when it holds",
     "sla_budget_burn": "milliseconds (the SLA on the metric: a request above it, or failed, spends the budget)",
+    "guardrail_overhead_ms": "milliseconds of guardrail overhead (the guardrail stages together)",
+    "guardrail_impact_percent": "a percentage of the guarded request's total time, e.g. 10 for 10 %",
 }
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
@@ -167,6 +185,7 @@ class Trigger:
     device_classes: tuple[str, ...] | None = None  # scope (None: every device class, model, strategy)
     models: tuple[str, ...] | None = None
     strategies: tuple[str, ...] | None = None
+    guardrail_sets: tuple[str, ...] | None = None  # scope: requests guarded by one of these sets (ext.guardrails.set)
     objective: float | None = None  # burn conditions: the share of good requests the objective promises
     windows: tuple[tuple[float, float, float], ...] = ()  # burn conditions: (long, short, burn-rate factor)
 
@@ -183,6 +202,7 @@ class Trigger:
             ("device_class", self.device_classes),
             ("model", self.models),
             ("strategy", self.strategies),
+            ("guardrail_set", self.guardrail_sets),
         ):
             if values is not None:
                 out[key] = list(values)
@@ -207,6 +227,10 @@ class Trigger:
     def rule(self) -> str:
         metric = _METRIC_LABEL.get(self.metric or "", self.metric or "")
         c = self.condition
+        if c == "guardrail_overhead_ms":
+            return f"p95 guardrail overhead above {self.threshold:g} ms"
+        if c == "guardrail_impact_percent":
+            return f"p95 guardrail impact above {self.threshold:g} % of the request"
         if c in PERCENTILES:
             return f"{c.split('_')[0]} {metric} above {self.threshold:g} ms"
         if c == "error_budget_burn":
@@ -254,6 +278,7 @@ _KEYS = (
     "device_class",
     "model",
     "strategy",
+    "guardrail_set",
     "objective",
     "windows",
 )
@@ -437,6 +462,7 @@ def _check_one(source: str, n: int, item: dict[str, Any]) -> Trigger:
         device_classes=scopes["device_class"],
         models=scopes["model"],
         strategies=scopes["strategy"],
+        guardrail_sets=scopes["guardrail_set"],
         objective=objective,
         windows=windows,
     )
@@ -469,8 +495,18 @@ def _burn_windows(raw: object, fail: Fail) -> tuple[tuple[float, float, float], 
 
 def _scope(raw: object, fail: Fail, key: str) -> tuple[str, ...]:
     values = [raw] if type(raw) is str else raw
-    what = {"device_class": "device class (the device facts' device_class)", "model": "model name", "strategy": ""}
-    example = {"device_class": '"jetson-orin"', "model": '"Smollm2 135M 8k Lc100K Mix1 Ep2"', "strategy": '"local"'}
+    what = {
+        "device_class": "device class (the device facts' device_class)",
+        "model": "model name",
+        "strategy": "",
+        "guardrail_set": "guardrail set (ext.guardrails.set)",
+    }
+    example = {
+        "device_class": '"jetson-orin"',
+        "model": '"Smollm2 135M 8k Lc100K Mix1 Ep2"',
+        "strategy": '"local"',
+        "guardrail_set": '"pii"',
+    }
     allowed = (
         f"a {what[key] or 'strategy (local, cloud, speculative, offload)'} or a list of 1 to {MAX_SCOPE_VALUES}, "
         f"each 1 to {MAX_KEY_CHARS} characters, e.g. {example[key]}"
@@ -498,6 +534,9 @@ class Sample(NamedTuple):
     j_per_token: float | None = None
     rss_peak_mib: float | None = None
     strategy: str | None = None  # the record's strategy column (None: local)
+    guardrail_set: str | None = None  # the guardrail set that guarded it (None: none)
+    guardrail_ms: float | None = None  # its guardrail overhead (ms)
+    guardrail_impact: float | None = None  # its guardrail overhead ÷ its total × 100
 
 
 Series = tuple[str, str | None, str | None]  # device, model, settings
@@ -513,8 +552,22 @@ COLUMNS = (
     "output_tokens",
     "j_per_token",
     "strategy",
+    "guardrail_set",
+    "guardrail_ms",
+    "guardrail_impact",
 )
-BODY_COLUMNS = ("device_id", "model_name", "settings", "started_us", "ok", "seq", "codec", "body", "strategy")
+BODY_COLUMNS = (
+    "device_id",
+    "model_name",
+    "settings",
+    "started_us",
+    "ok",
+    "seq",
+    "codec",
+    "body",
+    "strategy",
+    "guardrail_set",
+)
 
 
 def _number(value: Any) -> float | None:
@@ -584,6 +637,9 @@ def samples_from_columns(rows: Iterable[Sequence[Any]], counts: RowCount) -> lis
                 tokens_per_second=rate,
                 j_per_token=joules,
                 strategy=_strategy(row[10] if len(row) > 10 else None),
+                guardrail_set=_strategy(row[11] if len(row) > 11 else None),
+                guardrail_ms=_number(row[12]) if len(row) > 12 else None,
+                guardrail_impact=_number(row[13]) if len(row) > 13 else None,
             )
         )
     return out
@@ -603,7 +659,14 @@ def samples_from_bodies(rows: Iterable[Sequence[Any]], counts: RowCount) -> list
             continue
         peak = record.get("rss_peak_bytes")
         mib = peak / MIB if type(peak) is int and peak >= 0 else None
-        out.append(Sample(*head, rss_peak_mib=mib, strategy=_strategy(row[8] if len(row) > 8 else None)))
+        out.append(
+            Sample(
+                *head,
+                rss_peak_mib=mib,
+                strategy=_strategy(row[8] if len(row) > 8 else None),
+                guardrail_set=_strategy(row[9] if len(row) > 9 else None),
+            )
+        )
     return out
 
 
@@ -680,6 +743,8 @@ def _counted(trigger: Trigger) -> str:
         return "successful requests with energy"
     if c == "memory_above":
         return "requests with a peak RSS"
+    if c in GUARDRAIL_CONDITIONS:
+        return "successful guarded requests"
     return "requests"
 
 
@@ -742,6 +807,14 @@ def _judge_window(trigger: Trigger, samples: Sequence[Sample], regression: float
         q = PERCENTILES[c]
         value = quantile(values, q)
         bound = percentile_bound(values, q)
+        return Outcome(bound is not None and bound > t, value, len(values), bound)
+    if c in GUARDRAIL_CONDITIONS:  # the served guarded requests (a blocked one is kind blocked: never read here)
+        field = _GUARDRAIL_FIELD[c]
+        values = [v for s in samples if s.ok and (v := getattr(s, field)) is not None]
+        if len(values) < trigger.min_samples:
+            return Outcome(None, None, len(values))
+        value = quantile(values, 95)
+        bound = percentile_bound(values, 95)
         return Outcome(bound is not None and bound > t, value, len(values), bound)
     if c == "tokens_per_second_below":
         rates = [s.tokens_per_second for s in samples if s.ok and s.tokens_per_second is not None]
@@ -854,6 +927,8 @@ def in_scope(trigger: Trigger, sample: Sample, device_classes: Mapping[str, str 
         return False
     if trigger.strategies is not None and (sample.strategy or "local") not in trigger.strategies:
         return False
+    if trigger.guardrail_sets is not None and sample.guardrail_set not in trigger.guardrail_sets:
+        return False
     return trigger.device_classes is None or device_classes.get(sample.device_id) in trigger.device_classes
 
 
@@ -879,11 +954,11 @@ def evaluate(
     out = []
     for trigger in triggers:
         memory = trigger.condition == "memory_above"
-        scope = (trigger.device_classes, trigger.models, trigger.strategies)
+        scope = (trigger.device_classes, trigger.models, trigger.strategies, trigger.guardrail_sets)
         key = (memory, trigger.widest_s, scope)
         if key not in windows:
             source = body_samples if memory else samples
-            if scope != (None, None, None):
+            if scope != (None, None, None, None):
                 source = [s for s in source if in_scope(trigger, s, classes)]
             windows[key] = _group(source, now_us - int(trigger.widest_s * 1e6), now_us)
             if counts is not None:

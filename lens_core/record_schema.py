@@ -20,7 +20,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from .itlpack import _MAX_K, PACK_VERSION
 
@@ -437,6 +437,236 @@ def _check_interference(part: Any) -> None:
             )
 
 
+# -- ext.guardrails (docs/wire-format.md, "Guardrails"): the guardrail stages timed beside the inference -------------
+GUARDRAIL_STAGES = ("input", "threat", "output")
+GUARDRAIL_OUTCOMES = ("passed", "blocked", "error", "passed_with_errors")
+GUARDRAIL_SEVERITIES = ("low", "medium", "high", "critical")
+GUARDRAIL_VIOLATION_TYPES = (
+    "prompt_injection",
+    "pii_leakage",
+    "secret_leakage",
+    "toxic_content",
+    "disallowed_topic",
+    "jailbreak",
+    "unsafe_content",
+    "other",
+)
+GUARDRAIL_OUTPUT_MODES = ("final", "stream")
+MAX_GUARDRAIL_CHECKS = 16  # per stage
+MAX_GUARDRAIL_VIOLATIONS = 32
+MAX_GUARDRAIL_TEXT_CHARS = 300  # a violation's description, a stage's or a check's error
+MAX_GUARDRAIL_CHUNKS = 1_000_000
+GUARDRAIL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_MS = (0, MAX_DURATION_MS)
+_UNIT = (0, 1)
+# key → what it may be: ("ms"|"unit"|"percent", nullable) numbers; ("name", required); ("text",); ("vocab", values)
+_GuardrailSpec = dict[str, tuple[Any, ...]]
+_GUARDRAIL_TOP: _GuardrailSpec = {
+    "set": ("name", True),
+    "outcome": ("vocab", GUARDRAIL_OUTCOMES, True),
+    "blocked_at": ("vocab", GUARDRAIL_STAGES, False),
+    "total_ms": ("number", _MS),
+    "inference_ms": ("number", _MS),
+    "inference_start_ms": ("number", _MS),
+    "overhead_ms": ("number", _MS),
+    "remainder_ms": ("number", _MS),
+    "impact_percent": ("number", (0, 100)),
+    "risk_score": ("number", _UNIT),
+    "risk_level": ("vocab", GUARDRAIL_SEVERITIES, False),
+    "stages": ("stages",),
+    "violations": ("violations",),
+}
+_GUARDRAIL_STAGE: _GuardrailSpec = {
+    "start_ms": ("number", _MS),
+    "ms": ("number", _MS),
+    "risk_score": ("number", _UNIT),
+    "error": ("text",),
+    "checks": ("checks",),
+}
+_GUARDRAIL_OUTPUT: _GuardrailSpec = {
+    **_GUARDRAIL_STAGE,
+    "mode": ("vocab", GUARDRAIL_OUTPUT_MODES, False),
+    "chunks": ("count", (0, MAX_GUARDRAIL_CHUNKS)),
+    "chunk_ms_p50": ("number", _MS),
+    "chunk_ms_max": ("number", _MS),
+}
+_GUARDRAIL_CHECK: _GuardrailSpec = {
+    "name": ("name", True),
+    "kind": ("name", False),
+    "ms": ("number", _MS),
+    "server_ms": ("number", _MS),
+    "network_ms": ("number", _MS),
+    "risk_score": ("number", _UNIT),
+    "error": ("text",),
+}
+_GUARDRAIL_VIOLATION: _GuardrailSpec = {
+    "type": ("vocab", GUARDRAIL_VIOLATION_TYPES, True),
+    "severity": ("vocab", GUARDRAIL_SEVERITIES, True),
+    "blocked": ("flag",),
+    "stage": ("vocab", GUARDRAIL_STAGES, False),
+    "check": ("name", False),
+    "description": ("text",),
+}
+_NOT_IN_TEXT = ("Cc", "Cf", "Cs", "Zl", "Zp")  # control, format, lone surrogates, line and paragraph separators
+
+
+def _guardrail_text_problem(value: str) -> str | None:
+    """What is wrong with a text field of ext.guardrails (None: at most 300 characters of printable Unicode)."""
+    if len(value) > MAX_GUARDRAIL_TEXT_CHARS:
+        return f"has {len(value)} characters"
+    for i, c in enumerate(value):
+        if unicodedata.category(c) in _NOT_IN_TEXT:
+            return f"holds U+{ord(c):04X} ({unicodedata.category(c)}) at position {i}"
+    return None
+
+
+def _check_guardrail_map(part: Any, path: str, spec: _GuardrailSpec) -> None:
+    if type(part) is not dict:
+        raise SchemaError(path, f"is {_describe(part)}; allowed: a map")
+    for key in part:
+        if key not in spec:
+            shown = key[:40] if type(key) is str else _describe(key)
+            raise SchemaError(f"{path}.{shown}", f"is not a key of {path}; allowed: {', '.join(spec)}")
+    for key, rule in spec.items():
+        value = part.get(key)
+        field = f"{path}.{key}"
+        what = rule[0]
+        if what == "name":
+            if value is None and not rule[1]:
+                continue
+            if type(value) is not str or GUARDRAIL_NAME.fullmatch(value) is None:
+                shown = "missing" if key not in part else "null" if value is None else _describe(value)
+                raise SchemaError(
+                    field,
+                    f"is {shown}; allowed: a name of 1-64 characters [A-Za-z0-9._-]"
+                    + (" (required)" if rule[1] else ""),
+                )
+        elif what == "vocab":
+            if value is None and not rule[2]:
+                continue
+            if type(value) is not str or value not in rule[1]:
+                shown = (
+                    "missing"
+                    if key not in part
+                    else "null"
+                    if value is None
+                    else repr(value)[:40]
+                    if type(value) is str
+                    else _describe(value)
+                )
+                raise SchemaError(
+                    field, f"is {shown}; allowed: one of {', '.join(rule[1])}" + ("" if rule[2] else " or null")
+                )
+        elif what == "number" or what == "count":
+            if value is None:
+                continue
+            low, high = rule[1]
+            ok = in_bounds(value, rule[1]) if what == "number" else type(value) is int and low <= value <= high
+            if not ok:
+                kind = "a number" if what == "number" else "an integer"
+                raise SchemaError(field, f"is {_describe(value)}; allowed: {kind} from {low} to {high} or null")
+        elif what == "text":
+            if value is None:
+                continue
+            problem = _guardrail_text_problem(value) if type(value) is str else f"is {_describe(value)}"
+            if problem is not None:
+                raise SchemaError(
+                    field,
+                    f"{problem}; allowed: text of at most {MAX_GUARDRAIL_TEXT_CHARS} characters without control or "
+                    "format characters, or null",
+                )
+        elif what == "flag":
+            if value is not None and type(value) is not bool:
+                raise SchemaError(field, f"is {_describe(value)}; allowed: true, false or null")
+        elif what == "stages":
+            if value is None:
+                continue
+            if type(value) is not dict:
+                raise SchemaError(field, f"is {_describe(value)}; allowed: a map of stage → stage timings")
+            for stage, entry in value.items():
+                if stage not in GUARDRAIL_STAGES:
+                    shown = stage[:40] if type(stage) is str else _describe(stage)
+                    raise SchemaError(f"{field}.{shown}", f"is not a stage; allowed: {', '.join(GUARDRAIL_STAGES)}")
+                _check_guardrail_map(
+                    entry, f"{field}.{stage}", _GUARDRAIL_OUTPUT if stage == "output" else _GUARDRAIL_STAGE
+                )
+        elif what == "checks":
+            if value is None:
+                continue
+            if type(value) is not list or len(value) > MAX_GUARDRAIL_CHECKS:
+                raise SchemaError(
+                    field, f"is {_describe(value)}; allowed: a list of at most {MAX_GUARDRAIL_CHECKS} checks"
+                )
+            for i, entry in enumerate(value):
+                _check_guardrail_map(entry, f"{field}[{i}]", _GUARDRAIL_CHECK)
+        elif what == "violations":
+            if value is None:
+                continue
+            if type(value) is not list or len(value) > MAX_GUARDRAIL_VIOLATIONS:
+                raise SchemaError(
+                    field, f"is {_describe(value)}; allowed: a list of at most {MAX_GUARDRAIL_VIOLATIONS} violations"
+                )
+            for i, entry in enumerate(value):
+                _check_guardrail_map(entry, f"{field}[{i}]", _GUARDRAIL_VIOLATION)
+
+
+def check_guardrails(part: Any) -> None:
+    """``ext.guardrails`` (null, or the map the guardrail pipeline writes: docs/wire-format.md "Guardrails"): every
+    key known, names and vocabularies as the contract says, numbers finite and in range, texts short and printable,
+    at most 16 checks a stage and 32 violations. Refuses (:class:`SchemaError`) naming the field."""
+    if part is None:
+        return
+    _check_guardrail_map(part, "ext.guardrails", _GUARDRAIL_TOP)
+
+
+class GuardrailColumns(NamedTuple):
+    """What the store keeps of a record's ``ext.guardrails`` (store schema 10)."""
+
+    guardrail_set: str | None
+    guardrail_outcome: str | None
+    guardrail_ms: float | None  # overhead_ms: the stages together
+    guardrail_input_ms: float | None
+    guardrail_threat_ms: float | None
+    guardrail_output_ms: float | None
+    guardrail_impact: float | None  # impact_percent
+
+
+NO_GUARDRAILS = GuardrailColumns(None, None, None, None, None, None, None)
+
+
+def guardrail_columns(record: dict[str, Any]) -> GuardrailColumns:
+    """The measurement columns of a record's ``ext.guardrails`` when it is well formed (:func:`check_guardrails`),
+    else all None: what ingest stores (after the check refused anything malformed) and what the schema-10 backfill
+    reads from records stored before the check."""
+    ext = record.get("ext")
+    part = ext.get("guardrails") if type(ext) is dict else None
+    if type(part) is not dict:
+        return NO_GUARDRAILS
+    try:
+        check_guardrails(part)
+    except SchemaError:
+        return NO_GUARDRAILS
+    stages = part.get("stages") or {}
+
+    def stage_ms(name: str) -> float | None:
+        value = (stages.get(name) or {}).get("ms")
+        return None if value is None else float(value)
+
+    def number(name: str) -> float | None:
+        value = part.get(name)
+        return None if value is None else float(value)
+
+    return GuardrailColumns(
+        part["set"],
+        part["outcome"],
+        number("overhead_ms"),
+        stage_ms("input"),
+        stage_ms("threat"),
+        stage_ms("output"),
+        number("impact_percent"),
+    )
+
+
 def _check_ext_figures(ext: dict[str, Any]) -> None:
     for (section, name), bounds in EXT_NUMBERS.items():
         part = ext.get(section)
@@ -460,6 +690,8 @@ def _check_ext_figures(ext: dict[str, Any]) -> None:
             check_name(f"ext.{section}.{name}", value)
     if "interference" in ext:
         _check_interference(ext["interference"])
+    if "guardrails" in ext:
+        check_guardrails(ext["guardrails"])
     collab = ext.get("collab")
     rounds = collab.get("round_us") if type(collab) is dict else None
     if type(rounds) is list:

@@ -499,7 +499,7 @@ async def test_store_migrates_from_schema_6(store: Store) -> None:
     from aggregator.pgstore import PostgresStore
     from aggregator.store import SCHEMA_VERSION, SQLiteStore
 
-    assert SCHEMA_VERSION == 9 and store.schema_version() == 9  # type: ignore[attr-defined]
+    assert SCHEMA_VERSION == 10 and store.schema_version() == 10  # type: ignore[attr-defined]
     if isinstance(store, SQLiteStore):
         store._conn.execute("DROP TABLE campaign_jobs")
         store._conn.execute("DROP TABLE campaigns")
@@ -515,7 +515,7 @@ async def test_store_migrates_from_schema_6(store: Store) -> None:
         store.close()
         reopened = PostgresStore(store.url)
     try:
-        assert reopened.schema_version() == 9  # type: ignore[attr-defined]
+        assert reopened.schema_version() == 10  # type: ignore[attr-defined]
         assert reopened.campaigns() == [] and reopened.device_jobs("dev-a") == []
     finally:
         reopened.close()

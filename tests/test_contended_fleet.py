@@ -452,7 +452,7 @@ def test_a_schema_7_store_backfills_contended_from_the_stored_records(db: Any) -
     assert "Traceback" not in proc.stderr_text()
     store = open_store(db)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 9
+        assert store.schema_version() == SCHEMA_VERSION == 10
         flags = [r[0] for r in store.columns(Query(device="orin-1"), ("contended",))]
         assert sorted(flags) == [0] * 18 + [1] * 14
         assert [r[0] for r in store.latest_columns(Query(device="orin-1"), ("contended",), 2)] == [1, 1]
@@ -483,7 +483,7 @@ def test_a_store_set_back_to_schema_7_with_the_column_recomputes_it(db: Any) -> 
             conn.execute(statement)
     store = open_store(db)
     try:
-        assert store.schema_version() == 9
+        assert store.schema_version() == 10
         assert [r[0] for r in store.latest_columns(Query(device="orin-1"), ("contended",), 10)] == [1, 1, 0, 0, 0, 0]
     finally:
         store.close()

@@ -67,7 +67,7 @@ def test_another_device_sending_a_known_id_gets_its_record_stored(db: Any) -> No
         proc.stop()
     store = open_store(db)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 9
+        assert store.schema_version() == SCHEMA_VERSION == 10
         assert store.record_count() == 9
         assert len(store.query(Query(device="other"), limit=100)) == 4
         assert len(store.query(Query(device="victim"), limit=100)) == 5
@@ -78,7 +78,7 @@ def test_another_device_sending_a_known_id_gets_its_record_stored(db: Any) -> No
 
 
 # the measurements columns a schema 5 store has (schema 8 added ``contended``)
-OLD_COLUMNS = tuple(c for c in INSERT_COLUMNS if c != "contended")
+OLD_COLUMNS = tuple(c for c in INSERT_COLUMNS if c != "contended" and not c.startswith("guardrail_"))
 
 
 def _stored_rows(device: str, ids: list[bytes]) -> list[tuple[Any, ...]]:
@@ -109,7 +109,9 @@ def test_a_schema_5_sqlite_store_migrates_to_dedupe_per_device(tmp_path: Path) -
 
     store = SQLiteStore(path)
     try:
-        assert store.schema_version() == SCHEMA_VERSION == 9  # on through campaigns (7), contended (8), regressions (9)
+        assert (
+            store.schema_version() == SCHEMA_VERSION == 10
+        )  # on through campaigns (7), contended (8), regressions (9), guardrails (10)
         after = store._read("SELECT seq, id, device_id, body FROM measurements ORDER BY seq")
         assert [tuple(r) for r in after] == before  # same rows, same seq: the OTLP cursor stays valid
         assert store.get_meta("otlp.traces") == '{"seq":7}'

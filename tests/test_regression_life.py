@@ -312,7 +312,8 @@ def test_the_open_gauge_holds_to_the_per_device_series_budget() -> None:
 
 
 def test_schema_8_migrates_to_9_with_its_data(store: Any) -> None:
-    assert SCHEMA_VERSION == 9 and store.schema_version() == 9
+    """… and on to 10 (the guardrail columns, already there: recomputed)."""
+    assert SCHEMA_VERSION == 10 and store.schema_version() == 10
     records = synthetic_records(30, seed=3, device_id=DEVICE)
     batch, rows, _ = parse_batch(make_batch(records, device=DEVICE), Settings(), DEVICE, NOW)
     store.ingest(DEVICE, batch.batch_id, batch.sent_us, batch.counters, rows, NOW)
@@ -326,10 +327,10 @@ def test_schema_8_migrates_to_9_with_its_data(store: Any) -> None:
     assert refused.returncode == 2 and "lens-aggregator migrate" in refused.stderr and "8" in refused.stderr
     assert "Traceback" not in refused.stderr
     migrated = _cli("migrate", "--db", db)
-    assert migrated.returncode == 0 and "migrated from schema version 8 to 9" in migrated.stderr, migrated.stderr
+    assert migrated.returncode == 0 and "migrated from schema version 8 to 10" in migrated.stderr, migrated.stderr
     again = _reopen(store)
     try:
-        assert again.schema_version() == 9 and again.record_count() == 30
+        assert again.schema_version() == 10 and again.record_count() == 30
         assert again.authenticate(again.add_token("x", "read", NOW), NOW) is not None
         assert again.apply_regressions(RegressionChanges([], [_finding()], []), NOW)["opened"]
         assert _cli("regressions", "--json", "--db", db).returncode == 0

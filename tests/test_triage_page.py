@@ -357,7 +357,7 @@ setInterval(() => {
   const page = document.getElementById("fleet").contentDocument, row = page && page.getElementById("device-LIVE");
   if (row) document.getElementById("seen").textContent = JSON.stringify({ folded: Number(page.body.dataset.folded),
     visible: [...page.querySelectorAll("#devices tbody tr[id]")].filter(tr => tr.getBoundingClientRect().height > 0)
-      .map(tr => tr.id.slice(7)), records: Number(row.cells[13].textContent), group: row.parentElement.id });
+      .map(tr => tr.id.slice(7)), records: Number(row.cells[14].textContent), group: row.parentElement.id });
 }, 100);
 </script><img src="/slow-image?s=6"></body></html>"""
 LIVE = "edge-100"
