@@ -678,7 +678,8 @@ def summary_table(document: dict[str, Any]) -> str:
         f"  strategy={cfg.get('strategy', 'local')}",
         *([f"sources   {sources_line(cfg['settings_source'])}"] if cfg.get("settings_source") else []),
         f"requests  {res['requests']['succeeded']}/{res['requests']['measured']} ok, "
-        f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
+        + (f"{res['requests']['blocked']} blocked, " if res["requests"].get("blocked") else "")
+        + f"{cfg['test_parameters']['warmup_requests']} warm-up excluded, "
         f"errors {errors_line(res['error_metrics']['errors_by_type'])}",
         *([res["interference"]["summary"]] if "interference" in res else []),
         *([guardrail_line(res["security_metrics"])] if "security_metrics" in res else []),
@@ -985,7 +986,9 @@ def security_section(run: ModelRun) -> dict[str, Any] | None:
         for v in g["violations"]:
             violations[(v["type"], v["severity"], v["blocked"], v["stage"])] += 1
     overhead = [g["overhead_ms"] for _, g in records]
-    impact = [g["impact_percent"] for _, g in records if g["impact_percent"] is not None]
+    # the share of the request safety takes, over the requests it let through: a blocked request is all guardrail
+    # (≈ 100 %) and would drown the figure; its stage times count above
+    impact = [g["impact_percent"] for _, g in records if g["impact_percent"] is not None and g["outcome"] != "blocked"]
     distributions: dict[str, Any] = {_SCHEMA_STAGE[s]: _spread(stage_ms[s]) for s in _SCHEMA_STAGE}
     distributions["total_overhead"] = _spread(overhead)
     distributions["remainder"] = _spread([g["remainder_ms"] for _, g in records])
@@ -1042,7 +1045,7 @@ def security_section(run: ModelRun) -> dict[str, Any] | None:
 
 
 def guardrail_line(security: dict[str, Any]) -> str:
-    """``guardrails pii: input 0.4 / threat — / output 0.2 ms p50, 1.1 % of the request (p95 2.0 %); blocked 3 of
+    """``guardrails pii: input 0.4 / threat — / output 0.2 ms p50, 1.1 % of a served request (p95 2.0 %); blocked 3 of
     12 (input 2, output 1)``."""
     dist = security["guardrail_latency_distribution_ms"]
 
@@ -1052,7 +1055,7 @@ def guardrail_line(security: dict[str, Any]) -> str:
 
     stages = " / ".join(f"{s} {p50(s)}" for s in _SCHEMA_STAGE)
     impact = security.get("security_impact_percent_distribution")
-    share = f"{impact['p50']:.1f} % of the request (p95 {impact['p95']:.1f} %)" if impact else "n/a % of the request"
+    share = f"{impact['p50']:.1f} % of a served request (p95 {impact['p95']:.1f} %)" if impact else "no request served"
     outcomes = security["outcomes"]
     total = sum(outcomes.values())
     by_stage = ", ".join(f"{s} {n}" for s, n in security["blocked_by_stage"].items() if n)
