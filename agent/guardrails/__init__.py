@@ -1,0 +1,1 @@
+"""Guardrails: checks timed as separate stages (input, threat, output) around any strategy."""
