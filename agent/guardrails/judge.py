@@ -3,8 +3,10 @@
 The check loads its own model at build time (a second llama.cpp model beside the one being measured, with its
 own context and threads), and for every call:
 
-1. cuts the text to ``max_input_tokens`` tokens of the judge's vocabulary (said in the details when it does);
-2. formats it into the template (the built-in ``llama-guard`` prompt, or a file with ``{role}`` and ``{text}``);
+1. tokenizes the text with the judge's vocabulary as plain text (special-token strings in it stay characters) and
+   cuts it to ``max_input_tokens`` tokens (said in the details when it does);
+2. puts those ids where ``{text}`` stands in the template (the built-in ``llama-guard`` prompt, or a file with
+   ``{role}`` and ``{text}``), whose pieces were tokenized once at build with their special tokens parsed;
 3. clears the KV cache and evaluates the prompt once — no generation;
 4. reads the first-token distribution: with ``l_u`` and ``l_s`` the logits of the first token of
    ``unsafe_token`` and of ``safe_token``, ``p_unsafe`` and ``p_safe`` are their softmax probabilities over the
@@ -73,6 +75,8 @@ BUILTIN_TEMPLATES = {"llama-guard": LLAMA_GUARD_TEMPLATE}
 ROLES = {"input": "User", "threat": "User", "output": "Agent"}
 # The answer words are tokenized as a continuation of this (the end of a line), then this is taken off.
 _ANCHOR = "\n"
+# Stands for the text while the template is split into its pieces.
+_TEXT = "\x00text\x00"
 
 
 def _threads(value: object) -> int:
@@ -160,6 +164,7 @@ class JudgeGuardrail:
         self.threshold = threshold
         self.max_input_tokens = max_input_tokens
         self.calls = 0
+        self._pieces = {role: template_pieces(engine, template, role) for role in set(ROLES.values())}
         self._lib = llama_cpp
         self._lock = threading.Lock()
         self._abort = threading.Event()
@@ -179,14 +184,21 @@ class JudgeGuardrail:
 
     # -- scoring ------------------------------------------------------------------------------------------
     def prompt_tokens(self, text: str, role: str) -> tuple[list[int], int, bool]:
-        """The prompt's token ids, the text's own token count (before any cut) and whether it was cut."""
-        engine = self.engine
-        ids = engine.tokenize(text, add_bos=False)
+        """The prompt's token ids, the text's own token count (before any cut) and whether it was cut.
+
+        The text is tokenized as plain text — a ``<|eot_id|>`` in it is characters, never the model's special
+        token, so a text cannot close the template's turn and answer for the judge — and put between the
+        template's pieces, tokenized once at build with their special tokens parsed.
+        """
+        ids = continuation(self.engine, text, special=False)
         cut = len(ids) > self.max_input_tokens
-        if cut:
-            text = engine.llm.detokenize(ids[: self.max_input_tokens]).decode("utf-8", "ignore")
-        prompt = self.template.format(role=role, text=text)
-        return engine.tokenize(prompt, add_bos=True), len(ids), cut
+        kept = ids[: self.max_input_tokens]
+        head, *rest = self._pieces[role]
+        prompt = list(head)
+        for piece in rest:
+            prompt += kept
+            prompt += piece
+        return prompt, len(ids), cut
 
     def judge(self, text: str, role: str) -> CheckResult:
         """Score one text: one prompt evaluation from an empty KV cache, then the first-token distribution."""
@@ -260,16 +272,37 @@ class JudgeGuardrail:
                 self.engine = None
 
 
+def continuation(engine: Any, text: str, *, special: bool) -> list[int]:
+    """``text``'s ids as they follow other text: tokenized after a line break, the line break's ids taken off.
+
+    A SentencePiece vocabulary that adds a space before a text tokenized on its own would otherwise put one
+    before every piece of the prompt; where the line break merges with the text, the text's own ids.
+    """
+    tokenize = engine.llm.tokenize
+    anchor = list(tokenize(_ANCHOR.encode("utf-8"), add_bos=False, special=False))
+    ids = list(tokenize((_ANCHOR + text).encode("utf-8"), add_bos=False, special=special))
+    if ids[: len(anchor)] == anchor:
+        return ids[len(anchor) :]
+    return list(tokenize(text.encode("utf-8"), add_bos=False, special=special))
+
+
+def template_pieces(engine: Any, template: str, role: str) -> list[list[int]]:
+    """The template's ids around each ``{text}``: the first piece with the model's BOS, special tokens parsed."""
+    pieces = template.format(role=role, text=_TEXT).split(_TEXT)
+    return [engine.tokenize(pieces[0], add_bos=True)] + [
+        continuation(engine, piece, special=True) if piece else [] for piece in pieces[1:]
+    ]
+
+
 def answer_token(check: CheckConfig, engine: Any, key: str, word: str) -> int:
     """The first token of ``word`` as the model would write it after a line break (no leading space)."""
-    anchor = engine.tokenize(_ANCHOR, add_bos=False)
-    ids = engine.tokenize(_ANCHOR + word, add_bos=False)
-    if ids[: len(anchor)] != anchor or len(ids) == len(anchor):
+    ids = continuation(engine, word, special=False)
+    if not ids:
         raise GuardrailError(
             f"{_where(check)}: {key} {word!r}: does not tokenize as a word of its own after a line break "
             "in the judge model's vocabulary"
         )
-    return int(ids[len(anchor)])
+    return int(ids[0])
 
 
 def build(check: CheckConfig, context: BuildContext) -> JudgeGuardrail:
@@ -300,11 +333,14 @@ def build(check: CheckConfig, context: BuildContext) -> JudgeGuardrail:
                 f"token ({unsafe_id}, {piece!r}) in the judge model's vocabulary: choose words whose first tokens "
                 "differ"
             )
-        fixed = len(engine.tokenize(template.format(role="Agent", text=""), add_bos=True))
-        if fixed + max_input_tokens >= engine.n_ctx:
+        pieces = template_pieces(engine, template, "Agent")
+        fixed = sum(len(piece) for piece in pieces)
+        needed = fixed + (len(pieces) - 1) * max_input_tokens
+        if needed >= engine.n_ctx:
             raise GuardrailError(
                 f"{_where(check)}: n_ctx {engine.n_ctx} cannot hold the template ({fixed} tokens) and "
-                f"max_input_tokens {max_input_tokens}: raise n_ctx or lower max_input_tokens"
+                f"max_input_tokens {max_input_tokens} for each of its {len(pieces) - 1} {{text}}: "
+                "raise n_ctx or lower max_input_tokens"
             )
         threshold = float(_option(check, "threshold"))
         return JudgeGuardrail(
