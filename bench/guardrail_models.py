@@ -17,6 +17,7 @@ pipeline around it and the inference it guards are measured elsewhere.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -131,11 +132,13 @@ def main() -> None:
         f"{'file MB':>8} {'+RSS MB':>8} {'risk':>6}"
     )
     for name, path in models.items():
+        load = os.getloadavg()[0]
         row = judge_cost(path, calls=args.calls, n_threads=args.threads)
         rss = f"{row['rss_mb']:8.0f}" if row["rss_mb"] is not None else f"{'—':>8}"
         print(
             f"{name:<22} {row['prompt_tokens']:>6} {row['p50']:8.1f} {row['p95']:8.1f} {row['max']:8.1f} "
             f"{row['load_ms']:8.0f} {row['file_mb']:8.0f} {rss} {row['risk']:6.3f}"
+            f"   (load average {load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
         )
 
 
