@@ -237,6 +237,8 @@ class JudgeGuardrail:
         l_unsafe, l_safe = float(row[self.unsafe_id]), float(row[self.safe_id])
         p_unsafe, p_safe = math.exp(l_unsafe - log_total), math.exp(l_safe - log_total)
         diff = l_safe - l_unsafe
+        if math.isnan(diff):
+            raise GuardrailError(f"judge check {self.name!r}: the judge model gives neither answer token a logit")
         risk = 0.0 if diff > 700 else 1.0 / (1.0 + math.exp(diff))
         details: dict[str, Any] = {
             "p_unsafe": p_unsafe,
