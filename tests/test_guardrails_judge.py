@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.bench.runner import BenchOptions
 from agent.engines.llama import LlamaEngine
 from agent.guardrails import judge
 from agent.guardrails.base import BuildContext, CheckConfig, GuardrailError, risk_level
@@ -35,6 +36,7 @@ def check(model: Path | None, **options: Any) -> CheckConfig:
 
 
 CONTEXT = BuildContext(n_threads=1)
+OPTIONS = BenchOptions(runs=1, warmup=0, max_tokens=8, chat_template="off")
 
 
 @pytest.fixture(scope="module")
@@ -237,9 +239,10 @@ def test_an_aborted_evaluation_is_an_error_naming_the_check(tiny_models: dict[st
 
 
 def test_options_parse_and_refuse() -> None:
-    defaults = {key: spec.default() for key, spec in judge.OPTIONS.items()}
+    with pytest.raises(Invalid, match="a GGUF file"):  # a required key: its default raises
+        judge.OPTIONS["model"].default()
+    defaults = {key: spec.default() for key, spec in judge.OPTIONS.items() if key != "model"}
     assert defaults == {
-        "model": None,
         "template": "llama-guard",
         "unsafe_token": "unsafe",
         "safe_token": "safe",
@@ -274,3 +277,62 @@ def test_the_builtin_template_tokenizes_and_scores_on_smollm2(smollm2: Path) -> 
         assert result.details["p_unsafe"] > 0 and result.details["p_safe"] > 0
     finally:
         guard.close()
+
+
+def judge_set_toml(model: Path, threshold: float) -> str:
+    return f"""
+[[guardrails]]
+name = "j"
+block_at = "medium"
+[[guardrails.checks]]
+kind = "judge"
+model = "{model}"
+stages = ["threat", "output"]
+threshold = {threshold}
+n_ctx = 4096
+"""
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_a_judge_set_around_local_inference(
+    tiny_engine: LlamaEngine, tiny_model: Path, tmp_path: Path, threshold: float
+) -> None:
+    pipeline = pytest.importorskip("agent.guardrails.pipeline", reason="the guardrail pipeline is not in this tree")
+    from agent.config import load_config
+    from agent.measurement import Measurement
+    from agent.strategies import LocalStrategy
+
+    path = tmp_path / "agent.toml"
+    path.write_text(judge_set_toml(tiny_model, threshold))
+    config = pipeline.set_from_config(load_config(path, environ={}), "j")
+    guardrails = pipeline.GuardrailSet.build(config, BuildContext(n_threads=1))
+    try:
+        strategy = pipeline.GuardedStrategy(LocalStrategy(tiny_engine, OPTIONS), guardrails)
+        record = Measurement(run_id="r", device_id="d", model_name="tiny", model_sha256=None)
+        strategy.measure(record, "Tell me about the weather in spring.", 8)
+    finally:
+        guardrails.close()
+    ext = record.ext["guardrails"]
+    if threshold == 0.0:  # every text is a violation of at least medium: blocked at the first judge stage
+        assert record.kind == "blocked" and ext["outcome"] == "blocked" and ext["blocked_at"] == "threat"
+        assert ext["inference_ms"] is None and set(ext["stages"]) == {"threat"}
+        (violation,) = ext["violations"]
+        assert violation["type"] == "unsafe_content" and violation["check"] == "judge" and violation["blocked"]
+    else:
+        assert record.kind == "inference" and ext["outcome"] == "passed" and record.output_text is not None
+        assert set(ext["stages"]) == {"threat", "output"}
+        for stage in ext["stages"].values():
+            (answer,) = stage["checks"]
+            assert answer["kind"] == "judge" and answer["error"] is None and answer["ms"] > 0
+            assert 0.0 <= answer["risk_score"] < 1.0
+
+
+def test_a_judge_check_without_a_model_is_refused_at_config_load(tmp_path: Path) -> None:
+    pipeline = pytest.importorskip("agent.guardrails.pipeline", reason="the guardrail pipeline is not in this tree")
+    from agent.config import load_config
+    from lens_core.errors import ConfigError
+
+    path = tmp_path / "agent.toml"
+    path.write_text('[[guardrails]]\nname = "j"\n[[guardrails.checks]]\nkind = "judge"\n')
+    with pytest.raises(ConfigError, match="model set"):
+        pipeline.set_from_config(load_config(path, environ={}), "j")

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lens_core.config import KeySpec, const, int_range, number_range, optional, path_value, text
+from lens_core.config import Invalid, KeySpec, const, int_range, number_range, optional, path_value, text
 
 from .base import BuildContext, CheckConfig, CheckResult, GuardrailError, Violation, risk_level
 
@@ -79,12 +79,16 @@ _ANCHOR = "\n"
 _TEXT = "\x00text\x00"
 
 
+def _required_model() -> Path:
+    raise Invalid("a GGUF file llama.cpp loads as a causal language model, e.g. Llama Guard 3 1B")
+
+
 def _threads(value: object) -> int:
     return int_range(1, 512)(value)
 
 
 OPTIONS: dict[str, KeySpec] = {
-    "model": KeySpec(optional(path_value), const(None), "the judge's GGUF model file (required)"),
+    "model": KeySpec(path_value, _required_model, "the judge's GGUF model file (required)"),
     "template": KeySpec(
         text, const("llama-guard"), "'llama-guard' (built in) or a template file with {role} and {text}"
     ),
@@ -103,7 +107,7 @@ def _where(check: CheckConfig) -> str:
 
 
 def _option(check: CheckConfig, key: str) -> Any:
-    """The option's value; the spec's default when the options table does not hold it."""
+    """The option's value; the spec's default when the options table does not hold it (Invalid: required)."""
     if key in check.options:
         return check.options[key]
     return OPTIONS[key].default()
@@ -312,9 +316,10 @@ def build(check: CheckConfig, context: BuildContext) -> JudgeGuardrail:
     from ..engines.llama import EngineSettings, LlamaEngine
     from ..errors import LensError
 
-    model = _option(check, "model")
-    if model is None:
-        raise GuardrailError(f"{_where(check)}: model: required (a GGUF file llama.cpp loads, e.g. Llama Guard 3 1B)")
+    try:
+        model = _option(check, "model")
+    except Invalid as exc:
+        raise GuardrailError(f"{_where(check)}: model: required ({exc})") from None
     template = load_template(check, str(_option(check, "template")))
     n_ctx = int(_option(check, "n_ctx"))
     n_threads = _option(check, "n_threads") or context.n_threads
