@@ -1,6 +1,7 @@
-"""Records carrying ``ext.guardrails`` as the guardrail interface writes them (the wire contract of issue 29), made
-by hand for the export tests: a passed request, one blocked at a stage, one whose stage errored, and a hostile one
-at every bound (32 violations, 16 checks per stage, names at 64 characters)."""
+"""Records carrying ``ext.guardrails`` as the guardrail interface writes them (the wire contract, docs/wire-format.md),
+made by hand for the export tests: a passed request, one blocked at a stage, one whose stage errored, and a hostile
+one at every bound (32 violations, 16 checks per stage, names at 64 characters). ``guard`` takes an agent record
+(``*_ms`` figures, as agent/synthetic.py makes them) or its wire map (``*_us``)."""
 
 from __future__ import annotations
 
@@ -93,21 +94,27 @@ def guard(record: dict[str, Any], **kw: Any) -> dict[str, Any]:
     out = copy.deepcopy(record)
     if "inference_ms" not in kw and type(record.get("e2e_us")) is int:
         kw["inference_ms"] = record["e2e_us"] / 1000  # the inference's wall time: its own e2e
+    elif "inference_ms" not in kw and type(record.get("e2e_ms")) is float:
+        kw["inference_ms"] = record["e2e_ms"]
     ext = guardrails(**kw)
     out["ext"] = {**(out.get("ext") or {}), "guardrails": ext}
     if ext["outcome"] == "blocked":
         out.update(kind="blocked", ok=True, error_type=None, error_message=None, output_text=None)
         if ext["blocked_at"] in ("input", "threat"):
             for name in INFERENCE_FIGURES:
-                out[name] = None
+                if name in out:
+                    out[name] = None
             out["output_tokens"] = 0
+            if "itl_ms" in out:
+                out["itl_ms"] = []
     return out
 
 
 INFERENCE_FIGURES = (
     "ttft_us", "tpot_us", "e2e_us", "prefill_us", "decode_us", "itl_us", "stop_reason", "engine_prefill_us",
     "engine_prefill_tokens", "engine_decode_us", "engine_decode_tokens",
-)  # fmt: skip
+    "ttft_ms", "tpot_ms", "e2e_ms", "prefill_ms", "decode_ms", "engine_prefill_ms", "engine_decode_ms",
+)  # fmt: skip (the wire map's names, then the agent's record's)
 
 
 def hostile_guardrails(set_name: str = "x" * 64) -> dict[str, Any]:
