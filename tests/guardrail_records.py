@@ -111,9 +111,24 @@ def guard(record: dict[str, Any], **kw: Any) -> dict[str, Any]:
 
 
 INFERENCE_FIGURES = (
-    "ttft_us", "tpot_us", "e2e_us", "prefill_us", "decode_us", "itl_us", "stop_reason", "engine_prefill_us",
-    "engine_prefill_tokens", "engine_decode_us", "engine_decode_tokens",
-    "ttft_ms", "tpot_ms", "e2e_ms", "prefill_ms", "decode_ms", "engine_prefill_ms", "engine_decode_ms",
+    "ttft_us",
+    "tpot_us",
+    "e2e_us",
+    "prefill_us",
+    "decode_us",
+    "itl_us",
+    "stop_reason",
+    "engine_prefill_us",
+    "engine_prefill_tokens",
+    "engine_decode_us",
+    "engine_decode_tokens",
+    "ttft_ms",
+    "tpot_ms",
+    "e2e_ms",
+    "prefill_ms",
+    "decode_ms",
+    "engine_prefill_ms",
+    "engine_decode_ms",
 )  # fmt: skip (the wire map's names, then the agent's record's)
 
 

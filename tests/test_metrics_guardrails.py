@@ -71,7 +71,9 @@ async def test_guardrail_series_after_ingest(aiohttp_client: Any, store: Any) ->
     model = guarded[0]["model_name"]
     assert total(text, REQUESTS, device=DEVICE, model=model, provider="local", strategy="local") == len(guarded)
     for stage in ("input", "threat", "output"):
-        ran = [r["ext"]["guardrails"]["stages"][stage]["ms"] for r in guarded if stage in r["ext"]["guardrails"]["stages"]]
+        ran = [
+            r["ext"]["guardrails"]["stages"][stage]["ms"] for r in guarded if stage in r["ext"]["guardrails"]["stages"]
+        ]
         assert total(text, f"{STAGE}_count", stage=stage) == len(ran), stage
         assert total(text, f"{STAGE}_sum", stage=stage) == pytest.approx(sum(ran) / 1000), stage
     # the buckets are the 0.1 ms – 10 s ones

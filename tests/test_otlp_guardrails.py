@@ -187,7 +187,9 @@ def test_a_hostile_guardrails_map_is_read_within_its_bounds() -> None:
     ext["stages"]["input"]["checks"] = ext["stages"]["input"]["checks"] * 8  # 128 checks
     ext["stages"]["threat"]["ms"] = "slow"
     ext["stages"]["output"]["error"] = "x\u202e" * 1000
-    ext["violations"] = [{"type": f"t{i}", "severity": "dire", "stage": "nowhere", "blocked": "yes"} for i in range(500)]
+    ext["violations"] = [
+        {"type": f"t{i}", "severity": "dire", "stage": "nowhere", "blocked": "yes"} for i in range(500)
+    ]
     record["ext"] = {"guardrails": ext}
     spans = otlp.record_spans(record)
     names = [s.name for s in spans]
