@@ -107,8 +107,9 @@ GUARDRAIL_SCHEMA = 10  # the store schema that holds them
 
 
 def stored_request(row: Sequence[Any], null_name: str) -> dict[str, Any]:
-    """A stored row of :data:`RESTORE_COLUMNS` as the record keys :meth:`FleetMetrics.observe` reads (``null_name``:
-    the store's marker of a missing model or strategy; a value of the wrong type is left out)."""
+    """A stored row of :data:`RESTORE_COLUMNS` (then, from store schema 10, :data:`GUARDRAIL_RESTORE_COLUMNS`) as the
+    record keys :meth:`FleetMetrics.observe` reads (``null_name``: the store's marker of a missing model or strategy;
+    a value of the wrong type is left out)."""
     values = dict(zip(RESTORE_COLUMNS, row[: len(RESTORE_COLUMNS)], strict=True))
     out: dict[str, Any] = {"kind": "inference", "ok": bool(values["ok"]), "contended": bool(values["contended"])}
     for name in ("model_name", "strategy", "error_type"):
@@ -335,7 +336,7 @@ def recent_requests(store: Store) -> dict[str, list[dict[str, Any]]]:
     ``metrics.stored_request`` maps): what ``/metrics`` observes again after a restart (``FleetMetrics.restore``), so
     a device that has not sent since still has its latency series. One bounded read per device, no bodies."""
     out = {}
-    columns = RESTORE_COLUMNS
+    columns: tuple[str, ...] = RESTORE_COLUMNS
     if STORE_SCHEMA >= GUARDRAIL_SCHEMA:
         columns = (*RESTORE_COLUMNS, *GUARDRAIL_RESTORE_COLUMNS)
     for device in store.devices():
@@ -753,9 +754,9 @@ class FleetMetrics:
         flags: list[tuple[Any, bool]] = []
         guarded: list[dict[str, Any]] = []
         for record in records:
-            if record.get("kind") in GUARDED_KINDS and isinstance(record.get("ext"), dict):
-                if "guardrails" in record["ext"]:
-                    guarded.append(record)
+            carried = record.get("ext")
+            if record.get("kind") in GUARDED_KINDS and isinstance(carried, dict) and "guardrails" in carried:
+                guarded.append(record)
             if record.get("kind") == "inference":
                 flags.append((record.get("started_us"), contended_of(record)))
                 key = (

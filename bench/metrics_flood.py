@@ -199,8 +199,8 @@ def show(result: dict[str, Any]) -> None:
     if "guardrails" in result:
         g = result["guardrails"]
         print(
-            f"  {g['sets']:,} guardrail set names from one device in {result['guardrail_flood_s']:.1f} s: /metrics grew "
-            f"{g['growth_bytes'] / 1e3:.0f} KB, {g['set_labels']} guardrail_set values shown"
+            f"  {g['sets']:,} guardrail set names from one device in {result['guardrail_flood_s']:.1f} s: "
+            f"/metrics grew {g['growth_bytes'] / 1e3:.0f} KB, {g['set_labels']} guardrail_set values shown"
         )
     for name in ("device_page", "compare", "summary_by_model", "triggers", "fleet"):
         r = result[name]

@@ -4,6 +4,7 @@ label a device sends bounded — the set name to the first 16 seen fleet-wide, t
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import time
@@ -195,6 +196,6 @@ def test_a_restart_observes_the_stored_guardrail_columns_again() -> None:
 
 def test_stage_buckets_span_a_tenth_of_a_millisecond_to_ten_seconds() -> None:
     assert GUARDRAIL_STAGE_BUCKETS[0] == 0.0001 and GUARDRAIL_STAGE_BUCKETS[-1] == 10.0
-    ratios = [b / a for a, b in zip(GUARDRAIL_STAGE_BUCKETS, GUARDRAIL_STAGE_BUCKETS[1:], strict=False)]
+    ratios = [b / a for a, b in itertools.pairwise(GUARDRAIL_STAGE_BUCKETS)]
     assert max(ratios) <= 2.5  # 1-2-5 steps: histogram_quantile is off by at most one bucket's width
     assert guardrails()["stages"]["input"]["ms"] / 1000 > GUARDRAIL_STAGE_BUCKETS[0]

@@ -5,6 +5,7 @@ with opentelemetry-proto; every stage span is checked for its name, parent, plac
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 import uuid
 from pathlib import Path
@@ -112,7 +113,7 @@ def check_guardrail_spans(receiver: Receiver, records: list[dict[str, Any]]) -> 
             if name == "output":
                 assert s[f"{G}.output.mode"] == "stream" and s[f"{G}.output.chunks"] == 3
         ordered = sorted(stages.values(), key=lambda span: span.start_time_unix_nano)
-        for earlier, later in zip(ordered, ordered[1:], strict=False):
+        for earlier, later in itertools.pairwise(ordered):
             assert earlier.end_time_unix_nano <= later.start_time_unix_nano, "stages overlap"
         inference = [s for s in spans if s.name in ("prefill", "decode")]
         if g["inference_start_ms"] is None:  # blocked before the inference, or failed at input: none ran
