@@ -420,8 +420,11 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     ok = record.get("ok") is True
     error = None if ok else (_str(record.get("error_message")) or _str(record.get("error_type")) or "failed")
     root_end = end
+    if kind == "blocked":  # a guardrail blocked it: said on the span even when its ext.guardrails is unreadable
+        attrs[f"{GUARDRAIL}.blocked"] = True
     if guard is not None:
         attrs.update(guardrail_request_attributes(guard))
+        attrs[f"{GUARDRAIL}.blocked"] = kind == "blocked" or attrs[f"{GUARDRAIL}.blocked"]
         if guard.total_ms is not None:
             root_end = max(end, request_start + int(guard.total_ms * 1e6))
     root = SpanData(f"{op} {model}", "client" if cloud else "internal", request_start, root_end, attrs, error=error)
@@ -509,7 +512,7 @@ def guardrail_request_attributes(guard: GuardrailView) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         f"{GUARDRAIL}.set": guard.set,
         f"{GUARDRAIL}.outcome": guard.outcome,
-        f"{GUARDRAIL}.blocked": guard.blocked_at is not None,
+        f"{GUARDRAIL}.blocked": guard.blocked_at is not None or guard.outcome == "blocked",
         f"{GUARDRAIL}.violations.count": len(guard.violations),
     }
     if guard.blocked_at is not None:

@@ -209,6 +209,11 @@ def test_a_hostile_guardrails_map_is_read_within_its_bounds() -> None:
             assert len(span.error) <= 300 and "\u202e" not in span.error
     body, n = otlp.encode_traces([({"service.name": "lens-agent"}, [record])], version="0")
     assert n == len(spans) and len(body) < 20_000
+    # a blocked record whose ext.guardrails is not a map still says on its request span that it was blocked
+    blocked = record | {"kind": "blocked", "ext": {"guardrails": "blocked!"}}
+    spans = otlp.record_spans(blocked)
+    assert spans[0].name.startswith("text_completion ") and spans[0].attributes[f"{G}.blocked"] is True
+    assert not any(s.name.startswith("guardrail.") for s in spans)
 
 
 def test_a_guardrail_record_id_gives_the_same_spans_again() -> None:
