@@ -99,7 +99,7 @@ class OtlpUploader(Uploader):
                 self.facts = ext["device"]  # resource_attributes takes only the fields of the expected types
             records.append(record)
         resource = self._resource()
-        exported = [r for r in records if r.get("kind") in ("inference", "model_load")]
+        exported = [r for r in records if r.get("kind") in otlp.SPAN_KINDS]
         # a record the encoders cannot turn into OTLP is quarantined on its own (lens-agent outbox lists it): it
         # never holds up the records behind it, and it is never dropped
         _, _, unencodable = otlp.encode_traces_isolated([(resource, exported)], version=__version__)
@@ -112,7 +112,7 @@ class OtlpUploader(Uploader):
                 else:
                     kept.append((row, record))
             rows, records = [row for row, _ in kept], [record for _, record in kept]
-            exported = [r for r in records if r.get("kind") in ("inference", "model_load")]
+            exported = [r for r in records if r.get("kind") in otlp.SPAN_KINDS]
             if not rows:
                 return
         pending = None

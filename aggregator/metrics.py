@@ -46,9 +46,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from lens_core.guardrail_view import OUTCOMES, SEVERITIES, STAGES, VIOLATION_TYPES, guardrail_view
 from lens_core.record_schema import contended
 
 from .store import NULL_NAME, Query, Store
+from .store import SCHEMA_VERSION as STORE_SCHEMA
 
 PREFIX = "llm_latency_lens"
 LABELS = ("device", "model", "provider", "strategy")
@@ -66,6 +68,14 @@ TPOT_BUCKETS = (
 )  # fmt: skip
 # OpenTelemetry's advice for gen_ai.client.operation.duration
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+# guardrail stages (docs/metrics.md "Guardrails"): 0.1 ms (a rules check) to 10 s (a local judge model), 1-2-5 steps
+GUARDRAIL_STAGE_BUCKETS = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+# the stages' share of the guarded request (ext.guardrails.impact_percent / 100): 0.1 % to all of it
+GUARDRAIL_RATIO_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+# guardrail set names shown on /metrics: the first ones seen fleet-wide, the rest "other"
+MAX_GUARDRAIL_SETS = 16
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # a device's latest inference requests that its contended share (and the fleet page's figures) are taken over
 RECENT_REQUESTS = 50
@@ -84,12 +94,23 @@ RESTORE_COLUMNS = (
     "j_per_token",
     "contended",
 )
+# … and, from store schema 10 on, the guarded requests' columns (docs/metrics.md "Guardrails")
+GUARDRAIL_RESTORE_COLUMNS = (
+    "guardrail_set",
+    "guardrail_outcome",
+    "guardrail_input_ms",
+    "guardrail_threat_ms",
+    "guardrail_output_ms",
+    "guardrail_impact",
+)
+GUARDRAIL_SCHEMA = 10  # the store schema that holds them
 
 
 def stored_request(row: Sequence[Any], null_name: str) -> dict[str, Any]:
-    """A stored row of :data:`RESTORE_COLUMNS` as the record keys :meth:`FleetMetrics.observe` reads (``null_name``:
-    the store's marker of a missing model or strategy; a value of the wrong type is left out)."""
-    values = dict(zip(RESTORE_COLUMNS, row, strict=True))
+    """A stored row of :data:`RESTORE_COLUMNS` (then, from store schema 10, :data:`GUARDRAIL_RESTORE_COLUMNS`) as the
+    record keys :meth:`FleetMetrics.observe` reads (``null_name``: the store's marker of a missing model or strategy;
+    a value of the wrong type is left out)."""
+    values = dict(zip(RESTORE_COLUMNS, row[: len(RESTORE_COLUMNS)], strict=True))
     out: dict[str, Any] = {"kind": "inference", "ok": bool(values["ok"]), "contended": bool(values["contended"])}
     for name in ("model_name", "strategy", "error_type"):
         value = values[name]
@@ -102,10 +123,36 @@ def stored_request(row: Sequence[Any], null_name: str) -> dict[str, Any]:
     joules = values["j_per_token"]
     if type(joules) in (int, float) and math.isfinite(joules):
         out["ext"] = {"energy": {"j_per_output_token": joules}}
+    guard = stored_guardrails(row[len(RESTORE_COLUMNS) :])
+    if guard is not None:
+        out.setdefault("ext", {})["guardrails"] = guard
     return out
 
 
+def stored_guardrails(row: Sequence[Any]) -> dict[str, Any] | None:
+    """The stored guardrail columns (:data:`GUARDRAIL_RESTORE_COLUMNS`, when the row carries them) as the part of
+    ``ext.guardrails`` the guardrail series read (set, outcome, each stage's time, the impact); None when the
+    request was not guarded. Violations are in the record bodies, not in columns: they are not observed again."""
+    if len(row) != len(GUARDRAIL_RESTORE_COLUMNS):
+        return None
+    values = dict(zip(GUARDRAIL_RESTORE_COLUMNS, row, strict=True))
+    if type(values["guardrail_set"]) is not str:
+        return None
+    stages = {
+        stage: {"ms": ms}
+        for stage in ("input", "threat", "output")
+        if type(ms := values[f"guardrail_{stage}_ms"]) in (int, float)
+    }
+    return {
+        "set": values["guardrail_set"],
+        "outcome": values["guardrail_outcome"],
+        "impact_percent": values["guardrail_impact"],
+        "stages": stages,
+    }
+
+
 OTHER = "other"
+GUARDED_KINDS = ("inference", "blocked")  # a blocked request (kind blocked) is counted in the guardrail series only
 FOLD_REASONS = ("per_device", "global")
 # C0 controls, DEL and C1 controls: a terminal or a log viewer acts on them; a label never needs one
 # control characters, and the invisible ones that make two labels look alike or reorder text on a dashboard: zero-width
@@ -229,6 +276,30 @@ def fold_summary(observations: int, reason: str, max_per_device: int, max_total:
     return f'{observations:,} observations folded into the "other" series on /metrics: {bound}'
 
 
+class FirstNames:
+    """The first ``limit`` distinct names seen (fleet-wide, by any device); any other name reads ``"other"``. Its
+    memory is bounded by ``limit`` whatever the devices send. Thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def shown(self, name: str) -> str:
+        if name == OTHER:
+            return OTHER
+        with self._lock:
+            if name in self._names:
+                return name
+            if len(self._names) < self.limit:
+                self._names.add(name)
+                return name
+            return OTHER
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 class LatestByTime:
     """The ``size`` values whose requests ran last (by ``started_us``, the device's clock; ties in the order added),
     whatever order they arrive in: a late or resent batch of old requests does not push out the current ones. At
@@ -265,9 +336,12 @@ def recent_requests(store: Store) -> dict[str, list[dict[str, Any]]]:
     ``metrics.stored_request`` maps): what ``/metrics`` observes again after a restart (``FleetMetrics.restore``), so
     a device that has not sent since still has its latency series. One bounded read per device, no bodies."""
     out = {}
+    columns: tuple[str, ...] = RESTORE_COLUMNS
+    if STORE_SCHEMA >= GUARDRAIL_SCHEMA:
+        columns = (*RESTORE_COLUMNS, *GUARDRAIL_RESTORE_COLUMNS)
     for device in store.devices():
         query = Query(device=device["device_id"], kind="inference")
-        rows = store.latest_columns(query, RESTORE_COLUMNS, RECENT_REQUESTS, by_event=True)
+        rows = store.latest_columns(query, columns, RECENT_REQUESTS, by_event=True)
         if rows:
             out[device["device_id"]] = [stored_request(row, NULL_NAME) for row in rows]
     return out
@@ -602,6 +676,34 @@ class FleetMetrics:
             registry=r,
         )
         self._campaign_series: set[str] = set()  # campaign ids with progress and job series now
+        # guardrails (docs/metrics.md "Guardrails"): records carrying ext.guardrails, of kind inference or blocked
+        self.guardrail_sets = FirstNames(MAX_GUARDRAIL_SETS)
+        self.guardrail_stage = Histogram(
+            f"{PREFIX}_guardrail_stage_seconds",
+            "Time of one guardrail stage (input, threat, output) of a guarded request, seconds",
+            (*LABELS, "guardrail_set", "stage"),
+            buckets=GUARDRAIL_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.guardrail_overhead = Histogram(
+            f"{PREFIX}_guardrail_overhead_ratio",
+            "The guardrail stages' share of the guarded request (overhead / total, 0 to 1)",
+            (*LABELS, "guardrail_set"),
+            buckets=GUARDRAIL_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.guardrail_requests = Counter(
+            f"{PREFIX}_guardrail_requests",
+            "Guarded requests by outcome (passed, blocked, error, passed_with_errors)",
+            (*LABELS, "guardrail_set", "outcome"),
+            registry=r,
+        )
+        self.guardrail_violations = Counter(
+            f"{PREFIX}_guardrail_violations",
+            "Guardrail violations found, by type, severity and stage",
+            (*LABELS, "guardrail_set", "type", "severity", "stage"),
+            registry=r,
+        )
 
     def _cut(self, value: str) -> str:
         """A label value without control characters and within ``max_label_chars`` (each change counted)."""
@@ -650,7 +752,11 @@ class FleetMetrics:
         ``contended_of``: whether a record's request was contended (from its ``ext``, or a stored column)."""
         groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
         flags: list[tuple[Any, bool]] = []
+        guarded: list[dict[str, Any]] = []
         for record in records:
+            carried = record.get("ext")
+            if record.get("kind") in GUARDED_KINDS and isinstance(carried, dict) and "guardrails" in carried:
+                guarded.append(record)
             if record.get("kind") == "inference":
                 flags.append((record.get("started_us"), contended_of(record)))
                 key = (
@@ -662,6 +768,8 @@ class FleetMetrics:
         shown = self._cut(device)
         if flags:
             self.contended_requests(device, flags, shown)
+        if guarded:
+            self._guardrails(device, shown, guarded)
         for (model, provider, strategy), group in groups.items():
             cut = (shown, self._cut(model), provider, self._cut(strategy))
             labels, held = self._admit(device, "requests", cut, (True, True, True, True), len(group))
@@ -694,6 +802,59 @@ class FleetMetrics:
             collab = ext.get("collab")
             if isinstance(collab, dict) and isinstance(collab.get("acceptance_rate"), (int, float)):
                 self._set(self.acceptance, labels, collab["acceptance_rate"])
+
+    def _guardrails(self, device: str, shown: str, records: list[dict[str, Any]]) -> None:
+        """The guardrail series of the records carrying ``ext.guardrails`` (kind inference or blocked). One label set
+        per device × model × strategy × guardrail set takes one place in the budget, and one more per violation type
+        × severity × stage seen in it (as a failure's error type does); a set name past the first
+        :data:`MAX_GUARDRAIL_SETS` seen fleet-wide reads ``"other"``; outcome, stage, type and severity come from
+        the interface's vocabularies (anything else: ``"other"``, lens_core/guardrail_view.py)."""
+        groups: dict[tuple[str, ...], list[Any]] = {}
+        for record in records:
+            view = guardrail_view(record)
+            if view is None:
+                continue
+            key = (
+                self._cut(str(record.get("model_name") or "unknown")),
+                provider_of(record),
+                self._cut(str(record.get("strategy") or "local")),
+                self.guardrail_sets.shown(view.set),
+            )
+            groups.setdefault(key, []).append(view)
+        for (model, provider, strategy, guard_set), views in groups.items():
+            cut = (shown, model, provider, strategy, guard_set)
+            labels, held = self._admit(device, "guardrail", cut, (True,) * 5, len(views))
+            outcomes: dict[str, int] = {}
+            stage_seconds: dict[str, list[float]] = {}
+            ratios: list[float] = []
+            violations: dict[tuple[str, str, str], int] = {}
+            for view in views:
+                outcome = view.outcome if view.outcome in OUTCOMES else OTHER
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                for stage in view.stages:
+                    if stage.ms is not None and stage.stage in STAGES:
+                        stage_seconds.setdefault(stage.stage, []).append(stage.ms / 1000)
+                if view.impact_percent is not None:
+                    ratios.append(view.impact_percent / 100)
+                for v in view.violations:
+                    combo = (
+                        v.type if v.type in VIOLATION_TYPES else OTHER,
+                        v.severity if v.severity in SEVERITIES else OTHER,
+                        v.stage if v.stage in STAGES else OTHER,
+                    )
+                    violations[combo] = violations.get(combo, 0) + 1
+            for outcome, n in outcomes.items():
+                self.guardrail_requests.labels(*labels, outcome).inc(n)
+            for stage_name, seconds in stage_seconds.items():
+                observe_many(self.guardrail_stage.labels(*labels, stage_name), seconds)
+            observe_many(self.guardrail_overhead.labels(*labels), ratios)
+            for combo, n in violations.items():
+                if held is None:  # the guarded set is folded already: so are its violations
+                    counted = labels
+                else:
+                    counted, _ = self._admit(device, "violations", (*cut, *combo), (True,) * 5 + (False,) * 3, n)
+                    counted = counted[:5]
+                self.guardrail_violations.labels(*counted, *combo).inc(n)
 
     def _rate(self, labels: tuple[str, ...], group: list[dict[str, Any]]) -> None:
         """``tokens_per_second``: the median output tokens ÷ e2e seconds of the successful ones among the series'

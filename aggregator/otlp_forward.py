@@ -59,7 +59,7 @@ log = logging.getLogger("aggregator.otlp")
 
 SIGNALS = otlp.SIGNALS
 __all__ = ["Forwarder", "OtlpSettings", "otlp_settings", "stored_status"]
-EXPORTED_KINDS = frozenset({"inference", "model_load"})
+EXPORTED_KINDS = otlp.SPAN_KINDS  # a blocked request (kind blocked) is a trace too
 
 
 def cursor_key(signal: str) -> str:

@@ -27,6 +27,8 @@ from typing import Any
 
 from .config import Config, KeySpec, boolean, choice, const, int_range, optional, parse_duration, path_value, text
 from .errors import ConfigError
+from .guardrail_view import MAX_CHECKS as MAX_GUARDRAIL_CHECKS
+from .guardrail_view import GuardrailView, guardrail_view
 from .itlpack import PackError, unpack_gaps
 from .record_schema import EXT_NUMBERS, INT_RANGES, contended, ext_number, round_entry
 
@@ -377,6 +379,8 @@ class SpanData:
     events: tuple[tuple[str, int, dict[str, Any]], ...] = ()
 
 
+# the record kinds exported as spans: a blocked request (docs/opentelemetry.md "Guardrails") still shows its trace
+SPAN_KINDS = frozenset({"inference", "model_load", "blocked"})
 MAX_ROUND_SPANS = 256  # speculative rounds drawn as spans per request (ext.collab.round_us carries at most this)
 
 
@@ -405,12 +409,28 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
     op = operation_name(record)
     cloud = strategy == "cloud" or (strategy == "offload" and _offload_target(record) == "cloud")
     e2e_us = _field(record, "e2e_us")
+    guard = guardrail_view(record)
+    request_start = start
+    if guard is not None and guard.inference_start_ms is not None:
+        # guardrails ran before the inference: started_us is the guarded request's start, the inference's own
+        # figures (TTFT, rounds, …) count from its own start, inference_start_ms later
+        start += int(guard.inference_start_ms * 1e6)
     end = start + (e2e_us or 0) * 1000
     attrs = span_attributes(record)
     ok = record.get("ok") is True
     error = None if ok else (_str(record.get("error_message")) or _str(record.get("error_type")) or "failed")
-    root = SpanData(f"{op} {model}", "client" if cloud else "internal", start, end, attrs, error=error)
+    root_end = end
+    if kind == "blocked":  # a guardrail blocked it: said on the span even when its ext.guardrails is unreadable
+        attrs[f"{GUARDRAIL}.blocked"] = True
+    if guard is not None:
+        attrs.update(guardrail_request_attributes(guard))
+        attrs[f"{GUARDRAIL}.blocked"] = kind == "blocked" or attrs[f"{GUARDRAIL}.blocked"]
+        if guard.total_ms is not None:
+            root_end = max(end, request_start + int(guard.total_ms * 1e6))
+    root = SpanData(f"{op} {model}", "client" if cloud else "internal", request_start, root_end, attrs, error=error)
     spans = [root]
+    if guard is not None:
+        spans.extend(guardrail_spans(guard, request_start, metric_attributes(record)))
     ttft_us = _field(record, "ttft_us")
     offload = _dict(ext.get("offload"))
     if offload:
@@ -480,6 +500,91 @@ def record_spans(record: Mapping[str, Any]) -> list[SpanData]:
         if (us := _field(record, "engine_decode_us")) is not None:
             decode_attrs["lens.engine.decode_s"] = us / 1e6
         spans.append(SpanData("decode", "internal", first, end, decode_attrs, parent=0))
+    return spans
+
+
+GUARDRAIL = "llm_latency_lens.guardrail"  # the prefix of the guardrail attributes (docs/opentelemetry.md)
+
+
+def guardrail_request_attributes(guard: GuardrailView) -> dict[str, Any]:
+    """The request span's guardrail attributes: the set, the outcome, whether and where it was blocked, the
+    stages' overhead and share, the highest risk and the violations found."""
+    attrs: dict[str, Any] = {
+        f"{GUARDRAIL}.set": guard.set,
+        f"{GUARDRAIL}.outcome": guard.outcome,
+        f"{GUARDRAIL}.blocked": guard.blocked_at is not None or guard.outcome == "blocked",
+        f"{GUARDRAIL}.violations.count": len(guard.violations),
+    }
+    if guard.blocked_at is not None:
+        attrs[f"{GUARDRAIL}.blocked_at"] = guard.blocked_at
+    for key, value in (
+        ("overhead_ms", guard.overhead_ms),
+        ("total_ms", guard.total_ms),
+        ("remainder_ms", guard.remainder_ms),
+        ("impact_percent", guard.impact_percent),
+        ("risk_score", guard.risk_score),
+    ):
+        if value is not None:
+            attrs[f"{GUARDRAIL}.{key}"] = value
+    if guard.risk_level is not None:
+        attrs[f"{GUARDRAIL}.risk_level"] = guard.risk_level
+    if guard.violations:
+        attrs[f"{GUARDRAIL}.violations.types"] = sorted({v.type for v in guard.violations})
+    return attrs
+
+
+def guardrail_spans(guard: GuardrailView, request_start: int, genai: Iterable[tuple[str, Any]]) -> list[SpanData]:
+    """``guardrail.input``, ``guardrail.threat``, ``guardrail.output``: one child of the request span (index 0) per
+    stage that ran, at the request's start plus the stage's ``start_ms``, lasting its ``ms`` (a stage without both
+    is left out rather than guessed). Each carries the request's GenAI attributes (``genai``, without
+    ``error.type``), the stage's risk, whether it blocked, its violations, and its checks as arrays aligned by
+    index (at most 16: the interface's bound); ERROR with the stage's error as message when it failed."""
+    common = {k: v for k, v in genai if k != "error.type"}
+    spans = []
+    for stage in guard.stages:
+        if stage.start_ms is None or stage.ms is None:
+            continue
+        found = [v for v in guard.violations if v.stage == stage.stage]
+        attrs: dict[str, Any] = {
+            **common,
+            f"{GUARDRAIL}.set": guard.set,
+            f"{GUARDRAIL}.stage": stage.stage,
+            f"{GUARDRAIL}.outcome": guard.outcome,
+            f"{GUARDRAIL}.blocked": guard.blocked_at == stage.stage,
+            f"{GUARDRAIL}.violations.count": len(found),
+        }
+        if stage.risk_score is not None:
+            attrs[f"{GUARDRAIL}.risk_score"] = stage.risk_score
+        if found:
+            attrs[f"{GUARDRAIL}.violations.types"] = sorted({v.type for v in found})
+            attrs[f"{GUARDRAIL}.violations.severities"] = sorted({v.severity for v in found})
+        checks = stage.checks[:MAX_GUARDRAIL_CHECKS]
+        if checks:
+            attrs[f"{GUARDRAIL}.check.names"] = [c.name for c in checks]
+            attrs[f"{GUARDRAIL}.check.kinds"] = [c.kind for c in checks]
+            attrs[f"{GUARDRAIL}.check.ms"] = [-1.0 if c.ms is None else c.ms for c in checks]
+            attrs[f"{GUARDRAIL}.check.errors"] = [c.error is not None for c in checks]
+            if any(c.server_ms is not None for c in checks):  # an HTTP guardrail's server said what it spent
+                attrs[f"{GUARDRAIL}.check.server_ms"] = [-1.0 if c.server_ms is None else c.server_ms for c in checks]
+                attrs[f"{GUARDRAIL}.check.network_ms"] = [
+                    -1.0 if c.network_ms is None else c.network_ms for c in checks
+                ]
+        if stage.mode is not None:
+            attrs[f"{GUARDRAIL}.output.mode"] = stage.mode
+        for key, value in (
+            ("output.chunks", stage.chunks),
+            ("output.chunk_ms_p50", stage.chunk_ms_p50),
+            ("output.chunk_ms_max", stage.chunk_ms_max),
+        ):
+            if value is not None:
+                attrs[f"{GUARDRAIL}.{key}"] = value
+        first = request_start + int(stage.start_ms * 1e6)
+        error = stage.error
+        if error is None and any(c.error is not None for c in checks):
+            error = next(f"check {c.name}: {c.error}" for c in checks if c.error is not None)
+        spans.append(
+            SpanData(f"guardrail.{stage.stage}", "internal", first, first + int(stage.ms * 1e6), attrs, 0, error)
+        )
     return spans
 
 

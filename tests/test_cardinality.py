@@ -35,6 +35,7 @@ from aggregator.metrics import (
 from aggregator.reads import BoundedStore, Deadline, bound_series, bounded
 from aggregator.store import QueryTimeout, SQLiteStore
 
+from .guardrail_export_records import guardrails
 from .hostile_device import encode_raw, raw_batch, valid_wire
 from .processes import AggregatorProcess, device_token
 
@@ -304,6 +305,10 @@ def _flood(port: int, token: str, *, records: int, batch: int = 500) -> None:
                 record["ext"] = {**(record.get("ext") or {}), "settings": {"n_batch": 1 + i}}
                 if i % 3 == 0:
                     record["ok"], record["error_type"] = False, f"error-{i}"
+                else:  # and a guardrail set of its own (docs/metrics.md "Guardrails")
+                    record["ext"]["guardrails"] = guardrails(
+                        f"flood-set-{i}", inference_ms=(record["e2e_us"] or 0) / 1000
+                    )
             body = raw_batch([encode_raw(r, "cbor") for r in wire_records], device=DEVICE, batch_id=f"flood-{start}")
             status, answer, _ = client.request("POST", "/api/v1/ingest", body, {"Authorization": f"Bearer {token}"})
             assert status == 200, answer[:300]
@@ -368,6 +373,7 @@ def test_a_flood_from_one_device_stays_bounded_everywhere(serve: Any) -> None:
                 "llm_latency_lens_requests_total",
                 "llm_latency_lens_requests_failed_total",
                 "llm_latency_lens_trigger_firing",
+                "llm_latency_lens_guardrail_overhead_ratio_count",
             )
             for labels in _label_sets(text, name)
             if labels.get("device") == DEVICE
@@ -383,6 +389,10 @@ def test_a_flood_from_one_device_stays_bounded_everywhere(serve: Any) -> None:
         overflow = {s["reason"]: v for s, v in _samples(text, "llm_latency_lens_metric_series_overflow_total")}
         assert overflow["per_device"] > 2900
         assert sum(v for _, v in _samples(text, "llm_latency_lens_requests_total")) == 3005  # none lost
+        # 2,000 distinct guardrail set names: the first 16 seen fleet-wide, the rest "other"; none lost either
+        guarded = _label_sets(text, "llm_latency_lens_guardrail_requests_total")
+        assert 0 < len({s["guardrail_set"] for s in guarded}) <= 17
+        assert sum(v for _, v in _samples(text, "llm_latency_lens_guardrail_requests_total")) == 2000
         # control characters never reach a label, and promtool accepts the whole exposition
         assert "\x1b" not in text and "\x07" not in text and "\r" not in text
         assert 'model="steady-model"' in text

@@ -11,6 +11,8 @@ from pathlib import Path
 from agent.synthetic import synthetic_records
 from aggregator.metrics import FleetMetrics
 
+from .guardrail_export_records import guard
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def exposed_names() -> set[str]:
     from lens_core import wire
 
     metrics.observe("d", [wire.to_wire(r) for r in records])
+    metrics.observe("d", [guard(wire.to_wire(records[0]), blocked_at="input")])  # the guardrail series
     metrics.device("d", {"dropped_total": 1, "quarantined_total": 0, "pending_records": 2}, 1.0)
     metrics.rejections.labels("malformed").inc()
     metrics.records.labels("accepted").inc()
@@ -61,8 +64,28 @@ def test_dashboard_queries_use_existing_metrics() -> None:
         "acceptance",
         "backlog",
         "not seen",
+        "Guardrail stage time per set (p50, p95)",
     ):
         assert topic in titles, topic
+
+
+def test_every_dashboard_query_parses_for_promtool(tmp_path: Path) -> None:
+    """Each panel's query, with Grafana's variables filled in, as a recording rule: promtool parses it."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make sysdeps` installs Debian's prometheus package"
+    dashboard = json.loads((ROOT / "packaging/grafana/llm-latency-lens-fleet.json").read_text())
+    rules = []
+    for n, panel in enumerate(dashboard["panels"]):
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "5m")
+            for name in ("device", "model", "strategy"):
+                expr = expr.replace(f"${name}", ".*")
+            rules.append({"record": f"dashboard:panel_{n}:{target['refId'].lower()}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))  # JSON is YAML
+    done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(rules)} rules found" in done.stdout
 
 
 def test_scrape_config_is_valid_for_promtool(tmp_path: Path) -> None:
