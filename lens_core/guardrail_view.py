@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# the vocabularies of the guardrail interface (agent/guardrails/base.py)
+# the vocabularies and bounds of the guardrail interface (docs/wire-format.md "Guardrails"): ingest
+# (lens_core/record_schema.py), the exports and the agent (agent/guardrails/base.py) read them from here
 STAGES = ("input", "threat", "output")
 SEVERITIES = ("low", "medium", "high", "critical")
 VIOLATION_TYPES = (

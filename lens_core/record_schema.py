@@ -22,6 +22,7 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any, NamedTuple
 
+from . import guardrail_view
 from .itlpack import _MAX_K, PACK_VERSION
 
 RECORD_VERSION = 1
@@ -438,25 +439,17 @@ def _check_interference(part: Any) -> None:
 
 
 # -- ext.guardrails (docs/wire-format.md, "Guardrails"): the guardrail stages timed beside the inference -------------
-GUARDRAIL_STAGES = ("input", "threat", "output")
-GUARDRAIL_OUTCOMES = ("passed", "blocked", "error", "passed_with_errors")
-GUARDRAIL_SEVERITIES = ("low", "medium", "high", "critical")
-GUARDRAIL_VIOLATION_TYPES = (
-    "prompt_injection",
-    "pii_leakage",
-    "secret_leakage",
-    "toxic_content",
-    "disallowed_topic",
-    "jailbreak",
-    "unsafe_content",
-    "other",
-)
-GUARDRAIL_OUTPUT_MODES = ("final", "stream")
-MAX_GUARDRAIL_CHECKS = 16  # per stage
-MAX_GUARDRAIL_VIOLATIONS = 32
-MAX_GUARDRAIL_TEXT_CHARS = 300  # a violation's description, a stage's or a check's error
+# the vocabularies and bounds are the guardrail interface's own (lens_core/guardrail_view.py), shared with the exports
+GUARDRAIL_STAGES = guardrail_view.STAGES
+GUARDRAIL_OUTCOMES = guardrail_view.OUTCOMES
+GUARDRAIL_SEVERITIES = guardrail_view.SEVERITIES
+GUARDRAIL_VIOLATION_TYPES = guardrail_view.VIOLATION_TYPES
+GUARDRAIL_OUTPUT_MODES = guardrail_view.OUTPUT_MODES
+MAX_GUARDRAIL_CHECKS = guardrail_view.MAX_CHECKS  # per stage
+MAX_GUARDRAIL_VIOLATIONS = guardrail_view.MAX_VIOLATIONS
+MAX_GUARDRAIL_TEXT_CHARS = guardrail_view.MAX_TEXT_CHARS  # a violation's description, a stage's or a check's error
 MAX_GUARDRAIL_CHUNKS = 1_000_000
-GUARDRAIL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+GUARDRAIL_NAME = guardrail_view.NAME
 _MS = (0, MAX_DURATION_MS)
 _UNIT = (0, 1)
 # key → what it may be: ("ms"|"unit"|"percent", nullable) numbers; ("name", required); ("text",); ("vocab", values)

@@ -15,19 +15,12 @@ from typing import Any, Protocol
 
 from lens_core.config import KeySpec
 
-STAGES = ("input", "threat", "output")
-SEVERITIES = ("low", "medium", "high", "critical")
-VIOLATION_TYPES = (
-    "prompt_injection",
-    "pii_leakage",
-    "secret_leakage",
-    "toxic_content",
-    "disallowed_topic",
-    "jailbreak",
-    "unsafe_content",
-    "other",
-)
-RISK_LEVELS = SEVERITIES
+# the vocabularies, shared with ingest and the exports
+from lens_core.guardrail_view import RISK_LEVELS as RISK_LEVELS
+from lens_core.guardrail_view import SEVERITIES as SEVERITIES
+from lens_core.guardrail_view import STAGES as STAGES
+from lens_core.guardrail_view import VIOLATION_TYPES as VIOLATION_TYPES
+
 ACTIONS = ("block", "report")
 NAME_PATTERN = r"[A-Za-z0-9._-]{1,64}"
 MAX_DESCRIPTION = 200
