@@ -120,3 +120,15 @@ name = "harness"
     assert 0 < row["guardrail_impact_p50_percent"] < 100
     page = get(f"{base}/device/{DEVICE}").decode()
     assert "pii" in page and "guardrail" in page.lower()
+    metrics = get(f"{base}/metrics").decode()
+    stage = [line for line in metrics.splitlines() if line.startswith("llm_latency_lens_guardrail_stage_seconds_count")]
+    # the input stage ran on all ten requests, the output stage on the four served
+    counts = {("input" if 'stage="input"' in line else "output"): float(line.rsplit(" ", 1)[1]) for line in stage}
+    assert counts == {"input": 10.0, "output": 4.0}, stage
+    assert all('guardrail_set="pii"' in line for line in stage), stage
+    outcomes = {
+        line.split('outcome="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("llm_latency_lens_guardrail_requests_total{")
+    }
+    assert outcomes == {"passed": 4.0, "blocked": 6.0}, outcomes
