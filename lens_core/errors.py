@@ -38,8 +38,11 @@ class ConfigError(UsageError):
             message = f"{source}: expected {allowed}{detail}"
         elif value is None:
             where = "" if source == "default" else f" ({source})"
-            env = "LENS_" + key.replace(".", "_").upper()
-            message = f"{key} is not set{where}: expected {allowed}; set it in the config file or {env}"
+            if "[" in key:  # a key of a [[table]] entry: the file is the only place it can be set
+                message = f"{key} is not set{where}: expected {allowed}; set it in the config file"
+            else:
+                env = "LENS_" + key.replace(".", "_").upper()
+                message = f"{key} is not set{where}: expected {allowed}; set it in the config file or {env}"
         else:
             message = f"{source}: {key} = {_shown(value)} is not allowed: expected {allowed}"
         super().__init__(message)

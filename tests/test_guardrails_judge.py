@@ -336,3 +336,56 @@ def test_a_judge_check_without_a_model_is_refused_at_config_load(tmp_path: Path)
     path.write_text('[[guardrails]]\nname = "j"\n[[guardrails.checks]]\nkind = "judge"\n')
     with pytest.raises(ConfigError, match="model set"):
         pipeline.set_from_config(load_config(path, environ={}), "j")
+
+
+def test_a_judge_past_its_time_limit_is_stopped_and_free_for_the_next_request(
+    tiny_engine: LlamaEngine, tiny_model: Path, tmp_path: Path
+) -> None:
+    from agent.config import load_config
+    from agent.guardrails import pipeline
+    from agent.measurement import Measurement
+    from agent.strategies import LocalStrategy
+
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"""
+[[guardrails]]
+name = "slow"
+time_limit = "10ms"
+on_error = "pass"
+
+[[guardrails.checks]]
+kind = "judge"
+model = "{tiny_model}"
+n_ctx = 8192
+max_input_tokens = 6000
+"""
+    )
+    guardrails = pipeline.GuardrailSet.build(
+        pipeline.set_from_config(load_config(path, environ={}), "slow"), BuildContext(n_threads=1)
+    )
+    errors = []
+    try:
+        strategy = pipeline.GuardedStrategy(LocalStrategy(tiny_engine, OPTIONS), guardrails)
+        for _ in range(3):
+            record = Measurement(run_id="r", device_id="d", model_name="tiny", model_sha256=None)
+            strategy.measure(record, "hi", 4, user_text="lorem ipsum dolor sit amet " * 220)
+            assert record.ok and record.ext["guardrails"]["outcome"] == "passed_with_errors"
+            errors.append(record.ext["guardrails"]["stages"]["threat"]["error"])
+    finally:
+        guardrails.close()
+    # each request's judgement outlived the limit and was stopped (llama.cpp's abort): the next request's judge
+    # runs (and is stopped) again rather than being refused as still busy with the one before
+    assert all("did not answer within the 0.01 s time limit" in e for e in errors), errors
+
+
+def test_a_judge_model_that_is_not_there_is_refused_when_the_config_is_read(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from lens_core.errors import ConfigError
+
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f'[[guardrails]]\nname = "j"\n[[guardrails.checks]]\nkind = "judge"\nmodel = "{tmp_path / "gone.gguf"}"\n'
+    )
+    with pytest.raises(ConfigError, match=r"guardrails\[0\]\.checks\[0\]\.model = .*gone.gguf.*an existing GGUF"):
+        load_config(path, environ={})

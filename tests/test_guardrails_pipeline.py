@@ -485,7 +485,7 @@ def test_unknown_workload_set_lists_the_allowed_names(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('"piii"', '"pii"'))
     config = load_config(path, environ={})
     assert config.workloads[0]["guardrails"] == "pii" and config.guardrails[0].checks[0].kind == "empty"
-    with pytest.raises(UsageError, match=r"'nope' is not defined.*pii, rules, empty"):
+    with pytest.raises(UsageError, match=r"'nope': no guardrail set of that name.*pii, rules, empty"):
         set_from_config(config, "nope")
 
 
@@ -686,3 +686,35 @@ def test_the_pure_parts() -> None:
         None,
     ):
         assert validate_result(bad)[0] is None, bad
+
+
+def test_the_share_of_the_request_counts_the_requests_served_and_a_check_s_stages_are_those_it_ran() -> None:
+    from agent.bench.report import security_section
+    from agent.bench.runner import ModelRun
+
+    from .guardrail_records import guardrails
+
+    def record(ext: dict[str, Any], **fields: Any) -> Measurement:
+        m = Measurement(run_id="r", device_id="d", model_name="m", model_sha256=None, **fields)
+        m.ext["guardrails"] = ext
+        return m
+
+    served = guardrails(threat_ms=None)  # input and output ran: 0.6 ms of an 800 ms request
+    blocked = guardrails(threat_ms=None, output_ms=None, inference_ms=None, outcome="blocked", blocked_at="input")
+    failed = guardrails(threat_ms=None, output_ms=None, inference_ms=None, outcome="error", error_stage="input")
+    run = ModelRun(
+        engine=None,
+        measurements=[
+            record(served),
+            record(blocked, kind="blocked"),
+            record(failed, ok=False, error_type="guardrail_error"),
+        ],
+    )
+    section = security_section(run)
+    assert section is not None
+    impact = section["security_impact_percent_distribution"]
+    # the blocked and the failed request are all guardrail (≈ 100 %): only the served one's share counts
+    assert impact["n"] == 1 and impact["max"] < 1.0, impact
+    assert section["outcomes"] == {"passed": 1, "blocked": 1, "error": 1, "passed_with_errors": 0}
+    ((check),) = section["checks"]
+    assert check["name"] == "rules" and check["stages"] == ["input", "output"]

@@ -986,9 +986,13 @@ def security_section(run: ModelRun) -> dict[str, Any] | None:
         for v in g["violations"]:
             violations[(v["type"], v["severity"], v["blocked"], v["stage"])] += 1
     overhead = [g["overhead_ms"] for _, g in records]
-    # the share of the request safety takes, over the requests it let through: a blocked request is all guardrail
-    # (≈ 100 %) and would drown the figure; its stage times count above
-    impact = [g["impact_percent"] for _, g in records if g["impact_percent"] is not None and g["outcome"] != "blocked"]
+    # the share of the request safety takes, over the requests served: a blocked request is all guardrail (≈ 100 %)
+    # and would drown the figure, as would a request a failed stage kept from being served; their stage times count
+    impact = [
+        g["impact_percent"]
+        for _, g in records
+        if g["impact_percent"] is not None and g["outcome"] in ("passed", "passed_with_errors")
+    ]
     distributions: dict[str, Any] = {_SCHEMA_STAGE[s]: _spread(stage_ms[s]) for s in _SCHEMA_STAGE}
     distributions["total_overhead"] = _spread(overhead)
     distributions["remainder"] = _spread([g["remainder_ms"] for _, g in records])
@@ -1008,7 +1012,8 @@ def security_section(run: ModelRun) -> dict[str, Any] | None:
     checks = []
     for name in names:
         spec = next((c for c in configured if c.name == name), None)
-        stages = spec.stages if spec is not None else check_stages.get(name, set())
+        # the stages it ran at (a plugin may run fewer than configured), else those configured
+        stages = check_stages.get(name) or (spec.stages if spec is not None else set())
         spread = _spread(check_ms.get(name, []))
         checks.append(
             {

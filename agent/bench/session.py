@@ -91,7 +91,9 @@ def _open_for_writing(path: Path, what: str) -> IO[str]:
 def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _: None) -> BenchSession:
     config = request.config
     # a set name that is not there fails before anything is loaded
-    guardrail_set = set_from_config(config, request.guardrails) if request.guardrails is not None else None
+    guardrail_set = (
+        set_from_config(config, request.guardrails, asked_by="--guardrails") if request.guardrails is not None else None
+    )
     bench_cfg = config.values["bench"]
     options = BenchOptions(
         runs=bench_cfg["runs"],

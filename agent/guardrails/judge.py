@@ -83,12 +83,21 @@ def _required_model() -> Path:
     raise Invalid("a GGUF file llama.cpp loads as a causal language model, e.g. Llama Guard 3 1B")
 
 
+def _model_file(value: object) -> Path:
+    """The judge's model, checked when the configuration is read (a service must not start to fail at its first
+    guarded run)."""
+    path = path_value(value)
+    if not path.is_file():
+        raise Invalid(f"an existing GGUF model file ({path} is {'a directory' if path.is_dir() else 'not there'})")
+    return path
+
+
 def _threads(value: object) -> int:
     return int_range(1, 512)(value)
 
 
 OPTIONS: dict[str, KeySpec] = {
-    "model": KeySpec(path_value, _required_model, "the judge's GGUF model file (required)"),
+    "model": KeySpec(_model_file, _required_model, "the judge's GGUF model file (required)"),
     "template": KeySpec(
         text, const("llama-guard"), "'llama-guard' (built in) or a template file with {role} and {text}"
     ),

@@ -9,6 +9,7 @@ what follows the blocking stage does not run. Everything lands in ``record.ext["
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import re
@@ -50,6 +51,7 @@ MAX_CHECKS = 16  # per stage (the record's bound)
 MAX_VIOLATIONS = 32
 MAX_ERROR = 300
 MAX_MS = 86_400_000.0
+ABORT_WAIT_S = 1.0  # how long a check that can abort (a judge) is given to stop after its time limit
 SET_KEYS = ("name", "block_at", "on_error", "time_limit", "output_mode", "stream_chunk", "checks")
 
 
@@ -168,15 +170,19 @@ def set_names(config: AgentConfig) -> list[str]:
     return own + [b for b in BUILTIN_SETS if b not in own]
 
 
-def set_from_config(config: AgentConfig, name: str) -> SetConfig:
-    """The ``[[guardrails]]`` set called ``name``, else the built-in one; a UsageError names the allowed names."""
+def set_from_config(config: AgentConfig, name: str, *, asked_by: str = "") -> SetConfig:
+    """The ``[[guardrails]]`` set called ``name``, else the built-in one; a UsageError names the allowed names (and
+    ``asked_by``, the flag or key that named it)."""
     for one in config.guardrails:
         if one.name == name:
             return one
     if name in BUILTIN_SETS:
         return builtin_set(name)
     where = f" in {config.path}" if config.path else ""
-    raise UsageError(f"guardrail set {name!r} is not defined{where}: expected one of " + ", ".join(set_names(config)))
+    raise UsageError(
+        f"{asked_by or 'guardrails'} {name!r}: no guardrail set of that name{where}; expected one of "
+        + ", ".join(set_names(config))
+    )
 
 
 # -- running checks ---------------------------------------------------------------------------------------------------
@@ -187,6 +193,8 @@ class _Worker:
     def __init__(self, label: str) -> None:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._busy = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
         self._thread = threading.Thread(target=self._loop, name=f"guardrail-{label}", daemon=True)
         self._thread.start()
 
@@ -203,6 +211,7 @@ class _Worker:
                 box["error"] = exc
             box["ns"] = time.perf_counter_ns() - start
             self._busy.clear()
+            self._idle.set()
             done.set()
 
     @property
@@ -214,8 +223,13 @@ class _Worker:
         box: dict[str, Any] = {}
         done = threading.Event()
         self._busy.set()
+        self._idle.clear()
         self._jobs.put((fn, arg, box, done))
         return box, done.wait(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the call in flight to return; whether it did."""
+        return self._idle.wait(timeout)
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -368,8 +382,13 @@ class GuardrailSet:
         start = time.perf_counter_ns()
         box, finished = check.worker.call(method, text, limit)
         if not finished:
-            answer.ms += (time.perf_counter_ns() - start) / 1e6
             answer.error = f"{label} did not answer within the {limit:g} s time limit"
+            abort = getattr(check.guardrail, "abort", None)
+            if callable(abort):  # a judge stops its evaluation (llama.cpp's abort) and its thread is free again
+                with contextlib.suppress(Exception):  # a check that cannot stop stays busy, and says so
+                    abort()
+                    check.worker.wait_idle(ABORT_WAIT_S)
+            answer.ms += (time.perf_counter_ns() - start) / 1e6  # the stage waited this long, stopping included
             return None
         answer.ms += box["ns"] / 1e6
         if "error" in box:

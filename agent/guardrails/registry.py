@@ -81,7 +81,9 @@ def check_config(source: str, where: str, raw: object) -> CheckConfig:
             continue
         if key not in options_spec:
             known = ", ".join([*COMMON_KEYS, *options_spec])
-            raise ConfigError(source, f"{where}.{key}", value, f"a key of a {kind} check: {known}")
+            raise ConfigError(
+                source, f"{where}.{key}", value, f"a key of {'an' if kind[0] in 'aeiou' else 'a'} {kind} check: {known}"
+            )
         try:
             options[key] = options_spec[key].parse(value)
         except Invalid as exc:
