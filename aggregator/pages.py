@@ -68,8 +68,9 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     (
         "guardrail_overhead_p50_ms",
         "guardrails p50 (ms)",
-        "median guardrail overhead (the guardrail stages together) and its median share of the request, over the "
-        "latest guarded requests served; blocked requests are counted apart (docs/fleet.md)",
+        "median guardrail overhead (the guardrail stages together) and, beneath, its median share of the request, "
+        "over the latest guarded requests served, of the device's costliest guardrail set; blocked requests are "
+        "counted apart (docs/fleet.md)",
     ),
     ("backlog", "backlog", "records waiting in its outbox, as its latest batch said"),
     ("dropped_total", "dropped", "records its outbox dropped, in total"),
@@ -299,10 +300,16 @@ function guardrails(d) {  // median guardrail overhead and share of the request;
     return td;
   }
   const impact = d.guardrail_impact_p50_percent;
-  const td = cell(fmt(d.guardrail_overhead_p50_ms, 1) + (impact === null || impact === undefined ? "" : " · " + impact.toFixed(1) + " %"), "guardrails");
+  const td = cell(fmt(d.guardrail_overhead_p50_ms, 1), "guardrails");
+  if (impact !== null && impact !== undefined) {  // the share on a line of its own: a narrow column keeps both
+    td.append(document.createElement("br"));
+    const share = document.createElement("small");
+    share.textContent = impact.toFixed(1) + " %";
+    td.append(share);
+  }
   td.title = "guardrail set " + (d.guardrail_sets || []).join(", ") + (d.guardrail_sets_more ? " (+" + d.guardrail_sets_more + " more)" : "") +
-    ": median overhead " + fmt(d.guardrail_overhead_p50_ms, 2) + " ms" + (impact === null || impact === undefined ? "" : ", " + impact.toFixed(2) + " % of the request") +
-    " over the latest " + d.guardrail_requests + " guarded requests served; " + (d.blocked || 0) + " blocked";
+    "; costliest " + d.guardrail_costliest_set + ": median overhead " + fmt(d.guardrail_overhead_p50_ms, 2) + " ms" + (impact === null || impact === undefined ? "" : ", " + impact.toFixed(2) + " % of the request") +
+    " over its latest " + d.guardrail_requests + " guarded requests served; " + (d.blocked || 0) + " blocked";
   return td;
 }
 function row(d, dense) {
