@@ -269,7 +269,25 @@ def check_record(record: dict[str, Any], now_us: int) -> dict[str, Any]:
             _check_ext_figures(ext)
             if record["kind"] == FACTS_KIND:
                 _check_facts(ext.get("device"))
+    if record["kind"] == BLOCKED_KIND:
+        _check_blocked(record)
     return record
+
+
+BLOCKED_KIND = "blocked"
+
+
+def _check_blocked(record: dict[str, Any]) -> None:
+    """A request a guardrail blocked is what the pipeline writes: ok, no error, and its ext.guardrails says blocked
+    (a record of kind blocked is kept out of every latency and error figure: it must be one)."""
+    ext = record.get("ext")
+    part = ext.get("guardrails") if type(ext) is dict else None
+    if type(part) is not dict or part.get("outcome") != "blocked":
+        raise SchemaError("ext.guardrails", 'must say outcome "blocked" in a record of kind blocked')
+    if record["ok"] is not True:
+        raise SchemaError("ok", "must be true in a record of kind blocked (a blocked request is not an error)")
+    if record.get("error_type") is not None:
+        raise SchemaError("error_type", "must be null in a record of kind blocked")
 
 
 # -- what a number or a name inside ext may be: one table, read by ingest and by every export ---------------------
@@ -610,6 +628,27 @@ def check_guardrails(part: Any) -> None:
     if part is None:
         return
     _check_guardrail_map(part, "ext.guardrails", _GUARDRAIL_TOP)
+    _check_guardrail_sums(part)
+
+
+_SLACK_MS = 1.0  # rounding between the parts of a guarded request and its total
+
+
+def _check_guardrail_sums(part: dict[str, Any]) -> None:
+    """The parts of a guarded request fit in it, and its outcome and block agree: a record whose figures contradict
+    each other would move its device's figures by what it claims, not by what ran."""
+    total = part.get("total_ms")
+    if total is not None:
+        for name in ("overhead_ms", "inference_ms"):
+            value = part.get(name)
+            if value is not None and value > total + _SLACK_MS:
+                raise SchemaError(f"ext.guardrails.{name}", f"is {value!r}, more than total_ms {total!r}")
+        for stage, entry in (part.get("stages") or {}).items():
+            ms = entry.get("ms") if type(entry) is dict else None
+            if ms is not None and ms > total + _SLACK_MS:
+                raise SchemaError(f"ext.guardrails.stages.{stage}.ms", f"is {ms!r}, more than total_ms {total!r}")
+    if (part.get("outcome") == "blocked") != (part.get("blocked_at") is not None):
+        raise SchemaError("ext.guardrails.blocked_at", 'must be a stage exactly when outcome is "blocked"')
 
 
 class GuardrailColumns(NamedTuple):
