@@ -124,11 +124,11 @@ def fleet_rows(
         # expensive one behind a median over both
         per_set: dict[str, tuple[list[float], list[float]]] = {}
         for r in served:
-            entry = per_set.setdefault(r[5], ([], []))
+            set_overheads, set_impacts = per_set.setdefault(r[5], ([], []))
             if _finite(r[6]):
-                entry[0].append(r[6])
+                set_overheads.append(r[6])
             if _finite(r[7]):
-                entry[1].append(r[7])
+                set_impacts.append(r[7])
         costliest = max(
             (s for s in per_set if per_set[s][0]),
             key=lambda s: (_quantile(sorted(per_set[s][0]), 50) or 0.0, s),
