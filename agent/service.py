@@ -787,7 +787,7 @@ class AgentService:
             strategy = build_strategy(strategy_name, self.engine, options, collab, config)
             if workload.get("guardrails"):  # built by the first run that needs it, then kept (docs/service.md)
                 threads = settings.n_threads if settings is not None else config.get("model", "n_threads")
-                guardrails = self._guardrail_set(config, workload["guardrails"], int(threads))
+                guardrails = self._guardrail_set(config, workload["guardrails"], int(threads), workload["name"])
             sampler.start()
             if monitor is not None:
                 monitor.start()
@@ -818,7 +818,7 @@ class AgentService:
         power = sources[0].name if sources else None
         return summarize(run.measured, workload["name"], power, guardrail_set=workload.get("guardrails") or None)
 
-    def _guardrail_set(self, config: AgentConfig, name: str, n_threads: int) -> GuardrailSet:
+    def _guardrail_set(self, config: AgentConfig, name: str, n_threads: int, workload: str) -> GuardrailSet:
         """On the engine thread: the guardrail set ``name``, built by the first run that needs it and kept for the
         next runs of every workload naming it (a judge's model is loaded once, a hung check's thread is not left
         behind at every run). Built again when the engine's thread count changed since (a tune's drop-in). A set that
@@ -830,6 +830,7 @@ class AgentService:
         if kept is not None:
             self._close_guardrail_set(name, f"the engine now runs {n_threads} threads")
         start = time.perf_counter()
+        self.state = f"measuring {workload}: building guardrail set {name}"  # what status shows while it loads
         try:
             built = GuardrailSet.build(set_from_config(config, name), BuildContext(n_threads=n_threads))
         except LensError:
@@ -837,6 +838,8 @@ class AgentService:
         except (Exception, SystemExit) as exc:  # a check's constructor failing in a way not named for us
             what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
             raise UsageError(f"guardrail set {name!r} cannot be built: {what}") from None
+        finally:
+            self.state = "stopping" if self.abort else f"measuring {workload}"
         self._guardrail_sets[name] = (n_threads, built)
         log.info("guardrail set %s built in %.0f ms; kept for the next runs", name, (time.perf_counter() - start) * 1e3)
         return built
