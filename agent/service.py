@@ -1285,7 +1285,7 @@ def summarize(
             )
         ),
         "blocked": len(blocked),
-        # docs/guardrails.md "In the service": the workload's guardrail set (null when unguarded) and how many of
+        # docs/service.md "Guarded workloads": the workload's guardrail set (null when unguarded) and how many of
         # the run's requests met a guardrail error (counted among "errors" too when it failed the request)
         "guardrail_set": guardrail_set,
         "guardrail_errors": len(guard_errors),

@@ -191,8 +191,8 @@ def _contended(run: dict[str, Any]) -> str:
 
 
 def _guarded(run: dict[str, Any]) -> str:
-    """``; guardrails pii: 3 blocked, 1 with guardrail errors`` for a guarded workload's run (docs/guardrails.md
-    "In the service"), else nothing."""
+    """``; guardrails pii: 3 blocked, 1 with guardrail errors`` for a guarded workload's run (docs/service.md
+    "Guarded workloads"), else nothing."""
     name = run.get("guardrail_set")
     if not isinstance(name, str) or not name:
         return ""
