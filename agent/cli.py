@@ -861,14 +861,18 @@ def _run_line(name: str, run: dict[str, Any] | None) -> tuple[str, bool]:
 
     figures += _contended(run)  # docs/interference.md: ", 2 of 2 contended (cpu ×2)"
     blocked = int(run.get("blocked") or 0)
-    if blocked:  # by the workload's guardrails (docs/guardrails.md): served neither as a success nor an error
+    served = requests - errors - blocked
+    if blocked and served:  # by the workload's guardrails (docs/guardrails.md): neither a success nor an error
         figures += f", {blocked} blocked by guardrails"
     if errors:
         from .bench.report import errors_line
 
         figures += f"; errors: {errors_line(run.get('errors_by_type') or {'unknown': errors})}"
     verdict = "ok" if ok else "FAILED"
-    return f"{name}: {verdict}: {requests - errors - blocked}/{_count(requests, 'request')} ok{figures}", ok
+    if blocked and not served:  # "0/3 requests ok" would read as a failure: the guardrails did their work
+        counts = f"{_count(requests, 'request')}: {blocked} blocked by guardrails, 0 served"
+        return f"{name}: {verdict}: {counts}{figures}", ok
+    return f"{name}: {verdict}: {served}/{_count(requests, 'request')} ok{figures}", ok
 
 
 cli.add_command(outbox_group)

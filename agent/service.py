@@ -9,6 +9,11 @@ run it reads the device's facts (power mode, clocks, temperatures, throttling: `
 STOPPING). SIGTERM: no new work, the request in flight finishes and is stored, a last sync is attempted, exit 0 —
 nothing stored is lost. SIGHUP reloads the configuration.
 
+A guarded workload's guardrail set (``agent.guardrails``) is built by the first run that needs it, on the engine
+thread, and kept: the workloads naming the same set share it, and a judge's model is loaded once, not at every run.
+The sets are closed when the service stops and when the configuration is reloaded (the next run builds them afresh);
+a set that failed to build is that run's error and is built again at the next run.
+
 Its state goes to ``<data_dir>/service.json`` (written atomically every heartbeat), which ``lens-agent status``
 reads whether the service runs or not. Every record it stores carries the kernel's clock state (``ext["clock"]``,
 ``agent.clock``).
@@ -63,9 +68,11 @@ from .collab.context import CollabContext
 from .config import AgentConfig, load_config, set_aside_drop_in
 from .engines.llama import EngineSettings, LlamaEngine
 from .engines.modelfile import resolve_model_path
-from .errors import LensError
+from .errors import LensError, UsageError
 from .facts import device_facts, facts_changed, facts_record
 from .gates import gate, read_state
+from .guardrails.base import BuildContext
+from .guardrails.pipeline import GuardrailSet, set_from_config
 from .measurement import Measurement, utc_now_iso
 from .outbox import AsyncOutbox, open_outbox
 from .probes.device import gpu_load_percent
@@ -140,6 +147,9 @@ class AgentService:
         # that cannot be read or written never lifts the rate limit
         self._advice: dict[str, Any] = {"tried": [], "tried_values": [], "last_mono": None}
         self._last_measured: list[Measurement] = []
+        # guardrail sets built by a run and kept for the next ones, by set name, with the thread count they were
+        # built for: touched on the engine thread only (built there, closed there at a reload and at the stop)
+        self._guardrail_sets: dict[str, tuple[int, GuardrailSet]] = {}
         self._measuring = asyncio.Lock()
         # benchmark campaigns (agent.campaigns): jobs announced by acks and not fetched yet (≤ 8), jobs the
         # aggregator cancelled, jobs this process has started (an attempt each), the campaign pass in flight
@@ -208,8 +218,10 @@ class AgentService:
             await self._uploader.close()
         if self.outbox is not None:
             await self.outbox.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._engine_thread, self._close_guardrail_sets, "the service stops")
         if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(self._engine_thread, self.engine.close)
+            await loop.run_in_executor(self._engine_thread, self.engine.close)
         self._engine_thread.shutdown(wait=True)
         self.state = "stopped"
         self._write_state()
@@ -228,6 +240,10 @@ class AgentService:
         old = self.config
         config = self._set_aside(config)
         self.config, self.suites = config, suites
+        # the kept guardrail sets go, in turn on the engine thread (after a run in flight, before any run of the new
+        # configuration): the next run of a guarded workload builds its set from the configuration just read
+        with contextlib.suppress(RuntimeError):  # … unless the service has stopped meanwhile (it closed them)
+            self._engine_thread.submit(self._close_guardrail_sets, "the configuration was reloaded")
         await self._store_set_aside()
         self._drop_in_text = self._adjuster.drop_in_text()
         if old.values["model"] != config.values["model"]:
@@ -769,14 +785,9 @@ class AgentService:
         guardrails = None
         try:
             strategy = build_strategy(strategy_name, self.engine, options, collab, config)
-            if workload.get("guardrails"):  # built for this run and closed after it (a judge's model is freed)
-                from .guardrails.base import BuildContext
-                from .guardrails.pipeline import GuardrailSet, set_from_config
-
+            if workload.get("guardrails"):  # built by the first run that needs it, then kept (docs/service.md)
                 threads = settings.n_threads if settings is not None else config.get("model", "n_threads")
-                guardrails = GuardrailSet.build(
-                    set_from_config(config, workload["guardrails"]), BuildContext(n_threads=threads)
-                )
+                guardrails = self._guardrail_set(config, workload["guardrails"], int(threads), workload["name"])
             sampler.start()
             if monitor is not None:
                 monitor.start()
@@ -797,8 +808,6 @@ class AgentService:
             )
             self._last_measured = run.measured
         finally:
-            if guardrails is not None:
-                guardrails.close()
             sampler.stop()
             if monitor is not None:
                 monitor.stop()
@@ -806,7 +815,48 @@ class AgentService:
                 source.close()
             if collab is not None:
                 collab.close()
-        return summarize(run.measured, workload["name"], sources[0].name if sources else None)
+        power = sources[0].name if sources else None
+        return summarize(run.measured, workload["name"], power, guardrail_set=workload.get("guardrails") or None)
+
+    def _guardrail_set(self, config: AgentConfig, name: str, n_threads: int, workload: str) -> GuardrailSet:
+        """On the engine thread: the guardrail set ``name``, built by the first run that needs it and kept for the
+        next runs of every workload naming it (a judge's model is loaded once, a hung check's thread is not left
+        behind at every run). Built again when the engine's thread count changed since (a tune's drop-in). A set that
+        cannot be built raises a UsageError with its one-line reason — that run's error — and is not kept: the next
+        run tries again."""
+        kept = self._guardrail_sets.get(name)
+        if kept is not None and kept[0] == n_threads:
+            return kept[1]
+        if kept is not None:
+            self._close_guardrail_set(name, f"the engine now runs {n_threads} threads")
+        start = time.perf_counter()
+        self.state = f"measuring {workload}: building guardrail set {name}"  # what status shows while it loads
+        try:
+            built = GuardrailSet.build(set_from_config(config, name), BuildContext(n_threads=n_threads))
+        except LensError:
+            raise
+        except (Exception, SystemExit) as exc:  # a check's constructor failing in a way not named for us
+            what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            raise UsageError(f"guardrail set {name!r} cannot be built: {what}") from None
+        finally:
+            self.state = "stopping" if self.abort else f"measuring {workload}"
+        self._guardrail_sets[name] = (n_threads, built)
+        log.info("guardrail set %s built in %.0f ms; kept for the next runs", name, (time.perf_counter() - start) * 1e3)
+        return built
+
+    def _close_guardrail_set(self, name: str, why: str) -> None:
+        """On the engine thread: close one kept set (each check within the set's time limit; never raises)."""
+        _, kept = self._guardrail_sets.pop(name)
+        try:
+            kept.close()
+        except Exception as exc:  # a close that fails leaves nothing to do but say so
+            log.warning("guardrail set %s did not close cleanly: %s: %s", name, type(exc).__name__, exc)
+        log.info("guardrail set %s closed: %s", name, why)
+
+    def _close_guardrail_sets(self, why: str) -> None:
+        """On the engine thread: close every kept set (a reload, the stop)."""
+        for name in list(self._guardrail_sets):
+            self._close_guardrail_set(name, why)
 
     def _measure_suite(self, workload: dict[str, Any]) -> dict[str, Any]:
         """On the engine thread: a suite workload, its every model × workload × level (docs/suites.md)."""
@@ -1189,9 +1239,18 @@ def stored_form(record: Measurement) -> dict[str, Any]:
     return stamp(record.to_dict())
 
 
-def summarize(measured: list[Measurement], name: str, power_source: str | None) -> dict[str, Any]:
-    """What status shows about a run: TTFT p50/p95, tok/s, J/token where known, errors."""
+def summarize(
+    measured: list[Measurement], name: str, power_source: str | None, *, guardrail_set: str | None = None
+) -> dict[str, Any]:
+    """What status shows about a run: TTFT p50/p95, tok/s, J/token where known, errors; for a guarded workload
+    (``guardrail_set``) the requests its guardrails blocked and those that met a guardrail error."""
     blocked = [m for m in measured if m.kind == "blocked"]  # by a guardrail: neither served nor an error
+    guard_errors = [  # a stage's error: the request failed (on_error = "error") or went on (on_error = "pass")
+        m
+        for m in measured
+        if isinstance(m.ext.get("guardrails"), dict)
+        and m.ext["guardrails"].get("outcome") in ("error", "passed_with_errors")
+    ]
     ok = [m for m in measured if m.ok and m.ttft_ms is not None and m.kind != "blocked"]
     ttfts = sorted(m.ttft_ms for m in ok if m.ttft_ms is not None)
     joules = [
@@ -1226,6 +1285,10 @@ def summarize(measured: list[Measurement], name: str, power_source: str | None) 
             )
         ),
         "blocked": len(blocked),
+        # docs/service.md "Guarded workloads": the workload's guardrail set (null when unguarded) and how many of
+        # the run's requests met a guardrail error (counted among "errors" too when it failed the request)
+        "guardrail_set": guardrail_set,
+        "guardrail_errors": len(guard_errors),
         "ttft_p50_ms": pct(ttfts, 50),
         "ttft_p95_ms": pct(ttfts, 95),
         "tokens_per_second": statistics.fmean(rates) if rates else None,

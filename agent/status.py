@@ -190,6 +190,18 @@ def _contended(run: dict[str, Any]) -> str:
     return f", {count} of {run.get('requests')} contended" + (f" ({why})" if why else "")
 
 
+def _guarded(run: dict[str, Any]) -> str:
+    """``; guardrails pii: 3 blocked, 1 with guardrail errors`` for a guarded workload's run (docs/service.md
+    "Guarded workloads"), else nothing."""
+    name = run.get("guardrail_set")
+    if not isinstance(name, str) or not name:
+        return ""
+    blocked, errors = run.get("blocked"), run.get("guardrail_errors")
+    blocked = blocked if isinstance(blocked, int) else 0
+    errors = errors if isinstance(errors, int) else 0
+    return f"; guardrails {name}: {blocked} blocked, {errors} with guardrail errors"
+
+
 def plural(n: int, noun: str, many: str | None = None) -> str:
     """``1 record``, ``2 records`` (``many`` for irregular plurals: batch → batches)."""
     return f"{n} {noun if n == 1 else (many or noun + 's')}"
@@ -339,7 +351,7 @@ def render(doc: dict[str, Any]) -> str:
                     f"  last run  {name} at {run['at']}: TTFT p50 {_num(run.get('ttft_p50_ms'))} ms, "
                     f"p95 {_num(run.get('ttft_p95_ms'))} ms, {_num(run.get('tokens_per_second'))} tok/s, "
                     f"{_num(joules, 4) + ' J/token' if joules is not None else 'J/token unknown'}, "
-                    f"{plural(int(run.get('errors') or 0), 'error')}" + _contended(run)
+                    f"{plural(int(run.get('errors') or 0), 'error')}" + _contended(run) + _guarded(run)
                 )
         for name, at in (svc.get("next_runs") or {}).items():
             lines.append(f"  next run  {name} at {at}")
