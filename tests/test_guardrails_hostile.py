@@ -114,6 +114,8 @@ class Evil:
             return CheckResult(risk_score=0.1, server_ms=BadFloat(1.0))
         if self.answer == "leak":
             raise RuntimeError("boom with the prompt: " + text)
+        if self.answer == "describe":
+            return CheckResult([Violation("my_" + text.split()[3], "high", "found card " + text)], risk_score=0.9)
         if self.answer == "exit":
             raise SystemExit(3)
         raise ValueError(self.answer)
@@ -270,6 +272,17 @@ def test_a_plugin_exception_message_does_not_reach_the_record(
     assert CARD not in json.dumps(record.ext) and CARD not in record.error_message
     assert "boom" not in record.error_message
     assert g["stages"]["input"]["checks"][0]["error"] == "plugin check 'hostile' failed: RuntimeError"
+
+
+def test_a_long_number_in_a_check_s_own_words_is_masked(
+    tmp_path: Path, hostile: Path, tiny_engine: LlamaEngine
+) -> None:
+    config = guard_set(tmp_path, one_check("evil", '{ answer = "describe" }'))
+    record = run(tiny_engine, [PROMPT], config).measured[0]
+    (violation,) = record.ext["guardrails"]["violations"]
+    assert violation["type"] == "other"
+    assert violation["description"] == "my_[number]: found card boom: my card [number] please"
+    assert CARD not in json.dumps(record.ext)
 
 
 # -- 2. building a check: bounded in time, and whatever its constructor does is one line ----------------------------

@@ -356,6 +356,15 @@ def _unit(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= 1  # type: ignore[arg-type,operator]
 
 
+_LONG_NUMBER = re.compile(r"\d(?:[ .\-]?\d){7,}")  # 8 digits or more, maybe grouped: a card, an account, a phone
+
+
+def _masked(text: str) -> str:
+    """A check's own words with every long number masked: a description must not carry the secret it found (a
+    plugin's may quote it: "card 4111 1111 1111 1111"); "ending 4242" stays."""
+    return _LONG_NUMBER.sub("[number]", text)
+
+
 def validate_result(result: object) -> tuple[CheckResult | None, str | None]:
     """A check's answer made safe for the record, or why it is not an answer. Every field must be of its exact type
     (a subclass of str, float or list could raise or lie in its comparisons); an answer with more than
@@ -386,9 +395,9 @@ def validate_result(result: object) -> tuple[CheckResult | None, str | None]:
             return None, "answered a violation whose severity is not one of " + ", ".join(SEVERITIES)
         if type(vtype) is not str or type(description) is not str:
             return None, "answered a violation whose type or description is not a string"
-        description = clean_text(description, MAX_DESCRIPTION)
+        description = _masked(clean_text(description, MAX_DESCRIPTION))
         if vtype not in VIOLATION_TYPES:
-            description = clean_text(f"{clean_text(vtype, 64)}: {description}", MAX_DESCRIPTION)
+            description = clean_text(f"{_masked(clean_text(vtype, 64))}: {description}", MAX_DESCRIPTION)
             vtype = "other"
         violations.append(Violation(vtype, severity, description))
     details = fields.get("details")
