@@ -267,6 +267,7 @@ class _Worker:
         """Run ``fn(arg)`` on the thread; ``(box, finished)`` — box holds value or error and the ns it took."""
         box: dict[str, Any] = {}
         done = threading.Event()
+        self.timed_out = False
         self._busy.set()
         self._idle.clear()
         self._jobs.put((fn, arg, box, done))
