@@ -37,6 +37,7 @@ OUTPUT_MODES = ("final", "stream")
 OTHER = "other"
 MAX_CHECKS = 16  # per stage
 MAX_VIOLATIONS = 32
+MAX_STRAY_CHECKS = 16  # stray_checks: checks still running a call past its time limit beside the inference
 MAX_MS = 86_400_000.0  # one day
 MAX_TEXT_CHARS = 300  # a violation's description, a stage's or check's error
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -92,6 +93,7 @@ class GuardrailView:
     risk_level: str | None
     stages: tuple[StageView, ...]  # in STAGES order, only those that ran
     violations: tuple[ViolationView, ...]
+    stray_checks: int = 0  # checks still running past their time limit beside the inference (0–16)
 
     def stage(self, name: str) -> StageView | None:
         return next((s for s in self.stages if s.stage == name), None)
@@ -207,4 +209,9 @@ def guardrail_view(record: Mapping[str, Any]) -> GuardrailView | None:
         risk_level=level if level in RISK_LEVELS else None,
         stages=stages,
         violations=_violations(guard.get("violations")),
+        stray_checks=_stray(guard.get("stray_checks")),
     )
+
+
+def _stray(value: Any) -> int:
+    return value if type(value) is int and 0 <= value <= MAX_STRAY_CHECKS else 0

@@ -486,6 +486,7 @@ _GUARDRAIL_TOP: _GuardrailSpec = {
     "risk_level": ("vocab", GUARDRAIL_SEVERITIES, False),
     "stages": ("stages",),
     "violations": ("violations",),
+    "stray_checks": ("count", (0, guardrail_view.MAX_STRAY_CHECKS)),
 }
 _GUARDRAIL_STAGE: _GuardrailSpec = {
     "start_ms": ("number", _MS),

@@ -213,7 +213,8 @@ def test_a_check_that_raises_is_an_error_of_its_stage(tmp_path: Path, plugin: Pa
     g = failed.ext["guardrails"]
     assert (failed.ok, failed.kind, failed.error_type) == (False, "inference", "guardrail_error")
     assert "input" in failed.error_message and "'broken'" in failed.error_message
-    assert "the guard's model file is corrupt" in failed.error_message
+    # a plugin's own message may quote the user's text: its exception's type is recorded, not its message
+    assert "failed: RuntimeError" in failed.error_message and "corrupt" not in failed.error_message
     assert (g["outcome"], list(g["stages"]), g["inference_ms"]) == ("error", ["input"], None)
     checks = {c["name"]: c for c in g["stages"]["input"]["checks"]}
     assert checks["empty"]["error"] is None and "RuntimeError" in checks["broken"]["error"]
@@ -261,7 +262,7 @@ options = { seconds = 60 }
     ("answer", "said"),
     [
         ("risk", "risk_score 7"),
-        ("severity", "severity 3"),
+        ("severity", "severity is not one of"),
         ("nan", "risk_score nan"),
         ("text", "answered str, not a CheckResult"),
     ],

@@ -1044,6 +1044,11 @@ def security_section(run: ModelRun) -> dict[str, Any] | None:
             "outcomes": {o: outcomes[o] for o in ("passed", "blocked", "error", "passed_with_errors")},
             "blocked_by_stage": {s: blocked_by[s] for s in _SCHEMA_STAGE},
             "checks": checks,
+            # requests whose inference ran beside a check still running past its time limit: their inference
+            # figures include that check's work
+            "requests_beside_stray_checks": sum(
+                type(g.get("stray_checks")) is int and g["stray_checks"] > 0 for _, g in records
+            ),
         }
     )
     return section
@@ -1067,4 +1072,11 @@ def guardrail_line(security: dict[str, Any]) -> str:
     blocked = f"blocked {outcomes['blocked']} of {total}" + (f" ({by_stage})" if by_stage else "")
     errors = outcomes["error"] + outcomes["passed_with_errors"]
     failed = f"; guardrail errors {errors}" if errors else ""
-    return f"guardrails {security['guardrail_set']}: {stages} ms p50, {share}; {blocked}{failed}"
+    line = f"guardrails {security['guardrail_set']}: {stages} ms p50, {share}; {blocked}{failed}"
+    stray = security.get("requests_beside_stray_checks") or 0
+    if stray:
+        line += (
+            f"; {stray} request{'s' if stray != 1 else ''} ran beside a check still running past its time limit: "
+            "their inference figures include its work"
+        )
+    return line

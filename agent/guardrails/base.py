@@ -43,11 +43,15 @@ def severity_rank(severity: str) -> int:
 
 
 def clean_text(value: str, limit: int) -> str:
-    """``value`` without control or format (Cf) characters, cut to ``limit`` characters (an ellipsis says so)."""
+    """``value`` without control or format (Cf) characters, cut to ``limit`` characters (an ellipsis says so). Only
+    the head of a long value is read: the cost is bounded by ``limit``, not by the value."""
+    head = str.__getitem__(value, slice(0, 4 * limit + 1))  # str's own slicing, whatever a subclass defines
     kept = "".join(
-        (" " if ch in "\t\n\r" else "") if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in value
+        (" " if ch in "\t\n\r" else "") if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in head
     )
-    return kept if len(kept) <= limit else kept[: limit - 1] + "…"
+    if len(kept) <= limit and str.__len__(value) == str.__len__(head):
+        return kept
+    return kept[: limit - 1] + "…"
 
 
 def finite_unit(value: object) -> bool:

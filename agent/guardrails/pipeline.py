@@ -15,6 +15,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from lens_core.errors import ConfigError, UsageError
 
 from ..measurement import Measurement, utc_now_iso
 from .base import (
+    MAX_DESCRIPTION,
     NAME_PATTERN,
     SEVERITIES,
     STAGE_METHODS,
@@ -36,7 +38,6 @@ from .base import (
     GuardrailError,
     Violation,
     clean_text,
-    finite_unit,
     risk_level,
     severity_rank,
 )
@@ -48,11 +49,23 @@ if TYPE_CHECKING:
 
 BUILTIN_SETS = ("rules", "empty")
 MAX_CHECKS = 16  # per stage (the record's bound)
-MAX_VIOLATIONS = 32
+MAX_VIOLATIONS = 32  # kept per check and stage, and per record
+MAX_ANSWER_VIOLATIONS = 64  # a check's one answer with more is not an answer (an error of its stage)
+MAX_STRAY = 16  # the record's bound on stray_checks
 MAX_ERROR = 300
 MAX_MS = 86_400_000.0
 ABORT_WAIT_S = 1.0  # how long a check that can abort (a judge) is given to stop after its time limit
-SET_KEYS = ("name", "block_at", "on_error", "time_limit", "output_mode", "stream_chunk", "checks")
+BUILD_TIME_LIMIT_S = 120.0  # the default time a set's check may take to be built (a judge loads its model)
+SET_KEYS = (
+    "name",
+    "block_at",
+    "on_error",
+    "time_limit",
+    "build_time_limit",
+    "output_mode",
+    "stream_chunk",
+    "checks",
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class SetConfig:
     output_mode: str
     stream_chunk: int
     checks: tuple[CheckConfig, ...]
+    build_time_limit_s: float = BUILD_TIME_LIMIT_S  # per check built
 
 
 def builtin_set(name: str) -> SetConfig:
@@ -119,7 +133,8 @@ def parse_sets(source: str, raw: object) -> tuple[SetConfig, ...]:
 
         block_at = value("block_at", _choice(SEVERITIES), "high")
         on_error = value("on_error", _choice(("error", "pass")), "error")
-        time_limit = value("time_limit", parse_duration, 10.0)
+        time_limit = value("time_limit", _duration, 10.0)
+        build_time_limit = value("build_time_limit", _duration, BUILD_TIME_LIMIT_S)
         output_mode = value("output_mode", _choice(("final", "stream")), "final")
         stream_chunk = value("stream_chunk", int_range(1, 1_000_000), 64)
         raw_checks = item.get("checks")
@@ -146,6 +161,7 @@ def parse_sets(source: str, raw: object) -> tuple[SetConfig, ...]:
                 output_mode=output_mode,
                 stream_chunk=stream_chunk,
                 checks=checks,
+                build_time_limit_s=build_time_limit,
             )
         )
     names = [s.name for s in sets]
@@ -153,6 +169,14 @@ def parse_sets(source: str, raw: object) -> tuple[SetConfig, ...]:
         if names.index(one.name) != n:
             raise ConfigError(source, f"guardrails[{n}].name", one.name, "distinct set names")
     return tuple(sets)
+
+
+def _duration(value: object) -> float:
+    """A set's time limit: a duration of at most a day."""
+    seconds = parse_duration(value)
+    if not seconds <= 86_400:
+        raise Invalid("a duration such as 500ms, 60s, 5m, 2h (or a plain number of seconds), from 0 to 24h")
+    return seconds
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[object], str]:
@@ -186,17 +210,32 @@ def set_from_config(config: AgentConfig, name: str, *, asked_by: str = "") -> Se
 
 
 # -- running checks ---------------------------------------------------------------------------------------------------
+_WORKERS: weakref.WeakSet[_Worker] = weakref.WeakSet()  # every check's worker in this process, closed sets' too
+_WORKERS_LOCK = threading.Lock()
+
+
+def stray_workers() -> int:
+    """How many checks' threads in this process are still running a call that outlived its time limit: this set's,
+    or left behind by a set closed before (Python cannot stop a thread; its work shares the CPU with what runs)."""
+    with _WORKERS_LOCK:
+        workers = list(_WORKERS)
+    return sum(w.stray for w in workers)
+
+
 class _Worker:
     """One check's own daemon thread. A call that outlives the time limit keeps the thread; until it returns, the
     next call is refused at once."""
 
     def __init__(self, label: str) -> None:
+        self.timed_out = False  # the call in flight outlived its time limit (it is a stray until it returns)
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._busy = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._loop, name=f"guardrail-{label}", daemon=True)
         self._thread.start()
+        with _WORKERS_LOCK:
+            _WORKERS.add(self)
 
     def _loop(self) -> None:
         while True:
@@ -210,6 +249,7 @@ class _Worker:
             except BaseException as exc:  # a check's own failure: reported as its stage's error
                 box["error"] = exc
             box["ns"] = time.perf_counter_ns() - start
+            self.timed_out = False
             self._busy.clear()
             self._idle.set()
             done.set()
@@ -218,10 +258,16 @@ class _Worker:
     def busy(self) -> bool:
         return self._busy.is_set()
 
+    @property
+    def stray(self) -> bool:
+        """Still running a call that outlived its time limit."""
+        return self.timed_out and self._busy.is_set() and self._thread.is_alive()
+
     def call(self, fn: Callable[[Any], Any], arg: Any, timeout: float) -> tuple[dict[str, Any], bool]:
         """Run ``fn(arg)`` on the thread; ``(box, finished)`` — box holds value or error and the ns it took."""
         box: dict[str, Any] = {}
         done = threading.Event()
+        self.timed_out = False
         self._busy.set()
         self._idle.clear()
         self._jobs.put((fn, arg, box, done))
@@ -232,7 +278,12 @@ class _Worker:
         return self._idle.wait(timeout)
 
     def stop(self) -> None:
+        """The thread ends once its call in flight (if any) returns."""
         self._jobs.put(None)
+
+    def join(self, timeout: float) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 @dataclass
@@ -259,7 +310,20 @@ class _Answer:
     network_ms: float | None = None
     risk_score: float = 0.0  # the highest it answered (0 when it failed: its error says so)
     error: str | None = None
-    violations: list[Violation] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)  # distinct, at most MAX_VIOLATIONS
+    seen: set[Violation] = field(default_factory=set)
+
+    def add(self, result: CheckResult) -> None:
+        """A checked answer (every field of its exact type): its risk, times and distinct violations."""
+        self.risk_score = max(self.risk_score, result.risk_score)
+        if result.server_ms is not None:
+            self.server_ms = (self.server_ms or 0.0) + result.server_ms
+        if result.network_ms is not None:
+            self.network_ms = (self.network_ms or 0.0) + result.network_ms
+        for v in result.violations:
+            if len(self.violations) < MAX_VIOLATIONS and v not in self.seen:
+                self.seen.add(v)
+                self.violations.append(v)
 
     def entry(self) -> dict[str, Any]:
         return {
@@ -273,6 +337,11 @@ class _Answer:
         }
 
 
+def _quietly(fn: Callable[[], Any]) -> None:
+    with contextlib.suppress(BaseException):  # a check's close that fails: nothing left to do with it
+        fn()
+
+
 def _ms(value: float) -> float:
     return min(max(value, 0.0), MAX_MS)
 
@@ -280,45 +349,110 @@ def _ms(value: float) -> float:
 def _valid_ms(value: object) -> bool:
     if value is None:
         return True
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return number and math.isfinite(value) and 0 <= value <= MAX_MS  # type: ignore[arg-type,operator]
+    return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= MAX_MS  # type: ignore[arg-type,operator]
+
+
+def _unit(value: object) -> bool:
+    """An exact int or float (no subclass whose comparisons could do anything), finite, in [0, 1]."""
+    return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= 1  # type: ignore[arg-type,operator]
+
+
+_LONG_NUMBER = re.compile(r"\d(?:[ .\-]?\d){7,}")  # 8 digits or more, maybe grouped: a card, an account, a phone
+
+
+def _masked(text: str) -> str:
+    """A check's own words with every long number masked: a description must not carry the secret it found (a
+    plugin's may quote it: "card 4111 1111 1111 1111"); "ending 4242" stays."""
+    return _LONG_NUMBER.sub("[number]", text)
 
 
 def validate_result(result: object) -> tuple[CheckResult | None, str | None]:
-    """A check's answer made safe for the record, or why it is not an answer. A violation type outside the
-    vocabulary becomes ``other`` with its own name kept in the description."""
-    if not isinstance(result, CheckResult):
+    """A check's answer made safe for the record, or why it is not an answer. Every field must be of its exact type
+    (a subclass of str, float or list could raise or lie in its comparisons); an answer with more than
+    :data:`MAX_ANSWER_VIOLATIONS` violations is not an answer. A violation type outside the vocabulary becomes
+    ``other`` with its own name kept in the description. What is wrong is said by type and length, never by the value
+    (which may quote the user's text)."""
+    if type(result) is not CheckResult:
         return None, f"answered {type(result).__name__}, not a CheckResult"
-    if not finite_unit(result.risk_score):
-        return None, f"answered risk_score {result.risk_score!r:.40}, not a number in [0, 1]"
-    if not _valid_ms(result.server_ms) or not _valid_ms(result.network_ms):
+    fields = vars(result)  # the instance's own values: no property of a subclass runs
+    risk, server_ms, network_ms = fields.get("risk_score"), fields.get("server_ms"), fields.get("network_ms")
+    if not _unit(risk):
+        shown = repr(risk) if type(risk) in (int, float) else f"of type {type(risk).__name__}"
+        return None, f"answered risk_score {shown}, not a number in [0, 1]"
+    if not _valid_ms(server_ms) or not _valid_ms(network_ms):
         return None, "answered server_ms/network_ms that are not milliseconds ≥ 0"
-    if not isinstance(result.violations, list):
-        return None, f"answered violations of type {type(result.violations).__name__}, not a list"
+    raw = fields.get("violations")
+    if type(raw) is not list:
+        return None, f"answered violations of type {type(raw).__name__}, not a list"
+    if len(raw) > MAX_ANSWER_VIOLATIONS:
+        return None, f"answered {len(raw)} violations, more than the {MAX_ANSWER_VIOLATIONS} an answer may hold"
     violations: list[Violation] = []
-    for v in result.violations:
-        if not isinstance(v, Violation):
+    for v in raw:
+        if type(v) is not Violation:
             return None, f"answered a violation of type {type(v).__name__}, not a Violation"
-        if not isinstance(v.severity, str) or v.severity not in SEVERITIES:
-            return None, f"answered severity {v.severity!r:.40}, not one of " + ", ".join(SEVERITIES)
-        if not isinstance(v.type, str) or not isinstance(v.description, str):
+        own = vars(v)
+        vtype, severity, description = own.get("type"), own.get("severity"), own.get("description")
+        if type(severity) is not str or severity not in SEVERITIES:
+            return None, "answered a violation whose severity is not one of " + ", ".join(SEVERITIES)
+        if type(vtype) is not str or type(description) is not str:
             return None, "answered a violation whose type or description is not a string"
-        description = clean_text(v.description, 200)
-        kind = v.type
-        if kind not in VIOLATION_TYPES:
-            description = clean_text(f"{kind}: {description}", 200)
-            kind = "other"
-        violations.append(Violation(kind, v.severity, description))
+        description = _masked(clean_text(description, MAX_DESCRIPTION))
+        if vtype not in VIOLATION_TYPES:
+            description = clean_text(f"{_masked(clean_text(vtype, 64))}: {description}", MAX_DESCRIPTION)
+            vtype = "other"
+        violations.append(Violation(vtype, severity, description))
+    details = fields.get("details")
     return (
         CheckResult(
             violations=violations,
-            risk_score=float(result.risk_score),
-            server_ms=result.server_ms,
-            network_ms=result.network_ms,
-            details=result.details if isinstance(result.details, dict) else None,
+            risk_score=float(risk),  # type: ignore[arg-type]
+            server_ms=None if server_ms is None else float(server_ms),
+            network_ms=None if network_ms is None else float(network_ms),
+            details=details if type(details) is dict else None,
         ),
         None,
     )
+
+
+def _build_check(check: CheckConfig, context: BuildContext, limit: float) -> Guardrail:
+    """Build one check on a thread of its own within ``limit`` seconds. A constructor that hangs, raises anything
+    (SystemExit and KeyboardInterrupt included) or cannot be built is a one-line UsageError naming the check; a
+    configuration error (an entry point not installed) stays the ConfigError it is. A hung build's thread is left
+    running (Python cannot stop a thread): a daemon, it does not keep the process alive."""
+    module = kind_module(check.kind, source=check.source, where=check.where)
+    box: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            box["value"] = module.build(check, context)
+        except BaseException as exc:  # whatever a constructor does is said as this check's error
+            box["error"] = exc
+
+    thread = threading.Thread(target=build, name=f"guardrail-build-{check.name}", daemon=True)
+    thread.start()
+    thread.join(limit)
+    what = f"{check.source}: {check.where} ({check.kind} check {check.name!r}) cannot be built"
+    if thread.is_alive():
+        raise UsageError(f"{what}: not built within the {limit:g} s build time limit (build_time_limit)")
+    if "error" in box:
+        exc = box["error"]
+        if isinstance(exc, (ConfigError, UsageError)):
+            raise exc
+        if isinstance(exc, (GuardrailError, OSError, ValueError, RuntimeError, ImportError)):
+            why = _safe_str(exc) or type(exc).__name__
+        else:  # SystemExit, KeyboardInterrupt, a TypeError in a constructor …: said by its type
+            why = f"it raised {type(exc).__name__}"
+        raise UsageError(f"{what}: {clean_text(why, MAX_ERROR)}") from None
+    return box["value"]  # type: ignore[no-any-return]
+
+
+def _safe_str(exc: BaseException) -> str:
+    """An exception's message, or its type's name when even that raises."""
+    try:
+        text = str(exc)
+        return text if type(text) is str else type(exc).__name__
+    except BaseException:  # a __str__ that raises: the type says enough
+        return type(exc).__name__
 
 
 class GuardrailSet:
@@ -331,19 +465,12 @@ class GuardrailSet:
 
     @classmethod
     def build(cls, config: SetConfig, context: BuildContext) -> GuardrailSet:
-        """Build every check (a judge loads its model here). A check that cannot be built is a UsageError naming
-        it; the checks built before it are closed."""
+        """Build every check (a judge loads its model here), each within the set's build time limit. A check that
+        cannot be built (or hangs, or exits) is a UsageError naming it; the checks built before it are closed."""
         built: list[_Check] = []
         try:
             for check in config.checks:
-                module = kind_module(check.kind, source=check.source, where=check.where)
-                try:
-                    guardrail = module.build(check, context)
-                except (GuardrailError, OSError, ValueError, RuntimeError, ImportError) as exc:
-                    raise UsageError(
-                        f"{check.source}: {check.where} ({check.kind} check {check.name!r}) cannot be built: "
-                        f"{clean_text(str(exc) or type(exc).__name__, MAX_ERROR)}"
-                    ) from None
+                guardrail = _build_check(check, context, config.build_time_limit_s)
                 built.append(_Check(check, guardrail, _Worker(check.name)))
         except BaseException:
             cls(config, built).close()
@@ -357,21 +484,47 @@ class GuardrailSet:
     def checks(self) -> list[CheckConfig]:
         return [c.config for c in self._checks]
 
+    def stray_checks(self) -> int:
+        """Checks still running a call that outlived its time limit (this set's, or left by a set closed before),
+        at most 16."""
+        return min(stray_workers(), MAX_STRAY)
+
     def close(self) -> None:
-        """Close every check (on its own thread, within the time limit: a hung check is left behind)."""
+        """Close every check, each within the time limit. A check still running a call past its time limit is asked
+        to stop (a judge's abort, then its close on a thread of its own, which a plugin may use to end its call);
+        each worker thread ends once its call returns. A call that never returns keeps its (daemon) thread: Python
+        cannot stop a thread."""
         if self._closed:
             return
         self._closed = True
+        limit = self.config.time_limit_s
         for check in self._checks:
             close = getattr(check.guardrail, "close", None)
-            if close is not None and not check.worker.busy:
-                check.worker.call(lambda close: close(), close, self.config.time_limit_s)
+            if check.worker.busy:
+                abort = getattr(check.guardrail, "abort", None)
+                if callable(abort):
+                    with contextlib.suppress(BaseException):  # a check that cannot stop stays a stray
+                        abort()
+                if callable(close):  # beside the hung call: a plugin's close may end it
+                    threading.Thread(target=_quietly, args=(close,), name="guardrail-close", daemon=True).start()
+            elif callable(close):
+                check.worker.call(_quietly, close, limit)
             check.worker.stop()
+        for check in self._checks:  # the threads whose call returned end now
+            check.worker.join(ABORT_WAIT_S if check.worker.busy else limit)
 
     def run_check(self, check: _Check, stage: str, text: str, answer: _Answer) -> CheckResult | None:
-        """Call one check at one stage; its answer (or error) is added to ``answer``."""
-        limit = self.config.time_limit_s
+        """Call one check at one stage; its answer (or error) is added to ``answer``. Whatever the check answers or
+        raises, and whatever goes wrong checking its answer, is an error of the stage naming the check."""
         label = f"{check.config.kind} check {check.config.name!r}"
+        try:
+            return self._run_check(check, stage, text, answer, label)
+        except BaseException as exc:  # an answer that broke its own checking: said by the exception's type
+            answer.error = clean_text(f"{label}: its answer could not be checked ({type(exc).__name__})", MAX_ERROR)
+            return None
+
+    def _run_check(self, check: _Check, stage: str, text: str, answer: _Answer, label: str) -> CheckResult | None:
+        limit = self.config.time_limit_s
         if check.worker.busy:
             answer.error = f"{label} is still running a call that outlived the {limit:g} s time limit"
             return None
@@ -382,6 +535,7 @@ class GuardrailSet:
         start = time.perf_counter_ns()
         box, finished = check.worker.call(method, text, limit)
         if not finished:
+            check.worker.timed_out = True
             answer.error = f"{label} did not answer within the {limit:g} s time limit"
             abort = getattr(check.guardrail, "abort", None)
             if callable(abort):  # a judge stops its evaluation (llama.cpp's abort) and its thread is free again
@@ -393,21 +547,15 @@ class GuardrailSet:
         answer.ms += box["ns"] / 1e6
         if "error" in box:
             exc = box["error"]
-            what = str(exc) if isinstance(exc, GuardrailError) else f"{type(exc).__name__}: {exc}"
+            # our own kinds' errors say what went wrong in their words; anyone else's message may quote the text
+            what = _safe_str(exc) if type(exc) is GuardrailError else type(exc).__name__
             answer.error = clean_text(f"{label} failed: {what}", MAX_ERROR)
             return None
         result, why = validate_result(box.get("value"))
         if result is None:
             answer.error = clean_text(f"{label} {why}", MAX_ERROR)
             return None
-        answer.risk_score = max(answer.risk_score, result.risk_score)
-        if result.server_ms is not None:
-            answer.server_ms = (answer.server_ms or 0.0) + result.server_ms
-        if result.network_ms is not None:
-            answer.network_ms = (answer.network_ms or 0.0) + result.network_ms
-        for v in result.violations:
-            if v not in answer.violations:
-                answer.violations.append(v)
+        answer.add(result)
         return result
 
     def blocks(self, check: CheckConfig, violation: Violation) -> bool:
@@ -531,10 +679,13 @@ class GuardedStrategy:
             if run.error is not None and gs.config.on_error == "error":
                 failed = run
                 break
+        stray = 0
         if blocked_at is None and failed is None:
+            stray = gs.stray_checks()
             begin = time.perf_counter_ns()
             window = self.inner.measure(record, text, max_tokens)
             end = time.perf_counter_ns()
+            stray = max(stray, gs.stray_checks())  # a check that timed out beside it shared its CPU
             inference_ms, inference_start_ms = (end - begin) / 1e6, (begin - t0) / 1e6
             if record.ok and gs.checks_at("output"):
                 run, blocked = self._stage("output", record.output_text or "", t0)
@@ -561,6 +712,8 @@ class GuardedStrategy:
         else:
             outcome = "passed"
         record.ext["guardrails"] = self._record(stages, outcome, blocked_at, total_ms, inference_ms, inference_start_ms)
+        if stray:
+            record.ext["guardrails"]["stray_checks"] = stray
         return window
 
     def _record(
