@@ -266,7 +266,7 @@ async def test_guardrail_triggers_fire_on_the_slow_and_costly_series_only(
     for n, r in enumerate(synthetic_records(20, seed=405, device_id="orin-blocks")):
         r["started_at"] = _iso(now - 3000 + n * 60)
         block(r, "rules", "input")
-        r["ext"]["guardrails"].update(overhead_ms=500.0, impact_percent=99.0)
+        r["ext"]["guardrails"].update(overhead_ms=500.0, impact_percent=99.0, total_ms=505.0)
         r["ext"]["guardrails"]["stages"]["input"]["ms"] = 500.0
         blocked.append(r)
     await fleet.send(client, store, "orin-blocks", quiet + blocked)

@@ -457,3 +457,20 @@ def test_ingest_bounds_stray_checks(value: object) -> None:
     bad = dict(good, stray_checks=value)
     with pytest.raises(SchemaError, match=r"ext\.guardrails\.stray_checks"):
         check_guardrails(bad)
+
+
+def test_a_check_whose_build_still_hangs_is_not_built_again(tmp_path: Path, hostile: Path) -> None:
+    """A service retries a failed build at every run: a constructor that never returns must not leave one more
+    thread behind each time."""
+    config = guard_set(tmp_path, one_check("ctor-hang", extra='build_time_limit = "300ms"'))
+
+    def building() -> int:
+        return sum(t.name.startswith("guardrail-build-") and t.is_alive() for t in threading.enumerate())
+
+    before = building()
+    with pytest.raises(UsageError, match="not built within"):
+        GuardrailSet.build(config, BuildContext(n_threads=1))
+    for _ in range(3):
+        with pytest.raises(UsageError, match="an earlier build of it is still running past the build time limit"):
+            GuardrailSet.build(config, BuildContext(n_threads=1))
+    assert building() == before + 1

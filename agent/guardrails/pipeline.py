@@ -414,12 +414,25 @@ def validate_result(result: object) -> tuple[CheckResult | None, str | None]:
     )
 
 
+# builds that outlived the build time limit, by check: while one still runs, the check is not built again (a hung
+# constructor would otherwise leave one more thread behind at every retry)
+_HUNG_BUILDS: dict[tuple[str, str, str], threading.Thread] = {}
+_HUNG_LOCK = threading.Lock()
+
+
 def _build_check(check: CheckConfig, context: BuildContext, limit: float) -> Guardrail:
     """Build one check on a thread of its own within ``limit`` seconds. A constructor that hangs, raises anything
     (SystemExit and KeyboardInterrupt included) or cannot be built is a one-line UsageError naming the check; a
     configuration error (an entry point not installed) stays the ConfigError it is. A hung build's thread is left
     running (Python cannot stop a thread): a daemon, it does not keep the process alive."""
     module = kind_module(check.kind, source=check.source, where=check.where)
+    what = f"{check.source}: {check.where} ({check.kind} check {check.name!r}) cannot be built"
+    key = (check.source, check.where, check.name)
+    with _HUNG_LOCK:
+        earlier = _HUNG_BUILDS.get(key)
+        if earlier is not None and earlier.is_alive():  # a service retries a failed build at every run: one thread
+            raise UsageError(f"{what}: an earlier build of it is still running past the build time limit")
+        _HUNG_BUILDS.pop(key, None)
     box: dict[str, Any] = {}
 
     def build() -> None:
@@ -431,8 +444,9 @@ def _build_check(check: CheckConfig, context: BuildContext, limit: float) -> Gua
     thread = threading.Thread(target=build, name=f"guardrail-build-{check.name}", daemon=True)
     thread.start()
     thread.join(limit)
-    what = f"{check.source}: {check.where} ({check.kind} check {check.name!r}) cannot be built"
     if thread.is_alive():
+        with _HUNG_LOCK:
+            _HUNG_BUILDS[key] = thread
         raise UsageError(f"{what}: not built within the {limit:g} s build time limit (build_time_limit)")
     if "error" in box:
         exc = box["error"]
