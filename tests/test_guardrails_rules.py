@@ -329,6 +329,19 @@ HOSTILE = {
     "injection openings": "ignore all " * (MEGABYTE // 11),
     "assignments": "api_key=" * (MEGABYTE // 8),
     "mixed": ("Hello, world! 4111 2222 3333 +44 20 a@b. " * 30000)[:MEGABYTE],
+    "dotted digits": "4." * (MEGABYTE // 2),
+    "card groups": "4111.1111." * (MEGABYTE // 10),
+    "double-spaced groups": "4111  " * (MEGABYTE // 6),
+    "lower-case iban openings": "de89 " * (MEGABYTE // 5),
+    "key names": "aws_secret_" * (MEGABYTE // 11),
+    "key names and separators": "token_a." * (MEGABYTE // 8),
+    "bearer openings": "bearer " * (MEGABYTE // 7),
+    "json passwords": '"password": "' * (MEGABYTE // 13),
+    "authorization openings": "authorization: basic " * (MEGABYTE // 21),
+    "full-width digits": "\uff14 " * (MEGABYTE // 2),
+    "zero-width spaces": "4\u200b" * (MEGABYTE // 2),
+    "cyrillic": "\u0456gn\u043er\u0435 \u0430ll " * (MEGABYTE // 11),
+    "slack hooks": "hooks.slack.com/services/" * (MEGABYTE // 25),
 }
 
 
@@ -411,8 +424,8 @@ PLANTED_NORMALISED = [
     ("Authorization: Basic dXNlcjpodW50ZXIy", "dXNlcjpo", "secret_leakage", "critical",
      "basic authorization credentials"),
     ("stripe sk_live_51HcVbL2eZvKYlo2C0123456789abcdef", "51HcVbL2e", "secret_leakage", "critical",
-     "Stripe secret key"),
-    ("key rk_live_51HcVbL2eZvKYlo2CAbCdEfGh", "51HcVbL2e", "secret_leakage", "critical", "Stripe restricted key"),
+     "Stripe live key"),
+    ("key rk_live_51HcVbL2eZvKYlo2CAbCdEfGh", "51HcVbL2e", "secret_leakage", "critical", "Stripe live key"),
     ("post to https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX", "T00000000",
      "secret_leakage", "critical", "Slack webhook URL"),
 ]  # fmt: skip

@@ -195,8 +195,15 @@ CARD = (
 CARD_BEFORE = frozenset("0123456789-.")
 DIGITS = frozenset("0123456789")
 
-# any case ("de89 3704 …"), groups of four apart by up to two spaces; the check digits hold after upper-casing
+# any case ("de89 3704 …"), groups of four apart by up to two spaces; the check digits hold after upper-casing. It
+# is tried only where two ASCII letters and two digits start a word, found in the text's shape (each letter an "a",
+# each digit a "0", anything else a ".": bytes.translate and bytes.find): a pattern tried at each letter of a text
+# would cost about twice the whole scan on prose
 IBAN = r"[A-Za-z]{2}[0-9]{2}(?: {0,2}[A-Za-z0-9]{4}){2,7}(?: {0,2}[A-Za-z0-9]{1,4})?(?![A-Za-z0-9])"
+_SHAPE = bytes(
+    ord("a") if chr(byte).isascii() and chr(byte).isalpha() else ord("0") if chr(byte) in "0123456789" else ord(".")
+    for byte in range(256)
+)
 IBAN_BEFORE = frozenset(_ALNUM)
 
 # (pattern, description): each starts with a literal, so the engine jumps from one occurrence of it to the next
@@ -208,8 +215,7 @@ API_KEYS: tuple[tuple[str, str], ...] = (
     (r"xox[abposr]-[A-Za-z0-9-]{10,250}", "Slack token"),
     (r"sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,250}", "OpenAI/Anthropic-style API key"),
     (r"AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])", "Google API key"),
-    (r"sk_live_[0-9A-Za-z]{16,247}(?![0-9A-Za-z])", "Stripe secret key"),
-    (r"rk_live_[0-9A-Za-z]{16,247}(?![0-9A-Za-z])", "Stripe restricted key"),
+    (r"[rs]k_live_[0-9A-Za-z]{16,247}(?![0-9A-Za-z])", "Stripe live key"),  # secret (sk_) or restricted (rk_)
     (r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]{20,200}", "Slack webhook URL"),
     # a lookbehind here: a failed attempt reads up to 4 KB, so it must not be retried inside a run ("eyJeyJ…")
     (
@@ -231,7 +237,7 @@ SECRET_ASSIGNMENT = (
     r"(" + SECRET_NAME + r")(s?(?:[_.-][a-z0-9]{1,16}){0,3}?)"
     r"[\"']?[ \t]{0,3}[:=][ \t]{0,3}[\"']?([A-Za-z0-9/+_.=~-]{16,256})"
 )
-SECRET_WORDS = ("key", "secret", "token", "passw", "passphrase", "pwd", "credential")
+SECRET_WORDS = ("key", "secret", "token", "pass", "pwd", "credential")
 NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 # A password in JSON ("password": "…" with both quoted) is a secret whatever it looks like: at least
 # PASSWORD_MIN_LENGTH characters that are not a placeholder (PASSWORD_PLACEHOLDERS, all '*', '<…>', '${…}', '{{…}}')
@@ -284,7 +290,10 @@ INJECTION_TRIGGERS = ("ignore", "disregard", "forget", "you are", "anything", "d
 
 
 def _literal(pattern: str) -> str:
-    """The literal text a key pattern starts with (after its lookbehind, if any): a quick test before the scan."""
+    """The literal text a key pattern starts with (after its lookbehind or one character class, if any): a quick
+    test before the scan."""
+    if pattern.startswith("[rs]"):
+        pattern = pattern[4:]
     if pattern.startswith("(?<!"):
         pattern = pattern[pattern.index(")") + 1 :]
     return pattern[: len(pattern) - len(pattern.lstrip(_ALNUM + "_-"))][:4]
@@ -374,8 +383,17 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
                     yield f"card number ending {digits[-4:]}"
 
     def ibans(text: str) -> Iterator[str]:
-        for match in patterns.iban.finditer(text):
-            if _run_start(text, match.start(), IBAN_BEFORE):
+        # one byte per character ("?" for any other than ASCII): the positions are the text's
+        shape = text.encode("ascii", "replace").translate(_SHAPE)
+        end = 0  # where the last IBAN found ends
+        start = shape.find(b"aa00")
+        while start >= 0:
+            candidate, start = start, shape.find(b"aa00", start + 1)
+            if candidate < end or (candidate > 0 and shape[candidate - 1] != 46):  # 46: "." (not a letter or digit)
+                continue
+            match = patterns.iban.match(text, candidate)
+            if match is not None:
+                end = match.end()
                 iban = match.group().replace(" ", "").upper()
                 if iban_ok(iban):
                     yield f"IBAN ({iban[:2]})"
