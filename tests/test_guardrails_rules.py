@@ -405,6 +405,8 @@ PLANTED_NORMALISED = [
     ("iban de89 3704 0044 0532 0130 00", "3704 0044", "pii_leakage", "high", "IBAN (DE)"),
     ("IBAN Gb82 West 1234 5698 7654 32", "1234", "pii_leakage", "high", "IBAN (GB)"),
     ("IBAN DE89  3704  0044  0532  0130  00", "3704", "pii_leakage", "high", "IBAN (DE)"),
+    ("iban ES9121000418450200051332 ok", "2100041845", "pii_leakage", "high", "IBAN (ES)"),
+    ("es91 2100 0418 4502 0005 1332 then", "2100 0418", "pii_leakage", "high", "IBAN (ES)"),
     ("IBAN DE89\u00a03704\u00a00044\u00a00532\u00a00130\u00a000", "3704", "pii_leakage", "high", "IBAN (DE)"),
     ("aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnF", "secret_leakage", "critical",
      "secret assigned to aws_secret_access_key"),
@@ -500,6 +502,7 @@ NOT_SECRETS = [
     "The price went from 4.111.111.111.111 to 4 111 111 111 111 units over 10 years.",
     "Order 4111-11-1111-1111 is a reference, not a card; so is 4111.111.111.111.1.",
     "Die Rechnung vom 01.03.2024 über 1.299,99 EUR; Kontonummer folgt.",
+    "es91 2100 0418 4502 0005 13ab is one letter off; de89 3704 0044 0532 0130 01 fails its check digits.",
     "pi = 3.14159265358979323846, e = 2.71828182845904523536, and 6.02214076e23.",
     "Unicode: café, naïve, 東京, Привет, Γειά, résumé — and a zero\u200bwidth space.",
 ]

@@ -394,8 +394,8 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
             match = patterns.iban.match(text, candidate)
             if match is not None:
                 end = match.end()
-                iban = match.group().replace(" ", "").upper()
-                if iban_ok(iban):
+                iban = _iban_in(match.group())
+                if iban is not None:
                     yield f"IBAN ({iban[:2]})"
 
     def api_keys(text: str) -> Iterator[str]:
@@ -472,6 +472,25 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
         "private_key": private_keys,
         "injection": injections,
     }
+
+
+def _iban_in(matched: str) -> str | None:
+    """The IBAN a match starts with (upper case, no spaces), when its check digits hold: as long as its country's
+    IBANs, so a short word after it ("… 1332 ok", matched as a last group in any case) is left out."""
+    compact = matched.replace(" ", "").upper()
+    length = IBAN_LENGTHS.get(compact[:2])
+    if length is None or len(compact) < length or not iban_ok(compact[:length]):
+        return None
+    if len(compact) > length:  # it must end where a group does: "DE89 3704 0044 0532 0130 00ab" is no IBAN
+        seen = 0
+        for position, char in enumerate(matched):
+            if char != " ":
+                seen += 1
+                if seen == length:
+                    if matched[position + 1 : position + 2] != " ":
+                        return None
+                    break
+    return compact[:length]
 
 
 def _starts_a_name_part(text: str, start: int) -> bool:
