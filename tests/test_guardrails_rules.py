@@ -419,6 +419,9 @@ PLANTED_NORMALISED = [
      "secret assigned to clientsecret"),
     ("db.password=Zx9kQ2mL8vR4tY7wP3sN", "Zx9kQ2mL", "secret_leakage", "critical", "secret assigned to db.password"),
     ('{"user": "sam", "password": "hunter2!"}', "hunter2", "secret_leakage", "critical", "password in JSON"),
+    ('{"db_password": "s3cret pass"}', "s3cret", "secret_leakage", "critical", "password in JSON"),
+    ("user_12345678_token=Zx9kQ2mL8vR4tY7wP3sN", "12345678", "secret_leakage", "critical",
+     "secret assigned to token"),
     ("Authorization: Bearer 8f3Kq9LmZx2Rt7VbWc4N", "8f3Kq9Lm", "secret_leakage", "critical", "bearer token"),
     ("curl -H 'authorization: bearer AbCdEf0123456789GhIj' …", "AbCdEf01", "secret_leakage", "critical",
      "bearer token"),
@@ -476,6 +479,8 @@ def test_the_format_characters_are_unicodes() -> None:
 def test_look_alikes_are_mapped_for_injections_only(rules: RulesGuardrail) -> None:
     check = rules_check(rules=["injection"], deny=["привет"])  # a Cyrillic deny word stays Cyrillic
     assert [v.description for v in check.validate_input("Привет!").violations] == ["deny-list term #1"]
+    wide = rules_check(rules=[], deny=["ｆａｌｃｏｎ"])  # a deny term is normalised as the text is
+    assert [v.description for v in wide.validate_input("FALCON and ｆａｌｃｏｎ").violations] == ["deny-list term #1"]
     assert rules.validate_input("Привет, как дела? Γειά σου κόσμε.").violations == []
 
 

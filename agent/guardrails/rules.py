@@ -241,7 +241,9 @@ SECRET_WORDS = ("key", "secret", "token", "pass", "pwd", "credential")
 NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 # A password in JSON ("password": "…" with both quoted) is a secret whatever it looks like: at least
 # PASSWORD_MIN_LENGTH characters that are not a placeholder (PASSWORD_PLACEHOLDERS, all '*', '<…>', '${…}', '{{…}}')
-JSON_PASSWORD = r"\"(?:password|passwd|passphrase|pwd)\"[ \t]{0,3}:[ \t]{0,3}\"([^\"\\\n]{1,256})\""
+JSON_PASSWORD = (
+    r"\"(?:[a-z0-9_.-]{0,32}[_.-])?(?:password|passwd|passphrase|pwd)\"[ \t]{0,3}:[ \t]{0,3}\"([^\"\\\n]{1,256})\""
+)
 PASSWORD_MIN_LENGTH = 6
 PASSWORD_PLACEHOLDERS = frozenset(
     {"password", "passwd", "secret", "changeme", "redacted", "hidden", "none", "null", "string", "example", "xxxxxx"}
@@ -510,7 +512,9 @@ def _key_name(text: str, start: int, end: int) -> str:
     low = start
     while low > 0 and start - low < 32 and text[low - 1].lower() in NAME_CHARACTERS:
         low -= 1
-    return text[low:end].lower().strip("_.-")[:40]
+    name = text[low:end].lower().strip("_.-")[:40]
+    # a name is no secret, but one with many digits could carry a number the text should not repeat
+    return name if sum(char.isdigit() for char in name) <= 4 else text[start:end].lower()
 
 
 _DOTTED_NAME = re.compile(r"[A-Za-z_]+(?:\.[A-Za-z_]+)+")
@@ -550,7 +554,7 @@ class DenyList:
         self.words: dict[str, int] = {}  # folded word -> its number (1-based, in the order configured)
         self.phrase_numbers: dict[str, int] = {}  # folded phrase, single-spaced -> its number
         for number, term in enumerate(terms, start=1):
-            folded = " ".join(term.casefold().split())
+            folded = " ".join(unicodedata.normalize("NFKC", term).casefold().split())  # as the text is
             if self.word.fullmatch(folded):
                 self.words.setdefault(folded, number)
             else:
