@@ -67,6 +67,9 @@ MODES = {
     "missing-fields": "200 JSON {} (no verdict)",
     "unknown-status": "200 JSON with status 'maybe' / rails with status 'unknown' (nemo)",
     "risk-out-of-range": "200 JSON with a scanner risk of 1.7 (llm-guard)",
+    "valid-with-risk": "200 JSON is_valid true with PromptInjection scoring 1.0 (llm-guard: contradicts itself)",
+    "valid-with-low-risk": "200 JSON is_valid true with Toxicity scoring 0.3 (llm-guard: over 0 is over the threshold)",
+    "echo-422": "422 JSON echoing the request body, as FastAPI's validation errors do (the prompt in the answer)",
     "array": "200 JSON [] (not an object)",
     "500": "500 text/html",
     "404": "404 JSON",
@@ -288,6 +291,12 @@ class GuardrailServer:
             answer["scanners"] = {**scores, "PromptInjection": 1.7}
         elif self.mode == "unknown-status":
             answer["is_valid"] = None
+        elif self.mode == "valid-with-risk":
+            answer["scanners"] = {**scores, "PromptInjection": 1.0}
+            answer["is_valid"] = True
+        elif self.mode == "valid-with-low-risk":
+            answer["scanners"] = {**scores, "Toxicity": 0.3}
+            answer["is_valid"] = True
         return answer
 
     # -- answering, documented or hostile ---------------------------------------------------------------------------
@@ -302,8 +311,20 @@ class GuardrailServer:
             headers["Server-Timing"] = "guard;dur=abc"
         elif mode == "server-timing-too-long":
             headers["Server-Timing"] = "guard;dur=600000"
-        if mode in ("ok", "wrong-types", "unknown-status", "risk-out-of-range", "bad-server-timing"):
+        if mode in (
+            "ok",
+            "wrong-types",
+            "unknown-status",
+            "risk-out-of-range",
+            "valid-with-risk",
+            "valid-with-low-risk",
+            "bad-server-timing",
+        ):
             return web.json_response(answer, headers=headers)
+        if mode == "echo-422":  # FastAPI's RequestValidationError answer: the body it refused, quoted back
+            body = self.requests[-1]["body"] if self.requests else ""
+            detail = {"type": "value_error", "loc": ["body"], "msg": "Value error", "input": json.loads(body or "null")}
+            return web.json_response({"detail": [detail], "body": body}, status=422)
         if mode == "server-timing-too-long":
             return web.json_response(answer, headers=headers)
         if mode == "garbage":

@@ -232,7 +232,7 @@ SAME = {
     "huge": "an answer over 1048576 bytes",
     "huge-declared": "an answer of 67108864 bytes",
     "array": "a JSON list, not an object",
-    "404": "HTTP 404",
+    "404": "HTTP 404 (application/json, 23 bytes)",
     "redirect": "HTTP 302 (a redirect",
     "hang": "no whole answer within 1s",
     "slow-drip": "no whole answer within 1s",
@@ -242,11 +242,8 @@ SAME = {
 }
 EXPECTED: dict[str, dict[str, str | None]] = {
     **{mode: dict.fromkeys(("nemo", "nemo-server", "llm-guard"), text) for mode, text in SAME.items()},
-    "500": {
-        "nemo": "HTTP 500: '<html>Internal Server Error</html>'",
-        "nemo-server": "HTTP 500: '<html>Internal Server Error</html>'",
-        "llm-guard": "HTTP 500: '<html>Internal Server Error</html>'",
-    },
+    "500": dict.fromkeys(("nemo", "nemo-server", "llm-guard"), "HTTP 500 (text/html, 34 bytes)"),
+    "echo-422": dict.fromkeys(("nemo", "nemo-server", "llm-guard"), "HTTP 422 (application/json, "),
     "wrong-types": {
         "nemo": "status is 1, not 'success' or 'blocked'",
         "nemo-server": "status is 1, not 'passed', 'modified' or 'blocked'",
@@ -258,7 +255,7 @@ EXPECTED: dict[str, dict[str, str | None]] = {
         "llm-guard": "sanitized_prompt is NoneType, not a string",
     },
     "unknown-status": {
-        "nemo": "{'status': 'unknown'}, not {'status': 'success'|'blocked'}",
+        "nemo": "rails_status['jailbreak detection']'s status is 'unknown', not 'success' or 'blocked'",
         "nemo-server": "status is 'maybe', not 'passed', 'modified' or 'blocked'",
         "llm-guard": "is_valid is None, not true or false",
     },
@@ -266,6 +263,16 @@ EXPECTED: dict[str, dict[str, str | None]] = {
         "nemo": None,  # a NeMo answer has no risk
         "nemo-server": None,
         "llm-guard": "scanner 'PromptInjection' scored 1.7, outside [-1, 1]",
+    },
+    "valid-with-risk": {
+        "nemo": None,
+        "nemo-server": None,
+        "llm-guard": "is_valid is true but scanner 'PromptInjection' scored 1 (over 0: over its threshold)",
+    },
+    "valid-with-low-risk": {
+        "nemo": None,
+        "nemo-server": None,
+        "llm-guard": "is_valid is true but scanner 'Toxicity' scored 0.3 (over 0: over its threshold)",
     },
 }
 API_OPTIONS = {
@@ -305,6 +312,75 @@ def test_status_success_with_a_blocked_rail_is_an_error(server: GuardrailServer)
         assert [v.type for v in result.violations] == ["unsafe_content"] and result.risk_score == 1.0
         with pytest.raises(GuardrailError, match="status is 'success' but rail 'x' is blocked"):
             check._nemo({"status": "success", "rails_status": {"x": {"status": "blocked"}}})
+    finally:
+        check.close()
+
+
+SECRET_PROMPT = "my card 4111 1111 1111 1111 and password hunter2-Zx9kQ2mL8vR4"
+
+
+@pytest.mark.parametrize("api", list(API_OPTIONS))
+@pytest.mark.parametrize("mode", ["echo-422", "garbage", "500", "404"])
+def test_an_error_never_carries_the_answer_body_or_the_prompt(server: GuardrailServer, api: str, mode: str) -> None:
+    server.mode = mode
+    check = build(url=server.url, timeout="2s", name="svc", **API_OPTIONS[api])
+    try:
+        for call in (check.validate_input, check.filter_output):
+            with pytest.raises(GuardrailError) as caught:
+                call(SECRET_PROMPT)
+            message = str(caught.value)
+            if mode == "echo-422":
+                assert SECRET_PROMPT in server.requests[-1]["body"]  # the service did get (and echo) the prompt
+            assert "4111" not in message and "hunter2" not in message and "card" not in message, message
+            assert "Hotel WiFi" not in message and "Internal Server Error" not in message and "detail" not in message
+            # the status, the content type and the size: nothing else of the answer
+            assert " bytes" in message and ("application/json" in message or "text/html" in message), message
+    finally:
+        check.close()
+
+
+def test_values_the_service_sends_are_shown_only_when_they_cannot_be_the_prompt(server: GuardrailServer) -> None:
+    nemo = build(url=server.url, api="nemo")
+    guard = build(url=server.url, api="llm-guard")
+    try:
+        echoed = "card 4111111111111111"
+        with pytest.raises(GuardrailError) as caught:
+            nemo._nemo({"status": echoed, "rails_status": {}})
+        assert "4111" not in str(caught.value) and "a string of 21 characters" in str(caught.value)
+        with pytest.raises(GuardrailError) as caught:
+            nemo._nemo({"status": "success", "rails_status": {"ok": {"status": "success"}, echoed: {"status": "x"}}})
+        assert "4111" not in str(caught.value) and "rails_status[#1]" in str(caught.value)
+        blocked = nemo._nemo({"status": "blocked", "rails_status": {echoed: {"status": "blocked"}}})
+        assert [v.description for v in blocked.violations] == ["NeMo Guardrails rail #0 blocked"]
+        with pytest.raises(GuardrailError) as caught:
+            guard._llm_guard({"sanitized_prompt": "", "is_valid": 4111111111111111, "scanners": {}}, "input")
+        assert "4111" not in str(caught.value) and "is a number" in str(caught.value)
+        answer = guard._llm_guard({"sanitized_prompt": "", "is_valid": False, "scanners": {echoed: 0.9}}, "input")
+        assert all("4111" not in v.description for v in answer.violations)
+        assert answer.details is not None and "4111" not in repr(answer.details)
+        with pytest.raises(GuardrailError) as caught:
+            guard._llm_guard({"sanitized_prompt": "", "is_valid": True, "scanners": {echoed: 0.9}}, "input")
+        assert "4111" not in str(caught.value) and "scanner #0 scored 0.9" in str(caught.value)
+    finally:
+        nemo.close()
+        guard.close()
+
+
+def test_llm_guard_valid_answer_with_a_scanner_over_zero_is_an_error_not_a_pass(server: GuardrailServer) -> None:
+    check = build(url=server.url, api="llm-guard", name="svc")
+    try:
+        for mode, scanner in (("valid-with-risk", "PromptInjection"), ("valid-with-low-risk", "Toxicity")):
+            server.mode = mode
+            for call in (check.validate_input, check.filter_output):
+                with pytest.raises(GuardrailError, match=f"is_valid is true but scanner '{scanner}' scored"):
+                    call("hello")
+        server.mode = "ok"
+        server.miss_risk = 0.0  # at the threshold: the scanner passed (LLM Guard fails a score over it)
+        result = check.validate_input("hello")
+        assert result.violations == [] and result.risk_score == 0.0
+        # the other way round stays a block: is_valid false is the service's verdict, whatever the scores
+        answer = check._llm_guard({"sanitized_prompt": "", "is_valid": False, "scanners": {"X": -0.5}}, "input")
+        assert [v.type for v in answer.violations] == ["other"]
     finally:
         check.close()
 

@@ -13,13 +13,17 @@ Two documented request/response shapes (``api``):
 - ``llm-guard``: LLM Guard's API, ``POST {url}/analyze/prompt`` ``{"prompt"}`` → ``{"sanitized_prompt", "is_valid",
   "scanners": {"<Scanner>": risk in [-1, 1]}}`` and ``POST {url}/analyze/output`` ``{"prompt", "output"}`` →
   ``{"sanitized_output", "is_valid", "scanners"}``. Risk per scanner ``max(0, score)``; when ``is_valid`` is false, a
-  violation per scanner over 0 (severity from :func:`~agent.guardrails.base.risk_level`).
+  violation per scanner over 0 (severity from :func:`~agent.guardrails.base.risk_level`). A scanner over 0 is one
+  over its threshold (LLM Guard's ``calculate_risk_score``), so ``is_valid`` true beside one contradicts itself: an
+  error, as NeMo's ``success`` with a blocked rail is.
 
 The engine's thread is synchronous, so each check owns an event loop on a private daemon thread with one kept-alive
 ``aiohttp`` session; a call hands its coroutine to that loop and waits for it. Every answer is hostile until checked:
 anything but a well-formed 200 JSON answer of the documented shape (a redirect, a 4xx/5xx, non-JSON, NaN, a wrong
 type, a missing field, an unknown status, a risk outside [-1, 1], a body over :data:`MAX_BODY_BYTES`, a slow or closed
-connection, a ``Server-Timing`` that cannot be right) raises :class:`GuardrailError` naming the check and the fault.
+connection, a ``Server-Timing`` that cannot be right) raises :class:`GuardrailError` naming the check and the fault. A
+message never quotes the answer's body (a service may echo the prompt back, as FastAPI's 422 does): its status,
+content type and size, and only values and names that cannot be the prompt (:func:`_describe`, :func:`_named`).
 
 Timing: the round trip is timed on the loop (request sent → whole body read). ``server_ms`` comes from the answer's
 ``Server-Timing`` header (the metric named by ``server_timing``; by default one named ``total``, else the sum of every
@@ -175,6 +179,48 @@ def _clean(value: str, limit: int = 60) -> str:
     return kept[:limit] if len(kept) <= limit else kept[: limit - 1] + "…"
 
 
+_SAFE_TEXT = re.compile(r"[A-Za-z0-9 _.$=/:+-]{1,64}")
+_CONTENT_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,48}/[A-Za-z0-9!#$&^_.+-]{1,48}")
+
+
+def _safe_name(value: str, limit: int = 64) -> str | None:
+    """A name the server sent, when it can be shown: a short identifier (letters, digits, ``_.$=/:+-`` and spaces)
+    with at most four digits. Anything else may be the prompt echoed back (a card number, a token) and is not shown."""
+    if len(value) <= limit and _SAFE_TEXT.fullmatch(value) and sum(c.isdigit() for c in value) <= 4:
+        return value
+    return None
+
+
+def _named(value: str, index: int) -> str:
+    """``'PromptInjection'``, or ``#3`` (its position in the answer) when the name cannot be shown."""
+    shown = _safe_name(value)
+    return repr(shown) if shown is not None else f"#{index}"
+
+
+def _describe(value: Any) -> str:
+    """A value of the answer for a message: a short safe literal as itself, anything else by its JSON type and size
+    (never its content: a hostile or echoing service must not get the prompt into the record through an error)."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return repr(value) if sum(c.isdigit() for c in repr(value)) <= 4 else "a number"
+    if isinstance(value, str):
+        return repr(value) if _safe_name(value, 24) is not None else f"a string of {len(value)} characters"
+    if isinstance(value, list):
+        return f"a JSON list of {len(value)} items"
+    if isinstance(value, dict):
+        return f"a JSON object of {len(value)} keys"
+    return type(value).__name__
+
+
+def _content_type(value: str | None) -> str:
+    """The answer's media type (parameters dropped), or what stands in for it."""
+    if not value:
+        return "no content type"
+    media = value.split(";", 1)[0].strip()
+    return media.lower() if _CONTENT_TYPE.fullmatch(media) else "an unreadable content type"
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -302,13 +348,13 @@ class HttpGuardrail:
         endpoint = self._endpoint(direction)
         future = self._runner.submit(self._exchange(endpoint, self._body(direction, content)))
         try:
-            status, headers, raw, round_trip_ms = future.result(self.timeout_s + 5.0)
+            status, content_type, headers, raw, round_trip_ms = future.result(self.timeout_s + 5.0)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise self._fail(f"POST {_shown_url(endpoint)}: no answer within {self.timeout_s:g}s") from None
         except concurrent.futures.CancelledError:
             raise self._fail(f"POST {_shown_url(endpoint)}: the check was closed during the call") from None
-        data = self._parse(endpoint, status, raw)
+        data = self._parse(endpoint, status, content_type, raw)
         server_ms = self._server_ms(headers, round_trip_ms)
         if self.api == "nemo":
             result = self._nemo(data)
@@ -321,14 +367,15 @@ class HttpGuardrail:
         result.details = {**(result.details or {}), "api": self.api, "round_trip_ms": round(round_trip_ms, 3)}
         return result
 
-    async def _exchange(self, endpoint: str, body: dict[str, Any]) -> tuple[int, list[str], bytes, float]:
-        """POST ``body``; (status, Server-Timing values, body bytes, round trip in ms) or :class:`GuardrailError`."""
+    async def _exchange(self, endpoint: str, body: dict[str, Any]) -> tuple[int, str, list[str], bytes, float]:
+        """POST ``body``; (status, content type, Server-Timing values, body bytes, round trip in ms) or
+        :class:`GuardrailError`."""
         try:
             return await asyncio.wait_for(self._post(endpoint, body), self.timeout_s)
         except asyncio.TimeoutError:
             raise self._fail(f"POST {_shown_url(endpoint)}: no whole answer within {self.timeout_s:g}s") from None
 
-    async def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[int, list[str], bytes, float]:
+    async def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[int, str, list[str], bytes, float]:
         import aiohttp
 
         assert self._session is not None
@@ -353,30 +400,45 @@ class HttpGuardrail:
                 end = time.perf_counter_ns()
                 timing = response.headers.getall("Server-Timing", [])
                 status = response.status
+                content_type = _content_type(response.headers.get("Content-Type"))
         except GuardrailError:
             raise
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientConnectionError as exc:
+            # raised here, about the connection (host, port, errno), not from what the service sent
             raise self._fail(f"POST {shown}: {type(exc).__name__}: {_clean(str(exc), 160)}") from None
+        except aiohttp.ClientError as exc:
+            # e.g. a bad status line or payload: its text may quote what the service sent, so only its kind
+            raise self._fail(f"POST {shown}: {type(exc).__name__} (the answer could not be read)") from None
         except OSError as exc:
             raise self._fail(f"POST {shown}: {type(exc).__name__}: {_clean(str(exc), 160)}") from None
-        return status, list(timing), b"".join(chunks), (end - start) / 1e6
+        return status, content_type, list(timing), b"".join(chunks), (end - start) / 1e6
 
     # -- reading the answer ------------------------------------------------------------------------------------------
-    def _parse(self, endpoint: str, status: int, raw: bytes) -> dict[str, Any]:
+    def _parse(self, endpoint: str, status: int, content_type: str, raw: bytes) -> dict[str, Any]:
+        # A message says the status, the content type and the size of an answer, never its body: a service may echo
+        # the request (a 422 quoting the prompt), and the message goes into the record.
         shown = _shown_url(endpoint)
+        answer = f"{content_type}, {len(raw)} bytes"
         if status != 200:
-            snippet = _clean(raw[:200].decode("utf-8", "replace"), 120)
             if 300 <= status < 400:
                 raise self._fail(f"POST {shown}: HTTP {status} (a redirect; point url at the service itself)")
             if status in (401, 403):
-                raise self._fail(f"POST {shown}: HTTP {status}: the service refused the credentials: {snippet!r}")
-            raise self._fail(f"POST {shown}: HTTP {status}: {snippet!r}")
+                raise self._fail(f"POST {shown}: HTTP {status}: the service refused the credentials ({answer})")
+            raise self._fail(f"POST {shown}: HTTP {status} ({answer})")
         try:
             data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise self._fail(f"POST {shown}: the answer is not JSON ({_clean(str(exc), 80)})") from None
+        except UnicodeDecodeError:
+            raise self._fail(f"POST {shown}: the answer is not JSON (not UTF-8; {answer})") from None
+        except json.JSONDecodeError as exc:
+            raise self._fail(
+                f"POST {shown}: the answer is not JSON ({exc.msg} at character {exc.pos}; {answer})"
+            ) from None
+        except RecursionError:
+            raise self._fail(f"POST {shown}: the answer is not JSON (nested too deep; {answer})") from None
+        except ValueError as exc:  # _reject_constant: NaN, Infinity, -Infinity
+            raise self._fail(f"POST {shown}: the answer is not JSON ({_clean(str(exc), 60)}; {answer})") from None
         if not isinstance(data, dict):
-            raise self._fail(f"POST {shown}: the answer is a JSON {type(data).__name__}, not an object")
+            raise self._fail(f"POST {shown}: the answer is a JSON {type(data).__name__}, not an object ({answer})")
         return data
 
     def _server_ms(self, values: list[str], round_trip_ms: float) -> float | None:
@@ -386,7 +448,7 @@ class HttpGuardrail:
         entries = [entry for value in values for entry in value.split(",") if entry.strip()]
         if len(entries) > MAX_ENTRIES:
             raise self._fail(f"Server-Timing: {len(entries)} metrics (at most {MAX_ENTRIES})")
-        for entry in entries:
+        for index, entry in enumerate(entries):
             name, *params = (part.strip() for part in entry.split(";"))
             for param in params:
                 key, _, raw = param.partition("=")
@@ -397,12 +459,10 @@ class HttpGuardrail:
                     number = float(raw)
                 except ValueError:
                     raise self._fail(
-                        f"Server-Timing: {_clean(name, 40)!r} has dur={_clean(raw, 20)!r}, not a number"
+                        f"Server-Timing: {_named(name, index)} has dur={_describe(raw)}, not a number"
                     ) from None
                 if not (math.isfinite(number) and 0.0 <= number <= MAX_DURATION_MS):
-                    raise self._fail(
-                        f"Server-Timing: {_clean(name, 40)!r} has dur={_clean(raw, 20)}, not a duration in ms"
-                    )
+                    raise self._fail(f"Server-Timing: {_named(name, index)} has dur={number:g}, not a duration in ms")
                 durations[name] = durations.get(name, 0.0) + number
                 total += number
         if not durations:
@@ -428,28 +488,35 @@ class HttpGuardrail:
     def _nemo(self, data: dict[str, Any]) -> CheckResult:
         status = data.get("status")
         if status not in ("success", "blocked"):
-            raise self._fail(f"the answer's status is {_clean(repr(status), 40)}, not 'success' or 'blocked'")
+            raise self._fail(f"the answer's status is {_describe(status)}, not 'success' or 'blocked'")
         rails = data.get("rails_status")
         if not isinstance(rails, dict):
             raise self._fail(f"the answer's rails_status is {type(rails).__name__}, not an object")
         if len(rails) > MAX_ENTRIES:
             raise self._fail(f"the answer names {len(rails)} rails (at most {MAX_ENTRIES})")
-        blocked: list[str] = []
-        for rail, state in rails.items():
-            rail_status = state.get("status") if isinstance(state, dict) else None
+        blocked: list[tuple[int, str]] = []
+        for index, (rail, state) in enumerate(rails.items()):
+            if not isinstance(state, dict):
+                raise self._fail(
+                    f"rails_status[{_named(rail, index)}] is {_describe(state)}, not {{'status': 'success'|'blocked'}}"
+                )
+            rail_status = state.get("status")
             if rail_status not in ("success", "blocked"):
                 raise self._fail(
-                    f"rails_status[{_clean(rail, 40)!r}] is {_clean(repr(state), 40)}, "
-                    "not {'status': 'success'|'blocked'}"
+                    f"rails_status[{_named(rail, index)}]'s status is {_describe(rail_status)}, "
+                    "not 'success' or 'blocked'"
                 )
             if rail_status == "blocked":
-                blocked.append(rail)
+                blocked.append((index, rail))
         if status == "success":
             if blocked:
-                raise self._fail(f"the answer's status is 'success' but rail {_clean(blocked[0], 40)!r} is blocked")
+                raise self._fail(
+                    f"the answer's status is 'success' but rail {_named(blocked[0][1], blocked[0][0])} is blocked"
+                )
             return CheckResult(risk_score=0.0, details={"rails": len(rails)})
         violations = [
-            Violation(_rail_type(rail), "high", f"NeMo Guardrails rail {_clean(rail)!r} blocked") for rail in blocked
+            Violation(_rail_type(rail), "high", f"NeMo Guardrails rail {_named(rail, index)} blocked")
+            for index, rail in blocked
         ]
         if not violations:
             violations = [Violation("unsafe_content", "high", "NeMo Guardrails blocked (no rail named)")]
@@ -460,9 +527,7 @@ class HttpGuardrail:
     def _nemo_server(self, data: dict[str, Any]) -> CheckResult:
         status = data.get("status")
         if status not in ("passed", "modified", "blocked"):
-            raise self._fail(
-                f"the answer's status is {_clean(repr(status), 40)}, not 'passed', 'modified' or 'blocked'"
-            )
+            raise self._fail(f"the answer's status is {_describe(status)}, not 'passed', 'modified' or 'blocked'")
         if not isinstance(data.get("content"), str):
             raise self._fail(f"the answer's content is {type(data.get('content')).__name__}, not a string")
         rail = data.get("rail")
@@ -470,7 +535,7 @@ class HttpGuardrail:
             raise self._fail(f"the answer's rail is {type(rail).__name__}, not a string")
         if status == "passed":
             return CheckResult(risk_score=0.0, details={"status": status})
-        shown = f"rail {_clean(rail)!r}" if rail else "a rail"
+        shown = f"rail {_named(rail, 0)}" if rail else "a rail"
         if status == "blocked":
             violation = Violation(_rail_type(rail or ""), "high", f"NeMo Guardrails {shown} blocked")
             return CheckResult(violations=[violation], risk_score=1.0, details={"status": status})
@@ -484,20 +549,32 @@ class HttpGuardrail:
             raise self._fail(f"the answer's {sanitized} is {type(data.get(sanitized)).__name__}, not a string")
         is_valid = data.get("is_valid")
         if not isinstance(is_valid, bool):
-            raise self._fail(f"the answer's is_valid is {_clean(repr(is_valid), 40)}, not true or false")
+            raise self._fail(f"the answer's is_valid is {_describe(is_valid)}, not true or false")
         scanners = data.get("scanners")
         if not isinstance(scanners, dict):
             raise self._fail(f"the answer's scanners is {type(scanners).__name__}, not an object")
         if len(scanners) > MAX_ENTRIES:
             raise self._fail(f"the answer names {len(scanners)} scanners (at most {MAX_ENTRIES})")
         risks: dict[str, float] = {}
-        for scanner, score in scanners.items():
+        shown: dict[str, str] = {}  # scanner → how a message names it
+        for index, (scanner, score) in enumerate(scanners.items()):
+            shown[scanner] = _named(scanner, index)
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-                raise self._fail(f"scanner {_clean(scanner, 40)!r} scored {_clean(repr(score), 40)}, not a number")
+                raise self._fail(f"scanner {shown[scanner]} scored {_describe(score)}, not a number")
             if not -1.0 <= score <= 1.0:
-                raise self._fail(f"scanner {_clean(scanner, 40)!r} scored {score!r}, outside [-1, 1]")
+                raise self._fail(f"scanner {shown[scanner]} scored {score:g}, outside [-1, 1]")
             risks[scanner] = max(0.0, float(score))
         risk = max(risks.values(), default=0.0)
+        if is_valid and risk > 0.0:
+            # LLM Guard scores a scanner (score - threshold) scaled into [-1, 1]: over 0 only when the scanner's score
+            # passed its threshold, i.e. the scanner failed; is_valid is every scanner's verdict together. A valid
+            # answer with a scanner over 0 contradicts itself (as NeMo's "success" with a blocked rail): an error of
+            # the check, not a pass.
+            worst = max(risks, key=lambda name: risks[name])
+            raise self._fail(
+                f"the answer's is_valid is true but scanner {shown[worst]} scored {risks[worst]:g} "
+                "(over 0: over its threshold)"
+            )
         violations: list[Violation] = []
         if not is_valid:
             for scanner, scanner_risk in risks.items():
@@ -507,7 +584,7 @@ class HttpGuardrail:
                         Violation(
                             kind,
                             risk_level(scanner_risk),
-                            f"LLM Guard scanner {_clean(scanner)} (risk {scanner_risk:.2f})",
+                            f"LLM Guard scanner {shown[scanner].strip(chr(39))} (risk {scanner_risk:.2f})",
                         )
                     )
             if not violations:
@@ -518,7 +595,7 @@ class HttpGuardrail:
         return CheckResult(
             violations=violations,
             risk_score=risk,
-            details={"is_valid": is_valid, "scanners": {_clean(k, 40): round(v, 4) for k, v in top.items()}},
+            details={"is_valid": is_valid, "scanners": {shown[k].strip("'"): round(v, 4) for k, v in top.items()}},
         )
 
 

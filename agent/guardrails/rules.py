@@ -1,17 +1,24 @@
 """The built-in rules: PII, secrets, prompt-injection phrases and a deny list, with the standard library alone.
 
-Every pattern is compiled once per process, by the first :func:`build`. Every repeat in them is bounded and none can
-match the same text in many ways, so a scan stays linear on hostile text (a megabyte of digits, spaces or ``@``).
-Numbers that look like a card or an IBAN are kept only when their check digits hold (Luhn, ISO 13616 mod 97). A
-violation's description names what was found, never the value itself ("card number ending 4242" at most).
+A text is normalised before the scans (:func:`normalize`): Unicode NFKC (full-width digits and letters, no-break and
+other spaces become their plain forms), format characters dropped (zero-width spaces, soft hyphens, bidi controls);
+the injection phrases are also matched after mapping the Cyrillic and Greek look-alikes of Latin letters
+(:data:`CONFUSABLES`). Every pattern is compiled once per process, by the first :func:`build`. Every repeat in them
+is bounded and none can match the same text in many ways, so a scan stays linear on hostile text (a megabyte of
+digits, spaces or ``@``). Numbers that look like a card or an IBAN are kept only when their check digits hold (Luhn,
+ISO 13616 mod 97). A violation's description names what was found, never the value itself ("card number ending
+4242" at most).
 docs/guardrail-rules.md has the tables.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,6 +72,40 @@ OPTIONS: dict[str, KeySpec] = {
     "deny_type": KeySpec(choice(*VIOLATION_TYPES), const("disallowed_topic"), "the violation type of a deny match"),
     "deny_severity": KeySpec(choice(*SEVERITIES), const("high"), "the severity of a deny match"),
 }
+
+
+# --- normalisation ------------------------------------------------------------------------------------------------
+
+# Unicode's format characters (general category Cf, Unicode 14 as in Python 3.11's unicodedata; a test compares it
+# with unicodedata): invisible, so "ig\u200bnore" and "4111\u00ad1111…" read as the words and numbers they show
+FORMAT_CHARACTERS = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f"
+)
+
+# Cyrillic and Greek letters that look like Latin ones, mapped to them before the injection phrases are matched
+# ("ignоre" with a Cyrillic о). Only there: the deny list and the other rules see the text as written.
+CONFUSABLES = {
+    # Cyrillic
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y",
+    "х": "x", "ѕ": "s", "і": "i", "ј": "j", "һ": "h", "ԁ": "d", "ԛ": "q", "ԝ": "w", "ӏ": "l", "ү": "y",
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T", "У": "Y",
+    "Х": "X", "Ѕ": "S", "І": "I", "Ј": "J", "Һ": "H", "Ԁ": "D", "Ԛ": "Q", "Ԝ": "W", "Ӏ": "I", "Ү": "Y",
+    # Greek
+    "α": "a", "β": "b", "γ": "y", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "σ": "o", "τ": "t",
+    "υ": "u", "χ": "x", "ω": "w",
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O", "Ρ": "P",
+    "Τ": "T", "Υ": "Y", "Χ": "X",
+}  # fmt: skip
+_CONFUSABLE_TABLE = str.maketrans(CONFUSABLES)
+
+
+def normalize(text: str, format_characters: re.Pattern[str]) -> str:
+    """NFKC with the format characters dropped; ASCII text as it is (the common case costs one pass)."""
+    if text.isascii():
+        return text
+    return unicodedata.normalize("NFKC", format_characters.sub("", text))
 
 
 # --- check digits -------------------------------------------------------------------------------------------------
@@ -142,13 +183,27 @@ _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 # The patterns below have no leading lookbehind (the engine can then skip to the characters that start one, which
 # measured faster): the character before a match is checked after it (_run_start), and so are the check digits.
 
-# 13-19 digits, a single space or dash allowed between any two; issuer digit 2-6 (Mastercard 2-series, Amex/Diners/
-# JCB 3, Visa 4, Mastercard 5, Discover/UnionPay 6)
-CARD = r"[2-6](?:[ -]?[0-9]){12,18}(?![0-9]|[ -][0-9])"
-CARD_BEFORE = frozenset("0123456789-")
+# 13-19 digits, issuer digit 2-6 (Mastercard 2-series, Amex/Diners/JCB 3, Visa 4, Mastercard 5, Discover/UnionPay
+# 6): either a single space or dash allowed between any two, or written in the groups of a card (4-4-4-4 with 1-3
+# more, 4-6-4, 4-6-5) apart by the same one to three of space, dot and dash each time ("4111.1111.1111.1111",
+# "4111  1111  1111  1111", "5555 - 5555 - …"; a no-break space is a space by then)
+CARD = (
+    r"[2-6](?:(?:[ -]?[0-9]){12,18}(?![0-9]|[ -][0-9])"
+    r"|[0-9]{3}([ .-]{1,3})(?:[0-9]{4}\1[0-9]{4}\1[0-9]{4}(?:\1[0-9]{1,3})?|[0-9]{6}\1[0-9]{4,5})"
+    r"(?![0-9]|[ .-]{1,3}[0-9]))"
+)
+CARD_BEFORE = frozenset("0123456789-.")
 DIGITS = frozenset("0123456789")
 
-IBAN = r"[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?![A-Za-z0-9])"
+# any case ("de89 3704 …"), groups of four apart by up to two spaces; the check digits hold after upper-casing. It
+# is tried only where two ASCII letters and two digits start a word, found in the text's shape (each letter an "a",
+# each digit a "0", anything else a ".": bytes.translate and bytes.find): a pattern tried at each letter of a text
+# would cost about twice the whole scan on prose
+IBAN = r"[A-Za-z]{2}[0-9]{2}(?: {0,2}[A-Za-z0-9]{4}){2,7}(?: {0,2}[A-Za-z0-9]{1,4})?(?![A-Za-z0-9])"
+_SHAPE = bytes(
+    ord("a") if chr(byte).isascii() and chr(byte).isalpha() else ord("0") if chr(byte) in "0123456789" else ord(".")
+    for byte in range(256)
+)
 IBAN_BEFORE = frozenset(_ALNUM)
 
 # (pattern, description): each starts with a literal, so the engine jumps from one occurrence of it to the next
@@ -160,6 +215,8 @@ API_KEYS: tuple[tuple[str, str], ...] = (
     (r"xox[abposr]-[A-Za-z0-9-]{10,250}", "Slack token"),
     (r"sk-(?:ant-|proj-)?[A-Za-z0-9_-]{20,250}", "OpenAI/Anthropic-style API key"),
     (r"AIza[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])", "Google API key"),
+    (r"[rs]k_live_[0-9A-Za-z]{16,247}(?![0-9A-Za-z])", "Stripe live key"),  # secret (sk_) or restricted (rk_)
+    (r"hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]{20,200}", "Slack webhook URL"),
     # a lookbehind here: a failed attempt reads up to 4 KB, so it must not be retried inside a run ("eyJeyJ…")
     (
         r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,4096}\.eyJ[A-Za-z0-9_-]{5,8192}\.[A-Za-z0-9_-]{10,4096}",
@@ -168,14 +225,33 @@ API_KEYS: tuple[tuple[str, str], ...] = (
 )
 TOKEN_BEFORE = frozenset(_ALNUM + "_-")
 
-# a secret-looking name, ':' or '=', and a value kept only when it looks random: 16-256 characters, two of lower
-# case / upper case / digits, and at least SECRET_MIN_ENTROPY bits per character. Run only when the text (in lower
-# case) has one of SECRET_WORDS; the name is matched in the lower-cased text, the value read from the text.
+# A key-ish name, ':' or '=', and a value kept only when it looks random: 16-256 characters, two of lower case /
+# upper case / digits, and at least SECRET_MIN_ENTROPY bits per character. The name is a word of SECRET_NAME with
+# any name parts before it (found by walking back: "aws_secret_access_key", "client_secret", "db.password"), an "s"
+# and up to three parts after it ("tokenizer" is not a token); the word must start a part of the name ("monkey" is
+# not a key; "clientSecret" is). Quoted or not (JSON, YAML, .env, shell). A value that is code (a call, or a dotted
+# name without digits: "key = Fernet.generate_key()") is not a secret. Run only when the text (in lower case) has
+# one of SECRET_WORDS; the name is matched in the lower-cased text, the value read from the text.
+SECRET_NAME = r"api[_-]?key|apikey|secret|token|password|passwd|passphrase|pwd|credentials?|private[_-]?key|key"
 SECRET_ASSIGNMENT = (
-    r"(api[_-]?key|apikey|secret(?:[_-]?key)?|client[_-]?secret|access[_-]?token|auth[_-]?token|password|passwd)"
-    r"[\"']?[ \t]{0,3}[:=][ \t]{0,3}[\"']?([A-Za-z0-9/+_.=-]{16,256})"
+    r"(" + SECRET_NAME + r")(s?(?:[_.-][a-z0-9]{1,16}){0,3}?)"
+    r"[\"']?[ \t]{0,3}[:=][ \t]{0,3}[\"']?([A-Za-z0-9/+_.=~-]{16,256})"
 )
-SECRET_WORDS = ("key", "secret", "token", "passw")
+SECRET_WORDS = ("key", "secret", "token", "pass", "pwd", "credential")
+NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+# A password in JSON ("password": "…" with both quoted) is a secret whatever it looks like: at least
+# PASSWORD_MIN_LENGTH characters that are not a placeholder (PASSWORD_PLACEHOLDERS, all '*', '<…>', '${…}', '{{…}}')
+JSON_PASSWORD = (
+    r"\"(?:[a-z0-9_.-]{0,32}[_.-])?(?:password|passwd|passphrase|pwd)\"[ \t]{0,3}:[ \t]{0,3}\"([^\"\\\n]{1,256})\""
+)
+PASSWORD_MIN_LENGTH = 6
+PASSWORD_PLACEHOLDERS = frozenset(
+    {"password", "passwd", "secret", "changeme", "redacted", "hidden", "none", "null", "string", "example", "xxxxxx"}
+)
+# "Bearer <token>" (an Authorization header or prose) and "Authorization: Basic <base64>": the token kept when it
+# looks random as above (a JSON Web Token is found by its own pattern)
+BEARER = r"bearer[ \t]{1,3}([A-Za-z0-9._~+/=-]{16,4096})(?![A-Za-z0-9._~+/=-])"
+BASIC = r"authorization[\"']?[ \t]{0,3}[:=][ \t]{0,3}[\"']?basic[ \t]{1,3}([A-Za-z0-9+/=]{12,4096})"
 SECRET_BEFORE = frozenset(_ALNUM + "_")
 SECRET_MIN_ENTROPY = 3.0  # bits per character
 
@@ -216,7 +292,10 @@ INJECTION_TRIGGERS = ("ignore", "disregard", "forget", "you are", "anything", "d
 
 
 def _literal(pattern: str) -> str:
-    """The literal text a key pattern starts with (after its lookbehind, if any): a quick test before the scan."""
+    """The literal text a key pattern starts with (after its lookbehind or one character class, if any): a quick
+    test before the scan."""
+    if pattern.startswith("[rs]"):
+        pattern = pattern[4:]
     if pattern.startswith("(?<!"):
         pattern = pattern[pattern.index(")") + 1 :]
     return pattern[: len(pattern) - len(pattern.lstrip(_ALNUM + "_-"))][:4]
@@ -236,6 +315,10 @@ class _Compiled:
         ]
         self.secret_assignment = re.compile(SECRET_ASSIGNMENT, ascii_)
         self.secret_assignment_any_case = re.compile(SECRET_ASSIGNMENT, ascii_ | re.IGNORECASE)
+        self.json_password = re.compile(JSON_PASSWORD, ascii_ | re.IGNORECASE)
+        self.bearer = re.compile(BEARER, ascii_ | re.IGNORECASE)
+        self.basic = re.compile(BASIC, ascii_ | re.IGNORECASE)
+        self.format_characters = re.compile(f"[{FORMAT_CHARACTERS}]")
         self.private_key = re.compile(PRIVATE_KEY, ascii_)
         self.injection = [
             (name, re.compile(pattern.replace(" ", r"\s+") + r"(?!\w)")) for name, pattern in INJECTION_PHRASES
@@ -302,18 +385,40 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
                     yield f"card number ending {digits[-4:]}"
 
     def ibans(text: str) -> Iterator[str]:
-        for match in patterns.iban.finditer(text):
-            if _run_start(text, match.start(), IBAN_BEFORE):
-                iban = match.group().replace(" ", "")
-                if iban_ok(iban):
+        # one byte per character ("?" for any other than ASCII): the positions are the text's
+        shape = text.encode("ascii", "replace").translate(_SHAPE)
+        end = 0  # where the last IBAN found ends
+        start = shape.find(b"aa00")
+        while start >= 0:
+            candidate, start = start, shape.find(b"aa00", start + 1)
+            if candidate < end or (candidate > 0 and shape[candidate - 1] != 46):  # 46: "." (not a letter or digit)
+                continue
+            match = patterns.iban.match(text, candidate)
+            if match is not None:
+                end = match.end()
+                iban = _iban_in(match.group())
+                if iban is not None:
                     yield f"IBAN ({iban[:2]})"
 
     def api_keys(text: str) -> Iterator[str]:
+        found: list[tuple[int, int]] = []  # the spans of the keys found by their own pattern (reported once)
+        starts: list[int] = []
+        reach: list[int] = []  # reach[i]: the furthest end of found[0..i] (found sorted by start)
+
+        def known(start: int, end: int) -> bool:
+            if len(starts) != len(found):
+                found.sort()
+                starts[:] = [low for low, _ in found]
+                reach[:] = list(itertools.accumulate((high for _, high in found), max))
+            before = bisect.bisect_left(starts, end)  # the spans starting before this one ends
+            return before > 0 and reach[before - 1] > start
+
         for literal, pattern, description in patterns.api_keys:
             if literal not in text:
                 continue
             for match in pattern.finditer(text):
                 if _run_start(text, match.start(), TOKEN_BEFORE):
+                    found.append(match.span())
                     yield description
         lowered = text.lower()
         if any(word in lowered for word in SECRET_WORDS):
@@ -321,9 +426,30 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
             same = len(lowered) == len(text)
             pattern = patterns.secret_assignment if same else patterns.secret_assignment_any_case
             for match in pattern.finditer(lowered if same else text):
-                value = text[match.start(2) : match.end(2)]
-                if _run_start(text, match.start(), SECRET_BEFORE) and _looks_random(value):
-                    yield f"secret assigned to {match.group(1).lower()}"
+                value = text[match.start(3) : match.end(3)]
+                if (
+                    _starts_a_name_part(text, match.start())
+                    and _looks_random(value)
+                    and not _is_code(value, text[match.end(3) : match.end(3) + 1])
+                    and not known(match.start(3), match.end(3))
+                ):
+                    yield f"secret assigned to {_key_name(text, match.start(), match.end(2))}"
+            if '"' in text:
+                for match in patterns.json_password.finditer(text):
+                    if _is_password(match.group(1)):
+                        yield "password in JSON"
+        if "bearer" in lowered:
+            for match in patterns.bearer.finditer(text):
+                if (
+                    _run_start(text, match.start(), SECRET_BEFORE)
+                    and _looks_random(match.group(1))
+                    and not known(*match.span(1))
+                ):
+                    yield "bearer token"
+        if "basic" in lowered and "authorization" in lowered:
+            for match in patterns.basic.finditer(text):
+                if _run_start(text, match.start(), SECRET_BEFORE) and _looks_random(match.group(1)):
+                    yield "basic authorization credentials"
 
     def private_keys(text: str) -> Iterator[str]:
         if "-----BEGIN" in text:
@@ -331,7 +457,7 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
                 yield "private key block"
 
     def injections(text: str) -> Iterator[str]:
-        lowered = text.lower()
+        lowered = (text if text.isascii() else text.translate(_CONFUSABLE_TABLE)).lower()
         if any(trigger in lowered for trigger in INJECTION_TRIGGERS):
             for name, pattern in patterns.injection:
                 for match in pattern.finditer(lowered):
@@ -348,6 +474,64 @@ def _scans(patterns: _Compiled) -> dict[str, Scan]:
         "private_key": private_keys,
         "injection": injections,
     }
+
+
+def _iban_in(matched: str) -> str | None:
+    """The IBAN a match starts with (upper case, no spaces), when its check digits hold: as long as its country's
+    IBANs, so a short word after it ("… 1332 ok", matched as a last group in any case) is left out."""
+    compact = matched.replace(" ", "").upper()
+    length = IBAN_LENGTHS.get(compact[:2])
+    if length is None or len(compact) < length or not iban_ok(compact[:length]):
+        return None
+    if len(compact) > length:  # it must end where a group does: "DE89 3704 0044 0532 0130 00ab" is no IBAN
+        seen = 0
+        for position, char in enumerate(matched):
+            if char != " ":
+                seen += 1
+                if seen == length:
+                    if matched[position + 1 : position + 2] != " ":
+                        return None
+                    break
+    return compact[:length]
+
+
+def _starts_a_name_part(text: str, start: int) -> bool:
+    """Whether the key word at ``start`` starts a part of a name: at the start, after a character that is not a
+    letter or digit ("aws_secret", "db.password", '"token"'), or a capital after a small letter ("clientSecret")."""
+    if start == 0:
+        return True
+    before = text[start - 1]
+    if not before.isascii() or not before.isalnum():
+        return True
+    return text[start].isupper() and (before.islower() or before.isdigit())
+
+
+def _key_name(text: str, start: int, end: int) -> str:
+    """The whole name a key word is part of, lower case, at most 40 characters ("aws_secret_access_key"): the name
+    parts before the word (up to 32 characters), the word and the parts after it (``end``)."""
+    low = start
+    while low > 0 and start - low < 32 and text[low - 1].lower() in NAME_CHARACTERS:
+        low -= 1
+    name = text[low:end].lower().strip("_.-")[:40]
+    # a name is no secret, but one with many digits could carry a number the text should not repeat
+    return name if sum(char.isdigit() for char in name) <= 4 else text[start:end].lower()
+
+
+_DOTTED_NAME = re.compile(r"[A-Za-z_]+(?:\.[A-Za-z_]+)+")
+
+
+def _is_code(value: str, after: str) -> bool:
+    """Whether an assigned value is code rather than a secret: a call ("Fernet.generate_key(") or a dotted name."""
+    return after == "(" or _DOTTED_NAME.fullmatch(value) is not None
+
+
+def _is_password(value: str) -> bool:
+    stripped = value.strip()
+    if len(stripped) < PASSWORD_MIN_LENGTH or stripped.lower() in PASSWORD_PLACEHOLDERS:
+        return False
+    if set(stripped) <= set("*•xX.-_ ") or (stripped[:1] == "<" and stripped[-1:] == ">"):
+        return False
+    return not stripped.startswith(("${", "{{", "%("))
 
 
 def _looks_random(value: str) -> bool:
@@ -370,7 +554,7 @@ class DenyList:
         self.words: dict[str, int] = {}  # folded word -> its number (1-based, in the order configured)
         self.phrase_numbers: dict[str, int] = {}  # folded phrase, single-spaced -> its number
         for number, term in enumerate(terms, start=1):
-            folded = " ".join(term.casefold().split())
+            folded = " ".join(unicodedata.normalize("NFKC", term).casefold().split())  # as the text is
             if self.word.fullmatch(folded):
                 self.words.setdefault(folded, number)
             else:
@@ -418,13 +602,16 @@ class RulesGuardrail:
         self.name = name
         self.stages = stages
         self.rules = tuple(rules)
-        scans = _scans(_compiled())
+        compiled = _compiled()
+        scans = _scans(compiled)
+        self._format_characters = compiled.format_characters
         self._scans = [(rule, scans[rule], *RULE_VIOLATIONS[rule]) for rule in self.rules]
         self._deny = deny
         self._deny_type = deny_type
         self._deny_severity = deny_severity
 
     def check(self, text: str) -> CheckResult:
+        text = normalize(text, self._format_characters)
         violations: list[Violation] = []
         matches: Counter[str] = Counter()
         worst = -1
