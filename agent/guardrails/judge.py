@@ -3,17 +3,23 @@
 The check loads its own model at build time (a second llama.cpp model beside the one being measured, with its
 own context and threads), and for every call:
 
-1. tokenizes the text with the judge's vocabulary as plain text (special-token strings in it stay characters) and
-   cuts it to ``max_input_tokens`` tokens (said in the details when it does);
-2. puts those ids where ``{text}`` stands in the template (the built-in ``llama-guard`` prompt, or a file with
-   ``{role}`` and ``{text}``), whose pieces were tokenized once at build with their special tokens parsed;
-3. clears the KV cache and evaluates the prompt once — no generation;
+1. tokenizes the text with the judge's vocabulary as plain text (special-token strings in it stay characters), in
+   chunks of characters, stopping as soon as it holds more tokens than ``max_windows`` windows can;
+2. splits the tokens into windows of at most ``max_input_tokens`` tokens, each overlapping the one before by
+   ``overlap`` tokens (64, or a quarter of a window when that is less), the last window ending at the text's end;
+3. for each window: puts its ids where ``{text}`` stands in the template (the built-in ``llama-guard`` prompt, or a
+   file with ``{role}`` and ``{text}``), whose pieces were tokenized once at build with their special tokens parsed,
+   clears the KV cache and evaluates the prompt once — no generation;
 4. reads the first-token distribution: with ``l_u`` and ``l_s`` the logits of the first token of
    ``unsafe_token`` and of ``safe_token``, ``p_unsafe`` and ``p_safe`` are their softmax probabilities over the
-   whole vocabulary and the risk is ``p_unsafe / (p_unsafe + p_safe)``, computed as ``1 / (1 + exp(l_s − l_u))``
-   (the same number, without underflow when both probabilities are tiny);
-5. reports a violation ``unsafe_content`` when risk ≥ ``threshold``, its severity the risk's level but at least
-   ``medium``.
+   whole vocabulary and the window's risk is ``p_unsafe / (p_unsafe + p_safe)``, computed as
+   ``1 / (1 + exp(l_s − l_u))`` (the same number, without underflow when both probabilities are tiny);
+5. the text's risk is its riskiest window's; a violation ``unsafe_content`` when it is ≥ ``threshold``, its
+   severity the risk's level but at least ``medium``, naming the window (its number and token range, never text).
+
+A text longer than ``max_windows`` windows hold is not judged at all (judging part of it would let a harmful text
+through behind padding): the answer is risk 1 and a ``critical`` violation of type ``other`` saying so — it blocks
+under every ``block_at`` when the check's action is ``block``.
 
 The answer words are tokenized as the model would write them right after the template's last line break (no
 leading space: Llama Guard answers ``safe``/``unsafe`` at the start of its turn). Their first tokens must differ.
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +85,15 @@ ROLES = {"input": "User", "threat": "User", "output": "Agent"}
 _ANCHOR = "\n"
 # Stands for the text while the template is split into its pieces.
 _TEXT = "\x00text\x00"
+# Tokens a window shares with the one before it (at most a quarter of a window), so that a phrase across a window's
+# boundary is seen whole in one of them.
+WINDOW_OVERLAP = 64
+# The text is tokenized in chunks of about this many characters, so that a huge text costs only what the windows
+# can hold (plus one chunk) and an abort is seen between chunks.
+CHUNK_CHARS = 8192
+# A chunk ends before a single space between a non-space and a letter (" word": a piece of its own for the
+# tokenizers' pre-splitting), where one is in the chunk's second half.
+_WORD_START = re.compile(r"(?<=\S) (?=[^\W\d_])")
 
 
 def _required_model() -> Path:
@@ -106,7 +123,12 @@ OPTIONS: dict[str, KeySpec] = {
     "threshold": KeySpec(number_range(0.0, 1.0), const(0.5), "risk at or above which the text is unsafe"),
     "n_ctx": KeySpec(int_range(64, 131072), const(2048), "the judge model's context size (tokens)"),
     "n_threads": KeySpec(optional(_threads), const(None), "threads for the judge model (default: the engine's)"),
-    "max_input_tokens": KeySpec(int_range(1), const(1024), "longer text is cut to this many tokens"),
+    "max_input_tokens": KeySpec(
+        int_range(1), const(1024), "tokens per window: a longer text is judged in overlapping windows"
+    ),
+    "max_windows": KeySpec(
+        int_range(1, 256), const(8), "windows at most; a longer text is not judged: a critical violation (blocks)"
+    ),
 }
 DEFAULT_STAGES: frozenset[str] = frozenset({"threat"})
 
@@ -151,7 +173,7 @@ def load_template(check: CheckConfig, value: str) -> str:
 
 
 class JudgeGuardrail:
-    """A loaded judge model scoring texts by its first answer token."""
+    """A loaded judge model scoring texts by its first answer token, window by window."""
 
     kind = "judge"
 
@@ -165,6 +187,7 @@ class JudgeGuardrail:
         safe_id: int,
         threshold: float,
         max_input_tokens: int,
+        max_windows: int = 8,
     ) -> None:
         import llama_cpp
 
@@ -176,7 +199,13 @@ class JudgeGuardrail:
         self.safe_id = safe_id
         self.threshold = threshold
         self.max_input_tokens = max_input_tokens
+        self.max_windows = max_windows
+        self.overlap = min(WINDOW_OVERLAP, max_input_tokens // 4)
+        self.stride = max_input_tokens - self.overlap
+        # the most tokens max_windows windows hold: a longer text is not judged
+        self.max_text_tokens = max_input_tokens + (max_windows - 1) * self.stride
         self.calls = 0
+        self.evaluations = 0  # prompt evaluations (one per window)
         self._pieces = {role: template_pieces(engine, template, role) for role in set(ROLES.values())}
         self._lib = llama_cpp
         self._lock = threading.Lock()
@@ -195,26 +224,53 @@ class JudgeGuardrail:
     def filter_output(self, text: str) -> CheckResult:
         return self.judge(text, ROLES["output"])
 
-    # -- scoring ------------------------------------------------------------------------------------------
-    def prompt_tokens(self, text: str, role: str) -> tuple[list[int], int, bool]:
-        """The prompt's token ids, the text's own token count (before any cut) and whether it was cut.
+    # -- tokens and windows -------------------------------------------------------------------------------
+    def text_tokens(self, text: str) -> tuple[list[int], bool]:
+        """The text's ids and whether they are all of it: tokenized as plain text in chunks of characters
+        (:func:`text_chunks`), stopping once there are more than :attr:`max_text_tokens` (then ``False``).
 
-        The text is tokenized as plain text — a ``<|eot_id|>`` in it is characters, never the model's special
-        token, so a text cannot close the template's turn and answer for the judge — and put between the
-        template's pieces, tokenized once at build with their special tokens parsed.
+        Plain text: a ``<|eot_id|>`` in it is characters, never the model's special token, so a text cannot close
+        the template's turn and answer for the judge.
         """
-        ids = continuation(self.engine, text, special=False)
-        cut = len(ids) > self.max_input_tokens
-        kept = ids[: self.max_input_tokens]
+        ids: list[int] = []
+        for chunk in text_chunks(text, CHUNK_CHARS):
+            if self._abort.is_set():
+                raise GuardrailError(f"judge check {self.name!r}: aborted while tokenizing the text")
+            ids += continuation(self.engine, chunk, special=False)
+            if len(ids) > self.max_text_tokens:
+                return ids, False
+        return ids, True
+
+    def windows(self, n_tokens: int) -> list[tuple[int, int]]:
+        """The windows ``[start, end)`` over a text of ``n_tokens`` tokens: ``max_input_tokens`` long, each one
+        starting ``stride`` tokens after the one before, the last one ending at the text's end (one window, maybe
+        empty, for a short text)."""
+        size = self.max_input_tokens
+        if n_tokens <= size:
+            return [(0, n_tokens)]
+        starts = [*range(0, n_tokens - size, self.stride), n_tokens - size]
+        return [(start, start + size) for start in starts]
+
+    def prompt(self, ids: list[int], role: str) -> list[int]:
+        """The prompt for one window: its ids put between the template's pieces (tokenized once at build with
+        their special tokens parsed)."""
         head, *rest = self._pieces[role]
         prompt = list(head)
         for piece in rest:
-            prompt += kept
+            prompt += ids
             prompt += piece
-        return prompt, len(ids), cut
+        return prompt
 
+    def prompt_tokens(self, text: str, role: str) -> list[list[int]]:
+        """The prompts of the text's windows (none when the text is too long to judge)."""
+        ids, complete = self.text_tokens(text)
+        if not complete:
+            return []
+        return [self.prompt(ids[start:end], role) for start, end in self.windows(len(ids))]
+
+    # -- scoring ------------------------------------------------------------------------------------------
     def judge(self, text: str, role: str) -> CheckResult:
-        """Score one text: one prompt evaluation from an empty KV cache, then the first-token distribution."""
+        """Score one text: each window one prompt evaluation from an empty KV cache; the riskiest window's risk."""
         with self._lock:
             if self.engine is None:
                 raise GuardrailError(f"judge check {self.name!r}: closed")
@@ -222,12 +278,77 @@ class JudgeGuardrail:
             return self._judge(text, role)
 
     def _judge(self, text: str, role: str) -> CheckResult:
+        ids, complete = self.text_tokens(text)
+        if not complete:
+            return self._too_long(text, len(ids))
+        windows = self.windows(len(ids))
+        risks: list[float] = []
+        best: tuple[float, float, float] | None = None  # the riskiest window's (risk, p_unsafe, p_safe)
+        best_index = 0
+        prompt_tokens = 0
+        for index, (start, end) in enumerate(windows):
+            if self._abort.is_set():
+                raise GuardrailError(f"judge check {self.name!r}: aborted after {index} of {len(windows)} windows")
+            tokens = self.prompt(ids[start:end], role)
+            scored = self._score(tokens)
+            prompt_tokens += len(tokens)
+            risks.append(scored[0])
+            if best is None or scored[0] > best[0]:
+                best, best_index = scored, index
+        assert best is not None  # a text has at least one window
+        self.calls += 1
+        risk, p_unsafe, p_safe = best
+        details: dict[str, Any] = {
+            "p_unsafe": p_unsafe,
+            "p_safe": p_safe,
+            "prompt_tokens": prompt_tokens,
+            "text_tokens": len(ids),
+            "windows": len(windows),
+            "window": best_index,
+            "window_risks": risks,
+        }
+        violations = []
+        if risk >= self.threshold:
+            level = risk_level(risk)
+            severity = "medium" if level == "low" else level
+            where = ""
+            if len(windows) > 1:
+                start, end = windows[best_index]
+                where = f" in window {best_index + 1} of {len(windows)} (tokens {start}–{end} of {len(ids)})"
+            violations.append(
+                Violation(
+                    "unsafe_content",
+                    severity,
+                    f"judged unsafe by {self.name}: risk {risk:.2f}{where} (p_unsafe {p_unsafe:.3g}, "
+                    f"p_safe {p_safe:.3g})",
+                )
+            )
+        return CheckResult(violations=violations, risk_score=risk, details=details)
+
+    def _too_long(self, text: str, counted: int) -> CheckResult:
+        """The answer for a text longer than the windows hold: not judged, so treated as unsafe (fail closed)."""
+        self.calls += 1
+        description = (
+            f"text too long to judge: more than {self.max_text_tokens} tokens ({len(text)} characters), "
+            f"more than max_windows {self.max_windows} of max_input_tokens {self.max_input_tokens} hold"
+        )
+        details: dict[str, Any] = {
+            "too_long": True,
+            "text_chars": len(text),
+            "text_tokens_counted": counted,
+            "max_text_tokens": self.max_text_tokens,
+            "windows": 0,
+            "prompt_tokens": 0,
+        }
+        return CheckResult(violations=[Violation("other", "critical", description)], risk_score=1.0, details=details)
+
+    def _score(self, tokens: list[int]) -> tuple[float, float, float]:
+        """One prompt evaluated from an empty KV cache: its (risk, p_unsafe, p_safe)."""
         import numpy as np
 
         from ..errors import RequestError
 
         engine, lib = self.engine, self._lib
-        tokens, text_tokens, cut = self.prompt_tokens(text, role)
         if len(tokens) >= engine.n_ctx:
             raise GuardrailError(
                 f"judge check {self.name!r}: the prompt has {len(tokens)} tokens; the judge's context holds "
@@ -241,7 +362,7 @@ class JudgeGuardrail:
         except RequestError as exc:
             why = "aborted" if self._abort.is_set() else str(exc)
             raise GuardrailError(f"judge check {self.name!r}: llama.cpp failed on the judge model: {why}") from None
-        self.calls += 1
+        self.evaluations += 1
         row = logits.astype(np.float64)
         top = float(row.max())
         if not math.isfinite(top):
@@ -253,26 +374,7 @@ class JudgeGuardrail:
         if math.isnan(diff):
             raise GuardrailError(f"judge check {self.name!r}: the judge model gives neither answer token a logit")
         risk = 0.0 if diff > 700 else 1.0 / (1.0 + math.exp(diff))
-        details: dict[str, Any] = {
-            "p_unsafe": p_unsafe,
-            "p_safe": p_safe,
-            "prompt_tokens": len(tokens),
-            "text_tokens": text_tokens,
-        }
-        if cut:
-            details["cut"] = f"text cut from {text_tokens} to {self.max_input_tokens} tokens (max_input_tokens)"
-        violations = []
-        if risk >= self.threshold:
-            level = risk_level(risk)
-            severity = "medium" if level == "low" else level
-            violations.append(
-                Violation(
-                    "unsafe_content",
-                    severity,
-                    f"judged unsafe by {self.name}: risk {risk:.2f} (p_unsafe {p_unsafe:.3g}, p_safe {p_safe:.3g})",
-                )
-            )
-        return CheckResult(violations=violations, risk_score=risk, details=details)
+        return risk, p_unsafe, p_safe
 
     # -- lifetime -------------------------------------------------------------------------------------------
     def abort(self) -> None:
@@ -299,6 +401,20 @@ def continuation(engine: Any, text: str, *, special: bool) -> list[int]:
     if ids[: len(anchor)] == anchor:
         return ids[len(anchor) :]
     return list(tokenize(text.encode("utf-8"), add_bos=False, special=special))
+
+
+def text_chunks(text: str, size: int) -> Iterator[str]:
+    """``text`` in consecutive pieces of at most ``size`` characters, one at a time, each ending where it can
+    before the space of a word (where tokenizers split the text anyway): the pieces' tokens put together are the
+    whole text's tokens, but near a hard cut inside a long run without one."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        for match in _WORD_START.finditer(text, start + max(1, size // 2), end):
+            end = match.start()
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def template_pieces(engine: Any, template: str, role: str) -> list[list[int]]:
@@ -333,6 +449,7 @@ def build(check: CheckConfig, context: BuildContext) -> JudgeGuardrail:
     n_ctx = int(_option(check, "n_ctx"))
     n_threads = _option(check, "n_threads") or context.n_threads
     max_input_tokens = int(_option(check, "max_input_tokens"))
+    max_windows = int(_option(check, "max_windows"))
     settings = EngineSettings(n_ctx=n_ctx, n_threads=n_threads, n_batch=min(512, n_ctx), flash_attn=True)
     try:
         engine = LlamaEngine.load(Path(model), settings, compute_sha256=False)
@@ -367,6 +484,7 @@ def build(check: CheckConfig, context: BuildContext) -> JudgeGuardrail:
             safe_id=safe_id,
             threshold=threshold,
             max_input_tokens=max_input_tokens,
+            max_windows=max_windows,
         )
     except BaseException:
         engine.close()
