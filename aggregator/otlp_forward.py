@@ -350,11 +350,14 @@ class Forwarder:
         """Whether the backend shows it accepts records while refusing the batch's: it accepts another device's
         records waiting after the batch (sent now, ahead of the cursor), or, after a run longer than the budget, the
         last request of records it accepted (sent again). A failure stops the batch (``batch.stopped``)."""
-        devices = {r.get("device_id") for r in records}
-        room = AHEAD_BATCHES * self.settings.batch_records - len(self._ahead[signal])
-        others = await asyncio.to_thread(
-            self._others_after, signal, top, devices, min(room, self.settings.batch_records)
-        )
+        # the devices whose records it refused alone; another device's records are probed, the batch's own first
+        refused_alone = [*batch.carried, *(r for r, _, _ in batch.suspects)]
+        devices = {r.get("device_id") for r in refused_alone} or {r.get("device_id") for r in records}
+        tried = {id(r) for r in refused_alone}
+        room = min(AHEAD_BATCHES * self.settings.batch_records - len(self._ahead[signal]), self.settings.batch_records)
+        others = [r for r in records if r.get("device_id") not in devices and id(r) not in tried][: max(room, 0)]
+        if len(others) < room:
+            others += await asyncio.to_thread(self._others_after, signal, top, devices, room - len(others))
         if others:
             body, items, pending, refused = await self._encode(signal, others)
             if refused:
@@ -407,7 +410,8 @@ class Forwarder:
             if batch.stopped:
                 return
         self._carried[signal] = []
-        rest = [r for r in fresh if id(r) not in done]
+        ahead = self._ahead[signal]
+        rest = [r for r in fresh if id(r) not in done and r["_seq"] not in ahead]
         if rest:
             await self._send(signal, rest, top, batch)
 
