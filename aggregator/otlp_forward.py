@@ -15,13 +15,20 @@ One record never holds up the others (docs/opentelemetry.md, "When a record or t
   (``lens_core.record_schema``), so this is a last line of defence, not a path stored records should take.
 - A request the backend refuses as malformed or too large (``400``/``413``) is halved, in order, until the records it
   refuses are alone. A record refused alone is a *suspect*; it is skipped (counted as rejected, logged with its id)
-  only when the backend accepts another request: suspects refused before that acceptance are first sent again as
-  one request (halved on a refusal) and skipped only if refused alone then; suspects refused after an acceptance of
-  the same batch are skipped when the batch ends. When more than ``2·⌈log2 n⌉ + 4`` requests in a row are refused
-  without an acceptance (n: the batch's records), or a batch ends with suspects and nothing accepted, the backend
-  is refusing everything: the signal is held and retried with backoff like a backend that is down, nothing is
-  skipped, ``backend_failing`` shows it. The suspects found so far are carried to the next pass, which probes the
-  records after them (a long run of records the backend refuses is passed in a few passes, never a stall).
+  only on evidence that the backend accepts other records: suspects refused before an acceptance are first sent
+  again as one request (halved on a refusal) and skipped only if refused alone then; suspects refused after an
+  acceptance of the same batch are skipped when the batch ends.
+- When nothing of a batch is accepted (its suspects refused alone and nothing else, or more than
+  ``2·⌈log2 n⌉ + 4`` requests in a row refused; n: the batch's records), evidence is looked for before holding:
+  another device's records (the batch's own of devices with no suspect, then those waiting up to ``AHEAD_BATCHES``
+  batches after it) sent ahead of the cursor, or, after a run past the budget, the last accepted request sent again
+  (``_proof``; not for delta metrics). Accepted, the rest of the batch is halved down to its refused records with no
+  limit on refusals in a row, a probe after each budget of them. Records sent ahead are kept with the cursor
+  (``ahead``) and left out when it reaches them. Without evidence the backend is refusing everything: the signal is
+  held and retried with backoff like a backend that is down, nothing is skipped, ``backend_failing`` shows it, and
+  the suspects found so far are carried to the next pass. A run of N refused records of one device so holds no
+  other device (their records go in the first pass) and is passed in at most ⌈N / batch_records⌉ + 1 passes, at
+  about 2N requests.
 - ``partial_success`` counts are clamped to the spans or points sent (never negative, never more than sent).
 
 Several aggregator replicas on one PostgreSQL store share the cursors: a cursor moves by compare-and-swap, so a
