@@ -399,7 +399,7 @@ class Forwarder:
                     batch.stopped = True
                 return False  # it refuses other devices' records too: nothing shows it works
         if batch.exhausted:
-            return await self._reprobe(signal, batch, empty=False)
+            return await self._reprobe(signal, batch, records=True)
         return False
 
     async def _isolate(self, signal: str, fresh: list[dict[str, Any]], top: int, batch: _Batch) -> None:
@@ -422,13 +422,13 @@ class Forwarder:
         if rest:
             await self._send(signal, rest, top, batch)
 
-    async def _reprobe(self, signal: str, batch: _Batch, *, empty: bool) -> bool:
-        """Send again the last request of records the backend accepted (or, when none is kept and ``empty``, an
-        export with no records): accepted, the backend still works. Refused, it refuses everything: the batch is
-        held. A failure stops it."""
-        body = self._proof[signal]
+    async def _reprobe(self, signal: str, batch: _Batch, *, records: bool) -> bool:
+        """Send again the last request of records the backend accepted (``records``, when one is kept), or else,
+        once the batch has evidence, an export with no records: accepted, the backend still works. Refused, it
+        refuses everything: the batch is held. A failure stops it. Before any evidence only records count."""
+        body = self._proof[signal] if records else None
         if body is None:
-            if not empty:
+            if not batch.accepted:
                 return False
             body = b""  # an OTLP export request with no resource spans or metrics
         answer = await self._post(signal, body)
@@ -436,7 +436,8 @@ class Forwarder:
             return True
         if answer.outcome == "refused":
             self._proof[signal] = None
-            self._hold(signal, batch, f"a request it accepted before is refused now: {answer.message}")
+            what = "a request it accepted before" if body else "an export with no records"
+            self._hold(signal, batch, f"{what} is refused now: {answer.message}")
         else:
             self._failed(signal, answer)
             batch.stopped = True
@@ -562,7 +563,11 @@ class Forwarder:
                 batch.exhausted = batch.stopped = True
                 return
             # it accepted records of this batch: check that it still does before going on halving
-            if not await self._reprobe(signal, batch, empty=True):
+            # an export with no records each time (it catches a backend now answering 400 to everything), the
+            # accepted request again the 1st, 2nd, 4th, 8th… time (a backend now refusing every record), so that
+            # its spans reach the backend again only O(log n) times
+            batch.probes += 1
+            if not await self._reprobe(signal, batch, records=batch.probes & (batch.probes - 1) == 0):
                 return
             batch.refused_in_a_row = 0
         if len(records) > 1:  # halve until the records the backend refuses are alone; the rest goes through
@@ -777,6 +782,7 @@ class _Batch:
     stopped: bool = False  # the backend failed or was held: the rest of the batch waits
     exhausted: bool = False  # more than ``budget`` refusals in a row and nothing accepted: evidence is looked for
     why: str = ""  # the refusal that exhausted the budget
+    probes: int = 0  # probes sent while halving after evidence
     ahead_new: list[int] = field(default_factory=list)  # seqs sent ahead of the cursor in this batch
     extra_items: int = 0  # items accepted (or rejected) outside the requests that move the cursor, counted at the
     extra_rejected: int = 0  # next move

@@ -13,6 +13,7 @@ A real ``lens-aggregator serve`` forwards to a real loopback OTLP receiver (test
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.app import FORWARDER, Settings, _row, create_app
-from aggregator.otlp_forward import stored_status
+from aggregator.otlp_forward import Forwarder, stored_status
 from aggregator.store import SQLiteStore
 from lens_core import otlp, wire
 from lens_core import record_schema as rs
@@ -570,6 +571,9 @@ async def test_a_long_run_one_device_s_records_the_backend_refuses_does_not_stal
     for signal in ("traces", "metrics"):
         assert forwarder.status[signal].failures.get("refused_all", 0) == 0, forwarder.status[signal].failures
     assert {s.trace_id for _, s in receiver.spans()} == want
+    # the accepted request is sent again as a probe O(log n) times a batch, not after every budget of refusals
+    good_spans = sum(len(otlp.record_spans(r)) for r in good)
+    assert len(receiver.spans()) <= good_spans * 8 * 3, (len(receiver.spans()), good_spans)
     assert all(resource["lens.device.id"] == GOOD for resource, _, _ in receiver.points())
     counts = {
         tuple(sorted((kv.key, str(kv.value)) for kv in point.attributes)): point.count
@@ -623,3 +627,55 @@ def store_directly_in(store: SQLiteStore, records: list[dict[str, Any]], device:
     """Rows stored as ingest stores a batch (the records are valid; no token needed)."""
     rows = [_row(r, "cbor", encode_raw(r, "cbor")) for r in records]
     store.ingest(device, str(uuid.uuid4()), 0, {}, rows, NOW)
+
+
+async def test_records_sent_ahead_are_kept_with_the_cursor_across_a_restart(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Another device's records sent ahead of a refused run are kept with the cursor: a restarted forwarder does not
+    send them (or count their points) again. It keeps no accepted request to send again, so the rest of the run waits
+    (held, nothing skipped) for the next record the backend accepts, then passes."""
+    receiver = Receiver(refuse_devices={OLD})
+    server = await aiohttp_server(receiver.app(), host="127.0.0.1")
+    store = SQLiteStore(tmp_path / "agg.db")
+    bad, good = good_records(200, device=OLD, seed=25), good_records(5, seed=26)
+    store_directly_in(store, bad, OLD)
+    store_directly_in(store, good, GOOD)
+    settings = otlp_settings(server.port, batch_records=100)
+    first = Forwarder(store, settings)
+    await asyncio.to_thread(first._load)
+    await first.forward_once()  # the first 100 refused: the 5 sent ahead, the 100 isolated and passed
+    await first.stop()
+    cursor = json.loads(store.get_meta("otlp.traces") or "{}")
+    assert cursor["seq"] == 100 and cursor["ahead"] == list(range(201, 206)), cursor
+    assert json.loads(store.get_meta("otlp.metrics") or "{}")["ahead"] == list(range(201, 206))
+    spans_before, points_before = len(receiver.spans()), len(receiver.points())
+    assert {s.trace_id for _, s in receiver.spans()} == {r["id"] for r in good}
+
+    second = Forwarder(store, settings)  # a restart
+    await asyncio.to_thread(second._load)
+    await second.forward_once()
+    assert second.status["traces"].refusing_all and stored_status(store)["traces"]["cursor_seq"] == 100
+    late = good_records(1, seed=27)
+    store_directly_in(store, late, GOOD)
+    deadline = time.monotonic() + 30
+    while any(stored_status(store)[s]["pending_records"] for s in ("traces", "metrics")):
+        assert time.monotonic() < deadline, stored_status(store)
+        for status in second.status.values():
+            status.retry_at = None  # not the backoff under test
+        await second.forward_once()
+    await second.stop()
+    # the 5 were not sent again (the late record was: it is the probe sent again after each budget of refusals)
+    assert sum(1 for _, span in receiver.spans() if span.trace_id in {r["id"] for r in good}) == spans_before
+    assert late[0]["id"] in {s.trace_id for _, s in receiver.spans()}
+    assert len(receiver.points()) > points_before
+    counts = {
+        tuple(sorted((kv.key, str(kv.value)) for kv in point.attributes)): point.count
+        for _, metric, point in receiver.points()
+        if metric.name == "gen_ai.client.operation.duration"
+    }
+    assert sum(counts.values()) == sum(1 for r in [*good, *late] if r["e2e_us"] is not None)  # cumulative, once each
+    status = stored_status(store)
+    assert status["traces"]["rejected_items"] == sum(len(otlp.record_spans(r)) for r in bad)
+    assert status["traces"]["forwarded_records"] == 206
+    assert "ahead" not in json.loads(store.get_meta("otlp.traces") or "{}")
