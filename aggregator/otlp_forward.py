@@ -15,13 +15,20 @@ One record never holds up the others (docs/opentelemetry.md, "When a record or t
   (``lens_core.record_schema``), so this is a last line of defence, not a path stored records should take.
 - A request the backend refuses as malformed or too large (``400``/``413``) is halved, in order, until the records it
   refuses are alone. A record refused alone is a *suspect*; it is skipped (counted as rejected, logged with its id)
-  only when the backend accepts another request: suspects refused before that acceptance are first sent again as
-  one request (halved on a refusal) and skipped only if refused alone then; suspects refused after an acceptance of
-  the same batch are skipped when the batch ends. When more than ``2·⌈log2 n⌉ + 4`` requests in a row are refused
-  without an acceptance (n: the batch's records), or a batch ends with suspects and nothing accepted, the backend
-  is refusing everything: the signal is held and retried with backoff like a backend that is down, nothing is
-  skipped, ``backend_failing`` shows it. The suspects found so far are carried to the next pass, which probes the
-  records after them (a long run of records the backend refuses is passed in a few passes, never a stall).
+  only on evidence that the backend accepts other records: suspects refused before an acceptance are first sent
+  again as one request (halved on a refusal) and skipped only if refused alone then; suspects refused after an
+  acceptance of the same batch are skipped when the batch ends.
+- When nothing of a batch is accepted (its suspects refused alone and nothing else, or more than
+  ``2·⌈log2 n⌉ + 4`` requests in a row refused; n: the batch's records), evidence is looked for before holding:
+  another device's records (the batch's own of devices with no suspect, then those waiting up to ``AHEAD_BATCHES``
+  batches after it) sent ahead of the cursor, or, after a run past the budget, the last accepted request sent again
+  (``_proof``; not for delta metrics). Accepted, the rest of the batch is halved down to its refused records with no
+  limit on refusals in a row, a probe after each budget of them. Records sent ahead are kept with the cursor
+  (``ahead``) and left out when it reaches them. Without evidence the backend is refusing everything: the signal is
+  held and retried with backoff like a backend that is down, nothing is skipped, ``backend_failing`` shows it, and
+  the suspects found so far are carried to the next pass. A run of N refused records of one device so holds no
+  other device (their records go in the first pass) and is passed in at most ⌈N / batch_records⌉ + 1 passes, at
+  about 2N requests.
 - ``partial_success`` counts are clamped to the spans or points sent (never negative, never more than sent).
 
 Several aggregator replicas on one PostgreSQL store share the cursors: a cursor moves by compare-and-swap, so a
@@ -122,6 +129,12 @@ class Forwarder:
         # records the backend refused alone while nothing showed it works (seqs, in order, right after the cursor):
         # re-checked once it accepts something, never skipped before
         self._carried: dict[str, list[int]] = {signal: [] for signal in settings.signals}
+        # records past the cursor the backend already accepted (another device's, sent ahead as evidence that it
+        # works while one device's run is refused): left out when the cursor reaches them; kept with the cursor
+        self._ahead: dict[str, set[int]] = {signal: set() for signal in settings.signals}
+        # the last request of real records the backend accepted (at most PROOF_BYTES; not for delta metrics, where
+        # a request sent twice counts twice): sent again, it shows the backend still accepts records
+        self._proof: dict[str, bytes | None] = {signal: None for signal in settings.signals}
         self._logged: dict[str, tuple[float, int]] = {}  # rate-limited log lines: key → (last logged, suppressed)
         self._backlog_at = -math.inf  # when the backlog gauges were last read from the store (monotonic)
         self._session: aiohttp.ClientSession | None = None
@@ -157,6 +170,7 @@ class Forwarder:
             status.seq = cursor["seq"]
             _totals(status, cursor)
             status.last_success_us = cursor.get("updated_us")
+            self._ahead[signal] = _ahead_of(cursor)
             if signal == "metrics":
                 self.metrics.load(cursor.get("metrics"))
         raw, cursor = load_cursor(self.store, EVENTS)
@@ -295,7 +309,8 @@ class Forwarder:
 
     async def _export(self, signal: str, rows: list[dict[str, Any]], decoded: list[dict[str, Any]]) -> None:
         """``rows`` (stored, in seq order) past this signal's cursor, and their decoded records."""
-        records = [r for r in decoded if r.get("kind") in EXPORTED_KINDS]
+        ahead = self._ahead[signal]
+        records = [r for r in decoded if r.get("kind") in EXPORTED_KINDS and r["_seq"] not in ahead]
         top = int(rows[-1]["seq"])
         carried = set(self._carried[signal])
         fresh = [r for r in records if r["_seq"] not in carried]
@@ -306,10 +321,21 @@ class Forwarder:
         )
         if fresh:
             await self._send(signal, fresh, top, batch)
-        if not batch.stopped and (batch.carried or batch.suspects) and not batch.accepted:
-            # refused alone and nothing else accepted: the backend's fault until it shows otherwise
-            alone = len(batch.carried) + len(batch.suspects)
-            self._hold(signal, batch, f"the backend refused {alone} record(s) alone and accepted none")
+        if not batch.accepted and (batch.exhausted or (not batch.stopped and (batch.carried or batch.suspects))):
+            # refused and nothing of the batch accepted: the backend's fault until it shows otherwise — which it
+            # does by accepting another device's records waiting behind the batch, or (after a long run) a request
+            # of records it accepted before
+            if batch.exhausted:
+                why = batch.why
+            else:
+                why = (
+                    f"the backend refused {len(batch.carried) + len(batch.suspects)} record(s) alone and accepted none"
+                )
+            batch.stopped = False
+            if await self._evidence(signal, records, top, batch):
+                await self._isolate(signal, fresh, top, batch)
+            elif not batch.stopped:
+                self._hold(signal, batch, why)
         if batch.stopped:
             self._carry(signal, batch)
             return
@@ -325,6 +351,134 @@ class Forwarder:
         batch.carried, batch.suspects = [], []
         if signal == "metrics" and batch.committed:  # totals kept for a request whose records the cursor did not pass
             self._reload_metrics()
+            self._ahead[signal] -= set(batch.ahead_new)  # their totals went with the reload: sent again later
+
+    async def _evidence(self, signal: str, records: list[dict[str, Any]], top: int, batch: _Batch) -> bool:
+        """Whether the backend shows it accepts records while refusing the batch's: it accepts another device's
+        records waiting after the batch (sent now, ahead of the cursor), or, after a run longer than the budget, the
+        last request of records it accepted (sent again). A failure stops the batch (``batch.stopped``)."""
+        # the devices whose records it refused alone; another device's records are probed, the batch's own first
+        refused_alone = [*batch.carried, *(r for r, _, _ in batch.suspects)]
+        devices = {r.get("device_id") for r in refused_alone} or {r.get("device_id") for r in records}
+        tried = {id(r) for r in refused_alone}
+        room = min(AHEAD_BATCHES * self.settings.batch_records - len(self._ahead[signal]), self.settings.batch_records)
+        others = [r for r in records if r.get("device_id") not in devices and id(r) not in tried][: max(room, 0)]
+        if len(others) < room:
+            others += await asyncio.to_thread(self._others_after, signal, top, devices, room - len(others))
+        if others:
+            body, items, pending, refused = await self._encode(signal, others)
+            if refused:
+                self._unencodable_found(signal, refused)
+                out = {id(u.record) for u in refused}
+                others = [r for r in others if id(r) not in out]
+            if items:
+                answer = await self._post(signal, body)
+                if answer.outcome == "accepted":
+                    if pending is not None:
+                        self.metrics.commit(pending)
+                        batch.committed = True
+                    rejected = min(answer.rejected, items)
+                    seqs = [int(r["_seq"]) for r in others]
+                    self._ahead[signal].update(seqs)
+                    batch.ahead_new.extend(seqs)
+                    batch.extra_items += items - rejected
+                    batch.extra_rejected += rejected
+                    self._keep_proof(signal, body)
+                    log.info(
+                        "OTLP %s: the backend refuses records of %s and accepted %d record(s) of other devices sent "
+                        "ahead of them (seq %d-%d); the refused ones are isolated",
+                        signal,
+                        ", ".join(sorted(str(d) for d in devices)[:3]) + (" …" if len(devices) > 3 else ""),
+                        len(seqs),
+                        seqs[0],
+                        seqs[-1],
+                    )
+                    return True
+                if answer.outcome != "refused":
+                    self._failed(signal, answer)
+                    batch.stopped = True
+                return False  # it refuses other devices' records too: nothing shows it works
+        if batch.exhausted:
+            return await self._reprobe(signal, batch, records=True)
+        return False
+
+    async def _isolate(self, signal: str, fresh: list[dict[str, Any]], top: int, batch: _Batch) -> None:
+        """The backend showed it works while refusing the batch (nothing of which it accepted): the records refused
+        alone so far are sent again (skipped if refused alone again), then the rest is halved down to the records it
+        refuses, with no limit on the refusals in a row but a probe after each ``budget`` of them."""
+        batch.accepted, batch.exhausted, batch.refused_in_a_row = True, False, 0
+        earlier = [*batch.carried, *(r for r, _, _ in batch.suspects)]
+        batch.carried, batch.suspects = [], []
+        done = {id(r) for r in earlier}
+        if earlier:
+            delivered, refused_now = await self._recheck(signal, earlier, batch)
+            batch.extra_items += delivered
+            batch.extra_rejected += refused_now
+            if batch.stopped:
+                return
+        self._carried[signal] = []
+        ahead = self._ahead[signal]
+        rest = [r for r in fresh if id(r) not in done and r["_seq"] not in ahead]
+        if rest:
+            await self._send(signal, rest, top, batch)
+
+    async def _reprobe(self, signal: str, batch: _Batch, *, records: bool) -> bool:
+        """Send again the last request of records the backend accepted (``records``, when one is kept), or else,
+        once the batch has evidence, an export with no records: accepted, the backend still works. Refused, it
+        refuses everything: the batch is held. A failure stops it. Before any evidence only records count."""
+        body = self._proof[signal] if records else None
+        if body is None:
+            if not batch.accepted:
+                return False
+            body = b""  # an OTLP export request with no resource spans or metrics
+        answer = await self._post(signal, body)
+        if answer.outcome == "accepted":
+            return True
+        if answer.outcome == "refused":
+            self._proof[signal] = None
+            what = "a request it accepted before" if body else "an export with no records"
+            self._hold(signal, batch, f"{what} is refused now: {answer.message}")
+        else:
+            self._failed(signal, answer)
+            batch.stopped = True
+        return False
+
+    def _keep_proof(self, signal: str, body: bytes) -> None:
+        if len(body) <= PROOF_BYTES and not (signal == "metrics" and self.settings.temporality == "delta"):
+            self._proof[signal] = body
+
+    async def _post(self, signal: str, body: bytes) -> otlp.ExportAnswer:
+        return await otlp.post_export(
+            await self._client(), self.settings.url(signal), signal, body, self.settings.headers, self.settings.timeout
+        )
+
+    def _others_after(self, signal: str, top: int, devices: set[Any], want: int) -> list[dict[str, Any]]:
+        """Up to ``want`` exported records after ``top`` of devices other than ``devices``, not yet sent ahead, in
+        seq order, read at most ``AHEAD_BATCHES`` batches far (settled ones only)."""
+        out: list[dict[str, Any]] = []
+        if want <= 0:
+            return out
+        ahead = self._ahead[signal]
+        cutoff = time.time_ns() // 1000 - self.settle_us
+        after = top
+        for _ in range(AHEAD_BATCHES):
+            rows = self.store.query(Query(), limit=self.settings.batch_records, after_seq=after)
+            for row in rows:
+                if self.settle_us and row["received_us"] >= cutoff:
+                    return out
+                after = int(row["seq"])
+                if row.get("device_id") in devices or after in ahead or row.get("kind") not in EXPORTED_KINDS:
+                    continue
+                record = decode_wire(row)
+                if record is None or record.get("kind") not in EXPORTED_KINDS:
+                    continue
+                record["_seq"] = after
+                out.append(record)
+                if len(out) >= want:
+                    return out
+            if len(rows) < self.settings.batch_records:
+                break
+        return out
 
     def _reload_metrics(self) -> None:
         self.metrics = otlp.MetricsAccumulator(self.settings.temporality, server_metrics=self.settings.server_metrics)
@@ -377,6 +531,7 @@ class Forwarder:
             rejected = min(answer.rejected, items)  # partial_success: never more than was sent
             if rejected:
                 log.warning("OTLP %s: the backend rejected %d of %d: %s", signal, rejected, items, answer.message)
+            self._keep_proof(signal, body)
             batch.accepted = True
             batch.refused_in_a_row = 0
             if not (batch.carried or batch.suspects):
@@ -403,8 +558,18 @@ class Forwarder:
             return
         batch.refused_in_a_row += 1
         if batch.refused_in_a_row > batch.budget:
-            self._hold(signal, batch, f"{batch.refused_in_a_row} requests in a row refused: {answer.message}")
-            return
+            if not batch.accepted:  # the batch ends here: _export looks for evidence that the backend works
+                batch.why = f"{batch.refused_in_a_row} requests in a row refused: {answer.message}"
+                batch.exhausted = batch.stopped = True
+                return
+            # it accepted records of this batch: check that it still does before going on halving
+            # an export with no records each time (it catches a backend now answering 400 to everything), the
+            # accepted request again the 1st, 2nd, 4th, 8th… time (a backend now refusing every record), so that
+            # its spans reach the backend again only O(log n) times
+            batch.probes += 1
+            if not await self._reprobe(signal, batch, records=batch.probes & (batch.probes - 1) == 0):
+                return
+            batch.refused_in_a_row = 0
         if len(records) > 1:  # halve until the records the backend refuses are alone; the rest goes through
             half = len(records) // 2
             first, second = records[:half], records[half:]
@@ -546,6 +711,8 @@ class Forwarder:
             return
         if pending is not None:
             self.metrics.commit(pending)
+        items, rejected = items + batch.extra_items, rejected + batch.extra_rejected
+        batch.extra_items = batch.extra_rejected = 0
         now_us = time.time_ns() // 1000
         seen = self._unencodable[signal]
         passed = {s for s in seen if s <= seq}
@@ -560,6 +727,10 @@ class Forwarder:
         )
         if signal == "metrics":
             cursor["metrics"] = self.metrics.state()
+        ahead = sorted(s for s in self._ahead[signal] if s > seq)
+        cursor.pop("ahead", None)
+        if ahead:  # sent ahead (their metrics totals are in the state beside them): not to be sent again
+            cursor["ahead"] = ahead
         raw = json.dumps(cursor, separators=(",", ":"))
         swapped = await asyncio.to_thread(self.store.swap_meta, cursor_key(signal), self._raw[signal], raw)
         if not swapped:  # another replica moved it: take its cursor and go on from there
@@ -567,6 +738,7 @@ class Forwarder:
             raw_now, cursor = await asyncio.to_thread(load_cursor, self.store, signal)
             raw = raw_now or raw
         self._raw[signal], self._cursor[signal] = raw, cursor
+        self._ahead[signal] = _ahead_of(cursor)
         if not swapped and signal == "metrics":
             self._reload_metrics()
         status.seq = cursor["seq"]
@@ -593,6 +765,8 @@ class Forwarder:
 
 
 LOG_EVERY_S = 60.0
+AHEAD_BATCHES = 20  # how far past a refused batch other devices' records are looked for, and held sent ahead
+PROOF_BYTES = 1 << 20  # the largest accepted request kept to be sent again as a probe
 
 
 @dataclass
@@ -606,6 +780,12 @@ class _Batch:
     suspects: list[tuple[dict[str, Any], int, str]] = field(default_factory=list)  # (record, items, reason)
     carried: list[dict[str, Any]] = field(default_factory=list)  # suspects of an earlier pass, first in the batch
     stopped: bool = False  # the backend failed or was held: the rest of the batch waits
+    exhausted: bool = False  # more than ``budget`` refusals in a row and nothing accepted: evidence is looked for
+    why: str = ""  # the refusal that exhausted the budget
+    probes: int = 0  # probes sent while halving after evidence
+    ahead_new: list[int] = field(default_factory=list)  # seqs sent ahead of the cursor in this batch
+    extra_items: int = 0  # items accepted (or rejected) outside the requests that move the cursor, counted at the
+    extra_rejected: int = 0  # next move
     committed: bool = False  # metrics totals kept in memory ahead of the cursor (rolled back if the pass stops)
 
     def rows_between(self, low: int, high: int) -> int:
@@ -619,6 +799,14 @@ def _totals(status: SignalStatus, cursor: dict[str, Any]) -> None:
     status.items = max(0, int(cursor.get("items", 0)))
     status.rejected = max(0, int(cursor.get("rejected", 0)))
     status.unencodable = max(0, int(cursor.get("unencodable", 0)))
+
+
+def _ahead_of(cursor: dict[str, Any]) -> set[int]:
+    """The seqs a cursor holds as sent ahead of it (anything else in the field is ignored)."""
+    value = cursor.get("ahead")
+    if type(value) is not list:
+        return set()
+    return {s for s in value if type(s) is int and s > cursor["seq"]}
 
 
 def _seq_of(record: dict[str, Any], default: int) -> int:

@@ -13,6 +13,8 @@ A real ``lens-aggregator serve`` forwards to a real loopback OTLP receiver (test
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,8 +27,8 @@ from aiohttp import ClientSession, web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.app import Settings, _row, create_app
-from aggregator.otlp_forward import stored_status
+from aggregator.app import FORWARDER, Settings, _row, create_app
+from aggregator.otlp_forward import Forwarder, stored_status
 from aggregator.store import SQLiteStore
 from lens_core import otlp, wire
 from lens_core import record_schema as rs
@@ -530,3 +532,150 @@ async def _pieces() -> None:
             assert got.outcome == "retry" and "larger than" in got.message, got
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+async def test_a_long_run_one_device_s_records_the_backend_refuses_does_not_stall_the_others(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, n: int
+) -> None:
+    """The trial of issue 29: a backend answering 400 to any request holding one device's spans; that device sends
+    1000 records in one batch (two batches of the forwarder, each refused whole), then another device sends 5.
+    The other device's records arrive in the first pass (sent ahead, the evidence that the backend works), the 1000
+    are isolated, counted as rejected and logged, and the cursor passes them — without a hold. With 100, the other
+    device's records are in the same batch, behind a run longer than the halving's budget."""
+    caplog.set_level(logging.INFO, logger="aggregator.otlp")
+    receiver = Receiver(refuse_devices={OLD})
+    server = await aiohttp_server(receiver.app(), host="127.0.0.1")
+    store = SQLiteStore(tmp_path / "agg.db")
+    # the defaults' batch (500) and a backoff long enough that a single hold would show
+    settings = otlp_settings(server.port, batch_records=500, backoff_max=30.0, interval=0.2)
+    bad, good = good_records(n, device=OLD, seed=21), good_records(5, seed=22)
+    for i, r in enumerate(good):
+        r["started_us"] = NOW - 10_000_000 + i * 1000
+    store_directly_in(store, bad, OLD)
+    store_directly_in(store, good, GOOD)
+    app = create_app(Settings(otlp=settings), store)
+    started = time.monotonic()
+    client = await aiohttp_client(app)
+    forwarder = app[FORWARDER]
+    want = {r["id"] for r in good}
+    while not want <= {s.trace_id for _, s in receiver.spans()}:
+        assert time.monotonic() - started < 60, stored_status(store)
+        await asyncio.sleep(0.02)
+    passes_to_good = forwarder.passes
+    assert passes_to_good <= 2, passes_to_good  # the first pass sends them ahead of the refused run
+    while any(stored_status(store)[s]["pending_records"] for s in ("traces", "metrics")):
+        assert time.monotonic() - started < 120, stored_status(store)
+        await asyncio.sleep(0.05)
+    assert forwarder.passes <= 6, forwarder.passes  # 2 batches of 500 and the 5 (sent ahead, passed), per signal
+    for signal in ("traces", "metrics"):
+        assert forwarder.status[signal].failures.get("refused_all", 0) == 0, forwarder.status[signal].failures
+    assert {s.trace_id for _, s in receiver.spans()} == want
+    # the accepted request is sent again as a probe O(log n) times a batch, not after every budget of refusals
+    good_spans = sum(len(otlp.record_spans(r)) for r in good)
+    assert len(receiver.spans()) <= good_spans * 8 * 3, (len(receiver.spans()), good_spans)
+    assert all(resource["lens.device.id"] == GOOD for resource, _, _ in receiver.points())
+    counts = {
+        tuple(sorted((kv.key, str(kv.value)) for kv in point.attributes)): point.count
+        for _, metric, point in receiver.points()
+        if metric.name == "gen_ai.client.operation.duration"
+    }
+    assert sum(counts.values()) == sum(1 for r in good if r["e2e_us"] is not None)  # each counted once
+    status = stored_status(store)
+    assert status["traces"]["rejected_items"] == sum(len(otlp.record_spans(r)) for r in bad)
+    assert status["traces"]["forwarded_records"] == n + 5 and status["metrics"]["forwarded_records"] == n + 5
+    assert status["metrics"]["rejected_items"] > 0
+    skipped = [m for m in caplog.messages if "on its own while accepting others" in m and "traces" in m]
+    assert len(skipped) == n and all(OLD in m for m in skipped)
+    assert bytes(bad[-1]["id"]).hex() in "\n".join(skipped)
+    # about 2n requests for n records refused alone (halving), not one hold per few records
+    refused = sum(1 for signal, code in receiver.answers if signal == "traces" and code == 400)
+    assert refused <= 2 * n + 100, refused
+    assert await (await client.get("/metrics")).text()
+
+
+async def test_a_run_is_held_when_the_backend_refuses_the_records_sent_ahead_too(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """The evidence must be records accepted: when another device's records are refused as well (a backend
+    refusing everything with a body), nothing is skipped and the signal is held; healed, everything arrives."""
+    receiver = Receiver(refuse_devices={OLD, GOOD})
+    server = await aiohttp_server(receiver.app(), host="127.0.0.1")
+    store = SQLiteStore(tmp_path / "agg.db")
+    bad, good = good_records(200, device=OLD, seed=23), good_records(5, seed=24)
+    store_directly_in(store, bad, OLD)
+    store_directly_in(store, good, GOOD)
+    app = create_app(Settings(otlp=otlp_settings(server.port, batch_records=64)), store)
+    await aiohttp_client(app)
+    forwarder = app[FORWARDER]
+    deadline = time.monotonic() + 30
+    while forwarder.status["traces"].failures.get("refused_all", 0) < 3:
+        assert time.monotonic() < deadline, forwarder.status["traces"]
+        await asyncio.sleep(0.02)
+    status = stored_status(store)["traces"]
+    assert status["rejected_items"] == 0 and status["forwarded_records"] == 0 and status["pending_records"] == 205
+    assert receiver.spans() == []
+    receiver.refuse_devices = set()
+    while any(stored_status(store)[s]["pending_records"] for s in ("traces", "metrics")):
+        assert time.monotonic() < deadline + 30, stored_status(store)
+        await asyncio.sleep(0.05)
+    assert {s.trace_id for _, s in receiver.spans()} == {r["id"] for r in [*bad, *good]}
+    assert stored_status(store)["traces"]["rejected_items"] == 0
+
+
+def store_directly_in(store: SQLiteStore, records: list[dict[str, Any]], device: str) -> None:
+    """Rows stored as ingest stores a batch (the records are valid; no token needed)."""
+    rows = [_row(r, "cbor", encode_raw(r, "cbor")) for r in records]
+    store.ingest(device, str(uuid.uuid4()), 0, {}, rows, NOW)
+
+
+async def test_records_sent_ahead_are_kept_with_the_cursor_across_a_restart(
+    aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Another device's records sent ahead of a refused run are kept with the cursor: a restarted forwarder does not
+    send them (or count their points) again. It keeps no accepted request to send again, so the rest of the run waits
+    (held, nothing skipped) for the next record the backend accepts, then passes."""
+    receiver = Receiver(refuse_devices={OLD})
+    server = await aiohttp_server(receiver.app(), host="127.0.0.1")
+    store = SQLiteStore(tmp_path / "agg.db")
+    bad, good = good_records(200, device=OLD, seed=25), good_records(5, seed=26)
+    store_directly_in(store, bad, OLD)
+    store_directly_in(store, good, GOOD)
+    settings = otlp_settings(server.port, batch_records=100)
+    first = Forwarder(store, settings)
+    await asyncio.to_thread(first._load)
+    await first.forward_once()  # the first 100 refused: the 5 sent ahead, the 100 isolated and passed
+    await first.stop()
+    cursor = json.loads(store.get_meta("otlp.traces") or "{}")
+    assert cursor["seq"] == 100 and cursor["ahead"] == list(range(201, 206)), cursor
+    assert json.loads(store.get_meta("otlp.metrics") or "{}")["ahead"] == list(range(201, 206))
+    spans_before, points_before = len(receiver.spans()), len(receiver.points())
+    assert {s.trace_id for _, s in receiver.spans()} == {r["id"] for r in good}
+
+    second = Forwarder(store, settings)  # a restart
+    await asyncio.to_thread(second._load)
+    await second.forward_once()
+    assert second.status["traces"].refusing_all and stored_status(store)["traces"]["cursor_seq"] == 100
+    late = good_records(1, seed=27)
+    store_directly_in(store, late, GOOD)
+    deadline = time.monotonic() + 30
+    while any(stored_status(store)[s]["pending_records"] for s in ("traces", "metrics")):
+        assert time.monotonic() < deadline, stored_status(store)
+        for status in second.status.values():
+            status.retry_at = None  # not the backoff under test
+        await second.forward_once()
+    await second.stop()
+    # the 5 were not sent again (the late record was: it is the probe sent again after each budget of refusals)
+    assert sum(1 for _, span in receiver.spans() if span.trace_id in {r["id"] for r in good}) == spans_before
+    assert late[0]["id"] in {s.trace_id for _, s in receiver.spans()}
+    assert len(receiver.points()) > points_before
+    counts = {
+        tuple(sorted((kv.key, str(kv.value)) for kv in point.attributes)): point.count
+        for _, metric, point in receiver.points()
+        if metric.name == "gen_ai.client.operation.duration"
+    }
+    assert sum(counts.values()) == sum(1 for r in [*good, *late] if r["e2e_us"] is not None)  # cumulative, once each
+    status = stored_status(store)
+    assert status["traces"]["rejected_items"] == sum(len(otlp.record_spans(r)) for r in bad)
+    assert status["traces"]["forwarded_records"] == 206
+    assert "ahead" not in json.loads(store.get_meta("otlp.traces") or "{}")
