@@ -6,6 +6,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
+def agent_head(tmp_path: Path, model: Path) -> str:
+    """The start of an agent config for a guarded service test: its data under ``tmp_path``, the tiny ``model`` on
+    one thread, no power source or idle baseline to wait for."""
+    return "\n".join(
+        (
+            "[agent]",
+            f'data_dir = "{tmp_path / "data"}"',
+            "[model]",
+            f'path = "{model}"',
+            "n_ctx = 256",
+            "n_threads = 1",
+            "[probes]",
+            'idle_baseline = "0"',
+            'power_source = "none"',
+        )
+    )
+
+
 MODULE = '''
 """Test guardrails: a planted word, a failure, a hang, garbage answers."""
 

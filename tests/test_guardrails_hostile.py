@@ -24,6 +24,7 @@ from agent.prompts import Prompt
 from lens_core.errors import ConfigError, UsageError
 from lens_core.record_schema import SchemaError, check_guardrails
 
+from .guard_plugin import agent_head
 from .test_guardrails_pipeline import TINY, guard_set, run
 
 CARD = "4111111111111111"
@@ -356,15 +357,7 @@ def test_the_service_runs_its_other_workloads_beside_a_hanging_constructor(tmp_p
     prompts.write_text("Tell me about the weather.\n")
     config = tmp_path / "agent.toml"
     config.write_text(f"""
-[agent]
-data_dir = "{tmp_path / "data"}"
-[model]
-path = "{tiny_model}"
-n_ctx = 256
-n_threads = 1
-[probes]
-idle_baseline = "0"
-power_source = "none"
+{agent_head(tmp_path, tiny_model)}
 [[guardrails]]
 name = "hangs"
 build_time_limit = "1s"
