@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 from typing import Any
 
 from aiohttp import web
+
+from .loop_server import LoopServer
 
 NEMO_RAILS: dict[str, tuple[str, tuple[str, ...]]] = {  # rail → (where it runs, planted words)
     "jailbreak detection": ("input", ("ignore all previous instructions",)),
@@ -82,7 +83,7 @@ MODES = {
 }
 
 
-class GuardrailServer:
+class GuardrailServer(LoopServer):
     def __init__(
         self,
         *,
@@ -98,50 +99,20 @@ class GuardrailServer:
         self.hit_risk = hit_risk
         self.miss_risk = miss_risk
         self.mode = "ok"
-        self.port = 0
         self.requests: list[dict[str, Any]] = []  # the last 100: path, Authorization header, body, client address
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
-    def start(self) -> GuardrailServer:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(20)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop.close()
-        self._loop = None
-
-    async def _start(self) -> None:
+    def _app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024**2)
         app.router.add_post("/v1/guardrail/checks", self._nemo)
         app.router.add_post("/v1/checks", self._nemo_server)
         app.router.add_post("/analyze/prompt", self._analyze_prompt)
         app.router.add_post("/analyze/output", self._analyze_output)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        return app
 
     async def _stop(self) -> None:
-        if self._runner is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._runner.cleanup(), 5)
+        await super()._stop()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # handlers still hanging
         for task in tasks:
             task.cancel()

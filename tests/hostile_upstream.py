@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import json
 import random
-import threading
 
 import aiohttp
 from aiohttp import web
 
 from lens_core import wire
+
+from .loop_server import LoopServer
 
 PORTAL = b"<html><head><title>Welcome to Hotel WiFi</title></head><body>Please accept the terms</body></html>"
 WAF = b"<html><body><h1>Request Rejected</h1>The requested URL was rejected. Support ID: 1234</body></html>"
@@ -49,58 +50,31 @@ MODES = {
 CHAOS = [m for m in MODES if m not in ("pass", "huge", "slow")]
 
 
-class HostileUpstream:
+class HostileUpstream(LoopServer):
     def __init__(self, aggregator_url: str, *, seed: int = 0) -> None:
         self.aggregator_url = aggregator_url.rstrip("/")
         self.mode = "pass"
         self.hostile_reads = False  # by default only uploads get the hostile answer; reads reach the aggregator
         self.rng = random.Random(seed)
-        self.port = 0
         self.seen: dict[str, int] = {}
         self.huge_bytes_sent = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
-    def start(self) -> HostileUpstream:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(20)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop.close()
-        self._loop = None
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=self.client_max_size)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
 
     async def _start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024**2)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        await super()._start()
         self._session = aiohttp.ClientSession()
 
     async def _stop(self) -> None:
         if self._session is not None:
             await self._session.close()
-        if self._runner is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._runner.cleanup(), 5)
+        await super()._stop()
 
     # -- answers ----------------------------------------------------------------------------------------------------
     async def _forward(self, request: web.Request, body: bytes) -> tuple[int, str, bytes]:

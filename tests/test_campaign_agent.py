@@ -6,7 +6,6 @@ its progress. Everything the fake sends may be hostile; the device checks it aga
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -29,6 +28,7 @@ from agent.campaigns import JobNotice, canonical_json, parse_jobs
 from lens_core import record_schema as rs
 from lens_core import wire
 
+from .loop_server import LoopServer
 from .test_tune import AGENT, ROOT, write_config
 
 DEVICE = "camp-dev"
@@ -44,7 +44,7 @@ def sha(document: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(document)).hexdigest()
 
 
-class FakeAggregator:
+class FakeAggregator(LoopServer):
     """Ingest (acknowledgements with ``jobs``), the health check, and the device's job endpoints; keeps every
     record it acknowledged and every progress report."""
 
@@ -56,14 +56,7 @@ class FakeAggregator:
         self.ack_override: Callable[[], Any] | None = None  # the next acks' "jobs" (hostile), while set
         self.acks = 0
         self.lock = threading.Lock()
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__()
 
     def add_job(
         self, document: dict[str, Any], *, announced_sha: str | None = None, deadline: str | None = None
@@ -100,35 +93,13 @@ class FakeAggregator:
             return str(self.jobs[job_id]["state"])
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    def start(self) -> FakeAggregator:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def stop(self) -> None:
-        if self._loop is None:
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(20)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop.close()
-        self._loop = None
-
-    async def _start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024**2)
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=self.client_max_size)
         app.router.add_get("/api/v1/health", self._health)
         app.router.add_post("/api/v1/ingest", self._ingest)
         app.router.add_get("/api/v1/devices/{device}/jobs/{job}", self._get_job)
         app.router.add_post("/api/v1/devices/{device}/jobs/{job}", self._post_job)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        return app
 
     # -- the protocol ---------------------------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:
