@@ -6,20 +6,17 @@ and the guardrail figures read back where an operator reads them: the fleet API,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
 from .processes import DEVICE, AggregatorProcess, device_token
+from .test_interference_e2e import AGENT, get
+from .test_interference_e2e import run as run_command
 
-ROOT = Path(__file__).resolve().parents[1]
-AGENT = [sys.executable, "-c", "from agent.cli import main; main()"]
-SECURITY_SCHEMA = ROOT / "tests" / "data" / "security_metrics.schema.json"
+SECURITY_SCHEMA = Path(__file__).resolve().parent / "data" / "security_metrics.schema.json"
 PROMPTS = [
     "Write a haiku about the sea.",
     "My card is 4111 1111 1111 1111, please keep it for later.",
@@ -31,14 +28,7 @@ RUNS = 10  # each prompt twice
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*AGENT, *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as answer:
-        body: bytes = answer.read()
-        return body
+    return run_command(AGENT, *args)
 
 
 def test_a_guarded_bench_is_blocked_where_planted_and_its_cost_reaches_the_fleet(
