@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from agent.guardrails.base import CheckResult, Violation
+from agent.guardrails.base import CheckResult, GuardrailError, Violation
 
 RELEASE = threading.Event()  # set by a test to let a hung constructor return
 STARTED = []  # spinning calls started
@@ -119,7 +119,22 @@ class Evil:
             return CheckResult([Violation("my_" + text.split()[3], "high", "found card " + text)], risk_score=0.9)
         if self.answer == "exit":
             raise SystemExit(3)
+        if self.answer == "guard-leak":
+            raise GuardrailError("cannot parse: " + text)
+        if self.answer == "guard-loop":
+            raise GuardrailError(Looping())
+        if self.answer == "quote":
+            return CheckResult([Violation("pii_leakage", "high", "found jane.doe@example.com")], risk_score=0.9)
         raise ValueError(self.answer)
+
+
+class Looping:
+    """An exception argument whose text never comes."""
+
+    def __str__(self):
+        while not RELEASE.is_set():
+            time.sleep(0.01)
+        return "released"
 
 
 class CtorHang:
@@ -273,6 +288,32 @@ def test_a_plugin_exception_message_does_not_reach_the_record(
     assert CARD not in json.dumps(record.ext) and CARD not in record.error_message
     assert "boom" not in record.error_message
     assert g["stages"]["input"]["checks"][0]["error"] == "plugin check 'hostile' failed: RuntimeError"
+
+
+def test_a_plugin_s_guardrail_error_is_said_by_its_type_and_its_text_is_read_within_the_time_limit(
+    tmp_path: Path, hostile: Path, tiny_engine: LlamaEngine
+) -> None:
+    # a plugin's GuardrailError may quote the prompt like any other exception of foreign code
+    config = guard_set(tmp_path, one_check("evil", '{ answer = "guard-leak" }'))
+    record = run(tiny_engine, [PROMPT], config).measured[0]
+    assert record.error_message.endswith("plugin check 'hostile' failed: GuardrailError")
+    assert CARD not in json.dumps(record.ext) and CARD not in record.error_message
+    # an exception whose text never comes holds its own thread, not the request: the time limit ends the wait
+    config = guard_set(tmp_path, one_check("evil", '{ answer = "guard-loop" }', extra='time_limit = "300ms"'))
+    start = time.monotonic()
+    record = run(tiny_engine, [PROMPT], config).measured[0]
+    assert time.monotonic() - start < 20
+    assert "did not answer within the 0.3 s time limit" in record.error_message, record.error_message
+
+
+def test_a_description_that_quotes_what_it_found_is_withheld(
+    tmp_path: Path, hostile: Path, tiny_engine: LlamaEngine
+) -> None:
+    config = guard_set(tmp_path, one_check("evil", '{ answer = "quote" }'))
+    record = run(tiny_engine, [PROMPT], config).measured[0]
+    (violation,) = record.ext["guardrails"]["violations"]
+    assert violation["description"] == "description withheld: it quoted e-mail address"
+    assert "example.com" not in json.dumps(record.ext)
 
 
 def test_a_long_number_in_a_check_s_own_words_is_masked(
@@ -467,3 +508,6 @@ def test_a_check_whose_build_still_hangs_is_not_built_again(tmp_path: Path, host
         with pytest.raises(UsageError, match="an earlier build of it is still running past the build time limit"):
             GuardrailSet.build(config, BuildContext(n_threads=1))
     assert building() == before + 1
+    # the same check changed (a reload with another constructor) is built afresh
+    changed = guard_set(tmp_path, one_check("evil", '{ answer = "quote" }', extra='build_time_limit = "300ms"'))
+    GuardrailSet.build(changed, BuildContext(n_threads=1)).close()

@@ -248,6 +248,8 @@ class _Worker:
                 box["value"] = fn(arg)
             except BaseException as exc:  # a check's own failure: reported as its stage's error
                 box["error"] = exc
+                if type(exc) is GuardrailError:  # its words read here, within the time limit (a __str__ may hang)
+                    box["text"] = _safe_str(exc)
             box["ns"] = time.perf_counter_ns() - start
             self.timed_out = False
             self._busy.clear()
@@ -357,13 +359,32 @@ def _unit(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= 1  # type: ignore[arg-type,operator]
 
 
-_LONG_NUMBER = re.compile(r"\d(?:[ .\-]?\d){7,}")  # 8 digits or more, maybe grouped: a card, an account, a phone
+# 8 digits or more, maybe grouped (spaces, dots, dashes, slashes, underscores): a card, an account, a phone
+_LONG_NUMBER = re.compile(r"\d(?:[\s./_\-]{0,2}\d){7,}")
 
 
 def _masked(text: str) -> str:
     """A check's own words with every long number masked: a description must not carry the secret it found (a
     plugin's may quote it: "card 4111 1111 1111 1111"); "ending 4242" stays."""
     return _LONG_NUMBER.sub("[number]", text)
+
+
+_QUOTE_RULES = ("email", "phone", "card", "iban", "api_key", "private_key")
+_quote_check: list[Any] = []  # the built-in rules that find a quoted secret in a description, built once
+
+
+def _withheld(description: str) -> str:
+    """A description as it is, unless it quotes what the built-in rules find in a text (an e-mail address, a card,
+    a key …): then it is withheld, saying what it held. A check's description names what it found, never the value
+    (a plugin's may quote it: "found jane@example.com")."""
+    if not _quote_check:
+        config = check_config("the guardrail pipeline", "descriptions", {"kind": "rules", "rules": list(_QUOTE_RULES)})
+        _quote_check.append(kind_module("rules").build(config, BuildContext(n_threads=1)))
+    found = _quote_check[0].check(description).violations
+    if not found:
+        return description
+    kinds = sorted({v.description.split(" ending ")[0].split(" (")[0] for v in found})
+    return clean_text("description withheld: it quoted " + ", ".join(kinds), MAX_DESCRIPTION)
 
 
 def validate_result(result: object) -> tuple[CheckResult | None, str | None]:
@@ -400,6 +421,7 @@ def validate_result(result: object) -> tuple[CheckResult | None, str | None]:
         if vtype not in VIOLATION_TYPES:
             description = clean_text(f"{_masked(clean_text(vtype, 64))}: {description}", MAX_DESCRIPTION)
             vtype = "other"
+        description = _withheld(description)
         violations.append(Violation(vtype, severity, description))
     details = fields.get("details")
     return (
@@ -416,7 +438,7 @@ def validate_result(result: object) -> tuple[CheckResult | None, str | None]:
 
 # builds that outlived the build time limit, by check: while one still runs, the check is not built again (a hung
 # constructor would otherwise leave one more thread behind at every retry)
-_HUNG_BUILDS: dict[tuple[str, str, str], threading.Thread] = {}
+_HUNG_BUILDS: dict[str, threading.Thread] = {}
 _HUNG_LOCK = threading.Lock()
 
 
@@ -427,11 +449,14 @@ def _build_check(check: CheckConfig, context: BuildContext, limit: float) -> Gua
     running (Python cannot stop a thread): a daemon, it does not keep the process alive."""
     module = kind_module(check.kind, source=check.source, where=check.where)
     what = f"{check.source}: {check.where} ({check.kind} check {check.name!r}) cannot be built"
-    key = (check.source, check.where, check.name)
+    key = repr(check)  # what the check is (kind, stages, options …): a changed check is built afresh
     with _HUNG_LOCK:
         earlier = _HUNG_BUILDS.get(key)
         if earlier is not None and earlier.is_alive():  # a service retries a failed build at every run: one thread
-            raise UsageError(f"{what}: an earlier build of it is still running past the build time limit")
+            raise UsageError(
+                f"{what}: an earlier build of it is still running past the build time limit (change the check, or "
+                "restart the process to build it again)"
+            )
         _HUNG_BUILDS.pop(key, None)
     box: dict[str, Any] = {}
 
@@ -561,8 +586,10 @@ class GuardrailSet:
         answer.ms += box["ns"] / 1e6
         if "error" in box:
             exc = box["error"]
-            # our own kinds' errors say what went wrong in their words; anyone else's message may quote the text
-            what = _safe_str(exc) if type(exc) is GuardrailError else type(exc).__name__
+            # our own kinds' errors say what went wrong in their words; anyone else's message (a plugin's, even as a
+            # GuardrailError) may quote the text
+            own = type(exc) is GuardrailError and check.config.kind != "plugin" and box.get("text")
+            what = box["text"] if own else type(exc).__name__
             answer.error = clean_text(f"{label} failed: {what}", MAX_ERROR)
             return None
         result, why = validate_result(box.get("value"))

@@ -521,8 +521,14 @@ _DOTTED_NAME = re.compile(r"[A-Za-z_]+(?:\.[A-Za-z_]+)+")
 
 
 def _is_code(value: str, after: str) -> bool:
-    """Whether an assigned value is code rather than a secret: a call ("Fernet.generate_key(") or a dotted name."""
-    return after == "(" or _DOTTED_NAME.fullmatch(value) is not None
+    """Whether an assigned value is code rather than a secret: a call ("Fernet.generate_key("), a dotted name, or a
+    type or class name (letters only, capitalised: ``key: GenericTypesCacheKey`` in a type hint — a random secret of
+    16 characters or more almost always holds a digit)."""
+    return (
+        after == "("
+        or _DOTTED_NAME.fullmatch(value) is not None
+        or (value.isascii() and value.isalpha() and value[:1].isupper())
+    )
 
 
 def _is_password(value: str) -> bool:
