@@ -560,6 +560,10 @@ async def test_open_loop_above_capacity_queues_closed_loop_does_not(one_slot: st
         # what one slot serves, measured now (the machine is shared): one request per median e2e; offer 5× that
         service_ms = statistics.median(m.e2e_ms for m in closed.measurements if m.e2e_ms is not None)
         rate = 5.0 / (service_ms / 1000)
+        # the last of 40 requests waits behind ~32 others: on a busy machine (slow service) that is minutes, so the
+        # client waits as long as the whole queue takes to drain, twice over, rather than a fixed 2 minutes
+        await client.close()
+        client = CloudClient(CloudSettings(url=one_slot, timeout=max(120.0, 2 * 40 * service_ms / 1000)))
         opened = await run_level(
             client, Level("open", rate=rate, arrival="constant", requests=40), prompts, max_tokens=200,
             new_record=new_record, extra=extra,
