@@ -4,6 +4,9 @@ once the directory is on ``sys.path`` (or ``PYTHONPATH`` for a subprocess)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -114,13 +117,37 @@ garbage = lens_test_guard:Garbage
 """
 
 
+def install_plugin(root: Path, module: str, source: str, entry_points: str) -> Path:
+    """A package of one ``module`` with ``source``, installed under ``root`` as ``importlib.metadata`` sees it: its
+    ``dist-info`` with METADATA (the distribution is the module's name with dashes) and ``entry_points.txt``.
+    Returns ``root`` (put it on sys.path or PYTHONPATH)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    (info / "top_level.txt").write_text(f"{module}\n")
+    return root
+
+
 def write_plugin(root: Path) -> Path:
     """The installed package ``lens-test-guard`` under ``root``; returns ``root`` (put it on sys.path)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "lens_test_guard.py").write_text(MODULE)
-    info = root / "lens_test_guard-0.1.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lens-test-guard\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    (info / "top_level.txt").write_text("lens_test_guard\n")
-    return root
+    return install_plugin(root, "lens_test_guard", MODULE, ENTRY_POINTS)
+
+
+def run_once(config: Path, site: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``lens-agent run --config CONFIG --once`` from this checkout with the plugins under ``site`` importable and no
+    LENS_ variable of the caller's."""
+    root = Path(__file__).resolve().parents[1]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
+    environ["PYTHONPATH"] = os.pathsep.join([str(root), str(site)])
+    return subprocess.run(
+        [sys.executable, "-c", "from agent.cli import main; main()", "run", "--config", str(config), "--once"],
+        cwd=root,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

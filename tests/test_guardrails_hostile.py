@@ -24,7 +24,7 @@ from agent.prompts import Prompt
 from lens_core.errors import ConfigError, UsageError
 from lens_core.record_schema import SchemaError, check_guardrails
 
-from .guard_plugin import agent_head
+from .guard_plugin import agent_head, install_plugin, run_once
 from .test_guardrails_pipeline import TINY, guard_set, run
 
 CARD = "4111111111111111"
@@ -192,14 +192,7 @@ spin = lens_hostile_guard:Spin
 
 def write_hostile_plugin(root: Path) -> Path:
     """The installed package ``lens-hostile-guard`` under ``root`` (put it on sys.path or PYTHONPATH)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "lens_hostile_guard.py").write_text(MODULE)
-    info = root / "lens_hostile_guard-0.1.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lens-hostile-guard\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    (info / "top_level.txt").write_text("lens_hostile_guard\n")
-    return root
+    return install_plugin(root, "lens_hostile_guard", MODULE, ENTRY_POINTS)
 
 
 @pytest.fixture
@@ -420,18 +413,7 @@ requests = 2
 max_tokens = 4
 every = "1h"
 """)
-    root = Path(__file__).resolve().parents[1]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
-    environ["PYTHONPATH"] = os.pathsep.join([str(root), str(site)])
-    done = subprocess.run(
-        [sys.executable, "-c", "from agent.cli import main; main()", "run", "--config", str(config), "--once"],
-        cwd=root,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = run_once(config, site, timeout=240)
     out = done.stdout
     assert done.returncode == 1, out + done.stderr  # documented: run --once exits 1 when a workload failed
     assert "Traceback" not in done.stderr, done.stderr

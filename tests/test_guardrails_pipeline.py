@@ -29,7 +29,7 @@ from agent.prompts import Prompt
 from agent.strategies import LocalStrategy
 from lens_core.errors import ConfigError, UsageError
 
-from .guard_plugin import agent_head, write_plugin
+from .guard_plugin import agent_head, run_once, write_plugin
 
 DATA = Path(__file__).parent / "data"
 OPTIONS = BenchOptions(runs=1, warmup=0, max_tokens=12, chat_template="off")
@@ -629,18 +629,7 @@ max_tokens = 4
 every = "1h"
 guardrails = "planted"
 """)
-    root = Path(__file__).resolve().parents[1]
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("LENS_")}
-    environ["PYTHONPATH"] = os.pathsep.join([str(root), str(site)])
-    done = subprocess.run(
-        [sys.executable, "-c", "from agent.cli import main; main()", "run", "--config", str(config), "--once"],
-        cwd=root,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_once(config, site, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     with Outbox(tmp_path / "data" / "outbox.db") as box:
         records = [wire.loads(r.body, r.codec) for r in box.pending(20)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .guard_plugin import agent_head
+from .guard_plugin import agent_head, install_plugin
 from .test_bench_cli import run_cli
 
 MODULE = '''
@@ -50,14 +50,8 @@ class Counted:
 
 
 def write_counting_plugin(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "lens_test_counted_guard.py").write_text(MODULE)
-    info = root / "lens_test_counted_guard-0.1.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lens-test-counted-guard\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llm_latency_lens.guardrails]\ncounted = lens_test_counted_guard:Counted\n")
-    (info / "top_level.txt").write_text("lens_test_counted_guard\n")
-    return root
+    entry_points = "[llm_latency_lens.guardrails]\ncounted = lens_test_counted_guard:Counted\n"
+    return install_plugin(root, "lens_test_counted_guard", MODULE, entry_points)
 
 
 @pytest.fixture
