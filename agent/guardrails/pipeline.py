@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lens_core import guardrail_view
 from lens_core.config import Invalid, int_range, parse_duration
 from lens_core.errors import ConfigError, UsageError
 
@@ -48,12 +49,13 @@ if TYPE_CHECKING:
     from ..strategies.base import Strategy, Window
 
 BUILTIN_SETS = ("rules", "empty")
-MAX_CHECKS = 16  # per stage (the record's bound)
-MAX_VIOLATIONS = 32  # kept per check and stage, and per record
+# the record's bounds are the wire contract's (lens_core.guardrail_view, which ingest checks them against)
+MAX_CHECKS = guardrail_view.MAX_CHECKS  # per stage
+MAX_VIOLATIONS = guardrail_view.MAX_VIOLATIONS  # kept per check and stage, and per record
 MAX_ANSWER_VIOLATIONS = 64  # a check's one answer with more is not an answer (an error of its stage)
-MAX_STRAY = 16  # the record's bound on stray_checks
-MAX_ERROR = 300
-MAX_MS = 86_400_000.0
+MAX_STRAY = guardrail_view.MAX_STRAY_CHECKS
+MAX_ERROR = guardrail_view.MAX_TEXT_CHARS
+MAX_MS = guardrail_view.MAX_MS
 ABORT_WAIT_S = 1.0  # how long a check that can abort (a judge) is given to stop after its time limit
 BUILD_TIME_LIMIT_S = 120.0  # the default time a set's check may take to be built (a judge loads its model)
 SET_KEYS = (
