@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lens_core.config import MAX_LAYER_BYTES
-from lens_core.stats import compare
 
 from .errors import LensError
 
@@ -312,6 +311,8 @@ class DropInAdjuster:
         return verification
 
     def _judge(self, adjustment: Adjustment) -> Verification:
+        from lens_core.stats import compare  # numpy: not for status, which reads this module's summary
+
         per_workload: dict[str, dict[str, Any]] = {}
         worst: float | None = None
         for workload, after in adjustment.after.items():

@@ -533,9 +533,9 @@ def sync(config_path: Path | None, data_dir: Path | None, as_json: bool, check: 
     from .sync import Uploader, check_endpoint, sync_settings
 
     config = _sync_config(config_path, data_dir)
-    from lens_core import otlp
+    from lens_core import otlp_config
 
-    standalone = otlp.otlp_settings(config) if not config.get("sync", "url") else None
+    standalone = otlp_config.otlp_settings(config) if not config.get("sync", "url") else None
     make: Callable[[AsyncOutbox], Uploader]
     if standalone is not None:
         from .otlp_sync import OtlpUploader, standalone_sync_settings
@@ -662,8 +662,7 @@ def status(config_path: Path | None, data_dir: Path | None, as_json: bool, probe
     from .clock import boot_id
     from .errors import ConfigError
     from .outbox import check_outbox_readable, open_outbox, outbox_path
-    from .service import state_path
-    from .status import evaluate, render, service_view, status_document
+    from .status import evaluate, render, service_view, state_path, status_document
     from .sync import probe_aggregator, sync_settings
 
     config = _sync_config(config_path, data_dir)

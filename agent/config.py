@@ -37,7 +37,7 @@ from lens_core.config import (
     text,
 )
 from lens_core.errors import ConfigError
-from lens_core.otlp import OTLP_SECTION
+from lens_core.otlp_config import OTLP_SECTION
 from lens_core.settings import BOUNDS
 
 from .probes.interference import Thresholds

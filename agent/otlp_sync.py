@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from lens_core import otlp, wire
+from lens_core import otlp, otlp_config, wire
 
 from . import __version__
 from .outbox import AsyncOutbox, PendingRow
@@ -29,7 +29,7 @@ from .sync import SyncFailure, SyncReport, SyncSettings, Uploader
 STATE_KEY = "otlp_metrics"
 
 
-def standalone_sync_settings(config: Any, settings: otlp.OtlpSettings) -> SyncSettings:
+def standalone_sync_settings(config: Any, settings: otlp_config.OtlpSettings) -> SyncSettings:
     """The sync job's timing (``[sync]`` interval, batch size, backoff) around an OTLP endpoint."""
     s = config.values["sync"]
     return SyncSettings(
@@ -48,7 +48,7 @@ def standalone_sync_settings(config: Any, settings: otlp.OtlpSettings) -> SyncSe
 class OtlpUploader(Uploader):
     """:class:`agent.sync.Uploader`'s loop (screening, reports, state) with OTLP requests as the upload."""
 
-    def __init__(self, outbox: AsyncOutbox, sync: SyncSettings, settings: otlp.OtlpSettings) -> None:
+    def __init__(self, outbox: AsyncOutbox, sync: SyncSettings, settings: otlp_config.OtlpSettings) -> None:
         super().__init__(outbox, sync)
         self.otlp = settings
         self.metrics = otlp.MetricsAccumulator(settings.temporality, server_metrics=settings.server_metrics)

@@ -67,8 +67,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlite_utils
-
 from lens_core import wire
 from lens_core.sqlite_schema import migrate_forward
 
@@ -265,29 +263,38 @@ def _codec_of(body: bytes) -> str:
     return "msgpack" if body[:1] and (0x80 <= body[0] <= 0x8F or body[0] in (0xDE, 0xDF)) else "cbor"
 
 
-def _migrate_v1(db: sqlite_utils.Database) -> None:
-    db.table("records").create(
-        {"seq": int, "id": bytes, "created_us": int, "codec": str, "size": int, "body": bytes},
-        pk="seq",
-        not_null={"id", "created_us", "codec", "size", "body"},
-        if_not_exists=True,
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    # plain SQL (the same tables sqlite-utils created in earlier releases): the device does not load sqlite-utils
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS "records" (
+   "seq" INTEGER PRIMARY KEY,
+   "id" BLOB NOT NULL,
+   "created_us" INTEGER NOT NULL,
+   "codec" TEXT NOT NULL,
+   "size" INTEGER NOT NULL,
+   "body" BLOB NOT NULL
+)"""
     )
-    db.table("records").create_index(["id"], unique=True, if_not_exists=True)
-    db.table("quarantine").create(
-        {"seq": int, "id": bytes, "created_us": int, "quarantined_us": int, "reason": str, "body": bytes},
-        pk="seq",
-        if_not_exists=True,
+    conn.execute('CREATE UNIQUE INDEX IF NOT EXISTS "idx_records_id"\n    ON "records" ("id")')
+    conn.execute(
+        """CREATE TABLE IF NOT EXISTS "quarantine" (
+   "seq" INTEGER PRIMARY KEY,
+   "id" BLOB,
+   "created_us" INTEGER,
+   "quarantined_us" INTEGER,
+   "reason" TEXT,
+   "body" BLOB
+)"""
     )
 
 
-def _migrate_v2(db: sqlite_utils.Database) -> None:
+def _migrate_v2(conn: sqlite3.Connection) -> None:
     """Quarantine reason codes, codecs and sizes; the counters that make every row accountable.
 
     Rows quarantined before get a code from their message. Version 1 kept only the newest 1000 quarantined rows
     and deleted the rest silently: those are counted as evicted (code ``other``), so the books balance from here.
     """
-    conn = db.conn
-    columns = {column.name for column in db.table("quarantine").columns}
+    columns = {row[1] for row in conn.execute('PRAGMA table_info("quarantine")')}
     for name, declaration in (
         ("code", "TEXT NOT NULL DEFAULT 'other'"),
         ("codec", "TEXT"),
@@ -333,7 +340,7 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     put("records_expected", conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_v1, 2: _migrate_v2}
 
 
 class _Damaged(Exception):
@@ -541,6 +548,7 @@ class Outbox:
                 f"{self.path}: outbox schema version {version} is newer than this agent's ({SCHEMA_VERSION}); "
                 "upgrade lens-agent"
             ),
+            plain=True,
         )
         if conn.execute("SELECT value FROM meta WHERE key = 'stored_bytes'").fetchone() is None:
             total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM records").fetchone()[0]

@@ -38,7 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from lens_core import otlp
+from lens_core import otlp_config
 from lens_core.notify import Notifier
 
 from .adjuster import AdjusterError, DropInAdjuster
@@ -82,6 +82,7 @@ from .probes.sampler import PowerSampler
 from .probes.sysfs import Root
 from .prompts import load_prompts
 from .schedule import Scheduler
+from .status import state_path
 from .strategies import build_strategy
 from .suite import SuiteError
 from .tune_flow import Busy, engine_key, measure_lock, run_tune, verification_record
@@ -89,12 +90,7 @@ from .tuning import DIMENSIONS, tune_record, values_of
 
 log = logging.getLogger("agent.service")
 ADVICE_REMEMBERED = 500  # recommendation ids and advice (model, setting, value) remembered as seen
-STATE_FILE = "service.json"
 MAX_RUN_NOTES = 8  # notes a suite workload's run keeps for status and run --once
-
-
-def state_path(data_dir: Path | str) -> Path:
-    return Path(data_dir) / STATE_FILE
 
 
 def write_atomically(path: Path, payload: Mapping[str, Any]) -> None:
@@ -268,7 +264,7 @@ class AgentService:
 
         self._sync = self._uploader = None
         assert self.outbox is not None
-        standalone = otlp.otlp_settings(self.config) if not self.config.get("sync", "url") else None
+        standalone = otlp_config.otlp_settings(self.config) if not self.config.get("sync", "url") else None
         if standalone is not None:
             from .otlp_sync import OtlpUploader, standalone_sync_settings
 
@@ -1223,12 +1219,12 @@ class AgentService:
 def load_suites(config: AgentConfig) -> dict[str, Any]:
     """Each suite workload's suite, checked against this device's ``[suite]`` policy (a bad suite stops the start,
     naming its file and JSON path, as a bad configuration does)."""
-    from .bench.suite_run import suite_policy
-    from .suite import load_suite
-
     out = {}
     for workload in config.workloads:
-        if workload["suite"] is not None:
+        if workload["suite"] is not None:  # the suite runner (and the cloud client) load for suite workloads only
+            from .bench.suite_run import suite_policy
+            from .suite import load_suite
+
             path = Path(workload["suite"])
             out[workload["name"]] = load_suite(path, suite_policy(config, path.resolve().parent))
     return out

@@ -7,10 +7,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .clock import boot_id
-from .outbox import OutboxStats
+
+if TYPE_CHECKING:  # the outbox (and asyncio with it) loads when a command opens one, not with the CLI
+    from .outbox import OutboxStats
+
+STATE_FILE = "service.json"  # the service's state, which status reads
+
+
+def state_path(data_dir: Path | str) -> Path:
+    return Path(data_dir) / STATE_FILE
+
 
 FILL_LIMIT = 0.9
 STALE_SYNC_INTERVALS = 3

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from lens_core import otlp
-from lens_core.otlp import OtlpSettings
+from lens_core.otlp_config import OtlpSettings
 
 from . import __version__
 from .store import Store

@@ -53,7 +53,8 @@ from typing import Any
 import aiohttp
 
 from lens_core import otlp
-from lens_core.otlp import OtlpSettings, otlp_settings
+from lens_core.otlp_config import SIGNALS as OTLP_SIGNALS
+from lens_core.otlp_config import OtlpSettings, otlp_settings
 
 from . import __version__
 from .health import FACTS_KIND, facts_from_record
@@ -64,7 +65,7 @@ from .store import Query, Store
 
 log = logging.getLogger("aggregator.otlp")
 
-SIGNALS = otlp.SIGNALS
+SIGNALS = OTLP_SIGNALS
 __all__ = ["Forwarder", "OtlpSettings", "otlp_settings", "stored_status"]
 EXPORTED_KINDS = otlp.SPAN_KINDS  # a blocked request (kind blocked) is a trace too
 

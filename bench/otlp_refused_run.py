@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aggregator.app import _row
 from aggregator.otlp_forward import Forwarder, stored_status
 from aggregator.store import SQLiteStore
-from lens_core.otlp import OtlpSettings
+from lens_core.otlp_config import OtlpSettings
 from tests.hostile_device import encode_raw, valid_wire
 from tests.otlp_receiver import Receiver
 

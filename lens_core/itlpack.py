@@ -19,8 +19,10 @@ Layout: ``version:u8 | r:u8 | k:u8 | count:varint | m:varint | codes…`` MSB fi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported by the packer only: reading packed gaps needs none of it
+    import numpy as np
 
 PACK_VERSION = 1
 ESCAPE = 8  # unary quotients from here on are escaped into Elias-gamma
@@ -59,11 +61,15 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def _bit_length(x: np.ndarray) -> np.ndarray:
     """Bit length of positive int64 values below 2^53 (frexp's exponent is exact there)."""
+    import numpy as np
+
     exponent: np.ndarray = np.frexp(x.astype(np.float64))[1]
     return exponent.astype(np.int64)
 
 
 def _code_lengths(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     escaped = q >= ESCAPE
     gamma = 2 * _bit_length(np.where(escaped, q - (ESCAPE - 1), 1)) - 1
     lengths: np.ndarray = np.where(escaped, ESCAPE + gamma, q + 1) + k
@@ -72,6 +78,8 @@ def _code_lengths(q: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 def pack_gaps(gaps_us: Sequence[int]) -> bytes:
     """Pack non-negative integer gaps (< 2^40). Empty lists pack to 5 bytes. Vectorised with numpy."""
+    import numpy as np
+
     n = len(gaps_us)
     if n == 0:
         return bytes([PACK_VERSION, 0, 0]) + _varint(0) + _varint(0)

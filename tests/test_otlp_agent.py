@@ -15,7 +15,7 @@ import pytest
 from agent.config import load_config
 from agent.otlp_sync import OtlpUploader, standalone_sync_settings
 from agent.outbox import AsyncOutbox, Outbox, outbox_path
-from lens_core import otlp, wire
+from lens_core import otlp, otlp_config, wire
 from tests.netproxy import free_port
 from tests.otlp_receiver import Receiver
 from tests.test_otlp import DEVICE, check_metrics, check_spans, exported, mixed_records
@@ -98,7 +98,7 @@ async def export_once(tmp_path: Path, port: int, receiver: Receiver, records: li
     sync report and the (still open) outbox."""
     runner = await serve(receiver, port)
     config = load_config(agent_config(tmp_path, port), environ={})
-    settings = otlp.otlp_settings(config)
+    settings = otlp_config.otlp_settings(config)
     assert settings is not None and settings.headers == {"Authorization": "Bearer device-secret"}
     box = Outbox(tmp_path / "o.db")
     box.append_many(records)

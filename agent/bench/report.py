@@ -9,7 +9,6 @@ import statistics
 import time
 import uuid
 from collections import Counter
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,10 @@ def served(m: Measurement) -> bool:
 
 
 def _llama_cpp_python_version() -> str:
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:  # pragma: no cover - always installed with the agent
-        return "unknown"
+    # the module's own version, not importlib.metadata's lookup (which loads email, csv, zipfile …: 2 MB)
+    import llama_cpp
+
+    return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
 def _token_stats(values: list[int]) -> dict[str, Any]:

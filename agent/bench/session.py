@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from ..errors import UsageError
 from ..guardrails.base import BuildContext
 from ..guardrails.pipeline import GuardrailSet, set_from_config
 from ..measurement import Measurement
-from ..outbox import open_outbox
 from ..probes.device import describe, gpu_load_percent
 from ..probes.interference import InterferenceMonitor, ThreadChoice, choose_threads, monitor_from_config
 from ..probes.power import detect_power
@@ -140,7 +140,11 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
         outputs = [request.output]
     guardrails: GuardrailSet | None = None
     raw_file = _open_for_writing(request.raw, "--raw file") if request.raw else None
-    outbox = open_outbox(config) if request.store else None
+    outbox = None
+    if request.store:  # the outbox (and asyncio with it) loads only for --store
+        from ..outbox import open_outbox
+
+        outbox = open_outbox(config)
     if outbox is not None:
         session.stored = 0
         session.outbox_file = outbox.path
@@ -303,6 +307,19 @@ def progress_label(name: str, width: int = 30) -> str:
     return name[:head] + "…" + name[-(width - 1 - head) :]
 
 
+class _NoBar:
+    """What the progress bar's callers use, doing nothing (no bar: not a terminal, or --no-progress)."""
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _run_with_progress(
     engine: LlamaEngine | None,
     prompts: list[Any],
@@ -319,19 +336,21 @@ def _run_with_progress(
     monitor: InterferenceMonitor | None = None,
     guardrails: GuardrailSet | None = None,
 ) -> Any:
-    import tqdm
+    show = request.progress if request.progress is not None else sys.stderr.isatty()
+    bar: Any = _NoBar()
+    if show:  # tqdm loads only when a bar is shown
+        import tqdm
 
-    tqdm.tqdm.monitor_interval = 0  # no monitor thread waking up during the timed loop
-    label = progress_label(Path(engine.info.path).name if engine is not None and engine.info else strategy.name)
-    bar = tqdm.tqdm(
-        total=options.warmup + options.runs,
-        desc=label,
-        unit="req",
-        disable=None if request.progress is None else not request.progress,
-        file=None,
-        leave=False,
-        mininterval=0,  # refreshed between requests only, never inside the timed loop
-    )
+        tqdm.tqdm.monitor_interval = 0  # no monitor thread waking up during the timed loop
+        label = progress_label(Path(engine.info.path).name if engine is not None and engine.info else strategy.name)
+        bar = tqdm.tqdm(
+            total=options.warmup + options.runs,
+            desc=label,
+            unit="req",
+            file=None,
+            leave=False,
+            mininterval=0,  # refreshed between requests only, never inside the timed loop
+        )
 
     def on_result(record: Measurement) -> None:
         store(record)  # durable before the next request starts

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import AgentConfig
-from ..engines.cloud import CloudClient, LoopRunner, cloud_settings
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # the cloud client (and aiohttp) load when a strategy opens a context, not with the agent
+    from ..engines.cloud import CloudClient, LoopRunner
 
 
 class CollabContext:
@@ -55,6 +57,8 @@ class CollabContext:
 
     @classmethod
     def open(cls, config: AgentConfig, status: Callable[[str], None]) -> CollabContext:
+        from ..engines.cloud import CloudClient, LoopRunner, cloud_settings
+
         settings = cloud_settings(config)
         runner = LoopRunner()
         client = CloudClient(settings)

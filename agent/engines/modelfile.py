@@ -67,17 +67,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# GGUF ``general.file_type`` numbers (llama.h's ``llama_ftype``, gguf-py's ``LlamaFileType``) and their names: a table,
+# so naming a model's type does not load gguf-py (and PyYAML with it: 3.7 MB) into the agent.
+# tests/test_footprint.py checks it against gguf-py's enum.
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS",
+    20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+    39: "NVFP4", 40: "Q1_0", 1024: "GUESSED",
+}  # fmt: skip
+
+
 def file_type_name(file_type: int | None) -> str | None:
-    """GGUF ``general.file_type`` → ``Q4_1``, ``Q8_0``, ``F16`` …"""
+    """GGUF ``general.file_type`` → ``Q4_1``, ``Q8_0``, ``F16`` … (``typeN`` for a number this table lacks)."""
     if file_type is None:
         return None
-    import gguf
-
-    try:
-        name = gguf.LlamaFileType(file_type).name
-    except ValueError:
-        return f"type{file_type}"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    return FILE_TYPES.get(file_type, f"type{file_type}")
 
 
 def coarse_quantization(exact: str | None) -> str | None:

@@ -6,19 +6,38 @@ measurement and returns the request's time window. :func:`build_strategy` choose
 
 from __future__ import annotations
 
+import importlib
 import random
+from typing import TYPE_CHECKING, Any
 
-from ..collab.context import CollabContext
-from ..collab.offload import OffloadPolicy, Rates
 from ..config import AgentConfig
 from ..engines.llama import LlamaEngine
 from ..errors import UsageError
-from ..probes.sysfs import Root
 from .base import Strategy, Window, fill_timings
-from .cloud import CloudStrategy, cloud_record
 from .local import LocalOptions, LocalStrategy
-from .offload import OffloadStrategy
-from .speculative import SpeculativeStrategy, check_vocabulary
+
+if TYPE_CHECKING:
+    from ..collab.context import CollabContext
+    from .cloud import CloudStrategy, cloud_record
+    from .offload import OffloadStrategy
+    from .speculative import SpeculativeStrategy, check_vocabulary
+
+# The strategies that talk to a cloud endpoint load their client (and aiohttp) when one is built or named, not with
+# the agent: a device that only times local inference never holds them (docs/PERFORMANCE.md, the agent's footprint).
+_LAZY = {
+    "CloudStrategy": ".cloud",
+    "cloud_record": ".cloud",
+    "OffloadStrategy": ".offload",
+    "SpeculativeStrategy": ".speculative",
+    "check_vocabulary": ".speculative",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CloudStrategy",
@@ -29,6 +48,7 @@ __all__ = [
     "Strategy",
     "Window",
     "build_strategy",
+    "check_vocabulary",
     "cloud_record",
     "fill_timings",
 ]
@@ -42,6 +62,12 @@ def build_strategy(
         assert engine is not None
         return LocalStrategy(engine, options)
     assert collab is not None
+    from ..collab.offload import OffloadPolicy, Rates
+    from ..probes.sysfs import Root
+    from .cloud import CloudStrategy
+    from .offload import OffloadStrategy
+    from .speculative import SpeculativeStrategy, check_vocabulary
+
     if name == "cloud":
         return CloudStrategy(collab.client, collab.runner, collab.rtt_ms)
     assert engine is not None
