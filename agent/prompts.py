@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from .errors import PromptFileError
@@ -22,7 +21,8 @@ class Prompt:
 
 
 def builtin_prompts() -> list[Prompt]:
-    text = resources.files("agent").joinpath("data/prompts.jsonl").read_text(encoding="utf-8")
+    # beside this module (package data), read without importlib.resources (which loads zipfile and its company)
+    text = (Path(__file__).parent / "data" / "prompts.jsonl").read_text(encoding="utf-8")
     return _parse_jsonl(text, "(built-in prompts)")
 
 

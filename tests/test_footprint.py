@@ -225,3 +225,29 @@ def test_service_between_runs_memory_cpu_and_modules(
         "the service",
     )
     assert not ELSEWHERE & third_party(modules)
+
+
+@pytest.mark.parametrize("rate_hz", [10.0, 50.0])
+def test_power_sampler_cpu_is_bounded(tmp_path: Path, rate_hz: float) -> None:
+    """The power sampler's own CPU on a Jetson's fixture tree (every rail, every source), loosely bounded; the figure
+    (about 1 % of a core at 50 Hz) is bench/footprint.py's."""
+    import resource
+
+    from agent.probes.power import detect_power
+    from agent.probes.sampler import PowerSampler
+    from agent.probes.sysfs import Root
+    from tests.sysfs_trees import orin_jp6
+
+    orin_jp6(tmp_path / "orin")
+    sources, _ = detect_power(Root(str(tmp_path / "orin")))
+    assert sources, "the Orin tree offers its INA3221 rails"
+    sampler = PowerSampler(sources, rate_hz=rate_hz)
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    sampler.start()
+    time.sleep(2.0)  # this thread sleeps: the process's CPU meanwhile is the sampler's
+    sampler.stop()
+    after, elapsed = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - start
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert len(sampler.samples) >= rate_hz * 0.5  # it sampled (a busy machine may delay some)
+    assert sampler.samples[0][1], "a sample holds the rails' readings"
+    assert 100.0 * cpu / elapsed < 25.0, f"the sampler used {100.0 * cpu / elapsed:.1f} % of a core at {rate_hz} Hz"
