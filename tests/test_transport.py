@@ -32,7 +32,9 @@ async def web_server(
     peers: set[tuple[str, int]] = set()
 
     @web.middleware
-    async def count(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):  # type: ignore[no-untyped-def]
+    async def count(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         assert request.transport is not None
         peers.add(request.transport.get_extra_info("peername")[:2])
         return await handler(request)
@@ -115,14 +117,13 @@ async def test_keep_alive_reuses_one_connection_and_sends_our_headers() -> None:
         body = await request.read()
         return web.json_response({"n": len(body)}, headers={"X-Trace": "abc"})
 
-    async with web_server([web.get("/e", echo), web.post("/e", echo)]) as (url, peers):
-        async with client() as http:
-            for i in range(5):
-                answer = await http.request("POST" if i % 2 else "GET", url + "/e?x=1", body=b"x" * i, max_body=1000)
-                assert answer.status == 200 and answer.content_type == "application/json"
-                assert answer.headers.get("x-trace") == "abc" and answer.headers.get("X-TRACE") == "abc"
-                assert answer.body == f'{{"n": {i}}}'.encode() and not answer.truncated
-            assert len(peers) == 1 and http.connections_opened == 1
+    async with web_server([web.get("/e", echo), web.post("/e", echo)]) as (url, peers), client() as http:
+        for i in range(5):
+            answer = await http.request("POST" if i % 2 else "GET", url + "/e?x=1", body=b"x" * i, max_body=1000)
+            assert answer.status == 200 and answer.content_type == "application/json"
+            assert answer.headers.get("x-trace") == "abc" and answer.headers.get("X-TRACE") == "abc"
+            assert answer.body == f'{{"n": {i}}}'.encode() and not answer.truncated
+        assert len(peers) == 1 and http.connections_opened == 1
     assert all(h["user-agent"] == f"lens-agent/{__version__}" for h in seen)
     assert "accept-encoding" not in seen[0]
     assert seen[1]["content-length"] == "1"
