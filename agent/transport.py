@@ -465,4 +465,6 @@ class HttpClient:
             return TransportError(f"connection reset by {where}")
         if isinstance(exc, OSError):
             return TransportError(f"{where}: {exc.strerror or type(exc).__name__}")
+        if isinstance(exc, ValueError):  # http.client's refusal quotes the header, and the token with it: not repeated
+            return TransportError("a request header holds a line break or a control character HTTP does not allow")
         return exc

@@ -389,3 +389,10 @@ async def test_a_bad_url_is_refused_with_its_value() -> None:
     async with client() as http:
         with pytest.raises(TransportError, match="ftp://x"):
             await http.request("GET", "ftp://x/", max_body=1)
+
+
+async def test_a_header_with_a_line_break_is_refused_without_repeating_it() -> None:
+    async with web_server([]) as (url, _), client() as http:
+        with pytest.raises(TransportError, match="line break") as caught:
+            await http.request("GET", url + "/", headers={"Authorization": "Bearer s3cret\r\nX-Evil: 1"}, max_body=1)
+    assert "s3cret" not in str(caught.value)
