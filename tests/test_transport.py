@@ -130,16 +130,24 @@ async def test_keep_alive_reuses_one_connection_and_sends_our_headers() -> None:
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
+    """Keep-alive promised, then closed (a load balancer's idle timeout): the next POST goes on a new connection,
+    nothing of it was sent on the closed one (a POST is never sent twice, so it must be found closed before)."""
+    closed = asyncio.Event()
+
     async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok")
-        await writer.drain()  # keep-alive promised, then closed: a load balancer's idle timeout
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
 
     async with raw_server(one_answer_then_close) as (url, accepted), client() as http:
         for _ in range(3):
             answer = await http.request("POST", url, body=b"data", max_body=100)
             assert (answer.status, answer.body) == (200, b"ok")
-            await asyncio.sleep(0.2)  # the server's FIN arrives before the next request
+            await asyncio.wait_for(closed.wait(), 5)
+            closed.clear()
         assert len(accepted) == 3
 
 
@@ -396,3 +404,16 @@ async def test_a_header_with_a_line_break_is_refused_without_repeating_it() -> N
         with pytest.raises(TransportError, match="line break") as caught:
             await http.request("GET", url + "/", headers={"Authorization": "Bearer s3cret\r\nX-Evil: 1"}, max_body=1)
     assert "s3cret" not in str(caught.value)
+
+
+async def test_concurrent_requests_each_get_a_connection_and_one_stays_idle() -> None:
+    async def slowish(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        return web.Response(text=request.query["i"])
+
+    async with web_server([web.get("/", slowish)]) as (url, peers), client() as http:
+        answers = await asyncio.gather(*(http.request("GET", f"{url}/?i={i}", max_body=10) for i in range(3)))
+        assert [a.body for a in answers] == [b"0", b"1", b"2"]
+        assert len(peers) == 3  # no request waited for another's connection
+        assert (await http.request("GET", f"{url}/?i=9", max_body=10)).body == b"9"
+        assert len(peers) == 3 and http.connections_opened == 3  # the one connection kept idle was reused
