@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
 from lens_core import wire
 from lens_core.suite import canonical_json
 
@@ -317,21 +315,9 @@ def status_summary(data_dir: Path) -> list[dict[str, Any]]:
 
 
 # -- the aggregator's job endpoints --------------------------------------------------------------------------------
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    body = bytearray()
-    while len(body) <= limit:
-        chunk = await response.content.read(limit + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
-    if len(body) > limit:
-        response.close()
-        return bytes(body[:limit]), True
-    return bytes(body), False
-
-
 class JobClient:
-    """GET a job, POST its progress: with the uploader's session (TLS settings) and the device token."""
+    """GET a job, POST its progress: with the uploader's HTTP client (its TLS settings, deadline and keep-alive
+    connection) and the device token."""
 
     def __init__(self, uploader: Any) -> None:
         self.uploader = uploader
@@ -345,16 +331,19 @@ class JobClient:
         return {"Authorization": f"Bearer {self.uploader.settings.token}"}
 
     async def _call(self, method: str, benchmark_id: str, body: dict[str, Any] | None) -> tuple[int, Any]:
-        session = await self.uploader._client()
+        client = await self.uploader._client()
+        headers = self._headers()
+        data: bytes | None = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
         try:
-            async with session.request(
-                method, self._url(benchmark_id), json=body, headers=self._headers(), allow_redirects=False
-            ) as response:
-                data, oversized = await _read_bounded(response, MAX_JOB_ANSWER_BYTES)
-                status = response.status
-                kind = response.content_type if "Content-Type" in response.headers else ""
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            answer = await client.request(
+                method, self._url(benchmark_id), body=data, headers=headers, max_body=MAX_JOB_ANSWER_BYTES
+            )
+        except (asyncio.TimeoutError, TimeoutError, OSError) as exc:
             raise CampaignError(f"{method} job {benchmark_id}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        status, kind, oversized, data = answer.status, answer.content_type, answer.truncated, answer.body
         if oversized:
             raise CampaignError(f"{method} job {benchmark_id}: HTTP {status}, answer over {MAX_JOB_ANSWER_BYTES} bytes")
         if kind != "application/json" or wire.json_depth_exceeds(data, 64):

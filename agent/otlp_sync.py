@@ -54,20 +54,29 @@ class OtlpUploader(Uploader):
         self.metrics = otlp.MetricsAccumulator(settings.temporality, server_metrics=settings.server_metrics)
         self._loaded = False
         self.facts: dict[str, Any] | None = None
+        # the OTLP exporter's own session (lens_core.otlp.post_export speaks aiohttp); the aggregator's HTTP client
+        # of the base class is not used here
+        self._otlp_session: aiohttp.ClientSession | None = None
 
-    async def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    async def _otlp_client(self) -> aiohttp.ClientSession:
+        if self._otlp_session is None:
             ssl_context: Any = False
             if self.otlp.endpoint.startswith("https://"):
                 import ssl
 
                 ssl_context = ssl.create_default_context(cafile=str(self.otlp.ca_file) if self.otlp.ca_file else None)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context))
-        return self._session
+            self._otlp_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_context))
+        return self._otlp_session
+
+    async def close(self) -> None:
+        if self._otlp_session is not None:
+            await self._otlp_session.close()
+        self._otlp_session = None
+        await super().close()
 
     async def probe(self) -> bool:
         """Whether the backend answers HTTP at all (any status): the network is back."""
-        session = await self._client()
+        session = await self._otlp_client()
         try:
             async with session.get(self.otlp.endpoint, timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False):
                 return True
@@ -126,7 +135,7 @@ class OtlpUploader(Uploader):
             if not items:
                 continue
             answer = await otlp.post_export(
-                await self._client(), self.otlp.url(signal), signal, body, self.otlp.headers, self.otlp.timeout
+                await self._otlp_client(), self.otlp.url(signal), signal, body, self.otlp.headers, self.otlp.timeout
             )
             if answer.outcome == "accepted":
                 if answer.rejected:

@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from lens_core import wire
 
 from .clock import boot_id
@@ -44,6 +42,7 @@ from .config import AgentConfig
 from .errors import ConfigError
 from .outbox import AsyncOutbox, OutboxError, PendingRow
 from .schedule import Clock, Scheduler
+from .transport import HttpAnswer, HttpClient, TransportTLSError
 
 log = logging.getLogger("agent.sync")
 
@@ -74,6 +73,11 @@ class SyncSettings:
         if not self.url.startswith("https://"):
             return None
         return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+
+    def http_client(self, timeout: float | None = None) -> HttpClient:
+        """The HTTP client to the aggregator: ``timeout`` (default ``sync.timeout``) bounds each whole request."""
+        total = self.timeout if timeout is None else timeout
+        return HttpClient(timeout=total, connect_timeout=min(10.0, total), ssl_context=self.ssl_context())
 
 
 def sync_settings(config: AgentConfig, environ: dict[str, str] | None = None) -> SyncSettings:
@@ -141,9 +145,8 @@ def sync_settings(config: AgentConfig, environ: dict[str, str] | None = None) ->
 async def probe_aggregator(settings: SyncSettings, timeout: float = 5.0) -> bool:
     """Whether the aggregator itself answers ``GET /api/v1/health`` within ``timeout`` seconds (a captive portal's
     ``200 OK`` page does not count)."""
-    connector = aiohttp.TCPConnector(ssl=settings.ssl_context() or False)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=connector) as session:
-        return (await _get_json(session, settings.url + HEALTH_PATH)).is_aggregator_health
+    async with settings.http_client(timeout) as client:
+        return (await _get_json(client, settings.url + HEALTH_PATH)).is_aggregator_health
 
 
 class SyncFailure(Exception):
@@ -223,38 +226,34 @@ class Answer:
         return self.status == 200 and isinstance(p, dict) and p.get("service") == "lens-aggregator"
 
 
-async def _read_answer(response: aiohttp.ClientResponse) -> Answer:
-    """The status and at most ``MAX_ANSWER_BYTES`` of the body: a proxy's 1.5 GB error page costs 64 KiB."""
-    limit = wire.MAX_ANSWER_BYTES
-    body = bytearray()
-    while len(body) <= limit:
-        chunk = await response.content.read(limit + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
-    oversized = len(body) > limit
-    if oversized:
-        response.close()  # drop the connection rather than read the rest
-    content_type = response.content_type if "Content-Type" in response.headers else ""
+def _answer(response: HttpAnswer) -> Answer:
+    """The status and at most ``MAX_ANSWER_BYTES`` of the body (the transport read no more: a proxy's 1.5 GB error
+    page costs 64 KiB, and its connection is dropped rather than read to the end)."""
     payload: Any = None
-    if content_type == "application/json" and not oversized:
-        payload = wire.parse_answer_json(body)  # None when not JSON or nested past wire.MAX_ANSWER_DEPTH
-    snippet = bytes(body[:200]).decode("utf-8", "replace").strip()
-    return Answer(response.status, content_type, payload, snippet, response.headers.get("Location"), oversized)
+    if response.content_type == "application/json" and not response.truncated:
+        payload = wire.parse_answer_json(response.body)  # None when not JSON or nested past wire.MAX_ANSWER_DEPTH
+    snippet = response.body[:200].decode("utf-8", "replace").strip()
+    location = response.headers.get("Location")
+    return Answer(response.status, response.content_type, payload, snippet, location, response.truncated)
 
 
-async def _get_json(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> Answer:
+async def _request(
+    client: HttpClient, method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> Answer:
+    return _answer(await client.request(method, url, body=body, headers=headers, max_body=wire.MAX_ANSWER_BYTES))
+
+
+async def _get_json(client: HttpClient, url: str, headers: dict[str, str] | None = None) -> Answer:
     try:
-        async with session.get(url, headers=headers, allow_redirects=False) as response:
-            return await _read_answer(response)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return await _request(client, "GET", url, headers=headers)
+    except (asyncio.TimeoutError, TimeoutError, OSError) as exc:
         return Answer(0, "", snippet=_network_message(url, exc))
 
 
 def _network_message(url: str, exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return f"no answer from {url} in time"
-    if isinstance(exc, aiohttp.ClientSSLError):
+    if isinstance(exc, TransportTLSError):
         return f"TLS to {url} failed: {exc}"
     return f"cannot reach {url}: {exc or type(exc).__name__}"
 
@@ -283,13 +282,11 @@ def _not_aggregator(answer: Answer, what: str) -> SyncFailure:
 async def check_endpoint(settings: SyncSettings) -> list[dict[str, Any]]:
     """Verify URL, TLS, token and device binding without uploading: a list of ``{check, ok, detail}``; all four
     must pass (``reach``, ``aggregator``, ``token``, ``device``)."""
-    timeout = aiohttp.ClientTimeout(total=settings.timeout, connect=min(10.0, settings.timeout))
-    connector = aiohttp.TCPConnector(ssl=settings.ssl_context() or False)
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        return await _checks(session, settings)
+    async with settings.http_client() as client:
+        return await _checks(client, settings)
 
 
-async def _checks(session: aiohttp.ClientSession, settings: SyncSettings) -> list[dict[str, Any]]:
+async def _checks(client: HttpClient, settings: SyncSettings) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
 
     def add(name: str, ok: bool, detail: str) -> bool:
@@ -297,7 +294,7 @@ async def _checks(session: aiohttp.ClientSession, settings: SyncSettings) -> lis
         return ok
 
     url = settings.url
-    health = await _get_json(session, url + HEALTH_PATH)
+    health = await _get_json(client, url + HEALTH_PATH)
     if health.status == 0:
         add("reach", False, health.snippet)
         return results
@@ -311,7 +308,7 @@ async def _checks(session: aiohttp.ClientSession, settings: SyncSettings) -> lis
         else f"{health.describe} to GET {HEALTH_PATH} ({health.snippet[:80]!r}): not a lens aggregator",
     ):
         return results
-    who = await _get_json(session, url + "/api/v1/whoami", {"Authorization": f"Bearer {settings.token}"})
+    who = await _get_json(client, url + "/api/v1/whoami", {"Authorization": f"Bearer {settings.token}"})
     payload = who.payload if isinstance(who.payload, dict) else {}
     if who.status == 401:
         add(
@@ -349,7 +346,7 @@ class Uploader:
         outbox: AsyncOutbox,
         settings: SyncSettings,
         *,
-        session: aiohttp.ClientSession | None = None,
+        session: HttpClient | None = None,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
@@ -359,15 +356,11 @@ class Uploader:
         # recommendations an aggregator sends with it); whatever it does, the batch stays acknowledged
         self.on_ack: Callable[[dict[str, Any]], None] | None = None
 
-    async def _client(self) -> aiohttp.ClientSession:
+    async def _client(self) -> HttpClient:
+        """The HTTP client to the aggregator, one keep-alive connection reused from batch to batch (and by the
+        campaign job client)."""
         if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                total=self.settings.timeout,
-                connect=min(10.0, self.settings.timeout),
-                sock_read=min(30.0, self.settings.timeout),
-            )
-            connector = aiohttp.TCPConnector(ssl=self.settings.ssl_context() or False)
-            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+            self._session = self.settings.http_client()
         return self._session
 
     async def close(self) -> None:
@@ -377,8 +370,7 @@ class Uploader:
 
     async def probe(self) -> bool:
         """Whether the aggregator itself answers its health endpoint."""
-        session = await self._client()
-        return (await _get_json(session, self.settings.url + HEALTH_PATH)).is_aggregator_health
+        return (await _get_json(await self._client(), self.settings.url + HEALTH_PATH)).is_aggregator_health
 
     async def sync_now(self, *, max_batches: int | None = None) -> SyncReport:
         """Upload everything pending now (or ``max_batches`` batches); stops at the first failure."""
@@ -547,20 +539,19 @@ class Uploader:
         report.details.append(f"quarantined record seq {row.seq} ({code}): {reason}")
 
     async def _post(self, body: bytes) -> Answer:
-        session = await self._client()
+        client = await self._client()
         headers = {
             "Authorization": f"Bearer {self.settings.token}",
             "Content-Type": wire.CONTENT_TYPE,
         }
         url = self.settings.url + INGEST_PATH
         try:
-            async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                return await _read_answer(response)
-        except asyncio.TimeoutError:
+            return await _request(client, "POST", url, body=body, headers=headers)
+        except (asyncio.TimeoutError, TimeoutError):
             raise SyncFailure(
                 "network", f"no complete answer from {self.settings.url} within {self.settings.timeout:g} s"
             ) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except OSError as exc:
             raise SyncFailure("network", _network_message(self.settings.url, exc)) from None
 
 
