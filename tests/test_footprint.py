@@ -137,7 +137,7 @@ def test_bench_store_then_sync_load_the_codecs_not_aiohttp(
 
     modules, output = command_modules(["sync", *base, "--json"])
     report = json.loads(output[output.index("{") :])
-    assert report["uploaded"] >= 3, report  # the model's load record and two requests
+    assert report["uploaded"] >= 2, report  # the two requests (and the model's load record)
     check(modules, CLI | CODECS, ENGINE_PATH_OURS - {"agent.sync"}, "sync")
     assert "llama_cpp" not in modules and "numpy" not in modules
 
