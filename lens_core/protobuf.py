@@ -329,11 +329,27 @@ def _duration_us(message: Any, field: str) -> int:
 def record_to_message(record: Mapping[str, Any], *, now_us: int | None = None) -> pb.InferenceMeasurement:
     """A measurement record (``Measurement.to_dict()``, texts included when present) as an ``InferenceMeasurement``;
     :class:`ProtobufError` when it is outside ingest's bounds."""
+    gaps_us: list[int] | None = None
     try:
-        wire_record = wire.to_wire(record, include_text=True)
+        # the gaps go straight to microseconds (packing them for the wire map only to unpack them here would
+        # cost ten times the rest); the wire map carries no itl_us, the gaps are checked below
+        wire_record = wire.to_wire({k: v for k, v in record.items() if k != "itl_ms"}, include_text=True)
+        if record.get("itl_ms") is not None:
+            gaps_us = [round(gap * 1000) for gap in record["itl_ms"]]
     except (TypeError, ValueError, AttributeError, OverflowError, PackError) as exc:
         raise ProtobufError("(record)", f"does not map to the wire format: {type(exc).__name__}: {exc}") from None
-    return wire_to_message(wire_record, now_us=now_us)
+    if gaps_us is not None:
+        _check_gaps(gaps_us, "itl_ms")
+    return _to_message(_checked(wire_record, now_us), gaps_us, None)
+
+
+def _check_gaps(gaps: Any, field: str) -> None:
+    """At most MAX_GAPS gaps, each an integer from 0 to one day (µs): what packing them for the wire allows."""
+    if len(gaps) > record_schema.MAX_GAPS:
+        raise ProtobufError(field, f"has {len(gaps)} gaps; at most {record_schema.MAX_GAPS} are allowed")
+    if gaps and (min(gaps) < 0 or max(gaps) > record_schema.MAX_DURATION_US):
+        bad = next(g for g in gaps if not 0 <= g <= record_schema.MAX_DURATION_US)
+        raise ProtobufError(field, f"holds a gap of {bad} µs; allowed: 0 to {record_schema.MAX_DURATION_US} (one day)")
 
 
 def wire_to_message(
@@ -342,6 +358,16 @@ def wire_to_message(
     """A wire record (the outbox's, or one the aggregator stored) as an ``InferenceMeasurement``, held to ingest's
     bounds first. ``received_us``: the aggregator's receive time (its exports)."""
     record = _checked(dict(wire_record), now_us)
+    gaps_us = None
+    if record.get("itl_us") is not None:
+        try:
+            gaps_us = unpack_gaps(bytes(record["itl_us"]))
+        except PackError as exc:
+            raise ProtobufError("itl_us", f"does not unpack: {exc}") from None
+    return _to_message(record, gaps_us, received_us)
+
+
+def _to_message(record: dict[str, Any], gaps_us: list[int] | None, received_us: int | None) -> pb.InferenceMeasurement:
     out = pb.InferenceMeasurement()
     out.measurement_id = str(uuid.UUID(bytes=bytes(record["id"])))
     _set_time(out.timestamp, record["started_us"])
@@ -361,13 +387,10 @@ def wire_to_message(
     for name, field in _DURATIONS:
         if record.get(name) is not None:
             _set_duration(getattr(out.latency, field), record[name])
-    if record.get("itl_us") is not None:
+    if gaps_us is not None:
         gaps = out.latency.inter_token_gaps
         gaps.SetInParent()
-        try:
-            gaps.gaps_us.extend(unpack_gaps(bytes(record["itl_us"])))
-        except PackError as exc:
-            raise ProtobufError("itl_us", f"does not unpack: {exc}") from None
+        gaps.gaps_us.extend(gaps_us)
     counters = out.engine_counters
     if record.get("engine_prefill_us") is not None:
         _set_duration(counters.prefill_time, record["engine_prefill_us"])
@@ -413,10 +436,21 @@ def wire_to_message(
     return out
 
 
+def _gaps_of(message: pb.InferenceMeasurement) -> list[int]:
+    gaps = list(message.latency.inter_token_gaps.gaps_us)
+    _check_gaps(gaps, "latency.inter_token_gaps")
+    return gaps
+
+
 def message_to_wire(message: pb.InferenceMeasurement, *, now_us: int | None = None) -> dict[str, Any]:
     """An ``InferenceMeasurement`` back to the wire record, held to ingest's bounds (relative to ``now_us``, by
     default now). Every named field is in the record (null where the message leaves it out), the texts only when
     the message carries them."""
+    return _checked(_wire_of(message, pack=True), now_us)
+
+
+def _wire_of(message: pb.InferenceMeasurement, *, pack: bool) -> dict[str, Any]:
+    """The wire map of a message, unchecked; ``pack``: with the gaps packed (else ``itl_us`` is None)."""
     try:
         record_id = uuid.UUID(message.measurement_id).bytes
     except ValueError:
@@ -443,16 +477,8 @@ def message_to_wire(message: pb.InferenceMeasurement, *, now_us: int | None = No
     for name, field in _DURATIONS:
         out[name] = _duration_us(getattr(latency, field), f"latency.{field}") if latency.HasField(field) else None
     out["itl_us"] = None
-    if latency.HasField("inter_token_gaps"):
-        gaps = latency.inter_token_gaps.gaps_us
-        if len(gaps) > record_schema.MAX_GAPS:
-            raise ProtobufError("latency.inter_token_gaps", f"has {len(gaps)} gaps; at most {record_schema.MAX_GAPS}")
-        if gaps and max(gaps) > record_schema.MAX_DURATION_US:
-            raise ProtobufError(
-                "latency.inter_token_gaps",
-                f"holds a gap of {max(gaps)} µs; allowed: 0 to {record_schema.MAX_DURATION_US} (one day)",
-            )
-        out["itl_us"] = pack_gaps(list(gaps))
+    if latency.HasField("inter_token_gaps") and pack:
+        out["itl_us"] = pack_gaps(_gaps_of(message))
     counters = message.engine_counters
     out["engine_prefill_us"] = (
         _duration_us(counters.prefill_time, "engine_counters.prefill_time")
@@ -486,12 +512,18 @@ def message_to_wire(message: pb.InferenceMeasurement, *, now_us: int | None = No
         if key in out or key in NAMED_FIELDS:
             raise ProtobufError(key, "is a named field; extra_fields holds only fields this version does not name")
         out[key] = from_value(item, key, 1)
-    return _checked(out, now_us)
+    return out
 
 
 def message_to_record(message: pb.InferenceMeasurement, *, now_us: int | None = None) -> dict[str, Any]:
-    """An ``InferenceMeasurement`` back to the measurement record (times in milliseconds, as the JSON export)."""
-    return wire.from_wire(message_to_wire(message, now_us=now_us))
+    """An ``InferenceMeasurement`` back to the measurement record (times in milliseconds, as the JSON export), held
+    to ingest's bounds as :func:`message_to_wire` is."""
+    gaps = _gaps_of(message) if message.latency.HasField("inter_token_gaps") else None
+    checked = _checked(_wire_of(message, pack=False), now_us)
+    del checked["itl_us"]  # the gaps go straight to milliseconds
+    record = wire.from_wire(checked)
+    record["itl_ms"] = None if gaps is None else [gap / 1000.0 for gap in gaps]
+    return record
 
 
 def received_us(message: pb.InferenceMeasurement) -> int | None:
