@@ -265,9 +265,12 @@ def measurements_response(store: Store, params: Any) -> web.Response:
     if fmt == "protobuf":
         try:
             from lens_core import protobuf
-        except ImportError as exc:
+        except ImportError:
             raise BadParameter(
-                "format", fmt, f"json, ndjson, csv, arrow or parquet (protobuf needs the protobuf extra: {exc})"
+                "format",
+                fmt,
+                "json, ndjson, csv, arrow or parquet (protobuf needs its runtime: pip install "
+                "'llm-latency-lens[protobuf]')",
             ) from None
         body, cut_at = _protobuf_page(rows)
         if cut_at is not None:
