@@ -291,6 +291,16 @@ NAMED_FIELDS = frozenset(
         "ext",
     }
 )
+# the names the measurement record gives the wire's fields: an extra field by one of them would collide with it
+RECORD_NAMES = frozenset(
+    {
+        "version",
+        "started_at",
+        "itl_ms",
+        "received_at",
+        *(name[:-3] + "_ms" for name in NAMED_FIELDS if name.endswith("_us")),
+    }
+)
 _TYPED_EXT = {"energy": ENERGY, "collab": COLLAB, "device": DEVICE}
 
 
@@ -509,7 +519,7 @@ def _wire_of(message: pb.InferenceMeasurement, *, pack: bool) -> dict[str, Any]:
             ext[key] = _join_section(getattr(parent, field), _TYPED_EXT[key], f"ext.{key}")
     out["ext"] = ext
     for key, item in message.extra_fields.items():
-        if key in out or key in NAMED_FIELDS:
+        if key in out or key in NAMED_FIELDS or key in RECORD_NAMES:
             raise ProtobufError(key, "is a named field; extra_fields holds only fields this version does not name")
         out[key] = from_value(item, key, 1)
     return out
@@ -562,7 +572,14 @@ def _section(document: Mapping[str, Any], *path: str) -> dict[str, Any]:
 
 
 def _set_if(message: Any, field: str, value: Any, kind: type) -> None:
-    if type(value) is kind or (kind is float and _exact_float(value)):
+    """Set ``field`` when ``value`` fits it (a string; a finite number for a double; an unsigned integer)."""
+    if kind is float:
+        fits = _exact_float(value)
+    elif kind is int:
+        fits = type(value) is int and 0 <= value < 2**64
+    else:
+        fits = type(value) is kind
+    if fits:
         setattr(message, field, kind(value))
 
 

@@ -429,6 +429,9 @@ def test_a_hostile_message_is_refused_naming_the_field() -> None:
     message = _message()
     message.ext["deep"].CopyFrom(_nested(40))
     cases.append((message, "ext.deep" + "[0]" * (record_schema.MAX_DECODE_DEPTH)))
+    message = _message()
+    message.extra_fields["ttft_ms"].string_value = "collides with latency.time_to_first_token"
+    cases.append((message, "ttft_ms"))
     message = _message(kind="x\x00y")
     cases.append((message, "kind"))
     message = _message()
@@ -463,3 +466,31 @@ def test_media_types_name_the_message() -> None:
         "application/x-protobuf; proto=llm_latency_lens.v1.InferenceMeasurement; delimited=true"
     )
     assert P.RESULTS_MEDIA_TYPE.endswith("proto=llm_latency_lens.v1.BenchmarkResults; delimited=true")
+
+
+def test_a_results_document_with_odd_values_encodes_or_is_refused_naming_the_field() -> None:
+    """What does not fit a typed field of BenchmarkResults is left to ``document`` (exact); what no message can hold
+    (a NaN, a non-JSON value) is refused naming where it is."""
+    document: dict[str, Any] = {
+        "metadata": {"benchmark_id": "b-1", "run_id": "r-1", "timestamp": "2026-12-07T10:00:00.000001Z"},
+        "configuration": {"model": {"name": "m", "quantization": "q5_k"}, "hardware": {"cpu_cores": -2}},
+        "results": {
+            "latency_metrics": {"time_to_first_token": {"mean_ms": 2, "sample_count": -1, "p99_ms": "slow"}},
+            "error_metrics": {"total_errors": 1, "errors_by_type": {"oom": 1, "odd": -3}},
+        },
+    }
+    message = P.results_message(document, [_measurement(ttft_ms=1.0, e2e_ms=2.0, itl_ms=[])])
+    (parsed,) = P.iter_delimited(P.delimited([message]), pb.BenchmarkResults)
+    assert P.results_document(parsed) == document
+    ttft = parsed.aggregated.ttft_distribution
+    assert ttft.mean_ms == 2.0 and ttft.sample_count == 0 and ttft.p99_ms == 0.0
+    assert not parsed.config.hardware.HasField("cpu_cores") and parsed.config.model.quantization == 0
+    assert dict(parsed.aggregated.errors.errors_by_type) == {"oom": 1}
+    assert parsed.timestamp.nanos == 1000 and len(parsed.measurements) == 1
+    document["results"]["throughput_metrics"] = {"tokens_per_second": float("nan")}
+    with pytest.raises(P.ProtobufError) as refused:
+        P.results_message(document)
+    assert refused.value.field == "document.results.throughput_metrics.tokens_per_second"
+    with pytest.raises(P.ProtobufError) as refused:
+        P.results_message(document, [_measurement(input_tokens=-1)])
+    assert refused.value.field == "measurements[0].input_tokens"
