@@ -1,11 +1,13 @@
 """The specification's format table (§6.1), measured on our own records: bytes per record, raw and after zstd, and
 encode and decode CPU per record for JSON, CBOR, msgpack, Protocol Buffers and Arrow IPC.
 
-    .venv/bin/python bench/formats.py [--records 1000] [--seed 1] [--batch 500] [--repeat 3]
+    .venv/bin/python bench/formats.py [--records 1000] [--seed 1] [--batch 500] [--repeat 3] [--raw FILE]
 
 Every format starts from the same records — ``agent/synthetic.py``'s realistic local-inference records (what
 ``lens-agent bench`` stores: 63–127 inter-token gaps, the llama.cpp counters, memory) with the kernel's clock state
-in ``ext.clock`` as the agent's outbox stamps it — and decodes back to them:
+in ``ext.clock`` as the agent's outbox stamps it, or with ``--raw FILE`` the requests a real ``lens-agent bench --raw
+FILE`` wrote (their prompt and output text left out, as the wire leaves them out by default) — and decodes back to
+them:
 
 - JSON: the measurement dict as ``--raw`` and the JSON export write it (compact separators; gaps as ms floats).
 - CBOR / msgpack, wire v1: what the agent stores and sends (``lens_core.wire.encode_record``: integer µs, the gaps
@@ -181,11 +183,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--batch", type=int, default=500, help="records per zstd batch (sync.batch_size)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--raw", type=Path, help="a lens-agent bench --raw file: its requests instead")
     args = parser.parse_args()
-    records = [stamp(r) for r in synthetic_records(args.records, seed=args.seed)]
+    if args.raw is not None:
+        lines = [json.loads(line) for line in args.raw.read_text().splitlines() if line.strip()]
+        records = [stamp({k: v for k, v in r.items() if k not in ("prompt_text", "output_text")}) for r in lines]
+        print(f"{args.raw}: ", end="")
+    else:
+        records = [stamp(r) for r in synthetic_records(args.records, seed=args.seed)]
     now_us = time.time_ns() // 1000
     gaps = sum(len(r["itl_ms"]) for r in records)
-    print(f"{args.records} records, {gaps / args.records:.0f} gaps per record, zstd-3 over batches of {args.batch}")
+    print(f"{len(records)} records, {gaps / len(records):.0f} gaps per record, zstd-3 over batches of {args.batch}")
     rows = [
         per_record_row("JSON (the measurement dict)", json_codec(), records, args),
         per_record_row("CBOR, plain dict", plain_cbor(), records, args),
