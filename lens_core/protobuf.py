@@ -350,7 +350,7 @@ def record_to_message(record: Mapping[str, Any], *, now_us: int | None = None) -
         raise ProtobufError("(record)", f"does not map to the wire format: {type(exc).__name__}: {exc}") from None
     if gaps_us is not None:
         _check_gaps(gaps_us, "itl_ms")
-    return _to_message(_checked(wire_record, now_us), gaps_us, None)
+    return _encoded(_checked(wire_record, now_us), gaps_us, None)
 
 
 def _check_gaps(gaps: Any, field: str) -> None:
@@ -374,7 +374,30 @@ def wire_to_message(
             gaps_us = unpack_gaps(bytes(record["itl_us"]))
         except PackError as exc:
             raise ProtobufError("itl_us", f"does not unpack: {exc}") from None
-    return _to_message(record, gaps_us, received_us)
+    return _encoded(record, gaps_us, received_us)
+
+
+def _encoded(record: dict[str, Any], gaps_us: list[int] | None, received_us: int | None) -> pb.InferenceMeasurement:
+    try:
+        return _to_message(record, gaps_us, received_us)
+    except UnicodeEncodeError as exc:  # a lone surrogate: Python holds it, UTF-8 (and so protobuf) cannot
+        where = (_surrogate_at(record) or "(record)").encode("utf-8", "backslashreplace").decode("ascii", "replace")
+        raise ProtobufError(where, f"is not valid Unicode text ({exc.reason})") from None
+
+
+def _surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where the first string (or map key) holding a lone surrogate is, dotted; None when there is none."""
+    if type(value) is str:
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    items = value.items() if type(value) is dict else enumerate(value) if type(value) is list else ()
+    for key, item in items:
+        where = f"{path}.{key}" if type(key) is str and path else str(key) if type(key) is str else f"{path}[{key}]"
+        if type(key) is str and _surrogate_at(key, where) is not None:
+            return where
+        found = _surrogate_at(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def _to_message(record: dict[str, Any], gaps_us: list[int] | None, received_us: int | None) -> pb.InferenceMeasurement:

@@ -379,6 +379,9 @@ def test_the_bounds_round_trip() -> None:
         ({"ext": {"collab": {"round_us": [[0, 1, 2, 3, -1]]}}}, "ext.collab.round_us[0]"),
         ({"ext": {"interference": {"contended": True, "reasons": []}}}, "ext.interference.contended"),
         ({"error_message": "e" * 4097}, "error_message"),
+        ({"error_message": "lone \udc80 surrogate"}, "error_message"),
+        ({"ext": {"k": ["a", {"b": "x\ud800"}]}}, "ext.k[1].b"),
+        ({"ext": {"\udc80": 1}}, "ext.\\udc80"),
     ],
 )
 def test_a_record_outside_ingests_bounds_is_refused_naming_the_field(change: dict[str, Any], field: str) -> None:
@@ -387,7 +390,7 @@ def test_a_record_outside_ingests_bounds_is_refused_naming_the_field(change: dic
     with pytest.raises(P.ProtobufError) as refused:
         P.record_to_message(record)
     assert refused.value.field == field
-    assert field in str(refused.value)
+    assert repr(field) in str(refused.value)
 
 
 def _message(**fields: Any) -> pb.InferenceMeasurement:
