@@ -47,9 +47,10 @@ class BenchmarkConfiguration(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., hardware: _Optional[_Union[HardwareConfig, _Mapping]] = ..., test_params: _Optional[_Union[TestParameters, _Mapping]] = ...) -> None: ...
 
 class BenchmarkResults(_message.Message):
-    __slots__ = ["aggregated", "benchmark_id", "config", "document", "measurements", "run_id", "timestamp"]
+    __slots__ = ["aggregated", "benchmark_id", "campaign_level", "config", "document", "measurements", "run_id", "timestamp"]
     AGGREGATED_FIELD_NUMBER: _ClassVar[int]
     BENCHMARK_ID_FIELD_NUMBER: _ClassVar[int]
+    CAMPAIGN_LEVEL_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -57,12 +58,31 @@ class BenchmarkResults(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     aggregated: AggregatedMetrics
     benchmark_id: str
+    campaign_level: CampaignLevel
     config: BenchmarkConfiguration
     document: ValueMap
     measurements: _containers.RepeatedCompositeFieldContainer[InferenceMeasurement]
     run_id: str
     timestamp: _timestamp_pb2.Timestamp
-    def __init__(self, benchmark_id: _Optional[str] = ..., timestamp: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., config: _Optional[_Union[BenchmarkConfiguration, _Mapping]] = ..., measurements: _Optional[_Iterable[_Union[InferenceMeasurement, _Mapping]]] = ..., aggregated: _Optional[_Union[AggregatedMetrics, _Mapping]] = ..., run_id: _Optional[str] = ..., document: _Optional[_Union[ValueMap, _Mapping]] = ...) -> None: ...
+    def __init__(self, benchmark_id: _Optional[str] = ..., timestamp: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., config: _Optional[_Union[BenchmarkConfiguration, _Mapping]] = ..., measurements: _Optional[_Iterable[_Union[InferenceMeasurement, _Mapping]]] = ..., aggregated: _Optional[_Union[AggregatedMetrics, _Mapping]] = ..., run_id: _Optional[str] = ..., document: _Optional[_Union[ValueMap, _Mapping]] = ..., campaign_level: _Optional[_Union[CampaignLevel, _Mapping]] = ...) -> None: ...
+
+class CampaignLevel(_message.Message):
+    __slots__ = ["device_class", "device_id", "errors", "level", "model", "requests", "workload"]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    device_class: str
+    device_id: str
+    errors: int
+    level: str
+    model: str
+    requests: int
+    workload: str
+    def __init__(self, device_id: _Optional[str] = ..., device_class: _Optional[str] = ..., model: _Optional[str] = ..., workload: _Optional[str] = ..., level: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ...) -> None: ...
 
 class CollaborationMetrics(_message.Message):
     __slots__ = ["acceptance_rate", "accepted", "bytes_down", "bytes_up", "cloud_time_ms", "collaboration_overhead_ms", "draft_tokens", "drafted", "edge_time_ms", "network_time_ms", "other", "protocol", "rounds", "rounds_us", "rtt_ms", "strategy", "total_duration_ms", "verify_time_ms"]
