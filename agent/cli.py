@@ -102,8 +102,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     "--format",
     "formats",
     multiple=True,
-    type=click.Choice(["lens", "llmperf"]),
-    help="llmperf: also write LLMPerf's summary and individual-responses files.",
+    type=click.Choice(["lens", "llmperf", "protobuf"]),
+    help="llmperf: also write LLMPerf's summary and individual-responses files; protobuf: also write the results "
+    "and their requests as llm_latency_lens.v1.BenchmarkResults messages to --output's name with .pb "
+    "(docs/wire-format.md).",
 )
 @click.option(
     "--llmperf-dir",
@@ -237,6 +239,7 @@ def bench(
         lens-agent bench --runs 20 --max-tokens 64 --output results.json
         lens-agent bench --model a-Q4_1.gguf --model a-Q8_0.gguf --output compare.json
         lens-agent bench --prompts configs/prompts/short.txt --raw requests.jsonl --format llmperf
+        lens-agent bench --runs 20 --output results.json --format protobuf
         lens-agent bench --config /etc/lens-agent/agent.toml --store
         lens-agent bench --strategy speculative --model draft.gguf --cloud-url http://host:8000/v1 \\
             --verify logprobs --draft-tokens 4 --baselines
@@ -308,6 +311,7 @@ def bench(
     config = load_config(config_path, overrides=overrides)
     if llmperf_dir is not None and "llmperf" not in formats:
         raise UsageError("--llmperf-dir is used only with --format llmperf: add --format llmperf or drop it")
+    protobuf_path = _protobuf_path(output) if "protobuf" in formats else None
     _check_sysfs_root(config)
     if store:
         _usable_data_dir(config)
@@ -333,6 +337,9 @@ def bench(
             click.echo()
         if len(session.documents) > 1:
             click.echo(session.comparison)
+    if protobuf_path is not None:
+        _write_protobuf(protobuf_path, session.documents, session.measurements)
+        session.written.append(protobuf_path)
     for path in session.written:
         click.echo(f"wrote {path}", err=True)
     if session.stored is not None:
@@ -342,6 +349,40 @@ def bench(
     failures = [f for f in (failure(doc, config.get("bench", "max_error_rate")) for doc in session.documents) if f]
     if failures:
         raise LensError("; ".join(failures))
+
+
+def _protobuf_path(output: Path | None) -> Path:
+    """Where --format protobuf writes (--output's name with .pb, else results.pb here); checked before the run: the
+    protobuf runtime is there (the protobuf extra) and the file can be written."""
+    import importlib.util
+
+    if importlib.util.find_spec("google.protobuf") is None:
+        raise UsageError(
+            "--format protobuf needs the protobuf runtime: pip install 'llm-latency-lens[protobuf]' (or drop it)"
+        )
+    path = output.with_suffix(".pb") if output is not None else Path("results.pb")
+    if output is not None and path == output:
+        raise UsageError(f"--output {output}: --format protobuf writes {path}; name the results JSON otherwise")
+    if path.is_dir() or not path.parent.is_dir():
+        raise UsageError(f"--format protobuf: {path} cannot be written (not a file in an existing directory)")
+    return path
+
+
+def _write_protobuf(path: Path, documents: list[dict[str, Any]], measurements: list[list[dict[str, Any]]]) -> None:
+    """One BenchmarkResults message per model, length-delimited (google.protobuf is imported here only)."""
+    from lens_core import protobuf
+
+    try:
+        body = protobuf.delimited(
+            protobuf.results_message(document, records)
+            for document, records in zip(documents, measurements, strict=True)
+        )
+    except protobuf.ProtobufError as exc:
+        raise LensError(f"--format protobuf: the results do not encode: {exc}") from None
+    try:
+        path.write_bytes(body)
+    except OSError as exc:
+        raise UsageError(f"--format protobuf: {path} cannot be written ({exc.strerror})") from None
 
 
 # the flags `bench --suite` takes (engine settings, identity, probes, output): the rest come from the suite

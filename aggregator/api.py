@@ -1,4 +1,5 @@
-"""The read API: measurements by time range, device, model and strategy (JSON, NDJSON, CSV), and summaries.
+"""The read API: measurements by time range, device, model and strategy (JSON, NDJSON, CSV, Arrow IPC, Parquet,
+Protocol Buffers), and summaries.
 
 ``GET /api/v1/measurements?device=&model=&strategy=&kind=&since=&until=&limit=&cursor=&order=&format=``
 ``GET /api/v1/summary?device=&model=&strategy=&since=&until=&group_by=``
@@ -32,6 +33,7 @@ from . import rows as rows_mod
 from .reads import deadline_of, truncation
 from .store import Query, Store
 
+FORMATS = ("json", "ndjson", "csv", "arrow", "parquet", "protobuf")
 MAX_LIMIT = 10_000
 MAX_ANSWER_BYTES = 32 * 1024**2  # a JSON page ends early (with next_cursor) rather than grow past this
 MAX_FILTER_CHARS = 256  # device, model, strategy, kind: as long as the record schema allows
@@ -158,6 +160,31 @@ def measurement_view(row: dict[str, Any]) -> str | None:
         return None
 
 
+def _protobuf_page(rows: list[dict[str, Any]]) -> tuple[bytes, int | None]:
+    """The rows as length-delimited ``llm_latency_lens.v1.InferenceMeasurement`` messages, within MAX_ANSWER_BYTES
+    (at least one row), as the JSON page is; a row that does not decode or encode is skipped and counted. Returns
+    (body, seq of the last row included or None)."""
+    from lens_core import protobuf
+
+    parts: list[bytes] = []
+    size = 0
+    for index, row in enumerate(rows):
+        if parts and size > MAX_ANSWER_BYTES:
+            return b"".join(parts), rows[index - 1]["seq"]
+        record = rows_mod.decode_wire(row)
+        if record is None:
+            continue
+        try:
+            message = protobuf.wire_to_message(record, received_us=row["received_us"])
+        except rows_mod.DECODE_ERRORS as exc:  # a row stored before a bound existed: skipped, as every read does
+            rows_mod.skipped(row, exc)
+            continue
+        part = protobuf.delimited([message])
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts), None
+
+
 def _views(rows: list[dict[str, Any]]) -> tuple[list[str], int | None]:
     """The rows' JSON texts, within MAX_ANSWER_BYTES (at least one row): a page ends early, and says where the next
     one starts, rather than build an answer of any size. Returns (texts, seq of the last row included or None)."""
@@ -220,8 +247,8 @@ def measurements_response(store: Store, params: Any) -> web.Response:
     limit = _int("limit", params.get("limit"), 100, 1, MAX_LIMIT)
     cursor = _int("cursor", params.get("cursor"), 0, 0, 2**62)
     fmt = params.get("format") or "json"
-    if fmt not in ("json", "ndjson", "csv", "arrow", "parquet"):
-        raise BadParameter("format", fmt, "json, ndjson, csv, arrow or parquet")
+    if fmt not in FORMATS:
+        raise BadParameter("format", fmt, "json, ndjson, csv, arrow, parquet or protobuf")
     order = params.get("order") or "oldest"
     if order not in ("oldest", "newest"):
         raise BadParameter("order", order, "oldest (the default: in the order received) or newest (newest first)")
@@ -235,6 +262,23 @@ def measurements_response(store: Store, params: Any) -> web.Response:
         texts, cut_at = _views(rows)
         if cut_at is not None:
             next_cursor = cut_at
+    if fmt == "protobuf":
+        try:
+            from lens_core import protobuf
+        except ImportError:
+            raise BadParameter(
+                "format",
+                fmt,
+                "json, ndjson, csv, arrow or parquet (protobuf needs its runtime: pip install "
+                "'llm-latency-lens[protobuf]')",
+            ) from None
+        body, cut_at = _protobuf_page(rows)
+        if cut_at is not None:
+            next_cursor = cut_at
+        headers = {"Content-Type": protobuf.MEASUREMENTS_MEDIA_TYPE}
+        if next_cursor is not None:
+            headers["X-Next-Cursor"] = str(next_cursor)
+        return web.Response(body=body, headers=headers)
     headers = {"X-Next-Cursor": str(next_cursor)} if next_cursor is not None else {}
     if fmt in ("arrow", "parquet"):
         from . import arrow

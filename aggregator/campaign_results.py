@@ -24,7 +24,9 @@ of each device's figure (devices without the figure left out), with the min, med
 Exports (one row per device × model × workload × level, :data:`COLUMNS`): ``json``, ``csv`` (text cells that start
 like a formula are escaped, as the query API's CSV export does), ``parquet`` and ``arrow`` (an Arrow IPC stream),
 the last two through the optional ``pyarrow`` extra (:class:`aggregator.arrow.ArrowUnavailable` when it is missing:
-the API answers 501 naming the extra).
+the API answers 501 naming the extra); and ``protobuf``: length-delimited ``llm_latency_lens.v1.BenchmarkResults``
+messages, one a row, each with its results document and the row's keys (``campaign_level``), through the optional
+``protobuf`` extra (:class:`ProtobufUnavailable` when it is missing).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ FORMATS = {
     "csv": "text/csv",
     "parquet": "application/vnd.apache.parquet",
     "arrow": "application/vnd.apache.arrow.stream",
+    "protobuf": "application/x-protobuf; proto=llm_latency_lens.v1.BenchmarkResults; delimited=true",
 }
 MAX_NAME_CHARS = 200
 MAX_DOCUMENT_BYTES = 1 << 20  # one results document, as JSON
@@ -418,7 +421,43 @@ def export(
     return export_collected(collected, fmt, benchmark_id=benchmark_id), FORMATS[fmt]
 
 
+class ProtobufUnavailable(LookupError):
+    pass
+
+
+def protobuf_export(collected: CampaignResults, benchmark_id: str | None) -> bytes:
+    """One ``BenchmarkResults`` a row: the level's results document and the row's keys; a document that does not
+    encode (it passed :func:`read_record`'s checks, so none should) is skipped and counted as the other exports'
+    malformed records are."""
+    try:
+        from lens_core import protobuf
+    except ImportError:
+        raise ProtobufUnavailable(
+            "format=protobuf needs the protobuf runtime: pip install 'llm-latency-lens[protobuf]'"
+        ) from None
+    messages = []
+    for row in collected.rows:
+        try:
+            message = protobuf.results_message(row.document)
+        except protobuf.ProtobufError as exc:
+            collected.skip(f"{row.device_id[:64]} / {row.level[:64]}: {exc}"[:300])
+            continue
+        if benchmark_id is not None:
+            message.benchmark_id = benchmark_id
+        level = message.campaign_level
+        level.device_id, level.device_class, level.model = row.device_id, row.device_class, row.model
+        level.workload, level.level = row.workload, row.level
+        if row.requests is not None:
+            level.requests = row.requests
+        if row.errors is not None:
+            level.errors = row.errors
+        messages.append(message)
+    return protobuf.delimited(messages)
+
+
 def export_collected(collected: CampaignResults, fmt: str, *, benchmark_id: str | None = None) -> bytes:
+    if fmt == "protobuf":
+        return protobuf_export(collected, benchmark_id)
     if fmt == "json":
         body: dict[str, Any] = {"format_version": "1"}
         if benchmark_id is not None:

@@ -758,7 +758,7 @@ async def campaign_results(request: web.Request, context: Context, token: TokenI
     return web.json_response(answer)
 
 
-EXPORT_FORMATS = ("json", "csv", "parquet", "arrow")
+EXPORT_FORMATS = ("json", "csv", "parquet", "arrow", "protobuf")
 
 
 @operator
@@ -982,8 +982,12 @@ def export_rows(store: Store, text: str, fmt: str) -> tuple[bytes, str]:
     try:
         body, content_type = export(levels, classes, fmt, benchmark_id=campaign)
     except (ArrowUnavailable, LookupError):
+        extra = ("protobuf", "its runtime") if fmt == "protobuf" else ("arrow", "pyarrow")
         raise BadRequest(
-            501, "format_unavailable", f"format={fmt} needs pyarrow: pip install 'llm-latency-lens[arrow]'", "format"
+            501,
+            "format_unavailable",
+            f"format={fmt} needs {extra[1]}: pip install 'llm-latency-lens[{extra[0]}]'",
+            "format",
         ) from None
     return bytes(body), str(content_type)
 

@@ -1159,7 +1159,11 @@ def campaign_results(config_path: Path | None, db: str | None, as_json: bool, be
 @config_option
 @db_option
 @click.option(
-    "--format", "fmt", type=click.Choice(["json", "csv", "parquet", "arrow"]), default="csv", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "csv", "parquet", "arrow", "protobuf"]),
+    default="csv",
+    show_default=True,
 )
 @click.option("--output", type=click.Path(path_type=Path), help="Write to this file.  [default: stdout]")
 @click.argument("benchmark_id")
@@ -1179,7 +1183,7 @@ def campaign_export(config_path: Path | None, db: str | None, fmt: str, output: 
         except OSError as exc:
             raise UsageError(f"--output {output}: cannot be written ({exc.strerror or exc})") from None
         return
-    if fmt in ("parquet", "arrow"):
+    if fmt in ("parquet", "arrow", "protobuf"):
         raise UsageError(f"--format {fmt} is binary: give --output FILE")
     click.echo(body.decode("utf-8"), nl=False)
 

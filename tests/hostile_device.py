@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agent.synthetic import synthetic_records
-from lens_core import wire
+from lens_core import protobuf, wire
+from lens_core.proto.llm_latency_lens.v1 import measurement_pb2 as pb
 
 DEVICE = "dev-1"
 
@@ -73,6 +74,8 @@ async def read_everything(client: Any, device: str = DEVICE) -> dict[str, Any]:
     out["arrow"] = pa.ipc.open_stream(body).read_all()
     _, body = await get("/api/v1/measurements?limit=10000&format=parquet")
     out["parquet"] = pq.read_table(io.BytesIO(body))
+    _, body = await get("/api/v1/measurements?limit=10000&format=protobuf")
+    out["protobuf"] = [protobuf.message_to_record(m) for m in protobuf.iter_delimited(body, pb.InferenceMeasurement)]
     for group in ("", "device", "model", "strategy"):
         _, body = await get(f"/api/v1/summary?group_by={group}")
         json.loads(body, parse_constant=_no_constants)

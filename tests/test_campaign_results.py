@@ -188,7 +188,7 @@ def test_hostile_records_are_skipped_and_counted_never_raise() -> None:
     assert body["classes"]["orin"][0]["devices"] == 1
     assert len(body["skip_reasons"]) == cr.MAX_SKIP_REASONS
     json.dumps(body, allow_nan=False)  # the answer always serialises as strict JSON
-    for fmt in ("json", "csv", "arrow", "parquet"):
+    for fmt in ("json", "csv", "arrow", "parquet", "protobuf"):
         data, _ = cr.export([good, *(r for _, r in hostile)], {}, fmt)
         assert data
 
@@ -308,6 +308,30 @@ def test_arrow_and_parquet_open_in_duckdb_and_agree_with_json(fmt: str, tmp_path
         con.register("export", pa.ipc.open_stream(data))
     counted = dict(con.execute(f"SELECT device_class, count(*) FROM {source} GROUP BY 1").fetchall())
     assert counted == {c: sum(1 for r in rows if r["device_class"] == c) for c in {r["device_class"] for r in rows}}
+
+
+def test_protobuf_export_carries_each_rows_keys_and_document() -> None:
+    """One BenchmarkResults a row: the row's keys in campaign_level, its results document whole, the seed's figures
+    in their fields — the same values as the JSON export."""
+    from lens_core import protobuf
+    from lens_core.proto.llm_latency_lens.v1 import measurement_pb2 as pb
+
+    records, classes = fleet(12, 3, samples=6)
+    body = json.loads(cr.export(records, classes, "json", benchmark_id=CAMPAIGN)[0])
+    data, kind = cr.export(records, classes, "protobuf", benchmark_id=CAMPAIGN)
+    assert kind == "application/x-protobuf; proto=llm_latency_lens.v1.BenchmarkResults; delimited=true"
+    messages = list(protobuf.iter_delimited(data, pb.BenchmarkResults))
+    assert len(messages) == len(body["rows"]) == len(cr.collect(records, classes).rows)
+    for message, row, source in zip(messages, body["rows"], cr.collect(records, classes).rows, strict=True):
+        level = message.campaign_level
+        keys = (level.device_id, level.device_class, level.model, level.workload, level.level)
+        assert keys == tuple(row[k] for k in cr.KEY_COLUMNS)
+        assert (level.requests, level.errors) == (row["requests"], row["errors"])
+        assert message.benchmark_id == CAMPAIGN
+        assert protobuf.results_document(message) == source.document
+        assert message.aggregated.ttft_distribution.p95_ms == row["ttft_p95_ms"]
+        assert message.aggregated.throughput.tokens_per_second == row["tokens_per_second"]
+    assert cr.export([], {}, "protobuf")[0] == b""
 
 
 def test_unknown_format_is_refused() -> None:

@@ -19,7 +19,8 @@ from aggregator import campaigns
 from aggregator.app import Settings, create_app
 from aggregator.campaigns import CampaignSettings
 from aggregator.store import Store
-from lens_core import wire
+from lens_core import protobuf, wire
+from lens_core.proto.llm_latency_lens.v1 import measurement_pb2 as pb
 
 SUITE: dict[str, Any] = {
     "test_suite": {"name": "nightly"},
@@ -482,6 +483,15 @@ async def test_results_and_exports(fleet: Fleet) -> None:
     assert response.status == 200 and response.headers["Content-Type"].startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(await response.text())))
     assert len(table) == 3 and {r["device_class"] for r in table} == {"orin-agx"}
+    response = await fleet.client.get(
+        f"/api/v1/benchmark/{campaign}/export?format=protobuf", headers=auth(fleet.operator)
+    )
+    assert response.status == 200 and "proto=llm_latency_lens.v1.BenchmarkResults" in response.headers["Content-Type"]
+    messages = list(protobuf.iter_delimited(await response.read(), pb.BenchmarkResults))
+    assert sorted(
+        (m.campaign_level.device_id, m.campaign_level.level, m.aggregated.ttft_distribution.p50_ms) for m in messages
+    ) == [("dev-a", "concurrency 1", 12.0), ("dev-a", "concurrency 2", 20.0), ("dev-c", "concurrency 1", 30.0)]
+    assert {m.benchmark_id for m in messages} == {campaign}
     bad = await fleet.client.get(f"/api/v1/benchmark/{campaign}/export?format=xls", headers=auth(fleet.operator))
     assert bad.status == 400
     # levels the suite does not run (a device's say only: forged rows, a <script> label) are left out: its 2 count
@@ -557,6 +567,10 @@ async def test_campaign_cli_against_the_servers_database(aiohttp_client: Any, tm
     assert [c["benchmark_id"] for c in json.loads(run("campaign", "list", "--json").stdout)] == [campaign]
     assert json.loads(run("campaign", "results", campaign, "--json").stdout)["format_version"] == "1"
     assert run("campaign", "export", campaign, "--format", "csv").stdout.startswith("device_id,")
+    assert "binary: give --output" in refused("campaign", "export", campaign, "--format", "protobuf")
+    exported = tmp_path / "campaign.pb"
+    run("campaign", "export", campaign, "--format", "protobuf", "--output", str(exported))
+    assert list(protobuf.iter_delimited(exported.read_bytes(), pb.BenchmarkResults)) == []  # no level has run yet
     assert json.loads(run("campaign", "cancel", campaign, "--json").stdout)["status"] == "cancelled"
     assert "cancelled already" in refused("campaign", "cancel", campaign)
     assert "UUID" in refused("campaign", "status", "nope")

@@ -148,6 +148,7 @@ def _run_property(store: Any, examples: int) -> None:
         seen = await read_everything(client)
         assert {m["id"] for m in seen["measurements"]} == stored
         assert len(seen["csv"]) == len(stored) == seen["arrow"].num_rows == seen["parquet"].num_rows
+        assert {m["id"] for m in seen["protobuf"]} == stored  # every record ingest accepts encodes, and reads back
 
     @settings(
         max_examples=examples,

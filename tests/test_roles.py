@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -203,5 +204,12 @@ def test_aggregator_role_serves_ingests_and_renders(aggregator_venv: Path, tmp_p
         assert status == 200 and kind.startswith("text/css")
         status, _, metrics = _get(base + "/metrics")
         assert 'device="edge-07"' in metrics
+        # protobuf is an extra: without its runtime the export says what to install, and the definitions ship
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get(base + "/api/v1/measurements?format=protobuf")
+        assert refused.value.code == 400
+        assert "pip install 'llm-latency-lens[protobuf]'" in json.loads(refused.value.read())["error"]
+        shipped = next(aggregator_venv.glob("lib/python*/site-packages/lens_core/proto/llm_latency_lens/v1"))
+        assert {"measurement.proto", "measurement_pb2.py", "measurement_pb2.pyi"} <= {p.name for p in shipped.iterdir()}
     finally:
         server.stop()

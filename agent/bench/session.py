@@ -54,6 +54,8 @@ class BenchSession:
     documents: list[dict[str, Any]] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    # each document's measured requests as records (texts as --no-text says), for --format protobuf
+    measurements: list[list[dict[str, Any]]] = field(default_factory=list)
     stored: int | None = None
     outbox_file: Path | None = None
 
@@ -227,6 +229,7 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                 if request.llmperf_dir is not None:
                     session.written.extend(llmperf_files(run, document, request.llmperf_dir))
             session.documents.append(document)
+            session.measurements.append([m.to_dict(include_text=request.include_text) for m in run.measured])
             session.tables.append(summary_table(document))
             if out_path is not None:
                 with _open_for_writing(out_path, "--output file") as handle:
