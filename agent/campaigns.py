@@ -28,14 +28,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from lens_core import wire
-from lens_core.suite import canonical_json
 
 from .config import AgentConfig
-from .suite import Suite, SuiteError, parse_suite
+
+if TYPE_CHECKING:  # suites (agent.suite: prompts, models, limits) load when a job is parsed
+    from .suite import Suite
 
 log = logging.getLogger("agent.campaigns")
 
@@ -154,6 +155,8 @@ def check_job_document(payload: Any, notice: JobNotice, config: AgentConfig) -> 
     if type(document) is not dict:
         raise CampaignError(f"the job answer's configuration is {type(document).__name__}; allowed: an object")
     try:
+        from lens_core.suite import canonical_json  # suites load when a job arrives
+
         digest = hashlib.sha256(canonical_json(document)).hexdigest()
     except (ValueError, TypeError) as exc:
         raise CampaignError(f"the job's configuration is not plain JSON data ({exc})") from None
@@ -167,6 +170,8 @@ def check_job_document(payload: Any, notice: JobNotice, config: AgentConfig) -> 
 
 def parse_job_suite(document: Any, benchmark_id: str, config: AgentConfig) -> Suite:
     """A pushed suite, checked with the campaign policy (no directory of its own: relative paths are refused)."""
+    from .suite import parse_suite
+
     return parse_suite(document, source=f"campaign {benchmark_id}", base_dir=None, policy=campaign_policy(config))
 
 
@@ -424,8 +429,6 @@ __all__ = [
     "JobClient",
     "JobFiles",
     "JobNotice",
-    "SuiteError",
-    "canonical_json",
     "check_job_document",
     "level_keys",
     "parse_jobs",

@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
@@ -20,8 +20,6 @@ from lens_core.cliutil import run_click
 from . import __version__
 from .config import AgentConfig, load_config
 from .errors import LensError, UsageError
-from .outbox_cli import outbox_group
-from .tune_cli import tune_group
 
 log = logging.getLogger("agent")
 
@@ -69,7 +67,28 @@ verbose_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The command groups that live in their own modules load when they are named (or listed by --help), so the
+    other commands never import them (docs/PERFORMANCE.md, the agent's footprint)."""
+
+    LAZY: ClassVar[dict[str, tuple[str, str]]] = {
+        "outbox": ("agent.outbox_cli", "outbox_group"),
+        "tune": ("agent.tune_cli", "tune_group"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            import importlib
+
+            module, name = self.LAZY[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), name), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lens-agent")
 @click.option("-v", "--verbose", is_flag=True, help="Log more, including llama.cpp's own messages.")
 @click.pass_context
@@ -913,10 +932,6 @@ def _run_line(name: str, run: dict[str, Any] | None) -> tuple[str, bool]:
         counts = f"{_count(requests, 'request')}: {blocked} blocked by guardrails, 0 served"
         return f"{name}: {verdict}: {counts}{figures}", ok
     return f"{name}: {verdict}: {served}/{_count(requests, 'request')} ok{figures}", ok
-
-
-cli.add_command(outbox_group)
-cli.add_command(tune_group)
 
 
 def main(argv: list[str] | None = None) -> None:

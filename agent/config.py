@@ -531,6 +531,8 @@ class AgentConfig(Config):
 
 
 def _check_guardrails(source: str, raw: object) -> tuple[SetConfig, ...]:
+    if raw is None:  # no [[guardrails]]: the pipeline is not loaded at all
+        return ()
     from .guardrails.pipeline import parse_sets  # the kinds' modules are imported only when a file has sets
 
     return parse_sets(source, raw)
@@ -538,6 +540,8 @@ def _check_guardrails(source: str, raw: object) -> tuple[SetConfig, ...]:
 
 def _check_workload_sets(source: str, workloads: list[dict[str, Any]], sets: tuple[SetConfig, ...]) -> None:
     """A workload's ``guardrails`` names a [[guardrails]] set or a built-in one."""
+    if not sets and not any(workload.get("guardrails") is not None for workload in workloads):
+        return  # nothing to check: the pipeline is not loaded
     from .guardrails.pipeline import BUILTIN_SETS
 
     names = [s.name for s in sets] + [b for b in BUILTIN_SETS if b not in {s.name for s in sets}]

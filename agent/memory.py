@@ -8,8 +8,10 @@ source says so.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -61,3 +63,37 @@ def system_memory() -> dict[str, int]:
         "used_bytes": int(vm.total - vm.available),
         "swap_used_bytes": int(swap.used),
     }
+
+
+# glibc's mallopt parameter: how many malloc arenas threads may spread over (8 per core by default, each keeping
+# what it freed); the service's few threads allocate little, so two arenas hold them all
+_M_ARENA_MAX = -8
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc() -> Any:
+    """The process's own C library symbols (``dlopen(NULL)``) when they include glibc's malloc controls."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (call before threads start); False where the C library is not glibc."""
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, arenas) == 1)
+
+
+def release_free_memory() -> bool:
+    """Collect Python's garbage and give the C heap's free pages back to the kernel (glibc's ``malloc_trim``): a run's
+    temporaries freed, the service holds only what it keeps between runs (docs/PERFORMANCE.md, the agent's
+    footprint). False where the C library is not glibc."""
+    import gc
+
+    gc.collect()
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0) == 1)

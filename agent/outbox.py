@@ -71,7 +71,6 @@ from lens_core import wire
 from lens_core.sqlite_schema import migrate_forward
 
 from .errors import LensError, UsageError
-from .sqlite_salvage import scan_database
 
 log = logging.getLogger("agent.outbox")
 
@@ -650,6 +649,8 @@ class Outbox:
                             found.quarantine[q[0]] = _quarantined_row(q[0], q[0], q[1], None, q[2], None, *q[3:])
             finally:
                 old.close()
+        from .sqlite_salvage import scan_database  # only for a damaged file
+
         try:
             scan = scan_database(damaged)
         except (OSError, ValueError) as exc:

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import signal
-import statistics
 import time
 import uuid
 from collections import Counter
@@ -36,7 +35,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lens_core import otlp_config
 from lens_core.notify import Notifier
@@ -71,9 +70,9 @@ from .engines.modelfile import resolve_model_path
 from .errors import LensError, UsageError
 from .facts import device_facts, facts_changed, facts_record
 from .gates import gate, read_state
-from .guardrails.base import BuildContext
-from .guardrails.pipeline import GuardrailSet, set_from_config
 from .measurement import Measurement, utc_now_iso
+from .memory import limit_malloc_arenas, release_free_memory
+from .objectives import DIMENSIONS, values_of
 from .outbox import AsyncOutbox, open_outbox
 from .probes.device import gpu_load_percent
 from .probes.interference import monitor_from_config
@@ -84,9 +83,10 @@ from .prompts import load_prompts
 from .schedule import Scheduler
 from .status import state_path
 from .strategies import build_strategy
-from .suite import SuiteError
 from .tune_flow import Busy, engine_key, measure_lock, run_tune, verification_record
-from .tuning import DIMENSIONS, tune_record, values_of
+
+if TYPE_CHECKING:  # guardrails load when a guarded workload runs
+    from .guardrails.pipeline import GuardrailSet
 
 log = logging.getLogger("agent.service")
 ADVICE_REMEMBERED = 500  # recommendation ids and advice (model, setting, value) remembered as seen
@@ -120,6 +120,9 @@ class AgentService:
         self.model: dict[str, Any] = {}
         self.runs: dict[str, dict[str, Any]] = {}
         self.abort = False
+        limit_malloc_arenas()  # before any thread starts (docs/PERFORMANCE.md, the agent's footprint)
+        # heartbeats left to give freed memory back to the kernel: right after a run, and once more after its sync
+        self._release_due = 0
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._stop: asyncio.Event | None = None
         self._current: asyncio.Future[Any] | None = None
@@ -383,6 +386,7 @@ class AgentService:
             if self._sync is not None:
                 self._sync.trigger()
         self._pending_once.discard(name)
+        self._release_due = 2
         await self.heartbeat()
         if self.once and not self._pending_once:
             self.request_stop()
@@ -467,6 +471,8 @@ class AgentService:
         if self.outbox is None:
             return
         while self._refused_drop_ins:
+            from .tuning import tune_record
+
             line = self._refused_drop_ins.pop(0)
             record = tune_record(
                 "drop_in_refused",
@@ -828,6 +834,9 @@ class AgentService:
         start = time.perf_counter()
         self.state = f"measuring {workload}: building guardrail set {name}"  # what status shows while it loads
         try:
+            from .guardrails.base import BuildContext
+            from .guardrails.pipeline import GuardrailSet, set_from_config
+
             built = GuardrailSet.build(set_from_config(config, name), BuildContext(n_threads=n_threads))
         except LensError:
             raise
@@ -1005,7 +1014,7 @@ class AgentService:
             return
         try:
             document, suite = check_job_document(payload, notice, self.config)
-        except (CampaignError, SuiteError) as exc:
+        except (CampaignError, suite_error()) as exc:
             log.error("campaign %s refused: %s", notice.benchmark_id, exc)
             job = refused_job(notice, str(exc))
         else:
@@ -1032,7 +1041,7 @@ class AgentService:
             self._save_job(job)
         try:  # checked again: the file sat on disk, and the [suite] limits may have changed since (SIGHUP)
             suite = parse_job_suite(job["configuration"], benchmark_id, self.config)
-        except SuiteError as exc:
+        except suite_error() as exc:
             self._finish_job(job, "failed", str(exc))
             await self._report_job(client, job)
             return False
@@ -1160,6 +1169,9 @@ class AgentService:
     async def heartbeat(self) -> None:
         self.notifier.watchdog()
         self._write_state()
+        if self._release_due and self._current is None:
+            self._release_due -= 1
+            release_free_memory()
 
     async def housekeeping(self) -> None:
         if self.outbox is not None:
@@ -1216,6 +1228,14 @@ class AgentService:
             log.warning("cannot write %s: %s", state_path(self.data_dir), exc)
 
 
+def suite_error() -> type[Exception]:
+    """lens_core.suite's SuiteError, imported when called: an ``except suite_error()`` clause is evaluated only when
+    an exception reaches it, so a service without suites or campaign jobs never loads the suite parser."""
+    from lens_core.suite import SuiteError
+
+    return SuiteError
+
+
 def load_suites(config: AgentConfig) -> dict[str, Any]:
     """Each suite workload's suite, checked against this device's ``[suite]`` policy (a bad suite stops the start,
     naming its file and JSON path, as a bad configuration does)."""
@@ -1264,9 +1284,11 @@ def summarize(
     def pct(values: list[float], q: float) -> float | None:
         if not values:
             return None
-        return (
-            float(statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]) if len(values) > 1 else values[0]
-        )
+        # statistics.quantiles(n=100, method="inclusive")'s q-th cut: linear between the closest ranks (numpy's
+        # default method; numpy is the engine's, loaded already — statistics would add fractions and decimal)
+        import numpy as np
+
+        return float(np.percentile(values, int(q))) if len(values) > 1 else values[0]
 
     return {
         "at": utc_now_iso(),
@@ -1287,8 +1309,8 @@ def summarize(
         "guardrail_errors": len(guard_errors),
         "ttft_p50_ms": pct(ttfts, 50),
         "ttft_p95_ms": pct(ttfts, 95),
-        "tokens_per_second": statistics.fmean(rates) if rates else None,
-        "j_per_output_token": statistics.fmean(joules) if joules else None,
+        "tokens_per_second": sum(rates) / len(rates) if rates else None,
+        "j_per_output_token": sum(joules) / len(joules) if joules else None,
         "power_source": power_source,
         # docs/interference.md: how many of the run's requests other work contended, and why
         "contended": len(contended),

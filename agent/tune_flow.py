@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lens_core.settings import CONFIG_KEYS, settings_key
 
@@ -28,16 +28,9 @@ from .errors import LensError, UsageError
 from .gates import gate, read_state
 from .measurement import Measurement
 from .probes.sysfs import Root
-from .tuning import (
-    TuneOptions,
-    Tuner,
-    TuneResult,
-    comparison_dict,
-    direction,
-    model_path,
-    tune_prompts,
-    tune_record,
-)
+
+if TYPE_CHECKING:  # the search itself (agent.tuning, its worker pool, lens_core.stats) loads when a tune runs
+    from .tuning import TuneOptions, TuneResult
 
 log = logging.getLogger("agent.tune")
 
@@ -121,6 +114,8 @@ def run_tune(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> TuneOutcome:
     """Search, and apply the winner when ``apply`` (and nothing overrides it). ``store`` receives every record."""
+    from .tuning import TuneOptions, Tuner, comparison_dict, model_path, tune_prompts, tune_record
+
     options = options or TuneOptions.from_config(config, only)
     root = Root(config.get("probes", "sysfs_root"))
     gates = config.values["gates"]
@@ -213,6 +208,8 @@ def apply_changes(
     """Apply setting changes (name → (before, after)) through the drop-in adjuster and record it. Nothing this
     device refuses (agent.advice: its configuration's bounds, its CPUs, its context, its model's layers) is ever
     written; a drop-in the configuration left out is set aside first, so nothing builds on it."""
+    from .tuning import tune_record
+
     refused = overridden(config, changes)
     if refused:
         raise UsageError("; ".join(refused) + ": remove that override first")
@@ -260,6 +257,8 @@ def apply_changes(
 
 
 def verification_record(verification: Verification, *, device_id: str, model_name: str) -> Measurement:
+    from .tuning import direction, tune_record
+
     a = verification.adjustment
     return tune_record(
         "rollback" if verification.rolled_back else "verify",

@@ -36,7 +36,7 @@ import itertools
 import logging
 import random
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,15 +49,15 @@ from .engines.llama import EngineSettings
 from .engines.modelfile import resolve_model_path
 from .errors import LensError, UsageError
 from .measurement import Measurement
+from .objectives import DIMENSIONS as DIMENSIONS
+from .objectives import OBJECTIVES as OBJECTIVES
+from .objectives import values_of as values_of
 from .probes.interference import Thresholds, results_section
 from .prompts import Prompt, load_prompts
 from .tune_worker import BlockResult, CandidateCrashed, MeasureStopped, WorkerPool, block_request
 
 log = logging.getLogger("agent.tune")
 
-# The order of the coordinate search: the settings that move decode speed most first.
-DIMENSIONS = ("n_threads", "flash_attn", "n_batch", "n_gpu_layers")
-OBJECTIVES = {"e2e": "e2e_ms", "tpot": "tpot_ms", "ttft": "ttft_ms"}
 MAX_VALUES_KEPT = 256  # per-request values carried in a record
 CONTENDED_SHARE = 0.25  # a stage with more than this share of its measured requests contended decides nothing
 
@@ -681,9 +681,3 @@ def describe(result: TuneResult) -> list[str]:
     else:
         lines.append("no setting was significantly better than the current ones: nothing to change")
     return lines
-
-
-def values_of(records: Sequence[Measurement], objective: str) -> list[float]:
-    """The objective's per-request values of successful records (what verification compares)."""
-    attribute = OBJECTIVES[objective]
-    return [float(v) for m in records if m.ok and not m.warmup and (v := getattr(m, attribute)) is not None and v > 0]

@@ -15,7 +15,6 @@ reads a file, imports the agent or PyYAML. docs/suites.md describes the format.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import math
@@ -441,6 +440,8 @@ class SuiteChecker:
             if not isinstance(key, str):
                 raise self.fail(_key_path(path, key), key, "a string key")
             if key not in allowed:
+                import difflib  # for this message only
+
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 listing = ", ".join(known) + (f"; extensions: {', '.join(extensions)}" if extensions else "")

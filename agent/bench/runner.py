@@ -6,20 +6,23 @@ How a request runs is a strategy (:mod:`agent.strategies`); without one given, i
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engines.llama import LlamaEngine
 from ..errors import UsageError
-from ..guardrails.pipeline import GuardedStrategy, GuardrailSet, SetConfig
 from ..measurement import Measurement
 from ..memory import ProcessMemory
 from ..probes.interference import InterferenceMonitor
 from ..probes.sampler import PowerSampler
 from ..prompts import Prompt
 from ..strategies import LocalStrategy, Strategy, Window
+
+if TYPE_CHECKING:  # guardrails load for a guarded run only
+    from ..guardrails.pipeline import GuardrailSet, SetConfig
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,13 @@ def run_bench(
             raise ValueError("the local strategy needs an engine")
         strategy = LocalStrategy(engine, options, memory or ProcessMemory())
     if guardrails is not None:
+        from ..guardrails.pipeline import GuardedStrategy
+
         strategy = GuardedStrategy(strategy, guardrails)
-    guarded = strategy if isinstance(strategy, GuardedStrategy) else None
+    # a strategy can only be a guarded one when the guardrails were loaded (by whoever built it): unguarded runs
+    # never load them
+    pipeline = sys.modules.get("agent.guardrails.pipeline")
+    guarded = strategy if pipeline is not None and isinstance(strategy, pipeline.GuardedStrategy) else None
     run = ModelRun(engine=engine, strategy=strategy.name)
     if guarded is not None:
         run.guardrails = guarded.guardrails.config

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
@@ -21,8 +21,6 @@ from ..device import device_info
 from ..engines.llama import EngineSettings, LlamaEngine
 from ..engines.modelfile import resolve_model_path
 from ..errors import UsageError
-from ..guardrails.base import BuildContext
-from ..guardrails.pipeline import GuardrailSet, set_from_config
 from ..measurement import Measurement
 from ..probes.device import describe, gpu_load_percent
 from ..probes.interference import InterferenceMonitor, ThreadChoice, choose_threads, monitor_from_config
@@ -33,6 +31,9 @@ from ..prompts import load_prompts
 from ..strategies import build_strategy
 from .report import comparison_table, llmperf_files, results_document, settings_sources, summary_table
 from .runner import BenchOptions, ModelRun, run_bench
+
+if TYPE_CHECKING:  # guardrails load for a guarded bench only
+    from ..guardrails.pipeline import GuardrailSet
 
 
 @dataclass
@@ -93,9 +94,11 @@ def _open_for_writing(path: Path, what: str) -> IO[str]:
 def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _: None) -> BenchSession:
     config = request.config
     # a set name that is not there fails before anything is loaded
-    guardrail_set = (
-        set_from_config(config, request.guardrails, asked_by="--guardrails") if request.guardrails is not None else None
-    )
+    guardrail_set = None
+    if request.guardrails is not None:  # the guardrails load for a guarded bench only
+        from ..guardrails.pipeline import set_from_config
+
+        guardrail_set = set_from_config(config, request.guardrails, asked_by="--guardrails")
     bench_cfg = config.values["bench"]
     options = BenchOptions(
         runs=bench_cfg["runs"],
@@ -158,6 +161,9 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
 
     try:
         if guardrail_set is not None:  # once for every model: a judge loads its own model here
+            from ..guardrails.base import BuildContext
+            from ..guardrails.pipeline import GuardrailSet
+
             status(f"building the guardrail set {guardrail_set.name} …")
             guardrails = GuardrailSet.build(guardrail_set, BuildContext(n_threads=settings.n_threads))
         for index, (path, out_path) in enumerate(zip(targets, outputs, strict=False)):

@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from statistics import median
 from typing import Any
 
 from .sysfs import Root
@@ -76,6 +75,14 @@ class Snapshot:
     temp_max_c: float | None = None
     hot_zones: tuple[str, ...] = ()  # zones at or above their trip point
     throttle_events: int | None = None  # summed throttle counters
+
+
+def _median(values: list[float]) -> float:
+    """statistics.median's value (the middle one, or the mean of the two middle ones), without loading statistics
+    (and fractions and decimal with it) into every agent command: this module loads with the configuration."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _self_cpu_s() -> float:
@@ -544,7 +551,7 @@ def results_section(
         for key in NUMBER_KEYS:
             values = [r[key] for r in contended if isinstance(r.get(key), int | float)]
             if values:
-                typical[key] = median(values)
+                typical[key] = _median(values)
         throttled = [z for r in contended for z in r.get("throttled", [])]
         if throttled:
             typical["throttled"] = list(dict.fromkeys(throttled))[:3]
