@@ -1284,11 +1284,13 @@ def summarize(
     def pct(values: list[float], q: float) -> float | None:
         if not values:
             return None
-        # statistics.quantiles(n=100, method="inclusive")'s q-th cut: linear between the closest ranks (numpy's
-        # default method; numpy is the engine's, loaded already — statistics would add fractions and decimal)
-        import numpy as np
-
-        return float(np.percentile(values, int(q))) if len(values) > 1 else values[0]
+        if len(values) == 1:
+            return values[0]
+        # statistics.quantiles(values, n=100, method="inclusive")[q - 1], its own arithmetic, without loading
+        # statistics (fractions, decimal) or numpy's percentile (numpy.ma)
+        data, i = sorted(values), int(q)
+        j, delta = divmod(i * (len(data) - 1), 100)
+        return float((data[j] * (100 - delta) + data[j + 1] * delta) / 100)
 
     return {
         "at": utc_now_iso(),

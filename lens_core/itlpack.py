@@ -95,7 +95,8 @@ def pack_gaps(gaps_us: Sequence[int]) -> bytes:
     zigzag = np.where(residuals >= 0, residuals << 1, ((-residuals) << 1) - 1)
     # The best k sits near log2 of the mean residual; try a few around it for every predictor.
     centre = _bit_length(zigzag.mean(axis=1).astype(np.int64) + 1)
-    ks = np.unique(np.clip(centre[:, None] + np.arange(-3, 2), 0, _MAX_K - 1))
+    # the candidate Rice parameters, sorted and unique (a set, not np.unique: that one loads numpy.ma, 1.3 MB)
+    ks = np.array(sorted(set(np.clip(centre[:, None] + np.arange(-3, 2), 0, _MAX_K - 1).ravel().tolist())))
     quotients = zigzag[:, :, None] >> ks  # (predictor, gap, k)
     totals = _code_lengths(quotients, ks).sum(axis=1)
     best_predictor, best_k = np.unravel_index(int(np.argmin(totals)), totals.shape)
