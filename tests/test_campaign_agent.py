@@ -24,9 +24,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from agent.campaigns import JobNotice, canonical_json, parse_jobs
+from agent.campaigns import JobNotice, parse_jobs
 from lens_core import record_schema as rs
 from lens_core import wire
+from lens_core.suite import canonical_json
 
 from .loop_server import LoopServer
 from .test_tune import AGENT, ROOT, write_config

@@ -61,6 +61,21 @@ ENGINE_PATH_OURS = {
 }
 
 
+# status reads the outbox, the service's state, the tuning and campaign files and asks the aggregator: nothing of the
+# engine, the runs or the search
+STATUS_NEVER = (ENGINE_PATH_OURS - {"agent.sync", "agent.campaigns"}) | {
+    "lens_core.stats",
+    "agent.engines.llama",
+    "agent.bench.runner",
+    "agent.strategies",
+    "agent.guardrails.pipeline",
+    "agent.tuning",
+    "agent.suite",
+    "lens_core.suite",
+    "agent.measurement",
+}
+
+
 @pytest.fixture(scope="module")
 def engine_modules() -> set[str]:
     return third_party(baseline_modules())
@@ -105,7 +120,7 @@ def test_status_loads_no_engine_and_answers(tmp_path: Path) -> None:
     check(
         modules,
         {"agent", "lens_core", "click", "psutil"} | CODECS,
-        (ENGINE_PATH_OURS - {"agent.sync"}) | {"lens_core.stats"},
+        STATUS_NEVER,
         "status",
     )
     assert "llama_cpp" not in modules and "numpy" not in modules and "agent.engines.llama" not in modules
