@@ -384,6 +384,14 @@ def _protobuf_path(output: Path | None) -> Path:
         raise UsageError(f"--output {output}: --format protobuf writes {path}; name the results JSON otherwise")
     if path.is_dir() or not path.parent.is_dir():
         raise UsageError(f"--format protobuf: {path} cannot be written (not a file in an existing directory)")
+    existed = path.exists()
+    try:  # opened for append (nothing it holds changes), and removed again when this made it
+        with path.open("ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise UsageError(f"--format protobuf: {path} cannot be written ({exc.strerror or exc})") from None
     return path
 
 

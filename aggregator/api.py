@@ -21,12 +21,14 @@ import csv
 import io
 import json
 import math
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
 
+from lens_core import record_schema, wire
 from lens_core.stats import latency_distribution
 
 from . import rows as rows_mod
@@ -146,13 +148,17 @@ def _ms(us: int | None) -> float | None:
     return None if us is None else us / 1000.0
 
 
-def measurement_view(row: dict[str, Any]) -> str | None:
+def measurement_view(row: dict[str, Any], now_us: int | None = None) -> str | None:
     """The stored record, decoded back to the measurement's own shape, with the aggregator's receive time, as
-    strict JSON; None (skipped and counted) when the stored row does not decode or serialise."""
-    record = rows_mod.decode_measurement(row, check_json=False)
-    if record is None:
+    strict JSON; None (skipped and counted) when the stored row does not decode or serialise, or is outside the
+    record schema (a row stored before one of its bounds existed): the protobuf export holds every row to the same
+    schema, so both serve the same rows."""
+    wire_record = rows_mod.decode_wire(row)
+    if wire_record is None:
         return None
     try:
+        record_schema.check_record(wire_record, time.time_ns() // 1000 if now_us is None else now_us)
+        record = wire.from_wire(wire_record)
         record["received_at"] = _iso(row["received_us"])
         return json.dumps(record, allow_nan=False)
     except rows_mod.DECODE_ERRORS as exc:
@@ -168,6 +174,7 @@ def _protobuf_page(rows: list[dict[str, Any]]) -> tuple[bytes, int | None]:
 
     parts: list[bytes] = []
     size = 0
+    now_us = time.time_ns() // 1000
     for index, row in enumerate(rows):
         if parts and size > MAX_ANSWER_BYTES:
             return b"".join(parts), rows[index - 1]["seq"]
@@ -175,7 +182,7 @@ def _protobuf_page(rows: list[dict[str, Any]]) -> tuple[bytes, int | None]:
         if record is None:
             continue
         try:
-            message = protobuf.wire_to_message(record, received_us=row["received_us"])
+            message = protobuf.wire_to_message(record, now_us=now_us, received_us=row["received_us"])
         except rows_mod.DECODE_ERRORS as exc:  # a row stored before a bound existed: skipped, as every read does
             rows_mod.skipped(row, exc)
             continue
@@ -190,10 +197,11 @@ def _views(rows: list[dict[str, Any]]) -> tuple[list[str], int | None]:
     one starts, rather than build an answer of any size. Returns (texts, seq of the last row included or None)."""
     texts: list[str] = []
     size = 0
+    now_us = time.time_ns() // 1000
     for index, row in enumerate(rows):
         if texts and size > MAX_ANSWER_BYTES:
             return texts, rows[index - 1]["seq"]
-        text = measurement_view(row)
+        text = measurement_view(row, now_us)
         if text is not None:
             texts.append(text)
             size += len(text)

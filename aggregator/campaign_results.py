@@ -405,6 +405,27 @@ def arrow_table(collected: CampaignResults) -> Any:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+class Export(NamedTuple):
+    """An export's bytes, its content type and what it left out (:meth:`CampaignResults.notes`: the JSON export's
+    ``skipped_documents``, ``skip_reasons`` and ``rows_dropped``, counted after the format's own encoding)."""
+
+    body: bytes
+    content_type: str
+    notes: dict[str, Any]
+
+    def headers(self) -> dict[str, str]:
+        """The notes as response headers, for every format: ``X-Skipped-Documents`` and ``X-Rows-Dropped`` (always
+        present, 0 when nothing was left out) and ``X-Skip-Reason`` (the first reason, ASCII, when any)."""
+        out = {
+            "X-Skipped-Documents": str(self.notes["skipped_documents"]),
+            "X-Rows-Dropped": str(self.notes.get("rows_dropped", 0)),
+        }
+        reasons = self.notes.get("skip_reasons")
+        if reasons:
+            out["X-Skip-Reason"] = reasons[0].encode("unicode_escape").decode("ascii")[:300]
+        return out
+
+
 def export(
     levels: Iterable[Any],
     classes: Mapping[str, str],
@@ -415,10 +436,24 @@ def export(
 ) -> tuple[bytes, str]:
     """(the export's bytes, its content type). ``fmt``: one of :data:`FORMATS` (else ValueError naming them);
     ``parquet`` and ``arrow`` raise :class:`aggregator.arrow.ArrowUnavailable` without pyarrow (answer 501)."""
+    answer = export_answer(levels, classes, fmt, benchmark_id=benchmark_id, max_rows=max_rows)
+    return answer.body, answer.content_type
+
+
+def export_answer(
+    levels: Iterable[Any],
+    classes: Mapping[str, str],
+    fmt: str,
+    *,
+    benchmark_id: str | None = None,
+    max_rows: int = MAX_ROWS,
+) -> Export:
+    """:func:`export` with what it left out (:class:`Export`)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r:.40} is not one of {', '.join(FORMATS)}")
     collected = collect(levels, classes, max_rows=max_rows)
-    return export_collected(collected, fmt, benchmark_id=benchmark_id), FORMATS[fmt]
+    body = export_collected(collected, fmt, benchmark_id=benchmark_id)
+    return Export(body, FORMATS[fmt], collected.notes())
 
 
 class ProtobufUnavailable(LookupError):
@@ -426,9 +461,10 @@ class ProtobufUnavailable(LookupError):
 
 
 def protobuf_export(collected: CampaignResults, benchmark_id: str | None) -> bytes:
-    """One ``BenchmarkResults`` a row: the level's results document and the row's keys; a document that does not
-    encode (it passed :func:`read_record`'s checks, so none should) is skipped and counted as the other exports'
-    malformed records are."""
+    """One ``BenchmarkResults`` a row: the level's results document and the row's keys. A value a typed field
+    cannot hold is left to ``document``, as it is (``lens_core.protobuf.results_message``); a document no message
+    can carry (nesting past protobuf's bound, …) is skipped and counted in ``collected`` (``skipped_documents``,
+    ``skip_reasons``), as the other exports' malformed records are: the answer's ``X-Skipped-Documents`` says so."""
     try:
         from lens_core import protobuf
     except ImportError:
@@ -439,18 +475,22 @@ def protobuf_export(collected: CampaignResults, benchmark_id: str | None) -> byt
     for row in collected.rows:
         try:
             message = protobuf.results_message(row.document)
+            if benchmark_id is not None:
+                message.benchmark_id = benchmark_id
+            level = message.campaign_level
+            level.device_id, level.device_class, level.model = row.device_id, row.device_class, row.model
+            level.workload, level.level = row.workload, row.level
+            if row.requests is not None:
+                level.requests = row.requests
+            if row.errors is not None:
+                level.errors = row.errors
         except protobuf.ProtobufError as exc:
-            collected.skip(f"{row.device_id[:64]} / {row.level[:64]}: {exc}"[:300])
+            collected.skip(f"{row.device_id[:64]} / {row.model[:64]} / {row.level[:64]}: {exc}"[:300])
             continue
-        if benchmark_id is not None:
-            message.benchmark_id = benchmark_id
-        level = message.campaign_level
-        level.device_id, level.device_class, level.model = row.device_id, row.device_class, row.model
-        level.workload, level.level = row.workload, row.level
-        if row.requests is not None:
-            level.requests = row.requests
-        if row.errors is not None:
-            level.errors = row.errors
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a codec bug: the row, not the answer
+            collected.skip(f"{row.device_id[:64]} / {row.model[:64]} / {row.level[:64]}: does not encode "
+                           f"({type(exc).__name__}: {exc})"[:300])  # fmt: skip
+            continue
         messages.append(message)
     return protobuf.delimited(messages)
 

@@ -35,7 +35,7 @@ from lens_core.suite import SuiteError, SuiteLimits, canonical_json, check_docum
 
 from . import callback
 from .arrow import ArrowUnavailable
-from .campaign_results import export
+from .campaign_results import Export, export_answer
 from .campaign_results import results as results_of
 from .health import FACTS_KIND, facts_from_record
 from .metrics import clean_label
@@ -765,8 +765,8 @@ EXPORT_FORMATS = ("json", "csv", "parquet", "arrow", "protobuf")
 async def campaign_export(request: web.Request, context: Context, token: TokenInfo) -> web.Response:
     campaign = campaign_id(request.match_info["benchmark_id"])
     fmt = request.rel_url.query.get("format", "json")
-    body, content_type = await context.read(context.bounded(export_rows), context.store, campaign, fmt)
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    answer = await context.read(context.bounded(export_rows), context.store, campaign, fmt)
+    return web.Response(body=answer.body, headers={"Content-Type": answer.content_type, **answer.headers()})
 
 
 def _own_device(request: web.Request, token: TokenInfo) -> str:
@@ -972,7 +972,8 @@ def results(store: Store, text: str) -> dict[str, Any]:
     return answer
 
 
-def export_rows(store: Store, text: str, fmt: str) -> tuple[bytes, str]:
+def export_rows(store: Store, text: str, fmt: str) -> Export:
+    """The campaign's export in ``fmt``, with what it left out (``Export.notes``: skipped documents, dropped rows)."""
     campaign = campaign_id(text)
     if fmt not in EXPORT_FORMATS:
         raise BadRequest(400, "bad_request", f"format={fmt[:40]!r}: one of " + ", ".join(EXPORT_FORMATS), "format")
@@ -980,7 +981,7 @@ def export_rows(store: Store, text: str, fmt: str) -> tuple[bytes, str]:
         raise BadRequest(404, "no_such_campaign", f"no benchmark {campaign}")
     levels, classes = campaign_levels_with_class(store, campaign)
     try:
-        body, content_type = export(levels, classes, fmt, benchmark_id=campaign)
+        answer = export_answer(levels, classes, fmt, benchmark_id=campaign)
     except (ArrowUnavailable, LookupError):
         extra = ("protobuf", "its runtime") if fmt == "protobuf" else ("arrow", "pyarrow")
         raise BadRequest(
@@ -989,7 +990,7 @@ def export_rows(store: Store, text: str, fmt: str) -> tuple[bytes, str]:
             f"format={fmt} needs {extra[1]}: pip install 'llm-latency-lens[{extra[0]}]'",
             "format",
         ) from None
-    return bytes(body), str(content_type)
+    return answer
 
 
 async def check_deadlines(app: web.Application) -> list[tuple[str, str]]:

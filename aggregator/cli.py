@@ -1176,16 +1176,28 @@ def campaign_export(config_path: Path | None, db: str | None, fmt: str, output: 
     """
     from .campaigns import export_rows
 
-    body, _ = _campaign_call(config_path, db, lambda store, config: export_rows(store, benchmark_id, fmt))
+    answer = _campaign_call(config_path, db, lambda store, config: export_rows(store, benchmark_id, fmt))
     if output is not None:
         try:
-            output.write_bytes(body)
+            output.write_bytes(answer.body)
         except OSError as exc:
             raise UsageError(f"--output {output}: cannot be written ({exc.strerror or exc})") from None
-        return
-    if fmt in ("parquet", "arrow", "protobuf"):
+    elif fmt in ("parquet", "arrow", "protobuf"):
         raise UsageError(f"--format {fmt} is binary: give --output FILE")
-    click.echo(body.decode("utf-8"), nl=False)
+    else:
+        click.echo(answer.body.decode("utf-8"), nl=False)
+    _echo_left_out(answer.notes)
+
+
+def _echo_left_out(notes: dict[str, Any]) -> None:
+    """What an export left out, on stderr (the JSON export's skipped_documents, skip_reasons and rows_dropped)."""
+    skipped, dropped = notes["skipped_documents"], notes.get("rows_dropped", 0)
+    if skipped:
+        click.echo(f"skipped {skipped} results document{'s' * (skipped != 1)} (not in the export):", err=True)
+        for reason in notes.get("skip_reasons", []):
+            click.echo("  " + reason.encode("unicode_escape").decode("ascii"), err=True)  # no control characters
+    if dropped:
+        click.echo(f"dropped {dropped} row{'s' * (dropped != 1)} past the export's bounds", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

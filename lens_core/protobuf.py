@@ -23,6 +23,7 @@ used: it loads the protobuf runtime (the ``protobuf`` extra).
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -292,15 +293,15 @@ NAMED_FIELDS = frozenset(
     }
 )
 # the names the measurement record gives the wire's fields: an extra field by one of them would collide with it
-RECORD_NAMES = frozenset(
-    {
-        "version",
-        "started_at",
-        "itl_ms",
-        "received_at",
-        *(name[:-3] + "_ms" for name in NAMED_FIELDS if name.endswith("_us")),
-    }
-)
+# (ingest refuses such a field, and so does every read)
+RECORD_NAMES = record_schema.RECORD_NAMES
+# Derived figures are written only when finite and at most these (a record of 1 µs with 2^31 tokens or 1e308 J
+# is one ingest accepts; its quotient is no figure): readers can always compute them from their parts.
+MAX_TOKENS_PER_SECOND = 1e7  # the campaign results' bound on tokens per second
+MAX_POWER_WATTS = 1e6
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
 _TYPED_EXT = {"energy": ENERGY, "collab": COLLAB, "device": DEVICE}
 
 
@@ -325,6 +326,8 @@ def _set_duration(message: Any, us: int | None) -> None:
 
 
 def _set_time(message: Any, us: int) -> None:
+    if not MIN_TIMESTAMP_SECONDS <= us // 1_000_000 <= MAX_TIMESTAMP_SECONDS:
+        raise ProtobufError("timestamp", f"is {us} µs; a Timestamp is from year 1 to year 9999")
     _set_duration(message, us)
 
 
@@ -354,12 +357,12 @@ def record_to_message(record: Mapping[str, Any], *, now_us: int | None = None) -
 
 
 def _check_gaps(gaps: Any, field: str) -> None:
-    """At most MAX_GAPS gaps, each an integer from 0 to one day (µs): what packing them for the wire allows."""
-    if len(gaps) > record_schema.MAX_GAPS:
-        raise ProtobufError(field, f"has {len(gaps)} gaps; at most {record_schema.MAX_GAPS} are allowed")
-    if gaps and (min(gaps) < 0 or max(gaps) > record_schema.MAX_DURATION_US):
-        bad = next(g for g in gaps if not 0 <= g <= record_schema.MAX_DURATION_US)
-        raise ProtobufError(field, f"holds a gap of {bad} µs; allowed: 0 to {record_schema.MAX_DURATION_US} (one day)")
+    """At most MAX_GAPS gaps, each an integer from 0 to one day (µs): what every read of the gaps allows
+    (:func:`record_schema.check_gaps`), on the way in and on the way out."""
+    try:
+        record_schema.check_gaps(gaps, field)
+    except record_schema.SchemaError as exc:
+        raise ProtobufError(exc.field, exc.problem) from None
 
 
 def wire_to_message(
@@ -374,6 +377,7 @@ def wire_to_message(
             gaps_us = unpack_gaps(bytes(record["itl_us"]))
         except PackError as exc:
             raise ProtobufError("itl_us", f"does not unpack: {exc}") from None
+        _check_gaps(gaps_us, "itl_us")
     return _encoded(record, gaps_us, received_us)
 
 
@@ -439,7 +443,9 @@ def _to_message(record: dict[str, Any], gaps_us: list[int] | None, received_us: 
     e2e_us = record.get("e2e_us")
     output_tokens = record.get("output_tokens")
     if record["ok"] and e2e_us and output_tokens:
-        out.tokens.tokens_per_second = output_tokens / (e2e_us / 1e6)  # derived: read back from its parts
+        rate = output_tokens / (e2e_us / 1e6)  # derived: read back from its parts
+        if rate <= MAX_TOKENS_PER_SECOND:
+            out.tokens.tokens_per_second = rate
     for name in ("rss_before_bytes", "rss_peak_bytes", "rss_peak_source"):
         if record.get(name) is not None:
             setattr(out.resources, name, record[name])
@@ -460,7 +466,9 @@ def _to_message(record: dict[str, Any], gaps_us: list[int] | None, received_us: 
         energy = ext.get("energy")
         joules = energy.get("joules_total") if type(energy) is dict else None
         if _exact_float(joules) and e2e_us:
-            out.resources.power_consumption_watts = joules / (e2e_us / 1e6)  # derived
+            watts = joules / (e2e_us / 1e6)  # derived; inf when 1e308 J meet 1 µs
+            if 0 <= watts <= MAX_POWER_WATTS:
+                out.resources.power_consumption_watts = watts
     for key, value in record.items():
         if key not in NAMED_FIELDS:
             _fill_value(out.extra_fields[key], value, key, 1)
@@ -585,6 +593,7 @@ _LATENCY = (
     ("decode_time", "decode_distribution"),
 )
 _DISTRIBUTION_FIELDS = tuple(f.name for f in pb.LatencyDistribution.DESCRIPTOR.fields)
+_HEX64 = re.compile("[0-9a-fA-F]{64}")
 
 
 def _section(document: Mapping[str, Any], *path: str) -> dict[str, Any]:
@@ -606,29 +615,61 @@ def _set_if(message: Any, field: str, value: Any, kind: type) -> None:
         setattr(message, field, kind(value))
 
 
+E = TypeVar("E")
+
+
+def _enum(table: Mapping[str, E], value: Any) -> E | None:
+    """The enum value a name stands for; None for anything else (another name, a list, a number)."""
+    return table.get(value) if type(value) is str else None
+
+
+def _timestamp_us(value: Any) -> int | None:
+    """An ISO 8601 time as Unix µs when a ``Timestamp`` can hold it (years 1 to 9999), else None."""
+    if type(value) is not str:
+        return None
+    try:
+        us = wire._parse_time_us(value)
+    except (ValueError, OverflowError):
+        return None
+    return us if MIN_TIMESTAMP_SECONDS <= us // 1_000_000 <= MAX_TIMESTAMP_SECONDS else None
+
+
 def results_message(
     document: Mapping[str, Any], measurements: Iterable[Mapping[str, Any]] = (), *, now_us: int | None = None
 ) -> pb.BenchmarkResults:
     """A ``lens-agent bench`` results document (and the run's requests, as measurement records) as a
-    ``BenchmarkResults``: the specification's figures in their fields, the whole document in ``document``."""
+    ``BenchmarkResults``: the specification's figures in their fields, the whole document in ``document``.
+
+    The typed fields are a view of the document: a value one cannot hold (text that is not a time or not 64 hex
+    digits, a list where a name belongs, a count past 64 bits, a time outside a Timestamp's years 1 to 9999) leaves
+    it unset, and ``document`` carries the value as it is. :class:`ProtobufError` (naming where) only for what no
+    message can carry: a document that is not JSON-compatible (NaN, a non-string key, an integer past 64 bits,
+    nesting past 12 levels, a lone surrogate) or a measurement outside ingest's bounds."""
+    try:
+        return _results_message(document, measurements, now_us)
+    except UnicodeEncodeError as exc:  # a lone surrogate: Python holds it, UTF-8 (and so protobuf) cannot
+        where = (_surrogate_at(document, "document") or "document").encode("utf-8", "backslashreplace")
+        raise ProtobufError(where.decode("ascii", "replace"), f"is not valid Unicode text ({exc.reason})") from None
+
+
+def _results_message(
+    document: Mapping[str, Any], measurements: Iterable[Mapping[str, Any]], now_us: int | None
+) -> pb.BenchmarkResults:
     out = pb.BenchmarkResults()
     metadata = _section(document, "metadata")
-    if type(metadata.get("benchmark_id")) is str:
-        out.benchmark_id = metadata["benchmark_id"]
-    if type(metadata.get("run_id")) is str:
-        out.run_id = metadata["run_id"]
-    if type(metadata.get("timestamp")) is str:
-        try:
-            _set_time(out.timestamp, wire._parse_time_us(metadata["timestamp"]))
-        except ValueError:
-            raise ProtobufError("metadata.timestamp", f"is {metadata['timestamp'][:40]!r}; allowed: ISO 8601") from None
+    _set_if(out, "benchmark_id", metadata.get("benchmark_id"), str)
+    _set_if(out, "run_id", metadata.get("run_id"), str)
+    started_us = _timestamp_us(metadata.get("timestamp"))
+    if started_us is not None:
+        _set_time(out.timestamp, started_us)
     model = _section(document, "configuration", "model")
     for name in ("name", "provider", "version"):
         _set_if(out.config.model, name, model.get(name), str)
     _set_if(out.config.model, "endpoint", _section(document, "configuration", "cloud").get("url"), str)
-    if model.get("quantization") in QUANTIZATION:
-        out.config.model.quantization = QUANTIZATION[model["quantization"]]
-    if type(model.get("sha256")) is str and len(model["sha256"]) == 64:
+    quantization = _enum(QUANTIZATION, model.get("quantization"))
+    if quantization is not None:
+        out.config.model.quantization = quantization
+    if type(model.get("sha256")) is str and _HEX64.fullmatch(model["sha256"]):
         out.config.model.sha256 = bytes.fromhex(model["sha256"])
     hardware = _section(document, "configuration", "hardware")
     for name in ("gpu_count", "cpu_cores", "batch_size"):
@@ -645,8 +686,9 @@ def results_message(
             value = stats.get(field)
             if type(value) is int and 0 <= value < 2**32:
                 setattr(target, field, value)
-        if stats.get("distribution") in DISTRIBUTION:
-            target.distribution = DISTRIBUTION[stats["distribution"]]
+        distribution = _enum(DISTRIBUTION, stats.get("distribution"))
+        if distribution is not None:
+            target.distribution = distribution
     levels = params.get("concurrency_levels")
     if type(levels) is list and all(type(v) is int and 0 <= v < 2**32 for v in levels):
         out.config.test_params.concurrency_levels.extend(levels)
@@ -666,11 +708,10 @@ def results_message(
     for name in ("requests_per_second", "tokens_per_second", "tokens_per_second_per_gpu"):
         _set_if(out.aggregated.throughput, name, throughput.get(name), float)
     errors = _section(document, "results", "error_metrics")
-    if type(errors.get("total_errors")) is int and errors["total_errors"] >= 0:
-        out.aggregated.errors.total_errors = errors["total_errors"]
+    _set_if(out.aggregated.errors, "total_errors", errors.get("total_errors"), int)
     _set_if(out.aggregated.errors, "error_rate", errors.get("error_rate"), float)
     for kind, count in _section(errors, "errors_by_type").items():
-        if type(count) is int and count >= 0:
+        if type(kind) is str and type(count) is int and 0 <= count < 2**64:
             out.aggregated.errors.errors_by_type[kind] = count
     for i, record in enumerate(measurements):
         try:

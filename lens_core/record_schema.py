@@ -99,6 +99,12 @@ STR_LIMITS: dict[str, int] = {
     **{name: MAX_TEXT_CHARS for name in _TEXTS},
 }
 KNOWN_FIELDS = frozenset({"v", "id", "started_us", "ok", "itl_us", "ext", *INT_RANGES, *STR_LIMITS, *_DIGESTS, *_FLAGS})
+# The names the measurement record (``wire.from_wire``, the JSON export) gives the wire's fields where they differ
+# from the wire's own, and the export's receive time: an unknown top-level field by one of these names would stand
+# in for the real field in the JSON export, so the schema refuses it.
+RECORD_NAMES = frozenset(
+    {"version", "started_at", "received_at", "itl_ms", *(name[:-3] + "_ms" for name in _DURATIONS)}
+)
 
 
 def _allowed(name: str) -> str:
@@ -173,6 +179,12 @@ class _Plan:
                 raise SchemaError(name, "is missing; it is required")
         for name, kind in zip(keys, types, strict=True):
             if name not in KNOWN_FIELDS:
+                if name in RECORD_NAMES:
+                    raise SchemaError(
+                        name,
+                        "is the name the measurement record gives a named field (in the JSON export); an extra "
+                        "top-level field cannot take it",
+                    )
                 self.json_fields.append(name)
                 continue
             if not _type_ok(name, kind):
@@ -849,6 +861,17 @@ def check_packed_gaps(data: bytes) -> None:
         raise SchemaError("itl_us", f"announces {count} gaps; at most {MAX_GAPS} are allowed")
     if count > 8 * (len(data) - pos):
         raise SchemaError("itl_us", f"announces {count} gaps in {len(data)} bytes")
+
+
+def check_gaps(gaps: list[int], field: str = "itl_us") -> None:
+    """Unpacked inter-token gaps (µs): at most MAX_GAPS, each from 0 to one day. Ingest checks only the packed
+    header (decoding every code would cost more than the rest of the record); every read that unpacks the gaps
+    holds them to this, so all of them serve or skip the same rows."""
+    if len(gaps) > MAX_GAPS:
+        raise SchemaError(field, f"has {len(gaps)} gaps; at most {MAX_GAPS} are allowed")
+    if gaps and (min(gaps) < 0 or max(gaps) > MAX_DURATION_US):
+        bad = next(g for g in gaps if not 0 <= g <= MAX_DURATION_US)
+        raise SchemaError(field, f"holds a gap of {bad} µs; allowed: 0 to {MAX_DURATION_US} (one day)")
 
 
 def _check_json(value: Any, path: str, depth: int, budget: list[int]) -> None:

@@ -123,7 +123,7 @@ def to_wire(record: Mapping[str, Any], *, include_text: bool = False) -> dict[st
         if key in _MS_FIELDS:
             wire[key[:-3] + "_us"] = _us(value)
         elif key == "itl_ms":
-            wire["itl_us"] = pack_gaps([round(gap * 1000) for gap in value])
+            wire["itl_us"] = None if value is None else pack_gaps([round(gap * 1000) for gap in value])
         elif key == "id":
             wire["id"] = uuid.UUID(value).bytes
         elif key == "version":
@@ -141,13 +141,23 @@ def to_wire(record: Mapping[str, Any], *, include_text: bool = False) -> dict[st
 
 
 def from_wire(wire: Mapping[str, Any]) -> dict[str, Any]:
-    """Wire map → measurement dict (times back in milliseconds)."""
+    """Wire map → measurement dict (times back in milliseconds). The gaps are held to
+    :func:`record_schema.check_gaps`; a field that is not the wire's own but takes a name the measurement gives a
+    wire field (``ttft_ms``, ``started_at``, …: :data:`record_schema.RECORD_NAMES`) is refused rather than let
+    stand in for it (a ``record_schema.SchemaError``, a ValueError)."""
     record: dict[str, Any] = {}
     for key, value in wire.items():
         if key.endswith("_us") and key[:-3] + "_ms" in _MS_FIELDS:
             record[key[:-3] + "_ms"] = None if value is None else value / 1000.0
         elif key == "itl_us":
-            record["itl_ms"] = [gap / 1000.0 for gap in unpack_gaps(bytes(value))]
+            if value is None:
+                record["itl_ms"] = None
+                continue
+            gaps = unpack_gaps(bytes(value))
+            record_schema.check_gaps(gaps)
+            record["itl_ms"] = [gap / 1000.0 for gap in gaps]
+        elif key in record_schema.RECORD_NAMES:
+            raise record_schema.SchemaError(key, "is a name the measurement gives a named field; not an extra field")
         elif key == "id":
             record["id"] = str(uuid.UUID(bytes=bytes(value)))
         elif key == "v":

@@ -82,3 +82,20 @@ def test_the_agent_imports_protobuf_only_when_asked() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (a folder no file can be made in)")
+def test_bench_protobuf_refuses_an_unwritable_output_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder that exists but takes no new file (results.pb in /proc) is refused before the model is loaded: one
+    line, exit 2, nothing run; a writable folder's check leaves no file behind."""
+    args = ["--runs", "1", "--max-tokens", "2", "--format", "protobuf", *TINY]
+    monkeypatch.chdir("/proc")
+    code, stdout, stderr = run_cli(capsys, "bench", "--model", str(tiny_model), *args)
+    assert code == 2 and "results.pb cannot be written" in stderr and "Traceback" not in stderr
+    assert stdout == "" and "loading" not in stderr  # refused before the run, not after it
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "missing.gguf"
+    code, _, stderr = run_cli(capsys, "bench", *args, "--output", str(tmp_path / "r.json"), "--model", str(missing))
+    assert code != 0 and not (tmp_path / "r.pb").exists()  # the check's own probe file is gone

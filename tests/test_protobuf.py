@@ -497,3 +497,36 @@ def test_a_results_document_with_odd_values_encodes_or_is_refused_naming_the_fie
     with pytest.raises(P.ProtobufError) as refused:
         P.results_message(document, [_measurement(input_tokens=-1)])
     assert refused.value.field == "measurements[0].input_tokens"
+
+
+def test_the_specifications_figures_keep_null_apart_from_zero() -> None:
+    """Every plain scalar of §6.2's messages is declared optional (its number unchanged, above), except
+    measurement_id (always set) and the enums (0 is their "unspecified"): a figure the document leaves null reads
+    back absent, a real 0.0 reads back present."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for message, fields in SEED_FIELDS.items():
+        descriptor = pb.DESCRIPTOR.message_types_by_name[message]
+        for name in fields:
+            field = descriptor.fields_by_name[name]
+            plain = field.type not in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_ENUM)
+            if plain and not field.is_repeated and (message, name) != ("InferenceMeasurement", "measurement_id"):
+                assert field.has_presence, f"{message}.{name} is not optional"
+    figures = {"p50_ms": None, "p95_ms": 0.0, "sample_count": 0}
+    document = {
+        "results": {
+            "latency_metrics": {"time_to_first_token": figures},
+            "throughput_metrics": {"tokens_per_second": None, "requests_per_second": 0.0},
+            "error_metrics": {"total_errors": 0, "error_rate": None},
+        },
+        "configuration": {"test_parameters": {"input_tokens": {"mean": 0}, "warmup_requests": 0}},
+    }
+    (message,) = P.iter_delimited(P.delimited([P.results_message(document)]), pb.BenchmarkResults)
+    ttft = message.aggregated.ttft_distribution
+    assert not ttft.HasField("p50_ms") and ttft.HasField("p95_ms") and ttft.HasField("sample_count")
+    throughput, errors = message.aggregated.throughput, message.aggregated.errors
+    assert not throughput.HasField("tokens_per_second") and throughput.HasField("requests_per_second")
+    assert errors.HasField("total_errors") and not errors.HasField("error_rate")
+    params = message.config.test_params
+    assert params.input_tokens.HasField("mean") and not params.input_tokens.HasField("stddev")
+    assert params.HasField("warmup_requests") and not params.HasField("total_requests")
