@@ -22,7 +22,6 @@ import argparse
 import json
 import resource
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,10 @@ from tests.footprint import (  # noqa: E402
     command_modules,
     idle_cpu_percent,
     proc_status,
+    service_config,
+    start_service,
     third_party,
+    wait_for_run_and_sync,
 )
 from tests.netproxy import free_port  # noqa: E402
 from tests.processes import AggregatorProcess, device_token  # noqa: E402
@@ -107,48 +109,20 @@ def service_memory_cpu(model: Path, args: argparse.Namespace, work: Path) -> dic
     agg.start()
     proc = None
     try:
-        token = work / "token"
-        token.write_text(device_token(agg.db))
-        config = work / "agent.toml"
-        config.write_text(f"""
-[agent]
-device_id = "dev-1"
-data_dir = "{work / "data"}"
-[model]
-path = "{model}"
-n_ctx = {args.n_ctx}
-n_threads = {args.threads}
-[sync]
-url = "http://127.0.0.1:{agg.port}"
-allow_http = true
-token_file = "{token}"
-interval = "2s"
-[[workloads]]
-name = "footprint"
-every = "{max(30, int(args.idle) + 20)}s"
-jitter = "0"
-requests = 2
-max_tokens = {args.max_tokens}
-""")
-        modules_file = work / "service-modules.json"
-        proc = subprocess.Popen(
-            [sys.executable, str(PROBE), str(modules_file), "run", "--config", str(config)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        config = service_config(
+            work,
+            model,
+            agg.port,
+            device_token(agg.db),
+            n_ctx=args.n_ctx,
+            n_threads=args.threads,
+            every=f"{max(30, int(args.idle) + 20)}s",
+            max_tokens=args.max_tokens,
+            sync_interval="2s",
         )
-        state = work / "data" / "service.json"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            runs = json.loads(state.read_text()).get("last_runs", {}) if state.exists() else {}
-            conn = sqlite3.connect(agg.db)
-            stored = conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
-            conn.close()
-            if runs and stored >= 3:
-                break
-            time.sleep(0.2)
-        else:
-            raise SystemExit("the service made no run and sync within 300 s")
+        modules_file = work / "service-modules.json"
+        proc = start_service(config, modules_file)
+        wait_for_run_and_sync(proc, work / "data", agg.db, 300)
         time.sleep(1.0)  # the sync's answer handled
         service = proc_status(proc.pid)
         cpu = idle_cpu_percent(proc.pid, args.idle)

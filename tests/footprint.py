@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -99,3 +100,67 @@ def idle_cpu_percent(pid: int, seconds: float) -> float:
     start_cpu, start = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
     return 100.0 * (cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
+
+
+def service_config(work: Path, model: Path, port: int, token: str, *, n_ctx: int, n_threads: int, every: str,
+                   max_tokens: int, sync_interval: str) -> Path:  # fmt: skip
+    """A service configuration: one local workload on ``model``, syncing to the aggregator on 127.0.0.1:``port``."""
+    token_file = work / "token"
+    token_file.write_text(token)
+    config = work / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "dev-1"
+data_dir = "{work / "data"}"
+[model]
+path = "{model}"
+n_ctx = {n_ctx}
+n_threads = {n_threads}
+[sync]
+url = "http://127.0.0.1:{port}"
+allow_http = true
+token_file = "{token_file}"
+interval = "{sync_interval}"
+[[workloads]]
+name = "footprint"
+every = "{every}"
+jitter = "0"
+requests = 2
+max_tokens = {max_tokens}
+""")
+    return config
+
+
+def start_service(config: Path, modules_out: Path) -> subprocess.Popen[str]:
+    """``lens-agent run --config CONFIG`` through the import probe (its modules land in ``modules_out`` at exit)."""
+    return subprocess.Popen(
+        [sys.executable, str(PROBE), str(modules_out), "run", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_run_and_sync(
+    proc: subprocess.Popen[str], data_dir: Path, aggregator_db: Path, timeout: float, records: int = 3
+) -> None:
+    """Until the service has finished a workload run and the aggregator holds ``records`` of its records."""
+    state = data_dir / "service.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = json.loads(state.read_text()).get("last_runs", {}) if state.exists() else {}
+        if runs and _stored(aggregator_db) >= records:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the service exited: {proc.communicate()[0]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no workload run and sync within {timeout:.0f} s")
+
+
+def _stored(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0])
+    finally:
+        conn.close()
