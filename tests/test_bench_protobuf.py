@@ -120,7 +120,8 @@ def test_the_formats_bench_says_what_it_measures_and_refuses_bad_options(tmp_pat
     assert not options, f"options missing from --help: {options}"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    for args, named in ((["--batch", "0"], "--batch"), (["--repeat", "x"], "--repeat"), (["--raw", str(empty)], "--raw")):
+    bad = ((["--batch", "0"], "--batch"), (["--repeat", "x"], "--repeat"), (["--raw", str(empty)], "--raw"))
+    for args, named in bad:
         refused = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
         assert refused.returncode == 2 and named in refused.stderr.splitlines()[-1], refused.stderr
         assert "Traceback" not in refused.stderr

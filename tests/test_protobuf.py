@@ -589,7 +589,7 @@ def test_the_specifications_figures_keep_null_apart_from_zero() -> None:
 
 def test_proto_dir_is_where_the_shipped_proto_is_without_the_runtime() -> None:
     """The documented one-liner prints protoc's --proto_path, even where the protobuf runtime is not installed."""
-    assert (P.PROTO_DIR / P.PROTO_FILE).is_file() and P.PROTO_DIR == PROTO_DIR.resolve()
+    assert (P.PROTO_DIR / P.PROTO_FILE).is_file() and PROTO_DIR.resolve() == P.PROTO_DIR
     code = "import sys; sys.modules['google.protobuf'] = None\nimport lens_core.proto as p; print(p.PROTO_DIR)"
     shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert shown.returncode == 0, shown.stderr
