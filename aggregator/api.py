@@ -2,7 +2,7 @@
 Protocol Buffers), and summaries.
 
 ``GET /api/v1/measurements?device=&model=&strategy=&kind=&since=&until=&limit=&cursor=&order=&format=``
-``GET /api/v1/summary?device=&model=&strategy=&since=&until=&group_by=``
+``GET /api/v1/summary?device=&model=&strategy=&kind=&since=&until=&group_by=&format=json`` (JSON only)
 
 A summary reads at most :data:`MAX_SUMMARY_ROWS` requests (the most recently received that match) and answers at most
 ``server.max_read_series`` groups (those with the most requests); ``truncated`` says what was left out and how to
@@ -62,9 +62,28 @@ CSV_COLUMNS = (
 
 
 class BadParameter(Exception):
+    """A 400 naming the query parameter, its value and what is allowed."""
+
+    status = 400
+
     def __init__(self, name: str, value: str, allowed: str) -> None:
         self.name, self.value, self.allowed = name, value, allowed
         super().__init__(f"query parameter {name}={value!r} is not allowed: expected {allowed}")
+
+
+class FormatUnavailable(BadParameter):
+    """A 501: a documented format whose optional runtime this aggregator lacks (the request is valid; the server
+    cannot serve it), as the campaign export answers (``format_unavailable``)."""
+
+    status = 501
+
+    def __init__(self, fmt: str, extra: str, runtime: str, others: str) -> None:
+        self.name, self.value, self.allowed = "format", fmt, others
+        Exception.__init__(
+            self,
+            f"format={fmt} needs {runtime}, which this aggregator does not have: pip install "
+            f"'llm-latency-lens[{extra}]' ({others} need nothing more)",
+        )
 
 
 def name_filter(name: str, value: str | None) -> str | None:
@@ -116,13 +135,18 @@ def _int(name: str, value: str | None, default: int, low: int, high: int) -> int
     return number
 
 
-KNOWN = {"device", "model", "strategy", "kind", "since", "until", "limit", "cursor", "format", "group_by", "order"}
+FILTERS = {"device", "model", "strategy", "kind", "since", "until"}
+KNOWN = FILTERS | {"limit", "cursor", "format", "order"}  # GET /api/v1/measurements
+SUMMARY_KNOWN = FILTERS | {"group_by", "format"}  # GET /api/v1/summary
+SUMMARY_FORMATS = ("json",)  # a summary is one JSON document; the other formats are the measurements export's
 
 
-def parse_query(params: Any) -> Query:
-    unknown = sorted(set(params) - KNOWN)
+def parse_query(params: Any, known: set[str] = KNOWN) -> Query:
+    """The filters of a read, every parameter checked first: one the endpoint does not take is a 400 naming it
+    (never silently ignored)."""
+    unknown = sorted(set(params) - known)
     if unknown:
-        raise BadParameter(unknown[0], params[unknown[0]], "one of the parameters " + ", ".join(sorted(KNOWN)))
+        raise BadParameter(unknown[0], params[unknown[0]], "one of the parameters " + ", ".join(sorted(known)))
     for name in ("device", "model", "strategy", "kind"):
         name_filter(name, params.get(name))
     query = Query(
@@ -274,12 +298,7 @@ def measurements_response(store: Store, params: Any) -> web.Response:
         try:
             from lens_core import protobuf
         except ImportError:
-            raise BadParameter(
-                "format",
-                fmt,
-                "json, ndjson, csv, arrow or parquet (protobuf needs its runtime: pip install "
-                "'llm-latency-lens[protobuf]')",
-            ) from None
+            raise FormatUnavailable(fmt, "protobuf", "the protobuf runtime", "json, ndjson, csv") from None
         body, cut_at = _protobuf_page(rows)
         if cut_at is not None:
             next_cursor = cut_at
@@ -293,8 +312,8 @@ def measurements_response(store: Store, params: Any) -> web.Response:
 
         try:
             body = arrow.arrow_ipc(rows) if fmt == "arrow" else arrow.parquet(rows)
-        except arrow.ArrowUnavailable as exc:
-            raise BadParameter("format", fmt, f"json, ndjson or csv ({exc})") from None
+        except arrow.ArrowUnavailable:
+            raise FormatUnavailable(fmt, "arrow", "pyarrow", "json, ndjson, csv") from None
         content_type = "application/vnd.apache.arrow.stream" if fmt == "arrow" else "application/vnd.apache.parquet"
         return web.Response(body=body, content_type=content_type, headers=headers)
     if fmt == "csv":
@@ -324,7 +343,12 @@ def _summary_row_ok(row: tuple[Any, ...]) -> bool:
 
 
 def summary_response(store: Store, params: Any, max_groups: int | None = None) -> web.Response:
-    query = parse_query(params)
+    query = parse_query(params, SUMMARY_KNOWN)
+    fmt = params.get("format") or "json"
+    if fmt not in SUMMARY_FORMATS:
+        raise BadParameter(
+            "format", fmt[:40], "json (the summary is JSON only; /api/v1/measurements?format= exports the records)"
+        )
     group_by = params.get("group_by") or ""
     columns = {"": None, "device": "device_id", "model": "model_name", "strategy": "strategy"}
     if group_by not in columns:

@@ -550,8 +550,8 @@ async def _read(request: web.Request, build: Any) -> web.Response:
     runner = request.app[STORE]
     try:
         return await runner.read(request.app[SETTINGS].bounded(build), runner.store, request.rel_url.query)
-    except api.BadParameter as exc:
-        return _error(400, str(exc), parameter=exc.name)
+    except api.BadParameter as exc:  # 400; a format whose runtime is missing: 501 (api.FormatUnavailable)
+        return _error(exc.status, str(exc), parameter=exc.name)
 
 
 def _unavailable(exc: Exception) -> web.Response:

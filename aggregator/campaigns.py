@@ -983,11 +983,14 @@ def export_rows(store: Store, text: str, fmt: str) -> Export:
     try:
         answer = export_answer(levels, classes, fmt, benchmark_id=campaign)
     except (ArrowUnavailable, LookupError):
-        extra = ("protobuf", "its runtime") if fmt == "protobuf" else ("arrow", "pyarrow")
+        # 501, as the measurements export answers (api.FormatUnavailable): the request is valid, this server
+        # lacks the format's optional runtime
+        extra = ("protobuf", "the protobuf runtime") if fmt == "protobuf" else ("arrow", "pyarrow")
         raise BadRequest(
             501,
             "format_unavailable",
-            f"format={fmt} needs {extra[1]}: pip install 'llm-latency-lens[{extra[0]}]'",
+            f"format={fmt} needs {extra[1]}, which this aggregator does not have: pip install "
+            f"'llm-latency-lens[{extra[0]}]'",
             "format",
         ) from None
     return answer

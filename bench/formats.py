@@ -177,22 +177,104 @@ def arrow_rows(records: list[Record], args: Any) -> list[tuple[str, float, float
     ]
 
 
+DESCRIPTION = (
+    "The specification's format table (§6.1), measured on our own records: bytes per record (raw, and after zstd "
+    "over a batch) and encode and decode CPU per record, for JSON, CBOR, msgpack, Protocol Buffers and Arrow IPC. "
+    "Every format encodes the same records and decodes them back; figures and what each row includes: "
+    "docs/PERFORMANCE.md (Formats compared on the same records)."
+)
+EPILOG = (
+    "Records: agent/synthetic.py's realistic local-inference records (63-127 inter-token gaps, the llama.cpp "
+    "counters, memory, ext.clock), or with --raw the requests of a real lens-agent bench --raw FILE (their texts "
+    "left out, as the wire leaves them out). Raw bytes: one record encoded alone, averaged. CPU: process time per "
+    "record, the best of --repeat passes."
+)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: 1 or more")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    out = argparse.ArgumentParser(
+        prog="bench/formats.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    out.add_argument(
+        "--records",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="synthetic records to encode (default 1000; ignored with --raw)",
+    )
+    out.add_argument(
+        "--seed", type=int, default=1, help="seed of the synthetic records: the same seed, the same records (default 1)"
+    )
+    out.add_argument(
+        "--batch",
+        type=_positive,
+        default=500,
+        metavar="N",
+        help="records per batch compressed with zstd (level 3), as the agent's sync.batch_size batches them; "
+        "Arrow IPC writes one stream a batch (default 500)",
+    )
+    out.add_argument(
+        "--repeat",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help="timed passes per figure; the best one is printed (default 3)",
+    )
+    out.add_argument(
+        "--raw",
+        type=Path,
+        metavar="FILE",
+        help="a JSON-lines file lens-agent bench --raw FILE wrote: measure its requests instead of synthetic ones",
+    )
+    return out
+
+
+def _raw_records(args: argparse.Namespace, cli: argparse.ArgumentParser) -> list[dict[str, Any]]:
+    """The requests of a ``lens-agent bench --raw`` file, texts left out; a clear refusal (exit 2) otherwise."""
+    try:
+        text = args.raw.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        cli.error(f"--raw {args.raw}: cannot read it ({exc.__class__.__name__}: {exc})")
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            cli.error(f"--raw {args.raw}, line {number}: not JSON ({exc})")
+        if type(record) is not dict or not {"id", "started_at", "itl_ms"} <= set(record):
+            cli.error(
+                f"--raw {args.raw}, line {number}: not a request of lens-agent bench --raw (id, started_at, itl_ms)"
+            )
+        records.append(stamp({k: v for k, v in record.items() if k not in ("prompt_text", "output_text")}))
+    if not records:
+        cli.error(f"--raw {args.raw}: holds no requests")
+    return records
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--records", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=500, help="records per zstd batch (sync.batch_size)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--raw", type=Path, help="a lens-agent bench --raw file: its requests instead")
-    args = parser.parse_args()
+    cli = parser()
+    args = cli.parse_args()
     if args.raw is not None:
-        lines = [json.loads(line) for line in args.raw.read_text().splitlines() if line.strip()]
-        records = [stamp({k: v for k, v in r.items() if k not in ("prompt_text", "output_text")}) for r in lines]
+        records = _raw_records(args, cli)
         print(f"{args.raw}: ", end="")
     else:
         records = [stamp(r) for r in synthetic_records(args.records, seed=args.seed)]
     now_us = time.time_ns() // 1000
-    gaps = sum(len(r["itl_ms"]) for r in records)
+    gaps = sum(len(r["itl_ms"] or ()) for r in records)
     print(f"{len(records)} records, {gaps / len(records):.0f} gaps per record, zstd-3 over batches of {args.batch}")
     rows = [
         per_record_row("JSON (the measurement dict)", json_codec(), records, args),
@@ -220,9 +302,9 @@ def main() -> None:
         f"SerializeToString {serialise:.1f} µs, FromString {parse:.1f} µs per record"
     )
     gap_bytes = sum(len(protobuf.record_to_message(r, now_us=now_us).latency.inter_token_gaps.SerializeToString())
-                    for r in records) / gaps  # fmt: skip
-    packed_bytes = sum(len(wire.to_wire(r)["itl_us"]) for r in records) / gaps
-    gap_lists = [[round(g * 1000) for g in r["itl_ms"]] for r in records]
+                    for r in records) / max(gaps, 1)  # fmt: skip
+    packed_bytes = sum(len(wire.to_wire(r)["itl_us"] or b"") for r in records) / max(gaps, 1)
+    gap_lists = [[round(g * 1000) for g in r["itl_ms"] or ()] for r in records]
     pack = _cpu_per_record(lambda: [pack_gaps(g) for g in gap_lists], len(records), args.repeat)
     packed_lists = [pack_gaps(g) for g in gap_lists]
     unpack = _cpu_per_record(lambda: [unpack_gaps(p) for p in packed_lists], len(records), args.repeat)

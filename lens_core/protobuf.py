@@ -33,10 +33,11 @@ from google.protobuf.message import DecodeError, Message
 
 from . import record_schema, wire
 from .itlpack import PackError, pack_gaps, unpack_gaps
+from .proto import PROTO_DIR as PROTO_DIR  # protoc's --proto_path: the .proto is PROTO_DIR / PROTO_FILE
+from .proto import PROTO_FILE as PROTO_FILE
 from .proto.llm_latency_lens.v1 import measurement_pb2 as pb
 
 PACKAGE = "llm_latency_lens.v1"
-PROTO_FILE = "llm_latency_lens/v1/measurement.proto"  # inside lens_core/proto (the --proto_path)
 
 
 def media_type(message: str) -> str:
@@ -238,8 +239,8 @@ def _join_section(message: Any, spec: _Spec, path: str) -> dict[str, Any]:
             section[key] = getattr(message, name)
     for key, item in message.other.items():
         if key in section:
-            raise ProtobufError(f"{path}.{key}", "is given twice (in a typed field and in other)")
-        section[key] = from_value(item, f"{path}.{key}", 2)
+            raise ProtobufError(f"{path}.other.{key}", "is given twice (in a typed field and in other)")
+        section[key] = from_value(item, f"{path}.other.{key}", 2)
     return section
 
 
@@ -337,6 +338,62 @@ def _duration_us(message: Any, field: str) -> int:
     if not -999_999_999 <= message.nanos <= 999_999_999:
         raise ProtobufError(field, f"has {message.nanos} ns; allowed: -999999999 to 999999999")
     return int(message.seconds) * 1_000_000 + int(message.nanos) // 1000
+
+
+def _bounded_us(message: Any, field: str) -> int:
+    """A ``Duration`` of a record (a latency, an engine counter's time) in µs, from 0 to one day as ingest allows."""
+    us = _duration_us(message, field)
+    if not 0 <= us <= record_schema.MAX_DURATION_US:
+        raise ProtobufError(field, f"is {us} µs; allowed: 0 to {record_schema.MAX_DURATION_US} µs (one day)")
+    return us
+
+
+# A refusal of check_record names the wire's field; a message's refusals name its own field paths instead.
+_PROTO_PATHS = {
+    "v": "record_version",
+    "id": "measurement_id",
+    "started_us": "timestamp",
+    "model_name": "model_info.name",
+    "engine": "model_info.provider",
+    "model_sha256": "model_info.sha256",
+    **{name: f"latency.{field}" for name, field in _DURATIONS},
+    "itl_us": "latency.inter_token_gaps",
+    "engine_prefill_us": "engine_counters.prefill_time",
+    "engine_prefill_tokens": "engine_counters.prefill_tokens",
+    "engine_decode_us": "engine_counters.decode_time",
+    "engine_decode_tokens": "engine_counters.decode_tokens",
+    "input_tokens": "tokens.input_tokens",
+    "output_tokens": "tokens.output_tokens",
+    "rss_before_bytes": "resources.rss_before_bytes",
+    "rss_peak_bytes": "resources.rss_peak_bytes",
+    "rss_peak_source": "resources.rss_peak_source",
+}
+_SECTION_PATHS = {"energy": "resources.energy", "collab": "collaboration", "device": "device_facts"}
+_KEY = re.compile(r"[^.\[]*")
+
+
+def proto_path(field: str) -> str:
+    """The ``InferenceMeasurement`` field path of a wire record's field (dotted inside ext, as check_record names
+    it): ``e2e_us`` → ``latency.end_to_end_latency``, ``ext.energy.source`` → ``resources.energy.source``, an
+    unknown top-level field ``x`` → ``extra_fields.x``."""
+    if field in _PROTO_PATHS:
+        return _PROTO_PATHS[field]
+    head = _KEY.match(field).group(0)  # type: ignore[union-attr]  # the pattern matches every string
+    if field.startswith("ext."):
+        rest = field[4:]
+        section = _KEY.match(rest).group(0)  # type: ignore[union-attr]
+        base = _SECTION_PATHS.get(section)
+        if base is None:
+            return field  # the rest of ext is the message's ext map
+        tail = rest[len(section) :]
+        if not tail.startswith("."):
+            return base + tail
+        key = _KEY.match(tail[1:]).group(0)  # type: ignore[union-attr]
+        rule = _TYPED_EXT[section].get(key)
+        return f"{base}.{rule[0] if rule else 'other.' + key}{tail[1 + len(key) :]}"
+    if head in NAMED_FIELDS or field.startswith("("):
+        return field
+    return f"extra_fields.{field}"
 
 
 def record_to_message(record: Mapping[str, Any], *, now_us: int | None = None) -> pb.InferenceMeasurement:
@@ -487,7 +544,7 @@ def message_to_wire(message: pb.InferenceMeasurement, *, now_us: int | None = No
     """An ``InferenceMeasurement`` back to the wire record, held to ingest's bounds (relative to ``now_us``, by
     default now). Every named field is in the record (null where the message leaves it out), the texts only when
     the message carries them."""
-    return _checked(_wire_of(message, pack=True), now_us)
+    return _checked_message(_wire_of(message, pack=True), now_us)
 
 
 def _wire_of(message: pb.InferenceMeasurement, *, pack: bool) -> dict[str, Any]:
@@ -516,19 +573,19 @@ def _wire_of(message: pb.InferenceMeasurement, *, pack: bool) -> dict[str, Any]:
     out["model_sha256"] = model.sha256 if model.HasField("sha256") else None
     latency = message.latency
     for name, field in _DURATIONS:
-        out[name] = _duration_us(getattr(latency, field), f"latency.{field}") if latency.HasField(field) else None
+        out[name] = _bounded_us(getattr(latency, field), f"latency.{field}") if latency.HasField(field) else None
     out["itl_us"] = None
     if latency.HasField("inter_token_gaps") and pack:
         out["itl_us"] = pack_gaps(_gaps_of(message))
     counters = message.engine_counters
     out["engine_prefill_us"] = (
-        _duration_us(counters.prefill_time, "engine_counters.prefill_time")
+        _bounded_us(counters.prefill_time, "engine_counters.prefill_time")
         if counters.HasField("prefill_time")
         else None
     )
     out["engine_prefill_tokens"] = counters.prefill_tokens if counters.HasField("prefill_tokens") else None
     out["engine_decode_us"] = (
-        _duration_us(counters.decode_time, "engine_counters.decode_time") if counters.HasField("decode_time") else None
+        _bounded_us(counters.decode_time, "engine_counters.decode_time") if counters.HasField("decode_time") else None
     )
     out["engine_decode_tokens"] = counters.decode_tokens if counters.HasField("decode_tokens") else None
     tokens = message.tokens
@@ -547,29 +604,50 @@ def _wire_of(message: pb.InferenceMeasurement, *, pack: bool) -> dict[str, Any]:
         if parent.HasField(field):
             if key in ext:
                 raise ProtobufError(f"ext.{key}", f"is given twice (in {field} and in ext)")
-            ext[key] = _join_section(getattr(parent, field), _TYPED_EXT[key], f"ext.{key}")
+            ext[key] = _join_section(getattr(parent, field), _TYPED_EXT[key], _SECTION_PATHS[key])
     out["ext"] = ext
     for key, item in message.extra_fields.items():
         if key in out or key in NAMED_FIELDS or key in RECORD_NAMES:
-            raise ProtobufError(key, "is a named field; extra_fields holds only fields this version does not name")
-        out[key] = from_value(item, key, 1)
+            raise ProtobufError(
+                f"extra_fields.{key}", "is a named field; extra_fields holds only fields this version does not name"
+            )
+        out[key] = from_value(item, f"extra_fields.{key}", 1)
     return out
 
 
+def _checked_message(wire_record: dict[str, Any], now_us: int | None) -> dict[str, Any]:
+    """:func:`_checked` for a message's wire map: a refusal names the message's field path, not the wire's."""
+    try:
+        return _checked(wire_record, now_us)
+    except ProtobufError as exc:
+        raise ProtobufError(proto_path(exc.field), exc.problem) from None
+
+
 def message_to_record(message: pb.InferenceMeasurement, *, now_us: int | None = None) -> dict[str, Any]:
-    """An ``InferenceMeasurement`` back to the measurement record (times in milliseconds, as the JSON export), held
-    to ingest's bounds as :func:`message_to_wire` is."""
+    """An ``InferenceMeasurement`` back to the measurement record (times in milliseconds), with ``received_at``
+    when the message has it (the exports' messages do): the fields and values of the JSON export. Held to ingest's
+    bounds as :func:`message_to_wire` is; a refusal names the message's field path (``latency.end_to_end_latency``,
+    ``timestamp``, ``resources.energy.joules_total``, ``extra_fields.x``)."""
     gaps = _gaps_of(message) if message.latency.HasField("inter_token_gaps") else None
-    checked = _checked(_wire_of(message, pack=False), now_us)
+    received = received_us(message)
+    checked = _checked_message(_wire_of(message, pack=False), now_us)
     del checked["itl_us"]  # the gaps go straight to milliseconds
     record = wire.from_wire(checked)
     record["itl_ms"] = None if gaps is None else [gap / 1000.0 for gap in gaps]
+    if received is not None:
+        record["received_at"] = wire._format_time_us(received)
     return record
 
 
 def received_us(message: pb.InferenceMeasurement) -> int | None:
-    """The aggregator's receive time of an exported message (Unix microseconds), None when it has none."""
-    return _duration_us(message.received_at, "received_at") if message.HasField("received_at") else None
+    """The aggregator's receive time of an exported message (Unix microseconds), None when it has none;
+    :class:`ProtobufError` when it is not a time of years 1 to 9999 in whole microseconds."""
+    if not message.HasField("received_at"):
+        return None
+    us = _duration_us(message.received_at, "received_at")
+    if not MIN_TIMESTAMP_SECONDS <= us // 1_000_000 <= MAX_TIMESTAMP_SECONDS:
+        raise ProtobufError("received_at", f"is {us} µs; a Timestamp is from year 1 to year 9999")
+    return us
 
 
 # -- a bench results document ⇄ BenchmarkResults ------------------------------------------------------------------

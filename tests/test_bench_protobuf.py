@@ -99,3 +99,29 @@ def test_bench_protobuf_refuses_an_unwritable_output_before_the_run(
     missing = tmp_path / "missing.gguf"
     code, _, stderr = run_cli(capsys, "bench", *args, "--output", str(tmp_path / "r.json"), "--model", str(missing))
     assert code != 0 and not (tmp_path / "r.pb").exists()  # the check's own probe file is gone
+
+
+def test_the_formats_bench_says_what_it_measures_and_refuses_bad_options(tmp_path: Path) -> None:
+    """``bench/formats.py --help``: a complete description (every format it compares) and help for every option;
+    a bad value is one line naming the option, exit 2, no traceback."""
+    root = Path(__file__).resolve().parents[1]
+    script = root / "bench" / "formats.py"
+    env = {"PYTHONPATH": str(root), "COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    shown = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "for JSON, CBOR, msgpack, Protocol Buffers and Arrow IPC." in text
+    options = {"--records", "--seed", "--batch", "--repeat", "--raw"}
+    for line in shown.stdout.splitlines():
+        words = line.split()
+        if words and words[0] in options:
+            assert len(words) > 2, f"no help text: {line}"  # the option, its metavar, then the help
+            options.discard(words[0])
+    assert not options, f"options missing from --help: {options}"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    bad = ((["--batch", "0"], "--batch"), (["--repeat", "x"], "--repeat"), (["--raw", str(empty)], "--raw"))
+    for args, named in bad:
+        refused = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
+        assert refused.returncode == 2 and named in refused.stderr.splitlines()[-1], refused.stderr
+        assert "Traceback" not in refused.stderr

@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -502,6 +503,33 @@ async def test_results_and_exports(fleet: Fleet) -> None:
     documents = answer["results"]["devices"]["dev-b"]["documents"]
     assert len(documents) == 2 and len(answer["results"]["classes"]["pi5"]) == 2
     assert {r["level"] for r in answer["results"]["classes"]["pi5"]} == {"concurrency 1", "concurrency 2"}
+
+
+async def test_a_format_whose_runtime_is_missing_is_501_on_both_exports(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The measurements export and the campaign export answer a documented format this aggregator cannot serve
+    (its extra not installed) alike: 501, naming the format and the extra to install; json still serves."""
+    campaign = (await fleet.start(target={"devices": ["dev-a"]}))["benchmark_id"]
+    await fleet.ingest("dev-a", [level_record("dev-a", campaign, "chat", 1, 10.0)])
+    import lens_core
+
+    monkeypatch.delattr(lens_core, "protobuf", raising=False)  # as if google.protobuf were not installed
+    for name in ("lens_core.protobuf", "google.protobuf", "pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)
+    for fmt, extra in (("protobuf", "protobuf"), ("arrow", "arrow"), ("parquet", "arrow")):
+        response = await fleet.client.get(f"/api/v1/measurements?format={fmt}", headers=auth(fleet.operator))
+        body = await response.json()
+        assert response.status == 501 and body["parameter"] == "format", body
+        assert f"format={fmt} needs" in body["error"] and f"'llm-latency-lens[{extra}]'" in body["error"], body
+        response = await fleet.client.get(
+            f"/api/v1/benchmark/{campaign}/export?format={fmt}", headers=auth(fleet.operator)
+        )
+        body = await response.json()
+        assert response.status == 501 and body["error"] == "format_unavailable" and body["path"] == "format", body
+        assert f"format={fmt} needs" in body["message"] and f"'llm-latency-lens[{extra}]'" in body["message"], body
+    assert (await fleet.client.get("/api/v1/measurements", headers=auth(fleet.operator))).status == 200
+    assert (await fleet.get(f"/api/v1/benchmark/{campaign}/export?format=json"))["rows"]
 
 
 async def test_store_migrates_from_schema_6(store: Store) -> None:

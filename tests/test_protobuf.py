@@ -7,6 +7,8 @@ import copy
 import json
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -418,13 +420,13 @@ def test_a_hostile_message_is_refused_naming_the_field() -> None:
     cases.append((message, "timestamp"))
     message = _message()
     message.latency.time_to_first_token.seconds = -5
-    cases.append((message, "ttft_us"))
+    cases.append((message, "latency.time_to_first_token"))
     message = _message()
     message.latency.inter_token_gaps.gaps_us.append(2**40)
     cases.append((message, "latency.inter_token_gaps"))
     message = _message()
     message.extra_fields["device_id"].string_value = "someone-else"
-    cases.append((message, "device_id"))
+    cases.append((message, "extra_fields.device_id"))
     message = _message()
     message.ext["energy"].string_value = "twice"
     message.resources.energy.source = "rapl"
@@ -434,19 +436,72 @@ def test_a_hostile_message_is_refused_naming_the_field() -> None:
     cases.append((message, "ext.deep" + "[0]" * (record_schema.MAX_DECODE_DEPTH)))
     message = _message()
     message.extra_fields["ttft_ms"].string_value = "collides with latency.time_to_first_token"
-    cases.append((message, "ttft_ms"))
+    cases.append((message, "extra_fields.ttft_ms"))
     message = _message(kind="x\x00y")
     cases.append((message, "kind"))
     message = _message()
     message.ext["nan"].double_value = float("nan")
     cases.append((message, "ext.nan"))
     message = _message(record_version=2)
-    cases.append((message, "v"))
+    cases.append((message, "record_version"))
     for hostile, field in cases:
         parsed = pb.InferenceMeasurement.FromString(hostile.SerializeToString())
         with pytest.raises(P.ProtobufError) as refused:
             P.message_to_record(parsed)
         assert refused.value.field.startswith(field), (field, str(refused.value))
+
+
+def _refusal(message: pb.InferenceMeasurement) -> P.ProtobufError:
+    parsed = pb.InferenceMeasurement.FromString(message.SerializeToString())
+    now_us = time.time_ns() // 1000
+    with pytest.raises(P.ProtobufError) as refused:
+        P.message_to_record(parsed, now_us=now_us)
+    with pytest.raises(P.ProtobufError) as refused_wire:
+        P.message_to_wire(parsed, now_us=now_us)
+    assert str(refused_wire.value) == str(refused.value)  # both readers name the same path
+    return refused.value
+
+
+def test_a_message_is_refused_in_the_protos_own_field_paths() -> None:
+    """Every refusal of a message names the path of the .proto's field — never a field of the CBOR wire map
+    (``e2e_us``, ``started_us``, ``v``), which the message does not have."""
+    message = _message()
+    message.latency.end_to_end_latency.seconds, message.latency.end_to_end_latency.nanos = -5, 0
+    refused = _refusal(message)
+    assert refused.field == "latency.end_to_end_latency" and "-5000000 µs" in refused.problem
+    message = _message()
+    message.engine_counters.decode_time.seconds = 2 * 86_400
+    assert _refusal(message).field == "engine_counters.decode_time"
+    message = _message()
+    message.timestamp.seconds = 102  # 1970: outside the window ingest accepts
+    refused = _refusal(message)
+    assert refused.field == "timestamp" and "2020-01-01" in refused.problem
+    message = _message()
+    message.tokens.output_tokens = 4_000_000_000
+    assert _refusal(message).field == "tokens.output_tokens"
+    message = _message()
+    message.model_info.provider = "llama\x1b[31m.cpp"
+    assert _refusal(message).field == "model_info.provider"
+    message = _message()
+    message.resources.energy.j_per_output_token = float("inf")
+    assert _refusal(message).field == "resources.energy.j_per_output_token"
+    message = _message(kind="device_facts")
+    message.device_facts.ram_gb = -4.0
+    assert _refusal(message).field == "device_facts.ram_gb"
+    message = _message()
+    message.collaboration.rounds_us.add(offset_us=0, draft_us=1, verify_us=2, drafted=3, accepted=2**31)
+    assert _refusal(message).field == "collaboration.rounds_us[0]"
+    message = _message()
+    message.extra_fields["note"].string_value = "x" * (record_schema.MAX_MESSAGE_CHARS + 1)
+    assert _refusal(message).field == "extra_fields.note"
+    message = _message()
+    message.received_at.seconds = 2**40  # past year 9999 (message_to_wire leaves the receive time out)
+    with pytest.raises(P.ProtobufError) as refused_at:
+        P.message_to_record(message)
+    assert refused_at.value.field == "received_at"
+    wire_names = {"v", "id", "started_us", "itl_us", *(n for n in record_schema.INT_RANGES if n.endswith("_us"))}
+    for field in wire_names:
+        assert P.proto_path(field) != field, field
 
 
 def test_a_delimited_stream_reads_back_and_a_broken_one_is_refused() -> None:
@@ -530,3 +585,12 @@ def test_the_specifications_figures_keep_null_apart_from_zero() -> None:
     params = message.config.test_params
     assert params.input_tokens.HasField("mean") and not params.input_tokens.HasField("stddev")
     assert params.HasField("warmup_requests") and not params.HasField("total_requests")
+
+
+def test_proto_dir_is_where_the_shipped_proto_is_without_the_runtime() -> None:
+    """The documented one-liner prints protoc's --proto_path, even where the protobuf runtime is not installed."""
+    assert (P.PROTO_DIR / P.PROTO_FILE).is_file() and PROTO_DIR.resolve() == P.PROTO_DIR
+    code = "import sys; sys.modules['google.protobuf'] = None\nimport lens_core.proto as p; print(p.PROTO_DIR)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert Path(shown.stdout.strip()) == P.PROTO_DIR

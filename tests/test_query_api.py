@@ -120,6 +120,31 @@ async def test_bad_parameters_are_400_naming_them(
     assert (await client.get("/api/v1/summary?group_by=colour")).status == 400
 
 
+@pytest.mark.parametrize(
+    ("path", "query", "parameter", "allowed"),
+    [
+        ("summary", "format=protobuf", "format", "json (the summary is JSON only"),
+        ("summary", "format=zzz", "format", "json (the summary is JSON only"),
+        ("summary", "format=csv&group_by=device", "format", "json (the summary is JSON only"),
+        ("summary", "limit=5", "limit", "group_by"),
+        ("summary", "order=newest", "order", "group_by"),
+        ("measurements", "group_by=device", "group_by", "cursor"),
+    ],
+)
+async def test_a_parameter_an_endpoint_does_not_serve_is_400_not_ignored(
+    loaded: tuple[Any, list[dict[str, Any]]], path: str, query: str, parameter: str, allowed: str
+) -> None:
+    """The summary is JSON only: any other format (protobuf too) is a 400 naming the allowed value, never a JSON
+    200 that looks like the format was honoured; a parameter of the other endpoint is refused the same way."""
+    client, _ = loaded
+    response = await client.get(f"/api/v1/{path}?{query}")
+    body = await response.json()
+    assert response.status == 400 and body["parameter"] == parameter, body
+    assert f"{parameter}=" in body["error"] and allowed in body["error"], body
+    answer = await client.get("/api/v1/summary?format=json&group_by=device&kind=inference")
+    assert answer.status == 200 and (await answer.json())["groups"]["dev-a"]["requests"] == 30
+
+
 @pytest.mark.parametrize("fmt", ["arrow", "parquet"])
 async def test_arrow_and_parquet_exports(loaded: tuple[Any, list[dict[str, Any]]], fmt: str) -> None:
     import pyarrow as pa
