@@ -190,46 +190,51 @@ def measurement_view(row: dict[str, Any], now_us: int | None = None) -> str | No
         return None
 
 
-def _protobuf_page(rows: list[dict[str, Any]]) -> tuple[bytes, int | None]:
+def _protobuf_page(rows: list[dict[str, Any]]) -> tuple[bytes, int | None, int]:
     """The rows as length-delimited ``llm_latency_lens.v1.InferenceMeasurement`` messages, within MAX_ANSWER_BYTES
     (at least one row), as the JSON page is; a row that does not decode or encode is skipped and counted. Returns
-    (body, seq of the last row included or None)."""
+    (body, seq of the last row included or None, rows of the page skipped)."""
     from lens_core import protobuf
 
     parts: list[bytes] = []
-    size = 0
+    size = skipped = 0
     now_us = time.time_ns() // 1000
     for index, row in enumerate(rows):
         if parts and size > MAX_ANSWER_BYTES:
-            return b"".join(parts), rows[index - 1]["seq"]
+            return b"".join(parts), rows[index - 1]["seq"], skipped
         record = rows_mod.decode_wire(row)
         if record is None:
+            skipped += 1
             continue
         try:
             message = protobuf.wire_to_message(record, now_us=now_us, received_us=row["received_us"])
         except rows_mod.DECODE_ERRORS as exc:  # a row stored before a bound existed: skipped, as every read does
             rows_mod.skipped(row, exc)
+            skipped += 1
             continue
         part = protobuf.delimited([message])
         parts.append(part)
         size += len(part)
-    return b"".join(parts), None
+    return b"".join(parts), None, skipped
 
 
-def _views(rows: list[dict[str, Any]]) -> tuple[list[str], int | None]:
+def _views(rows: list[dict[str, Any]]) -> tuple[list[str], int | None, int]:
     """The rows' JSON texts, within MAX_ANSWER_BYTES (at least one row): a page ends early, and says where the next
-    one starts, rather than build an answer of any size. Returns (texts, seq of the last row included or None)."""
+    one starts, rather than build an answer of any size. Returns (texts, seq of the last row included or None, rows
+    of the page skipped: not decodable or outside the record schema, each logged and counted)."""
     texts: list[str] = []
-    size = 0
+    size = skipped = 0
     now_us = time.time_ns() // 1000
     for index, row in enumerate(rows):
         if texts and size > MAX_ANSWER_BYTES:
-            return texts, rows[index - 1]["seq"]
+            return texts, rows[index - 1]["seq"], skipped
         text = measurement_view(row, now_us)
-        if text is not None:
+        if text is None:
+            skipped += 1
+        else:
             texts.append(text)
             size += len(text)
-    return texts, None
+    return texts, None, skipped
 
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r", "\n")
@@ -290,8 +295,9 @@ def measurements_response(store: Store, params: Any) -> web.Response:
         rows = store.query(query, limit=limit, after_seq=cursor)
     next_cursor = rows[-1]["seq"] if len(rows) == limit else None
     texts: list[str] = []
+    skipped = 0  # rows of this page left out (X-Skipped-Rows; the JSON page's skipped_rows)
     if fmt in ("json", "ndjson"):
-        texts, cut_at = _views(rows)
+        texts, cut_at, skipped = _views(rows)
         if cut_at is not None:
             next_cursor = cut_at
     if fmt == "protobuf":
@@ -299,10 +305,10 @@ def measurements_response(store: Store, params: Any) -> web.Response:
             from lens_core import protobuf
         except ImportError:
             raise FormatUnavailable(fmt, "protobuf", "the protobuf runtime", "json, ndjson, csv") from None
-        body, cut_at = _protobuf_page(rows)
+        body, cut_at, skipped = _protobuf_page(rows)
         if cut_at is not None:
             next_cursor = cut_at
-        headers = {"Content-Type": protobuf.MEASUREMENTS_MEDIA_TYPE}
+        headers = {"Content-Type": protobuf.MEASUREMENTS_MEDIA_TYPE, "X-Skipped-Rows": str(skipped)}
         if next_cursor is not None:
             headers["X-Next-Cursor"] = str(next_cursor)
         return web.Response(body=body, headers=headers)
@@ -322,12 +328,24 @@ def measurements_response(store: Store, params: Any) -> web.Response:
         writer.writeheader()
         for row in rows:
             flat = csv_row(row)
-            if flat is not None:
+            if flat is None:
+                skipped += 1
+            else:
                 writer.writerow(flat)
+        headers["X-Skipped-Rows"] = str(skipped)
         return web.Response(text=out.getvalue(), content_type="text/csv", headers=headers)
+    headers["X-Skipped-Rows"] = str(skipped)
     if fmt == "ndjson":
         return web.Response(text="".join(t + "\n" for t in texts), content_type="application/x-ndjson", headers=headers)
-    page = '{"measurements": [' + ", ".join(texts) + '], "next_cursor": ' + json.dumps(next_cursor) + "}"
+    page = (
+        '{"measurements": ['
+        + ", ".join(texts)
+        + '], "next_cursor": '
+        + json.dumps(next_cursor)
+        + ', "skipped_rows": '
+        + str(skipped)
+        + "}"
+    )
     return web.Response(text=page, content_type="application/json", headers=headers)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from .guardrail_view import MAX_CHECKS as MAX_GUARDRAIL_CHECKS
 from .guardrail_view import GuardrailView, guardrail_view
 from .itlpack import PackError, unpack_gaps
-from .record_schema import EXT_NUMBERS, INT_RANGES, contended, ext_number, round_entry
+from .record_schema import EXT_NUMBERS, INT_RANGES, SchemaError, check_gaps, contended, ext_number, round_entry
 
 SEMCONV_VERSION = "1.41.0"
 SCOPE_NAME = "llm-latency-lens"
@@ -198,14 +198,18 @@ def observations(
 
 
 def gaps_s(record: Mapping[str, Any]) -> list[float]:
-    """The record's inter-token gaps in seconds (empty when it carries none or they do not unpack)."""
+    """The record's inter-token gaps in seconds (empty when it carries none, they do not unpack, or one is outside
+    the bounds every read holds them to: 0 to one day, ``record_schema.check_gaps`` — the exports skip such a row,
+    and no histogram takes its gaps)."""
     packed = record.get("itl_us")
     if type(packed) is not bytes or not packed:
         return []
     try:
-        return [gap / 1e6 for gap in unpack_gaps(packed)]
-    except PackError:
+        gaps = unpack_gaps(packed)
+        check_gaps(gaps)
+    except (PackError, SchemaError):
         return []
+    return [gap / 1e6 for gap in gaps]
 
 
 # -- traces ------------------------------------------------------------------------------------------------------

@@ -510,3 +510,15 @@ def test_hostile_ext_maps_without_failing(ext: dict[str, Any]) -> None:
     acc = otlp.MetricsAccumulator("delta", server_metrics=True)
     body, points, _ = acc.encode([record], {}, now_ns=time.time_ns(), version="0")
     assert points > 0
+
+
+def test_gaps_outside_every_reads_bounds_feed_no_histogram() -> None:
+    """Ingest checks the packed gaps' header only; a gap past one day (or negative after a bad pack) is held out of
+    the OTLP histograms as the exports hold the row out (record_schema.check_gaps), while a record's good gaps go."""
+    from lens_core.itlpack import pack_gaps
+
+    good = {"itl_us": pack_gaps([1_000, 2_000, 3_000])}
+    assert otlp.gaps_s(good) == [0.001, 0.002, 0.003]
+    for bad in ([1_000, 2 * 86_400_000_000], [10**12]):  # two days; eleven days alone
+        assert otlp.gaps_s({"itl_us": pack_gaps(bad)}) == []
+    assert otlp.gaps_s({"itl_us": b"\x09garbage"}) == []  # an unknown packing version

@@ -60,13 +60,19 @@ async def aggregator(aiohttp_client: Any, tmp_path: Path) -> tuple[Any, SQLiteSt
     return client, store, store.add_token(DEVICE, "device", now), store.add_token("ops", "operator", now)
 
 
-async def exports(client: Any, token: str) -> tuple[list[dict[str, Any]], list[pb.InferenceMeasurement]]:
+async def exports(
+    client: Any, token: str, skipped: int = 0
+) -> tuple[list[dict[str, Any]], list[pb.InferenceMeasurement]]:
+    """Both exports' rows; each says it left out ``skipped`` rows (header and the JSON page's skipped_rows)."""
     page = await client.get("/api/v1/measurements?limit=1000", headers=auth(token))
     assert page.status == 200
     streamed = await client.get("/api/v1/measurements?limit=1000&format=protobuf", headers=auth(token))
     assert streamed.status == 200
     messages = list(P.iter_delimited(await streamed.read(), pb.InferenceMeasurement))
-    return (await page.json())["measurements"], messages
+    body = await page.json()
+    assert page.headers["X-Skipped-Rows"] == streamed.headers["X-Skipped-Rows"] == str(skipped)
+    assert body["skipped_rows"] == skipped
+    return body["measurements"], messages
 
 
 def assert_same_rows(json_rows: list[dict[str, Any]], messages: list[pb.InferenceMeasurement]) -> None:
@@ -107,7 +113,7 @@ async def test_a_colliding_row_stored_before_the_bound_is_left_out_of_both_expor
     forged = wire_record(seed=2, ttft_ms="evil", started_at="1999-01-01T00:00:00Z", version=99)
     rows = [_row(r, "cbor", wire.dumps(r, "cbor")) for r in (good, forged)]
     store.ingest(DEVICE, str(uuid.uuid4()), 1, {}, rows, time.time_ns() // 1000)
-    json_rows, messages = await exports(client, reader)
+    json_rows, messages = await exports(client, reader, skipped=1)
     assert [r["id"] for r in json_rows] == [str(uuid.UUID(bytes=good["id"]))]
     assert_same_rows(json_rows, messages)
 
@@ -128,7 +134,7 @@ async def test_gaps_and_derived_figures_give_the_same_rows_and_values_in_both_ex
     sent = [ok, no_gaps, huge_power, huge_rate, *over_a_day, past_64_bits]
     answer = await client.post("/api/v1/ingest", data=post_body(sent), headers=auth(device))
     assert answer.status == 200, await answer.text()
-    json_rows, messages = await exports(client, reader)
+    json_rows, messages = await exports(client, reader, skipped=3)
     served = [ok, no_gaps, huge_power, huge_rate]
     assert [r["id"] for r in json_rows] == [str(uuid.UUID(bytes=r["id"])) for r in served]
     assert_same_rows(json_rows, messages)

@@ -238,9 +238,12 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
             session.measurements.append([m.to_dict(include_text=request.include_text) for m in run.measured])
             session.tables.append(summary_table(document))
             if out_path is not None:
-                with _open_for_writing(out_path, "--output file") as handle:
-                    json.dump(document, handle, indent=2)
-                    handle.write("\n")
+                try:
+                    with _open_for_writing(out_path, "--output file") as handle:
+                        json.dump(document, handle, indent=2)
+                        handle.write("\n")
+                except OSError as exc:  # a full disk (or /dev/full) fails the write or the close: say which file
+                    raise UsageError(f"--output file {out_path}: cannot be written ({exc.strerror})") from None
                 session.written.append(out_path)
     finally:
         for source in sources:
