@@ -97,6 +97,7 @@ bench: $(STAMP) vllm
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/wire_size.py
 	$(BIN)/python bench/formats.py
+	$(BIN)/python bench/footprint.py
 	$(BIN)/python bench/outbox_append.py
 	$(BIN)/python bench/sync_ack.py
 	$(BIN)/python bench/ingest.py
