@@ -256,17 +256,21 @@ class Scheduler:
         return out
 
     # -- stopping ---------------------------------------------------------------------------------------------
-    async def shutdown(self, *, wait: bool = True) -> None:
-        """Stop every job; with ``wait``, also wait for the runs in progress to finish. Jobs added later never run."""
+    async def shutdown(self, *, wait: bool = True, cancel: bool = False) -> None:
+        """Stop every job; with ``wait``, also wait for the runs in progress to finish — or, with ``cancel``, cancel
+        them and wait until they have unwound. Jobs added later never run."""
         self._closed = True
         loops = [job.task for job in self._jobs.values() if job.task is not None]
         self._jobs.clear()
         for task in loops:
             task.cancel()
         await asyncio.gather(*loops, return_exceptions=True)
-        if wait:
+        if wait or cancel:
             current = asyncio.current_task()
             runs = [t for t in self._running.values() if t is not current]
+            if cancel:
+                for task in runs:
+                    task.cancel()
             await asyncio.gather(*runs, return_exceptions=True)
 
     # -- internals --------------------------------------------------------------------------------------------

@@ -200,10 +200,19 @@ class AgentService:
             self._stop.set()
 
     async def _shutdown(self) -> int:
+        # The network goes first: a sync in flight (or waiting out a retry) is cancelled and the aggregator's
+        # requests (a campaign poll) fail at once, so a silent aggregator cannot hold the stop for sync.timeout;
+        # what was not acknowledged stays in the outbox. Then the measuring finishes; then one bounded last sync.
+        if self._sync is not None:
+            await self._sync.stop(cancel=True)
+        if self._uploader is not None:
+            await self._uploader.hold_requests()
         if self._scheduler is not None:
             await self._scheduler.shutdown(wait=True)  # a workload run in flight finishes and stores its records
         if self._current is not None:
             await asyncio.gather(self._current, return_exceptions=True)
+        if self._uploader is not None:
+            self._uploader.release_requests()
         timeout = self.config.values["service"]["final_sync_timeout"]
         if self._uploader is not None and timeout > 0:
             try:
@@ -211,8 +220,6 @@ class AgentService:
                 log.info("final sync: %d uploaded, %d pending", report.uploaded, report.pending)
             except asyncio.TimeoutError:
                 log.warning("final sync did not finish within %g s; the rest stays in the outbox", timeout)
-        if self._sync is not None:
-            await self._sync.stop()
         if self._uploader is not None:
             await self._uploader.close()
         if self.outbox is not None:
@@ -247,8 +254,10 @@ class AgentService:
         self._drop_in_text = self._adjuster.drop_in_text()
         if old.values["model"] != config.values["model"]:
             await self._load_model()
-        if old.values["sync"] != config.values["sync"] or old.get("agent", "device_id") != config.get(
-            "agent", "device_id"
+        if (
+            old.values["sync"] != config.values["sync"]
+            or old.values["otlp"] != config.values["otlp"]  # a standalone device exports to [otlp] itself
+            or old.get("agent", "device_id") != config.get("agent", "device_id")
         ):
             if self._sync is not None:
                 await self._sync.stop()

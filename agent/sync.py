@@ -368,6 +368,21 @@ class Uploader:
             await self._session.close()
         self._session = None
 
+    async def hold_requests(self) -> None:
+        """Stop the requests in flight (a sync, a campaign poll or report) and fail new ones at once, until
+        :meth:`release_requests`: a stopping service does not wait out ``sync.timeout`` for a silent aggregator.
+        What was not acknowledged stays in the outbox."""
+        if not self._owns_session:
+            return
+        await self.close()
+        self._session = self.settings.http_client()
+        await self._session.close()  # a closed client: every request on it fails at once (an OSError)
+
+    def release_requests(self) -> None:
+        """Requests go out again (on a new client): the final sync."""
+        if self._owns_session:
+            self._session = None
+
     async def probe(self) -> bool:
         """Whether the aggregator itself answers its health endpoint."""
         return (await _get_json(await self._client(), self.settings.url + HEALTH_PATH)).is_aggregator_health
@@ -575,9 +590,11 @@ class SyncService:
     def start(self) -> None:
         self._scheduler.every("sync", self.settings.interval, self.tick, first_in=0.01)
 
-    async def stop(self) -> None:
-        """No more syncs; a sync in flight finishes."""
-        await self._scheduler.shutdown(wait=True)
+    async def stop(self, *, cancel: bool = False) -> None:
+        """No more syncs; a sync in flight finishes — or, with ``cancel`` (the service stopping), is cancelled: its
+        records stay pending in the outbox (sent again later; the aggregator keeps a record once), and the stop does
+        not wait out ``sync.timeout`` for a silent aggregator."""
+        await self._scheduler.shutdown(wait=True, cancel=cancel)
         async with self._lock:
             pass
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 
 from agent.engines.modelfile import FILE_TYPES
 from tests.footprint import (
+    ROOT,
     bare_process,
     baseline_modules,
     command_modules,
@@ -225,3 +228,15 @@ def test_power_sampler_cpu_is_bounded(tmp_path: Path, rate_hz: float) -> None:
     assert len(sampler.samples) >= rate_hz * 0.5  # it sampled (a busy machine may delay some)
     assert sampler.samples[0][1], "a sample holds the rails' readings"
     assert 100.0 * cpu / elapsed < 25.0, f"the sampler used {100.0 * cpu / elapsed:.1f} % of a core at {rate_hz} Hz"
+
+
+@pytest.mark.parametrize(
+    ("typed", "hint"),
+    [("outbx", "Did you mean 'outbox'?"), ("tun", "'run', 'tune'"), ("stat", "Did you mean 'status'?")],
+)
+def test_a_mistyped_command_is_told_every_command_the_lazy_groups_too(typed: str, hint: str) -> None:
+    """The outbox and tune groups load when named; a typo still hears of them."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from agent.cli import main; main()", typed], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 2 and hint in proc.stderr, proc.stderr

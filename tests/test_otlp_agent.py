@@ -221,3 +221,64 @@ async def test_a_record_the_encoders_cannot_encode_is_quarantined_and_the_rest_e
     got = {s.trace_id for _, s in receiver.spans()}
     assert got == {w["id"] for w in exported(records)} - {wire.to_wire(poisoned)["id"]}
     await outbox.close()
+
+
+def test_sighup_follows_a_changed_otlp_endpoint(tmp_path: Path, tiny_model: Path) -> None:
+    """A standalone device's [otlp] section is read again on SIGHUP: the service exports to the new endpoint
+    without a restart (it kept the first one before)."""
+    import signal
+
+    from tests.test_service import start_service, wait_for
+
+    first, second = Receiver(), Receiver()
+    dead, port = free_port(), free_port()  # nothing listens on the first endpoint
+
+    def write(endpoint_port: int) -> Path:
+        config = tmp_path / "agent.toml"
+        config.write_text(f"""
+[agent]
+device_id = "{DEVICE}"
+data_dir = "{tmp_path / "data"}"
+[model]
+path = "{tiny_model}"
+n_ctx = 256
+n_threads = 1
+[sync]
+interval = "1s"
+backoff_max = "2s"
+[otlp]
+endpoint = "http://127.0.0.1:{endpoint_port}"
+[[workloads]]
+name = "quick"
+every = "2s"
+jitter = "0"
+requests = 1
+max_tokens = 4
+""")
+        return config
+
+    async def run() -> None:
+        runner = await serve(second, port)
+        config = write(dead)
+        proc = start_service(config)
+        try:
+            state = tmp_path / "data" / "service.json"
+            await asyncio.to_thread(wait_for, lambda: state.exists(), 60, "the service to start")
+            write(port)
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(
+                wait_for,
+                lambda: any(s.name.startswith("text_completion") for _, s in second.spans()),
+                90,
+                "a request exported to the endpoint the reload named",
+            )
+            proc.send_signal(signal.SIGTERM)
+            output, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+            assert proc.returncode == 0, output
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            await runner.cleanup()
+
+    asyncio.run(run())
+    assert not first.spans()

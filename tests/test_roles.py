@@ -207,7 +207,7 @@ def test_aggregator_role_serves_ingests_and_renders(aggregator_venv: Path, tmp_p
         # protobuf is an extra: without its runtime the export says what to install, and the definitions ship
         with pytest.raises(urllib.error.HTTPError) as refused:
             _get(base + "/api/v1/measurements?format=protobuf")
-        assert refused.value.code == 400
+        assert refused.value.code == 501  # a valid request this server lacks the extra for
         assert "pip install 'llm-latency-lens[protobuf]'" in json.loads(refused.value.read())["error"]
         shipped = next(aggregator_venv.glob("lib/python*/site-packages/lens_core/proto/llm_latency_lens/v1"))
         assert {"measurement.proto", "measurement_pb2.py", "measurement_pb2.pyi"} <= {p.name for p in shipped.iterdir()}

@@ -387,3 +387,56 @@ max_tokens = 2
         await service.outbox.close()
         if service.engine is not None:
             service.engine.close()
+
+
+def test_sigterm_stops_promptly_while_the_aggregator_holds_a_sync(tmp_path: Path, tiny_model: Path) -> None:
+    """An aggregator that accepts and never answers, with sync.timeout at 60 s: SIGTERM cancels the sync in flight
+    (its records stay in the outbox), tries the final sync for service.final_sync_timeout and exits 0 — well inside
+    the unit's TimeoutStopSec (90 s), where it waited out the whole sync before."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts (the kernel's backlog) and never reads nor answers
+    token = tmp_path / "token"
+    token.write_text("t")
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "dev-1"
+data_dir = "{tmp_path / "data"}"
+[model]
+path = "{tiny_model}"
+n_ctx = 256
+n_threads = 1
+[sync]
+url = "http://127.0.0.1:{silent.getsockname()[1]}"
+allow_http = true
+token_file = "{token}"
+interval = "1s"
+timeout = "60s"
+[service]
+final_sync_timeout = "2s"
+[[workloads]]
+name = "quick"
+every = "1s"
+jitter = "0"
+requests = 1
+max_tokens = 4
+""")
+    proc = start_service(config)
+    try:
+        wait_for(lambda: len(state(tmp_path).get("last_runs", {})) == 1, 60, "a workload run (and a sync started)")
+        time.sleep(1.0)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - started
+        assert proc.returncode == 0, output
+        assert took < 30, f"the stop took {took:.0f} s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        silent.close()
+    with Outbox(tmp_path / "data" / "outbox.db") as box:
+        assert box.stats().records >= 1  # nothing was acknowledged: every record is still there
