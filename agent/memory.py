@@ -83,7 +83,12 @@ def _glibc() -> Any:
 
 
 def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (call before threads start); False where the C library is not glibc."""
+    """Cap glibc's malloc arenas (call before threads start); False where the C library is not glibc, or where the
+    environment sets ``MALLOC_ARENA_MAX`` (the operator's choice stands)."""
+    import os
+
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(_M_ARENA_MAX, arenas) == 1)
 

@@ -240,3 +240,13 @@ def test_a_mistyped_command_is_told_every_command_the_lazy_groups_too(typed: str
         [sys.executable, "-c", "from agent.cli import main; main()", typed], capture_output=True, text=True, cwd=ROOT
     )
     assert proc.returncode == 2 and hint in proc.stderr, proc.stderr
+
+
+def test_the_operators_malloc_arena_max_stands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service caps glibc's arenas at two unless the environment already chose (MALLOC_ARENA_MAX in the unit)."""
+    from agent.memory import limit_malloc_arenas
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert limit_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas() is True  # glibc here: the cap is set
