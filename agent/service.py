@@ -203,15 +203,16 @@ class AgentService:
         # The network goes first: a sync in flight (or waiting out a retry) is cancelled and the aggregator's
         # requests (a campaign poll) fail at once, so a silent aggregator cannot hold the stop for sync.timeout;
         # what was not acknowledged stays in the outbox. Then the measuring finishes; then one bounded last sync.
+        # (run --once syncs as its work: the sync in flight finishes.)
         if self._sync is not None:
-            await self._sync.stop(cancel=True)
-        if self._uploader is not None:
+            await self._sync.stop(cancel=not self.once)
+        if self._uploader is not None and not self.once:
             await self._uploader.hold_requests()
         if self._scheduler is not None:
             await self._scheduler.shutdown(wait=True)  # a workload run in flight finishes and stores its records
         if self._current is not None:
             await asyncio.gather(self._current, return_exceptions=True)
-        if self._uploader is not None:
+        if self._uploader is not None and not self.once:
             self._uploader.release_requests()
         timeout = self.config.values["service"]["final_sync_timeout"]
         if self._uploader is not None and timeout > 0:
