@@ -89,13 +89,39 @@ def io_hog(directory: Path, writers: int = 2) -> Iterator[list[int]]:
     files = [directory / f"io-hog-{n}.bin" for n in range(writers)]
     started = [_start(IO_HOG, str(path)) for path in files]
     try:
-        time.sleep(0.5)
+        _wait_for_io_stalls()
         yield [p.pid for p in started]
     finally:
         _stop(started)
         for path in files:
             with contextlib.suppress(OSError):
                 path.unlink()
+
+
+def _io_stall_us() -> int | None:
+    """The kernel's total of time some task stalled on I/O (PSI), in µs; None without PSI."""
+    try:
+        first = Path("/proc/pressure/io").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(first.rsplit("total=", 1)[1])
+
+
+def _wait_for_io_stalls(timeout: float = 15.0) -> None:
+    """Until the writers make the disk stall (≥ 10 % of a 0.5 s window in PSI's io "some"), at most ``timeout``:
+    page cache absorbs the first writes, and a fast disk takes a moment to fall behind (a run started at once
+    could be over before any stall). Without PSI, half a second."""
+    deadline = time.monotonic() + timeout
+    before = _io_stall_us()
+    if before is None:
+        time.sleep(0.5)
+        return
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _io_stall_us()
+        if now is not None and now - before >= 50_000:
+            return
+        before = now if now is not None else before
 
 
 def memory_cgroup_root() -> tuple[str, Path] | None:

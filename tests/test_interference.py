@@ -137,8 +137,8 @@ def test_memory_hog_in_the_runs_cgroup_is_memory_pressure(tiny_model: Path, tmp_
 
 
 def test_fsync_writer_beside_the_run_is_io_pressure(tiny_model: Path, tmp_path: Path) -> None:
-    with io_hog(tmp_path, writers=4):
-        measured = _bench(tiny_model, tmp_path / "io.jsonl")
+    with io_hog(tmp_path, writers=4):  # started, and stalling the disk already
+        measured = _bench(tiny_model, tmp_path / "io.jsonl", runs=20)  # a tiny model's request takes milliseconds
     # the run is flagged for I/O: how many of its requests see the stalls depends on how fast the disk syncs (a
     # quiet virtual disk: a few; a busy one: all), so the run is held to the reason, not to a share of requests
     assert _with(measured, "io") >= 1, [(m["reasons"], m.get("psi_io_some_pct")) for m in measured]
