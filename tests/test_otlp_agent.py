@@ -32,6 +32,34 @@ def agent_config(tmp_path: Path, port: int) -> Path:
     return config
 
 
+def standalone_config(tmp_path: Path, model: Path, port: int, *, every: str, requests: int, max_tokens: int) -> Path:
+    """A service without an aggregator: one local workload on ``model``, exported to the OTLP backend at ``port``."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""
+[agent]
+device_id = "{DEVICE}"
+data_dir = "{tmp_path / "data"}"
+[model]
+path = "{model}"
+n_ctx = 256
+n_threads = 1
+[sync]
+interval = "1s"
+backoff_max = "2s"
+[otlp]
+endpoint = "http://127.0.0.1:{port}"
+[service]
+heartbeat_interval = "500ms"
+[[workloads]]
+name = "quick"
+every = "{every}"
+jitter = "0"
+requests = {requests}
+max_tokens = {max_tokens}
+""")
+    return config
+
+
 def sync(config: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from agent.launcher import main; main()", "sync", "--config", str(config), *flags],
@@ -137,28 +165,7 @@ def test_the_service_without_an_aggregator_exports_real_measurements(tmp_path: P
 
     receiver = Receiver()
     port = free_port()
-    config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[agent]
-device_id = "{DEVICE}"
-data_dir = "{tmp_path / "data"}"
-[model]
-path = "{tiny_model}"
-n_ctx = 256
-n_threads = 1
-[sync]
-interval = "1s"
-[otlp]
-endpoint = "http://127.0.0.1:{port}"
-[service]
-heartbeat_interval = "500ms"
-[[workloads]]
-name = "quick"
-every = "1s"
-jitter = "0"
-requests = 2
-max_tokens = 6
-""")
+    config = standalone_config(tmp_path, tiny_model, port, every="1s", requests=2, max_tokens=6)
 
     async def run() -> None:
         runner = await serve(receiver, port)
@@ -230,32 +237,11 @@ def test_sighup_follows_a_changed_otlp_endpoint(tmp_path: Path, tiny_model: Path
 
     from tests.test_service import start_service, wait_for
 
-    first, second = Receiver(), Receiver()
+    second = Receiver()
     dead, port = free_port(), free_port()  # nothing listens on the first endpoint
 
     def write(endpoint_port: int) -> Path:
-        config = tmp_path / "agent.toml"
-        config.write_text(f"""
-[agent]
-device_id = "{DEVICE}"
-data_dir = "{tmp_path / "data"}"
-[model]
-path = "{tiny_model}"
-n_ctx = 256
-n_threads = 1
-[sync]
-interval = "1s"
-backoff_max = "2s"
-[otlp]
-endpoint = "http://127.0.0.1:{endpoint_port}"
-[[workloads]]
-name = "quick"
-every = "2s"
-jitter = "0"
-requests = 1
-max_tokens = 4
-""")
-        return config
+        return standalone_config(tmp_path, tiny_model, endpoint_port, every="2s", requests=1, max_tokens=4)
 
     async def run() -> None:
         runner = await serve(second, port)
@@ -281,4 +267,3 @@ max_tokens = 4
             await runner.cleanup()
 
     asyncio.run(run())
-    assert not first.spans()
