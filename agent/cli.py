@@ -356,6 +356,7 @@ def bench(
         progress=progress,
         store=store,
         guardrails=guardrail_set,
+        keep_measurements=protobuf_path is not None,
     )
     session = run_session(request, status=lambda msg: click.echo(msg, err=True))
     if as_json:  # always an array: one results document per model (one for a single model), whatever was asked

@@ -47,6 +47,7 @@ class BenchRequest:
     progress: bool | None = None
     store: bool = False
     guardrails: str | None = None  # a guardrail set's name (--guardrails): a [[guardrails]] set or a built-in one
+    keep_measurements: bool = False  # keep each request's record in the session (--format protobuf writes them)
 
 
 @dataclass
@@ -55,7 +56,8 @@ class BenchSession:
     documents: list[dict[str, Any]] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
-    # each document's measured requests as records (texts as --no-text says), for --format protobuf
+    # each document's measured requests as records (texts as --no-text says), for --format protobuf: kept only when
+    # the request asks (keep_measurements), not a second copy of every run's records otherwise
     measurements: list[list[dict[str, Any]]] = field(default_factory=list)
     stored: int | None = None
     outbox_file: Path | None = None
@@ -235,7 +237,8 @@ def run_session(request: BenchRequest, status: Callable[[str], None] = lambda _:
                 if request.llmperf_dir is not None:
                     session.written.extend(llmperf_files(run, document, request.llmperf_dir))
             session.documents.append(document)
-            session.measurements.append([m.to_dict(include_text=request.include_text) for m in run.measured])
+            if request.keep_measurements:
+                session.measurements.append([m.to_dict(include_text=request.include_text) for m in run.measured])
             session.tables.append(summary_table(document))
             if out_path is not None:
                 try:
